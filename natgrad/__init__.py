@@ -1,0 +1,49 @@
+"""natgrad: Fisher information from exact per-sample gradients, and its uses.
+
+The public API, grouped by layer (see DESIGN.md):
+"""
+
+from natgrad._version import __version__
+from natgrad.engine import LABEL_SOURCES, per_sample_grads, select_params
+from natgrad.estimate import estimate_fisher
+from natgrad.fisher import DiagonalFisher, top_coordinates
+from natgrad.likelihoods import (
+    Bernoulli,
+    Categorical,
+    CustomLikelihood,
+    Gaussian,
+    Likelihood,
+    TokenCategorical,
+    get_likelihood,
+)
+from natgrad.tracker import FisherTracker
+
+__all__ = [
+    "__version__",
+    # engine
+    "per_sample_grads",
+    "select_params",
+    "LABEL_SOURCES",
+    # likelihoods
+    "Likelihood",
+    "Categorical",
+    "Gaussian",
+    "Bernoulli",
+    "TokenCategorical",
+    "CustomLikelihood",
+    "get_likelihood",
+    # curvature
+    "DiagonalFisher",
+    "estimate_fisher",
+    "FisherTracker",
+    "top_coordinates",
+]
+
+
+def __getattr__(name: str):
+    # `natgrad.metrics` is imported lazily: only the CLI and users import the registry.
+    if name == "metrics":
+        import importlib
+
+        return importlib.import_module("natgrad.metrics")
+    raise AttributeError(f"module 'natgrad' has no attribute {name!r}")

@@ -1,0 +1,280 @@
+"""The general engine: exact per-sample gradients with ``torch.func``.
+
+For a model ``f(x; θ)`` and a likelihood with per-sample loss
+``l_n(θ) = -log p(y_n | f(x_n; θ))``, the per-sample gradient is
+``g_n = ∇θ l_n = J_nᵀ ∇_f l_n`` with ``J_n = ∂f(x_n)/∂θ``. We compute it per sample
+with ``functional_call`` + ``vmap(vjp(...))`` over chunks of the batch, so peak memory
+grows with ``chunk_size × P`` and never with ``N × P``.
+
+The label source decides which output cotangents ``u`` are pulled back through ``J_n``:
+
+* ``empirical``: ``u = ∇_f l_n(y_n)`` with the data label (one column);
+* ``mc``: ``u_j = ∇_f l_n(ỹ_j)``, ``ỹ_j ~ p(y | f(x_n))`` for ``j = 1..k``, weight ``1/k``;
+* ``exact``: the columns ``s_j`` of a symmetric factor of ``E_y[∇_f l ∇_f lᵀ]``, so
+  ``Σ_j (J_nᵀ s_j)² = E_y[g_n²]`` exactly.
+
+Dropout: under ``vmap(randomness="different")`` each sample draws its own mask in
+train mode; call ``model.eval()`` for a deterministic Fisher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, vjp, vmap
+
+from natgrad._batch import Batch, OutputFn, default_output_fn, parse_batch
+from natgrad._checks import check_choice, check_no_batch_mixing
+from natgrad.likelihoods import Likelihood, TokenCategorical, get_likelihood
+
+__all__ = ["per_sample_grads", "select_params", "LABEL_SOURCES", "ParamSpec"]
+
+LABEL_SOURCES = ("empirical", "mc", "exact")
+ParamSpec = (
+    None | Sequence[str] | Callable[[str, nn.Parameter], bool] | Sequence[nn.Module] | nn.Module
+)
+_CHUNK_FLOATS = 2**25  # default chunk: about 128 MiB of float32 per-sample gradients
+
+
+def select_params(model: nn.Module, params: ParamSpec = None) -> dict[str, nn.Parameter]:
+    """The parameters to differentiate, by name, in ``model.named_parameters()`` order.
+
+    Args:
+        model: the model.
+        params: ``None`` (every parameter with ``requires_grad``), a list of names, a
+            predicate ``(name, param) -> bool``, or a module / list of modules of ``model``.
+
+    Raises:
+        ValueError: unknown names (the message lists valid ones), modules not in the
+            model, or an empty selection.
+    """
+    named = dict(model.named_parameters())
+    if params is None:
+        chosen = {k: p for k, p in named.items() if p.requires_grad}
+    elif isinstance(params, nn.Module) or (
+        isinstance(params, (list, tuple)) and params and all(isinstance(m, nn.Module) for m in params)
+    ):
+        mods = [params] if isinstance(params, nn.Module) else list(params)
+        ids = {id(p) for m in mods for p in m.parameters()}
+        all_ids = {id(p) for p in named.values()}
+        if not ids <= all_ids:
+            raise ValueError("params lists a module that is not part of the model.")
+        chosen = {k: p for k, p in named.items() if id(p) in ids}
+    elif callable(params):
+        chosen = {k: p for k, p in named.items() if params(k, p)}
+    elif isinstance(params, (list, tuple, set)):
+        unknown = [k for k in params if k not in named]
+        if unknown:
+            raise ValueError(
+                f"Unknown parameter names {unknown}; the model has {list(named)[:12]}"
+                + (" ..." if len(named) > 12 else "")
+                + ". Use names from model.named_parameters()."
+            )
+        chosen = {k: named[k] for k in named if k in set(params)}
+    else:
+        raise TypeError(
+            "params must be None, a list of parameter names, a predicate (name, param) -> bool, "
+            f"or a list of modules; got {type(params).__name__}."
+        )
+    if not chosen:
+        raise ValueError(
+            "No parameters selected: the model has no trainable parameters matching `params`."
+        )
+    return chosen
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    if p is None:
+        b = next(model.buffers(), None)
+        return b.device if b is not None else torch.device("cpu")
+    return p.device
+
+
+class _Plan:
+    """Everything the vmapped per-sample function needs, resolved once per call."""
+
+    def __init__(self, model, likelihood, labels, mc_samples, params, output_fn, generator, exact_chunk):
+        check_no_batch_mixing(model)
+        self.model = model
+        self.lik: Likelihood = get_likelihood(likelihood)
+        self.labels = check_choice("labels", labels, LABEL_SOURCES)
+        if int(mc_samples) < 1:
+            raise ValueError(f"Invalid mc_samples: {mc_samples!r}; it must be an integer >= 1.")
+        self.k = int(mc_samples)
+        self.params = select_params(model, params)
+        self.output_fn: OutputFn = output_fn or default_output_fn
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.exact_chunk = exact_chunk
+        self.device = model_device(model)
+        self.P = sum(p.numel() for p in self.params.values())
+
+    # -- labels ------------------------------------------------------------------
+    def prepare(self, batch: Any) -> tuple[Batch, torch.Tensor | None, torch.Tensor | None]:
+        """Parse a batch; return it with the target (masked) and the MC label draws."""
+        b = parse_batch(batch).to(self.device)
+        target = b.target
+        if isinstance(self.lik, TokenCategorical) and b.mask is not None:
+            if target is None:
+                target = torch.zeros(b.mask.shape, dtype=torch.long, device=self.device)
+            target = torch.where(b.mask == 0, torch.full_like(target, self.lik.ignore_index), target)
+        if self.labels == "empirical" and target is None:
+            raise ValueError(
+                "labels='empirical' needs the data's labels, but the batch has none: pass "
+                "(x, y) or a dict with 'labels', or use labels='mc' / labels='exact'."
+            )
+        probe = self.forward(b.select(0, 1))
+        if target is not None:
+            self.lik.check_target(probe, target[:1])
+        draws = None
+        if self.labels == "mc":
+            with torch.no_grad():
+                out = self.forward(b)
+            draws = self.lik.sample(out, self.generator, self.k, target).movedim(0, 1)
+        return b, target, draws
+
+    def forward(self, b: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            return self.output_fn(self.model(*b.args, **b.kwargs))
+
+    # -- per-sample function -----------------------------------------------------
+    def per_sample(self, mode: str):
+        """A function of one sample returning its gradients (``mode="grads"``) or
+        ``Σ_j w_j g_j²`` in float32 (``mode="squares"``)."""
+        lik, model, output_fn = self.lik, self.model, self.output_fn
+
+        def fn(p, args, kwargs, target, draws):
+            args = tuple(_unsq(a) for a in args)
+            kwargs = {k: _unsq(v) for k, v in kwargs.items()}
+            target = _unsq(target)
+
+            def f(pp):
+                return output_fn(functional_call(model, pp, args, kwargs, strict=False))
+
+            out, pullback = vjp(f, p)
+            if self.labels == "empirical":
+                cols = [lik.output_grad(out, target).unsqueeze(0)]
+                weight = 1.0
+            elif self.labels == "mc":
+                cols = [vmap(lambda y: lik.output_grad(out, y.unsqueeze(0)))(draws)]
+                weight = 1.0 / self.k
+            else:
+                K = lik.num_factor_columns(out)
+                step = self.exact_chunk or K
+                cols = [lik.factor_columns(out, s, min(s + step, K), target) for s in range(0, K, step)]
+                weight = 1.0
+            if mode == "grads":
+                gs = [vmap(pullback)(c.to(out.dtype))[0] for c in cols]
+                return {k: torch.cat([g[k] for g in gs]) for k in p}
+            acc = None
+            for c in cols:
+                (g,) = vmap(pullback)(c.to(out.dtype))
+                sq = {k: (v.float() ** 2).sum(0) for k, v in g.items()}
+                acc = sq if acc is None else {k: acc[k] + sq[k] for k in acc}
+            return {k: v * weight for k, v in acc.items()} if weight != 1.0 else acc
+
+        return fn
+
+    def run(self, b: Batch, target, draws, mode: str, chunk_size: int | None):
+        """Yield the per-sample result of ``mode`` for each chunk of the batch."""
+        K = self.k if self.labels == "mc" else 1
+        chunk = chunk_size or max(1, min(b.size, _CHUNK_FLOATS // max(self.P * K, 1)))
+        if chunk < 1:
+            raise ValueError(f"Invalid chunk_size: {chunk_size!r}; it must be >= 1.")
+        fn = self.per_sample(mode)
+        params = {k: p.detach() for k, p in self.params.items()}
+        for start in range(0, b.size, chunk):
+            stop = min(start + chunk, b.size)
+            sub = b.select(start, stop)
+            t = None if target is None else target[start:stop]
+            d = None if draws is None else draws[start:stop]
+            in_dims = (
+                None,
+                tuple(_dim(a, sub.size) for a in sub.args),
+                {k: _dim(v, sub.size) for k, v in sub.kwargs.items()},
+                None if t is None else 0,
+                None if d is None else 0,
+            )
+            yield stop - start, vmap(fn, in_dims=in_dims, randomness="different")(
+                params, sub.args, sub.kwargs, t, d
+            )
+
+
+def _unsq(t):
+    return t.unsqueeze(0) if isinstance(t, torch.Tensor) else t
+
+
+def _dim(t, n):
+    return 0 if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else None
+
+
+def per_sample_grads(
+    model: nn.Module,
+    batch: Any,
+    likelihood: str | Likelihood = "categorical",
+    *,
+    labels: str = "empirical",
+    mc_samples: int = 1,
+    params: ParamSpec = None,
+    chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+    output_fn: OutputFn | None = None,
+) -> dict[str, torch.Tensor]:
+    """Exact per-sample gradients ``g_n = ∇θ l_n`` of the per-sample negative log-likelihood.
+
+    ``l_n(θ) = -log p(y_n | x_n, θ)``, summed over all outputs of sample ``n`` (all
+    kept tokens of a sequence). Computed with ``torch.func`` per sample, never from a
+    batch-mean gradient.
+
+    Args:
+        model: any ``nn.Module``; BatchNorm must be in eval mode.
+        batch: ``(x, y)``, ``x`` / ``(x,)`` (with ``labels="mc"`` or ``"exact"``), or a
+            dict such as ``{"input_ids", "attention_mask", "labels"}``.
+        likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"``,
+            ``"token_categorical"`` or a :class:`natgrad.likelihoods.Likelihood`.
+        labels: ``"empirical"``, ``"mc"`` or ``"exact"``.
+        mc_samples: labels drawn per sample for ``labels="mc"``.
+        params: which parameters (see :func:`select_params`).
+        chunk_size: samples per vmap chunk (memory ``≈ chunk_size × P``).
+        generator: ``torch.Generator`` for ``mc`` draws (default: seeded with 0).
+        output_fn: maps the model output to the output tensor (default: tensor or ``.logits``).
+
+    Returns:
+        ``{name: tensor}`` of shape ``(N, *param.shape)``; with ``labels="exact"``, or
+        ``"mc"`` with ``mc_samples > 1``, shape ``(N, K, *param.shape)``: one gradient per
+        label (for ``exact``, gradients scaled by the factor so that
+        ``E_y[g_n²] = Σ_K g²``; for ``mc``, unweighted draws).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])
+        >>> g = per_sample_grads(model, (x, y))
+        >>> g["weight"].shape
+        torch.Size([5, 2, 3])
+    """
+    plan = _Plan(model, likelihood, labels, mc_samples, params, output_fn, generator, None)
+    b, target, draws = plan.prepare(batch)
+    chunks = [r for _, r in plan.run(b, target, draws, "grads", chunk_size)]
+    squeeze = labels == "empirical" or (labels == "mc" and plan.k == 1)
+    out = {}
+    for k in plan.params:
+        g = torch.cat([c[k] for c in chunks])
+        out[k] = g.squeeze(1) if squeeze else g
+    return out
+
+
+def square_sums(
+    plan: _Plan, batches: Iterable[Any], chunk_size: int | None
+) -> Iterable[tuple[int, dict[str, torch.Tensor]]]:
+    """For each batch, yield ``(n, Σ_n Σ_j w_j g_nj²)`` in float32 (general vmap path)."""
+    for batch in batches:
+        b, target, draws = plan.prepare(batch)
+        acc = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in plan.params.items()}
+        for _, res in plan.run(b, target, draws, "squares", chunk_size):
+            for k in acc:
+                acc[k] += res[k].sum(0)
+        yield b.size, acc

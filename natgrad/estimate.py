@@ -1,0 +1,125 @@
+"""``estimate_fisher``: the diagonal Fisher of a model over a batch or a data loader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import nn
+
+from natgrad._batch import OutputFn
+from natgrad._checks import check_finite
+from natgrad.engine import ParamSpec, _Plan, square_sums
+from natgrad.fisher import DiagonalFisher
+from natgrad.likelihoods import Likelihood
+
+__all__ = ["estimate_fisher", "is_single_batch", "iterate_batches"]
+
+
+def is_single_batch(data: Any) -> bool:
+    """True for one batch: a tensor, a dict, or a tuple/list whose first item is a tensor."""
+    if isinstance(data, (torch.Tensor, Mapping)):
+        return True
+    return isinstance(data, (tuple, list)) and len(data) > 0 and isinstance(data[0], torch.Tensor)
+
+
+def iterate_batches(data: Any, max_batches: int | None = None) -> Iterable[Any]:
+    """Yield batches from one batch, an iterable of batches or a DataLoader."""
+    if max_batches is not None and int(max_batches) < 1:
+        raise ValueError(f"Invalid max_batches: {max_batches!r}; it must be >= 1 or None.")
+    if is_single_batch(data):
+        return iter([data])
+    try:
+        it = iter(data)
+    except TypeError:
+        raise TypeError(
+            f"data must be a batch or an iterable of batches (e.g. a DataLoader), got "
+            f"{type(data).__name__}."
+        ) from None
+    return islice(it, max_batches) if max_batches is not None else it
+
+
+def _progress(it: Iterable, data: Any, enabled: bool, max_batches: int | None, desc: str):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    total = None
+    if not is_single_batch(data) and hasattr(data, "__len__"):
+        total = len(data) if max_batches is None else min(len(data), max_batches)
+    return tqdm(it, total=total, desc=desc, unit="batch")
+
+
+def estimate_fisher(
+    model: nn.Module,
+    data: Any,
+    likelihood: str | Likelihood = "categorical",
+    *,
+    labels: str = "empirical",
+    mc_samples: int = 1,
+    params: ParamSpec = None,
+    chunk_size: int | None = None,
+    max_batches: int | None = None,
+    progress: bool = False,
+    generator: torch.Generator | None = None,
+    output_fn: OutputFn | None = None,
+) -> DiagonalFisher:
+    """Estimate the diagonal Fisher ``F_i = (1/N) Σ_n E_y[(∂l_n/∂θ_i)²]`` from exact
+    per-sample gradients.
+
+    ``l_n = -log p(y_n | x_n, θ)``; ``E_y`` is over the label source: the data's labels
+    (``"empirical"``), ``mc_samples`` draws from the model's predictive (``"mc"``), or
+    the closed-form expectation (``"exact"``). Never the squared batch-mean gradient.
+
+    Args:
+        model: any ``nn.Module`` (BatchNorm in eval mode). It is not modified.
+        data: one batch (``(x, y)``, ``x``, a dict), an iterable of batches or a DataLoader.
+        likelihood: name or :class:`natgrad.likelihoods.Likelihood`.
+        labels: ``"empirical"``, ``"mc"`` or ``"exact"``.
+        mc_samples: label draws per sample for ``"mc"``.
+        params: parameters to cover (see :func:`natgrad.select_params`).
+        chunk_size: samples per vmap chunk; memory ``≈ chunk_size × P`` floats.
+        max_batches: stop after this many batches.
+        progress: show a tqdm progress bar.
+        generator: ``torch.Generator`` for ``"mc"`` (default: seeded with 0).
+        output_fn: maps model outputs to the output tensor (default: tensor or ``.logits``).
+
+    Returns:
+        :class:`DiagonalFisher` with float32 values and ``n_samples = N``.
+
+    Raises:
+        ValueError: empty data, train-mode BatchNorm, bad labels or likelihood.
+        FloatingPointError: NaN or Inf in the per-sample gradients.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 3)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> F = estimate_fisher(model, (x, y))
+        >>> F.n_samples, F["weight"].shape
+        (8, torch.Size([3, 4]))
+    """
+    plan = _Plan(model, likelihood, labels, mc_samples, params, output_fn, generator, None)
+    batches = _progress(iterate_batches(data, max_batches), data, progress, max_batches, "Fisher")
+    sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in plan.params.items()}
+    n_total = 0
+    for n, acc in square_sums(plan, batches, chunk_size):
+        for k in sums:
+            sums[k] += acc[k]
+        n_total += n
+    if n_total == 0:
+        raise ValueError("No samples: `data` yielded no batches, so there is no Fisher to estimate.")
+    for k, v in sums.items():
+        check_finite(
+            f"the per-sample gradients of {k!r}",
+            v,
+            "Check the inputs for NaN/Inf, the model's outputs, and the labels.",
+        )
+    return DiagonalFisher(
+        {k: v / n_total for k, v in sums.items()},
+        n_total,
+        labels=labels,
+        likelihood=plan.lik.name,
+    )

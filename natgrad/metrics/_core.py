@@ -1,0 +1,45 @@
+"""Core metrics: the Fisher itself and the per-task EMA tracker."""
+
+from __future__ import annotations
+
+from natgrad.metrics.context import MetricContext, SignatureType
+from natgrad.metrics.registry import registry
+
+
+@registry.register(
+    "fisher_information",
+    SignatureType.STANDARD,
+    needs=("model", "batch"),
+    description="Diagonal Fisher of models[0] on batches[0] (per-sample mean, exact per-sample gradients).",
+)
+def _fisher_information(ctx: MetricContext, **kwargs):
+    from natgrad.estimate import estimate_fisher
+
+    kwargs.setdefault("labels", ctx.labels)
+    f = estimate_fisher(ctx.models[0], ctx.batches[0], ctx.likelihood, **kwargs)
+    ctx.fisher.setdefault(ctx.task_names(1)[0], f)
+    return f
+
+
+@registry.register(
+    "update_fisher_ema",
+    SignatureType.CUSTOM,
+    needs=("tracker", "batch"),
+    description="Fold each batch's Fisher into its task's EMA in context.tracker; returns update counts.",
+)
+def _update_fisher_ema(ctx: MetricContext, **_):
+    names = ctx.task_names(len(ctx.batches))
+    for task, batch in zip(names, ctx.batches):
+        ctx.tracker.update(task, batch)
+    return {t: ctx.tracker.num_updates(t) for t in names}
+
+
+@registry.register(
+    "reset_fisher_ema",
+    SignatureType.CUSTOM,
+    needs=("tracker",),
+    description="Reset context.tracker's EMA for option task=... (every task when omitted).",
+)
+def _reset_fisher_ema(ctx: MetricContext, task: str | None = None):
+    ctx.tracker.reset(task)
+    return {"tasks": ctx.tracker.tasks()}

@@ -1,0 +1,66 @@
+"""Independent references for tests: brute-force loops, dense matrices and closed forms.
+
+Nothing here uses natgrad's engine: one ordinary backward pass per sample (and per
+label), in float64 where the caller casts the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def loop_grads(model: nn.Module, loss_fn, inputs, targets, names=None) -> dict[str, torch.Tensor]:
+    """Per-sample gradients by one backward pass per sample: ``loss_fn(model(x_n), y_n)``."""
+    named = dict(model.named_parameters())
+    names = list(named) if names is None else names
+    out = {k: [] for k in names}
+    n = len(targets) if targets is not None else _size(inputs)
+    for i in range(n):
+        model.zero_grad(set_to_none=True)
+        xi = _take(inputs, i)
+        yi = None if targets is None else targets[i : i + 1]
+        out_i = model(**xi) if isinstance(xi, dict) else model(xi)
+        loss_fn(out_i, yi).backward()
+        for k in names:
+            g = named[k].grad
+            out[k].append(torch.zeros_like(named[k]) if g is None else g.detach().clone())
+    model.zero_grad(set_to_none=True)
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def exact_categorical_fisher_loop(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``(1/N) Σ_n Σ_c p_nc (∇θ log p_nc)²`` by one backward per sample and class."""
+    named = dict(model.named_parameters())
+    acc = {k: torch.zeros_like(p) for k, p in named.items()}
+    for i in range(len(x)):
+        with torch.no_grad():
+            p = model(x[i : i + 1]).softmax(-1)[0]
+        for c in range(p.shape[0]):
+            model.zero_grad(set_to_none=True)
+            model(x[i : i + 1]).log_softmax(-1)[0, c].backward()
+            for k, q in named.items():
+                acc[k] += p[c] * q.grad**2
+    return {k: v / len(x) for k, v in acc.items()}
+
+
+def ce_sum(out, y):
+    return torch.nn.functional.cross_entropy(out, y, reduction="sum")
+
+
+def _size(inputs):
+    if isinstance(inputs, dict):
+        return next(iter(inputs.values())).shape[0]
+    return inputs.shape[0]
+
+
+def _take(inputs, i):
+    if isinstance(inputs, dict):
+        return {k: v[i : i + 1] for k, v in inputs.items()}
+    return inputs[i : i + 1]
+
+
+def assert_close_dict(a, b, rtol=1e-5, atol=1e-7):
+    assert set(a) == set(b), (sorted(a), sorted(b))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k].to(a[k].dtype), rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
