@@ -18,6 +18,17 @@ from natgrad.likelihoods import (
 )
 from natgrad.tracker import FisherTracker
 
+# -- scale (issue 3): fast path, distributed, checkpoints --
+# -- end scale --
+# -- uses: natural gradient (issue 4) --
+# -- end natural gradient --
+# -- uses: forgetting (issue 5) --
+# -- end forgetting --
+# -- uses: pruning and merging (issue 6) --
+# -- end pruning and merging --
+# -- uses: uncertainty and directions (issue 7) --
+# -- end uncertainty and directions --
+
 __all__ = [
     "__version__",
     # engine
@@ -37,6 +48,11 @@ __all__ = [
     "estimate_fisher",
     "FisherTracker",
     "top_coordinates",
+    # -- __all__ scale (issue 3) --
+    # -- __all__ natural gradient (issue 4) --
+    # -- __all__ forgetting (issue 5) --
+    # -- __all__ pruning and merging (issue 6) --
+    # -- __all__ uncertainty and directions (issue 7) --
 ]
 
 

@@ -24,11 +24,13 @@ class Split:
     x_test: torch.Tensor
     y_test: torch.Tensor
 
-    def subset(self, classes) -> "Split":
+    def subset(self, classes) -> Split:
         """Only the samples whose label is in ``classes``."""
         keep_tr = torch.isin(self.y_train, torch.as_tensor(list(classes)))
         keep_te = torch.isin(self.y_test, torch.as_tensor(list(classes)))
-        return Split(self.x_train[keep_tr], self.y_train[keep_tr], self.x_test[keep_te], self.y_test[keep_te])
+        return Split(
+            self.x_train[keep_tr], self.y_train[keep_tr], self.x_test[keep_te], self.y_test[keep_te]
+        )
 
 
 def load_mnist1d(seed: int = 42) -> Split:
@@ -59,7 +61,9 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Split:
     try:
         from sklearn.datasets import load_digits as _load
     except ImportError:
-        raise ImportError("The digits data set needs scikit-learn: pip install scikit-learn") from None
+        raise ImportError(
+            "The digits data set needs scikit-learn: pip install scikit-learn"
+        ) from None
     d = _load()
     x = torch.tensor(d.data, dtype=torch.float32) / 16.0
     y = torch.tensor(d.target, dtype=torch.int64)

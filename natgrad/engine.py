@@ -55,7 +55,9 @@ def select_params(model: nn.Module, params: ParamSpec = None) -> dict[str, nn.Pa
     if params is None:
         chosen = {k: p for k, p in named.items() if p.requires_grad}
     elif isinstance(params, nn.Module) or (
-        isinstance(params, (list, tuple)) and params and all(isinstance(m, nn.Module) for m in params)
+        isinstance(params, (list, tuple))
+        and params
+        and all(isinstance(m, nn.Module) for m in params)
     ):
         mods = [params] if isinstance(params, nn.Module) else list(params)
         ids = {id(p) for m in mods for p in m.parameters()}
@@ -97,7 +99,9 @@ def model_device(model: nn.Module) -> torch.device:
 class _Plan:
     """Everything the vmapped per-sample function needs, resolved once per call."""
 
-    def __init__(self, model, likelihood, labels, mc_samples, params, output_fn, generator, exact_chunk):
+    def __init__(
+        self, model, likelihood, labels, mc_samples, params, output_fn, generator, exact_chunk
+    ):
         check_no_batch_mixing(model)
         self.model = model
         self.lik: Likelihood = get_likelihood(likelihood)
@@ -120,7 +124,9 @@ class _Plan:
         if isinstance(self.lik, TokenCategorical) and b.mask is not None:
             if target is None:
                 target = torch.zeros(b.mask.shape, dtype=torch.long, device=self.device)
-            target = torch.where(b.mask == 0, torch.full_like(target, self.lik.ignore_index), target)
+            target = torch.where(
+                b.mask == 0, torch.full_like(target, self.lik.ignore_index), target
+            )
         if self.labels == "empirical" and target is None:
             raise ValueError(
                 "labels='empirical' needs the data's labels, but the batch has none: pass "
@@ -164,7 +170,9 @@ class _Plan:
             else:
                 K = lik.num_factor_columns(out)
                 step = self.exact_chunk or K
-                cols = [lik.factor_columns(out, s, min(s + step, K), target) for s in range(0, K, step)]
+                cols = [
+                    lik.factor_columns(out, s, min(s + step, K), target) for s in range(0, K, step)
+                ]
                 weight = 1.0
             if mode == "grads":
                 gs = [vmap(pullback)(c.to(out.dtype))[0] for c in cols]
@@ -198,8 +206,11 @@ class _Plan:
                 None if t is None else 0,
                 None if d is None else 0,
             )
-            yield stop - start, vmap(fn, in_dims=in_dims, randomness="different")(
-                params, sub.args, sub.kwargs, t, d
+            yield (
+                stop - start,
+                vmap(fn, in_dims=in_dims, randomness="different")(
+                    params, sub.args, sub.kwargs, t, d
+                ),
             )
 
 

@@ -110,7 +110,9 @@ def estimate_fisher(
             sums[k] += acc[k]
         n_total += n
     if n_total == 0:
-        raise ValueError("No samples: `data` yielded no batches, so there is no Fisher to estimate.")
+        raise ValueError(
+            "No samples: `data` yielded no batches, so there is no Fisher to estimate."
+        )
     for k, v in sums.items():
         check_finite(
             f"the per-sample gradients of {k!r}",

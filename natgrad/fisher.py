@@ -87,7 +87,9 @@ class DiagonalFisher(Mapping):
             f"labels={self.labels!r}, likelihood={self.likelihood!r})"
         )
 
-    def _like(self, values: Mapping[str, torch.Tensor], n: int | None = None, labels=None) -> DiagonalFisher:
+    def _like(
+        self, values: Mapping[str, torch.Tensor], n: int | None = None, labels=None
+    ) -> DiagonalFisher:
         return DiagonalFisher(
             values,
             self.n_samples if n is None else n,
@@ -123,7 +125,9 @@ class DiagonalFisher(Mapping):
         check_same_structure(self, other, "current Fisher", "new Fisher")
         vals = {k: decay * self[k] + (1 - decay) * other[k].to(self[k].device) for k in self}
         return self._like(
-            vals, self.n_samples + other.n_samples, self.labels if self.labels == other.labels else "mixed"
+            vals,
+            self.n_samples + other.n_samples,
+            self.labels if self.labels == other.labels else "mixed",
         )
 
     def total(self) -> float:
@@ -259,7 +263,9 @@ class DiagonalFisher(Mapping):
         shapes = json.loads(meta["shapes"])
         for k in names:
             if k not in tensors or list(tensors[k].shape) != shapes[k]:
-                raise ValueError(f"{path!r} is corrupt: tensor {k!r} is missing or has the wrong shape.")
+                raise ValueError(
+                    f"{path!r} is corrupt: tensor {k!r} is missing or has the wrong shape."
+                )
         fisher = cls(
             {k: tensors[k] for k in names},
             int(meta["n_samples"]),
@@ -271,7 +277,9 @@ class DiagonalFisher(Mapping):
         return fisher
 
 
-def top_coordinates(fisher: Mapping[str, torch.Tensor], k: int) -> list[tuple[str, tuple[int, ...], float]]:
+def top_coordinates(
+    fisher: Mapping[str, torch.Tensor], k: int
+) -> list[tuple[str, tuple[int, ...], float]]:
     """The ``k`` largest entries of a Fisher (or any name -> tensor map), largest first.
 
     Returns:

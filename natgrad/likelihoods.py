@@ -161,7 +161,9 @@ class Gaussian(Likelihood):
     def nll(self, output, target):
         r = (target.float() - output.float()).flatten(1)
         d = r.shape[1]
-        return 0.5 * (r**2).sum(1) / self.sigma**2 + d * math.log(self.sigma * math.sqrt(2 * math.pi))
+        return 0.5 * (r**2).sum(1) / self.sigma**2 + d * math.log(
+            self.sigma * math.sqrt(2 * math.pi)
+        )
 
     def output_grad(self, output, target):
         return (output.float() - target.float()) / self.sigma**2
@@ -297,7 +299,9 @@ class TokenCategorical(Likelihood):
         out, tgt = self._align(output.detach().float(), target)
         n, t, v = out.shape
         p = out.softmax(-1)
-        keep = torch.ones(n, t, device=p.device) if tgt is None else (tgt != self.ignore_index).float()
+        keep = (
+            torch.ones(n, t, device=p.device) if tgt is None else (tgt != self.ignore_index).float()
+        )
         idx = torch.arange(start, stop, device=p.device)
         pos, cls = idx // v, idx % v  # column j = (token pos[j], class cls[j])
         p_pos = p[:, pos, :]  # (N, k, V)
@@ -363,7 +367,9 @@ def get_likelihood(likelihood: str | Likelihood, **kwargs) -> Likelihood:
     """
     if isinstance(likelihood, Likelihood):
         if kwargs:
-            raise TypeError(f"Options {sorted(kwargs)} apply only when the likelihood is given by name.")
+            raise TypeError(
+                f"Options {sorted(kwargs)} apply only when the likelihood is given by name."
+            )
         return likelihood
     if not isinstance(likelihood, str):
         raise TypeError(

@@ -63,4 +63,6 @@ def _take(inputs, i):
 def assert_close_dict(a, b, rtol=1e-5, atol=1e-7):
     assert set(a) == set(b), (sorted(a), sorted(b))
     for k in a:
-        torch.testing.assert_close(a[k], b[k].to(a[k].dtype), rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(
+            a[k], b[k].to(a[k].dtype), rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}"
+        )

@@ -71,7 +71,11 @@ def natgrad_lik(**kw):
 @pytest.mark.parametrize(
     "lik,target_fn,loss",
     [
-        ("gaussian", lambda n: torch.randn(n, 4, dtype=torch.float64), lambda o, y: 0.5 * ((o - y) ** 2).sum()),
+        (
+            "gaussian",
+            lambda n: torch.randn(n, 4, dtype=torch.float64),
+            lambda o, y: 0.5 * ((o - y) ** 2).sum(),
+        ),
         (
             "bernoulli",
             lambda n: torch.randint(0, 2, (n, 4)).double(),
@@ -109,8 +113,12 @@ def test_exact_labels_are_factor_weighted_class_gradients(mlp_case):
 
 def test_mc_labels_reproducible_and_equal_loop_on_drawn_labels(mlp_case):
     model, x, _ = mlp_case
-    g1 = per_sample_grads(model, x, labels="mc", mc_samples=3, generator=torch.Generator().manual_seed(5))
-    g2 = per_sample_grads(model, x, labels="mc", mc_samples=3, generator=torch.Generator().manual_seed(5))
+    g1 = per_sample_grads(
+        model, x, labels="mc", mc_samples=3, generator=torch.Generator().manual_seed(5)
+    )
+    g2 = per_sample_grads(
+        model, x, labels="mc", mc_samples=3, generator=torch.Generator().manual_seed(5)
+    )
     assert_close_dict(g1, g2, rtol=0, atol=0)
     # the same draws as the likelihood's sampler, gradients as a loop
     from natgrad import Categorical
@@ -196,7 +204,9 @@ def test_hf_style_output_object(mlp_case):
 
 def test_train_mode_batchnorm_raises():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match=r"'1' \(BatchNorm1d\) is in train mode.*model.eval\(\).*GroupNorm"):
+    with pytest.raises(
+        ValueError, match=r"'1' \(BatchNorm1d\) is in train mode.*model.eval\(\).*GroupNorm"
+    ):
         per_sample_grads(model, (torch.randn(4, 3), torch.tensor([0, 1, 0, 1])))
     model.eval()
     per_sample_grads(model, (torch.randn(4, 3), torch.tensor([0, 1, 0, 1])))
@@ -206,15 +216,45 @@ def test_train_mode_batchnorm_raises():
     "batch,kwargs,err,match",
     [
         ((torch.randn(0, 5), torch.zeros(0, dtype=torch.long)), {}, ValueError, "Empty batch"),
-        ((torch.randn(3, 5), torch.tensor([0, 1])), {}, ValueError, "first dimension must be the batch size"),
+        (
+            (torch.randn(3, 5), torch.tensor([0, 1])),
+            {},
+            ValueError,
+            "first dimension must be the batch size",
+        ),
         ((torch.randn(3, 5), torch.randn(3)), {}, ValueError, "integer class indices"),
         (torch.randn(3, 5), {}, ValueError, "labels='empirical' needs the data's labels"),
-        ((torch.randn(3, 5), torch.tensor([0, 1, 2])), {"labels": "fisher"}, ValueError, "Unknown labels 'fisher'"),
-        ((torch.randn(3, 5), torch.tensor([0, 1, 2])), {"likelihood": "poisson"}, ValueError, "Unknown likelihood 'poisson'.*'categorical'"),
-        ((torch.randn(3, 5), torch.tensor([0, 1, 2])), {"params": ["nope"]}, ValueError, "Unknown parameter names \\['nope'\\]"),
-        ((torch.randn(3, 5), torch.tensor([0, 1, 2])), {"mc_samples": 0, "labels": "mc"}, ValueError, "mc_samples"),
+        (
+            (torch.randn(3, 5), torch.tensor([0, 1, 2])),
+            {"labels": "fisher"},
+            ValueError,
+            "Unknown labels 'fisher'",
+        ),
+        (
+            (torch.randn(3, 5), torch.tensor([0, 1, 2])),
+            {"likelihood": "poisson"},
+            ValueError,
+            "Unknown likelihood 'poisson'.*'categorical'",
+        ),
+        (
+            (torch.randn(3, 5), torch.tensor([0, 1, 2])),
+            {"params": ["nope"]},
+            ValueError,
+            "Unknown parameter names \\['nope'\\]",
+        ),
+        (
+            (torch.randn(3, 5), torch.tensor([0, 1, 2])),
+            {"mc_samples": 0, "labels": "mc"},
+            ValueError,
+            "mc_samples",
+        ),
         ("not a batch", {}, TypeError, "Unsupported batch type str"),
-        ((torch.randn(3, 5), torch.randn(3, 2), torch.randn(3)), {}, ValueError, "must be \\(x, y\\) or \\(x,\\)"),
+        (
+            (torch.randn(3, 5), torch.randn(3, 2), torch.randn(3)),
+            {},
+            ValueError,
+            "must be \\(x, y\\) or \\(x,\\)",
+        ),
     ],
 )
 def test_bad_inputs(batch, kwargs, err, match):

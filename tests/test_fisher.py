@@ -32,7 +32,9 @@ def test_exact_logistic_regression_closed_form():
     F = estimate_fisher(model, x, "bernoulli", labels="exact")
     p = torch.sigmoid(model(x)).detach()  # (N, 1)
     w = p * (1 - p)
-    torch.testing.assert_close(F["weight"], (w * x**2).mean(0, keepdim=True).float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        F["weight"], (w * x**2).mean(0, keepdim=True).float(), rtol=1e-5, atol=0
+    )
     torch.testing.assert_close(F["bias"], w.mean(0).float(), rtol=1e-5, atol=0)
 
 
@@ -43,7 +45,9 @@ def test_exact_softmax_regression_closed_form():
     F = estimate_fisher(model, x, labels="exact", chunk_size=7)
     p = model(x).softmax(-1).detach()
     h = p * (1 - p)  # (N, C)
-    torch.testing.assert_close(F["weight"], torch.einsum("nc,nj->cj", h, x**2).div(40).float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        F["weight"], torch.einsum("nc,nj->cj", h, x**2).div(40).float(), rtol=1e-5, atol=0
+    )
     torch.testing.assert_close(F["bias"], h.mean(0).float(), rtol=1e-5, atol=0)
 
 
@@ -74,7 +78,9 @@ def test_mc_converges_to_exact(lik):
     exact = estimate_fisher(model, x, lik, labels="exact")
 
     def err(k, seed):
-        mc = estimate_fisher(model, x, lik, labels="mc", mc_samples=k, generator=torch.Generator().manual_seed(seed))
+        mc = estimate_fisher(
+            model, x, lik, labels="mc", mc_samples=k, generator=torch.Generator().manual_seed(seed)
+        )
         num = sum(((mc[n] - exact[n]) ** 2).sum() for n in exact)
         return float(num.sqrt() / sum((exact[n] ** 2).sum() for n in exact).sqrt())
 
@@ -108,7 +114,10 @@ def test_float32_accumulation_for_bfloat16_model(mlp_case):
     model, x, y = mlp_case
     F = estimate_fisher(model.to(torch.bfloat16), (x.bfloat16(), y))
     assert all(v.dtype == torch.float32 for v in F.values())
-    ref = {k: (g.float() ** 2).mean(0) for k, g in loop_grads(model.float(), ce_sum, x.bfloat16().float(), y).items()}
+    ref = {
+        k: (g.float() ** 2).mean(0)
+        for k, g in loop_grads(model.float(), ce_sum, x.bfloat16().float(), y).items()
+    }
     assert_close_dict(dict(F), ref, rtol=0.1, atol=1e-3)
 
 
@@ -135,7 +144,12 @@ def test_backpack_sum_grad_squared_oracle():
         (nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), torch.randn(16, 6)),
         (
             nn.Sequential(
-                nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)
+                nn.Conv2d(1, 3, 3),
+                nn.ReLU(),
+                nn.Conv2d(3, 2, 3, stride=2),
+                nn.ReLU(),
+                nn.Flatten(),
+                nn.Linear(8, 3),
             ),
             torch.randn(12, 1, 8, 8),
         ),
@@ -147,7 +161,9 @@ def test_backpack_sum_grad_squared_oracle():
         with backpack.backpack(SumGradSquared()):
             loss.backward()
         for name, p in bp_model.named_parameters():
-            torch.testing.assert_close(ours[name], p.sum_grad_squared / len(x), rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(
+                ours[name], p.sum_grad_squared / len(x), rtol=1e-5, atol=1e-8
+            )
         bp_model.zero_grad()
 
 
@@ -155,7 +171,9 @@ def test_backpack_sum_grad_squared_oracle():
 
 
 def _fisher(n=3, scale=1.0):
-    return DiagonalFisher({"a.weight": torch.arange(6.0).view(2, 3) * scale, "a.bias": torch.ones(2) * scale}, n)
+    return DiagonalFisher(
+        {"a.weight": torch.arange(6.0).view(2, 3) * scale, "a.bias": torch.ones(2) * scale}, n
+    )
 
 
 def test_arithmetic():
@@ -200,7 +218,10 @@ def test_load_against_other_model_names_differences(tmp_path, mlp_case):
     estimate_fisher(model, (x, y)).save(path)
     with pytest.raises(ValueError, match=r"shapes differ.*0.weight: \(7, 5\) vs \(9, 5\)"):
         DiagonalFisher.load(path, mlp((5, 9, 4)))
-    with pytest.raises(ValueError, match=r"parameters the model lacks: \['0.weight', '0.bias', '2.weight', '2.bias'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"parameters the model lacks: \['0.weight', '0.bias', '2.weight', '2.bias'\]",
+    ):
         DiagonalFisher.load(path, nn.Sequential(nn.Identity(), nn.Linear(5, 4)).double())
 
 
@@ -220,7 +241,9 @@ def test_load_errors(tmp_path):
 
 
 def test_top_coordinates():
-    f = DiagonalFisher({"a": torch.tensor([[0.5, 9.0], [3.0, 0.0]]), "b": torch.tensor([4.0, 3.0])}, 1)
+    f = DiagonalFisher(
+        {"a": torch.tensor([[0.5, 9.0], [3.0, 0.0]]), "b": torch.tensor([4.0, 3.0])}, 1
+    )
     assert top_coordinates(f, 3) == [("a", (0, 1), 9.0), ("b", (0,), 4.0), ("a", (1, 0), 3.0)]
     assert len(top_coordinates(f, 100)) == 6
     with pytest.raises(ValueError, match="k"):

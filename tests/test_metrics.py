@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from natgrad import FisherTracker, estimate_fisher
-from natgrad.metrics import MetricContext, MissingContextError, SignatureType, UnknownMetricError, registry
+from natgrad.metrics import (
+    MetricContext,
+    MissingContextError,
+    SignatureType,
+    UnknownMetricError,
+    registry,
+)
 from tests.reference import assert_close_dict
 
 
@@ -28,21 +34,31 @@ def test_fisher_information_metric(mlp_case):
 def test_ema_metrics(mlp_case):
     model, x, y = mlp_case
     tr = FisherTracker(model, decay=0.5)
-    ctx = MetricContext(models=[model], batches=[(x, y), (x[:3], y[:3])], tasks=["math", "general"], tracker=tr)
+    ctx = MetricContext(
+        models=[model], batches=[(x, y), (x[:3], y[:3])], tasks=["math", "general"], tracker=tr
+    )
     assert registry.compute_with_context("update_fisher_ema", ctx) == {"math": 1, "general": 1}
     assert registry.compute_with_context("update_fisher_ema", ctx) == {"math": 2, "general": 2}
-    assert registry.compute_with_context("reset_fisher_ema", ctx, task="math") == {"tasks": ["general"]}
+    assert registry.compute_with_context("reset_fisher_ema", ctx, task="math") == {
+        "tasks": ["general"]
+    }
     ctx.options["reset_fisher_ema"] = {"task": None}
     assert registry.compute_with_context("reset_fisher_ema", ctx) == {"tasks": []}
 
 
 def test_unknown_metric_lists_names():
-    with pytest.raises(UnknownMetricError, match="Unknown metric 'fisher_informaton'. Did you mean 'fisher_information'"):
+    with pytest.raises(
+        UnknownMetricError,
+        match="Unknown metric 'fisher_informaton'. Did you mean 'fisher_information'",
+    ):
         registry.compute_with_context("fisher_informaton", MetricContext())
 
 
 def test_missing_context_named():
-    with pytest.raises(MissingContextError, match="lacks model: context.models\\[0\\].*batch: context.batches\\[0\\]"):
+    with pytest.raises(
+        MissingContextError,
+        match="lacks model: context.models\\[0\\].*batch: context.batches\\[0\\]",
+    ):
         registry.compute_with_context("fisher_information", MetricContext())
     with pytest.raises(MissingContextError, match="tracker"):
         registry.compute_with_context("reset_fisher_ema", MetricContext())

@@ -123,7 +123,9 @@ class MetricContext:
         if self.tracker is not None and task in self.tracker:
             return self.tracker.fisher(task)
         if self.models and len(self.batches) > i:
-            f = estimate_fisher(self.models[0], self.batches[i], self.likelihood, labels=self.labels)
+            f = estimate_fisher(
+                self.models[0], self.batches[i], self.likelihood, labels=self.labels
+            )
             self.fisher[task] = f
             return f
         raise MissingContextError(f"No Fisher for task {task!r}: give {NEEDS['fisher']}.")
