@@ -1,0 +1,33 @@
+"""Collect benchmarks/results/*.md into benchmarks/RESULTS.md (one section per fragment).
+
+Run: python benchmarks/collect_results.py
+"""
+
+from __future__ import annotations
+
+import os
+
+ORDER = ["fisher_speed", "natural_gradient", "continual", "pruning", "merging", "uncertainty"]
+
+
+def main() -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    frag_dir = os.path.join(here, "results")
+    names = sorted(f[:-3] for f in os.listdir(frag_dir) if f.endswith(".md"))
+    names = [n for n in ORDER if n in names] + [n for n in names if n not in ORDER]
+    parts = [
+        "# natgrad benchmark results\n",
+        "Collected from `benchmarks/results/*.md` by `python benchmarks/collect_results.py`.",
+        "Each section names its date, torch version, machine and the command that produced it.",
+        "Timings are ratios measured in one run against a baseline on the same machine.\n",
+    ]
+    for n in names:
+        with open(os.path.join(frag_dir, f"{n}.md")) as fh:
+            parts.append(fh.read().rstrip() + "\n")
+    with open(os.path.join(here, "RESULTS.md"), "w") as fh:
+        fh.write("\n".join(parts))
+    print(f"wrote RESULTS.md from {len(names)} fragments: {', '.join(names)}")
+
+
+if __name__ == "__main__":
+    main()
