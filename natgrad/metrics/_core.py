@@ -25,6 +25,7 @@ def _fisher_information(ctx: MetricContext, **kwargs):
     "update_fisher_ema",
     SignatureType.CUSTOM,
     needs=("tracker", "batch"),
+    mutates=True,
     description="Fold each batch's Fisher into its task's EMA in context.tracker; returns update counts.",
 )
 def _update_fisher_ema(ctx: MetricContext, **_):
@@ -38,6 +39,7 @@ def _update_fisher_ema(ctx: MetricContext, **_):
     "reset_fisher_ema",
     SignatureType.CUSTOM,
     needs=("tracker",),
+    mutates=True,
     description="Reset context.tracker's EMA for option task=... (every task when omitted).",
 )
 def _reset_fisher_ema(ctx: MetricContext, task: str | None = None):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
+from natgrad._checks import check_choice
+from natgrad._report import Report, to_jsonable
 from natgrad.metrics.context import NEEDS, MetricContext, MissingContextError, SignatureType
 
-__all__ = ["MetricSpec", "MetricRegistry", "registry", "UnknownMetricError"]
+__all__ = ["MetricSpec", "MetricRegistry", "MetricResults", "registry", "UnknownMetricError"]
 
 
 class UnknownMetricError(KeyError, ValueError):
@@ -28,6 +31,39 @@ class MetricSpec:
     signature: SignatureType
     needs: tuple[str, ...]
     description: str
+    mutates: bool = False
+
+
+@dataclass
+class MetricResults(Report):
+    """What :meth:`MetricRegistry.compute_all` returns.
+
+    Attributes:
+        results: ``{metric name: value}`` for every metric that ran.
+        skipped: ``{metric name: reason}`` for metrics the context cannot serve (the
+            reason names what is missing) or that change the context (``mutates``).
+        failed: ``{metric name: "ErrorType: message"}`` for metrics that raised.
+        seconds: ``{metric name: wall-clock seconds}`` for metrics that ran or failed.
+    """
+
+    results: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self, max_elements: int | None = 64) -> dict[str, Any]:
+        """JSON-serializable values; tensors with more than ``max_elements`` entries are
+        summarized (shape, dtype, sum, mean, min, max), Fishers as totals per layer.
+        ``max_elements=None`` keeps every entry."""
+        return to_jsonable(
+            {
+                "results": self.results,
+                "skipped": self.skipped,
+                "failed": self.failed,
+                "seconds": self.seconds,
+            },
+            max_elements=max_elements,
+        )
 
 
 class MetricRegistry:
@@ -53,8 +89,18 @@ class MetricRegistry:
         *,
         needs: tuple[str, ...] = (),
         description: str = "",
+        mutates: bool = False,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator: register ``fn(context, **options)`` under ``name``."""
+        """Decorator: register ``fn(context, **options)`` under ``name``.
+
+        Args:
+            name: the metric's name (unique).
+            signature: a :class:`SignatureType` (or its value).
+            needs: what the context must provide (keys of ``NEEDS``).
+            description: one line; defaults to the first line of ``fn``'s docstring.
+            mutates: the metric changes the context's state (e.g. resets the tracker);
+                :meth:`compute_all` runs it only when named explicitly.
+        """
         signature = SignatureType(signature)
         unknown = [n for n in needs if n not in NEEDS]
         if unknown:
@@ -65,7 +111,7 @@ class MetricRegistry:
                 raise ValueError(f"A metric named {name!r} is already registered.")
             doc = description or (fn.__doc__ or "").strip().splitlines()[0:1]
             desc = doc if isinstance(doc, str) else (doc[0] if doc else "")
-            self._specs[name] = MetricSpec(name, fn, signature, tuple(needs), desc)
+            self._specs[name] = MetricSpec(name, fn, signature, tuple(needs), desc, bool(mutates))
             return fn
 
         return deco
@@ -85,13 +131,14 @@ class MetricRegistry:
         return sorted(n for n, s in self._specs.items() if sig is None or s.signature == sig)
 
     def describe(self, name: str) -> dict[str, Any]:
-        """``{"name", "signature", "needs", "description"}`` of one metric."""
+        """``{"name", "signature", "needs", "description", "mutates"}`` of one metric."""
         s = self.spec(name)
         return {
             "name": s.name,
             "signature": s.signature.value,
             "needs": {n: NEEDS[n] for n in s.needs},
             "description": s.description,
+            "mutates": s.mutates,
         }
 
     def compute_with_context(self, name: str, context: MetricContext, **options: Any) -> Any:
@@ -113,6 +160,76 @@ class MetricRegistry:
             )
         kwargs = {**context.options.get(name, {}), **options}
         return s.fn(context, **kwargs)
+
+    def compute_all(
+        self,
+        context: MetricContext,
+        *,
+        names: Iterable[str] | None = None,
+        exclude: Iterable[str] = (),
+        errors: Literal["record", "raise"] = "record",
+    ) -> MetricResults:
+        """Run every metric ``context`` can serve; report the others with the reason.
+
+        A metric runs when the context provides all its ``needs``; its options come from
+        ``context.options[name]``. Metrics registered with ``mutates=True`` (they change
+        the context, e.g. reset the tracker) are skipped unless listed in ``names``.
+        Fishers estimated by one metric are cached in ``context.fisher`` and reused.
+
+        Args:
+            context: the :class:`MetricContext`.
+            names: only these metrics (default: every registered one, sorted).
+            exclude: metrics to leave out (reported as skipped).
+            errors: ``"record"`` puts a metric that raises into ``failed`` and goes on;
+                ``"raise"`` re-raises its error.
+
+        Returns:
+            :class:`MetricResults` with ``results``, ``skipped``, ``failed``, ``seconds``;
+            ``to_dict()`` is JSON-serializable.
+
+        Raises:
+            UnknownMetricError: a name in ``names`` or ``exclude`` is not registered.
+            ValueError: ``errors`` is not ``"record"`` or ``"raise"``.
+
+        Example:
+            >>> import torch
+            >>> from natgrad.metrics import MetricContext, registry
+            >>> ctx = MetricContext([torch.nn.Linear(3, 2)], [(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))])
+            >>> out = registry.compute_all(ctx)
+            >>> out.results["fisher_information"].n_samples
+            4
+            >>> out.skipped["reset_fisher_ema"]
+            'lacks tracker: context.tracker (a natgrad.FisherTracker)'
+        """
+        check_choice("errors", errors, ("record", "raise"))
+        explicit = names is not None
+        selected = sorted(self._specs) if names is None else list(dict.fromkeys(names))
+        excluded = set(exclude)
+        for n in [*selected, *excluded]:
+            self.spec(n)  # unknown names raise with suggestions
+        out = MetricResults()
+        for name in selected:
+            s = self._specs[name]
+            missing = context.missing(s.needs)
+            if name in excluded:
+                out.skipped[name] = "excluded"
+            elif missing:
+                out.skipped[name] = "lacks " + "; ".join(missing)
+            elif s.mutates and not explicit:
+                out.skipped[name] = (
+                    "changes the context (mutates=True); run it by name: "
+                    f"compute_all(context, names=[{name!r}])"
+                )
+            else:
+                start = time.perf_counter()
+                try:
+                    out.results[name] = s.fn(context, **context.options.get(name, {}))
+                except Exception as exc:
+                    if errors == "raise":
+                        raise
+                    out.failed[name] = f"{type(exc).__name__}: {exc}"
+                out.seconds[name] = time.perf_counter() - start
+        return out
 
     def __contains__(self, name: str) -> bool:
         return name in self._specs
