@@ -102,3 +102,14 @@ def check_finite(name: str, tensor: torch.Tensor, hint: str = "") -> None:
             f"Non-finite values (NaN or Inf) in {name}."
             + (f" {hint}" if hint else " Check the inputs, the loss and the learning rate.")
         )
+
+
+def check_no_train_dropout(model: nn.Module, what: str) -> None:
+    """Raise if a dropout module with ``p > 0`` is in train mode (``what`` needs a fixed model)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+            raise ValueError(
+                f"Module {name or type(model).__name__!r} ({type(module).__name__}, p={module.p}) "
+                f"is in train mode, so the model is random; {what} needs a deterministic model. "
+                "Call model.eval() first."
+            )
