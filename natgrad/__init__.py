@@ -23,6 +23,14 @@ from natgrad.tracker import FisherTracker
 # -- uses: natural gradient (issue 4) --
 # -- end natural gradient --
 # -- uses: forgetting (issue 5) --
+from natgrad.compare import FisherComparison, LayerComparison, compare_task_fisher
+from natgrad.damage import (
+    AsymmetryReport,
+    DamageReport,
+    fisher_damage_asymmetry,
+    fisher_weighted_damage,
+)
+from natgrad.ewc import EWC
 # -- end forgetting --
 # -- uses: pruning and merging (issue 6) --
 # -- end pruning and merging --
@@ -51,6 +59,14 @@ __all__ = [
     # -- __all__ scale (issue 3) --
     # -- __all__ natural gradient (issue 4) --
     # -- __all__ forgetting (issue 5) --
+    "EWC",
+    "fisher_weighted_damage",
+    "fisher_damage_asymmetry",
+    "DamageReport",
+    "AsymmetryReport",
+    "compare_task_fisher",
+    "FisherComparison",
+    "LayerComparison",
     # -- __all__ pruning and merging (issue 6) --
     # -- __all__ uncertainty and directions (issue 7) --
 ]
