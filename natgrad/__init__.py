@@ -33,6 +33,9 @@ from natgrad.damage import (
 from natgrad.ewc import EWC
 # -- end forgetting --
 # -- uses: pruning and merging (issue 6) --
+from natgrad.masks import MaskOverlap, SetOverlap, apply_masks, fisher_overlap, make_permanent
+from natgrad.merge import fisher_weighted_merge
+from natgrad.prune import fisher_importance, fisher_pruning_masks
 # -- end pruning and merging --
 # -- uses: uncertainty and directions (issue 7) --
 # -- end uncertainty and directions --
@@ -68,6 +71,14 @@ __all__ = [
     "FisherComparison",
     "LayerComparison",
     # -- __all__ pruning and merging (issue 6) --
+    "fisher_importance",
+    "fisher_pruning_masks",
+    "apply_masks",
+    "make_permanent",
+    "fisher_overlap",
+    "MaskOverlap",
+    "SetOverlap",
+    "fisher_weighted_merge",
     # -- __all__ uncertainty and directions (issue 7) --
 ]
 
