@@ -19,6 +19,7 @@ train mode; call ``model.eval()`` for a deterministic Fisher.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -119,6 +120,17 @@ class _Plan:
     # -- labels ------------------------------------------------------------------
     def prepare(self, batch: Any) -> tuple[Batch, torch.Tensor | None, torch.Tensor | None]:
         """Parse a batch; return it with the target (masked) and the MC label draws."""
+        b, target = self.parse(batch)
+        probe = self.forward(b.select(0, 1))
+        if target is not None:
+            self.lik.check_target(probe, target[:1])
+        draws = None
+        if self.labels == "mc":
+            draws = self.draw(self.forward(b), target)
+        return b, target, draws
+
+    def parse(self, batch: Any) -> tuple[Batch, torch.Tensor | None]:
+        """Parse a batch onto the model's device; return it with its (masked) target."""
         b = parse_batch(batch).to(self.device)
         target = b.target
         if isinstance(self.lik, TokenCategorical) and b.mask is not None:
@@ -132,15 +144,19 @@ class _Plan:
                 "labels='empirical' needs the data's labels, but the batch has none: pass "
                 "(x, y) or a dict with 'labels', or use labels='mc' / labels='exact'."
             )
-        probe = self.forward(b.select(0, 1))
-        if target is not None:
-            self.lik.check_target(probe, target[:1])
-        draws = None
-        if self.labels == "mc":
-            with torch.no_grad():
-                out = self.forward(b)
-            draws = self.lik.sample(out, self.generator, self.k, target).movedim(0, 1)
-        return b, target, draws
+        return b, target
+
+    def draw(self, out: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        """``k`` MC labels per sample from the predictive at ``out``, shape ``(N, k, ...)``."""
+        return self.lik.sample(out.detach(), self.generator, self.k, target).movedim(0, 1)
+
+    def restrict(self, names: Iterable[str]) -> _Plan:
+        """A copy of this plan that differentiates only the parameters ``names``."""
+        sub = copy.copy(self)
+        keep = set(names)
+        sub.params = {k: p for k, p in self.params.items() if k in keep}
+        sub.P = sum(p.numel() for p in sub.params.values())
+        return sub
 
     def forward(self, b: Batch) -> torch.Tensor:
         with torch.no_grad():

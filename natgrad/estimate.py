@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from itertools import islice
 from typing import Any
@@ -10,8 +11,11 @@ import torch
 from torch import nn
 
 from natgrad._batch import OutputFn
-from natgrad._checks import check_finite
-from natgrad.engine import ParamSpec, _Plan, square_sums
+from natgrad._checks import check_choice, check_finite
+from natgrad.checkpoint import check_same_run, load_checkpoint, run_fingerprint, save_checkpoint
+from natgrad.distributed import all_reduce_sums
+from natgrad.engine import ParamSpec, _Plan
+from natgrad.fast import ENGINES, square_sums_auto
 from natgrad.fisher import DiagonalFisher
 from natgrad.likelihoods import Likelihood
 
@@ -65,6 +69,9 @@ def estimate_fisher(
     progress: bool = False,
     generator: torch.Generator | None = None,
     output_fn: OutputFn | None = None,
+    engine: str = "auto",
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
 ) -> DiagonalFisher:
     """Estimate the diagonal Fisher ``F_i = (1/N) Σ_n E_y[(∂l_n/∂θ_i)²]`` from exact
     per-sample gradients.
@@ -85,12 +92,25 @@ def estimate_fisher(
         progress: show a tqdm progress bar.
         generator: ``torch.Generator`` for ``"mc"`` (default: seeded with 0).
         output_fn: maps model outputs to the output tensor (default: tensor or ``.logits``).
+        engine: ``"auto"`` (capture path for Linear/Conv/Embedding parameters, ``vmap``
+            for the rest; see :mod:`natgrad.fast`), ``"fast"`` (the same, but an error
+            when no parameter qualifies) or ``"vmap"`` (general path for everything).
+            The engines agree to float tolerance and use the same MC draws.
+        checkpoint: file for resumable passes: partial sums are saved atomically every
+            ``checkpoint_every`` batches, and a rerun with the same model and arguments
+            skips the batches already done (see :mod:`natgrad.checkpoint`). Under
+            ``torch.distributed`` give each rank its own path.
+        checkpoint_every: batches between checkpoints.
+
+    When ``torch.distributed`` is initialized, each rank passes its own shard; the sums
+    and counts are all-reduced, so every rank returns the Fisher of all shards.
 
     Returns:
         :class:`DiagonalFisher` with float32 values and ``n_samples = N``.
 
     Raises:
-        ValueError: empty data, train-mode BatchNorm, bad labels or likelihood.
+        ValueError: empty data, train-mode BatchNorm, bad labels, likelihood or engine,
+            a checkpoint written by a different pass.
         FloatingPointError: NaN or Inf in the per-sample gradients.
 
     Example:
@@ -101,14 +121,55 @@ def estimate_fisher(
         >>> F.n_samples, F["weight"].shape
         (8, torch.Size([3, 4]))
     """
+    check_choice("engine", engine, ENGINES)
     plan = _Plan(model, likelihood, labels, mc_samples, params, output_fn, generator, None)
-    batches = _progress(iterate_batches(data, max_batches), data, progress, max_batches, "Fisher")
     sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in plan.params.items()}
-    n_total = 0
-    for n, acc in square_sums(plan, batches, chunk_size):
+    n_total, done, every, fingerprint = 0, 0, 0, None
+    if checkpoint is not None:
+        every = int(checkpoint_every)
+        if every < 1:
+            raise ValueError(
+                f"Invalid checkpoint_every: {checkpoint_every!r}; it must be an integer >= 1."
+            )
+        fingerprint = run_fingerprint(
+            plan.params,
+            labels=plan.labels,
+            likelihood=repr(plan.lik),
+            mc_samples=plan.k,
+            engine=engine,
+            max_batches=max_batches,
+        )
+        saved = load_checkpoint(checkpoint)
+        if saved is not None:
+            check_same_run(os.fspath(checkpoint), saved, fingerprint)
+            sums = {k: saved["sums"][k].to(v.device) for k, v in sums.items()}
+            n_total, done = int(saved["n_samples"]), int(saved["batches_done"])
+            plan.generator.set_state(saved["generator_state"])
+    batches = iterate_batches(data, max_batches)
+    if done:
+        batches = islice(batches, done, None)
+    batches = _progress(batches, data, progress, max_batches, "Fisher")
+
+    def save() -> None:
+        state = {
+            "fingerprint": fingerprint,
+            "sums": {k: v.detach().cpu() for k, v in sums.items()},
+            "n_samples": n_total,
+            "batches_done": done,
+            "generator_state": plan.generator.get_state(),
+        }
+        save_checkpoint(checkpoint, state)
+
+    for n, acc in square_sums_auto(plan, batches, chunk_size, engine):
         for k in sums:
             sums[k] += acc[k]
         n_total += n
+        done += 1
+        if checkpoint is not None and done % every == 0:
+            save()
+    if checkpoint is not None:
+        save()
+    sums, n_total = all_reduce_sums(sums, n_total)
     if n_total == 0:
         raise ValueError(
             "No samples: `data` yielded no batches, so there is no Fisher to estimate."
