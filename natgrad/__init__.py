@@ -21,6 +21,8 @@ from natgrad.tracker import FisherTracker
 # -- scale (issue 3): fast path, distributed, checkpoints --
 # -- end scale --
 # -- uses: natural gradient (issue 4) --
+from natgrad.natural_gradient import NaturalGradient
+from natgrad.precondition import FisherPreconditioner, scale_by_fisher
 # -- end natural gradient --
 # -- uses: forgetting (issue 5) --
 from natgrad.compare import FisherComparison, LayerComparison, compare_task_fisher
@@ -61,6 +63,9 @@ __all__ = [
     "top_coordinates",
     # -- __all__ scale (issue 3) --
     # -- __all__ natural gradient (issue 4) --
+    "scale_by_fisher",
+    "FisherPreconditioner",
+    "NaturalGradient",
     # -- __all__ forgetting (issue 5) --
     "EWC",
     "fisher_weighted_damage",
