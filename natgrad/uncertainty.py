@@ -374,7 +374,7 @@ def fisher_uncertainty(
     dtype = _acc_dtype(model)
     device = next(model.parameters()).device
     b = parse_batch(batch).to(device)
-    inv = _inverse_precisions(fisher, chosen, n, torch.tensor([delta]), dtype, device)
+    inv = _inverse_precisions(fisher, chosen, n, torch.tensor([delta], dtype=torch.float64), dtype, device)
     mean, var = _moments(model, b, chosen, inv, output_fn or default_output_fn, chunk_size, dtype)
     var = var[..., 0]
     eps = None
@@ -534,7 +534,7 @@ def optimize_prior_precision(
             "or use method='marglik'."
         )
     device = next(model.parameters()).device
-    inv = _inverse_precisions(fisher, chosen, n, torch.tensor(cand), dtype, device)
+    inv = _inverse_precisions(fisher, chosen, n, torch.tensor(cand, dtype=torch.float64), dtype, device)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     totals = torch.zeros(len(cand), dtype=torch.float64)
     count = 0

@@ -1,0 +1,374 @@
+"""The top eigenpairs of the Fisher ``F = GᵀG / N`` built from exact per-sample gradients.
+
+``G`` stacks per-sample gradients as rows, flattened over the selected parameters:
+
+* ``labels="empirical"``: one row ``g_n`` per sample (``R = N`` rows);
+* ``labels="mc"`` with ``k`` draws: rows ``g_nj / √k`` (``R = N k``);
+* ``labels="exact"``: rows ``J_nᵀ s_nj``, the gradients pulled back from the columns
+  ``s_nj`` of a factor of the output Fisher (``R = N K``, ``K`` classes / outputs).
+
+In every case ``F = GᵀG / N`` is the Fisher averaged over the ``N`` samples. Two ways
+to its top-k eigenpairs:
+
+* ``method="gram"``: the ``R × R`` Gram matrix ``GGᵀ/N = U Λ Uᵀ`` shares the nonzero
+  eigenvalues of ``F``; its eigenvectors map to those of ``F`` by
+  ``v = Gᵀu / √(N λ)`` (unit norm because ``uᵀGGᵀu = N λ``). Holds ``G`` (``R × P``)
+  and the Gram matrix in memory.
+* ``method="lanczos"``: Lanczos with full reorthogonalization on Fisher-vector
+  products, without ``G``: writing ``F = (1/N) Σ_n J_nᵀ (Σ_j u_nj u_njᵀ) J_n`` with the
+  output cotangents ``u_nj`` of the rows above, ``F v`` is one ``jvp`` (``J v``), a
+  contraction with ``u`` in output space and one ``vjp`` over each batch: memory
+  ``O(P · iterations)`` plus one batch of activations, for ``N`` too large for the
+  Gram matrix.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp, vjp
+
+from natgrad._batch import OutputFn
+from natgrad._checks import check_choice, check_no_train_dropout, check_positive
+from natgrad._report import Report, to_jsonable
+from natgrad.engine import LABEL_SOURCES, ParamSpec, _Plan, per_sample_grads, select_params
+from natgrad.estimate import iterate_batches
+from natgrad.likelihoods import Likelihood, get_likelihood
+
+__all__ = ["FisherDirections", "top_fisher_directions"]
+
+METHODS = ("gram", "lanczos")
+
+
+@dataclass
+class FisherDirections(Report):
+    """The top-k eigenpairs of ``F = GᵀG / N``.
+
+    Attributes:
+        eigenvalues: ``(k,)``, descending.
+        eigenvectors: ``k`` unit vectors, each ``{name: tensor shaped like the parameter}``.
+        residuals: ``(k,)`` ``‖F v - λ v‖`` (``gram``: computed; ``lanczos``: the Ritz
+            estimate ``β_m |s_m|``).
+        n_samples: ``N``.
+        n_rows: ``R``, rows of ``G`` (``N`` times gradients per sample).
+        trace: ``tr F = ‖G‖²/N`` (``gram`` only; ``None`` for ``lanczos``).
+        method, labels, likelihood: how it was computed.
+        iterations: Lanczos steps (0 for ``gram``).
+        converged: every residual met the tolerance.
+
+    ``to_dict()`` summarizes each eigenvector by the share of its squared norm in each
+    parameter tensor instead of listing every entry.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: list[dict[str, torch.Tensor]]
+    residuals: torch.Tensor
+    n_samples: int
+    n_rows: int
+    trace: float | None
+    method: str
+    labels: str
+    likelihood: str
+    iterations: int
+    converged: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "eigenvectors"}
+        out["parameter_share"] = [
+            {k: float((t.double() ** 2).sum()) for k, t in v.items()} for v in self.eigenvectors
+        ]
+        return to_jsonable(out)
+
+
+def _acc_dtype(params: Mapping[str, torch.Tensor]) -> torch.dtype:
+    return (
+        torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
+    )
+
+
+def _unflatten(vec: torch.Tensor, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, i = {}, 0
+    for k, p in params.items():
+        out[k] = vec[i : i + p.numel()].reshape(p.shape)
+        i += p.numel()
+    return out
+
+
+def _check_k(k: int, rows: int, p: int) -> int:
+    if int(k) != k or int(k) < 1:
+        raise ValueError(f"Invalid k: {k!r}; it must be an integer >= 1.")
+    k = int(k)
+    if k > min(rows, p):
+        raise ValueError(
+            f"k={k} exceeds the rank bound of the Fisher GᵀG/N: it has at most min(R, P) = "
+            f"{min(rows, p)} nonzero eigenvalues (R = {rows} gradient rows, P = {p} "
+            "parameters). Pass a smaller k or more data."
+        )
+    return k
+
+
+def _rank_error(k: int, lam: torch.Tensor, cutoff: float) -> ValueError:
+    r = int((lam > cutoff).sum())
+    return ValueError(
+        f"The Fisher has numerical rank {r} < k={k} (eigenvalues below {cutoff:.3g} are "
+        "zero up to rounding), so those eigenvectors are not defined. Pass k <= "
+        f"{r} or more (diverse) data."
+    )
+
+
+# -- gram ------------------------------------------------------------------------------------
+
+
+def _gram(model, data, lik, labels, mc_samples, params, chunk_size, gen, output_fn, k):
+    chosen = select_params(model, params)
+    dtype = _acc_dtype(chosen)
+    rows, n_total = [], 0
+    scale = 1.0 / math.sqrt(mc_samples) if labels == "mc" else 1.0
+    for batch in iterate_batches(data):
+        g = per_sample_grads(
+            model,
+            batch,
+            lik,
+            labels=labels,
+            mc_samples=mc_samples,
+            params=params,
+            chunk_size=chunk_size,
+            generator=gen,
+            output_fn=output_fn,
+        )
+        n_total += next(iter(g.values())).shape[0]
+        flat = [g[name].reshape(-1, p.numel()).to(dtype) for name, p in chosen.items()]
+        rows.append(torch.cat(flat, dim=1) * scale)
+    if n_total == 0:
+        raise ValueError("No samples: `data` yielded no batches.")
+    G = torch.cat(rows)  # (R, P)
+    R, P = G.shape
+    k = _check_k(k, R, P)
+    lam, U = torch.linalg.eigh(G @ G.t() / n_total)
+    lam, U = lam.flip(0)[:k], U.flip(1)[:, :k]
+    cutoff = max(R, P) * torch.finfo(dtype).eps * max(float(lam[0]), 0.0)
+    if float(lam[-1]) <= cutoff:
+        raise _rank_error(k, lam, cutoff)
+    V = G.t() @ U / torch.sqrt(n_total * lam)  # (P, k), unit columns
+    FV = G.t() @ (G @ V) / n_total
+    res = torch.linalg.vector_norm(FV - V * lam, dim=0)
+    trace = float((G**2).sum() / n_total)
+    vecs = [_unflatten(V[:, i].contiguous(), chosen) for i in range(k)]
+    return lam, vecs, res, n_total, R, trace, 0, True
+
+
+# -- lanczos ---------------------------------------------------------------------------------
+
+
+def _cotangents(plan: _Plan, b, target, draws) -> torch.Tensor:
+    """Output cotangents ``u_nj`` of the rows of ``G``, shape ``(N, K, *output)``."""
+    lik = plan.lik
+    out = plan.forward(b)
+    if plan.labels == "empirical":
+        u = lik.output_grad(out, target).unsqueeze(1)
+    elif plan.labels == "mc":
+        u = torch.stack([lik.output_grad(out, draws[:, j]) for j in range(plan.k)], 1)
+        u = u / math.sqrt(plan.k)
+    else:
+        u = lik.factor_columns(out, 0, lik.num_factor_columns(out), target).movedim(0, 1)
+    return u.detach().to(out.dtype)
+
+
+def _lanczos(
+    model, data, lik, labels, mc_samples, params, chunk_size, gen, output_fn, k, max_iter, tol, seed
+):
+    check_no_train_dropout(model, "method='lanczos' (repeated Fisher-vector products)")
+    plan = _Plan(model, lik, labels, mc_samples, params, output_fn, gen, None)
+    prepared, n_total, R = [], 0, 0
+    for batch in iterate_batches(data):
+        b, target, draws = plan.prepare(batch)
+        u = _cotangents(plan, b, target, draws)
+        prepared.append((b, u))
+        n_total += b.size
+        R += u.shape[0] * u.shape[1]
+    if n_total == 0:
+        raise ValueError("No samples: `data` yielded no batches.")
+    chosen = {name: p.detach() for name, p in plan.params.items()}
+    dtype = _acc_dtype(chosen)
+    P = plan.P
+    k = _check_k(k, R, P)
+    model_fn = plan.output_fn
+
+    def fvp(vec: torch.Tensor) -> torch.Tensor:
+        v = {name: t.to(chosen[name].dtype) for name, t in _unflatten(vec, chosen).items()}
+        acc = torch.zeros(P, dtype=dtype, device=vec.device)
+        for b, u in prepared:
+            step = chunk_size or b.size
+            for s in range(0, b.size, step):
+                sub, us = b.select(s, min(s + step, b.size)), u[s : s + step]
+
+                def f(p, sub=sub):
+                    return model_fn(functional_call(model, p, sub.args, sub.kwargs, strict=False))
+
+                _, jv = jvp(f, (chosen,), (v,))
+                w = (us * jv.unsqueeze(1)).flatten(2).sum(-1)  # (n, K) = rows of G v
+                cot = (us * w.view(*w.shape, *([1] * (us.dim() - 2)))).sum(1)
+                _, pull = vjp(f, chosen)
+                (gt,) = pull(cot.to(jv.dtype))
+                acc += torch.cat([gt[name].reshape(-1).to(dtype) for name in chosen])
+        return acc / n_total
+
+    limit = min(P, R + 1) if max_iter is None else min(int(max_iter), P)
+    if limit < k:
+        raise ValueError(f"max_iter={max_iter} is smaller than k={k}; pass max_iter >= k.")
+    eps = torch.finfo(dtype).eps
+    tol = (1e-10 if dtype == torch.float64 else 1e-5) if tol is None else tol
+    device = next(iter(chosen.values())).device
+    q = torch.randn(P, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(device)
+    Q = [q / torch.linalg.vector_norm(q)]
+    alphas: list[float] = []
+    betas: list[float] = []
+    anorm, converged = 0.0, False
+    theta = S = None
+    while True:
+        w = fvp(Q[-1])
+        alpha = float(w @ Q[-1])
+        alphas.append(alpha)
+        Qm = torch.stack(Q)
+        for _ in range(2):  # full reorthogonalization, twice for stability
+            w = w - Qm.t() @ (Qm @ w)
+        beta = float(torch.linalg.vector_norm(w))
+        m = len(alphas)
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if m > 1:
+            off = torch.tensor(betas, dtype=torch.float64)
+            T += torch.diag(off, 1) + torch.diag(off, -1)
+        theta, S = torch.linalg.eigh(T)
+        anorm = max(anorm, float(theta.abs().max()))
+        exhausted = beta <= 1e3 * eps * max(anorm, 1e-300)
+        if m >= k:
+            res = beta * S[-1, -k:].abs()
+            if exhausted or bool((res <= tol * anorm).all()):
+                converged = True
+                break
+        if exhausted or m >= limit:
+            converged = exhausted
+            break
+        betas.append(beta)
+        Q.append(w / beta)
+    m = len(alphas)
+    if m < k:
+        raise _rank_error(k, theta.flip(0), 0.0)
+    lam = theta.flip(0)[:k]
+    Sk = S.flip(1)[:, :k]
+    res = torch.zeros(k, dtype=torch.float64) if beta == 0 else beta * Sk[-1].abs()
+    cutoff = max(P, R) * eps * max(float(lam[0]), 0.0)
+    if float(lam[-1]) <= cutoff:
+        raise _rank_error(k, lam, cutoff)
+    if not converged:
+        warnings.warn(
+            f"Lanczos stopped after {m} iterations before the top-{k} eigenpairs converged "
+            f"(largest residual {float(res.max()):.3g}); raise max_iter or loosen tol.",
+            stacklevel=3,
+        )
+    V = torch.stack(Q[:m]).t() @ Sk.to(dtype=dtype, device=device)
+    V = V / torch.linalg.vector_norm(V, dim=0)
+    vecs = [_unflatten(V[:, i].contiguous(), chosen) for i in range(k)]
+    return lam.to(dtype), vecs, res.to(dtype), n_total, R, None, m, converged
+
+
+def top_fisher_directions(
+    model: nn.Module,
+    data: Any,
+    k: int = 10,
+    likelihood: str | Likelihood = "categorical",
+    *,
+    labels: str = "empirical",
+    mc_samples: int = 1,
+    params: ParamSpec = None,
+    method: Literal["gram", "lanczos"] = "gram",
+    chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+    output_fn: OutputFn | None = None,
+    max_iter: int | None = None,
+    tol: float | None = None,
+    seed: int = 0,
+) -> FisherDirections:
+    """The top-k eigenvalues and eigenvectors of the Fisher ``F = GᵀG / N``.
+
+    ``G`` holds the exact per-sample gradients ``g_n = ∇θ l_n`` as rows (flattened
+    over the selected parameters); for ``labels="mc"`` with ``k`` draws or
+    ``labels="exact"`` each sample contributes its ``K`` weighted gradients as rows, so
+    that ``GᵀG/N`` is the Fisher averaged over samples and labels (see the module doc).
+
+    * ``method="gram"``: eigenpairs ``(λ, u)`` of the ``R × R`` matrix ``GGᵀ/N``, then
+      ``v = Gᵀu / √(N λ)``. Exact; memory ``R × P``.
+    * ``method="lanczos"``: Lanczos with full reorthogonalization on ``F v``, computed
+      as ``Gᵀ(G v)/N`` through one ``jvp`` and one ``vjp`` per batch (never forming
+      ``G`` or a ``P × P`` matrix); for large ``N``. Stops when every top-k Ritz
+      residual ``β_m |s_m|`` is below ``tol · λ_max``, or the Krylov space is exhausted.
+
+    Args:
+        model: any ``nn.Module`` (eval mode for ``lanczos`` if it has dropout).
+        data: one batch or an iterable of batches.
+        k: number of eigenpairs.
+        likelihood: name or :class:`natgrad.likelihoods.Likelihood`.
+        labels: ``"empirical"``, ``"mc"`` or ``"exact"``.
+        mc_samples: label draws per sample for ``labels="mc"``.
+        params: parameters to cover (see :func:`natgrad.select_params`).
+        method: ``"gram"`` or ``"lanczos"``.
+        chunk_size: samples per vmap chunk (``gram``) or per jvp/vjp (``lanczos``).
+        generator: for ``labels="mc"`` (default: seeded with 0; both methods then draw
+            the same labels).
+        output_fn: maps model outputs to the output tensor.
+        max_iter: Lanczos steps at most (default ``min(P, R + 1)``).
+        tol: Lanczos relative residual (default 1e-10 in float64, 1e-5 in float32).
+        seed: seed of the Lanczos start vector.
+
+    Returns:
+        :class:`FisherDirections`; eigenvalues ``(k,)`` descending, eigenvectors as
+        ``{name: tensor shaped like the parameter}``.
+
+    Raises:
+        ValueError: ``k < 1``, ``k > min(R, P)``, a Fisher of numerical rank below
+            ``k``, unknown ``method``/``labels``, train-mode dropout with ``lanczos``.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> _ = model.weight.data.zero_()
+        >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[0.0], [0.0]])
+        >>> d = top_fisher_directions(model, (x, y), k=2, likelihood="gaussian", labels="exact")
+        >>> d.eigenvalues  # F = diag(1, 4) / 2
+        tensor([2.0000, 0.5000])
+        >>> d.eigenvectors[0]["weight"].abs()
+        tensor([[0., 1.]])
+    """
+    method = check_choice("method", method, METHODS)
+    labels = check_choice("labels", labels, LABEL_SOURCES)
+    lik = get_likelihood(likelihood)
+    if int(mc_samples) < 1:
+        raise ValueError(f"Invalid mc_samples: {mc_samples!r}; it must be an integer >= 1.")
+    if tol is not None:
+        check_positive("tol", tol)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    args = (model, data, lik, labels, int(mc_samples), params, chunk_size, gen, output_fn, k)
+    if method == "gram":
+        out = _gram(*args)
+    else:
+        out = _lanczos(*args, max_iter, tol, seed)
+    lam, vecs, res, n, R, trace, iters, conv = out
+    return FisherDirections(
+        eigenvalues=lam,
+        eigenvectors=vecs,
+        residuals=res,
+        n_samples=n,
+        n_rows=R,
+        trace=trace,
+        method=method,
+        labels=labels,
+        likelihood=lik.name,
+        iterations=iters,
+        converged=conv,
+    )
