@@ -1,0 +1,233 @@
+"""Fisher-weighted merging, checked entry by entry against the formula in plain Python."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from natgrad import DiagonalFisher, estimate_fisher, fisher_weighted_merge
+from tests.conftest import mlp
+from tests.reference import assert_close_dict
+
+
+class WithBuffers(nn.Module):
+    """Linear + a float buffer and an integer buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.scale = nn.Parameter(torch.randn(2))
+        self.register_buffer("running", torch.randn(2))
+        self.register_buffer("steps", torch.randint(0, 100, (1,)))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale + self.running
+
+
+def _models(n=3, seed=0):
+    torch.manual_seed(seed)
+    return [WithBuffers().double() for _ in range(n)]
+
+
+def _fishers(models, names=("lin.weight", "lin.bias"), zero_frac=0.3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for m in models:
+        p = dict(m.named_parameters())
+        f = {}
+        for k in names:
+            v = torch.rand(p[k].shape, generator=g, dtype=torch.float64)
+            v[torch.rand(p[k].shape, generator=g) < zero_frac] = 0.0
+            f[k] = v
+        out.append(f)
+    return out
+
+
+def _formula(models, fishers, weights, floor, normalize=False):
+    """θ* entry by entry in Python floats."""
+    w = [x / sum(weights) for x in weights]
+    if normalize:
+        fishers = [
+            {k: v / sum(float(t.sum()) for t in f.values()) for k, v in f.items()} for f in fishers
+        ]
+    out = {}
+    for name, p0 in models[0].named_parameters():
+        thetas = [dict(m.named_parameters())[name].detach().reshape(-1).tolist() for m in models]
+        vals = []
+        for i in range(p0.numel()):
+            mean = sum(w[m] * thetas[m][i] for m in range(len(models)))
+            if name not in fishers[0]:
+                vals.append(mean)
+                continue
+            fs = [max(float(f[name].reshape(-1)[i]), floor) for f in fishers]
+            den = sum(w[m] * fs[m] for m in range(len(models)))
+            num = sum(w[m] * fs[m] * thetas[m][i] for m in range(len(models)))
+            vals.append(num / den if den > 0 else mean)
+        out[name] = torch.tensor(vals, dtype=torch.float64).reshape(p0.shape)
+    return out
+
+
+@pytest.mark.parametrize("floor", [0.0, 1e-8, 0.1])
+def test_merge_matches_formula(floor):
+    models = _models()
+    fishers = _fishers(models)
+    weights = [1.0, 2.0, 3.0]
+    merged = fisher_weighted_merge(models, fishers, weights=weights, floor=floor)
+    assert_close_dict(
+        dict(merged.named_parameters()),
+        _formula(models, fishers, weights, floor),
+        rtol=1e-12,
+        atol=1e-14,
+    )
+    # buffers: floating ones weighted-averaged, integer ones from the first model
+    w = [x / 6 for x in weights]
+    expected = sum(wm * m.running for wm, m in zip(w, models))
+    torch.testing.assert_close(merged.running, expected, rtol=1e-12, atol=0)
+    assert torch.equal(merged.steps, models[0].steps)
+
+
+def test_merge_all_zero_entries_fall_back_to_weighted_mean():
+    models = _models(2)
+    fishers = _fishers(models, zero_frac=0.0)
+    fishers[0]["lin.bias"][1] = 0.0
+    fishers[1]["lin.bias"][1] = 0.0
+    merged = fisher_weighted_merge(models, fishers, weights=[1.0, 3.0], floor=0.0)
+    mean = 0.25 * models[0].lin.bias[1] + 0.75 * models[1].lin.bias[1]
+    assert merged.lin.bias[1].item() == pytest.approx(mean.item(), rel=1e-12)
+    assert torch.isfinite(merged.lin.weight).all()
+
+
+def test_merge_normalize_uses_unit_trace():
+    models = _models(2)
+    fishers = _fishers(models, zero_frac=0.0)
+    fishers[1] = {k: 1000.0 * v for k, v in fishers[1].items()}  # a different loss scale
+    merged = fisher_weighted_merge(models, fishers, normalize=True, floor=0.0)
+    assert_close_dict(
+        dict(merged.named_parameters()),
+        _formula(models, fishers, [1.0, 1.0], 0.0, normalize=True),
+        rtol=1e-12,
+        atol=1e-14,
+    )
+    plain = fisher_weighted_merge(models, fishers, floor=0.0)
+    assert not torch.allclose(plain.lin.weight, merged.lin.weight)
+
+
+def test_merge_leaves_inputs_untouched_and_returns_new_model():
+    models = _models(2)
+    fishers = [DiagonalFisher(f, 10) for f in _fishers(models)]
+    before = [copy.deepcopy(m.state_dict()) for m in models]
+    fbefore = [{k: v.clone() for k, v in f.items()} for f in fishers]
+    merged = fisher_weighted_merge(models, fishers)
+    assert merged is not models[0] and merged is not models[1]
+    assert merged.lin.weight.data_ptr() != models[0].lin.weight.data_ptr()
+    for m, b in zip(models, before):
+        assert_close_dict(m.state_dict(), b, rtol=0, atol=0)
+    for f, b in zip(fishers, fbefore):
+        assert_close_dict(dict(f), b, rtol=0, atol=0)
+
+
+def test_merge_identical_models_returns_same_weights():
+    model = _models(1)[0]
+    twin = copy.deepcopy(model)
+    fishers = _fishers([model, twin], zero_frac=0.5)
+    merged = fisher_weighted_merge([model, twin], fishers, weights=[0.3, 0.7], floor=0.0)
+    assert_close_dict(
+        dict(merged.named_parameters()), dict(model.named_parameters()), rtol=1e-15, atol=0
+    )
+
+
+def test_merge_with_zero_fisher_returns_other_model():
+    models = _models(2)
+    params = dict(models[1].named_parameters())
+    f_zero = {k: torch.zeros_like(params[k]) for k in params}
+    f_pos = {k: torch.rand_like(params[k]) + 0.1 for k in params}
+    merged = fisher_weighted_merge(models, [f_zero, f_pos], floor=0.0)
+    assert_close_dict(dict(merged.named_parameters()), params, rtol=1e-15, atol=0)
+
+
+def test_two_model_form_matches_list_form():
+    a, b = _models(2)
+    fa, fb = _fishers([a, b])
+    ref = fisher_weighted_merge([a, b], [fa, fb])
+    seed_form = fisher_weighted_merge(a, b, (fa, fb))
+    keyword = fisher_weighted_merge(a, b, fisher_weights=[fa, fb], weights=[1, 1])
+    for m in (seed_form, keyword):
+        assert_close_dict(dict(m.named_parameters()), dict(ref.named_parameters()), rtol=0, atol=0)
+
+
+def test_merge_float32_models_keep_dtype():
+    torch.manual_seed(0)
+    a, b = mlp(), mlp()
+    fa = {k: torch.rand_like(p) for k, p in a.named_parameters()}
+    fb = {k: torch.rand_like(p) for k, p in b.named_parameters()}
+    merged = fisher_weighted_merge([a, b], [fa, fb])
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+
+
+def test_merge_errors():
+    a, b = _models(2)
+    fa, fb = _fishers([a, b])
+    other = mlp().double()
+    with pytest.raises(
+        ValueError, match="between models\\[0\\] and models\\[1\\]: only in models\\[0\\]: lin.bias"
+    ):
+        fisher_weighted_merge([a, other], [fa, fb])
+    wide = WithBuffers().double()
+    wide.lin = nn.Linear(4, 2).double()
+    with pytest.raises(ValueError, match="lin.weight: \\(2, 3\\) vs \\(2, 4\\)"):
+        fisher_weighted_merge([a, wide], [fa, fb])
+    with pytest.raises(ValueError, match="Got 2 models but 1 Fishers"):
+        fisher_weighted_merge([a, b], [fa])
+    with pytest.raises(
+        ValueError, match="fishers\\[1\\] has parameters the models lack: \\['x'\\]"
+    ):
+        fisher_weighted_merge([a, b], [fa, {"x": torch.ones(1)}])
+    with pytest.raises(ValueError, match="only in fishers\\[1\\]: scale"):
+        fisher_weighted_merge([a, b], [fa, {**fb, "scale": torch.ones(2, dtype=torch.float64)}])
+    with pytest.raises(ValueError, match="Got 3 weights for 2 models"):
+        fisher_weighted_merge([a, b], [fa, fb], weights=[1, 1, 1])
+    with pytest.raises(ValueError, match="Invalid weights\\[1\\]: -1"):
+        fisher_weighted_merge([a, b], [fa, fb], weights=[1, -1])
+    with pytest.raises(ValueError, match="at least one must be positive"):
+        fisher_weighted_merge([a, b], [fa, fb], weights=[0, 0])
+    with pytest.raises(ValueError, match="Invalid floor: -1"):
+        fisher_weighted_merge([a, b], [fa, fb], floor=-1)
+    with pytest.raises(ValueError, match="fishers\\[0\\]\\['lin.bias'\\] has negative entries"):
+        fisher_weighted_merge([a, b], [{**fa, "lin.bias": -fa["lin.bias"] - 1}, fb])
+    zero = {k: torch.zeros_like(v) for k, v in fa.items()}
+    with pytest.raises(ValueError, match="fishers\\[0\\] is zero everywhere"):
+        fisher_weighted_merge([a, b], [zero, fb], normalize=True)
+    with pytest.raises(TypeError, match="the second argument must be a module, got list"):
+        fisher_weighted_merge(a, [fa, fb])
+    with pytest.raises(ValueError, match="Two-model form needs the Fishers"):
+        fisher_weighted_merge(a, b)
+    with pytest.raises(ValueError, match="fisher_weights is only for the two-model form"):
+        fisher_weighted_merge([a, b], [fa, fb], [fa, fb])
+
+
+def test_merge_metric(mlp_case):
+    from natgrad.metrics import MetricContext, SignatureType, registry
+
+    model, x, y = mlp_case
+    torch.manual_seed(3)
+    other = mlp().double()
+    assert registry.describe("fisher_weighted_merge")["signature"] == SignatureType.TWO_MODELS.value
+    # no Fishers in the context: model i's Fisher on batch i
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+    ctx = MetricContext(models=[model, other], batches=batches)
+    merged = registry.compute_with_context("fisher_weighted_merge", ctx, floor=0.0)
+    fishers = [estimate_fisher(model, batches[0]), estimate_fisher(other, batches[1])]
+    ref = fisher_weighted_merge([model, other], fishers, floor=0.0)
+    assert_close_dict(dict(merged.named_parameters()), dict(ref.named_parameters()), rtol=0, atol=0)
+    assert ctx.fisher == {}  # model-i Fishers are not cached as models[0]'s
+    # given Fishers are used as they are
+    given = [
+        DiagonalFisher(f, 1) for f in _fishers([model, other], names=("0.weight",), zero_frac=0)
+    ]
+    ctx = MetricContext(
+        models=[model, other], fisher={"a": given[0], "b": given[1]}, tasks=["a", "b"]
+    )
+    merged = registry.compute_with_context("fisher_weighted_merge", ctx)
+    ref = fisher_weighted_merge([model, other], given)
+    assert_close_dict(dict(merged.named_parameters()), dict(ref.named_parameters()), rtol=0, atol=0)
