@@ -19,6 +19,9 @@ from natgrad.likelihoods import (
 from natgrad.tracker import FisherTracker
 
 # -- scale (issue 3): fast path, distributed, checkpoints --
+from natgrad.checkpoint import load_checkpoint
+from natgrad.distributed import all_reduce_sums, is_distributed
+from natgrad.fast import ENGINES
 # -- end scale --
 # -- uses: natural gradient (issue 4) --
 from natgrad.natural_gradient import NaturalGradient
@@ -62,6 +65,10 @@ __all__ = [
     "FisherTracker",
     "top_coordinates",
     # -- __all__ scale (issue 3) --
+    "ENGINES",
+    "all_reduce_sums",
+    "is_distributed",
+    "load_checkpoint",
     # -- __all__ natural gradient (issue 4) --
     "scale_by_fisher",
     "FisherPreconditioner",
