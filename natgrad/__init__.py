@@ -43,6 +43,13 @@ from natgrad.merge import fisher_weighted_merge
 from natgrad.prune import fisher_importance, fisher_pruning_masks
 # -- end pruning and merging --
 # -- uses: uncertainty and directions (issue 7) --
+from natgrad.directions import FisherDirections, top_fisher_directions
+from natgrad.uncertainty import (
+    PriorPrecisionResult,
+    UncertaintyReport,
+    fisher_uncertainty,
+    optimize_prior_precision,
+)
 # -- end uncertainty and directions --
 
 __all__ = [
@@ -92,6 +99,12 @@ __all__ = [
     "SetOverlap",
     "fisher_weighted_merge",
     # -- __all__ uncertainty and directions (issue 7) --
+    "fisher_uncertainty",
+    "optimize_prior_precision",
+    "UncertaintyReport",
+    "PriorPrecisionResult",
+    "top_fisher_directions",
+    "FisherDirections",
 ]
 
 

@@ -144,7 +144,7 @@ def _gram(model, data, lik, labels, mc_samples, params, chunk_size, gen, output_
         )
         n_total += next(iter(g.values())).shape[0]
         flat = [g[name].reshape(-1, p.numel()).to(dtype) for name, p in chosen.items()]
-        rows.append(torch.cat(flat, dim=1) * scale)
+        rows.append(torch.cat(flat, dim=1).detach() * scale)
     if n_total == 0:
         raise ValueError("No samples: `data` yielded no batches.")
     G = torch.cat(rows)  # (R, P)
@@ -200,6 +200,7 @@ def _lanczos(
     k = _check_k(k, R, P)
     model_fn = plan.output_fn
 
+    @torch.no_grad()  # the torch.func transforms inside still differentiate
     def fvp(vec: torch.Tensor) -> torch.Tensor:
         v = {name: t.to(chosen[name].dtype) for name, t in _unflatten(vec, chosen).items()}
         acc = torch.zeros(P, dtype=dtype, device=vec.device)

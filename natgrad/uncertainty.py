@@ -229,7 +229,8 @@ def _moments(
             tuple(_batch_dim(a, sub.size) for a in sub.args),
             {k: _batch_dim(v, sub.size) for k, v in sub.kwargs.items()},
         )
-        jac, out = vmap(jac_fn, in_dims=in_dims)(detached, sub.args, sub.kwargs)
+        with torch.no_grad():  # jacrev still differentiates; no graph to outer parameters
+            jac, out = vmap(jac_fn, in_dims=in_dims)(detached, sub.args, sub.kwargs)
         var = None
         for k, j in jac.items():
             sq = j.to(dtype).reshape(sub.size * d, -1) ** 2  # (n·D, numel)
@@ -374,7 +375,9 @@ def fisher_uncertainty(
     dtype = _acc_dtype(model)
     device = next(model.parameters()).device
     b = parse_batch(batch).to(device)
-    inv = _inverse_precisions(fisher, chosen, n, torch.tensor([delta], dtype=torch.float64), dtype, device)
+    inv = _inverse_precisions(
+        fisher, chosen, n, torch.tensor([delta], dtype=torch.float64), dtype, device
+    )
     mean, var = _moments(model, b, chosen, inv, output_fn or default_output_fn, chunk_size, dtype)
     var = var[..., 0]
     eps = None
@@ -534,7 +537,9 @@ def optimize_prior_precision(
             "or use method='marglik'."
         )
     device = next(model.parameters()).device
-    inv = _inverse_precisions(fisher, chosen, n, torch.tensor(cand, dtype=torch.float64), dtype, device)
+    inv = _inverse_precisions(
+        fisher, chosen, n, torch.tensor(cand, dtype=torch.float64), dtype, device
+    )
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     totals = torch.zeros(len(cand), dtype=torch.float64)
     count = 0
