@@ -8,6 +8,8 @@ tensor the forward pass uses, so that masks of a pruned and an unpruned model co
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.nn.utils import prune
@@ -41,4 +43,38 @@ def effective_params(model: nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
                 out[eff] = (full, (p.detach() * mask.to(p.dtype)))
             else:
                 out[full] = (full, p.detach())
+    return out
+
+
+def mask_buffer_names(model: nn.Module) -> set[str]:
+    """Full names of the ``<a>_mask`` buffers of pruned tensors."""
+    out = set()
+    for mod_name, module in model.named_modules():
+        for attr in pruned_names(module):
+            out.add(f"{mod_name}.{attr}_mask" if mod_name else f"{attr}_mask")
+    return out
+
+
+def refresh_pruned(model: nn.Module) -> None:
+    """Recompute every pruned ``<a> = <a>_orig * <a>_mask`` (as the forward pre-hook does)."""
+    for module in model.modules():
+        for h in module._forward_pre_hooks.values():
+            if isinstance(h, prune.BasePruningMethod):
+                setattr(module, h._tensor_name, h.apply_mask(module))
+
+
+def deepcopy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also works on pruned models (input untouched).
+
+    The pre-hook's ``<a> = <a>_orig * <a>_mask`` is a non-leaf tensor, which
+    ``deepcopy`` refuses; it is copied detached and recomputed in the copy.
+    """
+    memo: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for attr in pruned_names(module):
+            t = module.__dict__.get(attr)
+            if isinstance(t, torch.Tensor):
+                memo[id(t)] = t.detach().clone()
+    out = copy.deepcopy(model, memo)
+    refresh_pruned(out)
     return out

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from natgrad._checks import check_finite, check_positive, check_same_structure
+from natgrad._pruned import deepcopy_model, mask_buffer_names, refresh_pruned
 
 __all__ = ["fisher_weighted_merge"]
 
@@ -31,7 +31,7 @@ def fisher_weighted_merge(
     Where the denominator is zero (every Fisher zero with ``floor=0``) the entry is the
     weighted mean ``Σ_m w_m θ_m,i``. Parameters that no Fisher covers get the weighted
     mean; floating buffers are averaged with the weights, other buffers (integer
-    counters, bool masks) are copied from the first model. The weights are rescaled to
+    counters, bool flags, pruning ``*_mask`` buffers) are copied from the first model. The weights are rescaled to
     sum to one. ``normalize=True`` first divides each Fisher by its trace ``Σ_i F_m,i``
     (unit-trace Fishers: models then weigh equally overall, whatever their loss scale
     or number of samples); the floor applies after that.
@@ -44,8 +44,9 @@ def fisher_weighted_merge(
       ``fisher_weights=``) the pair of Fishers.
 
     Args:
-        models: models of one architecture (same parameter names and shapes; pruned
-            models are merged on ``*_orig`` parameters, masks come from the first model).
+        models: models of one architecture (same parameter and buffer names and shapes).
+            Models pruned by ``torch.nn.utils.prune`` are merged on their ``*_orig``
+            parameters and the merge keeps the first model's ``*_mask`` buffers.
         fishers: one Fisher per model, ``{parameter name: F}`` (e.g. DiagonalFisher),
             all covering the same names.
         fisher_weights: the Fishers in the two-model form.
@@ -79,7 +80,7 @@ def fisher_weighted_merge(
     _check_models(models)
     fishers = _check_fishers(fishers, models[0], normalize)
 
-    merged = copy.deepcopy(models[0])
+    merged = deepcopy_model(models[0])
     params = [dict(m.named_parameters()) for m in models]
     with torch.no_grad():
         for name, target in merged.named_parameters():
@@ -90,9 +91,11 @@ def fisher_weighted_merge(
                 value = _mean(thetas, w)
             target.copy_(value.to(target.dtype))
         buffers = [dict(m.named_buffers()) for m in models]
+        masks = mask_buffer_names(merged)
         for name, target in merged.named_buffers():
-            if target.is_floating_point() or target.is_complex():
+            if name not in masks and (target.is_floating_point() or target.is_complex()):
                 target.copy_(_mean([b[name].detach() for b in buffers], w).to(target.dtype))
+        refresh_pruned(merged)
     return merged
 
 

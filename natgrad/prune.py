@@ -34,7 +34,8 @@ def fisher_importance(
     Pruned models: a Fisher estimated on a model pruned by ``torch.nn.utils.prune``
     holds ``"<m>.weight_orig"``; its importance is reported under the effective name
     ``"<m>.weight"`` with ``θ = weight_orig * weight_mask`` (entries already pruned score 0),
-    so importance and masks of pruned and unpruned models share names.
+    so importance and masks of pruned and unpruned models share names. A Fisher
+    estimated before pruning (keys ``"<m>.weight"``) is accepted for the pruned model too.
 
     Args:
         fisher: ``{parameter name: F}`` (a :class:`natgrad.DiagonalFisher` or a dict),
@@ -60,6 +61,9 @@ def fisher_importance(
     """
     eff = effective_params(model)
     by_param = {pname: (ename, v) for ename, (pname, v) in eff.items()}
+    by_param.update(
+        {ename: (ename, v) for ename, (_, v) in eff.items()}
+    )  # Fisher from before pruning
     unknown = [k for k in fisher if k not in by_param]
     if unknown:
         raise ValueError(

@@ -231,3 +231,20 @@ def test_merge_metric(mlp_case):
     merged = registry.compute_with_context("fisher_weighted_merge", ctx)
     ref = fisher_weighted_merge([model, other], given)
     assert_close_dict(dict(merged.named_parameters()), dict(ref.named_parameters()), rtol=0, atol=0)
+
+
+def test_merge_pruned_models_keeps_first_mask():
+    from torch.nn.utils import prune
+
+    a, b = _models(2)
+    ma = torch.tensor([[1, 0, 1], [1, 1, 0]], dtype=torch.bool)
+    mb = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    prune.custom_from_mask(a.lin, "weight", ma)
+    prune.custom_from_mask(b.lin, "weight", mb)
+    fishers = _fishers([a, b], names=("lin.weight_orig", "lin.bias"), zero_frac=0.0)
+    merged = fisher_weighted_merge([a, b], fishers)
+    assert torch.equal(merged.lin.weight_mask, a.lin.weight_mask)
+    expected = _formula([a, b], fishers, [1, 1], 1e-8)
+    torch.testing.assert_close(merged.lin.weight_orig.detach(), expected["lin.weight_orig"])
+    # the effective weight is up to date before any forward pass
+    torch.testing.assert_close(merged.lin.weight, expected["lin.weight_orig"] * ma)

@@ -85,6 +85,11 @@ def test_importance_of_pruned_model_uses_effective_weight(mlp_case):
     expected = 0.5 * F["0.weight_orig"].double() * w_eff**2
     torch.testing.assert_close(imp["0.weight"], expected, rtol=1e-12, atol=0)
     assert (imp["0.weight"][0, :3] == 0).all()
+    # a Fisher estimated before pruning (effective names) scores the pruned model too
+    before = {"0.weight": F["0.weight_orig"]}
+    torch.testing.assert_close(
+        fisher_importance(before, model, normalize=False)["0.weight"], expected
+    )
 
 
 def test_importance_errors(mlp_case):
