@@ -1,0 +1,70 @@
+"""What every demo section shares: the configuration, the state and the section record."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from natgrad._report import Report
+from natgrad.datasets import Split
+from natgrad.demo._setup import DemoNet, Progress, Task
+
+
+@dataclass
+class Config:
+    """Sizes of the demo; ``quick`` shrinks everything to run in seconds (CI)."""
+
+    quick: bool
+    seed: int
+    base_epochs: int
+    task_epochs: int
+    fisher_samples: int
+    eval_samples: int
+    sparsities: tuple[float, ...]
+    ng_epochs: int
+
+    @classmethod
+    def make(cls, quick: bool, seed: int) -> Config:
+        if quick:
+            return cls(quick, seed, 8, 4, 300, 500, (0.5, 0.8, 0.9), 2)
+        return cls(quick, seed, 30, 10, 1000, 1000, (0.5, 0.7, 0.8, 0.9, 0.95), 6)
+
+
+@dataclass
+class State:
+    """Data, models and Fishers handed from one section to the next."""
+
+    cfg: Config
+    out: str
+    log: Progress
+    data: Split
+    tasks: dict[str, Task]
+    models: dict[str, DemoNet] = field(default_factory=dict)
+    fishers: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    def task_batch(self, task: str, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` training samples of a task (labels remapped), for Fishers."""
+        t = self.tasks[task]
+        n = self.cfg.fisher_samples if n is None else n
+        return t.x_train[:n], t.y_train[:n]
+
+
+@dataclass
+class Section(Report):
+    """One part of the demo: table rows, plots and data for metrics.json."""
+
+    key: str
+    title: str
+    rows: list[tuple[str, str]] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+    seconds: float = 0.0

@@ -1,0 +1,69 @@
+"""PNG plots for the demo and ``natgrad report`` (matplotlib, Agg backend: no display)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(
+            "Plots need matplotlib: pip install matplotlib (or pip install 'natgrad[demo]')."
+        ) from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+    return os.path.basename(path)
+
+
+def layer_mass(path: str, totals: Mapping[str, Mapping[str, float]], title: str) -> str:
+    """Grouped bars: the share of ``Σ_i F_i`` per layer, one group per Fisher."""
+    plt = _plt()
+    layers = list(dict.fromkeys(k for t in totals.values() for k in t))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(layers) + 2), 3.4))
+    width = 0.8 / max(1, len(totals))
+    for j, (name, t) in enumerate(totals.items()):
+        s = sum(t.values()) or 1.0
+        xs = [i + j * width for i in range(len(layers))]
+        ax.bar(xs, [t.get(k, 0.0) / s for k in layers], width, label=name)
+    ax.set_xticks([i + width * (len(totals) - 1) / 2 for i in range(len(layers))])
+    ax.set_xticklabels(layers, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("share of Fisher trace")
+    ax.set_title(title)
+    if len(totals) > 1:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def curves(
+    path: str,
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logy: bool = False,
+) -> str:
+    """Line plot of ``{label: (xs, ys)}``."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, (xs, ys) in series.items():
+        ax.plot(list(xs), list(ys), label=label, marker="o" if len(xs) <= 20 else None, ms=3)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
