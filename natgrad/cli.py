@@ -28,6 +28,11 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _fail(message: str) -> None:
+    """Print ``natgrad: error: <message>`` as one line on stderr."""
+    print("natgrad: error: " + " ".join(message.split()), file=sys.stderr)
+
+
 def _writable_dir(path: str) -> str:
     """Create ``path`` if needed and check that files can be written in it."""
     try:
@@ -163,10 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except CommandError as exc:
-        print(f"natgrad: error: {exc}", file=sys.stderr)
+        _fail(str(exc))
         return 1
     except (ImportError, OSError, ValueError) as exc:
-        print(f"natgrad: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        _fail(f"{type(exc).__name__}: {exc}")
         return 1
     except KeyboardInterrupt:
         print("natgrad: interrupted", file=sys.stderr)
