@@ -69,7 +69,12 @@ def test_demo_quick_writes_everything(demo_dir):
     report = (out / "report.md").read_text()
     assert report.startswith("# natgrad demo") and "## Results" in report
     pngs = sorted(p.name for p in out.glob("*.png"))
-    for name in ["accuracy_vs_sparsity.png", "fisher_layer_mass.png", "forgetting_curves.png"]:
+    for name in [
+        "accuracy_vs_sparsity.png",
+        "fisher_layer_mass.png",
+        "forgetting_curves.png",
+        "training_curves.png",
+    ]:
         assert name in pngs
     for p in pngs:
         assert (out / p).read_bytes()[:8] == PNG_MAGIC
@@ -96,7 +101,7 @@ def test_demo_quick_writes_everything(demo_dir):
     for v in sections["uncertainty"]["auroc"].values():
         assert 0.0 <= v["laplace_epistemic"] <= 1.0
     fa = DiagonalFisher.load(out / "fisher_task_A.safetensors")
-    assert fa.n_samples == 300
+    assert fa.n_samples == 1000
 
 
 def test_report_on_demo_fishers(demo_dir, tmp_path, capsys):

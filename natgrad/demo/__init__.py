@@ -50,7 +50,7 @@ class DemoResult(Report):
 
 def _sections():
     """The demo's parts, in order: ``(key, function(state) -> Section)``."""
-    from natgrad.demo import _basics, _compress, _forgetting, _uncertain
+    from natgrad.demo import _basics, _compress, _forgetting, _ngd, _uncertain
 
     return [
         ("base", _basics.base_model),
@@ -60,6 +60,7 @@ def _sections():
         ("pruning", _compress.pruning),
         ("merging", _compress.merging),
         ("uncertainty", _uncertain.uncertainty),
+        ("natural_gradient", _ngd.natural_gradient),
     ]
 
 

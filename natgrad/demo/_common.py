@@ -24,13 +24,12 @@ class Config:
     fisher_samples: int
     eval_samples: int
     sparsities: tuple[float, ...]
-    ng_epochs: int
 
     @classmethod
     def make(cls, quick: bool, seed: int) -> Config:
         if quick:
-            return cls(quick, seed, 8, 4, 300, 500, (0.5, 0.8, 0.9), 2)
-        return cls(quick, seed, 30, 10, 1000, 1000, (0.5, 0.7, 0.8, 0.9, 0.95), 6)
+            return cls(quick, seed, 8, 4, 1000, 500, (0.5, 0.8, 0.9))
+        return cls(quick, seed, 30, 10, 4000, 1000, (0.5, 0.7, 0.8, 0.9, 0.95))
 
 
 @dataclass

@@ -140,3 +140,17 @@ def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
     a = in_scores.double().reshape(-1, 1)
     b = out_scores.double().reshape(1, -1)
     return float(((b > a).double() + 0.5 * (b == a).double()).mean())
+
+
+def calibration(probs: torch.Tensor, y: torch.Tensor, bins: int = 10) -> tuple[float, float]:
+    """(mean negative log-likelihood, expected calibration error with equal-width bins)."""
+    nll = float(-probs[torch.arange(len(y)), y].clamp_min(1e-12).log().mean())
+    conf, pred = probs.max(-1)
+    correct = (pred == y).double()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += float(m.double().mean() * (conf[m].double().mean() - correct[m].mean()).abs())
+    return nll, ece
