@@ -353,6 +353,8 @@ def top_fisher_directions(
         raise ValueError(f"Invalid mc_samples: {mc_samples!r}; it must be an integer >= 1.")
     if tol is not None:
         check_positive("tol", tol)
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"Invalid chunk_size: {chunk_size!r}; it must be >= 1 or None.")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     args = (model, data, lik, labels, int(mc_samples), params, chunk_size, gen, output_fn, k)
     if method == "gram":

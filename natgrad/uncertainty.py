@@ -294,9 +294,11 @@ def _predict(
     )
 
 
-def _prepare(model, fisher, params, likelihood, n_data, link, n_samples):
+def _prepare(model, fisher, params, likelihood, n_data, link, n_samples, chunk_size):
     check_no_batch_mixing(model)
     check_no_train_dropout(model, "the Laplace predictive")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"Invalid chunk_size: {chunk_size!r}; it must be >= 1 or None.")
     link = check_choice("link", link, LINKS)
     if int(n_samples) < 1:
         raise ValueError(f"Invalid n_samples: {n_samples!r}; it must be an integer >= 1.")
@@ -371,7 +373,9 @@ def fisher_uncertainty(
         tensor([[0.0909, 0.0909, 0.0909]])
     """
     delta = check_positive("prior_precision", prior_precision)
-    lik, chosen, n, link = _prepare(model, fisher, params, likelihood, n_data, link, n_samples)
+    lik, chosen, n, link = _prepare(
+        model, fisher, params, likelihood, n_data, link, n_samples, chunk_size
+    )
     dtype = _acc_dtype(model)
     device = next(model.parameters()).device
     b = parse_batch(batch).to(device)
@@ -516,7 +520,9 @@ def optimize_prior_precision(
         2.2749
     """
     method = check_choice("method", method, PRIOR_METHODS)
-    lik, chosen, n, link = _prepare(model, fisher, params, likelihood, n_data, link, n_samples)
+    lik, chosen, n, link = _prepare(
+        model, fisher, params, likelihood, n_data, link, n_samples, chunk_size
+    )
     values = [0.5 * i for i in range(-8, 9)]
     cand = [10.0**v for v in values] if grid is None else [float(g) for g in grid]
     if not cand:

@@ -155,6 +155,8 @@ def test_bad_inputs(mlp_case):
         top_fisher_directions(model, (x, y), labels="true")
     with pytest.raises(ValueError, match="Unknown likelihood 'poisson'"):
         top_fisher_directions(model, (x, y), likelihood="poisson")
+    with pytest.raises(ValueError, match="Invalid chunk_size: -1"):
+        top_fisher_directions(model, (x, y), k=2, method="lanczos", chunk_size=-1)
     with pytest.raises(ValueError, match="max_iter=1 is smaller than k=2"):
         top_fisher_directions(model, (x, y), k=2, method="lanczos", max_iter=1)
     drop = nn.Sequential(nn.Linear(5, 5), nn.Dropout(0.2), nn.Linear(5, 4)).double()

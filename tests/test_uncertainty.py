@@ -287,6 +287,8 @@ def test_bad_inputs(mlp_case):
         fisher_uncertainty(model, x, {k: v for k, v in fisher.items()})
     with pytest.raises(ValueError, match="Invalid n_data"):
         fisher_uncertainty(model, x, fisher, n_data=0)
+    with pytest.raises(ValueError, match="Invalid chunk_size: 0"):
+        fisher_uncertainty(model, x, fisher, chunk_size=0)
     with pytest.raises(ValueError, match="Invalid n_samples"):
         fisher_uncertainty(model, x, fisher, link="mc", n_samples=0)
     other = DiagonalFisher({"0.weight": torch.ones(3, 3)}, 10)
