@@ -159,8 +159,11 @@ class _Plan:
         return sub
 
     def forward(self, b: Batch) -> torch.Tensor:
-        with torch.no_grad():
-            return self.output_fn(self.model(*b.args, **b.kwargs))
+        # Grad mode on purpose: under no_grad, eval-mode nn.TransformerEncoderLayer takes
+        # fused inference kernels whose outputs differ from the differentiable path
+        # (NaN with some masks), and the MC labels must come from the same function.
+        with torch.enable_grad():
+            return self.output_fn(self.model(*b.args, **b.kwargs)).detach()
 
     # -- per-sample function -----------------------------------------------------
     def per_sample(self, mode: str):

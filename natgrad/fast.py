@@ -15,11 +15,17 @@ Then, for each label column ``u_j`` of the label source with weight ``w_j``,
 * Embedding: rows ``v`` of ``G_nj`` are ``Σ_{t: ids_nt = v} b_njt``, summed by
   (sample, token id) before squaring.
 
+LayerNorm gives ``∂l_n/∂γ = Σ_t b_nt ⊙ x̂_nt`` and ``∂l_n/∂β = Σ_t b_nt``. Self-attention
+(``nn.MultiheadAttention``, packed projections, ``need_weights=False``) records its two
+projections through a torch-function mode (see :mod:`natgrad._fast_ops`), and a free
+parameter added to a batched tensor through views (``x + pos[:T]``) is pulled back
+through those views.
+
 Only parameters that the capture can see exactly take this path: a parameter of a
-standard ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Embedding`` whose module
-runs once per forward, whose batch axis is the first axis of its input and output,
-and which is used once in the graph (so tied weights used twice, or weights read by
-``F.linear`` outside their module such as ``nn.MultiheadAttention``'s ``out_proj``,
+standard ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Embedding`` /
+``nn.LayerNorm`` / ``nn.MultiheadAttention`` whose module runs once per forward, whose
+batch axis is the first axis of its input and output, and which is used once in the
+graph (so tied weights used twice, or weights read by ``F.linear`` outside their module,
 are excluded). Pruned modules (``torch.nn.utils.prune``: ``weight_orig`` times the
 ``weight_mask`` buffer) are covered: ``∂l/∂weight_orig = mask ⊙ ∂l/∂weight``. Every
 other parameter goes through the general ``vmap`` path of :mod:`natgrad.engine`,
@@ -28,21 +34,19 @@ with the same label draws, so both engines give the same Fisher.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
+from natgrad import _fast_layers as layers
 from natgrad._batch import Batch, _is_batched
-from natgrad.engine import _CHUNK_FLOATS, _Plan, square_sums
+from natgrad._fast_ops import CaptureMode, ProbeMode, zero_perturbation
+from natgrad.engine import _Plan, square_sums
 
-__all__ = ["ENGINES", "FastSplit", "split_params"]
+__all__ = ["ENGINES", "FastSplit", "split_params", "square_sums_auto"]
 
 ENGINES = ("auto", "vmap", "fast")
 _FORWARDS = {
@@ -50,7 +54,10 @@ _FORWARDS = {
     nn.Conv1d: nn.Conv1d.forward,
     nn.Conv2d: nn.Conv2d.forward,
     nn.Embedding: nn.Embedding.forward,
+    nn.LayerNorm: nn.LayerNorm.forward,
+    nn.MultiheadAttention: nn.MultiheadAttention.forward,
 }
+_MHA_ROLES = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
 
 
 @dataclass
@@ -59,24 +66,27 @@ class _Slot:
 
     name: str
     role: str
-    mask: str | None
+    mask: str | None = None
 
 
 @dataclass
 class FastSplit:
-    """Which parameters take the capture path (by module) and which take ``vmap``.
+    """Which parameters take the capture path and which take ``vmap``.
 
     Attributes:
-        fast: ``{module: [slots]}`` for the capture path.
+        fast: ``{module: [slots]}`` captured by module hooks (or, for attention, by
+            the capture mode).
+        free: names of parameters added to a batched tensor through views.
         rest: parameter names for the general ``vmap`` path.
     """
 
     fast: dict[nn.Module, list[_Slot]] = field(default_factory=dict)
+    free: list[str] = field(default_factory=list)
     rest: list[str] = field(default_factory=list)
 
     @property
     def fast_names(self) -> list[str]:
-        return [s.name for slots in self.fast.values() for s in slots]
+        return [s.name for slots in self.fast.values() for s in slots] + list(self.free)
 
 
 def _supported(m: nn.Module) -> bool:
@@ -87,40 +97,26 @@ def _supported(m: nn.Module) -> bool:
         return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
     if isinstance(m, nn.Embedding):
         return m.max_norm is None and not m.scale_grad_by_freq
+    if isinstance(m, nn.LayerNorm):
+        return m.elementwise_affine
+    if isinstance(m, nn.MultiheadAttention):
+        return m._qkv_same_embed_dim and m.batch_first and m.bias_k is None
     return True
 
 
-def _candidates(plan: _Plan) -> dict[nn.Module, list[_Slot]]:
-    name_of = {id(p): k for k, p in plan.params.items()}
-    out: dict[nn.Module, list[_Slot]] = {}
-    for m in plan.model.modules():
-        if not _supported(m):
-            continue
-        for role in ("weight", "bias"):
-            p, mask = m._parameters.get(role), None
-            orig = m._parameters.get(f"{role}_orig")
-            if p is None and orig is not None and f"{role}_mask" in m._buffers:
-                p, mask = orig, f"{role}_mask"
-            if p is not None and id(p) in name_of:
-                out.setdefault(m, []).append(_Slot(name_of[id(p)], role, mask))
-    return out
-
-
-class _UseCounter(TorchFunctionMode):
-    """Counts, per tensor id, the calls that use the tensor to build a differentiable result."""
-
-    def __init__(self, ids: set[int]):
-        super().__init__()
-        self.ids, self.counts = ids, Counter()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(out)):
-            for t in tree_leaves((args, kwargs)):
-                if isinstance(t, torch.Tensor) and id(t) in self.ids:
-                    self.counts[id(t)] += 1
-        return out
+def _module_slots(m: nn.Module, name_of: dict[int, str]) -> list[_Slot]:
+    if isinstance(m, nn.MultiheadAttention):
+        ps = [m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias]
+        return [_Slot(name_of[id(p)], r) for r, p in zip(_MHA_ROLES, ps) if id(p) in name_of]
+    slots = []
+    for role in ("weight", "bias"):
+        p, mask = m._parameters.get(role), None
+        orig = m._parameters.get(f"{role}_orig")
+        if p is None and orig is not None and f"{role}_mask" in m._buffers:
+            p, mask = orig, f"{role}_mask"
+        if p is not None and id(p) in name_of:
+            slots.append(_Slot(name_of[id(p)], role, mask))
+    return slots
 
 
 def _repeat_first(b: Batch, n: int) -> Batch:
@@ -131,139 +127,91 @@ def _repeat_first(b: Batch, n: int) -> Batch:
     )
 
 
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def split_params(plan: _Plan, b: Batch) -> FastSplit:
-    """Decide, with two probe forwards (1 and 2 copies of the first sample), which
-    selected parameters the capture path computes exactly; the rest go to ``vmap``."""
-    cands = _candidates(plan)
-    named = plan.params
-    ids = {id(named[s.name]) for slots in cands.values() for s in slots}
+    """Decide which selected parameters the capture path computes exactly.
+
+    Two probe forwards (1 and 2 copies of the first sample of ``b``) check, for each
+    candidate, that its module runs once, that the batch is the first axis of its input
+    and output (sequence-first layers are left out), and that each parameter feeds the
+    graph through exactly one call. Every other parameter goes to ``vmap``.
+    """
+    name_of = {id(p): k for k, p in plan.params.items()}
+    mods = [m for m in plan.model.modules() if _supported(m)]
+    attn = [m for m in mods if isinstance(m, nn.MultiheadAttention)]
+    claimed = {s.name for m in attn for s in _module_slots(m, name_of)}
+    cands: dict[nn.Module, list[_Slot]] = {}
+    for m in mods:
+        slots = _module_slots(m, name_of)
+        if not isinstance(m, nn.MultiheadAttention):  # out_proj is read by F.linear
+            slots = [s for s in slots if s.name not in claimed]
+        if slots:
+            cands[m] = slots
+    in_mods = {s.name for slots in cands.values() for s in slots}
+    free_ids = {id(p): k for k, p in plan.params.items() if k not in in_mods}
+    ids = {id(plan.params[k]) for k in in_mods} | set(free_ids)
     ok = {m: True for m in cands}
-    uses = []
+    shapes: dict[nn.Module, tuple] = {}
+    probes = []
     for n in (1, 2):
         seen: dict[nn.Module, list] = {m: [] for m in cands}
 
         def hook(m, inp, out, seen=seen):
-            a = inp[0] if inp else None
-            seen[m].append((a, out))
+            seen[m].append((inp[0] if inp else None, _first(out)))
 
         handles = [m.register_forward_hook(hook) for m in cands]
-        counter = _UseCounter(ids)
+        mode = ProbeMode(ids, free_ids, n)
         try:
             probe = _repeat_first(b, n)
-            with torch.enable_grad(), counter:
+            with torch.enable_grad(), mode:
                 plan.output_fn(plan.model(*probe.args, **probe.kwargs))
         finally:
             for h in handles:
                 h.remove()
-        uses.append(counter.counts)
+        probes.append(mode)
         for m, calls in seen.items():
             good = len(calls) == 1 and all(
                 isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n for t in calls[0]
             )
-            if good:
-                calls[0] = tuple(t.shape[1:] for t in calls[0])
+            if good and n == 1:
+                shapes[m] = tuple(t.shape[1:] for t in calls[0])
+            elif good:
+                good = shapes.get(m) == tuple(t.shape[1:] for t in calls[0])
+            if isinstance(m, nn.MultiheadAttention):
+                good = good and mode.attention.get(id(m.in_proj_weight), False)
             ok[m] = ok[m] and good
-            seen[m] = calls
-        if n == 1:
-            shapes1 = {m: seen[m][0] for m in cands if ok[m]}
-        else:
-            for m in cands:
-                ok[m] = ok[m] and m in shapes1 and shapes1[m] == seen[m][0]
+    once = lambda p: all(pm.counts[id(p)] == 1 for pm in probes)  # noqa: E731
     split = FastSplit()
     for m, slots in cands.items():
-        keep = [s for s in slots if ok[m] and all(u[id(named[s.name])] == 1 for u in uses)]
+        keep = [s for s in slots if ok[m] and once(plan.params[s.name])]
         if keep:
             split.fast[m] = keep
+    for k in free_ids.values():
+        adds = [pm.adds.get(k, []) for pm in probes]
+        if all(a == [True] for a in adds) and once(plan.params[k]) and _chain_once(probes, k):
+            split.free.append(k)
     fast = set(split.fast_names)
-    split.rest = [k for k in named if k not in fast]
+    split.rest = [k for k in plan.params if k not in fast]
     return split
 
 
-# -- squared per-sample gradients from captured (a, b) -------------------------------
-
-
-def _work(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float64 else t.float()
-
-
-def _seq_products(A: torch.Tensor, B: torch.Tensor, w: float) -> torch.Tensor:
-    """``Σ_j Σ_n w (B_jnᵀ A_n)²`` for ``A (N, T, I)``, ``B (J, N, T, O)``: ``(O, I)``."""
-    J, N, _, d_out = B.shape
-    d_in = A.shape[-1]
-    chunk = max(1, _CHUNK_FLOATS // max(J * d_out * d_in, 1))
-    acc = torch.zeros(d_out, d_in, dtype=A.dtype, device=A.device)
-    for s in range(0, N, chunk):
-        G = torch.matmul(B[:, s : s + chunk].transpose(-1, -2), A[s : s + chunk])
-        acc += (G * G).sum((0, 1))
-    return acc * w
-
-
-def _linear(m, a, B, w):
-    a, B = _work(a), _work(B)
-    if a.dim() == 2:
-        b2 = (B * B).sum(0)  # (N, O)
-        return {"weight": w * (b2.t() @ (a * a)), "bias": w * b2.sum(0)}
-    N = a.shape[0]
-    A = a.reshape(N, -1, a.shape[-1])
-    Bs = B.reshape(B.shape[0], N, -1, B.shape[-1])
-    res = {"weight": _seq_products(A, Bs, w)}
-    if m.bias is not None or "bias_orig" in m._parameters:
-        bb = Bs.sum(2)
-        res["bias"] = w * (bb * bb).sum((0, 1))
-    return res
-
-
-def _conv(m, a, B, w):
-    a, B = _work(a), _work(B)
-    one = isinstance(m, nn.Conv1d)
-    x = a.unsqueeze(2) if one else a
-    pair = lambda v: (1, v[0]) if one else v  # noqa: E731
-    pad = (0, m.padding[0]) if one else m.padding
-    cols = F.unfold(
-        x, pair(m.kernel_size), dilation=pair(m.dilation), padding=pad, stride=pair(m.stride)
-    )
-    A = cols.transpose(1, 2)  # (N, L, K)
-    J, N, d_out = B.shape[:3]
-    Bs = B.reshape(J, N, d_out, -1).transpose(-1, -2)  # (J, N, L, O)
-    res = {"weight": _seq_products(A, Bs, w)}
-    bb = Bs.sum(2)
-    res["bias"] = w * (bb * bb).sum((0, 1))
-    return res
-
-
-def _embedding(m, ids, B, w):
-    B = _work(B)
-    V, D = m.num_embeddings, m.embedding_dim
-    N = ids.shape[0]
-    flat = ids.reshape(N, -1)
-    keys = (torch.arange(N, device=ids.device).unsqueeze(1) * V + flat).reshape(-1)
-    keep = None if m.padding_idx is None else flat.reshape(-1) != m.padding_idx
-    if keep is not None:
-        keys = keys[keep]
-    uniq, inv = torch.unique(keys, return_inverse=True)
-    acc = torch.zeros(V, D, dtype=B.dtype, device=B.device)
-    for j in range(B.shape[0]):
-        vals = B[j].reshape(-1, D)
-        if keep is not None:
-            vals = vals[keep]
-        S = torch.zeros(len(uniq), D, dtype=B.dtype, device=B.device).index_add_(0, inv, vals)
-        acc.index_add_(0, uniq % V, S * S)
-    return {"weight": w * acc}
-
-
-def _squares(m, a, B, w):
-    if isinstance(m, nn.Linear):
-        return _linear(m, a, B, w)
-    if isinstance(m, nn.Embedding):
-        return _embedding(m, a, B, w)
-    return _conv(m, a, B, w)
+def _chain_once(probes: list[ProbeMode], name: str) -> bool:
+    """Every view derived from the free parameter ``name`` is used exactly once."""
+    for pm in probes:
+        for i, (root, _, _) in pm.derived.items():
+            if root == name and pm.counts[i] != 1:
+                return False
+    return True
 
 
 # -- one batch ------------------------------------------------------------------------
 
 
 def _pull(out: torch.Tensor, es: list[torch.Tensor], cols: torch.Tensor, retain: bool):
-    """Output gradients ``b`` for every column of ``cols`` ``(J, *out.shape)``: ``[(J, ...)]``."""
+    """Output gradients for every column of ``cols`` ``(J, *out.shape)``: ``[(J, ...)]``."""
     cols = cols.to(out.dtype)
     if cols.shape[0] == 1:
         gs = torch.autograd.grad(out, es, cols[0], retain_graph=retain, allow_unused=True)
@@ -282,6 +230,7 @@ def _pull(out: torch.Tensor, es: list[torch.Tensor], cols: torch.Tensor, retain:
 
 
 def _columns(plan: _Plan, out: torch.Tensor, target, draws) -> Iterator[tuple[torch.Tensor, float]]:
+    """Label columns ``u_j`` (``(J, *out.shape)``) with their weight ``w_j``."""
     lik, o = plan.lik, out.detach()
     if plan.labels == "empirical":
         yield lik.output_grad(o, target).unsqueeze(0), 1.0
@@ -294,23 +243,52 @@ def _columns(plan: _Plan, out: torch.Tensor, target, draws) -> Iterator[tuple[to
             yield lik.factor_columns(o, s, min(s + step, K), target), 1.0
 
 
+def _module_squares(m: nn.Module, parts: dict, Bs: dict, w: float) -> dict[str, torch.Tensor]:
+    if isinstance(m, nn.MultiheadAttention):
+        return layers.attention(parts, Bs, w)
+    a, B = parts["main"][0], Bs["main"]
+    if isinstance(m, nn.Linear):
+        return layers.linear(a, B, w)
+    if isinstance(m, nn.Embedding):
+        return layers.embedding(m, a, B, w)
+    if isinstance(m, nn.LayerNorm):
+        return layers.layer_norm(m, a, B, w)
+    return layers.conv(m, a, B, w)
+
+
+def _check_fresh(m: nn.Module, a: torch.Tensor, version: int) -> None:
+    if a._version != version:
+        raise RuntimeError(
+            f"The input of {type(m).__name__} was modified in place after the layer ran, so "
+            "the captured input is stale; use engine='vmap' for this model."
+        )
+
+
 def fast_batch_sums(
     plan: _Plan, split: FastSplit, batch: Any, chunk_size: int | None
 ) -> tuple[int, dict[str, torch.Tensor]]:
-    """``(N, Σ_n Σ_j w_j g_nj²)`` in float32 for one batch: capture path for
-    ``split.fast``, ``vmap`` path for ``split.rest``, with shared label draws."""
+    """``(N, Σ_n Σ_j w_j g_nj²)`` in float32 for one batch: the capture path for
+    ``split.fast`` and ``split.free``, ``vmap`` for ``split.rest``, with shared label draws."""
     b, target = plan.parse(batch)
-    store: dict[nn.Module, tuple] = {}
+    store: dict[Any, Any] = {}
 
     def hook(m, inp, out):
-        e = torch.zeros((), dtype=out.dtype, device=out.device).requires_grad_().expand(out.shape)
-        store[m] = (inp[0].detach(), inp[0]._version, e)
+        e = zero_perturbation(out)
+        store[m] = {"main": (inp[0].detach(), inp[0]._version, e)}
         return out + e
 
-    handles = [m.register_forward_hook(hook) for m in split.fast]
+    hooked = [m for m in split.fast if not isinstance(m, nn.MultiheadAttention)]
+    attention = {id(m.in_proj_weight): m for m in split.fast if m not in hooked}
+    free_ids = {id(plan.params[k]): k for k in split.free}
+    mode = CaptureMode(attention, free_ids, store) if attention or free_ids else None
+    handles = [m.register_forward_hook(hook) for m in hooked]
     try:
         with torch.enable_grad():
-            out = plan.output_fn(plan.model(*b.args, **b.kwargs))
+            if mode is None:
+                out = plan.output_fn(plan.model(*b.args, **b.kwargs))
+            else:
+                with mode:
+                    out = plan.output_fn(plan.model(*b.args, **b.kwargs))
     finally:
         for h in handles:
             h.remove()
@@ -318,33 +296,38 @@ def fast_batch_sums(
         plan.lik.check_target(out, target)
     draws = plan.draw(out, target) if plan.labels == "mc" else None
     acc = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in plan.params.items()}
-    mods = list(split.fast)
-    missing = [m for m in mods if m not in store]
+    keys = [*split.fast, *split.free]
+    missing = [k for k in keys if k not in store]
     if missing:
         raise RuntimeError(
-            f"The fast engine expected {type(missing[0]).__name__} to run in this forward pass, "
-            "but it did not (the model's control flow changed between batches); use "
-            "engine='vmap'."
+            f"The fast engine expected {missing[0]!r} to take part in this forward pass, but "
+            "it did not (the model's control flow changed between batches); use engine='vmap'."
         )
-    es = [store[m][2] for m in mods]
+    index = [(k, part) for k in split.fast for part in store[k]] + [(k, None) for k in split.free]
+    es = [store[k][part][2] if part is not None else store[k][2] for k, part in index]
     cols = list(_columns(plan, out, target, draws))
     for i, (c, w) in enumerate(cols):
-        bs = _pull(out, es, c, retain=i < len(cols) - 1)
-        for m, B in zip(mods, bs):
-            if B is None:
+        grads = dict(zip(index, _pull(out, es, c, retain=i < len(cols) - 1)))
+        for m, slots in split.fast.items():
+            parts = store[m]
+            for a, version, _ in parts.values():
+                _check_fresh(m, a, version)
+            Bs = {part: grads[(m, part)] for part in parts}
+            if all(B is None for B in Bs.values()):
                 continue
-            a, version, _ = store[m]
-            if a._version != version:
-                raise RuntimeError(
-                    f"The input of {type(m).__name__} was modified in place after the layer "
-                    "ran, so the captured input is stale; use engine='vmap' for this model."
-                )
-            sq = _squares(m, a, B, w)
-            for s in split.fast[m]:
+            sq = _module_squares(m, parts, Bs, w)
+            for s in slots:
+                if s.role not in sq:
+                    continue
                 v = sq[s.role]
                 if s.mask is not None:
                     v = v * getattr(m, s.mask).to(v.dtype) ** 2
                 acc[s.name] += v.reshape(acc[s.name].shape).float()
+        for k in split.free:
+            B = grads[(k, None)]
+            if B is not None:
+                chain, d_shape, _ = store[k]
+                acc[k] += layers.free(chain, plan.params[k], d_shape, B, w).float()
     store.clear()
     if split.rest:
         sub = plan.restrict(split.rest)
@@ -357,7 +340,7 @@ def fast_batch_sums(
 def square_sums_auto(
     plan: _Plan, batches: Iterable[Any], chunk_size: int | None, engine: str
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Per batch ``(n, Σ_n Σ_j w_j g_nj²)`` by the chosen engine (see :func:`split_params`)."""
+    """Per batch ``(n, Σ_n Σ_j w_j g_nj²)`` by ``engine`` (see :func:`split_params`)."""
     if engine == "vmap":
         yield from square_sums(plan, batches, chunk_size)
         return
@@ -366,13 +349,13 @@ def square_sums_auto(
         if split is None:
             b, _ = plan.parse(batch)
             split = split_params(plan, b)
-            if not split.fast and engine == "fast":
+            if not split.fast_names and engine == "fast":
                 raise ValueError(
                     "engine='fast' found no parameter it can compute exactly (it covers "
-                    "parameters of nn.Linear, nn.Conv1d/2d and nn.Embedding used once per "
-                    "forward); use engine='auto' or engine='vmap'."
+                    "nn.Linear, nn.Conv1d/2d, nn.Embedding, nn.LayerNorm and self-attention "
+                    "parameters used once per forward); use engine='auto' or engine='vmap'."
                 )
-        if not split.fast:
+        if not split.fast_names:
             yield from square_sums(plan, [batch], chunk_size)
         else:
             yield fast_batch_sums(plan, split, batch, chunk_size)

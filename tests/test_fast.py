@@ -85,11 +85,9 @@ def test_transformer_encoder_agrees(encoder_case, labels):
     fast, slow = both(model, batch, labels=labels, mc_samples=2)
     assert_close_dict(dict(fast), dict(slow), rtol=1e-5, atol=1e-9)
     split = split_of(model, batch)
-    # linear1/linear2 and the embedding are captured; attention's F.linear weights are not.
-    assert "enc.layers.0.linear1.weight" in split.fast_names
-    assert "emb.weight" in split.fast_names
-    assert "enc.layers.0.self_attn.in_proj_weight" in split.rest
-    assert "enc.layers.0.self_attn.out_proj.weight" in split.rest
+    # Every parameter is captured: Linear, Embedding, LayerNorm and self-attention.
+    assert split.rest == []
+    assert "enc.layers.0.self_attn.out_proj.weight" in split.fast_names
 
 
 def test_token_categorical_per_token_head():
@@ -205,17 +203,17 @@ def test_engine_errors(mlp_case):
     with pytest.raises(ValueError, match="Unknown engine 'fastest'; expected one of 'auto'"):
         estimate_fisher(model, (x, y), engine="fastest")
 
-    class OnlyLayerNorm(nn.Module):
+    class OnlyScale(nn.Module):
         def __init__(self):
             super().__init__()
-            self.norm = nn.LayerNorm(5)
+            self.scale = nn.Parameter(torch.ones(5))
 
         def forward(self, z):
-            return self.norm(z)[:, :4]
+            return (z * self.scale)[:, :4]
 
     with pytest.raises(ValueError, match="engine='fast' found no parameter.*engine='auto'"):
-        estimate_fisher(OnlyLayerNorm().double(), (x, y), engine="fast")
-    auto = estimate_fisher(OnlyLayerNorm().double(), (x, y), engine="auto")
+        estimate_fisher(OnlyScale().double(), (x, y), engine="fast")
+    auto = estimate_fisher(OnlyScale().double(), (x, y), engine="auto")
     assert auto.n_samples == len(x)
 
 
@@ -237,3 +235,45 @@ def test_gaussian_sequence_regression():
     ref = loop_grads(model, lambda o, t: 0.5 * ((o - t) ** 2).sum(), x, y)
     got = estimate_fisher(model, (x, y), "gaussian", engine="fast")
     assert_close_dict(dict(got), {k: (g.float() ** 2).mean(0) for k, g in ref.items()})
+
+
+class PosEncoder(nn.Module):
+    """Embedding + learned positions (a free parameter) + encoder with an attention mask."""
+
+    def __init__(self, vocab=11, d=8, T=5, causal=False):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(T + 2, d) * 0.5)
+        layer = nn.TransformerEncoderLayer(d, 2, dim_feedforward=12, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 3)
+        mask = (
+            torch.randn(T, T) if not causal else nn.Transformer.generate_square_subsequent_mask(T)
+        )
+        self.register_buffer("mask", mask)
+
+    def forward(self, ids, attention_mask):
+        h = self.emb(ids) + self.pos[: ids.shape[1]]
+        pad = attention_mask == 0
+        return self.head(self.enc(h, mask=self.mask.to(h.dtype), src_key_padding_mask=pad)[:, 0])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("labels", LABELS)
+def test_positions_and_attention_masks(labels, causal):
+    torch.manual_seed(0)
+    model = PosEncoder(causal=causal).double().eval()
+    ids, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 3, (4,))
+    am = torch.ones(4, 5, dtype=torch.long)
+    am[1, 3:] = 0
+    batch = {"ids": ids, "attention_mask": am, "labels": y}
+    fast, slow = both(model, batch, labels=labels, mc_samples=2)
+    assert_close_dict(dict(fast), dict(slow), rtol=1e-5, atol=1e-9)
+    split = split_of(model, batch)
+    assert "pos" in split.fast_names
+    attn = "enc.layers.0.self_attn.in_proj_weight"
+    assert (attn in split.rest) == causal  # causal masks take the general path
+    if labels == "empirical":
+        ref = loop_grads(model, ce_sum, {"ids": ids, "attention_mask": am}, y)
+        ref = {k: (g.float() ** 2).mean(0) for k, g in ref.items()}
+        assert_close_dict(dict(fast), ref, rtol=1e-5, atol=1e-9)

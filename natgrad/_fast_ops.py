@@ -1,0 +1,213 @@
+"""Op-level capture for the fast path: torch-function modes that see calls which no
+module hook sees.
+
+* ``nn.MultiheadAttention`` reads its projection weights inside
+  ``F.multi_head_attention_forward``. For plain self-attention (packed projection,
+  ``need_weights=False``, no extra key/value biases, no dropout) the capture mode runs
+  the same computation as its own composition of ``F.linear`` and
+  ``F.scaled_dot_product_attention``, recording both projections' inputs and adding zero
+  perturbations to their outputs.
+* A free parameter added to a batched tensor through views (``x + pos[:T]``) gets a
+  zero perturbation on the sum; its per-sample gradient is pulled back through the views.
+
+:class:`ProbeMode` only watches (use counts, supported calls); :class:`CaptureMode`
+changes what runs, and is active only during the fast path's own forward pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+_MHA = F.multi_head_attention_forward
+_MHA_SIG = inspect.signature(_MHA)
+VIEWS = {
+    torch.Tensor.__getitem__,
+    torch.Tensor.view,
+    torch.Tensor.reshape,
+    torch.reshape,
+    torch.Tensor.unsqueeze,
+    torch.unsqueeze,
+    torch.Tensor.expand,
+}
+ADDS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
+
+
+def zero_perturbation(out: torch.Tensor) -> torch.Tensor:
+    """A zero tensor shaped like ``out`` whose gradient is ``∂loss/∂out`` (no memory)."""
+    return torch.zeros((), dtype=out.dtype, device=out.device).requires_grad_().expand(out.shape)
+
+
+def mha_args(args, kwargs) -> dict | None:
+    """Bound arguments of a supported ``multi_head_attention_forward`` call, else None."""
+    a = _MHA_SIG.bind(*args, **kwargs)
+    a.apply_defaults()
+    v = a.arguments
+    q = v["query"]
+    ok = (
+        q is v["key"]
+        and q is v["value"]
+        and isinstance(q, torch.Tensor)
+        and q.dim() == 3
+        and not v["use_separate_proj_weight"]
+        and v["in_proj_weight"] is not None
+        and v["bias_k"] is None
+        and v["bias_v"] is None
+        and not v["add_zero_attn"]
+        and (v["dropout_p"] == 0.0 or not v["training"])
+        and not v["need_weights"]
+        and not v["is_causal"]
+        and v["static_k"] is None
+        and v["static_v"] is None
+    )
+    return v if ok else None
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            mask, float("-inf")
+        )
+    return mask.to(dtype)
+
+
+def self_attention(v: dict, store: dict) -> tuple[torch.Tensor, None]:
+    """Multi-head self-attention with packed projections, recording ``(input, e)`` of
+    the input projection (``store["in"]``) and the output projection (``store["out"]``).
+
+    ``x (L, N, E)``; ``[q, k, v] = x W_inᵀ + b_in``; heads attend with
+    ``softmax(q kᵀ/√d + mask) v``; ``out = o W_outᵀ + b_out``. Boolean masks (True =
+    blocked) become ``-inf``; a key padding mask ``(N, S)`` and an attention mask
+    ``(L, S)`` or ``(N·H, L, S)`` are added.
+    """
+    x = v["query"]
+    L, N, E = x.shape
+    H = v["num_heads"]
+    qkv = F.linear(x, v["in_proj_weight"], v["in_proj_bias"])
+    e_in = zero_perturbation(qkv)
+    store["in"] = (x.detach(), x._version, e_in)
+    qkv = qkv + e_in
+    heads = lambda t: t.reshape(L, N, H, E // H).permute(1, 2, 0, 3)  # noqa: E731
+    q, k, val = (heads(t) for t in qkv.chunk(3, dim=-1))
+    mask = None
+    am = _additive(v["attn_mask"], q.dtype)
+    if am is not None:
+        mask = am.view(1, 1, L, -1) if am.dim() == 2 else am.view(N, H, L, -1)
+    kpm = _additive(v["key_padding_mask"], q.dtype)
+    if kpm is not None:
+        kpm = kpm.view(N, 1, 1, -1)
+        mask = kpm if mask is None else mask + kpm
+    o = F.scaled_dot_product_attention(q, k, val, attn_mask=mask)
+    o = o.permute(2, 0, 1, 3).reshape(L, N, E)
+    out = F.linear(o, v["out_proj_weight"], v["out_proj_bias"])
+    e_out = zero_perturbation(out)
+    store["out"] = (o.detach(), o._version, e_out)
+    return out + e_out, None
+
+
+class _Tracker(TorchFunctionMode):
+    """Shared bookkeeping: tensors derived by views from free parameters."""
+
+    def __init__(self, free_ids: dict[int, str]):
+        super().__init__()
+        self.free_ids = free_ids
+        self.derived: dict[int, tuple] = {}  # id -> (name, chain, tensor ref)
+
+    def root(self, t) -> tuple | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        if id(t) in self.free_ids:
+            return (self.free_ids[id(t)], lambda q: q, t)
+        return self.derived.get(id(t))
+
+    def view_of(self, func, args, kwargs, out) -> None:
+        r = self.root(args[0]) if args else None
+        if r is not None and func in VIEWS and isinstance(out, torch.Tensor):
+            name, chain, _ = r
+            rest = args[1:]
+            self.derived[id(out)] = (
+                name,
+                lambda q, c=chain, f=func, r=rest, k=kwargs: f(c(q), *r, **k),
+                out,
+            )
+
+    def add_operands(self, func, args, kwargs):
+        """``(root, other)`` for an add of a free-parameter view to another tensor."""
+        if func not in ADDS or len(args) != 2 or kwargs:
+            return None
+        ra, rb = self.root(args[0]), self.root(args[1])
+        if (ra is None) == (rb is None):
+            return None
+        r, other = (ra, args[1]) if ra is not None else (rb, args[0])
+        return (r, other) if isinstance(other, torch.Tensor) else None
+
+
+class ProbeMode(_Tracker):
+    """Counts differentiable uses of watched tensors; records supported attention calls
+    and free-parameter additions with their batch-axis checks for batch size ``n``."""
+
+    def __init__(self, ids: set[int], free_ids: dict[int, str], n: int):
+        super().__init__(free_ids)
+        self.ids, self.n = ids, n
+        self.counts: Counter = Counter()
+        self.attention: dict[int, bool] = {}  # id(in_proj_weight) -> supported
+        self.adds: dict[str, list[bool]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(out)):
+            return out
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and (id(t) in self.ids or id(t) in self.derived):
+                self.counts[id(t)] += 1
+        if func is _MHA:
+            v = mha_args(args, kwargs)
+            w = _MHA_SIG.bind(*args, **kwargs).arguments.get("in_proj_weight")
+            if w is not None:
+                self.attention[id(w)] = v is not None and v["query"].shape[1] == self.n
+        self.view_of(func, args, kwargs, out)
+        add = self.add_operands(func, args, kwargs)
+        if add is not None:
+            (name, _, d), other = add
+            ok = (
+                other.dim() >= 1
+                and other.shape[0] == self.n
+                and tuple(out.shape) == tuple(other.shape)
+                and (d.dim() < other.dim() or d.shape[0] == 1)
+            )
+            self.adds.setdefault(name, []).append(ok)
+        return out
+
+
+class CaptureMode(_Tracker):
+    """Runs captured attention calls and perturbs free-parameter additions."""
+
+    def __init__(self, attention: dict[int, object], free_ids: dict[int, str], store: dict):
+        super().__init__(free_ids)
+        self.attention, self.store = attention, store
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _MHA:
+            v = mha_args(args, kwargs)
+            unit = None if v is None else self.attention.get(id(v["in_proj_weight"]))
+            if unit is not None:
+                parts = self.store.setdefault(unit, {})
+                return self_attention(v, parts)
+        out = func(*args, **kwargs)
+        self.view_of(func, args, kwargs, out)
+        add = self.add_operands(func, args, kwargs)
+        if add is not None:
+            (name, chain, d), _ = add
+            e = zero_perturbation(out)
+            self.store[name] = (chain, d.shape, e)
+            return out + e
+        return out
