@@ -22,6 +22,7 @@ from natgrad._report import Report
 from natgrad.engine import LABEL_SOURCES, ParamSpec, per_sample_grads, select_params
 from natgrad.estimate import estimate_fisher
 from natgrad.kfac import (
+    KFAC_DAMPING,
     kfac_eigen,
     kfac_factors,
     kfac_layers,
@@ -221,8 +222,10 @@ class FisherPreconditioner:
           (:func:`natgrad.estimate_fisher`), kept as an EMA; ``Δ = g / (F + λ)``.
         * ``"kfac"``: per Linear/Conv1d/Conv2d layer ``F ≈ G ⊗ A`` (see
           :mod:`natgrad.kfac`), ``A`` and ``G`` kept as EMAs and eigendecomposed at each
-          refresh; ``Δ = (G ⊗ A + λI)^-1 g`` with exact damping. Other selected parameters
-          use the diagonal EMA.
+          refresh; ``Δ = ((G + (√λ/π)I) ⊗ (A + π√λ I))^-1 g`` (``kfac_damping="factored"``,
+          the default: factored Tikhonov damping, which trains better) or
+          ``Δ = (G ⊗ A + λI)^-1 g`` (``kfac_damping="exact"``); see
+          :func:`natgrad.kfac.kfac_solve`. Other selected parameters use the diagonal EMA.
         * ``"woodbury"``: the exact mini-batch Fisher ``F = GᵀG/N`` of the latest refresh
           batch (no EMA: ``ema_decay`` is unused) over all selected parameters jointly,
           applied through the ``N x N`` Gram system (:mod:`natgrad.woodbury`), never
@@ -254,6 +257,7 @@ class FisherPreconditioner:
         warmup_steps: pass-through steps at the start (``>= 0``).
         seed: seed of the generator for ``"mc"`` labels (saved in the state).
         output_fn: maps model outputs to the output tensor (default: tensor or ``.logits``).
+        kfac_damping: ``"factored"`` or ``"exact"`` (``kind="kfac"`` only).
 
     Raises:
         ValueError / TypeError: invalid options (checked before anything else).
@@ -287,6 +291,7 @@ class FisherPreconditioner:
         warmup_steps: int = 0,
         seed: int = 0,
         output_fn: OutputFn | None = None,
+        kfac_damping: str = "factored",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -302,6 +307,7 @@ class FisherPreconditioner:
         self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
         self.ema_decay = check_fraction("ema_decay", ema_decay)
         self.kl_clip = None if kl_clip is None else check_positive("kl_clip", kl_clip)
+        self.kfac_damping = check_choice("kfac_damping", kfac_damping, KFAC_DAMPING)
         self.likelihood = get_likelihood(likelihood)
         self.model = model
         self.params = select_params(model, params)
@@ -381,7 +387,8 @@ class FisherPreconditioner:
                 continue
             eig = self._kfac[name]
             V = layer_matrix(lay, grads, eig["QA"].dtype)
-            for k, v in split_layer_matrix(lay, kfac_solve(eig, V, lam)).items():
+            D = kfac_solve(eig, V, lam, self.kfac_damping)
+            for k, v in split_layer_matrix(lay, D).items():
                 if k in grads:
                     out[k] = v
         for k in self._diag_names:

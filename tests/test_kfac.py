@@ -192,6 +192,13 @@ def test_kfac_solve_equals_dense_kronecker_solve():
         dense = torch.kron(G, A) + lam * torch.eye(15, dtype=torch.float64)
         ref = torch.linalg.solve(dense, V.reshape(-1)).reshape(3, 5)
         torch.testing.assert_close(kfac_solve(kfac_eigen(A, G), V, lam), ref)
+        pi = ((A.trace() / 5) / (G.trace() / 3)) ** 0.5
+        s = lam**0.5
+        fact = torch.kron(G + s / pi * torch.eye(3).double(), A + s * pi * torch.eye(5).double())
+        ref = torch.linalg.solve(fact, V.reshape(-1)).reshape(3, 5)
+        torch.testing.assert_close(kfac_solve(kfac_eigen(A, G), V, lam, "factored"), ref)
+    with pytest.raises(ValueError, match="Unknown K-FAC damping mode 'both'"):
+        kfac_solve(kfac_eigen(A, G), V, 0.1, "both")
 
 
 def test_layer_selection_rules():

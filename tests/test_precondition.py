@@ -91,11 +91,18 @@ def test_kfac_single_linear_equals_dense_kronecker_solve():
     _backward(model, x, y)
     V = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1)
     lam = 1e-2
-    dense = torch.kron(G, A) + lam * torch.eye(15, dtype=torch.float64)
-    ref = torch.linalg.solve(dense, V.reshape(-1)).reshape(3, 5)
-    FisherPreconditioner(model, kind="kfac", damping=lam).step((x, y))
-    torch.testing.assert_close(model.weight.grad, ref[:, :4])
-    torch.testing.assert_close(model.bias.grad, ref[:, 4])
+    I3, I5 = torch.eye(3, dtype=torch.float64), torch.eye(5, dtype=torch.float64)
+    pi = ((A.trace() / 5) / (G.trace() / 3)) ** 0.5
+    dense = {
+        "exact": torch.kron(G, A) + lam * torch.eye(15, dtype=torch.float64),
+        "factored": torch.kron(G + lam**0.5 / pi * I3, A + pi * lam**0.5 * I5),
+    }
+    for mode, M in dense.items():
+        ref = torch.linalg.solve(M, V.reshape(-1)).reshape(3, 5)
+        model.weight.grad, model.bias.grad = V[:, :4].clone(), V[:, 4].clone()
+        FisherPreconditioner(model, kind="kfac", damping=lam, kfac_damping=mode).step((x, y))
+        torch.testing.assert_close(model.weight.grad, ref[:, :4], msg=mode)
+        torch.testing.assert_close(model.bias.grad, ref[:, 4], msg=mode)
 
 
 def test_kfac_other_parameters_use_the_diagonal():
@@ -281,6 +288,7 @@ BAD_OPTIONS = [
     ({"kl_clip": -1.0}, ValueError, "Invalid kl_clip: -1.0"),
     ({"params": ["nope"]}, ValueError, "Unknown parameter names \\['nope'\\]"),
     ({"likelihood": "poisson"}, ValueError, "Unknown likelihood 'poisson'"),
+    ({"kfac_damping": "tikhonov"}, ValueError, "Unknown kfac_damping 'tikhonov'; expected one"),
 ]
 
 
