@@ -248,3 +248,17 @@ def test_merge_pruned_models_keeps_first_mask():
     torch.testing.assert_close(merged.lin.weight_orig.detach(), expected["lin.weight_orig"])
     # the effective weight is up to date before any forward pass
     torch.testing.assert_close(merged.lin.weight, expected["lin.weight_orig"] * ma)
+
+
+def test_merge_bf16_accumulates_in_float32():
+    torch.manual_seed(0)
+    a, b = mlp().bfloat16(), mlp().bfloat16()
+    fa = {k: torch.rand(p.shape) for k, p in a.named_parameters()}
+    fb = {k: torch.rand(p.shape) for k, p in b.named_parameters()}
+    merged = fisher_weighted_merge([a, b], [fa, fb])
+    for k, p in merged.named_parameters():
+        assert p.dtype == torch.bfloat16
+        ta, tb = dict(a.named_parameters())[k].double(), dict(b.named_parameters())[k].double()
+        fa64, fb64 = fa[k].double().clamp_min(1e-8), fb[k].double().clamp_min(1e-8)
+        ref = (fa64 * ta + fb64 * tb) / (fa64 + fb64)
+        torch.testing.assert_close(p.double(), ref, rtol=1e-2, atol=1e-2)

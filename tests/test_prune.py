@@ -226,6 +226,9 @@ def test_structured_channel_removes_whole_rows(cnn_case):
     assert set(removed) == {(names[t], i) for _, t, i in ranked[: len(removed)]}
     keep_bias = fisher_pruning_masks(imp, sparsity=0.5, structured="channel", channel_bias="keep")
     assert set(keep_bias) == {"c1.weight", "c2.weight", "fc.weight"}
+    # prune="all": paired biases follow their rows instead of being ranked on their own
+    every = fisher_pruning_masks(imp, sparsity=0.5, structured="channel", prune="all")
+    assert all(torch.equal(every[k], masks[k]) for k in masks) and set(every) == set(masks)
 
 
 def test_structured_removed_channel_outputs_zero(cnn_case):
