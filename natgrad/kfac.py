@@ -61,6 +61,7 @@ __all__ = [
     "kfac_eigen",
     "kfac_solve",
     "KFAC_DAMPING",
+    "kfac_factored_inverses",
     "layer_matrix",
     "split_layer_matrix",
 ]
@@ -325,6 +326,33 @@ def kfac_eigen(A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
 KFAC_DAMPING = ("factored", "exact")
 
 
+def _pi(ma: float, mg: float) -> float:
+    return (ma / mg) ** 0.5 if ma > 0 and mg > 0 else 1.0
+
+
+def kfac_factored_inverses(
+    A: torch.Tensor, G: torch.Tensor, damping: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((G + (√λ/π) I)^-1, (A + π√λ I)^-1)`` for factored Tikhonov damping.
+
+    ``π = sqrt((tr A / dim A) / (tr G / dim G))`` (1 when either trace is 0). Then
+    ``Ginv @ V @ Ainv`` equals ``kfac_solve(kfac_eigen(A, G), V, λ, "factored")`` (both
+    factors are symmetric), at the cost of two Cholesky factorizations instead of two
+    eigendecompositions.
+    """
+    s = damping**0.5
+    pi = _pi(float(A.diagonal().mean()), float(G.diagonal().mean()))
+
+    def inv(M: torch.Tensor, shift: float) -> torch.Tensor:
+        Ms = M + shift * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+        L, info = torch.linalg.cholesky_ex(Ms)
+        if int(info) == 0:
+            return torch.cholesky_inverse(L)
+        return torch.linalg.pinv(Ms, hermitian=True)
+
+    return inv(G, s / pi), inv(A, s * pi)
+
+
 def kfac_solve(
     eig: Mapping[str, torch.Tensor], V: torch.Tensor, damping: float, mode: str = "exact"
 ) -> torch.Tensor:
@@ -356,8 +384,7 @@ def kfac_solve(
     if mode == "exact":
         denom = dG.unsqueeze(1) * dA.unsqueeze(0) + damping
     else:
-        ma, mg = float(dA.mean()), float(dG.mean())
-        pi = (ma / mg) ** 0.5 if ma > 0 and mg > 0 else 1.0
+        pi = _pi(float(dA.mean()), float(dG.mean()))
         s = damping**0.5
         denom = (dG + s / pi).unsqueeze(1) * (dA + s * pi).unsqueeze(0)
     return QG @ (inner / denom) @ QA.T

@@ -10,6 +10,7 @@ from torch import nn
 from natgrad import select_params
 from natgrad.kfac import (
     kfac_eigen,
+    kfac_factored_inverses,
     kfac_factors,
     kfac_layers,
     kfac_solve,
@@ -248,3 +249,14 @@ def test_unused_layer_gets_zero_factors_and_errors():
 
     f = kfac_factors(Skip(), (x, y))
     assert f["unused"].positions == 0 and not f["unused"].A.any() and f["used"].G.any()
+
+
+def test_factored_inverses_match_the_factored_dense_solve():
+    torch.manual_seed(10)
+    MA, MG = torch.randn(4, 6, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    A, G, V = MA @ MA.T / 6, MG @ MG.T / 5, torch.randn(3, 4, dtype=torch.float64)
+    Ginv, Ainv = kfac_factored_inverses(A, G, 0.04)
+    pi = ((A.trace() / 4) / (G.trace() / 3)) ** 0.5
+    dense = torch.kron(G + 0.2 / pi * torch.eye(3).double(), A + 0.2 * pi * torch.eye(4).double())
+    ref = torch.linalg.solve(dense, V.reshape(-1)).reshape(3, 4)
+    torch.testing.assert_close(Ginv @ V @ Ainv, ref)
