@@ -34,22 +34,24 @@ TARGET_LOSS = 0.1
 TARGET_ACC = {"mlp": 0.65, "cnn": 0.90}
 MODELS = {"mlp": mnist1d_mlp, "cnn": mnist1d_cnn}
 
-# (method, lr, damping) grids; damping only for preconditioners
+# (method, lr, damping) grids; damping only for preconditioners. Preconditioners keep an
+# EMA of 0.5 (0.95 trained markedly slower here: early curvature goes stale quickly).
+EMA = 0.5
 GRID = {
     "adam": [(1e-3, None), (3e-3, None), (1e-2, None)],
     "sgd": [(0.03, None), (0.1, None), (0.3, None)],
-    "diag": [(0.01, 1e-4), (0.03, 1e-4)],
-    "kfac": [(0.1, 1e-3), (0.3, 1e-3)],
-    "woodbury": [(0.1, 1e-2), (0.3, 1e-2)],
-    "asdl-kfac": [(0.1, 1e-3), (0.3, 1e-3)],
+    "diag": [(0.003, 1e-3), (0.01, 1e-2)],
+    "kfac": [(0.03, 1e-2), (0.1, 1e-1)],
+    "woodbury": [(0.03, 1e-1), (0.3, 1.0)],
+    "asdl-kfac": [(0.03, 1e-2), (0.1, 1e-1)],
 }
 QUICK_GRID = {
-    "adam": [(3e-3, None), (1e-2, None)],
+    "adam": [(1e-2, None)],
     "sgd": [(0.1, None)],
-    "diag": [(0.03, 1e-4)],
-    "kfac": [(0.3, 1e-3)],
-    "woodbury": [(0.3, 1e-2)],
-    "asdl-kfac": [(0.3, 1e-3)],
+    "diag": [(0.01, 1e-2)],
+    "kfac": [(0.03, 1e-2)],
+    "woodbury": [(0.03, 1e-1)],
+    "asdl-kfac": [(0.03, 1e-2)],
 }
 
 
@@ -89,7 +91,7 @@ class Stepper:
         self.pre = None
         self.gm = None
         if method in ("diag", "kfac", "woodbury"):
-            self.pre = FisherPreconditioner(model, kind=method, damping=damping, ema_decay=0.95)
+            self.pre = FisherPreconditioner(model, kind=method, damping=damping, ema_decay=EMA)
         elif method == "asdl-kfac":
             from asdl import KfacGradientMaker, PreconditioningConfig
 
@@ -126,7 +128,10 @@ def run(method, model_name, lr, damping, data, max_steps, max_seconds, eval_ever
         for i in range(0, n, BATCH):
             idx = perm[i : i + BATCH]
             t0 = time.perf_counter()
-            step_fn(data.x_train[idx], data.y_train[idx])
+            try:
+                step_fn(data.x_train[idx], data.y_train[idx])
+            except FloatingPointError:  # natgrad refuses NaN/Inf per-sample gradients
+                return hit, best, step, clock, "diverged"
             clock += time.perf_counter() - t0
             step += 1
             if step % eval_every == 0:
@@ -150,8 +155,8 @@ def per_step_cost(model_name, data, methods, rounds, steps):
     steppers = {}
     for m in ["sgd"] + methods:
         torch.manual_seed(0)
-        lr = 1e-3 if m != "adam" else 1e-3  # tiny steps: the cost, not the progress, is timed
-        steppers[m] = Stepper(m, MODELS[model_name](), lr, 1e-2 if m != "sgd" else None)
+        # tiny steps: the cost, not the progress, is timed
+        steppers[m] = Stepper(m, MODELS[model_name](), 1e-4, 1e-1 if m != "sgd" else None)
         steppers[m](x, y)  # warm up
     times = {m: [] for m in steppers}
     for _ in range(rounds):
@@ -171,9 +176,15 @@ def fmt_hit(h):
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller grid and budgets")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 by default: on a shared 2-core machine two threads spin-wait)",
+    )
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(args.threads)
     data = load_mnist1d()
     grid = QUICK_GRID if args.quick else GRID
     have_asdl = asdl_available()
@@ -191,7 +202,9 @@ def main(argv=None) -> str:
         "Command: `python -m benchmarks.exp_natural_gradient`"
         + (" --quick" if args.quick else "")
         + f". Batch {BATCH}, 4000 train / 1000 test; SGD and every preconditioner use momentum"
-        " 0.9; preconditioners use the empirical Fisher, EMA 0.95, refreshed every step."
+        f" 0.9; natgrad preconditioners use the empirical Fisher, EMA {EMA}, refreshed every"
+        " step (kfac: factored damping); ASDL K-FAC: empirical Fisher, its ema_decay 0.95."
+        f" torch threads: {torch.get_num_threads()}."
         " Cells: wall-clock seconds (evaluation excluded) / steps to the target, best over"
         " the method's grid (lr, damping). Budget per run: "
         + ", ".join(f"{k}: {s} steps or {t:g} s" for k, (s, t) in budgets.items())

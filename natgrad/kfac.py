@@ -119,6 +119,14 @@ def kfac_layers(
 
     Returns:
         ``({module name: KFACLayer}, [other parameter names])``.
+
+    Example:
+        >>> import torch
+        >>> from natgrad import select_params
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LayerNorm(3))
+        >>> layers, rest = kfac_layers(model, select_params(model))
+        >>> list(layers), rest
+        (['0'], ['1.weight', '1.bias'])
     """
     name_of = {id(p): k for k, p in selected.items()}
     users: dict[int, int] = {}
@@ -290,6 +298,12 @@ def layer_matrix(
     """The layer's gradient as the matrix ``[∇W, ∇b]`` of shape ``(d_out, d_in[+1])``.
 
     Missing (``None``) gradients count as zeros.
+
+    Example:
+        >>> import torch
+        >>> lay = KFACLayer("", torch.nn.Linear(2, 1), "weight", "bias")
+        >>> layer_matrix(lay, {"weight": torch.ones(1, 2), "bias": torch.tensor([3.0])})
+        tensor([[1., 1., 3.]])
     """
     w = layer.module.weight
     gw = grads.get(layer.weight)
@@ -303,7 +317,14 @@ def layer_matrix(
 
 
 def split_layer_matrix(layer: KFACLayer, V: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`layer_matrix`: ``{weight name: ..., bias name: ...}``."""
+    """Inverse of :func:`layer_matrix`: ``{weight name: ..., bias name: ...}``.
+
+    Example:
+        >>> import torch
+        >>> lay = KFACLayer("", torch.nn.Linear(2, 1), "weight", "bias")
+        >>> split_layer_matrix(lay, torch.tensor([[1.0, 2.0, 3.0]]))
+        {'weight': tensor([[1., 2.]]), 'bias': tensor([3.])}
+    """
     w = layer.module.weight
     if layer.bias is None:
         return {layer.weight: V.reshape(w.shape)}
@@ -317,6 +338,11 @@ def kfac_eigen(A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
 
     Returns:
         ``{"QA", "dA", "QG", "dG"}``.
+
+    Example:
+        >>> import torch
+        >>> kfac_eigen(torch.diag(torch.tensor([2.0, 1.0])), torch.eye(1))["dA"]
+        tensor([1., 2.])
     """
     dA, QA = torch.linalg.eigh(A)
     dG, QG = torch.linalg.eigh(G)
@@ -339,6 +365,12 @@ def kfac_factored_inverses(
     ``Ginv @ V @ Ainv`` equals ``kfac_solve(kfac_eigen(A, G), V, λ, "factored")`` (both
     factors are symmetric), at the cost of two Cholesky factorizations instead of two
     eigendecompositions.
+
+    Example:
+        >>> import torch
+        >>> Ginv, Ainv = kfac_factored_inverses(torch.eye(2), torch.eye(1), 0.25)
+        >>> Ginv, Ainv.diagonal()
+        (tensor([[0.6667]]), tensor([0.6667, 0.6667]))
     """
     s = damping**0.5
     pi = _pi(float(A.diagonal().mean()), float(G.diagonal().mean()))
