@@ -44,7 +44,7 @@ def test_penalty_equals_hand_sum_and_gradient(mlp_case):
     _perturb(model)
     pen = ewc.penalty(model)
     assert pen.dtype == torch.float64
-    assert float(pen) == pytest.approx(_hand_penalty(model, [(F, anchor)], 3.0), rel=1e-12)
+    assert pen.item() == pytest.approx(_hand_penalty(model, [(F, anchor)], 3.0), rel=1e-12)
     names = list(dict(model.named_parameters()))
     grads = torch.autograd.grad(pen, list(model.parameters()))
     for k, g, p in zip(names, grads, model.parameters()):
