@@ -1,0 +1,89 @@
+"""Every example runs as a user runs it (a subprocess) and prints what it promises."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def run_example(name, *args, tmp_path):
+    # The examples' models are tiny: one thread avoids oversubscribing a shared CI machine.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, name), *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return proc.stdout
+
+
+def _floats(pattern, text):
+    return [float(v) for v in re.findall(pattern, text)]
+
+
+def test_prune_and_save(tmp_path):
+    pytest.importorskip("sklearn")
+    path = tmp_path / "pruned.pt"
+    out = run_example("prune_and_save.py", str(path), tmp_path=tmp_path)
+    assert "80% of weights are zero" in out
+    state = torch.load(path)
+    assert not any(k.endswith(("_orig", "_mask")) for k in state)  # made permanent
+    weights = [v for k, v in state.items() if k.endswith("weight")]
+    zero = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zero == pytest.approx(0.8, abs=1e-3)
+    (tuned,) = _floats(r"fine-tuned: accuracy ([0-9.]+)", out)
+    (reloaded,) = _floats(r"reloaded accuracy ([0-9.]+)", out)
+    assert reloaded == tuned
+
+
+@pytest.mark.slow
+def test_quickstart(tmp_path):
+    pytest.importorskip("sklearn")
+    out = run_example("quickstart.py", tmp_path=tmp_path)
+    assert "exact: trace" in out
+
+
+@pytest.mark.slow
+def test_wrap_optimizer(tmp_path):
+    pytest.importorskip("sklearn")
+    out = run_example("wrap_optimizer.py", tmp_path=tmp_path)
+    losses = _floats(r"test loss ([0-9.]+)", out)
+    assert len(losses) == 3 and all(v < 2.3 for v in losses)  # every variant learns
+
+
+@pytest.mark.slow
+def test_ewc_training_loop(tmp_path):
+    pytest.importorskip("sklearn")
+    out = run_example("ewc_training_loop.py", tmp_path=tmp_path)
+    plain, ewc = _floats(r"accuracy on A ([0-9.]+), on B", out)
+    assert ewc > plain + 0.2  # EWC keeps much more of task A
+
+
+@pytest.mark.slow
+def test_merge_models(tmp_path):
+    pytest.importorskip("sklearn")
+    out = run_example("merge_models.py", tmp_path=tmp_path)
+    accs = dict(
+        (name.strip(), (float(a), float(b)))
+        for name, a, b in re.findall(r"^\s*(.+?)\s+([0-9.]+) / ([0-9.]+)$", out, re.M)
+    )
+    assert set(accs) == {"fine-tuned on 0-4", "fine-tuned on 5-9", "plain average", "Fisher merge"}
+    assert sum(accs["Fisher merge"]) > sum(accs["fine-tuned on 0-4"])
+
+
+@pytest.mark.slow
+def test_hf_metrics(tmp_path):
+    pytest.importorskip("transformers")
+    out = run_example("hf_metrics.py", tmp_path=tmp_path)
+    assert "computed  fisher_information" in out
+    assert "failed" not in out
