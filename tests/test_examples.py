@@ -87,3 +87,26 @@ def test_hf_metrics(tmp_path):
     out = run_example("hf_metrics.py", tmp_path=tmp_path)
     assert "computed  fisher_information" in out
     assert "failed" not in out
+
+
+def _readme_snippets():
+    with open(os.path.join(os.path.dirname(EXAMPLES), "README.md")) as fh:
+        return re.findall(r"```python\n(.*?)```", fh.read(), re.S)
+
+
+def test_readme_snippets_run(tmp_path):
+    snippets = _readme_snippets()
+    assert len(snippets) >= 7  # the Fisher, each use, metrics
+    # One process for all of them (each snippet is self-contained; it runs in tmp_path).
+    script = "\n".join(
+        f"print('-- snippet {i}', flush=True)\n{code}" for i, code in enumerate(snippets)
+    )
+    path = tmp_path / "readme_snippets.py"
+    path.write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(path)], capture_output=True, text=True, cwd=tmp_path, env=env,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"-- snippet {len(snippets) - 1}" in proc.stdout
