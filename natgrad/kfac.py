@@ -200,6 +200,7 @@ def kfac_factors(
     params: ParamSpec = None,
     generator: torch.Generator | None = None,
     output_fn: OutputFn | None = None,
+    layers: Mapping[str, KFACLayer] | None = None,
 ) -> dict[str, KroneckerFactors]:
     """K-FAC factors ``A``, ``G`` of every supported layer, from one batch.
 
@@ -214,6 +215,8 @@ def kfac_factors(
         params: parameters to cover (see :func:`natgrad.select_params`).
         generator: for ``"mc"`` draws (default: seeded with 0).
         output_fn: maps model outputs to the output tensor.
+        layers: the layers to capture, as from :func:`kfac_layers` (default: computed from
+            ``params``; pass them to skip that work when calling repeatedly).
 
     Returns:
         ``{module name: KroneckerFactors}``; a layer the forward pass never called gets
@@ -224,7 +227,8 @@ def kfac_factors(
             ``"empirical"``, or a layer output that does not depend on the parameters.
     """
     plan = _Plan(model, likelihood, labels, 1, params, output_fn, generator, None)
-    layers, _ = kfac_layers(model, plan.params)
+    if layers is None:
+        layers, _ = kfac_layers(model, plan.params)
     b, target, draws = plan.prepare(batch)
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     outputs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}

@@ -357,7 +357,12 @@ class FisherPreconditioner:
             return
         if self._layers:
             factors = kfac_factors(
-                self.model, batch, self.likelihood, params=list(self.params), **common
+                self.model,
+                batch,
+                self.likelihood,
+                params=list(self.params),
+                layers=self._layers,
+                **common,
             )
             for name, f in factors.items():
                 old = self._kfac.get(name, {})
