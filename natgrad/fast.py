@@ -34,6 +34,7 @@ with the same label draws, so both engines give the same Fisher.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -198,6 +199,39 @@ def split_params(plan: _Plan, b: Batch) -> FastSplit:
     return split
 
 
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(t: Any) -> Any:
+    if isinstance(t, torch.Tensor):
+        return ("tensor", tuple(t.shape[1:]), t.dtype, t.device.type)
+    return repr(t) if isinstance(t, (bool, int, float, str, type(None))) else type(t)
+
+
+def _cached_split(plan: _Plan, b: Batch) -> FastSplit:
+    """:func:`split_params`, remembered per model for the same parameters, module tree
+    (types, train/eval mode, hooks) and batch signature (per-sample shapes, dtypes)."""
+    key = (
+        tuple((k, id(p)) for k, p in plan.params.items()),
+        tuple(
+            (id(m), type(m), m.training, len(m._forward_hooks), len(m._forward_pre_hooks))
+            for m in plan.model.modules()
+        ),
+        tuple(_signature(a) for a in b.args),
+        tuple((k, _signature(v)) for k, v in sorted(b.kwargs.items())),
+        plan.output_fn,
+    )
+    try:
+        per_model = _SPLITS.setdefault(plan.model, {})
+    except TypeError:  # a model that cannot be weakly referenced: no cache
+        return split_params(plan, b)
+    if key not in per_model:
+        if len(per_model) > 32:
+            per_model.clear()
+        per_model[key] = split_params(plan, b)
+    return per_model[key]
+
+
 def _chain_once(probes: list[ProbeMode], name: str) -> bool:
     """Every view derived from the free parameter ``name`` is used exactly once."""
     for pm in probes:
@@ -211,22 +245,18 @@ def _chain_once(probes: list[ProbeMode], name: str) -> bool:
 
 
 def _pull(out: torch.Tensor, es: list[torch.Tensor], cols: torch.Tensor, retain: bool):
-    """Output gradients for every column of ``cols`` ``(J, *out.shape)``: ``[(J, ...)]``."""
+    """Output gradients for every column of ``cols`` ``(J, *out.shape)``: ``[(J, ...)]``.
+
+    One backward pass per column (with respect to the perturbations only, so no weight
+    gradients are formed); on CPU this beats ``is_grads_batched``, whose vmapped backward
+    lacks batching rules for attention kernels.
+    """
     cols = cols.to(out.dtype)
-    if cols.shape[0] == 1:
-        gs = torch.autograd.grad(out, es, cols[0], retain_graph=retain, allow_unused=True)
-        return [None if g is None else g.unsqueeze(0) for g in gs]
-    try:
-        return list(
-            torch.autograd.grad(
-                out, es, cols, retain_graph=True, allow_unused=True, is_grads_batched=True
-            )
-        )
-    except RuntimeError:  # a backward op without a batching rule: one column at a time
-        per = [torch.autograd.grad(out, es, c, retain_graph=True, allow_unused=True) for c in cols]
-        return [
-            None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(es))
-        ]
+    per = [
+        torch.autograd.grad(out, es, c, retain_graph=retain or j < len(cols) - 1, allow_unused=True)
+        for j, c in enumerate(cols)
+    ]
+    return [None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(es))]
 
 
 def _columns(plan: _Plan, out: torch.Tensor, target, draws) -> Iterator[tuple[torch.Tensor, float]]:
@@ -348,7 +378,7 @@ def square_sums_auto(
     for batch in batches:
         if split is None:
             b, _ = plan.parse(batch)
-            split = split_params(plan, b)
+            split = _cached_split(plan, b)
             if not split.fast_names and engine == "fast":
                 raise ValueError(
                     "engine='fast' found no parameter it can compute exactly (it covers "

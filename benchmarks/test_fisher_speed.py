@@ -1,0 +1,122 @@
+"""Diagonal Fisher speed and memory on the DESIGN.md workloads (not part of CI).
+
+pytest-benchmark timings (one entry per workload x method)::
+
+    pytest benchmarks/test_fisher_speed.py --benchmark-only -p no:cacheprovider
+
+The table of ratios to the plain forward+backward measured in the same run, with peak
+memory, written to ``benchmarks/results/fisher_speed.md``::
+
+    python -m benchmarks.test_fisher_speed [--quick]
+
+Timings interleave the methods round by round and keep each method's fastest round, so
+a burst of load from other processes on a shared machine hits all methods alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import pytest
+import torch
+
+from benchmarks.fisher_methods import METHODS, make_method, n_params, peak_memory_mb
+from benchmarks.workloads import design_workloads, machine_line, write_fragment
+
+WORKLOADS = ("mlp", "cnn", "transformer")
+TARGETS = {"mlp": 1.5, "cnn": 1.5, "transformer": 2.0}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_fisher_speed(benchmark, workload, method):
+    model, batch = design_workloads()[workload]
+    run = make_method(method, model, batch)
+    if run is None:
+        pytest.skip(f"{method} does not support the {workload} workload (or is not installed)")
+    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+
+
+def time_ratios(workload: str, rounds: int) -> dict[str, float | None]:
+    """Fastest-round time of each method divided by the plain pass's, same run."""
+    model, batch = design_workloads()[workload]
+    runs = {m: make_method(m, model, batch) for m in METHODS}
+    best = {m: float("inf") for m, r in runs.items() if r is not None}
+    for r in runs.values():
+        if r is not None:
+            r()  # warm-up
+    for _ in range(rounds):
+        for m in best:
+            t0 = time.perf_counter()
+            runs[m]()
+            best[m] = min(best[m], time.perf_counter() - t0)
+    out: dict[str, float | None] = {m: None for m in METHODS}
+    out.update({m: t / best["plain"] for m, t in best.items()})
+    out["plain ms"] = best["plain"] * 1e3
+    return out
+
+
+def main(quick: bool = False) -> str:
+    torch.set_num_threads(2)
+    rounds = 3 if quick else 7
+    rows, mem_rows = [], []
+    for w in WORKLOADS:
+        r = time_ratios(w, rounds)
+        cells = ["—" if r[m] is None else f"{r[m]:.2f}x" for m in METHODS[1:]]
+        rows.append(f"| {w} | {r['plain ms']:.1f} ms | " + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
+        if not quick:
+            model, _ = design_workloads()[w]
+            P = n_params(model)
+            mem = {m: peak_memory_mb(w, m) for m in METHODS}
+            cells = ["—" if mem[m] is None else f"{mem[m]:.0f}" for m in METHODS]
+            mem_rows.append(
+                f"| {w} | {P:,} | {3 * P * 4 / 2**20:.1f} | " + " | ".join(cells) + " |"
+            )
+            print(mem_rows[-1], flush=True)
+    head = "| workload | plain | " + " | ".join(METHODS[1:]) + " |"
+    sep = "|" + "---|" * (len(METHODS) + 1)
+    text = [
+        "## Diagonal Fisher speed (issue 3)",
+        "",
+        machine_line(),
+        "",
+        "Run: `python -m benchmarks.test_fisher_speed` (pytest-benchmark entries: "
+        "`pytest benchmarks/test_fisher_speed.py --benchmark-only -p no:cacheprovider`).",
+        "Ratios are the fastest of "
+        f"{rounds} interleaved rounds divided by the plain forward+backward's fastest round in "
+        "the same run. The machine is shared with other busy processes, so numbers are noisy.",
+        "Workloads: DESIGN.md (MLP 40-512-512-10 N=256, CNN 2 conv + linear 1x16x16 N=128, "
+        "transformer 2 layers d=128 T=32 vocab 1000 N=64). natgrad rows use `engine='auto'`; "
+        "`natgrad vmap` forces the general engine (empirical labels). BackPACK does not "
+        "support the transformer (—). Targets: "
+        + ", ".join(f"{w} <= {t}x" for w, t in TARGETS.items())
+        + "; exact faster than BackPACK DiagGGNExact.",
+        "",
+        head,
+        sep,
+        *rows,
+    ]
+    if mem_rows:
+        text += [
+            "",
+            "Peak memory growth in MiB of one call, each method in a fresh process (peak RSS "
+            "over the RSS after the workload is built and one warm-up plain pass; a method "
+            "whose peak stays under the plain pass's shows the plain pass's value). "
+            "Bound to check: plain + 3P floats (+ one chunk).",
+            "",
+            "| workload | P | 3P floats (MiB) | " + " | ".join(METHODS) + " |",
+            "|" + "---|" * (len(METHODS) + 3),
+            *mem_rows,
+        ]
+    out = "\n".join(text)
+    if not quick:
+        write_fragment("fisher_speed", out)
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="3 rounds, no memory, no file")
+    print(main(parser.parse_args().quick))
