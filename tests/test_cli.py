@@ -210,3 +210,17 @@ def test_no_command_prints_help(capsys):
     proc = call(capsys)
     assert proc.returncode == 2
     assert "demo" in proc.stderr and "report" in proc.stderr and "metrics" in proc.stderr
+
+
+def test_report_different_architectures_not_compared(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    DiagonalFisher({"w": torch.tensor([1.0, 2.0])}, 2).save(tmp_path / "a.safetensors")
+    DiagonalFisher({"v": torch.tensor([1.0])}, 1).save(tmp_path / "a2.safetensors")
+    DiagonalFisher({"w": torch.tensor([1.0, 2.0])}, 2).save(tmp_path / "sub.safetensors")
+    proc = call(capsys, "report", str(tmp_path / "a.safetensors"), str(tmp_path / "a2.safetensors"),
+                str(tmp_path / "sub.safetensors"), "--out", str(tmp_path / "o"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "| a | a2 | different parameters: not comparable |" in proc.stdout
+    data = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert data["comparisons"]["a vs sub"]["cosine"] == pytest.approx(1.0)
+    assert set(data["comparisons"]) == {"a vs sub"}
