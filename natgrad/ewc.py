@@ -76,8 +76,8 @@ class EWC:
         >>> ewc = EWC(model, {"weight": torch.tensor([[1.0, 4.0]])}, lam=2.0)
         >>> with torch.no_grad():
         ...     _ = model.weight.add_(1.0)
-        >>> ewc.penalty(model).detach()  # (2/2) * (1 * 1² + 4 * 1²)
-        tensor(5.)
+        >>> round(ewc.penalty(model).item(), 4)  # (2/2) * (1 * 1² + 4 * 1²)
+        5.0
     """
 
     def __init__(
