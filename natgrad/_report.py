@@ -41,8 +41,9 @@ def to_jsonable(value: Any, *, max_elements: int | None = None) -> Any:
     entries than that becomes a summary ``{"shape", "dtype", "sum", "mean", "min",
     "max"}`` (``count_true`` for masks) instead. A :class:`natgrad.DiagonalFisher` is
     summarized as ``n_samples``, ``total`` and ``layer_totals`` (never every entry); a
-    module as its class name and parameter count. Non-finite floats become ``None`` so
-    the result is valid JSON.
+    module as its class name and parameter count; a :class:`Report` that defines its own
+    ``to_dict`` is converted with it. Non-finite floats become ``None`` so the result is
+    valid JSON.
 
     Example:
         >>> to_jsonable({"a": torch.tensor(2.0), "b": (1, float("nan"))})
@@ -65,6 +66,8 @@ def to_jsonable(value: Any, *, max_elements: int | None = None) -> Any:
             "module": type(value).__name__,
             "parameters": sum(p.numel() for p in value.parameters()),
         }
+    if isinstance(value, Report) and type(value).to_dict is not Report.to_dict:
+        return rec(value.to_dict())  # a report that summarizes itself
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: rec(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):

@@ -139,3 +139,23 @@ def test_to_jsonable_summaries():
     assert to_jsonable(torch.nn.Linear(3, 2)) == {"module": "Linear", "parameters": 8}
     assert to_jsonable(np.array([1.5, np.float32(2)])) == [1.5, 2.0]
     assert to_jsonable([math.inf, SignatureType.STANDARD]) == [None, "standard"]
+
+
+def test_to_jsonable_uses_a_reports_own_summary():
+    from dataclasses import dataclass
+
+    from natgrad._report import Report
+
+    @dataclass
+    class Big(Report):
+        values: torch.Tensor
+
+        def to_dict(self):
+            return {"n": self.values.numel()}
+
+    @dataclass
+    class Plain(Report):
+        values: torch.Tensor
+
+    assert to_jsonable({"r": Big(torch.zeros(5))}) == {"r": {"n": 5}}
+    assert to_jsonable([Plain(torch.ones(2))]) == [{"values": [1.0, 1.0]}]
