@@ -9,6 +9,7 @@ import torch
 from natgrad.demo import _plots
 from natgrad.demo._common import Section, State
 from natgrad.demo._setup import DemoNet, accuracy, mean_loss, train
+from natgrad.directions import top_fisher_directions
 from natgrad.estimate import estimate_fisher
 from natgrad.fisher import top_coordinates
 
@@ -86,6 +87,19 @@ def fisher_sources(st: State) -> Section:
         data[labels] = {"trace": f.total(), "layer_totals": totals[labels], "seconds": secs}
         rows.append((f"trace of F ({labels} labels)", f"{f.total():.3g} ({secs:.2f} s)"))
     st.log(f"Fisher of the base model on {n} samples: empirical, mc and exact labels")
+    m = min(n, 500 if st.cfg.quick else 1000)  # the Gram matrix is m x m
+    start = time.perf_counter()
+    dirs = top_fisher_directions(model, (batch[0][:m], batch[1][:m]), k=5)
+    secs = time.perf_counter() - start
+    eig = [float(v) for v in dirs.eigenvalues]
+    share = sum(eig) / dirs.trace
+    data["top_directions"] = {"eigenvalues": eig, "trace": dirs.trace, "n_samples": m}
+    rows.append(
+        (
+            f"top-5 eigenvalues of F (empirical, {m} samples)",
+            ", ".join(f"{v:.3g}" for v in eig) + f": {share:.0%} of the trace ({secs:.2f} s)",
+        )
+    )
     top = top_coordinates(st.fishers["base_exact"], 3)
     data["top_coordinates_exact"] = [[k, list(i), v] for k, i, v in top]
     plot = _plots.layer_mass(st.path("fisher_layer_mass.png"), totals, "Per-layer Fisher mass")
