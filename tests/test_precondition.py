@@ -437,3 +437,19 @@ def test_scale_by_fisher_metric_matches_manual_norms(mlp_case):
         registry.compute_with_context(
             "scale_by_fisher", MetricContext([model], [x], fisher={"task_0": Fd})
         )
+
+
+def test_kfac_damping_schedule_refreshes_cached_inverses(mlp_case):
+    model, x, y = mlp_case
+    _backward(model, x, y)
+    g = _grads(model)
+    sched = FisherPreconditioner(model, kind="kfac", damping=lambda t: [0.1, 0.5][t])
+    sched.step((x, y))
+    for k, p in model.named_parameters():
+        p.grad = g[k].clone()
+    sched.step((x, y))  # same batch: the EMA of identical factors is unchanged
+    got = _grads(model)
+    for k, p in model.named_parameters():
+        p.grad = g[k].clone()
+    FisherPreconditioner(model, kind="kfac", damping=0.5).step((x, y))
+    assert_close_dict(got, _grads(model))
