@@ -25,7 +25,8 @@ from natgrad.fast import ENGINES
 # -- end scale --
 # -- uses: natural gradient (issue 4) --
 from natgrad.natural_gradient import NaturalGradient
-from natgrad.precondition import FisherPreconditioner, scale_by_fisher
+from natgrad.precondition import FisherPreconditioner
+from natgrad.scale import scale_by_fisher
 # -- end natural gradient --
 # -- uses: forgetting (issue 5) --
 from natgrad.compare import FisherComparison, LayerComparison, compare_task_fisher

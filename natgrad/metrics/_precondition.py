@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from natgrad.metrics.context import MetricContext, SignatureType
 from natgrad.metrics.registry import registry
-from natgrad.precondition import natural_gradient_norms
+from natgrad.scale import natural_gradient_norms
 
 
 @registry.register(
