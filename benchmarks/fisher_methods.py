@@ -9,10 +9,10 @@ squared per-sample gradients, or the plain forward+backward baseline:
 * ``BackPACK SumGradSquared|DiagGGNMC|DiagGGNExact``: BackPACK extensions on a copy;
 * ``Opacus``: ``GradSampleModule`` per-sample gradients, squared and summed.
 
-Peak memory is measured in a fresh subprocess per method: the growth of the peak
-resident set (``ru_maxrss``) over the resident set after the workload is built and one
-warm-up call of the *baseline* ran (so allocator and thread pools exist), on CPU; or
-``torch.cuda.max_memory_allocated`` on CUDA.
+Peak memory is measured in a fresh subprocess per method, on the second call (the
+first loads kernels and code pages lazily): on CPU the growth of
+the peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) over the
+resident set before the call; on CUDA ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 from collections.abc import Callable
@@ -123,21 +122,31 @@ def _peak_child(workload: str, method: str) -> dict:
     run = make_method(method, model, batch)
     if run is None:
         return {"supported": False}
-    forward_backward(model, batch)  # warm allocator and thread pools
+    run()  # warm-up: lazily loaded kernels and code pages are not the method's memory
     model.zero_grad(set_to_none=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         run()
         return {"supported": True, "peak_mb": torch.cuda.max_memory_allocated() / 2**20}
-    before = _rss_mb()
+    before = _reset_peak_rss()
     run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"supported": True, "peak_mb": max(peak - before, 0.0)}
+    return {"supported": True, "peak_mb": max(_status_mb("VmHWM") - before, 0.0)}
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> float:
+    """Reset the kernel's peak-RSS mark (``/proc/self/clear_refs``, Linux >= 4.0); return
+    the current RSS in MiB."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return _status_mb("VmRSS")
 
 
 def peak_memory_mb(workload: str, method: str) -> float | None:

@@ -15,6 +15,8 @@ from torch.func import vjp, vmap
 
 from natgrad.engine import _CHUNK_FLOATS
 
+_PRODUCT_FLOATS = 2**22  # one chunk of per-sample products: about 16 MiB of float32
+
 
 def work(t: torch.Tensor) -> torch.Tensor:
     """float64 stays float64; everything else (bf16, fp16, fp32) is computed in float32."""
@@ -28,12 +30,12 @@ def seq_products(X: torch.Tensor, Y: torch.Tensor, w: float) -> torch.Tensor:
     """
     J, N, d_out, T = X.shape
     d_in = Y.shape[-1]
-    chunk = max(1, _CHUNK_FLOATS // max(J * d_out * max(d_in, T), 1))
+    chunk = max(1, _PRODUCT_FLOATS // max(J * d_out * max(d_in, T), 1))
     acc = torch.zeros(J * d_out, d_in, dtype=Y.dtype, device=Y.device)
     for s in range(0, N, chunk):
         Xs = X[:, s : s + chunk].transpose(0, 1).reshape(-1, J * d_out, T)
         G = torch.bmm(Xs, Y[s : s + chunk])  # (chunk, J·O, I): one chunk of per-sample grads
-        acc += (G * G).sum(0)
+        acc += G.square_().sum(0)
     return acc.view(J, d_out, d_in).sum(0) * w
 
 

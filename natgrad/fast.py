@@ -244,21 +244,6 @@ def _chain_once(probes: list[ProbeMode], name: str) -> bool:
 # -- one batch ------------------------------------------------------------------------
 
 
-def _pull(out: torch.Tensor, es: list[torch.Tensor], cols: torch.Tensor, retain: bool):
-    """Output gradients for every column of ``cols`` ``(J, *out.shape)``: ``[(J, ...)]``.
-
-    One backward pass per column (with respect to the perturbations only, so no weight
-    gradients are formed); on CPU this beats ``is_grads_batched``, whose vmapped backward
-    lacks batching rules for attention kernels.
-    """
-    cols = cols.to(out.dtype)
-    per = [
-        torch.autograd.grad(out, es, c, retain_graph=retain or j < len(cols) - 1, allow_unused=True)
-        for j, c in enumerate(cols)
-    ]
-    return [None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(es))]
-
-
 def _columns(plan: _Plan, out: torch.Tensor, target, draws) -> Iterator[tuple[torch.Tensor, float]]:
     """Label columns ``u_j`` (``(J, *out.shape)``) with their weight ``w_j``."""
     lik, o = plan.lik, out.detach()
@@ -284,6 +269,15 @@ def _module_squares(m: nn.Module, parts: dict, Bs: dict, w: float) -> dict[str, 
     if isinstance(m, nn.LayerNorm):
         return layers.layer_norm(m, a, B, w)
     return layers.conv(m, a, B, w)
+
+
+def _add_squares(acc: dict, m: nn.Module, slots: list[_Slot], sq: dict) -> None:
+    for s in slots:
+        if s.role in sq:
+            v = sq[s.role]
+            if s.mask is not None:  # ∂l/∂weight_orig = mask ⊙ ∂l/∂weight
+                v = v * getattr(m, s.mask).to(v.dtype) ** 2
+            acc[s.name] += v.reshape(acc[s.name].shape).float()
 
 
 def _check_fresh(m: nn.Module, a: torch.Tensor, version: int) -> None:
@@ -335,29 +329,36 @@ def fast_batch_sums(
         )
     index = [(k, part) for k in split.fast for part in store[k]] + [(k, None) for k in split.free]
     es = [store[k][part][2] if part is not None else store[k][2] for k, part in index]
-    cols = list(_columns(plan, out, target, draws))
-    for i, (c, w) in enumerate(cols):
-        grads = dict(zip(index, _pull(out, es, c, retain=i < len(cols) - 1)))
+    for m in split.fast:
+        for a, version, _ in store[m].values():
+            _check_fresh(m, a, version)
+    dense: dict[nn.Module, torch.Tensor] = {}  # 2-D Linear inputs: Σ_j w_j b_j², (N, O)
+    cols = [(c[j], w) for c, w in _columns(plan, out, target, draws) for j in range(len(c))]
+    for i, (u, w) in enumerate(cols):
+        # One backward per label column, with respect to the perturbations only (no
+        # weight gradients); on CPU this beats a vmapped (is_grads_batched) backward.
+        gs = torch.autograd.grad(
+            out, es, u.to(out.dtype), retain_graph=i < len(cols) - 1, allow_unused=True
+        )
+        grads = {key: None if g is None else g.unsqueeze(0) for key, g in zip(index, gs)}
         for m, slots in split.fast.items():
             parts = store[m]
-            for a, version, _ in parts.values():
-                _check_fresh(m, a, version)
             Bs = {part: grads[(m, part)] for part in parts}
             if all(B is None for B in Bs.values()):
                 continue
-            sq = _module_squares(m, parts, Bs, w)
-            for s in slots:
-                if s.role not in sq:
-                    continue
-                v = sq[s.role]
-                if s.mask is not None:
-                    v = v * getattr(m, s.mask).to(v.dtype) ** 2
-                acc[s.name] += v.reshape(acc[s.name].shape).float()
+            if isinstance(m, nn.Linear) and parts["main"][0].dim() == 2:
+                B = layers.work(Bs["main"][0])
+                dense[m] = dense[m] + w * B * B if m in dense else w * B * B
+                continue
+            _add_squares(acc, m, slots, _module_squares(m, parts, Bs, w))
         for k in split.free:
             B = grads[(k, None)]
             if B is not None:
                 chain, d_shape, _ = store[k]
                 acc[k] += layers.free(chain, plan.params[k], d_shape, B, w).float()
+    for m, b2 in dense.items():
+        a = layers.work(store[m]["main"][0])
+        _add_squares(acc, m, split.fast[m], {"weight": b2.t() @ (a * a), "bias": b2.sum(0)})
     store.clear()
     if split.rest:
         sub = plan.restrict(split.rest)
