@@ -277,3 +277,15 @@ def test_positions_and_attention_masks(labels, causal):
         ref = loop_grads(model, ce_sum, {"ids": ids, "attention_mask": am}, y)
         ref = {k: (g.float() ** 2).mean(0) for k, g in ref.items()}
         assert_close_dict(dict(fast), ref, rtol=1e-5, atol=1e-9)
+
+
+def test_split_is_recomputed_when_the_model_changes(mlp_case):
+    model, x, y = mlp_case
+    estimate_fisher(model, (x, y))  # caches the split for this model
+    prune.l1_unstructured(model[2], "weight", amount=0.5)  # adds a pre-hook, renames params
+    fast, slow = both(model, (x, y))
+    assert "2.weight_orig" in fast
+    assert_close_dict(dict(fast), dict(slow), rtol=1e-5, atol=1e-9)
+    x3 = x.unsqueeze(1).expand(-1, 3, -1)  # new per-sample shape: a sequence input
+    f3, s3 = both(nn.Sequential(model, nn.Flatten(), nn.Linear(12, 4)).double(), (x3, y))
+    assert_close_dict(dict(f3), dict(s3), rtol=1e-5, atol=1e-9)
