@@ -3,9 +3,10 @@
 Setting: one initialization, one base model trained briefly on all ten digits (Adam
 lr 3e-3); two copies are fine-tuned from it (Adam lr 1e-3), model A on the digits 0-4
 only and model B on 5-9 only, each with the shared 10-way head. Each endpoint forgets
-the other half (it stops predicting the other digits). We chose the digit split over
-two random halves of the data because two halves give endpoints so close to each other
-that every merge is equally good; the split is where the merge rule matters.
+the other half (it stops predicting the other digits). We use the digit split (not two
+random halves of the data, which we did not run) because there the endpoints disagree
+most, so the merge rule has the most room to matter. Two variants: a shared 10-way head,
+and separate heads (each task trains and is scored on its own five logits).
 
 Merges (``natgrad.fisher_weighted_merge``):
 
@@ -74,10 +75,10 @@ def finetune(base, s, classes, heads: bool, seed: int, args):
     n = args.fisher_samples
     if heads:  # loss and Fisher over the task's own five logits; labels 0..4
         view, y = TaskHead(m, classes), s.y_train - classes[0]
-        train(view, s.x_train, y, epochs=args.ft_epochs, seed=seed + 1, make_opt=adam(1e-3))
+        train(view, s.x_train, y, epochs=args.ft_epochs, seed=seed + 1, make_opt=adam(args.ft_lr))
         f = estimate_fisher(view.eval(), (s.x_train[:n], y[:n]), labels="exact")
         return m.eval(), {k.removeprefix("model."): v for k, v in f.items()}
-    train(m, s.x_train, s.y_train, epochs=args.ft_epochs, seed=seed + 1, make_opt=adam(1e-3))
+    train(m, s.x_train, s.y_train, epochs=args.ft_epochs, seed=seed + 1, make_opt=adam(args.ft_lr))
     return m.eval(), dict(estimate_fisher(m.eval(), (s.x_train[:n], s.y_train[:n]), labels="exact"))
 
 
@@ -135,15 +136,22 @@ def run(args) -> str:
                 "| model | " + " | ".join(cols + means) + " |",
                 "|---|" + "---|" * (len(cols) + len(means)),
             ]
+            table = {}
             for meth in methods:
                 vals = {c: sum(r[meth][c] for r in res) / len(res) for c in res[0][meth]}
                 vals["mean 10-way"] = (vals["A 10-way"] + vals["B 10-way"]) / 2
                 vals["mean task"] = (vals["A task"] + vals["B task"]) / 2
+                table[meth] = {c: round(vals[c], 3) for c in cols + means}
                 lines.append(
-                    f"| {meth} | " + " | ".join(f"{vals[c]:.3f}" for c in cols + means) + " |"
+                    f"| {meth} | "
+                    + " | ".join(f"{table[meth][c]:.3f}" for c in cols + means)
+                    + " |"
                 )
-            lines.append("")
-            print("\n".join(lines[-len(methods) - 5 :]), flush=True)
+            delta = ", ".join(
+                f"{table['Fisher merge'][c] - table['average'][c]:+.3f} ({c})" for c in means
+            )
+            lines += ["", f"Fisher merge minus average: {delta}.", ""]
+            print("\n".join(lines[-len(methods) - 7 :]), flush=True)
         print(f"{name}: {time.time() - t0:.0f}s", flush=True)
     lines.append(
         "The machine was shared with other busy jobs (timings are not reported). Reproduce "
@@ -160,6 +168,7 @@ def main(argv=None) -> None:
     args.ft_epochs = 1 if args.quick else 5
     args.fisher_samples = 300 if args.quick else 1000
     args.seeds = (0,) if args.quick else (0, 1, 2)
+    args.ft_lr = 1e-3
     t0 = time.time()
     text = run(args)
     print(text)
