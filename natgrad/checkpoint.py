@@ -77,8 +77,16 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
     """The state saved at ``path``, or None when there is no file.
 
+    The state holds ``fingerprint``, ``sums`` (float32 ``{name: tensor}``), ``n_samples``,
+    ``batches_done`` and ``generator_state``: enough to see how far a pass got.
+
     Raises:
         ValueError: the file is not a natgrad Fisher checkpoint.
+
+    Example:
+        >>> import os, tempfile
+        >>> load_checkpoint(os.path.join(tempfile.mkdtemp(), "missing.pt")) is None
+        True
     """
     path = os.fspath(path)
     if not os.path.exists(path):

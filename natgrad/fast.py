@@ -47,9 +47,9 @@ from natgrad._batch import Batch, _is_batched
 from natgrad._fast_ops import CaptureMode, ProbeMode, zero_perturbation
 from natgrad.engine import _Plan, square_sums
 
-__all__ = ["ENGINES", "FastSplit", "split_params", "square_sums_auto"]
+__all__ = ["ENGINES"]  # the rest is used by natgrad.estimate
 
-ENGINES = ("auto", "vmap", "fast")
+ENGINES = ("auto", "vmap", "fast")  # estimate_fisher(engine=...)
 _FORWARDS = {
     nn.Linear: nn.Linear.forward,
     nn.Conv1d: nn.Conv1d.forward,
