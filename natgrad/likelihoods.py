@@ -87,6 +87,11 @@ class Likelihood:
         return f"{type(self).__name__}()"
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Accumulation dtype: float64 stays float64, everything else becomes float32."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _onehot_factor(p: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Columns ``s_c = sqrt(p_c) (e_c - p)`` of ``diag(p) - p pᵀ`` along the last axis."""
     classes = torch.arange(start, stop, device=p.device)
@@ -119,14 +124,14 @@ class Categorical(Likelihood):
             )
 
     def nll(self, output, target):
-        return F.cross_entropy(output.float(), target, reduction="none")
+        return F.cross_entropy(_acc(output), target, reduction="none")
 
     def output_grad(self, output, target):
-        p = output.float().softmax(-1)
+        p = _acc(output).softmax(-1)
         return p - F.one_hot(target, p.shape[-1]).to(p.dtype)
 
     def sample(self, output, generator, k, target=None):
-        p = output.detach().float().softmax(-1).cpu()
+        p = _acc(output.detach()).softmax(-1).cpu()
         draws = torch.multinomial(p, k, replacement=True, generator=generator)  # (N, k)
         return draws.t().contiguous().to(output.device)
 
@@ -134,7 +139,7 @@ class Categorical(Likelihood):
         return output.shape[-1]
 
     def factor_columns(self, output, start, stop, target=None):
-        return _onehot_factor(output.detach().float().softmax(-1), start, stop)
+        return _onehot_factor(_acc(output.detach()).softmax(-1), start, stop)
 
 
 class Gaussian(Likelihood):
@@ -159,17 +164,17 @@ class Gaussian(Likelihood):
             )
 
     def nll(self, output, target):
-        r = (target.float() - output.float()).flatten(1)
+        r = (target.to(_acc(output).dtype) - _acc(output)).flatten(1)
         d = r.shape[1]
         return 0.5 * (r**2).sum(1) / self.sigma**2 + d * math.log(
             self.sigma * math.sqrt(2 * math.pi)
         )
 
     def output_grad(self, output, target):
-        return (output.float() - target.float()) / self.sigma**2
+        return (_acc(output) - target.to(_acc(output).dtype)) / self.sigma**2
 
     def sample(self, output, generator, k, target=None):
-        f = output.detach().float()
+        f = _acc(output.detach())
         eps = torch.randn((k, *f.shape), generator=generator).to(f.device)
         return f.unsqueeze(0) + self.sigma * eps
 
@@ -178,7 +183,9 @@ class Gaussian(Likelihood):
 
     def factor_columns(self, output, start, stop, target=None):
         n, d = output.shape[0], output[0].numel()
-        eye = torch.eye(d, device=output.device)[start:stop] / self.sigma  # (k, D)
+        eye = (
+            torch.eye(d, dtype=_acc(output).dtype, device=output.device)[start:stop] / self.sigma
+        )  # (k, D)
         return eye.unsqueeze(1).expand(stop - start, n, d).reshape(stop - start, *output.shape)
 
 
@@ -198,14 +205,16 @@ class Bernoulli(Likelihood):
             )
 
     def nll(self, output, target):
-        loss = F.binary_cross_entropy_with_logits(output.float(), target.float(), reduction="none")
+        loss = F.binary_cross_entropy_with_logits(
+            _acc(output), target.to(_acc(output).dtype), reduction="none"
+        )
         return loss.flatten(1).sum(1)
 
     def output_grad(self, output, target):
-        return output.float().sigmoid() - target.float()
+        return _acc(output).sigmoid() - target.to(_acc(output).dtype)
 
     def sample(self, output, generator, k, target=None):
-        p = output.detach().float().sigmoid().cpu()
+        p = _acc(output.detach()).sigmoid().cpu()
         u = torch.rand((k, *p.shape), generator=generator)
         return (u < p.unsqueeze(0)).float().to(output.device)
 
@@ -213,9 +222,9 @@ class Bernoulli(Likelihood):
         return output[0].numel()
 
     def factor_columns(self, output, start, stop, target=None):
-        p = output.detach().float().sigmoid().flatten(1)  # (N, D)
+        p = _acc(output.detach()).sigmoid().flatten(1)  # (N, D)
         d = p.shape[1]
-        eye = torch.eye(d, device=p.device)[start:stop]  # (k, D)
+        eye = torch.eye(d, dtype=p.dtype, device=p.device)[start:stop]  # (k, D)
         cols = eye.unsqueeze(1) * (p * (1 - p)).sqrt().unsqueeze(0)
         return cols.reshape(stop - start, *output.shape)
 
@@ -268,18 +277,18 @@ class TokenCategorical(Likelihood):
         out, tgt = self._align(output, target)
         keep = tgt != self.ignore_index
         safe = torch.where(keep, tgt, torch.zeros_like(tgt))
-        logp = out.float().log_softmax(-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        logp = _acc(out).log_softmax(-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
         return -(logp * keep).sum(-1)
 
     def output_grad(self, output, target):
         out, tgt = self._align(output, target)
         keep = (tgt != self.ignore_index).unsqueeze(-1)
         safe = torch.where(keep.squeeze(-1), tgt, torch.zeros_like(tgt))
-        p = out.float().softmax(-1)
+        p = _acc(out).softmax(-1)
         return self._pad((p - F.one_hot(safe, p.shape[-1]).to(p.dtype)) * keep)
 
     def sample(self, output, generator, k, target=None):
-        out, tgt = self._align(output.detach().float(), target)
+        out, tgt = self._align(_acc(output.detach()), target)
         n, t, v = out.shape
         p = out.softmax(-1).reshape(n * t, v).cpu()
         draws = torch.multinomial(p, k, replacement=True, generator=generator)
@@ -296,7 +305,7 @@ class TokenCategorical(Likelihood):
         return out.shape[1] * out.shape[2]
 
     def factor_columns(self, output, start, stop, target=None):
-        out, tgt = self._align(output.detach().float(), target)
+        out, tgt = self._align(_acc(output.detach()), target)
         n, t, v = out.shape
         p = out.softmax(-1)
         keep = (
