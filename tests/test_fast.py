@@ -289,3 +289,11 @@ def test_split_is_recomputed_when_the_model_changes(mlp_case):
     x3 = x.unsqueeze(1).expand(-1, 3, -1)  # new per-sample shape: a sequence input
     f3, s3 = both(nn.Sequential(model, nn.Flatten(), nn.Linear(12, 4)).double(), (x3, y))
     assert_close_dict(dict(f3), dict(s3), rtol=1e-5, atol=1e-9)
+
+
+def test_parameter_subset_and_frozen(cnn_case):
+    model, x, y = cnn_case
+    model.c1.weight.requires_grad_(False)
+    fast, slow = both(model, (x, y), params=["c2.weight", "fc.bias", "c1.bias"])
+    assert set(fast) == {"c2.weight", "fc.bias", "c1.bias"}
+    assert_close_dict(dict(fast), dict(slow), rtol=1e-5, atol=1e-9)
