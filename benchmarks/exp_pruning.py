@@ -138,7 +138,14 @@ def table(rows, args) -> str:
             ft = [by[(name, s, m)][5] for m in METHODS]
             cells = " | ".join(f"{v:.3f}" for v in one + ft)
             lines.append(f"| {name} ({dense:.3f}) | {s:.0%} | {cells} |")
+    cells = [(n, s) for n in dict.fromkeys(r[0] for r in rows) for s in args.sparsities]
+    beats = [
+        sum(by[(n, s, "fisher")][i] > by[(n, s, "magnitude")][i] for n, s in cells) for i in (4, 5)
+    ]
     lines += [
+        "",
+        f"Fisher (global) beats magnitude in {beats[0]}/{len(cells)} (model, sparsity) cells "
+        f"one-shot and in {beats[1]}/{len(cells)} after the fine-tune.",
         "",
         "Timings are not the point here; the machine was shared with other busy jobs. "
         "Reproduce with `python -m benchmarks.exp_pruning"
