@@ -58,6 +58,7 @@ _FORWARDS = {
     nn.LayerNorm: nn.LayerNorm.forward,
     nn.MultiheadAttention: nn.MultiheadAttention.forward,
 }
+_GROUP_FLOATS = 2**22  # output gradients of several label columns held at once (16 MiB)
 _MHA_ROLES = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
 
 
@@ -334,21 +335,33 @@ def fast_batch_sums(
             _check_fresh(m, a, version)
     dense: dict[nn.Module, torch.Tensor] = {}  # 2-D Linear inputs: Σ_j w_j b_j², (N, O)
     cols = [(c[j], w) for c, w in _columns(plan, out, target, draws) for j in range(len(c))]
-    for i, (u, w) in enumerate(cols):
-        # One backward per label column, with respect to the perturbations only (no
-        # weight gradients); on CPU this beats a vmapped (is_grads_batched) backward.
-        gs = torch.autograd.grad(
-            out, es, u.to(out.dtype), retain_graph=i < len(cols) - 1, allow_unused=True
-        )
-        grads = {key: None if g is None else g.unsqueeze(0) for key, g in zip(index, gs)}
+    # Columns are pulled back one at a time (a vmapped is_grads_batched backward is no
+    # faster on CPU and lacks batching rules for attention kernels), then their output
+    # gradients are stacked in groups of about _GROUP_FLOATS floats for the products.
+    group = max(1, _GROUP_FLOATS // max(sum(e.numel() for e in es), 1))
+    for g0 in range(0, len(cols), group):
+        part_cols = cols[g0 : g0 + group]
+        w = part_cols[0][1]  # one label source: one weight for every column
+        per = [
+            torch.autograd.grad(
+                out, es, u.to(out.dtype), retain_graph=g0 + i < len(cols) - 1, allow_unused=True
+            )
+            for i, (u, _) in enumerate(part_cols)
+        ]
+        grads = {
+            key: None if per[0][i] is None else torch.stack([p[i] for p in per])
+            for i, key in enumerate(index)
+        }
+        del per
         for m, slots in split.fast.items():
             parts = store[m]
             Bs = {part: grads[(m, part)] for part in parts}
             if all(B is None for B in Bs.values()):
                 continue
             if isinstance(m, nn.Linear) and parts["main"][0].dim() == 2:
-                B = layers.work(Bs["main"][0])
-                dense[m] = dense[m] + w * B * B if m in dense else w * B * B
+                B = layers.work(Bs["main"])
+                b2 = w * (B * B).sum(0)
+                dense[m] = dense[m] + b2 if m in dense else b2
                 continue
             _add_squares(acc, m, slots, _module_squares(m, parts, Bs, w))
         for k in split.free:
