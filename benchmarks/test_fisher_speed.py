@@ -108,7 +108,7 @@ def main(quick: bool = False, wall: bool = False) -> str:
         + (
             "wall-clock time."
             if wall
-            else "process CPU time (all threads; `--wall` for wall-clock)."
+            else "process CPU time with 1 torch thread (`--wall`: wall-clock, 2 threads)."
         )
         + " This machine is shared with other busy processes (load average ~10 on 2 cores), "
         "so wall times were dominated by waiting and CPU times are reported; rerun on a quiet "
