@@ -1,11 +1,24 @@
 """natgrad: Fisher information from exact per-sample gradients, and its uses.
 
-The public API, grouped by layer (see DESIGN.md):
+The public API, grouped by layer as in DESIGN.md (engine -> curvature -> uses); the
+metrics registry lives in :mod:`natgrad.metrics`, imported on first access.
 """
 
 from natgrad._version import __version__
+from natgrad.checkpoint import load_checkpoint
+from natgrad.compare import FisherComparison, LayerComparison, compare_task_fisher
+from natgrad.damage import (
+    AsymmetryReport,
+    DamageReport,
+    fisher_damage_asymmetry,
+    fisher_weighted_damage,
+)
+from natgrad.directions import FisherDirections, top_fisher_directions
+from natgrad.distributed import all_reduce_sums, is_distributed
 from natgrad.engine import LABEL_SOURCES, per_sample_grads, select_params
 from natgrad.estimate import estimate_fisher
+from natgrad.ewc import EWC
+from natgrad.fast import ENGINES
 from natgrad.fisher import DiagonalFisher, top_coordinates
 from natgrad.likelihoods import (
     Bernoulli,
@@ -16,42 +29,19 @@ from natgrad.likelihoods import (
     TokenCategorical,
     get_likelihood,
 )
-from natgrad.tracker import FisherTracker
-
-# -- scale (issue 3): fast path, distributed, checkpoints --
-from natgrad.checkpoint import load_checkpoint
-from natgrad.distributed import all_reduce_sums, is_distributed
-from natgrad.fast import ENGINES
-# -- end scale --
-# -- uses: natural gradient (issue 4) --
-from natgrad.natural_gradient import NaturalGradient
-from natgrad.precondition import FisherPreconditioner
-from natgrad.scale import scale_by_fisher
-# -- end natural gradient --
-# -- uses: forgetting (issue 5) --
-from natgrad.compare import FisherComparison, LayerComparison, compare_task_fisher
-from natgrad.damage import (
-    AsymmetryReport,
-    DamageReport,
-    fisher_damage_asymmetry,
-    fisher_weighted_damage,
-)
-from natgrad.ewc import EWC
-# -- end forgetting --
-# -- uses: pruning and merging (issue 6) --
 from natgrad.masks import MaskOverlap, SetOverlap, apply_masks, fisher_overlap, make_permanent
 from natgrad.merge import fisher_weighted_merge
+from natgrad.natural_gradient import NaturalGradient
+from natgrad.precondition import FisherPreconditioner
 from natgrad.prune import fisher_importance, fisher_pruning_masks
-# -- end pruning and merging --
-# -- uses: uncertainty and directions (issue 7) --
-from natgrad.directions import FisherDirections, top_fisher_directions
+from natgrad.scale import scale_by_fisher
+from natgrad.tracker import FisherTracker
 from natgrad.uncertainty import (
     PriorPrecisionResult,
     UncertaintyReport,
     fisher_uncertainty,
     optimize_prior_precision,
 )
-# -- end uncertainty and directions --
 
 __all__ = [
     "__version__",
@@ -72,16 +62,16 @@ __all__ = [
     "estimate_fisher",
     "FisherTracker",
     "top_coordinates",
-    # -- __all__ scale (issue 3) --
+    # engine: scale (fast path, distributed, checkpoints)
     "ENGINES",
     "all_reduce_sums",
     "is_distributed",
     "load_checkpoint",
-    # -- __all__ natural gradient (issue 4) --
+    # uses: natural gradient
     "scale_by_fisher",
     "FisherPreconditioner",
     "NaturalGradient",
-    # -- __all__ forgetting (issue 5) --
+    # uses: forgetting
     "EWC",
     "fisher_weighted_damage",
     "fisher_damage_asymmetry",
@@ -90,7 +80,7 @@ __all__ = [
     "compare_task_fisher",
     "FisherComparison",
     "LayerComparison",
-    # -- __all__ pruning and merging (issue 6) --
+    # uses: pruning and merging
     "fisher_importance",
     "fisher_pruning_masks",
     "apply_masks",
@@ -99,7 +89,7 @@ __all__ = [
     "MaskOverlap",
     "SetOverlap",
     "fisher_weighted_merge",
-    # -- __all__ uncertainty and directions (issue 7) --
+    # uses: uncertainty and directions
     "fisher_uncertainty",
     "optimize_prior_precision",
     "UncertaintyReport",

@@ -20,6 +20,7 @@ train mode; call ``model.eval()`` for a deterministic Fisher.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -114,6 +115,7 @@ class _Plan:
         self.output_fn: OutputFn = output_fn or default_output_fn
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.exact_chunk = exact_chunk
+        self.loop = False  # set when vmap cannot trace the model (see run)
         self.device = model_device(model)
         self.P = sum(p.numel() for p in self.params.values())
 
@@ -225,12 +227,40 @@ class _Plan:
                 None if t is None else 0,
                 None if d is None else 0,
             )
-            yield (
-                stop - start,
-                vmap(fn, in_dims=in_dims, randomness="different")(
-                    params, sub.args, sub.kwargs, t, d
-                ),
-            )
+            args = (params, sub.args, sub.kwargs, t, d)
+            if not self.loop:
+                try:
+                    yield stop - start, vmap(fn, in_dims=in_dims, randomness="different")(*args)
+                    continue
+                except RuntimeError as exc:
+                    if "data-dependent control flow" not in str(exc):
+                        raise
+                    self.loop = True
+                    warnings.warn(
+                        f"vmap cannot trace {type(self.model).__name__}: it branches on tensor "
+                        "values (e.g. Hugging Face attention-mask checks). Falling back to an "
+                        "exact per-sample loop, which is slower; for speed, remove the branch "
+                        "(for Hugging Face encoders pass a 4-D boolean attention mask).",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            yield stop - start, _loop(fn, in_dims, args, stop - start)
+
+
+def _loop(fn, in_dims, args, n: int):
+    """``vmap(fn, in_dims)(*args)`` computed one sample at a time (no tracing of the model)."""
+
+    def take(x, dim, i):
+        if dim is None:
+            return x
+        if isinstance(x, tuple):
+            return tuple(take(v, dv, i) for v, dv in zip(x, dim))
+        if isinstance(x, dict):
+            return {k: take(v, dim[k], i) for k, v in x.items()}
+        return x[i]
+
+    outs = [fn(*(take(a, d, i) for a, d in zip(args, in_dims))) for i in range(n)]
+    return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
 
 
 def _unsq(t):

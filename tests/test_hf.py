@@ -6,8 +6,9 @@ Every Fisher is compared with a brute-force loop: one ordinary backward pass per
 Skipped when ``transformers`` is not installed (``pip install 'natgrad[hf]'``).
 
 transformers >= 5 builds attention masks with data-dependent Python branches
-(``padding_mask.all()``), which ``torch.func.vmap`` cannot trace. Two recipes avoid the
-branch, and are what these tests (and the README) use:
+(``padding_mask.all()``), which ``torch.func.vmap`` cannot trace: the engine then falls
+back to an exact per-sample loop (tested below). Two recipes avoid the branch and keep
+the batched path; most tests (and the README) use them:
 
 * bidirectional encoders (BERT): pass the mask already expanded to 4-D,
   ``attention_mask[:, None, None, :].bool()`` (with the default ``sdpa`` attention);
@@ -104,6 +105,24 @@ def test_bert_dict_batch():
 
     ref_emp = _loop_squares(model, 4, lambda i: [(1.0, -logits(i).log_softmax(-1)[y[i]])])
     assert_close_dict(dict(estimate_fisher(model, batch)), ref_emp)
+
+
+@pytest.mark.parametrize("engine", ["auto", "vmap"])
+def test_bert_plain_2d_mask_falls_back_to_a_per_sample_loop(engine):
+    # transformers branches on the 2-D mask's values, which vmap cannot trace: the engine
+    # warns and computes those per-sample gradients one sample at a time, still exactly.
+    model = _bert()
+    ids, mask = _ids(3, 6, 23, [6, 4, 2])
+    y = torch.tensor([2, 0, 1])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": y}
+
+    def logits(i):
+        return model(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1]).logits[0]
+
+    ref = _loop_squares(model, 3, lambda i: [(1.0, -logits(i).log_softmax(-1)[y[i]])])
+    with pytest.warns(RuntimeWarning, match="Falling back to an exact per-sample loop"):
+        F = estimate_fisher(model, batch, engine=engine)
+    assert_close_dict(dict(F), ref)
 
 
 def test_bert_exact_labels():
