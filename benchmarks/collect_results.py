@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import os
 
-ORDER = ["fisher_speed", "natural_gradient", "continual", "pruning", "merging", "uncertainty"]
+ORDER = [
+    "fisher_speed_wall",
+    "fisher_speed",
+    "natural_gradient",
+    "continual",
+    "pruning",
+    "merging",
+    "uncertainty",
+]
 
 
 def main() -> None:

@@ -13,8 +13,10 @@ import argparse
 import tempfile
 import time
 
-from benchmarks.workloads import machine_line, write_fragment
+from benchmarks.workloads import load_note, machine_line, write_fragment
 from natgrad.demo import run_demo
+
+LOAD_NOTE = load_note()  # measured before the run starts
 
 
 def main() -> None:
@@ -39,7 +41,7 @@ def main() -> None:
             f"`natgrad demo{' --quick' if args.quick else ''} --seed {args.seeds[0]}` ({mode} "
             f"mode). Wall-clock per run (data generation included, 1 torch thread): "
             + ", ".join(f"seed {s}: {t:.1f} s" for s, t in zip(args.seeds, times))
-            + ". The machine is shared with other busy engineers, so times are noisy. "
+            + f". {LOAD_NOTE}. "
             f"Reproduce: `python -m benchmarks.exp_demo{' --quick' if args.quick else ''}`.",
             "",
             tables[0],

@@ -25,9 +25,18 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from benchmarks.workloads import evaluate, machine_line, mnist1d_cnn, mnist1d_mlp, write_fragment
+from benchmarks.workloads import (
+    evaluate,
+    load_note,
+    machine_line,
+    mnist1d_cnn,
+    mnist1d_mlp,
+    write_fragment,
+)
 from natgrad import FisherPreconditioner
 from natgrad.datasets import load_mnist1d
+
+LOAD_NOTE = load_note()  # measured before the run starts
 
 BATCH = 100
 TARGET_LOSS = 0.1
@@ -208,8 +217,7 @@ def main(argv=None) -> str:
         " Cells: wall-clock seconds (evaluation excluded) / steps to the target, best over"
         " the method's grid (lr, damping). Budget per run: "
         + ", ".join(f"{k}: {s} steps or {t:g} s" for k, (s, t) in budgets.items())
-        + ". The machine was shared with other busy jobs, so timings are noisy; the lead"
-        " re-runs this on a quiet machine.",
+        + f". {LOAD_NOTE}.",
         "",
     ]
     if not have_asdl:

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.workloads import (  # noqa: E402
     evaluate,
     forward_backward,
+    load_note,
     machine_line,
     mnist1d_mlp,
     train,
@@ -41,6 +42,8 @@ from natgrad import (  # noqa: E402
     top_fisher_directions,
 )
 from natgrad.datasets import load_mnist1d  # noqa: E402
+
+LOAD_NOTE = load_note()  # measured before the run starts
 
 
 def ece(probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
@@ -230,8 +233,7 @@ def main(quick: bool = False) -> str:
         f"the Gram method to {rel:.1e} relative in the eigenvalues, eigenvector overlaps "
         f"|<v_gram, v_lanczos>| >= {overlap:.6f}.",
         "",
-        "Timings (best of 3; the machine is shared with other busy engineers, so they are "
-        "noisy; ratios are to a plain forward+backward of the mean cross-entropy on the "
+        f"Timings (best of 3; {LOAD_NOTE}; ratios are to a plain forward+backward of the mean cross-entropy on the "
         f"same 1000 test signals, {t_fb * 1e3:.1f} ms, measured in the same run):",
         "",
     ]

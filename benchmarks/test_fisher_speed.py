@@ -16,6 +16,7 @@ a burst of load from other processes on a shared machine hits all methods alike.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import pytest
@@ -23,6 +24,8 @@ import torch
 
 from benchmarks.fisher_methods import METHODS, make_method, n_params, peak_memory_mb
 from benchmarks.workloads import design_workloads, machine_line, write_fragment
+
+LOAD_AT_START = os.getloadavg()[0]
 
 WORKLOADS = ("mlp", "cnn", "transformer")
 TARGETS = {"mlp": 1.5, "cnn": 1.5, "transformer": 2.0}
@@ -96,7 +99,8 @@ def main(quick: bool = False, wall: bool = False) -> str:
     head = "| workload | plain | " + " | ".join(METHODS[1:]) + " |"
     sep = "|" + "---|" * (len(METHODS) + 1)
     text = [
-        "## Diagonal Fisher speed (issue 3)",
+        "## Diagonal Fisher speed (issue 3): "
+        + ("wall-clock, 2 threads" if wall else "CPU time, 1 thread"),
         "",
         machine_line(),
         "",
@@ -110,9 +114,8 @@ def main(quick: bool = False, wall: bool = False) -> str:
             if wall
             else "process CPU time with 1 torch thread (`--wall`: wall-clock, 2 threads)."
         )
-        + " This machine is shared with other busy processes (load average ~10 on 2 cores), "
-        "so wall times were dominated by waiting and CPU times are reported; rerun on a quiet "
-        "machine with `--wall` for the DESIGN.md comparison.",
+        + f" 1-minute load average when the run started: {LOAD_AT_START:.1f} on "
+        f"{os.cpu_count()} cores (CPU time is robust to other processes; wall-clock is not).",
         "Workloads: DESIGN.md (MLP 40-512-512-10 N=256, CNN 2 conv + linear 1x16x16 N=128, "
         "transformer 2 layers d=128 T=32 vocab 1000 N=64). natgrad rows use `engine='auto'`; "
         "`natgrad vmap` forces the general engine (empirical labels). BackPACK does not "
@@ -147,7 +150,7 @@ def main(quick: bool = False, wall: bool = False) -> str:
         ]
     out = "\n".join(text)
     if not quick:
-        write_fragment("fisher_speed", out)
+        write_fragment("fisher_speed_wall" if wall else "fisher_speed", out)
     return out
 
 

@@ -164,6 +164,13 @@ def machine_line() -> str:
     )
 
 
+def load_note() -> str:
+    """The machine's 1-minute load average now, for timing notes in RESULTS.md."""
+    load = os.getloadavg()[0]
+    quiet = "a quiet machine" if load < 1.5 else "a loaded machine: timings are noisy"
+    return f"1-minute load average at the start: {load:.1f} on {os.cpu_count()} cores ({quiet})"
+
+
 def write_fragment(name: str, text: str) -> str:
     """Write ``benchmarks/results/<name>.md`` (a section of RESULTS.md); return its path."""
     path = os.path.join(os.path.dirname(__file__), "results", f"{name}.md")

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 
-class Likelihood:
+class Likelihood(ABC):
     """Base class. Outputs and targets carry a leading batch dimension ``N``.
 
     Subclasses implement :meth:`nll` and :meth:`sample`; :meth:`output_grad` defaults
@@ -50,15 +51,15 @@ class Likelihood:
 
     name = "likelihood"
 
+    @abstractmethod
     def nll(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-sample negative log-likelihood, shape ``(N,)``."""
-        raise NotImplementedError  # abstract: every concrete likelihood overrides it
 
+    @abstractmethod
     def sample(
         self, output: torch.Tensor, generator: torch.Generator, k: int, target=None
     ) -> torch.Tensor:
         """``k`` label draws from the predictive, shape ``(k, N, ...)``."""
-        raise NotImplementedError  # abstract
 
     def output_grad(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``∇_f l_n`` for every sample, same shape as ``output``."""
@@ -81,7 +82,8 @@ class Likelihood:
         )
 
     def check_target(self, output: torch.Tensor, target: torch.Tensor) -> None:
-        """Raise a ValueError when the target does not fit the output."""
+        """Raise a ValueError when the target does not fit the output (default: any fits)."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -295,7 +297,7 @@ class TokenCategorical(Likelihood):
         draws = draws.t().reshape(k, n, t).to(output.device)
         if tgt is not None:
             draws = torch.where(tgt.unsqueeze(0) == self.ignore_index, tgt.unsqueeze(0), draws)
-        if self.shift:  # labels are read at position t+1: put a placeholder at position 0
+        if self.shift:  # labels are read at position t+1: position 0 holds ignore_index
             pad = torch.full((k, n, 1), self.ignore_index, dtype=draws.dtype, device=draws.device)
             draws = torch.cat([pad, draws], dim=-1)
         return draws
