@@ -29,7 +29,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from natgrad._batch import Batch, OutputFn, default_output_fn, parse_batch
-from natgrad._checks import check_choice, check_no_batch_mixing
+from natgrad._checks import check_choice, check_finite, check_no_batch_mixing
 from natgrad.likelihoods import Likelihood, TokenCategorical, get_likelihood
 
 __all__ = ["per_sample_grads", "select_params", "LABEL_SOURCES", "ParamSpec"]
@@ -150,6 +150,11 @@ class _Plan:
 
     def draw(self, out: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         """``k`` MC labels per sample from the predictive at ``out``, shape ``(N, k, ...)``."""
+        check_finite(
+            "the model's outputs",
+            out,
+            "labels='mc' cannot sample from them: check the inputs and whether training diverged.",
+        )
         return self.lik.sample(out.detach(), self.generator, self.k, target).movedim(0, 1)
 
     def restrict(self, names: Iterable[str]) -> _Plan:

@@ -299,3 +299,11 @@ def test_unreadable_output_names_fix():
 
     with pytest.raises(TypeError, match="output_fn=lambda out"):
         per_sample_grads(M(), (torch.randn(2, 2), torch.tensor([0, 1])))
+
+
+def test_mc_labels_from_non_finite_outputs_raise(mlp_case):
+    model, x, _ = mlp_case
+    with torch.no_grad():
+        model[2].bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="NaN or Inf\\) in the model's outputs.*labels='mc'"):
+        per_sample_grads(model, x, labels="mc")
