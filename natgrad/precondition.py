@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from natgrad._batch import OutputFn
-from natgrad._checks import check_choice, check_fraction, check_positive, check_same_structure
+from natgrad._checks import (
+    check_choice,
+    check_finite,
+    check_fraction,
+    check_positive,
+    check_same_structure,
+)
 from natgrad._report import Report
 from natgrad.engine import LABEL_SOURCES, ParamSpec, per_sample_grads, select_params
 from natgrad.estimate import estimate_fisher
@@ -216,6 +222,12 @@ class FisherPreconditioner:
                 **common,
             )
             for name, f in factors.items():
+                for which, M in (("A", f.A), ("G", f.G)):
+                    check_finite(
+                        f"the K-FAC factor {which} of layer {name!r}",
+                        M,
+                        "Training has likely diverged: lower the learning rate or raise damping.",
+                    )
                 old = self._kfac.get(name, {})
                 A, G = self._ema(old.get("A"), f.A), self._ema(old.get("G"), f.G)
                 eig = kfac_eigen(A, G) if self.kfac_damping == "exact" else {}

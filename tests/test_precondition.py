@@ -453,3 +453,16 @@ def test_kfac_damping_schedule_refreshes_cached_inverses(mlp_case):
         p.grad = g[k].clone()
     FisherPreconditioner(model, kind="kfac", damping=0.5).step((x, y))
     assert_close_dict(got, _grads(model))
+
+
+def test_kfac_non_finite_factors_raise_clear_error():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    x[0, 0] = float("inf")
+    pre = FisherPreconditioner(model, kind="kfac")
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(
+        FloatingPointError, match="K-FAC factor A of layer '0'.*lower the learning rate"
+    ):
+        pre.step((x, y))
