@@ -39,7 +39,7 @@ from natgrad._checks import (
     check_same_structure,
 )
 from natgrad._report import Report
-from natgrad.engine import ParamSpec, select_params
+from natgrad.engine import ParamSpec, _dim, _unsq, model_device, select_params
 from natgrad.estimate import iterate_batches
 from natgrad.likelihoods import Likelihood, get_likelihood
 
@@ -151,9 +151,7 @@ def _resolve_params(
             )
     if not chosen:
         raise ValueError("The Fisher is empty: there are no parameters to be uncertain about.")
-    check_same_structure(
-        {k: fisher[k] for k in chosen}, {k: p for k, p in chosen.items()}, "the Fisher", "the model"
-    )
+    check_same_structure({k: fisher[k] for k in chosen}, chosen, "the Fisher", "the model")
     return chosen
 
 
@@ -190,14 +188,6 @@ def _inverse_precisions(
 # -- the linearized outputs ------------------------------------------------------------------
 
 
-def _batch_dim(t: Any, n: int):
-    return 0 if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else None
-
-
-def _unsq(t: Any) -> Any:
-    return t.unsqueeze(0) if isinstance(t, torch.Tensor) else t
-
-
 def _moments(
     model: nn.Module,
     b: Batch,
@@ -216,8 +206,9 @@ def _moments(
         out = output_fn(functional_call(model, p, args, kwargs, strict=False)).reshape(-1)
         return out, out
 
+    first = b.select(0, 1)
     with torch.no_grad():
-        d = output_fn(model(*b.select(0, 1).args, **b.select(0, 1).kwargs))[0].numel()
+        d = output_fn(model(*first.args, **first.kwargs))[0].numel()
     p_total = sum(p.numel() for p in params.values())
     chunk = chunk_size or max(1, min(b.size, _CHUNK_FLOATS // max(d * p_total, 1)))
     jac_fn = jacrev(f, has_aux=True)
@@ -226,8 +217,8 @@ def _moments(
         sub = b.select(start, min(start + chunk, b.size))
         in_dims = (
             None,
-            tuple(_batch_dim(a, sub.size) for a in sub.args),
-            {k: _batch_dim(v, sub.size) for k, v in sub.kwargs.items()},
+            tuple(_dim(a, sub.size) for a in sub.args),
+            {k: _dim(v, sub.size) for k, v in sub.kwargs.items()},
         )
         with torch.no_grad():  # jacrev still differentiates; no graph to outer parameters
             jac, out = vmap(jac_fn, in_dims=in_dims)(detached, sub.args, sub.kwargs)
@@ -292,6 +283,14 @@ def _predict(
         epistemic=(entropy - ent(draws).mean(0)).clamp_min(0),
         epistemic_kind="mutual_information",
     )
+
+
+def _mc_noise(lik, link, n_samples, mean, generator, device) -> torch.Tensor | None:
+    """``n_samples`` standard normal draws shaped like ``mean`` for ``link="mc"`` (else None)."""
+    if link != "mc" or lik.name == "gaussian":
+        return None
+    eps = torch.randn((int(n_samples), *mean.shape), generator=generator, dtype=mean.dtype)
+    return eps.to(device)
 
 
 def _prepare(model, fisher, params, likelihood, n_data, link, n_samples, chunk_size):
@@ -377,18 +376,15 @@ def fisher_uncertainty(
         model, fisher, params, likelihood, n_data, link, n_samples, chunk_size
     )
     dtype = _acc_dtype(model)
-    device = next(model.parameters()).device
+    device = model_device(model)
     b = parse_batch(batch).to(device)
     inv = _inverse_precisions(
         fisher, chosen, n, torch.tensor([delta], dtype=torch.float64), dtype, device
     )
     mean, var = _moments(model, b, chosen, inv, output_fn or default_output_fn, chunk_size, dtype)
     var = var[..., 0]
-    eps = None
-    if link == "mc" and lik.name != "gaussian":
-        gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        eps = torch.randn((int(n_samples), *mean.shape), generator=gen, dtype=dtype).to(device)
-    pred = _predict(lik, link, mean, var, eps)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    pred = _predict(lik, link, mean, var, _mc_noise(lik, link, n_samples, mean, gen, device))
     return UncertaintyReport(
         mean=mean,
         logit_variance=var,
@@ -542,7 +538,7 @@ def optimize_prior_precision(
             "method='grid' needs labelled validation data: pass val_data=(x_val, y_val), "
             "or use method='marglik'."
         )
-    device = next(model.parameters()).device
+    device = model_device(model)
     inv = _inverse_precisions(
         fisher, chosen, n, torch.tensor(cand, dtype=torch.float64), dtype, device
     )
@@ -559,10 +555,7 @@ def optimize_prior_precision(
         mean, var = _moments(
             model, b, chosen, inv, output_fn or default_output_fn, chunk_size, dtype
         )
-        eps = None
-        if link == "mc" and lik.name != "gaussian":
-            eps = torch.randn((int(n_samples), *mean.shape), generator=gen, dtype=dtype)
-            eps = eps.to(device)
+        eps = _mc_noise(lik, link, n_samples, mean, gen, device)
         for g in range(len(cand)):
             pred = _predict(lik, link, mean, var[..., g], eps)
             totals[g] += float(_nll(lik, pred, mean, b.target).sum())

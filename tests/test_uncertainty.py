@@ -237,6 +237,24 @@ def test_grid_val_nll_matches_closed_form():
     assert json.loads(json.dumps(res.to_dict()))["method"] == "grid"
 
 
+def test_grid_val_nll_categorical_matches_jacobian_loop(mlp_case):
+    """Several candidates, several validation batches and chunks against a loop reference."""
+    model, x, _ = mlp_case
+    fisher = random_fisher(model, n=25)
+    y = torch.arange(len(x)) % 4
+    grid = [0.05, 1.0, 30.0]
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+    res = optimize_prior_precision(model, fisher, batches, grid=grid, chunk_size=2)
+    ref = []
+    for d in grid:
+        var = jacobian_loop_variance(model, x, fisher, list(fisher), 25, d)
+        with torch.no_grad():
+            probs = (model(x) / torch.sqrt(1 + math.pi / 8 * var)).softmax(-1)
+        ref.append(float(-probs[torch.arange(len(y)), y].log().mean()))
+    np.testing.assert_allclose(res.scores, ref, rtol=1e-10)
+    assert res.prior_precision == grid[int(np.argmin(ref))]
+
+
 def test_marglik_equals_exact_evidence_of_linear_regression():
     sigma, delta = 0.5, 2.0
     X, y, model, fisher, _ = blr_case(sigma, delta)
