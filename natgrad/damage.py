@@ -144,20 +144,21 @@ def _mean_grad(
     return res, b.size
 
 
-def _names(model: nn.Module, fisher_a, params: ParamSpec) -> list[str]:
-    if fisher_a is None:
+def _names(model: nn.Module, fisher, params: ParamSpec, what: str = "fisher_a") -> list[str]:
+    """The parameter names the damage covers: ``fisher``'s (checked) or ``params``'."""
+    if fisher is None:
         return list(select_params(model, params))
     named = dict(model.named_parameters())
-    missing = [k for k in fisher_a if k not in named]
+    missing = [k for k in fisher if k not in named]
     if missing:
         raise ValueError(
-            f"fisher_a has parameters the model lacks: {missing[:8]}; the model has "
-            f"{list(named)[:8]}. Estimate fisher_a on this model."
+            f"{what} has parameters the model lacks: {missing[:8]}; the model has "
+            f"{list(named)[:8]}. Estimate {what} on this model."
         )
-    check_same_structure(dict(fisher_a), {k: named[k] for k in fisher_a}, "fisher_a", "the model")
-    if not len(fisher_a):
-        raise ValueError("fisher_a is empty: it covers no parameters.")
-    return list(fisher_a)
+    check_same_structure(dict(fisher), {k: named[k] for k in fisher}, what, "the model")
+    if not len(fisher):
+        raise ValueError(f"{what} is empty: it covers no parameters.")
+    return list(fisher)
 
 
 def fisher_weighted_damage(
@@ -214,23 +215,43 @@ def fisher_weighted_damage(
     lik = get_likelihood(likelihood)
     output_fn = output_fn or default_output_fn
     names = _names(model, fisher_a, params)
-    if fisher_a is None:
-        fisher_a = estimate_fisher(
-            model,
-            task_a_batch,
-            lik,
-            labels=labels,
-            params=names,
-            mc_samples=mc_samples,
-            output_fn=output_fn,
-        )
-    source = getattr(fisher_a, "labels", labels)
+    fisher_a = _fisher_or_estimate(
+        model, task_a_batch, lik, fisher_a, names, labels, mc_samples, output_fn
+    )
     g_a, n_a = _mean_grad(model, task_a_batch, lik, names, output_fn, "task_a_batch")
     g_b, n_b = _mean_grad(model, task_b_batch, lik, names, output_fn, "task_b_batch")
+    return _damage(fisher_a, g_a, g_b, n_a, n_b, lr, labels)
+
+
+def _fisher_or_estimate(model, batch, lik, fisher, names, labels, mc_samples, output_fn):
+    """``fisher`` itself, or the Fisher of ``names`` estimated on ``batch`` when it is None."""
+    if fisher is not None:
+        return fisher
+    return estimate_fisher(
+        model,
+        batch,
+        lik,
+        labels=labels,
+        params=names,
+        mc_samples=mc_samples,
+        output_fn=output_fn,
+    )
+
+
+def _damage(
+    fisher_a: Mapping[str, torch.Tensor],
+    g_a: Mapping[str, torch.Tensor],
+    g_b: Mapping[str, torch.Tensor],
+    n_a: int,
+    n_b: int,
+    lr: float,
+    labels: str,
+) -> DamageReport:
+    """The report for ``Δ = -lr g_b`` over the parameters of ``fisher_a`` (grads given)."""
     weighted: dict[str, float] = {}
     energy: dict[str, float] = {}
     first: dict[str, float] = {}
-    for k in names:
+    for k in fisher_a:
         d = -lr * g_b[k]
         f = torch.as_tensor(fisher_a[k]).to(device=d.device, dtype=d.dtype)
         mod = _module_of(k)
@@ -252,7 +273,7 @@ def fisher_weighted_damage(
         per_layer_scale_free={
             m: (weighted[m] / energy[m] if energy[m] > 0 else math.nan) for m in weighted
         },
-        labels=str(source),
+        labels=str(getattr(fisher_a, "labels", labels)),
         n_samples_a=n_a,
         n_samples_b=n_b,
     )
@@ -318,13 +339,23 @@ def fisher_damage_asymmetry(
     names = (str(names[0]), str(names[1]))
     if names[0] == names[1]:
         raise ValueError(f"names must differ, got {names}; e.g. names=('math', 'general').")
-    kw = dict(lr=lr, labels=labels, params=params, mc_samples=mc_samples, output_fn=output_fn)
-    to_first = fisher_weighted_damage(
-        model, math_batch, general_batch, likelihood, fisher_a=fisher_math, **kw
+    lr = check_positive("lr", lr)
+    lik = get_likelihood(likelihood)
+    output_fn = output_fn or default_output_fn
+    # each task's Fisher and mean gradient once, shared by the two directions
+    names1 = _names(model, fisher_math, params, "fisher_math")
+    names2 = _names(model, fisher_general, params, "fisher_general")
+    f1 = _fisher_or_estimate(
+        model, math_batch, lik, fisher_math, names1, labels, mc_samples, output_fn
     )
-    to_second = fisher_weighted_damage(
-        model, general_batch, math_batch, likelihood, fisher_a=fisher_general, **kw
+    f2 = _fisher_or_estimate(
+        model, general_batch, lik, fisher_general, names2, labels, mc_samples, output_fn
     )
+    both = list(dict.fromkeys(names1 + names2))
+    g1, n1 = _mean_grad(model, math_batch, lik, both, output_fn, "math_batch")
+    g2, n2 = _mean_grad(model, general_batch, lik, both, output_fn, "general_batch")
+    to_first = _damage(f1, g1, g2, n1, n2, lr, labels)
+    to_second = _damage(f2, g2, g1, n2, n1, lr, labels)
     d1, d2 = to_first.damage, to_second.damage
     lr_ = _log_ratio(d1, d2)
     ratio = 1.0 if d1 == d2 else (math.inf if d2 == 0 else d1 / d2)

@@ -179,6 +179,37 @@ def test_asymmetry_is_antisymmetric(mlp_case):
     json.dumps(r.to_dict())
 
 
+def _brute_damage(model, fisher, batch_a, batch_b, lr):
+    """(damage, first_order) of a step on b for a, from loop gradients and a given Fisher."""
+    ga = {k: v.mean(0) for k, v in loop_grads(model, ce_sum, *batch_a).items()}
+    gb = {k: v.mean(0) for k, v in loop_grads(model, ce_sum, *batch_b).items()}
+    dmg = 0.5 * sum(float((fisher[k] * (lr * gb[k]) ** 2).sum()) for k in fisher)
+    first = sum(float((ga[k] * -lr * gb[k]).sum()) for k in fisher)
+    return dmg, first
+
+
+def test_asymmetry_against_brute_force(mlp_case):
+    model, x, y = mlp_case
+    a, b = (x[:4], y[:4]), (3 * x[4:], y[4:])
+    r = fisher_damage_asymmetry(model, a, b, lr=0.3, labels="exact", names=("a", "b"))
+    Fa, Fb = exact_categorical_fisher_loop(model, a[0]), exact_categorical_fisher_loop(model, b[0])
+    d1, f1 = _brute_damage(model, Fa, a, b, 0.3)
+    d2, f2 = _brute_damage(model, Fb, b, a, 0.3)
+    assert r.damage_to_first == pytest.approx(d1, rel=1e-6)
+    assert r.damage_to_second == pytest.approx(d2, rel=1e-6)
+    assert r.first.first_order == pytest.approx(f1, rel=1e-6)
+    assert r.second.first_order == pytest.approx(f2, rel=1e-6)
+    assert r.log_ratio == pytest.approx(math.log(d1) - math.log(d2), rel=1e-6)
+    assert (r.first.n_samples_a, r.first.n_samples_b) == (4, 5)
+    assert (r.second.n_samples_a, r.second.n_samples_b) == (5, 4)
+    # given Fishers that cover different parameters: each direction uses its own
+    sub_a, sub_b = {"0.weight": Fa["0.weight"]}, {"2.bias": Fb["2.bias"]}
+    s = fisher_damage_asymmetry(model, a, b, lr=0.3, fisher_math=sub_a, fisher_general=sub_b)
+    assert s.damage_to_first == pytest.approx(_brute_damage(model, sub_a, a, b, 0.3)[0], rel=1e-6)
+    assert s.damage_to_second == pytest.approx(_brute_damage(model, sub_b, b, a, 0.3)[0], rel=1e-6)
+    assert list(s.first.per_layer) == ["0"] and list(s.second.per_layer) == ["2"]
+
+
 def test_asymmetry_equal_tasks(mlp_case):
     model, x, y = mlp_case
     r = fisher_damage_asymmetry(model, (x, y), (x, y))
