@@ -21,10 +21,11 @@ flattened row-major (``V.reshape(-1)``, PyTorch's order), by
   one predictive draw (``mc``), or the columns ``s_j`` of the output Fisher's factor
   (``exact``), so that ``Σ_j b_j b_jᵀ`` is ``E_y[b bᵀ]`` in closed form.
 
-The factors are captured in one forward pass (module forward hooks record the inputs;
-each hooked output is replaced by a clone so that in-place activations after it do not
-disturb its gradient) and one backward pass per cotangent with ``torch.autograd.grad``
-with respect to the layer outputs; parameters' ``.grad`` are never touched. Supported:
+The factors are captured in one forward pass, whose output also gives the ``mc`` draws
+(module forward hooks record the inputs; each hooked output is replaced by a clone so
+that in-place activations after it do not disturb its gradient), and one backward pass
+per cotangent with ``torch.autograd.grad`` with respect to the layer outputs;
+parameters' ``.grad`` are never touched. Supported:
 ``nn.Linear``, and ``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1``, ``padding_mode='zeros'``
 and integer padding. Everything else is left to the diagonal Fisher.
 
@@ -229,7 +230,7 @@ def kfac_factors(
     plan = _Plan(model, likelihood, labels, 1, params, output_fn, generator, None)
     if layers is None:
         layers, _ = kfac_layers(model, plan.params)
-    b, target, draws = plan.prepare(batch)
+    b, target = plan.parse(batch)
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     outputs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
 
@@ -253,6 +254,9 @@ def kfac_factors(
     finally:
         for h in handles:
             h.remove()
+    if target is not None:
+        plan.lik.check_target(out, target)
+    draws = plan.draw(out, target) if plan.labels == "mc" else None
     names = [n for n in layers if outputs[n]]
     flat_outs = [o for n in names for o in outputs[n]]
     acts = {n: torch.cat([_patches(layers[n], x) for x in inputs[n]], 1) for n in names}

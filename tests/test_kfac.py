@@ -76,6 +76,18 @@ def test_mc_converges_to_exact():
     torch.testing.assert_close(mc.A, exact.A)
 
 
+def test_mc_draws_are_the_seeded_predictive_samples():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with torch.no_grad():
+        p = model(x).softmax(-1)
+    draws = torch.multinomial(p, 1, generator=torch.Generator().manual_seed(5))[:, 0]
+    mc = kfac_factors(model, x, labels="mc", generator=torch.Generator().manual_seed(5))[""]
+    b = p - F.one_hot(draws, 4).double()
+    torch.testing.assert_close(mc.G, b.T @ b / 6)
+
+
 def _patches_1d(x, k, s, p):
     xp = F.pad(x, (p, p))
     L = (xp.shape[-1] - k) // s + 1
@@ -235,6 +247,8 @@ def test_unused_layer_gets_zero_factors_and_errors():
         kfac_factors(model, (x, y), labels="bogus")
     with pytest.raises(ValueError, match="needs the data's labels"):
         kfac_factors(model, x)
+    with pytest.raises(ValueError, match="categorical labels must be integer class indices"):
+        kfac_factors(model, (x, y.double()))
     bn = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
     with pytest.raises(ValueError, match="train mode"):
         kfac_factors(bn, (x, y))
