@@ -36,7 +36,16 @@ __all__ = ["FisherComparison", "LayerComparison", "compare_task_fisher"]
 
 @dataclass
 class LayerComparison(Report):
-    """The comparison measures restricted to one module (see :func:`compare_task_fisher`)."""
+    """The comparison measures of a set of coordinates (see :func:`compare_task_fisher`).
+
+    Attributes:
+        cosine: cosine similarity of the flattened Fishers.
+        task2vec_distance: ``1 - cos(F¹/(F¹+F²), F²/(F¹+F²))``.
+        frechet_overlap: ``1 - ½ Σ (√F̂¹ - √F̂²)²`` for unit-trace ``F̂``.
+        topk_jaccard: Jaccard overlap of the ``top_k`` largest coordinates.
+        top_k: the number of coordinates ranked (after resolving a fraction).
+        numel: the number of coordinates compared.
+    """
 
     cosine: float
     task2vec_distance: float
@@ -47,25 +56,14 @@ class LayerComparison(Report):
 
 
 @dataclass
-class FisherComparison(Report):
+class FisherComparison(LayerComparison):
     """Similarity of two tasks' diagonal Fishers over all shared parameters.
 
     Attributes:
-        cosine: cosine similarity of the flattened Fishers.
-        task2vec_distance: ``1 - cos(F¹/(F¹+F²), F²/(F¹+F²))``.
-        frechet_overlap: ``1 - ½ Σ (√F̂¹ - √F̂²)²`` for unit-trace ``F̂``.
-        topk_jaccard: Jaccard overlap of the ``top_k`` largest coordinates.
-        top_k: the number of coordinates ranked (after resolving a fraction).
-        numel: the number of coordinates compared.
-        per_layer: ``{module: LayerComparison}``.
+        The measures of :class:`LayerComparison` over every coordinate, and
+        per_layer: ``{module: LayerComparison}`` (the same measures within each module).
     """
 
-    cosine: float
-    task2vec_distance: float
-    frechet_overlap: float
-    topk_jaccard: float
-    top_k: int
-    numel: int
     per_layer: dict[str, LayerComparison] = field(default_factory=dict)
 
 
@@ -149,10 +147,11 @@ def compare_task_fisher(
     if not names:
         raise ValueError("The Fishers are empty: there is nothing to compare.")
 
-    def flat(f, ks):
-        return torch.cat([torch.as_tensor(f[k]).detach().double().cpu().reshape(-1) for k in ks])
-
-    a, b = flat(fisher1, names), flat(fisher2, names)
+    flat1, flat2 = (
+        {k: torch.as_tensor(f[k]).detach().double().cpu().reshape(-1) for k in names}
+        for f in (fisher1, fisher2)
+    )
+    a, b = torch.cat(list(flat1.values())), torch.cat(list(flat2.values()))
     for what, v in (("fisher1", a), ("fisher2", b)):
         if not torch.isfinite(v).all() or (v < 0).any():
             raise ValueError(f"{what} has negative or non-finite values; a Fisher is >= 0.")
@@ -168,7 +167,7 @@ def compare_task_fisher(
         modules.setdefault(_module_of(n), []).append(n)
     per_layer = {}
     for mod, ks in modules.items():
-        la, lb = flat(fisher1, ks), flat(fisher2, ks)
+        la, lb = torch.cat([flat1[n] for n in ks]), torch.cat([flat2[n] for n in ks])
         lk = _resolve_k(top_k, la.numel())
         per_layer[mod] = LayerComparison(*_measures(la, lb, lk), top_k=lk, numel=la.numel())
     return FisherComparison(
