@@ -121,15 +121,17 @@ class _Plan:
 
     # -- labels ------------------------------------------------------------------
     def prepare(self, batch: Any) -> tuple[Batch, torch.Tensor | None, torch.Tensor | None]:
-        """Parse a batch; return it with the target (masked) and the MC label draws."""
+        """Parse a batch; return it with the target (masked) and the MC label draws.
+
+        One forward pass checks the target against the output: of the whole batch for
+        ``labels="mc"`` (whose draws need it), else of the first sample only.
+        """
         b, target = self.parse(batch)
-        probe = self.forward(b.select(0, 1))
+        mc = self.labels == "mc"
+        out = self.forward(b if mc else b.select(0, 1))
         if target is not None:
-            self.lik.check_target(probe, target[:1])
-        draws = None
-        if self.labels == "mc":
-            draws = self.draw(self.forward(b), target)
-        return b, target, draws
+            self.lik.check_target(out, target if mc else target[:1])
+        return b, target, self.draw(out, target) if mc else None
 
     def parse(self, batch: Any) -> tuple[Batch, torch.Tensor | None]:
         """Parse a batch onto the model's device; return it with its (masked) target."""
