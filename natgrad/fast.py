@@ -34,6 +34,7 @@ with the same label draws, so both engines give the same Fisher.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -290,11 +291,16 @@ def _check_fresh(m: nn.Module, a: torch.Tensor, version: int) -> None:
 
 
 def fast_batch_sums(
-    plan: _Plan, split: FastSplit, batch: Any, chunk_size: int | None
+    plan: _Plan,
+    split: FastSplit,
+    rest: _Plan | None,
+    b: Batch,
+    target: torch.Tensor | None,
+    chunk_size: int | None,
 ) -> tuple[int, dict[str, torch.Tensor]]:
-    """``(N, Σ_n Σ_j w_j g_nj²)`` in float32 for one batch: the capture path for
-    ``split.fast`` and ``split.free``, ``vmap`` for ``split.rest``, with shared label draws."""
-    b, target = plan.parse(batch)
+    """``(N, Σ_n Σ_j w_j g_nj²)`` in float32 for one parsed batch: the capture path for
+    ``split.fast`` and ``split.free``, the ``vmap`` plan ``rest`` (``plan`` restricted to
+    ``split.rest``, or None) for the other parameters, with shared label draws."""
     store: dict[Any, Any] = {}
 
     def hook(m, inp, out):
@@ -373,10 +379,9 @@ def fast_batch_sums(
         a = layers.work(store[m]["main"][0])
         _add_squares(acc, m, split.fast[m], {"weight": b2.t() @ (a * a), "bias": b2.sum(0)})
     store.clear()
-    if split.rest:
-        sub = plan.restrict(split.rest)
-        for _, res in sub.run(b, target, draws, "squares", chunk_size):
-            for k in sub.params:
+    if rest is not None:
+        for _, res in rest.run(b, target, draws, "squares", chunk_size):
+            for k in rest.params:
                 acc[k] += res[k].sum(0)
     return b.size, acc
 
@@ -388,18 +393,23 @@ def square_sums_auto(
     if engine == "vmap":
         yield from square_sums(plan, batches, chunk_size)
         return
-    split = None
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        return
+    b, target = plan.parse(first)
+    split = _cached_split(plan, b)
+    if not split.fast_names:
+        if engine == "fast":
+            raise ValueError(
+                "engine='fast' found no parameter it can compute exactly (it covers "
+                "nn.Linear, nn.Conv1d/2d, nn.Embedding, nn.LayerNorm and self-attention "
+                "parameters used once per forward); use engine='auto' or engine='vmap'."
+            )
+        yield from square_sums(plan, itertools.chain([first], batches), chunk_size)
+        return
+    # One restricted plan for the whole pass, so that its vmap fallback (plan.loop) sticks.
+    rest = plan.restrict(split.rest) if split.rest else None
+    yield fast_batch_sums(plan, split, rest, b, target, chunk_size)
     for batch in batches:
-        if split is None:
-            b, _ = plan.parse(batch)
-            split = _cached_split(plan, b)
-            if not split.fast_names and engine == "fast":
-                raise ValueError(
-                    "engine='fast' found no parameter it can compute exactly (it covers "
-                    "nn.Linear, nn.Conv1d/2d, nn.Embedding, nn.LayerNorm and self-attention "
-                    "parameters used once per forward); use engine='auto' or engine='vmap'."
-                )
-        if not split.fast_names:
-            yield from square_sums(plan, [batch], chunk_size)
-        else:
-            yield fast_batch_sums(plan, split, batch, chunk_size)
+        yield fast_batch_sums(plan, split, rest, *plan.parse(batch), chunk_size)
