@@ -159,3 +159,33 @@ def test_to_jsonable_uses_a_reports_own_summary():
 
     assert to_jsonable({"r": Big(torch.zeros(5))}) == {"r": {"n": 5}}
     assert to_jsonable([Plain(torch.ones(2))]) == [{"values": [1.0, 1.0]}]
+
+
+def test_compute_all_estimates_each_task_fisher_once(mlp_case, monkeypatch):
+    import natgrad.metrics.context as context
+
+    model, x, y = mlp_case
+    calls = []
+    real = context.estimate_fisher
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("labels"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(context, "estimate_fisher", counted)
+    ctx = MetricContext(models=[model], batches=[(x[:5], y[:5]), (x[5:], y[5:])])
+    names = ["compare_task_fisher", "fisher_information", "fisher_uncertainty"]
+    out = registry.compute_all(ctx, names=names, errors="raise")
+    assert calls == ["empirical", "empirical"]  # one per task, shared by the three metrics
+    assert out.results["fisher_information"] is ctx.fisher["task_0"]
+    g = loop_grads(model, ce_sum, x[:5], y[:5])
+    assert_close_dict(
+        dict(out.results["fisher_information"]), {k: (v**2).mean(0) for k, v in g.items()}
+    )
+    # other settings are a different estimate: computed anew, the cached one kept
+    exact = registry.compute_with_context("fisher_information", ctx, labels="exact")
+    assert calls[-1] == "exact" and exact.labels == "exact"
+    assert ctx.fisher["task_0"].labels == "empirical"
+    # a Fisher the user gave is not what fisher_information returns
+    given = MetricContext(models=[model], batches=[(x, y)], fisher={"task_0": exact})
+    assert registry.compute_with_context("fisher_information", given).labels == "empirical"

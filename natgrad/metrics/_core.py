@@ -13,12 +13,7 @@ from natgrad.metrics.registry import registry
     description="Diagonal Fisher of models[0] on batches[0] (per-sample mean, exact per-sample gradients).",
 )
 def _fisher_information(ctx: MetricContext, **kwargs):
-    from natgrad.estimate import estimate_fisher
-
-    kwargs.setdefault("labels", ctx.labels)
-    f = estimate_fisher(ctx.models[0], ctx.batches[0], ctx.likelihood, **kwargs)
-    ctx.fisher.setdefault(ctx.task_names(1)[0], f)
-    return f
+    return ctx.batch_fisher(0, **kwargs)  # reuses the estimate another metric made
 
 
 @registry.register(

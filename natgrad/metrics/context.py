@@ -75,6 +75,10 @@ class MetricContext:
     likelihood: str | Likelihood = "categorical"
     labels: str = "empirical"
     options: dict[str, dict] = field(default_factory=dict)
+    # the Fishers this context estimated itself with its own settings, by task
+    _estimated: dict[str, DiagonalFisher] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def task_names(self, n: int | None = None) -> list[str]:
         n = max(len(self.batches), len(self.fisher), 2) if n is None else n
@@ -123,9 +127,25 @@ class MetricContext:
         if self.tracker is not None and task in self.tracker:
             return self.tracker.fisher(task)
         if self.models and len(self.batches) > i:
-            f = estimate_fisher(
-                self.models[0], self.batches[i], self.likelihood, labels=self.labels
-            )
-            self.fisher[task] = f
-            return f
+            return self.batch_fisher(i)
         raise MissingContextError(f"No Fisher for task {task!r}: give {NEEDS['fisher']}.")
+
+    def batch_fisher(self, i: int = 0, **kwargs: Any) -> DiagonalFisher:
+        """The Fisher of ``models[0]`` on ``batches[i]``, estimated with ``likelihood`` and
+        ``labels`` (``kwargs`` go to :func:`natgrad.estimate_fisher`).
+
+        The first estimate of a task is cached in ``fisher`` when that holds none; with
+        the context's own settings (no ``kwargs``) it is estimated at most once.
+        """
+        task = self.task_names(i + 1)[i]
+        own = self._estimated.get(task)
+        if not kwargs and own is not None and self.fisher.get(task) is own:
+            return own
+        default = not kwargs
+        kwargs.setdefault("labels", self.labels)
+        f = estimate_fisher(self.models[0], self.batches[i], self.likelihood, **kwargs)
+        if task not in self.fisher:
+            self.fisher[task] = f
+            if default:
+                self._estimated[task] = f
+        return f
