@@ -52,6 +52,7 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     import json
 
     from natgrad.metrics import registry
+    from natgrad.metrics.context import NEEDS
 
     infos = [registry.describe(n) for n in registry.names()]
     if args.json:
@@ -66,14 +67,8 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
         print(f"{i['name']:<{width}}  {i['signature']:<{sig_w}}  {needs}{flag}")
         if args.verbose:
             print(f"{'':<{width}}  {i['description']}")
-    print(f"{len(infos)} metrics. Needs: " + "; ".join(f"{k} = {v}" for k, v in _needs().items()))
+    print(f"{len(infos)} metrics. Needs: " + "; ".join(f"{k} = {v}" for k, v in NEEDS.items()))
     return 0
-
-
-def _needs() -> dict[str, str]:
-    from natgrad.metrics.context import NEEDS
-
-    return NEEDS
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -77,3 +77,24 @@ def test_names_by_signature():
     assert "fisher_information" in registry.names(SignatureType.STANDARD)
     assert "fisher_information" not in registry.names("custom")
     assert torch is not None
+
+
+def test_description_defaults_to_the_docstrings_first_line():
+    from natgrad.metrics import MetricRegistry
+
+    reg = MetricRegistry()
+
+    @reg.register("documented", "standard")
+    def _documented(ctx):
+        """First line.
+
+        More detail."""
+
+    @reg.register("bare", "custom", description="given")
+    def _bare(ctx):
+        """Ignored."""
+
+    reg.register("silent", "custom")(lambda ctx: None)
+    assert reg.describe("documented")["description"] == "First line."
+    assert reg.describe("bare")["description"] == "given"
+    assert reg.describe("silent")["description"] == ""

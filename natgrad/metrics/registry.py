@@ -109,8 +109,7 @@ class MetricRegistry:
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._specs:
                 raise ValueError(f"A metric named {name!r} is already registered.")
-            doc = description or (fn.__doc__ or "").strip().splitlines()[0:1]
-            desc = doc if isinstance(doc, str) else (doc[0] if doc else "")
+            desc = description or next(iter((fn.__doc__ or "").strip().splitlines()), "")
             self._specs[name] = MetricSpec(name, fn, signature, tuple(needs), desc, bool(mutates))
             return fn
 
