@@ -15,13 +15,10 @@ from torch import nn
 from natgrad._batch import OutputFn, default_output_fn, parse_batch
 from natgrad._checks import check_positive, check_same_structure
 from natgrad._report import Report
-from natgrad.likelihoods import Likelihood, get_likelihood
+from natgrad.engine import model_device
+from natgrad.likelihoods import Likelihood, TokenCategorical, _acc, get_likelihood
 
 __all__ = ["scale_by_fisher", "NaturalGradientNorms", "natural_gradient_norms"]
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def scale_by_fisher(
@@ -73,8 +70,8 @@ def scale_by_fisher(
     check_same_structure(dict(grads), {k: fisher[k] for k in grads}, "the gradients", "the Fisher")
     out = {}
     for k, g in grads.items():
-        dt = _acc_dtype(g)
-        out[k] = (g.to(dt) / (fisher[k].to(g.device, dt) + lam)).to(g.dtype)
+        ga = _acc(g)
+        out[k] = (ga / (fisher[k].to(ga) + lam)).to(g.dtype)
     return out
 
 
@@ -105,7 +102,8 @@ def natural_gradient_norms(
     """Gradient and diagonal natural-gradient norms, per layer and in total.
 
     ``g = ∇θ (1/N) Σ_n l_n`` on ``batch`` (``.grad`` is not touched) for the parameters in
-    ``fisher``, and ``Δ = g / (F + λ)`` (:func:`scale_by_fisher`).
+    ``fisher``, and ``Δ = g / (F + λ)`` (:func:`scale_by_fisher`). As in the Fisher, tokens
+    whose attention mask is 0 are left out of ``l_n`` (``token_categorical``).
 
     Args:
         model: the model.
@@ -137,18 +135,20 @@ def natural_gradient_norms(
         raise ValueError(
             f"The Fisher has parameters the model lacks: {missing[:8]}; estimate it on this model."
         )
-    b = parse_batch(batch)
+    b = parse_batch(batch).to(model_device(model))
     if b.target is None:
         raise ValueError(
             "The gradient needs the data's labels, but the batch has none: pass (x, y) or a "
             "dict with 'labels'."
         )
-    device = next(iter(named.values())).device
-    b = b.to(device)
+    target = b.target
+    if isinstance(lik, TokenCategorical) and b.mask is not None:  # padding is left out
+        target = torch.where(b.mask == 0, torch.full_like(target, lik.ignore_index), target)
     names = list(fisher)
     with torch.enable_grad():
         out = (output_fn or default_output_fn)(model(*b.args, **b.kwargs))
-        loss = lik.nll(out, b.target).mean()
+        lik.check_target(out, target)
+        loss = lik.nll(out, target).mean()
         gs = torch.autograd.grad(loss, [named[k] for k in names], allow_unused=True)
     grads = {k: torch.zeros_like(named[k]) if g is None else g for k, g in zip(names, gs)}
     nat = scale_by_fisher(grads, fisher, lam)

@@ -13,7 +13,8 @@ from torch import nn
 from natgrad import FisherPreconditioner, NaturalGradient, scale_by_fisher
 from natgrad.likelihoods import Gaussian
 from natgrad.metrics import MetricContext, registry
-from tests.conftest import mlp
+from natgrad.scale import natural_gradient_norms
+from tests.conftest import TinyEncoder, mlp
 from tests.reference import assert_close_dict, ce_sum, loop_grads
 
 KINDS = ("diag", "kfac", "woodbury")
@@ -435,6 +436,26 @@ def test_scale_by_fisher_metric_matches_manual_norms(mlp_case):
         registry.compute_with_context(
             "scale_by_fisher", MetricContext([model], [x], fisher={"task_0": Fd})
         )
+
+
+def test_natural_gradient_norms_leave_out_padding():
+    torch.manual_seed(11)
+    model = TinyEncoder(per_token=True).double().eval()
+    ids = torch.randint(0, 13, (3, 5))
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    mask[2, 4:] = 0
+    Fd = {k: torch.full_like(p, 3.0) for k, p in model.named_parameters()}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids}
+    r = natural_gradient_norms(model, batch, Fd, "token_categorical", damping=1.0)
+    # reference: cross-entropy summed over the kept tokens of each sequence, mean over N
+    logits = model(ids, attention_mask=mask)
+    keep = mask.bool()
+    loss = F.cross_entropy(logits[keep], ids[keep], reduction="sum") / 3
+    g = torch.autograd.grad(loss, list(model.parameters()))
+    total = torch.cat([v.reshape(-1) for v in g]).norm()
+    assert r.total_grad_norm == pytest.approx(float(total), rel=1e-9)
+    assert r.total_natgrad_norm == pytest.approx(float(total) / 4, rel=1e-9)
 
 
 def test_kfac_damping_schedule_refreshes_cached_inverses(mlp_case):
