@@ -52,7 +52,7 @@ from natgrad._batch import OutputFn
 from natgrad._checks import check_choice
 from natgrad._report import Report
 from natgrad.engine import ParamSpec, _Plan
-from natgrad.likelihoods import Likelihood
+from natgrad.likelihoods import Likelihood, _acc
 
 __all__ = [
     "KFACLayer",
@@ -144,11 +144,6 @@ def kfac_layers(
         layers[mname] = KFACLayer(mname, m, name_of[id(m.weight)], bname)
     covered = {n for lay in layers.values() for n in (lay.weight, lay.bias) if n}
     return layers, [k for k in selected if k not in covered]
-
-
-def _acc(t: torch.Tensor) -> torch.Tensor:
-    """float64 stays float64; every other dtype is accumulated in float32."""
-    return t if t.dtype == torch.float64 else t.float()
 
 
 def _patches(layer: KFACLayer, x: torch.Tensor) -> torch.Tensor:

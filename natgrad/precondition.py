@@ -37,17 +37,13 @@ from natgrad.kfac import (
     layer_matrix,
     split_layer_matrix,
 )
-from natgrad.likelihoods import Likelihood, get_likelihood
+from natgrad.likelihoods import Likelihood, _acc, get_likelihood
 from natgrad.woodbury import gram_eigen, woodbury_solve
 
 __all__ = ["FisherPreconditioner", "PreconditionStep", "KINDS"]
 
 KINDS = ("diag", "kfac", "woodbury")
 Damping = float | Callable[[int], float]
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -206,8 +202,7 @@ class FisherPreconditioner:
                 self.model, batch, self.likelihood, params=list(self.params), **common
             )
             rows = torch.cat([_with_label_axis(g[k], p) for k, p in self.params.items()], -1)
-            G = rows.reshape(-1, rows.shape[-1])  # (N·K, P)
-            G = G.to(_acc_dtype(G))
+            G = _acc(rows.reshape(-1, rows.shape[-1]))  # (N·K, P)
             n = rows.shape[0]
             self._wood = {"G": G, **gram_eigen(G)}
             self._wood_n = n
