@@ -1,5 +1,7 @@
 """The capture-based fast path against the vmap engine and brute-force loops."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.utils.prune as prune
@@ -297,3 +299,33 @@ def test_parameter_subset_and_frozen(cnn_case):
     fast, slow = both(model, (x, y), params=["c2.weight", "fc.bias", "c1.bias"])
     assert set(fast) == {"c2.weight", "fc.bias", "c1.bias"}
     assert_close_dict(dict(fast), dict(slow), rtol=1e-5, atol=1e-9)
+
+
+class Branchy(nn.Module):
+    """A Linear (fast path) and a free scale (vmap path) behind a branch on tensor values,
+    which vmap cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 4)
+        self.scale = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        h = self.lin(x)
+        if (h.abs() < 1e9).all():  # always true: data-dependent control flow for vmap
+            h = h * self.scale
+        return h
+
+
+def test_loop_fallback_for_leftover_params_is_decided_once(mlp_case):
+    _, x, y = mlp_case
+    model = Branchy().double()
+    batches = [(x[:3], y[:3]), (x[3:6], y[3:6]), (x[6:], y[6:])]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = estimate_fisher(model, batches)
+    falls = [w for w in caught if "Falling back to an exact per-sample loop" in str(w.message)]
+    assert len(falls) == 1  # the fallback sticks for the rest of the pass
+    assert split_of(model, (x, y)).rest == ["scale"]
+    ref = {k: (g.float() ** 2).mean(0) for k, g in loop_grads(model, ce_sum, x, y).items()}
+    assert_close_dict(dict(got), ref, rtol=1e-5, atol=1e-9)
