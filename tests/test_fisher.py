@@ -105,9 +105,14 @@ def test_multiple_batches_equal_one_batch(mlp_case):
 
 def test_chunked_equals_unchunked_fisher(cnn_case):
     model, x, y = cnn_case
-    a = estimate_fisher(model, (x, y), chunk_size=1)
+    # engine="vmap": the capture path ignores chunk_size, so "auto" alone would not chunk.
+    a = estimate_fisher(model, (x, y), chunk_size=1, engine="vmap")
     b = estimate_fisher(model, (x, y))
     assert_close_dict(dict(a), dict(b), rtol=1e-6)
+    c = estimate_fisher(model, (x, y), chunk_size=4, engine="vmap")
+    ref = {k: (g**2).mean(0) for k, g in loop_grads(model, ce_sum, x, y).items()}
+    assert_close_dict(dict(c), ref)
+    assert_close_dict(dict(a), ref)
 
 
 def test_float32_accumulation_for_bfloat16_model(mlp_case):
