@@ -32,7 +32,7 @@ import time
 import torch
 from torch import nn
 
-from benchmarks.workloads import machine_line, mnist1d_cnn, mnist1d_mlp, train, write_fragment
+from benchmarks.workloads import machine_line, mnist1d_cnn, mnist1d_mlp, run_experiment, train
 from natgrad import estimate_fisher, fisher_weighted_merge
 from natgrad.datasets import load_mnist1d
 
@@ -169,12 +169,7 @@ def main(argv=None) -> None:
     args.fisher_samples = 300 if args.quick else 1000
     args.seeds = (0,) if args.quick else (0, 1, 2)
     args.ft_lr = 1e-3
-    t0 = time.time()
-    text = run(args)
-    print(text)
-    if not args.quick:
-        print("wrote", write_fragment("merging", text))
-    print(f"total {time.time() - t0:.0f}s")
+    run_experiment("merging", run, args)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ from benchmarks.workloads import (
     machine_line,
     mnist1d_cnn,
     mnist1d_mlp,
+    run_experiment,
     train,
-    write_fragment,
 )
 from natgrad import apply_masks, estimate_fisher, fisher_importance, fisher_pruning_masks
 from natgrad.datasets import load_mnist1d
@@ -164,12 +164,7 @@ def main(argv=None) -> None:
     args.fisher_samples = 500 if args.quick else 2000
     args.random_seeds = 1 if args.quick else 2
     args.sparsities = (0.5, 0.9) if args.quick else SPARSITIES
-    t0 = time.time()
-    text = run(args)
-    print(text)
-    if not args.quick:
-        print("wrote", write_fragment("pruning", text))
-    print(f"total {time.time() - t0:.0f}s")
+    run_experiment("pruning", run, args)
 
 
 if __name__ == "__main__":

@@ -178,3 +178,15 @@ def write_fragment(name: str, text: str) -> str:
     with open(path, "w") as fh:
         fh.write(text.rstrip() + "\n")
     return path
+
+
+def run_experiment(name: str, run: Callable, args) -> str:
+    """``run(args)``, print its text and the total time; write the fragment ``name``
+    unless ``args.quick`` (a smoke run never overwrites recorded results)."""
+    t0 = time.time()
+    text = run(args)
+    print(text)
+    if not args.quick:
+        print("wrote", write_fragment(name, text))
+    print(f"total {time.time() - t0:.0f}s")
+    return text
