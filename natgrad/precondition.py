@@ -79,8 +79,8 @@ class FisherPreconditioner:
           ``Δ = ((G + (√λ/π)I) ⊗ (A + π√λ I))^-1 g`` (``kfac_damping="factored"``, the
           default: factored Tikhonov damping, which trained better in our experiments; two
           Cholesky inverses per layer, recomputed when the factors or ``λ`` change) or
-          ``Δ = (G ⊗ A + λI)^-1 g`` (``kfac_damping="exact"``: eigendecompositions at each
-          refresh); see :func:`natgrad.kfac.kfac_solve`. Other selected parameters use the
+          ``Δ = (G ⊗ A + λI)^-1 g`` (``kfac_damping="exact"``: eigendecompositions once
+          per refresh, for any ``λ``); see :func:`natgrad.kfac.kfac_solve`. Other selected parameters use the
           diagonal EMA.
         * ``"woodbury"``: the exact mini-batch Fisher ``F = GᵀG/N`` of the latest refresh
           batch (no EMA: ``ema_decay`` is unused) over all selected parameters jointly,
@@ -175,8 +175,8 @@ class FisherPreconditioner:
             self._layers, self._diag_names = {}, list(self.params) if kind == "diag" else []
         self._step = 0
         self._diag: dict[str, torch.Tensor] = {}
-        self._kfac: dict[str, dict[str, torch.Tensor]] = {}
-        self._inverses: dict[str, tuple] = {}  # derived from _kfac; not part of the state
+        self._kfac: dict[str, dict[str, torch.Tensor]] = {}  # {layer: {"A", "G"}}
+        self._solvers: dict[str, Any] = {}  # derived from _kfac by _kfac_apply; not state
         self._wood: dict[str, torch.Tensor] = {}
         self._wood_n = 0
 
@@ -225,9 +225,8 @@ class FisherPreconditioner:
                     )
                 old = self._kfac.get(name, {})
                 A, G = self._ema(old.get("A"), f.A), self._ema(old.get("G"), f.G)
-                eig = kfac_eigen(A, G) if self.kfac_damping == "exact" else {}
-                self._kfac[name] = {"A": A, "G": G, **eig}
-            self._inverses = {}
+                self._kfac[name] = {"A": A, "G": G}
+            self._solvers = {}
         if self._diag_names:
             F = estimate_fisher(
                 self.model, batch, self.likelihood, params=self._diag_names, **common
@@ -254,15 +253,7 @@ class FisherPreconditioner:
         for name, lay in self._layers.items():
             if lay.weight not in grads and (lay.bias is None or lay.bias not in grads):
                 continue
-            fac = self._kfac[name]
-            V = layer_matrix(lay, grads, fac["A"].dtype)
-            if self.kfac_damping == "exact":
-                D = kfac_solve(fac, V, lam, "exact")
-            else:  # cached (G + (√λ/π)I)^-1, (A + π√λ I)^-1 for the current λ
-                if self._inverses.get(name, (None,))[0] != lam:
-                    self._inverses[name] = (lam, *kfac_factored_inverses(fac["A"], fac["G"], lam))
-                _, Ginv, Ainv = self._inverses[name]
-                D = Ginv @ V @ Ainv
+            D = self._kfac_apply(name, layer_matrix(lay, grads, self._kfac[name]["A"].dtype), lam)
             for k, v in split_layer_matrix(lay, D).items():
                 if k in grads:
                     out[k] = v
@@ -271,6 +262,20 @@ class FisherPreconditioner:
                 g = grads[k]
                 out[k] = g.to(self._diag[k].dtype) / (self._diag[k] + lam)
         return out
+
+    def _kfac_apply(self, name: str, V: torch.Tensor, lam: float) -> torch.Tensor:
+        """The damped Kronecker solve of one layer, with its factorizations cached until the
+        next refresh: eigendecompositions (``"exact"``, any ``λ``) or the two inverses
+        ``(G + (√λ/π)I)^-1``, ``(A + π√λ I)^-1`` of the current ``λ`` (``"factored"``)."""
+        fac, cached = self._kfac[name], self._solvers.get(name)
+        if self.kfac_damping == "exact":
+            if cached is None:
+                cached = self._solvers[name] = kfac_eigen(fac["A"], fac["G"])
+            return kfac_solve(cached, V, lam, "exact")
+        if cached is None or cached[0] != lam:
+            cached = self._solvers[name] = (lam, *kfac_factored_inverses(fac["A"], fac["G"], lam))
+        _, Ginv, Ainv = cached
+        return Ginv @ V @ Ainv
 
     def step(self, batch: Any, *, lr: float | None = None) -> PreconditionStep:
         """Refresh the curvature when due, then rewrite ``.grad`` with ``(F + λI)^-1 g``.
@@ -357,8 +362,8 @@ class FisherPreconditioner:
         self._step = int(state["step"])
         self.generator.set_state(state["generator"].clone())
         self._diag = {k: v.clone() for k, v in diag.items()}
-        self._kfac = {n: {k: v.clone() for k, v in d.items()} for n, d in state["kfac"].items()}
-        self._inverses = {}
+        self._kfac = {n: {k: d[k].clone() for k in ("A", "G")} for n, d in state["kfac"].items()}
+        self._solvers = {}
         self._wood = {k: v.clone() for k, v in state["woodbury"].items()}
         self._wood_n = int(state["woodbury_n"])
 

@@ -227,6 +227,7 @@ def test_damping_schedule_and_kl_clip(mlp_case):
     [
         ("diag", "mc", {}),
         ("kfac", "empirical", {"update_every": 2, "warmup_steps": 1}),
+        ("kfac", "exact", {"update_every": 2, "kfac_damping": "exact"}),
         ("woodbury", "mc", {"update_every": 2}),
     ],
 )
