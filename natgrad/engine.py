@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -159,6 +159,30 @@ class _Plan:
         )
         return self.lik.sample(out.detach(), self.generator, self.k, target).movedim(0, 1)
 
+    @property
+    def weight(self) -> float:
+        """The weight ``w_j`` of every label column: ``1/k`` for ``mc``, else 1."""
+        return 1.0 / self.k if self.labels == "mc" else 1.0
+
+    def columns(
+        self, out: torch.Tensor, target: torch.Tensor | None, draws: torch.Tensor | None
+    ) -> Iterator[torch.Tensor]:
+        """The label columns ``u_j`` at outputs ``out``, in groups of shape ``(J, *out.shape)``.
+
+        ``draws`` has shape ``(N, k, ...)``. Shared by both engines, so that they pull
+        back the same columns.
+        """
+        lik = self.lik
+        if self.labels == "empirical":
+            yield lik.output_grad(out, target).unsqueeze(0)
+        elif self.labels == "mc":
+            yield torch.stack([lik.output_grad(out, draws[:, j]) for j in range(self.k)])
+        else:
+            K = lik.num_factor_columns(out)
+            step = self.exact_chunk or min(K, 32)
+            for s in range(0, K, step):
+                yield lik.factor_columns(out, s, min(s + step, K), target)
+
     def restrict(self, names: Iterable[str]) -> _Plan:
         """A copy of this plan that differentiates only the parameters ``names``."""
         sub = copy.copy(self)
@@ -178,7 +202,7 @@ class _Plan:
     def per_sample(self, mode: str):
         """A function of one sample returning its gradients (``mode="grads"``) or
         ``Σ_j w_j g_j²`` in float32 (``mode="squares"``)."""
-        lik, model, output_fn = self.lik, self.model, self.output_fn
+        model, output_fn, weight = self.model, self.output_fn, self.weight
 
         def fn(p, args, kwargs, target, draws):
             args = tuple(_unsq(a) for a in args)
@@ -189,19 +213,7 @@ class _Plan:
                 return output_fn(functional_call(model, pp, args, kwargs, strict=False))
 
             out, pullback = vjp(f, p)
-            if self.labels == "empirical":
-                cols = [lik.output_grad(out, target).unsqueeze(0)]
-                weight = 1.0
-            elif self.labels == "mc":
-                cols = [vmap(lambda y: lik.output_grad(out, y.unsqueeze(0)))(draws)]
-                weight = 1.0 / self.k
-            else:
-                K = lik.num_factor_columns(out)
-                step = self.exact_chunk or K
-                cols = [
-                    lik.factor_columns(out, s, min(s + step, K), target) for s in range(0, K, step)
-                ]
-                weight = 1.0
+            cols = self.columns(out, target, _unsq(draws))
             if mode == "grads":
                 gs = [vmap(pullback)(c.to(out.dtype))[0] for c in cols]
                 return {k: torch.cat([g[k] for g in gs]) for k in p}

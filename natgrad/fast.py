@@ -246,20 +246,6 @@ def _chain_once(probes: list[ProbeMode], name: str) -> bool:
 # -- one batch ------------------------------------------------------------------------
 
 
-def _columns(plan: _Plan, out: torch.Tensor, target, draws) -> Iterator[tuple[torch.Tensor, float]]:
-    """Label columns ``u_j`` (``(J, *out.shape)``) with their weight ``w_j``."""
-    lik, o = plan.lik, out.detach()
-    if plan.labels == "empirical":
-        yield lik.output_grad(o, target).unsqueeze(0), 1.0
-    elif plan.labels == "mc":
-        yield torch.stack([lik.output_grad(o, draws[:, j]) for j in range(plan.k)]), 1.0 / plan.k
-    else:
-        K = lik.num_factor_columns(o)
-        step = plan.exact_chunk or min(K, 32)
-        for s in range(0, K, step):
-            yield lik.factor_columns(o, s, min(s + step, K), target), 1.0
-
-
 def _module_squares(m: nn.Module, parts: dict, Bs: dict, w: float) -> dict[str, torch.Tensor]:
     if isinstance(m, nn.MultiheadAttention):
         return layers.attention(parts, Bs, w)
@@ -340,19 +326,18 @@ def fast_batch_sums(
         for a, version, _ in store[m].values():
             _check_fresh(m, a, version)
     dense: dict[nn.Module, torch.Tensor] = {}  # 2-D Linear inputs: Σ_j w_j b_j², (N, O)
-    cols = [(c[j], w) for c, w in _columns(plan, out, target, draws) for j in range(len(c))]
+    cols = [c[j] for c in plan.columns(out.detach(), target, draws) for j in range(len(c))]
+    w = plan.weight
     # Columns are pulled back one at a time (a vmapped is_grads_batched backward is no
     # faster on CPU and lacks batching rules for attention kernels), then their output
     # gradients are stacked in groups of about _GROUP_FLOATS floats for the products.
     group = max(1, _GROUP_FLOATS // max(sum(e.numel() for e in es), 1))
     for g0 in range(0, len(cols), group):
-        part_cols = cols[g0 : g0 + group]
-        w = part_cols[0][1]  # one label source: one weight for every column
         per = [
             torch.autograd.grad(
                 out, es, u.to(out.dtype), retain_graph=g0 + i < len(cols) - 1, allow_unused=True
             )
-            for i, (u, _) in enumerate(part_cols)
+            for i, u in enumerate(cols[g0 : g0 + group])
         ]
         grads = {
             key: None if per[0][i] is None else torch.stack([p[i] for p in per])
