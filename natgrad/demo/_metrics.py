@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from natgrad.demo._common import Section, State
+from natgrad.demo._setup import TASK_CLASSES
 from natgrad.metrics import MetricContext, registry
 
 
 def all_metrics(st: State) -> tuple[Section, dict]:
     """Run ``registry.compute_all`` on the base model with task A and task B batches."""
     n = min(st.cfg.fisher_samples, 200)
-    d = st.data
     batches = []
-    for classes in ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9)):
-        keep = sum(d.y_test == c for c in classes).bool()
-        batches.append((d.x_test[keep][:n], d.y_test[keep][:n]))
+    for classes in TASK_CLASSES.values():  # test signals of each task, all ten labels
+        s = st.data.subset(classes)
+        batches.append((s.x_test[:n], s.y_test[:n]))
     models = [st.models["base"]]
     if "merge_partner" in st.models:
         models.append(st.models["merge_partner"])

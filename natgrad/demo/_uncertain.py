@@ -26,23 +26,20 @@ def uncertainty(st: State) -> Section:
 
     def scores(x):
         r = fisher_uncertainty(model, x, fisher, prior_precision=delta, n_data=n_data)
-        with torch.no_grad():
-            conf = model(x).softmax(-1).max(-1).values
-        return r.epistemic, 1 - conf  # Laplace epistemic score; MAP baseline: 1 - max prob
+        # Laplace epistemic score; MAP baseline: 1 - max prob (r.mean are the MAP logits)
+        return r, r.epistemic, 1 - r.mean.softmax(-1).max(-1).values
 
-    ep_in, map_in = scores(x_in)
+    x_all, y_all = st.data.x_test, st.data.y_test  # x_in is its first n signals
+    lap, ep_all, map_all = scores(x_all)
+    ep_in, map_in = ep_all[:n], map_all[:n]
     rows = [("prior precision δ (Laplace marginal likelihood)", f"{delta:.3g}")]
     data = {"prior_precision": delta, "n_data": n_data, "n_test": n, "auroc": {}}
-    x_all, y_all = st.data.x_test, st.data.y_test
-    lap = fisher_uncertainty(model, x_all, fisher, prior_precision=delta, n_data=n_data).probs
-    with torch.no_grad():
-        plain = model(x_all).softmax(-1)
-    for label, probs in (("MAP", plain), ("Laplace (probit)", lap)):
+    for label, probs in (("MAP", lap.mean.softmax(-1)), ("Laplace (probit)", lap.probs)):
         nll, ece = calibration(probs, y_all)
         data[label] = {"nll": nll, "ece": ece}
         rows.append((f"{label}: test NLL / ECE", f"{nll:.3f} / {ece:.3f}"))
     for name, x in ood.items():
-        ep_out, map_out = scores(x)
+        _, ep_out, map_out = scores(x)
         a_lap, a_map = auroc(ep_in, ep_out), auroc(map_in, map_out)
         data["auroc"][name] = {"laplace_epistemic": a_lap, "map_1_minus_max_prob": a_map}
         rows.append((f"AUROC {name}: Laplace variance / MAP 1-max p", f"{a_lap:.3f} / {a_map:.3f}"))
