@@ -249,3 +249,13 @@ def test_metrics_registered(mlp_case):
     ctx2 = MetricContext(models=[model], batches=[a, b], fisher={"task_0": F})
     r2 = registry.compute_with_context("fisher_weighted_damage", ctx2)
     assert r2.labels == "exact"
+    # the context estimates each task's Fisher once and caches it for the other metrics
+    assert list(ctx.fisher) == ["math", "general"]
+    cached = dict(ctx.fisher)
+    registry.compute_with_context("fisher_weighted_damage", ctx, lr=0.1)
+    assert all(ctx.fisher[k] is v for k, v in cached.items())
+    # options that change the estimate: the metric estimates its own, the cache stays
+    ctx3 = MetricContext(models=[model], batches=[a, b])
+    r3 = registry.compute_with_context("fisher_weighted_damage", ctx3, labels="exact")
+    assert r3.labels == "exact" and ctx3.fisher == {}
+    assert r3.damage == pytest.approx(fisher_weighted_damage(model, a, b, fisher_a=F).damage)

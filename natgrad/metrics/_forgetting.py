@@ -7,6 +7,20 @@ from natgrad.damage import fisher_damage_asymmetry, fisher_weighted_damage
 from natgrad.metrics.context import MetricContext, SignatureType
 from natgrad.metrics.registry import registry
 
+# options that change how a Fisher is estimated: with any of them the context's Fisher
+# (estimated with its own settings) does not fit, and the metric estimates its own
+_ESTIMATE_OPTIONS = ("labels", "params", "mc_samples", "output_fn")
+
+
+def _context_fisher(ctx: MetricContext, i: int, options: dict):
+    """Task i's Fisher from the context (given, tracked, or estimated once and cached),
+    or None when only an estimate with the metric's own options fits."""
+    task = ctx.task_names(i + 1)[i]
+    given = task in ctx.fisher or (ctx.tracker is not None and task in ctx.tracker)
+    if given or not any(k in options for k in _ESTIMATE_OPTIONS):
+        return ctx.get_fisher(i)
+    return None
+
 
 @registry.register(
     "fisher_weighted_damage",
@@ -18,10 +32,9 @@ from natgrad.metrics.registry import registry
     ),
 )
 def _fisher_weighted_damage(ctx: MetricContext, **options):
+    if "fisher_a" not in options:
+        options["fisher_a"] = _context_fisher(ctx, 0, options)
     options.setdefault("labels", ctx.labels)
-    task_a = ctx.task_names(2)[0]
-    if "fisher_a" not in options and task_a in ctx.fisher:
-        options["fisher_a"] = ctx.fisher[task_a]
     return fisher_weighted_damage(
         ctx.models[0], ctx.batches[0], ctx.batches[1], ctx.likelihood, **options
     )
@@ -37,12 +50,11 @@ def _fisher_weighted_damage(ctx: MetricContext, **options):
     ),
 )
 def _fisher_damage_asymmetry(ctx: MetricContext, **options):
+    for i, key in enumerate(("fisher_math", "fisher_general")):
+        if key not in options:
+            options[key] = _context_fisher(ctx, i, options)
     options.setdefault("labels", ctx.labels)
-    names = ctx.task_names(2)
-    options.setdefault("names", tuple(names))
-    for key, task in (("fisher_math", names[0]), ("fisher_general", names[1])):
-        if key not in options and task in ctx.fisher:
-            options[key] = ctx.fisher[task]
+    options.setdefault("names", tuple(ctx.task_names(2)))
     return fisher_damage_asymmetry(
         ctx.models[0], ctx.batches[0], ctx.batches[1], ctx.likelihood, **options
     )
