@@ -42,25 +42,9 @@ from natgrad import (  # noqa: E402
     top_fisher_directions,
 )
 from natgrad.datasets import load_mnist1d  # noqa: E402
+from natgrad.demo._setup import calibration  # noqa: E402
 
 LOAD_NOTE = load_note()  # measured before the run starts
-
-
-def ece(probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
-    """Expected calibration error: Σ_b |B_b|/n · |acc(B_b) - conf(B_b)|."""
-    conf, pred = probs.max(-1)
-    correct = (pred == y).double()
-    edges = torch.linspace(0, 1, bins + 1)
-    total = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            total += float(m.double().mean() * (correct[m].mean() - conf[m].double().mean()).abs())
-    return total
-
-
-def nll(probs: torch.Tensor, y: torch.Tensor) -> float:
-    return float(-probs.gather(1, y.view(-1, 1)).clamp_min(1e-12).log().mean())
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -134,7 +118,7 @@ def main(quick: bool = False) -> str:
     rows_cal = []
     rows_ood = []
     map_p = map_probs["test"]
-    rows_cal.append(("MAP", "—", acc, nll(map_p, y_te), ece(map_p, y_te)))
+    rows_cal.append(("MAP", "—", acc, *calibration(map_p, y_te, bins=15)))
     for score_name, fn in [
         ("predictive entropy", entropy),
         ("1 - max prob", lambda p: 1 - p.max(-1).values),
@@ -146,7 +130,9 @@ def main(quick: bool = False) -> str:
         r = fisher_uncertainty(model, x_te, fisher, **kw)
         p = r.probs
         acc_l = float((p.argmax(-1) == y_te).float().mean())
-        rows_cal.append((name, f"{kw['prior_precision']:.3g}", acc_l, nll(p, y_te), ece(p, y_te)))
+        rows_cal.append(
+            (name, f"{kw['prior_precision']:.3g}", acc_l, *calibration(p, y_te, bins=15))
+        )
         outs = {k: fisher_uncertainty(model, x, fisher, **kw) for k, x in oods.items()}
         rows_ood.append(
             (name, f"epistemic ({r.epistemic_kind.replace('_', ' ')})")
