@@ -43,6 +43,7 @@ from natgrad.woodbury import gram_eigen, woodbury_solve
 __all__ = ["FisherPreconditioner", "PreconditionStep", "KINDS"]
 
 KINDS = ("diag", "kfac", "woodbury")
+_DIVERGED = "Training has likely diverged: lower the learning rate or raise damping."
 Damping = float | Callable[[int], float]
 
 
@@ -203,9 +204,9 @@ class FisherPreconditioner:
             )
             rows = torch.cat([_with_label_axis(g[k], p) for k, p in self.params.items()], -1)
             G = _acc(rows.reshape(-1, rows.shape[-1]))  # (N·K, P)
-            n = rows.shape[0]
+            check_finite("the per-sample gradients (kind='woodbury')", G, _DIVERGED)
             self._wood = {"G": G, **gram_eigen(G)}
-            self._wood_n = n
+            self._wood_n = rows.shape[0]
             return
         if self._layers:
             factors = kfac_factors(
@@ -218,11 +219,7 @@ class FisherPreconditioner:
             )
             for name, f in factors.items():
                 for which, M in (("A", f.A), ("G", f.G)):
-                    check_finite(
-                        f"the K-FAC factor {which} of layer {name!r}",
-                        M,
-                        "Training has likely diverged: lower the learning rate or raise damping.",
-                    )
+                    check_finite(f"the K-FAC factor {which} of layer {name!r}", M, _DIVERGED)
                 old = self._kfac.get(name, {})
                 A, G = self._ema(old.get("A"), f.A), self._ema(old.get("G"), f.G)
                 self._kfac[name] = {"A": A, "G": G}

@@ -475,14 +475,19 @@ def test_kfac_damping_schedule_refreshes_cached_inverses(mlp_case):
     assert_close_dict(got, _grads(model))
 
 
-def test_kfac_non_finite_factors_raise_clear_error():
+@pytest.mark.parametrize(
+    "kind,match",
+    [
+        ("kfac", "K-FAC factor A of layer '0'.*lower the learning rate"),
+        ("woodbury", "per-sample gradients \\(kind='woodbury'\\).*lower the learning rate"),
+    ],
+)
+def test_non_finite_curvature_raises_clear_error(kind, match):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
     x[0, 0] = float("inf")
-    pre = FisherPreconditioner(model, kind="kfac")
+    pre = FisherPreconditioner(model, kind=kind)
     torch.nn.functional.cross_entropy(model(x), y).backward()
-    with pytest.raises(
-        FloatingPointError, match="K-FAC factor A of layer '0'.*lower the learning rate"
-    ):
+    with pytest.raises(FloatingPointError, match=match):
         pre.step((x, y))
