@@ -204,8 +204,7 @@ class FisherPreconditioner:
             )
             rows = torch.cat([_with_label_axis(g[k], p) for k, p in self.params.items()], -1)
             G = _acc(rows.reshape(-1, rows.shape[-1]))  # (N·K, P)
-            check_finite("the per-sample gradients (kind='woodbury')", G, _DIVERGED)
-            self._wood = {"G": G, **gram_eigen(G)}
+            self._wood = {"G": G, **gram_eigen(G)}  # raises on NaN/Inf in G
             self._wood_n = rows.shape[0]
             return
         if self._layers:

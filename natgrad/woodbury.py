@@ -27,6 +27,8 @@ from collections.abc import Mapping
 
 import torch
 
+from natgrad._checks import check_finite
+
 __all__ = ["gram_eigen", "woodbury_solve"]
 
 
@@ -38,11 +40,21 @@ def gram_eigen(G: torch.Tensor) -> dict[str, torch.Tensor]:
 
     Returns:
         ``{"U": (R, r), "S": (r,)}`` in float64, ``r <= R`` kept eigenpairs.
+
+    Raises:
+        FloatingPointError: NaN or Inf in ``G`` (seen on the diagonal of ``GGᵀ``, so the
+            check costs ``R x R``, not ``R x P``).
     """
     K = (G @ G.T).double()
+    check_finite(
+        "the per-sample gradients (their Gram matrix GGᵀ)",
+        K,
+        "Check the inputs; in training, the run has likely diverged: lower the learning rate "
+        "or raise damping.",
+    )
     S, U = torch.linalg.eigh(K)
     eps = torch.finfo(G.dtype).eps
-    tol = S.abs().max().clamp_min(0) * G.shape[0] * eps
+    tol = S.abs().max() * G.shape[0] * eps
     keep = S.gt(tol)
     return {"U": U[:, keep].contiguous(), "S": S[keep].contiguous()}
 

@@ -479,7 +479,7 @@ def test_kfac_damping_schedule_refreshes_cached_inverses(mlp_case):
     "kind,match",
     [
         ("kfac", "K-FAC factor A of layer '0'.*lower the learning rate"),
-        ("woodbury", "per-sample gradients \\(kind='woodbury'\\).*lower the learning rate"),
+        ("woodbury", "per-sample gradients \\(their Gram matrix.*lower the learning rate"),
     ],
 )
 def test_non_finite_curvature_raises_clear_error(kind, match):
