@@ -134,6 +134,27 @@ def test_woodbury_equals_dense_solve(n, mlp_case):
     torch.testing.assert_close(got, ref)
 
 
+def test_woodbury_exact_labels_equal_dense_solve_with_the_exact_fisher(mlp_case):
+    # N·C rows (one per sample and class) but the Fisher divides by N: build the dense
+    # F = (1/N) Σ_n Σ_c p_nc ∇log p_nc ∇log p_ncᵀ by one backward per sample and class
+    model, x, y = mlp_case
+    n, params = len(x), list(model.parameters())
+    P = sum(p.numel() for p in params)
+    Fd = torch.zeros(P, P, dtype=torch.float64)
+    for i in range(n):
+        logp = model(x[i : i + 1]).log_softmax(-1)[0]
+        for c in range(logp.shape[0]):
+            g = torch.autograd.grad(logp[c], params, retain_graph=True)
+            v = torch.cat([t.reshape(-1) for t in g])
+            Fd += logp[c].exp().detach() * torch.outer(v, v) / n
+    _backward(model, x, y)
+    g = torch.cat([p.grad.reshape(-1) for p in params])
+    lam = 1e-2
+    ref = torch.linalg.solve(Fd + lam * torch.eye(P, dtype=torch.float64), g)
+    FisherPreconditioner(model, kind="woodbury", labels="exact", damping=lam).step((x, y))
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in params]), ref)
+
+
 def test_woodbury_least_squares_step_is_the_gauss_newton_step():
     torch.manual_seed(7)
     n, d = 50, 6
