@@ -13,14 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vjp, vmap
 
+from natgrad._common import to_acc
 from natgrad.engine import _CHUNK_FLOATS
 
 _PRODUCT_FLOATS = 2**22  # one chunk of per-sample products: about 16 MiB of float32
 
 
-def work(t: torch.Tensor) -> torch.Tensor:
-    """float64 stays float64; everything else (bf16, fp16, fp32) is computed in float32."""
-    return t if t.dtype == torch.float64 else t.float()
+work = to_acc  # float64 stays float64; bf16, fp16 and fp32 are computed in float32
 
 
 def seq_products(X: torch.Tensor, Y: torch.Tensor, w: float) -> torch.Tensor:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from natgrad._checks import check_same_structure
+from natgrad._common import module_of
 from natgrad._report import Report
 
 __all__ = ["FisherComparison", "LayerComparison", "compare_task_fisher"]
@@ -65,10 +66,6 @@ class FisherComparison(LayerComparison):
     """
 
     per_layer: dict[str, LayerComparison] = field(default_factory=dict)
-
-
-def _module_of(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else name
 
 
 def _resolve_k(top_k: int | float, numel: int) -> int:
@@ -164,7 +161,7 @@ def compare_task_fisher(
     cos, t2v, overlap, jac = _measures(a, b, k)
     modules: dict[str, list[str]] = {}
     for n in names:
-        modules.setdefault(_module_of(n), []).append(n)
+        modules.setdefault(module_of(n), []).append(n)
     per_layer = {}
     for mod, ks in modules.items():
         la, lb = torch.cat([flat1[n] for n in ks]), torch.cat([flat2[n] for n in ks])

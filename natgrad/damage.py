@@ -34,6 +34,7 @@ from torch import nn
 
 from natgrad._batch import OutputFn, default_output_fn, parse_batch
 from natgrad._checks import check_finite, check_positive, check_same_structure
+from natgrad._common import module_of
 from natgrad._report import Report
 from natgrad.engine import ParamSpec, select_params
 from natgrad.estimate import estimate_fisher
@@ -45,10 +46,6 @@ __all__ = [
     "fisher_weighted_damage",
     "fisher_damage_asymmetry",
 ]
-
-
-def _module_of(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else name
 
 
 @dataclass
@@ -254,7 +251,7 @@ def _damage(
     for k in fisher_a:
         d = -lr * g_b[k]
         f = torch.as_tensor(fisher_a[k]).to(device=d.device, dtype=d.dtype)
-        mod = _module_of(k)
+        mod = module_of(k)
         weighted[mod] = weighted.get(mod, 0.0) + float((f * d * d).sum())
         energy[mod] = energy.get(mod, 0.0) + float((d * d).sum())
         first[mod] = first.get(mod, 0.0) + float((g_a[k] * d).sum())

@@ -36,6 +36,7 @@ from torch.func import functional_call, jvp, vjp
 
 from natgrad._batch import OutputFn
 from natgrad._checks import check_choice, check_no_train_dropout, check_positive
+from natgrad._common import acc_dtype
 from natgrad._report import Report, to_jsonable
 from natgrad.engine import LABEL_SOURCES, ParamSpec, _Plan, per_sample_grads, select_params
 from natgrad.estimate import iterate_batches
@@ -87,9 +88,9 @@ class FisherDirections(Report):
 
 
 def _acc_dtype(params: Mapping[str, torch.Tensor]) -> torch.dtype:
-    return (
-        torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
-    )
+    """float64 when any parameter is float64, else float32 (see :func:`acc_dtype`)."""
+    dtypes = {acc_dtype(p.dtype) for p in params.values()}
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _unflatten(vec: torch.Tensor, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

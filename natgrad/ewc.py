@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from natgrad._checks import check_choice, check_finite, check_fraction, check_positive
+from natgrad._common import acc_dtype
 
 __all__ = ["EWC"]
 
@@ -40,11 +41,6 @@ def _resolve(name: str, named: Mapping[str, nn.Parameter]) -> str | None:
     if name.endswith(_ORIG) and name[: -len(_ORIG)] in named:
         return name[: -len(_ORIG)]
     return None
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class EWC:
@@ -160,7 +156,7 @@ class EWC:
                     f"Fisher entry {k!r} has negative values; a diagonal Fisher is >= 0. "
                     "Pass squared-gradient means (e.g. from natgrad.estimate_fisher)."
                 )
-            new_f[target] = v.to(device=p.device, dtype=_acc_dtype(p.dtype)).clone()
+            new_f[target] = v.to(device=p.device, dtype=acc_dtype(p.dtype)).clone()
             a = None if anchor is None else anchor.get(k, anchor.get(target))
             src = p if a is None else torch.as_tensor(a)
             if tuple(src.shape) != tuple(p.shape):
@@ -216,14 +212,14 @@ class EWC:
                         f"{list(named)[:8]}. Penalize the model that was consolidated."
                     )
                 p = named[target]
-                acc = _acc_dtype(p.dtype)
+                acc = acc_dtype(p.dtype)
                 d = p.to(acc) - t["anchor"][k].to(device=p.device, dtype=acc)
                 term = (f.to(device=p.device, dtype=acc) * d * d).sum()
                 total = term if total is None else total + term
         if total is None:
             p = next(iter(named.values()), None)
             dev = p.device if p is not None else None
-            dt = _acc_dtype(p.dtype) if p is not None else torch.float32
+            dt = acc_dtype(p.dtype) if p is not None else torch.float32
             return torch.zeros((), device=dev, dtype=dt)
         return total * (0.5 * self.lam)
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from natgrad._checks import check_fraction, check_same_structure
+from natgrad._common import module_of, to_acc
 from natgrad._version import __version__
 
 __all__ = ["DiagonalFisher", "top_coordinates"]
@@ -24,8 +25,7 @@ _FORMAT = "natgrad.DiagonalFisher"
 
 
 def _as_acc(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+    return to_acc(t.detach())
 
 
 class DiagonalFisher(Mapping):
@@ -149,7 +149,7 @@ class DiagonalFisher(Mapping):
         """``Σ_i F_i`` per module (parameter names up to the last dot)."""
         out: dict[str, float] = {}
         for k, v in self.items():
-            mod = k.rsplit(".", 1)[0] if "." in k else k
+            mod = module_of(k)
             out[mod] = out.get(mod, 0.0) + float(v.sum())
         return out
 

@@ -50,9 +50,10 @@ from torch import nn
 
 from natgrad._batch import OutputFn
 from natgrad._checks import check_choice
+from natgrad._common import to_acc as _acc
 from natgrad._report import Report
 from natgrad.engine import ParamSpec, _Plan
-from natgrad.likelihoods import Likelihood, _acc
+from natgrad.likelihoods import Likelihood
 
 __all__ = [
     "KFACLayer",

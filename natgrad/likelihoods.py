@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from natgrad._checks import check_choice, check_positive
+from natgrad._common import to_acc as _acc
 
 __all__ = [
     "Likelihood",
@@ -87,11 +88,6 @@ class Likelihood(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
-
-
-def _acc(t: torch.Tensor) -> torch.Tensor:
-    """Accumulation dtype: float64 stays float64, everything else becomes float32."""
-    return t if t.dtype == torch.float64 else t.float()
 
 
 def _onehot_factor(p: torch.Tensor, start: int, stop: int) -> torch.Tensor:

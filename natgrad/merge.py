@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from natgrad._checks import check_finite, check_positive, check_same_structure
+from natgrad._common import acc_dtype
 from natgrad._pruned import deepcopy_model, mask_buffer_names, refresh_pruned
 
 __all__ = ["fisher_weighted_merge"]
@@ -186,17 +187,13 @@ def _check_fishers(fishers, model: nn.Module, normalize: bool) -> list[dict[str,
     return out
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
-
-
 def _mean(thetas: list[torch.Tensor], w: list[float]) -> torch.Tensor:
-    dt = _acc_dtype(thetas[0])
+    dt = acc_dtype(thetas[0].dtype)
     return sum(wm * t.to(dt) for wm, t in zip(w, thetas))
 
 
 def _fisher_mean(thetas, fs, w, floor: float) -> torch.Tensor:
-    dt = torch.promote_types(_acc_dtype(thetas[0]), fs[0].dtype)
+    dt = torch.promote_types(acc_dtype(thetas[0].dtype), fs[0].dtype)
     dev = thetas[0].device
     num = torch.zeros(thetas[0].shape, dtype=dt, device=dev)
     den = torch.zeros_like(num)

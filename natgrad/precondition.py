@@ -24,6 +24,7 @@ from natgrad._checks import (
     check_positive,
     check_same_structure,
 )
+from natgrad._common import to_acc as _acc
 from natgrad._report import Report
 from natgrad.engine import LABEL_SOURCES, ParamSpec, per_sample_grads, select_params
 from natgrad.estimate import estimate_fisher
@@ -37,7 +38,7 @@ from natgrad.kfac import (
     layer_matrix,
     split_layer_matrix,
 )
-from natgrad.likelihoods import Likelihood, _acc, get_likelihood
+from natgrad.likelihoods import Likelihood, get_likelihood
 from natgrad.woodbury import gram_eigen, woodbury_solve
 
 __all__ = ["FisherPreconditioner", "PreconditionStep", "KINDS"]

@@ -14,9 +14,11 @@ from torch import nn
 
 from natgrad._batch import OutputFn, default_output_fn, parse_batch
 from natgrad._checks import check_positive, check_same_structure
+from natgrad._common import module_of
+from natgrad._common import to_acc as _acc
 from natgrad._report import Report
 from natgrad.engine import model_device
-from natgrad.likelihoods import Likelihood, TokenCategorical, _acc, get_likelihood
+from natgrad.likelihoods import Likelihood, TokenCategorical, get_likelihood
 
 __all__ = ["scale_by_fisher", "NaturalGradientNorms", "natural_gradient_norms"]
 
@@ -156,7 +158,7 @@ def natural_gradient_norms(
     sq_g: dict[str, float] = {}
     sq_d: dict[str, float] = {}
     for k in names:
-        mod = k.rsplit(".", 1)[0] if "." in k else k
+        mod = module_of(k)
         sq_g[mod] = sq_g.get(mod, 0.0) + float(grads[k].double().pow(2).sum())
         sq_d[mod] = sq_d.get(mod, 0.0) + float(nat[k].double().pow(2).sum())
     for mod in sq_g:

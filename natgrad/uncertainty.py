@@ -38,6 +38,7 @@ from natgrad._checks import (
     check_positive,
     check_same_structure,
 )
+from natgrad._common import acc_dtype
 from natgrad._report import Report
 from natgrad.engine import ParamSpec, _dim, _unsq, model_device, select_params
 from natgrad.estimate import iterate_batches
@@ -165,11 +166,6 @@ def _resolve_n(fisher: Mapping, n_data: int | None) -> int:
     if int(n) < 1 or int(n) != n:
         raise ValueError(f"Invalid n_data: {n!r}; it must be an integer >= 1.")
     return int(n)
-
-
-def _acc_dtype(model: nn.Module) -> torch.dtype:
-    p = next(model.parameters())
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def _inverse_precisions(
@@ -375,7 +371,7 @@ def fisher_uncertainty(
     lik, chosen, n, link = _prepare(
         model, fisher, params, likelihood, n_data, link, n_samples, chunk_size
     )
-    dtype = _acc_dtype(model)
+    dtype = acc_dtype(next(model.parameters()).dtype)
     device = model_device(model)
     b = parse_batch(batch).to(device)
     inv = _inverse_precisions(
@@ -525,7 +521,7 @@ def optimize_prior_precision(
         raise ValueError("grid is empty: pass at least one candidate prior precision.")
     for g in cand:
         check_positive("grid value", g)
-    dtype = _acc_dtype(model)
+    dtype = acc_dtype(next(model.parameters()).dtype)
     if method == "marglik":
         theta_sq, nf = _marglik_terms(model, fisher, chosen, n, dtype)
         scores = [_log_marglik(theta_sq, nf, g) for g in cand]

@@ -1,0 +1,30 @@
+"""Small helpers shared across layers: accumulation dtype and module names."""
+
+from __future__ import annotations
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype for ``dtype``: float64 stays float64, all else is float32.
+
+    Example:
+        >>> acc_dtype(torch.bfloat16), acc_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def to_acc(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in its accumulation dtype (see :func:`acc_dtype`); no copy when already there."""
+    return t.to(acc_dtype(t.dtype))
+
+
+def module_of(name: str) -> str:
+    """The module part of a parameter name: everything before the last dot.
+
+    Example:
+        >>> module_of("encoder.0.weight"), module_of("scale")
+        ('encoder.0', 'scale')
+    """
+    return name.rsplit(".", 1)[0] if "." in name else name
