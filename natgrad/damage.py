@@ -32,13 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from natgrad._batch import OutputFn, default_output_fn, parse_batch
-from natgrad._checks import check_finite, check_positive, check_same_structure
+from natgrad._batch import OutputFn, default_output_fn
+from natgrad._checks import check_positive, check_same_structure
 from natgrad._common import module_of
 from natgrad._report import Report
-from natgrad.engine import ParamSpec, select_params
+from natgrad.engine import ParamSpec, mean_loss_grad, select_params
 from natgrad.estimate import estimate_fisher
-from natgrad.likelihoods import Likelihood, TokenCategorical, get_likelihood
+from natgrad.likelihoods import Likelihood, get_likelihood
 
 __all__ = [
     "DamageReport",
@@ -105,40 +105,6 @@ class AsymmetryReport(Report):
     more_fragile: str
     first: DamageReport
     second: DamageReport
-
-
-def _mean_grad(
-    model: nn.Module,
-    batch: Any,
-    lik: Likelihood,
-    names: list[str],
-    output_fn: OutputFn,
-    which: str,
-) -> tuple[dict[str, torch.Tensor], int]:
-    """``∇L = ∇ (1/N) Σ_n l_n`` over ``batch`` for the named parameters (plain autograd)."""
-    named = dict(model.named_parameters())
-    p0 = named[names[0]]
-    b = parse_batch(batch).to(p0.device)
-    if b.target is None:
-        raise ValueError(
-            f"{which} has no labels, but its loss (and the step / first-order term) needs "
-            "them: pass (x, y) or a dict with 'labels'."
-        )
-    target = b.target
-    if isinstance(lik, TokenCategorical) and b.mask is not None:  # padding is left out
-        target = torch.where(b.mask == 0, torch.full_like(target, lik.ignore_index), target)
-    with torch.enable_grad():
-        out = output_fn(model(*b.args, **b.kwargs))
-        lik.check_target(out, target)
-        loss = lik.nll(out, target).mean()
-        params = [named[k] for k in names]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-    res = {}
-    for k, p, g in zip(names, params, grads):
-        g = torch.zeros_like(p) if g is None else g.detach()
-        res[k] = g.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
-        check_finite(f"the gradient of {which}'s loss for {k!r}", res[k])
-    return res, b.size
 
 
 def _names(model: nn.Module, fisher, params: ParamSpec, what: str = "fisher_a") -> list[str]:
@@ -215,8 +181,12 @@ def fisher_weighted_damage(
     fisher_a = _fisher_or_estimate(
         model, task_a_batch, lik, fisher_a, names, labels, mc_samples, output_fn
     )
-    g_a, n_a = _mean_grad(model, task_a_batch, lik, names, output_fn, "task_a_batch")
-    g_b, n_b = _mean_grad(model, task_b_batch, lik, names, output_fn, "task_b_batch")
+    g_a, n_a = mean_loss_grad(
+        model, task_a_batch, lik, names, output_fn=output_fn, what="task_a_batch"
+    )
+    g_b, n_b = mean_loss_grad(
+        model, task_b_batch, lik, names, output_fn=output_fn, what="task_b_batch"
+    )
     return _damage(fisher_a, g_a, g_b, n_a, n_b, lr, labels)
 
 
@@ -349,8 +319,10 @@ def fisher_damage_asymmetry(
         model, general_batch, lik, fisher_general, names2, labels, mc_samples, output_fn
     )
     both = list(dict.fromkeys(names1 + names2))
-    g1, n1 = _mean_grad(model, math_batch, lik, both, output_fn, "math_batch")
-    g2, n2 = _mean_grad(model, general_batch, lik, both, output_fn, "general_batch")
+    g1, n1 = mean_loss_grad(model, math_batch, lik, both, output_fn=output_fn, what="math_batch")
+    g2, n2 = mean_loss_grad(
+        model, general_batch, lik, both, output_fn=output_fn, what="general_batch"
+    )
     to_first = _damage(f1, g1, g2, n1, n2, lr, labels)
     to_second = _damage(f2, g2, g1, n2, n1, lr, labels)
     d1, d2 = to_first.damage, to_second.damage

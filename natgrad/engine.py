@@ -30,6 +30,7 @@ from torch.func import functional_call, vjp, vmap
 
 from natgrad._batch import Batch, OutputFn, default_output_fn, parse_batch
 from natgrad._checks import check_choice, check_finite, check_no_batch_mixing
+from natgrad._common import to_acc
 from natgrad.likelihoods import Likelihood, TokenCategorical, get_likelihood
 
 __all__ = ["per_sample_grads", "select_params", "LABEL_SOURCES", "ParamSpec"]
@@ -136,13 +137,7 @@ class _Plan:
     def parse(self, batch: Any) -> tuple[Batch, torch.Tensor | None]:
         """Parse a batch onto the model's device; return it with its (masked) target."""
         b = parse_batch(batch).to(self.device)
-        target = b.target
-        if isinstance(self.lik, TokenCategorical) and b.mask is not None:
-            if target is None:
-                target = torch.zeros(b.mask.shape, dtype=torch.long, device=self.device)
-            target = torch.where(
-                b.mask == 0, torch.full_like(target, self.lik.ignore_index), target
-            )
+        target = masked_target(self.lik, b)
         if self.labels == "empirical" and target is None:
             raise ValueError(
                 "labels='empirical' needs the data's labels, but the batch has none: pass "
@@ -264,6 +259,68 @@ class _Plan:
                         stacklevel=2,
                     )
             yield stop - start, _loop(fn, in_dims, args, stop - start)
+
+
+def masked_target(lik: Likelihood, b: Batch) -> torch.Tensor | None:
+    """The batch's target, with tokens whose attention mask is 0 set to ``ignore_index``.
+
+    Only ``token_categorical`` reads the mask; a masked batch without labels gets a
+    placeholder target (zeros) that carries the mask for ``mc`` / ``exact`` labels.
+    """
+    target = b.target
+    if isinstance(lik, TokenCategorical) and b.mask is not None:
+        if target is None:
+            target = torch.zeros(b.mask.shape, dtype=torch.long, device=b.mask.device)
+        target = torch.where(b.mask == 0, torch.full_like(target, lik.ignore_index), target)
+    return target
+
+
+def mean_loss_grad(
+    model: nn.Module,
+    batch: Any,
+    likelihood: str | Likelihood,
+    names: Sequence[str],
+    *,
+    output_fn: OutputFn | None = None,
+    what: str = "the batch",
+) -> tuple[dict[str, torch.Tensor], int]:
+    """``∇θ L`` of the mean loss ``L = (1/N) Σ_n l_n`` over ``batch``, and ``N``.
+
+    One ordinary forward and backward pass (``.grad`` is not touched); padding is left
+    out as in the Fisher (:func:`masked_target`). Gradients come in the accumulation
+    dtype (float64 stays float64, else float32); parameters that do not reach the loss
+    get zeros.
+
+    Raises:
+        ValueError: the batch has no labels (named by ``what``), or they do not fit.
+        FloatingPointError: a non-finite gradient.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 2)
+        >>> g, n = mean_loss_grad(model, (torch.randn(3, 2), torch.tensor([0, 1, 1])), "categorical", ["bias"])
+        >>> n, g["bias"].shape
+        (3, torch.Size([2]))
+    """
+    lik = get_likelihood(likelihood)
+    named = dict(model.named_parameters())
+    b = parse_batch(batch).to(model_device(model))
+    if b.target is None:
+        raise ValueError(
+            f"{what} has no labels: the loss gradient needs the data's labels, but the batch "
+            "has none; pass (x, y) or a dict with 'labels'."
+        )
+    target = masked_target(lik, b)
+    params = [named[k] for k in names]
+    with torch.enable_grad():
+        out = (output_fn or default_output_fn)(model(*b.args, **b.kwargs))
+        lik.check_target(out, target)
+        grads = torch.autograd.grad(lik.nll(out, target).mean(), params, allow_unused=True)
+    res = {}
+    for k, p, g in zip(names, params, grads):
+        res[k] = to_acc(torch.zeros_like(p) if g is None else g.detach())
+        check_finite(f"the gradient of {what}'s loss for {k!r}", res[k])
+    return res, b.size
 
 
 def _loop(fn, in_dims, args, n: int):

@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from natgrad._batch import OutputFn, default_output_fn, parse_batch
+from natgrad._batch import OutputFn
 from natgrad._checks import check_positive, check_same_structure
 from natgrad._common import module_of
 from natgrad._common import to_acc as _acc
 from natgrad._report import Report
-from natgrad.engine import model_device
-from natgrad.likelihoods import Likelihood, TokenCategorical, get_likelihood
+from natgrad.engine import mean_loss_grad
+from natgrad.likelihoods import Likelihood, get_likelihood
 
 __all__ = ["scale_by_fisher", "NaturalGradientNorms", "natural_gradient_norms"]
 
@@ -137,22 +137,8 @@ def natural_gradient_norms(
         raise ValueError(
             f"The Fisher has parameters the model lacks: {missing[:8]}; estimate it on this model."
         )
-    b = parse_batch(batch).to(model_device(model))
-    if b.target is None:
-        raise ValueError(
-            "The gradient needs the data's labels, but the batch has none: pass (x, y) or a "
-            "dict with 'labels'."
-        )
-    target = b.target
-    if isinstance(lik, TokenCategorical) and b.mask is not None:  # padding is left out
-        target = torch.where(b.mask == 0, torch.full_like(target, lik.ignore_index), target)
     names = list(fisher)
-    with torch.enable_grad():
-        out = (output_fn or default_output_fn)(model(*b.args, **b.kwargs))
-        lik.check_target(out, target)
-        loss = lik.nll(out, target).mean()
-        gs = torch.autograd.grad(loss, [named[k] for k in names], allow_unused=True)
-    grads = {k: torch.zeros_like(named[k]) if g is None else g for k, g in zip(names, gs)}
+    grads, _ = mean_loss_grad(model, batch, lik, names, output_fn=output_fn, what="The batch")
     nat = scale_by_fisher(grads, fisher, lam)
     layers: dict[str, dict[str, float | None]] = {}
     sq_g: dict[str, float] = {}
