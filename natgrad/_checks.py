@@ -5,7 +5,9 @@ Each message names what was expected, what arrived, and how to fix it.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +23,26 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
             f"Unknown {name} {value!r}; expected one of {', '.join(repr(c) for c in choices)}."
         )
     return value
+
+
+def check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> int | None:
+    """Return ``value`` as an int if it is an integer ``>= minimum`` (or None when ``optional``).
+
+    Raises:
+        ValueError: naming the argument, the value and the valid range.
+    """
+    if value is None and optional:
+        return None
+    try:
+        v = operator.index(value)
+    except TypeError:
+        v = None
+    if v is None or isinstance(value, bool) or v < minimum:
+        raise ValueError(
+            f"Invalid {name}: {value!r}; it must be an integer >= {minimum}"
+            + (" or None." if optional else ".")
+        )
+    return v
 
 
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:

@@ -35,7 +35,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 
 from natgrad._batch import OutputFn
-from natgrad._checks import check_choice, check_no_train_dropout, check_positive
+from natgrad._checks import check_choice, check_int, check_no_train_dropout, check_positive
 from natgrad._common import acc_dtype
 from natgrad._report import Report, to_jsonable
 from natgrad.engine import LABEL_SOURCES, ParamSpec, _Plan, per_sample_grads, select_params
@@ -102,8 +102,7 @@ def _unflatten(vec: torch.Tensor, params: Mapping[str, torch.Tensor]) -> dict[st
 
 
 def _check_k(k: int, rows: int, p: int) -> int:
-    if int(k) != k or int(k) < 1:
-        raise ValueError(f"Invalid k: {k!r}; it must be an integer >= 1.")
+    check_int("k", k, 1)
     k = int(k)
     if k > min(rows, p):
         raise ValueError(
@@ -350,12 +349,10 @@ def top_fisher_directions(
     method = check_choice("method", method, METHODS)
     labels = check_choice("labels", labels, LABEL_SOURCES)
     lik = get_likelihood(likelihood)
-    if int(mc_samples) < 1:
-        raise ValueError(f"Invalid mc_samples: {mc_samples!r}; it must be an integer >= 1.")
+    check_int("mc_samples", mc_samples, 1)
     if tol is not None:
         check_positive("tol", tol)
-    if chunk_size is not None and int(chunk_size) < 1:
-        raise ValueError(f"Invalid chunk_size: {chunk_size!r}; it must be >= 1 or None.")
+    check_int("chunk_size", chunk_size, 1, optional=True)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     args = (model, data, lik, labels, int(mc_samples), params, chunk_size, gen, output_fn, k)
     if method == "gram":

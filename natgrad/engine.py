@@ -29,7 +29,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from natgrad._batch import Batch, OutputFn, default_output_fn, parse_batch
-from natgrad._checks import check_choice, check_finite, check_no_batch_mixing
+from natgrad._checks import check_choice, check_finite, check_int, check_no_batch_mixing
 from natgrad._common import to_acc
 from natgrad.likelihoods import Likelihood, TokenCategorical, get_likelihood
 
@@ -109,8 +109,7 @@ class _Plan:
         self.model = model
         self.lik: Likelihood = get_likelihood(likelihood)
         self.labels = check_choice("labels", labels, LABEL_SOURCES)
-        if int(mc_samples) < 1:
-            raise ValueError(f"Invalid mc_samples: {mc_samples!r}; it must be an integer >= 1.")
+        check_int("mc_samples", mc_samples, 1)
         self.k = int(mc_samples)
         self.params = select_params(model, params)
         self.output_fn: OutputFn = output_fn or default_output_fn
@@ -224,9 +223,9 @@ class _Plan:
     def run(self, b: Batch, target, draws, mode: str, chunk_size: int | None):
         """Yield the per-sample result of ``mode`` for each chunk of the batch."""
         K = self.k if self.labels == "mc" else 1
-        chunk = chunk_size or max(1, min(b.size, _CHUNK_FLOATS // max(self.P * K, 1)))
-        if chunk < 1:
-            raise ValueError(f"Invalid chunk_size: {chunk_size!r}; it must be >= 1.")
+        chunk = check_int("chunk_size", chunk_size, 1, optional=True) or max(
+            1, min(b.size, _CHUNK_FLOATS // max(self.P * K, 1))
+        )
         fn = self.per_sample(mode)
         params = {k: p.detach() for k, p in self.params.items()}
         for start in range(0, b.size, chunk):

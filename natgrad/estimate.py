@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from natgrad._batch import OutputFn
-from natgrad._checks import check_choice, check_finite
+from natgrad._checks import check_choice, check_finite, check_int
 from natgrad.checkpoint import check_same_run, load_checkpoint, run_fingerprint, save_checkpoint
 from natgrad.distributed import all_reduce_sums
 from natgrad.engine import ParamSpec, _Plan
@@ -31,8 +31,7 @@ def is_single_batch(data: Any) -> bool:
 
 def iterate_batches(data: Any, max_batches: int | None = None) -> Iterable[Any]:
     """Yield batches from one batch, an iterable of batches or a DataLoader."""
-    if max_batches is not None and int(max_batches) < 1:
-        raise ValueError(f"Invalid max_batches: {max_batches!r}; it must be >= 1 or None.")
+    max_batches = check_int("max_batches", max_batches, 1, optional=True)
     if is_single_batch(data):
         return iter([data])
     try:
@@ -126,11 +125,7 @@ def estimate_fisher(
     sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in plan.params.items()}
     n_total, done, every, fingerprint = 0, 0, 0, None
     if checkpoint is not None:
-        every = int(checkpoint_every)
-        if every < 1:
-            raise ValueError(
-                f"Invalid checkpoint_every: {checkpoint_every!r}; it must be an integer >= 1."
-            )
+        every = check_int("checkpoint_every", checkpoint_every, 1)
         fingerprint = run_fingerprint(
             plan.params,
             labels=plan.labels,

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from natgrad._checks import check_fraction, check_same_structure
+from natgrad._checks import check_fraction, check_int, check_same_structure
 from natgrad._common import module_of, to_acc
 from natgrad._version import __version__
 
@@ -291,8 +291,7 @@ def top_coordinates(
         >>> top_coordinates({"a": torch.tensor([0.1, 5.0]), "b": torch.tensor([[2.0]])}, 2)
         [('a', (1,), 5.0), ('b', (0, 0), 2.0)]
     """
-    if int(k) < 1:
-        raise ValueError(f"Invalid k: {k!r}; it must be >= 1.")
+    k = check_int("k", k, 1)
     names = list(fisher)
     if not names:
         raise ValueError("The Fisher is empty: there are no coordinates to rank.")

@@ -21,6 +21,7 @@ from natgrad._checks import (
     check_choice,
     check_finite,
     check_fraction,
+    check_int,
     check_positive,
     check_same_structure,
 )
@@ -161,8 +162,8 @@ class FisherPreconditioner:
         if not callable(damping):
             check_positive("damping", damping)
         self.damping = damping
-        self.update_every = _check_int("update_every", update_every, 1)
-        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+        self.update_every = check_int("update_every", update_every, 1)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self.ema_decay = check_fraction("ema_decay", ema_decay)
         self.kl_clip = None if kl_clip is None else check_positive("kl_clip", kl_clip)
         self.kfac_damping = check_choice("kfac_damping", kfac_damping, KFAC_DAMPING)
@@ -376,9 +377,3 @@ def _with_label_axis(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     if g.dim() == p.dim() + 1:
         return g.reshape(g.shape[0], 1, -1)
     return g.reshape(g.shape[0], g.shape[1], -1)
-
-
-def _check_int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Invalid {name}: {value!r}; it must be an integer >= {minimum}.")
-    return value

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from natgrad._checks import check_choice, check_fraction, check_positive
+from natgrad._checks import check_choice, check_fraction, check_int, check_positive
 from natgrad._pruned import effective_params
 
 __all__ = ["fisher_importance", "fisher_pruning_masks"]
@@ -176,8 +176,7 @@ def fisher_pruning_masks(
     if structured is not None:
         check_choice("structured", structured, ("channel",))
     check_choice("channel_bias", channel_bias, ("remove", "keep"))
-    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
-        raise ValueError(f"Invalid min_keep: {min_keep!r}; it must be an integer >= 0.")
+    min_keep = check_int("min_keep", min_keep, 0)
     if not importance:
         raise ValueError("importance is empty: there is nothing to prune.")
     for k, v in importance.items():

@@ -33,6 +33,7 @@ from torch.func import functional_call, jacrev, vmap
 from natgrad._batch import Batch, OutputFn, default_output_fn, parse_batch
 from natgrad._checks import (
     check_choice,
+    check_int,
     check_no_batch_mixing,
     check_no_train_dropout,
     check_positive,
@@ -163,8 +164,7 @@ def _resolve_n(fisher: Mapping, n_data: int | None) -> int:
             "n_data is needed: the Fisher is a plain mapping without n_samples; pass "
             "n_data= the number of training samples."
         )
-    if int(n) < 1 or int(n) != n:
-        raise ValueError(f"Invalid n_data: {n!r}; it must be an integer >= 1.")
+    check_int("n_data", n, 1)
     return int(n)
 
 
@@ -292,11 +292,9 @@ def _mc_noise(lik, link, n_samples, mean, generator, device) -> torch.Tensor | N
 def _prepare(model, fisher, params, likelihood, n_data, link, n_samples, chunk_size):
     check_no_batch_mixing(model)
     check_no_train_dropout(model, "the Laplace predictive")
-    if chunk_size is not None and int(chunk_size) < 1:
-        raise ValueError(f"Invalid chunk_size: {chunk_size!r}; it must be >= 1 or None.")
+    check_int("chunk_size", chunk_size, 1, optional=True)
     link = check_choice("link", link, LINKS)
-    if int(n_samples) < 1:
-        raise ValueError(f"Invalid n_samples: {n_samples!r}; it must be an integer >= 1.")
+    check_int("n_samples", n_samples, 1)
     lik = _resolve_likelihood(likelihood, fisher)
     chosen = _resolve_params(model, fisher, params)
     return lik, chosen, _resolve_n(fisher, n_data), link
