@@ -112,6 +112,21 @@ def check_same_structure(
         )
 
 
+def check_names_in(
+    names: Iterable[str], available: Mapping[str, Any], what: str = "The Fisher"
+) -> None:
+    """Raise ValueError when ``names`` (e.g. a Fisher's) are not all in ``available``
+    (e.g. ``dict(model.named_parameters())``), listing the missing and the available ones."""
+    missing = [k for k in names if k not in available]
+    if missing:
+        more = f" ... ({len(missing)} in all)" if len(missing) > 8 else ""
+        raise ValueError(
+            f"{what} has parameters the model lacks: {missing[:8]}{more}; the model has "
+            f"{list(available)[:8]}. Estimate {what[0].lower() + what[1:]} on this model "
+            "(same architecture and parameter names)."
+        )
+
+
 def _short(items: list[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from natgrad._batch import OutputFn, default_output_fn
-from natgrad._checks import check_positive, check_same_structure
+from natgrad._checks import check_names_in, check_positive, check_same_structure
 from natgrad._common import module_of
 from natgrad._report import Report
 from natgrad.engine import ParamSpec, mean_loss_grad, select_params
@@ -112,12 +112,7 @@ def _names(model: nn.Module, fisher, params: ParamSpec, what: str = "fisher_a") 
     if fisher is None:
         return list(select_params(model, params))
     named = dict(model.named_parameters())
-    missing = [k for k in fisher if k not in named]
-    if missing:
-        raise ValueError(
-            f"{what} has parameters the model lacks: {missing[:8]}; the model has "
-            f"{list(named)[:8]}. Estimate {what} on this model."
-        )
+    check_names_in(fisher, named, what)
     check_same_structure(dict(fisher), {k: named[k] for k in fisher}, what, "the model")
     if not len(fisher):
         raise ValueError(f"{what} is empty: it covers no parameters.")

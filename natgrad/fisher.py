@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from natgrad._checks import check_fraction, check_int, check_same_structure
+from natgrad._checks import check_fraction, check_int, check_names_in, check_same_structure
 from natgrad._common import module_of, to_acc
 from natgrad._version import __version__
 
@@ -193,13 +193,7 @@ class DiagonalFisher(Mapping):
         """
         named = {k: p for k, p in model.named_parameters()}
         ref = named if strict else {k: named[k] for k in named if k in self._values}
-        missing = [k for k in self._values if k not in named]
-        if missing:
-            raise ValueError(
-                f"The Fisher has parameters the model lacks: {missing[:8]}"
-                + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
-                + f". The model has {list(named)[:8]}. Was it estimated on another architecture?"
-            )
+        check_names_in(self._values, named)
         check_same_structure(self._values, ref, "the Fisher", "the model")
 
     def save(self, path: str | os.PathLike) -> None:

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from natgrad._checks import check_choice, check_fraction, check_int, check_positive
+from natgrad._checks import check_choice, check_fraction, check_int, check_names_in, check_positive
 from natgrad._pruned import effective_params
 
 __all__ = ["fisher_importance", "fisher_pruning_masks"]
@@ -64,12 +64,7 @@ def fisher_importance(
     by_param.update(
         {ename: (ename, v) for ename, (_, v) in eff.items()}
     )  # Fisher from before pruning
-    unknown = [k for k in fisher if k not in by_param]
-    if unknown:
-        raise ValueError(
-            f"The Fisher has parameters the model lacks: {unknown[:8]}; the model has "
-            f"{list(by_param)[:8]}. Estimate the Fisher on this model (same architecture)."
-        )
+    check_names_in(fisher, by_param)
     out: dict[str, torch.Tensor] = {}
     for k, F in fisher.items():
         ename, theta = by_param[k]

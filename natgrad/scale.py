@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from natgrad._batch import OutputFn
-from natgrad._checks import check_positive, check_same_structure
+from natgrad._checks import check_names_in, check_positive, check_same_structure
 from natgrad._common import module_of
 from natgrad._common import to_acc as _acc
 from natgrad._report import Report
@@ -52,12 +52,7 @@ def scale_by_fisher(
     lam = check_positive("damping", damping, allow_zero=True)
     if isinstance(grads, nn.Module):
         named = dict(grads.named_parameters())
-        missing = [k for k in fisher if k not in named]
-        if missing:
-            raise ValueError(
-                f"The Fisher has parameters the model lacks: {missing[:8]}; estimate the "
-                "Fisher on this model (or pass a dict of gradients)."
-            )
+        check_names_in(fisher, named)
         live = {k: named[k].grad for k in fisher if named[k].grad is not None}
         out = scale_by_fisher(live, {k: fisher[k] for k in live}, lam)
         for k, v in out.items():
@@ -132,11 +127,7 @@ def natural_gradient_norms(
     lam = check_positive("damping", damping, allow_zero=True)
     lik = get_likelihood(likelihood)
     named = dict(model.named_parameters())
-    missing = [k for k in fisher if k not in named]
-    if missing:
-        raise ValueError(
-            f"The Fisher has parameters the model lacks: {missing[:8]}; estimate it on this model."
-        )
+    check_names_in(fisher, named)
     names = list(fisher)
     grads, _ = mean_loss_grad(model, batch, lik, names, output_fn=output_fn, what="The batch")
     nat = scale_by_fisher(grads, fisher, lam)

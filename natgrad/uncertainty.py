@@ -34,6 +34,7 @@ from natgrad._batch import Batch, OutputFn, default_output_fn, parse_batch
 from natgrad._checks import (
     check_choice,
     check_int,
+    check_names_in,
     check_no_batch_mixing,
     check_no_train_dropout,
     check_positive,
@@ -136,12 +137,7 @@ def _resolve_params(
 ) -> dict[str, nn.Parameter]:
     named = dict(model.named_parameters())
     if params is None:
-        unknown = [k for k in fisher if k not in named]
-        if unknown:
-            raise ValueError(
-                f"The Fisher has parameters the model lacks: {unknown[:8]}; the model has "
-                f"{list(named)[:8]}. Was it estimated on another architecture?"
-            )
+        check_names_in(fisher, named)
         chosen = {k: named[k] for k in named if k in fisher}
     else:
         chosen = select_params(model, params)
