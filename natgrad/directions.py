@@ -184,7 +184,7 @@ def _lanczos(
     model, data, lik, labels, mc_samples, params, chunk_size, gen, output_fn, k, max_iter, tol, seed
 ):
     check_no_train_dropout(model, "method='lanczos' (repeated Fisher-vector products)")
-    plan = _Plan(model, lik, labels, mc_samples, params, output_fn, gen, None)
+    plan = _Plan(model, lik, labels, mc_samples, params, output_fn, gen)
     prepared, n_total, R = [], 0, 0
     for batch in iterate_batches(data):
         b, target, draws = plan.prepare(batch)

@@ -39,6 +39,7 @@ LABEL_SOURCES = ("empirical", "mc", "exact")
 ParamSpec = (
     None | Sequence[str] | Callable[[str, nn.Parameter], bool] | Sequence[nn.Module] | nn.Module
 )
+_EXACT_COLUMNS = 32  # exact-label factor columns built at once per sample
 _CHUNK_FLOATS = 2**25  # default chunk: about 128 MiB of float32 per-sample gradients
 
 
@@ -102,9 +103,7 @@ def model_device(model: nn.Module) -> torch.device:
 class _Plan:
     """Everything the vmapped per-sample function needs, resolved once per call."""
 
-    def __init__(
-        self, model, likelihood, labels, mc_samples, params, output_fn, generator, exact_chunk
-    ):
+    def __init__(self, model, likelihood, labels, mc_samples, params, output_fn, generator):
         check_no_batch_mixing(model)
         self.model = model
         self.lik: Likelihood = get_likelihood(likelihood)
@@ -114,7 +113,6 @@ class _Plan:
         self.params = select_params(model, params)
         self.output_fn: OutputFn = output_fn or default_output_fn
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.exact_chunk = exact_chunk
         self.loop = False  # set when vmap cannot trace the model (see run)
         self.device = model_device(model)
         self.P = sum(p.numel() for p in self.params.values())
@@ -173,7 +171,7 @@ class _Plan:
             yield torch.stack([lik.output_grad(out, draws[:, j]) for j in range(self.k)])
         else:
             K = lik.num_factor_columns(out)
-            step = self.exact_chunk or min(K, 32)
+            step = min(K, _EXACT_COLUMNS)
             for s in range(0, K, step):
                 yield lik.factor_columns(out, s, min(s + step, K), target)
 
@@ -391,7 +389,7 @@ def per_sample_grads(
         >>> g["weight"].shape
         torch.Size([5, 2, 3])
     """
-    plan = _Plan(model, likelihood, labels, mc_samples, params, output_fn, generator, None)
+    plan = _Plan(model, likelihood, labels, mc_samples, params, output_fn, generator)
     b, target, draws = plan.prepare(batch)
     chunks = [r for _, r in plan.run(b, target, draws, "grads", chunk_size)]
     squeeze = labels == "empirical" or (labels == "mc" and plan.k == 1)

@@ -121,7 +121,7 @@ def estimate_fisher(
         (8, torch.Size([3, 4]))
     """
     check_choice("engine", engine, ENGINES)
-    plan = _Plan(model, likelihood, labels, mc_samples, params, output_fn, generator, None)
+    plan = _Plan(model, likelihood, labels, mc_samples, params, output_fn, generator)
     sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in plan.params.items()}
     n_total, done, every, fingerprint = 0, 0, 0, None
     if checkpoint is not None:

@@ -223,7 +223,7 @@ def kfac_factors(
         ValueError: train-mode BatchNorm, bad labels, a batch without labels for
             ``"empirical"``, or a layer output that does not depend on the parameters.
     """
-    plan = _Plan(model, likelihood, labels, 1, params, output_fn, generator, None)
+    plan = _Plan(model, likelihood, labels, 1, params, output_fn, generator)
     if layers is None:
         layers, _ = kfac_layers(model, plan.params)
     b, target = plan.parse(batch)

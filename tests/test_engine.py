@@ -305,5 +305,7 @@ def test_mc_labels_from_non_finite_outputs_raise(mlp_case):
     model, x, _ = mlp_case
     with torch.no_grad():
         model[2].bias.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="NaN or Inf\\) in the model's outputs.*labels='mc'"):
+    with pytest.raises(
+        FloatingPointError, match="NaN or Inf\\) in the model's outputs.*labels='mc'"
+    ):
         per_sample_grads(model, x, labels="mc")

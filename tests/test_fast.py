@@ -25,7 +25,7 @@ def both(model, batch, **kw):
 
 
 def split_of(model, batch, labels="empirical"):
-    plan = _Plan(model, "categorical", labels, 1, None, None, None, None)
+    plan = _Plan(model, "categorical", labels, 1, None, None, None)
     return split_params(plan, parse_batch(batch))
 
 
