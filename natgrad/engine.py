@@ -262,7 +262,7 @@ def masked_target(lik: Likelihood, b: Batch) -> torch.Tensor | None:
     """The batch's target, with tokens whose attention mask is 0 set to ``ignore_index``.
 
     Only ``token_categorical`` reads the mask; a masked batch without labels gets a
-    placeholder target (zeros) that carries the mask for ``mc`` / ``exact`` labels.
+    all-zero target that carries the mask for ``mc`` / ``exact`` labels.
     """
     target = b.target
     if isinstance(lik, TokenCategorical) and b.mask is not None:
