@@ -261,8 +261,8 @@ class _Plan:
 def masked_target(lik: Likelihood, b: Batch) -> torch.Tensor | None:
     """The batch's target, with tokens whose attention mask is 0 set to ``ignore_index``.
 
-    Only ``token_categorical`` reads the mask; a masked batch without labels gets a
-    all-zero target that carries the mask for ``mc`` / ``exact`` labels.
+    Only ``token_categorical`` reads the mask; a masked batch without labels gets
+    an all-zero target that carries the mask for ``mc`` / ``exact`` labels.
     """
     target = b.target
     if isinstance(lik, TokenCategorical) and b.mask is not None:
