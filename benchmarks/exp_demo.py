@@ -14,7 +14,7 @@ import tempfile
 import time
 
 from benchmarks.workloads import load_note, machine_line, write_fragment
-from natgrad.demo import run_demo
+from natgrad.cli.demo import run_demo
 
 LOAD_NOTE = load_note()  # measured before the run starts
 

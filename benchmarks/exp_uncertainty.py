@@ -41,8 +41,8 @@ from natgrad import (  # noqa: E402
     optimize_prior_precision,
     top_fisher_directions,
 )
+from natgrad.cli.demo.setup import calibration  # noqa: E402
 from natgrad.datasets import load_mnist1d  # noqa: E402
-from natgrad.demo._setup import calibration  # noqa: E402
 
 LOAD_NOTE = load_note()  # measured before the run starts
 

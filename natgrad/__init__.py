@@ -5,22 +5,22 @@ metrics registry lives in :mod:`natgrad.metrics`, imported on first access.
 """
 
 from natgrad._version import __version__
-from natgrad.checkpoint import load_checkpoint
-from natgrad.compare import FisherComparison, LayerComparison, compare_task_fisher
-from natgrad.damage import (
+from natgrad.continual.compare import FisherComparison, LayerComparison, compare_task_fisher
+from natgrad.continual.damage import (
     AsymmetryReport,
     DamageReport,
     fisher_damage_asymmetry,
     fisher_weighted_damage,
 )
+from natgrad.continual.ewc import EWC
+from natgrad.curvature.diagonal import DiagonalFisher, top_coordinates
+from natgrad.curvature.estimate import estimate_fisher
+from natgrad.curvature.tracker import FisherTracker
 from natgrad.directions import FisherDirections, top_fisher_directions
-from natgrad.distributed import all_reduce_sums, is_distributed
-from natgrad.engine import LABEL_SOURCES, per_sample_grads, select_params
-from natgrad.estimate import estimate_fisher
-from natgrad.ewc import EWC
-from natgrad.fast import ENGINES
-from natgrad.fisher import DiagonalFisher, top_coordinates
-from natgrad.likelihoods import (
+from natgrad.engine.capture import ENGINES
+from natgrad.engine.checkpoint import load_checkpoint
+from natgrad.engine.distributed import all_reduce_sums, is_distributed
+from natgrad.engine.likelihoods import (
     Bernoulli,
     Categorical,
     CustomLikelihood,
@@ -29,19 +29,25 @@ from natgrad.likelihoods import (
     TokenCategorical,
     get_likelihood,
 )
-from natgrad.masks import MaskOverlap, SetOverlap, apply_masks, fisher_overlap, make_permanent
-from natgrad.merge import fisher_weighted_merge
-from natgrad.natural_gradient import NaturalGradient
-from natgrad.precondition import FisherPreconditioner
-from natgrad.prune import fisher_importance, fisher_pruning_masks
-from natgrad.scale import scale_by_fisher
-from natgrad.tracker import FisherTracker
-from natgrad.uncertainty import (
+from natgrad.engine.per_sample import LABEL_SOURCES, per_sample_grads, select_params
+from natgrad.laplace import (
     PriorPrecisionResult,
     UncertaintyReport,
     fisher_uncertainty,
     optimize_prior_precision,
 )
+from natgrad.merging import fisher_weighted_merge
+from natgrad.optim.natural_gradient import NaturalGradient
+from natgrad.optim.precondition import FisherPreconditioner
+from natgrad.optim.scale import scale_by_fisher
+from natgrad.pruning.masks import (
+    MaskOverlap,
+    SetOverlap,
+    apply_masks,
+    fisher_overlap,
+    make_permanent,
+)
+from natgrad.pruning.prune import fisher_importance, fisher_pruning_masks
 
 __all__ = [
     "__version__",

@@ -2,7 +2,7 @@
 
 import sys
 
-from natgrad.cli import main
+from natgrad.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,13 +34,19 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp, vjp
 
-from natgrad._batch import OutputFn
-from natgrad._checks import check_choice, check_int, check_no_train_dropout, check_positive
-from natgrad._common import acc_dtype
-from natgrad._report import Report, to_jsonable
-from natgrad.engine import LABEL_SOURCES, ParamSpec, _Plan, per_sample_grads, select_params
-from natgrad.estimate import iterate_batches
-from natgrad.likelihoods import Likelihood, get_likelihood
+from natgrad.curvature.estimate import iterate_batches
+from natgrad.engine.batch import OutputFn
+from natgrad.engine.checks import check_choice, check_int, check_no_train_dropout, check_positive
+from natgrad.engine.common import acc_dtype
+from natgrad.engine.likelihoods import Likelihood, get_likelihood
+from natgrad.engine.per_sample import (
+    LABEL_SOURCES,
+    ParamSpec,
+    Plan,
+    per_sample_grads,
+    select_params,
+)
+from natgrad.engine.report import Report, to_jsonable
 
 __all__ = ["FisherDirections", "top_fisher_directions"]
 
@@ -166,7 +172,7 @@ def _gram(model, data, lik, labels, mc_samples, params, chunk_size, gen, output_
 # -- lanczos ---------------------------------------------------------------------------------
 
 
-def _cotangents(plan: _Plan, b, target, draws) -> torch.Tensor:
+def _cotangents(plan: Plan, b, target, draws) -> torch.Tensor:
     """Output cotangents ``u_nj`` of the rows of ``G``, shape ``(N, K, *output)``."""
     lik = plan.lik
     out = plan.forward(b)
@@ -184,7 +190,7 @@ def _lanczos(
     model, data, lik, labels, mc_samples, params, chunk_size, gen, output_fn, k, max_iter, tol, seed
 ):
     check_no_train_dropout(model, "method='lanczos' (repeated Fisher-vector products)")
-    plan = _Plan(model, lik, labels, mc_samples, params, output_fn, gen)
+    plan = Plan(model, lik, labels, mc_samples, params, output_fn, gen)
     prepared, n_total, R = [], 0, 0
     for batch in iterate_batches(data):
         b, target, draws = plan.prepare(batch)
@@ -314,7 +320,7 @@ def top_fisher_directions(
         model: any ``nn.Module`` (eval mode for ``lanczos`` if it has dropout).
         data: one batch or an iterable of batches.
         k: number of eigenpairs.
-        likelihood: name or :class:`natgrad.likelihoods.Likelihood`.
+        likelihood: name or :class:`natgrad.engine.likelihoods.Likelihood`.
         labels: ``"empirical"``, ``"mc"`` or ``"exact"``.
         mc_samples: label draws per sample for ``labels="mc"``.
         params: parameters to cover (see :func:`natgrad.select_params`).

@@ -8,10 +8,10 @@ from typing import Any
 
 from torch import nn
 
-from natgrad.estimate import estimate_fisher
-from natgrad.fisher import DiagonalFisher
-from natgrad.likelihoods import Likelihood
-from natgrad.tracker import FisherTracker
+from natgrad.curvature.diagonal import DiagonalFisher
+from natgrad.curvature.estimate import estimate_fisher
+from natgrad.curvature.tracker import FisherTracker
+from natgrad.engine.likelihoods import Likelihood
 
 __all__ = ["SignatureType", "MetricContext", "MissingContextError", "NEEDS"]
 

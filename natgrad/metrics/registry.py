@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from natgrad._checks import check_choice
-from natgrad._report import Report, to_jsonable
+from natgrad.engine.checks import check_choice
+from natgrad.engine.report import Report, to_jsonable
 from natgrad.metrics.context import NEEDS, MetricContext, MissingContextError, SignatureType
 
 __all__ = ["MetricSpec", "MetricRegistry", "MetricResults", "registry", "UnknownMetricError"]

@@ -1,0 +1,1 @@
+"""The `natgrad` command line: demo, report, metrics."""

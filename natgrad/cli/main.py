@@ -1,0 +1,177 @@
+"""The ``natgrad`` command: ``natgrad demo``, ``natgrad report FISHER_FILE...``, ``natgrad metrics``.
+
+Errors (missing files, bad arguments, unwritable directories, missing optional
+packages) print one line ``natgrad: error: ...`` on stderr and exit with status 2
+(bad arguments) or 1 (anything else), without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+
+from natgrad._version import __version__
+
+__all__ = ["main"]
+
+
+class CommandError(Exception):
+    """An error to report in one line (exit status 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        print(f"natgrad: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _fail(message: str) -> None:
+    """Print ``natgrad: error: <message>`` as one line on stderr."""
+    print("natgrad: error: " + " ".join(message.split()), file=sys.stderr)
+
+
+def _writable_dir(path: str) -> str:
+    """Create ``path`` if needed and check that files can be written in it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".natgrad-write-test-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise CommandError(
+            f"cannot write to output directory {path!r}: {reason}; pass --out with a "
+            "writable directory"
+        ) from None
+    return path
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    import json
+
+    from natgrad.metrics import registry
+    from natgrad.metrics.context import NEEDS
+
+    infos = [registry.describe(n) for n in registry.names()]
+    if args.json:
+        print(json.dumps(infos, indent=1))
+        return 0
+    width = max(len(i["name"]) for i in infos)
+    sig_w = max(len(i["signature"]) for i in infos)
+    print(f"{'metric':<{width}}  {'signature':<{sig_w}}  needs")
+    for i in infos:
+        needs = ", ".join(i["needs"]) or "-"
+        flag = " [mutates]" if i["mutates"] else ""
+        print(f"{i['name']:<{width}}  {i['signature']:<{sig_w}}  {needs}{flag}")
+        if args.verbose:
+            print(f"{'':<{width}}  {i['description']}")
+    print(f"{len(infos)} metrics. Needs: " + "; ".join(f"{k} = {v}" for k, v in NEEDS.items()))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from natgrad.cli.demo.fisher_report import fisher_report
+    from natgrad.curvature.diagonal import DiagonalFisher
+
+    fishers = {}
+    for path in args.files:
+        if not os.path.isfile(path):
+            raise CommandError(f"no such Fisher file: {path!r}")
+        try:
+            fishers[path] = DiagonalFisher.load(path)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+    out = _writable_dir(args.out)
+    result = fisher_report(fishers, out, top=args.top)
+    print(result.text)
+    print(f"wrote {', '.join(result.files)}", file=sys.stderr)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.seed < 0:
+        raise CommandError(f"--seed must be >= 0, got {args.seed}")
+    out = _writable_dir(args.out)
+    for pkg, pip in (("mnist1d", "mnist1d"), ("matplotlib", "matplotlib")):
+        try:
+            __import__(pkg)
+        except ImportError:
+            raise CommandError(
+                f"the demo needs {pkg}: pip install {pip} (or pip install 'natgrad[demo]')"
+            ) from None
+    from natgrad.cli.demo import run_demo
+
+    result = run_demo(out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    print(result.table)
+    print(f"\nReport: {os.path.join(out, 'report.md')} ({result.seconds:.1f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``natgrad`` command."""
+    p = _Parser(
+        prog="natgrad",
+        description="Fisher information from exact per-sample gradients, and its uses.",
+    )
+    p.add_argument("--version", action="version", version=f"natgrad {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    d = sub.add_parser("demo", help="run every use of the Fisher on MNIST-1D; write a report")
+    d.add_argument(
+        "--out", default="natgrad-demo", help="output directory (default ./natgrad-demo)"
+    )
+    d.add_argument("--quick", action="store_true", help="small and fast (about 20 s, used by CI)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("--no-progress", action="store_true", help="no step lines on stderr")
+    d.set_defaults(func=_cmd_demo)
+    r = sub.add_parser(
+        "report", help="per-layer mass, top coordinates and similarity of Fisher files"
+    )
+    r.add_argument(
+        "files", nargs="+", metavar="FISHER_FILE", help="files written by DiagonalFisher.save"
+    )
+    r.add_argument(
+        "--out", default="natgrad-report", help="output directory (default ./natgrad-report)"
+    )
+    r.add_argument("--top", type=int, default=10, help="top coordinates to list (default 10)")
+    r.set_defaults(func=_cmd_report)
+    m = sub.add_parser(
+        "metrics", help="list the registered metrics, their signature types and needs"
+    )
+    m.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    m.add_argument("-v", "--verbose", action="store_true", help="print each metric's description")
+    m.set_defaults(func=_cmd_metrics)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``natgrad`` command; returns the exit status.
+
+    Example:
+        >>> main(["metrics"])  # doctest: +ELLIPSIS
+        metric ...
+        0
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if getattr(args, "top", 1) < 1:
+        parser.error(f"--top must be >= 1, got {args.top}")
+    try:
+        return args.func(args)
+    except CommandError as exc:
+        _fail(str(exc))
+        return 1
+    except (ImportError, OSError, ValueError) as exc:
+        _fail(f"{type(exc).__name__}: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        print("natgrad: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

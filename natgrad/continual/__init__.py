@@ -1,0 +1,1 @@
+"""Uses of the curvature for continual learning: EWC, damage between tasks, task comparison."""

@@ -1,0 +1,303 @@
+"""``DiagonalFisher``: the diagonal Fisher as a mapping from parameter name to tensor.
+
+Stored as the per-sample mean ``F_i = (1/N) Σ_n E_y[(∂l_n/∂θ_i)²]`` together with
+``N`` (``n_samples``), the label source and the likelihood. Values are float32
+whatever the model's dtype (float64 is kept as float64).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from natgrad._version import __version__
+from natgrad.engine.checks import check_fraction, check_int, check_names_in, check_same_structure
+from natgrad.engine.common import module_of, to_acc
+
+__all__ = ["DiagonalFisher", "top_coordinates"]
+
+_FORMAT = "natgrad.DiagonalFisher"
+
+
+def _as_acc(t: torch.Tensor) -> torch.Tensor:
+    return to_acc(t.detach())
+
+
+class DiagonalFisher(Mapping):
+    """A diagonal Fisher: ``{name: F}`` with ``F_i = (1/N) Σ_n E_y[(∂l_n/∂θ_i)²]``.
+
+    Args:
+        values: ``{parameter name: tensor}`` of per-sample means.
+        n_samples: ``N``, the number of samples averaged.
+        labels: label source (``"empirical"``, ``"mc"``, ``"exact"``, or ``"mixed"``).
+        likelihood: likelihood name.
+
+    Arithmetic: ``a + b`` is the sample-weighted mean ``(N_a F_a + N_b F_b)/(N_a + N_b)``
+    with ``N = N_a + N_b``; ``c * a`` scales the values; ``a.ema(b, d) = d a + (1-d) b``.
+
+    Example:
+        >>> import torch
+        >>> f = DiagonalFisher({"w": torch.tensor([1.0, 3.0])}, n_samples=2)
+        >>> g = DiagonalFisher({"w": torch.tensor([4.0, 0.0])}, n_samples=1)
+        >>> (f + g)["w"], (f + g).n_samples
+        (tensor([2., 2.]), 3)
+        >>> f.normalize()["w"]
+        tensor([0.2500, 0.7500])
+    """
+
+    def __init__(
+        self,
+        values: Mapping[str, torch.Tensor],
+        n_samples: int,
+        *,
+        labels: str = "empirical",
+        likelihood: str = "categorical",
+    ):
+        if int(n_samples) < 0:
+            raise ValueError(f"Invalid n_samples: {n_samples!r}; it must be >= 0.")
+        self._values = {k: _as_acc(v) for k, v in values.items()}
+        self.n_samples = int(n_samples)
+        self.labels = str(labels)
+        self.likelihood = str(likelihood)
+
+    # -- mapping -------------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise KeyError(
+                f"{name!r} is not in this Fisher; it holds {list(self._values)[:10]}"
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        numel = sum(v.numel() for v in self._values.values())
+        return (
+            f"DiagonalFisher({len(self)} tensors, {numel} entries, n_samples={self.n_samples}, "
+            f"labels={self.labels!r}, likelihood={self.likelihood!r})"
+        )
+
+    def _like(
+        self, values: Mapping[str, torch.Tensor], n: int | None = None, labels=None
+    ) -> DiagonalFisher:
+        return DiagonalFisher(
+            values,
+            self.n_samples if n is None else n,
+            labels=labels or self.labels,
+            likelihood=self.likelihood,
+        )
+
+    # -- arithmetic ----------------------------------------------------------------
+    def __add__(self, other: DiagonalFisher) -> DiagonalFisher:
+        if not isinstance(other, DiagonalFisher):
+            return NotImplemented
+        check_same_structure(self, other, "left Fisher", "right Fisher")
+        n = self.n_samples + other.n_samples
+        if n == 0:
+            raise ValueError("Cannot combine two Fishers that both have n_samples=0.")
+        wa, wb = self.n_samples / n, other.n_samples / n
+        vals = {k: wa * self[k] + wb * other[k].to(self[k].device) for k in self}
+        return self._like(vals, n, self.labels if self.labels == other.labels else "mixed")
+
+    def __mul__(self, scalar: float) -> DiagonalFisher:
+        if not isinstance(scalar, (int, float)):
+            return NotImplemented
+        return self._like({k: v * float(scalar) for k, v in self.items()})
+
+    __rmul__ = __mul__
+
+    def ema(self, other: DiagonalFisher, decay: float) -> DiagonalFisher:
+        """Exponential moving average ``decay * self + (1 - decay) * other``.
+
+        ``n_samples`` of the result counts every sample seen (``N_self + N_other``).
+        """
+        decay = check_fraction("decay", decay, closed=True)
+        check_same_structure(self, other, "current Fisher", "new Fisher")
+        vals = {k: decay * self[k] + (1 - decay) * other[k].to(self[k].device) for k in self}
+        return self._like(
+            vals,
+            self.n_samples + other.n_samples,
+            self.labels if self.labels == other.labels else "mixed",
+        )
+
+    def total(self) -> float:
+        """Sum of every entry, ``Σ_i F_i`` (the trace of the diagonal Fisher)."""
+        return float(sum(v.sum().item() for v in self._values.values()))
+
+    def normalize(self) -> DiagonalFisher:
+        """The unit-trace Fisher ``F / Σ_i F_i`` (its entries sum to one).
+
+        Raises:
+            ValueError: when every entry is zero.
+        """
+        t = self.total()
+        if t <= 0:
+            raise ValueError("Cannot normalize a Fisher whose entries are all zero.")
+        return self._like({k: v / t for k, v in self.items()})
+
+    def layer_totals(self) -> dict[str, float]:
+        """``Σ_i F_i`` per module (parameter names up to the last dot)."""
+        out: dict[str, float] = {}
+        for k, v in self.items():
+            mod = module_of(k)
+            out[mod] = out.get(mod, 0.0) + float(v.sum())
+        return out
+
+    def to(self, *args, **kwargs) -> DiagonalFisher:
+        """Move / cast every tensor like ``Tensor.to``; returns a new Fisher."""
+        return self._like({k: v.to(*args, **kwargs) for k, v in self.items()})
+
+    # -- state -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Tensors and plain values only; round-trips through :meth:`load_state_dict`."""
+        return {
+            "values": {k: v.clone() for k, v in self.items()},
+            "n_samples": self.n_samples,
+            "labels": self.labels,
+            "likelihood": self.likelihood,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Replace this Fisher's contents; names and shapes must match when non-empty."""
+        try:
+            values = state["values"]
+        except (KeyError, TypeError):
+            raise ValueError("Not a DiagonalFisher state_dict: it has no 'values'.") from None
+        if self._values:
+            check_same_structure(self._values, values, "this Fisher", "the state_dict")
+        self._values = {k: _as_acc(v).clone() for k, v in values.items()}
+        self.n_samples = int(state["n_samples"])
+        self.labels = str(state.get("labels", "empirical"))
+        self.likelihood = str(state.get("likelihood", "categorical"))
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping) -> DiagonalFisher:
+        f = cls({}, 0)
+        f.load_state_dict(state)
+        return f
+
+    def check_model(self, model: nn.Module, *, strict: bool = False) -> None:
+        """Raise ValueError naming every parameter whose name or shape differs from ``model``.
+
+        With ``strict=False`` the Fisher may cover a subset of the model's parameters.
+        """
+        named = {k: p for k, p in model.named_parameters()}
+        ref = named if strict else {k: named[k] for k in named if k in self._values}
+        check_names_in(self._values, named)
+        check_same_structure(self._values, ref, "the Fisher", "the model")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a ``safetensors`` file with metadata; atomic (temporary file, then rename)."""
+        from safetensors.torch import save_file
+
+        path = os.fspath(path)
+        meta = {
+            "format": _FORMAT,
+            "natgrad_version": __version__,
+            "n_samples": str(self.n_samples),
+            "labels": self.labels,
+            "likelihood": self.likelihood,
+            "names": json.dumps(list(self._values)),
+            "shapes": json.dumps({k: list(v.shape) for k, v in self.items()}),
+        }
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.items()}
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".fisher-", suffix=".tmp", dir=directory)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        model: nn.Module | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        strict: bool = False,
+    ) -> DiagonalFisher:
+        """Read a file written by :meth:`save`; with ``model``, check names and shapes.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: not a natgrad Fisher file, or names/shapes differ from ``model``.
+        """
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"No Fisher file at {path!r}.")
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as fh:
+                meta = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+        except Exception as exc:  # safetensors raises its own error types
+            raise ValueError(f"{path!r} is not a readable safetensors file: {exc}") from None
+        if meta.get("format") != _FORMAT:
+            raise ValueError(
+                f"{path!r} is a safetensors file but not a natgrad Fisher (no "
+                f"format={_FORMAT!r} metadata); write it with DiagonalFisher.save."
+            )
+        names = json.loads(meta["names"])
+        shapes = json.loads(meta["shapes"])
+        for k in names:
+            if k not in tensors or list(tensors[k].shape) != shapes[k]:
+                raise ValueError(
+                    f"{path!r} is corrupt: tensor {k!r} is missing or has the wrong shape."
+                )
+        fisher = cls(
+            {k: tensors[k] for k in names},
+            int(meta["n_samples"]),
+            labels=meta.get("labels", "empirical"),
+            likelihood=meta.get("likelihood", "categorical"),
+        )
+        if model is not None:
+            fisher.check_model(model, strict=strict)
+        return fisher
+
+
+def top_coordinates(
+    fisher: Mapping[str, torch.Tensor], k: int
+) -> list[tuple[str, tuple[int, ...], float]]:
+    """The ``k`` largest entries of a Fisher (or any name -> tensor map), largest first.
+
+    Returns:
+        ``[(name, index, value), ...]`` where ``index`` is a tuple into ``fisher[name]``.
+        Ties are broken by position (parameter order, then flat index).
+
+    Example:
+        >>> import torch
+        >>> top_coordinates({"a": torch.tensor([0.1, 5.0]), "b": torch.tensor([[2.0]])}, 2)
+        [('a', (1,), 5.0), ('b', (0, 0), 2.0)]
+    """
+    k = check_int("k", k, 1)
+    names = list(fisher)
+    if not names:
+        raise ValueError("The Fisher is empty: there are no coordinates to rank.")
+    flat = torch.cat([fisher[n].detach().reshape(-1).float().cpu() for n in names])
+    k = min(int(k), flat.numel())
+    # stable descending sort: equal values keep their position order
+    order = torch.sort(flat, descending=True, stable=True).indices[:k]
+    offsets = torch.tensor([0] + [fisher[n].numel() for n in names]).cumsum(0)
+    out = []
+    for i in order.tolist():
+        j = int(torch.searchsorted(offsets, i, right=True)) - 1
+        shape = fisher[names[j]].shape
+        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i - int(offsets[j])), shape))
+        out.append((names[j], idx, float(flat[i])))
+    return out

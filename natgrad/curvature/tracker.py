@@ -1,0 +1,104 @@
+"""``FisherTracker``: one exponential-moving-average diagonal Fisher per task."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from natgrad.curvature.diagonal import DiagonalFisher
+from natgrad.curvature.estimate import estimate_fisher
+from natgrad.engine.checks import check_fraction
+from natgrad.engine.likelihoods import Likelihood
+
+__all__ = ["FisherTracker"]
+
+
+class FisherTracker:
+    """Per-task EMA of the diagonal Fisher: ``F_task ← decay · F_task + (1 - decay) · F_batch``.
+
+    The first update of a task stores the batch Fisher as is (no bias toward zero).
+
+    Args:
+        model: the model whose Fisher is tracked.
+        likelihood: name or :class:`natgrad.engine.likelihoods.Likelihood`.
+        decay: EMA decay in ``[0, 1]``; 0 keeps only the newest batch.
+        **estimate_kwargs: passed to :func:`natgrad.estimate_fisher` (``labels``, ``params``,
+            ``mc_samples``, ``chunk_size``, ...).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 2)
+        >>> tr = FisherTracker(model, "categorical", decay=0.9)
+        >>> _ = tr.update("math", (torch.randn(4, 2), torch.tensor([0, 1, 1, 0])))
+        >>> tr.tasks(), tr.fisher("math").n_samples
+        (['math'], 4)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str | Likelihood = "categorical",
+        decay: float = 0.95,
+        **estimate_kwargs: Any,
+    ):
+        self.model = model
+        self.likelihood = likelihood
+        self.decay = check_fraction("decay", decay, closed=True)
+        self.estimate_kwargs = estimate_kwargs
+        self._fishers: dict[str, DiagonalFisher] = {}
+        self._updates: dict[str, int] = {}
+
+    def update(self, task: str, batch: Any) -> DiagonalFisher:
+        """Estimate the Fisher on ``batch`` and fold it into ``task``'s EMA; return the EMA."""
+        new = estimate_fisher(self.model, batch, self.likelihood, **self.estimate_kwargs)
+        old = self._fishers.get(task)
+        self._fishers[task] = new if old is None else old.ema(new, self.decay)
+        self._updates[task] = self._updates.get(task, 0) + 1
+        return self._fishers[task]
+
+    def fisher(self, task: str) -> DiagonalFisher:
+        """The current EMA Fisher of ``task``."""
+        if task not in self._fishers:
+            raise KeyError(
+                f"No Fisher for task {task!r}; tracked tasks: {self.tasks()}. Call update(task, batch) first."
+            )
+        return self._fishers[task]
+
+    def __contains__(self, task: str) -> bool:
+        return task in self._fishers
+
+    def tasks(self) -> list[str]:
+        """Names of the tracked tasks, in insertion order."""
+        return list(self._fishers)
+
+    def num_updates(self, task: str) -> int:
+        return self._updates.get(task, 0)
+
+    def reset(self, task: str | None = None) -> None:
+        """Forget ``task``'s EMA (every task when ``None``)."""
+        if task is None:
+            self._fishers.clear()
+            self._updates.clear()
+            return
+        if task not in self._fishers:
+            raise KeyError(f"No Fisher for task {task!r}; tracked tasks: {self.tasks()}.")
+        del self._fishers[task]
+        self._updates.pop(task, None)
+
+    def cleanup(self) -> None:
+        """Release every task's tensors (the tracker stays usable)."""
+        self.reset(None)
+
+    def state_dict(self) -> dict:
+        return {
+            "decay": self.decay,
+            "tasks": {t: f.state_dict() for t, f in self._fishers.items()},
+            "updates": dict(self._updates),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.decay = check_fraction("decay", state["decay"], closed=True)
+        self._fishers = {t: DiagonalFisher.from_state_dict(s) for t, s in state["tasks"].items()}
+        self._updates = {t: int(v) for t, v in state["updates"].items()}

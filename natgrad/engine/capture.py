@@ -1,0 +1,400 @@
+"""The fast exact path: per-layer capture of inputs and output gradients.
+
+For a layer ``z = W a + c`` (Linear; Conv and Embedding likewise), the per-sample
+gradient of ``l_n`` is ``∂l_n/∂W = Σ_t b_nt a_ntᵀ`` with ``a_nt`` the layer input and
+``b_nt = ∂l_n/∂z_nt`` the output gradient at position ``t``. One forward pass records
+``a`` and adds a zero perturbation ``e`` to every layer output; one backward pass with
+respect to the perturbations gives every ``b`` at once (no weight gradients are formed).
+Then, for each label column ``u_j`` of the label source with weight ``w_j``,
+
+* non-sequence inputs ``(N, D)``: ``Σ_n Σ_j w_j (b_nj a_nᵀ)² = (Σ_j w_j b_j²)ᵀ (a²)``,
+  one matrix product per layer;
+* sequence inputs ``(N, T, D)`` (and Conv, whose unfolded patches are a sequence):
+  ``G_nj = B_njᵀ A_n`` per sample, squared and summed, in chunks of samples so that
+  only one chunk of per-sample gradients exists at a time;
+* Embedding: rows ``v`` of ``G_nj`` are ``Σ_{t: ids_nt = v} b_njt``, summed by
+  (sample, token id) before squaring.
+
+LayerNorm gives ``∂l_n/∂γ = Σ_t b_nt ⊙ x̂_nt`` and ``∂l_n/∂β = Σ_t b_nt``. Self-attention
+(``nn.MultiheadAttention``, packed projections, ``need_weights=False``) records its two
+projections through a torch-function mode (see :mod:`natgrad.engine.capture_ops`), and a free
+parameter added to a batched tensor through views (``x + pos[:T]``) is pulled back
+through those views.
+
+Only parameters that the capture can see exactly take this path: a parameter of a
+standard ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Embedding`` /
+``nn.LayerNorm`` / ``nn.MultiheadAttention`` whose module runs once per forward, whose
+batch axis is the first axis of its input and output, and which is used once in the
+graph (so tied weights used twice, or weights read by ``F.linear`` outside their module,
+are excluded). Pruned modules (``torch.nn.utils.prune``: ``weight_orig`` times the
+``weight_mask`` buffer) are covered: ``∂l/∂weight_orig = mask ⊙ ∂l/∂weight``. Every
+other parameter goes through the general ``vmap`` path of :mod:`natgrad.engine.per_sample`,
+with the same label draws, so both engines give the same Fisher.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from natgrad.engine import capture_layers as layers
+from natgrad.engine.batch import Batch, is_batched
+from natgrad.engine.capture_ops import CaptureMode, ProbeMode, zero_perturbation
+from natgrad.engine.per_sample import Plan, square_sums
+
+__all__ = ["ENGINES"]  # the rest is used by natgrad.curvature.estimate
+
+ENGINES = ("auto", "vmap", "fast")  # estimate_fisher(engine=...)
+_FORWARDS = {
+    nn.Linear: nn.Linear.forward,
+    nn.Conv1d: nn.Conv1d.forward,
+    nn.Conv2d: nn.Conv2d.forward,
+    nn.Embedding: nn.Embedding.forward,
+    nn.LayerNorm: nn.LayerNorm.forward,
+    nn.MultiheadAttention: nn.MultiheadAttention.forward,
+}
+_GROUP_FLOATS = 2**22  # output gradients of several label columns held at once (16 MiB)
+_MHA_ROLES = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+
+
+@dataclass
+class _Slot:
+    """One fast parameter: its name, its role in the module, its pruning mask buffer."""
+
+    name: str
+    role: str
+    mask: str | None = None
+
+
+@dataclass
+class FastSplit:
+    """Which parameters take the capture path and which take ``vmap``.
+
+    Attributes:
+        fast: ``{module: [slots]}`` captured by module hooks (or, for attention, by
+            the capture mode).
+        free: names of parameters added to a batched tensor through views.
+        rest: parameter names for the general ``vmap`` path.
+    """
+
+    fast: dict[nn.Module, list[_Slot]] = field(default_factory=dict)
+    free: list[str] = field(default_factory=list)
+    rest: list[str] = field(default_factory=list)
+
+    @property
+    def fast_names(self) -> list[str]:
+        return [s.name for slots in self.fast.values() for s in slots] + list(self.free)
+
+
+def _supported(m: nn.Module) -> bool:
+    base = next((t for t in _FORWARDS if isinstance(m, t)), None)
+    if base is None or type(m).forward is not _FORWARDS[base]:
+        return False
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    if isinstance(m, nn.Embedding):
+        return m.max_norm is None and not m.scale_grad_by_freq
+    if isinstance(m, nn.LayerNorm):
+        return m.elementwise_affine
+    if isinstance(m, nn.MultiheadAttention):
+        return m._qkv_same_embed_dim and m.batch_first and m.bias_k is None
+    return True
+
+
+def _module_slots(m: nn.Module, name_of: dict[int, str]) -> list[_Slot]:
+    if isinstance(m, nn.MultiheadAttention):
+        ps = [m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias]
+        return [_Slot(name_of[id(p)], r) for r, p in zip(_MHA_ROLES, ps) if id(p) in name_of]
+    slots = []
+    for role in ("weight", "bias"):
+        p, mask = m._parameters.get(role), None
+        orig = m._parameters.get(f"{role}_orig")
+        if p is None and orig is not None and f"{role}_mask" in m._buffers:
+            p, mask = orig, f"{role}_mask"
+        if p is not None and id(p) in name_of:
+            slots.append(_Slot(name_of[id(p)], role, mask))
+    return slots
+
+
+def _repeat_first(b: Batch, n: int) -> Batch:
+    idx = torch.zeros(n, dtype=torch.long)
+    take = lambda t: t[idx.to(t.device)] if is_batched(t, b.size) else t  # noqa: E731
+    return Batch(
+        tuple(take(a) for a in b.args), {k: take(v) for k, v in b.kwargs.items()}, None, None, n
+    )
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def split_params(plan: Plan, b: Batch) -> FastSplit:
+    """Decide which selected parameters the capture path computes exactly.
+
+    Two probe forwards (1 and 2 copies of the first sample of ``b``) check, for each
+    candidate, that its module runs once, that the batch is the first axis of its input
+    and output (sequence-first layers are left out), and that each parameter feeds the
+    graph through exactly one call. Every other parameter goes to ``vmap``.
+    """
+    name_of = {id(p): k for k, p in plan.params.items()}
+    mods = [m for m in plan.model.modules() if _supported(m)]
+    attn = [m for m in mods if isinstance(m, nn.MultiheadAttention)]
+    claimed = {s.name for m in attn for s in _module_slots(m, name_of)}
+    cands: dict[nn.Module, list[_Slot]] = {}
+    for m in mods:
+        slots = _module_slots(m, name_of)
+        if not isinstance(m, nn.MultiheadAttention):  # out_proj is read by F.linear
+            slots = [s for s in slots if s.name not in claimed]
+        if slots:
+            cands[m] = slots
+    in_mods = {s.name for slots in cands.values() for s in slots}
+    free_ids = {id(p): k for k, p in plan.params.items() if k not in in_mods}
+    ids = {id(plan.params[k]) for k in in_mods} | set(free_ids)
+    ok = {m: True for m in cands}
+    shapes: dict[nn.Module, tuple] = {}
+    probes = []
+    for n in (1, 2):
+        seen: dict[nn.Module, list] = {m: [] for m in cands}
+
+        def hook(m, inp, out, seen=seen):
+            seen[m].append((inp[0] if inp else None, _first(out)))
+
+        handles = [m.register_forward_hook(hook) for m in cands]
+        mode = ProbeMode(ids, free_ids, n)
+        try:
+            probe = _repeat_first(b, n)
+            with torch.enable_grad(), mode:
+                plan.output_fn(plan.model(*probe.args, **probe.kwargs))
+        finally:
+            for h in handles:
+                h.remove()
+        probes.append(mode)
+        for m, calls in seen.items():
+            good = len(calls) == 1 and all(
+                isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n for t in calls[0]
+            )
+            if good and n == 1:
+                shapes[m] = tuple(t.shape[1:] for t in calls[0])
+            elif good:
+                good = shapes.get(m) == tuple(t.shape[1:] for t in calls[0])
+            if isinstance(m, nn.MultiheadAttention):
+                good = good and mode.attention.get(id(m.in_proj_weight), False)
+            ok[m] = ok[m] and good
+    once = lambda p: all(pm.counts[id(p)] == 1 for pm in probes)  # noqa: E731
+    split = FastSplit()
+    for m, slots in cands.items():
+        keep = [s for s in slots if ok[m] and once(plan.params[s.name])]
+        if keep:
+            split.fast[m] = keep
+    for k in free_ids.values():
+        adds = [pm.adds.get(k, []) for pm in probes]
+        if all(a == [True] for a in adds) and once(plan.params[k]) and _chain_once(probes, k):
+            split.free.append(k)
+    fast = set(split.fast_names)
+    split.rest = [k for k in plan.params if k not in fast]
+    return split
+
+
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(t: Any) -> Any:
+    if isinstance(t, torch.Tensor):
+        return ("tensor", tuple(t.shape[1:]), t.dtype, t.device.type)
+    return repr(t) if isinstance(t, (bool, int, float, str, type(None))) else type(t)
+
+
+def _cached_split(plan: Plan, b: Batch) -> FastSplit:
+    """:func:`split_params`, remembered per model for the same parameters, module tree
+    (types, train/eval mode, hooks) and batch signature (per-sample shapes, dtypes)."""
+    key = (
+        tuple((k, id(p)) for k, p in plan.params.items()),
+        tuple(
+            (id(m), type(m), m.training, len(m._forward_hooks), len(m._forward_pre_hooks))
+            for m in plan.model.modules()
+        ),
+        tuple(_signature(a) for a in b.args),
+        tuple((k, _signature(v)) for k, v in sorted(b.kwargs.items())),
+        plan.output_fn,
+    )
+    try:
+        per_model = _SPLITS.setdefault(plan.model, {})
+    except TypeError:  # a model that cannot be weakly referenced: no cache
+        return split_params(plan, b)
+    if key not in per_model:
+        if len(per_model) > 32:
+            per_model.clear()
+        per_model[key] = split_params(plan, b)
+    return per_model[key]
+
+
+def _chain_once(probes: list[ProbeMode], name: str) -> bool:
+    """Every view derived from the free parameter ``name`` is used exactly once."""
+    for pm in probes:
+        for i, (root, _, _) in pm.derived.items():
+            if root == name and pm.counts[i] != 1:
+                return False
+    return True
+
+
+# -- one batch ------------------------------------------------------------------------
+
+
+def _module_squares(m: nn.Module, parts: dict, Bs: dict, w: float) -> dict[str, torch.Tensor]:
+    if isinstance(m, nn.MultiheadAttention):
+        return layers.attention(parts, Bs, w)
+    a, B = parts["main"][0], Bs["main"]
+    if isinstance(m, nn.Linear):
+        return layers.linear(a, B, w)
+    if isinstance(m, nn.Embedding):
+        return layers.embedding(m, a, B, w)
+    if isinstance(m, nn.LayerNorm):
+        return layers.layer_norm(m, a, B, w)
+    return layers.conv(m, a, B, w)
+
+
+def _add_squares(acc: dict, m: nn.Module, slots: list[_Slot], sq: dict) -> None:
+    for s in slots:
+        if s.role in sq:
+            v = sq[s.role]
+            if s.mask is not None:  # ∂l/∂weight_orig = mask ⊙ ∂l/∂weight
+                v = v * getattr(m, s.mask).to(v.dtype) ** 2
+            acc[s.name] += v.reshape(acc[s.name].shape).float()
+
+
+def _check_fresh(m: nn.Module, a: torch.Tensor, version: int) -> None:
+    if a._version != version:
+        raise RuntimeError(
+            f"The input of {type(m).__name__} was modified in place after the layer ran, so "
+            "the captured input is stale; use engine='vmap' for this model."
+        )
+
+
+def fast_batch_sums(
+    plan: Plan,
+    split: FastSplit,
+    rest: Plan | None,
+    b: Batch,
+    target: torch.Tensor | None,
+    chunk_size: int | None,
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """``(N, Σ_n Σ_j w_j g_nj²)`` in float32 for one parsed batch: the capture path for
+    ``split.fast`` and ``split.free``, the ``vmap`` plan ``rest`` (``plan`` restricted to
+    ``split.rest``, or None) for the other parameters, with shared label draws."""
+    store: dict[Any, Any] = {}
+
+    def hook(m, inp, out):
+        e = zero_perturbation(out)
+        store[m] = {"main": (inp[0].detach(), inp[0]._version, e)}
+        return out + e
+
+    hooked = [m for m in split.fast if not isinstance(m, nn.MultiheadAttention)]
+    attention = {id(m.in_proj_weight): m for m in split.fast if m not in hooked}
+    free_ids = {id(plan.params[k]): k for k in split.free}
+    mode = CaptureMode(attention, free_ids, store) if attention or free_ids else None
+    handles = [m.register_forward_hook(hook) for m in hooked]
+    try:
+        with torch.enable_grad():
+            if mode is None:
+                out = plan.output_fn(plan.model(*b.args, **b.kwargs))
+            else:
+                with mode:
+                    out = plan.output_fn(plan.model(*b.args, **b.kwargs))
+    finally:
+        for h in handles:
+            h.remove()
+    if target is not None:
+        plan.lik.check_target(out, target)
+    draws = plan.draw(out, target) if plan.labels == "mc" else None
+    acc = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in plan.params.items()}
+    keys = [*split.fast, *split.free]
+    missing = [k for k in keys if k not in store]
+    if missing:
+        raise RuntimeError(
+            f"The fast engine expected {missing[0]!r} to take part in this forward pass, but "
+            "it did not (the model's control flow changed between batches); use engine='vmap'."
+        )
+    index = [(k, part) for k in split.fast for part in store[k]] + [(k, None) for k in split.free]
+    es = [store[k][part][2] if part is not None else store[k][2] for k, part in index]
+    for m in split.fast:
+        for a, version, _ in store[m].values():
+            _check_fresh(m, a, version)
+    dense: dict[nn.Module, torch.Tensor] = {}  # 2-D Linear inputs: Σ_j w_j b_j², (N, O)
+    cols = [c[j] for c in plan.columns(out.detach(), target, draws) for j in range(len(c))]
+    w = plan.weight
+    # Columns are pulled back one at a time (a vmapped is_grads_batched backward is no
+    # faster on CPU and lacks batching rules for attention kernels), then their output
+    # gradients are stacked in groups of about _GROUP_FLOATS floats for the products.
+    group = max(1, _GROUP_FLOATS // max(sum(e.numel() for e in es), 1))
+    for g0 in range(0, len(cols), group):
+        per = [
+            torch.autograd.grad(
+                out, es, u.to(out.dtype), retain_graph=g0 + i < len(cols) - 1, allow_unused=True
+            )
+            for i, u in enumerate(cols[g0 : g0 + group])
+        ]
+        grads = {
+            key: None if per[0][i] is None else torch.stack([p[i] for p in per])
+            for i, key in enumerate(index)
+        }
+        del per
+        for m, slots in split.fast.items():
+            parts = store[m]
+            Bs = {part: grads[(m, part)] for part in parts}
+            if all(B is None for B in Bs.values()):
+                continue
+            if isinstance(m, nn.Linear) and parts["main"][0].dim() == 2:
+                B = layers.work(Bs["main"])
+                b2 = w * (B * B).sum(0)
+                dense[m] = dense[m] + b2 if m in dense else b2
+                continue
+            _add_squares(acc, m, slots, _module_squares(m, parts, Bs, w))
+        for k in split.free:
+            B = grads[(k, None)]
+            if B is not None:
+                chain, d_shape, _ = store[k]
+                acc[k] += layers.free(chain, plan.params[k], d_shape, B, w).float()
+    for m, b2 in dense.items():
+        a = layers.work(store[m]["main"][0])
+        _add_squares(acc, m, split.fast[m], {"weight": b2.t() @ (a * a), "bias": b2.sum(0)})
+    store.clear()
+    if rest is not None:
+        for _, res in rest.run(b, target, draws, "squares", chunk_size):
+            for k in rest.params:
+                acc[k] += res[k].sum(0)
+    return b.size, acc
+
+
+def square_sums_auto(
+    plan: Plan, batches: Iterable[Any], chunk_size: int | None, engine: str
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Per batch ``(n, Σ_n Σ_j w_j g_nj²)`` by ``engine`` (see :func:`split_params`)."""
+    if engine == "vmap":
+        yield from square_sums(plan, batches, chunk_size)
+        return
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        return
+    b, target = plan.parse(first)
+    split = _cached_split(plan, b)
+    if not split.fast_names:
+        if engine == "fast":
+            raise ValueError(
+                "engine='fast' found no parameter it can compute exactly (it covers "
+                "nn.Linear, nn.Conv1d/2d, nn.Embedding, nn.LayerNorm and self-attention "
+                "parameters used once per forward); use engine='auto' or engine='vmap'."
+            )
+        yield from square_sums(plan, itertools.chain([first], batches), chunk_size)
+        return
+    # One restricted plan for the whole pass, so that its vmap fallback (plan.loop) sticks.
+    rest = plan.restrict(split.rest) if split.rest else None
+    yield fast_batch_sums(plan, split, rest, b, target, chunk_size)
+    for batch in batches:
+        yield fast_batch_sums(plan, split, rest, *plan.parse(batch), chunk_size)

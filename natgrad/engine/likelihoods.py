@@ -1,0 +1,387 @@
+"""Likelihoods: per-sample negative log-likelihoods, label samplers and exact Fisher factors.
+
+A likelihood turns model outputs ``f`` into a per-sample loss
+``l_n = -log p(y_n | f(x_n))`` (summed over all outputs of that sample) and knows
+three ways to pick the label ``y`` that the Fisher averages over:
+
+* ``empirical``: the data's own labels;
+* ``mc``: labels drawn from the predictive ``p(y | f)``;
+* ``exact``: the expectation in closed form. For an output-space Fisher
+  ``Λ(f) = E_y[∇_f l ∇_f lᵀ]`` with symmetric factor ``Λ = Σ_j s_j s_jᵀ``, the
+  diagonal parameter Fisher is ``Σ_j (J_nᵀ s_j)²``; :meth:`Likelihood.factor_columns`
+  returns the ``s_j``.
+
+Example:
+    >>> import torch
+    >>> lik = get_likelihood("categorical")
+    >>> logits = torch.tensor([[2.0, 0.0]])
+    >>> lik.nll(logits, torch.tensor([0])).round(decimals=4)
+    tensor([0.1269])
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from natgrad.engine.checks import check_choice, check_positive
+from natgrad.engine.common import to_acc
+
+__all__ = [
+    "Likelihood",
+    "Categorical",
+    "Gaussian",
+    "Bernoulli",
+    "TokenCategorical",
+    "CustomLikelihood",
+    "get_likelihood",
+    "LIKELIHOOD_NAMES",
+]
+
+
+class Likelihood(ABC):
+    """Base class. Outputs and targets carry a leading batch dimension ``N``.
+
+    Subclasses implement :meth:`nll` and :meth:`sample`; :meth:`output_grad` defaults
+    to autograd; :meth:`factor_columns` is needed only for ``labels="exact"``.
+    """
+
+    name = "likelihood"
+
+    @abstractmethod
+    def nll(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample negative log-likelihood, shape ``(N,)``."""
+
+    @abstractmethod
+    def sample(
+        self, output: torch.Tensor, generator: torch.Generator, k: int, target=None
+    ) -> torch.Tensor:
+        """``k`` label draws from the predictive, shape ``(k, N, ...)``."""
+
+    def output_grad(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``∇_f l_n`` for every sample, same shape as ``output``."""
+        with torch.enable_grad():
+            return torch.func.grad(lambda o: self.nll(o, target).sum())(output)
+
+    def num_factor_columns(self, output: torch.Tensor) -> int:
+        """Number ``K`` of symmetric-factor columns of the output Fisher per sample."""
+        raise ValueError(
+            f"The {self.name!r} likelihood has no closed-form expectation, so "
+            "labels='exact' is unavailable; use labels='mc' (with mc_samples=k) instead."
+        )
+
+    def factor_columns(
+        self, output: torch.Tensor, start: int, stop: int, target=None
+    ) -> torch.Tensor:
+        """Columns ``s_start..s_stop-1`` of ``Λ(f) = Σ_j s_j s_jᵀ``, shape ``(k, *output.shape)``."""
+        raise ValueError(
+            f"The {self.name!r} likelihood has no closed-form expectation; use labels='mc'."
+        )
+
+    def check_target(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        """Raise a ValueError when the target does not fit the output (default: any fits)."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _onehot_factor(p: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Columns ``s_c = sqrt(p_c) (e_c - p)`` of ``diag(p) - p pᵀ`` along the last axis."""
+    classes = torch.arange(start, stop, device=p.device)
+    eye = F.one_hot(classes, p.shape[-1]).to(p.dtype)  # (k, C)
+    shape = (len(classes),) + (1,) * (p.dim() - 1) + (p.shape[-1],)
+    eye = eye.view(shape)
+    pc = p[..., start:stop].movedim(-1, 0).unsqueeze(-1)  # (k, ..., 1)
+    return pc.sqrt() * (eye - p.unsqueeze(0))
+
+
+class Categorical(Likelihood):
+    """Softmax over logits of shape ``(N, C)``; ``l_n = -log softmax(f_n)[y_n]``.
+
+    Exact Fisher: ``F = Σ_c p_c g_c g_cᵀ`` with ``g_c = ∇θ(-log p_c)``, via the factor
+    ``s_c = sqrt(p_c)(e_c - p)`` of ``diag(p) - p pᵀ``.
+    """
+
+    name = "categorical"
+
+    def check_target(self, output, target):
+        if output.dim() != 2:
+            raise ValueError(
+                f"categorical likelihood expects logits of shape (N, C), got "
+                f"{tuple(output.shape)}; for sequences use likelihood='token_categorical'."
+            )
+        if target.shape != output.shape[:1] or target.is_floating_point():
+            raise ValueError(
+                f"categorical labels must be integer class indices of shape {tuple(output.shape[:1])},"
+                f" got {target.dtype} of shape {tuple(target.shape)}."
+            )
+
+    def nll(self, output, target):
+        return F.cross_entropy(to_acc(output), target, reduction="none")
+
+    def output_grad(self, output, target):
+        p = to_acc(output).softmax(-1)
+        return p - F.one_hot(target, p.shape[-1]).to(p.dtype)
+
+    def sample(self, output, generator, k, target=None):
+        p = to_acc(output.detach()).softmax(-1).cpu()
+        draws = torch.multinomial(p, k, replacement=True, generator=generator)  # (N, k)
+        return draws.t().contiguous().to(output.device)
+
+    def num_factor_columns(self, output):
+        return output.shape[-1]
+
+    def factor_columns(self, output, start, stop, target=None):
+        return _onehot_factor(to_acc(output.detach()).softmax(-1), start, stop)
+
+
+class Gaussian(Likelihood):
+    """Gaussian with known ``sigma``: ``l_n = Σ_d [(y_nd - f_nd)² / (2σ²) + log(σ√(2π))]``.
+
+    Exact Fisher: ``Λ = I / σ²``, factor columns ``e_d / σ``.
+    """
+
+    name = "gaussian"
+
+    def __init__(self, sigma: float = 1.0):
+        self.sigma = check_positive("sigma", sigma)
+
+    def __repr__(self):
+        return f"Gaussian(sigma={self.sigma})"
+
+    def check_target(self, output, target):
+        if target.shape != output.shape:
+            raise ValueError(
+                f"gaussian targets must have the output's shape {tuple(output.shape)}, got "
+                f"{tuple(target.shape)} (reshape y, e.g. y.view(-1, 1))."
+            )
+
+    def nll(self, output, target):
+        r = (target.to(to_acc(output).dtype) - to_acc(output)).flatten(1)
+        d = r.shape[1]
+        return 0.5 * (r**2).sum(1) / self.sigma**2 + d * math.log(
+            self.sigma * math.sqrt(2 * math.pi)
+        )
+
+    def output_grad(self, output, target):
+        return (to_acc(output) - target.to(to_acc(output).dtype)) / self.sigma**2
+
+    def sample(self, output, generator, k, target=None):
+        f = to_acc(output.detach())
+        eps = torch.randn((k, *f.shape), generator=generator).to(f.device)
+        return f.unsqueeze(0) + self.sigma * eps
+
+    def num_factor_columns(self, output):
+        return output[0].numel()
+
+    def factor_columns(self, output, start, stop, target=None):
+        n, d = output.shape[0], output[0].numel()
+        eye = (
+            torch.eye(d, dtype=to_acc(output).dtype, device=output.device)[start:stop] / self.sigma
+        )  # (k, D)
+        return eye.unsqueeze(1).expand(stop - start, n, d).reshape(stop - start, *output.shape)
+
+
+class Bernoulli(Likelihood):
+    """Independent Bernoulli per output logit: ``l_n = Σ_d BCE(f_nd, y_nd)``.
+
+    Exact Fisher: ``Λ = diag(p(1 - p))``, factor columns ``sqrt(p_d(1 - p_d)) e_d``.
+    """
+
+    name = "bernoulli"
+
+    def check_target(self, output, target):
+        if target.shape != output.shape:
+            raise ValueError(
+                f"bernoulli targets must have the logits' shape {tuple(output.shape)}, got "
+                f"{tuple(target.shape)} (for one logit per sample use y.view(-1, 1).float())."
+            )
+
+    def nll(self, output, target):
+        loss = F.binary_cross_entropy_with_logits(
+            to_acc(output), target.to(to_acc(output).dtype), reduction="none"
+        )
+        return loss.flatten(1).sum(1)
+
+    def output_grad(self, output, target):
+        return to_acc(output).sigmoid() - target.to(to_acc(output).dtype)
+
+    def sample(self, output, generator, k, target=None):
+        p = to_acc(output.detach()).sigmoid().cpu()
+        u = torch.rand((k, *p.shape), generator=generator)
+        return (u < p.unsqueeze(0)).float().to(output.device)
+
+    def num_factor_columns(self, output):
+        return output[0].numel()
+
+    def factor_columns(self, output, start, stop, target=None):
+        p = to_acc(output.detach()).sigmoid().flatten(1)  # (N, D)
+        d = p.shape[1]
+        eye = torch.eye(d, dtype=p.dtype, device=p.device)[start:stop]  # (k, D)
+        cols = eye.unsqueeze(1) * (p * (1 - p)).sqrt().unsqueeze(0)
+        return cols.reshape(stop - start, *output.shape)
+
+
+class TokenCategorical(Likelihood):
+    """Softmax per token over logits ``(N, T, V)``; ``l_n = Σ_t -log p(y_nt)`` over kept tokens.
+
+    Tokens whose label equals ``ignore_index`` (or whose attention mask is 0) are left
+    out. With ``shift=True`` (causal language models) the logits at position ``t``
+    predict the label at ``t + 1``. Exact Fisher: ``Σ_t Σ_c p_tc (∇θ log p_tc)²`` over
+    kept tokens (tokens are conditionally independent given ``x``, so cross terms
+    vanish), which costs ``T·V`` vector-Jacobian products per sample: prefer ``mc``
+    for large vocabularies.
+    """
+
+    name = "token_categorical"
+
+    def __init__(self, ignore_index: int = -100, shift: bool = False):
+        self.ignore_index = int(ignore_index)
+        self.shift = bool(shift)
+
+    def __repr__(self):
+        return f"TokenCategorical(ignore_index={self.ignore_index}, shift={self.shift})"
+
+    def check_target(self, output, target):
+        if output.dim() != 3:
+            raise ValueError(
+                f"token_categorical expects logits of shape (N, T, V), got {tuple(output.shape)}."
+            )
+        if target.shape != output.shape[:2] or target.is_floating_point():
+            raise ValueError(
+                f"token_categorical labels must be integer tokens of shape {tuple(output.shape[:2])}"
+                f" (use ignore_index={self.ignore_index} for padding), got {target.dtype} "
+                f"of shape {tuple(target.shape)}."
+            )
+
+    def _align(self, output, target):
+        if self.shift:
+            output = output[:, :-1]
+            target = None if target is None else target[:, 1:]
+        return output, target
+
+    def _pad(self, x):
+        # Undo the shift on a tensor shaped like the aligned logits (zeros at the last position).
+        if not self.shift:
+            return x
+        return torch.cat([x, torch.zeros_like(x[..., :1, :])], dim=-2)
+
+    def nll(self, output, target):
+        out, tgt = self._align(output, target)
+        keep = tgt != self.ignore_index
+        safe = torch.where(keep, tgt, torch.zeros_like(tgt))
+        logp = to_acc(out).log_softmax(-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        return -(logp * keep).sum(-1)
+
+    def output_grad(self, output, target):
+        out, tgt = self._align(output, target)
+        keep = (tgt != self.ignore_index).unsqueeze(-1)
+        safe = torch.where(keep.squeeze(-1), tgt, torch.zeros_like(tgt))
+        p = to_acc(out).softmax(-1)
+        return self._pad((p - F.one_hot(safe, p.shape[-1]).to(p.dtype)) * keep)
+
+    def sample(self, output, generator, k, target=None):
+        out, tgt = self._align(to_acc(output.detach()), target)
+        n, t, v = out.shape
+        p = out.softmax(-1).reshape(n * t, v).cpu()
+        draws = torch.multinomial(p, k, replacement=True, generator=generator)
+        draws = draws.t().reshape(k, n, t).to(output.device)
+        if tgt is not None:
+            draws = torch.where(tgt.unsqueeze(0) == self.ignore_index, tgt.unsqueeze(0), draws)
+        if self.shift:  # labels are read at position t+1: position 0 holds ignore_index
+            pad = torch.full((k, n, 1), self.ignore_index, dtype=draws.dtype, device=draws.device)
+            draws = torch.cat([pad, draws], dim=-1)
+        return draws
+
+    def num_factor_columns(self, output):
+        out, _ = self._align(output, None)
+        return out.shape[1] * out.shape[2]
+
+    def factor_columns(self, output, start, stop, target=None):
+        out, tgt = self._align(to_acc(output.detach()), target)
+        n, t, v = out.shape
+        p = out.softmax(-1)
+        keep = (
+            torch.ones(n, t, device=p.device) if tgt is None else (tgt != self.ignore_index).float()
+        )
+        idx = torch.arange(start, stop, device=p.device)
+        pos, cls = idx // v, idx % v  # column j = (token pos[j], class cls[j])
+        p_pos = p[:, pos, :]  # (N, k, V)
+        pc = p_pos.gather(-1, cls.view(1, -1, 1).expand(n, -1, 1)).squeeze(-1)  # (N, k)
+        col = (pc * keep[:, pos]).sqrt().unsqueeze(-1) * (F.one_hot(cls, v).to(p.dtype) - p_pos)
+        at = F.one_hot(pos, t).to(p.dtype).view(stop - start, 1, t, 1)  # no in-place: vmap-safe
+        return self._pad(at * col.transpose(0, 1).unsqueeze(2))
+
+
+class CustomLikelihood(Likelihood):
+    """A user-defined likelihood from a per-sample NLL and a sampler.
+
+    Args:
+        nll: ``nll(output, target) -> (N,)`` negative log-likelihood per sample, written
+            with torch operations (it is differentiated with ``torch.func``).
+        sampler: ``sampler(output, generator) -> target`` one label draw per sample;
+            needed for ``labels="mc"``.
+        name: shown in Fisher metadata.
+
+    Example:
+        >>> import torch
+        >>> lik = CustomLikelihood(lambda f, y: ((f - y) ** 2).sum(-1), name="sq")
+        >>> lik.nll(torch.zeros(2, 1), torch.ones(2, 1))
+        tensor([1., 1.])
+    """
+
+    def __init__(
+        self,
+        nll: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        sampler: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        name: str = "custom",
+    ):
+        if not callable(nll):
+            raise TypeError("CustomLikelihood needs a callable nll(output, target) -> (N,).")
+        self._nll, self._sampler, self.name = nll, sampler, name
+
+    def nll(self, output, target):
+        return self._nll(output, target)
+
+    def sample(self, output, generator, k, target=None):
+        if self._sampler is None:
+            raise ValueError(
+                f"labels='mc' needs a sampler: pass CustomLikelihood(nll, sampler=...) for {self.name!r}."
+            )
+        return torch.stack([self._sampler(output.detach(), generator) for _ in range(k)])
+
+
+_REGISTRY: dict[str, type[Likelihood]] = {
+    "categorical": Categorical,
+    "gaussian": Gaussian,
+    "bernoulli": Bernoulli,
+    "token_categorical": TokenCategorical,
+}
+LIKELIHOOD_NAMES = tuple(_REGISTRY)
+
+
+def get_likelihood(likelihood: str | Likelihood, **kwargs) -> Likelihood:
+    """Resolve a likelihood given by name (with constructor kwargs) or as an object.
+
+    Example:
+        >>> get_likelihood("gaussian", sigma=0.5)
+        Gaussian(sigma=0.5)
+    """
+    if isinstance(likelihood, Likelihood):
+        if kwargs:
+            raise TypeError(
+                f"Options {sorted(kwargs)} apply only when the likelihood is given by name."
+            )
+        return likelihood
+    if not isinstance(likelihood, str):
+        raise TypeError(
+            f"likelihood must be a name {LIKELIHOOD_NAMES} or a natgrad.engine.likelihoods.Likelihood, "
+            f"got {type(likelihood).__name__}."
+        )
+    check_choice("likelihood", likelihood, LIKELIHOOD_NAMES)
+    return _REGISTRY[likelihood](**kwargs)

@@ -1,0 +1,413 @@
+"""The general engine: exact per-sample gradients with ``torch.func``.
+
+For a model ``f(x; θ)`` and a likelihood with per-sample loss
+``l_n(θ) = -log p(y_n | f(x_n; θ))``, the per-sample gradient is
+``g_n = ∇θ l_n = J_nᵀ ∇_f l_n`` with ``J_n = ∂f(x_n)/∂θ``. We compute it per sample
+with ``functional_call`` + ``vmap(vjp(...))`` over chunks of the batch, so peak memory
+grows with ``chunk_size × P`` and never with ``N × P``.
+
+The label source decides which output cotangents ``u`` are pulled back through ``J_n``:
+
+* ``empirical``: ``u = ∇_f l_n(y_n)`` with the data label (one column);
+* ``mc``: ``u_j = ∇_f l_n(ỹ_j)``, ``ỹ_j ~ p(y | f(x_n))`` for ``j = 1..k``, weight ``1/k``;
+* ``exact``: the columns ``s_j`` of a symmetric factor of ``E_y[∇_f l ∇_f lᵀ]``, so
+  ``Σ_j (J_nᵀ s_j)² = E_y[g_n²]`` exactly.
+
+Dropout: under ``vmap(randomness="different")`` each sample draws its own mask in
+train mode; call ``model.eval()`` for a deterministic Fisher.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, vjp, vmap
+
+from natgrad.engine.batch import Batch, OutputFn, default_output_fn, parse_batch
+from natgrad.engine.checks import check_choice, check_finite, check_int, check_no_batch_mixing
+from natgrad.engine.common import to_acc
+from natgrad.engine.likelihoods import Likelihood, TokenCategorical, get_likelihood
+
+__all__ = ["per_sample_grads", "select_params", "LABEL_SOURCES", "ParamSpec"]
+
+LABEL_SOURCES = ("empirical", "mc", "exact")
+ParamSpec = (
+    None | Sequence[str] | Callable[[str, nn.Parameter], bool] | Sequence[nn.Module] | nn.Module
+)
+_EXACT_COLUMNS = 32  # exact-label factor columns built at once per sample
+CHUNK_FLOATS = 2**25  # default chunk: about 128 MiB of float32 per-sample gradients
+
+
+def select_params(model: nn.Module, params: ParamSpec = None) -> dict[str, nn.Parameter]:
+    """The parameters to differentiate, by name, in ``model.named_parameters()`` order.
+
+    Args:
+        model: the model.
+        params: ``None`` (every parameter with ``requires_grad``), a list of names, a
+            predicate ``(name, param) -> bool``, or a module / list of modules of ``model``.
+
+    Raises:
+        ValueError: unknown names (the message lists valid ones), modules not in the
+            model, or an empty selection.
+    """
+    named = dict(model.named_parameters())
+    if params is None:
+        chosen = {k: p for k, p in named.items() if p.requires_grad}
+    elif isinstance(params, nn.Module) or (
+        isinstance(params, (list, tuple))
+        and params
+        and all(isinstance(m, nn.Module) for m in params)
+    ):
+        mods = [params] if isinstance(params, nn.Module) else list(params)
+        ids = {id(p) for m in mods for p in m.parameters()}
+        all_ids = {id(p) for p in named.values()}
+        if not ids <= all_ids:
+            raise ValueError("params lists a module that is not part of the model.")
+        chosen = {k: p for k, p in named.items() if id(p) in ids}
+    elif callable(params):
+        chosen = {k: p for k, p in named.items() if params(k, p)}
+    elif isinstance(params, (list, tuple, set)):
+        unknown = [k for k in params if k not in named]
+        if unknown:
+            raise ValueError(
+                f"Unknown parameter names {unknown}; the model has {list(named)[:12]}"
+                + (" ..." if len(named) > 12 else "")
+                + ". Use names from model.named_parameters()."
+            )
+        chosen = {k: named[k] for k in named if k in set(params)}
+    else:
+        raise TypeError(
+            "params must be None, a list of parameter names, a predicate (name, param) -> bool, "
+            f"or a list of modules; got {type(params).__name__}."
+        )
+    if not chosen:
+        raise ValueError(
+            "No parameters selected: the model has no trainable parameters matching `params`."
+        )
+    return chosen
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    if p is None:
+        b = next(model.buffers(), None)
+        return b.device if b is not None else torch.device("cpu")
+    return p.device
+
+
+class Plan:
+    """Everything the vmapped per-sample function needs, resolved once per call."""
+
+    def __init__(self, model, likelihood, labels, mc_samples, params, output_fn, generator):
+        check_no_batch_mixing(model)
+        self.model = model
+        self.lik: Likelihood = get_likelihood(likelihood)
+        self.labels = check_choice("labels", labels, LABEL_SOURCES)
+        check_int("mc_samples", mc_samples, 1)
+        self.k = int(mc_samples)
+        self.params = select_params(model, params)
+        self.output_fn: OutputFn = output_fn or default_output_fn
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.loop = False  # set when vmap cannot trace the model (see run)
+        self.device = model_device(model)
+        self.P = sum(p.numel() for p in self.params.values())
+
+    # -- labels ------------------------------------------------------------------
+    def prepare(self, batch: Any) -> tuple[Batch, torch.Tensor | None, torch.Tensor | None]:
+        """Parse a batch; return it with the target (masked) and the MC label draws.
+
+        One forward pass checks the target against the output: of the whole batch for
+        ``labels="mc"`` (whose draws need it), else of the first sample only.
+        """
+        b, target = self.parse(batch)
+        mc = self.labels == "mc"
+        out = self.forward(b if mc else b.select(0, 1))
+        if target is not None:
+            self.lik.check_target(out, target if mc else target[:1])
+        return b, target, self.draw(out, target) if mc else None
+
+    def parse(self, batch: Any) -> tuple[Batch, torch.Tensor | None]:
+        """Parse a batch onto the model's device; return it with its (masked) target."""
+        b = parse_batch(batch).to(self.device)
+        target = masked_target(self.lik, b)
+        if self.labels == "empirical" and target is None:
+            raise ValueError(
+                "labels='empirical' needs the data's labels, but the batch has none: pass "
+                "(x, y) or a dict with 'labels', or use labels='mc' / labels='exact'."
+            )
+        return b, target
+
+    def draw(self, out: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        """``k`` MC labels per sample from the predictive at ``out``, shape ``(N, k, ...)``."""
+        check_finite(
+            "the model's outputs",
+            out,
+            "labels='mc' cannot sample from them: check the inputs and whether training diverged.",
+        )
+        return self.lik.sample(out.detach(), self.generator, self.k, target).movedim(0, 1)
+
+    @property
+    def weight(self) -> float:
+        """The weight ``w_j`` of every label column: ``1/k`` for ``mc``, else 1."""
+        return 1.0 / self.k if self.labels == "mc" else 1.0
+
+    def columns(
+        self, out: torch.Tensor, target: torch.Tensor | None, draws: torch.Tensor | None
+    ) -> Iterator[torch.Tensor]:
+        """The label columns ``u_j`` at outputs ``out``, in groups of shape ``(J, *out.shape)``.
+
+        ``draws`` has shape ``(N, k, ...)``. Shared by both engines, so that they pull
+        back the same columns.
+        """
+        lik = self.lik
+        if self.labels == "empirical":
+            yield lik.output_grad(out, target).unsqueeze(0)
+        elif self.labels == "mc":
+            yield torch.stack([lik.output_grad(out, draws[:, j]) for j in range(self.k)])
+        else:
+            K = lik.num_factor_columns(out)
+            step = min(K, _EXACT_COLUMNS)
+            for s in range(0, K, step):
+                yield lik.factor_columns(out, s, min(s + step, K), target)
+
+    def restrict(self, names: Iterable[str]) -> Plan:
+        """A copy of this plan that differentiates only the parameters ``names``."""
+        sub = copy.copy(self)
+        keep = set(names)
+        sub.params = {k: p for k, p in self.params.items() if k in keep}
+        sub.P = sum(p.numel() for p in sub.params.values())
+        return sub
+
+    def forward(self, b: Batch) -> torch.Tensor:
+        # Grad mode on purpose: under no_grad, eval-mode nn.TransformerEncoderLayer takes
+        # fused inference kernels whose outputs differ from the differentiable path
+        # (NaN with some masks), and the MC labels must come from the same function.
+        with torch.enable_grad():
+            return self.output_fn(self.model(*b.args, **b.kwargs)).detach()
+
+    # -- per-sample function -----------------------------------------------------
+    def per_sample(self, mode: str):
+        """A function of one sample returning its gradients (``mode="grads"``) or
+        ``Σ_j w_j g_j²`` in float32 (``mode="squares"``)."""
+        model, output_fn, weight = self.model, self.output_fn, self.weight
+
+        def fn(p, args, kwargs, target, draws):
+            args = tuple(as_one_sample(a) for a in args)
+            kwargs = {k: as_one_sample(v) for k, v in kwargs.items()}
+            target = as_one_sample(target)
+
+            def f(pp):
+                return output_fn(functional_call(model, pp, args, kwargs, strict=False))
+
+            out, pullback = vjp(f, p)
+            cols = self.columns(out, target, as_one_sample(draws))
+            if mode == "grads":
+                gs = [vmap(pullback)(c.to(out.dtype))[0] for c in cols]
+                return {k: torch.cat([g[k] for g in gs]) for k in p}
+            acc = None
+            for c in cols:
+                (g,) = vmap(pullback)(c.to(out.dtype))
+                sq = {k: (v.float() ** 2).sum(0) for k, v in g.items()}
+                acc = sq if acc is None else {k: acc[k] + sq[k] for k in acc}
+            return {k: v * weight for k, v in acc.items()} if weight != 1.0 else acc
+
+        return fn
+
+    def run(self, b: Batch, target, draws, mode: str, chunk_size: int | None):
+        """Yield the per-sample result of ``mode`` for each chunk of the batch."""
+        K = self.k if self.labels == "mc" else 1
+        chunk = check_int("chunk_size", chunk_size, 1, optional=True) or max(
+            1, min(b.size, CHUNK_FLOATS // max(self.P * K, 1))
+        )
+        fn = self.per_sample(mode)
+        params = {k: p.detach() for k, p in self.params.items()}
+        for start in range(0, b.size, chunk):
+            stop = min(start + chunk, b.size)
+            sub = b.select(start, stop)
+            t = None if target is None else target[start:stop]
+            d = None if draws is None else draws[start:stop]
+            in_dims = (
+                None,
+                tuple(sample_dim(a, sub.size) for a in sub.args),
+                {k: sample_dim(v, sub.size) for k, v in sub.kwargs.items()},
+                None if t is None else 0,
+                None if d is None else 0,
+            )
+            args = (params, sub.args, sub.kwargs, t, d)
+            if not self.loop:
+                try:
+                    yield stop - start, vmap(fn, in_dims=in_dims, randomness="different")(*args)
+                    continue
+                except RuntimeError as exc:
+                    if "data-dependent control flow" not in str(exc):
+                        raise
+                    self.loop = True
+                    warnings.warn(
+                        f"vmap cannot trace {type(self.model).__name__}: it branches on tensor "
+                        "values (e.g. Hugging Face attention-mask checks). Falling back to an "
+                        "exact per-sample loop, which is slower; for speed, remove the branch "
+                        "(for Hugging Face encoders pass a 4-D boolean attention mask).",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            yield stop - start, _loop(fn, in_dims, args, stop - start)
+
+
+def masked_target(lik: Likelihood, b: Batch) -> torch.Tensor | None:
+    """The batch's target, with tokens whose attention mask is 0 set to ``ignore_index``.
+
+    Only ``token_categorical`` reads the mask; a masked batch without labels gets
+    an all-zero target that carries the mask for ``mc`` / ``exact`` labels.
+    """
+    target = b.target
+    if isinstance(lik, TokenCategorical) and b.mask is not None:
+        if target is None:
+            target = torch.zeros(b.mask.shape, dtype=torch.long, device=b.mask.device)
+        target = torch.where(b.mask == 0, torch.full_like(target, lik.ignore_index), target)
+    return target
+
+
+def mean_loss_grad(
+    model: nn.Module,
+    batch: Any,
+    likelihood: str | Likelihood,
+    names: Sequence[str],
+    *,
+    output_fn: OutputFn | None = None,
+    what: str = "the batch",
+) -> tuple[dict[str, torch.Tensor], int]:
+    """``∇θ L`` of the mean loss ``L = (1/N) Σ_n l_n`` over ``batch``, and ``N``.
+
+    One ordinary forward and backward pass (``.grad`` is not touched); padding is left
+    out as in the Fisher (:func:`masked_target`). Gradients come in the accumulation
+    dtype (float64 stays float64, else float32); parameters that do not reach the loss
+    get zeros.
+
+    Raises:
+        ValueError: the batch has no labels (named by ``what``), or they do not fit.
+        FloatingPointError: a non-finite gradient.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 2)
+        >>> g, n = mean_loss_grad(model, (torch.randn(3, 2), torch.tensor([0, 1, 1])), "categorical", ["bias"])
+        >>> n, g["bias"].shape
+        (3, torch.Size([2]))
+    """
+    lik = get_likelihood(likelihood)
+    named = dict(model.named_parameters())
+    b = parse_batch(batch).to(model_device(model))
+    if b.target is None:
+        raise ValueError(
+            f"{what} has no labels: the loss gradient needs the data's labels, but the batch "
+            "has none; pass (x, y) or a dict with 'labels'."
+        )
+    target = masked_target(lik, b)
+    params = [named[k] for k in names]
+    with torch.enable_grad():
+        out = (output_fn or default_output_fn)(model(*b.args, **b.kwargs))
+        lik.check_target(out, target)
+        grads = torch.autograd.grad(lik.nll(out, target).mean(), params, allow_unused=True)
+    res = {}
+    for k, p, g in zip(names, params, grads):
+        res[k] = to_acc(torch.zeros_like(p) if g is None else g.detach())
+        check_finite(f"the gradient of {what}'s loss for {k!r}", res[k])
+    return res, b.size
+
+
+def _loop(fn, in_dims, args, n: int):
+    """``vmap(fn, in_dims)(*args)`` computed one sample at a time (no tracing of the model)."""
+
+    def take(x, dim, i):
+        if dim is None:
+            return x
+        if isinstance(x, tuple):
+            return tuple(take(v, dv, i) for v, dv in zip(x, dim))
+        if isinstance(x, dict):
+            return {k: take(v, dim[k], i) for k, v in x.items()}
+        return x[i]
+
+    outs = [fn(*(take(a, d, i) for a, d in zip(args, in_dims))) for i in range(n)]
+    return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
+
+
+def as_one_sample(t):
+    return t.unsqueeze(0) if isinstance(t, torch.Tensor) else t
+
+
+def sample_dim(t, n):
+    return 0 if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else None
+
+
+def per_sample_grads(
+    model: nn.Module,
+    batch: Any,
+    likelihood: str | Likelihood = "categorical",
+    *,
+    labels: str = "empirical",
+    mc_samples: int = 1,
+    params: ParamSpec = None,
+    chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+    output_fn: OutputFn | None = None,
+) -> dict[str, torch.Tensor]:
+    """Exact per-sample gradients ``g_n = ∇θ l_n`` of the per-sample negative log-likelihood.
+
+    ``l_n(θ) = -log p(y_n | x_n, θ)``, summed over all outputs of sample ``n`` (all
+    kept tokens of a sequence). Computed with ``torch.func`` per sample, never from a
+    batch-mean gradient.
+
+    Args:
+        model: any ``nn.Module``; BatchNorm must be in eval mode.
+        batch: ``(x, y)``, ``x`` / ``(x,)`` (with ``labels="mc"`` or ``"exact"``), or a
+            dict such as ``{"input_ids", "attention_mask", "labels"}``.
+        likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"``,
+            ``"token_categorical"`` or a :class:`natgrad.engine.likelihoods.Likelihood`.
+        labels: ``"empirical"``, ``"mc"`` or ``"exact"``.
+        mc_samples: labels drawn per sample for ``labels="mc"``.
+        params: which parameters (see :func:`select_params`).
+        chunk_size: samples per vmap chunk (memory ``≈ chunk_size × P``).
+        generator: ``torch.Generator`` for ``mc`` draws (default: seeded with 0).
+        output_fn: maps the model output to the output tensor (default: tensor or ``.logits``).
+
+    Returns:
+        ``{name: tensor}`` of shape ``(N, *param.shape)``; with ``labels="exact"``, or
+        ``"mc"`` with ``mc_samples > 1``, shape ``(N, K, *param.shape)``: one gradient per
+        label (for ``exact``, gradients scaled by the factor so that
+        ``E_y[g_n²] = Σ_K g²``; for ``mc``, unweighted draws).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])
+        >>> g = per_sample_grads(model, (x, y))
+        >>> g["weight"].shape
+        torch.Size([5, 2, 3])
+    """
+    plan = Plan(model, likelihood, labels, mc_samples, params, output_fn, generator)
+    b, target, draws = plan.prepare(batch)
+    chunks = [r for _, r in plan.run(b, target, draws, "grads", chunk_size)]
+    squeeze = labels == "empirical" or (labels == "mc" and plan.k == 1)
+    out = {}
+    for k in plan.params:
+        g = torch.cat([c[k] for c in chunks])
+        out[k] = g.squeeze(1) if squeeze else g
+    return out
+
+
+def square_sums(
+    plan: Plan, batches: Iterable[Any], chunk_size: int | None
+) -> Iterable[tuple[int, dict[str, torch.Tensor]]]:
+    """For each batch, yield ``(n, Σ_n Σ_j w_j g_nj²)`` in float32 (general vmap path)."""
+    for batch in batches:
+        b, target, draws = plan.prepare(batch)
+        acc = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in plan.params.items()}
+        for _, res in plan.run(b, target, draws, "squares", chunk_size):
+            for k in acc:
+                acc[k] += res[k].sum(0)
+        yield b.size, acc

@@ -1,0 +1,563 @@
+"""Laplace-style predictive uncertainty from a diagonal Fisher (linearized Laplace).
+
+The Laplace approximation puts a Gaussian around the trained weights ``θ*``. Its
+precision is the curvature of the negative log-posterior
+``-Σ_n log p(y_n | x_n, θ) - log p(θ)``: every one of the ``N`` training samples adds
+its own Fisher (generalized Gauss-Newton) term and the Gaussian prior ``N(0, δ⁻¹ I)``
+adds ``δ``. With the diagonal Fisher stored as the per-sample *mean* ``F_i``, the
+posterior precision is therefore the *sum* ``N·F_i + δ`` (not ``F_i + δ``, which would
+describe a posterior after seeing one sample).
+
+Linearizing the network around ``θ*`` (``f(x; θ) ≈ f(x; θ*) + J(x)(θ - θ*)``) makes the
+outputs Gaussian with mean ``μ(x) = f(x; θ*)`` and, for the diagonal posterior,
+
+    Var f_c(x) = Σ_i J_ci(x)² / (N F_i + δ).
+
+Only the squared Jacobian entries are needed; they are computed per sample with
+``torch.func`` (``vmap(jacrev(...))`` over ``functional_call``) in chunks, and reduced
+against ``1 / (N F + δ)`` inside each chunk, so memory stays near
+``chunk × outputs × P``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from natgrad.curvature.estimate import iterate_batches
+from natgrad.engine.batch import Batch, OutputFn, default_output_fn, parse_batch
+from natgrad.engine.checks import (
+    check_choice,
+    check_int,
+    check_names_in,
+    check_no_batch_mixing,
+    check_no_train_dropout,
+    check_positive,
+    check_same_structure,
+)
+from natgrad.engine.common import acc_dtype
+from natgrad.engine.likelihoods import Likelihood, get_likelihood
+from natgrad.engine.per_sample import (
+    ParamSpec,
+    as_one_sample,
+    model_device,
+    sample_dim,
+    select_params,
+)
+from natgrad.engine.report import Report
+
+__all__ = [
+    "UncertaintyReport",
+    "PriorPrecisionResult",
+    "fisher_uncertainty",
+    "optimize_prior_precision",
+]
+
+LINKS = ("probit", "mc")
+SUPPORTED_LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
+PRIOR_METHODS = ("grid", "marglik")
+CHUNK_FLOATS = 2**25  # about 128 MiB of float32 Jacobian entries per chunk
+_PROBIT = math.pi / 8
+
+
+@dataclass
+class UncertaintyReport(Report):
+    """The linearized Laplace predictive on a batch of ``N`` samples with ``D`` outputs.
+
+    Attributes:
+        mean: ``(N, D)`` MAP outputs ``μ = f(x; θ*)`` (logits, or regression means).
+        logit_variance: ``(N, D)`` ``Var f_c(x) = Σ_i J_ci² / (N F_i + δ)``.
+        probs: ``(N, D)`` predictive probabilities (categorical: rows sum to one;
+            bernoulli: one probability per logit); ``None`` for gaussian.
+        predictive_variance: ``(N, D)`` gaussian only: ``Var f + σ²``; ``None`` otherwise.
+        entropy: ``(N,)`` predictive entropy in nats (gaussian: differential entropy).
+        epistemic: ``(N,)`` the epistemic score named by ``epistemic_kind``.
+        epistemic_kind: ``"mutual_information"`` (``link="mc"``) or ``"total_variance"``.
+        likelihood, link, prior_precision, n_data: how it was computed.
+    """
+
+    mean: torch.Tensor
+    logit_variance: torch.Tensor
+    probs: torch.Tensor | None
+    predictive_variance: torch.Tensor | None
+    entropy: torch.Tensor
+    epistemic: torch.Tensor
+    epistemic_kind: str
+    likelihood: str
+    link: str
+    prior_precision: float
+    n_data: int
+
+
+@dataclass
+class PriorPrecisionResult(Report):
+    """The chosen prior precision and the score of every candidate.
+
+    Attributes:
+        prior_precision: the chosen ``δ``.
+        method: ``"grid"`` or ``"marglik"``.
+        grid: the candidate precisions.
+        scores: one score per candidate: validation NLL (``grid``, lower is better) or
+            log marginal likelihood up to the constant ``log p(D | θ*)`` (``marglik``,
+            higher is better).
+        score_name: ``"val_nll"`` or ``"log_marglik"``.
+        best_score: the score at ``prior_precision``.
+    """
+
+    prior_precision: float
+    method: str
+    grid: list[float]
+    scores: list[float]
+    score_name: str
+    best_score: float
+
+
+# -- resolving the inputs ------------------------------------------------------------------
+
+
+def _resolve_likelihood(likelihood: str | Likelihood | None, fisher: Mapping) -> Likelihood:
+    stored = getattr(fisher, "likelihood", None)
+    lik = get_likelihood((stored or "categorical") if likelihood is None else likelihood)
+    if lik.name not in SUPPORTED_LIKELIHOODS:
+        raise ValueError(
+            f"The Laplace predictive supports likelihoods {SUPPORTED_LIKELIHOODS}, got "
+            f"{lik.name!r}. For sequence models, apply it to a per-sequence classifier head "
+            "or pass likelihood= one of the supported names."
+        )
+    if stored is not None and likelihood is not None and stored != lik.name:
+        raise ValueError(
+            f"The Fisher was estimated with likelihood {stored!r} but likelihood={lik.name!r} "
+            "was passed; estimate the Fisher with the same likelihood."
+        )
+    return lik
+
+
+def _resolve_params(
+    model: nn.Module, fisher: Mapping, params: ParamSpec
+) -> dict[str, nn.Parameter]:
+    named = dict(model.named_parameters())
+    if params is None:
+        check_names_in(fisher, named)
+        chosen = {k: named[k] for k in named if k in fisher}
+    else:
+        chosen = select_params(model, params)
+        missing = [k for k in chosen if k not in fisher]
+        if missing:
+            raise ValueError(
+                f"params selects {missing[:8]}, which the Fisher does not cover; estimate the "
+                "Fisher with the same params= (or leave params=None to use the Fisher's own)."
+            )
+    if not chosen:
+        raise ValueError("The Fisher is empty: there are no parameters to be uncertain about.")
+    check_same_structure({k: fisher[k] for k in chosen}, chosen, "the Fisher", "the model")
+    return chosen
+
+
+def _resolve_n(fisher: Mapping, n_data: int | None) -> int:
+    n = getattr(fisher, "n_samples", None) if n_data is None else n_data
+    if n is None:
+        raise ValueError(
+            "n_data is needed: the Fisher is a plain mapping without n_samples; pass "
+            "n_data= the number of training samples."
+        )
+    check_int("n_data", n, 1)
+    return int(n)
+
+
+def _inverse_precisions(
+    fisher: Mapping, names: Iterable[str], n: int, deltas: torch.Tensor, dtype, device
+) -> dict[str, torch.Tensor]:
+    """``{name: (G, numel)}`` holding ``1 / (N F_i + δ_g)`` for every candidate ``δ_g``."""
+    out = {}
+    for k in names:
+        f = fisher[k].detach().to(device=device, dtype=dtype).reshape(1, -1)
+        if (f < 0).any() or not torch.isfinite(f).all():
+            raise ValueError(f"The Fisher of {k!r} has negative or non-finite entries.")
+        out[k] = 1.0 / (n * f + deltas.to(device=device, dtype=dtype).view(-1, 1))
+    return out
+
+
+# -- the linearized outputs ------------------------------------------------------------------
+
+
+def _moments(
+    model: nn.Module,
+    b: Batch,
+    params: Mapping[str, nn.Parameter],
+    inv_prec: Mapping[str, torch.Tensor],
+    output_fn: OutputFn,
+    chunk_size: int | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAP outputs ``(N, D)`` and linearized variances ``(N, D, G)`` (one per candidate δ)."""
+    detached = {k: p.detach() for k, p in params.items()}
+
+    def f(p, args, kwargs):
+        args = tuple(as_one_sample(a) for a in args)
+        kwargs = {k: as_one_sample(v) for k, v in kwargs.items()}
+        out = output_fn(functional_call(model, p, args, kwargs, strict=False)).reshape(-1)
+        return out, out
+
+    first = b.select(0, 1)
+    with torch.no_grad():
+        d = output_fn(model(*first.args, **first.kwargs))[0].numel()
+    p_total = sum(p.numel() for p in params.values())
+    chunk = chunk_size or max(1, min(b.size, CHUNK_FLOATS // max(d * p_total, 1)))
+    jac_fn = jacrev(f, has_aux=True)
+    means, variances = [], []
+    for start in range(0, b.size, chunk):
+        sub = b.select(start, min(start + chunk, b.size))
+        in_dims = (
+            None,
+            tuple(sample_dim(a, sub.size) for a in sub.args),
+            {k: sample_dim(v, sub.size) for k, v in sub.kwargs.items()},
+        )
+        with torch.no_grad():  # jacrev still differentiates; no graph to outer parameters
+            jac, out = vmap(jac_fn, in_dims=in_dims)(detached, sub.args, sub.kwargs)
+        var = None
+        for k, j in jac.items():
+            sq = j.to(dtype).reshape(sub.size * d, -1) ** 2  # (n·D, numel)
+            term = sq @ inv_prec[k].t()  # (n·D, G)
+            var = term if var is None else var + term
+        means.append(out.detach().to(dtype))
+        variances.append(var.reshape(sub.size, d, -1))
+    return torch.cat(means), torch.cat(variances)
+
+
+# -- the predictive ------------------------------------------------------------------------
+
+
+def _entropy_categorical(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-30).log()).sum(-1)
+
+
+def _entropy_bernoulli(p: torch.Tensor) -> torch.Tensor:
+    q = 1 - p
+    return -(p * p.clamp_min(1e-30).log() + q * q.clamp_min(1e-30).log()).sum(-1)
+
+
+def _predict(
+    lik: Likelihood,
+    link: str,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: torch.Tensor | None,
+) -> dict[str, Any]:
+    """Probabilities, entropy and epistemic score from ``mean`` and ``var`` (both ``(N, D)``)."""
+    if lik.name == "gaussian":
+        pred_var = var + lik.sigma**2
+        entropy = 0.5 * torch.log(2 * math.pi * math.e * pred_var).sum(-1)
+        return dict(
+            probs=None,
+            predictive_variance=pred_var,
+            entropy=entropy,
+            epistemic=var.sum(-1),
+            epistemic_kind="total_variance",
+        )
+    squash = (lambda z: z.softmax(-1)) if lik.name == "categorical" else torch.sigmoid
+    ent = _entropy_categorical if lik.name == "categorical" else _entropy_bernoulli
+    if link == "probit":
+        probs = squash(mean / torch.sqrt(1 + _PROBIT * var))
+        return dict(
+            probs=probs,
+            predictive_variance=None,
+            entropy=ent(probs),
+            epistemic=var.sum(-1),
+            epistemic_kind="total_variance",
+        )
+    draws = squash(mean.unsqueeze(0) + var.sqrt().unsqueeze(0) * eps)  # (S, N, D)
+    probs = draws.mean(0)
+    entropy = ent(probs)
+    return dict(
+        probs=probs,
+        predictive_variance=None,
+        entropy=entropy,
+        epistemic=(entropy - ent(draws).mean(0)).clamp_min(0),
+        epistemic_kind="mutual_information",
+    )
+
+
+def _mc_noise(lik, link, n_samples, mean, generator, device) -> torch.Tensor | None:
+    """``n_samples`` standard normal draws shaped like ``mean`` for ``link="mc"`` (else None)."""
+    if link != "mc" or lik.name == "gaussian":
+        return None
+    eps = torch.randn((int(n_samples), *mean.shape), generator=generator, dtype=mean.dtype)
+    return eps.to(device)
+
+
+def _prepare(model, fisher, params, likelihood, n_data, link, n_samples, chunk_size):
+    check_no_batch_mixing(model)
+    check_no_train_dropout(model, "the Laplace predictive")
+    check_int("chunk_size", chunk_size, 1, optional=True)
+    link = check_choice("link", link, LINKS)
+    check_int("n_samples", n_samples, 1)
+    lik = _resolve_likelihood(likelihood, fisher)
+    chosen = _resolve_params(model, fisher, params)
+    return lik, chosen, _resolve_n(fisher, n_data), link
+
+
+def fisher_uncertainty(
+    model: nn.Module,
+    batch: Any,
+    fisher: Mapping[str, torch.Tensor],
+    *,
+    prior_precision: float = 1.0,
+    n_data: int | None = None,
+    params: ParamSpec = None,
+    link: Literal["probit", "mc"] = "probit",
+    n_samples: int = 100,
+    likelihood: str | Likelihood | None = None,
+    chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+    output_fn: OutputFn | None = None,
+) -> UncertaintyReport:
+    """The linearized Laplace predictive with diagonal posterior precision ``N·F + δ``.
+
+    Why the sum ``N·F`` and not the mean ``F``: the log-posterior is
+    ``Σ_n log p(y_n | x_n, θ) + log p(θ)``, so its curvature adds one Fisher per
+    training sample, and :class:`natgrad.DiagonalFisher` stores the per-sample mean.
+
+    The outputs are Gaussian with mean ``μ = f(x; θ*)`` and variance
+    ``Var f_c(x) = Σ_i J_ci(x)² / (N F_i + δ)`` (``J`` from ``vmap(jacrev)``). Then
+
+    * categorical, ``link="probit"``: ``p = softmax(μ / sqrt(1 + π/8 · Var f))`` (per
+      class); epistemic score = total logit variance ``Σ_c Var f_c``;
+    * bernoulli, ``link="probit"``: ``p = sigmoid(μ / sqrt(1 + π/8 · Var f))``; same score;
+    * ``link="mc"``: ``n_samples`` logit draws from ``N(μ, diag Var f)`` (seeded),
+      ``p`` = mean of their softmaxes (sigmoids); epistemic score = mutual information
+      ``H[E p] - E[H[p]]``;
+    * gaussian (regression, known ``σ``): predictive ``N(μ, Var f + σ²)`` in closed
+      form (``link`` is not used); epistemic score = ``Σ_d Var f_d``.
+
+    Args:
+        model: the trained model at ``θ*`` (eval mode; it is not modified).
+        batch: ``x``, ``(x, y)`` or a dict batch of ``N`` inputs (labels are ignored).
+        fisher: diagonal Fisher (:class:`natgrad.DiagonalFisher` or ``{name: tensor}``).
+        prior_precision: ``δ > 0``.
+        n_data: ``N``, the number of training samples (default ``fisher.n_samples``).
+        params: the parameters treated as uncertain (default: all the Fisher covers; e.g.
+            the last layer only); the others stay at ``θ*``.
+        link: ``"probit"`` or ``"mc"``.
+        n_samples: logit draws for ``link="mc"``.
+        likelihood: default ``fisher.likelihood``; pass ``natgrad.Gaussian(sigma)`` for
+            regression with ``σ != 1``.
+        chunk_size: samples per Jacobian chunk (memory ``≈ chunk × D × P``).
+        generator: for ``link="mc"`` (default: seeded with 0).
+        output_fn: maps model outputs to the output tensor.
+
+    Returns:
+        :class:`UncertaintyReport` with per-sample tensors (``D`` outputs per sample).
+
+    Raises:
+        ValueError: unsupported likelihood or link, parameters the Fisher lacks, bad
+            ``prior_precision`` / ``n_data``, train-mode BatchNorm or dropout.
+
+    Example:
+        >>> import torch
+        >>> from natgrad import DiagonalFisher
+        >>> model = torch.nn.Linear(2, 3)
+        >>> F = DiagonalFisher({k: torch.ones_like(p) for k, p in model.named_parameters()}, 10)
+        >>> r = fisher_uncertainty(model, torch.zeros(1, 2), F, prior_precision=1.0)
+        >>> r.logit_variance  # only the bias moves the outputs at x = 0: 1 / (10·1 + 1)
+        tensor([[0.0909, 0.0909, 0.0909]])
+    """
+    delta = check_positive("prior_precision", prior_precision)
+    lik, chosen, n, link = _prepare(
+        model, fisher, params, likelihood, n_data, link, n_samples, chunk_size
+    )
+    dtype = acc_dtype(next(model.parameters()).dtype)
+    device = model_device(model)
+    b = parse_batch(batch).to(device)
+    inv = _inverse_precisions(
+        fisher, chosen, n, torch.tensor([delta], dtype=torch.float64), dtype, device
+    )
+    mean, var = _moments(model, b, chosen, inv, output_fn or default_output_fn, chunk_size, dtype)
+    var = var[..., 0]
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    pred = _predict(lik, link, mean, var, _mc_noise(lik, link, n_samples, mean, gen, device))
+    return UncertaintyReport(
+        mean=mean,
+        logit_variance=var,
+        likelihood=lik.name,
+        link=link,
+        prior_precision=delta,
+        n_data=n,
+        **pred,
+    )
+
+
+# -- choosing the prior precision ----------------------------------------------------------
+
+
+def _nll(lik: Likelihood, pred: dict, mean: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample negative log predictive density, shape ``(N,)``."""
+    if lik.name == "gaussian":
+        v = pred["predictive_variance"]
+        r = target.reshape(mean.shape).to(mean.dtype) - mean
+        return (0.5 * torch.log(2 * math.pi * v) + r**2 / (2 * v)).sum(-1)
+    p = pred["probs"]
+    if lik.name == "categorical":
+        return -p.gather(-1, target.long().view(-1, 1)).squeeze(-1).clamp_min(1e-30).log()
+    y = target.reshape(p.shape).to(p.dtype)
+    return -(y * p.clamp_min(1e-30).log() + (1 - y) * (1 - p).clamp_min(1e-30).log()).sum(-1)
+
+
+def _marglik_terms(model, fisher, chosen, n, dtype):
+    """``(‖θ*‖², [N F_i for every i])`` over the chosen parameters."""
+    theta_sq = sum(float((p.detach().to(dtype) ** 2).sum()) for p in chosen.values())
+    nf = torch.cat([n * fisher[k].detach().to("cpu", torch.float64).reshape(-1) for k in chosen])
+    return theta_sq, nf
+
+
+def _log_marglik(theta_sq: float, nf: torch.Tensor, delta: float) -> float:
+    p = nf.numel()
+    return float(
+        -0.5 * delta * theta_sq + 0.5 * p * math.log(delta) - 0.5 * torch.log(nf + delta).sum()
+    )
+
+
+def _marglik_optimum(theta_sq: float, nf: torch.Tensor) -> float:
+    """Root of ``d/dδ log Z = ½(γ(δ)/δ - ‖θ*‖²)``, ``γ(δ) = Σ_i N F_i / (N F_i + δ)``.
+
+    ``γ(δ)/δ`` decreases strictly from ``+∞`` to 0, so the root is unique; bisection on
+    ``log δ``.
+    """
+    if theta_sq <= 0 or not (nf > 0).any():
+        raise ValueError(
+            "The marginal likelihood has no finite optimum: the selected parameters are all "
+            "zero or the Fisher is zero everywhere. Use method='grid' with validation data."
+        )
+
+    def h(log_d: float) -> float:
+        d = math.exp(log_d)
+        return float((nf / (nf + d)).sum()) / d - theta_sq
+
+    lo, hi = -30.0, 30.0
+    while h(lo) < 0:
+        lo -= 30.0
+    while h(hi) > 0:
+        hi += 30.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if h(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-13:
+            break
+    return math.exp(0.5 * (lo + hi))
+
+
+def optimize_prior_precision(
+    model: nn.Module,
+    fisher: Mapping[str, torch.Tensor],
+    val_data: Any = None,
+    *,
+    method: Literal["grid", "marglik"] = "grid",
+    grid: Sequence[float] | None = None,
+    n_data: int | None = None,
+    params: ParamSpec = None,
+    link: Literal["probit", "mc"] = "probit",
+    n_samples: int = 100,
+    likelihood: str | Likelihood | None = None,
+    chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+    output_fn: OutputFn | None = None,
+) -> PriorPrecisionResult:
+    """Choose the prior precision ``δ`` of the diagonal Laplace posterior ``N·F + δ``.
+
+    * ``method="grid"``: the ``δ`` in ``grid`` with the lowest mean validation negative
+      log-likelihood ``-(1/M) Σ_m log p(y_m | x_m)`` under the Laplace predictive of
+      :func:`fisher_uncertainty` (same ``link``). The Jacobians are computed once per
+      chunk and reused for every candidate.
+    * ``method="marglik"``: maximize the Laplace log marginal likelihood of the
+      diagonal GGN posterior,
+      ``log Z(δ) = log p(D | θ*) - ½ δ ‖θ*‖² + ½ P log δ - ½ Σ_i log(N F_i + δ)``
+      (the ``2π`` terms of prior and posterior cancel). ``log p(D | θ*)`` does not
+      depend on ``δ`` and is left out of the scores. Its derivative vanishes where
+      ``δ = γ / ‖θ*‖²`` with ``γ = Σ_i N F_i / (N F_i + δ)`` (the effective number of
+      parameters); the exact root is returned, and ``scores`` tabulates ``grid``.
+      ``val_data`` is not used.
+
+    Args:
+        model: the trained model at ``θ*`` (eval mode; not modified).
+        fisher: diagonal Fisher over the training data.
+        val_data: labelled validation batch or iterable of batches (``grid`` only).
+        method: ``"grid"`` or ``"marglik"``.
+        grid: candidate precisions (default ``10^-4 ... 10^4`` in half decades).
+        n_data, params, link, n_samples, likelihood, chunk_size, generator, output_fn:
+            as in :func:`fisher_uncertainty`.
+
+    Returns:
+        :class:`PriorPrecisionResult`.
+
+    Raises:
+        ValueError: unknown method, non-positive grid values, missing validation labels,
+            and everything :func:`fisher_uncertainty` raises.
+
+    Example:
+        >>> import torch
+        >>> from natgrad import DiagonalFisher
+        >>> model = torch.nn.Linear(1, 1, bias=False)
+        >>> _ = model.weight.data.fill_(0.5)
+        >>> F = DiagonalFisher({"weight": torch.tensor([[3.0]])}, 1, likelihood="gaussian")
+        >>> r = optimize_prior_precision(model, F, method="marglik")
+        >>> round(r.prior_precision, 4)  # γ/δ = ‖θ‖²: 3/((3+δ)δ) = 0.25, δ² + 3δ - 12 = 0
+        2.2749
+    """
+    method = check_choice("method", method, PRIOR_METHODS)
+    lik, chosen, n, link = _prepare(
+        model, fisher, params, likelihood, n_data, link, n_samples, chunk_size
+    )
+    values = [0.5 * i for i in range(-8, 9)]
+    cand = [10.0**v for v in values] if grid is None else [float(g) for g in grid]
+    if not cand:
+        raise ValueError("grid is empty: pass at least one candidate prior precision.")
+    for g in cand:
+        check_positive("grid value", g)
+    dtype = acc_dtype(next(model.parameters()).dtype)
+    if method == "marglik":
+        theta_sq, nf = _marglik_terms(model, fisher, chosen, n, dtype)
+        scores = [_log_marglik(theta_sq, nf, g) for g in cand]
+        best = _marglik_optimum(theta_sq, nf)
+        return PriorPrecisionResult(
+            best, method, cand, scores, "log_marglik", _log_marglik(theta_sq, nf, best)
+        )
+    if val_data is None:
+        raise ValueError(
+            "method='grid' needs labelled validation data: pass val_data=(x_val, y_val), "
+            "or use method='marglik'."
+        )
+    device = model_device(model)
+    inv = _inverse_precisions(
+        fisher, chosen, n, torch.tensor(cand, dtype=torch.float64), dtype, device
+    )
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    totals = torch.zeros(len(cand), dtype=torch.float64)
+    count = 0
+    for batch in iterate_batches(val_data):
+        b = parse_batch(batch).to(device)
+        if b.target is None:
+            raise ValueError(
+                "method='grid' scores the validation NLL, but a validation batch has no "
+                "labels: pass (x, y) batches."
+            )
+        mean, var = _moments(
+            model, b, chosen, inv, output_fn or default_output_fn, chunk_size, dtype
+        )
+        eps = _mc_noise(lik, link, n_samples, mean, gen, device)
+        for g in range(len(cand)):
+            pred = _predict(lik, link, mean, var[..., g], eps)
+            totals[g] += float(_nll(lik, pred, mean, b.target).sum())
+        count += b.size
+    if count == 0:
+        raise ValueError("val_data yielded no batches.")
+    scores = (totals / count).tolist()
+    i = min(range(len(cand)), key=lambda j: scores[j])
+    return PriorPrecisionResult(cand[i], method, cand, scores, "val_nll", scores[i])

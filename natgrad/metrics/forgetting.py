@@ -1,0 +1,73 @@
+"""Forgetting metrics: Fisher-weighted damage, its asymmetry, and task Fisher comparison."""
+
+from __future__ import annotations
+
+from natgrad.continual.compare import compare_task_fisher
+from natgrad.continual.damage import fisher_damage_asymmetry, fisher_weighted_damage
+from natgrad.metrics.context import MetricContext, SignatureType
+from natgrad.metrics.registry import registry
+
+# options that change how a Fisher is estimated: with any of them the context's Fisher
+# (estimated with its own settings) does not fit, and the metric estimates its own
+_ESTIMATE_OPTIONS = ("labels", "params", "mc_samples", "output_fn")
+
+
+def _context_fisher(ctx: MetricContext, i: int, options: dict):
+    """Task i's Fisher from the context (given, tracked, or estimated once and cached),
+    or None when only an estimate with the metric's own options fits."""
+    task = ctx.task_names(i + 1)[i]
+    given = task in ctx.fisher or (ctx.tracker is not None and task in ctx.tracker)
+    if given or not any(k in options for k in _ESTIMATE_OPTIONS):
+        return ctx.get_fisher(i)
+    return None
+
+
+@registry.register(
+    "fisher_weighted_damage",
+    SignatureType.DUAL_BATCH,
+    needs=("model", "two_batches"),
+    description=(
+        "Expected second-order increase of task A's loss (batches[0]) after one SGD step on "
+        "task B (batches[1]): 0.5 * sum F_A (lr grad L_B)^2, scale-free form, first-order term."
+    ),
+)
+def _fisher_weighted_damage(ctx: MetricContext, **options):
+    if "fisher_a" not in options:
+        options["fisher_a"] = _context_fisher(ctx, 0, options)
+    options.setdefault("labels", ctx.labels)
+    return fisher_weighted_damage(
+        ctx.models[0], ctx.batches[0], ctx.batches[1], ctx.likelihood, **options
+    )
+
+
+@registry.register(
+    "fisher_damage_asymmetry",
+    SignatureType.DUAL_BATCH,
+    needs=("model", "two_batches"),
+    description=(
+        "Damage in both directions between the tasks of batches[0] and batches[1], their "
+        "ratio and log-ratio, and which task is more fragile."
+    ),
+)
+def _fisher_damage_asymmetry(ctx: MetricContext, **options):
+    for i, key in enumerate(("fisher_math", "fisher_general")):
+        if key not in options:
+            options[key] = _context_fisher(ctx, i, options)
+    options.setdefault("labels", ctx.labels)
+    options.setdefault("names", tuple(ctx.task_names(2)))
+    return fisher_damage_asymmetry(
+        ctx.models[0], ctx.batches[0], ctx.batches[1], ctx.likelihood, **options
+    )
+
+
+@registry.register(
+    "compare_task_fisher",
+    SignatureType.FISHER_BASED,
+    needs=("two_fishers",),
+    description=(
+        "Cosine similarity, Task2Vec distance, Frechet overlap and top-k Jaccard of two "
+        "tasks' diagonal Fishers, globally and per layer."
+    ),
+)
+def _compare_task_fisher(ctx: MetricContext, **options):
+    return compare_task_fisher(ctx.get_fisher(0), ctx.get_fisher(1), **options)

@@ -1,0 +1,79 @@
+"""Pruning and merging metrics: Fisher importance, pruning masks, mask overlap, merge."""
+
+from __future__ import annotations
+
+from natgrad.curvature.diagonal import DiagonalFisher
+from natgrad.curvature.estimate import estimate_fisher
+from natgrad.merging import fisher_weighted_merge
+from natgrad.metrics.context import MetricContext, SignatureType
+from natgrad.metrics.registry import registry
+from natgrad.pruning.masks import fisher_overlap
+from natgrad.pruning.prune import fisher_importance, fisher_pruning_masks
+
+
+def _task_index(ctx: MetricContext, task: int | str) -> int:
+    if isinstance(task, int):
+        return task
+    names = ctx.task_names()
+    if task not in names:
+        raise ValueError(f"Unknown task {task!r}; the context's tasks are {names}.")
+    return names.index(task)
+
+
+@registry.register(
+    "fisher_importance",
+    SignatureType.FISHER_BASED,
+    needs=("fisher", "model"),
+    description="OBD saliency ½ F_i θ_i² of models[0] with the task's Fisher (option task=, "
+    "normalize=True: sums to one).",
+)
+def _fisher_importance(ctx: MetricContext, task: int | str = 0, normalize: bool = True):
+    fisher = ctx.get_fisher(_task_index(ctx, task))
+    return fisher_importance(fisher, ctx.models[0], normalize=normalize)
+
+
+@registry.register(
+    "fisher_pruning_masks",
+    SignatureType.FISHER_BASED,
+    needs=("fisher", "model"),
+    description="Keep-masks of models[0] from the task's Fisher importance (options as "
+    "natgrad.fisher_pruning_masks; sparsity=0.5 when neither sparsity nor threshold is given).",
+)
+def _fisher_pruning_masks(ctx: MetricContext, task: int | str = 0, **options):
+    if options.get("sparsity") is None and options.get("threshold") is None:
+        options["sparsity"] = 0.5
+        options.pop("threshold", None)
+    fisher = ctx.get_fisher(_task_index(ctx, task))
+    return fisher_pruning_masks(fisher_importance(fisher, ctx.models[0]), **options)
+
+
+@registry.register(
+    "fisher_overlap",
+    SignatureType.PREPROCESSED,
+    needs=("two_masks",),
+    description="Jaccard index and overlap coefficient of the kept entries of context.masks[0] "
+    "and context.masks[1], total and per tensor.",
+)
+def _fisher_overlap(ctx: MetricContext):
+    return fisher_overlap(ctx.masks[0], ctx.masks[1])
+
+
+def _merge_fisher(ctx: MetricContext, i: int) -> DiagonalFisher:
+    """Task i's given or tracked Fisher; else model i's Fisher on batch i (not cached:
+    context.fisher holds Fishers of models[0])."""
+    task = ctx.task_names(i + 1)[i]
+    if task in ctx.fisher or (ctx.tracker is not None and task in ctx.tracker):
+        return ctx.get_fisher(i)
+    return estimate_fisher(ctx.models[i], ctx.batches[i], ctx.likelihood, labels=ctx.labels)
+
+
+@registry.register(
+    "fisher_weighted_merge",
+    SignatureType.TWO_MODELS,
+    needs=("two_models", "two_fishers"),
+    description="Fisher-weighted average of models[0] and models[1] (a new model). Fisher i is "
+    "task i's given/tracked Fisher, else models[i]'s Fisher on batches[i].",
+)
+def _fisher_weighted_merge(ctx: MetricContext, **options):
+    fishers = [_merge_fisher(ctx, i) for i in range(2)]
+    return fisher_weighted_merge(ctx.models[:2], fishers, **options)

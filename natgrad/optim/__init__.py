@@ -1,0 +1,1 @@
+"""Uses of the curvature for optimization: preconditioners, the natural-gradient optimizer and Fisher scaling."""

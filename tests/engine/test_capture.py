@@ -1,0 +1,331 @@
+"""The capture-based fast path against the vmap engine and brute-force loops."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.utils.prune as prune
+from torch import nn
+
+from natgrad import estimate_fisher
+from natgrad.engine.batch import parse_batch
+from natgrad.engine.capture import split_params
+from natgrad.engine.per_sample import Plan
+from tests.conftest import TinyEncoder
+from tests.reference import assert_close_dict, ce_sum, exact_categorical_fisher_loop, loop_grads
+
+LABELS = ["empirical", "mc", "exact"]
+
+
+def both(model, batch, **kw):
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    fast = estimate_fisher(model, batch, engine="fast", generator=gen(), **kw)
+    slow = estimate_fisher(model, batch, engine="vmap", generator=gen(), **kw)
+    return fast, slow
+
+
+def split_of(model, batch, labels="empirical"):
+    plan = Plan(model, "categorical", labels, 1, None, None, None)
+    return split_params(plan, parse_batch(batch))
+
+
+class Tied(nn.Module):
+    """Embedding whose weight is reused as the output projection (tied weights)."""
+
+    def __init__(self, vocab=9, d=5):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mid = nn.Linear(d, d)
+        self.out = nn.Linear(d, vocab)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.mid(self.emb(ids).mean(1))))
+
+
+class SeqConv1d(nn.Module):
+    """Conv1d + per-token Linear on (N, T, D) + a free parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, stride=2, padding=1, dilation=1)
+        self.proj = nn.Linear(3, 4)
+        self.scale = nn.Parameter(torch.randn(4))
+        self.head = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).transpose(1, 2)  # (N, T, 3)
+        h = torch.tanh(self.proj(h)) * self.scale
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("labels", LABELS)
+@pytest.mark.parametrize("case", ["mlp_case", "cnn_case", "embed_case"])
+def test_engines_agree(case, labels, request):
+    model, x, y = request.getfixturevalue(case)
+    fast, slow = both(model, (x, y), labels=labels, mc_samples=3)
+    assert_close_dict(dict(fast), dict(slow), rtol=1e-5, atol=1e-9)
+
+
+def test_fast_empirical_matches_loop(cnn_case):
+    model, x, y = cnn_case
+    ref = {k: (g.float() ** 2).mean(0) for k, g in loop_grads(model, ce_sum, x, y).items()}
+    got = estimate_fisher(model, (x, y), engine="fast")
+    assert_close_dict(dict(got), ref, rtol=1e-5, atol=1e-9)
+
+
+def test_fast_exact_matches_class_loop(mlp_case):
+    model, x, _ = mlp_case
+    got = estimate_fisher(model, x, labels="exact", engine="fast")
+    assert_close_dict(dict(got), exact_categorical_fisher_loop(model, x), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("labels", LABELS)
+def test_transformer_encoder_agrees(encoder_case, labels):
+    model, ids, mask, y = encoder_case
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": y}
+    fast, slow = both(model, batch, labels=labels, mc_samples=2)
+    assert_close_dict(dict(fast), dict(slow), rtol=1e-5, atol=1e-9)
+    split = split_of(model, batch)
+    # Every parameter is captured: Linear, Embedding, LayerNorm and self-attention.
+    assert split.rest == []
+    assert "enc.layers.0.self_attn.out_proj.weight" in split.fast_names
+
+
+def test_token_categorical_per_token_head():
+    torch.manual_seed(1)
+    model = TinyEncoder(per_token=True).double().eval()
+    ids = torch.randint(0, 13, (3, 4))
+    labels = torch.randint(0, 13, (3, 4))
+    labels[0, 2] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    for lab in LABELS:
+        fast, slow = both(model, batch, likelihood="token_categorical", labels=lab)
+        assert_close_dict(dict(fast), dict(slow), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("labels", LABELS)
+def test_tied_weight(labels):
+    torch.manual_seed(0)
+    model = Tied().double()
+    ids, y = torch.randint(0, 9, (6, 4)), torch.randint(0, 9, (6,))
+    fast, slow = both(model, (ids, y), labels=labels)
+    assert_close_dict(dict(fast), dict(slow), rtol=1e-5, atol=1e-9)
+    split = split_of(model, (ids, y))
+    assert "emb.weight" in split.rest and "mid.weight" in split.fast_names
+    ref = {k: (g.float() ** 2).mean(0) for k, g in loop_grads(model, ce_sum, ids, y).items()}
+    if labels == "empirical":
+        assert_close_dict(dict(fast), ref, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("labels", LABELS)
+def test_pruned_model(cnn_case, labels):
+    model, x, y = cnn_case
+    prune.l1_unstructured(model.fc, "weight", amount=0.5)
+    prune.random_unstructured(model.c2, "bias", amount=0.5)
+    fast, slow = both(model, (x, y), labels=labels)
+    assert "fc.weight_orig" in fast and "c2.bias_orig" in fast
+    assert_close_dict(dict(fast), dict(slow), rtol=1e-5, atol=1e-9)
+    assert (fast["fc.weight_orig"][model.fc.weight_mask == 0] == 0).all()
+    assert "fc.weight_orig" in split_of(model, (x, y)).fast_names
+    assert not any(k.endswith("forward_pre_hooks") for k in fast)
+    assert len(model.fc._forward_hooks) == 0  # the capture hooks are removed
+
+
+def test_conv1d_and_sequence_linear_with_free_parameter():
+    torch.manual_seed(0)
+    model = SeqConv1d().double()
+    x, y = torch.randn(5, 2, 9, dtype=torch.float64), torch.randint(0, 3, (5,))
+    for lab in LABELS:
+        fast, slow = both(model, (x, y), labels=lab, mc_samples=2)
+        assert_close_dict(dict(fast), dict(slow), rtol=1e-5, atol=1e-9)
+    split = split_of(model, (x, y))
+    assert split.rest == ["scale"]
+
+
+def test_seq_first_layers_go_to_vmap():
+    """A Linear applied to (T, N, D) has its batch axis second: it must not be captured."""
+
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):  # x: (N, T, 3)
+            return self.head(torch.tanh(self.lin(x.transpose(0, 1))).mean(0))
+
+    torch.manual_seed(0)
+    model = SeqFirst().double()
+    x, y = torch.randn(4, 4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    split = split_of(model, (x, y))
+    assert "lin.weight" in split.rest and "head.weight" in split.fast_names
+    fast, slow = both(model, (x, y))
+    assert_close_dict(dict(fast), dict(slow), rtol=1e-5, atol=1e-9)
+
+
+def test_relu_inplace_and_embedding_padding_idx():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(7, 4, padding_idx=0),
+        nn.Flatten(),
+        nn.Linear(12, 6),
+        nn.ReLU(inplace=True),
+        nn.Linear(6, 3),
+    ).double()
+    ids, y = torch.randint(0, 7, (8, 3)), torch.randint(0, 3, (8,))
+    ids[0, 1] = 0
+    fast, slow = both(model, (ids, y))
+    assert_close_dict(dict(fast), dict(slow), rtol=1e-5, atol=1e-9)
+    assert fast["0.weight"][0].abs().sum() == 0
+
+
+def test_bfloat16_accumulates_in_float32(mlp_case):
+    model, x, y = mlp_case
+    model = model.to(torch.bfloat16)
+    got = estimate_fisher(model, (x.bfloat16(), y), engine="fast")
+    ref = estimate_fisher(model.double(), (x, y), engine="vmap")
+    assert all(v.dtype == torch.float32 for v in got.values())
+    assert_close_dict(dict(got), dict(ref), rtol=0.1, atol=1e-4)
+
+
+def test_model_and_inputs_unchanged(mlp_case):
+    model, x, y = mlp_case
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x0 = x.clone()
+    estimate_fisher(model, (x, y), engine="fast", labels="exact")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(x, x0)
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_engine_errors(mlp_case):
+    model, x, y = mlp_case
+    with pytest.raises(ValueError, match="Unknown engine 'fastest'; expected one of 'auto'"):
+        estimate_fisher(model, (x, y), engine="fastest")
+
+    class OnlyScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(5))
+
+        def forward(self, z):
+            return (z * self.scale)[:, :4]
+
+    with pytest.raises(ValueError, match="engine='fast' found no parameter.*engine='auto'"):
+        estimate_fisher(OnlyScale().double(), (x, y), engine="fast")
+    auto = estimate_fisher(OnlyScale().double(), (x, y), engine="auto")
+    assert auto.n_samples == len(x)
+
+
+def test_multiple_batches_and_mlp_default(mlp_case):
+    model, x, y = mlp_case
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    got = estimate_fisher(model, batches)
+    ref = {k: (g.float() ** 2).mean(0) for k, g in loop_grads(model, ce_sum, x, y).items()}
+    assert_close_dict(dict(got), ref, rtol=1e-5, atol=1e-9)
+
+
+def test_gaussian_sequence_regression():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, y = torch.randn(4, 6, 3, dtype=torch.float64), torch.randn(4, 6, 2, dtype=torch.float64)
+    for lab in LABELS:
+        fast, slow = both(model, (x, y), likelihood="gaussian", labels=lab)
+        assert_close_dict(dict(fast), dict(slow), rtol=1e-5, atol=1e-9)
+    ref = loop_grads(model, lambda o, t: 0.5 * ((o - t) ** 2).sum(), x, y)
+    got = estimate_fisher(model, (x, y), "gaussian", engine="fast")
+    assert_close_dict(dict(got), {k: (g.float() ** 2).mean(0) for k, g in ref.items()})
+
+
+class PosEncoder(nn.Module):
+    """Embedding + learned positions (a free parameter) + encoder with an attention mask."""
+
+    def __init__(self, vocab=11, d=8, T=5, causal=False):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(T + 2, d) * 0.5)
+        layer = nn.TransformerEncoderLayer(d, 2, dim_feedforward=12, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 3)
+        mask = (
+            torch.randn(T, T) if not causal else nn.Transformer.generate_square_subsequent_mask(T)
+        )
+        self.register_buffer("mask", mask)
+
+    def forward(self, ids, attention_mask):
+        h = self.emb(ids) + self.pos[: ids.shape[1]]
+        pad = attention_mask == 0
+        return self.head(self.enc(h, mask=self.mask.to(h.dtype), src_key_padding_mask=pad)[:, 0])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("labels", LABELS)
+def test_positions_and_attention_masks(labels, causal):
+    torch.manual_seed(0)
+    model = PosEncoder(causal=causal).double().eval()
+    ids, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 3, (4,))
+    am = torch.ones(4, 5, dtype=torch.long)
+    am[1, 3:] = 0
+    batch = {"ids": ids, "attention_mask": am, "labels": y}
+    fast, slow = both(model, batch, labels=labels, mc_samples=2)
+    assert_close_dict(dict(fast), dict(slow), rtol=1e-5, atol=1e-9)
+    split = split_of(model, batch)
+    assert "pos" in split.fast_names
+    attn = "enc.layers.0.self_attn.in_proj_weight"
+    assert (attn in split.rest) == causal  # causal masks take the general path
+    if labels == "empirical":
+        ref = loop_grads(model, ce_sum, {"ids": ids, "attention_mask": am}, y)
+        ref = {k: (g.float() ** 2).mean(0) for k, g in ref.items()}
+        assert_close_dict(dict(fast), ref, rtol=1e-5, atol=1e-9)
+
+
+def test_split_is_recomputed_when_the_model_changes(mlp_case):
+    model, x, y = mlp_case
+    estimate_fisher(model, (x, y))  # caches the split for this model
+    prune.l1_unstructured(model[2], "weight", amount=0.5)  # adds a pre-hook, renames params
+    fast, slow = both(model, (x, y))
+    assert "2.weight_orig" in fast
+    assert_close_dict(dict(fast), dict(slow), rtol=1e-5, atol=1e-9)
+    x3 = x.unsqueeze(1).expand(-1, 3, -1)  # new per-sample shape: a sequence input
+    f3, s3 = both(nn.Sequential(model, nn.Flatten(), nn.Linear(12, 4)).double(), (x3, y))
+    assert_close_dict(dict(f3), dict(s3), rtol=1e-5, atol=1e-9)
+
+
+def test_parameter_subset_and_frozen(cnn_case):
+    model, x, y = cnn_case
+    model.c1.weight.requires_grad_(False)
+    fast, slow = both(model, (x, y), params=["c2.weight", "fc.bias", "c1.bias"])
+    assert set(fast) == {"c2.weight", "fc.bias", "c1.bias"}
+    assert_close_dict(dict(fast), dict(slow), rtol=1e-5, atol=1e-9)
+
+
+class Branchy(nn.Module):
+    """A Linear (fast path) and a free scale (vmap path) behind a branch on tensor values,
+    which vmap cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 4)
+        self.scale = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        h = self.lin(x)
+        if (h.abs() < 1e9).all():  # always true: data-dependent control flow for vmap
+            h = h * self.scale
+        return h
+
+
+def test_loop_fallback_for_leftover_params_is_decided_once(mlp_case):
+    _, x, y = mlp_case
+    model = Branchy().double()
+    batches = [(x[:3], y[:3]), (x[3:6], y[3:6]), (x[6:], y[6:])]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = estimate_fisher(model, batches)
+    falls = [w for w in caught if "Falling back to an exact per-sample loop" in str(w.message)]
+    assert len(falls) == 1  # the fallback sticks for the rest of the pass
+    assert split_of(model, (x, y)).rest == ["scale"]
+    ref = {k: (g.float() ** 2).mean(0) for k, g in loop_grads(model, ce_sum, x, y).items()}
+    assert_close_dict(dict(got), ref, rtol=1e-5, atol=1e-9)

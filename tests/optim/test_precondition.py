@@ -1,0 +1,514 @@
+"""Natural-gradient preconditioning against dense solves, closed forms and brute-force loops,
+plus the shared optimizer contract (STYLE.md point 7) for ``NaturalGradient``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from natgrad import FisherPreconditioner, NaturalGradient, scale_by_fisher
+from natgrad.engine.likelihoods import Gaussian
+from natgrad.metrics import MetricContext, registry
+from natgrad.optim.scale import natural_gradient_norms
+from tests.conftest import TinyEncoder, mlp
+from tests.reference import assert_close_dict, ce_sum, loop_grads
+
+KINDS = ("diag", "kfac", "woodbury")
+
+
+def _backward(model, x, y):
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss
+
+
+def _grads(model):
+    return {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+
+
+# -- scale_by_fisher --------------------------------------------------------------------------
+
+
+def test_scale_by_fisher_dict_and_module():
+    g = {"w": torch.tensor([2.0, -4.0], dtype=torch.float64), "b": torch.tensor([1.0])}
+    Fd = {"w": torch.tensor([1.0, 3.0]), "b": torch.tensor([0.5])}
+    out = scale_by_fisher(g, Fd, damping=1.0)
+    torch.testing.assert_close(out["w"], torch.tensor([1.0, -1.0], dtype=torch.float64))
+    torch.testing.assert_close(out["b"], torch.tensor([1.0 / 1.5]))
+    assert out["w"].dtype == torch.float64 and torch.equal(
+        g["w"], torch.tensor([2.0, -4.0]).double()
+    )
+
+    model = nn.Linear(2, 1)
+    model.weight.grad = torch.tensor([[2.0, 2.0]])
+    model.bias.grad = torch.tensor([5.0])
+    res = scale_by_fisher(model, {"weight": torch.tensor([[1.0, 3.0]])}, damping=1.0)
+    torch.testing.assert_close(model.weight.grad, torch.tensor([[1.0, 0.5]]))
+    assert torch.equal(model.bias.grad, torch.tensor([5.0]))  # not in the Fisher: untouched
+    assert set(res) == {"weight"}
+
+
+def test_scale_by_fisher_errors():
+    g = {"w": torch.ones(2)}
+    with pytest.raises(ValueError, match="No Fisher for gradients \\['w'\\]"):
+        scale_by_fisher(g, {"v": torch.ones(2)})
+    with pytest.raises(ValueError, match="shapes differ"):
+        scale_by_fisher(g, {"w": torch.ones(3)})
+    with pytest.raises(ValueError, match="Invalid damping: -1"):
+        scale_by_fisher(g, {"w": torch.ones(2)}, damping=-1)
+    with pytest.raises(ValueError, match="parameters the model lacks"):
+        scale_by_fisher(nn.Linear(2, 1), {"nope": torch.ones(1)})
+
+
+# -- each kind against an independent reference -------------------------------------------------
+
+
+def test_diag_equals_elementwise_division_by_loop_fisher(mlp_case):
+    model, x, y = mlp_case
+    pg = loop_grads(model, ce_sum, x, y)
+    F_ref = {k: (v**2).mean(0) for k, v in pg.items()}
+    _backward(model, x, y)
+    g = _grads(model)
+    pre = FisherPreconditioner(model, kind="diag", damping=0.3)
+    info = pre.step((x, y))
+    assert info.preconditioned and info.curvature_updated and info.damping == 0.3
+    assert_close_dict(_grads(model), {k: g[k] / (F_ref[k] + 0.3) for k in g})
+
+
+def test_kfac_single_linear_equals_dense_kronecker_solve():
+    torch.manual_seed(5)
+    model = nn.Linear(4, 3).double()
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    with torch.no_grad():
+        p = model(x).softmax(-1)
+    xa = torch.cat([x, torch.ones(12, 1, dtype=torch.float64)], 1)
+    b = p - F.one_hot(y, 3).double()
+    A, G = xa.T @ xa / 12, b.T @ b / 12
+    _backward(model, x, y)
+    V = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1)
+    lam = 1e-2
+    I3, I5 = torch.eye(3, dtype=torch.float64), torch.eye(5, dtype=torch.float64)
+    pi = ((A.trace() / 5) / (G.trace() / 3)) ** 0.5
+    dense = {
+        "exact": torch.kron(G, A) + lam * torch.eye(15, dtype=torch.float64),
+        "factored": torch.kron(G + lam**0.5 / pi * I3, A + pi * lam**0.5 * I5),
+    }
+    for mode, M in dense.items():
+        ref = torch.linalg.solve(M, V.reshape(-1)).reshape(3, 5)
+        model.weight.grad, model.bias.grad = V[:, :4].clone(), V[:, 4].clone()
+        FisherPreconditioner(model, kind="kfac", damping=lam, kfac_damping=mode).step((x, y))
+        torch.testing.assert_close(model.weight.grad, ref[:, :4], msg=mode)
+        torch.testing.assert_close(model.bias.grad, ref[:, 4], msg=mode)
+
+
+def test_kfac_other_parameters_use_the_diagonal():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    pg = loop_grads(model, ce_sum, x, y, names=["1.weight", "1.bias"])
+    _backward(model, x, y)
+    g = _grads(model)
+    FisherPreconditioner(model, kind="kfac", damping=0.1).step((x, y))
+    for k in ("1.weight", "1.bias"):
+        torch.testing.assert_close(model.get_parameter(k).grad, g[k] / ((pg[k] ** 2).mean(0) + 0.1))
+
+
+@pytest.mark.parametrize("n", [5, 40])  # N < P and N > P (P = 39)
+def test_woodbury_equals_dense_solve(n, mlp_case):
+    model, _, _ = mlp_case
+    torch.manual_seed(n)
+    x, y = torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 4, (n,))
+    pg = loop_grads(model, ce_sum, x, y)
+    Gm = torch.cat([v.reshape(n, -1) for v in pg.values()], 1)
+    _backward(model, x, y)
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    lam = 1e-2
+    ref = torch.linalg.solve(Gm.T @ Gm / n + lam * torch.eye(Gm.shape[1], dtype=torch.float64), g)
+    FisherPreconditioner(model, kind="woodbury", damping=lam).step((x, y))
+    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got, ref)
+
+
+def test_woodbury_exact_labels_equal_dense_solve_with_the_exact_fisher(mlp_case):
+    # N·C rows (one per sample and class) but the Fisher divides by N: build the dense
+    # F = (1/N) Σ_n Σ_c p_nc ∇log p_nc ∇log p_ncᵀ by one backward per sample and class
+    model, x, y = mlp_case
+    n, params = len(x), list(model.parameters())
+    P = sum(p.numel() for p in params)
+    Fd = torch.zeros(P, P, dtype=torch.float64)
+    for i in range(n):
+        logp = model(x[i : i + 1]).log_softmax(-1)[0]
+        for c in range(logp.shape[0]):
+            g = torch.autograd.grad(logp[c], params, retain_graph=True)
+            v = torch.cat([t.reshape(-1) for t in g])
+            Fd += logp[c].exp().detach() * torch.outer(v, v) / n
+    _backward(model, x, y)
+    g = torch.cat([p.grad.reshape(-1) for p in params])
+    lam = 1e-2
+    ref = torch.linalg.solve(Fd + lam * torch.eye(P, dtype=torch.float64), g)
+    FisherPreconditioner(model, kind="woodbury", labels="exact", damping=lam).step((x, y))
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in params]), ref)
+
+
+def test_woodbury_least_squares_step_is_the_gauss_newton_step():
+    torch.manual_seed(7)
+    n, d = 50, 6
+    X = torch.randn(n, d, dtype=torch.float64)
+    Y = X @ torch.randn(d, 1, dtype=torch.float64) + 0.3 * torch.randn(n, 1, dtype=torch.float64)
+    model = nn.Linear(d, 1).double()
+    lik = Gaussian(sigma=1.0)
+    pre = FisherPreconditioner(model, lik, kind="woodbury", labels="exact", damping=1e-9)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    opt.zero_grad()
+    lik.nll(model(X), Y).mean().backward()
+    pre.step((X, Y))
+    opt.step()
+    Xa = torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], 1)
+    sol = torch.linalg.lstsq(Xa, Y).solution[:, 0]
+    torch.testing.assert_close(model.weight.detach()[0], sol[:d], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.bias.detach(), sol[d:], rtol=1e-5, atol=1e-5)
+
+
+# -- options ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_parameters_outside_params_are_untouched(kind, mlp_case):
+    model, x, y = mlp_case
+    _backward(model, x, y)
+    g = _grads(model)
+    FisherPreconditioner(model, kind=kind, params=["0.weight", "0.bias"], damping=0.1).step((x, y))
+    assert torch.equal(model[2].weight.grad, g["2.weight"])
+    assert torch.equal(model[2].bias.grad, g["2.bias"])
+    assert not torch.equal(model[0].weight.grad, g["0.weight"])
+
+
+def test_warmup_update_every_and_ema(mlp_case):
+    model, x, y = mlp_case
+    d = 0.7
+    pre = FisherPreconditioner(
+        model, kind="diag", damping=0.1, warmup_steps=1, update_every=3, ema_decay=d
+    )
+    batches = [(x[i : i + 3], y[i : i + 3]) for i in range(0, 9, 3)] + [(x[:4], y[:4])]
+    F_of = [
+        {k: (v**2).mean(0) for k, v in loop_grads(model, ce_sum, bx, by).items()}
+        for bx, by in batches
+    ]
+    expected_update = [True, True, False, False]  # warmup step 0, then t - 1 = 0, 3, ...
+    for t, (bx, by) in enumerate(batches):
+        _backward(model, bx, by)
+        g = _grads(model)
+        info = pre.step((bx, by))
+        assert info.curvature_updated == expected_update[t] and info.step == t
+        if t == 0:
+            assert not info.preconditioned
+            assert_close_dict(_grads(model), g)  # warmup: pass-through
+            assert_close_dict(pre.state_dict()["diag"], F_of[0])
+    ema = {k: d * F_of[0][k] + (1 - d) * F_of[1][k] for k in F_of[0]}
+    assert_close_dict(pre.state_dict()["diag"], ema)  # not refreshed at steps 2, 3
+    assert_close_dict(_grads(model), {k: g[k] / (ema[k] + 0.1) for k in g})
+
+
+def test_damping_schedule_and_kl_clip(mlp_case):
+    model, x, y = mlp_case
+    sched = lambda t: 1.0 / (t + 1)
+    pre = FisherPreconditioner(model, kind="diag", damping=sched)
+    for t in range(2):
+        _backward(model, x, y)
+        assert pre.step((x, y)).damping == sched(t)
+    bad = FisherPreconditioner(model, damping=lambda t: -1.0)
+    with pytest.raises(ValueError, match="Invalid damping at step 0: -1.0"):
+        bad.step((x, y))
+
+    _backward(model, x, y)
+    g = _grads(model)
+    FisherPreconditioner(model, kind="kfac", damping=0.1).step((x, y))
+    delta = _grads(model)
+    vg = sum(float((delta[k] * g[k]).sum()) for k in g)
+    lr, clip = 0.5, 1e-3
+    nu = min(1.0, (clip / (lr**2 * vg)) ** 0.5)
+    assert nu < 1.0
+    for k, p in model.named_parameters():
+        p.grad = g[k].clone()
+    pre = FisherPreconditioner(model, kind="kfac", damping=0.1, kl_clip=clip)
+    with pytest.raises(ValueError, match="kl_clip needs the learning rate"):
+        pre.step((x, y))
+    info = pre.step((x, y), lr=lr)
+    assert info.kl_scale == pytest.approx(nu)
+    assert_close_dict(_grads(model), {k: nu * v for k, v in delta.items()})
+
+
+@pytest.mark.parametrize(
+    "kind,labels,extra",
+    [
+        ("diag", "mc", {}),
+        ("kfac", "empirical", {"update_every": 2, "warmup_steps": 1}),
+        ("kfac", "exact", {"update_every": 2, "kfac_damping": "exact"}),
+        ("woodbury", "mc", {"update_every": 2}),
+    ],
+)
+def test_save_and_resume_mid_training_is_bit_exact(kind, labels, extra):
+    torch.manual_seed(8)
+    model0 = mlp((5, 7, 4))
+    data = [(torch.randn(10, 5), torch.randint(0, 4, (10,))) for _ in range(6)]
+
+    def make(model):
+        pre = FisherPreconditioner(model, kind=kind, labels=labels, damping=0.05, **extra)
+        return NaturalGradient(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), pre)
+
+    def run(model, opt, batches):
+        for bx, by in batches:
+            opt.zero_grad()
+            F.cross_entropy(model(bx), by).backward()
+            opt.step(batch=(bx, by))
+
+    straight = copy.deepcopy(model0)
+    run(straight, make(straight), data)
+
+    first = copy.deepcopy(model0)
+    opt = make(first)
+    run(first, opt, data[:3])
+    saved = copy.deepcopy((first.state_dict(), opt.state_dict()))
+    resumed = mlp((5, 7, 4))
+    resumed.load_state_dict(saved[0])
+    opt2 = make(resumed)
+    opt2.load_state_dict(saved[1])
+    run(resumed, opt2, data[3:])
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_load_state_dict_mismatches():
+    model = mlp((5, 7, 4))
+    diag = FisherPreconditioner(model, kind="diag")
+    with pytest.raises(ValueError, match="kind='diag', but the preconditioner has kind='kfac'"):
+        FisherPreconditioner(model, kind="kfac").load_state_dict(diag.state_dict())
+    x, y = torch.randn(4, 5), torch.randint(0, 4, (4,))
+    _backward(model, x, y)
+    diag.step((x, y))
+    other = FisherPreconditioner(model, kind="diag", params=["0.weight"])
+    with pytest.raises(ValueError, match="only in the state_dict"):
+        other.load_state_dict(diag.state_dict())
+
+
+# -- shared optimizer contract (STYLE.md point 7) ---------------------------------------------------
+
+BAD_OPTIONS = [
+    ({"kind": "newton"}, ValueError, "Unknown kind 'newton'; expected one of 'diag', 'kfac'"),
+    ({"damping": 0.0}, ValueError, "Invalid damping: 0.0; it must be finite and > 0"),
+    ({"damping": "big"}, TypeError, "damping must be a number"),
+    ({"update_every": 0}, ValueError, "Invalid update_every: 0; it must be an integer >= 1"),
+    ({"warmup_steps": -1}, ValueError, "Invalid warmup_steps: -1; it must be an integer >= 0"),
+    ({"ema_decay": 1.5}, ValueError, "Invalid ema_decay: 1.5; it must lie in \\[0, 1\\)"),
+    ({"labels": "true"}, ValueError, "Unknown labels 'true'; expected one of 'empirical'"),
+    ({"kl_clip": -1.0}, ValueError, "Invalid kl_clip: -1.0"),
+    ({"params": ["nope"]}, ValueError, "Unknown parameter names \\['nope'\\]"),
+    ({"likelihood": "poisson"}, ValueError, "Unknown likelihood 'poisson'"),
+    ({"kfac_damping": "tikhonov"}, ValueError, "Unknown kfac_damping 'tikhonov'; expected one"),
+]
+
+
+@pytest.mark.parametrize("options,exc,msg", BAD_OPTIONS)
+def test_error_table(options, exc, msg):
+    with pytest.raises(exc, match=msg):
+        FisherPreconditioner(mlp(), **options)
+
+
+def test_wrapper_errors():
+    model = mlp()
+    pre = FisherPreconditioner(model)
+    with pytest.raises(TypeError, match="needs the nn.Module being trained"):
+        FisherPreconditioner(list(model.parameters()))
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        NaturalGradient(pre, pre)
+    with pytest.raises(TypeError, match="preconditioner must be a natgrad.FisherPreconditioner"):
+        NaturalGradient(torch.optim.SGD(model.parameters(), lr=0.1), "diag")
+    opt = NaturalGradient(torch.optim.SGD(model.parameters(), lr=0.1), pre)
+    with pytest.raises(ValueError, match="needs the batch the gradients came from"):
+        opt.step()
+    with pytest.raises(ValueError, match="Not a NaturalGradient state_dict"):
+        opt.load_state_dict({"state": {}})
+
+
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.05),
+}
+
+
+def _problem(dtype=torch.float64):
+    torch.manual_seed(9)
+    model = mlp((5, 8, 3)).to(dtype)
+    x = torch.randn(30, 5, dtype=dtype)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return model, x, y
+
+
+def _natgrad(model, kind, opt_name, **kw):
+    pre = FisherPreconditioner(model, kind=kind, damping=0.1, **kw)
+    return NaturalGradient(OPTIMIZERS[opt_name](model.parameters()), pre)
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_contract_loss_decreases_with_closure(kind, opt_name):
+    model, x, y = _problem()
+    opt = _natgrad(model, kind, opt_name)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    first = float(opt.step(closure, batch=(x, y)).detach())
+    for _ in range(15):
+        last = float(opt.step(closure, batch=(x, y)).detach())
+    assert last < 0.7 * first
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_contract_state_dict_round_trip_steps_identically(kind, opt_name):
+    model, x, y = _problem()
+    opt = _natgrad(model, kind, opt_name, update_every=2)
+    for _ in range(3):
+        _backward(model, x, y)
+        opt.step(batch=(x, y))
+    clone = copy.deepcopy(model)
+    opt_clone = _natgrad(clone, kind, opt_name, update_every=2)
+    opt_clone.load_state_dict(copy.deepcopy(opt.state_dict()))  # as torch.save would
+    for m, o in ((model, opt), (clone, opt_clone)):
+        for _ in range(2):
+            _backward(m, x[:20], y[:20])
+            o.step(batch=(x[:20], y[:20]))
+    for a, b in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_contract_zero_gradients_are_a_no_op(kind, opt_name):
+    model, x, y = _problem()
+    before = copy.deepcopy(model.state_dict())
+    opt = _natgrad(model, kind, opt_name)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step(batch=(x, y))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_contract_dtype_preserved(kind, dtype):
+    model, x, y = _problem(dtype)
+    opt = _natgrad(model, kind, "sgd")
+    model.zero_grad()
+    F.cross_entropy(model(x).float(), y).backward()
+    opt.step(batch=(x, y))
+    for p in model.parameters():
+        assert p.dtype == dtype and p.grad.dtype == dtype and torch.isfinite(p).all()
+
+
+def test_wrapper_is_an_optimizer_for_schedulers():
+    model, x, y = _problem()
+    opt = _natgrad(model, "diag", "sgd")
+    assert isinstance(opt, torch.optim.Optimizer) and opt.param_groups is opt.optimizer.param_groups
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    _backward(model, x, y)
+    opt.step(batch=(x, y))
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+# -- metric ----------------------------------------------------------------------------------------
+
+
+def test_scale_by_fisher_metric_matches_manual_norms(mlp_case):
+    model, x, y = mlp_case
+    pg = loop_grads(model, ce_sum, x, y)
+    g = {k: v.mean(0) for k, v in pg.items()}
+    Fd = {k: (v**2).mean(0).float() for k, v in pg.items()}
+    ctx = MetricContext(models=[model], batches=[(x, y)], fisher={"task_0": Fd})
+    r = registry.compute_with_context("scale_by_fisher", ctx, damping=0.2)
+    assert registry.describe("scale_by_fisher")["signature"] == "standard"
+    for layer in ("0", "2"):
+        gn = torch.cat([g[f"{layer}.{s}"].reshape(-1) for s in ("weight", "bias")]).norm()
+        dn = torch.cat(
+            [
+                (g[f"{layer}.{s}"] / (Fd[f"{layer}.{s}"] + 0.2)).reshape(-1)
+                for s in ("weight", "bias")
+            ]
+        ).norm()
+        assert r.layers[layer]["grad_norm"] == pytest.approx(float(gn), rel=1e-6)
+        assert r.layers[layer]["natgrad_norm"] == pytest.approx(float(dn), rel=1e-5)
+        assert r.layers[layer]["ratio"] == pytest.approx(float(dn / gn), rel=1e-5)
+    total = torch.cat([v.reshape(-1) for v in g.values()]).norm()
+    assert r.total_grad_norm == pytest.approx(float(total), rel=1e-6)
+    assert r.to_dict()["damping"] == 0.2
+    with pytest.raises(ValueError, match="batch has none"):
+        registry.compute_with_context(
+            "scale_by_fisher", MetricContext([model], [x], fisher={"task_0": Fd})
+        )
+
+
+def test_natural_gradient_norms_leave_out_padding():
+    torch.manual_seed(11)
+    model = TinyEncoder(per_token=True).double().eval()
+    ids = torch.randint(0, 13, (3, 5))
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    mask[2, 4:] = 0
+    Fd = {k: torch.full_like(p, 3.0) for k, p in model.named_parameters()}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids}
+    r = natural_gradient_norms(model, batch, Fd, "token_categorical", damping=1.0)
+    # reference: cross-entropy summed over the kept tokens of each sequence, mean over N
+    logits = model(ids, attention_mask=mask)
+    keep = mask.bool()
+    loss = F.cross_entropy(logits[keep], ids[keep], reduction="sum") / 3
+    g = torch.autograd.grad(loss, list(model.parameters()))
+    total = torch.cat([v.reshape(-1) for v in g]).norm()
+    assert r.total_grad_norm == pytest.approx(float(total), rel=1e-9)
+    assert r.total_natgrad_norm == pytest.approx(float(total) / 4, rel=1e-9)
+
+
+def test_kfac_damping_schedule_refreshes_cached_inverses(mlp_case):
+    model, x, y = mlp_case
+    _backward(model, x, y)
+    g = _grads(model)
+    sched = FisherPreconditioner(model, kind="kfac", damping=lambda t: [0.1, 0.5][t])
+    sched.step((x, y))
+    for k, p in model.named_parameters():
+        p.grad = g[k].clone()
+    sched.step((x, y))  # same batch: the EMA of identical factors is unchanged
+    got = _grads(model)
+    for k, p in model.named_parameters():
+        p.grad = g[k].clone()
+    FisherPreconditioner(model, kind="kfac", damping=0.5).step((x, y))
+    assert_close_dict(got, _grads(model))
+
+
+@pytest.mark.parametrize(
+    "kind,match",
+    [
+        ("kfac", "K-FAC factor A of layer '0'.*lower the learning rate"),
+        ("woodbury", "per-sample gradients \\(their Gram matrix.*lower the learning rate"),
+    ],
+)
+def test_non_finite_curvature_raises_clear_error(kind, match):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    x[0, 0] = float("inf")
+    pre = FisherPreconditioner(model, kind=kind)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(FloatingPointError, match=match):
+        pre.step((x, y))
