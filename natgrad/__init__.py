@@ -1,6 +1,6 @@
 """natgrad: Fisher information from exact per-sample gradients, and its uses.
 
-The public API, grouped by layer as in DESIGN.md (engine -> curvature -> uses); the
+The public API, grouped by layer as in docs/design.md (engine -> curvature -> uses); the
 metrics registry lives in :mod:`natgrad.metrics`, imported on first access.
 """
 
@@ -14,7 +14,8 @@ from natgrad.continual.damage import (
 )
 from natgrad.continual.ewc import EWC
 from natgrad.curvature.diagonal import DiagonalFisher, top_coordinates
-from natgrad.curvature.estimate import estimate_fisher
+from natgrad.curvature.estimate import estimate_curvature, estimate_fisher
+from natgrad.curvature.protocol import CURVATURE_KINDS, Curvature, register_curvature
 from natgrad.curvature.tracker import FisherTracker
 from natgrad.directions import FisherDirections, top_fisher_directions
 from natgrad.engine.capture import ENGINES
@@ -64,6 +65,10 @@ __all__ = [
     "CustomLikelihood",
     "get_likelihood",
     # curvature
+    "Curvature",
+    "CURVATURE_KINDS",
+    "register_curvature",
+    "estimate_curvature",
     "DiagonalFisher",
     "estimate_fisher",
     "FisherTracker",

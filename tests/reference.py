@@ -66,3 +66,38 @@ def assert_close_dict(a, b, rtol=1e-5, atol=1e-7):
         torch.testing.assert_close(
             a[k], b[k].to(a[k].dtype), rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}"
         )
+
+
+def flatten_params(d, names) -> torch.Tensor:
+    """Concatenate ``{name: tensor}`` into one flat float64 vector in ``names`` order."""
+    return torch.cat([d[k].detach().reshape(-1).double() for k in names])
+
+
+def unflatten_params(flat: torch.Tensor, shapes: dict) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`flatten_params` for ``{name: shape}`` (dict order)."""
+    out, i = {}, 0
+    for k, shape in shapes.items():
+        m = 1
+        for s in shape:
+            m *= int(s)
+        out[k] = flat[i : i + m].reshape(shape)
+        i += m
+    return out
+
+
+def dense_from_mv(curv, shapes: dict) -> torch.Tensor:
+    """The dense float64 matrix of a curvature, column by column: ``D e_i = curv.mv(e_i)``."""
+    names = list(shapes)
+    p = sum(int(torch.Size(s).numel()) for s in shapes.values())
+    cols = []
+    for i in range(p):
+        e = torch.zeros(p, dtype=torch.float64)
+        e[i] = 1.0
+        cols.append(flatten_params(curv.mv(unflatten_params(e, shapes)), names))
+    return torch.stack(cols, 1)
+
+
+def dense_fisher(grads: dict[str, torch.Tensor], names) -> torch.Tensor:
+    """``(1/N) Σ_n g_n g_nᵀ`` in float64 from per-sample gradients ``{name: (N, *shape)}``."""
+    g = torch.cat([grads[k].reshape(grads[k].shape[0], -1).double() for k in names], 1)
+    return g.T @ g / g.shape[0]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from natgrad._version import __version__
+from natgrad.curvature.protocol import Curvature, Params, register_curvature
 from natgrad.engine.checks import check_fraction, check_int, check_names_in, check_same_structure
 from natgrad.engine.common import module_of, to_acc
 
@@ -28,7 +29,8 @@ def _as_acc(t: torch.Tensor) -> torch.Tensor:
     return to_acc(t.detach())
 
 
-class DiagonalFisher(Mapping):
+@register_curvature("diag")
+class DiagonalFisher(Curvature, Mapping):
     """A diagonal Fisher: ``{name: F}`` with ``F_i = (1/N) Σ_n E_y[(∂l_n/∂θ_i)²]``.
 
     Args:
@@ -39,6 +41,10 @@ class DiagonalFisher(Mapping):
 
     Arithmetic: ``a + b`` is the sample-weighted mean ``(N_a F_a + N_b F_b)/(N_a + N_b)``
     with ``N = N_a + N_b``; ``c * a`` scales the values; ``a.ema(b, d) = d a + (1-d) b``.
+
+    As a :class:`~natgrad.Curvature`: ``mv(v) = F ⊙ v``, ``solve(v, λ) = v / (F + λ)``,
+    ``quad(v) = Σ F v²``, ``inverse_diagonal(λ) = 1 / (F + λ)``,
+    ``logdet(λ) = Σ log(F + λ)``.
 
     Example:
         >>> import torch
@@ -157,6 +163,71 @@ class DiagonalFisher(Mapping):
         """Move / cast every tensor like ``Tensor.to``; returns a new Fisher."""
         return self._like({k: v.to(*args, **kwargs) for k, v in self.items()})
 
+    # -- curvature ---------------------------------------------------------------------
+    kind = "diag"
+
+    @classmethod
+    def estimate(cls, model: nn.Module, data, likelihood="categorical", **options) -> DiagonalFisher:
+        """``estimate_fisher(model, data, likelihood, **options)``."""
+        from natgrad.curvature.estimate import estimate_fisher
+
+        options.pop("kind", None)
+        return estimate_fisher(model, data, likelihood, **options)
+
+    def _each(self, v: Params, fn) -> dict[str, torch.Tensor]:
+        missing = [k for k in v if k not in self._values]
+        if missing:
+            raise ValueError(
+                f"The vector has names this Fisher does not cover: {missing[:8]}; it covers "
+                f"{list(self._values)[:8]}. Pass only the Fisher's parameters."
+            )
+        return {k: fn(self._values[k], v[k]) for k in v}
+
+    def mv(self, v: Params) -> dict[str, torch.Tensor]:
+        """``F ⊙ v`` for the names in ``v`` (each must be in the Fisher)."""
+        return self._each(v, lambda f, x: f.to(x) * x)
+
+    def solve(self, v: Params, damping: float) -> dict[str, torch.Tensor]:
+        """``v / (F + λ)`` for the names in ``v``."""
+        lam = _damping(damping)
+        return self._each(v, lambda f, x: x / (f.to(x) + lam))
+
+    def quad(self, v: Params) -> torch.Tensor:
+        """``Σ_i F_i v_i²`` over the names in ``v``."""
+        terms = self._each(v, lambda f, x: (f.to(x) * x * x).sum())
+        return torch.stack(list(terms.values())).sum() if terms else torch.zeros(())
+
+    def diagonal(self) -> dict[str, torch.Tensor]:
+        """The values themselves (copies)."""
+        return {k: v.clone() for k, v in self._values.items()}
+
+    def inverse_diagonal(self, damping: float) -> dict[str, torch.Tensor]:
+        """``1 / (F + λ)``."""
+        lam = _damping(damping)
+        return {k: 1.0 / (v + lam) for k, v in self._values.items()}
+
+    def logdet(self, damping: float) -> torch.Tensor:
+        """``Σ_i log(F_i + λ)``."""
+        lam = _damping(damping)
+        if not self._values:
+            return torch.zeros(())
+        return torch.stack([torch.log(v + lam).sum() for v in self._values.values()]).sum()
+
+    def structure(self) -> dict[str, str]:
+        """Every parameter is ``"diag"``."""
+        return {k: "diag" for k in self._values}
+
+    def all_reduce(self, group: object | None = None) -> DiagonalFisher:
+        """The sample-weighted mean over ranks: sums ``N_r F_r`` and ``N_r`` (one process:
+        a copy)."""
+        from natgrad.engine.distributed import all_reduce_sums
+
+        sums = {k: v * self.n_samples for k, v in self._values.items()}
+        total, n = all_reduce_sums(sums, self.n_samples, group)
+        if n == 0:
+            return self._like({k: torch.zeros_like(v) for k, v in self._values.items()}, 0)
+        return self._like({k: total[k].to(self._values[k].dtype) / n for k in total}, n)
+
     # -- state -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Tensors and plain values only; round-trips through :meth:`load_state_dict`."""
@@ -269,6 +340,13 @@ class DiagonalFisher(Mapping):
         if model is not None:
             fisher.check_model(model, strict=strict)
         return fisher
+
+
+def _damping(damping: float) -> float:
+    lam = float(damping)
+    if not lam >= 0 or lam != lam or lam == float("inf"):
+        raise ValueError(f"Invalid damping: {damping!r}; it must be a finite number >= 0.")
+    return lam
 
 
 def top_coordinates(

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from natgrad.curvature.diagonal import DiagonalFisher
+from natgrad.curvature.protocol import Curvature, curvature_class
 from natgrad.engine.batch import OutputFn
 from natgrad.engine.capture import ENGINES, square_sums_auto
 from natgrad.engine.checkpoint import (
@@ -24,7 +25,7 @@ from natgrad.engine.distributed import all_reduce_sums
 from natgrad.engine.likelihoods import Likelihood
 from natgrad.engine.per_sample import ParamSpec, Plan
 
-__all__ = ["estimate_fisher", "is_single_batch", "iterate_batches"]
+__all__ = ["estimate_curvature", "estimate_fisher", "is_single_batch", "iterate_batches"]
 
 
 def is_single_batch(data: Any) -> bool:
@@ -189,3 +190,30 @@ def estimate_fisher(
         labels=labels,
         likelihood=plan.lik.name,
     )
+
+
+def estimate_curvature(
+    model: nn.Module,
+    data: Any,
+    likelihood: str | Likelihood = "categorical",
+    *,
+    kind: str = "diag",
+    **options: Any,
+) -> Curvature:
+    """Estimate a curvature of ``model`` on ``data`` (a batch or an iterable of batches).
+
+    ``kind`` picks a registered :class:`~natgrad.Curvature` class
+    (``natgrad.CURVATURE_KINDS``: ``"diag"``, and the structured kinds registered
+    beside it); the other keyword options (``labels``, ``mc_samples``, ``params``,
+    ``generator``, ``progress``, ...) go to that class's ``estimate``. ``kind="diag"``
+    is :func:`estimate_fisher`.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> c = estimate_curvature(model, (x, y), kind="diag")
+        >>> c.structure()
+        {'weight': 'diag', 'bias': 'diag'}
+    """
+    return curvature_class(kind).estimate(model, data, likelihood, kind=kind, **options)

@@ -1,0 +1,169 @@
+"""The ``Curvature`` protocol: one interface for every Fisher structure, and its registry.
+
+A curvature is a symmetric positive semi-definite operator ``F`` over parameter dicts
+``{name: tensor}`` (each tensor shaped like its parameter), stored as a per-sample mean
+together with the number of samples ``N`` it averages. Every use of the Fisher
+(preconditioning, EWC, damage, Laplace, OBS pruning, merging) talks to a curvature only
+through this interface, so a new structure is one subclass in one file plus
+``@register_curvature("kind")``, and every use accepts it unchanged.
+
+Definitions every implementation follows (``λ >= 0`` is a damping added to the diagonal):
+
+==========================  =================================================
+``mv(v)``                   ``F v``
+``solve(v, λ)``             ``(F + λ I)⁻¹ v``
+``quad(v)``                 ``vᵀ F v`` (a 0-dim tensor)
+``diagonal()``              ``diag F``
+``inverse_diagonal(λ)``     ``diag (F + λ I)⁻¹``
+``logdet(λ)``               ``log det (F + λ I)`` over the covered parameters
+``a + b``                   sample-weighted mean ``(N_a F_a + N_b F_b) / (N_a + N_b)``
+``c * a``                   ``c F`` (``c >= 0``), same ``N``
+``a.ema(b, d)``             ``d F_a + (1 - d) F_b``, ``N = N_a + N_b``
+``structure()``             ``{parameter name: kind}`` ("diag", "kfac", "ekfac", "lowrank")
+==========================  =================================================
+
+Parameters a structured kind cannot cover are held as a diagonal inside the same object
+(``structure()`` says ``"diag"`` for them).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Curvature",
+    "CURVATURE_KINDS",
+    "curvature_class",
+    "register_curvature",
+]
+
+Params = Mapping[str, torch.Tensor]
+C = TypeVar("C", bound="type[Curvature]")
+
+#: ``{kind: class}`` for every registered curvature; filled by :func:`register_curvature`.
+CURVATURE_KINDS: dict[str, type[Curvature]] = {}
+
+
+def register_curvature(*kinds: str) -> Callable[[C], C]:
+    """Class decorator: make a :class:`Curvature` subclass available under ``kinds``.
+
+    ``estimate_curvature(model, data, kind=k)`` then calls ``cls.estimate(model, data,
+    ..., kind=k)``. A kind may be registered once.
+    """
+
+    def deco(cls: C) -> C:
+        for k in kinds:
+            if k in CURVATURE_KINDS and CURVATURE_KINDS[k] is not cls:
+                raise ValueError(
+                    f"Curvature kind {k!r} is already registered by "
+                    f"{CURVATURE_KINDS[k].__name__}; pick another name."
+                )
+            CURVATURE_KINDS[k] = cls
+        return cls
+
+    return deco
+
+
+def curvature_class(kind: str) -> type[Curvature]:
+    """The class registered for ``kind``; a ValueError lists the valid kinds."""
+    try:
+        return CURVATURE_KINDS[kind]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Unknown curvature kind {kind!r}; valid kinds: {sorted(CURVATURE_KINDS)}."
+        ) from None
+
+
+class Curvature(ABC):
+    """A symmetric PSD operator over ``{parameter name: tensor}`` dicts (see the module doc).
+
+    Subclasses implement the abstract methods; :meth:`quad` has a default through
+    :meth:`mv`. ``n_samples`` is the ``N`` the stored per-sample mean averages.
+    """
+
+    #: the kinds this class was registered under, first one is the default
+    kind: ClassVar[str] = ""
+    n_samples: int
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def estimate(cls, model: nn.Module, data: Any, likelihood: Any = "categorical",
+                 **options: Any) -> Curvature:
+        """Estimate this curvature of ``model`` on ``data`` (a batch or an iterable)."""
+
+    # -- linear algebra ------------------------------------------------------------------
+    @abstractmethod
+    def mv(self, v: Params) -> dict[str, torch.Tensor]:
+        """``F v`` for ``v = {name: tensor shaped like the parameter}``."""
+
+    @abstractmethod
+    def solve(self, v: Params, damping: float) -> dict[str, torch.Tensor]:
+        """``(F + λ I)⁻¹ v`` with ``λ = damping`` (> 0 unless ``F`` is invertible)."""
+
+    def quad(self, v: Params) -> torch.Tensor:
+        """``vᵀ F v`` as a 0-dim tensor (differentiable in ``v``)."""
+        fv = self.mv(v)
+        return sum((v[k] * fv[k]).sum() for k in fv)  # type: ignore[return-value]
+
+    @abstractmethod
+    def diagonal(self) -> dict[str, torch.Tensor]:
+        """``diag F`` as ``{name: tensor}``."""
+
+    @abstractmethod
+    def inverse_diagonal(self, damping: float) -> dict[str, torch.Tensor]:
+        """``diag (F + λ I)⁻¹`` as ``{name: tensor}``."""
+
+    @abstractmethod
+    def logdet(self, damping: float) -> torch.Tensor:
+        """``log det (F + λ I)`` over the covered parameters, a 0-dim tensor."""
+
+    @abstractmethod
+    def structure(self) -> dict[str, str]:
+        """``{parameter name: kind}`` for every covered parameter."""
+
+    def names(self) -> list[str]:
+        """The covered parameter names, in model order."""
+        return list(self.structure())
+
+    # -- combination -----------------------------------------------------------------------
+    @abstractmethod
+    def __add__(self, other: Curvature) -> Curvature: ...
+
+    @abstractmethod
+    def __mul__(self, scalar: float) -> Curvature: ...
+
+    def __rmul__(self, scalar: float) -> Curvature:
+        return self.__mul__(scalar)
+
+    @abstractmethod
+    def ema(self, other: Curvature, decay: float) -> Curvature:
+        """``decay * self + (1 - decay) * other``, ``N = N_self + N_other``."""
+
+    @abstractmethod
+    def to(self, *args: Any, **kwargs: Any) -> Curvature:
+        """Move / cast every tensor like ``Tensor.to``; returns a new curvature."""
+
+    # -- state ---------------------------------------------------------------------------------
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only; round-trips exactly through load_state_dict."""
+
+    @abstractmethod
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace the contents; names and shapes are checked against the current ones."""
+
+    @classmethod
+    @abstractmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> Curvature:
+        """A new curvature holding ``state`` (what :meth:`state_dict` returned)."""
+
+    @abstractmethod
+    def all_reduce(self, group: object | None = None) -> Curvature:
+        """The sample-weighted mean over all ranks of ``torch.distributed`` (a new object;
+        identity when not distributed)."""
