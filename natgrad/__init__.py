@@ -47,6 +47,7 @@ from natgrad.pruning.masks import (
     apply_masks,
     fisher_overlap,
     make_permanent,
+    mask_overlap,
 )
 from natgrad.pruning.prune import fisher_importance, fisher_pruning_masks
 
@@ -96,6 +97,7 @@ __all__ = [
     "fisher_pruning_masks",
     "apply_masks",
     "make_permanent",
+    "mask_overlap",
     "fisher_overlap",
     "MaskOverlap",
     "SetOverlap",

@@ -36,6 +36,7 @@ from natgrad.curvature.estimate import estimate_fisher
 from natgrad.engine.batch import OutputFn, default_output_fn
 from natgrad.engine.checks import check_names_in, check_positive, check_same_structure
 from natgrad.engine.common import module_of
+from natgrad.engine.deprecation import renamed_kwargs
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.per_sample import ParamSpec, mean_loss_grad, select_params
 from natgrad.engine.report import Report
@@ -251,17 +252,25 @@ def _log_ratio(a: float, b: float) -> float:
     return math.log(a) - math.log(b)
 
 
+@renamed_kwargs(
+    {
+        "math_batch": "task_a_batch",
+        "general_batch": "task_b_batch",
+        "fisher_math": "fisher_a",
+        "fisher_general": "fisher_b",
+    }
+)
 def fisher_damage_asymmetry(
     model: nn.Module,
-    math_batch: Any,
-    general_batch: Any,
+    task_a_batch: Any,
+    task_b_batch: Any,
     likelihood: str | Likelihood = "categorical",
     *,
     lr: float = 1.0,
     labels: str = "empirical",
-    fisher_math: Mapping[str, torch.Tensor] | None = None,
-    fisher_general: Mapping[str, torch.Tensor] | None = None,
-    names: tuple[str, str] = ("math", "general"),
+    fisher_a: Mapping[str, torch.Tensor] | None = None,
+    fisher_b: Mapping[str, torch.Tensor] | None = None,
+    names: tuple[str, str] = ("A", "B"),
     params: ParamSpec = None,
     mc_samples: int = 1,
     output_fn: OutputFn | None = None,
@@ -275,12 +284,12 @@ def fisher_damage_asymmetry(
 
     Args:
         model: the model (not modified).
-        math_batch: the first task's labelled batch.
-        general_batch: the second task's labelled batch.
+        task_a_batch: the first task's labelled batch (was ``math_batch``, deprecated).
+        task_b_batch: the second task's labelled batch (was ``general_batch``, deprecated).
         likelihood, lr, labels, params, mc_samples, output_fn: as in
             :func:`fisher_weighted_damage`.
-        fisher_math: the first task's Fisher (estimated from ``math_batch`` when None).
-        fisher_general: the second task's Fisher (estimated when None).
+        fisher_a: the first task's Fisher (estimated from ``task_a_batch`` when None).
+        fisher_b: the second task's Fisher (estimated when None).
         names: names of the first and second task, used in ``more_fragile``.
 
     Returns:
@@ -295,7 +304,7 @@ def fisher_damage_asymmetry(
         >>> a = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
         >>> b = (3 * torch.randn(8, 3), torch.randint(0, 2, (8,)))
         >>> r = fisher_damage_asymmetry(model, a, b)
-        >>> r.more_fragile in ("math", "general")
+        >>> r.more_fragile in ("A", "B")
         True
     """
     names = (str(names[0]), str(names[1]))
@@ -305,18 +314,18 @@ def fisher_damage_asymmetry(
     lik = get_likelihood(likelihood)
     output_fn = output_fn or default_output_fn
     # each task's Fisher and mean gradient once, shared by the two directions
-    names1 = _names(model, fisher_math, params, "fisher_math")
-    names2 = _names(model, fisher_general, params, "fisher_general")
+    names1 = _names(model, fisher_a, params, "fisher_a")
+    names2 = _names(model, fisher_b, params, "fisher_b")
     f1 = _fisher_or_estimate(
-        model, math_batch, lik, fisher_math, names1, labels, mc_samples, output_fn
+        model, task_a_batch, lik, fisher_a, names1, labels, mc_samples, output_fn
     )
     f2 = _fisher_or_estimate(
-        model, general_batch, lik, fisher_general, names2, labels, mc_samples, output_fn
+        model, task_b_batch, lik, fisher_b, names2, labels, mc_samples, output_fn
     )
     both = list(dict.fromkeys(names1 + names2))
-    g1, n1 = mean_loss_grad(model, math_batch, lik, both, output_fn=output_fn, what="math_batch")
+    g1, n1 = mean_loss_grad(model, task_a_batch, lik, both, output_fn=output_fn, what="task_a_batch")
     g2, n2 = mean_loss_grad(
-        model, general_batch, lik, both, output_fn=output_fn, what="general_batch"
+        model, task_b_batch, lik, both, output_fn=output_fn, what="task_b_batch"
     )
     to_first = _damage(f1, g1, g2, n1, n2, lr, labels)
     to_second = _damage(f2, g2, g1, n2, n1, lr, labels)

@@ -50,7 +50,7 @@ def _fisher_weighted_damage(ctx: MetricContext, **options):
     ),
 )
 def _fisher_damage_asymmetry(ctx: MetricContext, **options):
-    for i, key in enumerate(("fisher_math", "fisher_general")):
+    for i, key in enumerate(("fisher_a", "fisher_b")):
         if key not in options:
             options[key] = _context_fisher(ctx, i, options)
     options.setdefault("labels", ctx.labels)

@@ -7,7 +7,7 @@ from natgrad.curvature.estimate import estimate_fisher
 from natgrad.merging import fisher_weighted_merge
 from natgrad.metrics.context import MetricContext, SignatureType
 from natgrad.metrics.registry import registry
-from natgrad.pruning.masks import fisher_overlap
+from natgrad.pruning.masks import mask_overlap
 from natgrad.pruning.prune import fisher_importance, fisher_pruning_masks
 
 
@@ -48,14 +48,18 @@ def _fisher_pruning_masks(ctx: MetricContext, task: int | str = 0, **options):
 
 
 @registry.register(
-    "fisher_overlap",
+    "mask_overlap",
     SignatureType.PREPROCESSED,
     needs=("two_masks",),
     description="Jaccard index and overlap coefficient of the kept entries of context.masks[0] "
     "and context.masks[1], total and per tensor.",
 )
-def _fisher_overlap(ctx: MetricContext):
-    return fisher_overlap(ctx.masks[0], ctx.masks[1])
+def _mask_overlap(ctx: MetricContext):
+    return mask_overlap(ctx.masks[0], ctx.masks[1])
+
+
+# It compares boolean masks and never touches a Fisher.
+registry.alias("fisher_overlap", "mask_overlap")
 
 
 def _merge_fisher(ctx: MetricContext, i: int) -> DiagonalFisher:

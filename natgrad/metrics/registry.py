@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -81,6 +82,7 @@ class MetricRegistry:
 
     def __init__(self) -> None:
         self._specs: dict[str, MetricSpec] = {}
+        self._aliases: dict[str, str] = {}
 
     def register(
         self,
@@ -115,7 +117,26 @@ class MetricRegistry:
 
         return deco
 
+    def alias(self, old: str, new: str) -> None:
+        """Keep ``old`` working as a deprecated name of metric ``new`` for one release.
+
+        The alias is not listed by :meth:`names` nor run by :meth:`compute_all`; using it
+        warns (DeprecationWarning) and runs ``new``.
+        """
+        self.spec(new)
+        if old in self._specs or old in self._aliases:
+            raise ValueError(f"A metric or alias named {old!r} is already registered.")
+        self._aliases[old] = new
+
     def spec(self, name: str) -> MetricSpec:
+        if name in self._aliases:
+            warnings.warn(
+                f"The metric name {name!r} is deprecated and will be removed in the next "
+                f"release; use {self._aliases[name]!r}.",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            name = self._aliases[name]
         if name not in self._specs:
             close = difflib.get_close_matches(name, list(self._specs), n=3)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
@@ -231,7 +252,7 @@ class MetricRegistry:
         return out
 
     def __contains__(self, name: str) -> bool:
-        return name in self._specs
+        return name in self._specs or name in self._aliases
 
     def __len__(self) -> int:
         return len(self._specs)

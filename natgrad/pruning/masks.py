@@ -16,10 +16,11 @@ from torch import nn
 from torch.nn.utils import prune
 
 from natgrad.engine.checks import check_same_structure
+from natgrad.engine.deprecation import deprecated_alias
 from natgrad.engine.report import Report
 from natgrad.pruning.pruned import pruned_names
 
-__all__ = ["apply_masks", "make_permanent", "fisher_overlap", "MaskOverlap", "SetOverlap"]
+__all__ = ["apply_masks", "make_permanent", "mask_overlap", "fisher_overlap", "MaskOverlap", "SetOverlap"]
 
 
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -133,7 +134,7 @@ class SetOverlap(Report):
 
 @dataclass
 class MaskOverlap(Report):
-    """:func:`fisher_overlap`'s result: the whole model and each tensor."""
+    """:func:`mask_overlap`'s result: the whole model and each tensor."""
 
     total: SetOverlap
     per_tensor: dict[str, SetOverlap] = field(default_factory=dict)
@@ -145,7 +146,7 @@ def _set_overlap(a: int, b: int, inter: int, union: int, size: int) -> SetOverla
     return SetOverlap(jac, ovl, a, b, inter, union, size)
 
 
-def fisher_overlap(
+def mask_overlap(
     masks1: Mapping[str, torch.Tensor], masks2: Mapping[str, torch.Tensor]
 ) -> MaskOverlap:
     """Jaccard index and overlap coefficient of the entries two mask sets keep.
@@ -166,7 +167,7 @@ def fisher_overlap(
         >>> import torch
         >>> a = {"w": torch.tensor([True, True, False, False])}
         >>> b = {"w": torch.tensor([True, False, True, False])}
-        >>> r = fisher_overlap(a, b)
+        >>> r = mask_overlap(a, b)
         >>> round(r.total.jaccard, 4), r.total.overlap
         (0.3333, 0.5)
     """
@@ -185,3 +186,7 @@ def fisher_overlap(
         per[k] = _set_overlap(*counts)
         sums = [s + c for s, c in zip(sums, counts)]
     return MaskOverlap(_set_overlap(*sums), per)
+
+
+#: Deprecated name of :func:`mask_overlap` (it compares masks, never a Fisher).
+fisher_overlap = deprecated_alias(mask_overlap, "fisher_overlap")

@@ -204,7 +204,7 @@ def test_asymmetry_against_brute_force(mlp_case):
     assert (r.second.n_samples_a, r.second.n_samples_b) == (5, 4)
     # given Fishers that cover different parameters: each direction uses its own
     sub_a, sub_b = {"0.weight": Fa["0.weight"]}, {"2.bias": Fb["2.bias"]}
-    s = fisher_damage_asymmetry(model, a, b, lr=0.3, fisher_math=sub_a, fisher_general=sub_b)
+    s = fisher_damage_asymmetry(model, a, b, lr=0.3, fisher_a=sub_a, fisher_b=sub_b)
     assert s.damage_to_first == pytest.approx(_brute_damage(model, sub_a, a, b, 0.3)[0], rel=1e-6)
     assert s.damage_to_second == pytest.approx(_brute_damage(model, sub_b, b, a, 0.3)[0], rel=1e-6)
     assert list(s.first.per_layer) == ["0"] and list(s.second.per_layer) == ["2"]

@@ -438,8 +438,8 @@ def test_scale_by_fisher_metric_matches_manual_norms(mlp_case):
     g = {k: v.mean(0) for k, v in pg.items()}
     Fd = {k: (v**2).mean(0).float() for k, v in pg.items()}
     ctx = MetricContext(models=[model], batches=[(x, y)], fisher={"task_0": Fd})
-    r = registry.compute_with_context("scale_by_fisher", ctx, damping=0.2)
-    assert registry.describe("scale_by_fisher")["signature"] == "standard"
+    r = registry.compute_with_context("natural_gradient_norms", ctx, damping=0.2)
+    assert registry.describe("natural_gradient_norms")["signature"] == "standard"
     for layer in ("0", "2"):
         gn = torch.cat([g[f"{layer}.{s}"].reshape(-1) for s in ("weight", "bias")]).norm()
         dn = torch.cat(
@@ -456,7 +456,7 @@ def test_scale_by_fisher_metric_matches_manual_norms(mlp_case):
     assert r.to_dict()["damping"] == 0.2
     with pytest.raises(ValueError, match="batch has none"):
         registry.compute_with_context(
-            "scale_by_fisher", MetricContext([model], [x], fisher={"task_0": Fd})
+            "natural_gradient_norms", MetricContext([model], [x], fisher={"task_0": Fd})
         )
 
 

@@ -17,7 +17,7 @@ from natgrad import (
     apply_masks,
     estimate_fisher,
     fisher_importance,
-    fisher_overlap,
+    mask_overlap,
     fisher_pruning_masks,
     make_permanent,
 )
@@ -364,7 +364,7 @@ def test_overlap_against_python_sets():
         return {(k, i) for k, v in m.items() for i, on in enumerate(v.reshape(-1).tolist()) if on}
 
     A, B = kept(m1), kept(m2)
-    r = fisher_overlap(m1, m2)
+    r = mask_overlap(m1, m2)
     assert r.total.jaccard == pytest.approx(len(A & B) / len(A | B))
     assert r.total.overlap == pytest.approx(len(A & B) / min(len(A), len(B)))
     assert (r.total.kept1, r.total.kept2, r.total.size) == (len(A), len(B), 26)
@@ -376,21 +376,21 @@ def test_overlap_against_python_sets():
     d = r.to_dict()
     json.dumps(d)
     assert d["per_tensor"]["a"]["union"] == len({i for (n, i) in A | B if n == "a"})
-    same = fisher_overlap(m1, m1)
+    same = mask_overlap(m1, m1)
     assert same.total.jaccard == 1.0 and same.total.overlap == 1.0
 
 
 def test_overlap_empty_sets_and_mismatch():
     empty = {"w": torch.zeros(3, dtype=torch.bool)}
     full = {"w": torch.ones(3, dtype=torch.bool)}
-    r = fisher_overlap(empty, empty)
+    r = mask_overlap(empty, empty)
     assert (r.total.jaccard, r.total.overlap) == (1.0, 1.0)
-    r = fisher_overlap(empty, full)
+    r = mask_overlap(empty, full)
     assert (r.total.jaccard, r.total.overlap) == (0.0, 1.0)
     with pytest.raises(ValueError, match="only in masks2: v"):
-        fisher_overlap(full, {**full, "v": full["w"]})
+        mask_overlap(full, {**full, "v": full["w"]})
     with pytest.raises(ValueError, match="w: \\(3,\\) vs \\(4,\\)"):
-        fisher_overlap(full, {"w": torch.ones(4, dtype=torch.bool)})
+        mask_overlap(full, {"w": torch.ones(4, dtype=torch.bool)})
 
 
 # -- metrics -------------------------------------------------------------------------------
@@ -403,7 +403,7 @@ def test_pruning_metrics(mlp_case):
     for name, sig in [
         ("fisher_importance", SignatureType.FISHER_BASED),
         ("fisher_pruning_masks", SignatureType.FISHER_BASED),
-        ("fisher_overlap", SignatureType.PREPROCESSED),
+        ("mask_overlap", SignatureType.PREPROCESSED),
     ]:
         assert registry.describe(name)["signature"] == sig.value
     F = DiagonalFisher(_rand_fisher(model), 9)
@@ -422,5 +422,5 @@ def test_pruning_metrics(mlp_case):
     assert_close_dict(
         imp2, fisher_importance(estimate_fisher(model, (x, y)), model, normalize=False)
     )
-    ov = registry.compute_with_context("fisher_overlap", MetricContext(masks=[masks, thr]))
-    assert ov.total.jaccard == fisher_overlap(masks, thr).total.jaccard
+    ov = registry.compute_with_context("mask_overlap", MetricContext(masks=[masks, thr]))
+    assert ov.total.jaccard == mask_overlap(masks, thr).total.jaccard

@@ -9,7 +9,7 @@ from natgrad.cli.demo.common import Section, State
 from natgrad.cli.demo.setup import accuracy, clone, train
 from natgrad.curvature.estimate import estimate_fisher
 from natgrad.merging import fisher_weighted_merge
-from natgrad.pruning.masks import apply_masks, fisher_overlap
+from natgrad.pruning.masks import apply_masks, mask_overlap
 from natgrad.pruning.prune import fisher_importance, fisher_pruning_masks
 
 
@@ -43,7 +43,7 @@ def pruning(st: State) -> Section:
     )
     s_mid = 0.9 if 0.9 in masks_at else st.cfg.sparsities[-1]
     st.extra["masks"] = masks_at[s_mid]
-    overlap = fisher_overlap(*masks_at[s_mid])
+    overlap = mask_overlap(*masks_at[s_mid])
     xs = [100 * s for s in st.cfg.sparsities]
     plot = plots.curves(
         st.path("accuracy_vs_sparsity.png"),
