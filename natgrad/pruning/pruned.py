@@ -16,11 +16,18 @@ from torch.nn.utils import prune
 
 
 def pruned_names(module: nn.Module) -> set[str]:
-    """Attribute names that a ``torch.nn.utils.prune`` hook reparametrizes on ``module``."""
+    """Attribute names that ``torch.nn.utils.prune`` reparametrizes on ``module``.
+
+    Read through public routes only: ``prune.is_pruned`` and the documented layout of a
+    pruned tensor ``<a>``: a parameter ``<a>_orig`` and a buffer ``<a>_mask`` on the module.
+    """
+    if not prune.is_pruned(module):
+        return set()
+    buffers = {b for b, _ in module.named_buffers(recurse=False)}
     return {
-        h._tensor_name
-        for h in module._forward_pre_hooks.values()
-        if isinstance(h, prune.BasePruningMethod)
+        attr[: -len("_orig")]
+        for attr, _ in module.named_parameters(recurse=False)
+        if attr.endswith("_orig") and f"{attr[: -len('_orig')]}_mask" in buffers
     }
 
 
@@ -58,9 +65,10 @@ def mask_buffer_names(model: nn.Module) -> set[str]:
 def refresh_pruned(model: nn.Module) -> None:
     """Recompute every pruned ``<a> = <a>_orig * <a>_mask`` (as the forward pre-hook does)."""
     for module in model.modules():
-        for h in module._forward_pre_hooks.values():
-            if isinstance(h, prune.BasePruningMethod):
-                setattr(module, h._tensor_name, h.apply_mask(module))
+        for attr in pruned_names(module):
+            orig = getattr(module, f"{attr}_orig")
+            mask = getattr(module, f"{attr}_mask")
+            setattr(module, attr, orig * mask.to(dtype=orig.dtype))
 
 
 def deepcopy_model(model: nn.Module) -> nn.Module:
