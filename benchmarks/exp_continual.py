@@ -132,7 +132,7 @@ def batched_fisher(model, data):
     count = 0
     for b in minibatches(data, 0):
         grads = torch.autograd.grad(loss_of(model, b), list(named.values()))
-        for k, g in zip(named, grads):
+        for k, g in zip(named, grads, strict=True):
             acc[k] += g.detach() ** 2
         count += 1
     return {k: v / count for k, v in acc.items()}

@@ -40,7 +40,7 @@ def main() -> None:
             "",
             f"`natgrad demo{' --quick' if args.quick else ''} --seed {args.seeds[0]}` ({mode} "
             f"mode). Wall-clock per run (data generation included, 1 torch thread): "
-            + ", ".join(f"seed {s}: {t:.1f} s" for s, t in zip(args.seeds, times))
+            + ", ".join(f"seed {s}: {t:.1f} s" for s, t in zip(args.seeds, times, strict=True))
             + f". {LOAD_NOTE}. "
             f"Reproduce: `python -m benchmarks.exp_demo{' --quick' if args.quick else ''}`.",
             "",

@@ -171,7 +171,7 @@ def main(quick: bool = False) -> str:
     rel = float(((lanczos.eigenvalues - gram.eigenvalues).abs() / gram.eigenvalues).max())
     overlap = min(
         float(sum((a[k] * b[k]).sum() for k in a).abs())
-        for a, b in zip(gram.eigenvectors, lanczos.eigenvectors)
+        for a, b in zip(gram.eigenvectors, lanczos.eigenvectors, strict=True)
     )
 
     lines = [

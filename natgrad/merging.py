@@ -189,7 +189,7 @@ def _check_fishers(fishers, model: nn.Module, normalize: bool) -> list[dict[str,
 
 def _mean(thetas: list[torch.Tensor], w: list[float]) -> torch.Tensor:
     dt = acc_dtype(thetas[0].dtype)
-    return sum(wm * t.to(dt) for wm, t in zip(w, thetas))
+    return sum(wm * t.to(dt) for wm, t in zip(w, thetas, strict=True))
 
 
 def _fisher_mean(thetas, fs, w, floor: float) -> torch.Tensor:
@@ -197,7 +197,7 @@ def _fisher_mean(thetas, fs, w, floor: float) -> torch.Tensor:
     dev = thetas[0].device
     num = torch.zeros(thetas[0].shape, dtype=dt, device=dev)
     den = torch.zeros_like(num)
-    for wm, t, f in zip(w, thetas, fs):
+    for wm, t, f in zip(w, thetas, fs, strict=True):
         fm = wm * f.to(dev, dt).clamp_min(floor)
         num += fm * t.to(dev, dt)
         den += fm

@@ -64,7 +64,7 @@ def assert_close_dict(a, b, rtol=1e-5, atol=1e-7):
     assert set(a) == set(b), (sorted(a), sorted(b))
     for k in a:
         torch.testing.assert_close(
-            a[k], b[k].to(a[k].dtype), rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}"
+            a[k], b[k].to(a[k].dtype), rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}"
         )
 
 

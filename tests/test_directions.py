@@ -98,7 +98,7 @@ def test_lanczos_agrees_with_gram_for_mc_labels(mlp_case):
     lz = top_fisher_directions(model, x, k=4, labels="mc", mc_samples=3, method="lanczos")
     torch.testing.assert_close(lz.eigenvalues, g.eigenvalues, rtol=1e-7, atol=0)
     names = list(g.eigenvectors[0])
-    for a, b in zip(g.eigenvectors, lz.eigenvectors):
+    for a, b in zip(g.eigenvectors, lz.eigenvectors, strict=True):
         assert float(torch.dot(flat(a, names), flat(b, names)).abs()) == pytest.approx(1, abs=1e-6)
     assert g.n_rows == 27
     # the trace of GᵀG/N is the total of the diagonal mc Fisher with the same draws

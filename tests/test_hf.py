@@ -85,7 +85,7 @@ def _loop_squares(model, n, loss_of_sample):
             grads = torch.autograd.grad(
                 loss, [named[k] for k in keys], retain_graph=True, allow_unused=True
             )
-            for k, g in zip(keys, grads):
+            for k, g in zip(keys, grads, strict=True):
                 if g is not None:
                     acc[k] += weight * g**2
     return {k: v / n for k, v in acc.items()}

@@ -52,7 +52,7 @@ def jacobian_loop_variance(model, x, fisher, names, n, delta):
             grads = torch.autograd.grad(f[c], [named[k] for k in names], retain_graph=True)
             out[i, c] = sum(
                 (g.double() ** 2 / (n * fisher[k].double() + delta)).sum()
-                for k, g in zip(names, grads)
+                for k, g in zip(names, grads, strict=True)
             )
     return out
 

@@ -82,7 +82,7 @@ def test_merge_matches_formula(floor):
     )
     # buffers: floating ones weighted-averaged, integer ones from the first model
     w = [x / 6 for x in weights]
-    expected = sum(wm * m.running for wm, m in zip(w, models))
+    expected = sum(wm * m.running for wm, m in zip(w, models, strict=True))
     torch.testing.assert_close(merged.running, expected, rtol=1e-12, atol=0)
     assert torch.equal(merged.steps, models[0].steps)
 
@@ -121,9 +121,9 @@ def test_merge_leaves_inputs_untouched_and_returns_new_model():
     merged = fisher_weighted_merge(models, fishers)
     assert merged is not models[0] and merged is not models[1]
     assert merged.lin.weight.data_ptr() != models[0].lin.weight.data_ptr()
-    for m, b in zip(models, before):
+    for m, b in zip(models, before, strict=True):
         assert_close_dict(m.state_dict(), b, rtol=0, atol=0)
-    for f, b in zip(fishers, fbefore):
+    for f, b in zip(fishers, fbefore, strict=True):
         assert_close_dict(dict(f), b, rtol=0, atol=0)
 
 

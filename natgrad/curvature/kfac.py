@@ -270,7 +270,7 @@ def kfac_factors(
         i = 0
         for n in names:
             parts = []
-            for o, g in zip(outputs[n], grads[i : i + len(outputs[n])]):
+            for o, g in zip(outputs[n], grads[i : i + len(outputs[n])], strict=True):
                 parts.append(_out_grads(layers[n], torch.zeros_like(o) if g is None else g))
             i += len(outputs[n])
             bt = torch.cat(parts, 1).reshape(-1, parts[0].shape[-1])

@@ -110,7 +110,7 @@ def _supported(m: nn.Module) -> bool:
 def _module_slots(m: nn.Module, name_of: dict[int, str]) -> list[_Slot]:
     if isinstance(m, nn.MultiheadAttention):
         ps = [m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias]
-        return [_Slot(name_of[id(p)], r) for r, p in zip(_MHA_ROLES, ps) if id(p) in name_of]
+        return [_Slot(name_of[id(p)], r) for r, p in zip(_MHA_ROLES, ps, strict=True) if id(p) in name_of]
     slots = []
     for role in ("weight", "bias"):
         p, mask = m._parameters.get(role), None

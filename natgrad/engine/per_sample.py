@@ -314,7 +314,7 @@ def mean_loss_grad(
         lik.check_target(out, target)
         grads = torch.autograd.grad(lik.nll(out, target).mean(), params, allow_unused=True)
     res = {}
-    for k, p, g in zip(names, params, grads):
+    for k, p, g in zip(names, params, grads, strict=True):
         res[k] = to_acc(torch.zeros_like(p) if g is None else g.detach())
         check_finite(f"the gradient of {what}'s loss for {k!r}", res[k])
     return res, b.size
@@ -327,12 +327,12 @@ def _loop(fn, in_dims, args, n: int):
         if dim is None:
             return x
         if isinstance(x, tuple):
-            return tuple(take(v, dv, i) for v, dv in zip(x, dim))
+            return tuple(take(v, dv, i) for v, dv in zip(x, dim, strict=True))
         if isinstance(x, dict):
             return {k: take(v, dim[k], i) for k, v in x.items()}
         return x[i]
 
-    outs = [fn(*(take(a, d, i) for a, d in zip(args, in_dims))) for i in range(n)]
+    outs = [fn(*(take(a, d, i) for a, d in zip(args, in_dims, strict=True))) for i in range(n)]
     return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
 
 

@@ -25,7 +25,7 @@ def _fisher_information(ctx: MetricContext, **kwargs):
 )
 def _update_fisher_ema(ctx: MetricContext, **_):
     names = ctx.task_names(len(ctx.batches))
-    for task, batch in zip(names, ctx.batches):
+    for task, batch in zip(names, ctx.batches, strict=True):
         ctx.tracker.update(task, batch)
     return {t: ctx.tracker.num_updates(t) for t in names}
 

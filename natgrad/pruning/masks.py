@@ -184,7 +184,7 @@ def mask_overlap(
             a.numel(),
         ]
         per[k] = _set_overlap(*counts)
-        sums = [s + c for s, c in zip(sums, counts)]
+        sums = [s + c for s, c in zip(sums, counts, strict=True)]
     return MaskOverlap(_set_overlap(*sums), per)
 
 

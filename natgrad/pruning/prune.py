@@ -293,7 +293,7 @@ def _remove_lowest(
     order = torch.sort(flat[free], stable=True).indices[:k]
     keep = torch.ones(flat.numel(), dtype=torch.bool)
     keep[free[order]] = False
-    return dict(zip(names, torch.split(keep, [scores[n].numel() for n in names])))
+    return dict(zip(names, torch.split(keep, [scores[n].numel() for n in names]), strict=True))
 
 
 def _by_threshold(scores, importance, threshold, scope, min_keep) -> dict[str, torch.Tensor]:

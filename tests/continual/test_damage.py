@@ -94,11 +94,11 @@ def _increase(model, x, y, step):
 
     before = loss()
     with torch.no_grad():
-        for p, d in zip(model.parameters(), step):
+        for p, d in zip(model.parameters(), step, strict=True):
             p.add_(d)
     after = loss()
     with torch.no_grad():
-        for p, d in zip(model.parameters(), step):
+        for p, d in zip(model.parameters(), step, strict=True):
             p.sub_(d)
     return after - before
 

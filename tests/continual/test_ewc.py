@@ -47,7 +47,7 @@ def test_penalty_equals_hand_sum_and_gradient(mlp_case):
     assert pen.item() == pytest.approx(_hand_penalty(model, [(F, anchor)], 3.0), rel=1e-12)
     names = list(dict(model.named_parameters()))
     grads = torch.autograd.grad(pen, list(model.parameters()))
-    for k, g, p in zip(names, grads, model.parameters()):
+    for k, g, p in zip(names, grads, model.parameters(), strict=True):
         torch.testing.assert_close(g, 3.0 * F[k] * (p.detach() - anchor[k]))
     assert ewc(model).item() == pytest.approx(pen.item())  # callable form
 
@@ -167,7 +167,7 @@ def test_state_dict_round_trip(mlp_case):
     assert (other.lam, other.mode, other.gamma, other.num_tasks) == (0.3, "online", 0.9, 2)
     assert other.penalty().item() == ewc.penalty().item()
     s2 = other.state_dict()
-    for t1, t2 in zip(state["terms"], s2["terms"]):
+    for t1, t2 in zip(state["terms"], s2["terms"], strict=True):
         for part in ("fisher", "anchor"):
             for k in t1[part]:
                 torch.testing.assert_close(t1[part][k], t2[part][k], rtol=0, atol=0)

@@ -64,7 +64,7 @@ def test_exact_gaussian_is_sum_of_squared_jacobian(mlp_case):
     ref = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
     for i in range(len(x)):
         for d in range(4):
-            g = loop_grads(model, lambda o, _: o[0, d], x[i : i + 1], None)
+            g = loop_grads(model, lambda o, _, d=d: o[0, d], x[i : i + 1], None)
             for k in ref:
                 ref[k] += g[k][0] ** 2 / sigma**2
     assert_close_dict(dict(F), {k: v / len(x) for k, v in ref.items()})

@@ -105,7 +105,7 @@ def test_exact_labels_are_factor_weighted_class_gradients(mlp_case):
         p = model(x[i : i + 1]).softmax(-1)[0].detach()
         ref = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
         for c in range(4):
-            gc = loop_grads(model, lambda o, _: -o.log_softmax(-1)[0, c], x[i : i + 1], None)
+            gc = loop_grads(model, lambda o, _, c=c: -o.log_softmax(-1)[0, c], x[i : i + 1], None)
             for k in ref:
                 ref[k] += p[c] * gc[k][0] ** 2
         assert_close_dict({k: (v[i] ** 2).sum(0) for k, v in g.items()}, ref)

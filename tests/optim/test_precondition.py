@@ -279,7 +279,7 @@ def test_save_and_resume_mid_training_is_bit_exact(kind, labels, extra):
     opt2 = make(resumed)
     opt2.load_state_dict(saved[1])
     run(resumed, opt2, data[3:])
-    for a, b in zip(straight.parameters(), resumed.parameters()):
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -387,7 +387,7 @@ def test_contract_state_dict_round_trip_steps_identically(kind, opt_name):
         for _ in range(2):
             _backward(m, x[:20], y[:20])
             o.step(batch=(x[:20], y[:20]))
-    for a, b in zip(model.parameters(), clone.parameters()):
+    for a, b in zip(model.parameters(), clone.parameters(), strict=True):
         assert torch.equal(a, b)
 
 

@@ -17,9 +17,9 @@ from natgrad import (
     apply_masks,
     estimate_fisher,
     fisher_importance,
-    mask_overlap,
     fisher_pruning_masks,
     make_permanent,
+    mask_overlap,
 )
 from tests.reference import assert_close_dict, ce_sum, loop_grads
 
@@ -51,7 +51,7 @@ def test_importance_matches_elementwise_formula(mlp_case):
     raw = fisher_importance(F, model, normalize=False)
     expected = {}
     for k, p in model.named_parameters():
-        vals = [0.5 * f * t * t for f, t in zip(F[k].reshape(-1).tolist(), p.reshape(-1).tolist())]
+        vals = [0.5 * f * t * t for f, t in zip(F[k].reshape(-1).tolist(), p.reshape(-1).tolist(), strict=True)]
         expected[k] = torch.tensor(vals, dtype=torch.float64).reshape(p.shape)
     assert_close_dict(raw, expected, rtol=1e-12, atol=0)
     total = sum(float(v.sum()) for v in expected.values())

@@ -25,7 +25,7 @@ def pruning(st: State) -> Section:
     tuned = {f"{k} + 1 epoch fine-tune": [] for k in labels}
     masks_at = {}
     for s in st.cfg.sparsities:
-        for label, imp in zip(labels, (fisher_imp, magnitude)):
+        for label, imp in zip(labels, (fisher_imp, magnitude), strict=True):
             masks = fisher_pruning_masks(imp, sparsity=s, scope="global")
             model = apply_masks(clone(base), masks)
             curves[label].append(accuracy(model, d.x_test, d.y_test))
@@ -38,7 +38,7 @@ def pruning(st: State) -> Section:
         "pruning: accuracy at "
         + ", ".join(
             f"{s:.0%}: Fisher {a:.3f} / magnitude {b:.3f}"
-            for s, a, b in zip(st.cfg.sparsities, *curves.values())
+            for s, a, b in zip(st.cfg.sparsities, *curves.values(), strict=True)
         )
     )
     s_mid = 0.9 if 0.9 in masks_at else st.cfg.sparsities[-1]
@@ -55,11 +55,11 @@ def pruning(st: State) -> Section:
     rows = [("dense accuracy", f"{dense:.3f}")]
     rows += [
         (f"accuracy at {s:.0%}: Fisher / magnitude", f"{a:.3f} / {b:.3f}")
-        for s, a, b in zip(st.cfg.sparsities, *curves.values())
+        for s, a, b in zip(st.cfg.sparsities, *curves.values(), strict=True)
     ]
     rows += [
         (f"after 1 epoch fine-tune at {s:.0%}: Fisher / magnitude", f"{a:.3f} / {b:.3f}")
-        for s, a, b in zip(st.cfg.sparsities, *tuned.values())
+        for s, a, b in zip(st.cfg.sparsities, *tuned.values(), strict=True)
     ]
     rows.append(
         (f"kept-set Jaccard, Fisher vs magnitude at {s_mid:.0%}", f"{overlap.total.jaccard:.3f}")

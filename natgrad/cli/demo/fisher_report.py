@@ -47,7 +47,7 @@ def fisher_report(
     named = {_label(p, used): f for p, f in fishers.items()}
     lines = ["# natgrad Fisher report", ""]
     data: dict[str, Any] = {"fishers": {}, "comparisons": {}}
-    for (name, f), path in zip(named.items(), fishers):
+    for (name, f), path in zip(named.items(), fishers, strict=True):
         totals = f.layer_totals()
         trace = f.total()
         entries = [(k, v, v / trace if trace > 0 else float("nan")) for k, v in totals.items()]

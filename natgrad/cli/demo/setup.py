@@ -149,7 +149,7 @@ def calibration(probs: torch.Tensor, y: torch.Tensor, bins: int = 10) -> tuple[f
     correct = (pred == y).double()
     edges = torch.linspace(0, 1, bins + 1)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         m = (conf > lo) & (conf <= hi)
         if m.any():
             ece += float(m.double().mean() * (conf[m].double().mean() - correct[m].mean()).abs())
