@@ -18,6 +18,7 @@ from natgrad.curvature.estimate import estimate_curvature, estimate_fisher
 from natgrad.curvature.protocol import CURVATURE_KINDS, Curvature, register_curvature
 from natgrad.curvature.tracker import FisherTracker
 from natgrad.directions import FisherDirections, top_fisher_directions
+from natgrad.engine.batch import Shared, shared
 from natgrad.engine.capture import ENGINES
 from natgrad.engine.checkpoint import load_checkpoint
 from natgrad.engine.distributed import all_reduce_sums, is_distributed
@@ -55,6 +56,8 @@ __all__ = [
     "__version__",
     # engine
     "per_sample_grads",
+    "shared",
+    "Shared",
     "select_params",
     "LABEL_SOURCES",
     # likelihoods

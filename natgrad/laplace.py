@@ -31,7 +31,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from natgrad.curvature.estimate import iterate_batches
-from natgrad.engine.batch import Batch, OutputFn, default_output_fn, parse_batch
+from natgrad.engine.batch import Batch, OutputFn, add_batch_axis, default_output_fn, parse_batch
 from natgrad.engine.checks import (
     check_choice,
     check_int,
@@ -43,13 +43,7 @@ from natgrad.engine.checks import (
 )
 from natgrad.engine.common import acc_dtype
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
-from natgrad.engine.per_sample import (
-    ParamSpec,
-    as_one_sample,
-    model_device,
-    sample_dim,
-    select_params,
-)
+from natgrad.engine.per_sample import ParamSpec, model_device, select_params
 from natgrad.engine.report import Report
 
 __all__ = [
@@ -199,8 +193,7 @@ def _moments(
     detached = {k: p.detach() for k, p in params.items()}
 
     def f(p, args, kwargs):
-        args = tuple(as_one_sample(a) for a in args)
-        kwargs = {k: as_one_sample(v) for k, v in kwargs.items()}
+        args, kwargs = add_batch_axis(args, kwargs, b.arg_dims, b.kw_dims)  # shared: as is
         out = output_fn(functional_call(model, p, args, kwargs, strict=False)).reshape(-1)
         return out, out
 
@@ -213,11 +206,7 @@ def _moments(
     means, variances = [], []
     for start in range(0, b.size, chunk):
         sub = b.select(start, min(start + chunk, b.size))
-        in_dims = (
-            None,
-            tuple(sample_dim(a, sub.size) for a in sub.args),
-            {k: sample_dim(v, sub.size) for k, v in sub.kwargs.items()},
-        )
+        in_dims = (None, sub.arg_dims, sub.kw_dims)
         with torch.no_grad():  # jacrev still differentiates; no graph to outer parameters
             jac, out = vmap(jac_fn, in_dims=in_dims)(detached, sub.args, sub.kwargs)
         var = None

@@ -101,3 +101,45 @@ def dense_fisher(grads: dict[str, torch.Tensor], names) -> torch.Tensor:
     """``(1/N) Σ_n g_n g_nᵀ`` in float64 from per-sample gradients ``{name: (N, *shape)}``."""
     g = torch.cat([grads[k].reshape(grads[k].shape[0], -1).double() for k in names], 1)
     return g.T @ g / g.shape[0]
+def loop_grads_by(model: nn.Module, sample_loss, n: int, names=None) -> dict[str, torch.Tensor]:
+    """Per-sample gradients by one backward pass per sample of ``sample_loss(i)``.
+
+    ``sample_loss(i)`` runs the model on sample ``i`` however the caller needs (shared
+    tensors passed whole, per-sample ones sliced) and returns the scalar loss ``l_i``.
+    """
+    named = dict(model.named_parameters())
+    names = list(named) if names is None else names
+    out = {k: [] for k in names}
+    for i in range(n):
+        model.zero_grad(set_to_none=True)
+        sample_loss(i).backward()
+        for k in names:
+            g = named[k].grad
+            if g is not None and g.is_sparse:  # Embedding(sparse=True)
+                g = g.to_dense()
+            out[k].append(torch.zeros_like(named[k]) if g is None else g.detach().clone())
+    model.zero_grad(set_to_none=True)
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def exact_categorical_fisher_by(model: nn.Module, sample_logits, n: int) -> dict[str, torch.Tensor]:
+    """``(1/N) Σ_n Σ_c p_nc (∇θ log p_nc)²``, one backward per sample and class, where
+    ``sample_logits(i)`` returns the logits ``(C,)`` of sample ``i``."""
+    named = dict(model.named_parameters())
+    acc = {k: torch.zeros_like(p) for k, p in named.items()}
+    for i in range(n):
+        with torch.no_grad():
+            p = sample_logits(i).softmax(-1)
+        for c in range(p.shape[0]):
+            model.zero_grad(set_to_none=True)
+            sample_logits(i).log_softmax(-1)[c].backward()
+            for k, q in named.items():
+                if q.grad is not None:
+                    acc[k] += p[c] * q.grad**2
+    model.zero_grad(set_to_none=True)
+    return {k: v / n for k, v in acc.items()}
+
+
+def fisher_from_grads(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The empirical diagonal Fisher ``(1/N) Σ_n g_n²`` of per-sample gradients ``(N, ...)``."""
+    return {k: (g**2).mean(0) for k, g in grads.items()}

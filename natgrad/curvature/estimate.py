@@ -21,6 +21,7 @@ from natgrad.engine.checkpoint import (
     save_checkpoint,
 )
 from natgrad.engine.checks import check_choice, check_finite, check_int
+from natgrad.engine.common import acc_dtype
 from natgrad.engine.distributed import all_reduce_sums
 from natgrad.engine.likelihoods import Likelihood
 from natgrad.engine.per_sample import ParamSpec, Plan
@@ -111,7 +112,9 @@ def estimate_fisher(
     and counts are all-reduced, so every rank returns the Fisher of all shards.
 
     Returns:
-        :class:`DiagonalFisher` with float32 values and ``n_samples = N``.
+        :class:`DiagonalFisher` with ``n_samples = N``: float64 values for float64
+        parameters (summed in float64), float32 for float32, bfloat16 and float16
+        parameters (summed in float32).
 
     Raises:
         ValueError: empty data, train-mode BatchNorm, bad labels, likelihood or engine,
@@ -128,7 +131,7 @@ def estimate_fisher(
     """
     check_choice("engine", engine, ENGINES)
     plan = Plan(model, likelihood, labels, mc_samples, params, output_fn, generator)
-    sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in plan.params.items()}
+    sums = {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in plan.params.items()}
     n_total, done, every, fingerprint = 0, 0, 0, None
     if checkpoint is not None:
         every = check_int("checkpoint_every", checkpoint_every, 1)
@@ -143,7 +146,7 @@ def estimate_fisher(
         saved = load_checkpoint(checkpoint)
         if saved is not None:
             check_same_run(os.fspath(checkpoint), saved, fingerprint)
-            sums = {k: saved["sums"][k].to(v.device) for k, v in sums.items()}
+            sums = {k: saved["sums"][k].to(device=v.device, dtype=v.dtype) for k, v in sums.items()}
             n_total, done = int(saved["n_samples"]), int(saved["batches_done"])
             plan.generator.set_state(saved["generator_state"])
     batches = iterate_batches(data, max_batches)

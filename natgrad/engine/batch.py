@@ -1,4 +1,15 @@
-"""Batches and model outputs: one normal form for tuples, bare inputs and dict batches."""
+"""Batches and model outputs: one normal form for tuples, bare inputs and dict batches.
+
+Which tensors are per-sample: a batch holds ``N`` samples, where ``N`` is the first
+dimension of the labels when the batch has labels, else of the first input tensor
+(positional before keyword, in the dict's order). An input tensor whose first
+dimension is ``N`` holds one row per sample and is split across samples; every other
+input (a tensor of another leading size or a 0-d tensor, such as a ``(T, T)``
+attention mask or a ``(3,)`` scale, and any non-tensor) is *shared*: each sample's
+forward receives it whole and unchanged. A shared tensor whose first dimension
+happens to equal ``N`` (a ``(T, T)`` mask with ``T == N``) cannot be told apart from
+a per-sample one by its shape; wrap it with :func:`shared` to pass it whole.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +22,54 @@ import torch
 LABEL_KEYS = ("labels", "label", "y", "targets")
 
 
+@dataclass(frozen=True)
+class Shared:
+    """A batch entry passed whole to every sample (see :func:`shared`)."""
+
+    tensor: torch.Tensor
+
+
+def shared(tensor: torch.Tensor) -> Shared:
+    """Mark a batch entry as shared by all samples, whatever its shape.
+
+    Needed only when the entry's first dimension equals the batch size ``N`` (e.g. a
+    ``(T, T)`` attention mask with ``T == N``); any other tensor without a leading
+    batch dimension is shared already. natgrad unwraps it and hands the model the
+    tensor itself.
+
+    Args:
+        tensor: the shared tensor.
+
+    Returns:
+        A :class:`Shared` wrapper to put in the batch in place of the tensor.
+
+    Raises:
+        TypeError: ``tensor`` is not a tensor.
+
+    Example:
+        >>> import torch
+        >>> mask = torch.zeros(4, 4)
+        >>> b = parse_batch({"x": torch.randn(4, 3), "mask": shared(mask), "labels": torch.zeros(4)})
+        >>> b.kwargs["mask"] is mask, b.kw_dims
+        (True, {'x': 0, 'mask': None})
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(
+            f"natgrad.shared expects a tensor, got {type(tensor).__name__}; wrap the tensor "
+            "that every sample should see whole, e.g. natgrad.shared(attention_mask)."
+        )
+    return Shared(tensor)
+
+
 @dataclass
 class Batch:
     """A parsed batch: positional args and keyword args for the model, target, size.
 
-    ``target`` is None when the batch carries no labels. For dict batches with an
-    ``attention_mask``, the mask is kept so sequence likelihoods can leave out padding.
+    ``target`` is None when the batch carries no labels. For dict batches with a
+    per-sample ``attention_mask``, the mask is kept so sequence likelihoods can leave
+    out padding. ``arg_dims`` / ``kw_dims`` give each input's batch axis: ``0`` for
+    per-sample tensors, ``None`` for shared entries (the ``in_dims`` of ``vmap``);
+    they are decided once, for the whole batch, and kept by :meth:`select`.
     """
 
     args: tuple
@@ -24,6 +77,14 @@ class Batch:
     target: torch.Tensor | None
     mask: torch.Tensor | None
     size: int
+    arg_dims: tuple | None = None
+    kw_dims: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.arg_dims is None:
+            self.arg_dims = tuple(batch_dim(a, self.size) for a in self.args)
+        if self.kw_dims is None:
+            self.kw_dims = {k: batch_dim(v, self.size) for k, v in self.kwargs.items()}
 
     def to(self, device: torch.device) -> Batch:
         mv = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -33,26 +94,59 @@ class Batch:
             mv(self.target),
             mv(self.mask),
             self.size,
+            self.arg_dims,
+            dict(self.kw_dims),
         )
 
     def select(self, start: int, stop: int) -> Batch:
-        """Samples ``start:stop`` (tensors whose leading dim is the batch size are sliced)."""
-        sl = lambda t: t[start:stop] if is_batched(t, self.size) else t  # noqa: E731
+        """Samples ``start:stop``: per-sample inputs, target and mask are sliced,
+        shared entries are kept whole."""
+        sl = lambda t, d: t[start:stop] if d == 0 and t is not None else t  # noqa: E731
         return Batch(
-            tuple(sl(a) for a in self.args),
-            {k: sl(v) for k, v in self.kwargs.items()},
-            sl(self.target),
-            sl(self.mask),
+            tuple(sl(a, d) for a, d in zip(self.args, self.arg_dims)),
+            {k: sl(v, self.kw_dims[k]) for k, v in self.kwargs.items()},
+            sl(self.target, 0),
+            sl(self.mask, 0),
             min(stop, self.size) - start,
+            self.arg_dims,
+            dict(self.kw_dims),
+        )
+
+    def take(self, index: torch.Tensor) -> Batch:
+        """The samples at ``index`` (a 1-D long tensor; repeats allowed), without labels."""
+        tk = lambda t, d: t[index.to(t.device)] if d == 0 else t  # noqa: E731
+        return Batch(
+            tuple(tk(a, d) for a, d in zip(self.args, self.arg_dims)),
+            {k: tk(v, self.kw_dims[k]) for k, v in self.kwargs.items()},
+            None,
+            None,
+            len(index),
+            self.arg_dims,
+            dict(self.kw_dims),
         )
 
 
-def is_batched(t: Any, n: int) -> bool:
-    return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n
+def batch_dim(t: Any, n: int) -> int | None:
+    """``0`` when ``t`` is a tensor whose first dimension is the batch size ``n``, else None."""
+    return 0 if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else None
+
+
+def add_batch_axis(args: tuple, kwargs: dict, arg_dims: tuple, kw_dims: dict):
+    """Inside ``vmap`` (or a per-sample loop), give each per-sample input back a batch
+    axis of size 1; shared entries stay as they are."""
+    up = lambda t, d: t.unsqueeze(0) if d == 0 else t  # noqa: E731
+    return (
+        tuple(up(a, d) for a, d in zip(args, arg_dims)),
+        {k: up(v, kw_dims[k]) for k, v in kwargs.items()},
+    )
 
 
 def parse_batch(batch: Any) -> Batch:
     """Normalize ``(x, y)``, ``(x,)``, ``x`` or a Hugging Face style dict.
+
+    The batch size ``N`` and which inputs are per-sample follow the module docstring:
+    inputs whose first dimension is ``N`` are per-sample, all others (and entries
+    wrapped in :func:`shared`) are passed whole to every sample.
 
     Raises:
         ValueError: for an empty batch, or one whose tensors disagree on the batch size.
@@ -84,25 +178,41 @@ def parse_batch(batch: Any) -> Batch:
             f"Unsupported batch type {type(batch).__name__}: expected a tensor, (x, y), (x,) "
             "or a dict of tensors."
         )
-    first = next(
-        (t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0),
-        None,
-    )
-    if first is None:
-        raise ValueError("The batch holds no tensor with a batch dimension.")
-    n = first.shape[0]
-    if n == 0:
-        raise ValueError("Empty batch (0 samples): there is nothing to estimate from.")
+    marked = {i for i, a in enumerate(args) if isinstance(a, Shared)}
+    marked_kw = {k for k, v in kwargs.items() if isinstance(v, Shared)}
+    args = tuple(a.tensor if isinstance(a, Shared) else a for a in args)
+    kwargs = {k: v.tensor if isinstance(v, Shared) else v for k, v in kwargs.items()}
+    leading = [
+        t.shape[0]
+        for i, t in enumerate(args)
+        if i not in marked and isinstance(t, torch.Tensor) and t.dim() > 0
+    ] + [
+        t.shape[0]
+        for k, t in kwargs.items()
+        if k not in marked_kw and isinstance(t, torch.Tensor) and t.dim() > 0
+    ]
+    if not leading:
+        raise ValueError(
+            "The batch holds no input tensor with a batch dimension (tensors wrapped in "
+            "natgrad.shared do not count)."
+        )
+    n = leading[0]
     if target is not None:
         if not isinstance(target, torch.Tensor):
             target = torch.as_tensor(target)
-        if target.dim() == 0 or target.shape[0] != n:
+        if target.dim() > 0 and target.shape[0] in leading:
+            n = target.shape[0]  # a shared input listed before the per-sample ones
+        else:
             raise ValueError(
                 f"Labels have shape {tuple(target.shape)} but the inputs hold {n} samples; "
                 "the labels' first dimension must be the batch size."
             )
-    mask = kwargs.get("attention_mask")
-    return Batch(args, kwargs, target, mask, n)
+    if n == 0:
+        raise ValueError("Empty batch (0 samples): there is nothing to estimate from.")
+    arg_dims = tuple(None if i in marked else batch_dim(a, n) for i, a in enumerate(args))
+    kw_dims = {k: None if k in marked_kw else batch_dim(v, n) for k, v in kwargs.items()}
+    mask = kwargs.get("attention_mask") if kw_dims.get("attention_mask") == 0 else None
+    return Batch(args, kwargs, target, mask, n, arg_dims, kw_dims)
 
 
 def default_output_fn(out: Any) -> torch.Tensor:

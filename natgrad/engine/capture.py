@@ -44,8 +44,10 @@ import torch
 from torch import nn
 
 from natgrad.engine import capture_layers as layers
-from natgrad.engine.batch import Batch, is_batched
+from natgrad.engine.batch import Batch
 from natgrad.engine.capture_ops import CaptureMode, ProbeMode, zero_perturbation
+from natgrad.engine.checks import check_int
+from natgrad.engine.common import acc_dtype
 from natgrad.engine.per_sample import Plan, square_sums
 
 __all__ = ["ENGINES"]  # the rest is used by natgrad.curvature.estimate
@@ -123,11 +125,7 @@ def _module_slots(m: nn.Module, name_of: dict[int, str]) -> list[_Slot]:
 
 
 def _repeat_first(b: Batch, n: int) -> Batch:
-    idx = torch.zeros(n, dtype=torch.long)
-    take = lambda t: t[idx.to(t.device)] if is_batched(t, b.size) else t  # noqa: E731
-    return Batch(
-        tuple(take(a) for a in b.args), {k: take(v) for k, v in b.kwargs.items()}, None, None, n
-    )
+    return b.take(torch.zeros(n, dtype=torch.long))
 
 
 def _first(out):
@@ -262,10 +260,12 @@ def _module_squares(m: nn.Module, parts: dict, Bs: dict, w: float) -> dict[str, 
 def _add_squares(acc: dict, m: nn.Module, slots: list[_Slot], sq: dict) -> None:
     for s in slots:
         if s.role in sq:
-            v = sq[s.role]
+            # Layer formulas may return a flattened shape (Conv: (O, C·k)); the mask and
+            # the sum have the parameter's shape.
+            v = sq[s.role].reshape(acc[s.name].shape)
             if s.mask is not None:  # ∂l/∂weight_orig = mask ⊙ ∂l/∂weight
                 v = v * getattr(m, s.mask).to(v.dtype) ** 2
-            acc[s.name] += v.reshape(acc[s.name].shape).float()
+            acc[s.name] += v.to(acc[s.name].dtype)
 
 
 def _check_fresh(m: nn.Module, a: torch.Tensor, version: int) -> None:
@@ -284,7 +284,8 @@ def fast_batch_sums(
     target: torch.Tensor | None,
     chunk_size: int | None,
 ) -> tuple[int, dict[str, torch.Tensor]]:
-    """``(N, Σ_n Σ_j w_j g_nj²)`` in float32 for one parsed batch: the capture path for
+    """``(N, Σ_n Σ_j w_j g_nj²)`` for one parsed batch, in the accumulation dtype (float64
+    for float64 parameters, else float32): the capture path for
     ``split.fast`` and ``split.free``, the ``vmap`` plan ``rest`` (``plan`` restricted to
     ``split.rest``, or None) for the other parameters, with shared label draws."""
     store: dict[Any, Any] = {}
@@ -312,7 +313,7 @@ def fast_batch_sums(
     if target is not None:
         plan.lik.check_target(out, target)
     draws = plan.draw(out, target) if plan.labels == "mc" else None
-    acc = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in plan.params.items()}
+    acc = {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in plan.params.items()}
     keys = [*split.fast, *split.free]
     missing = [k for k in keys if k not in store]
     if missing:
@@ -359,7 +360,7 @@ def fast_batch_sums(
             B = grads[(k, None)]
             if B is not None:
                 chain, d_shape, _ = store[k]
-                acc[k] += layers.free(chain, plan.params[k], d_shape, B, w).float()
+                acc[k] += layers.free(chain, plan.params[k], d_shape, B, w).to(acc[k].dtype)
     for m, b2 in dense.items():
         a = layers.work(store[m]["main"][0])
         _add_squares(acc, m, split.fast[m], {"weight": b2.t() @ (a * a), "bias": b2.sum(0)})
@@ -374,7 +375,12 @@ def fast_batch_sums(
 def square_sums_auto(
     plan: Plan, batches: Iterable[Any], chunk_size: int | None, engine: str
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Per batch ``(n, Σ_n Σ_j w_j g_nj²)`` by ``engine`` (see :func:`split_params`)."""
+    """Per batch ``(n, Σ_n Σ_j w_j g_nj²)`` by ``engine`` (see :func:`split_params`).
+
+    Raises:
+        ValueError: an invalid ``chunk_size``, on every engine (before any batch is read).
+    """
+    check_int("chunk_size", chunk_size, 1, optional=True)
     if engine == "vmap":
         yield from square_sums(plan, batches, chunk_size)
         return

@@ -28,9 +28,15 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from natgrad.engine.batch import Batch, OutputFn, default_output_fn, parse_batch
+from natgrad.engine.batch import (
+    Batch,
+    OutputFn,
+    add_batch_axis,
+    default_output_fn,
+    parse_batch,
+)
 from natgrad.engine.checks import check_choice, check_finite, check_int, check_no_batch_mixing
-from natgrad.engine.common import to_acc
+from natgrad.engine.common import acc_dtype, to_acc
 from natgrad.engine.likelihoods import Likelihood, TokenCategorical, get_likelihood
 
 __all__ = ["per_sample_grads", "select_params", "LABEL_SOURCES", "ParamSpec"]
@@ -191,40 +197,61 @@ class Plan:
             return self.output_fn(self.model(*b.args, **b.kwargs)).detach()
 
     # -- per-sample function -----------------------------------------------------
-    def per_sample(self, mode: str):
-        """A function of one sample returning its gradients (``mode="grads"``) or
-        ``Σ_j w_j g_j²`` in float32 (``mode="squares"``)."""
+    def per_sample(self, mode: str, arg_dims: tuple, kw_dims: dict):
+        """A function of one sample returning its gradients ``(J, *param.shape)``
+        (``mode="grads"``) or ``Σ_j w_j g_j²`` in the accumulation dtype (float64 for
+        float64 parameters, else float32; ``mode="squares"``).
+
+        ``arg_dims`` / ``kw_dims`` say which inputs are per-sample (see
+        :class:`natgrad.engine.batch.Batch`); shared inputs reach the model unchanged.
+        The label columns are pulled back one at a time: a ``vmap`` over the columns
+        nested inside the ``vmap`` over samples mixes the two batch axes in some
+        backward formulas (``nn.PReLU``: wrong values at equal sizes, wrong shapes
+        otherwise), and is no faster on CPU.
+        """
         model, output_fn, weight = self.model, self.output_fn, self.weight
 
         def fn(p, args, kwargs, target, draws):
-            args = tuple(as_one_sample(a) for a in args)
-            kwargs = {k: as_one_sample(v) for k, v in kwargs.items()}
+            args, kwargs = add_batch_axis(args, kwargs, arg_dims, kw_dims)
             target = as_one_sample(target)
 
             def f(pp):
                 return output_fn(functional_call(model, pp, args, kwargs, strict=False))
 
             out, pullback = vjp(f, p)
-            cols = self.columns(out, target, as_one_sample(draws))
-            if mode == "grads":
-                gs = [vmap(pullback)(c.to(out.dtype))[0] for c in cols]
-                return {k: torch.cat([g[k] for g in gs]) for k in p}
+            grads: dict[str, list] = {k: [] for k in p}
             acc = None
-            for c in cols:
-                (g,) = vmap(pullback)(c.to(out.dtype))
-                sq = {k: (v.float() ** 2).sum(0) for k, v in g.items()}
-                acc = sq if acc is None else {k: acc[k] + sq[k] for k in acc}
+            for c in self.columns(out, target, as_one_sample(draws)):
+                for u in c.to(out.dtype).unbind(0):
+                    (g,) = pullback(u)
+                    g = {k: v.to_dense() if v.is_sparse else v for k, v in g.items()}
+                    if mode == "grads":
+                        for k in grads:
+                            grads[k].append(g[k])
+                        continue
+                    sq = {k: to_acc(v) ** 2 for k, v in g.items()}
+                    acc = sq if acc is None else {k: acc[k] + sq[k] for k in acc}
+            if mode == "grads":
+                return {k: torch.stack(v) for k, v in grads.items()}
             return {k: v * weight for k, v in acc.items()} if weight != 1.0 else acc
 
         return fn
 
     def run(self, b: Batch, target, draws, mode: str, chunk_size: int | None):
-        """Yield the per-sample result of ``mode`` for each chunk of the batch."""
+        """Yield ``(n, result)`` for each chunk of ``n`` samples of the batch.
+
+        ``result`` maps each parameter to ``(n, *param.shape)`` (squares) or
+        ``(n, J, *param.shape)`` (grads), checked before it is returned. When ``vmap``
+        fails on the model, or returns a result of another shape, the pass switches
+        (for the rest of this plan, with one warning naming the module and the error)
+        to the exact per-sample loop, which runs the same function one sample at a
+        time. A loop result of the wrong shape raises.
+        """
         K = self.k if self.labels == "mc" else 1
         chunk = check_int("chunk_size", chunk_size, 1, optional=True) or max(
             1, min(b.size, CHUNK_FLOATS // max(self.P * K, 1))
         )
-        fn = self.per_sample(mode)
+        fn = self.per_sample(mode, b.arg_dims, b.kw_dims)
         params = {k: p.detach() for k, p in self.params.items()}
         for start in range(0, b.size, chunk):
             stop = min(start + chunk, b.size)
@@ -233,29 +260,122 @@ class Plan:
             d = None if draws is None else draws[start:stop]
             in_dims = (
                 None,
-                tuple(sample_dim(a, sub.size) for a in sub.args),
-                {k: sample_dim(v, sub.size) for k, v in sub.kwargs.items()},
+                sub.arg_dims,
+                sub.kw_dims,
                 None if t is None else 0,
                 None if d is None else 0,
             )
             args = (params, sub.args, sub.kwargs, t, d)
+            n = stop - start
             if not self.loop:
                 try:
-                    yield stop - start, vmap(fn, in_dims=in_dims, randomness="different")(*args)
-                    continue
-                except RuntimeError as exc:
-                    if "data-dependent control flow" not in str(exc):
-                        raise
-                    self.loop = True
-                    warnings.warn(
-                        f"vmap cannot trace {type(self.model).__name__}: it branches on tensor "
-                        "values (e.g. Hugging Face attention-mask checks). Falling back to an "
-                        "exact per-sample loop, which is slower; for speed, remove the branch "
-                        "(for Hugging Face encoders pass a 4-D boolean attention mask).",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-            yield stop - start, _loop(fn, in_dims, args, stop - start)
+                    res = vmap(fn, in_dims=in_dims, randomness="different")(*args)
+                except Exception as exc:  # noqa: BLE001 - the loop below re-raises real errors
+                    res = self._fall_back(fn, in_dims, args, n, _vmap_failure(self, exc, in_dims, args))
+                else:
+                    bad = _bad_shape(res, self.params, n, mode)
+                    if bad is None:
+                        yield n, res
+                        continue
+                    res = self._fall_back(fn, in_dims, args, n, f"vmap returned {bad}")
+            else:
+                res = _loop(fn, in_dims, args, n)
+            bad = _bad_shape(res, self.params, n, mode)
+            if bad is not None:
+                raise RuntimeError(
+                    f"The exact per-sample loop returned {bad}; natgrad does not return a "
+                    "result of the wrong shape. Please report this model."
+                )
+            yield n, res
+
+    def _fall_back(self, fn, in_dims, args, n: int, why: str) -> dict[str, torch.Tensor]:
+        """Run the chunk with the exact loop; on success warn once and keep the loop.
+
+        If the loop fails too, its error (the model's own, without vmap) propagates
+        and no warning is given.
+        """
+        res = _loop(fn, in_dims, args, n)
+        self.loop = True
+        warnings.warn(
+            f"{why}. Falling back to an exact per-sample loop (one forward and backward "
+            "pass per sample: the same result, slower).",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return res
+
+
+def _bad_shape(res: dict, params: dict, n: int, mode: str) -> str | None:
+    """A description of the first result whose shape is not ``(n, *param.shape)``
+    (``mode="squares"``) or ``(n, J, *param.shape)`` with one ``J`` for all (grads)."""
+    cols = set()
+    for k, p in params.items():
+        v = res.get(k)
+        shape = None if v is None else tuple(v.shape)
+        if mode == "grads":
+            ok = shape is not None and len(shape) == p.dim() + 2 and shape[0] == n
+            ok = ok and shape[2:] == tuple(p.shape)
+            if ok:
+                cols.add(shape[1])
+            want = f"({n}, J, {', '.join(map(str, p.shape))})"
+        else:
+            ok = shape == (n, *p.shape)
+            want = str((n, *p.shape))
+        if not ok or len(cols) > 1:
+            return f"per-sample results of shape {shape} for {k!r} (expected {want})"
+    return None
+
+
+def _vmap_failure(plan: Plan, exc: BaseException, in_dims: tuple, args: tuple) -> str:
+    """The reason for the fallback warning: which module vmap failed on, and why."""
+    model = plan.model
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if "data-dependent control flow" in str(exc):
+        return (
+            f"vmap cannot trace {type(model).__name__}: it branches on tensor values (e.g. "
+            "Hugging Face attention-mask checks); for speed, remove the branch (for Hugging "
+            "Face encoders pass a 4-D boolean attention mask)"
+        )
+    names = {id(m): k for k, m in model.named_modules()}
+    where = None
+    tb = exc.__traceback__
+    while tb is not None:  # the innermost module whose forward was running
+        mod = tb.tb_frame.f_locals.get("self")
+        if isinstance(mod, nn.Module) and id(mod) in names:
+            where = mod
+        tb = tb.tb_next
+    if where is None:  # failed in the backward pass: find a parameter that fails alone
+        where = _failing_module(plan, in_dims, args)
+    if where is None or where is model:
+        what = type(model).__name__
+    else:
+        what = f"module {names[id(where)]!r} ({type(where).__name__}) of {type(model).__name__}"
+    return f"vmap cannot compute per-sample gradients of {what}: {type(exc).__name__}: {first[:200]}"
+
+
+_DIAGNOSE_PARAMS = 256  # at most this many one-parameter probes to name a failing module
+
+
+def _failing_module(plan: Plan, in_dims: tuple, args: tuple) -> nn.Module | None:
+    """The module of the first parameter whose vmapped gradient alone fails (one sample)."""
+    params, a, kw, t, d = args
+    if len(params) > _DIAGNOSE_PARAMS:
+        return None
+    first = lambda x, dim: x[:1] if dim == 0 else x  # noqa: E731
+    one = (
+        tuple(first(x, dim) for x, dim in zip(a, in_dims[1])),
+        {k: first(x, in_dims[2][k]) for k, x in kw.items()},
+        None if t is None else t[:1],
+        None if d is None else d[:1],
+    )
+    owners = {id(p): m for m in plan.model.modules() for p in m.parameters(recurse=False)}
+    for name in params:
+        fn = plan.restrict([name]).per_sample("squares", in_dims[1], in_dims[2])
+        try:
+            vmap(fn, in_dims=in_dims, randomness="different")({name: params[name]}, *one)
+        except Exception:  # noqa: BLE001 - this parameter's module is the culprit
+            return owners.get(id(plan.params[name]))
+    return None
 
 
 def masked_target(lik: Likelihood, b: Batch) -> torch.Tensor | None:
@@ -337,11 +457,8 @@ def _loop(fn, in_dims, args, n: int):
 
 
 def as_one_sample(t):
+    """``t`` with a batch axis of size 1 (a per-sample target or label draw inside vmap)."""
     return t.unsqueeze(0) if isinstance(t, torch.Tensor) else t
-
-
-def sample_dim(t, n):
-    return 0 if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else None
 
 
 def per_sample_grads(
@@ -403,10 +520,11 @@ def per_sample_grads(
 def square_sums(
     plan: Plan, batches: Iterable[Any], chunk_size: int | None
 ) -> Iterable[tuple[int, dict[str, torch.Tensor]]]:
-    """For each batch, yield ``(n, Σ_n Σ_j w_j g_nj²)`` in float32 (general vmap path)."""
+    """For each batch, yield ``(n, Σ_n Σ_j w_j g_nj²)`` (general vmap path), in the
+    accumulation dtype: float64 for float64 parameters, else float32."""
     for batch in batches:
         b, target, draws = plan.prepare(batch)
-        acc = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in plan.params.items()}
+        acc = {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in plan.params.items()}
         for _, res in plan.run(b, target, draws, "squares", chunk_size):
             for k in acc:
                 acc[k] += res[k].sum(0)

@@ -32,10 +32,10 @@ def test_exact_logistic_regression_closed_form():
     F = estimate_fisher(model, x, "bernoulli", labels="exact")
     p = torch.sigmoid(model(x)).detach()  # (N, 1)
     w = p * (1 - p)
-    torch.testing.assert_close(
-        F["weight"], (w * x**2).mean(0, keepdim=True).float(), rtol=1e-5, atol=0
+    torch.testing.assert_close(  # a float64 model: float64 sums and result
+        F["weight"], (w * x**2).mean(0, keepdim=True), rtol=1e-12, atol=0
     )
-    torch.testing.assert_close(F["bias"], w.mean(0).float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(F["bias"], w.mean(0), rtol=1e-12, atol=0)
 
 
 def test_exact_softmax_regression_closed_form():
@@ -46,9 +46,9 @@ def test_exact_softmax_regression_closed_form():
     p = model(x).softmax(-1).detach()
     h = p * (1 - p)  # (N, C)
     torch.testing.assert_close(
-        F["weight"], torch.einsum("nc,nj->cj", h, x**2).div(40).float(), rtol=1e-5, atol=0
+        F["weight"], torch.einsum("nc,nj->cj", h, x**2).div(40), rtol=1e-12, atol=0
     )
-    torch.testing.assert_close(F["bias"], h.mean(0).float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(F["bias"], h.mean(0), rtol=1e-12, atol=0)
 
 
 def test_exact_matches_class_loop_on_mlp(mlp_case):
