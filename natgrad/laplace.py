@@ -34,10 +34,10 @@ from natgrad.curvature.estimate import iterate_batches
 from natgrad.engine.batch import Batch, OutputFn, default_output_fn, parse_batch
 from natgrad.engine.checks import (
     check_choice,
+    check_fisher_type,
+    check_fixed_model,
     check_int,
     check_names_in,
-    check_no_batch_mixing,
-    check_no_train_dropout,
     check_positive,
     check_same_structure,
 )
@@ -292,8 +292,8 @@ def _mc_noise(lik, link, n_samples, mean, generator, device) -> torch.Tensor | N
 
 
 def _prepare(model, fisher, params, likelihood, n_data, link, n_samples, chunk_size):
-    check_no_batch_mixing(model)
-    check_no_train_dropout(model, "the Laplace predictive")
+    check_fixed_model(model, "the Laplace predictive")
+    check_fisher_type(fisher)
     check_int("chunk_size", chunk_size, 1, optional=True)
     link = check_choice("link", link, LINKS)
     check_int("n_samples", n_samples, 1)
@@ -551,10 +551,11 @@ def optimize_prior_precision(
         mean, var = _moments(
             model, b, chosen, inv, output_fn or default_output_fn, chunk_size, dtype
         )
+        target = lik.prepare_target(mean, b.target)
         eps = _mc_noise(lik, link, n_samples, mean, gen, device)
         for g in range(len(cand)):
             pred = _predict(lik, link, mean, var[..., g], eps)
-            totals[g] += float(_nll(lik, pred, mean, b.target).sum())
+            totals[g] += float(_nll(lik, pred, mean, target).sum())
         count += b.size
     if count == 0:
         raise ValueError("val_data yielded no batches.")

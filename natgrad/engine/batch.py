@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from natgrad.engine.checks import check_not_python_numbers
+
 LABEL_KEYS = ("labels", "label", "y", "targets")
 
 
@@ -56,11 +58,14 @@ def parse_batch(batch: Any) -> Batch:
 
     Raises:
         ValueError: for an empty batch, or one whose tensors disagree on the batch size.
-        TypeError: for anything that is not a tensor, tuple/list or mapping.
+        TypeError: for anything that is not a tensor, tuple/list or mapping, and for
+            inputs given as Python lists of numbers or NumPy arrays (labels may be lists:
+            they are converted with ``torch.as_tensor``).
     """
     if isinstance(batch, torch.Tensor):
         args, kwargs, target = (batch,), {}, None
     elif isinstance(batch, (tuple, list)):
+        check_not_python_numbers(batch, "The batch")
         if len(batch) == 0:
             raise ValueError("Empty batch: expected (x, y), (x,) or x.")
         if len(batch) > 2:
@@ -84,6 +89,10 @@ def parse_batch(batch: Any) -> Batch:
             f"Unsupported batch type {type(batch).__name__}: expected a tensor, (x, y), (x,) "
             "or a dict of tensors."
         )
+    for a in args:
+        check_not_python_numbers(a, "The batch's input")
+    for k, v in kwargs.items():
+        check_not_python_numbers(v, f"Batch entry {k!r}")
     first = next(
         (t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0),
         None,
