@@ -47,6 +47,7 @@ from natgrad.engine.per_sample import (
     ParamSpec,
     as_one_sample,
     model_device,
+    probe_failed,
     sample_dim,
     select_params,
 )
@@ -206,7 +207,11 @@ def _moments(
 
     first = b.select(0, 1)
     with torch.no_grad():
-        d = output_fn(model(*first.args, **first.kwargs))[0].numel()
+        try:
+            raw = model(*first.args, **first.kwargs)
+        except Exception as exc:
+            probe_failed(exc, model, first, b, "the batch")
+        d = output_fn(raw)[0].numel()
     p_total = sum(p.numel() for p in params.values())
     chunk = chunk_size or max(1, min(b.size, CHUNK_FLOATS // max(d * p_total, 1)))
     jac_fn = jacrev(f, has_aux=True)

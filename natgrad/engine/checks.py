@@ -6,6 +6,7 @@ Each message names what was expected, what arrived, and how to fix it.
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -270,8 +271,11 @@ def _raised_by_natgrad(exc: BaseException) -> bool:
         tb = tb.tb_next
     if tb is None:
         return False
-    here = __file__.rsplit("engine", 1)[0]  # .../natgrad/
-    return tb.tb_frame.f_code.co_filename.startswith(here)
+    # natgrad's hooks and capture modes live in engine/ and curvature/ (models defined
+    # elsewhere in natgrad, e.g. the CLI demos', are the user's models here).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    where = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    return any(where.startswith(os.path.join(root, d) + os.sep) for d in ("engine", "curvature"))
 
 
 def forward_failed(
@@ -309,8 +313,8 @@ def integer_labels(target: torch.Tensor, likelihood: str) -> torch.Tensor:
     if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
         raise ValueError(
             f"{likelihood} labels must be integer class indices, got {target.dtype} labels of "
-            f"shape {tuple(target.shape)}; convert with y.long() (round float labels first, "
-            "or use likelihood='gaussian' / 'bernoulli' for real-valued targets)."
+            f"shape {tuple(target.shape)}; convert with y.long() (one-hot labels: "
+            "y.argmax(-1); for real-valued targets use likelihood='gaussian' or 'bernoulli')."
         )
     return target.long()
 

@@ -230,17 +230,8 @@ class Plan:
             return self.output_fn(raw).detach()
 
     def probe_failed(self, exc: Exception, probe: Batch, full: Batch) -> NoReturn:
-        """Raise for a model forward that failed on ``probe``, a few samples cut from the
-        user's batch ``full``: rerun on ``full``, whose error names the shapes the user
-        passed; if ``full`` runs, the model fails on the probe's samples alone, which
-        per-sample gradients need, and the error says so."""
-        with torch.enable_grad():
-            call_model(self.model, full, self.where)
-        where = f"{probe.size} sample(s) cut from {self.where} (the whole batch runs)"
-        err = forward_failed(exc, self.model, probe.args, probe.kwargs, where)
-        if err is exc:
-            raise exc
-        raise err from exc
+        """:func:`probe_failed` for this plan's model and current batch."""
+        probe_failed(exc, self.model, probe, full, self.where)
 
     # -- per-sample function -----------------------------------------------------
     def per_sample(self, mode: str):
@@ -321,6 +312,20 @@ def call_model(model: nn.Module, b: Batch, where: str) -> Any:
         if err is exc:
             raise
         raise err from exc
+
+
+def probe_failed(exc: Exception, model: nn.Module, probe: Batch, full: Batch, where: str) -> NoReturn:
+    """Raise for a model forward that failed on ``probe``, a few samples cut from the
+    user's batch ``full`` (natgrad probes one sample before ``vmap``): rerun on ``full``,
+    whose error names the shapes the user passed; if ``full`` runs, the model fails on the
+    probe's samples alone, which per-sample computations need, and the error says so."""
+    with torch.enable_grad():
+        call_model(model, full, where)
+    where = f"{probe.size} sample(s) cut from {where} (the whole batch runs)"
+    err = forward_failed(exc, model, probe.args, probe.kwargs, where)
+    if err is exc:
+        raise exc
+    raise err from exc
 
 
 def masked_target(lik: Likelihood, b: Batch) -> torch.Tensor | None:

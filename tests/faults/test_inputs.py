@@ -352,6 +352,7 @@ FORWARD_PATHS = {
     "damage": lambda m, b: natgrad.fisher_weighted_damage(
         m, b, b, fisher_a={k: torch.ones_like(p) for k, p in m.named_parameters()}
     ),
+    "uncertainty": lambda m, b: natgrad.fisher_uncertainty(m, b[0], _ones_fisher(m)),
 }
 
 
@@ -362,7 +363,7 @@ def test_forward_shape_mismatch_names_the_batch(path):
     with pytest.raises(RuntimeError) as info:
         FORWARD_PATHS[path](_mlp(), (x, y))
     msg = str(info.value)
-    where = "task_a_batch" if path == "damage" else "batch 0"
+    where = {"damage": "task_a_batch", "uncertainty": "the batch"}.get(path, "batch 0")
     assert f"model's forward failed on {where}, inputs (6, 5) float32, parameters float32" in msg
     assert "1x5" not in msg  # no one-sample probe shape the user never passed
     assert "6x5" in msg  # the original error, on the user's batch
@@ -381,6 +382,25 @@ def test_forward_failure_names_the_batch_index(engine):
     batches = [(x, y), (x, y), (torch.randn(4, D + 2), y[:4])]
     with pytest.raises(RuntimeError, match=r"forward failed on batch 2, inputs \(4, 6\) float32"):
         natgrad.estimate_fisher(_mlp(), batches, engine=engine)
+
+
+def test_forward_failure_on_one_sample_only_says_so():
+    """A model that needs several samples fails on natgrad's one-sample probe only."""
+
+    class NeedsTwo(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(D, C)
+
+        def forward(self, x):
+            if x.shape[0] < 2:
+                raise ValueError("needs at least two samples")
+            return self.lin(x)
+
+    with pytest.raises(
+        ValueError, match=r"1 sample\(s\) cut from batch 0 \(the whole batch runs\).*two samples"
+    ):
+        natgrad.estimate_fisher(NeedsTwo(), _data(None), engine="vmap")
 
 
 def test_forward_failure_dict_batch_names_each_input():
