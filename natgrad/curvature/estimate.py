@@ -228,6 +228,12 @@ def estimate_curvature(
     ``generator``, ``progress``, ...) go to that class's ``estimate``. ``kind="diag"``
     is :func:`estimate_fisher`.
 
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: an unknown ``kind``; a random or batch-mixing model (train-mode
+            dropout or BatchNorm: every kind needs a deterministic model, so call
+            ``model.eval()``); the errors of the kind's ``estimate`` (bad labels, ...).
+
     Example:
         >>> import torch
         >>> model = torch.nn.Linear(3, 2)
@@ -236,4 +242,5 @@ def estimate_curvature(
         >>> c.structure()
         {'weight': 'diag', 'bias': 'diag'}
     """
+    check_fixed_model(model, f"estimate_curvature(kind={kind!r})")
     return curvature_class(kind).estimate(model, data, likelihood, kind=kind, **options)

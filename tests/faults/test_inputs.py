@@ -271,10 +271,14 @@ def test_non_finite_input_loop_fallback():
 CURVATURE_PATHS = {
     "estimate_vmap": lambda m, b: natgrad.estimate_fisher(m, b, engine="vmap"),
     "estimate_fast": lambda m, b: natgrad.estimate_fisher(m, b, engine="fast"),
+    "estimate_curvature": lambda m, b: natgrad.estimate_curvature(m, b, kind="diag"),
     "precond_diag": lambda m, b: _pre_step("diag")(m, b),
     "precond_kfac": lambda m, b: _pre_step("kfac")(m, b),
     "precond_woodbury": lambda m, b: _pre_step("woodbury")(m, b),
     "directions_gram": lambda m, b: natgrad.top_fisher_directions(m, b, k=2),
+    "directions_lanczos": lambda m, b: natgrad.top_fisher_directions(
+        m, b, k=2, method="lanczos"
+    ),
     "damage_given_fisher": lambda m, b: natgrad.fisher_weighted_damage(
         m, b, b, fisher_a={k: torch.ones_like(p) for k, p in m.named_parameters()}
     ),
