@@ -36,7 +36,7 @@ from torch.func import functional_call, jvp, vjp
 
 from natgrad.curvature.estimate import iterate_batches
 from natgrad.engine.batch import OutputFn
-from natgrad.engine.checks import check_choice, check_int, check_no_train_dropout, check_positive
+from natgrad.engine.checks import check_choice, check_fixed_model, check_int, check_positive
 from natgrad.engine.common import acc_dtype
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.per_sample import (
@@ -189,8 +189,7 @@ def _cotangents(plan: Plan, b, target, draws) -> torch.Tensor:
 def _lanczos(
     model, data, lik, labels, mc_samples, params, chunk_size, gen, output_fn, k, max_iter, tol, seed
 ):
-    check_no_train_dropout(model, "method='lanczos' (repeated Fisher-vector products)")
-    plan = Plan(model, lik, labels, mc_samples, params, output_fn, gen)
+    plan = Plan(model, lik, labels, mc_samples, params, output_fn, gen, what="top_fisher_directions")
     prepared, n_total, R = [], 0, 0
     for batch in iterate_batches(data):
         b, target, draws = plan.prepare(batch)
@@ -317,7 +316,9 @@ def top_fisher_directions(
       residual ``β_m |s_m|`` is below ``tol · λ_max``, or the Krylov space is exhausted.
 
     Args:
-        model: any ``nn.Module`` (eval mode for ``lanczos`` if it has dropout).
+        model: any ``nn.Module``, deterministic: dropout and BatchNorm in eval mode
+            (a train-mode dropout Fisher mixes in mask noise, and ``lanczos`` needs the
+            same operator at every product).
         data: one batch or an iterable of batches.
         k: number of eigenpairs.
         likelihood: name or :class:`natgrad.engine.likelihoods.Likelihood`.
@@ -339,7 +340,7 @@ def top_fisher_directions(
 
     Raises:
         ValueError: ``k < 1``, ``k > min(R, P)``, a Fisher of numerical rank below
-            ``k``, unknown ``method``/``labels``, train-mode dropout with ``lanczos``.
+            ``k``, unknown ``method``/``labels``, train-mode dropout or BatchNorm.
 
     Example:
         >>> import torch
@@ -352,6 +353,7 @@ def top_fisher_directions(
         >>> d.eigenvectors[0]["weight"].abs()
         tensor([[0., 1.]])
     """
+    check_fixed_model(model, "top_fisher_directions")
     method = check_choice("method", method, METHODS)
     labels = check_choice("labels", labels, LABEL_SOURCES)
     lik = get_likelihood(likelihood)

@@ -34,16 +34,21 @@ from natgrad.curvature.estimate import iterate_batches
 from natgrad.engine.batch import Batch, OutputFn, add_batch_axis, default_output_fn, parse_batch
 from natgrad.engine.checks import (
     check_choice,
+    check_fisher_type,
+    check_fixed_model,
     check_int,
     check_names_in,
-    check_no_batch_mixing,
-    check_no_train_dropout,
     check_positive,
     check_same_structure,
 )
 from natgrad.engine.common import acc_dtype
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
-from natgrad.engine.per_sample import ParamSpec, model_device, select_params
+from natgrad.engine.per_sample import (
+    ParamSpec,
+    model_device,
+    probe_failed,
+    select_params,
+)
 from natgrad.engine.report import Report
 
 __all__ = [
@@ -199,7 +204,11 @@ def _moments(
 
     first = b.select(0, 1)
     with torch.no_grad():
-        d = output_fn(model(*first.args, **first.kwargs))[0].numel()
+        try:
+            raw = model(*first.args, **first.kwargs)
+        except Exception as exc:
+            probe_failed(exc, model, first, b, "the batch")
+        d = output_fn(raw)[0].numel()
     p_total = sum(p.numel() for p in params.values())
     chunk = chunk_size or max(1, min(b.size, CHUNK_FLOATS // max(d * p_total, 1)))
     jac_fn = jacrev(f, has_aux=True)
@@ -281,8 +290,8 @@ def _mc_noise(lik, link, n_samples, mean, generator, device) -> torch.Tensor | N
 
 
 def _prepare(model, fisher, params, likelihood, n_data, link, n_samples, chunk_size):
-    check_no_batch_mixing(model)
-    check_no_train_dropout(model, "the Laplace predictive")
+    check_fixed_model(model, "the Laplace predictive")
+    check_fisher_type(fisher)
     check_int("chunk_size", chunk_size, 1, optional=True)
     link = check_choice("link", link, LINKS)
     check_int("n_samples", n_samples, 1)
@@ -540,10 +549,11 @@ def optimize_prior_precision(
         mean, var = _moments(
             model, b, chosen, inv, output_fn or default_output_fn, chunk_size, dtype
         )
+        target = lik.prepare_target(mean, b.target)
         eps = _mc_noise(lik, link, n_samples, mean, gen, device)
         for g in range(len(cand)):
             pred = _predict(lik, link, mean, var[..., g], eps)
-            totals[g] += float(_nll(lik, pred, mean, b.target).sum())
+            totals[g] += float(_nll(lik, pred, mean, target).sum())
         count += b.size
     if count == 0:
         raise ValueError("val_data yielded no batches.")

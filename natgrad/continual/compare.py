@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from natgrad.engine.checks import check_same_structure
+from natgrad.engine.checks import check_fisher_type, check_same_structure
 from natgrad.engine.common import module_of
 from natgrad.engine.report import Report
 
@@ -130,6 +130,7 @@ def compare_task_fisher(
         :class:`FisherComparison` with ``per_layer`` keyed by module name.
 
     Raises:
+        TypeError: a Fisher that is not a mapping of tensors (e.g. a list).
         ValueError: names or shapes differ; an empty or all-zero Fisher; bad ``top_k``.
 
     Example:
@@ -139,6 +140,8 @@ def compare_task_fisher(
         >>> round(r.cosine, 6), round(r.frechet_overlap, 6), r.topk_jaccard, r.task2vec_distance
         (1.0, 1.0, 1.0, 0.0)
     """
+    check_fisher_type(fisher1, "fisher1")
+    check_fisher_type(fisher2, "fisher2")
     check_same_structure(fisher1, fisher2, "fisher1", "fisher2")
     names = list(fisher1)
     if not names:

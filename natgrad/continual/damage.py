@@ -34,7 +34,13 @@ from torch import nn
 
 from natgrad.curvature.estimate import estimate_fisher
 from natgrad.engine.batch import OutputFn, default_output_fn
-from natgrad.engine.checks import check_names_in, check_positive, check_same_structure
+from natgrad.engine.checks import (
+    check_fisher_type,
+    check_fixed_model,
+    check_names_in,
+    check_positive,
+    check_same_structure,
+)
 from natgrad.engine.common import module_of
 from natgrad.engine.deprecation import renamed_kwargs
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
@@ -112,6 +118,7 @@ def _names(model: nn.Module, fisher, params: ParamSpec, what: str = "fisher_a") 
     """The parameter names the damage covers: ``fisher``'s (checked) or ``params``'."""
     if fisher is None:
         return list(select_params(model, params))
+    check_fisher_type(fisher, what)
     named = dict(model.named_parameters())
     check_names_in(fisher, named, what)
     check_same_structure(dict(fisher), {k: named[k] for k in fisher}, what, "the model")
@@ -158,8 +165,11 @@ def fisher_weighted_damage(
         :class:`DamageReport` (floats; per-layer dicts keyed by module name).
 
     Raises:
-        ValueError: a batch without labels, bad ``lr`` / labels, or a ``fisher_a`` whose
-            names or shapes differ from the model's.
+        TypeError: ``model`` is not an ``nn.Module``; ``fisher_a`` is not a mapping.
+        ValueError: a batch without labels, bad ``lr`` / labels, a ``fisher_a`` whose
+            names or shapes differ from the model's, or a random / batch-mixing model
+            (train-mode dropout or BatchNorm: call ``model.eval()``; the damage is a
+            curvature estimate and needs a deterministic model).
 
     Example:
         >>> import torch
@@ -170,6 +180,7 @@ def fisher_weighted_damage(
         >>> r.damage >= 0, sorted(r.per_layer)
         (True, ['bias', 'weight'])
     """
+    check_fixed_model(model, "fisher_weighted_damage")
     lr = check_positive("lr", lr)
     lik = get_likelihood(likelihood)
     output_fn = output_fn or default_output_fn
@@ -307,6 +318,7 @@ def fisher_damage_asymmetry(
         >>> r.more_fragile in ("A", "B")
         True
     """
+    check_fixed_model(model, "fisher_damage_asymmetry")
     names = (str(names[0]), str(names[1]))
     if names[0] == names[1]:
         raise ValueError(f"names must differ, got {names}; e.g. names=('math', 'general').")

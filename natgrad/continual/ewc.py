@@ -23,7 +23,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from natgrad.engine.checks import check_choice, check_finite, check_fraction, check_positive
+from natgrad.engine.checks import (
+    check_choice,
+    check_finite,
+    check_fisher_type,
+    check_fraction,
+    check_model,
+    check_positive,
+)
 from natgrad.engine.common import acc_dtype
 
 __all__ = ["EWC"]
@@ -88,7 +95,7 @@ class EWC:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        self.model = model
+        self.model = check_model(model, "EWC")
         self.lam = check_positive("lam", lam, allow_zero=True)
         self.mode = check_choice("mode", mode, _MODES)
         self.gamma = check_fraction("gamma", gamma, closed=True)
@@ -131,9 +138,11 @@ class EWC:
                 current values. Stored as detached copies.
 
         Raises:
+            TypeError: ``fisher`` is not a mapping of tensors (e.g. a list of Fishers).
             ValueError: names the model lacks, shape mismatches, negative Fisher values.
             FloatingPointError: NaN or Inf in the Fisher.
         """
+        check_fisher_type(fisher)
         named = dict(self.model.named_parameters())
         new_f, new_a = {}, {}
         for k, v in fisher.items():

@@ -20,7 +20,13 @@ from natgrad.engine.checkpoint import (
     run_fingerprint,
     save_checkpoint,
 )
-from natgrad.engine.checks import check_choice, check_finite, check_int
+from natgrad.engine.checks import (
+    check_choice,
+    check_finite,
+    check_fixed_model,
+    check_int,
+    check_not_python_numbers,
+)
 from natgrad.engine.common import acc_dtype
 from natgrad.engine.distributed import all_reduce_sums
 from natgrad.engine.likelihoods import Likelihood
@@ -41,6 +47,8 @@ def iterate_batches(data: Any, max_batches: int | None = None) -> Iterable[Any]:
     max_batches = check_int("max_batches", max_batches, 1, optional=True)
     if is_single_batch(data):
         return iter([data])
+    if isinstance(data, (tuple, list)) and data:
+        check_not_python_numbers(data[0], "The data's first input")
     try:
         it = iter(data)
     except TypeError:
@@ -87,8 +95,11 @@ def estimate_fisher(
     the closed-form expectation (``"exact"``). Never the squared batch-mean gradient.
 
     Args:
-        model: any ``nn.Module`` (BatchNorm in eval mode). It is not modified.
+        model: any ``nn.Module``, deterministic: BatchNorm and dropout in eval mode
+            (a train-mode dropout Fisher would mix in mask noise, different on every
+            call, so it is refused). It is not modified.
         data: one batch (``(x, y)``, ``x``, a dict), an iterable of batches or a DataLoader.
+            Integer labels of any width (uint8, int32) are cast to int64, which is exact.
         likelihood: name or :class:`natgrad.engine.likelihoods.Likelihood`.
         labels: ``"empirical"``, ``"mc"`` or ``"exact"``.
         mc_samples: label draws per sample for ``"mc"``.
@@ -117,9 +128,14 @@ def estimate_fisher(
         parameters (summed in float32).
 
     Raises:
-        ValueError: empty data, train-mode BatchNorm, bad labels, likelihood or engine,
+        TypeError: ``model`` is not an ``nn.Module``; inputs are Python lists.
+        ValueError: empty data, train-mode BatchNorm or dropout, a meta-device model,
+            labels out of range (the whole batch is checked, naming the sample and value),
+            of the wrong dtype or shape, non-finite targets, a bad likelihood or engine,
             a checkpoint written by a different pass.
         FloatingPointError: NaN or Inf in the per-sample gradients.
+        Exception: the model's own forward failure, re-raised (same type) naming the
+            batch index, the inputs' shapes and dtypes and the parameters' dtypes.
 
     Example:
         >>> import torch
@@ -129,8 +145,12 @@ def estimate_fisher(
         >>> F.n_samples, F["weight"].shape
         (8, torch.Size([3, 4]))
     """
+    check_fixed_model(model, "estimate_fisher")
     check_choice("engine", engine, ENGINES)
-    plan = Plan(model, likelihood, labels, mc_samples, params, output_fn, generator)
+    plan = Plan(
+        model, likelihood, labels, mc_samples, params, output_fn, generator,
+        what="estimate_fisher",
+    )
     sums = {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in plan.params.items()}
     n_total, done, every, fingerprint = 0, 0, 0, None
     if checkpoint is not None:
@@ -211,6 +231,12 @@ def estimate_curvature(
     ``generator``, ``progress``, ...) go to that class's ``estimate``. ``kind="diag"``
     is :func:`estimate_fisher`.
 
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: an unknown ``kind``; a random or batch-mixing model (train-mode
+            dropout or BatchNorm: every kind needs a deterministic model, so call
+            ``model.eval()``); the errors of the kind's ``estimate`` (bad labels, ...).
+
     Example:
         >>> import torch
         >>> model = torch.nn.Linear(3, 2)
@@ -219,4 +245,5 @@ def estimate_curvature(
         >>> c.structure()
         {'weight': 'diag', 'bias': 'diag'}
     """
+    check_fixed_model(model, f"estimate_curvature(kind={kind!r})")
     return curvature_class(kind).estimate(model, data, likelihood, kind=kind, **options)

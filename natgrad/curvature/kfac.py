@@ -49,10 +49,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from natgrad.engine.batch import OutputFn
-from natgrad.engine.checks import check_choice
+from natgrad.engine.checks import check_choice, check_fixed_model
 from natgrad.engine.common import to_acc
 from natgrad.engine.likelihoods import Likelihood
-from natgrad.engine.per_sample import ParamSpec, Plan
+from natgrad.engine.per_sample import ParamSpec, Plan, call_model
 from natgrad.engine.report import Report
 
 __all__ = [
@@ -220,10 +220,14 @@ def kfac_factors(
         zero factors.
 
     Raises:
-        ValueError: train-mode BatchNorm, bad labels, a batch without labels for
-            ``"empirical"``, or a layer output that does not depend on the parameters.
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: train-mode BatchNorm or dropout (K-FAC needs a deterministic model:
+            call ``model.eval()``), bad labels (checked on the whole batch), a batch
+            without labels for ``"empirical"``, or a layer output that does not depend
+            on the parameters.
     """
-    plan = Plan(model, likelihood, labels, 1, params, output_fn, generator)
+    check_fixed_model(model, "kfac_factors")
+    plan = Plan(model, likelihood, labels, 1, params, output_fn, generator, what="kfac_factors")
     if layers is None:
         layers, _ = kfac_layers(model, plan.params)
     b, target = plan.parse(batch)
@@ -246,12 +250,11 @@ def kfac_factors(
     handles = [lay.module.register_forward_hook(hook(n)) for n, lay in layers.items()]
     try:
         with torch.enable_grad():
-            out = plan.output_fn(model(*b.args, **b.kwargs))
+            out = plan.output_fn(call_model(model, b, plan.where))
     finally:
         for h in handles:
             h.remove()
-    if target is not None:
-        plan.lik.check_target(out, target)
+    target = plan.check_target(out, target)
     draws = plan.draw(out, target) if plan.labels == "mc" else None
     names = [n for n in layers if outputs[n]]
     flat_outs = [o for n in names for o in outputs[n]]

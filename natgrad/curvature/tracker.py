@@ -9,7 +9,7 @@ from torch import nn
 
 from natgrad.curvature.diagonal import DiagonalFisher
 from natgrad.curvature.estimate import estimate_fisher
-from natgrad.engine.checks import check_fraction
+from natgrad.engine.checks import check_fixed_model, check_fraction, check_model
 from natgrad.engine.likelihoods import Likelihood
 
 __all__ = ["FisherTracker"]
@@ -43,7 +43,7 @@ class FisherTracker:
         decay: float = 0.95,
         **estimate_kwargs: Any,
     ):
-        self.model = model
+        self.model = check_model(model, "FisherTracker")
         self.likelihood = likelihood
         self.decay = check_fraction("decay", decay, closed=True)
         self.estimate_kwargs = estimate_kwargs
@@ -51,7 +51,13 @@ class FisherTracker:
         self._updates: dict[str, int] = {}
 
     def update(self, task: str, batch: Any) -> DiagonalFisher:
-        """Estimate the Fisher on ``batch`` and fold it into ``task``'s EMA; return the EMA."""
+        """Estimate the Fisher on ``batch`` and fold it into ``task``'s EMA; return the EMA.
+
+        Raises:
+            ValueError: as :func:`natgrad.estimate_fisher`, e.g. train-mode dropout or
+                BatchNorm (call ``model.eval()`` before updating) or labels out of range.
+        """
+        check_fixed_model(self.model, "FisherTracker.update")
         new = estimate_fisher(self.model, batch, self.likelihood, **self.estimate_kwargs)
         old = self._fishers.get(task)
         self._fishers[task] = new if old is None else old.ema(new, self.decay)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from natgrad.engine.checks import check_not_python_numbers
+
 LABEL_KEYS = ("labels", "label", "y", "targets")
 
 
@@ -103,7 +105,7 @@ class Batch:
         shared entries are kept whole."""
         sl = lambda t, d: t[start:stop] if d == 0 and t is not None else t  # noqa: E731
         return Batch(
-            tuple(sl(a, d) for a, d in zip(self.args, self.arg_dims)),
+            tuple(sl(a, d) for a, d in zip(self.args, self.arg_dims, strict=True)),
             {k: sl(v, self.kw_dims[k]) for k, v in self.kwargs.items()},
             sl(self.target, 0),
             sl(self.mask, 0),
@@ -116,7 +118,7 @@ class Batch:
         """The samples at ``index`` (a 1-D long tensor; repeats allowed), without labels."""
         tk = lambda t, d: t[index.to(t.device)] if d == 0 else t  # noqa: E731
         return Batch(
-            tuple(tk(a, d) for a, d in zip(self.args, self.arg_dims)),
+            tuple(tk(a, d) for a, d in zip(self.args, self.arg_dims, strict=True)),
             {k: tk(v, self.kw_dims[k]) for k, v in self.kwargs.items()},
             None,
             None,
@@ -136,7 +138,7 @@ def add_batch_axis(args: tuple, kwargs: dict, arg_dims: tuple, kw_dims: dict):
     axis of size 1; shared entries stay as they are."""
     up = lambda t, d: t.unsqueeze(0) if d == 0 else t  # noqa: E731
     return (
-        tuple(up(a, d) for a, d in zip(args, arg_dims)),
+        tuple(up(a, d) for a, d in zip(args, arg_dims, strict=True)),
         {k: up(v, kw_dims[k]) for k, v in kwargs.items()},
     )
 
@@ -150,11 +152,14 @@ def parse_batch(batch: Any) -> Batch:
 
     Raises:
         ValueError: for an empty batch, or one whose tensors disagree on the batch size.
-        TypeError: for anything that is not a tensor, tuple/list or mapping.
+        TypeError: for anything that is not a tensor, tuple/list or mapping, and for
+            inputs given as Python lists of numbers or NumPy arrays (labels may be lists:
+            they are converted with ``torch.as_tensor``).
     """
     if isinstance(batch, torch.Tensor):
         args, kwargs, target = (batch,), {}, None
     elif isinstance(batch, (tuple, list)):
+        check_not_python_numbers(batch, "The batch")
         if len(batch) == 0:
             raise ValueError("Empty batch: expected (x, y), (x,) or x.")
         if len(batch) > 2:
@@ -178,6 +183,10 @@ def parse_batch(batch: Any) -> Batch:
             f"Unsupported batch type {type(batch).__name__}: expected a tensor, (x, y), (x,) "
             "or a dict of tensors."
         )
+    for a in args:
+        check_not_python_numbers(a, "The batch's input")
+    for k, v in kwargs.items():
+        check_not_python_numbers(v, f"Batch entry {k!r}")
     marked = {i for i, a in enumerate(args) if isinstance(a, Shared)}
     marked_kw = {k for k, v in kwargs.items() if isinstance(v, Shared)}
     args = tuple(a.tensor if isinstance(a, Shared) else a for a in args)
@@ -197,6 +206,8 @@ def parse_batch(batch: Any) -> Batch:
             "natgrad.shared do not count)."
         )
     n = leading[0]
+    if n == 0:
+        raise ValueError("Empty batch (0 samples): there is nothing to estimate from.")
     if target is not None:
         if not isinstance(target, torch.Tensor):
             target = torch.as_tensor(target)

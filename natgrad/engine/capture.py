@@ -48,7 +48,7 @@ from natgrad.engine.batch import Batch
 from natgrad.engine.capture_ops import CaptureMode, ProbeMode, zero_perturbation
 from natgrad.engine.checks import check_int
 from natgrad.engine.common import acc_dtype
-from natgrad.engine.per_sample import Plan, square_sums
+from natgrad.engine.per_sample import Plan, call_model, square_sums
 
 __all__ = ["ENGINES"]  # the rest is used by natgrad.curvature.estimate
 
@@ -167,8 +167,12 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
         mode = ProbeMode(ids, free_ids, n)
         try:
             probe = _repeat_first(b, n)
-            with torch.enable_grad(), mode:
-                plan.output_fn(plan.model(*probe.args, **probe.kwargs))
+            try:
+                with torch.enable_grad(), mode:
+                    raw = plan.model(*probe.args, **probe.kwargs)
+            except Exception as exc:
+                plan.probe_failed(exc, probe, b)
+            plan.output_fn(raw)
         finally:
             for h in handles:
                 h.remove()
@@ -303,15 +307,14 @@ def fast_batch_sums(
     try:
         with torch.enable_grad():
             if mode is None:
-                out = plan.output_fn(plan.model(*b.args, **b.kwargs))
+                out = plan.output_fn(call_model(plan.model, b, plan.where))
             else:
                 with mode:
-                    out = plan.output_fn(plan.model(*b.args, **b.kwargs))
+                    out = plan.output_fn(call_model(plan.model, b, plan.where))
     finally:
         for h in handles:
             h.remove()
-    if target is not None:
-        plan.lik.check_target(out, target)
+    target = plan.check_target(out, target)
     draws = plan.draw(out, target) if plan.labels == "mc" else None
     acc = {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in plan.params.items()}
     keys = [*split.fast, *split.free]

@@ -6,6 +6,7 @@ Each message names what was expected, what arrived, and how to fix it.
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -141,12 +142,379 @@ def check_finite(name: str, tensor: torch.Tensor, hint: str = "") -> None:
         )
 
 
-def check_no_train_dropout(model: nn.Module, what: str) -> None:
-    """Raise if a dropout module with ``p > 0`` is in train mode (``what`` needs a fixed model)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+# -- models --------------------------------------------------------------------------------
+
+# Float attributes through which modules draw dropout inside their forward in train mode
+# (nn.MultiheadAttention.dropout, Hugging Face attention's dropout / attention_dropout).
+_DROPOUT_ATTRS = ("dropout", "dropout_p", "dropout_prob", "attention_dropout", "attn_dropout")
+
+
+def check_model(model: Any, what: str) -> nn.Module:
+    """Return ``model`` if it is an ``nn.Module`` whose tensors hold data.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` (None, a path, a parameter list).
+        ValueError: a parameter or buffer is on the meta device (shapes without data).
+    """
+    if not isinstance(model, nn.Module):
+        hint = {
+            type(None): "pass the model itself",
+            str: "load it first (torch.load, or from_pretrained for Hugging Face models)",
+        }.get(type(model), "pass the model, not its parameters or outputs")
+        raise TypeError(
+            f"{what} needs a torch.nn.Module as model, got {type(model).__name__}: {hint}."
+        )
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_meta:
             raise ValueError(
-                f"Module {name or type(model).__name__!r} ({type(module).__name__}, p={module.p}) "
-                f"is in train mode, so the model is random; {what} needs a deterministic model. "
-                "Call model.eval() first."
+                f"{what}: the model's tensor {name!r} is on the meta device (a shape without "
+                "data), so there is nothing to differentiate. Materialize the weights first: "
+                "model.to_empty(device='cpu') then model.load_state_dict(...), or load with "
+                "from_pretrained(...) without a meta device_map."
             )
+    return model
+
+
+def random_module(model: nn.Module) -> tuple[str, str] | None:
+    """``(name, description)`` of the first module that draws random numbers in its forward
+    (dropout with ``p > 0`` in train mode), or None when the model is deterministic."""
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        label = name or type(model).__name__
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            if module.p > 0:
+                return label, f"{type(module).__name__}, p={module.p}"
+            continue
+        for attr in _DROPOUT_ATTRS:
+            v = getattr(module, attr, None)
+            if isinstance(v, float) and not isinstance(v, bool) and v > 0:
+                return label, f"{type(module).__name__}, {attr}={v}"
+    return None
+
+
+def check_no_train_dropout(model: nn.Module, what: str) -> None:
+    """Raise if the model is random: dropout with ``p > 0`` in train mode (``nn.Dropout*``,
+    ``nn.AlphaDropout``, attention with a float dropout rate such as
+    ``nn.MultiheadAttention(dropout=0.1)``). ``what`` names the use that needs a fixed model.
+
+    A Fisher estimated in train mode would average over dropout masks, one per sample and
+    call: two identical calls give different results, none of them the model's Fisher.
+    """
+    found = random_module(model)
+    if found is not None:
+        name, desc = found
+        raise ValueError(
+            f"Module {name!r} ({desc}) is in train mode, so the model is random; {what} needs "
+            "a deterministic model (a train-mode Fisher mixes in dropout noise). Call "
+            "model.eval() first; in a training loop, model.eval() before the Fisher step "
+            "and model.train() after."
+        )
+
+
+def check_fixed_model(model: nn.Module, what: str) -> None:
+    """Everything a Fisher or curvature estimate needs of the model: an ``nn.Module`` with
+    data, no batch-mixing module (train-mode BatchNorm) and no randomness (train-mode
+    dropout). See :func:`check_model`, :func:`check_no_batch_mixing`,
+    :func:`check_no_train_dropout`."""
+    check_model(model, what)
+    check_no_batch_mixing(model)
+    check_no_train_dropout(model, what)
+
+
+# -- batches -------------------------------------------------------------------------------
+
+
+def _numeric_leaf(value: Any) -> bool:
+    """True for a non-empty (nested) list/tuple whose first leaf is a Python number."""
+    depth = 0
+    while isinstance(value, (list, tuple)) and value and depth < 8:
+        value, depth = value[0], depth + 1
+    return depth > 0 and isinstance(value, (int, float, bool, complex))
+
+
+def check_not_python_numbers(value: Any, what: str) -> None:
+    """Raise TypeError when a batch input is a Python list of numbers or a NumPy array.
+
+    ``what`` names the input (``"The batch's input"``, ``"Batch entry 'input_ids'"``).
+    """
+    if _numeric_leaf(value):
+        raise TypeError(
+            f"{what} is a Python list, not a tensor: natgrad needs torch tensors with the "
+            "batch as the first dimension. Convert with torch.tensor(x) (for a Hugging Face "
+            "tokenizer, pass return_tensors='pt')."
+        )
+    if type(value).__module__ == "numpy" and hasattr(value, "dtype"):
+        raise TypeError(
+            f"{what} is a NumPy array, not a tensor: convert with torch.from_numpy(x)."
+        )
+
+
+def describe_inputs(args: tuple, kwargs: Mapping[str, Any]) -> str:
+    """``"(32, 39) float32"`` for one tensor; ``"{input_ids: (2, 7) int64, ...}"`` for dicts."""
+
+    def one(v: Any) -> str:
+        if isinstance(v, torch.Tensor):
+            dev = "" if v.device.type == "cpu" else f" on {v.device}"
+            return f"{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}{dev}"
+        return type(v).__name__
+
+    parts = [one(a) for a in args]
+    if kwargs:
+        parts.append("{" + ", ".join(f"{k}: {one(v)}" for k, v in kwargs.items()) + "}")
+    return parts[0] if len(parts) == 1 else "(" + ", ".join(parts) + ")"
+
+
+def _raised_by_natgrad(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    # natgrad's hooks and capture modes live in engine/ and curvature/ (models defined
+    # elsewhere in natgrad, e.g. the CLI demos', are the user's models here).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    where = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    return any(where.startswith(os.path.join(root, d) + os.sep) for d in ("engine", "curvature"))
+
+
+def forward_failed(
+    exc: Exception, model: nn.Module, args: tuple, kwargs: Mapping[str, Any], where: str
+) -> Exception:
+    """The error to raise (``from exc``) when the model's own forward fails on a batch.
+
+    It names where (``"batch 3"``), the inputs' shapes and dtypes as the user passed them,
+    and the parameters' dtypes, then the original message. The type is the original's
+    (so ``except`` clauses keep working) when it can carry a message, else RuntimeError.
+    Errors natgrad raised itself (e.g. from its hooks) are returned unchanged.
+    """
+    if _raised_by_natgrad(exc):
+        return exc
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    msg = (
+        f"The model's forward failed on {where}, inputs {describe_inputs(args, kwargs)}, "
+        f"parameters {' and '.join(dtypes) or 'none'}: {exc}"
+    )
+    try:
+        new = type(exc)(msg)
+    except Exception:
+        return RuntimeError(msg)
+    return new if str(new) == msg else RuntimeError(msg)
+
+
+# -- targets -------------------------------------------------------------------------------
+
+
+def integer_labels(target: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """Class labels as int64: other integer dtypes (uint8, int16, int32) are cast, which is
+    exact for every value they hold; float, complex and bool labels are refused."""
+    if target.dtype == torch.long:
+        return target
+    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
+        raise ValueError(
+            f"{likelihood} labels must be integer class indices, got {target.dtype} labels of "
+            f"shape {tuple(target.shape)}; convert with y.long() (one-hot labels: "
+            "y.argmax(-1); for real-valued targets use likelihood='gaussian' or 'bernoulli')."
+        )
+    return target.long()
+
+
+def _locate(flat_index: int, shape: torch.Size) -> str:
+    """``"sample 3"`` or ``"sample 1, position 4"`` for an index into a tensor of ``shape``."""
+    per = 1
+    for s in shape[1:]:
+        per *= s
+    sample, rest = divmod(flat_index, max(per, 1))
+    if len(shape) <= 1:
+        return f"sample {sample}"
+    pos = []
+    for s in reversed(shape[1:]):
+        rest, r = divmod(rest, s)
+        pos.append(r)
+    where = ", ".join(str(p) for p in reversed(pos))
+    return f"sample {sample}, position {where}"
+
+
+def check_class_labels(
+    target: torch.Tensor, num_classes: int, likelihood: str, ignore_index: int | None = None
+) -> None:
+    """Raise ValueError unless every label lies in ``[0, num_classes)`` (or equals
+    ``ignore_index``), naming the first bad sample (and position), its value and the fix.
+
+    Checked on the whole target before any ``vmap``: under ``vmap`` an out-of-range
+    ``one_hot`` gives a zero row instead of an error.
+    """
+    bad = (target < 0) | (target >= num_classes)
+    if ignore_index is not None:
+        bad &= target != ignore_index
+    if not bool(bad.any()):
+        return
+    flat = bad.flatten().nonzero()[0, 0]
+    value = int(target.flatten()[flat])
+    count = int(bad.sum())
+    allowed = f"class indices in [0, {num_classes - 1}] (the model outputs {num_classes} classes)"
+    if ignore_index is not None:
+        allowed += f" or ignore_index={ignore_index}"
+    if value == -100 and ignore_index is None:
+        fix = (
+            "-100 is the usual ignore index for padding, but the "
+            f"{likelihood} likelihood has none: drop those samples, or for sequences use "
+            "likelihood='token_categorical' (which leaves out ignore_index labels)."
+        )
+    elif value < 0:
+        fix = "Class indices start at 0; remap the labels (e.g. y - y.min())."
+    else:
+        fix = (
+            f"Check the labels, or give the model {int(target.max()) + 1} outputs "
+            "(the number of classes)."
+        )
+    raise ValueError(
+        f"Label out of range: {_locate(int(flat), target.shape)} has label {value}, but "
+        f"{likelihood} labels must be {allowed}; {count} label(s) are out of range. {fix}"
+    )
+
+
+def check_finite_target(target: torch.Tensor, likelihood: str) -> None:
+    """Raise ValueError naming the first sample whose (floating) target is NaN or Inf."""
+    if not (target.is_floating_point() or target.is_complex()):
+        return
+    finite = torch.isfinite(target)
+    if bool(finite.all()):
+        return
+    flat = int((~finite).flatten().nonzero()[0, 0])
+    value = target.flatten()[flat].item()
+    raise ValueError(
+        f"Non-finite target: {_locate(flat, target.shape)} has {value}; {likelihood} "
+        "targets must be finite. Remove or impute the samples with NaN/Inf targets."
+    )
+
+
+def check_unit_interval(target: torch.Tensor, likelihood: str = "Bernoulli") -> None:
+    """Raise ValueError unless every target lies in ``[0, 1]``, naming the first that does not."""
+    bad = (target < 0) | (target > 1)
+    if not bool(bad.any()):
+        return
+    flat = int(bad.flatten().nonzero()[0, 0])
+    value = target.flatten()[flat].item()
+    raise ValueError(
+        f"{likelihood} targets must lie in [0, 1] (0/1 labels or probabilities): "
+        f"{_locate(flat, target.shape)} has {value}. For labels in {{-1, 1}} use (y + 1) / 2; "
+        "for logits use torch.sigmoid(y)."
+    )
+
+
+def check_finite_per_sample(
+    grads: Mapping[str, torch.Tensor], inputs: Iterable[Any] = ()
+) -> None:
+    """Raise FloatingPointError naming the first parameter and sample whose per-sample
+    gradient holds NaN or Inf (``grads[k]`` has the samples on its first axis).
+
+    ``inputs``: the batch's tensors, to say whether that sample's inputs are non-finite.
+    One reduction per parameter; the culprit is located only on failure.
+    """
+    for name, g in grads.items():
+        if g.numel() == 0 or bool(torch.isfinite(g.sum())):
+            continue
+        bad = ~torch.isfinite(g).flatten(1).all(1)
+        if not bool(bad.any()):
+            continue  # the sum overflowed, the entries are finite
+        i, n = int(bad.nonzero()[0, 0]), g.shape[0]
+        own = [
+            t[i]
+            for t in inputs
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n
+            and (t.is_floating_point() or t.is_complex())
+        ]
+        if any(not bool(torch.isfinite(t).all()) for t in own):
+            cause = f"sample {i}'s inputs hold NaN or Inf: clean or drop it."
+        else:
+            cause = (
+                f"sample {i}'s inputs are finite: check the model's outputs for overflow, "
+                "the targets, and whether training diverged."
+            )
+        raise FloatingPointError(
+            f"Non-finite per-sample gradients (NaN or Inf) for parameter {name!r}: first at "
+            f"sample {i} of {n} ({int(bad.sum())} bad sample(s)); {cause}"
+        )
+
+
+# -- Fishers -------------------------------------------------------------------------------
+
+
+def check_fisher_type(fisher: Any, what: str = "fisher") -> Mapping[str, torch.Tensor]:
+    """Return ``fisher`` if it is a mapping ``{parameter name: tensor}`` (a DiagonalFisher
+    or a plain dict); raise TypeError naming what came instead."""
+    if isinstance(fisher, Mapping):
+        for k, v in fisher.items():
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(
+                    f"{what}[{k!r}] is a {type(v).__name__}, not a tensor: a Fisher maps "
+                    "parameter names to tensors; convert with torch.tensor(...) or pass a "
+                    "DiagonalFisher from natgrad.estimate_fisher."
+                )
+        return fisher
+    got = type(fisher).__name__
+    if isinstance(fisher, (list, tuple)):
+        got = f"a {got} of {len(fisher)} item(s)"
+        fix = "pass one Fisher (e.g. fishers[0]), not a list"
+    else:
+        fix = "estimate one with natgrad.estimate_fisher(model, data)"
+    raise TypeError(
+        f"{what} must be a DiagonalFisher or a dict {{parameter name: tensor}}, got {got}; "
+        f"{fix}."
+    )
+
+
+# -- collections of models, batches and Fishers -----------------------------------------------
+
+
+def check_model_list(models: Any, what: str = "models") -> list:
+    """Return ``models`` as a list of ``nn.Module``; a bare module is refused with the fix."""
+    if isinstance(models, nn.Module):
+        raise TypeError(
+            f"{what} must be a list of models, got a single {type(models).__name__}: "
+            f"pass {what}=[model]."
+        )
+    if not isinstance(models, (list, tuple)):
+        raise TypeError(f"{what} must be a list of nn.Module, got {type(models).__name__}.")
+    for i, m in enumerate(models):
+        check_model(m, f"{what}[{i}]")
+    return models
+
+
+def check_batch_list(batches: Any, what: str = "batches") -> list:
+    """Return ``batches`` as a list of batches; one batch given bare (``(x, y)``, a tensor
+    or a dict) is refused, since its items would be read as separate batches."""
+    single = isinstance(batches, (torch.Tensor, Mapping)) or (
+        isinstance(batches, tuple)
+        and 0 < len(batches) <= 2
+        and all(isinstance(t, torch.Tensor) for t in batches)
+    )
+    if single:
+        shown = "(x, y)" if isinstance(batches, tuple) and len(batches) == 2 else "batch"
+        raise TypeError(
+            f"{what} must be a list of batches (one per task), got one batch "
+            f"({type(batches).__name__}): wrap it in a list: {what}=[{shown}]."
+        )
+    if not isinstance(batches, (list, tuple)):
+        raise TypeError(
+            f"{what} must be a list of batches, got {type(batches).__name__}; pass "
+            f"{what}=[batch_task_0, batch_task_1, ...] (a DataLoader: list(islice(loader, k)))."
+        )
+    return batches
+
+
+def check_fishers_by_task(fisher: Any, what: str = "fisher") -> dict:
+    """Return ``fisher`` if it maps task names to Fishers; one Fisher given bare is refused."""
+    if not isinstance(fisher, Mapping):
+        raise TypeError(
+            f"{what} must be a dict {{task name: DiagonalFisher}}, got {type(fisher).__name__}."
+        )
+    if fisher and all(isinstance(v, torch.Tensor) for v in fisher.values()):
+        raise TypeError(
+            f"{what} must map task names to Fishers, but its values are tensors (one Fisher "
+            f"by parameter name): pass {what}={{'task_0': F}}."
+        )
+    for task, f in fisher.items():
+        check_fisher_type(f, f"{what}[{task!r}]")
+    return fisher

@@ -28,7 +28,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from natgrad.engine.checks import check_choice, check_positive
+from natgrad.engine.checks import (
+    check_choice,
+    check_class_labels,
+    check_finite_target,
+    check_positive,
+    check_unit_interval,
+    integer_labels,
+)
 from natgrad.engine.common import to_acc
 
 __all__ = [
@@ -83,8 +90,27 @@ class Likelihood(ABC):
         )
 
     def check_target(self, output: torch.Tensor, target: torch.Tensor) -> None:
-        """Raise a ValueError when the target does not fit the output (default: any fits)."""
+        """Raise a ValueError when the target does not fit the output (default: any fits).
+
+        ``target`` is the whole batch's; ``output`` may hold only the first sample's
+        outputs (natgrad probes one sample before ``vmap``): compare trailing dimensions.
+        """
         return None
+
+    def prepare_target(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Validate the whole target once, before any ``vmap``, and return it in the dtype
+        :meth:`nll` expects.
+
+        Runs :meth:`check_target` (shape, dtype and support of this likelihood), then,
+        for floating targets, refuses NaN/Inf, naming the first bad sample. Every path
+        that hands a batch's target to a likelihood calls this first.
+
+        Raises:
+            ValueError: a target that does not fit ``output`` or the likelihood's support.
+        """
+        self.check_target(output, target)
+        check_finite_target(target, self.name)
+        return target
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -110,16 +136,23 @@ class Categorical(Likelihood):
     name = "categorical"
 
     def check_target(self, output, target):
+        """Logits ``(N, C)``; labels ``(N,)`` in ``[0, C)``."""
         if output.dim() != 2:
             raise ValueError(
                 f"categorical likelihood expects logits of shape (N, C), got "
                 f"{tuple(output.shape)}; for sequences use likelihood='token_categorical'."
             )
-        if target.shape != output.shape[:1] or target.is_floating_point():
+        if target.dim() != 1 or target.is_floating_point() or target.dtype == torch.bool:
             raise ValueError(
-                f"categorical labels must be integer class indices of shape {tuple(output.shape[:1])},"
-                f" got {target.dtype} of shape {tuple(target.shape)}."
+                f"categorical labels must be integer class indices of shape (N,) = "
+                f"({target.shape[0]},), got {target.dtype} of shape {tuple(target.shape)}; "
+                "convert with y.long() (for one-hot labels: y.argmax(-1))."
             )
+        check_class_labels(target, output.shape[-1], self.name)
+
+    def prepare_target(self, output, target):
+        """Integer labels of any width are cast to int64 (exact); float/bool labels raise."""
+        return super().prepare_target(output, integer_labels(target, self.name))
 
     def nll(self, output, target):
         return F.cross_entropy(to_acc(output), target, reduction="none")
@@ -155,9 +188,11 @@ class Gaussian(Likelihood):
         return f"Gaussian(sigma={self.sigma})"
 
     def check_target(self, output, target):
-        if target.shape != output.shape:
+        """Targets shaped like the outputs, finite."""
+        if target.shape[1:] != output.shape[1:]:
+            want = (target.shape[0], *output.shape[1:])
             raise ValueError(
-                f"gaussian targets must have the output's shape {tuple(output.shape)}, got "
+                f"gaussian targets must have the output's shape {want}, got "
                 f"{tuple(target.shape)} (reshape y, e.g. y.view(-1, 1))."
             )
 
@@ -196,11 +231,15 @@ class Bernoulli(Likelihood):
     name = "bernoulli"
 
     def check_target(self, output, target):
-        if target.shape != output.shape:
+        """Targets shaped like the logits, in ``[0, 1]`` (0/1 labels or probabilities)."""
+        if target.shape[1:] != output.shape[1:]:
+            want = (target.shape[0], *output.shape[1:])
             raise ValueError(
-                f"bernoulli targets must have the logits' shape {tuple(output.shape)}, got "
+                f"bernoulli targets must have the logits' shape {want}, got "
                 f"{tuple(target.shape)} (for one logit per sample use y.view(-1, 1).float())."
             )
+        check_finite_target(target, self.name)
+        check_unit_interval(target)
 
     def nll(self, output, target):
         loss = F.binary_cross_entropy_with_logits(
@@ -248,16 +287,32 @@ class TokenCategorical(Likelihood):
         return f"TokenCategorical(ignore_index={self.ignore_index}, shift={self.shift})"
 
     def check_target(self, output, target):
+        """Logits ``(N, T, V)``; labels ``(N, T)`` in ``[0, V)`` or ``ignore_index``
+        (with ``shift``, the label at position 0 is never read and not checked)."""
         if output.dim() != 3:
             raise ValueError(
                 f"token_categorical expects logits of shape (N, T, V), got {tuple(output.shape)}."
             )
-        if target.shape != output.shape[:2] or target.is_floating_point():
+        if (
+            target.dim() != 2
+            or target.shape[1] != output.shape[1]
+            or target.is_floating_point()
+            or target.dtype == torch.bool
+        ):
             raise ValueError(
-                f"token_categorical labels must be integer tokens of shape {tuple(output.shape[:2])}"
-                f" (use ignore_index={self.ignore_index} for padding), got {target.dtype} "
-                f"of shape {tuple(target.shape)}."
+                f"token_categorical labels must be integer tokens of shape (N, T) = "
+                f"({target.shape[0]}, {output.shape[1]}) (use ignore_index={self.ignore_index} "
+                f"for padding), got {target.dtype} of shape {tuple(target.shape)}; "
+                "convert with y.long()."
             )
+        if self.shift:
+            first = torch.full_like(target[:, :1], self.ignore_index)
+            target = torch.cat([first, target[:, 1:]], dim=1)
+        check_class_labels(target, output.shape[-1], self.name, self.ignore_index)
+
+    def prepare_target(self, output, target):
+        """Integer tokens of any width are cast to int64 (exact); float/bool tokens raise."""
+        return super().prepare_target(output, integer_labels(target, self.name))
 
     def _align(self, output, target):
         if self.shift:

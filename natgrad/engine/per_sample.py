@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -35,7 +35,16 @@ from natgrad.engine.batch import (
     default_output_fn,
     parse_batch,
 )
-from natgrad.engine.checks import check_choice, check_finite, check_int, check_no_batch_mixing
+from natgrad.engine.checks import (
+    check_choice,
+    check_finite,
+    check_finite_per_sample,
+    check_int,
+    check_model,
+    check_no_batch_mixing,
+    forward_failed,
+    integer_labels,
+)
 from natgrad.engine.common import acc_dtype, to_acc
 from natgrad.engine.likelihoods import Likelihood, TokenCategorical, get_likelihood
 
@@ -109,7 +118,10 @@ def model_device(model: nn.Module) -> torch.device:
 class Plan:
     """Everything the vmapped per-sample function needs, resolved once per call."""
 
-    def __init__(self, model, likelihood, labels, mc_samples, params, output_fn, generator):
+    def __init__(
+        self, model, likelihood, labels, mc_samples, params, output_fn, generator, *, what="natgrad"
+    ):
+        check_model(model, what)
         check_no_batch_mixing(model)
         self.model = model
         self.lik: Likelihood = get_likelihood(likelihood)
@@ -122,24 +134,37 @@ class Plan:
         self.loop = False  # set when vmap cannot trace the model (see run)
         self.device = model_device(model)
         self.P = sum(p.numel() for p in self.params.values())
+        self.batches_seen = 0  # batches parsed so far; names the batch in forward errors
 
     # -- labels ------------------------------------------------------------------
     def prepare(self, batch: Any) -> tuple[Batch, torch.Tensor | None, torch.Tensor | None]:
         """Parse a batch; return it with the target (masked) and the MC label draws.
 
-        One forward pass checks the target against the output: of the whole batch for
-        ``labels="mc"`` (whose draws need it), else of the first sample only.
+        One forward pass gives the output the target is checked against: of the whole
+        batch for ``labels="mc"`` (whose draws need it), else of the first sample only.
+        The whole target is checked here, once, before any ``vmap`` (see
+        :meth:`check_target`).
         """
         b, target = self.parse(batch)
         mc = self.labels == "mc"
-        out = self.forward(b if mc else b.select(0, 1))
-        if target is not None:
-            self.lik.check_target(out, target if mc else target[:1])
+        out = self.forward(b if mc else b.select(0, 1), full=b)
+        target = self.check_target(out, target)
         return b, target, self.draw(out, target) if mc else None
+
+    def check_target(self, out: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor | None:
+        """The batch's whole target, validated by the likelihood against the model's
+        output ``out`` (of the whole batch or its first sample) and cast to the dtype the
+        likelihood reads; every engine calls this once per batch before using the target.
+
+        Raises:
+            ValueError: labels out of range, of the wrong dtype or shape, or non-finite.
+        """
+        return None if target is None else self.lik.prepare_target(out, target)
 
     def parse(self, batch: Any) -> tuple[Batch, torch.Tensor | None]:
         """Parse a batch onto the model's device; return it with its (masked) target."""
         b = parse_batch(batch).to(self.device)
+        self.batches_seen += 1
         target = masked_target(self.lik, b)
         if self.labels == "empirical" and target is None:
             raise ValueError(
@@ -189,12 +214,30 @@ class Plan:
         sub.P = sum(p.numel() for p in sub.params.values())
         return sub
 
-    def forward(self, b: Batch) -> torch.Tensor:
+    @property
+    def where(self) -> str:
+        """The current batch, as named in errors (``"batch 0"`` is the first)."""
+        return f"batch {max(self.batches_seen - 1, 0)}"
+
+    def forward(self, b: Batch, *, full: Batch | None = None) -> torch.Tensor:
+        """The model's (detached) output on ``b``; ``full``: the user's batch when ``b`` is
+        a one-sample probe of it, so that a failure reports the shapes the user passed."""
         # Grad mode on purpose: under no_grad, eval-mode nn.TransformerEncoderLayer takes
         # fused inference kernels whose outputs differ from the differentiable path
         # (NaN with some masks), and the MC labels must come from the same function.
         with torch.enable_grad():
-            return self.output_fn(self.model(*b.args, **b.kwargs)).detach()
+            if full is not None and full is not b:
+                try:
+                    raw = self.model(*b.args, **b.kwargs)
+                except Exception as exc:
+                    self.probe_failed(exc, b, full)
+            else:
+                raw = call_model(self.model, b, self.where)
+            return self.output_fn(raw).detach()
+
+    def probe_failed(self, exc: Exception, probe: Batch, full: Batch) -> NoReturn:
+        """:func:`probe_failed` for this plan's model and current batch."""
+        probe_failed(exc, self.model, probe, full, self.where)
 
     # -- per-sample function -----------------------------------------------------
     def per_sample(self, mode: str, arg_dims: tuple, kw_dims: dict):
@@ -363,7 +406,7 @@ def _failing_module(plan: Plan, in_dims: tuple, args: tuple) -> nn.Module | None
         return None
     first = lambda x, dim: x[:1] if dim == 0 else x  # noqa: E731
     one = (
-        tuple(first(x, dim) for x, dim in zip(a, in_dims[1])),
+        tuple(first(x, dim) for x, dim in zip(a, in_dims[1], strict=True)),
         {k: first(x, in_dims[2][k]) for k, x in kw.items()},
         None if t is None else t[:1],
         None if d is None else d[:1],
@@ -378,6 +421,33 @@ def _failing_module(plan: Plan, in_dims: tuple, args: tuple) -> nn.Module | None
     return None
 
 
+def call_model(model: nn.Module, b: Batch, where: str) -> Any:
+    """``model(*b.args, **b.kwargs)``; a failure of the model's own forward is re-raised
+    naming ``where``, the inputs' shapes and dtypes and the parameters' dtypes
+    (:func:`natgrad.engine.checks.forward_failed`), chained to the original."""
+    try:
+        return model(*b.args, **b.kwargs)
+    except Exception as exc:
+        err = forward_failed(exc, model, b.args, b.kwargs, where)
+        if err is exc:
+            raise
+        raise err from exc
+
+
+def probe_failed(exc: Exception, model: nn.Module, probe: Batch, full: Batch, where: str) -> NoReturn:
+    """Raise for a model forward that failed on ``probe``, a few samples cut from the
+    user's batch ``full`` (natgrad probes one sample before ``vmap``): rerun on ``full``,
+    whose error names the shapes the user passed; if ``full`` runs, the model fails on the
+    probe's samples alone, which per-sample computations need, and the error says so."""
+    with torch.enable_grad():
+        call_model(model, full, where)
+    where = f"{probe.size} sample(s) cut from {where} (the whole batch runs)"
+    err = forward_failed(exc, model, probe.args, probe.kwargs, where)
+    if err is exc:
+        raise exc
+    raise err from exc
+
+
 def masked_target(lik: Likelihood, b: Batch) -> torch.Tensor | None:
     """The batch's target, with tokens whose attention mask is 0 set to ``ignore_index``.
 
@@ -388,6 +458,7 @@ def masked_target(lik: Likelihood, b: Batch) -> torch.Tensor | None:
     if isinstance(lik, TokenCategorical) and b.mask is not None:
         if target is None:
             target = torch.zeros(b.mask.shape, dtype=torch.long, device=b.mask.device)
+        target = integer_labels(target, lik.name)  # uint8 cannot hold ignore_index
         target = torch.where(b.mask == 0, torch.full_like(target, lik.ignore_index), target)
     return target
 
@@ -430,8 +501,8 @@ def mean_loss_grad(
     target = masked_target(lik, b)
     params = [named[k] for k in names]
     with torch.enable_grad():
-        out = (output_fn or default_output_fn)(model(*b.args, **b.kwargs))
-        lik.check_target(out, target)
+        out = (output_fn or default_output_fn)(call_model(model, b, what))
+        target = lik.prepare_target(out, target)
         grads = torch.autograd.grad(lik.nll(out, target).mean(), params, allow_unused=True)
     res = {}
     for k, p, g in zip(names, params, grads, strict=True):
@@ -480,9 +551,13 @@ def per_sample_grads(
     batch-mean gradient.
 
     Args:
-        model: any ``nn.Module``; BatchNorm must be in eval mode.
+        model: any ``nn.Module``; BatchNorm must be in eval mode. Train-mode dropout is
+            allowed here (unlike in the Fisher estimators): each sample draws its own mask,
+            as in a batched forward, so ``g_n`` is the gradient of sample ``n``'s training
+            loss for that draw.
         batch: ``(x, y)``, ``x`` / ``(x,)`` (with ``labels="mc"`` or ``"exact"``), or a
-            dict such as ``{"input_ids", "attention_mask", "labels"}``.
+            dict such as ``{"input_ids", "attention_mask", "labels"}``. Integer labels of
+            any width (uint8, int32) are cast to int64, which is exact.
         likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"``,
             ``"token_categorical"`` or a :class:`natgrad.engine.likelihoods.Likelihood`.
         labels: ``"empirical"``, ``"mc"`` or ``"exact"``.
@@ -498,6 +573,16 @@ def per_sample_grads(
         label (for ``exact``, gradients scaled by the factor so that
         ``E_y[g_n²] = Σ_K g²``; for ``mc``, unweighted draws).
 
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; inputs are Python lists.
+        ValueError: train-mode BatchNorm; a meta-device model; an empty batch; labels
+            out of range (checked on the whole batch before any ``vmap``, naming the
+            sample and value), of the wrong dtype or shape, or non-finite targets.
+        FloatingPointError: a non-finite per-sample gradient, naming the parameter and
+            the first bad sample.
+        Exception: the model's own forward failure, re-raised (same type) naming the
+            batch, the inputs' shapes and dtypes and the parameters' dtypes.
+
     Example:
         >>> import torch
         >>> model = torch.nn.Linear(3, 2)
@@ -506,7 +591,10 @@ def per_sample_grads(
         >>> g["weight"].shape
         torch.Size([5, 2, 3])
     """
-    plan = Plan(model, likelihood, labels, mc_samples, params, output_fn, generator)
+    plan = Plan(
+        model, likelihood, labels, mc_samples, params, output_fn, generator,
+        what="per_sample_grads",
+    )
     b, target, draws = plan.prepare(batch)
     chunks = [r for _, r in plan.run(b, target, draws, "grads", chunk_size)]
     squeeze = labels == "empirical" or (labels == "mc" and plan.k == 1)
@@ -514,6 +602,7 @@ def per_sample_grads(
     for k in plan.params:
         g = torch.cat([c[k] for c in chunks])
         out[k] = g.squeeze(1) if squeeze else g
+    check_finite_per_sample(out, (*b.args, *b.kwargs.values()))
     return out
 
 

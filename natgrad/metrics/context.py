@@ -11,6 +11,7 @@ from torch import nn
 from natgrad.curvature.diagonal import DiagonalFisher
 from natgrad.curvature.estimate import estimate_fisher
 from natgrad.curvature.tracker import FisherTracker
+from natgrad.engine.checks import check_batch_list, check_fishers_by_task, check_model_list
 from natgrad.engine.likelihoods import Likelihood
 
 __all__ = ["SignatureType", "MetricContext", "MissingContextError", "NEEDS"]
@@ -59,6 +60,10 @@ class MetricContext:
         likelihood, labels: how Fishers are estimated when the context must do so.
         options: ``{metric name: {keyword: value}}`` passed to that metric.
 
+    Raises:
+        TypeError: at construction, for a bare model (``models=model``), one bare batch
+            (``batches=(x, y)``: wrap it in a list), or one Fisher not keyed by task.
+
     Example:
         >>> import torch
         >>> ctx = MetricContext(models=[torch.nn.Linear(2, 2)], tasks=["math", "general"])
@@ -79,6 +84,11 @@ class MetricContext:
     _estimated: dict[str, DiagonalFisher] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+
+    def __post_init__(self) -> None:
+        self.models = check_model_list(self.models, "models")
+        self.batches = check_batch_list(self.batches, "batches")
+        self.fisher = check_fishers_by_task(self.fisher, "fisher")
 
     def task_names(self, n: int | None = None) -> list[str]:
         n = max(len(self.batches), len(self.fisher), 2) if n is None else n

@@ -32,8 +32,10 @@ from natgrad.engine.batch import OutputFn
 from natgrad.engine.checks import (
     check_choice,
     check_finite,
+    check_fixed_model,
     check_fraction,
     check_int,
+    check_model,
     check_positive,
     check_same_structure,
 )
@@ -103,8 +105,11 @@ class FisherPreconditioner:
     param group's ``lr``).
 
     Args:
-        model: the model (BatchNorm in eval mode). Only ``.grad`` of selected parameters
-            is modified.
+        model: the model. Only ``.grad`` of selected parameters is modified. A refresh
+            needs a deterministic model: BatchNorm and dropout in eval mode during
+            :meth:`step` (a train-mode dropout Fisher mixes in mask noise, and is refused).
+            In a training loop: ``loss.backward(); model.eval(); pre.step(batch);
+            model.train(); opt.step()``.
         likelihood: name or :class:`natgrad.engine.likelihoods.Likelihood`.
         kind: ``"diag"``, ``"kfac"`` or ``"woodbury"``.
         damping: ``λ > 0``, or a callable ``t -> λ`` of the step index.
@@ -119,7 +124,8 @@ class FisherPreconditioner:
         kfac_damping: ``"factored"`` or ``"exact"`` (``kind="kfac"`` only).
 
     Raises:
-        ValueError / TypeError: invalid options (checked before anything else).
+        ValueError / TypeError: invalid options (checked before anything else); a model
+            that is not an ``nn.Module``.
 
     Example:
         >>> import torch
@@ -152,11 +158,7 @@ class FisherPreconditioner:
         output_fn: OutputFn | None = None,
         kfac_damping: str = "factored",
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"FisherPreconditioner needs the nn.Module being trained, got "
-                f"{type(model).__name__}; pass the model, not its parameters."
-            )
+        check_model(model, "FisherPreconditioner")
         self.kind = check_choice("kind", kind, KINDS)
         self.labels = check_choice("labels", labels, LABEL_SOURCES)
         if not callable(damping):
@@ -199,6 +201,7 @@ class FisherPreconditioner:
         return new if old is None else self.ema_decay * old + (1 - self.ema_decay) * new
 
     def _update_curvature(self, batch: Any) -> None:
+        check_fixed_model(self.model, f"FisherPreconditioner(kind={self.kind!r})'s refresh")
         common = dict(labels=self.labels, generator=self.generator, output_fn=self.output_fn)
         if self.kind == "woodbury":
             g = per_sample_grads(
@@ -288,7 +291,9 @@ class FisherPreconditioner:
             :class:`PreconditionStep` describing the step.
 
         Raises:
-            ValueError: ``kl_clip`` set but ``lr`` missing; invalid damping from a schedule.
+            ValueError: ``kl_clip`` set but ``lr`` missing; invalid damping from a schedule;
+                on a refresh, train-mode BatchNorm or dropout (call ``model.eval()``
+                before the step) or bad labels (checked on the whole batch).
         """
         if self.kl_clip is not None and lr is None:
             raise ValueError(

@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from natgrad.engine.batch import OutputFn
-from natgrad.engine.checks import check_names_in, check_positive, check_same_structure
+from natgrad.engine.checks import (
+    check_fisher_type,
+    check_model,
+    check_names_in,
+    check_positive,
+    check_same_structure,
+)
 from natgrad.engine.common import module_of, to_acc
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.per_sample import mean_loss_grad
@@ -41,6 +47,7 @@ def scale_by_fisher(
         ``{name: Δ}`` in each gradient's dtype (computed in float32, or float64).
 
     Raises:
+        TypeError: ``fisher`` is not a mapping of tensors (e.g. a list of Fishers).
         ValueError: negative damping, names missing from ``fisher``, or shapes that differ.
 
     Example:
@@ -48,6 +55,7 @@ def scale_by_fisher(
         >>> scale_by_fisher({"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([0.0, 1.0])}, 1.0)
         {'w': tensor([1., 1.])}
     """
+    check_fisher_type(fisher)
     lam = check_positive("damping", damping, allow_zero=True)
     if isinstance(grads, nn.Module):
         named = dict(grads.named_parameters())
@@ -113,7 +121,9 @@ def natural_gradient_norms(
         :class:`NaturalGradientNorms`.
 
     Raises:
-        ValueError: a batch without labels, or Fisher names the model lacks.
+        TypeError: ``model`` is not an ``nn.Module``; ``fisher`` is not a mapping of tensors.
+        ValueError: a batch without labels or with labels out of range, or Fisher names
+            the model lacks.
 
     Example:
         >>> import torch
@@ -123,12 +133,14 @@ def natural_gradient_norms(
         >>> round(r.total_ratio, 6)
         0.5
     """
+    check_model(model, "natural_gradient_norms")
+    check_fisher_type(fisher)
     lam = check_positive("damping", damping, allow_zero=True)
     lik = get_likelihood(likelihood)
     named = dict(model.named_parameters())
     check_names_in(fisher, named)
     names = list(fisher)
-    grads, _ = mean_loss_grad(model, batch, lik, names, output_fn=output_fn, what="The batch")
+    grads, _ = mean_loss_grad(model, batch, lik, names, output_fn=output_fn, what="the batch")
     nat = scale_by_fisher(grads, fisher, lam)
     layers: dict[str, dict[str, float | None]] = {}
     sq_g: dict[str, float] = {}

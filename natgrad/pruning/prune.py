@@ -14,8 +14,10 @@ from torch import nn
 
 from natgrad.engine.checks import (
     check_choice,
+    check_fisher_type,
     check_fraction,
     check_int,
+    check_model,
     check_names_in,
     check_positive,
 )
@@ -54,6 +56,7 @@ def fisher_importance(
         the Fisher or the parameter is float64), on the Fisher's device.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module``; ``fisher`` is not a mapping of tensors.
         ValueError: Fisher names missing from the model or shapes that differ (named);
             ``normalize=True`` when every saliency is zero.
 
@@ -65,6 +68,8 @@ def fisher_importance(
         >>> fisher_importance({"weight": torch.tensor([[2.0, 1.0]])}, model)["weight"]
         tensor([[0.3333, 0.6667]])
     """
+    check_model(model, "fisher_importance")
+    check_fisher_type(fisher)
     eff = effective_params(model)
     by_param = {pname: (ename, v) for ename, (pname, v) in eff.items()}
     by_param.update(

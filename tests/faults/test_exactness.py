@@ -215,7 +215,7 @@ def test_shared_tensor_in_fisher_uncertainty():
         for c in range(3):
             grads = torch.autograd.grad(model(x[i : i + 1], temp)[0, c], list(named.values()))
             ref[i, c] = sum(
-                (g**2 / (10 * fisher[k] + 0.5)).sum() for k, g in zip(named, grads)
+                (g**2 / (10 * fisher[k] + 0.5)).sum() for k, g in zip(named, grads, strict=True)
             )
     torch.testing.assert_close(rep.logit_variance.double(), ref, rtol=1e-10, atol=1e-12)
 
@@ -396,7 +396,7 @@ def mc_reference(model, x, k, seed=0):
     for j in range(k):
         yj = draws[:, j]
         g = fisher_from_grads(
-            loop_grads_by(model, lambda i: ce(model(x[i : i + 1]), yj[i : i + 1]), len(x))
+            loop_grads_by(model, lambda i, yj=yj: ce(model(x[i : i + 1]), yj[i : i + 1]), len(x))
         )
         acc = g if acc is None else {n: acc[n] + g[n] for n in acc}
     return {n: v / k for n, v in acc.items()}
