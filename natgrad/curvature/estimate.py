@@ -113,8 +113,8 @@ def estimate_fisher(
         checkpoint: file for resumable passes: partial sums are saved atomically every
             ``checkpoint_every`` batches, and a rerun with the same model, arguments,
             generator and data skips the batches already done (it reads and hashes them
-            to check they are the same). The file is locked for the pass (one process
-            per path). See :mod:`natgrad.engine.checkpoint`. Under ``torch.distributed``
+            to check they are the same; a shuffling DataLoader needs a seeded generator
+            to resume). The file is locked for the pass (one process per path). See :mod:`natgrad.engine.checkpoint`. Under ``torch.distributed``
             give each rank its own path.
         checkpoint_every: batches between checkpoints.
         distributed: sum over ``torch.distributed`` ranks. ``None`` (default):

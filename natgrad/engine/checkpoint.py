@@ -70,7 +70,7 @@ class CheckpointLockedError(RuntimeError):
 def _generator_digest(generator: torch.Generator | None) -> str | None:
     if generator is None:
         return None
-    return hashlib.sha256(memoryview(generator.get_state().numpy())).hexdigest()
+    return hashlib.sha256(generator.get_state().numpy().data).hexdigest()
 
 
 def run_fingerprint(
@@ -142,7 +142,7 @@ def _feed(h: Any, obj: Any) -> None:
         t = obj.detach()
         h.update(f"T{str(t.dtype)}{tuple(t.shape)}".encode())
         t = t.contiguous().cpu().reshape(-1)
-        h.update(memoryview(t.view(torch.uint8).numpy()))
+        h.update(t.view(torch.uint8).numpy().data)
     elif isinstance(obj, Mapping):
         h.update(f"M{len(obj)}".encode())
         for k in obj:
@@ -383,6 +383,7 @@ def checkpoint_lock(path: str | os.PathLike) -> Iterator[str]:
     stamp = (
         f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
     )
+    fcntl: Any
     try:
         import fcntl
     except ImportError:  # Windows: an exclusive-create lock file

@@ -152,7 +152,9 @@ def rank_and_world(active: bool) -> tuple[int, int]:
 
 
 def raise_if_any_rank_failed(
-    error: BaseException | None, what: str = "estimate_fisher", group: object | None = None
+    error: BaseException | None,
+    what: str = "estimate_fisher",
+    group: dist.ProcessGroup | None = None,
 ) -> None:
     """Collective: every rank calls this after its local part, with the exception it
     caught (or None); if any rank failed, every rank raises the same

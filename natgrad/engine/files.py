@@ -131,7 +131,7 @@ def tensor_sha256(t: torch.Tensor) -> str:
         True
     """
     t = t.detach().contiguous().cpu().reshape(-1)
-    return hashlib.sha256(memoryview(t.view(torch.uint8).numpy())).hexdigest()
+    return hashlib.sha256(t.view(torch.uint8).numpy().data).hexdigest()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

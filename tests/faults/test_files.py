@@ -450,6 +450,39 @@ def test_nested_pass_on_one_path_is_refused_and_errors_release_the_lock(tmp_path
     estimate_fisher(model, _batches(x, y), checkpoint=path, **KW)  # not left locked
 
 
+def test_lock_file_fallback_without_fcntl_names_a_stale_lock(tmp_path, monkeypatch):
+    # Where fcntl is missing (Windows) the lock is an O_EXCL file, which a killed process
+    # leaves behind: the error names it and says how to clear it.
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError
+    path = str(tmp_path / "c.ckpt")
+    with open(path + ".lock", "w") as fh:
+        fh.write("pid 4242 on elsewhere since 2026-01-01 00:00:00")
+    model, x, y = _case()
+    with pytest.raises(natgrad.CheckpointLockedError, match=r"pid 4242.*stale lock.*delete"):
+        estimate_fisher(model, (x, y), checkpoint=path)
+    os.remove(path + ".lock")
+    ref = estimate_fisher(model, (x, y))
+    got = estimate_fisher(model, (x, y), checkpoint=path)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    assert sorted(os.listdir(tmp_path)) == ["c.ckpt"]
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ((torch.zeros(2, 3), torch.ones(2)), (torch.zeros(3, 2), torch.ones(2))),  # shape
+        ((torch.zeros(4),), (torch.zeros(4, dtype=torch.int32),)),  # dtype, same bytes
+        ({"ids": torch.ones(2), "mask": torch.zeros(2)}, {"ids": torch.ones(2)}),  # keys
+        ([torch.ones(2), 3], [torch.ones(2), 4]),  # plain values
+    ],
+)
+def test_batch_digest_tells_batches_apart(a, b):
+    from natgrad.engine.checkpoint import batch_digest
+
+    assert batch_digest(a) != batch_digest(b)
+    assert batch_digest(a) == batch_digest(a)
+
+
 def _tamper(path, edit):
     state = torch.load(path, weights_only=True)
     edit(state)
