@@ -583,3 +583,20 @@ def test_report_of_a_bad_fisher_exits_non_zero(tmp_path, capsys, bad, phrase):
     assert code == 1
     assert err.startswith("natgrad: error: ") and "is corrupt" in err and phrase in err
     assert not (tmp_path / "out" / "report.md").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_round_trip_and_resume(tmp_path):
+    f = _fisher().to("cuda")
+    f.save(tmp_path / "f.safetensors")
+    g = DiagonalFisher.load(tmp_path / "f.safetensors", device="cuda")
+    assert all(g[k].is_cuda and torch.equal(g[k], f[k]) for k in f)
+    path = str(tmp_path / "c.ckpt")
+    model, x, y = _case()
+    model, x, y = model.cuda(), x.cuda(), y.cuda()
+    with pytest.raises(KeyboardInterrupt):
+        estimate_fisher(model, _batches(x, y, 3), checkpoint=path, checkpoint_every=1)
+    resumed = estimate_fisher(model, _batches(x, y), checkpoint=path, checkpoint_every=1)
+    whole = estimate_fisher(model, _batches(x, y))
+    for k in whole:  # CUDA kernels may reduce in another order from run to run
+        torch.testing.assert_close(resumed[k], whole[k], rtol=1e-6, atol=1e-12)
