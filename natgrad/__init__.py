@@ -20,8 +20,13 @@ from natgrad.curvature.tracker import FisherTracker
 from natgrad.directions import FisherDirections, top_fisher_directions
 from natgrad.engine.batch import Shared, shared
 from natgrad.engine.capture import ENGINES
-from natgrad.engine.checkpoint import load_checkpoint
-from natgrad.engine.distributed import all_reduce_sums, is_distributed
+from natgrad.engine.checkpoint import (
+    CheckpointLockedError,
+    CheckpointMismatchError,
+    load_checkpoint,
+)
+from natgrad.engine.distributed import DistributedError, all_reduce_sums, is_distributed
+from natgrad.engine.files import CorruptFileError
 from natgrad.engine.likelihoods import (
     Bernoulli,
     Categorical,
@@ -82,6 +87,11 @@ __all__ = [
     "all_reduce_sums",
     "is_distributed",
     "load_checkpoint",
+    # named errors of files, checkpoints and distributed passes
+    "CorruptFileError",
+    "CheckpointMismatchError",
+    "CheckpointLockedError",
+    "DistributedError",
     # uses: natural gradient
     "scale_by_fisher",
     "FisherPreconditioner",

@@ -48,6 +48,18 @@ def _writable_dir(path: str) -> str:
     return path
 
 
+def _refuse_overwrite(out: str, names, force: bool) -> None:
+    """Raise unless ``--force`` when any of ``names`` already exists in ``out``."""
+    if force:
+        return
+    existing = sorted(n for n in names if os.path.lexists(os.path.join(out, n)))
+    if existing:
+        raise CommandError(
+            f"output directory {out!r} already holds {', '.join(existing)}; pass --force to "
+            "overwrite them, or --out with another directory"
+        )
+
+
 def _cmd_metrics(args: argparse.Namespace) -> int:
     import json
 
@@ -72,7 +84,7 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from natgrad.cli.demo.fisher_report import fisher_report
+    from natgrad.cli.demo.fisher_report import OUTPUTS, fisher_report
     from natgrad.curvature.diagonal import DiagonalFisher
 
     fishers = {}
@@ -84,6 +96,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CommandError(str(exc)) from None
     out = _writable_dir(args.out)
+    _refuse_overwrite(out, OUTPUTS, args.force)
     result = fisher_report(fishers, out, top=args.top)
     print(result.text)
     print(f"wrote {', '.join(result.files)}", file=sys.stderr)
@@ -94,6 +107,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise CommandError(f"--seed must be >= 0, got {args.seed}")
     out = _writable_dir(args.out)
+    from natgrad.cli.demo.common import OUTPUTS
+
+    _refuse_overwrite(out, OUTPUTS, args.force)
     for pkg, pip in (("mnist1d", "mnist1d"), ("matplotlib", "matplotlib")):
         try:
             __import__(pkg)
@@ -124,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="small and fast (about 20 s, used by CI)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--no-progress", action="store_true", help="no step lines on stderr")
+    d.add_argument(
+        "--force", action="store_true", help="overwrite files from an earlier run in --out"
+    )
     d.set_defaults(func=_cmd_demo)
     r = sub.add_parser(
         "report", help="per-layer mass, top coordinates and similarity of Fisher files"
@@ -135,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="natgrad-report", help="output directory (default ./natgrad-report)"
     )
     r.add_argument("--top", type=int, default=10, help="top coordinates to list (default 10)")
+    r.add_argument(
+        "--force", action="store_true", help="overwrite files from an earlier run in --out"
+    )
     r.set_defaults(func=_cmd_report)
     m = sub.add_parser(
         "metrics", help="list the registered metrics, their signature types and needs"

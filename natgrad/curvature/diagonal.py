@@ -7,22 +7,27 @@ whatever the model's dtype (float64 is kept as float64).
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 
-from natgrad._version import __version__
 from natgrad.curvature.protocol import Curvature, Params, register_curvature
 from natgrad.engine.checks import check_fraction, check_int, check_names_in, check_same_structure
 from natgrad.engine.common import module_of, to_acc
+from natgrad.engine.files import (
+    CorruptFileError,
+    find_invalid,
+    load_tensors,
+    meta_int,
+    save_tensors,
+)
 
 __all__ = ["DiagonalFisher", "top_coordinates"]
 
 _FORMAT = "natgrad.DiagonalFisher"
+_FIX = "Estimate the Fisher again and write it with DiagonalFisher.save."
 
 
 def _as_acc(t: torch.Tensor) -> torch.Tensor:
@@ -268,30 +273,34 @@ class DiagonalFisher(Curvature, Mapping):
         check_same_structure(self._values, ref, "the Fisher", "the model")
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a ``safetensors`` file with metadata; atomic (temporary file, then rename)."""
-        from safetensors.torch import save_file
+        """Write a verified ``safetensors`` file, atomically and durably.
 
-        path = os.fspath(path)
-        meta = {
-            "format": _FORMAT,
-            "natgrad_version": __version__,
-            "n_samples": str(self.n_samples),
-            "labels": self.labels,
-            "likelihood": self.likelihood,
-            "names": json.dumps(list(self._values)),
-            "shapes": json.dumps({k: list(v.shape) for k, v in self.items()}),
-        }
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.items()}
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".fisher-", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        The file format is :mod:`natgrad.engine.files`: metadata ``n_samples``, ``labels``,
+        ``likelihood``, plus the names, shapes, dtypes, format version and a SHA-256 per
+        tensor. The data goes to a temporary file in the same folder, is synced to disk,
+        then renamed into place; a failed write leaves no temporary file and ``path``
+        unchanged.
+
+        Raises:
+            ValueError: a value is NaN, Inf or negative (a Fisher is finite and ``>= 0``);
+                nothing is written.
+        """
+        problem = find_invalid(self._values, nonnegative=True)
+        if problem:
+            raise ValueError(
+                f"Cannot save this Fisher: {problem}. Check how it was computed (NaN/Inf in "
+                "the data or the model, or arithmetic with negative weights)."
+            )
+        save_tensors(
+            path,
+            self._values,
+            _FORMAT,
+            {
+                "n_samples": str(self.n_samples),
+                "labels": self.labels,
+                "likelihood": self.likelihood,
+            },
+        )
 
     @classmethod
     def load(
@@ -302,38 +311,28 @@ class DiagonalFisher(Curvature, Mapping):
         device: str | torch.device = "cpu",
         strict: bool = False,
     ) -> DiagonalFisher:
-        """Read a file written by :meth:`save`; with ``model``, check names and shapes.
+        """Read and verify a file written by :meth:`save`; with ``model``, check names and
+        shapes.
+
+        Every tensor's SHA-256 checksum, shape and dtype are verified, and the values
+        must be finite and ``>= 0``.
 
         Raises:
             FileNotFoundError: no such file.
-            ValueError: not a natgrad Fisher file, or names/shapes differ from ``model``.
+            natgrad.CorruptFileError: (a ValueError) damaged bytes, malformed metadata,
+                non-float tensors, NaN/Inf or negative values.
+            ValueError: not a natgrad Fisher file, a format this version cannot read, or
+                names/shapes that differ from ``model``.
         """
-        from safetensors import safe_open
-
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"No Fisher file at {path!r}.")
-        try:
-            with safe_open(path, framework="pt", device=str(device)) as fh:
-                meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-        except Exception as exc:  # safetensors raises its own error types
-            raise ValueError(f"{path!r} is not a readable safetensors file: {exc}") from None
-        if meta.get("format") != _FORMAT:
-            raise ValueError(
-                f"{path!r} is a safetensors file but not a natgrad Fisher (no "
-                f"format={_FORMAT!r} metadata); write it with DiagonalFisher.save."
-            )
-        names = json.loads(meta["names"])
-        shapes = json.loads(meta["shapes"])
-        for k in names:
-            if k not in tensors or list(tensors[k].shape) != shapes[k]:
-                raise ValueError(
-                    f"{path!r} is corrupt: tensor {k!r} is missing or has the wrong shape."
-                )
+        tensors, meta = load_tensors(path, _FORMAT, fix=_FIX, what="Fisher", device=device)
+        n_samples = meta_int(path, meta, "n_samples", 0, _FIX)
+        problem = find_invalid(tensors, nonnegative=True)
+        if problem:
+            raise CorruptFileError(path, problem, _FIX)
         fisher = cls(
-            {k: tensors[k] for k in names},
-            int(meta["n_samples"]),
+            tensors,
+            n_samples,
             labels=meta.get("labels", "empirical"),
             likelihood=meta.get("likelihood", "categorical"),
         )

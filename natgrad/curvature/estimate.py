@@ -15,7 +15,9 @@ from natgrad.curvature.protocol import Curvature, curvature_class
 from natgrad.engine.batch import OutputFn
 from natgrad.engine.capture import ENGINES, square_sums_auto
 from natgrad.engine.checkpoint import (
-    check_same_run,
+    DataCheck,
+    check_state,
+    checkpoint_lock,
     load_checkpoint,
     run_fingerprint,
     save_checkpoint,
@@ -28,7 +30,12 @@ from natgrad.engine.checks import (
     check_not_python_numbers,
 )
 from natgrad.engine.common import acc_dtype
-from natgrad.engine.distributed import all_reduce_sums
+from natgrad.engine.distributed import (
+    all_reduce_sums,
+    raise_if_any_rank_failed,
+    rank_and_world,
+    resolve_distributed,
+)
 from natgrad.engine.likelihoods import Likelihood
 from natgrad.engine.per_sample import ParamSpec, Plan
 
@@ -86,6 +93,7 @@ def estimate_fisher(
     engine: str = "auto",
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
+    distributed: bool | None = None,
 ) -> DiagonalFisher:
     """Estimate the diagonal Fisher ``F_i = (1/N) Σ_n E_y[(∂l_n/∂θ_i)²]`` from exact
     per-sample gradients.
@@ -114,13 +122,20 @@ def estimate_fisher(
             when no parameter qualifies) or ``"vmap"`` (general path for everything).
             The engines agree to float tolerance and use the same MC draws.
         checkpoint: file for resumable passes: partial sums are saved atomically every
-            ``checkpoint_every`` batches, and a rerun with the same model and arguments
-            skips the batches already done (see :mod:`natgrad.engine.checkpoint`). Under
-            ``torch.distributed`` give each rank its own path.
+            ``checkpoint_every`` batches, and a rerun with the same model, arguments,
+            generator and data skips the batches already done (it reads and hashes them
+            to check they are the same; a shuffling DataLoader needs a seeded generator
+            to resume). The file is locked for the pass (one process per path). See :mod:`natgrad.engine.checkpoint`. Under ``torch.distributed``
+            give each rank its own path.
         checkpoint_every: batches between checkpoints.
-
-    When ``torch.distributed`` is initialized, each rank passes its own shard; the sums
-    and counts are all-reduced, so every rank returns the Fisher of all shards.
+        distributed: sum over ``torch.distributed`` ranks. ``None`` (default):
+            automatic, when a process group with more than one rank is initialized (said
+            once on the ``"natgrad"`` logger); then every rank must call
+            ``estimate_fisher`` with its own shard, and every rank returns the Fisher of
+            all shards ``F = (Σ_r S_r) / (Σ_r N_r)``. ``True``: required (an error
+            without a process group). ``False``: this process's data only, no
+            collective (e.g. on rank 0 alone). An error on any rank makes every rank
+            raise :class:`natgrad.DistributedError` at once.
 
     Returns:
         :class:`DiagonalFisher` with ``n_samples = N``: float64 values for float64
@@ -133,6 +148,12 @@ def estimate_fisher(
             labels out of range (the whole batch is checked, naming the sample and value),
             of the wrong dtype or shape, non-finite targets, a bad likelihood or engine,
             a checkpoint written by a different pass.
+        natgrad.CheckpointMismatchError: (a ValueError) the checkpoint belongs to another
+            pass: other options, model, generator, rank, world size or data.
+        natgrad.CorruptFileError: (a ValueError) the checkpoint's state is malformed or
+            its sums have wrong shapes, NaN/Inf or negative entries.
+        natgrad.CheckpointLockedError: another pass holds the checkpoint's lock.
+        natgrad.DistributedError: some rank failed (raised on every rank).
         FloatingPointError: NaN or Inf in the per-sample gradients.
         Exception: the model's own forward failure, re-raised (same type) naming the
             batch index, the inputs' shapes and dtypes and the parameters' dtypes.
@@ -146,54 +167,21 @@ def estimate_fisher(
         (8, torch.Size([3, 4]))
     """
     check_fixed_model(model, "estimate_fisher")
-    check_choice("engine", engine, ENGINES)
-    plan = Plan(
-        model, likelihood, labels, mc_samples, params, output_fn, generator,
-        what="estimate_fisher",
-    )
-    sums = {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in plan.params.items()}
-    n_total, done, every, fingerprint = 0, 0, 0, None
-    if checkpoint is not None:
-        every = check_int("checkpoint_every", checkpoint_every, 1)
-        fingerprint = run_fingerprint(
-            plan.params,
-            labels=plan.labels,
-            likelihood=repr(plan.lik),
-            mc_samples=plan.k,
-            engine=engine,
-            max_batches=max_batches,
-        )
-        saved = load_checkpoint(checkpoint)
-        if saved is not None:
-            check_same_run(os.fspath(checkpoint), saved, fingerprint)
-            sums = {k: saved["sums"][k].to(device=v.device, dtype=v.dtype) for k, v in sums.items()}
-            n_total, done = int(saved["n_samples"]), int(saved["batches_done"])
-            plan.generator.set_state(saved["generator_state"])
-    batches = iterate_batches(data, max_batches)
-    if done:
-        batches = islice(batches, done, None)
-    batches = _progress(batches, data, progress, max_batches, "Fisher")
-
-    def save() -> None:
-        state = {
-            "fingerprint": fingerprint,
-            "sums": {k: v.detach().cpu() for k, v in sums.items()},
-            "n_samples": n_total,
-            "batches_done": done,
-            "generator_state": plan.generator.get_state(),
-        }
-        save_checkpoint(checkpoint, state)
-
-    for n, acc in square_sums_auto(plan, batches, chunk_size, engine):
-        for k in sums:
-            sums[k] += acc[k]
-        n_total += n
-        done += 1
-        if checkpoint is not None and done % every == 0:
-            save()
-    if checkpoint is not None:
-        save()
-    sums, n_total = all_reduce_sums(sums, n_total)
+    active = resolve_distributed(distributed)
+    rank, world = rank_and_world(active)
+    try:
+        sums, n_total, plan = _local_sums(
+            model, data, likelihood, labels, mc_samples, params, chunk_size, max_batches,
+            progress, generator, output_fn, engine, checkpoint, checkpoint_every, rank, world,
+        )  # fmt: skip
+    except Exception as exc:
+        if not active:
+            raise
+        raise_if_any_rank_failed(exc)  # every rank raises the same error, at once
+        raise  # unreachable: the call above raises on every rank
+    if active:
+        raise_if_any_rank_failed(None)
+        sums, n_total = all_reduce_sums(sums, n_total)
     if n_total == 0:
         raise ValueError(
             "No samples: `data` yielded no batches, so there is no Fisher to estimate."
@@ -247,3 +235,81 @@ def estimate_curvature(
     """
     check_fixed_model(model, f"estimate_curvature(kind={kind!r})")
     return curvature_class(kind).estimate(model, data, likelihood, kind=kind, **options)
+
+
+def _local_sums(
+    model, data, likelihood, labels, mc_samples, params, chunk_size, max_batches,
+    progress, generator, output_fn, engine, checkpoint, checkpoint_every, rank, world,
+):  # fmt: skip
+    """This process's ``(Σ_n Σ_j w_j g_nj², N, plan)``, resumed from and saved to
+    ``checkpoint`` (locked for the pass) when one is given."""
+    check_choice("engine", engine, ENGINES)
+    plan = Plan(
+        model, likelihood, labels, mc_samples, params, output_fn, generator,
+        what="estimate_fisher",
+    )
+    if checkpoint is None:
+        return _pass(plan, data, chunk_size, max_batches, progress, engine) + (plan,)
+    every = check_int("checkpoint_every", checkpoint_every, 1)
+    path = os.fspath(checkpoint)
+    fingerprint = run_fingerprint(
+        plan.params,
+        generator=plan.generator if plan.labels == "mc" else None,
+        rank=rank,
+        world_size=world,
+        labels=plan.labels,
+        likelihood=repr(plan.lik),
+        mc_samples=plan.k,
+        engine=engine,
+        max_batches=max_batches,
+    )
+    with checkpoint_lock(path):
+        saved = load_checkpoint(path)
+        start = None
+        check = DataCheck(path)
+        if saved is not None:
+            check_state(path, saved, plan.params, fingerprint)
+            start = (saved["sums"], saved["n_samples"], saved["batches_done"])
+            plan.generator.set_state(saved["generator_state"])
+            check = DataCheck(path, saved["data"], bool(saved.get("finished", False)))
+
+        def save(sums, n_total, done, finished=False) -> None:
+            state = {
+                "fingerprint": fingerprint,
+                "sums": {k: v.detach().cpu() for k, v in sums.items()},
+                "n_samples": n_total,
+                "batches_done": done,
+                "generator_state": plan.generator.get_state(),
+                "data": check.state(done),
+                "finished": finished,
+            }
+            save_checkpoint(path, state)
+
+        sums, n_total = _pass(
+            plan, data, chunk_size, max_batches, progress, engine, start, check.batches,
+            (every, save),
+        )  # fmt: skip
+    return sums, n_total, plan
+
+
+def _pass(plan, data, chunk_size, max_batches, progress, engine, start=None, skip=None, saving=None):
+    """Accumulate the square sums over the batches (after ``start``'s, when resuming)."""
+    sums = {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in plan.params.items()}
+    n_total, done = 0, 0
+    if start is not None:
+        restored, n_total, done = start
+        sums = {k: restored[k].to(v) for k, v in sums.items()}
+    batches = iterate_batches(data, max_batches)
+    if skip is not None:
+        batches = skip(batches)
+    batches = _progress(batches, data, progress, max_batches, "Fisher")
+    for n, acc in square_sums_auto(plan, batches, chunk_size, engine):
+        for k in sums:
+            sums[k] += acc[k]
+        n_total += n
+        done += 1
+        if saving is not None and done % saving[0] == 0:
+            saving[1](sums, n_total, done)
+    if saving is not None:
+        saving[1](sums, n_total, done, finished=True)
+    return sums, n_total

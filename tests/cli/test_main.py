@@ -68,6 +68,9 @@ def test_demo_quick_writes_everything(demo_dir):
     assert "[" in proc.stderr and "s] generating MNIST-1D" in proc.stderr  # progress lines
     report = (out / "report.md").read_text()
     assert report.startswith("# natgrad demo") and "## Results" in report
+    from natgrad.cli.demo.common import OUTPUTS  # what --force guards: every file written
+
+    assert set(os.listdir(out)) <= set(OUTPUTS)
     pngs = sorted(p.name for p in out.glob("*.png"))
     for name in [
         "accuracy_vs_sparsity.png",

@@ -133,7 +133,7 @@ def run_demo(
     saved = []
     for task in ("A", "B"):
         if task in st.fishers:  # for `natgrad report fisher_task_A.safetensors ...`
-            saved.append(os.path.join(out, f"fisher_task_{task}.safetensors"))
+            saved.append(st.path(f"fisher_task_{task}.safetensors"))
             st.fishers[task].save(saved[-1])
     files = write.write_outputs(out, sections, header, {}, metrics)
     files += [os.path.join(out, p) for s in sections for p in s.plots] + saved

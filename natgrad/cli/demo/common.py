@@ -12,6 +12,20 @@ from natgrad.cli.demo.setup import DemoNet, Progress, Task
 from natgrad.datasets import Split
 from natgrad.engine.report import Report
 
+#: Every file the demo writes into its output directory (``natgrad demo`` refuses to
+#: overwrite any of them without ``--force``; :meth:`State.path` accepts only these).
+OUTPUTS = (
+    "report.md",
+    "metrics.json",
+    "fisher_layer_mass.png",
+    "forgetting_curves.png",
+    "accuracy_vs_sparsity.png",
+    "training_curves.png",
+    "training_curves_time.png",
+    "fisher_task_A.safetensors",
+    "fisher_task_B.safetensors",
+)
+
 
 @dataclass
 class Config:
@@ -47,6 +61,9 @@ class State:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def path(self, name: str) -> str:
+        """``out/name`` for a file listed in :data:`OUTPUTS`."""
+        if name not in OUTPUTS:
+            raise ValueError(f"demo output {name!r} is not listed in OUTPUTS; add it there.")
         return os.path.join(self.out, name)
 
     def task_batch(self, task: str, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

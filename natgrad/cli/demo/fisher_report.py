@@ -14,6 +14,9 @@ from natgrad.continual.compare import compare_task_fisher
 from natgrad.curvature.diagonal import DiagonalFisher, top_coordinates
 from natgrad.engine.report import Report, to_jsonable
 
+#: The files ``natgrad report`` writes into its output directory.
+OUTPUTS = ("report.md", "report.json", "fisher_layer_mass.png")
+
 
 @dataclass
 class FisherFileReport(Report):
@@ -105,16 +108,16 @@ def fisher_report(
             f"{c.frechet_overlap:.3f} | {c.topk_jaccard:.3f} |"
         )
     plot = plots.layer_mass(
-        os.path.join(out, "fisher_layer_mass.png"),
+        os.path.join(out, OUTPUTS[2]),
         {n: f.layer_totals() for n, f in named.items()},
         "Per-layer Fisher mass",
     )
     lines += ["", f"![per-layer mass]({plot})", ""]
     text = "\n".join(lines)
-    md = os.path.join(out, "report.md")
+    md = os.path.join(out, OUTPUTS[0])
     with open(md, "w") as fh:
         fh.write(text)
-    js = os.path.join(out, "report.json")
+    js = os.path.join(out, OUTPUTS[1])
     with open(js, "w") as fh:
         json.dump(to_jsonable(data), fh, indent=1, allow_nan=False)
     return FisherFileReport(text, [md, js, os.path.join(out, plot)], data)
