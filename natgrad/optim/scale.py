@@ -13,13 +13,25 @@ import torch
 from torch import nn
 
 from natgrad.engine.batch import OutputFn
-from natgrad.engine.checks import check_names_in, check_positive, check_same_structure
+from natgrad.curvature.diagonal import check_fisher
+from natgrad.engine.checks import (
+    check_all_finite,
+    check_names_in,
+    check_positive,
+    check_same_structure,
+)
 from natgrad.engine.common import module_of, to_acc
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.per_sample import mean_loss_grad
 from natgrad.engine.report import Report
 
-__all__ = ["scale_by_fisher", "NaturalGradientNorms", "natural_gradient_norms"]
+__all__ = ["scale_by_fisher", "NaturalGradientNorms", "natural_gradient_norms", "GRAD_HINT"]
+
+GRAD_HINT = (
+    "The loss or its backward pass produced it: check the loss for NaN/Inf (log of 0, "
+    "division by zero, overflow in float16), lower the learning rate, or clip gradients "
+    "before this step (torch.nn.utils.clip_grad_norm_)."
+)
 
 
 def scale_by_fisher(
@@ -41,7 +53,9 @@ def scale_by_fisher(
         ``{name: Δ}`` in each gradient's dtype (computed in float32, or float64).
 
     Raises:
-        ValueError: negative damping, names missing from ``fisher``, or shapes that differ.
+        ValueError: negative damping, names missing from ``fisher``, shapes that differ,
+            negative Fisher entries, or ``damping=0`` where a Fisher entry is 0.
+        FloatingPointError: NaN or Inf in a gradient or in the Fisher (named).
 
     Example:
         >>> import torch
@@ -53,7 +67,7 @@ def scale_by_fisher(
         named = dict(grads.named_parameters())
         check_names_in(fisher, named)
         live = {k: named[k].grad for k in fisher if named[k].grad is not None}
-        out = scale_by_fisher(live, {k: fisher[k] for k in live}, lam)
+        out = _scale(live, fisher, lam, "the gradient (.grad) of parameter")
         for k, v in out.items():
             named[k].grad.copy_(v)
         return out
@@ -63,11 +77,24 @@ def scale_by_fisher(
             f"No Fisher for gradients {missing[:8]}; the Fisher holds {list(fisher)[:8]}. "
             "Estimate the Fisher with the same params, or drop those gradients."
         )
-    check_same_structure(dict(grads), {k: fisher[k] for k in grads}, "the gradients", "the Fisher")
+    return _scale(dict(grads), fisher, lam, "the gradient")
+
+
+def _scale(grads, fisher, lam: float, what: str) -> dict[str, torch.Tensor]:
+    """``g / (F + λ)`` after checking shapes, the Fisher's values and the gradients."""
+    check_same_structure(grads, {k: fisher[k] for k in grads}, "the gradients", "the Fisher")
+    check_fisher(fisher)
+    check_all_finite(grads, what, GRAD_HINT)
     out = {}
     for k, g in grads.items():
         ga = to_acc(g)
-        out[k] = (ga / (fisher[k].to(ga) + lam)).to(g.dtype)
+        den = fisher[k].to(ga) + lam
+        if lam == 0 and bool((den == 0).any()):
+            raise ValueError(
+                f"damping=0 but the Fisher entry {k!r} is 0 somewhere, so g / (F + damping) "
+                "divides by zero; use damping > 0 (e.g. 1e-3)."
+            )
+        out[k] = (ga / den).to(g.dtype)
     return out
 
 

@@ -160,7 +160,7 @@ def test_fisher_importance_nan_fisher_is_named():
 def test_scale_by_fisher_negative_fisher_refused():
     # was [-2.004, inf]: (1 / (-0.499 + 1e-3)) and 1 / (-1e-3 + 1e-3)
     g = {"w": torch.tensor([1.0, 1.0])}
-    with pytest.raises(ValueError, match=r"negative.*'w'"):
+    with pytest.raises(ValueError, match=r"'w'.*negative"):
         natgrad.scale_by_fisher(g, {"w": torch.tensor([-0.499, -1e-3])}, 1e-3)
 
 
@@ -174,7 +174,7 @@ def test_fisher_importance_negative_refused():
     model = _mlp()
     F = {k: torch.ones_like(p) for k, p in model.named_parameters()}
     F["2.weight"][0, 0] = -1.0
-    with pytest.raises(ValueError, match=r"negative.*'2\.weight'"):
+    with pytest.raises(ValueError, match=r"'2\.weight' has negative"):
         natgrad.fisher_importance(F, model, normalize=False)
 
 
@@ -226,7 +226,7 @@ def test_ewc_negative_fisher_refused():
     model = _mlp()
     F = {k: torch.ones_like(p) for k, p in model.named_parameters()}
     F["0.weight"][1, 1] = -2.0
-    with pytest.raises(ValueError, match=r"negative.*'0\.weight'"):
+    with pytest.raises(ValueError, match=r"'0\.weight' has negative"):
         natgrad.EWC(model, F)
 
 
@@ -448,7 +448,7 @@ def test_diag_state_negative_refused():
     pre.step(_batch())
     state = pre.state_dict()
     state["diag"]["0.bias"][0] = -1.0
-    with pytest.raises(ValueError, match=r"negative.*'0\.bias'"):
+    with pytest.raises(ValueError, match=r"'0\.bias' has negative"):
         natgrad.FisherPreconditioner(a).load_state_dict(state)
 
 
