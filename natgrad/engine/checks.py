@@ -14,6 +14,13 @@ from torch import nn
 
 _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
+# how to fix a NaN/Inf gradient, wherever one is refused
+GRAD_HINT = (
+    "The loss or its backward pass produced it: check the loss for NaN/Inf (log of 0, "
+    "division by zero, overflow in float16), lower the learning rate, or clip gradients "
+    "before this step (torch.nn.utils.clip_grad_norm_)."
+)
+
 
 def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
     """Return ``value`` if it is one of ``choices``; else raise a ValueError listing them."""

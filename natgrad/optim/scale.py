@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from natgrad.engine.batch import OutputFn
 from natgrad.curvature.diagonal import check_fisher
+from natgrad.engine.batch import OutputFn
 from natgrad.engine.checks import (
+    GRAD_HINT,
     check_all_finite,
     check_names_in,
     check_positive,
@@ -25,13 +26,7 @@ from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.per_sample import mean_loss_grad
 from natgrad.engine.report import Report
 
-__all__ = ["scale_by_fisher", "NaturalGradientNorms", "natural_gradient_norms", "GRAD_HINT"]
-
-GRAD_HINT = (
-    "The loss or its backward pass produced it: check the loss for NaN/Inf (log of 0, "
-    "division by zero, overflow in float16), lower the learning rate, or clip gradients "
-    "before this step (torch.nn.utils.clip_grad_norm_)."
-)
+__all__ = ["scale_by_fisher", "NaturalGradientNorms", "natural_gradient_norms"]
 
 
 def scale_by_fisher(
