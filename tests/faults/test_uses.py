@@ -154,6 +154,35 @@ def test_fisher_importance_nan_fisher_is_named():
         natgrad.fisher_importance(F, model, normalize=False)
 
 
+def test_scale_by_fisher_nan_grad_is_named():
+    model = _mlp()
+    _backward(model, _batch())
+    model[0].weight.grad[2, 3] = float("nan")
+    F = {k: torch.ones_like(p) for k, p in model.named_parameters()}
+    with pytest.raises(FloatingPointError, match=r"\.grad\) of parameter '0\.weight'.*index \(2, 3\)"):
+        natgrad.scale_by_fisher(model, F)
+
+
+def test_fisher_importance_nan_weight_is_named():
+    model = _mlp()
+    F = {k: torch.ones_like(p) for k, p in model.named_parameters()}
+    with torch.no_grad():
+        model[2].weight[0, 4] = float("-inf")
+    with pytest.raises(FloatingPointError, match=r"parameter '2\.weight'"):
+        natgrad.fisher_importance(F, model)
+
+
+def test_kfac_state_nan_factor_refused():
+    a = _mlp()
+    pre = natgrad.FisherPreconditioner(a, kind="kfac")
+    _backward(a, _batch())
+    pre.step(_batch())
+    state = pre.state_dict()
+    state["kfac"]["0"]["A"][1, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"K-FAC factor '0\.A'"):
+        natgrad.FisherPreconditioner(a, kind="kfac").load_state_dict(state)
+
+
 # -- negative Fisher values -------------------------------------------------------------------
 
 
@@ -202,6 +231,14 @@ def test_diagonal_fisher_cast_overflow_refused():
     f = natgrad.DiagonalFisher({"w": torch.tensor([1e6, 2.0])}, 2)
     with pytest.raises(FloatingPointError, match=r"'w'"):
         f.to(torch.float16)
+
+
+def test_scale_by_fisher_zero_damping_on_zero_fisher_refused():
+    g = {"w": torch.tensor([1.0, 1.0])}
+    with pytest.raises(ValueError, match="divides by zero; use damping > 0"):
+        natgrad.scale_by_fisher(g, {"w": torch.tensor([0.0, 2.0])}, 0.0)
+    out = natgrad.scale_by_fisher(g, {"w": torch.tensor([4.0, 2.0])}, 0.0)
+    assert torch.equal(out["w"], torch.tensor([0.25, 0.5]))
 
 
 def test_diagonal_fisher_scale_exact():
@@ -503,6 +540,33 @@ def test_ewc_state_into_other_model_refused():
         natgrad.EWC(b).load_state_dict(ewc.state_dict())
 
 
+def test_ewc_failed_load_changes_nothing():
+    model = _mlp()
+    ewc = natgrad.EWC(model, {k: torch.ones_like(p) for k, p in model.named_parameters()})
+    state = ewc.state_dict()
+    state["lam"] = 7.0
+    state["terms"][0]["fisher"]["0.bias"] = -torch.ones(5, dtype=torch.float64)
+    before = float(ewc.penalty().detach())
+    with pytest.raises(ValueError, match=r"'0\.bias' has negative"):
+        ewc.load_state_dict(state)
+    assert ewc.lam == 1.0 and float(ewc.penalty().detach()) == before
+
+
+def test_preconditioner_state_not_a_state_dict():
+    pre = natgrad.FisherPreconditioner(_mlp())
+    with pytest.raises(ValueError, match="Not a FisherPreconditioner state_dict"):
+        pre.load_state_dict({"kind": "diag"})
+    state = pre.state_dict()
+    state["generator"] = torch.zeros(3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="generator state is corrupt"):
+        pre.load_state_dict(state)
+
+
+def test_tracker_not_a_state_dict():
+    with pytest.raises(ValueError, match="Not a FisherTracker state_dict"):
+        natgrad.FisherTracker(_mlp()).load_state_dict({"tasks": {}})
+
+
 def test_ewc_penalty_other_architecture_names_mismatch():
     a = _mlp(sizes=(4, 5, 3))
     ewc = natgrad.EWC(a, {k: torch.ones_like(p) for k, p in a.named_parameters()})
@@ -521,4 +585,4 @@ def test_ewc_penalty_model_with_extra_head_is_exact():
         for k, p in b.named_parameters()
         if k in F
     )
-    assert float(ewc.penalty(b)) == pytest.approx(1.5 * float(ref), rel=1e-12)
+    assert float(ewc.penalty(b).detach()) == pytest.approx(1.5 * float(ref), rel=1e-12)
