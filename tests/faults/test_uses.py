@@ -350,7 +350,7 @@ def _direct(name, m0, m1, b0, b1):
             m0, b0, b1, names=("task_0", "task_1")
         ),
         "fisher_uncertainty": lambda: natgrad.fisher_uncertainty(m0, b0, F0),
-        "scale_by_fisher": lambda: natural_gradient_norms(m0, b0, F0),
+        "natural_gradient_norms": lambda: natural_gradient_norms(m0, b0, F0),
         "top_fisher_directions": lambda: natgrad.top_fisher_directions(m0, b0, k=3),
         "fisher_weighted_merge": lambda: natgrad.fisher_weighted_merge(
             [m0, m1], [F0, est(m1, b1)]
@@ -367,7 +367,7 @@ _METRICS = [
     "fisher_pruning_masks",
     "fisher_damage_asymmetry",
     "fisher_uncertainty",
-    "scale_by_fisher",
+    "natural_gradient_norms",
     "top_fisher_directions",
 ]
 
