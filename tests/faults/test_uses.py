@@ -319,7 +319,7 @@ def _same(a, b, path="result"):
         _same(vars(a), vars(b), path)
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), path
-        for i, (u, v) in enumerate(zip(a, b)):
+        for i, (u, v) in enumerate(zip(a, b, strict=True)):
             _same(u, v, f"{path}[{i}]")
     elif isinstance(a, float):
         assert a == pytest.approx(b, rel=1e-9, abs=1e-12, nan_ok=True), path
