@@ -7,7 +7,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from natgrad.engine.checks import check_finite, check_positive, check_same_structure
+from natgrad.engine.checks import (
+    check_all_finite,
+    check_finite,
+    check_positive,
+    check_same_structure,
+)
 from natgrad.engine.common import acc_dtype
 from natgrad.pruning.pruned import deepcopy_model, mask_buffer_names, refresh_pruned
 
@@ -147,6 +152,13 @@ def _check_models(models: list[nn.Module]) -> None:
         check_same_structure(first, dict(m.named_parameters()), "models[0]", f"models[{i}]")
         check_same_structure(
             dict(models[0].named_buffers()), dict(m.named_buffers()), "models[0]", f"models[{i}]"
+        )
+    for i, m in enumerate(models):
+        check_all_finite(
+            dict(m.named_parameters()),
+            f"models[{i}]'s parameter",
+            "A merge of non-finite weights is not finite: merge finite checkpoints (this "
+            "model's training has likely diverged).",
         )
 
 

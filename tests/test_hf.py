@@ -229,4 +229,4 @@ def test_registry_on_a_hf_model():
             )
         ],
     )
-    assert_close_dict(dict(ctx.fisher["a"]), ref)
+    assert_close_dict(dict(ctx.get_fisher(0)), ref)

@@ -351,6 +351,6 @@ def test_metric_estimates_fisher_when_absent():
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
     ctx = MetricContext(models=[model], batches=[(x, y)])
     r = registry.compute_with_context("fisher_uncertainty", ctx)
-    fisher = ctx.fisher["task_0"]
+    fisher = ctx.batch_fisher(0)
     ref = jacobian_loop_variance(model, x, fisher, list(fisher), 6, 1.0)
     torch.testing.assert_close(r.logit_variance, ref, rtol=1e-6, atol=1e-9)

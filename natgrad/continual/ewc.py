@@ -23,13 +23,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from natgrad.curvature.diagonal import check_fisher
 from natgrad.engine.checks import (
+    check_all_finite,
     check_choice,
-    check_finite,
     check_fisher_type,
+    check_fisher_values,
     check_fraction,
     check_model,
     check_positive,
+    check_same_structure,
 )
 from natgrad.engine.common import acc_dtype
 
@@ -37,6 +40,29 @@ __all__ = ["EWC"]
 
 _MODES = ("separate", "online")
 _ORIG = "_orig"
+
+
+_ANCHOR_HINT = (
+    "An anchor is the parameters after training a task; NaN/Inf there means that run "
+    "diverged. Consolidate finite parameters (restore a finite checkpoint)."
+)
+_WEIGHT_HINT = (
+    "The model being penalized has diverged: check the loss, lower the learning rate, or "
+    "clip gradients (torch.nn.utils.clip_grad_norm_)."
+)
+
+
+def _model_view(
+    names: Mapping[str, Any], named: Mapping[str, nn.Parameter]
+) -> dict[str, nn.Parameter]:
+    """``{stored name: the model's parameter}`` for the names the model has (pruned twins
+    resolved); names it lacks are left out, so a structure check lists them."""
+    out = {}
+    for k in names:
+        target = _resolve(k, named)
+        if target is not None:
+            out[k] = named[target]
+    return out
 
 
 def _resolve(name: str, named: Mapping[str, nn.Parameter]) -> str | None:
@@ -144,27 +170,19 @@ class EWC:
         """
         check_fisher_type(fisher)
         named = dict(self.model.named_parameters())
+        fisher = {k: torch.as_tensor(v).detach() for k, v in fisher.items()}
+        unknown = [k for k in fisher if _resolve(k, named) is None]
+        if unknown:
+            raise ValueError(
+                f"The Fisher has parameters the model lacks: {unknown[:8]}; the model has "
+                f"{list(named)[:8]}. Estimate the Fisher on this model, or drop those entries."
+            )
+        check_same_structure(fisher, _model_view(fisher, named), "the Fisher", "the model")
+        check_fisher(fisher)
         new_f, new_a = {}, {}
         for k, v in fisher.items():
             target = _resolve(k, named)
-            if target is None:
-                raise ValueError(
-                    f"The Fisher has parameter {k!r}, which the model lacks; the model has "
-                    f"{list(named)[:8]}. Estimate the Fisher on this model, or drop that entry."
-                )
             p = named[target]
-            v = torch.as_tensor(v).detach()
-            if tuple(v.shape) != tuple(p.shape):
-                raise ValueError(
-                    f"Fisher entry {k!r} has shape {tuple(v.shape)} but the parameter has "
-                    f"{tuple(p.shape)}. Use a Fisher estimated on this architecture."
-                )
-            check_finite(f"the Fisher entry {k!r}", v)
-            if (v < 0).any():
-                raise ValueError(
-                    f"Fisher entry {k!r} has negative values; a diagonal Fisher is >= 0. "
-                    "Pass squared-gradient means (e.g. from natgrad.estimate_fisher)."
-                )
             new_f[target] = v.to(device=p.device, dtype=acc_dtype(p.dtype)).clone()
             a = None if anchor is None else anchor.get(k, anchor.get(target))
             src = p if a is None else torch.as_tensor(a)
@@ -174,6 +192,7 @@ class EWC:
                     f"has {tuple(p.shape)}."
                 )
             new_a[target] = src.detach().to(device=p.device, dtype=p.dtype).clone()
+        check_all_finite(new_a, "the EWC anchor of parameter", _ANCHOR_HINT)
         if self.mode == "separate" or not self._tasks:
             self._tasks.append({"fisher": new_f, "anchor": new_a})
         else:
@@ -207,20 +226,24 @@ class EWC:
             A 0-dim tensor; zero when nothing has been consolidated.
 
         Raises:
-            ValueError: a stored parameter is missing from ``model``.
+            ValueError: ``model`` lacks stored parameters or shapes them differently (every
+                such name is listed).
+            FloatingPointError: the penalty is NaN/Inf; names the parameter whose current
+                values are not finite (one host sync per call, to check the total).
         """
         model = self.model if model is None else model
         named = dict(model.named_parameters())
+        for t in self._tasks:
+            check_same_structure(
+                t["fisher"],
+                _model_view(t["fisher"], named),
+                "EWC's consolidated parameters",
+                "the model",
+            )
         total = None
         for t in self._tasks:
             for k, f in t["fisher"].items():
-                target = _resolve(k, named)
-                if target is None:
-                    raise ValueError(
-                        f"EWC covers parameter {k!r}, which this model lacks; the model has "
-                        f"{list(named)[:8]}. Penalize the model that was consolidated."
-                    )
-                p = named[target]
+                p = named[_resolve(k, named)]
                 acc = acc_dtype(p.dtype)
                 d = p.to(acc) - t["anchor"][k].to(device=p.device, dtype=acc)
                 term = (f.to(device=p.device, dtype=acc) * d * d).sum()
@@ -230,6 +253,17 @@ class EWC:
             dev = p.device if p is not None else None
             dt = acc_dtype(p.dtype) if p is not None else torch.float32
             return torch.zeros((), device=dev, dtype=dt)
+        if not bool(torch.isfinite(total)):
+            # Fisher and anchors are checked when stored, so the model's values are at fault
+            check_all_finite(
+                {k: named[_resolve(k, named)] for k in self.names},
+                "the current value of parameter",
+                _WEIGHT_HINT,
+            )
+            raise FloatingPointError(
+                f"The EWC penalty overflowed to {float(total)} (finite weights, Fisher and "
+                "anchors): the model is far from its anchors; lower lam or check the run."
+            )
         return total * (0.5 * self.lam)
 
     __call__ = penalty
@@ -254,36 +288,43 @@ class EWC:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace this EWC's settings and stored tasks with those of ``state``.
 
+        Everything is checked before anything is replaced: names and shapes of every
+        term's Fisher and anchor against the model, and their values.
+
         Raises:
-            ValueError: not an EWC state_dict, or its terms do not fit the model.
+            ValueError: not an EWC state_dict; a term's Fisher or anchor names parameters
+                the model lacks or shapes them differently (each listed); negative Fisher
+                values; invalid settings.
+            FloatingPointError: NaN or Inf in a stored Fisher or anchor (named).
         """
         if not isinstance(state, Mapping) or "terms" not in state:
             raise ValueError(
                 "Not an EWC state_dict: expected a dict with 'terms' (from EWC.state_dict())."
             )
+        lam = check_positive("lam", state.get("lam", self.lam), allow_zero=True)
+        mode = check_choice("mode", state.get("mode", self.mode), _MODES)
+        gamma = check_fraction("gamma", state.get("gamma", self.gamma), closed=True)
         named = dict(self.model.named_parameters())
         terms = []
-        for t in state["terms"]:
+        for i, t in enumerate(state["terms"]):
             f, a = dict(t["fisher"]), dict(t["anchor"])
             if set(f) != set(a):
-                raise ValueError("Corrupt EWC state_dict: Fisher and anchor names differ.")
-            for k in f:
-                target = _resolve(k, named)
-                if target is None or tuple(f[k].shape) != tuple(named[target].shape):
-                    raise ValueError(
-                        f"The EWC state_dict covers {k!r} with shape {tuple(f[k].shape)}, "
-                        "which this model lacks or shapes differently; load it into an EWC "
-                        "built on the same architecture."
-                    )
+                raise ValueError(
+                    f"Corrupt EWC state_dict: term {i}'s Fisher and anchor names differ "
+                    f"({sorted(set(f) ^ set(a))[:8]})."
+                )
+            what = f"the EWC state_dict's term {i}"
+            check_same_structure(f, _model_view(f, named), f"{what} Fisher", "the model")
+            check_same_structure(a, _model_view(a, named), f"{what} anchor", "the model")
+            check_fisher_values(f, f"{what} Fisher")
+            check_all_finite(a, f"{what} anchor of parameter", _ANCHOR_HINT)
             terms.append(
                 {
                     "fisher": {k: v.detach().clone() for k, v in f.items()},
                     "anchor": {k: v.detach().clone() for k, v in a.items()},
                 }
             )
-        self.lam = check_positive("lam", state.get("lam", self.lam), allow_zero=True)
-        self.mode = check_choice("mode", state.get("mode", self.mode), _MODES)
-        self.gamma = check_fraction("gamma", state.get("gamma", self.gamma), closed=True)
+        self.lam, self.mode, self.gamma = lam, mode, gamma
         self._tasks = terms
         self._consolidations = int(state.get("num_tasks", len(terms)))
 

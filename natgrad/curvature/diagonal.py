@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from natgrad.curvature.protocol import Curvature, Params, register_curvature
-from natgrad.engine.checks import check_fraction, check_int, check_names_in, check_same_structure
+from natgrad.engine.checks import (
+    check_fisher_values,
+    check_fraction,
+    check_int,
+    check_names_in,
+    check_positive,
+    check_same_structure,
+)
 from natgrad.engine.common import module_of, to_acc
 from natgrad.engine.files import (
     CorruptFileError,
@@ -24,7 +31,7 @@ from natgrad.engine.files import (
     save_tensors,
 )
 
-__all__ = ["DiagonalFisher", "top_coordinates"]
+__all__ = ["DiagonalFisher", "top_coordinates", "check_fisher"]
 
 _FORMAT = "natgrad.DiagonalFisher"
 _FIX = "Estimate the Fisher again and write it with DiagonalFisher.save."
@@ -44,8 +51,17 @@ class DiagonalFisher(Curvature, Mapping):
         labels: label source (``"empirical"``, ``"mc"``, ``"exact"``, or ``"mixed"``).
         likelihood: likelihood name.
 
+    Raises:
+        ValueError: ``n_samples < 0``, or a negative entry (named, with its index).
+        FloatingPointError: a NaN or infinite entry (named, with its index).
+
     Arithmetic: ``a + b`` is the sample-weighted mean ``(N_a F_a + N_b F_b)/(N_a + N_b)``
-    with ``N = N_a + N_b``; ``c * a`` scales the values; ``a.ema(b, d) = d a + (1-d) b``.
+    with ``N = N_a + N_b``; ``c * a`` scales the values (``c`` finite and ``>= 0``);
+    ``a.ema(b, d) = d a + (1-d) b``.
+
+    Every entry is finite and ``>= 0`` (a mean of squares). This is checked once, when a
+    Fisher is built (and when loaded, scaled or cast, which could break it); ``+``,
+    ``ema`` and ``normalize`` of valid Fishers are valid and not checked again.
 
     As a :class:`~natgrad.Curvature`: ``mv(v) = F ⊙ v``, ``solve(v, λ) = v / (F + λ)``,
     ``quad(v) = Σ F v²``, ``inverse_diagonal(λ) = 1 / (F + λ)``,
@@ -72,9 +88,19 @@ class DiagonalFisher(Curvature, Mapping):
         if int(n_samples) < 0:
             raise ValueError(f"Invalid n_samples: {n_samples!r}; it must be >= 0.")
         self._values = {k: _as_acc(v) for k, v in values.items()}
+        check_fisher_values(self._values, "DiagonalFisher")
         self.n_samples = int(n_samples)
         self.labels = str(labels)
         self.likelihood = str(likelihood)
+
+    @classmethod
+    def _valid(
+        cls, values: dict[str, torch.Tensor], n_samples: int, labels: str, likelihood: str
+    ) -> DiagonalFisher:
+        """A Fisher of values already known to be finite and >= 0 (no second check)."""
+        f = cls.__new__(cls)
+        f._values, f.n_samples, f.labels, f.likelihood = values, n_samples, labels, likelihood
+        return f
 
     # -- mapping -------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -99,14 +125,21 @@ class DiagonalFisher(Curvature, Mapping):
         )
 
     def _like(
-        self, values: Mapping[str, torch.Tensor], n: int | None = None, labels=None
+        self,
+        values: Mapping[str, torch.Tensor],
+        n: int | None = None,
+        labels=None,
+        *,
+        check: bool = False,
     ) -> DiagonalFisher:
-        return DiagonalFisher(
-            values,
-            self.n_samples if n is None else n,
-            labels=labels or self.labels,
-            likelihood=self.likelihood,
-        )
+        """A Fisher with this one's metadata; ``check`` re-validates the values (for the
+        operations that can make a valid Fisher invalid: scaling, casting)."""
+        n = self.n_samples if n is None else n
+        labels = labels or self.labels
+        if check:
+            return DiagonalFisher(values, n, labels=labels, likelihood=self.likelihood)
+        vals = {k: _as_acc(v) for k, v in values.items()}
+        return DiagonalFisher._valid(vals, n, labels, self.likelihood)
 
     # -- arithmetic ----------------------------------------------------------------
     def __add__(self, other: DiagonalFisher) -> DiagonalFisher:
@@ -121,9 +154,10 @@ class DiagonalFisher(Curvature, Mapping):
         return self._like(vals, n, self.labels if self.labels == other.labels else "mixed")
 
     def __mul__(self, scalar: float) -> DiagonalFisher:
-        if not isinstance(scalar, (int, float)):
+        if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
             return NotImplemented
-        return self._like({k: v * float(scalar) for k, v in self.items()})
+        c = check_positive("scale of a Fisher", scalar, allow_zero=True)
+        return self._like({k: v * c for k, v in self.items()}, check=True)
 
     __rmul__ = __mul__
 
@@ -165,8 +199,12 @@ class DiagonalFisher(Curvature, Mapping):
         return out
 
     def to(self, *args, **kwargs) -> DiagonalFisher:
-        """Move / cast every tensor like ``Tensor.to``; returns a new Fisher."""
-        return self._like({k: v.to(*args, **kwargs) for k, v in self.items()})
+        """Move / cast every tensor like ``Tensor.to``; returns a new Fisher.
+
+        Raises:
+            FloatingPointError: a cast to a narrower dtype overflows an entry to Inf.
+        """
+        return self._like({k: v.to(*args, **kwargs) for k, v in self.items()}, check=True)
 
     # -- curvature ---------------------------------------------------------------------
     kind = "diag"
@@ -244,14 +282,21 @@ class DiagonalFisher(Curvature, Mapping):
         }
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Replace this Fisher's contents; names and shapes must match when non-empty."""
+        """Replace this Fisher's contents; names and shapes must match when non-empty.
+
+        Raises:
+            ValueError: not a state_dict, names or shapes that differ, negative values.
+            FloatingPointError: NaN or Inf values. (Nothing is replaced when it raises.)
+        """
         try:
             values = state["values"]
         except (KeyError, TypeError):
             raise ValueError("Not a DiagonalFisher state_dict: it has no 'values'.") from None
         if self._values:
             check_same_structure(self._values, values, "this Fisher", "the state_dict")
-        self._values = {k: _as_acc(v).clone() for k, v in values.items()}
+        values = {k: _as_acc(v).clone() for k, v in values.items()}
+        check_fisher_values(values, "the state_dict's Fisher")
+        self._values = values
         self.n_samples = int(state["n_samples"])
         self.labels = str(state.get("labels", "empirical"))
         self.likelihood = str(state.get("likelihood", "categorical"))
@@ -346,6 +391,20 @@ def _damping(damping: float) -> float:
     if not lam >= 0 or lam != lam or lam == float("inf"):
         raise ValueError(f"Invalid damping: {damping!r}; it must be a finite number >= 0.")
     return lam
+
+
+def check_fisher(fisher: Mapping[str, torch.Tensor], what: str = "the Fisher") -> None:
+    """Raise unless a Fisher given as ``{name: tensor}`` is finite and ``>= 0`` everywhere.
+
+    A :class:`DiagonalFisher` was checked when it was built and is not checked again;
+    any other mapping is checked with :func:`natgrad.engine.checks.check_fisher_values`.
+
+    Raises:
+        FloatingPointError: NaN or Inf (the entry and index are named).
+        ValueError: negative values (the entry and index are named).
+    """
+    if not isinstance(fisher, DiagonalFisher):
+        check_fisher_values({k: torch.as_tensor(v) for k, v in fisher.items()}, what)
 
 
 def top_coordinates(

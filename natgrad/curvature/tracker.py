@@ -105,6 +105,30 @@ class FisherTracker:
         }
 
     def load_state_dict(self, state: Mapping) -> None:
-        self.decay = check_fraction("decay", state["decay"], closed=True)
-        self._fishers = {t: DiagonalFisher.from_state_dict(s) for t, s in state["tasks"].items()}
+        """Restore :meth:`state_dict`'s output; every task's Fisher is checked against the
+        model (names it lacks, shapes that differ) and for its values before anything
+        changes.
+
+        Raises:
+            ValueError: not a FisherTracker state_dict, or a task's Fisher that does not fit
+                the model (the task and the parameters are named), or negative values.
+            FloatingPointError: NaN or Inf in a stored Fisher.
+        """
+        keys = ("decay", "tasks", "updates")
+        if not isinstance(state, Mapping) or not set(keys) <= set(state):
+            raise ValueError(
+                f"Not a FisherTracker state_dict: expected keys {list(keys)} (from "
+                "FisherTracker.state_dict())."
+            )
+        decay = check_fraction("decay", state["decay"], closed=True)
+        fishers = {}
+        for task, s in state["tasks"].items():
+            try:
+                f = DiagonalFisher.from_state_dict(s)
+                f.check_model(self.model)
+            except (ValueError, FloatingPointError) as exc:
+                raise type(exc)(f"FisherTracker state_dict, task {task!r}: {exc}") from None
+            fishers[task] = f
+        self.decay = decay
+        self._fishers = fishers
         self._updates = {t: int(v) for t, v in state["updates"].items()}

@@ -15,6 +15,13 @@ from torch import nn
 
 _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
+# how to fix a NaN/Inf gradient, wherever one is refused
+GRAD_HINT = (
+    "The loss or its backward pass produced it: check the loss for NaN/Inf (log of 0, "
+    "division by zero, overflow in float16), lower the learning rate, or clip gradients "
+    "before this step (torch.nn.utils.clip_grad_norm_)."
+)
+
 
 def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
     """Return ``value`` if it is one of ``choices``; else raise a ValueError listing them."""
@@ -85,18 +92,22 @@ def check_no_batch_mixing(model: nn.Module) -> None:
 
 
 def check_same_structure(
-    a: Mapping[str, torch.Tensor],
-    b: Mapping[str, torch.Tensor],
+    a: Mapping[str, Any],
+    b: Mapping[str, Any],
     what_a: str = "first",
     what_b: str = "second",
 ) -> None:
-    """Raise ValueError naming the parameters whose names or shapes differ between a and b."""
+    """Raise ValueError naming the parameters whose names or shapes differ between a and b.
+
+    Values are tensors, or shapes (tuples / ``torch.Size``) where only the expected shape
+    is known (e.g. the K-FAC factors a layer must have).
+    """
     missing = sorted(set(a) - set(b))
     extra = sorted(set(b) - set(a))
     shapes = sorted(
-        f"{k}: {tuple(a[k].shape)} vs {tuple(b[k].shape)}"
+        f"{k}: {_shape(a[k])} vs {_shape(b[k])}"
         for k in set(a) & set(b)
-        if tuple(a[k].shape) != tuple(b[k].shape)
+        if _shape(a[k]) != _shape(b[k])
     )
     if missing or extra or shapes:
         parts = []
@@ -518,3 +529,99 @@ def check_fishers_by_task(fisher: Any, what: str = "fisher") -> dict:
     for task, f in fisher.items():
         check_fisher_type(f, f"{what}[{task!r}]")
     return fisher
+
+
+def _shape(v: Any) -> tuple[int, ...]:
+    """A tensor's shape, or a shape given as a tuple / ``torch.Size``."""
+    return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+
+def _by_device(tensors: Iterable[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
+    out: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        out.setdefault(t.device, []).append(t)
+    return out
+
+
+def _first(mask: torch.Tensor, t: torch.Tensor) -> tuple[tuple[int, ...], float, int]:
+    """Index and value of the first True entry of ``mask`` over ``t``, and how many are True."""
+    flat = mask.reshape(-1)
+    i = int(flat.nonzero()[0])
+    idx = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), t.shape)) if t.dim() else ()
+    return idx, float(t.reshape(-1)[i]), int(flat.sum())
+
+
+def check_all_finite(tensors: Mapping[str, torch.Tensor], what: str, hint: str) -> None:
+    """Raise FloatingPointError naming the first tensor of ``tensors`` with NaN or Inf.
+
+    One sum per tensor and one host sync per device; the culprit (name, index, value,
+    count) is located only when a sum is not finite (a sum that merely overflows finds
+    no culprit and passes).
+
+    Args:
+        tensors: ``{name: tensor}``.
+        what: the message's noun before the name, e.g. ``"the gradient (.grad) of parameter"``.
+        hint: how to fix it.
+    """
+    items = {k: v.detach() for k, v in tensors.items() if v.numel() and v.is_floating_point()}
+    if not items:
+        return
+    sums = _by_device(v.sum() for v in items.values())
+    if all(bool(torch.isfinite(torch.stack(s)).all()) for s in sums.values()):
+        return
+    for k, v in items.items():
+        bad = ~torch.isfinite(v)
+        if bool(bad.any()):
+            idx, val, count = _first(bad, v)
+            raise FloatingPointError(
+                f"Non-finite values (NaN or Inf) in {what} {k!r}: {val} at index {idx} "
+                f"({count} of {v.numel()} entries). {hint}"
+            )
+
+
+def check_fisher_values(values: Mapping[str, torch.Tensor], what: str = "the Fisher") -> None:
+    """Raise unless every entry of a diagonal Fisher is finite and ``>= 0``.
+
+    ``F_i = (1/N) Σ_n E_y[g_n,i²]`` is a mean of squares, so a negative, NaN or infinite
+    entry means the values are not a Fisher (or are corrupt). One min/max reduction per
+    tensor and one host sync per device; the culprit is located only on failure.
+
+    Args:
+        values: ``{name: tensor}``.
+        what: what holds the values, e.g. ``"DiagonalFisher"`` or ``"the state_dict's Fisher"``.
+
+    Raises:
+        FloatingPointError: NaN or Inf (names the entry, the index and the value).
+        ValueError: negative values (names the entry, the index and the value).
+    """
+    items = {k: v.detach() for k, v in values.items() if v.numel()}
+    if not items:
+        return
+    # per tensor [min, max] (NaN propagates into both); valid iff min >= 0 and max < inf
+    lo_hi = _by_device(torch.stack(torch.aminmax(v)).double() for v in items.values())
+    ok = all(
+        bool(((s[:, 0] >= 0) & (s[:, 1] < float("inf"))).all())
+        for s in (torch.stack(t) for t in lo_hi.values())
+    )
+    if ok:
+        return
+    for k, v in items.items():
+        bad = ~torch.isfinite(v)
+        if bool(bad.any()):
+            idx, val, count = _first(bad, v)
+            raise FloatingPointError(
+                f"Non-finite values (NaN or Inf) in {what} entry {k!r}: {val} at index {idx} "
+                f"({count} of {v.numel()} entries); a Fisher is finite and >= 0. Estimate it again "
+                "(natgrad.estimate_fisher); in training, NaN/Inf usually means the run "
+                "diverged (lower the learning rate)."
+            )
+    for k, v in items.items():
+        neg = v < 0
+        if bool(neg.any()):
+            idx, val, count = _first(neg, v)
+            raise ValueError(
+                f"{what[:1].upper() + what[1:]} entry {k!r} has negative values ({val:.6g} at index {idx}; "
+                f"{count} of {v.numel()} entries < 0); a diagonal Fisher is a mean of "
+                "squared gradients, so every entry is >= 0. Pass squared-gradient means "
+                "(e.g. from natgrad.estimate_fisher), not gradients or differences."
+            )

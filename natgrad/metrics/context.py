@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import torch
 from torch import nn
 
 from natgrad.curvature.diagonal import DiagonalFisher
@@ -52,8 +54,8 @@ class MetricContext:
     Args:
         models: models; most metrics use ``models[0]``, merge metrics the first two.
         batches: batches, one per task; ``tasks[i]`` names ``batches[i]``.
-        fisher: precomputed ``{task: DiagonalFisher}``; filled lazily when a metric
-            estimates one from a model and a batch.
+        fisher: the user's precomputed ``{task: DiagonalFisher}``. The context never
+            writes here: Fishers it estimates are cached apart (see :meth:`batch_fisher`).
         masks: mask sets (``{name: bool tensor}``) for PREPROCESSED metrics.
         tasks: task names (default ``["task_0", "task_1", ...]``).
         tracker: a :class:`natgrad.FisherTracker` for the EMA metrics.
@@ -80,8 +82,8 @@ class MetricContext:
     likelihood: str | Likelihood = "categorical"
     labels: str = "empirical"
     options: dict[str, dict] = field(default_factory=dict)
-    # the Fishers this context estimated itself with its own settings, by task
-    _estimated: dict[str, DiagonalFisher] = field(
+    # Fishers the context estimated: {key: (what the key's ids refer to, Fisher)}
+    _cache: dict[tuple, tuple[tuple, DiagonalFisher]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -129,33 +131,85 @@ class MetricContext:
         return [f"{n}: {NEEDS[n]}" for n in needs if not self.provides(n)]
 
     # -- accessors -----------------------------------------------------------------------
-    def get_fisher(self, i: int = 0) -> DiagonalFisher:
-        """The Fisher of task ``i``: given, from the tracker, or estimated (and cached)."""
+    def given_fisher(self, i: int = 0) -> DiagonalFisher | None:
+        """Task ``i``'s Fisher from the user: ``fisher[task]``, else the tracker's; or None."""
         task = self.task_names(i + 1)[i]
         if task in self.fisher:
             return self.fisher[task]
         if self.tracker is not None and task in self.tracker:
             return self.tracker.fisher(task)
+        return None
+
+    def get_fisher(self, i: int = 0) -> DiagonalFisher:
+        """The Fisher of task ``i``: given, from the tracker, or estimated (and cached)."""
+        given = self.given_fisher(i)
+        if given is not None:
+            return given
         if self.models and len(self.batches) > i:
             return self.batch_fisher(i)
+        task = self.task_names(i + 1)[i]
         raise MissingContextError(f"No Fisher for task {task!r}: give {NEEDS['fisher']}.")
 
-    def batch_fisher(self, i: int = 0, **kwargs: Any) -> DiagonalFisher:
-        """The Fisher of ``models[0]`` on ``batches[i]``, estimated with ``likelihood`` and
-        ``labels`` (``kwargs`` go to :func:`natgrad.estimate_fisher`).
+    def batch_fisher(self, i: int = 0, *, model_index: int = 0, **kwargs: Any) -> DiagonalFisher:
+        """The Fisher of ``models[model_index]`` on ``batches[i]``, estimated with
+        ``likelihood`` and ``labels`` (``kwargs`` go to :func:`natgrad.estimate_fisher`).
 
-        The first estimate of a task is cached in ``fisher`` when that holds none; with
-        the context's own settings (no ``kwargs``) it is estimated at most once.
+        Estimates are cached apart from the user's ``fisher``, keyed by the model (its
+        identity, the identity and in-place version of each parameter and buffer, its
+        train/eval modes), the batch (identity and in-place versions of its tensors), the
+        likelihood and the options; a model trained in place or a replaced batch is
+        estimated anew. With a ``generator`` (a random source that advances) nothing is
+        cached.
         """
-        task = self.task_names(i + 1)[i]
-        own = self._estimated.get(task)
-        if not kwargs and own is not None and self.fisher.get(task) is own:
-            return own
-        default = not kwargs
+        model, batch = self.models[model_index], self.batches[i]
         kwargs.setdefault("labels", self.labels)
-        f = estimate_fisher(self.models[0], self.batches[i], self.likelihood, **kwargs)
-        if task not in self.fisher:
-            self.fisher[task] = f
-            if default:
-                self._estimated[task] = f
+        if "generator" in kwargs:
+            return estimate_fisher(model, batch, self.likelihood, **kwargs)
+        refs = (model, batch, self.likelihood, kwargs)  # keeps every id in the key alive
+        key = (_state_key(model), _state_key(batch), _freeze(self.likelihood), _freeze(kwargs))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit[1]
+        f = estimate_fisher(model, batch, self.likelihood, **kwargs)
+        self._cache[key] = (refs, f)
         return f
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference-mode tensors have no version counter
+        return None
+
+
+def _state_key(obj: Any) -> Any:
+    """Identity plus the in-place versions of every tensor inside ``obj`` (hashable)."""
+    if isinstance(obj, torch.Tensor):
+        return (id(obj), _version(obj))
+    if isinstance(obj, nn.Module):
+        tensors = [*obj.parameters(), *obj.buffers()]
+        return (
+            id(obj),
+            tuple((id(t), _version(t)) for t in tensors),
+            tuple(m.training for m in obj.modules()),
+        )
+    if isinstance(obj, Mapping):
+        return (id(obj), tuple((k, _state_key(v)) for k, v in obj.items()))
+    if isinstance(obj, (list, tuple)):
+        return (id(obj), tuple(_state_key(v) for v in obj))
+    return id(obj)
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable stand-in for an option value: equal plain values give equal keys."""
+    if isinstance(value, (torch.Tensor, nn.Module)):
+        return _state_key(value)
+    if isinstance(value, Mapping):
+        return tuple((k, _freeze(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_freeze(v) for v in value))
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    return value

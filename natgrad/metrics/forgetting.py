@@ -13,13 +13,15 @@ _ESTIMATE_OPTIONS = ("labels", "params", "mc_samples", "output_fn")
 
 
 def _context_fisher(ctx: MetricContext, i: int, options: dict):
-    """Task i's Fisher from the context (given, tracked, or estimated once and cached),
-    or None when only an estimate with the metric's own options fits."""
-    task = ctx.task_names(i + 1)[i]
-    given = task in ctx.fisher or (ctx.tracker is not None and task in ctx.tracker)
-    if given or not any(k in options for k in _ESTIMATE_OPTIONS):
-        return ctx.get_fisher(i)
-    return None
+    """Task i's Fisher from the user (given or tracked), else the context's cached estimate
+    with its own settings; None when the metric's own estimate options apply (it then
+    estimates with them, as its direct call does)."""
+    given = ctx.given_fisher(i)
+    if given is not None:
+        return given
+    if any(k in options for k in _ESTIMATE_OPTIONS):
+        return None
+    return ctx.batch_fisher(i)
 
 
 @registry.register(

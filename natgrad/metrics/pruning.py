@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from natgrad.curvature.diagonal import DiagonalFisher
-from natgrad.curvature.estimate import estimate_fisher
 from natgrad.merging import fisher_weighted_merge
 from natgrad.metrics.context import MetricContext, SignatureType
 from natgrad.metrics.registry import registry
@@ -63,12 +62,10 @@ registry.alias("fisher_overlap", "mask_overlap")
 
 
 def _merge_fisher(ctx: MetricContext, i: int) -> DiagonalFisher:
-    """Task i's given or tracked Fisher; else model i's Fisher on batch i (not cached:
-    context.fisher holds Fishers of models[0])."""
-    task = ctx.task_names(i + 1)[i]
-    if task in ctx.fisher or (ctx.tracker is not None and task in ctx.tracker):
-        return ctx.get_fisher(i)
-    return estimate_fisher(ctx.models[i], ctx.batches[i], ctx.likelihood, labels=ctx.labels)
+    """Task i's given or tracked Fisher; else models[i]'s Fisher on batches[i] (cached
+    under models[i], so never confused with models[0]'s estimate on that batch)."""
+    given = ctx.given_fisher(i)
+    return given if given is not None else ctx.batch_fisher(i, model_index=i)
 
 
 @registry.register(

@@ -194,7 +194,10 @@ class MetricRegistry:
         A metric runs when the context provides all its ``needs``; its options come from
         ``context.options[name]``. Metrics registered with ``mutates=True`` (they change
         the context, e.g. reset the tracker) are skipped unless listed in ``names``.
-        Fishers estimated by one metric are cached in ``context.fisher`` and reused.
+        A Fisher the context estimates is cached apart from the user's ``context.fisher``,
+        keyed by model, batch (identity and in-place versions) and estimate options
+        (:meth:`MetricContext.batch_fisher`), and reused only where all three agree, so
+        each metric's value equals its direct call.
 
         Args:
             context: the :class:`MetricContext`.

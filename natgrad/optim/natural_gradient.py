@@ -136,7 +136,8 @@ class NaturalGradient(torch.optim.Optimizer):
         """Restore both states from :meth:`state_dict`'s output.
 
         Raises:
-            ValueError: when ``state_dict`` lacks either part.
+            ValueError: when ``state_dict`` lacks either part, or the preconditioner's part
+                is for another model (checked before either part is loaded).
         """
         if not isinstance(state_dict, Mapping) or not {"optimizer", "preconditioner"} <= set(
             state_dict
@@ -145,6 +146,8 @@ class NaturalGradient(torch.optim.Optimizer):
                 "Not a NaturalGradient state_dict: expected keys 'optimizer' and "
                 "'preconditioner' (save it with NaturalGradient.state_dict())."
             )
+        # the preconditioner's state is checked first, so a mismatch changes neither part
+        self.preconditioner.check_state_dict(state_dict["preconditioner"])
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.preconditioner.load_state_dict(state_dict["preconditioner"])
 

@@ -30,8 +30,11 @@ from natgrad.curvature.kfac import (
 from natgrad.curvature.lowrank import gram_eigen, woodbury_solve
 from natgrad.engine.batch import OutputFn
 from natgrad.engine.checks import (
+    GRAD_HINT,
+    check_all_finite,
     check_choice,
     check_finite,
+    check_fisher_values,
     check_fixed_model,
     check_fraction,
     check_int,
@@ -294,19 +297,23 @@ class FisherPreconditioner:
             ValueError: ``kl_clip`` set but ``lr`` missing; invalid damping from a schedule;
                 on a refresh, train-mode BatchNorm or dropout (call ``model.eval()``
                 before the step) or bad labels (checked on the whole batch).
+            FloatingPointError: NaN or Inf in a ``.grad`` (the parameter is named; checked
+                before anything changes, warmup included: one sum per gradient and one
+                host sync per step).
         """
         if self.kl_clip is not None and lr is None:
             raise ValueError(
                 "kl_clip needs the learning rate: call pre.step(batch, lr=optimizer's lr), "
                 "or use natgrad.NaturalGradient, which passes it."
             )
+        grads = {k: p.grad for k, p in self.params.items() if p.grad is not None}
+        check_all_finite(grads, "the gradient (.grad) of parameter", GRAD_HINT)
         t = self._step
         lam = self.damping_at(t)
         updated = self._refresh_due(t)
         if updated:
             self._update_curvature(batch)
         self._step += 1
-        grads = {k: p.grad for k, p in self.params.items() if p.grad is not None}
         if t < self.warmup_steps or not grads or (self.kind == "woodbury" and not self._wood):
             return PreconditionStep(t, lam, updated, False, 1.0)
         deltas = self._apply(grads, lam)
@@ -332,39 +339,96 @@ class FisherPreconditioner:
             "woodbury_n": self._wood_n,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output (same kind, parameters and shapes).
+    def check_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Raise unless ``state`` (from :meth:`state_dict`) fits this preconditioner.
+
+        Checks the kind; the diagonal curvature's names, shapes and values (finite, ``>= 0``);
+        every K-FAC layer's factors ``A`` ``(d_in[+1])²`` and ``G`` ``d_out²`` (all layers or
+        none, finite); the Woodbury rows (one column per selected entry), eigenpairs and
+        sample count; the generator state. Changes nothing.
 
         Raises:
-            ValueError: another kind, or curvature for other parameters or layers.
+            ValueError: not a state_dict of this kind, or curvature of another model or
+                parameter selection (every mismatched name is listed).
+            FloatingPointError: NaN or Inf in the curvature (named).
         """
-        if state.get("kind") != self.kind:
+        keys = ("kind", "step", "generator", "diag", "kfac", "woodbury", "woodbury_n")
+        if not isinstance(state, Mapping) or not set(keys) <= set(state):
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(
-                f"This state_dict is for kind={state.get('kind')!r}, but the preconditioner "
+                f"Not a FisherPreconditioner state_dict: expected keys {list(keys)}, got "
+                f"{got}; save it with FisherPreconditioner.state_dict()."
+            )
+        if state["kind"] != self.kind:
+            raise ValueError(
+                f"This state_dict is for kind={state['kind']!r}, but the preconditioner "
                 f"has kind={self.kind!r}; build the preconditioner with the same kind."
             )
         diag = state["diag"]
         if diag:
             ref = {k: self.params[k] for k in self._diag_names}
             check_same_structure(ref, diag, "this preconditioner's parameters", "the state_dict")
-        unknown = [n for n in state["kfac"] if n not in self._layers]
-        if unknown:
-            raise ValueError(
-                f"The state_dict has K-FAC factors for layers {unknown[:8]} that this "
-                f"preconditioner does not cover ({list(self._layers)[:8]}); use the same "
-                "model and params."
+            check_fisher_values(diag, "the state_dict's diagonal curvature")
+        if state["kfac"]:
+            want = {}
+            for name, lay in self._layers.items():
+                w = lay.module.weight
+                d_in = w[0].numel() + (lay.bias is not None)
+                want[f"{name}.A"], want[f"{name}.G"] = (d_in, d_in), (w.shape[0], w.shape[0])
+            got = {f"{n}.{k}": v for n, d in state["kfac"].items() for k, v in d.items()}
+            check_same_structure(
+                want, got, "this preconditioner's K-FAC factors", "the state_dict's"
             )
-        if state["woodbury"]:
+            check_all_finite(got, "the state_dict's K-FAC factor", "The saved run diverged.")
+        wood = state["woodbury"]
+        if wood:
             P = sum(p.numel() for p in self.params.values())
-            if state["woodbury"]["G"].shape[1] != P:
+            G, U, S, n = wood.get("G"), wood.get("U"), wood.get("S"), state["woodbury_n"]
+            if G is None or U is None or S is None:
                 raise ValueError(
-                    f"The state_dict's Woodbury gradients have {state['woodbury']['G'].shape[1]}"
-                    f" columns but the selected parameters have {P} entries; use the same "
-                    "model and params."
+                    "The state_dict's Woodbury state is corrupt: it needs 'G', 'U' and 'S', "
+                    f"got {sorted(wood)}."
                 )
+            if G.dim() != 2 or G.shape[1] != P:
+                raise ValueError(
+                    f"The state_dict's Woodbury gradients have shape {tuple(G.shape)}: "
+                    f"{G.shape[-1]} columns, but the selected parameters have {P} entries; "
+                    "use the same model and params."
+                )
+            R = G.shape[0]
+            if U.dim() != 2 or U.shape[0] != R or tuple(S.shape) != (U.shape[1],):
+                raise ValueError(
+                    f"The state_dict's Woodbury state is corrupt: {R} gradient rows, "
+                    f"eigenvectors {tuple(U.shape)} and eigenvalues {tuple(S.shape)} do not "
+                    "fit together (expected (R, r) and (r,)); save it again."
+                )
+            if int(n) < 1 or R % int(n):
+                raise ValueError(
+                    f"The state_dict's Woodbury state is corrupt: woodbury_n={n} does not "
+                    f"divide its {R} gradient rows; save it again."
+                )
+            check_all_finite(
+                {"G": G, "U": U, "S": S}, "the state_dict's Woodbury", "The saved run diverged."
+            )
+        try:
+            torch.Generator().set_state(state["generator"])
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(f"The state_dict's generator state is corrupt: {exc}") from None
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (same kind, parameters and shapes).
+
+        Everything is checked first (:meth:`check_state_dict`); nothing changes when that
+        raises.
+
+        Raises:
+            ValueError: another kind, or curvature for other parameters, layers or shapes.
+            FloatingPointError: NaN or Inf in the curvature.
+        """
+        self.check_state_dict(state)
         self._step = int(state["step"])
         self.generator.set_state(state["generator"].clone())
-        self._diag = {k: v.clone() for k, v in diag.items()}
+        self._diag = {k: v.clone() for k, v in state["diag"].items()}
         self._kfac = {n: {k: d[k].clone() for k in ("A", "G")} for n, d in state["kfac"].items()}
         self._solvers = {}
         self._wood = {k: v.clone() for k, v in state["woodbury"].items()}

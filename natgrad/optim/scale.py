@@ -12,8 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from natgrad.curvature.diagonal import check_fisher
 from natgrad.engine.batch import OutputFn
 from natgrad.engine.checks import (
+    GRAD_HINT,
+    check_all_finite,
     check_fisher_type,
     check_model,
     check_names_in,
@@ -48,7 +51,9 @@ def scale_by_fisher(
 
     Raises:
         TypeError: ``fisher`` is not a mapping of tensors (e.g. a list of Fishers).
-        ValueError: negative damping, names missing from ``fisher``, or shapes that differ.
+        ValueError: negative damping, names missing from ``fisher``, shapes that differ,
+            negative Fisher entries, or ``damping=0`` where a Fisher entry is 0.
+        FloatingPointError: NaN or Inf in a gradient or in the Fisher (named).
 
     Example:
         >>> import torch
@@ -61,7 +66,7 @@ def scale_by_fisher(
         named = dict(grads.named_parameters())
         check_names_in(fisher, named)
         live = {k: named[k].grad for k in fisher if named[k].grad is not None}
-        out = scale_by_fisher(live, {k: fisher[k] for k in live}, lam)
+        out = _scale(live, fisher, lam, "the gradient (.grad) of parameter")
         for k, v in out.items():
             named[k].grad.copy_(v)
         return out
@@ -71,11 +76,24 @@ def scale_by_fisher(
             f"No Fisher for gradients {missing[:8]}; the Fisher holds {list(fisher)[:8]}. "
             "Estimate the Fisher with the same params, or drop those gradients."
         )
-    check_same_structure(dict(grads), {k: fisher[k] for k in grads}, "the gradients", "the Fisher")
+    return _scale(dict(grads), fisher, lam, "the gradient")
+
+
+def _scale(grads, fisher, lam: float, what: str) -> dict[str, torch.Tensor]:
+    """``g / (F + λ)`` after checking shapes, the Fisher's values and the gradients."""
+    check_same_structure(grads, {k: fisher[k] for k in grads}, "the gradients", "the Fisher")
+    check_fisher(fisher)
+    check_all_finite(grads, what, GRAD_HINT)
     out = {}
     for k, g in grads.items():
         ga = to_acc(g)
-        out[k] = (ga / (fisher[k].to(ga) + lam)).to(g.dtype)
+        den = fisher[k].to(ga) + lam
+        if lam == 0 and bool((den == 0).any()):
+            raise ValueError(
+                f"damping=0 but the Fisher entry {k!r} is 0 somewhere, so g / (F + damping) "
+                "divides by zero; use damping > 0 (e.g. 1e-3)."
+            )
+        out[k] = (ga / den).to(g.dtype)
     return out
 
 

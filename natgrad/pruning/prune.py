@@ -12,7 +12,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from natgrad.curvature.diagonal import check_fisher
 from natgrad.engine.checks import (
+    check_all_finite,
     check_choice,
     check_fisher_type,
     check_fraction,
@@ -58,7 +60,8 @@ def fisher_importance(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; ``fisher`` is not a mapping of tensors.
         ValueError: Fisher names missing from the model or shapes that differ (named);
-            ``normalize=True`` when every saliency is zero.
+            negative Fisher entries; ``normalize=True`` when every saliency is zero.
+        FloatingPointError: NaN or Inf in the Fisher or the parameters (named).
 
     Example:
         >>> import torch
@@ -76,6 +79,12 @@ def fisher_importance(
         {ename: (ename, v) for ename, (_, v) in eff.items()}
     )  # Fisher from before pruning
     check_names_in(fisher, by_param)
+    check_fisher(fisher)
+    check_all_finite(
+        {by_param[k][0]: by_param[k][1] for k in fisher},
+        "the model's parameter",
+        "NaN/Inf weights have no meaningful saliency: restore a finite checkpoint first.",
+    )
     out: dict[str, torch.Tensor] = {}
     for k, F in fisher.items():
         ename, theta = by_param[k]

@@ -177,7 +177,7 @@ def test_compute_all_estimates_each_task_fisher_once(mlp_case, monkeypatch):
     names = ["compare_task_fisher", "fisher_information", "fisher_uncertainty"]
     out = registry.compute_all(ctx, names=names, errors="raise")
     assert calls == ["empirical", "empirical"]  # one per task, shared by the three metrics
-    assert out.results["fisher_information"] is ctx.fisher["task_0"]
+    assert out.results["fisher_information"] is ctx.batch_fisher(0)
     g = loop_grads(model, ce_sum, x[:5], y[:5])
     assert_close_dict(
         dict(out.results["fisher_information"]), {k: (v**2).mean(0) for k, v in g.items()}
@@ -185,7 +185,7 @@ def test_compute_all_estimates_each_task_fisher_once(mlp_case, monkeypatch):
     # other settings are a different estimate: computed anew, the cached one kept
     exact = registry.compute_with_context("fisher_information", ctx, labels="exact")
     assert calls[-1] == "exact" and exact.labels == "exact"
-    assert ctx.fisher["task_0"].labels == "empirical"
+    assert ctx.batch_fisher(0).labels == "empirical"
     # a Fisher the user gave is not what fisher_information returns
     given = MetricContext(models=[model], batches=[(x, y)], fisher={"task_0": exact})
     assert registry.compute_with_context("fisher_information", given).labels == "empirical"

@@ -25,7 +25,7 @@ def test_fisher_information_metric(mlp_case):
     ctx = MetricContext(models=[model], batches=[(x, y)], tasks=["general"])
     F = registry.compute_with_context("fisher_information", ctx)
     assert_close_dict(dict(F), dict(estimate_fisher(model, (x, y))))
-    assert ctx.fisher["general"] is F
+    assert ctx.fisher == {} and ctx.batch_fisher(0) is F  # cached apart from given ones
     exact = registry.compute_with_context("fisher_information", ctx, labels="exact")
     assert exact.labels == "exact"
 
