@@ -146,8 +146,7 @@ def estimate_fisher(
         TypeError: ``model`` is not an ``nn.Module``; inputs are Python lists.
         ValueError: empty data, train-mode BatchNorm or dropout, a meta-device model,
             labels out of range (the whole batch is checked, naming the sample and value),
-            of the wrong dtype or shape, non-finite targets, a bad likelihood or engine,
-            a checkpoint written by a different pass.
+            of the wrong dtype or shape, non-finite targets, a bad likelihood or engine.
         natgrad.CheckpointMismatchError: (a ValueError) the checkpoint belongs to another
             pass: other options, model, generator, rank, world size or data.
         natgrad.CorruptFileError: (a ValueError) the checkpoint's state is malformed or
@@ -166,7 +165,6 @@ def estimate_fisher(
         >>> F.n_samples, F["weight"].shape
         (8, torch.Size([3, 4]))
     """
-    check_fixed_model(model, "estimate_fisher")
     active = resolve_distributed(distributed)
     rank, world = rank_and_world(active)
     try:
@@ -243,11 +241,12 @@ def _local_sums(
 ):  # fmt: skip
     """This process's ``(Σ_n Σ_j w_j g_nj², N, plan)``, resumed from and saved to
     ``checkpoint`` (locked for the pass) when one is given."""
+    check_fixed_model(model, "estimate_fisher")
     check_choice("engine", engine, ENGINES)
     plan = Plan(
         model, likelihood, labels, mc_samples, params, output_fn, generator,
         what="estimate_fisher",
-    )
+    )  # fmt: skip
     if checkpoint is None:
         return _pass(plan, data, chunk_size, max_batches, progress, engine) + (plan,)
     every = check_int("checkpoint_every", checkpoint_every, 1)

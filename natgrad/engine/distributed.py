@@ -50,12 +50,14 @@ def all_reduce_sums(
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Sum per-rank Fisher sums and sample counts over all ranks (identity when not distributed).
 
-    ``S = Σ_r S_r``, ``N = Σ_r N_r``. The sums are flattened into one float32 buffer and reduced
-    in one collective, the count in a second (int64, exact), so every rank receives
-    identical results. Pass each rank its own shard of the data.
+    ``S = Σ_r S_r``, ``N = Σ_r N_r``. The sums are flattened into one buffer (float64 when
+    any sum is float64, else float32) and reduced in one collective, the count in a second
+    (int64, exact), so every rank receives identical results; each sum comes back in its
+    own dtype. Pass each rank its own shard of the data.
 
     Args:
-        sums: ``{name: float32 tensor}``, the rank's sum of squared per-sample gradients.
+        sums: ``{name: tensor}``, the rank's sum of squared per-sample gradients (float32,
+            or float64 for float64 models).
         n: the rank's number of samples.
         group: process group (default: the world).
 
@@ -72,7 +74,9 @@ def all_reduce_sums(
         return dict(sums), int(n)
     names = list(sums)
     ref = sums[names[0]] if names else torch.zeros(0)
-    flat = torch.cat([sums[k].reshape(-1).float() for k in names]) if names else ref.float()
+    wide = any(sums[k].dtype == torch.float64 for k in names)
+    dtype = torch.float64 if wide else torch.float32
+    flat = torch.cat([sums[k].reshape(-1).to(dtype) for k in names]) if names else ref.to(dtype)
     flat = flat.clone()
     # The count travels separately as int64 so it stays exact for any N.
     count = torch.tensor([int(n)], dtype=torch.int64, device=ref.device)
@@ -81,7 +85,7 @@ def all_reduce_sums(
     out, i = {}, 0
     for k in names:
         m = sums[k].numel()
-        out[k] = flat[i : i + m].view_as(sums[k])
+        out[k] = flat[i : i + m].view_as(sums[k]).to(sums[k].dtype)
         i += m
     return out, int(count.item())
 

@@ -96,6 +96,12 @@ def _worker(rank, world, folder):
             bad[1] = (torch.randn(4, 7, dtype=torch.float64), data[1][1])
         res["bad_batch"] = _attempt(lambda: estimate_fisher(model, bad))
 
+        # 2b. a label out of range on rank 1 only (the audit's case)
+        labels = [(b[0], b[1].clone()) for b in data]
+        if rank == 1:
+            labels[1][1][2] = 99
+        res["bad_label"] = _attempt(lambda: estimate_fisher(model, labels))
+
         # 3. still usable afterwards: distributed=True gives the global Fisher
         res["required"] = _attempt(lambda: fisher(estimate_fisher(model, data, distributed=True)))
 
@@ -125,7 +131,7 @@ def _worker(rank, world, folder):
 def ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dist")
     mp.spawn(_worker, args=(WORLD, str(folder)), nprocs=WORLD, join=True)
-    out = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    out = [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     return out, folder
 
 
@@ -141,7 +147,8 @@ def _assert_global(entry):
     got, n = entry["value"]
     ref = _reference()
     assert n == 10
-    assert_close_dict(got, dict(ref), rtol=1e-6, atol=1e-10)  # float32 all-reduce
+    assert all(v.dtype == torch.float64 for v in got.values())  # float64 model, float64 sums
+    assert_close_dict(got, dict(ref), rtol=1e-12, atol=1e-15)
 
 
 def test_error_on_one_rank_reaches_every_rank_at_once(ranks):
@@ -155,6 +162,15 @@ def test_error_on_one_rank_reaches_every_rank_at_once(ranks):
     assert out[0]["bad_batch"]["message"] == out[1]["bad_batch"]["message"]
     original = out[1]["bad_batch"]["cause"]  # rank 1 chains its own error ...
     assert original and original in out[0]["bad_batch"]["message"]  # ... which rank 0 shows
+
+
+def test_bad_label_on_one_rank_reaches_every_rank(ranks):
+    out, _ = ranks
+    for r in range(WORLD):
+        e = out[r]["bad_label"]
+        assert not e["ok"] and e["type"] == "DistributedError", e
+        assert "rank 1 of 2" in e["message"] and "99" in e["message"], e["message"]
+        assert e["seconds"] < TIMEOUT_S / 3, e
 
 
 def test_ranks_stay_usable_after_a_failed_pass(ranks):
