@@ -243,8 +243,8 @@ class KroneckerFisher(Curvature):
             raise ValueError(f"Invalid n_samples: {n_samples!r}; it must be >= 0.")
         if self.kind == "ekfac" and any(b.s is None for b in blocks.values()):
             raise ValueError("An EKFAC curvature needs the re-fitted eigenvalues s of every block.")
-        self.blocks = dict(blocks)
-        self.diag = dict(diag)
+        self.blocks = {k: _block_to(b, copy=False) for k, b in blocks.items()}
+        self.diag = {k: v.detach() for k, v in diag.items()}
         self.n_samples = int(n_samples)
         self.diag_reasons = dict(diag_reasons or {})
         self.labels = str(labels)
@@ -810,6 +810,6 @@ def _project(blk: KroneckerBlock, QA, QG) -> torch.Tensor:
 
 def _block_to(b: KroneckerBlock, *args, **kwargs) -> KroneckerBlock:
     def mv(t):
-        return None if t is None else t.to(*args, **kwargs)
+        return None if t is None else t.detach().to(*args, **kwargs)
 
     return replace(b, A=mv(b.A), G=mv(b.G), s=mv(b.s), QA=mv(b.QA), QG=mv(b.QG), eig={})
