@@ -48,7 +48,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -351,7 +351,7 @@ class KroneckerFisher(Curvature):
                 "weights used by one module; select such layers or use kind='diag'."
             )
         diag_A, diag_G = cls._plan_sides(layers, kind, max_factor_dim, max_factor_bytes, plan)
-        if kind == "ekfac" and not is_single_batch(data) and iter(data) is data:
+        if kind == "ekfac" and not is_single_batch(data) and isinstance(data, Iterator):
             raise ValueError(
                 "kind='ekfac' reads the data twice (factors, then the eigenbasis diagonal), "
                 "but `data` is a one-shot iterator; pass a list of batches or a DataLoader."
