@@ -1,4 +1,4 @@
-"""K-FAC: Kronecker factors of the Fisher for Linear and Conv layers.
+"""K-FAC: Kronecker factors of the Fisher for Linear, Conv, Conv1D and Embedding layers.
 
 For a layer ``s = W a (+ b)`` with per-sample loss ``l_n`` and output gradient
 ``b_n = ∂l_n/∂s_n``, the per-sample weight gradient is ``g_n = b_n ãₙᵀ`` where
@@ -17,17 +17,37 @@ flattened row-major (``V.reshape(-1)``, PyTorch's order), by
   (KFC, Grosse & Martens 2016; Eschenhagen et al. 2023): positions act like extra samples
   in ``G`` and are averaged in ``A``. A module called several times in one forward pass
   contributes each call's positions.
-* ``j`` runs over the label source's output cotangents: the data label (``empirical``),
-  one predictive draw (``mc``), or the columns ``s_j`` of the output Fisher's factor
-  (``exact``), so that ``Σ_j b_j b_jᵀ`` is ``E_y[b bᵀ]`` in closed form.
+* ``j`` runs over the label source's output cotangents, with weights ``w_j``: the data
+  label (``empirical``), ``k`` predictive draws (``mc``, ``w_j = 1/k``), or the columns
+  ``s_j`` of the output Fisher's factor (``exact``), so that ``Σ_j b_j b_jᵀ`` is
+  ``E_y[b bᵀ]`` in closed form.
+
+Layers (:func:`kfac_coverage`; :func:`kfac_layers` with ``extended=False`` keeps the
+original set of Linear and plain convolutions):
+
+* ``nn.Linear`` on ``(N, *, d_in)``;
+* ``nn.Conv1d`` / ``nn.Conv2d``, any ``padding_mode`` (the input is padded explicitly as
+  the convolution does, then unfolded) and ``padding="same"``; with ``groups = g`` the
+  weight ``(C_out, C_in/g, *k)`` splits into ``g`` independent blocks
+  ``(C_out/g, C_in/g·k [+1])`` with their own ``A_i``, ``G_i`` (block-diagonal over groups);
+* transformers' ``Conv1D`` (``y = x W + b``, weight stored ``(in, out)``): the block
+  matrix is ``[Wᵀ, b]``, so ``G`` is over the outputs and ``A`` over the inputs as for
+  ``nn.Linear``;
+* ``nn.Embedding`` (weight ``(V, D)``): the block matrix is ``Wᵀ`` ``(D, V)``, the inputs
+  are one-hot token indicators, so ``A = diag(counts / (N·T))`` is diagonal (stored as a
+  vector; the ``padding_idx`` row, whose gradient is zero, counts nothing) and ``G`` is the
+  full ``D x D`` output-gradient factor. ``max_norm``, ``scale_grad_by_freq`` and sparse
+  embeddings are not covered.
+
+A weight used by several modules (a tied embedding and LM head) is never covered: the
+two uses' statistics cannot form one Kronecker product. Everything not covered is left
+to the diagonal Fisher, with the reason (see :func:`kfac_coverage`).
 
 The factors are captured in one forward pass, whose output also gives the ``mc`` draws
 (module forward hooks record the inputs; each hooked output is replaced by a clone so
 that in-place activations after it do not disturb its gradient), and one backward pass
 per cotangent with ``torch.autograd.grad`` with respect to the layer outputs;
-parameters' ``.grad`` are never touched. Supported:
-``nn.Linear``, and ``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1``, ``padding_mode='zeros'``
-and integer padding. Everything else is left to the diagonal Fisher.
+parameters' ``.grad`` are never touched.
 
 Example:
     >>> import torch

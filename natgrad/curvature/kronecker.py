@@ -59,6 +59,7 @@ from natgrad.curvature.kfac import (
     capture,
     factor_stats,
     kfac_coverage,
+    kfac_eigen,
     per_sample_blocks,
     split_weight_blocks,
     weight_blocks,
@@ -125,6 +126,9 @@ class KroneckerBlock:
         clamped at 0; computed once per statistics (damping-independent)."""
         if not self.eig and self.s is not None:  # EKFAC: its own bases; S is s
             self.eig.update({"QA": self.QA, "sA": None, "QG": self.QG, "sG": None})
+        if not self.eig and self.A.dim() == 3 and self.G.dim() == 3:
+            e = kfac_eigen(self.A, self.G)  # batched over groups
+            self.eig.update({"QA": e["QA"], "sA": e["dA"], "QG": e["QG"], "sG": e["dG"]})
         if not self.eig:
             self.eig.update(_eigen(self.A, "A"))
             self.eig.update(_eigen(self.G, "G"))
