@@ -181,7 +181,7 @@ def _explicit_padding(m: nn.Module) -> list[int] | None:
         if any(s != 1 for s in m.stride):
             return None
         pads: list[int] = []
-        for kk, dd in zip(reversed(k), reversed(d)):
+        for kk, dd in zip(reversed(k), reversed(d), strict=True):
             total = dd * (kk - 1)
             pads += [total // 2, total - total // 2]
         return pads
@@ -445,7 +445,7 @@ def capture(plan: Plan, batch: Any, layers: Mapping[str, KFACLayer]) -> Captured
         for k in names:
             parts = [
                 _out_grads(layers[k], torch.zeros_like(o) if g is None else g)
-                for o, g in zip(outputs[k], gs[i : i + len(outputs[k])])
+                for o, g in zip(outputs[k], gs[i : i + len(outputs[k])], strict=True)
             ]
             i += len(outputs[k])
             grads[k].append((w, torch.cat(parts, 1)))

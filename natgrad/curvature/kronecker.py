@@ -67,7 +67,13 @@ from natgrad.curvature.kfac import (
 from natgrad.curvature.protocol import Curvature, Params, register_curvature
 from natgrad.curvature.statefile import load_state, save_state
 from natgrad.engine.batch import OutputFn
-from natgrad.engine.checks import check_choice, check_finite, check_fraction, check_int
+from natgrad.engine.checks import (
+    check_choice,
+    check_finite,
+    check_fixed_model,
+    check_fraction,
+    check_int,
+)
 from natgrad.engine.common import to_acc
 from natgrad.engine.distributed import is_distributed
 from natgrad.engine.likelihoods import Likelihood
@@ -345,7 +351,9 @@ class KroneckerFisher(Curvature):
             raise RuntimeError(
                 "distributed=True needs an initialized torch.distributed process group."
             )
-        plan = Plan(model, likelihood, labels, mc_samples, params, output_fn, generator)
+        what = f"estimate_curvature(kind={kind!r})"
+        check_fixed_model(model, what)
+        plan = Plan(model, likelihood, labels, mc_samples, params, output_fn, generator, what=what)
         layers, reasons = kfac_coverage(model, plan.params)
         if not layers:
             raise ValueError(
@@ -435,7 +443,7 @@ class KroneckerFisher(Curvature):
                                            lay.transposed, lay.groups, A, G)
         blocks = {k: blocks[k] for k in layers}
         nr = len(order) * 2
-        diag = {k: v / n_total for k, v in zip(rest_sums, flat[nr:])}
+        diag = {k: v / n_total for k, v in zip(rest_sums, flat[nr:], strict=True)}
         for k, v in diag.items():
             check_finite(f"the per-sample gradients of {k!r}", v.sum(),
                          "Check the inputs, the model's outputs and the labels for NaN/Inf.")
@@ -511,7 +519,7 @@ class KroneckerFisher(Curvature):
         if dist_on:
             order = list(blocks)
             flat, n_seen = _reduce_sum([blocks[k].s for k in order], n_seen, None)
-            for k, s in zip(order, flat):
+            for k, s in zip(order, flat, strict=True):
                 blocks[k].s = s
         if n_seen != n_total:
             raise ValueError(
@@ -792,10 +800,10 @@ class KroneckerFisher(Curvature):
                 QA, _, QG, _ = blocks[k].bases()
                 proj.append(_project(self.blocks[k], QA, QG) * n)
             proj, _ = _reduce_sum(proj, 0, group)
-            for k, s in zip(order, proj):
+            for k, s in zip(order, proj, strict=True):
                 blocks[k].s = s / total
                 blocks[k].QA, blocks[k].QG = blocks[k].bases()[0], blocks[k].bases()[2]
-        diag = {k: v / total for k, v in zip(self.diag, red[2 * len(order):])}
+        diag = {k: v / total for k, v in zip(self.diag, red[2 * len(order) :], strict=True)}
         return KroneckerFisher(blocks, diag, total, kind=self.kind, diag_reasons=self.diag_reasons,
                                labels=self.labels, likelihood=self.likelihood,
                                order=self.order)

@@ -34,7 +34,13 @@ from torch import nn
 from natgrad.curvature.protocol import Curvature, Params, register_curvature
 from natgrad.curvature.statefile import load_state, save_state
 from natgrad.engine.batch import OutputFn
-from natgrad.engine.checks import check_choice, check_finite, check_fraction, check_int
+from natgrad.engine.checks import (
+    check_choice,
+    check_finite,
+    check_fixed_model,
+    check_fraction,
+    check_int,
+)
 from natgrad.engine.common import to_acc
 from natgrad.engine.distributed import is_distributed
 from natgrad.engine.likelihoods import Likelihood
@@ -252,7 +258,9 @@ class LowRankFisher(Curvature):
         dist_on = is_distributed() if distributed is None else bool(distributed)
         if dist_on and not is_distributed():
             raise RuntimeError("distributed=True needs an initialized torch.distributed process group.")
-        plan = Plan(model, likelihood, labels, mc_samples, params, output_fn, generator)
+        what = "estimate_curvature(kind='lowrank')"
+        check_fixed_model(model, what)
+        plan = Plan(model, likelihood, labels, mc_samples, params, output_fn, generator, what=what)
         shapes = {k: tuple(p.shape) for k, p in plan.params.items()}
         gen = plan.generator
         rows, n = [], 0
@@ -477,7 +485,7 @@ def _gather_rows(rows: torch.Tensor, n: int, group) -> tuple[torch.Tensor, int]:
     pad[: rows.shape[0]] = rows
     gathered = [torch.zeros_like(pad) for _ in range(world)]
     dist.all_gather(gathered, pad, group=group)
-    out = torch.cat([g[:c] for g, c in zip(gathered, counts)])
+    out = torch.cat([g[:c] for g, c in zip(gathered, counts, strict=True)])
     return out, sum(int(m[1]) for m in metas)
 
 

@@ -47,7 +47,7 @@ def _loop_out_grads(model, modules, x, y, loss_fn):
         ins, outs = {}, {}
         hs = []
         for m in modules:
-            def hook(mod, args, out, m=m):
+            def hook(mod, args, out, m=m, ins=ins, outs=outs):
                 ins[m] = args[0].detach()
                 outs[m] = out
             hs.append(m.register_forward_hook(hook))
@@ -55,7 +55,7 @@ def _loop_out_grads(model, modules, x, y, loss_fn):
         for h in hs:
             h.remove()
         gs = torch.autograd.grad(loss, [outs[m] for m in modules])
-        res.append({m: (ins[m], g.detach()) for m, g in zip(modules, gs)})
+        res.append({m: (ins[m], g.detach()) for m, g in zip(modules, gs, strict=True)})
     for r in res:
         for m in modules:
             rec[m].append(r[m])
