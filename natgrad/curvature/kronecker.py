@@ -156,6 +156,16 @@ def _eigen(M: torch.Tensor, side: str) -> dict[str, torch.Tensor | None]:
     return {f"Q{side}": Q, f"s{side}": s.clamp_min(0)}
 
 
+def _zero_stats(lay, diag_A: bool, diag_G: bool) -> list[torch.Tensor]:
+    """Zero ``[A, G]`` sums of a layer: ``(groups, d)`` for a diagonal side, else ``(groups, d, d)``."""
+    g, dG, dA = lay.dims()
+    w = lay.module.weight
+    dt, dev = to_acc(w.detach()).dtype, w.device
+    A = torch.zeros((g, dA) if diag_A else (g, dA, dA), dtype=dt, device=dev)
+    G = torch.zeros((g, dG) if diag_G else (g, dG, dG), dtype=dt, device=dev)
+    return [A, G]
+
+
 def _rot(V: torch.Tensor, QA, QG) -> torch.Tensor:
     if QG is not None:
         V = QG.mT @ V
@@ -369,9 +379,17 @@ class KroneckerFisher(Curvature):
                 "but `data` is a one-shot iterator; pass a list of batches or a DataLoader."
             )
         start = plan.generator.get_state()
-        sums: dict[str, list[torch.Tensor]] = {}
+        # Every layer and diagonal parameter gets a sum from the start, so that every rank
+        # reduces the same buffers, even one whose shard is empty.
+        sums = {k: _zero_stats(lay, diag_A[k], diag_G[k]) for k, lay in layers.items()}
         rest = dict(reasons)
-        rest_sums: dict[str, torch.Tensor] = {}
+
+        def rest_part():
+            names = [k for k in plan.params if k in rest]
+            zeros = {k: torch.zeros_like(plan.params[k], dtype=torch.float32) for k in names}
+            return (plan.restrict(names) if names else None), zeros
+
+        rest_plan, rest_sums = rest_part()
         n_total, first = 0, True
         batches = _progress(iterate_batches(data, max_batches), data, progress, max_batches, kind)
         for batch in batches:
@@ -387,34 +405,27 @@ class KroneckerFisher(Curvature):
                     for p in (layers[k].weight, layers[k].bias):
                         if p:
                             rest[p] = "its layer is called without the batch as first dimension"
-                    del layers[k]
+                    del layers[k], sums[k]
                 if not layers:
                     raise ValueError(
                         f"kind={kind!r} covers none of the selected parameters: every K-FAC "
                         "layer is called without the batch dimension; use kind='diag'."
                     )
+                rest_plan, rest_sums = rest_part()
             for k, lay in layers.items():
-                if k not in cap.inputs:
-                    continue
-                A, G = factor_stats(lay, cap.inputs[k], cap.grads[k], cap.n, diag_A[k], diag_G[k])
-                if k in sums:
+                if k in cap.inputs:
+                    A, G = factor_stats(lay, cap.inputs[k], cap.grads[k], cap.n, diag_A[k],
+                                        diag_G[k])
                     sums[k][0] += cap.n * A
                     sums[k][1] += cap.n * G
-                else:
-                    sums[k] = [cap.n * A, cap.n * G]
-            if rest:
-                if first:
-                    rest_names = [k for k in plan.params if k in rest]
-                    rest_plan = plan.restrict(rest_names)
-                    rest_sums = {k: torch.zeros_like(plan.params[k], dtype=torch.float32)
-                                 for k in rest_names}
+            if rest_plan is not None:
                 plan.generator.set_state(state)
                 for _, acc in square_sums_auto(rest_plan, [batch], chunk_size, engine):
                     for k in rest_sums:
                         rest_sums[k] += acc[k]
             n_total += cap.n
             first = False
-        order = [k for k in layers if k in sums]
+        order = list(layers)
         flat = [t for k in order for t in sums[k]] + list(rest_sums.values())
         if dist_on:
             flat, n_total = _reduce_sum(flat, n_total, None)
@@ -423,7 +434,7 @@ class KroneckerFisher(Curvature):
                 "No samples: `data` yielded no batches, so there is no Fisher to estimate."
             )
         blocks = {}
-        for i, k in enumerate(order):
+        for i, k in enumerate(order):  # a layer the forward never called: zero factors
             lay = layers[k]
             A, G = flat[2 * i] / n_total, flat[2 * i + 1] / n_total
             check_finite(f"the K-FAC factors of layer {k!r}", torch.stack([A.sum(), G.sum()]),
@@ -431,17 +442,6 @@ class KroneckerFisher(Curvature):
             w = lay.module.weight
             blocks[k] = KroneckerBlock(lay.weight, lay.bias, tuple(w.shape), lay.transposed,
                                        lay.groups, A, G)
-        for k in layers:  # never called in the forward pass: zero factors
-            if k not in blocks:
-                lay = layers[k]
-                g, dG, dA = lay.dims()
-                dt = to_acc(lay.module.weight.detach()).dtype
-                dev = lay.module.weight.device
-                A = torch.zeros((g, dA) if diag_A[k] else (g, dA, dA), dtype=dt, device=dev)
-                G = torch.zeros((g, dG) if diag_G[k] else (g, dG, dG), dtype=dt, device=dev)
-                blocks[k] = KroneckerBlock(lay.weight, lay.bias, tuple(lay.module.weight.shape),
-                                           lay.transposed, lay.groups, A, G)
-        blocks = {k: blocks[k] for k in layers}
         nr = len(order) * 2
         diag = {k: v / n_total for k, v in zip(rest_sums, flat[nr:], strict=True)}
         for k, v in diag.items():

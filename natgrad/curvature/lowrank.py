@@ -278,15 +278,15 @@ class LowRankFisher(Curvature):
                 r = r * math.sqrt(plan.weight)
             rows.append(r)
             n += lead[0]
-        if not rows:
+        P = sum(math.prod(s) for s in shapes.values())
+        dt = to_acc(next(iter(plan.params.values())).detach()).dtype
+        R = torch.cat(rows) if rows else torch.zeros(0, P, dtype=dt, device=plan.device)
+        if dist_on:  # every rank gathers, even one whose shard is empty
+            R, n = _gather_rows(R, n, None)
+        if n == 0:
             raise ValueError(
                 "No samples: `data` yielded no batches, so there is no Fisher to estimate."
             )
-        R = torch.cat(rows)
-        if dist_on:
-            R, n = _gather_rows(R, n, None)
-        if n == 0:
-            raise ValueError("No samples: every rank's data was empty.")
         check_finite("the per-sample gradients (their Gram matrix)", (R.double() ** 2).sum(),
                      "Check the inputs, the model's outputs and the labels for NaN/Inf.")
         return cls(R, n, shapes, rank=rank, labels=labels, likelihood=plan.lik.name)

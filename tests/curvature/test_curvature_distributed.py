@@ -4,7 +4,7 @@ Each rank passes its own (uneven, multi-batch) shard. ``estimate`` reduces the
 statistics (EKFAC: its factors before the eigenbasis re-fit), so every rank must hold the
 curvature one process computes on the union batch. ``all_reduce`` of local estimates
 (``distributed=False``) must equal ``+`` over the shards in one process (for K-FAC and
-low rank that is the union estimate too).
+low rank that is the union estimate too). A rank with an empty shard still takes part.
 """
 
 import os
@@ -53,7 +53,9 @@ def _worker(rank, world, init_file, out_dir):
             glob = _est(model, shard, kind)
             local = _est(model, shard, kind, distributed=False)
             red = local.all_reduce()
-            res[kind] = (glob.state_dict(), red.state_dict(), local.n_samples)
+            # a rank with no data still takes part in every collective
+            lone = _est(model, [] if rank == 0 else [(x, y)], kind)
+            res[kind] = (glob.state_dict(), red.state_dict(), local.n_samples, lone.state_dict())
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -70,7 +72,10 @@ def test_two_gloo_ranks_equal_one_process_on_the_union(tmp_path):
         summed = dense_from_mv(parts[0] + parts[1], shapes)
         dense = {}
         for rank in range(2):
-            glob, red, n_local = torch.load(tmp_path / f"rank{rank}.pt")[kind]
+            glob, red, n_local, lone = torch.load(tmp_path / f"rank{rank}.pt")[kind]
+            lone = cls.from_state_dict(lone)
+            assert lone.n_samples == 10
+            torch.testing.assert_close(dense_from_mv(lone, shapes), union, rtol=1e-6, atol=1e-9)
             assert n_local == (3 if rank == 0 else 7)
             g, r = cls.from_state_dict(glob), cls.from_state_dict(red)
             assert g.n_samples == r.n_samples == 10
