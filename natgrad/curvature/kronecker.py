@@ -75,7 +75,11 @@ from natgrad.engine.checks import (
     check_int,
 )
 from natgrad.engine.common import to_acc
-from natgrad.engine.distributed import is_distributed
+from natgrad.engine.distributed import (
+    is_distributed,
+    raise_if_any_rank_failed,
+    resolve_distributed,
+)
 from natgrad.engine.likelihoods import Likelihood
 from natgrad.engine.per_sample import ParamSpec, Plan
 
@@ -356,11 +360,7 @@ class KroneckerFisher(Curvature):
         check_choice("engine", engine, ENGINES)
         max_factor_dim = check_int("max_factor_dim", max_factor_dim, 1, optional=True)
         max_factor_bytes = check_int("max_factor_bytes", max_factor_bytes, 1, optional=True)
-        dist_on = is_distributed() if distributed is None else bool(distributed)
-        if dist_on and not is_distributed():
-            raise RuntimeError(
-                "distributed=True needs an initialized torch.distributed process group."
-            )
+        dist_on = resolve_distributed(distributed, f"estimate_curvature(kind={kind!r})")
         what = f"estimate_curvature(kind={kind!r})"
         check_fixed_model(model, what)
         plan = Plan(model, likelihood, labels, mc_samples, params, output_fn, generator, what=what)
@@ -392,39 +392,47 @@ class KroneckerFisher(Curvature):
         rest_plan, rest_sums = rest_part()
         n_total, first = 0, True
         batches = _progress(iterate_batches(data, max_batches), data, progress, max_batches, kind)
-        for batch in batches:
-            state = plan.generator.get_state()
-            cap = capture(plan, batch, layers)
-            if cap.unbatched:
-                if not first:
-                    raise ValueError(
-                        f"Layers {cap.unbatched} were called without the batch dimension in a "
-                        "later batch only; keep the batch as the first dimension of every batch."
-                    )
-                for k in cap.unbatched:
-                    for p in (layers[k].weight, layers[k].bias):
-                        if p:
-                            rest[p] = "its layer is called without the batch as first dimension"
-                    del layers[k], sums[k]
-                if not layers:
-                    raise ValueError(
-                        f"kind={kind!r} covers none of the selected parameters: every K-FAC "
-                        "layer is called without the batch dimension; use kind='diag'."
-                    )
-                rest_plan, rest_sums = rest_part()
-            for k, lay in layers.items():
-                if k in cap.inputs:
-                    A, G = factor_stats(lay, cap.inputs[k], cap.grads[k], cap.n, diag_A[k],
-                                        diag_G[k])
-                    sums[k][0] += cap.n * A
-                    sums[k][1] += cap.n * G
-            if rest_plan is not None:
-                plan.generator.set_state(state)
-                for _, acc in square_sums_auto(rest_plan, [batch], chunk_size, engine):
-                    for k in rest_sums:
-                        rest_sums[k] += acc[k]
-            n_total += cap.n
-            first = False
+        error = None  # under torch.distributed, a failure on one rank reaches every rank
+        try:
+            for batch in batches:
+                state = plan.generator.get_state()
+                cap = capture(plan, batch, layers)
+                if cap.unbatched:
+                    if not first:
+                        raise ValueError(
+                            f"Layers {cap.unbatched} were called without the batch dimension in a "
+                            "later batch only; keep the batch as the first dimension of every batch."
+                        )
+                    for k in cap.unbatched:
+                        for p in (layers[k].weight, layers[k].bias):
+                            if p:
+                                rest[p] = "its layer is called without the batch as first dimension"
+                        del layers[k], sums[k]
+                    if not layers:
+                        raise ValueError(
+                            f"kind={kind!r} covers none of the selected parameters: every K-FAC "
+                            "layer is called without the batch dimension; use kind='diag'."
+                        )
+                    rest_plan, rest_sums = rest_part()
+                for k, lay in layers.items():
+                    if k in cap.inputs:
+                        A, G = factor_stats(lay, cap.inputs[k], cap.grads[k], cap.n, diag_A[k],
+                                            diag_G[k])
+                        sums[k][0] += cap.n * A
+                        sums[k][1] += cap.n * G
+                if rest_plan is not None:
+                    plan.generator.set_state(state)
+                    for _, acc in square_sums_auto(rest_plan, [batch], chunk_size, engine):
+                        for k in rest_sums:
+                            rest_sums[k] += acc[k]
+                n_total += cap.n
+                first = False
+        except Exception as exc:
+            if not dist_on:
+                raise
+            error = exc
+        if dist_on:
+            raise_if_any_rank_failed(error, f"estimate_curvature(kind={kind!r})")
         order = list(layers)
         flat = [t for k in order for t in sums[k]] + list(rest_sums.values())
         if dist_on:
@@ -504,18 +512,25 @@ class KroneckerFisher(Curvature):
             bases[k] = (QA, QG)
             g, dG, dA = blk.groups, blk.G.shape[1], blk.A.shape[1]
             blk.s = torch.zeros(g, dG, dA, dtype=blk.A.dtype, device=blk.A.device)
-        n_seen = 0
-        for batch in iterate_batches(data, max_batches):
-            cap = capture(plan, batch, layers)
-            n_seen += cap.n
-            for k in cap.inputs:
-                a, blk = cap.inputs[k], blocks[k]
-                QA, QG = bases[k]
-                step = max(1, _BLOCK_FLOATS // max(blk.s.numel(), 1))
-                for w, b in cap.grads[k]:
-                    for i in range(0, cap.n, step):
-                        M = per_sample_blocks(layers[k], a[i : i + step], b[i : i + step], QA, QG)
-                        blk.s += w * (M * M).sum(0)
+        n_seen, error = 0, None
+        try:
+            for batch in iterate_batches(data, max_batches):
+                cap = capture(plan, batch, layers)
+                n_seen += cap.n
+                for k in cap.inputs:
+                    a, blk = cap.inputs[k], blocks[k]
+                    QA, QG = bases[k]
+                    step = max(1, _BLOCK_FLOATS // max(blk.s.numel(), 1))
+                    for w, b in cap.grads[k]:
+                        for i in range(0, cap.n, step):
+                            M = per_sample_blocks(layers[k], a[i : i + step], b[i : i + step], QA, QG)
+                            blk.s += w * (M * M).sum(0)
+        except Exception as exc:
+            if not dist_on:
+                raise
+            error = exc
+        if dist_on:
+            raise_if_any_rank_failed(error, "estimate_curvature(kind='ekfac')")
         if dist_on:
             order = list(blocks)
             flat, n_seen = _reduce_sum([blocks[k].s for k in order], n_seen, None)

@@ -42,7 +42,11 @@ from natgrad.engine.checks import (
     check_int,
 )
 from natgrad.engine.common import to_acc
-from natgrad.engine.distributed import is_distributed
+from natgrad.engine.distributed import (
+    is_distributed,
+    raise_if_any_rank_failed,
+    resolve_distributed,
+)
 from natgrad.engine.likelihoods import Likelihood
 from natgrad.engine.per_sample import ParamSpec, Plan, per_sample_grads
 
@@ -255,9 +259,7 @@ class LowRankFisher(Curvature):
 
         check_choice("kind", kind, ("lowrank",))
         rank = check_int("rank", rank, 1, optional=True)
-        dist_on = is_distributed() if distributed is None else bool(distributed)
-        if dist_on and not is_distributed():
-            raise RuntimeError("distributed=True needs an initialized torch.distributed process group.")
+        dist_on = resolve_distributed(distributed, "estimate_curvature(kind='lowrank')")
         what = "estimate_curvature(kind='lowrank')"
         check_fixed_model(model, what)
         plan = Plan(model, likelihood, labels, mc_samples, params, output_fn, generator, what=what)
@@ -266,18 +268,26 @@ class LowRankFisher(Curvature):
         rows, n = [], 0
         batches = _progress(iterate_batches(data, max_batches), data, progress, max_batches,
                             "low-rank Fisher")
-        for batch in batches:
-            g = per_sample_grads(model, batch, likelihood, labels=labels, mc_samples=mc_samples,
-                                 params=list(shapes), chunk_size=chunk_size, generator=gen,
-                                 output_fn=output_fn)
-            first = g[next(iter(shapes))]
-            lead = first.shape[: first.dim() - len(shapes[next(iter(shapes))])]
-            r = torch.cat([to_acc(g[k]).reshape(*lead, -1) for k in shapes], -1)
-            r = r.reshape(-1, r.shape[-1])
-            if plan.labels == "mc" and plan.k > 1:
-                r = r * math.sqrt(plan.weight)
-            rows.append(r)
-            n += lead[0]
+        error = None  # under torch.distributed, a failure on one rank reaches every rank
+        try:
+            for batch in batches:
+                g = per_sample_grads(model, batch, likelihood, labels=labels, mc_samples=mc_samples,
+                                     params=list(shapes), chunk_size=chunk_size, generator=gen,
+                                     output_fn=output_fn)
+                first = g[next(iter(shapes))]
+                lead = first.shape[: first.dim() - len(shapes[next(iter(shapes))])]
+                r = torch.cat([to_acc(g[k]).reshape(*lead, -1) for k in shapes], -1)
+                r = r.reshape(-1, r.shape[-1])
+                if plan.labels == "mc" and plan.k > 1:
+                    r = r * math.sqrt(plan.weight)
+                rows.append(r)
+                n += lead[0]
+        except Exception as exc:
+            if not dist_on:
+                raise
+            error = exc
+        if dist_on:
+            raise_if_any_rank_failed(error, "estimate_curvature(kind='lowrank')")
         P = sum(math.prod(s) for s in shapes.values())
         dt = to_acc(next(iter(plan.params.values())).detach()).dtype
         R = torch.cat(rows) if rows else torch.zeros(0, P, dtype=dt, device=plan.device)

@@ -116,7 +116,7 @@ def test_non_finite_inputs_raise_floating_point_error(kind):
 @pytest.mark.parametrize("kind", ["kfac", "lowrank"])
 def test_distributed_true_without_a_process_group(kind):
     model, x, y = _case()
-    with pytest.raises(RuntimeError, match="process group"):
+    with pytest.raises(RuntimeError, match="distributed=True.*not initialized"):
         natgrad.estimate_curvature(model, (x, y), kind=kind, distributed=True)
 
 
@@ -187,14 +187,14 @@ def test_corrupt_and_foreign_files(tmp_path):
     k.save(path)
     low = _est(model, (x, y), kind="lowrank")
     low.save(tmp_path / "l.safetensors")
-    with pytest.raises(ValueError, match="not 'natgrad.KroneckerFisher'"):
+    with pytest.raises(ValueError, match="holds a natgrad.LowRankFisher, not a natgrad.KroneckerFisher"):
         KroneckerFisher.load(tmp_path / "l.safetensors")
     with pytest.raises(FileNotFoundError):
         KroneckerFisher.load(tmp_path / "missing.safetensors")
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0xFF  # flip bits inside the last tensor's data
     path.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match="corrupt: tensor .* fails its SHA-256 check"):
+    with pytest.raises(ValueError, match="is corrupt: tensor .* fails its SHA-256 checksum"):
         KroneckerFisher.load(path)
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
