@@ -459,9 +459,13 @@ class KroneckerFisher(Curvature):
             plan.generator.set_state(start)
             cls._refit(plan, data, max_batches, layers, blocks, n_total, dist_on)
         if rest:
+            by_reason: dict[str, list[str]] = {}
+            for k in plan.params:
+                if k in rest:
+                    by_reason.setdefault(rest[k], []).append(k)
             msg = (
                 f"kind={kind!r} keeps {len(rest)} parameter(s) diagonal (structure() says "
-                "'diag'): " + "; ".join(f"{k} ({why})" for k, why in rest.items())
+                "'diag'): " + "; ".join(f"{why}: {', '.join(ks)}" for why, ks in by_reason.items())
             )
             warnings.warn(msg, UserWarning, stacklevel=3)
             _log.info(msg)

@@ -481,7 +481,8 @@ def test_one_warning_names_the_diagonal_parameters_and_reasons(caplog):
         natgrad.estimate_curvature(model, (x, y), kind="kfac")
     msgs = [str(w.message) for w in rec if "diagonal" in str(w.message)]
     assert len(msgs) == 1
-    assert "1.weight (LayerNorm has no K-FAC form)" in msgs[0] and "1.bias" in msgs[0]
+    assert "keeps 2 parameter(s) diagonal" in msgs[0]
+    assert "LayerNorm has no K-FAC form: 1.weight, 1.bias" in msgs[0]
     assert any("1.weight" in r.getMessage() for r in caplog.records)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # fully covered: no warning at all
@@ -508,7 +509,9 @@ def test_tiny_gpt2_conv1d_layers_are_kfac_and_tied_embedding_is_diagonal():
     assert st["transformer.wte.weight"] == "diag"
     msgs = [str(w.message) for w in rec if "diagonal" in str(w.message)]
     assert len(msgs) == 1
-    assert "transformer.wte.weight (weight shared by transformer.wte.weight and lm_head.weight" in msgs[0]
+    tied = "weight shared by transformer.wte.weight and lm_head.weight (tied): transformer.wte.weight"
+    assert tied in msgs[0]
+    assert "called without the batch as first dimension: transformer.wpe.weight" in msgs[0]
     # c_fc: A from the layer's own inputs (hooked here), T = 8 positions
     m = model.transformer.h[0].mlp.c_fc
     seen = []
