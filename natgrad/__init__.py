@@ -15,6 +15,8 @@ from natgrad.continual.damage import (
 from natgrad.continual.ewc import EWC
 from natgrad.curvature.diagonal import DiagonalFisher, top_coordinates
 from natgrad.curvature.estimate import estimate_curvature, estimate_fisher
+from natgrad.curvature.kronecker import KroneckerFisher
+from natgrad.curvature.lowrank import LowRankFisher
 from natgrad.curvature.protocol import CURVATURE_KINDS, Curvature, register_curvature
 from natgrad.curvature.tracker import FisherTracker
 from natgrad.directions import FisherDirections, top_fisher_directions
@@ -79,6 +81,8 @@ __all__ = [
     "register_curvature",
     "estimate_curvature",
     "DiagonalFisher",
+    "KroneckerFisher",
+    "LowRankFisher",
     "estimate_fisher",
     "FisherTracker",
     "top_coordinates",

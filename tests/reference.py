@@ -101,6 +101,8 @@ def dense_fisher(grads: dict[str, torch.Tensor], names) -> torch.Tensor:
     """``(1/N) Σ_n g_n g_nᵀ`` in float64 from per-sample gradients ``{name: (N, *shape)}``."""
     g = torch.cat([grads[k].reshape(grads[k].shape[0], -1).double() for k in names], 1)
     return g.T @ g / g.shape[0]
+
+
 def loop_grads_by(model: nn.Module, sample_loss, n: int, names=None) -> dict[str, torch.Tensor]:
     """Per-sample gradients by one backward pass per sample of ``sample_loss(i)``.
 
@@ -143,3 +145,73 @@ def exact_categorical_fisher_by(model: nn.Module, sample_logits, n: int) -> dict
 def fisher_from_grads(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The empirical diagonal Fisher ``(1/N) Σ_n g_n²`` of per-sample gradients ``(N, ...)``."""
     return {k: (g**2).mean(0) for k, g in grads.items()}
+
+
+def dense_label_fisher(model: nn.Module, x, likelihood: str, draws=None) -> torch.Tensor:
+    """``(1/N) Σ_n E_y[g_n g_nᵀ]`` (dense, float64) by one backward per sample and label.
+
+    ``likelihood``: ``"categorical"`` (``Σ_c p_c ∇log p_c ∇log p_cᵀ``), ``"gaussian"``
+    (σ = 1: ``Σ_d ∇f_d ∇f_dᵀ``) or ``"bernoulli"`` (``Σ_d p_d(1 - p_d) ∇f_d ∇f_dᵀ``), the
+    expectation in closed form; or, with ``draws`` ``(N, k, ...)``, the mean over the
+    drawn labels of the empirical outer products.
+    """
+    named = dict(model.named_parameters())
+    params = list(named.values())
+    n = x.shape[0]
+    P = sum(p.numel() for p in params)
+    D = torch.zeros(P, P, dtype=torch.float64)
+
+    def grad(scalar):
+        gs = torch.autograd.grad(scalar, params, retain_graph=True)
+        return torch.cat([g.reshape(-1) for g in gs]).double()
+
+    for i in range(n):
+        out = model(x[i : i + 1])[0]
+        if draws is not None:
+            k = draws.shape[1]
+            for j in range(k):
+                y = draws[i, j]
+                if likelihood == "categorical":
+                    nll = -out.log_softmax(-1)[y]
+                elif likelihood == "gaussian":
+                    nll = 0.5 * ((out - y) ** 2).sum()
+                else:
+                    nll = torch.nn.functional.binary_cross_entropy_with_logits(
+                        out, y.to(out.dtype), reduction="sum"
+                    )
+                g = grad(nll)
+                D += torch.outer(g, g) / k
+            continue
+        if likelihood == "categorical":
+            p = out.softmax(-1).detach()
+            for c in range(out.shape[0]):
+                g = grad(-out.log_softmax(-1)[c])
+                D += p[c] * torch.outer(g, g)
+        else:
+            p = torch.sigmoid(out).detach()
+            for d in range(out.shape[0]):
+                g = grad(out[d])
+                w = 1.0 if likelihood == "gaussian" else p[d] * (1 - p[d])
+                D += w * torch.outer(g, g)
+    return D / n
+
+
+def check_against_dense(curv, shapes: dict, dense: torch.Tensor, lam: float = 0.3, tol=None):
+    """Every Curvature method of ``curv`` against the dense matrix ``dense`` (float64)."""
+    names = list(shapes)
+    kw = {} if tol is None else {"rtol": tol, "atol": tol}
+    torch.testing.assert_close(dense_from_mv(curv, shapes), dense, **kw)
+    gen = torch.Generator().manual_seed(1)
+    vf = torch.randn(dense.shape[0], dtype=torch.float64, generator=gen)
+    v = unflatten_params(vf, shapes)
+    eye = torch.eye(dense.shape[0], dtype=torch.float64)
+    inv = torch.linalg.inv(dense + lam * eye)
+    torch.testing.assert_close(flatten_params(curv.solve(v, lam), names), inv @ vf, **kw)
+    torch.testing.assert_close(curv.quad(v).double(), vf @ dense @ vf, **kw)
+    torch.testing.assert_close(flatten_params(curv.diagonal(), names), dense.diagonal(), **kw)
+    torch.testing.assert_close(
+        flatten_params(curv.inverse_diagonal(lam), names), inv.diagonal(), **kw
+    )
+    torch.testing.assert_close(
+        curv.logdet(lam).double(), torch.linalg.slogdet(dense + lam * eye).logabsdet, **kw
+    )

@@ -1,4 +1,4 @@
-"""K-FAC: Kronecker factors of the Fisher for Linear and Conv layers.
+"""K-FAC: Kronecker factors of the Fisher for Linear, Conv, Conv1D and Embedding layers.
 
 For a layer ``s = W a (+ b)`` with per-sample loss ``l_n`` and output gradient
 ``b_n = ∂l_n/∂s_n``, the per-sample weight gradient is ``g_n = b_n ãₙᵀ`` where
@@ -17,17 +17,37 @@ flattened row-major (``V.reshape(-1)``, PyTorch's order), by
   (KFC, Grosse & Martens 2016; Eschenhagen et al. 2023): positions act like extra samples
   in ``G`` and are averaged in ``A``. A module called several times in one forward pass
   contributes each call's positions.
-* ``j`` runs over the label source's output cotangents: the data label (``empirical``),
-  one predictive draw (``mc``), or the columns ``s_j`` of the output Fisher's factor
-  (``exact``), so that ``Σ_j b_j b_jᵀ`` is ``E_y[b bᵀ]`` in closed form.
+* ``j`` runs over the label source's output cotangents, with weights ``w_j``: the data
+  label (``empirical``), ``k`` predictive draws (``mc``, ``w_j = 1/k``), or the columns
+  ``s_j`` of the output Fisher's factor (``exact``), so that ``Σ_j b_j b_jᵀ`` is
+  ``E_y[b bᵀ]`` in closed form.
+
+Layers (:func:`kfac_coverage`; :func:`kfac_layers` with ``extended=False`` keeps the
+original set of Linear and plain convolutions):
+
+* ``nn.Linear`` on ``(N, *, d_in)``;
+* ``nn.Conv1d`` / ``nn.Conv2d``, any ``padding_mode`` (the input is padded explicitly as
+  the convolution does, then unfolded) and ``padding="same"``; with ``groups = g`` the
+  weight ``(C_out, C_in/g, *k)`` splits into ``g`` independent blocks
+  ``(C_out/g, C_in/g·k [+1])`` with their own ``A_i``, ``G_i`` (block-diagonal over groups);
+* transformers' ``Conv1D`` (``y = x W + b``, weight stored ``(in, out)``): the block
+  matrix is ``[Wᵀ, b]``, so ``G`` is over the outputs and ``A`` over the inputs as for
+  ``nn.Linear``;
+* ``nn.Embedding`` (weight ``(V, D)``): the block matrix is ``Wᵀ`` ``(D, V)``, the inputs
+  are one-hot token indicators, so ``A = diag(counts / (N·T))`` is diagonal (stored as a
+  vector; the ``padding_idx`` row, whose gradient is zero, counts nothing) and ``G`` is the
+  full ``D x D`` output-gradient factor. ``max_norm``, ``scale_grad_by_freq`` and sparse
+  embeddings are not covered.
+
+A weight used by several modules (a tied embedding and LM head) is never covered: the
+two uses' statistics cannot form one Kronecker product. Everything not covered is left
+to the diagonal Fisher, with the reason (see :func:`kfac_coverage`).
 
 The factors are captured in one forward pass, whose output also gives the ``mc`` draws
 (module forward hooks record the inputs; each hooked output is replaced by a clone so
 that in-place activations after it do not disturb its gradient), and one backward pass
 per cotangent with ``torch.autograd.grad`` with respect to the layer outputs;
-parameters' ``.grad`` are never touched. Supported:
-``nn.Linear``, and ``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1``, ``padding_mode='zeros'``
-and integer padding. Everything else is left to the diagonal Fisher.
+parameters' ``.grad`` are never touched.
 
 Example:
     >>> import torch
@@ -56,6 +76,16 @@ from natgrad.engine.per_sample import ParamSpec, Plan, call_model
 from natgrad.engine.report import Report
 
 __all__ = [
+    "LAYER_KINDS",
+    "Captured",
+    "capture",
+    "factor_stats",
+    "per_sample_blocks",
+    "block_dims",
+    "weight_blocks",
+    "split_weight_blocks",
+    "layer_kind",
+    "kfac_coverage",
     "KFACLayer",
     "KroneckerFactors",
     "kfac_layers",
@@ -69,21 +99,68 @@ __all__ = [
 ]
 
 
+#: K-FAC layer kinds: how a module's weight maps onto the ``[W, b]`` block matrix.
+LAYER_KINDS = ("linear", "conv", "conv1d_t", "embedding")
+
+
 @dataclass
 class KFACLayer:
-    """A layer K-FAC covers: module name, module, weight name, bias name (or None)."""
+    """A layer K-FAC covers: module name, module, weight name, bias name (or None).
+
+    ``kind`` is one of :data:`LAYER_KINDS`: ``"linear"`` (``nn.Linear``), ``"conv"``
+    (``nn.Conv1d`` / ``nn.Conv2d``, ``groups`` blocks), ``"conv1d_t"`` (transformers'
+    ``Conv1D``, weight stored ``(in, out)``) or ``"embedding"`` (``nn.Embedding``, weight
+    ``(vocabulary, dim)``; ``A`` is diagonal: token frequencies).
+    """
 
     name: str
     module: nn.Module
     weight: str
     bias: str | None
+    kind: str = "linear"
+    groups: int = 1
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the weight is stored ``(in, out)``, so the block matrix is ``Wᵀ``."""
+        return self.kind in ("conv1d_t", "embedding")
+
+    def dims(self) -> tuple[int, int, int]:
+        """``(groups, d_G, d_A)``: the block matrix of each group is ``(d_G, d_A)``.
+
+        ``d_A`` counts the bias column when the bias is covered.
+        """
+        shape = tuple(self.module.weight.shape)
+        return block_dims(shape, self.transposed, self.groups, self.bias is not None)
+
+
+def block_dims(
+    shape: tuple[int, ...], transposed: bool, groups: int, has_bias: bool
+) -> tuple[int, int, int]:
+    """``(groups, d_G, d_A)`` of the ``[W, b]`` block matrix of a weight of ``shape``.
+
+    Example:
+        >>> block_dims((6, 2, 3, 3), False, 2, True)  # Conv2d(4, 6, 3, groups=2)
+        (2, 3, 19)
+        >>> block_dims((5, 7), True, 1, True)  # transformers Conv1D(nf=7, nx=5)
+        (1, 7, 6)
+    """
+    if transposed:
+        d_out, d_in = shape[1], shape[0]
+    else:
+        d_out = shape[0]
+        d_in = 1
+        for s in shape[1:]:
+            d_in *= int(s)
+    return groups, d_out // groups, d_in + (1 if has_bias else 0)
 
 
 @dataclass
 class KroneckerFactors(Report):
     """``A`` ``(d_in[+1], d_in[+1])`` and ``G`` ``(d_out, d_out)`` of one layer.
 
-    float32 (float64 for float64 models).
+    float32 (float64 for float64 models). For a layer with ``groups > 1`` both carry a
+    leading group dimension; an Embedding's ``A`` is a vector (its diagonal).
 
     ``n_samples`` is ``N``; ``positions`` is ``T`` (summed over calls of the module).
     """
@@ -94,30 +171,143 @@ class KroneckerFactors(Report):
     positions: int
 
 
-def _supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return (
-            module.groups == 1
-            and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)
-        )
-    return False
+def _explicit_padding(m: nn.Module) -> list[int] | None:
+    """``F.pad`` amounts (last dimension first) for a convolution, or None when it cannot
+    be expressed (a string padding with stride > 1)."""
+    k, d = m.kernel_size, m.dilation
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            return [0] * (2 * len(k))
+        if any(s != 1 for s in m.stride):
+            return None
+        pads: list[int] = []
+        for kk, dd in zip(reversed(k), reversed(d), strict=True):
+            total = dd * (kk - 1)
+            pads += [total // 2, total - total // 2]
+        return pads
+    pads = []
+    for p in reversed(m.padding):
+        pads += [p, p]
+    return pads
 
 
-def kfac_layers(
-    model: nn.Module, selected: Mapping[str, nn.Parameter]
-) -> tuple[dict[str, KFACLayer], list[str]]:
-    """Split the selected parameters into K-FAC layers and the rest.
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    return (
+        type(m).__name__ == "Conv1D"
+        and type(m).__module__.startswith("transformers")
+        and isinstance(w, nn.Parameter)
+        and tuple(w.shape) == (getattr(m, "nx", -1), getattr(m, "nf", -1))
+    )
 
-    A supported module (see the module docstring) is a K-FAC layer when its weight is
-    selected; its bias joins it when selected too. Weights shared by several modules,
-    and every other selected parameter, are returned in the rest (names, model order).
+
+def layer_kind(m: nn.Module, extended: bool = True) -> tuple[str | None, str]:
+    """``(kind, "")`` for a module K-FAC covers, else ``(None, reason)``.
+
+    With ``extended=False`` only the original set is covered: ``nn.Linear`` and
+    ``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1``, ``padding_mode='zeros'`` and integer
+    padding (what :class:`natgrad.FisherPreconditioner` handles).
+    """
+    if isinstance(m, nn.Linear):
+        return "linear", ""
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        if not extended:
+            ok = m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+            return ("conv", "") if ok else (None, "grouped or padded convolution")
+        if _explicit_padding(m) is None:
+            return None, f"convolution with padding={m.padding!r} and stride {m.stride}"
+        return "conv", ""
+    if not extended:
+        return None, f"{type(m).__name__} is not a Linear/Conv layer"
+    if _is_hf_conv1d(m):
+        return "conv1d_t", ""
+    if isinstance(m, nn.Embedding):
+        if m.max_norm is not None:
+            return None, "nn.Embedding with max_norm (it rescales the weight in place)"
+        if m.scale_grad_by_freq or m.sparse:
+            return None, "nn.Embedding with scale_grad_by_freq or sparse gradients"
+        return "embedding", ""
+    return None, f"{type(m).__name__} has no K-FAC form"
+
+
+def kfac_coverage(
+    model: nn.Module, selected: Mapping[str, nn.Parameter], *, extended: bool = True
+) -> tuple[dict[str, KFACLayer], dict[str, str]]:
+    """Split the selected parameters into K-FAC layers and the rest, with reasons.
+
+    A module of a covered kind (see :func:`layer_kind`) is a K-FAC layer when its
+    weight is selected and used by no other module; its bias joins it when selected and
+    not shared. Everything else is returned with the reason it is not covered.
 
     Args:
         model: the model.
         selected: ``{name: parameter}`` as from :func:`natgrad.select_params`.
+        extended: cover transformers' ``Conv1D``, ``nn.Embedding``, grouped convolutions
+            and every padding mode too (False: Linear and plain convolutions only).
+
+    Returns:
+        ``({module name: KFACLayer}, {other parameter name: reason})`` in model order.
+    """
+    name_of = {id(p): k for k, p in selected.items()}
+    users: dict[int, list[str]] = {}
+    for mname, m in model.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            users.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+    layers: dict[str, KFACLayer] = {}
+    reasons: dict[str, str] = {}
+    for mname, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(w, nn.Parameter) or id(w) not in name_of:
+            continue
+        kind, why = layer_kind(m, extended)
+        if kind is None:
+            continue
+        if len(users[id(w)]) > 1:
+            why = f"weight shared by {' and '.join(users[id(w)])} (tied)"
+            reasons[name_of[id(w)]] = why
+            continue
+        bias = getattr(m, "bias", None)
+        bias = bias if isinstance(bias, nn.Parameter) else None
+        bname = name_of.get(id(bias)) if bias is not None else None
+        if bname is not None and len(users[id(bias)]) > 1:
+            reasons[bname] = f"bias shared by {' and '.join(users[id(bias)])}"
+            bname = None
+        groups = m.groups if kind == "conv" else 1
+        layers[mname] = KFACLayer(mname, m, name_of[id(w)], bname, kind, groups)
+    covered = {n for lay in layers.values() for n in (lay.weight, lay.bias) if n}
+    owner: dict[int, nn.Module] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owner.setdefault(id(p), m)
+    out: dict[str, str] = {}
+    for k, p in selected.items():
+        if k in covered:
+            continue
+        if k in reasons:
+            out[k] = reasons[k]
+            continue
+        m = owner.get(id(p))
+        kind, why = layer_kind(m, extended) if m is not None else (None, "a free parameter")
+        if kind is not None:
+            why = "its layer's weight is not selected"
+        out[k] = why
+    return layers, out
+
+
+def kfac_layers(
+    model: nn.Module, selected: Mapping[str, nn.Parameter], *, extended: bool = False
+) -> tuple[dict[str, KFACLayer], list[str]]:
+    """Split the selected parameters into K-FAC layers and the rest.
+
+    A supported module (see :func:`layer_kind`; ``extended=False``: ``nn.Linear`` and
+    plain ``nn.Conv1d`` / ``nn.Conv2d``) is a K-FAC layer when its weight is selected;
+    its bias joins it when selected too. Weights shared by several modules, and every
+    other selected parameter, are returned in the rest (names, model order).
+
+    Args:
+        model: the model.
+        selected: ``{name: parameter}`` as from :func:`natgrad.select_params`.
+        extended: also cover Conv1D, Embedding, grouped and padded convolutions.
 
     Returns:
         ``({module name: KFACLayer}, [other parameter names])``.
@@ -130,62 +320,192 @@ def kfac_layers(
         >>> list(layers), rest
         (['0'], ['1.weight', '1.bias'])
     """
-    name_of = {id(p): k for k, p in selected.items()}
-    users: dict[int, int] = {}
-    for _, m in model.named_modules():
-        w = getattr(m, "weight", None)
-        if isinstance(w, nn.Parameter):
-            users[id(w)] = users.get(id(w), 0) + 1
-    layers: dict[str, KFACLayer] = {}
-    for mname, m in model.named_modules():
-        if not _supported(m) or id(m.weight) not in name_of or users[id(m.weight)] > 1:
-            continue
-        bias = m.bias if isinstance(m.bias, nn.Parameter) else None
-        bname = name_of.get(id(bias)) if bias is not None else None
-        layers[mname] = KFACLayer(mname, m, name_of[id(m.weight)], bname)
-    covered = {n for lay in layers.values() for n in (lay.weight, lay.bias) if n}
-    return layers, [k for k in selected if k not in covered]
+    layers, rest = kfac_coverage(model, selected, extended=extended)
+    return layers, list(rest)
 
 
 def _patches(layer: KFACLayer, x: torch.Tensor) -> torch.Tensor:
-    """Layer inputs as ``(N, T, d_in[+1])`` (float32, or float64) (unfolded patches for convolutions)."""
+    """Layer inputs as ``(N, T, groups, d_A)`` in the accumulation dtype (unfolded
+    patches for convolutions, a column of ones appended for a covered bias); for an
+    Embedding, the token ids ``(N, T)``."""
     m = layer.module
-    if isinstance(m, nn.Linear):
+    if layer.kind == "embedding":
+        return x.reshape(x.shape[0], -1)
+    if layer.kind in ("linear", "conv1d_t"):
         a = x.reshape(x.shape[0], -1, x.shape[-1])
-    elif isinstance(m, nn.Conv1d):
-        u = F.unfold(
-            x.unsqueeze(2),
-            (1, m.kernel_size[0]),
-            dilation=(1, m.dilation[0]),
-            padding=(0, m.padding[0]),
-            stride=(1, m.stride[0]),
-        )
-        a = u.transpose(1, 2)
     else:
-        u = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-        a = u.transpose(1, 2)
+        pads = _explicit_padding(m)
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        if any(pads):
+            x = F.pad(x, pads, mode=mode)
+        if isinstance(m, nn.Conv1d):
+            x = x.unsqueeze(2)
+            k, d, s = (1, m.kernel_size[0]), (1, m.dilation[0]), (1, m.stride[0])
+        else:
+            k, d, s = m.kernel_size, m.dilation, m.stride
+        a = F.unfold(x, k, dilation=d, stride=s).transpose(1, 2)
     a = to_acc(a)
+    a = a.reshape(a.shape[0], a.shape[1], layer.groups, -1)
     if layer.bias is not None:
         a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
     return a
 
 
 def _out_grads(layer: KFACLayer, g: torch.Tensor) -> torch.Tensor:
-    """Output gradients as ``(N, T, d_out)`` (float32, or float64)."""
-    if isinstance(layer.module, nn.Linear):
-        return to_acc(g.reshape(g.shape[0], -1, g.shape[-1]))
-    return to_acc(g.flatten(2).transpose(1, 2))
+    """Output gradients as ``(N, T, groups, d_G)`` in the accumulation dtype."""
+    if layer.kind == "conv":
+        g = g.flatten(2).transpose(1, 2)
+    else:
+        g = g.reshape(g.shape[0], -1, g.shape[-1])
+    g = to_acc(g)
+    return g.reshape(g.shape[0], g.shape[1], layer.groups, -1)
 
 
-def _cotangents(plan: Plan, out: torch.Tensor, target, draws) -> list[torch.Tensor]:
+def _cotangents(
+    plan: Plan, out: torch.Tensor, target, draws
+) -> list[tuple[float, torch.Tensor]]:
+    """``[(w_j, u_j)]``: the label columns of the label source and their weights."""
     lik = plan.lik
     o = out.detach()
     if plan.labels == "empirical":
-        return [lik.output_grad(o, target)]
+        return [(1.0, lik.output_grad(o, target))]
     if plan.labels == "mc":
-        return [lik.output_grad(o, draws[:, 0])]
+        return [(plan.weight, lik.output_grad(o, draws[:, j])) for j in range(plan.k)]
     k = lik.num_factor_columns(o)
-    return list(lik.factor_columns(o, 0, k, target).unbind(0))
+    return [(1.0, c) for c in lik.factor_columns(o, 0, k, target).unbind(0)]
+
+
+@dataclass
+class Captured:
+    """One batch's K-FAC capture: per layer the inputs and the weighted output gradients.
+
+    ``inputs[name]``: ``(N, T, groups, d_A)`` patches (token ids ``(N, T)`` for an
+    Embedding); ``grads[name]``: ``[(w_j, (N, T, groups, d_G))]`` per label column;
+    ``unbatched``: layers called without the batch as their first dimension (their
+    per-sample statistics cannot be read off).
+    """
+
+    n: int
+    inputs: dict[str, torch.Tensor]
+    grads: dict[str, list[tuple[float, torch.Tensor]]]
+    unbatched: list[str]
+
+
+def capture(plan: Plan, batch: Any, layers: Mapping[str, KFACLayer]) -> Captured:
+    """One forward pass recording every layer's inputs, one backward per label column
+    recording its output gradients (``torch.autograd.grad``; ``.grad`` untouched).
+
+    A module called several times contributes every call's positions. MC draws come
+    from ``plan.generator`` (``plan.k`` per sample, weight ``1/k``).
+    """
+    b, target = plan.parse(batch)
+    n = b.size
+    inputs: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
+    outputs: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
+    unbatched: set[str] = set()
+
+    def hook(name):
+        def fn(module, args, output):
+            if not output.requires_grad:
+                raise ValueError(
+                    f"Layer {name!r}'s output does not require grad, so K-FAC cannot capture "
+                    "its output gradient; select only parameters with requires_grad=True."
+                )
+            if args[0].dim() == 0 or args[0].shape[0] != n or output.shape[0] != n:
+                unbatched.add(name)
+            inputs[name].append(args[0].detach())
+            outputs[name].append(output)
+            return output.clone()
+
+        return fn
+
+    handles = [lay.module.register_forward_hook(hook(k)) for k, lay in layers.items()]
+    try:
+        with torch.enable_grad():
+            out = plan.output_fn(call_model(plan.model, b, plan.where))
+    finally:
+        for h in handles:
+            h.remove()
+    target = plan.check_target(out, target)
+    draws = plan.draw(out, target) if plan.labels == "mc" else None
+    names = [k for k in layers if outputs[k] and k not in unbatched]
+    flat_outs = [o for k in names for o in outputs[k]]
+    acts = {k: torch.cat([_patches(layers[k], x) for x in inputs[k]], 1) for k in names}
+    grads: dict[str, list[tuple[float, torch.Tensor]]] = {k: [] for k in names}
+    cots = _cotangents(plan, out, target, draws) if flat_outs else []
+    for j, (w, cot) in enumerate(cots):
+        gs = torch.autograd.grad(
+            out,
+            flat_outs,
+            grad_outputs=cot.to(out.dtype),
+            retain_graph=j < len(cots) - 1,
+            allow_unused=True,
+        )
+        i = 0
+        for k in names:
+            parts = [
+                _out_grads(layers[k], torch.zeros_like(o) if g is None else g)
+                for o, g in zip(outputs[k], gs[i : i + len(outputs[k])], strict=True)
+            ]
+            i += len(outputs[k])
+            grads[k].append((w, torch.cat(parts, 1)))
+    return Captured(n, acts, grads, sorted(unbatched))
+
+
+def factor_stats(
+    layer: KFACLayer, a: torch.Tensor, grads: list[tuple[float, torch.Tensor]], n: int,
+    diag_A: bool, diag_G: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's ``A = (1/(N·T)) Σ ã ãᵀ`` and ``G = (1/N) Σ_{n,t} Σ_j w_j b bᵀ``.
+
+    Shapes ``(groups, d, d)``, or ``(groups, d)`` (the diagonal) for a diagonal side; an
+    Embedding's ``A`` is always diagonal: ``A_vv = (1/(N·T)) #{(n, t): id_nt = v}`` (the
+    padding index excluded, as its gradient is zero).
+    """
+    T = a.shape[1]
+    if layer.kind == "embedding":
+        m = layer.module
+        ids = a.reshape(-1)
+        if m.padding_idx is not None:
+            ids = ids[ids != m.padding_idx]
+        counts = torch.bincount(ids, minlength=m.num_embeddings)
+        dt = grads[0][1].dtype if grads else to_acc(m.weight.detach()).dtype
+        A = (counts.to(dt) / (n * T)).unsqueeze(0)
+    elif diag_A:
+        A = (a * a).sum((0, 1)) / (n * T)
+    else:
+        A = torch.einsum("ntgi,ntgj->gij", a, a) / (n * T)
+    G = None
+    for w, b in grads:
+        gg = (b * b).sum((0, 1)) if diag_G else torch.einsum("ntgi,ntgj->gij", b, b)
+        gg = gg * w if w != 1.0 else gg
+        G = gg if G is None else G + gg
+    return A, G / n
+
+
+def per_sample_blocks(
+    layer: KFACLayer, a: torch.Tensor, b: torch.Tensor,
+    QA: torch.Tensor | None = None, QG: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact per-sample gradients ``g_n = Σ_t b_nt ã_ntᵀ`` as block matrices
+    ``(N, groups, d_G, d_A)``, rotated to ``Q_Gᵀ g_n Q_A`` when the eigenbases are given
+    (``None``: identity)."""
+    if QG is not None:
+        b = torch.einsum("ntgi,gij->ntgj", b, QG)
+    if layer.kind == "embedding":
+        m = layer.module
+        ids = a
+        if m.padding_idx is not None:
+            b = b * (ids != m.padding_idx).unsqueeze(-1).unsqueeze(-1).to(b.dtype)
+        n, T = ids.shape
+        dG = b.shape[-1]
+        out = b.new_zeros(n, m.num_embeddings, dG)
+        out.scatter_add_(1, ids.unsqueeze(-1).expand(n, T, dG), b[:, :, 0])
+        g = out.transpose(1, 2).unsqueeze(1)
+        return g if QA is None else g @ QA
+    if QA is not None:
+        a = torch.einsum("ntgi,gij->ntgj", a, QA)
+    return torch.einsum("ntgi,ntgj->ngij", b, a)
 
 
 def kfac_factors(
@@ -217,92 +537,77 @@ def kfac_factors(
 
     Returns:
         ``{module name: KroneckerFactors}``; a layer the forward pass never called gets
-        zero factors.
+        zero factors. With ``groups = 1`` the factors are matrices; grouped convolutions
+        carry a leading group dimension; an Embedding's ``A`` is its diagonal.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: train-mode BatchNorm or dropout (K-FAC needs a deterministic model:
             call ``model.eval()``), bad labels (checked on the whole batch), a batch
-            without labels for ``"empirical"``, or a layer output that does not depend
-            on the parameters.
+            without labels for ``"empirical"``, a layer output that does not depend on
+            the parameters, or a layer called without the batch as its first dimension.
     """
     check_fixed_model(model, "kfac_factors")
     plan = Plan(model, likelihood, labels, 1, params, output_fn, generator, what="kfac_factors")
     if layers is None:
         layers, _ = kfac_layers(model, plan.params)
-    b, target = plan.parse(batch)
-    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    outputs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-
-    def hook(name):
-        def fn(module, args, output):
-            if not output.requires_grad:
-                raise ValueError(
-                    f"Layer {name!r}'s output does not require grad, so K-FAC cannot capture "
-                    "its output gradient; select only parameters with requires_grad=True."
-                )
-            inputs[name].append(args[0].detach())
-            outputs[name].append(output)
-            return output.clone()
-
-        return fn
-
-    handles = [lay.module.register_forward_hook(hook(n)) for n, lay in layers.items()]
-    try:
-        with torch.enable_grad():
-            out = plan.output_fn(call_model(model, b, plan.where))
-    finally:
-        for h in handles:
-            h.remove()
-    target = plan.check_target(out, target)
-    draws = plan.draw(out, target) if plan.labels == "mc" else None
-    names = [n for n in layers if outputs[n]]
-    flat_outs = [o for n in names for o in outputs[n]]
-    acts = {n: torch.cat([_patches(layers[n], x) for x in inputs[n]], 1) for n in names}
-    n_samples = b.size
-    G = {n: None for n in names}
-    cots = _cotangents(plan, out, target, draws) if flat_outs else []
-    for j, cot in enumerate(cots):
-        grads = torch.autograd.grad(
-            out,
-            flat_outs,
-            grad_outputs=cot.to(out.dtype),
-            retain_graph=j < len(cots) - 1,
-            allow_unused=True,
+    cap = capture(plan, batch, layers)
+    if cap.unbatched:
+        raise ValueError(
+            f"Layers {cap.unbatched} were called without the batch as the first dimension "
+            "of their input, so their per-sample K-FAC statistics cannot be read off; "
+            "leave them out of `params`."
         )
-        i = 0
-        for n in names:
-            parts = []
-            for o, g in zip(outputs[n], grads[i : i + len(outputs[n])], strict=True):
-                parts.append(_out_grads(layers[n], torch.zeros_like(o) if g is None else g))
-            i += len(outputs[n])
-            bt = torch.cat(parts, 1).reshape(-1, parts[0].shape[-1])
-            gg = bt.T @ bt
-            G[n] = gg if G[n] is None else G[n] + gg
     result = {}
-    for n, lay in layers.items():
-        w = lay.module.weight
-        d_out = w.shape[0]
-        d_in = w[0].numel() + (1 if lay.bias is not None else 0)
-        if n in acts:
-            a = acts[n]
-            T = a.shape[1]
-            a2 = a.reshape(-1, a.shape[-1])
-            A = a2.T @ a2 / (n_samples * T)
-            Gn = G[n] / n_samples
+    for k, lay in layers.items():
+        g, dG, dA = lay.dims()
+        emb = lay.kind == "embedding"
+        if k in cap.inputs:
+            A, Gk = factor_stats(lay, cap.inputs[k], cap.grads[k], cap.n, False, False)
+            T = cap.inputs[k].shape[1]
         else:
             T = 0
-            dt = to_acc(w.detach()).dtype
-            A = torch.zeros(d_in, d_in, device=w.device, dtype=dt)
-            Gn = torch.zeros(d_out, d_out, device=w.device, dtype=dt)
-        result[n] = KroneckerFactors(A, Gn, n_samples, T)
+            dt = to_acc(lay.module.weight.detach()).dtype
+            dev = lay.module.weight.device
+            A = torch.zeros((g, dA) if emb else (g, dA, dA), device=dev, dtype=dt)
+            Gk = torch.zeros(g, dG, dG, device=dev, dtype=dt)
+        if g == 1:
+            A, Gk = A[0], Gk[0]
+        result[k] = KroneckerFactors(A, Gk, cap.n, T)
     return result
+
+
+def weight_blocks(
+    shape: tuple[int, ...], transposed: bool, groups: int,
+    gw: torch.Tensor, gb: torch.Tensor | None,
+) -> torch.Tensor:
+    """``[W, b]`` as ``(groups, d_G, d_A)`` block matrices for a weight of ``shape``
+    (stored ``(in, out)`` when ``transposed``); ``gb=None`` for no bias column."""
+    if transposed:
+        V = gw.reshape(shape).T.unsqueeze(0)
+    else:
+        V = gw.reshape(groups, shape[0] // groups, -1)
+    if gb is not None:
+        V = torch.cat([V, gb.reshape(groups, -1, 1).to(V.dtype)], dim=-1)
+    return V
+
+
+def split_weight_blocks(
+    shape: tuple[int, ...], transposed: bool, has_bias: bool, V: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inverse of :func:`weight_blocks`: ``(weight shaped like shape, bias or None)``."""
+    b = V[..., -1].reshape(-1).contiguous() if has_bias else None
+    W = V[..., :-1] if has_bias else V
+    W = W[0].T.contiguous() if transposed else W.reshape(shape)
+    return W.reshape(shape), b
 
 
 def layer_matrix(
     layer: KFACLayer, grads: Mapping[str, torch.Tensor | None], dtype=torch.float32
 ) -> torch.Tensor:
-    """The layer's gradient as the matrix ``[∇W, ∇b]`` of shape ``(d_out, d_in[+1])``.
+    """The layer's gradient as the matrix ``[∇W, ∇b]`` of shape ``(d_out, d_in[+1])``
+    (``(groups, d_out/groups, d_in[+1])`` for a grouped convolution; ``Wᵀ`` for weights
+    stored ``(in, out)``).
 
     Missing (``None``) gradients count as zeros.
 
@@ -315,12 +620,13 @@ def layer_matrix(
     w = layer.module.weight
     gw = grads.get(layer.weight)
     gw = torch.zeros_like(w) if gw is None else gw
-    V = gw.reshape(w.shape[0], -1).to(dtype)
+    gb = None
     if layer.bias is not None:
         gb = grads.get(layer.bias)
-        gb = torch.zeros(w.shape[0], device=w.device, dtype=dtype) if gb is None else gb
-        V = torch.cat([V, gb.reshape(-1, 1).to(dtype)], dim=1)
-    return V
+        d_out = w.shape[1] if layer.transposed else w.shape[0]
+        gb = torch.zeros(d_out, device=w.device, dtype=dtype) if gb is None else gb
+    V = weight_blocks(tuple(w.shape), layer.transposed, layer.groups, gw.to(dtype), gb)
+    return V[0] if layer.groups == 1 else V
 
 
 def split_layer_matrix(layer: KFACLayer, V: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -332,10 +638,11 @@ def split_layer_matrix(layer: KFACLayer, V: torch.Tensor) -> dict[str, torch.Ten
         >>> split_layer_matrix(lay, torch.tensor([[1.0, 2.0, 3.0]]))
         {'weight': tensor([[1., 2.]]), 'bias': tensor([3.])}
     """
-    w = layer.module.weight
-    if layer.bias is None:
-        return {layer.weight: V.reshape(w.shape)}
-    return {layer.weight: V[:, :-1].reshape(w.shape), layer.bias: V[:, -1].contiguous()}
+    shape = tuple(layer.module.weight.shape)
+    if V.dim() == 2:
+        V = V.unsqueeze(0)
+    W, b = split_weight_blocks(shape, layer.transposed, layer.bias is not None, V)
+    return {layer.weight: W} if b is None else {layer.weight: W, layer.bias: b}
 
 
 def kfac_eigen(A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -24,6 +24,10 @@ Definitions every implementation follows (``λ >= 0`` is a damping added to the 
 
 Parameters a structured kind cannot cover are held as a diagonal inside the same object
 (``structure()`` says ``"diag"`` for them).
+
+A structure that the sample-weighted operator mean would leave (a mean of two Kronecker
+products is no Kronecker product) pools its statistics instead, so that ``a + b`` is the
+estimate on both sets of samples: see :class:`natgrad.KroneckerFisher`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,846 @@
+"""``KroneckerFisher``: K-FAC and EKFAC curvatures behind the :class:`~natgrad.Curvature` protocol.
+
+Per covered layer, the Fisher of its block matrix ``V = [W, b]`` (``(d_G, d_A)``,
+flattened row-major; ``Wᵀ`` for weights stored ``(in, out)``; one block per group of a
+grouped convolution) is
+
+* **K-FAC** (``kind="kfac"``): ``F ≈ G ⊗ A`` with the factors of
+  :mod:`natgrad.curvature.kfac` ("expand" convention),
+  ``A = (1/(N·T)) Σ ã ãᵀ``, ``G = (1/N) Σ_{n,t} Σ_j w_j b bᵀ``;
+* **EKFAC** (``kind="ekfac"``, George et al. 2018): ``F ≈ (Q_G ⊗ Q_A) diag(s) (Q_G ⊗ Q_A)ᵀ``
+  with ``A = Q_A diag(s_A) Q_Aᵀ``, ``G = Q_G diag(s_G) Q_Gᵀ`` and the diagonal re-fitted
+  in that eigenbasis from exact per-sample gradients,
+  ``s = (1/N) Σ_n Σ_j w_j (Q_Gᵀ g_nj Q_A)²`` (``g_nj = Σ_t b_ntj ã_ntᵀ``), in place of
+  ``s_G s_Aᵀ``. It needs a second pass over the data, in the eigenbasis of the first.
+
+With ``S = s_G s_Aᵀ`` (K-FAC, eigenvalues clamped at 0) or ``S = s`` (EKFAC), the
+protocol methods are, per layer::
+
+    mv(V)               = G V A  (K-FAC),  Q_G (S ⊙ Q_Gᵀ V Q_A) Q_Aᵀ  (EKFAC)
+    solve(V, λ)         = Q_G ((Q_Gᵀ V Q_A) / (S + λ)) Q_Aᵀ
+    quad(V)             = Σ ⟨V, mv(V)⟩
+    diagonal()          = diag(G) diag(A)ᵀ  (K-FAC),  Q_G² S (Q_A²)ᵀ  (EKFAC)
+    inverse_diagonal(λ) = Q_G² (1 / (S + λ)) (Q_A²)ᵀ
+    logdet(λ)           = Σ log(S + λ)
+
+A **diagonal factor side** is an exact Kronecker factor that happens to be diagonal:
+an Embedding's ``A`` (token frequencies) always, and any side whose dimension exceeds
+``max_factor_dim`` (``A_ii`` or ``G_ii`` only; its eigenbasis is the identity). This
+keeps e.g. the ``G`` of a 50k-vocabulary output layer a vector instead of a 10 GB matrix.
+
+Parameters K-FAC cannot cover (LayerNorm, biases without their weight, weights shared by
+several modules such as a tied embedding and LM head, layers called without the batch as
+first dimension, ...) are held as the diagonal Fisher ``(1/N) Σ_n E_y[g_n²]`` in the same
+object: ``structure()`` says ``"diag"`` for them, and one warning (also logged on the
+``"natgrad"`` logger) names them with the reason.
+
+Combination: ``a + b`` pools the statistics sample-weighted, ``A = (N_a A_a + N_b A_b)/N``
+and the same for ``G`` (the K-FAC of the pooled samples, what one estimate over both
+gives; not the mean of the two Kronecker products, which is no Kronecker product). For
+EKFAC, ``s`` is re-fitted in the pooled eigenbasis as the diagonal of the pooled operator
+``(N_a F_a + N_b F_b)/N`` there: ``s = Σ_x w_x R_G,x² s_x (R_A,x²)ᵀ``, ``R_x = Q_poolᵀ Q_x``
+(exact when the bases agree). ``ema`` uses the weights ``d`` and ``1 - d`` the same way;
+``c * F`` scales ``G`` (and ``s``) by ``c``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from natgrad.curvature.kfac import (
+    capture,
+    factor_stats,
+    kfac_coverage,
+    kfac_eigen,
+    per_sample_blocks,
+    split_weight_blocks,
+    weight_blocks,
+)
+from natgrad.curvature.protocol import Curvature, Params, register_curvature
+from natgrad.curvature.statefile import load_state, save_state
+from natgrad.engine.batch import OutputFn
+from natgrad.engine.checks import (
+    check_choice,
+    check_finite,
+    check_fixed_model,
+    check_fraction,
+    check_int,
+)
+from natgrad.engine.common import to_acc
+from natgrad.engine.distributed import (
+    is_distributed,
+    raise_if_any_rank_failed,
+    resolve_distributed,
+)
+from natgrad.engine.likelihoods import Likelihood
+from natgrad.engine.per_sample import ParamSpec, Plan
+
+__all__ = ["KroneckerFisher", "FactorMemoryError", "KRONECKER_KINDS"]
+
+_log = logging.getLogger("natgrad")
+_FORMAT = "natgrad.KroneckerFisher"
+KRONECKER_KINDS = ("kfac", "ekfac")
+_BLOCK_FLOATS = 2**24  # per-sample gradient floats per EKFAC chunk (64 MiB of float32)
+
+
+class FactorMemoryError(MemoryError):
+    """The Kronecker factors would not fit in the allowed memory (see ``max_factor_dim``)."""
+
+
+@dataclass
+class KroneckerBlock:
+    """One layer's Kronecker statistics and the layout of its parameters.
+
+    ``A``: ``(groups, d_A, d_A)``, or ``(groups, d_A)`` when diagonal; ``G`` likewise
+    with ``d_G``. EKFAC also holds its eigenbases ``QA``, ``QG`` (None on a diagonal side)
+    and the re-fitted eigenvalues ``s`` ``(groups, d_G, d_A)``.
+    """
+
+    weight: str
+    bias: str | None
+    shape: tuple[int, ...]
+    transposed: bool
+    groups: int
+    A: torch.Tensor
+    G: torch.Tensor
+    s: torch.Tensor | None = None
+    QA: torch.Tensor | None = None
+    QG: torch.Tensor | None = None
+    eig: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def names(self) -> list[str]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"A": self.A, "G": self.G}
+        for k in ("s", "QA", "QG"):
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k)
+        return out
+
+    def layout(self) -> tuple:
+        return (self.weight, self.bias, tuple(self.shape), self.transposed, self.groups,
+                tuple(self.A.shape), tuple(self.G.shape))
+
+    def bases(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(Q_A, s_A, Q_G, s_G)``: eigenbases (None for a diagonal side) and eigenvalues
+        clamped at 0; computed once per statistics (damping-independent)."""
+        if not self.eig and self.s is not None:  # EKFAC: its own bases; S is s
+            self.eig.update({"QA": self.QA, "sA": None, "QG": self.QG, "sG": None})
+        if not self.eig and self.A.dim() == 3 and self.G.dim() == 3:
+            e = kfac_eigen(self.A, self.G)  # batched over groups
+            self.eig.update({"QA": e["QA"], "sA": e["dA"], "QG": e["QG"], "sG": e["dG"]})
+        if not self.eig:
+            self.eig.update(_eigen(self.A, "A"))
+            self.eig.update(_eigen(self.G, "G"))
+        e = self.eig
+        return e["QA"], e["sA"], e["QG"], e["sG"]
+
+    def eigenvalues(self) -> torch.Tensor:
+        """``S``: ``s`` (EKFAC) or ``s_G s_Aᵀ`` (K-FAC), shape ``(groups, d_G, d_A)``."""
+        if self.s is not None:
+            return self.s
+        _, sA, _, sG = self.bases()
+        return sG.unsqueeze(-1) * sA.unsqueeze(-2)
+
+
+def _eigen(M: torch.Tensor, side: str) -> dict[str, torch.Tensor | None]:
+    if M.dim() == 2:  # a diagonal side: (groups, d)
+        return {f"Q{side}": None, f"s{side}": M.clamp_min(0)}
+    s, Q = torch.linalg.eigh(M)
+    return {f"Q{side}": Q, f"s{side}": s.clamp_min(0)}
+
+
+def _zero_stats(lay, diag_A: bool, diag_G: bool) -> list[torch.Tensor]:
+    """Zero ``[A, G]`` sums of a layer: ``(groups, d)`` for a diagonal side, else ``(groups, d, d)``."""
+    g, dG, dA = lay.dims()
+    w = lay.module.weight
+    dt, dev = to_acc(w.detach()).dtype, w.device
+    A = torch.zeros((g, dA) if diag_A else (g, dA, dA), dtype=dt, device=dev)
+    G = torch.zeros((g, dG) if diag_G else (g, dG, dG), dtype=dt, device=dev)
+    return [A, G]
+
+
+def _rot(V: torch.Tensor, QA, QG) -> torch.Tensor:
+    if QG is not None:
+        V = QG.mT @ V
+    return V if QA is None else V @ QA
+
+
+def _unrot(V: torch.Tensor, QA, QG) -> torch.Tensor:
+    if QG is not None:
+        V = QG @ V
+    return V if QA is None else V @ QA.mT
+
+
+def _sandwich_sq(S: torch.Tensor, QA, QG) -> torch.Tensor:
+    """``Q_G² S (Q_A²)ᵀ`` (identity for a None basis)."""
+    if QG is not None:
+        S = (QG * QG) @ S
+    return S if QA is None else S @ (QA * QA).mT
+
+
+def _damping(damping: float) -> float:
+    lam = float(damping)
+    if not lam >= 0 or lam == float("inf"):
+        raise ValueError(f"Invalid damping: {damping!r}; it must be a finite number >= 0.")
+    return lam
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**62  # unknown: no guard beyond max_factor_bytes
+
+
+def _reduce_sum(tensors: list[torch.Tensor], n: int, group) -> tuple[list[torch.Tensor], int]:
+    """Sum tensors (one collective per dtype, dtype kept) and ``n`` over all ranks."""
+    import torch.distributed as dist
+
+    out = list(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    for idx in by_dtype.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx]).clone()
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        j = 0
+        for i in idx:
+            m = tensors[i].numel()
+            out[i] = flat[j : j + m].view_as(tensors[i])
+            j += m
+    dev = tensors[0].device if tensors else torch.device("cpu")
+    count = torch.tensor([int(n)], dtype=torch.int64, device=dev)
+    dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+    return out, int(count.item())
+
+
+@register_curvature(*KRONECKER_KINDS)
+class KroneckerFisher(Curvature):
+    """K-FAC or EKFAC Fisher per layer, diagonal for the rest (see the module doc).
+
+    Build it with :meth:`estimate` (or ``natgrad.estimate_curvature(kind="kfac" |
+    "ekfac")``), or from a state dict.
+
+    Args:
+        blocks: ``{layer name: KroneckerBlock}``.
+        diag: ``{parameter name: tensor}`` diagonal Fisher of the uncovered parameters.
+        n_samples: ``N``.
+        kind: ``"kfac"`` or ``"ekfac"``.
+        diag_reasons: ``{parameter name: why it is diagonal}``.
+        labels: label source; likelihood: likelihood name.
+    """
+
+    kind = "kfac"
+
+    def __init__(
+        self,
+        blocks: Mapping[str, KroneckerBlock],
+        diag: Mapping[str, torch.Tensor],
+        n_samples: int,
+        *,
+        kind: str = "kfac",
+        diag_reasons: Mapping[str, str] | None = None,
+        labels: str = "empirical",
+        likelihood: str = "categorical",
+        order: list[str] | None = None,
+    ):
+        self.kind = check_choice("kind", kind, KRONECKER_KINDS)
+        if int(n_samples) < 0:
+            raise ValueError(f"Invalid n_samples: {n_samples!r}; it must be >= 0.")
+        if self.kind == "ekfac" and any(b.s is None for b in blocks.values()):
+            raise ValueError("An EKFAC curvature needs the re-fitted eigenvalues s of every block.")
+        self.blocks = {k: _block_to(b, copy=False) for k, b in blocks.items()}
+        self.diag = {k: v.detach() for k, v in diag.items()}
+        self.n_samples = int(n_samples)
+        self.diag_reasons = dict(diag_reasons or {})
+        self.labels = str(labels)
+        self.likelihood = str(likelihood)
+        self._owner = {n: k for k, b in self.blocks.items() for n in b.names}
+        default = [*self._owner, *self.diag]
+        self.order = list(order) if order is not None else default
+        if sorted(self.order) != sorted(default):
+            raise ValueError(
+                f"order must list every covered parameter once; got {self.order[:8]}, "
+                f"expected the names {default[:8]}."
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"KroneckerFisher(kind={self.kind!r}, {len(self.blocks)} layers, "
+            f"{len(self.diag)} diagonal tensors, n_samples={self.n_samples})"
+        )
+
+    # -- estimation ----------------------------------------------------------------------
+    @classmethod
+    def estimate(
+        cls,
+        model: nn.Module,
+        data: Any,
+        likelihood: str | Likelihood = "categorical",
+        *,
+        kind: str = "kfac",
+        labels: str = "empirical",
+        mc_samples: int = 1,
+        params: ParamSpec = None,
+        generator: torch.Generator | None = None,
+        output_fn: OutputFn | None = None,
+        max_batches: int | None = None,
+        progress: bool = False,
+        max_factor_dim: int | None = None,
+        max_factor_bytes: int | None = None,
+        chunk_size: int | None = None,
+        engine: str = "auto",
+        distributed: bool | None = None,
+    ) -> KroneckerFisher:
+        """Estimate the K-FAC (``kind="kfac"``) or EKFAC (``"ekfac"``) Fisher of ``model``.
+
+        Covered layers (:func:`natgrad.curvature.kfac.kfac_coverage`): ``nn.Linear`` (any
+        leading dimensions), ``nn.Conv1d`` / ``nn.Conv2d`` (groups: one block per group;
+        every padding mode), transformers' ``Conv1D`` and ``nn.Embedding``. The rest of
+        the selected parameters get the exact diagonal Fisher (one warning names them).
+
+        Args:
+            model: the model (BatchNorm in eval mode); not modified.
+            data: a batch or an iterable of batches (a DataLoader). Batches are pooled
+                sample-weighted. EKFAC reads the data twice, so pass a re-iterable (a
+                list or a DataLoader), not a one-shot iterator.
+            likelihood: name or :class:`~natgrad.Likelihood`.
+            kind: ``"kfac"`` or ``"ekfac"``.
+            labels: ``"empirical"``, ``"mc"`` (``mc_samples`` draws, weight ``1/k``) or
+                ``"exact"``.
+            mc_samples: label draws per sample for ``"mc"``.
+            params: parameters to cover (see :func:`natgrad.select_params`).
+            generator: for ``"mc"`` (default: seeded with 0); every pass uses the same
+                draws.
+            output_fn: maps the model's output to the output tensor.
+            max_batches: stop after this many batches.
+            progress: show a tqdm progress bar.
+            max_factor_dim: a factor side (``d_A`` or ``d_G``) larger than this is kept
+                diagonal (``A_ii`` / ``G_ii``); None: no limit.
+            max_factor_bytes: the memory the factors (and their eigenbases) may take;
+                default: the available memory of the device.
+            chunk_size: samples per chunk for the diagonal part's vmap path.
+            engine: the diagonal part's engine (see :func:`natgrad.estimate_fisher`).
+            distributed: all-reduce the statistics over ``torch.distributed`` ranks
+                (each rank passes its own shard); None: when a process group is
+                initialized. EKFAC re-fits ``s`` in the eigenbasis of the reduced factors,
+                so every rank gets what one process gets on all the shards.
+
+        Returns:
+            :class:`KroneckerFisher` with ``n_samples = N``.
+
+        Raises:
+            ValueError: no selected parameter is in a covered layer (use ``kind="diag"``),
+                no samples, a one-shot iterator for EKFAC, or bad options.
+            FactorMemoryError: the factors would not fit; pass ``max_factor_dim``.
+            FloatingPointError: NaN or Inf in the statistics.
+        """
+        from natgrad.curvature.estimate import _progress, is_single_batch, iterate_batches
+        from natgrad.engine.capture import ENGINES, square_sums_auto
+
+        kind = check_choice("kind", kind, KRONECKER_KINDS)
+        check_choice("engine", engine, ENGINES)
+        max_factor_dim = check_int("max_factor_dim", max_factor_dim, 1, optional=True)
+        max_factor_bytes = check_int("max_factor_bytes", max_factor_bytes, 1, optional=True)
+        dist_on = resolve_distributed(distributed, f"estimate_curvature(kind={kind!r})")
+        what = f"estimate_curvature(kind={kind!r})"
+        check_fixed_model(model, what)
+        plan = Plan(model, likelihood, labels, mc_samples, params, output_fn, generator, what=what)
+        layers, reasons = kfac_coverage(model, plan.params)
+        if not layers:
+            raise ValueError(
+                f"kind={kind!r} covers none of the selected parameters: "
+                + "; ".join(f"{k} ({why})" for k, why in list(reasons.items())[:8])
+                + ". It covers nn.Linear, nn.Conv1d/2d, transformers' Conv1D and nn.Embedding "
+                "weights used by one module; select such layers or use kind='diag'."
+            )
+        diag_A, diag_G = cls._plan_sides(layers, kind, max_factor_dim, max_factor_bytes, plan)
+        if kind == "ekfac" and not is_single_batch(data) and isinstance(data, Iterator):
+            raise ValueError(
+                "kind='ekfac' reads the data twice (factors, then the eigenbasis diagonal), "
+                "but `data` is a one-shot iterator; pass a list of batches or a DataLoader."
+            )
+        start = plan.generator.get_state()
+        # Every layer and diagonal parameter gets a sum from the start, so that every rank
+        # reduces the same buffers, even one whose shard is empty.
+        sums = {k: _zero_stats(lay, diag_A[k], diag_G[k]) for k, lay in layers.items()}
+        rest = dict(reasons)
+
+        def rest_part():
+            names = [k for k in plan.params if k in rest]
+            zeros = {k: torch.zeros_like(plan.params[k], dtype=torch.float32) for k in names}
+            return (plan.restrict(names) if names else None), zeros
+
+        rest_plan, rest_sums = rest_part()
+        n_total, first = 0, True
+        batches = _progress(iterate_batches(data, max_batches), data, progress, max_batches, kind)
+        error = None  # under torch.distributed, a failure on one rank reaches every rank
+        try:
+            for batch in batches:
+                state = plan.generator.get_state()
+                cap = capture(plan, batch, layers)
+                if cap.unbatched:
+                    if not first:
+                        raise ValueError(
+                            f"Layers {cap.unbatched} were called without the batch dimension in a "
+                            "later batch only; keep the batch as the first dimension of every batch."
+                        )
+                    for k in cap.unbatched:
+                        for p in (layers[k].weight, layers[k].bias):
+                            if p:
+                                rest[p] = "its layer is called without the batch as first dimension"
+                        del layers[k], sums[k]
+                    if not layers:
+                        raise ValueError(
+                            f"kind={kind!r} covers none of the selected parameters: every K-FAC "
+                            "layer is called without the batch dimension; use kind='diag'."
+                        )
+                    rest_plan, rest_sums = rest_part()
+                for k, lay in layers.items():
+                    if k in cap.inputs:
+                        A, G = factor_stats(lay, cap.inputs[k], cap.grads[k], cap.n, diag_A[k],
+                                            diag_G[k])
+                        sums[k][0] += cap.n * A
+                        sums[k][1] += cap.n * G
+                if rest_plan is not None:
+                    plan.generator.set_state(state)
+                    for _, acc in square_sums_auto(rest_plan, [batch], chunk_size, engine):
+                        for k in rest_sums:
+                            rest_sums[k] += acc[k]
+                n_total += cap.n
+                first = False
+        except Exception as exc:
+            if not dist_on:
+                raise
+            error = exc
+        if dist_on:
+            raise_if_any_rank_failed(error, f"estimate_curvature(kind={kind!r})")
+        order = list(layers)
+        flat = [t for k in order for t in sums[k]] + list(rest_sums.values())
+        if dist_on:
+            flat, n_total = _reduce_sum(flat, n_total, None)
+        if n_total == 0:
+            raise ValueError(
+                "No samples: `data` yielded no batches, so there is no Fisher to estimate."
+            )
+        blocks = {}
+        for i, k in enumerate(order):  # a layer the forward never called: zero factors
+            lay = layers[k]
+            A, G = flat[2 * i] / n_total, flat[2 * i + 1] / n_total
+            check_finite(f"the K-FAC factors of layer {k!r}", torch.stack([A.sum(), G.sum()]),
+                         "Check the inputs, the model's outputs and the labels for NaN/Inf.")
+            w = lay.module.weight
+            blocks[k] = KroneckerBlock(lay.weight, lay.bias, tuple(w.shape), lay.transposed,
+                                       lay.groups, A, G)
+        nr = len(order) * 2
+        diag = {k: v / n_total for k, v in zip(rest_sums, flat[nr:], strict=True)}
+        for k, v in diag.items():
+            check_finite(f"the per-sample gradients of {k!r}", v.sum(),
+                         "Check the inputs, the model's outputs and the labels for NaN/Inf.")
+        if kind == "ekfac":
+            plan.generator.set_state(start)
+            cls._refit(plan, data, max_batches, layers, blocks, n_total, dist_on)
+        if rest:
+            by_reason: dict[str, list[str]] = {}
+            for k in plan.params:
+                if k in rest:
+                    by_reason.setdefault(rest[k], []).append(k)
+            msg = (
+                f"kind={kind!r} keeps {len(rest)} parameter(s) diagonal (structure() says "
+                "'diag'): " + "; ".join(f"{why}: {', '.join(ks)}" for why, ks in by_reason.items())
+            )
+            warnings.warn(msg, UserWarning, stacklevel=3)
+            _log.info(msg)
+        lik_name = plan.lik.name
+        covered = {n for b in blocks.values() for n in b.names} | set(diag)
+        return cls(blocks, {k: diag[k] for k in plan.params if k in diag}, n_total, kind=kind,
+                   diag_reasons={k: rest[k] for k in plan.params if k in rest},
+                   labels=labels, likelihood=lik_name,
+                   order=[k for k in plan.params if k in covered])
+
+    @staticmethod
+    def _plan_sides(layers, kind, max_factor_dim, max_factor_bytes, plan):
+        diag_A, diag_G = {}, {}
+        need, biggest = 0, (0, "", "")
+        for k, lay in layers.items():
+            g, dG, dA = lay.dims()
+            item = torch.finfo(to_acc(lay.module.weight.detach()).dtype).bits // 8
+            diag_A[k] = lay.kind == "embedding" or (max_factor_dim is not None and dA > max_factor_dim)
+            diag_G[k] = max_factor_dim is not None and dG > max_factor_dim
+            for side, d, is_diag in (("A", dA, diag_A[k]), ("G", dG, diag_G[k])):
+                size = g * (d if is_diag else 2 * d * d) * item  # factor and eigenbasis
+                need += size
+                if size > biggest[0]:
+                    biggest = (size, k, f"{side} {d}x{d}")
+            if kind == "ekfac":
+                need += g * dG * dA * item
+        limit = max_factor_bytes if max_factor_bytes is not None else _available_bytes(plan.device)
+        if need > limit:
+            gib = 2**30
+            raise FactorMemoryError(
+                f"The Kronecker factors need about {need / gib:.2f} GiB (largest: layer "
+                f"{biggest[1]!r} factor {biggest[2]}, {biggest[0] / gib:.2f} GiB with its "
+                f"eigenbasis), more than the {limit / gib:.2f} GiB allowed "
+                "(max_factor_bytes, default the available memory). Pass max_factor_dim=... "
+                "(e.g. 4096) to keep larger factor sides diagonal, or leave the layer out of "
+                "`params`."
+            )
+        return diag_A, diag_G
+
+    @staticmethod
+    def _refit(plan, data, max_batches, layers, blocks, n_total, dist_on) -> None:
+        """EKFAC: ``s = (1/N) Σ_n Σ_j w_j (Q_Gᵀ g_nj Q_A)²`` in the factors' eigenbasis."""
+        from natgrad.curvature.estimate import iterate_batches
+
+        bases = {}
+        for k, blk in blocks.items():
+            QA, _, QG, _ = blk.bases()
+            bases[k] = (QA, QG)
+            g, dG, dA = blk.groups, blk.G.shape[1], blk.A.shape[1]
+            blk.s = torch.zeros(g, dG, dA, dtype=blk.A.dtype, device=blk.A.device)
+        n_seen, error = 0, None
+        try:
+            for batch in iterate_batches(data, max_batches):
+                cap = capture(plan, batch, layers)
+                n_seen += cap.n
+                for k in cap.inputs:
+                    a, blk = cap.inputs[k], blocks[k]
+                    QA, QG = bases[k]
+                    step = max(1, _BLOCK_FLOATS // max(blk.s.numel(), 1))
+                    for w, b in cap.grads[k]:
+                        for i in range(0, cap.n, step):
+                            M = per_sample_blocks(layers[k], a[i : i + step], b[i : i + step], QA, QG)
+                            blk.s += w * (M * M).sum(0)
+        except Exception as exc:
+            if not dist_on:
+                raise
+            error = exc
+        if dist_on:
+            raise_if_any_rank_failed(error, "estimate_curvature(kind='ekfac')")
+        if dist_on:
+            order = list(blocks)
+            flat, n_seen = _reduce_sum([blocks[k].s for k in order], n_seen, None)
+            for k, s in zip(order, flat, strict=True):
+                blocks[k].s = s
+        if n_seen != n_total:
+            raise ValueError(
+                f"kind='ekfac' saw {n_total} samples in its first pass over `data` and "
+                f"{n_seen} in its second; pass data that yields the same batches every time."
+            )
+        for k, blk in blocks.items():
+            blk.s = blk.s / n_total
+            blk.QA, blk.QG = bases[k]
+            check_finite(f"the EKFAC eigenvalues of layer {k!r}", blk.s.sum())
+
+    # -- parameter helpers -------------------------------------------------------------
+    def _check_names(self, v: Params) -> None:
+        unknown = [k for k in v if k not in self._owner and k not in self.diag]
+        if unknown:
+            raise ValueError(
+                f"The vector has names this curvature does not cover: {unknown[:8]}; it covers "
+                f"{self.names()[:8]}. Pass only the curvature's parameters."
+            )
+
+    def _block_of(self, blk: KroneckerBlock, v: Params) -> torch.Tensor:
+        dt = blk.A.dtype
+        w = v.get(blk.weight)
+        w = torch.zeros(blk.shape, dtype=dt, device=blk.A.device) if w is None else w.to(dt)
+        b = None
+        if blk.bias is not None:
+            b = v.get(blk.bias)
+            d = blk.shape[1] if blk.transposed else blk.shape[0]
+            b = torch.zeros(d, dtype=dt, device=blk.A.device) if b is None else b.to(dt)
+        return weight_blocks(blk.shape, blk.transposed, blk.groups, w, b)
+
+    def _each(self, v: Params, layer_fn, diag_fn) -> dict[str, torch.Tensor]:
+        self._check_names(v)
+        out: dict[str, torch.Tensor] = {}
+        for blk in self.blocks.values():
+            if not any(n in v for n in blk.names):
+                continue
+            R = layer_fn(blk, self._block_of(blk, v))
+            W, b = split_weight_blocks(blk.shape, blk.transposed, blk.bias is not None, R)
+            if blk.weight in v:
+                out[blk.weight] = W.to(v[blk.weight].dtype)
+            if blk.bias is not None and blk.bias in v:
+                out[blk.bias] = b.to(v[blk.bias].dtype)
+        for k, f in self.diag.items():
+            if k in v:
+                x = v[k]
+                out[k] = diag_fn(f.to(x.device), x.to(f.dtype)).to(x.dtype)
+        return {k: out[k] for k in v}
+
+    # -- linear algebra -------------------------------------------------------------------
+    def mv(self, v: Params) -> dict[str, torch.Tensor]:
+        """``F v``: ``G V A`` per K-FAC layer, ``Q_G (s ⊙ Q_Gᵀ V Q_A) Q_Aᵀ`` per EKFAC layer,
+        ``F ⊙ v`` on the diagonal part."""
+
+        def layer(blk, V):
+            if blk.s is not None:
+                return _unrot(_rot(V, blk.QA, blk.QG) * blk.s, blk.QA, blk.QG)
+            V = blk.G.unsqueeze(-1) * V if blk.G.dim() == 2 else blk.G @ V
+            return V * blk.A.unsqueeze(-2) if blk.A.dim() == 2 else V @ blk.A
+
+        return self._each(v, layer, lambda f, x: f * x)
+
+    def solve(self, v: Params, damping: float) -> dict[str, torch.Tensor]:
+        """``(F + λI)⁻¹ v``: ``Q_G ((Q_Gᵀ V Q_A) / (S + λ)) Q_Aᵀ`` per layer, ``v / (F + λ)``
+        on the diagonal part."""
+        lam = _damping(damping)
+
+        def layer(blk, V):
+            QA, _, QG, _ = blk.bases()
+            return _unrot(_rot(V, QA, QG) / (blk.eigenvalues() + lam), QA, QG)
+
+        return self._each(v, layer, lambda f, x: x / (f + lam))
+
+    def quad(self, v: Params) -> torch.Tensor:
+        """``vᵀ F v = Σ_layers ⟨V, mv(V)⟩ + Σ F v²``."""
+        fv = self.mv(v)
+        terms = [(v[k].to(fv[k].dtype) * fv[k]).sum() for k in fv]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
+
+    def diagonal(self) -> dict[str, torch.Tensor]:
+        """``diag F``: ``diag(G) diag(A)ᵀ`` (K-FAC) or ``Q_G² s (Q_A²)ᵀ`` (EKFAC)."""
+        out: dict[str, torch.Tensor] = {}
+        for blk in self.blocks.values():
+            if blk.s is not None:
+                D = _sandwich_sq(blk.s, blk.QA, blk.QG)
+            else:
+                dA = blk.A if blk.A.dim() == 2 else blk.A.diagonal(dim1=-2, dim2=-1)
+                dG = blk.G if blk.G.dim() == 2 else blk.G.diagonal(dim1=-2, dim2=-1)
+                D = dG.unsqueeze(-1) * dA.unsqueeze(-2)
+            out.update(self._split(blk, D))
+        out.update({k: f.clone() for k, f in self.diag.items()})
+        return {k: out[k] for k in self.names()}
+
+    def inverse_diagonal(self, damping: float) -> dict[str, torch.Tensor]:
+        """``diag (F + λI)⁻¹ = Q_G² (1/(S + λ)) (Q_A²)ᵀ`` per layer, ``1/(F + λ)`` else."""
+        lam = _damping(damping)
+        out: dict[str, torch.Tensor] = {}
+        for blk in self.blocks.values():
+            QA, _, QG, _ = blk.bases()
+            out.update(self._split(blk, _sandwich_sq(1.0 / (blk.eigenvalues() + lam), QA, QG)))
+        out.update({k: 1.0 / (f + lam) for k, f in self.diag.items()})
+        return {k: out[k] for k in self.names()}
+
+    def logdet(self, damping: float) -> torch.Tensor:
+        """``log det (F + λI) = Σ_layers Σ log(S + λ) + Σ log(F_diag + λ)``."""
+        lam = _damping(damping)
+        terms = [torch.log(blk.eigenvalues() + lam).sum() for blk in self.blocks.values()]
+        terms += [torch.log(f + lam).sum() for f in self.diag.values()]
+        return torch.stack([t.to(terms[0].dtype) for t in terms]).sum() if terms else torch.zeros(())
+
+    def _split(self, blk: KroneckerBlock, V: torch.Tensor) -> dict[str, torch.Tensor]:
+        W, b = split_weight_blocks(blk.shape, blk.transposed, blk.bias is not None, V)
+        return {blk.weight: W} if b is None else {blk.weight: W, blk.bias: b}
+
+    def structure(self) -> dict[str, str]:
+        """``{parameter: "kfac" | "ekfac" | "diag"}`` in model order."""
+        return {k: "diag" if k in self.diag else self.kind for k in self.order}
+
+    # -- combination -------------------------------------------------------------------------
+    def _check_same(self, other: KroneckerFisher, what: str) -> None:
+        if not isinstance(other, KroneckerFisher) or other.kind != self.kind:
+            raise TypeError(
+                f"Cannot {what} a {self.kind!r} KroneckerFisher with "
+                f"{getattr(other, 'kind', type(other).__name__)!r}; combine curvatures of one kind."
+            )
+        mine = {k: b.layout() for k, b in self.blocks.items()}
+        theirs = {k: b.layout() for k, b in other.blocks.items()}
+        dshape = {k: tuple(v.shape) for k, v in self.diag.items()}
+        oshape = {k: tuple(v.shape) for k, v in other.diag.items()}
+        if mine != theirs or dshape != oshape:
+            diff = sorted(set(mine) ^ set(theirs)) or sorted(
+                k for k in mine if theirs.get(k) != mine[k]) or sorted(set(dshape) ^ set(oshape))
+            raise ValueError(
+                f"Cannot {what} KroneckerFishers of different layouts (differing: {diff[:8]}); "
+                "estimate both on the same model with the same params and max_factor_dim."
+            )
+
+    def _mix(self, other: KroneckerFisher, wa: float, wb: float, n: int) -> KroneckerFisher:
+        blocks = {}
+        for k, a in self.blocks.items():
+            b = other.blocks[k]
+            A = wa * a.A + wb * b.A.to(a.A.device)
+            G = wa * a.G + wb * b.G.to(a.G.device)
+            new = replace(a, A=A, G=G, s=None, QA=None, QG=None, eig={})
+            if self.kind == "ekfac":
+                QA, _, QG, _ = new.bases()
+                new.s = wa * _project(a, QA, QG) + wb * _project(_block_to(b, a.A.device), QA, QG)
+                new.QA, new.QG = QA, QG
+            blocks[k] = new
+        diag = {k: wa * v + wb * other.diag[k].to(v.device) for k, v in self.diag.items()}
+        labels = self.labels if self.labels == other.labels else "mixed"
+        return KroneckerFisher(blocks, diag, n, kind=self.kind, diag_reasons=self.diag_reasons,
+                               labels=labels, likelihood=self.likelihood, order=self.order)
+
+    def __add__(self, other: Curvature) -> KroneckerFisher:
+        """Pooled statistics ``(N_a · a + N_b · b) / (N_a + N_b)`` (see the module doc)."""
+        if not isinstance(other, KroneckerFisher):
+            return NotImplemented
+        self._check_same(other, "add")
+        n = self.n_samples + other.n_samples
+        if n == 0:
+            raise ValueError("Cannot combine two curvatures that both have n_samples=0.")
+        return self._mix(other, self.n_samples / n, other.n_samples / n, n)
+
+    def __mul__(self, scalar: float) -> KroneckerFisher:
+        """``c F``: ``G``, ``s`` and the diagonal part scaled by ``c >= 0``; same ``N``."""
+        if isinstance(scalar, bool) or not isinstance(scalar, (int, float)):
+            return NotImplemented
+        c = float(scalar)
+        if not c >= 0 or c == float("inf"):
+            raise ValueError(f"Invalid scale {scalar!r}: a curvature is scaled by a finite c >= 0.")
+        blocks = {}
+        for k, b in self.blocks.items():
+            blocks[k] = replace(b, G=b.G * c, s=None if b.s is None else b.s * c, eig={})
+        return KroneckerFisher(blocks, {k: v * c for k, v in self.diag.items()}, self.n_samples,
+                               kind=self.kind, diag_reasons=self.diag_reasons,
+                               labels=self.labels, likelihood=self.likelihood,
+                               order=self.order)
+
+    __rmul__ = __mul__
+
+    def ema(self, other: Curvature, decay: float) -> KroneckerFisher:
+        """``decay · self + (1 - decay) · other`` statistic by statistic; ``N = N_a + N_b``."""
+        decay = check_fraction("decay", decay, closed=True)
+        self._check_same(other, "average")  # type: ignore[arg-type]
+        return self._mix(other, decay, 1 - decay, self.n_samples + other.n_samples)  # type: ignore[arg-type]
+
+    def to(self, *args: Any, **kwargs: Any) -> KroneckerFisher:
+        """Move / cast every tensor like ``Tensor.to``; returns a new curvature."""
+        blocks = {k: _block_to(b, *args, **kwargs) for k, b in self.blocks.items()}
+        return KroneckerFisher(blocks, {k: v.to(*args, **kwargs) for k, v in self.diag.items()},
+                               self.n_samples, kind=self.kind, diag_reasons=self.diag_reasons,
+                               labels=self.labels, likelihood=self.likelihood,
+                               order=self.order)
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only; round-trips exactly through :meth:`from_state_dict`."""
+        layers = {}
+        for k, b in self.blocks.items():
+            layers[k] = {
+                "weight": b.weight, "bias": b.bias, "shape": list(b.shape),
+                "transposed": b.transposed, "groups": b.groups,
+                **{t: v.clone() for t, v in b.tensors().items()},
+            }
+        return {
+            "format": _FORMAT, "kind": self.kind, "n_samples": self.n_samples,
+            "labels": self.labels, "likelihood": self.likelihood, "layers": layers,
+            "diag": {k: v.clone() for k, v in self.diag.items()},
+            "diag_reasons": dict(self.diag_reasons),
+            "order": list(self.order),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace the contents; when this curvature is not empty, the layouts must match."""
+        if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
+            raise ValueError(
+                f"Not a KroneckerFisher state_dict (format {_FORMAT!r} missing); use the "
+                "state_dict() of a KroneckerFisher."
+            )
+        blocks = {}
+        for k, d in state["layers"].items():
+            blocks[k] = KroneckerBlock(
+                d["weight"], d["bias"], tuple(int(s) for s in d["shape"]), bool(d["transposed"]),
+                int(d["groups"]), d["A"].clone(), d["G"].clone(),
+                *(d[t].clone() if d.get(t) is not None else None for t in ("s", "QA", "QG")),
+            )
+        new = KroneckerFisher(blocks, {k: v.clone() for k, v in state["diag"].items()},
+                              int(state["n_samples"]), kind=state["kind"],
+                              diag_reasons=state.get("diag_reasons", {}),
+                              labels=state.get("labels", "empirical"),
+                              likelihood=state.get("likelihood", "categorical"),
+                              order=state.get("order"))
+        if self.blocks or self.diag:
+            self._check_same(new, "load")
+        self.__dict__.update(new.__dict__)
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> KroneckerFisher:
+        """A new curvature holding ``state`` (what :meth:`state_dict` returned)."""
+        f = cls({}, {}, 0, kind=state.get("kind", "kfac") if isinstance(state, Mapping) else "kfac")
+        f.load_state_dict(state)
+        return f
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the state dict to a safetensors file (metadata, per-tensor SHA-256)."""
+        save_state(path, self.state_dict(), _FORMAT)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> KroneckerFisher:
+        """Read a file written by :meth:`save` (format and checksums checked)."""
+        return cls.from_state_dict(load_state(path, _FORMAT, device))
+
+    def all_reduce(self, group: object | None = None) -> KroneckerFisher:
+        """The sample-weighted pooling over all ranks, as ``+`` over the ranks' curvatures.
+
+        K-FAC: ``A``, ``G`` and the diagonal part are summed as ``N_r ·`` statistic, and
+        ``N``. EKFAC: the same, then each rank's ``s`` is projected onto the eigenbasis of
+        the reduced factors and reduced alike. Identity (a copy) when not distributed.
+        """
+        if not is_distributed():
+            return self * 1.0
+        order = list(self.blocks)
+        n = self.n_samples
+        flat = [t * n for k in order for t in (self.blocks[k].A, self.blocks[k].G)]
+        flat += [v * n for v in self.diag.values()]
+        red, total = _reduce_sum(flat, n, group)
+        if total == 0:
+            return self * 0.0
+        blocks = {}
+        for i, k in enumerate(order):
+            a = self.blocks[k]
+            blocks[k] = replace(a, A=red[2 * i] / total, G=red[2 * i + 1] / total,
+                                s=None, QA=None, QG=None, eig={})
+        if self.kind == "ekfac":
+            proj = []
+            for k in order:
+                QA, _, QG, _ = blocks[k].bases()
+                proj.append(_project(self.blocks[k], QA, QG) * n)
+            proj, _ = _reduce_sum(proj, 0, group)
+            for k, s in zip(order, proj, strict=True):
+                blocks[k].s = s / total
+                blocks[k].QA, blocks[k].QG = blocks[k].bases()[0], blocks[k].bases()[2]
+        diag = {k: v / total for k, v in zip(self.diag, red[2 * len(order) :], strict=True)}
+        return KroneckerFisher(blocks, diag, total, kind=self.kind, diag_reasons=self.diag_reasons,
+                               labels=self.labels, likelihood=self.likelihood,
+                               order=self.order)
+
+
+def _project(blk: KroneckerBlock, QA, QG) -> torch.Tensor:
+    """The diagonal of ``blk``'s EKFAC operator in the eigenbasis ``(Q_G ⊗ Q_A)``:
+    ``R_G² s (R_A²)ᵀ`` with ``R = Q_newᵀ Q_blk``."""
+    RG = None if QG is None else QG.mT @ blk.QG
+    RA = None if QA is None else QA.mT @ blk.QA
+    S = blk.s
+    if RG is not None:
+        S = (RG * RG) @ S
+    return S if RA is None else S @ (RA * RA).mT
+
+
+def _block_to(b: KroneckerBlock, *args, **kwargs) -> KroneckerBlock:
+    def mv(t):
+        return None if t is None else t.detach().to(*args, **kwargs)
+
+    return replace(b, A=mv(b.A), G=mv(b.G), s=mv(b.s), QA=mv(b.QA), QG=mv(b.QG), eig={})

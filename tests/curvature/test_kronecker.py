@@ -1,0 +1,524 @@
+"""KroneckerFisher (K-FAC, EKFAC) against brute-force per-sample loops and dense matrices.
+
+References are independent of natgrad's capture: one backward per sample for the output
+gradients ``b`` and per-sample gradients, explicit slicing loops for convolution patches,
+Python loops for token counts, and dense float64 Kronecker / EKFAC constructions.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import natgrad
+from natgrad.curvature.kronecker import KroneckerFisher
+from natgrad.engine.likelihoods import TokenCategorical, get_likelihood
+from tests.conftest import TinyCNN, mlp
+from tests.reference import (
+    ce_sum,
+    check_against_dense,
+    dense_fisher,
+    dense_from_mv,
+    dense_label_fisher,
+    loop_grads,
+)
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return fn(*args, **kwargs)
+
+
+def _est(model, data, lik="categorical", **kw):
+    return _quiet(natgrad.estimate_curvature, model, data, lik, **kw)
+
+
+# -- brute-force factor references ------------------------------------------------------
+def _loop_out_grads(model, modules, x, y, loss_fn):
+    """Per sample: inputs and output gradients of ``modules`` (one backward per sample)."""
+    rec = {m: [] for m in modules}
+    res = []
+    for i in range(x.shape[0]):
+        ins, outs = {}, {}
+        hs = []
+        for m in modules:
+            def hook(mod, args, out, m=m, ins=ins, outs=outs):
+                ins[m] = args[0].detach()
+                outs[m] = out
+            hs.append(m.register_forward_hook(hook))
+        loss = loss_fn(model(x[i : i + 1]), y[i : i + 1])
+        for h in hs:
+            h.remove()
+        gs = torch.autograd.grad(loss, [outs[m] for m in modules])
+        res.append({m: (ins[m], g.detach()) for m, g in zip(modules, gs, strict=True)})
+    for r in res:
+        for m in modules:
+            rec[m].append(r[m])
+    return rec
+
+
+def _tok_ce(out, y):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")
+
+
+def _aug(a):
+    return torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=a.dtype)], -1)
+
+
+class SeqMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(4, 5)
+        self.l2 = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+def test_linear_sequence_factors_are_the_martens_grosse_definitions():
+    """``A = (1/(N·T)) Σ ã ãᵀ``, ``G = (1/N) Σ_{n,t} b bᵀ`` on (N, T, d) inputs."""
+    torch.manual_seed(0)
+    model = SeqMLP().double()
+    x, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.randint(0, 3, (5, 3))
+    curv = _est(model, (x, y), TokenCategorical(), kind="kfac")
+    rec = _loop_out_grads(model, [model.l1, model.l2], x, y, _tok_ce)
+    for name, m in (("l1", model.l1), ("l2", model.l2)):
+        a = torch.cat([_aug(i[0]) for i, _ in rec[m]])  # (N*T, d+1)
+        b = torch.cat([g[0] for _, g in rec[m]])
+        blk = curv.blocks[name]
+        torch.testing.assert_close(blk.A[0], a.T @ a / (5 * 3))
+        torch.testing.assert_close(blk.G[0], b.T @ b / 5)
+    assert curv.structure() == {k: "kfac" for k, _ in model.named_parameters()}
+
+
+def _conv_patches_loop(xp, m):
+    """Patches of a padded input by explicit slicing (no unfold): (N, T, C*kh*kw)."""
+    kh, kw = m.kernel_size
+    sh, sw = m.stride
+    dh, dw = m.dilation
+    H = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    W = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    rows = []
+    for i in range(H):
+        for j in range(W):
+            win = xp[:, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh,
+                     j * sw : j * sw + dw * (kw - 1) + 1 : dw]
+            rows.append(win.reshape(xp.shape[0], -1))
+    return torch.stack(rows, 1)
+
+
+@pytest.mark.parametrize(
+    "mode,padding,groups",
+    [("zeros", 1, 1), ("zeros", "same", 2), ("reflect", 1, 2), ("circular", 2, 1),
+     ("replicate", "same", 3)],
+)
+def test_conv2d_factors_groups_and_padding_modes(mode, padding, groups):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 6, (3, 2) if padding == "same" else 3, padding=padding,
+                     padding_mode=mode, groups=groups)
+    model = nn.Sequential(conv, nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(6, 3)).double()
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,))
+    curv = _est(model, (x, y), kind="kfac")
+    assert curv.structure()["0.weight"] == "kfac" and curv.blocks["0"].groups == groups
+    rec = _loop_out_grads(model, [conv], x, y, ce_sum)[conv]
+    # the padding this conv applies, as torch defines padding_mode (explicit F.pad)
+    if padding == "same":
+        pads = [0, 1, 1, 1]  # kernel (3, 2): width total 1 -> (0, 1); height total 2 -> (1, 1)
+    else:
+        pads = [padding] * 4
+    fmode = "constant" if mode == "zeros" else mode
+    a = torch.cat([_conv_patches_loop(F.pad(i, pads, mode=fmode), conv) for i, _ in rec])
+    b = torch.cat([g.flatten(2).transpose(1, 2) for _, g in rec])  # (N, T, C_out)
+    N, T = a.shape[0], a.shape[1]
+    cin, cout = 6 // groups, 6 // groups
+    k = conv.weight[0].numel()
+    blk = curv.blocks["0"]
+    for g in range(groups):
+        ag = _aug(a[:, :, g * k : (g + 1) * k].reshape(N * T, k))
+        bg = b[:, :, g * cout : (g + 1) * cout].reshape(N * T, cout)
+        torch.testing.assert_close(blk.A[g], ag.T @ ag / (N * T))
+        torch.testing.assert_close(blk.G[g], bg.T @ bg / N)
+    assert cin * conv.weight.shape[2] * conv.weight.shape[3] == k
+    # the block layout of [W, b] reproduces every per-sample gradient: Σ_t b_t ã_tᵀ
+    grads = loop_grads(model, ce_sum, x, y, ["0.weight", "0.bias"])
+    for n in range(N):
+        for g in range(groups):
+            an = _aug(a[n, :, g * k : (g + 1) * k])
+            bn = b[n, :, g * cout : (g + 1) * cout]
+            W = grads["0.weight"][n][g * cout : (g + 1) * cout].reshape(cout, -1)
+            Vb = torch.cat([W, grads["0.bias"][n][g * cout : (g + 1) * cout, None]], 1)
+            torch.testing.assert_close(bn.T @ an, Vb)
+
+
+def test_conv_kfac_methods_against_dense_kronecker():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 4, 3, groups=2, padding=1, padding_mode="circular"),
+                          nn.Tanh(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).double()
+    x, y = torch.randn(5, 4, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    for kind in ("kfac", "ekfac"):
+        curv = _est(model, (x, y), kind=kind)
+        shapes = {k: p.shape for k, p in model.named_parameters()}
+        check_against_dense(curv, shapes, _dense_kronecker(curv, model, x, y, ce_sum))
+
+
+# -- dense constructions -------------------------------------------------------------------
+def _blk_to_flat(blk, V):
+    """Block matrices (g, dG, dA) -> flat index order of [weight, bias] (model layout)."""
+    from natgrad.curvature.kfac import split_weight_blocks
+
+    W, b = split_weight_blocks(blk.shape, blk.transposed, blk.bias is not None, V)
+    return torch.cat([W.reshape(-1)] + ([] if b is None else [b.reshape(-1)]))
+
+
+def _block_basis(blk):
+    """Columns = the Kronecker eigenvectors of the block, in the parameters' flat layout,
+    for every (group, i, j); plus the index of each in ``s``."""
+    QA, _, QG, _ = blk.bases()
+    g = blk.groups
+    dG, dA = blk.G.shape[1], blk.A.shape[1]
+    cols = []
+    for gi in range(g):
+        qa = torch.eye(dA, dtype=torch.float64) if QA is None else QA[gi].double()
+        qg = torch.eye(dG, dtype=torch.float64) if QG is None else QG[gi].double()
+        for i in range(dG):
+            for j in range(dA):
+                V = torch.zeros(g, dG, dA, dtype=torch.float64)
+                V[gi] = torch.outer(qg[:, i], qa[:, j])
+                cols.append(_blk_to_flat(blk, V))
+    return torch.stack(cols, 1)
+
+
+def _dense_kronecker(curv, model, x, y, loss_fn, grads=None):
+    """Dense float64 operator: K-FAC ``blockdiag(G ⊗ A)``, or EKFAC
+    ``K diag(s) Kᵀ`` with ``s = (1/N) Σ_n (Kᵀ g_n)²`` from brute-force per-sample grads."""
+    names = list(curv.structure())
+    shapes = {k: p.shape for k, p in model.named_parameters() if k in names}
+    offs, i = {}, 0
+    for k, s in shapes.items():
+        offs[k] = (i, i + s.numel())
+        i += s.numel()
+    D = torch.zeros(i, i, dtype=torch.float64)
+    if grads is None:
+        grads = loop_grads(model, loss_fn, x, y, names)
+    N = x.shape[0]
+    for blk in curv.blocks.values():
+        idx = torch.cat([torch.arange(*offs[n]) for n in blk.names])
+        if curv.kind == "kfac":
+            g, dG, dA = blk.groups, blk.G.shape[1], blk.A.shape[1]
+            sub = torch.zeros(len(idx), len(idx), dtype=torch.float64)
+            Afull = torch.diag_embed(blk.A) if blk.A.dim() == 2 else blk.A
+            Gfull = torch.diag_embed(blk.G) if blk.G.dim() == 2 else blk.G
+            cols = []
+            for gi in range(g):
+                for r in range(dG):
+                    for c in range(dA):
+                        V = torch.zeros(g, dG, dA, dtype=torch.float64)
+                        V[gi, r, c] = 1.0
+                        cols.append(_blk_to_flat(blk, V))
+            E = torch.stack(cols, 1)  # block coordinates -> flat
+            K = torch.block_diag(*[torch.kron(Gfull[gi], Afull[gi]).double() for gi in range(g)])
+            sub = E @ K @ E.T
+        else:
+            Kb = _block_basis(blk)
+            gn = torch.cat([grads[n].reshape(N, -1).double() for n in blk.names], 1)
+            s = ((gn @ Kb) ** 2).mean(0)
+            torch.testing.assert_close(s, blk.s.reshape(-1).double())
+            sub = Kb @ torch.diag(s) @ Kb.T
+        D[idx[:, None], idx[None, :]] = sub
+    for k, v in curv.diag.items():
+        a, b = offs[k]
+        g = grads[k].reshape(N, -1).double()
+        torch.testing.assert_close(v.reshape(-1).double(), (g * g).mean(0), rtol=1e-5, atol=1e-8)
+        D[a:b, a:b] = torch.diag((g * g).mean(0))
+    return D
+
+
+def test_ekfac_equals_dense_construction_from_per_sample_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.LayerNorm(5), nn.Linear(5, 3)).double()
+    x, y = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
+    curv = _est(model, (x, y), kind="ekfac")
+    assert curv.structure() == {"0.weight": "ekfac", "0.bias": "ekfac", "2.weight": "diag",
+                                "2.bias": "diag", "3.weight": "ekfac", "3.bias": "ekfac"}
+    kfac = _est(model, (x, y), kind="kfac")
+    for k, blk in curv.blocks.items():  # the eigenbasis is that of the K-FAC factors
+        QA = blk.QA[0]
+        torch.testing.assert_close(QA.T @ kfac.blocks[k].A[0] @ QA,
+                                   torch.diag(torch.linalg.eigvalsh(kfac.blocks[k].A[0])))
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    dense = _dense_kronecker(curv, model, x, y, ce_sum)
+    check_against_dense(curv, shapes, dense)
+    # EKFAC's diagonal is the Fisher's diagonal in its eigenbasis: on one layer, its
+    # eigenbasis entries q_kᵀ F q_k equal the exact Fisher's
+    ref = dense_fisher(loop_grads(model, ce_sum, x, y), list(shapes))
+    blk = curv.blocks["0"]
+    Kb = _block_basis(blk)
+    torch.testing.assert_close((Kb.T @ ref[:25, :25] @ Kb).diagonal(), blk.s.reshape(-1))
+
+
+def test_kfac_of_one_sample_is_its_exact_fisher_for_every_likelihood_and_label_source():
+    """For one sample and one position, ``Σ_j (b_j b_jᵀ) ⊗ (ã ãᵀ) = Σ_j g_j g_jᵀ`` on each
+    layer's block (K-FAC is block-diagonal over layers)."""
+    torch.manual_seed(0)
+    model = mlp((3, 4, 3)).double()
+    x = torch.randn(1, 3, dtype=torch.float64)
+    targets = {"categorical": torch.tensor([1]), "gaussian": torch.randn(1, 3).double(),
+               "bernoulli": torch.tensor([[1.0, 0.0, 1.0]], dtype=torch.float64)}
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    layer = torch.tensor([0] * 16 + [1] * 15)
+    same_layer = (layer[:, None] == layer[None, :]).double()
+    for lik, y in targets.items():
+        for labels in ("empirical", "mc", "exact"):
+            kw = {"mc_samples": 3, "generator": torch.Generator().manual_seed(5)}
+            kw = kw if labels == "mc" else {}
+            curv = _est(model, (x, y), lik, kind="kfac", labels=labels, **kw)
+            if labels == "exact":
+                ref = dense_label_fisher(model, x, lik)
+            else:
+                if labels == "mc":
+                    out = model(x).detach()
+                    draws = get_likelihood(lik).sample(out, torch.Generator().manual_seed(5), 3)
+                    draws = draws.movedim(0, 1)
+                else:
+                    draws = y.unsqueeze(1)
+                ref = dense_label_fisher(model, x, lik, draws=draws)
+            torch.testing.assert_close(dense_from_mv(curv, shapes), ref * same_layer,
+                                       msg=lambda m, lik=lik, labels=labels: f"{lik}/{labels}: {m}")
+
+
+def test_backpack_kflr_is_the_exact_label_kfac():
+    backpack = pytest.importorskip("backpack")
+    from backpack.extensions import KFLR
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    curv = _est(model, (x, y), kind="kfac", labels="exact")
+    bmodel = backpack.extend(nn.Sequential(*model).double())
+    lossf = backpack.extend(nn.CrossEntropyLoss(reduction="mean"))
+    with backpack.backpack(KFLR()):
+        lossf(bmodel(x), y).backward()
+    for name, layer in (("0", bmodel[0]), ("2", bmodel[2])):
+        G_bp, A_bp = layer.weight.kflr
+        blk = curv.blocks[name]
+        d = A_bp.shape[0]
+        torch.testing.assert_close(torch.kron(blk.G[0], blk.A[0][:d, :d]), torch.kron(G_bp, A_bp))
+        (Gb,) = layer.bias.kflr  # bias block: G ⊗ A_bias,bias (= G · 1)
+        torch.testing.assert_close(blk.G[0] * blk.A[0][d, d], Gb)
+
+
+# -- transformers Conv1D and Embedding ----------------------------------------------------------
+def test_hf_conv1d_factors_and_transposed_layout():
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(5, 4), nn.Tanh(), Conv1D(3, 5)).double()
+    x, y = torch.randn(4, 2, 4, dtype=torch.float64), torch.randint(0, 3, (4, 2))
+    curv = _est(model, (x, y), TokenCategorical(), kind="kfac")
+    assert set(curv.structure().values()) == {"kfac"} and transformers is not None
+    rec = _loop_out_grads(model, [model[0]], x, y, _tok_ce)[model[0]]
+    a = torch.cat([_aug(i[0]) for i, _ in rec])
+    b = torch.cat([g[0] for _, g in rec])
+    torch.testing.assert_close(curv.blocks["0"].A[0], a.T @ a / 8)
+    torch.testing.assert_close(curv.blocks["0"].G[0], b.T @ b / 4)
+    # weight stored (in, out): the block matrix is [Wᵀ, b]; one sample, one position:
+    # the K-FAC operator is the sample's exact empirical Fisher g gᵀ
+    x1, y1 = x[:1, :1], y[:1, :1]
+    one = _est(model, (x1, y1), TokenCategorical(), kind="kfac")
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    ref = dense_fisher(loop_grads(model, _tok_ce, x1, y1), list(shapes))
+    layer = torch.tensor([0] * 25 + [1] * 18)
+    torch.testing.assert_close(dense_from_mv(one, shapes), ref * (layer[:, None] == layer).double())
+    for kind in ("kfac", "ekfac"):
+        c = _est(model, (x, y), TokenCategorical(), kind=kind)
+        check_against_dense(c, shapes, _dense_kronecker(c, model, x, y, _tok_ce))
+
+
+class TokModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 3, padding_idx=0)
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def test_embedding_factors_token_frequencies_and_dense():
+    torch.manual_seed(0)
+    model = TokModel().double()
+    ids = torch.tensor([[1, 2, 2, 0], [3, 0, 1, 1], [6, 6, 6, 5]])
+    y = torch.randint(0, 4, (3, 4))
+    curv = _est(model, (ids, y), TokenCategorical(), kind="kfac")
+    blk = curv.blocks["emb"]
+    assert blk.A.shape == (1, 7) and blk.G.shape == (1, 3, 3) and blk.transposed
+    counts = torch.zeros(7, dtype=torch.float64)
+    for t in ids.reshape(-1).tolist():
+        if t != 0:  # the padding row gets no gradient
+            counts[t] += 1
+    torch.testing.assert_close(blk.A[0], counts / 12)
+    rec = _loop_out_grads(model, [model.emb], ids, y, _tok_ce)[model.emb]
+    b = torch.cat([g[0] for _, g in rec])
+    torch.testing.assert_close(blk.G[0], b.T @ b / 3)
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    for kind in ("kfac", "ekfac"):
+        c = _est(model, (ids, y), TokenCategorical(), kind=kind)
+        check_against_dense(c, shapes, _dense_kronecker(c, model, ids, y, _tok_ce))
+
+
+# -- options: max_factor_dim, memory guard ------------------------------------------------------
+def test_max_factor_dim_keeps_large_sides_diagonal():
+    torch.manual_seed(0)
+    model = mlp((4, 8, 3)).double()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    full = _est(model, (x, y), kind="kfac")
+    small = _est(model, (x, y), kind="kfac", max_factor_dim=5)
+    b0, b2 = small.blocks["0"], small.blocks["2"]
+    assert b0.G.shape == (1, 8) and b0.A.shape == (1, 5, 5)  # d_G = 8 > 5; d_A = 5
+    assert b2.A.shape == (1, 9) and b2.G.shape == (1, 3, 3)  # d_A = 9 > 5
+    torch.testing.assert_close(b0.G[0], full.blocks["0"].G[0].diagonal())
+    torch.testing.assert_close(b2.A[0], full.blocks["2"].A[0].diagonal())
+    torch.testing.assert_close(b0.A, full.blocks["0"].A)
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    check_against_dense(small, shapes, _dense_kronecker(small, model, x, y, ce_sum))
+    ek = _est(model, (x, y), kind="ekfac", max_factor_dim=5)
+    assert ek.blocks["0"].QG is None and ek.blocks["2"].QA is None
+    check_against_dense(ek, shapes, _dense_kronecker(ek, model, x, y, ce_sum))
+
+
+# -- data, combination, state ----------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_dataloader_batches_pool_sample_weighted(kind):
+    torch.manual_seed(0)
+    model = TinyCNN().double()
+    x, y = torch.randn(7, 1, 8, 8, dtype=torch.float64), torch.randint(0, 4, (7,))
+    one = _est(model, (x, y), kind=kind)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3)
+    many = _est(model, loader, kind=kind)
+    assert many.n_samples == 7 and many.structure() == one.structure()
+    for k, blk in one.blocks.items():
+        other = many.blocks[k]
+        torch.testing.assert_close(other.A, blk.A)
+        torch.testing.assert_close(other.G, blk.G)
+        if kind == "ekfac":  # eigenvector signs may differ: compare the block operators
+            op = [_block_basis(b) @ torch.diag(b.s.reshape(-1)) @ _block_basis(b).T
+                  for b in (blk, other)]
+            torch.testing.assert_close(op[1], op[0])
+
+
+def test_ekfac_sum_refits_in_the_pooled_eigenbasis():
+    torch.manual_seed(0)
+    model = mlp((3, 4, 3)).double()
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 3, (10,))
+    a = _est(model, (x[:6], y[:6]), kind="ekfac")
+    b = _est(model, (x[6:], y[6:]), kind="ekfac")
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    Da, Db = dense_from_mv(a, shapes), dense_from_mv(b, shapes)
+    both = a + b
+    pooled = _est(model, (x, y), kind="kfac")
+    mix = (6 * Da + 4 * Db) / 10
+    assert both.n_samples == 10
+    i = 0
+    for k, blk in both.blocks.items():
+        torch.testing.assert_close(blk.A, pooled.blocks[k].A)  # pooled factors
+        torch.testing.assert_close(blk.G, pooled.blocks[k].G)
+        Kb = _block_basis(blk)
+        n = Kb.shape[0]
+        sub = mix[i : i + n, i : i + n]
+        torch.testing.assert_close(blk.s.reshape(-1), (Kb.T @ sub @ Kb).diagonal())
+        i += n
+    e = a.ema(b, 0.25)
+    assert e.n_samples == 10
+    torch.testing.assert_close(e.blocks["0"].A, 0.25 * a.blocks["0"].A + 0.75 * b.blocks["0"].A)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_ema_to_state_and_files(kind, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 3, (8,))
+    c = _est(model, (x, y), kind=kind)
+    d = _est(model, (x[:3], y[:3]), kind=kind)
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    dense = dense_from_mv(c, shapes)
+    e = c.ema(d, 0.9)
+    assert e.n_samples == 11
+    if kind == "kfac":
+        torch.testing.assert_close(e.blocks["0"].G, 0.9 * c.blocks["0"].G + 0.1 * d.blocks["0"].G)
+        torch.testing.assert_close(e.diag["1.weight"], 0.9 * c.diag["1.weight"] + 0.1 * d.diag["1.weight"])
+    f32 = c.to(torch.float32)
+    assert f32.blocks["0"].A.dtype == torch.float32 and f32.diag["1.bias"].dtype == torch.float32
+    torch.testing.assert_close(dense_from_mv(f32.to(torch.float64), shapes), dense, rtol=1e-5, atol=1e-6)
+    clone = KroneckerFisher.from_state_dict(c.state_dict())
+    assert clone.structure() == c.structure() and clone.n_samples == 8
+    torch.testing.assert_close(dense_from_mv(clone, shapes), dense, atol=0, rtol=0)
+    target = _est(model, (x[:3], y[:3]), kind=kind)
+    target.load_state_dict(c.state_dict())
+    torch.testing.assert_close(dense_from_mv(target, shapes), dense, atol=0, rtol=0)
+    c.save(tmp_path / "k.safetensors")
+    back = KroneckerFisher.load(tmp_path / "k.safetensors")
+    assert back.kind == kind and back.diag_reasons == c.diag_reasons
+    torch.testing.assert_close(dense_from_mv(back, shapes), dense, atol=0, rtol=0)
+    for lam in (0.1, 1.0):
+        torch.testing.assert_close(back.logdet(lam), c.logdet(lam), atol=0, rtol=0)
+
+
+def test_one_warning_names_the_diagonal_parameters_and_reasons(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with warnings.catch_warnings(record=True) as rec, caplog.at_level("INFO", logger="natgrad"):
+        warnings.simplefilter("always")
+        natgrad.estimate_curvature(model, (x, y), kind="kfac")
+    msgs = [str(w.message) for w in rec if "diagonal" in str(w.message)]
+    assert len(msgs) == 1
+    assert "keeps 2 parameter(s) diagonal" in msgs[0]
+    assert "LayerNorm has no K-FAC form: 1.weight, 1.bias" in msgs[0]
+    assert any("1.weight" in r.getMessage() for r in caplog.records)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fully covered: no warning at all
+        natgrad.estimate_curvature(model, (x, y), kind="kfac", params=[model[0], model[2]])
+
+
+def test_tiny_gpt2_conv1d_layers_are_kfac_and_tied_embedding_is_diagonal():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=100, n_positions=16, n_embd=32, n_layer=2,
+                                  n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                  attn_implementation="eager", bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 100, (3, 8))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        curv = natgrad.estimate_curvature(model, {"input_ids": ids, "labels": ids},
+                                          TokenCategorical(shift=True), kind="kfac")
+    st = curv.structure()
+    conv = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    assert len(conv) == 8
+    for n in conv:
+        assert st[f"{n}.weight"] == "kfac" and st[f"{n}.bias"] == "kfac"
+    assert st["transformer.wte.weight"] == "diag"
+    msgs = [str(w.message) for w in rec if "diagonal" in str(w.message)]
+    assert len(msgs) == 1
+    tied = "weight shared by transformer.wte.weight and lm_head.weight (tied): transformer.wte.weight"
+    assert tied in msgs[0]
+    assert "called without the batch as first dimension: transformer.wpe.weight" in msgs[0]
+    # c_fc: A from the layer's own inputs (hooked here), T = 8 positions
+    m = model.transformer.h[0].mlp.c_fc
+    seen = []
+    h = m.register_forward_hook(lambda mod, a, o: seen.append(a[0].detach()))
+    with torch.no_grad():
+        model(input_ids=ids)
+    h.remove()
+    a = _aug(seen[0].reshape(-1, 32).float())
+    torch.testing.assert_close(curv.blocks["transformer.h.0.mlp.c_fc"].A[0], a.T @ a / 24)
+    assert curv.blocks["transformer.h.0.mlp.c_fc"].G.shape == (1, 128, 128)

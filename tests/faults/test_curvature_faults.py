@@ -1,0 +1,201 @@
+"""Bad inputs to the structured curvatures (KroneckerFisher, LowRankFisher): named errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import natgrad
+from natgrad import KroneckerFisher, LowRankFisher
+from natgrad.curvature.kronecker import FactorMemoryError
+from tests.conftest import mlp
+
+
+def _case(n=6):
+    torch.manual_seed(0)
+    model = mlp((3, 4, 3)).double()
+    return model, torch.randn(n, 3, dtype=torch.float64), torch.randint(0, 3, (n,))
+
+
+def _est(model, data, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return natgrad.estimate_curvature(model, data, **kw)
+
+
+# -- coverage and memory ------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_a_kind_that_covers_no_selected_parameter_is_named(kind):
+    model = nn.Sequential(nn.LayerNorm(3)).double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match=f"kind='{kind}' covers none .*0.weight \\(LayerNorm"):
+        natgrad.estimate_curvature(model, (x, y), kind=kind)
+
+
+def test_tied_weights_alone_are_not_covered():
+    emb = nn.Embedding(5, 3)
+    head = nn.Linear(3, 5, bias=False)
+    head.weight = emb.weight
+    model = nn.Sequential(emb, head)
+    ids, y = torch.randint(0, 5, (4,)), torch.randint(0, 5, (4,))
+    with pytest.raises(ValueError, match="weight shared by 0.weight and 1.weight"):
+        natgrad.estimate_curvature(model, (ids, y), kind="kfac")
+
+
+def test_a_factor_over_the_memory_limit_names_max_factor_dim():
+    model, x, y = _case()
+    with pytest.raises(FactorMemoryError, match="max_factor_dim"):
+        natgrad.estimate_curvature(model, (x, y), kind="kfac", max_factor_bytes=200)
+    ok = natgrad.estimate_curvature(model, (x, y), kind="kfac", max_factor_bytes=400,
+                                    max_factor_dim=2)
+    assert ok.blocks["0"].A.dim() == 2  # every side diagonal now
+
+
+def test_a_factor_larger_than_available_memory_is_refused_before_allocating():
+    model = nn.Linear(300_000, 2)  # A would be 300001^2 floats (~720 GB with its eigenbasis)
+    x, y = torch.randn(2, 300_000), torch.tensor([0, 1])
+    with pytest.raises(MemoryError, match="layer '' factor A 300001x300001.*max_factor_dim"):
+        natgrad.estimate_curvature(model, (x, y), kind="kfac")
+
+
+@pytest.mark.parametrize("opt,val", [("max_factor_dim", 0), ("max_factor_bytes", -1)])
+def test_bad_kronecker_options(opt, val):
+    model, x, y = _case()
+    with pytest.raises(ValueError, match=opt):
+        natgrad.estimate_curvature(model, (x, y), kind="kfac", **{opt: val})
+
+
+def test_bad_kind_to_a_class_and_bad_rank():
+    model, x, y = _case()
+    with pytest.raises(ValueError, match="kind.*'kfac', 'ekfac'"):
+        KroneckerFisher.estimate(model, (x, y), kind="lowrank")
+    with pytest.raises(ValueError, match="rank"):
+        natgrad.estimate_curvature(model, (x, y), kind="lowrank", rank=0)
+
+
+# -- data ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "lowrank"])
+def test_no_samples(kind):
+    model, _, _ = _case()
+    with pytest.raises(ValueError, match="No samples"):
+        natgrad.estimate_curvature(model, [], kind=kind)
+
+
+def test_ekfac_refuses_a_one_shot_iterator():
+    model, x, y = _case()
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        natgrad.estimate_curvature(model, iter([(x, y)]), kind="ekfac")
+
+
+def test_ekfac_data_that_changes_between_passes():
+    model, x, y = _case()
+
+    class Shrinking:
+        def __init__(self):
+            self.calls = 0
+
+        def __iter__(self):
+            self.calls += 1
+            return iter([(x, y)] if self.calls == 1 else [(x[:2], y[:2])])
+
+    with pytest.raises(ValueError, match="saw 6 samples in its first pass.*2 in its second"):
+        natgrad.estimate_curvature(model, Shrinking(), kind="ekfac")
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "lowrank"])
+def test_non_finite_inputs_raise_floating_point_error(kind):
+    model, x, y = _case()
+    x[2, 1] = float("nan")
+    with pytest.raises(FloatingPointError):
+        _est(model, (x, y), kind=kind)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "lowrank"])
+def test_distributed_true_without_a_process_group(kind):
+    model, x, y = _case()
+    with pytest.raises(RuntimeError, match="distributed=True.*not initialized"):
+        natgrad.estimate_curvature(model, (x, y), kind=kind, distributed=True)
+
+
+# -- methods and combination -----------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "lowrank"])
+def test_bad_vectors_damping_and_scales(kind):
+    model, x, y = _case()
+    c = _est(model, (x, y), kind=kind)
+    with pytest.raises(ValueError, match="does not cover: \\['nope'\\]"):
+        c.mv({"nope": torch.zeros(2)})
+    with pytest.raises(ValueError, match="damping"):
+        c.solve({"0.bias": torch.zeros(4, dtype=torch.float64)}, -1.0)
+    with pytest.raises(ValueError, match="damping"):
+        c.logdet(float("nan"))
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="c >= 0"):
+            c * bad
+    with pytest.raises(ValueError, match="decay"):
+        c.ema(c, 1.5)
+
+
+def test_lowrank_singular_solve_without_damping():
+    model, x, y = _case(2)
+    c = natgrad.estimate_curvature(model, (x, y), kind="lowrank")
+    v = {k: torch.ones_like(p) for k, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="singular; pass damping > 0"):
+        c.solve(v, 0.0)
+    with pytest.raises(ValueError, match="singular"):
+        c.inverse_diagonal(0.0)
+
+
+def test_combining_different_kinds_or_models():
+    model, x, y = _case()
+    k = _est(model, (x, y), kind="kfac")
+    e = _est(model, (x, y), kind="ekfac")
+    with pytest.raises(TypeError, match="combine curvatures of one kind"):
+        k + e  # noqa: B018
+    other = mlp((3, 5, 3)).double()
+    k2 = _est(other, (x, y), kind="kfac")
+    with pytest.raises(ValueError, match="different layouts"):
+        k + k2  # noqa: B018
+    low = _est(model, (x, y), kind="lowrank")
+    low2 = _est(other, (x, y), kind="lowrank")
+    with pytest.raises(ValueError, match="different parameters"):
+        low + low2  # noqa: B018
+    with pytest.raises(TypeError):
+        low + k  # noqa: B018
+
+
+# -- state and files ------------------------------------------------------------------------
+def test_foreign_state_dicts_are_refused():
+    model, x, y = _case()
+    k = _est(model, (x, y), kind="kfac")
+    low = _est(model, (x, y), kind="lowrank")
+    with pytest.raises(ValueError, match="Not a KroneckerFisher state_dict"):
+        KroneckerFisher.from_state_dict(low.state_dict())
+    with pytest.raises(ValueError, match="Not a LowRankFisher state_dict"):
+        LowRankFisher.from_state_dict(k.state_dict())
+    k2 = _est(mlp((3, 5, 3)).double(), (x, y), kind="kfac")
+    with pytest.raises(ValueError, match="different layouts"):
+        k.load_state_dict(k2.state_dict())
+
+
+def test_corrupt_and_foreign_files(tmp_path):
+    model, x, y = _case()
+    k = _est(model, (x, y), kind="kfac")
+    path = tmp_path / "k.safetensors"
+    k.save(path)
+    low = _est(model, (x, y), kind="lowrank")
+    low.save(tmp_path / "l.safetensors")
+    with pytest.raises(ValueError, match="holds a natgrad.LowRankFisher, not a natgrad.KroneckerFisher"):
+        KroneckerFisher.load(tmp_path / "l.safetensors")
+    with pytest.raises(FileNotFoundError):
+        KroneckerFisher.load(tmp_path / "missing.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF  # flip bits inside the last tensor's data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="is corrupt: tensor .* fails its SHA-256 checksum"):
+        KroneckerFisher.load(path)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        LowRankFisher.load(tmp_path / "junk.safetensors")
