@@ -6,6 +6,13 @@ For a model ``f(x; θ)`` and a likelihood with per-sample loss
 with ``functional_call`` + ``vmap(vjp(...))`` over chunks of the batch, so peak memory
 grows with ``chunk_size × P`` and never with ``N × P``.
 
+Every chunk's result is checked to have shape ``(n, *param.shape)`` (or
+``(n, J, *param.shape)`` with ``J`` label columns) before it is used. Where
+``torch.func`` fails on a module or returns another shape, the engine moves to a
+composition without nested ``vmap`` and then to an exact per-sample loop (one warning
+naming the module and the error; see :meth:`Plan.run`). Inputs without the batch
+dimension reach the model unchanged (see :mod:`natgrad.engine.batch`).
+
 The label source decides which output cotangents ``u`` are pulled back through ``J_n``:
 
 * ``empirical``: ``u = ∇_f l_n(y_n)`` with the data label (one column);
@@ -583,7 +590,9 @@ def per_sample_grads(
             loss for that draw.
         batch: ``(x, y)``, ``x`` / ``(x,)`` (with ``labels="mc"`` or ``"exact"``), or a
             dict such as ``{"input_ids", "attention_mask", "labels"}``. Integer labels of
-            any width (uint8, int32) are cast to int64, which is exact.
+            any width (uint8, int32) are cast to int64, which is exact. Entries without
+            the batch dimension (or wrapped in :func:`natgrad.shared`) are passed to
+            every sample whole.
         likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"``,
             ``"token_categorical"`` or a :class:`natgrad.engine.likelihoods.Likelihood`.
         labels: ``"empirical"``, ``"mc"`` or ``"exact"``.
@@ -592,6 +601,10 @@ def per_sample_grads(
         chunk_size: samples per vmap chunk (memory ``≈ chunk_size × P``).
         generator: ``torch.Generator`` for ``mc`` draws (default: seeded with 0).
         output_fn: maps the model output to the output tensor (default: tensor or ``.logits``).
+
+    Warns:
+        RuntimeWarning: once, when ``vmap`` fails on the model (e.g. ``nn.GRU``) and the
+            exact per-sample loop computes the rest.
 
     Returns:
         ``{name: tensor}`` of shape ``(N, *param.shape)``; with ``labels="exact"``, or
