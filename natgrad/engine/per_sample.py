@@ -336,8 +336,8 @@ class Plan:
                 try:
                     res = vmap(fn, in_dims=in_dims, randomness="different")(*args)
                 except Exception as exc:  # noqa: BLE001 - the loop re-raises real errors
-                    why = lambda exc=exc: vmap_failure(  # noqa: E731
-                        self.model, exc, lambda: _failing_module(self, in_dims, args)
+                    why = lambda exc=exc, dims=in_dims, a=args: vmap_failure(  # noqa: E731
+                        self.model, exc, lambda: _failing_module(self, dims, a)
                     )
                 else:
                     bad = bad_shape(res, self.params, n, mode)

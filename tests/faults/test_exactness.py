@@ -101,7 +101,7 @@ def test_prelu_gaussian_exact_fisher():
     for i in range(4):
         for d in range(2):
             grads = torch.autograd.grad(model(x[i : i + 1])[0, d], list(named.values()))
-            for k, g in zip(named, grads):
+            for k, g in zip(named, grads, strict=True):
                 ref[k] += g**2 / 4
     assert rel_err(got, ref) < 1e-10
 
@@ -116,7 +116,7 @@ def laplace_reference(model, x, fisher, n_data, delta, forward=None):
         row = []
         for c in range(out.shape[0]):
             grads = torch.autograd.grad(forward(i)[c], list(named.values()))
-            row.append(sum((g**2 / (n_data * fisher[k] + delta)).sum() for k, g in zip(named, grads)))
+            row.append(sum((g**2 / (n_data * fisher[k] + delta)).sum() for k, g in zip(named, grads, strict=True)))
         rows.append(torch.stack(row))
     return torch.stack(rows)
 
