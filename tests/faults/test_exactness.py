@@ -444,9 +444,28 @@ def test_untraceable_module_on_auto_engine():
     assert rel_err(got, ref) < 1e-10
 
 
+class FailingBackward(torch.autograd.Function):
+    """Identity whose backward always fails: the forward checks pass, every per-sample
+    gradient fails (under vmap and in the loop alike)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise ValueError("the model's own backward failed")
+
+
 def test_model_error_is_not_hidden_by_the_fallback():
-    """A forward that fails outright fails in the loop too: that error surfaces, with
-    no fallback warning."""
+    """An error the exact loop raises too is the model's own: it surfaces as it is,
+    with no fallback warning."""
 
     class Broken(nn.Module):
         def __init__(self):
@@ -454,12 +473,14 @@ def test_model_error_is_not_hidden_by_the_fallback():
             self.lin = nn.Linear(4, 3)
 
         def forward(self, x):
-            return self.lin(x) @ torch.ones(2, 2, dtype=x.dtype)  # (., 3) @ (2, 2)
+            return FailingBackward.apply(self.lin(x))
 
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        with pytest.raises(RuntimeError):
-            natgrad.estimate_fisher(Broken(), (torch.randn(3, 4), torch.tensor([0, 1, 2])))
+        with pytest.raises(ValueError, match="the model's own backward failed"):
+            natgrad.estimate_fisher(
+                Broken(), (torch.randn(3, 4), torch.tensor([0, 1, 2])), engine="vmap"
+            )
     assert not fallback_warnings(record)
 
 
