@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import functional_call, vjp, vmap
 
 from natgrad.curvature.estimate import iterate_batches
 from natgrad.engine.batch import Batch, OutputFn, add_batch_axis, default_output_fn, parse_batch
@@ -45,9 +45,12 @@ from natgrad.engine.common import acc_dtype
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.per_sample import (
     ParamSpec,
+    loop_samples,
     model_device,
     probe_failed,
     select_params,
+    vmap_failure,
+    warn_fallback,
 )
 from natgrad.engine.report import Report
 
@@ -197,10 +200,18 @@ def _moments(
     """MAP outputs ``(N, D)`` and linearized variances ``(N, D, G)`` (one per candidate δ)."""
     detached = {k: p.detach() for k, p in params.items()}
 
-    def f(p, args, kwargs):
+    def jac_fn(p, args, kwargs):
+        """One sample's outputs ``(D,)`` and Jacobian ``{name: (D, *shape)}``, one row
+        pulled back at a time (``jacrev`` nests a vmap over the rows inside the vmap
+        over samples, which some backward formulas get wrong: ``nn.PReLU``)."""
         args, kwargs = add_batch_axis(args, kwargs, b.arg_dims, b.kw_dims)  # shared: as is
-        out = output_fn(functional_call(model, p, args, kwargs, strict=False)).reshape(-1)
-        return out, out
+
+        def f(pp):
+            return output_fn(functional_call(model, pp, args, kwargs, strict=False)).reshape(-1)
+
+        out, pull = vjp(f, p)
+        rows = [pull(e)[0] for e in torch.eye(out.numel(), dtype=out.dtype, device=out.device)]
+        return {k: torch.stack([r[k] for r in rows]) for k in p}, out
 
     first = b.select(0, 1)
     with torch.no_grad():
@@ -211,13 +222,14 @@ def _moments(
         d = output_fn(raw)[0].numel()
     p_total = sum(p.numel() for p in params.values())
     chunk = chunk_size or max(1, min(b.size, CHUNK_FLOATS // max(d * p_total, 1)))
-    jac_fn = jacrev(f, has_aux=True)
     means, variances = [], []
+    loop = False
     for start in range(0, b.size, chunk):
         sub = b.select(start, min(start + chunk, b.size))
         in_dims = (None, sub.arg_dims, sub.kw_dims)
-        with torch.no_grad():  # jacrev still differentiates; no graph to outer parameters
-            jac, out = vmap(jac_fn, in_dims=in_dims)(detached, sub.args, sub.kwargs)
+        args = (detached, sub.args, sub.kwargs)
+        with torch.no_grad():  # vjp still differentiates; no graph to outer parameters
+            jac, out, loop = _jacobians(model, jac_fn, in_dims, args, sub.size, d, loop)
         var = None
         for k, j in jac.items():
             sq = j.to(dtype).reshape(sub.size * d, -1) ** 2  # (n·D, numel)
@@ -226,6 +238,44 @@ def _moments(
         means.append(out.detach().to(dtype))
         variances.append(var.reshape(sub.size, d, -1))
     return torch.cat(means), torch.cat(variances)
+
+
+def _jacobians(model, jac_fn, in_dims, args, n: int, d: int, loop: bool):
+    """``vmap(jac_fn)`` over one chunk of ``n`` samples, checked: on a vmap failure or a
+    Jacobian not of shape ``(n, d, *param.shape)``, the exact per-sample loop (one
+    warning; ``loop`` stays True for the later chunks). Returns ``(jac, out, loop)``."""
+    params = args[0]
+
+    def bad(jac, out) -> str | None:
+        for k, p in params.items():
+            if tuple(jac[k].shape) != (n, d, *p.shape):
+                return (
+                    f"Jacobians of shape {tuple(jac[k].shape)} for {k!r} (expected "
+                    f"{(n, d, *p.shape)})"
+                )
+        return None if tuple(out.shape) == (n, d) else f"outputs of shape {tuple(out.shape)}"
+
+    if not loop:
+        try:
+            jac, out = vmap(jac_fn, in_dims=in_dims, randomness="different")(*args)
+        except Exception as exc:  # noqa: BLE001 - the loop re-raises the model's own errors
+            why = vmap_failure(model, exc)
+        else:
+            why = bad(jac, out)
+            if why is None:
+                return jac, out, False
+            why = f"vmap returned {why}"
+        jac, out = loop_samples(jac_fn, in_dims, args, n)
+        warn_fallback(why)
+    else:
+        jac, out = loop_samples(jac_fn, in_dims, args, n)
+    wrong = bad(jac, out)
+    if wrong is not None:
+        raise RuntimeError(
+            f"The exact per-sample loop returned {wrong}; natgrad does not return a result "
+            "of the wrong shape. Please report this model."
+        )
+    return jac, out, True
 
 
 # -- the predictive ------------------------------------------------------------------------

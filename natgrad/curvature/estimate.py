@@ -108,6 +108,8 @@ def estimate_fisher(
             call, so it is refused). It is not modified.
         data: one batch (``(x, y)``, ``x``, a dict), an iterable of batches or a DataLoader.
             Integer labels of any width (uint8, int32) are cast to int64, which is exact.
+            Inputs without the batch dimension (a ``(T, T)`` mask), or wrapped in
+            :func:`natgrad.shared`, reach the model whole in every per-sample forward.
         likelihood: name or :class:`natgrad.engine.likelihoods.Likelihood`.
         labels: ``"empirical"``, ``"mc"`` or ``"exact"``.
         mc_samples: label draws per sample for ``"mc"``.

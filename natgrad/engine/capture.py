@@ -402,7 +402,7 @@ def square_sums_auto(
             )
         yield from square_sums(plan, itertools.chain([first], batches), chunk_size)
         return
-    # One restricted plan for the whole pass, so that its vmap fallback (plan.loop) sticks.
+    # One restricted plan for the whole pass, so that its vmap fallback (plan.tier) sticks.
     rest = plan.restrict(split.rest) if split.rest else None
     yield fast_batch_sums(plan, split, rest, b, target, chunk_size)
     for batch in batches:

@@ -6,6 +6,13 @@ For a model ``f(x; θ)`` and a likelihood with per-sample loss
 with ``functional_call`` + ``vmap(vjp(...))`` over chunks of the batch, so peak memory
 grows with ``chunk_size × P`` and never with ``N × P``.
 
+Every chunk's result is checked to have shape ``(n, *param.shape)`` (or
+``(n, J, *param.shape)`` with ``J`` label columns) before it is used. Where
+``torch.func`` fails on a module or returns another shape, the engine moves to a
+composition without nested ``vmap`` and then to an exact per-sample loop (one warning
+naming the module and the error; see :meth:`Plan.run`). Inputs without the batch
+dimension reach the model unchanged (see :mod:`natgrad.engine.batch`).
+
 The label source decides which output cotangents ``u`` are pulled back through ``J_n``:
 
 * ``empirical``: ``u = ∇_f l_n(y_n)`` with the data label (one column);
@@ -27,6 +34,7 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from natgrad.engine.batch import (
     Batch,
@@ -131,7 +139,7 @@ class Plan:
         self.params = select_params(model, params)
         self.output_fn: OutputFn = output_fn or default_output_fn
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.loop = False  # set when vmap cannot trace the model (see run)
+        self.tier = 0  # 0: nested vmap, 1: flat vmap, 2: exact loop (see run)
         self.device = model_device(model)
         self.P = sum(p.numel() for p in self.params.values())
         self.batches_seen = 0  # batches parsed so far; names the batch in forward errors
@@ -240,19 +248,31 @@ class Plan:
         probe_failed(exc, self.model, probe, full, self.where)
 
     # -- per-sample function -----------------------------------------------------
-    def per_sample(self, mode: str, arg_dims: tuple, kw_dims: dict):
+    def per_sample(self, mode: str, arg_dims: tuple, kw_dims: dict, n: int, nested: bool):
         """A function of one sample returning its gradients ``(J, *param.shape)``
         (``mode="grads"``) or ``Σ_j w_j g_j²`` in the accumulation dtype (float64 for
         float64 parameters, else float32; ``mode="squares"``).
 
         ``arg_dims`` / ``kw_dims`` say which inputs are per-sample (see
         :class:`natgrad.engine.batch.Batch`); shared inputs reach the model unchanged.
-        The label columns are pulled back one at a time: a ``vmap`` over the columns
-        nested inside the ``vmap`` over samples mixes the two batch axes in some
-        backward formulas (``nn.PReLU``: wrong values at equal sizes, wrong shapes
-        otherwise), and is no faster on CPU.
+
+        With ``nested``, a group of ``J`` label columns is pulled back by one ``vmap``
+        inside the ``vmap`` over the ``n`` samples of the chunk (fast). Some batching
+        rules confuse those two levels (``nn.PReLU``'s backward): sizes that differ
+        then give an error or a wrong shape, which :meth:`run` catches, but equal
+        sizes would mix samples with columns silently. So a group is never vmapped
+        when ``J == n`` or ``J == 1``: its columns are pulled back one at a time,
+        as are all of them without ``nested`` (no vmap inside the per-sample function).
         """
         model, output_fn, weight = self.model, self.output_fn, self.weight
+
+        def pull(pullback, c: torch.Tensor) -> dict[str, torch.Tensor]:
+            if nested and c.shape[0] not in (1, n):
+                g = vmap(pullback)(c)[0]
+            else:
+                gs = [pullback(u)[0] for u in c.unbind(0)]
+                g = {k: torch.stack([gj[k] for gj in gs]) for k in gs[0]}
+            return {k: v.to_dense() if v.is_sparse else v for k, v in g.items()}
 
         def fn(p, args, kwargs, target, draws):
             args, kwargs = add_batch_axis(args, kwargs, arg_dims, kw_dims)
@@ -262,20 +282,15 @@ class Plan:
                 return output_fn(functional_call(model, pp, args, kwargs, strict=False))
 
             out, pullback = vjp(f, p)
-            grads: dict[str, list] = {k: [] for k in p}
-            acc = None
-            for c in self.columns(out, target, as_one_sample(draws)):
-                for u in c.to(out.dtype).unbind(0):
-                    (g,) = pullback(u)
-                    g = {k: v.to_dense() if v.is_sparse else v for k, v in g.items()}
-                    if mode == "grads":
-                        for k in grads:
-                            grads[k].append(g[k])
-                        continue
-                    sq = {k: to_acc(v) ** 2 for k, v in g.items()}
-                    acc = sq if acc is None else {k: acc[k] + sq[k] for k in acc}
+            cols = self.columns(out, target, as_one_sample(draws))
             if mode == "grads":
-                return {k: torch.stack(v) for k, v in grads.items()}
+                gs = [pull(pullback, c.to(out.dtype)) for c in cols]
+                return {k: torch.cat([g[k] for g in gs]) for k in p}
+            acc = None
+            for c in cols:
+                g = pull(pullback, c.to(out.dtype))
+                sq = {k: (to_acc(v) ** 2).sum(0) for k, v in g.items()}
+                acc = sq if acc is None else {k: acc[k] + sq[k] for k in acc}
             return {k: v * weight for k, v in acc.items()} if weight != 1.0 else acc
 
         return fn
@@ -284,20 +299,26 @@ class Plan:
         """Yield ``(n, result)`` for each chunk of ``n`` samples of the batch.
 
         ``result`` maps each parameter to ``(n, *param.shape)`` (squares) or
-        ``(n, J, *param.shape)`` (grads), checked before it is returned. When ``vmap``
-        fails on the model, or returns a result of another shape, the pass switches
-        (for the rest of this plan, with one warning naming the module and the error)
-        to the exact per-sample loop, which runs the same function one sample at a
-        time. A loop result of the wrong shape raises.
+        ``(n, J, *param.shape)`` (grads), checked before it is returned. Three exact
+        compositions, tried in turn; a failure (any error) or a result of another
+        shape moves the plan to the next for the rest of its pass:
+
+        1. ``vmap`` over samples, label columns in nested ``vmap`` groups;
+        2. ``vmap`` over samples, label columns one at a time (no nesting);
+        3. the exact per-sample loop: the same function one sample at a time, no
+           ``vmap`` at all, with one warning naming the module and the error.
+
+        If the loop fails too, its error (the model's own) propagates, without the
+        warning; a loop result of the wrong shape raises.
         """
         K = self.k if self.labels == "mc" else 1
         chunk = check_int("chunk_size", chunk_size, 1, optional=True) or max(
             1, min(b.size, CHUNK_FLOATS // max(self.P * K, 1))
         )
-        fn = self.per_sample(mode, b.arg_dims, b.kw_dims)
         params = {k: p.detach() for k, p in self.params.items()}
         for start in range(0, b.size, chunk):
             stop = min(start + chunk, b.size)
+            n = stop - start
             sub = b.select(start, stop)
             t = None if target is None else target[start:stop]
             d = None if draws is None else draws[start:stop]
@@ -309,46 +330,36 @@ class Plan:
                 None if d is None else 0,
             )
             args = (params, sub.args, sub.kwargs, t, d)
-            n = stop - start
-            if not self.loop:
+            why = None
+            while self.tier < 2:
+                fn = self.per_sample(mode, b.arg_dims, b.kw_dims, n, nested=self.tier == 0)
                 try:
                     res = vmap(fn, in_dims=in_dims, randomness="different")(*args)
-                except Exception as exc:  # noqa: BLE001 - the loop below re-raises real errors
-                    res = self._fall_back(fn, in_dims, args, n, _vmap_failure(self, exc, in_dims, args))
+                except Exception as exc:  # noqa: BLE001 - the loop re-raises real errors
+                    why = lambda exc=exc, dims=in_dims, a=args: vmap_failure(  # noqa: E731
+                        self.model, exc, lambda: _failing_module(self, dims, a)
+                    )
                 else:
-                    bad = _bad_shape(res, self.params, n, mode)
+                    bad = bad_shape(res, self.params, n, mode)
                     if bad is None:
-                        yield n, res
-                        continue
-                    res = self._fall_back(fn, in_dims, args, n, f"vmap returned {bad}")
+                        break
+                    why = lambda bad=bad: f"vmap returned {bad}"  # noqa: E731
+                self.tier += 1
             else:
-                res = _loop(fn, in_dims, args, n)
-            bad = _bad_shape(res, self.params, n, mode)
-            if bad is not None:
-                raise RuntimeError(
-                    f"The exact per-sample loop returned {bad}; natgrad does not return a "
-                    "result of the wrong shape. Please report this model."
-                )
+                fn = self.per_sample(mode, b.arg_dims, b.kw_dims, 1, nested=False)
+                res = loop_samples(fn, in_dims, args, n)
+                bad = bad_shape(res, self.params, n, mode)
+                if bad is not None:
+                    raise RuntimeError(
+                        f"The exact per-sample loop returned {bad}; natgrad does not return "
+                        "a result of the wrong shape. Please report this model."
+                    )
+                if why is not None:  # switched to the loop on this chunk
+                    warn_fallback(why())
             yield n, res
 
-    def _fall_back(self, fn, in_dims, args, n: int, why: str) -> dict[str, torch.Tensor]:
-        """Run the chunk with the exact loop; on success warn once and keep the loop.
 
-        If the loop fails too, its error (the model's own, without vmap) propagates
-        and no warning is given.
-        """
-        res = _loop(fn, in_dims, args, n)
-        self.loop = True
-        warnings.warn(
-            f"{why}. Falling back to an exact per-sample loop (one forward and backward "
-            "pass per sample: the same result, slower).",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return res
-
-
-def _bad_shape(res: dict, params: dict, n: int, mode: str) -> str | None:
+def bad_shape(res: dict, params: dict, n: int, mode: str) -> str | None:
     """A description of the first result whose shape is not ``(n, *param.shape)``
     (``mode="squares"``) or ``(n, J, *param.shape)`` with one ``J`` for all (grads)."""
     cols = set()
@@ -369,9 +380,26 @@ def _bad_shape(res: dict, params: dict, n: int, mode: str) -> str | None:
     return None
 
 
-def _vmap_failure(plan: Plan, exc: BaseException, in_dims: tuple, args: tuple) -> str:
-    """The reason for the fallback warning: which module vmap failed on, and why."""
-    model = plan.model
+def warn_fallback(why: str) -> None:
+    """The one warning of a switch from ``vmap`` to the exact per-sample loop."""
+    warnings.warn(
+        f"{why}. Falling back to an exact per-sample loop (one forward and backward pass "
+        "per sample: the same result, slower).",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+
+
+def vmap_failure(
+    model: nn.Module,
+    exc: BaseException,
+    diagnose: Callable[[], nn.Module | None] | None = None,
+) -> str:
+    """Why ``vmap`` failed on ``model``: the module it failed in, and the error.
+
+    The module is the innermost one whose forward was running when ``exc`` was
+    raised; for an error in the backward pass, ``diagnose()`` (if given) names it.
+    """
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if "data-dependent control flow" in str(exc):
         return (
@@ -387,8 +415,8 @@ def _vmap_failure(plan: Plan, exc: BaseException, in_dims: tuple, args: tuple) -
         if isinstance(mod, nn.Module) and id(mod) in names:
             where = mod
         tb = tb.tb_next
-    if where is None:  # failed in the backward pass: find a parameter that fails alone
-        where = _failing_module(plan, in_dims, args)
+    if where is None and diagnose is not None:
+        where = diagnose()
     if where is None or where is model:
         what = type(model).__name__
     else:
@@ -413,7 +441,7 @@ def _failing_module(plan: Plan, in_dims: tuple, args: tuple) -> nn.Module | None
     )
     owners = {id(p): m for m in plan.model.modules() for p in m.parameters(recurse=False)}
     for name in params:
-        fn = plan.restrict([name]).per_sample("squares", in_dims[1], in_dims[2])
+        fn = plan.restrict([name]).per_sample("squares", in_dims[1], in_dims[2], 1, nested=False)
         try:
             vmap(fn, in_dims=in_dims, randomness="different")({name: params[name]}, *one)
         except Exception:  # noqa: BLE001 - this parameter's module is the culprit
@@ -511,8 +539,11 @@ def mean_loss_grad(
     return res, b.size
 
 
-def _loop(fn, in_dims, args, n: int):
-    """``vmap(fn, in_dims)(*args)`` computed one sample at a time (no tracing of the model)."""
+def loop_samples(fn, in_dims, args, n: int):
+    """``vmap(fn, in_dims)(*args)`` computed one sample at a time (no tracing of the model).
+
+    ``fn`` may return any pytree of tensors; each leaf is stacked over the ``n`` samples.
+    """
 
     def take(x, dim, i):
         if dim is None:
@@ -524,7 +555,9 @@ def _loop(fn, in_dims, args, n: int):
         return x[i]
 
     outs = [fn(*(take(a, d, i) for a, d in zip(args, in_dims, strict=True))) for i in range(n)]
-    return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
+    leaves, spec = tree_flatten(outs[0])
+    stacked = [torch.stack(col) for col in zip(*(tree_flatten(o)[0] for o in outs), strict=True)]
+    return tree_unflatten(stacked if leaves else [], spec)
 
 
 def as_one_sample(t):
@@ -557,7 +590,9 @@ def per_sample_grads(
             loss for that draw.
         batch: ``(x, y)``, ``x`` / ``(x,)`` (with ``labels="mc"`` or ``"exact"``), or a
             dict such as ``{"input_ids", "attention_mask", "labels"}``. Integer labels of
-            any width (uint8, int32) are cast to int64, which is exact.
+            any width (uint8, int32) are cast to int64, which is exact. Entries without
+            the batch dimension (or wrapped in :func:`natgrad.shared`) are passed to
+            every sample whole.
         likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"``,
             ``"token_categorical"`` or a :class:`natgrad.engine.likelihoods.Likelihood`.
         labels: ``"empirical"``, ``"mc"`` or ``"exact"``.
@@ -566,6 +601,10 @@ def per_sample_grads(
         chunk_size: samples per vmap chunk (memory ``≈ chunk_size × P``).
         generator: ``torch.Generator`` for ``mc`` draws (default: seeded with 0).
         output_fn: maps the model output to the output tensor (default: tensor or ``.logits``).
+
+    Warns:
+        RuntimeWarning: once, when ``vmap`` fails on the model (e.g. ``nn.GRU``) and the
+            exact per-sample loop computes the rest.
 
     Returns:
         ``{name: tensor}`` of shape ``(N, *param.shape)``; with ``labels="exact"``, or

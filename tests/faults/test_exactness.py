@@ -71,9 +71,14 @@ def test_prelu_exact_fisher(engine, chunk_size):
     composition mixed samples with columns without changing any shape."""
     model = prelu_net(classes=2)
     x = torch.randn(6, 4, dtype=torch.float64)
-    got = natgrad.estimate_fisher(model, x, labels="exact", engine=engine, chunk_size=chunk_size)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = natgrad.estimate_fisher(
+            model, x, labels="exact", engine=engine, chunk_size=chunk_size
+        )
     ref = exact_categorical_fisher_by(model, lambda i: model(x[i : i + 1])[0], 6)
     assert rel_err(got, ref) < 1e-10
+    assert not fallback_warnings(record)  # a vmap composition without nesting suffices
 
 
 def test_prelu_exact_per_sample_grads_have_label_axis():
@@ -84,6 +89,93 @@ def test_prelu_exact_per_sample_grads_have_label_axis():
         assert got[k].shape == (5, 3, *p.shape), k
     ref = exact_categorical_fisher_by(model, lambda i: model(x[i : i + 1])[0], 5)
     assert rel_err({k: (g**2).sum(1).mean(0) for k, g in got.items()}, ref) < 1e-10
+
+
+def test_prelu_gaussian_exact_fisher():
+    """Constant label columns (``e_d / σ``): ``F = (1/N) Σ_n Σ_d (∂f_d/∂θ)²``."""
+    model = prelu_net(classes=2)
+    x = torch.randn(4, 4, dtype=torch.float64)
+    got = natgrad.estimate_fisher(model, x, "gaussian", labels="exact", chunk_size=2)
+    named = dict(model.named_parameters())
+    ref = {k: torch.zeros_like(p) for k, p in named.items()}
+    for i in range(4):
+        for d in range(2):
+            grads = torch.autograd.grad(model(x[i : i + 1])[0, d], list(named.values()))
+            for k, g in zip(named, grads, strict=True):
+                ref[k] += g**2 / 4
+    assert rel_err(got, ref) < 1e-10
+
+
+def laplace_reference(model, x, fisher, n_data, delta, forward=None):
+    """``Var f_c(x_n) = Σ_i J_ci(x_n)² / (N F_i + δ)`` by one backward per sample and output."""
+    forward = forward or (lambda i: model(x[i : i + 1])[0])
+    named = dict(model.named_parameters())
+    rows = []
+    for i in range(len(x)):
+        out = forward(i)
+        row = []
+        for c in range(out.shape[0]):
+            grads = torch.autograd.grad(forward(i)[c], list(named.values()))
+            row.append(sum((g**2 / (n_data * fisher[k] + delta)).sum() for k, g in zip(named, grads, strict=True)))
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("classes,n", [(2, 2), (3, 5)])
+def test_prelu_fisher_uncertainty(classes, n):
+    """jacrev inside vmap mixed samples with output rows (0.32 off at 2 classes, 2 samples)."""
+    model = prelu_net(classes)
+    x = torch.randn(n, 4, dtype=torch.float64)
+    torch.manual_seed(1)
+    fisher = natgrad.DiagonalFisher(
+        {k: torch.rand_like(p) + 0.1 for k, p in model.named_parameters()}, 10
+    )
+    rep = natgrad.fisher_uncertainty(model, x, fisher, prior_precision=0.5, chunk_size=2)
+    ref = laplace_reference(model, x, fisher, 10, 0.5)
+    torch.testing.assert_close(rep.logit_variance.double(), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_wrong_shapes_from_vmap_fall_back_to_the_exact_loop(monkeypatch):
+    """If torch.func returns per-sample results of the wrong shape, they are never
+    returned: one warning, then the exact loop."""
+    import natgrad.engine.per_sample as engine
+
+    real = torch.func.vmap
+
+    def broken_vmap(fn, *args, **kwargs):
+        inner = real(fn, *args, **kwargs)
+        return lambda *a: {k: v.unsqueeze(1) for k, v in inner(*a).items()}
+
+    monkeypatch.setattr(engine, "vmap", broken_vmap)
+    model = prelu_net()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with pytest.warns(RuntimeWarning, match=r"vmap returned per-sample results of shape"):
+        got = natgrad.estimate_fisher(model, (x, y), engine="vmap", chunk_size=2)
+    ref = loop_grads_by(model, lambda i: ce(model(x[i : i + 1]), y[i : i + 1]), 5)
+    assert rel_err(got, fisher_from_grads(ref)) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "mode,shapes,phrase",
+    [
+        ("squares", {"w": (4, 4, 2, 3)}, r"shape \(4, 4, 2, 3\) for 'w' \(expected \(4, 2, 3\)\)"),
+        ("grads", {"w": (4, 2, 3)}, r"for 'w' \(expected \(4, J, 2, 3\)\)"),
+        ("grads", {"w": (4, 1, 2, 3), "b": (4, 2, 2)}, r"for 'b'"),
+    ],
+)
+def test_shape_guard_names_the_parameter(mode, shapes, phrase):
+    import re
+
+    from natgrad.engine.per_sample import bad_shape
+
+    params = {"w": torch.zeros(2, 3), "b": torch.zeros(2)}
+    res = {k: torch.zeros(shapes.get(k, (4, 1, *p.shape) if mode == "grads" else (4, *p.shape)))
+           for k, p in params.items()}  # fmt: skip
+    msg = bad_shape(res, params, 4, mode)
+    assert msg is not None and re.search(phrase, msg), msg
+    good = {k: torch.zeros(4, 1, *p.shape) if mode == "grads" else torch.zeros(4, *p.shape)
+            for k, p in params.items()}  # fmt: skip
+    assert bad_shape(good, params, 4, mode) is None
 
 
 # -- 2. tensors shared by the whole batch reach the model unchanged -------------------------
@@ -209,14 +301,7 @@ def test_shared_tensor_in_fisher_uncertainty():
         {k: torch.rand_like(p) + 0.1 for k, p in model.named_parameters()}, 10
     )
     rep = natgrad.fisher_uncertainty(model, {"x": x, "temp": temp}, fisher, prior_precision=0.5)
-    named = dict(model.named_parameters())
-    ref = torch.zeros(4, 3, dtype=torch.float64)
-    for i in range(4):
-        for c in range(3):
-            grads = torch.autograd.grad(model(x[i : i + 1], temp)[0, c], list(named.values()))
-            ref[i, c] = sum(
-                (g**2 / (10 * fisher[k] + 0.5)).sum() for k, g in zip(named, grads, strict=True)
-            )
+    ref = laplace_reference(model, x, fisher, 10, 0.5, lambda i: model(x[i : i + 1], temp)[0])
     torch.testing.assert_close(rep.logit_variance.double(), ref, rtol=1e-10, atol=1e-12)
 
 
@@ -359,9 +444,28 @@ def test_untraceable_module_on_auto_engine():
     assert rel_err(got, ref) < 1e-10
 
 
+class FailingBackward(torch.autograd.Function):
+    """Identity whose backward always fails: the forward checks pass, every per-sample
+    gradient fails (under vmap and in the loop alike)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise ValueError("the model's own backward failed")
+
+
 def test_model_error_is_not_hidden_by_the_fallback():
-    """A forward that fails outright fails in the loop too: that error surfaces, with
-    no fallback warning."""
+    """An error the exact loop raises too is the model's own: it surfaces as it is,
+    with no fallback warning."""
 
     class Broken(nn.Module):
         def __init__(self):
@@ -369,12 +473,14 @@ def test_model_error_is_not_hidden_by_the_fallback():
             self.lin = nn.Linear(4, 3)
 
         def forward(self, x):
-            return self.lin(x) @ torch.ones(2, 2, dtype=x.dtype)  # (., 3) @ (2, 2)
+            return FailingBackward.apply(self.lin(x))
 
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        with pytest.raises(RuntimeError):
-            natgrad.estimate_fisher(Broken(), (torch.randn(3, 4), torch.tensor([0, 1, 2])))
+        with pytest.raises(ValueError, match="the model's own backward failed"):
+            natgrad.estimate_fisher(
+                Broken(), (torch.randn(3, 4), torch.tensor([0, 1, 2])), engine="vmap"
+            )
     assert not fallback_warnings(record)
 
 
