@@ -20,6 +20,7 @@ train mode; call ``model.eval()`` for a deterministic Fisher.
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NoReturn
@@ -49,6 +50,8 @@ from natgrad.engine.common import acc_dtype, to_acc
 from natgrad.engine.likelihoods import Likelihood, TokenCategorical, get_likelihood
 
 __all__ = ["per_sample_grads", "select_params", "LABEL_SOURCES", "ParamSpec"]
+
+logger = logging.getLogger(__name__)
 
 LABEL_SOURCES = ("empirical", "mc", "exact")
 ParamSpec = (
@@ -295,6 +298,10 @@ class Plan:
             1, min(b.size, CHUNK_FLOATS // max(self.P * K, 1))
         )
         fn = self.per_sample(mode, b.arg_dims, b.kw_dims)
+        logger.debug(
+            "vmap %s: batch of %d in chunks of %d samples (P=%d, label columns %d)%s",
+            mode, b.size, chunk, self.P, K, "; per-sample loop" if self.loop else "",
+        )
         params = {k: p.detach() for k, p in self.params.items()}
         for start in range(0, b.size, chunk):
             stop = min(start + chunk, b.size)
@@ -339,6 +346,7 @@ class Plan:
         """
         res = _loop(fn, in_dims, args, n)
         self.loop = True
+        logger.info("%s: exact per-sample loop from now on for this pass", why)
         warnings.warn(
             f"{why}. Falling back to an exact per-sample loop (one forward and backward "
             "pass per sample: the same result, slower).",
