@@ -501,8 +501,14 @@ def optimize_prior_precision(
         val_data: labelled validation batch or iterable of batches (``grid`` only).
         method: ``"grid"`` or ``"marglik"``.
         grid: candidate precisions (default ``10^-4 ... 10^4`` in half decades).
-        n_data, params, link, n_samples, likelihood, chunk_size, generator, output_fn:
-            as in :func:`fisher_uncertainty`.
+        n_data: as in :func:`fisher_uncertainty`.
+        params: as in :func:`fisher_uncertainty`.
+        link: as in :func:`fisher_uncertainty`.
+        n_samples: as in :func:`fisher_uncertainty`.
+        likelihood: as in :func:`fisher_uncertainty`.
+        chunk_size: as in :func:`fisher_uncertainty`.
+        generator: as in :func:`fisher_uncertainty`.
+        output_fn: as in :func:`fisher_uncertainty`.
 
     Returns:
         :class:`PriorPrecisionResult`.

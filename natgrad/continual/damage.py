@@ -297,8 +297,12 @@ def fisher_damage_asymmetry(
         model: the model (not modified).
         task_a_batch: the first task's labelled batch (was ``math_batch``, deprecated).
         task_b_batch: the second task's labelled batch (was ``general_batch``, deprecated).
-        likelihood, lr, labels, params, mc_samples, output_fn: as in
-            :func:`fisher_weighted_damage`.
+        likelihood: as in :func:`fisher_weighted_damage`.
+        lr: as in :func:`fisher_weighted_damage`.
+        labels: as in :func:`fisher_weighted_damage`.
+        params: as in :func:`fisher_weighted_damage`.
+        mc_samples: as in :func:`fisher_weighted_damage`.
+        output_fn: as in :func:`fisher_weighted_damage`.
         fisher_a: the first task's Fisher (estimated from ``task_a_batch`` when None).
         fisher_b: the second task's Fisher (estimated when None).
         names: names of the first and second task, used in ``more_fragile``.
