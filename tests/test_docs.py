@@ -14,11 +14,18 @@ tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _gen_api():
-    spec = importlib.util.spec_from_file_location("gen_api", ROOT / "docs" / "gen_api.py")
+def _load(name):
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"docs_{name}", ROOT / "docs" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
+
+
+def _gen_api():
+    return _load("gen_api")
 
 
 def test_every_public_name_is_in_the_api_page():
@@ -105,3 +112,61 @@ def test_package_ships_typed_marker_and_license():
     assert "MIT License" in (ROOT / "LICENSE").read_text()
     assert "## [Unreleased]" in (ROOT / "CHANGELOG.md").read_text()
     assert {"mkdocs", "mkdocs-material"} <= {re.split(r"[<>=\[]", d)[0] for d in _extras()["docs"]}
+
+
+def test_bad_input_table_measures_every_case():
+    bad = _load("bad_inputs")
+    page = (ROOT / "docs" / "bad-inputs.md").read_text()
+    assert bad.MARKER in page
+    md = bad.on_page_markdown(page, page=None)
+    rows = [r for r in md.splitlines() if r.startswith("| ") and r.endswith((" ✅ |", " ❌ |"))]
+    cases = bad._cases()
+    assert len(rows) == len(cases) >= 30
+    handled = sum(r.endswith("✅ |") for r in rows)
+    assert f"{handled} of {len(cases)} cases handled" in md
+
+
+def test_bad_input_marks_follow_the_outcome():
+    bad = _load("bad_inputs")
+
+    def named():
+        raise ValueError("x must be a tensor, got list; pass torch.tensor(x)")
+
+    def silent():
+        return None
+
+    def torch_deep():
+        import torch
+
+        torch.zeros(2) + torch.zeros(3)
+
+    assert bad.measure(bad.Case("g", "n", "error", "w", named))[0] is False  # not natgrad's code
+    assert bad.measure(bad.Case("g", "n", "error", "w", silent)) == (
+        False, "passes silently (no error, no warning)")
+    ok, now = bad.measure(bad.Case("g", "n", "error", "w", torch_deep))
+    assert not ok and "raised inside torch" in now
+    assert bad.measure(bad.Case("g", "n", "correct", "w", lambda: True)) == (True, "correct")
+    from natgrad.engine.checks import check_int
+
+    ok, now = bad.measure(bad.Case("g", "n", "error", "w", lambda: check_int("k", -1, 1)))
+    assert ok and now.startswith("`ValueError`")
+
+
+def test_docs_snippets_run(tmp_path):
+    """Every ```python block of the documentation runs (one process, in a temp dir)."""
+    import os
+    import subprocess
+    import sys
+
+    blocks = []
+    for md in sorted((ROOT / "docs").rglob("*.md")):
+        blocks += [(md.name, b) for b in re.findall(r"```python\n(.*?)```", md.read_text(), re.S)]
+    assert len(blocks) >= 12
+    script = "\n".join(f"print('-- {name} {i}', flush=True)\n{code}" for i, (name, code) in enumerate(blocks))
+    path = tmp_path / "docs_snippets.py"
+    path.write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"-- {blocks[-1][0]} {len(blocks) - 1}" in proc.stdout
