@@ -108,7 +108,7 @@ def _cases() -> list[Case]:
     def prelu_shapes():
         m = nn.Sequential(nn.Linear(4, 8), nn.PReLU(), nn.Linear(8, 3))
         gr = natgrad.per_sample_grads(m, (x, y))
-        return all(v.shape == (6, *p.shape) for (k, p), v in zip(m.named_parameters(), gr.values()))
+        return all(v.shape == (6, *p.shape) for (k, p), v in zip(m.named_parameters(), gr.values(), strict=True))
 
     class GRUNet(nn.Module):
         def __init__(self):

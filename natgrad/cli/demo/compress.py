@@ -61,7 +61,7 @@ def pruning(st: State) -> Section:
     )
     plot_tuned = plots.curves(
         st.path("accuracy_vs_sparsity_fine_tuned.png"),
-        {k: ([0.0, *xs], [dense, *v]) for k, v in zip(labels, tuned.values())},
+        {k: ([0.0, *xs], [dense, *v]) for k, v in zip(labels, tuned.values(), strict=True)},
         xlabel="weights removed (%)",
         ylabel="test accuracy (10 digits)",
         title="Pruned, then fine-tuned for 1 epoch (masks kept)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping, Sequence
 
@@ -95,11 +96,12 @@ def reliability(
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="calibrated")
     y = torch.as_tensor(y)
     edges = torch.linspace(0, 1, bins + 1)
-    for (label, p), (marker, ls) in zip(probs.items(), (("o", "-"), ("s", "--"), ("^", "-."))):
+    styles = itertools.cycle((("o", "-"), ("s", "--"), ("^", "-.")))
+    for (label, p), (marker, ls) in zip(probs.items(), styles, strict=False):
         conf, pred = torch.as_tensor(p).max(-1)
         correct = (pred == y).double()
         xs, ys, share = [], [], []
-        for lo, hi in zip(edges[:-1], edges[1:]):
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
             m = (conf > lo) & (conf <= hi)
             if m.any():
                 xs.append(float(conf[m].double().mean()))
