@@ -146,6 +146,16 @@ def test_bad_input_marks_follow_the_outcome():
     ok, now = bad.measure(bad.Case("g", "n", "error", "w", torch_deep))
     assert not ok and "raised inside torch" in now
     assert bad.measure(bad.Case("g", "n", "correct", "w", lambda: True)) == (True, "correct")
+
+    def warns_but_right():
+        import warnings
+
+        warnings.warn("slow path", RuntimeWarning, stacklevel=1)
+        return True
+
+    ok, now = bad.measure(bad.Case("g", "n", "correct", "w", warns_but_right))
+    assert ok and now == "correct; warns `RuntimeWarning`: slow path"
+    assert bad.measure(bad.Case("g", "n", "correct", "w", lambda: False))[0] is False
     from natgrad.engine.checks import check_int
 
     ok, now = bad.measure(bad.Case("g", "n", "error", "w", lambda: check_int("k", -1, 1)))
