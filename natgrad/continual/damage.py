@@ -1,6 +1,6 @@
 """Fisher-weighted damage: how much one SGD step on task B is expected to hurt task A.
 
-Conventions (DESIGN.md). Each task's loss is the *mean* per-sample negative
+Conventions (docs/design.md). Each task's loss is the *mean* per-sample negative
 log-likelihood over its batch, ``L(θ) = (1/N) Σ_n l_n(θ)``, and ``∇L`` is its mean
 gradient. The diagonal Fisher is the per-sample mean ``F_i = (1/N) Σ_n E_y[(∂l_n/∂θ_i)²]``,
 which is the Gauss-Newton/Fisher approximation of the Hessian of the mean loss

@@ -1,6 +1,6 @@
 """Natural gradient: the ``FisherPreconditioner`` that wraps any optimizer.
 
-The natural-gradient step is ``Δ = (F + λI)^-1 g`` (DESIGN.md);
+The natural-gradient step is ``Δ = (F + λI)^-1 g`` (docs/design.md);
 :func:`natgrad.scale_by_fisher` is its diagonal form. :class:`FisherPreconditioner`
 rewrites ``.grad`` with ``Δ`` for a diagonal, K-FAC or exact mini-batch (Woodbury) Fisher,
 so any ``torch.optim`` optimizer then takes the natural-gradient step: ``loss.backward(); pre.step(batch); optimizer.step()``.
