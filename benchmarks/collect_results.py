@@ -15,6 +15,7 @@ ORDER = [
     "pruning",
     "merging",
     "uncertainty",
+    "damping",
 ]
 
 

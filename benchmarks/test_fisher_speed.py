@@ -116,7 +116,7 @@ def main(quick: bool = False, wall: bool = False) -> str:
         )
         + f" 1-minute load average when the run started: {LOAD_AT_START:.1f} on "
         f"{os.cpu_count()} cores (CPU time is robust to other processes; wall-clock is not).",
-        "Workloads: DESIGN.md (MLP 40-512-512-10 N=256, CNN 2 conv + linear 1x16x16 N=128, "
+        "Workloads: benchmarks/workloads.py (MLP 40-512-512-10 N=256, CNN 2 conv + linear 1x16x16 N=128, "
         "transformer 2 layers d=128 T=32 vocab 1000 N=64). natgrad rows use `engine='auto'`; "
         "`natgrad vmap` forces the general engine (empirical labels). BackPACK does not "
         "support the transformer (—). Targets: "

@@ -4,6 +4,8 @@ Task A = digits 0-4, task B = digits 5-9 (scikit-learn's bundled digits), one sh
 10-way head. Train on A, estimate A's Fisher, then train on B with and without the
 penalty ``(λ/2) Σ_i F_A,i (θ_i - θ*_A,i)²`` and compare how much of A is forgotten.
 
+Install (from the repository root; the `demo` extra adds scikit-learn's digits):
+    pip install -e ".[demo]"
 Run: python examples/ewc_training_loop.py
 """
 

@@ -2,13 +2,14 @@
 
 A tiny BERT classifier is built from a config with random weights (no download; use
 ``from_pretrained`` for a real one). Batches are dicts with ``input_ids``,
-``attention_mask`` and ``labels``; outputs carry ``.logits``. Needs
-``pip install 'natgrad[hf]'``.
+``attention_mask`` and ``labels``; outputs carry ``.logits``.
 
 transformers >= 5 branches on the mask's values while building the attention mask,
 which ``torch.func.vmap`` cannot trace; expanding the mask to 4-D
 (``mask[:, None, None, :].bool()``) skips that step and means the same.
 
+Install (from the repository root; the `hf` extra adds transformers):
+    pip install -e ".[demo,hf]"
 Run: python examples/hf_metrics.py
 """
 
@@ -19,7 +20,7 @@ import torch
 try:
     import transformers
 except ImportError:
-    sys.exit("This example needs transformers: pip install 'natgrad[hf]'")
+    sys.exit('This example needs transformers: pip install -e ".[demo,hf]"')
 
 from natgrad.metrics import MetricContext, registry
 

@@ -5,6 +5,8 @@ other on digits 5-9, each through its own five logits (a head per task). The mer
 ``θ* = Σ_m F̂_m θ_m / Σ_m F̂_m`` (unit-trace Fishers F̂) keeps each model's important
 parameters; the plain average is the same formula with equal weights.
 
+Install (from the repository root; the `demo` extra adds scikit-learn's digits):
+    pip install -e ".[demo]"
 Run: python examples/merge_models.py
 """
 

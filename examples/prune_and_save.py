@@ -3,6 +3,8 @@
 Importance ``½ F_i θ_i²`` (the loss increase predicted when ``θ_i`` is set to zero);
 masks go through ``torch.nn.utils.prune``, so they stay in force while fine-tuning.
 
+Install (from the repository root; the `demo` extra adds scikit-learn's digits):
+    pip install -e ".[demo]"
 Run: python examples/prune_and_save.py [OUTPUT_FILE]
 """
 

@@ -1,5 +1,7 @@
 """Quickstart: the diagonal Fisher of a small classifier on scikit-learn's digits.
 
+Install (from the repository root; the `demo` extra adds scikit-learn's digits):
+    pip install -e ".[demo]"
 Run: python examples/quickstart.py
 """
 

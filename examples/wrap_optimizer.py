@@ -4,6 +4,8 @@ Two equivalent forms: keep your optimizer and call ``pre.step(batch)`` between
 ``backward()`` and ``optimizer.step()``, or use ``natgrad.NaturalGradient`` as one
 ``torch.optim.Optimizer``. Data: scikit-learn's bundled digits (no download).
 
+Install (from the repository root; the `demo` extra adds scikit-learn's digits):
+    pip install -e ".[demo]"
 Run: python examples/wrap_optimizer.py
 """
 

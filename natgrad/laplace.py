@@ -22,6 +22,7 @@ against ``1 / (N F + δ)`` inside each chunk, so memory stays near
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from natgrad.curvature.estimate import iterate_batches
+from natgrad.curvature.estimate import is_single_batch, iterate_batches
 from natgrad.engine.batch import Batch, OutputFn, add_batch_axis, default_output_fn, parse_batch
 from natgrad.engine.checks import (
     check_choice,
@@ -385,7 +386,10 @@ def fisher_uncertainty(
 
     Args:
         model: the trained model at ``θ*`` (eval mode; it is not modified).
-        batch: ``x``, ``(x, y)`` or a dict batch of ``N`` inputs (labels are ignored).
+        batch: ``x``, ``(x, y)`` or a dict batch of ``N`` inputs (labels are ignored),
+            or an iterable of such batches (a DataLoader): the per-batch results are
+            concatenated along the sample axis, and ``link="mc"`` draws continue from
+            one ``generator`` across the batches.
         fisher: diagonal Fisher (:class:`natgrad.DiagonalFisher` or ``{name: tensor}``).
         prior_precision: ``δ > 0``.
         n_data: ``N``, the number of training samples (default ``fisher.n_samples``).
@@ -404,7 +408,8 @@ def fisher_uncertainty(
 
     Raises:
         ValueError: unsupported likelihood or link, parameters the Fisher lacks, bad
-            ``prior_precision`` / ``n_data``, train-mode BatchNorm or dropout.
+            ``prior_precision`` / ``n_data``, train-mode BatchNorm or dropout, an
+            iterable that yields no batches.
 
     Example:
         >>> import torch
@@ -421,22 +426,29 @@ def fisher_uncertainty(
     )
     dtype = acc_dtype(next(model.parameters()).dtype)
     device = model_device(model)
-    b = parse_batch(batch).to(device)
     inv = _inverse_precisions(
         fisher, chosen, n, torch.tensor([delta], dtype=torch.float64), dtype, device
     )
-    mean, var = _moments(model, b, chosen, inv, output_fn or default_output_fn, chunk_size, dtype)
-    var = var[..., 0]
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    pred = _predict(lik, link, mean, var, _mc_noise(lik, link, n_samples, mean, gen, device))
+    parts: list[dict[str, Any]] = []
+    for one in [batch] if is_single_batch(batch) else iterate_batches(batch):
+        b = parse_batch(one).to(device)
+        mean, var = _moments(
+            model, b, chosen, inv, output_fn or default_output_fn, chunk_size, dtype
+        )
+        var = var[..., 0]
+        pred = _predict(lik, link, mean, var, _mc_noise(lik, link, n_samples, mean, gen, device))
+        parts.append(dict(mean=mean, logit_variance=var, **pred))
+    if not parts:
+        raise ValueError(
+            "batch yielded no batches: pass a batch of inputs or a non-empty DataLoader."
+        )
+    fields = {
+        k: v if isinstance(v, str) or v is None else torch.cat([p[k] for p in parts])
+        for k, v in parts[0].items()
+    }
     return UncertaintyReport(
-        mean=mean,
-        logit_variance=var,
-        likelihood=lik.name,
-        link=link,
-        prior_precision=delta,
-        n_data=n,
-        **pred,
+        likelihood=lik.name, link=link, prior_precision=delta, n_data=n, **fields
     )
 
 
@@ -539,8 +551,14 @@ def optimize_prior_precision(
         val_data: labelled validation batch or iterable of batches (``grid`` only).
         method: ``"grid"`` or ``"marglik"``.
         grid: candidate precisions (default ``10^-4 ... 10^4`` in half decades).
-        n_data, params, link, n_samples, likelihood, chunk_size, generator, output_fn:
-            as in :func:`fisher_uncertainty`.
+        n_data: as in :func:`fisher_uncertainty`.
+        params: as in :func:`fisher_uncertainty`.
+        link: as in :func:`fisher_uncertainty`.
+        n_samples: as in :func:`fisher_uncertainty`.
+        likelihood: as in :func:`fisher_uncertainty`.
+        chunk_size: as in :func:`fisher_uncertainty`.
+        generator: as in :func:`fisher_uncertainty`.
+        output_fn: as in :func:`fisher_uncertainty`.
 
     Returns:
         :class:`PriorPrecisionResult`.
@@ -548,6 +566,10 @@ def optimize_prior_precision(
     Raises:
         ValueError: unknown method, non-positive grid values, missing validation labels,
             and everything :func:`fisher_uncertainty` raises.
+
+    Warns:
+        UserWarning: ``method="grid"`` chose the smallest or the largest value of a grid
+            of two or more: the best ``δ`` may lie beyond it; widen the grid.
 
     Example:
         >>> import torch
@@ -609,4 +631,22 @@ def optimize_prior_precision(
         raise ValueError("val_data yielded no batches.")
     scores = (totals / count).tolist()
     i = min(range(len(cand)), key=lambda j: scores[j])
+    _warn_grid_edge(cand, cand[i])
     return PriorPrecisionResult(cand[i], method, cand, scores, "val_nll", scores[i])
+
+
+def _warn_grid_edge(cand: list[float], chosen: float) -> None:
+    """Warn when ``chosen`` is the smallest or largest of two or more distinct candidates."""
+    lo, hi = min(cand), max(cand)
+    if lo == hi or chosen not in (lo, hi):
+        return
+    edge = "smallest" if chosen == lo else "largest"
+    a, b = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    a, b = (a - 4, b) if chosen == lo else (a, b + 4)
+    warnings.warn(
+        f"optimize_prior_precision chose prior_precision={chosen:g}, the {edge} value of "
+        f"its grid [{lo:g}, {hi:g}]: the best value may lie beyond the grid. Widen the "
+        f"grid, e.g. grid=torch.logspace({a}, {b}, {2 * (b - a) + 1}).tolist().",
+        UserWarning,
+        stacklevel=2,
+    )

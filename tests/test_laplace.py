@@ -354,3 +354,73 @@ def test_metric_estimates_fisher_when_absent():
     fisher = ctx.batch_fisher(0)
     ref = jacobian_loop_variance(model, x, fisher, list(fisher), 6, 1.0)
     torch.testing.assert_close(r.logit_variance, ref, rtol=1e-6, atol=1e-9)
+
+
+# -- DataLoader input and grid edges ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("link", ["probit", "mc"])
+def test_dataloader_equals_per_batch_calls(mlp_case, link):
+    """A DataLoader gives the per-batch results concatenated (mc: one generator throughout)."""
+    model, x, _ = mlp_case
+    fisher = random_fisher(model, n=25)
+    y = torch.arange(len(x)) % 4
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    kw = dict(prior_precision=0.7, link=link, n_samples=20)
+    whole = fisher_uncertainty(model, loader, fisher, generator=torch.Generator().manual_seed(3), **kw)
+    gen = torch.Generator().manual_seed(3)
+    parts = [fisher_uncertainty(model, b, fisher, generator=gen, **kw) for b in loader]
+    for field in ("mean", "logit_variance", "probs", "entropy", "epistemic"):
+        ref = torch.cat([getattr(p, field) for p in parts])
+        assert getattr(whole, field).shape == ref.shape == (len(x), *ref.shape[1:])
+        torch.testing.assert_close(getattr(whole, field), ref, rtol=0, atol=0)
+    assert whole.predictive_variance is None and whole.epistemic_kind == parts[0].epistemic_kind
+    # and the probit variances against the one-autograd-call-per-output loop
+    ref_var = jacobian_loop_variance(model, x, fisher, list(fisher), 25, 0.7)
+    torch.testing.assert_close(whole.logit_variance.double(), ref_var, rtol=1e-5, atol=1e-7)
+
+
+def test_dataloader_of_gaussian_regression_matches_closed_form():
+    sigma, delta = 0.5, 2.0
+    X, _, model, fisher, cov = blr_case(sigma, delta)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X), batch_size=5)
+    r = fisher_uncertainty(
+        model, ([b] for b in X.split(5)), fisher, prior_precision=delta,
+        likelihood=Gaussian(sigma=sigma),
+    )
+    torch.testing.assert_close(r.logit_variance[:, 0], ((X @ cov) * X).sum(1))
+    torch.testing.assert_close(r.predictive_variance[:, 0], ((X @ cov) * X).sum(1) + sigma**2)
+    assert r.probs is None and len(loader) == 3
+
+
+def test_empty_iterable_is_refused(mlp_case):
+    model, _, _ = mlp_case
+    with pytest.raises(ValueError, match="yielded no batches"):
+        fisher_uncertainty(model, [], random_fisher(model, n=25))
+
+
+def _blr_validation(sigma=0.5):
+    """The BLR case with validation data whose NLL is lowest near δ = 3 (interior)."""
+    X, y, model, fisher, _ = blr_case(sigma, 2.0)
+    g = torch.Generator().manual_seed(5)
+    xv = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    yv = xv @ model.weight[0].detach() + 0.7 * torch.randn(10, generator=g, dtype=torch.float64)
+    return model, fisher, (xv, yv.view(-1, 1)), Gaussian(sigma=sigma)
+
+
+@pytest.mark.parametrize("grid, edge", [([0.01, 0.1], "largest"), ([100.0, 1000.0], "smallest")])
+def test_grid_edge_warns_with_the_fix(grid, edge):
+    model, fisher, val, lik = _blr_validation()
+    res = optimize_prior_precision(model, fisher, val, grid=[0.1, 3.0, 100.0], likelihood=lik)
+    assert res.prior_precision == 3.0  # the closed-form scores (test above) are lowest there
+    with pytest.warns(UserWarning, match=f"the {edge} value of its grid.*Widen the grid"):
+        res = optimize_prior_precision(model, fisher, val, grid=grid, likelihood=lik)
+    assert res.prior_precision == (grid[1] if edge == "largest" else grid[0])
+
+
+def test_interior_and_single_value_grids_do_not_warn(recwarn):
+    model, fisher, val, lik = _blr_validation()
+    optimize_prior_precision(model, fisher, val, grid=[0.1, 3.0, 100.0], likelihood=lik)
+    optimize_prior_precision(model, fisher, val, grid=[3.0], likelihood=lik)
+    optimize_prior_precision(model, fisher, method="marglik", likelihood=lik)
+    assert not [w for w in recwarn if "grid" in str(w.message)]

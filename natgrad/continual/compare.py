@@ -121,8 +121,8 @@ def compare_task_fisher(
     with ``F̂ = F/Σ F``; Jaccard ``|T¹∩T²|/|T¹∪T²|`` of the top-``k`` coordinate sets.
 
     Args:
-        fisher1, fisher2: ``{name: tensor}`` (e.g. :class:`natgrad.DiagonalFisher`) with
-            the same names and shapes.
+        fisher1: ``{name: tensor}`` (e.g. :class:`natgrad.DiagonalFisher`).
+        fisher2: ``{name: tensor}`` with the same names and shapes as ``fisher1``.
         top_k: an ``int`` is a count of coordinates (per layer: ``min(top_k, layer size)``);
             a ``float`` in ``(0, 1]`` is a fraction of the coordinates (globally and per layer).
 

@@ -1,6 +1,6 @@
 """Fisher-weighted damage: how much one SGD step on task B is expected to hurt task A.
 
-Conventions (DESIGN.md). Each task's loss is the *mean* per-sample negative
+Conventions (docs/design.md). Each task's loss is the *mean* per-sample negative
 log-likelihood over its batch, ``L(θ) = (1/N) Σ_n l_n(θ)``, and ``∇L`` is its mean
 gradient. The diagonal Fisher is the per-sample mean ``F_i = (1/N) Σ_n E_y[(∂l_n/∂θ_i)²]``,
 which is the Gauss-Newton/Fisher approximation of the Hessian of the mean loss
@@ -297,8 +297,12 @@ def fisher_damage_asymmetry(
         model: the model (not modified).
         task_a_batch: the first task's labelled batch (was ``math_batch``, deprecated).
         task_b_batch: the second task's labelled batch (was ``general_batch``, deprecated).
-        likelihood, lr, labels, params, mc_samples, output_fn: as in
-            :func:`fisher_weighted_damage`.
+        likelihood: as in :func:`fisher_weighted_damage`.
+        lr: as in :func:`fisher_weighted_damage`.
+        labels: as in :func:`fisher_weighted_damage`.
+        params: as in :func:`fisher_weighted_damage`.
+        mc_samples: as in :func:`fisher_weighted_damage`.
+        output_fn: as in :func:`fisher_weighted_damage`.
         fisher_a: the first task's Fisher (estimated from ``task_a_batch`` when None).
         fisher_b: the second task's Fisher (estimated when None).
         names: names of the first and second task, used in ``more_fragile``.

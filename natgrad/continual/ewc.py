@@ -1,6 +1,6 @@
 """``EWC``: the elastic-weight-consolidation penalty, a forgetting regularizer for any loss.
 
-For stored tasks ``t`` with diagonal Fisher ``F_t`` (the per-sample mean of DESIGN.md)
+For stored tasks ``t`` with diagonal Fisher ``F_t`` (the per-sample mean of docs/design.md)
 and anchor ``θ*_t`` (the parameters after training on ``t``), the penalty is
 
     ``Ω(θ) = Σ_t (λ/2) Σ_i F_t,i (θ_i - θ*_t,i)²``          (``mode="separate"``)

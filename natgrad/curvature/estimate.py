@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from itertools import islice
@@ -40,6 +41,8 @@ from natgrad.engine.likelihoods import Likelihood
 from natgrad.engine.per_sample import ParamSpec, Plan
 
 __all__ = ["estimate_curvature", "estimate_fisher", "is_single_batch", "iterate_batches"]
+
+logger = logging.getLogger(__name__)
 
 
 def is_single_batch(data: Any) -> bool:
@@ -249,6 +252,11 @@ def _local_sums(
         model, likelihood, labels, mc_samples, params, output_fn, generator,
         what="estimate_fisher",
     )  # fmt: skip
+    logger.info(
+        "estimate_fisher: %d parameter tensors (%d values), labels=%s, likelihood=%s, "
+        "engine=%s",
+        len(plan.params), plan.P, plan.labels, plan.lik.name, engine,
+    )  # fmt: skip
     if checkpoint is None:
         return _pass(plan, data, chunk_size, max_batches, progress, engine) + (plan,)
     every = check_int("checkpoint_every", checkpoint_every, 1)
@@ -272,6 +280,10 @@ def _local_sums(
             check_state(path, saved, plan.params, fingerprint)
             start = (saved["sums"], saved["n_samples"], saved["batches_done"])
             plan.generator.set_state(saved["generator_state"])
+            logger.info(
+                "estimate_fisher: resuming from %s after %d batches (%d samples)",
+                path, saved["batches_done"], saved["n_samples"],
+            )
             check = DataCheck(path, saved["data"], bool(saved.get("finished", False)))
 
         def save(sums, n_total, done, finished=False) -> None:
@@ -313,4 +325,5 @@ def _pass(plan, data, chunk_size, max_batches, progress, engine, start=None, ski
             saving[1](sums, n_total, done)
     if saving is not None:
         saving[1](sums, n_total, done, finished=True)
+    logger.info("estimate_fisher: done, N=%d samples from %d batches", n_total, done)
     return sums, n_total

@@ -208,7 +208,8 @@ class LowRankFisher(Curvature):
         n_samples: ``N``.
         shapes: ``{parameter name: shape}``.
         rank: keep the top ``rank`` eigenpairs (None: all).
-        labels, likelihood: provenance.
+        labels: provenance: the label source.
+        likelihood: provenance: the likelihood name.
     """
 
     kind = "lowrank"

@@ -35,6 +35,7 @@ with the same label draws, so both engines give the same Fisher.
 from __future__ import annotations
 
 import itertools
+import logging
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ from natgrad.engine.common import acc_dtype
 from natgrad.engine.per_sample import Plan, call_model, square_sums
 
 __all__ = ["ENGINES"]  # the rest is used by natgrad.curvature.estimate
+
+logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "vmap", "fast")  # estimate_fisher(engine=...)
 _FORWARDS = {
@@ -385,6 +388,7 @@ def square_sums_auto(
     """
     check_int("chunk_size", chunk_size, 1, optional=True)
     if engine == "vmap":
+        logger.info("engine='vmap': every parameter on the vmap path")
         yield from square_sums(plan, batches, chunk_size)
         return
     batches = iter(batches)
@@ -400,9 +404,15 @@ def square_sums_auto(
                 "nn.Linear, nn.Conv1d/2d, nn.Embedding, nn.LayerNorm and self-attention "
                 "parameters used once per forward); use engine='auto' or engine='vmap'."
             )
+        logger.info("engine=%r: no parameter fits the capture path; all on vmap", engine)
         yield from square_sums(plan, itertools.chain([first], batches), chunk_size)
         return
     # One restricted plan for the whole pass, so that its vmap fallback (plan.tier) sticks.
+    logger.info(
+        "engine=%r: capture path for %d parameter tensors, vmap for %d%s",
+        engine, len(split.fast_names), len(split.rest),
+        f" ({', '.join(split.rest)})" if split.rest else "",
+    )  # fmt: skip
     rest = plan.restrict(split.rest) if split.rest else None
     yield fast_batch_sums(plan, split, rest, b, target, chunk_size)
     for batch in batches:

@@ -27,6 +27,7 @@ train mode; call ``model.eval()`` for a deterministic Fisher.
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NoReturn
@@ -57,6 +58,8 @@ from natgrad.engine.common import acc_dtype, to_acc
 from natgrad.engine.likelihoods import Likelihood, TokenCategorical, get_likelihood
 
 __all__ = ["per_sample_grads", "select_params", "LABEL_SOURCES", "ParamSpec"]
+
+logger = logging.getLogger(__name__)
 
 LABEL_SOURCES = ("empirical", "mc", "exact")
 ParamSpec = (
@@ -315,6 +318,11 @@ class Plan:
         chunk = check_int("chunk_size", chunk_size, 1, optional=True) or max(
             1, min(b.size, CHUNK_FLOATS // max(self.P * K, 1))
         )
+        logger.debug(
+            "per-sample %s: batch of %d in chunks of %d samples (P=%d, label columns %d), "
+            "composition %d of 3",
+            mode, b.size, chunk, self.P, K, self.tier + 1,
+        )  # fmt: skip
         params = {k: p.detach() for k, p in self.params.items()}
         for start in range(0, b.size, chunk):
             stop = min(start + chunk, b.size)
@@ -382,6 +390,7 @@ def bad_shape(res: dict, params: dict, n: int, mode: str) -> str | None:
 
 def warn_fallback(why: str) -> None:
     """The one warning of a switch from ``vmap`` to the exact per-sample loop."""
+    logger.info("%s: exact per-sample loop from now on for this pass", why)
     warnings.warn(
         f"{why}. Falling back to an exact per-sample loop (one forward and backward pass "
         "per sample: the same result, slower).",

@@ -59,7 +59,8 @@ class MetricContext:
         masks: mask sets (``{name: bool tensor}``) for PREPROCESSED metrics.
         tasks: task names (default ``["task_0", "task_1", ...]``).
         tracker: a :class:`natgrad.FisherTracker` for the EMA metrics.
-        likelihood, labels: how Fishers are estimated when the context must do so.
+        likelihood: the likelihood of the Fishers the context estimates itself.
+        labels: the label source of the Fishers the context estimates itself.
         options: ``{metric name: {keyword: value}}`` passed to that metric.
 
     Raises:

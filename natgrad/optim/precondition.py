@@ -1,6 +1,6 @@
 """Natural gradient: the ``FisherPreconditioner`` that wraps any optimizer.
 
-The natural-gradient step is ``Δ = (F + λI)^-1 g`` (DESIGN.md);
+The natural-gradient step is ``Δ = (F + λI)^-1 g`` (docs/design.md);
 :func:`natgrad.scale_by_fisher` is its diagonal form. :class:`FisherPreconditioner`
 rewrites ``.grad`` with ``Δ`` for a diagonal, K-FAC or exact mini-batch (Woodbury) Fisher,
 so any ``torch.optim`` optimizer then takes the natural-gradient step: ``loss.backward(); pre.step(batch); optimizer.step()``.
@@ -9,6 +9,7 @@ so any ``torch.optim`` optimizer then takes the natural-gradient step: ``loss.ba
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,8 @@ from natgrad.engine.per_sample import LABEL_SOURCES, ParamSpec, per_sample_grads
 from natgrad.engine.report import Report
 
 __all__ = ["FisherPreconditioner", "PreconditionStep", "KINDS"]
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("diag", "kfac", "woodbury")
 _DIVERGED = "Training has likely diverged: lower the learning rate or raise damping."
@@ -179,6 +182,12 @@ class FisherPreconditioner:
         self.generator = torch.Generator().manual_seed(int(seed))
         if self.kind == "kfac":
             self._layers, self._diag_names = kfac_layers(model, self.params)
+            logger.info(
+                "FisherPreconditioner(kind='kfac'): %d layers in Kronecker form; %d "
+                "parameter tensors left diagonal%s",
+                len(self._layers), len(self._diag_names),
+                f" ({', '.join(self._diag_names)})" if self._diag_names else "",
+            )
         else:
             self._layers, self._diag_names = {}, list(self.params) if kind == "diag" else []
         self._step = 0

@@ -1,6 +1,6 @@
 """The diagonal natural gradient ``scale_by_fisher`` and the norms it changes.
 
-``Δ = (F + λI)^-1 g`` with a diagonal Fisher is ``Δ_i = g_i / (F_i + λ)`` (DESIGN.md).
+``Δ = (F + λI)^-1 g`` with a diagonal Fisher is ``Δ_i = g_i / (F_i + λ)`` (docs/design.md).
 """
 
 from __future__ import annotations

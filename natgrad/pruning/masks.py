@@ -155,7 +155,8 @@ def mask_overlap(
     ``|A∩B| / min(|A|, |B|)``, over all tensors together and per tensor.
 
     Args:
-        masks1, masks2: ``{name: mask}`` with the same names and shapes.
+        masks1: ``{name: mask}``.
+        masks2: ``{name: mask}`` with the same names and shapes as ``masks1``.
 
     Returns:
         :class:`MaskOverlap` (``.total``, ``.per_tensor[name]``; ``to_dict()`` for JSON).

@@ -107,6 +107,44 @@ def test_demo_quick_writes_everything(demo_dir):
     assert fa.n_samples == 1000
 
 
+def test_demo_report_reads_as_one_story(demo_dir, tmp_path, capsys):
+    """The saved Fishers are the ones the interference section compares; one top-k
+    meaning; per-layer cosines; a reliability diagram; one-shot and fine-tuned pruning
+    plots apart; registry values shown with their context; no timings in value cells."""
+    from natgrad import compare_task_fisher
+
+    out, proc = demo_dir
+    data = json.loads((out / "metrics.json").read_text())
+    inter = data["sections"]["interference"]
+    fa = DiagonalFisher.load(out / "fisher_task_A.safetensors")
+    fb = DiagonalFisher.load(out / "fisher_task_B.safetensors")
+    c = compare_task_fisher(fa, fb, top_k=0.05)
+    assert c.cosine == pytest.approx(inter["comparison"]["cosine"], rel=1e-5)
+    assert c.topk_jaccard == pytest.approx(inter["comparison"]["topk_jaccard"], rel=1e-6)
+    for layer, cos in inter["cosine_per_layer"].items():
+        assert c.per_layer[layer].cosine == pytest.approx(cos, rel=1e-5)
+    assert set(inter["cosine_per_layer"]) == {"body.0", "body.2", "head"}
+    # `natgrad report` on the saved files gives the demo's similarity, under the same name
+    rep = call(capsys, "report", str(out / "fisher_task_A.safetensors"),
+               str(out / "fisher_task_B.safetensors"), "--out", str(tmp_path / "r"))  # fmt: skip
+    assert rep.returncode == 0, rep.stderr
+    report_json = json.loads((tmp_path / "r" / "report.json").read_text())
+    (cmp,) = report_json["comparisons"].values()
+    assert cmp["cosine"] == pytest.approx(inter["comparison"]["cosine"], rel=1e-5)
+    assert cmp["topk_jaccard"] == pytest.approx(inter["comparison"]["topk_jaccard"], rel=1e-6)
+    text = (out / "report.md").read_text() + (tmp_path / "r" / "report.md").read_text()
+    assert "top-k" not in text and "Jaccard of the top-5% coordinates" in text
+    assert "Cosine per layer" in text
+    for png in ("reliability.png", "accuracy_vs_sparsity_fine_tuned.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+    rows = dict(data["sections"]["metrics"]["rows"])
+    assert rows["context"].startswith("models[0] = the base model")
+    assert "fisher_information: trace" in rows
+    table = proc.stdout[proc.stdout.index("| section | quantity | value |"):]
+    cells = [line.rsplit("|", 2)[-2] for line in table.splitlines() if line.startswith("|")]
+    assert not [v for v in cells if re.search(r"\d s\)|\(\d+(\.\d+)? ?s\b|Adam's time", v)]
+
+
 def test_report_on_demo_fishers(demo_dir, tmp_path, capsys):
     out, _ = demo_dir
     files = [str(out / "fisher_task_A.safetensors"), str(out / "fisher_task_B.safetensors")]

@@ -131,10 +131,12 @@ def run_demo(
         "seconds": round(seconds, 1),
     }
     saved = []
-    for task in ("A", "B"):
-        if task in st.fishers:  # for `natgrad report fisher_task_A.safetensors ...`
+    # The two Fishers compared in the interference section (both of the task-A model),
+    # so that `natgrad report fisher_task_*.safetensors` gives the demo's similarities.
+    for task, key in (("A", "A"), ("B", "B_at_A")):
+        if key in st.fishers:
             saved.append(st.path(f"fisher_task_{task}.safetensors"))
-            st.fishers[task].save(saved[-1])
+            st.fishers[key].save(saved[-1])
     files = write.write_outputs(out, sections, header, {}, metrics)
     files += [os.path.join(out, p) for s in sections for p in s.plots] + saved
     log(f"wrote {len(files)} files to {out}")

@@ -85,7 +85,7 @@ def fisher_sources(st: State) -> Section:
         st.fishers[f"base_{labels}"] = f
         totals[labels] = f.layer_totals()
         data[labels] = {"trace": f.total(), "layer_totals": totals[labels], "seconds": secs}
-        rows.append((f"trace of F ({labels} labels)", f"{f.total():.3g} ({secs:.2f} s)"))
+        rows.append((f"trace of F ({labels} labels)", f"{f.total():.3g}"))
     st.log(f"Fisher of the base model on {n} samples: empirical, mc and exact labels")
     m = min(n, 500 if st.cfg.quick else 1000)  # the Gram matrix is m x m
     start = time.perf_counter()
@@ -93,11 +93,13 @@ def fisher_sources(st: State) -> Section:
     secs = time.perf_counter() - start
     eig = [float(v) for v in dirs.eigenvalues]
     share = sum(eig) / dirs.trace
-    data["top_directions"] = {"eigenvalues": eig, "trace": dirs.trace, "n_samples": m}
+    data["top_directions"] = {
+        "eigenvalues": eig, "trace": dirs.trace, "n_samples": m, "seconds": secs
+    }
     rows.append(
         (
             f"top-5 eigenvalues of F (empirical, {m} samples)",
-            ", ".join(f"{v:.3g}" for v in eig) + f": {share:.0%} of the trace ({secs:.2f} s)",
+            ", ".join(f"{v:.3g}" for v in eig) + f": {share:.0%} of the trace",
         )
     )
     top = top_coordinates(st.fishers["base_exact"], 3)
@@ -110,5 +112,8 @@ def fisher_sources(st: State) -> Section:
         plots=[plot],
         data=data,
         note="Largest entries (exact labels): "
-        + ", ".join(f"`{k}{list(i)}` = {v:.3g}" for k, i, v in top),
+        + ", ".join(f"`{k}{list(i)}` = {v:.3g}" for k, i, v in top)
+        + ". Time: "
+        + ", ".join(f"{lab} {data[lab]['seconds']:.2f} s" for lab in ("empirical", "mc", "exact"))
+        + f", top-5 eigenpairs {secs:.2f} s.",
     )

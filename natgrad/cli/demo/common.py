@@ -20,11 +20,17 @@ OUTPUTS = (
     "fisher_layer_mass.png",
     "forgetting_curves.png",
     "accuracy_vs_sparsity.png",
+    "accuracy_vs_sparsity_fine_tuned.png",
+    "reliability.png",
     "training_curves.png",
     "training_curves_time.png",
     "fisher_task_A.safetensors",
     "fisher_task_B.safetensors",
 )
+
+# Fisher similarity everywhere in the demo and `natgrad report` uses the Jaccard index
+# of the top 5% of coordinates (a fraction, so it means the same for any model size).
+TOP_FRACTION = 0.05
 
 
 @dataclass

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from natgrad.cli.demo import plots
+from natgrad.cli.demo.common import TOP_FRACTION
 from natgrad.continual.compare import compare_task_fisher
 from natgrad.curvature.diagonal import DiagonalFisher, top_coordinates
 from natgrad.engine.report import Report, to_jsonable
@@ -85,11 +86,13 @@ def fisher_report(
         lines += [f"| {k} | {list(i)} | {v:.4g} |" for k, i, v in coords]
         lines.append("")
     pairs = list(itertools.combinations(named, 2))
+    per_layer: list[str] = []
     if pairs:
         lines += [
             "## Pairwise similarity (compare_task_fisher)",
             "",
-            "| A | B | cosine | Task2Vec distance | Fréchet overlap | top-k Jaccard |",
+            "| A | B | cosine | Task2Vec distance | Fréchet overlap | "
+            f"Jaccard of the top-{TOP_FRACTION:.0%} coordinates |",
             "|---|---|---|---|---|---|",
         ]
     for a, b in pairs:
@@ -98,15 +101,21 @@ def fisher_report(
             lines.append(f"| {a} | {b} | different parameters: not comparable | | | |")
             continue
         try:
-            c = compare_task_fisher(fa, fb, top_k=max(top, 1))
+            c = compare_task_fisher(fa, fb, top_k=TOP_FRACTION)
         except ValueError as exc:
             lines.append(f"| {a} | {b} | {exc} | | | |")
             continue
         data["comparisons"][f"{a} vs {b}"] = c.to_dict()
+        per_layer.append(
+            f"* {a} vs {b}: " + ", ".join(f"{k} {v.cosine:.3f}" for k, v in c.per_layer.items())
+        )
         lines.append(
             f"| {a} | {b} | {c.cosine:.3f} | {c.task2vec_distance:.3f} | "
             f"{c.frechet_overlap:.3f} | {c.topk_jaccard:.3f} |"
         )
+    if per_layer:
+        lines += ["", "Cosine per layer (the whole-model cosine can hide the shared layers):", ""]
+        lines += per_layer
     plot = plots.layer_mass(
         os.path.join(out, OUTPUTS[2]),
         {n: f.layer_totals() for n, f in named.items()},

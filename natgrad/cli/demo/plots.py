@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping, Sequence
 
@@ -53,12 +54,22 @@ def curves(
     ylabel: str,
     title: str,
     logy: bool = False,
+    styles: Mapping[str, Mapping[str, object]] | None = None,
+    chance: float | None = None,
 ) -> str:
-    """Line plot of ``{label: (xs, ys)}``."""
+    """Line plot of ``{label: (xs, ys)}``.
+
+    ``styles`` gives matplotlib line keywords per label (marker, linestyle, ...), so that
+    curves differ by more than colour; ``chance`` draws a dotted horizontal line there.
+    """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for label, (xs, ys) in series.items():
-        ax.plot(list(xs), list(ys), label=label, marker="o" if len(xs) <= 20 else None, ms=3)
+        kw: dict = {"marker": "o" if len(xs) <= 20 else None, "ms": 3}
+        kw.update((styles or {}).get(label, {}))
+        ax.plot(list(xs), list(ys), label=label, **kw)
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label=f"chance ({chance:g})")
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -66,4 +77,43 @@ def curves(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def reliability(
+    path: str, probs: Mapping[str, Sequence], y: Sequence, *, bins: int = 10, title: str
+) -> str:
+    """Reliability diagram: accuracy against confidence in ``bins`` equal-width bins.
+
+    ``probs`` maps a label to an ``(N, C)`` tensor of predictive probabilities; ``y`` the
+    ``(N,)`` labels. A calibrated predictor lies on the diagonal; the marker area is the
+    share of samples in the bin.
+    """
+    import torch
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="calibrated")
+    y = torch.as_tensor(y)
+    edges = torch.linspace(0, 1, bins + 1)
+    styles = itertools.cycle((("o", "-"), ("s", "--"), ("^", "-.")))
+    for (label, p), (marker, ls) in zip(probs.items(), styles, strict=False):
+        conf, pred = torch.as_tensor(p).max(-1)
+        correct = (pred == y).double()
+        xs, ys, share = [], [], []
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            m = (conf > lo) & (conf <= hi)
+            if m.any():
+                xs.append(float(conf[m].double().mean()))
+                ys.append(float(correct[m].mean()))
+                share.append(float(m.double().mean()))
+        ax.plot(xs, ys, marker=marker, linestyle=ls, label=label)
+        ax.scatter(xs, ys, s=[400 * v for v in share], alpha=0.2)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (max predicted probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
     return _save(fig, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from natgrad.cli.demo import plots
 from natgrad.cli.demo.common import Section, State
 from natgrad.cli.demo.setup import auroc, calibration
 from natgrad.laplace import fisher_uncertainty, optimize_prior_precision
@@ -34,10 +35,17 @@ def uncertainty(st: State) -> Section:
     ep_in, map_in = ep_all[:n], map_all[:n]
     rows = [("prior precision δ (Laplace marginal likelihood)", f"{delta:.3g}")]
     data = {"prior_precision": delta, "n_data": n_data, "n_test": n, "auroc": {}}
-    for label, probs in (("MAP", lap.mean.softmax(-1)), ("Laplace (probit)", lap.probs)):
+    predictive = {"MAP": lap.mean.softmax(-1), "Laplace (probit)": lap.probs}
+    for label, probs in predictive.items():
         nll, ece = calibration(probs, y_all)
         data[label] = {"nll": nll, "ece": ece}
         rows.append((f"{label}: test NLL / ECE", f"{nll:.3f} / {ece:.3f}"))
+    plot = plots.reliability(
+        st.path("reliability.png"),
+        {f"{k} (ECE {data[k]['ece']:.3f})": v for k, v in predictive.items()},
+        y_all,
+        title="Reliability on the test set (10 bins)",
+    )
     for name, x in ood.items():
         _, ep_out, map_out = scores(x)
         a_lap, a_map = auroc(ep_in, ep_out), auroc(map_in, map_out)
@@ -51,10 +59,12 @@ def uncertainty(st: State) -> Section:
         "uncertainty",
         "Uncertainty on out-of-distribution inputs (fisher_uncertainty, linearized Laplace)",
         rows=rows,
+        plots=[plot],
         data=data,
         note=f"Posterior precision `N·F + δ` with N = {n_data} training samples and the "
         "exact-label Fisher; the epistemic score is the total logit variance "
         "`Σ_c Σ_i J_ci² / (N F_i + δ)`. AUROC: in-distribution test signals vs each "
         "out-of-distribution set (0.5 = no separation). NLL and ECE (10 bins) on all test "
-        "signals.",
+        "signals; the reliability diagram plots each confidence bin's accuracy against its "
+        "mean confidence (on the diagonal: calibrated; marker area: share of samples).",
     )

@@ -41,9 +41,10 @@ def report_md(sections: list[Section], header: dict[str, Any], skipped: dict[str
         out += [""] + [f"![{p}]({p})" for p in s.plots]
         out += [""]
     out += [
-        "The tasks' Fishers are saved as `fisher_task_A.safetensors` and "
+        "The two Fishers compared in the interference section (both of the model trained "
+        "on task A, before any training on B) are saved as `fisher_task_A.safetensors` and "
         "`fisher_task_B.safetensors`; `natgrad report fisher_task_*.safetensors` "
-        "summarizes and compares them.",
+        "summarizes and compares them with the same measures.",
         "",
     ]
     if skipped:
