@@ -8,12 +8,13 @@ import sys
 import pytest
 import torch
 
+# Subprocesses import this checkout's natgrad (PYTHONPATH), not another installed copy.
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
 def run_example(name, *args, tmp_path):
     # The examples' models are tiny: one thread avoids oversubscribing a shared CI machine.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(EXAMPLES)}
     proc = subprocess.run(
         [sys.executable, os.path.join(EXAMPLES, name), *args],
         capture_output=True,
@@ -103,7 +104,7 @@ def test_readme_snippets_run(tmp_path):
     )
     path = tmp_path / "readme_snippets.py"
     path.write_text(script)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(EXAMPLES)}
     proc = subprocess.run(
         [sys.executable, str(path)], capture_output=True, text=True, cwd=tmp_path, env=env,
         timeout=600,
