@@ -69,7 +69,8 @@ def iterate_batches(data: Any, max_batches: int | None = None) -> Iterable[Any]:
     return islice(it, max_batches) if max_batches is not None else it
 
 
-def _progress(it: Iterable, data: Any, enabled: bool, max_batches: int | None, desc: str):
+def with_progress(it: Iterable, data: Any, enabled: bool, max_batches: int | None, desc: str):
+    """``it`` wrapped in a tqdm bar (total from ``data``'s length when known) when ``enabled``."""
     if not enabled:
         return it
     from tqdm.auto import tqdm
@@ -315,7 +316,7 @@ def _pass(plan, data, chunk_size, max_batches, progress, engine, start=None, ski
     batches = iterate_batches(data, max_batches)
     if skip is not None:
         batches = skip(batches)
-    batches = _progress(batches, data, progress, max_batches, "Fisher")
+    batches = with_progress(batches, data, progress, max_batches, "Fisher")
     for n, acc in square_sums_auto(plan, batches, chunk_size, engine):
         for k in sums:
             sums[k] += acc[k]

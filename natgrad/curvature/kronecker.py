@@ -353,7 +353,7 @@ class KroneckerFisher(Curvature):
             FactorMemoryError: the factors would not fit; pass ``max_factor_dim``.
             FloatingPointError: NaN or Inf in the statistics.
         """
-        from natgrad.curvature.estimate import _progress, is_single_batch, iterate_batches
+        from natgrad.curvature.estimate import is_single_batch, iterate_batches, with_progress
         from natgrad.engine.capture import ENGINES, square_sums_auto
 
         kind = check_choice("kind", kind, KRONECKER_KINDS)
@@ -391,7 +391,7 @@ class KroneckerFisher(Curvature):
 
         rest_plan, rest_sums = rest_part()
         n_total, first = 0, True
-        batches = _progress(iterate_batches(data, max_batches), data, progress, max_batches, kind)
+        batches = with_progress(iterate_batches(data, max_batches), data, progress, max_batches, kind)
         error = None  # under torch.distributed, a failure on one rank reaches every rank
         try:
             for batch in batches:

@@ -305,7 +305,7 @@ class LowRankFisher(Curvature):
             ValueError: no samples, bad options.
             FloatingPointError: NaN or Inf in the per-sample gradients.
         """
-        from natgrad.curvature.estimate import _progress, iterate_batches
+        from natgrad.curvature.estimate import iterate_batches, with_progress
 
         check_choice("kind", kind, ("lowrank",))
         rank = check_int("rank", rank, 1, optional=True)
@@ -316,7 +316,7 @@ class LowRankFisher(Curvature):
         shapes = {k: tuple(p.shape) for k, p in plan.params.items()}
         gen = plan.generator
         rows, n = [], 0
-        batches = _progress(iterate_batches(data, max_batches), data, progress, max_batches,
+        batches = with_progress(iterate_batches(data, max_batches), data, progress, max_batches,
                             "low-rank Fisher")
         error = None  # under torch.distributed, a failure on one rank reaches every rank
         try:
