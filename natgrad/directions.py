@@ -173,16 +173,10 @@ def _gram(model, data, lik, labels, mc_samples, params, chunk_size, gen, output_
 
 
 def _cotangents(plan: Plan, b, target, draws) -> torch.Tensor:
-    """Output cotangents ``u_nj`` of the rows of ``G``, shape ``(N, K, *output)``."""
-    lik = plan.lik
+    """Output cotangents ``u_nj`` of the rows of ``G``, shape ``(N, K, *output)``: the plan's
+    label columns, scaled by ``√w_j`` so that ``GᵀG/N`` is the Fisher."""
     out = plan.forward(b)
-    if plan.labels == "empirical":
-        u = lik.output_grad(out, target).unsqueeze(1)
-    elif plan.labels == "mc":
-        u = torch.stack([lik.output_grad(out, draws[:, j]) for j in range(plan.k)], 1)
-        u = u / math.sqrt(plan.k)
-    else:
-        u = lik.factor_columns(out, 0, lik.num_factor_columns(out), target).movedim(0, 1)
+    u = plan.all_columns(out, target, draws).movedim(0, 1) * math.sqrt(plan.weight)
     return u.detach().to(out.dtype)
 
 

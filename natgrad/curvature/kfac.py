@@ -364,15 +364,8 @@ def _out_grads(layer: KFACLayer, g: torch.Tensor) -> torch.Tensor:
 def _cotangents(
     plan: Plan, out: torch.Tensor, target, draws
 ) -> list[tuple[float, torch.Tensor]]:
-    """``[(w_j, u_j)]``: the label columns of the label source and their weights."""
-    lik = plan.lik
-    o = out.detach()
-    if plan.labels == "empirical":
-        return [(1.0, lik.output_grad(o, target))]
-    if plan.labels == "mc":
-        return [(plan.weight, lik.output_grad(o, draws[:, j])) for j in range(plan.k)]
-    k = lik.num_factor_columns(o)
-    return [(1.0, c) for c in lik.factor_columns(o, 0, k, target).unbind(0)]
+    """``[(w_j, u_j)]``: the label columns of the plan's label source and their weights."""
+    return [(plan.weight, c) for c in plan.all_columns(out.detach(), target, draws).unbind(0)]
 
 
 @dataclass

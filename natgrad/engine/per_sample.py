@@ -217,6 +217,13 @@ class Plan:
             for s in range(0, K, step):
                 yield lik.factor_columns(out, s, min(s + step, K), target)
 
+    def all_columns(
+        self, out: torch.Tensor, target: torch.Tensor | None, draws: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Every label column at once, ``(J, *out.shape)``, each to be weighted by
+        :attr:`weight` (the one label-source switch: :meth:`columns`)."""
+        return torch.cat(list(self.columns(out, target, draws)), 0)
+
     def restrict(self, names: Iterable[str]) -> Plan:
         """A copy of this plan that differentiates only the parameters ``names``."""
         sub = copy.copy(self)
