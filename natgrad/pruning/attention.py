@@ -1,0 +1,175 @@
+"""Attention with a removable set of heads: the replacement for ``nn.MultiheadAttention``.
+
+``nn.MultiheadAttention`` requires ``num_heads · head_dim == embed_dim``, so it cannot
+hold fewer heads of the same width while keeping ``embed_dim``. :class:`HeadAttention`
+computes the same function with separate q/k/v projections of ``H · head_dim`` rows
+(``H`` kept heads) and an output projection of ``H · head_dim`` columns back to
+``embed_dim``:
+
+    head_h = softmax(q_h k_hᵀ / √d + mask) v_h,    out = [m_1 head_1, …, m_H head_H] W_oᵀ + b_o
+
+where ``m_h`` is the head's mask variable (1 unless a mask is attached for the Fisher).
+It accepts ``nn.MultiheadAttention``'s call signature (``query, key, value,
+key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal``) and
+returns ``(output, None)``: attention weights are not returned. It sets
+``in_proj_bias = None`` so that ``nn.TransformerEncoderLayer`` takes its ordinary
+(non-fused) path, which calls this module.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["HeadAttention", "from_multihead", "shrink_heads", "attention_flops"]
+
+
+class HeadAttention(nn.Module):
+    """Multi-head attention whose heads can be removed (see the module docstring).
+
+    Args:
+        embed_dim: model width ``E`` (input and output).
+        num_heads: number ``H`` of heads kept.
+        head_dim: width ``d`` of one head.
+        batch_first: inputs are ``(N, T, E)`` (else ``(T, N, E)``).
+        device, dtype: of the parameters.
+    """
+
+    def __init__(self, embed_dim, num_heads, head_dim, batch_first=False, device=None, dtype=None):
+        super().__init__()
+        inner = num_heads * head_dim
+        kw = dict(device=device, dtype=dtype)
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.batch_first = batch_first
+        self.q_proj = nn.Linear(embed_dim, inner, **kw)
+        self.k_proj = nn.Linear(embed_dim, inner, **kw)
+        self.v_proj = nn.Linear(embed_dim, inner, **kw)
+        self.out_proj = nn.Linear(inner, embed_dim, **kw)
+        # nn.TransformerEncoderLayer reads these to decide on its fused path; None turns it off.
+        self._qkv_same_embed_dim = False
+        self.in_proj_bias = None
+        self.in_proj_weight = None
+        self._natgrad_head_mask: torch.Tensor | None = None
+
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=False,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
+        """``(output, None)``; masks follow ``nn.MultiheadAttention`` (bool: True = ignore)."""
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        n, tq, _ = query.shape
+        tk = key.shape[1]
+        h, d = self.num_heads, self.head_dim
+        q = self.q_proj(query).view(n, tq, h, d).transpose(1, 2)
+        k = self.k_proj(key).view(n, tk, h, d).transpose(1, 2)
+        v = self.v_proj(value).view(n, tk, h, d).transpose(1, 2)
+        bias = None
+        if attn_mask is not None:
+            am = attn_mask
+            if am.dtype == torch.bool:
+                am = torch.zeros(am.shape, dtype=q.dtype, device=q.device).masked_fill(am, float("-inf"))
+            bias = am.to(q.dtype).view(-1, am.shape[-2], am.shape[-1]) if am.dim() == 3 else am.to(q.dtype)
+            if bias.dim() == 3:
+                bias = bias.view(n, h, tq, tk)
+        if key_padding_mask is not None:
+            kp = key_padding_mask
+            if kp.dtype == torch.bool:
+                kp = torch.zeros(kp.shape, dtype=q.dtype, device=q.device).masked_fill(kp, float("-inf"))
+            kp = kp.to(q.dtype).view(n, 1, 1, tk)
+            bias = kp if bias is None else bias + kp
+        if is_causal and bias is None:
+            causal = torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu(1)
+            bias = torch.zeros(tq, tk, dtype=q.dtype, device=q.device).masked_fill(causal, float("-inf"))
+        scores = q @ k.transpose(-2, -1) / (d**0.5)
+        if bias is not None:
+            scores = scores + bias
+        ctx = scores.softmax(-1) @ v  # (N, H, Tq, d)
+        m = self._natgrad_head_mask
+        if m is not None:
+            m = m.to(ctx.dtype)
+            ctx = ctx * (m.view(m.shape[0], h, 1, 1) if m.dim() == 2 else m.view(1, h, 1, 1))
+        out = self.out_proj(ctx.transpose(1, 2).reshape(n, tq, h * d))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+
+def from_multihead(mha: nn.MultiheadAttention) -> HeadAttention:
+    """A :class:`HeadAttention` computing what ``mha`` computes (same weights, copied).
+
+    Raises:
+        ValueError: for ``kdim``/``vdim`` != ``embed_dim``, no biases, ``add_bias_kv`` or
+            ``add_zero_attn``, or dropout > 0 in train mode.
+    """
+    if not mha._qkv_same_embed_dim or mha.in_proj_bias is None:
+        raise ValueError("from_multihead needs kdim == vdim == embed_dim and bias=True.")
+    if mha.bias_k is not None or mha.add_zero_attn:
+        raise ValueError("from_multihead does not support add_bias_kv or add_zero_attn.")
+    w, b = mha.in_proj_weight.detach(), mha.in_proj_bias.detach()
+    e = mha.embed_dim
+    new = HeadAttention(
+        e, mha.num_heads, mha.head_dim, batch_first=mha.batch_first, device=w.device, dtype=w.dtype
+    )
+    with torch.no_grad():
+        for i, lin in enumerate((new.q_proj, new.k_proj, new.v_proj)):
+            lin.weight.copy_(w[i * e : (i + 1) * e])
+            lin.bias.copy_(b[i * e : (i + 1) * e])
+        new.out_proj.weight.copy_(mha.out_proj.weight.detach())
+        new.out_proj.bias.copy_(mha.out_proj.bias.detach())
+    new.train(mha.training)
+    return new
+
+
+def shrink_heads(att: HeadAttention, keep: torch.Tensor) -> HeadAttention:
+    """A :class:`HeadAttention` with only the heads ``keep`` of ``att``."""
+    d = att.head_dim
+    idx = (keep[:, None] * d + torch.arange(d)[None, :]).flatten().to(att.q_proj.weight.device)
+    w = att.q_proj.weight
+    new = HeadAttention(
+        att.embed_dim, len(keep), d, batch_first=att.batch_first, device=w.device, dtype=w.dtype
+    )
+    with torch.no_grad():
+        for src, dst in ((att.q_proj, new.q_proj), (att.k_proj, new.k_proj), (att.v_proj, new.v_proj)):
+            dst.weight.copy_(src.weight[idx])
+            dst.bias.copy_(src.bias[idx])
+        new.out_proj.weight.copy_(att.out_proj.weight[:, idx])
+        new.out_proj.bias.copy_(att.out_proj.bias)
+    new.train(att.training)
+    return new
+
+
+def attention_flops(mod: nn.Module, total: list):
+    """A forward hook adding ``2 · 2 · Tq · Tk · H · d`` (``QKᵀ`` and ``AV``) to ``total[0]``
+    for a :class:`HeadAttention` (its projections are Linear layers, counted as such);
+    None for other modules. ``nn.MultiheadAttention`` is counted in full here, as it calls
+    no Linear modules."""
+    if isinstance(mod, HeadAttention):
+
+        def hook(m, args, out):
+            q = args[0]
+            k = args[1] if len(args) > 1 else q
+            tq = q.shape[1] if m.batch_first else q.shape[0]
+            tk = k.shape[1] if m.batch_first else k.shape[0]
+            total[0] += 4.0 * tq * tk * m.num_heads * m.head_dim
+
+        return mod.register_forward_hook(hook)
+    if isinstance(mod, nn.MultiheadAttention):
+
+        def mhook(m, args, out):
+            q = args[0]
+            k = args[1] if len(args) > 1 else q
+            tq = q.shape[1] if m.batch_first else q.shape[0]
+            tk = k.shape[1] if m.batch_first else k.shape[0]
+            e = m.embed_dim
+            total[0] += 2.0 * (tq * e * e + 2 * tk * e * e + tq * e * e) + 4.0 * tq * tk * e
+
+        return mod.register_forward_hook(mhook)
+    return None

@@ -1,0 +1,284 @@
+"""Physical shrinking of pruned structures, layer-wise mask tuning, and hand counts.
+
+Shrinking replaces every producer by a smaller ``nn.Linear``/``nn.Conv`` holding the
+kept output rows (and bias entries), slices the eval-mode BatchNorms in between, and
+replaces the consumer by one that holds only the kept input columns. Removing a column
+is the same as multiplying that input by 0, so before tuning the shrunken model
+computes what the masked model computes.
+
+Mask tuning re-fits each consumer of pruned structures by least squares so that its
+output on a calibration set matches the unpruned model's:
+
+    W' = argmin_W ||Y - X̃ Wᵀ||² + ε ||W||²,   Wᵀ = (X̃ᵀX̃ + εI)⁻¹ X̃ᵀ Y,
+
+with ``Y`` the original layer output (bias included), ``X̃`` the layer's input in the
+pruned model (kept columns, a column of ones for the bias; for a conv, the unfolded
+patches), and ``X̃ᵀX̃`` the input Gram matrix (``N`` times the K-FAC ``A`` factor).
+Layers are tuned in forward order, each on the inputs produced by the already tuned
+layers before it, so errors do not pile up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from natgrad.engine.batch import parse_batch
+from natgrad.pruning.structures import Group
+
+__all__ = ["shrink_model", "tune_layers", "count_flops", "count_params", "least_squares"]
+
+_CONV = (nn.Conv1d, nn.Conv2d)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def _rebuild(mod: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Module:
+    """A new Linear/Conv holding ``weight[rows][:, cols]`` (None: all)."""
+    w = mod.weight.detach()
+    b = None if mod.bias is None else mod.bias.detach()
+    if rows is not None:
+        w, b = w[rows], (None if b is None else b[rows])
+    if cols is not None:
+        w = w[:, cols]
+    kw = dict(device=w.device, dtype=w.dtype)
+    if isinstance(mod, nn.Linear):
+        new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, **kw)
+    else:
+        new = type(mod)(
+            w.shape[1], w.shape[0], mod.kernel_size, stride=mod.stride, padding=mod.padding,
+            dilation=mod.dilation, groups=1, bias=b is not None, padding_mode=mod.padding_mode,
+            **kw,
+        )
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b)
+    new.train(mod.training)
+    return new
+
+
+def _slice_norm(mod: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor) -> nn.Module:
+    new = type(mod)(
+        len(keep), eps=mod.eps, momentum=mod.momentum, affine=mod.affine,
+        track_running_stats=mod.track_running_stats,
+        device=(mod.weight.device if mod.affine else None),
+        dtype=(mod.weight.dtype if mod.affine else None),
+    )
+    with torch.no_grad():
+        if mod.affine:
+            new.weight.copy_(mod.weight[keep])
+            new.bias.copy_(mod.bias[keep])
+        if mod.track_running_stats:
+            new.running_mean.copy_(mod.running_mean[keep])
+            new.running_var.copy_(mod.running_var[keep])
+            new.num_batches_tracked.copy_(mod.num_batches_tracked)
+    new.train(mod.training)
+    return new
+
+
+def kept_indices(group: Group, removed: torch.Tensor) -> torch.Tensor:
+    """The kept structure indices of ``group`` (ascending)."""
+    keep = torch.ones(group.size, dtype=torch.bool)
+    keep[removed.cpu()] = False
+    return torch.nonzero(keep).flatten()
+
+
+def _columns(group: Group, keep: torch.Tensor) -> torch.Tensor:
+    r = group.repeat
+    return (keep[:, None] * r + torch.arange(r)[None, :]).flatten()
+
+
+def shrink_model(
+    model: nn.Module, groups: list[Group], removed: Mapping[str, torch.Tensor]
+) -> nn.Module:
+    """Remove the structures ``removed`` from ``model`` physically (in place); return it.
+
+    Args:
+        model: the model the groups were found on (modified: pass a copy).
+        groups: from :func:`~natgrad.pruning.structures.find_groups`.
+        removed: ``{group name: indices removed}``.
+    """
+    rows: dict[str, torch.Tensor] = {}
+    cols: dict[str, torch.Tensor] = {}
+    from natgrad.pruning.attention import shrink_heads
+
+    for g in groups:
+        rem = removed.get(g.name, torch.zeros(0, dtype=torch.long))
+        if rem.numel() == 0:
+            continue
+        keep = kept_indices(g, rem)
+        if g.kind == "head":
+            _set_module(model, g.name, shrink_heads(model.get_submodule(g.name), keep))
+            continue
+        dev = model.get_submodule(g.producer).weight.device
+        rows[g.producer] = keep.to(dev)
+        cols[g.consumer] = _columns(g, keep).to(dev)
+        for n in g.norms:
+            _set_module(model, n, _slice_norm(model.get_submodule(n), keep.to(dev)))
+    for name in set(rows) | set(cols):
+        _set_module(model, name, _rebuild(model.get_submodule(name), rows.get(name), cols.get(name)))
+    return model
+
+
+# -- hand counts --------------------------------------------------------------------------
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter entries (shared parameters once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, example: Any) -> float:
+    """FLOPs per sample of one forward pass: ``2 ×`` the multiply-accumulates of Linear and
+    Conv layers and of the attention matmuls (``QKᵀ`` and ``AV``); elementwise ops are not
+    counted. Measured by hooks on one sample of ``example``.
+    """
+    from natgrad.pruning.attention import attention_flops
+
+    b = parse_batch(example).select(0, 1)
+    total = [0.0]
+    handles = []
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear):
+            handles.append(
+                mod.register_forward_hook(
+                    lambda m, a, o: total.__setitem__(0, total[0] + 2.0 * m.in_features * o.numel())
+                )
+            )
+        elif isinstance(mod, _CONV):
+            handles.append(
+                mod.register_forward_hook(
+                    lambda m, a, o: total.__setitem__(
+                        0, total[0] + 2.0 * m.weight[0].numel() * o.numel()
+                    )
+                )
+            )
+        else:
+            h = attention_flops(mod, total)
+            if h is not None:
+                handles.append(h)
+    try:
+        model(*b.args, **b.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+# -- least-squares layer tuning -----------------------------------------------------------
+
+
+def least_squares(gram: torch.Tensor, cross: torch.Tensor, damping: float) -> torch.Tensor:
+    """``(G + εI)⁻¹ C`` with ``ε = damping · mean(diag G)`` (Cholesky; lstsq if singular)."""
+    eps = damping * float(gram.diagonal().mean().clamp_min(1e-30))
+    a = gram + eps * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(cross, chol)
+    return torch.linalg.lstsq(a, cross).solution
+
+
+def _design(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Rows of the layer's linear map: ``(rows, in_cols [+1 for bias])``."""
+    if isinstance(mod, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1])
+    else:
+        if isinstance(mod, nn.Conv1d):
+            x2 = x.unsqueeze(-2)
+            k, s, p, d = (1, *mod.kernel_size), (1, *mod.stride), (0, *mod.padding), (1, *mod.dilation)
+        else:
+            x2, k, s, p, d = x, mod.kernel_size, mod.stride, mod.padding, mod.dilation
+        if isinstance(p, str):
+            raise ValueError(f"padding={mod.padding!r} is not supported by layer tuning.")
+        cols = F.unfold(x2, k, dilation=d, padding=p, stride=s)  # (N, C*k, L)
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    if mod.bias is not None:
+        rows = torch.cat([rows, torch.ones_like(rows[:, :1])], 1)
+    return rows
+
+
+def _outputs(mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    if isinstance(mod, nn.Linear):
+        return y.reshape(-1, y.shape[-1])
+    return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+
+
+def tune_layers(
+    original: nn.Module,
+    pruned: nn.Module,
+    groups: list[Group],
+    removed: Mapping[str, torch.Tensor],
+    calibration: Any,
+    *,
+    damping: float = 1e-3,
+) -> list[str]:
+    """Re-fit each consumer of pruned structures by least squares (in place on ``pruned``).
+
+    For consumer ``c`` (in forward order): ``Y`` = its output in ``original`` (rows kept in
+    ``pruned``), ``X̃`` = its input in ``pruned``; the new weight and bias solve
+    ``(X̃ᵀX̃ + εI) Wᵀ = X̃ᵀ Y``, accumulated over the calibration batches.
+
+    Args:
+        original: the unpruned model.
+        pruned: the shrunken model (modified).
+        groups, removed: as given to :func:`shrink_model`.
+        calibration: a batch or iterable of batches (inputs only are used).
+        damping: ``ε`` relative to the mean diagonal of the Gram matrix.
+
+    Returns:
+        the names of the tuned layers, in order.
+    """
+    from natgrad.curvature.estimate import iterate_batches
+
+    batches = [parse_batch(b) for b in iterate_batches(calibration)]
+    consumers = [
+        g for g in groups if g.kind != "head" and removed.get(g.name, torch.zeros(0)).numel() > 0
+    ]
+    out_rows = {
+        g.producer: kept_indices(g, removed[g.name])
+        for g in groups
+        if g.kind != "head" and removed.get(g.name, torch.zeros(0)).numel() > 0
+    }
+    order = [n for n, _ in pruned.named_modules()]
+    consumers.sort(key=lambda g: order.index(g.consumer))
+    tuned = []
+    for g in consumers:
+        name = g.consumer
+        mod_p = pruned.get_submodule(name)
+        mod_o = original.get_submodule(name)
+        gram = cross = None
+        for b in batches:
+            cap: dict[str, torch.Tensor] = {}
+            h1 = mod_o.register_forward_hook(lambda m, a, o: cap.__setitem__("y", o.detach()))
+            h2 = mod_p.register_forward_pre_hook(lambda m, a: cap.__setitem__("x", a[0].detach()))
+            try:
+                with torch.no_grad():
+                    original(*b.args, **b.kwargs)
+                    pruned(*b.args, **b.kwargs)
+            finally:
+                h1.remove()
+                h2.remove()
+            dt = torch.float64 if mod_p.weight.dtype == torch.float64 else torch.float32
+            x = _design(mod_p, cap["x"].to(dt))
+            y = _outputs(mod_o, cap["y"].to(dt))
+            if name in out_rows:
+                y = y[:, out_rows[name].to(y.device)]
+            gram = x.T @ x if gram is None else gram + x.T @ x
+            cross = x.T @ y if cross is None else cross + x.T @ y
+        sol = least_squares(gram, cross, damping)  # (in [+1], out)
+        with torch.no_grad():
+            w = sol[: sol.shape[0] - (mod_p.bias is not None)].T
+            mod_p.weight.copy_(w.reshape(mod_p.weight.shape).to(mod_p.weight.dtype))
+            if mod_p.bias is not None:
+                mod_p.bias.copy_(sol[-1].to(mod_p.bias.dtype))
+        tuned.append(name)
+    return tuned

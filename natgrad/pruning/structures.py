@@ -1,0 +1,673 @@
+"""Structures of a model, their mask variables and the mask Fisher.
+
+A *structure* is a unit that can be removed physically: a neuron of a Linear layer,
+an output channel of a Conv1d/Conv2d, an attention head. Every structure ``s`` gets a
+mask variable ``m_s`` (1 in the trained model) that multiplies its output where the
+output enters the next layer (after its activation, pooling and BatchNorm). Removing
+``s`` is ``m_s = 0``.
+
+The mask Fisher of one layer's ``S`` structures is the ``S x S`` matrix
+
+    F = (1/N) Σ_n E_y[g_n g_nᵀ],   g_n = ∂l_n/∂m  at m = 1,
+
+with ``l_n = -log p(y_n | x_n)`` the per-sample loss. ``g_n`` is exact: every sample
+gets its own copy of the masks (shape ``(N, S)``), so one backward pass of ``Σ_n l_n``
+returns all per-sample gradients at once (a sample's loss depends only on its own
+copy). For a structure whose output ``o_s`` enters the next layer,
+``∂l_n/∂m_s = Σ_positions <o_s, ∂l_n/∂o_s>``.
+
+The second-order prediction of the loss increase of removing a set ``R`` (``m_R = 0``)
+from ``m = 1`` is ``½ 1_Rᵀ F_RR 1_R`` with the per-layer block Fisher, or
+``½ Σ_{s∈R} F_ss`` with its diagonal (Kwon et al. 2022, "A Fast Post-Training Pruning
+Framework for Transformers").
+
+Which structures exist is found by tracing the model with ``torch.fx``: a Linear/Conv
+*producer* whose output reaches exactly one Linear/Conv *consumer* through
+channel-wise operations only (activations, dropout, eval-mode BatchNorm, pooling, a
+flatten into a Linear) forms a group. Outputs that reach anything else (a residual
+``add``, ``cat``, a reshape, LayerNorm over the channels, the model output) are
+coupled in ways this module does not shrink; they are left out with the reason.
+Attention heads of ``nn.MultiheadAttention`` form a group of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import operator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from natgrad.engine.batch import default_output_fn, parse_batch
+from natgrad.engine.checks import check_choice, check_int, check_no_batch_mixing
+from natgrad.engine.common import acc_dtype
+from natgrad.engine.likelihoods import Likelihood, get_likelihood
+
+__all__ = [
+    "UnsupportedStructureError",
+    "Group",
+    "find_groups",
+    "apply_masks_to",
+    "mask_grads",
+    "MaskFisher",
+    "estimate_mask_fisher",
+]
+
+
+class UnsupportedStructureError(ValueError):
+    """A structure (or its coupling to other layers) that structured pruning cannot remove."""
+
+
+_CONV = (nn.Conv1d, nn.Conv2d)
+_ELEMENTWISE_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Softplus,
+    nn.Dropout,
+    nn.Identity,
+)
+_POOL_MODULES = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+)
+_ELEMENTWISE_FUNCTIONS = {
+    torch.relu,
+    torch.tanh,
+    torch.sigmoid,
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.tanh,
+    F.sigmoid,
+    F.leaky_relu,
+    F.elu,
+    F.hardtanh,
+    F.hardswish,
+    F.softplus,
+    F.dropout,
+}
+_POOL_FUNCTIONS = {
+    F.max_pool1d,
+    F.max_pool2d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+}
+_ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid", "contiguous"}
+
+
+@dataclass
+class Group:
+    """The structures of one layer, pruned together under one mask vector.
+
+    Attributes:
+        name: the group's name (the producer module's name).
+        kind: ``"neuron"`` (Linear outputs), ``"channel"`` (Conv outputs) or ``"head"``.
+        size: the number ``S`` of structures.
+        producer: name of the module whose outputs are the structures (its rows are removed).
+        consumer: name of the module that reads them (its input columns are removed); for
+            heads, the attention module itself.
+        norms: eval-mode BatchNorm modules between producer and consumer (sliced too).
+        repeat: input columns of the consumer per structure (a Conv channel flattened into a
+            Linear spans ``repeat`` positions; 1 otherwise).
+        consumer_kind: ``"linear"``, ``"conv"`` or ``"attention"``.
+        head_dim: for heads, the width of one head.
+    """
+
+    name: str
+    kind: str
+    size: int
+    producer: str
+    consumer: str
+    norms: list[str] = field(default_factory=list)
+    repeat: int = 1
+    consumer_kind: str = "linear"
+    head_dim: int = 0
+
+
+# -- finding the groups -----------------------------------------------------------------
+
+
+def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return f"module {node.target!r} ({type(gm.get_submodule(node.target)).__name__})"
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target))
+        if node.target in (operator.add, torch.add, operator.iadd):
+            return "an add (a residual connection couples these channels to another layer)"
+        if node.target is torch.cat:
+            return "torch.cat (concatenated channels)"
+        return f"function {name}"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    if node.op == "output":
+        return "the model output"
+    return f"{node.op} {node.target}"
+
+
+def _first_arg_only(user: fx.Node, node: fx.Node) -> bool:
+    if not user.args or user.args[0] is not node:
+        return False
+    rest = list(user.args[1:]) + list(user.kwargs.values())
+    return all(r is not node for r in fx.node.map_arg(rest, lambda n: n) or [])
+
+
+def _flatten_start(user: fx.Node, gm: fx.GraphModule) -> int | None:
+    """``start_dim`` of a full flatten (``end_dim=-1``) node, else None."""
+    if user.op == "call_module":
+        mod = gm.get_submodule(user.target)
+        if isinstance(mod, nn.Flatten) and mod.end_dim == -1:
+            return mod.start_dim
+        return None
+    if (user.op == "call_function" and user.target is torch.flatten) or (
+        user.op == "call_method" and user.target == "flatten"
+    ):
+        start = user.args[1] if len(user.args) > 1 else user.kwargs.get("start_dim", 0)
+        end = user.args[2] if len(user.args) > 2 else user.kwargs.get("end_dim", -1)
+        return start if end == -1 and isinstance(start, int) else None
+    return None
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _follow(
+    gm: fx.GraphModule, node: fx.Node, producer: nn.Module, used: dict[str, int]
+) -> Group | str:
+    """Follow a producer's output to its consumer; a Group, or the reason there is none."""
+    is_conv = isinstance(producer, _CONV)
+    size = producer.out_channels if is_conv else producer.out_features
+    norms: list[str] = []
+    repeat = 1
+    cur = node
+    while True:
+        users = list(cur.users)
+        if len(users) != 1:
+            what = "no user" if not users else f"{len(users)} users"
+            return (
+                f"its output has {what} after {_describe(cur, gm)} (a branch or residual "
+                "couples the channels to other layers)"
+            )
+        u = users[0]
+        if not _first_arg_only(u, cur):
+            return f"its output reaches {_describe(u, gm)}, which combines it with other tensors"
+        if u.op == "call_module":
+            mod = gm.get_submodule(u.target)
+            if used.get(u.target, 0) > 1:
+                return f"module {u.target!r} is called more than once (shared weights)"
+            if isinstance(mod, _ELEMENTWISE_MODULES) or (is_conv and isinstance(mod, _POOL_MODULES)):
+                cur = u
+                continue
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                shape = _shape(cur)
+                if mod.num_features != size or (not is_conv and shape is not None and len(shape) != 2):
+                    return f"BatchNorm {u.target!r} does not normalize over these {size} channels"
+                norms.append(u.target)
+                cur = u
+                continue
+            start = _flatten_start(u, gm)
+            if start is not None:
+                if not is_conv or start != 1 or repeat != 1:
+                    return f"its output is reshaped by {_describe(u, gm)}"
+                shape = _shape(cur)
+                if shape is None:
+                    return "the shapes could not be propagated"
+                repeat = math.prod(shape[2:])
+                cur = u
+                continue
+            if isinstance(mod, nn.Linear):
+                if is_conv and repeat == 1 and _shape(cur) is not None and len(_shape(cur)) > 2:
+                    return f"Linear {u.target!r} reads the spatial axis of a conv output"
+                if mod.in_features != size * repeat:
+                    return f"Linear {u.target!r} expects {mod.in_features} inputs, not {size * repeat}"
+                return Group(
+                    name="", kind="channel" if is_conv else "neuron", size=size, producer="",
+                    consumer=u.target, norms=norms, repeat=repeat, consumer_kind="linear",
+                )
+            if isinstance(mod, _CONV):
+                if not is_conv or repeat != 1:
+                    return f"conv {u.target!r} reads these outputs along a non-channel axis"
+                if mod.groups != 1 or mod.in_channels != size:
+                    return f"conv {u.target!r} is grouped or does not read these {size} channels"
+                if mod.padding_mode != "zeros":
+                    return f"conv {u.target!r} uses padding_mode={mod.padding_mode!r}"
+                return Group(
+                    name="", kind="channel", size=size, producer="", consumer=u.target,
+                    norms=norms, repeat=1, consumer_kind="conv",
+                )
+            return f"its output reaches {_describe(u, gm)}, which this pruner cannot shrink"
+        if u.op == "call_function" and (
+            u.target in _ELEMENTWISE_FUNCTIONS or (is_conv and u.target in _POOL_FUNCTIONS)
+        ):
+            cur = u
+            continue
+        if u.op == "call_method" and u.target in _ELEMENTWISE_METHODS:
+            cur = u
+            continue
+        start = _flatten_start(u, gm)
+        if start is not None and is_conv and start == 1 and repeat == 1:
+            shape = _shape(cur)
+            if shape is None:
+                return "the shapes could not be propagated"
+            repeat = math.prod(shape[2:])
+            cur = u
+            continue
+        return f"its output reaches {_describe(u, gm)}, which this pruner cannot shrink"
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(
+            m, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+        ) or hasattr(m, "_natgrad_head_mask"):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def find_groups(
+    model: nn.Module, example: Any, *, exclude: Iterable[str] = ()
+) -> tuple[list[Group], dict[str, str]]:
+    """The prunable groups of ``model`` and, for every other Linear/Conv, why it is not one.
+
+    Args:
+        model: the model (not modified).
+        example: one batch the model accepts (``x``, ``(x, y)`` or a dict); only its shapes
+            matter.
+        exclude: module names never to prune.
+
+    Returns:
+        ``(groups, skipped)``: the groups in forward order, and ``{module name: reason}``.
+
+    Raises:
+        UnsupportedStructureError: when the model cannot be traced with ``torch.fx``.
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    exclude = set(exclude)
+    batch = parse_batch(example)
+    # forward arguments the batch does not give are traced as their defaults (e.g. None)
+    import inspect
+
+    concrete: dict[str, Any] = {}
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    for i, p in enumerate(params):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        given = i < len(batch.args) or p.name in batch.kwargs
+        if not given and p.default is not p.empty:
+            concrete[p.name] = p.default
+    try:
+        graph = _Tracer().trace(model, concrete_args=concrete or None)
+        gm = fx.GraphModule(model, graph)
+    except Exception as err:  # noqa: BLE001 - any tracing failure gets one named error
+        raise UnsupportedStructureError(
+            f"Structured pruning traces the model with torch.fx to find which layers feed "
+            f"which, and tracing {type(model).__name__} failed ({type(err).__name__}: {err}). "
+            "Make the forward traceable (no Python control flow on tensor values) or prune "
+            "a traceable submodule."
+        ) from None
+    args = tuple(a[:2] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in batch.args)
+    kwargs = {k: v[:2] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.kwargs.items()}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [p.name for p in params if p.name not in concrete]
+    flat = list(args) + [kwargs.get(nm) for nm in names[len(args):]]
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*flat[: len(placeholders)])
+    used: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            used[n.target] = used.get(n.target, 0) + 1
+    groups: list[Group] = []
+    skipped: dict[str, str] = {}
+    consumed: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op != "call_module":
+            continue
+        mod = gm.get_submodule(n.target)
+        if isinstance(mod, nn.TransformerEncoder):
+            for i, layer in enumerate(mod.layers):
+                lname = f"{n.target}.layers.{i}"
+                if lname in exclude:
+                    skipped[lname] = "excluded"
+                else:
+                    groups.extend(_layer_groups(lname, layer, exclude, skipped))
+            continue
+        if isinstance(mod, (nn.MultiheadAttention, nn.TransformerEncoderLayer)) or hasattr(
+            mod, "_natgrad_head_mask"
+        ):
+            if n.target in exclude:
+                skipped[n.target] = "excluded"
+            else:
+                found_layer = _layer_groups(n.target, mod, exclude, skipped)
+                groups.extend(found_layer)
+            continue
+        if not isinstance(mod, (nn.Linear, *_CONV)):
+            continue
+        if n.target in exclude:
+            skipped[n.target] = "excluded"
+            continue
+        if used[n.target] > 1:
+            skipped[n.target] = "called more than once (shared weights)"
+            continue
+        if isinstance(mod, _CONV) and (mod.groups != 1):
+            skipped[n.target] = "grouped convolution (output channels are coupled to input groups)"
+            continue
+        found = _follow(gm, n, mod, used)
+        if isinstance(found, str):
+            skipped[n.target] = found
+            continue
+        if found.consumer in consumed:
+            skipped[n.target] = f"its consumer {found.consumer!r} reads several pruned layers"
+            continue
+        found.name = found.producer = n.target
+        consumed.add(found.consumer)
+        groups.append(found)
+    return groups, skipped
+
+
+def _layer_groups(name: str, mod: nn.Module, exclude: set[str], skipped: dict) -> list[Group]:
+    """Groups inside an attention module or a ``nn.TransformerEncoderLayer`` (a leaf of the
+    trace): the heads of its attention and the hidden neurons of its feed-forward block."""
+    out: list[Group] = []
+    if isinstance(mod, nn.TransformerEncoderLayer):
+        attn_name = f"{name}.self_attn"
+        if isinstance(mod.self_attn, nn.MultiheadAttention):
+            # its fused fast path would bypass the feed-forward masks: convert first
+            skipped[name] = (
+                "its self_attn is an nn.MultiheadAttention; convert it with "
+                "natgrad.pruning.attention.from_multihead first (prune_structured does)"
+            )
+            return out
+        if attn_name not in exclude:
+            out.extend(_layer_groups(attn_name, mod.self_attn, exclude, skipped))
+        else:
+            skipped[attn_name] = "excluded"
+        lin1 = f"{name}.linear1"
+        if lin1 in exclude:
+            skipped[lin1] = "excluded"
+        else:
+            # linear1 -> activation (elementwise by nn.TransformerEncoderLayer's contract)
+            # -> dropout -> linear2 (see its _ff_block)
+            out.append(
+                Group(
+                    name=lin1, kind="neuron", size=mod.linear1.out_features, producer=lin1,
+                    consumer=f"{name}.linear2", consumer_kind="linear",
+                )
+            )
+        return out
+    if isinstance(mod, nn.MultiheadAttention):
+        skipped[name] = (
+            "nn.MultiheadAttention holds num_heads * head_dim == embed_dim, so it cannot lose "
+            "heads; convert it with natgrad.pruning.attention.from_multihead (prune_structured "
+            "does) — kdim/vdim != embed_dim, bias=False, add_bias_kv and add_zero_attn are "
+            "not supported"
+        )
+        return out
+    out.append(
+        Group(
+            name=name, kind="head", size=mod.num_heads, producer=name, consumer=name,
+            consumer_kind="attention", head_dim=mod.head_dim,
+        )
+    )
+    return out
+
+
+# -- masks -------------------------------------------------------------------------------
+
+
+def _expand_mask(group: Group, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast ``mask`` ((S,) shared or (N, S) per sample) onto the consumer input ``x``."""
+    m = mask.to(x.dtype)
+    if group.repeat > 1:
+        m = m.repeat_interleave(group.repeat, dim=-1)
+    if group.consumer_kind == "linear":
+        if m.dim() == 2:
+            m = m.view(m.shape[0], *([1] * (x.dim() - 2)), m.shape[1])
+        return m
+    # conv: channels on dim 1
+    tail = [1] * (x.dim() - 2)
+    return m.view(m.shape[0], m.shape[1], *tail) if m.dim() == 2 else m.view(m.shape[0], *tail)
+
+
+@contextlib.contextmanager
+def apply_masks_to(
+    model: nn.Module, groups: list[Group], masks: Mapping[str, torch.Tensor]
+) -> Iterator[None]:
+    """Within the block, ``model`` multiplies each structure's output by its mask.
+
+    Args:
+        model: the model the groups were found on.
+        groups: from :func:`find_groups`.
+        masks: ``{group name: mask}``, a mask of shape ``(S,)`` (all samples) or ``(N, S)``
+            (one row per sample, for per-sample gradients). Groups not named stay unmasked.
+    """
+    handles = []
+    try:
+        for g in groups:
+            if g.name not in masks:
+                continue
+            mod = model.get_submodule(g.consumer)
+            if g.consumer_kind == "attention":
+                handles.append(_attach_head_mask(mod, masks[g.name]))
+            else:
+                handles.append(mod.register_forward_pre_hook(_input_mask_hook(g, masks[g.name])))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _input_mask_hook(group: Group, mask: torch.Tensor):
+    def hook(module, args):
+        x = args[0]
+        return (x * _expand_mask(group, mask, x),) + tuple(args[1:])
+
+    return hook
+
+
+class _HeadMaskHandle:
+    def __init__(self, mod):
+        self.mod = mod
+
+    def remove(self):
+        self.mod._natgrad_head_mask = None
+
+
+def _attach_head_mask(mod: nn.Module, mask: torch.Tensor):
+    if not hasattr(mod, "_natgrad_head_mask"):
+        raise UnsupportedStructureError(
+            f"{type(mod).__name__} takes head masks only after conversion to "
+            "natgrad.pruning.attention.HeadAttention (prune_structured converts it)."
+        )
+    mod._natgrad_head_mask = mask
+    return _HeadMaskHandle(mod)
+
+
+# -- per-sample mask gradients and the mask Fisher ---------------------------------------
+
+
+def _labels_for(lik: Likelihood, out, target, labels, mc_samples, generator):
+    if labels == "empirical":
+        if target is None:
+            raise ValueError(
+                "labels='empirical' needs labels in the data: pass (x, y) batches, or use "
+                "labels='mc' to draw them from the model."
+            )
+        return [target]
+    draws = lik.sample(out.detach(), generator, mc_samples, target)
+    return list(draws)
+
+
+def mask_grads(
+    model: nn.Module,
+    groups: list[Group],
+    batch: Any,
+    *,
+    likelihood: str | Likelihood = "categorical",
+    labels: str = "empirical",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    output_fn=None,
+) -> list[dict[str, torch.Tensor]]:
+    """Exact per-sample gradients ``∂l_n/∂m`` at ``m = 1``, one dict per label draw.
+
+    Every sample gets its own mask row, so one backward of ``Σ_n l_n`` gives all rows.
+
+    Returns:
+        a list (one entry per label: the data labels, or ``mc_samples`` draws) of
+        ``{group name: (N, S)}`` tensors in the accumulation dtype.
+    """
+    lik = get_likelihood(likelihood)
+    check_choice("labels", labels, ("empirical", "mc"))
+    check_no_batch_mixing(model)
+    b = parse_batch(batch)
+    ref = next(iter(model.parameters()))
+    dtype = acc_dtype(ref.dtype)
+    masks = {
+        g.name: torch.ones(b.size, g.size, dtype=ref.dtype, device=ref.device, requires_grad=True)
+        for g in groups
+    }
+    out_fn = output_fn or default_output_fn
+    with torch.enable_grad(), apply_masks_to(model, groups, masks):
+        out = out_fn(model(*b.args, **b.kwargs))
+        targets = _labels_for(lik, out, b.target, labels, mc_samples, generator)
+        result = []
+        for i, t in enumerate(targets):
+            if b.target is not None and labels == "empirical":
+                lik.check_target(out, t)
+            loss = lik.nll(out, t).sum()
+            grads = torch.autograd.grad(
+                loss, [masks[g.name] for g in groups], retain_graph=i < len(targets) - 1,
+                allow_unused=True,
+            )
+            result.append(
+                {
+                    g.name: (torch.zeros_like(masks[g.name]) if gr is None else gr).to(dtype)
+                    for g, gr in zip(groups, grads)
+                }
+            )
+    return result
+
+
+class MaskFisher:
+    """Per-layer block mask Fisher ``F_g = (1/N) Σ_n E_y[g_n g_nᵀ]`` for every group.
+
+    Attributes:
+        blocks: ``{group name: (S, S)}`` block Fisher (symmetric PSD).
+        n_samples: the number ``N`` of samples averaged.
+    """
+
+    def __init__(self, blocks: dict[str, torch.Tensor], n_samples: int):
+        self.blocks = blocks
+        self.n_samples = n_samples
+
+    def diagonal(self, name: str) -> torch.Tensor:
+        """``F_ss`` of the group ``name``, shape ``(S,)``."""
+        return self.blocks[name].diagonal().clone()
+
+    def predicted_increase(
+        self, removed: Mapping[str, torch.Tensor], *, block: bool = True
+    ) -> float:
+        """Second-order loss increase of setting the masks of ``removed`` to 0.
+
+        ``Σ_g ½ 1_Rᵀ F_g[R, R] 1_R`` (``block=True``) or ``Σ_g ½ Σ_{s∈R} F_g[s, s]``.
+
+        Args:
+            removed: ``{group name: indices removed}``.
+        """
+        total = 0.0
+        for name, idx in removed.items():
+            idx = torch.as_tensor(idx, dtype=torch.long)
+            if idx.numel() == 0:
+                continue
+            f = self.blocks[name]
+            total += 0.5 * float(
+                f[idx][:, idx].sum() if block else f.diagonal()[idx].sum()
+            )
+        return total
+
+
+def estimate_mask_fisher(
+    model: nn.Module,
+    groups: list[Group],
+    data: Any,
+    *,
+    likelihood: str | Likelihood = "categorical",
+    labels: str = "empirical",
+    mc_samples: int = 1,
+    seed: int = 0,
+    max_batches: int | None = None,
+    output_fn=None,
+) -> MaskFisher:
+    """The block mask Fisher of every group from exact per-sample mask gradients.
+
+    ``F_g = (1/N) Σ_n (1/K) Σ_k g_nk g_nkᵀ`` with ``g_nk = ∂l(x_n, y_k)/∂m_g`` (``K = 1`` and
+    ``y`` the data label for ``labels="empirical"``, ``K = mc_samples`` draws
+    ``y ~ p(y|x_n)`` for ``labels="mc"``).
+
+    Args:
+        model: a model in eval mode (no train-mode BatchNorm).
+        groups: from :func:`find_groups`.
+        data: a batch or an iterable of batches.
+        likelihood: name or :class:`~natgrad.Likelihood`.
+        labels: ``"empirical"`` or ``"mc"``.
+        mc_samples: draws per sample for ``labels="mc"``.
+        seed: seed of the label draws.
+        max_batches: stop after this many batches.
+
+    Returns:
+        a :class:`MaskFisher`.
+
+    Raises:
+        ValueError: for empty data, unknown ``labels`` or a model that mixes samples.
+    """
+    from natgrad.curvature.estimate import iterate_batches
+
+    mc_samples = check_int("mc_samples", mc_samples, 1)
+    gen = torch.Generator().manual_seed(seed)
+    ref = next(iter(model.parameters()))
+    dtype = acc_dtype(ref.dtype)
+    blocks = {g.name: torch.zeros(g.size, g.size, dtype=dtype, device=ref.device) for g in groups}
+    n = 0
+    for batch in iterate_batches(data, max_batches):
+        per_label = mask_grads(
+            model, groups, batch, likelihood=likelihood, labels=labels,
+            mc_samples=mc_samples, generator=gen, output_fn=output_fn,
+        )
+        for grads in per_label:
+            for name, g in grads.items():
+                blocks[name] += g.T @ g / len(per_label)
+        n += next(iter(per_label[0].values())).shape[0]
+    if n == 0:
+        raise ValueError("data holds no batch: the mask Fisher needs at least one sample.")
+    return MaskFisher({k: v / n for k, v in blocks.items()}, n)
