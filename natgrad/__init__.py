@@ -58,6 +58,7 @@ from natgrad.pruning.masks import (
     mask_overlap,
 )
 from natgrad.pruning.prune import fisher_importance, fisher_pruning_masks
+from natgrad.pruning.structured import StructuredPruningReport, prune_structured
 
 __all__ = [
     "__version__",
@@ -126,6 +127,9 @@ __all__ = [
     "PriorPrecisionResult",
     "top_fisher_directions",
     "FisherDirections",
+    # uses: structured pruning
+    "prune_structured",
+    "StructuredPruningReport",
 ]
 
 

@@ -66,6 +66,7 @@ class StructuredPruningReport:
             None without labels.
         measured_loss_increase_untuned: the same before tuning.
         kept: ``{group: (kept, total)}``.
+        removed: ``{group: indices removed}`` (indices into the unpruned layer).
         skipped: ``{module: reason}`` for Linear/Conv/attention modules not pruned.
         tuned_layers: layers re-fitted by least squares.
         seconds: wall time of the whole call (without the latency measurements).
@@ -84,6 +85,7 @@ class StructuredPruningReport:
     measured_loss_increase: float | None = None
     measured_loss_increase_untuned: float | None = None
     kept: dict[str, tuple[int, int]] = field(default_factory=dict)
+    removed: dict[str, list[int]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     tuned_layers: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -423,6 +425,7 @@ def prune_structured(
         measured_loss_increase=None if loss_before is None else loss_after - loss_before,
         measured_loss_increase_untuned=None if loss_before is None else loss_untuned - loss_before,
         kept={g.name: (g.size - len(removed[g.name]), g.size) for g in groups},
+        removed={g: r.tolist() for g, r in removed.items()},
         skipped=skipped,
         tuned_layers=tuned,
         seconds=seconds,

@@ -1,0 +1,517 @@
+"""Structured pruning: mask gradients and Fisher against per-sample loops, the search,
+least-squares tuning against lstsq, shrinking against the masked model, hand counts."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import natgrad
+from natgrad.pruning.attention import from_multihead, shrink_heads
+from natgrad.pruning.search import (
+    BudgetError,
+    CostModel,
+    build_cost_model,
+    greedy_search,
+    rearrange,
+)
+from natgrad.pruning.shrink import count_flops, count_params, shrink_model, tune_layers
+from natgrad.pruning.structured import convert_attention
+from natgrad.pruning.structures import (
+    apply_masks_to,
+    estimate_mask_fisher,
+    find_groups,
+    mask_grads,
+)
+from tests.conftest import TinyCNN, TinyEncoder, mlp
+from tests.reference import ce_sum, loop_grads
+
+
+class ConvNet(nn.Module):
+    """Conv1d -> BatchNorm -> ReLU -> MaxPool -> Conv1d -> GELU -> flatten -> Linear, on (N, 2, 12)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 5, 3, padding=1)
+        self.bn = nn.BatchNorm1d(5)
+        self.pool = nn.MaxPool1d(2)
+        self.c2 = nn.Conv1d(5, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(4 * 3, 3)
+
+    def forward(self, x):
+        h = self.pool(torch.relu(self.bn(self.c1(x))))
+        h = F.gelu(self.c2(h))
+        return self.fc(h.flatten(1))
+
+
+def conv_case():
+    torch.manual_seed(1)
+    model = ConvNet().double().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.uniform_(0.5, 1.5)
+        model.bn.bias.uniform_(-0.3, 0.3)
+    x = torch.randn(7, 2, 12, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,))
+    return model, x, y
+
+
+def mlp_case():
+    torch.manual_seed(0)
+    model = mlp((5, 7, 6, 4)).double()
+    x = torch.randn(9, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (9,))
+    return model, x, y
+
+
+def cnn2d_case():
+    torch.manual_seed(2)
+    model = TinyCNN().double()
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,))
+    return model, x, y
+
+
+def encoder_case():
+    torch.manual_seed(3)
+    model = TinyEncoder().double().eval()
+    convert_attention(model)
+    ids = torch.randint(0, 13, (5, 6))
+    mask = torch.ones(5, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[3, 2:] = 0
+    y = torch.randint(0, 3, (5,))
+    return model, {"input_ids": ids, "attention_mask": mask}, y
+
+
+CASES = {"mlp": mlp_case, "conv1d": conv_case, "cnn2d": cnn2d_case, "encoder": encoder_case}
+
+
+def _batch(x, y):
+    return {**x, "labels": y} if isinstance(x, dict) else (x, y)
+
+
+def _reference_mask_grads(model, groups, x, y):
+    """∂l_n/∂m_s from per-sample weight gradients of one backward per sample: the mask on
+    structure s scales the consumer's input columns of s, so ∂l/∂m_s = Σ W[:, cols] G[:, cols]."""
+    names = []
+    for g in groups:
+        names.append(f"{g.consumer}.out_proj.weight" if g.kind == "head" else f"{g.consumer}.weight")
+    grads = loop_grads(model, ce_sum, x, y, names=names)
+    out = {}
+    for g, name in zip(groups, names):
+        w = dict(model.named_parameters())[name].detach()
+        prod = w.unsqueeze(0) * grads[name]  # (N, out, in, *k)
+        prod = prod.sum(1)  # (N, in, *k)
+        prod = prod.flatten(2).sum(2) if prod.dim() > 2 else prod
+        width = g.head_dim if g.kind == "head" else g.repeat
+        out[g.name] = prod.view(prod.shape[0], g.size, width).sum(2)
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mask_grads_match_per_sample_loop(case):
+    model, x, y = CASES[case]()
+    groups, _ = find_groups(model, _batch(x, y))
+    assert groups
+    got = mask_grads(model, groups, _batch(x, y))[0]
+    want = _reference_mask_grads(model, groups, x, y)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-8, atol=1e-10)
+
+
+def test_groups_found():
+    model, x, y = conv_case()
+    groups, skipped = find_groups(model, (x, y))
+    assert [(g.name, g.consumer, g.norms, g.repeat) for g in groups] == [
+        ("c1", "c2", ["bn"], 1),
+        ("c2", "fc", [], 3),
+    ]
+    assert "output" in skipped["fc"]
+    model, x, y = encoder_case()
+    groups, skipped = find_groups(model, x)
+    assert [(g.name, g.kind, g.size) for g in groups] == [
+        ("enc.layers.0.self_attn", "head", 2),
+        ("enc.layers.0.linear1", "neuron", 16),
+        ("enc.layers.1.self_attn", "head", 2),
+        ("enc.layers.1.linear1", "neuron", 16),
+    ]
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv1d", "encoder"])
+def test_block_fisher_matches_dense_reference(case):
+    model, x, y = CASES[case]()
+    groups, _ = find_groups(model, _batch(x, y))
+    want = _reference_mask_grads(model, groups, x, y)
+    if isinstance(x, dict):
+        data = [_batch({k: v[:2] for k, v in x.items()}, y[:2]), _batch({k: v[2:] for k, v in x.items()}, y[2:])]
+    else:
+        data = [(x[:4], y[:4]), (x[4:], y[4:])]
+    fisher = estimate_mask_fisher(model, groups, data)
+    assert fisher.n_samples == len(y)
+    for name, g in want.items():
+        dense = g.T @ g / len(y)
+        torch.testing.assert_close(fisher.blocks[name], dense, rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(fisher.diagonal(name), (g**2).mean(0), rtol=1e-8, atol=1e-12)
+
+
+def test_mc_fisher_matches_loop_over_drawn_labels():
+    model, x, _ = mlp_case()
+    groups, _ = find_groups(model, x)
+    fisher = estimate_mask_fisher(model, groups, x, labels="mc", mc_samples=3, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        draws = natgrad.Categorical().sample(model(x), gen, 3)
+    acc = {g.name: torch.zeros(g.size, g.size, dtype=torch.float64) for g in groups}
+    for d in draws:
+        ref = _reference_mask_grads(model, groups, x, d)
+        for k, g in ref.items():
+            acc[k] += g.T @ g / 3
+    for k in acc:
+        torch.testing.assert_close(fisher.blocks[k], acc[k] / len(x), rtol=1e-8, atol=1e-12)
+
+
+def test_predicted_increase_block_and_diagonal():
+    model, x, y = mlp_case()
+    groups, _ = find_groups(model, (x, y))
+    fisher = estimate_mask_fisher(model, groups, (x, y))
+    removed = {"0": torch.tensor([1, 4, 5]), "2": torch.tensor([0])}
+    f0, f2 = fisher.blocks["0"], fisher.blocks["2"]
+    e0 = torch.zeros(7, dtype=torch.float64)
+    e0[[1, 4, 5]] = 1
+    block = 0.5 * float(e0 @ f0 @ e0) + 0.5 * float(f2[0, 0])
+    diag = 0.5 * float(f0.diagonal()[[1, 4, 5]].sum()) + 0.5 * float(f2[0, 0])
+    assert fisher.predicted_increase(removed) == pytest.approx(block, rel=1e-12)
+    assert fisher.predicted_increase(removed, block=False) == pytest.approx(diag, rel=1e-12)
+
+
+def test_predicted_increase_tracks_measured_for_small_removals():
+    # second order: for one structure with small Fisher the prediction and the measured
+    # change of the mean loss agree in sign and order of magnitude at a trained-ish point
+    torch.manual_seed(0)
+    model = mlp((5, 16, 4)).double()
+    x = torch.randn(200, 5, dtype=torch.float64)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    groups, _ = find_groups(model, (x, y))
+    fisher = estimate_mask_fisher(model, groups, (x, y))
+    base = float(F.cross_entropy(model(x), y).detach())
+    for s in range(16):
+        mask = torch.ones(16, dtype=torch.float64)
+        mask[s] = 0.9  # a small step: the second-order term dominates at a minimum
+        with torch.no_grad(), apply_masks_to(model, groups, {"0": mask}):
+            measured = float(F.cross_entropy(model(x), y)) - base
+        predicted = 0.5 * 0.01 * float(fisher.blocks["0"][s, s])
+        assert measured == pytest.approx(predicted, rel=0.5, abs=1e-6)
+
+
+# -- counts and the cost model ---------------------------------------------------------------
+
+
+def test_counts_match_hand_counts_mlp():
+    model, x, y = mlp_case()
+    groups, _ = find_groups(model, (x, y))
+    assert count_flops(model, x) == 2 * (5 * 7 + 7 * 6 + 6 * 4)
+    assert count_params(model) == 5 * 7 + 7 + 7 * 6 + 6 + 6 * 4 + 4
+    removed = {"0": torch.tensor([0, 2, 3, 6]), "2": torch.tensor([1, 2, 3, 5])}
+    small = shrink_model(copy.deepcopy(model), groups, removed)
+    cost = build_cost_model(model, groups, x)
+    assert count_flops(small, x) == 2 * (5 * 3 + 3 * 2 + 2 * 4) == cost.total("flops", {"0": 3, "2": 2})
+    assert count_params(small) == 15 + 3 + 6 + 2 + 8 + 4 == cost.total("params", {"0": 3, "2": 2})
+
+
+def test_counts_match_hand_counts_conv():
+    model, x, y = conv_case()
+    groups, _ = find_groups(model, (x, y))
+    assert count_flops(model, x) == 2 * (5 * 2 * 3 * 12 + 4 * 5 * 3 * 3 + 12 * 3)
+    assert count_params(model) == 30 + 5 + 10 + 60 + 4 + 36 + 3
+    removed = {"c1": torch.tensor([0, 4]), "c2": torch.tensor([1, 2])}
+    small = shrink_model(copy.deepcopy(model), groups, removed)
+    cost = build_cost_model(model, groups, x)
+    flops = 2 * (3 * 2 * 3 * 12 + 2 * 3 * 3 * 3 + 6 * 3)
+    assert count_flops(small, x) == flops == cost.total("flops", {"c1": 3, "c2": 2})
+    params = 18 + 3 + 6 + 18 + 2 + 18 + 3
+    assert count_params(small) == params == cost.total("params", {"c1": 3, "c2": 2})
+
+
+def test_counts_match_hand_counts_encoder():
+    model, x, y = encoder_case()
+    groups, _ = find_groups(model, x)
+    # per layer: q,k,v,o projections 4·2·T·E·E, QKᵀ and AV 4·T·T·E, FFN 2·2·T·E·16; head 2·8·3
+    layer = 4 * 2 * 6 * 8 * 8 + 4 * 6 * 6 * 8 + 2 * 2 * 6 * 8 * 16
+    assert count_flops(model, x) == 2 * layer + 48
+    removed = {
+        "enc.layers.0.self_attn": torch.tensor([1]),
+        "enc.layers.0.linear1": torch.arange(11),
+    }
+    small = shrink_model(copy.deepcopy(model), groups, removed)
+    layer0 = 4 * 2 * 6 * 8 * 4 + 4 * 6 * 6 * 4 + 2 * 2 * 6 * 8 * 5
+    cost = build_cost_model(model, groups, x)
+    kept = {g.name: g.size for g in groups} | {"enc.layers.0.self_attn": 1, "enc.layers.0.linear1": 5}
+    assert count_flops(small, x) == layer0 + layer + 48 == cost.total("flops", kept)
+    assert count_params(small) == cost.total("params", kept)
+    attn0 = 3 * (8 * 4 + 4) + 4 * 8 + 8
+    ffn0 = 8 * 5 + 5 + 5 * 8 + 8
+    assert count_params(model) - count_params(small) == (3 * (8 * 8 + 8) + 8 * 8 + 8 - attn0) + (
+        8 * 16 + 16 + 16 * 8 + 8 - ffn0
+    )
+
+
+# -- shrinking ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_shrunken_equals_masked_and_exports(case):
+    model, x, y = CASES[case]()
+    groups, _ = find_groups(model, _batch(x, y))
+    gen = torch.Generator().manual_seed(0)
+    removed, masks = {}, {}
+    for g in groups:
+        r = torch.randperm(g.size, generator=gen)[: g.size // 2]
+        removed[g.name] = r
+        m = torch.ones(g.size, dtype=torch.float64)
+        m[r] = 0
+        masks[g.name] = m
+    small = shrink_model(copy.deepcopy(model), groups, removed)
+    call = (lambda m: m(**x)) if isinstance(x, dict) else (lambda m: m(x))
+    with torch.no_grad(), apply_masks_to(model, groups, masks):
+        want = call(model)
+    with torch.no_grad():
+        got = call(small)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert sum(v.numel() for v in small.state_dict().values()) < sum(
+        v.numel() for v in model.state_dict().values()
+    )
+    args = (x["input_ids"][:2],) if isinstance(x, dict) else (x[:2],)
+    exported = torch.export.export(small, args)
+    torch.testing.assert_close(exported.module()(*args), small(*args))
+    traced = torch.jit.trace(small, args)
+    torch.testing.assert_close(traced(*args), small(*args))
+
+
+def test_from_multihead_matches_multihead_attention():
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        mha = nn.MultiheadAttention(8, 2, batch_first=batch_first).double().eval()
+        att = from_multihead(mha)
+        q = torch.randn(3, 5, 8, dtype=torch.float64)
+        kv = torch.randn(3, 4, 8, dtype=torch.float64)
+        if not batch_first:
+            q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+        pad = torch.zeros(3, 4, dtype=torch.bool)
+        pad[1, 2:] = True
+        am = torch.randn(5, 4, dtype=torch.float64)
+        for kwargs in ({}, {"key_padding_mask": pad}, {"attn_mask": am}, {"attn_mask": am > 1.0}):
+            want = mha(q, kv, kv, need_weights=False, **kwargs)[0]
+            got = att(q, kv, kv, need_weights=False, **kwargs)[0]
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        # removing a head = zeroing its out_proj columns in the full module
+        small = shrink_heads(att, torch.tensor([1]))
+        full = copy.deepcopy(mha)
+        with torch.no_grad():
+            full.out_proj.weight[:, :4] = 0
+        torch.testing.assert_close(small(q, kv, kv)[0], full(q, kv, kv, need_weights=False)[0])
+
+
+# -- least-squares tuning -------------------------------------------------------------------------
+
+
+def test_tuning_matches_lstsq_sequentially():
+    model, x, y = mlp_case()
+    x = torch.randn(40, 5, dtype=torch.float64)
+    groups, _ = find_groups(model, x)
+    removed = {"0": torch.tensor([1, 3]), "2": torch.tensor([0, 4])}
+    keep0, keep2 = torch.tensor([0, 2, 4, 5, 6]), torch.tensor([1, 2, 3, 5])
+    small = shrink_model(copy.deepcopy(model), groups, removed)
+    tuned = tune_layers(model, small, groups, removed, x, damping=0.0)
+    assert tuned == ["2", "4"]
+    with torch.no_grad():
+        h = torch.tanh(model[0](x))
+        y2 = model[2](h)[:, keep2]
+        xt = torch.cat([h[:, keep0], torch.ones(40, 1, dtype=torch.float64)], 1)
+        sol2 = torch.linalg.lstsq(xt, y2).solution
+        torch.testing.assert_close(small[2].weight, sol2[:-1].T, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(small[2].bias, sol2[-1], rtol=1e-8, atol=1e-10)
+        h2 = torch.tanh(xt @ sol2)
+        y4 = model(x)
+        sol4 = torch.linalg.lstsq(torch.cat([h2, torch.ones(40, 1, dtype=torch.float64)], 1), y4).solution
+        torch.testing.assert_close(small[4].weight, sol4[:-1].T, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(small[4].bias, sol4[-1], rtol=1e-8, atol=1e-10)
+
+
+def test_conv_tuning_solves_the_normal_equations():
+    model, x, y = conv_case()
+    x = torch.randn(30, 2, 12, dtype=torch.float64)
+    groups, _ = find_groups(model, x)
+    removed = {"c1": torch.tensor([0, 3]), "c2": torch.tensor([2])}
+    small = shrink_model(copy.deepcopy(model), groups, removed)
+    tune_layers(model, small, groups, removed, [(x[:10],), (x[10:],)], damping=0.0)
+    # the re-fitted c2 minimizes ||c2'(x̃) - c2(x)[kept]||²: its gradient vanishes
+    cap = {}
+    hk = small.c2.register_forward_pre_hook(lambda m, a: cap.__setitem__("x", a[0].detach()))
+    with torch.no_grad():
+        small(x)
+    hk.remove()
+    target = model.c2(model.pool(torch.relu(model.bn(model.c1(x)))))[:, [0, 1, 3]].detach()
+    loss = ((small.c2(cap["x"]) - target) ** 2).sum()
+    gw, gb = torch.autograd.grad(loss, [small.c2.weight, small.c2.bias])
+    assert float(gw.abs().max()) < 1e-8 * float(loss.detach()) + 1e-9
+    assert float(gb.abs().max()) < 1e-8 * float(loss.detach()) + 1e-9
+    # and it is better than the untuned slice
+    untuned = shrink_model(copy.deepcopy(model), groups, removed)
+    with torch.no_grad():
+        base = ((untuned.c2(cap["x"]) - target) ** 2).sum()
+    assert float(loss) < float(base)
+
+
+# -- search ---------------------------------------------------------------------------------------
+
+
+def test_greedy_removes_lowest_scores_under_linear_cost():
+    cost = CostModel([(10.0, ("a",)), (5.0, ())], [], {"a": 10})
+    scores = {"a": torch.tensor([5.0, 1.0, 9.0, 0.5, 3.0, 8.0, 2.0, 7.0, 6.0, 4.0])}
+    removed = greedy_search(scores, cost, kind="flops", keep=0.6, min_keep={"a": 1})
+    # 10 k + 5 <= 63  ->  k <= 5 kept: the five lowest scores go
+    assert removed["a"].tolist() == [1, 3, 4, 6, 9]
+
+
+def test_greedy_weighs_score_by_cost_saved():
+    cost = CostModel([(1.0, ("a",)), (100.0, ("b",))], [], {"a": 4, "b": 4})
+    scores = {"a": torch.ones(4), "b": torch.full((4,), 5.0)}
+    removed = greedy_search(scores, cost, kind="flops", keep=0.76, min_keep={"a": 1, "b": 1})
+    # b saves 100 per structure for a score of 5 (0.05 per FLOP); a saves 1 for 1
+    assert len(removed["b"]) == 1 and len(removed["a"]) == 0
+
+
+def test_greedy_respects_min_keep_and_budget():
+    model, x, y = conv_case()
+    groups, _ = find_groups(model, x)
+    cost = build_cost_model(model, groups, x)
+    scores = {g.name: torch.rand(g.size) for g in groups}
+    removed = greedy_search(scores, cost, kind="params", keep=0.5, min_keep={"c1": 2, "c2": 2})
+    kept = {g.name: g.size - len(removed[g.name]) for g in groups}
+    assert min(kept.values()) >= 2
+    assert cost.total("params", kept) <= 0.5 * cost.total("params")
+    with pytest.raises(BudgetError, match="out of reach"):
+        greedy_search(scores, cost, kind="params", keep=0.05, min_keep={"c1": 2, "c2": 2})
+
+
+def test_rearrange_reaches_a_swap_local_optimum():
+    torch.manual_seed(0)
+    a = torch.randn(8, 8, dtype=torch.float64)
+    f = a @ a.T + torch.randn(8, 1, dtype=torch.float64) @ torch.randn(1, 8, dtype=torch.float64) * 0
+    f = f + 3 * torch.outer(torch.ones(8), torch.ones(8)).double() * 0.1
+    start = torch.tensor([0, 1, 2])
+
+    def obj(idx):
+        return float(f[idx][:, idx].sum())
+
+    out = rearrange(f, start)
+    assert out.numel() == 3 and obj(out) <= obj(start) + 1e-12
+    inr = set(out.tolist())
+    for i, j in itertools.product(sorted(inr), sorted(set(range(8)) - inr)):
+        swapped = torch.tensor(sorted((inr - {i}) | {j}))
+        assert obj(swapped) >= obj(out) - 1e-10
+
+
+# -- the entry point ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv1d", "encoder"])
+def test_prune_structured_end_to_end(case):
+    model, x, y = CASES[case]()
+    data = _batch(x, y)
+    before = copy.deepcopy(model.state_dict())
+    small, rep = natgrad.prune_structured(model, data, flops=0.6, tune=False, measure=False)
+    # the input model is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert rep.flops_after <= 0.6 * rep.flops_before + 1e-9
+    assert rep.flops_after == count_flops(small, data)
+    assert all(p.dtype == torch.float64 for p in small.parameters())
+    # before tuning, the shrunken model is the masked model
+    groups, _ = find_groups(model, data)
+    masks = {}
+    for g in groups:
+        m = torch.ones(g.size, dtype=torch.float64)
+        m[rep.removed[g.name]] = 0
+        masks[g.name] = m
+    call = (lambda m: m(**x)) if isinstance(x, dict) else (lambda m: m(x))
+    with torch.no_grad(), apply_masks_to(model, groups, masks):
+        want = call(model)
+        ce_masked = float(F.cross_entropy(want, y))
+    with torch.no_grad():
+        ce_dense = float(F.cross_entropy(call(model), y))
+    torch.testing.assert_close(call(small), want, rtol=1e-10, atol=1e-12)
+    assert rep.measured_loss_increase == pytest.approx(ce_masked - ce_dense, rel=1e-9, abs=1e-12)
+    fisher = estimate_mask_fisher(model, groups, data)
+    removed = {k: torch.tensor(v, dtype=torch.long) for k, v in rep.removed.items()}
+    assert rep.predicted_loss_increase == pytest.approx(fisher.predicted_increase(removed), rel=1e-9)
+
+
+def test_prune_structured_tunes_and_budgets_params():
+    torch.manual_seed(0)
+    model = mlp((6, 20, 20, 3), act=nn.ReLU).double()
+    x = torch.randn(120, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (120,))
+    small, rep = natgrad.prune_structured(model, (x, y), params=0.5, measure=False)
+    assert rep.params_after <= 0.5 * rep.params_before
+    assert rep.params_after == count_params(small)
+    assert rep.tuned_layers == ["2", "4"]
+    # tuning reconstructs the layer outputs better than the plain slice
+    _, plain = natgrad.prune_structured(model, (x, y), params=0.5, tune=False, measure=False)
+    assert plain.removed == rep.removed
+    out_t, out_p, out_d = small(x), None, model(x)
+    untuned = natgrad.prune_structured(model, (x, y), params=0.5, tune=False, measure=False)[0]
+    out_p = untuned(x)
+    assert float(((out_t - out_d) ** 2).sum()) < float(((out_p - out_d) ** 2).sum())
+
+
+def test_prune_structured_criteria_and_latency_report():
+    model, x, y = conv_case()
+    for criterion in ("magnitude", "random"):
+        small, rep = natgrad.prune_structured(
+            model, (x, y), flops=0.5, criterion=criterion, latency_repeats=2
+        )
+        assert rep.criterion == criterion and rep.flops_after <= 0.5 * rep.flops_before
+        assert set(rep.latency_before) == set(rep.latency_after) == {1, 32}
+        assert all(v > 0 for v in rep.speedup.values())
+        assert "FLOPs" in str(rep)
+
+
+def test_magnitude_criterion_orders_by_l1():
+    torch.manual_seed(0)
+    model = mlp((4, 6, 3), act=nn.ReLU).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(1, 7, dtype=torch.float64)[:, None].expand(6, 4))
+    x = torch.randn(10, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    _, rep = natgrad.prune_structured(
+        model, (x, y), flops=0.5, criterion="magnitude", measure=False, tune=False
+    )
+    k = len(rep.removed["0"])
+    assert rep.removed["0"] == list(range(k)) and k > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_models(dtype):
+    torch.manual_seed(0)
+    model = mlp((6, 16, 3), act=nn.ReLU).to(dtype)
+    x = torch.randn(50, 6).to(dtype)
+    y = torch.randint(0, 3, (50,))
+    small, rep = natgrad.prune_structured(model, (x, y), flops=0.5, measure=False)
+    assert all(p.dtype == dtype for p in small.parameters())
+    assert small[0].out_features < 16 and torch.isfinite(small(x).float()).all()
