@@ -1,0 +1,245 @@
+"""Faults of structured pruning: bad budgets, unsupported couplings, bad inputs.
+
+Every case raises a named error with a message that says what to do, or (for couplings
+that are left out) reports the reason and never returns a broken model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import natgrad
+from natgrad.pruning.attention import from_multihead
+from natgrad.pruning.search import BudgetError
+from natgrad.pruning.structured import convert_attention
+from natgrad.pruning.structures import UnsupportedStructureError, find_groups
+from tests.conftest import mlp
+
+
+def _data(n=12, d=5, c=4):
+    torch.manual_seed(0)
+    return torch.randn(n, d), torch.randint(0, c, (n,))
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return mlp((5, 8, 6, 4), act=nn.ReLU)
+
+
+# -- budgets ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, phrase",
+    [
+        ({}, "exactly one budget"),
+        ({"flops": 0.5, "params": 0.5}, "exactly one budget"),
+        ({"flops": 0.0}, r"must lie in \(0, 1\]"),
+        ({"flops": -0.2}, r"must lie in \(0, 1\]"),
+        ({"params": 1.5}, r"must lie in \(0, 1\]"),
+        ({"flops": float("nan")}, r"must lie in \(0, 1\]"),
+        ({"latency": "fast"}, "must be a number"),
+    ],
+)
+def test_bad_budgets(kwargs, phrase):
+    x, y = _data()
+    with pytest.raises(BudgetError, match=phrase):
+        natgrad.prune_structured(_mlp(), (x, y), measure=False, **kwargs)
+
+
+def test_budget_out_of_reach_names_the_floor():
+    x, y = _data()
+    with pytest.raises(BudgetError, match=r"out of reach.*keeps 0\.\d+ of its flops"):
+        natgrad.prune_structured(_mlp(), (x, y), flops=0.01, min_keep=0.5, measure=False)
+
+
+@pytest.mark.parametrize("min_keep, err", [(0, ValueError), (1.0, ValueError), ("1", TypeError)])
+def test_bad_min_keep(min_keep, err):
+    x, y = _data()
+    with pytest.raises(err, match="min_keep"):
+        natgrad.prune_structured(_mlp(), (x, y), flops=0.5, min_keep=min_keep, measure=False)
+
+
+def test_budget_of_one_keeps_everything():
+    x, y = _data()
+    model = _mlp()
+    small, rep = natgrad.prune_structured(model, (x, y), flops=1.0, measure=False)
+    assert rep.flops_after == rep.flops_before
+    torch.testing.assert_close(small(x), model(x))
+
+
+# -- unsupported couplings ---------------------------------------------------------------------
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.b(x + torch.relu(self.a(x)))
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 3)
+        self.b = nn.Linear(5, 3)
+        self.c = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.c(torch.cat([self.a(x), self.b(x)], 1))
+
+
+class ReshapeFixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(1, 4, 3, padding=1)
+        self.b = nn.Linear(4 * 5, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x.unsqueeze(1)))
+        return self.b(h.reshape(-1, 20))
+
+
+class WithLayerNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 8)
+        self.norm = nn.LayerNorm(8)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.b(self.norm(self.a(x)))
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(torch.relu(self.a(x)))))
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 6)
+        self.b = nn.Linear(6, 4)
+        self.c = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h) * self.c(h)
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 6)
+        self.b = nn.Linear(6, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a tensor value: torch.fx cannot trace it
+            x = -x
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize(
+    "model, module, phrase",
+    [
+        (Residual(), "a", "residual"),
+        (Concat(), "a", "torch.cat"),
+        (ReshapeFixed(), "a", "reshape"),
+        (WithLayerNorm(), "a", "LayerNorm"),
+        (Shared(), "a", "shared weights"),
+        (Branchy(), "a", "2 users"),
+    ],
+)
+def test_couplings_are_left_out_with_the_reason(model, module, phrase):
+    x, y = _data()
+    groups, skipped = find_groups(model, (x, y))
+    assert module not in {g.name for g in groups}
+    assert phrase in skipped[module]
+    if not groups:
+        with pytest.raises(UnsupportedStructureError, match="Nothing in .* can be pruned"):
+            natgrad.prune_structured(model, (x, y), flops=0.5, measure=False)
+
+
+def test_untraceable_model_raises_named_error():
+    x, y = _data()
+    with pytest.raises(UnsupportedStructureError, match="tracing Untraceable failed"):
+        natgrad.prune_structured(Untraceable(), (x, y), flops=0.5, measure=False)
+
+
+def test_unsupported_multihead_attention_is_left_out():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, kdim=4, vdim=4, batch_first=True)
+    with pytest.raises(ValueError, match="kdim == vdim == embed_dim"):
+        from_multihead(mha)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = mha
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, q, kv):
+            return self.head(self.att(q, kv, kv)[0].mean(1))
+
+    m = M()
+    assert convert_attention(m) == []
+    groups, skipped = find_groups(m, {"q": torch.randn(2, 3, 8), "kv": torch.randn(2, 3, 4)})
+    assert groups == [] and "kdim/vdim" in skipped["att"]
+
+
+def test_only_excluded_structures_left_raises():
+    x, y = _data()
+    with pytest.raises(UnsupportedStructureError, match="0: excluded"):
+        natgrad.prune_structured(_mlp(), (x, y), flops=0.5, exclude=["0", "2"], measure=False)
+
+
+# -- bad inputs ---------------------------------------------------------------------------------
+
+
+def test_train_mode_batchnorm_and_dropout_raise():
+    x, y = _data()
+    bn = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4)).train()
+    with pytest.raises(ValueError, match="train mode"):
+        natgrad.prune_structured(bn, (x, y), flops=0.5, measure=False)
+    dr = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Dropout(0.3), nn.Linear(6, 4)).train()
+    with pytest.raises(ValueError, match="train mode"):
+        natgrad.prune_structured(dr, (x, y), flops=0.5, measure=False)
+
+
+def test_unknown_options_raise():
+    x, y = _data()
+    with pytest.raises(ValueError, match="Unknown criterion"):
+        natgrad.prune_structured(_mlp(), (x, y), flops=0.5, criterion="taylor", measure=False)
+    with pytest.raises(ValueError, match="Unknown labels"):
+        natgrad.prune_structured(_mlp(), (x, y), flops=0.5, labels="exact", measure=False)
+
+
+def test_empirical_labels_need_labels():
+    x, _ = _data()
+    with pytest.raises(ValueError, match="labels='empirical' needs labels"):
+        natgrad.prune_structured(_mlp(), x, flops=0.5, measure=False)
+    # with mc labels, unlabeled data works and the measured loss is n/a
+    small, rep = natgrad.prune_structured(_mlp(), x, flops=0.5, labels="mc", measure=False)
+    assert rep.measured_loss_increase is None and "n/a" in str(rep)
+
+
+def test_empty_data_raises():
+    with pytest.raises(ValueError, match="data holds no batch"):
+        natgrad.prune_structured(_mlp(), [], flops=0.5, measure=False)
+
+
+def test_wrong_label_shape_raises():
+    x, _ = _data()
+    with pytest.raises(ValueError, match="first dimension must be the batch size"):
+        natgrad.prune_structured(_mlp(), (x, torch.zeros(3, dtype=torch.long)), flops=0.5, measure=False)
