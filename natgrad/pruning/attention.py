@@ -161,6 +161,18 @@ def attention_flops(mod: nn.Module, total: list):
             total[0] += 4.0 * tq * tk * m.num_heads * m.head_dim
 
         return mod.register_forward_hook(hook)
+    bert = all(isinstance(getattr(mod, a, None), nn.Linear) for a in ("query", "key", "value"))
+    modern = all(isinstance(getattr(mod, a, None), nn.Linear) for a in ("q_proj", "k_proj", "v_proj"))
+    if (bert or modern) and isinstance(getattr(mod, "num_attention_heads", None), int):
+        # Hugging Face style self-attention: its projections are Linear layers
+
+        def hf_hook(m, args, kwargs, out):
+            h = args[0] if args else kwargs["hidden_states"]
+            t = h.shape[-2]
+            d = m.attention_head_size if bert else m.head_dim
+            total[0] += 4.0 * t * t * m.num_attention_heads * d
+
+        return mod.register_forward_hook(hf_hook, with_kwargs=True)
     if isinstance(mod, nn.MultiheadAttention):
 
         def mhook(m, args, out):

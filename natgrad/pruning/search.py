@@ -76,10 +76,11 @@ def build_cost_model(model: nn.Module, groups: list[Group], example: Any) -> Cos
     output positions (tokens, or spatial positions of a conv).
     """
     b = parse_batch(example).select(0, 1)
-    produced = {g.producer: g for g in groups if g.kind != "head"}
-    consumed = {g.consumer: g for g in groups if g.kind != "head"}
+    produced = {r: g for g in groups for r in g.row_modules}
+    consumed = {g.consumer: g for g in groups if g.consumer_kind != "attention"}
     normed = {n: g for g in groups for n in g.norms}
-    heads = {g.producer: g for g in groups if g.kind == "head"}
+    heads = {g.producer: g for g in groups if g.consumer_kind == "attention"}
+    hf_heads = [g for g in groups if g.kind == "head" and g.consumer_kind != "attention"]
     positions: dict[str, int] = {}
     handles = []
     for name, mod in model.named_modules():
@@ -148,6 +149,9 @@ def build_cost_model(model: nn.Module, groups: list[Group], example: Any) -> Cos
             for p in mod.parameters(recurse=False):
                 params.append((p.numel() / g.size, (g.name,)))
                 counted.add(id(p))
+    for g in hf_heads:  # QKᵀ and AV of a Hugging Face style self-attention, per head
+        t = positions.get(g.rows[0], 0)
+        flops.append((4.0 * t * t * g.head_dim, (g.name,)))
     rest = sum(p.numel() for p in model.parameters() if id(p) not in counted)
     if rest:
         params.append((float(rest), ()))

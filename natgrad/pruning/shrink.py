@@ -91,9 +91,25 @@ def kept_indices(group: Group, removed: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(keep).flatten()
 
 
-def _columns(group: Group, keep: torch.Tensor) -> torch.Tensor:
-    r = group.repeat
+def _expand(keep: torch.Tensor, r: int) -> torch.Tensor:
     return (keep[:, None] * r + torch.arange(r)[None, :]).flatten()
+
+
+def _columns(group: Group, keep: torch.Tensor) -> torch.Tensor:
+    return _expand(keep, group.repeat)
+
+
+def row_slices(groups: list[Group], removed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{module: kept output rows}`` of every module that loses output rows."""
+    out = {}
+    for g in groups:
+        rem = removed.get(g.name)
+        if rem is None or rem.numel() == 0:
+            continue
+        keep = _expand(kept_indices(g, rem), g.row_repeat)
+        for r in g.row_modules:
+            out[r] = keep
+    return out
 
 
 def shrink_model(
@@ -115,12 +131,17 @@ def shrink_model(
         if rem.numel() == 0:
             continue
         keep = kept_indices(g, rem)
-        if g.kind == "head":
+        if g.consumer_kind == "attention":
             _set_module(model, g.name, shrink_heads(model.get_submodule(g.name), keep))
             continue
-        dev = model.get_submodule(g.producer).weight.device
-        rows[g.producer] = keep.to(dev)
+        dev = model.get_submodule(g.consumer).weight.device
+        for r in g.row_modules:
+            rows[r] = _expand(keep, g.row_repeat).to(dev)
         cols[g.consumer] = _columns(g, keep).to(dev)
+        if g.heads_module:
+            att = model.get_submodule(g.heads_module)
+            att.num_attention_heads = len(keep)
+            att.all_head_size = len(keep) * g.head_dim
         for n in g.norms:
             _set_module(model, n, _slice_norm(model.get_submodule(n), keep.to(dev)))
     for name in set(rows) | set(cols):
@@ -241,13 +262,11 @@ def tune_layers(
 
     batches = [parse_batch(b) for b in iterate_batches(calibration)]
     consumers = [
-        g for g in groups if g.kind != "head" and removed.get(g.name, torch.zeros(0)).numel() > 0
-    ]
-    out_rows = {
-        g.producer: kept_indices(g, removed[g.name])
+        g
         for g in groups
-        if g.kind != "head" and removed.get(g.name, torch.zeros(0)).numel() > 0
-    }
+        if g.consumer_kind != "attention" and removed.get(g.name, torch.zeros(0)).numel() > 0
+    ]
+    out_rows = row_slices(groups, removed)
     order = [n for n, _ in pruned.named_modules()]
     consumers.sort(key=lambda g: order.index(g.consumer))
     tuned = []

@@ -194,12 +194,15 @@ def magnitude_scores(model: nn.Module, groups: list[Group]) -> dict[str, torch.T
     out = {}
     for g in groups:
         mod = model.get_submodule(g.producer)
-        if g.kind == "head":
+        if g.consumer_kind == "attention":
             d = g.head_dim
             w = sum(p.weight.detach().abs().view(g.size, d, -1).sum((1, 2)) for p in (mod.q_proj, mod.k_proj, mod.v_proj))
             w = w + mod.out_proj.weight.detach().abs().view(-1, g.size, d).sum((0, 2))
         else:
-            w = mod.weight.detach().abs().flatten(1).sum(1)
+            w = sum(
+                model.get_submodule(r).weight.detach().abs().reshape(g.size, -1).sum(1)
+                for r in g.row_modules
+            )
         w = w.double().cpu()
         out[g.name] = w / w.mean().clamp_min(1e-30)
     return out

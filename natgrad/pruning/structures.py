@@ -135,8 +135,14 @@ class Group:
         norms: eval-mode BatchNorm modules between producer and consumer (sliced too).
         repeat: input columns of the consumer per structure (a Conv channel flattened into a
             Linear spans ``repeat`` positions; 1 otherwise).
-        consumer_kind: ``"linear"``, ``"conv"`` or ``"attention"``.
+        consumer_kind: ``"linear"``, ``"conv"`` or ``"attention"`` (a
+            :class:`~natgrad.pruning.attention.HeadAttention`, masked inside).
         head_dim: for heads, the width of one head.
+        rows: the modules whose output rows are removed, when not just ``producer`` (the
+            query/key/value projections of a Hugging Face style self-attention).
+        row_repeat: output rows of each of ``rows`` per structure (``head_dim`` for heads).
+        heads_module: a Hugging Face style self-attention whose ``num_attention_heads`` and
+            ``all_head_size`` follow the kept heads.
     """
 
     name: str
@@ -148,6 +154,16 @@ class Group:
     repeat: int = 1
     consumer_kind: str = "linear"
     head_dim: int = 0
+    rows: list[str] = field(default_factory=list)
+    row_repeat: int = 1
+    heads_module: str = ""
+
+    @property
+    def row_modules(self) -> list[str]:
+        """Modules whose output rows this group's structures own."""
+        if self.consumer_kind == "attention":
+            return []
+        return self.rows or [self.producer]
 
 
 # -- finding the groups -----------------------------------------------------------------
@@ -330,6 +346,9 @@ def find_groups(
         graph = _Tracer().trace(model, concrete_args=concrete or None)
         gm = fx.GraphModule(model, graph)
     except Exception as err:  # noqa: BLE001 - any tracing failure gets one named error
+        hf = hf_groups(model, exclude)
+        if hf[0]:
+            return hf
         raise UnsupportedStructureError(
             f"Structured pruning traces the model with torch.fx to find which layers feed "
             f"which, and tracing {type(model).__name__} failed ({type(err).__name__}: {err}). "
@@ -440,6 +459,112 @@ def _layer_groups(name: str, mod: nn.Module, exclude: set[str], skipped: dict) -
         )
     )
     return out
+
+
+def _is_hf_self_attention(m: nn.Module) -> bool:
+    return (
+        all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value"))
+        and isinstance(getattr(m, "attention_head_size", None), int)
+        and isinstance(getattr(m, "num_attention_heads", None), int)
+    )
+
+
+def hf_groups(model: nn.Module, exclude: Iterable[str] = ()) -> tuple[list[Group], dict[str, str]]:
+    """Groups of Hugging Face BERT-style models (BERT, RoBERTa, ViT, ...), found by their
+    module layout, for models ``torch.fx`` cannot trace:
+
+    * heads: a self-attention with ``query``/``key``/``value`` Linears and
+      ``num_attention_heads``, ``attention_head_size``, whose parent's ``output.dense``
+      reads the concatenated heads (BertAttention); or an attention with
+      ``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``num_attention_heads`` and ``head_dim``
+      (ViTAttention in transformers 5; grouped-query attention is left out);
+    * feed-forward neurons: ``intermediate.dense`` (then an elementwise activation) read by
+      ``output.dense`` of the same layer (BertLayer); ``fc1 -> activation_fn -> fc2``
+      (ViTMLP).
+
+    Every other Linear is reported in ``skipped``.
+    """
+    exclude = set(exclude)
+    groups: list[Group] = []
+    used: set[str] = set()
+    for name, mod in model.named_modules():
+        pre = f"{name}." if name else ""
+        out = getattr(mod, "output", None)
+        dense = getattr(out, "dense", None) if out is not None else None
+        if not isinstance(dense, nn.Linear):
+            continue
+        for attr, child in mod.named_children():
+            if _is_hf_self_attention(child) and not getattr(child, "is_cross_attention", False):
+                hname = f"{pre}{attr}"
+                d, h = child.attention_head_size, child.num_attention_heads
+                if hname in exclude or dense.in_features != h * d or child.query.out_features != h * d:
+                    continue
+                groups.append(
+                    Group(
+                        name=hname, kind="head", size=h, producer=hname,
+                        consumer=f"{pre}output.dense", repeat=d, consumer_kind="linear",
+                        head_dim=d, rows=[f"{hname}.{p}" for p in ("query", "key", "value")],
+                        row_repeat=d, heads_module=hname,
+                    )
+                )
+                used.update([f"{hname}.query", f"{hname}.key", f"{hname}.value", f"{pre}output.dense"])
+        inter = getattr(getattr(mod, "intermediate", None), "dense", None)
+        if isinstance(inter, nn.Linear) and dense.in_features == inter.out_features:
+            pname = f"{pre}intermediate.dense"
+            if pname in exclude:
+                continue
+            groups.append(
+                Group(
+                    name=pname, kind="neuron", size=inter.out_features, producer=pname,
+                    consumer=f"{pre}output.dense", consumer_kind="linear",
+                )
+            )
+            used.update([pname, f"{pre}output.dense"])
+    for name, mod in model.named_modules():
+        pre = f"{name}." if name else ""
+        projs = [getattr(mod, a, None) for a in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        d, h = getattr(mod, "head_dim", None), getattr(mod, "num_attention_heads", None)
+        if (
+            all(isinstance(p, nn.Linear) for p in projs)
+            and isinstance(d, int)
+            and isinstance(h, int)
+            and all(p.out_features == h * d for p in projs[:3])  # no grouped-query sharing
+            and projs[3].in_features == h * d
+            and name not in exclude
+        ):
+            groups.append(
+                Group(
+                    name=name, kind="head", size=h, producer=name, consumer=f"{pre}o_proj",
+                    repeat=d, consumer_kind="linear", head_dim=d,
+                    rows=[f"{pre}{p}" for p in ("q_proj", "k_proj", "v_proj")], row_repeat=d,
+                    heads_module=name,
+                )
+            )
+            used.update(f"{pre}{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        fc1, fc2 = getattr(mod, "fc1", None), getattr(mod, "fc2", None)
+        if (
+            isinstance(fc1, nn.Linear)
+            and isinstance(fc2, nn.Linear)
+            and fc2.in_features == fc1.out_features
+            and callable(getattr(mod, "activation_fn", None))
+            and f"{pre}fc1" not in exclude
+        ):
+            groups.append(
+                Group(
+                    name=f"{pre}fc1", kind="neuron", size=fc1.out_features, producer=f"{pre}fc1",
+                    consumer=f"{pre}fc2", consumer_kind="linear",
+                )
+            )
+            used.update([f"{pre}fc1", f"{pre}fc2"])
+    skipped = {
+        n: "excluded" if n in exclude else (
+            "the model cannot be traced by torch.fx; only BERT-style attention heads and "
+            "feed-forward neurons are pruned"
+        )
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, *_CONV)) and n not in used
+    }
+    return groups, skipped
 
 
 # -- masks -------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import natgrad
+from natgrad.engine.batch import default_output_fn
 from natgrad.pruning.attention import from_multihead, shrink_heads
 from natgrad.pruning.search import (
     BudgetError,
@@ -90,7 +91,44 @@ def encoder_case():
     return model, {"input_ids": ids, "attention_mask": mask}, y
 
 
-CASES = {"mlp": mlp_case, "conv1d": conv_case, "cnn2d": cnn2d_case, "encoder": encoder_case}
+def bert_case():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(4)
+    cfg = BertConfig(
+        vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=32, max_position_embeddings=16, num_labels=3,
+    )
+    model = BertForSequenceClassification(cfg).double().eval()
+    ids = torch.randint(0, 30, (6, 7))
+    mask = torch.ones(6, 7, dtype=torch.long)
+    mask[2, 5:] = 0
+    y = torch.randint(0, 3, (6,))
+    return model, {"input_ids": ids, "attention_mask": mask}, y
+
+
+def vit_case():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(5)
+    cfg = ViTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=12, num_hidden_layers=1,
+        num_attention_heads=3, intermediate_size=20, num_labels=3,
+    )
+    model = ViTForImageClassification(cfg).double().eval()
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    return model, {"pixel_values": x}, y
+
+
+CASES = {
+    "mlp": mlp_case,
+    "conv1d": conv_case,
+    "cnn2d": cnn2d_case,
+    "encoder": encoder_case,
+    "bert": bert_case,
+    "vit": vit_case,
+}
 
 
 def _batch(x, y):
@@ -102,15 +140,16 @@ def _reference_mask_grads(model, groups, x, y):
     structure s scales the consumer's input columns of s, so ∂l/∂m_s = Σ W[:, cols] G[:, cols]."""
     names = []
     for g in groups:
-        names.append(f"{g.consumer}.out_proj.weight" if g.kind == "head" else f"{g.consumer}.weight")
-    grads = loop_grads(model, ce_sum, x, y, names=names)
+        attn = g.consumer_kind == "attention"
+        names.append(f"{g.consumer}.out_proj.weight" if attn else f"{g.consumer}.weight")
+    grads = loop_grads(model, lambda o, t: ce_sum(default_output_fn(o), t), x, y, names=names)
     out = {}
     for g, name in zip(groups, names):
         w = dict(model.named_parameters())[name].detach()
         prod = w.unsqueeze(0) * grads[name]  # (N, out, in, *k)
         prod = prod.sum(1)  # (N, in, *k)
         prod = prod.flatten(2).sum(2) if prod.dim() > 2 else prod
-        width = g.head_dim if g.kind == "head" else g.repeat
+        width = g.head_dim if g.consumer_kind == "attention" else g.repeat
         out[g.name] = prod.view(prod.shape[0], g.size, width).sum(2)
     return out
 
@@ -144,7 +183,7 @@ def test_groups_found():
     ]
 
 
-@pytest.mark.parametrize("case", ["mlp", "conv1d", "encoder"])
+@pytest.mark.parametrize("case", ["mlp", "conv1d", "encoder", "bert"])
 def test_block_fisher_matches_dense_reference(case):
     model, x, y = CASES[case]()
     groups, _ = find_groups(model, _batch(x, y))
@@ -271,6 +310,38 @@ def test_counts_match_hand_counts_encoder():
     )
 
 
+def test_counts_match_hand_counts_bert():
+    model, x, y = bert_case()
+    groups, skipped = find_groups(model, x)
+    assert sorted(g.name for g in groups) == sorted(
+        [f"bert.encoder.layer.{i}.attention.self" for i in range(2)]
+        + [f"bert.encoder.layer.{i}.intermediate.dense" for i in range(2)]
+    )
+    assert "classifier" in skipped and "bert.pooler.dense" in skipped
+    t, e, i = 7, 16, 32
+
+    def layer(h, n):  # h heads of width 4, n feed-forward neurons
+        return 4 * 2 * t * e * h * 4 + 4 * t * t * h * 4 + 2 * 2 * t * e * n
+
+    tail = 2 * e * e + 2 * e * 3  # pooler + classifier
+    assert count_flops(model, x) == 2 * layer(4, i) + tail
+    removed = {
+        "bert.encoder.layer.0.attention.self": torch.tensor([0, 2, 3]),
+        "bert.encoder.layer.1.intermediate.dense": torch.arange(20),
+    }
+    small = shrink_model(copy.deepcopy(model), groups, removed)
+    kept = {g.name: g.size for g in groups} | {
+        "bert.encoder.layer.0.attention.self": 1,
+        "bert.encoder.layer.1.intermediate.dense": 12,
+    }
+    cost = build_cost_model(model, groups, x)
+    want = layer(1, i) + layer(4, 12) + tail
+    assert count_flops(small, x) == want == cost.total("flops", kept)
+    assert count_params(small) == cost.total("params", kept)
+    lost = 3 * 3 * (e * 4 + 4) + 3 * 4 * e + 20 * (e + 1) + 20 * e
+    assert count_params(model) - count_params(small) == lost
+
+
 # -- shrinking ------------------------------------------------------------------------------------
 
 
@@ -287,20 +358,40 @@ def test_shrunken_equals_masked_and_exports(case):
         m[r] = 0
         masks[g.name] = m
     small = shrink_model(copy.deepcopy(model), groups, removed)
-    call = (lambda m: m(**x)) if isinstance(x, dict) else (lambda m: m(x))
+    call = _caller(x)
     with torch.no_grad(), apply_masks_to(model, groups, masks):
         want = call(model)
     with torch.no_grad():
         got = call(small)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # the cost polynomial of the search agrees with the hook count of the shrunken model
+    cost = build_cost_model(model, groups, _batch(x, y))
+    kept = {g.name: g.size - len(removed[g.name]) for g in groups}
+    assert count_flops(small, _batch(x, y)) == pytest.approx(cost.total("flops", kept), rel=1e-12)
+    assert count_params(small) == pytest.approx(cost.total("params", kept), rel=1e-12)
     assert sum(v.numel() for v in small.state_dict().values()) < sum(
         v.numel() for v in model.state_dict().values()
     )
-    args = (x["input_ids"][:2],) if isinstance(x, dict) else (x[:2],)
-    exported = torch.export.export(small, args)
-    torch.testing.assert_close(exported.module()(*args), small(*args))
-    traced = torch.jit.trace(small, args)
-    torch.testing.assert_close(traced(*args), small(*args))
+    if isinstance(x, dict):
+        kw = {k: v[:2] for k, v in x.items()}
+        exported = torch.export.export(small, (), kw)
+        torch.testing.assert_close(
+            default_output_fn(exported.module()(**kw)), default_output_fn(small(**kw))
+        )
+        traced = torch.jit.trace(small, example_kwarg_inputs=kw, strict=False)
+        torch.testing.assert_close(default_output_fn(traced(**kw)), default_output_fn(small(**kw)))
+    else:
+        args = (x[:2],)
+        exported = torch.export.export(small, args)
+        torch.testing.assert_close(exported.module()(*args), small(*args))
+        traced = torch.jit.trace(small, args)
+        torch.testing.assert_close(traced(*args), small(*args))
+
+
+def _caller(x):
+    if isinstance(x, dict):
+        return lambda m: default_output_fn(m(**x))
+    return lambda m: m(x)
 
 
 def test_from_multihead_matches_multihead_attention():
@@ -431,7 +522,7 @@ def test_rearrange_reaches_a_swap_local_optimum():
 # -- the entry point ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["mlp", "conv1d", "encoder"])
+@pytest.mark.parametrize("case", ["mlp", "conv1d", "encoder", "bert"])
 def test_prune_structured_end_to_end(case):
     model, x, y = CASES[case]()
     data = _batch(x, y)
@@ -449,7 +540,7 @@ def test_prune_structured_end_to_end(case):
         m = torch.ones(g.size, dtype=torch.float64)
         m[rep.removed[g.name]] = 0
         masks[g.name] = m
-    call = (lambda m: m(**x)) if isinstance(x, dict) else (lambda m: m(x))
+    call = _caller(x)
     with torch.no_grad(), apply_masks_to(model, groups, masks):
         want = call(model)
         ce_masked = float(F.cross_entropy(want, y))
