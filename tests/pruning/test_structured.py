@@ -606,3 +606,25 @@ def test_low_precision_models(dtype):
     small, rep = natgrad.prune_structured(model, (x, y), flops=0.5, measure=False)
     assert all(p.dtype == dtype for p in small.parameters())
     assert small[0].out_features < 16 and torch.isfinite(small(x).float()).all()
+
+
+def test_latency_budget_bisects_over_flops(monkeypatch):
+    # a deterministic stand-in for the clock: "latency" = 1 µs per parameter
+    import natgrad.pruning.structured as st
+
+    def fake_latency(models, batch, sizes, repeats=20):
+        one = lambda m: {b: 1e-6 * count_params(m) for b in sizes}  # noqa: E731
+        return [one(m) for m in models] if isinstance(models, list) else one(models)
+
+    monkeypatch.setattr(st, "measure_latency", fake_latency)
+    torch.manual_seed(0)
+    model = mlp((6, 30, 30, 3), act=nn.ReLU).double()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,))
+    small, rep = natgrad.prune_structured(model, (x, y), latency=0.5, tune=False)
+    assert rep.budget == ("latency", 0.5)
+    assert rep.latency_after[32] <= 0.5 * rep.latency_before[32]
+    # bisection keeps the largest FLOPs budget that fits: a bit more FLOPs would not fit
+    assert rep.latency_after[32] > 0.4 * rep.latency_before[32]
+    with pytest.raises(BudgetError, match="latency budget"):
+        natgrad.prune_structured(model, (x, y), latency=0.001, tune=False, min_keep=0.5)
