@@ -163,6 +163,17 @@ def attention_flops(mod: nn.Module, total: list):
         return mod.register_forward_hook(hook)
     bert = all(isinstance(getattr(mod, a, None), nn.Linear) for a in ("query", "key", "value"))
     modern = all(isinstance(getattr(mod, a, None), nn.Linear) for a in ("q_proj", "k_proj", "v_proj"))
+    gpt2 = isinstance(getattr(mod, "c_attn", None), nn.Linear) and isinstance(
+        getattr(mod, "num_heads", None), int
+    )
+    if gpt2:
+
+        def gpt2_hook(m, args, kwargs, out):
+            h = args[0] if args else kwargs["hidden_states"]
+            t = h.shape[-2]
+            total[0] += 4.0 * t * t * m.num_heads * m.head_dim
+
+        return mod.register_forward_hook(gpt2_hook, with_kwargs=True)
     if (bert or modern) and isinstance(getattr(mod, "num_attention_heads", None), int):
         # Hugging Face style self-attention: its projections are Linear layers
 

@@ -106,10 +106,15 @@ def row_slices(groups: list[Group], removed: Mapping[str, torch.Tensor]) -> dict
         rem = removed.get(g.name)
         if rem is None or rem.numel() == 0:
             continue
-        keep = _expand(kept_indices(g, rem), g.row_repeat)
         for r in g.row_modules:
-            out[r] = keep
+            out[r] = _row_index(g, kept_indices(g, rem))
     return out
+
+
+def _row_index(g: Group, keep: torch.Tensor) -> torch.Tensor:
+    idx = _expand(keep, g.row_repeat)
+    width = g.size * g.row_repeat
+    return torch.cat([b * width + idx for b in range(g.row_blocks)])
 
 
 def shrink_model(
@@ -136,12 +141,12 @@ def shrink_model(
             continue
         dev = model.get_submodule(g.consumer).weight.device
         for r in g.row_modules:
-            rows[r] = _expand(keep, g.row_repeat).to(dev)
+            rows[r] = _row_index(g, keep).to(dev)
         cols[g.consumer] = _columns(g, keep).to(dev)
         if g.heads_module:
             att = model.get_submodule(g.heads_module)
-            att.num_attention_heads = len(keep)
-            att.all_head_size = len(keep) * g.head_dim
+            for attr, per_head in g.heads_attrs:
+                setattr(att, attr, len(keep) * per_head)
         for n in g.norms:
             _set_module(model, n, _slice_norm(model.get_submodule(n), keep.to(dev)))
     for name in set(rows) | set(cols):

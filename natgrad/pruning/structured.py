@@ -168,8 +168,20 @@ def _min_keep(groups: list[Group], min_keep: float | int) -> dict[str, int]:
 
 
 def convert_attention(model: nn.Module) -> list[str]:
-    """Replace (in place) every supported ``nn.MultiheadAttention`` by a ``HeadAttention``."""
+    """Replace (in place) every supported ``nn.MultiheadAttention`` by the equivalent
+    :class:`~natgrad.pruning.attention.HeadAttention`, and every Hugging Face ``Conv1D``
+    (GPT-2's transposed Linear, ``y = x W + b``) by the equivalent ``nn.Linear`` with weight
+    ``Wᵀ``; return the names of the attention modules converted."""
     done = []
+    for name, mod in list(model.named_modules()):
+        if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and hasattr(mod, "nx"):
+            w = mod.weight.detach()
+            lin = nn.Linear(mod.nx, mod.nf, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(w.T)
+                lin.bias.copy_(mod.bias.detach())
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, lin)
     for mod in model.modules():
         if isinstance(mod, nn.TransformerEncoder):
             # its nested-tensor fast path would hand nested tensors to the replacement

@@ -141,8 +141,10 @@ class Group:
         rows: the modules whose output rows are removed, when not just ``producer`` (the
             query/key/value projections of a Hugging Face style self-attention).
         row_repeat: output rows of each of ``rows`` per structure (``head_dim`` for heads).
-        heads_module: a Hugging Face style self-attention whose ``num_attention_heads`` and
-            ``all_head_size`` follow the kept heads.
+        row_blocks: fused blocks in each of ``rows`` (3 for GPT-2's fused q/k/v ``c_attn``),
+            each ``size · row_repeat`` rows wide.
+        heads_module: a Hugging Face style attention whose head-count attributes follow the
+            kept heads: ``heads_attrs`` lists ``(attribute, width per head)``.
     """
 
     name: str
@@ -156,7 +158,9 @@ class Group:
     head_dim: int = 0
     rows: list[str] = field(default_factory=list)
     row_repeat: int = 1
+    row_blocks: int = 1
     heads_module: str = ""
+    heads_attrs: tuple[tuple[str, int], ...] = ()
 
     @property
     def row_modules(self) -> list[str]:
@@ -477,10 +481,12 @@ def hf_groups(model: nn.Module, exclude: Iterable[str] = ()) -> tuple[list[Group
       ``num_attention_heads``, ``attention_head_size``, whose parent's ``output.dense``
       reads the concatenated heads (BertAttention); or an attention with
       ``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``num_attention_heads`` and ``head_dim``
-      (ViTAttention in transformers 5; grouped-query attention is left out);
+      (ViTAttention in transformers 5; grouped-query attention is left out); or GPT-2's
+      attention with fused ``c_attn`` and ``c_proj`` (after its ``Conv1D`` layers are
+      converted to ``nn.Linear``, which :func:`~natgrad.prune_structured` does);
     * feed-forward neurons: ``intermediate.dense`` (then an elementwise activation) read by
       ``output.dense`` of the same layer (BertLayer); ``fc1 -> activation_fn -> fc2``
-      (ViTMLP).
+      (ViTMLP); ``c_fc -> act -> c_proj`` (GPT2MLP).
 
     Every other Linear is reported in ``skipped``.
     """
@@ -505,6 +511,7 @@ def hf_groups(model: nn.Module, exclude: Iterable[str] = ()) -> tuple[list[Group
                         consumer=f"{pre}output.dense", repeat=d, consumer_kind="linear",
                         head_dim=d, rows=[f"{hname}.{p}" for p in ("query", "key", "value")],
                         row_repeat=d, heads_module=hname,
+                        heads_attrs=(("num_attention_heads", 1), ("all_head_size", d)),
                     )
                 )
                 used.update([f"{hname}.query", f"{hname}.key", f"{hname}.value", f"{pre}output.dense"])
@@ -537,10 +544,47 @@ def hf_groups(model: nn.Module, exclude: Iterable[str] = ()) -> tuple[list[Group
                     name=name, kind="head", size=h, producer=name, consumer=f"{pre}o_proj",
                     repeat=d, consumer_kind="linear", head_dim=d,
                     rows=[f"{pre}{p}" for p in ("q_proj", "k_proj", "v_proj")], row_repeat=d,
-                    heads_module=name,
+                    heads_module=name, heads_attrs=(("num_attention_heads", 1),),
                 )
             )
             used.update(f"{pre}{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        c_attn, c_proj = getattr(mod, "c_attn", None), getattr(mod, "c_proj", None)
+        nh, hd = getattr(mod, "num_heads", None), getattr(mod, "head_dim", None)
+        if (  # GPT-2 attention (its Conv1D converted to Linear): fused q/k/v in c_attn
+            isinstance(c_attn, nn.Linear)
+            and isinstance(c_proj, nn.Linear)
+            and isinstance(nh, int)
+            and isinstance(hd, int)
+            and getattr(mod, "split_size", None) == nh * hd
+            and c_attn.out_features == 3 * nh * hd
+            and c_proj.in_features == nh * hd
+            and not getattr(mod, "is_cross_attention", False)
+            and name not in exclude
+        ):
+            groups.append(
+                Group(
+                    name=name, kind="head", size=nh, producer=name, consumer=f"{pre}c_proj",
+                    repeat=hd, consumer_kind="linear", head_dim=hd, rows=[f"{pre}c_attn"],
+                    row_repeat=hd, row_blocks=3, heads_module=name,
+                    heads_attrs=(("num_heads", 1), ("split_size", hd)),
+                )
+            )
+            used.update([f"{pre}c_attn", f"{pre}c_proj"])
+        c_fc = getattr(mod, "c_fc", None)
+        if (  # GPT-2 MLP: c_fc -> act -> c_proj
+            isinstance(c_fc, nn.Linear)
+            and isinstance(c_proj, nn.Linear)
+            and c_proj.in_features == c_fc.out_features
+            and callable(getattr(mod, "act", None))
+            and f"{pre}c_fc" not in exclude
+        ):
+            groups.append(
+                Group(
+                    name=f"{pre}c_fc", kind="neuron", size=c_fc.out_features, producer=f"{pre}c_fc",
+                    consumer=f"{pre}c_proj", consumer_kind="linear",
+                )
+            )
+            used.update([f"{pre}c_fc", f"{pre}c_proj"])
         fc1, fc2 = getattr(mod, "fc1", None), getattr(mod, "fc2", None)
         if (
             isinstance(fc1, nn.Linear)

@@ -121,6 +121,21 @@ def vit_case():
     return model, {"pixel_values": x}, y
 
 
+def gpt2_case():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(6)
+    cfg = GPT2Config(
+        vocab_size=30, n_embd=16, n_layer=2, n_head=4, n_positions=16, num_labels=3,
+        pad_token_id=0, bos_token_id=1, eos_token_id=1, use_cache=False,
+    )
+    model = GPT2ForSequenceClassification(cfg).double().eval()
+    convert_attention(model)  # GPT-2's Conv1D layers become nn.Linear
+    ids = torch.randint(1, 30, (6, 7))
+    y = torch.randint(0, 3, (6,))
+    return model, {"input_ids": ids}, y
+
+
 CASES = {
     "mlp": mlp_case,
     "conv1d": conv_case,
@@ -128,6 +143,7 @@ CASES = {
     "encoder": encoder_case,
     "bert": bert_case,
     "vit": vit_case,
+    "gpt2": gpt2_case,
 }
 
 
@@ -522,7 +538,7 @@ def test_rearrange_reaches_a_swap_local_optimum():
 # -- the entry point ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["mlp", "conv1d", "encoder", "bert"])
+@pytest.mark.parametrize("case", ["mlp", "conv1d", "encoder", "bert", "gpt2"])
 def test_prune_structured_end_to_end(case):
     model, x, y = CASES[case]()
     data = _batch(x, y)
@@ -628,3 +644,18 @@ def test_latency_budget_bisects_over_flops(monkeypatch):
     assert rep.latency_after[32] > 0.4 * rep.latency_before[32]
     with pytest.raises(BudgetError, match="latency budget"):
         natgrad.prune_structured(model, (x, y), latency=0.001, tune=False, min_keep=0.5)
+
+
+def test_conv1d_conversion_keeps_the_function():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(7)
+    cfg = GPT2Config(vocab_size=30, n_embd=8, n_layer=1, n_head=2, n_positions=8, num_labels=2,
+                     pad_token_id=0, bos_token_id=1, eos_token_id=1, use_cache=False)
+    model = GPT2ForSequenceClassification(cfg).double().eval()
+    ids = torch.randint(1, 30, (3, 5))
+    want = model(input_ids=ids).logits
+    conv = copy.deepcopy(model)
+    convert_attention(conv)
+    assert isinstance(conv.transformer.h[0].attn.c_attn, nn.Linear)
+    torch.testing.assert_close(conv(input_ids=ids).logits, want, rtol=1e-12, atol=1e-12)
