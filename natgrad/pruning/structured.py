@@ -4,8 +4,13 @@ Steps (Kwon et al. 2022, "A Fast Post-Training Pruning Framework for Transformer
 with physical removal in the spirit of Torch-Pruning):
 
 1. Copy the model; replace each ``nn.MultiheadAttention`` by the equivalent
-   :class:`~natgrad.pruning.attention.HeadAttention`; find the prunable groups by tracing
-   (:func:`~natgrad.pruning.structures.find_groups`).
+   :class:`~natgrad.pruning.attention.HeadAttention` and each Hugging Face ``Conv1D`` by
+   the equivalent ``nn.Linear``; find the prunable groups by tracing with ``torch.fx``
+   (:func:`~natgrad.pruning.structures.find_groups`), or, for Hugging Face models that
+   cannot be traced, by their module layout (BERT/RoBERTa, ViT and GPT-2 style heads and
+   feed-forward neurons; :func:`~natgrad.pruning.structures.hf_groups`). Transformers 5
+   has no ``prune_heads``, so heads are removed by rebuilding the projections and
+   updating the attention's head count.
 2. Estimate the mask Fisher ``F_g = (1/N) Σ_n g_n g_nᵀ``, ``g_n = ∂l_n/∂m_g`` (exact
    per-sample gradients, per-layer blocks).
 3. Search: remove structures by smallest ``F_ss / cost saved`` until the kept FLOPs or
@@ -244,13 +249,17 @@ def measure_latency(
         args = tuple(tile(a) for a in b.args)
         kwargs = {k: tile(v) for k, v in b.kwargs.items()}
         times: list[list[float]] = [[] for _ in models]
+        dev = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        sync = torch.cuda.synchronize if dev is not None and dev.type == "cuda" else (lambda: None)
         for _ in range(3):
             for m in models:
                 m(*args, **kwargs)
         for _ in range(repeats):
             for i, m in enumerate(models):
+                sync()
                 t0 = time.perf_counter()
                 m(*args, **kwargs)
+                sync()
                 times[i].append(time.perf_counter() - t0)
         for i, t in enumerate(times):
             out[i][bs] = sorted(t)[len(t) // 2]
@@ -333,7 +342,8 @@ def prune_structured(
 
     Args:
         model: the trained model (not modified). Eval mode: no train-mode BatchNorm or
-            dropout. Its forward must be traceable by ``torch.fx``.
+            dropout. Its forward must be traceable by ``torch.fx``, or it is a Hugging Face
+            BERT/ViT/GPT-2 style model (then only heads and feed-forward neurons are pruned).
         data: a batch ``(x, y)`` or an iterable of batches for the Fisher (and the
             measured loss).
         flops, params, latency: exactly one budget, the fraction to keep in ``(0, 1]``.

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from natgrad.engine.batch import default_output_fn, parse_batch
-from natgrad.engine.checks import check_choice, check_int, check_no_batch_mixing
+from natgrad.engine.checks import check_choice, check_finite, check_int, check_no_batch_mixing
 from natgrad.engine.common import acc_dtype
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 
@@ -839,4 +839,10 @@ def estimate_mask_fisher(
         n += next(iter(per_label[0].values())).shape[0]
     if n == 0:
         raise ValueError("data holds no batch: the mask Fisher needs at least one sample.")
+    for k, v in blocks.items():
+        check_finite(
+            f"the mask Fisher of {k!r}", v,
+            "The per-sample losses or their gradients overflowed: check the data, the labels "
+            "and the model's outputs (a bfloat16 model may need float32).",
+        )
     return MaskFisher({k: v / n for k, v in blocks.items()}, n)

@@ -243,3 +243,12 @@ def test_wrong_label_shape_raises():
     x, _ = _data()
     with pytest.raises(ValueError, match="first dimension must be the batch size"):
         natgrad.prune_structured(_mlp(), (x, torch.zeros(3, dtype=torch.long)), flops=0.5, measure=False)
+
+
+def test_non_finite_fisher_raises():
+    x, y = _data()
+    model = _mlp()
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="mask Fisher"):
+        natgrad.prune_structured(model, (x, y), flops=0.5, measure=False)
