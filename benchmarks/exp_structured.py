@@ -147,7 +147,10 @@ def table(args, dense, acc, lat, secs, flops, pred) -> str:
         f"3e-3, batch 100, epochs {args.epochs}. Fisher (empirical labels) and least-squares "
         f"calibration on {args.fisher_samples} training samples; per-layer minimum 5%; test "
         "accuracy on the 1000 MNIST-1D test samples. Neurons of both hidden layers (MLP) and "
-        "channels of all three convs (CNN) are removed physically; the output layer is kept.",
+        "channels of all three convs (CNN) are removed physically; the output layer is kept. "
+        "Torch-Pruning L1: its MagnitudePruner (global, p=1) bisected on the pruning ratio to "
+        "the same FLOPs budget (its own op count), no reconstruction: compare with the plain "
+        "columns.",
         "",
         "Test accuracy:",
         "",
