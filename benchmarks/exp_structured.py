@@ -175,7 +175,7 @@ def table(args, dense, acc, lat, secs, flops, pred) -> str:
     ]
     for name in dense:
         for keep in args.keep:
-            drops = [100 * (d - a) for d, a in zip(dense[name], acc[(name, keep, "fisher", True)])]
+            drops = [100 * (d - a) for d, a in zip(dense[name], acc[(name, keep, "fisher", True)], strict=True)]
             s1 = [s[0] for s in lat[(name, keep)]]
             s32 = [s[1] for s in lat[(name, keep)]]
             p = pred[(name, keep)]

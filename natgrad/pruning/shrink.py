@@ -282,8 +282,8 @@ def tune_layers(
         gram = cross = None
         for b in batches:
             cap: dict[str, torch.Tensor] = {}
-            h1 = mod_o.register_forward_hook(lambda m, a, o: cap.__setitem__("y", o.detach()))
-            h2 = mod_p.register_forward_pre_hook(lambda m, a: cap.__setitem__("x", a[0].detach()))
+            h1 = mod_o.register_forward_hook(lambda m, a, o, cap=cap: cap.__setitem__("y", o.detach()))
+            h2 = mod_p.register_forward_pre_hook(lambda m, a, cap=cap: cap.__setitem__("x", a[0].detach()))
             try:
                 with torch.no_grad():
                     original(*b.args, **b.kwargs)

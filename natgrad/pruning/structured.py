@@ -241,7 +241,7 @@ def measure_latency(
     for bs in batch_sizes:
         reps = -(-bs // b.size)
 
-        def tile(t):
+        def tile(t, reps=reps, bs=bs):
             if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == b.size:
                 return t.repeat(reps, *([1] * (t.dim() - 1)))[:bs]
             return t

@@ -742,7 +742,7 @@ def mask_grads(
             result.append(
                 {
                     g.name: (torch.zeros_like(masks[g.name]) if gr is None else gr).to(dtype)
-                    for g, gr in zip(groups, grads)
+                    for g, gr in zip(groups, grads, strict=True)
                 }
             )
     return result

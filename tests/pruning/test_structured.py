@@ -160,7 +160,7 @@ def _reference_mask_grads(model, groups, x, y):
         names.append(f"{g.consumer}.out_proj.weight" if attn else f"{g.consumer}.weight")
     grads = loop_grads(model, lambda o, t: ce_sum(default_output_fn(o), t), x, y, names=names)
     out = {}
-    for g, name in zip(groups, names):
+    for g, name in zip(groups, names, strict=True):
         w = dict(model.named_parameters())[name].detach()
         prod = w.unsqueeze(0) * grads[name]  # (N, out, in, *k)
         prod = prod.sum(1)  # (N, in, *k)
