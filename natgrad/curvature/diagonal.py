@@ -8,7 +8,8 @@ whatever the model's dtype (float64 is kept as float64).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ def _as_acc(t: torch.Tensor) -> torch.Tensor:
 
 
 @register_curvature("diag")
-class DiagonalFisher(Curvature, Mapping):
+class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
     """A diagonal Fisher: ``{name: F}`` with ``F_i = (1/N) Σ_n E_y[(∂l_n/∂θ_i)²]``.
 
     Args:
@@ -128,7 +129,7 @@ class DiagonalFisher(Curvature, Mapping):
         self,
         values: Mapping[str, torch.Tensor],
         n: int | None = None,
-        labels=None,
+        labels: str | None = None,
         *,
         check: bool = False,
     ) -> DiagonalFisher:
@@ -142,7 +143,7 @@ class DiagonalFisher(Curvature, Mapping):
         return DiagonalFisher._valid(vals, n, labels, self.likelihood)
 
     # -- arithmetic ----------------------------------------------------------------
-    def __add__(self, other: DiagonalFisher) -> DiagonalFisher:
+    def __add__(self, other: Curvature) -> DiagonalFisher:
         if not isinstance(other, DiagonalFisher):
             return NotImplemented
         check_same_structure(self, other, "left Fisher", "right Fisher")
@@ -161,11 +162,16 @@ class DiagonalFisher(Curvature, Mapping):
 
     __rmul__ = __mul__
 
-    def ema(self, other: DiagonalFisher, decay: float) -> DiagonalFisher:
+    def ema(self, other: Curvature, decay: float) -> DiagonalFisher:
         """Exponential moving average ``decay * self + (1 - decay) * other``.
 
         ``n_samples`` of the result counts every sample seen (``N_self + N_other``).
         """
+        if not isinstance(other, DiagonalFisher):
+            raise TypeError(
+                f"ema needs another DiagonalFisher, got {type(other).__name__}; estimate both "
+                "with kind='diag'."
+            )
         decay = check_fraction("decay", decay, closed=True)
         check_same_structure(self, other, "current Fisher", "new Fisher")
         vals = {k: decay * self[k] + (1 - decay) * other[k].to(self[k].device) for k in self}
@@ -198,7 +204,7 @@ class DiagonalFisher(Curvature, Mapping):
             out[mod] = out.get(mod, 0.0) + float(v.sum())
         return out
 
-    def to(self, *args, **kwargs) -> DiagonalFisher:
+    def to(self, *args: Any, **kwargs: Any) -> DiagonalFisher:
         """Move / cast every tensor like ``Tensor.to``; returns a new Fisher.
 
         Raises:
@@ -210,14 +216,18 @@ class DiagonalFisher(Curvature, Mapping):
     kind = "diag"
 
     @classmethod
-    def estimate(cls, model: nn.Module, data, likelihood="categorical", **options) -> DiagonalFisher:
+    def estimate(
+        cls, model: nn.Module, data: Any, likelihood: Any = "categorical", **options: Any
+    ) -> DiagonalFisher:
         """``estimate_fisher(model, data, likelihood, **options)``."""
         from natgrad.curvature.estimate import estimate_fisher
 
         options.pop("kind", None)
         return estimate_fisher(model, data, likelihood, **options)
 
-    def _each(self, v: Params, fn) -> dict[str, torch.Tensor]:
+    def _each(
+        self, v: Params, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         missing = [k for k in v if k not in self._values]
         if missing:
             raise ValueError(
@@ -272,7 +282,7 @@ class DiagonalFisher(Curvature, Mapping):
         return self._like({k: total[k].to(self._values[k].dtype) / n for k in total}, n)
 
     # -- state -----------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only; round-trips through :meth:`load_state_dict`."""
         return {
             "values": {k: v.clone() for k, v in self.items()},
@@ -281,7 +291,7 @@ class DiagonalFisher(Curvature, Mapping):
             "likelihood": self.likelihood,
         }
 
-    def load_state_dict(self, state: Mapping) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace this Fisher's contents; names and shapes must match when non-empty.
 
         Raises:
@@ -302,7 +312,7 @@ class DiagonalFisher(Curvature, Mapping):
         self.likelihood = str(state.get("likelihood", "categorical"))
 
     @classmethod
-    def from_state_dict(cls, state: Mapping) -> DiagonalFisher:
+    def from_state_dict(cls, state: Mapping[str, Any]) -> DiagonalFisher:
         f = cls({}, 0)
         f.load_state_dict(state)
         return f
@@ -317,7 +327,7 @@ class DiagonalFisher(Curvature, Mapping):
         check_names_in(self._values, named)
         check_same_structure(self._values, ref, "the Fisher", "the model")
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write a verified ``safetensors`` file, atomically and durably.
 
         The file format is :mod:`natgrad.engine.files`: metadata ``n_samples``, ``labels``,
@@ -350,7 +360,7 @@ class DiagonalFisher(Curvature, Mapping):
     @classmethod
     def load(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         model: nn.Module | None = None,
         *,
         device: str | torch.device = "cpu",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any
 
@@ -69,7 +69,9 @@ def iterate_batches(data: Any, max_batches: int | None = None) -> Iterable[Any]:
     return islice(it, max_batches) if max_batches is not None else it
 
 
-def with_progress(it: Iterable, data: Any, enabled: bool, max_batches: int | None, desc: str):
+def with_progress(
+    it: Iterable[Any], data: Any, enabled: bool, max_batches: int | None, desc: str
+) -> Iterable[Any]:
     """``it`` wrapped in a tqdm bar (total from ``data``'s length when known) when ``enabled``."""
     if not enabled:
         return it
@@ -78,7 +80,8 @@ def with_progress(it: Iterable, data: Any, enabled: bool, max_batches: int | Non
     total = None
     if not is_single_batch(data) and hasattr(data, "__len__"):
         total = len(data) if max_batches is None else min(len(data), max_batches)
-    return tqdm(it, total=total, desc=desc, unit="batch")
+    bar: Iterable[Any] = tqdm(it, total=total, desc=desc, unit="batch")
+    return bar
 
 
 def estimate_fisher(
@@ -95,7 +98,7 @@ def estimate_fisher(
     generator: torch.Generator | None = None,
     output_fn: OutputFn | None = None,
     engine: str = "auto",
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 10,
     distributed: bool | None = None,
 ) -> DiagonalFisher:
@@ -242,9 +245,23 @@ def estimate_curvature(
 
 
 def _local_sums(
-    model, data, likelihood, labels, mc_samples, params, chunk_size, max_batches,
-    progress, generator, output_fn, engine, checkpoint, checkpoint_every, rank, world,
-):  # fmt: skip
+    model: nn.Module,
+    data: Any,
+    likelihood: str | Likelihood,
+    labels: str,
+    mc_samples: int,
+    params: ParamSpec,
+    chunk_size: int | None,
+    max_batches: int | None,
+    progress: bool,
+    generator: torch.Generator | None,
+    output_fn: OutputFn | None,
+    engine: str,
+    checkpoint: str | os.PathLike[str] | None,
+    checkpoint_every: int,
+    rank: int,
+    world: int,
+) -> tuple[dict[str, torch.Tensor], int, Plan]:
     """This process's ``(Σ_n Σ_j w_j g_nj², N, plan)``, resumed from and saved to
     ``checkpoint`` (locked for the pass) when one is given."""
     check_fixed_model(model, "estimate_fisher")
@@ -275,7 +292,7 @@ def _local_sums(
     )
     with checkpoint_lock(path):
         saved = load_checkpoint(path)
-        start = None
+        start: _Start | None = None
         check = DataCheck(path)
         if saved is not None:
             check_state(path, saved, plan.params, fingerprint)
@@ -287,7 +304,9 @@ def _local_sums(
             )
             check = DataCheck(path, saved["data"], bool(saved.get("finished", False)))
 
-        def save(sums, n_total, done, finished=False) -> None:
+        def save(
+            sums: dict[str, torch.Tensor], n_total: int, done: int, finished: bool = False
+        ) -> None:
             state = {
                 "fingerprint": fingerprint,
                 "sums": {k: v.detach().cpu() for k, v in sums.items()},
@@ -306,7 +325,21 @@ def _local_sums(
     return sums, n_total, plan
 
 
-def _pass(plan, data, chunk_size, max_batches, progress, engine, start=None, skip=None, saving=None):
+# A resumed pass: (square sums, samples, batches done).
+_Start = tuple[dict[str, torch.Tensor], int, int]
+
+
+def _pass(
+    plan: Plan,
+    data: Any,
+    chunk_size: int | None,
+    max_batches: int | None,
+    progress: bool,
+    engine: str,
+    start: _Start | None = None,
+    skip: Callable[[Iterable[Any]], Iterator[Any]] | None = None,
+    saving: tuple[int, Callable[..., None]] | None = None,
+) -> tuple[dict[str, torch.Tensor], int]:
     """Accumulate the square sums over the batches (after ``start``'s, when resuming)."""
     sums = {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in plan.params.items()}
     n_total, done = 0, 0

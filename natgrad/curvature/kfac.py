@@ -60,9 +60,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +121,11 @@ class KFACLayer:
     groups: int = 1
 
     @property
+    def module_weight(self) -> torch.Tensor:
+        """The module's weight tensor (every covered kind has a ``weight`` parameter)."""
+        return cast(torch.Tensor, self.module.weight)
+
+    @property
     def transposed(self) -> bool:
         """Whether the weight is stored ``(in, out)``, so the block matrix is ``Wᵀ``."""
         return self.kind in ("conv1d_t", "embedding")
@@ -130,7 +135,7 @@ class KFACLayer:
 
         ``d_A`` counts the bias column when the bias is covered.
         """
-        shape = tuple(self.module.weight.shape)
+        shape = tuple(self.module_weight.shape)
         return block_dims(shape, self.transposed, self.groups, self.bias is not None)
 
 
@@ -171,7 +176,7 @@ class KroneckerFactors(Report):
     positions: int
 
 
-def _explicit_padding(m: nn.Module) -> list[int] | None:
+def _explicit_padding(m: nn.Conv1d | nn.Conv2d) -> list[int] | None:
     """``F.pad`` amounts (last dimension first) for a convolution, or None when it cannot
     be expressed (a string padding with stride > 1)."""
     k, d = m.kernel_size, m.dilation
@@ -328,14 +333,18 @@ def _patches(layer: KFACLayer, x: torch.Tensor) -> torch.Tensor:
     """Layer inputs as ``(N, T, groups, d_A)`` in the accumulation dtype (unfolded
     patches for convolutions, a column of ones appended for a covered bias); for an
     Embedding, the token ids ``(N, T)``."""
-    m = layer.module
     if layer.kind == "embedding":
         return x.reshape(x.shape[0], -1)
     if layer.kind in ("linear", "conv1d_t"):
         a = x.reshape(x.shape[0], -1, x.shape[-1])
     else:
+        m = cast("nn.Conv1d | nn.Conv2d", layer.module)  # kind "conv"
         pads = _explicit_padding(m)
+        assert pads is not None  # layers with inexpressible padding are not selected
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        k: tuple[int, ...]
+        d: tuple[int, ...]
+        s: tuple[int, ...]
         if any(pads):
             x = F.pad(x, pads, mode=mode)
         if isinstance(m, nn.Conv1d):
@@ -362,7 +371,7 @@ def _out_grads(layer: KFACLayer, g: torch.Tensor) -> torch.Tensor:
 
 
 def _cotangents(
-    plan: Plan, out: torch.Tensor, target, draws
+    plan: Plan, out: torch.Tensor, target: torch.Tensor | None, draws: torch.Tensor | None
 ) -> list[tuple[float, torch.Tensor]]:
     """``[(w_j, u_j)]``: the label columns of the plan's label source and their weights."""
     return [(plan.weight, c) for c in plan.all_columns(out.detach(), target, draws).unbind(0)]
@@ -397,8 +406,8 @@ def capture(plan: Plan, batch: Any, layers: Mapping[str, KFACLayer]) -> Captured
     outputs: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
     unbatched: set[str] = set()
 
-    def hook(name):
-        def fn(module, args, output):
+    def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]:
+        def fn(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
             if not output.requires_grad:
                 raise ValueError(
                     f"Layer {name!r}'s output does not require grad, so K-FAC cannot capture "
@@ -457,22 +466,23 @@ def factor_stats(
     """
     T = a.shape[1]
     if layer.kind == "embedding":
-        m = layer.module
+        m = cast(nn.Embedding, layer.module)
         ids = a.reshape(-1)
         if m.padding_idx is not None:
             ids = ids[ids != m.padding_idx]
         counts = torch.bincount(ids, minlength=m.num_embeddings)
-        dt = grads[0][1].dtype if grads else to_acc(m.weight.detach()).dtype
+        dt = grads[0][1].dtype if grads else to_acc(layer.module_weight.detach()).dtype
         A = (counts.to(dt) / (n * T)).unsqueeze(0)
     elif diag_A:
         A = (a * a).sum((0, 1)) / (n * T)
     else:
         A = torch.einsum("ntgi,ntgj->gij", a, a) / (n * T)
-    G = None
+    G: torch.Tensor | None = None
     for w, b in grads:
         gg = (b * b).sum((0, 1)) if diag_G else torch.einsum("ntgi,ntgj->gij", b, b)
         gg = gg * w if w != 1.0 else gg
         G = gg if G is None else G + gg
+    assert G is not None  # capture() records at least one label column
     return A, G / n
 
 
@@ -486,7 +496,7 @@ def per_sample_blocks(
     if QG is not None:
         b = torch.einsum("ntgi,gij->ntgj", b, QG)
     if layer.kind == "embedding":
-        m = layer.module
+        m = cast(nn.Embedding, layer.module)
         ids = a
         if m.padding_idx is not None:
             b = b * (ids != m.padding_idx).unsqueeze(-1).unsqueeze(-1).to(b.dtype)
@@ -560,8 +570,8 @@ def kfac_factors(
             T = cap.inputs[k].shape[1]
         else:
             T = 0
-            dt = to_acc(lay.module.weight.detach()).dtype
-            dev = lay.module.weight.device
+            dt = to_acc(lay.module_weight.detach()).dtype
+            dev = lay.module_weight.device
             A = torch.zeros((g, dA) if emb else (g, dA, dA), device=dev, dtype=dt)
             Gk = torch.zeros(g, dG, dG, device=dev, dtype=dt)
         if g == 1:
@@ -596,7 +606,7 @@ def split_weight_blocks(
 
 
 def layer_matrix(
-    layer: KFACLayer, grads: Mapping[str, torch.Tensor | None], dtype=torch.float32
+    layer: KFACLayer, grads: Mapping[str, torch.Tensor | None], dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """The layer's gradient as the matrix ``[∇W, ∇b]`` of shape ``(d_out, d_in[+1])``
     (``(groups, d_out/groups, d_in[+1])`` for a grouped convolution; ``Wᵀ`` for weights
@@ -610,7 +620,7 @@ def layer_matrix(
         >>> layer_matrix(lay, {"weight": torch.ones(1, 2), "bias": torch.tensor([3.0])})
         tensor([[1., 1., 3.]])
     """
-    w = layer.module.weight
+    w = layer.module_weight
     gw = grads.get(layer.weight)
     gw = torch.zeros_like(w) if gw is None else gw
     gb = None
@@ -631,11 +641,13 @@ def split_layer_matrix(layer: KFACLayer, V: torch.Tensor) -> dict[str, torch.Ten
         >>> split_layer_matrix(lay, torch.tensor([[1.0, 2.0, 3.0]]))
         {'weight': tensor([[1., 2.]]), 'bias': tensor([3.])}
     """
-    shape = tuple(layer.module.weight.shape)
+    shape = tuple(layer.module_weight.shape)
     if V.dim() == 2:
         V = V.unsqueeze(0)
     W, b = split_weight_blocks(shape, layer.transposed, layer.bias is not None, V)
-    return {layer.weight: W} if b is None else {layer.weight: W, layer.bias: b}
+    if b is None or layer.bias is None:  # b is None exactly when the bias is not covered
+        return {layer.weight: W}
+    return {layer.weight: W, layer.bias: b}
 
 
 def kfac_eigen(A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -687,7 +699,8 @@ def kfac_factored_inverses(
         L, info = torch.linalg.cholesky_ex(Ms)
         if int(info) == 0:
             return torch.cholesky_inverse(L)
-        return torch.linalg.pinv(Ms, hermitian=True)
+        pinv: torch.Tensor = torch.linalg.pinv(Ms, hermitian=True)
+        return pinv
 
     return inv(G, s / pi), inv(A, s * pi)
 

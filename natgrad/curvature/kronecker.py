@@ -48,7 +48,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from natgrad.curvature.kfac import (
+    KFACLayer,
     capture,
     factor_stats,
     kfac_coverage,
@@ -127,7 +128,7 @@ class KroneckerBlock:
                 out[k] = getattr(self, k)
         return out
 
-    def layout(self) -> tuple:
+    def layout(self) -> tuple[Any, ...]:
         return (self.weight, self.bias, tuple(self.shape), self.transposed, self.groups,
                 tuple(self.A.shape), tuple(self.G.shape))
 
@@ -160,29 +161,29 @@ def _eigen(M: torch.Tensor, side: str) -> dict[str, torch.Tensor | None]:
     return {f"Q{side}": Q, f"s{side}": s.clamp_min(0)}
 
 
-def _zero_stats(lay, diag_A: bool, diag_G: bool) -> list[torch.Tensor]:
+def _zero_stats(lay: KFACLayer, diag_A: bool, diag_G: bool) -> list[torch.Tensor]:
     """Zero ``[A, G]`` sums of a layer: ``(groups, d)`` for a diagonal side, else ``(groups, d, d)``."""
     g, dG, dA = lay.dims()
-    w = lay.module.weight
+    w = lay.module_weight
     dt, dev = to_acc(w.detach()).dtype, w.device
     A = torch.zeros((g, dA) if diag_A else (g, dA, dA), dtype=dt, device=dev)
     G = torch.zeros((g, dG) if diag_G else (g, dG, dG), dtype=dt, device=dev)
     return [A, G]
 
 
-def _rot(V: torch.Tensor, QA, QG) -> torch.Tensor:
+def _rot(V: torch.Tensor, QA: torch.Tensor | None, QG: torch.Tensor | None) -> torch.Tensor:
     if QG is not None:
         V = QG.mT @ V
     return V if QA is None else V @ QA
 
 
-def _unrot(V: torch.Tensor, QA, QG) -> torch.Tensor:
+def _unrot(V: torch.Tensor, QA: torch.Tensor | None, QG: torch.Tensor | None) -> torch.Tensor:
     if QG is not None:
         V = QG @ V
     return V if QA is None else V @ QA.mT
 
 
-def _sandwich_sq(S: torch.Tensor, QA, QG) -> torch.Tensor:
+def _sandwich_sq(S: torch.Tensor, QA: torch.Tensor | None, QG: torch.Tensor | None) -> torch.Tensor:
     """``Q_G² S (Q_A²)ᵀ`` (identity for a None basis)."""
     if QG is not None:
         S = (QG * QG) @ S
@@ -210,7 +211,9 @@ def _available_bytes(device: torch.device) -> int:
     return 2**62  # unknown: no guard beyond max_factor_bytes
 
 
-def _reduce_sum(tensors: list[torch.Tensor], n: int, group) -> tuple[list[torch.Tensor], int]:
+def _reduce_sum(
+    tensors: list[torch.Tensor], n: int, group: Any
+) -> tuple[list[torch.Tensor], int]:
     """Sum tensors (one collective per dtype, dtype kept) and ``n`` over all ranks."""
     import torch.distributed as dist
 
@@ -290,7 +293,7 @@ class KroneckerFisher(Curvature):
 
     # -- estimation ----------------------------------------------------------------------
     @classmethod
-    def estimate(
+    def estimate(  # type: ignore[override]  # each kind takes its own keyword options
         cls,
         model: nn.Module,
         data: Any,
@@ -384,7 +387,7 @@ class KroneckerFisher(Curvature):
         sums = {k: _zero_stats(lay, diag_A[k], diag_G[k]) for k, lay in layers.items()}
         rest = dict(reasons)
 
-        def rest_part():
+        def rest_part() -> tuple[Plan | None, dict[str, torch.Tensor]]:
             names = [k for k in plan.params if k in rest]
             zeros = {k: torch.zeros_like(plan.params[k], dtype=torch.float32) for k in names}
             return (plan.restrict(names) if names else None), zeros
@@ -447,7 +450,7 @@ class KroneckerFisher(Curvature):
             A, G = flat[2 * i] / n_total, flat[2 * i + 1] / n_total
             check_finite(f"the K-FAC factors of layer {k!r}", torch.stack([A.sum(), G.sum()]),
                          "Check the inputs, the model's outputs and the labels for NaN/Inf.")
-            w = lay.module.weight
+            w = lay.module_weight
             blocks[k] = KroneckerBlock(lay.weight, lay.bias, tuple(w.shape), lay.transposed,
                                        lay.groups, A, G)
         nr = len(order) * 2
@@ -477,12 +480,19 @@ class KroneckerFisher(Curvature):
                    order=[k for k in plan.params if k in covered])
 
     @staticmethod
-    def _plan_sides(layers, kind, max_factor_dim, max_factor_bytes, plan):
-        diag_A, diag_G = {}, {}
+    def _plan_sides(
+        layers: Mapping[str, KFACLayer],
+        kind: str,
+        max_factor_dim: int | None,
+        max_factor_bytes: int | None,
+        plan: Plan,
+    ) -> tuple[dict[str, bool], dict[str, bool]]:
+        diag_A: dict[str, bool] = {}
+        diag_G: dict[str, bool] = {}
         need, biggest = 0, (0, "", "")
         for k, lay in layers.items():
             g, dG, dA = lay.dims()
-            item = torch.finfo(to_acc(lay.module.weight.detach()).dtype).bits // 8
+            item = torch.finfo(to_acc(lay.module_weight.detach()).dtype).bits // 8
             diag_A[k] = lay.kind == "embedding" or (max_factor_dim is not None and dA > max_factor_dim)
             diag_G[k] = max_factor_dim is not None and dG > max_factor_dim
             for side, d, is_diag in (("A", dA, diag_A[k]), ("G", dG, diag_G[k])):
@@ -506,16 +516,25 @@ class KroneckerFisher(Curvature):
         return diag_A, diag_G
 
     @staticmethod
-    def _refit(plan, data, max_batches, layers, blocks, n_total, dist_on) -> None:
+    def _refit(
+        plan: Plan,
+        data: Any,
+        max_batches: int | None,
+        layers: Mapping[str, KFACLayer],
+        blocks: Mapping[str, KroneckerBlock],
+        n_total: int,
+        dist_on: bool,
+    ) -> None:
         """EKFAC: ``s = (1/N) Σ_n Σ_j w_j (Q_Gᵀ g_nj Q_A)²`` in the factors' eigenbasis."""
         from natgrad.curvature.estimate import iterate_batches
 
-        bases = {}
+        bases: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        sums: dict[str, torch.Tensor] = {}
         for k, blk in blocks.items():
             QA, _, QG, _ = blk.bases()
             bases[k] = (QA, QG)
             g, dG, dA = blk.groups, blk.G.shape[1], blk.A.shape[1]
-            blk.s = torch.zeros(g, dG, dA, dtype=blk.A.dtype, device=blk.A.device)
+            blk.s = sums[k] = torch.zeros(g, dG, dA, dtype=blk.A.dtype, device=blk.A.device)
         n_seen, error = 0, None
         try:
             for batch in iterate_batches(data, max_batches):
@@ -524,11 +543,12 @@ class KroneckerFisher(Curvature):
                 for k in cap.inputs:
                     a, blk = cap.inputs[k], blocks[k]
                     QA, QG = bases[k]
-                    step = max(1, _BLOCK_FLOATS // max(blk.s.numel(), 1))
+                    s = sums[k]  # is blk.s: updated in place
+                    step = max(1, _BLOCK_FLOATS // max(s.numel(), 1))
                     for w, b in cap.grads[k]:
                         for i in range(0, cap.n, step):
                             M = per_sample_blocks(layers[k], a[i : i + step], b[i : i + step], QA, QG)
-                            blk.s += w * (M * M).sum(0)
+                            s += w * (M * M).sum(0)
         except Exception as exc:
             if not dist_on:
                 raise
@@ -537,18 +557,18 @@ class KroneckerFisher(Curvature):
             raise_if_any_rank_failed(error, "estimate_curvature(kind='ekfac')")
         if dist_on:
             order = list(blocks)
-            flat, n_seen = _reduce_sum([blocks[k].s for k in order], n_seen, None)
+            flat, n_seen = _reduce_sum([sums[k] for k in order], n_seen, None)
             for k, s in zip(order, flat, strict=True):
-                blocks[k].s = s
+                blocks[k].s = sums[k] = s
         if n_seen != n_total:
             raise ValueError(
                 f"kind='ekfac' saw {n_total} samples in its first pass over `data` and "
                 f"{n_seen} in its second; pass data that yields the same batches every time."
             )
         for k, blk in blocks.items():
-            blk.s = blk.s / n_total
+            blk.s = s = sums[k] / n_total
             blk.QA, blk.QG = bases[k]
-            check_finite(f"the EKFAC eigenvalues of layer {k!r}", blk.s.sum())
+            check_finite(f"the EKFAC eigenvalues of layer {k!r}", s.sum())
 
     # -- parameter helpers -------------------------------------------------------------
     def _check_names(self, v: Params) -> None:
@@ -570,7 +590,12 @@ class KroneckerFisher(Curvature):
             b = torch.zeros(d, dtype=dt, device=blk.A.device) if b is None else b.to(dt)
         return weight_blocks(blk.shape, blk.transposed, blk.groups, w, b)
 
-    def _each(self, v: Params, layer_fn, diag_fn) -> dict[str, torch.Tensor]:
+    def _each(
+        self,
+        v: Params,
+        layer_fn: Callable[[KroneckerBlock, torch.Tensor], torch.Tensor],
+        diag_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
         self._check_names(v)
         out: dict[str, torch.Tensor] = {}
         for blk in self.blocks.values():
@@ -580,7 +605,7 @@ class KroneckerFisher(Curvature):
             W, b = split_weight_blocks(blk.shape, blk.transposed, blk.bias is not None, R)
             if blk.weight in v:
                 out[blk.weight] = W.to(v[blk.weight].dtype)
-            if blk.bias is not None and blk.bias in v:
+            if blk.bias is not None and blk.bias in v and b is not None:  # b: the bias block
                 out[blk.bias] = b.to(v[blk.bias].dtype)
         for k, f in self.diag.items():
             if k in v:
@@ -593,7 +618,7 @@ class KroneckerFisher(Curvature):
         """``F v``: ``G V A`` per K-FAC layer, ``Q_G (s ⊙ Q_Gᵀ V Q_A) Q_Aᵀ`` per EKFAC layer,
         ``F ⊙ v`` on the diagonal part."""
 
-        def layer(blk, V):
+        def layer(blk: KroneckerBlock, V: torch.Tensor) -> torch.Tensor:
             if blk.s is not None:
                 return _unrot(_rot(V, blk.QA, blk.QG) * blk.s, blk.QA, blk.QG)
             V = blk.G.unsqueeze(-1) * V if blk.G.dim() == 2 else blk.G @ V
@@ -606,7 +631,7 @@ class KroneckerFisher(Curvature):
         on the diagonal part."""
         lam = _damping(damping)
 
-        def layer(blk, V):
+        def layer(blk: KroneckerBlock, V: torch.Tensor) -> torch.Tensor:
             QA, _, QG, _ = blk.bases()
             return _unrot(_rot(V, QA, QG) / (blk.eigenvalues() + lam), QA, QG)
 
@@ -651,7 +676,9 @@ class KroneckerFisher(Curvature):
 
     def _split(self, blk: KroneckerBlock, V: torch.Tensor) -> dict[str, torch.Tensor]:
         W, b = split_weight_blocks(blk.shape, blk.transposed, blk.bias is not None, V)
-        return {blk.weight: W} if b is None else {blk.weight: W, blk.bias: b}
+        if b is None or blk.bias is None:  # b is None exactly when there is no bias
+            return {blk.weight: W}
+        return {blk.weight: W, blk.bias: b}
 
     def structure(self) -> dict[str, str]:
         """``{parameter: "kfac" | "ekfac" | "diag"}`` in model order."""
@@ -764,7 +791,7 @@ class KroneckerFisher(Curvature):
             blocks[k] = KroneckerBlock(
                 d["weight"], d["bias"], tuple(int(s) for s in d["shape"]), bool(d["transposed"]),
                 int(d["groups"]), d["A"].clone(), d["G"].clone(),
-                *(d[t].clone() if d.get(t) is not None else None for t in ("s", "QA", "QG")),
+                s=_clone_opt(d.get("s")), QA=_clone_opt(d.get("QA")), QG=_clone_opt(d.get("QG")),
             )
         new = KroneckerFisher(blocks, {k: v.clone() for k, v in state["diag"].items()},
                               int(state["n_samples"]), kind=state["kind"],
@@ -783,12 +810,12 @@ class KroneckerFisher(Curvature):
         f.load_state_dict(state)
         return f
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write the state dict to a safetensors file (metadata, per-tensor SHA-256)."""
         save_state(path, self.state_dict(), _FORMAT)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> KroneckerFisher:
+    def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> KroneckerFisher:
         """Read a file written by :meth:`save` (format and checksums checked)."""
         return cls.from_state_dict(load_state(path, _FORMAT, device))
 
@@ -828,19 +855,30 @@ class KroneckerFisher(Curvature):
                                order=self.order)
 
 
-def _project(blk: KroneckerBlock, QA, QG) -> torch.Tensor:
+def _project(blk: KroneckerBlock, QA: torch.Tensor | None, QG: torch.Tensor | None) -> torch.Tensor:
     """The diagonal of ``blk``'s EKFAC operator in the eigenbasis ``(Q_G ⊗ Q_A)``:
     ``R_G² s (R_A²)ᵀ`` with ``R = Q_newᵀ Q_blk``."""
-    RG = None if QG is None else QG.mT @ blk.QG
-    RA = None if QA is None else QA.mT @ blk.QA
+    # Both operands are EKFAC blocks with the same diagonal sides (checked by the callers).
+    assert blk.s is not None and (QG is None) == (blk.QG is None) and (QA is None) == (blk.QA is None)
+    RG = None if QG is None or blk.QG is None else QG.mT @ blk.QG
+    RA = None if QA is None or blk.QA is None else QA.mT @ blk.QA
     S = blk.s
     if RG is not None:
         S = (RG * RG) @ S
     return S if RA is None else S @ (RA * RA).mT
 
 
-def _block_to(b: KroneckerBlock, *args, **kwargs) -> KroneckerBlock:
-    def mv(t):
-        return None if t is None else t.detach().to(*args, **kwargs)
+def _clone_opt(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()
 
-    return replace(b, A=mv(b.A), G=mv(b.G), s=mv(b.s), QA=mv(b.QA), QG=mv(b.QG), eig={})
+
+def _block_to(b: KroneckerBlock, *args: Any, **kwargs: Any) -> KroneckerBlock:
+    def mv(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(*args, **kwargs)
+
+    def mv_opt(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else mv(t)
+
+    return replace(
+        b, A=mv(b.A), G=mv(b.G), s=mv_opt(b.s), QA=mv_opt(b.QA), QG=mv_opt(b.QG), eig={}
+    )

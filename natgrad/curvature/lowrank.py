@@ -160,7 +160,7 @@ def woodbury_solve(
 
 
 def _flat(v: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
-          dtype: torch.dtype, device) -> torch.Tensor:
+          dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     parts = []
     for k, shape in shapes.items():
         x = v.get(k)
@@ -278,7 +278,7 @@ class LowRankFisher(Curvature):
 
     # -- estimation ---------------------------------------------------------------------
     @classmethod
-    def estimate(
+    def estimate(  # type: ignore[override]  # each kind takes its own keyword options
         cls,
         model: nn.Module,
         data: Any,
@@ -513,12 +513,12 @@ class LowRankFisher(Curvature):
         f.load_state_dict(state)
         return f
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write the state dict to a safetensors file (metadata, per-tensor SHA-256)."""
         save_state(path, self.state_dict(), _FORMAT)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> LowRankFisher:
+    def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> LowRankFisher:
         """Read a file written by :meth:`save` (format and checksums checked)."""
         return cls.from_state_dict(load_state(path, _FORMAT, device))
 
@@ -531,7 +531,7 @@ class LowRankFisher(Curvature):
         return self._like(rows, n)
 
 
-def _gather_rows(rows: torch.Tensor, n: int, group) -> tuple[torch.Tensor, int]:
+def _gather_rows(rows: torch.Tensor, n: int, group: Any) -> tuple[torch.Tensor, int]:
     """Concatenate every rank's rows (rank order) and sum the sample counts."""
     import torch.distributed as dist
 

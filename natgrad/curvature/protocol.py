@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -91,7 +91,8 @@ class Curvature(ABC):
     """
 
     #: the kinds this class was registered under, first one is the default
-    kind: ClassVar[str] = ""
+    # The registered kind; a class serving several kinds (kfac/ekfac) sets it per instance.
+    kind: str = ""
     n_samples: int
 
     # -- construction ------------------------------------------------------------------

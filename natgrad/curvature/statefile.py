@@ -53,7 +53,7 @@ def _unflatten(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     return obj
 
 
-def save_state(path: str | os.PathLike, state: Mapping[str, Any], fmt: str) -> None:
+def save_state(path: str | os.PathLike[str], state: Mapping[str, Any], fmt: str) -> None:
     """Write ``state`` (tensors and plain values, nested dicts) to ``path`` atomically.
 
     Args:
@@ -69,7 +69,9 @@ def save_state(path: str | os.PathLike, state: Mapping[str, Any], fmt: str) -> N
     save_tensors(path, tensors, fmt, {"state": json.dumps(skeleton)})
 
 
-def load_state(path: str | os.PathLike, fmt: str, device: str | torch.device = "cpu") -> dict:
+def load_state(
+    path: str | os.PathLike[str], fmt: str, device: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """Read and verify a file written by :func:`save_state` for ``fmt``.
 
     Raises:
@@ -81,4 +83,5 @@ def load_state(path: str | os.PathLike, fmt: str, device: str | torch.device = "
     cls = fmt.rsplit(".", 1)[-1]
     fix = f"Save it again with {cls}.save."
     tensors, meta = load_tensors(path, fmt, fix=fix, what=cls, device=device)
-    return _unflatten(meta_json(os.fspath(path), meta, "state", fix), tensors)
+    state: dict[str, Any] = _unflatten(meta_json(os.fspath(path), meta, "state", fix), tensors)
+    return state

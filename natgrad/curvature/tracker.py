@@ -97,14 +97,14 @@ class FisherTracker:
         """Release every task's tensors (the tracker stays usable)."""
         self.reset(None)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "decay": self.decay,
             "tasks": {t: f.state_dict() for t, f in self._fishers.items()},
             "updates": dict(self._updates),
         }
 
-    def load_state_dict(self, state: Mapping) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; every task's Fisher is checked against the
         model (names it lacks, shapes that differ) and for its values before anything
         changes.

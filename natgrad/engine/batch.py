@@ -74,13 +74,13 @@ class Batch:
     they are decided once, for the whole batch, and kept by :meth:`select`.
     """
 
-    args: tuple
-    kwargs: dict
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
     target: torch.Tensor | None
     mask: torch.Tensor | None
     size: int
-    arg_dims: tuple | None = None
-    kw_dims: dict | None = None
+    arg_dims: tuple[int | None, ...] | None = None
+    kw_dims: dict[str, int | None] | None = None
 
     def __post_init__(self) -> None:
         if self.arg_dims is None:
@@ -88,43 +88,57 @@ class Batch:
         if self.kw_dims is None:
             self.kw_dims = {k: batch_dim(v, self.size) for k, v in self.kwargs.items()}
 
+    def dims(self) -> tuple[tuple[int | None, ...], dict[str, int | None]]:
+        """``(arg_dims, kw_dims)``: each input's batch axis (both set by construction)."""
+        assert self.arg_dims is not None and self.kw_dims is not None  # set in __post_init__
+        return self.arg_dims, self.kw_dims
+
     def to(self, device: torch.device) -> Batch:
-        mv = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        def mv(t: Any) -> Any:
+            return t.to(device) if isinstance(t, torch.Tensor) else t
+
+        arg_dims, kw_dims = self.dims()
         return Batch(
             tuple(mv(a) for a in self.args),
             {k: mv(v) for k, v in self.kwargs.items()},
             mv(self.target),
             mv(self.mask),
             self.size,
-            self.arg_dims,
-            dict(self.kw_dims),
+            arg_dims,
+            dict(kw_dims),
         )
 
     def select(self, start: int, stop: int) -> Batch:
         """Samples ``start:stop``: per-sample inputs, target and mask are sliced,
         shared entries are kept whole."""
-        sl = lambda t, d: t[start:stop] if d == 0 and t is not None else t  # noqa: E731
+        def sl(t: Any, d: int | None) -> Any:
+            return t[start:stop] if d == 0 and t is not None else t
+
+        arg_dims, kw_dims = self.dims()
         return Batch(
-            tuple(sl(a, d) for a, d in zip(self.args, self.arg_dims, strict=True)),
-            {k: sl(v, self.kw_dims[k]) for k, v in self.kwargs.items()},
+            tuple(sl(a, d) for a, d in zip(self.args, arg_dims, strict=True)),
+            {k: sl(v, kw_dims[k]) for k, v in self.kwargs.items()},
             sl(self.target, 0),
             sl(self.mask, 0),
             min(stop, self.size) - start,
-            self.arg_dims,
-            dict(self.kw_dims),
+            arg_dims,
+            dict(kw_dims),
         )
 
     def take(self, index: torch.Tensor) -> Batch:
         """The samples at ``index`` (a 1-D long tensor; repeats allowed), without labels."""
-        tk = lambda t, d: t[index.to(t.device)] if d == 0 else t  # noqa: E731
+        def tk(t: Any, d: int | None) -> Any:
+            return t[index.to(t.device)] if d == 0 else t
+
+        arg_dims, kw_dims = self.dims()
         return Batch(
-            tuple(tk(a, d) for a, d in zip(self.args, self.arg_dims, strict=True)),
-            {k: tk(v, self.kw_dims[k]) for k, v in self.kwargs.items()},
+            tuple(tk(a, d) for a, d in zip(self.args, arg_dims, strict=True)),
+            {k: tk(v, kw_dims[k]) for k, v in self.kwargs.items()},
             None,
             None,
             len(index),
-            self.arg_dims,
-            dict(self.kw_dims),
+            arg_dims,
+            dict(kw_dims),
         )
 
 
@@ -133,10 +147,18 @@ def batch_dim(t: Any, n: int) -> int | None:
     return 0 if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else None
 
 
-def add_batch_axis(args: tuple, kwargs: dict, arg_dims: tuple, kw_dims: dict):
+def add_batch_axis(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    arg_dims: tuple[int | None, ...],
+    kw_dims: dict[str, int | None],
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Inside ``vmap`` (or a per-sample loop), give each per-sample input back a batch
     axis of size 1; shared entries stay as they are."""
-    up = lambda t, d: t.unsqueeze(0) if d == 0 else t  # noqa: E731
+
+    def up(t: Any, d: int | None) -> Any:
+        return t.unsqueeze(0) if d == 0 else t
+
     return (
         tuple(up(a, d) for a, d in zip(args, arg_dims, strict=True)),
         {k: up(v, kw_dims[k]) for k, v in kwargs.items()},
@@ -156,6 +178,9 @@ def parse_batch(batch: Any) -> Batch:
             inputs given as Python lists of numbers or NumPy arrays (labels may be lists:
             they are converted with ``torch.as_tensor``).
     """
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    target: Any
     if isinstance(batch, torch.Tensor):
         args, kwargs, target = (batch,), {}, None
     elif isinstance(batch, (tuple, list)):
@@ -231,7 +256,8 @@ def default_output_fn(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, Mapping) and "logits" in out:
-        return out["logits"]
+        logits_entry: torch.Tensor = out["logits"]
+        return logits_entry
     logits = getattr(out, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits

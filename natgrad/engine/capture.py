@@ -39,7 +39,7 @@ import logging
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -131,7 +131,7 @@ def _repeat_first(b: Batch, n: int) -> Batch:
     return b.take(torch.zeros(n, dtype=torch.long))
 
 
-def _first(out):
+def _first(out: Any) -> Any:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -158,12 +158,17 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
     free_ids = {id(p): k for k, p in plan.params.items() if k not in in_mods}
     ids = {id(plan.params[k]) for k in in_mods} | set(free_ids)
     ok = {m: True for m in cands}
-    shapes: dict[nn.Module, tuple] = {}
-    probes = []
+    shapes: dict[nn.Module, tuple[torch.Size, ...]] = {}
+    probes: list[ProbeMode] = []
     for n in (1, 2):
-        seen: dict[nn.Module, list] = {m: [] for m in cands}
+        seen: dict[nn.Module, list[tuple[Any, Any]]] = {m: [] for m in cands}
 
-        def hook(m, inp, out, seen=seen):
+        def hook(
+            m: nn.Module,
+            inp: tuple[Any, ...],
+            out: Any,
+            seen: dict[nn.Module, list[tuple[Any, Any]]] = seen,
+        ) -> None:
             seen[m].append((inp[0] if inp else None, _first(out)))
 
         handles = [m.register_forward_hook(hook) for m in cands]
@@ -191,7 +196,9 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
             if isinstance(m, nn.MultiheadAttention):
                 good = good and mode.attention.get(id(m.in_proj_weight), False)
             ok[m] = ok[m] and good
-    once = lambda p: all(pm.counts[id(p)] == 1 for pm in probes)  # noqa: E731
+    def once(p: torch.Tensor) -> bool:
+        return all(pm.counts[id(p)] == 1 for pm in probes)
+
     split = FastSplit()
     for m, slots in cands.items():
         keep = [s for s in slots if ok[m] and once(plan.params[s.name])]
@@ -206,7 +213,9 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
     return split
 
 
-_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SPLITS: weakref.WeakKeyDictionary[nn.Module, dict[Any, FastSplit]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _signature(t: Any) -> Any:
@@ -251,7 +260,9 @@ def _chain_once(probes: list[ProbeMode], name: str) -> bool:
 # -- one batch ------------------------------------------------------------------------
 
 
-def _module_squares(m: nn.Module, parts: dict, Bs: dict, w: float) -> dict[str, torch.Tensor]:
+def _module_squares(
+    m: nn.Module, parts: dict[str, Any], Bs: dict[str, Any], w: float
+) -> dict[str, torch.Tensor]:
     if isinstance(m, nn.MultiheadAttention):
         return layers.attention(parts, Bs, w)
     a, B = parts["main"][0], Bs["main"]
@@ -261,10 +272,12 @@ def _module_squares(m: nn.Module, parts: dict, Bs: dict, w: float) -> dict[str, 
         return layers.embedding(m, a, B, w)
     if isinstance(m, nn.LayerNorm):
         return layers.layer_norm(m, a, B, w)
-    return layers.conv(m, a, B, w)
+    return layers.conv(cast("nn.Conv1d | nn.Conv2d", m), a, B, w)  # _supported: conv only
 
 
-def _add_squares(acc: dict, m: nn.Module, slots: list[_Slot], sq: dict) -> None:
+def _add_squares(
+    acc: dict[str, torch.Tensor], m: nn.Module, slots: list[_Slot], sq: dict[str, torch.Tensor]
+) -> None:
     for s in slots:
         if s.role in sq:
             # Layer formulas may return a flattened shape (Conv: (O, C·k)); the mask and
@@ -297,7 +310,7 @@ def fast_batch_sums(
     ``split.rest``, or None) for the other parameters, with shared label draws."""
     store: dict[Any, Any] = {}
 
-    def hook(m, inp, out):
+    def hook(m: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
         e = zero_perturbation(out)
         store[m] = {"main": (inp[0].detach(), inp[0]._version, e)}
         return out + e
@@ -353,7 +366,7 @@ def fast_batch_sums(
         del per
         for m, slots in split.fast.items():
             parts = store[m]
-            Bs = {part: grads[(m, part)] for part in parts}
+            Bs: dict[str, Any] = {part: grads[(m, part)] for part in parts}
             if all(B is None for B in Bs.values()):
                 continue
             if isinstance(m, nn.Linear) and parts["main"][0].dim() == 2:
@@ -363,10 +376,10 @@ def fast_batch_sums(
                 continue
             _add_squares(acc, m, slots, _module_squares(m, parts, Bs, w))
         for k in split.free:
-            B = grads[(k, None)]
-            if B is not None:
+            Bk = grads[(k, None)]
+            if Bk is not None:
                 chain, d_shape, _ = store[k]
-                acc[k] += layers.free(chain, plan.params[k], d_shape, B, w).to(acc[k].dtype)
+                acc[k] += layers.free(chain, plan.params[k], d_shape, Bk, w).to(acc[k].dtype)
     for m, b2 in dense.items():
         a = layers.work(store[m]["main"][0])
         _add_squares(acc, m, split.fast[m], {"weight": b2.t() @ (a * a), "bias": b2.sum(0)})

@@ -6,14 +6,15 @@ float64 (float64 models); ``B`` has shape ``(J, *layer_output.shape)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import vjp, vmap
+from torch.func import vmap
 
-from natgrad.engine.common import to_acc
+from natgrad.engine.common import to_acc, vjp_pair
 from natgrad.engine.per_sample import CHUNK_FLOATS
 
 _PRODUCT_FLOATS = 2**22  # one chunk of per-sample products: about 16 MiB of float32
@@ -55,7 +56,9 @@ def unfold(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     """Patches of ``a`` as ``(N, C·k, L)`` in the weight's ``(C, *kernel)`` order (one copy
     of a strided view; faster than ``F.unfold`` on CPU)."""
     nd = a.dim() - 2
-    pad = [p for q in reversed(m.padding) for p in (q, q)]
+    # str padding ('same'/'valid') never reaches here: capture accepts int padding only
+    padding = cast(tuple[int, ...], m.padding)
+    pad = [p for q in reversed(padding) for p in (q, q)]
     x = F.pad(a, pad) if any(pad) else a
     out = [
         (x.shape[2 + i] - m.dilation[i] * (m.kernel_size[i] - 1) - 1) // m.stride[i] + 1
@@ -70,14 +73,16 @@ def unfold(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     return view.reshape(x.shape[0], -1, _prod(out))
 
 
-def _prod(xs) -> int:
+def _prod(xs: Iterable[int]) -> int:
     p = 1
     for x in xs:
         p *= x
     return p
 
 
-def conv(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, B: torch.Tensor, w: float):
+def conv(
+    m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, B: torch.Tensor, w: float
+) -> dict[str, torch.Tensor]:
     """Conv: per-sample ``G_n = B_n U_nᵀ`` with ``U_n`` the unfolded patches ``(C·k, L)``."""
     a, B = work(a), work(B)
     U = unfold(m, a)  # (N, K, L)
@@ -87,7 +92,9 @@ def conv(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, B: torch.Tensor, w: float):
     return {"weight": seq_products(Bs, U.transpose(1, 2), w), "bias": w * (bb * bb).sum((0, 1))}
 
 
-def embedding(m: nn.Embedding, ids: torch.Tensor, B: torch.Tensor, w: float):
+def embedding(
+    m: nn.Embedding, ids: torch.Tensor, B: torch.Tensor, w: float
+) -> dict[str, torch.Tensor]:
     """Embedding: row ``v`` of ``G_nj`` is ``Σ_{t: ids_nt = v} b_njt``; summed by (n, v)."""
     B = work(B)
     V, D = m.num_embeddings, m.embedding_dim
@@ -108,7 +115,9 @@ def embedding(m: nn.Embedding, ids: torch.Tensor, B: torch.Tensor, w: float):
     return {"weight": w * acc}
 
 
-def layer_norm(m: nn.LayerNorm, a: torch.Tensor, B: torch.Tensor, w: float):
+def layer_norm(
+    m: nn.LayerNorm, a: torch.Tensor, B: torch.Tensor, w: float
+) -> dict[str, torch.Tensor]:
     """LayerNorm ``z = x̂ ⊙ γ + β``: ``∂l_n/∂γ = Σ_t b_nt ⊙ x̂_nt``, ``∂l_n/∂β = Σ_t b_nt``."""
     xhat = work(F.layer_norm(a, m.normalized_shape, None, None, m.eps))
     B = work(B)
@@ -118,7 +127,9 @@ def layer_norm(m: nn.LayerNorm, a: torch.Tensor, B: torch.Tensor, w: float):
     return {"weight": w * (gw * gw).sum((0, 1)), "bias": w * (gb * gb).sum((0, 1))}
 
 
-def attention(parts: dict, Bs: dict, w: float) -> dict[str, torch.Tensor]:
+def attention(
+    parts: dict[str, Any], Bs: dict[str, torch.Tensor | None], w: float
+) -> dict[str, torch.Tensor]:
     """``nn.MultiheadAttention``'s packed input and output projections (sequence-first
     captures ``(L, N, E)``, moved to batch-first)."""
     res = {}
@@ -149,7 +160,7 @@ def free(
     axes = [1 + i for i, s in enumerate(d_shape) if s == 1 and g.shape[1 + i] != 1]
     if axes:
         g = g.sum(axes, keepdim=True)
-    _, pull = vjp(chain, work(p.detach()))
+    _, pull = vjp_pair(chain, work(p.detach()))
     acc = torch.zeros(p.shape, dtype=g.dtype, device=g.device)
     chunk = max(1, CHUNK_FLOATS // max(p.numel(), 1))
     for s in range(0, g.shape[0], chunk):

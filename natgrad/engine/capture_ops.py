@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,9 @@ from torch.utils._pytree import tree_leaves
 
 _MHA = F.multi_head_attention_forward
 _MHA_SIG = inspect.signature(_MHA)
+
+# A view chain from a free parameter: (parameter name, replay on a substitute, tensor).
+Root = tuple[str, Callable[[torch.Tensor], torch.Tensor], torch.Tensor]
 VIEWS = {
     torch.Tensor.__getitem__,
     torch.Tensor.view,
@@ -43,7 +48,7 @@ def zero_perturbation(out: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=out.dtype, device=out.device).requires_grad_().expand(out.shape)
 
 
-def mha_args(args, kwargs) -> dict | None:
+def mha_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
     """Bound arguments of a supported ``multi_head_attention_forward`` call, else None."""
     a = _MHA_SIG.bind(*args, **kwargs)
     a.apply_defaults()
@@ -78,7 +83,7 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return mask.to(dtype)
 
 
-def self_attention(v: dict, store: dict) -> tuple[torch.Tensor, None]:
+def self_attention(v: dict[str, Any], store: dict[str, Any]) -> tuple[torch.Tensor, None]:
     """Multi-head self-attention with packed projections, recording ``(input, e)`` of
     the input projection (``store["in"]``) and the output projection (``store["out"]``).
 
@@ -94,7 +99,9 @@ def self_attention(v: dict, store: dict) -> tuple[torch.Tensor, None]:
     e_in = zero_perturbation(qkv)
     store["in"] = (x.detach(), x._version, e_in)
     qkv = qkv + e_in
-    heads = lambda t: t.reshape(L, N, H, E // H).permute(1, 2, 0, 3)  # noqa: E731
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(L, N, H, E // H).permute(1, 2, 0, 3)
+
     q, k, val = (heads(t) for t in qkv.chunk(3, dim=-1))
     mask = None
     am = _additive(v["attn_mask"], q.dtype)
@@ -112,40 +119,59 @@ def self_attention(v: dict, store: dict) -> tuple[torch.Tensor, None]:
     return out + e_out, None
 
 
+def _replay(
+    chain: Callable[[torch.Tensor], torch.Tensor],
+    func: Callable[..., Any],
+    rest: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The view chain extended by ``func(·, *rest, **kwargs)``."""
+    return lambda q: func(chain(q), *rest, **kwargs)
+
+
 class _Tracker(TorchFunctionMode):
     """Shared bookkeeping: tensors derived by views from free parameters."""
 
     def __init__(self, free_ids: dict[int, str]):
         super().__init__()
         self.free_ids = free_ids
-        self.derived: dict[int, tuple] = {}  # id -> (name, chain, tensor ref)
+        self.derived: dict[int, Root] = {}  # id -> (name, chain, tensor ref)
 
-    def root(self, t) -> tuple | None:
+    def root(self, t: object) -> Root | None:
         if not isinstance(t, torch.Tensor):
             return None
         if id(t) in self.free_ids:
             return (self.free_ids[id(t)], lambda q: q, t)
         return self.derived.get(id(t))
 
-    def view_of(self, func, args, kwargs, out) -> None:
+    def view_of(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], out: object
+    ) -> None:
         r = self.root(args[0]) if args else None
         if r is not None and func in VIEWS and isinstance(out, torch.Tensor):
             name, chain, _ = r
             rest = args[1:]
             self.derived[id(out)] = (
                 name,
-                lambda q, c=chain, f=func, r=rest, k=kwargs: f(c(q), *r, **k),
+                _replay(chain, func, rest, kwargs),
                 out,
             )
 
-    def add_operands(self, func, args, kwargs):
+    def add_operands(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Root, torch.Tensor] | None:
         """``(root, other)`` for an add of a free-parameter view to another tensor."""
         if func not in ADDS or len(args) != 2 or kwargs:
             return None
         ra, rb = self.root(args[0]), self.root(args[1])
         if (ra is None) == (rb is None):
             return None
-        r, other = (ra, args[1]) if ra is not None else (rb, args[0])
+        if ra is not None:
+            r, other = ra, args[1]
+        elif rb is not None:
+            r, other = rb, args[0]
+        else:  # excluded above: exactly one operand is a parameter view
+            return None
         return (r, other) if isinstance(other, torch.Tensor) else None
 
 
@@ -156,11 +182,17 @@ class ProbeMode(_Tracker):
     def __init__(self, ids: set[int], free_ids: dict[int, str], n: int):
         super().__init__(free_ids)
         self.ids, self.n = ids, n
-        self.counts: Counter = Counter()
+        self.counts: Counter[int] = Counter()
         self.attention: dict[int, bool] = {}  # id(in_proj_weight) -> supported
         self.adds: dict[str, list[bool]] = {}
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(out)):
@@ -190,16 +222,24 @@ class ProbeMode(_Tracker):
 class CaptureMode(_Tracker):
     """Runs captured attention calls and perturbs free-parameter additions."""
 
-    def __init__(self, attention: dict[int, object], free_ids: dict[int, str], store: dict):
+    def __init__(
+        self, attention: Mapping[int, object], free_ids: dict[int, str], store: dict[Any, Any]
+    ):
         super().__init__(free_ids)
         self.attention, self.store = attention, store
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         if func is _MHA:
             v = mha_args(args, kwargs)
             unit = None if v is None else self.attention.get(id(v["in_proj_weight"]))
-            if unit is not None:
+            if v is not None and unit is not None:
                 parts = self.store.setdefault(unit, {})
                 return self_attention(v, parts)
         out = func(*args, **kwargs)

@@ -231,7 +231,7 @@ class DataCheck:
 
 
 # -- files -------------------------------------------------------------------------------
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically and durably (see
     :func:`natgrad.engine.files.atomic_path`).
 
@@ -246,7 +246,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         torch.save({"format": _FORMAT, **state}, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The state saved at ``path``, or None when there is no file.
 
     The state of a Fisher pass holds ``fingerprint``, ``sums`` (``{name: tensor}``),
@@ -365,7 +365,7 @@ def _locked(lock: str, path: str) -> CheckpointLockedError:
 
 
 @contextlib.contextmanager
-def checkpoint_lock(path: str | os.PathLike) -> Iterator[str]:
+def checkpoint_lock(path: str | os.PathLike[str]) -> Iterator[str]:
     """Hold an exclusive lock on ``<path>.lock`` for the block; yields the lock path.
 
     ``fcntl.flock`` where available (the kernel releases it when the process dies, so a

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import operator
 import os
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -31,6 +31,16 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
             f"Unknown {name} {value!r}; expected one of {', '.join(repr(c) for c in choices)}."
         )
     return value
+
+
+@overload
+def check_int(
+    name: str, value: Any, minimum: int, *, optional: Literal[False] = False
+) -> int: ...
+
+
+@overload
+def check_int(name: str, value: Any, minimum: int, *, optional: bool) -> int | None: ...
 
 
 def check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> int | None:
@@ -261,7 +271,7 @@ def check_not_python_numbers(value: Any, what: str) -> None:
         )
 
 
-def describe_inputs(args: tuple, kwargs: Mapping[str, Any]) -> str:
+def describe_inputs(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
     """``"(32, 39) float32"`` for one tensor; ``"{input_ids: (2, 7) int64, ...}"`` for dicts."""
 
     def one(v: Any) -> str:
@@ -290,7 +300,7 @@ def _raised_by_natgrad(exc: BaseException) -> bool:
 
 
 def forward_failed(
-    exc: Exception, model: nn.Module, args: tuple, kwargs: Mapping[str, Any], where: str
+    exc: Exception, model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], where: str
 ) -> Exception:
     """The error to raise (``from exc``) when the model's own forward fails on a batch.
 
@@ -479,7 +489,7 @@ def check_fisher_type(fisher: Any, what: str = "fisher") -> Mapping[str, torch.T
 # -- collections of models, batches and Fishers -----------------------------------------------
 
 
-def check_model_list(models: Any, what: str = "models") -> list:
+def check_model_list(models: Any, what: str = "models") -> Sequence[Any]:
     """Return ``models`` as a list of ``nn.Module``; a bare module is refused with the fix."""
     if isinstance(models, nn.Module):
         raise TypeError(
@@ -493,7 +503,7 @@ def check_model_list(models: Any, what: str = "models") -> list:
     return models
 
 
-def check_batch_list(batches: Any, what: str = "batches") -> list:
+def check_batch_list(batches: Any, what: str = "batches") -> Sequence[Any]:
     """Return ``batches`` as a list of batches; one batch given bare (``(x, y)``, a tensor
     or a dict) is refused, since its items would be read as separate batches."""
     single = isinstance(batches, (torch.Tensor, Mapping)) or (
@@ -515,7 +525,7 @@ def check_batch_list(batches: Any, what: str = "batches") -> list:
     return batches
 
 
-def check_fishers_by_task(fisher: Any, what: str = "fisher") -> dict:
+def check_fishers_by_task(fisher: Any, what: str = "fisher") -> Mapping[Any, Any]:
     """Return ``fisher`` if it maps task names to Fishers; one Fisher given bare is refused."""
     if not isinstance(fisher, Mapping):
         raise TypeError(

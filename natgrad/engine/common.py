@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 
@@ -28,3 +31,15 @@ def module_of(name: str) -> str:
         ('encoder.0', 'scale')
     """
     return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def vjp_pair(
+    func: Callable[..., Any], *primals: Any
+) -> tuple[Any, Callable[..., tuple[Any, ...]]]:
+    """``torch.func.vjp(func, *primals)`` without ``has_aux``: ``(output, pullback)``.
+
+    ``torch.func.vjp`` is annotated as returning a pair or a triple (the triple only with
+    ``has_aux=True``); this names the pair, so callers unpack it with a checked type.
+    """
+    res = torch.func.vjp(func, *primals)
+    return res[0], res[1]

@@ -89,7 +89,7 @@ def _fsync_dir(folder: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, prefix: str = ".natgrad-") -> Iterator[str]:
+def atomic_path(path: str | os.PathLike[str], prefix: str = ".natgrad-") -> Iterator[str]:
     """A temporary path to write; on success it is synced and renamed to ``path``.
 
     The temporary file lies in ``path``'s folder (created if missing), so the rename is
@@ -160,7 +160,7 @@ def find_invalid(tensors: Mapping[str, torch.Tensor], *, nonnegative: bool) -> s
 
 
 def save_tensors(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     tensors: Mapping[str, torch.Tensor],
     kind: str,
     metadata: Mapping[str, str] | None = None,
@@ -255,7 +255,7 @@ def _read(path: str, device: str) -> tuple[dict[str, str], dict[str, torch.Tenso
 
 
 def load_tensors(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     kind: str,
     *,
     fix: str,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -65,14 +66,15 @@ class Likelihood(ABC):
 
     @abstractmethod
     def sample(
-        self, output: torch.Tensor, generator: torch.Generator, k: int, target=None
+        self, output: torch.Tensor, generator: torch.Generator, k: int, target: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``k`` label draws from the predictive, shape ``(k, N, ...)``."""
 
     def output_grad(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``∇_f l_n`` for every sample, same shape as ``output``."""
         with torch.enable_grad():
-            return torch.func.grad(lambda o: self.nll(o, target).sum())(output)
+            grad: torch.Tensor = torch.func.grad(lambda o: self.nll(o, target).sum())(output)
+            return grad
 
     def num_factor_columns(self, output: torch.Tensor) -> int:
         """Number ``K`` of symmetric-factor columns of the output Fisher per sample."""
@@ -82,7 +84,7 @@ class Likelihood(ABC):
         )
 
     def factor_columns(
-        self, output: torch.Tensor, start: int, stop: int, target=None
+        self, output: torch.Tensor, start: int, stop: int, target: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Columns ``s_start..s_stop-1`` of ``Λ(f) = Σ_j s_j s_jᵀ``, shape ``(k, *output.shape)``."""
         raise ValueError(
@@ -135,7 +137,7 @@ class Categorical(Likelihood):
 
     name = "categorical"
 
-    def check_target(self, output, target):
+    def check_target(self, output: torch.Tensor, target: torch.Tensor) -> None:
         """Logits ``(N, C)``; labels ``(N,)`` in ``[0, C)``."""
         if output.dim() != 2:
             raise ValueError(
@@ -150,26 +152,30 @@ class Categorical(Likelihood):
             )
         check_class_labels(target, output.shape[-1], self.name)
 
-    def prepare_target(self, output, target):
+    def prepare_target(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Integer labels of any width are cast to int64 (exact); float/bool labels raise."""
         return super().prepare_target(output, integer_labels(target, self.name))
 
-    def nll(self, output, target):
+    def nll(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(to_acc(output), target, reduction="none")
 
-    def output_grad(self, output, target):
+    def output_grad(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         p = to_acc(output).softmax(-1)
         return p - F.one_hot(target, p.shape[-1]).to(p.dtype)
 
-    def sample(self, output, generator, k, target=None):
+    def sample(
+        self, output: torch.Tensor, generator: torch.Generator, k: int, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
         p = to_acc(output.detach()).softmax(-1).cpu()
         draws = torch.multinomial(p, k, replacement=True, generator=generator)  # (N, k)
         return draws.t().contiguous().to(output.device)
 
-    def num_factor_columns(self, output):
+    def num_factor_columns(self, output: torch.Tensor) -> int:
         return output.shape[-1]
 
-    def factor_columns(self, output, start, stop, target=None):
+    def factor_columns(
+        self, output: torch.Tensor, start: int, stop: int, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return _onehot_factor(to_acc(output.detach()).softmax(-1), start, stop)
 
 
@@ -184,10 +190,10 @@ class Gaussian(Likelihood):
     def __init__(self, sigma: float = 1.0):
         self.sigma = check_positive("sigma", sigma)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Gaussian(sigma={self.sigma})"
 
-    def check_target(self, output, target):
+    def check_target(self, output: torch.Tensor, target: torch.Tensor) -> None:
         """Targets shaped like the outputs, finite."""
         if target.shape[1:] != output.shape[1:]:
             want = (target.shape[0], *output.shape[1:])
@@ -196,25 +202,29 @@ class Gaussian(Likelihood):
                 f"{tuple(target.shape)} (reshape y, e.g. y.view(-1, 1))."
             )
 
-    def nll(self, output, target):
+    def nll(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         r = (target.to(to_acc(output).dtype) - to_acc(output)).flatten(1)
         d = r.shape[1]
         return 0.5 * (r**2).sum(1) / self.sigma**2 + d * math.log(
             self.sigma * math.sqrt(2 * math.pi)
         )
 
-    def output_grad(self, output, target):
+    def output_grad(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (to_acc(output) - target.to(to_acc(output).dtype)) / self.sigma**2
 
-    def sample(self, output, generator, k, target=None):
+    def sample(
+        self, output: torch.Tensor, generator: torch.Generator, k: int, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
         f = to_acc(output.detach())
         eps = torch.randn((k, *f.shape), generator=generator).to(f.device)
         return f.unsqueeze(0) + self.sigma * eps
 
-    def num_factor_columns(self, output):
+    def num_factor_columns(self, output: torch.Tensor) -> int:
         return output[0].numel()
 
-    def factor_columns(self, output, start, stop, target=None):
+    def factor_columns(
+        self, output: torch.Tensor, start: int, stop: int, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
         n, d = output.shape[0], output[0].numel()
         eye = (
             torch.eye(d, dtype=to_acc(output).dtype, device=output.device)[start:stop] / self.sigma
@@ -230,7 +240,7 @@ class Bernoulli(Likelihood):
 
     name = "bernoulli"
 
-    def check_target(self, output, target):
+    def check_target(self, output: torch.Tensor, target: torch.Tensor) -> None:
         """Targets shaped like the logits, in ``[0, 1]`` (0/1 labels or probabilities)."""
         if target.shape[1:] != output.shape[1:]:
             want = (target.shape[0], *output.shape[1:])
@@ -241,24 +251,28 @@ class Bernoulli(Likelihood):
         check_finite_target(target, self.name)
         check_unit_interval(target)
 
-    def nll(self, output, target):
+    def nll(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(
             to_acc(output), target.to(to_acc(output).dtype), reduction="none"
         )
         return loss.flatten(1).sum(1)
 
-    def output_grad(self, output, target):
+    def output_grad(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return to_acc(output).sigmoid() - target.to(to_acc(output).dtype)
 
-    def sample(self, output, generator, k, target=None):
+    def sample(
+        self, output: torch.Tensor, generator: torch.Generator, k: int, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
         p = to_acc(output.detach()).sigmoid().cpu()
         u = torch.rand((k, *p.shape), generator=generator)
         return (u < p.unsqueeze(0)).float().to(output.device)
 
-    def num_factor_columns(self, output):
+    def num_factor_columns(self, output: torch.Tensor) -> int:
         return output[0].numel()
 
-    def factor_columns(self, output, start, stop, target=None):
+    def factor_columns(
+        self, output: torch.Tensor, start: int, stop: int, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
         p = to_acc(output.detach()).sigmoid().flatten(1)  # (N, D)
         d = p.shape[1]
         eye = torch.eye(d, dtype=p.dtype, device=p.device)[start:stop]  # (k, D)
@@ -283,10 +297,10 @@ class TokenCategorical(Likelihood):
         self.ignore_index = int(ignore_index)
         self.shift = bool(shift)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"TokenCategorical(ignore_index={self.ignore_index}, shift={self.shift})"
 
-    def check_target(self, output, target):
+    def check_target(self, output: torch.Tensor, target: torch.Tensor) -> None:
         """Logits ``(N, T, V)``; labels ``(N, T)`` in ``[0, V)`` or ``ignore_index``
         (with ``shift``, the label at position 0 is never read and not checked)."""
         if output.dim() != 3:
@@ -310,37 +324,56 @@ class TokenCategorical(Likelihood):
             target = torch.cat([first, target[:, 1:]], dim=1)
         check_class_labels(target, output.shape[-1], self.name, self.ignore_index)
 
-    def prepare_target(self, output, target):
+    def prepare_target(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Integer tokens of any width are cast to int64 (exact); float/bool tokens raise."""
         return super().prepare_target(output, integer_labels(target, self.name))
 
-    def _align(self, output, target):
+    @overload
+    def _align(
+        self, output: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @overload
+    def _align(
+        self, output: torch.Tensor, target: None
+    ) -> tuple[torch.Tensor, None]: ...
+
+    @overload
+    def _align(
+        self, output: torch.Tensor, target: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def _align(
+        self, output: torch.Tensor, target: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.shift:
             output = output[:, :-1]
             target = None if target is None else target[:, 1:]
         return output, target
 
-    def _pad(self, x):
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
         # Undo the shift on a tensor shaped like the aligned logits (zeros at the last position).
         if not self.shift:
             return x
         return torch.cat([x, torch.zeros_like(x[..., :1, :])], dim=-2)
 
-    def nll(self, output, target):
+    def nll(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         out, tgt = self._align(output, target)
         keep = tgt != self.ignore_index
         safe = torch.where(keep, tgt, torch.zeros_like(tgt))
         logp = to_acc(out).log_softmax(-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
         return -(logp * keep).sum(-1)
 
-    def output_grad(self, output, target):
+    def output_grad(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         out, tgt = self._align(output, target)
         keep = (tgt != self.ignore_index).unsqueeze(-1)
         safe = torch.where(keep.squeeze(-1), tgt, torch.zeros_like(tgt))
         p = to_acc(out).softmax(-1)
         return self._pad((p - F.one_hot(safe, p.shape[-1]).to(p.dtype)) * keep)
 
-    def sample(self, output, generator, k, target=None):
+    def sample(
+        self, output: torch.Tensor, generator: torch.Generator, k: int, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
         out, tgt = self._align(to_acc(output.detach()), target)
         n, t, v = out.shape
         p = out.softmax(-1).reshape(n * t, v).cpu()
@@ -353,11 +386,13 @@ class TokenCategorical(Likelihood):
             draws = torch.cat([pad, draws], dim=-1)
         return draws
 
-    def num_factor_columns(self, output):
+    def num_factor_columns(self, output: torch.Tensor) -> int:
         out, _ = self._align(output, None)
         return out.shape[1] * out.shape[2]
 
-    def factor_columns(self, output, start, stop, target=None):
+    def factor_columns(
+        self, output: torch.Tensor, start: int, stop: int, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
         out, tgt = self._align(to_acc(output.detach()), target)
         n, t, v = out.shape
         p = out.softmax(-1)
@@ -400,10 +435,12 @@ class CustomLikelihood(Likelihood):
             raise TypeError("CustomLikelihood needs a callable nll(output, target) -> (N,).")
         self._nll, self._sampler, self.name = nll, sampler, name
 
-    def nll(self, output, target):
+    def nll(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self._nll(output, target)
 
-    def sample(self, output, generator, k, target=None):
+    def sample(
+        self, output: torch.Tensor, generator: torch.Generator, k: int, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self._sampler is None:
             raise ValueError(
                 f"labels='mc' needs a sampler: pass CustomLikelihood(nll, sampler=...) for {self.name!r}."
@@ -420,7 +457,7 @@ _REGISTRY: dict[str, type[Likelihood]] = {
 LIKELIHOOD_NAMES = tuple(_REGISTRY)
 
 
-def get_likelihood(likelihood: str | Likelihood, **kwargs) -> Likelihood:
+def get_likelihood(likelihood: str | Likelihood, **kwargs: Any) -> Likelihood:
     """Resolve a likelihood given by name (with constructor kwargs) or as an object.
 
     Example:

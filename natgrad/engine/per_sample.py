@@ -29,12 +29,12 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NoReturn, overload
 
 import torch
 from torch import nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from natgrad.engine.batch import (
@@ -54,7 +54,7 @@ from natgrad.engine.checks import (
     forward_failed,
     integer_labels,
 )
-from natgrad.engine.common import acc_dtype, to_acc
+from natgrad.engine.common import acc_dtype, to_acc, vjp_pair
 from natgrad.engine.likelihoods import Likelihood, TokenCategorical, get_likelihood
 
 __all__ = ["per_sample_grads", "select_params", "LABEL_SOURCES", "ParamSpec"]
@@ -130,8 +130,17 @@ class Plan:
     """Everything the vmapped per-sample function needs, resolved once per call."""
 
     def __init__(
-        self, model, likelihood, labels, mc_samples, params, output_fn, generator, *, what="natgrad"
-    ):
+        self,
+        model: nn.Module,
+        likelihood: str | Likelihood,
+        labels: str,
+        mc_samples: int,
+        params: ParamSpec,
+        output_fn: OutputFn | None,
+        generator: torch.Generator | None,
+        *,
+        what: str = "natgrad",
+    ) -> None:
         check_model(model, what)
         check_no_batch_mixing(model)
         self.model = model
@@ -208,8 +217,10 @@ class Plan:
         """
         lik = self.lik
         if self.labels == "empirical":
+            assert target is not None  # check_target refused a batch without labels
             yield lik.output_grad(out, target).unsqueeze(0)
         elif self.labels == "mc":
+            assert draws is not None  # draw() ran for labels='mc'
             yield torch.stack([lik.output_grad(out, draws[:, j]) for j in range(self.k)])
         else:
             K = lik.num_factor_columns(out)
@@ -258,7 +269,14 @@ class Plan:
         probe_failed(exc, self.model, probe, full, self.where)
 
     # -- per-sample function -----------------------------------------------------
-    def per_sample(self, mode: str, arg_dims: tuple, kw_dims: dict, n: int, nested: bool):
+    def per_sample(
+        self,
+        mode: str,
+        arg_dims: tuple[int | None, ...],
+        kw_dims: dict[str, int | None],
+        n: int,
+        nested: bool,
+    ) -> Callable[..., dict[str, torch.Tensor]]:
         """A function of one sample returning its gradients ``(J, *param.shape)``
         (``mode="grads"``) or ``Σ_j w_j g_j²`` in the accumulation dtype (float64 for
         float64 parameters, else float32; ``mode="squares"``).
@@ -276,7 +294,7 @@ class Plan:
         """
         model, output_fn, weight = self.model, self.output_fn, self.weight
 
-        def pull(pullback, c: torch.Tensor) -> dict[str, torch.Tensor]:
+        def pull(pullback: Callable[..., Any], c: torch.Tensor) -> dict[str, torch.Tensor]:
             if nested and c.shape[0] not in (1, n):
                 g = vmap(pullback)(c)[0]
             else:
@@ -284,28 +302,42 @@ class Plan:
                 g = {k: torch.stack([gj[k] for gj in gs]) for k in gs[0]}
             return {k: v.to_dense() if v.is_sparse else v for k, v in g.items()}
 
-        def fn(p, args, kwargs, target, draws):
+        def fn(
+            p: dict[str, torch.Tensor],
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            target: torch.Tensor | None,
+            draws: torch.Tensor | None,
+        ) -> dict[str, torch.Tensor]:
             args, kwargs = add_batch_axis(args, kwargs, arg_dims, kw_dims)
             target = as_one_sample(target)
 
-            def f(pp):
+            def f(pp: dict[str, torch.Tensor]) -> torch.Tensor:
                 return output_fn(functional_call(model, pp, args, kwargs, strict=False))
 
-            out, pullback = vjp(f, p)
+            out, pullback = vjp_pair(f, p)
             cols = self.columns(out, target, as_one_sample(draws))
             if mode == "grads":
                 gs = [pull(pullback, c.to(out.dtype)) for c in cols]
                 return {k: torch.cat([g[k] for g in gs]) for k in p}
-            acc = None
+            acc: dict[str, torch.Tensor] | None = None
             for c in cols:
                 g = pull(pullback, c.to(out.dtype))
                 sq = {k: (to_acc(v) ** 2).sum(0) for k, v in g.items()}
                 acc = sq if acc is None else {k: acc[k] + sq[k] for k in acc}
+            assert acc is not None  # columns() yields at least one group
             return {k: v * weight for k, v in acc.items()} if weight != 1.0 else acc
 
         return fn
 
-    def run(self, b: Batch, target, draws, mode: str, chunk_size: int | None):
+    def run(
+        self,
+        b: Batch,
+        target: torch.Tensor | None,
+        draws: torch.Tensor | None,
+        mode: str,
+        chunk_size: int | None,
+    ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Yield ``(n, result)`` for each chunk of ``n`` samples of the batch.
 
         ``result`` maps each parameter to ``(n, *param.shape)`` (squares) or
@@ -345,23 +377,22 @@ class Plan:
                 None if d is None else 0,
             )
             args = (params, sub.args, sub.kwargs, t, d)
-            why = None
+            why: Callable[[], str] | None = None
+            arg_dims, kw_dims = b.dims()
             while self.tier < 2:
-                fn = self.per_sample(mode, b.arg_dims, b.kw_dims, n, nested=self.tier == 0)
+                fn = self.per_sample(mode, arg_dims, kw_dims, n, nested=self.tier == 0)
                 try:
                     res = vmap(fn, in_dims=in_dims, randomness="different")(*args)
                 except Exception as exc:  # noqa: BLE001 - the loop re-raises real errors
-                    why = lambda exc=exc, dims=in_dims, a=args: vmap_failure(  # noqa: E731
-                        self.model, exc, lambda: _failing_module(self, dims, a)
-                    )
+                    why = _vmap_why(self, exc, in_dims, args)
                 else:
                     bad = bad_shape(res, self.params, n, mode)
                     if bad is None:
                         break
-                    why = lambda bad=bad: f"vmap returned {bad}"  # noqa: E731
+                    why = _returned_why(bad)
                 self.tier += 1
             else:
-                fn = self.per_sample(mode, b.arg_dims, b.kw_dims, 1, nested=False)
+                fn = self.per_sample(mode, arg_dims, kw_dims, 1, nested=False)
                 res = loop_samples(fn, in_dims, args, n)
                 bad = bad_shape(res, self.params, n, mode)
                 if bad is not None:
@@ -374,17 +405,35 @@ class Plan:
             yield n, res
 
 
-def bad_shape(res: dict, params: dict, n: int, mode: str) -> str | None:
+def _vmap_why(
+    plan: Plan, exc: Exception, in_dims: tuple[Any, ...], args: tuple[Any, ...]
+) -> Callable[[], str]:
+    """The (lazy) reason for leaving ``vmap``: its error, naming the failing module."""
+    return lambda: vmap_failure(plan.model, exc, lambda: _failing_module(plan, in_dims, args))
+
+
+def _returned_why(bad: str) -> Callable[[], str]:
+    """The (lazy) reason for leaving ``vmap``: a result of the wrong shape."""
+    return lambda: f"vmap returned {bad}"
+
+
+def bad_shape(
+    res: dict[str, Any], params: Mapping[str, torch.Tensor], n: int, mode: str
+) -> str | None:
     """A description of the first result whose shape is not ``(n, *param.shape)``
     (``mode="squares"``) or ``(n, J, *param.shape)`` with one ``J`` for all (grads)."""
-    cols = set()
+    cols: set[int] = set()
     for k, p in params.items():
         v = res.get(k)
         shape = None if v is None else tuple(v.shape)
         if mode == "grads":
-            ok = shape is not None and len(shape) == p.dim() + 2 and shape[0] == n
-            ok = ok and shape[2:] == tuple(p.shape)
-            if ok:
+            ok = (
+                shape is not None
+                and len(shape) == p.dim() + 2
+                and shape[0] == n
+                and shape[2:] == tuple(p.shape)
+            )
+            if ok and shape is not None:
                 cols.add(shape[1])
             want = f"({n}, J, {', '.join(map(str, p.shape))})"
         else:
@@ -443,12 +492,16 @@ def vmap_failure(
 _DIAGNOSE_PARAMS = 256  # at most this many one-parameter probes to name a failing module
 
 
-def _failing_module(plan: Plan, in_dims: tuple, args: tuple) -> nn.Module | None:
+def _failing_module(
+    plan: Plan, in_dims: tuple[Any, ...], args: tuple[Any, ...]
+) -> nn.Module | None:
     """The module of the first parameter whose vmapped gradient alone fails (one sample)."""
     params, a, kw, t, d = args
     if len(params) > _DIAGNOSE_PARAMS:
         return None
-    first = lambda x, dim: x[:1] if dim == 0 else x  # noqa: E731
+    def first(x: Any, dim: int | None) -> Any:
+        return x[:1] if dim == 0 else x
+
     one = (
         tuple(first(x, dim) for x, dim in zip(a, in_dims[1], strict=True)),
         {k: first(x, in_dims[2][k]) for k, x in kw.items()},
@@ -543,25 +596,28 @@ def mean_loss_grad(
             "has none; pass (x, y) or a dict with 'labels'."
         )
     target = masked_target(lik, b)
+    assert target is not None  # b.target was checked above
     params = [named[k] for k in names]
     with torch.enable_grad():
         out = (output_fn or default_output_fn)(call_model(model, b, what))
         target = lik.prepare_target(out, target)
         grads = torch.autograd.grad(lik.nll(out, target).mean(), params, allow_unused=True)
-    res = {}
+    res: dict[str, torch.Tensor] = {}
     for k, p, g in zip(names, params, grads, strict=True):
         res[k] = to_acc(torch.zeros_like(p) if g is None else g.detach())
         check_finite(f"the gradient of {what}'s loss for {k!r}", res[k])
     return res, b.size
 
 
-def loop_samples(fn, in_dims, args, n: int):
+def loop_samples(
+    fn: Callable[..., Any], in_dims: tuple[Any, ...], args: tuple[Any, ...], n: int
+) -> Any:
     """``vmap(fn, in_dims)(*args)`` computed one sample at a time (no tracing of the model).
 
     ``fn`` may return any pytree of tensors; each leaf is stacked over the ``n`` samples.
     """
 
-    def take(x, dim, i):
+    def take(x: Any, dim: Any, i: int) -> Any:
         if dim is None:
             return x
         if isinstance(x, tuple):
@@ -576,7 +632,19 @@ def loop_samples(fn, in_dims, args, n: int):
     return tree_unflatten(stacked if leaves else [], spec)
 
 
-def as_one_sample(t):
+@overload
+def as_one_sample(t: torch.Tensor) -> torch.Tensor: ...
+
+
+@overload
+def as_one_sample(t: None) -> None: ...
+
+
+@overload
+def as_one_sample(t: torch.Tensor | None) -> torch.Tensor | None: ...
+
+
+def as_one_sample(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` with a batch axis of size 1 (a per-sample target or label draw inside vmap)."""
     return t.unsqueeze(0) if isinstance(t, torch.Tensor) else t
 

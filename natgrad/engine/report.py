@@ -55,7 +55,9 @@ def to_jsonable(value: Any, *, max_elements: int | None = None) -> Any:
         DiagonalFisher,  # lazy: fisher.py must not depend on reports
     )
 
-    rec = lambda v: to_jsonable(v, max_elements=max_elements)  # noqa: E731
+    def rec(v: Any) -> Any:
+        return to_jsonable(v, max_elements=max_elements)
+
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
         if max_elements is not None and value.numel() > max_elements:
@@ -95,4 +97,5 @@ class Report:
     """Mixin for result dataclasses: ``to_dict()`` gives plain, JSON-serializable values."""
 
     def to_dict(self) -> dict[str, Any]:
-        return to_jsonable(self)
+        out: dict[str, Any] = to_jsonable(self)
+        return out
