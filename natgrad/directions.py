@@ -41,6 +41,7 @@ from natgrad.engine.common import acc_dtype
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.per_sample import (
     LABEL_SOURCES,
+    LabelSource,
     ParamSpec,
     Plan,
     per_sample_grads,
@@ -284,7 +285,7 @@ def top_fisher_directions(
     k: int = 10,
     likelihood: str | Likelihood = "categorical",
     *,
-    labels: str = "empirical",
+    labels: LabelSource = "empirical",
     mc_samples: int = 1,
     params: ParamSpec = None,
     method: Literal["gram", "lanczos"] = "gram",

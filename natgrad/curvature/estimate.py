@@ -14,7 +14,7 @@ from torch import nn
 from natgrad.curvature.diagonal import DiagonalFisher
 from natgrad.curvature.protocol import Curvature, curvature_class
 from natgrad.engine.batch import OutputFn
-from natgrad.engine.capture import ENGINES, square_sums_auto
+from natgrad.engine.capture import ENGINES, EngineName, square_sums_auto
 from natgrad.engine.checkpoint import (
     DataCheck,
     check_state,
@@ -38,7 +38,7 @@ from natgrad.engine.distributed import (
     resolve_distributed,
 )
 from natgrad.engine.likelihoods import Likelihood
-from natgrad.engine.per_sample import ParamSpec, Plan
+from natgrad.engine.per_sample import LabelSource, ParamSpec, Plan
 
 __all__ = ["estimate_curvature", "estimate_fisher", "is_single_batch", "iterate_batches"]
 
@@ -89,7 +89,7 @@ def estimate_fisher(
     data: Any,
     likelihood: str | Likelihood = "categorical",
     *,
-    labels: str = "empirical",
+    labels: LabelSource = "empirical",
     mc_samples: int = 1,
     params: ParamSpec = None,
     chunk_size: int | None = None,
@@ -97,7 +97,7 @@ def estimate_fisher(
     progress: bool = False,
     generator: torch.Generator | None = None,
     output_fn: OutputFn | None = None,
-    engine: str = "auto",
+    engine: EngineName = "auto",
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 10,
     distributed: bool | None = None,

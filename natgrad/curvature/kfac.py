@@ -72,7 +72,7 @@ from natgrad.engine.batch import OutputFn
 from natgrad.engine.checks import check_choice, check_fixed_model
 from natgrad.engine.common import to_acc
 from natgrad.engine.likelihoods import Likelihood
-from natgrad.engine.per_sample import ParamSpec, Plan, call_model
+from natgrad.engine.per_sample import LabelSource, ParamSpec, Plan, call_model
 from natgrad.engine.report import Report
 
 __all__ = [
@@ -516,7 +516,7 @@ def kfac_factors(
     batch: Any,
     likelihood: str | Likelihood = "categorical",
     *,
-    labels: str = "empirical",
+    labels: LabelSource = "empirical",
     params: ParamSpec = None,
     generator: torch.Generator | None = None,
     output_fn: OutputFn | None = None,

@@ -68,6 +68,7 @@ from natgrad.curvature.kfac import (
 from natgrad.curvature.protocol import Curvature, Params, register_curvature
 from natgrad.curvature.statefile import load_state, save_state
 from natgrad.engine.batch import OutputFn
+from natgrad.engine.capture import EngineName
 from natgrad.engine.checks import (
     check_choice,
     check_finite,
@@ -82,7 +83,7 @@ from natgrad.engine.distributed import (
     resolve_distributed,
 )
 from natgrad.engine.likelihoods import Likelihood
-from natgrad.engine.per_sample import ParamSpec, Plan
+from natgrad.engine.per_sample import LabelSource, ParamSpec, Plan
 
 __all__ = ["KroneckerFisher", "FactorMemoryError", "KRONECKER_KINDS"]
 
@@ -300,7 +301,7 @@ class KroneckerFisher(Curvature):
         likelihood: str | Likelihood = "categorical",
         *,
         kind: str = "kfac",
-        labels: str = "empirical",
+        labels: LabelSource = "empirical",
         mc_samples: int = 1,
         params: ParamSpec = None,
         generator: torch.Generator | None = None,
@@ -310,7 +311,7 @@ class KroneckerFisher(Curvature):
         max_factor_dim: int | None = None,
         max_factor_bytes: int | None = None,
         chunk_size: int | None = None,
-        engine: str = "auto",
+        engine: EngineName = "auto",
         distributed: bool | None = None,
     ) -> KroneckerFisher:
         """Estimate the K-FAC (``kind="kfac"``) or EKFAC (``"ekfac"``) Fisher of ``model``.

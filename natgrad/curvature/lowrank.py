@@ -60,7 +60,7 @@ from natgrad.engine.distributed import (
     resolve_distributed,
 )
 from natgrad.engine.likelihoods import Likelihood
-from natgrad.engine.per_sample import ParamSpec, Plan, per_sample_grads
+from natgrad.engine.per_sample import LabelSource, ParamSpec, Plan, per_sample_grads
 
 __all__ = ["gram_eigen", "woodbury_solve", "LowRankFisher"]
 
@@ -285,7 +285,7 @@ class LowRankFisher(Curvature):
         likelihood: str | Likelihood = "categorical",
         *,
         kind: str = "lowrank",
-        labels: str = "empirical",
+        labels: LabelSource = "empirical",
         mc_samples: int = 1,
         params: ParamSpec = None,
         rank: int | None = None,

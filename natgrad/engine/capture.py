@@ -39,7 +39,7 @@ import logging
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, cast, get_args
 
 import torch
 from torch import nn
@@ -55,7 +55,9 @@ __all__ = ["ENGINES"]  # the rest is used by natgrad.curvature.estimate
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("auto", "vmap", "fast")  # estimate_fisher(engine=...)
+#: ``estimate_fisher(engine=...)``: the capture path where it applies (auto), or one engine.
+EngineName = Literal["auto", "vmap", "fast"]
+ENGINES: tuple[EngineName, ...] = get_args(EngineName)
 _FORWARDS = {
     nn.Linear: nn.Linear.forward,
     nn.Conv1d: nn.Conv1d.forward,

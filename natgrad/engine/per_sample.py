@@ -30,7 +30,7 @@ import copy
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, NoReturn, overload
+from typing import Any, Literal, NoReturn, get_args, overload
 
 import torch
 from torch import nn
@@ -61,7 +61,10 @@ __all__ = ["per_sample_grads", "select_params", "LABEL_SOURCES", "ParamSpec"]
 
 logger = logging.getLogger(__name__)
 
-LABEL_SOURCES = ("empirical", "mc", "exact")
+#: The label sources: the data's labels, ``k`` seeded draws from the model, or the
+#: closed-form expectation through a symmetric factor of the output Hessian.
+LabelSource = Literal["empirical", "mc", "exact"]
+LABEL_SOURCES: tuple[LabelSource, ...] = get_args(LabelSource)
 ParamSpec = (
     None | Sequence[str] | Callable[[str, nn.Parameter], bool] | Sequence[nn.Module] | nn.Module
 )
@@ -654,7 +657,7 @@ def per_sample_grads(
     batch: Any,
     likelihood: str | Likelihood = "categorical",
     *,
-    labels: str = "empirical",
+    labels: LabelSource = "empirical",
     mc_samples: int = 1,
     params: ParamSpec = None,
     chunk_size: int | None = None,

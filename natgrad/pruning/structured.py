@@ -36,6 +36,7 @@ from torch import nn
 from natgrad.engine.batch import default_output_fn, parse_batch
 from natgrad.engine.checks import check_choice, check_no_batch_mixing, check_no_train_dropout
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
+from natgrad.engine.per_sample import LabelSource
 from natgrad.pruning.attention import from_multihead
 from natgrad.pruning.search import BudgetError, build_cost_model, greedy_search, rearrange
 from natgrad.pruning.shrink import count_flops, count_params, shrink_model, tune_layers
@@ -312,7 +313,7 @@ def prune_structured(
     params: float | None = None,
     latency: float | None = None,
     likelihood: str | Likelihood = "categorical",
-    labels: str = "empirical",
+    labels: LabelSource = "empirical",
     mc_samples: int = 1,
     calibration: Any = None,
     tune: bool = True,

@@ -47,6 +47,7 @@ from natgrad.engine.batch import default_output_fn, parse_batch
 from natgrad.engine.checks import check_choice, check_finite, check_int, check_no_batch_mixing
 from natgrad.engine.common import acc_dtype
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
+from natgrad.engine.per_sample import LabelSource
 
 __all__ = [
     "UnsupportedStructureError",
@@ -703,7 +704,7 @@ def mask_grads(
     batch: Any,
     *,
     likelihood: str | Likelihood = "categorical",
-    labels: str = "empirical",
+    labels: LabelSource = "empirical",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     output_fn=None,
@@ -792,7 +793,7 @@ def estimate_mask_fisher(
     data: Any,
     *,
     likelihood: str | Likelihood = "categorical",
-    labels: str = "empirical",
+    labels: LabelSource = "empirical",
     mc_samples: int = 1,
     seed: int = 0,
     max_batches: int | None = None,
