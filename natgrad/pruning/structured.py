@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from natgrad.engine.batch import default_output_fn, parse_batch
+from natgrad.engine.batch import OutputFn, default_output_fn, parse_batch
 from natgrad.engine.checks import check_choice, check_no_batch_mixing, check_no_train_dropout
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.per_sample import LabelSource
@@ -327,7 +327,7 @@ def prune_structured(
     latency_batch_sizes: Iterable[int] = (1, 32),
     latency_repeats: int = 20,
     seed: int = 0,
-    output_fn=None,
+    output_fn: OutputFn | None = None,
 ) -> tuple[nn.Module, StructuredPruningReport]:
     """Remove neurons, channels and attention heads of ``model`` to fit a budget.
 
@@ -347,8 +347,9 @@ def prune_structured(
             BERT/ViT/GPT-2 style model (then only heads and feed-forward neurons are pruned).
         data: a batch ``(x, y)`` or an iterable of batches for the Fisher (and the
             measured loss).
-        flops, params, latency: exactly one budget, the fraction to keep in ``(0, 1]``.
-            ``latency`` keeps that fraction of the measured latency at the largest of
+        flops: the fraction of FLOPs to keep in ``(0, 1]`` (exactly one budget is given).
+        params: the fraction of parameters to keep in ``(0, 1]``.
+        latency: the fraction of the measured latency to keep, at the largest of
             ``latency_batch_sizes`` (bisection over FLOPs budgets, each shrunk and timed).
         likelihood: ``"categorical"`` etc. or a :class:`~natgrad.Likelihood`.
         labels: ``"empirical"`` (data labels) or ``"mc"`` (``mc_samples`` draws).
