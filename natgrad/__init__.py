@@ -57,6 +57,7 @@ from natgrad.pruning.masks import (
     make_permanent,
     mask_overlap,
 )
+from natgrad.pruning.obs import ObsReport, obs_prune, obs_saliency
 from natgrad.pruning.prune import fisher_importance, fisher_pruning_masks
 from natgrad.pruning.structured import StructuredPruningReport, prune_structured
 
@@ -113,6 +114,9 @@ __all__ = [
     # uses: pruning and merging
     "fisher_importance",
     "fisher_pruning_masks",
+    "obs_prune",
+    "obs_saliency",
+    "ObsReport",
     "apply_masks",
     "make_permanent",
     "mask_overlap",
