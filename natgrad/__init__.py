@@ -45,7 +45,7 @@ from natgrad.laplace import (
     fisher_uncertainty,
     optimize_prior_precision,
 )
-from natgrad.merging import fisher_weighted_merge
+from natgrad.merging import fisher_weighted_merge, regmean_merge
 from natgrad.optim.natural_gradient import NaturalGradient
 from natgrad.optim.precondition import FisherPreconditioner
 from natgrad.optim.scale import scale_by_fisher
@@ -124,6 +124,7 @@ __all__ = [
     "MaskOverlap",
     "SetOverlap",
     "fisher_weighted_merge",
+    "regmean_merge",
     # uses: uncertainty and directions
     "fisher_uncertainty",
     "optimize_prior_precision",
