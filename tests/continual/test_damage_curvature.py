@@ -67,10 +67,10 @@ def test_dense_diagonal_curvature_equals_the_diagonal_fisher():
 def test_asymmetry_with_dense_curvatures():
     model, a, b = _setup(2)
     c1, c2 = _dense(model, 3), _dense(model, 4)
-    r = natgrad.fisher_damage_asymmetry(model, a, b, fisher_math=c1, fisher_general=c2)
+    r = natgrad.fisher_damage_asymmetry(model, a, b, fisher_a=c1, fisher_b=c2)
     ga, gb = _mean_grad(model, a), _mean_grad(model, b)
     d1 = 0.5 * float(gb @ c1.matrix @ gb)
     d2 = 0.5 * float(ga @ c2.matrix @ ga)
     assert r.damage_to_first == pytest.approx(d1, rel=1e-10)
     assert r.damage_to_second == pytest.approx(d2, rel=1e-10)
-    assert r.more_fragile == ("math" if d1 > d2 else "general")
+    assert r.more_fragile == ("A" if d1 > d2 else "B")
