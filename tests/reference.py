@@ -324,3 +324,8 @@ class DenseCurvature(Curvature):
     def all_reduce(self, group=None):
         return self
 
+
+
+def dense_copy(curv, shapes: dict, kind: str = "dense") -> DenseCurvature:
+    """A :class:`DenseCurvature` holding ``curv``'s matrix read off through ``mv``."""
+    return DenseCurvature(dense_from_mv(curv, shapes), shapes, curv.n_samples, kind)

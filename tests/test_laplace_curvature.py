@@ -129,3 +129,39 @@ def test_marglik_matches_the_dense_formula():
     assert r.best_score == pytest.approx(log_z(best), rel=1e-10)
     # a maximum: the dense log Z is lower on both sides
     assert log_z(best * 1.01) < r.best_score and log_z(best / 1.01) < r.best_score
+
+
+needs_kron = pytest.mark.skipif(
+    not {"kfac", "lowrank"} <= set(natgrad.CURVATURE_KINDS),
+    reason="KroneckerFisher / LowRankFisher not registered in this build",
+)
+
+
+@needs_kron
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "lowrank"])
+def test_structured_predictive_matches_the_dense_posterior(kind):
+    from tests.reference import dense_from_mv
+
+    model = _model(7)
+    g = torch.Generator().manual_seed(8)
+    xt = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    yt = torch.randint(0, 3, (30,), generator=g)
+    curv = natgrad.estimate_curvature(model, (xt, yt), kind=kind, labels="exact")
+    mat = dense_from_mv(curv, _shapes(model))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    r = natgrad.fisher_uncertainty(model, x, curv, prior_precision=0.5)
+    j = _jacobian(model, x)
+    cov = torch.linalg.inv(30 * mat + 0.5 * torch.eye(31, dtype=torch.float64))
+    want = torch.einsum("ndp,pq,ndq->nd", j, cov, j)
+    torch.testing.assert_close(r.logit_variance, want, rtol=1e-8, atol=1e-12)
+    if kind != "lowrank":  # block-diagonal: the last layer's block is its posterior
+        r_ll = natgrad.fisher_uncertainty(model, x, curv, prior_precision=0.5,
+                                          subset="last_layer")
+        cov_ll = torch.linalg.inv(30 * mat[16:, 16:] + 0.5 * torch.eye(15, dtype=torch.float64))
+        want_ll = torch.einsum("ndp,pq,ndq->nd", j[..., 16:], cov_ll, j[..., 16:])
+        torch.testing.assert_close(r_ll.logit_variance, want_ll, rtol=1e-8, atol=1e-12)
+    m = natgrad.optimize_prior_precision(model, curv, method="marglik", grid=[1.0])
+    theta = flatten_params(dict(model.named_parameters()), NAMES)
+    sld = torch.linalg.slogdet(30 * mat + torch.eye(31, dtype=torch.float64))[1]
+    want_score = float(-0.5 * theta @ theta - 0.5 * sld)
+    assert m.scores[0] == pytest.approx(want_score, rel=1e-8)

@@ -128,3 +128,31 @@ def test_regmean_is_the_kronecker_merge_with_identity_g():
     b = natgrad.fisher_weighted_merge(models, curvs, floor=0.0, method="dense")
     torch.testing.assert_close(a.weight, b.weight, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(a.bias, b.bias, rtol=1e-9, atol=1e-10)
+
+
+needs_kron = pytest.mark.skipif(
+    not {"kfac", "lowrank"} <= set(natgrad.CURVATURE_KINDS),
+    reason="KroneckerFisher / LowRankFisher not registered in this build",
+)
+
+
+@needs_kron
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "lowrank"])
+@pytest.mark.parametrize("method", ["dense", "cg"])
+def test_kronecker_merge_matches_a_dense_solve(kind, method):
+    from tests.reference import dense_copy
+
+    models = [_model(s) for s in (20, 21)]
+    curvs, dense = [], []
+    for i, m in enumerate(models):
+        g = torch.Generator().manual_seed(30 + i)
+        x = torch.randn(12, 3, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 2, (12,), generator=g)
+        c = natgrad.estimate_curvature(m, (x, y), kind=kind, labels="exact")
+        curvs.append(c)
+        dense.append(dense_copy(c, _shapes(m)))
+    merged = natgrad.fisher_weighted_merge(
+        models, curvs, floor=1e-4, method=method, cg_tol=1e-13, cg_iters=3000
+    )
+    want = _reference(models, dense, [0.5, 0.5], 1e-4)
+    torch.testing.assert_close(_theta(merged), want, rtol=1e-6, atol=1e-8)

@@ -414,7 +414,12 @@ class EWC:
         return {"curvature": curvature, "anchor": anchor, "lam": lam}
 
     def _curvature_term(self, t: dict[str, Any], named) -> torch.Tensor:
-        """``(λ_t/2) quad_t(θ - θ*_t)`` with ``λ_t`` the term's own or ``self.lam``."""
+        """``(λ_t/2) Δᵀ F_t Δ`` (``Δ = θ - θ*_t``) with ``λ_t`` the term's own or ``self.lam``.
+
+        Written ``λ_t (Δ·sg(FΔ) - ½ sg(Δ·FΔ))`` (``sg``: no gradient): the value is
+        ``(λ_t/2) quad_t(Δ)`` and the gradient ``λ_t F_t Δ``; per layer from the factors
+        for a Kronecker curvature (its ``mv`` is ``G V A``), never a ``P x P`` matrix.
+        """
         diff = {}
         for k, a in t["anchor"].items():
             target = _resolve(k, named)
@@ -427,7 +432,12 @@ class EWC:
             acc = acc_dtype(p.dtype)
             diff[k] = p.to(acc) - a.to(device=p.device, dtype=acc)
         lam = self.lam if t["lam"] is None else t["lam"]
-        return t["curvature"].quad(diff) * (0.5 * lam)
+        # value (λ/2) Δᵀ F Δ and gradient λ F Δ from one product F Δ, without relying on
+        # autograd through the curvature's internals (a structured mv may detach inputs)
+        with torch.no_grad():
+            fd = t["curvature"].mv({k: v.detach() for k, v in diff.items()})
+        lin = sum((diff[k] * fd[k].to(diff[k])).sum() for k in diff)
+        return (lin - 0.5 * lin.detach()) * lam
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -74,3 +74,17 @@ def test_asymmetry_with_dense_curvatures():
     assert r.damage_to_first == pytest.approx(d1, rel=1e-10)
     assert r.damage_to_second == pytest.approx(d2, rel=1e-10)
     assert r.more_fragile == ("A" if d1 > d2 else "B")
+
+
+@pytest.mark.skipif("kfac" not in natgrad.CURVATURE_KINDS, reason="no KroneckerFisher here")
+def test_kronecker_damage_matches_its_dense_matrix():
+    from tests.reference import dense_from_mv
+
+    model, a, b = _setup(5)
+    curv = natgrad.estimate_curvature(model, a, kind="kfac", labels="exact")
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    mat = dense_from_mv(curv, shapes)
+    r = natgrad.fisher_weighted_damage(model, a, b, lr=0.5, fisher_a=curv)
+    d = -0.5 * _mean_grad(model, b)
+    assert r.damage == pytest.approx(0.5 * float(d @ mat @ d), rel=1e-9)
+    assert sum(r.per_layer.values()) == pytest.approx(r.damage, rel=1e-9)  # block-diagonal

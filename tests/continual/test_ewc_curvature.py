@@ -121,3 +121,54 @@ def test_diagonal_fisher_without_lam_scale_keeps_the_old_path():
     )
     assert float(ewc.penalty()) == pytest.approx(want, rel=1e-12)
     assert ewc.state_dict()["curvature_terms"] == []
+
+
+needs_kron = pytest.mark.skipif(
+    not {"kfac", "lowrank"} <= set(natgrad.CURVATURE_KINDS),
+    reason="KroneckerFisher / LowRankFisher not registered in this build",
+)
+
+
+def _kron(model, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (16,), generator=g)
+    return natgrad.estimate_curvature(model, (x, y), kind=kind, labels="exact")
+
+
+@needs_kron
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "lowrank"])
+def test_structured_penalty_and_gradient_match_the_dense_quadratic_form(kind):
+    from tests.reference import dense_from_mv
+
+    model = _model(5)
+    curv = _kron(model, kind, 1)
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    mat = dense_from_mv(curv, shapes)
+    star = _theta(model)
+    ewc = natgrad.EWC(model, curv, lam=5.0)
+    _move(model, 11)
+    d = _theta(model) - star
+    pen = ewc.penalty()
+    assert float(pen.detach()) == pytest.approx(2.5 * float(d @ mat @ d), rel=1e-9)
+    torch.testing.assert_close(_grad(model, pen), 5.0 * mat @ d, rtol=1e-8, atol=1e-10)
+
+
+@needs_kron
+def test_online_kronecker_fold_is_the_ema_of_factors():
+    from tests.reference import dense_from_mv
+
+    model = _model(6)
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    c1, c2 = _kron(model, "kfac", 2), _kron(model, "kfac", 3)
+    ewc = natgrad.EWC(model, c1, lam=1.0, mode="online", gamma=0.8)
+    ewc.consolidate(c2)
+    star = _theta(model)
+    _move(model, 12)
+    d = _theta(model) - star
+    folded = dense_from_mv((1.8 * c1.ema(c2, 0.8 / 1.8)), shapes)
+    assert float(ewc.penalty().detach()) == pytest.approx(0.5 * float(d @ folded @ d), rel=1e-9)
+    # it approximates the exact sum γ F₁ + F₂ (the factors are averaged separately)
+    exact = 0.8 * dense_from_mv(c1, shapes) + dense_from_mv(c2, shapes)
+    rel = float(torch.linalg.norm(folded - exact) / torch.linalg.norm(exact))
+    assert 0 < rel < 1

@@ -220,3 +220,36 @@ def test_model_output_uses_the_masks():
     assert int((model[0].weight == 0).sum()) >= 6
     natgrad.make_permanent(model)
     assert not hasattr(model[0], "weight_orig")
+
+
+needs_kron = pytest.mark.skipif(
+    not {"kfac", "lowrank"} <= set(natgrad.CURVATURE_KINDS),
+    reason="KroneckerFisher / LowRankFisher not registered in this build",
+)
+
+
+@needs_kron
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "lowrank"])
+@pytest.mark.parametrize("method", ["exact", "cg"])
+def test_structured_curvatures_match_their_dense_matrix(kind, method):
+    from tests.reference import dense_copy
+
+    model = _model(13)
+    x = torch.randn(20, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (20,))
+    curv = natgrad.estimate_curvature(model, (x, y), kind=kind, labels="exact")
+    dense = dense_copy(curv, _shapes(model))
+    twin = _model(13)
+    lam = 1e-2
+    r1 = natgrad.obs_prune(model, curv, 0.5, damping=lam, method=method, min_keep_per_layer=1,
+                           cg_tol=1e-12, cg_iters=1000)
+    r2 = natgrad.obs_prune(twin, dense, 0.5, damping=lam, method=method, min_keep_per_layer=1,
+                           cg_tol=1e-12, cg_iters=1000)
+    for k in r1.masks:
+        assert torch.equal(r1.masks[k], r2.masks[k])
+    torch.testing.assert_close(_after(model), _after(twin), rtol=1e-7, atol=1e-9)
+    assert r1.predicted_increase == pytest.approx(r2.predicted_increase, rel=1e-6)
+    # a structured curvature moves the kept weights (a diagonal one would not)
+    theta0 = _theta(_model(13))
+    kept = torch.cat([r1.masks[k].reshape(-1) for k in ("0.weight",)])
+    assert not torch.allclose(_after(model)[:12][kept], theta0[:12][kept])
