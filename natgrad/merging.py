@@ -292,7 +292,7 @@ def _curvature_merge(models, curvs, w, floor, normalize, method, dense_max, cg_i
     mean = {k: _mean([p[k].detach() for p in params], w).to(dt) for k in target}
     # rhs: Σ_m w_m F_m (θ_m − θ̄)
     rhs = {k: torch.zeros_like(mean[k]) for k in names}
-    for wm, c, p in zip(w, curvs, params):
+    for wm, c, p in zip(w, curvs, params, strict=True):
         if wm == 0:
             continue
         fv = c.mv({k: p[k].detach().to(dt) - mean[k] for k in names})
@@ -301,7 +301,7 @@ def _curvature_merge(models, curvs, w, floor, normalize, method, dense_max, cg_i
 
     def op(v):
         out = {k: floor * x for k, x in v.items()}
-        for wm, c in zip(w, curvs):
+        for wm, c in zip(w, curvs, strict=True):
             if wm:
                 fv = c.mv(v)
                 for k in v:
@@ -325,7 +325,7 @@ def _curvature_merge(models, curvs, w, floor, normalize, method, dense_max, cg_i
         if method == "dense" or (method == "auto" and size <= dense_max):
             correction.update(_dense_solve(op, b, group, mean))
         else:
-            pre = {k: floor + sum(wm * d[k].to(mean[k]) for wm, d in zip(w, diags)) for k in group}
+            pre = {k: floor + sum(wm * d[k].to(mean[k]) for wm, d in zip(w, diags, strict=True)) for k in group}
             pre = {k: torch.where(v > 0, v, torch.ones_like(v)) for k, v in pre.items()}
             res = conjugate_gradient(op, b, precond=pre, max_iter=cg_iters, tol=cg_tol)
             correction.update(res.x)
@@ -352,7 +352,7 @@ def _dense_solve(op, b, group, like) -> dict[str, torch.Tensor]:
     for i in range(total):
         e = torch.zeros(total, dtype=like[group[0]].dtype, device=like[group[0]].device)
         e[i] = 1.0
-        v = {k: t.reshape(shapes[k]) for k, t in zip(group, torch.split(e, sizes))}
+        v = {k: t.reshape(shapes[k]) for k, t in zip(group, torch.split(e, sizes), strict=True)}
         out = op(v)
         cols.append(torch.cat([out[k].reshape(-1) for k in group]).double())
     m = torch.stack(cols, 1)
@@ -360,7 +360,7 @@ def _dense_solve(op, b, group, like) -> dict[str, torch.Tensor]:
     rhs = torch.cat([b[k].reshape(-1) for k in group]).double()
     x = torch.linalg.lstsq(m, rhs.unsqueeze(1)).solution.squeeze(1) if total else rhs
     parts = torch.split(x.to(like[group[0]].dtype), sizes)
-    return {k: t.reshape(shapes[k]) for k, t in zip(group, parts)}
+    return {k: t.reshape(shapes[k]) for k, t in zip(group, parts, strict=True)}
 
 
 # -- RegMean ------------------------------------------------------------------------------
@@ -429,12 +429,12 @@ def regmean_merge(
     _check_models(models)
     linear = [n for n, mod in models[0].named_modules() if isinstance(mod, nn.Linear)]
     grams: list[dict[str, torch.Tensor]] = []
-    for m, d in zip(models, data):
+    for m, d in zip(models, data, strict=True):
         acc: dict[str, torch.Tensor] = {}
         hooks = []
         mods = dict(m.named_modules())
 
-        def hook(name):
+        def hook(name, acc=acc):
             def fn(module, inputs):
                 x = inputs[0].detach()
                 x = x.reshape(-1, x.shape[-1]).to(torch.float64)
@@ -472,7 +472,7 @@ def regmean_merge(
             bname = f"{n}.bias" if n else "bias"
             has_bias = mod.bias is not None
             num, den = 0, 0
-            for wm, g, p in zip(w, grams, params):
+            for wm, g, p in zip(w, grams, params, strict=True):
                 a = g[n]
                 a = alpha * a + (1 - alpha) * torch.diag(torch.diagonal(a))
                 wt = p[wname].detach().to(torch.float64)

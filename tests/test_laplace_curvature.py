@@ -46,7 +46,7 @@ def _jacobian(model, x):
         per_out = []
         for c in range(out.shape[0]):
             g = torch.autograd.grad(out[c], list(params.values()), retain_graph=True)
-            per_out.append(flatten_params(dict(zip(params, g)), NAMES))
+            per_out.append(flatten_params(dict(zip(params, g, strict=True)), NAMES))
         rows.append(torch.stack(per_out))
     return torch.stack(rows)
 

@@ -37,9 +37,9 @@ def _reference(models, curvs, w, floor):
     """(Σ w F + εI) θ* = Σ w F θ + ε θ̄ by one dense solve."""
     p = curvs[0].matrix.shape[0]
     lhs = floor * torch.eye(p, dtype=torch.float64)
-    mean = sum(wm * _theta(m) for wm, m in zip(w, models))
+    mean = sum(wm * _theta(m) for wm, m in zip(w, models, strict=True))
     rhs = floor * mean
-    for wm, m, c in zip(w, models, curvs):
+    for wm, m, c in zip(w, models, curvs, strict=True):
         lhs = lhs + wm * c.matrix
         rhs = rhs + wm * c.matrix @ _theta(m)
     return torch.linalg.solve(lhs, rhs)
@@ -56,7 +56,7 @@ def test_structured_merge_matches_a_dense_solve(method):
     )
     want = _reference(models, curvs, [0.25, 0.5, 0.25], 1e-3)
     torch.testing.assert_close(_theta(merged), want, rtol=1e-7, atol=1e-8)
-    for m, b in zip(models, before):
+    for m, b in zip(models, before, strict=True):
         torch.testing.assert_close(_theta(m), b, rtol=0, atol=0)  # inputs untouched
 
 
@@ -99,7 +99,7 @@ def test_regmean_matches_dense_gram_solves():
     w = 1 / 3
     for layer in (0, 2):
         num, den = 0, 0
-        for m, x in zip(models, xs):
+        for m, x in zip(models, xs, strict=True):
             h = x if layer == 0 else torch.tanh(m[0](x)).detach()
             a = _gram(h)
             a = 0.9 * a + 0.1 * torch.diag(torch.diagonal(a))

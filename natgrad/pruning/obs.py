@@ -352,7 +352,7 @@ def _remove(out, scores, count, keep_min) -> None:
     chosen = idx[torch.sort(s_all[idx], stable=True).indices[:count]]
     flat_removed = torch.zeros_like(f_all)
     flat_removed[chosen] = True
-    for k, part in zip(names, torch.split(flat_removed, [scores[k].numel() for k in names])):
+    for k, part in zip(names, torch.split(flat_removed, [scores[k].numel() for k in names]), strict=True):
         out[k] |= part.reshape(out[k].shape).to(out[k].device)
 
 
@@ -418,7 +418,7 @@ def _exact_delta(curvature, theta, removed, lam, dt) -> dict[str, torch.Tensor]:
     names = list(theta)
     shapes = {k: theta[k].shape for k in names}
     sizes = [theta[k].numel() for k in names]
-    offsets = dict(zip(names, torch.tensor([0] + sizes[:-1]).cumsum(0).tolist()))
+    offsets = dict(zip(names, torch.tensor([0] + sizes[:-1]).cumsum(0).tolist(), strict=True))
     q_index = torch.cat([
         offsets[k] + removed[k].reshape(-1).nonzero().squeeze(1).cpu() for k in removed
     ])
@@ -427,7 +427,7 @@ def _exact_delta(curvature, theta, removed, lam, dt) -> dict[str, torch.Tensor]:
     for q in q_index.tolist():
         e = torch.zeros(sum(sizes), dtype=dt, device=device)
         e[q] = 1.0
-        parts = dict(zip(names, torch.split(e, sizes)))
+        parts = dict(zip(names, torch.split(e, sizes), strict=True))
         sol = curvature.solve({k: parts[k].reshape(shapes[k]) for k in names}, lam)
         cols.append(torch.cat([sol[k].reshape(-1).to(dt) for k in names]))
     s = torch.stack(cols, 1).double()  # H⁻¹ E, (P, |Q|)
@@ -436,7 +436,7 @@ def _exact_delta(curvature, theta, removed, lam, dt) -> dict[str, torch.Tensor]:
     flat_theta = torch.cat([theta[k].reshape(-1) for k in names]).double()
     coef = torch.linalg.solve(m, flat_theta[q_index.to(device)])
     flat = -(s @ coef)
-    return {k: t.reshape(shapes[k]).to(dt) for k, t in zip(names, torch.split(flat, sizes))}
+    return {k: t.reshape(shapes[k]).to(dt) for k, t in zip(names, torch.split(flat, sizes), strict=True)}
 
 
 def _reestimate(curvature, model, data, likelihood, options, names) -> Curvature:

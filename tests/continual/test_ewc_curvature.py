@@ -89,7 +89,7 @@ def test_suggest_lambda_closed_form_and_lam_scale():
     assert float(ewc.penalty()) == pytest.approx(0.5 * want * float(d @ curv.matrix @ d), rel=1e-12)
     # scale-free: multiplying the curvature by 100 leaves the penalty unchanged
     ewc2 = natgrad.EWC(model, 100.0 * curv, lam_scale=0.1, anchor=dict(zip(NAMES, [
-        star[0:12].reshape(4, 3), star[12:16], star[16:24].reshape(2, 4), star[24:26]])))
+        star[0:12].reshape(4, 3), star[12:16], star[16:24].reshape(2, 4), star[24:26]], strict=True)))
     assert float(ewc2.penalty()) == pytest.approx(float(ewc.penalty()), rel=1e-10)
 
 
