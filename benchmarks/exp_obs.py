@@ -144,8 +144,13 @@ def table(results, dense, args) -> str:
         f"{args.seeds} seeds (one model each). Curvatures on {args.fisher_samples} training "
         f"samples (low rank: {args.lowrank_samples}, one sampled label each). Global scope over "
         "weights, biases kept, every method keeps >= 1% of each weight tensor. OBS damping "
-        f"λ = r · mean(diag F), r from {list(args.damping_grid)} by accuracy on 500 held-out "
-        "training samples. Test accuracy (1000 samples), mean ± std over seeds, no fine-tune.",
+        "λ = r · mean(diag F), "
+        + (
+            f"r = {args.damping_grid[0]} for every OBS variant (no tuning for any method)"
+            if len(args.damping_grid) == 1
+            else f"r from {list(args.damping_grid)} by accuracy on 500 held-out training samples"
+        )
+        + ". Test accuracy (1000 samples), mean ± std over seeds, no fine-tune.",
         "",
         "| model (dense acc) | sparsity | " + " | ".join(METHODS) + " | OBS-kfac − magnitude |",
         "|---|---|" + "---|" * (len(METHODS) + 1),
@@ -165,8 +170,9 @@ def table(results, dense, args) -> str:
                 + " | ".join(cells)
                 + f" | {gap:+.3f} |"
             )
-    lines += ["", "Chosen damping ratio r per (model, sparsity), one per seed:", ""]
-    for name in models:
+    if len(args.damping_grid) > 1:
+        lines += ["", "Chosen damping ratio r per (model, sparsity), one per seed:", ""]
+    for name in models if len(args.damping_grid) > 1 else ():
         for sp in args.sparsities:
             picks = {
                 m: [results[(name, seed, sp, m)][1] for seed in range(args.seeds)]
@@ -175,7 +181,12 @@ def table(results, dense, args) -> str:
             lines.append(f"- {name} {sp:.0%}: " + "; ".join(f"{m} {v}" for m, v in picks.items()))
     lines += [
         "",
-        "Reproduce with `python -m benchmarks.exp_obs" + (" --quick" if args.quick else "") + "`.",
+        "Reproduce with `python -m benchmarks.exp_obs"
+        + (" --quick" if args.quick else "")
+        + (f" --models {' '.join(args.models)}" if len(args.models) == 1 else "")
+        + (f" --damping-grid {' '.join(map(str, args.damping_grid))}"
+           if tuple(args.damping_grid) != DAMPING_GRID else "")
+        + "`.",
     ]
     return "\n".join(lines)
 
