@@ -45,7 +45,7 @@ from natgrad.laplace import (
     fisher_uncertainty,
     optimize_prior_precision,
 )
-from natgrad.merging import fisher_weighted_merge
+from natgrad.merging import fisher_weighted_merge, regmean_merge
 from natgrad.optim.natural_gradient import NaturalGradient
 from natgrad.optim.precondition import FisherPreconditioner
 from natgrad.optim.scale import scale_by_fisher
@@ -57,6 +57,7 @@ from natgrad.pruning.masks import (
     make_permanent,
     mask_overlap,
 )
+from natgrad.pruning.obs import ObsReport, obs_prune, obs_saliency
 from natgrad.pruning.prune import fisher_importance, fisher_pruning_masks
 from natgrad.pruning.structured import StructuredPruningReport, prune_structured
 
@@ -113,6 +114,9 @@ __all__ = [
     # uses: pruning and merging
     "fisher_importance",
     "fisher_pruning_masks",
+    "obs_prune",
+    "obs_saliency",
+    "ObsReport",
     "apply_masks",
     "make_permanent",
     "mask_overlap",
@@ -120,6 +124,7 @@ __all__ = [
     "MaskOverlap",
     "SetOverlap",
     "fisher_weighted_merge",
+    "regmean_merge",
     # uses: uncertainty and directions
     "fisher_uncertainty",
     "optimize_prior_precision",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,6 +32,8 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from natgrad.curvature.estimate import is_single_batch, iterate_batches
+from natgrad.curvature.ops import check_curvature
+from natgrad.curvature.protocol import Curvature
 from natgrad.engine.batch import Batch, OutputFn, add_batch_axis, default_output_fn, parse_batch
 from natgrad.engine.checks import (
     check_choice,
@@ -175,8 +177,11 @@ def _resolve_n(fisher: Mapping, n_data: int | None) -> int:
 
 def _inverse_precisions(
     fisher: Mapping, names: Iterable[str], n: int, deltas: torch.Tensor, dtype, device
-) -> dict[str, torch.Tensor]:
-    """``{name: (G, numel)}`` holding ``1 / (N F_i + δ_g)`` for every candidate ``δ_g``."""
+) -> dict[str, torch.Tensor] | Callable[..., torch.Tensor]:
+    """``{name: (G, numel)}`` holding ``1 / (N F_i + δ_g)`` for every candidate ``δ_g``;
+    for a structured curvature, the reducer of :func:`_curvature_reducer`."""
+    if _structured(fisher):
+        return _curvature_reducer(fisher, list(names), n, deltas.tolist(), dtype)
     out = {}
     for k in names:
         f = fisher[k].detach().to(device=device, dtype=dtype).reshape(1, -1)
@@ -193,12 +198,16 @@ def _moments(
     model: nn.Module,
     b: Batch,
     params: Mapping[str, nn.Parameter],
-    inv_prec: Mapping[str, torch.Tensor],
+    inv_prec: Mapping[str, torch.Tensor] | Callable[..., torch.Tensor],
     output_fn: OutputFn,
     chunk_size: int | None,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MAP outputs ``(N, D)`` and linearized variances ``(N, D, G)`` (one per candidate δ)."""
+    """MAP outputs ``(N, D)`` and linearized variances ``(N, D, G)`` (one per candidate δ).
+
+    ``inv_prec``: ``{name: (G, numel)}`` diagonal inverse precisions, or a callable
+    ``(jacobians {name: (n, D, *shape)}, n, D) -> (n·D, G)`` for a structured curvature.
+    """
     detached = {k: p.detach() for k, p in params.items()}
 
     def jac_fn(p, args, kwargs):
@@ -231,8 +240,8 @@ def _moments(
         args = (detached, sub.args, sub.kwargs)
         with torch.no_grad():  # vjp still differentiates; no graph to outer parameters
             jac, out, loop = _jacobians(model, jac_fn, in_dims, args, sub.size, d, loop)
-        var = None
-        for k, j in jac.items():
+        var = inv_prec(jac, sub.size, d) if callable(inv_prec) else None
+        for k, j in jac.items() if var is None else ():
             sq = j.to(dtype).reshape(sub.size * d, -1) ** 2  # (n·D, numel)
             term = sq @ inv_prec[k].t()  # (n·D, G)
             var = term if var is None else var + term
@@ -340,14 +349,19 @@ def _mc_noise(lik, link, n_samples, mean, generator, device) -> torch.Tensor | N
     return eps.to(device)
 
 
-def _prepare(model, fisher, params, likelihood, n_data, link, n_samples, chunk_size):
+def _prepare(model, fisher, params, likelihood, n_data, link, n_samples, chunk_size, subset=None):
+    params = _subset_params(model, params, subset)
     check_fixed_model(model, "the Laplace predictive")
-    check_fisher_type(fisher)
+    if not _structured(fisher):
+        check_fisher_type(fisher)
     check_int("chunk_size", chunk_size, 1, optional=True)
     link = check_choice("link", link, LINKS)
     check_int("n_samples", n_samples, 1)
     lik = _resolve_likelihood(likelihood, fisher)
-    chosen = _resolve_params(model, fisher, params)
+    if _structured(fisher):
+        chosen = _resolve_params_curvature(model, fisher, params)
+    else:
+        chosen = _resolve_params(model, fisher, params)
     return lik, chosen, _resolve_n(fisher, n_data), link
 
 
@@ -359,6 +373,7 @@ def fisher_uncertainty(
     prior_precision: float = 1.0,
     n_data: int | None = None,
     params: ParamSpec = None,
+    subset: Literal["all", "last_layer"] | None = None,
     link: Literal["probit", "mc"] = "probit",
     n_samples: int = 100,
     likelihood: str | Likelihood | None = None,
@@ -366,7 +381,7 @@ def fisher_uncertainty(
     generator: torch.Generator | None = None,
     output_fn: OutputFn | None = None,
 ) -> UncertaintyReport:
-    """The linearized Laplace predictive with diagonal posterior precision ``N·F + δ``.
+    """The linearized Laplace predictive with posterior precision ``N·F + δ`` (any curvature).
 
     Why the sum ``N·F`` and not the mean ``F``: the log-posterior is
     ``Σ_n log p(y_n | x_n, θ) + log p(θ)``, so its curvature adds one Fisher per
@@ -384,6 +399,15 @@ def fisher_uncertainty(
     * gaussian (regression, known ``σ``): predictive ``N(μ, Var f + σ²)`` in closed
       form (``link`` is not used); epistemic score = ``Σ_d Var f_d``.
 
+    Any :class:`natgrad.Curvature` (Kronecker, low-rank, ...): the GLM predictive is
+    ``Var f_c(x) = J_c (N F + δ I)⁻¹ J_cᵀ = J_c (F + (δ/N) I)⁻¹ J_cᵀ / N``, one
+    ``curvature.solve`` per row ``J_c(x)`` of the Jacobian (batched with ``torch.func.vmap``
+    where the curvature's solve allows it, else a loop); a Kronecker curvature solves each
+    layer in its factors' eigenbases. With ``subset="last_layer"`` (or ``params``) and a
+    curvature covering more parameters, the rows are zero off the subset; that is the
+    last-layer Laplace posterior for block-diagonal kinds (``"diag"``, ``"kfac"``,
+    ``"ekfac"``) and is refused for others (estimate the curvature on the subset).
+
     Args:
         model: the trained model at ``θ*`` (eval mode; it is not modified).
         batch: ``x``, ``(x, y)`` or a dict batch of ``N`` inputs (labels are ignored),
@@ -395,6 +419,8 @@ def fisher_uncertainty(
         n_data: ``N``, the number of training samples (default ``fisher.n_samples``).
         params: the parameters treated as uncertain (default: all the Fisher covers; e.g.
             the last layer only); the others stay at ``θ*``.
+        subset: ``"all"`` (every covered parameter) or ``"last_layer"`` (the parameters
+            of the last module that has any); instead of ``params``.
         link: ``"probit"`` or ``"mc"``.
         n_samples: logit draws for ``link="mc"``.
         likelihood: default ``fisher.likelihood``; pass ``natgrad.Gaussian(sigma)`` for
@@ -422,7 +448,7 @@ def fisher_uncertainty(
     """
     delta = check_positive("prior_precision", prior_precision)
     lik, chosen, n, link = _prepare(
-        model, fisher, params, likelihood, n_data, link, n_samples, chunk_size
+        model, fisher, params, likelihood, n_data, link, n_samples, chunk_size, subset
     )
     dtype = acc_dtype(next(model.parameters()).dtype)
     device = model_device(model)
@@ -523,6 +549,7 @@ def optimize_prior_precision(
     grid: Sequence[float] | None = None,
     n_data: int | None = None,
     params: ParamSpec = None,
+    subset: Literal["all", "last_layer"] | None = None,
     link: Literal["probit", "mc"] = "probit",
     n_samples: int = 100,
     likelihood: str | Likelihood | None = None,
@@ -553,6 +580,7 @@ def optimize_prior_precision(
         grid: candidate precisions (default ``10^-4 ... 10^4`` in half decades).
         n_data: as in :func:`fisher_uncertainty`.
         params: as in :func:`fisher_uncertainty`.
+        subset: as in :func:`fisher_uncertainty`.
         link: as in :func:`fisher_uncertainty`.
         n_samples: as in :func:`fisher_uncertainty`.
         likelihood: as in :func:`fisher_uncertainty`.
@@ -583,7 +611,7 @@ def optimize_prior_precision(
     """
     method = check_choice("method", method, PRIOR_METHODS)
     lik, chosen, n, link = _prepare(
-        model, fisher, params, likelihood, n_data, link, n_samples, chunk_size
+        model, fisher, params, likelihood, n_data, link, n_samples, chunk_size, subset
     )
     values = [0.5 * i for i in range(-8, 9)]
     cand = [10.0**v for v in values] if grid is None else [float(g) for g in grid]
@@ -593,6 +621,8 @@ def optimize_prior_precision(
         check_positive("grid value", g)
     dtype = acc_dtype(next(model.parameters()).dtype)
     if method == "marglik":
+        if _structured(fisher):
+            return _marglik_curvature(fisher, chosen, n, dtype, cand, method)
         theta_sq, nf = _marglik_terms(model, fisher, chosen, n, dtype)
         scores = [_log_marglik(theta_sq, nf, g) for g in cand]
         best = _marglik_optimum(theta_sq, nf)
@@ -650,3 +680,152 @@ def _warn_grid_edge(cand: list[float], chosen: float) -> None:
         UserWarning,
         stacklevel=2,
     )
+
+
+# -- any curvature -----------------------------------------------------------------------------
+
+_BLOCK_KINDS = ("diag", "kfac", "ekfac")
+
+
+def _structured(fisher) -> bool:
+    """A curvature other than a plain diagonal mapping (solve through the protocol)."""
+    return isinstance(fisher, Curvature) and not isinstance(fisher, Mapping)
+
+
+def _subset_params(model: nn.Module, params: ParamSpec, subset) -> ParamSpec:
+    """``params`` from ``subset`` (``"all"``: unchanged; ``"last_layer"``: the last module's)."""
+    if subset is None:
+        return params
+    check_choice("subset", subset, ("all", "last_layer"))
+    if params is not None:
+        raise ValueError(
+            f"Pass either params= or subset=, not both (got subset={subset!r} and params)."
+        )
+    if subset == "all":
+        return None
+    last = None
+    for name, module in model.named_modules():
+        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if own:
+            last = [f"{name}.{n}" if name else n for n in own]
+    if last is None:
+        raise ValueError("subset='last_layer': the model has no trainable parameters.")
+    return last
+
+
+def _resolve_params_curvature(model, curvature, params) -> dict[str, nn.Parameter]:
+    covered = check_curvature(curvature, model, "The curvature")
+    named = dict(model.named_parameters())
+    if params is None:
+        return {k: named[k] for k in covered}
+    chosen = select_params(model, params)
+    missing = [k for k in chosen if k not in covered]
+    if missing:
+        raise ValueError(
+            f"params selects {missing[:8]}, which the curvature does not cover; estimate it "
+            "with the same params= (or leave params=None to use the curvature's own)."
+        )
+    if len(chosen) < len(covered):
+        kinds = curvature.structure()
+        coupled = sorted({kinds[k] for k in covered if kinds[k] not in _BLOCK_KINDS})
+        if coupled:
+            raise ValueError(
+                f"A subset of a {coupled} curvature couples it to the other parameters, so "
+                "its block is not the subset's posterior; estimate the curvature on the "
+                "chosen parameters only (params=...)."
+            )
+    if not chosen:
+        raise ValueError("No parameters chosen: there is nothing to be uncertain about.")
+    return {k: named[k] for k in covered if k in chosen}
+
+
+def _solve_rows(curvature, rows: dict[str, torch.Tensor], lam: float) -> dict[str, torch.Tensor]:
+    """``(F + λI)⁻¹`` applied to every row ``rows[name][r]``: vmap, or a loop as fallback."""
+    try:
+        return vmap(lambda v: curvature.solve(v, lam))(rows)
+    except Exception:  # a solve torch.func cannot batch (data-dependent control flow)
+        count = next(iter(rows.values())).shape[0]
+        sols = [curvature.solve({k: v[r] for k, v in rows.items()}, lam) for r in range(count)]
+        return {k: torch.stack([s_[k] for s_ in sols]) for k in rows}
+
+
+def _curvature_reducer(curvature, names, n, deltas, dtype):
+    """``(jac, size, D) -> (size·D, G)`` with ``J_c (N F + δ_g I)⁻¹ J_cᵀ`` per row and δ."""
+    covered = curvature.names()
+    diag = curvature.diagonal()
+
+    def reduce(jac, size, d):
+        ref = next(iter(jac.values()))
+        rows = {}
+        for k in covered:
+            shape = tuple(diag[k].shape)
+            if k in jac:
+                rows[k] = jac[k].to(dtype).reshape(size * d, *shape)
+            else:
+                rows[k] = torch.zeros((size * d, *shape), dtype=dtype, device=ref.device)
+        cols = []
+        for delta in deltas:
+            sol = _solve_rows(curvature, rows, float(delta) / n)
+            var = sum(
+                (rows[k] * sol[k].to(dtype)).reshape(size * d, -1).sum(1) for k in names
+            )
+            cols.append(var / n)
+        return torch.stack(cols, 1)
+
+    return reduce
+
+
+def _marglik_curvature(curvature, chosen, n, dtype, cand, method) -> PriorPrecisionResult:
+    """``log Z(δ) = −½δ‖θ*‖² + ½P log δ − ½ log det(N F + δ I)`` through ``logdet``.
+
+    ``log det(N F + δ I) = P log N + logdet(F + (δ/N) I)``; the optimum is the root of
+    ``γ(δ)/δ = ‖θ*‖²`` with ``γ(δ) = P − δ tr (N F + δ I)⁻¹`` (``inverse_diagonal``).
+    """
+    covered = curvature.names()
+    if list(chosen) != list(covered):
+        raise ValueError(
+            "method='marglik' uses the curvature's logdet over all it covers; estimate the "
+            f"curvature on the chosen parameters {list(chosen)[:8]} only (params=...)."
+        )
+    theta_sq = sum(float((p.detach().to(dtype) ** 2).sum()) for p in chosen.values())
+    p_total = sum(p.numel() for p in chosen.values())
+
+    def score(delta: float) -> float:
+        logdet = float(curvature.logdet(delta / n)) + p_total * math.log(n)
+        return -0.5 * delta * theta_sq + 0.5 * p_total * math.log(delta) - 0.5 * logdet
+
+    def h(log_d: float) -> float:
+        d = math.exp(log_d)
+        tr = sum(float(v.double().sum()) for v in curvature.inverse_diagonal(d / n).values()) / n
+        return (p_total - d * tr) / d - theta_sq
+
+    if theta_sq <= 0:
+        raise ValueError(
+            "The marginal likelihood has no finite optimum: the selected parameters are all "
+            "zero. Use method='grid' with validation data."
+        )
+    lo, hi = -30.0, 30.0
+    for _ in range(10):
+        if h(lo) >= 0:
+            break
+        lo -= 30.0
+    for _ in range(10):
+        if h(hi) <= 0:
+            break
+        hi += 30.0
+    if not (h(lo) >= 0 >= h(hi)):
+        raise ValueError(
+            "The marginal likelihood has no finite optimum (the curvature is zero in every "
+            "direction); use method='grid' with validation data."
+        )
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if h(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-10:
+            break
+    best = math.exp(0.5 * (lo + hi))
+    scores = [score(g) for g in cand]
+    return PriorPrecisionResult(best, method, cand, scores, "log_marglik", score(best))

@@ -1,22 +1,38 @@
-"""Fisher-weighted model merging: ``θ* = Σ_m w_m F_m θ_m / Σ_m w_m F_m``."""
+"""Fisher-weighted model merging: ``θ* = (Σ_m w_m F_m)⁻¹ Σ_m w_m F_m θ_m``.
+
+Diagonal Fishers merge elementwise. Any other :class:`natgrad.Curvature` (Kronecker,
+low-rank, ...) merges by solving the linear system, per layer exactly where that is cheap
+and by conjugate gradients on ``mv`` otherwise (see :func:`fisher_weighted_merge`).
+RegMean (Jin et al., 2023) is the Kronecker case with ``G = I``: each linear layer's
+rows are merged with the input Gram matrices ``A_m`` alone (:func:`regmean_merge`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from natgrad.curvature.ops import check_curvature, conjugate_gradient
+from natgrad.curvature.protocol import Curvature
 from natgrad.engine.checks import (
     check_all_finite,
+    check_choice,
     check_finite,
+    check_int,
     check_positive,
     check_same_structure,
 )
 from natgrad.engine.common import acc_dtype
 from natgrad.pruning.pruned import deepcopy_model, mask_buffer_names, refresh_pruned
 
-__all__ = ["fisher_weighted_merge"]
+__all__ = ["fisher_weighted_merge", "regmean_merge"]
+
+MERGE_METHODS = ("auto", "dense", "cg")
+#: block-diagonal kinds: one system per module
+_BLOCK_KINDS = ("diag", "kfac", "ekfac")
 
 FisherLike = Mapping[str, torch.Tensor]
 
@@ -29,6 +45,10 @@ def fisher_weighted_merge(
     weights: Sequence[float] | None = None,
     floor: float = 1e-8,
     normalize: bool = False,
+    method: str = "auto",
+    dense_max: int = 2048,
+    cg_iters: int = 500,
+    cg_tol: float = 1e-8,
 ) -> nn.Module:
     """Merge models by Fisher-weighted averaging into a NEW model (inputs untouched).
 
@@ -41,6 +61,20 @@ def fisher_weighted_merge(
     sum to one. ``normalize=True`` first divides each Fisher by its trace ``Σ_i F_m,i``
     (unit-trace Fishers: models then weigh equally overall, whatever their loss scale
     or number of samples); the floor applies after that.
+
+    Structured curvatures (any :class:`natgrad.Curvature` that is not a plain diagonal
+    mapping, e.g. Kronecker ``G ⊗ A`` or low-rank): the merge solves
+
+        ``(Σ_m w_m F_m + ε I) θ* = Σ_m w_m F_m θ_m + ε θ̄``,   ``θ̄ = Σ_m w_m θ_m``,
+
+    i.e. ``θ* = θ̄ + (Σ w F + εI)⁻¹ Σ_m w_m F_m (θ_m − θ̄)`` with ``ε = floor`` as a ridge:
+    directions no Fisher sees keep the weighted mean (the diagonal path's fallback).
+    Block-diagonal kinds (``"diag"``, ``"kfac"``, ``"ekfac"``) give one system per module;
+    any other kind couples everything into one system. A system of at most ``dense_max``
+    unknowns is solved exactly (``method="auto"`` or ``"dense"``: its matrix read off
+    through ``mv`` on unit vectors, then a float64 least-squares solve); larger ones
+    by conjugate gradients on ``mv`` (``"cg"``), Jacobi-preconditioned, to relative
+    residual ``cg_tol`` or ``cg_iters`` products.
 
     Two call forms:
 
@@ -59,6 +93,9 @@ def fisher_weighted_merge(
         weights: ``w_m >= 0`` (default equal); at least one must be positive.
         floor: ``ε >= 0``, the least value of every Fisher entry.
         normalize: use unit-trace Fishers.
+        method: structured curvatures: ``"auto"``, ``"dense"`` or ``"cg"`` (see above).
+        dense_max: the largest system solved densely by ``"auto"``.
+        cg_iters, cg_tol: conjugate-gradient budget.
 
     Returns:
         A deep copy of ``models[0]`` holding the merged parameters and buffers.
@@ -84,6 +121,14 @@ def fisher_weighted_merge(
     w = _weights(weights, len(models))
     floor = check_positive("floor", floor, allow_zero=True)
     _check_models(models)
+    if any(isinstance(f, Curvature) and not isinstance(f, Mapping) for f in fishers):
+        check_choice("method", method, MERGE_METHODS)
+        dense_max = check_int("dense_max", dense_max, 0)
+        cg_iters = check_int("cg_iters", cg_iters, 1)
+        cg_tol = check_positive("cg_tol", cg_tol)
+        return _curvature_merge(
+            models, fishers, w, floor, normalize, method, dense_max, cg_iters, cg_tol
+        )
     fishers = _check_fishers(fishers, models[0], normalize)
 
     merged = deepcopy_model(models[0])
@@ -215,3 +260,239 @@ def _fisher_mean(thetas, fs, w, floor: float) -> torch.Tensor:
         den += fm
     fallback = _mean([t.to(dev) for t in thetas], w).to(dt)
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), fallback)
+
+
+# -- structured curvatures ----------------------------------------------------------------
+
+
+def _curvature_merge(models, curvs, w, floor, normalize, method, dense_max, cg_iters, cg_tol):
+    names = check_curvature(curvs[0], models[0], "curvatures[0]")
+    for i, c in enumerate(curvs[1:], start=1):
+        other = check_curvature(c, models[0], f"curvatures[{i}]")
+        if other != names:
+            raise ValueError(
+                f"curvatures[{i}] covers {other[:8]} but curvatures[0] covers {names[:8]}; "
+                "estimate every model's curvature on the same parameters."
+            )
+    if normalize:
+        scaled = []
+        for i, c in enumerate(curvs):
+            trace = sum(float(v.double().sum()) for v in c.diagonal().values())
+            if not trace > 0:
+                raise ValueError(
+                    f"curvatures[{i}] has zero trace, so normalize=True cannot give it unit "
+                    "trace; pass normalize=False."
+                )
+            scaled.append((1.0 / trace) * c)
+        curvs = scaled
+    merged = deepcopy_model(models[0])
+    params = [dict(m.named_parameters()) for m in models]
+    target = dict(merged.named_parameters())
+    dt = torch.promote_types(acc_dtype(target[names[0]].dtype), torch.float32)
+    mean = {k: _mean([p[k].detach() for p in params], w).to(dt) for k in target}
+    # rhs: Σ_m w_m F_m (θ_m − θ̄)
+    rhs = {k: torch.zeros_like(mean[k]) for k in names}
+    for wm, c, p in zip(w, curvs, params, strict=True):
+        if wm == 0:
+            continue
+        fv = c.mv({k: p[k].detach().to(dt) - mean[k] for k in names})
+        for k in names:
+            rhs[k] = rhs[k] + wm * fv[k].to(rhs[k])
+
+    def op(v):
+        out = {k: floor * x for k, x in v.items()}
+        for wm, c in zip(w, curvs, strict=True):
+            if wm:
+                fv = c.mv(v)
+                for k in v:
+                    out[k] = out[k] + wm * fv[k].to(out[k])
+        return out
+
+    kinds = [c.structure() for c in curvs]
+    block_diag = all(kd[k] in _BLOCK_KINDS for kd in kinds for k in names)
+    if block_diag:
+        blocks: dict[str, list[str]] = {}
+        for k in names:
+            blocks.setdefault(k.rpartition(".")[0], []).append(k)
+        groups = list(blocks.values())
+    else:
+        groups = [names]
+    diags = [c.diagonal() for c in curvs]
+    correction = {}
+    for group in groups:
+        size = sum(mean[k].numel() for k in group)
+        b = {k: rhs[k] for k in group}
+        if method == "dense" or (method == "auto" and size <= dense_max):
+            correction.update(_dense_solve(op, b, group, mean))
+        else:
+            pre = {k: floor + sum(wm * d[k].to(mean[k]) for wm, d in zip(w, diags, strict=True)) for k in group}
+            pre = {k: torch.where(v > 0, v, torch.ones_like(v)) for k, v in pre.items()}
+            res = conjugate_gradient(op, b, precond=pre, max_iter=cg_iters, tol=cg_tol)
+            correction.update(res.x)
+    with torch.no_grad():
+        for k, t in target.items():
+            value = mean[k] + correction[k] if k in correction else mean[k]
+            check_finite(f"the merged parameter {k!r}", value, "Raise floor= (the ridge).")
+            t.copy_(value.to(t.dtype))
+        buffers = [dict(m.named_buffers()) for m in models]
+        masks = mask_buffer_names(merged)
+        for name, buf in merged.named_buffers():
+            if name not in masks and (buf.is_floating_point() or buf.is_complex()):
+                buf.copy_(_mean([b[name].detach() for b in buffers], w).to(buf.dtype))
+        refresh_pruned(merged)
+    return merged
+
+
+def _dense_solve(op, b, group, like) -> dict[str, torch.Tensor]:
+    """Solve ``op x = b`` on ``group`` by reading the matrix off ``op`` on unit vectors."""
+    shapes = {k: like[k].shape for k in group}
+    sizes = [like[k].numel() for k in group]
+    total = sum(sizes)
+    cols = []
+    for i in range(total):
+        e = torch.zeros(total, dtype=like[group[0]].dtype, device=like[group[0]].device)
+        e[i] = 1.0
+        v = {k: t.reshape(shapes[k]) for k, t in zip(group, torch.split(e, sizes), strict=True)}
+        out = op(v)
+        cols.append(torch.cat([out[k].reshape(-1) for k in group]).double())
+    m = torch.stack(cols, 1)
+    m = 0.5 * (m + m.T)
+    rhs = torch.cat([b[k].reshape(-1) for k in group]).double()
+    x = torch.linalg.lstsq(m, rhs.unsqueeze(1)).solution.squeeze(1) if total else rhs
+    parts = torch.split(x.to(like[group[0]].dtype), sizes)
+    return {k: t.reshape(shapes[k]) for k, t in zip(group, parts, strict=True)}
+
+
+# -- RegMean ------------------------------------------------------------------------------
+
+
+def regmean_merge(
+    models: Sequence[nn.Module],
+    data: Sequence[Any],
+    *,
+    weights: Sequence[float] | None = None,
+    alpha: float = 1.0,
+    floor: float = 1e-8,
+) -> nn.Module:
+    """RegMean: merge each ``nn.Linear`` by its input Gram matrices (the Kronecker ``G = I`` case).
+
+    For a linear layer with augmented inputs ``ã = [x, 1]`` (bias) and weights
+    ``W̃ = [W, b]``, model ``m`` contributes the Gram ``A_m = Σ_n ã_n ã_nᵀ`` over its data
+    (every leading dimension of the input counts as a sample). The merge solves, row by row,
+
+        ``W̃* = (Σ_m w_m W̃_m Â_m) (Σ_m w_m Â_m + ε I)⁻¹``,  ``Â = α A + (1 − α) diag(A)``,
+
+    the least-squares fit of every model's layer outputs on its own inputs (Jin et al.,
+    2023). In the Kronecker language ``F_m ≈ G_m ⊗ A_m``: :func:`fisher_weighted_merge`
+    with ``G_m = I`` gives this (``α = 1``). Other parameters and floating buffers get the
+    weighted mean. ``α < 1`` shrinks the off-diagonal Gram entries (RegMean's default is
+    0.9 in its paper).
+
+    Args:
+        models: models of one architecture.
+        data: one batch or iterable of batches per model (its inputs; labels unused).
+        weights: ``w_m >= 0`` (default equal), rescaled to sum to one.
+        alpha: ``α`` in ``[0, 1]``.
+        floor: ``ε >= 0``, a ridge on the merged Gram.
+
+    Returns:
+        A deep copy of ``models[0]`` with the merged parameters (inputs untouched).
+
+    Raises:
+        ValueError: counts that disagree, models of different architectures, bad
+            ``alpha`` / ``floor`` / weights, a linear layer that sees no input.
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+        >>> _ = a.weight.data.fill_(1.0), b.weight.data.fill_(4.0)
+        >>> xa, xb = torch.tensor([[3.0]]), torch.tensor([[1.0]])  # Grams 9 and 1
+        >>> round(regmean_merge([a, b], [xa, xb]).weight.item(), 6)  # (9*1 + 1*4) / 10
+        1.3
+    """
+    from natgrad.curvature.estimate import iterate_batches
+    from natgrad.engine.batch import parse_batch
+    from natgrad.engine.checks import check_fraction
+
+    models = list(models)
+    data = list(data)
+    if not models or not all(isinstance(m, nn.Module) for m in models):
+        raise TypeError("models must be a non-empty list of nn.Module of one architecture.")
+    if len(data) != len(models):
+        raise ValueError(
+            f"Got {len(models)} models but {len(data)} data sets; give one batch (or "
+            "iterable of batches) per model."
+        )
+    w = _weights(weights, len(models))
+    alpha = check_fraction("alpha", alpha, closed=True)
+    floor = check_positive("floor", floor, allow_zero=True)
+    _check_models(models)
+    linear = [n for n, mod in models[0].named_modules() if isinstance(mod, nn.Linear)]
+    grams: list[dict[str, torch.Tensor]] = []
+    for m, d in zip(models, data, strict=True):
+        acc: dict[str, torch.Tensor] = {}
+        hooks = []
+        mods = dict(m.named_modules())
+
+        def hook(name, acc=acc):
+            def fn(module, inputs):
+                x = inputs[0].detach()
+                x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+                if module.bias is not None:
+                    x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+                acc[name] = acc.get(name, 0) + x.T @ x
+
+            return fn
+
+        for n in linear:
+            hooks.append(mods[n].register_forward_pre_hook(hook(n)))
+        try:
+            with torch.no_grad():
+                for batch in iterate_batches(d):
+                    b = parse_batch(batch)
+                    m(*b.args, **b.kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        missing = [n for n in linear if n not in acc]
+        if missing:
+            raise ValueError(
+                f"Linear layers {missing[:8]} saw no input on the data of one model; pass data "
+                "that runs through every linear layer."
+            )
+        grams.append(acc)
+    merged = deepcopy_model(models[0])
+    params = [dict(m.named_parameters()) for m in models]
+    done: set[str] = set()
+    with torch.no_grad():
+        mods = dict(merged.named_modules())
+        for n in linear:
+            mod = mods[n]
+            wname = f"{n}.weight" if n else "weight"
+            bname = f"{n}.bias" if n else "bias"
+            has_bias = mod.bias is not None
+            num, den = 0, 0
+            for wm, g, p in zip(w, grams, params, strict=True):
+                a = g[n]
+                a = alpha * a + (1 - alpha) * torch.diag(torch.diagonal(a))
+                wt = p[wname].detach().to(torch.float64)
+                if has_bias:
+                    wt = torch.cat([wt, p[bname].detach().to(torch.float64).unsqueeze(1)], 1)
+                num = num + wm * wt @ a
+                den = den + wm * a
+            den = den + floor * torch.eye(den.shape[0], dtype=torch.float64)
+            sol = torch.linalg.lstsq(den, num.T).solution.T  # W̃* = num den⁻¹ (den symmetric)
+            check_finite(f"the merged layer {n!r}", sol, "Raise floor= (the ridge).")
+            mod.weight.copy_(sol[:, : mod.weight.shape[1]].to(mod.weight.dtype))
+            done.add(wname)
+            if has_bias:
+                mod.bias.copy_(sol[:, -1].to(mod.bias.dtype))
+                done.add(bname)
+        for k, t in merged.named_parameters():
+            if k not in done:
+                t.copy_(_mean([p[k].detach() for p in params], w).to(t.dtype))
+        buffers = [dict(m.named_buffers()) for m in models]
+        for name, buf in merged.named_buffers():
+            if buf.is_floating_point() or buf.is_complex():
+                buf.copy_(_mean([b[name].detach() for b in buffers], w).to(buf.dtype))
+    return merged

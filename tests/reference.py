@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from natgrad.curvature.protocol import Curvature
+
 
 def loop_grads(model: nn.Module, loss_fn, inputs, targets, names=None) -> dict[str, torch.Tensor]:
     """Per-sample gradients by one backward pass per sample: ``loss_fn(model(x_n), y_n)``."""
@@ -215,3 +217,115 @@ def check_against_dense(curv, shapes: dict, dense: torch.Tensor, lam: float = 0.
     torch.testing.assert_close(
         curv.logdet(lam).double(), torch.linalg.slogdet(dense + lam * eye).logabsdet, **kw
     )
+
+class DenseCurvature(Curvature):
+    """A test-only :class:`natgrad.Curvature` held as one dense float64 PSD matrix.
+
+    ``DenseCurvature(matrix, shapes, n)``: ``matrix`` is ``P x P`` over the parameters
+    ``shapes = {name: shape}`` flattened in that order (as :func:`flatten_params`);
+    ``n`` is ``n_samples``. Every method is the textbook dense formula (``torch.linalg``),
+    an independent reference for the uses written against the protocol. Vectors may
+    name a subset of the parameters: missing names count as zero, and results cover
+    every parameter. Not registered as a kind (the contract tests do not pick it up).
+    """
+
+    kind = "dense"
+
+    def __init__(self, matrix, shapes, n_samples=1, structure_kind="dense"):
+        m = torch.as_tensor(matrix, dtype=torch.float64)
+        self.matrix = 0.5 * (m + m.T)
+        self.shapes = {k: torch.Size(s) for k, s in shapes.items()}
+        p = sum(s.numel() for s in self.shapes.values())
+        assert self.matrix.shape == (p, p), (self.matrix.shape, p)
+        self.n_samples = int(n_samples)
+        self._kind = structure_kind
+
+    @classmethod
+    def estimate(cls, model, data, likelihood="categorical", **options):
+        """Empirical Fisher ``(1/N) Σ g_n g_nᵀ`` by one backward per sample."""
+        x, y = data
+        names = options.get("names") or [k for k, _ in model.named_parameters()]
+        grads = loop_grads(model, ce_sum, x, y, names)
+        named = dict(model.named_parameters())
+        shapes = {k: named[k].shape for k in names}
+        return cls(dense_fisher(grads, names), shapes, len(y))
+
+    def _flat(self, v):
+        dt = next(iter(v.values())).dtype if v else torch.float64
+        dt = torch.promote_types(dt, torch.float64)
+        parts = []
+        for k, s in self.shapes.items():
+            if k in v:
+                parts.append(v[k].reshape(-1).to(dt))
+            else:
+                parts.append(torch.zeros(s.numel(), dtype=dt))
+        extra = [k for k in v if k not in self.shapes]
+        if extra:
+            raise ValueError(f"names not covered: {extra}")
+        return torch.cat(parts)
+
+    def _unflat(self, flat, like):
+        out = unflatten_params(flat, self.shapes)
+        dt = next(iter(like.values())).dtype if like else torch.float64
+        return {k: t.to(dt) for k, t in out.items()}
+
+    def mv(self, v):
+        return self._unflat(self.matrix @ self._flat(v), v)
+
+    def solve(self, v, damping):
+        eye = torch.eye(self.matrix.shape[0], dtype=torch.float64)
+        return self._unflat(torch.linalg.solve(self.matrix + damping * eye, self._flat(v)), v)
+
+    def quad(self, v):
+        f = self._flat(v)
+        return f @ (self.matrix.to(f.dtype) @ f)
+
+    def diagonal(self):
+        return unflatten_params(torch.diagonal(self.matrix).clone(), self.shapes)
+
+    def inverse_diagonal(self, damping):
+        eye = torch.eye(self.matrix.shape[0], dtype=torch.float64)
+        inv = torch.linalg.inv(self.matrix + damping * eye)
+        return unflatten_params(torch.diagonal(inv).clone(), self.shapes)
+
+    def logdet(self, damping):
+        eye = torch.eye(self.matrix.shape[0], dtype=torch.float64)
+        return torch.linalg.slogdet(self.matrix + damping * eye)[1]
+
+    def structure(self):
+        return {k: self._kind for k in self.shapes}
+
+    def __add__(self, other):
+        n = self.n_samples + other.n_samples
+        m = (self.n_samples * self.matrix + other.n_samples * other.matrix) / n
+        return type(self)(m, self.shapes, n, self._kind)
+
+    def __mul__(self, scalar):
+        return type(self)(float(scalar) * self.matrix, self.shapes, self.n_samples, self._kind)
+
+    def ema(self, other, decay):
+        m = decay * self.matrix + (1 - decay) * other.matrix
+        return type(self)(m, self.shapes, self.n_samples + other.n_samples, self._kind)
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def state_dict(self):
+        return {"matrix": self.matrix.clone(), "shapes": dict(self.shapes),
+                "n_samples": self.n_samples}
+
+    def load_state_dict(self, state):
+        self.__init__(state["matrix"], state["shapes"], state["n_samples"], self._kind)
+
+    @classmethod
+    def from_state_dict(cls, state):
+        return cls(state["matrix"], state["shapes"], state["n_samples"])
+
+    def all_reduce(self, group=None):
+        return self
+
+
+
+def dense_copy(curv, shapes: dict, kind: str = "dense") -> DenseCurvature:
+    """A :class:`DenseCurvature` holding ``curv``'s matrix read off through ``mv``."""
+    return DenseCurvature(dense_from_mv(curv, shapes), shapes, curv.n_samples, kind)

@@ -17,6 +17,14 @@ One SGD step on B moves ``Δ = -η ∇L_B``. Task A's loss changes by
   its unweighted energy, a Rayleigh quotient of ``diag(F_A)`` in B's direction; it does
   not depend on ``η`` nor on the size of ``∇L_B``.
 
+Any curvature: ``fisher_a`` may be any :class:`natgrad.Curvature` (Kronecker, low-rank,
+...); then ``Σ_i F_A,i Δ_i²`` becomes ``quad_A(Δ) = Δᵀ F_A Δ`` (its off-diagonal curvature
+included), per-layer values are ``quad_A`` of the step restricted to that module, and
+``scale_free`` is the Rayleigh quotient ``Δᵀ F_A Δ / ΔᵀΔ``. For block-diagonal curvatures
+(diagonal, Kronecker) the per-layer values sum to the total; a low-rank curvature's
+cross-layer terms appear in the total only. A :class:`natgrad.DiagonalFisher` or dict
+gives exactly the diagonal formulas above.
+
 For a quadratic ``L_A`` whose Hessian is diagonal and equal to ``F_A``,
 ``predicted_increase`` is the exact increase; off-diagonal curvature is what the diagonal
 leaves out. Per-layer values group parameters by module (the name up to its last dot).
@@ -33,6 +41,8 @@ import torch
 from torch import nn
 
 from natgrad.curvature.estimate import estimate_fisher
+from natgrad.curvature.ops import check_curvature
+from natgrad.curvature.protocol import Curvature
 from natgrad.engine.batch import OutputFn, default_output_fn
 from natgrad.engine.checks import (
     check_fisher_type,
@@ -118,6 +128,8 @@ def _names(model: nn.Module, fisher, params: ParamSpec, what: str = "fisher_a") 
     """The parameter names the damage covers: ``fisher``'s (checked) or ``params``'."""
     if fisher is None:
         return list(select_params(model, params))
+    if _structured(fisher):
+        return check_curvature(fisher, model, what)
     check_fisher_type(fisher, what)
     named = dict(model.named_parameters())
     check_names_in(fisher, named, what)
@@ -154,7 +166,8 @@ def fisher_weighted_damage(
         likelihood: name or :class:`natgrad.engine.likelihoods.Likelihood`, used for both tasks.
         lr: the SGD step size ``η > 0``.
         labels: label source for estimating ``F_A`` (``"empirical"``, ``"mc"``, ``"exact"``).
-        fisher_a: task A's diagonal Fisher; when None it is estimated from
+        fisher_a: task A's Fisher (a diagonal one, or any :class:`natgrad.Curvature`,
+            used through ``quad``); when None a diagonal Fisher is estimated from
             ``task_a_batch`` with :func:`natgrad.estimate_fisher`. Its names decide
             which parameters count.
         params: parameters to cover when ``fisher_a`` is None (see :func:`natgrad.select_params`).
@@ -225,7 +238,21 @@ def _damage(
     weighted: dict[str, float] = {}
     energy: dict[str, float] = {}
     first: dict[str, float] = {}
-    for k in fisher_a:
+    structured = _structured(fisher_a)
+    total_quad = None
+    if structured:
+        step = {k: -lr * g_b[k] for k in fisher_a.names()}
+        total_quad = float(fisher_a.quad(step))
+        for mod in dict.fromkeys(module_of(k) for k in step):
+            part = {k: v for k, v in step.items() if module_of(k) == mod}
+            weighted[mod] = float(fisher_a.quad(part))
+    for k in (fisher_a.names() if structured else fisher_a):
+        if structured:
+            d = -lr * g_b[k]
+            mod = module_of(k)
+            energy[mod] = energy.get(mod, 0.0) + float((d * d).sum())
+            first[mod] = first.get(mod, 0.0) + float((g_a[k] * d).sum())
+            continue
         d = -lr * g_b[k]
         f = torch.as_tensor(fisher_a[k]).to(device=d.device, dtype=d.dtype)
         mod = module_of(k)
@@ -233,6 +260,8 @@ def _damage(
         energy[mod] = energy.get(mod, 0.0) + float((d * d).sum())
         first[mod] = first.get(mod, 0.0) + float((g_a[k] * d).sum())
     total_w, total_e = sum(weighted.values()), sum(energy.values())
+    if total_quad is not None:
+        total_w = total_quad  # includes cross-layer terms a low-rank curvature holds
     damage = 0.5 * total_w
     first_order = sum(first.values())
     return DamageReport(
@@ -251,6 +280,11 @@ def _damage(
         n_samples_a=n_a,
         n_samples_b=n_b,
     )
+
+
+def _structured(fisher) -> bool:
+    """A curvature other than a plain diagonal mapping: use its ``quad``."""
+    return isinstance(fisher, Curvature) and not isinstance(fisher, Mapping)
 
 
 def _log_ratio(a: float, b: float) -> float:

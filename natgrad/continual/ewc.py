@@ -9,6 +9,26 @@ Online EWC keeps one Fisher and one anchor: at each consolidation
 ``F ← γ F + F_new`` and ``θ* ← θ_new`` (the newest anchor), and
 ``Ω(θ) = (λ/2) Σ_i F_i (θ_i - θ*_i)²``.
 
+Any curvature (Kronecker, low-rank, ...): pass a :class:`natgrad.Curvature` instead of
+a diagonal Fisher and each term is ``(λ/2) quad_t(θ - θ*_t)``, computed by the curvature
+itself (for Kronecker ``Σ_layers ⟨ΔW, G ΔW A⟩`` from the factors, never a ``P x P``
+matrix). Online mode folds curvatures with the protocol's arithmetic,
+``F ← γ F + F_new = (1 + γ) · F.ema(F_new, γ / (1 + γ))``: exact for diagonal and dense
+curvatures; for Kronecker curvatures ``ema`` averages the factors ``A`` and ``G``
+separately, so the fold is ``(d A₁ + (1-d) A₂) ⊗ (d G₁ + (1-d) G₂)``, an approximation of
+the sum ``d A₁⊗G₁ + (1-d) A₂⊗G₂`` (exact when the tasks share a factor).
+
+Choosing λ without a search (``lam_scale=s``): each term gets
+``λ_t = s · N_t · P_t / tr F_t`` (``N_t`` the samples its curvature averages, ``P_t`` the
+parameters it covers), i.e. the penalty is ``(s/2) N_t Δᵀ F̂_t Δ`` with ``F̂ = F / mean(diag F)``
+the trace-normalised curvature. ``N_t Δᵀ F Δ`` is the Laplace posterior of task ``t``
+(its ``N_t`` samples each add ``F``); dividing by the mean diagonal removes the Fisher's
+loss scale (empirical Fishers of a well-fit model are tiny, ``exact``/``mc`` ones are not),
+so ``s`` transfers between models, label sources and tasks where ``λ`` does not. Numbers:
+a task of ``N = 1000`` samples whose Fisher covers ``P = 10⁴`` parameters with trace
+``tr F = 2`` gets ``λ = s · 1000 · 10⁴ / 2 = 5·10⁶ s``; the same task with ``tr F = 200``
+(exact labels) gets ``λ = 5·10⁴ s``. :meth:`EWC.suggest_lambda` returns that number.
+
 Parameters absent at consolidation time (a head added later) or not covered by the
 Fisher are left out of the penalty. Names are matched as in ``model.named_parameters()``;
 a pruned parameter (``weight_orig`` from ``torch.nn.utils.prune``) is matched to a
@@ -24,9 +44,11 @@ import torch
 from torch import nn
 
 from natgrad.curvature.diagonal import check_fisher
+from natgrad.curvature.protocol import Curvature, curvature_class
 from natgrad.engine.checks import (
     check_all_finite,
     check_choice,
+    check_finite,
     check_fisher_type,
     check_fisher_values,
     check_fraction,
@@ -86,13 +108,17 @@ class EWC:
 
     Args:
         model: the model being trained; used for names, devices and default anchors.
-        fisher: the first task's Fisher (a :class:`natgrad.DiagonalFisher` or any
-            ``{name: tensor}`` of non-negative values), or None to start empty.
+        fisher: the first task's Fisher (a :class:`natgrad.DiagonalFisher`, any
+            ``{name: tensor}`` of non-negative values, or any :class:`natgrad.Curvature`
+            such as a Kronecker one), or None to start empty.
         lam: ``λ >= 0``, the penalty strength.
         mode: ``"separate"`` (one term per task) or ``"online"`` (``F ← γF + F_new``,
             newest anchor).
         gamma: ``γ`` in ``[0, 1]``, the decay of the online Fisher (ignored when separate).
         anchor: ``{name: tensor}`` for the first task (default: the model's parameters).
+        lam_scale: ``s > 0``: ignore ``lam`` and weigh each term by
+            ``λ_t = s · N_t · P_t / tr F_t`` (see the module docstring); needs curvatures
+            that know ``n_samples``.
 
     Raises:
         ValueError: unknown mode, ``lam < 0``, ``gamma`` outside ``[0, 1]``, a Fisher or
@@ -112,12 +138,13 @@ class EWC:
     def __init__(
         self,
         model: nn.Module,
-        fisher: Mapping[str, torch.Tensor] | None = None,
+        fisher: Mapping[str, torch.Tensor] | Curvature | None = None,
         lam: float = 1.0,
         *,
         mode: Literal["separate", "online"] = "separate",
         gamma: float = 1.0,
         anchor: Mapping[str, torch.Tensor] | None = None,
+        lam_scale: float | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -127,6 +154,10 @@ class EWC:
         self.gamma = check_fraction("gamma", gamma, closed=True)
         self._tasks: list[dict[str, dict[str, torch.Tensor]]] = []
         self._consolidations = 0
+        self.lam_scale = (
+            None if lam_scale is None else check_positive("lam_scale", lam_scale)
+        )
+        self._curv_terms: list[dict[str, Any]] = []
         if fisher is not None:
             self.consolidate(fisher, anchor)
         elif anchor is not None:
@@ -144,18 +175,22 @@ class EWC:
         seen: dict[str, None] = {}
         for t in self._tasks:
             seen.update(dict.fromkeys(t["fisher"]))
+        for t in self._curv_terms:
+            seen.update(dict.fromkeys(t["anchor"]))
         return list(seen)
 
     def consolidate(
         self,
-        fisher: Mapping[str, torch.Tensor],
+        fisher: Mapping[str, torch.Tensor] | Curvature,
         anchor: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """Add a task: store ``F_new`` and the anchor ``θ*`` (default: current parameters).
 
         ``separate``: appends a term. ``online``: ``F ← γF + F_new`` (names only in the
         old Fisher get ``γF``, names only in the new one get ``F_new``), and the anchor
-        becomes the newest one for every covered name.
+        becomes the newest one for every covered name. A structured
+        :class:`natgrad.Curvature` (or any curvature when ``lam_scale`` is set) is stored
+        whole and folded online as ``(1 + γ) · F.ema(F_new, γ / (1 + γ))`` (module docstring).
 
         Args:
             fisher: ``{name: tensor}`` (e.g. a :class:`natgrad.DiagonalFisher`); names must
@@ -168,6 +203,21 @@ class EWC:
             ValueError: names the model lacks, shape mismatches, negative Fisher values.
             FloatingPointError: NaN or Inf in the Fisher.
         """
+        if isinstance(fisher, Curvature) and (
+            self.lam_scale is not None or not isinstance(fisher, Mapping)
+        ):
+            self._consolidate_curvature(fisher, anchor)
+            return
+        if self.lam_scale is not None:
+            raise ValueError(
+                "lam_scale needs the number of samples of each curvature: pass a "
+                "natgrad.DiagonalFisher (or another natgrad.Curvature), not a plain dict."
+            )
+        if self._curv_terms:
+            raise ValueError(
+                "This EWC holds structured curvatures; consolidate every task with a "
+                "natgrad.Curvature (wrap diagonal values as natgrad.DiagonalFisher(values, n))."
+            )
         check_fisher_type(fisher)
         named = dict(self.model.named_parameters())
         fisher = {k: torch.as_tensor(v).detach() for k, v in fisher.items()}
@@ -248,6 +298,11 @@ class EWC:
                 d = p.to(acc) - t["anchor"][k].to(device=p.device, dtype=acc)
                 term = (f.to(device=p.device, dtype=acc) * d * d).sum()
                 total = term if total is None else total + term
+        if total is not None:
+            total = total * (0.5 * self.lam)
+        for t in self._curv_terms:
+            term = self._curvature_term(t, named)
+            total = term if total is None else total + term
         if total is None:
             p = next(iter(named.values()), None)
             dev = p.device if p is not None else None
@@ -264,9 +319,125 @@ class EWC:
                 f"The EWC penalty overflowed to {float(total)} (finite weights, Fisher and "
                 "anchors): the model is far from its anchors; lower lam or check the run."
             )
-        return total * (0.5 * self.lam)
+        return total
 
     __call__ = penalty
+
+    # -- any curvature -------------------------------------------------------------------
+    @staticmethod
+    def suggest_lambda(curvature: Curvature, lam_scale: float = 1.0) -> float:
+        """The scale-free strength ``λ = s · N · P / tr F`` for ``curvature`` (``s = lam_scale``).
+
+        ``N = curvature.n_samples``, ``P`` the number of covered parameters and
+        ``tr F = Σ diag F``; see the module docstring for why and for numbers.
+
+        Raises:
+            ValueError: ``n_samples`` is 0 or the trace is zero.
+
+        Example:
+            >>> import torch, natgrad
+            >>> F = natgrad.DiagonalFisher({"w": torch.tensor([1.0, 3.0])}, n_samples=10)
+            >>> EWC.suggest_lambda(F, lam_scale=0.5)  # 0.5 * 10 * 2 / 4
+            2.5
+        """
+        s = check_positive("lam_scale", lam_scale)
+        if not isinstance(curvature, Curvature):
+            raise TypeError(
+                f"suggest_lambda needs a natgrad.Curvature, got {type(curvature).__name__}; "
+                "wrap diagonal values as natgrad.DiagonalFisher(values, n_samples)."
+            )
+        diag = curvature.diagonal()
+        trace = sum(float(v.double().sum()) for v in diag.values())
+        p = sum(v.numel() for v in diag.values())
+        n = int(curvature.n_samples)
+        if n <= 0 or not trace > 0:
+            raise ValueError(
+                f"Cannot scale λ by this curvature: n_samples={n}, trace={trace:g}; it must "
+                "average at least one sample and have a positive trace."
+            )
+        return s * n * p / trace
+
+    def _consolidate_curvature(self, curvature: Curvature, anchor) -> None:
+        """Store a structured term ``(curvature, anchor, λ_t)``; fold it in online mode."""
+        if self._tasks:
+            raise ValueError(
+                "This EWC holds diagonal Fishers given as plain dicts; consolidate every task "
+                "the same way, or pass natgrad.Curvature objects for all of them."
+            )
+        named = dict(self.model.named_parameters())
+        names = curvature.names()
+        diag = curvature.diagonal()
+        targets = {}
+        for k in names:
+            target = _resolve(k, named)
+            if target is None:
+                raise ValueError(
+                    f"The curvature covers parameter {k!r}, which the model lacks; the model "
+                    f"has {list(named)[:8]}. Estimate the curvature on this model."
+                )
+            if tuple(diag[k].shape) != tuple(named[target].shape):
+                raise ValueError(
+                    f"The curvature's entry {k!r} has shape {tuple(diag[k].shape)} but the "
+                    f"parameter has {tuple(named[target].shape)}. Estimate it on this model."
+                )
+            check_finite(f"the curvature's diagonal of {k!r}", diag[k])
+            targets[k] = target
+        new_a = {}
+        for k, target in targets.items():
+            p = named[target]
+            a = None if anchor is None else anchor.get(k, anchor.get(target))
+            src = p if a is None else torch.as_tensor(a)
+            if tuple(src.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"Anchor entry for {k!r} has shape {tuple(src.shape)} but the parameter "
+                    f"has {tuple(p.shape)}."
+                )
+            new_a[k] = src.detach().to(device=p.device, dtype=p.dtype).clone()
+        if self.mode == "online" and self._curv_terms:
+            old = self._curv_terms[0]
+            if old["curvature"].names() != names or type(old["curvature"]) is not type(curvature):
+                raise ValueError(
+                    "Online EWC folds curvatures of one kind over the same parameters; got "
+                    f"{type(curvature).__name__} over {names[:4]} after "
+                    f"{type(old['curvature']).__name__} over {old['curvature'].names()[:4]}. "
+                    "Use mode='separate' or estimate every task's curvature the same way."
+                )
+            g = self.gamma
+            folded = (1.0 + g) * old["curvature"].ema(curvature, g / (1.0 + g))
+            self._curv_terms = [self._term(folded, new_a)]
+        else:
+            self._curv_terms.append(self._term(curvature, new_a))
+        self._consolidations += 1
+
+    def _term(self, curvature: Curvature, anchor: dict[str, torch.Tensor]) -> dict[str, Any]:
+        lam = None if self.lam_scale is None else self.suggest_lambda(curvature, self.lam_scale)
+        return {"curvature": curvature, "anchor": anchor, "lam": lam}
+
+    def _curvature_term(self, t: dict[str, Any], named) -> torch.Tensor:
+        """``(λ_t/2) Δᵀ F_t Δ`` (``Δ = θ - θ*_t``) with ``λ_t`` the term's own or ``self.lam``.
+
+        Written ``λ_t (Δ·sg(FΔ) - ½ sg(Δ·FΔ))`` (``sg``: no gradient): the value is
+        ``(λ_t/2) quad_t(Δ)`` and the gradient ``λ_t F_t Δ``; per layer from the factors
+        for a Kronecker curvature (its ``mv`` is ``G V A``), never a ``P x P`` matrix.
+        """
+        diff = {}
+        for k, a in t["anchor"].items():
+            target = _resolve(k, named)
+            if target is None:
+                raise ValueError(
+                    f"EWC covers parameter {k!r}, which this model lacks; the model has "
+                    f"{list(named)[:8]}. Penalize the model that was consolidated."
+                )
+            p = named[target]
+            acc = acc_dtype(p.dtype)
+            diff[k] = p.to(acc) - a.to(device=p.device, dtype=acc)
+        lam = self.lam if t["lam"] is None else t["lam"]
+        # value (λ/2) Δᵀ F Δ and gradient λ F Δ from one product F Δ, without relying on
+        # autograd through the curvature's internals (a structured mv may detach inputs)
+        with torch.no_grad():
+            fd = t["curvature"].mv({k: v.detach() for k, v in diff.items()})
+        lin = sum((diff[k] * fd[k].to(diff[k])).sum() for k in diff)
+        return (lin - 0.5 * lin.detach()) * lam
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -282,6 +453,16 @@ class EWC:
                     "anchor": {k: v.clone() for k, v in t["anchor"].items()},
                 }
                 for t in self._tasks
+            ],
+            "lam_scale": self.lam_scale,
+            "curvature_terms": [
+                {
+                    "kind": t["curvature"].kind,
+                    "curvature": t["curvature"].state_dict(),
+                    "anchor": {k: v.clone() for k, v in t["anchor"].items()},
+                    "lam": t["lam"],
+                }
+                for t in self._curv_terms
             ],
         }
 
@@ -325,6 +506,22 @@ class EWC:
                 }
             )
         self.lam, self.mode, self.gamma = lam, mode, gamma
+        curv_terms = []
+        for t in state.get("curvature_terms", []):
+            cls = curvature_class(t["kind"])
+            curv = cls.from_state_dict(t["curvature"])
+            for k in t["anchor"]:
+                target = _resolve(k, named)
+                if target is None or tuple(t["anchor"][k].shape) != tuple(named[target].shape):
+                    raise ValueError(
+                        f"The EWC state_dict covers {k!r}, which this model lacks or shapes "
+                        "differently; load it into an EWC built on the same architecture."
+                    )
+            anchor = {k: v.detach().clone() for k, v in t["anchor"].items()}
+            curv_terms.append({"curvature": curv, "anchor": anchor, "lam": t.get("lam")})
+        scale = state.get("lam_scale")
+        self.lam_scale = None if scale is None else check_positive("lam_scale", scale)
+        self._curv_terms = curv_terms
         self._tasks = terms
         self._consolidations = int(state.get("num_tasks", len(terms)))
 

@@ -1,0 +1,453 @@
+"""Optimal Brain Surgeon pruning on any curvature: OBS saliency and the weight update.
+
+With the loss near a minimum modelled by the quadratic ``½ δᵀ (F + λI) δ`` (``F`` a
+:class:`~natgrad.Curvature`, ``λ`` a damping), removing weight ``q`` (forcing
+``θ_q + δ_q = 0``) at the least cost gives (Hassibi and Stork, 1993)
+
+* cost (saliency) ``s_q = θ_q² / (2 [(F + λI)⁻¹]_qq)``, from ``inverse_diagonal(λ)``;
+* update ``δθ = −θ_q (F + λI)⁻¹ e_q / [(F + λI)⁻¹]_qq`` of every other weight.
+
+Removing a set ``Q`` at once (``E`` its columns of the identity, ``H = F + λI``):
+
+    ``δθ = −H⁻¹ E (Eᵀ H⁻¹ E)⁻¹ Eᵀ θ``,  predicted increase ``½ θ_Qᵀ (Eᵀ H⁻¹ E)⁻¹ θ_Q``.
+
+Two ways to compute it, equal in exact arithmetic (block elimination / Schur complement):
+
+* ``"exact"``: ``|Q|`` solves ``H⁻¹ e_q`` through ``curvature.solve`` and one dense
+  ``|Q| × |Q|`` system (for small removal sets; any curvature);
+* ``"cg"``: the kept weights ``K`` solve ``H_KK δ_K = −H_KQ δ_Q = F_KQ θ_Q`` (the
+  minimiser of the quadratic with ``δ_Q = −θ_Q`` fixed) by conjugate gradients on
+  ``curvature.mv``, with a Jacobi preconditioner. For a diagonal ``F``, ``F_KQ = 0`` and
+  the kept weights do not move (OBS-diag ranks by ``θ² (F + λ) / 2``); for Kronecker
+  and low-rank curvatures they move with the correlations ``F`` holds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from natgrad.curvature.ops import check_curvature, conjugate_gradient, dict_dot
+from natgrad.curvature.protocol import Curvature
+from natgrad.engine.checks import check_choice, check_fraction, check_int, check_positive
+from natgrad.engine.common import acc_dtype
+from natgrad.engine.report import Report
+from natgrad.pruning.masks import apply_masks
+from natgrad.pruning.pruned import pruned_names
+
+__all__ = ["ObsReport", "obs_prune", "obs_saliency"]
+
+UPDATE_METHODS = ("auto", "exact", "cg", "none")
+#: the largest ``|Q| · P`` for which ``method="auto"`` builds ``H⁻¹ E`` densely
+EXACT_MAX_FLOATS = 2**24
+
+
+@dataclass
+class ObsReport(Report):
+    """What :func:`obs_prune` did.
+
+    Attributes:
+        target_sparsity: the fraction of candidate weights asked to be removed.
+        sparsity: the fraction actually removed (over the candidates).
+        n_removed / n_candidates: counts over the candidate tensors.
+        per_layer_sparsity: ``{name: fraction removed}`` per candidate tensor.
+        predicted_increase: ``½ δᵀ (F + λI) δ`` of the last round's update (the
+            quadratic model's loss increase; with ``method="none"``, of ``δ = −θ_Q``).
+        damping: ``λ``.
+        method: the update method used in the last round (``"exact"``, ``"cg"``, ``"none"``).
+        rounds: number of prune rounds.
+        cg_iterations / cg_residual: last round's conjugate-gradient count and relative
+            residual (0 when not used).
+        masks: ``{name: bool keep-mask}`` applied through ``torch.nn.utils.prune``.
+    """
+
+    target_sparsity: float
+    sparsity: float
+    n_removed: int
+    n_candidates: int
+    per_layer_sparsity: dict[str, float]
+    predicted_increase: float
+    damping: float
+    method: str
+    rounds: int
+    cg_iterations: int = 0
+    cg_residual: float = 0.0
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def obs_saliency(
+    model: nn.Module, curvature: Curvature, *, damping: float | None = None
+) -> dict[str, torch.Tensor]:
+    """The OBS cost ``s_q = θ_q² / (2 [(F + λI)⁻¹]_qq)`` of removing each weight alone.
+
+    Args:
+        model: the model (not modified).
+        curvature: any :class:`natgrad.Curvature` over the model's parameters.
+        damping: ``λ >= 0`` (default: ``1e-2 ×`` the mean of ``diag F``, see :func:`obs_prune`).
+
+    Returns:
+        ``{name: tensor}`` for every covered parameter, float32 (float64 for float64 models).
+
+    Example:
+        >>> import torch, natgrad
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> _ = model.weight.data.copy_(torch.tensor([[1.0, 2.0]]))
+        >>> F = natgrad.DiagonalFisher({"weight": torch.tensor([[4.0, 1.0]])}, 1)
+        >>> obs_saliency(model, F, damping=0.0)["weight"]  # θ² F / 2 for a diagonal F
+        tensor([[2., 2.]])
+    """
+    names = check_curvature(curvature, model)
+    lam = _damping(curvature, damping)
+    named = dict(model.named_parameters())
+    inv = curvature.inverse_diagonal(lam)
+    out = {}
+    for k in names:
+        p = named[k].detach()
+        dt = acc_dtype(p.dtype)
+        out[k] = p.to(dt) ** 2 / (2 * inv[k].to(device=p.device, dtype=dt))
+    return out
+
+
+def obs_prune(
+    model: nn.Module,
+    curvature: Curvature,
+    sparsity: float,
+    *,
+    scope: Literal["global", "layer"] = "global",
+    rounds: int = 1,
+    data: Any = None,
+    likelihood: Any = "categorical",
+    estimate_options: Mapping[str, Any] | None = None,
+    prune: Literal["weights", "all"] | Sequence[str] = "weights",
+    min_keep_per_layer: int | float = 0.01,
+    damping: float | None = None,
+    method: Literal["auto", "exact", "cg", "none"] = "auto",
+    cg_iters: int = 300,
+    cg_tol: float = 1e-5,
+) -> ObsReport:
+    """Prune ``model`` IN PLACE by Optimal Brain Surgeon with any curvature.
+
+    Each round removes the weights with the smallest OBS saliency
+    ``θ_q² / (2 [(F + λI)⁻¹]_qq)`` and moves the kept ones by the joint OBS update
+    ``δθ = −H⁻¹ E (Eᵀ H⁻¹ E)⁻¹ Eᵀ θ`` (``H = F + λI``; see the module docstring for the
+    ``"exact"`` and ``"cg"`` computations). Weights removed in earlier rounds stay at
+    zero (they are part of ``Q`` with ``θ_q = 0``). Finally the masks are applied with
+    ``torch.nn.utils.prune.custom_from_mask`` (``weight_orig`` holds the updated values,
+    ``weight_mask`` the keep-mask), as :func:`natgrad.apply_masks` does.
+
+    Gradual schedule (``rounds = k > 1``): round ``r`` targets sparsity ``s · r / k``,
+    and before rounds 2..k the curvature is re-estimated on ``data`` at the current
+    weights with ``type(curvature).estimate(model, data, likelihood, **estimate_options)``
+    (same kind; it must cover the same names).
+
+    Allocation: with ``scope="global"`` all candidates are ranked together; with
+    ``"layer"`` each tensor loses ``round(s · n)`` of its ``n`` weights. Either way each
+    tensor keeps at least ``min_keep_per_layer`` weights (an int: a count; a float in
+    ``(0, 1)``: that fraction of the tensor, rounded up, and at least 1), its most
+    salient ones, so no layer is emptied; the global count stays exact (the next least
+    salient weights elsewhere go instead), and a ValueError says when that is impossible.
+
+    Damping: ``λ`` defaults to ``10⁻² · mean(diag F)`` (it regularises ``H``; for a
+    low-rank or Kronecker ``F`` of ``N < P`` samples ``F`` alone is singular).
+
+    Args:
+        model: the model (MODIFIED: values updated, masks applied). It must not already
+            be pruned on the candidate tensors (``natgrad.make_permanent`` first).
+        curvature: any :class:`natgrad.Curvature` covering the candidate tensors; the
+            update moves every covered parameter (biases included).
+        sparsity: fraction of candidate weights to remove, in ``[0, 1)``.
+        scope: ``"global"`` or ``"layer"``.
+        rounds: ``k >= 1`` prune rounds; ``k > 1`` needs ``data``.
+        data: a batch or iterable of batches for re-estimating the curvature.
+        likelihood, estimate_options: passed to the re-estimation.
+        prune: candidates: ``"weights"`` (covered tensors with ``dim >= 2``), ``"all"``,
+            or a list of names.
+        min_keep_per_layer: least weights each candidate tensor keeps (int or fraction).
+        damping: ``λ >= 0`` or None (relative default above).
+        method: ``"auto"`` (``"exact"`` when ``|Q| · P <= 2²⁴``, else ``"cg"``),
+            ``"exact"``, ``"cg"``, or ``"none"`` (masks only, no update).
+        cg_iters, cg_tol: conjugate-gradient budget and relative residual.
+
+    Returns:
+        :class:`ObsReport`.
+
+    Raises:
+        TypeError: ``curvature`` is not a :class:`natgrad.Curvature`.
+        ValueError: bad arguments, names or shapes that differ from the model, an
+            already-pruned candidate, ``rounds > 1`` without ``data``, a re-estimated
+            curvature covering other names, or a sparsity ``min_keep_per_layer`` forbids.
+        FloatingPointError: a non-finite update (a singular ``H``: raise ``damping``).
+
+    Example:
+        >>> import torch, natgrad
+        >>> model = torch.nn.Linear(4, 2)
+        >>> F = natgrad.DiagonalFisher({k: torch.ones_like(p) for k, p in model.named_parameters()}, 8)
+        >>> r = natgrad.obs_prune(model, F, 0.5, min_keep_per_layer=1)
+        >>> r.n_removed, int((model.weight == 0).sum())
+        (4, 4)
+    """
+    sparsity = check_fraction("sparsity", sparsity)
+    check_choice("scope", scope, ("global", "layer"))
+    check_choice("method", method, UPDATE_METHODS)
+    rounds = check_int("rounds", rounds, 1)
+    cg_iters = check_int("cg_iters", cg_iters, 1)
+    cg_tol = check_positive("cg_tol", cg_tol)
+    if rounds > 1 and data is None:
+        raise ValueError(
+            f"rounds={rounds} re-estimates the curvature between rounds and needs data=: "
+            "pass a batch or iterable of batches, or use rounds=1."
+        )
+    names = check_curvature(curvature, model)
+    named = dict(model.named_parameters())
+    cands = _candidates(names, named, prune)
+    _check_not_pruned(model, cands)
+    keep_min = {k: _min_keep(min_keep_per_layer, named[k].numel()) for k in cands}
+    removed = {k: torch.zeros(named[k].shape, dtype=torch.bool, device=named[k].device)
+               for k in cands}
+    n_total = sum(named[k].numel() for k in cands)
+    last: dict[str, Any] = {}
+    for r in range(1, rounds + 1):
+        if r > 1:
+            curvature = _reestimate(curvature, model, data, likelihood, estimate_options, names)
+        lam = _damping(curvature, damping)
+        target = sparsity * r / rounds
+        sal = obs_saliency(model, curvature, damping=lam)
+        removed = _select(sal, removed, cands, target, scope, keep_min, n_total)
+        last = _update(model, curvature, names, removed, lam, method, cg_iters, cg_tol)
+    masks = {k: ~removed[k] for k in cands}
+    with torch.no_grad():
+        for k in cands:
+            named[k].mul_(masks[k].to(named[k].dtype))
+    apply_masks(model, masks)
+    n_removed = sum(int(v.sum()) for v in removed.values())
+    return ObsReport(
+        target_sparsity=sparsity,
+        sparsity=n_removed / n_total,
+        n_removed=n_removed,
+        n_candidates=n_total,
+        per_layer_sparsity={k: float(removed[k].float().mean()) for k in cands},
+        predicted_increase=last["increase"],
+        damping=last["damping"],
+        method=last["method"],
+        rounds=rounds,
+        cg_iterations=last["cg_iterations"],
+        cg_residual=last["cg_residual"],
+        masks=masks,
+    )
+
+
+# -- pieces ----------------------------------------------------------------------------------
+
+
+def _damping(curvature: Curvature, damping: float | None) -> float:
+    if damping is not None:
+        return check_positive("damping", damping, allow_zero=True)
+    diag = curvature.diagonal()
+    total = sum(float(v.double().sum()) for v in diag.values())
+    count = sum(v.numel() for v in diag.values())
+    lam = 1e-2 * total / max(count, 1)
+    if not lam > 0:
+        raise ValueError(
+            "The curvature's diagonal is zero everywhere, so the default damping "
+            "(1e-2 × mean diag F) is 0; pass damping= > 0 or estimate the curvature on data."
+        )
+    return lam
+
+
+def _candidates(names: list[str], named, prune) -> list[str]:
+    if isinstance(prune, str):
+        check_choice("prune", prune, ("weights", "all"))
+        out = [k for k in names if prune == "all" or named[k].dim() >= 2]
+        if not out:
+            raise ValueError(
+                f"No tensor to prune: prune={prune!r} selects covered tensors with dim >= 2, "
+                f"and the curvature covers {[(k, tuple(named[k].shape)) for k in names][:8]}; "
+                "pass prune='all' or a list of names."
+            )
+        return out
+    wanted = list(prune)
+    unknown = [k for k in wanted if k not in names]
+    if unknown or not wanted:
+        raise ValueError(
+            f"prune lists names the curvature does not cover: {unknown}; it covers "
+            f"{names[:8]}. Pass covered parameter names."
+        )
+    return [k for k in names if k in set(wanted)]
+
+
+def _check_not_pruned(model: nn.Module, cands: list[str]) -> None:
+    for k in cands:
+        mod_name, _, attr = k.rpartition(".")
+        module = model.get_submodule(mod_name) if mod_name else model
+        base = attr[: -len("_orig")] if attr.endswith("_orig") else attr
+        if base in pruned_names(module):
+            raise ValueError(
+                f"{k!r} is already pruned by torch.nn.utils.prune; obs_prune updates the "
+                "weights themselves. Call natgrad.make_permanent(model) (and re-estimate the "
+                "curvature) first, or use rounds= for a gradual schedule."
+            )
+
+
+def _min_keep(spec: int | float, n: int) -> int:
+    if isinstance(spec, bool):
+        raise ValueError(f"Invalid min_keep_per_layer: {spec!r}; an int >= 0 or a float in (0, 1).")
+    if isinstance(spec, int):
+        return min(check_int("min_keep_per_layer", spec, 0), n)
+    f = float(spec)
+    if not 0 < f < 1:
+        raise ValueError(
+            f"Invalid min_keep_per_layer: {spec!r}; an int count >= 0 or a float fraction in (0, 1)."
+        )
+    return min(max(1, math.ceil(f * n)), n)
+
+
+def _select(sal, removed, cands, target, scope, keep_min, n_total) -> dict[str, torch.Tensor]:
+    """The removal masks after this round: the old ones plus the least salient alive weights."""
+    out = {k: v.clone() for k, v in removed.items()}
+    if scope == "layer":
+        for k in cands:
+            n = removed[k].numel()
+            want = min(int(target * n + 0.5), n - keep_min[k])
+            _remove(out, {k: sal[k]}, {k: want - int(removed[k].sum())}, keep_min)
+        return out
+    want = int(target * n_total + 0.5)
+    extra = want - sum(int(v.sum()) for v in removed.values())
+    _remove(out, {k: sal[k] for k in cands}, extra, keep_min)
+    return out
+
+
+def _remove(out, scores, count, keep_min) -> None:
+    """Mark ``count`` least salient alive, unprotected entries of ``scores`` as removed."""
+    if isinstance(count, dict):
+        count = sum(count.values())
+    if count <= 0:
+        return
+    names = list(scores)
+    flats, free = [], []
+    for k in names:
+        s = scores[k].detach().reshape(-1).double().cpu()
+        dead = out[k].reshape(-1).cpu()
+        alive = (~dead).nonzero().squeeze(1)
+        protect = torch.zeros_like(dead)
+        m = min(keep_min[k], alive.numel())
+        if m:
+            order = torch.sort(s[alive], descending=True, stable=True).indices[:m]
+            protect[alive[order]] = True
+        flats.append(s)
+        free.append(~dead & ~protect)
+    s_all = torch.cat(flats)
+    f_all = torch.cat(free)
+    idx = f_all.nonzero().squeeze(1)
+    if count > idx.numel():
+        raise ValueError(
+            f"The sparsity asks to remove {count} more weights but only {idx.numel()} are "
+            "neither removed nor protected by min_keep_per_layer; lower the sparsity or "
+            "min_keep_per_layer."
+        )
+    chosen = idx[torch.sort(s_all[idx], stable=True).indices[:count]]
+    flat_removed = torch.zeros_like(f_all)
+    flat_removed[chosen] = True
+    for k, part in zip(names, torch.split(flat_removed, [scores[k].numel() for k in names]), strict=True):
+        out[k] |= part.reshape(out[k].shape).to(out[k].device)
+
+
+def _update(model, curvature, names, removed, lam, method, cg_iters, cg_tol) -> dict[str, Any]:
+    """Apply the joint OBS update for the removal set ``removed``; return its statistics."""
+    named = dict(model.named_parameters())
+    ref = named[names[0]]
+    dt = acc_dtype(ref.dtype)
+    theta = {k: named[k].detach().to(dt) for k in names}
+    # u: the removed weights' values (δ_Q = −θ_Q), zero elsewhere
+    u = {
+        k: theta[k] * removed[k].to(dt) if k in removed else torch.zeros_like(theta[k])
+        for k in names
+    }
+    k_q = sum(int(v.sum()) for v in removed.values())
+    p_total = sum(v.numel() for v in theta.values())
+    if method == "auto":
+        method = "exact" if k_q * p_total <= EXACT_MAX_FLOATS else "cg"
+    stats = {"method": method, "damping": lam, "cg_iterations": 0, "cg_residual": 0.0}
+    if k_q == 0:
+        stats["increase"] = 0.0
+        return stats
+    if method == "none":
+        delta = {k: -u[k] for k in names}
+    elif method == "exact":
+        delta = _exact_delta(curvature, theta, removed, lam, dt)
+    else:
+        keep = {k: (~removed[k]).to(dt) if k in removed else torch.ones_like(theta[k])
+                for k in names}
+        fu = curvature.mv(u)
+        b = {k: fu[k].to(dt) for k in names}
+
+        def op(v):
+            fv = curvature.mv(v)
+            return {k: fv[k].to(dt) + lam * v[k] for k in v}
+
+        diag = curvature.diagonal()
+        pre = {k: diag[k].to(device=theta[k].device, dtype=dt) + lam for k in names}
+        if lam == 0:
+            pre = {k: torch.where(v > 0, v, torch.ones_like(v)) for k, v in pre.items()}
+        res = conjugate_gradient(op, b, precond=pre, mask=keep, max_iter=cg_iters, tol=cg_tol)
+        delta = {k: res.x[k] - u[k] for k in names}
+        stats["cg_iterations"], stats["cg_residual"] = res.iterations, res.residual
+    for k, v in delta.items():
+        if not bool(torch.isfinite(v).all()):
+            raise FloatingPointError(
+                f"The OBS update of {k!r} is not finite: F + λI is (numerically) singular "
+                f"at damping λ={lam:g}; pass a larger damping=."
+            )
+    with torch.no_grad():
+        for k in names:
+            new = theta[k] + delta[k]
+            if k in removed:
+                new = new.masked_fill(removed[k], 0.0)
+            named[k].copy_(new.to(named[k].dtype))
+    quad = float(curvature.quad(delta)) + lam * float(dict_dot(delta, delta))
+    stats["increase"] = 0.5 * quad
+    return stats
+
+
+def _exact_delta(curvature, theta, removed, lam, dt) -> dict[str, torch.Tensor]:
+    """``−H⁻¹ E (Eᵀ H⁻¹ E)⁻¹ Eᵀ θ`` by one ``solve`` per removed weight."""
+    names = list(theta)
+    shapes = {k: theta[k].shape for k in names}
+    sizes = [theta[k].numel() for k in names]
+    offsets = dict(zip(names, torch.tensor([0] + sizes[:-1]).cumsum(0).tolist(), strict=True))
+    q_index = torch.cat([
+        offsets[k] + removed[k].reshape(-1).nonzero().squeeze(1).cpu() for k in removed
+    ])
+    device = theta[names[0]].device
+    cols = []
+    for q in q_index.tolist():
+        e = torch.zeros(sum(sizes), dtype=dt, device=device)
+        e[q] = 1.0
+        parts = dict(zip(names, torch.split(e, sizes), strict=True))
+        sol = curvature.solve({k: parts[k].reshape(shapes[k]) for k in names}, lam)
+        cols.append(torch.cat([sol[k].reshape(-1).to(dt) for k in names]))
+    s = torch.stack(cols, 1).double()  # H⁻¹ E, (P, |Q|)
+    m = s[q_index.to(device)]  # Eᵀ H⁻¹ E
+    m = 0.5 * (m + m.T)
+    flat_theta = torch.cat([theta[k].reshape(-1) for k in names]).double()
+    coef = torch.linalg.solve(m, flat_theta[q_index.to(device)])
+    flat = -(s @ coef)
+    return {k: t.reshape(shapes[k]).to(dt) for k, t in zip(names, torch.split(flat, sizes), strict=True)}
+
+
+def _reestimate(curvature, model, data, likelihood, options, names) -> Curvature:
+    """The same kind of curvature, estimated again at the current weights."""
+    opts = dict(options or {})
+    opts.setdefault("kind", curvature.kind or type(curvature).kind)
+    new = type(curvature).estimate(model, data, likelihood, **opts)
+    if list(new.names()) != list(names):
+        raise ValueError(
+            f"The re-estimated curvature covers {new.names()[:8]}, the first one "
+            f"{names[:8]}; pass estimate_options= that select the same parameters "
+            "(e.g. params=...)."
+        )
+    return new

@@ -1,0 +1,174 @@
+"""EWC on any curvature: penalty and gradient against dense float64 quadratic forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import natgrad
+from tests.reference import DenseCurvature, flatten_params
+
+NAMES = ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    ).double()
+
+
+def _dense(model, seed, n=20):
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    p = sum(s.numel() for s in shapes.values())
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(p, 6, generator=g, dtype=torch.float64)  # rank 6: structured, singular
+    return DenseCurvature(a @ a.T, shapes, n)
+
+
+def _theta(model):
+    return flatten_params(dict(model.named_parameters()), NAMES)
+
+
+def _move(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _grad(model, value):
+    model.zero_grad()
+    value.backward()
+    return flatten_params({k: p.grad for k, p in model.named_parameters()}, NAMES)
+
+
+def test_dense_penalty_and_gradient_match_the_quadratic_form():
+    model = _model()
+    curv = _dense(model, 1)
+    star = _theta(model)
+    ewc = natgrad.EWC(model, curv, lam=3.0)
+    _move(model, 2)
+    d = _theta(model) - star
+    pen = ewc.penalty()
+    assert float(pen.detach()) == pytest.approx(1.5 * float(d @ curv.matrix @ d), rel=1e-12)
+    torch.testing.assert_close(_grad(model, pen), 3.0 * curv.matrix @ d, rtol=1e-10, atol=1e-12)
+
+
+def test_separate_terms_add_and_online_folds_the_sum():
+    model = _model(1)
+    c1, c2 = _dense(model, 3), _dense(model, 4)
+    a1 = _theta(model)
+    sep = natgrad.EWC(model, c1, lam=2.0)
+    onl = natgrad.EWC(model, c1, lam=2.0, mode="online", gamma=0.5)
+    _move(model, 5)
+    a2 = _theta(model)
+    sep.consolidate(c2)
+    onl.consolidate(c2)
+    assert sep.num_tasks == onl.num_tasks == 2
+    _move(model, 6)
+    t = _theta(model)
+    d1, d2 = t - a1, t - a2
+    want_sep = d1 @ c1.matrix @ d1 + d2 @ c2.matrix @ d2
+    assert float(sep.penalty()) == pytest.approx(float(want_sep), rel=1e-12)
+    # online: F ← γ F₁ + F₂ around the newest anchor
+    want_onl = d2 @ (0.5 * c1.matrix + c2.matrix) @ d2
+    assert float(onl.penalty()) == pytest.approx(float(want_onl), rel=1e-12)
+
+
+def test_suggest_lambda_closed_form_and_lam_scale():
+    model = _model(2)
+    curv = _dense(model, 7, n=50)
+    p = curv.matrix.shape[0]
+    want = 0.1 * 50 * p / float(torch.diagonal(curv.matrix).sum())
+    assert natgrad.EWC.suggest_lambda(curv, 0.1) == pytest.approx(want, rel=1e-12)
+    star = _theta(model)
+    ewc = natgrad.EWC(model, curv, lam=123.0, lam_scale=0.1)
+    _move(model, 8)
+    d = _theta(model) - star
+    assert float(ewc.penalty()) == pytest.approx(0.5 * want * float(d @ curv.matrix @ d), rel=1e-12)
+    # scale-free: multiplying the curvature by 100 leaves the penalty unchanged
+    ewc2 = natgrad.EWC(model, 100.0 * curv, lam_scale=0.1, anchor=dict(zip(NAMES, [
+        star[0:12].reshape(4, 3), star[12:16], star[16:24].reshape(2, 4), star[24:26]], strict=True)))
+    assert float(ewc2.penalty()) == pytest.approx(float(ewc.penalty()), rel=1e-10)
+
+
+def test_diagonal_fisher_with_lam_scale_equals_the_diagonal_path():
+    model = _model(3)
+    fisher = natgrad.DiagonalFisher(
+        {k: torch.rand_like(p) for k, p in model.named_parameters()}, 40
+    )
+    lam = natgrad.EWC.suggest_lambda(fisher, 2.0)
+    plain = natgrad.EWC(model, fisher, lam=lam)
+    scaled = natgrad.EWC(model, fisher, lam_scale=2.0)
+    _move(model, 9)
+    assert float(scaled.penalty()) == pytest.approx(float(plain.penalty()), rel=1e-12)
+    state = scaled.state_dict()
+    again = natgrad.EWC(model, lam=7.0)
+    again.load_state_dict(state)
+    assert float(again.penalty()) == pytest.approx(float(scaled.penalty()), rel=1e-12)
+    assert again.lam_scale == 2.0 and again.names == NAMES
+
+
+def test_diagonal_fisher_without_lam_scale_keeps_the_old_path():
+    model = _model(4)
+    fisher = natgrad.DiagonalFisher({k: torch.rand_like(p) for k, p in model.named_parameters()}, 5)
+    star = {k: p.detach().clone() for k, p in model.named_parameters()}
+    ewc = natgrad.EWC(model, fisher, lam=4.0)
+    _move(model, 10)
+    want = 2.0 * sum(
+        float((fisher[k] * (p.detach() - star[k]) ** 2).sum()) for k, p in model.named_parameters()
+    )
+    assert float(ewc.penalty()) == pytest.approx(want, rel=1e-12)
+    assert ewc.state_dict()["curvature_terms"] == []
+
+
+needs_kron = pytest.mark.skipif(
+    not {"kfac", "lowrank"} <= set(natgrad.CURVATURE_KINDS),
+    reason="KroneckerFisher / LowRankFisher not registered in this build",
+)
+
+
+def _kron(model, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (16,), generator=g)
+    return natgrad.estimate_curvature(model, (x, y), kind=kind, labels="exact")
+
+
+@needs_kron
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "lowrank"])
+def test_structured_penalty_and_gradient_match_the_dense_quadratic_form(kind):
+    from tests.reference import dense_from_mv
+
+    model = _model(5)
+    curv = _kron(model, kind, 1)
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    mat = dense_from_mv(curv, shapes)
+    star = _theta(model)
+    ewc = natgrad.EWC(model, curv, lam=5.0)
+    _move(model, 11)
+    d = _theta(model) - star
+    pen = ewc.penalty()
+    assert float(pen.detach()) == pytest.approx(2.5 * float(d @ mat @ d), rel=1e-9)
+    torch.testing.assert_close(_grad(model, pen), 5.0 * mat @ d, rtol=1e-8, atol=1e-10)
+
+
+@needs_kron
+def test_online_kronecker_fold_is_the_ema_of_factors():
+    from tests.reference import dense_from_mv
+
+    model = _model(6)
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    c1, c2 = _kron(model, "kfac", 2), _kron(model, "kfac", 3)
+    ewc = natgrad.EWC(model, c1, lam=1.0, mode="online", gamma=0.8)
+    ewc.consolidate(c2)
+    star = _theta(model)
+    _move(model, 12)
+    d = _theta(model) - star
+    folded = dense_from_mv((1.8 * c1.ema(c2, 0.8 / 1.8)), shapes)
+    assert float(ewc.penalty().detach()) == pytest.approx(0.5 * float(d @ folded @ d), rel=1e-9)
+    # it approximates the exact sum γ F₁ + F₂ (the factors are averaged separately)
+    exact = 0.8 * dense_from_mv(c1, shapes) + dense_from_mv(c2, shapes)
+    rel = float(torch.linalg.norm(folded - exact) / torch.linalg.norm(exact))
+    assert 0 < rel < 1

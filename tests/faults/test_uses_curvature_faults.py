@@ -1,0 +1,198 @@
+"""Fault cases of the uses on any curvature: each bad input raises a named, fixable error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import natgrad
+from tests.reference import DenseCurvature
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    ).double()
+
+
+def _dense(model, seed=1, kind="dense", scale=1.0):
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    p = sum(s.numel() for s in shapes.values())
+    a = torch.randn(p, p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return DenseCurvature(scale * a @ a.T / p, shapes, 10, kind)
+
+
+def _diag(model, value=1.0):
+    return natgrad.DiagonalFisher(
+        {k: torch.full_like(p, value) for k, p in model.named_parameters()}, 10
+    )
+
+
+# -- OBS ----------------------------------------------------------------------------------
+
+
+def test_obs_refuses_a_plain_dict():
+    model = _model()
+    with pytest.raises(TypeError, match="must be a natgrad.Curvature"):
+        natgrad.obs_prune(model, {k: torch.ones_like(p) for k, p in model.named_parameters()}, 0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sparsity=1.0), "sparsity"),
+        (dict(sparsity=0.5, rounds=2), "needs data="),
+        (dict(sparsity=0.5, method="newton"), "Unknown method"),
+        (dict(sparsity=0.5, damping=-1.0), "Invalid damping"),
+        (dict(sparsity=0.5, scope="row"), "Unknown scope"),
+        (dict(sparsity=0.5, min_keep_per_layer=1.5), "min_keep_per_layer"),
+        (dict(sparsity=0.5, prune=["nope.weight"]), "does not cover"),
+        (dict(sparsity=0.9, min_keep_per_layer=0.5), "protected by min_keep_per_layer"),
+        (dict(sparsity=0.5, rounds=0), "Invalid rounds"),
+    ],
+)
+def test_obs_bad_arguments(kwargs, match):
+    model = _model()
+    sparsity = kwargs.pop("sparsity")
+    with pytest.raises(ValueError, match=match):
+        natgrad.obs_prune(model, _dense(model), sparsity, **kwargs)
+
+
+def test_obs_refuses_an_already_pruned_model():
+    model = _model()
+    curv = _dense(model)
+    natgrad.apply_masks(model, {"0.weight": torch.ones(4, 3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="(already pruned|lacks)"):
+        natgrad.obs_prune(model, curv, 0.5)
+
+
+def test_obs_curvature_of_another_model():
+    model = _model()
+    other = torch.nn.Sequential(torch.nn.Linear(3, 5)).double()
+    with pytest.raises(ValueError, match="covers parameters the model lacks"):
+        natgrad.obs_prune(other, _dense(model), 0.5)
+
+
+def test_obs_zero_curvature_needs_an_explicit_damping():
+    model = _model()
+    with pytest.raises(ValueError, match="pass damping="):
+        natgrad.obs_prune(model, _diag(model, 0.0), 0.5)
+
+
+def test_obs_leaves_the_model_untouched_on_a_bad_argument():
+    model = _model()
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    with pytest.raises(ValueError):
+        natgrad.obs_prune(model, _dense(model), 0.99, min_keep_per_layer=0.5)
+    for k, p in model.named_parameters():
+        assert torch.equal(p, before[k])
+
+
+# -- EWC ----------------------------------------------------------------------------------
+
+
+def test_ewc_lam_scale_needs_a_curvature():
+    model = _model()
+    with pytest.raises(ValueError, match="lam_scale needs the number of samples"):
+        natgrad.EWC(model, {k: torch.ones_like(p) for k, p in model.named_parameters()},
+                    lam_scale=1.0)
+
+
+def test_ewc_lam_scale_must_be_positive():
+    with pytest.raises(ValueError, match="lam_scale"):
+        natgrad.EWC(_model(), lam_scale=0.0)
+
+
+def test_ewc_online_refuses_mixed_kinds():
+    model = _model()
+    ewc = natgrad.EWC(model, _dense(model), mode="online")
+    with pytest.raises(ValueError, match="folds curvatures of one kind"):
+        ewc.consolidate(DenseCurvature(
+            _dense(model).matrix[:16, :16], {"0.weight": (4, 3), "0.bias": (4,)}, 5))
+
+
+def test_ewc_refuses_mixing_dicts_and_curvatures():
+    model = _model()
+    ewc = natgrad.EWC(model, {k: torch.ones_like(p) for k, p in model.named_parameters()})
+    with pytest.raises(ValueError, match="plain dicts"):
+        ewc.consolidate(_dense(model))
+    ewc2 = natgrad.EWC(model, _dense(model))
+    with pytest.raises(ValueError, match="holds structured curvatures"):
+        ewc2.consolidate({k: torch.ones_like(p) for k, p in model.named_parameters()})
+
+
+def test_ewc_curvature_of_another_model():
+    model = _model()
+    other = torch.nn.Sequential(torch.nn.Linear(3, 5)).double()
+    with pytest.raises(ValueError, match="has shape \\(4, 3\\) but the parameter has \\(5, 3\\)"):
+        natgrad.EWC(other, _dense(model))
+
+
+def test_suggest_lambda_faults():
+    model = _model()
+    with pytest.raises(ValueError, match="positive trace"):
+        natgrad.EWC.suggest_lambda(_diag(model, 0.0))
+    with pytest.raises(TypeError, match="needs a natgrad.Curvature"):
+        natgrad.EWC.suggest_lambda({"w": torch.ones(2)})
+
+
+# -- merging ------------------------------------------------------------------------------
+
+
+def test_merge_curvatures_over_different_parameters():
+    a, b = _model(0), _model(1)
+    part = DenseCurvature(torch.eye(16, dtype=torch.float64), {"0.weight": (4, 3), "0.bias": (4,)})
+    with pytest.raises(ValueError, match="estimate every model's curvature on the same"):
+        natgrad.fisher_weighted_merge([a, b], [_dense(a), part])
+
+
+def test_merge_bad_method():
+    a, b = _model(0), _model(1)
+    with pytest.raises(ValueError, match="Unknown method"):
+        natgrad.fisher_weighted_merge([a, b], [_dense(a), _dense(b)], method="lu")
+
+
+def test_regmean_faults():
+    a, b = _model(0), _model(1)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="one batch"):
+        natgrad.regmean_merge([a, b], [x])
+    with pytest.raises(ValueError, match="alpha"):
+        natgrad.regmean_merge([a, b], [x, x], alpha=2.0)
+    with pytest.raises(ValueError, match="differ"):
+        natgrad.regmean_merge([a, torch.nn.Sequential(torch.nn.Linear(3, 5)).double()], [x, x])
+
+
+# -- Laplace ------------------------------------------------------------------------------
+
+
+def test_laplace_subset_faults():
+    model = _model().eval()
+    x = torch.zeros(1, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="Unknown subset"):
+        natgrad.fisher_uncertainty(model, x, _dense(model), subset="first_layer")
+    with pytest.raises(ValueError, match="either params= or subset="):
+        natgrad.fisher_uncertainty(model, x, _dense(model), subset="all", params=["2.weight"])
+
+
+def test_laplace_marglik_on_a_subset_of_a_curvature():
+    model = _model().eval()
+    with pytest.raises(ValueError, match="logdet over all it covers"):
+        natgrad.optimize_prior_precision(
+            model, _dense(model, kind="kfac"), method="marglik", subset="last_layer"
+        )
+
+
+def test_laplace_refuses_a_non_curvature_object():
+    model = _model().eval()
+    with pytest.raises((TypeError, ValueError)):
+        natgrad.fisher_uncertainty(model, torch.zeros(1, 3, dtype=torch.float64), [1, 2])
+
+
+def test_damage_curvature_of_another_model():
+    model = _model()
+    other = torch.nn.Sequential(torch.nn.Linear(3, 5)).double()
+    batch = (torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="lacks"):
+        natgrad.fisher_weighted_damage(other, batch, batch, fisher_a=_dense(model))

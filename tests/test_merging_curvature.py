@@ -1,0 +1,158 @@
+"""Merging with structured curvatures and RegMean against dense float64 solves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import natgrad
+from tests.reference import DenseCurvature, flatten_params
+
+NAMES = ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    ).double()
+
+
+def _shapes(m):
+    return {k: p.shape for k, p in m.named_parameters()}
+
+
+def _dense(m, seed, rank=8, kind="dense"):
+    shapes = _shapes(m)
+    p = sum(s.numel() for s in shapes.values())
+    a = torch.randn(p, rank, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return DenseCurvature(a @ a.T, shapes, 10, kind)
+
+
+def _theta(m):
+    return flatten_params(dict(m.named_parameters()), NAMES)
+
+
+def _reference(models, curvs, w, floor):
+    """(Σ w F + εI) θ* = Σ w F θ + ε θ̄ by one dense solve."""
+    p = curvs[0].matrix.shape[0]
+    lhs = floor * torch.eye(p, dtype=torch.float64)
+    mean = sum(wm * _theta(m) for wm, m in zip(w, models, strict=True))
+    rhs = floor * mean
+    for wm, m, c in zip(w, models, curvs, strict=True):
+        lhs = lhs + wm * c.matrix
+        rhs = rhs + wm * c.matrix @ _theta(m)
+    return torch.linalg.solve(lhs, rhs)
+
+
+@pytest.mark.parametrize("method", ["dense", "cg"])
+def test_structured_merge_matches_a_dense_solve(method):
+    models = [_model(s) for s in range(3)]
+    curvs = [_dense(m, 10 + i) for i, m in enumerate(models)]
+    before = [_theta(m).clone() for m in models]
+    merged = natgrad.fisher_weighted_merge(
+        models, curvs, weights=[1.0, 2.0, 1.0], floor=1e-3, method=method, cg_tol=1e-13,
+        cg_iters=2000,
+    )
+    want = _reference(models, curvs, [0.25, 0.5, 0.25], 1e-3)
+    torch.testing.assert_close(_theta(merged), want, rtol=1e-7, atol=1e-8)
+    for m, b in zip(models, before, strict=True):
+        torch.testing.assert_close(_theta(m), b, rtol=0, atol=0)  # inputs untouched
+
+
+def test_block_diagonal_kinds_are_solved_per_module():
+    models = [_model(s) for s in (4, 5)]
+    curvs = []
+    for i in range(2):
+        c = _dense(models[0], 20 + i, rank=30)
+        mask = torch.zeros_like(c.matrix)
+        mask[:16, :16] = 1
+        mask[16:, 16:] = 1  # two modules: no cross-module curvature
+        curvs.append(DenseCurvature(c.matrix * mask, _shapes(models[0]), 10, "kfac"))
+    merged = natgrad.fisher_weighted_merge(models, curvs, floor=1e-6, method="dense")
+    want = _reference(models, curvs, [0.5, 0.5], 1e-6)
+    torch.testing.assert_close(_theta(merged), want, rtol=1e-7, atol=1e-8)
+
+
+def test_diagonal_dense_curvature_equals_the_elementwise_merge():
+    models = [_model(s) for s in (6, 7)]
+    vals = [{k: torch.rand_like(p) + 0.1 for k, p in m.named_parameters()} for m in models]
+    fishers = [natgrad.DiagonalFisher(v, 5) for v in vals]
+    dense = [
+        DenseCurvature(torch.diag(flatten_params(v, NAMES)), _shapes(models[0]), 5, "diag")
+        for v in vals
+    ]
+    a = natgrad.fisher_weighted_merge(models, fishers, floor=0.0)
+    b = natgrad.fisher_weighted_merge(models, dense, floor=0.0)
+    torch.testing.assert_close(_theta(b), _theta(a), rtol=1e-10, atol=1e-12)
+
+
+def _gram(x):
+    xt = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+    return xt.T @ xt
+
+
+def test_regmean_matches_dense_gram_solves():
+    models = [_model(s) for s in (8, 9, 10)]
+    xs = [torch.randn(7 + i, 3, dtype=torch.float64) for i in range(3)]
+    merged = natgrad.regmean_merge(models, xs, alpha=0.9, floor=0.0)
+    w = 1 / 3
+    for layer in (0, 2):
+        num, den = 0, 0
+        for m, x in zip(models, xs, strict=True):
+            h = x if layer == 0 else torch.tanh(m[0](x)).detach()
+            a = _gram(h)
+            a = 0.9 * a + 0.1 * torch.diag(torch.diagonal(a))
+            wt = torch.cat([m[layer].weight, m[layer].bias.unsqueeze(1)], 1).detach()
+            num = num + w * wt @ a
+            den = den + w * a
+        want = torch.linalg.solve(den, num.T).T
+        got = torch.cat([merged[layer].weight, merged[layer].bias.unsqueeze(1)], 1)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_regmean_is_the_kronecker_merge_with_identity_g():
+    torch.manual_seed(11)
+    models = [torch.nn.Linear(3, 2).double() for _ in range(2)]
+    xs = [torch.randn(6, 3, dtype=torch.float64) for _ in range(2)]
+    shapes = {"weight": (2, 3), "bias": (2,)}
+    curvs = []
+    for x in xs:
+        a = _gram(x)  # acts on [W, b] rows: F = I ⊗ A in the [W, b] row-major order
+        f = torch.kron(torch.eye(2, dtype=torch.float64), a)
+        # reorder from [W row0, b0, W row1, b1] to the flat (weight, bias) order
+        order = [0, 1, 2, 4, 5, 6, 3, 7]
+        f = f[order][:, order]
+        curvs.append(DenseCurvature(f, shapes, 6, "kfac"))
+    a = natgrad.regmean_merge(models, xs, floor=0.0)
+    b = natgrad.fisher_weighted_merge(models, curvs, floor=0.0, method="dense")
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(a.bias, b.bias, rtol=1e-9, atol=1e-10)
+
+
+needs_kron = pytest.mark.skipif(
+    not {"kfac", "lowrank"} <= set(natgrad.CURVATURE_KINDS),
+    reason="KroneckerFisher / LowRankFisher not registered in this build",
+)
+
+
+@needs_kron
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "lowrank"])
+@pytest.mark.parametrize("method", ["dense", "cg"])
+def test_kronecker_merge_matches_a_dense_solve(kind, method):
+    from tests.reference import dense_copy
+
+    models = [_model(s) for s in (20, 21)]
+    curvs, dense = [], []
+    for i, m in enumerate(models):
+        g = torch.Generator().manual_seed(30 + i)
+        x = torch.randn(12, 3, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 2, (12,), generator=g)
+        c = natgrad.estimate_curvature(m, (x, y), kind=kind, labels="exact")
+        curvs.append(c)
+        dense.append(dense_copy(c, _shapes(m)))
+    merged = natgrad.fisher_weighted_merge(
+        models, curvs, floor=1e-4, method=method, cg_tol=1e-13, cg_iters=3000
+    )
+    want = _reference(models, dense, [0.5, 0.5], 1e-4)
+    torch.testing.assert_close(_theta(merged), want, rtol=1e-6, atol=1e-8)
