@@ -166,7 +166,7 @@ def _flat(v: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
         x = v.get(k)
         n = math.prod(shape)
         parts.append(torch.zeros(n, dtype=dtype, device=device) if x is None
-                     else x.detach().reshape(-1).to(device=device, dtype=dtype))
+                     else x.reshape(-1).to(device=device, dtype=dtype))
     return torch.cat(parts)
 
 

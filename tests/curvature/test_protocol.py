@@ -71,6 +71,17 @@ def test_methods_agree_with_dense(estimated):
     )
 
 
+def test_quad_is_differentiable_with_gradient_2Dv(estimated):
+    _, _, _, _, curv, shapes, dense = estimated
+    names = list(shapes)
+    torch.manual_seed(2)
+    flat = torch.randn(dense.shape[0], dtype=torch.float64)
+    v = {k: t.clone().requires_grad_(True) for k, t in unflatten_params(flat, shapes).items()}
+    grads = torch.autograd.grad(curv.quad(v), [v[k] for k in names])
+    got = torch.cat([g.reshape(-1) for g in grads]).double()
+    torch.testing.assert_close(got, 2 * dense @ flat)
+
+
 def test_state_dict_round_trips(estimated):
     kind, _, _, _, curv, shapes, dense = estimated
     clone = natgrad.CURVATURE_KINDS[kind].from_state_dict(curv.state_dict())
