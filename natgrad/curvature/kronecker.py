@@ -46,7 +46,6 @@ EKFAC, ``s`` is re-fitted in the pooled eigenbasis as the diagonal of the pooled
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -66,7 +65,6 @@ from natgrad.curvature.kfac import (
     weight_blocks,
 )
 from natgrad.curvature.protocol import Curvature, Params, register_curvature
-from natgrad.curvature.statefile import load_state, save_state
 from natgrad.engine.batch import OutputFn
 from natgrad.engine.capture import EngineName
 from natgrad.engine.checks import (
@@ -253,6 +251,7 @@ class KroneckerFisher(Curvature):
     """
 
     kind = "kfac"
+    file_format = _FORMAT
 
     def __init__(
         self,
@@ -810,15 +809,6 @@ class KroneckerFisher(Curvature):
         f = cls({}, {}, 0, kind=state.get("kind", "kfac") if isinstance(state, Mapping) else "kfac")
         f.load_state_dict(state)
         return f
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the state dict to a safetensors file (metadata, per-tensor SHA-256)."""
-        save_state(path, self.state_dict(), _FORMAT)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> KroneckerFisher:
-        """Read a file written by :meth:`save` (format and checksums checked)."""
-        return cls.from_state_dict(load_state(path, _FORMAT, device))
 
     def all_reduce(self, group: object | None = None) -> KroneckerFisher:
         """The sample-weighted pooling over all ranks, as ``+`` over the ranks' curvatures.

@@ -36,7 +36,6 @@ Example:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -44,7 +43,6 @@ import torch
 from torch import nn
 
 from natgrad.curvature.protocol import Curvature, Params, register_curvature
-from natgrad.curvature.statefile import load_state, save_state
 from natgrad.engine.batch import OutputFn
 from natgrad.engine.checks import (
     check_choice,
@@ -213,6 +211,7 @@ class LowRankFisher(Curvature):
     """
 
     kind = "lowrank"
+    file_format = _FORMAT
 
     def __init__(
         self,
@@ -512,15 +511,6 @@ class LowRankFisher(Curvature):
         f = cls(torch.zeros(0, 0), 0, {})
         f.load_state_dict(state)
         return f
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the state dict to a safetensors file (metadata, per-tensor SHA-256)."""
-        save_state(path, self.state_dict(), _FORMAT)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> LowRankFisher:
-        """Read a file written by :meth:`save` (format and checksums checked)."""
-        return cls.from_state_dict(load_state(path, _FORMAT, device))
 
     def all_reduce(self, group: object | None = None) -> LowRankFisher:
         """All ranks' rows gathered (rank order) and their ``N`` summed: the Fisher of the

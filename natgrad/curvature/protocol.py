@@ -32,9 +32,10 @@ estimate on both sets of samples: see :class:`natgrad.KroneckerFisher`.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -167,6 +168,23 @@ class Curvature(ABC):
     @abstractmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> Curvature:
         """A new curvature holding ``state`` (what :meth:`state_dict` returned)."""
+
+    #: the ``format`` tag of this kind's files; :meth:`save` and :meth:`load` check it
+    file_format: ClassVar[str] = ""
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`state_dict` to a verified safetensors file (format tag, format
+        version, per-tensor SHA-256), atomically."""
+        from natgrad.curvature.statefile import save_state
+
+        save_state(path, self.state_dict(), self.file_format)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Curvature:
+        """Read a file written by :meth:`save` (format, checksums and values checked)."""
+        from natgrad.curvature.statefile import load_state
+
+        return cls.from_state_dict(load_state(path, cls.file_format, device))
 
     @abstractmethod
     def all_reduce(self, group: object | None = None) -> Curvature:
