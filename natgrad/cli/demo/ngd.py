@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from natgrad.cli.demo import plots
@@ -11,6 +13,15 @@ from natgrad.cli.demo.setup import clone
 from natgrad.optim.precondition import FisherPreconditioner
 
 LR, MOMENTUM, DAMPING, KL_CLIP = 0.03, 0.9, 0.1, 1e-3
+
+
+def _stepper(pre: FisherPreconditioner) -> Callable[[tuple[torch.Tensor, torch.Tensor]], None]:
+    """``before_step`` for training: one preconditioner step on the batch."""
+
+    def step(b: tuple[torch.Tensor, torch.Tensor]) -> None:
+        pre.step(b, lr=LR)
+
+    return step
 
 
 def natural_gradient(st: State) -> Section:
@@ -28,7 +39,7 @@ def natural_gradient(st: State) -> Section:
             f"SGD + natgrad {kind}",
             epochs,
             optimizer=opt,
-            before_step=lambda b, pre=pre: pre.step(b, lr=LR),
+            before_step=_stepper(pre),
         )
     adam = st.curves["Adam"]
     rows, data = [], {}
