@@ -4,6 +4,8 @@ The public API, grouped by layer as in docs/design.md (engine -> curvature -> us
 metrics registry lives in :mod:`natgrad.metrics`, imported on first access.
 """
 
+from types import ModuleType
+
 from natgrad._version import __version__
 from natgrad.continual.compare import FisherComparison, LayerComparison, compare_task_fisher
 from natgrad.continual.damage import (
@@ -138,7 +140,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> ModuleType:
     # `natgrad.metrics` is imported lazily: only the CLI and users import the registry.
     if name == "metrics":
         import importlib

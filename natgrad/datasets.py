@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ class Split:
     x_test: torch.Tensor
     y_test: torch.Tensor
 
-    def subset(self, classes) -> Split:
+    def subset(self, classes: Iterable[int]) -> Split:
         """Only the samples whose label is in ``classes``."""
         keep_tr = torch.isin(self.y_train, torch.as_tensor(list(classes)))
         keep_te = torch.isin(self.y_test, torch.as_tensor(list(classes)))

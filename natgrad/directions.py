@@ -32,12 +32,12 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp, vjp
+from torch.func import functional_call, jvp
 
 from natgrad.curvature.estimate import iterate_batches
-from natgrad.engine.batch import OutputFn
+from natgrad.engine.batch import Batch, OutputFn
 from natgrad.engine.checks import check_choice, check_fixed_model, check_int, check_positive
-from natgrad.engine.common import acc_dtype
+from natgrad.engine.common import acc_dtype, vjp_pair
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.per_sample import (
     LABEL_SOURCES,
@@ -91,7 +91,14 @@ class FisherDirections(Report):
         out["parameter_share"] = [
             {k: float((t.double() ** 2).sum()) for k, t in v.items()} for v in self.eigenvectors
         ]
-        return to_jsonable(out)
+        shared: dict[str, Any] = to_jsonable(out)
+        return shared
+
+
+# (eigenvalues, eigenvectors, residuals, N, R, trace or None, iterations, converged)
+_Result = tuple[
+    torch.Tensor, list[dict[str, torch.Tensor]], torch.Tensor, int, int, float | None, int, bool
+]
 
 
 def _acc_dtype(params: Mapping[str, torch.Tensor]) -> torch.dtype:
@@ -132,10 +139,22 @@ def _rank_error(k: int, lam: torch.Tensor, cutoff: float) -> ValueError:
 # -- gram ------------------------------------------------------------------------------------
 
 
-def _gram(model, data, lik, labels, mc_samples, params, chunk_size, gen, output_fn, k):
+def _gram(
+    model: nn.Module,
+    data: Any,
+    lik: Likelihood,
+    labels: str,
+    mc_samples: int,
+    params: ParamSpec,
+    chunk_size: int | None,
+    gen: torch.Generator,
+    output_fn: OutputFn | None,
+    k: int,
+) -> _Result:
     chosen = select_params(model, params)
     dtype = _acc_dtype(chosen)
-    rows, n_total = [], 0
+    rows: list[torch.Tensor] = []
+    n_total = 0
     scale = 1.0 / math.sqrt(mc_samples) if labels == "mc" else 1.0
     for batch in iterate_batches(data):
         g = per_sample_grads(
@@ -173,7 +192,9 @@ def _gram(model, data, lik, labels, mc_samples, params, chunk_size, gen, output_
 # -- lanczos ---------------------------------------------------------------------------------
 
 
-def _cotangents(plan: Plan, b, target, draws) -> torch.Tensor:
+def _cotangents(
+    plan: Plan, b: Batch, target: torch.Tensor | None, draws: torch.Tensor | None
+) -> torch.Tensor:
     """Output cotangents ``u_nj`` of the rows of ``G``, shape ``(N, K, *output)``: the plan's
     label columns, scaled by ``√w_j`` so that ``GᵀG/N`` is the Fisher."""
     out = plan.forward(b)
@@ -182,10 +203,23 @@ def _cotangents(plan: Plan, b, target, draws) -> torch.Tensor:
 
 
 def _lanczos(
-    model, data, lik, labels, mc_samples, params, chunk_size, gen, output_fn, k, max_iter, tol, seed
-):
+    model: nn.Module,
+    data: Any,
+    lik: Likelihood,
+    labels: str,
+    mc_samples: int,
+    params: ParamSpec,
+    chunk_size: int | None,
+    gen: torch.Generator,
+    output_fn: OutputFn | None,
+    k: int,
+    max_iter: int | None,
+    tol: float | None,
+    seed: int,
+) -> _Result:
     plan = Plan(model, lik, labels, mc_samples, params, output_fn, gen, what="top_fisher_directions")
-    prepared, n_total, R = [], 0, 0
+    prepared: list[tuple[Batch, torch.Tensor]] = []
+    n_total, R = 0, 0
     for batch in iterate_batches(data):
         b, target, draws = plan.prepare(batch)
         u = _cotangents(plan, b, target, draws)
@@ -209,13 +243,13 @@ def _lanczos(
             for s in range(0, b.size, step):
                 sub, us = b.select(s, min(s + step, b.size)), u[s : s + step]
 
-                def f(p, sub=sub):
+                def f(p: dict[str, torch.Tensor], sub: Batch = sub) -> torch.Tensor:
                     return model_fn(functional_call(model, p, sub.args, sub.kwargs, strict=False))
 
-                _, jv = jvp(f, (chosen,), (v,))
+                jv = jvp(f, (chosen,), (v,))[1]  # (output, tangent); no aux
                 w = (us * jv.unsqueeze(1)).flatten(2).sum(-1)  # (n, K) = rows of G v
                 cot = (us * w.view(*w.shape, *([1] * (us.dim() - 2)))).sum(1)
-                _, pull = vjp(f, chosen)
+                _, pull = vjp_pair(f, chosen)
                 (gt,) = pull(cot.to(jv.dtype))
                 acc += torch.cat([gt[name].reshape(-1).to(dtype) for name in chosen])
         return acc / n_total
@@ -231,7 +265,7 @@ def _lanczos(
     alphas: list[float] = []
     betas: list[float] = []
     anorm, converged = 0.0, False
-    theta = S = None
+    theta = S = torch.zeros(0, dtype=torch.float64)  # set by the first iteration
     while True:
         w = fvp(Q[-1])
         alpha = float(w @ Q[-1])
@@ -349,7 +383,7 @@ def top_fisher_directions(
         tensor([[0., 1.]])
     """
     check_fixed_model(model, "top_fisher_directions")
-    method = check_choice("method", method, METHODS)
+    chosen_method = check_choice("method", method, METHODS)
     labels = check_choice("labels", labels, LABEL_SOURCES)
     lik = get_likelihood(likelihood)
     check_int("mc_samples", mc_samples, 1)
@@ -358,7 +392,7 @@ def top_fisher_directions(
     check_int("chunk_size", chunk_size, 1, optional=True)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     args = (model, data, lik, labels, int(mc_samples), params, chunk_size, gen, output_fn, k)
-    if method == "gram":
+    if chosen_method == "gram":
         out = _gram(*args)
     else:
         out = _lanczos(*args, max_iter, tol, seed)
@@ -370,7 +404,7 @@ def top_fisher_directions(
         n_samples=n,
         n_rows=R,
         trace=trace,
-        method=method,
+        method=chosen_method,
         labels=labels,
         likelihood=lik.name,
         iterations=iters,

@@ -11,7 +11,8 @@ import argparse
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import NoReturn
 
 from natgrad._version import __version__
 
@@ -23,7 +24,7 @@ class CommandError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
         print(f"natgrad: error: {message} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(2)
 
@@ -48,7 +49,7 @@ def _writable_dir(path: str) -> str:
     return path
 
 
-def _refuse_overwrite(out: str, names, force: bool) -> None:
+def _refuse_overwrite(out: str, names: Iterable[str], force: bool) -> None:
     """Raise unless ``--force`` when any of ``names`` already exists in ``out``."""
     if force:
         return
@@ -183,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "top", 1) < 1:
         parser.error(f"--top must be >= 1, got {args.top}")
     try:
-        return args.func(args)
+        status: int = args.func(args)
+        return status
     except CommandError as exc:
         _fail(str(exc))
         return 1

@@ -685,7 +685,8 @@ class KroneckerFisher(Curvature):
         return {k: "diag" if k in self.diag else self.kind for k in self.order}
 
     # -- combination -------------------------------------------------------------------------
-    def _check_same(self, other: KroneckerFisher, what: str) -> None:
+    def _check_same(self, other: Curvature, what: str) -> KroneckerFisher:
+        """``other``, checked to be a KroneckerFisher of this kind and layout."""
         if not isinstance(other, KroneckerFisher) or other.kind != self.kind:
             raise TypeError(
                 f"Cannot {what} a {self.kind!r} KroneckerFisher with "
@@ -702,6 +703,7 @@ class KroneckerFisher(Curvature):
                 f"Cannot {what} KroneckerFishers of different layouts (differing: {diff[:8]}); "
                 "estimate both on the same model with the same params and max_factor_dim."
             )
+        return other
 
     def _mix(self, other: KroneckerFisher, wa: float, wb: float, n: int) -> KroneckerFisher:
         blocks = {}
@@ -750,8 +752,8 @@ class KroneckerFisher(Curvature):
     def ema(self, other: Curvature, decay: float) -> KroneckerFisher:
         """``decay · self + (1 - decay) · other`` statistic by statistic; ``N = N_a + N_b``."""
         decay = check_fraction("decay", decay, closed=True)
-        self._check_same(other, "average")  # type: ignore[arg-type]
-        return self._mix(other, decay, 1 - decay, self.n_samples + other.n_samples)  # type: ignore[arg-type]
+        same = self._check_same(other, "average")
+        return self._mix(same, decay, 1 - decay, self.n_samples + same.n_samples)
 
     def to(self, *args: Any, **kwargs: Any) -> KroneckerFisher:
         """Move / cast every tensor like ``Tensor.to``; returns a new curvature."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 __all__ = ["deprecated_alias", "renamed_kwargs"]
 
@@ -31,7 +31,7 @@ def deprecated_alias(fn: F, old_name: str) -> F:
     alias.__name__ = old_name
     alias.__qualname__ = old_name
     alias.__doc__ = f"Deprecated alias of :func:`{fn.__name__}`."
-    return alias  # type: ignore[return-value]
+    return cast(F, alias)  # functools.wraps keeps fn's signature
 
 
 def renamed_kwargs(renames: Mapping[str, str]) -> Callable[[F], F]:
@@ -54,6 +54,6 @@ def renamed_kwargs(renames: Mapping[str, str]) -> Callable[[F], F]:
                     kwargs[new] = kwargs.pop(old)
             return fn(*args, **kwargs)
 
-        return wrapper  # type: ignore[return-value]
+        return cast(F, wrapper)  # functools.wraps keeps fn's signature
 
     return deco

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -74,17 +74,17 @@ class MetricContext:
         ['math', 'general']
     """
 
-    models: list[nn.Module] = field(default_factory=list)
-    batches: list[Any] = field(default_factory=list)
-    fisher: dict[str, DiagonalFisher] = field(default_factory=dict)
-    masks: list[dict] | None = None
+    models: Sequence[nn.Module] = field(default_factory=list)
+    batches: Sequence[Any] = field(default_factory=list)
+    fisher: Mapping[str, DiagonalFisher] = field(default_factory=dict)
+    masks: list[dict[str, torch.Tensor]] | None = None
     tasks: list[str] | None = None
     tracker: FisherTracker | None = None
     likelihood: str | Likelihood = "categorical"
     labels: str = "empirical"
-    options: dict[str, dict] = field(default_factory=dict)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Fishers the context estimated: {key: (what the key's ids refer to, Fisher)}
-    _cache: dict[tuple, tuple[tuple, DiagonalFisher]] = field(
+    _cache: dict[tuple[Any, ...], tuple[tuple[Any, ...], DiagonalFisher]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 

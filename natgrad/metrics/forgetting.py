@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from natgrad.continual.compare import compare_task_fisher
-from natgrad.continual.damage import fisher_damage_asymmetry, fisher_weighted_damage
+from typing import Any
+
+from natgrad.continual.compare import FisherComparison, compare_task_fisher
+from natgrad.continual.damage import (
+    AsymmetryReport,
+    DamageReport,
+    fisher_damage_asymmetry,
+    fisher_weighted_damage,
+)
+from natgrad.curvature.diagonal import DiagonalFisher
 from natgrad.metrics.context import MetricContext, SignatureType
 from natgrad.metrics.registry import registry
 
@@ -12,7 +20,9 @@ from natgrad.metrics.registry import registry
 _ESTIMATE_OPTIONS = ("labels", "params", "mc_samples", "output_fn")
 
 
-def _context_fisher(ctx: MetricContext, i: int, options: dict):
+def _context_fisher(
+    ctx: MetricContext, i: int, options: dict[str, Any]
+) -> DiagonalFisher | None:
     """Task i's Fisher from the user (given or tracked), else the context's cached estimate
     with its own settings; None when the metric's own estimate options apply (it then
     estimates with them, as its direct call does)."""
@@ -33,7 +43,7 @@ def _context_fisher(ctx: MetricContext, i: int, options: dict):
         "task B (batches[1]): 0.5 * sum F_A (lr grad L_B)^2, scale-free form, first-order term."
     ),
 )
-def _fisher_weighted_damage(ctx: MetricContext, **options):
+def _fisher_weighted_damage(ctx: MetricContext, **options: Any) -> DamageReport:
     if "fisher_a" not in options:
         options["fisher_a"] = _context_fisher(ctx, 0, options)
     options.setdefault("labels", ctx.labels)
@@ -51,7 +61,7 @@ def _fisher_weighted_damage(ctx: MetricContext, **options):
         "ratio and log-ratio, and which task is more fragile."
     ),
 )
-def _fisher_damage_asymmetry(ctx: MetricContext, **options):
+def _fisher_damage_asymmetry(ctx: MetricContext, **options: Any) -> AsymmetryReport:
     for i, key in enumerate(("fisher_a", "fisher_b")):
         if key not in options:
             options[key] = _context_fisher(ctx, i, options)
@@ -71,5 +81,5 @@ def _fisher_damage_asymmetry(ctx: MetricContext, **options):
         "tasks' diagonal Fishers, globally and per layer."
     ),
 )
-def _compare_task_fisher(ctx: MetricContext, **options):
+def _compare_task_fisher(ctx: MetricContext, **options: Any) -> FisherComparison:
     return compare_task_fisher(ctx.get_fisher(0), ctx.get_fisher(1), **options)

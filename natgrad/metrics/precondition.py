@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from natgrad.metrics.context import MetricContext, SignatureType
 from natgrad.metrics.registry import registry
-from natgrad.optim.scale import natural_gradient_norms
+from natgrad.optim.scale import NaturalGradientNorms, natural_gradient_norms
 
 
 @registry.register(
@@ -16,7 +16,7 @@ from natgrad.optim.scale import natural_gradient_norms
         " on batches[0], and their ratio, per layer and in total (option damping=1e-3)."
     ),
 )
-def _natural_gradient_norms(ctx: MetricContext, damping: float = 1e-3):
+def _natural_gradient_norms(ctx: MetricContext, damping: float = 1e-3) -> NaturalGradientNorms:
     return natural_gradient_norms(
         ctx.models[0], ctx.batches[0], ctx.get_fisher(0), ctx.likelihood, damping=damping
     )

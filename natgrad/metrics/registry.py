@@ -56,7 +56,7 @@ class MetricResults(Report):
         """JSON-serializable values; tensors with more than ``max_elements`` entries are
         summarized (shape, dtype, sum, mean, min, max), Fishers as totals per layer.
         ``max_elements=None`` keeps every entry."""
-        return to_jsonable(
+        out: dict[str, Any] = to_jsonable(
             {
                 "results": self.results,
                 "skipped": self.skipped,
@@ -65,6 +65,7 @@ class MetricResults(Report):
             },
             max_elements=max_elements,
         )
+        return out
 
 
 class MetricRegistry:

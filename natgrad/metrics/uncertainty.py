@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from natgrad.directions import top_fisher_directions
+from typing import Any
+
+from natgrad.directions import FisherDirections, top_fisher_directions
 from natgrad.engine.likelihoods import Likelihood
-from natgrad.laplace import fisher_uncertainty
+from natgrad.laplace import UncertaintyReport, fisher_uncertainty
 from natgrad.metrics.context import MetricContext, SignatureType
 from natgrad.metrics.registry import registry
 
@@ -19,7 +21,7 @@ from natgrad.metrics.registry import registry
         "probabilities, entropy and an epistemic score."
     ),
 )
-def _fisher_uncertainty(ctx: MetricContext, **options):
+def _fisher_uncertainty(ctx: MetricContext, **options: Any) -> UncertaintyReport:
     if isinstance(ctx.likelihood, Likelihood):  # carries options such as Gaussian's sigma
         options.setdefault("likelihood", ctx.likelihood)
     return fisher_uncertainty(ctx.models[0], ctx.batches[0], ctx.get_fisher(0), **options)
@@ -34,7 +36,7 @@ def _fisher_uncertainty(ctx: MetricContext, **options):
         "eigenvectors as parameter dicts (Gram matrix or Lanczos)."
     ),
 )
-def _top_fisher_directions(ctx: MetricContext, **options):
+def _top_fisher_directions(ctx: MetricContext, **options: Any) -> FisherDirections:
     options.setdefault("likelihood", ctx.likelihood)
     options.setdefault("labels", ctx.labels)
     return top_fisher_directions(ctx.models[0], ctx.batches[0], **options)

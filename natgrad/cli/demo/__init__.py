@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +49,7 @@ class DemoResult(Report):
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def _sections():
+def _sections() -> list[tuple[str, Callable[[State], Section]]]:
     """The demo's parts, in order: ``(key, function(state) -> Section)``."""
     from natgrad.cli.demo import basics, compress, forgetting, ngd, uncertain
 
@@ -65,7 +66,7 @@ def _sections():
 
 
 def run_demo(
-    out_dir: str | os.PathLike = "natgrad-demo",
+    out_dir: str | os.PathLike[str] = "natgrad-demo",
     *,
     quick: bool = False,
     seed: int = 0,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -15,7 +17,12 @@ from natgrad.directions import top_fisher_directions
 
 
 def train_tracked(
-    st: State, model: DemoNet, label: str, epochs: int, optimizer=None, before_step=None
+    st: State,
+    model: DemoNet,
+    label: str,
+    epochs: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    before_step: Callable[[tuple[torch.Tensor, torch.Tensor]], None] | None = None,
 ) -> dict[str, list[float]]:
     """Train on all digits; per epoch: seconds (training only), train loss, test accuracy."""
     d = st.data
@@ -71,7 +78,9 @@ def fisher_sources(st: State) -> Section:
     model = st.models["base"]
     n = st.cfg.fisher_samples
     batch = (st.data.x_train[:n], st.data.y_train[:n])
-    rows, data, totals = [], {}, {}
+    rows: list[tuple[str, str]] = []
+    data: dict[str, Any] = {}
+    totals: dict[str, dict[str, float]] = {}
     for labels in ("empirical", "mc", "exact"):
         start = time.perf_counter()
         f = estimate_fisher(
@@ -92,6 +101,7 @@ def fisher_sources(st: State) -> Section:
     dirs = top_fisher_directions(model, (batch[0][:m], batch[1][:m]), k=5)
     secs = time.perf_counter() - start
     eig = [float(v) for v in dirs.eigenvalues]
+    assert dirs.trace is not None  # method='gram' computes the trace
     share = sum(eig) / dirs.trace
     data["top_directions"] = {
         "eigenvalues": eig, "trace": dirs.trace, "n_samples": m, "seconds": secs

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from natgrad.cli.demo import plots
 from natgrad.cli.demo.common import Section, State
-from natgrad.cli.demo.setup import accuracy, clone, train
+from natgrad.cli.demo.setup import DemoNet, accuracy, clone, train
 from natgrad.curvature.estimate import estimate_fisher
 from natgrad.merging import fisher_weighted_merge
 from natgrad.pruning.masks import apply_masks, mask_overlap
@@ -21,9 +23,9 @@ def pruning(st: State) -> Section:
     fisher_imp = fisher_importance(fisher, base)
     magnitude = {k: v.detach().abs() for k, v in base.named_parameters()}
     labels = ("Fisher (½ F θ²)", "magnitude (|θ|)")
-    curves = {k: [] for k in labels}
-    tuned = {f"{k} + 1 epoch fine-tune": [] for k in labels}
-    masks_at = {}
+    curves: dict[str, list[float]] = {k: [] for k in labels}
+    tuned: dict[str, list[float]] = {f"{k} + 1 epoch fine-tune": [] for k in labels}
+    masks_at: dict[float, list[dict[str, torch.Tensor]]] = {}
     for s in st.cfg.sparsities:
         for label, imp in zip(labels, (fisher_imp, magnitude), strict=True):
             masks = fisher_pruning_masks(imp, sparsity=s, scope="global")
@@ -45,7 +47,7 @@ def pruning(st: State) -> Section:
     st.extra["masks"] = masks_at[s_mid]
     overlap = mask_overlap(*masks_at[s_mid])
     xs = [100 * s for s in st.cfg.sparsities]
-    chance = 1 / len(d.y_test.unique())
+    chance = 1 / len(torch.unique(d.y_test))
     styles = {
         labels[0]: {"marker": "o", "linestyle": "-"},
         labels[1]: {"marker": "s", "linestyle": "--"},
@@ -112,7 +114,8 @@ def merging(st: State) -> Section:
     }
     rows, data = [], {}
     for label, model in merged.items():
-        accs = {t: accuracy(model.on(t), st.tasks[t].x_test, st.tasks[t].y_test) for t in "AB"}
+        net = cast(DemoNet, model)  # a merge of DemoNets is a DemoNet
+        accs = {t: accuracy(net.on(t), st.tasks[t].x_test, st.tasks[t].y_test) for t in "AB"}
         data[label] = {**accs, "mean": (accs["A"] + accs["B"]) / 2}
         rows.append(
             (

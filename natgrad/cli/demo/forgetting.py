@@ -86,12 +86,14 @@ def forgetting(st: State) -> Section:
     for label, use_ewc in (("fine-tune", False), (f"EWC (λ={lam:g})", True)):
         model = clone(st.models["A"]).train()
         ewc = EWC(model, st.fishers["A"], lam=lam) if use_ewc else None
-        hist = {"epoch": [0], "A": [], "B": []}
+        hist: dict[str, list[float]] = {"epoch": [0], "A": [], "B": []}
         acc = _task_accs(model, st)
         hist["A"].append(acc["A"])
         hist["B"].append(acc["B"])
 
-        def on_epoch(e, model=model, hist=hist):
+        def on_epoch(
+            e: int, model: DemoNet = model, hist: dict[str, list[float]] = hist
+        ) -> None:
             acc = _task_accs(model, st)
             hist["epoch"].append(e)
             hist["A"].append(acc["A"])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from natgrad.cli.demo.common import Section, State
 from natgrad.cli.demo.setup import TASK_CLASSES
 from natgrad.metrics import MetricContext, registry
 
 
-def all_metrics(st: State) -> tuple[Section, dict]:
+def all_metrics(st: State) -> tuple[Section, dict[str, Any]]:
     """Run ``registry.compute_all`` on the base model with task A and task B batches."""
     n = min(st.cfg.fisher_samples, 200)
     batches = []
@@ -58,7 +60,7 @@ def all_metrics(st: State) -> tuple[Section, dict]:
     return section, res.to_dict()
 
 
-def _value_rows(results: dict) -> list[tuple[str, str]]:
+def _value_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     """A few headline values of the registered metrics, as table rows."""
     rows = []
     if "fisher_information" in results:

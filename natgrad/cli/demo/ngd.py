@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from natgrad.cli.demo import plots
@@ -13,6 +15,15 @@ from natgrad.optim.precondition import FisherPreconditioner
 LR, MOMENTUM, DAMPING, KL_CLIP = 0.03, 0.9, 0.1, 1e-3
 # The README's recommended K-FAC schedule: refresh every 10 steps with a slow EMA.
 KFAC_EVERY, KFAC_EMA = 10, 0.95
+
+
+def _stepper(pre: FisherPreconditioner) -> Callable[[tuple[torch.Tensor, torch.Tensor]], None]:
+    """``before_step`` for training: one preconditioner step on the batch."""
+
+    def step(b: tuple[torch.Tensor, torch.Tensor]) -> None:
+        pre.step(b, lr=LR)
+
+    return step
 
 
 def natural_gradient(st: State) -> Section:
@@ -31,7 +42,7 @@ def natural_gradient(st: State) -> Section:
             f"SGD + natgrad {kind}",
             epochs,
             optimizer=opt,
-            before_step=lambda b, pre=pre: pre.step(b, lr=LR),
+            before_step=_stepper(pre),
         )
     adam = st.curves["Adam"]
     rows, data = [], {}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 
-def _plt():
+def _plt() -> Any:  # the matplotlib.pyplot module
     try:
         import matplotlib
     except ImportError:
@@ -20,7 +21,7 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str) -> str:
+def _save(fig: Any, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     _plt().close(fig)
@@ -65,7 +66,7 @@ def curves(
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for label, (xs, ys) in series.items():
-        kw: dict = {"marker": "o" if len(xs) <= 20 else None, "ms": 3}
+        kw: dict[str, Any] = {"marker": "o" if len(xs) <= 20 else None, "ms": 3}
         kw.update((styles or {}).get(label, {}))
         ax.plot(list(xs), list(ys), label=label, **kw)
     if chance is not None:
@@ -81,7 +82,7 @@ def curves(
 
 
 def reliability(
-    path: str, probs: Mapping[str, Sequence], y: Sequence, *, bins: int = 10, title: str
+    path: str, probs: Mapping[str, Any], y: Any, *, bins: int = 10, title: str
 ) -> str:
     """Reliability diagram: accuracy against confidence in ``bins`` equal-width bins.
 

@@ -46,7 +46,7 @@ class DemoNet(nn.Module):
         self.classes: tuple[int, ...] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.head(self.body(x))
+        out: torch.Tensor = self.head(self.body(x))
         return out if self.classes is None else out[:, list(self.classes)]
 
     def on(self, task: str | None) -> DemoNet:
@@ -119,7 +119,7 @@ def train(
             losses.append(float(loss.detach()))
             if penalty is not None:
                 loss = loss + penalty(model)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # Tensor.backward is unannotated in torch
             if before_step is not None:
                 before_step((x[idx], y[idx]))
             opt.step()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from natgrad.cli.demo import plots
 from natgrad.cli.demo.common import Section, State
 from natgrad.cli.demo.setup import auroc, calibration
-from natgrad.laplace import fisher_uncertainty, optimize_prior_precision
+from natgrad.laplace import UncertaintyReport, fisher_uncertainty, optimize_prior_precision
 
 
 def uncertainty(st: State) -> Section:
@@ -25,7 +27,7 @@ def uncertainty(st: State) -> Section:
     }
     delta = prior.prior_precision
 
-    def scores(x):
+    def scores(x: torch.Tensor) -> tuple[UncertaintyReport, torch.Tensor, torch.Tensor]:
         r = fisher_uncertainty(model, x, fisher, prior_precision=delta, n_data=n_data)
         # Laplace epistemic score; MAP baseline: 1 - max prob (r.mean are the MAP logits)
         return r, r.epistemic, 1 - r.mean.softmax(-1).max(-1).values
@@ -34,7 +36,8 @@ def uncertainty(st: State) -> Section:
     lap, ep_all, map_all = scores(x_all)
     ep_in, map_in = ep_all[:n], map_all[:n]
     rows = [("prior precision δ (Laplace marginal likelihood)", f"{delta:.3g}")]
-    data = {"prior_precision": delta, "n_data": n_data, "n_test": n, "auroc": {}}
+    data: dict[str, Any] = {"prior_precision": delta, "n_data": n_data, "n_test": n, "auroc": {}}
+    assert lap.probs is not None  # a categorical model: the probit predictive is computed
     predictive = {"MAP": lap.mean.softmax(-1), "Laplace (probit)": lap.probs}
     for label, probs in predictive.items():
         nll, ece = calibration(probs, y_all)
