@@ -96,7 +96,7 @@ def run_demo(
     from natgrad.cli.demo import plots, write
     from natgrad.cli.demo.metrics import all_metrics
 
-    plots._plt()  # fail early, before training, when matplotlib is missing
+    plots.pyplot()  # fail early, before training, when matplotlib is missing
     start = time.perf_counter()
     out = os.fspath(out_dir)
     os.makedirs(out, exist_ok=True)

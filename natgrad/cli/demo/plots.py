@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
-def _plt() -> Any:  # the matplotlib.pyplot module
+def pyplot() -> Any:  # the matplotlib.pyplot module
     try:
         import matplotlib
     except ImportError:
@@ -24,13 +24,13 @@ def _plt() -> Any:  # the matplotlib.pyplot module
 def _save(fig: Any, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    _plt().close(fig)
+    pyplot().close(fig)
     return os.path.basename(path)
 
 
 def layer_mass(path: str, totals: Mapping[str, Mapping[str, float]], title: str) -> str:
     """Grouped bars: the share of ``Σ_i F_i`` per layer, one group per Fisher."""
-    plt = _plt()
+    plt = pyplot()
     layers = list(dict.fromkeys(k for t in totals.values() for k in t))
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(layers) + 2), 3.4))
     width = 0.8 / max(1, len(totals))
@@ -63,7 +63,7 @@ def curves(
     ``styles`` gives matplotlib line keywords per label (marker, linestyle, ...), so that
     curves differ by more than colour; ``chance`` draws a dotted horizontal line there.
     """
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for label, (xs, ys) in series.items():
         kw: dict[str, Any] = {"marker": "o" if len(xs) <= 20 else None, "ms": 3}
@@ -92,7 +92,7 @@ def reliability(
     """
     import torch
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="calibrated")
     y = torch.as_tensor(y)
