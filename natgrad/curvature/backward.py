@@ -85,13 +85,20 @@ class BackwardCapture:
         self._pass = 0
         # {layer: [[pass id, input, output grad or None], ...]}
         self._records: dict[str, list[list[Any]]] = {k: [] for k in self.layers}
-        self._handles = [model.register_forward_pre_hook(self._new_pass)]
+        self._batch_sizes: dict[int, int | None] = {}
+        self._handles = [model.register_forward_pre_hook(self._new_pass, with_kwargs=True)]
         self._handles += [
             lay.module.register_forward_hook(self._hook(k)) for k, lay in self.layers.items()
         ]
 
-    def _new_pass(self, module: nn.Module, args: Any) -> None:
+    def _new_pass(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         self._pass += 1
+        if self.armed:  # the model's batch size: of its first tensor input (None: unknown)
+            first = next((a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)),
+                         None)
+            self._batch_sizes[self._pass] = (
+                int(first.shape[0]) if first is not None and first.dim() else None
+            )
 
     def _hook(self, name: str):
         def fn(module: nn.Module, args: tuple, output: Any) -> None:
@@ -113,6 +120,7 @@ class BackwardCapture:
         """Forget every record."""
         for v in self._records.values():
             v.clear()
+        self._batch_sizes.clear()
 
     def remove(self) -> None:
         """Remove the hooks (the capture records nothing afterwards)."""
@@ -162,10 +170,14 @@ class BackwardCapture:
             n_set = set().union(*sizes.values())
             bad = [k for k, v in calls.items() if any(x.dim() == 0 or g.shape[0] != x.shape[0]
                                                       for x, g in v)]
+            model_n = self._batch_sizes.get(pid)
+            if model_n is not None and n_set != {model_n}:
+                bad = bad or [k for k, v in sizes.items() if v != {model_n}]
             if bad or len(n_set) != 1:
                 raise ValueError(
                     f"source='backward' needs every K-FAC layer called with the batch as first "
-                    f"dimension; in one forward the layers saw batch sizes {sizes} "
+                    f"dimension; in one forward (model batch size {model_n}) the layers saw "
+                    f"batch sizes {sizes} "
                     f"(layers {bad[:8]} disagree with their outputs). Use source='batch'."
                 )
             n = n_set.pop()

@@ -483,7 +483,7 @@ def test_diag_state_negative_refused():
     _backward(a, _batch())
     pre.step(_batch())
     state = pre.state_dict()
-    state["diag"]["0.bias"][0] = -1.0
+    state["curvature"]["values"]["0.bias"][0] = -1.0
     with pytest.raises(ValueError, match=r"'0\.bias' has negative"):
         natgrad.FisherPreconditioner(a).load_state_dict(state)
 
