@@ -322,3 +322,33 @@ def test_missing_transformers_names_the_pip_command_and_natgrad_imports_no_frame
 
 def _root():
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# -- natural gradient through Trainer(optimizers=...) ------------------------------------
+def test_natural_gradient_from_backward_through_trainer_optimizers(tmp_path):
+    """Trainer(optimizers=(NaturalGradient(SGD, FisherPreconditioner(source="backward")),
+    None)): one step moves the preconditioned weights by -lr g / (F + λ), with F the
+    empirical diagonal Fisher of the Trainer's own backward (one backward per sample
+    here), and the others by -lr g."""
+    model = _bert(dropout=0.0)
+    ids, labels = _data(4)
+    names = ["classifier.weight", "classifier.bias", "bert.pooler.dense.weight"]
+    lr, lam = 0.1, 0.2
+    theta0 = {k: p.detach().clone() for k, p in model.named_parameters()}
+    ref = copy.deepcopy(model).train()
+    ce = F.cross_entropy(ref(input_ids=ids).logits, labels)
+    g = dict(zip(theta0, torch.autograd.grad(ce, list(ref.parameters())), strict=True))
+    fisher = _loop_fisher(ref, ids, labels, names)
+
+    pre = natgrad.FisherPreconditioner(model, kind="diag", damping=lam, params=names, source="backward")
+    opt = natgrad.NaturalGradient(torch.optim.SGD(model.parameters(), lr=lr), pre)
+    trainer = transformers.Trainer(
+        model=model,
+        args=_args(tmp_path, max_steps=1),
+        train_dataset=_dataset(ids, labels),
+        optimizers=(opt, None),
+    )
+    trainer.train()
+    for k, p in model.named_parameters():
+        step = g[k] / (fisher[k] + lam) if k in names else g[k]
+        torch.testing.assert_close(p.detach(), theta0[k] - lr * step, rtol=1e-4, atol=1e-6, msg=k)
