@@ -10,6 +10,10 @@ Install: ``pip install 'natgrad[integrations]'`` (or ``pip install lightning``).
 * :class:`FisherMetricsCallback`: every ``every_n_steps`` optimizer steps, Fisher metrics
   (trace, per-layer totals, natural-gradient norms) through ``LightningModule.log_dict``,
   so to the Trainer's loggers and ``trainer.callback_metrics``.
+* Natural gradient: ``configure_optimizers`` returns ``natgrad.NaturalGradient(optimizer,
+  FisherPreconditioner(..., source="backward"))`` (diag, K-FAC from Lightning's own
+  backward), or :class:`NaturalGradientCallback` for ``source="batch"`` (EKFAC, low rank,
+  ``mc``/``exact`` labels).
 
 Why EWC is a mixin and not a callback: a callback cannot change the loss (its
 ``on_before_backward`` receives the loss but its return value is ignored), and a second
@@ -50,16 +54,26 @@ from natgrad.continual.ewc import EWC
 from natgrad.integrations import require
 from natgrad.integrations.common import (
     METRICS,
+    batch_to,
     check_every,
     check_metrics,
+    evaluating,
     fisher_metrics,
     logger,
+    model_device,
     save_fisher,
 )
+from natgrad.optim.precondition import FisherPreconditioner
 
 pl = require("lightning.pytorch", "lightning", "natgrad.integrations.lightning")
 
-__all__ = ["EWCMixin", "SaveFisherCallback", "FisherMetricsCallback", "METRICS"]
+__all__ = [
+    "EWCMixin",
+    "SaveFisherCallback",
+    "FisherMetricsCallback",
+    "NaturalGradientCallback",
+    "METRICS",
+]
 
 
 class EWCMixin:
@@ -244,3 +258,48 @@ class FisherMetricsCallback(pl.Callback):
         )  # fmt: skip
         logger.debug("Fisher metrics at step %d: %s", trainer.global_step, self.last)
         pl_module.log_dict(dict(self.last), on_step=True, on_epoch=False)
+
+
+class NaturalGradientCallback(pl.Callback):
+    """Precondition the gradients with a :class:`natgrad.FisherPreconditioner` before each
+    optimizer step, under automatic optimization, for any ``source`` and kind.
+
+    ``on_train_batch_start`` keeps the batch; ``on_before_optimizer_step`` (after
+    Lightning's backward, before its ``optimizer.step``) calls
+    ``preconditioner.step(batch, lr=...)`` with the module in eval mode (modes restored),
+    which rewrites ``.grad`` with ``(F + λI)^-1 g``. This covers what
+    ``NaturalGradient`` in ``configure_optimizers`` cannot: ``source="batch"``, so
+    ``kind="ekfac"``, ``"lowrank"`` and the ``"mc"``/``"exact"`` label sources. With
+    ``accumulate_grad_batches > 1`` a ``source="batch"`` refresh sees the last
+    micro-batch only. Gradient clipping configured on the Trainer
+    (``gradient_clip_val``) acts after this hook, on the preconditioned gradient.
+
+    Args:
+        preconditioner: the :class:`natgrad.FisherPreconditioner` of the module;
+            ``configure_optimizers`` returns a plain optimizer.
+
+    Raises:
+        TypeError: ``preconditioner`` is not a :class:`natgrad.FisherPreconditioner`.
+    """
+
+    def __init__(self, preconditioner: FisherPreconditioner):
+        if not isinstance(preconditioner, FisherPreconditioner):
+            raise TypeError(
+                f"preconditioner must be a natgrad.FisherPreconditioner, got "
+                f"{type(preconditioner).__name__}."
+            )
+        self.preconditioner = preconditioner
+        self._batch: Any = None
+        self.last: Any = None
+
+    def on_train_batch_start(  # noqa: D102
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = batch
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:  # noqa: D102
+        batch = None
+        if self.preconditioner.source == "batch":
+            batch = batch_to(self._batch, model_device(pl_module))
+        with evaluating(pl_module):
+            self.last = self.preconditioner.step(batch, lr=optimizer.param_groups[0]["lr"])

@@ -301,3 +301,28 @@ def test_natural_gradient_kfac_from_backward_equals_the_batch_source(tmp_path):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-6, msg=k)
         moved |= not torch.equal(p.detach(), dict(NGClassifier("kfac").named_parameters())[k].detach())
     assert moved
+
+
+@pytest.mark.parametrize("kind", ["ekfac", "diag"])
+def test_natural_gradient_callback_with_batch_source(tmp_path, kind):
+    """The callback's step equals a hand-run `loss.backward(); pre.step(batch); SGD` on a
+    copy, with the batch source (EKFAC needs it); the module's modes are restored."""
+    module = Classifier(dropout=0.0)
+    x, y = _data(6)
+    ref = copy.deepcopy(module)
+    ref_pre = natgrad.FisherPreconditioner(ref, kind=kind, damping=0.3, labels="exact")
+    F.cross_entropy(ref(x), y).backward()
+    ref.eval()
+    ref_pre.step((x, y))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= ref.lr * p.grad
+    pre = natgrad.FisherPreconditioner(module, kind=kind, damping=0.3, labels="exact")
+    cb = nl.NaturalGradientCallback(pre)
+    _trainer(tmp_path, fast_dev_run=1, callbacks=[cb]).fit(module, _loader(x, y, 6))
+    assert cb.last.preconditioned and cb.last.curvature_updated
+    assert module.net[2].training
+    for (k, p), q in zip(module.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-6, msg=k)
+    with pytest.raises(TypeError, match="natgrad.FisherPreconditioner"):
+        nl.NaturalGradientCallback(torch.optim.SGD(module.parameters(), lr=0.1))
