@@ -10,7 +10,7 @@ Trainer's own backward); its Fisher is saved next to the checkpoints
 
 Install (from the repository root; the `integrations` extra adds transformers,
 accelerate and lightning):
-    pip install -e ".[integrations]"
+    pip install -e ".[demo,integrations]"
 Run: python examples/hf_trainer.py [output_dir]
 """
 
@@ -29,7 +29,7 @@ try:
 
     from natgrad.integrations.huggingface import EWCLoss, FisherMetricsCallback, SaveFisherCallback
 except ImportError as exc:
-    sys.exit(f"{exc}\nThis example needs: pip install -e \".[integrations]\"")
+    sys.exit(f"{exc}\nThis example needs: pip install -e \".[demo,integrations]\"")
 
 T, VOCAB, C = 8, 100, 3
 
