@@ -111,3 +111,14 @@ def test_readme_snippets_run(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert f"-- snippet {len(snippets) - 1}" in proc.stdout
+
+
+@pytest.mark.slow
+def test_hf_trainer(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    out = run_example("hf_trainer.py", str(tmp_path / "out"), tmp_path=tmp_path)
+    assert os.path.exists(tmp_path / "out" / "task_a" / "fisher.safetensors")
+    assert len(_floats(r"fisher/trace ([0-9.e+-]+)", out)) == 6  # every 5 of 32 steps
+    (acc_b,) = _floats(r"accuracy on B ([0-9.]+)", out)
+    assert acc_b > 0.5  # 3 classes: chance is 1/3

@@ -214,6 +214,43 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
 
     # -- curvature ---------------------------------------------------------------------
     kind = "diag"
+    CAPTURE_KINDS = ("diag",)
+
+    @classmethod
+    def from_capture(cls, capture: Any, *, kind: str = "diag", likelihood: str = "categorical",
+                     **options: Any) -> DiagonalFisher:
+        """The diagonal empirical Fisher ``F = (1/N) Σ_n g_n²`` from the user's own
+        forward/backward: per covered layer the exact per-sample gradients
+        ``g_n = Σ_t b_nt ã_ntᵀ`` of the recorded inputs and per-sample-loss output
+        gradients (see :mod:`natgrad.curvature.backward`), squared in chunks.
+
+        Raises:
+            ValueError: nothing recorded (see ``BackwardCapture.take``).
+            FloatingPointError: NaN or Inf in the result.
+        """
+        from natgrad.curvature.kfac import per_sample_blocks, split_weight_blocks
+
+        cap = capture.take()
+        values: dict[str, torch.Tensor] = {}
+        for k, lay in capture.layers.items():
+            w = lay.module.weight
+            g_, dG, dA = lay.dims()
+            acc = torch.zeros(g_, dG, dA, dtype=_as_acc(w.detach()).dtype, device=w.device)
+            if k in cap.inputs:
+                a, (_, b) = cap.inputs[k], cap.grads[k][0]
+                step = max(1, 2**24 // max(acc.numel(), 1))
+                for i in range(0, cap.n, step):
+                    M = per_sample_blocks(lay, a[i : i + step], b[i : i + step])
+                    acc += (M * M).sum(0)
+            W, bias = split_weight_blocks(tuple(w.shape), lay.transposed, lay.bias is not None,
+                                          acc / max(cap.n, 1))
+            values[lay.weight] = W
+            if lay.bias is not None:
+                values[lay.bias] = bias
+        names = [k for k in capture.order if k in values]
+        check_fisher_values({k: values[k] for k in names}, "the diagonal Fisher from the backward")
+        return cls({k: values[k] for k in names}, cap.n, labels="empirical",
+                   likelihood=str(likelihood))
 
     @classmethod
     def estimate(

@@ -370,6 +370,11 @@ def _out_grads(layer: KFACLayer, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(g.shape[0], g.shape[1], layer.groups, -1)
 
 
+#: public names of the two layout helpers (used by :mod:`natgrad.curvature.backward`)
+patches = _patches
+out_grads = _out_grads
+
+
 def _cotangents(
     plan: Plan, out: torch.Tensor, target: torch.Tensor | None, draws: torch.Tensor | None
 ) -> list[tuple[float, torch.Tensor]]:

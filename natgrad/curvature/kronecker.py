@@ -55,11 +55,13 @@ import torch
 from torch import nn
 
 from natgrad.curvature.kfac import (
+    KFAC_DAMPING,
     KFACLayer,
     capture,
     factor_stats,
     kfac_coverage,
     kfac_eigen,
+    kfac_factored_inverses,
     per_sample_blocks,
     split_weight_blocks,
     weight_blocks,
@@ -134,12 +136,12 @@ class KroneckerBlock:
     def bases(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``(Q_A, s_A, Q_G, s_G)``: eigenbases (None for a diagonal side) and eigenvalues
         clamped at 0; computed once per statistics (damping-independent)."""
-        if not self.eig and self.s is not None:  # EKFAC: its own bases; S is s
+        if "QA" not in self.eig and self.s is not None:  # EKFAC: its own bases; S is s
             self.eig.update({"QA": self.QA, "sA": None, "QG": self.QG, "sG": None})
-        if not self.eig and self.A.dim() == 3 and self.G.dim() == 3:
+        if "QA" not in self.eig and self.A.dim() == 3 and self.G.dim() == 3:
             e = kfac_eigen(self.A, self.G)  # batched over groups
             self.eig.update({"QA": e["QA"], "sA": e["dA"], "QG": e["QG"], "sG": e["dG"]})
-        if not self.eig:
+        if "QA" not in self.eig:
             self.eig.update(_eigen(self.A, "A"))
             self.eig.update(_eigen(self.G, "G"))
         e = self.eig
@@ -248,10 +250,18 @@ class KroneckerFisher(Curvature):
         kind: ``"kfac"`` or ``"ekfac"``.
         diag_reasons: ``{parameter name: why it is diagonal}``.
         labels: label source; likelihood: likelihood name.
+        damping_mode: how :meth:`solve` damps a K-FAC layer: ``"exact"``
+            (``(G ⊗ A + λI)⁻¹``, the protocol's definition) or ``"factored"`` (factored
+            Tikhonov damping, Martens & Grosse 2015 §6.3:
+            ``((G + (√λ/π) I) ⊗ (A + π√λ I))⁻¹`` with
+            ``π = sqrt((tr A / d_A) / (tr G / d_G))``, two Cholesky inverses per layer and
+            ``λ``). EKFAC layers always solve exactly in their eigenbasis. The other
+            methods (``inverse_diagonal``, ``logdet``) always use the exact damping.
     """
 
     kind = "kfac"
     file_format = _FORMAT
+    CAPTURE_KINDS = ("kfac",)
 
     def __init__(
         self,
@@ -264,8 +274,10 @@ class KroneckerFisher(Curvature):
         labels: str = "empirical",
         likelihood: str = "categorical",
         order: list[str] | None = None,
+        damping_mode: str = "exact",
     ):
         self.kind = check_choice("kind", kind, KRONECKER_KINDS)
+        self.damping_mode = check_choice("damping_mode", damping_mode, KFAC_DAMPING)
         if int(n_samples) < 0:
             raise ValueError(f"Invalid n_samples: {n_samples!r}; it must be >= 0.")
         if self.kind == "ekfac" and any(b.s is None for b in blocks.values()):
@@ -312,6 +324,7 @@ class KroneckerFisher(Curvature):
         chunk_size: int | None = None,
         engine: EngineName = "auto",
         distributed: bool | None = None,
+        damping_mode: str = "exact",
     ) -> KroneckerFisher:
         """Estimate the K-FAC (``kind="kfac"``) or EKFAC (``"ekfac"``) Fisher of ``model``.
 
@@ -346,6 +359,8 @@ class KroneckerFisher(Curvature):
                 (each rank passes its own shard); None: when a process group is
                 initialized. EKFAC re-fits ``s`` in the eigenbasis of the reduced factors,
                 so every rank gets what one process gets on all the shards.
+            damping_mode: ``"exact"`` or ``"factored"``, how :meth:`solve` damps (see the
+                class doc).
 
         Returns:
             :class:`KroneckerFisher` with ``n_samples = N``.
@@ -361,6 +376,7 @@ class KroneckerFisher(Curvature):
 
         kind = check_choice("kind", kind, KRONECKER_KINDS)
         check_choice("engine", engine, ENGINES)
+        check_choice("damping_mode", damping_mode, KFAC_DAMPING)
         max_factor_dim = check_int("max_factor_dim", max_factor_dim, 1, optional=True)
         max_factor_bytes = check_int("max_factor_bytes", max_factor_bytes, 1, optional=True)
         dist_on = resolve_distributed(distributed, f"estimate_curvature(kind={kind!r})")
@@ -389,7 +405,7 @@ class KroneckerFisher(Curvature):
 
         def rest_part() -> tuple[Plan | None, dict[str, torch.Tensor]]:
             names = [k for k in plan.params if k in rest]
-            zeros = {k: torch.zeros_like(plan.params[k], dtype=torch.float32) for k in names}
+            zeros = {k: torch.zeros_like(to_acc(plan.params[k].detach())) for k in names}
             return (plan.restrict(names) if names else None), zeros
 
         rest_plan, rest_sums = rest_part()
@@ -477,7 +493,42 @@ class KroneckerFisher(Curvature):
         return cls(blocks, {k: diag[k] for k in plan.params if k in diag}, n_total, kind=kind,
                    diag_reasons={k: rest[k] for k in plan.params if k in rest},
                    labels=labels, likelihood=lik_name,
-                   order=[k for k in plan.params if k in covered])
+                   order=[k for k in plan.params if k in covered], damping_mode=damping_mode)
+
+    @classmethod
+    def from_capture(cls, capture: Any, *, kind: str = "kfac", damping_mode: str = "exact",
+                     likelihood: str = "categorical", **options: Any) -> KroneckerFisher:
+        """K-FAC from the user's own forward/backward: per layer ``A = (1/(N·T)) Σ ã ãᵀ``
+        and ``G = (1/N) Σ_{n,t} b bᵀ`` of the recorded inputs and per-sample-loss output
+        gradients (the empirical Fisher; see :mod:`natgrad.curvature.backward`).
+
+        ``capture``: a :class:`~natgrad.curvature.backward.BackwardCapture` (its records
+        are consumed). EKFAC refuses: its re-fit needs the eigenbasis of the factors
+        before the per-sample gradients are read (use ``source="batch"``).
+
+        Raises:
+            ValueError: ``kind="ekfac"``; nothing recorded (see ``BackwardCapture.take``).
+            FloatingPointError: NaN or Inf in a factor.
+        """
+        if kind not in cls.CAPTURE_KINDS:
+            return super().from_capture(capture, kind=kind)
+        cap = capture.take()
+        blocks = {}
+        for k, lay in capture.layers.items():
+            diag_A = lay.kind == "embedding"
+            if k in cap.inputs:
+                A, G = factor_stats(lay, cap.inputs[k], cap.grads[k], cap.n, diag_A, False)
+            else:  # a layer the forward never reached: zero factors, as estimate gives
+                A, G = _zero_stats(lay, diag_A, False)
+            check_finite(f"the K-FAC factors of layer {k!r}", torch.stack([A.sum(), G.sum()]),
+                         "Training has likely diverged: lower the learning rate or raise "
+                         "damping.")
+            w = lay.module.weight
+            blocks[k] = KroneckerBlock(lay.weight, lay.bias, tuple(w.shape), lay.transposed,
+                                       lay.groups, A, G)
+        order = [n for b in blocks.values() for n in b.names]
+        return cls(blocks, {}, cap.n, kind="kfac", labels="empirical",
+                   likelihood=str(likelihood), order=order, damping_mode=damping_mode)
 
     @staticmethod
     def _plan_sides(
@@ -632,6 +683,8 @@ class KroneckerFisher(Curvature):
         lam = _damping(damping)
 
         def layer(blk: KroneckerBlock, V: torch.Tensor) -> torch.Tensor:
+            if self.damping_mode == "factored" and blk.s is None:
+                return _factored_solve(blk, V, lam)
             QA, _, QG, _ = blk.bases()
             return _unrot(_rot(V, QA, QG) / (blk.eigenvalues() + lam), QA, QG)
 
@@ -720,7 +773,8 @@ class KroneckerFisher(Curvature):
         diag = {k: wa * v + wb * other.diag[k].to(v.device) for k, v in self.diag.items()}
         labels = self.labels if self.labels == other.labels else "mixed"
         return KroneckerFisher(blocks, diag, n, kind=self.kind, diag_reasons=self.diag_reasons,
-                               labels=labels, likelihood=self.likelihood, order=self.order)
+                               labels=labels, likelihood=self.likelihood, order=self.order,
+                               damping_mode=self.damping_mode)
 
     def __add__(self, other: Curvature) -> KroneckerFisher:
         """Pooled statistics ``(N_a · a + N_b · b) / (N_a + N_b)`` (see the module doc)."""
@@ -745,7 +799,7 @@ class KroneckerFisher(Curvature):
         return KroneckerFisher(blocks, {k: v * c for k, v in self.diag.items()}, self.n_samples,
                                kind=self.kind, diag_reasons=self.diag_reasons,
                                labels=self.labels, likelihood=self.likelihood,
-                               order=self.order)
+                               order=self.order, damping_mode=self.damping_mode)
 
     __rmul__ = __mul__
 
@@ -761,7 +815,7 @@ class KroneckerFisher(Curvature):
         return KroneckerFisher(blocks, {k: v.to(*args, **kwargs) for k, v in self.diag.items()},
                                self.n_samples, kind=self.kind, diag_reasons=self.diag_reasons,
                                labels=self.labels, likelihood=self.likelihood,
-                               order=self.order)
+                               order=self.order, damping_mode=self.damping_mode)
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -779,6 +833,7 @@ class KroneckerFisher(Curvature):
             "diag": {k: v.clone() for k, v in self.diag.items()},
             "diag_reasons": dict(self.diag_reasons),
             "order": list(self.order),
+            "damping_mode": self.damping_mode,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -800,7 +855,8 @@ class KroneckerFisher(Curvature):
                               diag_reasons=state.get("diag_reasons", {}),
                               labels=state.get("labels", "empirical"),
                               likelihood=state.get("likelihood", "categorical"),
-                              order=state.get("order"))
+                              order=state.get("order"),
+                              damping_mode=state.get("damping_mode", "exact"))
         if self.blocks or self.diag:
             self._check_same(new, "load")
         self.__dict__.update(new.__dict__)
@@ -845,7 +901,25 @@ class KroneckerFisher(Curvature):
         diag = {k: v / total for k, v in zip(self.diag, red[2 * len(order) :], strict=True)}
         return KroneckerFisher(blocks, diag, total, kind=self.kind, diag_reasons=self.diag_reasons,
                                labels=self.labels, likelihood=self.likelihood,
-                               order=self.order)
+                               order=self.order, damping_mode=self.damping_mode)
+
+
+def _factored_solve(blk: KroneckerBlock, V: torch.Tensor, lam: float) -> torch.Tensor:
+    """``(G + (√λ/π) I)⁻¹ V (A + π√λ I)⁻¹`` per group (inverses cached per ``λ``); a
+    diagonal side is inverted elementwise, its trace mean entering ``π`` alike."""
+    cached = blk.eig.get("factored")
+    if cached is None or cached[0] != lam:
+        Ginv, Ainv = [], []
+        for g in range(blk.groups):
+            A, G = blk.A[g], blk.G[g]
+            A2 = torch.diag(A) if A.dim() == 1 else A
+            G2 = torch.diag(G) if G.dim() == 1 else G
+            gi, ai = kfac_factored_inverses(A2, G2, lam)
+            Ginv.append(gi)
+            Ainv.append(ai)
+        cached = blk.eig["factored"] = (lam, torch.stack(Ginv), torch.stack(Ainv))
+    _, Ginv, Ainv = cached
+    return Ginv @ V.to(Ginv.dtype) @ Ainv
 
 
 def _project(blk: KroneckerBlock, QA: torch.Tensor | None, QG: torch.Tensor | None) -> torch.Tensor:

@@ -212,6 +212,7 @@ class LowRankFisher(Curvature):
 
     kind = "lowrank"
     file_format = _FORMAT
+    REFRESH_REPLACES = True
 
     def __init__(
         self,
@@ -497,13 +498,10 @@ class LowRankFisher(Curvature):
                 f"The state_dict covers other parameters ({list(shapes)[:6]}) than this "
                 f"curvature ({list(self.shapes)[:6]})."
             )
-        self.shapes = shapes
-        self.rows = state["rows"].clone()
-        self.n_samples = int(state["n_samples"])
-        self.rank = state["rank"]
-        self.labels = str(state.get("labels", "empirical"))
-        self.likelihood = str(state.get("likelihood", "categorical"))
-        self._eig = {}
+        new = LowRankFisher(state["rows"].clone(), int(state["n_samples"]), shapes,
+                            rank=state["rank"], labels=str(state.get("labels", "empirical")),
+                            likelihood=str(state.get("likelihood", "categorical")))
+        self.__dict__.update(new.__dict__)
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> LowRankFisher:

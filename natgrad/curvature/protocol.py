@@ -95,6 +95,13 @@ class Curvature(ABC):
     # The registered kind; a class serving several kinds (kfac/ekfac) sets it per instance.
     kind: str = ""
     n_samples: int
+    #: kinds this class can build from a :class:`natgrad.curvature.backward.BackwardCapture`
+    #: (``FisherPreconditioner(source="backward")``) through :meth:`from_capture`
+    CAPTURE_KINDS: ClassVar[tuple[str, ...]] = ()
+    #: True when a refresh of ``FisherPreconditioner`` replaces the curvature instead of
+    #: folding it into an EMA (a curvature whose ``ema`` grows with every call, as the
+    #: stacked rows of a low-rank Fisher do); such a kind is not refreshed during warmup
+    REFRESH_REPLACES: ClassVar[bool] = False
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -102,6 +109,21 @@ class Curvature(ABC):
     def estimate(cls, model: nn.Module, data: Any, likelihood: Any = "categorical",
                  **options: Any) -> Curvature:
         """Estimate this curvature of ``model`` on ``data`` (a batch or an iterable)."""
+
+    @classmethod
+    def from_capture(cls, capture: Any, *, kind: str, **options: Any) -> Curvature:
+        """Build this curvature from the statistics of the user's own forward/backward
+        (``capture``: a :class:`natgrad.curvature.backward.BackwardCapture`).
+
+        Only kinds listed in :attr:`CAPTURE_KINDS` implement it.
+
+        Raises:
+            ValueError: this kind cannot be built exactly from the recorded statistics.
+        """
+        raise ValueError(
+            f"kind={kind!r} cannot be built from source='backward' (the recorded layer "
+            "inputs and output gradients do not determine it exactly); use source='batch'."
+        )
 
     # -- linear algebra ------------------------------------------------------------------
     @abstractmethod

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,11 +15,22 @@ __all__ = ["NaturalGradient"]
 class NaturalGradient(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that preconditions the gradients, then steps ``optimizer``.
 
-    ``step(closure=None, *, batch)`` runs ``closure`` (if given; it should zero the
+    ``step(closure=None, *, batch=None)`` runs ``closure`` (if given; it should zero the
     gradients, compute the loss, call ``backward`` and return the loss), then
     ``preconditioner.step(batch, lr=param_groups[0]["lr"])``, which rewrites ``.grad``
-    with ``Δ = (F + λI)^-1 g``, then ``optimizer.step()``. The batch is passed explicitly
-    because the curvature is measured on the batch the gradients came from.
+    with ``Δ = (F + λI)^-1 g``, then ``optimizer.step()``. With a
+    ``FisherPreconditioner(source="batch")`` the batch is passed explicitly, because the
+    curvature is measured on the batch the gradients came from; with
+    ``source="backward"`` the statistics come from the closure's (or your own) forward and
+    backward, so ``step(closure)`` works as for any ``torch.optim`` optimizer (the
+    Hugging Face Trainer and Lightning call it so).
+
+    torch's optimizer hooks work as on any optimizer, registered through its public API:
+    ``register_step_pre_hook`` / ``register_step_post_hook`` (called around the whole
+    step, closure included, with the global optimizer hooks),
+    ``register_state_dict_pre_hook`` / ``register_state_dict_post_hook`` and
+    ``register_load_state_dict_pre_hook`` / ``register_load_state_dict_post_hook``
+    (called by :meth:`state_dict` / :meth:`load_state_dict` with torch's signatures).
 
     ``param_groups`` and ``state`` are the wrapped optimizer's (so learning-rate
     schedulers work on either object); ``state_dict()`` holds both states and
@@ -62,59 +72,76 @@ class NaturalGradient(torch.optim.Optimizer):
                 f"preconditioner must be a natgrad.FisherPreconditioner, got "
                 f"{type(preconditioner).__name__}."
             )
-        # Not Optimizer.__init__: the parameter groups and state stay the wrapped optimizer's.
         self.optimizer = optimizer
         self.preconditioner = preconditioner
+        # torch.optim.Optimizer.__init__ sets up the hook registries and the step wrapper
+        # that calls the step hooks; while it runs, param_groups / state / add_param_group
+        # act on a scratch copy, so the wrapped optimizer's groups and state stay its own.
+        self.__dict__["_scratch"] = {"param_groups": [], "state": {}}
+        try:
+            groups = [{"params": list(g["params"])} for g in optimizer.param_groups]
+            super().__init__(groups, optimizer.defaults)
+        finally:
+            del self.__dict__["_scratch"]
         self.defaults = optimizer.defaults
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        if "_scratch" in self.__dict__:
+            return self.__dict__["_scratch"]["param_groups"]
         return self.optimizer.param_groups
 
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
+        if "_scratch" in self.__dict__:
+            self.__dict__["_scratch"]["param_groups"] = value
+        else:
+            self.optimizer.param_groups = value
 
     @property
     def state(self):  # type: ignore[override]
+        if "_scratch" in self.__dict__:
+            return self.__dict__["_scratch"]["state"]
         return self.optimizer.state
 
     @state.setter
     def state(self, value) -> None:
-        self.optimizer.state = value
+        if "_scratch" in self.__dict__:
+            self.__dict__["_scratch"]["state"] = value
+        else:
+            self.optimizer.state = value
 
     def step(  # type: ignore[override]
         self, closure: Callable[[], Any] | None = None, *, batch: Any = None
     ) -> Any:
-        """Precondition ``.grad`` on ``batch``, then step the wrapped optimizer.
+        """Precondition ``.grad``, then step the wrapped optimizer.
+
+        Args:
+            closure: zeroes the gradients, computes the loss, calls ``backward`` and returns
+                the loss (optional).
+            batch: the batch the gradients came from; required when the preconditioner's
+                ``source="batch"`` refreshes its curvature, ignored with ``"backward"``.
 
         Returns:
             The closure's loss, or None without a closure.
 
         Raises:
-            ValueError: when ``batch`` is missing.
+            ValueError: when ``batch`` is missing and the preconditioner needs it.
         """
-        if batch is None:
+        pre = self.preconditioner
+        if batch is None and pre.source == "batch":
             raise ValueError(
                 "NaturalGradient.step needs the batch the gradients came from: "
-                "opt.step(closure, batch=(x, y)) or opt.step(batch=(x, y))."
+                "opt.step(closure, batch=(x, y)) or opt.step(batch=(x, y)); or build the "
+                "FisherPreconditioner with source='backward' to record the statistics during "
+                "the closure's forward and backward."
             )
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for hook in list(self._optimizer_step_pre_hooks.values()):
-            hook(self, (), {})
-        self.preconditioner.step(batch, lr=self.param_groups[0]["lr"])
+        pre.step(batch, lr=self.param_groups[0]["lr"])
         self.optimizer.step()
-        for hook in list(self._optimizer_step_post_hooks.values()):
-            hook(self, (), {})
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -123,22 +150,42 @@ class NaturalGradient(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer (the preconditioner keeps its own params)."""
-        self.optimizer.add_param_group(param_group)
+        if "_scratch" in self.__dict__:  # inside Optimizer.__init__
+            super().add_param_group(param_group)
+        else:
+            self.optimizer.add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"optimizer": ..., "preconditioner": ...}``."""
-        return {
+        """``{"optimizer": ..., "preconditioner": ...}``, through torch's state-dict hooks
+        (pre hooks ``hook(self)``; post hooks ``hook(self, state_dict)`` may return a
+        replacement)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict: dict[str, Any] = {
             "optimizer": self.optimizer.state_dict(),
             "preconditioner": self.preconditioner.state_dict(),
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore both states from :meth:`state_dict`'s output.
+        """Restore both states from :meth:`state_dict`'s output, through torch's
+        load-state-dict hooks (pre hooks ``hook(self, state_dict)`` may return a
+        replacement; post hooks ``hook(self)``).
 
         Raises:
             ValueError: when ``state_dict`` lacks either part, or the preconditioner's part
                 is for another model (checked before either part is loaded).
         """
+        if isinstance(state_dict, Mapping):
+            state_dict = dict(state_dict)  # shallow copy, as torch does
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         if not isinstance(state_dict, Mapping) or not {"optimizer", "preconditioner"} <= set(
             state_dict
         ):
@@ -150,6 +197,8 @@ class NaturalGradient(torch.optim.Optimizer):
         self.preconditioner.check_state_dict(state_dict["preconditioner"])
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.preconditioner.load_state_dict(state_dict["preconditioner"])
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __repr__(self) -> str:
         return f"NaturalGradient({self.optimizer.__class__.__name__}, {self.preconditioner!r})"

@@ -2,13 +2,14 @@
 
 The natural-gradient step is ``Δ = (F + λI)^-1 g`` (docs/design.md);
 :func:`natgrad.scale_by_fisher` is its diagonal form. :class:`FisherPreconditioner`
-rewrites ``.grad`` with ``Δ`` for a diagonal, K-FAC or exact mini-batch (Woodbury) Fisher,
-so any ``torch.optim`` optimizer then takes the natural-gradient step: ``loss.backward(); pre.step(batch); optimizer.step()``.
+rewrites ``.grad`` with ``Δ`` for any registered :class:`natgrad.Curvature` (diagonal,
+K-FAC, EKFAC, exact mini-batch low-rank), so any ``torch.optim`` optimizer then takes the natural-gradient step: ``loss.backward(); pre.step(batch); optimizer.step()``.
 :class:`NaturalGradient` bundles an optimizer and a preconditioner into one optimizer.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,25 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from natgrad.curvature.estimate import estimate_fisher
-from natgrad.curvature.kfac import (
-    KFAC_DAMPING,
-    kfac_eigen,
-    kfac_factored_inverses,
-    kfac_factors,
-    kfac_layers,
-    kfac_solve,
-    layer_matrix,
-    split_layer_matrix,
-)
-from natgrad.curvature.lowrank import gram_eigen, woodbury_solve
+from natgrad.curvature.backward import LOSS_REDUCTIONS, BackwardCapture
+from natgrad.curvature.kfac import KFAC_DAMPING, kfac_layers
+from natgrad.curvature.protocol import CURVATURE_KINDS, Curvature, curvature_class
 from natgrad.engine.batch import OutputFn
 from natgrad.engine.checks import (
     GRAD_HINT,
     check_all_finite,
     check_choice,
-    check_finite,
-    check_fisher_values,
     check_fixed_model,
     check_fraction,
     check_int,
@@ -43,18 +33,29 @@ from natgrad.engine.checks import (
     check_positive,
     check_same_structure,
 )
-from natgrad.engine.common import to_acc
+from natgrad.engine.distributed import is_distributed
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
-from natgrad.engine.per_sample import LABEL_SOURCES, ParamSpec, per_sample_grads, select_params
+from natgrad.engine.per_sample import LABEL_SOURCES, ParamSpec, select_params
 from natgrad.engine.report import Report
 
-__all__ = ["FisherPreconditioner", "PreconditionStep", "KINDS"]
+__all__ = ["FisherPreconditioner", "PreconditionStep", "KINDS", "KIND_ALIASES", "SOURCES"]
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("diag", "kfac", "woodbury")
-_DIVERGED = "Training has likely diverged: lower the learning rate or raise damping."
+#: other names of registered curvature kinds
+KIND_ALIASES = {"woodbury": "lowrank"}
+SOURCES = ("batch", "backward")
 Damping = float | Callable[[int], float]
+
+
+def kinds() -> tuple[str, ...]:
+    """Every kind :class:`FisherPreconditioner` accepts: the registered curvature kinds
+    (:data:`natgrad.curvature.protocol.CURVATURE_KINDS`) and their aliases."""
+    return (*CURVATURE_KINDS, *KIND_ALIASES)
+
+
+#: the kinds at import time (see :func:`kinds` for the live list)
+KINDS = kinds()
 
 
 @dataclass
@@ -77,33 +78,62 @@ class PreconditionStep(Report):
 class FisherPreconditioner:
     """Rewrite ``.grad`` with the natural-gradient direction ``(F + λI)^-1 g``.
 
-    Use with any optimizer: ``loss.backward(); pre.step(batch); optimizer.step()``.
-    The gradient ``g`` is whatever ``.grad`` holds (e.g. of the mean loss); the Fisher
-    uses the per-sample loss ``l_n = -log p(y_n | x_n, θ)`` of ``batch`` and is scaled as
-    the per-sample mean, so ``Δ`` is on the scale of a mean-loss Newton step.
+    Use with any optimizer: ``loss.backward(); pre.step(batch); optimizer.step()``
+    (``source="batch"``), or ``loss.backward(); pre.step(); optimizer.step()``
+    (``source="backward"``). The gradient ``g`` is whatever ``.grad`` holds (e.g. of the
+    mean loss); the Fisher uses the per-sample loss ``l_n = -log p(y_n | x_n, θ)`` and is
+    scaled as the per-sample mean, so ``Δ`` is on the scale of a mean-loss Newton step.
 
-    Kinds:
-        * ``"diag"``: ``F_i = (1/N) Σ_n E_y[(∂l_n/∂θ_i)²]`` from exact per-sample gradients
-          (:func:`natgrad.estimate_fisher`), kept as an EMA; ``Δ = g / (F + λ)``.
-        * ``"kfac"``: per Linear/Conv1d/Conv2d layer ``F ≈ G ⊗ A`` (see
-          :mod:`natgrad.curvature.kfac`), ``A`` and ``G`` kept as EMAs;
-          ``Δ = ((G + (√λ/π)I) ⊗ (A + π√λ I))^-1 g`` (``kfac_damping="factored"``, the
-          default: factored Tikhonov damping, which trained better in our experiments; two
-          Cholesky inverses per layer, recomputed when the factors or ``λ`` change) or
-          ``Δ = (G ⊗ A + λI)^-1 g`` (``kfac_damping="exact"``: eigendecompositions once
-          per refresh, for any ``λ``); see :func:`natgrad.curvature.kfac.kfac_solve`. Other selected parameters use the
-          diagonal EMA.
-        * ``"woodbury"``: the exact mini-batch Fisher ``F = GᵀG/N`` of the latest refresh
-          batch (no EMA: ``ema_decay`` is unused) over all selected parameters jointly,
-          applied through the ``N x N`` Gram system (:mod:`natgrad.curvature.lowrank`), never
-          forming ``P x P``. Memory: ``N x P`` per-sample gradients are kept.
+    The curvature is a :class:`natgrad.Curvature` of the class registered for ``kind``
+    (:func:`natgrad.curvature.protocol.curvature_class`); the step is
+    ``Δ = curvature.solve(g, λ)``. This class keeps only the schedule (refresh, EMA,
+    warmup, damping, trust region), so a new kind is one Curvature class and one registry
+    entry. Kinds:
+
+    * ``"diag"`` (:class:`natgrad.DiagonalFisher`): ``F_i = (1/N) Σ_n E_y[(∂l_n/∂θ_i)²]``
+      from exact per-sample gradients; ``Δ = g / (F + λ)``.
+    * ``"kfac"`` (:class:`natgrad.KroneckerFisher`): per Linear/Conv/Conv1D/Embedding layer
+      ``F ≈ G ⊗ A``; other selected parameters use the diagonal Fisher. ``Δ`` per layer is
+      ``((G + (√λ/π)I) ⊗ (A + π√λ I))^-1 g`` (``kfac_damping="factored"``, the default:
+      factored Tikhonov damping, which trained better in our experiments; two Cholesky
+      inverses per layer, recomputed when the factors or ``λ`` change) or
+      ``(G ⊗ A + λI)^-1 g`` (``kfac_damping="exact"``: eigendecompositions once per
+      refresh, for any ``λ``).
+    * ``"ekfac"``: K-FAC with the diagonal re-fitted in the Kronecker eigenbasis (always
+      the exact damping ``(F + λI)^-1``).
+    * ``"lowrank"`` (alias ``"woodbury"``, :class:`natgrad.LowRankFisher`): the exact
+      mini-batch Fisher ``F = GᵀG/N`` of the latest refresh batch over all selected
+      parameters jointly, through the ``N x N`` Gram system. It is replaced at each
+      refresh (no EMA: ``ema_decay`` is unused) and not refreshed during warmup.
+      Memory: ``N x P`` per-sample gradients are kept.
 
     Schedule: step ``t`` (0-based count of :meth:`step` calls) refreshes the curvature
-    from its batch when ``t < warmup_steps`` or ``(t - warmup_steps) % update_every == 0``
-    (woodbury: not during warmup). A refresh folds the batch's estimate into the EMA,
-    ``C ← d·C + (1 - d)·C_batch`` (the first refresh sets ``C = C_batch``), so with
-    ``update_every = k`` the EMA averages one batch every ``k`` steps. During the first
-    ``warmup_steps`` steps gradients pass through unchanged while curvature accumulates.
+    when ``t < warmup_steps`` or ``(t - warmup_steps) % update_every == 0`` (a replacing
+    kind: not during warmup). A refresh folds the batch's curvature into the EMA,
+    ``C ← C.ema(C_batch, d) = d·C + (1 - d)·C_batch`` (K-FAC: factor by factor; the first
+    refresh sets ``C = C_batch``), so with ``update_every = k`` the EMA averages one batch
+    every ``k`` steps. During the first ``warmup_steps`` steps gradients pass through
+    unchanged while curvature accumulates.
+
+    Sources:
+
+    * ``"batch"``: a refresh estimates the curvature of the batch passed to :meth:`step`
+      (one extra forward and backward per label column), with the label source
+      ``labels``.
+    * ``"backward"``: forward hooks on the covered layers record their inputs, and tensor
+      hooks their output gradients, during the user's own forward and ``loss.backward()``
+      before the step (see :mod:`natgrad.curvature.backward`); a refresh costs no extra
+      pass and :meth:`step` needs no batch. This is the empirical Fisher of the user's
+      loss, rescaled to per-sample losses: ``loss_reduction="mean"`` (a mean-reduced loss
+      gives output gradients scaled by ``1/N``, multiplied back by ``N``) or ``"sum"``.
+      Only kinds that the records determine exactly accept it (``"kfac"``, ``"diag"``);
+      every selected parameter must lie in a covered layer.
+
+    Under ``torch.distributed`` (a process group initialized), each refresh pools the
+    ranks' statistics sample-weighted (``Curvature.all_reduce`` /
+    ``estimate(distributed=True)``), so every replica holds the curvature of the union
+    batch, and :class:`natgrad.KroneckerFisher`'s eigendecompositions are spread over the
+    ranks (layer ``i`` on rank ``i mod world``, then broadcast).
 
     Trust region (``kl_clip``): ``Δ ← ν Δ`` with
     ``ν = min(1, sqrt(kl_clip / (lr² |Σ_i Δ_i g_i|)))`` (``ν = 1`` when the sum is 0),
@@ -111,27 +141,35 @@ class FisherPreconditioner:
     param group's ``lr``).
 
     Args:
-        model: the model. Only ``.grad`` of selected parameters is modified. A refresh
-            needs a deterministic model: BatchNorm and dropout in eval mode during
-            :meth:`step` (a train-mode dropout Fisher mixes in mask noise, and is refused).
-            In a training loop: ``loss.backward(); model.eval(); pre.step(batch);
-            model.train(); opt.step()``.
+        model: the model. Only ``.grad`` of selected parameters is modified. A
+            ``source="batch"`` refresh needs a deterministic model: BatchNorm and dropout
+            in eval mode during :meth:`step` (a train-mode dropout Fisher mixes in mask
+            noise, and is refused). In a training loop: ``loss.backward(); model.eval();
+            pre.step(batch); model.train(); opt.step()``.
         likelihood: name or :class:`natgrad.engine.likelihoods.Likelihood`.
-        kind: ``"diag"``, ``"kfac"`` or ``"woodbury"``.
+        kind: a registered curvature kind (``"diag"``, ``"kfac"``, ``"ekfac"``,
+            ``"lowrank"``) or an alias (``"woodbury"``).
         damping: ``λ > 0``, or a callable ``t -> λ`` of the step index.
         update_every: refresh the curvature every this many steps (``>= 1``).
         ema_decay: ``d`` in ``[0, 1)``.
-        labels: ``"empirical"``, ``"mc"`` (one seeded draw per sample) or ``"exact"``.
+        labels: ``"empirical"``, ``"mc"`` (one seeded draw per sample) or ``"exact"``
+            (``source="batch"``; ``"backward"`` is always empirical).
         kl_clip: ``None`` or a positive trust-region size.
         params: which parameters to precondition (see :func:`natgrad.select_params`).
         warmup_steps: pass-through steps at the start (``>= 0``).
         seed: seed of the generator for ``"mc"`` labels (saved in the state).
         output_fn: maps model outputs to the output tensor (default: tensor or ``.logits``).
-        kfac_damping: ``"factored"`` or ``"exact"`` (``kind="kfac"`` only).
+        kfac_damping: ``"factored"`` or ``"exact"``, passed to kinds whose ``estimate``
+            takes a ``damping_mode`` (K-FAC).
+        source: ``"batch"`` or ``"backward"``.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the user's loss reduces over the
+            batch (``source="backward"`` only).
 
     Raises:
         ValueError / TypeError: invalid options (checked before anything else); a model
-            that is not an ``nn.Module``.
+            that is not an ``nn.Module``; ``source="backward"`` with a kind the records do
+            not determine, with ``labels`` other than ``"empirical"``, or with selected
+            parameters outside the covered layers.
 
     Example:
         >>> import torch
@@ -163,9 +201,11 @@ class FisherPreconditioner:
         seed: int = 0,
         output_fn: OutputFn | None = None,
         kfac_damping: str = "factored",
+        source: str = "batch",
+        loss_reduction: str = "mean",
     ):
         check_model(model, "FisherPreconditioner")
-        self.kind = check_choice("kind", kind, KINDS)
+        self.kind = check_choice("kind", kind, kinds())
         self.labels = check_choice("labels", labels, LABEL_SOURCES)
         if not callable(damping):
             check_positive("damping", damping)
@@ -175,27 +215,47 @@ class FisherPreconditioner:
         self.ema_decay = check_fraction("ema_decay", ema_decay)
         self.kl_clip = None if kl_clip is None else check_positive("kl_clip", kl_clip)
         self.kfac_damping = check_choice("kfac_damping", kfac_damping, KFAC_DAMPING)
+        self.source = check_choice("source", source, SOURCES)
+        self.loss_reduction = check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
         self.likelihood = get_likelihood(likelihood)
         self.model = model
         self.params = select_params(model, params)
         self.output_fn = output_fn
         self.generator = torch.Generator().manual_seed(int(seed))
-        if self.kind == "kfac":
-            self._layers, self._diag_names = kfac_layers(model, self.params)
+        self.curvature_kind = KIND_ALIASES.get(self.kind, self.kind)
+        self.curvature_cls = curvature_class(self.curvature_kind)
+        self._options: dict[str, Any] = {}
+        if "damping_mode" in inspect.signature(self.curvature_cls.estimate).parameters:
+            self._options["damping_mode"] = self.kfac_damping
+        self._capture: BackwardCapture | None = None
+        if self.source == "backward":
+            if self.curvature_kind not in self.curvature_cls.CAPTURE_KINDS:
+                raise ValueError(
+                    f"kind={self.kind!r} cannot use source='backward': the recorded layer "
+                    "inputs and output gradients do not determine it exactly. Kinds that "
+                    "can: "
+                    + ", ".join(repr(k) for k in CURVATURE_KINDS
+                                if k in CURVATURE_KINDS[k].CAPTURE_KINDS)
+                    + "; or use source='batch'."
+                )
+            if self.labels != "empirical":
+                raise ValueError(
+                    f"source='backward' records the gradients of your own loss, i.e. the "
+                    f"empirical Fisher, but labels={self.labels!r}; use labels='empirical' "
+                    "or source='batch'."
+                )
+            self._capture = BackwardCapture(model, self.params, loss_reduction=loss_reduction)
+        self.curvature: Curvature | None = None
+        if self.curvature_kind in ("kfac", "ekfac"):
+            layers, diag_names = kfac_layers(model, self.params)
             logger.info(
-                "FisherPreconditioner(kind='kfac'): %d layers in Kronecker form; %d "
+                "FisherPreconditioner(kind=%r): %d layers in Kronecker form; %d "
                 "parameter tensors left diagonal%s",
-                len(self._layers), len(self._diag_names),
-                f" ({', '.join(self._diag_names)})" if self._diag_names else "",
-            )
-        else:
-            self._layers, self._diag_names = {}, list(self.params) if kind == "diag" else []
+                self.kind, len(layers), len(diag_names),
+                f" ({', '.join(diag_names)})" if diag_names else "",
+            )  # fmt: skip
         self._step = 0
-        self._diag: dict[str, torch.Tensor] = {}
-        self._kfac: dict[str, dict[str, torch.Tensor]] = {}  # {layer: {"A", "G"}}
-        self._solvers: dict[str, Any] = {}  # derived from _kfac by _kfac_apply; not state
-        self._wood: dict[str, torch.Tensor] = {}
-        self._wood_n = 0
+        self._arm()
 
     # -- damping and schedule -------------------------------------------------------------
     def damping_at(self, step: int) -> float:
@@ -205,110 +265,66 @@ class FisherPreconditioner:
 
     def _refresh_due(self, t: int) -> bool:
         if t < self.warmup_steps:
-            return self.kind != "woodbury"
+            return not self.curvature_cls.REFRESH_REPLACES
         return (t - self.warmup_steps) % self.update_every == 0
 
+    def _arm(self) -> None:
+        """Record the coming forward/backward only when the next step refreshes."""
+        if self._capture is not None:
+            self._capture.armed = self._refresh_due(self._step)
+
     # -- curvature ---------------------------------------------------------------------------
-    def _ema(self, old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-        return new if old is None else self.ema_decay * old + (1 - self.ema_decay) * new
+    def _estimate(self, batch: Any) -> Curvature:
+        lik = self.likelihood.name
+        if self._capture is not None:
+            local = self.curvature_cls.from_capture(
+                self._capture, kind=self.curvature_kind, likelihood=lik, **self._options
+            )
+            return local.all_reduce() if is_distributed() else local
+        check_fixed_model(self.model, f"FisherPreconditioner(kind={self.kind!r})'s refresh")
+        return self.curvature_cls.estimate(
+            self.model,
+            batch,
+            self.likelihood,
+            kind=self.curvature_kind,
+            labels=self.labels,
+            params=list(self.params),
+            generator=self.generator,
+            output_fn=self.output_fn,
+            **self._options,
+        )
 
     def _update_curvature(self, batch: Any) -> None:
-        check_fixed_model(self.model, f"FisherPreconditioner(kind={self.kind!r})'s refresh")
-        common = dict(labels=self.labels, generator=self.generator, output_fn=self.output_fn)
-        if self.kind == "woodbury":
-            g = per_sample_grads(
-                self.model, batch, self.likelihood, params=list(self.params), **common
-            )
-            rows = torch.cat([_with_label_axis(g[k], p) for k, p in self.params.items()], -1)
-            G = to_acc(rows.reshape(-1, rows.shape[-1]))  # (N·K, P)
-            self._wood = {"G": G, **gram_eigen(G)}  # raises on NaN/Inf in G
-            self._wood_n = rows.shape[0]
-            return
-        if self._layers:
-            factors = kfac_factors(
-                self.model,
-                batch,
-                self.likelihood,
-                params=list(self.params),
-                layers=self._layers,
-                **common,
-            )
-            for name, f in factors.items():
-                for which, M in (("A", f.A), ("G", f.G)):
-                    check_finite(f"the K-FAC factor {which} of layer {name!r}", M, _DIVERGED)
-                old = self._kfac.get(name, {})
-                A, G = self._ema(old.get("A"), f.A), self._ema(old.get("G"), f.G)
-                self._kfac[name] = {"A": A, "G": G}
-            self._solvers = {}
-        if self._diag_names:
-            F = estimate_fisher(
-                self.model, batch, self.likelihood, params=self._diag_names, **common
-            )
-            self._diag = {k: self._ema(self._diag.get(k), F[k]) for k in self._diag_names}
+        new = self._estimate(batch)
+        if self.curvature is None or self.curvature_cls.REFRESH_REPLACES:
+            self.curvature = new
+        else:
+            self.curvature = self.curvature.ema(new, self.ema_decay)
+        spread = getattr(self.curvature, "spread_eigen", None)
+        if spread is not None and is_distributed():
+            spread()
 
-    # -- preconditioning ---------------------------------------------------------------------
-    def _apply(self, grads: dict[str, torch.Tensor], lam: float) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        if self.kind == "woodbury":
-            flat = torch.cat(
-                [
-                    (grads[k] if k in grads else torch.zeros_like(p)).reshape(-1)
-                    for k, p in self.params.items()
-                ]
-            ).to(self._wood["G"].dtype)
-            d = woodbury_solve(self._wood["G"], self._wood, flat, lam, self._wood_n)
-            i = 0
-            for k, p in self.params.items():
-                if k in grads:
-                    out[k] = d[i : i + p.numel()].reshape(p.shape)
-                i += p.numel()
-            return out
-        for name, lay in self._layers.items():
-            if lay.weight not in grads and (lay.bias is None or lay.bias not in grads):
-                continue
-            D = self._kfac_apply(name, layer_matrix(lay, grads, self._kfac[name]["A"].dtype), lam)
-            for k, v in split_layer_matrix(lay, D).items():
-                if k in grads:
-                    out[k] = v
-        for k in self._diag_names:
-            if k in grads:
-                g = grads[k]
-                out[k] = g.to(self._diag[k].dtype) / (self._diag[k] + lam)
-        return out
-
-    def _kfac_apply(self, name: str, V: torch.Tensor, lam: float) -> torch.Tensor:
-        """The damped Kronecker solve of one layer, with its factorizations cached until the
-        next refresh: eigendecompositions (``"exact"``, any ``λ``) or the two inverses
-        ``(G + (√λ/π)I)^-1``, ``(A + π√λ I)^-1`` of the current ``λ`` (``"factored"``)."""
-        fac, cached = self._kfac[name], self._solvers.get(name)
-        if self.kfac_damping == "exact":
-            if cached is None:
-                cached = self._solvers[name] = kfac_eigen(fac["A"], fac["G"])
-            return kfac_solve(cached, V, lam, "exact")
-        if cached is None or cached[0] != lam:
-            cached = self._solvers[name] = (lam, *kfac_factored_inverses(fac["A"], fac["G"], lam))
-        _, Ginv, Ainv = cached
-        return Ginv @ V @ Ainv
-
-    def step(self, batch: Any, *, lr: float | None = None) -> PreconditionStep:
+    def step(self, batch: Any = None, *, lr: float | None = None) -> PreconditionStep:
         """Refresh the curvature when due, then rewrite ``.grad`` with ``(F + λI)^-1 g``.
 
         Call after ``loss.backward()`` and before ``optimizer.step()``.
 
         Args:
-            batch: the batch the gradients came from (``(x, y)``, ``x`` or a dict).
+            batch: the batch the gradients came from (``(x, y)``, ``x`` or a dict);
+                needed with ``source="batch"``, ignored with ``"backward"``.
             lr: the optimizer's learning rate; needed only with ``kl_clip``.
 
         Returns:
             :class:`PreconditionStep` describing the step.
 
         Raises:
-            ValueError: ``kl_clip`` set but ``lr`` missing; invalid damping from a schedule;
-                on a refresh, train-mode BatchNorm or dropout (call ``model.eval()``
-                before the step) or bad labels (checked on the whole batch).
+            ValueError: ``kl_clip`` set but ``lr`` missing; ``source="batch"`` without a
+                batch; invalid damping from a schedule; on a refresh, train-mode BatchNorm
+                or dropout (call ``model.eval()`` before the step) or bad labels (checked
+                on the whole batch); ``source="backward"`` with nothing recorded.
             FloatingPointError: NaN or Inf in a ``.grad`` (the parameter is named; checked
                 before anything changes, warmup included: one sum per gradient and one
-                host sync per step).
+                host sync per step), or in the curvature.
         """
         if self.kl_clip is not None and lr is None:
             raise ValueError(
@@ -320,12 +336,23 @@ class FisherPreconditioner:
         t = self._step
         lam = self.damping_at(t)
         updated = self._refresh_due(t)
-        if updated:
-            self._update_curvature(batch)
+        if updated and self.source == "batch" and batch is None:
+            raise ValueError(
+                "This refresh needs the batch the gradients came from: "
+                "pre.step((x, y)); or build the preconditioner with source='backward', "
+                "which records the statistics during your own forward and backward."
+            )
+        try:
+            if updated:
+                self._update_curvature(batch)
+        finally:
+            if self._capture is not None:
+                self._capture.clear()
         self._step += 1
-        if t < self.warmup_steps or not grads or (self.kind == "woodbury" and not self._wood):
+        self._arm()
+        if t < self.warmup_steps or not grads or self.curvature is None:
             return PreconditionStep(t, lam, updated, False, 1.0)
-        deltas = self._apply(grads, lam)
+        deltas = self.curvature.solve(grads, lam)
         nu = 1.0
         if self.kl_clip is not None:
             vg = sum(float((deltas[k] * grads[k].to(deltas[k].dtype)).sum()) for k in deltas)
@@ -335,33 +362,26 @@ class FisherPreconditioner:
             self.params[k].grad.copy_(d * nu if nu != 1.0 else d)
         return PreconditionStep(t, lam, updated, True, nu)
 
+    def close(self) -> None:
+        """Remove the ``source="backward"`` hooks from the model (a no-op otherwise)."""
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Tensors and plain values: step count, generator state and the curvature."""
+        """Plain values and tensors: kind, step count, generator state and the curvature's
+        own ``state_dict()`` (None before the first refresh)."""
         return {
             "kind": self.kind,
             "step": self._step,
             "generator": self.generator.get_state(),
-            "diag": {k: v.clone() for k, v in self._diag.items()},
-            "kfac": {n: {k: v.clone() for k, v in d.items()} for n, d in self._kfac.items()},
-            "woodbury": {k: v.clone() for k, v in self._wood.items()},
-            "woodbury_n": self._wood_n,
+            "curvature": None if self.curvature is None else self.curvature.state_dict(),
         }
 
-    def check_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Raise unless ``state`` (from :meth:`state_dict`) fits this preconditioner.
-
-        Checks the kind; the diagonal curvature's names, shapes and values (finite, ``>= 0``);
-        every K-FAC layer's factors ``A`` ``(d_in[+1])²`` and ``G`` ``d_out²`` (all layers or
-        none, finite); the Woodbury rows (one column per selected entry), eigenpairs and
-        sample count; the generator state. Changes nothing.
-
-        Raises:
-            ValueError: not a state_dict of this kind, or curvature of another model or
-                parameter selection (every mismatched name is listed).
-            FloatingPointError: NaN or Inf in the curvature (named).
-        """
-        keys = ("kind", "step", "generator", "diag", "kfac", "woodbury", "woodbury_n")
+    def _curvature_from_state(self, state: Mapping[str, Any]) -> Curvature | None:
+        """Check ``state`` (see :meth:`check_state_dict`) and build its curvature."""
+        keys = ("kind", "step", "generator", "curvature")
         if not isinstance(state, Mapping) or not set(keys) <= set(state):
             got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(
@@ -373,56 +393,42 @@ class FisherPreconditioner:
                 f"This state_dict is for kind={state['kind']!r}, but the preconditioner "
                 f"has kind={self.kind!r}; build the preconditioner with the same kind."
             )
-        diag = state["diag"]
-        if diag:
-            ref = {k: self.params[k] for k in self._diag_names}
-            check_same_structure(ref, diag, "this preconditioner's parameters", "the state_dict")
-            check_fisher_values(diag, "the state_dict's diagonal curvature")
-        if state["kfac"]:
-            want = {}
-            for name, lay in self._layers.items():
-                w = lay.module.weight
-                d_in = w[0].numel() + (lay.bias is not None)
-                want[f"{name}.A"], want[f"{name}.G"] = (d_in, d_in), (w.shape[0], w.shape[0])
-            got = {f"{n}.{k}": v for n, d in state["kfac"].items() for k, v in d.items()}
-            check_same_structure(
-                want, got, "this preconditioner's K-FAC factors", "the state_dict's"
-            )
-            check_all_finite(got, "the state_dict's K-FAC factor", "The saved run diverged.")
-        wood = state["woodbury"]
-        if wood:
-            P = sum(p.numel() for p in self.params.values())
-            G, U, S, n = wood.get("G"), wood.get("U"), wood.get("S"), state["woodbury_n"]
-            if G is None or U is None or S is None:
-                raise ValueError(
-                    "The state_dict's Woodbury state is corrupt: it needs 'G', 'U' and 'S', "
-                    f"got {sorted(wood)}."
-                )
-            if G.dim() != 2 or G.shape[1] != P:
-                raise ValueError(
-                    f"The state_dict's Woodbury gradients have shape {tuple(G.shape)}: "
-                    f"{G.shape[-1]} columns, but the selected parameters have {P} entries; "
-                    "use the same model and params."
-                )
-            R = G.shape[0]
-            if U.dim() != 2 or U.shape[0] != R or tuple(S.shape) != (U.shape[1],):
-                raise ValueError(
-                    f"The state_dict's Woodbury state is corrupt: {R} gradient rows, "
-                    f"eigenvectors {tuple(U.shape)} and eigenvalues {tuple(S.shape)} do not "
-                    "fit together (expected (R, r) and (r,)); save it again."
-                )
-            if int(n) < 1 or R % int(n):
-                raise ValueError(
-                    f"The state_dict's Woodbury state is corrupt: woodbury_n={n} does not "
-                    f"divide its {R} gradient rows; save it again."
-                )
-            check_all_finite(
-                {"G": G, "U": U, "S": S}, "the state_dict's Woodbury", "The saved run diverged."
-            )
         try:
             torch.Generator().set_state(state["generator"])
         except (TypeError, RuntimeError) as exc:
             raise ValueError(f"The state_dict's generator state is corrupt: {exc}") from None
+        cstate = state["curvature"]
+        if cstate is None:
+            return None
+        check_all_finite(dict(_tensors(cstate)), "the state_dict's curvature tensor",
+                         "The saved run diverged.")
+        try:
+            curv = self.curvature_cls.from_state_dict(cstate)
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ValueError(
+                f"The state_dict's curvature is corrupt ({type(exc).__name__}: {exc}); save "
+                "it again with FisherPreconditioner.state_dict()."
+            ) from None
+        diag = curv.diagonal()
+        check_same_structure(self.params, diag, "this preconditioner's parameters",
+                             "the state_dict's curvature")
+        check_all_finite(diag, "the state_dict's curvature diagonal", "The saved run diverged.")
+        return curv
+
+    def check_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Raise unless ``state`` (from :meth:`state_dict`) fits this preconditioner.
+
+        Checks the kind and the generator state; rebuilds the curvature from its own state
+        dict (its class checks the format and layout: K-FAC factor shapes, low-rank rows,
+        diagonal values ``>= 0``), refuses NaN/Inf in any of its tensors, and compares its
+        parameter names and shapes with the selected parameters. Changes nothing.
+
+        Raises:
+            ValueError: not a state_dict of this kind, or curvature of another model or
+                parameter selection (every mismatched name is listed).
+            FloatingPointError: NaN or Inf in the curvature (the tensor is named).
+        """
+        self._curvature_from_state(state)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (same kind, parameters and shapes).
@@ -434,24 +440,29 @@ class FisherPreconditioner:
             ValueError: another kind, or curvature for other parameters, layers or shapes.
             FloatingPointError: NaN or Inf in the curvature.
         """
-        self.check_state_dict(state)
+        curv = self._curvature_from_state(state)
         self._step = int(state["step"])
         self.generator.set_state(state["generator"].clone())
-        self._diag = {k: v.clone() for k, v in state["diag"].items()}
-        self._kfac = {n: {k: d[k].clone() for k in ("A", "G")} for n, d in state["kfac"].items()}
-        self._solvers = {}
-        self._wood = {k: v.clone() for k, v in state["woodbury"].items()}
-        self._wood_n = int(state["woodbury_n"])
+        self.curvature = curv
+        if self._capture is not None:
+            self._capture.clear()
+        self._arm()
 
     def __repr__(self) -> str:
         return (
             f"FisherPreconditioner(kind={self.kind!r}, likelihood={self.likelihood!r}, "
-            f"labels={self.labels!r}, params={len(self.params)}, step={self._step})"
+            f"labels={self.labels!r}, source={self.source!r}, params={len(self.params)}, "
+            f"step={self._step})"
         )
 
 
-def _with_label_axis(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Per-sample gradients as ``(N, K, numel)`` (``K`` label columns per sample)."""
-    if g.dim() == p.dim() + 1:
-        return g.reshape(g.shape[0], 1, -1)
-    return g.reshape(g.shape[0], g.shape[1], -1)
+def _tensors(state: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Every floating tensor of a nested state dict, named by its dotted path."""
+    out: list[tuple[str, torch.Tensor]] = []
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point():
+            out.append((prefix, state))
+    elif isinstance(state, Mapping):
+        for k, v in state.items():
+            out += _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    return out

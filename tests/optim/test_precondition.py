@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from natgrad import FisherPreconditioner, NaturalGradient, scale_by_fisher
 from natgrad.engine.likelihoods import Gaussian
@@ -208,9 +209,9 @@ def test_warmup_update_every_and_ema(mlp_case):
         if t == 0:
             assert not info.preconditioned
             assert_close_dict(_grads(model), g)  # warmup: pass-through
-            assert_close_dict(pre.state_dict()["diag"], F_of[0])
+            assert_close_dict(dict(pre.curvature.diagonal()), F_of[0])
     ema = {k: d * F_of[0][k] + (1 - d) * F_of[1][k] for k in F_of[0]}
-    assert_close_dict(pre.state_dict()["diag"], ema)  # not refreshed at steps 2, 3
+    assert_close_dict(dict(pre.curvature.diagonal()), ema)  # not refreshed at steps 2, 3
     assert_close_dict(_grads(model), {k: g[k] / (ema[k] + 0.1) for k in g})
 
 
@@ -499,7 +500,7 @@ def test_kfac_damping_schedule_refreshes_cached_inverses(mlp_case):
 @pytest.mark.parametrize(
     "kind,match",
     [
-        ("kfac", "K-FAC factor A of layer '0'.*lower the learning rate"),
+        ("kfac", "K-FAC factors of layer '0'.*Check the inputs"),
         ("woodbury", "per-sample gradients.*'0.weight'.*sample 0 .*inputs hold NaN or Inf"),
     ],
 )
@@ -512,3 +513,226 @@ def test_non_finite_curvature_raises_clear_error(kind, match):
     pre = FisherPreconditioner(model, kind=kind)
     with pytest.raises(FloatingPointError, match=match):
         pre.step((x, y))
+
+
+# -- every registered kind through the registry ------------------------------------------------
+
+
+def test_ekfac_step_equals_its_curvature_solve():
+    # the preconditioner's step is curvature.solve(g, λ) of estimate_curvature on the batch
+    import natgrad
+
+    torch.manual_seed(21)
+    model = mlp((5, 6, 3)).double()
+    x, y = torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
+    _backward(model, x, y)
+    g = _grads(model)
+    C = natgrad.estimate_curvature(model, (x, y), kind="ekfac")
+    ref = C.solve(g, 0.1)
+    pre = FisherPreconditioner(model, kind="ekfac", damping=0.1)
+    pre.step((x, y))
+    assert pre.curvature.structure() == C.structure()
+    assert_close_dict(_grads(model), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_new_kind_needs_only_a_curvature_class_and_a_registry_entry():
+    from natgrad.curvature import protocol
+    from natgrad.curvature.diagonal import DiagonalFisher
+
+    @protocol.register_curvature("diag_x2_test")
+    class Doubled(DiagonalFisher):  # F' = 2F, through the protocol only
+        kind = "diag_x2_test"
+
+        @classmethod
+        def estimate(cls, model, data, likelihood="categorical", **options):
+            F_ = DiagonalFisher.estimate(model, data, likelihood, **options)
+            return cls({k: 2 * v for k, v in F_.items()}, F_.n_samples)
+
+        def ema(self, other, decay):
+            return type(self)({k: decay * self[k] + (1 - decay) * other[k] for k in self},
+                              self.n_samples + other.n_samples)
+
+        @classmethod
+        def from_state_dict(cls, state):
+            f = DiagonalFisher.from_state_dict(state)
+            return cls(dict(f.items()), f.n_samples)
+
+    try:
+        torch.manual_seed(22)
+        model = mlp((4, 5, 3)).double()
+        x, y = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
+        pg = loop_grads(model, ce_sum, x, y)
+        _backward(model, x, y)
+        g = _grads(model)
+        pre = FisherPreconditioner(model, kind="diag_x2_test", damping=0.2)
+        pre.step((x, y))
+        ref = {k: g[k] / (2 * (pg[k] ** 2).mean(0) + 0.2) for k in g}
+        assert_close_dict(_grads(model), ref, rtol=1e-10, atol=1e-12)
+        again = FisherPreconditioner(model, kind="diag_x2_test")
+        again.load_state_dict(pre.state_dict())
+        assert isinstance(again.curvature, Doubled)
+    finally:
+        del protocol.CURVATURE_KINDS["diag_x2_test"]
+
+
+# -- source="backward" -----------------------------------------------------------------------------
+
+
+def test_backward_kfac_single_linear_equals_dense_kronecker_solve():
+    # A, G from the definitions, with per-sample output grads p - onehot (no 1/N)
+    torch.manual_seed(23)
+    model = nn.Linear(4, 3).double()
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    with torch.no_grad():
+        p = model(x).softmax(-1)
+    xa = torch.cat([x, torch.ones(12, 1, dtype=torch.float64)], 1)
+    b = p - F.one_hot(y, 3).double()
+    A, G = xa.T @ xa / 12, b.T @ b / 12
+    lam = 1e-2
+    pre = FisherPreconditioner(model, kind="kfac", damping=lam, kfac_damping="exact",
+                               source="backward")
+    _backward(model, x, y)  # mean-reduced loss: grads rescaled by N
+    V = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1)
+    ref = torch.linalg.solve(torch.kron(G, A) + lam * torch.eye(15, dtype=torch.float64),
+                             V.reshape(-1)).reshape(3, 5)
+    assert pre.step().curvature_updated
+    torch.testing.assert_close(model.weight.grad, ref[:, :4])
+    torch.testing.assert_close(model.bias.grad, ref[:, 4])
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(3 * 5 * 5, 4)).double()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["kfac", "diag"])
+def test_backward_equals_batch_source_with_empirical_labels(kind, arch, reduction):
+    torch.manual_seed(24)
+    model = mlp((5, 7, 4)).double() if arch == "mlp" else _cnn()
+    x = torch.randn(8, 5, dtype=torch.float64) if arch == "mlp" else torch.randn(
+        8, 2, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (8,))
+    twin = copy.deepcopy(model)
+    pb = FisherPreconditioner(model, kind=kind, damping=0.05, source="backward",
+                              loss_reduction=reduction, ema_decay=0.5)
+    pa = FisherPreconditioner(twin, kind=kind, damping=0.05, ema_decay=0.5)
+    for step in range(2):
+        xs, ys = x + step, y
+        for m in (model, twin):
+            m.zero_grad(set_to_none=True)
+            F.cross_entropy(m(xs), ys, reduction=reduction).backward()
+        pb.step()
+        pa.step((xs, ys))
+        assert_close_dict(_grads(model), _grads(twin), rtol=1e-9, atol=1e-12)
+
+
+def test_backward_diag_equals_per_sample_loop(mlp_case):
+    model, x, y = mlp_case
+    model = model.double()
+    x = x.double()
+    pg = loop_grads(model, ce_sum, x, y)
+    pre = FisherPreconditioner(model, kind="diag", damping=0.3, source="backward")
+    _backward(model, x, y)
+    g = _grads(model)
+    pre.step()
+    ref = {k: g[k] / ((pg[k] ** 2).mean(0) + 0.3) for k in g}
+    assert_close_dict(_grads(model), ref, rtol=1e-9, atol=1e-12)
+
+
+def test_backward_two_forwards_pool_their_samples():
+    # gradient accumulation with summed losses: the union batch's Fisher
+    torch.manual_seed(25)
+    model = mlp((5, 6, 3)).double()
+    x, y = torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
+    twin = copy.deepcopy(model)
+    pb = FisherPreconditioner(model, kind="kfac", source="backward", loss_reduction="sum")
+    model.zero_grad()
+    for sl in (slice(0, 4), slice(4, 10)):
+        F.cross_entropy(model(x[sl]), y[sl], reduction="sum").backward()
+    pa = FisherPreconditioner(twin, kind="kfac")
+    twin.zero_grad()
+    F.cross_entropy(twin(x), y, reduction="sum").backward()
+    pb.step()
+    pa.step((x, y))
+    assert pb.curvature.n_samples == 10
+    assert_close_dict(_grads(model), _grads(twin), rtol=1e-9, atol=1e-12)
+
+
+def test_backward_records_only_when_a_refresh_is_due():
+    torch.manual_seed(26)
+    model = mlp((5, 6, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    pre = FisherPreconditioner(model, kind="kfac", source="backward", update_every=3)
+    flags = []
+    for _ in range(4):
+        flags.append(pre._capture.armed)
+        _backward(model, x, y)
+        assert all(not r for r in pre._capture._records.values()) or pre._capture.armed
+        assert pre.step().curvature_updated == flags[-1]
+    assert flags == [True, False, False, True]
+    with torch.no_grad():  # an eval forward under no_grad records nothing
+        model(x)
+    assert all(not r for r in pre._capture._records.values())
+    pre.close()
+    assert pre._capture is None
+
+
+def test_natural_gradient_step_closure_without_batch_with_backward_source():
+    model, x, y = _problem()
+    pre = FisherPreconditioner(model, kind="kfac", damping=0.1, source="backward")
+    opt = NaturalGradient(torch.optim.SGD(model.parameters(), lr=0.2), pre)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    first = float(opt.step(closure).detach())
+    for _ in range(15):
+        last = float(opt.step(closure).detach())
+    assert last < 0.8 * first
+    assert pre.state_dict()["step"] == 16
+
+
+def test_natural_gradient_calls_every_torch_optimizer_hook():
+    model, x, y = _problem()
+    opt = _natgrad(model, "kfac", "sgd")
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append(("step_pre", o is opt)))
+    opt.register_step_post_hook(lambda o, a, k: calls.append(("step_post", o is opt)))
+    opt.register_state_dict_pre_hook(lambda o: calls.append(("sd_pre", o is opt)))
+
+    def sd_post(o, sd):
+        calls.append(("sd_post", o is opt))
+        return {**sd, "extra": 1}
+
+    opt.register_state_dict_post_hook(sd_post)
+
+    def load_pre(o, sd):
+        calls.append(("load_pre", "extra" in sd))
+        sd = dict(sd)
+        del sd["extra"]
+        return sd
+
+    opt.register_load_state_dict_pre_hook(load_pre)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("load_post", o is opt)))
+    glob = register_optimizer_step_pre_hook(
+        lambda o, a, k: calls.append(("global_pre", type(o).__name__)))
+    try:
+        _backward(model, x, y)
+        opt.step(batch=(x, y))
+    finally:
+        glob.remove()
+    sd = opt.state_dict()
+    assert sd["extra"] == 1
+    opt.load_state_dict(sd)
+    # the global hook also sees the wrapped SGD's own step, inside ours
+    assert calls == [("global_pre", "NaturalGradient"), ("step_pre", True),
+                     ("global_pre", "SGD"), ("step_post", True),
+                     ("sd_pre", True), ("sd_post", True), ("load_pre", True),
+                     ("load_post", True)]
+    # the wrapped optimizer's groups and state are untouched by the wrapper's init
+    assert opt.param_groups is opt.optimizer.param_groups and len(opt.param_groups) == 1

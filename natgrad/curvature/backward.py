@@ -1,0 +1,203 @@
+"""Statistics recorded from the user's own forward and backward (``source="backward"``).
+
+:class:`BackwardCapture` hooks the K-FAC-coverable layers of a model (``nn.Linear``,
+``nn.Conv1d``/``nn.Conv2d``, transformers' ``Conv1D``, ``nn.Embedding``; see
+:func:`natgrad.curvature.kfac.kfac_coverage`): while armed, a forward hook records each
+layer's input and a tensor hook on its output records the output gradient of whatever loss
+the user back-propagates. :meth:`BackwardCapture.take` turns the records into a
+:class:`~natgrad.curvature.kfac.Captured`, the same per-layer statistics an extra
+forward/backward pass (``source="batch"``) would give, from which a curvature class builds
+itself (``Curvature.from_capture``) without another pass.
+
+Convention (the empirical Fisher). With ``l_n`` the per-sample loss of sample ``n`` and
+``b_nt = ∂l_n/∂s_nt`` the gradient at the layer output ``s_nt`` (position ``t``):
+
+* ``loss_reduction="mean"`` (torch's default, ``L = (1/N) Σ_n l_n``): the recorded output
+  gradient is ``b_nt / N``; it is multiplied by the batch size ``N`` of the forward
+  that produced it;
+* ``loss_reduction="sum"`` (``L = Σ_n l_n``): it is used as is.
+
+The labels are the data's (the user's loss), so this is the empirical Fisher. A loss
+averaged over tokens rather than samples (e.g. a language-model loss over ``N·T`` kept
+tokens) scales the gradients by another factor; use ``loss_reduction="sum"`` with a summed
+loss there. A module called several times in one forward contributes every call's
+positions; several forwards between two refreshes (gradient accumulation) contribute
+their samples (each scaled by its own ``N``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from natgrad.curvature.kfac import (
+    Captured,
+    KFACLayer,
+    kfac_coverage,
+    out_grads,
+    patches,
+)
+from natgrad.engine.checks import check_choice
+
+__all__ = ["BackwardCapture", "LOSS_REDUCTIONS"]
+
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+class BackwardCapture:
+    """Record K-FAC layer inputs and output gradients during the user's forward/backward.
+
+    Args:
+        model: the model (the hooks go on its submodules; a DDP wrapper's inner module
+            works the same).
+        params: ``{name: parameter}`` selected parameters; every one must lie in a covered
+            layer.
+        loss_reduction: ``"mean"`` or ``"sum"`` (see the module doc).
+
+    Raises:
+        ValueError: a selected parameter outside every covered layer (named, with the
+            reason), or an unknown ``loss_reduction``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Mapping[str, torch.Tensor],
+        *,
+        loss_reduction: str = "mean",
+    ):
+        self.loss_reduction = check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
+        layers, reasons = kfac_coverage(model, params)
+        if reasons:
+            raise ValueError(
+                "source='backward' records only the inputs and output gradients of "
+                "nn.Linear, nn.Conv1d/2d, transformers' Conv1D and nn.Embedding layers, so it "
+                "cannot give these selected parameters a Fisher: "
+                + "; ".join(f"{k} ({why})" for k, why in list(reasons.items())[:8])
+                + ". Select only such layers' parameters (params=...) or use source='batch'."
+            )
+        self.layers: dict[str, KFACLayer] = dict(layers)
+        self.order = list(params)
+        self.armed = False
+        self._pass = 0
+        # {layer: [[pass id, input, output grad or None], ...]}
+        self._records: dict[str, list[list[Any]]] = {k: [] for k in self.layers}
+        self._batch_sizes: dict[int, int | None] = {}
+        self._handles = [model.register_forward_pre_hook(self._new_pass, with_kwargs=True)]
+        self._handles += [
+            lay.module.register_forward_hook(self._hook(k)) for k, lay in self.layers.items()
+        ]
+
+    def _new_pass(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        self._pass += 1
+        if self.armed:  # the model's batch size: of its first tensor input (None: unknown)
+            first = next((a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)),
+                         None)
+            self._batch_sizes[self._pass] = (
+                int(first.shape[0]) if first is not None and first.dim() else None
+            )
+
+    def _hook(self, name: str):
+        def fn(module: nn.Module, args: tuple, output: Any) -> None:
+            if not self.armed or not torch.is_grad_enabled():
+                return
+            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return
+            rec = [self._pass, args[0].detach(), None]
+            self._records[name].append(rec)
+
+            def grad_hook(g: torch.Tensor) -> None:
+                rec[2] = g.detach()
+
+            output.register_hook(grad_hook)
+
+        return fn
+
+    def clear(self) -> None:
+        """Forget every record."""
+        for v in self._records.values():
+            v.clear()
+        self._batch_sizes.clear()
+
+    def remove(self) -> None:
+        """Remove the hooks (the capture records nothing afterwards)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()
+
+    def take(self) -> Captured:
+        """The records since the last :meth:`take` / :meth:`clear` as a ``Captured``
+        (records without a gradient, i.e. forwards never back-propagated, are dropped),
+        then clear.
+
+        Returns:
+            ``Captured`` with ``n`` the number of samples, ``inputs[layer]``
+            ``(n, T, groups, d_A)``, ``grads[layer] = [(1.0, (n, T, groups, d_G))]`` (the
+            per-sample-loss output gradients, see the module doc).
+
+        Raises:
+            ValueError: nothing was recorded (no forward and backward since the last
+                step); a layer called without the batch as its first dimension; layers that
+                disagree on the samples of a forward.
+        """
+        try:
+            return self._build()
+        finally:
+            self.clear()
+
+    def _build(self) -> Captured:
+        per_pass: dict[int, dict[str, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        for name, recs in self._records.items():
+            for pid, x, g in recs:
+                if g is not None:
+                    per_pass.setdefault(pid, {}).setdefault(name, []).append((x, g))
+        if not per_pass:
+            raise ValueError(
+                "source='backward' found no recorded forward and backward for this refresh: "
+                "call the model and loss.backward() (with grad enabled) before pre.step(), "
+                "or use source='batch' and pass the batch."
+            )
+        inputs: dict[str, list[torch.Tensor]] = {k: [] for k in self.layers}
+        grads: dict[str, list[torch.Tensor]] = {k: [] for k in self.layers}
+        n_total = 0
+        for pid in sorted(per_pass):
+            calls = per_pass[pid]
+            sizes = {k: {int(x.shape[0]) if x.dim() else -1 for x, _ in v} for k, v in calls.items()}
+            n_set = set().union(*sizes.values())
+            bad = [k for k, v in calls.items() if any(x.dim() == 0 or g.shape[0] != x.shape[0]
+                                                      for x, g in v)]
+            model_n = self._batch_sizes.get(pid)
+            if model_n is not None and n_set != {model_n}:
+                bad = bad or [k for k, v in sizes.items() if v != {model_n}]
+            if bad or len(n_set) != 1:
+                raise ValueError(
+                    f"source='backward' needs every K-FAC layer called with the batch as first "
+                    f"dimension; in one forward (model batch size {model_n}) the layers saw "
+                    f"batch sizes {sizes} "
+                    f"(layers {bad[:8]} disagree with their outputs). Use source='batch'."
+                )
+            n = n_set.pop()
+            scale = float(n) if self.loss_reduction == "mean" else 1.0
+            for k in self.layers:
+                if k not in calls:
+                    continue
+                lay = self.layers[k]
+                a = torch.cat([patches(lay, x) for x, _ in calls[k]], 1)
+                b = torch.cat([out_grads(lay, g) for _, g in calls[k]], 1)
+                inputs[k].append(a)
+                grads[k].append(b * scale if scale != 1.0 else b)
+            n_total += n
+        out_in = {k: torch.cat(v, 0) for k, v in inputs.items() if v}
+        partial = [k for k, v in out_in.items() if v.shape[0] != n_total]
+        if partial:
+            raise ValueError(
+                f"Layers {partial[:8]} were reached in some forwards but not others since the "
+                "last refresh; source='backward' needs the same layers in every forward. "
+                "Use source='batch'."
+            )
+        out_g = {k: [(1.0, torch.cat(v, 0))] for k, v in grads.items() if v}
+        return Captured(n_total, out_in, out_g, [])

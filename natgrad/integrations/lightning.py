@@ -1,0 +1,305 @@
+"""natgrad in Lightning (``lightning.pytorch``), through its own extension points.
+
+Install: ``pip install 'natgrad[integrations]'`` (or ``pip install lightning``).
+
+* :class:`EWCMixin`: a ``LightningModule`` mixin whose ``backward`` hook adds the EWC
+  penalty ``(λ/2) Σ_t Σ_i F_t,i (θ_i - θ*_t,i)²`` to the loss ``training_step`` returned.
+* :class:`SaveFisherCallback`: at the end of training estimates the diagonal Fisher on a
+  given data loader, in eval mode, and saves it next to the checkpoints with
+  :meth:`natgrad.DiagonalFisher.save`; the path is logged.
+* :class:`FisherMetricsCallback`: every ``every_n_steps`` optimizer steps, Fisher metrics
+  (trace, per-layer totals, natural-gradient norms) through ``LightningModule.log_dict``,
+  so to the Trainer's loggers and ``trainer.callback_metrics``.
+* Natural gradient: ``configure_optimizers`` returns ``natgrad.NaturalGradient(optimizer,
+  FisherPreconditioner(..., source="backward"))`` (diag, K-FAC from Lightning's own
+  backward), or :class:`NaturalGradientCallback` for ``source="batch"`` (EKFAC, low rank,
+  ``mc``/``exact`` labels).
+
+Why EWC is a mixin and not a callback: a callback cannot change the loss (its
+``on_before_backward`` receives the loss but its return value is ignored), and a second
+``backward`` of the penalty from a callback would break DDP (one gradient reduction per
+forward) and escape mixed-precision loss scaling. ``LightningModule.backward`` is the
+hook every loss passes through after Lightning has scaled it (``1/accumulate_grad_batches``
+and the AMP scaler), so the mixin adds the penalty there, scaled the same way, and the
+user's ``training_step`` stays unchanged.
+
+No training loop of natgrad's own: the Lightning Trainer runs training, these plug into it.
+
+Example:
+    A sketch::
+
+        from natgrad import EWC
+        from natgrad.integrations.lightning import (
+            EWCMixin, FisherMetricsCallback, SaveFisherCallback)
+
+        class Classifier(EWCMixin, lightning.LightningModule):
+            ...  # training_step returns the task loss, as usual
+
+        module = Classifier()
+        module.ewc = EWC(module, fisher_task_a, lam=100.0)
+        trainer = lightning.Trainer(callbacks=[
+            SaveFisherCallback(fisher_loader), FisherMetricsCallback(every_n_steps=50)])
+        trainer.fit(module, task_b_loader)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from natgrad.continual.ewc import EWC
+from natgrad.integrations import require
+from natgrad.integrations.common import (
+    METRICS,
+    batch_to,
+    check_every,
+    check_metrics,
+    evaluating,
+    fisher_metrics,
+    logger,
+    model_device,
+    save_fisher,
+)
+from natgrad.optim.precondition import FisherPreconditioner
+
+pl = require("lightning.pytorch", "lightning", "natgrad.integrations.lightning")
+
+__all__ = [
+    "EWCMixin",
+    "SaveFisherCallback",
+    "FisherMetricsCallback",
+    "NaturalGradientCallback",
+    "METRICS",
+]
+
+
+class EWCMixin:
+    """A ``LightningModule`` mixin that adds the EWC penalty to the training loss.
+
+    Put it before ``LightningModule`` in the bases (``class M(EWCMixin, LightningModule)``)
+    and set ``self.ewc`` to a :class:`natgrad.EWC` of the module (or None to train without
+    it). Its ``backward`` hook differentiates ``loss + s · Ω(θ)`` where ``loss`` is what
+    Lightning passes (``training_step``'s loss divided by ``accumulate_grad_batches``,
+    times the AMP scale when a ``GradScaler`` is active) and
+    ``Ω(θ) = (λ/2) Σ_t Σ_i F_t,i (θ_i - θ*_t,i)²`` (:meth:`natgrad.EWC.penalty`), with
+    ``s`` the same scaling, so one optimizer step adds exactly ``∇Ω = λ Σ_t F_t (θ - θ*_t)``
+    to the gradient. It works under automatic and manual optimization
+    (``self.manual_backward(loss)`` goes through the same hook). The logged training
+    loss stays the task loss; :attr:`last_penalty` holds the penalty.
+
+    A subclass that overrides ``backward`` itself must call ``super().backward(...)``.
+
+    Attributes:
+        ewc: the :class:`natgrad.EWC` (default None: no penalty).
+        last_penalty: the unscaled ``Ω(θ)`` of the latest backward (detached), or None.
+
+    Raises:
+        TypeError: at backward time, ``ewc`` is set to something other than a
+            :class:`natgrad.EWC`.
+    """
+
+    ewc: EWC | None = None
+    last_penalty: torch.Tensor | None = None
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """``super().backward(loss + s · Ω(θ))`` (see the class docstring)."""
+        ewc = self.ewc
+        if ewc is not None:
+            if not isinstance(ewc, EWC):
+                raise TypeError(
+                    f"EWCMixin.ewc must be a natgrad.EWC or None, got {type(ewc).__name__}; "
+                    "set it with self.ewc = natgrad.EWC(self, fisher, lam=...)."
+                )
+            penalty = ewc.penalty()
+            self.last_penalty = penalty.detach()
+            scaled = penalty
+            trainer = getattr(self, "_trainer", None)
+            if trainer is not None:
+                if self.automatic_optimization:  # type: ignore[attr-defined]
+                    scaled = scaled / trainer.accumulate_grad_batches
+                scaler = getattr(trainer.precision_plugin, "scaler", None)
+                if scaler is not None:
+                    scaled = scaler.scale(scaled)
+            loss = loss + scaled.to(device=loss.device, dtype=loss.dtype)
+        super().backward(loss, *args, **kwargs)  # type: ignore[misc]
+
+
+def _checkpoint_dir(trainer: Any) -> str:
+    """The folder of the Trainer's checkpoints: the ModelCheckpoint's ``dirpath`` when
+    there is one, else the Trainer's ``default_root_dir``."""
+    ckpt = getattr(trainer, "checkpoint_callback", None)
+    dirpath = getattr(ckpt, "dirpath", None)
+    return os.fspath(dirpath) if dirpath else os.fspath(trainer.default_root_dir)
+
+
+class SaveFisherCallback(pl.Callback):
+    """Estimate the diagonal Fisher at the end of training and save it beside the checkpoints.
+
+    At ``on_train_end`` the module is put in eval mode (dropout off), the Fisher
+    ``F_i = (1/N) Σ_n E_y[(∂l_n/∂θ_i)²]`` of the LightningModule (its ``forward``) is
+    estimated on ``data`` with :func:`natgrad.estimate_fisher`, and saved to
+    ``<dirpath>/<filename>`` in natgrad's verified safetensors format (load it with
+    :meth:`natgrad.DiagonalFisher.load`); modes are restored afterwards. ``dirpath``
+    defaults to the ``ModelCheckpoint`` folder, or ``default_root_dir`` without one. Under
+    ``torch.distributed`` every rank estimates on its own shard (all-reduced) and rank 0
+    writes.
+
+    Args:
+        data: a DataLoader or iterable of batches (``(x, y)`` or dicts with labels), or
+            one batch; moved to the module's device.
+        likelihood: the likelihood.
+        dirpath: the folder (default: as above).
+        filename: the file name (default ``"fisher.safetensors"``).
+        **options: more keyword options of :func:`natgrad.estimate_fisher`.
+
+    Attributes:
+        path: where the Fisher was written (None before).
+        fisher: the saved :class:`natgrad.DiagonalFisher` (None before).
+
+    Raises:
+        ValueError: an empty or path-like ``filename``.
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        likelihood: Any = "categorical",
+        *,
+        dirpath: str | os.PathLike | None = None,
+        filename: str = "fisher.safetensors",
+        **options: Any,
+    ):
+        if not isinstance(filename, str) or not filename or os.path.basename(filename) != filename:
+            raise ValueError(
+                f"filename must be a plain file name such as 'fisher.safetensors', got "
+                f"{filename!r}; give the folder as dirpath=..."
+            )
+        self.data = data
+        self.likelihood = likelihood
+        self.dirpath = None if dirpath is None else os.fspath(dirpath)
+        self.filename = filename
+        self.options = options
+        self.path: str | None = None
+        self.fisher = None
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:  # noqa: D102
+        folder = self.dirpath or _checkpoint_dir(trainer)
+        path = os.path.join(folder, self.filename)
+        write = bool(trainer.is_global_zero)
+        self.fisher = save_fisher(
+            pl_module, self.data, path if write else None, self.likelihood, **self.options
+        )
+        if write:
+            self.path = path
+
+
+class FisherMetricsCallback(pl.Callback):
+    """Log Fisher metrics with ``LightningModule.log_dict`` every ``every_n_steps`` steps.
+
+    At ``on_train_batch_end`` with ``trainer.global_step % every_n_steps == 0`` (the
+    count of optimizer steps taken), the module is put in eval mode, one Fisher is
+    estimated on ``batch`` (default: the training batch of this step) and the chosen
+    metrics are computed from it (see :data:`natgrad.integrations.common.METRICS`):
+    ``fisher/trace`` ``= Σ_i F_i``, ``fisher/layer/<module>``, ``fisher/grad_norm``,
+    ``fisher/natgrad_norm``, ``fisher/natgrad_ratio``. ``.grad`` is not touched and the
+    modes are restored. Values are logged ``on_step=True, on_epoch=False``, so they reach
+    the Trainer's loggers (subject to ``log_every_n_steps``) and
+    ``trainer.callback_metrics``.
+
+    Args:
+        batch: a fixed batch to measure on, or None for each step's training batch.
+        every_n_steps: the interval in optimizer steps (``>= 1``).
+        metrics: names among ``"trace"``, ``"layer_totals"``, ``"natural_gradient_norms"``.
+        likelihood: the likelihood.
+        damping: ``λ`` of the natural gradient.
+        prefix: prepended to every logged key.
+        **options: more keyword options of :func:`natgrad.estimate_fisher`.
+
+    Attributes:
+        last: the latest logged ``{key: value}`` (empty before the first).
+
+    Raises:
+        TypeError: ``metrics`` is a string.
+        ValueError: ``every_n_steps < 1``; an unknown metric name.
+    """
+
+    def __init__(
+        self,
+        batch: Any = None,
+        *,
+        every_n_steps: int = 50,
+        metrics: Sequence[str] = ("trace", "layer_totals", "natural_gradient_norms"),
+        likelihood: Any = "categorical",
+        damping: float = 1e-3,
+        prefix: str = "fisher/",
+        **options: Any,
+    ):
+        self.batch = batch
+        self.every_n_steps = check_every(every_n_steps)
+        self.metrics = check_metrics(metrics)
+        self.likelihood = likelihood
+        self.damping = damping
+        self.prefix = prefix
+        self.options = options
+        self.last: dict[str, float] = {}
+
+    def on_train_batch_end(  # noqa: D102
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step % self.every_n_steps:
+            return
+        probe = batch if self.batch is None else self.batch
+        self.last = fisher_metrics(
+            pl_module, probe, self.metrics, self.likelihood, damping=self.damping,
+            prefix=self.prefix, **self.options,
+        )  # fmt: skip
+        logger.debug("Fisher metrics at step %d: %s", trainer.global_step, self.last)
+        pl_module.log_dict(dict(self.last), on_step=True, on_epoch=False)
+
+
+class NaturalGradientCallback(pl.Callback):
+    """Precondition the gradients with a :class:`natgrad.FisherPreconditioner` before each
+    optimizer step, under automatic optimization, for any ``source`` and kind.
+
+    ``on_train_batch_start`` keeps the batch; ``on_before_optimizer_step`` (after
+    Lightning's backward, before its ``optimizer.step``) calls
+    ``preconditioner.step(batch, lr=...)`` with the module in eval mode (modes restored),
+    which rewrites ``.grad`` with ``(F + λI)^-1 g``. This covers what
+    ``NaturalGradient`` in ``configure_optimizers`` cannot: ``source="batch"``, so
+    ``kind="ekfac"``, ``"lowrank"`` and the ``"mc"``/``"exact"`` label sources. With
+    ``accumulate_grad_batches > 1`` a ``source="batch"`` refresh sees the last
+    micro-batch only. Gradient clipping configured on the Trainer
+    (``gradient_clip_val``) acts after this hook, on the preconditioned gradient.
+
+    Args:
+        preconditioner: the :class:`natgrad.FisherPreconditioner` of the module;
+            ``configure_optimizers`` returns a plain optimizer.
+
+    Raises:
+        TypeError: ``preconditioner`` is not a :class:`natgrad.FisherPreconditioner`.
+    """
+
+    def __init__(self, preconditioner: FisherPreconditioner):
+        if not isinstance(preconditioner, FisherPreconditioner):
+            raise TypeError(
+                f"preconditioner must be a natgrad.FisherPreconditioner, got "
+                f"{type(preconditioner).__name__}."
+            )
+        self.preconditioner = preconditioner
+        self._batch: Any = None
+        self.last: Any = None
+
+    def on_train_batch_start(  # noqa: D102
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = batch
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:  # noqa: D102
+        batch = None
+        if self.preconditioner.source == "batch":
+            batch = batch_to(self._batch, model_device(pl_module))
+        with evaluating(pl_module):
+            self.last = self.preconditioner.step(batch, lr=optimizer.param_groups[0]["lr"])

@@ -1,0 +1,122 @@
+"""Faults of FisherPreconditioner / NaturalGradient with source='backward': each raises a
+named error (what was expected, what came, the fix) and changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import natgrad
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def _batch(n=6):
+    return torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
+
+
+# -- options refused at construction ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ekfac", "lowrank", "woodbury"])
+def test_backward_refuses_kinds_the_records_do_not_determine(kind):
+    with pytest.raises(ValueError, match=rf"kind='{kind}' cannot use source='backward'.*'diag', 'kfac'"):
+        natgrad.FisherPreconditioner(_mlp(), kind=kind, source="backward")
+
+
+@pytest.mark.parametrize("labels", ["mc", "exact"])
+def test_backward_refuses_other_label_sources(labels):
+    with pytest.raises(ValueError, match=rf"empirical Fisher, but labels='{labels}'"):
+        natgrad.FisherPreconditioner(_mlp(), kind="kfac", labels=labels, source="backward")
+
+
+def test_backward_refuses_parameters_outside_covered_layers():
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    with pytest.raises(ValueError, match=r"cannot give these selected parameters.*1\.weight.*params="):
+        natgrad.FisherPreconditioner(model, kind="kfac", source="backward")
+    # selecting only covered layers works
+    natgrad.FisherPreconditioner(model, kind="kfac", source="backward",
+                                 params=["0.weight", "0.bias", "2.weight", "2.bias"])
+
+
+@pytest.mark.parametrize("opt,value", [("source", "hooks"), ("loss_reduction", "avg")])
+def test_unknown_source_options(opt, value):
+    with pytest.raises(ValueError, match=rf"Unknown {opt} '{value}'; expected one of"):
+        natgrad.FisherPreconditioner(_mlp(), kind="kfac", **{opt: value})
+
+
+# -- faults at step time ------------------------------------------------------------------------
+
+
+def test_backward_step_without_a_recorded_backward():
+    model = _mlp()
+    pre = natgrad.FisherPreconditioner(model, kind="kfac", source="backward")
+    x, y = _batch()
+    model(x)  # forward without backward: no gradient recorded
+    model[0].weight.grad = torch.zeros_like(model[0].weight)
+    with pytest.raises(ValueError, match="found no recorded forward and backward.*loss.backward"):
+        pre.step()
+    assert pre.state_dict()["step"] == 0 and pre.curvature is None
+
+
+def test_batch_source_step_without_batch():
+    model = _mlp()
+    pre = natgrad.FisherPreconditioner(model, kind="kfac")
+    x, y = _batch()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match="needs the batch.*source='backward'"):
+        pre.step()
+    opt = natgrad.NaturalGradient(torch.optim.SGD(model.parameters(), lr=0.1), pre)
+    with pytest.raises(ValueError, match=r"NaturalGradient.step needs the batch.*source='backward'"):
+        opt.step()
+
+
+def test_backward_layer_called_without_batch_dimension():
+    class Weird(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3).double()
+
+        def forward(self, x):
+            return self.lin(x.sum(0, keepdim=True)).expand(x.shape[0], 3)
+
+    model = Weird()
+    pre = natgrad.FisherPreconditioner(model, kind="kfac", source="backward")
+    x, y = _batch()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match="batch as first dimension.*source='batch'"):
+        pre.step()
+
+
+def test_backward_nan_statistics_are_named():
+    model = _mlp()
+    pre = natgrad.FisherPreconditioner(model, kind="kfac", source="backward")
+    x, y = _batch()
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    pre._capture._records["0"][0][1][0, 0] = float("nan")  # a corrupted record
+    with pytest.raises(FloatingPointError, match=r"K-FAC factors of layer '0'.*diverged"):
+        pre.step()
+
+
+def test_state_dict_of_backward_preconditioner_round_trips_exactly():
+    model = _mlp()
+    pre = natgrad.FisherPreconditioner(model, kind="kfac", source="backward", update_every=2)
+    x, y = _batch()
+    for _ in range(3):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+    other = natgrad.FisherPreconditioner(_mlp(), kind="kfac", source="backward", update_every=2)
+    other.load_state_dict(pre.state_dict())
+    a, b = pre.state_dict(), other.state_dict()
+    assert a["step"] == b["step"] == 3 and other._capture.armed is False
+    for k in a["curvature"]["layers"]:
+        for t in ("A", "G"):
+            assert torch.equal(a["curvature"]["layers"][k][t], b["curvature"]["layers"][k][t])
