@@ -136,6 +136,7 @@ class Curvature(ABC):
         """Precompute what :meth:`solve` needs (e.g. eigendecompositions), spreading the
         work over the ranks of ``torch.distributed`` where the class can; every rank ends
         with the same result. Default: nothing (solve computes lazily)."""
+        return None
 
     def quad(self, v: Params) -> torch.Tensor:
         """``vᵀ F v`` as a 0-dim tensor (differentiable in ``v``)."""
