@@ -183,7 +183,7 @@ def main():
         "| processes | refresh time |",
         "|---|---|",
     ]
-    for world in [int(w) for w in args.worlds.split(",")]:
+    for world in [int(w) for w in args.worlds.split(",") if w]:
         t = dist_refresh(world, args.dist_T, args.repeats)
         row = f"| {world} | {t * 1e3:.0f} ms |"
         print(row, flush=True)
