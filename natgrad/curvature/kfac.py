@@ -260,12 +260,22 @@ def kfac_coverage(
             users.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
     layers: dict[str, KFACLayer] = {}
     reasons: dict[str, str] = {}
+    # nn.MultiheadAttention uses its out_proj's weight directly, never calling the module,
+    # so no hook sees that layer's input: it cannot be a K-FAC layer
+    not_called = {id(m.out_proj) for m in model.modules()
+                  if isinstance(m, nn.MultiheadAttention)}
     for mname, m in model.named_modules():
         w = getattr(m, "weight", None)
         if not isinstance(w, nn.Parameter) or id(w) not in name_of:
             continue
         kind, why = layer_kind(m, extended)
         if kind is None:
+            continue
+        if id(m) in not_called:
+            why = "MultiheadAttention applies out_proj's weight without calling the module"
+            for p in (w, getattr(m, "bias", None)):
+                if isinstance(p, nn.Parameter) and id(p) in name_of:
+                    reasons[name_of[id(p)]] = why
             continue
         if len(users[id(w)]) > 1:
             why = f"weight shared by {' and '.join(users[id(w)])} (tied)"

@@ -690,6 +690,47 @@ class KroneckerFisher(Curvature):
 
         return self._each(v, layer, lambda f, x: x / (f + lam))
 
+    def prepare_solve(self, group: object | None = None) -> None:
+        """The eigenbases of every K-FAC layer (EKFAC layers hold theirs), spread as KAISA
+        does: under ``torch.distributed`` layer ``i`` (in model order) is decomposed on
+        rank ``i mod world`` and broadcast from there, so a refresh's eigendecomposition
+        cost divides by the world size and every rank holds the same bases bit for bit.
+        With ``damping_mode="factored"`` a K-FAC solve uses no eigenbasis (its Cholesky
+        inverses depend on ``λ`` and stay lazy, computed alike on every rank).
+        """
+        if self.damping_mode == "factored":
+            return
+        todo = [blk for blk in self.blocks.values() if blk.s is None]
+        if not is_distributed():
+            for blk in todo:
+                blk.bases()
+            return
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        for i, blk in enumerate(todo):
+            owner = i % world
+            src = owner if group is None else dist.get_global_rank(group, owner)
+            if rank == owner:
+                blk.bases()
+            else:
+                g = blk.groups
+                dA, dG = blk.A.shape[1], blk.G.shape[1]
+                like = dict(dtype=blk.A.dtype, device=blk.A.device)
+                blk.eig.clear()
+                blk.eig.update({
+                    "QA": torch.empty(g, dA, dA, **like) if blk.A.dim() == 3 else None,
+                    "sA": torch.empty(g, dA, **like),
+                    "QG": torch.empty(g, dG, dG, **like) if blk.G.dim() == 3 else None,
+                    "sG": torch.empty(g, dG, **like),
+                })
+            for key in ("QA", "sA", "QG", "sG"):
+                t = blk.eig[key]
+                if t is not None:
+                    t = t.contiguous()
+                    dist.broadcast(t, src=src, group=group)
+                    blk.eig[key] = t
+
     def quad(self, v: Params) -> torch.Tensor:
         """``vᵀ F v = Σ_layers ⟨V, mv(V)⟩ + Σ F v²``."""
         fv = self.mv(v)

@@ -134,6 +134,12 @@ class Curvature(ABC):
     def solve(self, v: Params, damping: float) -> dict[str, torch.Tensor]:
         """``(F + λ I)⁻¹ v`` with ``λ = damping`` (> 0 unless ``F`` is invertible)."""
 
+    def prepare_solve(self, group: object | None = None) -> None:
+        """Precompute what :meth:`solve` needs (e.g. eigendecompositions), spreading the
+        work over the ranks of ``torch.distributed`` where the class can; every rank ends
+        with the same result. Default: nothing (solve computes lazily)."""
+        return None
+
     def quad(self, v: Params) -> torch.Tensor:
         """``vᵀ F v`` as a 0-dim tensor (differentiable in ``v``)."""
         fv = self.mv(v)

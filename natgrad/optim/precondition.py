@@ -300,9 +300,7 @@ class FisherPreconditioner:
             self.curvature = new
         else:
             self.curvature = self.curvature.ema(new, self.ema_decay)
-        spread = getattr(self.curvature, "spread_eigen", None)
-        if spread is not None and is_distributed():
-            spread()
+        self.curvature.prepare_solve()
 
     def step(self, batch: Any = None, *, lr: float | None = None) -> PreconditionStep:
         """Refresh the curvature when due, then rewrite ``.grad`` with ``(F + λI)^-1 g``.

@@ -120,3 +120,16 @@ def test_state_dict_of_backward_preconditioner_round_trips_exactly():
     for k in a["curvature"]["layers"]:
         for t in ("A", "G"):
             assert torch.equal(a["curvature"]["layers"][k][t], b["curvature"]["layers"][k][t])
+
+
+def test_multihead_attention_out_proj_is_not_a_kfac_layer():
+    # MultiheadAttention uses out_proj.weight directly: no hook sees the layer's input, so
+    # K-FAC would have zero factors there (a silent g / λ step); it is diagonal instead
+    from natgrad.curvature.kfac import kfac_coverage
+
+    m = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    layers, reasons = kfac_coverage(m, dict(m.named_parameters()))
+    assert list(layers) == ["linear1", "linear2"]
+    assert "without calling the module" in reasons["self_attn.out_proj.weight"]
+    with pytest.raises(ValueError, match=r"self_attn\.out_proj\.weight \(MultiheadAttention"):
+        natgrad.FisherPreconditioner(m, kind="kfac", source="backward")
