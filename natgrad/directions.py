@@ -81,7 +81,7 @@ class FisherDirections(Report):
     n_rows: int
     trace: float | None
     method: str
-    labels: str
+    labels: LabelSource
     likelihood: str
     iterations: int
     converged: bool
@@ -143,7 +143,7 @@ def _gram(
     model: nn.Module,
     data: Any,
     lik: Likelihood,
-    labels: str,
+    labels: LabelSource,
     mc_samples: int,
     params: ParamSpec,
     chunk_size: int | None,
@@ -206,7 +206,7 @@ def _lanczos(
     model: nn.Module,
     data: Any,
     lik: Likelihood,
-    labels: str,
+    labels: LabelSource,
     mc_samples: int,
     params: ParamSpec,
     chunk_size: int | None,

@@ -27,7 +27,7 @@ their samples (each scaled by its own ``N``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -65,7 +65,7 @@ class BackwardCapture:
     def __init__(
         self,
         model: nn.Module,
-        params: Mapping[str, torch.Tensor],
+        params: Mapping[str, nn.Parameter],
         *,
         loss_reduction: str = "mean",
     ):
@@ -100,8 +100,8 @@ class BackwardCapture:
                 int(first.shape[0]) if first is not None and first.dim() else None
             )
 
-    def _hook(self, name: str):
-        def fn(module: nn.Module, args: tuple, output: Any) -> None:
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def fn(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not self.armed or not torch.is_grad_enabled():
                 return
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
@@ -112,7 +112,7 @@ class BackwardCapture:
             def grad_hook(g: torch.Tensor) -> None:
                 rec[2] = g.detach()
 
-            output.register_hook(grad_hook)
+            output.register_hook(grad_hook)  # type: ignore[no-untyped-call]  # torch: unannotated
 
         return fn
 

@@ -245,7 +245,7 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
             W, bias = split_weight_blocks(tuple(w.shape), lay.transposed, lay.bias is not None,
                                           acc / max(cap.n, 1))
             values[lay.weight] = W
-            if lay.bias is not None:
+            if lay.bias is not None and bias is not None:
                 values[lay.bias] = bias
         names = [k for k in capture.order if k in values]
         check_fisher_values({k: values[k] for k in names}, "the diagonal Fisher from the backward")

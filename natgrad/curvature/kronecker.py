@@ -49,7 +49,7 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -511,7 +511,7 @@ class KroneckerFisher(Curvature):
             FloatingPointError: NaN or Inf in a factor.
         """
         if kind not in cls.CAPTURE_KINDS:
-            return super().from_capture(capture, kind=kind)
+            super().from_capture(capture, kind=kind)  # raises: this kind cannot be captured
         cap = capture.take()
         blocks = {}
         for k, lay in capture.layers.items():
@@ -707,28 +707,29 @@ class KroneckerFisher(Curvature):
             return
         import torch.distributed as dist
 
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        pg = cast("dist.ProcessGroup | None", group)
+        world, rank = dist.get_world_size(pg), dist.get_rank(pg)
         for i, blk in enumerate(todo):
             owner = i % world
-            src = owner if group is None else dist.get_global_rank(group, owner)
+            src = owner if pg is None else dist.get_global_rank(pg, owner)
             if rank == owner:
                 blk.bases()
             else:
                 g = blk.groups
                 dA, dG = blk.A.shape[1], blk.G.shape[1]
-                like = dict(dtype=blk.A.dtype, device=blk.A.device)
+                dt, dev = blk.A.dtype, blk.A.device
                 blk.eig.clear()
                 blk.eig.update({
-                    "QA": torch.empty(g, dA, dA, **like) if blk.A.dim() == 3 else None,
-                    "sA": torch.empty(g, dA, **like),
-                    "QG": torch.empty(g, dG, dG, **like) if blk.G.dim() == 3 else None,
-                    "sG": torch.empty(g, dG, **like),
+                    "QA": torch.empty(g, dA, dA, dtype=dt, device=dev) if blk.A.dim() == 3 else None,
+                    "sA": torch.empty(g, dA, dtype=dt, device=dev),
+                    "QG": torch.empty(g, dG, dG, dtype=dt, device=dev) if blk.G.dim() == 3 else None,
+                    "sG": torch.empty(g, dG, dtype=dt, device=dev),
                 })
             for key in ("QA", "sA", "QG", "sG"):
                 t = blk.eig[key]
                 if t is not None:
                     t = t.contiguous()
-                    dist.broadcast(t, src=src, group=group)
+                    dist.broadcast(t, src=src, group=pg)
                     blk.eig[key] = t
 
     def quad(self, v: Params) -> torch.Tensor:
@@ -950,7 +951,8 @@ def _factored_solve(blk: KroneckerBlock, V: torch.Tensor, lam: float) -> torch.T
     diagonal side is inverted elementwise, its trace mean entering ``π`` alike."""
     cached = blk.eig.get("factored")
     if cached is None or cached[0] != lam:
-        Ginv, Ainv = [], []
+        Ginv: list[torch.Tensor] = []
+        Ainv: list[torch.Tensor] = []
         for g in range(blk.groups):
             A, G = blk.A[g], blk.G[g]
             A2 = torch.diag(A) if A.dim() == 1 else A
@@ -959,8 +961,8 @@ def _factored_solve(blk: KroneckerBlock, V: torch.Tensor, lam: float) -> torch.T
             Ginv.append(gi)
             Ainv.append(ai)
         cached = blk.eig["factored"] = (lam, torch.stack(Ginv), torch.stack(Ainv))
-    _, Ginv, Ainv = cached
-    return Ginv @ V.to(Ginv.dtype) @ Ainv
+    _, Gi, Ai = cached
+    return Gi @ V.to(Gi.dtype) @ Ai
 
 
 def _project(blk: KroneckerBlock, QA: torch.Tensor | None, QG: torch.Tensor | None) -> torch.Tensor:

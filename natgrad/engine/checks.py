@@ -8,7 +8,7 @@ from __future__ import annotations
 import operator
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 import torch
 from torch import nn
@@ -23,14 +23,19 @@ GRAD_HINT = (
 )
 
 
-def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
-    """Return ``value`` if it is one of ``choices``; else raise a ValueError listing them."""
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(
-            f"Unknown {name} {value!r}; expected one of {', '.join(repr(c) for c in choices)}."
-        )
-    return value
+S = TypeVar("S", bound=str)
+
+
+def check_choice(name: str, value: object, choices: Iterable[S]) -> S:
+    """Return ``value`` if it is one of ``choices`` (typed as they are, e.g. a ``Literal``);
+    else raise a ValueError listing them."""
+    options = tuple(choices)
+    for c in options:
+        if value == c:
+            return c
+    raise ValueError(
+        f"Unknown {name} {value!r}; expected one of {', '.join(repr(c) for c in options)}."
+    )
 
 
 @overload

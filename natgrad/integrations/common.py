@@ -172,7 +172,7 @@ def fisher_metrics(
 def save_fisher(
     model: nn.Module,
     data: Any,
-    path: str | os.PathLike | None,
+    path: str | os.PathLike[str] | None,
     likelihood: Any = "categorical",
     **options: Any,
 ) -> DiagonalFisher:

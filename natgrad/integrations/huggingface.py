@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from natgrad.continual.ewc import EWC
+from natgrad.curvature.diagonal import DiagonalFisher
 from natgrad.integrations import require
 from natgrad.integrations.common import (
     METRICS,
@@ -49,7 +50,10 @@ from natgrad.integrations.common import (
 )
 
 transformers = require("transformers", "transformers", "natgrad.integrations.huggingface")
-TrainerCallback = transformers.TrainerCallback
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
+else:
+    TrainerCallback = transformers.TrainerCallback
 
 __all__ = ["EWCLoss", "SaveFisherCallback", "FisherMetricsCallback", "METRICS", "IGNORE_INDEX"]
 
@@ -152,7 +156,7 @@ class EWCLoss:
             return loss
         penalty = self.ewc.penalty()
         self.last_penalty = penalty.detach()
-        share = 1.0
+        share: float | torch.Tensor = 1.0
         if num_items_in_batch is not None and isinstance(labels, torch.Tensor):
             kept = (labels != IGNORE_INDEX).sum().to(penalty.dtype)
             share = kept.to(penalty.device) / torch.as_tensor(
@@ -213,7 +217,7 @@ class SaveFisherCallback(TrainerCallback):
         self.at_checkpoints = bool(at_checkpoints)
         self.options = options
         self.path: str | None = None
-        self.fisher = None
+        self.fisher: DiagonalFisher | None = None
 
     def _save(self, folder: str, state: Any, model: Any) -> None:
         if model is None:
@@ -226,12 +230,16 @@ class SaveFisherCallback(TrainerCallback):
         if write:
             self.path = path
 
-    def on_save(self, args, state, control, model=None, **kwargs):  # noqa: D102
+    def on_save(  # noqa: D102
+        self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+    ) -> None:
         if self.at_checkpoints:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             self._save(folder, state, model)
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):  # noqa: D102
+    def on_train_end(  # noqa: D102
+        self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+    ) -> None:
         self._save(args.output_dir, state, model)
 
 
@@ -295,7 +303,9 @@ class FisherMetricsCallback(TrainerCallback):
         self.options = options
         self.last: dict[str, float] = {}
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: D102
+    def on_step_end(  # noqa: D102
+        self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+    ) -> None:
         if state.global_step % self.every_n_steps:
             return
         model = self.trainer.model if model is None else model

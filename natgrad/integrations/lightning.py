@@ -46,11 +46,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from natgrad.continual.ewc import EWC
+from natgrad.curvature.diagonal import DiagonalFisher
 from natgrad.integrations import require
 from natgrad.integrations.common import (
     METRICS,
@@ -66,6 +67,10 @@ from natgrad.integrations.common import (
 from natgrad.optim.precondition import FisherPreconditioner
 
 pl = require("lightning.pytorch", "lightning", "natgrad.integrations.lightning")
+if TYPE_CHECKING:
+    from lightning.pytorch import Callback
+else:
+    Callback = pl.Callback
 
 __all__ = [
     "EWCMixin",
@@ -132,10 +137,10 @@ def _checkpoint_dir(trainer: Any) -> str:
     there is one, else the Trainer's ``default_root_dir``."""
     ckpt = getattr(trainer, "checkpoint_callback", None)
     dirpath = getattr(ckpt, "dirpath", None)
-    return os.fspath(dirpath) if dirpath else os.fspath(trainer.default_root_dir)
+    return str(os.fspath(dirpath) if dirpath else os.fspath(trainer.default_root_dir))
 
 
-class SaveFisherCallback(pl.Callback):
+class SaveFisherCallback(Callback):
     """Estimate the diagonal Fisher at the end of training and save it beside the checkpoints.
 
     At ``on_train_end`` the module is put in eval mode (dropout off), the Fisher
@@ -168,7 +173,7 @@ class SaveFisherCallback(pl.Callback):
         data: Any,
         likelihood: Any = "categorical",
         *,
-        dirpath: str | os.PathLike | None = None,
+        dirpath: str | os.PathLike[str] | None = None,
         filename: str = "fisher.safetensors",
         **options: Any,
     ):
@@ -183,7 +188,7 @@ class SaveFisherCallback(pl.Callback):
         self.filename = filename
         self.options = options
         self.path: str | None = None
-        self.fisher = None
+        self.fisher: DiagonalFisher | None = None
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:  # noqa: D102
         folder = self.dirpath or _checkpoint_dir(trainer)
@@ -196,7 +201,7 @@ class SaveFisherCallback(pl.Callback):
             self.path = path
 
 
-class FisherMetricsCallback(pl.Callback):
+class FisherMetricsCallback(Callback):
     """Log Fisher metrics with ``LightningModule.log_dict`` every ``every_n_steps`` steps.
 
     At ``on_train_batch_end`` with ``trainer.global_step % every_n_steps == 0`` (the
@@ -260,7 +265,7 @@ class FisherMetricsCallback(pl.Callback):
         pl_module.log_dict(dict(self.last), on_step=True, on_epoch=False)
 
 
-class NaturalGradientCallback(pl.Callback):
+class NaturalGradientCallback(Callback):
     """Precondition the gradients with a :class:`natgrad.FisherPreconditioner` before each
     optimizer step, under automatic optimization, for any ``source`` and kind.
 

@@ -86,9 +86,10 @@ class NaturalGradient(torch.optim.Optimizer):
         self.defaults = optimizer.defaults
 
     @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
         if "_scratch" in self.__dict__:
-            return self.__dict__["_scratch"]["param_groups"]
+            groups: list[dict[str, Any]] = self.__dict__["_scratch"]["param_groups"]
+            return groups
         return self.optimizer.param_groups
 
     @param_groups.setter
@@ -99,19 +100,19 @@ class NaturalGradient(torch.optim.Optimizer):
             self.optimizer.param_groups = value
 
     @property
-    def state(self):  # type: ignore[override]
+    def state(self) -> Any:
         if "_scratch" in self.__dict__:
             return self.__dict__["_scratch"]["state"]
         return self.optimizer.state
 
     @state.setter
-    def state(self, value) -> None:
+    def state(self, value: Any) -> None:
         if "_scratch" in self.__dict__:
             self.__dict__["_scratch"]["state"] = value
         else:
             self.optimizer.state = value
 
-    def step(  # type: ignore[override]
+    def step(
         self, closure: Callable[[], Any] | None = None, *, batch: Any = None
     ) -> Any:
         """Precondition ``.grad``, then step the wrapped optimizer.

@@ -329,7 +329,10 @@ class FisherPreconditioner:
                 "kl_clip needs the learning rate: call pre.step(batch, lr=optimizer's lr), "
                 "or use natgrad.NaturalGradient, which passes it."
             )
-        grads = {k: p.grad for k, p in self.params.items() if p.grad is not None}
+        grads: dict[str, torch.Tensor] = {}
+        for k, p in self.params.items():
+            if p.grad is not None:
+                grads[k] = p.grad
         check_all_finite(grads, "the gradient (.grad) of parameter", GRAD_HINT)
         t = self._step
         lam = self.damping_at(t)
@@ -353,11 +356,12 @@ class FisherPreconditioner:
         deltas = self.curvature.solve(grads, lam)
         nu = 1.0
         if self.kl_clip is not None:
+            assert lr is not None  # checked at the top of step
             vg = sum(float((deltas[k] * grads[k].to(deltas[k].dtype)).sum()) for k in deltas)
             if vg != 0.0:
                 nu = min(1.0, (self.kl_clip / (float(lr) ** 2 * abs(vg))) ** 0.5)
         for k, d in deltas.items():
-            self.params[k].grad.copy_(d * nu if nu != 1.0 else d)
+            grads[k].copy_(d * nu if nu != 1.0 else d)
         return PreconditionStep(t, lam, updated, True, nu)
 
     def close(self) -> None:

@@ -65,10 +65,14 @@ def scale_by_fisher(
     if isinstance(grads, nn.Module):
         named = dict(grads.named_parameters())
         check_names_in(fisher, named)
-        live = {k: named[k].grad for k in fisher if named[k].grad is not None}
+        live: dict[str, torch.Tensor] = {}
+        for k in fisher:
+            g = named[k].grad
+            if g is not None:
+                live[k] = g
         out = _scale(live, fisher, lam, "the gradient (.grad) of parameter")
         for k, v in out.items():
-            named[k].grad.copy_(v)
+            live[k].copy_(v)
         return out
     missing = [k for k in grads if k not in fisher]
     if missing:
@@ -79,7 +83,9 @@ def scale_by_fisher(
     return _scale(dict(grads), fisher, lam, "the gradient")
 
 
-def _scale(grads, fisher, lam: float, what: str) -> dict[str, torch.Tensor]:
+def _scale(
+    grads: Mapping[str, torch.Tensor], fisher: Mapping[str, torch.Tensor], lam: float, what: str
+) -> dict[str, torch.Tensor]:
     """``g / (F + λ)`` after checking shapes, the Fisher's values and the gradients."""
     check_same_structure(grads, {k: fisher[k] for k in grads}, "the gradients", "the Fisher")
     check_fisher(fisher)

@@ -29,12 +29,11 @@ def _stepper(pre: FisherPreconditioner) -> Callable[[tuple[torch.Tensor, torch.T
 def natural_gradient(st: State) -> Section:
     """Train the base model's initialization with K-FAC and diagonal natural gradient."""
     epochs = st.cfg.base_epochs
-    for kind, every, ema in (("kfac", KFAC_EVERY, KFAC_EMA), ("diag", 1, None)):
+    for kind, every, ema in (("kfac", KFAC_EVERY, KFAC_EMA), ("diag", 1, 0.95)):
         model = clone(st.models["init"])
         opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-        extra = {} if ema is None else {"ema_decay": ema}
         pre = FisherPreconditioner(
-            model, kind=kind, damping=DAMPING, update_every=every, kl_clip=KL_CLIP, **extra
+            model, kind=kind, damping=DAMPING, update_every=every, kl_clip=KL_CLIP, ema_decay=ema
         )
         st.curves[f"SGD + natgrad {kind}"] = train_tracked(
             st,
