@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import torch
 from torch import nn
@@ -54,8 +54,11 @@ from natgrad.engine.checks import (
 from natgrad.engine.common import module_of
 from natgrad.engine.deprecation import renamed_kwargs
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
-from natgrad.engine.per_sample import ParamSpec, mean_loss_grad, select_params
+from natgrad.engine.per_sample import LabelSource, ParamSpec, mean_loss_grad, select_params
 from natgrad.engine.report import Report
+
+FisherLike = Mapping[str, torch.Tensor] | Curvature
+"""A diagonal Fisher ``{name: tensor}`` or any :class:`natgrad.Curvature`."""
 
 __all__ = [
     "DamageReport",
@@ -124,19 +127,22 @@ class AsymmetryReport(Report):
     second: DamageReport
 
 
-def _names(model: nn.Module, fisher, params: ParamSpec, what: str = "fisher_a") -> list[str]:
+def _names(
+    model: nn.Module, fisher: FisherLike | None, params: ParamSpec, what: str = "fisher_a"
+) -> list[str]:
     """The parameter names the damage covers: ``fisher``'s (checked) or ``params``'."""
     if fisher is None:
         return list(select_params(model, params))
     if _structured(fisher):
         return check_curvature(fisher, model, what)
     check_fisher_type(fisher, what)
+    diag = cast(Mapping[str, torch.Tensor], fisher)  # checked above: a mapping
     named = dict(model.named_parameters())
-    check_names_in(fisher, named, what)
-    check_same_structure(dict(fisher), {k: named[k] for k in fisher}, what, "the model")
-    if not len(fisher):
+    check_names_in(diag, named, what)
+    check_same_structure(dict(diag), {k: named[k] for k in diag}, what, "the model")
+    if not len(diag):
         raise ValueError(f"{what} is empty: it covers no parameters.")
-    return list(fisher)
+    return list(diag)
 
 
 def fisher_weighted_damage(
@@ -146,8 +152,8 @@ def fisher_weighted_damage(
     likelihood: str | Likelihood = "categorical",
     *,
     lr: float = 1.0,
-    labels: str = "empirical",
-    fisher_a: Mapping[str, torch.Tensor] | None = None,
+    labels: LabelSource = "empirical",
+    fisher_a: FisherLike | None = None,
     params: ParamSpec = None,
     mc_samples: int = 1,
     output_fn: OutputFn | None = None,
@@ -210,7 +216,16 @@ def fisher_weighted_damage(
     return _damage(fisher_a, g_a, g_b, n_a, n_b, lr, labels)
 
 
-def _fisher_or_estimate(model, batch, lik, fisher, names, labels, mc_samples, output_fn):
+def _fisher_or_estimate(
+    model: nn.Module,
+    batch: Any,
+    lik: Likelihood,
+    fisher: FisherLike | None,
+    names: list[str],
+    labels: LabelSource,
+    mc_samples: int,
+    output_fn: OutputFn,
+) -> FisherLike:
     """``fisher`` itself, or the Fisher of ``names`` estimated on ``batch`` when it is None."""
     if fisher is not None:
         return fisher
@@ -226,13 +241,13 @@ def _fisher_or_estimate(model, batch, lik, fisher, names, labels, mc_samples, ou
 
 
 def _damage(
-    fisher_a: Mapping[str, torch.Tensor],
+    fisher_a: FisherLike,
     g_a: Mapping[str, torch.Tensor],
     g_b: Mapping[str, torch.Tensor],
     n_a: int,
     n_b: int,
     lr: float,
-    labels: str,
+    labels: LabelSource,
 ) -> DamageReport:
     """The report for ``Δ = -lr g_b`` over the parameters of ``fisher_a`` (grads given)."""
     weighted: dict[str, float] = {}
@@ -240,13 +255,17 @@ def _damage(
     first: dict[str, float] = {}
     structured = _structured(fisher_a)
     total_quad = None
-    if structured:
+    if _structured(fisher_a):
         step = {k: -lr * g_b[k] for k in fisher_a.names()}
         total_quad = float(fisher_a.quad(step))
         for mod in dict.fromkeys(module_of(k) for k in step):
             part = {k: v for k, v in step.items() if module_of(k) == mod}
             weighted[mod] = float(fisher_a.quad(part))
-    for k in (fisher_a.names() if structured else fisher_a):
+        keys: list[str] = list(fisher_a.names())
+    else:
+        diag = cast(Mapping[str, torch.Tensor], fisher_a)  # not structured: a mapping
+        keys = list(diag)
+    for k in keys:
         if structured:
             d = -lr * g_b[k]
             mod = module_of(k)
@@ -254,7 +273,7 @@ def _damage(
             first[mod] = first.get(mod, 0.0) + float((g_a[k] * d).sum())
             continue
         d = -lr * g_b[k]
-        f = torch.as_tensor(fisher_a[k]).to(device=d.device, dtype=d.dtype)
+        f = torch.as_tensor(diag[k]).to(device=d.device, dtype=d.dtype)
         mod = module_of(k)
         weighted[mod] = weighted.get(mod, 0.0) + float((f * d * d).sum())
         energy[mod] = energy.get(mod, 0.0) + float((d * d).sum())
@@ -282,7 +301,7 @@ def _damage(
     )
 
 
-def _structured(fisher) -> bool:
+def _structured(fisher: object) -> TypeGuard[Curvature]:
     """A curvature other than a plain diagonal mapping: use its ``quad``."""
     return isinstance(fisher, Curvature) and not isinstance(fisher, Mapping)
 
@@ -312,9 +331,9 @@ def fisher_damage_asymmetry(
     likelihood: str | Likelihood = "categorical",
     *,
     lr: float = 1.0,
-    labels: str = "empirical",
-    fisher_a: Mapping[str, torch.Tensor] | None = None,
-    fisher_b: Mapping[str, torch.Tensor] | None = None,
+    labels: LabelSource = "empirical",
+    fisher_a: FisherLike | None = None,
+    fisher_b: FisherLike | None = None,
     names: tuple[str, str] = ("A", "B"),
     params: ParamSpec = None,
     mc_samples: int = 1,

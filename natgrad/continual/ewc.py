@@ -98,6 +98,14 @@ def _resolve(name: str, named: Mapping[str, nn.Parameter]) -> str | None:
     return None
 
 
+def _resolved(name: str, named: Mapping[str, nn.Parameter]) -> str:
+    """:func:`_resolve` for a name already checked to be in the model (KeyError if not)."""
+    target = _resolve(name, named)
+    if target is None:
+        raise KeyError(name)
+    return target
+
+
 class EWC:
     """Elastic weight consolidation: ``(λ/2) Σ_t Σ_i F_t,i (θ_i - θ*_t,i)²`` added to a loss.
 
@@ -229,9 +237,10 @@ class EWC:
             )
         check_same_structure(fisher, _model_view(fisher, named), "the Fisher", "the model")
         check_fisher(fisher)
-        new_f, new_a = {}, {}
+        new_f: dict[str, torch.Tensor] = {}
+        new_a: dict[str, torch.Tensor] = {}
         for k, v in fisher.items():
-            target = _resolve(k, named)
+            target = _resolved(k, named)
             p = named[target]
             new_f[target] = v.to(device=p.device, dtype=acc_dtype(p.dtype)).clone()
             a = None if anchor is None else anchor.get(k, anchor.get(target))
@@ -293,7 +302,7 @@ class EWC:
         total = None
         for t in self._tasks:
             for k, f in t["fisher"].items():
-                p = named[_resolve(k, named)]
+                p = named[_resolved(k, named)]
                 acc = acc_dtype(p.dtype)
                 d = p.to(acc) - t["anchor"][k].to(device=p.device, dtype=acc)
                 term = (f.to(device=p.device, dtype=acc) * d * d).sum()
@@ -304,14 +313,14 @@ class EWC:
             term = self._curvature_term(t, named)
             total = term if total is None else total + term
         if total is None:
-            p = next(iter(named.values()), None)
-            dev = p.device if p is not None else None
-            dt = acc_dtype(p.dtype) if p is not None else torch.float32
+            first = next(iter(named.values()), None)
+            dev = first.device if first is not None else None
+            dt = acc_dtype(first.dtype) if first is not None else torch.float32
             return torch.zeros((), device=dev, dtype=dt)
         if not bool(torch.isfinite(total)):
             # Fisher and anchors are checked when stored, so the model's values are at fault
             check_all_finite(
-                {k: named[_resolve(k, named)] for k in self.names},
+                {k: named[_resolved(k, named)] for k in self.names},
                 "the current value of parameter",
                 _WEIGHT_HINT,
             )
@@ -357,7 +366,9 @@ class EWC:
             )
         return s * n * p / trace
 
-    def _consolidate_curvature(self, curvature: Curvature, anchor) -> None:
+    def _consolidate_curvature(
+        self, curvature: Curvature, anchor: Mapping[str, torch.Tensor] | None
+    ) -> None:
         """Store a structured term ``(curvature, anchor, λ_t)``; fold it in online mode."""
         if self._tasks:
             raise ValueError(
@@ -413,7 +424,9 @@ class EWC:
         lam = None if self.lam_scale is None else self.suggest_lambda(curvature, self.lam_scale)
         return {"curvature": curvature, "anchor": anchor, "lam": lam}
 
-    def _curvature_term(self, t: dict[str, Any], named) -> torch.Tensor:
+    def _curvature_term(
+        self, t: dict[str, Any], named: Mapping[str, nn.Parameter]
+    ) -> torch.Tensor:
         """``(λ_t/2) Δᵀ F_t Δ`` (``Δ = θ - θ*_t``) with ``λ_t`` the term's own or ``self.lam``.
 
         Written ``λ_t (Δ·sg(FΔ) - ½ sg(Δ·FΔ))`` (``sg``: no gradient): the value is
@@ -436,7 +449,7 @@ class EWC:
         # autograd through the curvature's internals (a structured mv may detach inputs)
         with torch.no_grad():
             fd = t["curvature"].mv({k: v.detach() for k, v in diff.items()})
-        lin = sum((diff[k] * fd[k].to(diff[k])).sum() for k in diff)
+        lin: torch.Tensor = sum((diff[k] * fd[k].to(diff[k])).sum() for k in diff)
         return (lin - 0.5 * lin.detach()) * lam
 
     # -- state -------------------------------------------------------------------------
