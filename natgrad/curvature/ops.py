@@ -68,7 +68,12 @@ def check_curvature(curvature: object, model: nn.Module | None, what: str = "cur
     return names
 
 
-def full_vector(shapes: Mapping[str, torch.Size], dtype, device, values=None) -> Vec:
+def full_vector(
+    shapes: Mapping[str, torch.Size],
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+    values: Mapping[str, torch.Tensor] | None = None,
+) -> Vec:
     """``{name: zeros(shape)}`` over ``shapes``, overwritten by ``values`` where given."""
     out = {k: torch.zeros(s, dtype=dtype, device=device) for k, s in shapes.items()}
     for k, v in (values or {}).items():

@@ -64,7 +64,8 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
             )
         plan.append((module, attr, mask.detach().to(current.device) != 0))
     for module, attr, mask in plan:
-        prune.custom_from_mask(module, attr, mask)
+        # torch ships prune without annotations
+        prune.custom_from_mask(module, attr, mask)  # type: ignore[no-untyped-call]
     return model
 
 
@@ -110,7 +111,7 @@ def make_permanent(model: nn.Module) -> nn.Module:
     """
     for module in model.modules():
         for attr in sorted(pruned_names(module)):
-            prune.remove(module, attr)
+            prune.remove(module, attr)  # type: ignore[no-untyped-call]  # torch: unannotated
     return model
 
 

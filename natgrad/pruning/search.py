@@ -81,25 +81,34 @@ def build_cost_model(model: nn.Module, groups: list[Group], example: Any) -> Cos
     normed = {n: g for g in groups for n in g.norms}
     heads = {g.producer: g for g in groups if g.consumer_kind == "attention"}
     hf_heads = [g for g in groups if g.kind == "head" and g.consumer_kind != "attention"]
-    positions: dict[str, int] = {}
+    positions: dict[str, int] = {}  # output positions of each Linear / conv
+    attn_positions: dict[str, tuple[int, int]] = {}  # (query, key) lengths of attention
     handles = []
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Linear, *_CONV)):
 
-            def hook(m, args, out, name=name):
+            def hook(
+                m: nn.Module, args: tuple[Any, ...], out: torch.Tensor, name: str = name
+            ) -> None:
                 channels = out.shape[-1] if isinstance(m, nn.Linear) else out.shape[1]
                 positions[name] = positions.get(name, 0) + out.numel() // channels
 
             handles.append(mod.register_forward_hook(hook))
         if isinstance(mod, nn.MultiheadAttention) or hasattr(mod, "_natgrad_head_mask"):
 
-            def ahook(m, args, kwargs, out, name=name):
+            def ahook(
+                m: nn.Module,
+                args: tuple[Any, ...],
+                kwargs: dict[str, Any],
+                out: Any,
+                name: str = name,
+            ) -> None:
                 q = args[0] if args else kwargs["query"]
                 k = args[1] if len(args) > 1 else kwargs.get("key", q)
                 batch_first = getattr(m, "batch_first", True)
                 tq = q.shape[1] if batch_first and q.dim() == 3 else q.shape[0]
                 tk = k.shape[1] if batch_first and k.dim() == 3 else k.shape[0]
-                positions[name] = (tq, tk)
+                attn_positions[name] = (tq, tk)
 
             handles.append(mod.register_forward_hook(ahook, with_kwargs=True))
     try:
@@ -116,7 +125,7 @@ def build_cost_model(model: nn.Module, groups: list[Group], example: Any) -> Cos
             continue  # the projections of a head group are in its per-head term
         if name in heads:
             g = heads[name]
-            tq, tk = positions.get(name, (0, 0))
+            tq, tk = attn_positions.get(name, (0, 0))
             e = g.size * g.head_dim
             hd = g.head_dim
             # q/k/v and out projections + the two attention matmuls, linear in the heads
