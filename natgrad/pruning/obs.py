@@ -259,7 +259,11 @@ def _damping(curvature: Curvature, damping: float | None) -> float:
     return lam
 
 
-def _candidates(names: list[str], named, prune) -> list[str]:
+def _candidates(
+    names: list[str],
+    named: Mapping[str, nn.Parameter],
+    prune: Literal["weights", "all"] | Sequence[str],
+) -> list[str]:
     if isinstance(prune, str):
         check_choice("prune", prune, ("weights", "all"))
         out = [k for k in names if prune == "all" or named[k].dim() >= 2]
@@ -306,7 +310,15 @@ def _min_keep(spec: int | float, n: int) -> int:
     return min(max(1, math.ceil(f * n)), n)
 
 
-def _select(sal, removed, cands, target, scope, keep_min, n_total) -> dict[str, torch.Tensor]:
+def _select(
+    sal: Mapping[str, torch.Tensor],
+    removed: Mapping[str, torch.Tensor],
+    cands: list[str],
+    target: float,
+    scope: str,
+    keep_min: Mapping[str, int],
+    n_total: int,
+) -> dict[str, torch.Tensor]:
     """The removal masks after this round: the old ones plus the least salient alive weights."""
     out = {k: v.clone() for k, v in removed.items()}
     if scope == "layer":
@@ -321,9 +333,14 @@ def _select(sal, removed, cands, target, scope, keep_min, n_total) -> dict[str, 
     return out
 
 
-def _remove(out, scores, count, keep_min) -> None:
+def _remove(
+    out: dict[str, torch.Tensor],
+    scores: Mapping[str, torch.Tensor],
+    count: int | Mapping[str, int],
+    keep_min: Mapping[str, int],
+) -> None:
     """Mark ``count`` least salient alive, unprotected entries of ``scores`` as removed."""
-    if isinstance(count, dict):
+    if isinstance(count, Mapping):
         count = sum(count.values())
     if count <= 0:
         return
@@ -356,7 +373,16 @@ def _remove(out, scores, count, keep_min) -> None:
         out[k] |= part.reshape(out[k].shape).to(out[k].device)
 
 
-def _update(model, curvature, names, removed, lam, method, cg_iters, cg_tol) -> dict[str, Any]:
+def _update(
+    model: nn.Module,
+    curvature: Curvature,
+    names: list[str],
+    removed: Mapping[str, torch.Tensor],
+    lam: float,
+    method: str,
+    cg_iters: int,
+    cg_tol: float,
+) -> dict[str, Any]:
     """Apply the joint OBS update for the removal set ``removed``; return its statistics."""
     named = dict(model.named_parameters())
     ref = named[names[0]]
@@ -371,7 +397,7 @@ def _update(model, curvature, names, removed, lam, method, cg_iters, cg_tol) -> 
     p_total = sum(v.numel() for v in theta.values())
     if method == "auto":
         method = "exact" if k_q * p_total <= EXACT_MAX_FLOATS else "cg"
-    stats = {"method": method, "damping": lam, "cg_iterations": 0, "cg_residual": 0.0}
+    stats: dict[str, Any] = {"method": method, "damping": lam, "cg_iterations": 0, "cg_residual": 0.0}
     if k_q == 0:
         stats["increase"] = 0.0
         return stats
@@ -385,7 +411,7 @@ def _update(model, curvature, names, removed, lam, method, cg_iters, cg_tol) -> 
         fu = curvature.mv(u)
         b = {k: fu[k].to(dt) for k in names}
 
-        def op(v):
+        def op(v: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             fv = curvature.mv(v)
             return {k: fv[k].to(dt) + lam * v[k] for k in v}
 
@@ -413,7 +439,13 @@ def _update(model, curvature, names, removed, lam, method, cg_iters, cg_tol) -> 
     return stats
 
 
-def _exact_delta(curvature, theta, removed, lam, dt) -> dict[str, torch.Tensor]:
+def _exact_delta(
+    curvature: Curvature,
+    theta: Mapping[str, torch.Tensor],
+    removed: Mapping[str, torch.Tensor],
+    lam: float,
+    dt: torch.dtype,
+) -> dict[str, torch.Tensor]:
     """``−H⁻¹ E (Eᵀ H⁻¹ E)⁻¹ Eᵀ θ`` by one ``solve`` per removed weight."""
     names = list(theta)
     shapes = {k: theta[k].shape for k in names}
@@ -439,11 +471,18 @@ def _exact_delta(curvature, theta, removed, lam, dt) -> dict[str, torch.Tensor]:
     return {k: t.reshape(shapes[k]).to(dt) for k, t in zip(names, torch.split(flat, sizes), strict=True)}
 
 
-def _reestimate(curvature, model, data, likelihood, options, names) -> Curvature:
+def _reestimate(
+    curvature: Curvature,
+    model: nn.Module,
+    data: Any,
+    likelihood: Any,
+    options: Mapping[str, Any] | None,
+    names: Sequence[str],
+) -> Curvature:
     """The same kind of curvature, estimated again at the current weights."""
     opts = dict(options or {})
     opts.setdefault("kind", curvature.kind or type(curvature).kind)
-    new = type(curvature).estimate(model, data, likelihood, **opts)
+    new: Curvature = type(curvature).estimate(model, data, likelihood, **opts)
     if list(new.names()) != list(names):
         raise ValueError(
             f"The re-estimated curvature covers {new.names()[:8]}, the first one "

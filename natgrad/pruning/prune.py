@@ -218,11 +218,13 @@ def fisher_pruning_masks(
     if threshold is not None:
         keep_units = _by_threshold(scores, importance, threshold, scope, min_keep)
     elif scope == "layer":
+        assert sparsity is not None  # exactly one of sparsity / threshold (checked above)
         keep_units = {
             k: _remove_lowest({k: s}, _round(sparsity * s.numel()), min_keep)[k]
             for k, s in scores.items()
         }
     else:
+        assert sparsity is not None  # exactly one of sparsity / threshold (checked above)
         total = sum(s.numel() for s in scores.values())
         keep_units = _remove_lowest(scores, _round(sparsity * total), min_keep, exact=True)
 
@@ -243,7 +245,9 @@ def _round(x: float) -> int:
     return int(x + 0.5)
 
 
-def _candidates(importance: Mapping[str, torch.Tensor], prune) -> list[str]:
+def _candidates(
+    importance: Mapping[str, torch.Tensor], prune: Prunable | Sequence[str]
+) -> list[str]:
     if isinstance(prune, str):
         check_choice("prune", prune, ("weights", "all"))
         names = [k for k, v in importance.items() if prune == "all" or v.dim() >= 2]
@@ -279,11 +283,11 @@ def _protected(scores: torch.Tensor, min_keep: int) -> torch.Tensor:
 
 def _paired_biases(importance: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, str]:
     """``{"<m>.weight": "<m>.bias"}`` for candidate weights (dim >= 2) with a ``(rows,)`` bias."""
-    out = {}
+    out: dict[str, str] = {}
     for k in names:
         v = importance[k]
         b = k[: -len("weight")] + "bias" if k == "weight" or k.endswith(".weight") else None
-        if v.dim() >= 2 and b in importance and tuple(importance[b].shape) == (v.shape[0],):
+        if b is not None and v.dim() >= 2 and b in importance and tuple(importance[b].shape) == (v.shape[0],):
             out[k] = b
     return out
 
@@ -310,7 +314,13 @@ def _remove_lowest(
     return dict(zip(names, torch.split(keep, [scores[n].numel() for n in names]), strict=True))
 
 
-def _by_threshold(scores, importance, threshold, scope, min_keep) -> dict[str, torch.Tensor]:
+def _by_threshold(
+    scores: Mapping[str, torch.Tensor],
+    importance: Mapping[str, torch.Tensor],
+    threshold: float,
+    scope: Scope,
+    min_keep: int,
+) -> dict[str, torch.Tensor]:
     """Remove units whose normalized score is below ``threshold``, except protected ones."""
     total = sum(float(v.double().sum()) for v in importance.values())
     out = {}
