@@ -9,8 +9,8 @@ rows are merged with the input Gram matrices ``A_m`` alone (:func:`regmean_merge
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -34,7 +34,9 @@ MERGE_METHODS = ("auto", "dense", "cg")
 #: block-diagonal kinds: one system per module
 _BLOCK_KINDS = ("diag", "kfac", "ekfac")
 
-FisherLike = Mapping[str, torch.Tensor]
+FisherLike = Mapping[str, torch.Tensor] | Curvature
+"""A diagonal Fisher ``{name: tensor}`` or any :class:`natgrad.Curvature`."""
+Vec = dict[str, torch.Tensor]
 
 
 def fisher_weighted_merge(
@@ -143,14 +145,18 @@ def fisher_weighted_merge(
             target.copy_(value.to(target.dtype))
         buffers = [dict(m.named_buffers()) for m in models]
         masks = mask_buffer_names(merged)
-        for name, target in merged.named_buffers():
-            if name not in masks and (target.is_floating_point() or target.is_complex()):
-                target.copy_(_mean([b[name].detach() for b in buffers], w).to(target.dtype))
+        for name, buf in merged.named_buffers():
+            if name not in masks and (buf.is_floating_point() or buf.is_complex()):
+                buf.copy_(_mean([b[name].detach() for b in buffers], w).to(buf.dtype))
         refresh_pruned(merged)
     return merged
 
 
-def _dispatch(models, fishers, fisher_weights):
+def _dispatch(
+    models: Sequence[nn.Module] | nn.Module,
+    fishers: Sequence[FisherLike] | nn.Module,
+    fisher_weights: Sequence[FisherLike] | None,
+) -> tuple[list[nn.Module], list[FisherLike]]:
     if isinstance(models, nn.Module):
         if not isinstance(fishers, nn.Module):
             raise TypeError(
@@ -169,17 +175,23 @@ def _dispatch(models, fishers, fisher_weights):
             "fisher_weights is only for the two-model form fisher_weighted_merge(model1, "
             "model2, (fisher1, fisher2)); with a list of models pass the Fishers second."
         )
-    models, fishers = list(models), list(fishers)
-    if not models or not all(isinstance(m, nn.Module) for m in models):
-        raise TypeError("models must be a non-empty list of nn.Module of one architecture.")
-    if len(fishers) != len(models):
-        raise ValueError(
-            f"Got {len(models)} models but {len(fishers)} Fishers; give one Fisher per model."
+    if isinstance(fishers, nn.Module):
+        raise TypeError(
+            "fishers must be a list with one Fisher per model, got an nn.Module; the "
+            "two-model form is fisher_weighted_merge(model1, model2, (fisher1, fisher2))."
         )
-    return models, fishers
+    model_list, fisher_list = list(models), list(fishers)
+    if not model_list or not all(isinstance(m, nn.Module) for m in model_list):
+        raise TypeError("models must be a non-empty list of nn.Module of one architecture.")
+    if len(fisher_list) != len(model_list):
+        raise ValueError(
+            f"Got {len(model_list)} models but {len(fisher_list)} Fishers; give one Fisher "
+            "per model."
+        )
+    return model_list, fisher_list
 
 
-def _weights(weights, n: int) -> list[float]:
+def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
     if weights is None:
         return [1.0 / n] * n
     w = [check_positive(f"weights[{i}]", v, allow_zero=True) for i, v in enumerate(weights)]
@@ -207,9 +219,11 @@ def _check_models(models: list[nn.Module]) -> None:
         )
 
 
-def _check_fishers(fishers, model: nn.Module, normalize: bool) -> list[dict[str, torch.Tensor]]:
+def _check_fishers(
+    fishers: Sequence[object], model: nn.Module, normalize: bool
+) -> list[dict[str, torch.Tensor]]:
     named = dict(model.named_parameters())
-    out = []
+    out: list[dict[str, torch.Tensor]] = []
     for i, f in enumerate(fishers):
         if not isinstance(f, Mapping):
             raise TypeError(
@@ -246,10 +260,13 @@ def _check_fishers(fishers, model: nn.Module, normalize: bool) -> list[dict[str,
 
 def _mean(thetas: list[torch.Tensor], w: list[float]) -> torch.Tensor:
     dt = acc_dtype(thetas[0].dtype)
-    return sum(wm * t.to(dt) for wm, t in zip(w, thetas, strict=True))
+    # thetas is never empty, so the sum is a tensor (sum starts at the int 0)
+    return cast(torch.Tensor, sum(wm * t.to(dt) for wm, t in zip(w, thetas, strict=True)))
 
 
-def _fisher_mean(thetas, fs, w, floor: float) -> torch.Tensor:
+def _fisher_mean(
+    thetas: list[torch.Tensor], fs: list[torch.Tensor], w: list[float], floor: float
+) -> torch.Tensor:
     dt = torch.promote_types(acc_dtype(thetas[0].dtype), fs[0].dtype)
     dev = thetas[0].device
     num = torch.zeros(thetas[0].shape, dtype=dt, device=dev)
@@ -265,15 +282,27 @@ def _fisher_mean(thetas, fs, w, floor: float) -> torch.Tensor:
 # -- structured curvatures ----------------------------------------------------------------
 
 
-def _curvature_merge(models, curvs, w, floor, normalize, method, dense_max, cg_iters, cg_tol):
-    names = check_curvature(curvs[0], models[0], "curvatures[0]")
-    for i, c in enumerate(curvs[1:], start=1):
+def _curvature_merge(
+    models: list[nn.Module],
+    given: Sequence[object],
+    w: list[float],
+    floor: float,
+    normalize: bool,
+    method: str,
+    dense_max: int,
+    cg_iters: int,
+    cg_tol: float,
+) -> nn.Module:
+    names = check_curvature(given[0], models[0], "curvatures[0]")
+    for i, c in enumerate(given[1:], start=1):
         other = check_curvature(c, models[0], f"curvatures[{i}]")
         if other != names:
             raise ValueError(
                 f"curvatures[{i}] covers {other[:8]} but curvatures[0] covers {names[:8]}; "
                 "estimate every model's curvature on the same parameters."
             )
+    # every entry passed check_curvature, so each is a Curvature
+    curvs = [c for c in given if isinstance(c, Curvature)]
     if normalize:
         scaled = []
         for i, c in enumerate(curvs):
@@ -299,7 +328,7 @@ def _curvature_merge(models, curvs, w, floor, normalize, method, dense_max, cg_i
         for k in names:
             rhs[k] = rhs[k] + wm * fv[k].to(rhs[k])
 
-    def op(v):
+    def op(v: Vec) -> Vec:
         out = {k: floor * x for k, x in v.items()}
         for wm, c in zip(w, curvs, strict=True):
             if wm:
@@ -318,14 +347,19 @@ def _curvature_merge(models, curvs, w, floor, normalize, method, dense_max, cg_i
     else:
         groups = [names]
     diags = [c.diagonal() for c in curvs]
-    correction = {}
+    correction: Vec = {}
     for group in groups:
         size = sum(mean[k].numel() for k in group)
         b = {k: rhs[k] for k in group}
         if method == "dense" or (method == "auto" and size <= dense_max):
             correction.update(_dense_solve(op, b, group, mean))
         else:
-            pre = {k: floor + sum(wm * d[k].to(mean[k]) for wm, d in zip(w, diags, strict=True)) for k in group}
+            # Jacobi: floor + Σ_m w_m diag F_m (a tensor: there is at least one model)
+            pre = {
+                k: floor
+                + cast(torch.Tensor, sum(wm * d[k].to(mean[k]) for wm, d in zip(w, diags, strict=True)))
+                for k in group
+            }
             pre = {k: torch.where(v > 0, v, torch.ones_like(v)) for k, v in pre.items()}
             res = conjugate_gradient(op, b, precond=pre, max_iter=cg_iters, tol=cg_tol)
             correction.update(res.x)
@@ -343,7 +377,9 @@ def _curvature_merge(models, curvs, w, floor, normalize, method, dense_max, cg_i
     return merged
 
 
-def _dense_solve(op, b, group, like) -> dict[str, torch.Tensor]:
+def _dense_solve(
+    op: Callable[[Vec], Vec], b: Vec, group: list[str], like: Mapping[str, torch.Tensor]
+) -> Vec:
     """Solve ``op x = b`` on ``group`` by reading the matrix off ``op`` on unit vectors."""
     shapes = {k: like[k].shape for k in group}
     sizes = [like[k].numel() for k in group]
@@ -434,13 +470,15 @@ def regmean_merge(
         hooks = []
         mods = dict(m.named_modules())
 
-        def hook(name, acc=acc):
-            def fn(module, inputs):
+        def hook(
+            name: str, acc: dict[str, torch.Tensor] = acc
+        ) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+            def fn(module: nn.Module, inputs: tuple[Any, ...]) -> None:
                 x = inputs[0].detach()
                 x = x.reshape(-1, x.shape[-1]).to(torch.float64)
                 if module.bias is not None:
                     x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
-                acc[name] = acc.get(name, 0) + x.T @ x
+                acc[name] = acc[name] + x.T @ x if name in acc else x.T @ x
 
             return fn
 
@@ -471,15 +509,17 @@ def regmean_merge(
             wname = f"{n}.weight" if n else "weight"
             bname = f"{n}.bias" if n else "bias"
             has_bias = mod.bias is not None
-            num, den = 0, 0
+            num: torch.Tensor | None = None
+            den: torch.Tensor | None = None
             for wm, g, p in zip(w, grams, params, strict=True):
                 a = g[n]
                 a = alpha * a + (1 - alpha) * torch.diag(torch.diagonal(a))
                 wt = p[wname].detach().to(torch.float64)
                 if has_bias:
                     wt = torch.cat([wt, p[bname].detach().to(torch.float64).unsqueeze(1)], 1)
-                num = num + wm * wt @ a
-                den = den + wm * a
+                num = wm * wt @ a if num is None else num + wm * wt @ a
+                den = wm * a if den is None else den + wm * a
+            assert num is not None and den is not None  # models is not empty (checked)
             den = den + floor * torch.eye(den.shape[0], dtype=torch.float64)
             sol = torch.linalg.lstsq(den, num.T).solution.T  # W̃* = num den⁻¹ (den symmetric)
             check_finite(f"the merged layer {n!r}", sol, "Raise floor= (the ridge).")
