@@ -25,7 +25,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard, cast
 
 import torch
 from torch import nn
@@ -125,8 +125,13 @@ class PriorPrecisionResult(Report):
 
 # -- resolving the inputs ------------------------------------------------------------------
 
+FisherLike = Mapping[str, torch.Tensor] | Curvature
+"""A diagonal Fisher ``{name: tensor}`` or any :class:`natgrad.Curvature`."""
+Reducer = Callable[[dict[str, torch.Tensor], int, int], torch.Tensor]
+"""``(jacobians {name: (n, D, *shape)}, n, D) -> (n·D, G)`` variances of a curvature."""
 
-def _resolve_likelihood(likelihood: str | Likelihood | None, fisher: Mapping) -> Likelihood:
+
+def _resolve_likelihood(likelihood: str | Likelihood | None, fisher: object) -> Likelihood:
     stored = getattr(fisher, "likelihood", None)
     lik = get_likelihood((stored or "categorical") if likelihood is None else likelihood)
     if lik.name not in SUPPORTED_LIKELIHOODS:
@@ -144,7 +149,7 @@ def _resolve_likelihood(likelihood: str | Likelihood | None, fisher: Mapping) ->
 
 
 def _resolve_params(
-    model: nn.Module, fisher: Mapping, params: ParamSpec
+    model: nn.Module, fisher: Mapping[str, torch.Tensor], params: ParamSpec
 ) -> dict[str, nn.Parameter]:
     named = dict(model.named_parameters())
     if params is None:
@@ -164,7 +169,7 @@ def _resolve_params(
     return chosen
 
 
-def _resolve_n(fisher: Mapping, n_data: int | None) -> int:
+def _resolve_n(fisher: object, n_data: int | None) -> int:
     n = getattr(fisher, "n_samples", None) if n_data is None else n_data
     if n is None:
         raise ValueError(
@@ -176,15 +181,21 @@ def _resolve_n(fisher: Mapping, n_data: int | None) -> int:
 
 
 def _inverse_precisions(
-    fisher: Mapping, names: Iterable[str], n: int, deltas: torch.Tensor, dtype, device
-) -> dict[str, torch.Tensor] | Callable[..., torch.Tensor]:
+    fisher: FisherLike,
+    names: Iterable[str],
+    n: int,
+    deltas: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, torch.Tensor] | Reducer:
     """``{name: (G, numel)}`` holding ``1 / (N F_i + δ_g)`` for every candidate ``δ_g``;
     for a structured curvature, the reducer of :func:`_curvature_reducer`."""
     if _structured(fisher):
         return _curvature_reducer(fisher, list(names), n, deltas.tolist(), dtype)
+    diag = cast(Mapping[str, torch.Tensor], fisher)  # not structured: a mapping
     out = {}
     for k in names:
-        f = fisher[k].detach().to(device=device, dtype=dtype).reshape(1, -1)
+        f = diag[k].detach().to(device=device, dtype=dtype).reshape(1, -1)
         if (f < 0).any() or not torch.isfinite(f).all():
             raise ValueError(f"The Fisher of {k!r} has negative or non-finite entries.")
         out[k] = 1.0 / (n * f + deltas.to(device=device, dtype=dtype).view(-1, 1))
@@ -198,7 +209,7 @@ def _moments(
     model: nn.Module,
     b: Batch,
     params: Mapping[str, nn.Parameter],
-    inv_prec: Mapping[str, torch.Tensor] | Callable[..., torch.Tensor],
+    inv_prec: Mapping[str, torch.Tensor] | Reducer,
     output_fn: OutputFn,
     chunk_size: int | None,
     dtype: torch.dtype,
@@ -209,17 +220,22 @@ def _moments(
     ``(jacobians {name: (n, D, *shape)}, n, D) -> (n·D, G)`` for a structured curvature.
     """
     detached = {k: p.detach() for k, p in params.items()}
+    arg_dims, kw_dims = b.arg_dims, b.kw_dims
+    assert arg_dims is not None and kw_dims is not None  # set by Batch.__post_init__
 
-    def jac_fn(p, args, kwargs):
+    def jac_fn(
+        p: dict[str, torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One sample's outputs ``(D,)`` and Jacobian ``{name: (D, *shape)}``, one row
         pulled back at a time (``jacrev`` nests a vmap over the rows inside the vmap
         over samples, which some backward formulas get wrong: ``nn.PReLU``)."""
-        args, kwargs = add_batch_axis(args, kwargs, b.arg_dims, b.kw_dims)  # shared: as is
+        args, kwargs = add_batch_axis(args, kwargs, arg_dims, kw_dims)  # shared: as is
 
-        def f(pp):
+        def f(pp: dict[str, torch.Tensor]) -> torch.Tensor:
             return output_fn(functional_call(model, pp, args, kwargs, strict=False)).reshape(-1)
 
-        out, pull = vjp(f, p)
+        # torch.func.vjp's annotation also admits the has_aux=True 3-tuple
+        out, pull = vjp(f, p)  # type: ignore[misc]
         rows = [pull(e)[0] for e in torch.eye(out.numel(), dtype=out.dtype, device=out.device)]
         return {k: torch.stack([r[k] for r in rows]) for k in p}, out
 
@@ -240,23 +256,35 @@ def _moments(
         args = (detached, sub.args, sub.kwargs)
         with torch.no_grad():  # vjp still differentiates; no graph to outer parameters
             jac, out, loop = _jacobians(model, jac_fn, in_dims, args, sub.size, d, loop)
-        var = inv_prec(jac, sub.size, d) if callable(inv_prec) else None
-        for k, j in jac.items() if var is None else ():
-            sq = j.to(dtype).reshape(sub.size * d, -1) ** 2  # (n·D, numel)
-            term = sq @ inv_prec[k].t()  # (n·D, G)
-            var = term if var is None else var + term
+        var: torch.Tensor | None = None
+        if isinstance(inv_prec, Mapping):
+            for k, j in jac.items():
+                sq = j.to(dtype).reshape(sub.size * d, -1) ** 2  # (n·D, numel)
+                term = sq @ inv_prec[k].t()  # (n·D, G)
+                var = term if var is None else var + term
+        else:
+            var = inv_prec(jac, sub.size, d)
+        assert var is not None  # params is not empty (checked by _prepare)
         means.append(out.detach().to(dtype))
         variances.append(var.reshape(sub.size, d, -1))
     return torch.cat(means), torch.cat(variances)
 
 
-def _jacobians(model, jac_fn, in_dims, args, n: int, d: int, loop: bool):
+def _jacobians(
+    model: nn.Module,
+    jac_fn: Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]],
+    in_dims: tuple[Any, ...],
+    args: tuple[Any, ...],
+    n: int,
+    d: int,
+    loop: bool,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
     """``vmap(jac_fn)`` over one chunk of ``n`` samples, checked: on a vmap failure or a
     Jacobian not of shape ``(n, d, *param.shape)``, the exact per-sample loop (one
     warning; ``loop`` stays True for the later chunks). Returns ``(jac, out, loop)``."""
     params = args[0]
 
-    def bad(jac, out) -> str | None:
+    def bad(jac: Mapping[str, torch.Tensor], out: torch.Tensor) -> str | None:
         for k, p in params.items():
             if tuple(jac[k].shape) != (n, d, *p.shape):
                 return (
@@ -271,10 +299,10 @@ def _jacobians(model, jac_fn, in_dims, args, n: int, d: int, loop: bool):
         except Exception as exc:  # noqa: BLE001 - the loop re-raises the model's own errors
             why = vmap_failure(model, exc)
         else:
-            why = bad(jac, out)
-            if why is None:
+            wrong_shape = bad(jac, out)
+            if wrong_shape is None:
                 return jac, out, False
-            why = f"vmap returned {why}"
+            why = f"vmap returned {wrong_shape}"
         jac, out = loop_samples(jac_fn, in_dims, args, n)
         warn_fallback(why)
     else:
@@ -309,7 +337,7 @@ def _predict(
 ) -> dict[str, Any]:
     """Probabilities, entropy and epistemic score from ``mean`` and ``var`` (both ``(N, D)``)."""
     if lik.name == "gaussian":
-        pred_var = var + lik.sigma**2
+        pred_var = var + lik.sigma**2  # type: ignore[attr-defined]  # only the gaussian has sigma
         entropy = 0.5 * torch.log(2 * math.pi * math.e * pred_var).sum(-1)
         return dict(
             probs=None,
@@ -329,6 +357,7 @@ def _predict(
             epistemic=var.sum(-1),
             epistemic_kind="total_variance",
         )
+    assert eps is not None  # drawn by _mc_noise for link="mc"
     draws = squash(mean.unsqueeze(0) + var.sqrt().unsqueeze(0) * eps)  # (S, N, D)
     probs = draws.mean(0)
     entropy = ent(probs)
@@ -341,7 +370,14 @@ def _predict(
     )
 
 
-def _mc_noise(lik, link, n_samples, mean, generator, device) -> torch.Tensor | None:
+def _mc_noise(
+    lik: Likelihood,
+    link: str,
+    n_samples: int,
+    mean: torch.Tensor,
+    generator: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor | None:
     """``n_samples`` standard normal draws shaped like ``mean`` for ``link="mc"`` (else None)."""
     if link != "mc" or lik.name == "gaussian":
         return None
@@ -349,7 +385,17 @@ def _mc_noise(lik, link, n_samples, mean, generator, device) -> torch.Tensor | N
     return eps.to(device)
 
 
-def _prepare(model, fisher, params, likelihood, n_data, link, n_samples, chunk_size, subset=None):
+def _prepare(
+    model: nn.Module,
+    fisher: FisherLike,
+    params: ParamSpec,
+    likelihood: str | Likelihood | None,
+    n_data: int | None,
+    link: str,
+    n_samples: int,
+    chunk_size: int | None,
+    subset: str | None = None,
+) -> tuple[Likelihood, dict[str, nn.Parameter], int, str]:
     params = _subset_params(model, params, subset)
     check_fixed_model(model, "the Laplace predictive")
     if not _structured(fisher):
@@ -361,14 +407,14 @@ def _prepare(model, fisher, params, likelihood, n_data, link, n_samples, chunk_s
     if _structured(fisher):
         chosen = _resolve_params_curvature(model, fisher, params)
     else:
-        chosen = _resolve_params(model, fisher, params)
+        chosen = _resolve_params(model, cast(Mapping[str, torch.Tensor], fisher), params)
     return lik, chosen, _resolve_n(fisher, n_data), link
 
 
 def fisher_uncertainty(
     model: nn.Module,
     batch: Any,
-    fisher: Mapping[str, torch.Tensor],
+    fisher: FisherLike,
     *,
     prior_precision: float = 1.0,
     n_data: int | None = None,
@@ -447,7 +493,7 @@ def fisher_uncertainty(
         tensor([[0.0909, 0.0909, 0.0909]])
     """
     delta = check_positive("prior_precision", prior_precision)
-    lik, chosen, n, link = _prepare(
+    lik, chosen, n, _ = _prepare(  # _prepare checks link and returns it unchanged
         model, fisher, params, likelihood, n_data, link, n_samples, chunk_size, subset
     )
     dtype = acc_dtype(next(model.parameters()).dtype)
@@ -474,27 +520,33 @@ def fisher_uncertainty(
         for k, v in parts[0].items()
     }
     return UncertaintyReport(
-        likelihood=lik.name, link=link, prior_precision=delta, n_data=n, **fields
+        likelihood=lik.name, link=link, prior_precision=delta, n_data=n, **fields  # type: ignore[arg-type]  # fields holds each report field's own type
     )
 
 
 # -- choosing the prior precision ----------------------------------------------------------
 
 
-def _nll(lik: Likelihood, pred: dict, mean: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _nll(lik: Likelihood, pred: dict[str, Any], mean: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample negative log predictive density, shape ``(N,)``."""
     if lik.name == "gaussian":
-        v = pred["predictive_variance"]
+        v: torch.Tensor = pred["predictive_variance"]
         r = target.reshape(mean.shape).to(mean.dtype) - mean
         return (0.5 * torch.log(2 * math.pi * v) + r**2 / (2 * v)).sum(-1)
-    p = pred["probs"]
+    p: torch.Tensor = pred["probs"]
     if lik.name == "categorical":
         return -p.gather(-1, target.long().view(-1, 1)).squeeze(-1).clamp_min(1e-30).log()
     y = target.reshape(p.shape).to(p.dtype)
     return -(y * p.clamp_min(1e-30).log() + (1 - y) * (1 - p).clamp_min(1e-30).log()).sum(-1)
 
 
-def _marglik_terms(model, fisher, chosen, n, dtype):
+def _marglik_terms(
+    model: nn.Module,
+    fisher: Mapping[str, torch.Tensor],
+    chosen: Mapping[str, nn.Parameter],
+    n: int,
+    dtype: torch.dtype,
+) -> tuple[float, torch.Tensor]:
     """``(‖θ*‖², [N F_i for every i])`` over the chosen parameters."""
     theta_sq = sum(float((p.detach().to(dtype) ** 2).sum()) for p in chosen.values())
     nf = torch.cat([n * fisher[k].detach().to("cpu", torch.float64).reshape(-1) for k in chosen])
@@ -542,7 +594,7 @@ def _marglik_optimum(theta_sq: float, nf: torch.Tensor) -> float:
 
 def optimize_prior_precision(
     model: nn.Module,
-    fisher: Mapping[str, torch.Tensor],
+    fisher: FisherLike,
     val_data: Any = None,
     *,
     method: Literal["grid", "marglik"] = "grid",
@@ -609,8 +661,8 @@ def optimize_prior_precision(
         >>> round(r.prior_precision, 4)  # γ/δ = ‖θ‖²: 3/((3+δ)δ) = 0.25, δ² + 3δ - 12 = 0
         2.2749
     """
-    method = check_choice("method", method, PRIOR_METHODS)
-    lik, chosen, n, link = _prepare(
+    check_choice("method", method, PRIOR_METHODS)
+    lik, chosen, n, _ = _prepare(  # _prepare checks link and returns it unchanged
         model, fisher, params, likelihood, n_data, link, n_samples, chunk_size, subset
     )
     values = [0.5 * i for i in range(-8, 9)]
@@ -623,7 +675,7 @@ def optimize_prior_precision(
     if method == "marglik":
         if _structured(fisher):
             return _marglik_curvature(fisher, chosen, n, dtype, cand, method)
-        theta_sq, nf = _marglik_terms(model, fisher, chosen, n, dtype)
+        theta_sq, nf = _marglik_terms(model, cast(Mapping[str, torch.Tensor], fisher), chosen, n, dtype)
         scores = [_log_marglik(theta_sq, nf, g) for g in cand]
         best = _marglik_optimum(theta_sq, nf)
         return PriorPrecisionResult(
@@ -687,12 +739,12 @@ def _warn_grid_edge(cand: list[float], chosen: float) -> None:
 _BLOCK_KINDS = ("diag", "kfac", "ekfac")
 
 
-def _structured(fisher) -> bool:
+def _structured(fisher: object) -> TypeGuard[Curvature]:
     """A curvature other than a plain diagonal mapping (solve through the protocol)."""
     return isinstance(fisher, Curvature) and not isinstance(fisher, Mapping)
 
 
-def _subset_params(model: nn.Module, params: ParamSpec, subset) -> ParamSpec:
+def _subset_params(model: nn.Module, params: ParamSpec, subset: str | None) -> ParamSpec:
     """``params`` from ``subset`` (``"all"``: unchanged; ``"last_layer"``: the last module's)."""
     if subset is None:
         return params
@@ -713,7 +765,9 @@ def _subset_params(model: nn.Module, params: ParamSpec, subset) -> ParamSpec:
     return last
 
 
-def _resolve_params_curvature(model, curvature, params) -> dict[str, nn.Parameter]:
+def _resolve_params_curvature(
+    model: nn.Module, curvature: Curvature, params: ParamSpec
+) -> dict[str, nn.Parameter]:
     covered = check_curvature(curvature, model, "The curvature")
     named = dict(model.named_parameters())
     if params is None:
@@ -739,22 +793,27 @@ def _resolve_params_curvature(model, curvature, params) -> dict[str, nn.Paramete
     return {k: named[k] for k in covered if k in chosen}
 
 
-def _solve_rows(curvature, rows: dict[str, torch.Tensor], lam: float) -> dict[str, torch.Tensor]:
+def _solve_rows(
+    curvature: Curvature, rows: dict[str, torch.Tensor], lam: float
+) -> dict[str, torch.Tensor]:
     """``(F + λI)⁻¹`` applied to every row ``rows[name][r]``: vmap, or a loop as fallback."""
     try:
-        return vmap(lambda v: curvature.solve(v, lam))(rows)
+        sol: dict[str, torch.Tensor] = vmap(lambda v: curvature.solve(v, lam))(rows)
+        return sol
     except Exception:  # a solve torch.func cannot batch (data-dependent control flow)
         count = next(iter(rows.values())).shape[0]
         sols = [curvature.solve({k: v[r] for k, v in rows.items()}, lam) for r in range(count)]
         return {k: torch.stack([s_[k] for s_ in sols]) for k in rows}
 
 
-def _curvature_reducer(curvature, names, n, deltas, dtype):
+def _curvature_reducer(
+    curvature: Curvature, names: list[str], n: int, deltas: list[float], dtype: torch.dtype
+) -> Reducer:
     """``(jac, size, D) -> (size·D, G)`` with ``J_c (N F + δ_g I)⁻¹ J_cᵀ`` per row and δ."""
     covered = curvature.names()
     diag = curvature.diagonal()
 
-    def reduce(jac, size, d):
+    def reduce(jac: dict[str, torch.Tensor], size: int, d: int) -> torch.Tensor:
         ref = next(iter(jac.values()))
         rows = {}
         for k in covered:
@@ -766,8 +825,10 @@ def _curvature_reducer(curvature, names, n, deltas, dtype):
         cols = []
         for delta in deltas:
             sol = _solve_rows(curvature, rows, float(delta) / n)
-            var = sum(
-                (rows[k] * sol[k].to(dtype)).reshape(size * d, -1).sum(1) for k in names
+            # names is never empty, so the sum is a tensor (sum starts at the int 0)
+            var = cast(
+                torch.Tensor,
+                sum((rows[k] * sol[k].to(dtype)).reshape(size * d, -1).sum(1) for k in names),
             )
             cols.append(var / n)
         return torch.stack(cols, 1)
@@ -775,7 +836,14 @@ def _curvature_reducer(curvature, names, n, deltas, dtype):
     return reduce
 
 
-def _marglik_curvature(curvature, chosen, n, dtype, cand, method) -> PriorPrecisionResult:
+def _marglik_curvature(
+    curvature: Curvature,
+    chosen: Mapping[str, nn.Parameter],
+    n: int,
+    dtype: torch.dtype,
+    cand: list[float],
+    method: str,
+) -> PriorPrecisionResult:
     """``log Z(δ) = −½δ‖θ*‖² + ½P log δ − ½ log det(N F + δ I)`` through ``logdet``.
 
     ``log det(N F + δ I) = P log N + logdet(F + (δ/N) I)``; the optimum is the root of
