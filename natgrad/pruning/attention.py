@@ -18,8 +18,11 @@ returns ``(output, None)``: attention weights are not returned. It sets
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 __all__ = ["HeadAttention", "from_multihead", "shrink_heads", "attention_flops"]
 
@@ -35,10 +38,18 @@ class HeadAttention(nn.Module):
         device, dtype: of the parameters.
     """
 
-    def __init__(self, embed_dim, num_heads, head_dim, batch_first=False, device=None, dtype=None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        head_dim: int,
+        batch_first: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         inner = num_heads * head_dim
-        kw = dict(device=device, dtype=dtype)
+        kw: dict[str, Any] = dict(device=device, dtype=dtype)
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
         self.batch_first = batch_first
         self.q_proj = nn.Linear(embed_dim, inner, **kw)
@@ -53,15 +64,15 @@ class HeadAttention(nn.Module):
 
     def forward(
         self,
-        query,
-        key,
-        value,
-        key_padding_mask=None,
-        need_weights=False,
-        attn_mask=None,
-        average_attn_weights=True,
-        is_causal=False,
-    ):
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, None]:
         """``(output, None)``; masks follow ``nn.MultiheadAttention`` (bool: True = ignore)."""
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
@@ -146,14 +157,14 @@ def shrink_heads(att: HeadAttention, keep: torch.Tensor) -> HeadAttention:
     return new
 
 
-def attention_flops(mod: nn.Module, total: list):
+def attention_flops(mod: nn.Module, total: list[float]) -> RemovableHandle | None:
     """A forward hook adding ``2 · 2 · Tq · Tk · H · d`` (``QKᵀ`` and ``AV``) to ``total[0]``
     for a :class:`HeadAttention` (its projections are Linear layers, counted as such);
     None for other modules. ``nn.MultiheadAttention`` is counted in full here, as it calls
     no Linear modules."""
     if isinstance(mod, HeadAttention):
 
-        def hook(m, args, out):
+        def hook(m: Any, args: tuple[Any, ...], out: Any) -> None:
             q = args[0]
             k = args[1] if len(args) > 1 else q
             tq = q.shape[1] if m.batch_first else q.shape[0]
@@ -168,7 +179,7 @@ def attention_flops(mod: nn.Module, total: list):
     )
     if gpt2:
 
-        def gpt2_hook(m, args, kwargs, out):
+        def gpt2_hook(m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             h = args[0] if args else kwargs["hidden_states"]
             t = h.shape[-2]
             total[0] += 4.0 * t * t * m.num_heads * m.head_dim
@@ -177,7 +188,7 @@ def attention_flops(mod: nn.Module, total: list):
     if (bert or modern) and isinstance(getattr(mod, "num_attention_heads", None), int):
         # Hugging Face style self-attention: its projections are Linear layers
 
-        def hf_hook(m, args, kwargs, out):
+        def hf_hook(m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             h = args[0] if args else kwargs["hidden_states"]
             t = h.shape[-2]
             d = m.attention_head_size if bert else m.head_dim
@@ -186,7 +197,7 @@ def attention_flops(mod: nn.Module, total: list):
         return mod.register_forward_hook(hf_hook, with_kwargs=True)
     if isinstance(mod, nn.MultiheadAttention):
 
-        def mhook(m, args, out):
+        def mhook(m: Any, args: tuple[Any, ...], out: Any) -> None:
             q = args[0]
             k = args[1] if len(args) > 1 else q
             tq = q.shape[1] if m.batch_first else q.shape[0]
