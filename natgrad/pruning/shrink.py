@@ -20,8 +20,8 @@ layers before it, so errors do not pile up.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +30,19 @@ from torch import nn
 from natgrad.engine.batch import parse_batch
 from natgrad.pruning.structures import Group
 
+if TYPE_CHECKING:
+    from natgrad.pruning.attention import HeadAttention
+
 __all__ = ["shrink_model", "tune_layers", "count_flops", "count_params", "least_squares"]
 
 _CONV = (nn.Conv1d, nn.Conv2d)
+#: the layers whose rows / columns are sliced and tuned
+Layer = nn.Linear | nn.Conv1d | nn.Conv2d
+
+
+def _layer(model: nn.Module, name: str) -> Layer:
+    """The Linear / Conv module ``name`` of ``model`` (groups only name such layers)."""
+    return cast(Layer, model.get_submodule(name))
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -40,7 +50,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
-def _rebuild(mod: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Module:
+def _rebuild(mod: Layer, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Module:
     """A new Linear/Conv holding ``weight[rows][:, cols]`` (None: all)."""
     w = mod.weight.detach()
     b = None if mod.bias is None else mod.bias.detach()
@@ -48,11 +58,13 @@ def _rebuild(mod: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor | Non
         w, b = w[rows], (None if b is None else b[rows])
     if cols is not None:
         w = w[:, cols]
-    kw = dict(device=w.device, dtype=w.dtype)
+    kw: dict[str, Any] = dict(device=w.device, dtype=w.dtype)
+    new: Layer
     if isinstance(mod, nn.Linear):
         new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, **kw)
     else:
-        new = type(mod)(
+        conv: Callable[..., Layer] = type(mod)  # the same Conv class (torch wants fixed tuples)
+        new = conv(
             w.shape[1], w.shape[0], mod.kernel_size, stride=mod.stride, padding=mod.padding,
             dilation=mod.dilation, groups=1, bias=b is not None, padding_mode=mod.padding_mode,
             **kw,
@@ -60,6 +72,7 @@ def _rebuild(mod: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor | Non
     with torch.no_grad():
         new.weight.copy_(w)
         if b is not None:
+            assert new.bias is not None  # built with bias=True
             new.bias.copy_(b)
     new.train(mod.training)
     return new
@@ -77,6 +90,10 @@ def _slice_norm(mod: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor) -> nn.
             new.weight.copy_(mod.weight[keep])
             new.bias.copy_(mod.bias[keep])
         if mod.track_running_stats:
+            # a BatchNorm that tracks running statistics holds all three buffers
+            assert mod.running_mean is not None and new.running_mean is not None
+            assert mod.running_var is not None and new.running_var is not None
+            assert mod.num_batches_tracked is not None and new.num_batches_tracked is not None
             new.running_mean.copy_(mod.running_mean[keep])
             new.running_var.copy_(mod.running_var[keep])
             new.num_batches_tracked.copy_(mod.num_batches_tracked)
@@ -137,9 +154,10 @@ def shrink_model(
             continue
         keep = kept_indices(g, rem)
         if g.consumer_kind == "attention":
-            _set_module(model, g.name, shrink_heads(model.get_submodule(g.name), keep))
+            att_mod = cast("HeadAttention", model.get_submodule(g.name))  # consumer_kind says so
+            _set_module(model, g.name, shrink_heads(att_mod, keep))
             continue
-        dev = model.get_submodule(g.consumer).weight.device
+        dev = _layer(model, g.consumer).weight.device
         for r in g.row_modules:
             rows[r] = _row_index(g, keep).to(dev)
         cols[g.consumer] = _columns(g, keep).to(dev)
@@ -148,9 +166,10 @@ def shrink_model(
             for attr, per_head in g.heads_attrs:
                 setattr(att, attr, len(keep) * per_head)
         for n in g.norms:
-            _set_module(model, n, _slice_norm(model.get_submodule(n), keep.to(dev)))
+            norm = cast(nn.modules.batchnorm._BatchNorm, model.get_submodule(n))  # group.norms
+            _set_module(model, n, _slice_norm(norm, keep.to(dev)))
     for name in set(rows) | set(cols):
-        _set_module(model, name, _rebuild(model.get_submodule(name), rows.get(name), cols.get(name)))
+        _set_module(model, name, _rebuild(_layer(model, name), rows.get(name), cols.get(name)))
     return model
 
 
@@ -210,14 +229,19 @@ def least_squares(gram: torch.Tensor, cross: torch.Tensor, damping: float) -> to
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         return torch.cholesky_solve(cross, chol)
-    return torch.linalg.lstsq(a, cross).solution
+    sol: torch.Tensor = torch.linalg.lstsq(a, cross).solution
+    return sol
 
 
-def _design(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _design(mod: Layer, x: torch.Tensor) -> torch.Tensor:
     """Rows of the layer's linear map: ``(rows, in_cols [+1 for bias])``."""
     if isinstance(mod, nn.Linear):
         rows = x.reshape(-1, x.shape[-1])
     else:
+        k: tuple[int, ...]
+        s: tuple[int, ...]
+        d: tuple[int, ...]
+        p: str | tuple[Any, ...]
         if isinstance(mod, nn.Conv1d):
             x2 = x.unsqueeze(-2)
             k, s, p, d = (1, *mod.kernel_size), (1, *mod.stride), (0, *mod.padding), (1, *mod.dilation)
@@ -232,7 +256,7 @@ def _design(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def _outputs(mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
+def _outputs(mod: Layer, y: torch.Tensor) -> torch.Tensor:
     if isinstance(mod, nn.Linear):
         return y.reshape(-1, y.shape[-1])
     return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
@@ -277,9 +301,10 @@ def tune_layers(
     tuned = []
     for g in consumers:
         name = g.consumer
-        mod_p = pruned.get_submodule(name)
-        mod_o = original.get_submodule(name)
-        gram = cross = None
+        mod_p = _layer(pruned, name)
+        mod_o = _layer(original, name)
+        gram: torch.Tensor | None = None
+        cross: torch.Tensor | None = None
         for b in batches:
             cap: dict[str, torch.Tensor] = {}
             h1 = mod_o.register_forward_hook(lambda m, a, o, cap=cap: cap.__setitem__("y", o.detach()))
@@ -298,6 +323,7 @@ def tune_layers(
                 y = y[:, out_rows[name].to(y.device)]
             gram = x.T @ x if gram is None else gram + x.T @ x
             cross = x.T @ y if cross is None else cross + x.T @ y
+        assert gram is not None and cross is not None  # calibration has a batch (checked)
         sol = least_squares(gram, cross, damping)  # (in [+1], out)
         with torch.no_grad():
             w = sol[: sol.shape[0] - (mod_p.bias is not None)].T
