@@ -97,7 +97,8 @@ def fisher_weighted_merge(
         normalize: use unit-trace Fishers.
         method: structured curvatures: ``"auto"``, ``"dense"`` or ``"cg"`` (see above).
         dense_max: the largest system solved densely by ``"auto"``.
-        cg_iters, cg_tol: conjugate-gradient budget.
+        cg_iters: conjugate-gradient budget (matrix-vector products).
+        cg_tol: conjugate-gradient relative residual.
 
     Returns:
         A deep copy of ``models[0]`` holding the merged parameters and buffers.

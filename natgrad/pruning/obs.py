@@ -164,14 +164,16 @@ def obs_prune(
         scope: ``"global"`` or ``"layer"``.
         rounds: ``k >= 1`` prune rounds; ``k > 1`` needs ``data``.
         data: a batch or iterable of batches for re-estimating the curvature.
-        likelihood, estimate_options: passed to the re-estimation.
+        likelihood: passed to the re-estimation.
+        estimate_options: passed to the re-estimation.
         prune: candidates: ``"weights"`` (covered tensors with ``dim >= 2``), ``"all"``,
             or a list of names.
         min_keep_per_layer: least weights each candidate tensor keeps (int or fraction).
         damping: ``λ >= 0`` or None (relative default above).
         method: ``"auto"`` (``"exact"`` when ``|Q| · P <= 2²⁴``, else ``"cg"``),
             ``"exact"``, ``"cg"``, or ``"none"`` (masks only, no update).
-        cg_iters, cg_tol: conjugate-gradient budget and relative residual.
+        cg_iters: conjugate-gradient budget (matrix-vector products).
+        cg_tol: conjugate-gradient relative residual.
 
     Returns:
         :class:`ObsReport`.
