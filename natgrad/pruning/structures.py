@@ -35,13 +35,14 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.utils.hooks import RemovableHandle
 
 from natgrad.engine.batch import default_output_fn, parse_batch
 from natgrad.engine.checks import check_choice, check_finite, check_int, check_no_batch_mixing
@@ -174,9 +175,14 @@ class Group:
 # -- finding the groups -----------------------------------------------------------------
 
 
+def _module_target(node: fx.Node) -> str:
+    """The module path of a ``call_module`` node (fx stores it as a ``str`` target)."""
+    return cast(str, node.target)
+
+
 def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
     if node.op == "call_module":
-        return f"module {node.target!r} ({type(gm.get_submodule(node.target)).__name__})"
+        return f"module {node.target!r} ({type(gm.get_submodule(_module_target(node))).__name__})"
     if node.op == "call_function":
         name = getattr(node.target, "__name__", str(node.target))
         if node.target in (operator.add, torch.add, operator.iadd):
@@ -201,7 +207,7 @@ def _first_arg_only(user: fx.Node, node: fx.Node) -> bool:
 def _flatten_start(user: fx.Node, gm: fx.GraphModule) -> int | None:
     """``start_dim`` of a full flatten (``end_dim=-1``) node, else None."""
     if user.op == "call_module":
-        mod = gm.get_submodule(user.target)
+        mod = gm.get_submodule(_module_target(user))
         if isinstance(mod, nn.Flatten) and mod.end_dim == -1:
             return mod.start_dim
         return None
@@ -240,8 +246,9 @@ def _follow(
         if not _first_arg_only(u, cur):
             return f"its output reaches {_describe(u, gm)}, which combines it with other tensors"
         if u.op == "call_module":
-            mod = gm.get_submodule(u.target)
-            if used.get(u.target, 0) > 1:
+            target = _module_target(u)
+            mod = gm.get_submodule(target)
+            if used.get(target, 0) > 1:
                 return f"module {u.target!r} is called more than once (shared weights)"
             if isinstance(mod, _ELEMENTWISE_MODULES) or (is_conv and isinstance(mod, _POOL_MODULES)):
                 cur = u
@@ -250,7 +257,7 @@ def _follow(
                 shape = _shape(cur)
                 if mod.num_features != size or (not is_conv and shape is not None and len(shape) != 2):
                     return f"BatchNorm {u.target!r} does not normalize over these {size} channels"
-                norms.append(u.target)
+                norms.append(target)
                 cur = u
                 continue
             start = _flatten_start(u, gm)
@@ -270,7 +277,7 @@ def _follow(
                     return f"Linear {u.target!r} expects {mod.in_features} inputs, not {size * repeat}"
                 return Group(
                     name="", kind="channel" if is_conv else "neuron", size=size, producer="",
-                    consumer=u.target, norms=norms, repeat=repeat, consumer_kind="linear",
+                    consumer=target, norms=norms, repeat=repeat, consumer_kind="linear",
                 )
             if isinstance(mod, _CONV):
                 if not is_conv or repeat != 1:
@@ -280,7 +287,7 @@ def _follow(
                 if mod.padding_mode != "zeros":
                     return f"conv {u.target!r} uses padding_mode={mod.padding_mode!r}"
                 return Group(
-                    name="", kind="channel", size=size, producer="", consumer=u.target,
+                    name="", kind="channel", size=size, producer="", consumer=target,
                     norms=norms, repeat=1, consumer_kind="conv",
                 )
             return f"its output reaches {_describe(u, gm)}, which this pruner cannot shrink"
@@ -419,7 +426,9 @@ def find_groups(
     return groups, skipped
 
 
-def _layer_groups(name: str, mod: nn.Module, exclude: set[str], skipped: dict) -> list[Group]:
+def _layer_groups(
+    name: str, mod: nn.Module, exclude: set[str], skipped: dict[str, str]
+) -> list[Group]:
     """Groups inside an attention module or a ``nn.TransformerEncoderLayer`` (a leaf of the
     trace): the heads of its attention and the hidden neurons of its feed-forward block."""
     out: list[Group] = []
@@ -641,7 +650,7 @@ def apply_masks_to(
         masks: ``{group name: mask}``, a mask of shape ``(S,)`` (all samples) or ``(N, S)``
             (one row per sample, for per-sample gradients). Groups not named stay unmasked.
     """
-    handles = []
+    handles: list[RemovableHandle | _HeadMaskHandle] = []
     try:
         for g in groups:
             if g.name not in masks:
@@ -657,8 +666,10 @@ def apply_masks_to(
             h.remove()
 
 
-def _input_mask_hook(group: Group, mask: torch.Tensor):
-    def hook(module, args):
+def _input_mask_hook(
+    group: Group, mask: torch.Tensor
+) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         x = args[0]
         return (x * _expand_mask(group, mask, x),) + tuple(args[1:])
 
@@ -666,14 +677,15 @@ def _input_mask_hook(group: Group, mask: torch.Tensor):
 
 
 class _HeadMaskHandle:
-    def __init__(self, mod):
+    def __init__(self, mod: nn.Module) -> None:
         self.mod = mod
 
-    def remove(self):
-        self.mod._natgrad_head_mask = None
+    def remove(self) -> None:
+        # torch types Module.__setattr__ values as Tensor | Module; a plain None is fine
+        self.mod._natgrad_head_mask = None  # type: ignore[assignment]
 
 
-def _attach_head_mask(mod: nn.Module, mask: torch.Tensor):
+def _attach_head_mask(mod: nn.Module, mask: torch.Tensor) -> _HeadMaskHandle:
     if not hasattr(mod, "_natgrad_head_mask"):
         raise UnsupportedStructureError(
             f"{type(mod).__name__} takes head masks only after conversion to "
