@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -38,7 +38,13 @@ from natgrad.engine.checks import check_choice, check_no_batch_mixing, check_no_
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.per_sample import LabelSource
 from natgrad.pruning.attention import from_multihead
-from natgrad.pruning.search import BudgetError, build_cost_model, greedy_search, rearrange
+from natgrad.pruning.search import (
+    BudgetError,
+    CostModel,
+    build_cost_model,
+    greedy_search,
+    rearrange,
+)
 from natgrad.pruning.shrink import count_flops, count_params, shrink_model, tune_layers
 from natgrad.pruning.structures import (
     Group,
@@ -139,7 +145,9 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
-def _check_budget(flops, params, latency) -> tuple[str, float]:
+def _check_budget(
+    flops: float | None, params: float | None, latency: float | None
+) -> tuple[str, float]:
     given = {k: v for k, v in (("flops", flops), ("params", params), ("latency", latency)) if v is not None}
     if len(given) != 1:
         raise BudgetError(
@@ -209,21 +217,42 @@ def convert_attention(model: nn.Module) -> list[str]:
 def magnitude_scores(model: nn.Module, groups: list[Group]) -> dict[str, torch.Tensor]:
     """L1 norm of each structure's outgoing weights (producer rows; q/k/v rows and out_proj
     columns for heads), divided by the group's mean so that layers compare."""
-    out = {}
+    out: dict[str, torch.Tensor] = {}
+
+    def weight(m: nn.Module, attr: str | None = None) -> torch.Tensor:
+        w = getattr(m, attr) if attr is not None else m
+        t = w.weight
+        assert isinstance(t, torch.Tensor)
+        return t.detach().abs()
+
     for g in groups:
         mod = model.get_submodule(g.producer)
         if g.consumer_kind == "attention":
             d = g.head_dim
-            w = sum(p.weight.detach().abs().view(g.size, d, -1).sum((1, 2)) for p in (mod.q_proj, mod.k_proj, mod.v_proj))
-            w = w + mod.out_proj.weight.detach().abs().view(-1, g.size, d).sum((0, 2))
+            w = torch.stack([
+                weight(mod, a).view(g.size, d, -1).sum((1, 2))
+                for a in ("q_proj", "k_proj", "v_proj")
+            ]).sum(0)
+            w = w + weight(mod, "out_proj").view(-1, g.size, d).sum((0, 2))
         else:
-            w = sum(
-                model.get_submodule(r).weight.detach().abs().reshape(g.size, -1).sum(1)
-                for r in g.row_modules
-            )
+            w = torch.stack([
+                weight(model.get_submodule(r)).reshape(g.size, -1).sum(1) for r in g.row_modules
+            ]).sum(0)
         w = w.double().cpu()
         out[g.name] = w / w.mean().clamp_min(1e-30)
     return out
+
+
+@overload
+def measure_latency(
+    models: nn.Module, batch: Any, batch_sizes: Iterable[int], repeats: int = 20
+) -> dict[int, float]: ...
+
+
+@overload
+def measure_latency(
+    models: list[nn.Module], batch: Any, batch_sizes: Iterable[int], repeats: int = 20
+) -> list[dict[int, float]]: ...
 
 
 @torch.no_grad()
@@ -236,27 +265,31 @@ def measure_latency(
     a change of machine load hits all of them alike; returns one dict per model.
     """
     many = isinstance(models, (list, tuple))
-    models = list(models) if many else [models]
+    mods: list[nn.Module] = list(models) if isinstance(models, (list, tuple)) else [models]
     b = parse_batch(batch)
-    out: list[dict[int, float]] = [{} for _ in models]
+    out: list[dict[int, float]] = [{} for _ in mods]
     for bs in batch_sizes:
         reps = -(-bs // b.size)
 
-        def tile(t, reps=reps, bs=bs):
+        def tile(t: Any, reps: int = reps, bs: int = bs) -> Any:
             if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == b.size:
                 return t.repeat(reps, *([1] * (t.dim() - 1)))[:bs]
             return t
 
         args = tuple(tile(a) for a in b.args)
         kwargs = {k: tile(v) for k, v in b.kwargs.items()}
-        times: list[list[float]] = [[] for _ in models]
+        times: list[list[float]] = [[] for _ in mods]
         dev = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        sync = torch.cuda.synchronize if dev is not None and dev.type == "cuda" else (lambda: None)
+        cuda = dev is not None and dev.type == "cuda"
+
+        def sync(cuda: bool = cuda) -> None:
+            if cuda:
+                torch.cuda.synchronize()
         for _ in range(3):
-            for m in models:
+            for m in mods:
                 m(*args, **kwargs)
         for _ in range(repeats):
-            for i, m in enumerate(models):
+            for i, m in enumerate(mods):
                 sync()
                 t0 = time.perf_counter()
                 m(*args, **kwargs)
@@ -268,7 +301,13 @@ def measure_latency(
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, data: Any, lik: Likelihood, output_fn=None, max_batches=None) -> float | None:
+def mean_loss(
+    model: nn.Module,
+    data: Any,
+    lik: Likelihood,
+    output_fn: OutputFn | None = None,
+    max_batches: int | None = None,
+) -> float | None:
     """Mean per-sample loss over the data, or None when the data has no labels."""
     from natgrad.curvature.estimate import iterate_batches
 
@@ -284,7 +323,16 @@ def mean_loss(model: nn.Module, data: Any, lik: Likelihood, output_fn=None, max_
 
 
 def _select(
-    criterion, fisher, model, groups, cost, kind, keep, mins, do_rearrange, seed
+    criterion: str,
+    fisher: MaskFisher,
+    model: nn.Module,
+    groups: list[Group],
+    cost: CostModel,
+    kind: str,
+    keep: float,
+    mins: dict[str, int],
+    do_rearrange: bool,
+    seed: int,
 ) -> dict[str, torch.Tensor]:
     if criterion == "fisher":
         scores = {g.name: fisher.diagonal(g.name) for g in groups}
@@ -419,7 +467,7 @@ def prune_structured(
     sizes = sorted(set(int(b) for b in latency_batch_sizes))
     lat_dense = measure_latency(work, example, sizes, latency_repeats) if kind == "latency" else {}
 
-    def build(kind_, keep_):
+    def build(kind_: str, keep_: float) -> tuple[dict[str, torch.Tensor], nn.Module]:
         removed_ = _select(criterion, fisher, work, groups, cost, kind_, keep_, mins, rearrange_masks, seed)
         return removed_, shrink_model(_copy(work), groups, removed_)
 
@@ -449,8 +497,12 @@ def prune_structured(
         latency_after=lat_after,
         predicted_loss_increase=fisher.predicted_increase(removed, block=True),
         predicted_loss_increase_diagonal=fisher.predicted_increase(removed, block=False),
-        measured_loss_increase=None if loss_before is None else loss_after - loss_before,
-        measured_loss_increase_untuned=None if loss_before is None else loss_untuned - loss_before,
+        measured_loss_increase=(
+            None if loss_before is None or loss_after is None else loss_after - loss_before
+        ),
+        measured_loss_increase_untuned=(
+            None if loss_before is None or loss_untuned is None else loss_untuned - loss_before
+        ),
         kept={g.name: (g.size - len(removed[g.name]), g.size) for g in groups},
         removed={g: r.tolist() for g, r in removed.items()},
         skipped=skipped,
@@ -466,7 +518,15 @@ def _copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def _latency_search(build, cost, keep, lat_before, example, sizes, repeats):
+def _latency_search(
+    build: Callable[[str, float], tuple[dict[str, torch.Tensor], nn.Module]],
+    cost: CostModel,
+    keep: float,
+    lat_before: dict[int, float],
+    example: Any,
+    sizes: list[int],
+    repeats: int,
+) -> tuple[dict[str, torch.Tensor], nn.Module]:
     """Largest FLOPs budget whose shrunken model runs within ``keep`` of the latency at the
     largest batch size (bisection, 8 steps)."""
     bs = max(sizes)
@@ -494,7 +554,14 @@ def _latency_search(build, cost, keep, lat_before, example, sizes, repeats):
     return best
 
 
-def _verify(work, pruned, groups, removed, example, output_fn) -> None:
+def _verify(
+    work: nn.Module,
+    pruned: nn.Module,
+    groups: list[Group],
+    removed: dict[str, torch.Tensor],
+    example: Any,
+    output_fn: OutputFn | None,
+) -> None:
     """Raise unless the shrunken model computes what the masked model computes."""
     b = parse_batch(example)
     fn = output_fn or default_output_fn

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils.hooks import RemovableHandle
 
-from natgrad.engine.batch import default_output_fn, parse_batch
+from natgrad.engine.batch import OutputFn, default_output_fn, parse_batch
 from natgrad.engine.checks import check_choice, check_finite, check_int, check_no_batch_mixing
 from natgrad.engine.common import acc_dtype
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
@@ -230,7 +230,7 @@ def _follow(
 ) -> Group | str:
     """Follow a producer's output to its consumer; a Group, or the reason there is none."""
     is_conv = isinstance(producer, _CONV)
-    size = producer.out_channels if is_conv else producer.out_features
+    size = int(getattr(producer, "out_channels" if is_conv else "out_features"))
     norms: list[str] = []
     repeat = 1
     cur = node
@@ -271,7 +271,8 @@ def _follow(
                 cur = u
                 continue
             if isinstance(mod, nn.Linear):
-                if is_conv and repeat == 1 and _shape(cur) is not None and len(_shape(cur)) > 2:
+                cur_shape = _shape(cur)
+                if is_conv and repeat == 1 and cur_shape is not None and len(cur_shape) > 2:
                     return f"Linear {u.target!r} reads the spatial axis of a conv output"
                 if mod.in_features != size * repeat:
                     return f"Linear {u.target!r} expects {mod.in_features} inputs, not {size * repeat}"
@@ -453,7 +454,8 @@ def _layer_groups(
             # -> dropout -> linear2 (see its _ff_block)
             out.append(
                 Group(
-                    name=lin1, kind="neuron", size=mod.linear1.out_features, producer=lin1,
+                    name=lin1, kind="neuron", size=int(mod.linear1.out_features),
+                    producer=lin1,
                     consumer=f"{name}.linear2", consumer_kind="linear",
                 )
             )
@@ -468,8 +470,8 @@ def _layer_groups(
         return out
     out.append(
         Group(
-            name=name, kind="head", size=mod.num_heads, producer=name, consumer=name,
-            consumer_kind="attention", head_dim=mod.head_dim,
+            name=name, kind="head", size=cast(int, mod.num_heads), producer=name,
+            consumer=name, consumer_kind="attention", head_dim=cast(int, mod.head_dim),
         )
     )
     return out
@@ -539,10 +541,11 @@ def hf_groups(model: nn.Module, exclude: Iterable[str] = ()) -> tuple[list[Group
             used.update([pname, f"{pre}output.dense"])
     for name, mod in model.named_modules():
         pre = f"{name}." if name else ""
-        projs = [getattr(mod, a, None) for a in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        found = [getattr(mod, a, None) for a in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        projs = [p for p in found if isinstance(p, nn.Linear)]
         d, h = getattr(mod, "head_dim", None), getattr(mod, "num_attention_heads", None)
         if (
-            all(isinstance(p, nn.Linear) for p in projs)
+            len(projs) == 4
             and isinstance(d, int)
             and isinstance(h, int)
             and all(p.out_features == h * d for p in projs[:3])  # no grouped-query sharing
@@ -698,7 +701,14 @@ def _attach_head_mask(mod: nn.Module, mask: torch.Tensor) -> _HeadMaskHandle:
 # -- per-sample mask gradients and the mask Fisher ---------------------------------------
 
 
-def _labels_for(lik: Likelihood, out, target, labels, mc_samples, generator):
+def _labels_for(
+    lik: Likelihood,
+    out: torch.Tensor,
+    target: torch.Tensor | None,
+    labels: LabelSource,
+    mc_samples: int,
+    generator: torch.Generator | None,
+) -> list[torch.Tensor]:
     if labels == "empirical":
         if target is None:
             raise ValueError(
@@ -706,7 +716,9 @@ def _labels_for(lik: Likelihood, out, target, labels, mc_samples, generator):
                 "labels='mc' to draw them from the model."
             )
         return [target]
-    draws = lik.sample(out.detach(), generator, mc_samples, target)
+    # no generator: one seeded with 0, as the engine's Plan does (reproducible by default)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    draws = lik.sample(out.detach(), gen, mc_samples, target)
     return list(draws)
 
 
@@ -719,7 +731,7 @@ def mask_grads(
     labels: LabelSource = "empirical",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
-    output_fn=None,
+    output_fn: OutputFn | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Exact per-sample gradients ``∂l_n/∂m`` at ``m = 1``, one dict per label draw.
 
@@ -809,7 +821,7 @@ def estimate_mask_fisher(
     mc_samples: int = 1,
     seed: int = 0,
     max_batches: int | None = None,
-    output_fn=None,
+    output_fn: OutputFn | None = None,
 ) -> MaskFisher:
     """The block mask Fisher of every group from exact per-sample mask gradients.
 
