@@ -144,13 +144,19 @@ def fisher_weighted_merge(
             else:
                 value = _mean(thetas, w)
             target.copy_(value.to(target.dtype))
-        buffers = [dict(m.named_buffers()) for m in models]
-        masks = mask_buffer_names(merged)
-        for name, buf in merged.named_buffers():
-            if name not in masks and (buf.is_floating_point() or buf.is_complex()):
-                buf.copy_(_mean([b[name].detach() for b in buffers], w).to(buf.dtype))
-        refresh_pruned(merged)
+        _average_buffers(merged, models, w)
     return merged
+
+
+def _average_buffers(merged: nn.Module, models: Sequence[nn.Module], w: list[float]) -> None:
+    """The merged model's floating buffers (BatchNorm statistics, ...) as the models'
+    weighted mean, pruning masks left as they are; then the pruned tensors recomputed."""
+    buffers = [dict(m.named_buffers()) for m in models]
+    masks = mask_buffer_names(merged)
+    for name, buf in merged.named_buffers():
+        if name not in masks and (buf.is_floating_point() or buf.is_complex()):
+            buf.copy_(_mean([b[name].detach() for b in buffers], w).to(buf.dtype))
+    refresh_pruned(merged)
 
 
 def _dispatch(
@@ -369,12 +375,7 @@ def _curvature_merge(
             value = mean[k] + correction[k] if k in correction else mean[k]
             check_finite(f"the merged parameter {k!r}", value, "Raise floor= (the ridge).")
             t.copy_(value.to(t.dtype))
-        buffers = [dict(m.named_buffers()) for m in models]
-        masks = mask_buffer_names(merged)
-        for name, buf in merged.named_buffers():
-            if name not in masks and (buf.is_floating_point() or buf.is_complex()):
-                buf.copy_(_mean([b[name].detach() for b in buffers], w).to(buf.dtype))
-        refresh_pruned(merged)
+        _average_buffers(merged, models, w)
     return merged
 
 
