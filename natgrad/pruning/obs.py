@@ -38,6 +38,7 @@ from natgrad.engine.checks import check_choice, check_fraction, check_int, check
 from natgrad.engine.common import acc_dtype
 from natgrad.engine.report import Report
 from natgrad.pruning.masks import apply_masks
+from natgrad.pruning.prune import prune_candidates
 from natgrad.pruning.pruned import pruned_names
 
 __all__ = ["ObsReport", "obs_prune", "obs_saliency"]
@@ -206,7 +207,9 @@ def obs_prune(
         )
     names = check_curvature(curvature, model)
     named = dict(model.named_parameters())
-    cands = _candidates(names, named, prune)
+    cands = prune_candidates(
+        {k: named[k].shape for k in names}, prune, "the curvature", "Pass covered parameter names."
+    )
     _check_not_pruned(model, cands)
     keep_min = {k: _min_keep(min_keep_per_layer, named[k].numel()) for k in cands}
     removed = {k: torch.zeros(named[k].shape, dtype=torch.bool, device=named[k].device)
@@ -259,31 +262,6 @@ def _damping(curvature: Curvature, damping: float | None) -> float:
             "(1e-2 × mean diag F) is 0; pass damping= > 0 or estimate the curvature on data."
         )
     return lam
-
-
-def _candidates(
-    names: list[str],
-    named: Mapping[str, nn.Parameter],
-    prune: Literal["weights", "all"] | Sequence[str],
-) -> list[str]:
-    if isinstance(prune, str):
-        check_choice("prune", prune, ("weights", "all"))
-        out = [k for k in names if prune == "all" or named[k].dim() >= 2]
-        if not out:
-            raise ValueError(
-                f"No tensor to prune: prune={prune!r} selects covered tensors with dim >= 2, "
-                f"and the curvature covers {[(k, tuple(named[k].shape)) for k in names][:8]}; "
-                "pass prune='all' or a list of names."
-            )
-        return out
-    wanted = list(prune)
-    unknown = [k for k in wanted if k not in names]
-    if unknown or not wanted:
-        raise ValueError(
-            f"prune lists names the curvature does not cover: {unknown}; it covers "
-            f"{names[:8]}. Pass covered parameter names."
-        )
-    return [k for k in names if k in set(wanted)]
 
 
 def _check_not_pruned(model: nn.Module, cands: list[str]) -> None:

@@ -25,7 +25,7 @@ from natgrad.engine.checks import (
 )
 from natgrad.pruning.pruned import effective_params
 
-__all__ = ["fisher_importance", "fisher_pruning_masks"]
+__all__ = ["fisher_importance", "fisher_pruning_masks", "prune_candidates"]
 
 Scope = Literal["global", "layer"]
 Structured = Literal["channel"]
@@ -201,7 +201,7 @@ def fisher_pruning_masks(
                 "such as fisher_importance(...) (>= 0)."
             )
 
-    names = _candidates(importance, prune)
+    names = prune_candidates({k: v.shape for k, v in importance.items()}, prune)
     bias_of = _paired_biases(importance, names) if structured and channel_bias == "remove" else {}
     names = [k for k in names if k not in bias_of.values()]  # a paired bias follows its rows
     # units: one score per unit of each candidate tensor (entries, or rows)
@@ -245,27 +245,43 @@ def _round(x: float) -> int:
     return int(x + 0.5)
 
 
-def _candidates(
-    importance: Mapping[str, torch.Tensor], prune: Prunable | Sequence[str]
+def prune_candidates(
+    shapes: Mapping[str, torch.Size | tuple[int, ...]],
+    prune: Prunable | Sequence[str],
+    what: str = "importance",
+    fix: str = "Use names from fisher_importance's result.",
 ) -> list[str]:
+    """The tensors a pruning method may prune, in ``shapes`` order (one home for
+    :func:`fisher_pruning_masks` and :func:`~natgrad.obs_prune`).
+
+    Args:
+        shapes: ``{name: shape}`` of the tensors ``what`` covers.
+        prune: ``"weights"`` (tensors with ``dim >= 2``), ``"all"``, or a list of names.
+        what: what holds the names, as named in errors (``"importance"``, ``"the curvature"``).
+        fix: how to fix names ``what`` lacks.
+
+    Raises:
+        ValueError: an unknown choice, no tensor selected, or names ``what`` lacks.
+    """
     if isinstance(prune, str):
         check_choice("prune", prune, ("weights", "all"))
-        names = [k for k, v in importance.items() if prune == "all" or v.dim() >= 2]
+        names = [k for k, v in shapes.items() if prune == "all" or len(v) >= 2]
         if not names:
             raise ValueError(
                 f"No tensor to prune: prune={prune!r} selects tensors with dim >= 2 and "
-                f"importance holds only {[(k, tuple(v.shape)) for k, v in importance.items()][:8]}"
+                f"{what} holds only {[(k, tuple(v)) for k, v in shapes.items()][:8]}"
                 "; pass prune='all' or a list of names."
             )
         return names
     wanted = list(prune)
-    unknown = [k for k in wanted if k not in importance]
+    unknown = [k for k in wanted if k not in shapes]
     if unknown or not wanted:
         raise ValueError(
-            f"prune lists names not in importance: {unknown}; importance has "
-            f"{list(importance)[:8]}. Use names from fisher_importance's result."
+            f"prune lists names not in {what}: {unknown} ({what} does not cover them); "
+            f"{what} has {list(shapes)[:8]}. {fix}"
         )
-    return [k for k in importance if k in set(wanted)]
+    keep = set(wanted)
+    return [k for k in shapes if k in keep]
 
 
 def _protected(scores: torch.Tensor, min_keep: int) -> torch.Tensor:
