@@ -583,36 +583,24 @@ def hf_groups(model: nn.Module, exclude: Iterable[str] = ()) -> tuple[list[Group
                 )
             )
             used.update([f"{pre}c_attn", f"{pre}c_proj"])
-        c_fc = getattr(mod, "c_fc", None)
-        if (  # GPT-2 MLP: c_fc -> act -> c_proj
-            isinstance(c_fc, nn.Linear)
-            and isinstance(c_proj, nn.Linear)
-            and c_proj.in_features == c_fc.out_features
-            and callable(getattr(mod, "act", None))
-            and f"{pre}c_fc" not in exclude
-        ):
-            groups.append(
-                Group(
-                    name=f"{pre}c_fc", kind="neuron", size=c_fc.out_features, producer=f"{pre}c_fc",
-                    consumer=f"{pre}c_proj", consumer_kind="linear",
+        # feed-forward blocks: producer -> activation -> consumer (GPT-2: c_fc/act/c_proj;
+        # ViT-style: fc1/activation_fn/fc2)
+        for up, act, down in (("c_fc", "act", "c_proj"), ("fc1", "activation_fn", "fc2")):
+            first, second = getattr(mod, up, None), getattr(mod, down, None)
+            if (
+                isinstance(first, nn.Linear)
+                and isinstance(second, nn.Linear)
+                and second.in_features == first.out_features
+                and callable(getattr(mod, act, None))
+                and f"{pre}{up}" not in exclude
+            ):
+                groups.append(
+                    Group(
+                        name=f"{pre}{up}", kind="neuron", size=first.out_features,
+                        producer=f"{pre}{up}", consumer=f"{pre}{down}", consumer_kind="linear",
+                    )
                 )
-            )
-            used.update([f"{pre}c_fc", f"{pre}c_proj"])
-        fc1, fc2 = getattr(mod, "fc1", None), getattr(mod, "fc2", None)
-        if (
-            isinstance(fc1, nn.Linear)
-            and isinstance(fc2, nn.Linear)
-            and fc2.in_features == fc1.out_features
-            and callable(getattr(mod, "activation_fn", None))
-            and f"{pre}fc1" not in exclude
-        ):
-            groups.append(
-                Group(
-                    name=f"{pre}fc1", kind="neuron", size=fc1.out_features, producer=f"{pre}fc1",
-                    consumer=f"{pre}fc2", consumer_kind="linear",
-                )
-            )
-            used.update([f"{pre}fc1", f"{pre}fc2"])
+                used.update([f"{pre}{up}", f"{pre}{down}"])
     skipped = {
         n: "excluded" if n in exclude else (
             "the model cannot be traced by torch.fx; only BERT-style attention heads and "
