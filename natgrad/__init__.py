@@ -23,7 +23,6 @@ from natgrad.curvature.protocol import CURVATURE_KINDS, Curvature, register_curv
 from natgrad.curvature.tracker import FisherTracker
 from natgrad.directions import FisherDirections, top_fisher_directions
 from natgrad.engine.batch import Shared, shared
-from natgrad.engine.capture import ENGINES
 from natgrad.engine.checkpoint import (
     CheckpointLockedError,
     CheckpointMismatchError,
@@ -40,7 +39,8 @@ from natgrad.engine.likelihoods import (
     TokenCategorical,
     get_likelihood,
 )
-from natgrad.engine.per_sample import LABEL_SOURCES, per_sample_grads, select_params
+from natgrad.engine.options import ENGINES, LABEL_SOURCES, EstimatorOptions
+from natgrad.engine.per_sample import per_sample_grads, select_params
 from natgrad.laplace import (
     PriorPrecisionResult,
     UncertaintyReport,
@@ -71,6 +71,7 @@ __all__ = [
     "Shared",
     "select_params",
     "LABEL_SOURCES",
+    "EstimatorOptions",
     # likelihoods
     "Likelihood",
     "Categorical",

@@ -33,20 +33,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
+from typing_extensions import Unpack
 
 from natgrad.curvature.estimate import iterate_batches
 from natgrad.engine.batch import Batch, OutputFn
 from natgrad.engine.checks import check_choice, check_fixed_model, check_int, check_positive
 from natgrad.engine.common import acc_dtype, vjp_pair
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
-from natgrad.engine.per_sample import (
-    LABEL_SOURCES,
-    LabelSource,
-    ParamSpec,
-    Plan,
-    per_sample_grads,
-    select_params,
-)
+from natgrad.engine.options import EstimatorOptions, LabelSource, Options, ParamSpec
+from natgrad.engine.per_sample import Plan, per_sample_grads, select_params
 from natgrad.engine.report import Report, to_jsonable
 
 __all__ = ["FisherDirections", "top_fisher_directions"]
@@ -319,16 +314,11 @@ def top_fisher_directions(
     k: int = 10,
     likelihood: str | Likelihood = "categorical",
     *,
-    labels: LabelSource = "empirical",
-    mc_samples: int = 1,
-    params: ParamSpec = None,
     method: Literal["gram", "lanczos"] = "gram",
-    chunk_size: int | None = None,
-    generator: torch.Generator | None = None,
-    output_fn: OutputFn | None = None,
     max_iter: int | None = None,
     tol: float | None = None,
     seed: int = 0,
+    **options: Unpack[EstimatorOptions],
 ) -> FisherDirections:
     """The top-k eigenvalues and eigenvectors of the Fisher ``F = GᵀG / N``.
 
@@ -351,17 +341,14 @@ def top_fisher_directions(
         data: one batch or an iterable of batches.
         k: number of eigenpairs.
         likelihood: name or :class:`natgrad.engine.likelihoods.Likelihood`.
-        labels: ``"empirical"``, ``"mc"`` or ``"exact"``.
-        mc_samples: label draws per sample for ``labels="mc"``.
-        params: parameters to cover (see :func:`natgrad.select_params`).
         method: ``"gram"`` or ``"lanczos"``.
-        chunk_size: samples per vmap chunk (``gram``) or per jvp/vjp (``lanczos``).
-        generator: for ``labels="mc"`` (default: seeded with 0; both methods then draw
-            the same labels).
-        output_fn: maps model outputs to the output tensor.
         max_iter: Lanczos steps at most (default ``min(P, R + 1)``).
         tol: Lanczos relative residual (default 1e-10 in float64, 1e-5 in float32).
         seed: seed of the Lanczos start vector.
+        **options: the estimator options (:class:`natgrad.EstimatorOptions`):
+            ``labels``, ``mc_samples``, ``params``, ``chunk_size`` (samples per vmap
+            chunk for ``gram``, per jvp/vjp for ``lanczos``), ``generator`` (both
+            methods draw the same labels), ``output_fn``; ``engine`` is not taken.
 
     Returns:
         :class:`FisherDirections`; eigenvalues ``(k,)`` descending, eigenvectors as
@@ -384,14 +371,14 @@ def top_fisher_directions(
     """
     check_fixed_model(model, "top_fisher_directions")
     chosen_method = check_choice("method", method, METHODS)
-    labels = check_choice("labels", labels, LABEL_SOURCES)
+    o = Options.resolve("top_fisher_directions", options, unsupported=("engine",))
+    labels = o.labels
     lik = get_likelihood(likelihood)
-    check_int("mc_samples", mc_samples, 1)
     if tol is not None:
         check_positive("tol", tol)
-    check_int("chunk_size", chunk_size, 1, optional=True)
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    args = (model, data, lik, labels, int(mc_samples), params, chunk_size, gen, output_fn, k)
+    gen = o.generator if o.generator is not None else torch.Generator().manual_seed(0)
+    args = (model, data, lik, labels, int(o.mc_samples), o.params, o.chunk_size, gen,
+            o.output_fn, k)
     if chosen_method == "gram":
         out = _gram(*args)
     else:

@@ -46,8 +46,8 @@ from natgrad.engine.checks import (
 )
 from natgrad.engine.common import acc_dtype
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
+from natgrad.engine.options import ParamSpec
 from natgrad.engine.per_sample import (
-    ParamSpec,
     loop_samples,
     model_device,
     probe_failed,

@@ -39,11 +39,12 @@ from typing import Any, TypeGuard, cast
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from natgrad.curvature.estimate import estimate_fisher
 from natgrad.curvature.ops import check_curvature
 from natgrad.curvature.protocol import Curvature
-from natgrad.engine.batch import OutputFn, default_output_fn
+from natgrad.engine.batch import default_output_fn
 from natgrad.engine.checks import (
     check_fisher_type,
     check_fixed_model,
@@ -54,7 +55,8 @@ from natgrad.engine.checks import (
 from natgrad.engine.common import module_of
 from natgrad.engine.deprecation import renamed_kwargs
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
-from natgrad.engine.per_sample import LabelSource, ParamSpec, mean_loss_grad, select_params
+from natgrad.engine.options import EstimatorOptions, LabelSource, Options, ParamSpec
+from natgrad.engine.per_sample import mean_loss_grad, select_params
 from natgrad.engine.report import Report
 
 FisherLike = Mapping[str, torch.Tensor] | Curvature
@@ -152,11 +154,8 @@ def fisher_weighted_damage(
     likelihood: str | Likelihood = "categorical",
     *,
     lr: float = 1.0,
-    labels: LabelSource = "empirical",
     fisher_a: FisherLike | None = None,
-    params: ParamSpec = None,
-    mc_samples: int = 1,
-    output_fn: OutputFn | None = None,
+    **options: Unpack[EstimatorOptions],
 ) -> DamageReport:
     """Expected increase of task A's loss after one SGD step on task B.
 
@@ -171,14 +170,14 @@ def fisher_weighted_damage(
         task_b_batch: task B's batch with labels (for ``∇L_B``).
         likelihood: name or :class:`natgrad.engine.likelihoods.Likelihood`, used for both tasks.
         lr: the SGD step size ``η > 0``.
-        labels: label source for estimating ``F_A`` (``"empirical"``, ``"mc"``, ``"exact"``).
         fisher_a: task A's Fisher (a diagonal one, or any :class:`natgrad.Curvature`,
             used through ``quad``); when None a diagonal Fisher is estimated from
             ``task_a_batch`` with :func:`natgrad.estimate_fisher`. Its names decide
             which parameters count.
-        params: parameters to cover when ``fisher_a`` is None (see :func:`natgrad.select_params`).
-        mc_samples: label draws per sample when ``labels="mc"``.
-        output_fn: maps model outputs to the output tensor (default: tensor or ``.logits``).
+        **options: the estimator options (:class:`natgrad.EstimatorOptions`) for
+            estimating ``F_A`` when ``fisher_a`` is None (``labels``, ``mc_samples``,
+            ``params``: the parameters to cover, ...); ``output_fn`` also maps the model's
+            outputs for both gradients.
 
     Returns:
         :class:`DamageReport` (floats; per-layer dicts keyed by module name).
@@ -201,19 +200,18 @@ def fisher_weighted_damage(
     """
     check_fixed_model(model, "fisher_weighted_damage")
     lr = check_positive("lr", lr)
+    opts = Options.resolve("fisher_weighted_damage", options)
     lik = get_likelihood(likelihood)
-    output_fn = output_fn or default_output_fn
-    names = _names(model, fisher_a, params)
-    fisher_a = _fisher_or_estimate(
-        model, task_a_batch, lik, fisher_a, names, labels, mc_samples, output_fn
-    )
+    output_fn = opts.output_fn or default_output_fn
+    names = _names(model, fisher_a, opts.params)
+    fisher_a = _fisher_or_estimate(model, task_a_batch, lik, fisher_a, names, opts)
     g_a, n_a = mean_loss_grad(
         model, task_a_batch, lik, names, output_fn=output_fn, what="task_a_batch"
     )
     g_b, n_b = mean_loss_grad(
         model, task_b_batch, lik, names, output_fn=output_fn, what="task_b_batch"
     )
-    return _damage(fisher_a, g_a, g_b, n_a, n_b, lr, labels)
+    return _damage(fisher_a, g_a, g_b, n_a, n_b, lr, opts.labels)
 
 
 def _fisher_or_estimate(
@@ -222,22 +220,12 @@ def _fisher_or_estimate(
     lik: Likelihood,
     fisher: FisherLike | None,
     names: list[str],
-    labels: LabelSource,
-    mc_samples: int,
-    output_fn: OutputFn,
+    opts: Options,
 ) -> FisherLike:
     """``fisher`` itself, or the Fisher of ``names`` estimated on ``batch`` when it is None."""
     if fisher is not None:
         return fisher
-    return estimate_fisher(
-        model,
-        batch,
-        lik,
-        labels=labels,
-        params=names,
-        mc_samples=mc_samples,
-        output_fn=output_fn,
-    )
+    return estimate_fisher(model, batch, lik, **{**opts.keywords(), "params": names})
 
 
 def _damage(
@@ -331,13 +319,10 @@ def fisher_damage_asymmetry(
     likelihood: str | Likelihood = "categorical",
     *,
     lr: float = 1.0,
-    labels: LabelSource = "empirical",
     fisher_a: FisherLike | None = None,
     fisher_b: FisherLike | None = None,
     names: tuple[str, str] = ("A", "B"),
-    params: ParamSpec = None,
-    mc_samples: int = 1,
-    output_fn: OutputFn | None = None,
+    **options: Unpack[EstimatorOptions],
 ) -> AsymmetryReport:
     """Damage in both directions between two tasks, and which one is more fragile.
 
@@ -352,13 +337,10 @@ def fisher_damage_asymmetry(
         task_b_batch: the second task's labelled batch (was ``general_batch``, deprecated).
         likelihood: as in :func:`fisher_weighted_damage`.
         lr: as in :func:`fisher_weighted_damage`.
-        labels: as in :func:`fisher_weighted_damage`.
-        params: as in :func:`fisher_weighted_damage`.
-        mc_samples: as in :func:`fisher_weighted_damage`.
-        output_fn: as in :func:`fisher_weighted_damage`.
         fisher_a: the first task's Fisher (estimated from ``task_a_batch`` when None).
         fisher_b: the second task's Fisher (estimated when None).
         names: names of the first and second task, used in ``more_fragile``.
+        **options: as in :func:`fisher_weighted_damage`.
 
     Returns:
         :class:`AsymmetryReport`.
@@ -380,24 +362,21 @@ def fisher_damage_asymmetry(
     if names[0] == names[1]:
         raise ValueError(f"names must differ, got {names}; e.g. names=('math', 'general').")
     lr = check_positive("lr", lr)
+    opts = Options.resolve("fisher_damage_asymmetry", options)
     lik = get_likelihood(likelihood)
-    output_fn = output_fn or default_output_fn
+    output_fn = opts.output_fn or default_output_fn
     # each task's Fisher and mean gradient once, shared by the two directions
-    names1 = _names(model, fisher_a, params, "fisher_a")
-    names2 = _names(model, fisher_b, params, "fisher_b")
-    f1 = _fisher_or_estimate(
-        model, task_a_batch, lik, fisher_a, names1, labels, mc_samples, output_fn
-    )
-    f2 = _fisher_or_estimate(
-        model, task_b_batch, lik, fisher_b, names2, labels, mc_samples, output_fn
-    )
+    names1 = _names(model, fisher_a, opts.params, "fisher_a")
+    names2 = _names(model, fisher_b, opts.params, "fisher_b")
+    f1 = _fisher_or_estimate(model, task_a_batch, lik, fisher_a, names1, opts)
+    f2 = _fisher_or_estimate(model, task_b_batch, lik, fisher_b, names2, opts)
     both = list(dict.fromkeys(names1 + names2))
     g1, n1 = mean_loss_grad(model, task_a_batch, lik, both, output_fn=output_fn, what="task_a_batch")
     g2, n2 = mean_loss_grad(
         model, task_b_batch, lik, both, output_fn=output_fn, what="task_b_batch"
     )
-    to_first = _damage(f1, g1, g2, n1, n2, lr, labels)
-    to_second = _damage(f2, g2, g1, n2, n1, lr, labels)
+    to_first = _damage(f1, g1, g2, n1, n2, lr, opts.labels)
+    to_second = _damage(f2, g2, g1, n2, n1, lr, opts.labels)
     d1, d2 = to_first.damage, to_second.damage
     lr_ = _log_ratio(d1, d2)
     ratio = 1.0 if d1 == d2 else (math.inf if d2 == 0 else d1 / d2)

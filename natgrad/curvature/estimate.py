@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from natgrad.curvature.diagonal import DiagonalFisher
 from natgrad.curvature.protocol import Curvature, curvature_class
-from natgrad.engine.batch import OutputFn
-from natgrad.engine.capture import ENGINES, EngineName, square_sums_auto
+from natgrad.engine.capture import square_sums_auto
 from natgrad.engine.checkpoint import (
     DataCheck,
     check_state,
@@ -24,7 +24,6 @@ from natgrad.engine.checkpoint import (
     save_checkpoint,
 )
 from natgrad.engine.checks import (
-    check_choice,
     check_finite,
     check_fixed_model,
     check_int,
@@ -38,7 +37,8 @@ from natgrad.engine.distributed import (
     resolve_distributed,
 )
 from natgrad.engine.likelihoods import Likelihood
-from natgrad.engine.per_sample import LabelSource, ParamSpec, Plan
+from natgrad.engine.options import EstimatorOptions, Options
+from natgrad.engine.per_sample import Plan
 
 __all__ = ["estimate_curvature", "estimate_fisher", "is_single_batch", "iterate_batches"]
 
@@ -89,18 +89,12 @@ def estimate_fisher(
     data: Any,
     likelihood: str | Likelihood = "categorical",
     *,
-    labels: LabelSource = "empirical",
-    mc_samples: int = 1,
-    params: ParamSpec = None,
-    chunk_size: int | None = None,
     max_batches: int | None = None,
     progress: bool = False,
-    generator: torch.Generator | None = None,
-    output_fn: OutputFn | None = None,
-    engine: EngineName = "auto",
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 10,
     distributed: bool | None = None,
+    **options: Unpack[EstimatorOptions],
 ) -> DiagonalFisher:
     """Estimate the diagonal Fisher ``F_i = (1/N) Σ_n E_y[(∂l_n/∂θ_i)²]`` from exact
     per-sample gradients.
@@ -118,18 +112,8 @@ def estimate_fisher(
             Inputs without the batch dimension (a ``(T, T)`` mask), or wrapped in
             :func:`natgrad.shared`, reach the model whole in every per-sample forward.
         likelihood: name or :class:`natgrad.engine.likelihoods.Likelihood`.
-        labels: ``"empirical"``, ``"mc"`` or ``"exact"``.
-        mc_samples: label draws per sample for ``"mc"``.
-        params: parameters to cover (see :func:`natgrad.select_params`).
-        chunk_size: samples per vmap chunk; memory ``≈ chunk_size × P`` floats.
         max_batches: stop after this many batches.
         progress: show a tqdm progress bar.
-        generator: ``torch.Generator`` for ``"mc"`` (default: seeded with 0).
-        output_fn: maps model outputs to the output tensor (default: tensor or ``.logits``).
-        engine: ``"auto"`` (capture path for Linear/Conv/Embedding parameters, ``vmap``
-            for the rest; see :mod:`natgrad.engine.capture`), ``"fast"`` (the same, but an error
-            when no parameter qualifies) or ``"vmap"`` (general path for everything).
-            The engines agree to float tolerance and use the same MC draws.
         checkpoint: file for resumable passes: partial sums are saved atomically every
             ``checkpoint_every`` batches, and a rerun with the same model, arguments,
             generator and data skips the batches already done (it reads and hashes them
@@ -145,6 +129,10 @@ def estimate_fisher(
             without a process group). ``False``: this process's data only, no
             collective (e.g. on rank 0 alone). An error on any rank makes every rank
             raise :class:`natgrad.DistributedError` at once.
+        **options: the estimator options (:class:`natgrad.EstimatorOptions`):
+            ``labels``, ``mc_samples``, ``params``, ``chunk_size``, ``generator``,
+            ``output_fn``, ``engine``. The engines agree to float tolerance and use the
+            same MC draws.
 
     Returns:
         :class:`DiagonalFisher` with ``n_samples = N``: float64 values for float64
@@ -174,12 +162,13 @@ def estimate_fisher(
         >>> F.n_samples, F["weight"].shape
         (8, torch.Size([3, 4]))
     """
+    opts = Options.resolve("estimate_fisher", options)
     active = resolve_distributed(distributed)
     rank, world = rank_and_world(active)
     try:
         sums, n_total, plan = _local_sums(
-            model, data, likelihood, labels, mc_samples, params, chunk_size, max_batches,
-            progress, generator, output_fn, engine, checkpoint, checkpoint_every, rank, world,
+            model, data, likelihood, opts, max_batches, progress, checkpoint,
+            checkpoint_every, rank, world,
         )  # fmt: skip
     except Exception as exc:
         if not active:
@@ -205,7 +194,7 @@ def estimate_fisher(
     return DiagonalFisher(
         {k: v / n_total for k, v in sums.items()},
         n_total,
-        labels=labels,
+        labels=opts.labels,
         likelihood=plan.lik.name,
     )
 
@@ -248,15 +237,9 @@ def _local_sums(
     model: nn.Module,
     data: Any,
     likelihood: str | Likelihood,
-    labels: str,
-    mc_samples: int,
-    params: ParamSpec,
-    chunk_size: int | None,
+    opts: Options,
     max_batches: int | None,
     progress: bool,
-    generator: torch.Generator | None,
-    output_fn: OutputFn | None,
-    engine: str,
     checkpoint: str | os.PathLike[str] | None,
     checkpoint_every: int,
     rank: int,
@@ -265,11 +248,8 @@ def _local_sums(
     """This process's ``(Σ_n Σ_j w_j g_nj², N, plan)``, resumed from and saved to
     ``checkpoint`` (locked for the pass) when one is given."""
     check_fixed_model(model, "estimate_fisher")
-    check_choice("engine", engine, ENGINES)
-    plan = Plan(
-        model, likelihood, labels, mc_samples, params, output_fn, generator,
-        what="estimate_fisher",
-    )  # fmt: skip
+    plan = Plan.from_options(model, likelihood, opts, what="estimate_fisher")
+    chunk_size, engine = opts.chunk_size, opts.engine
     logger.info(
         "estimate_fisher: %d parameter tensors (%d values), labels=%s, likelihood=%s, "
         "engine=%s",

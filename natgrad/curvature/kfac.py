@@ -72,7 +72,8 @@ from natgrad.engine.batch import OutputFn
 from natgrad.engine.checks import check_choice, check_fixed_model
 from natgrad.engine.common import to_acc
 from natgrad.engine.likelihoods import Likelihood
-from natgrad.engine.per_sample import LabelSource, ParamSpec, Plan, call_model
+from natgrad.engine.options import LabelSource, ParamSpec
+from natgrad.engine.per_sample import Plan, call_model
 from natgrad.engine.report import Report
 
 __all__ = [

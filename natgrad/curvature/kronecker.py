@@ -53,6 +53,7 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from natgrad.curvature.kfac import (
     KFAC_DAMPING,
@@ -67,8 +68,6 @@ from natgrad.curvature.kfac import (
     weight_blocks,
 )
 from natgrad.curvature.protocol import Curvature, Params, register_curvature
-from natgrad.engine.batch import OutputFn
-from natgrad.engine.capture import EngineName
 from natgrad.engine.checks import (
     check_choice,
     check_finite,
@@ -83,7 +82,8 @@ from natgrad.engine.distributed import (
     resolve_distributed,
 )
 from natgrad.engine.likelihoods import Likelihood
-from natgrad.engine.per_sample import LabelSource, ParamSpec, Plan
+from natgrad.engine.options import EstimatorOptions, Options
+from natgrad.engine.per_sample import Plan
 
 __all__ = ["KroneckerFisher", "FactorMemoryError", "KRONECKER_KINDS"]
 
@@ -312,19 +312,13 @@ class KroneckerFisher(Curvature):
         likelihood: str | Likelihood = "categorical",
         *,
         kind: str = "kfac",
-        labels: LabelSource = "empirical",
-        mc_samples: int = 1,
-        params: ParamSpec = None,
-        generator: torch.Generator | None = None,
-        output_fn: OutputFn | None = None,
         max_batches: int | None = None,
         progress: bool = False,
         max_factor_dim: int | None = None,
         max_factor_bytes: int | None = None,
-        chunk_size: int | None = None,
-        engine: EngineName = "auto",
         distributed: bool | None = None,
         damping_mode: str = "exact",
+        **options: Unpack[EstimatorOptions],
     ) -> KroneckerFisher:
         """Estimate the K-FAC (``kind="kfac"``) or EKFAC (``"ekfac"``) Fisher of ``model``.
 
@@ -340,27 +334,22 @@ class KroneckerFisher(Curvature):
                 list or a DataLoader), not a one-shot iterator.
             likelihood: name or :class:`~natgrad.Likelihood`.
             kind: ``"kfac"`` or ``"ekfac"``.
-            labels: ``"empirical"``, ``"mc"`` (``mc_samples`` draws, weight ``1/k``) or
-                ``"exact"``.
-            mc_samples: label draws per sample for ``"mc"``.
-            params: parameters to cover (see :func:`natgrad.select_params`).
-            generator: for ``"mc"`` (default: seeded with 0); every pass uses the same
-                draws.
-            output_fn: maps the model's output to the output tensor.
             max_batches: stop after this many batches.
             progress: show a tqdm progress bar.
             max_factor_dim: a factor side (``d_A`` or ``d_G``) larger than this is kept
                 diagonal (``A_ii`` / ``G_ii``); None: no limit.
             max_factor_bytes: the memory the factors (and their eigenbases) may take;
                 default: the available memory of the device.
-            chunk_size: samples per chunk for the diagonal part's vmap path.
-            engine: the diagonal part's engine (see :func:`natgrad.estimate_fisher`).
             distributed: all-reduce the statistics over ``torch.distributed`` ranks
                 (each rank passes its own shard); None: when a process group is
                 initialized. EKFAC re-fits ``s`` in the eigenbasis of the reduced factors,
                 so every rank gets what one process gets on all the shards.
             damping_mode: ``"exact"`` or ``"factored"``, how :meth:`solve` damps (see the
                 class doc).
+            **options: the estimator options (:class:`natgrad.EstimatorOptions`):
+                ``labels`` (``"mc"`` draws weigh ``1/k``; every pass uses the same
+                draws), ``mc_samples``, ``params``, ``generator``, ``output_fn``, and
+                ``chunk_size`` and ``engine`` for the diagonal part.
 
         Returns:
             :class:`KroneckerFisher` with ``n_samples = N``.
@@ -372,17 +361,18 @@ class KroneckerFisher(Curvature):
             FloatingPointError: NaN or Inf in the statistics.
         """
         from natgrad.curvature.estimate import is_single_batch, iterate_batches, with_progress
-        from natgrad.engine.capture import ENGINES, square_sums_auto
+        from natgrad.engine.capture import square_sums_auto
 
         kind = check_choice("kind", kind, KRONECKER_KINDS)
-        check_choice("engine", engine, ENGINES)
+        opts = Options.resolve(f"estimate_curvature(kind={kind!r})", options)
+        labels, chunk_size, engine = opts.labels, opts.chunk_size, opts.engine
         check_choice("damping_mode", damping_mode, KFAC_DAMPING)
         max_factor_dim = check_int("max_factor_dim", max_factor_dim, 1, optional=True)
         max_factor_bytes = check_int("max_factor_bytes", max_factor_bytes, 1, optional=True)
         dist_on = resolve_distributed(distributed, f"estimate_curvature(kind={kind!r})")
         what = f"estimate_curvature(kind={kind!r})"
         check_fixed_model(model, what)
-        plan = Plan(model, likelihood, labels, mc_samples, params, output_fn, generator, what=what)
+        plan = Plan.from_options(model, likelihood, opts, what=what)
         layers, reasons = kfac_coverage(model, plan.params)
         if not layers:
             raise ValueError(

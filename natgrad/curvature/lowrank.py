@@ -41,9 +41,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from natgrad.curvature.protocol import Curvature, Params, register_curvature
-from natgrad.engine.batch import OutputFn
 from natgrad.engine.checks import (
     check_choice,
     check_finite,
@@ -58,7 +58,8 @@ from natgrad.engine.distributed import (
     resolve_distributed,
 )
 from natgrad.engine.likelihoods import Likelihood
-from natgrad.engine.per_sample import LabelSource, ParamSpec, Plan, per_sample_grads
+from natgrad.engine.options import EstimatorOptions, Options
+from natgrad.engine.per_sample import Plan, per_sample_grads
 
 __all__ = ["gram_eigen", "woodbury_solve", "LowRankFisher"]
 
@@ -285,21 +286,18 @@ class LowRankFisher(Curvature):
         likelihood: str | Likelihood = "categorical",
         *,
         kind: str = "lowrank",
-        labels: LabelSource = "empirical",
-        mc_samples: int = 1,
-        params: ParamSpec = None,
         rank: int | None = None,
-        generator: torch.Generator | None = None,
-        output_fn: OutputFn | None = None,
-        chunk_size: int | None = None,
         max_batches: int | None = None,
         progress: bool = False,
         distributed: bool | None = None,
+        **options: Unpack[EstimatorOptions],
     ) -> LowRankFisher:
         """Collect the rows (exact per-sample gradients, :func:`natgrad.per_sample_grads`)
         of every batch of ``data``; with ``torch.distributed`` (``distributed=None``: when
         a process group is initialized) the rows of all ranks are gathered, so every rank
-        holds the Fisher of all shards.
+        holds the Fisher of all shards. ``rank`` keeps the top-``rank`` eigenpairs;
+        ``**options`` are the estimator options (:class:`natgrad.EstimatorOptions`;
+        ``engine`` is not taken: the rows are the per-sample gradients themselves).
 
         Raises:
             ValueError: no samples, bad options.
@@ -308,11 +306,13 @@ class LowRankFisher(Curvature):
         from natgrad.curvature.estimate import iterate_batches, with_progress
 
         check_choice("kind", kind, ("lowrank",))
+        opts = Options.resolve("estimate_curvature(kind='lowrank')", options,
+                               unsupported=("engine",))
         rank = check_int("rank", rank, 1, optional=True)
         dist_on = resolve_distributed(distributed, "estimate_curvature(kind='lowrank')")
         what = "estimate_curvature(kind='lowrank')"
         check_fixed_model(model, what)
-        plan = Plan(model, likelihood, labels, mc_samples, params, output_fn, generator, what=what)
+        plan = Plan.from_options(model, likelihood, opts, what=what)
         shapes = {k: tuple(p.shape) for k, p in plan.params.items()}
         gen = plan.generator
         rows, n = [], 0
@@ -321,9 +321,10 @@ class LowRankFisher(Curvature):
         error = None  # under torch.distributed, a failure on one rank reaches every rank
         try:
             for batch in batches:
-                g = per_sample_grads(model, batch, likelihood, labels=labels, mc_samples=mc_samples,
-                                     params=list(shapes), chunk_size=chunk_size, generator=gen,
-                                     output_fn=output_fn)
+                g = per_sample_grads(model, batch, likelihood, labels=opts.labels,
+                                     mc_samples=opts.mc_samples, params=list(shapes),
+                                     chunk_size=opts.chunk_size, generator=gen,
+                                     output_fn=opts.output_fn)
                 first = g[next(iter(shapes))]
                 lead = first.shape[: first.dim() - len(shapes[next(iter(shapes))])]
                 r = torch.cat([to_acc(g[k]).reshape(*lead, -1) for k in shapes], -1)
@@ -349,7 +350,7 @@ class LowRankFisher(Curvature):
             )
         check_finite("the per-sample gradients (their Gram matrix)", (R.double() ** 2).sum(),
                      "Check the inputs, the model's outputs and the labels for NaN/Inf.")
-        return cls(R, n, shapes, rank=rank, labels=labels, likelihood=plan.lik.name)
+        return cls(R, n, shapes, rank=rank, labels=opts.labels, likelihood=plan.lik.name)
 
     # -- linear algebra -----------------------------------------------------------------
     def _vec(self, v: Params) -> torch.Tensor:

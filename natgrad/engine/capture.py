@@ -39,7 +39,7 @@ import logging
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast, get_args
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -49,15 +49,13 @@ from natgrad.engine.batch import Batch
 from natgrad.engine.capture_ops import CaptureMode, ProbeMode, zero_perturbation
 from natgrad.engine.checks import check_int
 from natgrad.engine.common import acc_dtype
+from natgrad.engine.options import ENGINES
 from natgrad.engine.per_sample import Plan, call_model, square_sums
 
 __all__ = ["ENGINES"]  # the rest is used by natgrad.curvature.estimate
 
 logger = logging.getLogger(__name__)
 
-#: ``estimate_fisher(engine=...)``: the capture path where it applies (auto), or one engine.
-EngineName = Literal["auto", "vmap", "fast"]
-ENGINES: tuple[EngineName, ...] = get_args(EngineName)
 _FORWARDS = {
     nn.Linear: nn.Linear.forward,
     nn.Conv1d: nn.Conv1d.forward,

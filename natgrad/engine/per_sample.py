@@ -30,12 +30,13 @@ import copy
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal, NoReturn, get_args, overload
+from typing import Any, NoReturn, overload
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
+from typing_extensions import Unpack
 
 from natgrad.engine.batch import (
     Batch,
@@ -56,18 +57,12 @@ from natgrad.engine.checks import (
 )
 from natgrad.engine.common import acc_dtype, to_acc, vjp_pair
 from natgrad.engine.likelihoods import Likelihood, TokenCategorical, get_likelihood
+from natgrad.engine.options import LABEL_SOURCES, EstimatorOptions, Options, ParamSpec
 
 __all__ = ["per_sample_grads", "select_params", "LABEL_SOURCES", "ParamSpec"]
 
 logger = logging.getLogger(__name__)
 
-#: The label sources: the data's labels, ``k`` seeded draws from the model, or the
-#: closed-form expectation through a symmetric factor of the output Hessian.
-LabelSource = Literal["empirical", "mc", "exact"]
-LABEL_SOURCES: tuple[LabelSource, ...] = get_args(LabelSource)
-ParamSpec = (
-    None | Sequence[str] | Callable[[str, nn.Parameter], bool] | Sequence[nn.Module] | nn.Module
-)
 _EXACT_COLUMNS = 32  # exact-label factor columns built at once per sample
 CHUNK_FLOATS = 2**25  # default chunk: about 128 MiB of float32 per-sample gradients
 
@@ -158,6 +153,16 @@ class Plan:
         self.device = model_device(model)
         self.P = sum(p.numel() for p in self.params.values())
         self.batches_seen = 0  # batches parsed so far; names the batch in forward errors
+
+    @classmethod
+    def from_options(
+        cls, model: nn.Module, likelihood: str | Likelihood, opts: Options, *, what: str
+    ) -> Plan:
+        """The plan of resolved estimator options (:class:`natgrad.engine.options.Options`)."""
+        return cls(
+            model, likelihood, opts.labels, opts.mc_samples, opts.params, opts.output_fn,
+            opts.generator, what=what,
+        )  # fmt: skip
 
     # -- labels ------------------------------------------------------------------
     def prepare(self, batch: Any) -> tuple[Batch, torch.Tensor | None, torch.Tensor | None]:
@@ -656,13 +661,7 @@ def per_sample_grads(
     model: nn.Module,
     batch: Any,
     likelihood: str | Likelihood = "categorical",
-    *,
-    labels: LabelSource = "empirical",
-    mc_samples: int = 1,
-    params: ParamSpec = None,
-    chunk_size: int | None = None,
-    generator: torch.Generator | None = None,
-    output_fn: OutputFn | None = None,
+    **options: Unpack[EstimatorOptions],
 ) -> dict[str, torch.Tensor]:
     """Exact per-sample gradients ``g_n = ∇θ l_n`` of the per-sample negative log-likelihood.
 
@@ -682,12 +681,10 @@ def per_sample_grads(
             every sample whole.
         likelihood: ``"categorical"``, ``"gaussian"``, ``"bernoulli"``,
             ``"token_categorical"`` or a :class:`natgrad.engine.likelihoods.Likelihood`.
-        labels: ``"empirical"``, ``"mc"`` or ``"exact"``.
-        mc_samples: labels drawn per sample for ``labels="mc"``.
-        params: which parameters (see :func:`select_params`).
-        chunk_size: samples per vmap chunk (memory ``≈ chunk_size × P``).
-        generator: ``torch.Generator`` for ``mc`` draws (default: seeded with 0).
-        output_fn: maps the model output to the output tensor (default: tensor or ``.logits``).
+        **options: the estimator options (:class:`natgrad.EstimatorOptions`):
+            ``labels``, ``mc_samples``, ``params``, ``chunk_size``, ``generator``,
+            ``output_fn`` (``engine`` is not taken: this function always returns the
+            per-sample gradients themselves).
 
     Warns:
         RuntimeWarning: once, when ``vmap`` fails on the model (e.g. ``nn.GRU``) and the
@@ -717,13 +714,11 @@ def per_sample_grads(
         >>> g["weight"].shape
         torch.Size([5, 2, 3])
     """
-    plan = Plan(
-        model, likelihood, labels, mc_samples, params, output_fn, generator,
-        what="per_sample_grads",
-    )
+    opts = Options.resolve("per_sample_grads", options, unsupported=("engine",))
+    plan = Plan.from_options(model, likelihood, opts, what="per_sample_grads")
     b, target, draws = plan.prepare(batch)
-    chunks = [r for _, r in plan.run(b, target, draws, "grads", chunk_size)]
-    squeeze = labels == "empirical" or (labels == "mc" and plan.k == 1)
+    chunks = [r for _, r in plan.run(b, target, draws, "grads", opts.chunk_size)]
+    squeeze = plan.labels == "empirical" or (plan.labels == "mc" and plan.k == 1)
     out = {}
     for k in plan.params:
         g = torch.cat([c[k] for c in chunks])

@@ -35,7 +35,8 @@ from natgrad.engine.checks import (
 )
 from natgrad.engine.distributed import is_distributed
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
-from natgrad.engine.per_sample import LABEL_SOURCES, ParamSpec, select_params
+from natgrad.engine.options import LABEL_SOURCES, ParamSpec
+from natgrad.engine.per_sample import select_params
 from natgrad.engine.report import Report
 
 __all__ = ["FisherPreconditioner", "PreconditionStep", "KINDS", "KIND_ALIASES", "SOURCES"]

@@ -36,7 +36,7 @@ from torch import nn
 from natgrad.engine.batch import OutputFn, default_output_fn, parse_batch
 from natgrad.engine.checks import check_choice, check_no_batch_mixing, check_no_train_dropout
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
-from natgrad.engine.per_sample import LabelSource
+from natgrad.engine.options import LabelSource
 from natgrad.pruning.attention import from_multihead
 from natgrad.pruning.search import (
     BudgetError,

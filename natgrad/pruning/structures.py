@@ -48,7 +48,7 @@ from natgrad.engine.batch import OutputFn, default_output_fn, parse_batch
 from natgrad.engine.checks import check_choice, check_finite, check_int, check_no_batch_mixing
 from natgrad.engine.common import acc_dtype
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
-from natgrad.engine.per_sample import LabelSource
+from natgrad.engine.options import LabelSource
 
 __all__ = [
     "UnsupportedStructureError",

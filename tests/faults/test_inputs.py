@@ -534,3 +534,53 @@ def test_empty_batch(path):
 def test_no_batches_at_all():
     with pytest.raises(ValueError, match=r"No samples"):
         natgrad.estimate_fisher(_mlp(), [])
+
+
+# -- estimator options (natgrad.EstimatorOptions): misspelt, refused or bad values ----------
+
+_ESTIMATORS = {
+    "estimate_fisher": lambda m, b, **o: natgrad.estimate_fisher(m, b, **o),
+    "per_sample_grads": lambda m, b, **o: natgrad.per_sample_grads(m, b, **o),
+    "kfac": lambda m, b, **o: natgrad.estimate_curvature(m, b, kind="kfac", **o),
+    "lowrank": lambda m, b, **o: natgrad.estimate_curvature(m, b, kind="lowrank", **o),
+    "directions": lambda m, b, **o: natgrad.top_fisher_directions(m, b, k=1, **o),
+    "damage": lambda m, b, **o: natgrad.fisher_weighted_damage(m, b, b, **o),
+}
+
+
+@pytest.mark.parametrize("fn", list(_ESTIMATORS))
+def test_misspelt_option_is_named(fn):
+    model, (x, y) = _mlp(), _data(None)
+    with pytest.raises(TypeError, match="unknown option.*'mc_sample'.*mc_samples"):
+        _ESTIMATORS[fn](model, (x, y), mc_sample=2)
+
+
+@pytest.mark.parametrize(
+    "fn, option, value",
+    [
+        ("estimate_fisher", "labels", "empiric"),
+        ("kfac", "labels", "Exact"),
+        ("damage", "engine", "quick"),
+        ("per_sample_grads", "mc_samples", 0),
+        ("lowrank", "chunk_size", 0),
+        ("directions", "mc_samples", 1.5),
+    ],
+)
+def test_bad_option_value_is_named(fn, option, value):
+    model, (x, y) = _mlp(), _data(None)
+    with pytest.raises(ValueError, match=option):
+        _ESTIMATORS[fn](model, (x, y), **{option: value})
+
+
+@pytest.mark.parametrize("fn", ["estimate_fisher", "kfac", "damage"])
+def test_generator_of_wrong_type(fn):
+    model, (x, y) = _mlp(), _data(None)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator.*manual_seed"):
+        _ESTIMATORS[fn](model, (x, y), labels="mc", generator=0)
+
+
+@pytest.mark.parametrize("fn", ["per_sample_grads", "lowrank", "directions"])
+def test_option_a_function_cannot_honour(fn):
+    model, (x, y) = _mlp(), _data(None)
+    with pytest.raises(TypeError, match="does not take the option.*'engine'"):
+        _ESTIMATORS[fn](model, (x, y), engine="vmap")
