@@ -329,3 +329,9 @@ class DenseCurvature(Curvature):
 def dense_copy(curv, shapes: dict, kind: str = "dense") -> DenseCurvature:
     """A :class:`DenseCurvature` holding ``curv``'s matrix read off through ``mv``."""
     return DenseCurvature(dense_from_mv(curv, shapes), shapes, curv.n_samples, kind)
+
+
+def random_diag_fisher(model: nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A positive random diagonal Fisher ``{name: U(0, 1)}`` shaped like the parameters."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.rand(p.shape, generator=g, dtype=p.dtype) for k, p in model.named_parameters()}

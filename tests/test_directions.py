@@ -6,7 +6,6 @@ from torch import nn
 
 from natgrad import estimate_fisher
 from natgrad.directions import top_fisher_directions
-from natgrad.metrics import MetricContext, SignatureType, registry
 from tests.reference import ce_sum, loop_grads
 
 # -- references -----------------------------------------------------------------------------
@@ -174,15 +173,3 @@ def test_rank_deficient_fisher_errors(method):
 
 
 # -- metric ---------------------------------------------------------------------------------
-
-
-def test_metric_registered(mlp_case):
-    model, x, y = mlp_case
-    spec = registry.describe("top_fisher_directions")
-    assert spec["signature"] == SignatureType.STANDARD.value
-    assert set(spec["needs"]) == {"model", "batch"}
-    ctx = MetricContext(models=[model], batches=[(x, y)], labels="exact")
-    d = registry.compute_with_context("top_fisher_directions", ctx, k=3)
-    lam, _ = top_eigh(dense_exact_fisher(model, x), 3)
-    torch.testing.assert_close(d.eigenvalues, lam, rtol=1e-5, atol=0)
-    assert d.labels == "exact"

@@ -8,8 +8,6 @@ from torch import nn
 
 from natgrad import DiagonalFisher, Gaussian, estimate_fisher
 from natgrad.laplace import fisher_uncertainty, optimize_prior_precision
-from natgrad.metrics import MetricContext, SignatureType, registry
-from tests.conftest import mlp
 
 # -- references -----------------------------------------------------------------------------
 
@@ -331,29 +329,6 @@ def test_bad_inputs(mlp_case):
 
 
 # -- metric ---------------------------------------------------------------------------------
-
-
-def test_metric_registered_and_uses_context_fisher(mlp_case):
-    model, x, y = mlp_case
-    spec = registry.describe("fisher_uncertainty")
-    assert spec["signature"] == SignatureType.STANDARD.value
-    assert set(spec["needs"]) == {"model", "batch", "fisher"}
-    fisher = random_fisher(model, n=40)
-    ctx = MetricContext(models=[model], batches=[(x, y)], fisher={"task_0": fisher})
-    r = registry.compute_with_context("fisher_uncertainty", ctx, prior_precision=0.5)
-    ref = jacobian_loop_variance(model, x, fisher, list(fisher), 40, 0.5)
-    torch.testing.assert_close(r.logit_variance, ref, rtol=1e-10, atol=1e-12)
-
-
-def test_metric_estimates_fisher_when_absent():
-    torch.manual_seed(0)
-    model = mlp((3, 4, 2)).double()
-    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
-    ctx = MetricContext(models=[model], batches=[(x, y)])
-    r = registry.compute_with_context("fisher_uncertainty", ctx)
-    fisher = ctx.batch_fisher(0)
-    ref = jacobian_loop_variance(model, x, fisher, list(fisher), 6, 1.0)
-    torch.testing.assert_close(r.logit_variance, ref, rtol=1e-6, atol=1e-9)
 
 
 # -- DataLoader input and grid edges ---------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from natgrad import DiagonalFisher, estimate_fisher, fisher_weighted_merge
+from natgrad import DiagonalFisher, fisher_weighted_merge
 from tests.conftest import mlp
 from tests.reference import assert_close_dict
 
@@ -204,33 +204,6 @@ def test_merge_errors():
         fisher_weighted_merge(a, b)
     with pytest.raises(ValueError, match="fisher_weights is only for the two-model form"):
         fisher_weighted_merge([a, b], [fa, fb], [fa, fb])
-
-
-def test_merge_metric(mlp_case):
-    from natgrad.metrics import MetricContext, SignatureType, registry
-
-    model, x, y = mlp_case
-    torch.manual_seed(3)
-    other = mlp().double()
-    assert registry.describe("fisher_weighted_merge")["signature"] == SignatureType.TWO_MODELS.value
-    # no Fishers in the context: model i's Fisher on batch i
-    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
-    ctx = MetricContext(models=[model, other], batches=batches)
-    merged = registry.compute_with_context("fisher_weighted_merge", ctx, floor=0.0)
-    fishers = [estimate_fisher(model, batches[0]), estimate_fisher(other, batches[1])]
-    ref = fisher_weighted_merge([model, other], fishers, floor=0.0)
-    assert_close_dict(dict(merged.named_parameters()), dict(ref.named_parameters()), rtol=0, atol=0)
-    assert ctx.fisher == {}  # model-i Fishers are not cached as models[0]'s
-    # given Fishers are used as they are
-    given = [
-        DiagonalFisher(f, 1) for f in _fishers([model, other], names=("0.weight",), zero_frac=0)
-    ]
-    ctx = MetricContext(
-        models=[model, other], fisher={"a": given[0], "b": given[1]}, tasks=["a", "b"]
-    )
-    merged = registry.compute_with_context("fisher_weighted_merge", ctx)
-    ref = fisher_weighted_merge([model, other], given)
-    assert_close_dict(dict(merged.named_parameters()), dict(ref.named_parameters()), rtol=0, atol=0)
 
 
 def test_merge_pruned_models_keeps_first_mask():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from natgrad import DiagonalFisher, compare_task_fisher, estimate_fisher
+from natgrad import compare_task_fisher
 
 
 def _psd_sqrt(m: np.ndarray) -> np.ndarray:
@@ -104,26 +104,6 @@ def test_zero_layer_gives_nan_and_json_none():
     assert math.isnan(r.per_layer["head"].frechet_overlap)
     assert r.to_dict()["per_layer"]["head"]["cosine"] is None
     assert 0.0 < r.frechet_overlap < 1.0
-
-
-def test_with_estimated_fishers_and_metric():
-    from natgrad.metrics import MetricContext, registry
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    a = (torch.randn(12, 4), torch.randint(0, 3, (12,)))
-    b = (torch.randn(12, 4) + 2, torch.randint(0, 3, (12,)))
-    F1, F2 = estimate_fisher(model, a), estimate_fisher(model, b)
-    assert isinstance(F1, DiagonalFisher)
-    direct = compare_task_fisher(F1, F2, top_k=10)
-    assert registry.describe("compare_task_fisher")["signature"] == "fisher_based"
-    ctx = MetricContext(fisher={"math": F1, "general": F2}, tasks=["math", "general"])
-    via = registry.compute_with_context("compare_task_fisher", ctx, top_k=10)
-    assert via.to_dict() == direct.to_dict()
-    est = MetricContext(models=[model], batches=[a, b])
-    assert registry.compute_with_context("compare_task_fisher", est, top_k=10).to_dict() == (
-        direct.to_dict()
-    )
 
 
 def test_errors():

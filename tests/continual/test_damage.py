@@ -230,32 +230,3 @@ def test_errors(mlp_case):
         fisher_weighted_damage(model, (x, y), (x, y), fisher_a={"0.weight": torch.ones(2)})
     with pytest.raises(ValueError, match="names must differ"):
         fisher_damage_asymmetry(model, (x, y), (x, y), names=("t", "t"))
-
-
-def test_metrics_registered(mlp_case):
-    from natgrad.metrics import MetricContext, registry
-
-    model, x, y = mlp_case
-    a, b = (x[:4], y[:4]), (x[4:], y[4:])
-    assert registry.describe("fisher_weighted_damage")["signature"] == "dual_batch"
-    assert registry.describe("fisher_damage_asymmetry")["signature"] == "dual_batch"
-    ctx = MetricContext(models=[model], batches=[a, b], tasks=["math", "general"])
-    r = registry.compute_with_context("fisher_weighted_damage", ctx, lr=0.1)
-    assert r.damage == pytest.approx(fisher_weighted_damage(model, a, b, lr=0.1).damage)
-    s = registry.compute_with_context("fisher_damage_asymmetry", ctx)
-    assert s.names == ("math", "general")
-    assert s.log_ratio == pytest.approx(fisher_damage_asymmetry(model, a, b).log_ratio)
-    F = estimate_fisher(model, a, labels="exact")
-    ctx2 = MetricContext(models=[model], batches=[a, b], fisher={"task_0": F})
-    r2 = registry.compute_with_context("fisher_weighted_damage", ctx2)
-    assert r2.labels == "exact"
-    # the context estimates each task's Fisher once and caches it for the other metrics
-    assert ctx.fisher == {}  # cached apart from the user's Fishers
-    cached = [ctx.batch_fisher(0), ctx.batch_fisher(1)]
-    registry.compute_with_context("fisher_weighted_damage", ctx, lr=0.1)
-    assert ctx.batch_fisher(0) is cached[0] and ctx.batch_fisher(1) is cached[1]
-    # options that change the estimate: the metric estimates its own, the cache stays
-    ctx3 = MetricContext(models=[model], batches=[a, b])
-    r3 = registry.compute_with_context("fisher_weighted_damage", ctx3, labels="exact")
-    assert r3.labels == "exact" and ctx3.fisher == {}
-    assert r3.damage == pytest.approx(fisher_weighted_damage(model, a, b, fisher_a=F).damage)

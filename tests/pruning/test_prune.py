@@ -13,7 +13,6 @@ from torch import nn
 from torch.nn.utils import prune
 
 from natgrad import (
-    DiagonalFisher,
     apply_masks,
     estimate_fisher,
     fisher_importance,
@@ -21,12 +20,7 @@ from natgrad import (
     make_permanent,
     mask_overlap,
 )
-from tests.reference import assert_close_dict, ce_sum, loop_grads
-
-
-def _rand_fisher(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.rand(p.shape, generator=g, dtype=p.dtype) for k, p in model.named_parameters()}
+from tests.reference import assert_close_dict, ce_sum, loop_grads, random_diag_fisher
 
 
 def _rand_importance(shapes, seed=2):
@@ -47,7 +41,7 @@ def _ranked(scores):
 
 def test_importance_matches_elementwise_formula(mlp_case):
     model, _, _ = mlp_case
-    F = _rand_fisher(model)
+    F = random_diag_fisher(model)
     raw = fisher_importance(F, model, normalize=False)
     expected = {}
     for k, p in model.named_parameters():
@@ -62,7 +56,7 @@ def test_importance_matches_elementwise_formula(mlp_case):
 
 def test_importance_does_not_mutate_inputs(mlp_case):
     model, _, _ = mlp_case
-    F = _rand_fisher(model)
+    F = random_diag_fisher(model)
     before = (
         {k: v.clone() for k, v in F.items()},
         {k: p.clone() for k, p in model.state_dict().items()},
@@ -198,7 +192,7 @@ def test_threshold_global_and_layer():
 
 def test_structured_channel_removes_whole_rows(cnn_case):
     model, _, _ = cnn_case
-    F = _rand_fisher(model, seed=3)
+    F = random_diag_fisher(model, seed=3)
     imp = fisher_importance(F, model)
     masks = fisher_pruning_masks(imp, sparsity=0.5, structured="channel")
     # conv and linear weights, plus the biases of their pruned rows
@@ -233,7 +227,7 @@ def test_structured_channel_removes_whole_rows(cnn_case):
 
 def test_structured_removed_channel_outputs_zero(cnn_case):
     model, x, _ = cnn_case
-    imp = fisher_importance(_rand_fisher(model, seed=4), model)
+    imp = fisher_importance(random_diag_fisher(model, seed=4), model)
     masks = fisher_pruning_masks(imp, sparsity=0.4, structured="channel", scope="layer")
     apply_masks(model, masks)
     dead = (~masks["c1.weight"].reshape(3, -1)[:, 0]).nonzero().reshape(-1)
@@ -288,7 +282,7 @@ def test_mask_errors():
 def test_apply_masks_uses_torch_prune_and_engine_still_works(mlp_case):
     model, x, y = mlp_case
     w0 = model[0].weight.detach().clone()
-    imp = fisher_importance(_rand_fisher(model), model)
+    imp = fisher_importance(random_diag_fisher(model), model)
     masks = fisher_pruning_masks(imp, sparsity=0.5, scope="layer")
     saved = {k: v.clone() for k, v in masks.items()}
     assert apply_masks(model, masks) is model
@@ -394,33 +388,3 @@ def test_overlap_empty_sets_and_mismatch():
 
 
 # -- metrics -------------------------------------------------------------------------------
-
-
-def test_pruning_metrics(mlp_case):
-    from natgrad.metrics import MetricContext, SignatureType, registry
-
-    model, x, y = mlp_case
-    for name, sig in [
-        ("fisher_importance", SignatureType.FISHER_BASED),
-        ("fisher_pruning_masks", SignatureType.FISHER_BASED),
-        ("mask_overlap", SignatureType.PREPROCESSED),
-    ]:
-        assert registry.describe(name)["signature"] == sig.value
-    F = DiagonalFisher(_rand_fisher(model), 9)
-    ctx = MetricContext(models=[model], fisher={"general": F}, tasks=["general"])
-    imp = registry.compute_with_context("fisher_importance", ctx)
-    assert_close_dict(imp, fisher_importance(F, model), rtol=0, atol=0)
-    masks = registry.compute_with_context("fisher_pruning_masks", ctx)  # default sparsity 0.5
-    assert sum(int((~m).sum()) for m in masks.values()) == int(0.5 * (35 + 28) + 0.5)
-    ctx.options["fisher_pruning_masks"] = {"threshold": 1e-2, "scope": "layer"}
-    thr = registry.compute_with_context("fisher_pruning_masks", ctx)
-    expected = fisher_pruning_masks(fisher_importance(F, model), threshold=1e-2, scope="layer")
-    assert all(torch.equal(thr[k], expected[k]) for k in expected)
-    # estimated from models[0] and the batch when no Fisher is given
-    est = MetricContext(models=[model], batches=[(x, y)])
-    imp2 = registry.compute_with_context("fisher_importance", est, normalize=False)
-    assert_close_dict(
-        imp2, fisher_importance(estimate_fisher(model, (x, y)), model, normalize=False)
-    )
-    ov = registry.compute_with_context("mask_overlap", MetricContext(masks=[masks, thr]))
-    assert ov.total.jaccard == mask_overlap(masks, thr).total.jaccard
