@@ -28,7 +28,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -46,7 +46,8 @@ from natgrad.engine.report import Report, to_jsonable
 
 __all__ = ["FisherDirections", "top_fisher_directions"]
 
-METHODS = ("gram", "lanczos")
+Method = Literal["gram", "lanczos"]
+METHODS: tuple[Method, ...] = get_args(Method)
 
 
 @dataclass
@@ -314,7 +315,7 @@ def top_fisher_directions(
     k: int = 10,
     likelihood: str | Likelihood = "categorical",
     *,
-    method: Literal["gram", "lanczos"] = "gram",
+    method: Method = "gram",
     max_iter: int | None = None,
     tol: float | None = None,
     seed: int = 0,

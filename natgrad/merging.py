@@ -10,7 +10,7 @@ rows are merged with the input Gram matrices ``A_m`` alone (:func:`regmean_merge
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast, get_args
 
 import torch
 from torch import nn
@@ -30,7 +30,8 @@ from natgrad.pruning.pruned import deepcopy_model, mask_buffer_names, refresh_pr
 
 __all__ = ["fisher_weighted_merge", "regmean_merge"]
 
-MERGE_METHODS = ("auto", "dense", "cg")
+MergeMethod = Literal["auto", "dense", "cg"]
+MERGE_METHODS: tuple[MergeMethod, ...] = get_args(MergeMethod)
 #: block-diagonal kinds: one system per module
 _BLOCK_KINDS = ("diag", "kfac", "ekfac")
 
@@ -47,7 +48,7 @@ def fisher_weighted_merge(
     weights: Sequence[float] | None = None,
     floor: float = 1e-8,
     normalize: bool = False,
-    method: str = "auto",
+    method: MergeMethod = "auto",
     dense_max: int = 2048,
     cg_iters: int = 500,
     cg_tol: float = 1e-8,

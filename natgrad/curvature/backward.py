@@ -28,7 +28,7 @@ their samples (each scaled by its own ``N``).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -44,7 +44,8 @@ from natgrad.engine.checks import check_choice
 
 __all__ = ["BackwardCapture", "LOSS_REDUCTIONS"]
 
-LOSS_REDUCTIONS = ("mean", "sum")
+LossReduction = Literal["mean", "sum"]
+LOSS_REDUCTIONS: tuple[LossReduction, ...] = get_args(LossReduction)
 
 
 class BackwardCapture:
@@ -67,7 +68,7 @@ class BackwardCapture:
         model: nn.Module,
         params: Mapping[str, nn.Parameter],
         *,
-        loss_reduction: str = "mean",
+        loss_reduction: LossReduction = "mean",
     ):
         self.loss_reduction = check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
         layers, reasons = kfac_coverage(model, params)

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -684,7 +684,8 @@ def kfac_eigen(A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"QA": QA, "dA": dA.clamp_min(0), "QG": QG, "dG": dG.clamp_min(0)}
 
 
-KFAC_DAMPING = ("factored", "exact")
+KfacDamping = Literal["factored", "exact"]
+KFAC_DAMPING: tuple[KfacDamping, ...] = get_args(KfacDamping)
 
 
 def _pi(ma: float, mg: float) -> float:

@@ -49,7 +49,7 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any, Literal, cast, get_args
 
 import torch
 from torch import nn
@@ -57,6 +57,7 @@ from typing_extensions import Unpack
 
 from natgrad.curvature.kfac import (
     KFAC_DAMPING,
+    KfacDamping,
     KFACLayer,
     capture,
     factor_stats,
@@ -89,7 +90,8 @@ __all__ = ["KroneckerFisher", "FactorMemoryError", "KRONECKER_KINDS"]
 
 _log = logging.getLogger("natgrad")
 _FORMAT = "natgrad.KroneckerFisher"
-KRONECKER_KINDS = ("kfac", "ekfac")
+KroneckerKind = Literal["kfac", "ekfac"]
+KRONECKER_KINDS: tuple[KroneckerKind, ...] = get_args(KroneckerKind)
 _BLOCK_FLOATS = 2**24  # per-sample gradient floats per EKFAC chunk (64 MiB of float32)
 
 
@@ -274,7 +276,7 @@ class KroneckerFisher(Curvature):
         labels: str = "empirical",
         likelihood: str = "categorical",
         order: list[str] | None = None,
-        damping_mode: str = "exact",
+        damping_mode: KfacDamping = "exact",
     ):
         self.kind = check_choice("kind", kind, KRONECKER_KINDS)
         self.damping_mode = check_choice("damping_mode", damping_mode, KFAC_DAMPING)
@@ -317,7 +319,7 @@ class KroneckerFisher(Curvature):
         max_factor_dim: int | None = None,
         max_factor_bytes: int | None = None,
         distributed: bool | None = None,
-        damping_mode: str = "exact",
+        damping_mode: KfacDamping = "exact",
         **options: Unpack[EstimatorOptions],
     ) -> KroneckerFisher:
         """Estimate the K-FAC (``kind="kfac"``) or EKFAC (``"ekfac"``) Fisher of ``model``.
@@ -486,7 +488,7 @@ class KroneckerFisher(Curvature):
                    order=[k for k in plan.params if k in covered], damping_mode=damping_mode)
 
     @classmethod
-    def from_capture(cls, capture: Any, *, kind: str = "kfac", damping_mode: str = "exact",
+    def from_capture(cls, capture: Any, *, kind: str = "kfac", damping_mode: KfacDamping = "exact",
                      likelihood: str = "categorical", **options: Any) -> KroneckerFisher:
         """K-FAC from the user's own forward/backward: per layer ``A = (1/(N·T)) Σ ã ãᵀ``
         and ``G = (1/N) Σ_{n,t} b bᵀ`` of the recorded inputs and per-sample-loss output

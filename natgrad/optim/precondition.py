@@ -13,13 +13,13 @@ import inspect
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
-from natgrad.curvature.backward import LOSS_REDUCTIONS, BackwardCapture
-from natgrad.curvature.kfac import KFAC_DAMPING, kfac_layers
+from natgrad.curvature.backward import LOSS_REDUCTIONS, BackwardCapture, LossReduction
+from natgrad.curvature.kfac import KFAC_DAMPING, KfacDamping, kfac_layers
 from natgrad.curvature.protocol import CURVATURE_KINDS, Curvature, curvature_class
 from natgrad.engine.batch import OutputFn
 from natgrad.engine.checks import (
@@ -35,7 +35,7 @@ from natgrad.engine.checks import (
 )
 from natgrad.engine.distributed import is_distributed
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
-from natgrad.engine.options import LABEL_SOURCES, ParamSpec
+from natgrad.engine.options import LABEL_SOURCES, LabelSource, ParamSpec
 from natgrad.engine.per_sample import select_params
 from natgrad.engine.report import Report
 
@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 #: other names of registered curvature kinds
 KIND_ALIASES = {"woodbury": "lowrank"}
-SOURCES = ("batch", "backward")
+Source = Literal["batch", "backward"]
+SOURCES: tuple[Source, ...] = get_args(Source)
 Damping = float | Callable[[int], float]
 
 
@@ -195,15 +196,15 @@ class FisherPreconditioner:
         damping: Damping = 1e-3,
         update_every: int = 1,
         ema_decay: float = 0.95,
-        labels: str = "empirical",
+        labels: LabelSource = "empirical",
         kl_clip: float | None = None,
         params: ParamSpec = None,
         warmup_steps: int = 0,
         seed: int = 0,
         output_fn: OutputFn | None = None,
-        kfac_damping: str = "factored",
-        source: str = "batch",
-        loss_reduction: str = "mean",
+        kfac_damping: KfacDamping = "factored",
+        source: Source = "batch",
+        loss_reduction: LossReduction = "mean",
     ):
         check_model(model, "FisherPreconditioner")
         self.kind = check_choice("kind", kind, kinds())

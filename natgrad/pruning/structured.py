@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import Any, Literal, get_args, overload
 
 import torch
 from torch import nn
@@ -57,7 +57,8 @@ from natgrad.pruning.structures import (
 
 __all__ = ["prune_structured", "StructuredPruningReport", "CRITERIA"]
 
-CRITERIA = ("fisher", "magnitude", "random")
+Criterion = Literal["fisher", "magnitude", "random"]
+CRITERIA: tuple[Criterion, ...] = get_args(Criterion)
 
 
 @dataclass
@@ -366,7 +367,7 @@ def prune_structured(
     calibration: Any = None,
     tune: bool = True,
     damping: float = 1e-3,
-    criterion: str = "fisher",
+    criterion: Criterion = "fisher",
     rearrange_masks: bool = True,
     min_keep: float | int = 0.05,
     exclude: Iterable[str] = (),
