@@ -21,6 +21,7 @@ from natgrad.optim.scale import natural_gradient_norms
 
 __all__ = [
     "METRICS",
+    "FisherMetricsSchedule",
     "batch_to",
     "batches_to",
     "check_every",
@@ -67,6 +68,61 @@ def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
 def check_every(every_n_steps: int) -> int:
     """``every_n_steps`` as an int ``>= 1`` (an error names the bad value)."""
     return check_int("every_n_steps", every_n_steps, 1)
+
+
+class FisherMetricsSchedule:
+    """When and what a Fisher-metrics callback measures; both frameworks' callbacks are one.
+
+    Every ``every_n_steps`` optimizer steps, :meth:`measure` estimates one Fisher on a
+    batch and computes the chosen metrics from it with :func:`fisher_metrics`
+    (``<prefix>trace`` ``= Σ_i F_i``, ``<prefix>layer/<module>``, ``<prefix>grad_norm``,
+    ``<prefix>natgrad_norm``, ``<prefix>natgrad_ratio``; see :data:`METRICS`), in eval
+    mode, without touching ``.grad``.
+
+    Args:
+        every_n_steps: the interval in optimizer steps (``>= 1``).
+        metrics: names among ``"trace"``, ``"layer_totals"``, ``"natural_gradient_norms"``.
+        likelihood: the likelihood.
+        damping: ``λ`` of the natural gradient.
+        prefix: prepended to every logged key.
+        **options: more keyword options of :func:`natgrad.estimate_fisher`.
+
+    Attributes:
+        last: the latest measured ``{key: value}`` (empty before the first).
+
+    Raises:
+        TypeError: ``metrics`` is a string.
+        ValueError: ``every_n_steps < 1``; an unknown metric name.
+    """
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int = 50,
+        metrics: Sequence[str] = ("trace", "layer_totals", "natural_gradient_norms"),
+        likelihood: Any = "categorical",
+        damping: float = 1e-3,
+        prefix: str = "fisher/",
+        **options: Any,
+    ):
+        self.every_n_steps = check_every(every_n_steps)
+        self.metrics = check_metrics(metrics)
+        self.likelihood = likelihood
+        self.damping = damping
+        self.prefix = prefix
+        self.options = options
+        self.last: dict[str, float] = {}
+
+    def measure(self, model: nn.Module, batch: Any, step: int) -> dict[str, float] | None:
+        """The metrics of ``model`` on ``batch`` when ``step`` is due, else None."""
+        if step % self.every_n_steps:
+            return None
+        self.last = fisher_metrics(
+            model, batch, self.metrics, self.likelihood, damping=self.damping,
+            prefix=self.prefix, **self.options,
+        )  # fmt: skip
+        logger.debug("Fisher metrics at step %d: %s", step, self.last)
+        return dict(self.last)
 
 
 def batch_to(batch: Any, device: torch.device) -> Any:

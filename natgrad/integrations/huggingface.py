@@ -31,7 +31,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,10 +42,7 @@ from natgrad.curvature.diagonal import DiagonalFisher
 from natgrad.integrations import require
 from natgrad.integrations.common import (
     METRICS,
-    check_every,
-    check_metrics,
-    fisher_metrics,
-    logger,
+    FisherMetricsSchedule,
     save_fisher,
 )
 
@@ -243,7 +240,7 @@ class SaveFisherCallback(TrainerCallback):
         self._save(args.output_dir, state, model)
 
 
-class FisherMetricsCallback(TrainerCallback):
+class FisherMetricsCallback(FisherMetricsSchedule, TrainerCallback):
     """Log Fisher metrics through ``Trainer.log`` every ``every_n_steps`` optimizer steps.
 
     At ``on_step_end`` with ``global_step % every_n_steps == 0`` the model is put in eval
@@ -260,12 +257,9 @@ class FisherMetricsCallback(TrainerCallback):
             ``trainer.add_callback(FisherMetricsCallback(trainer, batch))``.
         batch: one fixed batch (a dict with ``labels``, or ``(x, y)``), moved to the
             model's device.
-        every_n_steps: the interval in optimizer steps (``>= 1``).
-        metrics: names among ``"trace"``, ``"layer_totals"``, ``"natural_gradient_norms"``.
-        likelihood: the likelihood.
-        damping: ``λ`` of the natural gradient.
-        prefix: prepended to every logged key.
-        **options: more keyword options of :func:`natgrad.estimate_fisher`.
+        **settings: ``every_n_steps``, ``metrics``, ``likelihood``, ``damping``,
+            ``prefix`` and estimator options, as in
+            ``natgrad.integrations.common.FisherMetricsSchedule``.
 
     Attributes:
         last: the latest logged ``{key: value}`` (empty before the first).
@@ -275,44 +269,21 @@ class FisherMetricsCallback(TrainerCallback):
         ValueError: ``every_n_steps < 1``; an unknown metric name.
     """
 
-    def __init__(
-        self,
-        trainer: Any,
-        batch: Any,
-        *,
-        every_n_steps: int = 50,
-        metrics: Sequence[str] = ("trace", "layer_totals", "natural_gradient_norms"),
-        likelihood: Any = "categorical",
-        damping: float = 1e-3,
-        prefix: str = "fisher/",
-        **options: Any,
-    ):
+    def __init__(self, trainer: Any, batch: Any, **settings: Any):
         if not isinstance(trainer, transformers.Trainer):
             raise TypeError(
                 f"trainer must be the transformers.Trainer to log through, got "
                 f"{type(trainer).__name__}; write "
                 "trainer.add_callback(FisherMetricsCallback(trainer, batch))."
             )
+        FisherMetricsSchedule.__init__(self, **settings)
         self.trainer = trainer
         self.batch = batch
-        self.every_n_steps = check_every(every_n_steps)
-        self.metrics = check_metrics(metrics)
-        self.likelihood = likelihood
-        self.damping = damping
-        self.prefix = prefix
-        self.options = options
-        self.last: dict[str, float] = {}
 
     def on_step_end(  # noqa: D102
         self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
     ) -> None:
-        if state.global_step % self.every_n_steps:
-            return
         model = self.trainer.model if model is None else model
-        self.last = fisher_metrics(
-            model, self.batch, self.metrics, self.likelihood, damping=self.damping,
-            prefix=self.prefix, **self.options,
-        )  # fmt: skip
-        logger.debug("Fisher metrics at step %d: %s", state.global_step, self.last)
-        self.trainer.log(dict(self.last))
-
+        values = self.measure(model, self.batch, state.global_step)
+        if values is not None:
+            self.trainer.log(values)

@@ -45,7 +45,6 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,12 +54,9 @@ from natgrad.curvature.diagonal import DiagonalFisher
 from natgrad.integrations import require
 from natgrad.integrations.common import (
     METRICS,
+    FisherMetricsSchedule,
     batch_to,
-    check_every,
-    check_metrics,
     evaluating,
-    fisher_metrics,
-    logger,
     model_device,
     save_fisher,
 )
@@ -201,7 +197,7 @@ class SaveFisherCallback(Callback):
             self.path = path
 
 
-class FisherMetricsCallback(Callback):
+class FisherMetricsCallback(FisherMetricsSchedule, Callback):
     """Log Fisher metrics with ``LightningModule.log_dict`` every ``every_n_steps`` steps.
 
     At ``on_train_batch_end`` with ``trainer.global_step % every_n_steps == 0`` (the
@@ -216,12 +212,9 @@ class FisherMetricsCallback(Callback):
 
     Args:
         batch: a fixed batch to measure on, or None for each step's training batch.
-        every_n_steps: the interval in optimizer steps (``>= 1``).
-        metrics: names among ``"trace"``, ``"layer_totals"``, ``"natural_gradient_norms"``.
-        likelihood: the likelihood.
-        damping: ``λ`` of the natural gradient.
-        prefix: prepended to every logged key.
-        **options: more keyword options of :func:`natgrad.estimate_fisher`.
+        **settings: ``every_n_steps``, ``metrics``, ``likelihood``, ``damping``,
+            ``prefix`` and estimator options, as in
+            ``natgrad.integrations.common.FisherMetricsSchedule``.
 
     Attributes:
         last: the latest logged ``{key: value}`` (empty before the first).
@@ -231,38 +224,17 @@ class FisherMetricsCallback(Callback):
         ValueError: ``every_n_steps < 1``; an unknown metric name.
     """
 
-    def __init__(
-        self,
-        batch: Any = None,
-        *,
-        every_n_steps: int = 50,
-        metrics: Sequence[str] = ("trace", "layer_totals", "natural_gradient_norms"),
-        likelihood: Any = "categorical",
-        damping: float = 1e-3,
-        prefix: str = "fisher/",
-        **options: Any,
-    ):
+    def __init__(self, batch: Any = None, **settings: Any):
+        FisherMetricsSchedule.__init__(self, **settings)
         self.batch = batch
-        self.every_n_steps = check_every(every_n_steps)
-        self.metrics = check_metrics(metrics)
-        self.likelihood = likelihood
-        self.damping = damping
-        self.prefix = prefix
-        self.options = options
-        self.last: dict[str, float] = {}
 
     def on_train_batch_end(  # noqa: D102
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step % self.every_n_steps:
-            return
         probe = batch if self.batch is None else self.batch
-        self.last = fisher_metrics(
-            pl_module, probe, self.metrics, self.likelihood, damping=self.damping,
-            prefix=self.prefix, **self.options,
-        )  # fmt: skip
-        logger.debug("Fisher metrics at step %d: %s", trainer.global_step, self.last)
-        pl_module.log_dict(dict(self.last), on_step=True, on_epoch=False)
+        values = self.measure(pl_module, probe, trainer.global_step)
+        if values is not None:
+            pl_module.log_dict(values, on_step=True, on_epoch=False)
 
 
 class NaturalGradientCallback(Callback):
