@@ -39,10 +39,12 @@ from natgrad.curvature.kfac import (
     kfac_coverage,
     out_grads,
     patches,
+    per_sample_blocks,
 )
 from natgrad.engine.checks import check_choice
+from natgrad.engine.common import to_acc
 
-__all__ = ["BackwardCapture", "LOSS_REDUCTIONS"]
+__all__ = ["BackwardCapture", "LOSS_REDUCTIONS", "per_sample_gradients"]
 
 LossReduction = Literal["mean", "sum"]
 LOSS_REDUCTIONS: tuple[LossReduction, ...] = get_args(LossReduction)
@@ -202,3 +204,45 @@ class BackwardCapture:
             )
         out_g = {k: [(1.0, torch.cat(v, 0))] for k, v in grads.items() if v}
         return Captured(n_total, out_in, out_g, [])
+
+
+def per_sample_gradients(
+    layers: Mapping[str, KFACLayer], cap: Captured, *, max_floats: int = 2**24
+) -> dict[str, torch.Tensor]:
+    """Exact per-sample gradients of the covered parameters from a ``Captured``.
+
+    For a layer ``s_nt = W ã_nt`` the gradient of the per-sample loss ``l_n`` with respect
+    to the block matrix ``[W, b]`` is ``g_n = Σ_t b_nt ã_ntᵀ`` (``b_nt = ∂l_n/∂s_nt``, as
+    :meth:`BackwardCapture.take` records it), so the records of one forward and backward
+    hold every sample's gradient without another pass.
+
+    Args:
+        layers: ``{layer name: KFACLayer}`` (e.g. ``BackwardCapture.layers``).
+        cap: the records (``BackwardCapture.take()``); only its first label column is used.
+        max_floats: block-matrix floats formed at once (the work is chunked over samples).
+
+    Returns:
+        ``{parameter name: (N, *parameter shape)}`` for the weight and covered bias of every
+        layer (zeros for a layer the forward never reached), in the accumulation dtype.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for k, lay in layers.items():
+        w = lay.module_weight
+        g, dG, dA = lay.dims()
+        shape = tuple(w.shape)
+        dt = cap.grads[k][0][1].dtype if cap.grads.get(k) else to_acc(w.detach()).dtype
+        V = torch.zeros(cap.n, g, dG, dA, dtype=dt, device=w.device)
+        if k in cap.inputs:
+            a, (_, b) = cap.inputs[k], cap.grads[k][0]
+            step = max(1, max_floats // max(g * dG * dA, 1))
+            for i in range(0, cap.n, step):
+                V[i : i + step] = per_sample_blocks(lay, a[i : i + step], b[i : i + step])
+        Wn = V[..., :-1] if lay.bias is not None else V
+        if lay.transposed:  # the block is Wᵀ: (N, 1, d_out, d_in) -> (N, d_in, d_out)
+            out[lay.weight] = Wn[:, 0].transpose(1, 2).contiguous()
+        else:
+            out[lay.weight] = Wn.reshape(cap.n, *shape)
+        if lay.bias is not None:
+            out[lay.bias] = V[..., -1].reshape(cap.n, -1).contiguous()
+    return out
+

@@ -263,7 +263,7 @@ class KroneckerFisher(Curvature):
 
     kind = "kfac"
     file_format = _FORMAT
-    CAPTURE_KINDS = ("kfac",)
+    CAPTURE_KINDS = ("kfac", "ekfac")
 
     def __init__(
         self,
@@ -489,38 +489,88 @@ class KroneckerFisher(Curvature):
 
     @classmethod
     def from_capture(cls, capture: Any, *, kind: str = "kfac", damping_mode: KfacDamping = "exact",
-                     likelihood: str = "categorical", **options: Any) -> KroneckerFisher:
-        """K-FAC from the user's own forward/backward: per layer ``A = (1/(N·T)) Σ ã ãᵀ``
-        and ``G = (1/N) Σ_{n,t} b bᵀ`` of the recorded inputs and per-sample-loss output
-        gradients (the empirical Fisher; see :mod:`natgrad.curvature.backward`).
+                     likelihood: str = "categorical", distributed: bool = False,
+                     **options: Any) -> KroneckerFisher:
+        """K-FAC or EKFAC from the user's own forward/backward (the empirical Fisher; see
+        :mod:`natgrad.curvature.backward`).
 
-        ``capture``: a :class:`~natgrad.curvature.backward.BackwardCapture` (its records
-        are consumed). EKFAC refuses: its re-fit needs the eigenbasis of the factors
-        before the per-sample gradients are read (use ``source="batch"``).
+        Per layer ``A = (1/(N·T)) Σ ã ãᵀ`` and ``G = (1/N) Σ_{n,t} b bᵀ`` of the recorded
+        inputs ``ã`` and per-sample-loss output gradients ``b``. EKFAC then takes the
+        eigenbases ``Q_A``, ``Q_G`` of these factors and re-fits the diagonal from the
+        exact per-sample gradients of the same records, ``g_n = Σ_t b_nt ã_ntᵀ``:
+        ``s = (1/N) Σ_n (Q_Gᵀ g_n Q_A)²``, which needs no second pass (the records hold
+        every ``g_n``).
+
+        Args:
+            capture: a :class:`~natgrad.curvature.backward.BackwardCapture` (its records
+                are consumed).
+            kind: ``"kfac"`` or ``"ekfac"``.
+            damping_mode: how a K-FAC solve damps (see the class doc).
+            likelihood: provenance: the likelihood name.
+            distributed: under ``torch.distributed``, pool every rank's records: the
+                factors (``N_r``-weighted) and ``N`` are summed over the ranks before the
+                EKFAC eigenbases are taken, and the EKFAC re-fit sums are summed after, so
+                every rank holds the curvature of the union of the ranks' samples (exactly
+                what one process on the concatenated batch gives).
+            options: ignored (the options of other kinds).
 
         Raises:
-            ValueError: ``kind="ekfac"``; nothing recorded (see ``BackwardCapture.take``).
-            FloatingPointError: NaN or Inf in a factor.
+            ValueError: nothing recorded (see ``BackwardCapture.take``), or a kind other
+                than ``"kfac"``/``"ekfac"``.
+            FloatingPointError: NaN or Inf in a factor or in the EKFAC eigenvalues.
         """
         if kind not in cls.CAPTURE_KINDS:
             super().from_capture(capture, kind=kind)  # raises: this kind cannot be captured
         cap = capture.take()
-        blocks = {}
-        for k, lay in capture.layers.items():
+        dist_on = bool(distributed) and is_distributed()
+        order = list(capture.layers)
+        sums: list[torch.Tensor] = []
+        for k in order:
+            lay = capture.layers[k]
             diag_A = lay.kind == "embedding"
             if k in cap.inputs:
                 A, G = factor_stats(lay, cap.inputs[k], cap.grads[k], cap.n, diag_A, False)
             else:  # a layer the forward never reached: zero factors, as estimate gives
                 A, G = _zero_stats(lay, diag_A, False)
+            sums += [A * cap.n, G * cap.n]
+        n_total = cap.n
+        if dist_on:
+            sums, n_total = _reduce_sum(sums, cap.n, None)
+        blocks = {}
+        for i, k in enumerate(order):
+            lay = capture.layers[k]
+            A, G = sums[2 * i] / max(n_total, 1), sums[2 * i + 1] / max(n_total, 1)
             check_finite(f"the K-FAC factors of layer {k!r}", torch.stack([A.sum(), G.sum()]),
                          "Training has likely diverged: lower the learning rate or raise "
                          "damping.")
-            w = lay.module.weight
-            blocks[k] = KroneckerBlock(lay.weight, lay.bias, tuple(w.shape), lay.transposed,
-                                       lay.groups, A, G)
-        order = [n for b in blocks.values() for n in b.names]
-        return cls(blocks, {}, cap.n, kind="kfac", labels="empirical",
-                   likelihood=str(likelihood), order=order, damping_mode=damping_mode)
+            blocks[k] = KroneckerBlock(lay.weight, lay.bias, tuple(lay.module_weight.shape),
+                                       lay.transposed, lay.groups, A, G)
+        if kind == "ekfac":
+            refit = []
+            for k in order:
+                blk, lay = blocks[k], capture.layers[k]
+                QA, _, QG, _ = blk.bases()
+                s = torch.zeros(blk.groups, blk.G.shape[1], blk.A.shape[1], dtype=blk.A.dtype,
+                                device=blk.A.device)
+                if k in cap.inputs:
+                    a, (_, b) = cap.inputs[k], cap.grads[k][0]
+                    step = max(1, _BLOCK_FLOATS // max(s.numel(), 1))
+                    for j in range(0, cap.n, step):
+                        M = per_sample_blocks(lay, a[j : j + step], b[j : j + step], QA, QG)
+                        s += (M * M).sum(0)
+                refit.append(s)
+            if dist_on:
+                refit, _ = _reduce_sum(refit, 0, None)
+            for k, s in zip(order, refit, strict=True):
+                blk = blocks[k]
+                blk.s = s / max(n_total, 1)
+                blk.QA, blk.QG = blk.eig["QA"], blk.eig["QG"]
+                check_finite(f"the EKFAC eigenvalues of layer {k!r}", blk.s.sum(),
+                             "Training has likely diverged: lower the learning rate or "
+                             "raise damping.")
+        names = [n for b in blocks.values() for n in b.names]
+        return cls(blocks, {}, n_total, kind=kind, labels="empirical",
+                   likelihood=str(likelihood), order=names, damping_mode=damping_mode)
 
     @staticmethod
     def _plan_sides(

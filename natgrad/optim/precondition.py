@@ -128,8 +128,12 @@ class FisherPreconditioner:
       pass and :meth:`step` needs no batch. This is the empirical Fisher of the user's
       loss, rescaled to per-sample losses: ``loss_reduction="mean"`` (a mean-reduced loss
       gives output gradients scaled by ``1/N``, multiplied back by ``N``) or ``"sum"``.
-      Only kinds that the records determine exactly accept it (``"kfac"``, ``"diag"``);
-      every selected parameter must lie in a covered layer.
+      Every built-in kind accepts it: the records hold each sample's exact gradient
+      ``g_n = Σ_t b_nt ã_ntᵀ`` of a covered layer, so ``"diag"``, ``"ekfac"`` (its
+      diagonal re-fitted in the eigenbasis of the factors of the same records) and
+      ``"lowrank"`` (rows ``g_n``) need no extra pass either; every selected parameter
+      must lie in a covered layer. A registered kind whose ``from_capture`` is missing is
+      refused.
 
     Under ``torch.distributed`` (a process group initialized), each refresh pools the
     ranks' statistics sample-weighted (``Curvature.all_reduce`` /
@@ -279,10 +283,14 @@ class FisherPreconditioner:
     def _estimate(self, batch: Any) -> Curvature:
         lik = self.likelihood.name
         if self._capture is not None:
+            # a kind whose from_capture pools the ranks itself (EKFAC: factors reduced before
+            # its eigenbasis is taken) gets distributed=True; the others are all-reduced
+            pools = "distributed" in inspect.signature(self.curvature_cls.from_capture).parameters
+            extra = {"distributed": is_distributed()} if pools else {}
             local = self.curvature_cls.from_capture(
-                self._capture, kind=self.curvature_kind, likelihood=lik, **self._options
+                self._capture, kind=self.curvature_kind, likelihood=lik, **self._options, **extra
             )
-            return local.all_reduce() if is_distributed() else local
+            return local.all_reduce() if is_distributed() and not pools else local
         check_fixed_model(self.model, f"FisherPreconditioner(kind={self.kind!r})'s refresh")
         return self.curvature_cls.estimate(
             self.model,
