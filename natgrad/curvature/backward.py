@@ -37,8 +37,8 @@ from natgrad.curvature.kfac import (
     Captured,
     KFACLayer,
     kfac_coverage,
+    layer_patches,
     out_grads,
-    patches,
     per_sample_blocks,
 )
 from natgrad.engine.checks import check_choice
@@ -167,6 +167,7 @@ class BackwardCapture:
         inputs: dict[str, list[torch.Tensor]] = {k: [] for k in self.layers}
         grads: dict[str, list[torch.Tensor]] = {k: [] for k in self.layers}
         n_total = 0
+        pcache: dict[Any, torch.Tensor] = {}  # layers reading one input share its patches
         for pid in sorted(per_pass):
             calls = per_pass[pid]
             sizes = {k: {int(x.shape[0]) if x.dim() else -1 for x, _ in v} for k, v in calls.items()}
@@ -189,12 +190,13 @@ class BackwardCapture:
                 if k not in calls:
                     continue
                 lay = self.layers[k]
-                a = torch.cat([patches(lay, x) for x, _ in calls[k]], 1)
-                b = torch.cat([out_grads(lay, g) for _, g in calls[k]], 1)
+                a = layer_patches(lay, [x for x, _ in calls[k]], pcache)
+                bs = [out_grads(lay, g) for _, g in calls[k]]
+                b = bs[0] if len(bs) == 1 else torch.cat(bs, 1)
                 inputs[k].append(a)
                 grads[k].append(b * scale if scale != 1.0 else b)
             n_total += n
-        out_in = {k: torch.cat(v, 0) for k, v in inputs.items() if v}
+        out_in = {k: v[0] if len(v) == 1 else torch.cat(v, 0) for k, v in inputs.items() if v}
         partial = [k for k, v in out_in.items() if v.shape[0] != n_total]
         if partial:
             raise ValueError(
@@ -202,7 +204,8 @@ class BackwardCapture:
                 "last refresh; source='backward' needs the same layers in every forward. "
                 "Use source='batch'."
             )
-        out_g = {k: [(1.0, torch.cat(v, 0))] for k, v in grads.items() if v}
+        out_g = {k: [(1.0, v[0] if len(v) == 1 else torch.cat(v, 0))]
+                 for k, v in grads.items() if v}
         return Captured(n_total, out_in, out_g, [])
 
 

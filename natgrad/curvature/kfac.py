@@ -81,6 +81,7 @@ __all__ = [
     "Captured",
     "capture",
     "factor_stats",
+    "layer_patches",
     "per_sample_blocks",
     "block_dims",
     "weight_blocks",
@@ -386,6 +387,30 @@ patches = _patches
 out_grads = _out_grads
 
 
+def layer_patches(
+    layer: KFACLayer, xs: list[torch.Tensor], cache: dict[Any, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The patches of every call's input ``xs`` of one layer, concatenated over positions.
+
+    Linear-like layers (``nn.Linear``, ``Conv1D``) that read the very same input tensor
+    (same storage, layout and version: e.g. the query, key and value projections of an
+    attention block) share one result through ``cache``, so their ``A`` factors can be
+    computed once (see :func:`factor_stats`'s ``A`` argument).
+    """
+    key = None
+    if cache is not None and layer.kind in ("linear", "conv1d_t"):
+        key = (layer.kind, layer.bias is not None, tuple(
+            (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version)
+            for x in xs))
+        if key in cache:
+            return cache[key]
+    parts = [_patches(layer, x) for x in xs]
+    a = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    if key is not None and cache is not None:
+        cache[key] = a
+    return a
+
+
 def _cotangents(
     plan: Plan, out: torch.Tensor, target: torch.Tensor | None, draws: torch.Tensor | None
 ) -> list[tuple[float, torch.Tensor]]:
@@ -448,7 +473,8 @@ def capture(plan: Plan, batch: Any, layers: Mapping[str, KFACLayer]) -> Captured
     draws = plan.draw(out, target) if plan.labels == "mc" else None
     names = [k for k in layers if outputs[k] and k not in unbatched]
     flat_outs = [o for k in names for o in outputs[k]]
-    acts = {k: torch.cat([_patches(layers[k], x) for x in inputs[k]], 1) for k in names}
+    pcache: dict[Any, torch.Tensor] = {}
+    acts = {k: layer_patches(layers[k], inputs[k], pcache) for k in names}
     grads: dict[str, list[tuple[float, torch.Tensor]]] = {k: [] for k in names}
     cots = _cotangents(plan, out, target, draws) if flat_outs else []
     for j, (w, cot) in enumerate(cots):
@@ -472,16 +498,19 @@ def capture(plan: Plan, batch: Any, layers: Mapping[str, KFACLayer]) -> Captured
 
 def factor_stats(
     layer: KFACLayer, a: torch.Tensor, grads: list[tuple[float, torch.Tensor]], n: int,
-    diag_A: bool, diag_G: bool,
+    diag_A: bool, diag_G: bool, A: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch's ``A = (1/(N·T)) Σ ã ãᵀ`` and ``G = (1/N) Σ_{n,t} Σ_j w_j b bᵀ``.
 
     Shapes ``(groups, d, d)``, or ``(groups, d)`` (the diagonal) for a diagonal side; an
     Embedding's ``A`` is always diagonal: ``A_vv = (1/(N·T)) #{(n, t): id_nt = v}`` (the
-    padding index excluded, as its gradient is zero).
+    padding index excluded, as its gradient is zero). ``A`` given (of the same patches
+    ``a``, e.g. another layer reading the same input) is returned as is.
     """
     T = a.shape[1]
-    if layer.kind == "embedding":
+    if A is not None:
+        pass
+    elif layer.kind == "embedding":
         m = cast(nn.Embedding, layer.module)
         ids = a.reshape(-1)
         if m.padding_idx is not None:

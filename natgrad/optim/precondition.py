@@ -170,6 +170,9 @@ class FisherPreconditioner:
         source: ``"batch"`` or ``"backward"``.
         loss_reduction: ``"mean"`` or ``"sum"``: how the user's loss reduces over the
             batch (``source="backward"`` only).
+        max_factor_dim: K-FAC/EKFAC keep a factor side larger than this diagonal (e.g.
+            the ``G`` of a 50k-vocabulary output layer), passed to kinds whose
+            ``estimate`` takes it; None: every side full.
 
     Raises:
         ValueError / TypeError: invalid options (checked before anything else); a model
@@ -209,6 +212,7 @@ class FisherPreconditioner:
         kfac_damping: KfacDamping = "factored",
         source: Source = "batch",
         loss_reduction: LossReduction = "mean",
+        max_factor_dim: int | None = None,
     ):
         check_model(model, "FisherPreconditioner")
         self.kind = check_choice("kind", kind, kinds())
@@ -231,8 +235,12 @@ class FisherPreconditioner:
         self.curvature_kind = KIND_ALIASES.get(self.kind, self.kind)
         self.curvature_cls = curvature_class(self.curvature_kind)
         self._options: dict[str, Any] = {}
-        if "damping_mode" in inspect.signature(self.curvature_cls.estimate).parameters:
+        takes = inspect.signature(self.curvature_cls.estimate).parameters
+        if "damping_mode" in takes:
             self._options["damping_mode"] = self.kfac_damping
+        self.max_factor_dim = check_int("max_factor_dim", max_factor_dim, 1, optional=True)
+        if self.max_factor_dim is not None and "max_factor_dim" in takes:
+            self._options["max_factor_dim"] = self.max_factor_dim
         self._capture: BackwardCapture | None = None
         if self.source == "backward":
             if self.curvature_kind not in self.curvature_cls.CAPTURE_KINDS:

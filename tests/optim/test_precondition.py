@@ -843,3 +843,66 @@ def test_backward_ekfac_lowrank_equal_batch_source_over_steps(kind):
         pa.step((xs, y))
         assert_close_dict(_grads(model), _grads(twin), rtol=1e-9, atol=1e-12)
     assert pb.curvature.structure() == pa.curvature.structure()
+
+
+class _TwoReaders(nn.Module):
+    """``q`` and ``k`` read the same input tensor (one A computed for both), or, with
+    ``other``, ``k`` reads another tensor (2x), so their A differ."""
+
+    def __init__(self, other):
+        super().__init__()
+        self.q, self.k, self.h = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(3, 2)
+        self.other = other
+
+    def forward(self, x):
+        u = torch.tanh(self.q(x))
+        return self.h(u * self.k(2.0 * x if self.other else x))
+
+
+@pytest.mark.parametrize("source", ["backward", "batch"])
+@pytest.mark.parametrize("other", [False, True])
+def test_layers_reading_one_input_share_its_factor(other, source):
+    torch.manual_seed(34)
+    model = _TwoReaders(other).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6,))
+    pre = FisherPreconditioner(model, kind="kfac", source=source)
+    _backward(model, x, y)
+    pre.step((x, y))
+    A = {k: pre.curvature.blocks[k].A[0] for k in ("q", "k")}
+    xa = torch.cat([x, torch.ones(6, 1, dtype=torch.float64)], 1)
+    xk = torch.cat([2 * x if other else x, torch.ones(6, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(A["q"], xa.T @ xa / 6)
+    torch.testing.assert_close(A["k"], xk.T @ xk / 6)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_backward_max_factor_dim_keeps_the_large_side_diagonal(kind):
+    # a 6-output layer with max_factor_dim=5: G = diag((1/N) Σ_n b_n²), A full; the
+    # solve is that of diag(G) ⊗ A (EKFAC: s re-fitted in the basis I ⊗ Q_A)
+    torch.manual_seed(35)
+    model = nn.Linear(4, 6).double()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 6, (10,))
+    with torch.no_grad():
+        p = model(x).softmax(-1)
+    xa = torch.cat([x, torch.ones(10, 1, dtype=torch.float64)], 1)
+    b = p - F.one_hot(y, 6).double()
+    A, G = xa.T @ xa / 10, torch.diag((b * b).mean(0))
+    if kind == "kfac":
+        Fd = torch.kron(G, A)
+    else:
+        QA = torch.linalg.eigh(A)[1].contiguous()
+        K = torch.kron(torch.eye(6, dtype=torch.float64), QA)
+        gn = b[:, :, None] * xa[:, None, :]  # per-sample [∇W, ∇b]
+        s = ((gn @ QA) ** 2).mean(0)
+        Fd = K @ torch.diag(s.reshape(-1)) @ K.T
+    lam = 1e-2
+    pre = FisherPreconditioner(model, kind=kind, damping=lam, kfac_damping="exact",
+                               source="backward", max_factor_dim=5)
+    _backward(model, x, y)
+    V = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1)
+    ref = torch.linalg.solve(Fd + lam * torch.eye(30, dtype=torch.float64),
+                             V.reshape(-1)).reshape(6, 5)
+    pre.step()
+    assert pre.curvature.blocks[""].G.shape == (1, 6)  # kept as its diagonal
+    torch.testing.assert_close(model.weight.grad, ref[:, :4])
+    torch.testing.assert_close(model.bias.grad, ref[:, 4])
