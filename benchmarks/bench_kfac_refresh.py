@@ -8,8 +8,9 @@ Never run in CI. ``python -m benchmarks.bench_kfac_refresh [--repeats 5]`` write
   projections): the wall time of one training step (zero_grad, forward, mean
   cross-entropy, backward, SGD step) plain, with ``FisherPreconditioner(kind="kfac",
   update_every=1)`` for ``source="batch"`` (an extra forward/backward on the batch) and
-  ``source="backward"`` (statistics recorded from the step's own forward/backward), and
-  with ASDL's ``KfacGradientMaker`` (empirical Fisher, from its own forward/backward,
+  ``source="backward"`` (statistics recorded from the step's own forward/backward), the
+  latter also with ``kfac_approx="reduce"`` (K-FAC-reduce: one outer product per sample
+  instead of one per token), and with ASDL's ``KfacGradientMaker`` (empirical Fisher, from its own forward/backward,
   curvature and inverses every step) when ``asdl`` is installed. Every method has its own
   copy of the model; after one warm-up step each, the methods take turns (A, B, C, D, A,
   B, ...) ``--repeats`` times, so load hits all alike; ratio = median step / median plain
@@ -145,10 +146,11 @@ class Stepper:
         self.x, self.y, self.method = x, y, method
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
         self.pre = self.gm = None
-        if method in ("batch", "backward"):
-            self.pre = FisherPreconditioner(self.model, kind="kfac", damping=1e-2,
-                                            update_every=1, params=covered(self.model),
-                                            source=method)
+        if method in ("batch", "backward", "reduce"):
+            self.pre = FisherPreconditioner(
+                self.model, kind="kfac", damping=1e-2, update_every=1,
+                params=covered(self.model), source="batch" if method == "batch" else "backward",
+                kfac_approx="reduce" if method == "reduce" else "expand")
         elif method == "asdl":
             emp, Config, Maker = asdl
             cfg = Config(data_size=x.shape[0], damping=1e-2, preconditioner_upd_interval=1,
@@ -191,10 +193,11 @@ def interleaved(steppers, repeats):
 
 def single_process(args, lines):
     asdl, why = _asdl() if not args.no_asdl else (None, "--no-asdl")
-    methods = ["plain", "batch", "backward"] + (["asdl"] if asdl else [])
+    methods = ["plain", "batch", "backward", "reduce"] + (["asdl"] if asdl else [])
     head = ("| workload | plain step | K-FAC `source=\"batch\"` | ratio | "
-            "K-FAC `source=\"backward\"` | ratio | of which `pre.step` |")
-    sep = "|---|---|---|---|---|---|---|"
+            "K-FAC `source=\"backward\"` | ratio | of which `pre.step` | "
+            "`\"backward\"`, `kfac_approx=\"reduce\"` | ratio |")
+    sep = "|---|---|---|---|---|---|---|---|---|"
     if asdl:
         head += " ASDL K-FAC (emp.) | ratio |"
         sep += "---|---|"
@@ -205,7 +208,8 @@ def single_process(args, lines):
         p = med["plain"]
         row = (f"| {name} | {p * 1e3:.0f} ms | {med['batch'] * 1e3:.0f} ms | "
                f"{med['batch'] / p:.2f}x | {med['backward'] * 1e3:.0f} ms | "
-               f"{med['backward'] / p:.2f}x | {inside['backward'] * 1e3:.0f} ms |")
+               f"{med['backward'] / p:.2f}x | {inside['backward'] * 1e3:.0f} ms | "
+               f"{med['reduce'] * 1e3:.0f} ms | {med['reduce'] / p:.2f}x |")
         if asdl:
             row += f" {med['asdl'] * 1e3:.0f} ms | {med['asdl'] / p:.2f}x |"
         print(row, flush=True)

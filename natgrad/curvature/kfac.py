@@ -95,11 +95,20 @@ __all__ = [
     "kfac_eigen",
     "kfac_solve",
     "KFAC_DAMPING",
+    "KfacApprox",
+    "KFAC_APPROX",
     "kfac_factored_inverses",
     "layer_matrix",
     "split_layer_matrix",
 ]
 
+
+KfacDamping = Literal["factored", "exact"]
+KFAC_DAMPING: tuple[KfacDamping, ...] = get_args(KfacDamping)
+#: how the positions ``t`` of a weight-sharing layer enter the factors (see
+#: :func:`factor_stats`): ``"expand"`` (positions as extra samples) or ``"reduce"``
+KfacApprox = Literal["expand", "reduce"]
+KFAC_APPROX: tuple[KfacApprox, ...] = get_args(KfacApprox)
 
 #: K-FAC layer kinds: how a module's weight maps onto the ``[W, b]`` block matrix.
 LAYER_KINDS = ("linear", "conv", "conv1d_t", "embedding")
@@ -498,7 +507,7 @@ def capture(plan: Plan, batch: Any, layers: Mapping[str, KFACLayer]) -> Captured
 
 def factor_stats(
     layer: KFACLayer, a: torch.Tensor, grads: list[tuple[float, torch.Tensor]], n: int,
-    diag_A: bool, diag_G: bool, A: torch.Tensor | None = None,
+    diag_A: bool, diag_G: bool, A: torch.Tensor | None = None, approx: KfacApprox = "expand",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch's ``A = (1/(N·T)) Σ ã ãᵀ`` and ``G = (1/N) Σ_{n,t} Σ_j w_j b bᵀ``.
 
@@ -506,7 +515,16 @@ def factor_stats(
     Embedding's ``A`` is always diagonal: ``A_vv = (1/(N·T)) #{(n, t): id_nt = v}`` (the
     padding index excluded, as its gradient is zero). ``A`` given (of the same patches
     ``a``, e.g. another layer reading the same input) is returned as is.
+
+    ``approx="reduce"`` (K-FAC-reduce, Eschenhagen et al. 2023; not for an Embedding,
+    which keeps the above) reduces over the ``T`` positions before the outer products:
+    ``A = (1/N) Σ_n ā_n ā_nᵀ`` with ``ā_n = (1/T) Σ_t ã_nt`` and
+    ``G = (1/N) Σ_n Σ_j w_j b̄_nj b̄_njᵀ`` with ``b̄_nj = Σ_t b_ntj``: ``N`` instead of
+    ``N·T`` outer products. Both are exact for ``T = 1``.
     """
+    if approx == "reduce" and layer.kind != "embedding" and a.shape[1] > 1:
+        a = a.mean(1, keepdim=True)
+        grads = [(w, b.sum(1, keepdim=True)) for w, b in grads]
     T = a.shape[1]
     if A is not None:
         pass
@@ -713,8 +731,7 @@ def kfac_eigen(A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"QA": QA, "dA": dA.clamp_min(0), "QG": QG, "dG": dG.clamp_min(0)}
 
 
-KfacDamping = Literal["factored", "exact"]
-KFAC_DAMPING: tuple[KfacDamping, ...] = get_args(KfacDamping)
+
 
 
 def _pi(ma: float, mg: float) -> float:

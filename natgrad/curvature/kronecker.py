@@ -56,7 +56,9 @@ from torch import nn
 from typing_extensions import Unpack
 
 from natgrad.curvature.kfac import (
+    KFAC_APPROX,
     KFAC_DAMPING,
+    KfacApprox,
     KfacDamping,
     KFACLayer,
     capture,
@@ -319,6 +321,7 @@ class KroneckerFisher(Curvature):
         max_factor_bytes: int | None = None,
         distributed: bool | None = None,
         damping_mode: KfacDamping = "exact",
+        approx: KfacApprox = "expand",
         **options: Unpack[EstimatorOptions],
     ) -> KroneckerFisher:
         """Estimate the K-FAC (``kind="kfac"``) or EKFAC (``"ekfac"``) Fisher of ``model``.
@@ -347,6 +350,12 @@ class KroneckerFisher(Curvature):
                 so every rank gets what one process gets on all the shards.
             damping_mode: ``"exact"`` or ``"factored"``, how :meth:`solve` damps (see the
                 class doc).
+            approx: ``"expand"`` (the module doc's factors) or ``"reduce"``
+                (K-FAC-reduce for layers applied at several positions: the inputs averaged
+                and the output gradients summed over a sample's positions before the outer
+                products, ``N`` instead of ``N·T`` of them; see
+                :func:`natgrad.curvature.kfac.factor_stats`). EKFAC re-fits its diagonal
+                from the exact per-sample gradients either way.
             **options: the estimator options (:class:`natgrad.EstimatorOptions`):
                 ``labels`` (``"mc"`` draws weigh ``1/k``; every pass uses the same
                 draws), ``mc_samples``, ``params``, ``generator``, ``output_fn``, and
@@ -368,6 +377,7 @@ class KroneckerFisher(Curvature):
         opts = Options.resolve(f"estimate_curvature(kind={kind!r})", options)
         labels, chunk_size, engine = opts.labels, opts.chunk_size, opts.engine
         check_choice("damping_mode", damping_mode, KFAC_DAMPING)
+        check_choice("approx", approx, KFAC_APPROX)
         max_factor_dim = check_int("max_factor_dim", max_factor_dim, 1, optional=True)
         max_factor_bytes = check_int("max_factor_bytes", max_factor_bytes, 1, optional=True)
         dist_on = resolve_distributed(distributed, f"estimate_curvature(kind={kind!r})")
@@ -430,7 +440,7 @@ class KroneckerFisher(Curvature):
                     if k in cap.inputs:
                         a = cap.inputs[k]
                         A, G = factor_stats(lay, a, cap.grads[k], cap.n, diag_A[k], diag_G[k],
-                                            A=shared.get((id(a), diag_A[k])))
+                                            A=shared.get((id(a), diag_A[k])), approx=approx)
                         shared[(id(a), diag_A[k])] = A
                         sums[k][0] += cap.n * A
                         sums[k][1] += cap.n * G
@@ -494,7 +504,7 @@ class KroneckerFisher(Curvature):
     def from_capture(cls, capture: Any, *, kind: str = "kfac", damping_mode: KfacDamping = "exact",
                      likelihood: str = "categorical", distributed: bool = False,
                      max_factor_dim: int | None = None, max_factor_bytes: int | None = None,
-                     **options: Any) -> KroneckerFisher:
+                     approx: KfacApprox = "expand", **options: Any) -> KroneckerFisher:
         """K-FAC or EKFAC from the user's own forward/backward (the empirical Fisher; see
         :mod:`natgrad.curvature.backward`).
 
@@ -520,6 +530,7 @@ class KroneckerFisher(Curvature):
                 :meth:`estimate`; e.g. the ``G`` of a 50k-vocabulary output layer).
             max_factor_bytes: memory allowed for the factors and eigenbases (default: the
                 available memory).
+            approx: ``"expand"`` or ``"reduce"`` (see :meth:`estimate`).
             options: ignored (the options of other kinds).
 
         Raises:
@@ -532,6 +543,7 @@ class KroneckerFisher(Curvature):
             super().from_capture(capture, kind=kind)  # raises: this kind cannot be captured
         max_factor_dim = check_int("max_factor_dim", max_factor_dim, 1, optional=True)
         max_factor_bytes = check_int("max_factor_bytes", max_factor_bytes, 1, optional=True)
+        check_choice("approx", approx, KFAC_APPROX)
         first = next(iter(capture.layers.values()), None)
         device = first.module_weight.device if first is not None else torch.device("cpu")
         sides = cls._plan_sides(capture.layers, kind, max_factor_dim, max_factor_bytes, device)
@@ -546,7 +558,7 @@ class KroneckerFisher(Curvature):
             if k in cap.inputs:
                 a = cap.inputs[k]
                 A, G = factor_stats(lay, a, cap.grads[k], cap.n, diag_A, diag_G,
-                                    A=shared.get((id(a), diag_A)))
+                                    A=shared.get((id(a), diag_A)), approx=approx)
                 shared[(id(a), diag_A)] = A
             else:  # a layer the forward never reached: zero factors, as estimate gives
                 A, G = _zero_stats(lay, diag_A, diag_G)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from natgrad.curvature.backward import LOSS_REDUCTIONS, BackwardCapture, LossReduction
-from natgrad.curvature.kfac import KFAC_DAMPING, KfacDamping, kfac_layers
+from natgrad.curvature.kfac import KFAC_APPROX, KFAC_DAMPING, KfacApprox, KfacDamping, kfac_layers
 from natgrad.curvature.protocol import CURVATURE_KINDS, Curvature, curvature_class
 from natgrad.engine.batch import OutputFn
 from natgrad.engine.checks import (
@@ -173,6 +173,12 @@ class FisherPreconditioner:
         max_factor_dim: K-FAC/EKFAC keep a factor side larger than this diagonal (e.g.
             the ``G`` of a 50k-vocabulary output layer), passed to kinds whose
             ``estimate`` takes it; None: every side full.
+        kfac_approx: ``"expand"`` (positions of a layer applied at several positions,
+            e.g. tokens, count as extra samples) or ``"reduce"`` (K-FAC-reduce: inputs
+            averaged and output gradients summed over a sample's positions before the
+            outer products, ``T`` times fewer of them; see
+            :func:`natgrad.curvature.kfac.factor_stats`), passed to kinds whose
+            ``estimate`` takes ``approx``.
 
     Raises:
         ValueError / TypeError: invalid options (checked before anything else); a model
@@ -213,6 +219,7 @@ class FisherPreconditioner:
         source: Source = "batch",
         loss_reduction: LossReduction = "mean",
         max_factor_dim: int | None = None,
+        kfac_approx: KfacApprox = "expand",
     ):
         check_model(model, "FisherPreconditioner")
         self.kind = check_choice("kind", kind, kinds())
@@ -241,6 +248,9 @@ class FisherPreconditioner:
         self.max_factor_dim = check_int("max_factor_dim", max_factor_dim, 1, optional=True)
         if self.max_factor_dim is not None and "max_factor_dim" in takes:
             self._options["max_factor_dim"] = self.max_factor_dim
+        self.kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROX)
+        if self.kfac_approx != "expand" and "approx" in takes:
+            self._options["approx"] = self.kfac_approx
         self._capture: BackwardCapture | None = None
         if self.source == "backward":
             if self.curvature_kind not in self.curvature_cls.CAPTURE_KINDS:

@@ -906,3 +906,31 @@ def test_backward_max_factor_dim_keeps_the_large_side_diagonal(kind):
     assert pre.curvature.blocks[""].G.shape == (1, 6)  # kept as its diagonal
     torch.testing.assert_close(model.weight.grad, ref[:, :4])
     torch.testing.assert_close(model.bias.grad, ref[:, 4])
+
+
+@pytest.mark.parametrize("source", ["backward", "batch"])
+def test_kfac_reduce_factors_equal_their_definition(source):
+    # K-FAC-reduce: A = (1/N) Σ_n ā ā ᵀ (ā = mean over t of ã_nt), G = (1/N) Σ_n b̄ b̄ᵀ
+    # (b̄ = Σ_t b_nt), output gradients from one autograd call per sample; the head
+    # (T = 1) gets the expand factors, which agree there
+    model, x, y = _seq_case()
+    n, T = x.shape[:2]
+    ref = _reference_factors(model, x, y)  # expand; b_nt per sample below
+    xa = torch.cat([x, torch.ones(n, T, 1, dtype=x.dtype)], -1).mean(1)
+    bbar = []
+    for i in range(n):
+        s1 = model.l1(x[i : i + 1])
+        loss = F.cross_entropy(model.l2(torch.tanh(s1).mean(1)), y[i : i + 1], reduction="sum")
+        bbar.append(torch.autograd.grad(loss, s1)[0].sum(1))
+    bbar = torch.cat(bbar)
+    pre = FisherPreconditioner(model, kind="kfac", source=source, kfac_approx="reduce")
+    _backward(model, x, y)
+    pre.step((x, y))
+    blk = pre.curvature.blocks
+    torch.testing.assert_close(blk["l1"].A[0], xa.T @ xa / n)
+    torch.testing.assert_close(blk["l1"].G[0], bbar.T @ bbar / n)
+    torch.testing.assert_close(blk["l2"].A[0], ref["l2"][0])
+    torch.testing.assert_close(blk["l2"].G[0], ref["l2"][1])
+    assert not torch.allclose(blk["l1"].G[0], ref["l1"][1])  # reduce differs from expand
+    with pytest.raises(ValueError, match="kfac_approx"):
+        FisherPreconditioner(model, kind="kfac", kfac_approx="sum")
