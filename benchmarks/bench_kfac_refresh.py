@@ -284,7 +284,7 @@ def gpt2(args, lines):
     rows = {}
     for variant in ("plain", "tied", "untied"):
         cmd = [sys.executable, "-m", "benchmarks.bench_kfac_refresh", "--gpt2-child", variant,
-               "--repeats", str(args.repeats), "--gpt2-N", str(args.gpt2_N),
+               "--repeats", str(args.repeats), "--threads", str(args.threads), "--gpt2-N", str(args.gpt2_N),
                "--gpt2-T", str(args.gpt2_T)]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=_root())
         res = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
@@ -398,10 +398,13 @@ def main():
     ap.add_argument("--gpt2-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-single", action="store_true", help="skip the single-process table")
     ap.add_argument("--no-asdl", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared machine, multi-threaded ops stall "
+                         "at their barriers under load, which hits many small ops hardest)")
     ap.add_argument("--quick", action="store_true", help="do not write the results file")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.gpt2_child:
-        torch.set_num_threads(os.cpu_count() or 1)
         _gpt2_child(args.gpt2_child, args.repeats, args.gpt2_N, args.gpt2_T)
         return
     cmd = " ".join(sys.argv[1:])
