@@ -33,7 +33,14 @@ from natgrad.pruning.structures import Group
 if TYPE_CHECKING:
     from natgrad.pruning.attention import HeadAttention
 
-__all__ = ["shrink_model", "tune_layers", "count_flops", "count_params", "least_squares"]
+__all__ = [
+    "shrink_model",
+    "tune_layers",
+    "count_flops",
+    "count_params",
+    "least_squares",
+    "design_rows",
+]
 
 _CONV = (nn.Conv1d, nn.Conv2d)
 #: the layers whose rows / columns are sliced and tuned
@@ -233,23 +240,53 @@ def least_squares(gram: torch.Tensor, cross: torch.Tensor, damping: float) -> to
     return sol
 
 
-def _design(mod: Layer, x: torch.Tensor) -> torch.Tensor:
-    """Rows of the layer's linear map: ``(rows, in_cols [+1 for bias])``."""
+def _explicit_padding(mod: nn.Conv1d | nn.Conv2d) -> list[tuple[int, int]]:
+    """``(before, after)`` zero padding of each spatial dim, also for ``padding="same"`` /
+    ``"valid"``: ``"same"`` pads ``dilation · (kernel - 1)`` in all, the extra one after
+    (as ``torch.nn.functional.conv*d`` does)."""
+    if mod.padding == "valid":
+        return [(0, 0)] * len(mod.kernel_size)
+    if mod.padding == "same":
+        out = []
+        for k, d in zip(mod.kernel_size, mod.dilation, strict=True):
+            total = d * (k - 1)
+            out.append((total // 2, total - total // 2))
+        return out
+    pads = cast(tuple[int, ...], mod.padding)
+    return [(p, p) for p in pads]
+
+
+def design_rows(mod: Layer, x: torch.Tensor) -> torch.Tensor:
+    """The design matrix of a Linear/Conv: ``layer(x)`` flattened to ``(rows, out)`` equals
+    ``design_rows(layer, x) @ [W | b]ᵀ``.
+
+    For a conv the rows are the unfolded input patches (one per sample and output
+    position), zero-padded as the conv pads, string paddings ``"same"``/``"valid"``
+    included; a column of ones is appended when the layer has a bias.
+
+    Args:
+        mod: the layer.
+        x: its input.
+
+    Returns:
+        ``(rows, in_cols [+1])``.
+    """
     if isinstance(mod, nn.Linear):
         rows = x.reshape(-1, x.shape[-1])
     else:
+        pads = _explicit_padding(mod)
+        flat = [p for pair in reversed(pads) for p in pair]  # F.pad: last dim first
+        if any(flat):
+            x = F.pad(x, flat)
         k: tuple[int, ...]
         s: tuple[int, ...]
         d: tuple[int, ...]
-        p: str | tuple[Any, ...]
         if isinstance(mod, nn.Conv1d):
             x2 = x.unsqueeze(-2)
-            k, s, p, d = (1, *mod.kernel_size), (1, *mod.stride), (0, *mod.padding), (1, *mod.dilation)
+            k, s, d = (1, *mod.kernel_size), (1, *mod.stride), (1, *mod.dilation)
         else:
-            x2, k, s, p, d = x, mod.kernel_size, mod.stride, mod.padding, mod.dilation
-        if isinstance(p, str):
-            raise ValueError(f"padding={mod.padding!r} is not supported by layer tuning.")
-        cols = F.unfold(x2, k, dilation=d, padding=p, stride=s)  # (N, C*k, L)
+            x2, k, s, d = x, mod.kernel_size, mod.stride, mod.dilation
+        cols = F.unfold(x2, k, dilation=d, padding=0, stride=s)  # (N, C*k, L)
         rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
     if mod.bias is not None:
         rows = torch.cat([rows, torch.ones_like(rows[:, :1])], 1)
@@ -317,7 +354,7 @@ def tune_layers(
                 h1.remove()
                 h2.remove()
             dt = torch.float64 if mod_p.weight.dtype == torch.float64 else torch.float32
-            x = _design(mod_p, cap["x"].to(dt))
+            x = design_rows(mod_p, cap["x"].to(dt))
             y = _outputs(mod_o, cap["y"].to(dt))
             if name in out_rows:
                 y = y[:, out_rows[name].to(y.device)]

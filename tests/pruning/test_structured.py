@@ -659,3 +659,58 @@ def test_conv1d_conversion_keeps_the_function():
     convert_attention(conv)
     assert isinstance(conv.transformer.h[0].attn.c_attn, nn.Linear)
     torch.testing.assert_close(conv(input_ids=ids).logits, want, rtol=1e-12, atol=1e-12)
+
+
+class StringPadConv(nn.Module):
+    """Conv1d layers with padding="same" (an even kernel: asymmetric padding) and "valid"."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 6, 3, padding="same")
+        self.c2 = nn.Conv1d(6, 5, 4, padding="same", dilation=2)
+        self.c3 = nn.Conv1d(5, 4, 3, padding="valid")
+        self.fc = nn.Linear(4 * 8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = torch.relu(self.c2(h))
+        return self.fc(torch.relu(self.c3(h)).flatten(1))
+
+
+def test_string_padding_convs_shrink_and_tune():
+    torch.manual_seed(7)
+    model = StringPadConv().double().eval()
+    x = torch.randn(30, 2, 10, dtype=torch.float64)
+    groups, _ = find_groups(model, x)
+    assert [g.name for g in groups] == ["c1", "c2", "c3"]
+    removed = {"c1": torch.tensor([0, 4]), "c2": torch.tensor([1, 2]), "c3": torch.tensor([3])}
+    masks = {}
+    for g in groups:
+        m = torch.ones(g.size, dtype=torch.float64)
+        m[removed[g.name]] = 0
+        masks[g.name] = m
+    small = shrink_model(copy.deepcopy(model), groups, removed)
+    with torch.no_grad(), apply_masks_to(model, groups, masks):
+        want = model(x)
+    torch.testing.assert_close(small(x), want, rtol=1e-10, atol=1e-12)
+    assert small.c2.padding == "same" and small.c3.padding == "valid"
+    # the design rows reproduce the convolutions (asymmetric "same" padding included)
+    from natgrad.pruning.shrink import design_rows
+
+    for conv, inp in ((model.c2, torch.relu(model.c1(x))), (model.c3, torch.randn(4, 5, 10).double())):
+        rows = design_rows(conv, inp.detach())
+        w = torch.cat([conv.weight.flatten(1), conv.bias[:, None]], 1)
+        got = (rows @ w.T).view(inp.shape[0], -1, conv.out_channels).transpose(1, 2)
+        torch.testing.assert_close(got, conv(inp).detach(), rtol=1e-10, atol=1e-12)
+    # tuning the "same" conv c2: the least-squares gradient vanishes at the re-fitted weights
+    tune_layers(model, small, groups, removed, x, damping=0.0)
+    cap = {}
+    hk = small.c2.register_forward_pre_hook(lambda m, a: cap.__setitem__("x", a[0].detach()))
+    with torch.no_grad():
+        small(x)
+    hk.remove()
+    target = model.c2(torch.relu(model.c1(x)))[:, [0, 3, 4]].detach()
+    loss = ((small.c2(cap["x"]) - target) ** 2).sum()
+    gw, gb = torch.autograd.grad(loss, [small.c2.weight, small.c2.bias])
+    assert float(gw.abs().max()) < 1e-8 * float(loss.detach()) + 1e-9
+    assert float(gb.abs().max()) < 1e-8 * float(loss.detach()) + 1e-9
