@@ -310,8 +310,9 @@ def tune_layers(
 ) -> list[str]:
     """Re-fit each consumer of pruned structures by least squares (in place on ``pruned``).
 
-    For consumer ``c`` (in forward order): ``Y`` = its output in ``original`` (rows kept in
-    ``pruned``), ``X̃`` = its input in ``pruned``; the new weight and bias solve
+    For consumer ``c`` (in forward order; for attention heads, the attention's output
+    projection): ``Y`` = its output in ``original`` (rows kept in ``pruned``), ``X̃`` = its
+    input in ``pruned``; the new weight and bias solve
     ``(X̃ᵀX̃ + εI) Wᵀ = X̃ᵀ Y``, accumulated over the calibration batches.
 
     Args:
@@ -327,17 +328,18 @@ def tune_layers(
     from natgrad.curvature.estimate import iterate_batches
 
     batches = [parse_batch(b) for b in iterate_batches(calibration)]
+    # the layer reading each group's kept structures: its consumer, or for heads the
+    # attention's output projection (it reads the concatenated kept heads)
     consumers = [
-        g
+        f"{g.consumer}.out_proj" if g.consumer_kind == "attention" else g.consumer
         for g in groups
-        if g.consumer_kind != "attention" and removed.get(g.name, torch.zeros(0)).numel() > 0
+        if removed.get(g.name, torch.zeros(0)).numel() > 0
     ]
     out_rows = row_slices(groups, removed)
     order = [n for n, _ in pruned.named_modules()]
-    consumers.sort(key=lambda g: order.index(g.consumer))
+    consumers.sort(key=order.index)
     tuned = []
-    for g in consumers:
-        name = g.consumer
+    for name in consumers:
         mod_p = _layer(pruned, name)
         mod_o = _layer(original, name)
         gram: torch.Tensor | None = None
@@ -369,3 +371,157 @@ def tune_layers(
                 mod_p.bias.copy_(sol[-1].to(mod_p.bias.dtype))
         tuned.append(name)
     return tuned
+
+
+# -- compensated (OBS) removal curves -------------------------------------------------------
+
+
+def _consumer_layer(model: nn.Module, group: Group) -> tuple[str, int]:
+    """The Linear/Conv that reads the group's structures and its columns per structure."""
+    if group.consumer_kind == "attention":
+        return f"{group.consumer}.out_proj", group.head_dim
+    mod = _layer(model, group.consumer)
+    per = group.repeat
+    if isinstance(mod, _CONV):
+        per *= int(torch.tensor(mod.kernel_size).prod())
+    return group.consumer, per
+
+
+def compensated_curves(
+    model: nn.Module,
+    groups: list[Group],
+    data: Any,
+    *,
+    likelihood: Any = "categorical",
+    damping: float = 1e-3,
+    max_batches: int | None = None,
+    output_fn: Any = None,
+    max_steps: int = 128,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Removal order and predicted loss increase of each group when the layer reading it
+    is re-fitted by least squares (Optimal Brain Surgeon on the K-FAC Fisher).
+
+    For the consumer ``W`` (``out × in``, bias as a last column of ones) with K-FAC factors
+    ``A = E[x̃ x̃ᵀ]`` (its input rows; unfolded patches for a conv) and
+    ``G = (1/N) Σ_{n,t} g_nt g_ntᵀ`` (``g`` = gradient of the per-sample loss wrt its
+    output), removing the input columns ``B`` of a structure with the best change of the
+    other columns raises the loss by
+
+        ΔL = ½ tr(G W_B [(A⁻¹)_BB]⁻¹ W_Bᵀ),   W ← W - W_B [(A⁻¹)_BB]⁻¹ (A⁻¹)_B:,
+
+    and ``A⁻¹`` loses ``B`` by a Schur complement. The compensation is the least-squares
+    re-fit that :func:`tune_layers` makes. Structures are removed one at a time (or
+    ``⌈S / max_steps⌉`` at a time in large groups), always the cheapest; ``values[k]`` is the
+    sum of the increments of the first ``k`` (the chunk's joint ``ΔL`` split in proportion).
+
+    Args:
+        model: the unpruned model (not modified).
+        groups: from :func:`~natgrad.pruning.structures.find_groups`.
+        data: batches ``(x, y)`` (labels are needed for ``G``).
+        likelihood: name or :class:`~natgrad.Likelihood`.
+        damping: ridge on ``A``, relative to its mean diagonal.
+        max_batches: batches of ``data`` used.
+        output_fn: model output -> logits.
+        max_steps: at most this many removal steps per group.
+
+    Returns:
+        ``{group name: (order, values)}`` as :func:`~natgrad.pruning.search.nested_order`.
+    """
+    from natgrad.curvature.estimate import iterate_batches
+    from natgrad.engine.batch import default_output_fn
+    from natgrad.engine.likelihoods import get_likelihood
+
+    lik = get_likelihood(likelihood)
+    fn = output_fn or default_output_fn
+    layers = {g.name: _consumer_layer(model, g) for g in groups}
+    stats: dict[str, dict[str, Any]] = {
+        name: {"A": None, "G": None, "rows": 0} for name, _ in layers.values()
+    }
+    n_samples = 0
+    for batch in iterate_batches(data, max_batches):
+        b = parse_batch(batch)
+        if b.target is None:
+            raise ValueError("compensated curves need labels: pass (x, y) batches.")
+        handles = []
+        for lname in stats:
+            mod = _layer(model, lname)
+
+            def fwd(m: nn.Module, a: tuple[Any, ...], o: torch.Tensor, lname: str = lname) -> None:
+                st = stats[lname]
+                x = design_rows(cast(Layer, m), a[0].detach().double())
+                st["A"] = x.T @ x if st["A"] is None else st["A"] + x.T @ x
+                st["rows"] += x.shape[0]
+                if o.requires_grad:
+
+                    def bwd(g: torch.Tensor, m: nn.Module = m) -> None:
+                        gr = _outputs(cast(Layer, m), g.detach().double())
+                        st["G"] = gr.T @ gr if st["G"] is None else st["G"] + gr.T @ gr
+
+                    o.register_hook(bwd)  # type: ignore[no-untyped-call]
+
+            handles.append(mod.register_forward_hook(fwd))
+        try:
+            with torch.enable_grad():
+                out = fn(model(*b.args, **b.kwargs))
+                loss = lik.nll(out, b.target).sum()
+                params = [p for p in model.parameters() if p.requires_grad]
+                torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        n_samples += b.size
+    curves = {}
+    for g in groups:
+        lname, per = layers[g.name]
+        st = stats[lname]
+        if st["A"] is None or st["G"] is None:
+            raise ValueError(f"no data reached layer {lname!r} of group {g.name!r}.")
+        mod = _layer(model, lname)
+        a = st["A"] / st["rows"]
+        gm = st["G"] / n_samples
+        w = mod.weight.detach().double().reshape(mod.weight.shape[0], -1)
+        if mod.bias is not None:
+            w = torch.cat([w, mod.bias.detach().double()[:, None]], 1)
+        curves[g.name] = _obs_curve(w.cpu(), a.cpu(), gm.cpu(), g.size, per, damping, max_steps)
+    return curves
+
+
+def _obs_curve(
+    w: torch.Tensor, a: torch.Tensor, gm: torch.Tensor, size: int, per: int, damping: float,
+    max_steps: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    eps = damping * float(a.diagonal().mean().clamp_min(1e-30))
+    n = a.shape[0]
+    ainv = torch.linalg.inv(a + eps * torch.eye(n, dtype=a.dtype))
+    alive = torch.ones(size, dtype=torch.bool)
+    order: list[int] = []
+    values = [0.0]
+    chunk = max(1, -(-size // max_steps))
+    cols = torch.arange(size * per).view(size, per)  # structure s owns columns cols[s]
+    while len(order) < size:
+        idx = torch.nonzero(alive).flatten()
+        c = cols[idx]  # (m, per)
+        blocks = ainv[c[:, :, None], c[:, None, :]]  # (m, per, per)
+        wb = w[:, c].permute(1, 0, 2)  # (m, out, per)
+        m_s = wb.transpose(1, 2) @ gm @ wb  # (m, per, per)
+        binv = torch.linalg.inv(blocks)
+        cost = 0.5 * (m_s * binv.transpose(1, 2)).sum((1, 2))
+        take = idx[torch.argsort(cost, stable=True)[: min(chunk, len(idx))]]
+        b = cols[take].flatten()
+        bb = ainv[b][:, b]
+        sol = torch.linalg.solve(bb, ainv[b])  # (|B|, n)
+        wbj = w[:, b]
+        joint = 0.5 * float((wbj.T @ gm @ wbj * torch.linalg.inv(bb).T).sum())
+        w = w - wbj @ sol
+        ainv = ainv - ainv[:, b] @ sol
+        ainv[b] = 0
+        ainv[:, b] = 0
+        ainv[b, b] = 1.0  # removed columns: decoupled, never chosen again
+        w[:, b] = 0
+        single = cost[torch.argsort(cost, stable=True)[: len(take)]].clamp_min(0)
+        share = single / single.sum() if float(single.sum()) > 0 else torch.full_like(single, 1 / len(single))
+        for t, s in zip(take.tolist(), share.tolist(), strict=True):
+            order.append(t)
+            values.append(values[-1] + max(joint, 0.0) * s)
+        alive[take] = False
+    return torch.tensor(order, dtype=torch.long), torch.tensor(values, dtype=torch.float64)

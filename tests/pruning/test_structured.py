@@ -714,3 +714,151 @@ def test_string_padding_convs_shrink_and_tune():
     gw, gb = torch.autograd.grad(loss, [small.c2.weight, small.c2.bias])
     assert float(gw.abs().max()) < 1e-8 * float(loss.detach()) + 1e-9
     assert float(gb.abs().max()) < 1e-8 * float(loss.detach()) + 1e-9
+
+
+# -- knapsack, removal curves, compensated (OBS) curves -------------------------------------------
+
+
+def test_nested_order_takes_the_cheapest_block_increase():
+    torch.manual_seed(0)
+    a = torch.randn(6, 6, dtype=torch.float64)
+    f = a @ a.T
+    order, values = natgrad.pruning.search.nested_order(f)
+    assert sorted(order.tolist()) == list(range(6))
+    chosen: list[int] = []
+    for k in range(6):
+        # brute force: the next index is the one whose addition gives the smallest 1ᵀF_RR1
+        def quad(r):
+            idx = torch.tensor(r, dtype=torch.long)
+            return 0.5 * float(f[idx][:, idx].sum())
+
+        best = min((i for i in range(6) if i not in chosen), key=lambda i: quad([*chosen, i]))
+        assert int(order[k]) == best
+        chosen.append(best)
+        assert float(values[k + 1]) == pytest.approx(quad(chosen), rel=1e-12)
+
+
+def test_knapsack_is_optimal_for_separable_costs():
+    from natgrad.pruning.search import knapsack_search
+
+    gen = torch.Generator().manual_seed(3)
+    sizes = {"a": 4, "b": 5, "c": 3}
+    per = {"a": 3.0, "b": 5.0, "c": 7.0}
+    cost = CostModel([(per[g], (g,)) for g in sizes] + [(10.0, ())], [], sizes)
+    curves = {}
+    for g, s in sizes.items():
+        inc = torch.rand(s, generator=gen, dtype=torch.float64) * torch.rand(1, generator=gen).item()
+        curves[g] = (torch.randperm(s, generator=gen), torch.cat([torch.zeros(1, dtype=torch.float64), inc.cumsum(0)]))
+    mins = {"a": 1, "b": 1, "c": 0 + 1}
+    full = cost.total("flops")
+    for keep in (0.9, 0.7, 0.55):
+        target = keep * full
+        best = math_inf = float("inf")
+        for js in itertools.product(*(range(sizes[g] - mins[g] + 1) for g in sizes)):
+            kept = {g: sizes[g] - j for g, j in zip(sizes, js, strict=True)}
+            if cost.total("flops", kept) <= target + 1e-9:
+                val = sum(float(curves[g][1][j]) for g, j in zip(sizes, js, strict=True))
+                best = min(best, val)
+        assert best < math_inf
+        removed = knapsack_search(curves, cost, kind="flops", keep=keep, min_keep=mins, bins=4000)
+        kept = {g: sizes[g] - len(removed[g]) for g in sizes}
+        assert cost.total("flops", kept) <= target + 1e-9
+        got = sum(float(curves[g][1][len(removed[g])]) for g in sizes)
+        assert got == pytest.approx(best, rel=1e-9)
+        for g in sizes:  # the removed are the first ones of each curve's order
+            assert sorted(removed[g].tolist()) == sorted(curves[g][0][: len(removed[g])].tolist())
+
+
+def test_knapsack_meets_coupled_budgets_and_minimums():
+    from natgrad.pruning.search import curve_greedy_search, knapsack_search
+
+    model, x, y = mlp_case()
+    groups, _ = find_groups(model, x)
+    cost = build_cost_model(model, groups, x)
+    gen = torch.Generator().manual_seed(0)
+    curves = {}
+    for g in groups:
+        inc = torch.rand(g.size, generator=gen, dtype=torch.float64)
+        curves[g.name] = (torch.randperm(g.size, generator=gen), torch.cat([torch.zeros(1, dtype=torch.float64), inc.cumsum(0)]))
+    mins = {g.name: 2 for g in groups}
+    for keep in (0.8, 0.5):
+        for fn in (knapsack_search, curve_greedy_search):
+            removed = fn(curves, cost, kind="flops", keep=keep, min_keep=mins)
+            kept = {g.name: g.size - len(removed[g.name]) for g in groups}
+            assert cost.total("flops", kept) <= keep * cost.total("flops") * (1 + 1e-12)
+            assert all(kept[g] >= 2 for g in kept)
+    with pytest.raises(BudgetError, match="out of reach"):
+        knapsack_search(curves, cost, kind="flops", keep=0.01, min_keep=mins)
+
+
+def _kfac_reference(model, layer, x, y):
+    """A = mean of [x, 1][x, 1]ᵀ over the layer's input rows; G = (1/N) Σ_n g_n g_nᵀ from a
+    per-sample loop (g_n = ∂l_n/∂ layer output)."""
+    ins, gs = [], []
+    for n in range(x.shape[0]):
+        cap = {}
+        h = layer.register_forward_hook(lambda m, a, o, cap=cap: cap.update(x=a[0], y=o))
+        out = model(x[n : n + 1])
+        h.remove()
+        loss = F.cross_entropy(out, y[n : n + 1], reduction="sum")
+        (g,) = torch.autograd.grad(loss, cap["y"])
+        ins.append(torch.cat([cap["x"].detach(), torch.ones(1, 1, dtype=x.dtype)], 1))
+        gs.append(g.detach())
+    xa, ga = torch.cat(ins), torch.cat(gs)
+    return xa.T @ xa / len(x), ga.T @ ga / len(x)
+
+
+def test_compensated_curves_match_brute_force_obs():
+    from natgrad.pruning.shrink import compensated_curves
+
+    model, _, _ = mlp_case()
+    torch.manual_seed(1)
+    x = torch.randn(40, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (40,))
+    groups, _ = find_groups(model, x)
+    curves = compensated_curves(model, groups, (x, y), damping=0.0)
+    for g in groups:
+        layer = model.get_submodule(g.consumer)
+        a, gm = _kfac_reference(model, layer, x, y)
+        w = torch.cat([layer.weight, layer.bias[:, None]], 1).detach()
+        n = w.shape[1]
+
+        def increase(removed, w=w, a=a, gm=gm, n=n):
+            # best change D with D[:, R] = -W[:, R]: D_K = W_R A_RK A_KK⁻¹ (closed form)
+            r = torch.tensor(removed, dtype=torch.long)
+            k = torch.tensor([i for i in range(n) if i not in removed], dtype=torch.long)
+            d = torch.zeros_like(w)
+            d[:, r] = -w[:, r]
+            d[:, k] = w[:, r] @ a[r][:, k] @ torch.linalg.inv(a[k][:, k])
+            return 0.5 * float(torch.trace(gm @ d @ a @ d.T))
+
+        order, values = curves[g.name]
+        first = min(range(g.size), key=lambda s: increase([s]))
+        assert int(order[0]) == first
+        for k in (1, 2, 3):
+            assert float(values[k]) == pytest.approx(increase(order[:k].tolist()), rel=1e-7)
+
+
+def test_tuning_refits_the_output_projection_of_pruned_heads():
+    model, x, y = encoder_case()
+    groups, _ = find_groups(model, _batch(x, y))
+    heads = [g for g in groups if g.kind == "head"]
+    removed = {g.name: torch.tensor([1]) for g in heads}
+    small = shrink_model(copy.deepcopy(model), groups, removed)
+    tuned = tune_layers(model, small, groups, removed, _batch(x, y), damping=0.0)
+    assert tuned == [f"{g.name}.out_proj" for g in heads]
+    # the last tuned projection minimizes ||out_proj'(x̃) - out_proj(x)||² on the calibration data
+    name = tuned[-1]
+    cap = {}
+    h1 = model.get_submodule(name).register_forward_hook(lambda m, a, o: cap.__setitem__("y", o.detach()))
+    h2 = small.get_submodule(name).register_forward_pre_hook(lambda m, a: cap.__setitem__("x", a[0].detach()))
+    with torch.no_grad():
+        model(**x)
+        small(**x)
+    h1.remove()
+    h2.remove()
+    lin = small.get_submodule(name)
+    loss = ((lin(cap["x"]) - cap["y"]) ** 2).sum()
+    gw, gb = torch.autograd.grad(loss, [lin.weight, lin.bias])
+    assert float(gw.abs().max()) < 1e-7 * float(loss.detach()) + 1e-9
+    assert float(gb.abs().max()) < 1e-7 * float(loss.detach()) + 1e-9
