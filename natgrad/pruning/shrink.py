@@ -229,6 +229,10 @@ def count_flops(model: nn.Module, example: Any) -> float:
 # -- least-squares layer tuning -----------------------------------------------------------
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the input of interest is captured."""
+
+
 def least_squares(gram: torch.Tensor, cross: torch.Tensor, damping: float) -> torch.Tensor:
     """``(G + εI)⁻¹ C`` with ``ε = damping · mean(diag G)`` (Cholesky; lstsq if singular)."""
     eps = damping * float(gram.diagonal().mean().clamp_min(1e-30))
@@ -338,28 +342,48 @@ def tune_layers(
     out_rows = row_slices(groups, removed)
     order = [n for n, _ in pruned.named_modules()]
     consumers.sort(key=order.index)
+    # the original outputs of every consumer: one pass over the calibration data
+    targets: dict[str, list[torch.Tensor]] = {name: [] for name in consumers}
+    handles = []
+    for name in consumers:
+        mod_o = _layer(original, name)
+
+        def keep_y(m: nn.Module, a: tuple[Any, ...], o: torch.Tensor, name: str = name) -> None:
+            dt = torch.float64 if o.dtype == torch.float64 else torch.float32
+            y = _outputs(cast(Layer, m), o.detach().to(dt))
+            if name in out_rows:
+                y = y[:, out_rows[name].to(y.device)]
+            targets[name].append(y)
+
+        handles.append(mod_o.register_forward_hook(keep_y))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                original(*b.args, **b.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
     tuned = []
     for name in consumers:
         mod_p = _layer(pruned, name)
-        mod_o = _layer(original, name)
         gram: torch.Tensor | None = None
         cross: torch.Tensor | None = None
-        for b in batches:
+        for b, y in zip(batches, targets[name], strict=True):
             cap: dict[str, torch.Tensor] = {}
-            h1 = mod_o.register_forward_hook(lambda m, a, o, cap=cap: cap.__setitem__("y", o.detach()))
-            h2 = mod_p.register_forward_pre_hook(lambda m, a, cap=cap: cap.__setitem__("x", a[0].detach()))
+
+            def grab(m: nn.Module, a: tuple[Any, ...], cap: dict[str, torch.Tensor] = cap) -> None:
+                cap["x"] = a[0].detach()
+                raise _StopForward  # the rest of the forward is not needed
+
+            h = mod_p.register_forward_pre_hook(grab)
             try:
                 with torch.no_grad():
-                    original(*b.args, **b.kwargs)
                     pruned(*b.args, **b.kwargs)
+            except _StopForward:
+                pass
             finally:
-                h1.remove()
-                h2.remove()
-            dt = torch.float64 if mod_p.weight.dtype == torch.float64 else torch.float32
-            x = design_rows(mod_p, cap["x"].to(dt))
-            y = _outputs(mod_o, cap["y"].to(dt))
-            if name in out_rows:
-                y = y[:, out_rows[name].to(y.device)]
+                h.remove()
+            x = design_rows(mod_p, cap["x"].to(y.dtype))
             gram = x.T @ x if gram is None else gram + x.T @ x
             cross = x.T @ y if cross is None else cross + x.T @ y
         assert gram is not None and cross is not None  # calibration has a batch (checked)
