@@ -20,6 +20,7 @@ layers before it, so errors do not pile up.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
@@ -417,6 +418,9 @@ def compensated_curves(
     data: Any,
     *,
     likelihood: Any = "categorical",
+    labels: str = "empirical",
+    mc_samples: int = 1,
+    seed: int = 0,
     damping: float = 1e-3,
     max_batches: int | None = None,
     output_fn: Any = None,
@@ -427,8 +431,8 @@ def compensated_curves(
 
     For the consumer ``W`` (``out × in``, bias as a last column of ones) with K-FAC factors
     ``A = E[x̃ x̃ᵀ]`` (its input rows; unfolded patches for a conv) and
-    ``G = (1/N) Σ_{n,t} g_nt g_ntᵀ`` (``g`` = gradient of the per-sample loss wrt its
-    output), removing the input columns ``B`` of a structure with the best change of the
+    ``G = (1/N) Σ_{n,t} g_nt g_ntᵀ`` (``g`` = gradient of the per-sample loss wrt the
+    layer's output at position ``t``), removing the input columns ``B`` of a structure with the best change of the
     other columns raises the loss by
 
         ΔL = ½ tr(G W_B [(A⁻¹)_BB]⁻¹ W_Bᵀ),   W ← W - W_B [(A⁻¹)_BB]⁻¹ (A⁻¹)_B:,
@@ -441,8 +445,12 @@ def compensated_curves(
     Args:
         model: the unpruned model (not modified).
         groups: from :func:`~natgrad.pruning.structures.find_groups`.
-        data: batches ``(x, y)`` (labels are needed for ``G``).
+        data: a batch or an iterable of batches.
         likelihood: name or :class:`~natgrad.Likelihood`.
+        labels: ``"empirical"`` (the data labels, for ``G``) or ``"mc"`` (``mc_samples``
+            draws from the model, averaged).
+        mc_samples: draws per sample for ``labels="mc"``.
+        seed: seed of the draws.
         damping: ridge on ``A``, relative to its mean diagonal.
         max_batches: batches of ``data`` used.
         output_fn: model output -> logits.
@@ -462,34 +470,56 @@ def compensated_curves(
         name: {"A": None, "G": None, "rows": 0} for name, _ in layers.values()
     }
     n_samples = 0
+    gen = torch.Generator().manual_seed(seed)
     for batch in iterate_batches(data, max_batches):
         b = parse_batch(batch)
-        if b.target is None:
-            raise ValueError("compensated curves need labels: pass (x, y) batches.")
+        if b.target is None and labels == "empirical":
+            raise ValueError(
+                "labels='empirical' needs labels in the data: pass (x, y) batches, or use "
+                "labels='mc'."
+            )
+        leaves: dict[str, torch.Tensor] = {}
         handles = []
         for lname in stats:
-            mod = _layer(model, lname)
 
-            def fwd(m: nn.Module, a: tuple[Any, ...], o: torch.Tensor, lname: str = lname) -> None:
+            def fwd(
+                m: nn.Module,
+                a: tuple[Any, ...],
+                o: torch.Tensor,
+                lname: str = lname,
+                leaves: dict[str, torch.Tensor] = leaves,
+            ) -> torch.Tensor:
                 st = stats[lname]
                 x = design_rows(cast(Layer, m), a[0].detach().double())
                 st["A"] = x.T @ x if st["A"] is None else st["A"] + x.T @ x
                 st["rows"] += x.shape[0]
-                if o.requires_grad:
+                # ∂loss/∂z = ∂loss/∂o for a zero z added to the output (frozen models too)
+                z = torch.zeros_like(o, requires_grad=True)
+                leaves[lname] = z
+                return o + z
 
-                    def bwd(g: torch.Tensor, m: nn.Module = m) -> None:
-                        gr = _outputs(cast(Layer, m), g.detach().double())
-                        st["G"] = gr.T @ gr if st["G"] is None else st["G"] + gr.T @ gr
-
-                    o.register_hook(bwd)  # type: ignore[no-untyped-call]
-
-            handles.append(mod.register_forward_hook(fwd))
+            handles.append(_layer(model, lname).register_forward_hook(fwd))
         try:
             with torch.enable_grad():
                 out = fn(model(*b.args, **b.kwargs))
-                loss = lik.nll(out, b.target).sum()
-                params = [p for p in model.parameters() if p.requires_grad]
-                torch.autograd.grad(loss, params, allow_unused=True)
+                if labels == "empirical":
+                    assert b.target is not None  # checked above
+                    draws = [b.target]
+                else:
+                    draws = list(lik.sample(out.detach(), gen, mc_samples, b.target))
+                names = list(leaves)
+                for i, t in enumerate(draws):
+                    loss = lik.nll(out, t).sum()
+                    grads = torch.autograd.grad(
+                        loss, [leaves[k] for k in names], retain_graph=i < len(draws) - 1,
+                        allow_unused=True,
+                    )
+                    for k, gr in zip(names, grads, strict=True):
+                        if gr is None:
+                            continue
+                        go = _outputs(_layer(model, k), gr.double()) / math.sqrt(len(draws))
+                        st = stats[k]
+                        st["G"] = go.T @ go if st["G"] is None else st["G"] + go.T @ go
         finally:
             for h in handles:
                 h.remove()

@@ -494,8 +494,8 @@ def prune_structured(
     )
     curves = (
         compensated_curves(
-            work, groups, calibration if calibration is not None else data, likelihood=lik,
-            damping=damping, max_batches=max_batches, output_fn=output_fn,
+            work, groups, data, likelihood=lik, labels=labels, mc_samples=mc_samples,
+            seed=seed, damping=damping, max_batches=max_batches, output_fn=output_fn,
         )
         if criterion == "compensated"
         else None
