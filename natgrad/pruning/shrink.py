@@ -544,6 +544,12 @@ def _obs_curve(
     w: torch.Tensor, a: torch.Tensor, gm: torch.Tensor, size: int, per: int, damping: float,
     max_steps: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """OBS removal along one layer's structures; see :func:`compensated_curves`.
+
+    Kept up to date per step (``B`` the columns removed, ``C = [(A⁻¹)_BB]⁻¹ (A⁻¹)_B:``):
+    ``W ← W - W_B C``, ``A⁻¹ ← A⁻¹ - (A⁻¹)_:B C`` and each structure's block
+    ``H_s = W_sᵀ G W_s`` by the same rank-``|B|`` update (no ``O(out² · in)`` recompute).
+    """
     eps = damping * float(a.diagonal().mean().clamp_min(1e-30))
     n = a.shape[0]
     ainv = torch.linalg.inv(a + eps * torch.eye(n, dtype=a.dtype))
@@ -552,30 +558,41 @@ def _obs_curve(
     values = [0.0]
     chunk = max(1, -(-size // max_steps))
     cols = torch.arange(size * per).view(size, per)  # structure s owns columns cols[s]
+    ws = w[:, : size * per].reshape(w.shape[0], size, per)
+    hblk = torch.einsum("osp,oq,qsr->spr", ws, gm, ws)  # (S, per, per): W_sᵀ G W_s
     while len(order) < size:
         idx = torch.nonzero(alive).flatten()
         c = cols[idx]  # (m, per)
-        blocks = ainv[c[:, :, None], c[:, None, :]]  # (m, per, per)
-        wb = w[:, c].permute(1, 0, 2)  # (m, out, per)
-        m_s = wb.transpose(1, 2) @ gm @ wb  # (m, per, per)
-        binv = torch.linalg.inv(blocks)
-        cost = 0.5 * (m_s * binv.transpose(1, 2)).sum((1, 2))
-        take = idx[torch.argsort(cost, stable=True)[: min(chunk, len(idx))]]
+        if per == 1:
+            cost = 0.5 * hblk[idx, 0, 0] / ainv[c[:, 0], c[:, 0]]
+        else:
+            blocks = ainv[c[:, :, None], c[:, None, :]]  # (m, per, per)
+            cost = 0.5 * (hblk[idx] * torch.linalg.inv(blocks).transpose(1, 2)).sum((1, 2))
+        pick = torch.argsort(cost, stable=True)[: min(chunk, len(idx))]
+        take = idx[pick]
         b = cols[take].flatten()
         bb = ainv[b][:, b]
-        sol = torch.linalg.solve(bb, ainv[b])  # (|B|, n)
-        wbj = w[:, b]
-        joint = 0.5 * float((wbj.T @ gm @ wbj * torch.linalg.inv(bb).T).sum())
-        w = w - wbj @ sol
-        ainv = ainv - ainv[:, b] @ sol
+        cmat = torch.linalg.solve(bb, ainv[b])  # (|B|, n)
+        wb = w[:, b]
+        gwb = gm @ wb  # (out, |B|)
+        q = wb.T @ gwb  # W_Bᵀ G W_B
+        joint = 0.5 * float((q * torch.linalg.inv(bb).T).sum())
+        pmat = gwb.T @ w  # W_Bᵀ G W  (|B|, n)
+        cs = cmat[:, : size * per].reshape(len(b), size, per).permute(1, 0, 2)  # (S, |B|, per)
+        ps = pmat[:, : size * per].reshape(len(b), size, per).permute(1, 0, 2)
+        ct_p = cs.transpose(1, 2) @ ps
+        hblk = hblk - ct_p - ct_p.transpose(1, 2) + cs.transpose(1, 2) @ q @ cs
+        w = w - wb @ cmat
+        ainv = ainv - ainv[:, b] @ cmat
         ainv[b] = 0
         ainv[:, b] = 0
         ainv[b, b] = 1.0  # removed columns: decoupled, never chosen again
         w[:, b] = 0
-        single = cost[torch.argsort(cost, stable=True)[: len(take)]].clamp_min(0)
-        share = single / single.sum() if float(single.sum()) > 0 else torch.full_like(single, 1 / len(single))
-        for t, s in zip(take.tolist(), share.tolist(), strict=True):
+        single = cost[pick].clamp_min(0)
+        total = float(single.sum())
+        share = single / total if total > 0 else torch.full_like(single, 1 / len(single))
+        for t, sh in zip(take.tolist(), share.tolist(), strict=True):
             order.append(t)
-            values.append(values[-1] + max(joint, 0.0) * s)
+            values.append(values[-1] + max(joint, 0.0) * sh)
         alive[take] = False
     return torch.tensor(order, dtype=torch.long), torch.tensor(values, dtype=torch.float64)
