@@ -547,8 +547,9 @@ def _obs_curve(
     """OBS removal along one layer's structures; see :func:`compensated_curves`.
 
     Kept up to date per step (``B`` the columns removed, ``C = [(A⁻¹)_BB]⁻¹ (A⁻¹)_B:``):
-    ``W ← W - W_B C``, ``A⁻¹ ← A⁻¹ - (A⁻¹)_:B C`` and each structure's block
-    ``H_s = W_sᵀ G W_s`` by the same rank-``|B|`` update (no ``O(out² · in)`` recompute).
+    ``W ← W - W_B C``, ``A⁻¹ ← A⁻¹ - (A⁻¹)_:B C`` restricted to the columns left (the
+    Schur complement), and each structure's block ``H_s = W_sᵀ G W_s`` by the same
+    rank-``|B|`` update (no ``O(out² · in)`` recompute).
     """
     eps = damping * float(a.diagonal().mean().clamp_min(1e-30))
     n = a.shape[0]
@@ -558,11 +559,12 @@ def _obs_curve(
     values = [0.0]
     chunk = max(1, -(-size // max_steps))
     cols = torch.arange(size * per).view(size, per)  # structure s owns columns cols[s]
+    pos = torch.arange(n)  # position of each original column in the live arrays (-1: gone)
     ws = w[:, : size * per].reshape(w.shape[0], size, per)
     hblk = torch.einsum("osp,oq,qsr->spr", ws, gm, ws)  # (S, per, per): W_sᵀ G W_s
     while len(order) < size:
         idx = torch.nonzero(alive).flatten()
-        c = cols[idx]  # (m, per)
+        c = pos[cols[idx]]  # (m, per) live positions
         if per == 1:
             cost = 0.5 * hblk[idx, 0, 0] / ainv[c[:, 0], c[:, 0]]
         else:
@@ -570,24 +572,27 @@ def _obs_curve(
             cost = 0.5 * (hblk[idx] * torch.linalg.inv(blocks).transpose(1, 2)).sum((1, 2))
         pick = torch.argsort(cost, stable=True)[: min(chunk, len(idx))]
         take = idx[pick]
-        b = cols[take].flatten()
+        b = pos[cols[take].flatten()]
         bb = ainv[b][:, b]
-        cmat = torch.linalg.solve(bb, ainv[b])  # (|B|, n)
+        cmat = torch.linalg.solve(bb, ainv[b])  # (|B|, live)
         wb = w[:, b]
         gwb = gm @ wb  # (out, |B|)
         q = wb.T @ gwb  # W_Bᵀ G W_B
         joint = 0.5 * float((q * torch.linalg.inv(bb).T).sum())
-        pmat = gwb.T @ w  # W_Bᵀ G W  (|B|, n)
-        cs = cmat[:, : size * per].reshape(len(b), size, per).permute(1, 0, 2)  # (S, |B|, per)
-        ps = pmat[:, : size * per].reshape(len(b), size, per).permute(1, 0, 2)
+        pmat = gwb.T @ w  # W_Bᵀ G W  (|B|, live)
+        cs = cmat[:, c].permute(1, 0, 2)  # (m, |B|, per) for the alive structures
+        ps = pmat[:, c].permute(1, 0, 2)
         ct_p = cs.transpose(1, 2) @ ps
-        hblk = hblk - ct_p - ct_p.transpose(1, 2) + cs.transpose(1, 2) @ q @ cs
+        hblk[idx] = hblk[idx] - ct_p - ct_p.transpose(1, 2) + cs.transpose(1, 2) @ q @ cs
         w = w - wb @ cmat
         ainv = ainv - ainv[:, b] @ cmat
-        ainv[b] = 0
-        ainv[:, b] = 0
-        ainv[b, b] = 1.0  # removed columns: decoupled, never chosen again
-        w[:, b] = 0
+        live = torch.ones(ainv.shape[0], dtype=torch.bool)
+        live[b] = False
+        ainv = ainv[live][:, live]
+        w = w[:, live]
+        gone = torch.zeros(n, dtype=torch.bool)
+        gone[cols[take].flatten()] = True
+        pos = torch.where(gone, -1, pos - torch.cumsum((~live).long(), 0)[pos.clamp_min(0)])
         single = cost[pick].clamp_min(0)
         total = float(single.sum())
         share = single / total if total > 0 else torch.full_like(single, 1 / len(single))
