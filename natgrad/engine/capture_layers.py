@@ -17,7 +17,7 @@ from torch.func import vmap
 from natgrad.engine.common import to_acc, vjp_pair
 from natgrad.engine.per_sample import CHUNK_FLOATS
 
-_PRODUCT_FLOATS = 2**22  # one chunk of per-sample products: about 16 MiB of float32
+PRODUCT_FLOATS = 2**22  # one chunk of per-sample products: about 16 MiB of float32
 
 
 work = to_acc  # float64 stays float64; bf16, fp16 and fp32 are computed in float32
@@ -30,7 +30,7 @@ def seq_products(X: torch.Tensor, Y: torch.Tensor, w: float) -> torch.Tensor:
     """
     J, N, d_out, T = X.shape
     d_in = Y.shape[-1]
-    chunk = max(1, _PRODUCT_FLOATS // max(J * d_out * max(d_in, T), 1))
+    chunk = max(1, PRODUCT_FLOATS // max(J * d_out * max(d_in, T), 1))
     acc = torch.zeros(J * d_out, d_in, dtype=Y.dtype, device=Y.device)
     for s in range(0, N, chunk):
         Xs = X[:, s : s + chunk].transpose(0, 1).reshape(-1, J * d_out, T)
@@ -142,6 +142,33 @@ def attention(
     return res
 
 
+def _broadcast_sum(B: torch.Tensor, d_shape: torch.Size) -> torch.Tensor:
+    """``B (J, N, *S)``, the gradient of a sum ``D + X`` with ``D`` broadcast to ``S``, as
+    per-sample gradients of ``D``: summed over the broadcast axes, ``(J·N, *d_shape)``."""
+    J, N = B.shape[:2]
+    g = B.reshape(J * N, *B.shape[2:])
+    lead = g.dim() - 1 - len(d_shape)
+    if lead > 0:
+        g = g.sum(tuple(range(1, 1 + lead)))
+    elif lead < 0:  # D has leading axes of size 1 (the batch axis of a shared input)
+        g = g.reshape(g.shape[0], *[1] * -lead, *g.shape[1:])
+    axes = [1 + i for i, s in enumerate(d_shape) if s == 1 and g.shape[1 + i] != 1]
+    if axes:
+        g = g.sum(axes, keepdim=True)
+    return g
+
+
+def _pullbacks(
+    chain: Callable[[torch.Tensor], torch.Tensor], p: torch.Tensor, g: torch.Tensor
+) -> Iterable[torch.Tensor]:
+    """Chunks of ``g (M, *chain(p).shape)`` pulled back through ``chain``: ``(m, *p.shape)``."""
+    _, pull = vjp_pair(chain, work(p.detach()))
+    chunk = max(1, CHUNK_FLOATS // max(p.numel(), 1))
+    for s in range(0, g.shape[0], chunk):
+        (gp,) = vmap(pull)(g[s : s + chunk])
+        yield gp
+
+
 def free(
     chain: Callable[[torch.Tensor], torch.Tensor],
     p: torch.Tensor,
@@ -151,19 +178,69 @@ def free(
 ) -> torch.Tensor:
     """A parameter added to a batched tensor through views ``D = chain(p)``: per-sample
     ``∂l_n/∂D`` is ``b_n`` summed over the broadcast axes, pulled back through ``chain``."""
-    B = work(B)
-    J, N = B.shape[:2]
-    g = B.reshape(J * N, *B.shape[2:])
-    lead = g.dim() - 1 - len(d_shape)
-    if lead > 0:
-        g = g.sum(tuple(range(1, 1 + lead)))
-    axes = [1 + i for i, s in enumerate(d_shape) if s == 1 and g.shape[1 + i] != 1]
-    if axes:
-        g = g.sum(axes, keepdim=True)
-    _, pull = vjp_pair(chain, work(p.detach()))
+    g = _broadcast_sum(work(B), d_shape)
     acc = torch.zeros(p.shape, dtype=g.dtype, device=g.device)
-    chunk = max(1, CHUNK_FLOATS // max(p.numel(), 1))
-    for s in range(0, g.shape[0], chunk):
-        (gp,) = vmap(pull)(g[s : s + chunk])
+    for gp in _pullbacks(chain, p, g):
         acc += (gp * gp).sum(0)
     return w * acc
+
+
+def shared_output_grads(
+    chain: Callable[[torch.Tensor], torch.Tensor],
+    out: torch.Tensor,
+    d_shape: torch.Size,
+    B: torch.Tensor,
+) -> torch.Tensor:
+    """Per-sample gradients of a module output ``out`` with batch axis 1 (its input is
+    shared by all samples) that is added, through views ``D = chain(out)``, to a batched
+    tensor: ``B (J, N, ...)`` summed over the broadcast axes and pulled back through
+    ``chain``. Returns ``(J, N, *out.shape[1:])``, as if the module had run per sample."""
+    B = work(B)
+    J, N = B.shape[:2]
+    g = _broadcast_sum(B, d_shape)
+    if tuple(d_shape) != tuple(out.shape) or chain(out) is not out:
+        g = torch.cat(list(_pullbacks(chain, out, g)))
+    return g.reshape(J, N, *out.shape[1:])
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    """A Hugging Face ``Conv1D`` (GPT-2): ``z = a W + c`` with ``W (I, O)``, the forward of
+    its own class (found without importing ``transformers``)."""
+    for base in type(m).__mro__:
+        if base.__name__ == "Conv1D" and base.__module__ == "transformers.pytorch_utils":
+            return type(m).forward is base.forward  # type: ignore[attr-defined]
+    return False
+
+
+def conv1d(a: torch.Tensor, B: torch.Tensor, w: float) -> dict[str, torch.Tensor]:
+    """Hugging Face ``Conv1D``: :func:`linear` with the weight transposed to ``(I, O)``."""
+    r = linear(a, B, w)
+    return {"weight": r["weight"].t(), "bias": r["bias"]}
+
+
+def linear_grads(a: torch.Tensor, B: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """Per-sample weight gradients ``G_jn = Σ_t b_jnt a_ntᵀ`` of a Linear layer for the
+    samples ``s:e``: ``(J, e - s, O, I)``."""
+    a, B = work(a[s:e]), work(B[:, s:e])
+    J, n = B.shape[:2]
+    A = a.reshape(n, -1, a.shape[-1])  # (n, T, I)
+    Bs = B.reshape(J, n, -1, B.shape[-1])  # (J, n, T, O)
+    G = torch.matmul(Bs.transpose(-1, -2), A.unsqueeze(0))  # (J, n, O, I)
+    return G
+
+
+def embedding_grads_into(
+    G: torch.Tensor, m: nn.Embedding, ids: torch.Tensor, B: torch.Tensor, s: int, e: int
+) -> torch.Tensor:
+    """Add the per-sample weight gradients of an Embedding (rows ``v``:
+    ``Σ_{t: ids_nt = v} b_nt``) for the samples ``s:e`` into ``G (J, e - s, V, D)``."""
+    B = work(B[:, s:e])
+    J, n = B.shape[:2]
+    V, D = m.num_embeddings, m.embedding_dim
+    flat = ids[s:e].reshape(n, -1)
+    rows = (torch.arange(J * n, device=ids.device).view(J, n, 1) * V + flat.unsqueeze(0))
+    vals = B.reshape(J, n, -1, D)
+    if m.padding_idx is not None:
+        vals = vals * (flat != m.padding_idx).unsqueeze(-1).to(vals.dtype)
+    G.view(J * n * V, D).index_add_(0, rows.reshape(-1), vals.reshape(-1, D))
+    return G
