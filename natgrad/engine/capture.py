@@ -339,31 +339,35 @@ def _dense(m: nn.Module, a: torch.Tensor) -> bool:
 
 
 def _tied_squares(
-    p: torch.Tensor, uses: list[tuple[nn.Module, torch.Tensor, torch.Tensor]], w: float
-) -> torch.Tensor:
-    """``w Σ_j Σ_n (Σ_u G_jnu)²`` for a parameter tied across modules ``u`` (input ``a``,
-    output gradients ``B``): the per-sample gradient is the sum of the modules' per-sample
-    gradients, formed one chunk of samples at a time."""
+    acc: torch.Tensor,
+    p: torch.Tensor,
+    uses: list[tuple[nn.Module, torch.Tensor, torch.Tensor]],
+    w: float,
+) -> None:
+    """Add ``w Σ_j Σ_n (Σ_u G_jnu)²`` to ``acc`` for a parameter tied across modules ``u``
+    (input ``a``, output gradients ``B``): the per-sample gradient is the sum of the
+    modules' per-sample gradients, formed one chunk of samples at a time in a scratch
+    buffer."""
     J, N = uses[0][2].shape[:2]
-    dtype = layers.work(uses[0][2]).dtype
-    acc = torch.zeros(p.shape, dtype=dtype, device=p.device)
-    chunk = max(1, layers.PRODUCT_FLOATS // max(J * p.numel(), 1))
+    dtype = acc.dtype
+    chunk = min(N, max(1, layers.PRODUCT_FLOATS // max(J * p.numel(), 1)))
+    buf = layers.scratch(J * chunk * p.numel(), dtype, p.device)
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
-        G: torch.Tensor | None = None
-        for m, a, B in uses:  # Linear / Conv1D first, so G starts as their product
-            if isinstance(m, nn.Embedding):
-                continue
-            g = layers.linear_grads(a, B, s, e)
-            g = g.transpose(-1, -2) if layers.is_conv1d(m) else g
-            G = g if G is None else G.add_(g)
-        if G is None:
-            G = torch.zeros(J, e - s, *p.shape, dtype=dtype, device=p.device)
+        G = buf[: J * (e - s) * p.numel()].view(J, e - s, *p.shape)
+        first = True
+        for m, a, B in uses:  # Linear / Conv1D first: their products fill G
+            if not isinstance(m, nn.Embedding):
+                t = layers.is_conv1d(m)
+                layers.linear_grads_into(G, a, B, s, e, transposed=t, first=first)
+                first = False
+        if first:
+            G.zero_()
         for m, a, B in uses:
             if isinstance(m, nn.Embedding):
-                G = layers.embedding_grads_into(G.contiguous(), m, a, B, s, e)
-        acc += G.square_().sum((0, 1))
-    return w * acc
+                layers.embedding_grads_into(G, m, a, B, s, e)
+        for g in G.view(J * (e - s), *p.shape):
+            acc.addcmul_(g, g, value=w)
 
 
 def _add_squares(
@@ -377,6 +381,11 @@ def _add_squares(
             if s.mask is not None:  # ∂l/∂weight_orig = mask ⊙ ∂l/∂weight
                 v = v * getattr(m, s.mask).to(v.dtype) ** 2
             acc[s.name] += v.to(acc[s.name].dtype)
+
+
+def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(ts)``, without a copy for one tensor."""
+    return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
 
 
 def _check_fresh(m: nn.Module, a: torch.Tensor, version: int) -> None:
@@ -462,7 +471,7 @@ def fast_batch_sums(
             for i, u in enumerate(cols[g0 : g0 + group])
         ]
         grads = {
-            key: None if per[0][i] is None else torch.stack([p[i] for p in per])
+            key: None if per[0][i] is None else _stack([p[i] for p in per])
             for i, key in enumerate(index)
         }
         del per
@@ -489,6 +498,10 @@ def fast_batch_sums(
             slots = [s for s in slots if s.name not in split.tied]
             if not slots:
                 continue
+            if isinstance(m, nn.Embedding) and slots[0].mask is None:  # rows in the batch only
+                rows, vals = layers.embedding_rows(m, parts["main"][0], Bs["main"], w)
+                acc[slots[0].name].index_add_(0, rows, vals.to(acc[slots[0].name].dtype))
+                continue
             if "main" in parts and _dense(m, parts["main"][0]):
                 B = layers.work(Bs["main"])
                 b2 = w * (B * B).sum(0)
@@ -496,7 +509,7 @@ def fast_batch_sums(
                 continue
             _add_squares(acc, m, slots, _module_squares(m, parts, Bs, w))
         for k, uses in tied.items():
-            acc[k] += _tied_squares(plan.params[k], uses, w).to(acc[k].dtype)
+            _tied_squares(acc[k], plan.params[k], uses, w)
         for k in split.free:
             Bk = grads[(k, None)]
             if Bk is not None:
@@ -508,6 +521,7 @@ def fast_batch_sums(
         slots = [s for s in split.fast[m] if s.name not in split.tied]
         _add_squares(acc, m, slots, {"weight": wsq, "bias": b2.sum(0)})
     store.clear()
+    layers.release_scratch()
     if rest is not None:
         for _, res in rest.run(b, target, draws, "squares", chunk_size):
             for k in rest.params:
