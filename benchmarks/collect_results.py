@@ -12,6 +12,7 @@ ORDER = [
     "fisher_speed",
     "natural_gradient",
     "continual",
+    "continual_labels",
     "pruning",
     "obs",
     "obs_mlp",
