@@ -18,6 +18,7 @@ ORDER = [
     "obs_mlp",
     "obs_cnn",
     "merging",
+    "merging_curvature",
     "uncertainty",
     "damping",
 ]

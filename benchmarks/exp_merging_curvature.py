@@ -22,7 +22,7 @@ method with a hyperparameter; averaging has none):
 * task arithmetic: ``θ_0 + λ Σ_t (θ_t − θ_0)``, ``λ`` in ``TA_GRID``;
 * diagonal Fisher: ``natgrad.fisher_weighted_merge`` with the exact-label diagonal
   Fisher of each task model on 2000 of its training samples, floor ``ε = r · mean diag``
-  of the tasks' mean Fisher, ``r`` in ``RIDGE_GRID``;
+  of the tasks' mean Fisher, ``r`` in ``--ridge-grid`` (default ``RIDGE_GRID``);
 * RegMean: ``natgrad.regmean_merge`` on each task's 2000 training inputs, ``α`` (the
   Gram off-diagonal shrink) in ``ALPHA_GRID``;
 * K-FAC: ``natgrad.fisher_weighted_merge`` with the exact-label K-FAC Fisher
@@ -141,7 +141,9 @@ def run_seed(data, seed: int, args) -> dict:
         }
         for f in tf.values()
     ]
-    tuned, diags, kfacs = [], [], []
+    tuned, diags, kfacs, kfacs_emp, ekfacs = [], [], [], [], []
+    layer1: list = []
+    layer2: list = []
     n = args.fisher_samples
     for i, task in enumerate(tasks):
         m = copy.deepcopy(base).train()
@@ -153,6 +155,16 @@ def run_seed(data, seed: int, args) -> dict:
                                         params=[m.body]))
         kfacs.append(estimate_curvature(m, batch, kind=args.kind, labels=args.labels,
                                         params=[m.body]))
+        if args.layer_variants:
+            layer1.append(estimate_curvature(m, batch, kind=args.kind, labels=args.labels,
+                                             params=[m.body[0]]))
+            layer2.append(estimate_curvature(m, batch, kind=args.kind, labels=args.labels,
+                                             params=[m.body[2]]))
+        if args.variants:
+            kfacs_emp.append(estimate_curvature(m, batch, kind="kfac", labels="empirical",
+                                                params=[m.body]))
+            ekfacs.append(estimate_curvature(m, batch, kind="ekfac", labels=args.labels,
+                                             params=[m.body]))
         tuned.append(m)
     bodies = [t.body for t in tuned]
     theta0 = dict(base.body.named_parameters())
@@ -166,22 +178,50 @@ def run_seed(data, seed: int, args) -> dict:
                 p.add_(lam * sum(nm[k].detach() - theta0[k].detach() for nm in named))
         return out
 
-    scale_d, scale_k = mean_diag(diags) / 1.0, mean_diag(kfacs)
+    scale_d, scale_k = mean_diag(diags), mean_diag(kfacs)
+    kname = args.kind.upper()
     candidates = {
         "average": {None: lambda _: body_vector_op(bodies, lambda ps: sum(ps) / len(ps))},
         "task arithmetic": {lam: task_arithmetic for lam in TA_GRID},
         "diagonal Fisher": {
             r: lambda r: fisher_weighted_merge(tuned, diags, floor=r * scale_d).body
-            for r in RIDGE_GRID
+            for r in args.ridge_grid
         },
         "RegMean": {a: lambda a: regmean_merge(bodies, inputs, alpha=a) for a in ALPHA_GRID},
-        args.kind.upper(): {
+        kname: {
             r: lambda r: fisher_weighted_merge(
                 tuned, kfacs, floor=r * scale_k, cg_iters=args.cg_iters, cg_tol=1e-8
             ).body
-            for r in RIDGE_GRID
+            for r in args.ridge_grid
         },
     }
+    if args.variants:  # investigation rows: other Fisher labels and kinds, same grid
+        for label, curvs in (("KFAC, empirical labels", kfacs_emp), ("EKFAC", ekfacs)):
+            scale = mean_diag(curvs)
+            candidates[label] = {
+                r: lambda r, curvs=curvs, sc=scale: fisher_weighted_merge(
+                    tuned, curvs, floor=r * sc, cg_iters=args.cg_iters, cg_tol=1e-8
+                ).body
+                for r in args.ridge_grid
+            }
+    if args.layer_variants:  # investigation rows: which layers the curvature merges
+        variants = {
+            f"{kname}, first layer only (second averaged)": (layer1, False),
+            f"{kname}, second layer only (first averaged)": (layer2, False),
+            f"{kname}, unit-trace curvatures": (kfacs, True),
+        }
+        for label, (curvs, norm) in variants.items():
+            scale = mean_diag(
+                [(1.0 / sum(float(v.sum()) for v in c.diagonal().values())) * c for c in curvs]
+                if norm else curvs
+            )
+            candidates[label] = {
+                r: lambda r, curvs=curvs, sc=scale, norm=norm: fisher_weighted_merge(
+                    tuned, curvs, floor=r * sc, normalize=norm, cg_iters=args.cg_iters,
+                    cg_tol=1e-8,
+                ).body
+                for r in args.ridge_grid
+            }
     out: dict = {
         "fine-tuned (each on its own task)": (
             [accuracy(t, *task["test"]) for t, task in zip(tuned, tasks, strict=True)], None
@@ -237,7 +277,7 @@ def run(args) -> str:
         f"labels={args.labels!r}, {args.fisher_samples} training samples of the task. "
         "Tuning: one 5-point grid per method, chosen per seed by mean validation accuracy "
         f"over the tasks (500 samples each): task arithmetic λ in {list(TA_GRID)}, "
-        f"diagonal Fisher and {kname} ridge ε = r · mean diag F with r in {list(RIDGE_GRID)}, "
+        f"diagonal Fisher and {kname} ridge ε = r · mean diag F with r in {list(args.ridge_grid)}, "
         f"RegMean α in {list(ALPHA_GRID)}; averaging has no hyperparameter. Test accuracy "
         f"(1000 samples per task), {len(args.seeds)} seeds {list(args.seeds)}: per task the "
         "mean over seeds; 'mean' = mean over tasks, ± std over seeds.",
@@ -280,6 +320,10 @@ def run(args) -> str:
         + (" --quick" if args.quick else "")
         + (f" --labels {args.labels}" if args.labels != "exact" else "")
         + (f" --kind {args.kind}" if args.kind != "kfac" else "")
+        + (f" --ridge-grid {' '.join(map(str, args.ridge_grid))}"
+           if tuple(args.ridge_grid) != RIDGE_GRID else "")
+        + (" --variants" if args.variants else "")
+        + (" --layer-variants" if args.layer_variants else "")
         + "`"
         + (
             " (this table: one process per seed, `--seeds k --json <file k>`, then "
@@ -299,6 +343,11 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=None)
     p.add_argument("--name", default="merging_curvature", help="fragment name")
     p.add_argument("--cg-iters", type=int, default=500)
+    p.add_argument("--ridge-grid", nargs="+", type=float, default=list(RIDGE_GRID))
+    p.add_argument("--variants", action="store_true",
+                   help="add K-FAC with empirical labels and EKFAC rows (investigation)")
+    p.add_argument("--layer-variants", action="store_true",
+                   help="add rows merging one layer by K-FAC, and unit-trace K-FAC")
     p.add_argument("--json", default=None, help="save the per-seed results here (no fragment)")
     p.add_argument("--table-from", nargs="+", default=None, help="build the table from JSONs")
     args = p.parse_args(argv)
@@ -306,6 +355,7 @@ def main(argv=None) -> None:
     args.finetune_epochs = 2 if args.quick else 10
     args.fisher_samples = 300 if args.quick else 2000
     args.seeds = tuple(args.seeds) if args.seeds else ((0,) if args.quick else (0, 1, 2))
+    args.ridge_grid = tuple(args.ridge_grid)
     args.load = load_note()
     if args.json:  # one part of a split run: save, print, write no fragment
         args.quick = True
