@@ -19,6 +19,7 @@ ORDER = [
     "obs_cnn",
     "merging",
     "merging_curvature",
+    "merging_curvature_variants",
     "uncertainty",
     "damping",
 ]
