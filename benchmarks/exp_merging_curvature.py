@@ -265,7 +265,9 @@ def run(args) -> str:
     kname = args.kind.upper()
     lines = [
         "## Merging 4 task models: averaging, task arithmetic, diagonal Fisher, RegMean, "
-        f"{kname} (MNIST-1D MLP, separate heads)",
+        f"{kname} (MNIST-1D MLP, separate heads"
+        + (", variants: wider ridge grid, other labels and kinds" if args.variants else "")
+        + ")",
         "",
         machine_line() + "; " + args.load,
         "",
