@@ -28,7 +28,9 @@ Run:  python -m benchmarks.exp_natural_gradient            (writes results/natur
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -242,12 +244,23 @@ def report(args) -> str:
     jobs = [(m, w, lr, s, max_steps[w]) for w in workloads for m in (BASELINE[w], "kfac")
             for lr in lrs[m] for s in seeds]
     steps: dict[tuple, tuple[dict, str]] = {}
+    if args.steps_log and os.path.exists(args.steps_log):  # resume: finished phase-1 runs
+        with open(args.steps_log) as fh:
+            for line in fh:
+                rec = json.loads(line)
+                steps[tuple(rec["key"])] = (rec["hit"], rec["status"])
+    todo = [j for j in jobs if tuple(j[:4]) not in steps]
     t1 = time.time()
     with ProcessPoolExecutor(args.jobs) as pool:
-        for key, hit, status in pool.map(steps_job, jobs):
+        for key, hit, status in pool.map(steps_job, todo):
             steps[key] = (hit, status)
             print("steps", key, hit, status, flush=True)
+            if args.steps_log:
+                with open(args.steps_log, "a") as fh:
+                    fh.write(json.dumps({"key": list(key), "hit": hit, "status": status}) + "\n")
     t1 = time.time() - t1
+    if args.wall == "derived":
+        return derived_report(args, data, steps, seeds, workloads, lrs, max_steps, t1)
     # -- phase 2: wall-clock of each method's best lr, in lockstep -------------------------
     torch.set_num_threads(args.threads)
     t2 = time.time()
@@ -359,6 +372,109 @@ def report(args) -> str:
     return "\n".join(lines)
 
 
+def best_lr(steps, m, w, s, tgt, lrs):
+    """The lr of ``m``'s grid with the fewest steps to ``tgt`` (seed ``s``), or None."""
+    cands = [(steps[(m, w, lr, s)][0][tgt], lr) for lr in lrs[m] if tgt in steps[(m, w, lr, s)][0]]
+    return min(cands)[1] if cands else None
+
+
+def derived_report(args, data, steps, seeds, workloads, lrs, max_steps, t1) -> str:
+    """``--wall derived``: wall-clock to a target = steps to it (phase 1) x the median
+    time of one step (interleaved rounds, ``--threads`` threads)."""
+    torch.set_num_threads(args.threads)
+    t2 = time.time()
+    rounds = 3 if args.quick else 15
+    cost = {w: per_step_cost(w, data, [BASELINE[w], "kfac"], rounds, 10) for w in workloads}
+    t2 = time.time() - t2
+    cmd = "python -m benchmarks.exp_natural_gradient --wall derived" + (
+        " --quick" if args.quick else "")
+    if args.threads != 2:
+        cmd += f" --threads {args.threads}"
+    if workloads != ["mlp", "cnn"]:
+        cmd += " --workloads " + " ".join(workloads)
+    if args.steps_log:
+        cmd += " --steps-log LOG"
+    lines = [
+        "## Natural gradient on MNIST-1D",
+        "",
+        machine_line(),
+        "",
+        f"Command: `{cmd}`" + (" (LOG: phase-1 runs already finished, read back and "
+                                "not re-run)" if args.steps_log else "") + ". "
+        f"{LOAD_NOTE}. Phase 1 (steps, one thread per run, {args.jobs} runs at once): "
+        f"{t1:.0f} s for the runs not in the log; per-step timing ({args.threads} torch "
+        f"threads, {rounds} interleaved rounds of 10 steps per method): {t2:.0f} s.",
+        "",
+        "Setup: batch 100, 4000 train / 1000 test, evaluation every 10 steps (excluded "
+        "from every clock). `kfac`: SGD (momentum 0.9) + `FisherPreconditioner(model, "
+        "kind=\"kfac\", source=\"backward\")`, every other setting its documented default "
+        "(damping 1e-2, update_every 10, ema_decay 0.95). `adam`: torch Adam. "
+        "Learning-rate grids (4 points each): "
+        + "; ".join(f"{m} {list(lrs[m])}" for m in lrs if m in ("adam", "kfac"))
+        + f". Seeds {list(seeds)}. Per seed and target, each method's lr is the grid point "
+        "with the fewest steps to the target. Wall-clock is DERIVED: steps to the target x "
+        "the median time of one training step of that method, both measured on this "
+        "machine in the same per-step run (interleaved rounds: adam, kfac, adam, ...; the "
+        "K-FAC step time averages its refreshes, one every 10 steps). The lockstep "
+        "time-to-target run (`--wall lockstep`, the default) was not run: at a load of "
+        "about 20 on 2 cores a two-thread step took ~100x its unloaded time. Budget "
+        + ", ".join(f"{w}: {max_steps[w]} steps" for w in workloads) + ".",
+        "",
+        "Per-step time: " + "; ".join(
+            f"{w}: " + ", ".join(f"{m} {t:.2f} ms" for m, t in c.items())
+            + f" (kfac / adam {c['kfac'] / c['adam']:.2f}x)" for w, c in cost.items()) + ".",
+        "",
+        "| workload | target | seed | adam lr: steps, wall | kfac lr: steps, wall | "
+        "wall ratio kfac / adam | steps ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    summary = []
+    for w in workloads:
+        c = cost[w]
+        for tgt, thr in TARGETS[w].items():
+            ratios, sratios = [], []
+            for s in seeds:
+                got = {}
+                cells = []
+                for m in ("adam", "kfac"):
+                    lr = best_lr(steps, m, w, s, tgt, lrs)
+                    if lr is None:
+                        cells.append(f"{m}: not reached")
+                        continue
+                    n = steps[(m, w, lr, s)][0][tgt]
+                    got[m] = (n, n * c[m] / 1e3)
+                    cells.append(f"{m} {lr:g}: {n}, {got[m][1]:.2f} s")
+                r = sr = None
+                if len(got) == 2:
+                    r, sr = got["kfac"][1] / got["adam"][1], got["kfac"][0] / got["adam"][0]
+                    ratios.append(r)
+                    sratios.append(sr)
+                name = f"{'loss <=' if tgt == 'loss' else 'test acc >='} {thr:g}"
+                lines.append(f"| {w} | {name} | {s} | {cells[0]} | {cells[1]} | "
+                             f"{'—' if r is None else f'{r:.2f}'} | "
+                             f"{'—' if sr is None else f'{sr:.2f}'} |")
+            if ratios:
+                summary.append(f"{w} {name}: median wall ratio {statistics.median(ratios):.2f}"
+                               f" (max {max(ratios):.2f}), median steps ratio "
+                               f"{statistics.median(sratios):.2f}")
+    lines += ["", "Summary (target: wall ratio <= 0.67): " + "; ".join(summary) + ".", ""]
+    lines += ["Steps to each target per lr (median over seeds; `—`: not reached by every "
+              "seed):", "", "| workload | method | lr #1 | lr #2 | lr #3 | lr #4 |",
+              "|---|---|---|---|---|---|"]
+    for w in workloads:
+        for m in ("adam", "kfac"):
+            cells = []
+            for lr in lrs[m]:
+                parts = []
+                for tgt in TARGETS[w]:
+                    vals = [steps[(m, w, lr, s)][0].get(tgt) for s in seeds]
+                    ok = all(v is not None for v in vals)
+                    parts.append(f"{tgt} {statistics.median(vals) if ok else '—'}")
+                cells.append(f"{lr:g}: " + ", ".join(parts))
+            lines.append(f"| {w} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one seed, 2 lrs (smoke run)")
@@ -367,6 +483,12 @@ def main(argv=None) -> str:
     ap.add_argument("--workloads", nargs="+", default=["mlp", "cnn"], choices=list(MODELS),
                     help="mlp, cnn (default both), transformer (not in the default run: "
                     "about 30x the MLP's cost per step)")
+    ap.add_argument("--wall", choices=("lockstep", "derived"), default="lockstep",
+                    help="lockstep: time-to-target runs in lockstep (phase 2); derived: "
+                    "steps x the median per-step time (interleaved), for a loaded machine")
+    ap.add_argument("--steps-log", default=None,
+                    help="JSON-lines log of phase-1 runs: finished runs are read from it "
+                    "and skipped, new ones appended")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     return run_experiment("natural_gradient", report, args)
