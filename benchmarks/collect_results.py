@@ -13,6 +13,7 @@ ORDER = [
     "natural_gradient",
     "continual",
     "continual_labels",
+    "continual_empirical",
     "pruning",
     "obs",
     "obs_mlp",

@@ -55,8 +55,9 @@ LR = 3e-3
 EPOCHS = 5
 GAMMA = 0.9
 VAL_FRACTION = 0.2
-# One grid for every method: 9 points, half a decade apart.
-LAMBDAS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4)
+# One grid for every method: 11 points, half a decade apart (a first run with 1-1e4 put
+# four domain-incremental optima on its lower edge, so it starts at 0.1).
+LAMBDAS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4)
 # Reference scale-free strength, fixed before this run from benchmarks/exp_damping: there
 # lambda * tr F ~ 1e3 protected task A (N = 1993 samples, P = 15,210 parameters), which is
 # s = 1e3 / (N P) = 3.3e-5.
@@ -69,6 +70,9 @@ METHODS = (
     ("EWC EKFAC", "ekfac", "separate"),
     ("online EWC diag", "diag", "online"),
     ("online EWC K-FAC", "kfac", "online"),
+)
+METHOD_KEYS = dict(
+    zip(("finetune", "diag", "kfac", "ekfac", "online-diag", "online-kfac"), METHODS, strict=True)
 )
 
 
@@ -169,17 +173,18 @@ def summarize(R):
     return float(R[-1].mean()), float(forget)
 
 
-def run_scenario(tasks, scenario, seeds, epochs, lambdas, labels):
+def run_scenario(tasks, scenario, seeds, epochs, lambdas, labels, methods):
     """Per method: the grid's validation scores, the chosen lambda and its test scores."""
     rows = []
-    for name, kind, mode in METHODS:
+    for name, kind, mode in methods:
         t0 = time.time()
         grid = (0.0,) if kind == "-" else lambdas
         runs = {
             lam: [run_sequence(tasks, scenario, kind, mode, lam, s, epochs, labels) for s in seeds]
             for lam in grid
         }
-        val = {lam: float(np.mean([summarize(r[0])[0] for r in rs])) for lam, rs in runs.items()}
+        val_both = {lam: np.mean([summarize(r[0]) for r in rs], axis=0) for lam, rs in runs.items()}
+        val = {lam: float(v[0]) for lam, v in val_both.items()}
         best = max(val.values())
         lam = min(k for k, v in val.items() if v == best)  # ties: the weaker penalty
         test = np.array([summarize(r[1]) for r in runs[lam]])
@@ -191,6 +196,7 @@ def run_scenario(tasks, scenario, seeds, epochs, lambdas, labels):
                 "mode": mode,
                 "lam": lam,
                 "val": val,
+                "val_forget": {lam: float(v[1]) for lam, v in val_both.items()},
                 "test": test,
                 "stats": stats,
                 "secs": time.time() - t0,
@@ -209,14 +215,14 @@ def nearest(grid, x):
     return min(grid, key=lambda g: abs(math.log(g) - math.log(x)))
 
 
-def report(results, seeds, epochs, lambdas, labels, elapsed, argv_tail):
+def report(results, seeds, epochs, lambdas, labels, elapsed, argv_tail, load):
     lines = [
         f"## Continual learning: Split MNIST-1D, EWC on diagonal, K-FAC and EKFAC curvature"
         f"{'' if labels == 'exact' else f' ({labels} labels)'}",
         "",
         machine_line(),
         "",
-        f"{load_note()}. Command: `nice python -m benchmarks.exp_continual{argv_tail}` "
+        f"{load}. Command: `nice python -m benchmarks.exp_continual{argv_tail}` "
         f"({elapsed:.0f} s).",
         "",
         "Five tasks, the digit pairs (0,1), (2,3), ..., (8,9), label = first / second digit "
@@ -248,7 +254,8 @@ def report(results, seeds, epochs, lambdas, labels, elapsed, argv_tail):
             )
         lines += [
             "",
-            "Validation average accuracy (mean over seeds) over the grid:",
+            "Validation average accuracy / average forgetting (means over seeds) over the "
+            "grid (bold: λ*):",
             "",
             "| method | " + " | ".join(f"λ={x:g}" for x in lambdas) + " |",
             "|---|" + "---|" * len(lambdas),
@@ -259,7 +266,9 @@ def report(results, seeds, epochs, lambdas, labels, elapsed, argv_tail):
             lines.append(
                 f"| {r['name']} | "
                 + " | ".join(
-                    f"**{r['val'][x]:.3f}**" if x == r["lam"] else f"{r['val'][x]:.3f}"
+                    f"**{r['val'][x]:.3f} / {r['val_forget'][x]:.3f}**"
+                    if x == r["lam"]
+                    else f"{r['val'][x]:.3f} / {r['val_forget'][x]:.3f}"
                     for x in lambdas
                 )
                 + " |"
@@ -301,21 +310,33 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 3 lambdas; no file")
     p.add_argument("--labels", default="exact", choices=("exact", "mc", "empirical"))
+    p.add_argument(
+        "--methods",
+        default=",".join(METHOD_KEYS),
+        help=f"comma-separated subset of {','.join(METHOD_KEYS)}",
+    )
     args = p.parse_args(argv)
+    keys = args.methods.split(",")
+    unknown = sorted(set(keys) - set(METHOD_KEYS))
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {','.join(METHOD_KEYS)}")
+    methods = [m for k, m in METHOD_KEYS.items() if k in keys]
     torch.set_num_threads(int(os.environ.get("NATGRAD_BENCH_THREADS", "1")))
     seeds = (0,) if args.quick else (0, 1, 2)
     epochs = 2 if args.quick else EPOCHS
     lambdas = (10.0, 300.0, 1e4) if args.quick else LAMBDAS
-    t0 = time.time()
+    t0, load = time.time(), load_note()
     tasks = make_tasks()
     results = {}
     for scenario in SCENARIOS:
         print(f"{scenario}:", flush=True)
-        results[scenario] = run_scenario(tasks, scenario, seeds, epochs, lambdas, args.labels)
+        results[scenario] = run_scenario(tasks, scenario, seeds, epochs, lambdas, args.labels, methods)
     tail = (" --quick" if args.quick else "") + (
         "" if args.labels == "exact" else f" --labels {args.labels}"
     )
-    text = report(results, seeds, epochs, lambdas, args.labels, time.time() - t0, tail)
+    if len(methods) < len(METHODS):
+        tail += f" --methods {','.join(k for k in METHOD_KEYS if k in keys)}"
+    text = report(results, seeds, epochs, lambdas, args.labels, time.time() - t0, tail, load)
     print(text)
     if not args.quick:  # a smoke run never overwrites the recorded results
         name = "continual" if args.labels == "exact" else f"continual_{args.labels}"
