@@ -15,7 +15,10 @@ with physical removal in the spirit of Torch-Pruning):
    per-sample gradients, per-layer blocks).
 3. Search: remove structures by smallest ``F_ss / cost saved`` until the kept FLOPs or
    parameters are within the budget, each layer keeping ``min_keep``; rearrange each
-   layer's removed set to lower ``½ 1_Rᵀ F_RR 1_R``.
+   layer's removed set to lower ``½ 1_Rᵀ F_RR 1_R``. Or (``criterion="compensated"``)
+   per-layer curves of the loss increase after the least-squares re-fit (OBS on the
+   K-FAC Fisher). ``search="knapsack"`` picks how many structures each layer loses by
+   a multiple-choice knapsack over the layers' curves.
 4. Shrink: new smaller Linear/Conv/attention modules, sliced BatchNorms; check that the
    shrunken model computes what the masked model computes.
 5. Tune (optional): least-squares re-fit of each layer after pruned structures, on a
@@ -431,8 +434,16 @@ def prune_structured(
         calibration: batches for mask tuning (default: ``data``).
         tune: re-fit layers by least squares after shrinking.
         damping: ridge ``ε`` of the least squares, relative to the Gram's mean diagonal.
-        criterion: ``"fisher"``, ``"magnitude"`` (L1 of each structure's weights, per-layer
-            normalized) or ``"random"``; the same budgeted greedy search for all.
+        criterion: ``"fisher"`` (the diagonal mask Fisher, Kwon et al. 2022),
+            ``"compensated"`` (per-layer removal curves of the loss increase *after* the
+            least-squares re-fit: Optimal Brain Surgeon on the K-FAC Fisher of the layer
+            reading the structures, :func:`~natgrad.pruning.shrink.compensated_curves`),
+            ``"magnitude"`` (L1 of each structure's weights, per-layer normalized) or
+            ``"random"``.
+        search: ``"greedy"`` (one structure at a time, smallest predicted increase per
+            unit of cost saved) or ``"knapsack"`` (a multiple-choice knapsack over the
+            layers' removal curves, :func:`~natgrad.pruning.search.knapsack_search`); the
+            same search serves every criterion.
         rearrange_masks: swap within layers to lower the block-Fisher prediction.
         min_keep: per layer, a fraction (float) or a count (int) of structures kept.
         exclude: module names never pruned.
