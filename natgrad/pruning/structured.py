@@ -37,7 +37,12 @@ import torch
 from torch import nn
 
 from natgrad.engine.batch import OutputFn, default_output_fn, parse_batch
-from natgrad.engine.checks import check_choice, check_no_batch_mixing, check_no_train_dropout
+from natgrad.engine.checks import (
+    check_choice,
+    check_int,
+    check_no_batch_mixing,
+    check_no_train_dropout,
+)
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.options import LabelSource
 from natgrad.pruning.attention import from_multihead
@@ -406,6 +411,8 @@ def prune_structured(
     latency_repeats: int = 20,
     seed: int = 0,
     output_fn: OutputFn | None = None,
+    finetune_steps: int = 0,
+    finetune_lr: float = 1e-4,
 ) -> tuple[nn.Module, StructuredPruningReport]:
     """Remove neurons, channels and attention heads of ``model`` to fit a budget.
 
@@ -451,6 +458,10 @@ def prune_structured(
         measure: measure latency before and after (``latency_repeats`` forwards per size).
         seed: for ``labels="mc"`` and ``criterion="random"``.
         output_fn: model output -> logits (default: tensor, ``.logits`` or ``["logits"]``).
+        finetune_steps: optional short fine-tune after shrinking (and tuning): this many
+            Adam steps on the mean loss over the batches of ``data`` (cycled), in eval mode
+            (BatchNorm statistics stay fixed). 0 (default): no gradient steps.
+        finetune_lr: the Adam learning rate of the fine-tune.
 
     Returns:
         ``(pruned_model, report)``: a new model (same class, smaller modules) and a
@@ -474,6 +485,9 @@ def prune_structured(
     """
     t_start = time.perf_counter()
     kind, keep = _check_budget(flops, params, latency)
+    finetune_steps = check_int("finetune_steps", finetune_steps, 0)
+    if not (isinstance(finetune_lr, (int, float)) and math.isfinite(finetune_lr) and finetune_lr > 0):
+        raise ValueError(f"finetune_lr must be a finite number > 0, got {finetune_lr!r}.")
     check_choice("criterion", criterion, CRITERIA)
     check_choice("search", search, SEARCHES)
     check_choice("labels", labels, ("empirical", "mc"))
@@ -531,7 +545,13 @@ def prune_structured(
     tuned: list[str] = []
     if tune:
         tuned = tune_layers(work, pruned, groups, removed, calibration if calibration is not None else data, damping=damping)
-    loss_after = mean_loss(pruned, data, lik, output_fn, max_batches) if tune else loss_untuned
+    if finetune_steps:
+        finetune(pruned, data, lik, steps=finetune_steps, lr=finetune_lr, output_fn=output_fn)
+    loss_after = (
+        mean_loss(pruned, data, lik, output_fn, max_batches)
+        if tune or finetune_steps
+        else loss_untuned
+    )
     seconds = time.perf_counter() - t_start
     lat_before, lat_after = (
         measure_latency([work, pruned], example, sizes, latency_repeats) if measure else ({}, {})
@@ -560,6 +580,53 @@ def prune_structured(
         seconds=seconds,
     )
     return pruned, report
+
+
+def finetune(
+    model: nn.Module,
+    data: Any,
+    likelihood: str | Likelihood = "categorical",
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    output_fn: OutputFn | None = None,
+) -> nn.Module:
+    """A short fine-tune in place: ``steps`` Adam steps on the mean negative log-likelihood
+    of the batches of ``data`` (cycled), the model staying in its current (eval) mode.
+
+    Args:
+        model: the model to update (modified).
+        data: a batch ``(x, y)`` or an iterable of batches (labels needed).
+        likelihood: name or :class:`~natgrad.Likelihood`.
+        steps: number of Adam steps.
+        lr: Adam learning rate.
+        output_fn: model output -> logits.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: when a batch has no labels.
+    """
+    from natgrad.curvature.estimate import iterate_batches
+
+    lik = get_likelihood(likelihood)
+    fn = output_fn or default_output_fn
+    batches = [parse_batch(b) for b in iterate_batches(data)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    for step in range(steps):
+        b = batches[step % len(batches)]
+        if b.target is None:
+            raise ValueError("finetune needs labels: pass (x, y) batches.")
+        opt.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = lik.nll(fn(model(*b.args, **b.kwargs)), b.target).mean()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt.step()
+    return model
 
 
 def _copy(model: nn.Module) -> nn.Module:

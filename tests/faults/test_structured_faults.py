@@ -252,3 +252,22 @@ def test_non_finite_fisher_raises():
         model[2].weight[0, 0] = float("inf")
     with pytest.raises(FloatingPointError, match="mask Fisher"):
         natgrad.prune_structured(model, (x, y), flops=0.5, measure=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "phrase"),
+    [
+        ({"finetune_steps": -1}, "finetune_steps"),
+        ({"finetune_steps": 2.5}, "finetune_steps"),
+        ({"finetune_lr": 0.0}, "finetune_lr"),
+        ({"finetune_lr": float("nan")}, "finetune_lr"),
+        ({"search": "beam"}, "search"),
+        ({"criterion": "obs"}, "criterion"),
+    ],
+)
+def test_bad_finetune_and_search_options(kwargs, phrase):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    with pytest.raises(ValueError, match=phrase):
+        natgrad.prune_structured(model, (x, y), flops=0.5, measure=False, **kwargs)
