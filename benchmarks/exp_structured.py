@@ -374,8 +374,13 @@ TITLES = {
 
 
 def table(args, dense, acc, info, lat, notes) -> str:
+    title = (
+        "## Structured pruning of all-MiniLM-L6-v2 (docstring task) without retraining"
+        if list(dense) == ["minilm"]
+        else "## Structured pruning without retraining: Fisher vs magnitude, Torch-Pruning, random"
+    )
     lines = [
-        "## Structured pruning without retraining: Fisher vs magnitude, Torch-Pruning, random",
+        title,
         "",
         machine_line() + f"; experiment run with torch.set_num_threads({THREADS})",
         "",
