@@ -319,7 +319,7 @@ def run(args) -> str:
             dense.setdefault(name, []).append(d_acc)
             print(f"{name} seed {seed}: dense {d_acc:.3f} ({time.time() - t0:.0f}s)", flush=True)
             for keep in (args.keep if name != "minilm" else sorted(args.keep, key=lambda k: k != 0.5)):
-                crits = CRITERIA if name != "minilm" else [
+                crits = ("compensated",) if args.latency_only else CRITERIA if name != "minilm" else [
                     c for c, ks in args.minilm_plan.items() if keep in ks
                 ]
                 for crit in crits:
@@ -364,7 +364,7 @@ def latency_rows(dense, pruned, floor, example, args):
     for bs in (1, 32):
         b = {k: v[:bs] for k, v in batch.items()} if isinstance(batch, dict) else batch[:bs]
         repeats = args.repeats if not isinstance(batch, dict) else args.minilm_repeats
-        res = measure_latency(models, b if isinstance(b, dict) else b, [bs], repeats)
+        res = measure_latency(models, b, [bs], repeats, clock=args.clock)
         out[bs] = [r[bs] for r in res]
     return out
 
@@ -476,7 +476,8 @@ def table(args, dense, acc, info, lat, notes) -> str:
             "",
             "Latency at 50% FLOPs removed (compensated, tuned; seed 0): median ms per forward, "
             f"{args.repeats} (MiniLM: {args.minilm_repeats}) interleaved repeats after warm-up, "
-            f"{THREADS} thread. Floor: every prunable layer cut to 1 structure.",
+            f"{THREADS} thread, clock: {args.clock} ({'CPU time of the thread' if args.clock == 'thread' else 'wall time'}). "
+            "Floor: every prunable layer cut to 1 structure.",
             "",
             "| workload | batch | dense ms | pruned ms | speedup | floor ms | floor / dense | best possible speedup at 50% FLOPs |",
             "|---|---|---|---|---|---|---|---|",
@@ -498,6 +499,10 @@ def main(argv=None) -> None:
     p.add_argument("--only", default="mlp,cnn,encoder", help="workloads: mlp,cnn,encoder,minilm")
     p.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning baseline")
     p.add_argument("--name", default="structured", help="results fragment name")
+    p.add_argument("--clock", default="wall", choices=("wall", "thread"),
+                   help="latency clock: wall time, or the thread's CPU time (loaded machines)")
+    p.add_argument("--latency-only", action="store_true",
+                   help="seed 0, 5 training epochs, compensated at 50%% only: the latency table")
     args = p.parse_args(argv)
     args.only = [w for w in args.only.split(",") if w]
     args.seeds = 1 if args.quick else 3
@@ -510,6 +515,11 @@ def main(argv=None) -> None:
     args.repeats = 20 if args.quick else 200
     args.keep = KEEP
     args.torch_pruning = not args.no_torch_pruning
+    if args.latency_only:
+        args.seeds = 1
+        args.epochs = {"mlp": 5, "cnn": 5, "encoder": 5}
+        args.keep = (0.5,)
+        args.torch_pruning = False
     args.minilm_per_package = 20 if args.quick else 100
     args.minilm_len = 32
     args.minilm_fisher = 32

@@ -265,25 +265,37 @@ def magnitude_scores(model: nn.Module, groups: list[Group]) -> dict[str, torch.T
 
 @overload
 def measure_latency(
-    models: nn.Module, batch: Any, batch_sizes: Iterable[int], repeats: int = 20
+    models: nn.Module, batch: Any, batch_sizes: Iterable[int], repeats: int = 20,
+    clock: str = "wall",
 ) -> dict[int, float]: ...
 
 
 @overload
 def measure_latency(
-    models: list[nn.Module], batch: Any, batch_sizes: Iterable[int], repeats: int = 20
+    models: list[nn.Module], batch: Any, batch_sizes: Iterable[int], repeats: int = 20,
+    clock: str = "wall",
 ) -> list[dict[int, float]]: ...
 
 
 @torch.no_grad()
 def measure_latency(
-    models: nn.Module | list[nn.Module], batch: Any, batch_sizes: Iterable[int], repeats: int = 20
+    models: nn.Module | list[nn.Module],
+    batch: Any,
+    batch_sizes: Iterable[int],
+    repeats: int = 20,
+    clock: str = "wall",
 ) -> dict[int, float] | list[dict[int, float]]:
     """Median seconds of one forward pass at each batch size (inputs tiled from ``batch``).
 
     With a list of models, their forwards are interleaved (one of each per repeat), so that
     a change of machine load hits all of them alike; returns one dict per model.
+    ``clock="thread"`` times the calling thread's CPU time (``time.thread_time``) instead
+    of wall time: on a machine shared by many processes a millisecond forward is often
+    descheduled, which wall time counts and CPU time does not (meaningful with
+    ``torch.set_num_threads(1)`` on CPU, where all the work runs in the calling thread).
     """
+    check_choice("clock", clock, ("wall", "thread"))
+    now = time.perf_counter if clock == "wall" else time.thread_time
     many = isinstance(models, (list, tuple))
     mods: list[nn.Module] = list(models) if isinstance(models, (list, tuple)) else [models]
     b = parse_batch(batch)
@@ -311,10 +323,10 @@ def measure_latency(
         for _ in range(repeats):
             for i, m in enumerate(mods):
                 sync()
-                t0 = time.perf_counter()
+                t0 = now()
                 m(*args, **kwargs)
                 sync()
-                times[i].append(time.perf_counter() - t0)
+                times[i].append(now() - t0)
         for i, t in enumerate(times):
             out[i][bs] = sorted(t)[len(t) // 2]
     return out if many else out[0]

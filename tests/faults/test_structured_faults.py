@@ -271,3 +271,14 @@ def test_bad_finetune_and_search_options(kwargs, phrase):
     x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
     with pytest.raises(ValueError, match=phrase):
         natgrad.prune_structured(model, (x, y), flops=0.5, measure=False, **kwargs)
+
+
+def test_latency_clock_is_checked():
+    from natgrad.pruning.structured import measure_latency
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="clock"):
+        measure_latency(model, x, [1], 2, clock="cpu")
+    out = measure_latency(model, x, [1, 4], 3, clock="thread")
+    assert set(out) == {1, 4} and all(v >= 0 for v in out.values())
