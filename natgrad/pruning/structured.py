@@ -15,7 +15,10 @@ with physical removal in the spirit of Torch-Pruning):
    per-sample gradients, per-layer blocks).
 3. Search: remove structures by smallest ``F_ss / cost saved`` until the kept FLOPs or
    parameters are within the budget, each layer keeping ``min_keep``; rearrange each
-   layer's removed set to lower ``½ 1_Rᵀ F_RR 1_R``.
+   layer's removed set to lower ``½ 1_Rᵀ F_RR 1_R``. Or (``criterion="compensated"``)
+   per-layer curves of the loss increase after the least-squares re-fit (OBS on the
+   K-FAC Fisher). ``search="knapsack"`` picks how many structures each layer loses by
+   a multiple-choice knapsack over the layers' curves.
 4. Shrink: new smaller Linear/Conv/attention modules, sliced BatchNorms; check that the
    shrunken model computes what the masked model computes.
 5. Tune (optional): least-squares re-fit of each layer after pruned structures, on a
@@ -34,7 +37,12 @@ import torch
 from torch import nn
 
 from natgrad.engine.batch import OutputFn, default_output_fn, parse_batch
-from natgrad.engine.checks import check_choice, check_no_batch_mixing, check_no_train_dropout
+from natgrad.engine.checks import (
+    check_choice,
+    check_int,
+    check_no_batch_mixing,
+    check_no_train_dropout,
+)
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.options import LabelSource
 from natgrad.pruning.attention import from_multihead
@@ -257,25 +265,37 @@ def magnitude_scores(model: nn.Module, groups: list[Group]) -> dict[str, torch.T
 
 @overload
 def measure_latency(
-    models: nn.Module, batch: Any, batch_sizes: Iterable[int], repeats: int = 20
+    models: nn.Module, batch: Any, batch_sizes: Iterable[int], repeats: int = 20,
+    clock: str = "wall",
 ) -> dict[int, float]: ...
 
 
 @overload
 def measure_latency(
-    models: list[nn.Module], batch: Any, batch_sizes: Iterable[int], repeats: int = 20
+    models: list[nn.Module], batch: Any, batch_sizes: Iterable[int], repeats: int = 20,
+    clock: str = "wall",
 ) -> list[dict[int, float]]: ...
 
 
 @torch.no_grad()
 def measure_latency(
-    models: nn.Module | list[nn.Module], batch: Any, batch_sizes: Iterable[int], repeats: int = 20
+    models: nn.Module | list[nn.Module],
+    batch: Any,
+    batch_sizes: Iterable[int],
+    repeats: int = 20,
+    clock: str = "wall",
 ) -> dict[int, float] | list[dict[int, float]]:
     """Median seconds of one forward pass at each batch size (inputs tiled from ``batch``).
 
     With a list of models, their forwards are interleaved (one of each per repeat), so that
     a change of machine load hits all of them alike; returns one dict per model.
+    ``clock="thread"`` times the calling thread's CPU time (``time.thread_time``) instead
+    of wall time: on a machine shared by many processes a millisecond forward is often
+    descheduled, which wall time counts and CPU time does not (meaningful with
+    ``torch.set_num_threads(1)`` on CPU, where all the work runs in the calling thread).
     """
+    check_choice("clock", clock, ("wall", "thread"))
+    now = time.perf_counter if clock == "wall" else time.thread_time
     many = isinstance(models, (list, tuple))
     mods: list[nn.Module] = list(models) if isinstance(models, (list, tuple)) else [models]
     b = parse_batch(batch)
@@ -303,10 +323,10 @@ def measure_latency(
         for _ in range(repeats):
             for i, m in enumerate(mods):
                 sync()
-                t0 = time.perf_counter()
+                t0 = now()
                 m(*args, **kwargs)
                 sync()
-                times[i].append(time.perf_counter() - t0)
+                times[i].append(now() - t0)
         for i, t in enumerate(times):
             out[i][bs] = sorted(t)[len(t) // 2]
     return out if many else out[0]
@@ -403,6 +423,8 @@ def prune_structured(
     latency_repeats: int = 20,
     seed: int = 0,
     output_fn: OutputFn | None = None,
+    finetune_steps: int = 0,
+    finetune_lr: float = 1e-4,
 ) -> tuple[nn.Module, StructuredPruningReport]:
     """Remove neurons, channels and attention heads of ``model`` to fit a budget.
 
@@ -431,8 +453,16 @@ def prune_structured(
         calibration: batches for mask tuning (default: ``data``).
         tune: re-fit layers by least squares after shrinking.
         damping: ridge ``ε`` of the least squares, relative to the Gram's mean diagonal.
-        criterion: ``"fisher"``, ``"magnitude"`` (L1 of each structure's weights, per-layer
-            normalized) or ``"random"``; the same budgeted greedy search for all.
+        criterion: ``"fisher"`` (the diagonal mask Fisher, Kwon et al. 2022),
+            ``"compensated"`` (per-layer removal curves of the loss increase *after* the
+            least-squares re-fit: Optimal Brain Surgeon on the K-FAC Fisher of the layer
+            reading the structures, :func:`~natgrad.pruning.shrink.compensated_curves`),
+            ``"magnitude"`` (L1 of each structure's weights, per-layer normalized) or
+            ``"random"``.
+        search: ``"greedy"`` (one structure at a time, smallest predicted increase per
+            unit of cost saved) or ``"knapsack"`` (a multiple-choice knapsack over the
+            layers' removal curves, :func:`~natgrad.pruning.search.knapsack_search`); the
+            same search serves every criterion.
         rearrange_masks: swap within layers to lower the block-Fisher prediction.
         min_keep: per layer, a fraction (float) or a count (int) of structures kept.
         exclude: module names never pruned.
@@ -440,6 +470,10 @@ def prune_structured(
         measure: measure latency before and after (``latency_repeats`` forwards per size).
         seed: for ``labels="mc"`` and ``criterion="random"``.
         output_fn: model output -> logits (default: tensor, ``.logits`` or ``["logits"]``).
+        finetune_steps: optional short fine-tune after shrinking (and tuning): this many
+            Adam steps on the mean loss over the batches of ``data`` (cycled), in eval mode
+            (BatchNorm statistics stay fixed). 0 (default): no gradient steps.
+        finetune_lr: the Adam learning rate of the fine-tune.
 
     Returns:
         ``(pruned_model, report)``: a new model (same class, smaller modules) and a
@@ -463,6 +497,9 @@ def prune_structured(
     """
     t_start = time.perf_counter()
     kind, keep = _check_budget(flops, params, latency)
+    finetune_steps = check_int("finetune_steps", finetune_steps, 0)
+    if not (isinstance(finetune_lr, (int, float)) and math.isfinite(finetune_lr) and finetune_lr > 0):
+        raise ValueError(f"finetune_lr must be a finite number > 0, got {finetune_lr!r}.")
     check_choice("criterion", criterion, CRITERIA)
     check_choice("search", search, SEARCHES)
     check_choice("labels", labels, ("empirical", "mc"))
@@ -520,7 +557,13 @@ def prune_structured(
     tuned: list[str] = []
     if tune:
         tuned = tune_layers(work, pruned, groups, removed, calibration if calibration is not None else data, damping=damping)
-    loss_after = mean_loss(pruned, data, lik, output_fn, max_batches) if tune else loss_untuned
+    if finetune_steps:
+        finetune(pruned, data, lik, steps=finetune_steps, lr=finetune_lr, output_fn=output_fn)
+    loss_after = (
+        mean_loss(pruned, data, lik, output_fn, max_batches)
+        if tune or finetune_steps
+        else loss_untuned
+    )
     seconds = time.perf_counter() - t_start
     lat_before, lat_after = (
         measure_latency([work, pruned], example, sizes, latency_repeats) if measure else ({}, {})
@@ -549,6 +592,53 @@ def prune_structured(
         seconds=seconds,
     )
     return pruned, report
+
+
+def finetune(
+    model: nn.Module,
+    data: Any,
+    likelihood: str | Likelihood = "categorical",
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    output_fn: OutputFn | None = None,
+) -> nn.Module:
+    """A short fine-tune in place: ``steps`` Adam steps on the mean negative log-likelihood
+    of the batches of ``data`` (cycled), the model staying in its current (eval) mode.
+
+    Args:
+        model: the model to update (modified).
+        data: a batch ``(x, y)`` or an iterable of batches (labels needed).
+        likelihood: name or :class:`~natgrad.Likelihood`.
+        steps: number of Adam steps.
+        lr: Adam learning rate.
+        output_fn: model output -> logits.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: when a batch has no labels.
+    """
+    from natgrad.curvature.estimate import iterate_batches
+
+    lik = get_likelihood(likelihood)
+    fn = output_fn or default_output_fn
+    batches = [parse_batch(b) for b in iterate_batches(data)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    for step in range(steps):
+        b = batches[step % len(batches)]
+        if b.target is None:
+            raise ValueError("finetune needs labels: pass (x, y) batches.")
+        opt.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = lik.nll(fn(model(*b.args, **b.kwargs)), b.target).mean()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt.step()
+    return model
 
 
 def _copy(model: nn.Module) -> nn.Module:

@@ -252,3 +252,33 @@ def test_non_finite_fisher_raises():
         model[2].weight[0, 0] = float("inf")
     with pytest.raises(FloatingPointError, match="mask Fisher"):
         natgrad.prune_structured(model, (x, y), flops=0.5, measure=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "phrase"),
+    [
+        ({"finetune_steps": -1}, "finetune_steps"),
+        ({"finetune_steps": 2.5}, "finetune_steps"),
+        ({"finetune_lr": 0.0}, "finetune_lr"),
+        ({"finetune_lr": float("nan")}, "finetune_lr"),
+        ({"search": "beam"}, "search"),
+        ({"criterion": "obs"}, "criterion"),
+    ],
+)
+def test_bad_finetune_and_search_options(kwargs, phrase):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    with pytest.raises(ValueError, match=phrase):
+        natgrad.prune_structured(model, (x, y), flops=0.5, measure=False, **kwargs)
+
+
+def test_latency_clock_is_checked():
+    from natgrad.pruning.structured import measure_latency
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="clock"):
+        measure_latency(model, x, [1], 2, clock="cpu")
+    out = measure_latency(model, x, [1, 4], 3, clock="thread")
+    assert set(out) == {1, 4} and all(v >= 0 for v in out.values())

@@ -862,3 +862,20 @@ def test_compensated_and_knapsack_end_to_end(case, search):
         # the shrunken model is the masked model (checked inside); it runs and exports
         call = _caller(x)
         assert torch.isfinite(call(small)).all()
+
+
+def test_optional_finetune_lowers_the_loss():
+    torch.manual_seed(0)
+    model = mlp((6, 20, 20, 3), act=nn.ReLU).double()
+    x = torch.randn(60, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (60,))
+    _, base = natgrad.prune_structured(model, (x, y), flops=0.4, tune=False, measure=False)
+    small, rep = natgrad.prune_structured(
+        model, (x, y), flops=0.4, tune=False, measure=False, finetune_steps=30, finetune_lr=1e-2
+    )
+    assert rep.removed == base.removed
+    assert rep.measured_loss_increase < base.measured_loss_increase
+    # the reported loss is the fine-tuned model's (independent recomputation)
+    with torch.no_grad():
+        want = float(F.cross_entropy(small(x), y) - F.cross_entropy(model(x), y))
+    assert rep.measured_loss_increase == pytest.approx(want, rel=1e-9)
