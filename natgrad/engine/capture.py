@@ -15,7 +15,9 @@ Then, for each label column ``u_j`` of the label source with weight ``w_j``,
 * Embedding: rows ``v`` of ``G_nj`` are ``Σ_{t: ids_nt = v} b_njt``, summed by
   (sample, token id) before squaring.
 
-LayerNorm gives ``∂l_n/∂γ = Σ_t b_nt ⊙ x̂_nt`` and ``∂l_n/∂β = Σ_t b_nt``. Self-attention
+LayerNorm gives ``∂l_n/∂γ = Σ_t b_nt ⊙ x̂_nt`` and ``∂l_n/∂β = Σ_t b_nt``, and so does
+eval-mode BatchNorm (``x̂`` from the running statistics; ``t`` runs over positions).
+Grouped convolutions take the product per group. Self-attention
 (``nn.MultiheadAttention``, packed projections, ``need_weights=False``) records its two
 projections through a torch-function mode (see :mod:`natgrad.engine.capture_ops`), and a free
 parameter added to a batched tensor through views (``x + pos[:T]``) is pulled back
@@ -23,7 +25,8 @@ through those views.
 
 Only parameters that the capture can see exactly take this path: a parameter of a
 standard ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Embedding`` /
-``nn.LayerNorm`` / ``nn.MultiheadAttention`` whose module runs once per forward, whose
+``nn.LayerNorm`` / ``nn.MultiheadAttention`` / eval-mode ``nn.BatchNorm1d/2d/3d``
+(with running statistics) whose module runs once per forward, whose
 batch axis is the first axis of its input and output, and which is used once in the
 graph (so tied weights used twice, or weights read by ``F.linear`` outside their module,
 are excluded). Pruned modules (``torch.nn.utils.prune``: ``weight_orig`` times the
@@ -63,7 +66,11 @@ _FORWARDS = {
     nn.Embedding: nn.Embedding.forward,
     nn.LayerNorm: nn.LayerNorm.forward,
     nn.MultiheadAttention: nn.MultiheadAttention.forward,
+    nn.BatchNorm1d: nn.BatchNorm1d.forward,
+    nn.BatchNorm2d: nn.BatchNorm2d.forward,
+    nn.BatchNorm3d: nn.BatchNorm3d.forward,
 }
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _GROUP_FLOATS = 2**22  # output gradients of several label columns held at once (16 MiB)
 _MHA_ROLES = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
 
@@ -102,7 +109,9 @@ def _supported(m: nn.Module) -> bool:
     if base is None or type(m).forward is not _FORWARDS[base]:
         return False
     if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-        return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+        return m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    if isinstance(m, BATCH_NORMS):  # eval mode with running statistics: per-sample affine
+        return m.affine and not m.training and m.running_mean is not None
     if isinstance(m, nn.Embedding):
         return m.max_norm is None and not m.scale_grad_by_freq
     if isinstance(m, nn.LayerNorm):
@@ -224,7 +233,7 @@ def _signature(t: Any) -> Any:
     return repr(t) if isinstance(t, (bool, int, float, str, type(None))) else type(t)
 
 
-def _cached_split(plan: Plan, b: Batch) -> FastSplit:
+def cached_split(plan: Plan, b: Batch) -> FastSplit:
     """:func:`split_params`, remembered per model for the same parameters, module tree
     (types, train/eval mode, hooks) and batch signature (per-sample shapes, dtypes)."""
     key = (
@@ -272,6 +281,8 @@ def _module_squares(
         return layers.embedding(m, a, B, w)
     if isinstance(m, nn.LayerNorm):
         return layers.layer_norm(m, a, B, w)
+    if isinstance(m, BATCH_NORMS):
+        return layers.batch_norm(m, a, B, w)
     return layers.conv(cast("nn.Conv1d | nn.Conv2d", m), a, B, w)  # _supported: conv only
 
 
@@ -296,18 +307,19 @@ def _check_fresh(m: nn.Module, a: torch.Tensor, version: int) -> None:
         )
 
 
-def fast_batch_sums(
-    plan: Plan,
-    split: FastSplit,
-    rest: Plan | None,
-    b: Batch,
-    target: torch.Tensor | None,
-    chunk_size: int | None,
-) -> tuple[int, dict[str, torch.Tensor]]:
-    """``(N, Σ_n Σ_j w_j g_nj²)`` for one parsed batch, in the accumulation dtype (float64
-    for float64 parameters, else float32): the capture path for
-    ``split.fast`` and ``split.free``, the ``vmap`` plan ``rest`` (``plan`` restricted to
-    ``split.rest``, or None) for the other parameters, with shared label draws."""
+Captured = tuple[torch.Tensor, dict[Any, Any], list[tuple[Any, Any]], list[torch.Tensor]]
+
+
+def capture_forward(plan: Plan, split: FastSplit, b: Batch) -> Captured:
+    """One forward pass of ``plan.model`` on ``b`` recording, for every module of
+    ``split.fast`` (and free parameter of ``split.free``), its input and a zero
+    perturbation ``e`` added to its output. Returns ``(output, store, index, es)``: the
+    output, the records, their keys ``(module, part)`` / ``(name, None)`` and the
+    perturbations in that order (the backward pass differentiates with respect to ``es``).
+
+    Raises:
+        RuntimeError: a captured module did not run, or its input was modified in place.
+    """
     store: dict[Any, Any] = {}
 
     def hook(m: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
@@ -330,9 +342,6 @@ def fast_batch_sums(
     finally:
         for h in handles:
             h.remove()
-    target = plan.check_target(out, target)
-    draws = plan.draw(out, target) if plan.labels == "mc" else None
-    acc = {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in plan.params.items()}
     keys = [*split.fast, *split.free]
     missing = [k for k in keys if k not in store]
     if missing:
@@ -345,6 +354,25 @@ def fast_batch_sums(
     for m in split.fast:
         for a, version, _ in store[m].values():
             _check_fresh(m, a, version)
+    return out, store, index, es
+
+
+def fast_batch_sums(
+    plan: Plan,
+    split: FastSplit,
+    rest: Plan | None,
+    b: Batch,
+    target: torch.Tensor | None,
+    chunk_size: int | None,
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """``(N, Σ_n Σ_j w_j g_nj²)`` for one parsed batch, in the accumulation dtype (float64
+    for float64 parameters, else float32): the capture path for
+    ``split.fast`` and ``split.free``, the ``vmap`` plan ``rest`` (``plan`` restricted to
+    ``split.rest``, or None) for the other parameters, with shared label draws."""
+    out, store, index, es = capture_forward(plan, split, b)
+    target = plan.check_target(out, target)
+    draws = plan.draw(out, target) if plan.labels == "mc" else None
+    acc = {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in plan.params.items()}
     dense: dict[nn.Module, torch.Tensor] = {}  # 2-D Linear inputs: Σ_j w_j b_j², (N, O)
     cols = [c[j] for c in plan.columns(out.detach(), target, draws) for j in range(len(c))]
     w = plan.weight
@@ -409,13 +437,14 @@ def square_sums_auto(
     if first is None:
         return
     b, target = plan.parse(first)
-    split = _cached_split(plan, b)
+    split = cached_split(plan, b)
     if not split.fast_names:
         if engine == "fast":
             raise ValueError(
                 "engine='fast' found no parameter it can compute exactly (it covers "
-                "nn.Linear, nn.Conv1d/2d, nn.Embedding, nn.LayerNorm and self-attention "
-                "parameters used once per forward); use engine='auto' or engine='vmap'."
+                "nn.Linear, nn.Conv1d/2d, nn.Embedding, nn.LayerNorm, eval-mode BatchNorm and "
+                "self-attention parameters used once per forward); use engine='auto' or "
+                "engine='vmap'."
             )
         logger.info("engine=%r: no parameter fits the capture path; all on vmap", engine)
         yield from square_sums(plan, itertools.chain([first], batches), chunk_size)

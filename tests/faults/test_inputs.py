@@ -79,6 +79,7 @@ def _pre_step(kind: str):
 # Every path through which a batch's target reaches a likelihood.
 LABEL_PATHS = {
     "per_sample_grads": lambda m, b: natgrad.per_sample_grads(m, b),
+    "per_sample_grads_vmap": lambda m, b: natgrad.per_sample_grads(m, b, engine="vmap"),
     "estimate_vmap": lambda m, b: natgrad.estimate_fisher(m, b, engine="vmap"),
     "estimate_fast": lambda m, b: natgrad.estimate_fisher(m, b, engine="fast"),
     "estimate_mc": lambda m, b: natgrad.estimate_fisher(m, b, labels="mc", engine="vmap"),
@@ -348,6 +349,7 @@ def test_train_mode_batchnorm_refused(path):
 
 FORWARD_PATHS = {
     "per_sample_grads": lambda m, b: natgrad.per_sample_grads(m, b),
+    "per_sample_grads_vmap": lambda m, b: natgrad.per_sample_grads(m, b, engine="vmap"),
     "estimate_vmap": lambda m, b: natgrad.estimate_fisher(m, b, engine="vmap"),
     "estimate_fast": lambda m, b: natgrad.estimate_fisher(m, b, engine="fast"),
     "estimate_mc": lambda m, b: natgrad.estimate_fisher(m, b, labels="mc", engine="vmap"),
@@ -515,6 +517,7 @@ def test_metric_context_fisher_not_by_task():
 
 EMPTY_PATHS = {
     "per_sample_grads": lambda m, b: natgrad.per_sample_grads(m, b),
+    "per_sample_grads_vmap": lambda m, b: natgrad.per_sample_grads(m, b, engine="vmap"),
     "estimate_vmap": lambda m, b: natgrad.estimate_fisher(m, b, engine="vmap"),
     "estimate_fast": lambda m, b: natgrad.estimate_fisher(m, b, engine="fast"),
     "precond_kfac": lambda m, b: _pre_step("kfac")(m, b),
