@@ -18,7 +18,9 @@ from natgrad.engine.common import to_acc, vjp_pair
 from natgrad.engine.per_sample import CHUNK_FLOATS
 
 _PRODUCT_FLOATS = 2**22  # one chunk of per-sample products: about 16 MiB of float32
+_CACHE_FLOATS = 2**18  # a chunk of per-sample products that stays in cache (1 MiB)
 _MIN_GROUPED_K = 8  # conv weight rows (C/g·k) from which one sample is one conv group
+_MIN_GROUPED_L = 128  # ... and output positions (below, unfolded products are faster)
 
 
 work = to_acc  # float64 stays float64; bf16, fp16 and fp32 are computed in float32
@@ -100,15 +102,18 @@ def conv_weight_squares(
 ) -> torch.Tensor:
     """``w Σ_j Σ_n G_nj²`` for a conv weight, shape ``(O, C/g, *k)``.
 
-    One label column (``J = 1``): the per-sample gradients of a chunk of samples are one
-    grouped convolution weight-gradient, the samples stacked as groups (no unfolded
-    copy of the input). Several columns share one unfolded input and batched products.
+    One label column and many output positions (``L >= 128``): the per-sample gradients
+    of a chunk of samples are one grouped convolution weight-gradient, the samples
+    stacked as groups (no unfolded copy of the input). Otherwise unfolded patches and
+    batched products ``B_nj U_nᵀ`` (all columns at once), squared and summed in chunks
+    small enough to stay in cache.
     """
     J, N, d_out = B.shape[:3]
     g = m.groups
     c_in = a.shape[1] // g
     kk = _prod(m.kernel_size)
-    if J == 1 and c_in * kk >= _MIN_GROUPED_K:
+    positions = _prod(B.shape[3:])
+    if J == 1 and c_in * kk >= _MIN_GROUPED_K and positions >= _MIN_GROUPED_L:
         per = d_out * c_in * kk
         acc = torch.zeros(per, dtype=a.dtype, device=a.device)
         chunk = max(1, _PRODUCT_FLOATS // per)
@@ -116,12 +121,19 @@ def conv_weight_squares(
             gw = _samples_as_groups(m, a[s : s + chunk], B[0, s : s + chunk]).reshape(-1, per)
             acc += torch.einsum("np,np->p", gw, gw)  # one pass: Σ_n G_n²
         return (acc * w).view(d_out, c_in, *m.kernel_size)
-    U = unfold(m, a).view(N, g, c_in * kk, -1)  # (N, g, C/g·k, L)
-    Bs = B.reshape(J, N, g, d_out // g, -1)  # (J, N, g, O/g, L)
-    out = torch.empty(g, d_out // g, c_in * kk, dtype=a.dtype, device=a.device)
-    for i in range(g):
-        out[i] = seq_products(Bs[:, :, i], U[:, i].transpose(1, 2), w)
-    return out.view(d_out, c_in, *m.kernel_size)
+    K, og = c_in * kk, d_out // g
+    U = unfold(m, a).view(N, g, K, positions)
+    Bs = B.reshape(J, N, g, og, positions)
+    per = g * J * og * K
+    acc = torch.zeros(per, dtype=a.dtype, device=a.device)
+    chunk = max(1, _CACHE_FLOATS // per)
+    for s in range(0, N, chunk):
+        n = min(N, s + chunk) - s
+        X = Bs[:, s : s + n].permute(1, 2, 0, 3, 4).reshape(n * g, J * og, positions)
+        Y = U[s : s + n].reshape(n * g, K, positions).transpose(1, 2)
+        G = torch.bmm(X, Y).view(n, per)  # (n, g, J, O/g, K): one chunk of per-sample grads
+        acc += torch.einsum("np,np->p", G, G)
+    return (acc.view(g, J, og, K).sum(1) * w).view(d_out, c_in, *m.kernel_size)
 
 
 def embedding(
@@ -251,14 +263,14 @@ def linear_grads(a: torch.Tensor, B: torch.Tensor) -> dict[str, torch.Tensor]:
 def conv_grads(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, B: torch.Tensor) -> dict[str, torch.Tensor]:
     """Conv with ``g`` groups: ``g_nj`` per group is ``B_nj U_nᵀ`` (see :func:`conv`),
     computed as one grouped convolution weight-gradient per label column (the samples
-    stacked as groups), or from unfolded patches for narrow kernels."""
+    stacked as groups; wide kernels, many positions), or from unfolded patches."""
     a, B = work(a), work(B)
     J, N, d_out = B.shape[:3]
     g = m.groups
     c_in = a.shape[1] // g
     kk = _prod(m.kernel_size)
     shape = (d_out, c_in, *m.kernel_size)
-    if c_in * kk >= _MIN_GROUPED_K:
+    if c_in * kk >= _MIN_GROUPED_K and _prod(B.shape[3:]) >= _MIN_GROUPED_L:
         weight = torch.stack([_samples_as_groups(m, a, B[j]) for j in range(J)], 1)
     else:
         U = unfold(m, a).view(N, g, c_in * kk, -1)  # (N, g, C/g·k, L)

@@ -144,10 +144,13 @@ def test_fisher_empirical_matches_loop_float32(resnet_case):
     assert_close_dict(dict(got), ref, rtol=1e-4, atol=1e-8)
 
 
-@pytest.mark.parametrize("kernel", [1, 2, 5])
-@pytest.mark.parametrize("groups", [1, 3])
-def test_conv_kernels_narrow_and_wide(kernel, groups):
-    """Narrow kernels (C/g·k < 8) take unfolded patches, wide ones the grouped conv."""
+@pytest.mark.parametrize(
+    ("kernel", "groups", "length"),
+    [(1, 1, 11), (2, 3, 11), (5, 1, 11), (2, 1, 300), (5, 1, 300), (5, 3, 300)],
+)
+def test_conv_kernels_narrow_and_wide(kernel, groups, length):
+    """Wide kernels (C/g·k >= 8) over many positions (>= 128) take the grouped conv,
+    the others unfolded patches."""
     torch.manual_seed(kernel + groups)
     model = nn.Sequential(
         nn.Conv1d(3, 6, kernel, stride=2, padding=kernel // 2, groups=groups),
@@ -156,13 +159,19 @@ def test_conv_kernels_narrow_and_wide(kernel, groups):
         nn.Flatten(),
         nn.LazyLinear(3),
     ).double()
-    x = torch.randn(4, 3, 11, dtype=torch.float64)
+    x = torch.randn(4, 3, length, dtype=torch.float64)
     model(x)  # materialize the lazy layer
     y = torch.randint(0, 3, (4,))
     ref = loop_grads(model, ce_sum, x, y)
     assert_close_dict(per_sample_grads(model, (x, y), engine="fast"), ref, rtol=1e-10, atol=1e-12)
     fisher = estimate_fisher(model, (x, y), engine="fast")
     assert_close_dict(dict(fisher), {k: (g**2).mean(0) for k, g in ref.items()}, rtol=1e-10, atol=1e-14)
+    kw = {"labels": "mc", "mc_samples": 2}
+    fast = per_sample_grads(model, (x, y), generator=torch.Generator().manual_seed(0), **kw)
+    slow = per_sample_grads(
+        model, (x, y), generator=torch.Generator().manual_seed(0), engine="vmap", **kw
+    )
+    assert_close_dict(fast, slow, rtol=1e-10, atol=1e-12)
 
 
 def test_layer_norm_and_embedding_grads_match_loop():
