@@ -357,6 +357,11 @@ def capture_forward(plan: Plan, split: FastSplit, b: Batch) -> Captured:
     return out, store, index, es
 
 
+def stack_columns(bs: list[torch.Tensor]) -> torch.Tensor:
+    """Output gradients of label columns as ``(J, ...)``; one column is not copied."""
+    return bs[0].unsqueeze(0) if len(bs) == 1 else torch.stack(bs)
+
+
 def fast_batch_sums(
     plan: Plan,
     split: FastSplit,
@@ -388,7 +393,7 @@ def fast_batch_sums(
             for i, u in enumerate(cols[g0 : g0 + group])
         ]
         grads = {
-            key: None if per[0][i] is None else torch.stack([p[i] for p in per])
+            key: None if per[0][i] is None else stack_columns([p[i] for p in per])
             for i, key in enumerate(index)
         }
         del per

@@ -24,7 +24,13 @@ from torch import nn
 
 from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch
-from natgrad.engine.capture import BATCH_NORMS, FastSplit, cached_split, capture_forward
+from natgrad.engine.capture import (
+    BATCH_NORMS,
+    FastSplit,
+    cached_split,
+    capture_forward,
+    stack_columns,
+)
 from natgrad.engine.checks import random_module
 from natgrad.engine.per_sample import Plan
 
@@ -92,7 +98,7 @@ def capture_grads(
     for i, (m, part) in enumerate(index):
         a, _, e = store[m][part]
         zero = torch.zeros((), dtype=e.dtype, device=e.device).expand(e.shape)
-        B = torch.stack([zero if p[i] is None else p[i] for p in per])
+        B = stack_columns([zero if p[i] is None else p[i] for p in per])
         res = _module_grads(m, a, B)
         for s in split.fast[m]:
             g = res[s.role]

@@ -97,6 +97,16 @@ def conv(
     return res
 
 
+def add_square_sum(acc: torch.Tensor, G: torch.Tensor) -> None:
+    """``acc += Σ_n G_n²`` for ``G (n, P)``, a temporary that is overwritten: one fused
+    multiply-add per row for a few rows, else squared in place and summed."""
+    if G.shape[0] <= 4:
+        for row in G:
+            acc.addcmul_(row, row)
+    else:
+        acc += G.square_().sum(0)
+
+
 def conv_weight_squares(
     m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, B: torch.Tensor, w: float
 ) -> torch.Tensor:
@@ -119,7 +129,7 @@ def conv_weight_squares(
         chunk = max(1, _PRODUCT_FLOATS // per)
         for s in range(0, N, chunk):
             gw = _samples_as_groups(m, a[s : s + chunk], B[0, s : s + chunk]).reshape(-1, per)
-            acc += torch.einsum("np,np->p", gw, gw)  # one pass: Σ_n G_n²
+            add_square_sum(acc, gw)
         return (acc * w).view(d_out, c_in, *m.kernel_size)
     K, og = c_in * kk, d_out // g
     U = unfold(m, a).view(N, g, K, positions)
@@ -132,7 +142,7 @@ def conv_weight_squares(
         X = Bs[:, s : s + n].permute(1, 2, 0, 3, 4).reshape(n * g, J * og, positions)
         Y = U[s : s + n].reshape(n * g, K, positions).transpose(1, 2)
         G = torch.bmm(X, Y).view(n, per)  # (n, g, J, O/g, K): one chunk of per-sample grads
-        acc += torch.einsum("np,np->p", G, G)
+        add_square_sum(acc, G)
     return (acc.view(g, J, og, K).sum(1) * w).view(d_out, c_in, *m.kernel_size)
 
 
@@ -194,7 +204,7 @@ def batch_norm_grads(
     xc = a.reshape(N, C, -1) - work(m.running_mean).view(1, C, 1)  # x - μ, centred once
     Bs = B.reshape(J, N, C, -1)
     gb = Bs.sum(-1)
-    gw = torch.einsum("jnct,nct->jnc", Bs, xc) * scale  # Σ_t b (x - μ), then the scale
+    gw = (Bs * xc).sum(-1) * scale  # Σ_t b (x - μ), then the scale
     return gw, gb
 
 
