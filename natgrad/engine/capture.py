@@ -50,7 +50,7 @@ from torch import nn
 from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch
 from natgrad.engine.capture_ops import CaptureMode, ProbeMode, zero_perturbation
-from natgrad.engine.checks import check_int
+from natgrad.engine.checks import check_int, random_module
 from natgrad.engine.common import acc_dtype
 from natgrad.engine.options import ENGINES
 from natgrad.engine.per_sample import Plan, call_model, square_sums
@@ -144,14 +144,39 @@ def _first(out: Any) -> Any:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def samplewise(plan: Plan, b: Batch) -> bool:
+    """Whether the model's batched forward on the first two samples of ``b`` gives each
+    sample the output of its own forward (to ``√eps`` of the output dtype, relative to
+    the largest output). The capture path needs it: it differentiates one batched
+    forward, where ``vmap`` runs one forward per sample. A model that reads another
+    sample's row (``temp[0]`` of a per-sample input) fails it. Random models (train-mode
+    dropout) and one-sample batches are not checked."""
+    if b.size < 2 or random_module(plan.model) is not None:
+        return True
+    both = plan.forward(b.select(0, 2), full=b)
+    for i in range(2):
+        one = plan.forward(b.select(i, i + 1), full=b)
+        if not one.is_floating_point() or both.shape[1:] != one.shape[1:]:
+            return False
+        tol = torch.finfo(one.dtype).eps ** 0.5
+        scale = max(float(one.abs().nan_to_num().max()), 1.0)
+        if not torch.allclose(both[i : i + 1], one, rtol=tol, atol=tol * scale, equal_nan=True):
+            return False
+    return True
+
+
 def split_params(plan: Plan, b: Batch) -> FastSplit:
     """Decide which selected parameters the capture path computes exactly.
 
     Two probe forwards (1 and 2 copies of the first sample of ``b``) check, for each
     candidate, that its module runs once, that the batch is the first axis of its input
     and output (sequence-first layers are left out), and that each parameter feeds the
-    graph through exactly one call. Every other parameter goes to ``vmap``.
+    graph through exactly one call. Every other parameter goes to ``vmap``, and every
+    parameter does when the model is not sample-wise (see :func:`samplewise`).
     """
+    if not samplewise(plan, b):
+        logger.info("the batched forward is not sample-wise: every parameter on vmap")
+        return FastSplit(rest=list(plan.params))
     name_of = {id(p): k for k, p in plan.params.items()}
     mods = [m for m in plan.model.modules() if _supported(m)]
     attn = [m for m in mods if isinstance(m, nn.MultiheadAttention)]

@@ -233,11 +233,34 @@ def test_capture_path_runs_no_per_sample_forward(resnet_case, monkeypatch):
 
 
 def test_batchnorm_without_running_stats_is_not_captured():
+    """Eval mode without running statistics normalizes with the batch's: not sample-wise,
+    so nothing takes the capture path (one batched forward is not N per-sample ones)."""
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, track_running_stats=False))
     model = nn.Sequential(model, nn.Flatten(), nn.Linear(12, 2)).eval()
     plan = Plan(model, "categorical", "empirical", 1, None, None, None)
-    split = grads_split(plan, parse_batch(torch.randn(3, 2, 4, 4)), "auto")
-    assert split is not None and split.rest == ["0.1.weight", "0.1.bias"]
+    assert grads_split(plan, parse_batch(torch.randn(3, 2, 4, 4)), "auto") is None
+
+
+def test_model_reading_another_samples_row_is_not_captured():
+    """``temp[0]`` of a per-sample input: each sample's own forward differs from its row of
+    the batched forward, so the capture path (one batched forward) is not used."""
+
+    class FirstRow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x, temp):
+            return self.fc(x) * temp[0]
+
+    model = FirstRow().double()
+    x, temp = torch.randn(4, 3, dtype=torch.float64), torch.rand(4, 1, dtype=torch.float64) + 0.5
+    y = torch.tensor([0, 1, 1, 0])
+    batch = {"x": x, "temp": temp, "labels": y}
+    plan = Plan(model, "categorical", "empirical", 1, None, None, None)
+    assert grads_split(plan, parse_batch(batch), "auto") is None
+    ref = {k: (g**2).mean(0) for k, g in per_sample_grads(model, batch, engine="vmap").items()}
+    assert_close_dict(dict(estimate_fisher(model, batch)), ref, rtol=1e-10, atol=1e-14)
 
 
 def test_random_model_with_vmap_parameters_uses_vmap_only():
