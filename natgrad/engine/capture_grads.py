@@ -17,6 +17,7 @@ columns, so the result does not depend on which path computed a parameter.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -81,10 +82,12 @@ def capture_grads(
     b: Batch,
     target: torch.Tensor | None,
     chunk_size: int | None,
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Per-sample gradients ``(N, J, *param.shape)`` in the parameters' dtypes: the capture
     path for ``split.fast``, ``torch.func`` for ``split.rest``, with shared label columns
-    (MC labels drawn once, from the capture forward's output)."""
+    (MC labels drawn once, from the capture forward's output); and the names of the
+    Linear and Conv parameters whose gradients are finite by a bound (see
+    :func:`_finite_by_bound`), which need no check of every entry."""
     out, store, index, es = capture_forward(plan, split, b)
     target = plan.check_target(out, target)
     draws = plan.draw(out, target) if plan.labels == "mc" else None
@@ -95,12 +98,16 @@ def capture_grads(
         for j in range(J)
     ]
     grads: dict[str, torch.Tensor] = {}
+    finite: set[str] = set()
     for i, (m, part) in enumerate(index):
         a, _, e = store[m][part]
         zero = torch.zeros((), dtype=e.dtype, device=e.device).expand(e.shape)
         B = stack_columns([zero if p[i] is None else p[i] for p in per])
         res = _module_grads(m, a, B)
+        proven = _finite_by_bound(m, a, B)
         for s in split.fast[m]:
+            if proven and torch.finfo(plan.params[s.name].dtype).max > 2 * proven:
+                finite.add(s.name)
             g = res[s.role]
             if s.mask is not None:  # ∂l/∂weight_orig = mask ⊙ ∂l/∂weight
                 g = g * getattr(m, s.mask).to(g.dtype)
@@ -111,7 +118,23 @@ def capture_grads(
         chunks = [r for _, r in rest.run(b, target, draws, "grads", chunk_size)]
         for k in split.rest:
             grads[k] = torch.cat([c[k] for c in chunks])
-    return {k: grads[k].to(p.dtype) for k, p in plan.params.items()}
+    return {k: grads[k].to(p.dtype) for k, p in plan.params.items()}, finite
+
+
+def _finite_by_bound(m: nn.Module, a: torch.Tensor, B: torch.Tensor) -> float:
+    """For Linear and Conv, a bound on every entry of the per-sample gradients: each is
+    a sum of at most ``T`` products ``b·a`` (``T`` positions; bias: ``T`` terms ``b``),
+    so ``|g| <= T · max|b| · max(max|a|, 1)``. ``0.0`` (no bound) for other modules, or
+    when ``a`` or ``b`` holds NaN or Inf (then every entry is checked)."""
+    if not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        return 0.0
+    terms = a.numel() // a.shape[0] // a.shape[-1] if isinstance(m, nn.Linear) else None
+    if terms is None:
+        terms = B[0, 0, 0].numel()  # output positions of the conv
+    amax = float(layers.work(a).abs().amax()) if a.numel() else 0.0
+    bmax = float(layers.work(B).abs().amax()) if B.numel() else 0.0
+    bound = terms * bmax * max(amax, 1.0)
+    return bound if math.isfinite(bound) else 0.0
 
 
 def _module_grads(m: nn.Module, a: torch.Tensor, B: torch.Tensor) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from natgrad.engine.common import to_acc, vjp_pair
 from natgrad.engine.per_sample import CHUNK_FLOATS
 
 _PRODUCT_FLOATS = 2**22  # one chunk of per-sample products: about 16 MiB of float32
-_CACHE_FLOATS = 2**18  # a chunk of per-sample products that stays in cache (1 MiB)
+_CACHE_FLOATS = 2**20  # a chunk of per-sample products near cache size (4 MiB)
 _MIN_GROUPED_K = 8  # conv weight rows (C/g·k) from which one sample is one conv group
 _MIN_GROUPED_L = 128  # ... and output positions (below, unfolded products are faster)
 
@@ -99,8 +99,8 @@ def conv(
 
 def add_square_sum(acc: torch.Tensor, G: torch.Tensor) -> None:
     """``acc += Σ_n G_n²`` for ``G (n, P)``, a temporary that is overwritten: one fused
-    multiply-add per row for a few rows, else squared in place and summed."""
-    if G.shape[0] <= 4:
+    multiply-add per row for one or two rows, else squared in place and summed."""
+    if G.shape[0] <= 2:
         for row in G:
             acc.addcmul_(row, row)
     else:
@@ -263,8 +263,8 @@ def linear_grads(a: torch.Tensor, B: torch.Tensor) -> dict[str, torch.Tensor]:
     J, N = B.shape[:2]
     A = a.reshape(N, -1, a.shape[-1])  # (N, T, I)
     Bs = B.reshape(J, N, -1, B.shape[-1])  # (J, N, T, O)
-    if A.shape[1] == 1:
-        weight = torch.einsum("jno,ni->njoi", Bs[:, :, 0], A[:, 0])
+    if A.shape[1] == 1:  # one outer product per sample and column, written once
+        weight = Bs[:, :, 0].transpose(0, 1).unsqueeze(-1) * A[:, 0].view(N, 1, 1, -1)
     else:
         weight = torch.einsum("jnto,nti->njoi", Bs, A)
     return {"weight": weight, "bias": Bs.sum(2).transpose(0, 1)}
