@@ -227,6 +227,20 @@ def _verdict(ratio: float, target: float) -> str:
     return "met" if ratio <= target else f"missed by {ratio - target:.2f}x"
 
 
+WHY_FISHER = (
+    "Why the misses. Exact labels pull back one output column per class (C = 10 backward "
+    "passes without weight gradients) and form one per-sample product per class for "
+    "every Conv layer (only 2-D Linear inputs collapse the classes into one product), so "
+    "a CNN's exact Fisher costs about 1 forward + C x (input-gradient backward + "
+    "weight-gradient-sized product): about 6-7x a plain pass by operation count (design "
+    "CNN: 6.8x counted), above C/2 = 5x whatever the implementation. The MNIST-1D models "
+    "at N=100 take about 1 ms per plain pass, so the fixed Python cost of estimate_fisher "
+    "(checks, plan, hooks, the Fisher object) is a large share; at N=1000 it shrinks. "
+    "Wall-clock ratios on this shared machine (load above 10 on 2 cores) vary by 0.3-1x "
+    "between runs of the same code; the CPU-time rows are the stable ones."
+)
+
+
 def main(rounds: int, width: int, quick: bool, only: list[str] | None) -> tuple[str, str]:
     load0 = os.getloadavg()[0]
     cmd = "python -m benchmarks.bench_cnn_fisher " + " ".join(sys.argv[1:])
@@ -304,6 +318,8 @@ def main(rounds: int, width: int, quick: bool, only: list[str] | None) -> tuple[
             *f_rows,
             "",
             *f_notes,
+            "",
+            WHY_FISHER,
         ]
     )
     psg = "\n".join(
