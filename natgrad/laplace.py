@@ -13,14 +13,33 @@ outputs Gaussian with mean ``μ(x) = f(x; θ*)`` and, for the diagonal posterior
 
     Var f_c(x) = Σ_i J_ci(x)² / (N F_i + δ).
 
-Only the squared Jacobian entries are needed; they are computed per sample with
-``torch.func`` (``vmap(jacrev(...))`` over ``functional_call``) in chunks, and reduced
-against ``1 / (N F + δ)`` inside each chunk, so memory stays near
-``chunk × outputs × P``.
+This is a weighted sum of squared per-sample gradients (of the output ``f_c`` instead of
+the loss), so it is computed the way the exact Fisher is (the capture path of
+:mod:`natgrad.engine.capture`): one forward pass records every ``nn.Linear`` /
+``nn.Conv1d`` / ``nn.Conv2d`` layer's input ``a`` and adds a zero perturbation to its
+output; one backward pass per output column ``c`` gives the per-sample output gradients
+``b_c`` of every layer at once. The Jacobian row of a layer's block ``[W, b]`` is
+``J_c = Σ_t b_ct ã_tᵀ`` (``ã = [a, 1]``; ``t`` runs over sequence positions or
+convolution patches), and
+
+* diagonal posterior: ``Var f_c = Σ_{o,i} J_c,oi² / (N F_oi + δ)``; for one position
+  ``= Σ_o b_co² M_o`` with ``M = (ã²) (1/(N F + δ))ᵀ`` shared by every column;
+* Kronecker posterior (K-FAC ``F = G ⊗ A`` or EKFAC): ``N F + δ I`` is diagonal in the
+  eigenbasis ``Q_G ⊗ Q_A``, with entries ``N S + δ`` (``S = s_G s_Aᵀ`` or the EKFAC
+  ``s``), so ``Var f_c = Σ_{o,i} (Q_Gᵀ J_c Q_A)_oi² / (N S_oi + δ)``; for one position
+  ``Q_Gᵀ J_c Q_A = (Q_Gᵀ b_c)(Q_Aᵀ ã)ᵀ`` factorises and no ``P x P`` matrix (nor any
+  per-sample Jacobian) is formed.
+
+Parameters the capture path does not cover (other layer types, weights used twice,
+curvatures coupling layers such as the low-rank Fisher) take the general path:
+per-sample Jacobians with ``torch.func`` (``vmap`` over ``vjp`` rows) in chunks, reduced
+against ``1 / (N F + δ)`` (or one ``curvature.solve`` per row) inside each chunk. The
+posterior is block diagonal between the two groups, so their variances add.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,7 +53,10 @@ from torch.func import functional_call, vjp, vmap
 from natgrad.curvature.estimate import is_single_batch, iterate_batches
 from natgrad.curvature.ops import check_curvature
 from natgrad.curvature.protocol import Curvature
+from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch, OutputFn, add_batch_axis, default_output_fn, parse_batch
+from natgrad.engine.capture import split_params
+from natgrad.engine.capture_ops import zero_perturbation
 from natgrad.engine.checks import (
     check_choice,
     check_fisher_type,
@@ -46,8 +68,10 @@ from natgrad.engine.checks import (
 )
 from natgrad.engine.common import acc_dtype
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
-from natgrad.engine.options import ParamSpec
+from natgrad.engine.options import ENGINES, EngineName, ParamSpec
 from natgrad.engine.per_sample import (
+    Plan,
+    call_model,
     loop_samples,
     model_device,
     probe_failed,
@@ -69,6 +93,10 @@ SUPPORTED_LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
 PRIOR_METHODS = ("grid", "marglik")
 CHUNK_FLOATS = 2**25  # about 128 MiB of float32 Jacobian entries per chunk
 _PROBIT = math.pi / 8
+_PRODUCT_FLOATS = 2**22  # per-sample Jacobian blocks of one chunk (16 MiB of float32)
+_GROUP_FLOATS = 2**18  # output gradients of several output columns held at once (1 MiB:
+# larger groups leave the cache and run slower on CPU)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -316,6 +344,366 @@ def _jacobians(
     return jac, out, True
 
 
+# -- the capture path ------------------------------------------------------------------------
+
+_FAST_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_FAST_KINDS = ("diag", "kfac", "ekfac")
+
+
+@dataclass
+class _Term:
+    """One layer's share ``J_c P⁻¹ J_cᵀ`` of ``Var f_c`` for its block ``[W, b]``.
+
+    In the rotated basis of the block (``Q_G`` on the output side, ``Q_A`` on the input
+    side; None is the identity) the inverse precision is diagonal, ``inv`` of shape
+    ``(G, d_G, d_A)`` (one slice per candidate ``δ``). The per-sample Jacobian row of the
+    block for output ``c`` is ``Σ_t b_ct ã_tᵀ`` with ``ã_t = [a_t if weight else 0,
+    bias]`` (``bias`` None: no bias column; 0.0: a bias column the posterior covers but
+    the predictive leaves out).
+    """
+
+    module: nn.Module
+    weight: bool
+    bias: float | None
+    inv: torch.Tensor
+    QA: torch.Tensor | None
+    QG: torch.Tensor | None
+
+
+def _module_names(model: nn.Module) -> dict[nn.Module, tuple[str | None, str | None]]:
+    """``{module: (weight name, bias name)}`` for every Linear / Conv module."""
+    out: dict[nn.Module, tuple[str | None, str | None]] = {}
+    for mname, m in model.named_modules():
+        if isinstance(m, _FAST_MODULES):
+            prefix = f"{mname}." if mname else ""
+            w = prefix + "weight" if m._parameters.get("weight") is not None else None
+            b = prefix + "bias" if m._parameters.get("bias") is not None else None
+            out[m] = (w, b)
+    return out
+
+
+def _diag_inverse(
+    fisher: FisherLike,
+    names: list[str],
+    n: int,
+    deltas: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """``{name: (G, numel)}``: ``diag (N F + δ_g I)⁻¹`` of parameters held as a diagonal."""
+    if not names:
+        return {}
+    if not _structured(fisher):
+        inv = _inverse_precisions(fisher, names, n, deltas, dtype, device)
+        assert isinstance(inv, dict)  # a mapping gives the diagonal inverse
+        return inv
+    per = [fisher.inverse_diagonal(float(d) / n) for d in deltas.tolist()]
+    return {
+        k: torch.stack([p[k].detach().to(device=device, dtype=dtype).reshape(-1) for p in per])
+        / n
+        for k in names
+    }
+
+
+def _basis(Q: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The one group's eigenbasis, row-major (``eigh`` returns column-major bases, whose
+    products run several times slower on CPU)."""
+    return None if Q is None else Q[0].detach().to(device=device, dtype=dtype).contiguous()
+
+
+def _diag_term(
+    m: nn.Module, w: str | None, b: str | None, inv: Mapping[str, torch.Tensor]
+) -> _Term:
+    """The term of a layer whose chosen parameters ``w`` / ``b`` are held as a diagonal."""
+    d_out = cast(torch.Tensor, m.weight).shape[0]
+    parts = []
+    if w is not None:
+        parts.append(inv[w].reshape(inv[w].shape[0], d_out, -1))
+    if b is not None:
+        parts.append(inv[b].reshape(inv[b].shape[0], d_out, 1))
+    return _Term(m, w is not None, None if b is None else 1.0, torch.cat(parts, -1), None, None)
+
+
+def _fast_terms(
+    model: nn.Module,
+    fisher: FisherLike,
+    chosen: Mapping[str, nn.Parameter],
+    fast: set[str],
+    n: int,
+    deltas: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[list[_Term], list[str]]:
+    """The capture-path terms and the chosen parameters they cover.
+
+    A Linear / Conv module takes the capture path when every chosen parameter of it is
+    in ``fast`` (checked by :func:`natgrad.engine.capture.split_params`) and the
+    posterior's block of the module is a diagonal (any curvature: its
+    ``inverse_diagonal``), or a K-FAC / EKFAC block of :class:`natgrad.KroneckerFisher`
+    (one group, weight stored ``(out, in)``), in whose eigenbasis ``N F + δ I`` is
+    diagonal: ``N S + δ`` with ``S = s_G s_Aᵀ`` (K-FAC) or the re-fitted ``s`` (EKFAC).
+    Curvatures coupling layers (low-rank, dense) take no capture path.
+    """
+    from natgrad.curvature.kronecker import KroneckerFisher
+
+    kinds: dict[str, str] = fisher.structure() if _structured(fisher) else {}
+    if any(kinds[k] not in _FAST_KINDS for k in kinds):
+        return [], []
+    blocks = {}
+    if isinstance(fisher, KroneckerFisher):
+        blocks = {blk.weight: blk for blk in fisher.blocks.values()}
+    terms: list[_Term] = []
+    covered: list[str] = []
+    plan_diag: list[tuple[nn.Module, str | None, str | None]] = []
+    for m, (w, b) in _module_names(model).items():
+        mine = [k for k in (w, b) if k is not None and k in chosen]
+        if not mine or not all(k in fast for k in mine):
+            continue
+        blk = blocks.get(w) if w is not None else None
+        if blk is not None:
+            if blk.groups != 1 or blk.transposed or blk.bias not in (None, b):
+                continue
+            rest_b = b if blk.bias is None and b in chosen else None
+            if rest_b is not None and kinds.get(rest_b) != "diag":
+                continue
+            if w in chosen or (blk.bias is not None and blk.bias in chosen):
+                QA, _, QG, _ = blk.bases()
+                S = blk.eigenvalues()[0].detach().to(device=device, dtype=torch.float64)
+                inv = 1.0 / (n * S.unsqueeze(0) + deltas.to(device).view(-1, 1, 1))
+                bias = None if blk.bias is None else float(blk.bias in chosen)
+                terms.append(_Term(
+                    m, w in chosen, bias, inv.to(dtype),
+                    _basis(QA, dtype, device),
+                    _basis(QG, dtype, device),
+                ))  # fmt: skip
+            if rest_b is not None:
+                plan_diag.append((m, None, rest_b))
+            covered += mine
+            continue
+        if kinds and any(kinds[k] != "diag" for k in mine):
+            continue  # a K-FAC block natgrad cannot read (not a KroneckerFisher)
+        plan_diag.append((m, w if w in chosen else None, b if b in chosen else None))
+        covered += mine
+    names = [k for _, w, b in plan_diag for k in (w, b) if k is not None]
+    inv_diag = _diag_inverse(fisher, names, n, deltas, dtype, device)
+    terms += [_diag_term(m, w, b, inv_diag) for m, w, b in plan_diag]
+    return terms, covered
+
+
+def _inputs(term: _Term, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``ã`` rotated, ``(N, T, d_A)``: the layer's inputs (unfolded patches for a
+    convolution) with the bias column, times ``Q_A``."""
+    m = term.module
+    a = a.to(dtype)
+    if isinstance(m, nn.Linear):
+        A = a.reshape(a.shape[0], -1, a.shape[-1])
+    else:
+        A = layers.unfold(cast("nn.Conv1d | nn.Conv2d", m), a).transpose(1, 2)
+    if not term.weight:
+        A = torch.zeros_like(A)
+    if term.bias is not None:
+        A = torch.cat([A, A.new_full((*A.shape[:-1], 1), term.bias)], -1)
+    if term.QA is None:
+        return A
+    return (A.reshape(-1, A.shape[-1]) @ term.QA).reshape(A.shape)  # one 2-D product
+
+
+def _out_grads(term: _Term, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The output gradients ``(N, T, d_G)`` rotated by ``Q_G``."""
+    g = g.to(dtype)
+    if isinstance(term.module, nn.Linear):
+        B = g.reshape(g.shape[0], -1, g.shape[-1])
+    else:
+        B = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
+    if term.QG is None:
+        return B
+    return (B.reshape(-1, B.shape[-1]) @ term.QG).reshape(B.shape)  # one 2-D product
+
+
+def _fast_moments(
+    model: nn.Module,
+    b: Batch,
+    terms: list[_Term],
+    output_fn: OutputFn,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAP outputs ``(N, D)`` and the terms' variances ``(N, D, G)`` from one forward
+    (recording every layer's input and adding a zero perturbation to its output) and
+    one backward per output column ``c`` (the perturbations' gradients are the
+    per-sample output gradients ``b_c``; no weight gradient is formed).
+
+    Per term, with ``ã`` and ``b_c`` rotated into its eigenbasis:
+    ``Var_c = Σ_{o,i} (Σ_t b_cto ã_ti)² inv_oi``; for one position (``T = 1``) this is
+    ``Σ_o b_co² M_o`` with ``M = (ã²) invᵀ`` computed once for every ``c``.
+    """
+    mods = list(dict.fromkeys(t.module for t in terms))
+    store: dict[nn.Module, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def hook(m: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        e = zero_perturbation(out)
+        store[m] = (inp[0].detach(), inp[0]._version, e)
+        return out + e
+
+    handles = [m.register_forward_hook(hook) for m in mods]
+    try:
+        with torch.enable_grad():
+            out = output_fn(call_model(model, b, "the Laplace predictive"))
+    finally:
+        for h in handles:
+            h.remove()
+    out = out.reshape(b.size, -1)
+    missing = [m for m in mods if m not in store]
+    if missing:
+        raise RuntimeError(
+            f"The Laplace capture path expected a {type(missing[0]).__name__} to run in this "
+            "forward pass, but it did not (the model's control flow changed between batches); "
+            "pass engine='vmap'."
+        )
+    for m in mods:
+        a, version, _ = store[m]
+        if a._version != version:
+            raise RuntimeError(
+                f"The input of {type(m).__name__} was modified in place after the layer ran, "
+                "so the captured input is stale; pass engine='vmap' for this model."
+            )
+    n, d = out.shape
+    G = terms[0].inv.shape[0]
+    var = torch.zeros(n, d, G, dtype=dtype, device=out.device)
+    acts = [_inputs(t, store[t.module][0], dtype) for t in terms]
+    single = [A.shape[1] == 1 for A in acts]
+    # T = 1: M_g = (ã²) inv_gᵀ, (G, N, d_G), shared by every output column
+    pre = [
+        torch.einsum("ni,goi->gno", A[:, 0] ** 2, t.inv) if one else None
+        for t, A, one in zip(terms, acts, single, strict=True)
+    ]
+    es = [store[m][2] for m in mods]
+    index = {m: i for i, m in enumerate(mods)}
+    # output columns are pulled back one at a time (a vmapped, is_grads_batched backward
+    # is no faster on CPU), their gradients stacked in groups for the products
+    group = max(1, _GROUP_FLOATS // max(sum(e.numel() for e in es), 1))
+    for c0 in range(0, d, group):
+        cols = list(range(c0, min(c0 + group, d)))
+        per = []
+        for c in cols:
+            u = torch.zeros_like(out)
+            u[:, c] = 1
+            per.append(torch.autograd.grad(out, es, u, retain_graph=c < d - 1, allow_unused=True))
+        k = len(cols)
+        for t, A, M in zip(terms, acts, pre, strict=True):
+            gs = [p[index[t.module]] for p in per]
+            if any(g is None for g in gs):  # the output does not depend on this layer
+                continue
+            g = gs[0].unsqueeze(0) if k == 1 else torch.stack(gs)
+            B = _out_grads(t, g.reshape(k * n, *g.shape[2:]), dtype)
+            B = B.reshape(k, n, *B.shape[1:])  # (k, N, T, d_G)
+            if M is not None:
+                B2 = B[:, :, 0].square()
+                for gi in range(G):
+                    prod = B2.mul_(M[gi]) if gi == G - 1 else B2 * M[gi]
+                    var[:, c0 : c0 + k, gi] += prod.sum(-1).t()
+                continue
+            inv = t.inv.reshape(G, -1)
+            step = max(1, _PRODUCT_FLOATS // max(k * B.shape[-1] * A.shape[-1], 1))
+            for s in range(0, n, step):
+                J = B[:, s : s + step].transpose(-1, -2) @ A[s : s + step]  # (k, n_s, d_G, d_A)
+                v = J.square_().reshape(k * J.shape[1], -1) @ inv.t()
+                var[s : s + step, c0 : c0 + k] += v.reshape(k, -1, G).transpose(0, 1)
+    return out.detach().to(dtype), var
+
+
+def _exact_damping(fisher: FisherLike) -> FisherLike:
+    """The posterior precision is ``N F + δ I`` exactly: a :class:`natgrad.KroneckerFisher`
+    that solves with factored damping is read with exact damping instead (as its
+    ``logdet`` and ``inverse_diagonal``, which the marginal likelihood uses, always are)."""
+    from natgrad.curvature.kronecker import KroneckerFisher
+
+    if not isinstance(fisher, KroneckerFisher) or fisher.damping_mode == "exact":
+        return fisher
+    return KroneckerFisher(
+        fisher.blocks, fisher.diag, fisher.n_samples, kind=fisher.kind,
+        diag_reasons=fisher.diag_reasons, labels=fisher.labels, likelihood=fisher.likelihood,
+        order=fisher.order, damping_mode="exact",
+    )  # fmt: skip
+
+
+class _Posterior:
+    """The predictive moments of one call for the candidates ``deltas``: the capture
+    path for the layers :func:`_fast_terms` covers, ``vmap`` Jacobians for the rest
+    (their sum is exact: the posterior is block diagonal between the two groups)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        fisher: FisherLike,
+        chosen: dict[str, nn.Parameter],
+        n: int,
+        deltas: list[float],
+        lik: Likelihood,
+        output_fn: OutputFn | None,
+        chunk_size: int | None,
+        engine: str,
+    ):
+        self.model, self.fisher, self.chosen, self.n = model, _exact_damping(fisher), chosen, n
+        self.deltas = torch.tensor(deltas, dtype=torch.float64)
+        self.lik, self.chunk_size, self.engine = lik, chunk_size, engine
+        self.output_fn = output_fn or default_output_fn
+        self.dtype = acc_dtype(next(model.parameters()).dtype)
+        self.device = model_device(model)
+        self.terms: list[_Term] | None = None
+        self.rest: dict[str, nn.Parameter] = {}
+        self.inv: dict[str, torch.Tensor] | Reducer | None = None
+
+    def _setup(self, b: Batch) -> None:
+        terms: list[_Term] = []
+        covered: list[str] = []
+        if self.engine != "vmap":
+            plan = Plan(self.model, self.lik, "exact", 1, list(self.chosen), self.output_fn,
+                        None, what="the Laplace predictive")  # fmt: skip
+            fast = set(split_params(plan, b).fast_names)
+            terms, covered = _fast_terms(self.model, self.fisher, self.chosen, fast, self.n,
+                                         self.deltas, self.dtype, self.device)  # fmt: skip
+            if self.engine == "fast" and not terms:
+                raise ValueError(
+                    "engine='fast' found no parameter the Laplace capture path covers (the "
+                    "weights and biases of nn.Linear / nn.Conv1d / nn.Conv2d used once per "
+                    "forward, with a diagonal, K-FAC or EKFAC posterior block); pass "
+                    "engine='auto' or engine='vmap'."
+                )
+        self.terms = terms
+        self.rest = {k: p for k, p in self.chosen.items() if k not in set(covered)}
+        if self.rest:
+            self.inv = _inverse_precisions(self.fisher, self.rest, self.n, self.deltas,
+                                           self.dtype, self.device)  # fmt: skip
+        logger.info(
+            "fisher_uncertainty: capture path for %d parameter tensors, vmap for %d",
+            len(covered), len(self.rest),
+        )  # fmt: skip
+
+    def moments(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean (N, D), var (N, D, G))`` of one parsed batch."""
+        if self.terms is None:
+            self._setup(b)
+        assert self.terms is not None  # set by _setup
+        if not self.terms:
+            assert self.inv is not None  # every chosen parameter is in rest
+            return _moments(self.model, b, self.rest, self.inv, self.output_fn,
+                            self.chunk_size, self.dtype)  # fmt: skip
+        width = sum(t.inv.shape[0] * t.inv.shape[1] + t.inv.shape[2] for t in self.terms)
+        chunk = self.chunk_size or max(1, CHUNK_FLOATS // max(width, 1))
+        means, variances = [], []
+        for start in range(0, b.size, chunk):
+            sub = b.select(start, min(start + chunk, b.size))
+            mean, var = _fast_moments(self.model, sub, self.terms, self.output_fn, self.dtype)
+            if self.rest:
+                assert self.inv is not None  # set with rest
+                _, var_rest = _moments(self.model, sub, self.rest, self.inv, self.output_fn,
+                                       self.chunk_size, self.dtype)  # fmt: skip
+                var = var + var_rest
+            means.append(mean)
+            variances.append(var)
+        return torch.cat(means), torch.cat(variances)
+
+
 # -- the predictive ------------------------------------------------------------------------
 
 
@@ -426,6 +814,7 @@ def fisher_uncertainty(
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     output_fn: OutputFn | None = None,
+    engine: EngineName = "auto",
 ) -> UncertaintyReport:
     """The linearized Laplace predictive with posterior precision ``N·F + δ`` (any curvature).
 
@@ -434,7 +823,7 @@ def fisher_uncertainty(
     training sample, and :class:`natgrad.DiagonalFisher` stores the per-sample mean.
 
     The outputs are Gaussian with mean ``μ = f(x; θ*)`` and variance
-    ``Var f_c(x) = Σ_i J_ci(x)² / (N F_i + δ)`` (``J`` from ``vmap(jacrev)``). Then
+    ``Var f_c(x) = Σ_i J_ci(x)² / (N F_i + δ)`` (diagonal ``F``). Then
 
     * categorical, ``link="probit"``: ``p = softmax(μ / sqrt(1 + π/8 · Var f))`` (per
       class); epistemic score = total logit variance ``Σ_c Var f_c``;
@@ -454,13 +843,21 @@ def fisher_uncertainty(
     last-layer Laplace posterior for block-diagonal kinds (``"diag"``, ``"kfac"``,
     ``"ekfac"``) and is refused for others (estimate the curvature on the subset).
 
+    ``engine="auto"`` computes the layers it can on the capture path (see the module
+    doc; one forward and one backward per output column, about 5-10 forward+backward
+    passes for 10 classes) and the rest with per-sample ``vmap`` Jacobians; both give
+    the same numbers. The precision is always ``N F + δ I`` with exact damping (a
+    :class:`natgrad.KroneckerFisher` with ``damping_mode="factored"`` is read in its
+    eigenbasis, as its ``logdet`` is).
+
     Args:
         model: the trained model at ``θ*`` (eval mode; it is not modified).
         batch: ``x``, ``(x, y)`` or a dict batch of ``N`` inputs (labels are ignored),
             or an iterable of such batches (a DataLoader): the per-batch results are
             concatenated along the sample axis, and ``link="mc"`` draws continue from
             one ``generator`` across the batches.
-        fisher: diagonal Fisher (:class:`natgrad.DiagonalFisher` or ``{name: tensor}``).
+        fisher: diagonal Fisher (:class:`natgrad.DiagonalFisher` or ``{name: tensor}``) or
+            any :class:`natgrad.Curvature`.
         prior_precision: ``δ > 0``.
         n_data: ``N``, the number of training samples (default ``fisher.n_samples``).
         params: the parameters treated as uncertain (default: all the Fisher covers; e.g.
@@ -474,6 +871,9 @@ def fisher_uncertainty(
         chunk_size: samples per Jacobian chunk (memory ``≈ chunk × D × P``).
         generator: for ``link="mc"`` (default: seeded with 0).
         output_fn: maps model outputs to the output tensor.
+        engine: ``"auto"`` (the capture path where it applies, ``vmap`` Jacobians for
+            the rest), ``"vmap"`` (every parameter by ``vmap`` Jacobians) or ``"fast"``
+            (as ``"auto"``, but an error when no parameter takes the capture path).
 
     Returns:
         :class:`UncertaintyReport` with per-sample tensors (``D`` outputs per sample).
@@ -481,7 +881,8 @@ def fisher_uncertainty(
     Raises:
         ValueError: unsupported likelihood or link, parameters the Fisher lacks, bad
             ``prior_precision`` / ``n_data``, train-mode BatchNorm or dropout, an
-            iterable that yields no batches.
+            iterable that yields no batches, an unknown ``engine``, ``engine="fast"``
+            when no parameter takes the capture path.
 
     Example:
         >>> import torch
@@ -496,18 +897,14 @@ def fisher_uncertainty(
     lik, chosen, n, _ = _prepare(  # _prepare checks link and returns it unchanged
         model, fisher, params, likelihood, n_data, link, n_samples, chunk_size, subset
     )
-    dtype = acc_dtype(next(model.parameters()).dtype)
+    check_choice("engine", engine, ENGINES)
     device = model_device(model)
-    inv = _inverse_precisions(
-        fisher, chosen, n, torch.tensor([delta], dtype=torch.float64), dtype, device
-    )
+    post = _Posterior(model, fisher, chosen, n, [delta], lik, output_fn, chunk_size, engine)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     parts: list[dict[str, Any]] = []
     for one in [batch] if is_single_batch(batch) else iterate_batches(batch):
         b = parse_batch(one).to(device)
-        mean, var = _moments(
-            model, b, chosen, inv, output_fn or default_output_fn, chunk_size, dtype
-        )
+        mean, var = post.moments(b)
         var = var[..., 0]
         pred = _predict(lik, link, mean, var, _mc_noise(lik, link, n_samples, mean, gen, device))
         parts.append(dict(mean=mean, logit_variance=var, **pred))
@@ -608,6 +1005,7 @@ def optimize_prior_precision(
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     output_fn: OutputFn | None = None,
+    engine: EngineName = "auto",
 ) -> PriorPrecisionResult:
     """Choose the prior precision ``δ`` of the diagonal Laplace posterior ``N·F + δ``.
 
@@ -626,7 +1024,7 @@ def optimize_prior_precision(
 
     Args:
         model: the trained model at ``θ*`` (eval mode; not modified).
-        fisher: diagonal Fisher over the training data.
+        fisher: diagonal Fisher or any :class:`natgrad.Curvature` over the training data.
         val_data: labelled validation batch or iterable of batches (``grid`` only).
         method: ``"grid"`` or ``"marglik"``.
         grid: candidate precisions (default ``10^-4 ... 10^4`` in half decades).
@@ -639,6 +1037,7 @@ def optimize_prior_precision(
         chunk_size: as in :func:`fisher_uncertainty`.
         generator: as in :func:`fisher_uncertainty`.
         output_fn: as in :func:`fisher_uncertainty`.
+        engine: as in :func:`fisher_uncertainty`.
 
     Returns:
         :class:`PriorPrecisionResult`.
@@ -662,6 +1061,7 @@ def optimize_prior_precision(
         2.2749
     """
     check_choice("method", method, PRIOR_METHODS)
+    check_choice("engine", engine, ENGINES)
     lik, chosen, n, _ = _prepare(  # _prepare checks link and returns it unchanged
         model, fisher, params, likelihood, n_data, link, n_samples, chunk_size, subset
     )
@@ -687,9 +1087,7 @@ def optimize_prior_precision(
             "or use method='marglik'."
         )
     device = model_device(model)
-    inv = _inverse_precisions(
-        fisher, chosen, n, torch.tensor(cand, dtype=torch.float64), dtype, device
-    )
+    post = _Posterior(model, fisher, chosen, n, cand, lik, output_fn, chunk_size, engine)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     totals = torch.zeros(len(cand), dtype=torch.float64)
     count = 0
@@ -700,9 +1098,7 @@ def optimize_prior_precision(
                 "method='grid' scores the validation NLL, but a validation batch has no "
                 "labels: pass (x, y) batches."
             )
-        mean, var = _moments(
-            model, b, chosen, inv, output_fn or default_output_fn, chunk_size, dtype
-        )
+        mean, var = post.moments(b)
         target = lik.prepare_target(mean, b.target)
         eps = _mc_noise(lik, link, n_samples, mean, gen, device)
         for g in range(len(cand)):

@@ -335,3 +335,20 @@ def random_diag_fisher(model: nn.Module, seed: int = 1) -> dict[str, torch.Tenso
     """A positive random diagonal Fisher ``{name: U(0, 1)}`` shaped like the parameters."""
     g = torch.Generator().manual_seed(seed)
     return {k: torch.rand(p.shape, generator=g, dtype=p.dtype) for k, p in model.named_parameters()}
+
+
+def output_jacobian(model: nn.Module, x: torch.Tensor, names) -> torch.Tensor:
+    """``(N, D, P)`` Jacobian of every output w.r.t. the parameters ``names`` (flattened
+    in that order, as :func:`flatten_params`): one backward per sample and output."""
+    params = dict(model.named_parameters())
+    rows = []
+    for i in range(len(x)):
+        out = model(x[i : i + 1]).reshape(-1)
+        per_out = []
+        for c in range(out.shape[0]):
+            g = torch.autograd.grad(out[c], [params[k] for k in names], retain_graph=True,
+                                    allow_unused=True)
+            g = [torch.zeros_like(params[k]) if gk is None else gk for k, gk in zip(names, g, strict=True)]
+            per_out.append(flatten_params(dict(zip(names, g, strict=True)), names))
+        rows.append(torch.stack(per_out))
+    return torch.stack(rows)

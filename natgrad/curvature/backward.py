@@ -37,12 +37,14 @@ from natgrad.curvature.kfac import (
     Captured,
     KFACLayer,
     kfac_coverage,
+    layer_patches,
     out_grads,
-    patches,
+    per_sample_blocks,
 )
 from natgrad.engine.checks import check_choice
+from natgrad.engine.common import to_acc
 
-__all__ = ["BackwardCapture", "LOSS_REDUCTIONS"]
+__all__ = ["BackwardCapture", "LOSS_REDUCTIONS", "per_sample_gradients"]
 
 LossReduction = Literal["mean", "sum"]
 LOSS_REDUCTIONS: tuple[LossReduction, ...] = get_args(LossReduction)
@@ -165,6 +167,7 @@ class BackwardCapture:
         inputs: dict[str, list[torch.Tensor]] = {k: [] for k in self.layers}
         grads: dict[str, list[torch.Tensor]] = {k: [] for k in self.layers}
         n_total = 0
+        pcache: dict[Any, torch.Tensor] = {}  # layers reading one input share its patches
         for pid in sorted(per_pass):
             calls = per_pass[pid]
             sizes = {k: {int(x.shape[0]) if x.dim() else -1 for x, _ in v} for k, v in calls.items()}
@@ -187,12 +190,13 @@ class BackwardCapture:
                 if k not in calls:
                     continue
                 lay = self.layers[k]
-                a = torch.cat([patches(lay, x) for x, _ in calls[k]], 1)
-                b = torch.cat([out_grads(lay, g) for _, g in calls[k]], 1)
+                a = layer_patches(lay, [x for x, _ in calls[k]], pcache)
+                bs = [out_grads(lay, g) for _, g in calls[k]]
+                b = bs[0] if len(bs) == 1 else torch.cat(bs, 1)
                 inputs[k].append(a)
                 grads[k].append(b * scale if scale != 1.0 else b)
             n_total += n
-        out_in = {k: torch.cat(v, 0) for k, v in inputs.items() if v}
+        out_in = {k: v[0] if len(v) == 1 else torch.cat(v, 0) for k, v in inputs.items() if v}
         partial = [k for k, v in out_in.items() if v.shape[0] != n_total]
         if partial:
             raise ValueError(
@@ -200,5 +204,48 @@ class BackwardCapture:
                 "last refresh; source='backward' needs the same layers in every forward. "
                 "Use source='batch'."
             )
-        out_g = {k: [(1.0, torch.cat(v, 0))] for k, v in grads.items() if v}
+        out_g = {k: [(1.0, v[0] if len(v) == 1 else torch.cat(v, 0))]
+                 for k, v in grads.items() if v}
         return Captured(n_total, out_in, out_g, [])
+
+
+def per_sample_gradients(
+    layers: Mapping[str, KFACLayer], cap: Captured, *, max_floats: int = 2**24
+) -> dict[str, torch.Tensor]:
+    """Exact per-sample gradients of the covered parameters from a ``Captured``.
+
+    For a layer ``s_nt = W ã_nt`` the gradient of the per-sample loss ``l_n`` with respect
+    to the block matrix ``[W, b]`` is ``g_n = Σ_t b_nt ã_ntᵀ`` (``b_nt = ∂l_n/∂s_nt``, as
+    :meth:`BackwardCapture.take` records it), so the records of one forward and backward
+    hold every sample's gradient without another pass.
+
+    Args:
+        layers: ``{layer name: KFACLayer}`` (e.g. ``BackwardCapture.layers``).
+        cap: the records (``BackwardCapture.take()``); only its first label column is used.
+        max_floats: block-matrix floats formed at once (the work is chunked over samples).
+
+    Returns:
+        ``{parameter name: (N, *parameter shape)}`` for the weight and covered bias of every
+        layer (zeros for a layer the forward never reached), in the accumulation dtype.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for k, lay in layers.items():
+        w = lay.module_weight
+        g, dG, dA = lay.dims()
+        shape = tuple(w.shape)
+        dt = cap.grads[k][0][1].dtype if cap.grads.get(k) else to_acc(w.detach()).dtype
+        V = torch.zeros(cap.n, g, dG, dA, dtype=dt, device=w.device)
+        if k in cap.inputs:
+            a, (_, b) = cap.inputs[k], cap.grads[k][0]
+            step = max(1, max_floats // max(g * dG * dA, 1))
+            for i in range(0, cap.n, step):
+                V[i : i + step] = per_sample_blocks(lay, a[i : i + step], b[i : i + step])
+        Wn = V[..., :-1] if lay.bias is not None else V
+        if lay.transposed:  # the block is Wᵀ: (N, 1, d_out, d_in) -> (N, d_in, d_out)
+            out[lay.weight] = Wn[:, 0].transpose(1, 2).contiguous()
+        else:
+            out[lay.weight] = Wn.reshape(cap.n, *shape)
+        if lay.bias is not None:
+            out[lay.bias] = V[..., -1].reshape(cap.n, -1).contiguous()
+    return out
+

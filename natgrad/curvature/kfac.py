@@ -81,6 +81,7 @@ __all__ = [
     "Captured",
     "capture",
     "factor_stats",
+    "layer_patches",
     "per_sample_blocks",
     "block_dims",
     "weight_blocks",
@@ -94,11 +95,20 @@ __all__ = [
     "kfac_eigen",
     "kfac_solve",
     "KFAC_DAMPING",
+    "KfacApprox",
+    "KFAC_APPROX",
     "kfac_factored_inverses",
     "layer_matrix",
     "split_layer_matrix",
 ]
 
+
+KfacDamping = Literal["factored", "exact"]
+KFAC_DAMPING: tuple[KfacDamping, ...] = get_args(KfacDamping)
+#: how the positions ``t`` of a weight-sharing layer enter the factors (see
+#: :func:`factor_stats`): ``"expand"`` (positions as extra samples) or ``"reduce"``
+KfacApprox = Literal["expand", "reduce"]
+KFAC_APPROX: tuple[KfacApprox, ...] = get_args(KfacApprox)
 
 #: K-FAC layer kinds: how a module's weight maps onto the ``[W, b]`` block matrix.
 LAYER_KINDS = ("linear", "conv", "conv1d_t", "embedding")
@@ -386,6 +396,30 @@ patches = _patches
 out_grads = _out_grads
 
 
+def layer_patches(
+    layer: KFACLayer, xs: list[torch.Tensor], cache: dict[Any, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The patches of every call's input ``xs`` of one layer, concatenated over positions.
+
+    Linear-like layers (``nn.Linear``, ``Conv1D``) that read the very same input tensor
+    (same storage, layout and version: e.g. the query, key and value projections of an
+    attention block) share one result through ``cache``, so their ``A`` factors can be
+    computed once (see :func:`factor_stats`'s ``A`` argument).
+    """
+    key = None
+    if cache is not None and layer.kind in ("linear", "conv1d_t"):
+        key = (layer.kind, layer.bias is not None, tuple(
+            (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version)
+            for x in xs))
+        if key in cache:
+            return cache[key]
+    parts = [_patches(layer, x) for x in xs]
+    a = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    if key is not None and cache is not None:
+        cache[key] = a
+    return a
+
+
 def _cotangents(
     plan: Plan, out: torch.Tensor, target: torch.Tensor | None, draws: torch.Tensor | None
 ) -> list[tuple[float, torch.Tensor]]:
@@ -448,7 +482,8 @@ def capture(plan: Plan, batch: Any, layers: Mapping[str, KFACLayer]) -> Captured
     draws = plan.draw(out, target) if plan.labels == "mc" else None
     names = [k for k in layers if outputs[k] and k not in unbatched]
     flat_outs = [o for k in names for o in outputs[k]]
-    acts = {k: torch.cat([_patches(layers[k], x) for x in inputs[k]], 1) for k in names}
+    pcache: dict[Any, torch.Tensor] = {}
+    acts = {k: layer_patches(layers[k], inputs[k], pcache) for k in names}
     grads: dict[str, list[tuple[float, torch.Tensor]]] = {k: [] for k in names}
     cots = _cotangents(plan, out, target, draws) if flat_outs else []
     for j, (w, cot) in enumerate(cots):
@@ -472,16 +507,28 @@ def capture(plan: Plan, batch: Any, layers: Mapping[str, KFACLayer]) -> Captured
 
 def factor_stats(
     layer: KFACLayer, a: torch.Tensor, grads: list[tuple[float, torch.Tensor]], n: int,
-    diag_A: bool, diag_G: bool,
+    diag_A: bool, diag_G: bool, A: torch.Tensor | None = None, approx: KfacApprox = "expand",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch's ``A = (1/(N·T)) Σ ã ãᵀ`` and ``G = (1/N) Σ_{n,t} Σ_j w_j b bᵀ``.
 
     Shapes ``(groups, d, d)``, or ``(groups, d)`` (the diagonal) for a diagonal side; an
     Embedding's ``A`` is always diagonal: ``A_vv = (1/(N·T)) #{(n, t): id_nt = v}`` (the
-    padding index excluded, as its gradient is zero).
+    padding index excluded, as its gradient is zero). ``A`` given (of the same patches
+    ``a``, e.g. another layer reading the same input) is returned as is.
+
+    ``approx="reduce"`` (K-FAC-reduce, Eschenhagen et al. 2023; not for an Embedding,
+    which keeps the above) reduces over the ``T`` positions before the outer products:
+    ``A = (1/N) Σ_n ā_n ā_nᵀ`` with ``ā_n = (1/T) Σ_t ã_nt`` and
+    ``G = (1/N) Σ_n Σ_j w_j b̄_nj b̄_njᵀ`` with ``b̄_nj = Σ_t b_ntj``: ``N`` instead of
+    ``N·T`` outer products. Both are exact for ``T = 1``.
     """
+    if approx == "reduce" and layer.kind != "embedding" and a.shape[1] > 1:
+        a = a.mean(1, keepdim=True)
+        grads = [(w, b.sum(1, keepdim=True)) for w, b in grads]
     T = a.shape[1]
-    if layer.kind == "embedding":
+    if A is not None:
+        pass
+    elif layer.kind == "embedding":
         m = cast(nn.Embedding, layer.module)
         ids = a.reshape(-1)
         if m.padding_idx is not None:
@@ -684,8 +731,7 @@ def kfac_eigen(A: torch.Tensor, G: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"QA": QA, "dA": dA.clamp_min(0), "QG": QG, "dG": dG.clamp_min(0)}
 
 
-KfacDamping = Literal["factored", "exact"]
-KFAC_DAMPING: tuple[KfacDamping, ...] = get_args(KfacDamping)
+
 
 
 def _pi(ma: float, mg: float) -> float:

@@ -56,14 +56,15 @@ from torch import nn
 from typing_extensions import Unpack
 
 from natgrad.curvature.kfac import (
+    KFAC_APPROX,
     KFAC_DAMPING,
+    KfacApprox,
     KfacDamping,
     KFACLayer,
     capture,
     factor_stats,
     kfac_coverage,
     kfac_eigen,
-    kfac_factored_inverses,
     per_sample_blocks,
     split_weight_blocks,
     weight_blocks,
@@ -263,7 +264,7 @@ class KroneckerFisher(Curvature):
 
     kind = "kfac"
     file_format = _FORMAT
-    CAPTURE_KINDS = ("kfac",)
+    CAPTURE_KINDS = ("kfac", "ekfac")
 
     def __init__(
         self,
@@ -320,6 +321,7 @@ class KroneckerFisher(Curvature):
         max_factor_bytes: int | None = None,
         distributed: bool | None = None,
         damping_mode: KfacDamping = "exact",
+        approx: KfacApprox = "expand",
         **options: Unpack[EstimatorOptions],
     ) -> KroneckerFisher:
         """Estimate the K-FAC (``kind="kfac"``) or EKFAC (``"ekfac"``) Fisher of ``model``.
@@ -348,6 +350,12 @@ class KroneckerFisher(Curvature):
                 so every rank gets what one process gets on all the shards.
             damping_mode: ``"exact"`` or ``"factored"``, how :meth:`solve` damps (see the
                 class doc).
+            approx: ``"expand"`` (the module doc's factors) or ``"reduce"``
+                (K-FAC-reduce for layers applied at several positions: the inputs averaged
+                and the output gradients summed over a sample's positions before the outer
+                products, ``N`` instead of ``N·T`` of them; see
+                :func:`natgrad.curvature.kfac.factor_stats`). EKFAC re-fits its diagonal
+                from the exact per-sample gradients either way.
             **options: the estimator options (:class:`natgrad.EstimatorOptions`):
                 ``labels`` (``"mc"`` draws weigh ``1/k``; every pass uses the same
                 draws), ``mc_samples``, ``params``, ``generator``, ``output_fn``, and
@@ -369,6 +377,7 @@ class KroneckerFisher(Curvature):
         opts = Options.resolve(f"estimate_curvature(kind={kind!r})", options)
         labels, chunk_size, engine = opts.labels, opts.chunk_size, opts.engine
         check_choice("damping_mode", damping_mode, KFAC_DAMPING)
+        check_choice("approx", approx, KFAC_APPROX)
         max_factor_dim = check_int("max_factor_dim", max_factor_dim, 1, optional=True)
         max_factor_bytes = check_int("max_factor_bytes", max_factor_bytes, 1, optional=True)
         dist_on = resolve_distributed(distributed, f"estimate_curvature(kind={kind!r})")
@@ -383,7 +392,8 @@ class KroneckerFisher(Curvature):
                 + ". It covers nn.Linear, nn.Conv1d/2d, transformers' Conv1D and nn.Embedding "
                 "weights used by one module; select such layers or use kind='diag'."
             )
-        diag_A, diag_G = cls._plan_sides(layers, kind, max_factor_dim, max_factor_bytes, plan)
+        diag_A, diag_G = cls._plan_sides(layers, kind, max_factor_dim, max_factor_bytes,
+                                         plan.device)
         if kind == "ekfac" and not is_single_batch(data) and isinstance(data, Iterator):
             raise ValueError(
                 "kind='ekfac' reads the data twice (factors, then the eigenbasis diagonal), "
@@ -425,10 +435,13 @@ class KroneckerFisher(Curvature):
                             "layer is called without the batch dimension; use kind='diag'."
                         )
                     rest_plan, rest_sums = rest_part()
+                shared: dict[tuple[int, bool], torch.Tensor] = {}  # one A per shared input
                 for k, lay in layers.items():
                     if k in cap.inputs:
-                        A, G = factor_stats(lay, cap.inputs[k], cap.grads[k], cap.n, diag_A[k],
-                                            diag_G[k])
+                        a = cap.inputs[k]
+                        A, G = factor_stats(lay, a, cap.grads[k], cap.n, diag_A[k], diag_G[k],
+                                            A=shared.get((id(a), diag_A[k])), approx=approx)
+                        shared[(id(a), diag_A[k])] = A
                         sums[k][0] += cap.n * A
                         sums[k][1] += cap.n * G
                 if rest_plan is not None:
@@ -489,38 +502,105 @@ class KroneckerFisher(Curvature):
 
     @classmethod
     def from_capture(cls, capture: Any, *, kind: str = "kfac", damping_mode: KfacDamping = "exact",
-                     likelihood: str = "categorical", **options: Any) -> KroneckerFisher:
-        """K-FAC from the user's own forward/backward: per layer ``A = (1/(N·T)) Σ ã ãᵀ``
-        and ``G = (1/N) Σ_{n,t} b bᵀ`` of the recorded inputs and per-sample-loss output
-        gradients (the empirical Fisher; see :mod:`natgrad.curvature.backward`).
+                     likelihood: str = "categorical", distributed: bool = False,
+                     max_factor_dim: int | None = None, max_factor_bytes: int | None = None,
+                     approx: KfacApprox = "expand", **options: Any) -> KroneckerFisher:
+        """K-FAC or EKFAC from the user's own forward/backward (the empirical Fisher; see
+        :mod:`natgrad.curvature.backward`).
 
-        ``capture``: a :class:`~natgrad.curvature.backward.BackwardCapture` (its records
-        are consumed). EKFAC refuses: its re-fit needs the eigenbasis of the factors
-        before the per-sample gradients are read (use ``source="batch"``).
+        Per layer ``A = (1/(N·T)) Σ ã ãᵀ`` and ``G = (1/N) Σ_{n,t} b bᵀ`` of the recorded
+        inputs ``ã`` and per-sample-loss output gradients ``b``. EKFAC then takes the
+        eigenbases ``Q_A``, ``Q_G`` of these factors and re-fits the diagonal from the
+        exact per-sample gradients of the same records, ``g_n = Σ_t b_nt ã_ntᵀ``:
+        ``s = (1/N) Σ_n (Q_Gᵀ g_n Q_A)²``, which needs no second pass (the records hold
+        every ``g_n``).
+
+        Args:
+            capture: a :class:`~natgrad.curvature.backward.BackwardCapture` (its records
+                are consumed).
+            kind: ``"kfac"`` or ``"ekfac"``.
+            damping_mode: how a K-FAC solve damps (see the class doc).
+            likelihood: provenance: the likelihood name.
+            distributed: under ``torch.distributed``, pool every rank's records: the
+                factors (``N_r``-weighted) and ``N`` are summed over the ranks before the
+                EKFAC eigenbases are taken, and the EKFAC re-fit sums are summed after, so
+                every rank holds the curvature of the union of the ranks' samples (exactly
+                what one process on the concatenated batch gives).
+            max_factor_dim: keep a factor side larger than this diagonal (as in
+                :meth:`estimate`; e.g. the ``G`` of a 50k-vocabulary output layer).
+            max_factor_bytes: memory allowed for the factors and eigenbases (default: the
+                available memory).
+            approx: ``"expand"`` or ``"reduce"`` (see :meth:`estimate`).
+            options: ignored (the options of other kinds).
 
         Raises:
-            ValueError: ``kind="ekfac"``; nothing recorded (see ``BackwardCapture.take``).
-            FloatingPointError: NaN or Inf in a factor.
+            ValueError: nothing recorded (see ``BackwardCapture.take``), or a kind other
+                than ``"kfac"``/``"ekfac"``.
+            FactorMemoryError: the factors would not fit; pass ``max_factor_dim``.
+            FloatingPointError: NaN or Inf in a factor or in the EKFAC eigenvalues.
         """
         if kind not in cls.CAPTURE_KINDS:
             super().from_capture(capture, kind=kind)  # raises: this kind cannot be captured
+        max_factor_dim = check_int("max_factor_dim", max_factor_dim, 1, optional=True)
+        max_factor_bytes = check_int("max_factor_bytes", max_factor_bytes, 1, optional=True)
+        check_choice("approx", approx, KFAC_APPROX)
+        first = next(iter(capture.layers.values()), None)
+        device = first.module_weight.device if first is not None else torch.device("cpu")
+        sides = cls._plan_sides(capture.layers, kind, max_factor_dim, max_factor_bytes, device)
         cap = capture.take()
-        blocks = {}
-        for k, lay in capture.layers.items():
-            diag_A = lay.kind == "embedding"
+        dist_on = bool(distributed) and is_distributed()
+        order = list(capture.layers)
+        sums: list[torch.Tensor] = []
+        shared: dict[tuple[int, bool], torch.Tensor] = {}  # one A per shared input
+        for k in order:
+            lay = capture.layers[k]
+            diag_A, diag_G = sides[0][k], sides[1][k]
             if k in cap.inputs:
-                A, G = factor_stats(lay, cap.inputs[k], cap.grads[k], cap.n, diag_A, False)
+                a = cap.inputs[k]
+                A, G = factor_stats(lay, a, cap.grads[k], cap.n, diag_A, diag_G,
+                                    A=shared.get((id(a), diag_A)), approx=approx)
+                shared[(id(a), diag_A)] = A
             else:  # a layer the forward never reached: zero factors, as estimate gives
-                A, G = _zero_stats(lay, diag_A, False)
+                A, G = _zero_stats(lay, diag_A, diag_G)
+            sums += [A * cap.n, G * cap.n]
+        n_total = cap.n
+        if dist_on:
+            sums, n_total = _reduce_sum(sums, cap.n, None)
+        blocks = {}
+        for i, k in enumerate(order):
+            lay = capture.layers[k]
+            A, G = sums[2 * i] / max(n_total, 1), sums[2 * i + 1] / max(n_total, 1)
             check_finite(f"the K-FAC factors of layer {k!r}", torch.stack([A.sum(), G.sum()]),
                          "Training has likely diverged: lower the learning rate or raise "
                          "damping.")
-            w = lay.module.weight
-            blocks[k] = KroneckerBlock(lay.weight, lay.bias, tuple(w.shape), lay.transposed,
-                                       lay.groups, A, G)
-        order = [n for b in blocks.values() for n in b.names]
-        return cls(blocks, {}, cap.n, kind="kfac", labels="empirical",
-                   likelihood=str(likelihood), order=order, damping_mode=damping_mode)
+            blocks[k] = KroneckerBlock(lay.weight, lay.bias, tuple(lay.module_weight.shape),
+                                       lay.transposed, lay.groups, A, G)
+        if kind == "ekfac":
+            refit = []
+            for k in order:
+                blk, lay = blocks[k], capture.layers[k]
+                QA, _, QG, _ = blk.bases()
+                s = torch.zeros(blk.groups, blk.G.shape[1], blk.A.shape[1], dtype=blk.A.dtype,
+                                device=blk.A.device)
+                if k in cap.inputs:
+                    a, (_, b) = cap.inputs[k], cap.grads[k][0]
+                    step = max(1, _BLOCK_FLOATS // max(s.numel(), 1))
+                    for j in range(0, cap.n, step):
+                        M = per_sample_blocks(lay, a[j : j + step], b[j : j + step], QA, QG)
+                        s += (M * M).sum(0)
+                refit.append(s)
+            if dist_on:
+                refit, _ = _reduce_sum(refit, 0, None)
+            for k, s in zip(order, refit, strict=True):
+                blk = blocks[k]
+                blk.s = s / max(n_total, 1)
+                blk.QA, blk.QG = blk.eig["QA"], blk.eig["QG"]
+                check_finite(f"the EKFAC eigenvalues of layer {k!r}", blk.s.sum(),
+                             "Training has likely diverged: lower the learning rate or "
+                             "raise damping.")
+        names = [n for b in blocks.values() for n in b.names]
+        return cls(blocks, {}, n_total, kind=kind, labels="empirical",
+                   likelihood=str(likelihood), order=names, damping_mode=damping_mode)
 
     @staticmethod
     def _plan_sides(
@@ -528,7 +608,7 @@ class KroneckerFisher(Curvature):
         kind: str,
         max_factor_dim: int | None,
         max_factor_bytes: int | None,
-        plan: Plan,
+        device: torch.device,
     ) -> tuple[dict[str, bool], dict[str, bool]]:
         diag_A: dict[str, bool] = {}
         diag_G: dict[str, bool] = {}
@@ -545,7 +625,7 @@ class KroneckerFisher(Curvature):
                     biggest = (size, k, f"{side} {d}x{d}")
             if kind == "ekfac":
                 need += g * dG * dA * item
-        limit = max_factor_bytes if max_factor_bytes is not None else _available_bytes(plan.device)
+        limit = max_factor_bytes if max_factor_bytes is not None else _available_bytes(device)
         if need > limit:
             gib = 2**30
             raise FactorMemoryError(
@@ -939,22 +1019,53 @@ class KroneckerFisher(Curvature):
 
 
 def _factored_solve(blk: KroneckerBlock, V: torch.Tensor, lam: float) -> torch.Tensor:
-    """``(G + (√λ/π) I)⁻¹ V (A + π√λ I)⁻¹`` per group (inverses cached per ``λ``); a
-    diagonal side is inverted elementwise, its trace mean entering ``π`` alike."""
+    """``(G + (√λ/π) I)⁻¹ V (A + π√λ I)⁻¹`` per group.
+
+    Each damped factor is Cholesky-factorized once per statistics and ``λ`` (cached) and
+    applied by ``cholesky_solve`` (no explicit inverse: a Cholesky costs a third of
+    ``cholesky_inverse``); a factor whose Cholesky fails falls back to its
+    pseudo-inverse; a diagonal side is inverted elementwise (never made dense), its
+    mean entering ``π`` alike.
+    """
     cached = blk.eig.get("factored")
     if cached is None or cached[0] != lam:
-        Ginv: list[torch.Tensor] = []
-        Ainv: list[torch.Tensor] = []
+        s = lam**0.5
+        sides = []
         for g in range(blk.groups):
             A, G = blk.A[g], blk.G[g]
-            A2 = torch.diag(A) if A.dim() == 1 else A
-            G2 = torch.diag(G) if G.dim() == 1 else G
-            gi, ai = kfac_factored_inverses(A2, G2, lam)
-            Ginv.append(gi)
-            Ainv.append(ai)
-        cached = blk.eig["factored"] = (lam, torch.stack(Ginv), torch.stack(Ainv))
-    _, Gi, Ai = cached
-    return Gi @ V.to(Gi.dtype) @ Ai
+            mA = float(A.mean() if A.dim() == 1 else A.diagonal().mean())
+            mG = float(G.mean() if G.dim() == 1 else G.diagonal().mean())
+            pi = (mA / mG) ** 0.5 if mA > 0 and mG > 0 else 1.0
+            sides.append((_damped_factor(G, s / pi), _damped_factor(A, s * pi)))
+        cached = blk.eig["factored"] = (lam, sides)
+    V = V.to(blk.A.dtype)
+    out = []
+    for g, (gs, as_) in enumerate(cached[1]):
+        X = _apply_left(gs, V[g])
+        out.append(_apply_left(as_, X.mT).mT)
+    return torch.stack(out)
+
+
+def _damped_factor(M: torch.Tensor, shift: float) -> tuple[str, torch.Tensor]:
+    """``M + shift·I`` ready to solve with: ``("diag", 1/(m + shift))`` for a diagonal
+    side, ``("chol", L)`` or, when the Cholesky fails, ``("inv", pinv)``."""
+    if M.dim() == 1:
+        return "diag", 1.0 / (M + shift)
+    Ms = M + shift * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    L, info = torch.linalg.cholesky_ex(Ms)
+    if int(info) == 0:
+        return "chol", L
+    return "inv", torch.linalg.pinv(Ms, hermitian=True)
+
+
+def _apply_left(side: tuple[str, torch.Tensor], X: torch.Tensor) -> torch.Tensor:
+    """``(M + shift·I)⁻¹ X`` for a side of :func:`_damped_factor`."""
+    how, T = side
+    if how == "diag":
+        return X * T.unsqueeze(-1)
+    if how == "chol":
+        return torch.cholesky_solve(X, T)
+    return T @ X
 
 
 def _project(blk: KroneckerBlock, QA: torch.Tensor | None, QG: torch.Tensor | None) -> torch.Tensor:

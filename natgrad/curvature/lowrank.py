@@ -214,6 +214,7 @@ class LowRankFisher(Curvature):
     kind = "lowrank"
     file_format = _FORMAT
     REFRESH_REPLACES = True
+    CAPTURE_KINDS = ("lowrank",)
 
     def __init__(
         self,
@@ -351,6 +352,41 @@ class LowRankFisher(Curvature):
         check_finite("the per-sample gradients (their Gram matrix)", (R.double() ** 2).sum(),
                      "Check the inputs, the model's outputs and the labels for NaN/Inf.")
         return cls(R, n, shapes, rank=rank, labels=opts.labels, likelihood=plan.lik.name)
+
+    @classmethod
+    def from_capture(cls, capture: Any, *, kind: str = "lowrank",
+                     likelihood: str = "categorical", rank: int | None = None,
+                     **options: Any) -> LowRankFisher:
+        """The exact mini-batch empirical Fisher ``F = RᵀR/N`` from the user's own
+        forward/backward: the rows are the per-sample gradients ``g_n = Σ_t b_nt ã_ntᵀ``
+        of the recorded inputs and per-sample-loss output gradients
+        (:func:`natgrad.curvature.backward.per_sample_gradients`), in the order of the
+        selected parameters.
+
+        Args:
+            capture: a :class:`~natgrad.curvature.backward.BackwardCapture` (its records
+                are consumed).
+            kind: ``"lowrank"``.
+            likelihood: provenance: the likelihood name.
+            rank: keep the top ``rank`` eigenpairs (None: all).
+            options: ignored (the options of other kinds).
+
+        Raises:
+            ValueError: nothing recorded (see ``BackwardCapture.take``).
+            FloatingPointError: NaN or Inf in the per-sample gradients.
+        """
+        from natgrad.curvature.backward import per_sample_gradients
+
+        if kind not in cls.CAPTURE_KINDS:
+            super().from_capture(capture, kind=kind)  # raises: this kind cannot be captured
+        cap = capture.take()
+        g = per_sample_gradients(capture.layers, cap)
+        names = [k for k in capture.order if k in g]
+        R = torch.cat([g[k].reshape(cap.n, -1) for k in names], 1)
+        check_finite("the per-sample gradients (their Gram matrix)", (R.double() ** 2).sum(),
+                     "Training has likely diverged: lower the learning rate or raise damping.")
+        return cls(R, cap.n, {k: tuple(g[k].shape[1:]) for k in names}, rank=rank,
+                   labels="empirical", likelihood=str(likelihood))
 
     # -- linear algebra -----------------------------------------------------------------
     def _vec(self, v: Params) -> torch.Tensor:

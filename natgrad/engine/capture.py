@@ -25,8 +25,7 @@ through those views.
 
 Only parameters that the capture can see exactly take this path: a parameter of a
 standard ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Embedding`` /
-``nn.LayerNorm`` / ``nn.MultiheadAttention`` / eval-mode ``nn.BatchNorm1d/2d/3d``
-(with running statistics) whose module runs once per forward, whose
+``nn.LayerNorm`` / ``nn.MultiheadAttention`` whose module runs once per forward, whose
 batch axis is the first axis of its input and output, and which is used once in the
 graph (so tied weights used twice, or weights read by ``F.linear`` outside their module,
 are excluded). Pruned modules (``torch.nn.utils.prune``: ``weight_orig`` times the
@@ -98,6 +97,11 @@ class FastSplit:
     fast: dict[nn.Module, list[_Slot]] = field(default_factory=dict)
     free: list[str] = field(default_factory=list)
     rest: list[str] = field(default_factory=list)
+    # Modules of ``fast`` run on an input without the batch axis (position embeddings on
+    # ids (1, T)), whose output is added to a batched tensor: module -> tracking key.
+    shared: dict[nn.Module, str] = field(default_factory=dict)
+    # Parameters of ``fast`` used by several modules (tied embedding and LM head).
+    tied: dict[str, list[nn.Module]] = field(default_factory=dict)
 
     @property
     def fast_names(self) -> list[str]:
@@ -105,6 +109,8 @@ class FastSplit:
 
 
 def _supported(m: nn.Module) -> bool:
+    if layers.is_conv1d(m):
+        return True
     base = next((t for t in _FORWARDS if isinstance(m, t)), None)
     if base is None or type(m).forward is not _FORWARDS[base]:
         return False
@@ -171,13 +177,19 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
     Two probe forwards (1 and 2 copies of the first sample of ``b``) check, for each
     candidate, that its module runs once, that the batch is the first axis of its input
     and output (sequence-first layers are left out), and that each parameter feeds the
-    graph through exactly one call. Every other parameter goes to ``vmap``, and every
-    parameter does when the model is not sample-wise (see :func:`samplewise`).
+    graph through exactly one call. Two relaxations: a module whose input and output
+    have batch axis 1 in both probes (shared by the samples) is kept when its output is
+    used once, added to a batched tensor (see :func:`_shared_ok`); a parameter used by
+    several candidate modules (tied weights) is kept when it is used once by each and
+    every one of them has a per-sample gradient rule (:data:`_TIE_KINDS`). Every other
+    parameter goes to ``vmap``, and every parameter does when the model is not
+    sample-wise (see :func:`samplewise`).
     """
     if not samplewise(plan, b):
         logger.info("the batched forward is not sample-wise: every parameter on vmap")
         return FastSplit(rest=list(plan.params))
     name_of = {id(p): k for k, p in plan.params.items()}
+    mod_names = {m: k for k, m in plan.model.named_modules()}
     mods = [m for m in plan.model.modules() if _supported(m)]
     attn = [m for m in mods if isinstance(m, nn.MultiheadAttention)]
     claimed = {s.name for m in attn for s in _module_slots(m, name_of)}
@@ -192,21 +204,28 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
     free_ids = {id(p): k for k, p in plan.params.items() if k not in in_mods}
     ids = {id(plan.params[k]) for k in in_mods} | set(free_ids)
     ok = {m: True for m in cands}
+    shared = {m: not isinstance(m, nn.MultiheadAttention) for m in cands}
+    keys = {m: f"<output of {mod_names.get(m, type(m).__name__)}>" for m in cands}
     shapes: dict[nn.Module, tuple[torch.Size, ...]] = {}
     probes: list[ProbeMode] = []
     for n in (1, 2):
         seen: dict[nn.Module, list[tuple[Any, Any]]] = {m: [] for m in cands}
+        mode = ProbeMode(ids, free_ids, n)
 
         def hook(
             m: nn.Module,
             inp: tuple[Any, ...],
             out: Any,
             seen: dict[nn.Module, list[tuple[Any, Any]]] = seen,
+            mode: ProbeMode = mode,
+            n: int = n,
         ) -> None:
-            seen[m].append((inp[0] if inp else None, _first(out)))
+            o = _first(out)
+            seen[m].append((inp[0] if inp else None, o))
+            if n == 2 and shared[m] and isinstance(o, torch.Tensor) and o.shape[:1] == (1,):
+                mode.watch(keys[m], o)
 
         handles = [m.register_forward_hook(hook) for m in cands]
-        mode = ProbeMode(ids, free_ids, n)
         try:
             probe = _repeat_first(b, n)
             try:
@@ -220,31 +239,67 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
                 h.remove()
         probes.append(mode)
         for m, calls in seen.items():
-            good = len(calls) == 1 and all(
-                isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n for t in calls[0]
+            tensors = len(calls) == 1 and all(
+                isinstance(t, torch.Tensor) and t.dim() >= 1 for t in calls[0]
             )
-            if good and n == 1:
+            good = tensors and all(t.shape[0] == n for t in calls[0])
+            one = tensors and all(t.shape[0] == 1 for t in calls[0])
+            if tensors and n == 1:
                 shapes[m] = tuple(t.shape[1:] for t in calls[0])
-            elif good:
-                good = shapes.get(m) == tuple(t.shape[1:] for t in calls[0])
+            elif tensors:
+                same = shapes.get(m) == tuple(t.shape[1:] for t in calls[0])
+                good, one = good and same, one and same and _shared_ok(mode, keys[m])
             if isinstance(m, nn.MultiheadAttention):
                 good = good and mode.attention.get(id(m.in_proj_weight), False)
             ok[m] = ok[m] and good
-    def once(p: torch.Tensor) -> bool:
-        return all(pm.counts[id(p)] == 1 for pm in probes)
+            shared[m] = shared[m] and one
+    def uses(p: torch.Tensor, k: int = 1) -> bool:
+        return all(pm.counts[id(p)] == k for pm in probes)
 
     split = FastSplit()
+    holders: dict[str, list[nn.Module]] = {}
     for m, slots in cands.items():
-        keep = [s for s in slots if ok[m] and once(plan.params[s.name])]
+        for s in slots:
+            holders.setdefault(s.name, []).append(m)
+    for name, ms in holders.items():
+        if len(ms) > 1 and uses(plan.params[name], len(ms)) and all(
+            ok[m] and (isinstance(m, _TIE_KINDS) or layers.is_conv1d(m)) for m in ms
+        ) and all(s.mask is None for m in ms for s in cands[m] if s.name == name):
+            split.tied[name] = ms
+    for m, slots in cands.items():
+        keep = [
+            s for s in slots
+            if s.name in split.tied
+            or (ok[m] or shared[m]) and len(holders[s.name]) == 1 and uses(plan.params[s.name])
+        ]  # fmt: skip
         if keep:
             split.fast[m] = keep
+            if shared[m] and not ok[m]:
+                split.shared[m] = keys[m]
     for k in free_ids.values():
         adds = [pm.adds.get(k, []) for pm in probes]
-        if all(a == [True] for a in adds) and once(plan.params[k]) and _chain_once(probes, k):
+        if all(a == [True] for a in adds) and uses(plan.params[k]) and _chain_once(probes, k):
             split.free.append(k)
     fast = set(split.fast_names)
     split.rest = [k for k in plan.params if k not in fast]
     return split
+
+
+# Module kinds whose per-sample weight gradients a tied parameter can sum (with HF Conv1D).
+_TIE_KINDS = (nn.Linear, nn.Embedding)
+
+
+def _shared_ok(mode: ProbeMode, key: str) -> bool:
+    """The watched output ``key`` (of a module run on a shared input) is used exactly once,
+    directly or through a chain of views each used once, in one addition to a tensor with
+    the batch axis (the sum has that tensor's shape)."""
+    outs = [o for k, _, o in mode.outputs.values() if k == key]
+    return (
+        len(outs) == 1
+        and mode.counts[id(outs[0])] == 1
+        and mode.adds.get(key, []) == [True]
+        and _chain_once([mode], key)
+    )
 
 
 _SPLITS: weakref.WeakKeyDictionary[nn.Module, dict[Any, FastSplit]] = (
@@ -302,6 +357,8 @@ def _module_squares(
     a, B = parts["main"][0], Bs["main"]
     if isinstance(m, nn.Linear):
         return layers.linear(a, B, w)
+    if layers.is_conv1d(m):
+        return layers.conv1d(a, B, w)
     if isinstance(m, nn.Embedding):
         return layers.embedding(m, a, B, w)
     if isinstance(m, nn.LayerNorm):
@@ -309,6 +366,43 @@ def _module_squares(
     if isinstance(m, BATCH_NORMS):
         return layers.batch_norm(m, a, B, w)
     return layers.conv(cast("nn.Conv1d | nn.Conv2d", m), a, B, w)  # _supported: conv only
+
+
+def _dense(m: nn.Module, a: torch.Tensor) -> bool:
+    """A Linear (or HF Conv1D) on ``(N, I)`` inputs: its squares need only ``Σ_j w_j b_j²``."""
+    return (isinstance(m, nn.Linear) or layers.is_conv1d(m)) and a.dim() == 2
+
+
+def _tied_squares(
+    acc: torch.Tensor,
+    p: torch.Tensor,
+    uses: list[tuple[nn.Module, torch.Tensor, torch.Tensor]],
+    w: float,
+) -> None:
+    """Add ``w Σ_j Σ_n (Σ_u G_jnu)²`` to ``acc`` for a parameter tied across modules ``u``
+    (input ``a``, output gradients ``B``): the per-sample gradient is the sum of the
+    modules' per-sample gradients, formed one chunk of samples at a time in a scratch
+    buffer."""
+    J, N = uses[0][2].shape[:2]
+    dtype = acc.dtype
+    chunk = min(N, max(1, layers.PRODUCT_FLOATS // max(J * p.numel(), 1)))
+    buf = layers.scratch(J * chunk * p.numel(), dtype, p.device)
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        G = buf[: J * (e - s) * p.numel()].view(J, e - s, *p.shape)
+        first = True
+        for m, a, B in uses:  # Linear / Conv1D first: their products fill G
+            if not isinstance(m, nn.Embedding):
+                t = layers.is_conv1d(m)
+                layers.linear_grads_into(G, a, B, s, e, transposed=t, first=first)
+                first = False
+        if first:
+            G.zero_()
+        for m, a, B in uses:
+            if isinstance(m, nn.Embedding):
+                layers.embedding_grads_into(G, m, a, B, s, e)
+        for g in G.view(J * (e - s), *p.shape):
+            acc.addcmul_(g, g, value=w)
 
 
 def _add_squares(
@@ -324,67 +418,17 @@ def _add_squares(
             acc[s.name] += v.to(acc[s.name].dtype)
 
 
+def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(ts)``, without a copy for one tensor."""
+    return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
+
+
 def _check_fresh(m: nn.Module, a: torch.Tensor, version: int) -> None:
     if a._version != version:
         raise RuntimeError(
             f"The input of {type(m).__name__} was modified in place after the layer ran, so "
             "the captured input is stale; use engine='vmap' for this model."
         )
-
-
-Captured = tuple[torch.Tensor, dict[Any, Any], list[tuple[Any, Any]], list[torch.Tensor]]
-
-
-def capture_forward(plan: Plan, split: FastSplit, b: Batch) -> Captured:
-    """One forward pass of ``plan.model`` on ``b`` recording, for every module of
-    ``split.fast`` (and free parameter of ``split.free``), its input and a zero
-    perturbation ``e`` added to its output. Returns ``(output, store, index, es)``: the
-    output, the records, their keys ``(module, part)`` / ``(name, None)`` and the
-    perturbations in that order (the backward pass differentiates with respect to ``es``).
-
-    Raises:
-        RuntimeError: a captured module did not run, or its input was modified in place.
-    """
-    store: dict[Any, Any] = {}
-
-    def hook(m: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
-        e = zero_perturbation(out)
-        store[m] = {"main": (inp[0].detach(), inp[0]._version, e)}
-        return out + e
-
-    hooked = [m for m in split.fast if not isinstance(m, nn.MultiheadAttention)]
-    attention = {id(m.in_proj_weight): m for m in split.fast if m not in hooked}
-    free_ids = {id(plan.params[k]): k for k in split.free}
-    mode = CaptureMode(attention, free_ids, store) if attention or free_ids else None
-    handles = [m.register_forward_hook(hook) for m in hooked]
-    try:
-        with torch.enable_grad():
-            if mode is None:
-                out = plan.output_fn(call_model(plan.model, b, plan.where))
-            else:
-                with mode:
-                    out = plan.output_fn(call_model(plan.model, b, plan.where))
-    finally:
-        for h in handles:
-            h.remove()
-    keys = [*split.fast, *split.free]
-    missing = [k for k in keys if k not in store]
-    if missing:
-        raise RuntimeError(
-            f"The fast engine expected {missing[0]!r} to take part in this forward pass, but "
-            "it did not (the model's control flow changed between batches); use engine='vmap'."
-        )
-    index = [(k, part) for k in split.fast for part in store[k]] + [(k, None) for k in split.free]
-    es = [store[k][part][2] if part is not None else store[k][2] for k, part in index]
-    for m in split.fast:
-        for a, version, _ in store[m].values():
-            _check_fresh(m, a, version)
-    return out, store, index, es
-
-
-def stack_columns(bs: list[torch.Tensor]) -> torch.Tensor:
-    """Output gradients of label columns as ``(J, ...)``; one column is not copied."""
-    return bs[0].unsqueeze(0) if len(bs) == 1 else torch.stack(bs)
 
 
 def fast_batch_sums(
@@ -399,10 +443,54 @@ def fast_batch_sums(
     for float64 parameters, else float32): the capture path for
     ``split.fast`` and ``split.free``, the ``vmap`` plan ``rest`` (``plan`` restricted to
     ``split.rest``, or None) for the other parameters, with shared label draws."""
-    out, store, index, es = capture_forward(plan, split, b)
+    store: dict[Any, Any] = {}
+    outputs: dict[nn.Module, torch.Tensor] = {}  # shared-input modules' outputs
+
+    def hook(m: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
+        if m in split.shared:  # perturbed where it is added to a batched tensor
+            store[m] = {"main": (inp[0].detach(), inp[0]._version, None)}
+            outputs[m] = out.detach()
+            if mode is not None:
+                mode.watch(split.shared[m], out)
+            return None
+        e = zero_perturbation(out)
+        store[m] = {"main": (inp[0].detach(), inp[0]._version, e)}
+        return out + e
+
+    hooked = [m for m in split.fast if not isinstance(m, nn.MultiheadAttention)]
+    attention = {id(m.in_proj_weight): m for m in split.fast if m not in hooked}
+    free_ids = {id(plan.params[k]): k for k in split.free}
+    mode = (
+        CaptureMode(attention, free_ids, store) if attention or free_ids or split.shared else None
+    )
+    handles = [m.register_forward_hook(hook) for m in hooked]
+    try:
+        with torch.enable_grad():
+            if mode is None:
+                out = plan.output_fn(call_model(plan.model, b, plan.where))
+            else:
+                with mode:
+                    out = plan.output_fn(call_model(plan.model, b, plan.where))
+    finally:
+        for h in handles:
+            h.remove()
     target = plan.check_target(out, target)
     draws = plan.draw(out, target) if plan.labels == "mc" else None
     acc = {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in plan.params.items()}
+    adds = [*split.free, *split.shared.values()]
+    missing = [k for k in [*split.fast, *adds] if k not in store]
+    if missing:
+        raise RuntimeError(
+            f"The fast engine expected {missing[0]!r} to take part in this forward pass, but "
+            "it did not (the model's control flow changed between batches); use engine='vmap'."
+        )
+    index = [
+        (k, part) for k in split.fast if k not in split.shared for part in store[k]
+    ] + [(k, None) for k in adds]
+    es = [store[k][part][2] if part is not None else store[k][2] for k, part in index]
+    for m in split.fast:
+        for a, version, _ in store[m].values():
+            _check_fresh(m, a, version)
     dense: dict[nn.Module, torch.Tensor] = {}  # 2-D Linear inputs: Σ_j w_j b_j², (N, O)
     cols = [c[j] for c in plan.columns(out.detach(), target, draws) for j in range(len(c))]
     w = plan.weight
@@ -418,21 +506,45 @@ def fast_batch_sums(
             for i, u in enumerate(cols[g0 : g0 + group])
         ]
         grads = {
-            key: None if per[0][i] is None else stack_columns([p[i] for p in per])
+            key: None if per[0][i] is None else _stack([p[i] for p in per])
             for i, key in enumerate(index)
         }
         del per
+        tied: dict[str, list[tuple[nn.Module, torch.Tensor, torch.Tensor]]] = {}
         for m, slots in split.fast.items():
             parts = store[m]
-            Bs: dict[str, Any] = {part: grads[(m, part)] for part in parts}
+            if m in split.shared:  # as if the module had run on every sample
+                chain, d_shape, _ = store[split.shared[m]]
+                B = grads[(split.shared[m], None)]
+                if B is None:
+                    continue
+                a = parts["main"][0]
+                parts = {"main": (a.expand(B.shape[1], *a.shape[1:]), None, None)}
+                Bs: dict[str, Any] = {
+                    "main": layers.shared_output_grads(chain, outputs[m], d_shape, B)
+                }
+            else:
+                Bs = {part: grads[(m, part)] for part in parts}
             if all(B is None for B in Bs.values()):
                 continue
-            if isinstance(m, nn.Linear) and parts["main"][0].dim() == 2:
+            for s in slots:
+                if s.name in split.tied:
+                    tied.setdefault(s.name, []).append((m, parts["main"][0], Bs["main"]))
+            slots = [s for s in slots if s.name not in split.tied]
+            if not slots:
+                continue
+            if isinstance(m, nn.Embedding) and slots[0].mask is None:  # rows in the batch only
+                rows, vals = layers.embedding_rows(m, parts["main"][0], Bs["main"], w)
+                acc[slots[0].name].index_add_(0, rows, vals.to(acc[slots[0].name].dtype))
+                continue
+            if "main" in parts and _dense(m, parts["main"][0]):
                 B = layers.work(Bs["main"])
                 b2 = w * (B * B).sum(0)
                 dense[m] = dense[m] + b2 if m in dense else b2
                 continue
             _add_squares(acc, m, slots, _module_squares(m, parts, Bs, w))
+        for k, uses in tied.items():
+            _tied_squares(acc[k], plan.params[k], uses, w)
         for k in split.free:
             Bk = grads[(k, None)]
             if Bk is not None:
@@ -440,8 +552,11 @@ def fast_batch_sums(
                 acc[k] += layers.free(chain, plan.params[k], d_shape, Bk, w).to(acc[k].dtype)
     for m, b2 in dense.items():
         a = layers.work(store[m]["main"][0])
-        _add_squares(acc, m, split.fast[m], {"weight": b2.t() @ (a * a), "bias": b2.sum(0)})
+        wsq = (a * a).t() @ b2 if layers.is_conv1d(m) else b2.t() @ (a * a)
+        slots = [s for s in split.fast[m] if s.name not in split.tied]
+        _add_squares(acc, m, slots, {"weight": wsq, "bias": b2.sum(0)})
     store.clear()
+    layers.release_scratch()
     if rest is not None:
         for _, res in rest.run(b, target, draws, "squares", chunk_size):
             for k in rest.params:
@@ -472,9 +587,8 @@ def square_sums_auto(
         if engine == "fast":
             raise ValueError(
                 "engine='fast' found no parameter it can compute exactly (it covers "
-                "nn.Linear, nn.Conv1d/2d, nn.Embedding, nn.LayerNorm, eval-mode BatchNorm and "
-                "self-attention parameters used once per forward); use engine='auto' or "
-                "engine='vmap'."
+                "nn.Linear, nn.Conv1d/2d, nn.Embedding, nn.LayerNorm and self-attention "
+                "parameters used once per forward); use engine='auto' or engine='vmap'."
             )
         logger.info("engine=%r: no parameter fits the capture path; all on vmap", engine)
         yield from square_sums(plan, itertools.chain([first], batches), chunk_size)

@@ -25,15 +25,10 @@ from torch import nn
 
 from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch
-from natgrad.engine.capture import (
-    BATCH_NORMS,
-    FastSplit,
-    cached_split,
-    capture_forward,
-    stack_columns,
-)
+from natgrad.engine.capture import BATCH_NORMS, FastSplit, cached_split
+from natgrad.engine.capture_ops import zero_perturbation
 from natgrad.engine.checks import random_module
-from natgrad.engine.per_sample import Plan
+from natgrad.engine.per_sample import Plan, call_model
 
 __all__ = ["capture_grads", "grads_split"]
 
@@ -57,8 +52,10 @@ def grads_split(plan: Plan, b: Batch, engine: str) -> FastSplit | None:
     full = cached_split(plan, b)
     split = FastSplit()
     for m, slots in full.fast.items():
-        if isinstance(m, _GRAD_RULES):
-            split.fast[m] = slots
+        if isinstance(m, _GRAD_RULES) and m not in full.shared:
+            kept = [s for s in slots if s.name not in full.tied]
+            if kept:
+                split.fast[m] = kept
     fast = set(split.fast_names)
     split.rest = [k for k in plan.params if k not in fast]
     if not split.fast:
@@ -76,6 +73,47 @@ def grads_split(plan: Plan, b: Batch, engine: str) -> FastSplit | None:
     return split
 
 
+def capture_forward(
+    plan: Plan, split: FastSplit, b: Batch
+) -> tuple[torch.Tensor, dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]]:
+    """One forward pass recording, for every module of ``split.fast`` (hooked layers
+    only), its input and a zero perturbation ``e`` added to its output:
+    ``(output, {module: (input, e)})``.
+
+    Raises:
+        RuntimeError: a captured module did not run, or its input was modified in place
+            after it ran (the captured input would be stale).
+    """
+    store: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def hook(m: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        e = zero_perturbation(out)
+        store[m] = (inp[0].detach(), e, inp[0]._version)
+        return out + e
+
+    handles = [m.register_forward_hook(hook) for m in split.fast]
+    try:
+        with torch.enable_grad():
+            out = plan.output_fn(call_model(plan.model, b, plan.where))
+    finally:
+        for h in handles:
+            h.remove()
+    for m in split.fast:
+        if m not in store:
+            raise RuntimeError(
+                f"The fast engine expected {m!r} to take part in this forward pass, but it "
+                "did not (the model's control flow changed between batches); use "
+                "engine='vmap'."
+            )
+        a, _, version = store[m]
+        if a._version != version:
+            raise RuntimeError(
+                f"The input of {type(m).__name__} was modified in place after the layer "
+                "ran, so the captured input is stale; use engine='vmap' for this model."
+            )
+    return out, {m: (a, e) for m, (a, e, _) in store.items()}
+
+
 def capture_grads(
     plan: Plan,
     split: FastSplit,
@@ -88,21 +126,24 @@ def capture_grads(
     (MC labels drawn once, from the capture forward's output); and the names of the
     Linear and Conv parameters whose gradients are finite by a bound (see
     :func:`_finite_by_bound`), which need no check of every entry."""
-    out, store, index, es = capture_forward(plan, split, b)
+    out, store = capture_forward(plan, split, b)
     target = plan.check_target(out, target)
     draws = plan.draw(out, target) if plan.labels == "mc" else None
     cols = plan.all_columns(out.detach(), target, draws).to(out.dtype)
     J = cols.shape[0]
+    mods = list(store)
+    es = [store[m][1] for m in mods]
     per = [
         torch.autograd.grad(out, es, cols[j], retain_graph=j < J - 1, allow_unused=True)
         for j in range(J)
     ]
     grads: dict[str, torch.Tensor] = {}
     finite: set[str] = set()
-    for i, (m, part) in enumerate(index):
-        a, _, e = store[m][part]
+    for i, m in enumerate(mods):
+        a, e = store[m]
         zero = torch.zeros((), dtype=e.dtype, device=e.device).expand(e.shape)
-        B = stack_columns([zero if p[i] is None else p[i] for p in per])
+        cols_i = [zero if p[i] is None else p[i] for p in per]
+        B = cols_i[0].unsqueeze(0) if J == 1 else torch.stack(cols_i)  # (J, *out.shape)
         res = _module_grads(m, a, B)
         proven = _finite_by_bound(m, a, B)
         for s in split.fast[m]:

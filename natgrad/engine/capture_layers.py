@@ -6,6 +6,7 @@ float64 (float64 models); ``B`` has shape ``(J, *layer_output.shape)``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -17,7 +18,7 @@ from torch.func import vmap
 from natgrad.engine.common import to_acc, vjp_pair
 from natgrad.engine.per_sample import CHUNK_FLOATS
 
-_PRODUCT_FLOATS = 2**22  # one chunk of per-sample products: about 16 MiB of float32
+PRODUCT_FLOATS = 2**22  # one chunk of per-sample products: about 16 MiB of float32
 _CACHE_FLOATS = 2**20  # a chunk of per-sample products near cache size (4 MiB)
 _MIN_GROUPED_K = 8  # conv weight rows (C/g·k) from which one sample is one conv group
 _MIN_GROUPED_L = 128  # ... and output positions (below, unfolded products are faster)
@@ -26,20 +27,53 @@ _MIN_GROUPED_L = 128  # ... and output positions (below, unfolded products are f
 work = to_acc  # float64 stays float64; bf16, fp16 and fp32 are computed in float32
 
 
+class _Scratch(threading.local):
+    buf: torch.Tensor | None = None
+
+
+_SCRATCH = _Scratch()
+
+
+def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reused flat buffer of ``numel`` elements (this thread's; its contents are
+    undefined). Writing per-sample products into one buffer, instead of a fresh
+    allocation per chunk, saves the page faults of touching new memory, which cost as
+    much as the products themselves on CPU. Freed by :func:`release_scratch`."""
+    buf = _SCRATCH.buf
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+        _SCRATCH.buf = None  # free the old buffer before allocating the new one
+        buf = _SCRATCH.buf = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def release_scratch() -> None:
+    """Free this thread's :func:`scratch` buffer."""
+    _SCRATCH.buf = None
+
+
+def scaled(t: torch.Tensor, w: float) -> torch.Tensor:
+    """``w t`` (``t`` itself when ``w == 1``)."""
+    return t if w == 1.0 else t * w
+
+
 def seq_products(X: torch.Tensor, Y: torch.Tensor, w: float) -> torch.Tensor:
     """``w Σ_j Σ_n (X_jn Y_n)²`` for ``X (J, N, O, T)``, ``Y (N, T, I)``: shape ``(O, I)``.
 
-    The per-sample products ``X_jn Y_n`` exist one chunk of samples at a time.
+    The per-sample products ``X_jn Y_n`` exist one chunk of samples at a time, in a
+    :func:`scratch` buffer (strided ``X`` and ``Y`` go to ``bmm`` as they are, no copy).
     """
     J, N, d_out, T = X.shape
     d_in = Y.shape[-1]
-    chunk = max(1, _PRODUCT_FLOATS // max(J * d_out * max(d_in, T), 1))
-    acc = torch.zeros(J * d_out, d_in, dtype=Y.dtype, device=Y.device)
-    for s in range(0, N, chunk):
-        Xs = X[:, s : s + chunk].transpose(0, 1).reshape(-1, J * d_out, T)
-        G = torch.bmm(Xs, Y[s : s + chunk])  # (chunk, J·O, I): one chunk of per-sample grads
-        acc += G.square_().sum(0)
-    return acc.view(J, d_out, d_in).sum(0) * w
+    chunk = min(N, max(1, PRODUCT_FLOATS // max(d_out * d_in, 1)))
+    acc = torch.zeros(d_out, d_in, dtype=Y.dtype, device=Y.device)
+    buf = scratch(chunk * d_out * d_in, Y.dtype, Y.device)
+    for j in range(J):
+        for s in range(0, N, chunk):
+            n = min(chunk, N - s)
+            G = buf[: n * d_out * d_in].view(n, d_out, d_in)
+            torch.bmm(X[j, s : s + n], Y[s : s + n], out=G)  # one chunk of per-sample grads
+            acc += G.square_().sum(0)
+    return scaled(acc, w)
 
 
 def linear(a: torch.Tensor, B: torch.Tensor, w: float) -> dict[str, torch.Tensor]:
@@ -47,12 +81,13 @@ def linear(a: torch.Tensor, B: torch.Tensor, w: float) -> dict[str, torch.Tensor
     a, B = work(a), work(B)
     if a.dim() == 2:
         b2 = (B * B).sum(0)  # (N, O)
-        return {"weight": w * (b2.t() @ (a * a)), "bias": w * b2.sum(0)}
+        return {"weight": scaled(b2.t() @ (a * a), w), "bias": scaled(b2.sum(0), w)}
     N = a.shape[0]
     A = a.reshape(N, -1, a.shape[-1])
     Bs = B.reshape(B.shape[0], N, -1, B.shape[-1])
     bb = Bs.sum(2)
-    return {"weight": seq_products(Bs.transpose(-1, -2), A, w), "bias": w * (bb * bb).sum((0, 1))}
+    bias = scaled((bb * bb).sum((0, 1)), w)
+    return {"weight": seq_products(Bs.transpose(-1, -2), A, w), "bias": bias}
 
 
 def unfold(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
@@ -126,7 +161,7 @@ def conv_weight_squares(
     if J == 1 and c_in * kk >= _MIN_GROUPED_K and positions >= _MIN_GROUPED_L:
         per = d_out * c_in * kk
         acc = torch.zeros(per, dtype=a.dtype, device=a.device)
-        chunk = max(1, _PRODUCT_FLOATS // per)
+        chunk = max(1, PRODUCT_FLOATS // per)
         for s in range(0, N, chunk):
             gw = _samples_as_groups(m, a[s : s + chunk], B[0, s : s + chunk]).reshape(-1, per)
             add_square_sum(acc, gw)
@@ -146,10 +181,12 @@ def conv_weight_squares(
     return (acc.view(g, J, og, K).sum(1) * w).view(d_out, c_in, *m.kernel_size)
 
 
-def embedding(
+def embedding_rows(
     m: nn.Embedding, ids: torch.Tensor, B: torch.Tensor, w: float
-) -> dict[str, torch.Tensor]:
-    """Embedding: row ``v`` of ``G_nj`` is ``Σ_{t: ids_nt = v} b_njt``; summed by (n, v)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embedding: row ``v`` of ``G_nj`` is ``Σ_{t: ids_nt = v} b_njt``, summed by (n, v).
+    Returns ``(rows, values)`` such that ``Σ_j Σ_n w G_nj² = zeros.index_add(0, rows,
+    values)``: only rows that occur in the batch (no pass over the whole table)."""
     B = work(B)
     V, D = m.num_embeddings, m.embedding_dim
     N = ids.shape[0]
@@ -159,14 +196,24 @@ def embedding(
     if keep is not None:
         keys = keys[keep]
     uniq, inv = torch.unique(keys, return_inverse=True)
-    acc = torch.zeros(V, D, dtype=B.dtype, device=B.device)
+    rows, vals = [], []
     for j in range(B.shape[0]):
-        vals = B[j].reshape(-1, D)
+        bj = B[j].reshape(-1, D)
         if keep is not None:
-            vals = vals[keep]
-        S = torch.zeros(len(uniq), D, dtype=B.dtype, device=B.device).index_add_(0, inv, vals)
-        acc.index_add_(0, uniq % V, S * S)
-    return {"weight": w * acc}
+            bj = bj[keep]
+        S = torch.zeros(len(uniq), D, dtype=B.dtype, device=B.device).index_add_(0, inv, bj)
+        rows.append(uniq % V)
+        vals.append(scaled(S.square_(), w))
+    return torch.cat(rows), torch.cat(vals)
+
+
+def embedding(
+    m: nn.Embedding, ids: torch.Tensor, B: torch.Tensor, w: float
+) -> dict[str, torch.Tensor]:
+    """Embedding: :func:`embedding_rows` added into a ``(V, D)`` table."""
+    rows, vals = embedding_rows(m, ids, B, w)
+    acc = torch.zeros(m.num_embeddings, m.embedding_dim, dtype=vals.dtype, device=vals.device)
+    return {"weight": acc.index_add_(0, rows, vals)}
 
 
 def layer_norm(
@@ -178,7 +225,7 @@ def layer_norm(
     J, N = B.shape[:2]
     gw = (B * xhat).reshape(J, N, -1, *m.normalized_shape).sum(2)
     gb = B.reshape(J, N, -1, *m.normalized_shape).sum(2)
-    return {"weight": w * (gw * gw).sum((0, 1)), "bias": w * (gb * gb).sum((0, 1))}
+    return {"weight": scaled((gw * gw).sum((0, 1)), w), "bias": scaled((gb * gb).sum((0, 1)), w)}
 
 
 def batch_norm(
@@ -223,6 +270,33 @@ def attention(
     return res
 
 
+def _broadcast_sum(B: torch.Tensor, d_shape: torch.Size) -> torch.Tensor:
+    """``B (J, N, *S)``, the gradient of a sum ``D + X`` with ``D`` broadcast to ``S``, as
+    per-sample gradients of ``D``: summed over the broadcast axes, ``(J·N, *d_shape)``."""
+    J, N = B.shape[:2]
+    g = B.reshape(J * N, *B.shape[2:])
+    lead = g.dim() - 1 - len(d_shape)
+    if lead > 0:
+        g = g.sum(tuple(range(1, 1 + lead)))
+    elif lead < 0:  # D has leading axes of size 1 (the batch axis of a shared input)
+        g = g.reshape(g.shape[0], *[1] * -lead, *g.shape[1:])
+    axes = [1 + i for i, s in enumerate(d_shape) if s == 1 and g.shape[1 + i] != 1]
+    if axes:
+        g = g.sum(axes, keepdim=True)
+    return g
+
+
+def _pullbacks(
+    chain: Callable[[torch.Tensor], torch.Tensor], p: torch.Tensor, g: torch.Tensor
+) -> Iterable[torch.Tensor]:
+    """Chunks of ``g (M, *chain(p).shape)`` pulled back through ``chain``: ``(m, *p.shape)``."""
+    _, pull = vjp_pair(chain, work(p.detach()))
+    chunk = max(1, CHUNK_FLOATS // max(p.numel(), 1))
+    for s in range(0, g.shape[0], chunk):
+        (gp,) = vmap(pull)(g[s : s + chunk])
+        yield gp
+
+
 def free(
     chain: Callable[[torch.Tensor], torch.Tensor],
     p: torch.Tensor,
@@ -232,22 +306,87 @@ def free(
 ) -> torch.Tensor:
     """A parameter added to a batched tensor through views ``D = chain(p)``: per-sample
     ``∂l_n/∂D`` is ``b_n`` summed over the broadcast axes, pulled back through ``chain``."""
-    B = work(B)
-    J, N = B.shape[:2]
-    g = B.reshape(J * N, *B.shape[2:])
-    lead = g.dim() - 1 - len(d_shape)
-    if lead > 0:
-        g = g.sum(tuple(range(1, 1 + lead)))
-    axes = [1 + i for i, s in enumerate(d_shape) if s == 1 and g.shape[1 + i] != 1]
-    if axes:
-        g = g.sum(axes, keepdim=True)
-    _, pull = vjp_pair(chain, work(p.detach()))
+    g = _broadcast_sum(work(B), d_shape)
     acc = torch.zeros(p.shape, dtype=g.dtype, device=g.device)
-    chunk = max(1, CHUNK_FLOATS // max(p.numel(), 1))
-    for s in range(0, g.shape[0], chunk):
-        (gp,) = vmap(pull)(g[s : s + chunk])
+    for gp in _pullbacks(chain, p, g):
         acc += (gp * gp).sum(0)
     return w * acc
+
+
+def shared_output_grads(
+    chain: Callable[[torch.Tensor], torch.Tensor],
+    out: torch.Tensor,
+    d_shape: torch.Size,
+    B: torch.Tensor,
+) -> torch.Tensor:
+    """Per-sample gradients of a module output ``out`` with batch axis 1 (its input is
+    shared by all samples) that is added, through views ``D = chain(out)``, to a batched
+    tensor: ``B (J, N, ...)`` summed over the broadcast axes and pulled back through
+    ``chain``. Returns ``(J, N, *out.shape[1:])``, as if the module had run per sample."""
+    B = work(B)
+    J, N = B.shape[:2]
+    g = _broadcast_sum(B, d_shape)
+    if tuple(d_shape) != tuple(out.shape) or chain(out) is not out:
+        g = torch.cat(list(_pullbacks(chain, out, g)))
+    return g.reshape(J, N, *out.shape[1:])
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    """A Hugging Face ``Conv1D`` (GPT-2): ``z = a W + c`` with ``W (I, O)``, the forward of
+    its own class (found without importing ``transformers``)."""
+    for base in type(m).__mro__:
+        if base.__name__ == "Conv1D" and base.__module__ == "transformers.pytorch_utils":
+            return type(m).forward is base.forward  # type: ignore[attr-defined]
+    return False
+
+
+def conv1d(a: torch.Tensor, B: torch.Tensor, w: float) -> dict[str, torch.Tensor]:
+    """Hugging Face ``Conv1D``: :func:`linear` with the weight transposed to ``(I, O)``."""
+    r = linear(a, B, w)
+    return {"weight": r["weight"].t(), "bias": r["bias"]}
+
+
+def linear_grads_into(
+    G: torch.Tensor,
+    a: torch.Tensor,
+    B: torch.Tensor,
+    s: int,
+    e: int,
+    *,
+    transposed: bool = False,
+    first: bool = True,
+) -> torch.Tensor:
+    """Per-sample weight gradients ``G_jn = Σ_t b_jnt a_ntᵀ`` of a Linear layer for the
+    samples ``s:e``, written into (``first``) or added to ``G (J, e - s, O, I)``; with
+    ``transposed`` (HF Conv1D), ``G_jnᵀ`` into ``G (J, e - s, I, O)``."""
+    a, B = work(a[s:e]), work(B[:, s:e])
+    J, n = B.shape[:2]
+    A = a.reshape(n, -1, a.shape[-1])  # (n, T, I)
+    for j in range(J):
+        Bj = B[j].reshape(n, -1, B.shape[-1])  # (n, T, O)
+        X, Y = (A.transpose(1, 2), Bj) if transposed else (Bj.transpose(1, 2), A)
+        if first:
+            torch.bmm(X, Y, out=G[j])
+        else:
+            G[j].baddbmm_(X, Y)
+    return G
+
+
+def embedding_grads_into(
+    G: torch.Tensor, m: nn.Embedding, ids: torch.Tensor, B: torch.Tensor, s: int, e: int
+) -> torch.Tensor:
+    """Add the per-sample weight gradients of an Embedding (rows ``v``:
+    ``Σ_{t: ids_nt = v} b_nt``) for the samples ``s:e`` into ``G (J, e - s, V, D)``."""
+    B = work(B[:, s:e])
+    J, n = B.shape[:2]
+    V, D = m.num_embeddings, m.embedding_dim
+    flat = ids[s:e].reshape(n, -1)
+    rows = (torch.arange(J * n, device=ids.device).view(J, n, 1) * V + flat.unsqueeze(0))
+    vals = B.reshape(J, n, -1, D)
+    if m.padding_idx is not None:
+        vals = vals * (flat != m.padding_idx).unsqueeze(-1).to(vals.dtype)
+    G.view(J * n * V, D).index_add_(0, rows.reshape(-1), vals.reshape(-1, D))
+    return G
 
 
 # -- per-sample gradients (not squared): natgrad.per_sample_grads on the capture path ------

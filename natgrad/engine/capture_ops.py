@@ -41,6 +41,14 @@ VIEWS = {
     torch.Tensor.expand,
 }
 ADDS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
+# Conversions that return their input itself when there is nothing to convert (GPT-2's
+# ``position_embeds.to(device)``): such a call is no use of the tensor.
+PASSTHROUGH = {torch.Tensor.to, torch.Tensor.contiguous, torch.Tensor.type_as}
+
+
+def passthrough(func: Callable[..., Any], args: tuple[Any, ...], out: object) -> bool:
+    """``func(*args)`` returned its first argument unchanged (a no-op conversion)."""
+    return func in PASSTHROUGH and bool(args) and out is args[0]
 
 
 def zero_perturbation(out: torch.Tensor) -> torch.Tensor:
@@ -129,19 +137,32 @@ def _replay(
     return lambda q: func(chain(q), *rest, **kwargs)
 
 
+def _identity(q: torch.Tensor) -> torch.Tensor:
+    return q
+
+
 class _Tracker(TorchFunctionMode):
-    """Shared bookkeeping: tensors derived by views from free parameters."""
+    """Shared bookkeeping: tensors derived by views from free parameters, and from the
+    outputs of shared-input modules (:meth:`watch`)."""
 
     def __init__(self, free_ids: dict[int, str]):
         super().__init__()
         self.free_ids = free_ids
         self.derived: dict[int, Root] = {}  # id -> (name, chain, tensor ref)
+        self.outputs: dict[int, Root] = {}  # id -> (key, identity, output ref)
+
+    def watch(self, key: str, out: torch.Tensor) -> None:
+        """Track ``out``, the output of a module run on an input without the batch axis
+        (``position_embeddings(position_ids)`` with ids ``(1, T)``), like a free parameter."""
+        self.outputs[id(out)] = (key, _identity, out)
 
     def root(self, t: object) -> Root | None:
         if not isinstance(t, torch.Tensor):
             return None
         if id(t) in self.free_ids:
-            return (self.free_ids[id(t)], lambda q: q, t)
+            return (self.free_ids[id(t)], _identity, t)
+        if id(t) in self.outputs:
+            return self.outputs[id(t)]
         return self.derived.get(id(t))
 
     def view_of(
@@ -195,10 +216,14 @@ class ProbeMode(_Tracker):
     ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if passthrough(func, args, out):
+            return out
         if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(out)):
             return out
         for t in tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor) and (id(t) in self.ids or id(t) in self.derived):
+            if isinstance(t, torch.Tensor) and (
+                id(t) in self.ids or id(t) in self.derived or id(t) in self.outputs
+            ):
                 self.counts[id(t)] += 1
         if func is _MHA:
             v = mha_args(args, kwargs)
@@ -243,6 +268,8 @@ class CaptureMode(_Tracker):
                 parts = self.store.setdefault(unit, {})
                 return self_attention(v, parts)
         out = func(*args, **kwargs)
+        if passthrough(func, args, out):
+            return out
         self.view_of(func, args, kwargs, out)
         add = self.add_operands(func, args, kwargs)
         if add is not None:

@@ -11,9 +11,10 @@ Install: ``pip install 'natgrad[integrations]'`` (or ``pip install lightning``).
   (trace, per-layer totals, natural-gradient norms) through ``LightningModule.log_dict``,
   so to the Trainer's loggers and ``trainer.callback_metrics``.
 * Natural gradient: ``configure_optimizers`` returns ``natgrad.NaturalGradient(optimizer,
-  FisherPreconditioner(..., source="backward"))`` (diag, K-FAC from Lightning's own
-  backward), or :class:`NaturalGradientCallback` for ``source="batch"`` (EKFAC, low rank,
-  ``mc``/``exact`` labels).
+  FisherPreconditioner(..., source="backward"))`` (diag, K-FAC, EKFAC or low rank from
+  Lightning's own forward and backward: no extra pass), or
+  :class:`NaturalGradientCallback` for ``source="batch"`` (the ``mc``/``exact`` label
+  sources, or layers the backward capture does not cover).
 
 Why EWC is a mixin and not a callback: a callback cannot change the loss (its
 ``on_before_backward`` receives the loss but its return value is ignored), and a second
@@ -245,8 +246,9 @@ class NaturalGradientCallback(Callback):
     Lightning's backward, before its ``optimizer.step``) calls
     ``preconditioner.step(batch, lr=...)`` with the module in eval mode (modes restored),
     which rewrites ``.grad`` with ``(F + λI)^-1 g``. This covers what
-    ``NaturalGradient`` in ``configure_optimizers`` cannot: ``source="batch"``, so
-    ``kind="ekfac"``, ``"lowrank"`` and the ``"mc"``/``"exact"`` label sources. With
+    ``NaturalGradient`` in ``configure_optimizers`` cannot: ``source="batch"``, so the
+    ``"mc"``/``"exact"`` label sources and parameters outside the layers the backward
+    capture covers (LayerNorm, ...). With
     ``accumulate_grad_batches > 1`` a ``source="batch"`` refresh sees the last
     micro-batch only. Gradient clipping configured on the Trainer
     (``gradient_clip_val``) acts after this hook, on the preconditioned gradient.

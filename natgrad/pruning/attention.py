@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -99,10 +100,8 @@ class HeadAttention(nn.Module):
         if is_causal and bias is None:
             causal = torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu(1)
             bias = torch.zeros(tq, tk, dtype=q.dtype, device=q.device).masked_fill(causal, float("-inf"))
-        scores = q @ k.transpose(-2, -1) / (d**0.5)
-        if bias is not None:
-            scores = scores + bias
-        ctx = scores.softmax(-1) @ v  # (N, H, Tq, d)
+        # softmax(q kᵀ / √d + bias) v, fused  (N, H, Tq, d)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         m = self._natgrad_head_mask
         if m is not None:
             m = m.to(ctx.dtype)

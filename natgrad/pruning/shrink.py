@@ -20,6 +20,7 @@ layers before it, so errors do not pile up.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
@@ -33,7 +34,14 @@ from natgrad.pruning.structures import Group
 if TYPE_CHECKING:
     from natgrad.pruning.attention import HeadAttention
 
-__all__ = ["shrink_model", "tune_layers", "count_flops", "count_params", "least_squares"]
+__all__ = [
+    "shrink_model",
+    "tune_layers",
+    "count_flops",
+    "count_params",
+    "least_squares",
+    "design_rows",
+]
 
 _CONV = (nn.Conv1d, nn.Conv2d)
 #: the layers whose rows / columns are sliced and tuned
@@ -222,6 +230,10 @@ def count_flops(model: nn.Module, example: Any) -> float:
 # -- least-squares layer tuning -----------------------------------------------------------
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the input of interest is captured."""
+
+
 def least_squares(gram: torch.Tensor, cross: torch.Tensor, damping: float) -> torch.Tensor:
     """``(G + εI)⁻¹ C`` with ``ε = damping · mean(diag G)`` (Cholesky; lstsq if singular)."""
     eps = damping * float(gram.diagonal().mean().clamp_min(1e-30))
@@ -233,23 +245,53 @@ def least_squares(gram: torch.Tensor, cross: torch.Tensor, damping: float) -> to
     return sol
 
 
-def _design(mod: Layer, x: torch.Tensor) -> torch.Tensor:
-    """Rows of the layer's linear map: ``(rows, in_cols [+1 for bias])``."""
+def _explicit_padding(mod: nn.Conv1d | nn.Conv2d) -> list[tuple[int, int]]:
+    """``(before, after)`` zero padding of each spatial dim, also for ``padding="same"`` /
+    ``"valid"``: ``"same"`` pads ``dilation · (kernel - 1)`` in all, the extra one after
+    (as ``torch.nn.functional.conv*d`` does)."""
+    if mod.padding == "valid":
+        return [(0, 0)] * len(mod.kernel_size)
+    if mod.padding == "same":
+        out = []
+        for k, d in zip(mod.kernel_size, mod.dilation, strict=True):
+            total = d * (k - 1)
+            out.append((total // 2, total - total // 2))
+        return out
+    pads = cast(tuple[int, ...], mod.padding)
+    return [(p, p) for p in pads]
+
+
+def design_rows(mod: Layer, x: torch.Tensor) -> torch.Tensor:
+    """The design matrix of a Linear/Conv: ``layer(x)`` flattened to ``(rows, out)`` equals
+    ``design_rows(layer, x) @ [W | b]ᵀ``.
+
+    For a conv the rows are the unfolded input patches (one per sample and output
+    position), zero-padded as the conv pads, string paddings ``"same"``/``"valid"``
+    included; a column of ones is appended when the layer has a bias.
+
+    Args:
+        mod: the layer.
+        x: its input.
+
+    Returns:
+        ``(rows, in_cols [+1])``.
+    """
     if isinstance(mod, nn.Linear):
         rows = x.reshape(-1, x.shape[-1])
     else:
+        pads = _explicit_padding(mod)
+        flat = [p for pair in reversed(pads) for p in pair]  # F.pad: last dim first
+        if any(flat):
+            x = F.pad(x, flat)
         k: tuple[int, ...]
         s: tuple[int, ...]
         d: tuple[int, ...]
-        p: str | tuple[Any, ...]
         if isinstance(mod, nn.Conv1d):
             x2 = x.unsqueeze(-2)
-            k, s, p, d = (1, *mod.kernel_size), (1, *mod.stride), (0, *mod.padding), (1, *mod.dilation)
+            k, s, d = (1, *mod.kernel_size), (1, *mod.stride), (1, *mod.dilation)
         else:
-            x2, k, s, p, d = x, mod.kernel_size, mod.stride, mod.padding, mod.dilation
-        if isinstance(p, str):
-            raise ValueError(f"padding={mod.padding!r} is not supported by layer tuning.")
-        cols = F.unfold(x2, k, dilation=d, padding=p, stride=s)  # (N, C*k, L)
+            x2, k, s, d = x, mod.kernel_size, mod.stride, mod.dilation
+        cols = F.unfold(x2, k, dilation=d, padding=0, stride=s)  # (N, C*k, L)
         rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
     if mod.bias is not None:
         rows = torch.cat([rows, torch.ones_like(rows[:, :1])], 1)
@@ -273,8 +315,9 @@ def tune_layers(
 ) -> list[str]:
     """Re-fit each consumer of pruned structures by least squares (in place on ``pruned``).
 
-    For consumer ``c`` (in forward order): ``Y`` = its output in ``original`` (rows kept in
-    ``pruned``), ``X̃`` = its input in ``pruned``; the new weight and bias solve
+    For consumer ``c`` (in forward order; for attention heads, the attention's output
+    projection): ``Y`` = its output in ``original`` (rows kept in ``pruned``), ``X̃`` = its
+    input in ``pruned``; the new weight and bias solve
     ``(X̃ᵀX̃ + εI) Wᵀ = X̃ᵀ Y``, accumulated over the calibration batches.
 
     Args:
@@ -290,37 +333,58 @@ def tune_layers(
     from natgrad.curvature.estimate import iterate_batches
 
     batches = [parse_batch(b) for b in iterate_batches(calibration)]
+    # the layer reading each group's kept structures: its consumer, or for heads the
+    # attention's output projection (it reads the concatenated kept heads)
     consumers = [
-        g
+        f"{g.consumer}.out_proj" if g.consumer_kind == "attention" else g.consumer
         for g in groups
-        if g.consumer_kind != "attention" and removed.get(g.name, torch.zeros(0)).numel() > 0
+        if removed.get(g.name, torch.zeros(0)).numel() > 0
     ]
     out_rows = row_slices(groups, removed)
     order = [n for n, _ in pruned.named_modules()]
-    consumers.sort(key=lambda g: order.index(g.consumer))
-    tuned = []
-    for g in consumers:
-        name = g.consumer
-        mod_p = _layer(pruned, name)
+    consumers.sort(key=order.index)
+    # the original outputs of every consumer: one pass over the calibration data
+    targets: dict[str, list[torch.Tensor]] = {name: [] for name in consumers}
+    handles = []
+    for name in consumers:
         mod_o = _layer(original, name)
-        gram: torch.Tensor | None = None
-        cross: torch.Tensor | None = None
-        for b in batches:
-            cap: dict[str, torch.Tensor] = {}
-            h1 = mod_o.register_forward_hook(lambda m, a, o, cap=cap: cap.__setitem__("y", o.detach()))
-            h2 = mod_p.register_forward_pre_hook(lambda m, a, cap=cap: cap.__setitem__("x", a[0].detach()))
-            try:
-                with torch.no_grad():
-                    original(*b.args, **b.kwargs)
-                    pruned(*b.args, **b.kwargs)
-            finally:
-                h1.remove()
-                h2.remove()
-            dt = torch.float64 if mod_p.weight.dtype == torch.float64 else torch.float32
-            x = _design(mod_p, cap["x"].to(dt))
-            y = _outputs(mod_o, cap["y"].to(dt))
+
+        def keep_y(m: nn.Module, a: tuple[Any, ...], o: torch.Tensor, name: str = name) -> None:
+            dt = torch.float64 if o.dtype == torch.float64 else torch.float32
+            y = _outputs(cast(Layer, m), o.detach().to(dt))
             if name in out_rows:
                 y = y[:, out_rows[name].to(y.device)]
+            targets[name].append(y)
+
+        handles.append(mod_o.register_forward_hook(keep_y))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                original(*b.args, **b.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    tuned = []
+    for name in consumers:
+        mod_p = _layer(pruned, name)
+        gram: torch.Tensor | None = None
+        cross: torch.Tensor | None = None
+        for b, y in zip(batches, targets[name], strict=True):
+            cap: dict[str, torch.Tensor] = {}
+
+            def grab(m: nn.Module, a: tuple[Any, ...], cap: dict[str, torch.Tensor] = cap) -> None:
+                cap["x"] = a[0].detach()
+                raise _StopForward  # the rest of the forward is not needed
+
+            h = mod_p.register_forward_pre_hook(grab)
+            try:
+                with torch.no_grad():
+                    pruned(*b.args, **b.kwargs)
+            except _StopForward:
+                pass
+            finally:
+                h.remove()
+            x = design_rows(mod_p, cap["x"].to(y.dtype))
             gram = x.T @ x if gram is None else gram + x.T @ x
             cross = x.T @ y if cross is None else cross + x.T @ y
         assert gram is not None and cross is not None  # calibration has a batch (checked)
@@ -332,3 +396,208 @@ def tune_layers(
                 mod_p.bias.copy_(sol[-1].to(mod_p.bias.dtype))
         tuned.append(name)
     return tuned
+
+
+# -- compensated (OBS) removal curves -------------------------------------------------------
+
+
+def _consumer_layer(model: nn.Module, group: Group) -> tuple[str, int]:
+    """The Linear/Conv that reads the group's structures and its columns per structure."""
+    if group.consumer_kind == "attention":
+        return f"{group.consumer}.out_proj", group.head_dim
+    mod = _layer(model, group.consumer)
+    per = group.repeat
+    if isinstance(mod, _CONV):
+        per *= int(torch.tensor(mod.kernel_size).prod())
+    return group.consumer, per
+
+
+def compensated_curves(
+    model: nn.Module,
+    groups: list[Group],
+    data: Any,
+    *,
+    likelihood: Any = "categorical",
+    labels: str = "empirical",
+    mc_samples: int = 1,
+    seed: int = 0,
+    damping: float = 1e-3,
+    max_batches: int | None = None,
+    output_fn: Any = None,
+    max_steps: int = 128,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Removal order and predicted loss increase of each group when the layer reading it
+    is re-fitted by least squares (Optimal Brain Surgeon on the K-FAC Fisher).
+
+    For the consumer ``W`` (``out × in``, bias as a last column of ones) with K-FAC factors
+    ``A = E[x̃ x̃ᵀ]`` (its input rows; unfolded patches for a conv) and
+    ``G = (1/N) Σ_{n,t} g_nt g_ntᵀ`` (``g`` = gradient of the per-sample loss wrt the
+    layer's output at position ``t``), removing the input columns ``B`` of a structure with the best change of the
+    other columns raises the loss by
+
+        ΔL = ½ tr(G W_B [(A⁻¹)_BB]⁻¹ W_Bᵀ),   W ← W - W_B [(A⁻¹)_BB]⁻¹ (A⁻¹)_B:,
+
+    and ``A⁻¹`` loses ``B`` by a Schur complement. The compensation is the least-squares
+    re-fit that :func:`tune_layers` makes. Structures are removed one at a time (or
+    ``⌈S / max_steps⌉`` at a time in large groups), always the cheapest; ``values[k]`` is the
+    sum of the increments of the first ``k`` (the chunk's joint ``ΔL`` split in proportion).
+
+    Args:
+        model: the unpruned model (not modified).
+        groups: from :func:`~natgrad.pruning.structures.find_groups`.
+        data: a batch or an iterable of batches.
+        likelihood: name or :class:`~natgrad.Likelihood`.
+        labels: ``"empirical"`` (the data labels, for ``G``) or ``"mc"`` (``mc_samples``
+            draws from the model, averaged).
+        mc_samples: draws per sample for ``labels="mc"``.
+        seed: seed of the draws.
+        damping: ridge on ``A``, relative to its mean diagonal.
+        max_batches: batches of ``data`` used.
+        output_fn: model output -> logits.
+        max_steps: at most this many removal steps per group.
+
+    Returns:
+        ``{group name: (order, values)}`` as :func:`~natgrad.pruning.search.nested_order`.
+    """
+    from natgrad.curvature.estimate import iterate_batches
+    from natgrad.engine.batch import default_output_fn
+    from natgrad.engine.likelihoods import get_likelihood
+
+    lik = get_likelihood(likelihood)
+    fn = output_fn or default_output_fn
+    layers = {g.name: _consumer_layer(model, g) for g in groups}
+    stats: dict[str, dict[str, Any]] = {
+        name: {"A": None, "G": None, "rows": 0} for name, _ in layers.values()
+    }
+    n_samples = 0
+    gen = torch.Generator().manual_seed(seed)
+    for batch in iterate_batches(data, max_batches):
+        b = parse_batch(batch)
+        if b.target is None and labels == "empirical":
+            raise ValueError(
+                "labels='empirical' needs labels in the data: pass (x, y) batches, or use "
+                "labels='mc'."
+            )
+        leaves: dict[str, torch.Tensor] = {}
+        handles = []
+        for lname in stats:
+
+            def fwd(
+                m: nn.Module,
+                a: tuple[Any, ...],
+                o: torch.Tensor,
+                lname: str = lname,
+                leaves: dict[str, torch.Tensor] = leaves,
+            ) -> torch.Tensor:
+                st = stats[lname]
+                x = design_rows(cast(Layer, m), a[0].detach().double())
+                st["A"] = x.T @ x if st["A"] is None else st["A"] + x.T @ x
+                st["rows"] += x.shape[0]
+                # ∂loss/∂z = ∂loss/∂o for a zero z added to the output (frozen models too)
+                z = torch.zeros_like(o, requires_grad=True)
+                leaves[lname] = z
+                return o + z
+
+            handles.append(_layer(model, lname).register_forward_hook(fwd))
+        try:
+            with torch.enable_grad():
+                out = fn(model(*b.args, **b.kwargs))
+                if labels == "empirical":
+                    assert b.target is not None  # checked above
+                    draws = [b.target]
+                else:
+                    draws = list(lik.sample(out.detach(), gen, mc_samples, b.target))
+                names = list(leaves)
+                for i, t in enumerate(draws):
+                    loss = lik.nll(out, t).sum()
+                    grads = torch.autograd.grad(
+                        loss, [leaves[k] for k in names], retain_graph=i < len(draws) - 1,
+                        allow_unused=True,
+                    )
+                    for k, gr in zip(names, grads, strict=True):
+                        if gr is None:
+                            continue
+                        go = _outputs(_layer(model, k), gr.double()) / math.sqrt(len(draws))
+                        st = stats[k]
+                        st["G"] = go.T @ go if st["G"] is None else st["G"] + go.T @ go
+        finally:
+            for h in handles:
+                h.remove()
+        n_samples += b.size
+    curves = {}
+    for g in groups:
+        lname, per = layers[g.name]
+        st = stats[lname]
+        if st["A"] is None or st["G"] is None:
+            raise ValueError(f"no data reached layer {lname!r} of group {g.name!r}.")
+        mod = _layer(model, lname)
+        a = st["A"] / st["rows"]
+        gm = st["G"] / n_samples
+        w = mod.weight.detach().double().reshape(mod.weight.shape[0], -1)
+        if mod.bias is not None:
+            w = torch.cat([w, mod.bias.detach().double()[:, None]], 1)
+        curves[g.name] = _obs_curve(w.cpu(), a.cpu(), gm.cpu(), g.size, per, damping, max_steps)
+    return curves
+
+
+def _obs_curve(
+    w: torch.Tensor, a: torch.Tensor, gm: torch.Tensor, size: int, per: int, damping: float,
+    max_steps: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """OBS removal along one layer's structures; see :func:`compensated_curves`.
+
+    Kept up to date per step (``B`` the columns removed, ``C = [(A⁻¹)_BB]⁻¹ (A⁻¹)_B:``):
+    ``W ← W - W_B C``, ``A⁻¹ ← A⁻¹ - (A⁻¹)_:B C`` restricted to the columns left (the
+    Schur complement), and each structure's block ``H_s = W_sᵀ G W_s`` by the same
+    rank-``|B|`` update (no ``O(out² · in)`` recompute).
+    """
+    eps = damping * float(a.diagonal().mean().clamp_min(1e-30))
+    n = a.shape[0]
+    ainv = torch.linalg.inv(a + eps * torch.eye(n, dtype=a.dtype))
+    alive = torch.ones(size, dtype=torch.bool)
+    order: list[int] = []
+    values = [0.0]
+    chunk = max(1, -(-size // max_steps))
+    cols = torch.arange(size * per).view(size, per)  # structure s owns columns cols[s]
+    pos = torch.arange(n)  # position of each original column in the live arrays (-1: gone)
+    ws = w[:, : size * per].reshape(w.shape[0], size, per)
+    hblk = torch.einsum("osp,oq,qsr->spr", ws, gm, ws)  # (S, per, per): W_sᵀ G W_s
+    while len(order) < size:
+        idx = torch.nonzero(alive).flatten()
+        c = pos[cols[idx]]  # (m, per) live positions
+        if per == 1:
+            cost = 0.5 * hblk[idx, 0, 0] / ainv[c[:, 0], c[:, 0]]
+        else:
+            blocks = ainv[c[:, :, None], c[:, None, :]]  # (m, per, per)
+            cost = 0.5 * (hblk[idx] * torch.linalg.inv(blocks).transpose(1, 2)).sum((1, 2))
+        pick = torch.argsort(cost, stable=True)[: min(chunk, len(idx))]
+        take = idx[pick]
+        b = pos[cols[take].flatten()]
+        bb = ainv[b][:, b]
+        cmat = torch.linalg.solve(bb, ainv[b])  # (|B|, live)
+        wb = w[:, b]
+        gwb = gm @ wb  # (out, |B|)
+        q = wb.T @ gwb  # W_Bᵀ G W_B
+        joint = 0.5 * float((q * torch.linalg.inv(bb).T).sum())
+        pmat = gwb.T @ w  # W_Bᵀ G W  (|B|, live)
+        cs = cmat[:, c].permute(1, 0, 2)  # (m, |B|, per) for the alive structures
+        ps = pmat[:, c].permute(1, 0, 2)
+        ct_p = cs.transpose(1, 2) @ ps
+        hblk[idx] = hblk[idx] - ct_p - ct_p.transpose(1, 2) + cs.transpose(1, 2) @ q @ cs
+        w = w - wb @ cmat
+        ainv = ainv - ainv[:, b] @ cmat
+        live = torch.ones(ainv.shape[0], dtype=torch.bool)
+        live[b] = False
+        ainv = ainv[live][:, live]
+        w = w[:, live]
+        gone = torch.zeros(n, dtype=torch.bool)
+        gone[cols[take].flatten()] = True
+        pos = torch.where(gone, -1, pos - torch.cumsum((~live).long(), 0)[pos.clamp_min(0)])
+        single = cost[pick].clamp_min(0)
+        total = float(single.sum())
+        share = single / total if total > 0 else torch.full_like(single, 1 / len(single))
+        for t, sh in zip(take.tolist(), share.tolist(), strict=True):
+            order.append(t)
+            values.append(values[-1] + max(joint, 0.0) * sh)
+        alive[take] = False
+    return torch.tensor(order, dtype=torch.long), torch.tensor(values, dtype=torch.float64)

@@ -42,10 +42,19 @@ from natgrad.pruning.search import (
     BudgetError,
     CostModel,
     build_cost_model,
+    curve_greedy_search,
     greedy_search,
+    knapsack_search,
+    nested_order,
     rearrange,
 )
-from natgrad.pruning.shrink import count_flops, count_params, shrink_model, tune_layers
+from natgrad.pruning.shrink import (
+    compensated_curves,
+    count_flops,
+    count_params,
+    shrink_model,
+    tune_layers,
+)
 from natgrad.pruning.structures import (
     Group,
     MaskFisher,
@@ -55,10 +64,12 @@ from natgrad.pruning.structures import (
     find_groups,
 )
 
-__all__ = ["prune_structured", "StructuredPruningReport", "CRITERIA"]
+__all__ = ["prune_structured", "StructuredPruningReport", "CRITERIA", "SEARCHES"]
 
-Criterion = Literal["fisher", "magnitude", "random"]
+Criterion = Literal["fisher", "compensated", "magnitude", "random"]
 CRITERIA: tuple[Criterion, ...] = get_args(Criterion)
+Search = Literal["greedy", "knapsack"]
+SEARCHES: tuple[Search, ...] = get_args(Search)
 
 
 @dataclass
@@ -325,7 +336,9 @@ def mean_loss(
 
 def _select(
     criterion: str,
+    search: str,
     fisher: MaskFisher,
+    curves: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
     model: nn.Module,
     groups: list[Group],
     cost: CostModel,
@@ -335,6 +348,11 @@ def _select(
     do_rearrange: bool,
     seed: int,
 ) -> dict[str, torch.Tensor]:
+    if criterion == "compensated":
+        assert curves is not None  # computed by prune_structured for this criterion
+        if search == "knapsack":
+            return knapsack_search(curves, cost, kind=kind, keep=keep, min_keep=mins)
+        return curve_greedy_search(curves, cost, kind=kind, keep=keep, min_keep=mins)
     if criterion == "fisher":
         scores = {g.name: fisher.diagonal(g.name) for g in groups}
     elif criterion == "magnitude":
@@ -342,7 +360,14 @@ def _select(
     else:
         gen = torch.Generator().manual_seed(seed)
         scores = {g.name: torch.rand(g.size, generator=gen, dtype=torch.float64) for g in groups}
-    removed = greedy_search(scores, cost, kind=kind, keep=keep, min_keep=mins)
+    if search == "knapsack":
+        if criterion == "fisher":
+            ladder = {g.name: nested_order(fisher.blocks[g.name]) for g in groups}
+        else:
+            ladder = {g: nested_order(torch.diag(s)) for g, s in scores.items()}
+        removed = knapsack_search(ladder, cost, kind=kind, keep=keep, min_keep=mins)
+    else:
+        removed = greedy_search(scores, cost, kind=kind, keep=keep, min_keep=mins)
     if criterion == "fisher" and do_rearrange:
         removed = {g: rearrange(fisher.blocks[g], r) for g, r in removed.items()}
     return removed
@@ -368,6 +393,7 @@ def prune_structured(
     tune: bool = True,
     damping: float = 1e-3,
     criterion: Criterion = "fisher",
+    search: Search = "greedy",
     rearrange_masks: bool = True,
     min_keep: float | int = 0.05,
     exclude: Iterable[str] = (),
@@ -438,6 +464,7 @@ def prune_structured(
     t_start = time.perf_counter()
     kind, keep = _check_budget(flops, params, latency)
     check_choice("criterion", criterion, CRITERIA)
+    check_choice("search", search, SEARCHES)
     check_choice("labels", labels, ("empirical", "mc"))
     check_no_batch_mixing(model)
     check_no_train_dropout(model, "structured pruning")
@@ -465,11 +492,22 @@ def prune_structured(
         work, groups, data, likelihood=lik, labels=labels, mc_samples=mc_samples,
         seed=seed, max_batches=max_batches, output_fn=output_fn,
     )
+    curves = (
+        compensated_curves(
+            work, groups, data, likelihood=lik, labels=labels, mc_samples=mc_samples,
+            seed=seed, damping=damping, max_batches=max_batches, output_fn=output_fn,
+        )
+        if criterion == "compensated"
+        else None
+    )
     sizes = sorted(set(int(b) for b in latency_batch_sizes))
     lat_dense = measure_latency(work, example, sizes, latency_repeats) if kind == "latency" else {}
 
     def build(kind_: str, keep_: float) -> tuple[dict[str, torch.Tensor], nn.Module]:
-        removed_ = _select(criterion, fisher, work, groups, cost, kind_, keep_, mins, rearrange_masks, seed)
+        removed_ = _select(
+            criterion, search, fisher, curves, work, groups, cost, kind_, keep_, mins,
+            rearrange_masks, seed,
+        )
         return removed_, shrink_model(_copy(work), groups, removed_)
 
     if kind == "latency":

@@ -12,7 +12,14 @@ from natgrad.engine.batch import parse_batch
 from natgrad.engine.capture import split_params
 from natgrad.engine.per_sample import Plan
 from tests.conftest import TinyEncoder
-from tests.reference import assert_close_dict, ce_sum, exact_categorical_fisher_loop, loop_grads
+from tests.reference import (
+    assert_close_dict,
+    ce_sum,
+    exact_categorical_fisher_loop,
+    fisher_from_grads,
+    loop_grads,
+    loop_grads_by,
+)
 
 LABELS = ["empirical", "mc", "exact"]
 
@@ -112,7 +119,8 @@ def test_tied_weight(labels):
     fast, slow = both(model, (ids, y), labels=labels)
     assert_close_dict(dict(fast), dict(slow), rtol=1e-5, atol=1e-9)
     split = split_of(model, (ids, y))
-    assert "emb.weight" in split.rest and "mid.weight" in split.fast_names
+    # The tied weight's per-sample gradient is the sum of its two modules' gradients.
+    assert split.rest == [] and split.tied == {"emb.weight": [model.emb, model.out]}
     ref = {k: (g.float() ** 2).mean(0) for k, g in loop_grads(model, ce_sum, ids, y).items()}
     if labels == "empirical":
         assert_close_dict(dict(fast), ref, rtol=1e-5, atol=1e-9)
@@ -329,3 +337,90 @@ def test_loop_fallback_for_leftover_params_is_decided_once(mlp_case):
     assert split_of(model, (x, y)).rest == ["scale"]
     ref = {k: (g.float() ** 2).mean(0) for k, g in loop_grads(model, ce_sum, x, y).items()}
     assert_close_dict(dict(got), ref, rtol=1e-5, atol=1e-9)
+
+
+# -- Hugging Face transformers: BERT-style encoder and GPT-2 (tiny configs) -----------------
+
+
+def tiny_bert(impl):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=23, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=12, max_position_embeddings=16, num_labels=3,
+        attn_implementation=impl,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(cfg).double().eval()
+
+
+def tiny_gpt2(impl):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(
+        vocab_size=19, n_positions=16, n_embd=8, n_layer=2, n_head=2, attn_implementation=impl
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).double().eval()
+
+
+def bert_batch(n=5, t=6):
+    ids = torch.randint(0, 23, (n, t))
+    mask = torch.ones(n, t, dtype=torch.long)
+    mask[1, 3:] = 0
+    mask[3, 5:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (n,))}
+
+
+def loop_fisher(model, batch, loss):
+    """Empirical Fisher by one backward pass per sample (brute force)."""
+    n = batch["input_ids"].shape[0]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def sample_loss(i):
+        out = model(**{k: v[i : i + 1] for k, v in inputs.items()}).logits
+        return loss(out, batch["labels"][i : i + 1])
+
+    return fisher_from_grads(loop_grads_by(model, sample_loss, n))
+
+
+def token_ce_sum(out, y):
+    return torch.nn.functional.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="sum")
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_hf_bert_two_dim_mask_all_captured(impl):
+    model = tiny_bert(impl)
+    batch = bert_batch()
+    split = split_of(model, batch)
+    # Position embeddings run on shared ids (1, T) and are added to the batched sum.
+    assert split.rest == []
+    assert "bert.embeddings.position_embeddings.weight" in split.fast_names
+    assert list(split.shared.values()) == ["<output of bert.embeddings.position_embeddings>"]
+    got = estimate_fisher(model, batch, engine="fast")
+    assert_close_dict(dict(got), loop_fisher(model, batch, ce_sum), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_hf_bert_mc_engines_agree(impl):
+    model = tiny_bert(impl)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # vmap falls back to the loop
+        fast, slow = both(model, bert_batch(), labels="mc", mc_samples=2)
+    assert_close_dict(dict(fast), dict(slow), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_hf_gpt2_tied_head_conv1d(impl):
+    model = tiny_gpt2(impl)
+    ids = torch.randint(0, 19, (3, 7))
+    labels = torch.randint(0, 19, (3, 7))
+    labels[1, 4:] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    split = split_of(model, batch)
+    assert split.rest == []
+    assert split.tied == {"transformer.wte.weight": [model.transformer.wte, model.lm_head]}
+    assert model.transformer.h[0].attn.c_attn in split.fast
+    got = estimate_fisher(model, batch, "token_categorical", engine="fast")
+    ref = loop_fisher(model, batch, token_ce_sum)
+    assert_close_dict(dict(got), ref, rtol=1e-6, atol=1e-12)
+    fast, slow = both(model, batch, likelihood="token_categorical", labels="mc", mc_samples=2)
+    assert_close_dict(dict(fast), dict(slow), rtol=1e-6, atol=1e-12)

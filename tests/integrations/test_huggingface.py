@@ -185,11 +185,11 @@ def test_ewc_loss_leaves_eval_losses_alone_and_refuses_float_labels():
 # -- Fisher at the end of training -------------------------------------------------------
 def test_fisher_saved_at_train_end_equals_a_per_sample_loop(tmp_path, caplog):
     model = _bert(dropout=0.1)
-    ids, labels = _data(N)
+    ids, labels = _data(4)  # one batch, one step: the saved Fisher is of the trained model
     cb = hf.SaveFisherCallback(_loader(ids, labels))
     trainer = transformers.Trainer(
         model=model,
-        args=_args(tmp_path, max_steps=2),
+        args=_args(tmp_path, max_steps=1),
         train_dataset=_dataset(ids, labels),
         callbacks=[cb],
     )
@@ -200,7 +200,7 @@ def test_fisher_saved_at_train_end_equals_a_per_sample_loop(tmp_path, caplog):
     assert path in caplog.text
     assert model.training  # the Trainer's mode is restored after the eval-mode pass
     loaded = natgrad.DiagonalFisher.load(path, model)
-    assert loaded.n_samples == N
+    assert loaded.n_samples == 4
     direct = natgrad.estimate_fisher(copy.deepcopy(model).eval(), _loader(ids, labels))
     ref = _loop_fisher(copy.deepcopy(model), ids, labels)
     assert set(loaded) == set(ref)
@@ -244,7 +244,7 @@ class _Snapshot(transformers.TrainerCallback):
 def test_logged_metrics_equal_direct_references(tmp_path):
     model = _bert(dropout=0.1)
     ids, labels = _data(N)
-    probe_ids, probe_labels = _data(6, seed=7)
+    probe_ids, probe_labels = _data(4, seed=7)
     probe = {"input_ids": probe_ids, "labels": probe_labels}
     damping = 0.5
     trainer = transformers.Trainer(
@@ -352,3 +352,33 @@ def test_natural_gradient_from_backward_through_trainer_optimizers(tmp_path):
     for k, p in model.named_parameters():
         step = g[k] / (fisher[k] + lam) if k in names else g[k]
         torch.testing.assert_close(p.detach(), theta0[k] - lr * step, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_ekfac_from_backward_through_trainer_optimizers(tmp_path):
+    """EKFAC over the BERT's top Linears, from the records of the Trainer's own forward
+    and backward (Trainer(optimizers=(NaturalGradient(...), None)), no batch passed):
+    one step equals a hand-run EKFAC step whose curvature natgrad estimates by its own
+    pass on the same batch (empirical labels), so the Trainer's backward gave the same
+    per-sample gradients; the LayerNorms and embeddings take plain SGD steps."""
+    model = _bert(dropout=0.0)
+    ids, labels = _data(4)
+    names = [f"{m}.{p}" for m, mod in model.named_modules()
+             if isinstance(mod, torch.nn.Linear) and not m.startswith("bert.encoder.layer.0.")
+             for p in ("weight", "bias")]  # the Linears of the last encoder layer and after
+    lr, lam = 0.1, 0.05
+    theta0 = {k: p.detach().clone() for k, p in model.named_parameters()}
+    ref = copy.deepcopy(model).eval()
+    ref_pre = natgrad.FisherPreconditioner(ref, kind="ekfac", damping=lam, params=names)
+    F.cross_entropy(ref(input_ids=ids).logits, labels).backward()
+    ref_pre.step({"input_ids": ids, "labels": labels})
+    pre = natgrad.FisherPreconditioner(model, kind="ekfac", damping=lam, params=names,
+                                       source="backward")
+    opt = natgrad.NaturalGradient(torch.optim.SGD(model.parameters(), lr=lr), pre)
+    transformers.Trainer(model=model, args=_args(tmp_path, max_steps=1),
+                         train_dataset=_dataset(ids, labels), optimizers=(opt, None)).train()
+    assert pre.curvature.structure() == {k: "ekfac" for k in names}
+    for k, p in model.named_parameters():
+        q = ref.get_parameter(k)
+        torch.testing.assert_close(p.detach(), theta0[k] - lr * q.grad, rtol=1e-4, atol=1e-6,
+                                   msg=k)
+        assert not torch.equal(p.detach(), theta0[k]) or q.grad.abs().max() == 0, k

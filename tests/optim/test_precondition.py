@@ -707,3 +707,230 @@ def test_natural_gradient_calls_every_torch_optimizer_hook():
                      ("load_post", True)]
     # the wrapped optimizer's groups and state are untouched by the wrapper's init
     assert opt.param_groups is opt.optimizer.param_groups and len(opt.param_groups) == 1
+
+
+# -- source="backward" for EKFAC and low-rank: dense float64 references ------------------------
+
+
+class _PooledSeq(nn.Module):
+    """``l1`` on (N, T, 4) tokens, tanh, mean over T, ``l2`` head: per-sample gradients of
+    ``l1`` sum over the T positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)).mean(1))
+
+
+class _Mlp(_PooledSeq):
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+def _seq_case(n=7, T=3):
+    torch.manual_seed(31)
+    model = _PooledSeq().double()
+    x = torch.randn(n, T, 4, dtype=torch.float64)
+    return model, x, torch.randint(0, 3, (n,))
+
+
+def _reference_factors(model, x, y):
+    """A = (1/(N·T)) Σ ã ãᵀ and G = (1/N) Σ_{n,t} b bᵀ per layer, with the output
+    gradients b_nt = ∂l_n/∂s_nt from one autograd call per sample."""
+    n, T = x.shape[:2]
+    one = torch.ones(n, T, 1, dtype=x.dtype)
+    with torch.no_grad():
+        m = torch.tanh(model.l1(x)).mean(1)
+    a1 = torch.cat([x, one], -1).reshape(n * T, -1)
+    a2 = torch.cat([m, one[:, 0]], -1)
+    b1, b2 = [], []
+    for i in range(n):
+        s1 = model.l1(x[i : i + 1])
+        s2 = model.l2(torch.tanh(s1).mean(1))
+        g1, g2 = torch.autograd.grad(F.cross_entropy(s2, y[i : i + 1], reduction="sum"), [s1, s2])
+        b1.append(g1.reshape(T, -1))
+        b2.append(g2.reshape(1, -1))
+    b1, b2 = torch.cat(b1), torch.cat(b2)
+    return {"l1": (a1.T @ a1 / (n * T), b1.T @ b1 / n), "l2": (a2.T @ a2 / n, b2.T @ b2 / n)}
+
+
+def _blockvec(pg, lay, i=None):
+    """The block matrix [W, b] of layer ``lay``: per sample (``i`` None) or of a dict."""
+    if i is None:
+        return torch.cat([pg[f"{lay}.weight"], pg[f"{lay}.bias"][..., None]], -1)
+    return torch.cat([pg[f"{lay}.weight"][i], pg[f"{lay}.bias"][i][:, None]], 1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", ["seq", "mlp"])
+def test_backward_ekfac_equals_dense_reference(case, reduction):
+    # EKFAC: F = K diag(s) Kᵀ, K = Q_G ⊗ Q_A of the factors' eigenbases, with
+    # s = (1/N) Σ_n (Q_Gᵀ g_n Q_A)² from brute-force per-sample gradients g_n
+    if case == "seq":
+        model, x, y = _seq_case()
+        fac = _reference_factors(model, x, y)
+    else:
+        torch.manual_seed(32)
+        model = _Mlp().double()
+        x, y = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
+        fac = _reference_factors(model, x[:, None], y)  # T = 1 (uses l1, l2 only)
+    pg = loop_grads(model, ce_sum, x, y)
+    lam = 0.05
+    pre = FisherPreconditioner(model, kind="ekfac", damping=lam, source="backward",
+                               loss_reduction=reduction)
+    model.zero_grad()
+    F.cross_entropy(model(x), y, reduction=reduction).backward()
+    g = _grads(model)
+    assert pre.step().curvature_updated
+    for lay, (A, G) in fac.items():
+        dA, QA = torch.linalg.eigh(A)
+        dG, QG = torch.linalg.eigh(G)
+        gn = _blockvec(pg, lay)  # (N, d_G, d_A)
+        s = ((QG.T @ gn @ QA) ** 2).mean(0)
+        K = torch.kron(QG, QA)
+        Fd = K @ torch.diag(s.reshape(-1)) @ K.T
+        V = _blockvec(g, lay, None)
+        ref = torch.linalg.solve(Fd + lam * torch.eye(len(Fd), dtype=Fd.dtype),
+                                 V.reshape(-1)).reshape(V.shape)
+        torch.testing.assert_close(_blockvec(_grads(model), lay), ref, rtol=1e-8, atol=1e-11)
+        # and the curvature's own diagonal is diag F
+        D = pre.curvature.diagonal()
+        torch.testing.assert_close(_blockvec(D, lay), Fd.diagonal().reshape(V.shape),
+                                   rtol=1e-8, atol=1e-12)
+        assert not torch.allclose(ref, V)  # the solve did something
+
+
+@pytest.mark.parametrize("case", ["seq", "cnn"])
+def test_backward_lowrank_equals_dense_per_sample_fisher(case):
+    # F = RᵀR/N over every parameter, rows = brute-force per-sample gradients
+    if case == "seq":
+        model, x, y = _seq_case()
+    else:
+        torch.manual_seed(33)
+        model = _cnn()
+        x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 4, (6,))
+    names = [k for k, _ in model.named_parameters()]
+    pg = loop_grads(model, ce_sum, x, y)
+    R = torch.cat([pg[k].reshape(len(y), -1) for k in names], 1)
+    Fd = R.T @ R / len(y)
+    lam = 0.1
+    pre = FisherPreconditioner(model, kind="woodbury", damping=lam, source="backward")
+    _backward(model, x, y)
+    g = _grads(model)
+    vg = torch.cat([g[k].reshape(-1) for k in names])
+    ref = torch.linalg.solve(Fd + lam * torch.eye(len(Fd), dtype=Fd.dtype), vg)
+    assert pre.step().curvature_updated
+    got = torch.cat([model.get_parameter(k).grad.reshape(-1) for k in names])
+    torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-11)
+    assert pre.curvature.n_samples == len(y)
+
+
+@pytest.mark.parametrize("kind", ["ekfac", "lowrank"])
+def test_backward_ekfac_lowrank_equal_batch_source_over_steps(kind):
+    # several refreshes (EKFAC: EMA in the pooled eigenbasis) match source="batch"
+    model, x, y = _seq_case()
+    twin = copy.deepcopy(model)
+    pb = FisherPreconditioner(model, kind=kind, damping=0.05, source="backward", ema_decay=0.5)
+    pa = FisherPreconditioner(twin, kind=kind, damping=0.05, ema_decay=0.5)
+    for step in range(3):
+        xs = x + 0.3 * step
+        for m in (model, twin):
+            m.zero_grad(set_to_none=True)
+            F.cross_entropy(m(xs), y).backward()
+        pb.step()
+        pa.step((xs, y))
+        assert_close_dict(_grads(model), _grads(twin), rtol=1e-9, atol=1e-12)
+    assert pb.curvature.structure() == pa.curvature.structure()
+
+
+class _TwoReaders(nn.Module):
+    """``q`` and ``k`` read the same input tensor (one A computed for both), or, with
+    ``other``, ``k`` reads another tensor (2x), so their A differ."""
+
+    def __init__(self, other):
+        super().__init__()
+        self.q, self.k, self.h = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(3, 2)
+        self.other = other
+
+    def forward(self, x):
+        u = torch.tanh(self.q(x))
+        return self.h(u * self.k(2.0 * x if self.other else x))
+
+
+@pytest.mark.parametrize("source", ["backward", "batch"])
+@pytest.mark.parametrize("other", [False, True])
+def test_layers_reading_one_input_share_its_factor(other, source):
+    torch.manual_seed(34)
+    model = _TwoReaders(other).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6,))
+    pre = FisherPreconditioner(model, kind="kfac", source=source)
+    _backward(model, x, y)
+    pre.step((x, y))
+    A = {k: pre.curvature.blocks[k].A[0] for k in ("q", "k")}
+    xa = torch.cat([x, torch.ones(6, 1, dtype=torch.float64)], 1)
+    xk = torch.cat([2 * x if other else x, torch.ones(6, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(A["q"], xa.T @ xa / 6)
+    torch.testing.assert_close(A["k"], xk.T @ xk / 6)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_backward_max_factor_dim_keeps_the_large_side_diagonal(kind):
+    # a 6-output layer with max_factor_dim=5: G = diag((1/N) Σ_n b_n²), A full; the
+    # solve is that of diag(G) ⊗ A (EKFAC: s re-fitted in the basis I ⊗ Q_A)
+    torch.manual_seed(35)
+    model = nn.Linear(4, 6).double()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 6, (10,))
+    with torch.no_grad():
+        p = model(x).softmax(-1)
+    xa = torch.cat([x, torch.ones(10, 1, dtype=torch.float64)], 1)
+    b = p - F.one_hot(y, 6).double()
+    A, G = xa.T @ xa / 10, torch.diag((b * b).mean(0))
+    if kind == "kfac":
+        Fd = torch.kron(G, A)
+    else:
+        QA = torch.linalg.eigh(A)[1].contiguous()
+        K = torch.kron(torch.eye(6, dtype=torch.float64), QA)
+        gn = b[:, :, None] * xa[:, None, :]  # per-sample [∇W, ∇b]
+        s = ((gn @ QA) ** 2).mean(0)
+        Fd = K @ torch.diag(s.reshape(-1)) @ K.T
+    lam = 1e-2
+    pre = FisherPreconditioner(model, kind=kind, damping=lam, kfac_damping="exact",
+                               source="backward", max_factor_dim=5)
+    _backward(model, x, y)
+    V = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1)
+    ref = torch.linalg.solve(Fd + lam * torch.eye(30, dtype=torch.float64),
+                             V.reshape(-1)).reshape(6, 5)
+    pre.step()
+    assert pre.curvature.blocks[""].G.shape == (1, 6)  # kept as its diagonal
+    torch.testing.assert_close(model.weight.grad, ref[:, :4])
+    torch.testing.assert_close(model.bias.grad, ref[:, 4])
+
+
+@pytest.mark.parametrize("source", ["backward", "batch"])
+def test_kfac_reduce_factors_equal_their_definition(source):
+    # K-FAC-reduce: A = (1/N) Σ_n ā ā ᵀ (ā = mean over t of ã_nt), G = (1/N) Σ_n b̄ b̄ᵀ
+    # (b̄ = Σ_t b_nt), output gradients from one autograd call per sample; the head
+    # (T = 1) gets the expand factors, which agree there
+    model, x, y = _seq_case()
+    n, T = x.shape[:2]
+    ref = _reference_factors(model, x, y)  # expand; b_nt per sample below
+    xa = torch.cat([x, torch.ones(n, T, 1, dtype=x.dtype)], -1).mean(1)
+    bbar = []
+    for i in range(n):
+        s1 = model.l1(x[i : i + 1])
+        loss = F.cross_entropy(model.l2(torch.tanh(s1).mean(1)), y[i : i + 1], reduction="sum")
+        bbar.append(torch.autograd.grad(loss, s1)[0].sum(1))
+    bbar = torch.cat(bbar)
+    pre = FisherPreconditioner(model, kind="kfac", source=source, kfac_approx="reduce")
+    _backward(model, x, y)
+    pre.step((x, y))
+    blk = pre.curvature.blocks
+    torch.testing.assert_close(blk["l1"].A[0], xa.T @ xa / n)
+    torch.testing.assert_close(blk["l1"].G[0], bbar.T @ bbar / n)
+    torch.testing.assert_close(blk["l2"].A[0], ref["l2"][0])
+    torch.testing.assert_close(blk["l2"].G[0], ref["l2"][1])
+    assert not torch.allclose(blk["l1"].G[0], ref["l1"][1])  # reduce differs from expand
+    with pytest.raises(ValueError, match="kfac_approx"):
+        FisherPreconditioner(model, kind="kfac", kfac_approx="sum")

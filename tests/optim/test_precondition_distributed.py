@@ -25,6 +25,8 @@ CASES = {
     "lowrank": ("lowrank", {}),
     "kfac_backward": ("kfac", {"source": "backward", "kfac_damping": "exact"}),
     "diag_backward": ("diag", {"source": "backward"}),
+    "ekfac_backward": ("ekfac", {"source": "backward"}),
+    "lowrank_backward": ("lowrank", {"source": "backward"}),
 }
 
 
@@ -94,10 +96,18 @@ def _worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
+def _fork(worker, world, tmp_path):
+    """Start ``world`` forked workers (a forked child inherits the imported modules: DDP's
+    first construction imports torch._dynamo, seconds per process when spawned)."""
+    import torch._dynamo  # noqa: F401  # imported once here, inherited by the children
+
+    mp.start_processes(worker, args=(world, str(tmp_path / "init"), str(tmp_path)),
+                       nprocs=world, join=True, start_method="fork")
+
+
+@pytest.mark.parametrize("world", [2, 3])
 def test_ddp_replicas_identical_and_equal_one_process_on_union(world, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
-             join=True)
+    _fork(_worker, world, tmp_path)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     xs, ys = _data(world)
     torch.set_num_threads(1)

@@ -659,3 +659,206 @@ def test_conv1d_conversion_keeps_the_function():
     convert_attention(conv)
     assert isinstance(conv.transformer.h[0].attn.c_attn, nn.Linear)
     torch.testing.assert_close(conv(input_ids=ids).logits, want, rtol=1e-12, atol=1e-12)
+
+
+class StringPadConv(nn.Module):
+    """Conv1d layers with padding="same" (an even kernel: asymmetric padding) and "valid"."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 6, 3, padding="same")
+        self.c2 = nn.Conv1d(6, 5, 4, padding="same", dilation=2)
+        self.c3 = nn.Conv1d(5, 4, 3, padding="valid")
+        self.fc = nn.Linear(4 * 8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = torch.relu(self.c2(h))
+        return self.fc(torch.relu(self.c3(h)).flatten(1))
+
+
+def test_string_padding_convs_shrink_and_tune():
+    torch.manual_seed(7)
+    model = StringPadConv().double().eval()
+    x = torch.randn(30, 2, 10, dtype=torch.float64)
+    groups, _ = find_groups(model, x)
+    assert [g.name for g in groups] == ["c1", "c2", "c3"]
+    removed = {"c1": torch.tensor([0, 4]), "c2": torch.tensor([1, 2]), "c3": torch.tensor([3])}
+    masks = {}
+    for g in groups:
+        m = torch.ones(g.size, dtype=torch.float64)
+        m[removed[g.name]] = 0
+        masks[g.name] = m
+    small = shrink_model(copy.deepcopy(model), groups, removed)
+    with torch.no_grad(), apply_masks_to(model, groups, masks):
+        want = model(x)
+    torch.testing.assert_close(small(x), want, rtol=1e-10, atol=1e-12)
+    assert small.c2.padding == "same" and small.c3.padding == "valid"
+    # the design rows reproduce the convolutions (asymmetric "same" padding included)
+    from natgrad.pruning.shrink import design_rows
+
+    for conv, inp in ((model.c2, torch.relu(model.c1(x))), (model.c3, torch.randn(4, 5, 10).double())):
+        rows = design_rows(conv, inp.detach())
+        w = torch.cat([conv.weight.flatten(1), conv.bias[:, None]], 1)
+        got = (rows @ w.T).view(inp.shape[0], -1, conv.out_channels).transpose(1, 2)
+        torch.testing.assert_close(got, conv(inp).detach(), rtol=1e-10, atol=1e-12)
+    # tuning the "same" conv c2: the least-squares gradient vanishes at the re-fitted weights
+    tune_layers(model, small, groups, removed, x, damping=0.0)
+    cap = {}
+    hk = small.c2.register_forward_pre_hook(lambda m, a: cap.__setitem__("x", a[0].detach()))
+    with torch.no_grad():
+        small(x)
+    hk.remove()
+    target = model.c2(torch.relu(model.c1(x)))[:, [0, 3, 4]].detach()
+    loss = ((small.c2(cap["x"]) - target) ** 2).sum()
+    gw, gb = torch.autograd.grad(loss, [small.c2.weight, small.c2.bias])
+    assert float(gw.abs().max()) < 1e-8 * float(loss.detach()) + 1e-9
+    assert float(gb.abs().max()) < 1e-8 * float(loss.detach()) + 1e-9
+
+
+# -- knapsack, removal curves, compensated (OBS) curves -------------------------------------------
+
+
+def test_nested_order_takes_the_cheapest_block_increase():
+    torch.manual_seed(0)
+    a = torch.randn(6, 6, dtype=torch.float64)
+    f = a @ a.T
+    order, values = natgrad.pruning.search.nested_order(f)
+    assert sorted(order.tolist()) == list(range(6))
+    chosen: list[int] = []
+    for k in range(6):
+        # brute force: the next index is the one whose addition gives the smallest 1ᵀF_RR1
+        def quad(r):
+            idx = torch.tensor(r, dtype=torch.long)
+            return 0.5 * float(f[idx][:, idx].sum())
+
+        best = min((i for i in range(6) if i not in chosen), key=lambda i: quad([*chosen, i]))
+        assert int(order[k]) == best
+        chosen.append(best)
+        assert float(values[k + 1]) == pytest.approx(quad(chosen), rel=1e-12)
+
+
+def test_knapsack_is_optimal_for_separable_costs():
+    from natgrad.pruning.search import knapsack_search
+
+    gen = torch.Generator().manual_seed(3)
+    sizes = {"a": 4, "b": 5, "c": 3}
+    per = {"a": 3.0, "b": 5.0, "c": 7.0}
+    cost = CostModel([(per[g], (g,)) for g in sizes] + [(10.0, ())], [], sizes)
+    curves = {}
+    for g, s in sizes.items():
+        inc = torch.rand(s, generator=gen, dtype=torch.float64) * torch.rand(1, generator=gen).item()
+        curves[g] = (torch.randperm(s, generator=gen), torch.cat([torch.zeros(1, dtype=torch.float64), inc.cumsum(0)]))
+    mins = {"a": 1, "b": 1, "c": 0 + 1}
+    full = cost.total("flops")
+    for keep in (0.9, 0.7, 0.55):
+        target = keep * full
+        best = math_inf = float("inf")
+        for js in itertools.product(*(range(sizes[g] - mins[g] + 1) for g in sizes)):
+            kept = {g: sizes[g] - j for g, j in zip(sizes, js, strict=True)}
+            if cost.total("flops", kept) <= target + 1e-9:
+                val = sum(float(curves[g][1][j]) for g, j in zip(sizes, js, strict=True))
+                best = min(best, val)
+        assert best < math_inf
+        removed = knapsack_search(curves, cost, kind="flops", keep=keep, min_keep=mins, bins=4000)
+        kept = {g: sizes[g] - len(removed[g]) for g in sizes}
+        assert cost.total("flops", kept) <= target + 1e-9
+        got = sum(float(curves[g][1][len(removed[g])]) for g in sizes)
+        assert got == pytest.approx(best, rel=1e-9)
+        for g in sizes:  # the removed are the first ones of each curve's order
+            assert sorted(removed[g].tolist()) == sorted(curves[g][0][: len(removed[g])].tolist())
+
+
+def test_knapsack_meets_coupled_budgets_and_minimums():
+    from natgrad.pruning.search import curve_greedy_search, knapsack_search
+
+    model, x, y = mlp_case()
+    groups, _ = find_groups(model, x)
+    cost = build_cost_model(model, groups, x)
+    gen = torch.Generator().manual_seed(0)
+    curves = {}
+    for g in groups:
+        inc = torch.rand(g.size, generator=gen, dtype=torch.float64)
+        curves[g.name] = (torch.randperm(g.size, generator=gen), torch.cat([torch.zeros(1, dtype=torch.float64), inc.cumsum(0)]))
+    mins = {g.name: 2 for g in groups}
+    for keep in (0.8, 0.5):
+        for fn in (knapsack_search, curve_greedy_search):
+            removed = fn(curves, cost, kind="flops", keep=keep, min_keep=mins)
+            kept = {g.name: g.size - len(removed[g.name]) for g in groups}
+            assert cost.total("flops", kept) <= keep * cost.total("flops") * (1 + 1e-12)
+            assert all(kept[g] >= 2 for g in kept)
+    with pytest.raises(BudgetError, match="out of reach"):
+        knapsack_search(curves, cost, kind="flops", keep=0.01, min_keep=mins)
+
+
+def _kfac_reference(model, layer, x, y):
+    """A = mean of the layer's design rows [x̃, 1][x̃, 1]ᵀ (unfolded patches for a conv);
+    G = (1/N) Σ_n Σ_t g_nt g_ntᵀ from a per-sample loop (g = ∂l_n/∂ layer output)."""
+    from natgrad.pruning.shrink import design_rows
+
+    ins, gs = [], []
+    for n in range(x.shape[0]):
+        cap = {}
+        h = layer.register_forward_hook(lambda m, a, o, cap=cap: cap.update(x=a[0], y=o))
+        out = model(x[n : n + 1])
+        h.remove()
+        loss = F.cross_entropy(out, y[n : n + 1], reduction="sum")
+        (g,) = torch.autograd.grad(loss, cap["y"])
+        ins.append(design_rows(layer, cap["x"].detach()))
+        gs.append(g.detach()[0].reshape(g.shape[1], -1).T)  # (positions, out)
+    xa, ga = torch.cat(ins), torch.cat(gs)
+    return xa.T @ xa / len(xa), ga.T @ ga / len(x)
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv1d"])
+def test_compensated_curves_match_brute_force_obs(case):
+    from natgrad.pruning.shrink import compensated_curves
+
+    model, x, _ = CASES[case]()
+    torch.manual_seed(1)
+    x = torch.randn(40, *x.shape[1:], dtype=torch.float64)
+    y = torch.randint(0, 3 if case == "conv1d" else 4, (40,))
+    groups, _ = find_groups(model, x)
+    groups = [g for g in groups if g.consumer_kind != "linear" or case == "mlp"]
+    curves = compensated_curves(model, groups, (x, y), damping=0.0)
+    for g in groups:
+        layer = model.get_submodule(g.consumer)
+        a, gm = _kfac_reference(model, layer, x, y)
+        w = torch.cat([layer.weight.reshape(layer.weight.shape[0], -1), layer.bias[:, None]], 1).detach()
+        n = w.shape[1]
+        per = (n - 1) // g.size  # columns of one structure (kernel positions of a channel)
+
+        def increase(removed, w=w, a=a, gm=gm, n=n, per=per):
+            # best change D with D[:, R] = -W[:, R]: D_K = W_R A_RK A_KK⁻¹ (closed form)
+            r = torch.tensor([s * per + i for s in removed for i in range(per)], dtype=torch.long)
+            k = torch.tensor([i for i in range(n) if i not in set(r.tolist())], dtype=torch.long)
+            d = torch.zeros_like(w)
+            d[:, r] = -w[:, r]
+            d[:, k] = w[:, r] @ a[r][:, k] @ torch.linalg.inv(a[k][:, k])
+            return 0.5 * float(torch.trace(gm @ d @ a @ d.T))
+
+        order, values = curves[g.name]
+        first = min(range(g.size), key=lambda s: increase([s]))
+        assert int(order[0]) == first
+        for k in (1, 2, 3):
+            assert float(values[k]) == pytest.approx(increase(order[:k].tolist()), rel=1e-7)
+
+
+@pytest.mark.parametrize(
+    "case", ["conv1d", pytest.param("encoder", marks=pytest.mark.slow), pytest.param("bert", marks=pytest.mark.slow)]
+)
+@pytest.mark.parametrize("search", ["greedy", "knapsack"])
+def test_compensated_and_knapsack_end_to_end(case, search):
+    model, x, y = CASES[case]()
+    data = _batch(x, y)
+    for criterion, labels in (("compensated", "empirical"), ("compensated", "mc"), ("fisher", "empirical")):
+        small, rep = natgrad.prune_structured(
+            model, data, flops=0.7, criterion=criterion, search=search, labels=labels,
+            tune=False, measure=False, min_keep=1,
+        )
+        assert rep.flops_after <= 0.7 * rep.flops_before * (1 + 1e-12)
+        assert rep.flops_after == count_flops(small, data)
+        assert all(k >= 1 for k, _ in rep.kept.values())
+        # the shrunken model is the masked model (checked inside); it runs and exports
+        call = _caller(x)
+        assert torch.isfinite(call(small)).all()

@@ -1,0 +1,368 @@
+"""Merging 4 MNIST-1D task models: averaging, task arithmetic, diagonal Fisher, RegMean, K-FAC.
+
+Setting (one run per seed, 3 seeds):
+
+* backbone: the MNIST-1D MLP body ``40-100-100`` (two ``Linear`` + ReLU) with a 10-way
+  linear head, pre-trained on all ten digits of the plain signals (Adam lr 3e-3, batch 100,
+  ``--pretrain-epochs`` epochs on 3500 training samples);
+* 4 tasks, each a transformation of the 40-sample signal, all ten digits:
+  ``flip`` (time reversal), ``negate`` (sign flip), ``shift`` (circular shift by 10
+  samples) and ``noise`` (fixed Gaussian noise of std 0.5 · std(x) added per sample);
+* fine-tuning: a copy of the whole pre-trained model (body and head) per task, Adam
+  lr 1e-3, batch 100, ``--finetune-epochs`` epochs on the task's 3500 training samples;
+* heads: SEPARATE. Each task keeps its own fine-tuned head; only the body (both
+  ``Linear`` layers, weights and biases: 14 200 parameters) is merged, and task ``t`` is
+  scored with the merged body and head ``t`` (the usual multi-task merging protocol, e.g.
+  FusionBench). The other 500 training samples of each task are its validation split.
+
+Merges of the bodies (the tuning budget is the same 5-point validation grid for every
+method with a hyperparameter; averaging has none):
+
+* average: ``θ̄ = mean_t θ_t``;
+* task arithmetic: ``θ_0 + λ Σ_t (θ_t − θ_0)``, ``λ`` in ``TA_GRID``;
+* diagonal Fisher: ``natgrad.fisher_weighted_merge`` with the exact-label diagonal
+  Fisher of each task model on 2000 of its training samples, floor ``ε = r · mean diag``
+  of the tasks' mean Fisher, ``r`` in ``--ridge-grid`` (default ``RIDGE_GRID``);
+* RegMean: ``natgrad.regmean_merge`` on each task's 2000 training inputs, ``α`` (the
+  Gram off-diagonal shrink) in ``ALPHA_GRID``;
+* K-FAC: ``natgrad.fisher_weighted_merge`` with the exact-label K-FAC Fisher
+  (``estimate_curvature(kind="kfac", labels="exact")``) of each task model on the same
+  2000 samples, i.e. ``(Σ_t G_t ⊗ A_t + εI) θ* = Σ_t (G_t ⊗ A_t) θ_t + ε θ̄`` per layer
+  by conjugate gradients (at most ``--cg-iters`` products, default 500), ridge ``ε = r · mean diag`` as for the diagonal Fisher.
+
+Each method's hyperparameter is chosen per seed by the mean validation accuracy over the
+4 tasks; the table gives the test accuracy (1000 test samples per task, transformed) of
+that choice: mean over tasks, then mean ± std over seeds.
+
+Run: ``python -m benchmarks.exp_merging_curvature`` (``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from benchmarks.workloads import load_note, machine_line, run_experiment, train
+from natgrad import estimate_curvature, fisher_weighted_merge, regmean_merge
+from natgrad.datasets import load_mnist1d
+
+TA_GRID = (0.2, 0.3, 0.4, 0.6, 0.8)
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+ALPHA_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)
+N_VAL = 500
+
+
+class Net(nn.Module):
+    """MNIST-1D MLP as a body (the merged part) and a 10-way head (kept per task)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(40, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU())
+        self.head = nn.Linear(100, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def transforms(x_all: torch.Tensor) -> dict:
+    """The 4 task transformations (deterministic; the noise is drawn once per split)."""
+    std = float(x_all.std())
+
+    def noise(x: torch.Tensor, split: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(100 + split)
+        return x + 0.5 * std * torch.randn(x.shape, generator=g)
+
+    return {
+        "flip": lambda x, split: x.flip(-1),
+        "negate": lambda x, split: -x,
+        "shift": lambda x, split: torch.roll(x, 10, -1),
+        "noise": noise,
+    }
+
+
+def with_body(body: nn.Module, head: nn.Module) -> Net:
+    net = Net()
+    net.body, net.head = body, head
+    return net.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((model(x).argmax(-1) == y).float().mean())
+
+
+def scores(body: nn.Module, tuned: list[Net], tasks: list[dict], split: str) -> list[float]:
+    """Accuracy of ``body`` + each task's own head on that task's ``split``."""
+    return [
+        accuracy(with_body(body, t.head), task[split][0], task[split][1])
+        for t, task in zip(tuned, tasks, strict=True)
+    ]
+
+
+def body_vector_op(bodies: list[nn.Module], fn) -> nn.Module:
+    """A new body whose every parameter is ``fn([the bodies' parameter])``."""
+    out = copy.deepcopy(bodies[0])
+    named = [dict(b.named_parameters()) for b in bodies]
+    with torch.no_grad():
+        for k, p in out.named_parameters():
+            p.copy_(fn([n[k].detach() for n in named]))
+    return out
+
+
+def mean_diag(curvs) -> float:
+    total, count = 0.0, 0
+    for c in curvs:
+        for v in c.diagonal().values():
+            total += float(v.double().sum())
+            count += v.numel()
+    return total / count
+
+
+def run_seed(data, seed: int, args) -> dict:
+    torch.manual_seed(seed)
+    x_tr, y_tr = data.x_train[:-N_VAL], data.y_train[:-N_VAL]
+    x_val, y_val = data.x_train[-N_VAL:], data.y_train[-N_VAL:]
+    base = train(
+        Net(), x_tr, y_tr, epochs=args.pretrain_epochs, seed=seed,
+        make_opt=lambda m: torch.optim.Adam(m.parameters(), lr=3e-3),
+    ).eval()
+    tf = transforms(data.x_train)
+    tasks = [
+        {
+            "train": (f(x_tr, 0), y_tr),
+            "val": (f(x_val, 1), y_val),
+            "test": (f(data.x_test, 2), data.y_test),
+        }
+        for f in tf.values()
+    ]
+    tuned, diags, kfacs, kfacs_emp, ekfacs = [], [], [], [], []
+    layer1: list = []
+    layer2: list = []
+    n = args.fisher_samples
+    for i, task in enumerate(tasks):
+        m = copy.deepcopy(base).train()
+        train(m, *task["train"], epochs=args.finetune_epochs, seed=seed * 10 + i + 1,
+              make_opt=lambda mm: torch.optim.Adam(mm.parameters(), lr=1e-3))
+        m.eval()
+        batch = (task["train"][0][:n], task["train"][1][:n])
+        diags.append(estimate_curvature(m, batch, kind="diag", labels=args.labels,
+                                        params=[m.body]))
+        kfacs.append(estimate_curvature(m, batch, kind=args.kind, labels=args.labels,
+                                        params=[m.body]))
+        if args.layer_variants:
+            layer1.append(estimate_curvature(m, batch, kind=args.kind, labels=args.labels,
+                                             params=[m.body[0]]))
+            layer2.append(estimate_curvature(m, batch, kind=args.kind, labels=args.labels,
+                                             params=[m.body[2]]))
+        if args.variants:
+            kfacs_emp.append(estimate_curvature(m, batch, kind="kfac", labels="empirical",
+                                                params=[m.body]))
+            ekfacs.append(estimate_curvature(m, batch, kind="ekfac", labels=args.labels,
+                                             params=[m.body]))
+        tuned.append(m)
+    bodies = [t.body for t in tuned]
+    theta0 = dict(base.body.named_parameters())
+    inputs = [task["train"][0][:n] for task in tasks]
+
+    def task_arithmetic(lam: float) -> nn.Module:
+        out = copy.deepcopy(base.body)
+        named = [dict(b.named_parameters()) for b in bodies]
+        with torch.no_grad():
+            for k, p in out.named_parameters():
+                p.add_(lam * sum(nm[k].detach() - theta0[k].detach() for nm in named))
+        return out
+
+    scale_d, scale_k = mean_diag(diags), mean_diag(kfacs)
+    kname = args.kind.upper()
+    candidates = {
+        "average": {None: lambda _: body_vector_op(bodies, lambda ps: sum(ps) / len(ps))},
+        "task arithmetic": {lam: task_arithmetic for lam in TA_GRID},
+        "diagonal Fisher": {
+            r: lambda r: fisher_weighted_merge(tuned, diags, floor=r * scale_d).body
+            for r in args.ridge_grid
+        },
+        "RegMean": {a: lambda a: regmean_merge(bodies, inputs, alpha=a) for a in ALPHA_GRID},
+        kname: {
+            r: lambda r: fisher_weighted_merge(
+                tuned, kfacs, floor=r * scale_k, cg_iters=args.cg_iters, cg_tol=1e-8
+            ).body
+            for r in args.ridge_grid
+        },
+    }
+    if args.variants:  # investigation rows: other Fisher labels and kinds, same grid
+        for label, curvs in (("KFAC, empirical labels", kfacs_emp), ("EKFAC", ekfacs)):
+            scale = mean_diag(curvs)
+            candidates[label] = {
+                r: lambda r, curvs=curvs, sc=scale: fisher_weighted_merge(
+                    tuned, curvs, floor=r * sc, cg_iters=args.cg_iters, cg_tol=1e-8
+                ).body
+                for r in args.ridge_grid
+            }
+    if args.layer_variants:  # investigation rows: which layers the curvature merges
+        variants = {
+            f"{kname}, first layer only (second averaged)": (layer1, False),
+            f"{kname}, second layer only (first averaged)": (layer2, False),
+            f"{kname}, unit-trace curvatures": (kfacs, True),
+        }
+        for label, (curvs, norm) in variants.items():
+            scale = mean_diag(
+                [(1.0 / sum(float(v.sum()) for v in c.diagonal().values())) * c for c in curvs]
+                if norm else curvs
+            )
+            candidates[label] = {
+                r: lambda r, curvs=curvs, sc=scale, norm=norm: fisher_weighted_merge(
+                    tuned, curvs, floor=r * sc, normalize=norm, cg_iters=args.cg_iters,
+                    cg_tol=1e-8,
+                ).body
+                for r in args.ridge_grid
+            }
+    out: dict = {
+        "fine-tuned (each on its own task)": (
+            [accuracy(t, *task["test"]) for t, task in zip(tuned, tasks, strict=True)], None
+        ),
+        "pre-trained body + task heads": (scores(base.body, tuned, tasks, "test"), None),
+    }
+    for name, grid in candidates.items():
+        best = None
+        for h, make in grid.items():
+            body = make(h)
+            val = statistics.mean(scores(body, tuned, tasks, "val"))
+            if best is None or val > best[0]:
+                best = (val, h, body)
+        assert best is not None
+        out[name] = (scores(best[2], tuned, tasks, "test"), best[1])
+        print(f"  seed {seed} {name}: test {statistics.mean(out[name][0]):.3f} "
+              f"(val {best[0]:.3f}, picked {best[1]})", flush=True)
+    return out
+
+
+def run(args) -> str:
+    data = load_mnist1d()
+    names = list(transforms(data.x_train))
+    runs = []
+    if args.table_from:
+        seeds: list[int] = []
+        for path in args.table_from:
+            with open(path) as fh:
+                saved = json.load(fh)
+            runs += saved["runs"]
+            seeds += saved["seeds"]
+            args.load = saved["load"] + " (of the per-seed run)"
+        args.seeds = tuple(seeds)
+    for seed in () if args.table_from else args.seeds:
+        t0 = time.time()
+        runs.append(run_seed(data, seed, args))
+        print(f"seed {seed}: {time.time() - t0:.0f}s", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"runs": runs, "seeds": list(args.seeds), "load": args.load}, fh)
+    kname = args.kind.upper()
+    lines = [
+        "## Merging 4 task models: averaging, task arithmetic, diagonal Fisher, RegMean, "
+        f"{kname} (MNIST-1D MLP, separate heads"
+        + (", variants: wider ridge grid, other labels and kinds" if args.variants else "")
+        + ")",
+        "",
+        machine_line() + "; " + args.load,
+        "",
+        f"Pre-train: Adam lr 3e-3, {args.pretrain_epochs} epochs on all digits (3500 training "
+        f"samples). Tasks: {', '.join(names)} (signal transformations, all ten digits). "
+        f"Fine-tune: the whole model per task, Adam lr 1e-3, {args.finetune_epochs} epochs. "
+        "Merged: the body (two Linear layers, 14 200 parameters); each task keeps its own "
+        "fine-tuned head (separate heads). Fisher / K-FAC: "
+        f"labels={args.labels!r}, {args.fisher_samples} training samples of the task. "
+        "Tuning: one 5-point grid per method, chosen per seed by mean validation accuracy "
+        f"over the tasks (500 samples each): task arithmetic λ in {list(TA_GRID)}, "
+        f"diagonal Fisher and {kname} ridge ε = r · mean diag F with r in {list(args.ridge_grid)}, "
+        f"RegMean α in {list(ALPHA_GRID)}; averaging has no hyperparameter. Test accuracy "
+        f"(1000 samples per task), {len(args.seeds)} seeds {list(args.seeds)}: per task the "
+        "mean over seeds; 'mean' = mean over tasks, ± std over seeds.",
+        "",
+        "| merge | " + " | ".join(names) + " | mean | picked (per seed) |",
+        "|---|" + "---|" * (len(names) + 2),
+    ]
+    means = {}
+    for meth in runs[0]:
+        per_task = [statistics.mean(r[meth][0][i] for r in runs) for i in range(len(names))]
+        per_seed = [statistics.mean(r[meth][0]) for r in runs]
+        means[meth] = per_seed
+        sd = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
+        picks = ", ".join(str(r[meth][1]) for r in runs) if runs[0][meth][1] is not None else "–"
+        lines.append(
+            f"| {meth} | " + " | ".join(f"{v:.3f}" for v in per_task)
+            + f" | {statistics.mean(per_seed):.3f} ± {sd:.3f} | {picks} |"
+        )
+
+    def gap(a: str, b: str) -> str:
+        d = [x - y for x, y in zip(means[a], means[b], strict=True)]
+        return (f"{statistics.mean(d) * 100:+.1f} points (per seed "
+                + "/".join(f"{v * 100:+.1f}" for v in d) + ")")
+
+    lines += [
+        "",
+        f"{kname} − average: {gap(kname, 'average')}; {kname} − RegMean: "
+        f"{gap(kname, 'RegMean')}; {kname} − diagonal Fisher: {gap(kname, 'diagonal Fisher')}; "
+        f"{kname} − task arithmetic: {gap(kname, 'task arithmetic')}.",
+        "",
+        f"Target (issue 13): {kname} ≥ average + 2 points: "
+        + ("met" if statistics.mean(means[kname]) - statistics.mean(means["average"]) >= 0.02
+           else "MISSED")
+        + f"; {kname} ≥ RegMean: "
+        + ("met" if statistics.mean(means[kname]) >= statistics.mean(means["RegMean"])
+           else "MISSED")
+        + ".",
+        "",
+        "Reproduce with `python -m benchmarks.exp_merging_curvature"
+        + (" --quick" if args.quick else "")
+        + (f" --labels {args.labels}" if args.labels != "exact" else "")
+        + (f" --kind {args.kind}" if args.kind != "kfac" else "")
+        + (f" --ridge-grid {' '.join(map(str, args.ridge_grid))}"
+           if tuple(args.ridge_grid) != RIDGE_GRID else "")
+        + (" --variants" if args.variants else "")
+        + (" --layer-variants" if args.layer_variants else "")
+        + "`"
+        + (
+            " (this table: one process per seed, `--seeds k --json <file k>`, then "
+            "`--table-from " + " ".join(args.table_from) + "`)"
+            if args.table_from else ""
+        )
+        + ".",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="one seed, fewer epochs (smoke run)")
+    p.add_argument("--labels", default="exact", choices=["exact", "empirical", "mc"])
+    p.add_argument("--kind", default="kfac", choices=["kfac", "ekfac"])
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--name", default="merging_curvature", help="fragment name")
+    p.add_argument("--cg-iters", type=int, default=500)
+    p.add_argument("--ridge-grid", nargs="+", type=float, default=list(RIDGE_GRID))
+    p.add_argument("--variants", action="store_true",
+                   help="add K-FAC with empirical labels and EKFAC rows (investigation)")
+    p.add_argument("--layer-variants", action="store_true",
+                   help="add rows merging one layer by K-FAC, and unit-trace K-FAC")
+    p.add_argument("--json", default=None, help="save the per-seed results here (no fragment)")
+    p.add_argument("--table-from", nargs="+", default=None, help="build the table from JSONs")
+    args = p.parse_args(argv)
+    args.pretrain_epochs = 3 if args.quick else 15
+    args.finetune_epochs = 2 if args.quick else 10
+    args.fisher_samples = 300 if args.quick else 2000
+    args.seeds = tuple(args.seeds) if args.seeds else ((0,) if args.quick else (0, 1, 2))
+    args.ridge_grid = tuple(args.ridge_grid)
+    args.load = load_note()
+    if args.json:  # one part of a split run: save, print, write no fragment
+        args.quick = True
+    run_experiment(args.name, run, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Bad inputs of the Laplace capture path (``engine=``): each raises naming the problem
+and the fix."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import natgrad
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)
+
+
+def _curv(model, kind):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return natgrad.estimate_curvature(model, _data(), kind=kind, labels="exact")
+
+
+@pytest.mark.parametrize("fn", ["fisher_uncertainty", "optimize_prior_precision"])
+def test_unknown_engine(fn):
+    model = _mlp()
+    x, y = _data()
+    c = _curv(model, "diag")
+    call = {
+        "fisher_uncertainty": lambda: natgrad.fisher_uncertainty(model, x, c, engine="gpu"),
+        "optimize_prior_precision": lambda: natgrad.optimize_prior_precision(
+            model, c, (x, y), engine="gpu"
+        ),
+    }[fn]
+    with pytest.raises(ValueError, match="engine"):
+        call()
+
+
+def test_fast_engine_without_a_capturable_parameter():
+    model = _mlp()
+    x, _ = _data()
+    c = _curv(model, "lowrank")  # couples every layer: no capture path
+    with pytest.raises(ValueError, match="engine='fast' found no parameter"):
+        natgrad.fisher_uncertainty(model, x, c, engine="fast")
+    prelu = nn.Sequential(nn.PReLU(4)).double().eval()  # no Linear / Conv parameter
+    fisher = natgrad.DiagonalFisher({"0.weight": torch.ones(4, dtype=torch.float64)}, 10)
+    with pytest.raises(ValueError, match="engine='auto' or engine='vmap'"):
+        natgrad.fisher_uncertainty(prelu, x, fisher, engine="fast")

@@ -1,0 +1,195 @@
+"""The Laplace predictive on the capture path against a dense float64 posterior.
+
+Reference: ``Var f_c(x) = J_c [(N F + δ I)⁻¹]_{SS} J_cᵀ`` with ``J`` from one backward per
+sample and output (:func:`tests.reference.output_jacobian`), ``F`` the curvature's dense
+matrix read off through ``mv`` and ``S`` the chosen parameters (rows off ``S`` are zero).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import natgrad
+from tests.reference import dense_from_mv, output_jacobian
+
+
+class SmallCNN(nn.Module):
+    """A Conv1d branch and a Conv2d branch (stride, padding) feeding a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(1, 3, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(3 * 5 + 2 * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h1 = torch.relu(self.c1(x[:, :10].unsqueeze(1))).flatten(1)
+        h2 = torch.tanh(self.c2(x[:, 10:26].reshape(-1, 1, 4, 4))).flatten(1)
+        return self.fc(torch.cat([h1, h2], 1))
+
+
+class SeqModel(nn.Module):
+    """Linear over positions (N, T, I), a LayerNorm (not on the capture path), a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(3, 4)
+        self.ln = nn.LayerNorm(4)
+        self.l2 = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(self.ln(torch.tanh(self.l1(x.reshape(-1, 4, 3)))).mean(1))
+
+
+def _case(name: str, seed: int = 0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    if name == "mlp":
+        model, d = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)), 5
+    elif name == "cnn":
+        model, d = SmallCNN(), 26
+    else:
+        model, d = SeqModel(), 12
+    model = model.to(dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(24, d, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (24,), generator=g)
+    return model, x, y
+
+
+def _curvature(model, x, y, kind, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # K-FAC names the parameters it keeps diagonal
+        return natgrad.estimate_curvature(model, (x, y), kind=kind, labels="exact", **kw)
+
+
+class Dense:
+    """The dense float64 posterior of ``curv`` and the brute-force Jacobian of ``model`` at
+    ``x``, computed once; :meth:`variance` for any δ and parameter subset."""
+
+    def __init__(self, model, x, curv):
+        shapes = {k: p.shape for k, p in model.named_parameters() if k in curv.names()}
+        self.names = list(shapes)
+        self.F = dense_from_mv(curv, shapes).double()
+        self.n = curv.n_samples
+        sizes = [shapes[k].numel() for k in self.names]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.index = {k: torch.arange(s, s + z) for k, s, z in zip(self.names, starts, sizes,
+                                                                   strict=True)}
+        self.J = output_jacobian(model, x, self.names).double()
+
+    def variance(self, delta, names=None):
+        idx = torch.cat([self.index[k] for k in (names or self.names)])
+        eye = torch.eye(self.F.shape[0], dtype=torch.float64)
+        cov = torch.linalg.inv(self.n * self.F + delta * eye)[idx][:, idx]
+        J = self.J[..., idx]
+        return torch.einsum("ndp,pq,ndq->nd", J, cov, J)
+
+
+def _reference(model, x, curv, delta, names=None):
+    return Dense(model, x, curv).variance(delta, names)
+
+
+def _last(model):
+    return [k for k, _ in model.named_parameters()][-2:]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "seq"])
+@pytest.mark.parametrize("kind", ["diag", "kfac", "ekfac"])
+def test_capture_path_matches_the_dense_posterior(name, kind):
+    model, x, y = _case(name)
+    curv = _curvature(model, x, y, kind)
+    xt = x[:5] + 0.3
+    names_all = [k for k, _ in model.named_parameters()]
+    first_weight = [names_all[0]]  # a weight without its bias: splits a K-FAC block
+    dense = Dense(model, xt, curv)
+    for subset, params, names in [
+        ("all", None, names_all),
+        ("last_layer", None, _last(model)),
+        (None, first_weight, first_weight),
+    ]:
+        r = natgrad.fisher_uncertainty(model, xt, curv, prior_precision=0.7, subset=subset,
+                                       params=params, engine="fast")
+        want = dense.variance(0.7, names)
+        torch.testing.assert_close(r.logit_variance, want, rtol=1e-9, atol=1e-13)
+        mean = model(xt).detach()
+        torch.testing.assert_close(
+            r.probs, torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * want), -1),
+            rtol=1e-9, atol=1e-13,
+        )
+
+
+def test_lowrank_takes_the_general_path_and_matches_the_dense_posterior():
+    model, x, y = _case("cnn", seed=3)
+    curv = _curvature(model, x, y, "lowrank")
+    r = natgrad.fisher_uncertainty(model, x[:4], curv, prior_precision=0.4)
+    want = _reference(model, x[:4], curv, 0.4)
+    torch.testing.assert_close(r.logit_variance, want, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac"])
+def test_grid_of_prior_precisions_matches_the_dense_nll(kind):
+    """Several candidates at once (one inverse precision per δ) on the capture path."""
+    model, x, y = _case("cnn", seed=1)
+    curv = _curvature(model, x, y, kind)
+    xv, yv = x[:6] * 1.5, y[:6]
+    grid = [0.05, 0.5, 5.0]
+    r = natgrad.optimize_prior_precision(model, curv, (xv, yv), grid=grid, engine="fast")
+    mean = model(xv).detach()
+    dense = Dense(model, xv, curv)
+    for g, score in zip(grid, r.scores, strict=True):
+        var = dense.variance(g)
+        p = torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), -1)
+        nll = -p.gather(1, yv.view(-1, 1)).log().mean()
+        assert score == pytest.approx(float(nll), rel=1e-9)
+
+
+def test_factored_damping_is_read_with_exact_damping():
+    model, x, y = _case("mlp", seed=2)
+    exact = _curvature(model, x, y, "kfac")
+    factored = _curvature(model, x, y, "kfac", damping_mode="factored")
+    a = natgrad.fisher_uncertainty(model, x[:4], factored, prior_precision=0.3)
+    torch.testing.assert_close(a.logit_variance, _reference(model, x[:4], exact, 0.3),
+                               rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac", "ekfac"])
+def test_float32_capture_equals_vmap(kind):
+    model, x, y = _case("cnn", seed=4, dtype=torch.float32)
+    curv = _curvature(model, x, y, kind)
+    a = natgrad.fisher_uncertainty(model, x[:8], curv, prior_precision=0.2, engine="fast")
+    b = natgrad.fisher_uncertainty(model, x[:8], curv, prior_precision=0.2, engine="vmap")
+    assert a.logit_variance.dtype == torch.float32
+    torch.testing.assert_close(a.logit_variance, b.logit_variance, rtol=2e-4, atol=1e-6)
+
+
+def test_chunks_and_batches_give_the_same_result():
+    model, x, y = _case("seq", seed=5)
+    curv = _curvature(model, x, y, "kfac")
+    whole = natgrad.fisher_uncertainty(model, x, curv, prior_precision=0.5)
+    chunked = natgrad.fisher_uncertainty(model, x, curv, prior_precision=0.5, chunk_size=5)
+    loader = [(x[i : i + 7], y[i : i + 7]) for i in range(0, len(x), 7)]
+    batched = natgrad.fisher_uncertainty(model, loader, curv, prior_precision=0.5)
+    torch.testing.assert_close(chunked.logit_variance, whole.logit_variance, rtol=1e-12, atol=0)
+    torch.testing.assert_close(batched.logit_variance, whole.logit_variance, rtol=1e-12, atol=0)
+
+
+def test_model_inputs_and_curvature_are_left_unchanged():
+    model, x, y = _case("cnn", seed=6)
+    curv = _curvature(model, x, y, "ekfac")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = {k: [t.clone() for t in b.tensors().values()] for k, b in curv.blocks.items()}
+    x0 = x.clone()
+    natgrad.fisher_uncertainty(model, x, curv, prior_precision=0.5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    for k, b in curv.blocks.items():
+        for t, t0 in zip(b.tensors().values(), stats[k], strict=True):
+            assert torch.equal(t, t0)
+    assert torch.equal(x, x0)
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
