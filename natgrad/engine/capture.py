@@ -15,7 +15,9 @@ Then, for each label column ``u_j`` of the label source with weight ``w_j``,
 * Embedding: rows ``v`` of ``G_nj`` are ``Σ_{t: ids_nt = v} b_njt``, summed by
   (sample, token id) before squaring.
 
-LayerNorm gives ``∂l_n/∂γ = Σ_t b_nt ⊙ x̂_nt`` and ``∂l_n/∂β = Σ_t b_nt``. Self-attention
+LayerNorm gives ``∂l_n/∂γ = Σ_t b_nt ⊙ x̂_nt`` and ``∂l_n/∂β = Σ_t b_nt``, and so does
+eval-mode BatchNorm (``x̂`` from the running statistics; ``t`` runs over positions).
+Grouped convolutions take the product per group. Self-attention
 (``nn.MultiheadAttention``, packed projections, ``need_weights=False``) records its two
 projections through a torch-function mode (see :mod:`natgrad.engine.capture_ops`), and a free
 parameter added to a batched tensor through views (``x + pos[:T]``) is pulled back
@@ -47,7 +49,7 @@ from torch import nn
 from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch
 from natgrad.engine.capture_ops import CaptureMode, ProbeMode, zero_perturbation
-from natgrad.engine.checks import check_int
+from natgrad.engine.checks import check_int, random_module
 from natgrad.engine.common import acc_dtype
 from natgrad.engine.options import ENGINES
 from natgrad.engine.per_sample import Plan, call_model, square_sums
@@ -63,7 +65,11 @@ _FORWARDS = {
     nn.Embedding: nn.Embedding.forward,
     nn.LayerNorm: nn.LayerNorm.forward,
     nn.MultiheadAttention: nn.MultiheadAttention.forward,
+    nn.BatchNorm1d: nn.BatchNorm1d.forward,
+    nn.BatchNorm2d: nn.BatchNorm2d.forward,
+    nn.BatchNorm3d: nn.BatchNorm3d.forward,
 }
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _GROUP_FLOATS = 2**22  # output gradients of several label columns held at once (16 MiB)
 _MHA_ROLES = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
 
@@ -109,7 +115,9 @@ def _supported(m: nn.Module) -> bool:
     if base is None or type(m).forward is not _FORWARDS[base]:
         return False
     if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-        return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+        return m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    if isinstance(m, BATCH_NORMS):  # eval mode with running statistics: per-sample affine
+        return m.affine and not m.training and m.running_mean is not None
     if isinstance(m, nn.Embedding):
         return m.max_norm is None and not m.scale_grad_by_freq
     if isinstance(m, nn.LayerNorm):
@@ -142,6 +150,27 @@ def _first(out: Any) -> Any:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def samplewise(plan: Plan, b: Batch) -> bool:
+    """Whether the model's batched forward on the first two samples of ``b`` gives each
+    sample the output of its own forward (to ``√eps`` of the output dtype, relative to
+    the largest output). The capture path needs it: it differentiates one batched
+    forward, where ``vmap`` runs one forward per sample. A model that reads another
+    sample's row (``temp[0]`` of a per-sample input) fails it. Random models (train-mode
+    dropout) and one-sample batches are not checked."""
+    if b.size < 2 or random_module(plan.model) is not None:
+        return True
+    both = plan.forward(b.select(0, 2), full=b)
+    for i in range(2):
+        one = plan.forward(b.select(i, i + 1), full=b)
+        if not one.is_floating_point() or both.shape[1:] != one.shape[1:]:
+            return False
+        tol = torch.finfo(one.dtype).eps ** 0.5
+        scale = max(float(one.abs().nan_to_num().max()), 1.0)
+        if not torch.allclose(both[i : i + 1], one, rtol=tol, atol=tol * scale, equal_nan=True):
+            return False
+    return True
+
+
 def split_params(plan: Plan, b: Batch) -> FastSplit:
     """Decide which selected parameters the capture path computes exactly.
 
@@ -153,8 +182,12 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
     used once, added to a batched tensor (see :func:`_shared_ok`); a parameter used by
     several candidate modules (tied weights) is kept when it is used once by each and
     every one of them has a per-sample gradient rule (:data:`_TIE_KINDS`). Every other
-    parameter goes to ``vmap``.
+    parameter goes to ``vmap``, and every parameter does when the model is not
+    sample-wise (see :func:`samplewise`).
     """
+    if not samplewise(plan, b):
+        logger.info("the batched forward is not sample-wise: every parameter on vmap")
+        return FastSplit(rest=list(plan.params))
     name_of = {id(p): k for k, p in plan.params.items()}
     mod_names = {m: k for k, m in plan.model.named_modules()}
     mods = [m for m in plan.model.modules() if _supported(m)]
@@ -280,7 +313,7 @@ def _signature(t: Any) -> Any:
     return repr(t) if isinstance(t, (bool, int, float, str, type(None))) else type(t)
 
 
-def _cached_split(plan: Plan, b: Batch) -> FastSplit:
+def cached_split(plan: Plan, b: Batch) -> FastSplit:
     """:func:`split_params`, remembered per model for the same parameters, module tree
     (types, train/eval mode, hooks) and batch signature (per-sample shapes, dtypes)."""
     key = (
@@ -330,6 +363,8 @@ def _module_squares(
         return layers.embedding(m, a, B, w)
     if isinstance(m, nn.LayerNorm):
         return layers.layer_norm(m, a, B, w)
+    if isinstance(m, BATCH_NORMS):
+        return layers.batch_norm(m, a, B, w)
     return layers.conv(cast("nn.Conv1d | nn.Conv2d", m), a, B, w)  # _supported: conv only
 
 
@@ -547,7 +582,7 @@ def square_sums_auto(
     if first is None:
         return
     b, target = plan.parse(first)
-    split = _cached_split(plan, b)
+    split = cached_split(plan, b)
     if not split.fast_names:
         if engine == "fast":
             raise ValueError(

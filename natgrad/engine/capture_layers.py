@@ -19,6 +19,9 @@ from natgrad.engine.common import to_acc, vjp_pair
 from natgrad.engine.per_sample import CHUNK_FLOATS
 
 PRODUCT_FLOATS = 2**22  # one chunk of per-sample products: about 16 MiB of float32
+_CACHE_FLOATS = 2**20  # a chunk of per-sample products near cache size (4 MiB)
+_MIN_GROUPED_K = 8  # conv weight rows (C/g·k) from which one sample is one conv group
+_MIN_GROUPED_L = 128  # ... and output positions (below, unfolded products are faster)
 
 
 work = to_acc  # float64 stays float64; bf16, fp16 and fp32 are computed in float32
@@ -118,14 +121,64 @@ def _prod(xs: Iterable[int]) -> int:
 def conv(
     m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, B: torch.Tensor, w: float
 ) -> dict[str, torch.Tensor]:
-    """Conv: per-sample ``G_n = B_n U_nᵀ`` with ``U_n`` the unfolded patches ``(C·k, L)``."""
+    """Conv with ``g`` groups: per-sample ``G_n = B_n U_nᵀ`` per group, ``U_n`` the
+    unfolded patches ``(C/g·k, L)`` of the group's input channels, ``B_n (O/g, L)``."""
     a, B = work(a), work(B)
-    U = unfold(m, a)  # (N, K, L)
     J, N, d_out = B.shape[:3]
-    Bs = B.reshape(J, N, d_out, -1)  # (J, N, O, L)
-    bb = Bs.sum(-1)
-    bias = scaled((bb * bb).sum((0, 1)), w)
-    return {"weight": seq_products(Bs, U.transpose(1, 2), w), "bias": bias}
+    res = {"weight": conv_weight_squares(m, a, B, w)}
+    if m.bias is not None:
+        bb = B.reshape(J, N, d_out, -1).sum(-1)
+        res["bias"] = w * (bb * bb).sum((0, 1))
+    return res
+
+
+def add_square_sum(acc: torch.Tensor, G: torch.Tensor) -> None:
+    """``acc += Σ_n G_n²`` for ``G (n, P)``, a temporary that is overwritten: one fused
+    multiply-add per row for one or two rows, else squared in place and summed."""
+    if G.shape[0] <= 2:
+        for row in G:
+            acc.addcmul_(row, row)
+    else:
+        acc += G.square_().sum(0)
+
+
+def conv_weight_squares(
+    m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, B: torch.Tensor, w: float
+) -> torch.Tensor:
+    """``w Σ_j Σ_n G_nj²`` for a conv weight, shape ``(O, C/g, *k)``.
+
+    One label column and many output positions (``L >= 128``): the per-sample gradients
+    of a chunk of samples are one grouped convolution weight-gradient, the samples
+    stacked as groups (no unfolded copy of the input). Otherwise unfolded patches and
+    batched products ``B_nj U_nᵀ`` (all columns at once), squared and summed in chunks
+    small enough to stay in cache.
+    """
+    J, N, d_out = B.shape[:3]
+    g = m.groups
+    c_in = a.shape[1] // g
+    kk = _prod(m.kernel_size)
+    positions = _prod(B.shape[3:])
+    if J == 1 and c_in * kk >= _MIN_GROUPED_K and positions >= _MIN_GROUPED_L:
+        per = d_out * c_in * kk
+        acc = torch.zeros(per, dtype=a.dtype, device=a.device)
+        chunk = max(1, PRODUCT_FLOATS // per)
+        for s in range(0, N, chunk):
+            gw = _samples_as_groups(m, a[s : s + chunk], B[0, s : s + chunk]).reshape(-1, per)
+            add_square_sum(acc, gw)
+        return (acc * w).view(d_out, c_in, *m.kernel_size)
+    K, og = c_in * kk, d_out // g
+    U = unfold(m, a).view(N, g, K, positions)
+    Bs = B.reshape(J, N, g, og, positions)
+    per = g * J * og * K
+    acc = torch.zeros(per, dtype=a.dtype, device=a.device)
+    chunk = max(1, _CACHE_FLOATS // per)
+    for s in range(0, N, chunk):
+        n = min(N, s + chunk) - s
+        X = Bs[:, s : s + n].permute(1, 2, 0, 3, 4).reshape(n * g, J * og, positions)
+        Y = U[s : s + n].reshape(n * g, K, positions).transpose(1, 2)
+        G = torch.bmm(X, Y).view(n, per)  # (n, g, J, O/g, K): one chunk of per-sample grads
+        add_square_sum(acc, G)
+    return (acc.view(g, J, og, K).sum(1) * w).view(d_out, c_in, *m.kernel_size)
 
 
 def embedding_rows(
@@ -173,6 +226,33 @@ def layer_norm(
     gw = (B * xhat).reshape(J, N, -1, *m.normalized_shape).sum(2)
     gb = B.reshape(J, N, -1, *m.normalized_shape).sum(2)
     return {"weight": scaled((gw * gw).sum((0, 1)), w), "bias": scaled((gb * gb).sum((0, 1)), w)}
+
+
+def batch_norm(
+    m: nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d,
+    a: torch.Tensor,
+    B: torch.Tensor,
+    w: float,
+) -> dict[str, torch.Tensor]:
+    """Eval-mode BatchNorm ``z = x̂ ⊙ γ + β`` with ``x̂ = (x - μ) / √(σ² + ε)`` from the
+    running statistics: ``∂l_n/∂γ_c = Σ_t b_nct x̂_nct``, ``∂l_n/∂β_c = Σ_t b_nct``."""
+    gw, gb = batch_norm_grads(m, a, B)
+    return {"weight": w * (gw * gw).sum((0, 1)), "bias": w * (gb * gb).sum((0, 1))}
+
+
+def batch_norm_grads(
+    m: nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d, a: torch.Tensor, B: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``(∂l_nj/∂γ, ∂l_nj/∂β)`` of an eval-mode BatchNorm, each ``(J, N, C)``."""
+    a, B = work(a), work(B)
+    assert m.running_mean is not None and m.running_var is not None  # capture: eval only
+    J, N, C = B.shape[:3]
+    scale = torch.rsqrt(work(m.running_var) + m.eps)
+    xc = a.reshape(N, C, -1) - work(m.running_mean).view(1, C, 1)  # x - μ, centred once
+    Bs = B.reshape(J, N, C, -1)
+    gb = Bs.sum(-1)
+    gw = (Bs * xc).sum(-1) * scale  # Σ_t b (x - μ), then the scale
+    return gw, gb
 
 
 def attention(
@@ -307,3 +387,96 @@ def embedding_grads_into(
         vals = vals * (flat != m.padding_idx).unsqueeze(-1).to(vals.dtype)
     G.view(J * n * V, D).index_add_(0, rows.reshape(-1), vals.reshape(-1, D))
     return G
+
+
+# -- per-sample gradients (not squared): natgrad.per_sample_grads on the capture path ------
+#
+# Each returns ``{role: g}`` with ``g`` of shape ``(N, J, *param.shape)`` in the working
+# dtype (float64 stays float64, else float32), from the captured input ``a`` and the
+# output gradients ``B (J, *layer_output.shape)``.
+
+
+def linear_grads(a: torch.Tensor, B: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Linear: ``g_nj = Σ_t b_njt a_ntᵀ`` (one position for 2-D inputs), bias ``Σ_t b_njt``."""
+    a, B = work(a), work(B)
+    J, N = B.shape[:2]
+    A = a.reshape(N, -1, a.shape[-1])  # (N, T, I)
+    Bs = B.reshape(J, N, -1, B.shape[-1])  # (J, N, T, O)
+    if A.shape[1] == 1:  # one outer product per sample and column, written once
+        weight = Bs[:, :, 0].transpose(0, 1).unsqueeze(-1) * A[:, 0].view(N, 1, 1, -1)
+    else:
+        weight = torch.einsum("jnto,nti->njoi", Bs, A)
+    return {"weight": weight, "bias": Bs.sum(2).transpose(0, 1)}
+
+
+def conv_grads(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, B: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Conv with ``g`` groups: ``g_nj`` per group is ``B_nj U_nᵀ`` (see :func:`conv`),
+    computed as one grouped convolution weight-gradient per label column (the samples
+    stacked as groups; wide kernels, many positions), or from unfolded patches."""
+    a, B = work(a), work(B)
+    J, N, d_out = B.shape[:3]
+    g = m.groups
+    c_in = a.shape[1] // g
+    kk = _prod(m.kernel_size)
+    shape = (d_out, c_in, *m.kernel_size)
+    if c_in * kk >= _MIN_GROUPED_K and _prod(B.shape[3:]) >= _MIN_GROUPED_L:
+        weight = torch.stack([_samples_as_groups(m, a, B[j]) for j in range(J)], 1)
+    else:
+        U = unfold(m, a).view(N, g, c_in * kk, -1)  # (N, g, C/g·k, L)
+        Bs = B.reshape(J, N, g, d_out // g, -1)  # (J, N, g, O/g, L)
+        weight = torch.einsum("jngol,ngkl->njgok", Bs, U)
+    res = {"weight": weight.reshape(N, J, *shape)}
+    if m.bias is not None:
+        res["bias"] = B.reshape(J, N, d_out, -1).sum(-1).transpose(0, 1)
+    return res
+
+
+def _samples_as_groups(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients ``(n, O, C/g, *k)`` of a conv with input ``x (n, C, ...)``
+    and output gradient ``b (n, O, ...)``: one weight-gradient of a convolution with
+    ``n·g`` groups over the samples laid side by side as channels."""
+    n, c, d_out = x.shape[0], x.shape[1], b.shape[1]
+    gw: torch.Tensor
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        b.reshape(1, n * d_out, *b.shape[2:]),
+        x.reshape(1, n * c, *x.shape[2:]),
+        x.new_empty((n * d_out, c // m.groups, *m.kernel_size)),
+        None, m.stride, m.padding, m.dilation, False, [0] * len(m.kernel_size),
+        n * m.groups, [False, True, False],
+    )  # fmt: skip
+    return gw.view(n, d_out, c // m.groups, *m.kernel_size)
+
+
+def batch_norm_per_sample(
+    m: nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d, a: torch.Tensor, B: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Eval-mode BatchNorm (see :func:`batch_norm_grads`), ``(N, J, C)`` each."""
+    gw, gb = batch_norm_grads(m, a, B)
+    return {"weight": gw.transpose(0, 1), "bias": gb.transpose(0, 1)}
+
+
+def layer_norm_grads(m: nn.LayerNorm, a: torch.Tensor, B: torch.Tensor) -> dict[str, torch.Tensor]:
+    """LayerNorm: ``g_nj(γ) = Σ_t b_njt ⊙ x̂_nt``, ``g_nj(β) = Σ_t b_njt``."""
+    xhat = work(F.layer_norm(a, m.normalized_shape, None, None, m.eps))
+    B = work(B)
+    J, N = B.shape[:2]
+    gw = (B * xhat).reshape(J, N, -1, *m.normalized_shape).sum(2)
+    gb = B.reshape(J, N, -1, *m.normalized_shape).sum(2)
+    return {"weight": gw.transpose(0, 1), "bias": gb.transpose(0, 1)}
+
+
+def embedding_grads(m: nn.Embedding, ids: torch.Tensor, B: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Embedding: row ``v`` of ``g_nj`` is ``Σ_{t: ids_nt = v} b_njt`` (the padding row: 0)."""
+    B = work(B)
+    J, N = B.shape[:2]
+    V, D = m.num_embeddings, m.embedding_dim
+    flat = ids.reshape(N, -1)
+    rows = (torch.arange(N, device=ids.device).unsqueeze(1) * V + flat).reshape(-1)
+    vals = B.reshape(J, -1, D)
+    if m.padding_idx is not None:
+        keep = flat.reshape(-1) != m.padding_idx
+        rows, vals = rows[keep], vals[:, keep]
+    out = torch.zeros(J, N * V, D, dtype=B.dtype, device=B.device)
+    for j in range(J):
+        out[j].index_add_(0, rows, vals[j])
+    return {"weight": out.view(J, N, V, D).transpose(0, 1)}

@@ -174,10 +174,17 @@ class Plan:
         :meth:`check_target`).
         """
         b, target = self.parse(batch)
+        return (b, *self.labels_of(b, target))
+
+    def labels_of(
+        self, b: Batch, target: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(target, draws)`` of a parsed batch: the target checked against a forward
+        pass (see :meth:`prepare`), and the MC label draws (``labels="mc"``, else None)."""
         mc = self.labels == "mc"
         out = self.forward(b if mc else b.select(0, 1), full=b)
         target = self.check_target(out, target)
-        return b, target, self.draw(out, target) if mc else None
+        return target, self.draw(out, target) if mc else None
 
     def check_target(self, out: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor | None:
         """The batch's whole target, validated by the likelihood against the model's
@@ -666,8 +673,13 @@ def per_sample_grads(
     """Exact per-sample gradients ``g_n = ∇θ l_n`` of the per-sample negative log-likelihood.
 
     ``l_n(θ) = -log p(y_n | x_n, θ)``, summed over all outputs of sample ``n`` (all
-    kept tokens of a sequence). Computed with ``torch.func`` per sample, never from a
-    batch-mean gradient.
+    kept tokens of a sequence), never from a batch-mean gradient. Parameters of
+    ``nn.Linear``, ``nn.Conv1d/2d``, eval-mode BatchNorm, ``nn.LayerNorm`` and
+    ``nn.Embedding`` modules come from one batched forward that records each layer's
+    input ``a`` and one backward pass per label column for its output gradients ``b``:
+    ``g_n = Σ_t b_nt a_ntᵀ`` (Conv: over unfolded patches; see
+    :mod:`natgrad.engine.capture_grads`). Every other parameter is computed with
+    ``torch.func`` per sample, with the same labels.
 
     Args:
         model: any ``nn.Module``; BatchNorm must be in eval mode. Train-mode dropout is
@@ -683,8 +695,10 @@ def per_sample_grads(
             ``"token_categorical"`` or a :class:`natgrad.engine.likelihoods.Likelihood`.
         **options: the estimator options (:class:`natgrad.EstimatorOptions`):
             ``labels``, ``mc_samples``, ``params``, ``chunk_size``, ``generator``,
-            ``output_fn`` (``engine`` is not taken: this function always returns the
-            per-sample gradients themselves).
+            ``output_fn``, ``engine`` (``"auto"``: the capture path where it applies,
+            ``torch.func`` for the rest; ``"fast"``: the same, but an error when no
+            parameter qualifies; ``"vmap"``: ``torch.func`` for every parameter; the
+            engines agree to float tolerance and use the same MC draws).
 
     Warns:
         RuntimeWarning: once, when ``vmap`` fails on the model (e.g. ``nn.GRU``) and the
@@ -700,7 +714,8 @@ def per_sample_grads(
         TypeError: ``model`` is not an ``nn.Module``; inputs are Python lists.
         ValueError: train-mode BatchNorm; a meta-device model; an empty batch; labels
             out of range (checked on the whole batch before any ``vmap``, naming the
-            sample and value), of the wrong dtype or shape, or non-finite targets.
+            sample and value), of the wrong dtype or shape, or non-finite targets; an
+            unknown ``engine``, or ``engine="fast"`` with no parameter it covers.
         FloatingPointError: a non-finite per-sample gradient, naming the parameter and
             the first bad sample.
         Exception: the model's own forward failure, re-raised (same type) naming the
@@ -714,16 +729,24 @@ def per_sample_grads(
         >>> g["weight"].shape
         torch.Size([5, 2, 3])
     """
-    opts = Options.resolve("per_sample_grads", options, unsupported=("engine",))
+    # capture_grads imports this module: imported here, at call time
+    from natgrad.engine.capture_grads import capture_grads, grads_split
+
+    opts = Options.resolve("per_sample_grads", options)
     plan = Plan.from_options(model, likelihood, opts, what="per_sample_grads")
-    b, target, draws = plan.prepare(batch)
-    chunks = [r for _, r in plan.run(b, target, draws, "grads", opts.chunk_size)]
+    b, target = plan.parse(batch)
+    split = grads_split(plan, b, opts.engine)
+    finite: set[str] = set()  # proven finite without reading every entry
+    if split is not None:
+        res, finite = capture_grads(plan, split, b, target, opts.chunk_size)
+    else:
+        target, draws = plan.labels_of(b, target)
+        chunks = [r for _, r in plan.run(b, target, draws, "grads", opts.chunk_size)]
+        res = {k: torch.cat([c[k] for c in chunks]) for k in plan.params}
     squeeze = plan.labels == "empirical" or (plan.labels == "mc" and plan.k == 1)
-    out = {}
-    for k in plan.params:
-        g = torch.cat([c[k] for c in chunks])
-        out[k] = g.squeeze(1) if squeeze else g
-    check_finite_per_sample(out, (*b.args, *b.kwargs.values()))
+    out = {k: g.squeeze(1) if squeeze else g for k, g in res.items()}
+    unproven = {k: g for k, g in out.items() if k not in finite}
+    check_finite_per_sample(unproven, (*b.args, *b.kwargs.values()))
     return out
 
 

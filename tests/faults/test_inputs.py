@@ -79,6 +79,7 @@ def _pre_step(kind: str):
 # Every path through which a batch's target reaches a likelihood.
 LABEL_PATHS = {
     "per_sample_grads": lambda m, b: natgrad.per_sample_grads(m, b),
+    "per_sample_grads_vmap": lambda m, b: natgrad.per_sample_grads(m, b, engine="vmap"),
     "estimate_vmap": lambda m, b: natgrad.estimate_fisher(m, b, engine="vmap"),
     "estimate_fast": lambda m, b: natgrad.estimate_fisher(m, b, engine="fast"),
     "estimate_mc": lambda m, b: natgrad.estimate_fisher(m, b, labels="mc", engine="vmap"),
@@ -348,6 +349,7 @@ def test_train_mode_batchnorm_refused(path):
 
 FORWARD_PATHS = {
     "per_sample_grads": lambda m, b: natgrad.per_sample_grads(m, b),
+    "per_sample_grads_vmap": lambda m, b: natgrad.per_sample_grads(m, b, engine="vmap"),
     "estimate_vmap": lambda m, b: natgrad.estimate_fisher(m, b, engine="vmap"),
     "estimate_fast": lambda m, b: natgrad.estimate_fisher(m, b, engine="fast"),
     "estimate_mc": lambda m, b: natgrad.estimate_fisher(m, b, labels="mc", engine="vmap"),
@@ -515,6 +517,7 @@ def test_metric_context_fisher_not_by_task():
 
 EMPTY_PATHS = {
     "per_sample_grads": lambda m, b: natgrad.per_sample_grads(m, b),
+    "per_sample_grads_vmap": lambda m, b: natgrad.per_sample_grads(m, b, engine="vmap"),
     "estimate_vmap": lambda m, b: natgrad.estimate_fisher(m, b, engine="vmap"),
     "estimate_fast": lambda m, b: natgrad.estimate_fisher(m, b, engine="fast"),
     "precond_kfac": lambda m, b: _pre_step("kfac")(m, b),
@@ -579,7 +582,7 @@ def test_generator_of_wrong_type(fn):
         _ESTIMATORS[fn](model, (x, y), labels="mc", generator=0)
 
 
-@pytest.mark.parametrize("fn", ["per_sample_grads", "lowrank", "directions"])
+@pytest.mark.parametrize("fn", ["lowrank", "directions"])  # per_sample_grads takes engine
 def test_option_a_function_cannot_honour(fn):
     model, (x, y) = _mlp(), _data(None)
     with pytest.raises(TypeError, match="does not take the option.*'engine'"):
