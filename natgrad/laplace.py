@@ -547,7 +547,7 @@ def _fast_moments(
     handles = [m.register_forward_hook(hook) for m in mods]
     try:
         with torch.enable_grad():
-            out = output_fn(call_model(model, b, "the Laplace predictive"))
+            out = output_fn(call_model(model, b, "the batch"))
     finally:
         for h in handles:
             h.remove()
@@ -654,6 +654,12 @@ class _Posterior:
         self.inv: dict[str, torch.Tensor] | Reducer | None = None
 
     def _setup(self, b: Batch) -> None:
+        first = b.select(0, 1)
+        with torch.no_grad():  # a failing forward is reported on the user's batch
+            try:
+                self.model(*first.args, **first.kwargs)
+            except Exception as exc:
+                probe_failed(exc, self.model, first, b, "the batch")
         terms: list[_Term] = []
         covered: list[str] = []
         if self.engine != "vmap":
