@@ -28,10 +28,15 @@ convolution patches), and
   eigenbasis ``Q_G ⊗ Q_A``, with entries ``N S + δ`` (``S = s_G s_Aᵀ`` or the EKFAC
   ``s``), so ``Var f_c = Σ_{o,i} (Q_Gᵀ J_c Q_A)_oi² / (N S_oi + δ)``; for one position
   ``Q_Gᵀ J_c Q_A = (Q_Gᵀ b_c)(Q_Aᵀ ã)ᵀ`` factorises and no ``P x P`` matrix (nor any
-  per-sample Jacobian) is formed.
+  per-sample Jacobian) is formed;
+* low-rank posterior (:class:`natgrad.LowRankFisher`, ``F = V diag(E) Vᵀ``):
+  ``(N F + δ I)⁻¹ = I/δ - V diag(w) Vᵀ`` with ``w_k = N E_k / (δ (N E_k + δ))``, so
+  ``Var f_c = ‖J_c‖²/δ - Σ_k w_k (J_c · v_k)²``; the projections
+  ``J_c · v_k = Σ_layers b_cᵀ V_k ã`` come from the same captured ``a`` and ``b_c``
+  (float64, as the difference cancels); it needs every parameter on the capture path.
 
 Parameters the capture path does not cover (other layer types, weights used twice,
-curvatures coupling layers such as the low-rank Fisher) take the general path:
+curvatures coupling layers otherwise, such as a dense one) take the general path:
 per-sample Jacobians with ``torch.func`` (``vmap`` over ``vjp`` rows) in chunks, reduced
 against ``1 / (N F + δ)`` (or one ``curvature.solve`` per row) inside each chunk. The
 posterior is block diagonal between the two groups, so their variances add.
@@ -368,6 +373,7 @@ class _Term:
     inv: torch.Tensor
     QA: torch.Tensor | None
     QG: torch.Tensor | None
+    V: torch.Tensor | None = None  # low-rank posterior: (r, d_G, d_A) basis blocks
 
 
 def _module_names(model: nn.Module) -> dict[nn.Module, tuple[str | None, str | None]]:
@@ -424,6 +430,60 @@ def _diag_term(
     return _Term(m, w is not None, None if b is None else 1.0, torch.cat(parts, -1), None, None)
 
 
+def _lowrank_terms(
+    model: nn.Module,
+    fisher: Curvature,
+    chosen: Mapping[str, nn.Parameter],
+    fast: set[str],
+    n: int,
+    deltas: torch.Tensor,
+    device: torch.device,
+) -> tuple[list[_Term], list[str], torch.Tensor | None]:
+    """Terms of a :class:`natgrad.LowRankFisher` posterior (float64), when every chosen
+    parameter is on the capture path.
+
+    With ``F = V diag(E) Vᵀ`` (``V`` orthonormal, ``P x r``),
+    ``(N F + δ I)⁻¹ = I/δ - V diag(w) Vᵀ``, ``w_k = N E_k / (δ (N E_k + δ))``, so
+    ``Var f_c = ‖J_c‖²/δ - Σ_k w_k (J_c · v_k)²``: a diagonal term with ``1/δ`` plus the
+    projections ``J_c · v_k = Σ_layers Σ_t b_ctᵀ V_k ã_t`` (``V_k`` cut into each layer's
+    ``[W, b]`` block). Returns ``(terms, covered, w (G, r))``.
+    """
+    from natgrad.curvature.lowrank import LowRankFisher, gram_eigen
+
+    assert isinstance(fisher, LowRankFisher)  # checked by the caller
+    f64 = torch.float64
+    named = _module_names(model)
+    owner = {k: m for m, pair in named.items() for k in pair if k is not None}
+    if any(k not in fast or k not in owner for k in chosen) or set(chosen) != set(fisher.shapes):
+        return [], [], None
+    R = fisher.rows.detach().to(device=device, dtype=f64)
+    eig = gram_eigen(R)
+    V = R.T @ (eig["U"] / eig["S"].sqrt())  # (P, r)
+    NE = n * eig["S"] / max(fisher.n_samples, 1)
+    d = deltas.to(device=device, dtype=f64).view(-1, 1)
+    w = NE / (d * (NE + d))  # (G, r)
+    offsets, i = {}, 0
+    for k, shape in fisher.shapes.items():
+        size = math.prod(shape)
+        offsets[k] = (i, i + size)
+        i += size
+    r, G = V.shape[1], d.shape[0]
+    terms: list[_Term] = []
+    for m, (wn, bn) in named.items():
+        mine = [k for k in (wn, bn) if k is not None and k in chosen]
+        if not mine:
+            continue
+        d_out = cast(torch.Tensor, m.weight).shape[0]
+        blocks = []
+        for k in mine:
+            a, b = offsets[k]
+            blocks.append(V[a:b].T.reshape(r, d_out, -1))
+        Vb = torch.cat(blocks, -1)  # (r, d_G, d_A)
+        inv = (1.0 / d).view(G, 1, 1).expand(G, *Vb.shape[1:]).contiguous()
+        terms.append(_Term(m, wn in mine, 1.0 if bn in mine else None, inv, None, None, Vb))
+    return terms, list(chosen), w
+
+
 def _fast_terms(
     model: nn.Module,
     fisher: FisherLike,
@@ -442,7 +502,8 @@ def _fast_terms(
     ``inverse_diagonal``), or a K-FAC / EKFAC block of :class:`natgrad.KroneckerFisher`
     (one group, weight stored ``(out, in)``), in whose eigenbasis ``N F + δ I`` is
     diagonal: ``N S + δ`` with ``S = s_G s_Aᵀ`` (K-FAC) or the re-fitted ``s`` (EKFAC).
-    Curvatures coupling layers (low-rank, dense) take no capture path.
+    Curvatures coupling layers take no capture path here (low-rank:
+    ``_lowrank_terms``).
     """
     from natgrad.curvature.kronecker import KroneckerFisher
 
@@ -526,6 +587,7 @@ def _fast_moments(
     terms: list[_Term],
     output_fn: OutputFn,
     dtype: torch.dtype,
+    lowrank_w: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MAP outputs ``(N, D)`` and the terms' variances ``(N, D, G)`` from one forward
     (recording every layer's input and adding a zero perturbation to its output) and
@@ -547,7 +609,7 @@ def _fast_moments(
     handles = [m.register_forward_hook(hook) for m in mods]
     try:
         with torch.enable_grad():
-            out = output_fn(call_model(model, b, "the Laplace predictive"))
+            out = output_fn(call_model(model, b, "the batch"))
     finally:
         for h in handles:
             h.remove()
@@ -576,6 +638,12 @@ def _fast_moments(
         torch.einsum("ni,goi->gno", A[:, 0] ** 2, t.inv) if one else None
         for t, A, one in zip(terms, acts, single, strict=True)
     ]
+    # low-rank: Z = ã V_kᵀ, (N, r, d_G), so that J_c · v_k = Σ_o b_co Z_ko (T = 1)
+    pre_v = [
+        torch.einsum("ni,koi->nko", A[:, 0], t.V) if one and t.V is not None else None
+        for t, A, one in zip(terms, acts, single, strict=True)
+    ]
+    r = 0 if lowrank_w is None else lowrank_w.shape[1]
     es = [store[m][2] for m in mods]
     index = {m: i for i, m in enumerate(mods)}
     # output columns are pulled back one at a time (a vmapped, is_grads_batched backward
@@ -589,13 +657,16 @@ def _fast_moments(
             u[:, c] = 1
             per.append(torch.autograd.grad(out, es, u, retain_graph=c < d - 1, allow_unused=True))
         k = len(cols)
-        for t, A, M in zip(terms, acts, pre, strict=True):
+        proj = torch.zeros(k, n, r, dtype=dtype, device=out.device) if r else None
+        for t, A, M, Z in zip(terms, acts, pre, pre_v, strict=True):
             gs = [p[index[t.module]] for p in per]
             if any(g is None for g in gs):  # the output does not depend on this layer
                 continue
             g = gs[0].unsqueeze(0) if k == 1 else torch.stack(gs)
             B = _out_grads(t, g.reshape(k * n, *g.shape[2:]), dtype)
             B = B.reshape(k, n, *B.shape[1:])  # (k, N, T, d_G)
+            if Z is not None and proj is not None:
+                proj += torch.einsum("cno,nko->cnk", B[:, :, 0], Z)
             if M is not None:
                 B2 = B[:, :, 0].square()
                 for gi in range(G):
@@ -606,8 +677,12 @@ def _fast_moments(
             step = max(1, _PRODUCT_FLOATS // max(k * B.shape[-1] * A.shape[-1], 1))
             for s in range(0, n, step):
                 J = B[:, s : s + step].transpose(-1, -2) @ A[s : s + step]  # (k, n_s, d_G, d_A)
+                if t.V is not None and proj is not None:
+                    proj[:, s : s + step] += J.reshape(k, J.shape[1], -1) @ t.V.reshape(r, -1).t()
                 v = J.square_().reshape(k * J.shape[1], -1) @ inv.t()
                 var[s : s + step, c0 : c0 + k] += v.reshape(k, -1, G).transpose(0, 1)
+        if proj is not None and lowrank_w is not None:
+            var[:, c0 : c0 + k] -= torch.einsum("cnk,gk->ncg", proj.square(), lowrank_w)
     return out.detach().to(dtype), var
 
 
@@ -650,18 +725,34 @@ class _Posterior:
         self.dtype = acc_dtype(next(model.parameters()).dtype)
         self.device = model_device(model)
         self.terms: list[_Term] | None = None
+        self.lowrank_w: torch.Tensor | None = None
+        self.work = self.dtype  # the capture path's dtype
         self.rest: dict[str, nn.Parameter] = {}
         self.inv: dict[str, torch.Tensor] | Reducer | None = None
 
     def _setup(self, b: Batch) -> None:
+        from natgrad.curvature.lowrank import LowRankFisher
+
+        first = b.select(0, 1)
+        with torch.no_grad():  # a failing forward is reported on the user's batch
+            try:
+                self.model(*first.args, **first.kwargs)
+            except Exception as exc:
+                probe_failed(exc, self.model, first, b, "the batch")
         terms: list[_Term] = []
         covered: list[str] = []
         if self.engine != "vmap":
             plan = Plan(self.model, self.lik, "exact", 1, list(self.chosen), self.output_fn,
                         None, what="the Laplace predictive")  # fmt: skip
             fast = set(split_params(plan, b).fast_names)
-            terms, covered = _fast_terms(self.model, self.fisher, self.chosen, fast, self.n,
-                                         self.deltas, self.dtype, self.device)  # fmt: skip
+            if isinstance(self.fisher, LowRankFisher):
+                terms, covered, self.lowrank_w = _lowrank_terms(
+                    self.model, self.fisher, self.chosen, fast, self.n, self.deltas, self.device
+                )
+                self.work = torch.float64  # ‖J‖²/δ - Σ w (J·v)² cancels: float64 throughout
+            else:
+                terms, covered = _fast_terms(self.model, self.fisher, self.chosen, fast, self.n,
+                                             self.deltas, self.dtype, self.device)  # fmt: skip
             if self.engine == "fast" and not terms:
                 raise ValueError(
                     "engine='fast' found no parameter the Laplace capture path covers (the "
@@ -689,11 +780,14 @@ class _Posterior:
             return _moments(self.model, b, self.rest, self.inv, self.output_fn,
                             self.chunk_size, self.dtype)  # fmt: skip
         width = sum(t.inv.shape[0] * t.inv.shape[1] + t.inv.shape[2] for t in self.terms)
+        width += sum(t.V.shape[0] * t.V.shape[1] for t in self.terms if t.V is not None)
         chunk = self.chunk_size or max(1, CHUNK_FLOATS // max(width, 1))
         means, variances = [], []
         for start in range(0, b.size, chunk):
             sub = b.select(start, min(start + chunk, b.size))
-            mean, var = _fast_moments(self.model, sub, self.terms, self.output_fn, self.dtype)
+            mean, var = _fast_moments(self.model, sub, self.terms, self.output_fn, self.work,
+                                      self.lowrank_w)  # fmt: skip
+            mean, var = mean.to(self.dtype), var.to(self.dtype)
             if self.rest:
                 assert self.inv is not None  # set with rest
                 _, var_rest = _moments(self.model, sub, self.rest, self.inv, self.output_fn,
@@ -835,11 +929,11 @@ def fisher_uncertainty(
       form (``link`` is not used); epistemic score = ``Σ_d Var f_d``.
 
     Any :class:`natgrad.Curvature` (Kronecker, low-rank, ...): the GLM predictive is
-    ``Var f_c(x) = J_c (N F + δ I)⁻¹ J_cᵀ = J_c (F + (δ/N) I)⁻¹ J_cᵀ / N``, one
-    ``curvature.solve`` per row ``J_c(x)`` of the Jacobian (batched with ``torch.func.vmap``
-    where the curvature's solve allows it, else a loop); a Kronecker curvature solves each
-    layer in its factors' eigenbases. With ``subset="last_layer"`` (or ``params``) and a
-    curvature covering more parameters, the rows are zero off the subset; that is the
+    ``Var f_c(x) = J_c (N F + δ I)⁻¹ J_cᵀ = J_c (F + (δ/N) I)⁻¹ J_cᵀ / N``: on the capture
+    path (module doc) for diagonal, K-FAC, EKFAC and low-rank posteriors, else one
+    ``curvature.solve`` per row ``J_c(x)`` of the Jacobian (batched with
+    ``torch.func.vmap`` where the curvature's solve allows it, else a loop). With
+    ``subset="last_layer"`` (or ``params``) and a curvature covering more parameters, the rows are zero off the subset; that is the
     last-layer Laplace posterior for block-diagonal kinds (``"diag"``, ``"kfac"``,
     ``"ekfac"``) and is refused for others (estimate the curvature on the subset).
 

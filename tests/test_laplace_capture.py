@@ -123,12 +123,21 @@ def test_capture_path_matches_the_dense_posterior(name, kind):
         )
 
 
-def test_lowrank_takes_the_general_path_and_matches_the_dense_posterior():
-    model, x, y = _case("cnn", seed=3)
-    curv = _curvature(model, x, y, "lowrank")
-    r = natgrad.fisher_uncertainty(model, x[:4], curv, prior_precision=0.4)
-    want = _reference(model, x[:4], curv, 0.4)
-    torch.testing.assert_close(r.logit_variance, want, rtol=1e-8, atol=1e-12)
+@pytest.mark.parametrize("name", ["mlp", "cnn", "seq"])
+def test_lowrank_matches_the_dense_posterior(name):
+    """Capture path (all parameters on Linear / Conv: ``‖J‖²/δ - Σ_k w_k (J·v_k)²``) or,
+    with a LayerNorm, the general path; exact and rank-truncated rows."""
+    model, x, y = _case(name, seed=3)
+    full = _curvature(model, x, y, "lowrank")
+    top = natgrad.estimate_curvature(model, (x, y), kind="lowrank", labels="mc", rank=4)
+    engine = "auto" if name == "seq" else "fast"
+    for curv in (full, top):
+        dense = Dense(model, x[:4], curv)
+        for delta in (0.4, 1e-3):
+            r = natgrad.fisher_uncertainty(model, x[:4], curv, prior_precision=delta,
+                                           engine=engine)
+            torch.testing.assert_close(r.logit_variance, dense.variance(delta), rtol=1e-8,
+                                       atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["diag", "kfac"])

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import natgrad
+from tests.reference import dense_copy
 
 
 def _mlp():
@@ -46,7 +47,8 @@ def test_unknown_engine(fn):
 def test_fast_engine_without_a_capturable_parameter():
     model = _mlp()
     x, _ = _data()
-    c = _curv(model, "lowrank")  # couples every layer: no capture path
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    c = dense_copy(_curv(model, "diag"), shapes)  # a dense curvature couples every layer
     with pytest.raises(ValueError, match="engine='fast' found no parameter"):
         natgrad.fisher_uncertainty(model, x, c, engine="fast")
     prelu = nn.Sequential(nn.PReLU(4)).double().eval()  # no Linear / Conv parameter
