@@ -192,7 +192,7 @@ def estimate_fisher(
                 "Check the inputs for NaN/Inf, the model's outputs, and the labels.",
             )
     return DiagonalFisher(
-        {k: v / n_total for k, v in sums.items()},
+        {k: v.div_(n_total) for k, v in sums.items()},  # the sums are ours: no copy
         n_total,
         labels=opts.labels,
         likelihood=plan.lik.name,

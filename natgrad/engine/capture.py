@@ -338,6 +338,22 @@ def _dense(m: nn.Module, a: torch.Tensor) -> bool:
     return (isinstance(m, nn.Linear) or layers.is_conv1d(m)) and a.dim() == 2
 
 
+def _direct(
+    m: nn.Module, parts: dict[str, Any], slots: list[_Slot], acc: dict[str, torch.Tensor]
+) -> bool:
+    """A Linear or HF Conv1D on sequences whose squares can be added to the accumulators
+    directly (:func:`natgrad.engine.capture_layers.linear_into`): no pruning mask, and
+    contiguous accumulators of the dtype its products are computed in."""
+    if not (isinstance(m, nn.Linear) or layers.is_conv1d(m)) or "main" not in parts:
+        return False
+    a = parts["main"][0]
+    dtype = layers.work(a).dtype
+    return a.dim() > 2 and all(
+        s.mask is None and acc[s.name].dtype == dtype and acc[s.name].is_contiguous()
+        for s in slots
+    )
+
+
 def _tied_squares(
     acc: torch.Tensor,
     p: torch.Tensor,
@@ -396,20 +412,20 @@ def _check_fresh(m: nn.Module, a: torch.Tensor, version: int) -> None:
         )
 
 
-def fast_batch_sums(
+def _capture_forward(
     plan: Plan,
     split: FastSplit,
-    rest: Plan | None,
     b: Batch,
-    target: torch.Tensor | None,
-    chunk_size: int | None,
-) -> tuple[int, dict[str, torch.Tensor]]:
-    """``(N, Σ_n Σ_j w_j g_nj²)`` for one parsed batch, in the accumulation dtype (float64
-    for float64 parameters, else float32): the capture path for
-    ``split.fast`` and ``split.free``, the ``vmap`` plan ``rest`` (``plan`` restricted to
-    ``split.rest``, or None) for the other parameters, with shared label draws."""
-    store: dict[Any, Any] = {}
-    outputs: dict[nn.Module, torch.Tensor] = {}  # shared-input modules' outputs
+    store: dict[Any, Any],
+    outputs: dict[nn.Module, torch.Tensor],
+    taken: dict[nn.Module, int],
+    *,
+    perturb: bool,
+) -> torch.Tensor:
+    """The model's output on ``b``, recording into ``store`` each captured module's input
+    and the tensor whose gradient is its output gradient: its output itself (version in
+    ``taken``), or with ``perturb`` (or an output that does not require grad) a zero
+    perturbation ``e`` added to it (one more tensor per layer output)."""
 
     def hook(m: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
         if m in split.shared:  # perturbed where it is added to a batched tensor
@@ -417,6 +433,10 @@ def fast_batch_sums(
             outputs[m] = out.detach()
             if mode is not None:
                 mode.watch(split.shared[m], out)
+            return None
+        if not perturb and out.requires_grad:
+            store[m] = {"main": (inp[0].detach(), inp[0]._version, out)}
+            taken[m] = out._version
             return None
         e = zero_perturbation(out)
         store[m] = {"main": (inp[0].detach(), inp[0]._version, e)}
@@ -432,13 +452,39 @@ def fast_batch_sums(
     try:
         with torch.enable_grad():
             if mode is None:
-                out = plan.output_fn(call_model(plan.model, b, plan.where))
-            else:
-                with mode:
-                    out = plan.output_fn(call_model(plan.model, b, plan.where))
+                return plan.output_fn(call_model(plan.model, b, plan.where))
+            with mode:
+                return plan.output_fn(call_model(plan.model, b, plan.where))
     finally:
         for h in handles:
             h.remove()
+
+
+def fast_batch_sums(
+    plan: Plan,
+    split: FastSplit,
+    rest: Plan | None,
+    b: Batch,
+    target: torch.Tensor | None,
+    chunk_size: int | None,
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """``(N, Σ_n Σ_j w_j g_nj²)`` for one parsed batch, in the accumulation dtype (float64
+    for float64 parameters, else float32): the capture path for
+    ``split.fast`` and ``split.free``, the ``vmap`` plan ``rest`` (``plan`` restricted to
+    ``split.rest``, or None) for the other parameters, with shared label draws."""
+    store: dict[Any, Any] = {}
+    outputs: dict[nn.Module, torch.Tensor] = {}  # shared-input modules' outputs
+    taken: dict[nn.Module, int] = {}  # outputs differentiated as they are: their versions
+    out = _capture_forward(plan, split, b, store, outputs, taken, perturb=False)
+    if any(store[m]["main"][2]._version != v for m, v in taken.items()):
+        # A layer output was modified in place (ReLU(inplace=True)): the gradient with
+        # respect to it as it is would be taken after that change. Run the forward again
+        # with a zero perturbation added to every output, whose gradient is the right one.
+        logger.debug("capture: a layer output is modified in place; perturbed forward")
+        store.clear()
+        outputs.clear()
+        taken.clear()
+        out = _capture_forward(plan, split, b, store, outputs, taken, perturb=True)
     target = plan.check_target(out, target)
     draws = plan.draw(out, target) if plan.labels == "mc" else None
     acc = {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in plan.params.items()}
@@ -501,6 +547,13 @@ def fast_batch_sums(
             if isinstance(m, nn.Embedding) and slots[0].mask is None:  # rows in the batch only
                 rows, vals = layers.embedding_rows(m, parts["main"][0], Bs["main"], w)
                 acc[slots[0].name].index_add_(0, rows, vals.to(acc[slots[0].name].dtype))
+                continue
+            if _direct(m, parts, slots, acc):  # Linear / Conv1D on sequences
+                got = {s.role: acc[s.name] for s in slots}
+                layers.linear_into(
+                    got.get("weight"), got.get("bias"), parts["main"][0], Bs["main"], w,
+                    transposed=layers.is_conv1d(m),
+                )  # fmt: skip
                 continue
             if "main" in parts and _dense(m, parts["main"][0]):
                 B = layers.work(Bs["main"])
