@@ -3,8 +3,8 @@
 For a layer ``z = W a + c`` (Linear; Conv and Embedding likewise), the per-sample
 gradient of ``l_n`` is ``∂l_n/∂W = Σ_t b_nt a_ntᵀ`` with ``a_nt`` the layer input and
 ``b_nt = ∂l_n/∂z_nt`` the output gradient at position ``t``. One forward pass records
-``a`` and adds a zero perturbation ``e`` to every layer output; one backward pass with
-respect to the perturbations gives every ``b`` at once (no weight gradients are formed).
+``a`` and every layer output ``z``; one backward pass with respect to the outputs gives
+every ``b`` at once (no weight gradients are formed).
 Then, for each label column ``u_j`` of the label source with weight ``w_j``,
 
 * non-sequence inputs ``(N, D)``: ``Σ_n Σ_j w_j (b_nj a_nᵀ)² = (Σ_j w_j b_j²)ᵀ (a²)``,
@@ -23,10 +23,17 @@ through those views.
 
 Only parameters that the capture can see exactly take this path: a parameter of a
 standard ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Embedding`` /
-``nn.LayerNorm`` / ``nn.MultiheadAttention`` whose module runs once per forward, whose
+``nn.LayerNorm`` / ``nn.MultiheadAttention`` or Hugging Face ``Conv1D`` (GPT-2; a Linear
+with the weight stored as ``(in, out)``) whose module runs once per forward, whose
 batch axis is the first axis of its input and output, and which is used once in the
-graph (so tied weights used twice, or weights read by ``F.linear`` outside their module,
-are excluded). Pruned modules (``torch.nn.utils.prune``: ``weight_orig`` times the
+graph (weights read by ``F.linear`` outside their module are excluded). Two
+relaxations: a module run on an input shared by the batch (position embeddings on ids
+``(1, T)``) whose output is added once to a batched tensor gets its per-sample output
+gradients from that sum, as if it had run per sample; a weight tied across such modules
+(GPT-2's LM head and token embedding) gets the sum of its modules' per-sample gradients,
+formed one chunk of samples at a time, before squaring. The output gradients are taken
+at the layer outputs themselves; if a layer output is changed in place later
+(``ReLU(inplace=True)``), the forward reruns with zero perturbations ``e`` instead. Pruned modules (``torch.nn.utils.prune``: ``weight_orig`` times the
 ``weight_mask`` buffer) are covered: ``∂l/∂weight_orig = mask ⊙ ∂l/∂weight``. Every
 other parameter goes through the general ``vmap`` path of :mod:`natgrad.engine.per_sample`,
 with the same label draws, so both engines give the same Fisher.
@@ -605,7 +612,8 @@ def square_sums_auto(
         if engine == "fast":
             raise ValueError(
                 "engine='fast' found no parameter it can compute exactly (it covers "
-                "nn.Linear, nn.Conv1d/2d, nn.Embedding, nn.LayerNorm and self-attention "
+                "nn.Linear, nn.Conv1d/2d, nn.Embedding, nn.LayerNorm, self-attention and "
+                "Hugging Face Conv1D "
                 "parameters used once per forward); use engine='auto' or engine='vmap'."
             )
         logger.info("engine=%r: no parameter fits the capture path; all on vmap", engine)
