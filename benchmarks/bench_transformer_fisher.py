@@ -163,6 +163,10 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated workload:attn_implementation pairs",
     )  # fmt: skip
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    ap.add_argument(
+        "--memory-runs", default=None,
+        help="measure memory only for these workload:attn pairs (default: every run)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     header = [
@@ -192,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         t = time_run(workload, impl, args.quick, args.repeats)
         mem: dict[str, float] = {}
         bound = float("nan")
-        if not args.no_memory:
+        measure = args.memory_runs is None or run in args.memory_runs.split(",")
+        if not args.no_memory and measure:
             mem = {m: peak_mib(workload, impl, m, args.quick) for m in METHODS}
             model, _, _ = build(workload, impl, args.quick)
             P = sum(p.numel() for p in model.parameters())
@@ -212,10 +217,9 @@ def main(argv: list[str] | None = None) -> None:
             )
             notes.append(f"{workload} {impl} {lab}: {ratio:.2f}x")
         print(rows[-2], rows[-1], sep="\n", flush=True)
-    text = "\n".join(header + rows) + "\n"
-    print(text)
-    if not args.quick:
-        print("wrote", write_fragment("fisher_transformer", text))
+        if not args.quick:  # after every run, so that a long run leaves its finished rows
+            write_fragment("fisher_transformer", "\n".join(header + rows) + "\n")
+    print("\n".join(header + rows))
 
 
 if __name__ == "__main__":
