@@ -659,7 +659,7 @@ class _Posterior:
         if self.engine != "vmap":
             plan = Plan(self.model, self.lik, "exact", 1, list(self.chosen), self.output_fn,
                         None, what="the Laplace predictive")  # fmt: skip
-            fast = set(split_params(plan, b).fast_names)
+            fast = set(split_params(plan, b).module_names)
             terms, covered = _fast_terms(self.model, self.fisher, self.chosen, fast, self.n,
                                          self.deltas, self.dtype, self.device)  # fmt: skip
             if self.engine == "fast" and not terms:

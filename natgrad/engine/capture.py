@@ -108,6 +108,19 @@ class FastSplit:
     def fast_names(self) -> list[str]:
         return [s.name for slots in self.fast.values() for s in slots] + list(self.free)
 
+    @property
+    def module_names(self) -> list[str]:
+        """Parameters each of one module that runs on the batch (neither tied across
+        modules nor of a module run on a shared input): the ones whose per-sample
+        gradient a hook on their own module sees whole."""
+        return [
+            s.name
+            for m, slots in self.fast.items()
+            if m not in self.shared
+            for s in slots
+            if s.name not in self.tied
+        ]
+
 
 def _supported(m: nn.Module) -> bool:
     if layers.is_conv1d(m):

@@ -121,6 +121,8 @@ def test_tied_weight(labels):
     split = split_of(model, (ids, y))
     # The tied weight's per-sample gradient is the sum of its two modules' gradients.
     assert split.rest == [] and split.tied == {"emb.weight": [model.emb, model.out]}
+    # Consumers hooking single modules (the Laplace capture path) leave the tied weight out.
+    assert "emb.weight" not in split.module_names and "mid.weight" in split.module_names
     ref = {k: (g.float() ** 2).mean(0) for k, g in loop_grads(model, ce_sum, ids, y).items()}
     if labels == "empirical":
         assert_close_dict(dict(fast), ref, rtol=1e-5, atol=1e-9)
@@ -395,6 +397,7 @@ def test_hf_bert_two_dim_mask_all_captured(impl):
     assert split.rest == []
     assert "bert.embeddings.position_embeddings.weight" in split.fast_names
     assert list(split.shared.values()) == ["<output of bert.embeddings.position_embeddings>"]
+    assert "bert.embeddings.position_embeddings.weight" not in split.module_names
     got = estimate_fisher(model, batch, engine="fast")
     assert_close_dict(dict(got), loop_fisher(model, batch, ce_sum), rtol=1e-6, atol=1e-12)
 
