@@ -744,7 +744,7 @@ class _Posterior:
         if self.engine != "vmap":
             plan = Plan(self.model, self.lik, "exact", 1, list(self.chosen), self.output_fn,
                         None, what="the Laplace predictive")  # fmt: skip
-            fast = set(split_params(plan, b).fast_names)
+            fast = set(split_params(plan, b).module_names)
             if isinstance(self.fisher, LowRankFisher):
                 terms, covered, self.lowrank_w = _lowrank_terms(
                     self.model, self.fisher, self.chosen, fast, self.n, self.deltas, self.device

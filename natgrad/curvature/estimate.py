@@ -192,7 +192,7 @@ def estimate_fisher(
                 "Check the inputs for NaN/Inf, the model's outputs, and the labels.",
             )
     return DiagonalFisher(
-        {k: v / n_total for k, v in sums.items()},
+        {k: v.div_(n_total) for k, v in sums.items()},  # the sums are ours: no copy
         n_total,
         labels=opts.labels,
         likelihood=plan.lik.name,
@@ -321,22 +321,30 @@ def _pass(
     saving: tuple[int, Callable[..., None]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Accumulate the square sums over the batches (after ``start``'s, when resuming)."""
-    sums = {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in plan.params.items()}
+    def zeros() -> dict[str, torch.Tensor]:
+        return {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in plan.params.items()}
+
+    sums: dict[str, torch.Tensor] | None = None  # the first batch's sums, which are ours
     n_total, done = 0, 0
     if start is not None:
         restored, n_total, done = start
-        sums = {k: restored[k].to(v) for k, v in sums.items()}
+        sums = {k: restored[k].to(v) for k, v in zeros().items()}
     batches = iterate_batches(data, max_batches)
     if skip is not None:
         batches = skip(batches)
     batches = with_progress(batches, data, progress, max_batches, "Fisher")
     for n, acc in square_sums_auto(plan, batches, chunk_size, engine):
-        for k in sums:
-            sums[k] += acc[k]
+        if sums is None:
+            sums = {k: acc[k] for k in plan.params}
+        else:
+            for k in sums:
+                sums[k] += acc[k]
         n_total += n
         done += 1
         if saving is not None and done % saving[0] == 0:
             saving[1](sums, n_total, done)
+    if sums is None:
+        sums = zeros()
     if saving is not None:
         saving[1](sums, n_total, done, finished=True)
     logger.info("estimate_fisher: done, N=%d samples from %d batches", n_total, done)

@@ -3,8 +3,8 @@
 For a layer ``z = W a + c`` (Linear; Conv and Embedding likewise), the per-sample
 gradient of ``l_n`` is ``∂l_n/∂W = Σ_t b_nt a_ntᵀ`` with ``a_nt`` the layer input and
 ``b_nt = ∂l_n/∂z_nt`` the output gradient at position ``t``. One forward pass records
-``a`` and adds a zero perturbation ``e`` to every layer output; one backward pass with
-respect to the perturbations gives every ``b`` at once (no weight gradients are formed).
+``a`` and every layer output ``z``; one backward pass with respect to the outputs gives
+every ``b`` at once (no weight gradients are formed).
 Then, for each label column ``u_j`` of the label source with weight ``w_j``,
 
 * non-sequence inputs ``(N, D)``: ``Σ_n Σ_j w_j (b_nj a_nᵀ)² = (Σ_j w_j b_j²)ᵀ (a²)``,
@@ -25,10 +25,17 @@ through those views.
 
 Only parameters that the capture can see exactly take this path: a parameter of a
 standard ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Embedding`` /
-``nn.LayerNorm`` / ``nn.MultiheadAttention`` whose module runs once per forward, whose
+``nn.LayerNorm`` / ``nn.MultiheadAttention`` or Hugging Face ``Conv1D`` (GPT-2; a Linear
+with the weight stored as ``(in, out)``) whose module runs once per forward, whose
 batch axis is the first axis of its input and output, and which is used once in the
-graph (so tied weights used twice, or weights read by ``F.linear`` outside their module,
-are excluded). Pruned modules (``torch.nn.utils.prune``: ``weight_orig`` times the
+graph (weights read by ``F.linear`` outside their module are excluded). Two
+relaxations: a module run on an input shared by the batch (position embeddings on ids
+``(1, T)``) whose output is added once to a batched tensor gets its per-sample output
+gradients from that sum, as if it had run per sample; a weight tied across such modules
+(GPT-2's LM head and token embedding) gets the sum of its modules' per-sample gradients,
+formed one chunk of samples at a time, before squaring. The output gradients are taken
+at the layer outputs themselves; if a layer output is changed in place later
+(``ReLU(inplace=True)``), the forward reruns with zero perturbations ``e`` instead. Pruned modules (``torch.nn.utils.prune``: ``weight_orig`` times the
 ``weight_mask`` buffer) are covered: ``∂l/∂weight_orig = mask ⊙ ∂l/∂weight``. Every
 other parameter goes through the general ``vmap`` path of :mod:`natgrad.engine.per_sample`,
 with the same label draws, so both engines give the same Fisher.
@@ -106,6 +113,19 @@ class FastSplit:
     @property
     def fast_names(self) -> list[str]:
         return [s.name for slots in self.fast.values() for s in slots] + list(self.free)
+
+    @property
+    def module_names(self) -> list[str]:
+        """Parameters each of one module that runs on the batch (neither tied across
+        modules nor of a module run on a shared input): the ones whose per-sample
+        gradient a hook on their own module sees whole."""
+        return [
+            s.name
+            for m, slots in self.fast.items()
+            if m not in self.shared
+            for s in slots
+            if s.name not in self.tied
+        ]
 
 
 def _supported(m: nn.Module) -> bool:
@@ -373,6 +393,22 @@ def _dense(m: nn.Module, a: torch.Tensor) -> bool:
     return (isinstance(m, nn.Linear) or layers.is_conv1d(m)) and a.dim() == 2
 
 
+def _direct(
+    m: nn.Module, parts: dict[str, Any], slots: list[_Slot], acc: dict[str, torch.Tensor]
+) -> bool:
+    """A Linear or HF Conv1D on sequences whose squares can be added to the accumulators
+    directly (:func:`natgrad.engine.capture_layers.linear_into`): no pruning mask, and
+    contiguous accumulators of the dtype its products are computed in."""
+    if not (isinstance(m, nn.Linear) or layers.is_conv1d(m)) or "main" not in parts:
+        return False
+    a = parts["main"][0]
+    dtype = layers.work(a).dtype
+    return a.dim() > 2 and all(
+        s.mask is None and acc[s.name].dtype == dtype and acc[s.name].is_contiguous()
+        for s in slots
+    )
+
+
 def _tied_squares(
     acc: torch.Tensor,
     p: torch.Tensor,
@@ -431,20 +467,20 @@ def _check_fresh(m: nn.Module, a: torch.Tensor, version: int) -> None:
         )
 
 
-def fast_batch_sums(
+def _capture_forward(
     plan: Plan,
     split: FastSplit,
-    rest: Plan | None,
     b: Batch,
-    target: torch.Tensor | None,
-    chunk_size: int | None,
-) -> tuple[int, dict[str, torch.Tensor]]:
-    """``(N, Σ_n Σ_j w_j g_nj²)`` for one parsed batch, in the accumulation dtype (float64
-    for float64 parameters, else float32): the capture path for
-    ``split.fast`` and ``split.free``, the ``vmap`` plan ``rest`` (``plan`` restricted to
-    ``split.rest``, or None) for the other parameters, with shared label draws."""
-    store: dict[Any, Any] = {}
-    outputs: dict[nn.Module, torch.Tensor] = {}  # shared-input modules' outputs
+    store: dict[Any, Any],
+    outputs: dict[nn.Module, torch.Tensor],
+    taken: dict[nn.Module, int],
+    *,
+    perturb: bool,
+) -> torch.Tensor:
+    """The model's output on ``b``, recording into ``store`` each captured module's input
+    and the tensor whose gradient is its output gradient: its output itself (version in
+    ``taken``), or with ``perturb`` (or an output that does not require grad) a zero
+    perturbation ``e`` added to it (one more tensor per layer output)."""
 
     def hook(m: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
         if m in split.shared:  # perturbed where it is added to a batched tensor
@@ -452,6 +488,10 @@ def fast_batch_sums(
             outputs[m] = out.detach()
             if mode is not None:
                 mode.watch(split.shared[m], out)
+            return None
+        if not perturb and out.requires_grad:
+            store[m] = {"main": (inp[0].detach(), inp[0]._version, out)}
+            taken[m] = out._version
             return None
         e = zero_perturbation(out)
         store[m] = {"main": (inp[0].detach(), inp[0]._version, e)}
@@ -467,13 +507,39 @@ def fast_batch_sums(
     try:
         with torch.enable_grad():
             if mode is None:
-                out = plan.output_fn(call_model(plan.model, b, plan.where))
-            else:
-                with mode:
-                    out = plan.output_fn(call_model(plan.model, b, plan.where))
+                return plan.output_fn(call_model(plan.model, b, plan.where))
+            with mode:
+                return plan.output_fn(call_model(plan.model, b, plan.where))
     finally:
         for h in handles:
             h.remove()
+
+
+def fast_batch_sums(
+    plan: Plan,
+    split: FastSplit,
+    rest: Plan | None,
+    b: Batch,
+    target: torch.Tensor | None,
+    chunk_size: int | None,
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """``(N, Σ_n Σ_j w_j g_nj²)`` for one parsed batch, in the accumulation dtype (float64
+    for float64 parameters, else float32): the capture path for
+    ``split.fast`` and ``split.free``, the ``vmap`` plan ``rest`` (``plan`` restricted to
+    ``split.rest``, or None) for the other parameters, with shared label draws."""
+    store: dict[Any, Any] = {}
+    outputs: dict[nn.Module, torch.Tensor] = {}  # shared-input modules' outputs
+    taken: dict[nn.Module, int] = {}  # outputs differentiated as they are: their versions
+    out = _capture_forward(plan, split, b, store, outputs, taken, perturb=False)
+    if any(store[m]["main"][2]._version != v for m, v in taken.items()):
+        # A layer output was modified in place (ReLU(inplace=True)): the gradient with
+        # respect to it as it is would be taken after that change. Run the forward again
+        # with a zero perturbation added to every output, whose gradient is the right one.
+        logger.debug("capture: a layer output is modified in place; perturbed forward")
+        store.clear()
+        outputs.clear()
+        taken.clear()
+        out = _capture_forward(plan, split, b, store, outputs, taken, perturb=True)
     target = plan.check_target(out, target)
     draws = plan.draw(out, target) if plan.labels == "mc" else None
     acc = {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in plan.params.items()}
@@ -537,6 +603,13 @@ def fast_batch_sums(
                 rows, vals = layers.embedding_rows(m, parts["main"][0], Bs["main"], w)
                 acc[slots[0].name].index_add_(0, rows, vals.to(acc[slots[0].name].dtype))
                 continue
+            if _direct(m, parts, slots, acc):  # Linear / Conv1D on sequences
+                got = {s.role: acc[s.name] for s in slots}
+                layers.linear_into(
+                    got.get("weight"), got.get("bias"), parts["main"][0], Bs["main"], w,
+                    transposed=layers.is_conv1d(m),
+                )  # fmt: skip
+                continue
             if "main" in parts and _dense(m, parts["main"][0]):
                 B = layers.work(Bs["main"])
                 b2 = w * (B * B).sum(0)
@@ -587,7 +660,8 @@ def square_sums_auto(
         if engine == "fast":
             raise ValueError(
                 "engine='fast' found no parameter it can compute exactly (it covers "
-                "nn.Linear, nn.Conv1d/2d, nn.Embedding, nn.LayerNorm and self-attention "
+                "nn.Linear, nn.Conv1d/2d, nn.Embedding, nn.LayerNorm, self-attention and "
+                "Hugging Face Conv1D "
                 "parameters used once per forward); use engine='auto' or engine='vmap'."
             )
         logger.info("engine=%r: no parameter fits the capture path; all on vmap", engine)

@@ -56,24 +56,65 @@ def scaled(t: torch.Tensor, w: float) -> torch.Tensor:
     return t if w == 1.0 else t * w
 
 
-def seq_products(X: torch.Tensor, Y: torch.Tensor, w: float) -> torch.Tensor:
-    """``w Σ_j Σ_n (X_jn Y_n)²`` for ``X (J, N, O, T)``, ``Y (N, T, I)``: shape ``(O, I)``.
+def squares_into(
+    out: torch.Tensor, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], w: float
+) -> torch.Tensor:
+    """``out += w Σ_(X, Y) Σ_n (X_n Y_n)²`` for pairs ``X (N, R, T)``, ``Y (N, T, C)`` and a
+    contiguous ``out (R, C)``; returns ``out``.
 
-    The per-sample products ``X_jn Y_n`` exist one chunk of samples at a time, in a
-    :func:`scratch` buffer (strided ``X`` and ``Y`` go to ``bmm`` as they are, no copy).
+    The per-sample products ``X_n Y_n`` exist one chunk of samples at a time, in a
+    :func:`scratch` buffer (strided ``X`` and ``Y`` go to ``bmm`` as they are, no copy);
+    each chunk is squared in place and summed over samples by one matrix-vector product.
     """
-    J, N, d_out, T = X.shape
-    d_in = Y.shape[-1]
-    chunk = min(N, max(1, PRODUCT_FLOATS // max(d_out * d_in, 1)))
-    acc = torch.zeros(d_out, d_in, dtype=Y.dtype, device=Y.device)
-    buf = scratch(chunk * d_out * d_in, Y.dtype, Y.device)
-    for j in range(J):
+    R, C = out.shape
+    flat = out.view(1, R * C)
+    for X, Y in pairs:
+        N = X.shape[0]
+        chunk = min(N, max(1, PRODUCT_FLOATS // max(R * C, 1)))
+        buf = scratch(chunk * R * C, out.dtype, out.device)
+        ones = torch.ones(1, chunk, dtype=out.dtype, device=out.device)
         for s in range(0, N, chunk):
             n = min(chunk, N - s)
-            G = buf[: n * d_out * d_in].view(n, d_out, d_in)
-            torch.bmm(X[j, s : s + n], Y[s : s + n], out=G)  # one chunk of per-sample grads
-            acc += G.square_().sum(0)
-    return scaled(acc, w)
+            G = buf[: n * R * C].view(n, R, C)
+            torch.bmm(X[s : s + n], Y[s : s + n], out=G)  # one chunk of per-sample grads
+            flat.addmm_(ones[:, :n], G.square_().view(n, R * C), alpha=w)
+    return out
+
+
+def seq_products(X: torch.Tensor, Y: torch.Tensor, w: float) -> torch.Tensor:
+    """``w Σ_j Σ_n (X_jn Y_n)²`` for ``X (J, N, O, T)``, ``Y (N, T, I)``: shape ``(O, I)``
+    (see :func:`squares_into`)."""
+    J, _, d_out, _ = X.shape
+    acc = torch.zeros(d_out, Y.shape[-1], dtype=Y.dtype, device=Y.device)
+    return squares_into(acc, ((X[j], Y) for j in range(J)), w)
+
+
+def linear_into(
+    acc_w: torch.Tensor | None,
+    acc_b: torch.Tensor | None,
+    a: torch.Tensor,
+    B: torch.Tensor,
+    w: float,
+    *,
+    transposed: bool = False,
+) -> None:
+    """Add the squares of a Linear layer on sequences ``a (N, ..., I)``, ``B (J, N, ..., O)``
+    to the accumulators of its weight ``(O, I)`` (``(I, O)`` with ``transposed``: HF
+    Conv1D) and bias ``(O,)`` (either may be None), with no intermediate result of the
+    weight's size."""
+    a, B = work(a), work(B)
+    J, N = B.shape[:2]
+    A = a.reshape(N, -1, a.shape[-1])  # (N, T, I)
+    Bs = B.reshape(J, N, -1, B.shape[-1])  # (J, N, T, O)
+    if acc_w is not None:
+        pairs = (
+            (A.transpose(1, 2), Bs[j]) if transposed else (Bs[j].transpose(1, 2), A)
+            for j in range(J)
+        )
+        squares_into(acc_w, pairs, w)
+    if acc_b is not None:
+        bb = Bs.sum(2)
+        acc_b += scaled((bb * bb).sum((0, 1)), w).to(acc_b.dtype)
 
 
 def linear(a: torch.Tensor, B: torch.Tensor, w: float) -> dict[str, torch.Tensor]:

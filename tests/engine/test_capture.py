@@ -121,6 +121,8 @@ def test_tied_weight(labels):
     split = split_of(model, (ids, y))
     # The tied weight's per-sample gradient is the sum of its two modules' gradients.
     assert split.rest == [] and split.tied == {"emb.weight": [model.emb, model.out]}
+    # Consumers hooking single modules (the Laplace capture path) leave the tied weight out.
+    assert "emb.weight" not in split.module_names and "mid.weight" in split.module_names
     ref = {k: (g.float() ** 2).mean(0) for k, g in loop_grads(model, ce_sum, ids, y).items()}
     if labels == "empirical":
         assert_close_dict(dict(fast), ref, rtol=1e-5, atol=1e-9)
@@ -395,6 +397,7 @@ def test_hf_bert_two_dim_mask_all_captured(impl):
     assert split.rest == []
     assert "bert.embeddings.position_embeddings.weight" in split.fast_names
     assert list(split.shared.values()) == ["<output of bert.embeddings.position_embeddings>"]
+    assert "bert.embeddings.position_embeddings.weight" not in split.module_names
     got = estimate_fisher(model, batch, engine="fast")
     assert_close_dict(dict(got), loop_fisher(model, batch, ce_sum), rtol=1e-6, atol=1e-12)
 
@@ -424,3 +427,27 @@ def test_hf_gpt2_tied_head_conv1d(impl):
     assert_close_dict(dict(got), ref, rtol=1e-6, atol=1e-12)
     fast, slow = both(model, batch, likelihood="token_categorical", labels="mc", mc_samples=2)
     assert_close_dict(dict(fast), dict(slow), rtol=1e-6, atol=1e-12)
+
+
+class InplaceSeq(nn.Module):
+    """Linear on sequences whose output an in-place ReLU modifies, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 4)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.act(self.proj(x)).mean(1))
+
+
+def test_layer_output_modified_in_place():
+    # The output gradient must be taken before the in-place ReLU changed the output: the
+    # engine sees the version change and reruns the forward with zero perturbations.
+    torch.manual_seed(0)
+    model = InplaceSeq().double()
+    x, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    assert set(split_of(model, (x, y)).fast_names) == {n for n, _ in model.named_parameters()}
+    ref = fisher_from_grads(loop_grads(model, ce_sum, x, y))
+    assert_close_dict(dict(estimate_fisher(model, (x, y), engine="fast")), ref, atol=1e-12)
