@@ -164,6 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     ap.add_argument(
+        "--fragment",
+        default="fisher_transformer",
+        help="results fragment name (benchmarks/results/<name>.md), e.g. one per run",
+    )
+    ap.add_argument(
         "--memory-runs", default=None,
         help="measure memory only for these workload:attn pairs (default: every run)",
     )  # fmt: skip
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
             notes.append(f"{workload} {impl} {lab}: {ratio:.2f}x")
         print(rows[-2], rows[-1], sep="\n", flush=True)
         if not args.quick:  # after every run, so that a long run leaves its finished rows
-            write_fragment("fisher_transformer", "\n".join(header + rows) + "\n")
+            write_fragment(args.fragment, "\n".join(header + rows) + "\n")
     print("\n".join(header + rows))
 
 
