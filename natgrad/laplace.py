@@ -76,7 +76,7 @@ from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.options import ENGINES, EngineName, ParamSpec
 from natgrad.engine.per_sample import (
     Plan,
-    call_model,
+    hooked_output,
     loop_samples,
     model_device,
     probe_failed,
@@ -606,13 +606,7 @@ def _fast_moments(
         store[m] = (inp[0].detach(), inp[0]._version, e)
         return out + e
 
-    handles = [m.register_forward_hook(hook) for m in mods]
-    try:
-        with torch.enable_grad():
-            out = output_fn(call_model(model, b, "the batch"))
-    finally:
-        for h in handles:
-            h.remove()
+    out = hooked_output(model, b, output_fn, "the batch", [(m, hook) for m in mods])
     out = out.reshape(b.size, -1)
     missing = [m for m in mods if m not in store]
     if missing:

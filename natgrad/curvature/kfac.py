@@ -73,7 +73,7 @@ from natgrad.engine.checks import check_choice, check_fixed_model
 from natgrad.engine.common import to_acc
 from natgrad.engine.likelihoods import Likelihood
 from natgrad.engine.options import LabelSource, ParamSpec
-from natgrad.engine.per_sample import Plan, call_model
+from natgrad.engine.per_sample import Plan, hooked_output
 from natgrad.engine.report import Report
 
 __all__ = [
@@ -471,13 +471,8 @@ def capture(plan: Plan, batch: Any, layers: Mapping[str, KFACLayer]) -> Captured
 
         return fn
 
-    handles = [lay.module.register_forward_hook(hook(k)) for k, lay in layers.items()]
-    try:
-        with torch.enable_grad():
-            out = plan.output_fn(call_model(plan.model, b, plan.where))
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = [(lay.module, hook(k)) for k, lay in layers.items()]
+    out = hooked_output(plan.model, b, plan.output_fn, plan.where, hooks)
     target = plan.check_target(out, target)
     draws = plan.draw(out, target) if plan.labels == "mc" else None
     names = [k for k in layers if outputs[k] and k not in unbatched]

@@ -59,7 +59,7 @@ from natgrad.engine.capture_ops import CaptureMode, ProbeMode, zero_perturbation
 from natgrad.engine.checks import check_int, random_module
 from natgrad.engine.common import acc_dtype
 from natgrad.engine.options import ENGINES
-from natgrad.engine.per_sample import Plan, call_model, square_sums
+from natgrad.engine.per_sample import Plan, hooked_output, square_sums
 
 __all__ = ["ENGINES"]  # the rest is used by natgrad.curvature.estimate
 
@@ -503,16 +503,9 @@ def _capture_forward(
     mode = (
         CaptureMode(attention, free_ids, store) if attention or free_ids or split.shared else None
     )
-    handles = [m.register_forward_hook(hook) for m in hooked]
-    try:
-        with torch.enable_grad():
-            if mode is None:
-                return plan.output_fn(call_model(plan.model, b, plan.where))
-            with mode:
-                return plan.output_fn(call_model(plan.model, b, plan.where))
-    finally:
-        for h in handles:
-            h.remove()
+    return hooked_output(
+        plan.model, b, plan.output_fn, plan.where, [(m, hook) for m in hooked], mode
+    )
 
 
 def fast_batch_sums(

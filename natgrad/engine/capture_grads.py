@@ -28,7 +28,7 @@ from natgrad.engine.batch import Batch
 from natgrad.engine.capture import BATCH_NORMS, FastSplit, cached_split
 from natgrad.engine.capture_ops import zero_perturbation
 from natgrad.engine.checks import random_module
-from natgrad.engine.per_sample import Plan, call_model
+from natgrad.engine.per_sample import Plan, hooked_output
 
 __all__ = ["capture_grads", "grads_split"]
 
@@ -91,13 +91,7 @@ def capture_forward(
         store[m] = (inp[0].detach(), e, inp[0]._version)
         return out + e
 
-    handles = [m.register_forward_hook(hook) for m in split.fast]
-    try:
-        with torch.enable_grad():
-            out = plan.output_fn(call_model(plan.model, b, plan.where))
-    finally:
-        for h in handles:
-            h.remove()
+    out = hooked_output(plan.model, b, plan.output_fn, plan.where, [(m, hook) for m in split.fast])
     for m in split.fast:
         if m not in store:
             raise RuntimeError(

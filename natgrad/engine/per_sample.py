@@ -26,6 +26,7 @@ train mode; call ``model.eval()`` for a deterministic Fisher.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
@@ -531,6 +532,27 @@ def _failing_module(
         except Exception:  # noqa: BLE001 - this parameter's module is the culprit
             return owners.get(id(plan.params[name]))
     return None
+
+
+def hooked_output(
+    model: nn.Module,
+    b: Batch,
+    output_fn: OutputFn,
+    where: str,
+    hooks: Iterable[tuple[nn.Module, Callable[..., Any]]],
+    mode: contextlib.AbstractContextManager[Any] | None = None,
+) -> torch.Tensor:
+    """``output_fn`` of one forward of ``model`` on ``b`` with grad mode on and a forward
+    hook per ``(module, hook)`` pair of ``hooks`` for this pass only (removed even on failure), inside
+    ``mode`` when one is given (e.g. a ``TorchFunctionMode`` that records free
+    parameters). The one capture sequence of the capture path, K-FAC and Laplace."""
+    handles = [m.register_forward_hook(h) for m, h in hooks]
+    try:
+        with torch.enable_grad(), (mode if mode is not None else contextlib.nullcontext()):
+            return output_fn(call_model(model, b, where))
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def call_model(model: nn.Module, b: Batch, where: str) -> Any:
