@@ -1061,18 +1061,37 @@ def _marglik_optimum(theta_sq: float, nf: torch.Tensor) -> float:
         d = math.exp(log_d)
         return float((nf / (nf + d)).sum()) / d - theta_sq
 
+    return _log_root(h, what="the selected parameters are all zero or the Fisher is zero")
+
+
+def _log_root(h: Callable[[float], float], *, what: str, tol: float = 1e-13) -> float:
+    """``δ = exp(x)`` at the root of ``h(x)``, a function that decreases through 0: the
+    bracket is widened by 30 at a time (at most 10 times each way), then bisected.
+
+    Raises:
+        ValueError: no sign change within the widened bracket (``what`` says why).
+    """
     lo, hi = -30.0, 30.0
-    while h(lo) < 0:
+    for _ in range(10):
+        if h(lo) >= 0:
+            break
         lo -= 30.0
-    while h(hi) > 0:
+    for _ in range(10):
+        if h(hi) <= 0:
+            break
         hi += 30.0
+    if not (h(lo) >= 0 >= h(hi)):
+        raise ValueError(
+            f"The marginal likelihood has no finite optimum ({what}); use method='grid' "
+            "with validation data."
+        )
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         if h(mid) > 0:
             lo = mid
         else:
             hi = mid
-        if hi - lo < 1e-13:
+        if hi - lo < tol:
             break
     return math.exp(0.5 * (lo + hi))
 
@@ -1356,28 +1375,6 @@ def _marglik_curvature(
             "The marginal likelihood has no finite optimum: the selected parameters are all "
             "zero. Use method='grid' with validation data."
         )
-    lo, hi = -30.0, 30.0
-    for _ in range(10):
-        if h(lo) >= 0:
-            break
-        lo -= 30.0
-    for _ in range(10):
-        if h(hi) <= 0:
-            break
-        hi += 30.0
-    if not (h(lo) >= 0 >= h(hi)):
-        raise ValueError(
-            "The marginal likelihood has no finite optimum (the curvature is zero in every "
-            "direction); use method='grid' with validation data."
-        )
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        if h(mid) > 0:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-10:
-            break
-    best = math.exp(0.5 * (lo + hi))
+    best = _log_root(h, what="the curvature is zero in every direction", tol=1e-10)
     scores = [score(g) for g in cand]
     return PriorPrecisionResult(best, method, cand, scores, "log_marglik", score(best))
