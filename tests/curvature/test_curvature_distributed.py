@@ -11,10 +11,10 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import natgrad
+from tests.multiprocess import run_ranks
 from tests.reference import dense_from_mv
 
 KINDS = ("kfac", "ekfac", "lowrank")
@@ -62,7 +62,7 @@ def _worker(rank, world, init_file, out_dir):
 
 
 def test_two_gloo_ranks_equal_one_process_on_the_union(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_worker, 2, str(tmp_path / "init"), str(tmp_path))
     model, x, y = _case()
     shapes = {k: p.shape for k, p in model.named_parameters()}
     for kind in KINDS:

@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from natgrad import estimate_fisher
 from natgrad.engine.distributed import all_reduce_sums, is_distributed
 from tests.conftest import TinyCNN
+from tests.multiprocess import run_ranks
 from tests.reference import assert_close_dict
 
 
@@ -43,7 +43,7 @@ def _worker(rank, world, init_file, out_dir):
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_worker, 2, str(tmp_path / "init"), str(tmp_path))
     model, x, y = _case()
     for labels in ("empirical", "exact"):
         ref = estimate_fisher(model, (x, y), labels=labels)

@@ -15,10 +15,10 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import natgrad
 from natgrad import estimate_fisher
+from tests.multiprocess import run_ranks
 from tests.reference import assert_close_dict
 
 WORLD = 2
@@ -130,7 +130,7 @@ def _worker(rank, world, folder):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(WORLD, str(folder)), nprocs=WORLD, join=True)
+    run_ranks(_worker, WORLD, str(folder))
     out = [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     return out, folder
 

@@ -9,11 +9,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from natgrad import FisherPreconditioner, NaturalGradient
+from tests.multiprocess import run_ranks
 
 STEPS, PER_RANK = 10, 4
 # (kind, options): every registered kind; K-FAC both solves and both sources
@@ -96,18 +96,9 @@ def _worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
-def _fork(worker, world, tmp_path):
-    """Start ``world`` forked workers (a forked child inherits the imported modules: DDP's
-    first construction imports torch._dynamo, seconds per process when spawned)."""
-    import torch._dynamo  # noqa: F401  # imported once here, inherited by the children
-
-    mp.start_processes(worker, args=(world, str(tmp_path / "init"), str(tmp_path)),
-                       nprocs=world, join=True, start_method="fork")
-
-
 @pytest.mark.parametrize("world", [2, 3])
 def test_ddp_replicas_identical_and_equal_one_process_on_union(world, tmp_path):
-    _fork(_worker, world, tmp_path)
+    run_ranks(_worker, world, str(tmp_path / "init"), str(tmp_path))
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     xs, ys = _data(world)
     torch.set_num_threads(1)
