@@ -15,6 +15,8 @@ from typing import Any, Literal, cast, get_args
 import torch
 from torch import nn
 
+from natgrad.curvature.kfac import split_weight_blocks, weight_blocks
+from natgrad.curvature.kronecker import KroneckerBlock, KroneckerFisher
 from natgrad.curvature.ops import check_curvature, conjugate_gradient
 from natgrad.curvature.protocol import Curvature
 from natgrad.engine.checks import (
@@ -32,6 +34,8 @@ __all__ = ["fisher_weighted_merge", "regmean_merge"]
 
 MergeMethod = Literal["auto", "dense", "cg"]
 MERGE_METHODS: tuple[MergeMethod, ...] = get_args(MergeMethod)
+MergePreconditioner = Literal["kronecker", "jacobi"]
+MERGE_PRECONDITIONERS: tuple[MergePreconditioner, ...] = get_args(MergePreconditioner)
 #: block-diagonal kinds: one system per module
 _BLOCK_KINDS = ("diag", "kfac", "ekfac")
 
@@ -52,6 +56,7 @@ def fisher_weighted_merge(
     dense_max: int = 2048,
     cg_iters: int = 500,
     cg_tol: float = 1e-8,
+    preconditioner: MergePreconditioner = "kronecker",
 ) -> nn.Module:
     """Merge models by Fisher-weighted averaging into a NEW model (inputs untouched).
 
@@ -76,8 +81,17 @@ def fisher_weighted_merge(
     any other kind couples everything into one system. A system of at most ``dense_max``
     unknowns is solved exactly (``method="auto"`` or ``"dense"``: its matrix read off
     through ``mv`` on unit vectors, then a float64 least-squares solve); larger ones
-    by conjugate gradients on ``mv`` (``"cg"``), Jacobi-preconditioned, to relative
-    residual ``cg_tol`` or ``cg_iters`` products.
+    by conjugate gradients on ``mv`` (``"cg"``) to relative residual ``cg_tol`` or
+    ``cg_iters`` products.
+
+    The conjugate-gradient preconditioner (``preconditioner=``): ``"kronecker"`` uses, on a
+    layer that every curvature holds as one Kronecker block (K-FAC or EKFAC factors
+    ``G_m``, ``A_m``), the inverse of ``Ḡ ⊗ Ā + εI`` with ``Ḡ = Σ_m w_m G_m``,
+    ``Ā = Σ_m w_m A_m`` (weights summing to one), applied through the eigenbases of ``Ḡ``
+    and ``Ā``. Since ``Σ_m w_m G_m ⊗ A_m − Ḡ ⊗ Ā = ½ Σ_{m,n} w_m w_n (G_m − G_n) ⊗ (A_m − A_n)``,
+    it is exact when all ``A_m`` or all ``G_m`` are equal (one iteration); elsewhere
+    (other kinds, mixed blocks) and with ``"jacobi"`` it is the diagonal
+    ``ε + Σ_m w_m diag F_m``.
 
     Two call forms:
 
@@ -100,6 +114,7 @@ def fisher_weighted_merge(
         dense_max: the largest system solved densely by ``"auto"``.
         cg_iters: conjugate-gradient budget (matrix-vector products).
         cg_tol: conjugate-gradient relative residual.
+        preconditioner: ``"kronecker"`` or ``"jacobi"`` (see above).
 
     Returns:
         A deep copy of ``models[0]`` holding the merged parameters and buffers.
@@ -130,8 +145,10 @@ def fisher_weighted_merge(
         dense_max = check_int("dense_max", dense_max, 0)
         cg_iters = check_int("cg_iters", cg_iters, 1)
         cg_tol = check_positive("cg_tol", cg_tol)
+        check_choice("preconditioner", preconditioner, MERGE_PRECONDITIONERS)
         return _curvature_merge(
-            models, fishers, w, floor, normalize, method, dense_max, cg_iters, cg_tol
+            models, fishers, w, floor, normalize, method, dense_max, cg_iters, cg_tol,
+            preconditioner,
         )
     fishers = _check_fishers(fishers, models[0], normalize)
 
@@ -300,6 +317,7 @@ def _curvature_merge(
     dense_max: int,
     cg_iters: int,
     cg_tol: float,
+    preconditioner: str = "kronecker",
 ) -> nn.Module:
     names = check_curvature(given[0], models[0], "curvatures[0]")
     for i, c in enumerate(given[1:], start=1):
@@ -362,6 +380,14 @@ def _curvature_merge(
         if method == "dense" or (method == "auto" and size <= dense_max):
             correction.update(_dense_solve(op, b, group, mean))
         else:
+            kron = (
+                _kronecker_preconditioner(curvs, w, floor, group, mean)
+                if preconditioner == "kronecker" else None
+            )
+            if kron is not None:
+                res = conjugate_gradient(op, b, precond=kron, max_iter=cg_iters, tol=cg_tol)
+                correction.update(res.x)
+                continue
             # Jacobi: floor + Σ_m w_m diag F_m (a tensor: there is at least one model)
             pre = {
                 k: floor
@@ -378,6 +404,67 @@ def _curvature_merge(
             t.copy_(value.to(t.dtype))
         _average_buffers(merged, models, w)
     return merged
+
+
+def _kronecker_preconditioner(
+    curvs: Sequence[Curvature],
+    w: list[float],
+    floor: float,
+    group: list[str],
+    like: Mapping[str, torch.Tensor],
+) -> Callable[[Vec], Vec] | None:
+    """``v ↦ (Ḡ ⊗ Ā + εI)⁻¹ v`` on ``group`` (``Ḡ = Σ w_m G_m``, ``Ā = Σ w_m A_m``), or
+    None when some curvature does not hold ``group`` as exactly one Kronecker block."""
+    blocks: list[KroneckerBlock] = []
+    for c in curvs:
+        if not isinstance(c, KroneckerFisher):
+            return None
+        found = [b for b in c.blocks.values() if sorted(b.names) == sorted(group)]
+        if len(found) != 1:
+            return None
+        blocks.append(found[0])
+    first = blocks[0]
+    if any(b.layout() != first.layout() for b in blocks[1:]):
+        return None
+    dt = like[group[0]].dtype
+
+    def mean_factor(side: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(Q, s)`` of ``Σ_m w_m X_m`` (``Q`` None when every ``X_m`` is diagonal)."""
+        mats = [getattr(b, side).to(torch.float64) for b in blocks]
+        if all(m.dim() == 2 for m in mats):  # (groups, d): diagonal factors
+            return None, cast(torch.Tensor, sum(wm * m for wm, m in zip(w, mats, strict=True)))
+        full = [torch.diag_embed(m) if m.dim() == 2 else m for m in mats]
+        total = cast(torch.Tensor, sum(wm * m for wm, m in zip(w, full, strict=True)))
+        s, q = torch.linalg.eigh(0.5 * (total + total.transpose(-1, -2)))
+        return q, s
+
+    QA, sA = mean_factor("A")
+    QG, sG = mean_factor("G")
+    den = sG.clamp_min(0).unsqueeze(-1) * sA.clamp_min(0).unsqueeze(-2) + floor
+    # a zero eigenvalue with no ridge: keep the preconditioner finite (CG still converges
+    # on the range of the operator)
+    den = den.clamp_min(max(float(den.max()) * 1e-12, torch.finfo(torch.float64).tiny))
+    inv = (1.0 / den).to(dt)
+    qa = None if QA is None else QA.to(dt)
+    qg = None if QG is None else QG.to(dt)
+
+    def apply(v: Vec) -> Vec:
+        V = weight_blocks(
+            first.shape, first.transposed, first.groups, v[first.weight].to(dt),
+            None if first.bias is None else v[first.bias].to(dt),
+        )
+        R = V if qg is None else qg.transpose(-1, -2) @ V
+        R = R if qa is None else R @ qa
+        R = R * inv
+        R = R if qg is None else qg @ R
+        R = R if qa is None else R @ qa.transpose(-1, -2)
+        W, bias = split_weight_blocks(first.shape, first.transposed, first.bias is not None, R)
+        out = {first.weight: W}
+        if first.bias is not None and bias is not None:
+            out[first.bias] = bias
+        return out
+
+    return apply
 
 
 def _dense_solve(

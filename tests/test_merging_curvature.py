@@ -156,3 +156,80 @@ def test_kronecker_merge_matches_a_dense_solve(kind, method):
     )
     want = _reference(models, dense, [0.5, 0.5], 1e-4)
     torch.testing.assert_close(_theta(merged), want, rtol=1e-6, atol=1e-8)
+
+
+def _count_mv(curv):
+    """Wrap ``curv.mv`` to count its calls (an instance attribute shadows the method)."""
+    calls = [0]
+    inner = curv.mv
+
+    def mv(v):
+        calls[0] += 1
+        return inner(v)
+
+    curv.mv = mv
+    return calls
+
+
+@needs_kron
+@pytest.mark.parametrize("preconditioner", ["kronecker", "jacobi"])
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_preconditioned_cg_merge_matches_a_dense_solve(kind, preconditioner):
+    from tests.reference import dense_copy
+
+    models = [_model(s) for s in (40, 41, 42)]
+    curvs, dense = [], []
+    for i, m in enumerate(models):
+        g = torch.Generator().manual_seed(50 + i)
+        x = torch.randn(15, 3, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 2, (15,), generator=g)
+        c = natgrad.estimate_curvature(m, (x, y), kind=kind, labels="exact")
+        curvs.append(c)
+        dense.append(dense_copy(c, _shapes(m)))
+    merged = natgrad.fisher_weighted_merge(
+        models, curvs, weights=[1.0, 3.0, 2.0], floor=1e-5, method="cg", cg_tol=1e-13,
+        cg_iters=3000, preconditioner=preconditioner,
+    )
+    want = _reference(models, dense, [1 / 6, 3 / 6, 2 / 6], 1e-5)
+    torch.testing.assert_close(_theta(merged), want, rtol=1e-6, atol=1e-8)
+
+
+@needs_kron
+def test_kronecker_preconditioner_is_exact_when_the_a_factors_agree():
+    # one Linear layer fed the same inputs: every model has the same A, its own G, so
+    # Σ w G_m ⊗ A = (Σ w G_m) ⊗ A and the preconditioned CG ends after one product
+    torch.manual_seed(3)
+    models = [torch.nn.Linear(4, 3).double() for _ in range(3)]
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(20, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,), generator=g)
+    shapes = {"weight": (3, 4), "bias": (3,)}
+    curvs = [natgrad.estimate_curvature(m, (x, y), kind="kfac", labels="exact") for m in models]
+    from tests.reference import dense_copy
+
+    dense = [dense_copy(c, shapes) for c in curvs]
+    counts = [_count_mv(c) for c in curvs]
+    merged = natgrad.fisher_weighted_merge(
+        models, curvs, floor=1e-6, method="cg", cg_tol=1e-12, preconditioner="kronecker"
+    )
+    # one product for the right-hand side, one CG iteration
+    assert [c[0] for c in counts] == [2, 2, 2]
+    want = _reference_named(models, dense, [1 / 3] * 3, 1e-6, ["weight", "bias"])
+    got = flatten_params(dict(merged.named_parameters()), ["weight", "bias"])
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    counts_j = [_count_mv(c) for c in curvs]
+    natgrad.fisher_weighted_merge(
+        models, curvs, floor=1e-6, method="cg", cg_tol=1e-12, preconditioner="jacobi"
+    )
+    assert counts_j[0][0] > 2  # the diagonal preconditioner needs more iterations
+
+
+def _reference_named(models, curvs, w, floor, names):
+    p = curvs[0].matrix.shape[0]
+    lhs = floor * torch.eye(p, dtype=torch.float64)
+    thetas = [flatten_params(dict(m.named_parameters()), names) for m in models]
+    rhs = floor * sum(wm * t for wm, t in zip(w, thetas, strict=True))
+    for wm, t, c in zip(w, thetas, curvs, strict=True):
+        lhs = lhs + wm * c.matrix
+        rhs = rhs + wm * c.matrix @ t
+    return torch.linalg.solve(lhs, rhs)

@@ -153,6 +153,12 @@ def test_merge_bad_method():
         natgrad.fisher_weighted_merge([a, b], [_dense(a), _dense(b)], method="lu")
 
 
+def test_merge_bad_preconditioner():
+    a, b = _model(0), _model(1)
+    with pytest.raises(ValueError, match="Unknown preconditioner"):
+        natgrad.fisher_weighted_merge([a, b], [_dense(a), _dense(b)], preconditioner="ilu")
+
+
 def test_regmean_faults():
     a, b = _model(0), _model(1)
     x = torch.randn(4, 3, dtype=torch.float64)
