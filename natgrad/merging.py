@@ -499,20 +499,29 @@ def regmean_merge(
     weights: Sequence[float] | None = None,
     alpha: float = 1.0,
     floor: float = 1e-8,
+    normalize: bool = False,
 ) -> nn.Module:
-    """RegMean: merge each ``nn.Linear`` by its input Gram matrices (the Kronecker ``G = I`` case).
+    """RegMean: merge each linear and convolution layer by its input Gram matrices (K-FAC with ``G = I``).
 
-    For a linear layer with augmented inputs ``ã = [x, 1]`` (bias) and weights
-    ``W̃ = [W, b]``, model ``m`` contributes the Gram ``A_m = Σ_n ã_n ã_nᵀ`` over its data
-    (every leading dimension of the input counts as a sample). The merge solves, row by row,
+    For a layer with augmented inputs ``ã = [x, 1]`` (bias) and weights ``W̃ = [W, b]``,
+    model ``m`` contributes the Gram ``A_m = Σ_n ã_n ã_nᵀ`` over its data. For
+    ``nn.Linear`` (and transformers' ``Conv1D``) every leading dimension of the input
+    counts as a sample; for ``nn.Conv1d`` / ``nn.Conv2d`` the inputs are the unfolded
+    patches (``ã`` of length ``C_in/groups · k + 1``, every output position a sample)
+    and ``W̃`` the weight reshaped to ``(C_out/groups, C_in/groups · k)`` per group: the
+    Gram is the K-FAC ``A`` factor of the layer (up to the ``1/(N·T)`` scale). The merge
+    solves, per layer and group,
 
         ``W̃* = (Σ_m w_m W̃_m Â_m) (Σ_m w_m Â_m + ε I)⁻¹``,  ``Â = α A + (1 − α) diag(A)``,
 
     the least-squares fit of every model's layer outputs on its own inputs (Jin et al.,
     2023). In the Kronecker language ``F_m ≈ G_m ⊗ A_m``: :func:`fisher_weighted_merge`
-    with ``G_m = I`` gives this (``α = 1``). Other parameters and floating buffers get the
-    weighted mean. ``α < 1`` shrinks the off-diagonal Gram entries (RegMean's default is
-    0.9 in its paper).
+    with ``G_m = I`` gives this (``α = 1``). ``normalize=True`` first divides each model's
+    Grams by the trace of its ``I ⊗ A`` curvature over the merged layers,
+    ``Σ_layers d_out/groups · Σ_groups tr A`` (unit-trace, as ``normalize`` of
+    :func:`fisher_weighted_merge`). Other parameters (those of other layers, tied or
+    shared weights) and floating buffers get the weighted mean. ``α < 1`` shrinks the
+    off-diagonal Gram entries (RegMean's default is 0.9 in its paper).
 
     Args:
         models: models of one architecture.
@@ -520,13 +529,15 @@ def regmean_merge(
         weights: ``w_m >= 0`` (default equal), rescaled to sum to one.
         alpha: ``α`` in ``[0, 1]``.
         floor: ``ε >= 0``, a ridge on the merged Gram.
+        normalize: use unit-trace Grams.
 
     Returns:
         A deep copy of ``models[0]`` with the merged parameters (inputs untouched).
 
     Raises:
         ValueError: counts that disagree, models of different architectures, bad
-            ``alpha`` / ``floor`` / weights, a linear layer that sees no input.
+            ``alpha`` / ``floor`` / weights, a layer that sees no input, or a model whose
+            Grams are all zero with ``normalize=True``.
 
     Example:
         >>> import torch
@@ -537,6 +548,7 @@ def regmean_merge(
         1.3
     """
     from natgrad.curvature.estimate import iterate_batches
+    from natgrad.curvature.kfac import kfac_coverage, patches
     from natgrad.engine.batch import parse_batch
     from natgrad.engine.checks import check_fraction
 
@@ -553,9 +565,10 @@ def regmean_merge(
     alpha = check_fraction("alpha", alpha, closed=True)
     floor = check_positive("floor", floor, allow_zero=True)
     _check_models(models)
-    linear = [n for n, mod in models[0].named_modules() if isinstance(mod, nn.Linear)]
+    covered, _ = kfac_coverage(models[0], dict(models[0].named_parameters()), extended=True)
+    layers = {k: lay for k, lay in covered.items() if lay.kind != "embedding"}
     grams: list[dict[str, torch.Tensor]] = []
-    for m, d in zip(models, data, strict=True):
+    for i, (m, d) in enumerate(zip(models, data, strict=True)):
         acc: dict[str, torch.Tensor] = {}
         hooks = []
         mods = dict(m.named_modules())
@@ -564,15 +577,15 @@ def regmean_merge(
             name: str, acc: dict[str, torch.Tensor] = acc
         ) -> Callable[[nn.Module, tuple[Any, ...]], None]:
             def fn(module: nn.Module, inputs: tuple[Any, ...]) -> None:
-                x = inputs[0].detach()
-                x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-                if module.bias is not None:
-                    x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
-                acc[name] = acc[name] + x.T @ x if name in acc else x.T @ x
+                # (N, T, groups, d_A) patches with the bias column; layout of models[0]'s
+                # layer (the same configuration in every model)
+                a = patches(layers[name], inputs[0].detach()).to(torch.float64)
+                g = torch.einsum("ntga,ntgb->gab", a, a)
+                acc[name] = acc[name] + g if name in acc else g
 
             return fn
 
-        for n in linear:
+        for n in layers:
             hooks.append(mods[n].register_forward_pre_hook(hook(n)))
         try:
             with torch.no_grad():
@@ -582,47 +595,55 @@ def regmean_merge(
         finally:
             for h in hooks:
                 h.remove()
-        missing = [n for n in linear if n not in acc]
+        missing = [n for n in layers if n not in acc]
         if missing:
             raise ValueError(
-                f"Linear layers {missing[:8]} saw no input on the data of one model; pass data "
-                "that runs through every linear layer."
+                f"Layers {missing[:8]} saw no input on the data of one model; pass data "
+                "that runs through every linear and convolution layer."
             )
+        if normalize:
+            trace = sum(
+                float(a.diagonal(dim1=-2, dim2=-1).sum()) * layers[n].dims()[1]
+                for n, a in acc.items()
+            )
+            if not trace > 0:
+                raise ValueError(
+                    f"models[{i}]'s input Grams are zero, so normalize=True cannot give them "
+                    "unit trace; pass normalize=False."
+                )
+            acc = {n: a / trace for n, a in acc.items()}
         grams.append(acc)
     merged = deepcopy_model(models[0])
     params = [dict(m.named_parameters()) for m in models]
+    target = dict(merged.named_parameters())
     done: set[str] = set()
     with torch.no_grad():
-        mods = dict(merged.named_modules())
-        for n in linear:
-            mod = mods[n]
-            wname = f"{n}.weight" if n else "weight"
-            bname = f"{n}.bias" if n else "bias"
-            has_bias = mod.bias is not None
+        for n, lay in layers.items():
+            shape = tuple(target[lay.weight].shape)
             num: torch.Tensor | None = None
             den: torch.Tensor | None = None
             for wm, g, p in zip(w, grams, params, strict=True):
                 a = g[n]
-                a = alpha * a + (1 - alpha) * torch.diag(torch.diagonal(a))
-                wt = p[wname].detach().to(torch.float64)
-                if has_bias:
-                    wt = torch.cat([wt, p[bname].detach().to(torch.float64).unsqueeze(1)], 1)
-                num = wm * wt @ a if num is None else num + wm * wt @ a
+                a = alpha * a + (1 - alpha) * torch.diag_embed(a.diagonal(dim1=-2, dim2=-1))
+                V = weight_blocks(
+                    shape, lay.transposed, lay.groups, p[lay.weight].detach().to(torch.float64),
+                    None if lay.bias is None else p[lay.bias].detach().to(torch.float64),
+                )
+                num = wm * V @ a if num is None else num + wm * V @ a
                 den = wm * a if den is None else den + wm * a
             assert num is not None and den is not None  # models is not empty (checked)
-            den = den + floor * torch.eye(den.shape[0], dtype=torch.float64)
-            sol = torch.linalg.lstsq(den, num.T).solution.T  # W̃* = num den⁻¹ (den symmetric)
+            den = den + floor * torch.eye(den.shape[-1], dtype=torch.float64)
+            # W̃* = num den⁻¹ per group (den symmetric)
+            sol = torch.linalg.lstsq(den, num.transpose(-1, -2)).solution.transpose(-1, -2)
             check_finite(f"the merged layer {n!r}", sol, "Raise floor= (the ridge).")
-            mod.weight.copy_(sol[:, : mod.weight.shape[1]].to(mod.weight.dtype))
-            done.add(wname)
-            if has_bias:
-                mod.bias.copy_(sol[:, -1].to(mod.bias.dtype))
-                done.add(bname)
-        for k, t in merged.named_parameters():
+            W, bias = split_weight_blocks(shape, lay.transposed, lay.bias is not None, sol)
+            target[lay.weight].copy_(W.to(target[lay.weight].dtype))
+            done.add(lay.weight)
+            if lay.bias is not None and bias is not None:
+                target[lay.bias].copy_(bias.to(target[lay.bias].dtype))
+                done.add(lay.bias)
+        for k, t in target.items():
             if k not in done:
                 t.copy_(_mean([p[k].detach() for p in params], w).to(t.dtype))
-        buffers = [dict(m.named_buffers()) for m in models]
-        for name, buf in merged.named_buffers():
-            if buf.is_floating_point() or buf.is_complex():
-                buf.copy_(_mean([b[name].detach() for b in buffers], w).to(buf.dtype))
+        _average_buffers(merged, models, w)
     return merged

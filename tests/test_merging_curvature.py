@@ -233,3 +233,100 @@ def _reference_named(models, curvs, w, floor, names):
         lhs = lhs + wm * c.matrix
         rhs = rhs + wm * c.matrix @ t
     return torch.linalg.solve(lhs, rhs)
+
+
+# -- RegMean on convolutions ----------------------------------------------------------------
+
+
+def _least_squares_merge(layer_fn, inputs, thetas, w):
+    """argmin_θ Σ_m w_m ‖f(h_m; θ) − f(h_m; θ_m)‖² by a dense float64 Hessian solve
+    (the layer is linear in θ, so the objective is exactly quadratic)."""
+
+    def q(theta):
+        return sum(
+            wm * (layer_fn(h, theta) - layer_fn(h, tm)).pow(2).sum()
+            for wm, h, tm in zip(w, inputs, thetas, strict=True)
+        )
+
+    zero = torch.zeros_like(thetas[0])
+    g = torch.func.grad(q)(zero)
+    hess = torch.func.hessian(q)(zero)
+    return torch.linalg.solve(hess, -g)
+
+
+def _flat(conv):
+    return torch.cat([conv.weight.detach().reshape(-1), conv.bias.detach()])
+
+
+def _conv_fn(conv, functional):
+    nw = conv.weight.numel()
+
+    def fn(h, theta):
+        return functional(
+            h, theta[:nw].reshape(conv.weight.shape), theta[nw:], stride=conv.stride,
+            padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+        )
+
+    return fn
+
+
+def test_regmean_merges_conv1d_layers_as_a_least_squares_fit_of_their_outputs():
+    F = torch.nn.functional
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(
+            torch.nn.Conv1d(2, 4, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv1d(4, 3, 2, dilation=2),
+        ).double()
+
+    models = [model(s) for s in (60, 61, 62)]
+    g = torch.Generator().manual_seed(63)
+    xs = [torch.randn(5 + i, 2, 11, generator=g, dtype=torch.float64) for i in range(3)]
+    merged = natgrad.regmean_merge(models, xs, weights=[1.0, 2.0, 1.0], floor=0.0)
+    w = [0.25, 0.5, 0.25]
+    for layer in (0, 2):
+        hs = [x if layer == 0 else torch.relu(m[0](x)).detach() for m, x in zip(models, xs, strict=True)]
+        want = _least_squares_merge(
+            _conv_fn(models[0][layer], F.conv1d), hs, [_flat(m[layer]) for m in models], w
+        )
+        torch.testing.assert_close(_flat(merged[layer]), want, rtol=1e-8, atol=1e-10)
+
+
+def test_regmean_merges_grouped_conv2d_layers_as_a_least_squares_fit_of_their_outputs():
+    F = torch.nn.functional
+    models = []
+    for s in (70, 71):
+        torch.manual_seed(s)
+        models.append(torch.nn.Conv2d(4, 6, 3, padding=1, stride=2, groups=2).double())
+    g = torch.Generator().manual_seed(72)
+    xs = [torch.randn(3, 4, 6, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    merged = natgrad.regmean_merge(models, xs, floor=0.0)
+    want = _least_squares_merge(
+        _conv_fn(models[0], F.conv2d), xs, [_flat(m) for m in models], [0.5, 0.5]
+    )
+    torch.testing.assert_close(_flat(merged), want, rtol=1e-8, atol=1e-10)
+
+
+def test_regmean_normalize_uses_unit_trace_grams():
+    models = [_model(s) for s in (80, 81)]
+    g = torch.Generator().manual_seed(82)
+    xs = [torch.randn(9, 3, generator=g, dtype=torch.float64) * (1 + 3 * i) for i in range(2)]
+    merged = natgrad.regmean_merge(models, xs, floor=0.0, normalize=True)
+    grams, traces = [], []
+    for m, x in zip(models, xs, strict=True):
+        per = [_gram(x), _gram(torch.tanh(m[0](x)).detach())]
+        grams.append(per)
+        # trace of I ⊗ A: d_out · tr A per layer
+        traces.append(4 * float(per[0].trace()) + 2 * float(per[1].trace()))
+    for j, layer in enumerate((0, 2)):
+        num, den = 0, 0
+        for m, per, t in zip(models, grams, traces, strict=True):
+            a = per[j] / t
+            wt = torch.cat([m[layer].weight, m[layer].bias.unsqueeze(1)], 1).detach()
+            num, den = num + 0.5 * wt @ a, den + 0.5 * a
+        want = torch.linalg.solve(den, num.T).T
+        got = torch.cat([merged[layer].weight, merged[layer].bias.unsqueeze(1)], 1)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    plain = natgrad.regmean_merge(models, xs, floor=0.0)
+    assert not torch.allclose(plain[0].weight, merged[0].weight)  # the scaling mattered
