@@ -72,6 +72,14 @@ before any run under it, and before seeds 3, 4, 5 were run by any version of thi
   linear layer, separate heads), same training recipe, seeds 3, 4, 5. RegMean merges each
   convolution by the Gram of its unfolded input patches (the K-FAC ``A`` factor), K-FAC
   by its convolution factors.
+* Shared-head row (``--heads shared``; pre-registered 2026-11-29 before any run of it):
+  the MLP as above, but the WHOLE model is merged (body and the 10-way head: every task
+  is scored with the one merged head, no per-task head). The fine-tuned models, the
+  training recipe, the grids, the selection rule and the target are those above;
+  the Fisher, K-FAC and RegMean Grams cover every parameter (head included); task
+  arithmetic and averaging act on every parameter; seeds 3, 4, 5. The baselines
+  "fine-tuned" (each model on its own task) and "pre-trained model" (the pre-trained
+  model, its head included, on each task) are reported alongside.
 """
 
 from __future__ import annotations
