@@ -214,16 +214,18 @@ def run_seed(data, seed: int, args) -> dict:
     layer1: list = []
     layer2: list = []
     n = args.fisher_samples
+    shared = args.heads == "shared"  # merge the whole model, head included
     for i, task in enumerate(tasks):
         m = copy.deepcopy(base).train()
         train(m, *task["train"], epochs=args.finetune_epochs, seed=seed * 10 + i + 1,
               make_opt=lambda mm: torch.optim.Adam(mm.parameters(), lr=1e-3))
         m.eval()
         batch = (task["train"][0][:n], task["train"][1][:n])
+        covered = [m] if shared else [m.body]
         diags.append(estimate_curvature(m, batch, kind="diag", labels=args.labels,
-                                        params=[m.body]))
+                                        params=covered))
         kfacs.append(estimate_curvature(m, batch, kind=args.kind, labels=args.labels,
-                                        params=[m.body]))
+                                        params=covered))
         if args.layer_variants:
             layer1.append(estimate_curvature(m, batch, kind=args.kind, labels=args.labels,
                                              params=[m.body[0]]))
@@ -235,12 +237,22 @@ def run_seed(data, seed: int, args) -> dict:
             ekfacs.append(estimate_curvature(m, batch, kind="ekfac", labels=args.labels,
                                              params=[m.body]))
         tuned.append(m)
-    bodies = [t.body for t in tuned]
-    theta0 = dict(base.body.named_parameters())
+    # the merged part: the whole model (shared head) or the body (separate heads)
+    bodies = list(tuned) if shared else [t.body for t in tuned]
+    start = base if shared else base.body
+    theta0 = dict(start.named_parameters())
     inputs = [task["train"][0][:n] for task in tasks]
 
+    def part(net: nn.Module) -> nn.Module:
+        return net if shared else net.body
+
+    def evaluate(merged: nn.Module, split: str) -> list[float]:
+        if shared:
+            return [accuracy(merged.eval(), *task[split]) for task in tasks]
+        return scores(merged, tuned, tasks, split)
+
     def task_arithmetic(lam: float) -> nn.Module:
-        out = copy.deepcopy(base.body)
+        out = copy.deepcopy(start)
         named = [dict(b.named_parameters()) for b in bodies]
         with torch.no_grad():
             for k, p in out.named_parameters():
@@ -257,9 +269,9 @@ def run_seed(data, seed: int, args) -> dict:
             "average": {None: lambda _: body_vector_op(bodies, lambda ps: sum(ps) / len(ps))},
             "task arithmetic": {lam: task_arithmetic for lam in TA_GRID_V2},
             "diagonal Fisher": {
-                grid_label(*h): lambda h: fisher_weighted_merge(
+                grid_label(*h): lambda h: part(fisher_weighted_merge(
                     tuned, diags, floor=h[1] * scale_d[h[0]], normalize=h[0]
-                ).body
+                ))
                 for h in curv_grid
             },
             "RegMean": {
@@ -269,9 +281,9 @@ def run_seed(data, seed: int, args) -> dict:
                 for h in [(nm, a) for nm in NORMS_V2 for a in ALPHA_GRID]
             },
             kname: {
-                grid_label(*h): lambda h: fisher_weighted_merge(
+                grid_label(*h): lambda h: part(fisher_weighted_merge(
                     tuned, kfacs, floor=h[1] * scale_k[h[0]], normalize=h[0], **cg
-                ).body
+                ))
                 for h in curv_grid
             },
         }
@@ -327,18 +339,20 @@ def run_seed(data, seed: int, args) -> dict:
         "fine-tuned (each on its own task)": (
             [accuracy(t, *task["test"]) for t, task in zip(tuned, tasks, strict=True)], None
         ),
-        "pre-trained body + task heads": (scores(base.body, tuned, tasks, "test"), None),
+        ("pre-trained model" if shared else "pre-trained body + task heads"): (
+            evaluate(base if shared else base.body, "test"), None
+        ),
     }
     for name, grid in candidates.items():
         best = None
         t0 = time.time()
         for h, make in grid.items():  # ties: the first grid point in the listed order
             body = make(pairs.get(h, h) if isinstance(h, str) else h)
-            val = statistics.mean(scores(body, tuned, tasks, "val"))
+            val = statistics.mean(evaluate(body, "val"))
             if best is None or val > best[0]:
                 best = (val, h, body)
         assert best is not None
-        out[name] = (scores(best[2], tuned, tasks, "test"), best[1])
+        out[name] = (evaluate(best[2], "test"), best[1])
         print(f"  seed {seed} {name}: test {statistics.mean(out[name][0]):.3f} "
               f"(val {best[0]:.3f}, picked {best[1]}; {len(grid)} points, "
               f"{time.time() - t0:.0f}s)", flush=True)
@@ -408,11 +422,12 @@ def run(args) -> str:
     v2 = args.protocol == "v2"
     body = make_net(args.model).body
     n_body = sum(p.numel() for p in body.parameters())
+    n_all = sum(p.numel() for p in make_net(args.model).parameters())
     layers = [type(m).__name__ for m in body.modules() if isinstance(m, (nn.Linear, nn.Conv1d))]
     what = "MLP" if args.model == "mlp" else "1-D CNN"
     lines = [
         "## Merging 4 task models: averaging, task arithmetic, diagonal Fisher, RegMean, "
-        f"{kname} (MNIST-1D {what}, separate heads"
+        f"{kname} (MNIST-1D {what}, {args.heads} heads"
         + (", protocol v2: pre-registered, equal 10-point validation budget" if v2 else "")
         + (", variants: wider ridge grid, other labels and kinds" if args.variants else "")
         + ")",
@@ -422,9 +437,14 @@ def run(args) -> str:
         f"Pre-train: Adam lr 3e-3, {args.pretrain_epochs} epochs on all digits (3500 training "
         f"samples). Tasks: {', '.join(names)} (signal transformations, all ten digits). "
         f"Fine-tune: the whole model per task, Adam lr 1e-3, {args.finetune_epochs} epochs. "
-        f"Merged: the body ({len(layers)} {'/'.join(sorted(set(layers)))} layers, "
-        f"{n_body} parameters); each task keeps its own "
-        "fine-tuned head (separate heads). Fisher / K-FAC: "
+        + (
+            f"Merged: the whole model (body and head, {n_all} parameters); every task is "
+            "scored with the one merged head (shared head). Fisher / K-FAC: "
+            if args.heads == "shared" else
+            f"Merged: the body ({len(layers)} {'/'.join(sorted(set(layers)))} layers, "
+            f"{n_body} parameters); each task keeps its own "
+            "fine-tuned head (separate heads). Fisher / K-FAC: "
+        ) +
         f"labels={args.labels!r}, {args.fisher_samples} training samples of the task. ",
     ]
     if v2:
@@ -471,6 +491,7 @@ def run(args) -> str:
         + (" --quick" if args.quick else "")
         + (f" --protocol {args.protocol}" if args.protocol != "v1" else "")
         + (f" --model {args.model}" if args.model != "mlp" else "")
+        + (f" --heads {args.heads}" if args.heads != "separate" else "")
         + (f" --seeds {' '.join(map(str, args.seeds))}" if v2 else "")
         + (f" --labels {args.labels}" if args.labels != "exact" else "")
         + (f" --kind {args.kind}" if args.kind != "kfac" else "")
@@ -498,6 +519,7 @@ def main(argv=None) -> None:
     p.add_argument("--protocol", default="v1", choices=["v1", "v2"],
                    help="v1: session 2's 5-point grids; v2: the pre-registered protocol")
     p.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
+    p.add_argument("--heads", default="separate", choices=["separate", "shared"])
     p.add_argument("--name", default="merging_curvature", help="fragment name")
     p.add_argument("--cg-iters", type=int, default=500)
     p.add_argument("--ridge-grid", nargs="+", type=float, default=list(RIDGE_GRID))
@@ -508,6 +530,9 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None, help="save the per-seed results here (no fragment)")
     p.add_argument("--table-from", nargs="+", default=None, help="build the table from JSONs")
     args = p.parse_args(argv)
+    if args.heads == "shared" and (args.protocol != "v2" or args.model != "mlp"
+                                   or args.variants or args.layer_variants):
+        p.error("--heads shared runs with --protocol v2 on the MLP, without variant rows")
     args.pretrain_epochs = 3 if args.quick else 15
     args.finetune_epochs = 2 if args.quick else 10
     args.fisher_samples = 300 if args.quick else 2000
