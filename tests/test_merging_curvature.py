@@ -330,3 +330,41 @@ def test_regmean_normalize_uses_unit_trace_grams():
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
     plain = natgrad.regmean_merge(models, xs, floor=0.0)
     assert not torch.allclose(plain[0].weight, merged[0].weight)  # the scaling mattered
+
+
+@needs_kron
+@pytest.mark.parametrize("preconditioner", ["kronecker", "jacobi"])
+def test_kronecker_merge_of_convolutions_matches_a_dense_solve(preconditioner):
+    from tests.reference import dense_copy
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(
+            torch.nn.Conv1d(2, 4, 3, padding=1), torch.nn.Tanh(),
+            torch.nn.Conv1d(4, 4, 3, stride=2, groups=2), torch.nn.Flatten(),
+            torch.nn.Linear(12, 3),
+        ).double()
+
+    models = [model(s) for s in (90, 91, 92)]
+    names = [k for k, _ in models[0].named_parameters()]
+    shapes = {k: p.shape for k, p in models[0].named_parameters()}
+    curvs, dense = [], []
+    for i, m in enumerate(models):
+        g = torch.Generator().manual_seed(93 + i)
+        x = torch.randn(10, 2, 8, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (10,), generator=g)
+        c = natgrad.estimate_curvature(m, (x, y), kind="kfac", labels="exact")
+        assert set(c.structure().values()) == {"kfac"}  # the grouped conv is a K-FAC block
+        curvs.append(c)
+        dense.append(dense_copy(c, shapes))
+    merged = natgrad.fisher_weighted_merge(
+        models, curvs, floor=1e-5, method="cg", cg_tol=1e-13, cg_iters=3000,
+        preconditioner=preconditioner,
+    )
+    p = dense[0].matrix.shape[0]
+    thetas = [flatten_params(dict(m.named_parameters()), names) for m in models]
+    lhs = 1e-5 * torch.eye(p, dtype=torch.float64) + sum(c.matrix for c in dense) / 3
+    rhs = 1e-5 * sum(thetas) / 3 + sum(c.matrix @ t for c, t in zip(dense, thetas, strict=True)) / 3
+    want = torch.linalg.solve(lhs, rhs)
+    got = flatten_params(dict(merged.named_parameters()), names)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
