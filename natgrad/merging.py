@@ -15,6 +15,8 @@ from typing import Any, Literal, cast, get_args
 import torch
 from torch import nn
 
+from natgrad.curvature.kfac import split_weight_blocks, weight_blocks
+from natgrad.curvature.kronecker import KroneckerBlock, KroneckerFisher
 from natgrad.curvature.ops import check_curvature, conjugate_gradient
 from natgrad.curvature.protocol import Curvature
 from natgrad.engine.checks import (
@@ -32,6 +34,8 @@ __all__ = ["fisher_weighted_merge", "regmean_merge"]
 
 MergeMethod = Literal["auto", "dense", "cg"]
 MERGE_METHODS: tuple[MergeMethod, ...] = get_args(MergeMethod)
+MergePreconditioner = Literal["kronecker", "jacobi"]
+MERGE_PRECONDITIONERS: tuple[MergePreconditioner, ...] = get_args(MergePreconditioner)
 #: block-diagonal kinds: one system per module
 _BLOCK_KINDS = ("diag", "kfac", "ekfac")
 
@@ -52,6 +56,7 @@ def fisher_weighted_merge(
     dense_max: int = 2048,
     cg_iters: int = 500,
     cg_tol: float = 1e-8,
+    preconditioner: MergePreconditioner = "kronecker",
 ) -> nn.Module:
     """Merge models by Fisher-weighted averaging into a NEW model (inputs untouched).
 
@@ -76,8 +81,17 @@ def fisher_weighted_merge(
     any other kind couples everything into one system. A system of at most ``dense_max``
     unknowns is solved exactly (``method="auto"`` or ``"dense"``: its matrix read off
     through ``mv`` on unit vectors, then a float64 least-squares solve); larger ones
-    by conjugate gradients on ``mv`` (``"cg"``), Jacobi-preconditioned, to relative
-    residual ``cg_tol`` or ``cg_iters`` products.
+    by conjugate gradients on ``mv`` (``"cg"``) to relative residual ``cg_tol`` or
+    ``cg_iters`` products.
+
+    The conjugate-gradient preconditioner (``preconditioner=``): ``"kronecker"`` uses, on a
+    layer that every curvature holds as one Kronecker block (K-FAC or EKFAC factors
+    ``G_m``, ``A_m``), the inverse of ``Ḡ ⊗ Ā + εI`` with ``Ḡ = Σ_m w_m G_m``,
+    ``Ā = Σ_m w_m A_m`` (weights summing to one), applied through the eigenbases of ``Ḡ``
+    and ``Ā``. Since ``Σ_m w_m G_m ⊗ A_m − Ḡ ⊗ Ā = ½ Σ_{m,n} w_m w_n (G_m − G_n) ⊗ (A_m − A_n)``,
+    it is exact when all ``A_m`` or all ``G_m`` are equal (one iteration); elsewhere
+    (other kinds, mixed blocks) and with ``"jacobi"`` it is the diagonal
+    ``ε + Σ_m w_m diag F_m``.
 
     Two call forms:
 
@@ -100,6 +114,7 @@ def fisher_weighted_merge(
         dense_max: the largest system solved densely by ``"auto"``.
         cg_iters: conjugate-gradient budget (matrix-vector products).
         cg_tol: conjugate-gradient relative residual.
+        preconditioner: ``"kronecker"`` or ``"jacobi"`` (see above).
 
     Returns:
         A deep copy of ``models[0]`` holding the merged parameters and buffers.
@@ -130,8 +145,10 @@ def fisher_weighted_merge(
         dense_max = check_int("dense_max", dense_max, 0)
         cg_iters = check_int("cg_iters", cg_iters, 1)
         cg_tol = check_positive("cg_tol", cg_tol)
+        check_choice("preconditioner", preconditioner, MERGE_PRECONDITIONERS)
         return _curvature_merge(
-            models, fishers, w, floor, normalize, method, dense_max, cg_iters, cg_tol
+            models, fishers, w, floor, normalize, method, dense_max, cg_iters, cg_tol,
+            preconditioner,
         )
     fishers = _check_fishers(fishers, models[0], normalize)
 
@@ -300,6 +317,7 @@ def _curvature_merge(
     dense_max: int,
     cg_iters: int,
     cg_tol: float,
+    preconditioner: str = "kronecker",
 ) -> nn.Module:
     names = check_curvature(given[0], models[0], "curvatures[0]")
     for i, c in enumerate(given[1:], start=1):
@@ -362,6 +380,14 @@ def _curvature_merge(
         if method == "dense" or (method == "auto" and size <= dense_max):
             correction.update(_dense_solve(op, b, group, mean))
         else:
+            kron = (
+                _kronecker_preconditioner(curvs, w, floor, group, mean)
+                if preconditioner == "kronecker" else None
+            )
+            if kron is not None:
+                res = conjugate_gradient(op, b, precond=kron, max_iter=cg_iters, tol=cg_tol)
+                correction.update(res.x)
+                continue
             # Jacobi: floor + Σ_m w_m diag F_m (a tensor: there is at least one model)
             pre = {
                 k: floor
@@ -378,6 +404,67 @@ def _curvature_merge(
             t.copy_(value.to(t.dtype))
         _average_buffers(merged, models, w)
     return merged
+
+
+def _kronecker_preconditioner(
+    curvs: Sequence[Curvature],
+    w: list[float],
+    floor: float,
+    group: list[str],
+    like: Mapping[str, torch.Tensor],
+) -> Callable[[Vec], Vec] | None:
+    """``v ↦ (Ḡ ⊗ Ā + εI)⁻¹ v`` on ``group`` (``Ḡ = Σ w_m G_m``, ``Ā = Σ w_m A_m``), or
+    None when some curvature does not hold ``group`` as exactly one Kronecker block."""
+    blocks: list[KroneckerBlock] = []
+    for c in curvs:
+        if not isinstance(c, KroneckerFisher):
+            return None
+        found = [b for b in c.blocks.values() if sorted(b.names) == sorted(group)]
+        if len(found) != 1:
+            return None
+        blocks.append(found[0])
+    first = blocks[0]
+    if any(b.layout() != first.layout() for b in blocks[1:]):
+        return None
+    dt = like[group[0]].dtype
+
+    def mean_factor(side: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(Q, s)`` of ``Σ_m w_m X_m`` (``Q`` None when every ``X_m`` is diagonal)."""
+        mats = [getattr(b, side).to(torch.float64) for b in blocks]
+        if all(m.dim() == 2 for m in mats):  # (groups, d): diagonal factors
+            return None, cast(torch.Tensor, sum(wm * m for wm, m in zip(w, mats, strict=True)))
+        full = [torch.diag_embed(m) if m.dim() == 2 else m for m in mats]
+        total = cast(torch.Tensor, sum(wm * m for wm, m in zip(w, full, strict=True)))
+        s, q = torch.linalg.eigh(0.5 * (total + total.transpose(-1, -2)))
+        return q, s
+
+    QA, sA = mean_factor("A")
+    QG, sG = mean_factor("G")
+    den = sG.clamp_min(0).unsqueeze(-1) * sA.clamp_min(0).unsqueeze(-2) + floor
+    # a zero eigenvalue with no ridge: keep the preconditioner finite (CG still converges
+    # on the range of the operator)
+    den = den.clamp_min(max(float(den.max()) * 1e-12, torch.finfo(torch.float64).tiny))
+    inv = (1.0 / den).to(dt)
+    qa = None if QA is None else QA.to(dt)
+    qg = None if QG is None else QG.to(dt)
+
+    def apply(v: Vec) -> Vec:
+        V = weight_blocks(
+            first.shape, first.transposed, first.groups, v[first.weight].to(dt),
+            None if first.bias is None else v[first.bias].to(dt),
+        )
+        R = V if qg is None else qg.transpose(-1, -2) @ V
+        R = R if qa is None else R @ qa
+        R = R * inv
+        R = R if qg is None else qg @ R
+        R = R if qa is None else R @ qa.transpose(-1, -2)
+        W, bias = split_weight_blocks(first.shape, first.transposed, first.bias is not None, R)
+        out = {first.weight: W}
+        if first.bias is not None and bias is not None:
+            out[first.bias] = bias
+        return out
+
+    return apply
 
 
 def _dense_solve(
@@ -412,20 +499,29 @@ def regmean_merge(
     weights: Sequence[float] | None = None,
     alpha: float = 1.0,
     floor: float = 1e-8,
+    normalize: bool = False,
 ) -> nn.Module:
-    """RegMean: merge each ``nn.Linear`` by its input Gram matrices (the Kronecker ``G = I`` case).
+    """RegMean: merge each linear and convolution layer by its input Gram matrices (K-FAC with ``G = I``).
 
-    For a linear layer with augmented inputs ``ã = [x, 1]`` (bias) and weights
-    ``W̃ = [W, b]``, model ``m`` contributes the Gram ``A_m = Σ_n ã_n ã_nᵀ`` over its data
-    (every leading dimension of the input counts as a sample). The merge solves, row by row,
+    For a layer with augmented inputs ``ã = [x, 1]`` (bias) and weights ``W̃ = [W, b]``,
+    model ``m`` contributes the Gram ``A_m = Σ_n ã_n ã_nᵀ`` over its data. For
+    ``nn.Linear`` (and transformers' ``Conv1D``) every leading dimension of the input
+    counts as a sample; for ``nn.Conv1d`` / ``nn.Conv2d`` the inputs are the unfolded
+    patches (``ã`` of length ``C_in/groups · k + 1``, every output position a sample)
+    and ``W̃`` the weight reshaped to ``(C_out/groups, C_in/groups · k)`` per group: the
+    Gram is the K-FAC ``A`` factor of the layer (up to the ``1/(N·T)`` scale). The merge
+    solves, per layer and group,
 
         ``W̃* = (Σ_m w_m W̃_m Â_m) (Σ_m w_m Â_m + ε I)⁻¹``,  ``Â = α A + (1 − α) diag(A)``,
 
     the least-squares fit of every model's layer outputs on its own inputs (Jin et al.,
     2023). In the Kronecker language ``F_m ≈ G_m ⊗ A_m``: :func:`fisher_weighted_merge`
-    with ``G_m = I`` gives this (``α = 1``). Other parameters and floating buffers get the
-    weighted mean. ``α < 1`` shrinks the off-diagonal Gram entries (RegMean's default is
-    0.9 in its paper).
+    with ``G_m = I`` gives this (``α = 1``). ``normalize=True`` first divides each model's
+    Grams by the trace of its ``I ⊗ A`` curvature over the merged layers,
+    ``Σ_layers d_out/groups · Σ_groups tr A`` (unit-trace, as ``normalize`` of
+    :func:`fisher_weighted_merge`). Other parameters (those of other layers, tied or
+    shared weights) and floating buffers get the weighted mean. ``α < 1`` shrinks the
+    off-diagonal Gram entries (RegMean's default is 0.9 in its paper).
 
     Args:
         models: models of one architecture.
@@ -433,13 +529,15 @@ def regmean_merge(
         weights: ``w_m >= 0`` (default equal), rescaled to sum to one.
         alpha: ``α`` in ``[0, 1]``.
         floor: ``ε >= 0``, a ridge on the merged Gram.
+        normalize: use unit-trace Grams.
 
     Returns:
         A deep copy of ``models[0]`` with the merged parameters (inputs untouched).
 
     Raises:
         ValueError: counts that disagree, models of different architectures, bad
-            ``alpha`` / ``floor`` / weights, a linear layer that sees no input.
+            ``alpha`` / ``floor`` / weights, a layer that sees no input, or a model whose
+            Grams are all zero with ``normalize=True``.
 
     Example:
         >>> import torch
@@ -450,6 +548,7 @@ def regmean_merge(
         1.3
     """
     from natgrad.curvature.estimate import iterate_batches
+    from natgrad.curvature.kfac import kfac_coverage, patches
     from natgrad.engine.batch import parse_batch
     from natgrad.engine.checks import check_fraction
 
@@ -466,9 +565,10 @@ def regmean_merge(
     alpha = check_fraction("alpha", alpha, closed=True)
     floor = check_positive("floor", floor, allow_zero=True)
     _check_models(models)
-    linear = [n for n, mod in models[0].named_modules() if isinstance(mod, nn.Linear)]
+    covered, _ = kfac_coverage(models[0], dict(models[0].named_parameters()), extended=True)
+    layers = {k: lay for k, lay in covered.items() if lay.kind != "embedding"}
     grams: list[dict[str, torch.Tensor]] = []
-    for m, d in zip(models, data, strict=True):
+    for i, (m, d) in enumerate(zip(models, data, strict=True)):
         acc: dict[str, torch.Tensor] = {}
         hooks = []
         mods = dict(m.named_modules())
@@ -477,15 +577,15 @@ def regmean_merge(
             name: str, acc: dict[str, torch.Tensor] = acc
         ) -> Callable[[nn.Module, tuple[Any, ...]], None]:
             def fn(module: nn.Module, inputs: tuple[Any, ...]) -> None:
-                x = inputs[0].detach()
-                x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-                if module.bias is not None:
-                    x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
-                acc[name] = acc[name] + x.T @ x if name in acc else x.T @ x
+                # (N, T, groups, d_A) patches with the bias column; layout of models[0]'s
+                # layer (the same configuration in every model)
+                a = patches(layers[name], inputs[0].detach()).to(torch.float64)
+                g = torch.einsum("ntga,ntgb->gab", a, a)
+                acc[name] = acc[name] + g if name in acc else g
 
             return fn
 
-        for n in linear:
+        for n in layers:
             hooks.append(mods[n].register_forward_pre_hook(hook(n)))
         try:
             with torch.no_grad():
@@ -495,47 +595,55 @@ def regmean_merge(
         finally:
             for h in hooks:
                 h.remove()
-        missing = [n for n in linear if n not in acc]
+        missing = [n for n in layers if n not in acc]
         if missing:
             raise ValueError(
-                f"Linear layers {missing[:8]} saw no input on the data of one model; pass data "
-                "that runs through every linear layer."
+                f"Layers {missing[:8]} saw no input on the data of one model; pass data "
+                "that runs through every linear and convolution layer."
             )
+        if normalize:
+            trace = sum(
+                float(a.diagonal(dim1=-2, dim2=-1).sum()) * layers[n].dims()[1]
+                for n, a in acc.items()
+            )
+            if not trace > 0:
+                raise ValueError(
+                    f"models[{i}]'s input Grams are zero, so normalize=True cannot give them "
+                    "unit trace; pass normalize=False."
+                )
+            acc = {n: a / trace for n, a in acc.items()}
         grams.append(acc)
     merged = deepcopy_model(models[0])
     params = [dict(m.named_parameters()) for m in models]
+    target = dict(merged.named_parameters())
     done: set[str] = set()
     with torch.no_grad():
-        mods = dict(merged.named_modules())
-        for n in linear:
-            mod = mods[n]
-            wname = f"{n}.weight" if n else "weight"
-            bname = f"{n}.bias" if n else "bias"
-            has_bias = mod.bias is not None
+        for n, lay in layers.items():
+            shape = tuple(target[lay.weight].shape)
             num: torch.Tensor | None = None
             den: torch.Tensor | None = None
             for wm, g, p in zip(w, grams, params, strict=True):
                 a = g[n]
-                a = alpha * a + (1 - alpha) * torch.diag(torch.diagonal(a))
-                wt = p[wname].detach().to(torch.float64)
-                if has_bias:
-                    wt = torch.cat([wt, p[bname].detach().to(torch.float64).unsqueeze(1)], 1)
-                num = wm * wt @ a if num is None else num + wm * wt @ a
+                a = alpha * a + (1 - alpha) * torch.diag_embed(a.diagonal(dim1=-2, dim2=-1))
+                V = weight_blocks(
+                    shape, lay.transposed, lay.groups, p[lay.weight].detach().to(torch.float64),
+                    None if lay.bias is None else p[lay.bias].detach().to(torch.float64),
+                )
+                num = wm * V @ a if num is None else num + wm * V @ a
                 den = wm * a if den is None else den + wm * a
             assert num is not None and den is not None  # models is not empty (checked)
-            den = den + floor * torch.eye(den.shape[0], dtype=torch.float64)
-            sol = torch.linalg.lstsq(den, num.T).solution.T  # W̃* = num den⁻¹ (den symmetric)
+            den = den + floor * torch.eye(den.shape[-1], dtype=torch.float64)
+            # W̃* = num den⁻¹ per group (den symmetric)
+            sol = torch.linalg.lstsq(den, num.transpose(-1, -2)).solution.transpose(-1, -2)
             check_finite(f"the merged layer {n!r}", sol, "Raise floor= (the ridge).")
-            mod.weight.copy_(sol[:, : mod.weight.shape[1]].to(mod.weight.dtype))
-            done.add(wname)
-            if has_bias:
-                mod.bias.copy_(sol[:, -1].to(mod.bias.dtype))
-                done.add(bname)
-        for k, t in merged.named_parameters():
+            W, bias = split_weight_blocks(shape, lay.transposed, lay.bias is not None, sol)
+            target[lay.weight].copy_(W.to(target[lay.weight].dtype))
+            done.add(lay.weight)
+            if lay.bias is not None and bias is not None:
+                target[lay.bias].copy_(bias.to(target[lay.bias].dtype))
+                done.add(lay.bias)
+        for k, t in target.items():
             if k not in done:
                 t.copy_(_mean([p[k].detach() for p in params], w).to(t.dtype))
-        buffers = [dict(m.named_buffers()) for m in models]
-        for name, buf in merged.named_buffers():
-            if buf.is_floating_point() or buf.is_complex():
-                buf.copy_(_mean([b[name].detach() for b in buffers], w).to(buf.dtype))
+        _average_buffers(merged, models, w)
     return merged

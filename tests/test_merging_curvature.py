@@ -156,3 +156,215 @@ def test_kronecker_merge_matches_a_dense_solve(kind, method):
     )
     want = _reference(models, dense, [0.5, 0.5], 1e-4)
     torch.testing.assert_close(_theta(merged), want, rtol=1e-6, atol=1e-8)
+
+
+def _count_mv(curv):
+    """Wrap ``curv.mv`` to count its calls (an instance attribute shadows the method)."""
+    calls = [0]
+    inner = curv.mv
+
+    def mv(v):
+        calls[0] += 1
+        return inner(v)
+
+    curv.mv = mv
+    return calls
+
+
+@needs_kron
+@pytest.mark.parametrize("preconditioner", ["kronecker", "jacobi"])
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_preconditioned_cg_merge_matches_a_dense_solve(kind, preconditioner):
+    from tests.reference import dense_copy
+
+    models = [_model(s) for s in (40, 41, 42)]
+    curvs, dense = [], []
+    for i, m in enumerate(models):
+        g = torch.Generator().manual_seed(50 + i)
+        x = torch.randn(15, 3, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 2, (15,), generator=g)
+        c = natgrad.estimate_curvature(m, (x, y), kind=kind, labels="exact")
+        curvs.append(c)
+        dense.append(dense_copy(c, _shapes(m)))
+    merged = natgrad.fisher_weighted_merge(
+        models, curvs, weights=[1.0, 3.0, 2.0], floor=1e-5, method="cg", cg_tol=1e-13,
+        cg_iters=3000, preconditioner=preconditioner,
+    )
+    want = _reference(models, dense, [1 / 6, 3 / 6, 2 / 6], 1e-5)
+    torch.testing.assert_close(_theta(merged), want, rtol=1e-6, atol=1e-8)
+
+
+@needs_kron
+def test_kronecker_preconditioner_is_exact_when_the_a_factors_agree():
+    # one Linear layer fed the same inputs: every model has the same A, its own G, so
+    # Σ w G_m ⊗ A = (Σ w G_m) ⊗ A and the preconditioned CG ends after one product
+    torch.manual_seed(3)
+    models = [torch.nn.Linear(4, 3).double() for _ in range(3)]
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(20, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,), generator=g)
+    shapes = {"weight": (3, 4), "bias": (3,)}
+    curvs = [natgrad.estimate_curvature(m, (x, y), kind="kfac", labels="exact") for m in models]
+    from tests.reference import dense_copy
+
+    dense = [dense_copy(c, shapes) for c in curvs]
+    counts = [_count_mv(c) for c in curvs]
+    merged = natgrad.fisher_weighted_merge(
+        models, curvs, floor=1e-6, method="cg", cg_tol=1e-12, preconditioner="kronecker"
+    )
+    # one product for the right-hand side, one CG iteration
+    assert [c[0] for c in counts] == [2, 2, 2]
+    want = _reference_named(models, dense, [1 / 3] * 3, 1e-6, ["weight", "bias"])
+    got = flatten_params(dict(merged.named_parameters()), ["weight", "bias"])
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    counts_j = [_count_mv(c) for c in curvs]
+    natgrad.fisher_weighted_merge(
+        models, curvs, floor=1e-6, method="cg", cg_tol=1e-12, preconditioner="jacobi"
+    )
+    assert counts_j[0][0] > 2  # the diagonal preconditioner needs more iterations
+
+
+def _reference_named(models, curvs, w, floor, names):
+    p = curvs[0].matrix.shape[0]
+    lhs = floor * torch.eye(p, dtype=torch.float64)
+    thetas = [flatten_params(dict(m.named_parameters()), names) for m in models]
+    rhs = floor * sum(wm * t for wm, t in zip(w, thetas, strict=True))
+    for wm, t, c in zip(w, thetas, curvs, strict=True):
+        lhs = lhs + wm * c.matrix
+        rhs = rhs + wm * c.matrix @ t
+    return torch.linalg.solve(lhs, rhs)
+
+
+# -- RegMean on convolutions ----------------------------------------------------------------
+
+
+def _least_squares_merge(layer_fn, inputs, thetas, w):
+    """argmin_θ Σ_m w_m ‖f(h_m; θ) − f(h_m; θ_m)‖² by a dense float64 Hessian solve
+    (the layer is linear in θ, so the objective is exactly quadratic)."""
+
+    def q(theta):
+        return sum(
+            wm * (layer_fn(h, theta) - layer_fn(h, tm)).pow(2).sum()
+            for wm, h, tm in zip(w, inputs, thetas, strict=True)
+        )
+
+    zero = torch.zeros_like(thetas[0])
+    g = torch.func.grad(q)(zero)
+    hess = torch.func.hessian(q)(zero)
+    return torch.linalg.solve(hess, -g)
+
+
+def _flat(conv):
+    return torch.cat([conv.weight.detach().reshape(-1), conv.bias.detach()])
+
+
+def _conv_fn(conv, functional):
+    nw = conv.weight.numel()
+
+    def fn(h, theta):
+        return functional(
+            h, theta[:nw].reshape(conv.weight.shape), theta[nw:], stride=conv.stride,
+            padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+        )
+
+    return fn
+
+
+def test_regmean_merges_conv1d_layers_as_a_least_squares_fit_of_their_outputs():
+    F = torch.nn.functional
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(
+            torch.nn.Conv1d(2, 4, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv1d(4, 3, 2, dilation=2),
+        ).double()
+
+    models = [model(s) for s in (60, 61, 62)]
+    g = torch.Generator().manual_seed(63)
+    xs = [torch.randn(5 + i, 2, 11, generator=g, dtype=torch.float64) for i in range(3)]
+    merged = natgrad.regmean_merge(models, xs, weights=[1.0, 2.0, 1.0], floor=0.0)
+    w = [0.25, 0.5, 0.25]
+    for layer in (0, 2):
+        hs = [x if layer == 0 else torch.relu(m[0](x)).detach() for m, x in zip(models, xs, strict=True)]
+        want = _least_squares_merge(
+            _conv_fn(models[0][layer], F.conv1d), hs, [_flat(m[layer]) for m in models], w
+        )
+        torch.testing.assert_close(_flat(merged[layer]), want, rtol=1e-8, atol=1e-10)
+
+
+def test_regmean_merges_grouped_conv2d_layers_as_a_least_squares_fit_of_their_outputs():
+    F = torch.nn.functional
+    models = []
+    for s in (70, 71):
+        torch.manual_seed(s)
+        models.append(torch.nn.Conv2d(4, 6, 3, padding=1, stride=2, groups=2).double())
+    g = torch.Generator().manual_seed(72)
+    xs = [torch.randn(3, 4, 6, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    merged = natgrad.regmean_merge(models, xs, floor=0.0)
+    want = _least_squares_merge(
+        _conv_fn(models[0], F.conv2d), xs, [_flat(m) for m in models], [0.5, 0.5]
+    )
+    torch.testing.assert_close(_flat(merged), want, rtol=1e-8, atol=1e-10)
+
+
+def test_regmean_normalize_uses_unit_trace_grams():
+    models = [_model(s) for s in (80, 81)]
+    g = torch.Generator().manual_seed(82)
+    xs = [torch.randn(9, 3, generator=g, dtype=torch.float64) * (1 + 3 * i) for i in range(2)]
+    merged = natgrad.regmean_merge(models, xs, floor=0.0, normalize=True)
+    grams, traces = [], []
+    for m, x in zip(models, xs, strict=True):
+        per = [_gram(x), _gram(torch.tanh(m[0](x)).detach())]
+        grams.append(per)
+        # trace of I ⊗ A: d_out · tr A per layer
+        traces.append(4 * float(per[0].trace()) + 2 * float(per[1].trace()))
+    for j, layer in enumerate((0, 2)):
+        num, den = 0, 0
+        for m, per, t in zip(models, grams, traces, strict=True):
+            a = per[j] / t
+            wt = torch.cat([m[layer].weight, m[layer].bias.unsqueeze(1)], 1).detach()
+            num, den = num + 0.5 * wt @ a, den + 0.5 * a
+        want = torch.linalg.solve(den, num.T).T
+        got = torch.cat([merged[layer].weight, merged[layer].bias.unsqueeze(1)], 1)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    plain = natgrad.regmean_merge(models, xs, floor=0.0)
+    assert not torch.allclose(plain[0].weight, merged[0].weight)  # the scaling mattered
+
+
+@needs_kron
+@pytest.mark.parametrize("preconditioner", ["kronecker", "jacobi"])
+def test_kronecker_merge_of_convolutions_matches_a_dense_solve(preconditioner):
+    from tests.reference import dense_copy
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(
+            torch.nn.Conv1d(2, 4, 3, padding=1), torch.nn.Tanh(),
+            torch.nn.Conv1d(4, 4, 3, stride=2, groups=2), torch.nn.Flatten(),
+            torch.nn.Linear(12, 3),
+        ).double()
+
+    models = [model(s) for s in (90, 91, 92)]
+    names = [k for k, _ in models[0].named_parameters()]
+    shapes = {k: p.shape for k, p in models[0].named_parameters()}
+    curvs, dense = [], []
+    for i, m in enumerate(models):
+        g = torch.Generator().manual_seed(93 + i)
+        x = torch.randn(10, 2, 8, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (10,), generator=g)
+        c = natgrad.estimate_curvature(m, (x, y), kind="kfac", labels="exact")
+        assert set(c.structure().values()) == {"kfac"}  # the grouped conv is a K-FAC block
+        curvs.append(c)
+        dense.append(dense_copy(c, shapes))
+    merged = natgrad.fisher_weighted_merge(
+        models, curvs, floor=1e-5, method="cg", cg_tol=1e-13, cg_iters=3000,
+        preconditioner=preconditioner,
+    )
+    p = dense[0].matrix.shape[0]
+    thetas = [flatten_params(dict(m.named_parameters()), names) for m in models]
+    lhs = 1e-5 * torch.eye(p, dtype=torch.float64) + sum(c.matrix for c in dense) / 3
+    rhs = 1e-5 * sum(thetas) / 3 + sum(c.matrix @ t for c, t in zip(dense, thetas, strict=True)) / 3
+    want = torch.linalg.solve(lhs, rhs)
+    got = flatten_params(dict(merged.named_parameters()), names)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)

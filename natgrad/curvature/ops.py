@@ -99,7 +99,7 @@ def conjugate_gradient(
     matvec: Callable[[Vec], Mapping[str, torch.Tensor]],
     b: Vec,
     *,
-    precond: Mapping[str, torch.Tensor] | None = None,
+    precond: Mapping[str, torch.Tensor] | Callable[[Vec], Mapping[str, torch.Tensor]] | None = None,
     mask: Mapping[str, torch.Tensor] | None = None,
     max_iter: int = 200,
     tol: float = 1e-6,
@@ -109,7 +109,8 @@ def conjugate_gradient(
     Preconditioned conjugate gradients (Hestenes and Stiefel) on ``{name: tensor}``
     vectors. With ``mask`` (``{name: 0/1 tensor}``) the system is the masked one
     ``P A P x = P b`` with ``P = diag(mask)``, whose solution is zero off the mask;
-    ``precond`` is a positive diagonal ``M`` and the iteration uses ``M⁻¹ r``. Stops when
+    ``precond`` is a positive diagonal ``M`` (a ``{name: tensor}``) or a callable that
+    applies ``M⁻¹`` (symmetric positive definite), and the iteration uses ``M⁻¹ r``. Stops when
     ``‖r‖ <= tol ‖b‖`` or after ``max_iter`` products.
 
     Returns:
@@ -121,7 +122,12 @@ def conjugate_gradient(
         return {k: out[k] * mask[k] for k in v} if mask is not None else {k: out[k] for k in v}
 
     def apply_m(r: Vec) -> Vec:
-        return {k: r[k] / precond[k].to(r[k]) for k in r} if precond is not None else r
+        if precond is None:
+            return r
+        if callable(precond):
+            z = precond(r)
+            return {k: z[k].to(r[k]) for k in r}
+        return {k: r[k] / precond[k].to(r[k]) for k in r}
 
     if mask is not None:
         b = {k: b[k] * mask[k] for k in b}

@@ -153,6 +153,12 @@ def test_merge_bad_method():
         natgrad.fisher_weighted_merge([a, b], [_dense(a), _dense(b)], method="lu")
 
 
+def test_merge_bad_preconditioner():
+    a, b = _model(0), _model(1)
+    with pytest.raises(ValueError, match="Unknown preconditioner"):
+        natgrad.fisher_weighted_merge([a, b], [_dense(a), _dense(b)], preconditioner="ilu")
+
+
 def test_regmean_faults():
     a, b = _model(0), _model(1)
     x = torch.randn(4, 3, dtype=torch.float64)
@@ -162,6 +168,9 @@ def test_regmean_faults():
         natgrad.regmean_merge([a, b], [x, x], alpha=2.0)
     with pytest.raises(ValueError, match="differ"):
         natgrad.regmean_merge([a, torch.nn.Sequential(torch.nn.Linear(3, 5)).double()], [x, x])
+    lin = [torch.nn.Linear(3, 2, bias=False).double() for _ in range(2)]
+    with pytest.raises(ValueError, match="cannot give them unit trace"):
+        natgrad.regmean_merge(lin, [torch.zeros(4, 3, dtype=torch.float64), x], normalize=True)
 
 
 # -- Laplace ------------------------------------------------------------------------------
