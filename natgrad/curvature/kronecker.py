@@ -929,6 +929,37 @@ class KroneckerFisher(Curvature):
         same = self._check_same(other, "average")
         return self._mix(same, decay, 1 - decay, self.n_samples + same.n_samples)
 
+    def ema_(self, other: Curvature, decay: float) -> KroneckerFisher:
+        """:meth:`ema` written into this curvature's own factors: ``A.lerp_(A_other, 1 -
+        decay)``, the same for ``G`` and the diagonal part (no new tensors for them);
+        EKFAC then re-fits ``s`` in the new eigenbasis as :meth:`ema` does. Returns
+        ``self``, whose cached eigenbases and solves are dropped. Use it only on a
+        curvature nothing else refers to. A subclass that redefines :meth:`ema` gets its
+        ``ema`` (a new curvature).
+        """
+        if type(self).ema is not KroneckerFisher.ema:
+            return self.ema(other, decay)
+        decay = check_fraction("decay", decay, closed=True)
+        same = self._check_same(other, "average")
+        w = 1 - decay
+        for k, a in self.blocks.items():
+            b = same.blocks[k]
+            old = replace(a, eig={})  # EKFAC: the previous s in its previous basis
+            a.A.lerp_(b.A.to(a.A.device, a.A.dtype), w)
+            a.G.lerp_(b.G.to(a.G.device, a.G.dtype), w)
+            a.eig.clear()
+            if self.kind == "ekfac":
+                a.s = a.QA = a.QG = None
+                QA, _, QG, _ = a.bases()
+                a.s = (decay * _project(old, QA, QG)
+                       + w * _project(_block_to(b, a.A.device, a.A.dtype), QA, QG))
+                a.QA, a.QG = QA, QG
+        for k, v in self.diag.items():
+            v.lerp_(same.diag[k].to(v.device, v.dtype), w)
+        self.n_samples += same.n_samples
+        self.labels = self.labels if self.labels == same.labels else "mixed"
+        return self
+
     def to(self, *args: Any, **kwargs: Any) -> KroneckerFisher:
         """Move / cast every tensor like ``Tensor.to``; returns a new curvature."""
         blocks = {k: _block_to(b, *args, **kwargs) for k, b in self.blocks.items()}

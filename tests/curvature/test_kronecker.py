@@ -609,3 +609,33 @@ def test_small_layer_products_are_plain_matrix_products(kind):
         with _CountOps() as c:
             fn()
         assert c.n <= budget[name], f"{name}: {c.n} ATen calls"
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_ema_in_place_equals_ema_and_drops_the_cached_solves(kind):
+    """``c.ema_(d, δ)`` overwrites c's factors with δ·A_c + (1-δ)·A_d (K-FAC: by hand)
+    and gives the operator of ``c.ema(d, δ)``; products cached before (eigenbases,
+    1/(S + λ), factored Cholesky) are not reused afterwards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 3, (8,))
+    c = _est(model, (x, y), kind=kind)
+    d = _est(model, (x[:3], y[:3]), kind=kind)
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    A0, G0, D0 = c.blocks["0"].A.clone(), c.blocks["0"].G.clone(), c.diag["1.weight"].clone()
+    ref = c.ema(d, 0.9)
+    v = {k: torch.randn(s, dtype=torch.float64) for k, s in shapes.items()}
+    c.solve(v, 0.3), c.mv(v), c.logdet(0.3)  # fill the caches
+    c.damping_mode = "factored"
+    c.solve(v, 0.3)
+    c.damping_mode = "exact"
+    ptr = c.blocks["0"].A.data_ptr()
+    assert c.ema_(d, 0.9) is c and c.blocks["0"].A.data_ptr() == ptr and c.n_samples == 11
+    if kind == "kfac":
+        torch.testing.assert_close(c.blocks["0"].A, 0.9 * A0 + 0.1 * d.blocks["0"].A)
+        torch.testing.assert_close(c.blocks["0"].G, 0.9 * G0 + 0.1 * d.blocks["0"].G)
+    torch.testing.assert_close(c.diag["1.weight"], 0.9 * D0 + 0.1 * d.diag["1.weight"])
+    check_against_dense(c, shapes, dense_from_mv(ref, shapes))
+    if kind == "kfac":
+        c.damping_mode = ref.damping_mode = "factored"
+        torch.testing.assert_close(c.solve(v, 0.3), ref.solve(v, 0.3))
