@@ -87,7 +87,7 @@ from natgrad.engine.likelihoods import Likelihood
 from natgrad.engine.options import EstimatorOptions, Options
 from natgrad.engine.per_sample import Plan
 
-__all__ = ["KroneckerFisher", "FactorMemoryError", "KRONECKER_KINDS"]
+__all__ = ["KroneckerFisher", "FactorMemoryError", "KRONECKER_KINDS", "default_factor_bytes"]
 
 _log = logging.getLogger("natgrad")
 _FORMAT = "natgrad.KroneckerFisher"
@@ -191,18 +191,37 @@ def _damping(damping: float) -> float:
     return lam
 
 
-def _available_bytes(device: torch.device) -> int:
+def default_factor_bytes(device: torch.device) -> int:
+    """The memory the Kronecker factors may take when ``max_factor_bytes`` is not given.
+
+    ``max(available, total / 2)``: on CPU ``MemAvailable`` and ``MemTotal`` of
+    ``/proc/meminfo``; on CUDA the driver's free memory plus what PyTorch's caching
+    allocator holds unused, and the device's total. The available memory is a snapshot:
+    on a loaded machine it can read near zero for a moment (other processes' peaks, page
+    cache not yet reclaimed), which alone would refuse factors of a few kilobytes; half
+    the total is the floor, so only factors that could not fit in half of the machine
+    are refused during such a dip. Unknown (no ``/proc/meminfo``): no limit.
+    """
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        free, total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return max(int(free) + max(int(cached), 0), int(total) // 2)
+    info: dict[str, int] = {}
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                key, _, rest = line.partition(":")
+                if key in ("MemAvailable", "MemTotal") and rest.split():
+                    info[key] = int(rest.split()[0]) * 1024  # reported in kB
+    except (OSError, ValueError):
         pass
-    return 2**62  # unknown: no guard beyond max_factor_bytes
+    if not info:
+        return 2**62  # unknown: no guard beyond max_factor_bytes
+    return max(info.get("MemAvailable", 0), info.get("MemTotal", 0) // 2)
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
 def _reduce_sum(
@@ -333,7 +352,8 @@ class KroneckerFisher(Curvature):
             max_factor_dim: a factor side (``d_A`` or ``d_G``) larger than this is kept
                 diagonal (``A_ii`` / ``G_ii``); None: no limit.
             max_factor_bytes: the memory the factors (and their eigenbases) may take;
-                default: the available memory of the device.
+                default: :func:`default_factor_bytes` (the available memory of the
+                device, at least half its total).
             distributed: all-reduce the statistics over ``torch.distributed`` ranks
                 (each rank passes its own shard); None: when a process group is
                 initialized. EKFAC re-fits ``s`` in the eigenbasis of the reduced factors,
@@ -518,8 +538,8 @@ class KroneckerFisher(Curvature):
                 what one process on the concatenated batch gives).
             max_factor_dim: keep a factor side larger than this diagonal (as in
                 :meth:`estimate`; e.g. the ``G`` of a 50k-vocabulary output layer).
-            max_factor_bytes: memory allowed for the factors and eigenbases (default: the
-                available memory).
+            max_factor_bytes: memory allowed for the factors and eigenbases (default:
+                :func:`default_factor_bytes`).
             approx: ``"expand"`` or ``"reduce"`` (see :meth:`estimate`).
             options: ignored (the options of other kinds).
 
@@ -615,16 +635,17 @@ class KroneckerFisher(Curvature):
                     biggest = (size, k, f"{side} {d}x{d}")
             if kind == "ekfac":
                 need += g * dG * dA * item
-        limit = max_factor_bytes if max_factor_bytes is not None else _available_bytes(device)
+        given = max_factor_bytes is not None
+        limit = max_factor_bytes if max_factor_bytes is not None else default_factor_bytes(device)
         if need > limit:
-            gib = 2**30
             raise FactorMemoryError(
-                f"The Kronecker factors need about {need / gib:.2f} GiB (largest: layer "
-                f"{biggest[1]!r} factor {biggest[2]}, {biggest[0] / gib:.2f} GiB with its "
-                f"eigenbasis), more than the {limit / gib:.2f} GiB allowed "
-                "(max_factor_bytes, default the available memory). Pass max_factor_dim=... "
-                "(e.g. 4096) to keep larger factor sides diagonal, or leave the layer out of "
-                "`params`."
+                f"The Kronecker factors need about {_fmt_bytes(need)} (largest: layer "
+                f"{biggest[1]!r} factor {biggest[2]}, {_fmt_bytes(biggest[0])} with its "
+                f"eigenbasis), more than the {_fmt_bytes(limit)} allowed ("
+                + ("max_factor_bytes" if given else "the default: the available memory, at "
+                   "least half the total; or pass max_factor_bytes")
+                + "). Pass max_factor_dim=... (e.g. 4096) to keep larger factor sides "
+                "diagonal, or leave the layer out of `params`."
             )
         return diag_A, diag_G
 
