@@ -426,7 +426,7 @@ def main():
         gpt2(args, lines)
     if args.worlds:
         distributed(args, lines)
-    lines += ["", f"At the end: {load_note()}."]
+    lines += ["", f"{load_note('at the end')}."]
     text = "\n".join(lines)
     print(text)
     if not args.quick:

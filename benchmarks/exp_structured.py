@@ -392,7 +392,7 @@ def table(args, dense, acc, info, lat, notes) -> str:
         "",
         machine_line() + f"; experiment run with torch.set_num_threads({THREADS})",
         "",
-        load_note(),
+        args.load,
         "",
         f"Command: `python -m benchmarks.exp_structured{args.cmd_tail}`. Seeds: {args.seeds} "
         "(MNIST-1D: one trained model per seed; mean ± std over seeds). Train: Adam lr 3e-3, "
@@ -538,6 +538,7 @@ def main(argv=None) -> None:
         argv = sys.argv[1:]
     tail += [a for a in argv if a != "--quick"]
     args.cmd_tail = (" " + " ".join(tail)) if tail else ""
+    args.load = load_note()  # read now, at the start (the table is written at the end)
     run_experiment(args.name, run, args)
 
 

@@ -164,11 +164,16 @@ def machine_line() -> str:
     )
 
 
-def load_note() -> str:
-    """The machine's 1-minute load average now, for timing notes in RESULTS.md."""
+def load_note(when: str = "at the start") -> str:
+    """The machine's 1-minute load average now, for timing notes in RESULTS.md.
+
+    Args:
+        when: when in the run it is read, as the note says it (``"at the start"``,
+            ``"at the end"``); read it then.
+    """
     load = os.getloadavg()[0]
     quiet = "a quiet machine" if load < 1.5 else "a loaded machine: timings are noisy"
-    return f"1-minute load average at the start: {load:.1f} on {os.cpu_count()} cores ({quiet})"
+    return f"1-minute load average {when}: {load:.1f} on {os.cpu_count()} cores ({quiet})"
 
 
 def write_fragment(name: str, text: str) -> str:

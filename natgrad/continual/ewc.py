@@ -21,7 +21,16 @@ the sum ``d A₁⊗G₁ + (1-d) A₂⊗G₂`` (exact when the tasks share a fact
 Choosing λ without a search (``lam_scale=s``): each term gets
 ``λ_t = s · N_t · P_t / tr F_t`` (``N_t`` the samples its curvature averages, ``P_t`` the
 parameters it covers), i.e. the penalty is ``(s/2) N_t Δᵀ F̂_t Δ`` with ``F̂ = F / mean(diag F)``
-the trace-normalised curvature. ``N_t Δᵀ F Δ`` is the Laplace posterior of task ``t``
+the trace-normalised curvature. Online, ``N`` and ``F`` are the same decayed accumulation:
+the fold ``F ← γ F + F_new`` comes with ``N ← γ N + N_new``, so the term is
+``(s/2) (γ N_old + N_new) Δᵀ F̂ Δ`` for the folded ``F̂``; with ``γ = 1`` that is the
+separate terms' total when the tasks' Fishers agree, and with ``γ = 0`` only the newest
+task counts, in ``N`` as in ``F`` (the curvature's own ``n_samples`` still counts every
+sample seen). ``P_t`` counts every covered parameter, those whose Fisher is zero
+included: ``mean(diag F)`` is then a continuous function of the Fisher (a parameter
+whose Fisher moves from 0 to 10⁻³⁰ does not change ``P``), and what counts is what the
+curvature covers, which ``params=`` at estimation controls: leave out what the task does
+not train (e.g. other tasks' heads), or ``P`` counts it. ``N_t Δᵀ F Δ`` is the Laplace posterior of task ``t``
 (its ``N_t`` samples each add ``F``); dividing by the mean diagonal removes the Fisher's
 loss scale (empirical Fishers of a well-fit model are tiny, ``exact``/``mc`` ones are not),
 so ``s`` follows a change of label source or fit where a fixed ``λ`` does not. Numbers:
@@ -128,8 +137,9 @@ class EWC:
         gamma: ``γ`` in ``[0, 1]``, the decay of the online Fisher (ignored when separate).
         anchor: ``{name: tensor}`` for the first task (default: the model's parameters).
         lam_scale: ``s > 0``: ignore ``lam`` and weigh each term by
-            ``λ_t = s · N_t · P_t / tr F_t`` (see the module docstring); needs curvatures
-            that know ``n_samples``.
+            ``λ_t = s · N_t · P_t / tr F_t`` (see the module docstring; online,
+            ``N_t = γ N_old + N_new`` decays with the Fisher); needs curvatures that know
+            ``n_samples``.
 
     Raises:
         ValueError: unknown mode, ``lam < 0``, ``gamma`` outside ``[0, 1]``, a Fisher or
@@ -337,14 +347,23 @@ class EWC:
 
     # -- any curvature -------------------------------------------------------------------
     @staticmethod
-    def suggest_lambda(curvature: Curvature, lam_scale: float = 1.0) -> float:
+    def suggest_lambda(
+        curvature: Curvature, lam_scale: float = 1.0, *, n_samples: float | None = None
+    ) -> float:
         """The scale-free strength ``λ = s · N · P / tr F`` for ``curvature`` (``s = lam_scale``).
 
-        ``N = curvature.n_samples``, ``P`` the number of covered parameters and
-        ``tr F = Σ diag F``; see the module docstring for why and for numbers.
+        ``N = curvature.n_samples``, ``P`` the number of covered parameters (zero-Fisher
+        ones included) and ``tr F = Σ diag F``; see the module docstring for why and for
+        numbers.
+
+        Args:
+            curvature: the task's :class:`natgrad.Curvature`.
+            lam_scale: ``s > 0``.
+            n_samples: ``N`` when it is not ``curvature.n_samples`` (online EWC passes its
+                decayed count ``γ N_old + N_new``).
 
         Raises:
-            ValueError: ``n_samples`` is 0 or the trace is zero.
+            ValueError: ``N`` is not positive or the trace is zero.
 
         Example:
             >>> import torch, natgrad
@@ -361,10 +380,10 @@ class EWC:
         diag = curvature.diagonal()
         trace = sum(float(v.double().sum()) for v in diag.values())
         p = sum(v.numel() for v in diag.values())
-        n = int(curvature.n_samples)
-        if n <= 0 or not trace > 0:
+        n = float(curvature.n_samples if n_samples is None else n_samples)
+        if not n > 0 or not trace > 0:
             raise ValueError(
-                f"Cannot scale λ by this curvature: n_samples={n}, trace={trace:g}; it must "
+                f"Cannot scale λ by this curvature: n_samples={n:g}, trace={trace:g}; it must "
                 "average at least one sample and have a positive trace."
             )
         return s * n * p / trace
@@ -418,14 +437,20 @@ class EWC:
                 )
             g = self.gamma
             folded = (1.0 + g) * old["curvature"].ema(curvature, g / (1.0 + g))
-            self._curv_terms = [self._term(folded, new_a)]
+            n = g * old["n"] + curvature.n_samples  # decayed as F is (module docstring)
+            self._curv_terms = [self._term(folded, new_a, n)]
         else:
-            self._curv_terms.append(self._term(curvature, new_a))
+            self._curv_terms.append(self._term(curvature, new_a, curvature.n_samples))
         self._consolidations += 1
 
-    def _term(self, curvature: Curvature, anchor: dict[str, torch.Tensor]) -> dict[str, Any]:
-        lam = None if self.lam_scale is None else self.suggest_lambda(curvature, self.lam_scale)
-        return {"curvature": curvature, "anchor": anchor, "lam": lam}
+    def _term(
+        self, curvature: Curvature, anchor: dict[str, torch.Tensor], n: float
+    ) -> dict[str, Any]:
+        """A stored term; ``n`` is the sample count its ``λ`` scales by (online: decayed)."""
+        lam = None
+        if self.lam_scale is not None:
+            lam = self.suggest_lambda(curvature, self.lam_scale, n_samples=n)
+        return {"curvature": curvature, "anchor": anchor, "lam": lam, "n": float(n)}
 
     def _curvature_term(
         self, t: dict[str, Any], named: Mapping[str, nn.Parameter]
@@ -477,6 +502,7 @@ class EWC:
                     "curvature": t["curvature"].state_dict(),
                     "anchor": {k: v.clone() for k, v in t["anchor"].items()},
                     "lam": t["lam"],
+                    "n": t["n"],
                 }
                 for t in self._curv_terms
             ],
@@ -534,7 +560,8 @@ class EWC:
                         "differently; load it into an EWC built on the same architecture."
                     )
             anchor = {k: v.detach().clone() for k, v in t["anchor"].items()}
-            curv_terms.append({"curvature": curv, "anchor": anchor, "lam": t.get("lam")})
+            n = float(t.get("n", curv.n_samples))  # states saved before "n": undecayed
+            curv_terms.append({"curvature": curv, "anchor": anchor, "lam": t.get("lam"), "n": n})
         scale = state.get("lam_scale")
         self.lam_scale = None if scale is None else check_positive("lam_scale", scale)
         self._curv_terms = curv_terms

@@ -181,6 +181,23 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
             self.labels if self.labels == other.labels else "mixed",
         )
 
+    def ema_(self, other: Curvature, decay: float) -> DiagonalFisher:
+        """:meth:`ema` written into this Fisher's own tensors (``F.lerp_(F_other, 1 -
+        decay)``, no new tensors); returns ``self``. Use it only on a Fisher nothing else
+        refers to. A subclass that redefines :meth:`ema` gets its ``ema`` (a new Fisher).
+        """
+        if type(self).ema is not DiagonalFisher.ema:
+            return self.ema(other, decay)
+        if not isinstance(other, DiagonalFisher):
+            return self.ema(other, decay)  # raises the TypeError
+        decay = check_fraction("decay", decay, closed=True)
+        check_same_structure(self, other, "current Fisher", "new Fisher")
+        for k, v in self._values.items():
+            v.lerp_(other[k].to(v.device, v.dtype), 1 - decay)
+        self.n_samples += other.n_samples
+        self.labels = self.labels if self.labels == other.labels else "mixed"
+        return self
+
     def total(self) -> float:
         """Sum of every entry, ``Σ_i F_i`` (the trace of the diagonal Fisher)."""
         return float(sum(v.sum().item() for v in self._values.values()))

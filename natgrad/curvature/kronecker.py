@@ -87,13 +87,14 @@ from natgrad.engine.likelihoods import Likelihood
 from natgrad.engine.options import EstimatorOptions, Options
 from natgrad.engine.per_sample import Plan
 
-__all__ = ["KroneckerFisher", "FactorMemoryError", "KRONECKER_KINDS"]
+__all__ = ["KroneckerFisher", "FactorMemoryError", "KRONECKER_KINDS", "default_factor_bytes"]
 
 _log = logging.getLogger("natgrad")
 _FORMAT = "natgrad.KroneckerFisher"
 KroneckerKind = Literal["kfac", "ekfac"]
 KRONECKER_KINDS: tuple[KroneckerKind, ...] = get_args(KroneckerKind)
 _BLOCK_FLOATS = 2**24  # per-sample gradient floats per EKFAC chunk (64 MiB of float32)
+_CACHE_FLOATS = 2**20  # a layer's 1/(S + λ) is kept between solves up to this many entries
 
 
 class FactorMemoryError(MemoryError):
@@ -143,7 +144,8 @@ class KroneckerBlock:
             self.eig.update({"QA": self.QA, "sA": None, "QG": self.QG, "sG": None})
         if "QA" not in self.eig and self.A.dim() == 3 and self.G.dim() == 3:
             e = kfac_eigen(self.A, self.G)  # batched over groups
-            self.eig.update({"QA": e["QA"], "sA": e["dA"], "QG": e["QG"], "sG": e["dG"]})
+            self.eig.update({"QA": e["QA"].contiguous(), "sA": e["dA"],
+                             "QG": e["QG"].contiguous(), "sG": e["dG"]})
         if "QA" not in self.eig:
             self.eig.update(_eigen(self.A, "A"))
             self.eig.update(_eigen(self.G, "G"))
@@ -162,7 +164,7 @@ def _eigen(M: torch.Tensor, side: str) -> dict[str, torch.Tensor | None]:
     if M.dim() == 2:  # a diagonal side: (groups, d)
         return {f"Q{side}": None, f"s{side}": M.clamp_min(0)}
     s, Q = torch.linalg.eigh(M)
-    return {f"Q{side}": Q, f"s{side}": s.clamp_min(0)}
+    return {f"Q{side}": Q.contiguous(), f"s{side}": s.clamp_min(0)}
 
 
 def _zero_stats(lay: KFACLayer, diag_A: bool, diag_G: bool) -> list[torch.Tensor]:
@@ -173,18 +175,6 @@ def _zero_stats(lay: KFACLayer, diag_A: bool, diag_G: bool) -> list[torch.Tensor
     A = torch.zeros((g, dA) if diag_A else (g, dA, dA), dtype=dt, device=dev)
     G = torch.zeros((g, dG) if diag_G else (g, dG, dG), dtype=dt, device=dev)
     return [A, G]
-
-
-def _rot(V: torch.Tensor, QA: torch.Tensor | None, QG: torch.Tensor | None) -> torch.Tensor:
-    if QG is not None:
-        V = QG.mT @ V
-    return V if QA is None else V @ QA
-
-
-def _unrot(V: torch.Tensor, QA: torch.Tensor | None, QG: torch.Tensor | None) -> torch.Tensor:
-    if QG is not None:
-        V = QG @ V
-    return V if QA is None else V @ QA.mT
 
 
 def _sandwich_sq(S: torch.Tensor, QA: torch.Tensor | None, QG: torch.Tensor | None) -> torch.Tensor:
@@ -201,18 +191,37 @@ def _damping(damping: float) -> float:
     return lam
 
 
-def _available_bytes(device: torch.device) -> int:
+def default_factor_bytes(device: torch.device) -> int:
+    """The memory the Kronecker factors may take when ``max_factor_bytes`` is not given.
+
+    ``max(available, total / 2)``: on CPU ``MemAvailable`` and ``MemTotal`` of
+    ``/proc/meminfo``; on CUDA the driver's free memory plus what PyTorch's caching
+    allocator holds unused, and the device's total. The available memory is a snapshot:
+    on a loaded machine it can read near zero for a moment (other processes' peaks, page
+    cache not yet reclaimed), which alone would refuse factors of a few kilobytes; half
+    the total is the floor, so only factors that could not fit in half of the machine
+    are refused during such a dip. Unknown (no ``/proc/meminfo``): no limit.
+    """
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        free, total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return max(int(free) + max(int(cached), 0), int(total) // 2)
+    info: dict[str, int] = {}
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                key, _, rest = line.partition(":")
+                if key in ("MemAvailable", "MemTotal") and rest.split():
+                    info[key] = int(rest.split()[0]) * 1024  # reported in kB
+    except (OSError, ValueError):
         pass
-    return 2**62  # unknown: no guard beyond max_factor_bytes
+    if not info:
+        return 2**62  # unknown: no guard beyond max_factor_bytes
+    return max(info.get("MemAvailable", 0), info.get("MemTotal", 0) // 2)
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
 def _reduce_sum(
@@ -343,7 +352,8 @@ class KroneckerFisher(Curvature):
             max_factor_dim: a factor side (``d_A`` or ``d_G``) larger than this is kept
                 diagonal (``A_ii`` / ``G_ii``); None: no limit.
             max_factor_bytes: the memory the factors (and their eigenbases) may take;
-                default: the available memory of the device.
+                default: :func:`default_factor_bytes` (the available memory of the
+                device, at least half its total).
             distributed: all-reduce the statistics over ``torch.distributed`` ranks
                 (each rank passes its own shard); None: when a process group is
                 initialized. EKFAC re-fits ``s`` in the eigenbasis of the reduced factors,
@@ -528,8 +538,8 @@ class KroneckerFisher(Curvature):
                 what one process on the concatenated batch gives).
             max_factor_dim: keep a factor side larger than this diagonal (as in
                 :meth:`estimate`; e.g. the ``G`` of a 50k-vocabulary output layer).
-            max_factor_bytes: memory allowed for the factors and eigenbases (default: the
-                available memory).
+            max_factor_bytes: memory allowed for the factors and eigenbases (default:
+                :func:`default_factor_bytes`).
             approx: ``"expand"`` or ``"reduce"`` (see :meth:`estimate`).
             options: ignored (the options of other kinds).
 
@@ -625,16 +635,17 @@ class KroneckerFisher(Curvature):
                     biggest = (size, k, f"{side} {d}x{d}")
             if kind == "ekfac":
                 need += g * dG * dA * item
-        limit = max_factor_bytes if max_factor_bytes is not None else _available_bytes(device)
+        given = max_factor_bytes is not None
+        limit = max_factor_bytes if max_factor_bytes is not None else default_factor_bytes(device)
         if need > limit:
-            gib = 2**30
             raise FactorMemoryError(
-                f"The Kronecker factors need about {need / gib:.2f} GiB (largest: layer "
-                f"{biggest[1]!r} factor {biggest[2]}, {biggest[0] / gib:.2f} GiB with its "
-                f"eigenbasis), more than the {limit / gib:.2f} GiB allowed "
-                "(max_factor_bytes, default the available memory). Pass max_factor_dim=... "
-                "(e.g. 4096) to keep larger factor sides diagonal, or leave the layer out of "
-                "`params`."
+                f"The Kronecker factors need about {_fmt_bytes(need)} (largest: layer "
+                f"{biggest[1]!r} factor {biggest[2]}, {_fmt_bytes(biggest[0])} with its "
+                f"eigenbasis), more than the {_fmt_bytes(limit)} allowed ("
+                + ("max_factor_bytes" if given else "the default: the available memory, at "
+                   "least half the total; or pass max_factor_bytes")
+                + "). Pass max_factor_dim=... (e.g. 4096) to keep larger factor sides "
+                "diagonal, or leave the layer out of `params`."
             )
         return diag_A, diag_G
 
@@ -702,63 +713,58 @@ class KroneckerFisher(Curvature):
                 f"{self.names()[:8]}. Pass only the curvature's parameters."
             )
 
-    def _block_of(self, blk: KroneckerBlock, v: Params) -> torch.Tensor:
-        dt = blk.A.dtype
-        w = v.get(blk.weight)
-        w = torch.zeros(blk.shape, dtype=dt, device=blk.A.device) if w is None else w.to(dt)
-        b = None
-        if blk.bias is not None:
-            b = v.get(blk.bias)
-            d = blk.shape[1] if blk.transposed else blk.shape[0]
-            b = torch.zeros(d, dtype=dt, device=blk.A.device) if b is None else b.to(dt)
-        return weight_blocks(blk.shape, blk.transposed, blk.groups, w, b)
-
     def _each(
         self,
         v: Params,
         layer_fn: Callable[[KroneckerBlock, torch.Tensor], torch.Tensor],
         diag_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> dict[str, torch.Tensor]:
+        """``layer_fn`` on each layer's block matrix, ``diag_fn(F, x)`` on the diagonal part;
+        results in ``v``'s names, order and dtypes (missing names of a layer count as 0)."""
         self._check_names(v)
         out: dict[str, torch.Tensor] = {}
         for blk in self.blocks.values():
-            if not any(n in v for n in blk.names):
+            w = v.get(blk.weight)
+            b = None if blk.bias is None else v.get(blk.bias)
+            if w is None and b is None:
                 continue
-            R = layer_fn(blk, self._block_of(blk, v))
-            W, b = split_weight_blocks(blk.shape, blk.transposed, blk.bias is not None, R)
-            if blk.weight in v:
-                out[blk.weight] = W.to(v[blk.weight].dtype)
-            if blk.bias is not None and blk.bias in v and b is not None:  # b: the bias block
-                out[blk.bias] = b.to(v[blk.bias].dtype)
+            W, bo = _from_block(blk, layer_fn(blk, _to_block(blk, w, b)), w is not None,
+                                b is not None)
+            if w is not None and W is not None:
+                out[blk.weight] = W if W.dtype == w.dtype else W.to(w.dtype)
+            if b is not None and bo is not None and blk.bias is not None:
+                out[blk.bias] = bo if bo.dtype == b.dtype else bo.to(b.dtype)
         for k, f in self.diag.items():
-            if k in v:
-                x = v[k]
-                out[k] = diag_fn(f.to(x.device), x.to(f.dtype)).to(x.dtype)
+            x = v.get(k)
+            if x is not None:
+                r = diag_fn(f.to(x.device), x if x.dtype == f.dtype else x.to(f.dtype))
+                out[k] = r if r.dtype == x.dtype else r.to(x.dtype)
         return {k: out[k] for k in v}
 
     # -- linear algebra -------------------------------------------------------------------
     def mv(self, v: Params) -> dict[str, torch.Tensor]:
         """``F v``: ``G V A`` per K-FAC layer, ``Q_G (s ⊙ Q_Gᵀ V Q_A) Q_Aᵀ`` per EKFAC layer,
         ``F ⊙ v`` on the diagonal part."""
-
-        def layer(blk: KroneckerBlock, V: torch.Tensor) -> torch.Tensor:
-            if blk.s is not None:
-                return _unrot(_rot(V, blk.QA, blk.QG) * blk.s, blk.QA, blk.QG)
-            V = blk.G.unsqueeze(-1) * V if blk.G.dim() == 2 else blk.G @ V
-            return V * blk.A.unsqueeze(-2) if blk.A.dim() == 2 else V @ blk.A
-
-        return self._each(v, layer, lambda f, x: f * x)
+        return self._each(v, _layer_mv, lambda f, x: f * x)
 
     def solve(self, v: Params, damping: float) -> dict[str, torch.Tensor]:
         """``(F + λI)⁻¹ v``: ``Q_G ((Q_Gᵀ V Q_A) / (S + λ)) Q_Aᵀ`` per layer, ``v / (F + λ)``
         on the diagonal part."""
         lam = _damping(damping)
+        factored = self.damping_mode == "factored"
 
         def layer(blk: KroneckerBlock, V: torch.Tensor) -> torch.Tensor:
-            if self.damping_mode == "factored" and blk.s is None:
+            if factored and blk.s is None:
                 return _factored_solve(blk, V, lam)
-            QA, _, QG, _ = blk.bases()
-            return _unrot(_rot(V, QA, QG) / (blk.eigenvalues() + lam), QA, QG)
+            QA, QAt, QG, QGt, inv = _solve_ops(blk, lam)
+            if QGt is not None:
+                V = QGt @ V
+            if QA is not None:
+                V = V @ QA
+            V = V * inv
+            if QG is not None:
+                V = QG @ V
+            return V if QAt is None else V @ QAt
 
         return self._each(v, layer, lambda f, x: x / (f + lam))
 
@@ -805,10 +811,31 @@ class KroneckerFisher(Curvature):
                     blk.eig[key] = t
 
     def quad(self, v: Params) -> torch.Tensor:
-        """``vᵀ F v = Σ_layers ⟨V, mv(V)⟩ + Σ F v²``."""
-        fv = self.mv(v)
-        terms = [(v[k].to(fv[k].dtype) * fv[k]).sum() for k in fv]
-        return torch.stack(terms).sum() if terms else torch.zeros(())
+        """``vᵀ F v = Σ_layers ⟨V, mv(V)⟩ + Σ F v²`` (summed in the curvature's dtype;
+        returned in the promoted dtype of ``v``)."""
+        self._check_names(v)
+        terms: list[torch.Tensor] = []
+        for blk in self.blocks.values():
+            w = v.get(blk.weight)
+            b = None if blk.bias is None else v.get(blk.bias)
+            if w is not None or b is not None:
+                V = _to_block(blk, w, b)
+                terms.append((V * _layer_mv(blk, V)).sum())
+        for k, f in self.diag.items():
+            x = v.get(k)
+            if x is not None:
+                x = x if x.dtype == f.dtype else x.to(f.dtype)
+                terms.append((f.to(x.device) * x * x).sum())
+        if not terms:
+            return torch.zeros(())
+        total = terms[0]
+        for t in terms[1:]:
+            total = total + t.to(total.device)
+        dts = {x.dtype for x in v.values()}
+        dt = dts.pop()
+        for d in dts:
+            dt = torch.promote_types(dt, d)
+        return total if total.dtype == dt else total.to(dt)
 
     def diagonal(self) -> dict[str, torch.Tensor]:
         """``diag F``: ``diag(G) diag(A)ᵀ`` (K-FAC) or ``Q_G² s (Q_A²)ᵀ`` (EKFAC)."""
@@ -923,6 +950,37 @@ class KroneckerFisher(Curvature):
         same = self._check_same(other, "average")
         return self._mix(same, decay, 1 - decay, self.n_samples + same.n_samples)
 
+    def ema_(self, other: Curvature, decay: float) -> KroneckerFisher:
+        """:meth:`ema` written into this curvature's own factors: ``A.lerp_(A_other, 1 -
+        decay)``, the same for ``G`` and the diagonal part (no new tensors for them);
+        EKFAC then re-fits ``s`` in the new eigenbasis as :meth:`ema` does. Returns
+        ``self``, whose cached eigenbases and solves are dropped. Use it only on a
+        curvature nothing else refers to. A subclass that redefines :meth:`ema` gets its
+        ``ema`` (a new curvature).
+        """
+        if type(self).ema is not KroneckerFisher.ema:
+            return self.ema(other, decay)
+        decay = check_fraction("decay", decay, closed=True)
+        same = self._check_same(other, "average")
+        w = 1 - decay
+        for k, a in self.blocks.items():
+            b = same.blocks[k]
+            old = replace(a, eig={})  # EKFAC: the previous s in its previous basis
+            a.A.lerp_(b.A.to(a.A.device, a.A.dtype), w)
+            a.G.lerp_(b.G.to(a.G.device, a.G.dtype), w)
+            a.eig.clear()
+            if self.kind == "ekfac":
+                a.s = a.QA = a.QG = None
+                QA, _, QG, _ = a.bases()
+                a.s = (decay * _project(old, QA, QG)
+                       + w * _project(_block_to(b, a.A.device, a.A.dtype), QA, QG))
+                a.QA, a.QG = QA, QG
+        for k, v in self.diag.items():
+            v.lerp_(same.diag[k].to(v.device, v.dtype), w)
+        self.n_samples += same.n_samples
+        self.labels = self.labels if self.labels == same.labels else "mixed"
+        return self
+
     def to(self, *args: Any, **kwargs: Any) -> KroneckerFisher:
         """Move / cast every tensor like ``Tensor.to``; returns a new curvature."""
         blocks = {k: _block_to(b, *args, **kwargs) for k, b in self.blocks.items()}
@@ -1018,6 +1076,126 @@ class KroneckerFisher(Curvature):
                                order=self.order, damping_mode=self.damping_mode)
 
 
+@dataclass(frozen=True, slots=True)
+class _Ops:
+    """A block's statistics as :meth:`KroneckerFisher.mv` applies them (see :func:`_ops`);
+    ``dA``/``dG``: that side is diagonal; ``QAt``/``QGt``: the transposed bases."""
+
+    A: torch.Tensor
+    G: torch.Tensor
+    dA: bool
+    dG: bool
+    s: torch.Tensor | None
+    QA: torch.Tensor | None
+    QG: torch.Tensor | None
+    QAt: torch.Tensor | None
+    QGt: torch.Tensor | None
+
+
+def _ops(blk: KroneckerBlock) -> _Ops:
+    """The block's statistics as :meth:`KroneckerFisher.mv` applies them, prepared once
+    per statistics (kept in ``blk.eig``, which is emptied whenever they change).
+
+    One group (every layer but a grouped convolution) has its group dimension dropped:
+    plain matrix products instead of batched ones, which cost several times the
+    dispatch on small layers.
+    """
+    ops = blk.eig.get("ops")
+    if ops is None:
+        one = blk.groups == 1
+
+        def sq(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else (t[0] if one else t)
+
+        QA, QG = sq(blk.QA), sq(blk.QG)
+        ops = blk.eig["ops"] = _Ops(
+            blk.A[0] if one else blk.A, blk.G[0] if one else blk.G,
+            blk.A.dim() == 2, blk.G.dim() == 2, sq(blk.s), QA, QG,
+            None if QA is None else QA.mT, None if QG is None else QG.mT,
+        )
+    return cast(_Ops, ops)
+
+
+def _solve_ops(
+    blk: KroneckerBlock, lam: float
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
+           torch.Tensor]:
+    """``(Q_A, Q_Aᵀ, Q_G, Q_Gᵀ, 1/(S + λ))`` (group dimension dropped as in :func:`_ops`);
+    kept in ``blk.eig`` for the last ``λ`` when ``S`` has at most ``_CACHE_FLOATS``
+    entries (a repeated solve, e.g. every step of a preconditioner or conjugate gradients,
+    then costs its matrix products only)."""
+    c = blk.eig.get("solve")
+    if c is not None and c[0] == lam:
+        return cast("tuple[Any, Any, Any, Any, torch.Tensor]", c[1:])
+    QA, _, QG, _ = blk.bases()
+    inv = torch.reciprocal(blk.eigenvalues() + lam)
+    if blk.groups == 1:
+        QA, QG, inv = (None if QA is None else QA[0]), (None if QG is None else QG[0]), inv[0]
+    ops = (QA, None if QA is None else QA.mT, QG, None if QG is None else QG.mT, inv)
+    if inv.numel() <= _CACHE_FLOATS:
+        blk.eig["solve"] = (lam, *ops)
+    return ops
+
+
+def _layer_mv(blk: KroneckerBlock, V: torch.Tensor) -> torch.Tensor:
+    """``G V A`` (K-FAC) or ``Q_G (s ⊙ Q_Gᵀ V Q_A) Q_Aᵀ`` (EKFAC) of a block matrix."""
+    o = _ops(blk)
+    if o.s is not None:
+        if o.QGt is not None:
+            V = o.QGt @ V
+        if o.QA is not None:
+            V = V @ o.QA
+        V = V * o.s
+        if o.QG is not None:
+            V = o.QG @ V
+        return V if o.QAt is None else V @ o.QAt
+    V = o.G.unsqueeze(-1) * V if o.dG else o.G @ V
+    return V * o.A.unsqueeze(-2) if o.dA else V @ o.A
+
+
+def _to_block(blk: KroneckerBlock, w: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
+    """``[W, b]`` in the block's dtype: ``(d_G, d_A)`` for one group, else
+    ``(groups, d_G, d_A)`` (see :func:`natgrad.curvature.kfac.weight_blocks`); a missing
+    part is zero."""
+    dt, dev = blk.A.dtype, blk.A.device
+    if w is None:
+        w = torch.zeros(blk.shape, dtype=dt, device=dev)
+    elif w.dtype != dt:
+        w = w.to(dt)
+    if blk.bias is not None:
+        if b is None:
+            b = torch.zeros(blk.shape[1] if blk.transposed else blk.shape[0], dtype=dt,
+                            device=dev)
+        elif b.dtype != dt:
+            b = b.to(dt)
+    if blk.groups != 1:
+        return weight_blocks(blk.shape, blk.transposed, blk.groups, w, b)
+    if blk.transposed:
+        W = w.reshape(blk.shape).T
+    else:
+        W = w if w.dim() == 2 else w.reshape(blk.shape[0], -1)
+    return W if b is None else torch.cat([W, b.reshape(-1, 1)], dim=1)
+
+
+def _from_block(
+    blk: KroneckerBlock, R: torch.Tensor, want_w: bool, want_b: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Inverse of :func:`_to_block`: ``(weight or None, bias or None)``, each only when
+    wanted, contiguous."""
+    if blk.groups != 1:
+        return split_weight_blocks(blk.shape, blk.transposed, blk.bias is not None, R)
+    has_b = blk.bias is not None
+    W = b = None
+    if want_w:
+        Wp = R[:, :-1] if has_b else R
+        W = Wp.T.contiguous() if blk.transposed else Wp.reshape(blk.shape)
+        if not W.is_contiguous():
+            W = W.contiguous()
+    if want_b and has_b:
+        b = R[:, -1].contiguous()
+    return W, b
+
+
 def _factored_solve(blk: KroneckerBlock, V: torch.Tensor, lam: float) -> torch.Tensor:
     """``(G + (√λ/π) I)⁻¹ V (A + π√λ I)⁻¹`` per group.
 
@@ -1038,7 +1216,9 @@ def _factored_solve(blk: KroneckerBlock, V: torch.Tensor, lam: float) -> torch.T
             pi = (mA / mG) ** 0.5 if mA > 0 and mG > 0 else 1.0
             sides.append((_damped_factor(G, s / pi), _damped_factor(A, s * pi)))
         cached = blk.eig["factored"] = (lam, sides)
-    V = V.to(blk.A.dtype)
+    if V.dim() == 2:  # one group, its dimension dropped (see _ops)
+        gs, as_ = cached[1][0]
+        return _apply_left(as_, _apply_left(gs, V).mT).mT
     out = []
     for g, (gs, as_) in enumerate(cached[1]):
         X = _apply_left(gs, V[g])
@@ -1090,7 +1270,9 @@ def _block_to(b: KroneckerBlock, *args: Any, **kwargs: Any) -> KroneckerBlock:
         return t.detach().to(*args, **kwargs)
 
     def mv_opt(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else mv(t)
+        # eigenbases row-major whatever their origin (eigh, a file), so that products with
+        # them, and so every result, do not depend on how the curvature was built or loaded
+        return None if t is None else mv(t).contiguous()
 
     return replace(
         b, A=mv(b.A), G=mv(b.G), s=mv_opt(b.s), QA=mv_opt(b.QA), QG=mv_opt(b.QG), eig={}

@@ -179,6 +179,17 @@ class Curvature(ABC):
     def ema(self, other: Curvature, decay: float) -> Curvature:
         """``decay * self + (1 - decay) * other``, ``N = N_self + N_other``."""
 
+    def ema_(self, other: Curvature, decay: float) -> Curvature:
+        """:meth:`ema` that may overwrite this curvature's statistics in place (no new
+        tensors for them) and return ``self``; for a curvature nothing else refers to
+        (:class:`natgrad.FisherPreconditioner` uses it on the one it holds).
+
+        This default returns ``self.ema(other, decay)``, a new curvature; kinds that can
+        update in place override it (and fall back to :meth:`ema` in a subclass that
+        redefines :meth:`ema`).
+        """
+        return self.ema(other, decay)
+
     @abstractmethod
     def to(self, *args: Any, **kwargs: Any) -> Curvature:
         """Move / cast every tensor like ``Tensor.to``; returns a new curvature."""

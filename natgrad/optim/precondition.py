@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -331,9 +332,19 @@ class FisherPreconditioner:
         )
 
     def _update_curvature(self, batch: Any) -> None:
+        """Fold the batch's curvature into the EMA, ``C ← d·C + (1 - d)·C_batch``.
+
+        While nothing but this preconditioner refers to ``C`` (``self.curvature``), the
+        average is written into its own statistics (:meth:`natgrad.Curvature.ema_`: K-FAC
+        factors ``lerp_``-ed in place, no new factor tensors); when something else holds
+        it (e.g. ``snapshot = pre.curvature``), a new curvature is built
+        (:meth:`natgrad.Curvature.ema`) and the held one is left as it was.
+        """
         new = self._estimate(batch)
         if self.curvature is None or self.curvature_cls.REFRESH_REPLACES:
             self.curvature = new
+        elif sys.getrefcount(self.curvature) <= 2:  # this attribute and the call's argument
+            self.curvature = self.curvature.ema_(new, self.ema_decay)
         else:
             self.curvature = self.curvature.ema(new, self.ema_decay)
         self.curvature.prepare_solve()

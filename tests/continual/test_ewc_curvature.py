@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import natgrad
-from tests.reference import DenseCurvature, flatten_params
+from tests.reference import DenseCurvature, flatten_params, unflatten_params
 
 NAMES = ["0.weight", "0.bias", "2.weight", "2.bias"]
 
@@ -91,6 +91,49 @@ def test_suggest_lambda_closed_form_and_lam_scale():
     ewc2 = natgrad.EWC(model, 100.0 * curv, lam_scale=0.1, anchor=dict(zip(NAMES, [
         star[0:12].reshape(4, 3), star[12:16], star[16:24].reshape(2, 4), star[24:26]], strict=True)))
     assert float(ewc2.penalty()) == pytest.approx(float(ewc.penalty()), rel=1e-10)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
+def test_online_lam_scale_decays_n_with_the_fisher(gamma):
+    """Online with lam_scale: λ = s·(γN₁ + N₂)·P / tr(γF₁ + F₂), by hand from the
+    Fisher vectors; N₁ counted at full weight (the old rule) gives another penalty
+    whenever γ < 1. The decayed count survives a state round trip and a third fold."""
+    model = _model(11)
+    g = torch.Generator().manual_seed(12)
+    f = [torch.rand(26, generator=g, dtype=torch.float64) for _ in range(3)]
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    fishers = [natgrad.DiagonalFisher(unflatten_params(v, shapes), n)
+               for v, n in zip(f, (40, 10, 25), strict=True)]
+    s = 1e-3
+    ewc = natgrad.EWC(model, fishers[0], lam_scale=s, mode="online", gamma=gamma)
+    _move(model, 15)
+    ewc.consolidate(fishers[1])
+    a2 = _theta(model)
+    _move(model, 16)
+    d = _theta(model) - a2
+    F = gamma * f[0] + f[1]
+    lam = s * (gamma * 40 + 10) * 26 / float(F.sum())
+    assert float(ewc.penalty()) == pytest.approx(0.5 * lam * float((F * d * d).sum()), rel=1e-10)
+    again = natgrad.EWC(model, lam_scale=s, mode="online", gamma=gamma)
+    again.load_state_dict(ewc.state_dict())
+    for e in (ewc, again):
+        e.consolidate(fishers[2])
+    a3 = _theta(model)
+    _move(model, 17)
+    d = _theta(model) - a3
+    F = gamma * F + f[2]
+    lam = s * (gamma * (gamma * 40 + 10) + 25) * 26 / float(F.sum())
+    for e in (ewc, again):
+        assert float(e.penalty()) == pytest.approx(0.5 * lam * float((F * d * d).sum()),
+                                                   rel=1e-10)
+
+
+def test_suggest_lambda_counts_zero_fisher_parameters_and_takes_n():
+    F = natgrad.DiagonalFisher({"w": torch.tensor([1.0, 3.0, 0.0, 0.0])}, n_samples=10)
+    assert natgrad.EWC.suggest_lambda(F, 0.5) == pytest.approx(0.5 * 10 * 4 / 4)
+    assert natgrad.EWC.suggest_lambda(F, 0.5, n_samples=2.5) == pytest.approx(0.5 * 2.5 * 4 / 4)
+    with pytest.raises(ValueError, match="n_samples=0"):
+        natgrad.EWC.suggest_lambda(F, 0.5, n_samples=0.0)
 
 
 def test_diagonal_fisher_with_lam_scale_equals_the_diagonal_path():

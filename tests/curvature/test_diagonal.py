@@ -86,3 +86,30 @@ def test_top_coordinates():
     assert len(top_coordinates(f, 100)) == 6
     with pytest.raises(ValueError, match="k"):
         top_coordinates(f, 0)
+
+
+def test_ema_in_place_writes_the_average_into_the_fisher():
+    a = DiagonalFisher({"w": torch.tensor([1.0, 4.0]), "b": torch.tensor([2.0])}, 3)
+    b = DiagonalFisher({"w": torch.tensor([3.0, 0.0]), "b": torch.tensor([6.0])}, 5,
+                       labels="mc")
+    w = a["w"]
+    out = a.ema_(b, 0.75)
+    assert out is a and a["w"] is w  # the same tensors, overwritten
+    torch.testing.assert_close(a["w"], torch.tensor([0.75 * 1 + 0.25 * 3, 0.75 * 4]))
+    torch.testing.assert_close(a["b"], torch.tensor([0.75 * 2 + 0.25 * 6]))
+    assert a.n_samples == 8 and a.labels == "mixed"
+    torch.testing.assert_close(b["w"], torch.tensor([3.0, 0.0]))  # other untouched
+    with pytest.raises(ValueError, match="decay"):
+        a.ema_(b, 1.5)
+
+
+def test_ema_in_place_of_a_subclass_with_its_own_ema_is_that_ema():
+    class Halved(DiagonalFisher):
+        def ema(self, other, decay):
+            return Halved({k: 0.5 * (self[k] + other[k]) for k in self}, 1)
+
+    a = Halved({"w": torch.tensor([1.0])}, 1)
+    out = a.ema_(Halved({"w": torch.tensor([3.0])}, 1), 0.9)
+    assert out is not a and isinstance(out, Halved)
+    torch.testing.assert_close(out["w"], torch.tensor([2.0]))
+    torch.testing.assert_close(a["w"], torch.tensor([1.0]))

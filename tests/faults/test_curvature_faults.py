@@ -10,7 +10,7 @@ from torch import nn
 
 import natgrad
 from natgrad import KroneckerFisher, LowRankFisher
-from natgrad.curvature.kronecker import FactorMemoryError
+from natgrad.curvature.kronecker import FactorMemoryError, default_factor_bytes
 from tests.conftest import mlp
 
 
@@ -59,6 +59,44 @@ def test_a_factor_larger_than_available_memory_is_refused_before_allocating():
     x, y = torch.randn(2, 300_000), torch.tensor([0, 1])
     with pytest.raises(MemoryError, match="layer '' factor A 300001x300001.*max_factor_dim"):
         natgrad.estimate_curvature(model, (x, y), kind="kfac")
+
+
+def _fake_meminfo(monkeypatch, available_kb, total_kb):
+    """``/proc/meminfo`` reads as given (the rest of ``open`` untouched)."""
+    import builtins
+    import io
+
+    real = builtins.open
+    text = f"MemTotal: {total_kb} kB\nMemFree: 0 kB\nMemAvailable: {available_kb} kB\n"
+
+    def fake_open(path, *args, **kwargs):
+        if str(path) == "/proc/meminfo":
+            return io.StringIO(text)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+
+
+def test_a_momentary_dip_of_available_memory_does_not_refuse_small_factors(monkeypatch):
+    # MemAvailable reading 0 kB under load (a flake: "0.00 GiB allowed"): small factors
+    # still fit, since half the total is the floor of the default allowance
+    model, x, y = _case()
+    _fake_meminfo(monkeypatch, available_kb=0, total_kb=8 * 2**20)
+    assert default_factor_bytes(torch.device("cpu")) == 4 * 2**30
+    curv = _est(model, (x, y), kind="kfac")
+    assert curv.structure()["0.weight"] == "kfac"
+    _fake_meminfo(monkeypatch, available_kb=6 * 2**20, total_kb=8 * 2**20)
+    assert default_factor_bytes(torch.device("cpu")) == 6 * 2**30
+
+
+def test_factors_over_half_the_memory_are_refused_during_a_dip(monkeypatch):
+    model = nn.Linear(300, 2)  # A 301x301 with its eigenbasis: 725 kB of float32
+    x, y = torch.randn(2, 300), torch.tensor([0, 1])
+    _fake_meminfo(monkeypatch, available_kb=0, total_kb=1000)  # floor: 500 kB
+    with pytest.raises(FactorMemoryError,
+                       match=r"more than the 0\.49 MiB allowed \(the default: the available "
+                             r"memory, at least half the total.*max_factor_dim"):
+        _est(model, (x, y), kind="kfac")
 
 
 @pytest.mark.parametrize("opt,val", [("max_factor_dim", 0), ("max_factor_bytes", -1)])

@@ -934,3 +934,85 @@ def test_kfac_reduce_factors_equal_their_definition(source):
     assert not torch.allclose(blk["l1"].G[0], ref["l1"][1])  # reduce differs from expand
     with pytest.raises(ValueError, match="kfac_approx"):
         FisherPreconditioner(model, kind="kfac", kfac_approx="sum")
+
+
+def _linear_factors(model, x, y):
+    """Brute-force K-FAC factors of one Linear with empirical labels (mean-loss scale)."""
+    n = x.shape[0]
+    with torch.no_grad():
+        p = model(x).softmax(-1)
+    xa = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
+    b = p - F.one_hot(y, p.shape[1]).to(x.dtype)
+    return xa.T @ xa / n, b.T @ b / n
+
+
+@pytest.mark.parametrize("mode", ["factored", "exact"])
+def test_kfac_ema_refresh_updates_the_held_factors_in_place(mode):
+    """With nothing else holding the curvature, a refresh lerps its factors in place
+    (same object, same storage) to d·A₁ + (1-d)·A₂, and the next solve uses them (no
+    stale cached inverse): the dense Kronecker solve with the hand-averaged factors."""
+    torch.manual_seed(41)
+    model = nn.Linear(4, 3).double()
+    d, lam = 0.8, 1e-2
+    xs = [torch.randn(9, 4, dtype=torch.float64) for _ in range(2)]
+    ys = [torch.randint(0, 3, (9,)) for _ in range(2)]
+    pre = FisherPreconditioner(model, kind="kfac", damping=lam, update_every=1, ema_decay=d,
+                               kfac_damping=mode)
+    _backward(model, xs[0], ys[0])
+    pre.step((xs[0], ys[0]))
+    held = pre.curvature
+    ptr = (held.blocks[""].A.data_ptr(), held.blocks[""].G.data_ptr())
+    del held  # nothing but the preconditioner refers to it now
+    (A1, G1), (A2, G2) = (_linear_factors(model, x, y) for x, y in zip(xs, ys, strict=True))
+    _backward(model, xs[1], ys[1])
+    V = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1)
+    pre.step((xs[1], ys[1]))
+    blk = pre.curvature.blocks[""]
+    assert (blk.A.data_ptr(), blk.G.data_ptr()) == ptr and pre.curvature.n_samples == 18
+    A, G = d * A1 + (1 - d) * A2, d * G1 + (1 - d) * G2
+    torch.testing.assert_close(blk.A[0], A)
+    torch.testing.assert_close(blk.G[0], G)
+    if mode == "exact":
+        M = torch.kron(G, A) + lam * torch.eye(15, dtype=torch.float64)
+    else:
+        pi = ((A.trace() / 5) / (G.trace() / 3)) ** 0.5
+        M = torch.kron(G + lam**0.5 / pi * torch.eye(3, dtype=torch.float64),
+                       A + pi * lam**0.5 * torch.eye(5, dtype=torch.float64))
+    ref = torch.linalg.solve(M, V.reshape(-1)).reshape(3, 5)
+    torch.testing.assert_close(model.weight.grad, ref[:, :4])
+    torch.testing.assert_close(model.bias.grad, ref[:, 4])
+
+
+def _state_tensors(state, prefix=""):
+    if torch.is_tensor(state):
+        return [(prefix, state)]
+    if isinstance(state, dict):
+        return [t for k, v in state.items() for t in _state_tensors(v, f"{prefix}.{k}")]
+    return []
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac", "ekfac"])
+def test_ema_refresh_leaves_a_held_curvature_alone(kind, mlp_case):
+    """``snapshot = pre.curvature`` is not changed by the next refresh (a new curvature
+    is built), which equals the same preconditioner's in-place refresh."""
+    model, x, y = mlp_case
+    kw = dict(kind=kind, damping=0.1, update_every=1, ema_decay=0.7)
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+    pa, pb = FisherPreconditioner(model, **kw), FisherPreconditioner(model, **kw)
+    for p in (pa, pb):
+        _backward(model, *batches[0])
+        p.step(batches[0])
+    snapshot = pa.curvature
+    before = {k: v.clone() for k, v in _state_tensors(snapshot.state_dict())}
+    assert before
+    before_diag = snapshot.diagonal()
+    first_b = id(pb.curvature)
+    for p in (pa, pb):
+        _backward(model, *batches[1])
+        p.step(batches[1])
+    assert pa.curvature is not snapshot and id(pb.curvature) == first_b
+    assert_close_dict(snapshot.diagonal(), before_diag, rtol=0, atol=0)
+    for k, v in _state_tensors(snapshot.state_dict()):
+        assert torch.equal(v, before[k]), k
+    assert_close_dict(pa.curvature.diagonal(), pb.curvature.diagonal(), rtol=1e-12, atol=1e-14)
+    assert pa.curvature.n_samples == pb.curvature.n_samples == len(y)
