@@ -450,6 +450,8 @@ def derived_report(args, data, steps, seeds, workloads, lrs, max_steps, t1) -> s
         cmd += " --prune"
     if args.steps_log:
         cmd += " --steps-log LOG"
+    if args.note:
+        cmd += " --note NOTE"
     bases = sorted({BASELINE[w] for w in workloads})
     base_txt = {"adam": "`adam`: torch Adam", "adamw": "`adamw`: torch AdamW (weight decay 0.01)"}
     eval_txt = "; ".join(
