@@ -17,8 +17,11 @@ class NaturalGradient(torch.optim.Optimizer):
 
     ``step(closure=None, *, batch=None)`` runs ``closure`` (if given; it should zero the
     gradients, compute the loss, call ``backward`` and return the loss), then
-    ``preconditioner.step(batch, lr=param_groups[0]["lr"])``, which rewrites ``.grad``
-    with ``Δ = (F + λI)^-1 g``, then ``optimizer.step()``. With a
+    ``preconditioner.step(batch, lr=...)``, which rewrites ``.grad`` with
+    ``Δ = (F + λI)^-1 g`` (scaled by the ``kl_clip`` trust region), then
+    ``optimizer.step()``. The ``lr`` passed is each preconditioned parameter's group
+    learning rate, read from ``param_groups`` at every step (so schedulers are followed;
+    a parameter outside the optimizer, which does not move, counts with lr 0). With a
     ``FisherPreconditioner(source="batch")`` the batch is passed explicitly, because the
     curvature is measured on the batch the gradients came from; with
     ``source="backward"`` the statistics come from the closure's (or your own) forward and
@@ -141,9 +144,18 @@ class NaturalGradient(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pre.step(batch, lr=self.param_groups[0]["lr"])
+        pre.step(batch, lr=self.param_lrs())
         self.optimizer.step()
         return loss
+
+    def param_lrs(self) -> dict[str, float]:
+        """``{name: lr}`` for the preconditioner's parameters: the ``lr`` of the group
+        holding each (0 for a parameter in no group: the optimizer does not move it)."""
+        by_id: dict[int, float] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                by_id[id(p)] = float(group["lr"])
+        return {k: by_id.get(id(p), 0.0) for k, p in self.preconditioner.params.items()}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the wrapped optimizer's gradients (``None`` by default, like torch.optim)."""

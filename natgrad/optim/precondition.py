@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -142,18 +143,23 @@ class FisherPreconditioner:
     batch, and :class:`natgrad.KroneckerFisher`'s eigendecompositions are spread over the
     ranks (layer ``i`` on rank ``i mod world``, then broadcast).
 
-    Defaults: ``damping=1e-2``, ``update_every=10``, ``ema_decay=0.95`` (refresh the
-    curvature every 10 steps and average it over about 20 refreshes) are the settings
-    tuned for K-FAC (``kind="kfac"``, factored damping) with SGD, momentum 0.9, in
-    ``benchmarks/exp_natural_gradient.py``; for speed use ``source="backward"`` (no extra
-    pass). There, with lr 0.01, K-FAC needed about half Adam's steps to every MNIST-1D
-    target (see benchmarks/RESULTS.md for the steps and the wall-clock). Refreshing every
+    Defaults: ``damping=1e-2``, ``update_every=10``, ``ema_decay=0.95``,
+    ``kl_clip=1e-3`` (refresh the curvature every 10 steps, average it over about 20
+    refreshes, clip each step's KL) are the settings tuned for K-FAC (``kind="kfac"``,
+    factored damping) with SGD, momentum 0.9, in ``benchmarks/exp_natural_gradient.py``;
+    for speed use ``source="backward"`` (no extra pass). See benchmarks/RESULTS.md for
+    the steps and the wall-clock to each MNIST-1D target against Adam. Refreshing every
     step (``update_every=1``) costs several plain steps per step.
 
-    Trust region (``kl_clip``): ``Δ ← ν Δ`` with
-    ``ν = min(1, sqrt(kl_clip / (lr² |Σ_i Δ_i g_i|)))`` (``ν = 1`` when the sum is 0),
-    where ``lr`` is passed to :meth:`step` (:class:`NaturalGradient` passes the first
-    param group's ``lr``).
+    Trust region (``kl_clip``, on by default): ``Δ ← ν Δ`` with
+    ``ν = min(1, sqrt(kl_clip / |Σ_i lr_i² Δ_i g_i|))`` (``ν = 1`` when the sum is 0),
+    where ``lr_i`` is the learning rate of parameter ``i``'s optimizer group, passed to
+    :meth:`step` as ``lr`` (:class:`NaturalGradient` reads it from the wrapped
+    optimizer's ``param_groups`` at every step, so schedulers are followed). ``½ lr² Δᵀ g = ½ lr² gᵀ(F + λI)^-1 g``
+    is the quadratic model of the KL divergence one step ``-lr Δ`` moves the model's
+    predictive distribution, so the clip caps it at ``kl_clip / 2`` and large
+    learning rates cannot blow the step up. Without ``lr`` the step is not clipped (a
+    warning says so once).
 
     Args:
         model: the model. Only ``.grad`` of selected parameters is modified. A
@@ -169,7 +175,7 @@ class FisherPreconditioner:
         ema_decay: ``d`` in ``[0, 1)`` (default 0.95).
         labels: ``"empirical"``, ``"mc"`` (one seeded draw per sample) or ``"exact"``
             (``source="batch"``; ``"backward"`` is always empirical).
-        kl_clip: ``None`` or a positive trust-region size.
+        kl_clip: a positive trust-region size (default 1e-3), or ``None`` for no clip.
         params: which parameters to precondition (see :func:`natgrad.select_params`).
         warmup_steps: pass-through steps at the start (``>= 0``).
         seed: seed of the generator for ``"mc"`` labels (saved in the state).
@@ -219,7 +225,7 @@ class FisherPreconditioner:
         update_every: int = 10,
         ema_decay: float = 0.95,
         labels: LabelSource = "empirical",
-        kl_clip: float | None = None,
+        kl_clip: float | None = 1e-3,
         params: ParamSpec = None,
         warmup_steps: int = 0,
         seed: int = 0,
@@ -288,6 +294,7 @@ class FisherPreconditioner:
                 f" ({', '.join(diag_names)})" if diag_names else "",
             )  # fmt: skip
         self._step = 0
+        self._warned_no_lr = False
         self._arm()
 
     # -- damping and schedule -------------------------------------------------------------
@@ -349,7 +356,9 @@ class FisherPreconditioner:
             self.curvature = self.curvature.ema(new, self.ema_decay)
         self.curvature.prepare_solve()
 
-    def step(self, batch: Any = None, *, lr: float | None = None) -> PreconditionStep:
+    def step(
+        self, batch: Any = None, *, lr: float | Mapping[str, float] | None = None
+    ) -> PreconditionStep:
         """Refresh the curvature when due, then rewrite ``.grad`` with ``(F + λI)^-1 g``.
 
         Call after ``loss.backward()`` and before ``optimizer.step()``.
@@ -357,25 +366,24 @@ class FisherPreconditioner:
         Args:
             batch: the batch the gradients came from (``(x, y)``, ``x`` or a dict);
                 needed with ``source="batch"``, ignored with ``"backward"``.
-            lr: the optimizer's learning rate; needed only with ``kl_clip``.
+            lr: the optimizer's learning rate, or ``{parameter name: lr}`` when its
+                groups differ (every preconditioned parameter named); used only by the
+                ``kl_clip`` trust region, which is skipped (with a one-time warning)
+                without it.
 
         Returns:
             :class:`PreconditionStep` describing the step.
 
         Raises:
-            ValueError: ``kl_clip`` set but ``lr`` missing; ``source="batch"`` without a
-                batch; invalid damping from a schedule; on a refresh, train-mode BatchNorm
+            ValueError: a negative or non-finite ``lr``, or an ``lr`` mapping that lacks
+                a preconditioned parameter; ``source="batch"`` without a batch; invalid damping from a schedule; on a refresh, train-mode BatchNorm
                 or dropout (call ``model.eval()`` before the step) or bad labels (checked
                 on the whole batch); ``source="backward"`` with nothing recorded.
             FloatingPointError: NaN or Inf in a ``.grad`` (the parameter is named; checked
                 before anything changes, warmup included: one sum per gradient and one
                 host sync per step), or in the curvature.
         """
-        if self.kl_clip is not None and lr is None:
-            raise ValueError(
-                "kl_clip needs the learning rate: call pre.step(batch, lr=optimizer's lr), "
-                "or use natgrad.NaturalGradient, which passes it."
-            )
+        lrs = self._check_lr(lr)
         grads: dict[str, torch.Tensor] = {}
         for k, p in self.params.items():
             if p.grad is not None:
@@ -402,14 +410,36 @@ class FisherPreconditioner:
             return PreconditionStep(t, lam, updated, False, 1.0)
         deltas = self.curvature.solve(grads, lam)
         nu = 1.0
-        if self.kl_clip is not None:
-            assert lr is not None  # checked at the top of step
-            vg = sum(float((deltas[k] * grads[k].to(deltas[k].dtype)).sum()) for k in deltas)
-            if vg != 0.0:
-                nu = min(1.0, (self.kl_clip / (float(lr) ** 2 * abs(vg))) ** 0.5)
+        if self.kl_clip is not None and lrs is not None:
+            nu = kl_clip_scale(deltas, grads, lrs, self.kl_clip)
         for k, d in deltas.items():
             grads[k].copy_(d * nu if nu != 1.0 else d)
         return PreconditionStep(t, lam, updated, True, nu)
+
+    def _check_lr(self, lr: float | Mapping[str, float] | None) -> dict[str, float] | None:
+        """``{name: lr}`` of every selected parameter (checked), or None without ``lr``."""
+        if lr is None:
+            if self.kl_clip is not None and not self._warned_no_lr:
+                self._warned_no_lr = True
+                warnings.warn(
+                    f"FisherPreconditioner: kl_clip={self.kl_clip:g} is not applied because "
+                    "step() got no learning rate; pass pre.step(..., "
+                    "lr=optimizer.param_groups[0]['lr']), use natgrad.NaturalGradient "
+                    "(which passes it), or build the preconditioner with kl_clip=None.",
+                    stacklevel=3,
+                )
+            return None
+        if isinstance(lr, Mapping):
+            missing = [k for k in self.params if k not in lr]
+            if missing:
+                raise ValueError(
+                    f"The lr mapping has no learning rate for parameters {missing[:8]}; "
+                    "give every preconditioned parameter's lr, or pass one float."
+                )
+            return {k: check_positive(f"lr of {k!r}", lr[k], allow_zero=True)
+                    for k in self.params}
+        value = check_positive("lr", lr, allow_zero=True)
+        return dict.fromkeys(self.params, value)
 
     def close(self) -> None:
         """Remove the ``source="backward"`` hooks from the model (a no-op otherwise)."""
@@ -503,6 +533,35 @@ class FisherPreconditioner:
             f"labels={self.labels!r}, source={self.source!r}, params={len(self.params)}, "
             f"step={self._step})"
         )
+
+
+def kl_clip_scale(
+    deltas: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor],
+    lrs: Mapping[str, float],
+    kl_clip: float,
+) -> float:
+    """The trust-region factor ``ν = min(1, sqrt(κ / |Σ_i lr_i² Δ_i g_i|))``.
+
+    ``½ Σ_i lr_i² Δ_i g_i`` is the quadratic (Fisher) model of the KL divergence that the
+    step ``-lr Δ`` with ``Δ = (F + λI)^-1 g`` moves the predictions, so ``ν Δ`` keeps it
+    at most ``κ / 2``. ``ν = 1`` when the sum is 0 (e.g. every lr 0).
+
+    Args:
+        deltas: ``{name: Δ}``, the preconditioned gradients.
+        grads: ``{name: g}``, the raw gradients (the names of ``deltas``).
+        lrs: ``{name: lr}`` for the names of ``deltas``.
+        kl_clip: ``κ > 0``.
+
+    Returns:
+        ``ν`` in ``(0, 1]``.
+    """
+    vg = 0.0
+    for k, d in deltas.items():
+        vg += lrs[k] ** 2 * float((d * grads[k].to(d.dtype)).sum())
+    if vg == 0.0:
+        return 1.0
+    return min(1.0, float((kl_clip / abs(vg)) ** 0.5))
 
 
 def _tensors(state: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:

@@ -340,7 +340,7 @@ def test_natural_gradient_from_backward_through_trainer_optimizers(tmp_path):
     g = dict(zip(theta0, torch.autograd.grad(ce, list(ref.parameters())), strict=True))
     fisher = _loop_fisher(ref, ids, labels, names)
 
-    pre = natgrad.FisherPreconditioner(model, kind="diag", damping=lam, params=names, source="backward")
+    pre = natgrad.FisherPreconditioner(model, kl_clip=None, kind="diag", damping=lam, params=names, source="backward")
     opt = natgrad.NaturalGradient(torch.optim.SGD(model.parameters(), lr=lr), pre)
     trainer = transformers.Trainer(
         model=model,
@@ -368,10 +368,10 @@ def test_ekfac_from_backward_through_trainer_optimizers(tmp_path):
     lr, lam = 0.1, 0.05
     theta0 = {k: p.detach().clone() for k, p in model.named_parameters()}
     ref = copy.deepcopy(model).eval()
-    ref_pre = natgrad.FisherPreconditioner(ref, kind="ekfac", damping=lam, params=names)
+    ref_pre = natgrad.FisherPreconditioner(ref, kl_clip=None, kind="ekfac", damping=lam, params=names)
     F.cross_entropy(ref(input_ids=ids).logits, labels).backward()
     ref_pre.step({"input_ids": ids, "labels": labels})
-    pre = natgrad.FisherPreconditioner(model, kind="ekfac", damping=lam, params=names,
+    pre = natgrad.FisherPreconditioner(model, kl_clip=None, kind="ekfac", damping=lam, params=names,
                                        source="backward")
     opt = natgrad.NaturalGradient(torch.optim.SGD(model.parameters(), lr=lr), pre)
     transformers.Trainer(model=model, args=_args(tmp_path, max_steps=1),

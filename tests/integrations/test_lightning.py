@@ -264,7 +264,7 @@ class NGClassifier(Classifier):
 
     def configure_optimizers(self):
         pre = natgrad.FisherPreconditioner(
-            self, kind=self.kind, damping=self.damping, source="backward"
+            self, kl_clip=None, kind=self.kind, damping=self.damping, source="backward"
         )
         return natgrad.NaturalGradient(torch.optim.SGD(self.parameters(), lr=self.lr), pre)
 
@@ -291,7 +291,7 @@ def test_natural_gradient_from_backward_equals_the_batch_source(tmp_path, kind):
     module = NGClassifier(kind)
     x, y = _data(6)
     ref = copy.deepcopy(module)
-    pre = natgrad.FisherPreconditioner(ref, kind=kind, damping=ref.damping, source="batch")
+    pre = natgrad.FisherPreconditioner(ref, kl_clip=None, kind=kind, damping=ref.damping, source="batch")
     F.cross_entropy(ref(x), y).backward()
     pre.step((x, y))
     with torch.no_grad():
@@ -312,14 +312,14 @@ def test_natural_gradient_callback_with_batch_source(tmp_path, kind):
     module = Classifier(dropout=0.0)
     x, y = _data(6)
     ref = copy.deepcopy(module)
-    ref_pre = natgrad.FisherPreconditioner(ref, kind=kind, damping=0.3, labels="exact")
+    ref_pre = natgrad.FisherPreconditioner(ref, kl_clip=None, kind=kind, damping=0.3, labels="exact")
     F.cross_entropy(ref(x), y).backward()
     ref.eval()
     ref_pre.step((x, y))
     with torch.no_grad():
         for p in ref.parameters():
             p -= ref.lr * p.grad
-    pre = natgrad.FisherPreconditioner(module, kind=kind, damping=0.3, labels="exact")
+    pre = natgrad.FisherPreconditioner(module, kl_clip=None, kind=kind, damping=0.3, labels="exact")
     cb = nl.NaturalGradientCallback(pre)
     _trainer(tmp_path, fast_dev_run=1, callbacks=[cb]).fit(module, _loader(x, y, 6))
     assert cb.last.preconditioned and cb.last.curvature_updated

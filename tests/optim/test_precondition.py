@@ -4,6 +4,7 @@ plus the shared optimizer contract (STYLE.md point 7) for ``NaturalGradient``.""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -13,9 +14,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from natgrad import FisherPreconditioner, NaturalGradient, scale_by_fisher
 from natgrad.engine.likelihoods import Gaussian
+from natgrad.optim.precondition import kl_clip_scale
 from natgrad.optim.scale import natural_gradient_norms
 from tests.conftest import TinyEncoder, mlp
-from tests.reference import assert_close_dict, ce_sum, loop_grads
+from tests.reference import assert_close_dict, ce_sum, fisher_from_grads, loop_grads
 
 KINDS = ("diag", "kfac", "woodbury")
 
@@ -236,11 +238,100 @@ def test_damping_schedule_and_kl_clip(mlp_case):
     for k, p in model.named_parameters():
         p.grad = g[k].clone()
     pre = FisherPreconditioner(model, kind="kfac", damping=0.1, kl_clip=clip)
-    with pytest.raises(ValueError, match="kl_clip needs the learning rate"):
-        pre.step((x, y))
     info = pre.step((x, y), lr=lr)
     assert info.kl_scale == pytest.approx(nu)
     assert_close_dict(_grads(model), {k: nu * v for k, v in delta.items()})
+
+
+def test_kl_clip_scale_equals_hand_computation():
+    # ν = min(1, sqrt(κ / |Σ_i lr_i² Δ_i g_i|)), by hand:
+    # Σ = 0.5²·(1·3 + 2·4) + 0.1²·(-1·2) = 2.75 - 0.02 = 2.73
+    deltas = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([-1.0], dtype=torch.float64)}
+    grads = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([2.0], dtype=torch.float64)}
+    lrs = {"a": 0.5, "b": 0.1}
+    assert kl_clip_scale(deltas, grads, lrs, 1e-3) == pytest.approx((1e-3 / 2.73) ** 0.5)
+    assert kl_clip_scale(deltas, grads, lrs, 3.0) == 1.0  # inside the region: no clip
+    assert kl_clip_scale(deltas, grads, dict.fromkeys(lrs, 0.0), 1e-3) == 1.0  # sum 0
+
+
+def test_kl_clip_is_the_default_and_bounds_the_quadratic_kl(mlp_case):
+    """With the default kl_clip the step -lr·Δ has ½ lr² Δᵀ(F + λI)Δ <= kl_clip / 2 for the
+    diagonal Fisher, checked against the loop Fisher (dense reference) for a large lr."""
+    model, x, y = mlp_case
+    F_ref = fisher_from_grads(loop_grads(model, ce_sum, x, y))
+    pre = FisherPreconditioner(model, kind="diag", update_every=1)
+    assert pre.kl_clip == 1e-3
+    _backward(model, x, y)
+    g = _grads(model)
+    lr = 10.0
+    info = pre.step((x, y), lr=lr)
+    assert info.kl_scale < 1.0
+    lam = pre.damping_at(0)
+    step = {k: lr * p.grad for k, p in model.named_parameters()}
+    quad = sum(float((step[k] ** 2 * (F_ref[k] + lam)).sum()) for k in step)
+    assert quad == pytest.approx(1e-3, rel=1e-4)  # clipped exactly onto the boundary
+    unclipped = {k: g[k] / (F_ref[k] + lam) for k in g}
+    assert_close_dict(_grads(model), {k: info.kl_scale * v for k, v in unclipped.items()})
+
+
+def test_kl_clip_without_lr_warns_once_and_does_not_clip(mlp_case):
+    model, x, y = mlp_case
+    _backward(model, x, y)
+    g = _grads(model)
+    FisherPreconditioner(model, kind="diag", kl_clip=None).step((x, y))
+    delta = _grads(model)
+    pre = FisherPreconditioner(model, kind="diag")
+    for t in range(2):
+        for k, p in model.named_parameters():
+            p.grad = g[k].clone()
+        if t == 0:
+            with pytest.warns(UserWarning, match="kl_clip=0.001 is not applied"):
+                info = pre.step((x, y))
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # only the first step warns
+                info = pre.step((x, y))
+        assert info.kl_scale == 1.0
+        assert_close_dict(_grads(model), delta)
+
+
+def test_kl_clip_lr_errors(mlp_case):
+    model, x, y = mlp_case
+    _backward(model, x, y)
+    pre = FisherPreconditioner(model, kind="diag")
+    with pytest.raises(ValueError, match="Invalid lr: -0.1"):
+        pre.step((x, y), lr=-0.1)
+    with pytest.raises(ValueError, match="no learning rate for parameters \\['0.bias'"):
+        pre.step((x, y), lr={"0.weight": 0.1})
+    assert pre.step((x, y), lr=0.1).step == 0  # the failed calls changed nothing
+
+
+def test_natural_gradient_clips_with_each_groups_lr(mlp_case):
+    """NaturalGradient reads every parameter's group lr: the update of parameter i is
+    -lr_i ν Δ_i with ν from the hand formula over the groups' lrs."""
+    model, x, y = mlp_case
+    _backward(model, x, y)
+    g = _grads(model)
+    FisherPreconditioner(model, kind="diag", kl_clip=None).step((x, y))
+    delta = _grads(model)
+    first = [p for k, p in model.named_parameters() if k.startswith("0.")]
+    rest = [p for k, p in model.named_parameters() if not k.startswith("0.")]
+    lrs = {k: (2.0 if k.startswith("0.") else 0.5) for k, _ in model.named_parameters()}
+    vg = sum(lrs[k] ** 2 * float((delta[k] * g[k]).sum()) for k in g)
+    nu = min(1.0, (1e-3 / vg) ** 0.5)
+    assert nu < 1.0
+    opt = NaturalGradient(
+        torch.optim.SGD([{"params": first, "lr": 2.0}, {"params": rest, "lr": 0.5}]),
+        FisherPreconditioner(model, kind="diag"),
+    )
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    for k, p in model.named_parameters():
+        p.grad = g[k].clone()
+    assert opt.param_lrs() == lrs
+    opt.step(batch=(x, y))
+    after = dict(model.named_parameters())
+    assert_close_dict({k: before[k] - after[k].detach() for k in before},
+                      {k: lrs[k] * nu * delta[k] for k in delta})
 
 
 @pytest.mark.parametrize(
