@@ -146,6 +146,11 @@ def curvatures(model: nn.Module, train_data, seed: int, name: str) -> dict[tuple
         for kind in ("diag", "kfac"):
             c = estimate_curvature(model, train_data, kind=kind, labels="exact")
             out[(kind, "all")] = out[(kind, "last_layer")] = c  # block diagonal: one estimate
+        # the marginal likelihood reads a curvature's logdet over all it covers: for the
+        # last layer, K-FAC estimated on it alone (the same block as in the estimate above)
+        out[("kfac", "last_layer_own")] = estimate_curvature(
+            model, train_data, kind="kfac", labels="exact", params=last_names(name)
+        )
         sub = (train_data[0][:2000], train_data[1][:2000])
         for subset in SUBSETS:
             params = None if subset == "all" else last_names(name)
@@ -189,6 +194,7 @@ def run_seed(seed: int, epochs: int, name: str, oracle: bool) -> dict[str, Any]:
     curvs = curvatures(model, s["train"], seed, name)
     t_curv = time.perf_counter() - t0
     t0 = time.perf_counter()
+    own = curvs.pop(("kfac", "last_layer_own"))
     for (kind, subset), c in curvs.items():
         kw: dict[str, Any] = dict(subset=subset, n_data=n)
         if kind == "lowrank":  # estimated on its own parameters: no subset to cut
@@ -201,8 +207,9 @@ def run_seed(seed: int, epochs: int, name: str, oracle: bool) -> dict[str, Any]:
                                               n_samples=N_MC, **kw).prior_precision,
                 "B": optimize_prior_precision(model, c, s["val"], grid=GRID, link="probit",
                                               **kw).prior_precision,
-                "C": optimize_prior_precision(model, c, method="marglik",
-                                              **kw).prior_precision,
+                "C": (optimize_prior_precision(model, own, method="marglik", n_data=n)
+                      if (kind, subset) == ("kfac", "last_layer") else
+                      optimize_prior_precision(model, c, method="marglik", **kw)).prior_precision,
             }
         for proto, delta in sel.items():
             link = "probit" if proto == "B" else "mc"
