@@ -111,6 +111,9 @@ class UncertaintyReport(Report):
     Attributes:
         mean: ``(N, D)`` MAP outputs ``μ = f(x; θ*)`` (logits, or regression means).
         logit_variance: ``(N, D)`` ``Var f_c(x) = Σ_i J_ci² / (N F_i + δ)``.
+        logit_covariance: ``(N, D, D)`` ``Cov(f_c, f_e) = J_c (N F + δ I)⁻¹ J_eᵀ``,
+            computed for categorical outputs with ``link="mc"`` (the draws need it);
+            ``None`` otherwise.
         probs: ``(N, D)`` predictive probabilities (categorical: rows sum to one;
             bernoulli: one probability per logit); ``None`` for gaussian.
         predictive_variance: ``(N, D)`` gaussian only: ``Var f + σ²``; ``None`` otherwise.
@@ -122,6 +125,7 @@ class UncertaintyReport(Report):
 
     mean: torch.Tensor
     logit_variance: torch.Tensor
+    logit_covariance: torch.Tensor | None
     probs: torch.Tensor | None
     predictive_variance: torch.Tensor | None
     entropy: torch.Tensor
@@ -220,11 +224,13 @@ def _inverse_precisions(
     deltas: torch.Tensor,
     dtype: torch.dtype,
     device: torch.device,
+    full: bool = False,
 ) -> dict[str, torch.Tensor] | Reducer:
     """``{name: (G, numel)}`` holding ``1 / (N F_i + δ_g)`` for every candidate ``δ_g``;
-    for a structured curvature, the reducer of :func:`_curvature_reducer`."""
+    for a structured curvature, the reducer of :func:`_curvature_reducer` (``full``: it
+    returns the output covariances)."""
     if _structured(fisher):
-        return _curvature_reducer(fisher, list(names), n, deltas.tolist(), dtype)
+        return _curvature_reducer(fisher, list(names), n, deltas.tolist(), dtype, full)
     diag = cast(Mapping[str, torch.Tensor], fisher)  # not structured: a mapping
     out = {}
     for k in names:
@@ -246,11 +252,14 @@ def _moments(
     output_fn: OutputFn,
     chunk_size: int | None,
     dtype: torch.dtype,
+    full: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MAP outputs ``(N, D)`` and linearized variances ``(N, D, G)`` (one per candidate δ).
+    """MAP outputs ``(N, D)`` and linearized variances ``(N, D, G)`` (one per candidate δ);
+    ``full``: the output covariances ``J P⁻¹ Jᵀ``, ``(N, D, D, G)``.
 
     ``inv_prec``: ``{name: (G, numel)}`` diagonal inverse precisions, or a callable
-    ``(jacobians {name: (n, D, *shape)}, n, D) -> (n·D, G)`` for a structured curvature.
+    ``(jacobians {name: (n, D, *shape)}, n, D) -> (n·D, G)`` (``full``: ``(n, D, D, G)``)
+    for a structured curvature.
     """
     detached = {k: p.detach() for k, p in params.items()}
     arg_dims, kw_dims = b.arg_dims, b.kw_dims
@@ -292,14 +301,18 @@ def _moments(
         var: torch.Tensor | None = None
         if isinstance(inv_prec, Mapping):
             for k, j in jac.items():
-                sq = j.to(dtype).reshape(sub.size * d, -1) ** 2  # (n·D, numel)
-                term = sq @ inv_prec[k].t()  # (n·D, G)
+                if full:  # Σ_i J_ci J_ei / (N F_i + δ_g), (n, D, D, G)
+                    jj = j.to(dtype).reshape(sub.size, d, -1)
+                    term = torch.stack([(jj * w) @ jj.mT for w in inv_prec[k]], -1)
+                else:
+                    sq = j.to(dtype).reshape(sub.size * d, -1) ** 2  # (n·D, numel)
+                    term = sq @ inv_prec[k].t()  # (n·D, G)
                 var = term if var is None else var + term
         else:
             var = inv_prec(jac, sub.size, d)
         assert var is not None  # params is not empty (checked by _prepare)
         means.append(out.detach().to(dtype))
-        variances.append(var.reshape(sub.size, d, -1))
+        variances.append(var.reshape(sub.size, d, d, -1) if full else var.reshape(sub.size, d, -1))
     return torch.cat(means), torch.cat(variances)
 
 
@@ -588,15 +601,19 @@ def _fast_moments(
     output_fn: OutputFn,
     dtype: torch.dtype,
     lowrank_w: torch.Tensor | None = None,
+    full: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MAP outputs ``(N, D)`` and the terms' variances ``(N, D, G)`` from one forward
+    """MAP outputs ``(N, D)`` and the terms' variances ``(N, D, G)`` (``full``: the
+    covariances ``(N, D, D, G)``, every output column pulled back in one group) from one forward
     (recording every layer's input and adding a zero perturbation to its output) and
     one backward per output column ``c`` (the perturbations' gradients are the
     per-sample output gradients ``b_c``; no weight gradient is formed).
 
     Per term, with ``ã`` and ``b_c`` rotated into its eigenbasis:
     ``Var_c = Σ_{o,i} (Σ_t b_cto ã_ti)² inv_oi``; for one position (``T = 1``) this is
-    ``Σ_o b_co² M_o`` with ``M = (ã²) invᵀ`` computed once for every ``c``.
+    ``Σ_o b_co² M_o`` with ``M = (ã²) invᵀ`` computed once for every ``c``; the
+    covariance of columns ``c`` and ``e`` is ``Σ_o b_co b_eo M_o`` (``T = 1``), else
+    ``Σ_{o,i} J_c,oi J_e,oi inv_oi``.
     """
     mods = list(dict.fromkeys(t.module for t in terms))
     store: dict[nn.Module, tuple[torch.Tensor, int, torch.Tensor]] = {}
@@ -624,7 +641,7 @@ def _fast_moments(
             )
     n, d = out.shape
     G = terms[0].inv.shape[0]
-    var = torch.zeros(n, d, G, dtype=dtype, device=out.device)
+    var = torch.zeros((n, d, d, G) if full else (n, d, G), dtype=dtype, device=out.device)
     acts = [_inputs(t, store[t.module][0], dtype) for t in terms]
     single = [A.shape[1] == 1 for A in acts]
     # T = 1: M_g = (ã²) inv_gᵀ, (G, N, d_G), shared by every output column
@@ -642,7 +659,7 @@ def _fast_moments(
     index = {m: i for i, m in enumerate(mods)}
     # output columns are pulled back one at a time (a vmapped, is_grads_batched backward
     # is no faster on CPU), their gradients stacked in groups for the products
-    group = max(1, _GROUP_FLOATS // max(sum(e.numel() for e in es), 1))
+    group = d if full else max(1, _GROUP_FLOATS // max(sum(e.numel() for e in es), 1))
     for c0 in range(0, d, group):
         cols = list(range(c0, min(c0 + group, d)))
         per = []
@@ -661,6 +678,11 @@ def _fast_moments(
             B = B.reshape(k, n, *B.shape[1:])  # (k, N, T, d_G)
             if Z is not None and proj is not None:
                 proj += torch.einsum("cno,nko->cnk", B[:, :, 0], Z)
+            if M is not None and full:  # k = d: every pair of columns
+                B1 = B[:, :, 0]
+                for gi in range(G):
+                    var[..., gi] += torch.einsum("cno,eno->nce", B1 * M[gi], B1)
+                continue
             if M is not None:
                 B2 = B[:, :, 0].square()
                 for gi in range(G):
@@ -673,9 +695,16 @@ def _fast_moments(
                 J = B[:, s : s + step].transpose(-1, -2) @ A[s : s + step]  # (k, n_s, d_G, d_A)
                 if t.V is not None and proj is not None:
                     proj[:, s : s + step] += J.reshape(k, J.shape[1], -1) @ t.V.reshape(r, -1).t()
+                if full:
+                    Jf = J.reshape(k, J.shape[1], -1)
+                    for gi in range(G):
+                        var[s : s + step, ..., gi] += torch.einsum("cnp,enp->nce", Jf * inv[gi], Jf)
+                    continue
                 v = J.square_().reshape(k * J.shape[1], -1) @ inv.t()
                 var[s : s + step, c0 : c0 + k] += v.reshape(k, -1, G).transpose(0, 1)
-        if proj is not None and lowrank_w is not None:
+        if proj is not None and lowrank_w is not None and full:
+            var -= torch.einsum("cnk,enk,gk->nceg", proj, proj, lowrank_w)
+        elif proj is not None and lowrank_w is not None:
             var[:, c0 : c0 + k] -= torch.einsum("cnk,gk->ncg", proj.square(), lowrank_w)
     return out.detach().to(dtype), var
 
@@ -698,7 +727,8 @@ def _exact_damping(fisher: FisherLike) -> FisherLike:
 class _Posterior:
     """The predictive moments of one call for the candidates ``deltas``: the capture
     path for the layers :func:`_fast_terms` covers, ``vmap`` Jacobians for the rest
-    (their sum is exact: the posterior is block diagonal between the two groups)."""
+    (their sum is exact: the posterior is block diagonal between the two groups);
+    ``full``: the output covariances instead of the variances."""
 
     def __init__(
         self,
@@ -711,8 +741,10 @@ class _Posterior:
         output_fn: OutputFn | None,
         chunk_size: int | None,
         engine: str,
+        full: bool = False,
     ):
         self.model, self.fisher, self.chosen, self.n = model, _exact_damping(fisher), chosen, n
+        self.full = full
         self.deltas = torch.tensor(deltas, dtype=torch.float64)
         self.lik, self.chunk_size, self.engine = lik, chunk_size, engine
         self.output_fn = output_fn or default_output_fn
@@ -758,21 +790,21 @@ class _Posterior:
         self.rest = {k: p for k, p in self.chosen.items() if k not in set(covered)}
         if self.rest:
             self.inv = _inverse_precisions(self.fisher, self.rest, self.n, self.deltas,
-                                           self.dtype, self.device)  # fmt: skip
+                                           self.dtype, self.device, self.full)  # fmt: skip
         logger.info(
             "fisher_uncertainty: capture path for %d parameter tensors, vmap for %d",
             len(covered), len(self.rest),
         )  # fmt: skip
 
     def moments(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean (N, D), var (N, D, G))`` of one parsed batch."""
+        """``(mean (N, D), var (N, D, G))`` of one parsed batch (``full``: ``(N, D, D, G)``)."""
         if self.terms is None:
             self._setup(b)
         assert self.terms is not None  # set by _setup
         if not self.terms:
             assert self.inv is not None  # every chosen parameter is in rest
             return _moments(self.model, b, self.rest, self.inv, self.output_fn,
-                            self.chunk_size, self.dtype)  # fmt: skip
+                            self.chunk_size, self.dtype, self.full)  # fmt: skip
         width = sum(t.inv.shape[0] * t.inv.shape[1] + t.inv.shape[2] for t in self.terms)
         width += sum(t.V.shape[0] * t.V.shape[1] for t in self.terms if t.V is not None)
         chunk = self.chunk_size or max(1, CHUNK_FLOATS // max(width, 1))
@@ -780,12 +812,12 @@ class _Posterior:
         for start in range(0, b.size, chunk):
             sub = b.select(start, min(start + chunk, b.size))
             mean, var = _fast_moments(self.model, sub, self.terms, self.output_fn, self.work,
-                                      self.lowrank_w)  # fmt: skip
+                                      self.lowrank_w, self.full)  # fmt: skip
             mean, var = mean.to(self.dtype), var.to(self.dtype)
             if self.rest:
                 assert self.inv is not None  # set with rest
                 _, var_rest = _moments(self.model, sub, self.rest, self.inv, self.output_fn,
-                                       self.chunk_size, self.dtype)  # fmt: skip
+                                       self.chunk_size, self.dtype, self.full)  # fmt: skip
                 var = var + var_rest
             means.append(mean)
             variances.append(var)
@@ -804,14 +836,29 @@ def _entropy_bernoulli(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.clamp_min(1e-30).log() + q * q.clamp_min(1e-30).log()).sum(-1)
 
 
+def _sqrt_psd(cov: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root ``U diag(√max(λ, 0)) Uᵀ`` of each ``(D, D)`` covariance
+    (unique, so the draws do not depend on the eigenvectors' signs)."""
+    lam, U = torch.linalg.eigh(0.5 * (cov + cov.mT))
+    root: torch.Tensor = (U * lam.clamp_min(0).sqrt().unsqueeze(-2)) @ U.mT
+    return root
+
+
+def _full_cov(lik: Likelihood, link: str) -> bool:
+    """Whether the predictive needs the full ``D x D`` logit covariance (softmax MC draws)."""
+    return lik.name == "categorical" and link == "mc"
+
+
 def _predict(
     lik: Likelihood,
     link: str,
     mean: torch.Tensor,
     var: torch.Tensor,
     eps: torch.Tensor | None,
+    cov: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Probabilities, entropy and epistemic score from ``mean`` and ``var`` (both ``(N, D)``)."""
+    """Probabilities, entropy and epistemic score from ``mean`` and ``var`` (both ``(N, D)``);
+    categorical MC draws use the logit covariance ``cov`` ``(N, D, D)``."""
     if lik.name == "gaussian":
         pred_var = var + lik.sigma**2  # type: ignore[attr-defined]  # only the gaussian has sigma
         entropy = 0.5 * torch.log(2 * math.pi * math.e * pred_var).sum(-1)
@@ -834,7 +881,11 @@ def _predict(
             epistemic_kind="total_variance",
         )
     assert eps is not None  # drawn by _mc_noise for link="mc"
-    draws = squash(mean.unsqueeze(0) + var.sqrt().unsqueeze(0) * eps)  # (S, N, D)
+    if cov is not None:  # jointly Gaussian logits: f = μ + Σ^{1/2} ε
+        noise = torch.einsum("nde,sne->snd", _sqrt_psd(cov), eps)
+    else:  # sigmoid draws: each probability depends on its own logit's marginal only
+        noise = var.sqrt().unsqueeze(0) * eps
+    draws = squash(mean.unsqueeze(0) + noise)  # (S, N, D)
     probs = draws.mean(0)
     entropy = ent(probs)
     return dict(
@@ -916,9 +967,12 @@ def fisher_uncertainty(
     * categorical, ``link="probit"``: ``p = softmax(μ / sqrt(1 + π/8 · Var f))`` (per
       class); epistemic score = total logit variance ``Σ_c Var f_c``;
     * bernoulli, ``link="probit"``: ``p = sigmoid(μ / sqrt(1 + π/8 · Var f))``; same score;
-    * ``link="mc"``: ``n_samples`` logit draws from ``N(μ, diag Var f)`` (seeded),
-      ``p`` = mean of their softmaxes (sigmoids); epistemic score = mutual information
-      ``H[E p] - E[H[p]]``;
+    * ``link="mc"``: ``n_samples`` logit draws (seeded), ``p`` = mean of their softmaxes
+      (sigmoids); epistemic score = mutual information ``H[E p] - E[H[p]]``. Categorical:
+      the logits are jointly Gaussian, ``f = μ + Σ^{1/2} ε`` with the full output
+      covariance ``Σ = J (N F + δ I)⁻¹ Jᵀ`` (``D x D``, its symmetric square root, ``ε``
+      standard normal); bernoulli: ``N(μ_c, Var f_c)`` per logit (each probability
+      depends on its own logit only);
     * gaussian (regression, known ``σ``): predictive ``N(μ, Var f + σ²)`` in closed
       form (``link`` is not used); epistemic score = ``Σ_d Var f_d``.
 
@@ -987,15 +1041,19 @@ def fisher_uncertainty(
     )
     check_choice("engine", engine, ENGINES)
     device = model_device(model)
-    post = _Posterior(model, fisher, chosen, n, [delta], lik, output_fn, chunk_size, engine)
+    full = _full_cov(lik, link)
+    post = _Posterior(model, fisher, chosen, n, [delta], lik, output_fn, chunk_size, engine,
+                      full)  # fmt: skip
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     parts: list[dict[str, Any]] = []
     for one in [batch] if is_single_batch(batch) else iterate_batches(batch):
         b = parse_batch(one).to(device)
         mean, var = post.moments(b)
-        var = var[..., 0]
-        pred = _predict(lik, link, mean, var, _mc_noise(lik, link, n_samples, mean, gen, device))
-        parts.append(dict(mean=mean, logit_variance=var, **pred))
+        cov = var[..., 0] if full else None
+        var = cov.diagonal(dim1=1, dim2=2) if cov is not None else var[..., 0]
+        eps = _mc_noise(lik, link, n_samples, mean, gen, device)
+        pred = _predict(lik, link, mean, var, eps, cov)
+        parts.append(dict(mean=mean, logit_variance=var, logit_covariance=cov, **pred))
     if not parts:
         raise ValueError(
             "batch yielded no batches: pass a batch of inputs or a non-empty DataLoader."
@@ -1194,7 +1252,8 @@ def optimize_prior_precision(
             "or use method='marglik'."
         )
     device = model_device(model)
-    post = _Posterior(model, fisher, chosen, n, cand, lik, output_fn, chunk_size, engine)
+    full = _full_cov(lik, link)
+    post = _Posterior(model, fisher, chosen, n, cand, lik, output_fn, chunk_size, engine, full)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     totals = torch.zeros(len(cand), dtype=torch.float64)
     count = 0
@@ -1209,7 +1268,11 @@ def optimize_prior_precision(
         target = lik.prepare_target(mean, b.target)
         eps = _mc_noise(lik, link, n_samples, mean, gen, device)
         for g in range(len(cand)):
-            pred = _predict(lik, link, mean, var[..., g], eps)
+            if full:
+                cov = var[..., g]
+                pred = _predict(lik, link, mean, cov.diagonal(dim1=1, dim2=2), eps, cov)
+            else:
+                pred = _predict(lik, link, mean, var[..., g], eps)
             totals[g] += float(_nll(lik, pred, mean, target).sum())
         count += b.size
     if count == 0:
@@ -1310,9 +1373,15 @@ def _solve_rows(
 
 
 def _curvature_reducer(
-    curvature: Curvature, names: list[str], n: int, deltas: list[float], dtype: torch.dtype
+    curvature: Curvature,
+    names: list[str],
+    n: int,
+    deltas: list[float],
+    dtype: torch.dtype,
+    full: bool = False,
 ) -> Reducer:
-    """``(jac, size, D) -> (size·D, G)`` with ``J_c (N F + δ_g I)⁻¹ J_cᵀ`` per row and δ."""
+    """``(jac, size, D) -> (size·D, G)`` with ``J_c (N F + δ_g I)⁻¹ J_cᵀ`` per row and δ;
+    ``full``: ``(size, D, D, G)`` with ``J_c (N F + δ_g I)⁻¹ J_eᵀ`` for every pair."""
     covered = curvature.names()
     diag = curvature.diagonal()
 
@@ -1328,13 +1397,20 @@ def _curvature_reducer(
         cols = []
         for delta in deltas:
             sol = _solve_rows(curvature, rows, float(delta) / n)
+            if full:
+                cov = cast(torch.Tensor, sum(
+                    rows[k].reshape(size, d, -1) @ sol[k].to(dtype).reshape(size, d, -1).mT
+                    for k in names
+                ))  # fmt: skip
+                cols.append(cov / n)
+                continue
             # names is never empty, so the sum is a tensor (sum starts at the int 0)
             var = cast(
                 torch.Tensor,
                 sum((rows[k] * sol[k].to(dtype)).reshape(size * d, -1).sum(1) for k in names),
             )
             cols.append(var / n)
-        return torch.stack(cols, 1)
+        return torch.stack(cols, -1)
 
     return reduce
 

@@ -83,11 +83,15 @@ class Dense:
         self.J = output_jacobian(model, x, self.names).double()
 
     def variance(self, delta, names=None):
+        return self.covariance(delta, names).diagonal(dim1=1, dim2=2)
+
+    def covariance(self, delta, names=None):
+        """``(N, D, D)``: ``J_S [(N F + δ I)⁻¹]_{SS} J_Sᵀ``."""
         idx = torch.cat([self.index[k] for k in (names or self.names)])
         eye = torch.eye(self.F.shape[0], dtype=torch.float64)
         cov = torch.linalg.inv(self.n * self.F + delta * eye)[idx][:, idx]
         J = self.J[..., idx]
-        return torch.einsum("ndp,pq,ndq->nd", J, cov, J)
+        return torch.einsum("ndp,pq,neq->nde", J, cov, J)
 
 
 def _reference(model, x, curv, delta, names=None):
@@ -121,6 +125,62 @@ def test_capture_path_matches_the_dense_posterior(name, kind):
             r.probs, torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * want), -1),
             rtol=1e-9, atol=1e-13,
         )
+
+
+def _mc_reference(mean, cov, n_samples, seed):
+    """Softmax MC predictive with draws ``μ + Σ^{1/2} ε`` (eigendecomposition square root)."""
+    lam, U = torch.linalg.eigh(cov)
+    root = U @ torch.diag_embed(lam.clamp_min(0).sqrt()) @ U.transpose(-1, -2)
+    eps = torch.randn((n_samples, *mean.shape), generator=torch.Generator().manual_seed(seed),
+                      dtype=mean.dtype)
+    return torch.softmax(mean + torch.einsum("nde,sne->snd", root, eps), -1).mean(0)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "seq"])
+@pytest.mark.parametrize("kind", ["diag", "kfac", "lowrank"])
+def test_mc_link_draws_from_the_full_dense_output_covariance(name, kind):
+    """``link="mc"``: the ``D x D`` logit covariance of every engine (capture path with one
+    or several positions, the vmap path for the LayerNorm model) equals the dense
+    ``J (N F + δ I)⁻¹ Jᵀ``, and the draws are ``μ + Σ^{1/2} ε``."""
+    model, x, y = _case(name, seed=2)
+    curv = _curvature(model, x, y, kind)
+    xt = x[:5] - 0.2
+    dense = Dense(model, xt, curv)
+    mean = model(xt).detach()
+    subsets = [("all", None)] if kind == "lowrank" else [("all", None),
+                                                         ("last_layer", _last(model))]
+    for engine in ("auto", "vmap"):
+        for subset, names in subsets:
+            r = natgrad.fisher_uncertainty(model, xt, curv, prior_precision=0.4, subset=subset,
+                                           link="mc", n_samples=30, engine=engine,
+                                           generator=torch.Generator().manual_seed(5))
+            want = dense.covariance(0.4, names)
+            if subset == "all":  # (a diagonal last layer alone leaves the logits independent)
+                off = want - torch.diag_embed(want.diagonal(dim1=1, dim2=2))
+                assert off.abs().max() > 1e-3
+            torch.testing.assert_close(r.logit_covariance, want, rtol=1e-8, atol=1e-12)
+            torch.testing.assert_close(r.logit_variance, want.diagonal(dim1=1, dim2=2),
+                                       rtol=1e-8, atol=1e-12)
+            torch.testing.assert_close(r.probs, _mc_reference(mean, want, 30, 5), rtol=1e-7,
+                                       atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac"])
+def test_grid_with_the_mc_link_matches_the_dense_nll(kind):
+    """``optimize_prior_precision(link="mc")`` scores every candidate with the full-covariance
+    draws (the same ``ε`` for every candidate)."""
+    model, x, y = _case("cnn", seed=1)
+    curv = _curvature(model, x, y, kind)
+    xv, yv = x[:6] * 1.5, y[:6]
+    grid = [0.05, 0.5, 5.0]
+    r = natgrad.optimize_prior_precision(model, curv, (xv, yv), grid=grid, link="mc",
+                                         n_samples=40, generator=torch.Generator().manual_seed(2))
+    mean = model(xv).detach()
+    dense = Dense(model, xv, curv)
+    for g, score in zip(grid, r.scores, strict=True):
+        p = _mc_reference(mean, dense.covariance(g), 40, 2)
+        nll = -p.gather(1, yv.view(-1, 1)).log().mean()
+        assert score == pytest.approx(float(nll), rel=1e-8)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "seq"])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 import natgrad
@@ -65,14 +67,20 @@ def test_predictive_variance_matches_the_dense_posterior():
     torch.testing.assert_close(
         r.probs, torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * want), -1), rtol=1e-9, atol=1e-12
     )
-    # MC link: the same draws as a dense reimplementation with the same generator
+    # MC link: the same draws as a dense reimplementation with the same generator; the
+    # logits are jointly Gaussian with the full covariance J Σ Jᵀ (principal square root)
     r_mc = natgrad.fisher_uncertainty(
         model, x, curv, prior_precision=delta, link="mc", n_samples=50,
         generator=torch.Generator().manual_seed(3),
     )
+    full = torch.einsum("ndp,pq,neq->nde", j, cov, j)
+    torch.testing.assert_close(r_mc.logit_covariance, full, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(r_mc.logit_variance, want, rtol=1e-9, atol=1e-12)
+    root = torch.stack([torch.from_numpy(np.real(scipy.linalg.sqrtm(c.numpy()))) for c in full])
     eps = torch.randn((50, 5, 3), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    probs = torch.softmax(mean + want.sqrt() * eps, -1).mean(0)
-    torch.testing.assert_close(r_mc.probs, probs, rtol=1e-9, atol=1e-12)
+    probs = torch.softmax(mean + torch.einsum("nde,sne->snd", root, eps), -1).mean(0)
+    torch.testing.assert_close(r_mc.probs, probs, rtol=1e-7, atol=1e-9)
+    assert r.logit_covariance is None  # probit needs the variances only
 
 
 def test_last_layer_of_a_block_diagonal_curvature():
