@@ -155,6 +155,9 @@ def inverse_cdf_draws(logits: torch.Tensor, k: int, generator: torch.Generator) 
 
     Returns:
         ``(R, k)`` int64 class indices on the logits' device.
+
+    Raises:
+        ValueError: a row of logits holds NaN or Inf.
     """
     rows, c = logits.shape
     u = torch.rand(
@@ -167,6 +170,11 @@ def inverse_cdf_draws(logits: torch.Tensor, k: int, generator: torch.Generator) 
         q = (f - f.amax(-1, keepdim=True)).exp_()
         cdf = torch.cumsum(q, -1, dtype=torch.float64)
         total = cdf[:, -1:].contiguous()
+        if not bool(torch.isfinite(total).all()):
+            raise ValueError(
+                "Cannot draw labels from non-finite logits (NaN or Inf): check the inputs "
+                "and whether training diverged."
+            )
         idx = torch.searchsorted(cdf, u[s : s + step] * total, right=True)
         # u * total can round up to total (probability ~2⁻⁵³): take the last class of
         # positive mass then, the first whose cumulative sum reaches the total.

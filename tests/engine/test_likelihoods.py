@@ -161,3 +161,13 @@ def test_token_categorical_mc_draws_and_output_grads():
     safe = tgt.clamp(min=0)
     dense = (out.softmax(-1) - F.one_hot(safe, 6).float()) * (tgt != -100).unsqueeze(-1)
     assert torch.equal(g, dense)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_inverse_cdf_draws_refuse_non_finite_logits(bad):
+    from natgrad.engine.likelihoods import inverse_cdf_draws
+
+    logits = torch.zeros(3, 4)
+    logits[1, 2] = bad
+    with pytest.raises(ValueError, match="non-finite logits"):
+        inverse_cdf_draws(logits, 1, torch.Generator().manual_seed(0))
