@@ -4,7 +4,9 @@ For a layer ``z = W a + c`` (Linear; Conv and Embedding likewise), the per-sampl
 gradient of ``l_n`` is ``∂l_n/∂W = Σ_t b_nt a_ntᵀ`` with ``a_nt`` the layer input and
 ``b_nt = ∂l_n/∂z_nt`` the output gradient at position ``t``. One forward pass records
 ``a`` and every layer output ``z``; one backward pass with respect to the outputs gives
-every ``b`` at once (no weight gradients are formed).
+every ``b`` (no weight gradients are formed). With one label column, each layer's ``b``
+is used by a hook as soon as the backward pass forms it, and freed with the layer's
+``a``, so that the peak memory is that of the forward pass (see :func:`_stream_column`).
 Then, for each label column ``u_j`` of the label source with weight ``w_j``,
 
 * non-sequence inputs ``(N, D)``: ``Σ_n Σ_j w_j (b_nj a_nᵀ)² = (Σ_j w_j b_j²)ᵀ (a²)``,
@@ -52,6 +54,7 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch
@@ -508,6 +511,81 @@ def _capture_forward(
     )
 
 
+def _stream_column(
+    out: torch.Tensor,
+    es: list[torch.Tensor],
+    index: list[tuple[Any, Any]],
+    u: torch.Tensor,
+    split: FastSplit,
+    store: dict[Any, Any],
+    dense: dict[nn.Module, torch.Tensor],
+    module_step: Any,
+    free_step: Any,
+) -> None:
+    """Pull one label column ``u`` back from ``out`` and use each layer's output gradient
+    as soon as the backward pass has formed it: a hook on each captured tensor of ``es``
+    (keys ``index``) runs ``module_step`` on a module once all its gradients are in (and
+    ``free_step`` on a free parameter), then drops them and the module's captured input.
+
+    The backward pass runs to the gradient edges of ``es``
+    (``torch.autograd.graph.get_gradient_edge``), not to the tensors: nothing holds the
+    layer outputs (``es`` is emptied and their entries in ``store`` set to None) or
+    their gradients, so the graph's saved tensors are freed as in a plain backward, and
+    only the gradients of layers still waiting for a part (attention's other
+    projection, a tied weight's other module) are held, not every layer's at once.
+    """
+    grads: dict[tuple[Any, Any], torch.Tensor | None] = {}
+    need: dict[nn.Module, set[tuple[Any, Any]]] = {}
+    for m in split.fast:
+        keys = {(split.shared[m], None)} if m in split.shared else {(m, p) for p in store[m]}
+        need[m] = keys
+    waiting: dict[tuple[Any, Any], list[nn.Module]] = {}
+    for m, keys in need.items():
+        for key in keys:
+            waiting.setdefault(key, []).append(m)
+    free_keys = {(k, None) for k in split.free}
+    left = set(split.fast)
+
+    def step(m: nn.Module) -> None:
+        module_step(m, grads)
+        left.discard(m)
+        for key in need[m]:
+            if all(o not in left for o in waiting[key]) and key not in free_keys:
+                grads.pop(key, None)
+        if m not in dense:  # a 2-D Linear reads its input again at the end
+            store.pop(m, None)
+
+    def on_grad(key: tuple[Any, Any]) -> Any:
+        def hook(g: torch.Tensor) -> None:
+            grads[key] = g.unsqueeze(0)
+            if key in free_keys:
+                free_step(key[0], grads.pop(key))
+            for m in waiting.get(key, []):
+                if m in left and all(k in grads for k in need[m]):
+                    step(m)
+
+        return hook
+
+    handles = [
+        e.register_hook(on_grad(key))  # type: ignore[no-untyped-call]  # torch: unannotated
+        for key, e in zip(index, es, strict=True)
+    ]
+    edges = [get_gradient_edge(e) for e in es]
+    es.clear()
+    for k, part in index:  # drop the references to the layer outputs
+        if part is None:
+            store[k] = (*store[k][:2], None)
+        else:
+            store[k][part] = (*store[k][part][:2], None)
+    try:
+        torch.autograd.backward(out, u.to(out.dtype), inputs=edges)
+    finally:
+        for h in handles:
+            h.remove()
+    for m in list(left):  # gradients that never came are None
+        step(m)
+
+
 def fast_batch_sums(
     plan: Plan,
     split: FastSplit,
@@ -553,69 +631,85 @@ def fast_batch_sums(
     dense: dict[nn.Module, torch.Tensor] = {}  # 2-D Linear inputs: Σ_j w_j b_j², (N, O)
     cols = [c[j] for c in plan.columns(out.detach(), target, draws) for j in range(len(c))]
     w = plan.weight
-    # Columns are pulled back one at a time (a vmapped is_grads_batched backward is no
-    # faster on CPU and lacks batching rules for attention kernels), then their output
-    # gradients are stacked in groups of about _GROUP_FLOATS floats for the products.
-    group = max(1, _GROUP_FLOATS // max(sum(e.numel() for e in es), 1))
-    for g0 in range(0, len(cols), group):
-        per = [
-            torch.autograd.grad(
-                out, es, u.to(out.dtype), retain_graph=g0 + i < len(cols) - 1, allow_unused=True
-            )
-            for i, u in enumerate(cols[g0 : g0 + group])
-        ]
-        grads = {
-            key: None if per[0][i] is None else _stack([p[i] for p in per])
-            for i, key in enumerate(index)
-        }
-        del per
-        tied: dict[str, list[tuple[nn.Module, torch.Tensor, torch.Tensor]]] = {}
-        for m, slots in split.fast.items():
-            parts = store[m]
-            if m in split.shared:  # as if the module had run on every sample
-                chain, d_shape, _ = store[split.shared[m]]
-                B = grads[(split.shared[m], None)]
-                if B is None:
-                    continue
-                a = parts["main"][0]
-                parts = {"main": (a.expand(B.shape[1], *a.shape[1:]), None, None)}
-                Bs: dict[str, Any] = {
-                    "main": layers.shared_output_grads(chain, outputs[m], d_shape, B)
-                }
-            else:
-                Bs = {part: grads[(m, part)] for part in parts}
-            if all(B is None for B in Bs.values()):
-                continue
-            for s in slots:
-                if s.name in split.tied:
-                    tied.setdefault(s.name, []).append((m, parts["main"][0], Bs["main"]))
-            slots = [s for s in slots if s.name not in split.tied]
-            if not slots:
-                continue
-            if isinstance(m, nn.Embedding) and slots[0].mask is None:  # rows in the batch only
-                rows, vals = layers.embedding_rows(m, parts["main"][0], Bs["main"], w)
-                acc[slots[0].name].index_add_(0, rows, vals.to(acc[slots[0].name].dtype))
-                continue
-            if _direct(m, parts, slots, acc):  # Linear / Conv1D on sequences
-                got = {s.role: acc[s.name] for s in slots}
-                layers.linear_into(
-                    got.get("weight"), got.get("bias"), parts["main"][0], Bs["main"], w,
-                    transposed=layers.is_conv1d(m),
-                )  # fmt: skip
-                continue
-            if "main" in parts and _dense(m, parts["main"][0]):
-                B = layers.work(Bs["main"])
-                b2 = w * (B * B).sum(0)
-                dense[m] = dense[m] + b2 if m in dense else b2
-                continue
-            _add_squares(acc, m, slots, _module_squares(m, parts, Bs, w))
+    Key = tuple[Any, Any]
+    tied: dict[str, list[tuple[nn.Module, torch.Tensor, torch.Tensor]]] = {}
+
+    def module_step(m: nn.Module, grads: dict[Key, torch.Tensor | None]) -> None:
+        """Add module ``m``'s squares (its tied parameters' uses go to ``tied``)."""
+        slots = split.fast[m]
+        parts = store[m]
+        if m in split.shared:  # as if the module had run on every sample
+            chain, d_shape, _ = store[split.shared[m]]
+            B = grads.get((split.shared[m], None))
+            if B is None:
+                return
+            a = parts["main"][0]
+            parts = {"main": (a.expand(B.shape[1], *a.shape[1:]), None, None)}
+            Bs: dict[str, Any] = {"main": layers.shared_output_grads(chain, outputs[m], d_shape, B)}
+        else:
+            Bs = {part: grads.get((m, part)) for part in parts}
+        if all(B is None for B in Bs.values()):
+            return
+        for s in slots:
+            if s.name in split.tied:
+                tied.setdefault(s.name, []).append((m, parts["main"][0], Bs["main"]))
+        slots = [s for s in slots if s.name not in split.tied]
+        if not slots:
+            return
+        if isinstance(m, nn.Embedding) and slots[0].mask is None:  # rows in the batch only
+            rows, vals = layers.embedding_rows(m, parts["main"][0], Bs["main"], w)
+            acc[slots[0].name].index_add_(0, rows, vals.to(acc[slots[0].name].dtype))
+            return
+        if _direct(m, parts, slots, acc):  # Linear / Conv1D on sequences
+            got = {s.role: acc[s.name] for s in slots}
+            layers.linear_into(
+                got.get("weight"), got.get("bias"), parts["main"][0], Bs["main"], w,
+                transposed=layers.is_conv1d(m),
+            )  # fmt: skip
+            return
+        if "main" in parts and _dense(m, parts["main"][0]):
+            B = layers.work(Bs["main"])
+            b2 = w * (B * B).sum(0)
+            dense[m] = dense[m] + b2 if m in dense else b2
+            return
+        _add_squares(acc, m, slots, _module_squares(m, parts, Bs, w))
+
+    def free_step(k: str, Bk: torch.Tensor | None) -> None:
+        if Bk is not None:
+            chain, d_shape, _ = store[k]
+            acc[k] += layers.free(chain, plan.params[k], d_shape, Bk, w).to(acc[k].dtype)
+
+    if len(cols) == 1:
+        _stream_column(out, es, index, cols[0], split, store, dense, module_step, free_step)
         for k, uses in tied.items():
             _tied_squares(acc[k], plan.params[k], uses, w)
-        for k in split.free:
-            Bk = grads[(k, None)]
-            if Bk is not None:
-                chain, d_shape, _ = store[k]
-                acc[k] += layers.free(chain, plan.params[k], d_shape, Bk, w).to(acc[k].dtype)
+        tied.clear()
+    else:
+        # Columns are pulled back one at a time (a vmapped is_grads_batched backward is
+        # no faster on CPU and lacks batching rules for attention kernels), then their
+        # output gradients are stacked in groups of about _GROUP_FLOATS floats for the
+        # products.
+        group = max(1, _GROUP_FLOATS // max(sum(e.numel() for e in es), 1))
+        for g0 in range(0, len(cols), group):
+            per = [
+                torch.autograd.grad(
+                    out, es, u.to(out.dtype), retain_graph=g0 + i < len(cols) - 1,
+                    allow_unused=True,
+                )  # fmt: skip
+                for i, u in enumerate(cols[g0 : g0 + group])
+            ]
+            grads: dict[Key, torch.Tensor | None] = {
+                key: None if per[0][i] is None else _stack([p[i] for p in per])
+                for i, key in enumerate(index)
+            }
+            del per
+            for m in split.fast:
+                module_step(m, grads)
+            for k, uses in tied.items():
+                _tied_squares(acc[k], plan.params[k], uses, w)
+            tied.clear()
+            for k in split.free:
+                free_step(k, grads[(k, None)])
     for m, b2 in dense.items():
         a = layers.work(store[m]["main"][0])
         wsq = (a * a).t() @ b2 if layers.is_conv1d(m) else b2.t() @ (a * a)

@@ -160,7 +160,16 @@ def _short(items: list[str], limit: int = 8) -> str:
 
 
 def check_finite(name: str, tensor: torch.Tensor, hint: str = "") -> None:
-    """Raise FloatingPointError if ``tensor`` holds NaN or Inf."""
+    """Raise FloatingPointError if ``tensor`` holds NaN or Inf.
+
+    A finite sum means finite entries (NaN and Inf propagate through it); the
+    elementwise test runs only when the sum is not finite (it may have overflowed),
+    so a large finite tensor costs one reduction.
+    """
+    if (tensor.is_floating_point() or tensor.is_complex()) and bool(
+        torch.isfinite(tensor.sum())
+    ):
+        return
     if not torch.isfinite(tensor).all():
         raise FloatingPointError(
             f"Non-finite values (NaN or Inf) in {name}."

@@ -451,3 +451,49 @@ def test_layer_output_modified_in_place():
     assert set(split_of(model, (x, y)).fast_names) == {n for n, _ in model.named_parameters()}
     ref = fisher_from_grads(loop_grads(model, ce_sum, x, y))
     assert_close_dict(dict(estimate_fisher(model, (x, y), engine="fast")), ref, atol=1e-12)
+
+
+class _Probe(torch.autograd.Function):
+    """Identity whose backward (the first node the backward pass runs) calls ``check``."""
+
+    @staticmethod
+    def forward(ctx, x, check):
+        ctx.check = check
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.check()
+        return g, None
+
+
+@pytest.mark.parametrize("labels", ["empirical", "mc"])
+def test_one_column_backward_holds_no_layer_output(labels):
+    """With one label column, the capture path keeps no reference to the layer outputs
+    through the backward pass (it runs to their gradient edges): a Linear output that
+    only Tanh reads (Tanh saves its result, not its input) is already freed when the
+    backward starts. The Fisher still equals the brute-force one (empirical labels)."""
+    import weakref
+
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(5, 7), nn.Linear(7, 3)
+    refs: list[weakref.ref] = []
+    lin1.register_forward_hook(lambda m, i, o: refs.append(weakref.ref(o)))
+    alive: list[bool] = []
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin1, self.lin2 = lin1, lin2
+
+        def forward(self, x):
+            out = self.lin2(torch.tanh(self.lin1(x)))
+            return _Probe.apply(out, lambda: alive.append(refs[-1]() is not None))
+
+    model = Net()
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    got = estimate_fisher(model, (x, y), labels=labels, engine="fast")
+    assert alive and not alive[-1], "a layer output was held through the backward pass"
+    if labels == "empirical":
+        ref = fisher_from_grads(loop_grads(model, ce_sum, x, y))
+        assert_close_dict(got, ref, rtol=1e-4, atol=1e-6)

@@ -75,3 +75,99 @@ def test_custom_likelihood(mlp_case):
     lik = CustomLikelihood(lambda f, t: (torch.abs(f - t) ** 3).flatten(1).sum(1), name="cubic")
     ref = loop_grads(model, lambda o, t: (torch.abs(o - t) ** 3).sum(), x, y)
     assert_close_dict(per_sample_grads(model, (x, y), lik), ref)
+
+
+# -- the inverse-CDF sampler of token_categorical's mc labels -------------------------------
+
+# 0.999 quantile of the chi-square distribution with 5 degrees of freedom.
+_CHI2_5_999 = 20.515
+
+
+def _chi_square(draws, probs):
+    counts = torch.bincount(draws.flatten(), minlength=len(probs)).double()
+    expected = probs * draws.numel()
+    kept = expected > 0
+    assert counts[~kept].sum() == 0, "a class of zero probability was drawn"
+    return float(((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum())
+
+
+def test_inverse_cdf_draws_follow_the_softmax():
+    """Chi-square goodness of fit on 7 classes (one of probability 0 in float32), 60 000
+    draws from a fixed generator, several rows per block of the cumulative sums."""
+    from natgrad.engine import likelihoods
+    from natgrad.engine.likelihoods import inverse_cdf_draws
+
+    logits = torch.tensor([0.3, -1.2, 2.0, 0.0, -200.0, 1.1, -0.4])
+    probs = logits.double().softmax(-1)
+    probs[4] = 0.0  # exp(-200) underflows in float32: never drawn
+    probs /= probs.sum()
+    rows = logits.expand(300, 7)
+    old = likelihoods._CDF_FLOATS
+    likelihoods._CDF_FLOATS = 7 * 16  # 16 rows per block: blocks and their seams are tested
+    try:
+        draws = inverse_cdf_draws(rows, 200, torch.Generator().manual_seed(0))
+    finally:
+        likelihoods._CDF_FLOATS = old
+    assert draws.shape == (300, 200) and draws.dtype == torch.long
+    assert _chi_square(draws, probs) < _CHI2_5_999
+    # The test has power: the same draws against slightly different probabilities fail it.
+    wrong = probs.clone()
+    wrong[0], wrong[3] = probs[0] + 0.01, probs[3] - 0.01
+    assert _chi_square(draws, wrong) > 5 * _CHI2_5_999
+    # Per-row distributions differ: each row keeps its own.
+    two = torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
+    d2 = inverse_cdf_draws(two, 20000, torch.Generator().manual_seed(1))
+    p0, p1 = two.double().softmax(-1)
+    assert _chi_square(d2[0], p0) < 13.82 and _chi_square(d2[1], p1) < 13.82  # 2 dof, 0.999
+
+
+def test_inverse_cdf_draws_are_seeded_and_match_a_float64_inversion():
+    """Reproducible for a seeded generator, and the class whose cumulative float64
+    probability first exceeds the generator's uniforms (the same uniforms, drawn
+    ``(R, k)`` in float64)."""
+    from natgrad.engine.likelihoods import inverse_cdf_draws
+
+    torch.manual_seed(0)
+    logits = torch.randn(9, 11, dtype=torch.float64) * 3
+    a = inverse_cdf_draws(logits, 4, torch.Generator().manual_seed(7))
+    b = inverse_cdf_draws(logits, 4, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    u = torch.rand(9, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    cdf = logits.softmax(-1).cumsum(-1)
+    ref = torch.tensor([[int((cdf[r] > u[r, j]).nonzero()[0, 0]) for j in range(4)] for r in range(9)])
+    assert torch.equal(a, ref)
+
+
+def test_token_categorical_mc_draws_and_output_grads():
+    """``sample`` draws every token by the inverse-CDF sampler (row-major over (N, T)),
+    keeps ignore_index, and pads the shifted position; ``output_grad`` is softmax minus
+    the one-hot label, zero at ignored tokens (the dense one-hot formula)."""
+    from natgrad import TokenCategorical
+    from natgrad.engine.likelihoods import inverse_cdf_draws
+
+    torch.manual_seed(3)
+    out = torch.randn(2, 5, 6)
+    tgt = torch.randint(0, 6, (2, 5))
+    tgt[1, 2] = -100
+    lik = TokenCategorical()
+    draws = lik.sample(out, torch.Generator().manual_seed(4), 3, tgt)
+    ref = inverse_cdf_draws(out.reshape(10, 6), 3, torch.Generator().manual_seed(4))
+    ref = ref.t().reshape(3, 2, 5)
+    ref[:, 1, 2] = -100
+    assert torch.equal(draws, ref)
+    shifted = TokenCategorical(shift=True).sample(out, torch.Generator().manual_seed(4), 3, tgt)
+    assert shifted.shape == (3, 2, 5) and bool((shifted[:, :, 0] == -100).all())
+    g = lik.output_grad(out, tgt)
+    safe = tgt.clamp(min=0)
+    dense = (out.softmax(-1) - F.one_hot(safe, 6).float()) * (tgt != -100).unsqueeze(-1)
+    assert torch.equal(g, dense)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_inverse_cdf_draws_refuse_non_finite_logits(bad):
+    from natgrad.engine.likelihoods import inverse_cdf_draws
+
+    logits = torch.zeros(3, 4)
+    logits[1, 2] = bad
+    with pytest.raises(ValueError, match="non-finite logits"):
+        inverse_cdf_draws(logits, 1, torch.Generator().manual_seed(0))
