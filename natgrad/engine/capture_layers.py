@@ -27,13 +27,13 @@ def _grouped_faster(rows: int, positions: int, per: int) -> bool:
     unfolded patches and batched products, for per-sample gradients of ``rows = C/g·k``
     columns, ``per`` entries, and ``positions`` output positions. From a sweep of 12
     layer shapes (Conv1d/2d, 1 to 256 channels, 5 to 1024 positions, CPU time at one
-    thread, torch 2.13): narrow kernels (``rows < 16``) unfold cheaply, except at few
-    positions where the products are too small; wider ones are faster grouped from 128
-    positions, or from 32 positions when the per-sample gradient is small (the products'
-    inner dimension is the number of positions)."""
-    if rows < 16:
-        return positions < 64
-    return positions >= 128 or (positions >= 32 and per <= 16384)
+    thread, torch 2.13) and the design CNN end to end (where the unfolded copies also
+    cost fresh memory): grouped from 128 positions, and below for narrow kernels
+    (``rows < 16``: products too small to batch well); otherwise unfolded at few
+    positions (the products' inner dimension) or large per-sample gradients."""
+    if positions >= 128 or rows < 16:
+        return True
+    return positions >= 32 and per <= 16384
 
 
 work = to_acc  # float64 stays float64; bf16, fp16 and fp32 are computed in float32
