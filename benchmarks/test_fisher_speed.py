@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import pytest
@@ -28,7 +29,7 @@ from benchmarks.workloads import design_workloads, machine_line, write_fragment
 LOAD_AT_START = os.getloadavg()[0]
 
 WORKLOADS = ("mlp", "cnn", "transformer")
-TARGETS = {"mlp": 1.5, "cnn": 1.5, "transformer": 2.0}
+TARGETS = {"mlp": 1.3, "cnn": 1.3, "transformer": 2.0}  # issue 14: MLP, CNN; issue 3: transformer
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -41,24 +42,33 @@ def test_fisher_speed(benchmark, workload, method):
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
 
 
-def time_ratios(workload: str, rounds: int, wall: bool = False) -> dict[str, float | None]:
+def time_ratios(
+    workload: str, rounds: int, wall: bool = False, median: dict[str, float] | None = None
+) -> dict[str, float | None]:
     """Fastest-round time of each method divided by the plain pass's, same run: process
-    CPU time (all threads), or wall-clock time with ``wall=True``."""
+    CPU time (all threads), or wall-clock time with ``wall=True``. ``median``, if given,
+    receives the ratios of the medians of the natgrad empirical and mc rounds (on a
+    loaded machine the steadier figure)."""
     clock = time.perf_counter if wall else time.process_time
     model, batch = design_workloads()[workload]
     runs = {m: make_method(m, model, batch) for m in METHODS}
-    best = {m: float("inf") for m, r in runs.items() if r is not None}
+    times: dict[str, list[float]] = {m: [] for m, r in runs.items() if r is not None}
     for r in runs.values():
         if r is not None:
             r()  # warm-up
     for _ in range(rounds):
-        for m in best:
+        for m in times:
             t0 = clock()
             runs[m]()
-            best[m] = min(best[m], clock() - t0)
+            times[m].append(clock() - t0)
+    best = {m: min(t) for m, t in times.items()}
     out: dict[str, float | None] = {m: None for m in METHODS}
     out.update({m: t / best["plain"] for m, t in best.items()})
     out["plain ms"] = best["plain"] * 1e3
+    if median is not None:
+        plain = statistics.median(times["plain"])
+        for m in ("natgrad empirical", "natgrad mc"):
+            median[m] = statistics.median(times[m]) / plain
     return out
 
 
@@ -66,15 +76,17 @@ def main(quick: bool = False, wall: bool = False) -> str:
     # CPU time is summed over threads, and idle OpenMP workers spin: with one thread it
     # measures the work itself. Wall-clock runs use the DESIGN.md setting of 2 threads.
     torch.set_num_threads(2 if wall else 1)
-    rounds = 3 if quick else 7
+    rounds = 3 if quick else 11
     rows, mem_rows, verdicts = [], [], []
     for w in WORKLOADS:
-        r = time_ratios(w, rounds, wall)
+        med: dict[str, float] = {}
+        r = time_ratios(w, rounds, wall, med)
         worst = max(r[m] for m in ("natgrad empirical", "natgrad mc"))
         gap = worst - TARGETS[w]
         verdicts.append(
-            f"- {w}: empirical/mc {r['natgrad empirical']:.2f}x / {r['natgrad mc']:.2f}x, target "
-            f"<= {TARGETS[w]}x "
+            f"- {w}: empirical/mc {r['natgrad empirical']:.2f}x / {r['natgrad mc']:.2f}x "
+            f"(ratios of the medians: {med['natgrad empirical']:.2f}x / "
+            f"{med['natgrad mc']:.2f}x), target <= {TARGETS[w]}x "
             + ("met" if gap <= 0 else f"missed by {gap:.2f}x")
             + (
                 ""
@@ -99,7 +111,7 @@ def main(quick: bool = False, wall: bool = False) -> str:
     head = "| workload | plain | " + " | ".join(METHODS[1:]) + " |"
     sep = "|" + "---|" * (len(METHODS) + 1)
     text = [
-        "## Diagonal Fisher speed (issue 3): "
+        "## Diagonal Fisher speed (issues 3 and 14): "
         + ("wall-clock, 2 threads" if wall else "CPU time, 1 thread"),
         "",
         machine_line(),

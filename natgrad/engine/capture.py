@@ -48,7 +48,7 @@ from __future__ import annotations
 import itertools
 import logging
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -396,19 +396,16 @@ def _dense(m: nn.Module, a: torch.Tensor) -> bool:
     return (isinstance(m, nn.Linear) or layers.is_conv1d(m)) and a.dim() == 2
 
 
-def _direct(
-    m: nn.Module, parts: dict[str, Any], slots: list[_Slot], acc: dict[str, torch.Tensor]
-) -> bool:
+def _direct(m: nn.Module, parts: dict[str, Any], slots: list[_Slot], acc: _Sums) -> bool:
     """A Linear or HF Conv1D on sequences whose squares can be added to the accumulators
     directly (:func:`natgrad.engine.capture_layers.linear_into`): no pruning mask, and
-    contiguous accumulators of the dtype its products are computed in."""
+    accumulators of the dtype its products are computed in."""
     if not (isinstance(m, nn.Linear) or layers.is_conv1d(m)) or "main" not in parts:
         return False
     a = parts["main"][0]
     dtype = layers.work(a).dtype
     return a.dim() > 2 and all(
-        s.mask is None and acc[s.name].dtype == dtype and acc[s.name].is_contiguous()
-        for s in slots
+        s.mask is None and acc_dtype(acc.params[s.name].dtype) == dtype for s in slots
     )
 
 
@@ -444,17 +441,51 @@ def _tied_squares(
             acc.addcmul_(g, g, value=w)
 
 
+class _Sums(dict[str, torch.Tensor]):
+    """Square sums by parameter name, created on first use: the first contribution to a
+    parameter, a fresh tensor, becomes its sum (no zero-filled accumulator of the
+    parameter's size is written and then added to)."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor]):
+        super().__init__()
+        self.params = params
+
+    def add(self, name: str, v: torch.Tensor) -> None:
+        """``sum[name] += v``. ``v`` (the parameter's size, any shape) must be a tensor
+        that nothing else holds: the first one is kept as the sum and added to later."""
+        p = self.params[name]
+        v = v.reshape(p.shape).to(acc_dtype(p.dtype))
+        cur = self.get(name)
+        if cur is not None:
+            cur += v
+        else:
+            self[name] = v if v.is_contiguous() else v.contiguous()
+
+    def zeros(self, name: str) -> torch.Tensor:
+        """The sum of ``name``, created as zeros if nothing was added yet (for in-place
+        accumulation)."""
+        cur = self.get(name)
+        if cur is None:
+            p = self.params[name]
+            cur = self[name] = torch.zeros(p.shape, dtype=acc_dtype(p.dtype), device=p.device)
+        return cur
+
+    def done(self) -> dict[str, torch.Tensor]:
+        """Every parameter's sum, in the parameters' order (zeros where nothing was added)."""
+        return {k: self.zeros(k) for k in self.params}
+
+
 def _add_squares(
-    acc: dict[str, torch.Tensor], m: nn.Module, slots: list[_Slot], sq: dict[str, torch.Tensor]
+    acc: _Sums, m: nn.Module, slots: list[_Slot], sq: dict[str, torch.Tensor]
 ) -> None:
     for s in slots:
         if s.role in sq:
-            # Layer formulas may return a flattened shape (Conv: (O, C·k)); the mask and
-            # the sum have the parameter's shape.
-            v = sq[s.role].reshape(acc[s.name].shape)
+            v = sq[s.role]
             if s.mask is not None:  # ∂l/∂weight_orig = mask ⊙ ∂l/∂weight
-                v = v * getattr(m, s.mask).to(v.dtype) ** 2
-            acc[s.name] += v.to(acc[s.name].dtype)
+                # Layer formulas may return a flattened shape (Conv: (O, C·k)).
+                mask = getattr(m, s.mask)
+                v = v.reshape(mask.shape) * mask.to(v.dtype) ** 2
+            acc.add(s.name, v)
 
 
 def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
@@ -613,7 +644,7 @@ def fast_batch_sums(
         out = _capture_forward(plan, split, b, store, outputs, taken, perturb=True)
     target = plan.check_target(out, target)
     draws = plan.draw(out, target) if plan.labels == "mc" else None
-    acc = {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in plan.params.items()}
+    acc = _Sums(plan.params)
     adds = [*split.free, *split.shared.values()]
     missing = [k for k in [*split.fast, *adds] if k not in store]
     if missing:
@@ -658,31 +689,30 @@ def fast_batch_sums(
             return
         if isinstance(m, nn.Embedding) and slots[0].mask is None:  # rows in the batch only
             rows, vals = layers.embedding_rows(m, parts["main"][0], Bs["main"], w)
-            acc[slots[0].name].index_add_(0, rows, vals.to(acc[slots[0].name].dtype))
+            sums = acc.zeros(slots[0].name)
+            sums.index_add_(0, rows, vals.to(sums.dtype))
             return
         if _direct(m, parts, slots, acc):  # Linear / Conv1D on sequences
-            got = {s.role: acc[s.name] for s in slots}
+            got = {s.role: acc.zeros(s.name) for s in slots}
             layers.linear_into(
                 got.get("weight"), got.get("bias"), parts["main"][0], Bs["main"], w,
                 transposed=layers.is_conv1d(m),
             )  # fmt: skip
             return
         if "main" in parts and _dense(m, parts["main"][0]):
-            B = layers.work(Bs["main"])
-            b2 = w * (B * B).sum(0)
-            dense[m] = dense[m] + b2 if m in dense else b2
+            dense[m] = layers.square_sum_into(dense.get(m), layers.work(Bs["main"]))
             return
         _add_squares(acc, m, slots, _module_squares(m, parts, Bs, w))
 
     def free_step(k: str, Bk: torch.Tensor | None) -> None:
         if Bk is not None:
             chain, d_shape, _ = store[k]
-            acc[k] += layers.free(chain, plan.params[k], d_shape, Bk, w).to(acc[k].dtype)
+            acc.add(k, layers.free(chain, plan.params[k], d_shape, Bk, w))
 
     if len(cols) == 1:
         _stream_column(out, es, index, cols[0], split, store, dense, module_step, free_step)
         for k, uses in tied.items():
-            _tied_squares(acc[k], plan.params[k], uses, w)
+            _tied_squares(acc.zeros(k), plan.params[k], uses, w)
         tied.clear()
     else:
         # Columns are pulled back one at a time (a vmapped is_grads_batched backward is
@@ -706,13 +736,15 @@ def fast_batch_sums(
             for m in split.fast:
                 module_step(m, grads)
             for k, uses in tied.items():
-                _tied_squares(acc[k], plan.params[k], uses, w)
+                _tied_squares(acc.zeros(k), plan.params[k], uses, w)
             tied.clear()
             for k in split.free:
                 free_step(k, grads[(k, None)])
-    for m, b2 in dense.items():
+    for m, b2 in dense.items():  # b2 = Σ_j b_j², (N, O)
+        if w != 1.0:
+            b2.mul_(w)
         a = layers.work(store[m]["main"][0])
-        wsq = (a * a).t() @ b2 if layers.is_conv1d(m) else b2.t() @ (a * a)
+        wsq = a.square().t() @ b2 if layers.is_conv1d(m) else b2.t() @ a.square()
         slots = [s for s in split.fast[m] if s.name not in split.tied]
         _add_squares(acc, m, slots, {"weight": wsq, "bias": b2.sum(0)})
     store.clear()
@@ -720,8 +752,8 @@ def fast_batch_sums(
     if rest is not None:
         for _, res in rest.run(b, target, draws, "squares", chunk_size):
             for k in rest.params:
-                acc[k] += res[k].sum(0)
-    return b.size, acc
+                acc.add(k, res[k].sum(0))
+    return b.size, acc.done()
 
 
 def square_sums_auto(

@@ -221,8 +221,17 @@ def random_module(model: nn.Module) -> tuple[str, str] | None:
             if module.p > 0:
                 return label, f"{type(module).__name__}, p={module.p}"
             continue
+        own, cls = module.__dict__, type(module)
         for attr in _DROPOUT_ATTRS:
-            v = getattr(module, attr, None)
+            # A float rate is an instance or class attribute (or a property), never one of
+            # the parameters, buffers or submodules that Module.__getattr__ looks up (and
+            # whose failed look-up, raising an AttributeError, is slow).
+            if attr in own:
+                v = own[attr]
+            elif hasattr(cls, attr):
+                v = getattr(module, attr, None)
+            else:
+                continue
             if isinstance(v, float) and not isinstance(v, bool) and v > 0:
                 return label, f"{type(module).__name__}, {attr}={v}"
     return None
