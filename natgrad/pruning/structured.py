@@ -411,6 +411,7 @@ def prune_structured(
     mc_samples: int = 1,
     calibration: Any = None,
     tune: bool = True,
+    tune_scope: str = "consumers",
     damping: float = 1e-3,
     criterion: Criterion = "fisher",
     search: Search = "greedy",
@@ -452,6 +453,9 @@ def prune_structured(
         labels: ``"empirical"`` (data labels) or ``"mc"`` (``mc_samples`` draws).
         calibration: batches for mask tuning (default: ``data``).
         tune: re-fit layers by least squares after shrinking.
+        tune_scope: ``"consumers"`` (the layers reading pruned structures) or
+            ``"downstream"`` (every Linear/Conv from the first of them on, the output layer
+            included); see :func:`~natgrad.pruning.shrink.tune_layers`.
         damping: ridge ``ε`` of the least squares, relative to the Gram's mean diagonal.
         criterion: ``"fisher"`` (the diagonal mask Fisher, Kwon et al. 2022),
             ``"compensated"`` (per-layer removal curves of the loss increase *after* the
@@ -502,6 +506,7 @@ def prune_structured(
         raise ValueError(f"finetune_lr must be a finite number > 0, got {finetune_lr!r}.")
     check_choice("criterion", criterion, CRITERIA)
     check_choice("search", search, SEARCHES)
+    check_choice("tune_scope", tune_scope, ("consumers", "downstream"))
     check_choice("labels", labels, ("empirical", "mc"))
     check_no_batch_mixing(model)
     check_no_train_dropout(model, "structured pruning")
@@ -556,7 +561,10 @@ def prune_structured(
     loss_untuned = mean_loss(pruned, data, lik, output_fn, max_batches)
     tuned: list[str] = []
     if tune:
-        tuned = tune_layers(work, pruned, groups, removed, calibration if calibration is not None else data, damping=damping)
+        tuned = tune_layers(
+            work, pruned, groups, removed, calibration if calibration is not None else data,
+            damping=damping, scope=tune_scope,
+        )
     if finetune_steps:
         finetune(pruned, data, lik, steps=finetune_steps, lr=finetune_lr, output_fn=output_fn)
     loss_after = (
