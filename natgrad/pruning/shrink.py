@@ -349,6 +349,18 @@ def _capture(model: nn.Module, name: str, b: Batch, *, output: bool) -> torch.Te
     return cap["t"]
 
 
+def _real_tokens(
+    mod: nn.Module, x: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor | None:
+    """For a Linear reading ``(N, T, in)`` token inputs of a batch with an ``(N, T)``
+    attention mask: the design rows of real (unpadded) tokens; None otherwise."""
+    if mask is None or not isinstance(mod, nn.Linear) or x.dim() != 3:
+        return None
+    if tuple(x.shape[:2]) != tuple(mask.shape):
+        return None
+    return mask.reshape(-1).to(x.device) != 0
+
+
 def tune_layers(
     original: nn.Module,
     pruned: nn.Module,
@@ -371,7 +383,9 @@ def tune_layers(
         original: the unpruned model.
         pruned: the shrunken model (modified).
         groups, removed: as given to :func:`shrink_model`.
-        calibration: a batch or iterable of batches (inputs only are used).
+        calibration: a batch or iterable of batches (inputs only are used). In dict
+            batches with a per-sample ``attention_mask`` of shape ``(N, T)``, the padded
+            token positions are left out of the fit of every Linear reading ``(N, T, in)``.
         damping: ``ε`` relative to the mean diagonal of the Gram matrix.
         scope: ``"consumers"``: only the layers reading pruned structures (each group's
             consumer; for attention heads, the attention's output projection);
@@ -445,7 +459,11 @@ def tune_layers(
             y = _outputs(mod_p, o.to(dt))
             if name in out_rows:
                 y = y[:, out_rows[name].to(y.device)]
-            x = design_rows(mod_p, _capture(pruned, name, b, output=False).to(dt))
+            xin = _capture(pruned, name, b, output=False).to(dt)
+            x = design_rows(mod_p, xin)
+            real = _real_tokens(mod_p, xin, b.mask)
+            if real is not None:  # padding positions are left out of the fit
+                x, y = x[real], y[real]
             gram = x.T @ x if gram is None else gram + x.T @ x
             cross = x.T @ y if cross is None else cross + x.T @ y
         assert gram is not None and cross is not None  # calibration has a batch (checked)

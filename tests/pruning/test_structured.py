@@ -434,6 +434,45 @@ def test_from_multihead_matches_multihead_attention():
         torch.testing.assert_close(small(q, kv, kv)[0], full(q, kv, kv, need_weights=False)[0])
 
 
+def test_head_attention_fast_path_matches_module_path():
+    """The inference path (one fused q/k/v product, cached) computes what the module path
+    computes, refreshes its cache when a projection changes, and steps aside for hooks."""
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        mha = nn.MultiheadAttention(8, 4, batch_first=batch_first).double().eval()
+        att = shrink_heads(from_multihead(mha), torch.tensor([0, 2, 3]))
+        x = torch.randn(3, 5, 8, dtype=torch.float64)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        pad = torch.zeros(3, 5, dtype=torch.bool)
+        pad[1, 3:] = True
+        for kwargs in ({}, {"key_padding_mask": pad}, {"is_causal": True}):
+            with torch.enable_grad():
+                slow = att(x, x, x, **kwargs)[0]  # parameters require grad: module path
+            assert slow.requires_grad
+            with torch.no_grad():
+                assert att._fast_path_ok(x, x, x)
+                fast = att(x, x, x, **kwargs)[0]
+            torch.testing.assert_close(fast, slow.detach(), rtol=1e-12, atol=1e-12)
+        # a changed projection is seen by the cached fused weight
+        with torch.no_grad():
+            att.k_proj.weight.mul_(2.0)
+            fast = att(x, x, x)[0]
+        with torch.enable_grad():
+            slow = att(x, x, x)[0].detach()
+        torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    # hooks on a projection (Fisher, tuning, FLOP counts) see it called: no fast path
+    seen = []
+    h = att.q_proj.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    with torch.no_grad():
+        att(x, x, x)
+    h.remove()
+    assert seen == [(3, 5, 6)]
+    # cross-attention (query is not key) takes the module path
+    with torch.no_grad():
+        assert not att._fast_path_ok(x, x.clone(), x)
+
+
 # -- least-squares tuning -------------------------------------------------------------------------
 
 
@@ -581,12 +620,77 @@ def test_mask_tuning_matches_dense_lstsq_conv_and_heads():
         h.remove()
     w_b = before.get_submodule(name).weight
     d = head.head_dim
+    real = batch["attention_mask"].reshape(-1) != 0  # padded tokens are left out
     want = _mask_fit_reference(
-        w_b, before.get_submodule(name).bias, cap["x"].reshape(-1, w_b.shape[1]),
-        cap["y"].reshape(-1, w_b.shape[0]), d,
+        w_b, before.get_submodule(name).bias, cap["x"].reshape(-1, w_b.shape[1])[real],
+        cap["y"].reshape(-1, w_b.shape[0])[real], d,
     )
     got = (small.get_submodule(name).weight / w_b)[0].view(-1, d)[:, 0]
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+
+
+def test_tuning_leaves_padding_out():
+    """With an attention mask, the re-fit of a token-wise Linear uses the real tokens only:
+    it equals lstsq on the unpadded rows."""
+    enc, batch, _ = encoder_case()
+    groups, _ = find_groups(enc, batch)
+    ff = next(g for g in groups if g.kind == "neuron")
+    removed = {
+        g.name: (torch.tensor([0, 3, 5]) if g is ff else torch.zeros(0, dtype=torch.long))
+        for g in groups
+    }
+    small = shrink_model(copy.deepcopy(enc), groups, removed)
+    before = copy.deepcopy(small)
+    tune_layers(enc, small, groups, removed, batch, damping=0.0)
+    cap = {}
+    hooks = [
+        before.get_submodule(ff.consumer).register_forward_pre_hook(
+            lambda m, a: cap.__setitem__("x", a[0])
+        ),
+        enc.get_submodule(ff.consumer).register_forward_hook(lambda m, a, o: cap.__setitem__("y", o)),
+    ]
+    with torch.no_grad():
+        before(**batch)
+        enc(**batch)
+    for h in hooks:
+        h.remove()
+    real = batch["attention_mask"].reshape(-1) != 0
+    assert not bool(real.all())
+    xr = cap["x"].reshape(-1, cap["x"].shape[-1])[real]
+    xr = torch.cat([xr, torch.ones(len(xr), 1, dtype=xr.dtype)], 1)
+    sol = torch.linalg.lstsq(xr, cap["y"].reshape(-1, cap["y"].shape[-1])[real]).solution
+    lin = small.get_submodule(ff.consumer)
+    torch.testing.assert_close(lin.weight, sol[:-1].T, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(lin.bias, sol[-1], rtol=1e-7, atol=1e-9)
+
+
+def test_prune_structured_downstream_and_mask_fits():
+    """The fits reached through prune_structured: the same structures are removed, the
+    re-fitted layers are the ones the scope names, and each fit lowers the reconstruction
+    error of the first re-fitted layer (its least-squares objective) below the plain one."""
+    model, _, _ = mlp_case()
+    torch.manual_seed(0)
+    x = torch.randn(60, 5, dtype=torch.float64)
+    y = model(x).argmax(-1).detach()
+    plain, rep0 = natgrad.prune_structured(model, (x, y), params=0.6, tune=False, measure=False)
+    first = "2" if rep0.removed["0"] else "4"
+    keep = [i for i in range(model[2].out_features) if i not in rep0.removed["2"]]
+
+    def error(m):
+        h = torch.tanh(m[0](x))
+        out = m[2](h) if first == "2" else m(x)
+        ref = model[2](torch.tanh(model[0](x)))[:, keep] if first == "2" else model(x)
+        return float(((out - ref) ** 2).sum())
+
+    for scope, fit in (("consumers", "masks"), ("downstream", "weights")):
+        small, rep = natgrad.prune_structured(
+            model, (x, y), params=0.6, tune_scope=scope, tune_fit=fit, measure=False,
+        )
+        assert rep.removed == rep0.removed
+        assert rep.tuned_layers[0] == first
+        assert ("4" in rep.tuned_layers) == (scope == "downstream" or bool(rep0.removed["2"]))
+        with torch.no_grad():
+            assert error(small) < error(plain)
 
 
 def test_tuning_options_are_checked():
