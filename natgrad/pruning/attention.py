@@ -14,6 +14,13 @@ key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal``) an
 returns ``(output, None)``: attention weights are not returned. It sets
 ``in_proj_bias = None`` so that ``nn.TransformerEncoderLayer`` takes its ordinary
 (non-fused) path, which calls this module.
+
+Inference fast path: for self-attention (``query is key is value``) without autograd,
+without hooks on the projections and outside tracing, the three projections run as
+one matrix product with the concatenated ``[W_q; W_k; W_v]`` (cached, rebuilt when a
+projection's parameters change) and the output projection is called without the module
+machinery: three fewer kernel launches and Python module calls per layer, the same
+numbers up to float rounding.
 """
 
 from __future__ import annotations
@@ -62,6 +69,37 @@ class HeadAttention(nn.Module):
         self.in_proj_bias = None
         self.in_proj_weight = None
         self._natgrad_head_mask: torch.Tensor | None = None
+        self._qkv_cache: tuple[tuple[tuple[int, int], ...], torch.Tensor, torch.Tensor] | None = None
+
+    def _fast_path_ok(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+        """Self-attention at inference, nothing watching the projections (see the module
+        docstring)."""
+        if not (query is key and key is value) or self._natgrad_head_mask is not None:
+            return False
+        if torch.is_grad_enabled() and (query.requires_grad or any(
+            p.requires_grad for p in self.parameters()
+        )):
+            return False
+        if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
+            return False
+        from torch.nn.modules import module as _m
+
+        if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+            return False
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            if lin._forward_hooks or lin._forward_pre_hooks or lin.bias is None:
+                return False
+        return True
+
+    def _qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The concatenated q/k/v weight and bias, rebuilt when any of them changed."""
+        ps = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
+              self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]
+        key = tuple((id(p), p._version) for p in ps)
+        if self._qkv_cache is None or self._qkv_cache[0] != key:
+            with torch.no_grad():
+                self._qkv_cache = (key, torch.cat(ps[:3]), torch.cat(ps[3:]))
+        return self._qkv_cache[1], self._qkv_cache[2]
 
     def forward(
         self,
@@ -80,9 +118,14 @@ class HeadAttention(nn.Module):
         n, tq, _ = query.shape
         tk = key.shape[1]
         h, d = self.num_heads, self.head_dim
-        q = self.q_proj(query).view(n, tq, h, d).transpose(1, 2)
-        k = self.k_proj(key).view(n, tk, h, d).transpose(1, 2)
-        v = self.v_proj(value).view(n, tk, h, d).transpose(1, 2)
+        fast = self._fast_path_ok(query, key, value)
+        if fast:
+            w, b = self._qkv()
+            q, k, v = F.linear(query, w, b).view(n, tq, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q = self.q_proj(query).view(n, tq, h, d).transpose(1, 2)
+            k = self.k_proj(key).view(n, tk, h, d).transpose(1, 2)
+            v = self.v_proj(value).view(n, tk, h, d).transpose(1, 2)
         bias = None
         if attn_mask is not None:
             am = attn_mask
@@ -106,7 +149,11 @@ class HeadAttention(nn.Module):
         if m is not None:
             m = m.to(ctx.dtype)
             ctx = ctx * (m.view(m.shape[0], h, 1, 1) if m.dim() == 2 else m.view(1, h, 1, 1))
-        out = self.out_proj(ctx.transpose(1, 2).reshape(n, tq, h * d))
+        flat = ctx.transpose(1, 2).reshape(n, tq, h * d)
+        if fast:
+            out = F.linear(flat, self.out_proj.weight, self.out_proj.bias)
+        else:
+            out = self.out_proj(flat)
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, None

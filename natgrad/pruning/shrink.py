@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from natgrad.engine.batch import parse_batch
+from natgrad.engine.batch import Batch, parse_batch
 from natgrad.pruning.structures import Group
 
 if TYPE_CHECKING:
@@ -304,6 +304,63 @@ def _outputs(mod: Layer, y: torch.Tensor) -> torch.Tensor:
     return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
 
 
+def _call_order(model: nn.Module, batch: Batch) -> list[str]:
+    """Names of the Linear/Conv modules of ``model`` in the order one forward of (one
+    sample of) ``batch`` calls them; modules called more than once (shared) are left out."""
+    b = batch.select(0, 1)
+    calls: list[str] = []
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, *_CONV)):
+            handles.append(
+                mod.register_forward_hook(lambda m, a, o, name=name: calls.append(name))
+            )
+    try:
+        with torch.no_grad():
+            model(*b.args, **b.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return [n for i, n in enumerate(calls) if calls.count(n) == 1]
+
+
+def _capture(model: nn.Module, name: str, b: Batch, *, output: bool) -> torch.Tensor:
+    """The input (``output=False``) or output of layer ``name`` in one forward of batch ``b``
+    (the forward stops there)."""
+    cap: dict[str, torch.Tensor] = {}
+    mod = model.get_submodule(name)
+
+    def pre(m: nn.Module, a: tuple[Any, ...]) -> None:
+        cap["t"] = a[0].detach()
+        raise _StopForward
+
+    def post(m: nn.Module, a: tuple[Any, ...], o: torch.Tensor) -> None:
+        cap["t"] = o.detach()
+        raise _StopForward
+
+    h = mod.register_forward_hook(post) if output else mod.register_forward_pre_hook(pre)
+    try:
+        with torch.no_grad():
+            model(*b.args, **b.kwargs)
+    except _StopForward:
+        pass
+    finally:
+        h.remove()
+    return cap["t"]
+
+
+def _real_tokens(
+    mod: nn.Module, x: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor | None:
+    """For a Linear reading ``(N, T, in)`` token inputs of a batch with an ``(N, T)``
+    attention mask: the design rows of real (unpadded) tokens; None otherwise."""
+    if mask is None or not isinstance(mod, nn.Linear) or x.dim() != 3:
+        return None
+    if tuple(x.shape[:2]) != tuple(mask.shape):
+        return None
+    return mask.reshape(-1).to(x.device) != 0
+
+
 def tune_layers(
     original: nn.Module,
     pruned: nn.Module,
@@ -312,26 +369,56 @@ def tune_layers(
     calibration: Any,
     *,
     damping: float = 1e-3,
+    scope: str = "consumers",
+    fit: str = "weights",
 ) -> list[str]:
-    """Re-fit each consumer of pruned structures by least squares (in place on ``pruned``).
+    """Re-fit layers of the pruned model by least squares (in place on ``pruned``).
 
-    For consumer ``c`` (in forward order; for attention heads, the attention's output
-    projection): ``Y`` = its output in ``original`` (rows kept in ``pruned``), ``X̃`` = its
-    input in ``pruned``; the new weight and bias solve
+    For each re-fitted layer ``c`` (in the order the forward calls them): ``Y`` = its
+    output in ``original`` (the rows kept in ``pruned``), ``X̃`` = its input in
+    ``pruned`` (after the layers before it were re-fitted); the new weight and bias solve
     ``(X̃ᵀX̃ + εI) Wᵀ = X̃ᵀ Y``, accumulated over the calibration batches.
 
     Args:
         original: the unpruned model.
         pruned: the shrunken model (modified).
         groups, removed: as given to :func:`shrink_model`.
-        calibration: a batch or iterable of batches (inputs only are used).
+        calibration: a batch or iterable of batches (inputs only are used). In dict
+            batches with a per-sample ``attention_mask`` of shape ``(N, T)``, the padded
+            token positions are left out of the fit of every Linear reading ``(N, T, in)``.
         damping: ``ε`` relative to the mean diagonal of the Gram matrix.
+        scope: ``"consumers"``: only the layers reading pruned structures (each group's
+            consumer; for attention heads, the attention's output projection);
+            ``"downstream"``: every Linear/Conv from the first of those consumers on,
+            the output layer included (each layer then also absorbs the errors left
+            upstream, as in layer-wise reconstruction of the whole network).
+        fit: ``"weights"``: the layer's whole weight and bias (above); ``"masks"``: one
+            scale ``m_s`` per kept structure (Kwon et al. 2022's mask tuning), weight and
+            bias otherwise fixed: with ``C_s = X̃_s W_sᵀ`` the structure's share of the
+            output, ``m`` solves ``(M + εI) m = r + ε 1`` (a ridge towards 1), ``M_st =
+            Σ ⟨C_s, C_t⟩ = Σ_{i∈s, j∈t} (X̃ᵀX̃)_ij (WᵀW)_ij``, ``r_s = Σ ⟨C_s, Y - b⟩``, all
+            from the same Gram matrix; ``|kept|`` unknowns instead of ``in · out``, so
+            it does not over-fit a small calibration set. Only with
+            ``scope="consumers"``.
 
     Returns:
         the names of the tuned layers, in order.
+
+    Raises:
+        ValueError: for an unknown ``scope`` or ``fit``, or ``fit="masks"`` with
+            ``scope="downstream"``.
     """
     from natgrad.curvature.estimate import iterate_batches
 
+    if scope not in ("consumers", "downstream"):
+        raise ValueError(f"scope must be 'consumers' or 'downstream', got {scope!r}.")
+    if fit not in ("weights", "masks"):
+        raise ValueError(f"fit must be 'weights' or 'masks', got {fit!r}.")
+    if fit == "masks" and scope != "consumers":
+        raise ValueError(
+            "fit='masks' scales the kept structures of pruned layers only: use it with "
+            "scope='consumers' (or fit='weights' for scope='downstream')."
+        )
     batches = [parse_batch(b) for b in iterate_batches(calibration)]
     # the layer reading each group's kept structures: its consumer, or for heads the
     # attention's output projection (it reads the concatenated kept heads)
@@ -340,54 +427,50 @@ def tune_layers(
         for g in groups
         if removed.get(g.name, torch.zeros(0)).numel() > 0
     ]
+    if not consumers:
+        return []
     out_rows = row_slices(groups, removed)
-    order = [n for n, _ in pruned.named_modules()]
-    consumers.sort(key=order.index)
-    # the original outputs of every consumer: one pass over the calibration data
-    targets: dict[str, list[torch.Tensor]] = {name: [] for name in consumers}
-    handles = []
-    for name in consumers:
-        mod_o = _layer(original, name)
-
-        def keep_y(m: nn.Module, a: tuple[Any, ...], o: torch.Tensor, name: str = name) -> None:
-            dt = torch.float64 if o.dtype == torch.float64 else torch.float32
-            y = _outputs(cast(Layer, m), o.detach().to(dt))
-            if name in out_rows:
-                y = y[:, out_rows[name].to(y.device)]
-            targets[name].append(y)
-
-        handles.append(mod_o.register_forward_hook(keep_y))
-    try:
-        with torch.no_grad():
-            for b in batches:
-                original(*b.args, **b.kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    for g in groups:  # the kept rows of the query/key/value projections of pruned heads
+        rem = removed.get(g.name)
+        if g.consumer_kind == "attention" and rem is not None and rem.numel() > 0:
+            idx = _expand(kept_indices(g, rem), g.head_dim)
+            for p in ("q_proj", "k_proj", "v_proj"):
+                out_rows[f"{g.consumer}.{p}"] = idx
+    per_structure = dict(
+        _consumer_layer(pruned, g) for g in groups
+        if removed.get(g.name, torch.zeros(0)).numel() > 0
+    )
+    order = _call_order(pruned, batches[0])
+    order += [n for n in consumers if n not in order]
+    if scope == "consumers":
+        layers = sorted(consumers, key=order.index)
+    else:
+        first = min(order.index(n) for n in consumers)
+        names = {n for n, _ in original.named_modules()}
+        layers = [n for n in order[first:] if n in names]
     tuned = []
-    for name in consumers:
+    for name in layers:
         mod_p = _layer(pruned, name)
         gram: torch.Tensor | None = None
         cross: torch.Tensor | None = None
-        for b, y in zip(batches, targets[name], strict=True):
-            cap: dict[str, torch.Tensor] = {}
-
-            def grab(m: nn.Module, a: tuple[Any, ...], cap: dict[str, torch.Tensor] = cap) -> None:
-                cap["x"] = a[0].detach()
-                raise _StopForward  # the rest of the forward is not needed
-
-            h = mod_p.register_forward_pre_hook(grab)
-            try:
-                with torch.no_grad():
-                    pruned(*b.args, **b.kwargs)
-            except _StopForward:
-                pass
-            finally:
-                h.remove()
-            x = design_rows(mod_p, cap["x"].to(y.dtype))
+        for b in batches:
+            o = _capture(original, name, b, output=True)
+            dt = torch.float64 if o.dtype == torch.float64 else torch.float32
+            y = _outputs(mod_p, o.to(dt))
+            if name in out_rows:
+                y = y[:, out_rows[name].to(y.device)]
+            xin = _capture(pruned, name, b, output=False).to(dt)
+            x = design_rows(mod_p, xin)
+            real = _real_tokens(mod_p, xin, b.mask)
+            if real is not None:  # padding positions are left out of the fit
+                x, y = x[real], y[real]
             gram = x.T @ x if gram is None else gram + x.T @ x
             cross = x.T @ y if cross is None else cross + x.T @ y
         assert gram is not None and cross is not None  # calibration has a batch (checked)
+        if fit == "masks":
+            _fit_masks(mod_p, gram, cross, per_structure[name], damping)
+            tuned.append(name)
+            continue
         sol = least_squares(gram, cross, damping)  # (in [+1], out)
         with torch.no_grad():
             w = sol[: sol.shape[0] - (mod_p.bias is not None)].T
@@ -396,6 +479,31 @@ def tune_layers(
                 mod_p.bias.copy_(sol[-1].to(mod_p.bias.dtype))
         tuned.append(name)
     return tuned
+
+
+def _fit_masks(
+    mod: Layer, gram: torch.Tensor, cross: torch.Tensor, per: int, damping: float
+) -> None:
+    """Scale each block of ``per`` input columns of ``mod`` by the least-squares mask
+    (see :func:`tune_layers`, ``fit="masks"``); ``gram``/``cross`` as there."""
+    has_b = mod.bias is not None
+    n_in = gram.shape[0] - has_b
+    w = mod.weight.detach().reshape(mod.weight.shape[0], -1).to(gram.dtype)  # (out, in)
+    gxx = gram[:n_in, :n_in]
+    target = cross[:n_in]  # X̃ᵀY, (in, out)
+    if has_b:
+        assert mod.bias is not None
+        target = target - gram[:n_in, -1:] * mod.bias.detach().to(gram.dtype)[None, :]
+    k = n_in // per
+    m_full = (gxx * (w.T @ w)).reshape(k, per, k, per).sum((1, 3))
+    r = (target * w.T).sum(1).reshape(k, per).sum(1)
+    eps = damping * float(m_full.diagonal().mean().clamp_min(1e-30))
+    eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+    m = torch.linalg.solve(m_full + eps * eye, r + eps)
+    with torch.no_grad():
+        scale = m.repeat_interleave(per).to(mod.weight.dtype)
+        flat = mod.weight.reshape(mod.weight.shape[0], -1) * scale[None, :]
+        mod.weight.copy_(flat.reshape(mod.weight.shape))
 
 
 # -- compensated (OBS) removal curves -------------------------------------------------------

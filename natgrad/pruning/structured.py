@@ -411,6 +411,8 @@ def prune_structured(
     mc_samples: int = 1,
     calibration: Any = None,
     tune: bool = True,
+    tune_scope: str = "consumers",
+    tune_fit: str = "weights",
     damping: float = 1e-3,
     criterion: Criterion = "fisher",
     search: Search = "greedy",
@@ -452,6 +454,12 @@ def prune_structured(
         labels: ``"empirical"`` (data labels) or ``"mc"`` (``mc_samples`` draws).
         calibration: batches for mask tuning (default: ``data``).
         tune: re-fit layers by least squares after shrinking.
+        tune_scope: ``"consumers"`` (the layers reading pruned structures) or
+            ``"downstream"`` (every Linear/Conv from the first of them on, the output layer
+            included); see :func:`~natgrad.pruning.shrink.tune_layers`.
+        tune_fit: ``"weights"`` (each re-fitted layer's weight and bias) or ``"masks"``
+            (one least-squares scale per kept structure, Kwon et al. 2022; only with
+            ``tune_scope="consumers"``).
         damping: ridge ``ε`` of the least squares, relative to the Gram's mean diagonal.
         criterion: ``"fisher"`` (the diagonal mask Fisher, Kwon et al. 2022),
             ``"compensated"`` (per-layer removal curves of the loss increase *after* the
@@ -502,6 +510,13 @@ def prune_structured(
         raise ValueError(f"finetune_lr must be a finite number > 0, got {finetune_lr!r}.")
     check_choice("criterion", criterion, CRITERIA)
     check_choice("search", search, SEARCHES)
+    check_choice("tune_scope", tune_scope, ("consumers", "downstream"))
+    check_choice("tune_fit", tune_fit, ("weights", "masks"))
+    if tune_fit == "masks" and tune_scope != "consumers":
+        raise ValueError(
+            "tune_fit='masks' scales the kept structures of pruned layers only: use it with "
+            "tune_scope='consumers' (or tune_fit='weights' for tune_scope='downstream')."
+        )
     check_choice("labels", labels, ("empirical", "mc"))
     check_no_batch_mixing(model)
     check_no_train_dropout(model, "structured pruning")
@@ -556,7 +571,10 @@ def prune_structured(
     loss_untuned = mean_loss(pruned, data, lik, output_fn, max_batches)
     tuned: list[str] = []
     if tune:
-        tuned = tune_layers(work, pruned, groups, removed, calibration if calibration is not None else data, damping=damping)
+        tuned = tune_layers(
+            work, pruned, groups, removed, calibration if calibration is not None else data,
+            damping=damping, scope=tune_scope, fit=tune_fit,
+        )
     if finetune_steps:
         finetune(pruned, data, lik, steps=finetune_steps, lr=finetune_lr, output_fn=output_fn)
     loss_after = (

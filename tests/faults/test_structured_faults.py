@@ -282,3 +282,17 @@ def test_latency_clock_is_checked():
         measure_latency(model, x, [1], 2, clock="cpu")
     out = measure_latency(model, x, [1, 4], 3, clock="thread")
     assert set(out) == {1, 4} and all(v >= 0 for v in out.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs, phrase",
+    [
+        ({"tune_scope": "all"}, "Unknown tune_scope 'all'"),
+        ({"tune_fit": "scales"}, "Unknown tune_fit 'scales'"),
+        ({"tune_fit": "masks", "tune_scope": "downstream"}, "use it with tune_scope='consumers'"),
+    ],
+)
+def test_bad_tuning_options(kwargs, phrase):
+    x, y = _data()
+    with pytest.raises(ValueError, match=phrase):
+        natgrad.prune_structured(_mlp(), (x, y), flops=0.6, measure=False, **kwargs)

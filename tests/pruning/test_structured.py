@@ -434,6 +434,45 @@ def test_from_multihead_matches_multihead_attention():
         torch.testing.assert_close(small(q, kv, kv)[0], full(q, kv, kv, need_weights=False)[0])
 
 
+def test_head_attention_fast_path_matches_module_path():
+    """The inference path (one fused q/k/v product, cached) computes what the module path
+    computes, refreshes its cache when a projection changes, and steps aside for hooks."""
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        mha = nn.MultiheadAttention(8, 4, batch_first=batch_first).double().eval()
+        att = shrink_heads(from_multihead(mha), torch.tensor([0, 2, 3]))
+        x = torch.randn(3, 5, 8, dtype=torch.float64)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        pad = torch.zeros(3, 5, dtype=torch.bool)
+        pad[1, 3:] = True
+        for kwargs in ({}, {"key_padding_mask": pad}, {"is_causal": True}):
+            with torch.enable_grad():
+                slow = att(x, x, x, **kwargs)[0]  # parameters require grad: module path
+            assert slow.requires_grad
+            with torch.no_grad():
+                assert att._fast_path_ok(x, x, x)
+                fast = att(x, x, x, **kwargs)[0]
+            torch.testing.assert_close(fast, slow.detach(), rtol=1e-12, atol=1e-12)
+        # a changed projection is seen by the cached fused weight
+        with torch.no_grad():
+            att.k_proj.weight.mul_(2.0)
+            fast = att(x, x, x)[0]
+        with torch.enable_grad():
+            slow = att(x, x, x)[0].detach()
+        torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    # hooks on a projection (Fisher, tuning, FLOP counts) see it called: no fast path
+    seen = []
+    h = att.q_proj.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    with torch.no_grad():
+        att(x, x, x)
+    h.remove()
+    assert seen == [(3, 5, 6)]
+    # cross-attention (query is not key) takes the module path
+    with torch.no_grad():
+        assert not att._fast_path_ok(x, x.clone(), x)
+
+
 # -- least-squares tuning -------------------------------------------------------------------------
 
 
@@ -483,6 +522,188 @@ def test_conv_tuning_solves_the_normal_equations():
     with torch.no_grad():
         base = ((untuned.c2(cap["x"]) - target) ** 2).sum()
     assert float(loss) < float(base)
+
+
+def test_downstream_tuning_refits_every_later_layer_by_lstsq():
+    model, _, _ = mlp_case()
+    x = torch.randn(40, 5, dtype=torch.float64)
+    groups, _ = find_groups(model, x)
+    removed = {"0": torch.tensor([1, 3]), "2": torch.zeros(0, dtype=torch.long)}
+    keep0 = torch.tensor([0, 2, 4, 5, 6])
+    small = shrink_model(copy.deepcopy(model), groups, removed)
+    only = tune_layers(model, copy.deepcopy(small), groups, removed, x, damping=0.0)
+    assert only == ["2"]  # the consumer of the pruned group only
+    tuned = tune_layers(model, small, groups, removed, x, damping=0.0, scope="downstream")
+    assert tuned == ["2", "4"]  # and the output layer after it
+    one = torch.ones(40, 1, dtype=torch.float64)
+    with torch.no_grad():
+        h = torch.tanh(model[0](x))
+        xt = torch.cat([h[:, keep0], one], 1)
+        sol2 = torch.linalg.lstsq(xt, model[2](h)).solution
+        torch.testing.assert_close(small[2].weight, sol2[:-1].T, rtol=1e-8, atol=1e-10)
+        # layer 4 sees the re-fitted layer 2's output and matches the original logits
+        x4 = torch.cat([torch.tanh(xt @ sol2), one], 1)
+        sol4 = torch.linalg.lstsq(x4, model(x)).solution
+        torch.testing.assert_close(small[4].weight, sol4[:-1].T, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(small[4].bias, sol4[-1], rtol=1e-8, atol=1e-10)
+
+
+def _mask_fit_reference(layer_w, layer_b, x_rows, y, per):
+    """Least-squares scales of column blocks, from the explicit design: the column of
+    structure s is vec(X_s W_sᵀ), the target vec(Y - b) (dense lstsq)."""
+    k = x_rows.shape[1] // per
+    cols = []
+    for s in range(k):
+        sl = slice(s * per, (s + 1) * per)
+        cols.append((x_rows[:, sl] @ layer_w[:, sl].T).flatten())
+    design = torch.stack(cols, 1)
+    target = (y - (0 if layer_b is None else layer_b)).flatten()
+    return torch.linalg.lstsq(design, target[:, None]).solution.flatten()
+
+
+def test_mask_tuning_matches_dense_lstsq_linear():
+    model, _, _ = mlp_case()
+    x = torch.randn(30, 5, dtype=torch.float64)
+    groups, _ = find_groups(model, x)
+    removed = {"0": torch.tensor([1, 3]), "2": torch.tensor([0])}
+    small = shrink_model(copy.deepcopy(model), groups, removed)
+    before = copy.deepcopy(small)
+    tuned = tune_layers(model, small, groups, removed, [(x[:12],), (x[12:],)], damping=0.0, fit="masks")
+    assert tuned == ["2", "4"]
+    with torch.no_grad():
+        h = torch.tanh(before[0](x))  # layer 2's input (layer 0 is not changed)
+        want = _mask_fit_reference(before[2].weight, before[2].bias, h, model[2](torch.tanh(model[0](x)))[:, 1:], 1)
+        got = small[2].weight / before[2].weight
+        torch.testing.assert_close(got, want[None, :].expand_as(got), rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(small[2].bias, before[2].bias)  # bias kept
+        h4 = torch.tanh(small[2](h))
+        want4 = _mask_fit_reference(before[4].weight, before[4].bias, h4, model(x), 1)
+        torch.testing.assert_close(small[4].weight / before[4].weight, want4[None, :].expand(4, -1), rtol=1e-7, atol=1e-9)
+
+
+def test_mask_tuning_matches_dense_lstsq_conv_and_heads():
+    model, _, _ = conv_case()
+    x = torch.randn(20, 2, 12, dtype=torch.float64)
+    groups, _ = find_groups(model, x)
+    removed = {"c1": torch.tensor([0, 3]), "c2": torch.zeros(0, dtype=torch.long)}
+    small = shrink_model(copy.deepcopy(model), groups, removed)
+    before = copy.deepcopy(small)
+    tune_layers(model, small, groups, removed, x, damping=0.0, fit="masks")
+    with torch.no_grad():
+        xin = before.pool(torch.relu(before.bn(before.c1(x))))
+        rows = F.unfold(F.pad(xin, (1, 1)).unsqueeze(-2), (1, 3), stride=(1, 2))  # (N, 3*3, L)
+        rows = rows.transpose(1, 2).reshape(-1, rows.shape[1])
+        y = model.c2(model.pool(torch.relu(model.bn(model.c1(x)))))
+        y = y.flatten(2).transpose(1, 2).reshape(-1, 4)
+        want = _mask_fit_reference(before.c2.weight.flatten(1), before.c2.bias, rows, y, 3)
+        got = (small.c2.weight / before.c2.weight)[0, :, 0]
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+    # attention heads: the output projection's head blocks of head_dim columns
+    enc, batch, _ = encoder_case()
+    groups, _ = find_groups(enc, batch)
+    head = next(g for g in groups if g.kind == "head")
+    removed = {g.name: (torch.tensor([1]) if g is head else torch.zeros(0, dtype=torch.long)) for g in groups}
+    small = shrink_model(copy.deepcopy(enc), groups, removed)
+    before = copy.deepcopy(small)
+    tuned = tune_layers(enc, small, groups, removed, batch, damping=0.0, fit="masks")
+    name = f"{head.consumer}.out_proj"
+    assert tuned == [name]
+    cap = {}
+    hooks = [
+        before.get_submodule(name).register_forward_pre_hook(lambda m, a: cap.__setitem__("x", a[0])),
+        enc.get_submodule(name).register_forward_hook(lambda m, a, o: cap.__setitem__("y", o)),
+    ]
+    with torch.no_grad():
+        before(**batch)
+        enc(**batch)
+    for h in hooks:
+        h.remove()
+    w_b = before.get_submodule(name).weight
+    d = head.head_dim
+    real = batch["attention_mask"].reshape(-1) != 0  # padded tokens are left out
+    want = _mask_fit_reference(
+        w_b, before.get_submodule(name).bias, cap["x"].reshape(-1, w_b.shape[1])[real],
+        cap["y"].reshape(-1, w_b.shape[0])[real], d,
+    )
+    got = (small.get_submodule(name).weight / w_b)[0].view(-1, d)[:, 0]
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+
+
+def test_tuning_leaves_padding_out():
+    """With an attention mask, the re-fit of a token-wise Linear uses the real tokens only:
+    it equals lstsq on the unpadded rows."""
+    enc, batch, _ = encoder_case()
+    groups, _ = find_groups(enc, batch)
+    ff = next(g for g in groups if g.kind == "neuron")
+    removed = {
+        g.name: (torch.tensor([0, 3, 5]) if g is ff else torch.zeros(0, dtype=torch.long))
+        for g in groups
+    }
+    small = shrink_model(copy.deepcopy(enc), groups, removed)
+    before = copy.deepcopy(small)
+    tune_layers(enc, small, groups, removed, batch, damping=0.0)
+    cap = {}
+    hooks = [
+        before.get_submodule(ff.consumer).register_forward_pre_hook(
+            lambda m, a: cap.__setitem__("x", a[0])
+        ),
+        enc.get_submodule(ff.consumer).register_forward_hook(lambda m, a, o: cap.__setitem__("y", o)),
+    ]
+    with torch.no_grad():
+        before(**batch)
+        enc(**batch)
+    for h in hooks:
+        h.remove()
+    real = batch["attention_mask"].reshape(-1) != 0
+    assert not bool(real.all())
+    xr = cap["x"].reshape(-1, cap["x"].shape[-1])[real]
+    xr = torch.cat([xr, torch.ones(len(xr), 1, dtype=xr.dtype)], 1)
+    sol = torch.linalg.lstsq(xr, cap["y"].reshape(-1, cap["y"].shape[-1])[real]).solution
+    lin = small.get_submodule(ff.consumer)
+    torch.testing.assert_close(lin.weight, sol[:-1].T, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(lin.bias, sol[-1], rtol=1e-7, atol=1e-9)
+
+
+def test_prune_structured_downstream_and_mask_fits():
+    """The fits reached through prune_structured: the same structures are removed, the
+    re-fitted layers are the ones the scope names, and each fit lowers the reconstruction
+    error of the first re-fitted layer (its least-squares objective) below the plain one."""
+    model, _, _ = mlp_case()
+    torch.manual_seed(0)
+    x = torch.randn(60, 5, dtype=torch.float64)
+    y = model(x).argmax(-1).detach()
+    plain, rep0 = natgrad.prune_structured(model, (x, y), params=0.6, tune=False, measure=False)
+    first = "2" if rep0.removed["0"] else "4"
+    keep = [i for i in range(model[2].out_features) if i not in rep0.removed["2"]]
+
+    def error(m):
+        h = torch.tanh(m[0](x))
+        out = m[2](h) if first == "2" else m(x)
+        ref = model[2](torch.tanh(model[0](x)))[:, keep] if first == "2" else model(x)
+        return float(((out - ref) ** 2).sum())
+
+    for scope, fit in (("consumers", "masks"), ("downstream", "weights")):
+        small, rep = natgrad.prune_structured(
+            model, (x, y), params=0.6, tune_scope=scope, tune_fit=fit, measure=False,
+        )
+        assert rep.removed == rep0.removed
+        assert rep.tuned_layers[0] == first
+        assert ("4" in rep.tuned_layers) == (scope == "downstream" or bool(rep0.removed["2"]))
+        with torch.no_grad():
+            assert error(small) < error(plain)
+
+
+def test_tuning_options_are_checked():
+    model, x, _ = mlp_case()
+    groups, _ = find_groups(model, x)
+    removed = {"0": torch.tensor([1]), "2": torch.zeros(0, dtype=torch.long)}
+    small = shrink_model(copy.deepcopy(model), groups, removed)
+    with pytest.raises(ValueError, match="scope must be"):
+        tune_layers(model, small, groups, removed, x, scope="all")
+    with pytest.raises(ValueError, match="fit must be"):
+        tune_layers(model, small, groups, removed, x, fit="scales")
+    with pytest.raises(ValueError, match="scope='consumers'"):
+        tune_layers(model, small, groups, removed, x, fit="masks", scope="downstream")
 
 
 # -- search ---------------------------------------------------------------------------------------
