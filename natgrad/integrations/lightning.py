@@ -244,7 +244,8 @@ class NaturalGradientCallback(Callback):
 
     ``on_train_batch_start`` keeps the batch; ``on_before_optimizer_step`` (after
     Lightning's backward, before its ``optimizer.step``) calls
-    ``preconditioner.step(batch, lr=...)`` with the module in eval mode (modes restored),
+    ``preconditioner.step(batch, lr=preconditioner.group_lrs(optimizer.param_groups))``
+    (each parameter's group lr, for ``kl_clip``) with the module in eval mode (modes restored),
     which rewrites ``.grad`` with ``(F + λI)^-1 g``. This covers what
     ``NaturalGradient`` in ``configure_optimizers`` cannot: ``source="batch"``, so the
     ``"mc"``/``"exact"`` label sources and parameters outside the layers the backward
@@ -281,4 +282,5 @@ class NaturalGradientCallback(Callback):
         if self.preconditioner.source == "batch":
             batch = batch_to(self._batch, model_device(pl_module))
         with evaluating(pl_module):
-            self.last = self.preconditioner.step(batch, lr=optimizer.param_groups[0]["lr"])
+            lrs = self.preconditioner.group_lrs(optimizer.param_groups)
+            self.last = self.preconditioner.step(batch, lr=lrs)

@@ -151,11 +151,7 @@ class NaturalGradient(torch.optim.Optimizer):
     def param_lrs(self) -> dict[str, float]:
         """``{name: lr}`` for the preconditioner's parameters: the ``lr`` of the group
         holding each (0 for a parameter in no group: the optimizer does not move it)."""
-        by_id: dict[int, float] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                by_id[id(p)] = float(group["lr"])
-        return {k: by_id.get(id(p), 0.0) for k, p in self.preconditioner.params.items()}
+        return self.preconditioner.group_lrs(self.param_groups)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the wrapped optimizer's gradients (``None`` by default, like torch.optim)."""

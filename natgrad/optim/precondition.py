@@ -13,7 +13,7 @@ import inspect
 import logging
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -355,6 +355,25 @@ class FisherPreconditioner:
         else:
             self.curvature = self.curvature.ema(new, self.ema_decay)
         self.curvature.prepare_solve()
+
+    def group_lrs(self, param_groups: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """``{name: lr}`` for this preconditioner's parameters, read from an optimizer's
+        ``param_groups``: the ``lr`` of the group holding each parameter, 0 for a parameter
+        in no group (the optimizer does not move it). Pass it as ``step(..., lr=...)`` so
+        that ``kl_clip`` measures the step each group really takes.
+
+        Args:
+            param_groups: the optimizer's ``param_groups`` (each a mapping with ``params``
+                and ``lr``).
+
+        Returns:
+            ``{parameter name: lr}`` over ``self.params``.
+        """
+        by_id: dict[int, float] = {}
+        for group in param_groups:
+            for p in group["params"]:
+                by_id[id(p)] = float(group["lr"])
+        return {k: by_id.get(id(p), 0.0) for k, p in self.params.items()}
 
     def step(
         self, batch: Any = None, *, lr: float | Mapping[str, float] | None = None

@@ -328,3 +328,34 @@ def test_natural_gradient_callback_with_batch_source(tmp_path, kind):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-6, msg=k)
     with pytest.raises(TypeError, match="natgrad.FisherPreconditioner"):
         nl.NaturalGradientCallback(torch.optim.SGD(module.parameters(), lr=0.1))
+
+
+class TwoGroupClassifier(Classifier):
+    """Two SGD groups with different learning rates."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([{"params": self.net[0].parameters(), "lr": 0.5},
+                                {"params": self.net[3].parameters(), "lr": 0.05}], lr=0.1)
+
+
+def test_natural_gradient_callback_clips_with_each_groups_lr(tmp_path):
+    """With two SGD groups and an active kl_clip, the callback's step equals a hand-run
+    `pre.step(batch, lr={name: group lr})` + per-group SGD on a copy (it used group 0's lr
+    for every parameter)."""
+    module = TwoGroupClassifier(dropout=0.0)
+    x, y = _data(6)
+    ref = copy.deepcopy(module)
+    lrs = {k: (0.5 if k.startswith("net.0.") else 0.05) for k, _ in ref.named_parameters()}
+    ref_pre = natgrad.FisherPreconditioner(ref, kind="diag", damping=0.3, kl_clip=1e-4)
+    F.cross_entropy(ref(x), y).backward()
+    ref.eval()
+    ref_pre.step((x, y), lr=lrs)
+    with torch.no_grad():
+        for k, p in ref.named_parameters():
+            p -= lrs[k] * p.grad
+    pre = natgrad.FisherPreconditioner(module, kind="diag", damping=0.3, kl_clip=1e-4)
+    cb = nl.NaturalGradientCallback(pre)
+    _trainer(tmp_path, fast_dev_run=1, callbacks=[cb]).fit(module, _loader(x, y, 6))
+    assert cb.last.kl_scale < 1.0  # the clip is active, so the lrs matter
+    for (k, p), q in zip(module.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-6, msg=k)
