@@ -184,7 +184,7 @@ def run_seed(seed: int, epochs: int, name: str, oracle: bool) -> dict[str, Any]:
     x_te, y_te = s["test"]
     n = len(s["train"][0])
     res: dict[str, Any] = {"metrics": {}, "deltas": {}, "reliability": {}, "oracle": [],
-                           "seed": seed}
+                           "seed": seed, "load": os.getloadavg()[0]}
     with torch.no_grad():
         p = model(x_te).softmax(-1)
         ood_p = {k: model(x).softmax(-1) for k, x in s["oods"].items()}
@@ -504,11 +504,14 @@ def combine(args: argparse.Namespace, epochs: int) -> str:
         with open(args.speed_file) as fh:
             lines += ["", fh.read().strip()]
     t = [statistics.mean(r["times"][i] for r in first) for i in range(3)]
+    loads = [r["load"] for r in first if "load" in r]
+    load = (f"1-minute load average at the seeds' start: {min(loads):.1f} to {max(loads):.1f} "
+            f"on {os.cpu_count()} cores" if loads else f"{LOAD_NOTE} (at the combine)")
     lines += [
         "",
         f"Per seed: training {t[0]:.0f} s; the four curvature estimates (diag, kfac, two "
         f"low-rank) {t[1]:.0f} s; δ selection and predictives (3 protocols x 6 posteriors) "
-        f"{t[2]:.0f} s. {LOAD_NOTE}.",
+        f"{t[2]:.0f} s, one torch thread per seed process. {load}.",
     ]
     text = "\n".join(lines)
     if not args.quick:
@@ -517,6 +520,7 @@ def combine(args: argparse.Namespace, epochs: int) -> str:
 
 
 def main(args: argparse.Namespace) -> str:
+    torch.set_num_threads(1)  # on a shared, oversubscribed machine one thread is fastest
     epochs = 15 if args.quick else 60
     if args.speed:
         text = speed(0, epochs, args.repeats)
