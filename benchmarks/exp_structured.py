@@ -583,7 +583,7 @@ def table(args, dense, acc, info, lat, notes) -> str:
                 )
                 lines.append(f"* {fc} ahead of {c}, fit {f}: {ahead}/{len(cells)}")
     # the targets at 50% removed
-    if 0.5 in args.keep:
+    if 0.5 in args.keep and not args.latency_only:
         lines += [
             "",
             "Targets at 50% of FLOPs removed, no retraining (best Fisher criterion and fit by "
