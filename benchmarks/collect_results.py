@@ -28,7 +28,9 @@ ORDER = [
     "obs_cnn",
     "structured",
     "structured_latency",
+    "structured_wide",
     "structured_minilm",
+    "structured_minilm_refit",
     "merging",
     "merging_curvature_v2",
     "merging_curvature_cnn",
@@ -40,6 +42,7 @@ ORDER = [
     "uncertainty_cnn",
     "damping",
     "gpu",
+    "demo",
 ]
 
 
