@@ -541,14 +541,17 @@ def hooked_output(
     where: str,
     hooks: Iterable[tuple[nn.Module, Callable[..., Any]]],
     mode: contextlib.AbstractContextManager[Any] | None = None,
+    *,
+    grad: bool = True,
 ) -> torch.Tensor:
-    """``output_fn`` of one forward of ``model`` on ``b`` with grad mode on and a forward
-    hook per ``(module, hook)`` pair of ``hooks`` for this pass only (removed even on failure), inside
-    ``mode`` when one is given (e.g. a ``TorchFunctionMode`` that records free
-    parameters). The one capture sequence of the capture path, K-FAC and Laplace."""
+    """``output_fn`` of one forward of ``model`` on ``b`` with grad mode on (off when
+    ``grad=False``) and a forward hook per ``(module, hook)`` pair of ``hooks`` for this
+    pass only (removed even on failure), inside ``mode`` when one is given (e.g. a
+    ``TorchFunctionMode`` that records free parameters). The one capture sequence of the
+    capture path, K-FAC, Laplace and structured pruning's layer walks."""
     handles = [m.register_forward_hook(h) for m, h in hooks]
     try:
-        with torch.enable_grad(), (mode if mode is not None else contextlib.nullcontext()):
+        with torch.set_grad_enabled(grad), (mode if mode is not None else contextlib.nullcontext()):
             return output_fn(call_model(model, b, where))
     finally:
         for h in handles:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from natgrad.engine.batch import Batch, parse_batch
+from natgrad.engine.per_sample import hooked_output
 from natgrad.pruning.structures import Group
 
 if TYPE_CHECKING:
@@ -307,20 +308,13 @@ def _outputs(mod: Layer, y: torch.Tensor) -> torch.Tensor:
 def _call_order(model: nn.Module, batch: Batch) -> list[str]:
     """Names of the Linear/Conv modules of ``model`` in the order one forward of (one
     sample of) ``batch`` calls them; modules called more than once (shared) are left out."""
-    b = batch.select(0, 1)
     calls: list[str] = []
-    handles = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, *_CONV)):
-            handles.append(
-                mod.register_forward_hook(lambda m, a, o, name=name: calls.append(name))
-            )
-    try:
-        with torch.no_grad():
-            model(*b.args, **b.kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = [
+        (mod, lambda m, a, o, name=name: calls.append(name))
+        for name, mod in model.named_modules()
+        if isinstance(mod, (nn.Linear, *_CONV))
+    ]
+    hooked_output(model, batch.select(0, 1), lambda o: o, "the layer walk", hooks, grad=False)
     return [n for i, n in enumerate(calls) if calls.count(n) == 1]
 
 
