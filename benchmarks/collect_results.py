@@ -15,6 +15,7 @@ ORDER = [
     "fisher_transformer_encoder",
     "per_sample_grads",
     "laplace_speed",
+    "laplace_speed_cpu",
     "kfac_refresh",
     "curvature_overhead",
     "natural_gradient",

@@ -684,10 +684,12 @@ def _fast_moments(
                     var[..., gi] += torch.einsum("cno,eno->nce", B1 * M[gi], B1)
                 continue
             if M is not None:
-                B2 = B[:, :, 0].square()
-                for gi in range(G):
-                    prod = B2.mul_(M[gi]) if gi == G - 1 else B2 * M[gi]
-                    var[:, c0 : c0 + k, gi] += prod.sum(-1).t()
+                # a rotated B is a fresh product: squared in place (an unrotated one may be
+                # the gradient tensor of another layer too)
+                B1 = B[:, :, 0]
+                B2 = B1.square_() if t.QG is not None else B1.square()
+                for gi in range(G):  # Σ_o B²_cno M_gno, one fused product-sum per candidate
+                    var[:, c0 : c0 + k, gi] += torch.linalg.vecdot(B2, M[gi]).t()
                 continue
             inv = t.inv.reshape(G, -1)
             step = max(1, _PRODUCT_FLOATS // max(k * B.shape[-1] * A.shape[-1], 1))
