@@ -95,10 +95,24 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
         self.likelihood = str(likelihood)
 
     @classmethod
-    def _valid(
+    def from_checked(
         cls, values: dict[str, torch.Tensor], n_samples: int, labels: str, likelihood: str
     ) -> DiagonalFisher:
-        """A Fisher of values already known to be finite and >= 0 (no second check)."""
+        """A Fisher that takes ``values`` as they are: no copy, no second check.
+
+        For estimators that have already checked their values are finite and ``>= 0``
+        (sums of squares are ``>= 0`` by construction); the constructor checks them again
+        and converts them to the accumulation dtype.
+
+        Args:
+            values: ``{parameter name: F_i}``, finite, ``>= 0``, in the accumulation dtype.
+            n_samples: the number of samples behind the values.
+            labels: the label source they came from.
+            likelihood: the likelihood's name.
+
+        Returns:
+            The :class:`DiagonalFisher` holding ``values`` themselves.
+        """
         f = cls.__new__(cls)
         f._values, f.n_samples, f.labels, f.likelihood = values, n_samples, labels, likelihood
         return f
@@ -140,7 +154,7 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
         if check:
             return DiagonalFisher(values, n, labels=labels, likelihood=self.likelihood)
         vals = {k: _as_acc(v) for k, v in values.items()}
-        return DiagonalFisher._valid(vals, n, labels, self.likelihood)
+        return DiagonalFisher.from_checked(vals, n, labels, self.likelihood)
 
     # -- arithmetic ----------------------------------------------------------------
     def __add__(self, other: Curvature) -> DiagonalFisher:

@@ -189,7 +189,7 @@ def estimate_fisher(
         "the per-sample gradients of",
         "Check the inputs for NaN/Inf, the model's outputs, and the labels.",
     )
-    return DiagonalFisher._valid(
+    return DiagonalFisher.from_checked(
         {k: to_acc(v.detach()).div_(n_total) for k, v in sums.items()},  # ours: no copy
         n_total,
         labels=opts.labels,
