@@ -137,20 +137,27 @@ needs_kron = pytest.mark.skipif(
 
 
 @needs_kron
-@pytest.mark.parametrize("kind", ["kfac", "ekfac", "lowrank"])
-@pytest.mark.parametrize("method", ["dense", "cg"])
-def test_kronecker_merge_matches_a_dense_solve(kind, method):
+def _curvatures_and_dense(models, kind, seed, n):
+    """Each model's exact-label curvature of ``kind`` on its own ``n`` random samples
+    (generator seeds ``seed``, ``seed + 1``, ...), and its dense float64 matrix."""
     from tests.reference import dense_copy
 
-    models = [_model(s) for s in (20, 21)]
     curvs, dense = [], []
     for i, m in enumerate(models):
-        g = torch.Generator().manual_seed(30 + i)
-        x = torch.randn(12, 3, generator=g, dtype=torch.float64)
-        y = torch.randint(0, 2, (12,), generator=g)
+        g = torch.Generator().manual_seed(seed + i)
+        x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 2, (n,), generator=g)
         c = natgrad.estimate_curvature(m, (x, y), kind=kind, labels="exact")
         curvs.append(c)
         dense.append(dense_copy(c, _shapes(m)))
+    return curvs, dense
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "lowrank"])
+@pytest.mark.parametrize("method", ["dense", "cg"])
+def test_kronecker_merge_matches_a_dense_solve(kind, method):
+    models = [_model(s) for s in (20, 21)]
+    curvs, dense = _curvatures_and_dense(models, kind, seed=30, n=12)
     merged = natgrad.fisher_weighted_merge(
         models, curvs, floor=1e-4, method=method, cg_tol=1e-13, cg_iters=3000
     )
@@ -175,17 +182,8 @@ def _count_mv(curv):
 @pytest.mark.parametrize("preconditioner", ["kronecker", "jacobi"])
 @pytest.mark.parametrize("kind", ["kfac", "ekfac"])
 def test_preconditioned_cg_merge_matches_a_dense_solve(kind, preconditioner):
-    from tests.reference import dense_copy
-
     models = [_model(s) for s in (40, 41, 42)]
-    curvs, dense = [], []
-    for i, m in enumerate(models):
-        g = torch.Generator().manual_seed(50 + i)
-        x = torch.randn(15, 3, generator=g, dtype=torch.float64)
-        y = torch.randint(0, 2, (15,), generator=g)
-        c = natgrad.estimate_curvature(m, (x, y), kind=kind, labels="exact")
-        curvs.append(c)
-        dense.append(dense_copy(c, _shapes(m)))
+    curvs, dense = _curvatures_and_dense(models, kind, seed=50, n=15)
     merged = natgrad.fisher_weighted_merge(
         models, curvs, weights=[1.0, 3.0, 2.0], floor=1e-5, method="cg", cg_tol=1e-13,
         cg_iters=3000, preconditioner=preconditioner,
