@@ -350,11 +350,24 @@ class FisherPreconditioner:
         new = self._estimate(batch)
         if self.curvature is None or self.curvature_cls.REFRESH_REPLACES:
             self.curvature = new
-        elif sys.getrefcount(self.curvature) <= 2:  # this attribute and the call's argument
+        elif not self._held_elsewhere():
             self.curvature = self.curvature.ema_(new, self.ema_decay)
         else:
             self.curvature = self.curvature.ema(new, self.ema_decay)
         self.curvature.prepare_solve()
+
+    def _held_elsewhere(self) -> bool:
+        """Whether anything but this preconditioner refers to its curvature.
+
+        Its reference count is compared with that of a fresh object held by one attribute
+        and read the same way, so the interpreter's own counting (the call's argument,
+        borrowed stack references in newer CPythons) cancels instead of being assumed.
+        """
+        self._probe = object()
+        try:
+            return sys.getrefcount(self.curvature) > sys.getrefcount(self._probe)
+        finally:
+            del self._probe
 
     def group_lrs(self, param_groups: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """``{name: lr}`` for this preconditioner's parameters, read from an optimizer's
