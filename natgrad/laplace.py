@@ -1174,19 +1174,22 @@ def optimize_prior_precision(
     output_fn: OutputFn | None = None,
     engine: EngineName = "auto",
 ) -> PriorPrecisionResult:
-    """Choose the prior precision ``δ`` of the diagonal Laplace posterior ``N·F + δ``.
+    """Choose the prior precision ``δ`` of the Laplace posterior ``N·F + δI``, for a
+    diagonal ``F`` or any :class:`natgrad.Curvature`.
 
     * ``method="grid"``: the ``δ`` in ``grid`` with the lowest mean validation negative
       log-likelihood ``-(1/M) Σ_m log p(y_m | x_m)`` under the Laplace predictive of
       :func:`fisher_uncertainty` (same ``link``). The Jacobians are computed once per
       chunk and reused for every candidate.
     * ``method="marglik"``: maximize the Laplace log marginal likelihood of the
-      diagonal GGN posterior,
-      ``log Z(δ) = log p(D | θ*) - ½ δ ‖θ*‖² + ½ P log δ - ½ Σ_i log(N F_i + δ)``
-      (the ``2π`` terms of prior and posterior cancel). ``log p(D | θ*)`` does not
-      depend on ``δ`` and is left out of the scores. Its derivative vanishes where
-      ``δ = γ / ‖θ*‖²`` with ``γ = Σ_i N F_i / (N F_i + δ)`` (the effective number of
-      parameters); the exact root is returned, and ``scores`` tabulates ``grid``.
+      GGN posterior,
+      ``log Z(δ) = log p(D | θ*) - ½ δ ‖θ*‖² + ½ P log δ - ½ log det(N F + δI)``
+      (the ``2π`` terms of prior and posterior cancel; for a diagonal ``F`` the last
+      term is ``½ Σ_i log(N F_i + δ)``, for a structured curvature its ``logdet``).
+      ``log p(D | θ*)`` does not depend on ``δ`` and is left out of the scores. Its
+      derivative vanishes where ``δ = γ / ‖θ*‖²`` with ``γ = P − δ tr (N F + δI)⁻¹``
+      (the effective number of parameters; ``Σ_i N F_i / (N F_i + δ)`` for a diagonal
+      ``F``); the exact root is returned, and ``scores`` tabulates ``grid``.
       ``val_data`` is not used.
 
     Args:
