@@ -442,14 +442,19 @@ def test_ekfac_sum_refits_in_the_pooled_eigenbasis():
     torch.testing.assert_close(e.blocks["0"].A, 0.25 * a.blocks["0"].A + 0.75 * b.blocks["0"].A)
 
 
-@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
-def test_ema_to_state_and_files(kind, tmp_path):
+def _two_curvatures(kind):
+    """Curvatures of ``kind`` on 8 and on the first 3 samples of one small model (a
+    Linear, a LayerNorm, a Linear) and the model's parameter shapes."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
     x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 3, (8,))
-    c = _est(model, (x, y), kind=kind)
-    d = _est(model, (x[:3], y[:3]), kind=kind)
     shapes = {k: p.shape for k, p in model.named_parameters()}
+    return _est(model, (x, y), kind=kind), _est(model, (x[:3], y[:3]), kind=kind), shapes
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_ema_to_state_and_files(kind, tmp_path):
+    c, d, shapes = _two_curvatures(kind)
     dense = dense_from_mv(c, shapes)
     e = c.ema(d, 0.9)
     assert e.n_samples == 11
@@ -462,7 +467,7 @@ def test_ema_to_state_and_files(kind, tmp_path):
     clone = KroneckerFisher.from_state_dict(c.state_dict())
     assert clone.structure() == c.structure() and clone.n_samples == 8
     torch.testing.assert_close(dense_from_mv(clone, shapes), dense, atol=0, rtol=0)
-    target = _est(model, (x[:3], y[:3]), kind=kind)
+    target = d  # a curvature of the same structure, estimated on 3 samples
     target.load_state_dict(c.state_dict())
     torch.testing.assert_close(dense_from_mv(target, shapes), dense, atol=0, rtol=0)
     c.save(tmp_path / "k.safetensors")
@@ -616,12 +621,7 @@ def test_ema_in_place_equals_ema_and_drops_the_cached_solves(kind):
     """``c.ema_(d, δ)`` overwrites c's factors with δ·A_c + (1-δ)·A_d (K-FAC: by hand)
     and gives the operator of ``c.ema(d, δ)``; products cached before (eigenbases,
     1/(S + λ), factored Cholesky) are not reused afterwards."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
-    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 3, (8,))
-    c = _est(model, (x, y), kind=kind)
-    d = _est(model, (x[:3], y[:3]), kind=kind)
-    shapes = {k: p.shape for k, p in model.named_parameters()}
+    c, d, shapes = _two_curvatures(kind)
     A0, G0, D0 = c.blocks["0"].A.clone(), c.blocks["0"].G.clone(), c.diag["1.weight"].clone()
     ref = c.ema(d, 0.9)
     v = {k: torch.randn(s, dtype=torch.float64) for k, s in shapes.items()}
