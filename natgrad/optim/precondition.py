@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -284,7 +283,8 @@ class FisherPreconditioner:
                     "or source='batch'."
                 )
             self._capture = BackwardCapture(model, self.params, loss_reduction=loss_reduction)
-        self.curvature: Curvature | None = None
+        self._curvature: Curvature | None = None
+        self._lent = False  # whether `curvature` was read since it was last replaced
         if self.curvature_kind in ("kfac", "ekfac"):
             layers, diag_names = kfac_layers(model, self.params)
             logger.info(
@@ -338,36 +338,36 @@ class FisherPreconditioner:
             **self._options,
         )
 
+    @property
+    def curvature(self) -> Curvature | None:
+        """The current curvature (``None`` before the first refresh).
+
+        Reading it hands it out: the next refresh then builds a new curvature
+        (:meth:`natgrad.Curvature.ema`) instead of averaging into this one in place, so
+        what the caller holds, and anything derived from it that may share its tensors
+        (``2 * pre.curvature``, ``pre.curvature.to(...)``), never changes under it.
+        """
+        self._lent = True
+        return self._curvature
+
     def _update_curvature(self, batch: Any) -> None:
         """Fold the batch's curvature into the EMA, ``C ← d·C + (1 - d)·C_batch``.
 
-        While nothing but this preconditioner refers to ``C`` (``self.curvature``), the
-        average is written into its own statistics (:meth:`natgrad.Curvature.ema_`: K-FAC
-        factors ``lerp_``-ed in place, no new factor tensors); when something else holds
-        it (e.g. ``snapshot = pre.curvature``), a new curvature is built
-        (:meth:`natgrad.Curvature.ema`) and the held one is left as it was.
+        While ``C`` has not been handed out (see :attr:`curvature`), the average is
+        written into its own statistics (:meth:`natgrad.Curvature.ema_`: K-FAC factors
+        ``lerp_``-ed in place, no new factor tensors); once it has, a new curvature is
+        built (:meth:`natgrad.Curvature.ema`) and the one handed out is left as it was.
         """
         new = self._estimate(batch)
-        if self.curvature is None or self.curvature_cls.REFRESH_REPLACES:
-            self.curvature = new
-        elif not self._held_elsewhere():
-            self.curvature = self.curvature.ema_(new, self.ema_decay)
+        C = self._curvature
+        if C is None or self.curvature_cls.REFRESH_REPLACES:
+            C = new
+        elif self._lent:
+            C = C.ema(new, self.ema_decay)
         else:
-            self.curvature = self.curvature.ema(new, self.ema_decay)
-        self.curvature.prepare_solve()
-
-    def _held_elsewhere(self) -> bool:
-        """Whether anything but this preconditioner refers to its curvature.
-
-        Its reference count is compared with that of a fresh object held by one attribute
-        and read the same way, so the interpreter's own counting (the call's argument,
-        borrowed stack references in newer CPythons) cancels instead of being assumed.
-        """
-        self._probe = object()
-        try:
-            return sys.getrefcount(self.curvature) > sys.getrefcount(self._probe)
-        finally:
-            del self._probe
+            C = C.ema_(new, self.ema_decay)
+        self._curvature, self._lent = C, False
+        C.prepare_solve()
 
     def group_lrs(self, param_groups: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """``{name: lr}`` for this preconditioner's parameters, read from an optimizer's
@@ -438,9 +438,9 @@ class FisherPreconditioner:
                 self._capture.clear()
         self._step += 1
         self._arm()
-        if t < self.warmup_steps or not grads or self.curvature is None:
+        if t < self.warmup_steps or not grads or self._curvature is None:
             return PreconditionStep(t, lam, updated, False, 1.0)
-        deltas = self.curvature.solve(grads, lam)
+        deltas = self._curvature.solve(grads, lam)
         nu = 1.0
         if self.kl_clip is not None and lrs is not None:
             nu = kl_clip_scale(deltas, grads, lrs, self.kl_clip)
@@ -487,7 +487,7 @@ class FisherPreconditioner:
             "kind": self.kind,
             "step": self._step,
             "generator": self.generator.get_state(),
-            "curvature": None if self.curvature is None else self.curvature.state_dict(),
+            "curvature": None if self._curvature is None else self._curvature.state_dict(),
         }
 
     def _curvature_from_state(self, state: Mapping[str, Any]) -> Curvature | None:
@@ -554,7 +554,7 @@ class FisherPreconditioner:
         curv = self._curvature_from_state(state)
         self._step = int(state["step"])
         self.generator.set_state(state["generator"].clone())
-        self.curvature = curv
+        self._curvature, self._lent = curv, False
         if self._capture is not None:
             self._capture.clear()
         self._arm()

@@ -1051,9 +1051,9 @@ def test_kfac_ema_refresh_updates_the_held_factors_in_place(mode):
                                kfac_damping=mode)
     _backward(model, xs[0], ys[0])
     pre.step((xs[0], ys[0]))
-    held = pre.curvature
+    held = pre._curvature  # inspected without handing it out (see the `curvature` property)
     ptr = (held.blocks[""].A.data_ptr(), held.blocks[""].G.data_ptr())
-    del held  # nothing but the preconditioner refers to it now
+    del held
     (A1, G1), (A2, G2) = (_linear_factors(model, x, y) for x, y in zip(xs, ys, strict=True))
     _backward(model, xs[1], ys[1])
     V = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1)
@@ -1097,13 +1097,33 @@ def test_ema_refresh_leaves_a_held_curvature_alone(kind, mlp_case):
     before = {k: v.clone() for k, v in _state_tensors(snapshot.state_dict())}
     assert before
     before_diag = snapshot.diagonal()
-    first_b = id(pb.curvature)
+    scaled = snapshot * 2.0  # derived, may share the snapshot's tensors
+    scaled_diag = scaled.diagonal()
+    first_b = id(pb._curvature)  # not handed out: pb refreshes in place
     for p in (pa, pb):
         _backward(model, *batches[1])
         p.step(batches[1])
     assert pa.curvature is not snapshot and id(pb.curvature) == first_b
     assert_close_dict(snapshot.diagonal(), before_diag, rtol=0, atol=0)
+    assert_close_dict(scaled.diagonal(), scaled_diag, rtol=0, atol=0)
     for k, v in _state_tensors(snapshot.state_dict()):
         assert torch.equal(v, before[k]), k
     assert_close_dict(pa.curvature.diagonal(), pb.curvature.diagonal(), rtol=1e-12, atol=1e-14)
     assert pa.curvature.n_samples == pb.curvature.n_samples == len(y)
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac"])
+def test_ema_refresh_leaves_a_derived_curvature_alone(kind, mlp_case):
+    """``scaled = 2 * pre.curvature`` (the curvature itself not kept) may share its
+    tensors; the next refresh must not change it (a reference count of the curvature
+    object alone cannot see this)."""
+    model, x, y = mlp_case
+    pre = FisherPreconditioner(model, kind=kind, damping=0.1, update_every=1, ema_decay=0.7)
+    _backward(model, x[:5], y[:5])
+    pre.step((x[:5], y[:5]))
+    scaled = pre.curvature * 2.0
+    before = {k: v.clone() for k, v in _state_tensors(scaled.state_dict())}
+    _backward(model, x[5:], y[5:])
+    pre.step((x[5:], y[5:]))
+    for k, v in _state_tensors(scaled.state_dict()):
+        assert torch.equal(v, before[k]), k
