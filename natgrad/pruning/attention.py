@@ -17,8 +17,8 @@ returns ``(output, None)``: attention weights are not returned. It sets
 
 Inference fast path: for self-attention (``query is key is value``) without autograd,
 without hooks on the projections and outside tracing, the three projections run as
-one matrix product with the concatenated ``[W_q; W_k; W_v]`` (cached, rebuilt when a
-projection's parameters change) and the output projection is called without the module
+one matrix product with the concatenated ``[W_q; W_k; W_v]`` (concatenated at each call)
+and the output projection is called without the module
 machinery: three fewer kernel launches and Python module calls per layer, the same
 numbers up to float rounding.
 """
@@ -69,7 +69,6 @@ class HeadAttention(nn.Module):
         self.in_proj_bias = None
         self.in_proj_weight = None
         self._natgrad_head_mask: torch.Tensor | None = None
-        self._qkv_cache: tuple[tuple[tuple[int, int], ...], torch.Tensor, torch.Tensor] | None = None
 
     def _fast_path_ok(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
         """Self-attention at inference, nothing watching the projections (see the module
@@ -92,14 +91,10 @@ class HeadAttention(nn.Module):
         return True
 
     def _qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The concatenated q/k/v weight and bias, rebuilt when any of them changed."""
-        ps = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
-              self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]
-        key = tuple((id(p), p._version) for p in ps)
-        if self._qkv_cache is None or self._qkv_cache[0] != key:
-            with torch.no_grad():
-                self._qkv_cache = (key, torch.cat(ps[:3]), torch.cat(ps[3:]))
-        return self._qkv_cache[1], self._qkv_cache[2]
+        """The concatenated q/k/v weight and bias, built at each call (a cache keyed on the
+        parameters' versions would miss writes through ``.data``)."""
+        return (torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]),
+                torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
 
     def forward(
         self,

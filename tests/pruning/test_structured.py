@@ -435,8 +435,8 @@ def test_from_multihead_matches_multihead_attention():
 
 
 def test_head_attention_fast_path_matches_module_path():
-    """The inference path (one fused q/k/v product, cached) computes what the module path
-    computes, refreshes its cache when a projection changes, and steps aside for hooks."""
+    """The inference path (one fused q/k/v product) computes what the module path
+    computes, sees every change of a projection, and steps aside for hooks."""
     torch.manual_seed(0)
     for batch_first in (True, False):
         mha = nn.MultiheadAttention(8, 4, batch_first=batch_first).double().eval()
@@ -454,13 +454,16 @@ def test_head_attention_fast_path_matches_module_path():
                 assert att._fast_path_ok(x, x, x)
                 fast = att(x, x, x, **kwargs)[0]
             torch.testing.assert_close(fast, slow.detach(), rtol=1e-12, atol=1e-12)
-        # a changed projection is seen by the cached fused weight
-        with torch.no_grad():
-            att.k_proj.weight.mul_(2.0)
-            fast = att(x, x, x)[0]
-        with torch.enable_grad():
-            slow = att(x, x, x)[0].detach()
-        torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+        # a changed projection is seen by the fused product, also a write through .data
+        # (which leaves the parameter's version counter alone)
+        for weight in (att.k_proj.weight, att.q_proj.weight.data):
+            with torch.no_grad():
+                att(x, x, x)
+                weight.mul_(0.5)
+                fast = att(x, x, x)[0]
+            with torch.enable_grad():
+                slow = att(x, x, x)[0].detach()
+            torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
     # hooks on a projection (Fisher, tuning, FLOP counts) see it called: no fast path
     seen = []
     h = att.q_proj.register_forward_hook(lambda m, a, o: seen.append(o.shape))
