@@ -165,21 +165,23 @@ def inverse_cdf_draws(logits: torch.Tensor, k: int, generator: torch.Generator) 
     ).to(logits.device)
     step = max(1, _CDF_FLOATS // max(c, 1))
     out = torch.empty((rows, k), dtype=torch.long, device=logits.device)
+    finite = torch.ones((), dtype=torch.bool, device=logits.device)  # one host sync, at the end
     for s in range(0, rows, step):
         f = to_acc(logits[s : s + step])
         q = (f - f.amax(-1, keepdim=True)).exp_()
         cdf = torch.cumsum(q, -1, dtype=torch.float64)
         total = cdf[:, -1:].contiguous()
-        if not bool(torch.isfinite(total).all()):
-            raise ValueError(
-                "Cannot draw labels from non-finite logits (NaN or Inf): check the inputs "
-                "and whether training diverged."
-            )
+        finite &= torch.isfinite(total).all()
         idx = torch.searchsorted(cdf, u[s : s + step] * total, right=True)
         # u * total can round up to total (probability ~2⁻⁵³): take the last class of
         # positive mass then, the first whose cumulative sum reaches the total.
         last = torch.searchsorted(cdf, total, right=False)
         out[s : s + step] = torch.minimum(idx, last)
+    if not bool(finite):
+        raise ValueError(
+            "Cannot draw labels from non-finite logits (NaN or Inf): check the inputs "
+            "and whether training diverged."
+        )
     return out
 
 
