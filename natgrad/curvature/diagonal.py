@@ -98,23 +98,25 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
     def from_checked(
         cls, values: dict[str, torch.Tensor], n_samples: int, labels: str, likelihood: str
     ) -> DiagonalFisher:
-        """A Fisher that takes ``values`` as they are: no copy, no second check.
+        """A Fisher of ``values`` without a second check: no copy when they are already in
+        the accumulation dtype (converted otherwise).
 
         For estimators that have already checked their values are finite and ``>= 0``
-        (sums of squares are ``>= 0`` by construction); the constructor checks them again
-        and converts them to the accumulation dtype.
+        (sums of squares are ``>= 0`` by construction); the constructor checks them again.
 
         Args:
-            values: ``{parameter name: F_i}``, finite, ``>= 0``, in the accumulation dtype.
+            values: ``{parameter name: F_i}``, finite and ``>= 0``.
             n_samples: the number of samples behind the values.
             labels: the label source they came from.
             likelihood: the likelihood's name.
 
         Returns:
-            The :class:`DiagonalFisher` holding ``values`` themselves.
+            The :class:`DiagonalFisher` holding ``values`` (themselves, when already in the
+            accumulation dtype).
         """
         f = cls.__new__(cls)
-        f._values, f.n_samples, f.labels, f.likelihood = values, n_samples, labels, likelihood
+        f._values = {k: _as_acc(v) for k, v in values.items()}  # no copy when already so
+        f.n_samples, f.labels, f.likelihood = n_samples, labels, likelihood
         return f
 
     # -- mapping -------------------------------------------------------------------
@@ -153,8 +155,7 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
         labels = labels or self.labels
         if check:
             return DiagonalFisher(values, n, labels=labels, likelihood=self.likelihood)
-        vals = {k: _as_acc(v) for k, v in values.items()}
-        return DiagonalFisher.from_checked(vals, n, labels, self.likelihood)
+        return DiagonalFisher.from_checked(dict(values), n, labels, self.likelihood)
 
     # -- arithmetic ----------------------------------------------------------------
     def __add__(self, other: Curvature) -> DiagonalFisher:

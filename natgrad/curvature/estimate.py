@@ -29,7 +29,7 @@ from natgrad.engine.checks import (
     check_int,
     check_not_python_numbers,
 )
-from natgrad.engine.common import acc_dtype, to_acc
+from natgrad.engine.common import acc_dtype
 from natgrad.engine.distributed import (
     all_reduce_sums,
     raise_if_any_rank_failed,
@@ -190,7 +190,7 @@ def estimate_fisher(
         "Check the inputs for NaN/Inf, the model's outputs, and the labels.",
     )
     return DiagonalFisher.from_checked(
-        {k: to_acc(v.detach()).div_(n_total) for k, v in sums.items()},  # ours: no copy
+        {k: v.detach().div_(n_total) for k, v in sums.items()},  # ours, accumulation dtype
         n_total,
         labels=opts.labels,
         likelihood=plan.lik.name,
