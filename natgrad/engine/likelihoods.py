@@ -434,7 +434,7 @@ class TokenCategorical(Likelihood):
         keep = tgt != self.ignore_index
         safe = torch.where(keep, tgt, torch.zeros_like(tgt))
         g = _minus_onehot(to_acc(out).softmax(-1), safe)
-        return self._pad(g * keep.unsqueeze(-1).to(g.dtype))
+        return self._pad(g.masked_fill_(~keep.unsqueeze(-1), 0))  # g is ours: no copy
 
     def sample(
         self, output: torch.Tensor, generator: torch.Generator, k: int, target: torch.Tensor | None = None
