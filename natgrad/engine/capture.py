@@ -567,12 +567,10 @@ def _stream_column(
     """
     grads: dict[tuple[Any, Any], torch.Tensor | None] = {}
     need: dict[nn.Module, set[tuple[Any, Any]]] = {}
-    for m in split.fast:
-        keys = {(split.shared[m], None)} if m in split.shared else {(m, p) for p in store[m]}
-        need[m] = keys
     waiting: dict[tuple[Any, Any], list[nn.Module]] = {}
-    for m, keys in need.items():
-        for key in keys:
+    for m in split.fast:
+        need[m] = {(split.shared[m], None)} if m in split.shared else {(m, p) for p in store[m]}
+        for key in need[m]:
             waiting.setdefault(key, []).append(m)
     free_keys = {(k, None) for k in split.free}
     left = set(split.fast)
@@ -581,7 +579,7 @@ def _stream_column(
         module_step(m, grads)
         left.discard(m)
         for key in need[m]:
-            if all(o not in left for o in waiting[key]) and key not in free_keys:
+            if all(o not in left for o in waiting[key]):  # free keys never wait here
                 grads.pop(key, None)
         if m not in dense:  # a 2-D Linear reads its input again at the end
             store.pop(m, None)
@@ -709,11 +707,15 @@ def fast_batch_sums(
             chain, d_shape, _ = store[k]
             acc.add(k, layers.free(chain, plan.params[k], d_shape, Bk, w))
 
-    if len(cols) == 1:
-        _stream_column(out, es, index, cols[0], split, store, dense, module_step, free_step)
+    def flush_tied() -> None:
+        """Add the squares of each tied parameter's uses, collected by ``module_step``."""
         for k, uses in tied.items():
             _tied_squares(acc.zeros(k), plan.params[k], uses, w)
         tied.clear()
+
+    if len(cols) == 1:
+        _stream_column(out, es, index, cols[0], split, store, dense, module_step, free_step)
+        flush_tied()
     else:
         # Columns are pulled back one at a time (a vmapped is_grads_batched backward is
         # no faster on CPU and lacks batching rules for attention kernels), then their
@@ -735,9 +737,7 @@ def fast_batch_sums(
             del per
             for m in split.fast:
                 module_step(m, grads)
-            for k, uses in tied.items():
-                _tied_squares(acc.zeros(k), plan.params[k], uses, w)
-            tied.clear()
+            flush_tied()
             for k in split.free:
                 free_step(k, grads[(k, None)])
     for m, b2 in dense.items():  # b2 = Σ_j b_j², (N, O)
