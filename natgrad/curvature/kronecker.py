@@ -200,7 +200,9 @@ def default_factor_bytes(device: torch.device) -> int:
     on a loaded machine it can read near zero for a moment (other processes' peaks, page
     cache not yet reclaimed), which alone would refuse factors of a few kilobytes; half
     the total is the floor, so only factors that could not fit in half of the machine
-    are refused during such a dip. Unknown (no ``/proc/meminfo``): no limit.
+    are refused during such a dip. Unknown (no ``/proc/meminfo``): no limit. Factors of
+    at most 64 MiB in all are not checked against it (half of any machine PyTorch runs on
+    holds them), so a small model's refresh queries no memory.
     """
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
@@ -218,6 +220,12 @@ def default_factor_bytes(device: torch.device) -> int:
     if not info:
         return 2**62  # unknown: no guard beyond max_factor_bytes
     return max(info.get("MemAvailable", 0), info.get("MemTotal", 0) // 2)
+
+
+# Factors up to this size are never refused by the default limit: its floor is half the
+# machine's memory, and PyTorch alone needs more than twice this much to run. Skipping the
+# memory query for them keeps a small model's refresh from reading /proc/meminfo each time.
+_ALWAYS_FITS = 64 * 2**20
 
 
 def _fmt_bytes(n: float) -> str:
@@ -636,6 +644,8 @@ class KroneckerFisher(Curvature):
             if kind == "ekfac":
                 need += g * dG * dA * item
         given = max_factor_bytes is not None
+        if not given and need <= _ALWAYS_FITS:  # below half of any machine PyTorch runs on
+            return diag_A, diag_G
         limit = max_factor_bytes if max_factor_bytes is not None else default_factor_bytes(device)
         if need > limit:
             raise FactorMemoryError(

@@ -90,11 +90,13 @@ def test_a_momentary_dip_of_available_memory_does_not_refuse_small_factors(monke
 
 
 def test_factors_over_half_the_memory_are_refused_during_a_dip(monkeypatch):
-    model = nn.Linear(300, 2)  # A 301x301 with its eigenbasis: 725 kB of float32
-    x, y = torch.randn(2, 300), torch.tensor([0, 1])
-    _fake_meminfo(monkeypatch, available_kb=0, total_kb=1000)  # floor: 500 kB
+    # A 3001x3001 with its eigenbasis: 72 MB of float32 (smaller factors are never refused
+    # by the default: half of any machine PyTorch runs on holds them)
+    model = nn.Linear(3000, 2)
+    x, y = torch.randn(2, 3000), torch.tensor([0, 1])
+    _fake_meminfo(monkeypatch, available_kb=0, total_kb=100_000)  # floor: 50 MB
     with pytest.raises(FactorMemoryError,
-                       match=r"more than the 0\.49 MiB allowed \(the default: the available "
+                       match=r"more than the 48\.83 MiB allowed \(the default: the available "
                              r"memory, at least half the total.*max_factor_dim"):
         _est(model, (x, y), kind="kfac")
 
@@ -237,3 +239,20 @@ def test_corrupt_and_foreign_files(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         LowRankFisher.load(tmp_path / "junk.safetensors")
+
+
+def test_small_factors_skip_the_memory_query(monkeypatch):
+    # the default limit's floor is half the machine's memory, so factors of a few MB
+    # cannot be refused by it: a refresh must not read /proc/meminfo for them
+    import builtins
+
+    model, x, y = _case()
+    real = builtins.open
+
+    def no_meminfo(path, *args, **kwargs):
+        if str(path) == "/proc/meminfo":
+            raise AssertionError("read /proc/meminfo for small factors")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_meminfo)
+    assert _est(model, (x, y), kind="kfac").structure()["0.weight"] == "kfac"
