@@ -1229,11 +1229,10 @@ def _factored_solve(blk: KroneckerBlock, V: torch.Tensor, lam: float) -> torch.T
         cached = blk.eig["factored"] = (lam, sides)
     if V.dim() == 2:  # one group, its dimension dropped (see _ops)
         gs, as_ = cached[1][0]
-        return _apply_left(as_, _apply_left(gs, V).mT).mT
+        return _apply_right(_apply_left(gs, V), as_)
     out = []
     for g, (gs, as_) in enumerate(cached[1]):
-        X = _apply_left(gs, V[g])
-        out.append(_apply_left(as_, X.mT).mT)
+        out.append(_apply_right(_apply_left(gs, V[g]), as_))
     return torch.stack(out)
 
 
@@ -1269,6 +1268,18 @@ def _apply_left(side: tuple[str, torch.Tensor], X: torch.Tensor) -> torch.Tensor
     if how == "chol":
         return torch.cholesky_solve(X, T)
     return T @ X
+
+
+def _apply_right(X: torch.Tensor, side: tuple[str, torch.Tensor]) -> torch.Tensor:
+    """``X (M + shift·I)⁻¹`` for a side of :func:`_damped_factor` (symmetric, so this is
+    ``((M + shift·I)⁻¹ Xᵀ)ᵀ``; an explicit inverse multiplies from the right, which keeps
+    the result contiguous: no strided copy when the caller splits it)."""
+    how, T = side
+    if how == "diag":
+        return X * T
+    if how == "chol":
+        return torch.cholesky_solve(X.mT, T).mT
+    return X @ T
 
 
 def _project(blk: KroneckerBlock, QA: torch.Tensor | None, QG: torch.Tensor | None) -> torch.Tensor:
