@@ -596,14 +596,20 @@ def check_all_finite(tensors: Mapping[str, torch.Tensor], what: str, hint: str) 
         what: the message's noun before the name, e.g. ``"the gradient (.grad) of parameter"``.
         hint: how to fix it.
     """
-    items = {k: v.detach() for k, v in tensors.items() if v.numel() and v.is_floating_point()}
+    items = {k: v for k, v in tensors.items() if v.is_floating_point() and v.numel()}
     if not items:
         return
-    sums = _by_device(v.sum() for v in items.values())
-    if all(bool(torch.isfinite(torch.stack(s)).all()) for s in sums.values()):
-        return
+    with torch.no_grad():
+        sums = [v.sum() for v in items.values()]
+        dev = sums[0].device
+        if all(s.device == dev for s in sums):  # the common case: one device, one sync
+            if bool(torch.isfinite(torch.stack(sums)).all()):
+                return
+        elif all(bool(torch.isfinite(torch.stack(s)).all())
+                 for s in _by_device(sums).values()):
+            return
     for k, v in items.items():
-        bad = ~torch.isfinite(v)
+        bad = ~torch.isfinite(v.detach())
         if bool(bad.any()):
             idx, val, count = _first(bad, v)
             raise FloatingPointError(
@@ -639,7 +645,7 @@ def check_fisher_values(values: Mapping[str, torch.Tensor], what: str = "the Fis
     if ok:
         return
     for k, v in items.items():
-        bad = ~torch.isfinite(v)
+        bad = ~torch.isfinite(v.detach())
         if bool(bad.any()):
             idx, val, count = _first(bad, v)
             raise FloatingPointError(

@@ -283,6 +283,9 @@ class FisherPreconditioner:
                     "or source='batch'."
                 )
             self._capture = BackwardCapture(model, self.params, loss_reduction=loss_reduction)
+        self._capture_pools = (
+            "distributed" in inspect.signature(self.curvature_cls.from_capture).parameters
+        )
         self._curvature: Curvature | None = None
         self._lent = False  # whether `curvature` was read since it was last replaced
         if self.curvature_kind in ("kfac", "ekfac"):
@@ -319,7 +322,7 @@ class FisherPreconditioner:
         if self._capture is not None:
             # a kind whose from_capture pools the ranks itself (EKFAC: factors reduced before
             # its eigenbasis is taken) gets distributed=True; the others are all-reduced
-            pools = "distributed" in inspect.signature(self.curvature_cls.from_capture).parameters
+            pools = self._capture_pools
             extra = {"distributed": is_distributed()} if pools else {}
             local = self.curvature_cls.from_capture(
                 self._capture, kind=self.curvature_kind, likelihood=lik, **self._options, **extra
@@ -588,9 +591,19 @@ def kl_clip_scale(
     Returns:
         ``ν`` in ``(0, 1]``.
     """
-    vg = 0.0
+    if not deltas:
+        return 1.0
+    dots = []
     for k, d in deltas.items():
-        vg += lrs[k] ** 2 * float((d * grads[k].to(d.dtype)).sum())
+        g = grads[k]
+        dots.append(torch.dot(d.reshape(-1), (g if g.dtype == d.dtype else g.to(d.dtype)).reshape(-1)))
+    # one host sync for all the dot products (each in its Δ's dtype, summed in float64)
+    dev = dots[0].device
+    if all(x.device == dev for x in dots):
+        values = torch.stack(dots).tolist()
+    else:  # a model spread over devices
+        values = [float(x) for x in dots]
+    vg = sum(lrs[k] ** 2 * x for k, x in zip(deltas, values, strict=True))
     if vg == 0.0:
         return 1.0
     return min(1.0, float((kl_clip / abs(vg)) ** 0.5))

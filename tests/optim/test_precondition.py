@@ -252,6 +252,13 @@ def test_kl_clip_scale_equals_hand_computation():
     assert kl_clip_scale(deltas, grads, lrs, 1e-3) == pytest.approx((1e-3 / 2.73) ** 0.5)
     assert kl_clip_scale(deltas, grads, lrs, 3.0) == 1.0  # inside the region: no clip
     assert kl_clip_scale(deltas, grads, dict.fromkeys(lrs, 0.0), 1e-3) == 1.0  # sum 0
+    # a matrix, its gradient non-contiguous and of another dtype: Σ += 0.2²·(1·1 + 2·3 + 3·2
+    # + 4·4) = 0.04·29 = 1.16 (the gradient's transpose is [[1, 3], [2, 4]])
+    deltas["c"] = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    grads["c"] = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).t()
+    lrs["c"] = 0.2
+    assert kl_clip_scale(deltas, grads, lrs, 1e-3) == pytest.approx((1e-3 / 3.89) ** 0.5)
+    assert kl_clip_scale({}, {}, {}, 1e-3) == 1.0
 
 
 def test_kl_clip_is_the_default_and_bounds_the_quadratic_kl(mlp_case):
