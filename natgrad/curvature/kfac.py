@@ -500,6 +500,15 @@ def capture(plan: Plan, batch: Any, layers: Mapping[str, KFACLayer]) -> Captured
     return Captured(n, acts, grads, sorted(unbatched))
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """``Σ_{n,t} x_ntg x_ntgᵀ`` per group, ``(groups, d, d)``, of ``x`` ``(N, T, groups, d)``
+    (one group: one matrix product, cheaper than the batched ``einsum``)."""
+    if x.shape[2] == 1:
+        x2 = x.reshape(-1, x.shape[3])
+        return (x2.mT @ x2).unsqueeze(0)
+    return torch.einsum("ntgi,ntgj->gij", x, x)
+
+
 def factor_stats(
     layer: KFACLayer, a: torch.Tensor, grads: list[tuple[float, torch.Tensor]], n: int,
     diag_A: bool, diag_G: bool, A: torch.Tensor | None = None, approx: KfacApprox = "expand",
@@ -534,10 +543,10 @@ def factor_stats(
     elif diag_A:
         A = (a * a).sum((0, 1)) / (n * T)
     else:
-        A = torch.einsum("ntgi,ntgj->gij", a, a) / (n * T)
+        A = _gram(a) / (n * T)
     G: torch.Tensor | None = None
     for w, b in grads:
-        gg = (b * b).sum((0, 1)) if diag_G else torch.einsum("ntgi,ntgj->gij", b, b)
+        gg = (b * b).sum((0, 1)) if diag_G else _gram(b)
         gg = gg * w if w != 1.0 else gg
         G = gg if G is None else G + gg
     assert G is not None  # capture() records at least one label column
