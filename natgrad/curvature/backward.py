@@ -84,28 +84,51 @@ class BackwardCapture:
             )
         self.layers: dict[str, KFACLayer] = dict(layers)
         self.order = list(params)
-        self.armed = False
+        self._model = model
         self._pass = 0
         # {layer: [[pass id, input, output grad or None], ...]}
         self._records: dict[str, list[list[Any]]] = {k: [] for k in self.layers}
         self._batch_sizes: dict[int, int | None] = {}
-        self._handles = [model.register_forward_pre_hook(self._new_pass, with_kwargs=True)]
-        self._handles += [
-            lay.module.register_forward_hook(self._hook(k)) for k, lay in self.layers.items()
-        ]
+        self._handles: list[Any] = []
+        self._removed = False
+        self._layer_hooks = {k: self._hook(k) for k in self.layers}  # the same on every arming
+
+    @property
+    def armed(self) -> bool:
+        """Whether the coming forwards and backwards are recorded.
+
+        The hooks are on the model only while armed (a hooked module's call costs more
+        even when its hook does nothing: about 10% of a small MLP's forward and backward),
+        each put first among the module's hooks, so it sees the layer's own output even
+        when a later hook of the user's replaces it.
+        """
+        return bool(self._handles)
+
+    @armed.setter
+    def armed(self, value: bool) -> None:
+        if value and not self._handles and not self._removed:
+            self._handles = [self._model.register_forward_pre_hook(
+                self._new_pass, with_kwargs=True, prepend=True)]
+            self._handles += [
+                lay.module.register_forward_hook(self._layer_hooks[k], prepend=True)
+                for k, lay in self.layers.items()
+            ]
+        elif not value:
+            for h in self._handles:
+                h.remove()
+            self._handles = []
 
     def _new_pass(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         self._pass += 1
-        if self.armed:  # the model's batch size: of its first tensor input (None: unknown)
-            first = next((a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)),
-                         None)
-            self._batch_sizes[self._pass] = (
-                int(first.shape[0]) if first is not None and first.dim() else None
-            )
+        # the model's batch size: of its first tensor input (None: unknown)
+        first = next((a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)), None)
+        self._batch_sizes[self._pass] = (
+            int(first.shape[0]) if first is not None and first.dim() else None
+        )
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def fn(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not self.armed or not torch.is_grad_enabled():
+            if not torch.is_grad_enabled():
                 return
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
@@ -127,9 +150,8 @@ class BackwardCapture:
 
     def remove(self) -> None:
         """Remove the hooks (the capture records nothing afterwards)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self.armed = False
+        self._removed = True
         self.clear()
 
     def take(self) -> Captured:

@@ -580,17 +580,20 @@ class KroneckerFisher(Curvature):
                 shared[(id(a), diag_A)] = A
             else:  # a layer the forward never reached: zero factors, as estimate gives
                 A, G = _zero_stats(lay, diag_A, diag_G)
-            sums += [A * cap.n, G * cap.n]
+            sums += [A, G]
         n_total = cap.n
-        if dist_on:
-            sums, n_total = _reduce_sum(sums, cap.n, None)
+        if dist_on:  # N_r-weighted sums over the ranks, then the mean over all samples
+            sums, n_total = _reduce_sum([f * cap.n for f in sums], cap.n, None)
+            sums = [f / max(n_total, 1) for f in sums]
+        factors = {k: (sums[2 * i], sums[2 * i + 1]) for i, k in enumerate(order)}
+        if sums and not bool(torch.isfinite(torch.stack([f.sum() for f in sums])).all()):
+            for k, (A, G) in factors.items():  # one host sync above; name the layer here
+                check_finite(f"the K-FAC factors of layer {k!r}", torch.stack([A.sum(), G.sum()]),
+                             "Training has likely diverged: lower the learning rate or raise "
+                             "damping.")
         blocks = {}
-        for i, k in enumerate(order):
+        for k, (A, G) in factors.items():
             lay = capture.layers[k]
-            A, G = sums[2 * i] / max(n_total, 1), sums[2 * i + 1] / max(n_total, 1)
-            check_finite(f"the K-FAC factors of layer {k!r}", torch.stack([A.sum(), G.sum()]),
-                         "Training has likely diverged: lower the learning rate or raise "
-                         "damping.")
             blocks[k] = KroneckerBlock(lay.weight, lay.bias, tuple(lay.module_weight.shape),
                                        lay.transposed, lay.groups, A, G)
         if kind == "ekfac":
@@ -1251,7 +1254,8 @@ def _damped_factor(M: torch.Tensor, shift: float) -> tuple[str, torch.Tensor]:
     Cholesky fails."""
     if M.dim() == 1:
         return "diag", 1.0 / (M + shift)
-    Ms = M + shift * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    Ms = M.clone()
+    Ms.diagonal().add_(shift)
     L, info = torch.linalg.cholesky_ex(Ms)
     if int(info) == 0:
         if M.shape[0] <= _SMALL_INVERSE:  # applied every step: one matmul beats a solve
