@@ -1134,3 +1134,47 @@ def test_ema_refresh_leaves_a_derived_curvature_alone(kind, mlp_case):
     pre.step((x[5:], y[5:]))
     for k, v in _state_tensors(scaled.state_dict()):
         assert torch.equal(v, before[k]), k
+
+
+def test_backward_hooks_are_on_the_model_only_while_armed():
+    # an unarmed capture leaves the modules unhooked (a hooked call costs more even when
+    # its hook returns at once); arming puts them back
+    torch.manual_seed(27)
+    model = mlp((5, 6, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    pre = FisherPreconditioner(model, kind="kfac", source="backward", update_every=2)
+    seen = []
+    for _ in range(4):
+        seen.append((pre._capture.armed, [len(m._forward_hooks) for m in linears],
+                     len(model._forward_pre_hooks)))
+        _backward(model, x, y)
+        pre.step(lr=0.1)
+    assert seen == [(True, [1, 1], 1), (False, [0, 0], 0)] * 2
+    pre.close()
+    assert all(not m._forward_hooks for m in linears) and not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("user_hook_first", [True, False])
+def test_backward_capture_sees_the_layer_output_under_a_user_hook(user_hook_first):
+    """A forward hook of the user's, added before or after the preconditioner, replaces the
+    layer's output with 2·s; K-FAC's G is of the gradient at the layer's own output s,
+    computed here by hand: b_n = ∂l_n/∂s_n = 2 (softmax(2 s_n) - e_{y_n}),
+    G = (1/N) Σ b_n b_nᵀ."""
+    torch.manual_seed(28)
+    model = nn.Linear(4, 3).double()
+    x, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    if user_hook_first:
+        model.register_forward_hook(lambda m, args, out: 2 * out)
+    pre = FisherPreconditioner(model, kind="kfac", source="backward", kl_clip=None)
+    if not user_hook_first:
+        model.register_forward_hook(lambda m, args, out: 2 * out)
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    with torch.no_grad():
+        s = x @ model.weight.T + model.bias
+        b = 2 * (torch.softmax(2 * s, 1) - F.one_hot(y, 3).double())
+        a = torch.cat([x, torch.ones(7, 1, dtype=torch.float64)], 1)
+    (blk,) = pre.curvature.blocks.values()
+    torch.testing.assert_close(blk.G[0], b.T @ b / 7)
+    torch.testing.assert_close(blk.A[0], a.T @ a / 7)
