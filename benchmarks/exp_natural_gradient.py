@@ -315,6 +315,9 @@ def report(args) -> str:
                 steps[key] = (hit, status)
                 record(key, hit, status)
     t1 = time.time() - t1
+    if args.steps_only:
+        print(f"phase 1 done in {t1:.0f} s; runs in {args.steps_log}")
+        return ""
     if args.wall == "derived":
         return derived_report(args, data, steps, seeds, workloads, lrs, max_steps, t1)
     # -- phase 2: wall-clock of each method's best lr, in lockstep -------------------------
@@ -586,8 +589,16 @@ def main(argv=None) -> str:
     ap.add_argument("--steps-log", default=None,
                     help="JSON-lines log of phase-1 runs: finished runs are read from it "
                     "and skipped, new ones appended")
+    ap.add_argument("--steps-only", action="store_true",
+                    help="run phase 1 only (steps are load independent: it may run on a busy "
+                    "machine), appending to --steps-log; a later run reads the log")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
+    if args.steps_only and not args.steps_log:
+        ap.error("--steps-only needs --steps-log (where phase 1's runs are kept)")
+    if args.steps_only:  # no fragment: the report comes from a later run reading the log
+        report(args)
+        return "phase 1 done"
     name = "natural_gradient" if "transformer" not in args.workloads else (
         "natural_gradient_transformer")
     return run_experiment(name, report, args)
