@@ -318,21 +318,15 @@ def _call_order(model: nn.Module, batch: Batch) -> list[str]:
     return [n for i, n in enumerate(calls) if calls.count(n) == 1]
 
 
-def _capture(model: nn.Module, name: str, b: Batch, *, output: bool) -> torch.Tensor:
-    """The input (``output=False``) or output of layer ``name`` in one forward of batch ``b``
-    (the forward stops there)."""
+def _capture(model: nn.Module, name: str, b: Batch) -> torch.Tensor:
+    """The input of layer ``name`` in one forward of batch ``b`` (the forward stops there)."""
     cap: dict[str, torch.Tensor] = {}
-    mod = model.get_submodule(name)
 
     def pre(m: nn.Module, a: tuple[Any, ...]) -> None:
         cap["t"] = a[0].detach()
         raise _StopForward
 
-    def post(m: nn.Module, a: tuple[Any, ...], o: torch.Tensor) -> None:
-        cap["t"] = o.detach()
-        raise _StopForward
-
-    h = mod.register_forward_hook(post) if output else mod.register_forward_pre_hook(pre)
+    h = model.get_submodule(name).register_forward_pre_hook(pre)
     try:
         with torch.no_grad():
             model(*b.args, **b.kwargs)
@@ -343,11 +337,59 @@ def _capture(model: nn.Module, name: str, b: Batch, *, output: bool) -> torch.Te
     return cap["t"]
 
 
+def _targets(
+    original: nn.Module,
+    layers: list[str],
+    batches: list[Batch],
+    out_rows: Mapping[str, torch.Tensor],
+) -> dict[str, list[torch.Tensor]]:
+    """``{layer: [target rows of each batch]}``: each layer's output in ``original`` as
+    ``(rows, out)`` (float64 for a float64 model, else float32), only the output rows kept
+    in the pruned model (``out_rows``) and, for token inputs with an attention mask, only
+    the real tokens. One hooked forward per batch collects every layer (``original`` does
+    not change while the pruned layers are re-fitted); a layer called twice keeps its
+    first output, as the pruned side's capture does."""
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    for b in batches:
+        seen = _batch_targets(original, layers, b, out_rows)
+        missing = [n for n in layers if n not in seen]
+        if missing:
+            raise ValueError(
+                f"the calibration batch did not reach layer(s) {missing} of the original "
+                "model: pass calibration inputs that run the whole model."
+            )
+        for n in layers:
+            out[n].append(seen[n])
+    return out
+
+
+def _batch_targets(
+    original: nn.Module, layers: list[str], b: Batch, out_rows: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The targets of :func:`_targets` for one batch, from one hooked forward."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(m: nn.Module, o: torch.Tensor, name: str) -> None:
+        if name in seen:
+            return
+        dt = torch.float64 if o.dtype == torch.float64 else torch.float32
+        y = _outputs(cast(Layer, m), o.detach().to(dt))
+        if name in out_rows:
+            y = y[:, out_rows[name].to(y.device)]
+        real = _real_tokens(m, o, b.mask)
+        seen[name] = y if real is None else y[real]
+
+    hooks = [(original.get_submodule(n), lambda m, a, o, n=n: keep(m, o, n)) for n in layers]
+    hooked_output(original, b, lambda o: o, "the re-fit targets", hooks, grad=False)
+    return seen
+
+
 def _real_tokens(
     mod: nn.Module, x: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor | None:
-    """For a Linear reading ``(N, T, in)`` token inputs of a batch with an ``(N, T)``
-    attention mask: the design rows of real (unpadded) tokens; None otherwise."""
+    """For a Linear reading ``(N, T, in)`` token inputs (or writing ``(N, T, out)``
+    outputs: ``x`` is either) of a batch with an ``(N, T)`` attention mask: the rows of
+    real (unpadded) tokens; None otherwise."""
     if mask is None or not isinstance(mod, nn.Linear) or x.dim() != 3:
         return None
     if tuple(x.shape[:2]) != tuple(mask.shape):
@@ -442,22 +484,18 @@ def tune_layers(
         first = min(order.index(n) for n in consumers)
         names = {n for n, _ in original.named_modules()}
         layers = [n for n in order[first:] if n in names]
+    targets = _targets(original, layers, batches, out_rows)
     tuned = []
     for name in layers:
         mod_p = _layer(pruned, name)
         gram: torch.Tensor | None = None
         cross: torch.Tensor | None = None
-        for b in batches:
-            o = _capture(original, name, b, output=True)
-            dt = torch.float64 if o.dtype == torch.float64 else torch.float32
-            y = _outputs(mod_p, o.to(dt))
-            if name in out_rows:
-                y = y[:, out_rows[name].to(y.device)]
-            xin = _capture(pruned, name, b, output=False).to(dt)
+        for b, y in zip(batches, targets[name], strict=True):
+            xin = _capture(pruned, name, b).to(y.dtype)
             x = design_rows(mod_p, xin)
             real = _real_tokens(mod_p, xin, b.mask)
             if real is not None:  # padding positions are left out of the fit
-                x, y = x[real], y[real]
+                x = x[real]
             gram = x.T @ x if gram is None else gram + x.T @ x
             cross = x.T @ y if cross is None else cross + x.T @ y
         assert gram is not None and cross is not None  # calibration has a batch (checked)
