@@ -577,7 +577,9 @@ def compensated_curves(
 
         ΔL = ½ tr(G W_B [(A⁻¹)_BB]⁻¹ W_Bᵀ),   W ← W - W_B [(A⁻¹)_BB]⁻¹ (A⁻¹)_B:,
 
-    and ``A⁻¹`` loses ``B`` by a Schur complement. The compensation is the least-squares
+    and ``A⁻¹`` loses ``B`` by a Schur complement. In dict batches with an ``(N, T)``
+    ``attention_mask``, the padded tokens are left out of ``A`` (its rows and their
+    count) and of ``G`` for a Linear reading ``(N, T, in)`` tokens, as in the re-fit. The compensation is the least-squares
     re-fit that :func:`tune_layers` makes. Structures are removed one at a time (or
     ``⌈S / max_steps⌉`` at a time in large groups), always the cheapest; ``values[k]`` is the
     sum of the increments of the first ``k`` (the chunk's joint ``ΔL`` split in proportion).
@@ -628,9 +630,13 @@ def compensated_curves(
                 o: torch.Tensor,
                 lname: str = lname,
                 leaves: dict[str, torch.Tensor] = leaves,
+                mask: torch.Tensor | None = b.mask,
             ) -> torch.Tensor:
                 st = stats[lname]
                 x = design_rows(cast(Layer, m), a[0].detach().double())
+                real = _real_tokens(m, a[0], mask)
+                if real is not None:  # padded tokens are left out, as in the re-fit
+                    x = x[real]
                 st["A"] = x.T @ x if st["A"] is None else st["A"] + x.T @ x
                 st["rows"] += x.shape[0]
                 # ∂loss/∂z = ∂loss/∂o for a zero z added to the output (frozen models too)
@@ -657,7 +663,11 @@ def compensated_curves(
                     for k, gr in zip(names, grads, strict=True):
                         if gr is None:
                             continue
-                        go = _outputs(_layer(model, k), gr.double()) / math.sqrt(len(draws))
+                        lay = _layer(model, k)
+                        go = _outputs(lay, gr.double()) / math.sqrt(len(draws))
+                        real = _real_tokens(lay, gr, b.mask)
+                        if real is not None:
+                            go = go[real]
                         st = stats[k]
                         st["G"] = go.T @ go if st["G"] is None else st["G"] + go.T @ go
         finally:

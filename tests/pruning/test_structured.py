@@ -1068,6 +1068,55 @@ def test_compensated_curves_match_brute_force_obs(case):
             assert float(values[k]) == pytest.approx(increase(order[:k].tolist()), rel=1e-7)
 
 
+def _obs_increase(w, a, gm, per, removed):
+    """½ tr(G D A Dᵀ) for the best change D of W with D[:, R] = -W[:, R] (closed form
+    D_K = W_R A_RK A_KK⁻¹), R the columns of the structures ``removed``."""
+    n = w.shape[1]
+    r = torch.tensor([s * per + i for s in removed for i in range(per)], dtype=torch.long)
+    k = torch.tensor([i for i in range(n) if i not in set(r.tolist())], dtype=torch.long)
+    d = torch.zeros_like(w)
+    d[:, r] = -w[:, r]
+    d[:, k] = w[:, r] @ a[r][:, k] @ torch.linalg.inv(a[k][:, k])
+    return 0.5 * float(torch.trace(gm @ d @ a @ d.T))
+
+
+def test_compensated_curves_leave_padded_tokens_out():
+    """With an attention mask, A and G of the layer reading the structures come from the
+    real tokens only: the curves match OBS on factors built by hand from a per-sample loop
+    over the unpadded tokens (A with the same ridge: a dead ReLU makes it singular)."""
+    from natgrad.pruning.shrink import compensated_curves
+
+    enc, batch, y = encoder_case()
+    mask = batch["attention_mask"]
+    assert not bool((mask != 0).all())
+    groups, _ = find_groups(enc, batch)
+    curves = compensated_curves(enc, groups, {**batch, "labels": y}, damping=1e-3)
+    for g in groups:
+        name = f"{g.consumer}.out_proj" if g.kind == "head" else g.consumer
+        layer = enc.get_submodule(name)
+        rows, gs = [], []
+        for n in range(len(y)):
+            cap = {}
+            h = layer.register_forward_hook(lambda m, a, o, cap=cap: cap.update(x=a[0], y=o))
+            out = enc(input_ids=batch["input_ids"][n : n + 1], attention_mask=mask[n : n + 1])
+            h.remove()
+            (gy,) = torch.autograd.grad(F.cross_entropy(out, y[n : n + 1], reduction="sum"), cap["y"])
+            real = mask[n] != 0
+            xr = cap["x"].detach()[0][real]
+            rows.append(torch.cat([xr, torch.ones(len(xr), 1, dtype=xr.dtype)], 1))
+            gs.append(gy[0][real])
+        xa, ga = torch.cat(rows), torch.cat(gs)
+        a, gm = xa.T @ xa / len(xa), ga.T @ ga / len(y)
+        a = a + 1e-3 * a.diagonal().mean() * torch.eye(len(a), dtype=a.dtype)  # the ridge
+        w = torch.cat([layer.weight, layer.bias[:, None]], 1).detach()
+        per = g.head_dim if g.kind == "head" else 1
+        order, values = curves[g.name]
+        for k in range(1, g.size if g.kind == "head" else 4):
+            want = _obs_increase(w, a, gm, per, order[:k].tolist())
+            assert float(values[k]) == pytest.approx(want, rel=1e-7, abs=1e-12)
+        assert int(order[0]) == min(range(g.size), key=lambda s: _obs_increase(w, a, gm, per, [s]))
+
+
 @pytest.mark.parametrize(
     "case", ["conv1d", pytest.param("encoder", marks=pytest.mark.slow), pytest.param("bert", marks=pytest.mark.slow)]
 )
