@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HeadAttention", "from_multihead", "shrink_heads", "attention_flops"]
+__all__ = ["HeadAttention", "from_multihead", "shrink_heads", "attention_flops", "block_indices"]
 
 
 class HeadAttention(nn.Module):
@@ -180,10 +180,26 @@ def from_multihead(mha: nn.MultiheadAttention) -> HeadAttention:
     return new
 
 
+def block_indices(keep: torch.Tensor, width: int) -> torch.Tensor:
+    """The indices of the kept blocks of ``width`` consecutive rows (or columns):
+    ``[k·width, …, k·width + width - 1]`` for each ``k`` of ``keep``, in order. For heads
+    (``width = head_dim``): the kept rows of the q/k/v projections and the kept columns of
+    the output projection.
+
+    Args:
+        keep: the kept block indices (ascending).
+        width: rows (or columns) per block.
+
+    Returns:
+        ``(len(keep) · width,)`` indices.
+    """
+    return (keep[:, None] * width + torch.arange(width, device=keep.device)[None, :]).flatten()
+
+
 def shrink_heads(att: HeadAttention, keep: torch.Tensor) -> HeadAttention:
     """A :class:`HeadAttention` with only the heads ``keep`` of ``att``."""
     d = att.head_dim
-    idx = (keep[:, None] * d + torch.arange(d)[None, :]).flatten().to(att.q_proj.weight.device)
+    idx = block_indices(keep, d).to(att.q_proj.weight.device)
     w = att.q_proj.weight
     new = HeadAttention(
         att.embed_dim, len(keep), d, batch_first=att.batch_first, device=w.device, dtype=w.dtype

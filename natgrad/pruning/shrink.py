@@ -21,6 +21,7 @@ layers before it, so errors do not pile up.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
@@ -29,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from natgrad.engine.batch import Batch, parse_batch
+from natgrad.engine.checks import check_choice
 from natgrad.engine.per_sample import hooked_output
+from natgrad.pruning.attention import block_indices, shrink_heads
 from natgrad.pruning.structures import Group
 
 if TYPE_CHECKING:
@@ -117,30 +120,30 @@ def kept_indices(group: Group, removed: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(keep).flatten()
 
 
-def _expand(keep: torch.Tensor, r: int) -> torch.Tensor:
-    return (keep[:, None] * r + torch.arange(r)[None, :]).flatten()
-
-
-def _columns(group: Group, keep: torch.Tensor) -> torch.Tensor:
-    return _expand(keep, group.repeat)
+def kept_rows(group: Group, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{module: kept output rows}`` of the modules whose rows the structures ``keep``
+    of ``group`` own: the producer (or the Hugging Face q/k/v projections, ``row_repeat``
+    rows per structure in each of ``row_blocks`` fused blocks), or for the heads of a
+    :class:`~natgrad.pruning.attention.HeadAttention` its ``q_proj``/``k_proj``/``v_proj``
+    (``head_dim`` rows per head)."""
+    if group.consumer_kind == "attention":
+        idx = block_indices(keep, group.head_dim)
+        return {f"{group.consumer}.{p}": idx for p in ("q_proj", "k_proj", "v_proj")}
+    idx = block_indices(keep, group.row_repeat)
+    width = group.size * group.row_repeat
+    rows = torch.cat([b * width + idx for b in range(group.row_blocks)])
+    return {r: rows for r in group.row_modules}
 
 
 def row_slices(groups: list[Group], removed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``{module: kept output rows}`` of every module that loses output rows."""
+    """``{module: kept output rows}`` of every module that loses output rows (the q/k/v
+    projections of pruned heads included)."""
     out = {}
     for g in groups:
         rem = removed.get(g.name)
-        if rem is None or rem.numel() == 0:
-            continue
-        for r in g.row_modules:
-            out[r] = _row_index(g, kept_indices(g, rem))
+        if rem is not None and rem.numel() > 0:
+            out.update(kept_rows(g, kept_indices(g, rem)))
     return out
-
-
-def _row_index(g: Group, keep: torch.Tensor) -> torch.Tensor:
-    idx = _expand(keep, g.row_repeat)
-    width = g.size * g.row_repeat
-    return torch.cat([b * width + idx for b in range(g.row_blocks)])
 
 
 def shrink_model(
@@ -155,8 +158,6 @@ def shrink_model(
     """
     rows: dict[str, torch.Tensor] = {}
     cols: dict[str, torch.Tensor] = {}
-    from natgrad.pruning.attention import shrink_heads
-
     for g in groups:
         rem = removed.get(g.name, torch.zeros(0, dtype=torch.long))
         if rem.numel() == 0:
@@ -167,9 +168,8 @@ def shrink_model(
             _set_module(model, g.name, shrink_heads(att_mod, keep))
             continue
         dev = _layer(model, g.consumer).weight.device
-        for r in g.row_modules:
-            rows[r] = _row_index(g, keep).to(dev)
-        cols[g.consumer] = _columns(g, keep).to(dev)
+        rows.update({r: idx.to(dev) for r, idx in kept_rows(g, keep).items()})
+        cols[g.consumer] = block_indices(keep, g.repeat).to(dev)
         if g.heads_module:
             att = model.get_submodule(g.heads_module)
             for attr, per_head in g.heads_attrs:
@@ -315,7 +315,8 @@ def _call_order(model: nn.Module, batch: Batch) -> list[str]:
         if isinstance(mod, (nn.Linear, *_CONV))
     ]
     hooked_output(model, batch.select(0, 1), lambda o: o, "the layer walk", hooks, grad=False)
-    return [n for i, n in enumerate(calls) if calls.count(n) == 1]
+    times = Counter(calls)
+    return [n for n in calls if times[n] == 1]
 
 
 def _capture(model: nn.Module, name: str, b: Batch) -> torch.Tensor:
@@ -397,6 +398,34 @@ def _real_tokens(
     return mask.reshape(-1).to(x.device) != 0
 
 
+TUNE_SCOPES = ("consumers", "downstream")
+TUNE_FITS = ("weights", "masks")
+
+
+def check_tuning(scope: str, fit: str, prefix: str = "") -> None:
+    """Check a re-fit's ``scope`` and ``fit`` (the one check of :func:`tune_layers` and
+    :func:`~natgrad.prune_structured`).
+
+    Args:
+        scope: ``"consumers"`` or ``"downstream"``.
+        fit: ``"weights"`` or ``"masks"``.
+        prefix: put before the argument names in the messages (``"tune_"`` for
+            ``prune_structured``'s ``tune_scope``/``tune_fit``).
+
+    Raises:
+        ValueError: for an unknown scope or fit, or ``fit="masks"`` with
+            ``scope="downstream"``.
+    """
+    check_choice(f"{prefix}scope", scope, TUNE_SCOPES)
+    check_choice(f"{prefix}fit", fit, TUNE_FITS)
+    if fit == "masks" and scope != "consumers":
+        raise ValueError(
+            f"{prefix}fit='masks' scales the kept structures of pruned layers only: use it "
+            f"with {prefix}scope='consumers' (or {prefix}fit='weights' for "
+            f"{prefix}scope='downstream')."
+        )
+
+
 def tune_layers(
     original: nn.Module,
     pruned: nn.Module,
@@ -446,36 +475,17 @@ def tune_layers(
     """
     from natgrad.curvature.estimate import iterate_batches
 
-    if scope not in ("consumers", "downstream"):
-        raise ValueError(f"scope must be 'consumers' or 'downstream', got {scope!r}.")
-    if fit not in ("weights", "masks"):
-        raise ValueError(f"fit must be 'weights' or 'masks', got {fit!r}.")
-    if fit == "masks" and scope != "consumers":
-        raise ValueError(
-            "fit='masks' scales the kept structures of pruned layers only: use it with "
-            "scope='consumers' (or fit='weights' for scope='downstream')."
-        )
+    check_tuning(scope, fit)
     batches = [parse_batch(b) for b in iterate_batches(calibration)]
-    # the layer reading each group's kept structures: its consumer, or for heads the
-    # attention's output projection (it reads the concatenated kept heads)
-    consumers = [
-        f"{g.consumer}.out_proj" if g.consumer_kind == "attention" else g.consumer
-        for g in groups
-        if removed.get(g.name, torch.zeros(0)).numel() > 0
-    ]
-    if not consumers:
-        return []
-    out_rows = row_slices(groups, removed)
-    for g in groups:  # the kept rows of the query/key/value projections of pruned heads
-        rem = removed.get(g.name)
-        if g.consumer_kind == "attention" and rem is not None and rem.numel() > 0:
-            idx = _expand(kept_indices(g, rem), g.head_dim)
-            for p in ("q_proj", "k_proj", "v_proj"):
-                out_rows[f"{g.consumer}.{p}"] = idx
+    # {layer reading a pruned group's kept structures: its columns per structure}
     per_structure = dict(
         _consumer_layer(pruned, g) for g in groups
         if removed.get(g.name, torch.zeros(0)).numel() > 0
     )
+    consumers = list(per_structure)
+    if not consumers:
+        return []
+    out_rows = row_slices(groups, removed)
     order = _call_order(pruned, batches[0])
     order += [n for n in consumers if n not in order]
     if scope == "consumers":

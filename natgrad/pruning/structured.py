@@ -57,6 +57,7 @@ from natgrad.pruning.search import (
     rearrange,
 )
 from natgrad.pruning.shrink import (
+    check_tuning,
     compensated_curves,
     count_flops,
     count_params,
@@ -510,13 +511,7 @@ def prune_structured(
         raise ValueError(f"finetune_lr must be a finite number > 0, got {finetune_lr!r}.")
     check_choice("criterion", criterion, CRITERIA)
     check_choice("search", search, SEARCHES)
-    check_choice("tune_scope", tune_scope, ("consumers", "downstream"))
-    check_choice("tune_fit", tune_fit, ("weights", "masks"))
-    if tune_fit == "masks" and tune_scope != "consumers":
-        raise ValueError(
-            "tune_fit='masks' scales the kept structures of pruned layers only: use it with "
-            "tune_scope='consumers' (or tune_fit='weights' for tune_scope='downstream')."
-        )
+    check_tuning(tune_scope, tune_fit, "tune_")
     check_choice("labels", labels, ("empirical", "mc"))
     check_no_batch_mixing(model)
     check_no_train_dropout(model, "structured pruning")
