@@ -236,13 +236,17 @@ class _StopForward(Exception):
 
 
 def least_squares(gram: torch.Tensor, cross: torch.Tensor, damping: float) -> torch.Tensor:
-    """``(G + εI)⁻¹ C`` with ``ε = damping · mean(diag G)`` (Cholesky; lstsq if singular)."""
+    """``(G + εI)⁻¹ C`` with ``ε = damping · mean(diag G)`` (Cholesky); for a singular
+    ``G + εI`` (e.g. ``damping=0`` and a rank-deficient Gram), the minimum-norm solution
+    ``(G + εI)⁺ C`` from the symmetric pseudo-inverse: every minimizer gives the same
+    fitted outputs. (``torch.linalg.lstsq``'s default CPU driver ``gelsy`` returned
+    solutions off the optimum on such systems, and the CUDA driver assumes full rank.)"""
     eps = damping * float(gram.diagonal().mean().clamp_min(1e-30))
     a = gram + eps * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         return torch.cholesky_solve(cross, chol)
-    sol: torch.Tensor = torch.linalg.lstsq(a, cross).solution
+    sol: torch.Tensor = torch.linalg.pinv(a, hermitian=True) @ cross
     return sol
 
 
@@ -539,9 +543,9 @@ def _fit_masks(
     k = n_in // per
     m_full = (gxx * (w.T @ w)).reshape(k, per, k, per).sum((1, 3))
     r = (target * w.T).sum(1).reshape(k, per).sum(1)
-    eps = damping * float(m_full.diagonal().mean().clamp_min(1e-30))
-    eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
-    m = torch.linalg.solve(m_full + eps * eye, r + eps)
+    # (M + εI) m = r + ε1 with m = 1 + δ: (M + εI) δ = r - M1, the shared damped solve
+    # (its lstsq fallback covers a singular M, e.g. a structure silent on the calibration set)
+    m = 1 + least_squares(m_full, (r - m_full.sum(1))[:, None], damping)[:, 0]
     with torch.no_grad():
         scale = m.repeat_interleave(per).to(mod.weight.dtype)
         flat = mod.weight.reshape(mod.weight.shape[0], -1) * scale[None, :]

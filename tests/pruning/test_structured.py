@@ -584,6 +584,43 @@ def test_mask_tuning_matches_dense_lstsq_linear():
         torch.testing.assert_close(small[4].weight / before[4].weight, want4[None, :].expand(4, -1), rtol=1e-7, atol=1e-9)
 
 
+def test_tuning_solves_a_singular_calibration_gram():
+    """A kept neuron that is silent on the calibration set (zero weights and bias: its
+    input column is 0) makes the Gram rank-deficient; without damping both fits still
+    reach the least-squares optimum: the fitted outputs of a dense lstsq on the design
+    without the silent column (the silent neuron's coefficient is not determined, so
+    outputs are compared)."""
+    model, _, _ = mlp_case()
+    with torch.no_grad():
+        model[0].weight[4] = 0.0
+        model[0].bias[4] = 0.0
+    x = torch.randn(30, 5, dtype=torch.float64)
+    groups, _ = find_groups(model, x)
+    removed = {"0": torch.tensor([1, 3]), "2": torch.zeros(0, dtype=torch.long)}
+    small = shrink_model(copy.deepcopy(model), groups, removed)
+    with torch.no_grad():
+        h = torch.tanh(small[0](x))
+        assert bool((h[:, 2] == 0).all())  # the silent neuron (index 4, kept as the 3rd)
+        gram = h.T @ h
+        assert int(torch.linalg.matrix_rank(gram)) < gram.shape[0]
+        y = model[2](torch.tanh(model[0](x)))
+        live = torch.tensor([0, 1, 3, 4])
+        w, b = small[2].weight, small[2].bias
+        # masks: one scale per live column, target Y - b
+        design = torch.stack([(h[:, [s]] @ w[:, [s]].T).flatten() for s in live.tolist()], 1)
+        scales = torch.linalg.lstsq(design, (y - b).flatten()[:, None]).solution.flatten()
+        want_masks = (h[:, live] * scales) @ w[:, live].T + b
+        # weights: [h_live, 1] -> Y
+        xt = torch.cat([h[:, live], torch.ones(30, 1, dtype=torch.float64)], 1)
+        want_weights = xt @ torch.linalg.lstsq(xt, y).solution
+    for fit, want in (("weights", want_weights), ("masks", want_masks)):
+        tuned = copy.deepcopy(small)
+        tune_layers(model, tuned, groups, removed, x, damping=0.0, fit=fit)
+        assert torch.isfinite(tuned[2].weight).all()
+        with torch.no_grad():
+            torch.testing.assert_close(tuned[2](h), want, rtol=1e-7, atol=1e-9)
+
+
 def test_mask_tuning_matches_dense_lstsq_conv_and_heads():
     model, _, _ = conv_case()
     x = torch.randn(20, 2, 12, dtype=torch.float64)
