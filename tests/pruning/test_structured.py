@@ -669,6 +669,86 @@ def test_mask_tuning_matches_dense_lstsq_conv_and_heads():
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
 
 
+def test_downstream_refit_of_an_encoder_with_heads_pruned_in_two_layers():
+    """Heads removed in both layers of a 2-layer encoder (and feed-forward neurons in the
+    second): before tuning the shrunken model computes what the masked model computes;
+    the downstream re-fit equals a sequence of dense (ridge) lstsq fits, layer by layer
+    in call order from the first layer's output projection on (layer 1's q/k/v on their
+    kept rows, the classifier head included), each on the real tokens of the already
+    re-fitted model's inputs against the original model's outputs."""
+    torch.manual_seed(3)
+    enc = TinyEncoder().double().eval()
+    convert_attention(enc)
+    ids = torch.randint(0, 13, (12, 6))
+    mask = torch.ones(12, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[3, 2:] = 0
+    mask[8, 5:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    groups, _ = find_groups(enc, batch)
+    heads = [g for g in groups if g.kind == "head"]
+    assert [g.consumer for g in heads] == ["enc.layers.0.self_attn", "enc.layers.1.self_attn"]
+    removed = {g.name: torch.zeros(0, dtype=torch.long) for g in groups}
+    removed[heads[0].name] = torch.tensor([0])
+    removed[heads[1].name] = torch.tensor([1])
+    removed["enc.layers.1.linear1"] = torch.tensor([2, 7, 11])
+    small = shrink_model(copy.deepcopy(enc), groups, removed)
+    masks = {g.name: torch.ones(g.size, dtype=torch.float64) for g in groups}
+    for name, rem in removed.items():
+        masks[name][rem] = 0.0
+    with torch.no_grad(), apply_masks_to(enc, groups, masks):
+        masked = enc(**batch)
+    with torch.no_grad():
+        torch.testing.assert_close(small(**batch), masked, rtol=1e-10, atol=1e-12)
+
+    ref = copy.deepcopy(small)
+    tuned = tune_layers(enc, small, groups, removed, batch, damping=1e-4, scope="downstream")
+    attn = [f"enc.layers.{i}.self_attn" for i in (0, 1)]
+    want_order = [
+        f"{attn[0]}.out_proj", "enc.layers.0.linear1", "enc.layers.0.linear2",
+        *[f"{attn[1]}.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")],
+        "enc.layers.1.linear1", "enc.layers.1.linear2", "head",
+    ]
+    assert tuned == want_order
+    kept_q1 = torch.tensor([0, 1, 2, 3])  # head 1 of layer 1 removed: head 0's 4 rows kept
+    kept_ff1 = torch.tensor([i for i in range(16) if i not in (2, 7, 11)])
+    rows = {**{f"{attn[1]}.{p}": kept_q1 for p in ("q_proj", "k_proj", "v_proj")},
+            "enc.layers.1.linear1": kept_ff1}
+    real = mask.reshape(-1) != 0
+
+    def io(model, name, output):
+        cap = {}
+        h = model.get_submodule(name).register_forward_hook(
+            lambda m, a, o: cap.update(x=a[0], y=o)
+        )
+        with torch.no_grad():
+            model(**batch)
+        h.remove()
+        t = cap["y" if output else "x"]
+        t = t.reshape(-1, t.shape[-1])
+        return t[real] if len(t) == len(real) else t  # token rows: the real ones
+
+    for name in want_order:
+        x = io(ref, name, output=False)
+        y = io(enc, name, output=True)
+        if name in rows:
+            y = y[:, rows[name]]
+        xt = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        # ridge ε = damping · mean diag(X̃ᵀX̃) as stacked rows √ε I -> 0 (a LayerNorm output
+        # and the ones column are linearly dependent: without it the fit is not unique)
+        eps = 1e-4 * float((xt**2).sum(0).mean())
+        n = xt.shape[1]
+        aug = torch.cat([xt, eps**0.5 * torch.eye(n, dtype=x.dtype)])
+        sol = torch.linalg.lstsq(aug, torch.cat([y, torch.zeros(n, y.shape[1], dtype=y.dtype)])).solution
+        lin = ref.get_submodule(name)
+        with torch.no_grad():
+            lin.weight.copy_(sol[:-1].T)
+            lin.bias.copy_(sol[-1])
+        got = small.get_submodule(name)
+        torch.testing.assert_close(got.weight, lin.weight, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(got.bias, lin.bias, rtol=1e-6, atol=1e-8)
+
+
 def test_tuning_leaves_padding_out():
     """With an attention mask, the re-fit of a token-wise Linear uses the real tokens only:
     it equals lstsq on the unpadded rows."""
