@@ -32,6 +32,7 @@ ORDER = [
     "structured_wide",
     "structured_minilm",
     "structured_minilm_refit",
+    "structured_minilm_d",
     "merging",
     "merging_curvature_v2",
     "merging_curvature_cnn",
