@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from natgrad.curvature.kfac import split_weight_blocks, weight_blocks
-from natgrad.curvature.kronecker import KroneckerBlock, KroneckerFisher
+from natgrad.curvature.kronecker import KroneckerBlock, KroneckerFisher, eig_scale
 from natgrad.curvature.ops import check_curvature, conjugate_gradient
 from natgrad.curvature.protocol import Curvature
 from natgrad.engine.checks import (
@@ -453,11 +453,7 @@ def _kronecker_preconditioner(
             first.shape, first.transposed, first.groups, v[first.weight].to(dt),
             None if first.bias is None else v[first.bias].to(dt),
         )
-        R = V if qg is None else qg.transpose(-1, -2) @ V
-        R = R if qa is None else R @ qa
-        R = R * inv
-        R = R if qg is None else qg @ R
-        R = R if qa is None else R @ qa.transpose(-1, -2)
+        R = eig_scale(V, inv, qa, qg)
         W, bias = split_weight_blocks(first.shape, first.transposed, first.bias is not None, R)
         out = {first.weight: W}
         if first.bias is not None and bias is not None:

@@ -770,14 +770,7 @@ class KroneckerFisher(Curvature):
             if factored and blk.s is None:
                 return _factored_solve(blk, V, lam)
             QA, QAt, QG, QGt, inv = _solve_ops(blk, lam)
-            if QGt is not None:
-                V = QGt @ V
-            if QA is not None:
-                V = V @ QA
-            V = V * inv
-            if QG is not None:
-                V = QG @ V
-            return V if QAt is None else V @ QAt
+            return eig_scale(V, inv, QA, QG, QAt, QGt)
 
         return self._each(v, layer, lambda f, x: x / (f + lam))
 
@@ -1150,18 +1143,40 @@ def _solve_ops(
     return ops
 
 
+def eig_scale(
+    V: torch.Tensor,
+    S: torch.Tensor,
+    QA: torch.Tensor | None,
+    QG: torch.Tensor | None,
+    QAt: torch.Tensor | None = None,
+    QGt: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``Q_G (S ⊙ Q_Gᵀ V Q_A) Q_Aᵀ``: rotate a block matrix into the eigenbasis
+    ``Q_G ⊗ Q_A``, scale it there elementwise, rotate it back.
+
+    With ``S`` the eigenvalues this is the EKFAC ``mv``; with ``1/(S + λ)`` the damped
+    solve. ``V``, ``S``: ``(d_G, d_A)`` or batched over groups ``(groups, d_G, d_A)``
+    (the bases alike); a None basis is the identity (a diagonal side). ``QAt``/``QGt``:
+    the transposed bases when the caller keeps them (one view fewer per call); None:
+    taken here.
+    """
+    if QG is not None:
+        V = (QG.mT if QGt is None else QGt) @ V
+    if QA is not None:
+        V = V @ QA
+    V = V * S
+    if QG is not None:
+        V = QG @ V
+    if QA is not None:
+        V = V @ (QA.mT if QAt is None else QAt)
+    return V
+
+
 def _layer_mv(blk: KroneckerBlock, V: torch.Tensor) -> torch.Tensor:
     """``G V A`` (K-FAC) or ``Q_G (s ⊙ Q_Gᵀ V Q_A) Q_Aᵀ`` (EKFAC) of a block matrix."""
     o = _ops(blk)
     if o.s is not None:
-        if o.QGt is not None:
-            V = o.QGt @ V
-        if o.QA is not None:
-            V = V @ o.QA
-        V = V * o.s
-        if o.QG is not None:
-            V = o.QG @ V
-        return V if o.QAt is None else V @ o.QAt
+        return eig_scale(V, o.s, o.QA, o.QG, o.QAt, o.QGt)
     V = o.G.unsqueeze(-1) * V if o.dG else o.G @ V
     return V * o.A.unsqueeze(-2) if o.dA else V @ o.A
 
