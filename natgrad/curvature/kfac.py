@@ -649,27 +649,43 @@ def kfac_factors(
 
 def weight_blocks(
     shape: tuple[int, ...], transposed: bool, groups: int,
-    gw: torch.Tensor, gb: torch.Tensor | None,
+    gw: torch.Tensor, gb: torch.Tensor | None, *, squeeze: bool = False,
 ) -> torch.Tensor:
     """``[W, b]`` as ``(groups, d_G, d_A)`` block matrices for a weight of ``shape``
-    (stored ``(in, out)`` when ``transposed``); ``gb=None`` for no bias column."""
-    if transposed:
-        V = gw.reshape(shape).T.unsqueeze(0)
+    (stored ``(in, out)`` when ``transposed``); ``gb=None`` for no bias column.
+    ``squeeze``: one group is returned as ``(d_G, d_A)``, without its group dimension
+    (plain matrix products on it cost less dispatch than batched ones)."""
+    one = squeeze and groups == 1
+    if transposed:  # a transposed weight has one group
+        V = gw.reshape(shape).T
+        V = V if one else V.unsqueeze(0)
+    elif one:
+        V = gw if gw.dim() == 2 else gw.reshape(shape[0], -1)
     else:
         V = gw.reshape(groups, shape[0] // groups, -1)
     if gb is not None:
-        V = torch.cat([V, gb.reshape(groups, -1, 1).to(V.dtype)], dim=-1)
+        col = gb.reshape(-1, 1) if one else gb.reshape(groups, -1, 1)
+        V = torch.cat([V, col if col.dtype == V.dtype else col.to(V.dtype)], dim=-1)
     return V
 
 
 def split_weight_blocks(
-    shape: tuple[int, ...], transposed: bool, has_bias: bool, V: torch.Tensor
+    shape: tuple[int, ...], transposed: bool, has_bias: bool, V: torch.Tensor,
+    *, bias: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Inverse of :func:`weight_blocks`: ``(weight shaped like shape, bias or None)``."""
-    b = V[..., -1].reshape(-1).contiguous() if has_bias else None
+    """Inverse of :func:`weight_blocks` (``V`` with its group dimension or, for one
+    group, without): ``(weight shaped like shape, bias or None)``, both contiguous;
+    ``bias=False``: the bias is not built (None)."""
+    b = None
+    if has_bias and bias:
+        b = V[..., -1]
+        b = (b if b.dim() == 1 else b.reshape(-1)).contiguous()
     W = V[..., :-1] if has_bias else V
-    W = W[0].T.contiguous() if transposed else W.reshape(shape)
-    return W.reshape(shape), b
+    if transposed:  # a transposed weight has one group
+        W = (W[0] if W.dim() == 3 else W).T
+    if W.shape != shape:
+        W = W.reshape(shape)
+    return (W if W.is_contiguous() else W.contiguous()), b
 
 
 def layer_matrix(
@@ -695,8 +711,8 @@ def layer_matrix(
         gb = grads.get(layer.bias)
         d_out = w.shape[1] if layer.transposed else w.shape[0]
         gb = torch.zeros(d_out, device=w.device, dtype=dtype) if gb is None else gb
-    V = weight_blocks(tuple(w.shape), layer.transposed, layer.groups, gw.to(dtype), gb)
-    return V[0] if layer.groups == 1 else V
+    return weight_blocks(tuple(w.shape), layer.transposed, layer.groups, gw.to(dtype), gb,
+                         squeeze=True)
 
 
 def split_layer_matrix(layer: KFACLayer, V: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -709,8 +725,6 @@ def split_layer_matrix(layer: KFACLayer, V: torch.Tensor) -> dict[str, torch.Ten
         {'weight': tensor([[1., 2.]]), 'bias': tensor([3.])}
     """
     shape = tuple(layer.module_weight.shape)
-    if V.dim() == 2:
-        V = V.unsqueeze(0)
     W, b = split_weight_blocks(shape, layer.transposed, layer.bias is not None, V)
     if b is None or layer.bias is None:  # b is None exactly when the bias is not covered
         return {layer.weight: W}

@@ -741,9 +741,9 @@ class KroneckerFisher(Curvature):
             b = None if blk.bias is None else v.get(blk.bias)
             if w is None and b is None:
                 continue
-            W, bo = _from_block(blk, layer_fn(blk, _to_block(blk, w, b)), w is not None,
-                                b is not None)
-            if w is not None and W is not None:
+            W, bo = split_weight_blocks(blk.shape, blk.transposed, blk.bias is not None,
+                                        layer_fn(blk, _to_block(blk, w, b)), bias=b is not None)
+            if w is not None:
                 out[blk.weight] = W if W.dtype == w.dtype else W.to(w.dtype)
             if b is not None and bo is not None and blk.bias is not None:
                 out[blk.bias] = bo if bo.dtype == b.dtype else bo.to(b.dtype)
@@ -1183,8 +1183,8 @@ def _layer_mv(blk: KroneckerBlock, V: torch.Tensor) -> torch.Tensor:
 
 def _to_block(blk: KroneckerBlock, w: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
     """``[W, b]`` in the block's dtype: ``(d_G, d_A)`` for one group, else
-    ``(groups, d_G, d_A)`` (see :func:`natgrad.curvature.kfac.weight_blocks`); a missing
-    part is zero."""
+    ``(groups, d_G, d_A)`` (:func:`natgrad.curvature.kfac.weight_blocks` with
+    ``squeeze``); a missing part is zero."""
     dt, dev = blk.A.dtype, blk.A.device
     if w is None:
         w = torch.zeros(blk.shape, dtype=dt, device=dev)
@@ -1196,32 +1196,7 @@ def _to_block(blk: KroneckerBlock, w: torch.Tensor | None, b: torch.Tensor | Non
                             device=dev)
         elif b.dtype != dt:
             b = b.to(dt)
-    if blk.groups != 1:
-        return weight_blocks(blk.shape, blk.transposed, blk.groups, w, b)
-    if blk.transposed:
-        W = w.reshape(blk.shape).T
-    else:
-        W = w if w.dim() == 2 else w.reshape(blk.shape[0], -1)
-    return W if b is None else torch.cat([W, b.reshape(-1, 1)], dim=1)
-
-
-def _from_block(
-    blk: KroneckerBlock, R: torch.Tensor, want_w: bool, want_b: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Inverse of :func:`_to_block`: ``(weight or None, bias or None)``, each only when
-    wanted, contiguous."""
-    if blk.groups != 1:
-        return split_weight_blocks(blk.shape, blk.transposed, blk.bias is not None, R)
-    has_b = blk.bias is not None
-    W = b = None
-    if want_w:
-        Wp = R[:, :-1] if has_b else R
-        W = Wp.T.contiguous() if blk.transposed else Wp.reshape(blk.shape)
-        if not W.is_contiguous():
-            W = W.contiguous()
-    if want_b and has_b:
-        b = R[:, -1].contiguous()
-    return W, b
+    return weight_blocks(blk.shape, blk.transposed, blk.groups, w, b, squeeze=True)
 
 
 def _factored_solve(blk: KroneckerBlock, V: torch.Tensor, lam: float) -> torch.Tensor:
