@@ -734,25 +734,38 @@ class KroneckerFisher(Curvature):
     ) -> dict[str, torch.Tensor]:
         """``layer_fn`` on each layer's block matrix, ``diag_fn(F, x)`` on the diagonal part;
         results in ``v``'s names, order and dtypes (missing names of a layer count as 0)."""
-        self._check_names(v)
         out: dict[str, torch.Tensor] = {}
-        for blk in self.blocks.values():
-            w = v.get(blk.weight)
-            b = None if blk.bias is None else v.get(blk.bias)
-            if w is None and b is None:
-                continue
+        for blk, w, b, V in self._walk_layers(v):
             W, bo = split_weight_blocks(blk.shape, blk.transposed, blk.bias is not None,
-                                        layer_fn(blk, _to_block(blk, w, b)), bias=b is not None)
+                                        layer_fn(blk, V), bias=b is not None)
             if w is not None:
                 out[blk.weight] = W if W.dtype == w.dtype else W.to(w.dtype)
             if b is not None and bo is not None and blk.bias is not None:
                 out[blk.bias] = bo if bo.dtype == b.dtype else bo.to(b.dtype)
+        for k, f, x, dt in self._walk_diag(v):
+            r = diag_fn(f, x)
+            out[k] = r if r.dtype == dt else r.to(dt)
+        return {k: out[k] for k in v}
+
+    def _walk_layers(
+        self, v: Params
+    ) -> Iterator[tuple[KroneckerBlock, torch.Tensor | None, torch.Tensor | None, torch.Tensor]]:
+        """``(block, v's weight, v's bias, [W, b] block matrix)`` for each layer ``v``
+        names (a part it lacks is None, and zero in the block matrix); checks the names."""
+        self._check_names(v)
+        for blk in self.blocks.values():
+            w = v.get(blk.weight)
+            b = None if blk.bias is None else v.get(blk.bias)
+            if w is not None or b is not None:
+                yield blk, w, b, _to_block(blk, w, b)
+
+    def _walk_diag(self, v: Params) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.dtype]]:
+        """``(name, F on v's device, v's entry in F's dtype, v's dtype)`` for each
+        diagonal-part parameter ``v`` names."""
         for k, f in self.diag.items():
             x = v.get(k)
             if x is not None:
-                r = diag_fn(f.to(x.device), x if x.dtype == f.dtype else x.to(f.dtype))
-                out[k] = r if r.dtype == x.dtype else r.to(x.dtype)
-        return {k: out[k] for k in v}
+                yield k, f.to(x.device), (x if x.dtype == f.dtype else x.to(f.dtype)), x.dtype
 
     # -- linear algebra -------------------------------------------------------------------
     def mv(self, v: Params) -> dict[str, torch.Tensor]:
@@ -819,19 +832,8 @@ class KroneckerFisher(Curvature):
     def quad(self, v: Params) -> torch.Tensor:
         """``vᵀ F v = Σ_layers ⟨V, mv(V)⟩ + Σ F v²`` (summed in the curvature's dtype;
         returned in the promoted dtype of ``v``)."""
-        self._check_names(v)
-        terms: list[torch.Tensor] = []
-        for blk in self.blocks.values():
-            w = v.get(blk.weight)
-            b = None if blk.bias is None else v.get(blk.bias)
-            if w is not None or b is not None:
-                V = _to_block(blk, w, b)
-                terms.append((V * _layer_mv(blk, V)).sum())
-        for k, f in self.diag.items():
-            x = v.get(k)
-            if x is not None:
-                x = x if x.dtype == f.dtype else x.to(f.dtype)
-                terms.append((f.to(x.device) * x * x).sum())
+        terms = [(V * _layer_mv(blk, V)).sum() for blk, _, _, V in self._walk_layers(v)]
+        terms += [(f * x * x).sum() for _, f, x, _ in self._walk_diag(v)]
         if not terms:
             return torch.zeros(())
         total = terms[0]
