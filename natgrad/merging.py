@@ -10,6 +10,7 @@ rows are merged with the input Gram matrices ``A_m`` alone (:func:`regmean_merge
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Literal, cast, get_args
 
 import torch
@@ -380,21 +381,18 @@ def _curvature_merge(
         if method == "dense" or (method == "auto" and size <= dense_max):
             correction.update(_dense_solve(op, b, group, mean))
         else:
-            kron = (
+            pre: Vec | Callable[[Vec], Vec] | None = (
                 _kronecker_preconditioner(curvs, w, floor, group, mean)
                 if preconditioner == "kronecker" else None
             )
-            if kron is not None:
-                res = conjugate_gradient(op, b, precond=kron, max_iter=cg_iters, tol=cg_tol)
-                correction.update(res.x)
-                continue
-            # Jacobi: floor + Σ_m w_m diag F_m (a tensor: there is at least one model)
-            pre = {
-                k: floor
-                + cast(torch.Tensor, sum(wm * d[k].to(mean[k]) for wm, d in zip(w, diags, strict=True)))
-                for k in group
-            }
-            pre = {k: torch.where(v > 0, v, torch.ones_like(v)) for k, v in pre.items()}
+            if pre is None:
+                # Jacobi: floor + Σ_m w_m diag F_m (a tensor: there is at least one model)
+                jac = {
+                    k: floor + cast(torch.Tensor, sum(
+                        wm * d[k].to(mean[k]) for wm, d in zip(w, diags, strict=True)))
+                    for k in group
+                }
+                pre = {k: torch.where(v > 0, v, torch.ones_like(v)) for k, v in jac.items()}
             res = conjugate_gradient(op, b, precond=pre, max_iter=cg_iters, tol=cg_tol)
             correction.update(res.x)
     with torch.no_grad():
@@ -427,20 +425,16 @@ def _kronecker_preconditioner(
     if any(b.layout() != first.layout() for b in blocks[1:]):
         return None
     dt = like[group[0]].dtype
-
-    def mean_factor(side: str) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """``(Q, s)`` of ``Σ_m w_m X_m`` (``Q`` None when every ``X_m`` is diagonal)."""
-        mats = [getattr(b, side).to(torch.float64) for b in blocks]
-        if all(m.dim() == 2 for m in mats):  # (groups, d): diagonal factors
-            return None, cast(torch.Tensor, sum(wm * m for wm, m in zip(w, mats, strict=True)))
-        full = [torch.diag_embed(m) if m.dim() == 2 else m for m in mats]
-        total = cast(torch.Tensor, sum(wm * m for wm, m in zip(w, full, strict=True)))
-        s, q = torch.linalg.eigh(0.5 * (total + total.transpose(-1, -2)))
-        return q, s
-
-    QA, sA = mean_factor("A")
-    QG, sG = mean_factor("G")
-    den = sG.clamp_min(0).unsqueeze(-1) * sA.clamp_min(0).unsqueeze(-2) + floor
+    # Ḡ ⊗ Ā as a K-FAC block of the same layout, in float64: its bases() are the
+    # eigendecompositions of Ā and Ḡ (eigenvalues clamped at 0; a diagonal side stays one)
+    mean_blk = replace(
+        first,
+        A=_mean([b.A.to(torch.float64) for b in blocks], w),
+        G=_mean([b.G.to(torch.float64) for b in blocks], w),
+        s=None, QA=None, QG=None, eig={},
+    )
+    QA, _, QG, _ = mean_blk.bases()
+    den = mean_blk.eigenvalues() + floor
     # a zero eigenvalue with no ridge: keep the preconditioner finite (CG still converges
     # on the range of the operator)
     den = den.clamp_min(max(float(den.max()) * 1e-12, torch.finfo(torch.float64).tiny))
