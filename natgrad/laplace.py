@@ -855,12 +855,14 @@ def _predict(
     lik: Likelihood,
     link: str,
     mean: torch.Tensor,
-    var: torch.Tensor,
+    spread: torch.Tensor,
     eps: torch.Tensor | None,
-    cov: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Probabilities, entropy and epistemic score from ``mean`` and ``var`` (both ``(N, D)``);
-    categorical MC draws use the logit covariance ``cov`` ``(N, D, D)``."""
+    """Probabilities, entropy and epistemic score from ``mean`` ``(N, D)`` and ``spread``:
+    the logit variances ``(N, D)``, or the full logit covariance ``(N, D, D)`` (what
+    categorical MC draws use; see :func:`_full_cov`), whose diagonal is the variances."""
+    cov = spread if _full_cov(lik, link) else None
+    var = spread if cov is None else cov.diagonal(dim1=1, dim2=2)
     if lik.name == "gaussian":
         pred_var = var + lik.sigma**2  # type: ignore[attr-defined]  # only the gaussian has sigma
         entropy = 0.5 * torch.log(2 * math.pi * math.e * pred_var).sum(-1)
@@ -1051,10 +1053,11 @@ def fisher_uncertainty(
     for one in [batch] if is_single_batch(batch) else iterate_batches(batch):
         b = parse_batch(one).to(device)
         mean, var = post.moments(b)
-        cov = var[..., 0] if full else None
-        var = cov.diagonal(dim1=1, dim2=2) if cov is not None else var[..., 0]
+        spread = var[..., 0]  # (N, D, D) when full, else (N, D)
+        cov = spread if full else None
+        var = spread.diagonal(dim1=1, dim2=2) if full else spread
         eps = _mc_noise(lik, link, n_samples, mean, gen, device)
-        pred = _predict(lik, link, mean, var, eps, cov)
+        pred = _predict(lik, link, mean, spread, eps)
         parts.append(dict(mean=mean, logit_variance=var, logit_covariance=cov, **pred))
     if not parts:
         raise ValueError(
@@ -1273,11 +1276,7 @@ def optimize_prior_precision(
         target = lik.prepare_target(mean, b.target)
         eps = _mc_noise(lik, link, n_samples, mean, gen, device)
         for g in range(len(cand)):
-            if full:
-                cov = var[..., g]
-                pred = _predict(lik, link, mean, cov.diagonal(dim1=1, dim2=2), eps, cov)
-            else:
-                pred = _predict(lik, link, mean, var[..., g], eps)
+            pred = _predict(lik, link, mean, var[..., g], eps)  # (N, D, D) when full
             totals[g] += float(_nll(lik, pred, mean, target).sum())
         count += b.size
     if count == 0:
