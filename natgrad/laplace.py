@@ -1193,7 +1193,10 @@ def optimize_prior_precision(
       derivative vanishes where ``δ = γ / ‖θ*‖²`` with ``γ = P − δ tr (N F + δI)⁻¹``
       (the effective number of parameters; ``Σ_i N F_i / (N F_i + δ)`` for a diagonal
       ``F``); the exact root is returned, and ``scores`` tabulates ``grid``.
-      ``val_data`` is not used.
+      ``val_data`` is not used. With ``subset="last_layer"`` (or ``params``) and a
+      curvature covering more, ``P``, ``‖θ*‖²`` and the log-determinant are the
+      subset's: ``F`` is the curvature's block on it (:meth:`natgrad.Curvature.restrict`;
+      block-diagonal kinds ``"diag"``, ``"kfac"``, ``"ekfac"``, whole blocks).
 
     Args:
         model: the trained model at ``θ*`` (eval mode; not modified).
@@ -1217,7 +1220,9 @@ def optimize_prior_precision(
 
     Raises:
         ValueError: unknown method, non-positive grid values, missing validation labels,
-            and everything :func:`fisher_uncertainty` raises.
+            ``"marglik"`` on a subset of a curvature that cannot be restricted to it (a
+            coupled kind such as ``"lowrank"``, or a subset that splits a Kronecker
+            block), and everything :func:`fisher_uncertainty` raises.
 
     Warns:
         UserWarning: ``method="grid"`` chose the smallest or the largest value of a grid
@@ -1431,13 +1436,18 @@ def _marglik_curvature(
 
     ``log det(N F + δ I) = P log N + logdet(F + (δ/N) I)``; the optimum is the root of
     ``γ(δ)/δ = ‖θ*‖²`` with ``γ(δ) = P − δ tr (N F + δ I)⁻¹`` (``inverse_diagonal``).
+    For chosen parameters fewer than the curvature covers (``subset="last_layer"``),
+    ``F`` is the curvature's block on them (:meth:`natgrad.Curvature.restrict`: the
+    block-diagonal kinds, whole blocks), and ``P``, ``‖θ*‖²`` are theirs.
     """
-    covered = curvature.names()
-    if list(chosen) != list(covered):
-        raise ValueError(
-            "method='marglik' uses the curvature's logdet over all it covers; estimate the "
-            f"curvature on the chosen parameters {list(chosen)[:8]} only (params=...)."
-        )
+    if list(chosen) != curvature.names():
+        try:
+            curvature = curvature.restrict(list(chosen))
+        except ValueError as exc:
+            raise ValueError(
+                "method='marglik' on a subset needs the curvature's block on the chosen "
+                f"parameters alone, not its logdet over all it covers: {exc}"
+            ) from None
     theta_sq = sum(float((p.detach().to(dtype) ** 2).sum()) for p in chosen.values())
     p_total = sum(p.numel() for p in chosen.values())
 

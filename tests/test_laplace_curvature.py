@@ -173,3 +173,41 @@ def test_structured_predictive_matches_the_dense_posterior(kind):
     sld = torch.linalg.slogdet(30 * mat + torch.eye(31, dtype=torch.float64))[1]
     want_score = float(-0.5 * theta @ theta - 0.5 * sld)
     assert m.scores[0] == pytest.approx(want_score, rel=1e-8)
+
+
+@needs_kron
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "diag"])
+def test_last_layer_marglik_of_a_whole_model_block_diagonal_curvature(kind):
+    """``subset="last_layer"`` on a curvature of every layer: the marginal likelihood of
+    the last layer's posterior, against the dense float64 formula on the last layer's block
+    of the curvature's dense form (``P``, ``‖θ*‖²``: the last layer's only)."""
+    from tests.reference import dense_from_mv
+
+    model = _model(9)
+    g = torch.Generator().manual_seed(10)
+    xt = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    yt = torch.randint(0, 3, (30,), generator=g)
+    curv = natgrad.estimate_curvature(model, (xt, yt), kind=kind, labels="exact")
+    sub = dense_from_mv(curv, _shapes(model))[16:, 16:]  # 2.weight, 2.bias: 15 entries
+    assert torch.count_nonzero(dense_from_mv(curv, _shapes(model))[16:, :16]) == 0
+    theta = flatten_params(dict(model.named_parameters()), NAMES)[16:]
+    eye = torch.eye(15, dtype=torch.float64)
+
+    def log_z(d):
+        sld = torch.linalg.slogdet(30 * sub + d * eye)[1]
+        return float(-0.5 * d * theta @ theta + 0.5 * 15 * math.log(d) - 0.5 * sld)
+
+    grid = [0.1, 1.0, 10.0]
+    r = natgrad.optimize_prior_precision(model, curv, method="marglik", grid=grid,
+                                         subset="last_layer")
+    assert r.scores == pytest.approx([log_z(d) for d in grid], rel=1e-9)
+    best = r.prior_precision
+    assert r.best_score == pytest.approx(log_z(best), rel=1e-9)
+    # the dense optimum: γ(δ)/δ = ‖θ*‖² with γ = P − δ tr (N F + δ I)⁻¹
+    gamma = 15 - best * torch.linalg.inv(30 * sub + best * eye).trace()
+    assert float(gamma) / best == pytest.approx(float(theta @ theta), rel=1e-7)
+    assert log_z(best * 1.01) < r.best_score and log_z(best / 1.01) < r.best_score
+    # params= naming the whole last layer is the same subset
+    same = natgrad.optimize_prior_precision(model, curv, method="marglik", grid=grid,
+                                            params=["2.weight", "2.bias"])
+    assert same.prior_precision == pytest.approx(best, rel=1e-12)

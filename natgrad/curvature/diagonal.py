@@ -8,7 +8,7 @@ whatever the model's dtype (float64 is kept as float64).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -338,6 +338,21 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
     def structure(self) -> dict[str, str]:
         """Every parameter is ``"diag"``."""
         return {k: "diag" for k in self._values}
+
+    def restrict(self, names: Sequence[str]) -> DiagonalFisher:
+        """The Fisher of ``names`` alone (their values, shared, in this Fisher's order).
+
+        Raises:
+            ValueError: a name this Fisher does not cover.
+        """
+        unknown = [k for k in names if k not in self._values]
+        if unknown:
+            raise ValueError(
+                f"Cannot restrict the Fisher to {unknown[:8]}: it does not cover them; it "
+                f"covers {list(self._values)[:8]}."
+            )
+        keep = set(names)
+        return self._like({k: v for k, v in self._values.items() if k in keep})
 
     def all_reduce(self, group: object | None = None) -> DiagonalFisher:
         """The sample-weighted mean over ranks: sums ``N_r F_r`` and ``N_r`` (one process:

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast, get_args
 
@@ -885,6 +885,42 @@ class KroneckerFisher(Curvature):
     def structure(self) -> dict[str, str]:
         """``{parameter: "kfac" | "ekfac" | "diag"}`` in model order."""
         return {k: "diag" if k in self.diag else self.kind for k in self.order}
+
+    def restrict(self, names: Sequence[str]) -> KroneckerFisher:
+        """The curvature of ``names`` alone: the layers whose parameters they hold and
+        their diagonal-part entries (tensors shared; cached eigenbases recomputed).
+
+        A layer's weight and bias share one Kronecker block, so ``names`` holds both or
+        neither (``subset="last_layer"`` does).
+
+        Raises:
+            ValueError: a name this curvature does not cover, or ``names`` holding only
+                part of a layer's block.
+        """
+        keep = set(names)
+        unknown = [k for k in names if k not in self._owner and k not in self.diag]
+        if unknown:
+            raise ValueError(
+                f"Cannot restrict the curvature to {unknown[:8]}: it does not cover them; it "
+                f"covers {self.names()[:8]}."
+            )
+        cut = {k: b.names for k, b in self.blocks.items()
+               if keep & set(b.names) and not keep >= set(b.names)}
+        if cut:
+            layer, both = next(iter(cut.items()))
+            raise ValueError(
+                f"Cannot restrict the curvature to {list(names)[:8]}: they cut through the "
+                f"Kronecker block of layer {layer!r}, which {both} share (one G ⊗ A over "
+                "[W, b]); select both or neither (subset='last_layer' does), or estimate the "
+                "curvature on the chosen parameters only (params=...)."
+            )
+        return KroneckerFisher(
+            {k: b for k, b in self.blocks.items() if keep >= set(b.names)},
+            {k: v for k, v in self.diag.items() if k in keep}, self.n_samples, kind=self.kind,
+            diag_reasons={k: r for k, r in self.diag_reasons.items() if k in keep},
+            labels=self.labels, likelihood=self.likelihood,
+            order=[k for k in self.order if k in keep], damping_mode=self.damping_mode,
+        )
 
     # -- combination -------------------------------------------------------------------------
     def _check_same(self, other: Curvature, what: str) -> KroneckerFisher:

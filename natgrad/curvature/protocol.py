@@ -20,6 +20,8 @@ Definitions every implementation follows (``λ >= 0`` is a damping added to the 
 ``c * a``                   ``c F`` (``c >= 0``), same ``N``
 ``a.ema(b, d)``             ``d F_a + (1 - d) F_b``, ``N = N_a + N_b``
 ``structure()``             ``{parameter name: kind}`` ("diag", "kfac", "ekfac", "lowrank")
+``restrict(names)``         ``F``'s block on ``names`` alone (block-diagonal kinds, whole
+                            blocks; others refuse)
 ==========================  =================================================
 
 Parameters a structured kind cannot cover are held as a diagonal inside the same object
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -164,6 +166,32 @@ class Curvature(ABC):
     def names(self) -> list[str]:
         """The covered parameter names, in model order."""
         return list(self.structure())
+
+    def restrict(self, names: Sequence[str]) -> Curvature:
+        """The curvature of the parameters ``names`` alone: ``F``'s block on them.
+
+        Only a kind whose ``F`` does not couple ``names`` to the other parameters can
+        give it: the block-diagonal kinds (``"diag"``, ``"kfac"``, ``"ekfac"``),
+        restricted to whole blocks. Every method of the result is then the block's own,
+        e.g. ``logdet`` is ``log det (F_{names} + λ I)`` (what a last-layer Laplace
+        marginal likelihood needs). This default refuses (a coupled kind such as
+        ``"lowrank"``, or one that does not implement it).
+
+        Args:
+            names: the parameter names to keep.
+
+        Returns:
+            A new curvature over ``names`` (in model order), sharing this one's tensors.
+
+        Raises:
+            ValueError: always, here: this kind cannot be restricted.
+        """
+        raise ValueError(
+            f"A {self.kind!r} curvature cannot be restricted to some of its parameters "
+            f"({list(names)[:8]}): its block on them is not theirs alone (it couples them to "
+            "the others), or the kind does not implement restrict(). Estimate the curvature "
+            "on those parameters only (params=...)."
+        )
 
     # -- combination -----------------------------------------------------------------------
     @abstractmethod

@@ -666,3 +666,29 @@ def test_factored_solve_equals_the_damped_kronecker_solve(small_inverse, monkeyp
         ref = torch.linalg.solve(torch.kron(Gd, Ad), R.reshape(-1)).reshape(R.shape)
         torch.testing.assert_close(got[f"{layer}.weight"], ref[:, :-1])
         torch.testing.assert_close(got[f"{layer}.bias"], ref[:, -1])
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_restrict_keeps_whole_layers_and_diagonal_entries(kind):
+    """``restrict`` to a LayerNorm (the diagonal part) and the last Linear: every method
+    equals the dense float64 block of the whole curvature on those parameters; the
+    curvature itself is unchanged; a name set splitting a layer's [W, b] is refused."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Tanh(), nn.Linear(3, 3)).double()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    curv = _est(model, (x, y), kind=kind)
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    dense = dense_from_mv(curv, shapes)
+    keep = ["1.weight", "1.bias", "3.weight", "3.bias"]
+    sub = curv.restrict(list(reversed(keep)))  # returned in model order whatever the order asked
+    assert sub.structure() == {"1.weight": "diag", "1.bias": "diag", "3.weight": kind,
+                               "3.bias": kind}
+    assert sub.diag_reasons == {k: curv.diag_reasons[k] for k in ("1.weight", "1.bias")}
+    offs, o = {}, 0
+    for k, s in shapes.items():
+        offs[k], o = range(o, o + s.numel()), o + s.numel()
+    idx = torch.tensor([i for k in keep for i in offs[k]])
+    check_against_dense(sub, {k: shapes[k] for k in keep}, dense[idx][:, idx])
+    torch.testing.assert_close(dense_from_mv(curv, shapes), dense, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="cut through the Kronecker block of layer '3'"):
+        curv.restrict(["1.weight", "3.weight"])

@@ -14,6 +14,7 @@ import natgrad
 from tests.conftest import mlp
 from tests.reference import (
     ce_sum,
+    check_against_dense,
     dense_fisher,
     dense_from_mv,
     flatten_params,
@@ -113,6 +114,26 @@ def test_sample_weighted_sum_and_scale(estimated):
         expected = dense
     torch.testing.assert_close(dense_from_mv(both, shapes), expected)
     torch.testing.assert_close(dense_from_mv(2.5 * curv, shapes), 2.5 * dense)
+
+
+# Kinds whose F is block-diagonal over layers, so restrict() gives a layer's block alone.
+BLOCK_DIAGONAL = {"diag", "kfac", "ekfac"}
+
+
+def test_restrict_to_the_last_layer_is_its_dense_block(estimated):
+    """``restrict(last layer)``: every method equals the dense block ``D[last, last]``
+    (block-diagonal kinds); a coupled kind refuses, naming the fix."""
+    kind, _, _, _, curv, shapes, dense = estimated
+    last = ["2.weight", "2.bias"]
+    if kind not in BLOCK_DIAGONAL:
+        with pytest.raises(ValueError, match="cannot be restricted.*params="):
+            curv.restrict(last)
+        return
+    sub = curv.restrict(last)
+    assert isinstance(sub, natgrad.Curvature) and sub.names() == last
+    lo = sum(s.numel() for k, s in shapes.items() if k not in last)
+    assert torch.count_nonzero(dense[lo:, :lo]) == 0  # nothing couples the last layer
+    check_against_dense(sub, {k: shapes[k] for k in last}, dense[lo:, lo:])
 
 
 def test_diag_dense_is_the_brute_force_fisher():

@@ -193,6 +193,30 @@ def test_laplace_marglik_on_a_subset_of_a_curvature():
         )
 
 
+def test_laplace_marglik_on_a_subset_that_cuts_a_kronecker_block():
+    model = _model().eval()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (8,), generator=g)
+    curv = natgrad.estimate_curvature(model, (x, y), kind="kfac")
+    with pytest.raises(ValueError, match="cut through the Kronecker block of layer '2'"):
+        natgrad.optimize_prior_precision(model, curv, method="marglik", params=["2.weight"])
+    with pytest.raises(ValueError, match="select both or neither"):
+        curv.restrict(["2.bias"])
+    with pytest.raises(ValueError, match="does not cover them"):
+        curv.restrict(["2.weight", "2.bias", "3.weight"])
+
+
+def test_a_coupled_curvature_cannot_be_restricted():
+    model = _model().eval()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (8,), generator=g)
+    curv = natgrad.estimate_curvature(model, (x, y), kind="lowrank")
+    with pytest.raises(ValueError, match="'lowrank' curvature cannot be restricted.*params="):
+        curv.restrict(["2.weight", "2.bias"])
+    with pytest.raises(ValueError, match="does not cover them"):
+        _diag(model).restrict(["9.weight"])
+
+
 def test_laplace_refuses_a_non_curvature_object():
     model = _model().eval()
     with pytest.raises((TypeError, ValueError)):
