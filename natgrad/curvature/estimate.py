@@ -246,7 +246,7 @@ def _local_sums(
     """This process's ``(Σ_n Σ_j w_j g_nj², N, plan)``, resumed from and saved to
     ``checkpoint`` (locked for the pass) when one is given."""
     check_fixed_model(model, "estimate_fisher")
-    plan = Plan.from_options(model, likelihood, opts, what="estimate_fisher")
+    plan = Plan.from_options(model, likelihood, opts, what="estimate_fisher", checked=True)
     chunk_size, engine = opts.chunk_size, opts.engine
     logger.info(
         "estimate_fisher: %d parameter tensors (%d values), labels=%s, likelihood=%s, "

@@ -618,7 +618,8 @@ def kfac_factors(
             the parameters, or a layer called without the batch as its first dimension.
     """
     check_fixed_model(model, "kfac_factors")
-    plan = Plan(model, likelihood, labels, 1, params, output_fn, generator, what="kfac_factors")
+    plan = Plan(model, likelihood, labels, 1, params, output_fn, generator, what="kfac_factors",
+                checked=True)
     if layers is None:
         layers, _ = kfac_layers(model, plan.params)
     cap = capture(plan, batch, layers)

@@ -401,7 +401,7 @@ class KroneckerFisher(Curvature):
         dist_on = resolve_distributed(distributed, f"estimate_curvature(kind={kind!r})")
         what = f"estimate_curvature(kind={kind!r})"
         check_fixed_model(model, what)
-        plan = Plan.from_options(model, likelihood, opts, what=what)
+        plan = Plan.from_options(model, likelihood, opts, what=what, checked=True)
         layers, reasons = kfac_coverage(model, plan.params)
         if not layers:
             raise ValueError(

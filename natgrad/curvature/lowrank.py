@@ -313,7 +313,7 @@ class LowRankFisher(Curvature):
         dist_on = resolve_distributed(distributed, "estimate_curvature(kind='lowrank')")
         what = "estimate_curvature(kind='lowrank')"
         check_fixed_model(model, what)
-        plan = Plan.from_options(model, likelihood, opts, what=what)
+        plan = Plan.from_options(model, likelihood, opts, what=what, checked=True)
         shapes = {k: tuple(p.shape) for k, p in plan.params.items()}
         gen = plan.generator
         rows, n = [], 0

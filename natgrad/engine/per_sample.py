@@ -126,7 +126,11 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 class Plan:
-    """Everything the vmapped per-sample function needs, resolved once per call."""
+    """Everything the vmapped per-sample function needs, resolved once per call.
+
+    It checks the model (:func:`check_model`, :func:`check_no_batch_mixing`) unless
+    ``checked=True``: the caller has just run :func:`check_fixed_model`, which does both.
+    """
 
     def __init__(
         self,
@@ -139,9 +143,11 @@ class Plan:
         generator: torch.Generator | None,
         *,
         what: str = "natgrad",
+        checked: bool = False,
     ) -> None:
-        check_model(model, what)
-        check_no_batch_mixing(model)
+        if not checked:
+            check_model(model, what)
+            check_no_batch_mixing(model)
         self.model = model
         self.lik: Likelihood = get_likelihood(likelihood)
         self.labels = check_choice("labels", labels, LABEL_SOURCES)
@@ -157,12 +163,13 @@ class Plan:
 
     @classmethod
     def from_options(
-        cls, model: nn.Module, likelihood: str | Likelihood, opts: Options, *, what: str
+        cls, model: nn.Module, likelihood: str | Likelihood, opts: Options, *, what: str,
+        checked: bool = False,
     ) -> Plan:
         """The plan of resolved estimator options (:class:`natgrad.engine.options.Options`)."""
         return cls(
             model, likelihood, opts.labels, opts.mc_samples, opts.params, opts.output_fn,
-            opts.generator, what=what,
+            opts.generator, what=what, checked=checked,
         )  # fmt: skip
 
     # -- labels ------------------------------------------------------------------
