@@ -193,11 +193,15 @@ def test_laplace_marglik_on_a_subset_of_a_curvature():
         )
 
 
+def _estimated(model, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    return natgrad.estimate_curvature(model, (x, torch.randint(0, 2, (8,), generator=g)), kind=kind)
+
+
 def test_laplace_marglik_on_a_subset_that_cuts_a_kronecker_block():
     model = _model().eval()
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (8,), generator=g)
-    curv = natgrad.estimate_curvature(model, (x, y), kind="kfac")
+    curv = _estimated(model, "kfac", 2)
     with pytest.raises(ValueError, match="cut through the Kronecker block of layer '2'"):
         natgrad.optimize_prior_precision(model, curv, method="marglik", params=["2.weight"])
     with pytest.raises(ValueError, match="select both or neither"):
@@ -208,9 +212,7 @@ def test_laplace_marglik_on_a_subset_that_cuts_a_kronecker_block():
 
 def test_a_coupled_curvature_cannot_be_restricted():
     model = _model().eval()
-    g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (8,), generator=g)
-    curv = natgrad.estimate_curvature(model, (x, y), kind="lowrank")
+    curv = _estimated(model, "lowrank", 3)
     with pytest.raises(ValueError, match="'lowrank' curvature cannot be restricted.*params="):
         curv.restrict(["2.weight", "2.bias"])
     with pytest.raises(ValueError, match="does not cover them"):
