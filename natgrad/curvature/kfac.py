@@ -656,18 +656,21 @@ def weight_blocks(
     (stored ``(in, out)`` when ``transposed``); ``gb=None`` for no bias column.
     ``squeeze``: one group is returned as ``(d_G, d_A)``, without its group dimension
     (plain matrix products on it cost less dispatch than batched ones)."""
-    one = squeeze and groups == 1
-    if transposed:  # a transposed weight has one group
-        V = gw.reshape(shape).T
-        V = V if one else V.unsqueeze(0)
-    elif one:
-        V = gw if gw.dim() == 2 else gw.reshape(shape[0], -1)
+    if squeeze and groups == 1:
+        if transposed:
+            V = gw.reshape(shape).T
+        else:
+            V = gw if gw.dim() == 2 else gw.reshape(shape[0], -1)
+        col = None if gb is None else gb.reshape(-1, 1)
     else:
-        V = gw.reshape(groups, shape[0] // groups, -1)
-    if gb is not None:
-        col = gb.reshape(-1, 1) if one else gb.reshape(groups, -1, 1)
-        V = torch.cat([V, col if col.dtype == V.dtype else col.to(V.dtype)], dim=-1)
-    return V
+        if transposed:  # a transposed weight has one group
+            V = gw.reshape(shape).T.unsqueeze(0)
+        else:
+            V = gw.reshape(groups, shape[0] // groups, -1)
+        col = None if gb is None else gb.reshape(groups, -1, 1)
+    if col is None:
+        return V
+    return torch.cat([V, col if col.dtype == V.dtype else col.to(V.dtype)], dim=-1)
 
 
 def split_weight_blocks(

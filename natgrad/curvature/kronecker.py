@@ -833,12 +833,13 @@ class KroneckerFisher(Curvature):
         """``vᵀ F v = Σ_layers ⟨V, mv(V)⟩ + Σ F v²`` (summed in the curvature's dtype;
         returned in the promoted dtype of ``v``)."""
         terms = [(V * _layer_mv(blk, V)).sum() for blk, _, _, V in self._walk_layers(v)]
-        terms += [(f * x * x).sum() for _, f, x, _ in self._walk_diag(v)]
+        if self.diag:
+            terms += [(f * x * x).sum() for _, f, x, _ in self._walk_diag(v)]
         if not terms:
             return torch.zeros(())
         total = terms[0]
         for t in terms[1:]:
-            total = total + t.to(total.device)
+            total = total + (t if t.device == total.device else t.to(total.device))
         dts = {x.dtype for x in v.values()}
         dt = dts.pop()
         for d in dts:
