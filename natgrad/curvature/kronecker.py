@@ -749,15 +749,18 @@ class KroneckerFisher(Curvature):
 
     def _walk_layers(
         self, v: Params
-    ) -> Iterator[tuple[KroneckerBlock, torch.Tensor | None, torch.Tensor | None, torch.Tensor]]:
+    ) -> list[tuple[KroneckerBlock, torch.Tensor | None, torch.Tensor | None, torch.Tensor]]:
         """``(block, v's weight, v's bias, [W, b] block matrix)`` for each layer ``v``
-        names (a part it lacks is None, and zero in the block matrix); checks the names."""
+        names (a part it lacks is None, and zero in the block matrix); checks the names.
+        A list, not a generator: a few µs less per call on one small layer."""
         self._check_names(v)
+        out = []
         for blk in self.blocks.values():
             w = v.get(blk.weight)
             b = None if blk.bias is None else v.get(blk.bias)
             if w is not None or b is not None:
-                yield blk, w, b, _to_block(blk, w, b)
+                out.append((blk, w, b, _to_block(blk, w, b)))
+        return out
 
     def _walk_diag(self, v: Params) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.dtype]]:
         """``(name, F on v's device, v's entry in F's dtype, v's dtype)`` for each
@@ -840,10 +843,9 @@ class KroneckerFisher(Curvature):
         total = terms[0]
         for t in terms[1:]:
             total = total + (t if t.device == total.device else t.to(total.device))
-        dts = {x.dtype for x in v.values()}
-        dt = dts.pop()
-        for d in dts:
-            dt = torch.promote_types(dt, d)
+        dt = None
+        for x in v.values():  # the promoted dtype of v
+            dt = x.dtype if dt is None or dt == x.dtype else torch.promote_types(dt, x.dtype)
         return total if total.dtype == dt else total.to(dt)
 
     def diagonal(self) -> dict[str, torch.Tensor]:
