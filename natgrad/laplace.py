@@ -57,7 +57,7 @@ from torch.func import functional_call, vjp, vmap
 
 from natgrad.curvature.estimate import is_single_batch, iterate_batches
 from natgrad.curvature.ops import check_curvature
-from natgrad.curvature.protocol import Curvature
+from natgrad.curvature.protocol import BLOCK_KINDS, Curvature
 from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch, OutputFn, add_batch_axis, default_output_fn, parse_batch
 from natgrad.engine.capture import split_params
@@ -1311,8 +1311,6 @@ def _warn_grid_edge(cand: list[float], chosen: float) -> None:
 
 # -- any curvature -----------------------------------------------------------------------------
 
-_BLOCK_KINDS = ("diag", "kfac", "ekfac")
-
 
 def _structured(fisher: object) -> TypeGuard[Curvature]:
     """A curvature other than a plain diagonal mapping (solve through the protocol)."""
@@ -1356,7 +1354,7 @@ def _resolve_params_curvature(
         )
     if len(chosen) < len(covered):
         kinds = curvature.structure()
-        coupled = sorted({kinds[k] for k in covered if kinds[k] not in _BLOCK_KINDS})
+        coupled = sorted({kinds[k] for k in covered if kinds[k] not in BLOCK_KINDS})
         if coupled:
             raise ValueError(
                 f"A subset of a {coupled} curvature couples it to the other parameters, so "

@@ -19,7 +19,7 @@ from torch import nn
 from natgrad.curvature.kfac import split_weight_blocks, weight_blocks
 from natgrad.curvature.kronecker import KroneckerBlock, KroneckerFisher, eig_scale
 from natgrad.curvature.ops import check_curvature, conjugate_gradient
-from natgrad.curvature.protocol import Curvature
+from natgrad.curvature.protocol import BLOCK_KINDS, Curvature
 from natgrad.engine.checks import (
     check_all_finite,
     check_choice,
@@ -37,8 +37,6 @@ MergeMethod = Literal["auto", "dense", "cg"]
 MERGE_METHODS: tuple[MergeMethod, ...] = get_args(MergeMethod)
 MergePreconditioner = Literal["kronecker", "jacobi"]
 MERGE_PRECONDITIONERS: tuple[MergePreconditioner, ...] = get_args(MergePreconditioner)
-#: block-diagonal kinds: one system per module
-_BLOCK_KINDS = ("diag", "kfac", "ekfac")
 
 FisherLike = Mapping[str, torch.Tensor] | Curvature
 """A diagonal Fisher ``{name: tensor}`` or any :class:`natgrad.Curvature`."""
@@ -365,7 +363,7 @@ def _curvature_merge(
         return out
 
     kinds = [c.structure() for c in curvs]
-    block_diag = all(kd[k] in _BLOCK_KINDS for kd in kinds for k in names)
+    block_diag = all(kd[k] in BLOCK_KINDS for kd in kinds for k in names)
     if block_diag:
         blocks: dict[str, list[str]] = {}
         for k in names:

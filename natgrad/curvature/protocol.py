@@ -55,6 +55,11 @@ C = TypeVar("C", bound="type[Curvature]")
 #: ``{kind: class}`` for every registered curvature; filled by :func:`register_curvature`.
 CURVATURE_KINDS: dict[str, type[Curvature]] = {}
 
+#: the ``structure()`` labels of block-diagonal parameters: ``F`` couples such a parameter
+#: only within its own module (one diagonal entry, or one layer's Kronecker block), so
+#: per-module solves and :meth:`Curvature.restrict` to whole modules are exact
+BLOCK_KINDS = ("diag", "kfac", "ekfac")
+
 
 def register_curvature(*kinds: str) -> Callable[[C], C]:
     """Class decorator: make a :class:`Curvature` subclass available under ``kinds``.

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import natgrad
+from natgrad.curvature.protocol import BLOCK_KINDS
 from tests.conftest import mlp
 from tests.reference import (
     ce_sum,
@@ -116,16 +117,12 @@ def test_sample_weighted_sum_and_scale(estimated):
     torch.testing.assert_close(dense_from_mv(2.5 * curv, shapes), 2.5 * dense)
 
 
-# Kinds whose F is block-diagonal over layers, so restrict() gives a layer's block alone.
-BLOCK_DIAGONAL = {"diag", "kfac", "ekfac"}
-
-
 def test_restrict_to_the_last_layer_is_its_dense_block(estimated):
     """``restrict(last layer)``: every method equals the dense block ``D[last, last]``
     (block-diagonal kinds); a coupled kind refuses, naming the fix."""
     kind, _, _, _, curv, shapes, dense = estimated
     last = ["2.weight", "2.bias"]
-    if kind not in BLOCK_DIAGONAL:
+    if kind not in BLOCK_KINDS:
         with pytest.raises(ValueError, match="cannot be restricted.*params="):
             curv.restrict(last)
         return
