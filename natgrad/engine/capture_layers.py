@@ -236,13 +236,15 @@ def conv_weight_squares(
     Bs = B.reshape(J, N, g, og, positions)
     per = g * J * og * K
     acc = torch.zeros(per, dtype=a.dtype, device=a.device)
-    chunk = max(1, _CACHE_FLOATS // per)
+    chunk = min(N, max(1, _CACHE_FLOATS // per))
+    buf = scratch(chunk * per, a.dtype, a.device)  # reused: no fresh memory per chunk
     for s in range(0, N, chunk):
         n = min(N, s + chunk) - s
         X = Bs[:, s : s + n].permute(1, 2, 0, 3, 4).reshape(n * g, J * og, positions)
         Y = U[s : s + n].reshape(n * g, K, positions).transpose(1, 2)
-        G = torch.bmm(X, Y).view(n, per)  # (n, g, J, O/g, K): one chunk of per-sample grads
-        add_square_sum(acc, G)
+        G = buf[: n * per].view(n * g, J * og, K)  # one chunk of per-sample grads
+        torch.bmm(X, Y, out=G)
+        add_square_sum(acc, G.view(n, per))  # (n, g, J, O/g, K)
     return (acc.view(g, J, og, K).sum(1) * w).view(d_out, c_in, *m.kernel_size)
 
 
