@@ -659,6 +659,7 @@ def fast_batch_sums(
             _check_fresh(m, a, version)
     dense: dict[nn.Module, torch.Tensor] = {}  # 2-D Linear inputs: Σ_j w_j b_j², (N, O)
     cols = [c[j] for c in plan.columns(out.detach(), target, draws) for j in range(len(c))]
+    single = len(cols) == 1  # one label column: streamed through the backward pass
     w = plan.weight
     Key = tuple[Any, Any]
     tied: dict[str, list[tuple[nn.Module, torch.Tensor, torch.Tensor]]] = {}
@@ -698,9 +699,23 @@ def fast_batch_sums(
             )  # fmt: skip
             return
         if "main" in parts and _dense(m, parts["main"][0]):
-            dense[m] = layers.square_sum_into(dense.get(m), layers.work(Bs["main"]))
+            b2 = layers.square_sum_into(dense.get(m), layers.work(Bs["main"]))
+            if single:  # the only column: the product now, and b2 freed at once
+                dense_squares(m, b2, parts["main"][0])
+            else:
+                dense[m] = b2
             return
         _add_squares(acc, m, slots, _module_squares(m, parts, Bs, w))
+
+    def dense_squares(m: nn.Module, b2: torch.Tensor, a: torch.Tensor) -> None:
+        """Add the squares of a Linear on ``(N, I)`` inputs from ``b2 = Σ_j b_j²`` (ours):
+        ``w (b2ᵀ a²)`` and ``w Σ_n b2``."""
+        if w != 1.0:
+            b2.mul_(w)
+        a2 = layers.work(a).square()
+        wsq = a2.t() @ b2 if layers.is_conv1d(m) else b2.t() @ a2
+        slots = [s for s in split.fast[m] if s.name not in split.tied]
+        _add_squares(acc, m, slots, {"weight": wsq, "bias": b2.sum(0)})
 
     def free_step(k: str, Bk: torch.Tensor | None) -> None:
         if Bk is not None:
@@ -713,7 +728,7 @@ def fast_batch_sums(
             _tied_squares(acc.zeros(k), plan.params[k], uses, w)
         tied.clear()
 
-    if len(cols) == 1:
+    if single:
         _stream_column(out, es, index, cols[0], split, store, dense, module_step, free_step)
         flush_tied()
     else:
@@ -740,13 +755,8 @@ def fast_batch_sums(
             flush_tied()
             for k in split.free:
                 free_step(k, grads[(k, None)])
-    for m, b2 in dense.items():  # b2 = Σ_j b_j², (N, O)
-        if w != 1.0:
-            b2.mul_(w)
-        a = layers.work(store[m]["main"][0])
-        wsq = a.square().t() @ b2 if layers.is_conv1d(m) else b2.t() @ a.square()
-        slots = [s for s in split.fast[m] if s.name not in split.tied]
-        _add_squares(acc, m, slots, {"weight": wsq, "bias": b2.sum(0)})
+    for m, b2 in dense.items():  # b2 = Σ_j b_j², (N, O), of several columns
+        dense_squares(m, b2, store[m]["main"][0])
     store.clear()
     layers.release_scratch()
     if rest is not None:
