@@ -199,6 +199,14 @@ def check_model(model: Any, what: str) -> nn.Module:
         raise TypeError(
             f"{what} needs a torch.nn.Module as model, got {type(model).__name__}: {hint}."
         )
+    # One walk over the modules' own tensors (named_parameters and named_buffers cost
+    # several times more); the names are looked up only when a meta tensor is found.
+    if not any(
+        t is not None and t.is_meta
+        for m in model.modules()
+        for t in (*m._parameters.values(), *m._buffers.values())
+    ):
+        return model
     for name, t in (*model.named_parameters(), *model.named_buffers()):
         if t.is_meta:
             raise ValueError(
