@@ -38,6 +38,9 @@ _FORMAT = "natgrad.DiagonalFisher"
 _FIX = "Estimate the Fisher again and write it with DiagonalFisher.save."
 
 
+_ACC_DTYPES = (torch.float32, torch.float64)  # accumulation dtypes (see acc_dtype)
+
+
 def _as_acc(t: torch.Tensor) -> torch.Tensor:
     return to_acc(t.detach())
 
@@ -115,7 +118,10 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
             accumulation dtype).
         """
         f = cls.__new__(cls)
-        f._values = {k: _as_acc(v) for k, v in values.items()}  # no copy when already so
+        f._values = {
+            k: v if v.dtype in _ACC_DTYPES and not v.requires_grad else _as_acc(v)
+            for k, v in values.items()
+        }  # the tensors themselves when already so (no conversion call)
         f.n_samples, f.labels, f.likelihood = n_samples, labels, likelihood
         return f
 

@@ -189,8 +189,10 @@ def estimate_fisher(
         "the per-sample gradients of",
         "Check the inputs for NaN/Inf, the model's outputs, and the labels.",
     )
+    values = [v.detach() for v in sums.values()]  # ours, in the accumulation dtype
+    torch._foreach_div_(values, n_total)  # one call for every tensor
     return DiagonalFisher.from_checked(
-        {k: v.detach().div_(n_total) for k, v in sums.items()},  # ours, accumulation dtype
+        dict(zip(sums, values, strict=True)),
         n_total,
         labels=opts.labels,
         likelihood=plan.lik.name,
