@@ -322,3 +322,32 @@ def test_matches_backpack_batch_grad(resnet_case):
         lossf(ext(x), y).backward()
     ref = {k: p.grad_batch for k, p in ext.named_parameters()}
     assert_close_dict(per_sample_grads(model, (x, y)), ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("labels", ["empirical", "exact"])
+def test_conv_products_in_several_chunks(monkeypatch, labels):
+    """The unfolded-patch products of a chunk of samples reuse one scratch buffer: with
+    chunks of 2 and 1 samples (the last one partial), every chunk's squares still add up
+    to the loop's. c1 (groups=2, 16 positions, C/g·k = 18 rows) takes unfolded patches."""
+    import natgrad.engine.capture_layers as layers
+
+    model = _randomize_bn(ConvZoo()).double()
+    torch.manual_seed(4)
+    x = torch.randn(5, 4, 7, 7, dtype=torch.float64)
+    y = torch.randint(0, 5, (5,))
+    unfolded = []
+    real_unfold = layers.unfold
+
+    def spy(m, a):
+        unfolded.append(m)
+        return real_unfold(m, a)
+
+    monkeypatch.setattr(layers, "unfold", spy)
+    monkeypatch.setattr(layers, "_CACHE_FLOATS", 300)  # c1: 108 floats per sample and column
+    got = estimate_fisher(model, (x, y), labels=labels, engine="fast")
+    assert model.c1 in unfolded
+    if labels == "exact":
+        ref = exact_categorical_fisher_loop(model, x)
+    else:
+        ref = {k: (g**2).mean(0) for k, g in loop_grads(model, ce_sum, x, y).items()}
+    assert_close_dict(dict(got), ref, rtol=1e-10, atol=1e-14)

@@ -587,3 +587,11 @@ def test_option_a_function_cannot_honour(fn):
     model, (x, y) = _mlp(), _data(None)
     with pytest.raises(TypeError, match="does not take the option.*'engine'"):
         _ESTIMATORS[fn](model, (x, y), engine="vmap")
+
+
+def test_meta_buffer_deep_in_the_model_is_named():
+    """One buffer on the meta device, in a submodule: the error names that buffer."""
+    model = nn.Sequential(nn.Linear(D, 8), nn.Sequential(nn.BatchNorm1d(8)), nn.Linear(8, C))
+    model[1][0].running_var = torch.empty(8, device="meta")
+    with pytest.raises(ValueError, match=r"'1\.0\.running_var' is on the meta device"):
+        natgrad.estimate_fisher(model.eval(), _data(None))
