@@ -22,7 +22,7 @@ PRODUCT_FLOATS = 2**22  # one chunk of per-sample products: about 16 MiB of floa
 _CACHE_FLOATS = 2**20  # a chunk of per-sample products near cache size (4 MiB)
 
 
-def _grouped_faster(rows: int, positions: int, per: int) -> bool:
+def _grouped_faster(rows: int, positions: int, per: int, c_in: int, dims: int) -> bool:
     """Whether one grouped convolution weight-gradient with the samples as groups beats
     unfolded patches and batched products, for per-sample gradients of ``rows = C/g·k``
     columns, ``per`` entries, and ``positions`` output positions. From a sweep of 12
@@ -30,7 +30,13 @@ def _grouped_faster(rows: int, positions: int, per: int) -> bool:
     thread, torch 2.13) and the design CNN end to end (where the unfolded copies also
     cost fresh memory): grouped from 128 positions, and below for narrow kernels
     (``rows < 16``: products too small to batch well); otherwise unfolded at few
-    positions (the products' inner dimension) or large per-sample gradients."""
+    positions (the products' inner dimension) or large per-sample gradients. A 2-D
+    convolution reading at most 4 channels per group (an image stem) always takes the
+    unfolded patches: its samples-as-groups weight gradient takes 2.5-7 ms at 2 threads
+    against 1-2 ms unfolded (3 -> 16 channels, 32x32, N=32), and oneDNN's kernel for it
+    stalled to ~125 ms in some runs."""
+    if dims == 2 and 0 < c_in <= 4:
+        return False
     if positions >= 128 or rows < 16:
         return True
     return positions >= 32 and per <= 16384
@@ -223,7 +229,8 @@ def conv_weight_squares(
     c_in = a.shape[1] // g
     kk = _prod(m.kernel_size)
     positions = _prod(B.shape[3:])
-    if J == 1 and _grouped_faster(c_in * kk, positions, d_out * c_in * kk):
+    if J == 1 and _grouped_faster(c_in * kk, positions, d_out * c_in * kk, c_in,
+                                  len(m.kernel_size)):
         per = d_out * c_in * kk
         acc = torch.zeros(per, dtype=a.dtype, device=a.device)
         chunk = max(1, PRODUCT_FLOATS // per)
@@ -486,7 +493,8 @@ def conv_grads(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, B: torch.Tensor) -> di
     c_in = a.shape[1] // g
     kk = _prod(m.kernel_size)
     shape = (d_out, c_in, *m.kernel_size)
-    if _grouped_faster(c_in * kk, _prod(B.shape[3:]), d_out * c_in * kk):
+    if _grouped_faster(c_in * kk, _prod(B.shape[3:]), d_out * c_in * kk, c_in,
+                       len(m.kernel_size)):
         weight = torch.stack([_samples_as_groups(m, a, B[j]) for j in range(J)], 1)
     else:
         U = unfold(m, a).view(N, g, c_in * kk, -1)  # (N, g, C/g·k, L)
