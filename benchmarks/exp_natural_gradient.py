@@ -350,12 +350,21 @@ def report(args) -> str:
     cmd = "python -m benchmarks.exp_natural_gradient" + (" --quick" if args.quick else "")
     if args.threads != 2:
         cmd += f" --threads {args.threads}"
+    if workloads != ["mlp", "cnn"]:
+        cmd += " --workloads " + " ".join(workloads)
+    if args.prune:
+        cmd += " --prune"
+    from_log = ""
+    if args.steps_log:  # phase 1 read back from a log (written by --steps-only or a run)
+        cmd += " --steps-log LOG"
+        from_log = (" (LOG: the phase-1 runs, read back and not re-run; "
+                    "`--steps-only --steps-log LOG` writes it)")
     lines = [
         "## Natural gradient on MNIST-1D",
         "",
         machine_line(),
         "",
-        f"Command: `{cmd}`. {LOAD_NOTE}. Phase 1 (steps, one thread per run, "
+        f"Command: `{cmd}`{from_log}. {LOAD_NOTE}. Phase 1 (steps, one thread per run, "
         f"{args.jobs} runs at once) took {t1:.0f} s; phase 2 (wall-clock, {args.threads} "
         f"torch threads, runs in lockstep) {t2:.0f} s.",
         "",
