@@ -149,7 +149,8 @@ class BackwardCapture:
         self._batch_sizes.clear()
 
     def remove(self) -> None:
-        """Remove the hooks (the capture records nothing afterwards)."""
+        """Remove the hooks (the capture records nothing afterwards: ``armed`` stays
+        False, setting it is ignored)."""
         self.armed = False
         self._removed = True
         self.clear()

@@ -575,9 +575,12 @@ class KroneckerFisher(Curvature):
             diag_A, diag_G = sides[0][k], sides[1][k]
             if k in cap.inputs:
                 a = cap.inputs[k]
+                key = (id(a), diag_A)
                 A, G = factor_stats(lay, a, cap.grads[k], cap.n, diag_A, diag_G,
-                                    A=shared.get((id(a), diag_A)), approx=approx)
-                shared[(id(a), diag_A)] = A
+                                    A=shared.get(key), approx=approx)
+                if key in shared:  # computed once, but each block owns its tensors (the
+                    A = A.clone()  # preconditioner's in-place EMA updates them one by one)
+                shared[key] = A
             else:  # a layer the forward never reached: zero factors, as estimate gives
                 A, G = _zero_stats(lay, diag_A, diag_G)
             sums += [A, G]
@@ -586,7 +589,9 @@ class KroneckerFisher(Curvature):
             sums, n_total = _reduce_sum([f * cap.n for f in sums], cap.n, None)
             sums = [f / max(n_total, 1) for f in sums]
         factors = {k: (sums[2 * i], sums[2 * i + 1]) for i, k in enumerate(order)}
-        if sums and not bool(torch.isfinite(torch.stack([f.sum() for f in sums])).all()):
+        totals = [f.sum() for f in sums]
+        one_device = all(t.device == totals[0].device for t in totals)
+        if totals and not (one_device and bool(torch.isfinite(torch.stack(totals)).all())):
             for k, (A, G) in factors.items():  # one host sync above; name the layer here
                 check_finite(f"the K-FAC factors of layer {k!r}", torch.stack([A.sum(), G.sum()]),
                              "Training has likely diverged: lower the learning rate or raise "

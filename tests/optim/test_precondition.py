@@ -1178,3 +1178,35 @@ def test_backward_capture_sees_the_layer_output_under_a_user_hook(user_hook_firs
     (blk,) = pre.curvature.blocks.values()
     torch.testing.assert_close(blk.G[0], b.T @ b / 7)
     torch.testing.assert_close(blk.A[0], a.T @ a / 7)
+
+
+def test_backward_ema_of_layers_reading_one_input():
+    """Two layers read the same input, so their K-FAC A factor is computed once; each
+    block must still own it: the in-place EMA of a refresh updates the blocks one by one
+    (a shared A was averaged twice, d²·A_old + (1 - d²)·A_new). Against the EMA by hand."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.l1(x) + self.l2(x)
+
+    torch.manual_seed(29)
+    model = Two().double()
+    pre = FisherPreconditioner(model, kind="kfac", source="backward", update_every=1,
+                               ema_decay=0.5, kl_clip=None)
+    refs = []
+    for _ in range(2):
+        x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        a = torch.cat([x, torch.ones(6, 1, dtype=torch.float64)], 1)
+        refs.append(a.T @ a / 6)
+    want = 0.5 * refs[0] + 0.5 * refs[1]
+    blocks = list(pre._curvature.blocks.values())
+    assert len(blocks) == 2 and blocks[0].A.data_ptr() != blocks[1].A.data_ptr()
+    for blk in blocks:
+        torch.testing.assert_close(blk.A[0], want)
