@@ -378,7 +378,9 @@ def _batch_targets(
         if name in seen:
             return
         dt = torch.float64 if o.dtype == torch.float64 else torch.float32
-        y = _outputs(cast(Layer, m), o.detach().to(dt))
+        # a copy: the forward goes on, and an in-place op after the layer (ReLU(inplace=True))
+        # would otherwise change the stored target
+        y = _outputs(cast(Layer, m), o.detach().to(dt, copy=True))
         if name in out_rows:
             y = y[:, out_rows[name].to(y.device)]
         real = _real_tokens(m, o, b.mask)
@@ -447,6 +449,12 @@ def tune_layers(
     output in ``original`` (the rows kept in ``pruned``), ``X̃`` = its input in
     ``pruned`` (after the layers before it were re-fitted); the new weight and bias solve
     ``(X̃ᵀX̃ + εI) Wᵀ = X̃ᵀ Y``, accumulated over the calibration batches.
+
+    The targets ``Y`` of every re-fitted layer come from one forward of ``original`` per
+    calibration batch and are held until the fit ends: memory of about (calibration rows)
+    x (the re-fitted layers' kept outputs) floats, on the model's device (for
+    ``scope="downstream"`` on a BERT-size encoder, about 3.5k floats per token per
+    layer; pass fewer calibration batches if that does not fit).
 
     Args:
         original: the unpruned model.
@@ -544,7 +552,7 @@ def _fit_masks(
     m_full = (gxx * (w.T @ w)).reshape(k, per, k, per).sum((1, 3))
     r = (target * w.T).sum(1).reshape(k, per).sum(1)
     # (M + εI) m = r + ε1 with m = 1 + δ: (M + εI) δ = r - M1, the shared damped solve
-    # (its lstsq fallback covers a singular M, e.g. a structure silent on the calibration set)
+    # (its pseudo-inverse fallback covers a singular M, e.g. a structure silent on the calibration set)
     m = 1 + least_squares(m_full, (r - m_full.sum(1))[:, None], damping)[:, 0]
     with torch.no_grad():
         scale = m.repeat_interleave(per).to(mod.weight.dtype)

@@ -551,6 +551,39 @@ def test_downstream_tuning_refits_every_later_layer_by_lstsq():
         torch.testing.assert_close(small[4].bias, sol4[-1], rtol=1e-8, atol=1e-10)
 
 
+def test_tuning_targets_survive_an_in_place_activation():
+    """The re-fit targets are recorded in one forward of the original model: a
+    ReLU(inplace=True) after a layer must not change its stored output (it did: the
+    targets became relu'd and the re-fit silently fitted them). Layer 2's weights solve
+    lstsq against its own pre-activation output, rows kept."""
+    torch.manual_seed(41)
+
+    def net(inplace):
+        return nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=inplace), nn.Linear(7, 6),
+                             nn.ReLU(inplace=inplace), nn.Linear(6, 3)).double()
+
+    model = net(True)
+    plain = net(False)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(40, 5, dtype=torch.float64)
+    groups, _ = find_groups(model, x)
+    # layer 2 keeps every output (no row selection copies its recorded output)
+    removed = {"0": torch.tensor([1, 3]), "2": torch.zeros(0, dtype=torch.long)}
+    keep0 = torch.tensor([0, 2, 4, 5, 6])
+    small = shrink_model(copy.deepcopy(model), groups, removed)
+    assert tune_layers(model, small, groups, removed, x, damping=0.0) == ["2"]
+    with torch.no_grad():
+        h = torch.relu(plain[0](x))
+        xt = torch.cat([h[:, keep0], torch.ones(40, 1, dtype=torch.float64)], 1)
+        sol2 = torch.linalg.lstsq(xt, plain[2](h)).solution
+    torch.testing.assert_close(small[2].weight, sol2[:-1].T, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(small[2].bias, sol2[-1], rtol=1e-8, atol=1e-10)
+    small_plain = shrink_model(copy.deepcopy(plain), groups, removed)
+    tune_layers(plain, small_plain, groups, removed, x, damping=0.0)
+    for a, b in zip(small.parameters(), small_plain.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def _mask_fit_reference(layer_w, layer_b, x_rows, y, per):
     """Least-squares scales of column blocks, from the explicit design: the column of
     structure s is vec(X_s W_sᵀ), the target vec(Y - b) (dense lstsq)."""
