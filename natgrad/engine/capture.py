@@ -549,7 +549,7 @@ def _stream_column(
     u: torch.Tensor,
     split: FastSplit,
     store: dict[Any, Any],
-    dense: dict[nn.Module, torch.Tensor],
+    dense: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]],
     module_step: Any,
     free_step: Any,
 ) -> None:
@@ -657,7 +657,8 @@ def fast_batch_sums(
     for m in split.fast:
         for a, version, _ in store[m].values():
             _check_fresh(m, a, version)
-    dense: dict[nn.Module, torch.Tensor] = {}  # 2-D Linear inputs: Σ_j w_j b_j², (N, O)
+    # 2-D Linear inputs: (Σ_j w_j b_j² (N, O), the input as the product reads it (N, I))
+    dense: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
     cols = [c[j] for c in plan.columns(out.detach(), target, draws) for j in range(len(c))]
     single = len(cols) == 1  # one label column: streamed through the backward pass
     w = plan.weight
@@ -699,11 +700,13 @@ def fast_batch_sums(
             )  # fmt: skip
             return
         if "main" in parts and _dense(m, parts["main"][0]):
-            b2 = layers.square_sum_into(dense.get(m), layers.work(Bs["main"]))
+            prev = dense.get(m)
+            b2 = layers.square_sum_into(None if prev is None else prev[0],
+                                        layers.work(Bs["main"]))
             if single:  # the only column: the product now, and b2 freed at once
                 dense_squares(m, b2, parts["main"][0])
-            else:
-                dense[m] = b2
+            else:  # the input as parts holds it (a batch-shared input expanded to N rows)
+                dense[m] = (b2, parts["main"][0])
             return
         _add_squares(acc, m, slots, _module_squares(m, parts, Bs, w))
 
@@ -755,8 +758,8 @@ def fast_batch_sums(
             flush_tied()
             for k in split.free:
                 free_step(k, grads[(k, None)])
-    for m, b2 in dense.items():  # b2 = Σ_j b_j², (N, O), of several columns
-        dense_squares(m, b2, store[m]["main"][0])
+    for m, (b2, a) in dense.items():  # b2 = Σ_j b_j², (N, O), of several columns
+        dense_squares(m, b2, a)
     store.clear()
     layers.release_scratch()
     if rest is not None:

@@ -87,6 +87,27 @@ def test_fast_exact_matches_class_loop(mlp_case):
     assert_close_dict(dict(got), exact_categorical_fisher_loop(model, x), rtol=1e-5, atol=1e-9)
 
 
+def test_linear_on_a_batch_shared_input_with_several_label_columns():
+    """A Linear reading a buffer shared by the whole batch, shape (1, I): with exact labels
+    (one backward per class) its squares used the unexpanded input and raised a shape
+    error; against the class loop."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.lin = nn.Linear(4, 3), nn.Linear(2, 3)
+            self.register_buffer("const", torch.randn(1, 2))
+
+        def forward(self, x):
+            return self.fc(x) + self.lin(self.const)
+
+    torch.manual_seed(42)
+    model = Shared().double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    got = estimate_fisher(model, x, labels="exact", engine="fast")
+    assert_close_dict(dict(got), exact_categorical_fisher_loop(model, x), rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("labels", LABELS)
 def test_transformer_encoder_agrees(encoder_case, labels):
     model, ids, mask, y = encoder_case
