@@ -549,7 +549,6 @@ def _stream_column(
     u: torch.Tensor,
     split: FastSplit,
     store: dict[Any, Any],
-    dense: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]],
     module_step: Any,
     free_step: Any,
 ) -> None:
@@ -581,8 +580,7 @@ def _stream_column(
         for key in need[m]:
             if all(o not in left for o in waiting[key]):  # free keys never wait here
                 grads.pop(key, None)
-        if m not in dense:  # a 2-D Linear reads its input again at the end
-            store.pop(m, None)
+        store.pop(m, None)
 
     def on_grad(key: tuple[Any, Any]) -> Any:
         def hook(g: torch.Tensor) -> None:
@@ -732,7 +730,7 @@ def fast_batch_sums(
         tied.clear()
 
     if single:
-        _stream_column(out, es, index, cols[0], split, store, dense, module_step, free_step)
+        _stream_column(out, es, index, cols[0], split, store, module_step, free_step)
         flush_tied()
     else:
         # Columns are pulled back one at a time (a vmapped is_grads_batched backward is
