@@ -79,15 +79,17 @@ def cnn2d_case():
     return model, x, y
 
 
-def encoder_case():
+def encoder_case(n=5, padded=((1, 4), (3, 2))):
+    """TinyEncoder (q/k/v as HeadAttention) and ``n`` sequences of 6 tokens; row ``r`` of
+    ``padded`` pads from position ``t`` on for each ``(r, t)``."""
     torch.manual_seed(3)
     model = TinyEncoder().double().eval()
     convert_attention(model)
-    ids = torch.randint(0, 13, (5, 6))
-    mask = torch.ones(5, 6, dtype=torch.long)
-    mask[1, 4:] = 0
-    mask[3, 2:] = 0
-    y = torch.randint(0, 3, (5,))
+    ids = torch.randint(0, 13, (n, 6))
+    mask = torch.ones(n, 6, dtype=torch.long)
+    for r, t in padded:
+        mask[r, t:] = 0
+    y = torch.randint(0, 3, (n,))
     return model, {"input_ids": ids, "attention_mask": mask}, y
 
 
@@ -709,15 +711,8 @@ def test_downstream_refit_of_an_encoder_with_heads_pruned_in_two_layers():
     in call order from the first layer's output projection on (layer 1's q/k/v on their
     kept rows, the classifier head included), each on the real tokens of the already
     re-fitted model's inputs against the original model's outputs."""
-    torch.manual_seed(3)
-    enc = TinyEncoder().double().eval()
-    convert_attention(enc)
-    ids = torch.randint(0, 13, (12, 6))
-    mask = torch.ones(12, 6, dtype=torch.long)
-    mask[1, 4:] = 0
-    mask[3, 2:] = 0
-    mask[8, 5:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask}
+    enc, batch, _ = encoder_case(12, ((1, 4), (3, 2), (8, 5)))
+    mask = batch["attention_mask"]
     groups, _ = find_groups(enc, batch)
     heads = [g for g in groups if g.kind == "head"]
     assert [g.consumer for g in heads] == ["enc.layers.0.self_attn", "enc.layers.1.self_attn"]
