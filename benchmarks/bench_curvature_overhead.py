@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, ROOT)
     import torch
 
-    from benchmarks.workloads import load_note, machine_line, write_fragment
+    from benchmarks.workloads import load_note, machine_line, publish
 
     torch.set_num_threads(args.threads)
     rounds = 2 if args.quick else args.rounds
@@ -174,10 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         b_wall, c_wall = med("baseline", k, 1), med("current", k, 1)
         lines.append(f"| {k} | {fmt(b_cpu)} | {fmt(c_cpu)} | {b_cpu / c_cpu:.2f}x | "
                      f"{fmt(b_wall)} | {fmt(c_wall)} | {b_wall / c_wall:.2f}x |")
-    text = "\n".join(lines)
-    print(text)
-    if not args.quick:
-        print("wrote", write_fragment("curvature_overhead", text))
+    publish("curvature_overhead", "\n".join(lines), args.quick)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.workloads import design_cnn, design_mlp, load_note, machine_line, write_fragment
+from benchmarks.workloads import design_cnn, design_mlp, load_note, machine_line, publish
 from natgrad import FisherPreconditioner
 from natgrad.curvature.kfac import kfac_coverage
 
@@ -427,10 +427,7 @@ def main():
     if args.worlds:
         distributed(args, lines)
     lines += ["", f"{load_note('at the end')}."]
-    text = "\n".join(lines)
-    print(text)
-    if not args.quick:
-        print("wrote", write_fragment("kfac_refresh", text))
+    publish("kfac_refresh", "\n".join(lines), args.quick)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ from benchmarks.workloads import (  # noqa: E402
     load_note,
     machine_line,
     mnist1d_cnn,
+    publish,
     train,
-    write_fragment,
 )
 from natgrad import estimate_curvature, fisher_uncertainty  # noqa: E402
 from natgrad.datasets import load_mnist1d  # noqa: E402
@@ -273,12 +273,6 @@ if __name__ == "__main__":
     )
     args = parser.parse_args()
     if args.cpu:
-        text = cpu_ratios(3 if args.quick else 9)
-        print(text)
-        if not args.quick:
-            print("wrote", write_fragment("laplace_speed_cpu", text))
+        publish("laplace_speed_cpu", cpu_ratios(3 if args.quick else 9), args.quick)
         raise SystemExit(0)
-    text = main(args.quick)
-    print(text)
-    if not args.quick:
-        print("wrote", write_fragment("laplace_speed", text))
+    publish("laplace_speed", main(args.quick), args.quick)

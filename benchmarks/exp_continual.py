@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.workloads import load_note, machine_line, mnist1d_mlp, write_fragment
+from benchmarks.workloads import load_note, machine_line, mnist1d_mlp, publish
 from natgrad import EWC, estimate_curvature
 from natgrad.datasets import load_mnist1d
 
@@ -337,10 +337,8 @@ def main(argv=None):
     if len(methods) < len(METHODS):
         tail += f" --methods {','.join(k for k in METHOD_KEYS if k in keys)}"
     text = report(results, seeds, epochs, lambdas, args.labels, time.time() - t0, tail, load)
-    print(text)
-    if not args.quick:  # a smoke run never overwrites the recorded results
-        name = "continual" if args.labels == "exact" else f"continual_{args.labels}"
-        print("wrote", write_fragment(name, text))
+    publish("continual" if args.labels == "exact" else f"continual_{args.labels}", text,
+            args.quick)
     return text
 
 

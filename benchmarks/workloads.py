@@ -185,13 +185,19 @@ def write_fragment(name: str, text: str) -> str:
     return path
 
 
+def publish(name: str, text: str, quick: bool) -> None:
+    """Print a report; write it as the fragment ``name`` unless ``quick`` (a smoke run never
+    overwrites recorded results)."""
+    print(text)
+    if not quick:
+        print("wrote", write_fragment(name, text))
+
+
 def run_experiment(name: str, run: Callable, args) -> str:
-    """``run(args)``, print its text and the total time; write the fragment ``name``
-    unless ``args.quick`` (a smoke run never overwrites recorded results)."""
+    """``run(args)``, :func:`publish` its text as the fragment ``name``, print the total
+    time."""
     t0 = time.time()
     text = run(args)
-    print(text)
-    if not args.quick:
-        print("wrote", write_fragment(name, text))
+    publish(name, text, args.quick)
     print(f"total {time.time() - t0:.0f}s")
     return text
