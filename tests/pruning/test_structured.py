@@ -1194,17 +1194,10 @@ def test_compensated_curves_match_brute_force_obs(case):
         layer = model.get_submodule(g.consumer)
         a, gm = _kfac_reference(model, layer, x, y)
         w = torch.cat([layer.weight.reshape(layer.weight.shape[0], -1), layer.bias[:, None]], 1).detach()
-        n = w.shape[1]
-        per = (n - 1) // g.size  # columns of one structure (kernel positions of a channel)
+        per = (w.shape[1] - 1) // g.size  # columns of one structure (a channel's kernel)
 
-        def increase(removed, w=w, a=a, gm=gm, n=n, per=per):
-            # best change D with D[:, R] = -W[:, R]: D_K = W_R A_RK A_KK⁻¹ (closed form)
-            r = torch.tensor([s * per + i for s in removed for i in range(per)], dtype=torch.long)
-            k = torch.tensor([i for i in range(n) if i not in set(r.tolist())], dtype=torch.long)
-            d = torch.zeros_like(w)
-            d[:, r] = -w[:, r]
-            d[:, k] = w[:, r] @ a[r][:, k] @ torch.linalg.inv(a[k][:, k])
-            return 0.5 * float(torch.trace(gm @ d @ a @ d.T))
+        def increase(removed, w=w, a=a, gm=gm, per=per):
+            return _obs_increase(w, a, gm, per, removed)
 
         order, values = curves[g.name]
         first = min(range(g.size), key=lambda s: increase([s]))
