@@ -23,7 +23,7 @@ from natgrad.engine.checks import (
     check_positive,
     check_same_structure,
 )
-from natgrad.engine.common import module_of, to_acc
+from natgrad.engine.common import acc_dtype, module_of, to_acc
 from natgrad.engine.files import (
     CorruptFileError,
     find_invalid,
@@ -36,9 +36,6 @@ __all__ = ["DiagonalFisher", "top_coordinates", "check_fisher"]
 
 _FORMAT = "natgrad.DiagonalFisher"
 _FIX = "Estimate the Fisher again and write it with DiagonalFisher.save."
-
-
-_ACC_DTYPES = (torch.float32, torch.float64)  # accumulation dtypes (see acc_dtype)
 
 
 def _as_acc(t: torch.Tensor) -> torch.Tensor:
@@ -119,7 +116,7 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
         """
         f = cls.__new__(cls)
         f._values = {
-            k: v if v.dtype in _ACC_DTYPES and not v.requires_grad else _as_acc(v)
+            k: v if v.dtype == acc_dtype(v.dtype) and not v.requires_grad else _as_acc(v)
             for k, v in values.items()
         }  # the tensors themselves when already so (no conversion call)
         f.n_samples, f.labels, f.likelihood = n_samples, labels, likelihood
