@@ -607,14 +607,9 @@ def check_all_finite(tensors: Mapping[str, torch.Tensor], what: str, hint: str) 
     items = {k: v for k, v in tensors.items() if v.is_floating_point() and v.numel()}
     if not items:
         return
-    with torch.no_grad():
-        sums = [v.sum() for v in items.values()]
-        dev = sums[0].device
-        if all(s.device == dev for s in sums):  # the common case: one device, one sync
-            if bool(torch.isfinite(torch.stack(sums)).all()):
-                return
-        elif all(bool(torch.isfinite(torch.stack(s)).all())
-                 for s in _by_device(sums).values()):
+    with torch.no_grad():  # one sum per tensor, one host sync per device
+        by_device = _by_device(v.sum() for v in items.values())
+        if all(bool(torch.isfinite(torch.stack(s)).all()) for s in by_device.values()):
             return
     for k, v in items.items():
         bad = ~torch.isfinite(v.detach())
