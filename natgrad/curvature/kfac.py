@@ -675,21 +675,24 @@ def weight_blocks(
 
 def split_weight_blocks(
     shape: tuple[int, ...], transposed: bool, has_bias: bool, V: torch.Tensor,
-    *, bias: bool = True,
+    *, bias: bool = True, contiguous: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Inverse of :func:`weight_blocks` (``V`` with its group dimension or, for one
-    group, without): ``(weight shaped like shape, bias or None)``, both contiguous;
-    ``bias=False``: the bias is not built (None)."""
+    group, without): ``(weight shaped like shape, bias or None)``, contiguous unless
+    ``contiguous=False`` (then views of ``V`` where the shapes allow); ``bias=False``:
+    the bias is not built (None)."""
     b = None
     if has_bias and bias:
         b = V[..., -1]
-        b = (b if b.dim() == 1 else b.reshape(-1)).contiguous()
+        b = b if b.dim() == 1 else b.reshape(-1)
+        if contiguous:
+            b = b.contiguous()
     W = V[..., :-1] if has_bias else V
     if transposed:  # a transposed weight has one group
         W = (W[0] if W.dim() == 3 else W).T
     if W.shape != shape:
         W = W.reshape(shape)
-    return (W if W.is_contiguous() else W.contiguous()), b
+    return (W.contiguous() if contiguous and not W.is_contiguous() else W), b
 
 
 def layer_matrix(

@@ -69,7 +69,7 @@ from natgrad.curvature.kfac import (
     split_weight_blocks,
     weight_blocks,
 )
-from natgrad.curvature.protocol import Curvature, Params, register_curvature
+from natgrad.curvature.protocol import Curvature, Params, flat_inner, register_curvature
 from natgrad.engine.checks import (
     check_choice,
     check_finite,
@@ -736,21 +736,37 @@ class KroneckerFisher(Curvature):
         v: Params,
         layer_fn: Callable[[KroneckerBlock, torch.Tensor], torch.Tensor],
         diag_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    ) -> dict[str, torch.Tensor]:
+        weights: Mapping[str, float] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], list[tuple[float, torch.Tensor]]]:
         """``layer_fn`` on each layer's block matrix, ``diag_fn(F, x)`` on the diagonal part;
-        results in ``v``'s names, order and dtypes (missing names of a layer count as 0)."""
+        results in ``v``'s names, order and dtypes (missing names of a layer count as 0).
+
+        With ``weights``, also the pieces ``(w, ⟨v_S, r_S⟩)`` of
+        :meth:`~natgrad.Curvature.solve_inner` (one per layer when its weight and bias
+        weigh the same), and a layer's results are views into its block (not made
+        contiguous); without, the pieces are ``[]`` and every result is contiguous."""
         out: dict[str, torch.Tensor] = {}
+        pieces: list[tuple[float, torch.Tensor]] = []
         for blk, w, b, V in self._walk_layers(v):
-            W, bo = split_weight_blocks(blk.shape, blk.transposed, blk.bias is not None,
-                                        layer_fn(blk, V), bias=b is not None)
+            R = layer_fn(blk, V)
+            W, bo = split_weight_blocks(blk.shape, blk.transposed, blk.bias is not None, R,
+                                        bias=b is not None, contiguous=weights is None)
             if w is not None:
                 out[blk.weight] = W if W.dtype == w.dtype else W.to(w.dtype)
             if b is not None and bo is not None and blk.bias is not None:
                 out[blk.bias] = bo if bo.dtype == b.dtype else bo.to(b.dtype)
+            if weights is not None:
+                names = [n for n, x in ((blk.weight, w), (blk.bias, b)) if x is not None]
+                if len({weights[n] for n in names}) == 1:  # the block's inner product
+                    pieces.append((weights[names[0]], flat_inner(V, R)))
+                else:
+                    pieces += [(weights[n], flat_inner(v[n], out[n])) for n in names]
         for k, f, x, dt in self._walk_diag(v):
             r = diag_fn(f, x)
+            if weights is not None:
+                pieces.append((weights[k], flat_inner(x, r)))
             out[k] = r if r.dtype == dt else r.to(dt)
-        return {k: out[k] for k in v}
+        return {k: out[k] for k in v}, pieces
 
     def _walk_layers(
         self, v: Params
@@ -779,12 +795,24 @@ class KroneckerFisher(Curvature):
     def mv(self, v: Params) -> dict[str, torch.Tensor]:
         """``F v``: ``G V A`` per K-FAC layer, ``Q_G (s ⊙ Q_Gᵀ V Q_A) Q_Aᵀ`` per EKFAC layer,
         ``F ⊙ v`` on the diagonal part."""
-        return self._each(v, _layer_mv, lambda f, x: f * x)
+        return self._each(v, _layer_mv, lambda f, x: f * x)[0]
 
     def solve(self, v: Params, damping: float) -> dict[str, torch.Tensor]:
         """``(F + λI)⁻¹ v``: ``Q_G ((Q_Gᵀ V Q_A) / (S + λ)) Q_Aᵀ`` per layer, ``v / (F + λ)``
         on the diagonal part."""
         lam = _damping(damping)
+        return self._each(v, self._layer_solver(lam), lambda f, x: x / (f + lam))[0]
+
+    def solve_inner(
+        self, v: Params, damping: float, weights: Mapping[str, float]
+    ) -> tuple[dict[str, torch.Tensor], list[tuple[float, torch.Tensor]]]:
+        """:meth:`solve` and the pieces of ``Σ_k w_k ⟨v_k, Δ_k⟩``, one inner product per
+        layer block ``[W, b]`` (see :meth:`natgrad.Curvature.solve_inner`)."""
+        lam = _damping(damping)
+        return self._each(v, self._layer_solver(lam), lambda f, x: x / (f + lam), weights)
+
+    def _layer_solver(self, lam: float) -> Callable[[KroneckerBlock, torch.Tensor], torch.Tensor]:
+        """``V ↦ (F_layer + λI)⁻¹ V`` on one layer's block matrix (``λ`` checked)."""
         factored = self.damping_mode == "factored"
 
         def layer(blk: KroneckerBlock, V: torch.Tensor) -> torch.Tensor:
@@ -793,7 +821,7 @@ class KroneckerFisher(Curvature):
             QA, QAt, QG, QGt, inv = _solve_ops(blk, lam)
             return eig_scale(V, inv, QA, QG, QAt, QGt)
 
-        return self._each(v, layer, lambda f, x: x / (f + lam))
+        return layer
 
     def prepare_solve(self, group: object | None = None) -> None:
         """The eigenbases of every K-FAC layer (EKFAC layers hold theirs), spread as KAISA

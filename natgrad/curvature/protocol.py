@@ -46,6 +46,7 @@ __all__ = [
     "Curvature",
     "CURVATURE_KINDS",
     "curvature_class",
+    "flat_inner",
     "register_curvature",
 ]
 
@@ -59,6 +60,15 @@ CURVATURE_KINDS: dict[str, type[Curvature]] = {}
 #: only within its own module (one diagonal entry, or one layer's Kronecker block), so
 #: per-module solves and :meth:`Curvature.restrict` to whole modules are exact
 BLOCK_KINDS = ("diag", "kfac", "ekfac")
+
+
+def flat_inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``⟨a, b⟩ = Σ_i a_i b_i`` as a 0-dim tensor in ``b``'s dtype (no host sync).
+
+    >>> flat_inner(torch.tensor([[1.0, 2.0]]), torch.tensor([3.0, 4.0]))
+    tensor(11.)
+    """
+    return torch.dot(a.reshape(-1) if a.dtype == b.dtype else a.reshape(-1).to(b.dtype), b.reshape(-1))
 
 
 def register_curvature(*kinds: str) -> Callable[[C], C]:
@@ -140,6 +150,30 @@ class Curvature(ABC):
     @abstractmethod
     def solve(self, v: Params, damping: float) -> dict[str, torch.Tensor]:
         """``(F + λ I)⁻¹ v`` with ``λ = damping`` (> 0 unless ``F`` is invertible)."""
+
+    def solve_inner(
+        self, v: Params, damping: float, weights: Mapping[str, float]
+    ) -> tuple[dict[str, torch.Tensor], list[tuple[float, torch.Tensor]]]:
+        """:meth:`solve`, ``Δ = (F + λI)⁻¹ v``, together with the pieces of
+        ``Σ_k w_k ⟨v_k, Δ_k⟩``, for a trust region on the step ``Δ``.
+
+        The pieces are ``(w, ⟨v_S, Δ_S⟩)`` pairs over groups ``S`` of names of equal
+        weight (a Kronecker layer's weight and bias form one group when their weights
+        agree), the inner products 0-dim tensors, so that the caller reads them all with
+        one host sync: ``Σ w · ⟨v_S, Δ_S⟩`` over the pairs is the weighted sum. A NaN or
+        Inf in ``v`` or ``Δ`` makes its piece non-finite. ``Δ`` may hold views into one
+        block per layer (not contiguous).
+
+        Args:
+            v: ``{name: tensor shaped like the parameter}``.
+            damping: ``λ``, as for :meth:`solve`.
+            weights: ``{name: w}`` for every name of ``v``.
+
+        Returns:
+            ``(Δ in v's names and dtypes, [(w, ⟨v_S, Δ_S⟩), ...])``.
+        """
+        deltas = self.solve(v, damping)
+        return deltas, [(weights[k], flat_inner(v[k], d)) for k, d in deltas.items()]
 
     def prepare_solve(self, group: object | None = None) -> None:
         """Precompute what :meth:`solve` needs (e.g. eigendecompositions), spreading the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -415,18 +416,24 @@ class FisherPreconditioner:
                 or dropout (call ``model.eval()`` before the step) or bad labels (checked
                 on the whole batch); ``source="backward"`` with nothing recorded.
             FloatingPointError: NaN or Inf in a ``.grad`` (the parameter is named; checked
-                before anything changes, warmup included: one sum per gradient and one
-                host sync per step), or in the curvature.
+                before anything changes, warmup included: one host sync per step, shared
+                with the ``kl_clip`` inner products on a step that only solves), in the
+                curvature, or in the preconditioned gradient.
         """
         lrs = self._check_lr(lr)
         grads: dict[str, torch.Tensor] = {}
         for k, p in self.params.items():
             if p.grad is not None:
                 grads[k] = p.grad
-        check_all_finite(grads, "the gradient (.grad) of parameter", GRAD_HINT)
         t = self._step
-        lam = self.damping_at(t)
         updated = self._refresh_due(t)
+        clip = self.kl_clip is not None and lrs is not None
+        solves = bool(grads) and t >= self.warmup_steps and (updated or self._curvature is not None)
+        if updated or not (clip and solves):
+            check_all_finite(grads, "the gradient (.grad) of parameter", GRAD_HINT)
+        # else: a step that only solves reads the gradients' finiteness from the trust
+        # region's inner products (one host sync for both), before anything changes
+        lam = self.damping_at(t)
         if updated and self.source == "batch" and batch is None:
             raise ValueError(
                 "This refresh needs the batch the gradients came from: "
@@ -439,17 +446,26 @@ class FisherPreconditioner:
         finally:
             if self._capture is not None:
                 self._capture.clear()
-        self._step += 1
-        self._arm()
-        if t < self.warmup_steps or not grads or self._curvature is None:
+        if not solves or self._curvature is None:
+            self._advance()
             return PreconditionStep(t, lam, updated, False, 1.0)
-        deltas = self._curvature.solve(grads, lam)
         nu = 1.0
-        if self.kl_clip is not None and lrs is not None:
-            nu = kl_clip_scale(deltas, grads, lrs, self.kl_clip)
+        if clip:
+            assert lrs is not None and self.kl_clip is not None
+            deltas, pieces = self._curvature.solve_inner(
+                grads, lam, {k: lrs[k] ** 2 for k in grads}
+            )
+            nu = kl_clip_scale(pieces, self.kl_clip, grads, deltas)
+        else:
+            deltas = self._curvature.solve(grads, lam)
+        self._advance()
         for k, d in deltas.items():
             grads[k].copy_(d * nu if nu != 1.0 else d)
         return PreconditionStep(t, lam, updated, True, nu)
+
+    def _advance(self) -> None:
+        self._step += 1
+        self._arm()
 
     def _check_lr(self, lr: float | Mapping[str, float] | None) -> dict[str, float] | None:
         """``{name: lr}`` of every selected parameter (checked), or None without ``lr``."""
@@ -571,10 +587,10 @@ class FisherPreconditioner:
 
 
 def kl_clip_scale(
-    deltas: Mapping[str, torch.Tensor],
-    grads: Mapping[str, torch.Tensor],
-    lrs: Mapping[str, float],
+    pieces: Sequence[tuple[float, torch.Tensor]],
     kl_clip: float,
+    grads: Mapping[str, torch.Tensor],
+    deltas: Mapping[str, torch.Tensor],
 ) -> float:
     """The trust-region factor ``ν = min(1, sqrt(κ / |Σ_i lr_i² Δ_i g_i|))``.
 
@@ -582,28 +598,40 @@ def kl_clip_scale(
     step ``-lr Δ`` with ``Δ = (F + λI)^-1 g`` moves the predictions, so ``ν Δ`` keeps it
     at most ``κ / 2``. ``ν = 1`` when the sum is 0 (e.g. every lr 0).
 
+    The sum comes in ``pieces`` (:meth:`natgrad.Curvature.solve_inner` with weights
+    ``lr²``), read with one host sync. A non-finite piece means a NaN or Inf in ``g`` or
+    ``Δ``, which is then located and raised; failing that (finite tensors whose inner
+    product overflowed), the piece counts as ``+∞`` when its weight is not 0, so the
+    step is ``ν = 0``.
+
     Args:
-        deltas: ``{name: Δ}``, the preconditioned gradients.
-        grads: ``{name: g}``, the raw gradients (the names of ``deltas``).
-        lrs: ``{name: lr}`` for the names of ``deltas``.
+        pieces: ``[(lr², ⟨g_S, Δ_S⟩), ...]``.
         kl_clip: ``κ > 0``.
+        grads: ``{name: g}``, the raw gradients.
+        deltas: ``{name: Δ}``, the preconditioned gradients.
 
     Returns:
-        ``ν`` in ``(0, 1]``.
+        ``ν`` in ``[0, 1]``.
+
+    Raises:
+        FloatingPointError: NaN or Inf in a gradient, or in a preconditioned gradient
+            (then the curvature or the damping is at fault).
     """
-    if not deltas:
+    if not pieces:
         return 1.0
-    dots = []
-    for k, d in deltas.items():
-        g = grads[k]
-        dots.append(torch.dot(d.reshape(-1), (g if g.dtype == d.dtype else g.to(d.dtype)).reshape(-1)))
-    # one host sync for all the dot products (each in its Δ's dtype, summed in float64)
+    dots = [x for _, x in pieces]
     dev = dots[0].device
-    if all(x.device == dev for x in dots):
+    if all(x.device == dev for x in dots):  # one host sync for all the inner products
         values = torch.stack(dots).tolist()
     else:  # a model spread over devices
         values = [float(x) for x in dots]
-    vg = sum(lrs[k] ** 2 * x for k, x in zip(deltas, values, strict=True))
+    if not all(math.isfinite(x) for x in values):
+        check_all_finite(grads, "the gradient (.grad) of parameter", GRAD_HINT)
+        check_all_finite(deltas, "the preconditioned gradient (F + λI)⁻¹g of parameter",
+                         "The gradient is finite, so the curvature or the damping is at "
+                         "fault: check pre.curvature for NaN/Inf, or raise the damping.")
+        values = [x if math.isfinite(x) else math.inf for x in values]
+    vg = sum(w * x for (w, _), x in zip(pieces, values, strict=True) if w != 0.0)
     if vg == 0.0:
         return 1.0
     return min(1.0, float((kl_clip / abs(vg)) ** 0.5))

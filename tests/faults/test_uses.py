@@ -153,6 +153,40 @@ def test_fisher_importance_nan_fisher_is_named():
         natgrad.fisher_importance(F, model, normalize=False)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_nonfinite_grad_on_a_solve_only_step_is_named(kind):
+    # after the refresh (step 0) a step that only solves reads finiteness from the
+    # kl_clip inner products; it must still name the parameter and change nothing
+    model, batch = _mlp(), _batch()
+    pre = natgrad.FisherPreconditioner(model, kind=kind, damping=0.1)
+    _backward(model, batch)
+    pre.step(batch, lr=0.1)
+    _backward(model, batch)
+    with torch.no_grad():
+        model[0].bias.grad[1] = float("inf")
+    before = {k: p.grad.clone() for k, p in model.named_parameters()}
+    with pytest.raises(FloatingPointError, match=r"(?s)gradient \(\.grad\) of parameter '0\.bias'"):
+        pre.step(batch, lr=0.1)
+    for k, p in model.named_parameters():
+        assert torch.equal(p.grad, before[k]) or k == "0.bias"
+    assert torch.isinf(model[0].bias.grad[1])
+    assert pre.state_dict()["step"] == 1
+
+
+def test_nonfinite_preconditioned_gradient_is_named():
+    # a finite gradient whose solve is not finite: the curvature is at fault, not the data
+    model, batch = _mlp(), _batch()
+    pre = natgrad.FisherPreconditioner(model, kind="diag", damping=0.1)
+    _backward(model, batch)
+    pre.step(batch, lr=0.1)
+    _backward(model, batch)
+    pre.curvature["2.weight"][0, 1] = float("nan")  # the tensor the preconditioner solves with
+    before = model[2].weight.grad.clone()
+    with pytest.raises(FloatingPointError, match=r"(?s)preconditioned gradient.*'2\.weight'.*damping"):
+        pre.step(batch, lr=0.1)
+    assert torch.equal(model[2].weight.grad, before)
+
+
 def test_scale_by_fisher_nan_grad_is_named():
     model = _mlp()
     _backward(model, _batch())

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+import natgrad
 from natgrad import FisherPreconditioner, NaturalGradient, scale_by_fisher
+from natgrad.curvature.protocol import flat_inner
 from natgrad.engine.likelihoods import Gaussian
 from natgrad.optim.precondition import kl_clip_scale
 from natgrad.optim.scale import natural_gradient_norms
@@ -243,22 +245,64 @@ def test_damping_schedule_and_kl_clip(mlp_case):
     assert_close_dict(_grads(model), {k: nu * v for k, v in delta.items()})
 
 
+def _pieces(deltas, grads, lrs):
+    return [(lrs[k] ** 2, flat_inner(grads[k], d)) for k, d in deltas.items()]
+
+
 def test_kl_clip_scale_equals_hand_computation():
     # ν = min(1, sqrt(κ / |Σ_i lr_i² Δ_i g_i|)), by hand:
     # Σ = 0.5²·(1·3 + 2·4) + 0.1²·(-1·2) = 2.75 - 0.02 = 2.73
     deltas = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([-1.0], dtype=torch.float64)}
     grads = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([2.0], dtype=torch.float64)}
     lrs = {"a": 0.5, "b": 0.1}
-    assert kl_clip_scale(deltas, grads, lrs, 1e-3) == pytest.approx((1e-3 / 2.73) ** 0.5)
-    assert kl_clip_scale(deltas, grads, lrs, 3.0) == 1.0  # inside the region: no clip
-    assert kl_clip_scale(deltas, grads, dict.fromkeys(lrs, 0.0), 1e-3) == 1.0  # sum 0
+
+    def nu(lrs, clip):
+        return kl_clip_scale(_pieces(deltas, grads, lrs), clip, grads, deltas)
+
+    assert nu(lrs, 1e-3) == pytest.approx((1e-3 / 2.73) ** 0.5)
+    assert nu(lrs, 3.0) == 1.0  # inside the region: no clip
+    assert nu(dict.fromkeys(lrs, 0.0), 1e-3) == 1.0  # sum 0
     # a matrix, its gradient non-contiguous and of another dtype: Σ += 0.2²·(1·1 + 2·3 + 3·2
     # + 4·4) = 0.04·29 = 1.16 (the gradient's transpose is [[1, 3], [2, 4]])
     deltas["c"] = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
     grads["c"] = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).t()
     lrs["c"] = 0.2
-    assert kl_clip_scale(deltas, grads, lrs, 1e-3) == pytest.approx((1e-3 / 3.89) ** 0.5)
-    assert kl_clip_scale({}, {}, {}, 1e-3) == 1.0
+    assert nu(lrs, 1e-3) == pytest.approx((1e-3 / 3.89) ** 0.5)
+    assert kl_clip_scale([], 1e-3, {}, {}) == 1.0
+
+
+def test_kl_clip_scale_overflow_of_finite_tensors_stops_the_step():
+    # finite g and Δ whose inner product overflows float32: the KL model is +inf, ν = 0;
+    # the same overflow under weight 0 counts as 0
+    g = {"a": torch.full((4,), 1e20)}
+    d = {"a": torch.full((4,), 1e20)}
+    assert not torch.isfinite(flat_inner(g["a"], d["a"]))
+    assert kl_clip_scale(_pieces(d, g, {"a": 0.1}), 1e-3, g, d) == 0.0
+    assert kl_clip_scale(_pieces(d, g, {"a": 0.0}), 1e-3, g, d) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac", "ekfac", "lowrank"])
+def test_solve_inner_is_solve_and_the_weighted_inner_product(kind):
+    # Δ equals solve's; Σ w·⟨v_S, Δ_S⟩ equals Σ_k w_k ⟨v_k, Δ_k⟩ by a float64 loop, also
+    # when a layer's weight and bias weigh differently and when a bias is absent from v
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    C = natgrad.estimate_curvature(model, (x, y), kind=kind, labels="exact")
+    v = {k: torch.randn_like(p) for k, p in model.named_parameters()}
+    for names, weights in [
+        (list(v), dict.fromkeys(v, 0.3)),
+        (list(v), {"0.weight": 0.3, "0.bias": 0.7, "2.weight": 0.0, "2.bias": 2.0}),
+        (["0.weight", "2.weight", "2.bias"], {"0.weight": 1.0, "2.weight": 0.5, "2.bias": 0.5}),
+    ]:
+        sub = {k: v[k] for k in names}
+        deltas, pieces = C.solve_inner(sub, 0.1, weights)
+        ref = C.solve(sub, 0.1)
+        assert list(deltas) == names
+        assert_close_dict(deltas, ref)
+        total = sum(w * float(x) for w, x in pieces)
+        expect = sum(weights[k] * float((sub[k] * ref[k]).sum()) for k in names)
+        assert total == pytest.approx(expect, rel=1e-12)
 
 
 def test_kl_clip_is_the_default_and_bounds_the_quadratic_kl(mlp_case):
