@@ -756,7 +756,9 @@ class KroneckerFisher(Curvature):
             if b is not None and bo is not None and blk.bias is not None:
                 out[blk.bias] = bo if bo.dtype == b.dtype else bo.to(b.dtype)
             if weights is not None:
-                names = [n for n, x in ((blk.weight, w), (blk.bias, b)) if x is not None]
+                names = [blk.weight] if w is not None else []
+                if b is not None and blk.bias is not None:
+                    names.append(blk.bias)
                 if len({weights[n] for n in names}) == 1:  # the block's inner product
                     pieces.append((weights[names[0]], flat_inner(V, R)))
                 else:
