@@ -250,6 +250,7 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
     # -- curvature ---------------------------------------------------------------------
     kind = "diag"
     CAPTURE_KINDS = ("diag",)
+    CHECKS_MODEL = True  # estimate_fisher runs check_fixed_model
 
     @classmethod
     def from_capture(cls, capture: Any, *, kind: str = "diag", likelihood: str = "categorical",

@@ -282,6 +282,7 @@ class KroneckerFisher(Curvature):
     kind = "kfac"
     file_format = _FORMAT
     CAPTURE_KINDS = ("kfac", "ekfac")
+    CHECKS_MODEL = True  # estimate runs check_fixed_model
 
     def __init__(
         self,

@@ -215,6 +215,7 @@ class LowRankFisher(Curvature):
     file_format = _FORMAT
     REFRESH_REPLACES = True
     CAPTURE_KINDS = ("lowrank",)
+    CHECKS_MODEL = True  # estimate runs check_fixed_model
 
     def __init__(
         self,

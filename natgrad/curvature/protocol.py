@@ -119,6 +119,16 @@ class Curvature(ABC):
     #: folding it into an EMA (a curvature whose ``ema`` grows with every call, as the
     #: stacked rows of a low-rank Fisher do); such a kind is not refreshed during warmup
     REFRESH_REPLACES: ClassVar[bool] = False
+    #: True when :meth:`estimate` itself runs :func:`natgrad.engine.checks.check_fixed_model`
+    #: on the model; :func:`natgrad.estimate_curvature` then leaves the check to it, so a
+    #: call checks the model once. A subclass that defines its own :meth:`estimate` is
+    #: reset to False (the dispatcher checks for it) unless it sets the flag itself.
+    CHECKS_MODEL: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "estimate" in vars(cls) and "CHECKS_MODEL" not in vars(cls):
+            cls.CHECKS_MODEL = False
 
     # -- construction ------------------------------------------------------------------
     @classmethod

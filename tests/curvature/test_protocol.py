@@ -145,3 +145,76 @@ def test_unknown_kind_lists_the_valid_ones():
     model, x, y = _case()
     with pytest.raises(ValueError, match="valid kinds"):
         natgrad.estimate_curvature(model, (x, y), kind="shampoo")
+
+
+# -- the model check: once per estimate_curvature call ----------------------------------------
+
+_BN_MESSAGE = (
+    r"Module '1' \(BatchNorm1d\) is in train mode: it normalizes with batch statistics, so "
+    r"one sample's output depends on the others and per-sample gradients do not exist\. "
+    r"Call model.eval\(\) before estimating the Fisher, or replace BatchNorm with "
+    r"GroupNorm/LayerNorm\."
+)
+
+
+def _count_model_checks(monkeypatch):
+    """Wrap ``check_fixed_model`` wherever a natgrad module imported it; return the count."""
+    import sys
+
+    from natgrad.engine import checks
+
+    original, calls = checks.check_fixed_model, []
+
+    def counting(model, what):
+        calls.append(what)
+        return original(model, what)
+
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("natgrad") and getattr(mod, "check_fixed_model", None) is original:
+            monkeypatch.setattr(mod, "check_fixed_model", counting)
+    return calls
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_estimate_curvature_checks_the_model_once(kind, monkeypatch):
+    model, x, y = _case()
+    calls = _count_model_checks(monkeypatch)
+    natgrad.estimate_curvature(model, [(x, y), (x, y)], kind=kind)
+    assert len(calls) == 1, calls
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_mode_batchnorm_error_is_the_batch_mixing_one(kind, monkeypatch):
+    model, x, y = _case()
+    model = torch.nn.Sequential(model[0], torch.nn.BatchNorm1d(3), *model[1:]).double().train()
+    calls = _count_model_checks(monkeypatch)
+    with pytest.raises(ValueError, match=_BN_MESSAGE):
+        natgrad.estimate_curvature(model, (x, y), kind=kind)
+    assert len(calls) == 1, calls
+
+
+def test_a_registered_kind_with_its_own_estimate_is_checked_by_the_dispatcher(monkeypatch):
+    # a kind whose estimate never looks at the model's mode still refuses a train-mode
+    # BatchNorm model: overriding estimate resets CHECKS_MODEL, so estimate_curvature checks
+    from natgrad.curvature import protocol
+    from natgrad.curvature.diagonal import DiagonalFisher
+
+    @protocol.register_curvature("diag_zero_test")
+    class Zero(DiagonalFisher):
+        kind = "diag_zero_test"
+
+        @classmethod
+        def estimate(cls, model, data, likelihood="categorical", **options):
+            return cls({k: torch.zeros_like(p) for k, p in model.named_parameters()}, 1)
+
+    try:
+        assert DiagonalFisher.CHECKS_MODEL and not Zero.CHECKS_MODEL
+        model, x, y = _case()
+        calls = _count_model_checks(monkeypatch)
+        natgrad.estimate_curvature(model, (x, y), kind="diag_zero_test")
+        assert calls == ["estimate_curvature(kind='diag_zero_test')"]
+        bn = torch.nn.Sequential(model[0], torch.nn.BatchNorm1d(3), *model[1:]).train()
+        with pytest.raises(ValueError, match=_BN_MESSAGE):
+            natgrad.estimate_curvature(bn, (x, y), kind="diag_zero_test")
+    finally:
+        del protocol.CURVATURE_KINDS["diag_zero_test"]
