@@ -25,6 +25,7 @@ from natgrad.engine.checks import (
     check_choice,
     check_finite,
     check_int,
+    check_model_list,
     check_positive,
     check_same_structure,
 )
@@ -121,8 +122,9 @@ def fisher_weighted_merge(
     Raises:
         ValueError: parameter names or shapes differ between models (named), Fishers that
             do not match the models, counts that disagree, bad weights or floor, or an
-            all-zero Fisher with ``normalize=True``.
-        TypeError: a two-model call whose second argument is not a module.
+            all-zero Fisher with ``normalize=True``, an empty ``models``.
+        TypeError: a two-model call whose second argument is not a module; ``models``
+            not a list, or an entry that is not an ``nn.Module``.
 
     Example:
         >>> import torch
@@ -204,9 +206,8 @@ def _dispatch(
             "fishers must be a list with one Fisher per model, got an nn.Module; the "
             "two-model form is fisher_weighted_merge(model1, model2, (fisher1, fisher2))."
         )
-    model_list, fisher_list = list(models), list(fishers)
-    if not model_list or not all(isinstance(m, nn.Module) for m in model_list):
-        raise TypeError("models must be a non-empty list of nn.Module of one architecture.")
+    model_list = list(check_model_list(models, "models", non_empty=True))
+    fisher_list = list(fishers)
     if len(fisher_list) != len(model_list):
         raise ValueError(
             f"Got {len(model_list)} models but {len(fisher_list)} Fishers; give one Fisher "
@@ -525,7 +526,9 @@ def regmean_merge(
     Raises:
         ValueError: counts that disagree, models of different architectures, bad
             ``alpha`` / ``floor`` / weights, a layer that sees no input, or a model whose
-            Grams are all zero with ``normalize=True``.
+            Grams are all zero with ``normalize=True``, an empty ``models``.
+        TypeError: ``models`` a bare module or not a list, or an entry that is not an
+            ``nn.Module``.
 
     Example:
         >>> import torch
@@ -540,10 +543,8 @@ def regmean_merge(
     from natgrad.engine.batch import parse_batch
     from natgrad.engine.checks import check_fraction
 
-    models = list(models)
+    models = list(check_model_list(models, "models", non_empty=True))
     data = list(data)
-    if not models or not all(isinstance(m, nn.Module) for m in models):
-        raise TypeError("models must be a non-empty list of nn.Module of one architecture.")
     if len(data) != len(models):
         raise ValueError(
             f"Got {len(models)} models but {len(data)} data sets; give one batch (or "

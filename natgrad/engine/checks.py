@@ -520,15 +520,29 @@ def check_fisher_type(fisher: Any, what: str = "fisher") -> Mapping[str, torch.T
 # -- collections of models, batches and Fishers -----------------------------------------------
 
 
-def check_model_list(models: Any, what: str = "models") -> Sequence[Any]:
-    """Return ``models`` as a list of ``nn.Module``; a bare module is refused with the fix."""
+def check_model_list(
+    models: Any, what: str = "models", *, non_empty: bool = False
+) -> Sequence[Any]:
+    """Return ``models`` as a list of ``nn.Module`` (each checked by :func:`check_model`);
+    a bare module is refused with the fix, and so is an empty list when ``non_empty``.
+
+    Raises:
+        TypeError: a bare module, something other than a list or tuple, or an entry that
+            is not an ``nn.Module`` (named by its index).
+        ValueError: an empty list when ``non_empty``; an entry on the meta device.
+    """
     if isinstance(models, nn.Module):
         raise TypeError(
             f"{what} must be a list of models, got a single {type(models).__name__}: "
             f"pass {what}=[model]."
         )
     if not isinstance(models, (list, tuple)):
-        raise TypeError(f"{what} must be a list of nn.Module, got {type(models).__name__}.")
+        raise TypeError(
+            f"{what} must be a list of nn.Module, got {type(models).__name__}: pass a list "
+            f"(e.g. list({what}))."
+        )
+    if non_empty and not models:
+        raise ValueError(f"{what} is empty: pass at least one model.")
     for i, m in enumerate(models):
         check_model(m, f"{what}[{i}]")
     return models

@@ -159,6 +159,48 @@ def test_merge_bad_preconditioner():
         natgrad.fisher_weighted_merge([a, b], [_dense(a), _dense(b)], preconditioner="ilu")
 
 
+def _meta_model():
+    with torch.device("meta"):
+        return _model()
+
+
+_MERGES = {
+    "fisher_weighted_merge": lambda models: natgrad.fisher_weighted_merge(
+        models, [_diag(_model())] * 2
+    ),
+    "regmean_merge": lambda models: natgrad.regmean_merge(
+        models, [torch.randn(4, 3, dtype=torch.float64)] * 2
+    ),
+}
+
+
+@pytest.mark.parametrize("merge", sorted(_MERGES))
+@pytest.mark.parametrize(
+    "models, error, match",
+    [
+        (lambda: [], ValueError, r"models is empty: pass at least one model"),
+        (lambda: [_model(), "ckpt.pt"], TypeError,
+         r"models\[1\] needs a torch.nn.Module as model, got str: load it first"),
+        (lambda: [_model(), None], TypeError, r"models\[1\] .*got NoneType: pass the model"),
+        (lambda: (m for m in [_model(), _model()]), TypeError,
+         r"models must be a list of nn.Module, got generator: pass a list"),
+        (lambda: [_model(), _meta_model()], ValueError,
+         r"models\[1\]: the model's tensor '0.weight' is on the meta device"),
+    ],
+    ids=["empty", "path", "none", "generator", "meta"],
+)
+def test_merges_refuse_a_bad_model_list(merge, models, error, match):
+    with pytest.raises(error, match=match):
+        _MERGES[merge](models())
+
+
+def test_regmean_refuses_a_bare_model():
+    # a bare nn.Sequential is iterable: list(model) would merge its layers as models
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"got a single Sequential: pass models=\[model\]"):
+        natgrad.regmean_merge(_model(), [x, x, x])
+
+
 def test_regmean_faults():
     a, b = _model(0), _model(1)
     x = torch.randn(4, 3, dtype=torch.float64)
