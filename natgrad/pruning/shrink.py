@@ -483,7 +483,8 @@ def tune_layers(
 
     Raises:
         ValueError: for an unknown ``scope`` or ``fit``, or ``fit="masks"`` with
-            ``scope="downstream"``.
+            ``scope="downstream"``; a calibration batch whose forward through
+            ``original`` does not reach a re-fitted layer (data-dependent control flow).
     """
     from natgrad.curvature.estimate import iterate_batches
 

@@ -296,3 +296,47 @@ def test_bad_tuning_options(kwargs, phrase):
     x, y = _data()
     with pytest.raises(ValueError, match=phrase):
         natgrad.prune_structured(_mlp(), (x, y), flops=0.6, measure=False, **kwargs)
+
+
+# -- re-fit calibration ----------------------------------------------------------------------------
+
+
+class _Gated(nn.Module):
+    """``fc2(relu(fc1(x)))``, except that with ``gate`` set, a batch with an entry above
+    it takes the ``bypass`` layer and never reaches ``fc1``/``fc2`` (data-dependent control
+    flow: torch.fx traces the model with ``gate=None`` only)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.bypass = nn.Linear(5, 8), nn.Linear(8, 4), nn.Linear(5, 4)
+        self.gate: float | None = None
+
+    def forward(self, x):
+        if self.gate is not None and bool((x.abs() > self.gate).any()):
+            return self.bypass(x)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_refit_calibration_batch_that_skips_a_consumer_is_named():
+    # prune_structured traces the model with torch.fx, which cannot follow the gate, so
+    # the situation is built where the re-fit meets it: tune_layers on a shrunk model,
+    # with a second calibration batch whose forward bypasses the consumer fc2
+    from natgrad.pruning.shrink import shrink_model, tune_layers
+
+    original = _Gated()
+    x, y = _data()
+    groups, _ = find_groups(original, x)
+    assert [(g.producer, g.consumer) for g in groups] == [("fc1", "fc2")]
+    removed = {groups[0].name: torch.tensor([0, 3])}
+    pruned = shrink_model(_Gated(), groups, removed)
+    original.gate = pruned.gate = 10.0
+    assert tune_layers(original, pruned, groups, removed, [(x, y)]) == ["fc2"]  # reached
+    far = x.clone()
+    far[0, 0] = 100.0  # this batch takes the bypass
+    with pytest.raises(
+        ValueError,
+        match=r"calibration batch did not reach layer\(s\) \['fc2'\] of the original model: "
+        r"pass calibration inputs that run the whole model",
+    ):
+        tune_layers(original, pruned, groups, removed, [(x, y), (far, y)])
