@@ -13,16 +13,22 @@ Convention (the empirical Fisher). With ``l_n`` the per-sample loss of sample ``
 ``b_nt = ∂l_n/∂s_nt`` the gradient at the layer output ``s_nt`` (position ``t``):
 
 * ``loss_reduction="mean"`` (torch's default, ``L = (1/N) Σ_n l_n``): the recorded output
-  gradient is ``b_nt / N``; it is multiplied by the batch size ``N`` of the forward
-  that produced it;
+  gradient is ``b_nt / N``; it is multiplied by ``N``, the number of samples of all the
+  forwards recorded since the last refresh;
 * ``loss_reduction="sum"`` (``L = Σ_n l_n``): it is used as is.
+
+So several forwards before one optimizer step (gradient accumulation) are read as one
+batch of all their samples whose loss is the mean over all of them: each micro-batch's
+mean loss divided by the number of micro-batches (equal sizes), which is what the Hugging
+Face Trainer and Lightning back-propagate; likewise one backward through
+``(loss(x1) + loss(x2)) / 2``. A loss multiplied by a constant before ``backward`` (a
+``torch.amp.GradScaler``'s scale) is divided back by :attr:`BackwardCapture.loss_scale`.
 
 The labels are the data's (the user's loss), so this is the empirical Fisher. A loss
 averaged over tokens rather than samples (e.g. a language-model loss over ``N·T`` kept
 tokens) scales the gradients by another factor; use ``loss_reduction="sum"`` with a summed
 loss there. A module called several times in one forward contributes every call's
-positions; several forwards between two refreshes (gradient accumulation) contribute
-their samples (each scaled by its own ``N``).
+positions.
 """
 
 from __future__ import annotations
@@ -92,6 +98,10 @@ class BackwardCapture:
         self._handles: list[Any] = []
         self._removed = False
         self._layer_hooks = {k: self._hook(k) for k in self.layers}  # the same on every arming
+        #: the constant the loss was multiplied by before ``backward`` (e.g. a
+        #: ``torch.amp.GradScaler``'s ``get_scale()``); :meth:`take` divides the recorded
+        #: output gradients by it
+        self.loss_scale = 1.0
 
     @property
     def armed(self) -> bool:
@@ -208,17 +218,17 @@ class BackwardCapture:
                     f"(layers {bad[:8]} disagree with their outputs). Use source='batch'."
                 )
             n = n_set.pop()
-            scale = float(n) if self.loss_reduction == "mean" else 1.0
             for k in self.layers:
                 if k not in calls:
                     continue
                 lay = self.layers[k]
                 a = layer_patches(lay, [x for x, _ in calls[k]], pcache)
                 bs = [out_grads(lay, g) for _, g in calls[k]]
-                b = bs[0] if len(bs) == 1 else torch.cat(bs, 1)
                 inputs[k].append(a)
-                grads[k].append(b * scale if scale != 1.0 else b)
+                grads[k].append(bs[0] if len(bs) == 1 else torch.cat(bs, 1))
             n_total += n
+        # the per-sample-loss gradients: L = (1/N) Σ_n l_n over every recorded sample
+        scale = (float(n_total) if self.loss_reduction == "mean" else 1.0) / self.loss_scale
         out_in = {k: v[0] if len(v) == 1 else torch.cat(v, 0) for k, v in inputs.items() if v}
         partial = [k for k, v in out_in.items() if v.shape[0] != n_total]
         if partial:
@@ -227,8 +237,11 @@ class BackwardCapture:
                 "last refresh; source='backward' needs the same layers in every forward. "
                 "Use source='batch'."
             )
-        out_g = {k: [(1.0, v[0] if len(v) == 1 else torch.cat(v, 0))]
-                 for k, v in grads.items() if v}
+        out_g: dict[str, list[tuple[float, torch.Tensor]]] = {}
+        for k, v in grads.items():
+            if v:
+                b = v[0] if len(v) == 1 else torch.cat(v, 0)
+                out_g[k] = [(1.0, b * scale if scale != 1.0 else b)]
         return Captured(n_total, out_in, out_g, [])
 
 

@@ -188,6 +188,12 @@ class FisherPreconditioner:
         max_factor_dim: K-FAC/EKFAC keep a factor side larger than this diagonal (e.g.
             the ``G`` of a 50k-vocabulary output layer), passed to kinds whose
             ``estimate`` takes it; None: every side full.
+        grad_scaler: the ``torch.amp.GradScaler`` scaling the loss (mixed precision), or
+            None. With it, ``source="backward"`` divides the recorded output gradients by
+            its scale, and a step whose ``.grad`` holds NaN or Inf (an overflow, which the
+            scaler's ``step`` skips) is skipped too: nothing changes, no error. Call
+            ``scaler.unscale_(optimizer)`` before :meth:`step` (``scaler.step`` does it
+            for :class:`NaturalGradient`).
         kfac_approx: ``"expand"`` (positions of a layer applied at several positions,
             e.g. tokens, count as extra samples) or ``"reduce"`` (K-FAC-reduce: inputs
             averaged and output gradients summed over a sample's positions before the
@@ -235,6 +241,7 @@ class FisherPreconditioner:
         loss_reduction: LossReduction = "mean",
         max_factor_dim: int | None = None,
         kfac_approx: KfacApprox = "expand",
+        grad_scaler: Any = None,
     ):
         check_model(model, "FisherPreconditioner")
         self.kind = check_choice("kind", kind, kinds())
@@ -266,6 +273,12 @@ class FisherPreconditioner:
         self.kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROX)
         if self.kfac_approx != "expand" and "approx" in takes:
             self._options["approx"] = self.kfac_approx
+        if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler (or have get_scale()), got "
+                f"{type(grad_scaler).__name__}."
+            )
+        self.grad_scaler = grad_scaler
         self._capture: BackwardCapture | None = None
         if self.source == "backward":
             if self.curvature_kind not in self.curvature_cls.CAPTURE_KINDS:
@@ -411,25 +424,42 @@ class FisherPreconditioner:
             :class:`PreconditionStep` describing the step.
 
         Raises:
-            ValueError: a negative or non-finite ``lr``, or an ``lr`` mapping that lacks
-                a preconditioned parameter; ``source="batch"`` without a batch; invalid damping from a schedule; on a refresh, train-mode BatchNorm
-                or dropout (call ``model.eval()`` before the step) or bad labels (checked
-                on the whole batch); ``source="backward"`` with nothing recorded.
+            ValueError: no preconditioned parameter has a ``.grad``; a negative or
+                non-finite ``lr``, or an ``lr`` mapping that lacks a preconditioned
+                parameter; ``source="batch"`` without a batch; invalid damping from a
+                schedule; on a refresh, train-mode BatchNorm or dropout (call
+                ``model.eval()`` before the step) or bad labels (checked on the whole
+                batch); ``source="backward"`` with nothing recorded.
             FloatingPointError: NaN or Inf in a ``.grad`` (the parameter is named; checked
                 before anything changes, warmup included: one host sync per step, shared
-                with the ``kl_clip`` inner products on a step that only solves), in the
-                curvature, or in the preconditioned gradient.
+                with the ``kl_clip`` inner products on a step that only solves; with a
+                ``grad_scaler`` the step is skipped instead), in the curvature, or in the
+                preconditioned gradient.
         """
         lrs = self._check_lr(lr)
         grads: dict[str, torch.Tensor] = {}
         for k, p in self.params.items():
             if p.grad is not None:
                 grads[k] = p.grad
+        if not grads:
+            raise ValueError(
+                "None of the preconditioned parameters has a .grad: call loss.backward() "
+                "before pre.step() (and optimizer.zero_grad() after the optimizer's step)."
+            )
         t = self._step
         updated = self._refresh_due(t)
         clip = self.kl_clip is not None and lrs is not None
-        solves = bool(grads) and t >= self.warmup_steps and (updated or self._curvature is not None)
-        if updated or not (clip and solves):
+        solves = t >= self.warmup_steps and (updated or self._curvature is not None)
+        if self.grad_scaler is not None:
+            try:  # an overflow: the scaler skips this step, and so does the preconditioner
+                check_all_finite(grads, "the gradient (.grad) of parameter", GRAD_HINT)
+            except FloatingPointError:
+                if self._capture is not None:
+                    self._capture.clear()
+                return PreconditionStep(t, self.damping_at(t), False, False, 1.0)
+            if self._capture is not None:
+                self._capture.loss_scale = float(self.grad_scaler.get_scale())
+        elif updated or not (clip and solves):
             check_all_finite(grads, "the gradient (.grad) of parameter", GRAD_HINT)
         # else: a step that only solves reads the gradients' finiteness from the trust
         # region's inner products (one host sync for both), before anything changes

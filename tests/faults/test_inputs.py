@@ -71,6 +71,8 @@ def _ones_fisher(model: nn.Module) -> natgrad.DiagonalFisher:
 def _pre_step(kind: str):
     def run(model, batch, likelihood="categorical", **kw):
         pre = natgrad.FisherPreconditioner(model, likelihood, kind=kind, **kw)
+        for p in model.parameters():  # a step needs gradients; the refresh checks the batch
+            p.grad = torch.zeros_like(p)
         return pre.step(batch)
 
     return run

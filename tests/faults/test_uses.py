@@ -173,6 +173,20 @@ def test_nonfinite_grad_on_a_solve_only_step_is_named(kind):
     assert pre.state_dict()["step"] == 1
 
 
+@pytest.mark.parametrize("source", ["batch", "backward"])
+def test_preconditioner_step_before_backward_is_refused(source):
+    model, batch = _mlp(), _batch()
+    pre = natgrad.FisherPreconditioner(model, kind="kfac", source=source)
+    with pytest.raises(ValueError, match=r"has a \.grad: call loss\.backward\(\) before"):
+        pre.step(batch, lr=0.1)
+    assert pre.state_dict()["step"] == 0 and pre.curvature is None
+
+
+def test_grad_scaler_without_get_scale_is_refused():
+    with pytest.raises(TypeError, match="GradScaler"):
+        natgrad.FisherPreconditioner(_mlp(), kind="kfac", source="backward", grad_scaler=2.0)
+
+
 def test_nonfinite_preconditioned_gradient_is_named():
     # a finite gradient whose solve is not finite: the curvature is at fault, not the data
     model, batch = _mlp(), _batch()

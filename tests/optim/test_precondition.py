@@ -773,6 +773,81 @@ def test_backward_two_forwards_pool_their_samples():
     assert_close_dict(_grads(model), _grads(twin), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "diag"])
+@pytest.mark.parametrize("how", ["accumulate", "one_backward"])
+def test_backward_mean_loss_over_several_forwards_is_the_union_batch(kind, how):
+    # gradient accumulation as the HF Trainer / Lightning do it (each micro-batch's mean
+    # loss divided by their number), or one backward through the mean of two means: the
+    # same preconditioned gradient as one forward of the union batch (batch source)
+    torch.manual_seed(27)
+    model = mlp((5, 6, 3)).double()
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    twin = copy.deepcopy(model)
+    pb = FisherPreconditioner(model, kind=kind, damping=0.05, source="backward")
+    parts = (slice(0, 4), slice(4, 8), slice(8, 12))
+    if how == "accumulate":
+        for sl in parts:
+            (F.cross_entropy(model(x[sl]), y[sl]) / len(parts)).backward()
+    else:
+        sum(F.cross_entropy(model(x[sl]), y[sl]) for sl in parts[:2]).__truediv__(2).backward()
+        x, y = x[:8], y[:8]
+    pa = FisherPreconditioner(twin, kind=kind, damping=0.05)
+    F.cross_entropy(twin(x), y).backward()
+    assert_close_dict(_grads(model), _grads(twin), rtol=1e-9, atol=1e-12)  # same gradient
+    pb.step(lr=0.1)
+    pa.step((x, y), lr=0.1)
+    assert_close_dict(_grads(model), _grads(twin), rtol=1e-9, atol=1e-12)
+
+
+def test_backward_with_a_grad_scaler_reads_the_unscaled_gradients():
+    # a torch.amp.GradScaler multiplies the loss by its scale: the recorded output
+    # gradients are divided back, so the step equals the one without a scaler
+    torch.manual_seed(28)
+    model = mlp((5, 6, 3)).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    twin = copy.deepcopy(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt2 = torch.optim.SGD(twin.parameters(), lr=0.1)
+    pb = FisherPreconditioner(model, kind="kfac", damping=0.05, source="backward",
+                              grad_scaler=scaler)
+    pa = FisherPreconditioner(twin, kind="kfac", damping=0.05, source="backward")
+    for _ in range(3):
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.unscale_(opt)
+        pb.step(lr=0.1)
+        scaler.step(opt)
+        scaler.update()
+        opt2.zero_grad()
+        F.cross_entropy(twin(x), y).backward()
+        pa.step(lr=0.1)
+        opt2.step()
+        assert_close_dict(dict(model.named_parameters()), dict(twin.named_parameters()),
+                          rtol=1e-9, atol=1e-12)
+
+
+def test_grad_scaler_overflow_step_is_skipped_and_changes_nothing():
+    torch.manual_seed(29)
+    model = mlp((5, 6, 3)).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    pre = FisherPreconditioner(model, kind="kfac", damping=0.05, source="backward",
+                               grad_scaler=scaler)
+    F.cross_entropy(model(x), y).backward()
+    model[0].weight.grad[0, 0] = float("inf")  # an overflow
+    before = _grads(model)
+    info = pre.step(lr=0.1)
+    assert not info.preconditioned and not info.curvature_updated
+    assert pre.curvature is None and pre.state_dict()["step"] == 0
+    assert all(not r for r in pre._capture._records.values())  # the overflowed records
+    for k, g in _grads(model).items():
+        assert torch.equal(g, before[k])
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()  # the next step refreshes from its own records
+    assert pre.step(lr=0.1).curvature_updated
+
+
 def test_backward_records_only_when_a_refresh_is_due():
     torch.manual_seed(26)
     model = mlp((5, 6, 3)).double()
