@@ -158,6 +158,16 @@ class BackwardCapture:
             v.clear()
         self._batch_sizes.clear()
 
+    def drop_backpropagated(self) -> None:
+        """Forget the records whose backward has run (their gradients are being zeroed,
+        e.g. after a step that was skipped); a forward still waiting for its backward
+        keeps its record."""
+        for v in self._records.values():
+            v[:] = [r for r in v if r[2] is None]
+        live = {r[0] for v in self._records.values() for r in v}
+        for pid in [p for p in self._batch_sizes if p not in live]:
+            del self._batch_sizes[pid]
+
     def remove(self) -> None:
         """Remove the hooks (the capture records nothing afterwards: ``armed`` stays
         False, setting it is ignored)."""

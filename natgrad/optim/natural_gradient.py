@@ -45,6 +45,7 @@ class NaturalGradient(torch.optim.Optimizer):
 
     Raises:
         TypeError: when the arguments have other types.
+        ValueError: the preconditioner's parameters are none of the optimizer's.
 
     Example:
         >>> import torch
@@ -74,6 +75,14 @@ class NaturalGradient(torch.optim.Optimizer):
             raise TypeError(
                 f"preconditioner must be a natgrad.FisherPreconditioner, got "
                 f"{type(preconditioner).__name__}."
+            )
+        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if not any(id(p) in in_opt for p in preconditioner.params.values()):
+            raise ValueError(
+                "The preconditioner's parameters are none of the optimizer's, so the "
+                "optimizer would step unpreconditioned gradients: build both on the same "
+                "model, NaturalGradient(torch.optim.SGD(model.parameters(), lr=...), "
+                "FisherPreconditioner(model, ...))."
             )
         self.optimizer = optimizer
         self.preconditioner = preconditioner
@@ -154,8 +163,12 @@ class NaturalGradient(torch.optim.Optimizer):
         return self.preconditioner.group_lrs(self.param_groups)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the wrapped optimizer's gradients (``None`` by default, like torch.optim)."""
+        """Zero the wrapped optimizer's gradients (``None`` by default, like torch.optim),
+        and drop the preconditioner's records of the backward passes that made them
+        (:meth:`FisherPreconditioner.zero_grad_records`: a step skipped by a
+        ``GradScaler`` leaves no stale statistics)."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        self.preconditioner.zero_grad_records()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer (the preconditioner keeps its own params)."""

@@ -497,6 +497,15 @@ class FisherPreconditioner:
         self._step += 1
         self._arm()
 
+    def zero_grad_records(self) -> None:
+        """Forget the ``source="backward"`` records of backward passes already run: their
+        gradients are being zeroed without a :meth:`step` having used them (e.g. a step a
+        ``GradScaler`` skipped), so a later refresh must not count them.
+        :class:`NaturalGradient` calls it from ``zero_grad``; a forward whose backward has
+        not run yet keeps its record. No-op with ``source="batch"``."""
+        if self._capture is not None:
+            self._capture.drop_backpropagated()
+
     def _check_lr(self, lr: float | Mapping[str, float] | None) -> dict[str, float] | None:
         """``{name: lr}`` of every selected parameter (checked), or None without ``lr``."""
         if lr is None:

@@ -182,6 +182,13 @@ def test_preconditioner_step_before_backward_is_refused(source):
     assert pre.state_dict()["step"] == 0 and pre.curvature is None
 
 
+def test_natural_gradient_refuses_a_preconditioner_of_another_model():
+    model, other = _mlp(), _mlp(seed=1)
+    with pytest.raises(ValueError, match="none of the optimizer's"):
+        natgrad.NaturalGradient(torch.optim.SGD(model.parameters(), lr=0.1),
+                                natgrad.FisherPreconditioner(other))
+
+
 def test_grad_scaler_without_get_scale_is_refused():
     with pytest.raises(TypeError, match="GradScaler"):
         natgrad.FisherPreconditioner(_mlp(), kind="kfac", source="backward", grad_scaler=2.0)

@@ -848,6 +848,38 @@ def test_grad_scaler_overflow_step_is_skipped_and_changes_nothing():
     assert pre.step(lr=0.1).curvature_updated
 
 
+def test_natural_gradient_with_grad_scaler_skipped_step_leaves_no_stale_records():
+    # scaler.step skips an overflowed NaturalGradient step entirely (pre.step never runs);
+    # zero_grad drops that backward's records, so the next refresh equals a clean run's
+    torch.manual_seed(30)
+    model = mlp((5, 6, 3)).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    twin = copy.deepcopy(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    ng = NaturalGradient(torch.optim.SGD(model.parameters(), lr=0.1),
+                         FisherPreconditioner(model, kind="kfac", damping=0.05,
+                                              source="backward", grad_scaler=scaler))
+    ng.zero_grad()
+    scaler.scale(F.cross_entropy(model(x + 3), y)).backward()
+    model[2].bias.grad[0] = float("nan")  # an overflow: the scaler skips the step
+    scaler.step(ng)
+    scaler.update()
+    assert ng.preconditioner.curvature is None  # pre.step never ran
+    ng.zero_grad()
+    out = model(x)  # a forward before zero_grad keeps its record (its backward comes later)
+    ng.zero_grad()
+    scaler.scale(F.cross_entropy(out, y)).backward()
+    scaler.step(ng)
+    ref = FisherPreconditioner(twin, kind="kfac", damping=0.05)
+    F.cross_entropy(twin(x), y).backward()
+    ref.step((x, y))
+    C, R = ng.preconditioner.curvature, ref.curvature
+    assert C.n_samples == 8
+    for k in R.blocks:
+        torch.testing.assert_close(C.blocks[k].A, R.blocks[k].A, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(C.blocks[k].G, R.blocks[k].G, rtol=1e-9, atol=1e-12)
+
+
 def test_backward_records_only_when_a_refresh_is_due():
     torch.manual_seed(26)
     model = mlp((5, 6, 3)).double()
