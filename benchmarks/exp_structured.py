@@ -96,6 +96,7 @@ KEEP = (0.6, 0.5, 0.4)
 CRITERIA = ("fisher", "compensated", "magnitude", "random")
 SEARCH = {"fisher": "greedy", "compensated": "knapsack", "magnitude": "greedy", "random": "greedy"}
 THREADS = 1
+TP = ("tp-l1", "tp-l1-ffn")  # Torch-Pruning rows: heads and neurons; neurons only
 LATENCY_CRITERION = {"mlp": "compensated", "cnn": "compensated", "encoder": "compensated",
                      "wide": "compensated", "minilm": "fisher"}
 LR = {"wide": 1e-3}
@@ -386,12 +387,15 @@ def _tp_heads_left(model):
     return min(counts, default=1)
 
 
-def torch_pruning_baseline(model, keep, tp_example, flops_example, evaluate_fn, steps=12):
+def torch_pruning_baseline(
+    model, keep, tp_example, flops_example, evaluate_fn, steps=12, heads=True
+):
     """Torch-Pruning's MagnitudePruner (L1, global) to ``keep`` of the FLOPs, no re-fit.
 
     Pruned is the model our methods prune (attention converted to ``HeadAttention``): on
-    transformers whole heads (``prune_num_heads``, head dims kept) and feed-forward
-    neurons, the residual width and the classifier head kept (:func:`tp_structures`);
+    transformers whole heads (``prune_num_heads``, head dims kept; none with
+    ``heads=False``) and feed-forward neurons, the residual width and the classifier head
+    kept (:func:`tp_structures`);
     at most 95% of a layer (``max_pruning_ratio``, our 5% per-layer minimum). FLOPs are
     counted by ``count_flops`` (the counter of our methods' reports). Two bisections of
     ``steps`` halvings each: first one ratio ``r`` for channels and heads
@@ -400,7 +404,8 @@ def torch_pruning_baseline(model, keep, tp_example, flops_example, evaluate_fn, 
     ``r``, the channel ratio on [0, r] to the smallest meeting ``keep`` (a head is a large
     step of FLOPs; this brings the result to within a few neurons of the budget). Its
     global head ranking can empty an attention (``max_pruning_ratio`` bounds channels
-    only); such a ratio counts as too far, like our methods' per-layer minimum.
+    only); such a ratio counts as too far, like our methods' per-layer minimum. With
+    ``heads=False`` one bisection of the channel ratio, the head ratio 0.
 
     Returns:
         ``(accuracy, FLOPs kept, seconds)`` (accuracy nan if no ratio reaches ``keep``);
@@ -426,10 +431,10 @@ def torch_pruning_baseline(model, keep, tp_example, flops_example, evaluate_fn, 
                 lo = mid
         return best
 
-    best = bisect(0.95, None)
+    best = bisect(0.95, None if heads else 0.0)
     if best is None:
         return float("nan"), float("nan"), time.perf_counter() - t0
-    if tp_structures(work)[1]:  # heads: refine the channel ratio at the heads found
+    if heads and tp_structures(work)[1]:  # heads: refine the channel ratio at the heads found
         best = bisect(best[2], best[2]) or best
     secs = time.perf_counter() - t0
     return evaluate_fn(best[0]), best[1], secs
@@ -560,11 +565,25 @@ def run(args) -> str:
                     tp_example = {k: v[:2] for k, v in example.items() if k != "labels"}
                 else:
                     tp_example = data.x_train[:2]
-                a, kept, secs_tp = torch_pruning_baseline(model, keep, tp_example, example_flops, ev)
-                acc.setdefault((name, keep, "tp-l1", "p"), []).append(a)
-                info.setdefault((name, keep, "tp-l1"), []).append((kept, {"p": secs_tp}))
-                print(f"  seed {seed} {keep:.0%} torch-pruning L1 {a:.3f} flops kept {kept:.3f} "
-                      f"{secs_tp:.1f}s", flush=True)
+                converted = copy.deepcopy(model)
+                convert_attention(converted)
+                variants = [("tp-l1", True)]
+                if tp_structures(converted)[1]:
+                    variants.append(("tp-l1-ffn", False))  # heads kept: neurons only
+                for tp_name, tp_heads in variants:
+                    a, kept, secs_tp = torch_pruning_baseline(
+                        model, keep, tp_example, example_flops, ev, heads=tp_heads
+                    )
+                    print(f"  seed {seed} {keep:.0%} {tp_name} {a:.3f} flops kept {kept:.3f} "
+                          f"{secs_tp:.1f}s", flush=True)
+                    if a != a:  # nan: the budget is out of its reach
+                        note = (f"{tp_name} cannot remove {1 - keep:.0%} of the FLOPs of "
+                                f"{TITLES[name]} (at most 95% of each layer it prunes).")
+                        if note not in notes:
+                            notes.append(note)
+                        continue
+                    acc.setdefault((name, keep, tp_name, "p"), []).append(a)
+                    info.setdefault((name, keep, tp_name), []).append((kept, {"p": secs_tp}))
     return table(args, dense, acc, info, lat, notes)
 
 
@@ -642,7 +661,8 @@ def table(args, dense, acc, info, lat, notes) -> str:
             "and feed-forward neurons; the embeddings and the classifier head are ignored "
             "layers, so the residual width stays, as for the other criteria. One ratio for "
             "channels and heads is bisected to the FLOPs budget, then the channel ratio at "
-            "the heads found; FLOPs counted as for the other rows.",
+            "the heads found; FLOPs counted as for the other rows. tp-l1-ffn: the same "
+            "with no head removed (feed-forward neurons only, one bisection).",
             "",
         ]
     lines += [*[n + "\n" for n in notes]]
@@ -658,7 +678,7 @@ def table(args, dense, acc, info, lat, notes) -> str:
         + " | FLOPs removed (measured) | seconds to prune (p / d) |",
         "|---|---|---|" + "---|" * (len(FITS) + 2),
     ]
-    crits_all = [c for c in (*CRITERIA, "tp-l1") if any(k[2] == c for k in acc)]
+    crits_all = [c for c in (*CRITERIA, *TP) if any(k[2] == c for k in acc)]
     for name in dense:
         for keep in args.keep:
             for c in crits_all:
@@ -684,8 +704,8 @@ def table(args, dense, acc, info, lat, notes) -> str:
     lines += ["", "Who is ahead (mean accuracy over seeds, per (workload, budget) cell, same fit):", ""]
     for f in FITS:
         for fc in ("fisher", "compensated"):
-            for c in ("magnitude", "random", "tp-l1"):
-                if c == "tp-l1" and f != "p":
+            for c in ("magnitude", "random", *TP):
+                if c in TP and f != "p":
                     continue
                 cells = [
                     (n, k) for n in dense for k in args.keep
