@@ -40,9 +40,10 @@ bisected on the pruning ratio to the same FLOPs (``count_flops``, the counter of
 rows), no re-fit; compare it with the plain column. On the encoders and MiniLM it removes
 what the other methods remove, whole heads (``prune_num_heads``) and feed-forward neurons:
 the residual stream's producers (embeddings) and the classifier head are ignored layers,
-so the residual width stays. (On an unconverted ``nn.MultiheadAttention`` it cannot remove
-a head without the residual width: that module needs ``num_heads · head_dim ==
-embed_dim``, so its heads share the residual group.)
+so the residual width stays. ``tp-l1-ffn``: the same, no head removed (feed-forward
+neurons only; a budget it cannot reach is noted). (On an unconverted
+``nn.MultiheadAttention`` it cannot remove a head without the residual width: that module
+needs ``num_heads · head_dim == embed_dim``, so its heads share the residual group.)
 
 Latency: the dense model as trained, the pruned model at 50% removed, the "floor" (every
 prunable layer cut to one structure: the time pruning cannot remove) and "dense
