@@ -33,6 +33,8 @@ ORDER = [
     "structured_minilm",
     "structured_minilm_refit",
     "structured_minilm_d",
+    "structured_tp_encoders",
+    "structured_tp_minilm",
     "merging",
     "merging_curvature_v2",
     "merging_curvature_cnn",

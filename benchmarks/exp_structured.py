@@ -34,10 +34,16 @@ each layer reading pruned structures re-fitted by least squares; ``m`` Kwon et a
 tuning (one least-squares scale per kept structure); ``d`` every Linear/Conv from the
 first pruned consumer on re-fitted in call order, output layer included (each layer
 reconstructs the original model's output of that layer from the pruned model's input).
-No gradient steps anywhere. Torch-Pruning: its ``MagnitudePruner`` (L1, global) bisected
-on the pruning ratio to the same FLOPs (its own op count), no re-fit; compare it with the
-plain column. It is run on the MLP and CNN only: on the encoders and MiniLM it would
-prune the residual width shared by every layer, which the other methods keep.
+No gradient steps anywhere. Torch-Pruning (``tp-l1``): its ``MagnitudePruner`` (L1,
+global) on the model the other methods prune (attention converted to ``HeadAttention``),
+bisected on the pruning ratio to the same FLOPs (``count_flops``, the counter of the other
+rows), no re-fit; compare it with the plain column. On the encoders and MiniLM it removes
+what the other methods remove, whole heads (``prune_num_heads``) and feed-forward neurons:
+the residual stream's producers (embeddings) and the classifier head are ignored layers,
+so the residual width stays. ``tp-l1-ffn``: the same, no head removed (feed-forward
+neurons only; a budget it cannot reach is noted). (On an unconverted
+``nn.MultiheadAttention`` it cannot remove a head without the residual width: that module
+needs ``num_heads · head_dim == embed_dim``, so its heads share the residual group.)
 
 Latency: the dense model as trained, the pruned model at 50% removed, the "floor" (every
 prunable layer cut to one structure: the time pruning cannot remove) and "dense
@@ -82,7 +88,8 @@ from benchmarks.workloads import (
     write_fragment,
 )
 from natgrad import prune_structured
-from natgrad.pruning.shrink import shrink_model, tune_layers
+from natgrad.pruning.attention import HeadAttention
+from natgrad.pruning.shrink import count_flops, shrink_model, tune_layers
 from natgrad.pruning.structured import convert_attention, measure_latency
 from natgrad.pruning.structures import find_groups
 
@@ -90,6 +97,7 @@ KEEP = (0.6, 0.5, 0.4)
 CRITERIA = ("fisher", "compensated", "magnitude", "random")
 SEARCH = {"fisher": "greedy", "compensated": "knapsack", "magnitude": "greedy", "random": "greedy"}
 THREADS = 1
+TP = ("tp-l1", "tp-l1-ffn")  # Torch-Pruning rows: heads and neurons; neurons only
 LATENCY_CRITERION = {"mlp": "compensated", "cnn": "compensated", "encoder": "compensated",
                      "wide": "compensated", "minilm": "fisher"}
 LR = {"wide": 1e-3}
@@ -312,28 +320,125 @@ def floor_model(work, groups):
     return shrink_model(copy.deepcopy(work), groups, removed)
 
 
-def torch_pruning_baseline(model, keep, example, evaluate_fn) -> float:
-    """Torch-Pruning's MagnitudePruner (L1, global) to ``keep`` of the FLOPs, no re-fit."""
+def tp_structures(model):
+    """What Torch-Pruning may prune here, as our methods do: ``(ignored_layers, num_heads)``.
+
+    Ignored (never pruned, nor anything coupled to their outputs): the classifier head
+    (the last Linear), and on transformers every producer of the residual stream (the
+    MNIST-1D encoders' ``embed``; BERT's ``embeddings`` and unused ``pooler``), so that
+    the residual width stays, as in our methods: only heads and feed-forward neurons go.
+    ``num_heads``: the q/k/v projections of each attention (``HeadAttention`` or Hugging
+    Face BERT self-attention) and their head count, for whole-head pruning."""
+    ignored = [[m for m in model.modules() if isinstance(m, nn.Linear)][-1]]
+    for name in ("embed", "embeddings", "pooler"):
+        for n, m in model.named_modules():
+            if n.rpartition(".")[2] == name:
+                ignored.append(m)
+    heads = {}
+    for m in model.modules():
+        if isinstance(m, HeadAttention):
+            heads.update({p: m.num_heads for p in (m.q_proj, m.k_proj, m.v_proj)})
+        elif isinstance(getattr(m, "num_attention_heads", None), int) and isinstance(
+            getattr(m, "query", None), nn.Linear
+        ):
+            heads.update({p: m.num_attention_heads for p in (m.query, m.key, m.value)})
+    return ignored, heads
+
+
+def _tp_sync_heads(model):
+    """Make each attention's head count match its (pruned) projections: Torch-Pruning
+    shrinks the Linear layers, not the attributes the forward reads."""
+    for m in model.modules():
+        if isinstance(m, HeadAttention):
+            m.num_heads = m.q_proj.out_features // m.head_dim
+        elif isinstance(getattr(m, "num_attention_heads", None), int) and isinstance(
+            getattr(m, "query", None), nn.Linear
+        ):
+            m.num_attention_heads = m.query.out_features // m.attention_head_size
+            m.all_head_size = m.query.out_features
+
+
+def _tp_prune(work, example, ratio, head_ratio):
+    """A copy of ``work`` pruned by Torch-Pruning's MagnitudePruner (L1, global) at channel
+    ratio ``ratio`` and head ratio ``head_ratio``."""
     import torch_pruning as tp
 
-    base, _ = tp.utils.count_ops_and_params(model, example)
-    imp = tp.importance.MagnitudeImportance(p=1)
-    lo, hi, best = 0.0, 0.95, None
-    for _ in range(12):  # bisection on the pruning ratio to match the FLOPs budget
-        mid = (lo + hi) / 2
-        trial = copy.deepcopy(model)
-        last = [m for m in trial.modules() if isinstance(m, nn.Linear)][-1]
-        pr = tp.pruner.MagnitudePruner(
-            trial, example, importance=imp, pruning_ratio=mid, ignored_layers=[last],
-            global_pruning=True,
-        )
-        pr.step()
-        f, _ = tp.utils.count_ops_and_params(trial, example)
-        if f <= keep * base:
-            best, hi = trial, mid
-        else:
-            lo = mid
-    return evaluate_fn(best) if best is not None else float("nan")
+    trial = copy.deepcopy(work)
+    ignored, heads = tp_structures(trial)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unwrapped positional embedding: not pruned
+        tp.pruner.MagnitudePruner(
+            trial, example, importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=ratio, ignored_layers=ignored, global_pruning=True,
+            max_pruning_ratio=0.95, num_heads=heads, prune_num_heads=bool(heads),
+            prune_head_dims=False, head_pruning_ratio=head_ratio if heads else 0.0,
+        ).step()
+    _tp_sync_heads(trial)
+    return trial
+
+
+def _tp_heads_left(model):
+    """The fewest heads any attention of ``model`` has left."""
+    counts = [m.num_heads for m in model.modules() if isinstance(m, HeadAttention)]
+    counts += [
+        m.num_attention_heads for m in model.modules()
+        if isinstance(getattr(m, "num_attention_heads", None), int)
+        and isinstance(getattr(m, "query", None), nn.Linear)
+    ]
+    return min(counts, default=1)
+
+
+def torch_pruning_baseline(
+    model, keep, tp_example, flops_example, evaluate_fn, steps=12, heads=True
+):
+    """Torch-Pruning's MagnitudePruner (L1, global) to ``keep`` of the FLOPs, no re-fit.
+
+    Pruned is the model our methods prune (attention converted to ``HeadAttention``): on
+    transformers whole heads (``prune_num_heads``, head dims kept; none with
+    ``heads=False``) and feed-forward neurons, the residual width and the classifier head
+    kept (:func:`tp_structures`);
+    at most 95% of a layer (``max_pruning_ratio``, our 5% per-layer minimum). FLOPs are
+    counted by ``count_flops`` (the counter of our methods' reports). Two bisections of
+    ``steps`` halvings each: first one ratio ``r`` for channels and heads
+    (``pruning_ratio = head_pruning_ratio = r``) on [0, 0.95], to the smallest ``r`` whose
+    FLOPs are at most ``keep`` of the dense model's; then, the head ratio held at that
+    ``r``, the channel ratio on [0, r] to the smallest meeting ``keep`` (a head is a large
+    step of FLOPs; this brings the result to within a few neurons of the budget). Its
+    global head ranking can empty an attention (``max_pruning_ratio`` bounds channels
+    only); such a ratio counts as too far, like our methods' per-layer minimum. With
+    ``heads=False`` one bisection of the channel ratio, the head ratio 0.
+
+    Returns:
+        ``(accuracy, FLOPs kept, seconds)`` (accuracy nan if no ratio reaches ``keep``);
+        the seconds cover both bisections.
+    """
+    t0 = time.perf_counter()
+    work = copy.deepcopy(model)
+    convert_attention(work)
+    base = count_flops(work, flops_example)
+
+    def bisect(hi, head_ratio):
+        lo, best = 0.0, None
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            trial = _tp_prune(work, tp_example, mid, mid if head_ratio is None else head_ratio)
+            if _tp_heads_left(trial) == 0:  # an attention emptied: too far, not a result
+                hi = mid
+                continue
+            f = count_flops(trial, flops_example) / base
+            if f <= keep:
+                best, hi = (trial, f, mid), mid
+            else:
+                lo = mid
+        return best
+
+    best = bisect(0.95, None if heads else 0.0)
+    if best is None:
+        return float("nan"), float("nan"), time.perf_counter() - t0
+    if heads and tp_structures(work)[1]:  # heads: refine the channel ratio at the heads found
+        best = bisect(best[2], best[2]) or best
+    secs = time.perf_counter() - t0
+    return evaluate_fn(best[0]), best[1], secs
 
 
 # -- the experiment ------------------------------------------------------------------------
@@ -411,8 +516,9 @@ def run(args) -> str:
 
             seeds = range(args.seeds)
             damping = 1e-3
-            fits = FITS
-            crits = ("compensated",) if args.latency_only else CRITERIA
+            fits = args.fits
+            crits = ("compensated",) if args.latency_only else args.criteria
+        example_flops = fisher_data[0] if isinstance(fisher_data, list) else fisher_data
         models_by_seed = {}
         # MiniLM (slow): every seed at 50% first, then 60% and 40% kept
         keeps = sorted(args.keep, key=lambda k: k != 0.5) if name == "minilm" else args.keep
@@ -455,10 +561,30 @@ def run(args) -> str:
                     print(f"  latency {lat[name]}", flush=True)
                 if name == "minilm" and not args.quick:  # slow: keep what is done
                     write_fragment(args.name, table(args, dense, acc, info, lat, notes))
-            if name in ("mlp", "cnn") and args.torch_pruning:
-                a = torch_pruning_baseline(model, keep, data.x_train[:2], ev)
-                acc.setdefault((name, keep, "tp-l1", "p"), []).append(a)
-                print(f"  {keep:.0%} torch-pruning L1 {a:.3f}", flush=True)
+            if args.torch_pruning:
+                if name == "minilm":
+                    tp_example = {k: v[:2] for k, v in example.items() if k != "labels"}
+                else:
+                    tp_example = data.x_train[:2]
+                converted = copy.deepcopy(model)
+                convert_attention(converted)
+                variants = [("tp-l1", True)]
+                if tp_structures(converted)[1]:
+                    variants.append(("tp-l1-ffn", False))  # heads kept: neurons only
+                for tp_name, tp_heads in variants:
+                    a, kept, secs_tp = torch_pruning_baseline(
+                        model, keep, tp_example, example_flops, ev, heads=tp_heads
+                    )
+                    print(f"  seed {seed} {keep:.0%} {tp_name} {a:.3f} flops kept {kept:.3f} "
+                          f"{secs_tp:.1f}s", flush=True)
+                    if a != a:  # nan: the budget is out of its reach
+                        note = (f"{tp_name} cannot remove {1 - keep:.0%} of the FLOPs of "
+                                f"{TITLES[name]} (at most 95% of each layer it prunes).")
+                        if note not in notes:
+                            notes.append(note)
+                        continue
+                    acc.setdefault((name, keep, tp_name, "p"), []).append(a)
+                    info.setdefault((name, keep, tp_name), []).append((kept, {"p": secs_tp}))
     return table(args, dense, acc, info, lat, notes)
 
 
@@ -525,8 +651,19 @@ def table(args, dense, acc, info, lat, notes) -> str:
             + "; Fisher and least-squares calibration on the first "
             + ", ".join(f"{args.fisher_samples[n]} ({n})" for n in mnist)
             + " training samples, damping 1e-3; per-layer minimum 5%; test accuracy on the "
-            "1000 MNIST-1D test samples. Torch-Pruning L1: MagnitudePruner (global, p=1) "
-            "bisected to the same FLOPs, no re-fit (compare with plain).",
+            "1000 MNIST-1D test samples.",
+            "",
+        ]
+    if any(k[2] == "tp-l1" for k in acc):
+        lines += [
+            "Torch-Pruning L1 (tp-l1): MagnitudePruner (global, p=1, at most 95% of a layer) "
+            "on the model the other criteria prune, no re-fit (compare with plain). On the "
+            "encoders (and MiniLM) it removes whole heads (prune_num_heads, head dims kept) "
+            "and feed-forward neurons; the embeddings and the classifier head are ignored "
+            "layers, so the residual width stays, as for the other criteria. One ratio for "
+            "channels and heads is bisected to the FLOPs budget, then the channel ratio at "
+            "the heads found; FLOPs counted as for the other rows. tp-l1-ffn: the same "
+            "with no head removed (feed-forward neurons only, one bisection).",
             "",
         ]
     lines += [*[n + "\n" for n in notes]]
@@ -542,7 +679,7 @@ def table(args, dense, acc, info, lat, notes) -> str:
         + " | FLOPs removed (measured) | seconds to prune (p / d) |",
         "|---|---|---|" + "---|" * (len(FITS) + 2),
     ]
-    crits_all = [c for c in (*CRITERIA, "tp-l1") if any(k[2] == c for k in acc)]
+    crits_all = [c for c in (*CRITERIA, *TP) if any(k[2] == c for k in acc)]
     for name in dense:
         for keep in args.keep:
             for c in crits_all:
@@ -568,8 +705,8 @@ def table(args, dense, acc, info, lat, notes) -> str:
     lines += ["", "Who is ahead (mean accuracy over seeds, per (workload, budget) cell, same fit):", ""]
     for f in FITS:
         for fc in ("fisher", "compensated"):
-            for c in ("magnitude", "random", "tp-l1"):
-                if c == "tp-l1" and f != "p":
+            for c in ("magnitude", "random", *TP):
+                if c in TP and f != "p":
                     continue
                 cells = [
                     (n, k) for n in dense for k in args.keep
@@ -715,6 +852,9 @@ def main(argv=None) -> None:
     p.add_argument("--latency-only", action="store_true",
                    help="seed 0, compensated at 50%% only: the latency table")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--criteria", default=",".join(CRITERIA),
+                   help="MNIST-1D criteria (Torch-Pruning: see --no-torch-pruning)")
+    p.add_argument("--fits", default=",".join(FITS), help="MNIST-1D fits (p always runs)")
     p.add_argument("--minilm-calibration", type=int, default=64)
     p.add_argument("--minilm-damping", type=float, default=0.1)
     p.add_argument("--minilm-criteria", default="fisher,magnitude,random")
@@ -747,6 +887,14 @@ def main(argv=None) -> None:
     args.minilm_repeats = 3 if args.quick else 5
     args.minilm_criteria = tuple(c for c in args.minilm_criteria.split(",") if c)
     args.minilm_fits = tuple(f for f in args.minilm_fits.split(",") if f)
+    args.criteria = tuple(c for c in args.criteria.split(",") if c)
+    args.fits = tuple(dict.fromkeys(("p", *(f for f in args.fits.split(",") if f))))
+    for c in (*args.criteria, *args.minilm_criteria):
+        if c not in CRITERIA:
+            p.error(f"unknown criterion {c!r}: choose from {', '.join(CRITERIA)}")
+    for f in (*args.fits, *args.minilm_fits):
+        if f not in FITS:
+            p.error(f"unknown fit {f!r}: choose from {', '.join(FITS)}")
     tail = []
     if args.quick:
         tail.append("--quick")
