@@ -61,9 +61,16 @@ def main() -> None:
         "Each section names its date, torch version, machine and the command that produced it.",
         "Timings are ratios measured in one run against a baseline on the same machine.\n",
     ]
+    sections = []
     for n in names:
         with open(os.path.join(frag_dir, f"{n}.md")) as fh:
-            parts.append(fh.read().rstrip() + "\n")
+            text = fh.read().rstrip() + "\n"
+        head, _, rest = text.partition("\n")
+        if head.startswith("## "):  # several runs share a title: name the fragment
+            head = f"{head} [`{n}`]"
+            sections.append(f"* `{n}`: {head[3:].rsplit(' [', 1)[0]}")
+        parts.append(f"{head}\n{rest}")
+    parts[4:4] = ["Sections, by fragment (`benchmarks/results/<name>.md`):\n", *sections, ""]
     with open(os.path.join(here, "RESULTS.md"), "w") as fh:
         fh.write("\n".join(parts))
     print(f"wrote RESULTS.md from {len(names)} fragments: {', '.join(names)}")
