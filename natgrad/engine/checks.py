@@ -388,18 +388,54 @@ def _locate(flat_index: int, shape: torch.Size) -> str:
 
 
 def check_class_labels(
-    target: torch.Tensor, num_classes: int, likelihood: str, ignore_index: int | None = None
+    target: torch.Tensor,
+    num_classes: int,
+    likelihood: str,
+    ignore_index: int | None = None,
+    *,
+    logits: torch.Tensor | None = None,
 ) -> None:
     """Raise ValueError unless every label lies in ``[0, num_classes)`` (or equals
-    ``ignore_index``), naming the first bad sample (and position), its value and the fix.
+    ``ignore_index``), naming the first bad sample (and position), its value and the fix;
+    and, given the model's ``logits``, unless they are logits rather than probabilities.
 
     Checked on the whole target before any ``vmap``: under ``vmap`` an out-of-range
-    ``one_hot`` gives a zero row instead of an error.
+    ``one_hot`` gives a zero row instead of an error. ``logits`` whose every row (along
+    the last axis, ``C >= 2`` classes) sums to 1 within ``8 ε √C`` (``ε`` the machine
+    epsilon of their dtype) and is non-negative are probabilities, e.g. from a final
+    ``nn.Softmax``: a softmax likelihood would apply a second softmax to them. The row
+    sums are one reduction whose host sync is shared with the label check's; the
+    non-negativity is read only when every row sums to 1.
+
+    Raises:
+        ValueError: a label out of range, or ``logits`` that are probabilities.
     """
     bad = (target < 0) | (target >= num_classes)
     if ignore_index is not None:
         bad &= target != ignore_index
-    if not bool(bad.any()):
+    flags = bad.any().view(1)
+    if (
+        logits is not None
+        and num_classes >= 2
+        and logits.numel() > 0
+        and logits.is_floating_point()
+    ):
+        tol = 8 * torch.finfo(logits.dtype).eps * num_classes**0.5
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        rows = logits.detach().sum(-1, dtype=acc)  # the one reduction
+        sums_one = ((rows - 1).abs() <= tol).all().to(bad.device)
+        flags = torch.stack((flags[0], sums_one))
+    read = flags.tolist()  # the one host sync
+    if len(read) > 1 and read[1] and logits is not None and bool((logits >= 0).all()):
+        raise ValueError(
+            f"The model's outputs look like probabilities, not logits: every row of its "
+            f"{tuple(logits.shape)} output is non-negative and sums to 1. The {likelihood} "
+            "likelihood applies a softmax to the outputs itself, so probabilities would be "
+            "softmaxed twice and give a wrong Fisher and loss. Drop the model's final "
+            "nn.Softmax (natgrad's categorical likelihoods take logits), or output "
+            "log-probabilities (nn.LogSoftmax), which are fine."
+        )
+    if not read[0]:
         return
     flat = bad.flatten().nonzero()[0, 0]
     value = int(target.flatten()[flat])

@@ -213,7 +213,7 @@ class Categorical(Likelihood):
                 f"({target.shape[0]},), got {target.dtype} of shape {tuple(target.shape)}; "
                 "convert with y.long() (for one-hot labels: y.argmax(-1))."
             )
-        check_class_labels(target, output.shape[-1], self.name)
+        check_class_labels(target, output.shape[-1], self.name, logits=output)
 
     def prepare_target(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Integer labels of any width are cast to int64 (exact); float/bool labels raise."""
@@ -387,7 +387,9 @@ class TokenCategorical(Likelihood):
         if self.shift:
             first = torch.full_like(target[:, :1], self.ignore_index)
             target = torch.cat([first, target[:, 1:]], dim=1)
-        check_class_labels(target, output.shape[-1], self.name, self.ignore_index)
+        check_class_labels(
+            target, output.shape[-1], self.name, self.ignore_index, logits=output
+        )
 
     def prepare_target(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Integer tokens of any width are cast to int64 (exact); float/bool tokens raise."""
