@@ -52,7 +52,8 @@ def scale_by_fisher(
     Raises:
         TypeError: ``fisher`` is not a mapping of tensors (e.g. a list of Fishers).
         ValueError: negative damping, names missing from ``fisher``, shapes that differ,
-            negative Fisher entries, or ``damping=0`` where a Fisher entry is 0.
+            negative Fisher entries, ``damping=0`` where a Fisher entry is 0, or a model
+            none of whose parameters in ``fisher`` has a ``.grad``.
         FloatingPointError: NaN or Inf in a gradient or in the Fisher (named).
 
     Example:
@@ -70,6 +71,12 @@ def scale_by_fisher(
             g = named[k].grad
             if g is not None:
                 live[k] = g
+        if not live:
+            raise ValueError(
+                f"None of the model's {len(fisher)} parameter(s) in the Fisher has a gradient "
+                "(.grad is None), so there is nothing to scale: call loss.backward() before "
+                "scale_by_fisher(model, fisher), or pass the gradients as {name: tensor}."
+            )
         out = _scale(live, fisher, lam, "the gradient (.grad) of parameter")
         for k, v in out.items():
             live[k].copy_(v)

@@ -640,3 +640,21 @@ def test_ewc_penalty_model_with_extra_head_is_exact():
         if k in F
     )
     assert float(ewc.penalty(b).detach()) == pytest.approx(1.5 * float(ref), rel=1e-12)
+
+
+def test_scale_by_fisher_model_without_grads_refused():
+    # was {} without a word: nothing was scaled
+    model = _mlp()
+    F = {k: torch.ones_like(p) for k, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"(?s)has a gradient.*call loss\.backward\(\) before"):
+        natgrad.scale_by_fisher(model, F)
+
+
+def test_scale_by_fisher_model_with_some_grads_scales_those():
+    model = _mlp()
+    F = {k: torch.full_like(p, 3.0) for k, p in model.named_parameters()}
+    model[0].bias.grad = torch.ones_like(model[0].bias)
+    out = natgrad.scale_by_fisher(model, F, damping=1.0)
+    assert list(out) == ["0.bias"]
+    torch.testing.assert_close(model[0].bias.grad, torch.full_like(model[0].bias, 0.25))
+    assert model[0].weight.grad is None
