@@ -250,6 +250,7 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
     # -- curvature ---------------------------------------------------------------------
     kind = "diag"
     CAPTURE_KINDS = ("diag",)
+    file_format = _FORMAT
     CHECKS_MODEL = True  # estimate_fisher runs check_fixed_model
 
     @classmethod

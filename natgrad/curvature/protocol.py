@@ -296,11 +296,75 @@ class Curvature(ABC):
         save_state(path, self.state_dict(), self.file_format)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Curvature:
-        """Read a file written by :meth:`save` (format, checksums and values checked)."""
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        model: nn.Module | None = None,
+        *,
+        device: str | torch.device = "cpu",
+    ) -> Curvature:
+        """Read a file written by :meth:`save` (format, checksums and values checked);
+        with ``model``, check the curvature's names and shapes against its parameters.
+
+        ``natgrad.Curvature.load`` reads every registered kind: the file's format tag
+        names the class that wrote it (``natgrad.CURVATURE_KINDS``), whose ``load`` runs.
+
+        Args:
+            path: the file.
+            model: when given, every name the curvature covers must be one of its
+                parameters, with the same shape.
+            device: where the tensors go after verification.
+
+        Returns:
+            The curvature, of the class the file holds.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: not a safetensors file; a file of another kind (or of no
+                curvature kind, for ``Curvature.load``); a format this version cannot
+                read; names or shapes that differ from ``model``;
+                :class:`natgrad.CorruptFileError` (a ValueError): a checksum, shape,
+                dtype or metadata entry that does not verify.
+        """
+        from natgrad.curvature.ops import check_curvature
         from natgrad.curvature.statefile import load_state
 
-        return cls.from_state_dict(load_state(path, cls.file_format, device))
+        holder = cls._class_of_file(path)
+        if holder is not cls:
+            return holder.load(path, model, device=device)
+        curvature = cls.from_state_dict(load_state(path, cls.file_format, device))
+        if model is not None:
+            check_curvature(curvature, model, f"the curvature in {os.fspath(path)!r}")
+        return curvature
+
+    @classmethod
+    def _class_of_file(cls, path: str | os.PathLike[str]) -> type[Curvature]:
+        """The class whose :meth:`save` wrote ``path`` (by its format tag): ``cls`` or a
+        registered subclass of it; else a ValueError naming the class to load it with."""
+        from natgrad.engine.files import read_format
+
+        found = read_format(path, "curvature")
+        if cls.file_format and found == cls.file_format:
+            return cls
+        writers = {c.file_format: c for c in CURVATURE_KINDS.values() if c.file_format}
+        holder = writers.get(found or "")
+        if holder is not None and issubclass(holder, cls):
+            return holder
+        where = os.fspath(path)
+        if holder is not None:
+            raise ValueError(
+                f"{where!r} holds a natgrad.{holder.__name__}, not a natgrad.{cls.__name__}: "
+                f"load it with natgrad.{holder.__name__}.load, or with natgrad.Curvature.load "
+                "(which loads every curvature kind)."
+            )
+        known = ", ".join(
+            sorted(f"natgrad.{c.__name__}" for c in writers.values() if issubclass(c, cls))
+        )
+        holds = f"holds a {found}" if found else "has no natgrad format tag"
+        raise ValueError(
+            f"{where!r} {holds}, not a curvature file: natgrad.{cls.__name__}.load reads the "
+            f"files that the save() of {known} writes."
+        )
 
     @abstractmethod
     def all_reduce(self, group: object | None = None) -> Curvature:

@@ -40,6 +40,7 @@ __all__ = [
     "atomic_path",
     "save_tensors",
     "load_tensors",
+    "read_format",
     "meta_int",
     "meta_json",
     "find_invalid",
@@ -252,6 +253,28 @@ def _read(path: str, device: str) -> tuple[dict[str, str], dict[str, torch.Tenso
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"{path!r} is not a readable safetensors file: {exc}") from None
     return meta, tensors
+
+
+def read_format(path: str | os.PathLike[str], what: str = "natgrad") -> str | None:
+    """The ``format`` entry of a file written by :func:`save_tensors` (None when its
+    metadata has none), read from the header alone; nothing is verified here.
+
+    Raises:
+        FileNotFoundError: no such file (``what`` names the kind of file looked for).
+        ValueError: not a safetensors file.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No {what} file at {path!r}.")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as fh:
+            meta = fh.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"{path!r} is not a readable safetensors file: {exc}") from None
+    found = meta.get("format")
+    return found if isinstance(found, str) else None
 
 
 def load_tensors(

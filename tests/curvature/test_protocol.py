@@ -90,6 +90,18 @@ def test_state_dict_round_trips(estimated):
     torch.testing.assert_close(dense_from_mv(clone, shapes), dense, atol=0, rtol=0)
 
 
+
+def test_curvature_load_reads_every_kind(estimated, tmp_path):
+    # natgrad.Curvature.load dispatches on the file's format tag to the class that wrote it
+    kind, model, _, _, curv, shapes, dense = estimated
+    path = tmp_path / f"{kind}.safetensors"
+    curv.save(path)
+    for loaded in (natgrad.Curvature.load(path), natgrad.Curvature.load(path, model)):
+        assert type(loaded) is type(curv)
+        torch.testing.assert_close(dense_from_mv(loaded, shapes), dense, atol=0, rtol=0)
+    again = type(curv).load(path, model, device="cpu")
+    torch.testing.assert_close(dense_from_mv(again, shapes), dense, atol=0, rtol=0)
+
 # Kinds whose ``a + b`` pools their statistics (the estimate on both batches together)
 # instead of averaging the two operators: a sample-weighted mean of two Kronecker products
 # is no Kronecker product. EKFAC also re-fits its diagonal in the pooled eigenbasis, which

@@ -256,3 +256,40 @@ def test_small_factors_skip_the_memory_query(monkeypatch):
 
     monkeypatch.setattr(builtins, "open", no_meminfo)
     assert _est(model, (x, y), kind="kfac").structure()["0.weight"] == "kfac"
+
+
+# -- Curvature.load ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac", "ekfac", "lowrank"])
+def test_curvature_load_checks_the_model(kind, tmp_path):
+    model, x, y = _case()
+    path = tmp_path / f"{kind}.safetensors"
+    _est(model, (x, y), kind=kind).save(path)
+    other = mlp((4, 6, 3)).double()  # same names, other hidden width
+    with pytest.raises(ValueError, match=r"shapes (that )?differ"):
+        natgrad.Curvature.load(path, other)
+    with pytest.raises(ValueError, match=r"(?s)(model lacks|differ).*'0\.weight'"):
+        natgrad.Curvature.load(path, nn.Sequential(nn.Identity(), nn.Linear(4, 3)))
+
+
+def test_curvature_load_names_the_class_a_file_holds(tmp_path):
+    model, x, y = _case()
+    _est(model, (x, y), kind="kfac").save(tmp_path / "k.safetensors")
+    # was "holds a natgrad.KroneckerFisher, not a ; load it with ..."
+    with pytest.raises(
+        ValueError,
+        match=r"holds a natgrad\.KroneckerFisher, not a natgrad\.LowRankFisher: load it with "
+        r"natgrad\.KroneckerFisher\.load, or with natgrad\.Curvature\.load",
+    ):
+        LowRankFisher.load(tmp_path / "k.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "o.safetensors"), {"format": "natgrad.Other"})
+    with pytest.raises(ValueError, match=r"holds a natgrad\.Other, not a curvature file.*DiagonalF"):
+        natgrad.Curvature.load(tmp_path / "o.safetensors")
+    save_file({"w": torch.ones(2)}, str(tmp_path / "p.safetensors"))
+    with pytest.raises(ValueError, match=r"no natgrad format tag, not a curvature file"):
+        KroneckerFisher.load(tmp_path / "p.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"No curvature file"):
+        natgrad.Curvature.load(tmp_path / "missing.safetensors")
