@@ -45,6 +45,7 @@ from natgrad.engine.checks import (
 )
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.options import LabelSource
+from natgrad.engine.report import Report
 from natgrad.pruning.attention import from_multihead
 from natgrad.pruning.search import (
     BudgetError,
@@ -82,7 +83,7 @@ SEARCHES: tuple[Search, ...] = get_args(Search)
 
 
 @dataclass
-class StructuredPruningReport:
+class StructuredPruningReport(Report):
     """What :func:`prune_structured` did, with measured costs and losses.
 
     Attributes:
@@ -103,6 +104,9 @@ class StructuredPruningReport:
         skipped: ``{module: reason}`` for Linear/Conv/attention modules not pruned.
         tuned_layers: layers re-fitted by least squares.
         seconds: wall time of the whole call (without the latency measurements).
+
+    ``to_dict()`` gives these fields as plain JSON values (``latency_*`` keyed by the
+    batch size as a string).
     """
 
     budget: tuple[str, float]

@@ -1290,3 +1290,35 @@ def test_optional_finetune_lowers_the_loss():
     with torch.no_grad():
         want = float(F.cross_entropy(small(x), y) - F.cross_entropy(model(x), y))
     assert rep.measured_loss_increase == pytest.approx(want, rel=1e-9)
+
+
+def test_structured_report_to_dict_round_trips_through_json():
+    import json
+
+    torch.manual_seed(0)
+    model = mlp((6, 20, 20, 3), act=nn.ReLU).double().eval()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,))
+    _, rep = natgrad.prune_structured(model, (x, y), params=0.5, latency_repeats=1)
+    assert rep.latency_before and rep.kept and rep.removed
+    got = json.loads(json.dumps(rep.to_dict()))
+    want = {  # every field by hand: tuples become lists, int keys strings
+        "budget": [rep.budget[0], rep.budget[1]],
+        "criterion": rep.criterion,
+        "flops_before": rep.flops_before,
+        "flops_after": rep.flops_after,
+        "params_before": rep.params_before,
+        "params_after": rep.params_after,
+        "latency_before": {str(b): t for b, t in rep.latency_before.items()},
+        "latency_after": {str(b): t for b, t in rep.latency_after.items()},
+        "predicted_loss_increase": rep.predicted_loss_increase,
+        "predicted_loss_increase_diagonal": rep.predicted_loss_increase_diagonal,
+        "measured_loss_increase": rep.measured_loss_increase,
+        "measured_loss_increase_untuned": rep.measured_loss_increase_untuned,
+        "kept": {g: list(kt) for g, kt in rep.kept.items()},
+        "removed": {g: list(r) for g, r in rep.removed.items()},
+        "skipped": dict(rep.skipped),
+        "tuned_layers": list(rep.tuned_layers),
+        "seconds": rep.seconds,
+    }
+    assert got == want
