@@ -56,3 +56,20 @@ def test_no_private_name_is_imported_across_modules():
                 if base.startswith("_") and base not in {"__version__", "__future__"}:
                     offenders.append(f"{path.relative_to(ROOT)}:{i + 1}: {base}")
     assert offenders == []
+
+
+def test_readme_metrics_row_names_import_from_natgrad_metrics():
+    # the API table's natgrad.metrics row: classes import from natgrad.metrics; the rest are
+    # natgrad.metrics names or methods of its registry
+    import natgrad.metrics as metrics
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## API overview", 1)[1].split("\n## ", 1)[0]
+    (row,) = [line for line in section.splitlines() if line.startswith("| metrics |")]
+    tokens = re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", row)
+    assert "MetricResults" in tokens
+    for t in tokens:
+        if t[0].isupper():
+            assert t in metrics.__all__ and hasattr(metrics, t), f"README lists {t} there"
+        else:
+            assert t in metrics.__all__ or hasattr(metrics.registry, t), t

@@ -10,7 +10,13 @@ import importlib
 import pkgutil
 
 from natgrad.metrics.context import MetricContext, MissingContextError, SignatureType
-from natgrad.metrics.registry import MetricRegistry, MetricSpec, UnknownMetricError, registry
+from natgrad.metrics.registry import (
+    MetricRegistry,
+    MetricResults,
+    MetricSpec,
+    UnknownMetricError,
+    registry,
+)
 
 _INFRASTRUCTURE = {"context", "registry"}
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _INFRASTRUCTURE):
@@ -19,6 +25,7 @@ for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not 
 __all__ = [
     "MetricContext",
     "MetricRegistry",
+    "MetricResults",
     "MetricSpec",
     "MissingContextError",
     "SignatureType",
