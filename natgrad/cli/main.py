@@ -84,6 +84,30 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_other_kind(path: str) -> None:
+    """Raise a CommandError when ``path`` is a natgrad file of a kind other than a
+    diagonal Fisher (e.g. a K-FAC curvature), saying what ``report`` reads instead."""
+    from natgrad.curvature.diagonal import DiagonalFisher
+    from natgrad.curvature.protocol import CURVATURE_KINDS
+    from natgrad.engine.files import read_format
+
+    found = read_format(path, "Fisher")
+    if found is None or not found.startswith("natgrad.") or found == DiagonalFisher.file_format:
+        return  # DiagonalFisher.load verifies it (and names a foreign file)
+    kinds = sorted(k for k, c in CURVATURE_KINDS.items() if c.file_format == found)
+    what = f"a curvature of kind {'/'.join(kinds)} ({found})" if kinds else f"a {found} file"
+    fix = (
+        "save its diagonal as a Fisher file and pass that: in Python, "
+        "natgrad.DiagonalFisher(curvature.diagonal(), curvature.n_samples).save(path)"
+        if kinds
+        else "pass a Fisher file (natgrad.estimate_fisher(model, data).save(path) in Python)"
+    )
+    raise CommandError(
+        f"{path!r} holds {what}, but natgrad report reads diagonal Fisher files only (written "
+        f"by DiagonalFisher.save); {fix}"
+    )
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from natgrad.cli.demo.fisher_report import OUTPUTS, fisher_report
     from natgrad.curvature.diagonal import DiagonalFisher
@@ -93,6 +117,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         if not os.path.isfile(path):
             raise CommandError(f"no such Fisher file: {path!r}")
         try:
+            _refuse_other_kind(path)
             fishers[path] = DiagonalFisher.load(path)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
@@ -105,8 +130,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    if args.seed < 0:
-        raise CommandError(f"--seed must be >= 0, got {args.seed}")
     out = _writable_dir(args.out)
     from natgrad.cli.demo.common import OUTPUTS
 
@@ -183,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if getattr(args, "top", 1) < 1:
         parser.error(f"--top must be >= 1, got {args.top}")
+    if getattr(args, "seed", 0) < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     try:
         status: int = args.func(args)
         return status
