@@ -85,6 +85,14 @@ def _extras():
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
 
 
+
+def test_readme_lists_every_extra():
+    # the set-up section's "Extras:" sentence names each extra of pyproject.toml, in backticks
+    readme = (ROOT / "README.md").read_text()
+    sentence = readme.split("Extras: ", 1)[1].split("\n\n", 1)[0]
+    missing = [e for e in _extras() if not re.search(rf"`{re.escape(e)}`\s+\(", sentence)]
+    assert missing == [], f"README's Extras sentence does not name {missing}"
+
 # What an example needs, by what it imports or calls.
 NEEDS = {"load_digits": "scikit-learn", "load_mnist1d": "mnist1d", "transformers": "transformers",
          "matplotlib": "matplotlib", "sklearn": "scikit-learn"}
