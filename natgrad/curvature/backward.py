@@ -24,6 +24,10 @@ Face Trainer and Lightning back-propagate; likewise one backward through
 ``(loss(x1) + loss(x2)) / 2``. A loss multiplied by a constant before ``backward`` (a
 ``torch.amp.GradScaler``'s scale) is divided back by :attr:`BackwardCapture.loss_scale`.
 
+Every forward's rows count as samples: a loss that couples several forwards per sample (a
+siamese or contrastive loss on ``model(x1)`` and ``model(x2)``) has no per-sample
+gradients to read off this way; use ``source="batch"`` with a model that takes both inputs.
+
 The labels are the data's (the user's loss), so this is the empirical Fisher. A loss
 averaged over tokens rather than samples (e.g. a language-model loss over ``N·T`` kept
 tokens) scales the gradients by another factor; use ``loss_reduction="sum"`` with a summed
@@ -90,6 +94,7 @@ class BackwardCapture:
             )
         self.layers: dict[str, KFACLayer] = dict(layers)
         self.order = list(params)
+        self._params = dict(params)
         self._model = model
         self._pass = 0
         # {layer: [[pass id, input, output grad or None], ...]}
@@ -129,6 +134,13 @@ class BackwardCapture:
             self._handles = []
 
     def _new_pass(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        # records whose backward ran while every selected .grad is now None: their
+        # gradients were zeroed without a step using them (a step a GradScaler skipped,
+        # under a trainer that calls model.zero_grad()); they must not reach a refresh
+        if any(r[2] is not None for v in self._records.values() for r in v) and all(
+            p.grad is None for p in self._params.values()
+        ):
+            self.drop_backpropagated()
         self._pass += 1
         # the model's batch size: of its first tensor input (None: unknown)
         first = next((a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)), None)

@@ -122,13 +122,15 @@ class Curvature(ABC):
     #: True when :meth:`estimate` itself runs :func:`natgrad.engine.checks.check_fixed_model`
     #: on the model; :func:`natgrad.estimate_curvature` then leaves the check to it, so a
     #: call checks the model once. A subclass that defines its own :meth:`estimate` is
-    #: reset to False (the dispatcher checks for it) unless it sets the flag itself.
+    #: reset to False (the dispatcher checks for it) unless it sets the flag itself: the
+    #: flag is read from the class that defines the ``estimate`` the subclass resolves to
+    #: (a mixin's ``estimate`` without the flag is checked by the dispatcher).
     CHECKS_MODEL: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "estimate" in vars(cls) and "CHECKS_MODEL" not in vars(cls):
-            cls.CHECKS_MODEL = False
+        owner = next(c for c in cls.__mro__ if "estimate" in vars(c))
+        cls.CHECKS_MODEL = bool(vars(owner).get("CHECKS_MODEL", False))
 
     # -- construction ------------------------------------------------------------------
     @classmethod

@@ -421,11 +421,12 @@ class FisherPreconditioner:
                 without it.
 
         Returns:
-            :class:`PreconditionStep` describing the step.
+            :class:`PreconditionStep` describing the step. With no ``.grad`` on any
+            preconditioned parameter (a batch the loop skipped) the step is skipped with a
+            warning: no refresh, nothing preconditioned.
 
         Raises:
-            ValueError: no preconditioned parameter has a ``.grad``; a negative or
-                non-finite ``lr``, or an ``lr`` mapping that lacks a preconditioned
+            ValueError: a negative or non-finite ``lr``, or an ``lr`` mapping that lacks a preconditioned
                 parameter; ``source="batch"`` without a batch; invalid damping from a
                 schedule; on a refresh, train-mode BatchNorm or dropout (call
                 ``model.eval()`` before the step) or bad labels (checked on the whole
@@ -441,12 +442,17 @@ class FisherPreconditioner:
         for k, p in self.params.items():
             if p.grad is not None:
                 grads[k] = p.grad
-        if not grads:
-            raise ValueError(
-                "None of the preconditioned parameters has a .grad: call loss.backward() "
-                "before pre.step() (and optimizer.zero_grad() after the optimizer's step)."
-            )
         t = self._step
+        if not grads:  # e.g. a batch the training loop skipped (Lightning: step returned None)
+            warnings.warn(
+                "FisherPreconditioner.step: no preconditioned parameter has a .grad, so the "
+                "step is skipped (no refresh, nothing preconditioned); call loss.backward() "
+                "before pre.step().",
+                stacklevel=2,
+            )
+            if self._capture is not None:
+                self._capture.clear()
+            return PreconditionStep(t, self.damping_at(t), False, False, 1.0)
         updated = self._refresh_due(t)
         clip = self.kl_clip is not None and lrs is not None
         solves = t >= self.warmup_steps and (updated or self._curvature is not None)
@@ -459,10 +465,10 @@ class FisherPreconditioner:
                 return PreconditionStep(t, self.damping_at(t), False, False, 1.0)
             if self._capture is not None:
                 self._capture.loss_scale = float(self.grad_scaler.get_scale())
-        elif updated or not (clip and solves):
+        elif updated or not solves:
             check_all_finite(grads, "the gradient (.grad) of parameter", GRAD_HINT)
-        # else: a step that only solves reads the gradients' finiteness from the trust
-        # region's inner products (one host sync for both), before anything changes
+        # else: a step that only solves reads the gradients' finiteness from its result
+        # (the trust region's inner products, or Δ itself), before anything changes
         lam = self.damping_at(t)
         if updated and self.source == "batch" and batch is None:
             raise ValueError(
@@ -488,6 +494,7 @@ class FisherPreconditioner:
             nu = kl_clip_scale(pieces, self.kl_clip, grads, deltas)
         else:
             deltas = self._curvature.solve(grads, lam)
+            check_solution_finite(grads, deltas)
         self._advance()
         for k, d in deltas.items():
             grads[k].copy_(d * nu if nu != 1.0 else d)
@@ -665,15 +672,33 @@ def kl_clip_scale(
     else:  # a model spread over devices
         values = [float(x) for x in dots]
     if not all(math.isfinite(x) for x in values):
-        check_all_finite(grads, "the gradient (.grad) of parameter", GRAD_HINT)
-        check_all_finite(deltas, "the preconditioned gradient (F + λI)⁻¹g of parameter",
-                         "The gradient is finite, so the curvature or the damping is at "
-                         "fault: check pre.curvature for NaN/Inf, or raise the damping.")
+        check_solution_finite(grads, deltas)
         values = [x if math.isfinite(x) else math.inf for x in values]
     vg = sum(w * x for (w, _), x in zip(pieces, values, strict=True) if w != 0.0)
     if vg == 0.0:
         return 1.0
     return min(1.0, float((kl_clip / abs(vg)) ** 0.5))
+
+
+def check_solution_finite(
+    grads: Mapping[str, torch.Tensor], deltas: Mapping[str, torch.Tensor]
+) -> None:
+    """Raise FloatingPointError when ``Δ = (F + λI)⁻¹ g`` holds NaN or Inf: naming the
+    gradient when ``g`` does (a non-finite ``g`` always makes ``Δ`` non-finite, so one
+    check of ``Δ``, one host sync, covers both), else the preconditioned gradient (then
+    the curvature or the damping is at fault).
+
+    Args:
+        grads: ``{name: g}``.
+        deltas: ``{name: Δ}``.
+    """
+    try:
+        check_all_finite(deltas, "the preconditioned gradient (F + λI)⁻¹g of parameter",
+                         "The gradient is finite, so the curvature or the damping is at "
+                         "fault: check pre.curvature for NaN/Inf, or raise the damping.")
+    except FloatingPointError:
+        check_all_finite(grads, "the gradient (.grad) of parameter", GRAD_HINT)
+        raise
 
 
 def _tensors(state: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:

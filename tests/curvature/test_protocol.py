@@ -219,8 +219,20 @@ def test_a_registered_kind_with_its_own_estimate_is_checked_by_the_dispatcher(mo
         def estimate(cls, model, data, likelihood="categorical", **options):
             return cls({k: torch.zeros_like(p) for k, p in model.named_parameters()}, 1)
 
+    class Fast:  # a mixin (no Curvature) whose estimate comes first in the MRO
+        @classmethod
+        def estimate(cls, model, data, likelihood="categorical", **options):
+            return DiagonalFisher({k: torch.zeros_like(p) for k, p in model.named_parameters()}, 1)
+
+    class Mixed(Fast, DiagonalFisher):
+        pass
+
+    class Plain(DiagonalFisher):  # inherits the checking estimate
+        pass
+
     try:
         assert DiagonalFisher.CHECKS_MODEL and not Zero.CHECKS_MODEL
+        assert not Mixed.CHECKS_MODEL and Plain.CHECKS_MODEL
         model, x, y = _case()
         calls = _count_model_checks(monkeypatch)
         natgrad.estimate_curvature(model, (x, y), kind="diag_zero_test")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping
 
 import pytest
@@ -153,12 +154,13 @@ def test_fisher_importance_nan_fisher_is_named():
         natgrad.fisher_importance(F, model, normalize=False)
 
 
+@pytest.mark.parametrize("clip", [1e-3, None])
 @pytest.mark.parametrize("kind", KINDS)
-def test_nonfinite_grad_on_a_solve_only_step_is_named(kind):
-    # after the refresh (step 0) a step that only solves reads finiteness from the
-    # kl_clip inner products; it must still name the parameter and change nothing
+def test_nonfinite_grad_on_a_solve_only_step_is_named(kind, clip):
+    # after the refresh (step 0) a step that only solves reads finiteness from its result
+    # (the kl_clip inner products, or Δ); it must still name the parameter, change nothing
     model, batch = _mlp(), _batch()
-    pre = natgrad.FisherPreconditioner(model, kind=kind, damping=0.1)
+    pre = natgrad.FisherPreconditioner(model, kind=kind, damping=0.1, kl_clip=clip)
     _backward(model, batch)
     pre.step(batch, lr=0.1)
     _backward(model, batch)
@@ -174,11 +176,14 @@ def test_nonfinite_grad_on_a_solve_only_step_is_named(kind):
 
 
 @pytest.mark.parametrize("source", ["batch", "backward"])
-def test_preconditioner_step_before_backward_is_refused(source):
+def test_preconditioner_step_before_backward_warns_and_skips(source):
+    # no .grad at all: a mistake, or a batch the loop skipped (Lightning's training_step
+    # returning None), so a warning and a skipped step, not an error
     model, batch = _mlp(), _batch()
     pre = natgrad.FisherPreconditioner(model, kind="kfac", source=source)
-    with pytest.raises(ValueError, match=r"has a \.grad: call loss\.backward\(\) before"):
-        pre.step(batch, lr=0.1)
+    with pytest.warns(UserWarning, match=r"has a \.grad, so the step is skipped.*loss\.backward"):
+        info = pre.step(batch, lr=0.1)
+    assert not info.preconditioned and not info.curvature_updated
     assert pre.state_dict()["step"] == 0 and pre.curvature is None
 
 
@@ -194,17 +199,23 @@ def test_grad_scaler_without_get_scale_is_refused():
         natgrad.FisherPreconditioner(_mlp(), kind="kfac", source="backward", grad_scaler=2.0)
 
 
-def test_nonfinite_preconditioned_gradient_is_named():
+@pytest.mark.parametrize("clip", [1e-3, None])
+@pytest.mark.parametrize("lr", [0.1, None])
+def test_nonfinite_preconditioned_gradient_is_named(clip, lr):
     # a finite gradient whose solve is not finite: the curvature is at fault, not the data
+    # (with the trust region on or off, with or without the learning rate)
     model, batch = _mlp(), _batch()
-    pre = natgrad.FisherPreconditioner(model, kind="diag", damping=0.1)
+    pre = natgrad.FisherPreconditioner(model, kind="diag", damping=0.1, kl_clip=clip)
     _backward(model, batch)
-    pre.step(batch, lr=0.1)
-    _backward(model, batch)
-    pre.curvature["2.weight"][0, 1] = float("nan")  # the tensor the preconditioner solves with
-    before = model[2].weight.grad.clone()
-    with pytest.raises(FloatingPointError, match=r"(?s)preconditioned gradient.*'2\.weight'.*damping"):
-        pre.step(batch, lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # kl_clip without lr
+        pre.step(batch, lr=lr)
+        _backward(model, batch)
+        pre.curvature["2.weight"][0, 1] = float("nan")  # the tensor the solve uses
+        before = model[2].weight.grad.clone()
+        with pytest.raises(FloatingPointError,
+                           match=r"(?s)preconditioned gradient.*'2\.weight'.*damping"):
+            pre.step(batch, lr=lr)
     assert torch.equal(model[2].weight.grad, before)
 
 

@@ -848,9 +848,11 @@ def test_grad_scaler_overflow_step_is_skipped_and_changes_nothing():
     assert pre.step(lr=0.1).curvature_updated
 
 
-def test_natural_gradient_with_grad_scaler_skipped_step_leaves_no_stale_records():
+@pytest.mark.parametrize("zero", ["optimizer", "model"])
+def test_natural_gradient_with_grad_scaler_skipped_step_leaves_no_stale_records(zero):
     # scaler.step skips an overflowed NaturalGradient step entirely (pre.step never runs);
-    # zero_grad drops that backward's records, so the next refresh equals a clean run's
+    # the optimizer's zero_grad, or the model's (the HF Trainer calls model.zero_grad()),
+    # drops that backward's records, so the next refresh equals a clean run's
     torch.manual_seed(30)
     model = mlp((5, 6, 3)).double()
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
@@ -865,9 +867,10 @@ def test_natural_gradient_with_grad_scaler_skipped_step_leaves_no_stale_records(
     scaler.step(ng)
     scaler.update()
     assert ng.preconditioner.curvature is None  # pre.step never ran
-    ng.zero_grad()
+    zero_grad = ng.zero_grad if zero == "optimizer" else model.zero_grad
+    zero_grad()
     out = model(x)  # a forward before zero_grad keeps its record (its backward comes later)
-    ng.zero_grad()
+    zero_grad()
     scaler.scale(F.cross_entropy(out, y)).backward()
     scaler.step(ng)
     ref = FisherPreconditioner(twin, kind="kfac", damping=0.05)
