@@ -21,7 +21,10 @@ So several forwards before one optimizer step (gradient accumulation) are read a
 batch of all their samples whose loss is the mean over all of them: each micro-batch's
 mean loss divided by the number of micro-batches (equal sizes), which is what the Hugging
 Face Trainer and Lightning back-propagate; likewise one backward through
-``(loss(x1) + loss(x2)) / 2``. A loss multiplied by a constant before ``backward`` (a
+``(loss(x1) + loss(x2)) / 2``. A loop that adds the micro-batches' mean losses without
+dividing by their number ``k`` back-propagates ``k`` times that mean, and its curvature
+comes out ``k²`` times too large: divide the loss by ``k``, as the trainers do. A loss
+multiplied by a constant before ``backward`` (a
 ``torch.amp.GradScaler``'s scale) is divided back by :attr:`BackwardCapture.loss_scale`.
 
 Every forward's rows count as samples: a loss that couples several forwards per sample (a
