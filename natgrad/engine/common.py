@@ -1,11 +1,13 @@
-"""Small helpers shared across layers: accumulation dtype and module names."""
+"""Small helpers shared across layers: accumulation dtype, module names, eval-mode passes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -21,6 +23,28 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def to_acc(t: torch.Tensor) -> torch.Tensor:
     """``t`` in its accumulation dtype (see :func:`acc_dtype`); no copy when already there."""
     return t.to(acc_dtype(t.dtype))
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode (dropout off, BatchNorm frozen) and restore each
+    submodule's own ``training`` flag afterwards, even on error.
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+        >>> with evaluating(m):
+        ...     m[1].training
+        False
+        >>> m[1].training
+        True
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def module_of(name: str) -> str:

@@ -5,7 +5,6 @@ Nothing here imports a framework.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -17,6 +16,7 @@ from torch import nn
 from natgrad.curvature.diagonal import DiagonalFisher
 from natgrad.curvature.estimate import estimate_fisher, is_single_batch
 from natgrad.engine.checks import check_choice, check_int
+from natgrad.engine.common import evaluating
 from natgrad.optim.scale import natural_gradient_norms
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "batches_to",
     "check_every",
     "check_metrics",
-    "evaluating",
     "fisher_metrics",
     "save_fisher",
 ]
@@ -152,19 +151,6 @@ def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a model without any)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode (dropout off, BatchNorm frozen) and restore each
-    submodule's own ``training`` flag afterwards, even on error."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def fisher_metrics(

@@ -52,12 +52,12 @@ import torch
 
 from natgrad.continual.ewc import EWC
 from natgrad.curvature.diagonal import DiagonalFisher
+from natgrad.engine.common import evaluating
 from natgrad.integrations import require
 from natgrad.integrations.common import (
     METRICS,
     FisherMetricsSchedule,
     batch_to,
-    evaluating,
     model_device,
     save_fisher,
 )

@@ -35,6 +35,7 @@ from natgrad.engine.checks import (
     check_positive,
     check_same_structure,
 )
+from natgrad.engine.common import evaluating
 from natgrad.engine.distributed import is_distributed
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.options import LABEL_SOURCES, LabelSource, ParamSpec
@@ -163,10 +164,10 @@ class FisherPreconditioner:
 
     Args:
         model: the model. Only ``.grad`` of selected parameters is modified. A
-            ``source="batch"`` refresh needs a deterministic model: BatchNorm and dropout
-            in eval mode during :meth:`step` (a train-mode dropout Fisher mixes in mask
-            noise, and is refused). In a training loop: ``loss.backward(); model.eval();
-            pre.step(batch); model.train(); opt.step()``.
+            ``source="batch"`` refresh runs its own pass with the model in eval mode
+            (dropout off, BatchNorm on its running statistics: a deterministic Fisher, and
+            no running-statistics update), then restores each module's mode, so it can be
+            called in a training loop with the model in train mode.
         likelihood: name or :class:`natgrad.engine.likelihoods.Likelihood`.
         kind: a registered curvature kind (``"diag"``, ``"kfac"``, ``"ekfac"``,
             ``"lowrank"``) or an alias (``"woodbury"``).
@@ -342,18 +343,19 @@ class FisherPreconditioner:
                 self._capture, kind=self.curvature_kind, likelihood=lik, **self._options, **extra
             )
             return local.all_reduce() if is_distributed() and not pools else local
-        check_fixed_model(self.model, f"FisherPreconditioner(kind={self.kind!r})'s refresh")
-        return self.curvature_cls.estimate(
-            self.model,
-            batch,
-            self.likelihood,
-            kind=self.curvature_kind,
-            labels=self.labels,
-            params=list(self.params),
-            generator=self.generator,
-            output_fn=self.output_fn,
-            **self._options,
-        )
+        with evaluating(self.model):  # the refresh's own pass: dropout off, BatchNorm frozen
+            check_fixed_model(self.model, f"FisherPreconditioner(kind={self.kind!r})'s refresh")
+            return self.curvature_cls.estimate(
+                self.model,
+                batch,
+                self.likelihood,
+                kind=self.curvature_kind,
+                labels=self.labels,
+                params=list(self.params),
+                generator=self.generator,
+                output_fn=self.output_fn,
+                **self._options,
+            )
 
     @property
     def curvature(self) -> Curvature | None:
@@ -428,9 +430,9 @@ class FisherPreconditioner:
         Raises:
             ValueError: a negative or non-finite ``lr``, or an ``lr`` mapping that lacks a preconditioned
                 parameter; ``source="batch"`` without a batch; invalid damping from a
-                schedule; on a refresh, train-mode BatchNorm or dropout (call
-                ``model.eval()`` before the step) or bad labels (checked on the whole
-                batch); ``source="backward"`` with nothing recorded.
+                schedule; on a refresh, bad labels (checked on the whole batch) or a
+                model that is random even in eval mode; ``source="backward"`` with nothing
+                recorded.
             FloatingPointError: NaN or Inf in a ``.grad`` (the parameter is named; checked
                 before anything changes, warmup included: one host sync per step, shared
                 with the ``kl_clip`` inner products on a step that only solves; with a

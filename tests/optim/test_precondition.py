@@ -883,6 +883,31 @@ def test_natural_gradient_with_grad_scaler_skipped_step_leaves_no_stale_records(
         torch.testing.assert_close(C.blocks[k].G, R.blocks[k].G, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["diag", "kfac", "woodbury"])
+def test_batch_refresh_runs_in_eval_mode_and_restores_train_mode(kind):
+    # a train-mode dropout/BatchNorm model in a training loop: the refresh's own pass is
+    # the eval-mode model's (no BatchNorm statistics update), and every module's mode is
+    # restored; the curvature equals the one estimated on the model in eval mode
+    torch.manual_seed(31)
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Linear(6, 3)).double()
+    x, y = torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    model[3].eval()  # a module the user left in eval mode stays so
+    stats = model[1].running_mean.clone(), model[1].num_batches_tracked.clone()
+    pre = FisherPreconditioner(model, kind=kind, damping=0.1, kl_clip=None)
+    g = _grads(model)
+    pre.step((x, y))
+    assert [m.training for m in model.modules()] == [True, True, True, True, False, True]
+    assert torch.equal(model[1].running_mean, stats[0])
+    assert torch.equal(model[1].num_batches_tracked, stats[1])
+    opts = {"damping_mode": "factored"} if kind == "kfac" else {}  # the preconditioner's
+    ref = natgrad.estimate_curvature(copy.deepcopy(model).eval(), (x, y),
+                                     kind=pre.curvature_kind, labels="empirical", **opts)
+    assert_close_dict(_grads(model), ref.solve(g, 0.1), rtol=1e-9, atol=1e-12)
+
+
 def test_backward_records_only_when_a_refresh_is_due():
     torch.manual_seed(26)
     model = mlp((5, 6, 3)).double()
