@@ -1053,6 +1053,7 @@ def fisher_uncertainty(
     for one in [batch] if is_single_batch(batch) else iterate_batches(batch):
         b = parse_batch(one).to(device)
         mean, var = post.moments(b)
+        lik.check_output(mean)
         spread = var[..., 0]  # (N, D, D) when full, else (N, D)
         cov = spread if full else None
         var = spread.diagonal(dim1=1, dim2=2) if full else spread

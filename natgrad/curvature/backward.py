@@ -24,8 +24,9 @@ Face Trainer and Lightning back-propagate; likewise one backward through
 ``(loss(x1) + loss(x2)) / 2``. A loop that adds the micro-batches' mean losses without
 dividing by their number ``k`` back-propagates ``k`` times that mean, and its curvature
 comes out ``k²`` times too large: divide the loss by ``k``, as the trainers do. A loss
-multiplied by a constant before ``backward`` (a
-``torch.amp.GradScaler``'s scale) is divided back by :attr:`BackwardCapture.loss_scale`.
+multiplied by a constant before ``backward`` is divided back by
+:attr:`BackwardCapture.loss_scale`; with a ``torch.amp.GradScaler`` that scale is read from
+the scaler at each recorded forward (:attr:`BackwardCapture.scale_source`).
 
 Every forward's rows count as samples: a loss that couples several forwards per sample (a
 siamese or contrastive loss on ``model(x1)`` and ``model(x2)``) has no per-sample
@@ -97,7 +98,6 @@ class BackwardCapture:
             )
         self.layers: dict[str, KFACLayer] = dict(layers)
         self.order = list(params)
-        self._params = dict(params)
         self._model = model
         self._pass = 0
         # {layer: [[pass id, input, output grad or None], ...]}
@@ -106,10 +106,13 @@ class BackwardCapture:
         self._handles: list[Any] = []
         self._removed = False
         self._layer_hooks = {k: self._hook(k) for k in self.layers}  # the same on every arming
-        #: the constant the loss was multiplied by before ``backward`` (e.g. a
-        #: ``torch.amp.GradScaler``'s ``get_scale()``); :meth:`take` divides the recorded
-        #: output gradients by it
+        #: the constant the loss was multiplied by before ``backward``; :meth:`take`
+        #: divides the recorded output gradients by it
         self.loss_scale = 1.0
+        #: a loss scaler's ``get_scale`` (``torch.amp.GradScaler``), or None: read at each
+        #: recorded forward into :attr:`loss_scale`; a change of scale means the scaler
+        #: skipped the step of the records made before it, which are then dropped
+        self.scale_source: Callable[[], float] | None = None
 
     @property
     def armed(self) -> bool:
@@ -137,13 +140,13 @@ class BackwardCapture:
             self._handles = []
 
     def _new_pass(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        # records whose backward ran while every selected .grad is now None: their
-        # gradients were zeroed without a step using them (a step a GradScaler skipped,
-        # under a trainer that calls model.zero_grad()); they must not reach a refresh
-        if any(r[2] is not None for v in self._records.values() for r in v) and all(
-            p.grad is None for p in self._params.values()
-        ):
-            self.drop_backpropagated()
+        if self.scale_source is not None:
+            scale = float(self.scale_source())
+            if scale != self.loss_scale:
+                # the loss scaler changed its scale since the records: it skipped the step
+                # they belong to (an overflow), which no refresh may count
+                self.drop_backpropagated()
+                self.loss_scale = scale
         self._pass += 1
         # the model's batch size: of its first tensor input (None: unknown)
         first = next((a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)), None)

@@ -400,12 +400,9 @@ def check_class_labels(
     and, given the model's ``logits``, unless they are logits rather than probabilities.
 
     Checked on the whole target before any ``vmap``: under ``vmap`` an out-of-range
-    ``one_hot`` gives a zero row instead of an error. ``logits`` whose every row (along
-    the last axis, ``C >= 2`` classes) sums to 1 within ``8 ε √C`` (``ε`` the machine
-    epsilon of their dtype) and is non-negative are probabilities, e.g. from a final
-    ``nn.Softmax``: a softmax likelihood would apply a second softmax to them. The row
-    sums are one reduction whose host sync is shared with the label check's; the
-    non-negativity is read only when every row sums to 1.
+    ``one_hot`` gives a zero row instead of an error. ``logits`` that look like probabilities
+    are refused as :func:`check_not_probabilities` does (the row sums share the label
+    check's host sync).
 
     Raises:
         ValueError: a label out of range, or ``logits`` that are probabilities.
@@ -414,27 +411,12 @@ def check_class_labels(
     if ignore_index is not None:
         bad &= target != ignore_index
     flags = bad.any().view(1)
-    if (
-        logits is not None
-        and num_classes >= 2
-        and logits.numel() > 0
-        and logits.is_floating_point()
-    ):
-        tol = 8 * torch.finfo(logits.dtype).eps * num_classes**0.5
-        acc = torch.promote_types(logits.dtype, torch.float32)
-        rows = logits.detach().sum(-1, dtype=acc)  # the one reduction
-        sums_one = ((rows - 1).abs() <= tol).all().to(bad.device)
-        flags = torch.stack((flags[0], sums_one))
+    sums_one = None if logits is None else _rows_sum_to_one(logits)
+    if sums_one is not None:
+        flags = torch.stack((flags[0], sums_one.to(bad.device)))
     read = flags.tolist()  # the one host sync
-    if len(read) > 1 and read[1] and logits is not None and bool((logits >= 0).all()):
-        raise ValueError(
-            f"The model's outputs look like probabilities, not logits: every row of its "
-            f"{tuple(logits.shape)} output is non-negative and sums to 1. The {likelihood} "
-            "likelihood applies a softmax to the outputs itself, so probabilities would be "
-            "softmaxed twice and give a wrong Fisher and loss. Drop the model's final "
-            "nn.Softmax (natgrad's categorical likelihoods take logits), or output "
-            "log-probabilities (nn.LogSoftmax), which are fine."
-        )
+    if len(read) > 1 and read[1] and logits is not None:
+        _refuse_probabilities(logits, likelihood)
     if not read[0]:
         return
     flat = bad.flatten().nonzero()[0, 0]
@@ -460,6 +442,52 @@ def check_class_labels(
         f"Label out of range: {_locate(int(flat), target.shape)} has label {value}, but "
         f"{likelihood} labels must be {allowed}; {count} label(s) are out of range. {fix}"
     )
+
+
+def check_not_probabilities(logits: torch.Tensor, likelihood: str) -> None:
+    """Raise ValueError when ``logits`` look like probabilities (one host sync; the
+    positivity is read only when every row sums to 1): every row along the last axis
+    (``C >= 2`` classes) sums to 1 within ``8 ε √C`` (``ε`` the machine epsilon of their
+    dtype) and is positive, as a final ``nn.Softmax`` gives. A softmax likelihood would
+    apply a second softmax to them. Log-probabilities (``nn.LogSoftmax``) are fine, and so
+    is a row with a zero entry (e.g. exactly one-hot logits).
+
+    Example:
+        >>> check_not_probabilities(torch.tensor([[0.2, 0.8], [0.5, 0.5]]), "categorical")
+        Traceback (most recent call last):
+        ...
+        ValueError: The model's outputs look like probabilities, not logits: ...
+    """
+    sums_one = _rows_sum_to_one(logits)
+    if sums_one is not None and bool(sums_one):
+        _refuse_probabilities(logits, likelihood)
+
+
+def _rows_sum_to_one(logits: torch.Tensor) -> torch.Tensor | None:
+    """Whether every row of ``logits`` sums to 1 (a 0-dim bool tensor, not synced), or
+    None when the test does not apply (fewer than 2 classes, no rows, not floating)."""
+    if logits.dim() == 0 or logits.shape[-1] < 2 or not logits.numel():
+        return None
+    if not logits.is_floating_point():
+        return None
+    tol = 8 * torch.finfo(logits.dtype).eps * logits.shape[-1] ** 0.5
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    rows = logits.detach().sum(-1, dtype=acc)  # the one reduction
+    ok: torch.Tensor = ((rows - 1).abs() <= tol).all()
+    return ok
+
+
+def _refuse_probabilities(logits: torch.Tensor, likelihood: str) -> None:
+    """Raise when every entry of ``logits`` (whose rows sum to 1) is positive."""
+    if bool((logits > 0).all()):
+        raise ValueError(
+            f"The model's outputs look like probabilities, not logits: every row of its "
+            f"{tuple(logits.shape)} output is positive and sums to 1. The {likelihood} "
+            "likelihood applies a softmax to the outputs itself, so probabilities would be "
+            "softmaxed twice and give a wrong Fisher and loss. Drop the model's final "
+            "nn.Softmax (natgrad's categorical likelihoods take logits), or output "
+            "log-probabilities (nn.LogSoftmax), which are fine."
+        )
 
 
 def check_finite_target(target: torch.Tensor, likelihood: str) -> None:

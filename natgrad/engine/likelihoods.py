@@ -33,6 +33,7 @@ from natgrad.engine.checks import (
     check_choice,
     check_class_labels,
     check_finite_target,
+    check_not_probabilities,
     check_positive,
     check_unit_interval,
     integer_labels,
@@ -98,6 +99,12 @@ class Likelihood(ABC):
         ``target`` is the whole batch's; ``output`` may hold only the first sample's
         outputs (natgrad probes one sample before ``vmap``): compare trailing dimensions.
         """
+        return None
+
+    def check_output(self, output: torch.Tensor) -> None:
+        """Raise a ValueError when the model's output cannot be this likelihood's (default:
+        any can); the paths without labels (``labels="mc"`` / ``"exact"``, the Laplace
+        predictive) call it, :meth:`check_target` covers the ones with labels."""
         return None
 
     def prepare_target(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -214,6 +221,10 @@ class Categorical(Likelihood):
                 "convert with y.long() (for one-hot labels: y.argmax(-1))."
             )
         check_class_labels(target, output.shape[-1], self.name, logits=output)
+
+    def check_output(self, output: torch.Tensor) -> None:
+        """Logits, not probabilities (see :func:`natgrad.engine.checks.check_not_probabilities`)."""
+        check_not_probabilities(output, self.name)
 
     def prepare_target(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Integer labels of any width are cast to int64 (exact); float/bool labels raise."""
@@ -390,6 +401,10 @@ class TokenCategorical(Likelihood):
         check_class_labels(
             target, output.shape[-1], self.name, self.ignore_index, logits=output
         )
+
+    def check_output(self, output: torch.Tensor) -> None:
+        """Logits, not probabilities (see :func:`natgrad.engine.checks.check_not_probabilities`)."""
+        check_not_probabilities(output, self.name)
 
     def prepare_target(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Integer tokens of any width are cast to int64 (exact); float/bool tokens raise."""

@@ -200,9 +200,13 @@ class Plan:
         likelihood reads; every engine calls this once per batch before using the target.
 
         Raises:
-            ValueError: labels out of range, of the wrong dtype or shape, or non-finite.
+            ValueError: labels out of range, of the wrong dtype or shape, or non-finite;
+                an output the likelihood cannot have (e.g. probabilities for a softmax).
         """
-        return None if target is None else self.lik.prepare_target(out, target)
+        if target is None:  # no labels to check against the output: check the output
+            self.lik.check_output(out)
+            return None
+        return self.lik.prepare_target(out, target)
 
     def parse(self, batch: Any) -> tuple[Batch, torch.Tensor | None]:
         """Parse a batch onto the model's device; return it with its (masked) target."""

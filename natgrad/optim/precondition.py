@@ -274,12 +274,13 @@ class FisherPreconditioner:
         self.kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROX)
         if self.kfac_approx != "expand" and "approx" in takes:
             self._options["approx"] = self.kfac_approx
-        if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
-            raise TypeError(
-                f"grad_scaler must be a torch.amp.GradScaler (or have get_scale()), got "
-                f"{type(grad_scaler).__name__}."
+        frozen = [k for k, p in self.params.items() if not p.requires_grad]
+        if len(frozen) == len(self.params):
+            raise ValueError(
+                f"Every selected parameter is frozen (requires_grad=False: {frozen[:8]}), so "
+                "none ever gets a .grad to precondition: select trainable parameters."
             )
-        self.grad_scaler = grad_scaler
+        self._grad_scaler: Any = None
         self._capture: BackwardCapture | None = None
         if self.source == "backward":
             if self.curvature_kind not in self.curvature_cls.CAPTURE_KINDS:
@@ -298,6 +299,7 @@ class FisherPreconditioner:
                     "or source='batch'."
                 )
             self._capture = BackwardCapture(model, self.params, loss_reduction=loss_reduction)
+        self.grad_scaler = grad_scaler
         self._capture_pools = (
             "distributed" in inspect.signature(self.curvature_cls.from_capture).parameters
         )
@@ -314,6 +316,25 @@ class FisherPreconditioner:
         self._step = 0
         self._warned_no_lr = False
         self._arm()
+
+    @property
+    def grad_scaler(self) -> Any:
+        """The loss scaler (``torch.amp.GradScaler``) or None; settable after construction
+        (the Hugging Face Trainer creates its scaler after the optimizer)."""
+        return self._grad_scaler
+
+    @grad_scaler.setter
+    def grad_scaler(self, scaler: Any) -> None:
+        if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler (or have get_scale()), got "
+                f"{type(scaler).__name__}."
+            )
+        self._grad_scaler = scaler
+        if self._capture is not None:
+            self._capture.scale_source = None if scaler is None else scaler.get_scale
+            if scaler is None:
+                self._capture.loss_scale = 1.0
 
     # -- damping and schedule -------------------------------------------------------------
     def damping_at(self, step: int) -> float:
@@ -465,8 +486,6 @@ class FisherPreconditioner:
                 if self._capture is not None:
                     self._capture.clear()
                 return PreconditionStep(t, self.damping_at(t), False, False, 1.0)
-            if self._capture is not None:
-                self._capture.loss_scale = float(self.grad_scaler.get_scale())
         elif updated or not solves:
             check_all_finite(grads, "the gradient (.grad) of parameter", GRAD_HINT)
         # else: a step that only solves reads the gradients' finiteness from its result

@@ -697,6 +697,8 @@ def _labels_for(
     mc_samples: int,
     generator: torch.Generator | None,
 ) -> list[torch.Tensor]:
+    if labels != "empirical":
+        lik.check_output(out)
     if labels == "empirical":
         if target is None:
             raise ValueError(

@@ -52,7 +52,26 @@ PATHS = {
     "metrics": lambda m, b: registry.compute_with_context(
         "fisher_information", MetricContext(models=[m], batches=[b])
     ),
+    # paths that read no labels: the output is checked on its own
+    "estimate_mc_no_labels": lambda m, b: natgrad.estimate_fisher(m, b[0], labels="mc"),
+    "estimate_exact_no_labels_vmap": lambda m, b: natgrad.estimate_fisher(
+        m, b[0], labels="exact", engine="vmap"
+    ),
+    "curvature_kfac_exact_no_labels": lambda m, b: natgrad.estimate_curvature(
+        m, b[0], kind="kfac", labels="exact"
+    ),
+    "precond_mc_no_labels": lambda m, b: _pre_mc(m, b),
+    "prune_structured_mc": lambda m, b: natgrad.prune_structured(
+        m, b, params=0.8, measure=False, tune=False, labels="mc"
+    ),
+    "fisher_uncertainty": lambda m, b: natgrad.fisher_uncertainty(m, b[0], _ones_fisher(m)),
 }
+
+
+def _pre_mc(model, batch):
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    return natgrad.FisherPreconditioner(model, labels="mc").step(batch[0])
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
@@ -107,3 +126,15 @@ def test_one_class_outputs_are_not_refused():
 def test_label_error_still_named_with_logits_given():
     with pytest.raises(ValueError, match=r"out of range.*sample 1"):
         check_class_labels(torch.tensor([0, 3]), 2, "categorical", logits=torch.randn(2, 2))
+
+
+def test_one_hot_logit_rows_are_not_probabilities():
+    # exactly one-hot logits (a zero entry) are possible logits; softmax outputs are positive
+    check_class_labels(torch.tensor([0, 1]), 3, "categorical",
+                       logits=torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    model = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(3))
+    x = torch.cat([torch.eye(3)[:1], 3 * torch.randn(3, 3)])
+    for engine in ("fast", "vmap"):  # the vmap probe sees only the first row [1, 0, 0]
+        natgrad.estimate_fisher(model, (x, torch.tensor([0, 1, 2, 1])), engine=engine)

@@ -197,6 +197,17 @@ def test_natural_gradient_refuses_a_preconditioner_of_another_model():
 def test_grad_scaler_without_get_scale_is_refused():
     with pytest.raises(TypeError, match="GradScaler"):
         natgrad.FisherPreconditioner(_mlp(), kind="kfac", source="backward", grad_scaler=2.0)
+    pre = natgrad.FisherPreconditioner(_mlp(), kind="kfac", source="backward")
+    with pytest.raises(TypeError, match="GradScaler"):
+        pre.grad_scaler = "scaler"
+
+
+def test_preconditioner_of_frozen_parameters_only_is_refused():
+    model = _mlp()
+    for p in model[2].parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"(?s)Every selected parameter is frozen.*'2\.weight'"):
+        natgrad.FisherPreconditioner(model, kind="kfac", params=["2.weight", "2.bias"])
 
 
 @pytest.mark.parametrize("clip", [1e-3, None])

@@ -774,7 +774,7 @@ def test_backward_two_forwards_pool_their_samples():
 
 
 @pytest.mark.parametrize("kind", ["kfac", "ekfac", "diag"])
-@pytest.mark.parametrize("how", ["accumulate", "one_backward"])
+@pytest.mark.parametrize("how", ["accumulate", "one_backward", "own_buffer"])
 def test_backward_mean_loss_over_several_forwards_is_the_union_batch(kind, how):
     # gradient accumulation as the HF Trainer / Lightning do it (each micro-batch's mean
     # loss divided by their number), or one backward through the mean of two means: the
@@ -788,6 +788,15 @@ def test_backward_mean_loss_over_several_forwards_is_the_union_batch(kind, how):
     if how == "accumulate":
         for sl in parts:
             (F.cross_entropy(model(x[sl]), y[sl]) / len(parts)).backward()
+    elif how == "own_buffer":  # the loop moves each micro-batch's gradients out (.grad None)
+        buf = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+        for sl in parts:
+            (F.cross_entropy(model(x[sl]), y[sl]) / len(parts)).backward()
+            for k, p in model.named_parameters():
+                buf[k] += p.grad
+                p.grad = None
+        for k, p in model.named_parameters():
+            p.grad = buf[k]
     else:
         sum(F.cross_entropy(model(x[sl]), y[sl]) for sl in parts[:2]).__truediv__(2).backward()
         x, y = x[:8], y[:8]
@@ -809,8 +818,8 @@ def test_backward_with_a_grad_scaler_reads_the_unscaled_gradients():
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     opt2 = torch.optim.SGD(twin.parameters(), lr=0.1)
-    pb = FisherPreconditioner(model, kind="kfac", damping=0.05, source="backward",
-                              grad_scaler=scaler)
+    pb = FisherPreconditioner(model, kind="kfac", damping=0.05, source="backward")
+    pb.grad_scaler = scaler  # set after construction, as with the HF Trainer's scaler
     pa = FisherPreconditioner(twin, kind="kfac", damping=0.05, source="backward")
     for _ in range(3):
         opt.zero_grad()
