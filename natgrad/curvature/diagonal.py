@@ -19,6 +19,7 @@ from natgrad.engine.checks import (
     check_fisher_values,
     check_fraction,
     check_int,
+    check_model,
     check_names_in,
     check_positive,
     check_same_structure,
@@ -468,6 +469,8 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
             ValueError: not a natgrad Fisher file, a format this version cannot read, or
                 names/shapes that differ from ``model``.
         """
+        if model is not None:
+            check_model(model, "DiagonalFisher.load's model (pass a device as device=...)")
         path = os.fspath(path)
         tensors, meta = load_tensors(path, _FORMAT, fix=_FIX, what="Fisher", device=device)
         n_samples = meta_int(path, meta, "n_samples", 0, _FIX)

@@ -330,7 +330,10 @@ class Curvature(ABC):
         """
         from natgrad.curvature.ops import check_curvature
         from natgrad.curvature.statefile import load_state
+        from natgrad.engine.checks import check_model
 
+        if model is not None:
+            check_model(model, f"{cls.__name__}.load's model (pass a device as device=...)")
         holder = cls._class_of_file(path)
         if holder is not cls:
             return holder.load(path, model, device=device)

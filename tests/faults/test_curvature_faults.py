@@ -293,3 +293,14 @@ def test_curvature_load_names_the_class_a_file_holds(tmp_path):
         KroneckerFisher.load(tmp_path / "p.safetensors")
     with pytest.raises(FileNotFoundError, match=r"No curvature file"):
         natgrad.Curvature.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("loader", ["Curvature", "DiagonalFisher", "KroneckerFisher"])
+def test_load_with_a_device_in_the_model_slot_is_a_named_type_error(tmp_path, loader):
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    kind = "diag" if loader == "DiagonalFisher" else "kfac"
+    path = tmp_path / "c.safetensors"
+    natgrad.estimate_curvature(model, (x, y), kind=kind).save(path)
+    with pytest.raises(TypeError, match=r"(?s)load's model.*device=\.\.\."):
+        getattr(natgrad, loader).load(path, "cpu")
