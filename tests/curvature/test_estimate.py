@@ -1,6 +1,8 @@
 """estimate_fisher: the diagonal Fisher against brute-force loops, closed forms and
 BackPACK, for every label source; batches, chunks, dtypes and errors."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -139,6 +141,22 @@ def test_empty_data_raises(mlp_case):
     model, _, _ = mlp_case
     with pytest.raises(ValueError, match="No samples"):
         estimate_fisher(model, [])
+
+
+def test_backpack_diag_ggn_exact_is_the_exact_label_fisher():
+    backpack = pytest.importorskip("backpack")
+    from backpack.extensions import DiagGGNExact
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    ours = estimate_fisher(model, (x, y), labels="exact")
+    bp_model = backpack.extend(copy.deepcopy(model))
+    loss = backpack.extend(nn.CrossEntropyLoss(reduction="mean"))(bp_model(x), y)
+    with backpack.backpack(DiagGGNExact()):
+        loss.backward()
+    for name, p in bp_model.named_parameters():
+        torch.testing.assert_close(ours[name], p.diag_ggn_exact, rtol=1e-10, atol=1e-14)
 
 
 def test_backpack_sum_grad_squared_oracle():
