@@ -92,14 +92,26 @@ def check_fraction(name: str, value: float, *, closed: bool = False) -> float:
 
 
 def check_no_batch_mixing(model: nn.Module) -> None:
-    """Raise if a module mixes samples in its forward pass (train-mode BatchNorm).
+    """Raise if a module mixes samples in its forward pass: a train-mode BatchNorm, or a
+    BatchNorm without running statistics (``track_running_stats=False``), which
+    normalizes with the batch's statistics in eval mode too.
 
     Per-sample gradients exist only when each output depends on its own input alone.
     """
     for name, module in model.named_modules():
-        if isinstance(module, _BATCHNORM_TYPES) and module.training:
+        if not isinstance(module, _BATCHNORM_TYPES):
+            continue
+        where = f"Module {name or type(model).__name__!r} ({type(module).__name__})"
+        if getattr(module, "running_mean", None) is None:
             raise ValueError(
-                f"Module {name or type(model).__name__!r} ({type(module).__name__}) is in train "
+                f"{where} keeps no running statistics (track_running_stats=False), so it "
+                "normalizes with the batch's statistics even in eval mode: one sample's "
+                "output depends on the others and per-sample gradients do not exist. Use a "
+                "BatchNorm with running statistics (in eval mode), or GroupNorm/LayerNorm."
+            )
+        if module.training:
+            raise ValueError(
+                f"{where} is in train "
                 "mode: it normalizes with batch statistics, so one sample's output depends on "
                 "the others and per-sample gradients do not exist. Call model.eval() before "
                 "estimating the Fisher, or replace BatchNorm with GroupNorm/LayerNorm."
@@ -447,8 +459,9 @@ def check_class_labels(
 def check_not_probabilities(logits: torch.Tensor, likelihood: str) -> None:
     """Raise ValueError when ``logits`` look like probabilities (one host sync; the
     positivity is read only when every row sums to 1): every row along the last axis
-    (``C >= 2`` classes) sums to 1 within ``8 ε √C`` (``ε`` the machine epsilon of their
-    dtype) and is positive, as a final ``nn.Softmax`` gives. A softmax likelihood would
+    (``C >= 2`` classes) sums to 1 within ``ε/2 + 8 ε_acc √C`` (``ε`` the machine epsilon
+    of their dtype, ``ε_acc`` of float32 or float64, the dtype a softmax computes in) and
+    is positive, as a final ``nn.Softmax`` gives. A softmax likelihood would
     apply a second softmax to them. Log-probabilities (``nn.LogSoftmax``) are fine, and so
     is a row with a zero entry (e.g. exactly one-hot logits).
 
@@ -470,8 +483,10 @@ def _rows_sum_to_one(logits: torch.Tensor) -> torch.Tensor | None:
         return None
     if not logits.is_floating_point():
         return None
-    tol = 8 * torch.finfo(logits.dtype).eps * logits.shape[-1] ** 0.5
+    # each probability rounded to the output's dtype (at most eps/2 of the sum), plus the
+    # softmax's own rounding in the dtype it computes in (float32 for low precision)
     acc = torch.promote_types(logits.dtype, torch.float32)
+    tol = torch.finfo(logits.dtype).eps / 2 + 8 * torch.finfo(acc).eps * logits.shape[-1] ** 0.5
     rows = logits.detach().sum(-1, dtype=acc)  # the one reduction
     ok: torch.Tensor = ((rows - 1).abs() <= tol).all()
     return ok

@@ -452,8 +452,9 @@ class FisherPreconditioner:
             ValueError: a negative or non-finite ``lr``, or an ``lr`` mapping that lacks a preconditioned
                 parameter; ``source="batch"`` without a batch; invalid damping from a
                 schedule; on a refresh, bad labels (checked on the whole batch) or a
-                model that is random even in eval mode; ``source="backward"`` with nothing
-                recorded.
+                BatchNorm without running statistics; ``source="backward"`` with nothing
+                recorded. (A module that stays random in eval mode, e.g. a dropout
+                subclass that forces ``training=True``, cannot be detected.)
             FloatingPointError: NaN or Inf in a ``.grad`` (the parameter is named; checked
                 before anything changes, warmup included: one host sync per step, shared
                 with the ``kl_clip`` inner products on a step that only solves; with a
@@ -479,7 +480,8 @@ class FisherPreconditioner:
         updated = self._refresh_due(t)
         clip = self.kl_clip is not None and lrs is not None
         solves = t >= self.warmup_steps and (updated or self._curvature is not None)
-        if self.grad_scaler is not None:
+        scaler = self.grad_scaler
+        if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
             try:  # an overflow: the scaler skips this step, and so does the preconditioner
                 check_all_finite(grads, "the gradient (.grad) of parameter", GRAD_HINT)
             except FloatingPointError:

@@ -232,13 +232,16 @@ def test_capture_path_runs_no_per_sample_forward(resnet_case, monkeypatch):
     estimate_fisher(model, (x, y))
 
 
-def test_batchnorm_without_running_stats_is_not_captured():
-    """Eval mode without running statistics normalizes with the batch's: not sample-wise,
-    so nothing takes the capture path (one batched forward is not N per-sample ones)."""
+def test_batchnorm_without_running_stats_is_refused():
+    """Eval mode without running statistics normalizes with the batch's: one sample's output
+    depends on the others, so no per-sample gradient exists (a per-sample forward would be
+    another function): refused, on every engine."""
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, track_running_stats=False))
     model = nn.Sequential(model, nn.Flatten(), nn.Linear(12, 2)).eval()
-    plan = Plan(model, "categorical", "empirical", 1, None, None, None)
-    assert grads_split(plan, parse_batch(torch.randn(3, 2, 4, 4)), "auto") is None
+    batch = (torch.randn(3, 2, 4, 4), torch.tensor([0, 1, 1]))
+    for engine in ("auto", "vmap"):
+        with pytest.raises(ValueError, match="keeps no running statistics"):
+            per_sample_grads(model, batch, engine=engine)
 
 
 def test_model_reading_another_samples_row_is_not_captured():

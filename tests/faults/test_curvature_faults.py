@@ -304,3 +304,18 @@ def test_load_with_a_device_in_the_model_slot_is_a_named_type_error(tmp_path, lo
     natgrad.estimate_curvature(model, (x, y), kind=kind).save(path)
     with pytest.raises(TypeError, match=r"(?s)load's model.*device=\.\.\."):
         getattr(natgrad, loader).load(path, "cpu")
+
+
+def test_load_checks_a_meta_device_model_by_names_and_shapes(tmp_path):
+    # a model built on the meta device (no data) still names and shapes its parameters
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    path = tmp_path / "f.safetensors"
+    natgrad.estimate_fisher(model, (x, y)).save(path)
+    with torch.device("meta"):
+        meta = torch.nn.Linear(3, 2)
+    assert natgrad.DiagonalFisher.load(path, meta).n_samples == 6
+    with torch.device("meta"):
+        other = torch.nn.Linear(4, 2)
+    with pytest.raises(ValueError, match="weight"):
+        natgrad.DiagonalFisher.load(path, other)

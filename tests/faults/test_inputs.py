@@ -601,3 +601,12 @@ def test_meta_buffer_deep_in_the_model_is_named():
     model[1][0].running_var = torch.empty(8, device="meta")
     with pytest.raises(ValueError, match=r"'1\.0\.running_var' is on the meta device"):
         natgrad.estimate_fisher(model.eval(), _data(None))
+
+
+@pytest.mark.parametrize("path", sorted(CURVATURE_PATHS))
+def test_batchnorm_without_running_stats_refused_in_eval_mode_too(path):
+    # track_running_stats=False normalizes with the batch's statistics in eval mode as
+    # well: no per-sample gradients, and the preconditioner's eval-mode refresh refuses it
+    model = _mlp(nn.BatchNorm1d(8, track_running_stats=False)).eval()
+    with pytest.raises(ValueError, match=r"(?s)keeps no running statistics.*even in eval mode"):
+        CURVATURE_PATHS[path](model, _data(None))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import natgrad
-from natgrad.engine.checks import check_class_labels
+from natgrad.engine.checks import check_class_labels, check_not_probabilities
 from natgrad.metrics import MetricContext, registry
 
 N, D, C = 8, 4, 3
@@ -138,3 +138,12 @@ def test_one_hot_logit_rows_are_not_probabilities():
     x = torch.cat([torch.eye(3)[:1], 3 * torch.randn(3, 3)])
     for engine in ("fast", "vmap"):  # the vmap probe sees only the first row [1, 0, 0]
         natgrad.estimate_fisher(model, (x, torch.tensor([0, 1, 2, 1])), engine=engine)
+
+
+def test_low_precision_logits_near_one_are_not_probabilities():
+    # bfloat16 two-class logits summing to 1.05 are logits: the tolerance is the rounding
+    # of a bf16 softmax (eps/2), not a multiple of it
+    check_not_probabilities(torch.tensor([[0.3, 0.75]], dtype=torch.bfloat16), "categorical")
+    probs = torch.tensor([[0.3, 0.75]]).softmax(-1).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=PHRASE):
+        check_not_probabilities(probs, "categorical")

@@ -187,6 +187,17 @@ def test_preconditioner_step_before_backward_warns_and_skips(source):
     assert pre.state_dict()["step"] == 0 and pre.curvature is None
 
 
+def test_disabled_grad_scaler_does_not_hide_nan_gradients():
+    # a disabled scaler never skips a step, so a NaN gradient must still raise
+    model, batch = _mlp(), _batch()
+    pre = natgrad.FisherPreconditioner(model, kind="kfac", source="backward",
+                                       grad_scaler=torch.amp.GradScaler("cpu", enabled=False))
+    _backward(model, batch)
+    model[0].weight.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"'0\.weight'"):
+        pre.step(lr=0.1)
+
+
 def test_natural_gradient_refuses_a_preconditioner_of_another_model():
     model, other = _mlp(), _mlp(seed=1)
     with pytest.raises(ValueError, match="none of the optimizer's"):
