@@ -243,16 +243,21 @@ def _short(names: list[str]) -> str:
     )
 
 
-def _read(path: str, device: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def _read(
+    path: str, what: str, *, tensors: bool = True
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and (with ``tensors``) the tensors of a safetensors file, on CPU."""
     from safetensors import safe_open
 
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No {what} file at {path!r}.")
     try:
-        with safe_open(path, framework="pt", device=device) as fh:
+        with safe_open(path, framework="pt", device="cpu") as fh:
             meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+            out = {k: fh.get_tensor(k) for k in fh.keys()} if tensors else {}  # noqa: SIM118
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"{path!r} is not a readable safetensors file: {exc}") from None
-    return meta, tensors
+    return meta, out
 
 
 def read_format(path: str | os.PathLike[str], what: str = "natgrad") -> str | None:
@@ -263,17 +268,7 @@ def read_format(path: str | os.PathLike[str], what: str = "natgrad") -> str | No
         FileNotFoundError: no such file (``what`` names the kind of file looked for).
         ValueError: not a safetensors file.
     """
-    from safetensors import safe_open
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No {what} file at {path!r}.")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as fh:
-            meta = fh.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types
-        raise ValueError(f"{path!r} is not a readable safetensors file: {exc}") from None
-    found = meta.get("format")
+    found = _read(os.fspath(path), what, tensors=False)[0].get("format")
     return found if isinstance(found, str) else None
 
 
@@ -310,9 +305,7 @@ def load_tensors(
     """
     path = os.fspath(path)
     what = what or kind
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No {what} file at {path!r}.")
-    meta, tensors = _read(path, "cpu")
+    meta, tensors = _read(path, what)
     found = meta.get("format")
     if found != kind:
         if isinstance(found, str) and found.startswith("natgrad."):
