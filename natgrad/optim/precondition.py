@@ -474,9 +474,7 @@ class FisherPreconditioner:
                 "before pre.step().",
                 stacklevel=2,
             )
-            if self._capture is not None:
-                self._capture.clear()
-            return PreconditionStep(t, self.damping_at(t), False, False, 1.0)
+            return self._skip(t)
         updated = self._refresh_due(t)
         clip = self.kl_clip is not None and lrs is not None
         solves = t >= self.warmup_steps and (updated or self._curvature is not None)
@@ -485,9 +483,7 @@ class FisherPreconditioner:
             try:  # an overflow: the scaler skips this step, and so does the preconditioner
                 check_all_finite(grads, "the gradient (.grad) of parameter", GRAD_HINT)
             except FloatingPointError:
-                if self._capture is not None:
-                    self._capture.clear()
-                return PreconditionStep(t, self.damping_at(t), False, False, 1.0)
+                return self._skip(t)
         elif updated or not solves:
             check_all_finite(grads, "the gradient (.grad) of parameter", GRAD_HINT)
         # else: a step that only solves reads the gradients' finiteness from its result
@@ -522,6 +518,13 @@ class FisherPreconditioner:
         for k, d in deltas.items():
             grads[k].copy_(d * nu if nu != 1.0 else d)
         return PreconditionStep(t, lam, updated, True, nu)
+
+    def _skip(self, t: int) -> PreconditionStep:
+        """A step that changes nothing: no refresh, no preconditioning, the step count kept
+        (the records of this step's backward are dropped)."""
+        if self._capture is not None:
+            self._capture.clear()
+        return PreconditionStep(t, self.damping_at(t), False, False, 1.0)
 
     def _advance(self) -> None:
         self._step += 1
