@@ -803,19 +803,22 @@ class KroneckerFisher(Curvature):
     def solve(self, v: Params, damping: float) -> dict[str, torch.Tensor]:
         """``(F + λI)⁻¹ v``: ``Q_G ((Q_Gᵀ V Q_A) / (S + λ)) Q_Aᵀ`` per layer, ``v / (F + λ)``
         on the diagonal part."""
-        lam = _damping(damping)
-        return self._each(v, self._layer_solver(lam), lambda f, x: x / (f + lam))[0]
+        return self._each(v, *self._solvers(damping))[0]
 
     def solve_inner(
         self, v: Params, damping: float, weights: Mapping[str, float]
     ) -> tuple[dict[str, torch.Tensor], list[tuple[float, torch.Tensor]]]:
         """:meth:`solve` and the pieces of ``Σ_k w_k ⟨v_k, Δ_k⟩``, one inner product per
         layer block ``[W, b]`` (see :meth:`natgrad.Curvature.solve_inner`)."""
-        lam = _damping(damping)
-        return self._each(v, self._layer_solver(lam), lambda f, x: x / (f + lam), weights)
+        return self._each(v, *self._solvers(damping), weights)
 
-    def _layer_solver(self, lam: float) -> Callable[[KroneckerBlock, torch.Tensor], torch.Tensor]:
-        """``V ↦ (F_layer + λI)⁻¹ V`` on one layer's block matrix (``λ`` checked)."""
+    def _solvers(self, damping: float) -> tuple[
+        Callable[[KroneckerBlock, torch.Tensor], torch.Tensor],
+        Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ]:
+        """``(layer_fn, diag_fn)`` of :meth:`_each` for ``(F + λI)⁻¹``: on one layer's
+        block matrix, and ``x / (F + λ)`` on the diagonal part (``λ`` checked)."""
+        lam = _damping(damping)
         factored = self.damping_mode == "factored"
 
         def layer(blk: KroneckerBlock, V: torch.Tensor) -> torch.Tensor:
@@ -824,7 +827,7 @@ class KroneckerFisher(Curvature):
             QA, QAt, QG, QGt, inv = _solve_ops(blk, lam)
             return eig_scale(V, inv, QA, QG, QAt, QGt)
 
-        return layer
+        return layer, lambda f, x: x / (f + lam)
 
     def prepare_solve(self, group: object | None = None) -> None:
         """The eigenbases of every K-FAC layer (EKFAC layers hold theirs), spread as KAISA
