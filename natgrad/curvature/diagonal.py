@@ -19,6 +19,7 @@ from natgrad.engine.checks import (
     check_fisher_values,
     check_fraction,
     check_int,
+    check_model_to_match,
     check_names_in,
     check_positive,
     check_same_structure,
@@ -468,11 +469,7 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
             ValueError: not a natgrad Fisher file, a format this version cannot read, or
                 names/shapes that differ from ``model``.
         """
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(
-                "DiagonalFisher.load's model must be the nn.Module to check the Fisher "
-                f"against, got {type(model).__name__}; pass a device as device=..."
-            )
+        check_model_to_match(model, "DiagonalFisher.load's model")
         path = os.fspath(path)
         tensors, meta = load_tensors(path, _FORMAT, fix=_FIX, what="Fisher", device=device)
         n_samples = meta_int(path, meta, "n_samples", 0, _FIX)

@@ -330,12 +330,9 @@ class Curvature(ABC):
         """
         from natgrad.curvature.ops import check_curvature
         from natgrad.curvature.statefile import load_state
+        from natgrad.engine.checks import check_model_to_match
 
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(
-                f"{cls.__name__}.load's model must be the nn.Module to check the curvature "
-                f"against, got {type(model).__name__}; pass a device as device=..."
-            )
+        check_model_to_match(model, f"{cls.__name__}.load's model")
         holder = cls._class_of_file(path)
         if holder is not cls:
             return holder.load(path, model, device=device)

@@ -599,6 +599,18 @@ def check_fisher_type(fisher: Any, what: str = "fisher") -> Mapping[str, torch.T
 # -- collections of models, batches and Fishers -----------------------------------------------
 
 
+def check_model_to_match(model: Any, what: str) -> None:
+    """Raise TypeError unless ``model`` is None or an ``nn.Module`` to check a loaded
+    object's names and shapes against (a meta-device model is fine: only the shapes are
+    read). ``what`` names the call, e.g. ``"DiagonalFisher.load's model"``; the usual
+    mistake is a device in the model's place."""
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{what} must be the nn.Module to check against, got {type(model).__name__}; "
+            "pass a device as device=..."
+        )
+
+
 def check_model_list(
     models: Any, what: str = "models", *, non_empty: bool = False
 ) -> Sequence[Any]:
