@@ -75,7 +75,7 @@ def test_exact_labels_match_dense_eigh(mlp_case, method):
     lam, V = top_eigh(F, 6)
     d = top_fisher_directions(model, x, k=6, labels="exact", method=method)
     assert_directions_match(d, lam, V, names)
-    assert d.n_rows == 9 * 4
+    assert d.n_rows == 9 * 3  # C - 1 = 3 factor columns of the 4-class softmax per sample
     if method == "gram":
         assert d.trace == pytest.approx(float(torch.trace(F)), rel=1e-6)
 

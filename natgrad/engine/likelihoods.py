@@ -126,14 +126,29 @@ class Likelihood(ABC):
         return f"{type(self).__name__}()"
 
 
-def _onehot_factor(p: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Columns ``s_c = sqrt(p_c) (e_c - p)`` of ``diag(p) - p pᵀ`` along the last axis."""
-    classes = torch.arange(start, stop, device=p.device)
-    eye = F.one_hot(classes, p.shape[-1]).to(p.dtype)  # (k, C)
-    shape = (len(classes),) + (1,) * (p.dim() - 1) + (p.shape[-1],)
-    eye = eye.view(shape)
-    pc = p[..., start:stop].movedim(-1, 0).unsqueeze(-1)  # (k, ..., 1)
-    return pc.sqrt() * (eye - p.unsqueeze(0))
+def _softmax_factor(p: torch.Tensor, onehot: torch.Tensor, pc: torch.Tensor) -> torch.Tensor:
+    """Columns ``s_c`` (``c < C - 1``) of a rank-``(C - 1)`` factor of ``diag(p) - p pᵀ``
+    along the last axis: ``Σ_{c<C-1} s_c s_cᵀ = diag(p) - p pᵀ`` exactly.
+
+    With ``q = √p``, ``diag(p) - p pᵀ = D (I - q qᵀ) D`` for ``D = diag(q)``, and the
+    Householder reflection ``R`` that swaps ``q`` and the last basis vector ``e_K``
+    (``K = C - 1``) gives ``I - q qᵀ = Σ_{c<K} R e_c (R e_c)ᵀ``; so
+    ``s_c = D R e_c = q_c (e_c - κ p̃ + q_K e_K)`` with ``p̃`` = ``p`` with its last entry
+    zeroed and ``κ = (1 + q_K) / Σ_{j<K} p_j`` (``1 - p_K`` summed, not subtracted, so it
+    stays accurate for a confident class ``K``; ``κ p_j <= 2``). One column fewer than
+    the one-hot factor ``√p_c (e_c - p)``, with the same matrix.
+
+    Args:
+        p: probabilities ``(..., C)``.
+        onehot: ``e_c``, broadcastable against ``p``.
+        pc: ``p_c`` (times any per-row weight), broadcastable against ``p[..., :1]``.
+    """
+    q = p.sqrt()
+    qk = q[..., -1:]
+    rest = p[..., :-1].sum(-1, keepdim=True)  # 1 - p_K, accurately
+    kappa = torch.where(rest > 0, (1 + qk) / rest.clamp_min(torch.finfo(p.dtype).tiny), 0.0)
+    base = torch.cat([-kappa * p[..., :-1], qk], -1)  # -κ p̃ + q_K e_K (no in-place: vmap)
+    return pc.sqrt() * (onehot + base)
 
 
 # Rows of the inverse-CDF sampler's float64 cumulative sums held at once (16 MiB).
@@ -201,8 +216,9 @@ def _minus_onehot(p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class Categorical(Likelihood):
     """Softmax over logits of shape ``(N, C)``; ``l_n = -log softmax(f_n)[y_n]``.
 
-    Exact Fisher: ``F = Σ_c p_c g_c g_cᵀ`` with ``g_c = ∇θ(-log p_c)``, via the factor
-    ``s_c = sqrt(p_c)(e_c - p)`` of ``diag(p) - p pᵀ``.
+    Exact Fisher: ``F = Σ_c p_c g_c g_cᵀ`` with ``g_c = ∇θ(-log p_c)`` (``g_c = Jᵀ(p - e_c)``),
+    that is ``Jᵀ (diag(p) - p pᵀ) J``, via a rank-``(C - 1)`` factor of ``diag(p) - p pᵀ``
+    (``C - 1`` vector-Jacobian products per sample, not ``C``; see ``_softmax_factor``).
     """
 
     name = "categorical"
@@ -244,12 +260,20 @@ class Categorical(Likelihood):
         return draws.t().contiguous().to(output.device)
 
     def num_factor_columns(self, output: torch.Tensor) -> int:
-        return output.shape[-1]
+        return max(output.shape[-1] - 1, 1)
 
     def factor_columns(
         self, output: torch.Tensor, start: int, stop: int, target: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return _onehot_factor(to_acc(output.detach()).softmax(-1), start, stop)
+        p = to_acc(output.detach()).softmax(-1)
+        C = p.shape[-1]
+        if C == 1:  # one class: p = 1 and diag(p) - p pᵀ = 0
+            return torch.zeros(stop - start, *p.shape, dtype=p.dtype, device=p.device)
+        classes = torch.arange(start, stop, device=p.device)
+        lead = (len(classes),) + (1,) * (p.dim() - 1)
+        onehot = F.one_hot(classes, C).to(p.dtype).view(*lead, C)
+        pc = p[..., start:stop].movedim(-1, 0).unsqueeze(-1)  # (k, ..., 1)
+        return _softmax_factor(p, onehot, pc)
 
 
 class Gaussian(Likelihood):
@@ -360,7 +384,7 @@ class TokenCategorical(Likelihood):
     out. With ``shift=True`` (causal language models) the logits at position ``t``
     predict the label at ``t + 1``. Exact Fisher: ``Σ_t Σ_c p_tc (∇θ log p_tc)²`` over
     kept tokens (tokens are conditionally independent given ``x``, so cross terms
-    vanish), which costs ``T·V`` vector-Jacobian products per sample: prefer ``mc``
+    vanish), which costs ``T·(V - 1)`` vector-Jacobian products per sample: prefer ``mc``
     for large vocabularies. ``mc`` draws each kept token's label from ``softmax(f_nt)``
     by :func:`inverse_cdf_draws` (one cumulative sum per token, reproducible for a
     seeded generator), not by ``torch.multinomial``, whose one exponential variate per
@@ -469,7 +493,7 @@ class TokenCategorical(Likelihood):
 
     def num_factor_columns(self, output: torch.Tensor) -> int:
         out, _ = self._align(output, None)
-        return out.shape[1] * out.shape[2]
+        return out.shape[1] * max(out.shape[2] - 1, 1)
 
     def factor_columns(
         self, output: torch.Tensor, start: int, stop: int, target: torch.Tensor | None = None
@@ -481,10 +505,15 @@ class TokenCategorical(Likelihood):
             torch.ones(n, t, device=p.device) if tgt is None else (tgt != self.ignore_index).float()
         )
         idx = torch.arange(start, stop, device=p.device)
-        pos, cls = idx // v, idx % v  # column j = (token pos[j], class cls[j])
+        per = max(v - 1, 1)  # factor columns per token (see Categorical)
+        pos, cls = idx // per, idx % per  # column j = (token pos[j], class cls[j])
         p_pos = p[:, pos, :]  # (N, k, V)
-        pc = p_pos.gather(-1, cls.view(1, -1, 1).expand(n, -1, 1)).squeeze(-1)  # (N, k)
-        col = (pc * keep[:, pos]).sqrt().unsqueeze(-1) * (F.one_hot(cls, v).to(p.dtype) - p_pos)
+        pc = p_pos.gather(-1, cls.view(1, -1, 1).expand(n, -1, 1))  # (N, k, 1)
+        if v == 1:  # one class: no curvature
+            col = torch.zeros_like(p_pos)
+        else:
+            onehot = F.one_hot(cls, v).to(p.dtype)
+            col = _softmax_factor(p_pos, onehot, pc * keep[:, pos].unsqueeze(-1))
         at = F.one_hot(pos, t).to(p.dtype).view(stop - start, 1, t, 1)  # no in-place: vmap-safe
         return self._pad(at * col.transpose(0, 1).unsqueeze(2))
 

@@ -742,9 +742,11 @@ def per_sample_grads(
 
     Returns:
         ``{name: tensor}`` of shape ``(N, *param.shape)``; with ``labels="exact"``, or
-        ``"mc"`` with ``mc_samples > 1``, shape ``(N, K, *param.shape)``: one gradient per
-        label (for ``exact``, gradients scaled by the factor so that
-        ``E_y[g_n²] = Σ_K g²``; for ``mc``, unweighted draws).
+        ``"mc"`` with ``mc_samples > 1``, shape ``(N, K, *param.shape)``: for ``mc``, one
+        unweighted gradient per draw; for ``exact``, ``g_nk = J_nᵀ s_k`` for the ``K``
+        columns of a factor ``Σ_k s_k s_kᵀ`` of the output Fisher (``K = C - 1`` for a
+        ``C``-class softmax, one per output for Bernoulli and Gaussian), so that
+        ``E_y[g_n g_nᵀ] = Σ_k g_nk g_nkᵀ``.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; inputs are Python lists.

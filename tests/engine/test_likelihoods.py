@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from natgrad import CustomLikelihood, per_sample_grads
+from natgrad.engine.likelihoods import get_likelihood
 from tests.conftest import TinyEncoder
 from tests.reference import assert_close_dict, loop_grads
 
@@ -171,3 +172,65 @@ def test_inverse_cdf_draws_refuse_non_finite_logits(bad):
     logits[1, 2] = bad
     with pytest.raises(ValueError, match="non-finite logits"):
         inverse_cdf_draws(logits, 1, torch.Generator().manual_seed(0))
+
+
+def _softmax_hessian(logits: torch.Tensor) -> torch.Tensor:
+    """``diag(p) - p pᵀ`` per row, in float64 (the closed form)."""
+    p = logits.double().softmax(-1)
+    return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+
+
+@pytest.mark.parametrize("C", [1, 2, 3, 10])
+@pytest.mark.parametrize("scale", [1.0, 40.0])
+def test_categorical_factor_has_c_minus_one_columns_and_is_exact(C, scale):
+    lik = get_likelihood("categorical")
+    torch.manual_seed(C)
+    out = torch.randn(7, C, dtype=torch.float64) * scale
+    K = lik.num_factor_columns(out)
+    assert max(C - 1, 1) == K
+    # built in two slices, as the engines do for many classes
+    S = torch.cat([lik.factor_columns(out, 0, K // 2 or K), lik.factor_columns(out, K // 2 or K, K)])
+    assert S.shape == (K, 7, C)
+    got = torch.einsum("knc,knd->ncd", S, S)
+    torch.testing.assert_close(got, _softmax_hessian(out), rtol=0, atol=1e-15)
+
+
+def test_categorical_factor_is_accurate_for_confident_float32_logits():
+    """A class with probability ~1 (``1 - p`` below float32 resolution) and one that has
+    underflowed: the factor stays finite and matches the float64 closed form."""
+    lik = get_likelihood("categorical")
+    out = torch.tensor([[40.0, 0.0, -5.0], [0.0, 0.0, 40.0], [0.0, 0.0, 200.0], [0.0, 1.0, 2.0]])
+    S = lik.factor_columns(out, 0, 2)
+    assert torch.isfinite(S).all()
+    got = torch.einsum("knc,knd->ncd", S.double(), S.double())
+    torch.testing.assert_close(got, _softmax_hessian(out), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_token_categorical_factor_is_exact_on_kept_tokens(shift):
+    lik = get_likelihood("token_categorical", shift=shift)
+    torch.manual_seed(0)
+    out = torch.randn(2, 4, 5, dtype=torch.float64)
+    y = torch.randint(0, 5, (2, 4))
+    y[0, 2] = -100
+    K = lik.num_factor_columns(out)
+    T = 3 if shift else 4
+    assert K == T * 4
+    S = lik.factor_columns(out, 0, K, y)
+    assert S.shape == (K, 2, 4, 5)
+    got = torch.einsum("kntc,kntd->ntcd", S, S)
+    ref = torch.zeros(2, 4, 5, 5, dtype=torch.float64)
+    keep = (y != -100).double()
+    if shift:  # logits at t predict the label at t + 1; the last position predicts nothing
+        ref[:, :-1] = _softmax_hessian(out[:, :-1]) * keep[:, 1:, None, None]
+    else:
+        ref = _softmax_hessian(out) * keep[..., None, None]
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-15)
+
+
+def test_categorical_factor_under_vmap_matches_the_batch():
+    lik = get_likelihood("categorical")
+    out = torch.randn(5, 6, dtype=torch.float64)
+    batched = lik.factor_columns(out, 0, 5)  # (K, N, C)
+    per = torch.vmap(lambda o: lik.factor_columns(o, 0, 5))(out)  # (N, K, C)
+    torch.testing.assert_close(per.movedim(0, 1), batched, rtol=0, atol=0)

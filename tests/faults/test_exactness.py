@@ -86,7 +86,7 @@ def test_prelu_exact_per_sample_grads_have_label_axis():
     x = torch.randn(5, 4, dtype=torch.float64)
     got = natgrad.per_sample_grads(model, x, labels="exact", chunk_size=3)
     for k, p in model.named_parameters():
-        assert got[k].shape == (5, 3, *p.shape), k
+        assert got[k].shape == (5, 2, *p.shape), k  # C - 1 = 2 factor columns (3 classes)
     ref = exact_categorical_fisher_by(model, lambda i: model(x[i : i + 1])[0], 5)
     assert rel_err({k: (g**2).sum(1).mean(0) for k, g in got.items()}, ref) < 1e-10
 
