@@ -228,16 +228,18 @@ def _verdict(ratio: float, target: float) -> str:
 
 
 WHY_FISHER = (
-    "Why the misses. Exact labels pull back one output column per class (C = 10 backward "
-    "passes without weight gradients) and form one per-sample product per class for "
-    "every Conv layer (only 2-D Linear inputs collapse the classes into one product), so "
-    "a CNN's exact Fisher costs about 1 forward + C x (input-gradient backward + "
-    "weight-gradient-sized product): about 6-7x a plain pass by operation count (design "
-    "CNN: 6.8x counted), above C/2 = 5x whatever the implementation. The MNIST-1D models "
-    "at N=100 take about 1 ms per plain pass, so the fixed Python cost of estimate_fisher "
-    "(checks, plan, hooks, the Fisher object) is a large share; at N=1000 it shrinks. "
-    "Wall-clock ratios on this shared machine (load above 10 on 2 cores) vary by 0.3-1x "
-    "between runs of the same code; the CPU-time rows are the stable ones."
+    "Why the misses. Exact labels pull back the C - 1 = 9 columns of a factor of the "
+    "softmax Hessian diag(p) - p pᵀ (9 backward passes without weight gradients) and form "
+    "one per-sample product per column for every Conv layer (only 2-D Linear inputs "
+    "collapse the columns into one product), so a CNN's exact Fisher costs about 1 forward "
+    "+ (C - 1) x (input-gradient backward + weight-gradient-sized product). On the design "
+    "CNN one input-gradient backward alone (to the layer outputs, no weight gradient) takes "
+    "about 0.55 of a plain forward+backward (conv2's data gradient and its layout copies), "
+    "so the 9 passes are about 5x before any product: C/2 = 5x is below this "
+    "formulation's floor. The MNIST-1D models at N=100 take about 1 ms per plain pass, so "
+    "the fixed Python cost of estimate_fisher (checks, plan, hooks, the Fisher object) is "
+    "a large share; at N=1000 it shrinks. Wall-clock ratios on a shared machine vary by "
+    "0.3-1x between runs of the same code; the CPU-time rows are the stable ones."
 )
 
 

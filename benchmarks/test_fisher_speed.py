@@ -141,12 +141,12 @@ def main(quick: bool = False, wall: bool = False) -> str:
         "",
         *verdicts,
         "",
-        "Why exact costs more than empirical: it pulls back one output column per class "
-        "(C = 10 backward passes, without weight gradients), and for layers whose per-sample "
-        "gradient is a sum over positions (Conv, sequence Linear, attention) it forms one "
-        "per-sample product per class, C times the empirical product cost; only non-sequence "
-        "Linear layers collapse the classes first ((Σ_c b_c²)ᵀ a²). BackPACK's DiagGGNExact "
-        "does the same amount of work for convolutions.",
+        "Why exact costs more than empirical: it pulls back the C - 1 = 9 columns of a "
+        "factor of the softmax Hessian diag(p) - p pᵀ (9 backward passes, without weight "
+        "gradients), and for layers whose per-sample gradient is a sum over positions (Conv, "
+        "sequence Linear, attention) it forms one per-sample product per column, C - 1 times "
+        "the empirical product cost; only non-sequence Linear layers collapse the columns "
+        "first ((Σ_j b_j²)ᵀ a²). BackPACK's DiagGGNExact pulls back C columns.",
     ]
     if mem_rows:
         text += [
