@@ -737,7 +737,14 @@ def fast_batch_sums(
         # no faster on CPU and lacks batching rules for attention kernels), then their
         # output gradients are stacked in groups of about _GROUP_FLOATS floats for the
         # products.
+        # An ungrouped convolution's columns are stacked sample-major, ``(N, J, ...)``, and
+        # handed on as the ``(J, N, ...)`` view: its batched products read each sample's
+        # ``J`` columns as one block, so they need no permuted copy.
         group = max(1, _GROUP_FLOATS // max(sum(e.numel() for e in es), 1))
+        sample_major = {
+            (m, "main") for m in split.fast
+            if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1 and m not in split.shared
+        }  # fmt: skip
         for g0 in range(0, len(cols), group):
             per = [
                 torch.autograd.grad(
@@ -747,9 +754,11 @@ def fast_batch_sums(
                 for i, u in enumerate(cols[g0 : g0 + group])
             ]
             grads: dict[Key, torch.Tensor | None] = {
-                key: None if per[0][i] is None else _stack([p[i] for p in per])
+                key: None if per[0][i] is None
+                else torch.stack([p[i] for p in per], 1).transpose(0, 1) if key in sample_major
+                else _stack([p[i] for p in per])
                 for i, key in enumerate(index)
-            }
+            }  # fmt: skip
             del per
             for m in split.fast:
                 module_step(m, grads)
