@@ -5,7 +5,8 @@
 * ``labels="empirical"``: one row ``g_n`` per sample (``R = N`` rows);
 * ``labels="mc"`` with ``k`` draws: rows ``g_nj / √k`` (``R = N k``);
 * ``labels="exact"``: rows ``J_nᵀ s_nj``, the gradients pulled back from the columns
-  ``s_nj`` of a factor of the output Fisher (``R = N K``, ``K`` classes / outputs).
+  ``s_nj`` of a factor of the output Fisher (``R = N K``: ``K = C - 1`` for a
+  ``C``-class softmax, one per output for Bernoulli and Gaussian).
 
 In every case ``F = GᵀG / N`` is the Fisher averaged over the ``N`` samples. Two ways
 to its top-k eigenpairs:

@@ -134,9 +134,11 @@ def _softmax_factor(p: torch.Tensor, onehot: torch.Tensor, pc: torch.Tensor) -> 
     Householder reflection ``R`` that swaps ``q`` and the last basis vector ``e_K``
     (``K = C - 1``) gives ``I - q qᵀ = Σ_{c<K} R e_c (R e_c)ᵀ``; so
     ``s_c = D R e_c = q_c (e_c - κ p̃ + q_K e_K)`` with ``p̃`` = ``p`` with its last entry
-    zeroed and ``κ = (1 + q_K) / Σ_{j<K} p_j`` (``1 - p_K`` summed, not subtracted, so it
-    stays accurate for a confident class ``K``; ``κ p_j <= 2``). One column fewer than
-    the one-hot factor ``√p_c (e_c - p)``, with the same matrix.
+    zeroed and ``κ = (1 + q_K) / Σ_{j<K} p_j`` (``1 - p_K`` summed, not subtracted;
+    ``κ p_j <= 2``). One column fewer than the one-hot factor ``√p_c (e_c - p)``, with the
+    same matrix. The callers put each row's most probable class last
+    (:func:`_most_probable_last`): ``s_c``'s own entry ``q_c (1 - κ p_c)`` would lose its
+    digits to cancellation for a confident class ``c < K``.
 
     Args:
         p: probabilities ``(..., C)``.
@@ -149,6 +151,22 @@ def _softmax_factor(p: torch.Tensor, onehot: torch.Tensor, pc: torch.Tensor) -> 
     kappa = torch.where(rest > 0, (1 + qk) / rest.clamp_min(torch.finfo(p.dtype).tiny), 0.0)
     base = torch.cat([-kappa * p[..., :-1], qk], -1)  # -κ p̃ + q_K e_K (no in-place: vmap)
     return pc.sqrt() * (onehot + base)
+
+
+def _most_probable_last(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``p`` with each row's most probable class swapped into the last slot, and the
+    swap ``perm`` (its own inverse: ``x.gather(-1, perm)`` undoes it).
+
+    :func:`_softmax_factor` loses ``s_c``'s ``c``-th entry ``q_c (1 - κ p_c)`` to
+    cancellation when a class ``c`` other than the last holds nearly all the mass
+    (``κ p_c ≈ 1``); with the most probable class last, ``1 - p_c >= p_K >= 1/C`` for
+    every other ``c``, so no entry of ``diag(p) - p pᵀ`` is a small difference.
+    """
+    C = p.shape[-1]
+    ar = torch.arange(C, device=p.device)
+    k = p.argmax(-1, keepdim=True)
+    perm = torch.where(ar == k, C - 1, torch.where(ar == C - 1, k, ar))
+    return p.gather(-1, perm), perm
 
 
 # Rows of the inverse-CDF sampler's float64 cumulative sums held at once (16 MiB).
@@ -269,11 +287,13 @@ class Categorical(Likelihood):
         C = p.shape[-1]
         if C == 1:  # one class: p = 1 and diag(p) - p pᵀ = 0
             return torch.zeros(stop - start, *p.shape, dtype=p.dtype, device=p.device)
+        p, perm = _most_probable_last(p)
         classes = torch.arange(start, stop, device=p.device)
         lead = (len(classes),) + (1,) * (p.dim() - 1)
         onehot = F.one_hot(classes, C).to(p.dtype).view(*lead, C)
         pc = p[..., start:stop].movedim(-1, 0).unsqueeze(-1)  # (k, ..., 1)
-        return _softmax_factor(p, onehot, pc)
+        S = _softmax_factor(p, onehot, pc)
+        return S.gather(-1, perm.expand_as(S))
 
 
 class Gaussian(Likelihood):
@@ -507,13 +527,14 @@ class TokenCategorical(Likelihood):
         idx = torch.arange(start, stop, device=p.device)
         per = max(v - 1, 1)  # factor columns per token (see Categorical)
         pos, cls = idx // per, idx % per  # column j = (token pos[j], class cls[j])
-        p_pos = p[:, pos, :]  # (N, k, V)
+        p_pos, perm = _most_probable_last(p[:, pos, :])  # (N, k, V), each token's top class last
         pc = p_pos.gather(-1, cls.view(1, -1, 1).expand(n, -1, 1))  # (N, k, 1)
         if v == 1:  # one class: no curvature
             col = torch.zeros_like(p_pos)
         else:
             onehot = F.one_hot(cls, v).to(p.dtype)
             col = _softmax_factor(p_pos, onehot, pc * keep[:, pos].unsqueeze(-1))
+            col = col.gather(-1, perm)
         at = F.one_hot(pos, t).to(p.dtype).view(stop - start, 1, t, 1)  # no in-place: vmap-safe
         return self._pad(at * col.transpose(0, 1).unsqueeze(2))
 

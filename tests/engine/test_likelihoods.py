@@ -195,15 +195,48 @@ def test_categorical_factor_has_c_minus_one_columns_and_is_exact(C, scale):
     torch.testing.assert_close(got, _softmax_hessian(out), rtol=0, atol=1e-15)
 
 
-def test_categorical_factor_is_accurate_for_confident_float32_logits():
-    """A class with probability ~1 (``1 - p`` below float32 resolution) and one that has
-    underflowed: the factor stays finite and matches the float64 closed form."""
-    lik = get_likelihood("categorical")
-    out = torch.tensor([[40.0, 0.0, -5.0], [0.0, 0.0, 40.0], [0.0, 0.0, 200.0], [0.0, 1.0, 2.0]])
-    S = lik.factor_columns(out, 0, 2)
+def _accurate_softmax_hessian(logits: torch.Tensor) -> torch.Tensor:
+    """``diag(p) - p pᵀ`` in float64 with each diagonal ``p_c (1 - p_c)`` taken as
+    ``p_c Σ_{j≠c} p_j`` (no cancellation for a confident class)."""
+    p = logits.double().softmax(-1)
+    C = p.shape[-1]
+    rest = torch.stack([torch.cat([p[..., :c], p[..., c + 1:]], -1).sum(-1) for c in range(C)], -1)
+    eye = torch.eye(C, dtype=p.dtype)
+    return -p.unsqueeze(-1) * p.unsqueeze(-2) * (1 - eye) + torch.diag_embed(p * rest)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("where", [0, 1, -1])
+@pytest.mark.parametrize("C", [2, 3, 10])
+def test_categorical_factor_is_accurate_row_by_row_for_confident_rows(dtype, where, C):
+    """Rows confident in the first, second or last class (logit gaps 5 to 30): each
+    row's Σ s sᵀ within float round-off of ``diag(p) - p pᵀ`` relative to the row's own
+    norm (an absolute tolerance would pass any confident row, whose entries are tiny)."""
+    torch.manual_seed(C)
+    out = torch.randn(6, C)
+    out[torch.arange(6), where] += torch.tensor([5.0, 10.0, 15.0, 20.0, 25.0, 30.0])
+    out = out.to(dtype)
+    S = get_likelihood("categorical").factor_columns(out, 0, max(C - 1, 1)).double()
     assert torch.isfinite(S).all()
-    got = torch.einsum("knc,knd->ncd", S.double(), S.double())
-    torch.testing.assert_close(got, _softmax_hessian(out), rtol=0, atol=1e-7)
+    got = torch.einsum("knc,knd->ncd", S, S)
+    ref = _accurate_softmax_hessian(out)
+    err = (got - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
+    assert err.max() < (1e-13 if dtype == torch.float64 else 2e-6), err
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_token_factor_is_accurate_row_by_row_for_confident_tokens(shift):
+    torch.manual_seed(0)
+    out = torch.randn(2, 4, 9)
+    out[..., 3] += 22.0
+    lik = get_likelihood("token_categorical", shift=shift)
+    S = lik.factor_columns(out, 0, lik.num_factor_columns(out)).double()
+    got = torch.einsum("kntc,kntd->ntcd", S, S)
+    ref = _accurate_softmax_hessian(out)
+    if shift:  # the last position predicts nothing
+        got, ref = got[:, :-1], ref[:, :-1]
+    err = (got - ref).flatten(2).norm(dim=2) / ref.flatten(2).norm(dim=2)
+    assert err.max() < 2e-6, err
 
 
 @pytest.mark.parametrize("shift", [False, True])
