@@ -148,7 +148,8 @@ def _softmax_factor(p: torch.Tensor, onehot: torch.Tensor, pc: torch.Tensor) -> 
     q = p.sqrt()
     qk = q[..., -1:]
     rest = p[..., :-1].sum(-1, keepdim=True)  # 1 - p_K, accurately
-    kappa = torch.where(rest > 0, (1 + qk) / rest.clamp_min(torch.finfo(p.dtype).tiny), 0.0)
+    # rest = 0 (every other class underflowed): a finite κ times p̃ = 0 gives zero columns
+    kappa = (1 + qk) / rest.clamp_min(torch.finfo(p.dtype).tiny)
     base = torch.cat([-kappa * p[..., :-1], qk], -1)  # -κ p̃ + q_K e_K (no in-place: vmap)
     return pc.sqrt() * (onehot + base)
 
