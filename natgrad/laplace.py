@@ -390,10 +390,13 @@ class _Term:
 
 
 def _module_names(model: nn.Module) -> dict[nn.Module, tuple[str | None, str | None]]:
-    """``{module: (weight name, bias name)}`` for every Linear / Conv module."""
+    """``{module: (weight name, bias name)}`` for every Linear / Conv module the forward
+    calls (``nn.MultiheadAttention`` reads its ``out_proj``'s weight without calling the
+    module, so no hook sees that layer: its parameters take the ``vmap`` path)."""
     out: dict[nn.Module, tuple[str | None, str | None]] = {}
+    not_called = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     for mname, m in model.named_modules():
-        if isinstance(m, _FAST_MODULES):
+        if isinstance(m, _FAST_MODULES) and id(m) not in not_called:
             prefix = f"{mname}." if mname else ""
             w = prefix + "weight" if m._parameters.get("weight") is not None else None
             b = prefix + "bias" if m._parameters.get("bias") is not None else None

@@ -262,3 +262,34 @@ def test_model_inputs_and_curvature_are_left_unchanged():
     assert torch.equal(x, x0)
     assert all(not m._forward_hooks for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
+
+
+class TinyEncoder(nn.Module):
+    """An ``nn.TransformerEncoder``: its ``MultiheadAttention`` reads ``out_proj.weight``
+    without calling the ``out_proj`` module, so no forward hook sees that layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(3, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(x.reshape(-1, 4, 3))).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac"])
+def test_transformer_encoder_default_engine_matches_the_dense_posterior(kind):
+    # engine="auto" used to put MultiheadAttention's out_proj on the capture path and
+    # then fail: "expected a NonDynamicallyQuantizableLinear to run in this forward pass"
+    torch.manual_seed(7)
+    model = TinyEncoder().double().eval()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(16, 12, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,), generator=g)
+    curv = _curvature(model, x, y, kind)
+    xt = x[:3] + 0.2
+    r = natgrad.fisher_uncertainty(model, xt, curv, prior_precision=0.9)
+    torch.testing.assert_close(r.logit_variance, _reference(model, xt, curv, 0.9),
+                               rtol=1e-8, atol=1e-12)
