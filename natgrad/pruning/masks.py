@@ -31,7 +31,9 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
     ``<a> = <a>_orig * <a>_mask``; undo the reparametrization (keeping the zeros) with
     :func:`make_permanent` or ``prune.remove``. A tensor that is already pruned gets the
     product of its old and new masks (``torch.nn.utils.prune``'s rule). Names may also
-    be given as ``"<m>.<a>_orig"``. Every name is checked before the model is changed.
+    be given as ``"<m>.<a>_orig"``. A tied parameter (one tensor held by several
+    modules, e.g. an LM head sharing the token embedding) is masked in every module that
+    holds it. Every name is checked before the model is changed.
 
     Args:
         model: the model to prune (MODIFIED in place).
@@ -53,7 +55,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
         >>> (model[0].weight == 0).sum().item()
         2
     """
-    plan = []
+    plan: dict[int, tuple[list[tuple[nn.Module, str]], torch.Tensor]] = {}
     for name, mask in masks.items():
         module, attr = _locate(model, name)
         current = getattr(module, attr)
@@ -62,11 +64,39 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
                 f"Mask {name!r} has shape {tuple(mask.shape)} but the parameter has "
                 f"{tuple(current.shape)}; make masks from this model's importance."
             )
-        plan.append((module, attr, mask.detach().to(current.device) != 0))
-    for module, attr, mask in plan:
-        # torch ships prune without annotations
-        prune.custom_from_mask(module, attr, mask)  # type: ignore[no-untyped-call]
+        keep = mask.detach().to(current.device) != 0
+        param = _parameter(module, attr)
+        if id(param) in plan:  # two names of one tied parameter: both masks hold
+            keep = keep & plan[id(param)][1]
+        plan[id(param)] = (_uses(model, param), keep)
+    for uses, mask in plan.values():
+        # a tied parameter (e.g. an LM head sharing the token embedding) is masked in
+        # every module that holds it, or the others would still compute with all of it
+        for module, attr in uses:
+            # torch ships prune without annotations
+            prune.custom_from_mask(module, attr, mask)  # type: ignore[no-untyped-call]
     return model
+
+
+def _parameter(module: nn.Module, attr: str) -> nn.Parameter:
+    """The parameter object behind ``module.<attr>`` (``<attr>_orig`` when pruned)."""
+    p = module._parameters.get(attr)
+    if p is None:
+        p = module._parameters[f"{attr}_orig"]
+    assert p is not None  # _locate found it
+    return p
+
+
+def _uses(model: nn.Module, param: nn.Parameter) -> list[tuple[nn.Module, str]]:
+    """Every ``(module, attribute)`` of ``model`` holding ``param`` (tied weights)."""
+    out = []
+    for module in model.modules():
+        hooked = pruned_names(module)
+        for attr, p in module._parameters.items():
+            if p is param:
+                base = attr[: -len("_orig")] if attr.endswith("_orig") else None
+                out.append((module, base if base is not None and base in hooked else attr))
+    return out
 
 
 def _locate(model: nn.Module, name: str) -> tuple[nn.Module, str]:

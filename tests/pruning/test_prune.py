@@ -346,6 +346,42 @@ def test_apply_masks_errors_leave_model_untouched(mlp_case):
     assert not prune.is_pruned(model)
 
 
+class _TiedLM(nn.Module):
+    """An embedding and an output layer sharing one weight (an LM head tied as in GPT-2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.mid = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mid(self.emb(ids).mean(1))))
+
+
+def test_apply_masks_masks_every_module_of_a_tied_weight():
+    # the mask used to reach only the module named in the mask: the tied head kept
+    # computing with the unmasked weight, and a fine-tune moved its pruned entries
+    torch.manual_seed(0)
+    model = _TiedLM()
+    ids, y = torch.randint(0, 10, (16, 3)), torch.randint(0, 10, (16,))
+    keep = torch.rand(10, 4) > 0.5
+    apply_masks(model, {"emb.weight": keep})
+    w = model.emb.weight_orig.detach() * keep
+    want = nn.functional.linear(torch.tanh(model.mid(nn.functional.embedding(ids, w).mean(1))), w)
+    torch.testing.assert_close(model(ids), want, rtol=0, atol=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(ids), y).backward()
+        opt.step()
+    assert torch.all(model.head.weight[~keep] == 0) and torch.all(model.emb.weight[~keep] == 0)
+    make_permanent(model)
+    assert model.head.weight is model.emb.weight  # still tied
+    assert torch.all(model.head.weight[~keep] == 0)
+
+
 # -- overlap ----------------------------------------------------------------------------
 
 
