@@ -316,6 +316,12 @@ def kfac_coverage(
         kind, why = layer_kind(m, extended) if m is not None else (None, "a free parameter")
         if kind is not None:
             why = "its layer's weight is not selected"
+            if m is not None and "weight_orig" in m._parameters and "weight_mask" in m._buffers:
+                why = (
+                    "its layer is pruned by torch.nn.utils.prune (weight = weight_orig * "
+                    "weight_mask), which has no Kronecker form; natgrad.make_permanent(model) "
+                    "first, or kind='diag' / 'lowrank'"
+                )
         out[k] = why
     return layers, out
 

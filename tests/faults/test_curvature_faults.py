@@ -45,6 +45,17 @@ def test_tied_weights_alone_are_not_covered():
         natgrad.estimate_curvature(model, (ids, y), kind="kfac")
 
 
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_a_layer_pruned_by_torch_prune_is_named_with_the_fix(kind):
+    # the reason used to be "its layer's weight is not selected", though nothing was selected
+    model, x, y = _case()
+    natgrad.apply_masks(model, {"0.weight": torch.rand(4, 3) > 0.5})
+    with pytest.raises(ValueError, match="0.weight_orig \\(its layer is pruned by torch.nn.utils.prune.*make_permanent"):
+        _est(model, (x, y), kind=kind, params=["0.weight_orig", "0.bias"])
+    with pytest.raises(ValueError, match="0.weight_orig \\(its layer is pruned.*make_permanent"):
+        natgrad.FisherPreconditioner(model, kind="kfac", source="backward")
+
 def test_a_factor_over_the_memory_limit_names_max_factor_dim():
     model, x, y = _case()
     with pytest.raises(FactorMemoryError, match="max_factor_dim"):
