@@ -577,7 +577,9 @@ def _inputs(term: _Term, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     else:
         A = layers.unfold(cast("nn.Conv1d | nn.Conv2d", m), a).transpose(1, 2)
     if not term.weight:
-        A = torch.zeros_like(A)
+        # a Kronecker term's basis spans [W, b]: the weight columns are zero; a diagonal
+        # or low-rank term holds the bias column alone (its last axis has width 1)
+        A = A[..., :0] if term.inv.shape[-1] == int(term.bias is not None) else torch.zeros_like(A)
     if term.bias is not None:
         A = torch.cat([A, A.new_full((*A.shape[:-1], 1), term.bias)], -1)
     if term.QA is None:

@@ -293,3 +293,21 @@ def test_transformer_encoder_default_engine_matches_the_dense_posterior(kind):
     r = natgrad.fisher_uncertainty(model, xt, curv, prior_precision=0.9)
     torch.testing.assert_close(r.logit_variance, _reference(model, xt, curv, 0.9),
                                rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac", "lowrank"])
+def test_conv_bias_without_its_weight_matches_the_dense_posterior(kind):
+    # a convolution whose bias is uncertain and whose weight is not (frozen, or left out
+    # by params=) crashed on the capture path: "mat1 and mat2 shapes cannot be multiplied"
+    model, x, y = _case("cnn", seed=9)
+    model.c1.weight.requires_grad_(False)
+    curv = _curvature(model, x, y, kind)
+    xt = x[:4] - 0.2
+    dense = Dense(model, xt, curv)
+    r = natgrad.fisher_uncertainty(model, xt, curv, prior_precision=0.6)
+    torch.testing.assert_close(r.logit_variance, dense.variance(0.6), rtol=1e-9, atol=1e-13)
+    if kind != "lowrank":  # a low-rank curvature cannot be cut to a subset
+        r = natgrad.fisher_uncertainty(model, xt, curv, prior_precision=0.6, params=["c2.bias"])
+        torch.testing.assert_close(
+            r.logit_variance, dense.variance(0.6, ["c2.bias"]), rtol=1e-9, atol=1e-13
+        )
