@@ -18,7 +18,7 @@ from torch import nn
 
 from natgrad.curvature.kfac import split_weight_blocks, weight_blocks
 from natgrad.curvature.kronecker import KroneckerBlock, KroneckerFisher, eig_scale
-from natgrad.curvature.ops import check_curvature, conjugate_gradient
+from natgrad.curvature.ops import check_curvature, conjugate_gradient, warn_unconverged
 from natgrad.curvature.protocol import BLOCK_KINDS, Curvature
 from natgrad.engine.checks import (
     check_all_finite,
@@ -125,6 +125,10 @@ def fisher_weighted_merge(
             all-zero Fisher with ``normalize=True``, an empty ``models``.
         TypeError: a two-model call whose second argument is not a module; ``models``
             not a list, or an entry that is not an ``nn.Module``.
+
+    Warns:
+        UserWarning: conjugate gradients stopped above ``cg_tol`` (the layer is named):
+            the merged values are approximate.
 
     Example:
         >>> import torch
@@ -393,6 +397,10 @@ def _curvature_merge(
                 }
                 pre = {k: torch.where(v > 0, v, torch.ones_like(v)) for k, v in jac.items()}
             res = conjugate_gradient(op, b, precond=pre, max_iter=cg_iters, tol=cg_tol)
+            warn_unconverged(
+                res, cg_tol, f"fisher_weighted_merge of {group[0].rpartition('.')[0] or group[0]!r}",
+                "raise cg_iters= or floor=, or pass method='dense' (with a larger dense_max)",
+            )  # fmt: skip
             correction.update(res.x)
     with torch.no_grad():
         for k, t in target.items():

@@ -8,6 +8,7 @@ where no closed-form inverse of the combined operator exists.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -161,3 +162,16 @@ def conjugate_gradient(
         for k in p:
             p[k] = z[k] + beta * p[k]
     return CGResult(x, it, res)
+
+
+def warn_unconverged(res: CGResult, tol: float, what: str, fix: str) -> None:
+    """Warn (``UserWarning``) when conjugate gradients stopped above the tolerance
+    (the product budget ran out, or the system is singular), so the result is approximate."""
+    if res.residual > tol:
+        warnings.warn(
+            f"{what}: conjugate gradients stopped after {res.iterations} products at "
+            f"relative residual {res.residual:.3g} > cg_tol={tol:g}, so the result is "
+            f"approximate; {fix}",
+            UserWarning,
+            stacklevel=4,
+        )

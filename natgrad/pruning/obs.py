@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from natgrad.curvature.ops import check_curvature, conjugate_gradient, dict_dot
+from natgrad.curvature.ops import check_curvature, conjugate_gradient, dict_dot, warn_unconverged
 from natgrad.curvature.protocol import Curvature
 from natgrad.engine.checks import check_choice, check_fraction, check_int, check_positive
 from natgrad.engine.common import acc_dtype
@@ -185,6 +185,9 @@ def obs_prune(
             already-pruned candidate, ``rounds > 1`` without ``data``, a re-estimated
             curvature covering other names, or a sparsity ``min_keep_per_layer`` forbids.
         FloatingPointError: a non-finite update (a singular ``H``: raise ``damping``).
+
+    Warns:
+        UserWarning: ``method="cg"`` stopped above ``cg_tol``: the update is approximate.
 
     Example:
         >>> import torch, natgrad
@@ -400,6 +403,10 @@ def _update(
         if lam == 0:
             pre = {k: torch.where(v > 0, v, torch.ones_like(v)) for k, v in pre.items()}
         res = conjugate_gradient(op, b, precond=pre, mask=keep, max_iter=cg_iters, tol=cg_tol)
+        warn_unconverged(
+            res, cg_tol, "obs_prune's weight update",
+            "raise cg_iters= or damping=, or pass method='exact'",
+        )  # fmt: skip
         delta = {k: res.x[k] - u[k] for k in names}
         stats["cg_iterations"], stats["cg_residual"] = res.iterations, res.residual
     for k, v in delta.items():

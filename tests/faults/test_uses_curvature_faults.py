@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -145,6 +147,23 @@ def test_merge_curvatures_over_different_parameters():
     part = DenseCurvature(torch.eye(16, dtype=torch.float64), {"0.weight": (4, 3), "0.bias": (4,)})
     with pytest.raises(ValueError, match="estimate every model's curvature on the same"):
         natgrad.fisher_weighted_merge([a, b], [_dense(a), part])
+
+
+def test_obs_and_merge_warn_when_conjugate_gradients_stop_early():
+    # an unconverged CG solve used to be returned silently (only ObsReport.cg_residual
+    # showed it; the merge showed nothing)
+    model = _model()
+    with pytest.warns(UserWarning, match="obs_prune's weight update: conjugate gradients "
+                      "stopped after 1 products.*raise cg_iters="):
+        natgrad.obs_prune(model, _dense(model), 0.5, method="cg", cg_iters=1)
+    a, b = _model(0), _model(1)
+    with pytest.warns(UserWarning, match="fisher_weighted_merge of .*stopped after 2 products"):
+        natgrad.fisher_weighted_merge([a, b], [_dense(a), _dense(b, 2)], method="cg", cg_iters=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converged: no warning
+        natgrad.fisher_weighted_merge([a, b], [_dense(a), _dense(b, 2)], method="cg")
+        fresh = _model()
+        natgrad.obs_prune(fresh, _dense(fresh), 0.5, method="cg", cg_tol=1e-8)
 
 
 def test_merge_bad_method():
