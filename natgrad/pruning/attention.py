@@ -176,6 +176,11 @@ def from_multihead(mha: nn.MultiheadAttention) -> HeadAttention:
             lin.bias.copy_(b[i * e : (i + 1) * e])
         new.out_proj.weight.copy_(mha.out_proj.weight.detach())
         new.out_proj.bias.copy_(mha.out_proj.bias.detach())
+    for lin in (new.q_proj, new.k_proj, new.v_proj):  # frozen stays frozen
+        lin.weight.requires_grad_(mha.in_proj_weight.requires_grad)
+        lin.bias.requires_grad_(mha.in_proj_bias.requires_grad)
+    new.out_proj.weight.requires_grad_(mha.out_proj.weight.requires_grad)
+    new.out_proj.bias.requires_grad_(mha.out_proj.bias.requires_grad)
     new.train(mha.training)
     return new
 
@@ -210,6 +215,8 @@ def shrink_heads(att: HeadAttention, keep: torch.Tensor) -> HeadAttention:
             dst.bias.copy_(src.bias[idx])
         new.out_proj.weight.copy_(att.out_proj.weight[:, idx])
         new.out_proj.bias.copy_(att.out_proj.bias)
+    for p, q in zip(att.parameters(), new.parameters(), strict=True):  # frozen stays frozen
+        q.requires_grad_(p.requires_grad)
     new.train(att.training)
     return new
 

@@ -86,6 +86,9 @@ def _rebuild(mod: Layer, rows: torch.Tensor | None, cols: torch.Tensor | None) -
         if b is not None:
             assert new.bias is not None  # built with bias=True
             new.bias.copy_(b)
+    new.weight.requires_grad_(mod.weight.requires_grad)  # frozen stays frozen
+    if new.bias is not None and mod.bias is not None:
+        new.bias.requires_grad_(mod.bias.requires_grad)
     new.train(mod.training)
     return new
 
@@ -101,6 +104,8 @@ def _slice_norm(mod: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor) -> nn.
         if mod.affine:
             new.weight.copy_(mod.weight[keep])
             new.bias.copy_(mod.bias[keep])
+            new.weight.requires_grad_(mod.weight.requires_grad)
+            new.bias.requires_grad_(mod.bias.requires_grad)
         if mod.track_running_stats:
             # a BatchNorm that tracks running statistics holds all three buffers
             assert mod.running_mean is not None and new.running_mean is not None

@@ -219,6 +219,8 @@ def convert_attention(model: nn.Module) -> list[str]:
             with torch.no_grad():
                 lin.weight.copy_(w.T)
                 lin.bias.copy_(mod.bias.detach())
+            lin.weight.requires_grad_(mod.weight.requires_grad)  # frozen stays frozen
+            lin.bias.requires_grad_(mod.bias.requires_grad)
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, lin)
     for mod in model.modules():
@@ -489,7 +491,8 @@ def prune_structured(
         finetune_lr: the Adam learning rate of the fine-tune.
 
     Returns:
-        ``(pruned_model, report)``: a new model (same class, smaller modules) and a
+        ``(pruned_model, report)``: a new model (same class, smaller modules; each
+        parameter keeps its ``requires_grad``, so frozen layers stay frozen) and a
         :class:`StructuredPruningReport`.
 
     Raises:

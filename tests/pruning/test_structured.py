@@ -938,6 +938,29 @@ def test_prune_structured_end_to_end(case):
     assert rep.predicted_loss_increase == pytest.approx(fisher.predicted_increase(removed), rel=1e-9)
 
 
+
+def _mha_encoder_case():
+    """TinyEncoder with its nn.MultiheadAttention left as is (prune_structured converts it)."""
+    torch.manual_seed(3)
+    model = TinyEncoder().double().eval()
+    ids, y = torch.randint(0, 13, (5, 6)), torch.randint(0, 3, (5,))
+    return model, {"input_ids": ids}, y
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv1d", "mha_encoder", "bert", "gpt2"])
+def test_prune_structured_keeps_frozen_parameters_frozen(case):
+    # the rebuilt Linear/Conv/BatchNorm/attention modules came back with requires_grad=True
+    if case in ("bert", "gpt2"):
+        pytest.importorskip("transformers")
+    model, x, y = _mha_encoder_case() if case == "mha_encoder" else CASES[case]()
+    head = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith(head + "."))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    small, rep = natgrad.prune_structured(model, _batch(x, y), flops=0.6, measure=False)
+    assert any(k < n for k, n in rep.kept.values())  # something was pruned
+    assert {n for n, p in small.named_parameters() if p.requires_grad} == trainable
+
 def test_prune_structured_tunes_and_budgets_params():
     torch.manual_seed(0)
     model = mlp((6, 20, 20, 3), act=nn.ReLU).double()
