@@ -81,7 +81,10 @@ class DamageReport(Report):
         predicted_increase: ``first_order + damage``.
         step_sq_norm: ``Σ_i Δ_i²``.
         lr: the step size ``η``.
-        per_layer: ``{module: damage}`` (sums to ``damage``).
+        per_layer: ``{module: ½ Δ_mᵀ F_mm Δ_m}``, the damage of the module's own step
+            alone; it sums to ``damage`` for block-diagonal curvatures (diagonal, K-FAC,
+            EKFAC). A coupled curvature (low-rank) also holds cross terms between
+            modules, which ``damage`` includes and no module's entry does.
         per_layer_first_order: ``{module: ∇L_A · Δ}`` restricted to that module.
         per_layer_scale_free: ``{module: Σ F Δ² / Σ Δ²}`` within that module.
         labels: label source of ``F_A``; n_samples_a / n_samples_b: batch sizes.
