@@ -76,6 +76,7 @@ from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.options import ENGINES, EngineName, ParamSpec
 from natgrad.engine.per_sample import (
     Plan,
+    call_model,
     hooked_output,
     loop_samples,
     model_device,
@@ -1013,8 +1014,11 @@ def fisher_uncertainty(
         n_data: ``N``, the number of training samples (default ``fisher.n_samples``).
         params: the parameters treated as uncertain (default: all the Fisher covers; e.g.
             the last layer only); the others stay at ``θ*``.
-        subset: ``"all"`` (every covered parameter) or ``"last_layer"`` (the parameters
-            of the last module that has any); instead of ``params``.
+        subset: ``"all"`` (every covered parameter) or ``"last_layer"`` (the trainable
+            parameters of the last registered module that has any, in
+            ``model.named_modules()`` order); instead of ``params``. The first batch's
+            forward checks that this module is also the last one to run (a ValueError
+            names the one that is: pass its parameters as ``params=``).
         link: ``"probit"`` or ``"mc"``.
         n_samples: logit draws for ``link="mc"``.
         likelihood: default ``fisher.likelihood``; pass ``natgrad.Gaussian(sigma)`` for
@@ -1057,6 +1061,8 @@ def fisher_uncertainty(
     parts: list[dict[str, Any]] = []
     for one in [batch] if is_single_batch(batch) else iterate_batches(batch):
         b = parse_batch(one).to(device)
+        if subset == "last_layer" and not parts:
+            _check_last_layer(model, b, list(chosen))
         mean, var = post.moments(b)
         lik.check_output(mean)
         spread = var[..., 0]  # (N, D, D) when full, else (N, D)
@@ -1202,7 +1208,10 @@ def optimize_prior_precision(
       ``val_data`` is not used. With ``subset="last_layer"`` (or ``params``) and a
       curvature covering more, ``P``, ``‖θ*‖²`` and the log-determinant are the
       subset's: ``F`` is the curvature's block on it (:meth:`natgrad.Curvature.restrict`;
-      block-diagonal kinds ``"diag"``, ``"kfac"``, ``"ekfac"``, whole blocks).
+      block-diagonal kinds ``"diag"``, ``"kfac"``, ``"ekfac"``, whole blocks). Without
+  data, ``subset="last_layer"`` is not checked against a forward pass here (the
+  predictive and ``"grid"`` check it): on a model that registers its output layer
+  before another module, pass ``params=``.
 
     Args:
         model: the trained model at ``θ*`` (eval mode; not modified).
@@ -1278,6 +1287,8 @@ def optimize_prior_precision(
     count = 0
     for batch in iterate_batches(val_data):
         b = parse_batch(batch).to(device)
+        if subset == "last_layer" and count == 0:
+            _check_last_layer(model, b, list(chosen))
         if b.target is None:
             raise ValueError(
                 "method='grid' scores the validation NLL, but a validation batch has no "
@@ -1342,6 +1353,34 @@ def _subset_params(model: nn.Module, params: ParamSpec, subset: str | None) -> P
     if last is None:
         raise ValueError("subset='last_layer': the model has no trainable parameters.")
     return last
+
+
+def _check_last_layer(model: nn.Module, b: Batch, chosen: list[str]) -> None:
+    """Raise when the module ``subset="last_layer"`` took (the last registered one with
+    trainable parameters, ``chosen``) is not the last such module to start in a forward
+    pass on ``b`` (forward pre-hooks; the model itself is left out, as it starts first)."""
+    own = {
+        name: [f"{name}.{n}" for n, p in m.named_parameters(recurse=False) if p.requires_grad]
+        for name, m in model.named_modules()
+    }
+    order: list[str] = []
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name))
+        for name, m in model.named_modules()
+        if name and own[name]
+    ]
+    try:
+        with torch.no_grad():
+            call_model(model, b, "the batch")
+    finally:
+        for h in handles:
+            h.remove()
+    if order and set(own[order[-1]]) != set(chosen):
+        raise ValueError(
+            f"subset='last_layer' takes the last registered module with trainable parameters "
+            f"({chosen}), but the forward pass runs {order[-1]!r} after it; pass "
+            f"params={own[order[-1]]} (the layer that runs last), or the parameters you mean."
+        )
 
 
 def _resolve_params_curvature(

@@ -55,3 +55,32 @@ def test_fast_engine_without_a_capturable_parameter():
     fisher = natgrad.DiagonalFisher({"0.weight": torch.ones(4, dtype=torch.float64)}, 10)
     with pytest.raises(ValueError, match="engine='auto' or engine='vmap'"):
         natgrad.fisher_uncertainty(prelu, x, fisher, engine="fast")
+
+
+class _HeadFirst(nn.Module):
+    """Registers its output layer before the body and a final-registered LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(5, 3)
+        self.body = nn.Linear(4, 5)
+        self.norm = nn.LayerNorm(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(torch.tanh(self.body(x))))
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac"])
+def test_last_layer_that_does_not_run_last_is_named(kind):
+    # subset="last_layer" silently took the LayerNorm (registered last), not the head
+    torch.manual_seed(0)
+    model = _HeadFirst().double().eval()
+    x, y = _data()
+    curv = _curv(model, kind)
+    match = "runs 'head' after it; pass params=\\['head.weight', 'head.bias'\\]"
+    with pytest.raises(ValueError, match=match):
+        natgrad.fisher_uncertainty(model, x[:3], curv, prior_precision=1.0, subset="last_layer")
+    with pytest.raises(ValueError, match=match):
+        natgrad.optimize_prior_precision(model, curv, (x, y), grid=[0.1, 1.0], subset="last_layer")
+    natgrad.fisher_uncertainty(model, x[:3], curv, prior_precision=1.0,
+                               params=["head.weight", "head.bias"])  # the named fix runs
