@@ -186,6 +186,19 @@ def _resolve_likelihood(likelihood: str | Likelihood | None, fisher: object) -> 
     return lik
 
 
+def _warn_default_sigma(likelihood: str | Likelihood | None, lik: Likelihood) -> None:
+    """A curvature records its likelihood's name, not a Gaussian's ``σ``: warn when the
+    predictive falls back to ``σ = 1`` (the predictive variance adds ``σ²``)."""
+    if likelihood is None and lik.name == "gaussian":
+        warnings.warn(
+            "The curvature records the likelihood 'gaussian' without its sigma, so the "
+            "predictive uses sigma = 1; pass likelihood=natgrad.Gaussian(sigma) with the "
+            "sigma the curvature was estimated with (likelihood='gaussian' for sigma = 1).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _resolve_params(
     model: nn.Module, fisher: Mapping[str, torch.Tensor], params: ParamSpec
 ) -> dict[str, nn.Parameter]:
@@ -1039,6 +1052,10 @@ def fisher_uncertainty(
             iterable that yields no batches, an unknown ``engine``, ``engine="fast"``
             when no parameter takes the capture path.
 
+    Warns:
+        UserWarning: a ``"gaussian"`` curvature and no ``likelihood=``: the curvature
+            records no ``σ``, so the predictive uses ``σ = 1``.
+
     Example:
         >>> import torch
         >>> from natgrad import DiagonalFisher
@@ -1052,6 +1069,7 @@ def fisher_uncertainty(
     lik, chosen, n, _ = _prepare(  # _prepare checks link and returns it unchanged
         model, fisher, params, likelihood, n_data, link, n_samples, chunk_size, subset
     )
+    _warn_default_sigma(likelihood, lik)
     check_choice("engine", engine, ENGINES)
     device = model_device(model)
     full = _full_cov(lik, link)
@@ -1242,6 +1260,8 @@ def optimize_prior_precision(
     Warns:
         UserWarning: ``method="grid"`` chose the smallest or the largest value of a grid
             of two or more: the best ``δ`` may lie beyond it; widen the grid.
+        UserWarning: ``method="grid"`` with a ``"gaussian"`` curvature and no
+            ``likelihood=``: the validation NLL uses ``σ = 1``.
 
     Example:
         >>> import torch
@@ -1279,6 +1299,7 @@ def optimize_prior_precision(
             "method='grid' needs labelled validation data: pass val_data=(x_val, y_val), "
             "or use method='marglik'."
         )
+    _warn_default_sigma(likelihood, lik)
     device = model_device(model)
     full = _full_cov(lik, link)
     post = _Posterior(model, fisher, chosen, n, cand, lik, output_fn, chunk_size, engine, full)

@@ -84,3 +84,24 @@ def test_last_layer_that_does_not_run_last_is_named(kind):
         natgrad.optimize_prior_precision(model, curv, (x, y), grid=[0.1, 1.0], subset="last_layer")
     natgrad.fisher_uncertainty(model, x[:3], curv, prior_precision=1.0,
                                params=["head.weight", "head.bias"])  # the named fix runs
+
+
+def test_a_gaussian_curvature_without_its_sigma_warns():
+    # the curvature records only the name 'gaussian': the predictive silently used σ = 1
+    torch.manual_seed(0)
+    model = _mlp()[:1]  # Linear(4, 5): a 5-output regression
+    x = torch.randn(20, 4, dtype=torch.float64)
+    y = torch.randn(20, 5, dtype=torch.float64)
+    curv = natgrad.estimate_curvature(model, (x, y), likelihood=natgrad.Gaussian(0.5),
+                                      kind="kfac")
+    with pytest.warns(UserWarning, match="without its sigma, so the predictive uses sigma = 1"):
+        r = natgrad.fisher_uncertainty(model, x[:2], curv, prior_precision=1.0)
+    torch.testing.assert_close(r.predictive_variance, r.logit_variance + 1.0)
+    with pytest.warns(UserWarning, match="without its sigma"):
+        natgrad.optimize_prior_precision(model, curv, (x, y), grid=[0.5, 1.0, 2.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = natgrad.fisher_uncertainty(model, x[:2], curv, prior_precision=1.0,
+                                       likelihood=natgrad.Gaussian(0.5))
+        natgrad.optimize_prior_precision(model, curv, method="marglik")  # σ is not used
+    torch.testing.assert_close(r.predictive_variance, r.logit_variance + 0.25)
