@@ -36,6 +36,8 @@ from natgrad.curvature.ops import check_curvature, conjugate_gradient, dict_dot,
 from natgrad.curvature.protocol import Curvature
 from natgrad.engine.checks import check_choice, check_fraction, check_int, check_positive
 from natgrad.engine.common import acc_dtype
+from natgrad.engine.likelihoods import get_likelihood
+from natgrad.engine.options import LABEL_SOURCES
 from natgrad.engine.report import Report
 from natgrad.pruning.masks import apply_masks
 from natgrad.pruning.prune import prune_candidates
@@ -122,7 +124,7 @@ def obs_prune(
     scope: Literal["global", "layer"] = "global",
     rounds: int = 1,
     data: Any = None,
-    likelihood: Any = "categorical",
+    likelihood: Any = None,
     estimate_options: Mapping[str, Any] | None = None,
     prune: Literal["weights", "all"] | Sequence[str] = "weights",
     min_keep_per_layer: int | float = 0.01,
@@ -144,7 +146,11 @@ def obs_prune(
     Gradual schedule (``rounds = k > 1``): round ``r`` targets sparsity ``s · r / k``,
     and before rounds 2..k the curvature is re-estimated on ``data`` at the current
     weights with ``type(curvature).estimate(model, data, likelihood, **estimate_options)``
-    (same kind; it must cover the same names).
+    (same kind; it must cover the same names). The label source, the likelihood and a
+    low-rank curvature's ``rank`` default to those the curvature records, so every round
+    estimates the same quantity; a likelihood whose name does not say everything
+    (``"gaussian"``'s ``σ``, ``"token_categorical"``'s ``shift``, a custom one) must be
+    passed as ``likelihood=``.
 
     Allocation: with ``scope="global"`` all candidates are ranked together; with
     ``"layer"`` each tensor loses ``round(s · n)`` of its ``n`` weights. Either way each
@@ -165,8 +171,9 @@ def obs_prune(
         scope: ``"global"`` or ``"layer"``.
         rounds: ``k >= 1`` prune rounds; ``k > 1`` needs ``data``.
         data: a batch or iterable of batches for re-estimating the curvature.
-        likelihood: passed to the re-estimation.
-        estimate_options: passed to the re-estimation.
+        likelihood: passed to the re-estimation (default: the curvature's, see above).
+        estimate_options: passed to the re-estimation (``labels`` and a low-rank
+            ``rank`` default to the curvature's).
         prune: candidates: ``"weights"`` (covered tensors with ``dim >= 2``), ``"all"``,
             or a list of names.
         min_keep_per_layer: least weights each candidate tensor keeps (int or fraction).
@@ -209,6 +216,8 @@ def obs_prune(
             "pass a batch or iterable of batches, or use rounds=1."
         )
     names = check_curvature(curvature, model)
+    if rounds > 1:
+        likelihood = _reestimate_likelihood(curvature, likelihood)
     named = dict(model.named_parameters())
     cands = prune_candidates(
         {k: named[k].shape for k in names}, prune, "the curvature", "Pass covered parameter names."
@@ -458,6 +467,27 @@ def _exact_delta(
     return {k: t.reshape(shapes[k]).to(dt) for k, t in zip(names, torch.split(flat, sizes), strict=True)}
 
 
+def _reestimate_likelihood(curvature: Curvature, likelihood: Any) -> Any:
+    """The likelihood of the re-estimations: the curvature's own when it is fully named
+    by its name, else the one passed (whose name must match the curvature's)."""
+    stored = getattr(curvature, "likelihood", None)
+    if likelihood is None:
+        if stored in (None, "categorical", "bernoulli"):
+            return stored or "categorical"
+        raise ValueError(
+            f"rounds > 1 re-estimates the curvature, which was estimated with the "
+            f"likelihood {stored!r}; its name does not carry its settings (sigma, shift, "
+            "ignore_index, ...): pass likelihood= the one you estimated it with."
+        )
+    name = get_likelihood(likelihood).name
+    if stored is not None and name != stored:
+        raise ValueError(
+            f"likelihood={name!r} differs from the curvature's {stored!r}: the rounds would "
+            "estimate different curvatures; pass the likelihood you estimated it with."
+        )
+    return likelihood
+
+
 def _reestimate(
     curvature: Curvature,
     model: nn.Module,
@@ -466,9 +496,15 @@ def _reestimate(
     options: Mapping[str, Any] | None,
     names: Sequence[str],
 ) -> Curvature:
-    """The same kind of curvature, estimated again at the current weights."""
+    """The same kind of curvature, estimated again at the current weights (with the
+    curvature's own label source and low-rank ``rank`` unless ``options`` say otherwise)."""
     opts = dict(options or {})
     opts.setdefault("kind", curvature.kind or type(curvature).kind)
+    labels = getattr(curvature, "labels", None)
+    if labels in LABEL_SOURCES:
+        opts.setdefault("labels", labels)
+    if getattr(curvature, "rank", None) is not None:
+        opts.setdefault("rank", curvature.rank)  # type: ignore[attr-defined]
     new: Curvature = type(curvature).estimate(model, data, likelihood, **opts)
     if list(new.names()) != list(names):
         raise ValueError(

@@ -292,3 +292,20 @@ def test_damage_curvature_of_another_model():
     batch = (torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="lacks"):
         natgrad.fisher_weighted_damage(other, batch, batch, fisher_a=_dense(model))
+
+
+def test_obs_gradual_needs_a_likelihood_its_name_does_not_fully_say():
+    # rounds > 1 re-estimated with likelihood='categorical' whatever the curvature's was
+    torch.manual_seed(0)
+    model = _model()
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
+    curv = natgrad.estimate_curvature(model, (x, y), likelihood=natgrad.Gaussian(0.5),
+                                      kind="kfac")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="estimated with the likelihood 'gaussian'.*pass "
+                       "likelihood="):
+        natgrad.obs_prune(model, curv, 0.5, rounds=2, data=(x, y))
+    with pytest.raises(ValueError, match="likelihood='bernoulli' differs from the curvature's"):
+        natgrad.obs_prune(model, curv, 0.5, rounds=2, data=(x, y), likelihood="bernoulli")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    natgrad.obs_prune(model, curv, 0.5, rounds=2, data=(x, y), likelihood=natgrad.Gaussian(0.5))

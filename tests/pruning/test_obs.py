@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -211,6 +213,33 @@ def test_gradual_rounds_match_a_dense_reference():
                 dict(ref.named_parameters())[k].copy_(v)
     torch.testing.assert_close(_after(model), _theta(ref), rtol=1e-7, atol=1e-9)
     assert names  # parameter order used above
+
+
+
+@pytest.mark.parametrize("kind", ["kfac", "lowrank"])
+def test_gradual_rounds_reestimate_with_the_curvatures_likelihood_and_labels(kind):
+    # the re-estimations used likelihood="categorical" and labels="empirical" whatever
+    # the curvature was (here: bernoulli, exact labels, a rank-8 low-rank)
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)
+    ).double()
+    ref = copy.deepcopy(model)
+    x = torch.randn(16, 3, dtype=torch.float64)
+    opts = {"kind": kind, "likelihood": "bernoulli", "labels": "exact"}
+    if kind == "lowrank":
+        opts["rank"] = 8
+    curv = natgrad.estimate_curvature(model, x, **opts)
+    kw = {"damping": 0.01, "min_keep_per_layer": 0, "method": "exact"}
+    natgrad.obs_prune(model, curv, 0.6, rounds=2, data=x, **kw)
+    # reference: the two rounds as two calls, the curvature estimated as the first one was
+    natgrad.obs_prune(ref, curv, 0.3, **kw)
+    natgrad.make_permanent(ref)
+    natgrad.obs_prune(ref, natgrad.estimate_curvature(ref, x, **opts), 0.6, **kw)
+    natgrad.make_permanent(model)
+    natgrad.make_permanent(ref)
+    for (k, a), (_, b) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=k)
 
 
 def test_model_output_uses_the_masks():
