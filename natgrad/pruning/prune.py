@@ -144,8 +144,9 @@ def fisher_pruning_masks(
     whole rows are masked together and ``sparsity`` counts rows. With
     ``channel_bias="remove"`` the bias ``"<m>.bias"`` of a pruned ``"<m>.weight"`` (shape
     ``(rows,)``) is masked with its rows and its importance is added to the row score,
-    so a removed channel outputs exactly zero before its activation; ``"keep"`` leaves
-    biases alone (use it for ``ConvTranspose``, whose dim 0 is the input channels).
+    so a removed channel outputs exactly zero (a BatchNorm after the layer still adds
+    its constant ``β − γμ/√(σ² + ε)``: :func:`natgrad.prune_structured` removes both);
+    ``"keep"`` leaves biases alone (use it for ``ConvTranspose``, whose dim 0 is the input channels).
 
     Args:
         importance: ``{name: saliency}`` (e.g. :func:`fisher_importance`), non-negative.
