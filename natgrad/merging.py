@@ -397,8 +397,12 @@ def _curvature_merge(
                 }
                 pre = {k: torch.where(v > 0, v, torch.ones_like(v)) for k, v in jac.items()}
             res = conjugate_gradient(op, b, precond=pre, max_iter=cg_iters, tol=cg_tol)
+            where = (
+                f"layer {group[0].rpartition('.')[0] or group[0]!r}" if block_diag
+                else "the one system coupling every parameter"
+            )
             warn_unconverged(
-                res, cg_tol, f"fisher_weighted_merge of {group[0].rpartition('.')[0] or group[0]!r}",
+                res, cg_tol, f"fisher_weighted_merge of {where}",
                 "raise cg_iters= or floor=, or pass method='dense' (with a larger dense_max)",
             )  # fmt: skip
             correction.update(res.x)

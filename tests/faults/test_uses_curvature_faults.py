@@ -157,8 +157,14 @@ def test_obs_and_merge_warn_when_conjugate_gradients_stop_early():
                       "stopped after 1 products.*raise cg_iters="):
         natgrad.obs_prune(model, _dense(model), 0.5, method="cg", cg_iters=1)
     a, b = _model(0), _model(1)
-    with pytest.warns(UserWarning, match="fisher_weighted_merge of .*stopped after 2 products"):
+    with pytest.warns(UserWarning, match="fisher_weighted_merge of the one system coupling every parameter: "
+                      "conjugate gradients stopped after 2 products"):
         natgrad.fisher_weighted_merge([a, b], [_dense(a), _dense(b, 2)], method="cg", cg_iters=2)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    ka, kb = (natgrad.estimate_curvature(m, x, kind="kfac", labels="exact") for m in (a, b))
+    # layer '0' sees the same inputs in both models (equal A): its preconditioner is exact
+    with pytest.warns(UserWarning, match="fisher_weighted_merge of layer '2': conjugate"):
+        natgrad.fisher_weighted_merge([a, b], [ka, kb], method="cg", cg_iters=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # converged: no warning
         natgrad.fisher_weighted_merge([a, b], [_dense(a), _dense(b, 2)], method="cg")
