@@ -215,3 +215,53 @@ def test_online_kronecker_fold_is_the_ema_of_factors():
     exact = 0.8 * dense_from_mv(c1, shapes) + dense_from_mv(c2, shapes)
     rel = float(torch.linalg.norm(folded - exact) / torch.linalg.norm(exact))
     assert 0 < rel < 1
+
+
+def _own_kfac_matrix(model, x):
+    """``G ⊗ A`` per Linear layer of ``model`` (a Sequential) from its own definition,
+    with exact labels: ``A = (1/N) Σ_n ã_n ã_nᵀ`` (``ã = [a; 1]``),
+    ``G = (1/N) Σ_n Σ_c p_nc b_nc b_ncᵀ`` (``b_nc = ∂ log p_nc / ∂ s_n``); rows and columns
+    in ``NAMES`` order (``[W, b]`` of a layer is row-major, the bias as last column)."""
+    acts, outs, h = [], [], x
+    for m in model:
+        if isinstance(m, torch.nn.Linear):
+            acts.append(torch.cat([h.detach(), torch.ones(len(x), 1, dtype=x.dtype)], 1))
+            h = m(h)
+            h.retain_grad()
+            outs.append(h)
+        else:
+            h = m(h)
+    logp = h.log_softmax(-1)
+    p = logp.exp().detach()
+    gs = [torch.zeros(o.shape[1], o.shape[1], dtype=x.dtype) for o in outs]
+    for c in range(p.shape[1]):
+        for o in outs:
+            o.grad = None
+        logp[:, c].sum().backward(retain_graph=True)  # sample n's term only reaches row n
+        for g, o in zip(gs, outs, strict=True):
+            g += (o.grad * p[:, c : c + 1]).T @ o.grad / len(x)
+    blocks = []
+    for a, g, o in zip(acts, gs, outs, strict=True):
+        k = torch.kron(g, a.T @ a / len(x))  # index (out, in) of [W, b], row-major
+        d_out, d_in = o.shape[1], a.shape[1] - 1
+        idx = torch.arange(d_out * (d_in + 1)).view(d_out, d_in + 1)
+        order = torch.cat([idx[:, :d_in].reshape(-1), idx[:, d_in]])  # [vec W, b]
+        blocks.append(k[order][:, order])
+    return torch.block_diag(*blocks)
+
+
+@needs_kron
+def test_kronecker_penalty_and_gradient_match_an_independent_kfac_matrix():
+    # the reference is built from K-FAC's definition, not from the curvature's mv
+    model = _model(6)
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    mat = _own_kfac_matrix(model, x)
+    model.zero_grad()
+    curv = natgrad.estimate_curvature(model, x, kind="kfac", labels="exact")
+    star = _theta(model)
+    ewc = natgrad.EWC(model, curv, lam=4.0)
+    _move(model, 12)
+    d = _theta(model) - star
+    pen = ewc.penalty()
+    assert float(pen.detach()) == pytest.approx(2.0 * float(d @ mat @ d), rel=1e-9)
+    torch.testing.assert_close(_grad(model, pen), 4.0 * mat @ d, rtol=1e-8, atol=1e-10)
