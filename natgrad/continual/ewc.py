@@ -49,6 +49,7 @@ Fisher or anchor entry named ``weight`` and vice versa.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -124,7 +125,9 @@ class EWC:
     The first task is consolidated at construction (when ``fisher`` is given), with the
     model's current parameters as anchor. Call :meth:`consolidate` after each later task.
     Anchors are detached copies (never aliases of the live parameters); Fisher values
-    are stored on each parameter's device in float32 (float64 models: float64).
+    are stored on each parameter's device in float32 (float64 models: float64), and a
+    :class:`natgrad.Curvature` as a copy, so changing the object passed later (in place,
+    e.g. ``ema_``) leaves the consolidated task as it was.
 
     Args:
         model: the model being trained; used for names, devices and default anchors.
@@ -440,7 +443,9 @@ class EWC:
             n = g * old["n"] + curvature.n_samples  # decayed as F is (module docstring)
             self._curv_terms = [self._term(folded, new_a, n)]
         else:
-            self._curv_terms.append(self._term(curvature, new_a, curvature.n_samples))
+            # a snapshot: the caller may go on updating its curvature in place (ema_, ...)
+            snapshot = copy.deepcopy(curvature)
+            self._curv_terms.append(self._term(snapshot, new_a, curvature.n_samples))
         self._consolidations += 1
 
     def _term(

@@ -265,3 +265,23 @@ def test_kronecker_penalty_and_gradient_match_an_independent_kfac_matrix():
     pen = ewc.penalty()
     assert float(pen.detach()) == pytest.approx(2.0 * float(d @ mat @ d), rel=1e-9)
     torch.testing.assert_close(_grad(model, pen), 4.0 * mat @ d, rtol=1e-8, atol=1e-10)
+
+
+@needs_kron
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_a_consolidated_curvature_is_a_snapshot(mode):
+    # EWC stored a Kronecker curvature by reference: an in-place ema_ of the caller's
+    # object afterwards silently changed the consolidated task's penalty
+    from tests.reference import dense_from_mv
+
+    model = _model(7)
+    curv, other = _kron(model, "kfac", 1), _kron(model, "kfac", 2)
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    mat = dense_from_mv(curv, shapes)
+    star = _theta(model)
+    ewc = natgrad.EWC(model, curv, lam=2.0, mode=mode)
+    curv.ema_(other, 0.1)  # the caller keeps a running curvature
+    assert not torch.allclose(dense_from_mv(curv, shapes), mat)  # it did change
+    _move(model, 13)
+    d = _theta(model) - star
+    assert float(ewc.penalty().detach()) == pytest.approx(float(d @ mat @ d), rel=1e-9)
