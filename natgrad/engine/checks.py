@@ -588,6 +588,13 @@ def check_fisher_type(fisher: Any, what: str = "fisher") -> Mapping[str, torch.T
     if isinstance(fisher, (list, tuple)):
         got = f"a {got} of {len(fisher)} item(s)"
         fix = "pass one Fisher (e.g. fishers[0]), not a list"
+    elif callable(getattr(fisher, "diagonal", None)) and hasattr(fisher, "n_samples"):
+        fix = (  # a structured natgrad.Curvature
+            "this function takes a diagonal Fisher: pass its diagonal, "
+            "natgrad.DiagonalFisher(c.diagonal(), c.n_samples) (EWC, obs_prune, "
+            "fisher_weighted_merge, fisher_uncertainty and fisher_weighted_damage take "
+            "any curvature as it is)"
+        )
     else:
         fix = "estimate one with natgrad.estimate_fisher(model, data)"
     raise TypeError(

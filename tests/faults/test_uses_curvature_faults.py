@@ -315,3 +315,16 @@ def test_obs_gradual_needs_a_likelihood_its_name_does_not_fully_say():
         natgrad.obs_prune(model, curv, 0.5, rounds=2, data=(x, y), likelihood="bernoulli")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     natgrad.obs_prune(model, curv, 0.5, rounds=2, data=(x, y), likelihood=natgrad.Gaussian(0.5))
+
+
+def test_a_diagonal_only_use_names_the_diagonal_of_a_structured_curvature():
+    # the fix said "estimate one with natgrad.estimate_fisher", as if none had been given
+    model = _model()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    c = natgrad.estimate_curvature(model, x, kind="kfac", labels="exact")
+    with pytest.raises(TypeError, match="got KroneckerFisher; this function takes a diagonal "
+                       "Fisher: pass its diagonal, natgrad.DiagonalFisher\\(c.diagonal\\(\\), "
+                       "c.n_samples\\)"):
+        natgrad.fisher_importance(c, model)
+    imp = natgrad.fisher_importance(natgrad.DiagonalFisher(c.diagonal(), c.n_samples), model)
+    assert sorted(imp) == sorted(k for k, _ in model.named_parameters())
