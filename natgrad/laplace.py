@@ -1227,9 +1227,9 @@ def optimize_prior_precision(
       curvature covering more, ``P``, ``‖θ*‖²`` and the log-determinant are the
       subset's: ``F`` is the curvature's block on it (:meth:`natgrad.Curvature.restrict`;
       block-diagonal kinds ``"diag"``, ``"kfac"``, ``"ekfac"``, whole blocks). Without
-  data, ``subset="last_layer"`` is not checked against a forward pass here (the
-  predictive and ``"grid"`` check it): on a model that registers its output layer
-  before another module, pass ``params=``.
+      data, ``subset="last_layer"`` is not checked against a forward pass here (the
+      predictive and ``"grid"`` check it): on a model that registers its output layer
+      before another module, pass ``params=``.
 
     Args:
         model: the trained model at ``θ*`` (eval mode; not modified).
