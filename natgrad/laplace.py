@@ -1379,7 +1379,9 @@ def _subset_params(model: nn.Module, params: ParamSpec, subset: str | None) -> P
 def _check_last_layer(model: nn.Module, b: Batch, chosen: list[str]) -> None:
     """Raise when the module ``subset="last_layer"`` took (the last registered one with
     trainable parameters, ``chosen``) is not the last such module to start in a forward
-    pass on ``b`` (forward pre-hooks; the model itself is left out, as it starts first)."""
+    pass on ``b`` (forward pre-hooks; the model itself is left out, as it starts first).
+    A module the forward never calls as a module (its parent reads its weights) is not
+    checked."""
     own = {
         name: [f"{name}.{n}" for n, p in m.named_parameters(recurse=False) if p.requires_grad]
         for name, m in model.named_modules()
@@ -1396,6 +1398,11 @@ def _check_last_layer(model: nn.Module, b: Batch, chosen: list[str]) -> None:
     finally:
         for h in handles:
             h.remove()
+    owner = chosen[0].rpartition(".")[0] if chosen else ""
+    if owner and owner not in order:
+        # never called as a module (e.g. MultiheadAttention's out_proj, whose weights its
+        # parent reads): the call order says nothing about it, so there is nothing to check
+        return
     if order and set(own[order[-1]]) != set(chosen):
         raise ValueError(
             f"subset='last_layer' takes the last registered module with trainable parameters "

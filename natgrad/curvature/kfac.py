@@ -316,11 +316,13 @@ def kfac_coverage(
         kind, why = layer_kind(m, extended) if m is not None else (None, "a free parameter")
         if kind is not None:
             why = "its layer's weight is not selected"
-            if m is not None and "weight_orig" in m._parameters and "weight_mask" in m._buffers:
+            if m is not None and any(  # weight or bias reparametrized by torch's prune
+                a.endswith("_orig") and f"{a[:-5]}_mask" in m._buffers for a in m._parameters
+            ):
                 why = (
-                    "its layer is pruned by torch.nn.utils.prune (weight = weight_orig * "
-                    "weight_mask), which has no Kronecker form; natgrad.make_permanent(model) "
-                    "first, or kind='diag' / 'lowrank'"
+                    "its layer is pruned by torch.nn.utils.prune (<a> = <a>_orig * <a>_mask), "
+                    "which has no Kronecker form; natgrad.make_permanent(model) first, or "
+                    "kind='diag' / 'lowrank'"
                 )
         out[k] = why
     return layers, out

@@ -591,7 +591,8 @@ def check_fisher_type(fisher: Any, what: str = "fisher") -> Mapping[str, torch.T
     elif callable(getattr(fisher, "diagonal", None)) and hasattr(fisher, "n_samples"):
         fix = (  # a structured natgrad.Curvature
             "this function takes a diagonal Fisher: pass its diagonal, "
-            "natgrad.DiagonalFisher(c.diagonal(), c.n_samples) (EWC, obs_prune, "
+            "natgrad.DiagonalFisher(c.diagonal(), c.n_samples, labels=c.labels, "
+            "likelihood=c.likelihood) (EWC, obs_prune, "
             "fisher_weighted_merge, fisher_uncertainty and fisher_weighted_damage take "
             "any curvature as it is)"
         )

@@ -71,7 +71,11 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
         plan[id(param)] = (_uses(model, param), keep)
     for uses, mask in plan.values():
         # a tied parameter (e.g. an LM head sharing the token embedding) is masked in
-        # every module that holds it, or the others would still compute with all of it
+        # every module that holds it, or the others would still compute with all of it;
+        # a holder already pruned (by torch's prune directly) adds its old mask for all
+        for module, attr in uses:
+            if attr in pruned_names(module):
+                mask = mask & (getattr(module, f"{attr}_mask") != 0)
         for module, attr in uses:
             # torch ships prune without annotations
             prune.custom_from_mask(module, attr, mask)  # type: ignore[no-untyped-call]

@@ -514,6 +514,12 @@ def prune_structured(
     t_start = time.perf_counter()
     kind, keep = _check_budget(flops, params, latency)
     finetune_steps = check_int("finetune_steps", finetune_steps, 0)
+    if finetune_steps and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            f"finetune_steps={finetune_steps}, but no parameter of the model requires grad, "
+            "so there is nothing to fine-tune: unfreeze the layers to fine-tune "
+            "(p.requires_grad_(True)), or pass finetune_steps=0."
+        )
     if not (isinstance(finetune_lr, (int, float)) and math.isfinite(finetune_lr) and finetune_lr > 0):
         raise ValueError(f"finetune_lr must be a finite number > 0, got {finetune_lr!r}.")
     check_choice("criterion", criterion, CRITERIA)

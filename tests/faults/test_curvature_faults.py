@@ -56,6 +56,16 @@ def test_a_layer_pruned_by_torch_prune_is_named_with_the_fix(kind):
     with pytest.raises(ValueError, match="0.weight_orig \\(its layer is pruned.*make_permanent"):
         natgrad.FisherPreconditioner(model, kind="kfac", source="backward")
 
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_a_layer_whose_bias_torch_pruned_is_named_with_the_fix(kind):
+    model, x, y = _case()
+    natgrad.apply_masks(model, {"0.bias": torch.tensor([1.0, 0.0, 1.0, 1.0])})
+    # its weight is selected: the pruned bias is kept diagonal, with the reason and the fix
+    with pytest.warns(UserWarning, match="its layer is pruned by torch.nn.utils.prune.*make_permanent.*0.bias_orig"):
+        c = natgrad.estimate_curvature(model, (x, y), kind=kind)
+    assert c.structure()["0.bias_orig"] == "diag"
+
+
 def test_a_factor_over_the_memory_limit_names_max_factor_dim():
     model, x, y = _case()
     with pytest.raises(FactorMemoryError, match="max_factor_dim"):

@@ -86,6 +86,35 @@ def test_last_layer_that_does_not_run_last_is_named(kind):
                                params=["head.weight", "head.bias"])  # the named fix runs
 
 
+class _AttentionLast(nn.Module):
+    """Ends in nn.MultiheadAttention, whose out_proj is read, never called as a module."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(3, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.emb(x.reshape(-1, 4, 3))
+        return self.attn(h, h, h, need_weights=False)[0].mean(1)
+
+
+@pytest.mark.parametrize("engine", ["auto", "vmap"])
+def test_last_layer_of_a_model_ending_in_attention_is_its_out_proj(engine):
+    # the last-layer check saw 'attn' run after out_proj (never called as a module) and
+    # refused, naming the input projection as the fix
+    torch.manual_seed(0)
+    model = _AttentionLast().double().eval()
+    x, y = torch.randn(12, 12, dtype=torch.float64), torch.randn(12, 8, dtype=torch.float64)
+    curv = natgrad.estimate_curvature(model, (x, y), kind="diag", likelihood="gaussian")
+    got = natgrad.fisher_uncertainty(model, x[:3], curv, prior_precision=1.0, subset="last_layer",
+                                     likelihood="gaussian", engine=engine)
+    want = natgrad.fisher_uncertainty(model, x[:3], curv, prior_precision=1.0,
+                                      params=["attn.out_proj.weight", "attn.out_proj.bias"],
+                                      likelihood="gaussian", engine=engine)
+    torch.testing.assert_close(got.logit_variance, want.logit_variance, rtol=0, atol=0)
+
+
 def test_a_gaussian_curvature_without_its_sigma_warns():
     # the curvature records only the name 'gaussian': the predictive silently used σ = 1
     torch.manual_seed(0)

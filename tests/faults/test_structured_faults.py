@@ -340,3 +340,15 @@ def test_refit_calibration_batch_that_skips_a_consumer_is_named():
         r"pass calibration inputs that run the whole model",
     ):
         tune_layers(original, pruned, groups, removed, [(x, y), (far, y)])
+
+
+def test_finetune_of_a_fully_frozen_model_is_refused_before_pruning():
+    # rebuilt layers now keep requires_grad, so a frozen model has nothing to fine-tune:
+    # refused up front with the fix, not a raw optimizer error after the pruning work
+    torch.manual_seed(0)
+    model = mlp().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x, y = torch.randn(32, 5), torch.randint(0, 4, (32,))
+    with pytest.raises(ValueError, match="nothing to fine-tune.*finetune_steps=0"):
+        natgrad.prune_structured(model, (x, y), flops=0.6, measure=False, finetune_steps=3)

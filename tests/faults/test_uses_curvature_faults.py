@@ -324,7 +324,9 @@ def test_a_diagonal_only_use_names_the_diagonal_of_a_structured_curvature():
     c = natgrad.estimate_curvature(model, x, kind="kfac", labels="exact")
     with pytest.raises(TypeError, match="got KroneckerFisher; this function takes a diagonal "
                        "Fisher: pass its diagonal, natgrad.DiagonalFisher\\(c.diagonal\\(\\), "
-                       "c.n_samples\\)"):
+                       "c.n_samples, labels=c.labels, likelihood=c.likelihood\\)"):
         natgrad.fisher_importance(c, model)
-    imp = natgrad.fisher_importance(natgrad.DiagonalFisher(c.diagonal(), c.n_samples), model)
+    d = natgrad.DiagonalFisher(c.diagonal(), c.n_samples, labels=c.labels, likelihood=c.likelihood)
+    assert (d.labels, d.likelihood) == ("exact", "categorical")
+    imp = natgrad.fisher_importance(d, model)
     assert sorted(imp) == sorted(k for k, _ in model.named_parameters())

@@ -424,3 +424,15 @@ def test_overlap_empty_sets_and_mismatch():
 
 
 # -- metrics -------------------------------------------------------------------------------
+
+
+def test_apply_masks_on_a_tied_weight_one_alias_of_which_torch_already_pruned():
+    # torch's prune on one holder, then apply_masks: both holders get old & new
+    torch.manual_seed(1)
+    model = _TiedLM()
+    old, new = torch.rand(10, 4) > 0.3, torch.rand(10, 4) > 0.3
+    torch.nn.utils.prune.custom_from_mask(model.emb, "weight", old)
+    apply_masks(model, {"emb.weight": new})
+    assert torch.equal(model.emb.weight_mask.bool(), old & new)
+    assert torch.equal(model.head.weight_mask.bool(), old & new)
+    assert torch.equal(model.emb.weight, model.head.weight)
