@@ -601,16 +601,49 @@ def _inputs(term: _Term, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (A.reshape(-1, A.shape[-1]) @ term.QA).reshape(A.shape)  # one 2-D product
 
 
-def _out_grads(term: _Term, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The output gradients ``(N, T, d_G)`` rotated by ``Q_G``."""
+def _out_grads(
+    term: _Term, g: torch.Tensor, dtype: torch.dtype, rotate: bool = True
+) -> torch.Tensor:
+    """The output gradients ``(N, T, d_G)`` rotated by ``Q_G`` (``rotate=False``: as
+    they are, a view of ``g`` where the dtype allows)."""
     g = g.to(dtype)
     if isinstance(term.module, nn.Linear):
         B = g.reshape(g.shape[0], -1, g.shape[-1])
     else:
         B = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
-    if term.QG is None:
+    if term.QG is None or not rotate:
         return B
     return (B.reshape(-1, B.shape[-1]) @ term.QG).reshape(B.shape)  # one 2-D product
+
+
+def _rotated_variance(
+    term: _Term, A: torch.Tensor, g: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``(N, G)``: one output column's ``Σ_{o,i} (Q_Gᵀ J Q_A)²_oi inv_goi`` for a layer
+    with ``T > 1`` positions (``A``: the rotated inputs ``(N, T, d_A)``, ``g``: the
+    column's output gradients).
+
+    The transposed rotated Jacobian ``(Q_Gᵀ J)ᵀ = Σ_t ã_t (Q_Gᵀ b_t)ᵀ`` is formed as
+    ``(N, d_A, d_G)`` by rotating whichever is smaller: the gradients ``b`` before the
+    per-sample product (``N T d_G²`` multiply-adds) or the Jacobian after it
+    (``N d_A d_G²``, when ``d_A < T``: a first convolution's small patches).
+    """
+    assert term.QG is not None  # the caller's condition
+    B = _out_grads(term, g, dtype, rotate=False)  # (N, T, d_G)
+    n, T, d_G = B.shape
+    d_A = A.shape[-1]
+    invT = term.inv.transpose(1, 2).reshape(term.inv.shape[0], -1)  # (G, d_A·d_G)
+    out = torch.empty(n, invT.shape[0], dtype=dtype, device=B.device)
+    step = max(1, _PRODUCT_FLOATS // max(d_G * max(d_A, T), 1))
+    for s in range(0, n, step):
+        As, Bs = A[s : s + step].mT, B[s : s + step]
+        if d_A < T:
+            Jt = (torch.bmm(As, Bs).reshape(-1, d_G) @ term.QG).reshape(-1, d_A, d_G)
+        else:
+            R = Bs.reshape(-1, d_G) @ term.QG
+            Jt = torch.bmm(As, R.reshape(-1, T, d_G))
+        torch.mm(Jt.square_().reshape(Jt.shape[0], -1), invT.t(), out=out[s : s + step])
+    return out
 
 
 def _fast_moments(
@@ -679,18 +712,31 @@ def _fast_moments(
     # output columns are pulled back one at a time (a vmapped, is_grads_batched backward
     # is no faster on CPU), their gradients stacked in groups for the products
     group = d if full else max(1, _GROUP_FLOATS // max(sum(e.numel() for e in es), 1))
+    eye = torch.eye(d, dtype=out.dtype, device=out.device)
     for c0 in range(0, d, group):
         cols = list(range(c0, min(c0 + group, d)))
         per = []
         for c in cols:
-            u = torch.zeros_like(out)
-            u[:, c] = 1
+            u = eye[c].expand(n, d)  # the one-hot output gradient of column c
             per.append(torch.autograd.grad(out, es, u, retain_graph=c < d - 1, allow_unused=True))
         k = len(cols)
         proj = torch.zeros(k, n, r, dtype=dtype, device=out.device) if r else None
         for t, A, M, Z in zip(terms, acts, pre, pre_v, strict=True):
             gs = [p[index[t.module]] for p in per]
             if any(g is None for g in gs):  # the output does not depend on this layer
+                continue
+            if k == 1 and M is not None and Z is None and not full:
+                # one column, one position: Σ_o (Q_Gᵀ b_c)²_no M_gno with the fewest ops
+                # (the rotated product is fresh, so it is squared and weighted in place)
+                B = gs[0].reshape(n, -1).to(dtype)
+                B2 = (B @ t.QG).square_() if t.QG is not None else B.square()
+                for gi in range(G):
+                    prod = B2.mul_(M[gi]) if gi == G - 1 else B2 * M[gi]
+                    var[:, c0, gi] += prod.sum(-1)
+                continue
+            if M is None and t.QG is not None and t.V is None and not full:
+                for j, gj in enumerate(gs):  # T > 1, rotated: column by column
+                    var[:, c0 + j] += _rotated_variance(t, A, gj, dtype)
                 continue
             g = gs[0].unsqueeze(0) if k == 1 else torch.stack(gs)
             B = _out_grads(t, g.reshape(k * n, *g.shape[2:]), dtype)
@@ -707,8 +753,10 @@ def _fast_moments(
                 # the gradient tensor of another layer too)
                 B1 = B[:, :, 0]
                 B2 = B1.square_() if t.QG is not None else B1.square()
-                for gi in range(G):  # Σ_o B²_cno M_gno, one fused product-sum per candidate
-                    var[:, c0 : c0 + k, gi] += torch.linalg.vecdot(B2, M[gi]).t()
+                for gi in range(G):  # Σ_o B²_cno M_gno: a product (in place for the last
+                    # candidate: twice as fast as vecdot's temporary) and a row sum
+                    prod = B2.mul_(M[gi]) if gi == G - 1 else B2 * M[gi]
+                    var[:, c0 : c0 + k, gi] += prod.sum(-1).t()
                 continue
             inv = t.inv.reshape(G, -1)
             step = max(1, _PRODUCT_FLOATS // max(k * B.shape[-1] * A.shape[-1], 1))
