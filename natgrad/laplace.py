@@ -669,14 +669,22 @@ def _fast_moments(
     """
     mods = list(dict.fromkeys(t.module for t in terms))
     store: dict[nn.Module, tuple[torch.Tensor, int, torch.Tensor]] = {}
+    outs: dict[nn.Module, tuple[torch.Tensor, int]] = {}
+    ins: dict[nn.Module, torch.Tensor] = {}
 
     def hook(m: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
         e = zero_perturbation(out)
         store[m] = (inp[0].detach(), inp[0]._version, e)
-        return out + e
+        ins[m] = inp[0]
+        res = out + e
+        outs[m] = (res, res._version)
+        return res
 
-    out = hooked_output(model, b, output_fn, "the batch", [(m, hook) for m in mods])
-    out = out.reshape(b.size, -1)
+    raw = hooked_output(model, b, output_fn, "the batch", [(m, hook) for m in mods])
+    out = raw.reshape(b.size, -1)
+    # a layer whose (unmodified) output is the model's output has the one-hot output
+    # gradient e_c for column c
+    head = {m for m, (res, v) in outs.items() if res is raw and raw.dim() == 2 and res._version == v}
     missing = [m for m in mods if m not in store]
     if missing:
         raise RuntimeError(
@@ -707,21 +715,46 @@ def _fast_moments(
         for t, A, one in zip(terms, acts, single, strict=True)
     ]
     r = 0 if lowrank_w is None else lowrank_w.shape[1]
+    work = []
+    for t, A, M, Z in zip(terms, acts, pre, pre_v, strict=True):
+        if t.module in head and M is not None and Z is None and not full:
+            # b_c = e_c: (Q_Gᵀ b_c)_o = Q_G[c, o], so Var_c = Σ_o Q_G[c, o]² M_o, every
+            # column in one product and no backward pass for this term
+            for gi in range(G):
+                var[..., gi] += M[gi] if t.QG is None else M[gi] @ t.QG.square().t()
+        else:
+            work.append((t, A, M, Z))
+    if not work and r == 0:
+        return out.detach().to(dtype), var
+    # the backward starts at the output with the one-hot rows e_c, or, when the output
+    # layer is a Linear read above, at its input x with the rows W[c] (out = x Wᵀ + b:
+    # ∂f_c/∂x = W[c]), one product and one node less per column
+    start, seeds, skip = out, torch.eye(d, dtype=out.dtype, device=out.device), None
+    last = next(iter(head)) if len(head) == 1 else None
+    if (
+        isinstance(last, nn.Linear)
+        and all(t.module is not last for t, *_ in work)
+        and ins[last].dim() == 2
+        and ins[last].requires_grad
+    ):
+        start, seeds, skip = ins[last], last.weight.detach(), last
+    mods = [m for m in mods if m is not skip]
     es = [store[m][2] for m in mods]
     index = {m: i for i, m in enumerate(mods)}
     # output columns are pulled back one at a time (a vmapped, is_grads_batched backward
     # is no faster on CPU), their gradients stacked in groups for the products
     group = d if full else max(1, _GROUP_FLOATS // max(sum(e.numel() for e in es), 1))
-    eye = torch.eye(d, dtype=out.dtype, device=out.device)
     for c0 in range(0, d, group):
         cols = list(range(c0, min(c0 + group, d)))
         per = []
         for c in cols:
-            u = eye[c].expand(n, d)  # the one-hot output gradient of column c
-            per.append(torch.autograd.grad(out, es, u, retain_graph=c < d - 1, allow_unused=True))
+            u = seeds[c].expand_as(start)  # ∂f_c/∂start, the same row for every sample
+            per.append(
+                torch.autograd.grad(start, es, u, retain_graph=c < d - 1, allow_unused=True)
+            )
         k = len(cols)
         proj = torch.zeros(k, n, r, dtype=dtype, device=out.device) if r else None
-        for t, A, M, Z in zip(terms, acts, pre, pre_v, strict=True):
+        for t, A, M, Z in work:
             gs = [p[index[t.module]] for p in per]
             if any(g is None for g in gs):  # the output does not depend on this layer
                 continue

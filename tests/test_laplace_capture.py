@@ -261,6 +261,42 @@ def test_one_output_column_at_a_time_matches_the_dense_posterior(name, kind, mon
         assert score == pytest.approx(float(-p.gather(1, yt.view(-1, 1)).log().mean()), rel=1e-9)
 
 
+class ScaledHead(nn.Module):
+    """A Linear head whose output is scaled in place before it is returned: the head's
+    output gradient is ``2 e_c``, not the one-hot ``e_c`` of an unmodified output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(5, 6)
+        self.l2 = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.l2(torch.tanh(self.l1(x)))
+        y.mul_(2.0)
+        return y
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac", "ekfac"])
+def test_output_layer_read_without_a_backward_pass_matches_the_dense_posterior(kind):
+    """The last layer's output is the model's output, so its gradient for column ``c`` is
+    ``e_c`` and its share is ``Σ_o Q_G[c, o]² M_o`` for every column at once (last-layer
+    Laplace needs no backward pass); an output modified in place after the layer is not
+    read that way."""
+    torch.manual_seed(8)
+    for model in (nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)), ScaledHead()):
+        model = model.double().eval()
+        x = torch.randn(20, 5, dtype=torch.float64)
+        y = torch.randint(0, 3, (20,))
+        curv = _curvature(model, x, y, kind)
+        dense = Dense(model, x[:6], curv)
+        for subset in ("all", "last_layer"):
+            r = natgrad.fisher_uncertainty(model, x[:6], curv, prior_precision=0.4,
+                                           subset=subset, engine="fast")
+            names = None if subset == "all" else _last(model)
+            torch.testing.assert_close(r.logit_variance, dense.variance(0.4, names),
+                                       rtol=1e-9, atol=1e-13)
+
+
 def test_factored_damping_is_read_with_exact_damping():
     model, x, y = _case("mlp", seed=2)
     exact = _curvature(model, x, y, "kfac")
