@@ -744,6 +744,8 @@ def _fast_moments(
     # output columns are pulled back one at a time (a vmapped, is_grads_batched backward
     # is no faster on CPU), their gradients stacked in groups for the products
     group = d if full else max(1, _GROUP_FLOATS // max(sum(e.numel() for e in es), 1))
+    # one column at a time, one position: √M, so that Σ_o B²_o M_o = Σ_o (B_o √M_o)²
+    roots = {id(M): M.sqrt() for _, _, M, Z in work if not full and M is not None and Z is None}
     for c0 in range(0, d, group):
         cols = list(range(c0, min(c0 + group, d)))
         per = []
@@ -759,13 +761,15 @@ def _fast_moments(
             if any(g is None for g in gs):  # the output does not depend on this layer
                 continue
             if k == 1 and M is not None and Z is None and not full:
-                # one column, one position: Σ_o (Q_Gᵀ b_c)²_no M_gno with the fewest ops
-                # (the rotated product is fresh, so it is squared and weighted in place)
+                # one column, one position: Σ_o ((Q_Gᵀ b_c)_no √M_gno)² with the fewest
+                # passes (the rotated product is fresh: weighted and squared in place)
                 B = gs[0].reshape(n, -1).to(dtype)
-                B2 = (B @ t.QG).square_() if t.QG is not None else B.square()
+                R = B @ t.QG if t.QG is not None else None
+                root = roots[id(M)]
                 for gi in range(G):
-                    prod = B2.mul_(M[gi]) if gi == G - 1 else B2 * M[gi]
-                    var[:, c0, gi] += prod.sum(-1)
+                    W = R.mul_(root[gi]) if R is not None and gi == G - 1 else (
+                        (B if R is None else R) * root[gi])
+                    var[:, c0, gi] += W.square_().sum(-1)
                 continue
             if M is None and t.QG is not None and t.V is None and not full:
                 for j, gj in enumerate(gs):  # T > 1, rotated: column by column
