@@ -594,6 +594,11 @@ def _inputs(term: _Term, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # a Kronecker term's basis spans [W, b]: the weight columns are zero; a diagonal
         # or low-rank term holds the bias column alone (its last axis has width 1)
         A = A[..., :0] if term.inv.shape[-1] == int(term.bias is not None) else torch.zeros_like(A)
+    if term.QA is not None and term.bias is not None:
+        # [a, β] Q_A = a Q_A[:-1] + β Q_A[-1]: one product, no copy of a with its bias column
+        QA = term.QA
+        out = torch.addmm(QA[-1:] * term.bias, A.reshape(-1, A.shape[-1]), QA[:-1])
+        return out.reshape(*A.shape[:-1], QA.shape[1])
     if term.bias is not None:
         A = torch.cat([A, A.new_full((*A.shape[:-1], 1), term.bias)], -1)
     if term.QA is None:
