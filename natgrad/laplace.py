@@ -60,7 +60,7 @@ from natgrad.curvature.ops import check_curvature
 from natgrad.curvature.protocol import BLOCK_KINDS, Curvature
 from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch, OutputFn, add_batch_axis, default_output_fn, parse_batch
-from natgrad.engine.capture import split_params
+from natgrad.engine.capture import cached_split
 from natgrad.engine.capture_ops import zero_perturbation
 from natgrad.engine.checks import (
     check_choice,
@@ -527,7 +527,8 @@ def _fast_terms(
     """The capture-path terms and the chosen parameters they cover.
 
     A Linear / Conv module takes the capture path when every chosen parameter of it is
-    in ``fast`` (checked by :func:`natgrad.engine.capture.split_params`) and the
+    in ``fast`` (checked by :func:`natgrad.engine.capture.split_params`, remembered per model
+    and batch signature by :func:`natgrad.engine.capture.cached_split`) and the
     posterior's block of the module is a diagonal (any curvature: its
     ``inverse_diagonal``), or a K-FAC / EKFAC block of :class:`natgrad.KroneckerFisher`
     (one group, weight stored ``(out, in)``), in whose eigenbasis ``N F + δ I`` is
@@ -881,7 +882,7 @@ class _Posterior:
         if self.engine != "vmap":
             plan = Plan(self.model, self.lik, "exact", 1, list(self.chosen), self.output_fn,
                         None, what="the Laplace predictive")  # fmt: skip
-            fast = set(split_params(plan, b).module_names)
+            fast = set(cached_split(plan, b).module_names)
             if isinstance(self.fisher, LowRankFisher):
                 terms, covered, self.lowrank_w = _lowrank_terms(
                     self.model, self.fisher, self.chosen, fast, self.n, self.deltas, self.device

@@ -297,6 +297,26 @@ def test_output_layer_read_without_a_backward_pass_matches_the_dense_posterior(k
                                        rtol=1e-9, atol=1e-13)
 
 
+def test_remembered_capture_split_follows_the_parameters_and_the_batch():
+    """The capture path's split is remembered per model, parameters and batch signature
+    (as the Fisher's is): repeated calls, a call with other parameters and a call on
+    inputs of another per-sample shape each match the dense posterior."""
+    model, x, y = _case("seq", seed=9)
+    curv = _curvature(model, x, y, "kfac")
+    first = [k for k, _ in model.named_parameters()][:2]  # l1, on the capture path
+    dense = Dense(model, x[:5], curv)
+    for params, names in [(None, None), (first, first), (None, None)]:
+        r = natgrad.fisher_uncertainty(model, x[:5], curv, prior_precision=0.6, params=params)
+        torch.testing.assert_close(r.logit_variance, dense.variance(0.6, names), rtol=1e-9,
+                                   atol=1e-13)
+    model2, x2, y2 = _case("mlp", seed=9)
+    curv2 = _curvature(model2, x2, y2, "diag")
+    for xs in (x2[:4], x2[:4, None, :]):  # (N, 5), then (N, 1, 5): another signature
+        r = natgrad.fisher_uncertainty(model2, xs, curv2, prior_precision=0.6)
+        torch.testing.assert_close(r.logit_variance, _reference(model2, x2[:4], curv2, 0.6),
+                                   rtol=1e-9, atol=1e-13)
+
+
 def test_factored_damping_is_read_with_exact_damping():
     model, x, y = _case("mlp", seed=2)
     exact = _curvature(model, x, y, "kfac")
