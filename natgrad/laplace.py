@@ -60,7 +60,7 @@ from natgrad.curvature.ops import check_curvature
 from natgrad.curvature.protocol import BLOCK_KINDS, Curvature
 from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch, OutputFn, add_batch_axis, default_output_fn, parse_batch
-from natgrad.engine.capture import split_params
+from natgrad.engine.capture import cached_split
 from natgrad.engine.capture_ops import zero_perturbation
 from natgrad.engine.checks import (
     check_choice,
@@ -527,7 +527,8 @@ def _fast_terms(
     """The capture-path terms and the chosen parameters they cover.
 
     A Linear / Conv module takes the capture path when every chosen parameter of it is
-    in ``fast`` (checked by :func:`natgrad.engine.capture.split_params`) and the
+    in ``fast`` (checked by :func:`natgrad.engine.capture.split_params`, remembered per model
+    and batch signature by :func:`natgrad.engine.capture.cached_split`) and the
     posterior's block of the module is a diagonal (any curvature: its
     ``inverse_diagonal``), or a K-FAC / EKFAC block of :class:`natgrad.KroneckerFisher`
     (one group, weight stored ``(out, in)``), in whose eigenbasis ``N F + δ I`` is
@@ -594,6 +595,11 @@ def _inputs(term: _Term, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # a Kronecker term's basis spans [W, b]: the weight columns are zero; a diagonal
         # or low-rank term holds the bias column alone (its last axis has width 1)
         A = A[..., :0] if term.inv.shape[-1] == int(term.bias is not None) else torch.zeros_like(A)
+    if term.QA is not None and term.bias is not None:
+        # [a, β] Q_A = a Q_A[:-1] + β Q_A[-1]: one product, no copy of a with its bias column
+        QA = term.QA
+        out = torch.addmm(QA[-1:] * term.bias, A.reshape(-1, A.shape[-1]), QA[:-1])
+        return out.reshape(*A.shape[:-1], QA.shape[1])
     if term.bias is not None:
         A = torch.cat([A, A.new_full((*A.shape[:-1], 1), term.bias)], -1)
     if term.QA is None:
@@ -601,16 +607,49 @@ def _inputs(term: _Term, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (A.reshape(-1, A.shape[-1]) @ term.QA).reshape(A.shape)  # one 2-D product
 
 
-def _out_grads(term: _Term, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The output gradients ``(N, T, d_G)`` rotated by ``Q_G``."""
+def _out_grads(
+    term: _Term, g: torch.Tensor, dtype: torch.dtype, rotate: bool = True
+) -> torch.Tensor:
+    """The output gradients ``(N, T, d_G)`` rotated by ``Q_G`` (``rotate=False``: as
+    they are, a view of ``g`` where the dtype allows)."""
     g = g.to(dtype)
     if isinstance(term.module, nn.Linear):
         B = g.reshape(g.shape[0], -1, g.shape[-1])
     else:
         B = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
-    if term.QG is None:
+    if term.QG is None or not rotate:
         return B
     return (B.reshape(-1, B.shape[-1]) @ term.QG).reshape(B.shape)  # one 2-D product
+
+
+def _rotated_variance(
+    term: _Term, A: torch.Tensor, g: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``(N, G)``: one output column's ``Σ_{o,i} (Q_Gᵀ J Q_A)²_oi inv_goi`` for a layer
+    with ``T > 1`` positions (``A``: the rotated inputs ``(N, T, d_A)``, ``g``: the
+    column's output gradients).
+
+    The transposed rotated Jacobian ``(Q_Gᵀ J)ᵀ = Σ_t ã_t (Q_Gᵀ b_t)ᵀ`` is formed as
+    ``(N, d_A, d_G)`` by rotating whichever is smaller: the gradients ``b`` before the
+    per-sample product (``N T d_G²`` multiply-adds) or the Jacobian after it
+    (``N d_A d_G²``, when ``d_A < T``: a first convolution's small patches).
+    """
+    assert term.QG is not None  # the caller's condition
+    B = _out_grads(term, g, dtype, rotate=False)  # (N, T, d_G)
+    n, T, d_G = B.shape
+    d_A = A.shape[-1]
+    invT = term.inv.transpose(1, 2).reshape(term.inv.shape[0], -1)  # (G, d_A·d_G)
+    out = torch.empty(n, invT.shape[0], dtype=dtype, device=B.device)
+    step = max(1, _PRODUCT_FLOATS // max(d_G * max(d_A, T), 1))
+    for s in range(0, n, step):
+        As, Bs = A[s : s + step].mT, B[s : s + step]
+        if d_A < T:
+            Jt = (torch.bmm(As, Bs).reshape(-1, d_G) @ term.QG).reshape(-1, d_A, d_G)
+        else:
+            R = Bs.reshape(-1, d_G) @ term.QG
+            Jt = torch.bmm(As, R.reshape(-1, T, d_G))
+        torch.mm(Jt.square_().reshape(Jt.shape[0], -1), invT.t(), out=out[s : s + step])
+    return out
 
 
 def _fast_moments(
@@ -636,14 +675,22 @@ def _fast_moments(
     """
     mods = list(dict.fromkeys(t.module for t in terms))
     store: dict[nn.Module, tuple[torch.Tensor, int, torch.Tensor]] = {}
+    outs: dict[nn.Module, tuple[torch.Tensor, int]] = {}
+    ins: dict[nn.Module, torch.Tensor] = {}
 
     def hook(m: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
         e = zero_perturbation(out)
         store[m] = (inp[0].detach(), inp[0]._version, e)
-        return out + e
+        ins[m] = inp[0]
+        res = out + e
+        outs[m] = (res, res._version)
+        return res
 
-    out = hooked_output(model, b, output_fn, "the batch", [(m, hook) for m in mods])
-    out = out.reshape(b.size, -1)
+    raw = hooked_output(model, b, output_fn, "the batch", [(m, hook) for m in mods])
+    out = raw.reshape(b.size, -1)
+    # a layer whose (unmodified) output is the model's output has the one-hot output
+    # gradient e_c for column c
+    head = {m for m, (res, v) in outs.items() if res is raw and raw.dim() == 2 and res._version == v}
     missing = [m for m in mods if m not in store]
     if missing:
         raise RuntimeError(
@@ -674,23 +721,65 @@ def _fast_moments(
         for t, A, one in zip(terms, acts, single, strict=True)
     ]
     r = 0 if lowrank_w is None else lowrank_w.shape[1]
+    work = []
+    for t, A, M, Z in zip(terms, acts, pre, pre_v, strict=True):
+        if t.module in head and M is not None and Z is None and not full:
+            # b_c = e_c: (Q_Gᵀ b_c)_o = Q_G[c, o], so Var_c = Σ_o Q_G[c, o]² M_o, every
+            # column in one product and no backward pass for this term
+            for gi in range(G):
+                var[..., gi] += M[gi] if t.QG is None else M[gi] @ t.QG.square().t()
+        else:
+            work.append((t, A, M, Z))
+    if not work and r == 0:
+        return out.detach().to(dtype), var
+    # the backward starts at the output with the one-hot rows e_c, or, when the output
+    # layer is a Linear read above, at its input x with the rows W[c] (out = x Wᵀ + b:
+    # ∂f_c/∂x = W[c]), one product and one node less per column
+    start, seeds, skip = out, torch.eye(d, dtype=out.dtype, device=out.device), None
+    last = next(iter(head)) if len(head) == 1 else None
+    if (
+        isinstance(last, nn.Linear)
+        and all(t.module is not last for t, *_ in work)
+        and ins[last].dim() == 2
+        and ins[last].requires_grad
+    ):
+        start, seeds, skip = ins[last], last.weight.detach(), last
+    mods = [m for m in mods if m is not skip]
     es = [store[m][2] for m in mods]
     index = {m: i for i, m in enumerate(mods)}
     # output columns are pulled back one at a time (a vmapped, is_grads_batched backward
     # is no faster on CPU), their gradients stacked in groups for the products
     group = d if full else max(1, _GROUP_FLOATS // max(sum(e.numel() for e in es), 1))
+    # one column at a time, one position: √M, so that Σ_o B²_o M_o = Σ_o (B_o √M_o)²
+    roots = {id(M): M.sqrt() for _, _, M, Z in work if not full and M is not None and Z is None}
     for c0 in range(0, d, group):
         cols = list(range(c0, min(c0 + group, d)))
         per = []
         for c in cols:
-            u = torch.zeros_like(out)
-            u[:, c] = 1
-            per.append(torch.autograd.grad(out, es, u, retain_graph=c < d - 1, allow_unused=True))
+            u = seeds[c].expand_as(start)  # ∂f_c/∂start, the same row for every sample
+            per.append(
+                torch.autograd.grad(start, es, u, retain_graph=c < d - 1, allow_unused=True)
+            )
         k = len(cols)
         proj = torch.zeros(k, n, r, dtype=dtype, device=out.device) if r else None
-        for t, A, M, Z in zip(terms, acts, pre, pre_v, strict=True):
+        for t, A, M, Z in work:
             gs = [p[index[t.module]] for p in per]
             if any(g is None for g in gs):  # the output does not depend on this layer
+                continue
+            if k == 1 and M is not None and Z is None and not full:
+                # one column, one position: Σ_o ((Q_Gᵀ b_c)_no √M_gno)² with the fewest
+                # passes (the rotated product is fresh: weighted and squared in place)
+                B = gs[0].reshape(n, -1).to(dtype)
+                R = B @ t.QG if t.QG is not None else None
+                root = roots[id(M)]
+                for gi in range(G):
+                    W = R.mul_(root[gi]) if R is not None and gi == G - 1 else (
+                        (B if R is None else R) * root[gi])
+                    var[:, c0, gi] += W.square_().sum(-1)
+                continue
+            if M is None and t.QG is not None and t.V is None and not full:
+                for j, gj in enumerate(gs):  # T > 1, rotated: column by column
+                    var[:, c0 + j] += _rotated_variance(t, A, gj, dtype)
                 continue
             g = gs[0].unsqueeze(0) if k == 1 else torch.stack(gs)
             B = _out_grads(t, g.reshape(k * n, *g.shape[2:]), dtype)
@@ -707,8 +796,10 @@ def _fast_moments(
                 # the gradient tensor of another layer too)
                 B1 = B[:, :, 0]
                 B2 = B1.square_() if t.QG is not None else B1.square()
-                for gi in range(G):  # Σ_o B²_cno M_gno, one fused product-sum per candidate
-                    var[:, c0 : c0 + k, gi] += torch.linalg.vecdot(B2, M[gi]).t()
+                for gi in range(G):  # Σ_o B²_cno M_gno: a product (in place for the last
+                    # candidate: twice as fast as vecdot's temporary) and a row sum
+                    prod = B2.mul_(M[gi]) if gi == G - 1 else B2 * M[gi]
+                    var[:, c0 : c0 + k, gi] += prod.sum(-1).t()
                 continue
             inv = t.inv.reshape(G, -1)
             step = max(1, _PRODUCT_FLOATS // max(k * B.shape[-1] * A.shape[-1], 1))
@@ -791,7 +882,7 @@ class _Posterior:
         if self.engine != "vmap":
             plan = Plan(self.model, self.lik, "exact", 1, list(self.chosen), self.output_fn,
                         None, what="the Laplace predictive")  # fmt: skip
-            fast = set(split_params(plan, b).module_names)
+            fast = set(cached_split(plan, b).module_names)
             if isinstance(self.fisher, LowRankFisher):
                 terms, covered, self.lowrank_w = _lowrank_terms(
                     self.model, self.fisher, self.chosen, fast, self.n, self.deltas, self.device

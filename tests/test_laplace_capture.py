@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import natgrad
+from natgrad import laplace
 from tests.reference import dense_from_mv, output_jacobian
 
 
@@ -31,6 +32,21 @@ class SmallCNN(nn.Module):
         h1 = torch.relu(self.c1(x[:, :10].unsqueeze(1))).flatten(1)
         h2 = torch.tanh(self.c2(x[:, 10:26].reshape(-1, 1, 4, 4))).flatten(1)
         return self.fc(torch.cat([h1, h2], 1))
+
+
+class DeepCNN(nn.Module):
+    """Two Conv1d layers, the first with fewer patch entries than positions (``d_A = 4 <
+    T = 6``), the second with more (``d_A = 13 >= T = 3``), and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(1, 4, 3, stride=2, padding=1)
+        self.c2 = nn.Conv1d(4, 3, 3, stride=2, padding=1)
+        self.fc = nn.Linear(9, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c1(x.unsqueeze(1)))
+        return self.fc(torch.tanh(self.c2(h)).flatten(1))
 
 
 class SeqModel(nn.Module):
@@ -52,6 +68,8 @@ def _case(name: str, seed: int = 0, dtype=torch.float64):
         model, d = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)), 5
     elif name == "cnn":
         model, d = SmallCNN(), 26
+    elif name == "deep_cnn":
+        model, d = DeepCNN(), 12
     else:
         model, d = SeqModel(), 12
     model = model.to(dtype).eval()
@@ -215,6 +233,88 @@ def test_grid_of_prior_precisions_matches_the_dense_nll(kind):
         p = torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), -1)
         nll = -p.gather(1, yv.view(-1, 1)).log().mean()
         assert score == pytest.approx(float(nll), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "deep_cnn", "seq"])
+@pytest.mark.parametrize("kind", ["diag", "kfac", "ekfac"])
+def test_one_output_column_at_a_time_matches_the_dense_posterior(name, kind, monkeypatch):
+    """Large batches pull the output columns back one at a time: the single-column routes
+    (one position: ``Σ_o (Q_Gᵀ b)²_o M_o`` in place; several positions: the rotated
+    Jacobian, rotating ``b`` or, for small patches, ``J``), in several sample chunks,
+    against the dense float64 posterior, for one δ and for a grid of three."""
+    monkeypatch.setattr(laplace, "_GROUP_FLOATS", 1)  # one column per group
+    monkeypatch.setattr(laplace, "_PRODUCT_FLOATS", 64)  # per-sample products in chunks
+    model, x, y = _case(name, seed=7)
+    curv = _curvature(model, x, y, kind)
+    xt, yt = x[:7] * 1.3, y[:7]
+    dense = Dense(model, xt, curv)
+    r = natgrad.fisher_uncertainty(model, xt, curv, prior_precision=0.7, engine="fast")
+    torch.testing.assert_close(r.logit_variance, dense.variance(0.7), rtol=1e-9, atol=1e-13)
+    grid = [0.05, 0.5, 5.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the best δ may sit at the grid's edge
+        scores = natgrad.optimize_prior_precision(model, curv, (xt, yt), grid=grid,
+                                                  engine="fast").scores
+    mean = model(xt).detach()
+    for g, score in zip(grid, scores, strict=True):
+        p = torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * dense.variance(g)), -1)
+        assert score == pytest.approx(float(-p.gather(1, yt.view(-1, 1)).log().mean()), rel=1e-9)
+
+
+class ScaledHead(nn.Module):
+    """A Linear head whose output is scaled in place before it is returned: the head's
+    output gradient is ``2 e_c``, not the one-hot ``e_c`` of an unmodified output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(5, 6)
+        self.l2 = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.l2(torch.tanh(self.l1(x)))
+        y.mul_(2.0)
+        return y
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac", "ekfac"])
+def test_output_layer_read_without_a_backward_pass_matches_the_dense_posterior(kind):
+    """The last layer's output is the model's output, so its gradient for column ``c`` is
+    ``e_c`` and its share is ``Σ_o Q_G[c, o]² M_o`` for every column at once (last-layer
+    Laplace needs no backward pass); an output modified in place after the layer is not
+    read that way."""
+    torch.manual_seed(8)
+    for model in (nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)), ScaledHead()):
+        model = model.double().eval()
+        x = torch.randn(20, 5, dtype=torch.float64)
+        y = torch.randint(0, 3, (20,))
+        curv = _curvature(model, x, y, kind)
+        dense = Dense(model, x[:6], curv)
+        for subset in ("all", "last_layer"):
+            r = natgrad.fisher_uncertainty(model, x[:6], curv, prior_precision=0.4,
+                                           subset=subset, engine="fast")
+            names = None if subset == "all" else _last(model)
+            torch.testing.assert_close(r.logit_variance, dense.variance(0.4, names),
+                                       rtol=1e-9, atol=1e-13)
+
+
+def test_remembered_capture_split_follows_the_parameters_and_the_batch():
+    """The capture path's split is remembered per model, parameters and batch signature
+    (as the Fisher's is): repeated calls, a call with other parameters and a call on
+    inputs of another per-sample shape each match the dense posterior."""
+    model, x, y = _case("seq", seed=9)
+    curv = _curvature(model, x, y, "kfac")
+    first = [k for k, _ in model.named_parameters()][:2]  # l1, on the capture path
+    dense = Dense(model, x[:5], curv)
+    for params, names in [(None, None), (first, first), (None, None)]:
+        r = natgrad.fisher_uncertainty(model, x[:5], curv, prior_precision=0.6, params=params)
+        torch.testing.assert_close(r.logit_variance, dense.variance(0.6, names), rtol=1e-9,
+                                   atol=1e-13)
+    model2, x2, y2 = _case("mlp", seed=9)
+    curv2 = _curvature(model2, x2, y2, "diag")
+    for xs in (x2[:4], x2[:4, None, :]):  # (N, 5), then (N, 1, 5): another signature
+        r = natgrad.fisher_uncertainty(model2, xs, curv2, prior_precision=0.6)
+        torch.testing.assert_close(r.logit_variance, _reference(model2, x2[:4], curv2, 0.6),
+                                   rtol=1e-9, atol=1e-13)
 
 
 def test_factored_damping_is_read_with_exact_damping():

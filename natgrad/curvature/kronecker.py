@@ -901,6 +901,16 @@ class KroneckerFisher(Curvature):
         out.update({k: f.clone() for k, f in self.diag.items()})
         return {k: out[k] for k in self.names()}
 
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{name: shape}`` from the blocks' sizes (no diagonal is computed: an EKFAC
+        diagonal costs two products per layer)."""
+        out: dict[str, tuple[int, ...]] = {}
+        for blk in self.blocks.values():
+            D = torch.empty(blk.groups, blk.G.shape[1], blk.A.shape[1], device="meta")
+            out.update({k: tuple(v.shape) for k, v in self._split(blk, D).items()})
+        out.update({k: tuple(f.shape) for k, f in self.diag.items()})
+        return {k: out[k] for k in self.names()}
+
     def inverse_diagonal(self, damping: float) -> dict[str, torch.Tensor]:
         """``diag (F + λI)⁻¹ = Q_G² (1/(S + λ)) (Q_A²)ᵀ`` per layer, ``1/(F + λ)`` else."""
         lam = _damping(damping)

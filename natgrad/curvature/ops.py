@@ -55,11 +55,11 @@ def check_curvature(curvature: object, model: nn.Module | None, what: str = "cur
                 f"{list(named)[:8]}. Estimate the curvature on this model (a pruned model "
                 "names its weights '<m>.weight_orig'; call natgrad.make_permanent first)."
             )
-        diag = curvature.diagonal()
+        shapes = curvature.param_shapes()
         bad = [
-            f"{k}: {tuple(diag[k].shape)} vs {tuple(named[k].shape)}"
+            f"{k}: {shapes[k]} vs {tuple(named[k].shape)}"
             for k in names
-            if tuple(diag[k].shape) != tuple(named[k].shape)
+            if shapes[k] != tuple(named[k].shape)
         ]
         if bad:
             raise ValueError(

@@ -218,6 +218,11 @@ class Curvature(ABC):
         """The covered parameter names, in model order."""
         return list(self.structure())
 
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{name: shape}`` of every covered parameter, in model order (read off
+        :meth:`diagonal` unless a subclass knows them without computing it)."""
+        return {k: tuple(v.shape) for k, v in self.diagonal().items()}
+
     def restrict(self, names: Sequence[str]) -> Curvature:
         """The curvature of the parameters ``names`` alone: ``F``'s block on them.
 

@@ -376,6 +376,32 @@ def test_embedding_factors_token_frequencies_and_dense():
         check_against_dense(c, shapes, _dense_kronecker(c, model, ids, y, _tok_ce))
 
 
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_param_shapes_from_the_blocks_are_the_diagonal_and_model_shapes(kind):
+    """Grouped convolution, transposed embedding block, diagonal-stored factor sides
+    (max_factor_dim) and a diagonal-part LayerNorm: the shapes read off the blocks equal
+    the computed diagonal's and the parameters'."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv1d(4, 4, 3, groups=2, padding=1), nn.Tanh(),
+                         nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.LayerNorm(4),
+                         nn.Linear(4, 3)).double()
+    cases = [
+        (conv, (torch.randn(5, 4, 6, dtype=torch.float64), torch.randint(0, 3, (5,))), {}),
+        (mlp((4, 8, 3)).double(),
+         (torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))),
+         {"max_factor_dim": 5}),
+        (TokModel().double(), (torch.tensor([[1, 2, 0], [3, 1, 1]]), torch.randint(0, 4, (2, 3))),
+         {"lik": TokenCategorical()}),
+    ]
+    for model, data, kw in cases:
+        curv = _est(model, data, kind=kind, **kw)
+        shapes = curv.param_shapes()
+        assert list(shapes) == curv.names()
+        assert shapes == {k: tuple(v.shape) for k, v in curv.diagonal().items()}
+        named = dict(model.named_parameters())
+        assert shapes == {k: tuple(named[k].shape) for k in curv.names()}
+
+
 # -- options: max_factor_dim, memory guard ------------------------------------------------------
 def test_max_factor_dim_keeps_large_sides_diagonal():
     torch.manual_seed(0)
