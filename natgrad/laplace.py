@@ -60,7 +60,7 @@ from natgrad.curvature.ops import check_curvature
 from natgrad.curvature.protocol import BLOCK_KINDS, Curvature
 from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch, OutputFn, add_batch_axis, default_output_fn, parse_batch
-from natgrad.engine.capture import cached_split
+from natgrad.engine.capture import cached_split, check_ran_once
 from natgrad.engine.capture_ops import zero_perturbation
 from natgrad.engine.checks import (
     check_choice,
@@ -551,6 +551,8 @@ def _fast_terms(
         mine = [k for k in (w, b) if k is not None and k in chosen]
         if not mine or not all(k in fast for k in mine):
             continue
+        if getattr(m, "groups", 1) != 1:  # the unfolded inputs below span every channel
+            continue
         blk = blocks.get(w) if w is not None else None
         if blk is not None:
             if blk.groups != 1 or blk.transposed or blk.bias not in (None, b):
@@ -678,7 +680,11 @@ def _fast_moments(
     outs: dict[nn.Module, tuple[torch.Tensor, int]] = {}
     ins: dict[nn.Module, torch.Tensor] = {}
 
+    twice: set[nn.Module] = set()
+
     def hook(m: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        if m in store:
+            twice.add(m)
         e = zero_perturbation(out)
         store[m] = (inp[0].detach(), inp[0]._version, e)
         ins[m] = inp[0]
@@ -687,6 +693,7 @@ def _fast_moments(
         return res
 
     raw = hooked_output(model, b, output_fn, "the batch", [(m, hook) for m in mods])
+    check_ran_once(model, twice, {m: k for k, m in model.named_modules()})
     out = raw.reshape(b.size, -1)
     # a layer whose (unmodified) output is the model's output has the one-hot output
     # gradient e_c for column c

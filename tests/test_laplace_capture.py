@@ -16,7 +16,7 @@ from torch import nn
 
 import natgrad
 from natgrad import laplace
-from tests.reference import dense_from_mv, output_jacobian
+from tests.reference import assert_close_dict, dense_from_mv, output_jacobian
 
 
 class SmallCNN(nn.Module):
@@ -411,3 +411,95 @@ def test_conv_bias_without_its_weight_matches_the_dense_posterior(kind):
         torch.testing.assert_close(
             r.logit_variance, dense.variance(0.6, ["c2.bias"]), rtol=1e-9, atol=1e-13
         )
+
+
+# -- review of the capture split: hooks, control flow, one-sample batches, groups -------
+
+
+class _Flag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(5, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.reuse = False
+
+    def forward(self, x):
+        h = torch.tanh(self.l2(torch.tanh(self.l1(x))))
+        if self.reuse:
+            h = torch.tanh(self.l2(h))
+        return self.l3(h)
+
+
+class _Centered(nn.Module):
+    """Mixes samples (subtracts half the batch mean): no per-sample gradient exists."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(5, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        return self.l2(h - 0.5 * h.mean(0, keepdim=True))
+
+
+def _xy(n=30):
+    torch.manual_seed(4)
+    return torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 4, (n,))
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac"])
+def test_a_forward_hook_that_changes_a_layer_output_takes_the_vmap_path(kind):
+    # the capture path read the layer's own output (e_c ⊗ a) and ignored the hook's x2
+    x, y = _xy()
+    m = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).double().eval()
+    m[2].register_forward_hook(lambda mod, i, o: o * 2.0)
+    c = natgrad.estimate_curvature(m, (x, y), kind=kind, labels="exact", engine="vmap")
+    got = natgrad.fisher_uncertainty(m, x[:6], c, prior_precision=0.5)
+    want = natgrad.fisher_uncertainty(m, x[:6], c, prior_precision=0.5, engine="vmap")
+    torch.testing.assert_close(got.logit_variance, want.logit_variance, rtol=1e-10, atol=1e-12)
+    fast = natgrad.estimate_fisher(m, (x, y))
+    slow = natgrad.estimate_fisher(m, (x, y), engine="vmap")
+    assert_close_dict(dict(fast), dict(slow), rtol=1e-10, atol=1e-14)
+
+
+def test_a_control_flow_change_after_a_remembered_split_is_refused_then_rechecked():
+    x, y = _xy()
+    m = _Flag().double().eval()
+    c = natgrad.estimate_curvature(m, (x, y), kind="diag", labels="exact", engine="vmap")
+    natgrad.fisher_uncertainty(m, x[:6], c, prior_precision=0.5)  # remembers the split
+    m.reuse = True  # l2 now runs twice per forward
+    with pytest.raises(RuntimeError, match="'l2' running once.*control flow changed"):
+        natgrad.fisher_uncertainty(m, x[:6], c, prior_precision=0.5)
+    got = natgrad.fisher_uncertainty(m, x[:6], c, prior_precision=0.5)  # checked again
+    want = natgrad.fisher_uncertainty(m, x[:6], c, prior_precision=0.5, engine="vmap")
+    torch.testing.assert_close(got.logit_variance, want.logit_variance, rtol=1e-10, atol=1e-12)
+    m = _Flag().double().eval()  # the Fisher's capture path, alike
+    natgrad.estimate_fisher(m, (x, y))
+    m.reuse = True
+    with pytest.raises(RuntimeError, match="'l2' running once.*control flow changed"):
+        natgrad.estimate_fisher(m, (x, y))
+    fast = natgrad.estimate_fisher(m, (x, y))
+    assert_close_dict(dict(fast), dict(natgrad.estimate_fisher(m, (x, y), engine="vmap")),
+                      rtol=1e-10, atol=1e-14)
+
+
+def test_a_one_sample_first_call_does_not_vouch_for_later_batches():
+    # one sample cannot show that the model mixes samples: its split is not remembered
+    x, y = _xy()
+    m = _Centered().double().eval()
+    c = natgrad.estimate_curvature(m, (x, y), kind="diag", labels="exact", engine="vmap")
+    natgrad.fisher_uncertainty(m, x[:1], c, prior_precision=0.5)
+    got = natgrad.fisher_uncertainty(m, x[:6], c, prior_precision=0.5)
+    want = natgrad.fisher_uncertainty(m, x[:6], c, prior_precision=0.5, engine="vmap")
+    torch.testing.assert_close(got.logit_variance, want.logit_variance, rtol=1e-10, atol=1e-12)
+
+
+def test_a_grouped_conv_with_a_diagonal_posterior_takes_the_vmap_path():
+    # it crashed with a shape error: the unfolded inputs spanned every channel
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv1d(2, 4, 3, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3))
+    m = m.double().eval()
+    x, y = torch.randn(12, 2, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
+    c = natgrad.estimate_curvature(m, (x, y), kind="diag", labels="exact")
+    got = natgrad.fisher_uncertainty(m, x[:4], c, prior_precision=0.5)
+    want = natgrad.fisher_uncertainty(m, x[:4], c, prior_precision=0.5, engine="vmap")
+    torch.testing.assert_close(got.logit_variance, want.logit_variance, rtol=1e-10, atol=1e-12)

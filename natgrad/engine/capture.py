@@ -231,9 +231,18 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
     keys = {m: f"<output of {mod_names.get(m, type(m).__name__)}>" for m in cands}
     shapes: dict[nn.Module, tuple[torch.Size, ...]] = {}
     probes: list[ProbeMode] = []
+    replaced: set[nn.Module] = set()  # a forward hook of the user's changed the output
     for n in (1, 2):
         seen: dict[nn.Module, list[tuple[Any, Any]]] = {m: [] for m in cands}
         mode = ProbeMode(ids, free_ids, n)
+        own: dict[nn.Module, tuple[Any, int]] = {}
+
+        def first(
+            m: nn.Module, inp: tuple[Any, ...], out: Any,
+            own: dict[nn.Module, tuple[Any, int]] = own,
+        ) -> None:
+            o = _first(out)  # the layer's own output: this hook runs before every other
+            own[m] = (o, o._version if isinstance(o, torch.Tensor) else -1)
 
         def hook(
             m: nn.Module,
@@ -242,13 +251,18 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
             seen: dict[nn.Module, list[tuple[Any, Any]]] = seen,
             mode: ProbeMode = mode,
             n: int = n,
+            own: dict[nn.Module, tuple[Any, int]] = own,
         ) -> None:
             o = _first(out)
+            mine, version = own.pop(m, (None, -1))
+            if o is not mine or (isinstance(o, torch.Tensor) and o._version != version):
+                replaced.add(m)  # replaced or modified in place by a hook before this one
             seen[m].append((inp[0] if inp else None, o))
             if n == 2 and shared[m] and isinstance(o, torch.Tensor) and o.shape[:1] == (1,):
                 mode.watch(keys[m], o)
 
-        handles = [m.register_forward_hook(hook) for m in cands]
+        handles = [m.register_forward_hook(first, prepend=True) for m in cands]
+        handles += [m.register_forward_hook(hook) for m in cands]
         try:
             probe = _repeat_first(b, n)
             try:
@@ -274,8 +288,8 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
                 good, one = good and same, one and same and _shared_ok(mode, keys[m])
             if isinstance(m, nn.MultiheadAttention):
                 good = good and mode.attention.get(id(m.in_proj_weight), False)
-            ok[m] = ok[m] and good
-            shared[m] = shared[m] and one
+            ok[m] = ok[m] and good and m not in replaced
+            shared[m] = shared[m] and one and m not in replaced
     def uses(p: torch.Tensor, k: int = 1) -> bool:
         return all(pm.counts[id(p)] == k for pm in probes)
 
@@ -349,6 +363,11 @@ def cached_split(plan: Plan, b: Batch) -> FastSplit:
         tuple((k, _signature(v)) for k, v in sorted(b.kwargs.items())),
         plan.output_fn,
     )
+    if b.size < 2 or _supported(plan.model):
+        # one sample: samplewise() cannot check the batch, so the split is not kept for
+        # later batches; a model that is itself a layer: the split would hold the model
+        # and keep it alive (the cache's key)
+        return split_params(plan, b)
     try:
         per_model = _SPLITS.setdefault(plan.model, {})
     except TypeError:  # a model that cannot be weakly referenced: no cache
@@ -358,6 +377,26 @@ def cached_split(plan: Plan, b: Batch) -> FastSplit:
             per_model.clear()
         per_model[key] = split_params(plan, b)
     return per_model[key]
+
+
+def forget_splits(model: nn.Module) -> None:
+    """Drop the splits :func:`cached_split` remembers for ``model`` (its next call probes
+    again)."""
+    _SPLITS.pop(model, None)
+
+
+def check_ran_once(model: nn.Module, twice: set[nn.Module], names: Mapping[nn.Module, str]) -> None:
+    """Raise when a capture-path module ran more than once in one forward (the split
+    checked it running once: the model's control flow changed since), after dropping the
+    model's remembered splits so that the next call checks again."""
+    if twice:
+        forget_splits(model)
+        name = next(iter(names[m] for m in twice if m in names), type(next(iter(twice))).__name__)
+        raise RuntimeError(
+            f"The capture path checked {name!r} running once per forward, but it ran more "
+            "than once in this one (the model's control flow changed since the check). The "
+            "check is redone on the next call; or use engine='vmap'."
+        )
 
 
 def _chain_once(probes: list[ProbeMode], name: str) -> bool:
@@ -517,6 +556,8 @@ def _capture_forward(
     perturbation ``e`` added to it (one more tensor per layer output)."""
 
     def hook(m: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
+        if m in store:
+            twice.add(m)
         if m in split.shared:  # perturbed where it is added to a batched tensor
             store[m] = {"main": (inp[0].detach(), inp[0]._version, None)}
             outputs[m] = out.detach()
@@ -537,9 +578,12 @@ def _capture_forward(
     mode = (
         CaptureMode(attention, free_ids, store) if attention or free_ids or split.shared else None
     )
-    return hooked_output(
+    twice: set[nn.Module] = set()
+    out = hooked_output(
         plan.model, b, plan.output_fn, plan.where, [(m, hook) for m in hooked], mode
     )
+    check_ran_once(plan.model, twice, {m: k for k, m in plan.model.named_modules()})
+    return out
 
 
 def _stream_column(
