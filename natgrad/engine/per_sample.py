@@ -560,7 +560,9 @@ def hooked_output(
     pass only (removed even on failure), inside ``mode`` when one is given (e.g. a
     ``TorchFunctionMode`` that records free parameters). The one capture sequence of the
     capture path, K-FAC, Laplace and structured pruning's layer walks."""
-    handles = [m.register_forward_hook(h) for m, h in hooks]
+    # first among each module's forward hooks: the hook sees the layer's own output, and a
+    # forward hook of the user's that replaces it runs after, on what the hook returns
+    handles = [m.register_forward_hook(h, prepend=True) for m, h in hooks]
     try:
         with torch.set_grad_enabled(grad), (mode if mode is not None else contextlib.nullcontext()):
             return output_fn(call_model(model, b, where))

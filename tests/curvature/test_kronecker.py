@@ -20,6 +20,7 @@ from natgrad.curvature.kronecker import KroneckerFisher
 from natgrad.engine.likelihoods import TokenCategorical, get_likelihood
 from tests.conftest import TinyCNN, mlp
 from tests.reference import (
+    assert_close_dict,
     ce_sum,
     check_against_dense,
     dense_fisher,
@@ -718,3 +719,18 @@ def test_restrict_keeps_whole_layers_and_diagonal_entries(kind):
     torch.testing.assert_close(dense_from_mv(curv, shapes), dense, atol=0, rtol=0)
     with pytest.raises(ValueError, match="cut through the Kronecker block of layer '3'"):
         curv.restrict(["1.weight", "3.weight"])
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_kronecker_factors_see_the_layer_output_under_a_users_forward_hook(kind):
+    # K-FAC's capture hook ran after a hook of the user's that doubles the output, and took
+    # the doubled output's gradient as the layer's: F off by 4x. One sample: K-FAC is exact
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4)).double().eval()
+    m[0].register_forward_hook(lambda mod, i, o: o * 2.0)
+    x, y = torch.randn(1, 3, dtype=torch.float64), torch.tensor([1])
+    g = natgrad.per_sample_grads(m, (x, y), engine="vmap")
+    v = {k: torch.randn_like(p) for k, p in m.named_parameters()}
+    gv = sum((g[j][0] * v[j]).sum() for j in g)
+    c = natgrad.estimate_curvature(m, (x, y), kind=kind)
+    assert_close_dict(c.mv(v), {k: g[k][0] * gv for k in g}, rtol=1e-10, atol=1e-14)
