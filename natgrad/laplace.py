@@ -693,7 +693,7 @@ def _fast_moments(
         return res
 
     raw = hooked_output(model, b, output_fn, "the batch", [(m, hook) for m in mods])
-    check_ran_once(model, twice, {m: k for k, m in model.named_modules()})
+    check_ran_once(model, twice)
     out = raw.reshape(b.size, -1)
     # a layer whose (unmodified) output is the model's output has the one-hot output
     # gradient e_c for column c

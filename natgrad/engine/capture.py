@@ -385,12 +385,13 @@ def forget_splits(model: nn.Module) -> None:
     _SPLITS.pop(model, None)
 
 
-def check_ran_once(model: nn.Module, twice: set[nn.Module], names: Mapping[nn.Module, str]) -> None:
+def check_ran_once(model: nn.Module, twice: set[nn.Module]) -> None:
     """Raise when a capture-path module ran more than once in one forward (the split
     checked it running once: the model's control flow changed since), after dropping the
     model's remembered splits so that the next call checks again."""
     if twice:
         forget_splits(model)
+        names = {m: k for k, m in model.named_modules()}
         name = next(iter(names[m] for m in twice if m in names), type(next(iter(twice))).__name__)
         raise RuntimeError(
             f"The capture path checked {name!r} running once per forward, but it ran more "
@@ -582,7 +583,7 @@ def _capture_forward(
     out = hooked_output(
         plan.model, b, plan.output_fn, plan.where, [(m, hook) for m in hooked], mode
     )
-    check_ran_once(plan.model, twice, {m: k for k, m in plan.model.named_modules()})
+    check_ran_once(plan.model, twice)
     return out
 
 
