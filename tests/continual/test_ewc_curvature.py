@@ -43,6 +43,18 @@ def _grad(model, value):
     return flatten_params({k: p.grad for k, p in model.named_parameters()}, NAMES)
 
 
+def _check_penalty_against(model, curv, mat, lam, seed):
+    """EWC's penalty ``(λ/2) dᵀ M d`` and its gradient ``λ M d`` after a move ``d`` from
+    the anchor, against the dense matrix ``mat``."""
+    star = _theta(model)
+    ewc = natgrad.EWC(model, curv, lam=lam)
+    _move(model, seed)
+    d = _theta(model) - star
+    pen = ewc.penalty()
+    assert float(pen.detach()) == pytest.approx(lam / 2 * float(d @ mat @ d), rel=1e-9)
+    torch.testing.assert_close(_grad(model, pen), lam * mat @ d, rtol=1e-8, atol=1e-10)
+
+
 def test_dense_penalty_and_gradient_match_the_quadratic_form():
     model = _model()
     curv = _dense(model, 1)
@@ -188,13 +200,7 @@ def test_structured_penalty_and_gradient_match_the_dense_quadratic_form(kind):
     curv = _kron(model, kind, 1)
     shapes = {k: p.shape for k, p in model.named_parameters()}
     mat = dense_from_mv(curv, shapes)
-    star = _theta(model)
-    ewc = natgrad.EWC(model, curv, lam=5.0)
-    _move(model, 11)
-    d = _theta(model) - star
-    pen = ewc.penalty()
-    assert float(pen.detach()) == pytest.approx(2.5 * float(d @ mat @ d), rel=1e-9)
-    torch.testing.assert_close(_grad(model, pen), 5.0 * mat @ d, rtol=1e-8, atol=1e-10)
+    _check_penalty_against(model, curv, mat, lam=5.0, seed=11)
 
 
 @needs_kron
@@ -258,13 +264,7 @@ def test_kronecker_penalty_and_gradient_match_an_independent_kfac_matrix():
     mat = _own_kfac_matrix(model, x)
     model.zero_grad()
     curv = natgrad.estimate_curvature(model, x, kind="kfac", labels="exact")
-    star = _theta(model)
-    ewc = natgrad.EWC(model, curv, lam=4.0)
-    _move(model, 12)
-    d = _theta(model) - star
-    pen = ewc.penalty()
-    assert float(pen.detach()) == pytest.approx(2.0 * float(d @ mat @ d), rel=1e-9)
-    torch.testing.assert_close(_grad(model, pen), 4.0 * mat @ d, rtol=1e-8, atol=1e-10)
+    _check_penalty_against(model, curv, mat, lam=4.0, seed=12)
 
 
 @needs_kron
