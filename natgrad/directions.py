@@ -39,7 +39,7 @@ from typing_extensions import Unpack
 from natgrad.curvature.estimate import iterate_batches
 from natgrad.engine.batch import Batch, OutputFn
 from natgrad.engine.checks import check_choice, check_fixed_model, check_int, check_positive
-from natgrad.engine.common import acc_dtype, vjp_pair
+from natgrad.engine.common import acc_dtype, internal_pass, vjp_pair
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.options import EstimatorOptions, LabelSource, Options, ParamSpec
 from natgrad.engine.per_sample import Plan, per_sample_grads, select_params
@@ -241,7 +241,8 @@ def _lanczos(
                 sub, us = b.select(s, min(s + step, b.size)), u[s : s + step]
 
                 def f(p: dict[str, torch.Tensor], sub: Batch = sub) -> torch.Tensor:
-                    return model_fn(functional_call(model, p, sub.args, sub.kwargs, strict=False))
+                    with internal_pass():
+                        return model_fn(functional_call(model, p, sub.args, sub.kwargs, strict=False))
 
                 jv = jvp(f, (chosen,), (v,))[1]  # (output, tangent); no aux
                 w = (us * jv.unsqueeze(1)).flatten(2).sum(-1)  # (n, K) = rows of G v

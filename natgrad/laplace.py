@@ -71,7 +71,7 @@ from natgrad.engine.checks import (
     check_positive,
     check_same_structure,
 )
-from natgrad.engine.common import acc_dtype
+from natgrad.engine.common import acc_dtype, internal_pass
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.options import ENGINES, EngineName, ParamSpec
 from natgrad.engine.per_sample import (
@@ -288,7 +288,9 @@ def _moments(
         args, kwargs = add_batch_axis(args, kwargs, arg_dims, kw_dims)  # shared: as is
 
         def f(pp: dict[str, torch.Tensor]) -> torch.Tensor:
-            return output_fn(functional_call(model, pp, args, kwargs, strict=False)).reshape(-1)
+            with internal_pass():
+                out = output_fn(functional_call(model, pp, args, kwargs, strict=False))
+            return out.reshape(-1)
 
         # torch.func.vjp's annotation also admits the has_aux=True 3-tuple
         out, pull = vjp(f, p)  # type: ignore[misc]
@@ -879,7 +881,7 @@ class _Posterior:
         from natgrad.curvature.lowrank import LowRankFisher
 
         first = b.select(0, 1)
-        with torch.no_grad():  # a failing forward is reported on the user's batch
+        with torch.no_grad(), internal_pass():  # a failing forward is reported on the user's batch
             try:
                 self.model(*first.args, **first.kwargs)
             except Exception as exc:

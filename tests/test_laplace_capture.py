@@ -503,3 +503,37 @@ def test_a_grouped_conv_with_a_diagonal_posterior_takes_the_vmap_path():
     got = natgrad.fisher_uncertainty(m, x[:4], c, prior_precision=0.5)
     want = natgrad.fisher_uncertainty(m, x[:4], c, prior_precision=0.5, engine="vmap")
     torch.testing.assert_close(got.logit_variance, want.logit_variance, rtol=1e-10, atol=1e-12)
+
+
+def test_per_sample_grads_refuses_a_layer_that_runs_twice_after_a_remembered_split():
+    # its capture pass kept no run-once check: 1.44 relative error, silently
+    x, y = _xy()
+    m = _Flag().double().eval()
+    natgrad.per_sample_grads(m, (x, y))
+    m.reuse = True
+    with pytest.raises(RuntimeError, match="'l2' running once.*control flow changed"):
+        natgrad.per_sample_grads(m, (x, y))
+    got = natgrad.per_sample_grads(m, (x, y))
+    assert_close_dict(got, natgrad.per_sample_grads(m, (x, y), engine="vmap"),
+                      rtol=1e-10, atol=1e-14)
+
+
+def test_a_global_forward_hook_that_changes_an_output_takes_the_vmap_path():
+    # a global hook runs before every module hook, so the capture path cannot read the
+    # layer's own output: it used to read the hooked one (0.75 relative error)
+    x, y = _xy()
+    m = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).double().eval()
+    target = m[2]
+    h = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, i, o: 2.0 * o if mod is target else None
+    )
+    try:
+        fast = natgrad.estimate_fisher(m, (x, y))
+        slow = natgrad.estimate_fisher(m, (x, y), engine="vmap")
+        assert_close_dict(dict(fast), dict(slow), rtol=1e-10, atol=1e-14)
+        c = natgrad.estimate_curvature(m, (x, y), kind="diag", labels="exact", engine="vmap")
+        got = natgrad.fisher_uncertainty(m, x[:6], c, prior_precision=0.5)
+        want = natgrad.fisher_uncertainty(m, x[:6], c, prior_precision=0.5, engine="vmap")
+        torch.testing.assert_close(got.logit_variance, want.logit_variance, rtol=1e-10, atol=1e-12)
+    finally:
+        h.remove()

@@ -56,7 +56,7 @@ from natgrad.curvature.kfac import (
     per_sample_blocks,
 )
 from natgrad.engine.checks import check_choice
-from natgrad.engine.common import to_acc
+from natgrad.engine.common import in_internal_pass, to_acc
 
 __all__ = ["BackwardCapture", "LOSS_REDUCTIONS", "per_sample_gradients"]
 
@@ -140,6 +140,8 @@ class BackwardCapture:
             self._handles = []
 
     def _new_pass(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if in_internal_pass():  # natgrad's own pass (a Fisher, a probe): not the user's
+            return
         if self.scale_source is not None:
             scale = float(self.scale_source())
             if scale != self.loss_scale:
@@ -156,7 +158,7 @@ class BackwardCapture:
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def fn(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() or in_internal_pass():
                 return
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return

@@ -60,7 +60,7 @@ from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch
 from natgrad.engine.capture_ops import CaptureMode, ProbeMode, zero_perturbation
 from natgrad.engine.checks import check_int, random_module
-from natgrad.engine.common import acc_dtype
+from natgrad.engine.common import acc_dtype, internal_pass
 from natgrad.engine.options import ENGINES
 from natgrad.engine.per_sample import Plan, hooked_output, square_sums
 
@@ -194,6 +194,13 @@ def samplewise(plan: Plan, b: Batch) -> bool:
     return True
 
 
+def _global_forward_hooks() -> dict[int, Any]:
+    """The forward hooks registered for every module
+    (``torch.nn.modules.module.register_module_forward_hook``), by handle id."""
+    hooks: dict[int, Any] = getattr(nn.modules.module, "_global_forward_hooks", {})
+    return hooks
+
+
 def split_params(plan: Plan, b: Batch) -> FastSplit:
     """Decide which selected parameters the capture path computes exactly.
 
@@ -208,6 +215,11 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
     parameter goes to ``vmap``, and every parameter does when the model is not
     sample-wise (see :func:`samplewise`).
     """
+    if _global_forward_hooks():
+        # a global forward hook runs before every module hook, so the layer's own output
+        # cannot be read (nor a replaced one detected): every parameter on vmap
+        logger.info("a global forward hook is registered: every parameter on vmap")
+        return FastSplit(rest=list(plan.params))
     if not samplewise(plan, b):
         logger.info("the batched forward is not sample-wise: every parameter on vmap")
         return FastSplit(rest=list(plan.params))
@@ -266,7 +278,7 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
         try:
             probe = _repeat_first(b, n)
             try:
-                with torch.enable_grad(), mode:
+                with torch.enable_grad(), mode, internal_pass():
                     raw = plan.model(*probe.args, **probe.kwargs)
             except Exception as exc:
                 plan.probe_failed(exc, probe, b)
@@ -356,9 +368,10 @@ def cached_split(plan: Plan, b: Batch) -> FastSplit:
     key = (
         tuple((k, id(p)) for k, p in plan.params.items()),
         tuple(
-            (id(m), type(m), m.training, len(m._forward_hooks), len(m._forward_pre_hooks))
+            (id(m), type(m), m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
             for m in plan.model.modules()
         ),
+        tuple(_global_forward_hooks()),
         tuple(_signature(a) for a in b.args),
         tuple((k, _signature(v)) for k, v in sorted(b.kwargs.items())),
         plan.output_fn,

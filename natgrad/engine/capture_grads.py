@@ -25,7 +25,7 @@ from torch import nn
 
 from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch
-from natgrad.engine.capture import BATCH_NORMS, FastSplit, cached_split
+from natgrad.engine.capture import BATCH_NORMS, FastSplit, cached_split, check_ran_once
 from natgrad.engine.capture_ops import zero_perturbation
 from natgrad.engine.checks import random_module
 from natgrad.engine.per_sample import Plan, hooked_output
@@ -85,13 +85,17 @@ def capture_forward(
             after it ran (the captured input would be stale).
     """
     store: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    twice: set[nn.Module] = set()
 
     def hook(m: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        if m in store:
+            twice.add(m)
         e = zero_perturbation(out)
         store[m] = (inp[0].detach(), e, inp[0]._version)
         return out + e
 
     out = hooked_output(plan.model, b, plan.output_fn, plan.where, [(m, hook) for m in split.fast])
+    check_ran_once(plan.model, twice)
     for m in split.fast:
         if m not in store:
             raise RuntimeError(

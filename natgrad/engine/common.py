@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -67,3 +68,24 @@ def vjp_pair(
     """
     res = torch.func.vjp(func, *primals)
     return res[0], res[1]
+
+
+_INTERNAL: contextvars.ContextVar[bool] = contextvars.ContextVar("natgrad_internal", default=False)
+
+
+@contextlib.contextmanager
+def internal_pass() -> Iterator[None]:
+    """Mark the model calls inside as natgrad's own (probes, capture and ``vmap`` passes):
+    a :class:`~natgrad.FisherPreconditioner` recording the user's passes
+    (``source="backward"``) leaves them out."""
+    token = _INTERNAL.set(True)
+    try:
+        yield
+    finally:
+        _INTERNAL.reset(token)
+
+
+def in_internal_pass() -> bool:
+    """Whether the current model call is one of natgrad's own (see :func:`internal_pass`)."""
+    return _INTERNAL.get()
+

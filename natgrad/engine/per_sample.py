@@ -56,7 +56,7 @@ from natgrad.engine.checks import (
     forward_failed,
     integer_labels,
 )
-from natgrad.engine.common import acc_dtype, to_acc, vjp_pair
+from natgrad.engine.common import acc_dtype, internal_pass, to_acc, vjp_pair
 from natgrad.engine.likelihoods import Likelihood, TokenCategorical, get_likelihood
 from natgrad.engine.options import LABEL_SOURCES, EstimatorOptions, Options, ParamSpec
 
@@ -284,7 +284,8 @@ class Plan:
         with torch.enable_grad():
             if full is not None and full is not b:
                 try:
-                    raw = self.model(*b.args, **b.kwargs)
+                    with internal_pass():
+                        raw = self.model(*b.args, **b.kwargs)
                 except Exception as exc:
                     self.probe_failed(exc, b, full)
             else:
@@ -340,7 +341,8 @@ class Plan:
             target = as_one_sample(target)
 
             def f(pp: dict[str, torch.Tensor]) -> torch.Tensor:
-                return output_fn(functional_call(model, pp, args, kwargs, strict=False))
+                with internal_pass():
+                    return output_fn(functional_call(model, pp, args, kwargs, strict=False))
 
             out, pullback = vjp_pair(f, p)
             cols = self.columns(out, target, as_one_sample(draws))
@@ -576,7 +578,8 @@ def call_model(model: nn.Module, b: Batch, where: str) -> Any:
     naming ``where``, the inputs' shapes and dtypes and the parameters' dtypes
     (:func:`natgrad.engine.checks.forward_failed`), chained to the original."""
     try:
-        return model(*b.args, **b.kwargs)
+        with internal_pass():
+            return model(*b.args, **b.kwargs)
     except Exception as exc:
         err = forward_failed(exc, model, b.args, b.kwargs, where)
         if err is exc:

@@ -672,7 +672,8 @@ def compensated_curves(
                 leaves[lname] = z
                 return o + z
 
-            handles.append(_layer(model, lname).register_forward_hook(fwd))
+            # first among the layer's hooks: G at the layer's own output
+            handles.append(_layer(model, lname).register_forward_hook(fwd, prepend=True))
         try:
             with torch.enable_grad():
                 out = fn(model(*b.args, **b.kwargs))

@@ -1412,3 +1412,39 @@ def test_backward_ema_of_layers_reading_one_input():
     assert len(blocks) == 2 and blocks[0].A.data_ptr() != blocks[1].A.data_ptr()
     for blk in blocks:
         torch.testing.assert_close(blk.A[0], want)
+
+
+@pytest.mark.parametrize("call", ["per_sample_grads", "fisher", "fisher_vmap", "kfac", "laplace"])
+def test_natgrads_own_passes_are_not_recorded_by_the_backward_source(call):
+    # a Fisher, per-sample gradients or a predictive computed between backward() and
+    # step() (e.g. for logging) ran forwards and backwards that the backward source
+    # recorded as the user's: K-FAC's G 514x off, silently (or a vmap crash)
+    import copy
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+
+    def factors(extra):
+        m = copy.deepcopy(base)
+        pre = natgrad.FisherPreconditioner(m, kind="kfac", source="backward", update_every=1,
+                                           kl_clip=None)
+        nn.functional.cross_entropy(m(x), y).backward()
+        if extra == "per_sample_grads":
+            natgrad.per_sample_grads(m, (x, y))
+        elif extra == "fisher":
+            natgrad.estimate_fisher(m, (x, y))
+        elif extra == "fisher_vmap":
+            natgrad.estimate_fisher(m, (x, y), engine="vmap")
+        elif extra == "kfac":
+            natgrad.estimate_curvature(m, (x, y), kind="kfac")
+        elif extra == "laplace":
+            d = natgrad.estimate_fisher(m, (x, y), labels="exact")
+            natgrad.fisher_uncertainty(m, x[:4], d, prior_precision=1.0)
+        pre.step()
+        return {k: (b.A.clone(), b.G.clone()) for k, b in pre.curvature.blocks.items()}
+
+    want, got = factors(None), factors(call)
+    for k in want:
+        torch.testing.assert_close(got[k][0], want[k][0], rtol=0, atol=0)
+        torch.testing.assert_close(got[k][1], want[k][1], rtol=0, atol=0)
