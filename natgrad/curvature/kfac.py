@@ -60,6 +60,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast, get_args
@@ -70,7 +71,7 @@ from torch import nn
 
 from natgrad.engine.batch import OutputFn
 from natgrad.engine.checks import check_choice, check_fixed_model
-from natgrad.engine.common import to_acc
+from natgrad.engine.common import global_forward_hooks, to_acc
 from natgrad.engine.likelihoods import Likelihood
 from natgrad.engine.options import LabelSource, ParamSpec
 from natgrad.engine.per_sample import Plan, hooked_output
@@ -480,6 +481,15 @@ def capture(plan: Plan, batch: Any, layers: Mapping[str, KFACLayer]) -> Captured
         return fn
 
     hooks = [(lay.module, hook(k)) for k, lay in layers.items()]
+    if global_forward_hooks():
+        warnings.warn(
+            "A global forward hook is registered (register_module_forward_hook): it runs "
+            "before K-FAC's capture, so if it replaces a layer's output, K-FAC takes the "
+            "replaced output's gradient as the layer's. Remove it while estimating, or use "
+            "kind='diag' (whose capture path then runs on vmap).",
+            UserWarning,
+            stacklevel=2,
+        )
     out = hooked_output(plan.model, b, plan.output_fn, plan.where, hooks)
     target = plan.check_target(out, target)
     draws = plan.draw(out, target) if plan.labels == "mc" else None

@@ -60,7 +60,7 @@ from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch
 from natgrad.engine.capture_ops import CaptureMode, ProbeMode, zero_perturbation
 from natgrad.engine.checks import check_int, random_module
-from natgrad.engine.common import acc_dtype, internal_pass
+from natgrad.engine.common import acc_dtype, global_forward_hooks, internal_pass
 from natgrad.engine.options import ENGINES
 from natgrad.engine.per_sample import Plan, hooked_output, square_sums
 
@@ -194,13 +194,6 @@ def samplewise(plan: Plan, b: Batch) -> bool:
     return True
 
 
-def _global_forward_hooks() -> dict[int, Any]:
-    """The forward hooks registered for every module
-    (``torch.nn.modules.module.register_module_forward_hook``), by handle id."""
-    hooks: dict[int, Any] = getattr(nn.modules.module, "_global_forward_hooks", {})
-    return hooks
-
-
 def split_params(plan: Plan, b: Batch) -> FastSplit:
     """Decide which selected parameters the capture path computes exactly.
 
@@ -215,7 +208,7 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
     parameter goes to ``vmap``, and every parameter does when the model is not
     sample-wise (see :func:`samplewise`).
     """
-    if _global_forward_hooks():
+    if global_forward_hooks():
         # a global forward hook runs before every module hook, so the layer's own output
         # cannot be read (nor a replaced one detected): every parameter on vmap
         logger.info("a global forward hook is registered: every parameter on vmap")
@@ -371,7 +364,7 @@ def cached_split(plan: Plan, b: Batch) -> FastSplit:
             (id(m), type(m), m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
             for m in plan.model.modules()
         ),
-        tuple(_global_forward_hooks()),
+        tuple(global_forward_hooks()),
         tuple(_signature(a) for a in b.args),
         tuple((k, _signature(v)) for k, v in sorted(b.kwargs.items())),
         plan.output_fn,

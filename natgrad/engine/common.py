@@ -89,3 +89,11 @@ def in_internal_pass() -> bool:
     """Whether the current model call is one of natgrad's own (see :func:`internal_pass`)."""
     return _INTERNAL.get()
 
+
+def global_forward_hooks() -> dict[int, Any]:
+    """The forward hooks registered for every module
+    (``torch.nn.modules.module.register_module_forward_hook``), by handle id. They run
+    before any module's own hooks, so no hook can read a layer's own output under them."""
+    hooks: dict[int, Any] = getattr(nn.modules.module, "_global_forward_hooks", {})
+    return hooks
+

@@ -734,3 +734,16 @@ def test_kronecker_factors_see_the_layer_output_under_a_users_forward_hook(kind)
     gv = sum((g[j][0] * v[j]).sum() for j in g)
     c = natgrad.estimate_curvature(m, (x, y), kind=kind)
     assert_close_dict(c.mv(v), {k: g[k][0] * gv for k in g}, rtol=1e-10, atol=1e-14)
+
+
+def test_kfac_warns_under_a_global_forward_hook():
+    # a global hook runs before K-FAC's capture: a replaced output would go unseen
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    h = torch.nn.modules.module.register_module_forward_hook(lambda mod, i, o: None)
+    try:
+        with pytest.warns(UserWarning, match="global forward hook.*kind='diag'"):
+            natgrad.estimate_curvature(m, x, kind="kfac", labels="exact")
+    finally:
+        h.remove()
