@@ -60,7 +60,7 @@ from natgrad.curvature.ops import check_curvature
 from natgrad.curvature.protocol import BLOCK_KINDS, Curvature
 from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch, OutputFn, add_batch_axis, default_output_fn, parse_batch
-from natgrad.engine.capture import cached_split, check_ran_once
+from natgrad.engine.capture import cached_split, check_captured
 from natgrad.engine.capture_ops import zero_perturbation
 from natgrad.engine.checks import (
     check_choice,
@@ -695,25 +695,14 @@ def _fast_moments(
         return res
 
     raw = hooked_output(model, b, output_fn, "the batch", [(m, hook) for m in mods])
-    check_ran_once(model, twice)
+    check_captured(
+        model, twice, [m for m in mods if m not in store],
+        [(m, a, version) for m, (a, version, _) in store.items()],
+    )  # fmt: skip
     out = raw.reshape(b.size, -1)
     # a layer whose (unmodified) output is the model's output has the one-hot output
     # gradient e_c for column c
     head = {m for m, (res, v) in outs.items() if res is raw and raw.dim() == 2 and res._version == v}
-    missing = [m for m in mods if m not in store]
-    if missing:
-        raise RuntimeError(
-            f"The Laplace capture path expected a {type(missing[0]).__name__} to run in this "
-            "forward pass, but it did not (the model's control flow changed between batches); "
-            "pass engine='vmap'."
-        )
-    for m in mods:
-        a, version, _ = store[m]
-        if a._version != version:
-            raise RuntimeError(
-                f"The input of {type(m).__name__} was modified in place after the layer ran, "
-                "so the captured input is stale; pass engine='vmap' for this model."
-            )
     n, d = out.shape
     G = terms[0].inv.shape[0]
     var = torch.zeros((n, d, d, G) if full else (n, d, G), dtype=dtype, device=out.device)

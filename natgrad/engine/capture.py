@@ -391,19 +391,45 @@ def forget_splits(model: nn.Module) -> None:
     _SPLITS.pop(model, None)
 
 
-def check_ran_once(model: nn.Module, twice: set[nn.Module]) -> None:
-    """Raise when a capture-path module ran more than once in one forward (the split
-    checked it running once: the model's control flow changed since), after dropping the
-    model's remembered splits so that the next call checks again."""
+def check_captured(
+    model: nn.Module,
+    twice: Iterable[Any],
+    missing: Iterable[Any],
+    inputs: Iterable[tuple[nn.Module, torch.Tensor, int]],
+) -> None:
+    """The one check of a capture pass's records (the Fisher's, per-sample gradients',
+    the Laplace predictive's): raise RuntimeError, naming the module and
+    ``engine='vmap'``, when a module ran more than once (the split checked it running
+    once: the model's control flow changed since; the model's remembered splits are
+    dropped, so the next call checks again), when an expected module (or free parameter)
+    did not run, or when a module's input ``(module, input, version when it ran)`` was
+    modified in place after it ran (the captured input is stale)."""
+    twice, missing = list(twice), list(missing)
+
+    def name(m: Any) -> str:  # a module's name in the model, or a free parameter's
+        if isinstance(m, str):
+            return m
+        return next((k for k, mod in model.named_modules() if mod is m), type(m).__name__)
+
     if twice:
         forget_splits(model)
-        names = {m: k for k, m in model.named_modules()}
-        name = next(iter(names[m] for m in twice if m in names), type(next(iter(twice))).__name__)
         raise RuntimeError(
-            f"The capture path checked {name!r} running once per forward, but it ran more "
-            "than once in this one (the model's control flow changed since the check). The "
-            "check is redone on the next call; or use engine='vmap'."
+            f"The capture path checked {name(twice[0])!r} running once per forward, but it "
+            "ran more than once in this one (the model's control flow changed since the "
+            "check). The check is redone on the next call; or use engine='vmap'."
         )
+    if missing:
+        raise RuntimeError(
+            f"The capture path expected {name(missing[0])!r} to take part in this forward "
+            "pass, but it did not (the model's control flow changed between batches); use "
+            "engine='vmap'."
+        )
+    for m, a, version in inputs:
+        if a._version != version:
+            raise RuntimeError(
+                f"The input of {type(m).__name__} was modified in place after the layer ran, "
+                "so the captured input is stale; use engine='vmap' for this model."
+            )
 
 
 def _chain_once(probes: list[ProbeMode], name: str) -> bool:
@@ -539,14 +565,6 @@ def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
     return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
 
 
-def _check_fresh(m: nn.Module, a: torch.Tensor, version: int) -> None:
-    if a._version != version:
-        raise RuntimeError(
-            f"The input of {type(m).__name__} was modified in place after the layer ran, so "
-            "the captured input is stale; use engine='vmap' for this model."
-        )
-
-
 def _capture_forward(
     plan: Plan,
     split: FastSplit,
@@ -589,7 +607,7 @@ def _capture_forward(
     out = hooked_output(
         plan.model, b, plan.output_fn, plan.where, [(m, hook) for m in hooked], mode
     )
-    check_ran_once(plan.model, twice)
+    check_captured(plan.model, twice, [], [])
     return out
 
 
@@ -693,19 +711,15 @@ def fast_batch_sums(
     draws = plan.draw(out, target) if plan.labels == "mc" else None
     acc = _Sums(plan.params)
     adds = [*split.free, *split.shared.values()]
-    missing = [k for k in [*split.fast, *adds] if k not in store]
-    if missing:
-        raise RuntimeError(
-            f"The fast engine expected {missing[0]!r} to take part in this forward pass, but "
-            "it did not (the model's control flow changed between batches); use engine='vmap'."
-        )
+    check_captured(
+        plan.model, [],
+        [k for k in [*split.fast, *adds] if k not in store],
+        [(m, a, version) for m in split.fast if m in store for a, version, _ in store[m].values()],
+    )  # fmt: skip
     index = [
         (k, part) for k in split.fast if k not in split.shared for part in store[k]
     ] + [(k, None) for k in adds]
     es = [store[k][part][2] if part is not None else store[k][2] for k, part in index]
-    for m in split.fast:
-        for a, version, _ in store[m].values():
-            _check_fresh(m, a, version)
     # 2-D Linear inputs: (Σ_j w_j b_j² (N, O), the input as the product reads it (N, I))
     dense: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
     cols = [c[j] for c in plan.columns(out.detach(), target, draws) for j in range(len(c))]

@@ -25,7 +25,7 @@ from torch import nn
 
 from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch
-from natgrad.engine.capture import BATCH_NORMS, FastSplit, cached_split, check_ran_once
+from natgrad.engine.capture import BATCH_NORMS, FastSplit, cached_split, check_captured
 from natgrad.engine.capture_ops import zero_perturbation
 from natgrad.engine.checks import random_module
 from natgrad.engine.per_sample import Plan, hooked_output
@@ -95,20 +95,10 @@ def capture_forward(
         return out + e
 
     out = hooked_output(plan.model, b, plan.output_fn, plan.where, [(m, hook) for m in split.fast])
-    check_ran_once(plan.model, twice)
-    for m in split.fast:
-        if m not in store:
-            raise RuntimeError(
-                f"The fast engine expected {m!r} to take part in this forward pass, but it "
-                "did not (the model's control flow changed between batches); use "
-                "engine='vmap'."
-            )
-        a, _, version = store[m]
-        if a._version != version:
-            raise RuntimeError(
-                f"The input of {type(m).__name__} was modified in place after the layer "
-                "ran, so the captured input is stale; use engine='vmap' for this model."
-            )
+    check_captured(
+        plan.model, twice, [m for m in split.fast if m not in store],
+        [(m, a, version) for m, (a, _, version) in store.items()],
+    )  # fmt: skip
     return out, {m: (a, e) for m, (a, e, _) in store.items()}
 
 

@@ -51,3 +51,54 @@ def test_input_modified_in_place_after_the_layer():
 
     with pytest.raises(RuntimeError, match="modified in place"):
         natgrad.per_sample_grads(Inplace(), _batch(), engine="fast")
+
+
+class _Skip(nn.Module):
+    """``l2`` runs unless ``skip``; the input of ``l1`` is scaled in place after it ran
+    when ``stale``."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(5, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.skip = self.stale = False
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        if self.stale:
+            x.mul_(2.0)
+        if not self.skip:
+            h = torch.tanh(self.l2(h))
+        return self.l3(h)
+
+
+def _capture_calls(m, x, y):
+    d = natgrad.estimate_fisher(m, (x, y), labels="exact", engine="vmap")
+    return {
+        "fisher": lambda: natgrad.estimate_fisher(m, (x, y)),
+        "per_sample_grads": lambda: natgrad.per_sample_grads(m, (x, y)),
+        "laplace": lambda: natgrad.fisher_uncertainty(m, x, d, prior_precision=1.0),
+    }
+
+
+@pytest.mark.parametrize("path", ["fisher", "per_sample_grads", "laplace"])
+def test_a_capture_module_that_did_not_run_is_named(path):
+    torch.manual_seed(0)
+    m = _Skip().double().eval()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    call = _capture_calls(m, x, y)[path]
+    call()  # the split is checked and remembered with l2 running
+    m.skip = True
+    with pytest.raises(RuntimeError, match="expected 'l2' to take part.*engine='vmap'"):
+        call()
+
+
+@pytest.mark.parametrize("path", ["fisher", "per_sample_grads", "laplace"])
+def test_a_layer_input_modified_in_place_after_it_ran_is_named(path):
+    torch.manual_seed(0)
+    m = _Skip().double().eval()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    call = _capture_calls(m, x, y)[path]
+    call()
+    m.stale = True
+    with pytest.raises(RuntimeError, match="input of Linear was modified in place.*stale"):
+        call()
