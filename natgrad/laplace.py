@@ -1468,7 +1468,8 @@ def _subset_params(model: nn.Module, params: ParamSpec, subset: str | None) -> P
 def _check_last_layer(model: nn.Module, b: Batch, chosen: list[str]) -> None:
     """Raise when the module ``subset="last_layer"`` took (the last registered one with
     trainable parameters, ``chosen``) is not the last such module to start in a forward
-    pass on ``b`` (forward pre-hooks; the model itself is left out, as it starts first).
+    pass on the first sample of ``b`` (forward pre-hooks; the model itself is left out, as
+    it starts first).
     A module the forward never calls as a module (its parent reads its weights) is not
     checked."""
     own = {
@@ -1482,8 +1483,10 @@ def _check_last_layer(model: nn.Module, b: Batch, chosen: list[str]) -> None:
         if name and own[name]
     ]
     try:
-        with torch.no_grad():
-            call_model(model, b, "the batch")
+        # one sample, in grad mode as the capture pass runs (under no_grad, eval-mode
+        # nn.TransformerEncoderLayer takes a fused kernel that calls no submodule)
+        with torch.enable_grad():
+            call_model(model, b.select(0, 1), "the first sample of the batch")
     finally:
         for h in handles:
             h.remove()
