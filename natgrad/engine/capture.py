@@ -526,7 +526,11 @@ class _Sums(dict[str, torch.Tensor]):
         """``sum[name] += v``. ``v`` (the parameter's size, any shape) must be a tensor
         that nothing else holds: the first one is kept as the sum and added to later."""
         p = self.params[name]
-        v = v.reshape(p.shape).to(acc_dtype(p.dtype))
+        if v.shape != p.shape:
+            v = v.reshape(p.shape)
+        dtype = acc_dtype(p.dtype)
+        if v.dtype != dtype:
+            v = v.to(dtype)
         cur = self.get(name)
         if cur is not None:
             cur += v

@@ -419,18 +419,14 @@ def check_class_labels(
     Raises:
         ValueError: a label out of range, or ``logits`` that are probabilities.
     """
+    out_of_range, sums_one = _label_flags(target, num_classes, ignore_index, logits)
+    if sums_one and logits is not None:
+        _refuse_probabilities(logits, likelihood)
+    if not out_of_range:
+        return
     bad = (target < 0) | (target >= num_classes)
     if ignore_index is not None:
         bad &= target != ignore_index
-    flags = bad.any().view(1)
-    sums_one = None if logits is None else _rows_sum_to_one(logits)
-    if sums_one is not None:
-        flags = torch.stack((flags[0], sums_one.to(bad.device)))
-    read = flags.tolist()  # the one host sync
-    if len(read) > 1 and read[1] and logits is not None:
-        _refuse_probabilities(logits, likelihood)
-    if not read[0]:
-        return
     flat = bad.flatten().nonzero()[0, 0]
     value = int(target.flatten()[flat])
     count = int(bad.sum())
@@ -456,6 +452,48 @@ def check_class_labels(
     )
 
 
+def _label_flags(
+    target: torch.Tensor,
+    num_classes: int,
+    ignore_index: int | None,
+    logits: torch.Tensor | None,
+) -> tuple[bool, bool]:
+    """``(some label is out of range, every row of logits sums to 1)`` with one host sync
+    and a handful of reductions (a Fisher call's fixed cost on small batches).
+
+    Without an ignore index the labels' ``min`` and ``max`` decide the range, compared in
+    the row sums' float dtype: exact for ``num_classes <= 2**24`` (a label ``>= C`` rounds
+    to ``>= C`` when ``C`` is exact, a label ``< C <= 2**24`` is exact, signs are kept);
+    otherwise, or with an ignore index, one elementwise test."""
+    acc = torch.float32
+    vals: list[torch.Tensor] = []
+    ranged = ignore_index is None and num_classes <= 2**24
+    if target.numel():
+        if ranged:
+            vals.extend(torch.aminmax(target.reshape(-1)))
+        else:
+            bad = (target < 0) | (target >= num_classes)
+            if ignore_index is not None:
+                bad &= target != ignore_index
+            vals.append(bad.any())
+    rows = None if logits is None else _row_sums(logits)
+    if rows is not None:
+        acc = rows.dtype
+        vals.extend(torch.aminmax(rows))
+    if not vals:
+        return False, False
+    read = torch.stack([v if v.dtype == acc else v.to(acc) for v in vals]).tolist()  # one sync
+    out_of_range, i = False, 0
+    if target.numel():
+        out_of_range = read[0] < 0 or read[1] >= num_classes if ranged else bool(read[0])
+        i = 2 if ranged else 1
+    sums_one = False
+    if rows is not None and logits is not None:
+        tol = _sum_tolerance(logits)
+        sums_one = read[i] >= 1 - tol and read[i + 1] <= 1 + tol
+    return out_of_range, sums_one
+
+
 def check_not_probabilities(logits: torch.Tensor, likelihood: str) -> None:
     """Raise ValueError when ``logits`` look like probabilities (one host sync; the
     positivity is read only when every row sums to 1): every row along the last axis
@@ -476,19 +514,32 @@ def check_not_probabilities(logits: torch.Tensor, likelihood: str) -> None:
         _refuse_probabilities(logits, likelihood)
 
 
-def _rows_sum_to_one(logits: torch.Tensor) -> torch.Tensor | None:
-    """Whether every row of ``logits`` sums to 1 (a 0-dim bool tensor, not synced), or
-    None when the test does not apply (fewer than 2 classes, no rows, not floating)."""
+def _row_sums(logits: torch.Tensor) -> torch.Tensor | None:
+    """The sums of the rows of ``logits`` along the last axis, in float32 or float64, or
+    None when the probability test does not apply (fewer than 2 classes, no rows, not
+    floating)."""
     if logits.dim() == 0 or logits.shape[-1] < 2 or not logits.numel():
         return None
     if not logits.is_floating_point():
         return None
-    # each probability rounded to the output's dtype (at most eps/2 of the sum), plus the
-    # softmax's own rounding in the dtype it computes in (float32 for low precision)
+    return logits.detach().sum(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+
+
+def _sum_tolerance(logits: torch.Tensor) -> float:
+    """How far from 1 a row of probabilities in ``logits``' dtype may sum: each entry
+    rounded to that dtype (at most ``ε/2`` of the sum), plus the softmax's own rounding in
+    the dtype it computes in (float32 for low precision)."""
     acc = torch.promote_types(logits.dtype, torch.float32)
-    tol = torch.finfo(logits.dtype).eps / 2 + 8 * torch.finfo(acc).eps * logits.shape[-1] ** 0.5
-    rows = logits.detach().sum(-1, dtype=acc)  # the one reduction
-    ok: torch.Tensor = ((rows - 1).abs() <= tol).all()
+    return torch.finfo(logits.dtype).eps / 2 + 8 * torch.finfo(acc).eps * logits.shape[-1] ** 0.5
+
+
+def _rows_sum_to_one(logits: torch.Tensor) -> torch.Tensor | None:
+    """Whether every row of ``logits`` sums to 1 (a 0-dim bool tensor, not synced), or
+    None when the test does not apply (see :func:`_row_sums`)."""
+    rows = _row_sums(logits)
+    if rows is None:
+        return None
+    ok: torch.Tensor = ((rows - 1).abs() <= _sum_tolerance(logits)).all()
     return ok
 
 

@@ -23,7 +23,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def to_acc(t: torch.Tensor) -> torch.Tensor:
     """``t`` in its accumulation dtype (see :func:`acc_dtype`); no copy when already there."""
-    return t.to(acc_dtype(t.dtype))
+    dtype = acc_dtype(t.dtype)
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 @contextlib.contextmanager

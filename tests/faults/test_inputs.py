@@ -114,6 +114,21 @@ def test_label_out_of_range_every_path(path):
         LABEL_PATHS[path](_mlp(), (x, y))
 
 
+@pytest.mark.parametrize("bad", [C, 2**31 + 1, 2**53 + 1, -(2**40) - 1])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_label_range_boundaries(bad, dtype):
+    """The range test reads the labels' min and max in float32: a label at ``C`` and huge
+    ones (that round in float32) are still out of range; ``C - 1`` is in range."""
+    if dtype == torch.int32 and not -(2**31) <= bad < 2**31:
+        pytest.skip("not an int32 value")
+    x, y = _data(None)
+    y[-1] = C - 1
+    natgrad.estimate_fisher(_mlp(), (x, y.to(dtype)))  # C - 1 at the edge: accepted
+    y[2] = bad
+    with pytest.raises(ValueError, match=rf"(?s)out of range.*sample 2.*{bad}"):
+        natgrad.estimate_fisher(_mlp(), (x, y.to(dtype)))
+
+
 def test_label_out_of_range_loop_fallback():
     x, y = _data(7, at=4)
     with pytest.raises(ValueError, match=r"(?s)out of range.*sample 4.*\b7\b"):
