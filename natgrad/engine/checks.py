@@ -530,7 +530,8 @@ def _sum_tolerance(logits: torch.Tensor) -> float:
     rounded to that dtype (at most ``ε/2`` of the sum), plus the softmax's own rounding in
     the dtype it computes in (float32 for low precision)."""
     acc = torch.promote_types(logits.dtype, torch.float32)
-    return torch.finfo(logits.dtype).eps / 2 + 8 * torch.finfo(acc).eps * logits.shape[-1] ** 0.5
+    tol: float = torch.finfo(logits.dtype).eps / 2 + 8 * torch.finfo(acc).eps * logits.shape[-1] ** 0.5
+    return tol
 
 
 def _rows_sum_to_one(logits: torch.Tensor) -> torch.Tensor | None:
