@@ -9,6 +9,7 @@ rows are merged with the input Gram matrices ``A_m`` alone (:func:`regmean_merge
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Literal, cast, get_args
@@ -18,6 +19,7 @@ from torch import nn
 
 from natgrad.curvature.kfac import split_weight_blocks, weight_blocks
 from natgrad.curvature.kronecker import KroneckerBlock, KroneckerFisher, eig_scale
+from natgrad.curvature.lowrank import LowRankFisher
 from natgrad.curvature.ops import check_curvature, conjugate_gradient, warn_unconverged
 from natgrad.curvature.protocol import BLOCK_KINDS, Curvature
 from natgrad.engine.checks import (
@@ -83,6 +85,14 @@ def fisher_weighted_merge(
     through ``mv`` on unit vectors, then a float64 least-squares solve); larger ones
     by conjugate gradients on ``mv`` (``"cg"``) to relative residual ``cg_tol`` or
     ``cg_iters`` products.
+
+    Low-rank curvatures (every one a :class:`natgrad.LowRankFisher`, ``F_m = R_mᵀR_m/N_m``
+    from its rows) are solved exactly by ``method="auto"``, whatever their size: with the
+    stacked scaled rows ``Z = [√(w_m/N_m) R_m]`` (``R`` rows in all), the system is
+    ``(ZᵀZ + εI) x = Zᵀ c`` with ``c_m = √(w_m/N_m) R_m (θ_m − θ̄)``, whose solution is
+    ``x = Zᵀ (ZZᵀ + εI)⁺ c`` (push-through identity): one ``R x R`` float64 eigensolve
+    (eigenvalues below ``R · eps · max`` count as zero, so ``ε = 0`` gives the
+    minimum-norm solution), never a ``P x P`` matrix or an iteration.
 
     The conjugate-gradient preconditioner (``preconditioner=``): ``"kronecker"`` uses, on a
     layer that every curvature holds as one Kronecker block (K-FAC or EKFAC factors
@@ -349,6 +359,10 @@ def _curvature_merge(
     target = dict(merged.named_parameters())
     dt = torch.promote_types(acc_dtype(target[names[0]].dtype), torch.float32)
     mean = {k: _mean([p[k].detach() for p in params], w).to(dt) for k in target}
+    lowrank = [c for c in curvs if isinstance(c, LowRankFisher)]
+    if method == "auto" and len(lowrank) == len(curvs):
+        diffs = [{k: p[k].detach() - mean[k] for k in names} for p in params]
+        return _write(merged, models, w, mean, _lowrank_solve(lowrank, w, floor, diffs, mean))
     # rhs: Σ_m w_m F_m (θ_m − θ̄)
     rhs = {k: torch.zeros_like(mean[k]) for k in names}
     for wm, c, p in zip(w, curvs, params, strict=True):
@@ -406,13 +420,65 @@ def _curvature_merge(
                 "raise cg_iters= or floor=, or pass method='dense' (with a larger dense_max)",
             )  # fmt: skip
             correction.update(res.x)
+    return _write(merged, models, w, mean, correction)
+
+
+def _write(
+    merged: nn.Module, models: Sequence[nn.Module], w: list[float], mean: Vec, correction: Vec
+) -> nn.Module:
+    """Set ``merged``'s parameters to ``θ̄ + x`` (``θ̄`` where no correction) and average
+    the buffers; return it."""
     with torch.no_grad():
-        for k, t in target.items():
+        for k, t in merged.named_parameters():
             value = mean[k] + correction[k] if k in correction else mean[k]
             check_finite(f"the merged parameter {k!r}", value, "Raise floor= (the ridge).")
             t.copy_(value.to(t.dtype))
         _average_buffers(merged, models, w)
     return merged
+
+
+def _lowrank_solve(
+    curvs: Sequence[LowRankFisher], w: list[float], floor: float, diffs: list[Vec], like: Vec
+) -> Vec:
+    """``x = Zᵀ (ZZᵀ + εI)⁺ c``, the exact solution of ``(Σ_m w_m F_m + εI) x = Σ_m w_m F_m
+    d_m`` for ``F_m = R_mᵀR_m/N_m`` (see :func:`fisher_weighted_merge`), in float64.
+
+    The parameters are flattened in the curvatures' own order (``shapes``); ``Z`` is never
+    formed: the Gram ``ZZᵀ``, ``c`` and ``Zᵀy`` are summed over blocks of columns."""
+    shapes = curvs[0].shapes
+    order = list(shapes)
+    sizes = [math.prod(shapes[k]) for k in order]
+    dev = curvs[0].rows.device
+    used = [
+        (math.sqrt(wm / c.n_samples), c.rows, torch.cat(
+            [d[k].reshape(-1).to(device=dev, dtype=torch.float64) for k in order]))
+        for wm, c, d in zip(w, curvs, diffs, strict=True)
+        if wm > 0 and c.n_samples > 0 and c.rows.shape[0] > 0
+    ]  # fmt: skip
+    P = sum(sizes)
+    x = torch.zeros(P, dtype=torch.float64, device=dev)
+    if used:
+        R = sum(rows.shape[0] for _, rows, _ in used)
+        width = max(1, 2**22 // R)  # float64 columns of Z converted at a time (32 MiB)
+        blocks = [slice(j, min(j + width, P)) for j in range(0, P, width)]
+        K = torch.zeros(R, R, dtype=torch.float64, device=dev)
+        c = torch.zeros(R, dtype=torch.float64, device=dev)
+        spans, i = [], 0
+        for _, rows, _ in used:
+            spans.append(slice(i, i + rows.shape[0]))
+            i += rows.shape[0]
+        for cols in blocks:
+            Zb = torch.cat([s * rows[:, cols].double() for s, rows, _ in used])
+            K += Zb @ Zb.T
+            for span, (_, _, d) in zip(spans, used, strict=True):
+                c[span] += Zb[span] @ d[cols]
+        lam, Q = torch.linalg.eigh(0.5 * (K + K.T))
+        keep = lam > R * torch.finfo(torch.float64).eps * max(float(lam.max()), 0.0)
+        y = Q[:, keep] @ ((Q[:, keep].T @ c) / (lam[keep] + floor))
+        for cols in blocks:
+            x[cols] = torch.cat([s * rows[:, cols].double() for s, rows, _ in used]).T @ y
+    parts = torch.split(x, sizes)
+    return {k: t.reshape(shapes[k]).to(like[k]) for k, t in zip(order, parts, strict=True)}
 
 
 def _kronecker_preconditioner(

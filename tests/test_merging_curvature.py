@@ -366,3 +366,38 @@ def test_kronecker_merge_of_convolutions_matches_a_dense_solve(preconditioner):
     want = torch.linalg.solve(lhs, rhs)
     got = flatten_params(dict(merged.named_parameters()), names)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+
+
+@needs_kron
+@pytest.mark.parametrize("floor", [1e-4, 0.0])
+@pytest.mark.parametrize("rank", [None, 3])
+def test_lowrank_merge_is_exact_without_iterations(floor, rank):
+    """``method="auto"`` solves a low-rank merge through the stacked rows' Gram system:
+    no conjugate gradients (no ``mv``, no warning), even with ``dense_max=0``, and equal
+    to a dense float64 solve (``floor=0``: the minimum-norm solution, by pseudo-inverse)."""
+    import warnings
+
+    models = [_model(s) for s in (60, 61, 62)]
+    curvs, dense = _curvatures_and_dense(models, "lowrank", seed=70, n=5)
+    if rank is not None:
+        curvs = [natgrad.LowRankFisher(c.rows, c.n_samples, c.shapes, rank=rank) for c in curvs]
+        dense = [
+            DenseCurvature(c.rows.T.double() @ c.rows.double() / c.n_samples, _shapes(m), 5,
+                           "lowrank")
+            for c, m in zip(curvs, models, strict=True)
+        ]  # fmt: skip
+    counts = [_count_mv(c) for c in curvs]
+    w = [1.0, 0.0, 3.0]  # a zero weight drops that model's rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merged = natgrad.fisher_weighted_merge(models, curvs, weights=w, floor=floor, dense_max=0)
+    assert [c[0] for c in counts] == [0, 0, 0]
+    wn = [0.25, 0.0, 0.75]
+    mean = sum(wm * _theta(m) for wm, m in zip(wn, models, strict=True))
+    lhs = floor * torch.eye(mean.numel(), dtype=torch.float64)
+    rhs = torch.zeros_like(mean)
+    for wm, m, c in zip(wn, models, dense, strict=True):
+        lhs = lhs + wm * c.matrix
+        rhs = rhs + wm * c.matrix @ (_theta(m) - mean)
+    want = mean + torch.linalg.pinv(lhs, hermitian=True, rtol=1e-10) @ rhs
+    torch.testing.assert_close(_theta(merged), want, rtol=1e-7, atol=1e-9)
