@@ -20,14 +20,18 @@ to its top-k eigenpairs:
   output cotangents ``u_nj`` of the rows above, ``F v`` is one ``jvp`` (``J v``), a
   contraction with ``u`` in output space and one ``vjp`` over each batch: memory
   ``O(P · iterations)`` plus one batch of activations, for ``N`` too large for the
-  Gram matrix.
+  Gram matrix. Fused attention kernels without a forward-mode rule (the CPU flash
+  attention of ``scaled_dot_product_attention``, ``nn.TransformerEncoderLayer``'s fast
+  path) are swapped for their composite forms, the same function, when the first
+  ``jvp`` finds one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -199,6 +203,38 @@ def _cotangents(
     return u.detach().to(out.dtype)
 
 
+@contextlib.contextmanager
+def _forward_ad_kernels() -> Iterator[None]:
+    """Run attention through kernels that have a forward-mode (``jvp``) rule.
+
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` take a fused fast path in
+    eval mode, and ``scaled_dot_product_attention`` picks a fused kernel (flash attention
+    on CPU); neither has a forward-mode derivative. Inside this context the fast path
+    is off (``torch.backends.mha.set_fastpath_enabled``, restored on exit) and
+    attention uses the composite math kernel: the same function, differentiable in
+    both modes. Process-wide while it lasts (torch keeps the fast-path switch global).
+
+    Example:
+        >>> import torch
+        >>> attn = torch.nn.MultiheadAttention(4, 2, batch_first=True).eval()
+        >>> x = torch.randn(1, 3, 4)
+        >>> f = lambda q: attn(q, q, q, need_weights=False)[0]
+        >>> with _forward_ad_kernels():
+        ...     out, tangent = torch.func.jvp(f, (x,), (torch.ones_like(x),))
+        >>> tangent.shape
+        torch.Size([1, 3, 4])
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
 def _lanczos(
     model: nn.Module,
     data: Any,
@@ -231,6 +267,22 @@ def _lanczos(
     k = _check_k(k, R, P)
     model_fn = plan.output_fn
 
+    composite = [False]  # set once a jvp met a kernel without a forward-mode rule
+
+    def _jvp(f: Any, p: dict[str, torch.Tensor], v: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``J v`` (the tangent of ``f`` at ``p`` along ``v``)."""
+        if not composite[0]:
+            try:
+                tangent: torch.Tensor = jvp(f, (p,), (v,))[1]  # (output, tangent)
+                return tangent
+            except NotImplementedError as exc:
+                if "forward AD" not in str(exc):
+                    raise
+                composite[0] = True
+        with _forward_ad_kernels():
+            tangent = jvp(f, (p,), (v,))[1]
+        return tangent
+
     @torch.no_grad()  # the torch.func transforms inside still differentiate
     def fvp(vec: torch.Tensor) -> torch.Tensor:
         v = {name: t.to(chosen[name].dtype) for name, t in _unflatten(vec, chosen).items()}
@@ -244,7 +296,7 @@ def _lanczos(
                     with internal_pass():
                         return model_fn(functional_call(model, p, sub.args, sub.kwargs, strict=False))
 
-                jv = jvp(f, (chosen,), (v,))[1]  # (output, tangent); no aux
+                jv = _jvp(f, chosen, v)
                 w = (us * jv.unsqueeze(1)).flatten(2).sum(-1)  # (n, K) = rows of G v
                 cot = (us * w.view(*w.shape, *([1] * (us.dim() - 2)))).sum(1)
                 _, pull = vjp_pair(f, chosen)

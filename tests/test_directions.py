@@ -173,3 +173,39 @@ def test_rank_deficient_fisher_errors(method):
 
 
 # -- metric ---------------------------------------------------------------------------------
+
+
+class _Encoder(nn.Module):
+    """A token model through ``nn.TransformerEncoder``, whose eval-mode fast path (and CPU
+    flash attention) has no forward-mode rule."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Linear(4, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+        self.to(dtype).eval()
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lanczos_through_fused_attention_kernels(dtype):
+    model = _Encoder(dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, 4, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (6,), generator=g)
+    params = dict(model.named_parameters())
+    if dtype == torch.float32:  # the plain jvp fails on the fused kernels (the premise)
+        with torch.no_grad(), pytest.raises(NotImplementedError, match="forward AD"):
+            torch.func.jvp(lambda p: torch.func.functional_call(model, p, (x,)), (params,),
+                           ({k: torch.ones_like(t) for k, t in params.items()},))
+    names = list(params)
+    lam, V = top_eigh(dense_empirical_fisher(model, x, y).double(), 3)
+    d = top_fisher_directions(model, (x, y), k=3, method="lanczos")
+    assert_directions_match(d, lam.to(dtype), V.to(dtype), names,
+                            rtol=1e-4 if dtype == torch.float32 else 1e-8)
+    assert torch.backends.mha.get_fastpath_enabled()  # the switch is restored
