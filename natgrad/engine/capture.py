@@ -55,6 +55,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
+from torch.utils._pytree import tree_flatten
 
 from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch
@@ -349,26 +350,44 @@ _SPLITS: weakref.WeakKeyDictionary[nn.Module, dict[Any, FastSplit]] = (
 )
 
 
-def _signature(t: Any) -> Any:
+def _leaf_signature(t: Any, per_sample: bool) -> Any:
     if isinstance(t, torch.Tensor):
-        return ("tensor", tuple(t.shape[1:]), t.dtype, t.device.type)
+        shape = tuple(t.shape[1:]) if per_sample else tuple(t.shape)
+        return ("tensor", shape, t.dtype, t.device)
     return repr(t) if isinstance(t, (bool, int, float, str, type(None))) else type(t)
 
 
-def cached_split(plan: Plan, b: Batch) -> FastSplit:
-    """:func:`split_params`, remembered per model for the same parameters, module tree
-    (types, train/eval mode, hooks) and batch signature (per-sample shapes, dtypes)."""
-    key = (
+def _signature(t: Any, dim: int | None) -> Any:
+    """What the split of one model input depends on: a per-sample tensor's (``dim`` 0)
+    per-sample shape, dtype and device; a shared tensor's whole shape; a list, tuple or
+    dict (any pytree) by its structure and the signature of every leaf inside it."""
+    if isinstance(t, torch.Tensor):
+        return _leaf_signature(t, dim == 0)
+    leaves, spec = tree_flatten(t)
+    return (spec, tuple(_leaf_signature(v, False) for v in leaves))
+
+
+def split_key(plan: Plan, b: Batch) -> Any:
+    """The key :func:`cached_split` remembers a split under: the parameters, the module
+    tree (types, train/eval mode, hooks), the global forward hooks, the output function
+    and the signature of every input, nested ones included (see :func:`_signature`)."""
+    arg_dims, kw_dims = b.dims()
+    return (
         tuple((k, id(p)) for k, p in plan.params.items()),
         tuple(
             (id(m), type(m), m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
             for m in plan.model.modules()
         ),
         tuple(global_forward_hooks()),
-        tuple(_signature(a) for a in b.args),
-        tuple((k, _signature(v)) for k, v in sorted(b.kwargs.items())),
+        tuple(_signature(a, d) for a, d in zip(b.args, arg_dims, strict=True)),
+        tuple((k, _signature(v, kw_dims[k])) for k, v in sorted(b.kwargs.items())),
         plan.output_fn,
     )
+
+
+def cached_split(plan: Plan, b: Batch) -> FastSplit:
+    """:func:`split_params`, remembered per model under :func:`split_key` (same
+    parameters, module tree, hooks and input signature, nested inputs included)."""
     if b.size < 2 or _supported(plan.model):
         # one sample: samplewise() cannot check the batch, so the split is not kept for
         # later batches; a model that is itself a layer: the split would hold the model
@@ -376,9 +395,11 @@ def cached_split(plan: Plan, b: Batch) -> FastSplit:
         return split_params(plan, b)
     try:
         per_model = _SPLITS.setdefault(plan.model, {})
-    except TypeError:  # a model that cannot be weakly referenced: no cache
+        key = split_key(plan, b)
+        known = key in per_model
+    except TypeError:  # a model that cannot be weakly referenced, an unhashable input
         return split_params(plan, b)
-    if key not in per_model:
+    if not known:
         if len(per_model) > 32:
             per_model.clear()
         per_model[key] = split_params(plan, b)

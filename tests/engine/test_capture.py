@@ -9,7 +9,7 @@ from torch import nn
 
 from natgrad import estimate_fisher
 from natgrad.engine.batch import parse_batch
-from natgrad.engine.capture import split_params
+from natgrad.engine.capture import split_key, split_params
 from natgrad.engine.per_sample import Plan
 from tests.conftest import TinyEncoder
 from tests.reference import (
@@ -518,3 +518,53 @@ def test_one_column_backward_holds_no_layer_output(labels):
     if labels == "empirical":
         ref = fisher_from_grads(loop_grads(model, ce_sum, x, y))
         assert_close_dict(got, ref, rtol=1e-4, atol=1e-6)
+
+
+class ContextTied(nn.Module):
+    """A list of shared context tensors, each projected with the layer's own weight
+    (a second use of ``lin.weight`` outside ``lin``) and added to every sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x, context):
+        h = self.lin(x)
+        for c in context:
+            h = h + torch.nn.functional.linear(c, self.lin.weight).mean(0)
+        return h
+
+
+def test_remembered_split_keys_on_tensors_inside_lists():
+    # The split of {"context": []} puts lin.weight on the capture path (used once); with
+    # {"context": [c]} it is used twice and must take vmap. A key that recorded only
+    # `list` reused the first split: lin.weight's Fisher was silently wrong (max error
+    # 0.62 on entries up to 0.92).
+    torch.manual_seed(0)
+    model = ContextTied().double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    c = torch.randn(5, 4, dtype=torch.float64)
+    estimate_fisher(model, {"x": x, "context": [], "labels": y})
+    got = estimate_fisher(model, {"x": x, "context": [c], "labels": y})
+    ref = estimate_fisher(model, {"x": x, "context": [c], "labels": y}, engine="vmap")
+    assert_close_dict(dict(got), dict(ref), rtol=1e-10, atol=1e-12)
+
+
+def test_split_key_sees_nested_shapes_dtypes_and_structure():
+    model = ContextTied()
+    plan = Plan(model, "categorical", "empirical", 1, None, None, None)
+    x = torch.randn(4, 4)
+
+    def key(ctx):
+        return split_key(plan, parse_batch({"x": x, "ctx": ctx}))
+
+    base = key({"a": [torch.zeros(5, 4)]})
+    assert key({"a": [torch.zeros(5, 4)]}) == base  # same signature: the split is reused
+    for other in (
+        {"a": [torch.zeros(6, 4)]},  # shape
+        {"a": [torch.zeros(5, 4, dtype=torch.float64)]},  # dtype
+        {"a": [torch.zeros(5, 4), torch.zeros(5, 4)]},  # structure
+        {"b": [torch.zeros(5, 4)]},  # keys
+        {"a": (torch.zeros(5, 4),)},  # container type
+    ):
+        assert key(other) != base, other
