@@ -698,6 +698,7 @@ def _fast_moments(
     check_captured(
         model, twice, [m for m in mods if m not in store],
         [(m, a, version) for m, (a, version, _) in store.items()],
+        b.size, [(m, a) for m, (a, _, _) in store.items()],
     )  # fmt: skip
     out = raw.reshape(b.size, -1)
     # a layer whose (unmodified) output is the model's output has the one-hot output

@@ -57,6 +57,29 @@ class TinyEncoder(nn.Module):
         return self.head((h * m).sum(1) / m.sum(1))
 
 
+class RoutedMoE(nn.Module):
+    """Top-1 mixture of experts with index routing: ``out[idx == e] = expert_e(x[idx == e])``.
+
+    Inputs ``(N, D)`` are routed per sample; inputs ``(N, T, D)`` per token (each
+    expert then runs on the tokens routed to it, and their outputs are summed over T).
+    """
+
+    def __init__(self, d=4, experts=3, out=3):
+        super().__init__()
+        self.router = nn.Linear(d, experts)
+        self.experts = nn.ModuleList(nn.Linear(d, out) for _ in range(experts))
+        self.out = out
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        idx = self.router(flat).argmax(-1)
+        y = flat.new_zeros(flat.shape[0], self.out)
+        for e, expert in enumerate(self.experts):
+            sel = idx == e
+            y[sel] = expert(flat[sel])
+        return y.reshape(*x.shape[:-1], self.out).sum(1) if x.dim() == 3 else y
+
+
 def mlp(sizes=(5, 7, 4), act=nn.Tanh):
     layers = []
     for i in range(len(sizes) - 1):

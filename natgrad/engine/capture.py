@@ -30,7 +30,9 @@ standard ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Embedding`` /
 ``nn.LayerNorm`` / ``nn.MultiheadAttention`` or Hugging Face ``Conv1D`` (GPT-2; a Linear
 with the weight stored as ``(in, out)``) whose module runs once per forward, whose
 batch axis is the first axis of its input and output, and which is used once in the
-graph (weights read by ``F.linear`` outside their module are excluded). Two
+graph (weights read by ``F.linear`` outside their module are excluded). A module
+found running on rows that are not the batch's samples (index routing, a mixture of
+experts' ``out[idx] = expert(x[idx])``) is moved to ``vmap`` for this and later calls. Two
 relaxations: a module run on an input shared by the batch (position embeddings on ids
 ``(1, T)``) whose output is added once to a batched tensor gets its per-sample output
 gradients from that sum, as if it had run per sample; a weight tied across such modules
@@ -417,6 +419,8 @@ def check_captured(
     twice: Iterable[Any],
     missing: Iterable[Any],
     inputs: Iterable[tuple[nn.Module, torch.Tensor, int]],
+    size: int | None = None,
+    batched: Iterable[tuple[nn.Module, torch.Tensor]] = (),
 ) -> None:
     """The one check of a capture pass's records (the Fisher's, per-sample gradients',
     the Laplace predictive's): raise RuntimeError, naming the module and
@@ -424,7 +428,9 @@ def check_captured(
     once: the model's control flow changed since; the model's remembered splits are
     dropped, so the next call checks again), when an expected module (or free parameter)
     did not run, or when a module's input ``(module, input, version when it ran)`` was
-    modified in place after it ran (the captured input is stale)."""
+    modified in place after it ran (the captured input is stale). A module of
+    ``batched`` ``(module, its captured input)`` whose input's first axis is not the
+    batch's ``size`` raises :class:`RowsNotSamples` (a RuntimeError)."""
     twice, missing = list(twice), list(missing)
 
     def name(m: Any) -> str:  # a module's name in the model, or a free parameter's
@@ -451,6 +457,43 @@ def check_captured(
                 f"The input of {type(m).__name__} was modified in place after the layer ran, "
                 "so the captured input is stale; use engine='vmap' for this model."
             )
+    routed = [(m, a.shape[0]) for m, a in batched if a.dim() == 0 or a.shape[0] != size]
+    if routed:
+        m, rows = routed[0]
+        raise RowsNotSamples(
+            [m for m, _ in routed],
+            f"The capture path checked {name(m)!r} running on the whole batch, but in this "
+            f"forward it ran on {rows} rows for a batch of {size} samples: the model routes "
+            "rows by index (a mixture of experts' out[idx] = expert(x[idx]), a gather of "
+            "tokens), and the capture path cannot tell which sample a row belongs to. "
+            "Use engine='vmap' (estimate_fisher and per_sample_grads move such layers to "
+            "vmap by themselves).",
+        )
+
+
+class RowsNotSamples(RuntimeError):
+    """Captured modules ran on rows that are not the batch's samples (index routing):
+    :attr:`modules` lists them."""
+
+    def __init__(self, modules: list[nn.Module], message: str):
+        super().__init__(message)
+        self.modules = modules
+
+
+def drop_modules(split: FastSplit, modules: Iterable[nn.Module], plan: Plan) -> None:
+    """Move ``modules``' parameters (a tied parameter with all its modules) from the
+    capture path to ``split.rest``, in place: the remembered split then sends them to
+    ``vmap`` on later calls too."""
+    names = {s.name for m in modules for s in split.fast.get(m, [])}
+    for m in list(split.fast):
+        split.fast[m] = [s for s in split.fast[m] if s.name not in names]
+        if not split.fast[m]:
+            del split.fast[m]
+            split.shared.pop(m, None)
+    for k in names:
+        split.tied.pop(k, None)
+    fast = set(split.fast_names)
+    split.rest = [k for k in plan.params if k not in fast]
 
 
 def _chain_once(probes: list[ProbeMode], name: str) -> bool:
@@ -732,15 +775,18 @@ def fast_batch_sums(
         outputs.clear()
         taken.clear()
         out = _capture_forward(plan, split, b, store, outputs, taken, perturb=True)
-    target = plan.check_target(out, target)
-    draws = plan.draw(out, target) if plan.labels == "mc" else None
-    acc = _Sums(plan.params)
     adds = [*split.free, *split.shared.values()]
     check_captured(
         plan.model, [],
         [k for k in [*split.fast, *adds] if k not in store],
         [(m, a, version) for m in split.fast if m in store for a, version, _ in store[m].values()],
+        b.size,
+        [(m, store[m]["main"][0]) for m in split.fast if m in store and m not in split.shared
+         and "main" in store[m]],
     )  # fmt: skip
+    target = plan.check_target(out, target)
+    draws = plan.draw(out, target) if plan.labels == "mc" else None
+    acc = _Sums(plan.params)
     index = [
         (k, part) for k in split.fast if k not in split.shared for part in store[k]
     ] + [(k, None) for k in adds]
@@ -903,6 +949,16 @@ def square_sums_auto(
         f" ({', '.join(split.rest)})" if split.rest else "",
     )  # fmt: skip
     rest = plan.restrict(split.rest) if split.rest else None
-    yield fast_batch_sums(plan, split, rest, b, target, chunk_size)
-    for batch in batches:
-        yield fast_batch_sums(plan, split, rest, *plan.parse(batch), chunk_size)
+    for batch in itertools.chain([first], batches):
+        if batch is not first:
+            b, target = plan.parse(batch)
+        while split.fast_names:
+            try:
+                yield fast_batch_sums(plan, split, rest, b, target, chunk_size)
+                break
+            except RowsNotSamples as exc:  # index routing: those layers on vmap from now on
+                drop_modules(split, exc.modules, plan)
+                logger.info("capture: %s", exc)
+                rest = plan.restrict(split.rest) if split.rest else None
+        else:
+            yield from square_sums(plan, [batch], chunk_size)

@@ -98,6 +98,7 @@ def capture_forward(
     check_captured(
         plan.model, twice, [m for m in split.fast if m not in store],
         [(m, a, version) for m, (a, _, version) in store.items()],
+        b.size, [(m, a) for m, (a, _, _) in store.items()],
     )  # fmt: skip
     return out, {m: (a, e) for m, (a, e, _) in store.items()}
 

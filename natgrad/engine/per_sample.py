@@ -773,6 +773,7 @@ def per_sample_grads(
         torch.Size([5, 2, 3])
     """
     # capture_grads imports this module: imported here, at call time
+    from natgrad.engine.capture import RowsNotSamples, cached_split, drop_modules
     from natgrad.engine.capture_grads import capture_grads, grads_split
 
     opts = Options.resolve("per_sample_grads", options)
@@ -780,9 +781,16 @@ def per_sample_grads(
     b, target = plan.parse(batch)
     split = grads_split(plan, b, opts.engine)
     finite: set[str] = set()  # proven finite without reading every entry
-    if split is not None:
-        res, finite = capture_grads(plan, split, b, target, opts.chunk_size)
-    else:
+    res: dict[str, torch.Tensor] | None = None
+    while split is not None and res is None:
+        try:
+            res, finite = capture_grads(plan, split, b, target, opts.chunk_size)
+        except RowsNotSamples as exc:  # index routing: those layers on vmap from now on
+            logger.info("capture: %s", exc)
+            drop_modules(cached_split(plan, b), exc.modules, plan)
+            new = grads_split(plan, b, opts.engine)
+            split = None if new is None or any(m in new.fast for m in exc.modules) else new
+    if res is None:
         target, draws = plan.labels_of(b, target)
         chunks = [r for _, r in plan.run(b, target, draws, "grads", opts.chunk_size)]
         res = {k: torch.cat([c[k] for c in chunks]) for k in plan.params}

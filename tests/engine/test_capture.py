@@ -11,7 +11,7 @@ from natgrad import estimate_fisher
 from natgrad.engine.batch import parse_batch
 from natgrad.engine.capture import split_key, split_params
 from natgrad.engine.per_sample import Plan
-from tests.conftest import TinyEncoder
+from tests.conftest import RoutedMoE, TinyEncoder
 from tests.reference import (
     assert_close_dict,
     ce_sum,
@@ -568,3 +568,21 @@ def test_split_key_sees_nested_shapes_dtypes_and_structure():
         {"a": (torch.zeros(5, 4),)},  # container type
     ):
         assert key(other) != base, other
+
+
+def test_token_routed_experts_are_moved_to_vmap():
+    # Per-token top-1 routing: each expert runs on the tokens routed to it (13 rows for 10
+    # samples here). The two probes repeat the first sample, which sends one token to
+    # expert 0, so the split took expert 0 for a per-sample layer, and its Fisher summed
+    # squared per-TOKEN gradients (max error 0.70, silently). The capture pass now sees
+    # the rows are not the samples and moves the expert to vmap, for later calls too.
+    torch.manual_seed(1)
+    model = RoutedMoE().double()
+    x, y = torch.randn(10, 3, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vmap cannot index by a mask: the exact loop
+        ref = estimate_fisher(model, [(x, y), (x[:6], y[:6])], engine="vmap")
+        assert "experts.0.weight" in split_of(model, (x, y)).fast_names  # the probes' view
+        for _ in range(2):  # the first call moves it; the second reuses the moved split
+            got = estimate_fisher(model, [(x, y), (x[:6], y[:6])])
+            assert_close_dict(dict(got), dict(ref), rtol=1e-10, atol=1e-12)

@@ -13,6 +13,7 @@ from natgrad import estimate_fisher, per_sample_grads
 from natgrad.engine.batch import parse_batch
 from natgrad.engine.capture_grads import grads_split
 from natgrad.engine.per_sample import Plan
+from tests.conftest import RoutedMoE
 from tests.reference import assert_close_dict, ce_sum, exact_categorical_fisher_loop, loop_grads
 
 LABELS = ["empirical", "mc", "exact"]
@@ -355,3 +356,17 @@ def test_conv_products_in_several_chunks(monkeypatch, labels):
     else:
         ref = {k: (g**2).mean(0) for k, g in loop_grads(model, ce_sum, x, y).items()}
     assert_close_dict(dict(got), ref, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_per_sample_grads_of_index_routed_experts(tokens):
+    # out[idx] = expert(x[idx]): the experts run on the rows routed to them, which the
+    # capture path cannot map to samples (it failed with a reshape error); they move to
+    # vmap (here its exact loop: vmap cannot index by a mask), checked against a loop.
+    torch.manual_seed(1)
+    model = RoutedMoE().double()
+    shape = (10, 3, 4) if tokens else (10, 4)
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (10,))
+    with pytest.warns(RuntimeWarning, match="exact per-sample loop"):
+        got = per_sample_grads(model, (x, y))
+    assert_close_dict(got, loop_grads(model, ce_sum, x, y), rtol=1e-10, atol=1e-12)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import natgrad
+from tests.conftest import RoutedMoE
 
 
 class Scale(nn.Module):
@@ -97,3 +98,19 @@ def test_a_capture_pass_whose_records_cannot_be_trusted_is_refused(path, flag, m
     setattr(m, flag, True)
     with pytest.raises(RuntimeError, match=match):
         call()
+
+
+def test_laplace_capture_of_index_routed_experts_names_the_layer_and_vmap():
+    # a per-token mixture of experts: expert 0 runs on 13 token rows of 10 samples (the
+    # capture path read them as samples: an obscure reshape error before)
+    torch.manual_seed(1)
+    m = RoutedMoE().double()
+    x, y = torch.randn(10, 3, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    with pytest.warns(RuntimeWarning, match="exact per-sample loop"):
+        d = natgrad.estimate_fisher(m, (x, y), labels="exact", engine="vmap")
+    with pytest.raises(
+        RuntimeError,
+        match=r"'experts\.0'.*ran on 13 rows for a batch of 10 samples.*routes rows by "
+        r"index.*engine='vmap'",
+    ):
+        natgrad.fisher_uncertainty(m, x, d, prior_precision=1.0)
