@@ -493,7 +493,10 @@ def prune_structured(
     Returns:
         ``(pruned_model, report)``: a new model (same class, smaller modules; each
         parameter keeps its ``requires_grad``, so frozen layers stay frozen) and a
-        :class:`StructuredPruningReport`.
+        :class:`StructuredPruningReport`. When the budget removes nothing, the new model
+        is a deep copy of ``model`` (same module types: attention is not converted to
+        :class:`~natgrad.pruning.attention.HeadAttention`; fine-tuned if
+        ``finetune_steps``).
 
     Raises:
         BudgetError: no budget, several, one outside ``(0, 1]``, or one the per-layer
@@ -574,11 +577,15 @@ def prune_structured(
         removed, pruned = _latency_search(build, cost, keep, lat_dense, example, sizes, latency_repeats)
     else:
         removed, pruned = build(kind, keep)
-    _verify(work, pruned, groups, removed, example, output_fn)
+    untouched = not any(len(r) for r in removed.values())
+    if untouched:  # nothing removed: the model itself, its attention modules unconverted
+        pruned = deepcopy_model(model)
+    else:
+        _verify(work, pruned, groups, removed, example, output_fn)
     loss_before = mean_loss(work, data, lik, output_fn, max_batches)
     loss_untuned = mean_loss(pruned, data, lik, output_fn, max_batches)
     tuned: list[str] = []
-    if tune:
+    if tune and not untouched:
         tuned = tune_layers(
             work, pruned, groups, removed, calibration if calibration is not None else data,
             damping=damping, scope=tune_scope, fit=tune_fit,

@@ -1345,3 +1345,26 @@ def test_structured_report_to_dict_round_trips_through_json():
         "seconds": rep.seconds,
     }
     assert got == want
+
+
+@pytest.mark.parametrize("budget", [{"flops": 1.0}, {"params": 1.0}])
+def test_a_budget_that_removes_nothing_returns_an_unchanged_copy(budget):
+    # it used to return the model with its attention converted to HeadAttention (outputs
+    # off by rounding, a different module tree)
+    torch.manual_seed(3)
+    model = TinyEncoder().double().eval()
+    ids, mask = torch.randint(0, 13, (5, 6)), torch.ones(5, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (5,))}
+    before = copy.deepcopy(model.state_dict())
+    pruned, rep = natgrad.prune_structured(model, batch, measure=False, **budget)
+    assert pruned is not model
+    assert [type(m) for m in pruned.modules()] == [type(m) for m in model.modules()]
+    assert all(not r for r in rep.removed.values()) and rep.tuned_layers == []
+    state = pruned.state_dict()
+    assert state.keys() == before.keys()
+    assert all(torch.equal(state[k], before[k]) for k in before)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p is not q for p, q in zip(pruned.parameters(), model.parameters(), strict=True))
+    assert torch.equal(pruned(ids, mask), model(ids, mask))
+    assert rep.flops_after == rep.flops_before and rep.measured_loss_increase == 0.0
