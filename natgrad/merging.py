@@ -10,7 +10,7 @@ rows are merged with the input Gram matrices ``A_m`` alone (:func:`regmean_merge
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Literal, cast, get_args
 
@@ -59,6 +59,7 @@ def fisher_weighted_merge(
     cg_iters: int = 500,
     cg_tol: float = 1e-8,
     preconditioner: MergePreconditioner = "kronecker",
+    params: Iterable[str] | None = None,
 ) -> nn.Module:
     """Merge models by Fisher-weighted averaging into a NEW model (inputs untouched).
 
@@ -125,12 +126,20 @@ def fisher_weighted_merge(
         cg_iters: conjugate-gradient budget (matrix-vector products).
         cg_tol: conjugate-gradient relative residual.
         preconditioner: ``"kronecker"`` or ``"jacobi"`` (see above).
+        params: merge only these parameter names (each in every model, of one shape):
+            the other parameters, and the buffers whose names or shapes differ between
+            the models, keep ``models[0]``'s values; the Fishers are read on ``params``
+            only (a structured curvature through ``Curvature.restrict``: whole blocks).
+            For fine-tunes with different heads: the names outside the head. Default:
+            every parameter (the models must then have the same names and shapes).
 
     Returns:
         A deep copy of ``models[0]`` holding the merged parameters and buffers.
 
     Raises:
-        ValueError: parameter names or shapes differ between models (named), Fishers that
+        ValueError: parameter names or shapes differ between models (named, with the
+            ``params=`` that merges the parameters they share); ``params`` empty, or
+            naming a parameter some model lacks or whose shapes differ; Fishers that
             do not match the models, counts that disagree, bad weights or floor, or an
             all-zero Fisher with ``normalize=True``, an empty ``models``.
         TypeError: a two-model call whose second argument is not a module; ``models``
@@ -154,7 +163,9 @@ def fisher_weighted_merge(
     models, fishers = _dispatch(models, fishers, fisher_weights)
     w = _weights(weights, len(models))
     floor = check_positive("floor", floor, allow_zero=True)
-    _check_models(models)
+    keep = _check_models(models, params, restrictable=True)
+    if keep is not None:
+        fishers = [_restrict(f, keep, i) for i, f in enumerate(fishers)]
     if any(isinstance(f, Curvature) and not isinstance(f, Mapping) for f in fishers):
         check_choice("method", method, MERGE_METHODS)
         dense_max = check_int("dense_max", dense_max, 0)
@@ -163,15 +174,17 @@ def fisher_weighted_merge(
         check_choice("preconditioner", preconditioner, MERGE_PRECONDITIONERS)
         return _curvature_merge(
             models, fishers, w, floor, normalize, method, dense_max, cg_iters, cg_tol,
-            preconditioner,
+            preconditioner, keep,
         )
     fishers = _check_fishers(fishers, models[0], normalize)
 
     merged = deepcopy_model(models[0])
-    params = [dict(m.named_parameters()) for m in models]
+    named = [dict(m.named_parameters()) for m in models]
     with torch.no_grad():
         for name, target in merged.named_parameters():
-            thetas = [p[name].detach() for p in params]
+            if keep is not None and name not in keep:
+                continue  # models[0]'s value
+            thetas = [p[name].detach() for p in named]
             if name in fishers[0]:
                 value = _fisher_mean(thetas, [f[name] for f in fishers], w, floor)
             else:
@@ -187,6 +200,8 @@ def _average_buffers(merged: nn.Module, models: Sequence[nn.Module], w: list[flo
     buffers = [dict(m.named_buffers()) for m in models]
     masks = mask_buffer_names(merged)
     for name, buf in merged.named_buffers():
+        if any(name not in b or b[name].shape != buf.shape for b in buffers):
+            continue  # differs between the models (with params=): models[0]'s value
         if name not in masks and (buf.is_floating_point() or buf.is_complex()):
             buf.copy_(_mean([b[name].detach() for b in buffers], w).to(buf.dtype))
     refresh_pruned(merged)
@@ -242,13 +257,50 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return [v / total for v in w]
 
 
-def _check_models(models: list[nn.Module]) -> None:
+def _check_models(
+    models: list[nn.Module], params: Iterable[str] | None = None, restrictable: bool = False
+) -> set[str] | None:
+    """Check that the models can be merged (on ``params``); return ``params`` as a set.
+    ``restrictable``: the merge takes ``params=`` (its error then shows the argument)."""
     first = dict(models[0].named_parameters())
+    keep = None
+    if params is not None:
+        if isinstance(params, str):
+            params = [params]
+        keep = set(params)
+        if not keep:
+            raise ValueError("params= is empty: name the parameters to merge (or pass None).")
+        for j, m in enumerate(models):
+            named = dict(m.named_parameters())
+            missing = sorted(k for k in keep if k not in named)
+            if missing:
+                raise ValueError(
+                    f"params= names parameters that models[{j}] lacks: {missing[:8]}; it has "
+                    f"{list(named)[:8]}. Pass names every model has."
+                )
     for i, m in enumerate(models[1:], start=1):
-        check_same_structure(first, dict(m.named_parameters()), "models[0]", f"models[{i}]")
+        other = dict(m.named_parameters())
+        if keep is None:
+            differ = sorted(
+                k for k, p in first.items() if k not in other or other[k].shape != p.shape
+            )
+            shown = "{" + ", ".join(repr(k) for k in differ) + "}" if len(differ) <= 8 else "..."
+            check_same_structure(
+                first, other, "models[0]", f"models[{i}]",
+                fix="To merge the parameters the models share (e.g. fine-tunes with different "
+                "heads) and keep models[0]'s others, pass params=[k for k, _ in "
+                f"models[0].named_parameters() if k not in {shown}]; or merge models of "
+                "one architecture." if restrictable else "Merge models of one architecture.",
+            )  # fmt: skip
+            check_same_structure(
+                dict(models[0].named_buffers()), dict(m.named_buffers()), "models[0]",
+                f"models[{i}]",
+            )  # fmt: skip
+            continue
         check_same_structure(
-            dict(models[0].named_buffers()), dict(m.named_buffers()), "models[0]", f"models[{i}]"
-        )
+            {k: first[k] for k in keep}, {k: other[k] for k in keep}, "models[0]",
+            f"models[{i}]", fix="Leave those out of params=.",
+        )  # fmt: skip
     for i, m in enumerate(models):
         check_all_finite(
             dict(m.named_parameters()),
@@ -256,6 +308,23 @@ def _check_models(models: list[nn.Module]) -> None:
             "A merge of non-finite weights is not finite: merge finite checkpoints (this "
             "model's training has likely diverged).",
         )
+    return keep
+
+
+def _restrict(f: FisherLike, keep: set[str], i: int) -> FisherLike:
+    """Fisher ``i`` on the names of ``keep`` it covers (a structured curvature through
+    ``restrict``); anything else is returned as it is, for the checks to name."""
+    if isinstance(f, Mapping):
+        return {k: v for k, v in f.items() if k in keep}
+    if isinstance(f, Curvature):
+        names = f.names()
+        if set(names) <= keep:
+            return f
+        try:
+            return f.restrict([k for k in names if k in keep])
+        except ValueError as exc:
+            raise ValueError(f"fishers[{i}] cannot be read on params= alone: {exc}") from exc
+    return f  # neither: refused by the checks that follow
 
 
 def _check_fishers(
@@ -332,6 +401,7 @@ def _curvature_merge(
     cg_iters: int,
     cg_tol: float,
     preconditioner: str = "kronecker",
+    keep: set[str] | None = None,
 ) -> nn.Module:
     names = check_curvature(given[0], models[0], "curvatures[0]")
     for i, c in enumerate(given[1:], start=1):
@@ -356,7 +426,7 @@ def _curvature_merge(
         curvs = scaled
     merged = deepcopy_model(models[0])
     params = [dict(m.named_parameters()) for m in models]
-    target = dict(merged.named_parameters())
+    target = {k: t for k, t in merged.named_parameters() if keep is None or k in keep}
     dt = torch.promote_types(acc_dtype(target[names[0]].dtype), torch.float32)
     mean = {k: _mean([p[k].detach() for p in params], w).to(dt) for k in target}
     lowrank = [c for c in curvs if isinstance(c, LowRankFisher)]
@@ -426,10 +496,12 @@ def _curvature_merge(
 def _write(
     merged: nn.Module, models: Sequence[nn.Module], w: list[float], mean: Vec, correction: Vec
 ) -> nn.Module:
-    """Set ``merged``'s parameters to ``θ̄ + x`` (``θ̄`` where no correction) and average
-    the buffers; return it."""
+    """Set ``merged``'s parameters of ``mean`` to ``θ̄ + x`` (``θ̄`` where no correction)
+    and average the buffers; return it."""
     with torch.no_grad():
         for k, t in merged.named_parameters():
+            if k not in mean:
+                continue  # outside params=: models[0]'s value
             value = mean[k] + correction[k] if k in correction else mean[k]
             check_finite(f"the merged parameter {k!r}", value, "Raise floor= (the ridge).")
             t.copy_(value.to(t.dtype))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import natgrad
 from natgrad import DiagonalFisher, fisher_weighted_merge
 from tests.conftest import mlp
 from tests.reference import assert_close_dict
@@ -235,3 +236,35 @@ def test_merge_bf16_accumulates_in_float32():
         fa64, fb64 = fa[k].double().clamp_min(1e-8), fb[k].double().clamp_min(1e-8)
         ref = (fa64 * ta + fb64 * tb) / (fa64 + fb64)
         torch.testing.assert_close(p.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_merge_of_fine_tunes_with_different_heads_on_params():
+    # params= merges the shared body (closed form per entry) and keeps models[0]'s head;
+    # a K-FAC merge on params solves the normal equations of the body's blocks
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    b = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)).double()
+    x = torch.randn(20, 4, dtype=torch.float64)
+    ya, yb = torch.randint(0, 3, (20,)), torch.randint(0, 5, (20,))
+    Fa, Fb = natgrad.estimate_fisher(a, (x, ya)), natgrad.estimate_fisher(b, (x, yb))
+    body = [k for k, _ in a.named_parameters() if not k.startswith("2.")]
+    merged = fisher_weighted_merge([a, b], [Fa, Fb], params=body, floor=0.0)
+    pa, pb, pm = (dict(m.named_parameters()) for m in (a, b, merged))
+    for k in body:
+        want = (Fa[k] * pa[k] + Fb[k] * pb[k]) / (Fa[k] + Fb[k])
+        torch.testing.assert_close(pm[k], want, rtol=1e-12, atol=1e-14)
+    for k in ("2.weight", "2.bias"):
+        assert torch.equal(pm[k], pa[k]) and pm[k] is not pa[k]
+    Ka = natgrad.estimate_curvature(a, (x, ya), kind="kfac")
+    Kb = natgrad.estimate_curvature(b, (x, yb), kind="kfac")
+    eps = 1e-6
+    mk = dict(fisher_weighted_merge([a, b], [Ka, Kb], params=body, floor=eps).named_parameters())
+    assert torch.equal(mk["2.weight"], pa["2.weight"])
+    Ra, Rb = Ka.restrict(body), Kb.restrict(body)
+    mean = {k: (pa[k] + pb[k]).detach() / 2 for k in body}
+    fa, fb = Ra.mv({k: mk[k].detach() for k in body}), Rb.mv({k: mk[k].detach() for k in body})
+    ga, gb = Ra.mv({k: pa[k].detach() for k in body}), Rb.mv({k: pb[k].detach() for k in body})
+    for k in body:
+        lhs = (fa[k] + fb[k]) / 2 + eps * mk[k].detach()
+        rhs = (ga[k] + gb[k]) / 2 + eps * mean[k]
+        torch.testing.assert_close(lhs, rhs, rtol=1e-8, atol=1e-10)

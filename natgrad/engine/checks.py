@@ -123,8 +123,10 @@ def check_same_structure(
     b: Mapping[str, Any],
     what_a: str = "first",
     what_b: str = "second",
+    fix: str = "Use the same architecture, or restrict both to common parameters.",
 ) -> None:
-    """Raise ValueError naming the parameters whose names or shapes differ between a and b.
+    """Raise ValueError naming the parameters whose names or shapes differ between a and b,
+    ending with ``fix`` (what to do about it).
 
     Values are tensors, or shapes (tuples / ``torch.Size``) where only the expected shape
     is known (e.g. the K-FAC factors a layer must have).
@@ -147,7 +149,8 @@ def check_same_structure(
         raise ValueError(
             f"Parameter names or shapes differ between {what_a} and {what_b}: "
             + "; ".join(parts)
-            + ". Use the same architecture, or restrict both to common parameters."
+            + ". "
+            + fix
         )
 
 

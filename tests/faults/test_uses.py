@@ -691,3 +691,37 @@ def test_scale_by_fisher_model_with_some_grads_scales_those():
     assert list(out) == ["0.bias"]
     torch.testing.assert_close(model[0].bias.grad, torch.full_like(model[0].bias, 0.25))
     assert model[0].weight.grad is None
+
+
+def _two_heads():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    b = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)).double()
+    Fa = {k: torch.rand_like(p) for k, p in a.named_parameters()}
+    Fb = {k: torch.rand_like(p) for k, p in b.named_parameters()}
+    return a, b, Fa, Fb
+
+
+def test_merge_of_different_heads_names_them_and_the_params_argument():
+    a, b, Fa, Fb = _two_heads()
+    with pytest.raises(
+        ValueError,
+        match=r"2\.bias: \(3,\) vs \(5,\), 2\.weight: \(3, 6\) vs \(5, 6\)\. .*pass "
+        r"params=\[k for k, _ in models\[0\]\.named_parameters\(\) if k not in "
+        r"\{'2\.bias', '2\.weight'\}\]",
+    ):
+        natgrad.fisher_weighted_merge([a, b], [Fa, Fb])
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        (["0.weight", "nope"], r"params= names parameters that models\[0\] lacks: \['nope'\]"),
+        (["0.weight", "2.weight"], r"2\.weight: \(3, 6\) vs \(5, 6\)\. Leave those out of params="),
+        ([], r"params= is empty"),
+    ],
+)
+def test_merge_params_that_cannot_be_merged(params, match):
+    a, b, Fa, Fb = _two_heads()
+    with pytest.raises(ValueError, match=match):
+        natgrad.fisher_weighted_merge([a, b], [Fa, Fb], params=params)
