@@ -41,6 +41,7 @@ positions.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, get_args
 
@@ -56,7 +57,7 @@ from natgrad.curvature.kfac import (
     per_sample_blocks,
 )
 from natgrad.engine.checks import check_choice
-from natgrad.engine.common import in_internal_pass, to_acc
+from natgrad.engine.common import global_forward_hooks, in_internal_pass, to_acc
 
 __all__ = ["BackwardCapture", "LOSS_REDUCTIONS", "per_sample_gradients"]
 
@@ -77,6 +78,11 @@ class BackwardCapture:
     Raises:
         ValueError: a selected parameter outside every covered layer (named, with the
             reason), or an unknown ``loss_reduction``.
+
+    Warns:
+        UserWarning: once, at a recorded forward while a global forward hook is
+            registered (it runs before the layer hooks: a replaced output's gradient
+            would be recorded as the layer's).
     """
 
     def __init__(
@@ -106,6 +112,7 @@ class BackwardCapture:
         self._handles: list[Any] = []
         self._removed = False
         self._layer_hooks = {k: self._hook(k) for k in self.layers}  # the same on every arming
+        self._warned_global = False  # the global-forward-hook warning was given
         #: the constant the loss was multiplied by before ``backward``; :meth:`take`
         #: divides the recorded output gradients by it
         self.loss_scale = 1.0
@@ -149,6 +156,18 @@ class BackwardCapture:
                 # they belong to (an overflow), which no refresh may count
                 self.drop_backpropagated()
                 self.loss_scale = scale
+        if global_forward_hooks() and not self._warned_global:
+            self._warned_global = True  # once per capture
+            warnings.warn(
+                "A global forward hook is registered (register_module_forward_hook): it runs "
+                "before source='backward''s layer hooks, so if it replaces a layer's output, "
+                "the recorded output gradient is the replaced output's, not the layer's (a "
+                "wrong K-FAC G or diagonal Fisher). Remove the hook while the preconditioner "
+                "records, or use source='batch' with kind='diag' (whose capture path then "
+                "runs on vmap).",
+                UserWarning,
+                stacklevel=2,
+            )
         self._pass += 1
         # the model's batch size: of its first tensor input (None: unknown)
         first = next((a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)), None)

@@ -1448,3 +1448,34 @@ def test_natgrads_own_passes_are_not_recorded_by_the_backward_source(call):
     for k in want:
         torch.testing.assert_close(got[k][0], want[k][0], rtol=0, atol=0)
         torch.testing.assert_close(got[k][1], want[k][1], rtol=0, atol=0)
+
+
+def test_backward_source_warns_once_under_a_global_forward_hook():
+    # A global hook that replaces the outputs (here doubles each Linear's) runs before the
+    # capture's layer hooks: the recorded output gradient is the doubled output's, half
+    # the layer's own (a diagonal Fisher 4x too small, silently, before this warning).
+    torch.manual_seed(26)
+    model = mlp((5, 6, 3)).double()
+    x, y = torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
+
+    def double(mod, inp, out):
+        return out * 2 if isinstance(mod, nn.Linear) else None
+
+    pre = FisherPreconditioner(model, kind="diag", damping=0.3, source="backward")
+    h = torch.nn.modules.module.register_module_forward_hook(double)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for _ in range(2):  # two recorded forwards, two steps: one warning
+                _backward(model, x, y)
+                pre.step()
+    finally:
+        h.remove()
+    ours = [w for w in seen if "global forward hook" in str(w.message)]
+    assert len(ours) == 1 and issubclass(ours[0].category, UserWarning)
+    assert "source='backward'" in str(ours[0].message)
+    assert "Remove the hook" in str(ours[0].message) and "kind='diag'" in str(ours[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no hook: no warning
+        _backward(model, x, y)
+        pre.step()
