@@ -590,6 +590,8 @@ class _Sums(dict[str, torch.Tensor]):
         """``sum[name] += v``. ``v`` (the parameter's size, any shape) must be a tensor
         that nothing else holds: the first one is kept as the sum and added to later."""
         p = self.params[name]
+        # detached: a vmap part closing over the capture path's parameters is tracked
+        v = v.detach()
         if v.shape != p.shape:
             v = v.reshape(p.shape)
         dtype = acc_dtype(p.dtype)
@@ -915,7 +917,9 @@ def fast_batch_sums(
 def square_sums_auto(
     plan: Plan, batches: Iterable[Any], chunk_size: int | None, engine: str
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Per batch ``(n, Σ_n Σ_j w_j g_nj²)`` by ``engine`` (see :func:`split_params`).
+    """Per batch ``(n, Σ_n Σ_j w_j g_nj²)`` by ``engine`` (see :func:`split_params`); a
+    batch whose input signature (:func:`split_key`) differs from the previous batch's
+    takes its own split.
 
     Raises:
         ValueError: an invalid ``chunk_size``, on every engine (before any batch is read).
@@ -949,9 +953,15 @@ def square_sums_auto(
         f" ({', '.join(split.rest)})" if split.rest else "",
     )  # fmt: skip
     rest = plan.restrict(split.rest) if split.rest else None
+    key = split_key(plan, b)
     for batch in itertools.chain([first], batches):
         if batch is not first:
             b, target = plan.parse(batch)
+            new_key = split_key(plan, b)
+            if new_key != key:  # another input signature (a list of another length): its split
+                key, new = new_key, cached_split(plan, b)
+                if new is not split:
+                    split, rest = new, plan.restrict(new.rest) if new.rest else None
         while split.fast_names:
             try:
                 yield fast_batch_sums(plan, split, rest, b, target, chunk_size)

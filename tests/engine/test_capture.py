@@ -586,3 +586,18 @@ def test_token_routed_experts_are_moved_to_vmap():
         for _ in range(2):  # the first call moves it; the second reuses the moved split
             got = estimate_fisher(model, [(x, y), (x[:6], y[:6])])
             assert_close_dict(dict(got), dict(ref), rtol=1e-10, atol=1e-12)
+
+
+def test_batches_of_one_pass_with_other_nested_inputs_take_their_own_split():
+    # One pass over {"context": []} then {"context": [c]}: the first batch's split (lin.weight
+    # on the capture path) was used for the next ones, where lin.weight is used twice:
+    # its Fisher was off by up to 0.21, silently.
+    torch.manual_seed(0)
+    model = ContextTied().double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    c = torch.randn(5, 4, dtype=torch.float64)
+    data = [{"x": x, "context": ctx, "labels": y} for ctx in ([], [c], [])]
+    got = estimate_fisher(model, data)
+    ref = estimate_fisher(model, data, engine="vmap")
+    assert_close_dict(dict(got), dict(ref), rtol=1e-10, atol=1e-12)
+    assert not any(v.requires_grad for v in got.values())
