@@ -590,8 +590,6 @@ class _Sums(dict[str, torch.Tensor]):
         """``sum[name] += v``. ``v`` (the parameter's size, any shape) must be a tensor
         that nothing else holds: the first one is kept as the sum and added to later."""
         p = self.params[name]
-        # detached: a vmap part closing over the capture path's parameters is tracked
-        v = v.detach()
         if v.shape != p.shape:
             v = v.reshape(p.shape)
         dtype = acc_dtype(p.dtype)
@@ -910,7 +908,8 @@ def fast_batch_sums(
     if rest is not None:
         for _, res in rest.run(b, target, draws, "squares", chunk_size):
             for k in rest.params:
-                acc.add(k, res[k].sum(0))
+                # detached: a vmap part closing over the capture path's parameters is tracked
+                acc.add(k, res[k].sum(0).detach())
     return b.size, acc.done()
 
 
