@@ -60,7 +60,7 @@ from natgrad.curvature.ops import check_curvature
 from natgrad.curvature.protocol import BLOCK_KINDS, Curvature
 from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch, OutputFn, add_batch_axis, default_output_fn, parse_batch
-from natgrad.engine.capture import cached_split, check_captured
+from natgrad.engine.capture import cached_split, check_captured, split_key
 from natgrad.engine.capture_ops import zero_perturbation
 from natgrad.engine.checks import (
     check_choice,
@@ -866,6 +866,9 @@ class _Posterior:
         self.work = self.dtype  # the capture path's dtype
         self.rest: dict[str, nn.Parameter] = {}
         self.inv: dict[str, torch.Tensor] | Reducer | None = None
+        # the capture plan and the input signature (split_key) the terms were set up for
+        self.plan: Plan | None = None
+        self.key: Any = None
 
     def _setup(self, b: Batch) -> None:
         from natgrad.curvature.lowrank import LowRankFisher
@@ -882,6 +885,7 @@ class _Posterior:
             plan = Plan(self.model, self.lik, "exact", 1, list(self.chosen), self.output_fn,
                         None, what="the Laplace predictive")  # fmt: skip
             fast = set(cached_split(plan, b).module_names)
+            self.plan, self.key = plan, split_key(plan, b)
             if isinstance(self.fisher, LowRankFisher):
                 terms, covered, self.lowrank_w = _lowrank_terms(
                     self.model, self.fisher, self.chosen, fast, self.n, self.deltas, self.device
@@ -909,7 +913,9 @@ class _Posterior:
 
     def moments(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean (N, D), var (N, D, G))`` of one parsed batch (``full``: ``(N, D, D, G)``)."""
-        if self.terms is None:
+        if self.terms is None or (self.plan is not None and split_key(self.plan, b) != self.key):
+            # the first batch, or one with another input signature (a list of another
+            # length may use a captured weight outside its layer): its own split
             self._setup(b)
         assert self.terms is not None  # set by _setup
         if not self.terms:

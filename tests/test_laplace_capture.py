@@ -537,3 +537,25 @@ def test_a_global_forward_hook_that_changes_an_output_takes_the_vmap_path():
         torch.testing.assert_close(got.logit_variance, want.logit_variance, rtol=1e-10, atol=1e-12)
     finally:
         h.remove()
+
+
+def test_validation_batches_with_other_nested_inputs_take_their_own_split():
+    # The first batch's context list is empty, so lin.weight is used once and its split
+    # puts it on the capture path; the second's has one tensor, so lin.weight is also
+    # read outside its layer and must take vmap: the grid's scores equal vmap's.
+    from tests.engine.test_capture import ContextTied
+
+    torch.manual_seed(0)
+    model = ContextTied().double().eval()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    c = torch.randn(5, 4, dtype=torch.float64)
+    curv = natgrad.estimate_curvature(
+        model, {"x": x, "context": [c], "labels": y}, kind="diag", labels="exact", engine="vmap"
+    )
+    val = [{"x": x[:4], "context": [], "labels": y[:4]},
+           {"x": x[4:], "context": [c], "labels": y[4:]}]  # fmt: skip
+    grid = [0.1, 1.0]
+    got = natgrad.optimize_prior_precision(model, curv, val, grid=grid)
+    want = natgrad.optimize_prior_precision(model, curv, val, grid=grid, engine="vmap")
+    torch.testing.assert_close(torch.tensor(got.scores), torch.tensor(want.scores),
+                               rtol=1e-10, atol=1e-12)
