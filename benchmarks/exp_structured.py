@@ -314,6 +314,28 @@ def prune_fits(model, data, keep, criterion, seed, calibration=None, damping=1e-
     return out, secs, rep, work, groups
 
 
+def gradual_fits(model, data, keep, criterion, seed, rounds, calibration=None, damping=1e-3,
+                 fits=FITS):
+    """``({fit: model}, {fit: seconds}, report of p)`` for ``rounds > 1``: one gradual
+    ``prune_structured`` call per fit, since each round's criterion reads the model that the
+    previous round re-fitted (p: no re-fit in any round). No Fisher is reused: every
+    round estimates it on its own model, and each fit's time is its whole call."""
+    out, secs, rep_p = {}, {}, None
+    for f in fits:
+        kw: dict = {"tune": False}
+        if f != "p":
+            scope, fit = FIT_OPTIONS[f]
+            kw = {"tune": True, "tune_scope": scope, "tune_fit": fit, "calibration": calibration}
+        m, rep = prune_structured(
+            model, data, flops=keep, criterion=criterion, search=SEARCH[criterion],
+            measure=False, seed=seed, damping=damping, rounds=rounds, **kw,
+        )
+        out[f], secs[f] = m, rep.seconds
+        if f == "p":
+            rep_p = rep
+    return out, secs, rep_p
+
+
 def floor_model(work, groups):
     """``work`` with every prunable group cut to its first structure."""
     removed = {g.name: torch.arange(1, g.size) for g in groups}
@@ -521,9 +543,10 @@ def run(args) -> str:
         example_flops = fisher_data[0] if isinstance(fisher_data, list) else fisher_data
         models_by_seed = {}
         # MiniLM (slow): every seed at 50% first, then 60% and 40% kept
-        keeps = sorted(args.keep, key=lambda k: k != 0.5) if name == "minilm" else args.keep
+        slow = name == "minilm" or args.rounds > 1
+        keeps = sorted(args.keep, key=lambda k: k != 0.5) if slow else args.keep
         pairs = (
-            [(s_, k) for k in keeps for s_ in seeds] if name == "minilm"
+            [(s_, k) for k in keeps for s_ in seeds] if slow
             else [(s_, k) for s_ in seeds for k in keeps]
         )
         for seed, keep in pairs:
@@ -554,6 +577,25 @@ def run(args) -> str:
                     + f" flops kept {rep.flops_kept:.3f} kept "
                     f"{[k for k, _ in rep.kept.values()]} {rep.seconds:.1f}s", flush=True,
                 )
+                if args.rounds > 1:
+                    label = f"{crit}, {args.rounds} rounds"
+                    g_models, g_secs, g_rep = gradual_fits(
+                        model, fisher_data, keep, crit, seed, args.rounds, calibration,
+                        damping, fits,
+                    )
+                    g_accs = {f: ev(m) for f, m in g_models.items()}
+                    for f, a in g_accs.items():
+                        acc.setdefault((name, keep, label, f), []).append(a)
+                    info.setdefault((name, keep, label), []).append((g_rep.flops_kept, g_secs))
+                    print(
+                        f"  seed {seed} {keep:.0%} {label:11s} "
+                        + " ".join(f"{f} {a:.3f}" for f, a in g_accs.items())
+                        + f" flops kept {g_rep.flops_kept:.3f} kept "
+                        f"{[k for k, _ in g_rep.kept.values()]} "
+                        + " ".join(f"{f} {t:.1f}s" for f, t in g_secs.items()), flush=True,
+                    )
+                    if not args.quick:  # slow: keep what is done
+                        write_fragment(args.name, table(args, dense, acc, info, lat, notes))
                 if seed == 0 and keep == 0.5 and crit == LATENCY_CRITERION[name] and args.latency:
                     lat[name] = latency_rows(
                         model, models["p"], floor_model(work, groups), example, args
@@ -679,7 +721,8 @@ def table(args, dense, acc, info, lat, notes) -> str:
         + " | FLOPs removed (measured) | seconds to prune (p / d) |",
         "|---|---|---|" + "---|" * (len(FITS) + 2),
     ]
-    crits_all = [c for c in (*CRITERIA, *TP) if any(k[2] == c for k in acc)]
+    gradual = [x for c in CRITERIA for x in (c, f"{c}, {args.rounds} rounds")]
+    crits_all = [c for c in (*gradual, *TP) if any(k[2] == c for k in acc)]
     for name in dense:
         for keep in args.keep:
             for c in crits_all:
@@ -701,6 +744,8 @@ def table(args, dense, acc, info, lat, notes) -> str:
                     f"| {TITLES[name]} ({_ms(dense[name])}) | {1 - keep:.0%} | {c} | "
                     + " | ".join(cells) + f" | {fl} | {tm} |"
                 )
+    if args.rounds > 1:
+        lines += gradual_section(args, dense, acc)
     # who is ahead, per fit
     lines += ["", "Who is ahead (mean accuracy over seeds, per (workload, budget) cell, same fit):", ""]
     for f in FITS:
@@ -732,7 +777,8 @@ def table(args, dense, acc, info, lat, notes) -> str:
         ]
         for name in dense:
             best = None
-            for c in ("fisher", "compensated"):
+            grad = [f"{c}, {args.rounds} rounds" for c in ("fisher", "compensated")]
+            for c in ("fisher", "compensated", *(grad if args.rounds > 1 else ())):
                 for f in FITS:
                     v = acc.get((name, 0.5, c, f))
                     if v:
@@ -777,6 +823,48 @@ def table(args, dense, acc, info, lat, notes) -> str:
                     f"{d / p:.2f}x | {u / p:.2f}x | {fl * 1e3:.3f} | {fl / d:.2f} |"
                 )
     return "\n".join(lines)
+
+
+def gradual_section(args, dense, acc) -> list[str]:
+    """The one-step rows against the gradual ones: the drop in points (mean ± std over
+    seeds) per criterion and fit, and the gradual minus one-step difference of the mean."""
+    k = args.rounds
+    lines = [
+        "",
+        f"Gradual pruning (prune_structured(rounds={k})): FLOPs kept go down geometrically, "
+        f"keep^(r/{k}) of the original FLOPs after round r; each round re-estimates the "
+        "criterion on the current (shrunken and, for t/m/d, re-fitted) model, and every "
+        "re-fit reconstructs the ORIGINAL dense model's layer outputs. Each fit is its own "
+        "gradual run (the fit changes what later rounds see); p re-fits nothing in any "
+        f"round. rounds={k} was fixed before any accuracy was seen; the same for every "
+        "criterion, fit, budget and seed; the one-step rows are the same run's rounds=1 "
+        "calls (same models, data, damping). Seconds to prune of a gradual row: the "
+        "whole gradual call of the p and d fits.",
+        "",
+        f"Drop from the dense model, points (mean ± std over seeds): 1 round -> {k} rounds "
+        "(difference of the means; negative: gradual is better):",
+        "",
+        "| workload | FLOPs removed | criterion | " + " | ".join(args.fits) + " |",
+        "|---|---|---|" + "---|" * len(args.fits),
+    ]
+    for name in dense:
+        for keep in args.keep:
+            for c in CRITERIA:
+                cells = []
+                for f in args.fits:
+                    one, grad = acc.get((name, keep, c, f)), acc.get((name, keep, f"{c}, {k} rounds", f))
+                    if not one or not grad:
+                        cells.append("–")
+                        continue
+                    d1 = statistics.mean(100 * (d - a) for d, a in zip(dense[name], one, strict=False))
+                    dk = statistics.mean(100 * (d - a) for d, a in zip(dense[name], grad, strict=False))
+                    n = f" [{len(grad)} seeds]" if len(grad) < args.seeds else ""
+                    cells.append(
+                        f"{_drop(dense[name], one)} -> {_drop(dense[name], grad)} ({dk - d1:+.2f}){n}"
+                    )
+                if any(x != "–" for x in cells):
+                    lines.append(f"| {TITLES[name]} | {1 - keep:.0%} | {c} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def refit_study(args) -> str:
@@ -860,6 +948,9 @@ def main(argv=None) -> None:
     p.add_argument("--minilm-criteria", default="fisher,magnitude,random")
     p.add_argument("--minilm-fits", default="p,t,m")
     p.add_argument("--keep", default="0.6,0.5,0.4", help="fractions of FLOPs kept")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="also prune gradually in this many rounds (prune_structured(rounds=...)) "
+                        "next to the one-step rows; 1 (default): one step only")
     p.add_argument("--refit-study", action="store_true",
                    help="MiniLM: the re-fits against the calibration set size (fisher, 50%%)")
     args = p.parse_args(argv)
@@ -887,6 +978,11 @@ def main(argv=None) -> None:
     args.minilm_repeats = 3 if args.quick else 5
     args.minilm_criteria = tuple(c for c in args.minilm_criteria.split(",") if c)
     args.minilm_fits = tuple(f for f in args.minilm_fits.split(",") if f)
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.rounds > 1 and (args.latency or args.torch_pruning or "minilm" in args.only):
+        p.error("--rounds > 1 runs the MNIST-1D workloads only: add --no-latency "
+                "--no-torch-pruning and leave out minilm")
     args.criteria = tuple(c for c in args.criteria.split(",") if c)
     args.fits = tuple(dict.fromkeys(("p", *(f for f in args.fits.split(",") if f))))
     for c in (*args.criteria, *args.minilm_criteria):

@@ -137,7 +137,8 @@ def build_cost_model(model: nn.Module, groups: list[Group], example: Any) -> Cos
         if name in heads:
             g = heads[name]
             tq, tk = attn_positions.get(name, (0, 0))
-            e = g.size * g.head_dim
+            # the residual width (not heads x head_dim: that is smaller once heads went)
+            e = int(getattr(mod, "embed_dim", g.size * g.head_dim))
             hd = g.head_dim
             # q/k/v and out projections + the two attention matmuls, linear in the heads
             per_head = 2 * (tq * e * hd + 2 * tk * e * hd + tq * hd * e) + 2 * 2 * tq * tk * hd

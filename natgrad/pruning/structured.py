@@ -62,6 +62,7 @@ from natgrad.pruning.shrink import (
     compensated_curves,
     count_flops,
     count_params,
+    kept_indices,
     shrink_model,
     tune_layers,
 )
@@ -400,6 +401,126 @@ def _select(
     return removed
 
 
+@dataclass
+class _Gradual:
+    """What :func:`_prune_gradually` hands back to :func:`prune_structured`."""
+
+    pruned: nn.Module
+    untuned: nn.Module
+    removed: dict[str, torch.Tensor]
+    tuned: list[str]
+    predicted: float
+    predicted_diagonal: float
+
+
+def _prune_gradually(
+    work: nn.Module,
+    groups: list[Group],
+    cost: CostModel,
+    example: Any,
+    data: Any,
+    calibration: Any,
+    *,
+    kind: str,
+    keep: float,
+    rounds: int,
+    mins: dict[str, int],
+    exclude: Iterable[str],
+    lik: Likelihood,
+    labels: LabelSource,
+    mc_samples: int,
+    seed: int,
+    damping: float,
+    max_batches: int | None,
+    output_fn: OutputFn | None,
+    criterion: str,
+    search: str,
+    rearrange_masks: bool,
+    tune: bool,
+    tune_scope: str,
+    tune_fit: str,
+) -> _Gradual:
+    """The ``rounds > 1`` schedule of :func:`prune_structured` (see its docstring).
+
+    ``work`` (the converted copy of the input, never modified) and its ``groups``/``cost``
+    are the original model; each round finds the groups of the current model again (the
+    same module names, smaller sizes), maps their indices back to the original's, and
+    re-fits against ``work``'s layer outputs.
+    """
+    full = cost.total(kind)
+    floor = cost.total(kind, mins)
+    if floor > keep * full * (1 + 1e-12):
+        raise BudgetError(
+            f"The {kind} budget keep={keep:g} is out of reach: with every prunable layer at "
+            f"its minimum (min_keep) the model keeps {floor / full:.3f} of its {kind}. Pass a "
+            f"budget >= {floor / full:.3f}, or lower min_keep."
+        )
+    by_name = {g.name: g for g in groups}
+    # original indices of the structures still kept, per group
+    alive = {g.name: torch.arange(g.size) for g in groups}
+    current, cur_groups, cur_cost = work, groups, cost
+    predicted = predicted_diag = 0.0
+    tuned: list[str] = []
+    for r in range(1, rounds + 1):
+        if r > 1:
+            cur_groups, _ = find_groups(current, example, exclude=exclude)
+            for cg in cur_groups:
+                if cg.name not in by_name or cg.size != alive[cg.name].numel():
+                    raise UnsupportedStructureError(
+                        f"Round {r} of the gradual schedule found group {cg.name!r} "
+                        f"(size {cg.size}) in the shrunken model, which does not match the "
+                        "original model's groups; pass rounds=1."
+                    )
+            cur_cost = build_cost_model(current, cur_groups, example)
+        # this round's budget is keep^(r/rounds) of the ORIGINAL cost
+        target = keep * full if r == rounds else full * keep ** (r / rounds)
+        keep_r = min(1.0, target / cur_cost.total(kind))
+        fisher = estimate_mask_fisher(
+            current, cur_groups, data, likelihood=lik, labels=labels, mc_samples=mc_samples,
+            seed=seed + r - 1, max_batches=max_batches, output_fn=output_fn,
+        )
+        curves = (
+            compensated_curves(
+                current, cur_groups, data, likelihood=lik, labels=labels,
+                mc_samples=mc_samples, seed=seed + r - 1, damping=damping,
+                max_batches=max_batches, output_fn=output_fn,
+            )
+            if criterion == "compensated"
+            else None
+        )
+        # the minimums are counts of the original widths, which the current groups carry
+        cur_mins = {cg.name: mins[cg.name] for cg in cur_groups}
+        removed_r = _select(
+            criterion, search, fisher, curves, current, cur_groups, cur_cost, kind, keep_r,
+            cur_mins, rearrange_masks, seed + r - 1,
+        )
+        shrunk = shrink_model(_copy(current), cur_groups, removed_r)
+        _verify(current, shrunk, cur_groups, removed_r, example, output_fn)
+        predicted += fisher.predicted_increase(removed_r, block=True)
+        predicted_diag += fisher.predicted_increase(removed_r, block=False)
+        for cg in cur_groups:
+            alive[cg.name] = alive[cg.name][kept_indices(cg, removed_r[cg.name])]
+        removed = {g.name: _complement(alive[g.name], g.size) for g in groups}
+        if tune:
+            # targets: the original model's layer outputs (the kept rows, original indices)
+            tuned = tune_layers(
+                work, shrunk, groups, removed, calibration,
+                damping=damping, scope=tune_scope, fit=tune_fit,
+            )
+        current = shrunk
+    # the same structures removed from the original in one step, not re-fitted: the
+    # report's untuned loss, and a check of the index bookkeeping across the rounds
+    untuned = shrink_model(_copy(work), groups, removed)
+    _verify(work, untuned, groups, removed, example, output_fn)
+    return _Gradual(current, untuned, removed, tuned, predicted, predicted_diag)
+
+
+def _complement(kept: torch.Tensor, size: int) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[kept] = False
+    return torch.nonzero(mask).flatten()
+
+
 def _equal_outputs(a: torch.Tensor, b: torch.Tensor) -> bool:
     tol = {torch.float64: 1e-7, torch.float32: 1e-4}.get(a.dtype, 3e-2)
     scale = float(b.abs().max().clamp_min(1.0))
@@ -413,6 +534,7 @@ def prune_structured(
     flops: float | None = None,
     params: float | None = None,
     latency: float | None = None,
+    rounds: int = 1,
     likelihood: str | Likelihood = "categorical",
     labels: LabelSource = "empirical",
     mc_samples: int = 1,
@@ -516,6 +638,14 @@ def prune_structured(
     """
     t_start = time.perf_counter()
     kind, keep = _check_budget(flops, params, latency)
+    rounds = check_int("rounds", rounds, 1)
+    if rounds > 1 and kind == "latency":
+        raise BudgetError(
+            f"rounds={rounds} with a latency budget is not supported: the latency search "
+            "shrinks and times the model at each of its FLOPs budgets, which a gradual "
+            "schedule would turn into a whole multi-round prune per probe. Pass flops=... or "
+            "params=... with rounds > 1, or rounds=1 with latency=...."
+        )
     finetune_steps = check_int("finetune_steps", finetune_steps, 0)
     if finetune_steps and not any(p.requires_grad for p in model.parameters()):
         raise ValueError(
@@ -550,46 +680,68 @@ def prune_structured(
         )
     mins = _min_keep(groups, min_keep)
     cost = build_cost_model(work, groups, example)
-    # the Fisher is estimated for every criterion: its predictions go into the report
-    fisher: MaskFisher = estimate_mask_fisher(
-        work, groups, data, likelihood=lik, labels=labels, mc_samples=mc_samples,
-        seed=seed, max_batches=max_batches, output_fn=output_fn,
-    )
-    curves = (
-        compensated_curves(
-            work, groups, data, likelihood=lik, labels=labels, mc_samples=mc_samples,
-            seed=seed, damping=damping, max_batches=max_batches, output_fn=output_fn,
-        )
-        if criterion == "compensated"
-        else None
-    )
     sizes = sorted(set(int(b) for b in latency_batch_sizes))
-    lat_dense = measure_latency(work, example, sizes, latency_repeats) if kind == "latency" else {}
-
-    def build(kind_: str, keep_: float) -> tuple[dict[str, torch.Tensor], nn.Module]:
-        removed_ = _select(
-            criterion, search, fisher, curves, work, groups, cost, kind_, keep_, mins,
-            rearrange_masks, seed,
-        )
-        return removed_, shrink_model(_copy(work), groups, removed_)
-
-    if kind == "latency":
-        removed, pruned = _latency_search(build, cost, keep, lat_dense, example, sizes, latency_repeats)
-    else:
-        removed, pruned = build(kind, keep)
-    untouched = not any(len(r) for r in removed.values())
-    if untouched:  # nothing removed: the model itself, its attention modules unconverted
-        pruned = deepcopy_model(model)
-    else:
-        _verify(work, pruned, groups, removed, example, output_fn)
+    calib = calibration if calibration is not None else data
     loss_before = mean_loss(work, data, lik, output_fn, max_batches)
-    loss_untuned = mean_loss(pruned, data, lik, output_fn, max_batches)
     tuned: list[str] = []
-    if tune and not untouched:
-        tuned = tune_layers(
-            work, pruned, groups, removed, calibration if calibration is not None else data,
-            damping=damping, scope=tune_scope, fit=tune_fit,
+    if rounds > 1:
+        gr = _prune_gradually(
+            work, groups, cost, example, data, calib, kind=kind, keep=keep, rounds=rounds,
+            mins=mins, exclude=exclude, lik=lik, labels=labels, mc_samples=mc_samples,
+            seed=seed, damping=damping, max_batches=max_batches, output_fn=output_fn,
+            criterion=criterion, search=search, rearrange_masks=rearrange_masks, tune=tune,
+            tune_scope=tune_scope, tune_fit=tune_fit,
         )
+        pruned, removed, tuned = gr.pruned, gr.removed, gr.tuned
+        predicted, predicted_diag = gr.predicted, gr.predicted_diagonal
+        if not any(len(r) for r in removed.values()):
+            # nothing removed: the model itself, its attention modules unconverted
+            pruned, tuned = deepcopy_model(model), []
+        loss_untuned = mean_loss(gr.untuned, data, lik, output_fn, max_batches)
+    else:
+        # the Fisher is estimated for every criterion: its predictions go into the report
+        fisher: MaskFisher = estimate_mask_fisher(
+            work, groups, data, likelihood=lik, labels=labels, mc_samples=mc_samples,
+            seed=seed, max_batches=max_batches, output_fn=output_fn,
+        )
+        curves = (
+            compensated_curves(
+                work, groups, data, likelihood=lik, labels=labels, mc_samples=mc_samples,
+                seed=seed, damping=damping, max_batches=max_batches, output_fn=output_fn,
+            )
+            if criterion == "compensated"
+            else None
+        )
+        lat_dense = (
+            measure_latency(work, example, sizes, latency_repeats) if kind == "latency" else {}
+        )
+
+        def build(kind_: str, keep_: float) -> tuple[dict[str, torch.Tensor], nn.Module]:
+            removed_ = _select(
+                criterion, search, fisher, curves, work, groups, cost, kind_, keep_, mins,
+                rearrange_masks, seed,
+            )
+            return removed_, shrink_model(_copy(work), groups, removed_)
+
+        if kind == "latency":
+            removed, pruned = _latency_search(
+                build, cost, keep, lat_dense, example, sizes, latency_repeats
+            )
+        else:
+            removed, pruned = build(kind, keep)
+        untouched = not any(len(r) for r in removed.values())
+        if untouched:  # nothing removed: the model itself, its attention modules unconverted
+            pruned = deepcopy_model(model)
+        else:
+            _verify(work, pruned, groups, removed, example, output_fn)
+        loss_untuned = mean_loss(pruned, data, lik, output_fn, max_batches)
+        if tune and not untouched:
+            tuned = tune_layers(
+                work, pruned, groups, removed, calib,
+                damping=damping, scope=tune_scope, fit=tune_fit,
+            )
+        predicted = fisher.predicted_increase(removed, block=True)
+        predicted_diag = fisher.predicted_increase(removed, block=False)
     if finetune_steps:
         finetune(pruned, data, lik, steps=finetune_steps, lr=finetune_lr, output_fn=output_fn)
     loss_after = (
@@ -610,8 +762,8 @@ def prune_structured(
         params_after=count_params(pruned),
         latency_before=lat_before,
         latency_after=lat_after,
-        predicted_loss_increase=fisher.predicted_increase(removed, block=True),
-        predicted_loss_increase_diagonal=fisher.predicted_increase(removed, block=False),
+        predicted_loss_increase=predicted,
+        predicted_loss_increase_diagonal=predicted_diag,
         measured_loss_increase=(
             None if loss_before is None or loss_after is None else loss_after - loss_before
         ),
