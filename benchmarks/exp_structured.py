@@ -56,6 +56,15 @@ The mask Fisher depends on the model and data only, so it is estimated once per 
 and reused across budgets and criteria; its estimation time is added to each reported
 time to prune.
 
+Gradual pruning (``--rounds k``, k > 1; with ``--no-latency --no-torch-pruning``, MNIST-1D
+workloads, fragment named by ``--name``): next to every one-step row, the same model,
+budget and criterion pruned by ``prune_structured(rounds=k)``, one gradual call per fit
+(the fit used between rounds changes what the later rounds select; ``p`` re-fits in no
+round), and a table of the drops, one step against k rounds. ``k`` is fixed on the
+command line before any accuracy is seen, the same for every criterion, fit, budget and
+seed. The 50% budget runs first for every seed, and the fragment is rewritten after each
+gradual row (an interrupted run keeps what is done, with the seed count marked).
+
 Run: ``python -m benchmarks.exp_structured`` (``--quick``: smoke run, writes nothing;
 ``--only mlp,cnn``; ``--cache DIR`` reuses trained MNIST-1D models). Not part of CI.
 """

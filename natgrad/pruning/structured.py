@@ -23,6 +23,9 @@ with physical removal in the spirit of Torch-Pruning):
    shrunken model computes what the masked model computes.
 5. Tune (optional): least-squares re-fit of each layer after pruned structures, on a
    calibration set, from its input Gram matrix.
+6. Gradual (``rounds=k > 1``): steps 2-5 are repeated ``k`` times on the current model,
+   the cost kept going down geometrically to the budget, every re-fit reconstructing the
+   original model's layer outputs.
 """
 
 from __future__ import annotations
@@ -95,13 +98,17 @@ class StructuredPruningReport(Report):
         params_before, params_after: parameter counts.
         latency_before, latency_after: ``{batch size: median seconds per forward}``
             (empty when not measured).
-        predicted_loss_increase: ``Σ_g ½ 1_Rᵀ F_g[R,R] 1_R`` (block mask Fisher).
-        predicted_loss_increase_diagonal: ``Σ_g ½ Σ_{s∈R} F_g[s,s]``.
+        predicted_loss_increase: ``Σ_g ½ 1_Rᵀ F_g[R,R] 1_R`` (block mask Fisher); with
+            ``rounds > 1`` the sum over the rounds of each round's prediction (its own
+            Fisher, on the model that round pruned, for the structures it removed).
+        predicted_loss_increase_diagonal: ``Σ_g ½ Σ_{s∈R} F_g[s,s]`` (summed the same way).
         measured_loss_increase: mean loss after minus before on the data (after tuning);
             None without labels.
-        measured_loss_increase_untuned: the same before tuning.
-        kept: ``{group: (kept, total)}``.
-        removed: ``{group: indices removed}`` (indices into the unpruned layer).
+        measured_loss_increase_untuned: the same before tuning; with ``rounds > 1``, of
+            the original model with every round's structures removed and nothing re-fitted.
+        kept: ``{group: (kept, total)}`` (total: the original width).
+        removed: ``{group: indices removed}`` (indices into the unpruned layer, every
+            round's removals together).
         skipped: ``{module: reason}`` for Linear/Conv/attention modules not pruned.
         tuned_layers: layers re-fitted by least squares.
         seconds: wall time of the whole call (without the latency measurements).
@@ -569,6 +576,25 @@ def prune_structured(
     ``Wᵀ = (X̃ᵀX̃ + εI)⁻¹ X̃ᵀ Y``, to reproduce the original layer outputs ``Y`` on the
     calibration data.
 
+    Gradual schedule (``rounds=k > 1``): round ``r = 1..k`` keeps at most
+    ``C_r = keep^(r/k) · C_0`` of the original model's cost ``C_0`` (FLOPs or parameters),
+    so each round removes about the same fraction ``keep^(1/k)`` of what is left and the
+    last one ends exactly at the budget, ``C_k = keep · C_0``. Each round re-estimates the
+    criterion (mask Fisher, compensated curves, magnitudes; random scores with seed
+    ``seed + r - 1``) on the current model (shrunken and re-fitted by the rounds before),
+    searches for the structures to remove until the current cost is within ``C_r``,
+    each layer keeping ``min_keep`` of its *original* width, shrinks, and with
+    ``tune=True`` re-fits. The re-fit targets are the *original* dense model's layer
+    outputs ``Y`` (restricted to the rows still kept), not the previous round's: its
+    least squares only needs the targets and the pruned model's inputs, so fitting to
+    the original keeps the reconstruction errors of one round from becoming the targets
+    of the next. With ``tune_fit="weights"`` the last round's re-fit is therefore the
+    one-step re-fit of the final structure; the rounds change *which* structures go
+    (each criterion sees the compensated model). The report compares the original and
+    the final model; its predicted loss increase is the sum over the rounds of each
+    round's prediction on its own model; ``finetune_steps`` runs once, after the last
+    round. Cost: about ``k`` times the criterion and re-fit of one step.
+
     Args:
         model: the trained model (not modified). Eval mode: no train-mode BatchNorm or
             dropout. Its forward must be traceable by ``torch.fx``, or it is a Hugging Face
@@ -579,6 +605,8 @@ def prune_structured(
         params: the fraction of parameters to keep in ``(0, 1]``.
         latency: the fraction of the measured latency to keep, at the largest of
             ``latency_batch_sizes`` (bisection over FLOPs budgets, each shrunk and timed).
+        rounds: prune in this many rounds (the gradual schedule above; 1, the default:
+            in one step). Not with a ``latency`` budget.
         likelihood: ``"categorical"`` etc. or a :class:`~natgrad.Likelihood`.
         labels: ``"empirical"`` (data labels) or ``"mc"`` (``mc_samples`` draws).
         calibration: batches for mask tuning (default: ``data``).
@@ -621,11 +649,12 @@ def prune_structured(
         ``finetune_steps``).
 
     Raises:
-        BudgetError: no budget, several, one outside ``(0, 1]``, or one the per-layer
-            minimums make unreachable.
+        BudgetError: no budget, several, one outside ``(0, 1]``, one the per-layer
+            minimums make unreachable, or a latency budget with ``rounds > 1``.
         UnsupportedStructureError: a model that cannot be traced, that has nothing to
             prune, or whose shrunken form would not compute what the masked model computes.
-        ValueError: train-mode BatchNorm/dropout, unknown options.
+        ValueError: train-mode BatchNorm/dropout, unknown options, ``rounds`` not an
+            integer >= 1.
 
     Example:
         >>> import torch, natgrad

@@ -352,3 +352,24 @@ def test_finetune_of_a_fully_frozen_model_is_refused_before_pruning():
     x, y = torch.randn(32, 5), torch.randint(0, 4, (32,))
     with pytest.raises(ValueError, match="nothing to fine-tune.*finetune_steps=0"):
         natgrad.prune_structured(model, (x, y), flops=0.6, measure=False, finetune_steps=3)
+
+
+@pytest.mark.parametrize("rounds", [0, -2, 2.5, "3", True, None])
+def test_bad_rounds(rounds):
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"Invalid rounds.*integer >= 1"):
+        natgrad.prune_structured(_mlp(), (x, y), flops=0.5, rounds=rounds, measure=False)
+
+
+def test_gradual_latency_budget_raises():
+    x, y = _data()
+    with pytest.raises(BudgetError, match=r"rounds=2 with a latency budget is not supported"):
+        natgrad.prune_structured(_mlp(), (x, y), latency=0.5, rounds=2, measure=False)
+
+
+def test_gradual_budget_out_of_reach_names_the_floor():
+    x, y = _data()
+    with pytest.raises(BudgetError, match=r"out of reach.*keeps 0\.\d+ of its flops"):
+        natgrad.prune_structured(
+            _mlp(), (x, y), flops=0.01, min_keep=0.5, rounds=3, measure=False
+        )
