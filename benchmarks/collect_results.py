@@ -35,6 +35,7 @@ ORDER = [
     "structured_minilm_d",
     "structured_tp_encoders",
     "structured_tp_minilm",
+    "structured_gradual",
     "merging",
     "merging_curvature_v2",
     "merging_curvature_cnn",
