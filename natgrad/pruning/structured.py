@@ -578,10 +578,10 @@ def prune_structured(
 
     Gradual schedule (``rounds=k > 1``): round ``r = 1..k`` keeps at most
     ``C_r = keep^(r/k) · C_0`` of the original model's cost ``C_0`` (FLOPs or parameters),
-    so each round removes about the same fraction ``keep^(1/k)`` of what is left and the
-    last one ends exactly at the budget, ``C_k = keep · C_0``. Each round re-estimates the
-    criterion (mask Fisher, compensated curves, magnitudes; random scores with seed
-    ``seed + r - 1``) on the current model (shrunken and re-fitted by the rounds before),
+    so each round keeps about the same fraction ``keep^(1/k)`` of what is left and the
+    last one ends within the budget, ``C_k = keep · C_0``. Each round re-estimates the
+    criterion (mask Fisher, compensated curves, magnitudes; random scores and
+    ``labels="mc"`` draws with seed ``seed + r - 1``) on the current model (shrunken and re-fitted by the rounds before),
     searches for the structures to remove until the current cost is within ``C_r``,
     each layer keeping ``min_keep`` of its *original* width, shrinks, and with
     ``tune=True`` re-fits. The re-fit targets are the *original* dense model's layer
