@@ -844,9 +844,11 @@ def gradual_section(args, dense, acc) -> list[str]:
         f"keep^(r/{k}) of the original FLOPs after round r; each round re-estimates the "
         "criterion on the current (shrunken and, for t/m/d, re-fitted) model, and every "
         "re-fit reconstructs the ORIGINAL dense model's layer outputs. Each fit is its own "
-        "gradual run (the fit changes what later rounds see); p re-fits nothing in any "
-        f"round. rounds={k} was fixed before any accuracy was seen; the same for every "
-        "criterion, fit, budget and seed; the one-step rows are the same run's rounds=1 "
+        "gradual run (the fit changes what later rounds see), so a gradual row's fits do "
+        "not share their removed structures, unlike a one-step row's; p re-fits nothing in "
+        f"any round. rounds={k} was fixed before any accuracy was seen (no validation-split "
+        "check was run to choose it), the same for every criterion, fit, budget and seed. "
+        "The one-step rows are the same run's rounds=1 "
         "calls (same models, data, damping). Seconds to prune of a gradual row: the "
         "whole gradual call of the p and d fits.",
         "",
