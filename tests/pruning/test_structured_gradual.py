@@ -15,7 +15,7 @@ from natgrad.pruning.attention import shrink_heads
 from natgrad.pruning.search import build_cost_model
 from natgrad.pruning.shrink import count_flops, count_params, shrink_model, tune_layers
 from natgrad.pruning.structures import apply_masks_to, find_groups
-from tests.conftest import mlp
+from tests.conftest import TinyEncoder, mlp
 from tests.pruning.test_structured import CASES, _batch, _caller, encoder_case
 
 
@@ -149,3 +149,17 @@ def test_cost_model_of_an_encoder_with_heads_removed():
     cost = build_cost_model(model, groups, x)
     assert cost.total("flops") == count_flops(model, x)
     assert cost.total("params") == count_params(model)
+
+
+def test_rounds_with_a_budget_that_removes_nothing_return_an_unchanged_copy():
+    torch.manual_seed(3)
+    model = TinyEncoder().double().eval()
+    ids, mask = torch.randint(0, 13, (5, 6)), torch.ones(5, 6, dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (5,))}
+    pruned, rep = natgrad.prune_structured(model, batch, flops=1.0, rounds=3, measure=False)
+    assert pruned is not model
+    assert [type(m) for m in pruned.modules()] == [type(m) for m in model.modules()]
+    assert all(not r for r in rep.removed.values()) and rep.tuned_layers == []
+    assert torch.equal(pruned(ids, mask), model(ids, mask))
+    assert rep.flops_after == rep.flops_before and rep.measured_loss_increase == 0.0
+    assert rep.measured_loss_increase_untuned == 0.0 and rep.predicted_loss_increase == 0.0
