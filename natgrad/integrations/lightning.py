@@ -254,6 +254,11 @@ class NaturalGradientCallback(Callback):
     micro-batch only. Gradient clipping configured on the Trainer
     (``gradient_clip_val``) acts after this hook, on the preconditioned gradient.
 
+    The preconditioner's state (step count, curvature, generator) is saved in Lightning's
+    checkpoints through the callback's ``state_dict`` and restored by
+    ``Trainer.fit(..., ckpt_path=...)``, so a resumed run continues the same schedule and
+    curvature as the uninterrupted one.
+
     Args:
         preconditioner: the :class:`natgrad.FisherPreconditioner` of the module;
             ``configure_optimizers`` returns a plain optimizer.
@@ -276,6 +281,27 @@ class NaturalGradientCallback(Callback):
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
         self._batch = batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"preconditioner": FisherPreconditioner.state_dict()}``, which Lightning
+        writes into its checkpoints."""
+        return {"preconditioner": self.preconditioner.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the preconditioner from :meth:`state_dict`'s output (Lightning calls it
+        when resuming from a checkpoint).
+
+        Raises:
+            ValueError: not this callback's state, or a preconditioner state of another
+                kind or model (see :meth:`natgrad.FisherPreconditioner.load_state_dict`).
+        """
+        if not isinstance(state_dict, dict) or "preconditioner" not in state_dict:
+            got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(
+                f"Not a NaturalGradientCallback state: expected the key 'preconditioner', "
+                f"got {got}; resume from a checkpoint written with this callback."
+            )
+        self.preconditioner.load_state_dict(state_dict["preconditioner"])
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:  # noqa: D102
         batch = None

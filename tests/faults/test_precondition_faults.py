@@ -145,3 +145,17 @@ def test_multihead_attention_out_proj_is_not_a_kfac_layer():
     assert "without calling the module" in reasons["self_attn.out_proj.weight"]
     with pytest.raises(ValueError, match=r"self_attn\.out_proj\.weight \(MultiheadAttention"):
         natgrad.FisherPreconditioner(m, kind="kfac", source="backward")
+
+
+def test_lightning_callback_refuses_a_foreign_checkpoint_state():
+    # a checkpoint whose NaturalGradientCallback entry is not this callback's state, or is
+    # a preconditioner state of another kind, is refused by name; nothing is loaded
+    nl = pytest.importorskip("natgrad.integrations.lightning")
+    model = _mlp()
+    cb = nl.NaturalGradientCallback(natgrad.FisherPreconditioner(model, kind="kfac"))
+    with pytest.raises(ValueError, match=r"Not a NaturalGradientCallback state.*'preconditioner'"):
+        cb.load_state_dict({"step": 3})
+    other = natgrad.FisherPreconditioner(model, kind="diag").state_dict()
+    with pytest.raises(ValueError, match=r"kind='diag'.*kind='kfac'"):
+        cb.load_state_dict({"preconditioner": other})
+    assert cb.preconditioner.state_dict()["step"] == 0
