@@ -19,8 +19,10 @@ Convention (the empirical Fisher). With ``l_n`` the per-sample loss of sample ``
 
 So several forwards before one optimizer step (gradient accumulation) are read as one
 batch of all their samples whose loss is the mean over all of them: each micro-batch's
-mean loss divided by the number of micro-batches (equal sizes), which is what the Hugging
-Face Trainer and Lightning back-propagate; likewise one backward through
+mean loss divided by the number of micro-batches (equal sizes), which is what Lightning
+back-propagates, and the Hugging Face Trainer when ``trainer.model_accepts_loss_kwargs`` is
+False (for a model whose ``forward`` takes ``**kwargs`` it is True and the Trainer leaves
+the micro-batch means undivided; see docs/integrations.md); likewise one backward through
 ``(loss(x1) + loss(x2)) / 2``. A loop that adds the micro-batches' mean losses without
 dividing by their number ``k`` back-propagates ``k`` times that mean, and its curvature
 comes out ``k²`` times too large: divide the loss by ``k``, as the trainers do. A loss
