@@ -35,7 +35,7 @@ from natgrad.engine.checks import (
     check_positive,
     check_same_structure,
 )
-from natgrad.engine.common import evaluating
+from natgrad.engine.common import acc_dtype, evaluating
 from natgrad.engine.distributed import is_distributed
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.options import LABEL_SOURCES, LabelSource, ParamSpec
@@ -635,6 +635,12 @@ class FisherPreconditioner:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (same kind, parameters and shapes).
 
+        Like ``torch.optim``'s ``load_state_dict``, the curvature is moved to the selected
+        parameters' device and cast to their accumulation dtype (float64 parameters:
+        float64; others: float32), so a state saved on one device or dtype (e.g. loaded
+        with ``map_location="cpu"``, as the Hugging Face Trainer does on one GPU) continues
+        on the model's.
+
         Everything is checked first (:meth:`check_state_dict`); nothing changes when that
         raises.
 
@@ -643,12 +649,28 @@ class FisherPreconditioner:
             FloatingPointError: NaN or Inf in the curvature.
         """
         curv = self._curvature_from_state(state)
+        if curv is not None:
+            curv = self._on_params(curv)
         self._step = int(state["step"])
         self.generator.set_state(state["generator"].clone())
         self._curvature, self._lent = curv, False
         if self._capture is not None:
             self._capture.clear()
         self._arm()
+
+    def _on_params(self, curv: Curvature) -> Curvature:
+        """``curv`` on the selected parameters' device, in their accumulation dtype (float64
+        for float64 parameters, else float32), as a refresh would build it; unchanged when
+        the parameters span several devices or dtypes (each solve then casts)."""
+        devices = {p.device for p in self.params.values()}
+        dtypes = {acc_dtype(p.dtype) for p in self.params.values() if p.is_floating_point()}
+        if len(devices) != 1 or len(dtypes) != 1:
+            return curv
+        (device,), (dtype,) = devices, dtypes
+        tensors = [t for _, t in _tensors(curv.state_dict())]
+        if all(t.device == device and t.dtype == dtype for t in tensors):
+            return curv
+        return curv.to(device=device, dtype=dtype)
 
     def __repr__(self) -> str:
         return (
