@@ -177,7 +177,11 @@ class FisherPreconditioner:
         labels: ``"empirical"``, ``"mc"`` (one seeded draw per sample) or ``"exact"``
             (``source="batch"``; ``"backward"`` is always empirical).
         kl_clip: a positive trust-region size (default 1e-3), or ``None`` for no clip.
-        params: which parameters to precondition (see :func:`natgrad.select_params`).
+        params: which parameters to precondition (see :func:`natgrad.select_params`);
+            the default ``None`` takes the parameters with ``requires_grad`` at
+            construction. A parameter unfrozen later is not preconditioned (its ``.grad``
+            passes unchanged; a refresh warns once, naming it): build the preconditioner
+            after unfreezing, or select it with ``params=``.
         warmup_steps: pass-through steps at the start (``>= 0``).
         seed: seed of the generator for ``"mc"`` labels (saved in the state).
         output_fn: maps model outputs to the output tensor (default: tensor or ``.logits``).
@@ -315,6 +319,9 @@ class FisherPreconditioner:
             )  # fmt: skip
         self._step = 0
         self._warned_no_lr = False
+        # the default selection (trainable at construction): a refresh warns once about
+        # parameters unfrozen since then, which get gradients but are not preconditioned
+        self._check_unfrozen = params is None
         self._arm()
 
     @property
@@ -476,6 +483,8 @@ class FisherPreconditioner:
             )
             return self._skip(t)
         updated = self._refresh_due(t)
+        if updated and self._check_unfrozen:
+            self._warn_unfrozen()
         clip = self.kl_clip is not None and lrs is not None
         solves = t >= self.warmup_steps and (updated or self._curvature is not None)
         scaler = self.grad_scaler
@@ -518,6 +527,22 @@ class FisherPreconditioner:
         for k, d in deltas.items():
             grads[k].copy_(d * nu if nu != 1.0 else d)
         return PreconditionStep(t, lam, updated, True, nu)
+
+    def _warn_unfrozen(self) -> None:
+        """Warn once when parameters outside the default selection (frozen when the
+        preconditioner was built) now have a ``.grad``: they are trained unpreconditioned."""
+        extra = [k for k, p in self.model.named_parameters()
+                 if p.grad is not None and k not in self.params]
+        if extra:
+            self._check_unfrozen = False
+            warnings.warn(
+                f"FisherPreconditioner: parameters {extra[:8]} have gradients but are not "
+                "preconditioned: they were frozen (requires_grad=False) when the "
+                "preconditioner was built, which selects the trainable parameters then. "
+                "Their .grad passes unchanged; build the preconditioner after unfreezing, "
+                "or select them with params=....",
+                stacklevel=3,
+            )
 
     def _skip(self, t: int) -> PreconditionStep:
         """A step that changes nothing: no refresh, no preconditioning, the step count kept

@@ -3,6 +3,8 @@ named error (what was expected, what came, the fix) and changes nothing."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,3 +161,42 @@ def test_lightning_callback_refuses_a_foreign_checkpoint_state():
     with pytest.raises(ValueError, match=r"kind='diag'.*kind='kfac'"):
         cb.load_state_dict({"preconditioner": other})
     assert cb.preconditioner.state_dict()["step"] == 0
+
+
+@pytest.mark.parametrize("source", ["batch", "backward"])
+def test_a_parameter_unfrozen_after_construction_warns_once_at_a_refresh(source):
+    # the default selection is the parameters trainable at construction: a layer unfrozen
+    # later gets a .grad that passes unchanged (checked against the raw gradient), so the
+    # refresh warns once, naming it and the fix; an explicit params= selection does not
+    model = _mlp()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    pre = natgrad.FisherPreconditioner(model, kind="kfac", source=source, update_every=1)
+    x, y = _batch()
+    F.cross_entropy(model(x), y).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pre.step((x, y), lr=0.1)  # nothing unfrozen yet: no warning
+    for p in model[0].parameters():
+        p.requires_grad_(True)
+    for _ in range(2):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        raw = model[0].weight.grad.clone()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pre.step((x, y), lr=0.1)
+        assert torch.equal(model[0].weight.grad, raw)
+        if _ == 0:
+            (w,) = [c for c in caught if "not preconditioned" in str(c.message)]
+            assert "'0.weight', '0.bias'" in str(w.message)
+            assert "build the preconditioner after unfreezing" in str(w.message)
+        else:  # once
+            assert not [c for c in caught if "not preconditioned" in str(c.message)]
+    chosen = _mlp()
+    pre = natgrad.FisherPreconditioner(chosen, kind="kfac", source=source, update_every=1,
+                                       params=[chosen[2]])
+    F.cross_entropy(chosen(x), y).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pre.step((x, y), lr=0.1)
