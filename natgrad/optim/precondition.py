@@ -310,7 +310,7 @@ class FisherPreconditioner:
         self._curvature: Curvature | None = None
         self._lent = False  # whether `curvature` was read since it was last replaced
         if self.curvature_kind in ("kfac", "ekfac"):
-            layers, diag_names = kfac_layers(model, self.params)
+            layers, diag_names = kfac_layers(model, self.params, extended=True)
             logger.info(
                 "FisherPreconditioner(kind=%r): %d layers in Kronecker form; %d "
                 "parameter tensors left diagonal%s",

@@ -1516,3 +1516,34 @@ def test_load_state_dict_moves_the_curvature_to_the_models_dtype():
         ref = torch.linalg.solve(dense, M.reshape(-1)).reshape(M.shape)
         torch.testing.assert_close(model64[i].weight.grad, ref[:, :-1], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(model64[i].bias.grad, ref[:, -1], rtol=1e-10, atol=1e-10)
+
+
+def test_construction_log_counts_the_layers_the_refresh_puts_in_kronecker_form(caplog):
+    """The INFO line at construction counts Embedding and grouped-conv layers as Kronecker
+    (it counted only Linear and plain convolutions: "0 layers in Kronecker form" for an
+    Embedding + grouped Conv1d model that K-FAC covers fully); reference: the curvature's
+    own structure() after a refresh."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(9, 4)
+            self.conv = nn.Conv1d(4, 4, 3, groups=2)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, ids):
+            return self.head(self.conv(self.emb(ids).transpose(1, 2)).mean(2))
+
+    torch.manual_seed(0)
+    model = Net()
+    with caplog.at_level("INFO", logger="natgrad.optim.precondition"):
+        pre = FisherPreconditioner(model, kind="kfac", kl_clip=None)
+    (line,) = [r.getMessage() for r in caplog.records if "Kronecker form" in r.getMessage()]
+    ids, y = torch.randint(0, 9, (6, 5)), torch.randint(0, 3, (6,))
+    F.cross_entropy(model(ids), y).backward()
+    pre.step((ids, y))
+    structure = pre.curvature.structure()
+    n_kron = len({k.rsplit(".", 1)[0] for k, s in structure.items() if s == "kfac"})
+    n_diag = sum(s == "diag" for s in structure.values())
+    assert (n_kron, n_diag) == (3, 0)
+    assert f"{n_kron} layers in Kronecker form; {n_diag} parameter tensors left diagonal" in line
