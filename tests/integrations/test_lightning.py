@@ -401,3 +401,23 @@ def test_natural_gradient_optimizer_resumes_from_a_checkpoint(tmp_path):
     goes through Lightning's optimizer_states and the resumed run equals the uninterrupted
     one."""
     _resumed_equals_uninterrupted(tmp_path, lambda: NGClassifier("kfac"), lambda m: [])
+
+
+def test_metrics_callback_leaves_the_backward_source_curvature_alone(tmp_path):
+    """FisherMetricsCallback's own Fisher pass, run every step between the steps' records,
+    is not recorded by a source="backward" preconditioner refreshed every step: training
+    with it equals training without it (docs/integrations.md said to avoid the pair)."""
+    class EveryStep(NGClassifier):
+        def configure_optimizers(self):
+            pre = natgrad.FisherPreconditioner(self, kind="kfac", source="backward",
+                                               damping=0.3, update_every=1, kl_clip=None)
+            return natgrad.NaturalGradient(torch.optim.SGD(self.parameters(), lr=self.lr), pre)
+
+    x, y = _data(8)
+    runs = []
+    for callbacks in ([], [nl.FisherMetricsCallback(every_n_steps=1)]):
+        module = EveryStep("kfac")
+        _trainer(tmp_path, max_steps=2, callbacks=callbacks).fit(module, _loader(x, y, 4))
+        runs.append([p.detach().clone() for p in module.parameters()])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
