@@ -160,7 +160,9 @@ class FisherPreconditioner:
     is the quadratic model of the KL divergence one step ``-lr Δ`` moves the model's
     predictive distribution, so the clip caps it at ``kl_clip / 2`` and large
     learning rates cannot blow the step up. Without ``lr`` the step is not clipped (a
-    warning says so once).
+    warning says so once). The bound assumes the optimizer steps ``-lr · .grad`` (SGD,
+    momentum); an Adam-like optimizer rescales ``.grad`` per coordinate, so the clip does
+    not bound its step: use ``kl_clip=None`` there.
 
     Args:
         model: the model. Only ``.grad`` of selected parameters is modified. A
