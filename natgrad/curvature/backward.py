@@ -30,7 +30,9 @@ multiplied by a constant before ``backward`` is divided back by
 :attr:`BackwardCapture.loss_scale`; with a ``torch.amp.GradScaler`` that scale is read from
 the scaler at each recorded forward (:attr:`BackwardCapture.scale_source`).
 
-Every forward's rows count as samples: a loss that couples several forwards per sample (a
+Only the hooked model's own modules are recorded: a ``copy.deepcopy`` of the model made
+while the hooks are on carries them, but its passes are ignored. Every forward's rows
+count as samples: a loss that couples several forwards per sample (a
 siamese or contrastive loss on ``model(x1)`` and ``model(x2)``) has no per-sample
 gradients to read off this way; use ``source="batch"`` with a model that takes both inputs.
 
@@ -151,6 +153,8 @@ class BackwardCapture:
     def _new_pass(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if in_internal_pass():  # natgrad's own pass (a Fisher, a probe): not the user's
             return
+        if module is not self._model:  # a deep copy of the model carries the hooks
+            return
         if self.scale_source is not None:
             scale = float(self.scale_source())
             if scale != self.loss_scale:
@@ -178,8 +182,12 @@ class BackwardCapture:
         )
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        layer = self.layers[name].module
+
         def fn(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not torch.is_grad_enabled() or in_internal_pass():
+            # not a deep copy of the layer (copy.deepcopy(model) while armed copies the
+            # hooks, whose passes would count as this model's samples)
+            if module is not layer or not torch.is_grad_enabled() or in_internal_pass():
                 return
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return

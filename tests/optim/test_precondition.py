@@ -1547,3 +1547,30 @@ def test_construction_log_counts_the_layers_the_refresh_puts_in_kronecker_form(c
     n_diag = sum(s == "diag" for s in structure.values())
     assert (n_kron, n_diag) == (3, 0)
     assert f"{n_kron} layers in Kronecker form; {n_diag} parameter tensors left diagonal" in line
+
+
+def test_backward_source_ignores_a_deep_copy_of_the_model():
+    """copy.deepcopy(model) while the capture's hooks are on copies them; the copy's passes
+    (a twin trained alongside, an ensemble member) were recorded as extra samples of the
+    original's layers (parameters off by 0.17 after 3 K-FAC steps). Reference: the same
+    training without the twin, bit for bit."""
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    runs = []
+    for with_twin in (False, True):
+        torch.manual_seed(1)
+        model = mlp((5, 8, 3)).double()
+        pre = FisherPreconditioner(model, kind="kfac", source="backward", update_every=1,
+                                   kl_clip=None)
+        twin = copy.deepcopy(model) if with_twin else None
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            if twin is not None:
+                loss = loss + F.cross_entropy(twin(x + 0.1), y)
+            loss.backward()
+            pre.step()
+            opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
