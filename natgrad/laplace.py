@@ -60,7 +60,13 @@ from natgrad.curvature.ops import check_curvature
 from natgrad.curvature.protocol import BLOCK_KINDS, Curvature
 from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch, OutputFn, add_batch_axis, default_output_fn, parse_batch
-from natgrad.engine.capture import cached_split, check_captured, split_key
+from natgrad.engine.capture import (
+    RowsNotSamples,
+    cached_split,
+    check_captured,
+    drop_modules,
+    split_key,
+)
 from natgrad.engine.capture_ops import zero_perturbation
 from natgrad.engine.checks import (
     check_choice,
@@ -869,6 +875,7 @@ class _Posterior:
         # the capture plan and the input signature (split_key) the terms were set up for
         self.plan: Plan | None = None
         self.key: Any = None
+        self.routed: set[str] = set()  # modules found running on routed rows: on vmap
 
     def _setup(self, b: Batch) -> None:
         from natgrad.curvature.lowrank import LowRankFisher
@@ -884,7 +891,7 @@ class _Posterior:
         if self.engine != "vmap":
             plan = Plan(self.model, self.lik, "exact", 1, list(self.chosen), self.output_fn,
                         None, what="the Laplace predictive")  # fmt: skip
-            fast = set(cached_split(plan, b).module_names)
+            fast = set(cached_split(plan, b).module_names) - self.routed
             self.plan, self.key = plan, split_key(plan, b)
             if isinstance(self.fisher, LowRankFisher):
                 terms, covered, self.lowrank_w = _lowrank_terms(
@@ -912,11 +919,30 @@ class _Posterior:
         )  # fmt: skip
 
     def moments(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean (N, D), var (N, D, G))`` of one parsed batch (``full``: ``(N, D, D, G)``)."""
+        """``(mean (N, D), var (N, D, G))`` of one parsed batch (``full``: ``(N, D, D, G)``).
+
+        A captured layer found running on rows that are not the batch's samples (index
+        routing, :class:`natgrad.engine.capture.RowsNotSamples`) is moved to ``vmap``
+        (for later calls too, through the remembered split) and the batch is redone;
+        ``engine="fast"`` raises instead."""
         if self.terms is None or (self.plan is not None and split_key(self.plan, b) != self.key):
             # the first batch, or one with another input signature (a list of another
             # length may use a captured weight outside its layer): its own split
             self._setup(b)
+        while True:
+            try:
+                return self._moments(b)
+            except RowsNotSamples as exc:
+                names = {n for n, m in self.model.named_modules() if m in exc.modules}
+                if self.engine == "fast" or self.plan is None or names <= self.routed:
+                    raise
+                logger.info("fisher_uncertainty: %s", exc)
+                self.routed |= names
+                drop_modules(cached_split(self.plan, b), exc.modules, self.plan)
+                self._setup(b)
+
+    def _moments(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`moments` of a set-up posterior."""
         assert self.terms is not None  # set by _setup
         if not self.terms:
             assert self.inv is not None  # every chosen parameter is in rest

@@ -268,3 +268,30 @@ def test_merge_of_fine_tunes_with_different_heads_on_params():
         lhs = (fa[k] + fb[k]) / 2 + eps * mk[k].detach()
         rhs = (ga[k] + gb[k]) / 2 + eps * mean[k]
         torch.testing.assert_close(lhs, rhs, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac"])
+def test_params_keeps_the_buffers_of_modules_left_out(kind):
+    # Heads of the same shape with BatchNorm statistics: params= merges the body, so the
+    # head's BatchNorm keeps models[0]'s running statistics (as its weights do); the
+    # body's BatchNorm statistics are the weighted mean.
+    torch.manual_seed(0)
+
+    def net():
+        return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3),
+                             nn.BatchNorm1d(3)).double()  # fmt: skip
+
+    a, b = net(), net()
+    for m in (a, b):  # distinct running statistics
+        m.train()
+        m(torch.randn(16, 4, dtype=torch.float64) * (2 if m is b else 1) + (m is b))
+        m.eval()
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    fa, fb = (natgrad.estimate_curvature(m, (x, y), kind=kind) for m in (a, b))
+    body = ["0.weight", "0.bias", "1.weight", "1.bias"]
+    merged = fisher_weighted_merge([a, b], [fa, fb], params=body, floor=1e-6)
+    for k in ("4.running_mean", "4.running_var"):
+        assert torch.equal(merged.get_buffer(k), a.get_buffer(k))
+    for k in ("1.running_mean", "1.running_var"):
+        want = (a.get_buffer(k) + b.get_buffer(k)) / 2
+        torch.testing.assert_close(merged.get_buffer(k), want, rtol=1e-12, atol=1e-14)

@@ -369,11 +369,20 @@ def _signature(t: Any, dim: int | None) -> Any:
     return (spec, tuple(_leaf_signature(v, False) for v in leaves))
 
 
+def input_signature(b: Batch) -> Any:
+    """The signature of every input of ``b``, nested ones included (see :func:`_signature`):
+    the part of :func:`split_key` that can change between the batches of one pass."""
+    arg_dims, kw_dims = b.dims()
+    return (
+        tuple(_signature(a, d) for a, d in zip(b.args, arg_dims, strict=True)),
+        tuple((k, _signature(v, kw_dims[k])) for k, v in sorted(b.kwargs.items())),
+    )
+
+
 def split_key(plan: Plan, b: Batch) -> Any:
     """The key :func:`cached_split` remembers a split under: the parameters, the module
     tree (types, train/eval mode, hooks), the global forward hooks, the output function
-    and the signature of every input, nested ones included (see :func:`_signature`)."""
-    arg_dims, kw_dims = b.dims()
+    and the :func:`input_signature`."""
     return (
         tuple((k, id(p)) for k, p in plan.params.items()),
         tuple(
@@ -381,8 +390,7 @@ def split_key(plan: Plan, b: Batch) -> Any:
             for m in plan.model.modules()
         ),
         tuple(global_forward_hooks()),
-        tuple(_signature(a, d) for a, d in zip(b.args, arg_dims, strict=True)),
-        tuple((k, _signature(v, kw_dims[k])) for k, v in sorted(b.kwargs.items())),
+        input_signature(b),
         plan.output_fn,
     )
 
@@ -466,8 +474,8 @@ def check_captured(
             f"forward it ran on {rows} rows for a batch of {size} samples: the model routes "
             "rows by index (a mixture of experts' out[idx] = expert(x[idx]), a gather of "
             "tokens), and the capture path cannot tell which sample a row belongs to. "
-            "Use engine='vmap' (estimate_fisher and per_sample_grads move such layers to "
-            "vmap by themselves).",
+            "Use engine='vmap' (with engine='auto', estimate_fisher, per_sample_grads and "
+            "the Laplace predictive move such layers to vmap by themselves).",
         )
 
 
@@ -952,13 +960,14 @@ def square_sums_auto(
         f" ({', '.join(split.rest)})" if split.rest else "",
     )  # fmt: skip
     rest = plan.restrict(split.rest) if split.rest else None
-    key = split_key(plan, b)
-    for batch in itertools.chain([first], batches):
-        if batch is not first:
+    # within one pass only the inputs can change (the model and its hooks do not)
+    sig = input_signature(b)
+    for i, batch in enumerate(itertools.chain([first], batches)):
+        if i:  # by position: the same batch object may come again (a list of epochs)
             b, target = plan.parse(batch)
-            new_key = split_key(plan, b)
-            if new_key != key:  # another input signature (a list of another length): its split
-                key, new = new_key, cached_split(plan, b)
+            new_sig = input_signature(b)
+            if new_sig != sig:  # another input signature (a list of another length): its split
+                sig, new = new_sig, cached_split(plan, b)
                 if new is not split:
                     split, rest = new, plan.restrict(new.rest) if new.rest else None
         while split.fast_names:
@@ -966,6 +975,8 @@ def square_sums_auto(
                 yield fast_batch_sums(plan, split, rest, b, target, chunk_size)
                 break
             except RowsNotSamples as exc:  # index routing: those layers on vmap from now on
+                if engine == "fast":
+                    raise
                 drop_modules(split, exc.modules, plan)
                 logger.info("capture: %s", exc)
                 rest = plan.restrict(split.rest) if split.rest else None

@@ -485,7 +485,10 @@ def _label_flags(
         vals.extend(torch.aminmax(rows))
     if not vals:
         return False, False
-    read = torch.stack([v if v.dtype == acc else v.to(acc) for v in vals]).tolist()  # one sync
+    dev = vals[0].device  # the logits may sit on another device than the labels
+    read = torch.stack(
+        [v if (v.dtype, v.device) == (acc, dev) else v.to(device=dev, dtype=acc) for v in vals]
+    ).tolist()  # the one host sync
     out_of_range, i = False, 0
     if target.numel():
         out_of_range = read[0] < 0 or read[1] >= num_classes if ranged else bool(read[0])

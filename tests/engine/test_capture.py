@@ -601,3 +601,35 @@ def test_batches_of_one_pass_with_other_nested_inputs_take_their_own_split():
     ref = estimate_fisher(model, data, engine="vmap")
     assert_close_dict(dict(got), dict(ref), rtol=1e-10, atol=1e-12)
     assert not any(v.requires_grad for v in got.values())
+
+
+def test_a_batch_object_that_comes_again_in_a_pass_is_read_again():
+    # A list of epochs, [A, B] * 2: the pass once recognised the first batch by identity
+    # and, meeting A again, reused B's parsed data (the Fisher of [A, B, B, B], silently).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    a = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    b = (torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    ref = fisher_from_grads(loop_grads(model, ce_sum, torch.cat([a[0], b[0]]),
+                                       torch.cat([a[1], b[1]])))  # fmt: skip
+    for data in ([a, b] * 2, [a, b, a, b, b, a]):
+        got = estimate_fisher(model, data)
+        # each sample counts as often as it comes: equal copies of A and B here or not
+        n_a, n_b = sum(d is a for d in data) * 6, sum(d is b for d in data) * 5
+        ga = fisher_from_grads(loop_grads(model, ce_sum, *a))
+        gb = fisher_from_grads(loop_grads(model, ce_sum, *b))
+        want = {k: (n_a * ga[k] + n_b * gb[k]) / (n_a + n_b) for k in ga}
+        assert_close_dict(dict(got), want, rtol=1e-10, atol=1e-13)
+    assert_close_dict(dict(estimate_fisher(model, [a, b] * 2)), ref, rtol=1e-10, atol=1e-13)
+
+
+def test_engine_fast_refuses_index_routed_layers():
+    torch.manual_seed(1)
+    model = RoutedMoE().double()
+    x, y = torch.randn(10, 3, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    with pytest.raises(RuntimeError, match=r"ran on 13 rows for a batch of 10.*engine='vmap'"):
+        estimate_fisher(model, (x, y), engine="fast")
+    from natgrad import per_sample_grads
+
+    with pytest.raises(RuntimeError, match=r"ran on 13 rows for a batch of 10.*engine='vmap'"):
+        per_sample_grads(model, (x, y), engine="fast")

@@ -113,4 +113,12 @@ def test_laplace_capture_of_index_routed_experts_names_the_layer_and_vmap():
         match=r"'experts\.0'.*ran on 13 rows for a batch of 10 samples.*routes rows by "
         r"index.*engine='vmap'",
     ):
-        natgrad.fisher_uncertainty(m, x, d, prior_precision=1.0)
+        natgrad.fisher_uncertainty(m, x, d, prior_precision=1.0, engine="fast")
+    # engine='auto' moves the routed experts to vmap by itself, on a fresh model's first
+    # call as after an earlier Fisher call changed the remembered split
+    want = natgrad.fisher_uncertainty(m, x, d, prior_precision=1.0, engine="vmap")
+    for model in (RoutedMoE().double(), m):
+        model.load_state_dict(m.state_dict())
+        got = natgrad.fisher_uncertainty(model, x, d, prior_precision=1.0)
+        torch.testing.assert_close(got.logit_variance, want.logit_variance, rtol=1e-10,
+                                   atol=1e-12)
