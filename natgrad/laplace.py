@@ -923,8 +923,7 @@ class _Posterior:
 
         A captured layer found running on rows that are not the batch's samples (index
         routing, :class:`natgrad.engine.capture.RowsNotSamples`) is moved to ``vmap``
-        (for later calls too, through the remembered split) and the batch is redone;
-        ``engine="fast"`` raises instead."""
+        (for later calls too, through the remembered split) and the batch is redone."""
         if self.terms is None or (self.plan is not None and split_key(self.plan, b) != self.key):
             # the first batch, or one with another input signature (a list of another
             # length may use a captured weight outside its layer): its own split
@@ -934,7 +933,7 @@ class _Posterior:
                 return self._moments(b)
             except RowsNotSamples as exc:
                 names = {n for n, m in self.model.named_modules() if m in exc.modules}
-                if self.engine == "fast" or self.plan is None or names <= self.routed:
+                if self.plan is None or names <= self.routed:
                     raise
                 logger.info("fisher_uncertainty: %s", exc)
                 self.routed |= names

@@ -240,6 +240,7 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
     shapes: dict[nn.Module, tuple[torch.Size, ...]] = {}
     probes: list[ProbeMode] = []
     replaced: set[nn.Module] = set()  # a forward hook of the user's changed the output
+    rerouted: set[nn.Module] = set()  # run on rows selected by data (index routing)
     for n in (1, 2):
         seen: dict[nn.Module, list[tuple[Any, Any]]] = {m: [] for m in cands}
         mode = ProbeMode(ids, free_ids, n)
@@ -265,6 +266,8 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
             mine, version = own.pop(m, (None, -1))
             if o is not mine or (isinstance(o, torch.Tensor) and o._version != version):
                 replaced.add(m)  # replaced or modified in place by a hook before this one
+            if inp and inp[0] in mode.rerouted:
+                rerouted.add(m)  # its rows were picked by data: not the samples
             seen[m].append((inp[0] if inp else None, o))
             if n == 2 and shared[m] and isinstance(o, torch.Tensor) and o.shape[:1] == (1,):
                 mode.watch(keys[m], o)
@@ -296,8 +299,8 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
                 good, one = good and same, one and same and _shared_ok(mode, keys[m])
             if isinstance(m, nn.MultiheadAttention):
                 good = good and mode.attention.get(id(m.in_proj_weight), False)
-            ok[m] = ok[m] and good and m not in replaced
-            shared[m] = shared[m] and one and m not in replaced
+            ok[m] = ok[m] and good and m not in replaced and m not in rerouted
+            shared[m] = shared[m] and one and m not in replaced and m not in rerouted
     def uses(p: torch.Tensor, k: int = 1) -> bool:
         return all(pm.counts[id(p)] == k for pm in probes)
 
@@ -474,8 +477,8 @@ def check_captured(
             f"forward it ran on {rows} rows for a batch of {size} samples: the model routes "
             "rows by index (a mixture of experts' out[idx] = expert(x[idx]), a gather of "
             "tokens), and the capture path cannot tell which sample a row belongs to. "
-            "Use engine='vmap' (with engine='auto', estimate_fisher, per_sample_grads and "
-            "the Laplace predictive move such layers to vmap by themselves).",
+            "Use engine='vmap' (estimate_fisher, per_sample_grads and the Laplace "
+            "predictive move such layers to vmap by themselves).",
         )
 
 
@@ -975,10 +978,14 @@ def square_sums_auto(
                 yield fast_batch_sums(plan, split, rest, b, target, chunk_size)
                 break
             except RowsNotSamples as exc:  # index routing: those layers on vmap from now on
-                if engine == "fast":
-                    raise
                 drop_modules(split, exc.modules, plan)
                 logger.info("capture: %s", exc)
                 rest = plan.restrict(split.rest) if split.rest else None
         else:
+            if engine == "fast":
+                raise ValueError(
+                    "engine='fast' found no parameter it can compute exactly: the capture "
+                    "layers ran on rows routed by index, not on the batch's samples; use "
+                    "engine='auto' or engine='vmap'."
+                )
             yield from square_sums(plan, [batch], chunk_size)

@@ -17,12 +17,14 @@ changes what runs, and is active only during the fast path's own forward pass.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
@@ -44,6 +46,42 @@ ADDS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__
 # Conversions that return their input itself when there is nothing to convert (GPT-2's
 # ``position_embeds.to(device)``): such a call is no use of the tensor.
 PASSTHROUGH = {torch.Tensor.to, torch.Tensor.contiguous, torch.Tensor.type_as}
+
+
+# Row selection by data along the first axis: its result's rows are not the batch's
+# samples (a mixture of experts' ``x[idx]``, a sorted batch's ``x[perm]``).
+_SELECT_ROWS = {
+    torch.Tensor.__getitem__, torch.Tensor.index_select, torch.index_select,
+    torch.Tensor.masked_select, torch.masked_select, torch.Tensor.gather, torch.gather,
+    torch.Tensor.take_along_dim, torch.take_along_dim, torch.Tensor.take, torch.take,
+}  # fmt: skip
+# Writes into a destination tensor by index: the result is aligned as the destination is
+# (``out[idx] = expert(x[idx])`` puts the rows back).
+_WRITE_ROWS = {
+    torch.Tensor.__setitem__, torch.Tensor.index_put_, torch.Tensor.index_put, torch.index_put,
+    torch.Tensor.index_copy_, torch.Tensor.index_copy, torch.index_copy,
+    torch.Tensor.index_add_, torch.Tensor.index_add, torch.index_add,
+    torch.Tensor.scatter_, torch.Tensor.scatter, torch.scatter,
+    torch.Tensor.scatter_add_, torch.Tensor.scatter_add, torch.scatter_add,
+    torch.Tensor.masked_scatter_, torch.Tensor.masked_scatter, torch.masked_scatter,
+}  # fmt: skip
+_STRUCTURAL_VIEWS = VIEWS | {torch.Tensor.to, torch.Tensor.long, torch.Tensor.int}
+
+
+class _Refs:
+    """A set of tensors by identity (``id`` with a weak reference, so a reused ``id`` of
+    a freed tensor is not taken for it)."""
+
+    def __init__(self) -> None:
+        self.refs: dict[int, weakref.ref[torch.Tensor]] = {}
+
+    def add(self, t: object) -> None:
+        if isinstance(t, torch.Tensor):
+            self.refs[id(t)] = weakref.ref(t)
+
+    def __contains__(self, t: object) -> bool:
+        r = self.refs.get(id(t))
+        return r is not None and r() is t
 
 
 def passthrough(func: Callable[..., Any], args: tuple[Any, ...], out: object) -> bool:
@@ -206,6 +244,32 @@ class ProbeMode(_Tracker):
         self.counts: Counter[int] = Counter()
         self.attention: dict[int, bool] = {}  # id(in_proj_weight) -> supported
         self.adds: dict[str, list[bool]] = {}
+        self.rerouted = _Refs()  # rows selected by data: not the batch's samples
+        self.structural = _Refs()  # torch.arange and its views (an index that is no data)
+
+    def _selects_rows(self, func: Callable[..., Any], args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> bool:
+        """Whether ``func`` picks rows of a tensor along its first axis by data."""
+        if func not in _SELECT_ROWS or not args or not isinstance(args[0], torch.Tensor):
+            return False
+        src = args[0]
+        if isinstance(src, nn.Parameter) or src.dim() == 0:
+            return False  # a table read by index (an embedding's rows) follows the index
+        if func is torch.Tensor.__getitem__:
+            idx = args[1] if len(args) > 1 else None
+            first = idx[0] if isinstance(idx, tuple) and idx else idx
+            return isinstance(first, torch.Tensor) and first not in self.structural
+        if func in (torch.Tensor.index_select, torch.index_select, torch.Tensor.gather,
+                    torch.gather):
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            index = args[2] if len(args) > 2 else kwargs.get("index")
+            return int(dim) % max(src.dim(), 1) == 0 and index not in self.structural
+        if func in (torch.Tensor.take_along_dim, torch.take_along_dim):
+            index = args[1] if len(args) > 1 else kwargs.get("indices")
+            dim = args[2] if len(args) > 2 else kwargs.get("dim")
+            on_rows = dim is None or int(dim) % max(src.dim(), 1) == 0
+            return on_rows and index not in self.structural
+        return True  # masked_select, take: a flat selection
 
     def __torch_function__(
         self,
@@ -216,6 +280,7 @@ class ProbeMode(_Tracker):
     ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        self._track_rows(func, args, kwargs, out)
         if passthrough(func, args, out):
             return out
         if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(out)):
@@ -242,6 +307,28 @@ class ProbeMode(_Tracker):
             )
             self.adds.setdefault(name, []).append(ok)
         return out
+
+
+    def _track_rows(self, func: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any], out: object) -> None:
+        """Mark ``out`` rerouted when ``func`` selects rows by data or reads a rerouted
+        tensor (a write by index follows its destination), structural when it is
+        ``torch.arange`` or a view of one."""
+        if func is torch.arange:
+            self.structural.add(out)
+            return
+        if func in _STRUCTURAL_VIEWS and args and args[0] in self.structural:
+            self.structural.add(out)
+        if func in _WRITE_ROWS:
+            rerouted = bool(args) and args[0] in self.rerouted
+        else:
+            rerouted = self._selects_rows(func, args, kwargs) or any(
+                t in self.rerouted for t in tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)
+            )  # fmt: skip
+        if rerouted:
+            for t in tree_leaves(out):
+                self.rerouted.add(t)
 
 
 class CaptureMode(_Tracker):

@@ -786,8 +786,6 @@ def per_sample_grads(
         try:
             res, finite = capture_grads(plan, split, b, target, opts.chunk_size)
         except RowsNotSamples as exc:  # index routing: those layers on vmap from now on
-            if opts.engine == "fast":
-                raise
             logger.info("capture: %s", exc)
             drop_modules(cached_split(plan, b), exc.modules, plan)
             new = grads_split(plan, b, opts.engine)

@@ -574,15 +574,17 @@ def test_token_routed_experts_are_moved_to_vmap():
     # Per-token top-1 routing: each expert runs on the tokens routed to it (13 rows for 10
     # samples here). The two probes repeat the first sample, which sends one token to
     # expert 0, so the split took expert 0 for a per-sample layer, and its Fisher summed
-    # squared per-TOKEN gradients (max error 0.70, silently). The capture pass now sees
-    # the rows are not the samples and moves the expert to vmap, for later calls too.
+    # squared per-TOKEN gradients (max error 0.70, silently). The probes now track rows
+    # selected by data and send the expert to vmap; the capture pass's row count is the
+    # second line of defence (for later calls too).
     torch.manual_seed(1)
     model = RoutedMoE().double()
     x, y = torch.randn(10, 3, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # vmap cannot index by a mask: the exact loop
         ref = estimate_fisher(model, [(x, y), (x[:6], y[:6])], engine="vmap")
-        assert "experts.0.weight" in split_of(model, (x, y)).fast_names  # the probes' view
+        # the probes see the expert's rows picked by data (x[idx]): vmap from the start
+        assert "experts.0.weight" not in split_of(model, (x, y)).fast_names
         for _ in range(2):  # the first call moves it; the second reuses the moved split
             got = estimate_fisher(model, [(x, y), (x[:6], y[:6])])
             assert_close_dict(dict(got), dict(ref), rtol=1e-10, atol=1e-12)
@@ -623,13 +625,73 @@ def test_a_batch_object_that_comes_again_in_a_pass_is_read_again():
     assert_close_dict(dict(estimate_fisher(model, [a, b] * 2)), ref, rtol=1e-10, atol=1e-13)
 
 
-def test_engine_fast_refuses_index_routed_layers():
+def test_engine_fast_sends_index_routed_layers_to_vmap():
+    # engine='fast' is 'auto' that refuses when no parameter qualifies. Per-sample
+    # routing: the experts take vmap, the router stays on the capture path, the result is
+    # vmap's. Per-token routing: the router runs on token rows too, nothing qualifies.
+    torch.manual_seed(1)
+    model = RoutedMoE().double()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vmap cannot index by a mask: the exact loop
+        ref = estimate_fisher(model, (x, y), engine="vmap")
+        got = estimate_fisher(model, (x, y), engine="fast")
+    assert_close_dict(dict(got), dict(ref), rtol=1e-10, atol=1e-12)
+    assert split_of(model, (x, y)).fast_names == ["router.weight", "router.bias"]
+    tokens = torch.randn(10, 3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="engine='fast' found no parameter"):
+        estimate_fisher(model, (tokens, y), engine="fast")
+
+
+@pytest.mark.parametrize("routing", ["getitem", "index_select", "take_along_dim", "sorted"])
+def test_rows_selected_by_data_take_vmap_from_the_probes(routing):
+    # The probes track rows picked by data along the batch axis (x[idx], index_select,
+    # take_along_dim, a sorted batch x[perm] ... y[inv]): those layers take vmap, so
+    # per-sample gradients land on their own samples (a sorted batch's were permuted,
+    # off by 1.2; an expert that got exactly N rows was off by 0.03 of 0.55)
+    from natgrad import per_sample_grads
+
+    class Routed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            order = x[:, 0].argsort()
+            if routing == "getitem":
+                h = self.a(x[order])[order.argsort()]
+            elif routing == "index_select":
+                h = self.a(x.index_select(0, order)).index_select(0, order.argsort())
+            elif routing == "take_along_dim":
+                h = self.a(torch.take_along_dim(x, order[:, None], 0))
+                h = torch.take_along_dim(h, order.argsort()[:, None], 0)
+            else:
+                h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+                h[order] = self.a(x[order])
+            return self.b(torch.tanh(h))
+
+    torch.manual_seed(0)
+    model = Routed().double()
+    x, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    got = per_sample_grads(model, (x, y))
+    ref = loop_grads(model, ce_sum, x, y)
+    assert_close_dict(got, ref, rtol=1e-10, atol=1e-12)
+    assert "a.weight" not in split_of(model, (x, y)).fast_names
+    assert "b.weight" in split_of(model, (x, y)).fast_names or routing != "sorted"
+
+
+def test_row_count_check_backs_up_the_probes(monkeypatch):
+    # With the probes' row tracking off, the capture pass's row count still moves the
+    # experts to vmap (13 token rows for 10 samples)
+    from natgrad.engine import capture_ops
+
+    monkeypatch.setattr(capture_ops.ProbeMode, "_selects_rows", lambda *a: False)
     torch.manual_seed(1)
     model = RoutedMoE().double()
     x, y = torch.randn(10, 3, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
-    with pytest.raises(RuntimeError, match=r"ran on 13 rows for a batch of 10.*engine='vmap'"):
-        estimate_fisher(model, (x, y), engine="fast")
-    from natgrad import per_sample_grads
-
-    with pytest.raises(RuntimeError, match=r"ran on 13 rows for a batch of 10.*engine='vmap'"):
-        per_sample_grads(model, (x, y), engine="fast")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = estimate_fisher(model, (x, y), engine="vmap")
+        assert "experts.0.weight" in split_of(model, (x, y)).fast_names  # the probes missed it
+        got = estimate_fisher(model, (x, y))
+    assert_close_dict(dict(got), dict(ref), rtol=1e-10, atol=1e-12)
