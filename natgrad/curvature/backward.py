@@ -31,7 +31,11 @@ multiplied by a constant before ``backward`` is divided back by
 the scaler at each recorded forward (:attr:`BackwardCapture.scale_source`).
 
 Only the hooked model's own modules are recorded: a ``copy.deepcopy`` of the model made
-while the hooks are on carries them, but its passes are ignored. Every forward's rows
+while the hooks are on carries them, but its passes are ignored. A layer the model shares
+with another model is recorded in that model's passes too (its rows would count as this
+model's samples): run the other model outside the recorded steps, or use
+``source="batch"``. ``nn.DataParallel`` (threads running copies of the layers) is refused;
+use ``DistributedDataParallel``. Every forward's rows
 count as samples: a loss that couples several forwards per sample (a
 siamese or contrastive loss on ``model(x1)`` and ``model(x2)``) has no per-sample
 gradients to read off this way; use ``source="batch"`` with a model that takes both inputs.
@@ -185,6 +189,12 @@ class BackwardCapture:
         layer = self.layers[name].module
 
         def fn(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if module is not layer and getattr(module, "_is_replica", False):
+                raise RuntimeError(
+                    "nn.DataParallel runs copies of the model's layers in threads, which "
+                    "source='backward' cannot record; use DistributedDataParallel (one "
+                    "process per device) or source='batch'."
+                )
             # not a deep copy of the layer (copy.deepcopy(model) while armed copies the
             # hooks, whose passes would count as this model's samples)
             if module is not layer or not torch.is_grad_enabled() or in_internal_pass():

@@ -46,6 +46,7 @@ Example:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -281,6 +282,25 @@ class NaturalGradientCallback(Callback):
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
         self._batch = batch
+
+    @property
+    def state_key(self) -> str:
+        """The key of this callback's state in Lightning's checkpoints: per preconditioned
+        parameter set, so that two callbacks (an encoder's and a head's preconditioner)
+        can share a Trainer."""
+        return self._generate_state_key(params=tuple(self.preconditioner.params))
+
+    def on_load_checkpoint(  # noqa: D102
+        self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.state_key not in checkpoint.get("callbacks", {}):
+            warnings.warn(
+                "NaturalGradientCallback: the checkpoint holds no state of this callback "
+                "(written without it, or with other preconditioned parameters), so the "
+                "preconditioner starts afresh: step 0, no curvature. Resume from a "
+                "checkpoint written with this callback to continue its schedule.",
+                stacklevel=2,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """``{"preconditioner": FisherPreconditioner.state_dict()}``, which Lightning

@@ -311,6 +311,9 @@ class FisherPreconditioner:
         )
         self._curvature: Curvature | None = None
         self._lent = False  # whether `curvature` was read since it was last replaced
+        # whether the curvature sits on the parameters' device and dtype: a loaded one is
+        # moved at the next step (frameworks load state before they move or cast the model)
+        self._placed = True
         if self.curvature_kind in ("kfac", "ekfac"):
             layers, diag_names = kfac_layers(model, self.params, extended=True)
             logger.info(
@@ -484,6 +487,9 @@ class FisherPreconditioner:
                 stacklevel=2,
             )
             return self._skip(t)
+        if not self._placed and self._curvature is not None:  # loaded: on the params now
+            self._curvature = self._on_params(self._curvature)
+            self._placed = True
         updated = self._refresh_due(t)
         if updated and self._check_unfrozen:
             self._warn_unfrozen()
@@ -534,7 +540,7 @@ class FisherPreconditioner:
         """Warn once when parameters outside the default selection (frozen when the
         preconditioner was built) now have a ``.grad``: they are trained unpreconditioned."""
         extra = [k for k, p in self.model.named_parameters()
-                 if p.grad is not None and k not in self.params]
+                 if p.requires_grad and p.grad is not None and k not in self.params]
         if extra:
             self._check_unfrozen = False
             warnings.warn(
@@ -666,7 +672,8 @@ class FisherPreconditioner:
         parameters' device and cast to their accumulation dtype (float64 parameters:
         float64; others: float32), so a state saved on one device or dtype (e.g. loaded
         with ``map_location="cpu"``, as the Hugging Face Trainer does on one GPU) continues
-        on the model's.
+        on the model's. The move happens at the next :meth:`step`, where the parameters
+        are read: Lightning restores callback states before it moves and casts the module.
 
         Everything is checked first (:meth:`check_state_dict`); nothing changes when that
         raises.
@@ -676,8 +683,7 @@ class FisherPreconditioner:
             FloatingPointError: NaN or Inf in the curvature.
         """
         curv = self._curvature_from_state(state)
-        if curv is not None:
-            curv = self._on_params(curv)
+        self._placed = curv is None
         self._step = int(state["step"])
         self.generator.set_state(state["generator"].clone())
         self._curvature, self._lent = curv, False

@@ -200,3 +200,35 @@ def test_a_parameter_unfrozen_after_construction_warns_once_at_a_refresh(source)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pre.step((x, y), lr=0.1)
+
+
+def test_a_frozen_parameter_with_a_stale_grad_does_not_warn():
+    # train fully, freeze the backbone, then precondition the head: the backbone keeps a
+    # stale .grad from before (the head's optimizer clears only the head), but it is still
+    # frozen, so nothing is "unfrozen after construction"
+    model = _mlp()
+    x, y = _batch()
+    F.cross_entropy(model(x), y).backward()  # every parameter gets a .grad
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    pre = natgrad.FisherPreconditioner(model, kind="kfac", update_every=1)
+    model[2].zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pre.step((x, y), lr=0.1)
+
+
+def test_data_parallel_replicas_are_refused_by_the_backward_source():
+    # nn.DataParallel runs replicas of the layers (flagged _is_replica) in threads; their
+    # records were skipped, and the refresh said nothing was recorded
+    import copy
+
+    model = _mlp()
+    natgrad.FisherPreconditioner(model, kind="kfac", source="backward", update_every=1)
+    replica = copy.deepcopy(model)
+    for m in replica.modules():
+        m._is_replica = True
+    x, _ = _batch()
+    with pytest.raises(RuntimeError, match=r"nn\.DataParallel.*DistributedDataParallel"):
+        replica(x)

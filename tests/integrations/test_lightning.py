@@ -421,3 +421,37 @@ def test_metrics_callback_leaves_the_backward_source_curvature_alone(tmp_path):
         runs.append([p.detach().clone() for p in module.parameters()])
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+def test_two_natural_gradient_callbacks_share_a_trainer_and_resume(tmp_path):
+    """One preconditioner for the first layer, one for the last: their states are keyed by
+    their parameters (both were keyed 'NaturalGradientCallback', which Lightning refuses
+    for two stateful callbacks), and the resumed run equals the uninterrupted one."""
+    def callbacks(module):
+        return [
+            nl.NaturalGradientCallback(natgrad.FisherPreconditioner(
+                module, kind="diag", damping=0.1, update_every=1, params=[module.net[0]])),
+            nl.NaturalGradientCallback(natgrad.FisherPreconditioner(
+                module, kind="kfac", labels="mc", damping=0.1, update_every=2,
+                params=[module.net[3]])),
+        ]
+
+    cbs = _resumed_equals_uninterrupted(tmp_path, lambda: Classifier(dropout=0.0), callbacks)
+    assert [cb.preconditioner.state_dict()["step"] for cb in cbs] == [4, 4]
+
+
+def test_resuming_a_checkpoint_without_the_callbacks_state_warns(tmp_path):
+    """A checkpoint written without the callback resumes its preconditioner from scratch
+    (Lightning calls load_state_dict only when the key exists): a warning says so."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    x, y = _data(8)
+    ckdir = tmp_path / "ck"
+    _trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[
+        ModelCheckpoint(dirpath=str(ckdir), every_n_train_steps=2, save_top_k=-1),
+    ]).fit(Classifier(dropout=0.0), _loader(x, y, 4))
+    module = Classifier(dropout=0.0)
+    cb = nl.NaturalGradientCallback(natgrad.FisherPreconditioner(module, kind="diag"))
+    with pytest.warns(UserWarning, match="holds no state of this callback.*afresh"):
+        _trainer(tmp_path, max_steps=3, callbacks=[cb]).fit(
+            module, _loader(x, y, 4), ckpt_path=str(ckdir / "epoch=0-step=2.ckpt"))

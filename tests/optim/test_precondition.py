@@ -1499,11 +1499,11 @@ def test_load_state_dict_moves_the_curvature_to_the_models_dtype():
     pre64 = FisherPreconditioner(model64, kind="kfac", kfac_damping="exact", kl_clip=None,
                                  damping=lam, update_every=100)
     pre64.load_state_dict(state)
-    assert all(t.dtype == torch.float64 for t in pre64.curvature.diagonal().values())
     x64 = torch.randn(16, 5, dtype=torch.float64)
     _backward(model64, x64, y)
     g = {k: p.grad.clone() for k, p in model64.named_parameters()}
     assert not pre64.step((x64, y)).curvature_updated
+    assert all(t.dtype == torch.float64 for t in pre64.curvature.diagonal().values())
     def psd(M):  # the factor's PSD part (a saved float32 G of a softmax has ~-3e-8 eigenvalues)
         e, Q = torch.linalg.eigh(M.double())
         return Q @ torch.diag(e.clamp(min=0)) @ Q.T
@@ -1574,3 +1574,44 @@ def test_backward_source_ignores_a_deep_copy_of_the_model():
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac", "ekfac"])
+def test_a_state_loaded_before_the_model_is_cast_follows_the_model(kind):
+    """Lightning restores callback states before it casts and moves the module: a state
+    loaded into a float32 model that is then made float64 continues in float64, equal to
+    the uninterrupted float64 run (the curvature was cast at load, to float32, and kept
+    that dtype: 3e-3 apart after 6 steps for diag)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    data = [(torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,)))
+            for _ in range(6)]  # fmt: skip
+
+    def run(model, pre, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            _backward(model, x, y)
+            pre.step((x, y))
+            opt.step()
+
+    def make(model):
+        pre = FisherPreconditioner(model, kind=kind, damping=1e-4, update_every=1,
+                                   kl_clip=None)  # fmt: skip
+        return pre, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    whole = copy.deepcopy(base)
+    pre, opt = make(whole)
+    run(whole, pre, opt, data)
+    first = copy.deepcopy(base)
+    pre1, opt1 = make(first)
+    run(first, pre1, opt1, data[:3])
+    state, opt_state = pre1.state_dict(), opt1.state_dict()
+    resumed = copy.deepcopy(first).float()  # built in float32 as a framework does
+    pre2, opt2 = make(resumed)
+    pre2.load_state_dict(state)  # loaded first ...
+    resumed.double()  # ... then the model is cast (and its weights loaded)
+    resumed.load_state_dict(first.state_dict())
+    opt2.load_state_dict(opt_state)
+    run(resumed, pre2, opt2, data[3:])
+    for (k, p), q in zip(whole.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q), k
