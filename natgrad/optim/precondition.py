@@ -326,7 +326,12 @@ class FisherPreconditioner:
         self._warned_no_lr = False
         # the default selection (trainable at construction): a refresh warns once about
         # parameters unfrozen since then, which get gradients but are not preconditioned
-        self._check_unfrozen = params is None
+        # (the parameters it left out, frozen now: the only ones that warning looks at)
+        self._frozen = (
+            [(k, p) for k, p in self.model.named_parameters() if k not in self.params]
+            if params is None else []
+        )  # fmt: skip
+        self._check_unfrozen = bool(self._frozen)
         self._arm()
 
     @property
@@ -539,8 +544,7 @@ class FisherPreconditioner:
     def _warn_unfrozen(self) -> None:
         """Warn once when parameters outside the default selection (frozen when the
         preconditioner was built) now have a ``.grad``: they are trained unpreconditioned."""
-        extra = [k for k, p in self.model.named_parameters()
-                 if p.requires_grad and p.grad is not None and k not in self.params]
+        extra = [k for k, p in self._frozen if p.requires_grad and p.grad is not None]
         if extra:
             self._check_unfrozen = False
             warnings.warn(
