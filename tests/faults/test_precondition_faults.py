@@ -163,6 +163,14 @@ def test_lightning_callback_refuses_a_foreign_checkpoint_state():
     assert cb.preconditioner.state_dict()["step"] == 0
 
 
+def _step_without_warnings(pre, model, x, y):
+    """A backward pass and a preconditioner step that must not warn."""
+    F.cross_entropy(model(x), y).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pre.step((x, y), lr=0.1)
+
+
 @pytest.mark.parametrize("source", ["batch", "backward"])
 def test_a_parameter_unfrozen_after_construction_warns_once_at_a_refresh(source):
     # the default selection is the parameters trainable at construction: a layer unfrozen
@@ -173,10 +181,7 @@ def test_a_parameter_unfrozen_after_construction_warns_once_at_a_refresh(source)
         p.requires_grad_(False)
     pre = natgrad.FisherPreconditioner(model, kind="kfac", source=source, update_every=1)
     x, y = _batch()
-    F.cross_entropy(model(x), y).backward()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        pre.step((x, y), lr=0.1)  # nothing unfrozen yet: no warning
+    _step_without_warnings(pre, model, x, y)  # nothing unfrozen yet: no warning
     for p in model[0].parameters():
         p.requires_grad_(True)
     for _ in range(2):
@@ -196,10 +201,7 @@ def test_a_parameter_unfrozen_after_construction_warns_once_at_a_refresh(source)
     chosen = _mlp()
     pre = natgrad.FisherPreconditioner(chosen, kind="kfac", source=source, update_every=1,
                                        params=[chosen[2]])
-    F.cross_entropy(chosen(x), y).backward()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        pre.step((x, y), lr=0.1)
+    _step_without_warnings(pre, chosen, x, y)
 
 
 def test_a_frozen_parameter_with_a_stale_grad_does_not_warn():
@@ -213,10 +215,7 @@ def test_a_frozen_parameter_with_a_stale_grad_does_not_warn():
         p.requires_grad_(False)
     pre = natgrad.FisherPreconditioner(model, kind="kfac", update_every=1)
     model[2].zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        pre.step((x, y), lr=0.1)
+    _step_without_warnings(pre, model, x, y)
 
 
 def test_data_parallel_replicas_are_refused_by_the_backward_source():

@@ -412,6 +412,19 @@ def _caller(x):
     return lambda m: m(x)
 
 
+def masked_output(model, data, removed, x):
+    """The output of ``model`` on ``x`` with the structures of ``removed`` (a report's
+    ``{group: indices}``) masked to zero, the reference a shrunken model must equal."""
+    groups, _ = find_groups(model, data)
+    masks = {}
+    for g in groups:
+        m = torch.ones(g.size, dtype=torch.float64)
+        m[removed[g.name]] = 0
+        masks[g.name] = m
+    with torch.no_grad(), apply_masks_to(model, groups, masks):
+        return _caller(x)(model)
+
+
 def test_from_multihead_matches_multihead_attention():
     torch.manual_seed(0)
     for batch_first in (True, False):
@@ -920,15 +933,9 @@ def test_prune_structured_end_to_end(case):
     assert all(p.dtype == torch.float64 for p in small.parameters())
     # before tuning, the shrunken model is the masked model
     groups, _ = find_groups(model, data)
-    masks = {}
-    for g in groups:
-        m = torch.ones(g.size, dtype=torch.float64)
-        m[rep.removed[g.name]] = 0
-        masks[g.name] = m
     call = _caller(x)
-    with torch.no_grad(), apply_masks_to(model, groups, masks):
-        want = call(model)
-        ce_masked = float(F.cross_entropy(want, y))
+    want = masked_output(model, data, rep.removed, x)
+    ce_masked = float(F.cross_entropy(want, y))
     with torch.no_grad():
         ce_dense = float(F.cross_entropy(call(model), y))
     torch.testing.assert_close(call(small), want, rtol=1e-10, atol=1e-12)

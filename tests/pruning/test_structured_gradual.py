@@ -14,9 +14,9 @@ import natgrad
 from natgrad.pruning.attention import shrink_heads
 from natgrad.pruning.search import build_cost_model
 from natgrad.pruning.shrink import count_flops, count_params, shrink_model, tune_layers
-from natgrad.pruning.structures import apply_masks_to, find_groups
+from natgrad.pruning.structures import find_groups
 from tests.conftest import TinyEncoder, mlp
-from tests.pruning.test_structured import CASES, _batch, _caller, encoder_case
+from tests.pruning.test_structured import CASES, _batch, _caller, encoder_case, masked_output
 
 
 def _mlp_task(seed=0):
@@ -127,16 +127,8 @@ def test_gradual_prune_end_to_end(case):
     # no layer empties; min_keep is relative to the original widths
     assert all(k >= max(1, -(-n // 5)) for k, n in rep.kept.values())
     # without re-fit, the shrunken model is the original masked with every round's removals
-    groups, _ = find_groups(model, data)
-    masks = {}
-    for g in groups:
-        m = torch.ones(g.size, dtype=torch.float64)
-        m[rep.removed[g.name]] = 0
-        masks[g.name] = m
-    call = _caller(x)
-    with torch.no_grad(), apply_masks_to(model, groups, masks):
-        want = call(model)
-    torch.testing.assert_close(call(small), want, rtol=1e-10, atol=1e-12)
+    want = masked_output(model, data, rep.removed, x)
+    torch.testing.assert_close(_caller(x)(small), want, rtol=1e-10, atol=1e-12)
     assert rep.measured_loss_increase == rep.measured_loss_increase_untuned
 
 
