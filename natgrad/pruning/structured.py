@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, overload
 
@@ -655,6 +655,8 @@ def prune_structured(
             prune, or whose shrunken form would not compute what the masked model computes.
         ValueError: train-mode BatchNorm/dropout, unknown options, ``rounds`` not an
             integer >= 1.
+        TypeError: ``data`` is a one-pass iterator (a generator): it is read several
+            times, so pass a list of batches or a DataLoader.
 
     Example:
         >>> import torch, natgrad
@@ -694,6 +696,13 @@ def prune_structured(
     from natgrad.curvature.estimate import iterate_batches
     from natgrad.pruning.pruned import deepcopy_model
 
+    if isinstance(data, Iterator):
+        raise TypeError(
+            f"data is a one-pass iterator ({type(data).__name__}), but structured pruning "
+            "reads the data several times (an example batch, the Fisher, the re-fit and the "
+            "loss before and after): pass a list of batches or a DataLoader, e.g. "
+            "list(data)."
+        )
     work = deepcopy_model(model)
     convert_attention(work)
     example = next(iter(iterate_batches(data)), None)

@@ -49,6 +49,18 @@ def test_bad_budgets(kwargs, phrase):
         natgrad.prune_structured(_mlp(), (x, y), measure=False, **kwargs)
 
 
+@pytest.mark.parametrize("make", [lambda b: iter(b), lambda b: (t for t in b)])
+def test_one_pass_iterator_data_is_refused_up_front(make):
+    # the data is read several times: a generator was consumed by the example batch and
+    # the error said the data held no batch
+    x, y = _data()
+    batches = [(x[:8], y[:8]), (x[8:], y[8:])]
+    with pytest.raises(TypeError, match=r"one-pass iterator.*list of batches or a DataLoader"):
+        natgrad.prune_structured(_mlp(), make(batches), flops=0.6, measure=False)
+    small, _ = natgrad.prune_structured(_mlp(), batches, flops=0.6, measure=False)  # a list
+    assert small is not None
+
+
 def test_budget_out_of_reach_names_the_floor():
     x, y = _data()
     with pytest.raises(BudgetError, match=r"out of reach.*keeps 0\.\d+ of its flops"):
