@@ -205,19 +205,16 @@ def _average_buffers(
     weighted mean, pruning masks left as they are; then the pruned tensors recomputed.
 
     With ``keep`` (``params=``), a buffer of a module whose parameters are all left out
-    (a head's BatchNorm statistics) keeps ``models[0]``'s value, as its parameters do;
-    so does a buffer whose name or shape differs between the models."""
+    (a head's BatchNorm statistics) keeps ``models[0]``'s value, as its parameters do
+    (see :func:`_merged_module`); so does a buffer whose name or shape differs between
+    the models."""
     buffers = [dict(m.named_buffers()) for m in models]
     masks = mask_buffer_names(merged)
     for name, buf in merged.named_buffers():
         if any(name not in b or b[name].shape != buf.shape for b in buffers):
             continue  # differs between the models (with params=): models[0]'s value
-        if keep is not None:
-            prefix = name.rpartition(".")[0]
-            own = [f"{prefix}.{k}" if prefix else k
-                   for k in merged.get_submodule(prefix)._parameters]  # fmt: skip
-            if own and not any(k in keep for k in own):
-                continue  # its module is not merged: models[0]'s value
+        if keep is not None and not _merged_module(merged, name, keep):
+            continue  # its module is not merged: models[0]'s value
         if name not in masks and (buf.is_floating_point() or buf.is_complex()):
             buf.copy_(_mean([b[name].detach() for b in buffers], w).to(buf.dtype))
     refresh_pruned(merged)
@@ -508,6 +505,22 @@ def _curvature_merge(
             )  # fmt: skip
             correction.update(res.x)
     return _write(merged, models, w, mean, correction, keep)
+
+
+def _merged_module(model: nn.Module, buffer: str, keep: set[str]) -> bool:
+    """Whether the buffer ``buffer`` belongs to merged parameters: the nearest module
+    holding it (itself, then its parents) that has parameters in its subtree decides,
+    merged when any of them is in ``keep`` (a parameter-free ``BatchNorm(affine=False)``
+    of the body follows the body; a head's buffer, beside the head's layers, the head)."""
+    parts = buffer.split(".")[:-1]
+    while True:
+        prefix = ".".join(parts)
+        names = [k for k, _ in model.get_submodule(prefix).named_parameters(prefix=prefix)]
+        if names:
+            return any(k in keep for k in names)
+        if not parts:
+            return True  # a model without parameters: nothing to decide by
+        parts.pop()
 
 
 def _write(

@@ -295,3 +295,34 @@ def test_params_keeps_the_buffers_of_modules_left_out(kind):
     for k in ("1.running_mean", "1.running_var"):
         want = (a.get_buffer(k) + b.get_buffer(k)) / 2
         torch.testing.assert_close(merged.get_buffer(k), want, rtol=1e-12, atol=1e-14)
+
+
+def test_params_follows_the_nearest_module_with_parameters_for_buffers():
+    # a parameter-free BatchNorm(affine=False) of the body is merged with the body (its
+    # own parameter slots are None), and a head's own buffer beside the head's layer keeps
+    # models[0]'s value, as the head's weights do
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 3)
+            self.register_buffer("temperature", torch.rand(1) + 0.5)
+
+        def forward(self, h):
+            return self.lin(h) / self.temperature
+
+    def net():
+        return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, affine=False), nn.Tanh(),
+                             Head()).double()  # fmt: skip
+
+    torch.manual_seed(0)
+    a, b = net(), net()
+    for m, shift in ((a, 0.0), (b, 1.0)):
+        m.train()
+        m(torch.randn(16, 4, dtype=torch.float64) + shift)
+        m.eval()
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    fa, fb = (natgrad.estimate_fisher(m, (x, y)) for m in (a, b))
+    merged = fisher_weighted_merge([a, b], [fa, fb], params=["0.weight", "0.bias"])
+    want = (a.get_buffer("1.running_mean") + b.get_buffer("1.running_mean")) / 2
+    torch.testing.assert_close(merged.get_buffer("1.running_mean"), want, rtol=1e-12, atol=0)
+    assert torch.equal(merged.get_buffer("3.temperature"), a.get_buffer("3.temperature"))

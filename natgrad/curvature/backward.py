@@ -189,6 +189,8 @@ class BackwardCapture:
         layer = self.layers[name].module
 
         def fn(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not torch.is_grad_enabled() or in_internal_pass():
+                return
             if module is not layer and getattr(module, "_is_replica", False):
                 raise RuntimeError(
                     "nn.DataParallel runs copies of the model's layers in threads, which "
@@ -197,7 +199,7 @@ class BackwardCapture:
                 )
             # not a deep copy of the layer (copy.deepcopy(model) while armed copies the
             # hooks, whose passes would count as this model's samples)
-            if module is not layer or not torch.is_grad_enabled() or in_internal_pass():
+            if module is not layer:
                 return
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return

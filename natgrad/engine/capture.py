@@ -276,6 +276,7 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
         handles += [m.register_forward_hook(hook) for m in cands]
         try:
             probe = _repeat_first(b, n)
+            mode.seed((probe.args, probe.kwargs))
             try:
                 with torch.enable_grad(), mode, internal_pass():
                     raw = plan.model(*probe.args, **probe.kwargs)
@@ -373,12 +374,15 @@ def _signature(t: Any, dim: int | None) -> Any:
 
 
 def input_signature(b: Batch) -> Any:
-    """The signature of every input of ``b``, nested ones included (see :func:`_signature`):
-    the part of :func:`split_key` that can change between the batches of one pass."""
+    """The signature of every input of ``b``, nested ones included (see :func:`_signature`),
+    and whether it holds one sample (whose split checks nothing across samples, see
+    :func:`samplewise`): the part of :func:`split_key` that can change between the
+    batches of one pass."""
     arg_dims, kw_dims = b.dims()
     return (
         tuple(_signature(a, d) for a, d in zip(b.args, arg_dims, strict=True)),
         tuple((k, _signature(v, kw_dims[k])) for k, v in sorted(b.kwargs.items())),
+        min(b.size, 2),
     )
 
 
@@ -973,19 +977,25 @@ def square_sums_auto(
                 sig, new = new_sig, cached_split(plan, b)
                 if new is not split:
                     split, rest = new, plan.restrict(new.rest) if new.rest else None
+        routed = False
         while split.fast_names:
             try:
                 yield fast_batch_sums(plan, split, rest, b, target, chunk_size)
                 break
             except RowsNotSamples as exc:  # index routing: those layers on vmap from now on
+                routed = True
                 drop_modules(split, exc.modules, plan)
                 logger.info("capture: %s", exc)
                 rest = plan.restrict(split.rest) if split.rest else None
         else:
             if engine == "fast":
+                why = (
+                    "the capture layers ran on rows routed by index, not on the batch's "
+                    "samples" if routed else f"batch {plan.batches_seen} has another "
+                    "input signature (shapes, nested inputs), and none fits there"
+                )  # fmt: skip
                 raise ValueError(
-                    "engine='fast' found no parameter it can compute exactly: the capture "
-                    "layers ran on rows routed by index, not on the batch's samples; use "
+                    f"engine='fast' found no parameter it can compute exactly: {why}; use "
                     "engine='auto' or engine='vmap'."
                 )
             yield from square_sums(plan, [batch], chunk_size)

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
@@ -49,12 +48,30 @@ PASSTHROUGH = {torch.Tensor.to, torch.Tensor.contiguous, torch.Tensor.type_as}
 
 
 # Row selection by data along the first axis: its result's rows are not the batch's
-# samples (a mixture of experts' ``x[idx]``, a sorted batch's ``x[perm]``).
-_SELECT_ROWS = {
-    torch.Tensor.__getitem__, torch.Tensor.index_select, torch.index_select,
-    torch.Tensor.masked_select, torch.masked_select, torch.Tensor.gather, torch.gather,
-    torch.Tensor.take_along_dim, torch.take_along_dim, torch.Tensor.take, torch.take,
-}  # fmt: skip
+# samples (a mixture of experts' ``x[idx]``, a sorted batch's ``x[perm]``). Each entry:
+# the positions and names of (source, dim, index) in the call; dim None: the flat or
+# first axis.
+_SELECT_ROWS: dict[Callable[..., Any], tuple[tuple[int, str], tuple[int, str] | None,
+                                             tuple[int, str] | None]] = {
+    torch.Tensor.index_select: ((0, "input"), (1, "dim"), (2, "index")),
+    torch.index_select: ((0, "input"), (1, "dim"), (2, "index")),
+    torch.Tensor.gather: ((0, "input"), (1, "dim"), (2, "index")),
+    torch.gather: ((0, "input"), (1, "dim"), (2, "index")),
+    torch.Tensor.take_along_dim: ((0, "input"), (2, "dim"), (1, "indices")),
+    torch.take_along_dim: ((0, "input"), (2, "dim"), (1, "indices")),
+    torch.Tensor.masked_select: ((0, "input"), None, None),
+    torch.masked_select: ((0, "input"), None, None),
+    torch.Tensor.take: ((0, "input"), None, None),
+    torch.take: ((0, "input"), None, None),
+    F.embedding: ((1, "weight"), None, None),  # the batch as the table: rows by ids
+}
+# Splitting the batch axis into pieces (to recombine them in another order or route
+# them): every piece counts as rows picked by data.
+_SPLIT_ROWS: dict[Callable[..., Any], int] = {
+    torch.Tensor.unbind: 1, torch.unbind: 1, torch.Tensor.split: 2, torch.split: 2,
+    torch.Tensor.chunk: 2, torch.chunk: 2, torch.Tensor.tensor_split: 2,
+    torch.tensor_split: 2,
+}  # the position of the dim argument (default 0)
 # Writes into a destination tensor by index: the result is aligned as the destination is
 # (``out[idx] = expert(x[idx])`` puts the rows back).
 _WRITE_ROWS = {
@@ -65,6 +82,16 @@ _WRITE_ROWS = {
     torch.Tensor.scatter_add_, torch.Tensor.scatter_add, torch.scatter_add,
     torch.Tensor.masked_scatter_, torch.Tensor.masked_scatter, torch.masked_scatter,
 }  # fmt: skip
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], where: tuple[int, str] | None) -> Any:
+    """The argument at ``where`` (position, name) of a call, or None."""
+    if where is None:
+        return None
+    i, name = where
+    return args[i] if len(args) > i else kwargs.get(name)
+
+
 _STRUCTURAL_VIEWS = VIEWS | {torch.Tensor.to, torch.Tensor.long, torch.Tensor.int}
 
 
@@ -246,30 +273,49 @@ class ProbeMode(_Tracker):
         self.adds: dict[str, list[bool]] = {}
         self.rerouted = _Refs()  # rows selected by data: not the batch's samples
         self.structural = _Refs()  # torch.arange and its views (an index that is no data)
+        self.batched = _Refs()  # the model's inputs and what is computed from them
+
+    def seed(self, inputs: Any) -> None:
+        """Mark the probe's input tensors as batched (selections from them count)."""
+        for t in tree_leaves(inputs):
+            self.batched.add(t)
+
+    def _data_index(self, idx: Any) -> bool:
+        """Whether ``idx`` (of a ``__getitem__``/``__setitem__``) picks along the first
+        axis by data: a tensor (not a ``torch.arange``), list or array there, after any
+        leading ``None``."""
+        if isinstance(idx, tuple):
+            rest = [e for e in idx]
+            while rest and rest[0] is None:
+                rest.pop(0)
+            idx = rest[0] if rest else None
+        if isinstance(idx, torch.Tensor):
+            return idx not in self.structural
+        return isinstance(idx, list) or type(idx).__name__ == "ndarray"
 
     def _selects_rows(self, func: Callable[..., Any], args: tuple[Any, ...],
                       kwargs: dict[str, Any]) -> bool:
-        """Whether ``func`` picks rows of a tensor along its first axis by data."""
-        if func not in _SELECT_ROWS or not args or not isinstance(args[0], torch.Tensor):
-            return False
-        src = args[0]
-        if isinstance(src, nn.Parameter) or src.dim() == 0:
-            return False  # a table read by index (an embedding's rows) follows the index
+        """Whether ``func`` picks rows of a batched tensor along its first axis by data
+        (a table that is not computed from the inputs, e.g. a buffer read by ids,
+        follows its index and is no selection)."""
         if func is torch.Tensor.__getitem__:
-            idx = args[1] if len(args) > 1 else None
-            first = idx[0] if isinstance(idx, tuple) and idx else idx
-            return isinstance(first, torch.Tensor) and first not in self.structural
-        if func in (torch.Tensor.index_select, torch.index_select, torch.Tensor.gather,
-                    torch.gather):
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            index = args[2] if len(args) > 2 else kwargs.get("index")
-            return int(dim) % max(src.dim(), 1) == 0 and index not in self.structural
-        if func in (torch.Tensor.take_along_dim, torch.take_along_dim):
-            index = args[1] if len(args) > 1 else kwargs.get("indices")
-            dim = args[2] if len(args) > 2 else kwargs.get("dim")
-            on_rows = dim is None or int(dim) % max(src.dim(), 1) == 0
-            return on_rows and index not in self.structural
-        return True  # masked_select, take: a flat selection
+            src = args[0] if args else None
+            return src in self.batched and self._data_index(args[1] if len(args) > 1 else None)
+        if func in _SPLIT_ROWS:
+            src = _arg(args, kwargs, (0, "input"))
+            dim = _arg(args, kwargs, (_SPLIT_ROWS[func], "dim"))
+            return src in self.batched and int(dim or 0) % max(src.dim(), 1) == 0
+        if func not in _SELECT_ROWS:
+            return False
+        where_src, where_dim, where_index = _SELECT_ROWS[func]
+        src = _arg(args, kwargs, where_src)
+        if src not in self.batched or not isinstance(src, torch.Tensor) or src.dim() == 0:
+            return False
+        if where_dim is None:
+            return True  # masked_select, take, embedding: a selection by data
+        dim = _arg(args, kwargs, where_dim)
+        on_rows = dim is None or int(dim) % max(src.dim(), 1) == 0
+        return on_rows and _arg(args, kwargs, where_index) not in self.structural
 
     def __torch_function__(
         self,
@@ -311,23 +357,38 @@ class ProbeMode(_Tracker):
 
     def _track_rows(self, func: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any], out: object) -> None:
-        """Mark ``out`` rerouted when ``func`` selects rows by data or reads a rerouted
-        tensor (a write by index follows its destination), structural when it is
-        ``torch.arange`` or a view of one."""
+        """Propagate the marks to ``out``: *batched* when it is computed from a batched
+        tensor; *rerouted* when ``func`` picks rows of a batched tensor by data or reads a
+        rerouted tensor (a write by index follows its destination; a write of rerouted
+        rows through a slice marks the destination); *structural* for ``torch.arange``
+        and its views."""
         if func is torch.arange:
             self.structural.add(out)
             return
-        if func in _STRUCTURAL_VIEWS and args and args[0] in self.structural:
+        leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if func in _STRUCTURAL_VIEWS and args and args[0] in self.structural and not (
+            func is torch.Tensor.__getitem__
+            and any(isinstance(e, (torch.Tensor, list)) for e in tree_leaves(args[1:]))
+        ):  # arange[perm] is data, not structure
             self.structural.add(out)
+        batched = any(t in self.batched for t in leaves)
+        if func is torch.Tensor.__setitem__ and len(args) > 2:
+            dest, key, value = args[0], args[1], args[2]
+            if value in self.batched:
+                self.batched.add(dest)
+            if value in self.rerouted and not self._data_index(key):
+                self.rerouted.add(dest)  # rerouted rows copied in place (buf[:] = x[perm])
+            return
         if func in _WRITE_ROWS:
             rerouted = bool(args) and args[0] in self.rerouted
         else:
             rerouted = self._selects_rows(func, args, kwargs) or any(
-                t in self.rerouted for t in tree_leaves((args, kwargs))
-                if isinstance(t, torch.Tensor)
+                t in self.rerouted for t in leaves
             )  # fmt: skip
-        if rerouted:
-            for t in tree_leaves(out):
+        for t in tree_leaves(out):
+            if batched:
+                self.batched.add(t)
+            if rerouted:
                 self.rerouted.add(t)
 
 

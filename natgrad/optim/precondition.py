@@ -326,12 +326,7 @@ class FisherPreconditioner:
         self._warned_no_lr = False
         # the default selection (trainable at construction): a refresh warns once about
         # parameters unfrozen since then, which get gradients but are not preconditioned
-        # (the parameters it left out, frozen now: the only ones that warning looks at)
-        self._frozen = (
-            [(k, p) for k, p in self.model.named_parameters() if k not in self.params]
-            if params is None else []
-        )  # fmt: skip
-        self._check_unfrozen = bool(self._frozen)
+        self._check_unfrozen = params is None
         self._arm()
 
     @property
@@ -405,6 +400,7 @@ class FisherPreconditioner:
         (``2 * pre.curvature``, ``pre.curvature.to(...)``), never changes under it.
         """
         self._lent = True
+        self._place()
         return self._curvature
 
     def _update_curvature(self, batch: Any) -> None:
@@ -492,9 +488,7 @@ class FisherPreconditioner:
                 stacklevel=2,
             )
             return self._skip(t)
-        if not self._placed and self._curvature is not None:  # loaded: on the params now
-            self._curvature = self._on_params(self._curvature)
-            self._placed = True
+        self._place()
         updated = self._refresh_due(t)
         if updated and self._check_unfrozen:
             self._warn_unfrozen()
@@ -544,7 +538,8 @@ class FisherPreconditioner:
     def _warn_unfrozen(self) -> None:
         """Warn once when parameters outside the default selection (frozen when the
         preconditioner was built) now have a ``.grad``: they are trained unpreconditioned."""
-        extra = [k for k, p in self._frozen if p.requires_grad and p.grad is not None]
+        extra = [k for k, p in self.model.named_parameters()
+                 if p.requires_grad and p.grad is not None and k not in self.params]
         if extra:
             self._check_unfrozen = False
             warnings.warn(
@@ -694,6 +689,13 @@ class FisherPreconditioner:
         if self._capture is not None:
             self._capture.clear()
         self._arm()
+
+    def _place(self) -> None:
+        """Move a loaded curvature to the parameters' device and dtype (once, where the
+        parameters are first read after :meth:`load_state_dict`)."""
+        if not self._placed and self._curvature is not None:
+            self._curvature = self._on_params(self._curvature)
+            self._placed = True
 
     def _on_params(self, curv: Curvature) -> Curvature:
         """``curv`` on the selected parameters' device, in their accumulation dtype (float64

@@ -231,3 +231,28 @@ def test_data_parallel_replicas_are_refused_by_the_backward_source():
     x, _ = _batch()
     with pytest.raises(RuntimeError, match=r"nn\.DataParallel.*DistributedDataParallel"):
         replica(x)
+
+
+def test_a_layer_added_after_construction_warns_once():
+    # a head added to the model after the preconditioner was built trains unpreconditioned
+    model = _mlp()
+    pre = natgrad.FisherPreconditioner(model, kind="kfac", update_every=1)
+    model.add_module("extra", nn.Linear(3, 3).to(next(model.parameters()).dtype))
+    x, y = _batch()
+    F.cross_entropy(model.extra(model(x)), y).backward()
+    with pytest.warns(UserWarning, match=r"'extra.weight', 'extra.bias'.*not preconditioned"):
+        pre.step((x, y), lr=0.1)
+
+
+def test_data_parallel_replicas_may_run_without_grad():
+    # an evaluation pass through replicas records nothing, so it is not refused
+    import copy
+
+    model = _mlp()
+    natgrad.FisherPreconditioner(model, kind="kfac", source="backward", update_every=1)
+    replica = copy.deepcopy(model)
+    for m in replica.modules():
+        m._is_replica = True
+    x, _ = _batch()
+    with torch.no_grad():
+        replica(x)

@@ -1615,3 +1615,17 @@ def test_a_state_loaded_before_the_model_is_cast_follows_the_model(kind):
     run(resumed, pre2, opt2, data[3:])
     for (k, p), q in zip(whole.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q), k
+
+
+def test_a_loaded_curvature_read_before_a_step_is_on_the_parameters():
+    """`pre.curvature` read right after a load is on the parameters' dtype, as after a
+    step (the placement happens where the parameters are first read)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    pre = FisherPreconditioner(model, kind="kfac", kl_clip=None, update_every=100)
+    _backward(model, x, y)
+    pre.step((x, y))
+    pre64 = FisherPreconditioner(copy.deepcopy(model).double(), kind="kfac", kl_clip=None)
+    pre64.load_state_dict(pre.state_dict())
+    assert {t.dtype for t in pre64.curvature.diagonal().values()} == {torch.float64}
