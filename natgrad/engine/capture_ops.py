@@ -72,6 +72,15 @@ _SPLIT_ROWS: dict[Callable[..., Any], int] = {
     torch.Tensor.chunk: 2, torch.chunk: 2, torch.Tensor.tensor_split: 2,
     torch.tensor_split: 2,
 }  # the position of the dim argument (default 0)
+# Reorderings of an axis (the position and default of the dim argument): along the batch
+# axis they move rows to other samples' places (``x.sort(0).values``, ``x.flip(0)``).
+_REORDER_ROWS: dict[Callable[..., Any], tuple[int, str, Any]] = {
+    torch.Tensor.sort: (1, "dim", -1), torch.sort: (1, "dim", -1),
+    torch.Tensor.topk: (2, "dim", -1), torch.topk: (2, "dim", -1),
+    torch.msort: (1, "dim", 0), torch.Tensor.msort: (1, "dim", 0),
+    torch.Tensor.flip: (1, "dims", None), torch.flip: (1, "dims", None),
+    torch.Tensor.roll: (2, "dims", None), torch.roll: (2, "dims", None),
+}
 # Writes into a destination tensor by index: the result is aligned as the destination is
 # (``out[idx] = expert(x[idx])`` puts the rows back).
 _WRITE_ROWS = {
@@ -305,6 +314,18 @@ class ProbeMode(_Tracker):
             src = _arg(args, kwargs, (0, "input"))
             dim = _arg(args, kwargs, (_SPLIT_ROWS[func], "dim"))
             return src in self.batched and int(dim or 0) % max(src.dim(), 1) == 0
+        if func in _REORDER_ROWS:
+            src = _arg(args, kwargs, (0, "input"))
+            i, name, default = _REORDER_ROWS[func]
+            dim = _arg(args, kwargs, (i, name))
+            if src not in self.batched or not isinstance(src, torch.Tensor) or src.dim() == 0:
+                return False
+            if func in (torch.Tensor.flip, torch.flip) and len(args) > 2:
+                dim = args[1:]  # x.flip(0, 1)
+            dims = [default] if dim is None else dim if isinstance(dim, (list, tuple)) else [dim]
+            if dims == [None]:  # roll without dims: the flattened tensor, every axis moves
+                return True
+            return any(int(d) % src.dim() == 0 for d in dims)
         if func not in _SELECT_ROWS:
             return False
         where_src, where_dim, where_index = _SELECT_ROWS[func]

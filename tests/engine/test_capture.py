@@ -646,7 +646,7 @@ def test_engine_fast_sends_index_routed_layers_to_vmap():
 
 @pytest.mark.parametrize("routing", [
     "getitem", "index_select", "take_along_dim", "sorted", "none_index", "tolist",
-    "keywords", "setitem_slice", "stack_unbind", "embedding", "arange_perm",
+    "keywords", "setitem_slice", "stack_unbind", "embedding", "arange_perm", "flip", "roll",
 ])
 def test_rows_selected_by_data_take_vmap_from_the_probes(routing):
     # The probes track rows picked by data along the batch axis (x[idx], index_select,
@@ -690,6 +690,10 @@ def test_rows_selected_by_data_take_vmap_from_the_probes(routing):
                 h = h[order.argsort()]
             elif routing == "embedding":  # the batch as the table
                 h = self.a(F.embedding(order, x))[order.argsort()]
+            elif routing == "flip":  # reversed rows, put back after the layer
+                h = self.a(x.flip(0)).flip(0)
+            elif routing == "roll":
+                h = torch.roll(self.a(torch.roll(x, 1, 0)), -1, 0)
             else:  # an index built from arange, permuted by data
                 idx = torch.arange(x.shape[0])[order]
                 h = self.a(x[idx])[order.argsort()]
