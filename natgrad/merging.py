@@ -509,18 +509,21 @@ def _curvature_merge(
 
 def _merged_module(model: nn.Module, buffer: str, keep: set[str]) -> bool:
     """Whether the buffer ``buffer`` belongs to merged parameters: the nearest module
-    holding it (itself, then its parents) that has parameters in its subtree decides,
-    merged when any of them is in ``keep`` (a parameter-free ``BatchNorm(affine=False)``
-    of the body follows the body; a head's buffer, beside the head's layers, the head)."""
+    holding it (itself, then its parents, below the model itself) that has parameters in
+    its subtree decides, merged when any of them is in ``keep`` (a head's buffer beside
+    the head's layers follows the head); a buffer of a parameter-free module directly
+    under the model (a ``BatchNorm(affine=False)`` of a flat ``nn.Sequential``) is merged
+    only when every parameter is."""
     parts = buffer.split(".")[:-1]
-    while True:
+    while parts:
         prefix = ".".join(parts)
         names = [k for k, _ in model.get_submodule(prefix).named_parameters(prefix=prefix)]
         if names:
             return any(k in keep for k in names)
-        if not parts:
-            return True  # a model without parameters: nothing to decide by
         parts.pop()
+    # a parameter-free module of the model itself (a top-level BatchNorm(affine=False)):
+    # merged only with the whole model, else it stays with models[0]'s parameters
+    return all(k in keep for k, _ in model.named_parameters())
 
 
 def _write(

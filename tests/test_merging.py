@@ -298,8 +298,9 @@ def test_params_keeps_the_buffers_of_modules_left_out(kind):
 
 
 def test_params_follows_the_nearest_module_with_parameters_for_buffers():
-    # a parameter-free BatchNorm(affine=False) of the body is merged with the body (its
-    # own parameter slots are None), and a head's own buffer beside the head's layer keeps
+    # a parameter-free BatchNorm(affine=False) inside the body is merged with the body (its
+    # own parameter slots are None), one directly under a flat model stays models[0]'s
+    # unless everything is merged, and a head's own buffer beside the head's layer keeps
     # models[0]'s value, as the head's weights do
     class Head(nn.Module):
         def __init__(self):
@@ -310,19 +311,27 @@ def test_params_follows_the_nearest_module_with_parameters_for_buffers():
         def forward(self, h):
             return self.lin(h) / self.temperature
 
-    def net():
-        return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, affine=False), nn.Tanh(),
-                             Head()).double()  # fmt: skip
+    def net(flat):
+        body = [nn.Linear(4, 6), nn.BatchNorm1d(6, affine=False)]
+        layers = [*body] if flat else [nn.Sequential(*body)]
+        return nn.Sequential(*layers, nn.Tanh(), Head()).double()
 
-    torch.manual_seed(0)
-    a, b = net(), net()
-    for m, shift in ((a, 0.0), (b, 1.0)):
-        m.train()
-        m(torch.randn(16, 4, dtype=torch.float64) + shift)
-        m.eval()
-    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
-    fa, fb = (natgrad.estimate_fisher(m, (x, y)) for m in (a, b))
-    merged = fisher_weighted_merge([a, b], [fa, fb], params=["0.weight", "0.bias"])
-    want = (a.get_buffer("1.running_mean") + b.get_buffer("1.running_mean")) / 2
-    torch.testing.assert_close(merged.get_buffer("1.running_mean"), want, rtol=1e-12, atol=0)
-    assert torch.equal(merged.get_buffer("3.temperature"), a.get_buffer("3.temperature"))
+    for flat in (False, True):
+        torch.manual_seed(0)
+        a, b = net(flat), net(flat)
+        for m, shift in ((a, 0.0), (b, 1.0)):
+            m.train()
+            m(torch.randn(16, 4, dtype=torch.float64) + shift)
+            m.eval()
+        x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+        fa, fb = (natgrad.estimate_fisher(m, (x, y)) for m in (a, b))
+        body = ["0.weight", "0.bias"] if flat else ["0.0.weight", "0.0.bias"]
+        merged = fisher_weighted_merge([a, b], [fa, fb], params=body)
+        stat = "1.running_mean" if flat else "0.1.running_mean"
+        head = "3.temperature" if flat else "2.temperature"
+        assert torch.equal(merged.get_buffer(head), a.get_buffer(head))
+        if flat:  # a parameter-free module of the model itself: merged with everything only
+            assert torch.equal(merged.get_buffer(stat), a.get_buffer(stat))
+        else:  # inside the body: follows the body
+            want = (a.get_buffer(stat) + b.get_buffer(stat)) / 2
+            torch.testing.assert_close(merged.get_buffer(stat), want, rtol=1e-12, atol=0)

@@ -176,25 +176,73 @@ def _first(out: Any) -> Any:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def samplewise(plan: Plan, b: Batch) -> bool:
-    """Whether the model's batched forward on the first two samples of ``b`` gives each
-    sample the output of its own forward (to ``√eps`` of the output dtype, relative to
-    the largest output). The capture path needs it: it differentiates one batched
-    forward, where ``vmap`` runs one forward per sample. A model that reads another
-    sample's row (``temp[0]`` of a per-sample input) fails it. Random models (train-mode
-    dropout) and one-sample batches are not checked."""
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a ≈ b`` to ``√eps`` of their dtype, relative to the largest entry of ``b``."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return bool(torch.equal(a, b))
+    tol = torch.finfo(b.dtype).eps ** 0.5
+    scale = max(float(b.abs().nan_to_num().max()), 1.0) if b.numel() else 1.0
+    return bool(torch.allclose(a, b, rtol=tol, atol=tol * scale, equal_nan=True))
+
+
+def _two_samples(
+    plan: Plan, b: Batch, modules: list[nn.Module]
+) -> tuple[bool, set[nn.Module]]:
+    """``(sample-wise, misaligned)`` from forwards of the first two samples alone and
+    together, in both orders. Sample-wise: each row of a pair's output is that sample's
+    own output (to ``√eps`` of the output dtype, relative to the largest output); the
+    capture path needs it, since it differentiates one batched forward where ``vmap``
+    runs one forward per sample (a model that reads another sample's row, ``temp[0]`` of
+    a per-sample input, fails it). Misaligned: a module (of ``modules``) whose input in the pair forward
+    ``(i, j)`` is not its inputs in the forwards of ``i`` and of ``j`` stacked, one row
+    each: its rows are not the samples' (picked, reordered or routed by data, however
+    the model spells it; one of the two orders shows any permutation), so the capture
+    path would give a sample another's gradient. A module run on an input shared by the
+    samples (one row, equal in every forward) is left to the split's own checks. Random
+    models (train-mode dropout) and one-sample batches are not checked."""
     if b.size < 2 or random_module(plan.model) is not None:
-        return True
-    both = plan.forward(b.select(0, 2), full=b)
+        return True, set()
+    seen: dict[nn.Module, list[Any]] = {m: [] for m in modules}
+
+    def hook(m: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
+        seen[m].append(inp[0].detach() if inp and isinstance(inp[0], torch.Tensor) else None)
+
+    handles = [m.register_forward_hook(hook, prepend=True) for m in modules]
+    runs: dict[tuple[int, ...], tuple[torch.Tensor, dict[nn.Module, list[Any]]]] = {}
+    try:
+        for order in ((0,), (1,), (0, 1), (1, 0)):
+            for v in seen.values():
+                v.clear()
+            sub = b.take(torch.tensor(order))
+            runs[order] = (plan.forward(sub, full=b), {m: list(v) for m, v in seen.items()})
+    finally:
+        for h in handles:
+            h.remove()
+    ok = True
     for i in range(2):
-        one = plan.forward(b.select(i, i + 1), full=b)
+        one, both = runs[(i,)][0], runs[(0, 1)][0]
         if not one.is_floating_point() or both.shape[1:] != one.shape[1:]:
-            return False
-        tol = torch.finfo(one.dtype).eps ** 0.5
-        scale = max(float(one.abs().nan_to_num().max()), 1.0)
-        if not torch.allclose(both[i : i + 1], one, rtol=tol, atol=tol * scale, equal_nan=True):
-            return False
-    return True
+            return False, set()
+        ok = ok and _close(both[i : i + 1], one)
+    if not ok:
+        return False, set()
+    bad: set[nn.Module] = set()
+    for m in modules:
+        calls = [runs[o][1][m] for o in ((0,), (1,), (0, 1), (1, 0))]
+        if any(len(c) != 1 or c[0] is None for c in calls):
+            continue  # not run once with a tensor: the split's probes decide
+        s0, s1, p01, p10 = (c[0] for c in calls)
+        if s0.dim() == 0:
+            continue
+        if s0.shape[0] == 1 and _close(s0, s1) and _close(p01, s0) and _close(p10, s0):
+            continue  # shared by the samples
+        for pair, (i, j) in ((p01, (s0, s1)), (p10, (s1, s0))):
+            if not (i.shape[0] == 1 and j.shape[0] == 1 and _close(pair, torch.cat([i, j]))):
+                bad.add(m)
+                break
+    return True, bad
 
 
 def split_params(plan: Plan, b: Batch) -> FastSplit:
@@ -209,19 +257,20 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
     several candidate modules (tied weights) is kept when it is used once by each and
     every one of them has a per-sample gradient rule (:data:`_TIE_KINDS`). Every other
     parameter goes to ``vmap``, and every parameter does when the model is not
-    sample-wise (see :func:`samplewise`).
+    sample-wise (see :func:`_two_samples`).
     """
     if global_forward_hooks():
         # a global forward hook runs before every module hook, so the layer's own output
         # cannot be read (nor a replaced one detected): every parameter on vmap
         logger.info("a global forward hook is registered: every parameter on vmap")
         return FastSplit(rest=list(plan.params))
-    if not samplewise(plan, b):
+    mods = [m for m in plan.model.modules() if _supported(m)]
+    sample_wise, misaligned = _two_samples(plan, b, mods)
+    if not sample_wise:
         logger.info("the batched forward is not sample-wise: every parameter on vmap")
         return FastSplit(rest=list(plan.params))
     name_of = {id(p): k for k, p in plan.params.items()}
     mod_names = {m: k for k, m in plan.model.named_modules()}
-    mods = [m for m in plan.model.modules() if _supported(m)]
     attn = [m for m in mods if isinstance(m, nn.MultiheadAttention)]
     claimed = {s.name for m in attn for s in _module_slots(m, name_of)}
     cands: dict[nn.Module, list[_Slot]] = {}
@@ -300,8 +349,9 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
                 good, one = good and same, one and same and _shared_ok(mode, keys[m])
             if isinstance(m, nn.MultiheadAttention):
                 good = good and mode.attention.get(id(m.in_proj_weight), False)
-            ok[m] = ok[m] and good and m not in replaced and m not in rerouted
-            shared[m] = shared[m] and one and m not in replaced and m not in rerouted
+            moved = m in replaced or m in rerouted or m in misaligned
+            ok[m] = ok[m] and good and not moved
+            shared[m] = shared[m] and one and not moved
     def uses(p: torch.Tensor, k: int = 1) -> bool:
         return all(pm.counts[id(p)] == k for pm in probes)
 
@@ -376,7 +426,7 @@ def _signature(t: Any, dim: int | None) -> Any:
 def input_signature(b: Batch) -> Any:
     """The signature of every input of ``b``, nested ones included (see :func:`_signature`),
     and whether it holds one sample (whose split checks nothing across samples, see
-    :func:`samplewise`): the part of :func:`split_key` that can change between the
+    :func:`_two_samples`): the part of :func:`split_key` that can change between the
     batches of one pass."""
     arg_dims, kw_dims = b.dims()
     return (
@@ -406,7 +456,7 @@ def cached_split(plan: Plan, b: Batch) -> FastSplit:
     """:func:`split_params`, remembered per model under :func:`split_key` (same
     parameters, module tree, hooks and input signature, nested inputs included)."""
     if b.size < 2 or _supported(plan.model):
-        # one sample: samplewise() cannot check the batch, so the split is not kept for
+        # one sample: _two_samples() cannot check the batch, so the split is not kept for
         # later batches; a model that is itself a layer: the split would hold the model
         # and keep it alive (the cache's key)
         return split_params(plan, b)

@@ -647,6 +647,7 @@ def test_engine_fast_sends_index_routed_layers_to_vmap():
 @pytest.mark.parametrize("routing", [
     "getitem", "index_select", "take_along_dim", "sorted", "none_index", "tolist",
     "keywords", "setitem_slice", "stack_unbind", "embedding", "arange_perm", "flip", "roll",
+    "cat_slices", "onehot_matmul", "transposed_index", "scatter_fresh",
 ])
 def test_rows_selected_by_data_take_vmap_from_the_probes(routing):
     # The probes track rows picked by data along the batch axis (x[idx], index_select,
@@ -694,6 +695,20 @@ def test_rows_selected_by_data_take_vmap_from_the_probes(routing):
                 h = self.a(x.flip(0)).flip(0)
             elif routing == "roll":
                 h = torch.roll(self.a(torch.roll(x, 1, 0)), -1, 0)
+            elif routing == "cat_slices":  # a roll spelled with slices
+                k = int(order[0])
+                h = self.a(torch.cat([x[k:], x[:k]]))
+                h = torch.cat([h[x.shape[0] - k:], h[:x.shape[0] - k]])
+            elif routing == "onehot_matmul":  # a permutation matrix built from the data
+                perm = F.one_hot(order, x.shape[0]).to(x.dtype)
+                h = perm.T @ self.a(perm @ x)
+            elif routing == "transposed_index":
+                h = self.a(x.T[:, order].T)[order.argsort()]
+            elif routing == "scatter_fresh":  # rows written to other samples' places
+                s = torch.zeros_like(x)
+                s[order.argsort()] = x
+                h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+                h[order] = self.a(s)
             else:  # an index built from arange, permuted by data
                 idx = torch.arange(x.shape[0])[order]
                 h = self.a(x[idx])[order.argsort()]
@@ -710,11 +725,13 @@ def test_rows_selected_by_data_take_vmap_from_the_probes(routing):
 
 
 def test_row_count_check_backs_up_the_probes(monkeypatch):
-    # With the probes' row tracking off, the capture pass's row count still moves the
-    # experts to vmap (13 token rows for 10 samples)
-    from natgrad.engine import capture_ops
+    # With the probes' row tracking and the two-sample row check off, the capture pass's
+    # row count still moves the experts to vmap (13 token rows for 10 samples)
+    from natgrad.engine import capture, capture_ops
 
     monkeypatch.setattr(capture_ops.ProbeMode, "_selects_rows", lambda *a: False)
+    two = capture._two_samples
+    monkeypatch.setattr(capture, "_two_samples", lambda plan, b, mods: (two(plan, b, [])[0], set()))
     torch.manual_seed(1)
     model = RoutedMoE().double()
     x, y = torch.randn(10, 3, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
@@ -779,3 +796,29 @@ def test_engine_fast_names_the_input_signature_when_a_later_batch_fits_nothing()
     data = [{"x": x, "context": [], "labels": y}, {"x": x, "context": [c], "labels": y}]
     with pytest.raises(ValueError, match=r"batch 2 has another input signature"):
         estimate_fisher(model, data, engine="fast")
+
+
+def test_the_two_sample_check_alone_finds_reordered_rows(monkeypatch):
+    # with the probes' operation tracking off, forwards of two distinct samples alone and
+    # together, in both orders, still show a layer whose rows are another sample's
+    from natgrad import per_sample_grads
+    from natgrad.engine import capture_ops
+
+    monkeypatch.setattr(capture_ops.ProbeMode, "_selects_rows", lambda *a: False)
+
+    class Sorted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            order = x[:, 0].argsort()
+            return self.b(torch.tanh(self.a(x[order])[order.argsort()]))
+
+    torch.manual_seed(0)
+    model = Sorted().double()
+    x, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    assert "a.weight" not in split_of(model, (x, y)).fast_names
+    assert "b.weight" in split_of(model, (x, y)).fast_names
+    assert_close_dict(per_sample_grads(model, (x, y)), loop_grads(model, ce_sum, x, y),
+                      rtol=1e-10, atol=1e-12)

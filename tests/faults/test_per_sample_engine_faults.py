@@ -104,9 +104,9 @@ def test_laplace_capture_of_index_routed_experts(monkeypatch):
     # a per-token mixture of experts: expert 0 runs on 13 token rows of 10 samples (the
     # capture path read them as samples: an obscure reshape error before). The probes see
     # the rows picked by data and send the experts to vmap; the capture pass's row count
-    # backs them up (probes' tracking off below); engine='fast', with nothing left on the
-    # capture path, names the fix.
-    from natgrad.engine import capture_ops
+    # backs them up (the probes' checks off below: the predictive is retried on vmap);
+    # engine='fast', with nothing left on the capture path, names the fix.
+    from natgrad.engine import capture, capture_ops
 
     torch.manual_seed(1)
     m = RoutedMoE().double()
@@ -119,6 +119,8 @@ def test_laplace_capture_of_index_routed_experts(monkeypatch):
     got = natgrad.fisher_uncertainty(m, x, d, prior_precision=1.0)
     torch.testing.assert_close(got.logit_variance, want.logit_variance, rtol=1e-10, atol=1e-12)
     monkeypatch.setattr(capture_ops.ProbeMode, "_selects_rows", lambda *a: False)
+    two = capture._two_samples  # and the two-sample row check: the pass's row count alone
+    monkeypatch.setattr(capture, "_two_samples", lambda plan, b, mods: (two(plan, b, [])[0], set()))
     fresh = RoutedMoE().double()
     fresh.load_state_dict(m.state_dict())
     got = natgrad.fisher_uncertainty(fresh, x, d, prior_precision=1.0)  # retried on vmap
