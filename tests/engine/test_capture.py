@@ -644,6 +644,68 @@ def test_engine_fast_sends_index_routed_layers_to_vmap():
         estimate_fisher(model, (tokens, y), engine="fast")
 
 
+class Routed(nn.Module):
+    """Linear a run on the batch's rows reordered (or routed) by data, put back, then b."""
+
+    def __init__(self, routing):
+        super().__init__()
+        self.routing = routing
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        order = x[:, 0].argsort()
+        if self.routing == "getitem":
+            h = self.a(x[order])[order.argsort()]
+        elif self.routing == "index_select":
+            h = self.a(x.index_select(0, order)).index_select(0, order.argsort())
+        elif self.routing == "take_along_dim":
+            h = self.a(torch.take_along_dim(x, order[:, None], 0))
+            h = torch.take_along_dim(h, order.argsort()[:, None], 0)
+        elif self.routing == "sorted":
+            h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+            h[order] = self.a(x[order])
+        elif self.routing == "none_index":  # older HF mixture-of-experts code
+            h = self.a(x[None, order][0])[order.argsort()]
+        elif self.routing == "tolist":
+            h = self.a(x[order.tolist()])[order.argsort()]
+        elif self.routing == "keywords":
+            s = torch.index_select(input=x, dim=0, index=order)
+            h = torch.gather(input=self.a(s), dim=0,
+                             index=order.argsort()[:, None].expand(-1, 4))
+        elif self.routing == "setitem_slice":
+            buf = torch.empty_like(x)
+            buf[:] = x[order]
+            h = self.a(buf)[order.argsort()]
+        elif self.routing == "stack_unbind":
+            rows = x.unbind(0)
+            h = self.a(torch.stack([rows[i] for i in order.tolist()]))
+            h = h[order.argsort()]
+        elif self.routing == "embedding":  # the batch as the table
+            h = self.a(F.embedding(order, x))[order.argsort()]
+        elif self.routing == "flip":  # reversed rows, put back after the layer
+            h = self.a(x.flip(0)).flip(0)
+        elif self.routing == "roll":
+            h = torch.roll(self.a(torch.roll(x, 1, 0)), -1, 0)
+        elif self.routing == "cat_slices":  # a roll spelled with slices
+            k = int(order[0])
+            h = self.a(torch.cat([x[k:], x[:k]]))
+            h = torch.cat([h[x.shape[0] - k:], h[:x.shape[0] - k]])
+        elif self.routing == "onehot_matmul":  # a permutation matrix built from the data
+            perm = F.one_hot(order, x.shape[0]).to(x.dtype)
+            h = perm.T @ self.a(perm @ x)
+        elif self.routing == "transposed_index":
+            h = self.a(x.T[:, order].T)[order.argsort()]
+        elif self.routing == "scatter_fresh":  # rows written to other samples' places
+            s = torch.zeros_like(x)
+            s[order.argsort()] = x
+            h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+            h[order] = self.a(s)
+        else:  # an index built from arange, permuted by data
+            idx = torch.arange(x.shape[0])[order]
+            h = self.a(x[idx])[order.argsort()]
+        return self.b(torch.tanh(h))
+
+
 @pytest.mark.parametrize("routing", [
     "getitem", "index_select", "take_along_dim", "sorted", "none_index", "tolist",
     "keywords", "setitem_slice", "stack_unbind", "embedding", "arange_perm", "flip", "roll",
@@ -656,66 +718,8 @@ def test_rows_selected_by_data_take_vmap_from_the_probes(routing):
     # off by 1.2; an expert that got exactly N rows was off by 0.03 of 0.55)
     from natgrad import per_sample_grads
 
-    class Routed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
-
-        def forward(self, x):
-            order = x[:, 0].argsort()
-            if routing == "getitem":
-                h = self.a(x[order])[order.argsort()]
-            elif routing == "index_select":
-                h = self.a(x.index_select(0, order)).index_select(0, order.argsort())
-            elif routing == "take_along_dim":
-                h = self.a(torch.take_along_dim(x, order[:, None], 0))
-                h = torch.take_along_dim(h, order.argsort()[:, None], 0)
-            elif routing == "sorted":
-                h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
-                h[order] = self.a(x[order])
-            elif routing == "none_index":  # older HF mixture-of-experts code
-                h = self.a(x[None, order][0])[order.argsort()]
-            elif routing == "tolist":
-                h = self.a(x[order.tolist()])[order.argsort()]
-            elif routing == "keywords":
-                s = torch.index_select(input=x, dim=0, index=order)
-                h = torch.gather(input=self.a(s), dim=0,
-                                 index=order.argsort()[:, None].expand(-1, 4))
-            elif routing == "setitem_slice":
-                buf = torch.empty_like(x)
-                buf[:] = x[order]
-                h = self.a(buf)[order.argsort()]
-            elif routing == "stack_unbind":
-                rows = x.unbind(0)
-                h = self.a(torch.stack([rows[i] for i in order.tolist()]))
-                h = h[order.argsort()]
-            elif routing == "embedding":  # the batch as the table
-                h = self.a(F.embedding(order, x))[order.argsort()]
-            elif routing == "flip":  # reversed rows, put back after the layer
-                h = self.a(x.flip(0)).flip(0)
-            elif routing == "roll":
-                h = torch.roll(self.a(torch.roll(x, 1, 0)), -1, 0)
-            elif routing == "cat_slices":  # a roll spelled with slices
-                k = int(order[0])
-                h = self.a(torch.cat([x[k:], x[:k]]))
-                h = torch.cat([h[x.shape[0] - k:], h[:x.shape[0] - k]])
-            elif routing == "onehot_matmul":  # a permutation matrix built from the data
-                perm = F.one_hot(order, x.shape[0]).to(x.dtype)
-                h = perm.T @ self.a(perm @ x)
-            elif routing == "transposed_index":
-                h = self.a(x.T[:, order].T)[order.argsort()]
-            elif routing == "scatter_fresh":  # rows written to other samples' places
-                s = torch.zeros_like(x)
-                s[order.argsort()] = x
-                h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
-                h[order] = self.a(s)
-            else:  # an index built from arange, permuted by data
-                idx = torch.arange(x.shape[0])[order]
-                h = self.a(x[idx])[order.argsort()]
-            return self.b(torch.tanh(h))
-
     torch.manual_seed(0)
-    model = Routed().double()
+    model = Routed(routing).double()
     x, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
     got = per_sample_grads(model, (x, y))
     ref = loop_grads(model, ce_sum, x, y)
@@ -806,17 +810,8 @@ def test_the_two_sample_check_alone_finds_reordered_rows(monkeypatch):
 
     monkeypatch.setattr(capture_ops.ProbeMode, "_selects_rows", lambda *a: False)
 
-    class Sorted(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
-
-        def forward(self, x):
-            order = x[:, 0].argsort()
-            return self.b(torch.tanh(self.a(x[order])[order.argsort()]))
-
     torch.manual_seed(0)
-    model = Sorted().double()
+    model = Routed("getitem").double()
     x, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
     assert "a.weight" not in split_of(model, (x, y)).fast_names
     assert "b.weight" in split_of(model, (x, y)).fast_names

@@ -218,9 +218,11 @@ def test_a_frozen_parameter_with_a_stale_grad_does_not_warn():
     _step_without_warnings(pre, model, x, y)
 
 
-def test_data_parallel_replicas_are_refused_by_the_backward_source():
+@pytest.mark.parametrize("grad", [True, False])
+def test_data_parallel_replicas_are_refused_by_the_backward_source(grad):
     # nn.DataParallel runs replicas of the layers (flagged _is_replica) in threads; their
-    # records were skipped, and the refresh said nothing was recorded
+    # records were skipped, and the refresh said nothing was recorded. A pass without
+    # grad (evaluation) records nothing, so it is not refused.
     import copy
 
     model = _mlp()
@@ -229,6 +231,10 @@ def test_data_parallel_replicas_are_refused_by_the_backward_source():
     for m in replica.modules():
         m._is_replica = True
     x, _ = _batch()
+    if not grad:
+        with torch.no_grad():
+            replica(x)
+        return
     with pytest.raises(RuntimeError, match=r"nn\.DataParallel.*DistributedDataParallel"):
         replica(x)
 
@@ -242,17 +248,3 @@ def test_a_layer_added_after_construction_warns_once():
     F.cross_entropy(model.extra(model(x)), y).backward()
     with pytest.warns(UserWarning, match=r"'extra.weight', 'extra.bias'.*not preconditioned"):
         pre.step((x, y), lr=0.1)
-
-
-def test_data_parallel_replicas_may_run_without_grad():
-    # an evaluation pass through replicas records nothing, so it is not refused
-    import copy
-
-    model = _mlp()
-    natgrad.FisherPreconditioner(model, kind="kfac", source="backward", update_every=1)
-    replica = copy.deepcopy(model)
-    for m in replica.modules():
-        m._is_replica = True
-    x, _ = _batch()
-    with torch.no_grad():
-        replica(x)
