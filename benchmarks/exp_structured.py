@@ -576,33 +576,15 @@ def run(args) -> str:
                     models, secs, rep, work, groups = prune_fits(
                         model, fisher_data, keep, crit, seed, calibration, damping, fits,
                     )
-                accs = {f: ev(m) for f, m in models.items()}
-                for f, a in accs.items():
-                    acc.setdefault((name, keep, crit, f), []).append(a)
-                info.setdefault((name, keep, crit), []).append((rep.flops_kept, secs))
-                print(
-                    f"  seed {seed} {keep:.0%} {crit:11s} "
-                    + " ".join(f"{f} {a:.3f}" for f, a in accs.items())
-                    + f" flops kept {rep.flops_kept:.3f} kept "
-                    f"{[k for k, _ in rep.kept.values()]} {rep.seconds:.1f}s", flush=True,
-                )
+                where = (name, keep, seed)
+                _record(acc, info, ev, where, crit, models, rep, secs, f"{rep.seconds:.1f}s")
                 if args.rounds > 1:
-                    label = f"{crit}, {args.rounds} rounds"
                     g_models, g_secs, g_rep = gradual_fits(
                         model, fisher_data, keep, crit, seed, args.rounds, calibration,
                         damping, fits,
                     )
-                    g_accs = {f: ev(m) for f, m in g_models.items()}
-                    for f, a in g_accs.items():
-                        acc.setdefault((name, keep, label, f), []).append(a)
-                    info.setdefault((name, keep, label), []).append((g_rep.flops_kept, g_secs))
-                    print(
-                        f"  seed {seed} {keep:.0%} {label:11s} "
-                        + " ".join(f"{f} {a:.3f}" for f, a in g_accs.items())
-                        + f" flops kept {g_rep.flops_kept:.3f} kept "
-                        f"{[k for k, _ in g_rep.kept.values()]} "
-                        + " ".join(f"{f} {t:.1f}s" for f, t in g_secs.items()), flush=True,
-                    )
+                    _record(acc, info, ev, where, f"{crit}, {args.rounds} rounds", g_models,
+                            g_rep, g_secs, " ".join(f"{f} {t:.1f}s" for f, t in g_secs.items()))
                     if not args.quick:  # slow: keep what is done
                         write_fragment(args.name, table(args, dense, acc, info, lat, notes))
                 if seed == 0 and keep == 0.5 and crit == LATENCY_CRITERION[name] and args.latency:
@@ -671,6 +653,22 @@ TITLES = {
     "wide": "MNIST-1D encoder, wide",
     "minilm": "all-MiniLM-L6-v2 docstrings",
 }
+
+
+def _record(acc, info, ev, where, label, fitted, rep, secs, timing):
+    """Evaluate one criterion's fits (``where`` = workload, budget, seed), keep their
+    accuracies in ``acc`` and FLOPs/seconds in ``info``, and print them."""
+    name, keep, seed = where
+    accs = {f: ev(m) for f, m in fitted.items()}
+    for f, a in accs.items():
+        acc.setdefault((name, keep, label, f), []).append(a)
+    info.setdefault((name, keep, label), []).append((rep.flops_kept, secs))
+    print(
+        f"  seed {seed} {keep:.0%} {label:11s} "
+        + " ".join(f"{f} {a:.3f}" for f, a in accs.items())
+        + f" flops kept {rep.flops_kept:.3f} kept "
+        f"{[k for k, _ in rep.kept.values()]} {timing}", flush=True,
+    )
 
 
 def _drop(dense_accs, accs):
