@@ -65,7 +65,7 @@ from natgrad.engine.capture import (
     cached_split,
     check_captured,
     drop_modules,
-    split_key,
+    input_signature,
 )
 from natgrad.engine.capture_ops import zero_perturbation
 from natgrad.engine.checks import (
@@ -872,9 +872,10 @@ class _Posterior:
         self.work = self.dtype  # the capture path's dtype
         self.rest: dict[str, nn.Parameter] = {}
         self.inv: dict[str, torch.Tensor] | Reducer | None = None
-        # the capture plan and the input signature (split_key) the terms were set up for
+        # the capture plan and the input signature the terms were set up for (within one
+        # predictive only the inputs can change, as in a Fisher pass)
         self.plan: Plan | None = None
-        self.key: Any = None
+        self.sig: Any = None
         self.routed: set[str] = set()  # modules found running on routed rows: on vmap
 
     def _setup(self, b: Batch) -> None:
@@ -892,7 +893,7 @@ class _Posterior:
             plan = Plan(self.model, self.lik, "exact", 1, list(self.chosen), self.output_fn,
                         None, what="the Laplace predictive")  # fmt: skip
             fast = set(cached_split(plan, b).module_names) - self.routed
-            self.plan, self.key = plan, split_key(plan, b)
+            self.plan, self.sig = plan, input_signature(b)
             if isinstance(self.fisher, LowRankFisher):
                 terms, covered, self.lowrank_w = _lowrank_terms(
                     self.model, self.fisher, self.chosen, fast, self.n, self.deltas, self.device
@@ -924,7 +925,7 @@ class _Posterior:
         A captured layer found running on rows that are not the batch's samples (index
         routing, :class:`natgrad.engine.capture.RowsNotSamples`) is moved to ``vmap``
         (for later calls too, through the remembered split) and the batch is redone."""
-        if self.terms is None or (self.plan is not None and split_key(self.plan, b) != self.key):
+        if self.terms is None or (self.plan is not None and input_signature(b) != self.sig):
             # the first batch, or one with another input signature (a list of another
             # length may use a captured weight outside its layer): its own split
             self._setup(b)
