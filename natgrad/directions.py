@@ -267,18 +267,21 @@ def _lanczos(
     k = _check_k(k, R, P)
     model_fn = plan.output_fn
 
-    composite = [False]  # set once a jvp met a kernel without a forward-mode rule
+    composite = False  # set once a jvp met a kernel without a forward-mode rule
 
     def _jvp(f: Any, p: dict[str, torch.Tensor], v: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``J v`` (the tangent of ``f`` at ``p`` along ``v``)."""
-        if not composite[0]:
+        """``J v`` (the tangent of ``f`` at ``p`` along ``v``); on a fused kernel without a
+        forward-mode rule (torch raises NotImplementedError naming "forward AD"), again
+        through the composite kernels, for the rest of the call."""
+        nonlocal composite
+        if not composite:
             try:
                 tangent: torch.Tensor = jvp(f, (p,), (v,))[1]  # (output, tangent)
                 return tangent
             except NotImplementedError as exc:
                 if "forward AD" not in str(exc):
                     raise
-                composite[0] = True
+                composite = True
         with _forward_ad_kernels():
             tangent = jvp(f, (p,), (v,))[1]
         return tangent
