@@ -293,11 +293,8 @@ class ProbeMode(_Tracker):
         """Whether ``idx`` (of a ``__getitem__``/``__setitem__``) picks along the first
         axis by data: a tensor (not a ``torch.arange``), list or array there, after any
         leading ``None``."""
-        if isinstance(idx, tuple):
-            rest = [e for e in idx]
-            while rest and rest[0] is None:
-                rest.pop(0)
-            idx = rest[0] if rest else None
+        if isinstance(idx, tuple):  # the entry for the first axis, after leading None
+            idx = next((e for e in idx if e is not None), None)
         if isinstance(idx, torch.Tensor):
             return idx not in self.structural
         return isinstance(idx, list) or type(idx).__name__ == "ndarray"
