@@ -561,7 +561,7 @@ def _lowrank_solve(
     dev = curvs[0].rows.device
     used = [
         (math.sqrt(wm / c.n_samples), c.rows, torch.cat(
-            [d[k].reshape(-1).to(device=dev, dtype=torch.float64) for k in order]))
+            [d[k].reshape(-1).to(dev) for k in order]))  # float64 a block at a time
         for wm, c, d in zip(w, curvs, diffs, strict=True)
         if wm > 0 and c.n_samples > 0 and c.rows.shape[0] > 0
     ]  # fmt: skip
@@ -581,7 +581,7 @@ def _lowrank_solve(
             Zb = torch.cat([s * rows[:, cols].double() for s, rows, _ in used])
             K += Zb @ Zb.T
             for span, (_, _, d) in zip(spans, used, strict=True):
-                c[span] += Zb[span] @ d[cols]
+                c[span] += Zb[span] @ d[cols].double()
         lam, Q = torch.linalg.eigh(0.5 * (K + K.T))
         keep = lam > R * torch.finfo(torch.float64).eps * max(float(lam.max()), 0.0)
         y = Q[:, keep] @ ((Q[:, keep].T @ c) / (lam[keep] + floor))
