@@ -30,11 +30,17 @@ multiplied by a constant before ``backward`` is divided back by
 :attr:`BackwardCapture.loss_scale`; with a ``torch.amp.GradScaler`` that scale is read from
 the scaler at each recorded forward (:attr:`BackwardCapture.scale_source`).
 
-Only the hooked model's own modules are recorded: a ``copy.deepcopy`` of the model made
-while the hooks are on carries them, but its passes are ignored. A layer the model shares
-with another model is recorded in that model's passes too (its rows would count as this
-model's samples): run the other model outside the recorded steps, or use
-``source="batch"``. ``nn.DataParallel`` (threads running copies of the layers) is refused;
+What counts as one forward (one set of samples). A call of the model itself
+(``model(x)``) is one forward, and while any such call was recorded since the last refresh
+only the layer calls made inside it (or while a backward recomputes checkpointed layers)
+are kept: a layer the model shares with another model, run by that model, is left out with
+a one-time warning (its rows are not this model's samples). When the model itself is never
+called, as when a training step calls its parts (``model.net(x)``, or
+``model.head(model.body(x))``: a LightningModule's ``training_step`` often does), the layer
+calls between two backwards form one forward, so micro-batches under gradient accumulation
+stay separate samples. Only the hooked model's own modules are recorded: a
+``copy.deepcopy`` of the model made while the hooks are on carries them, but its passes
+are ignored. ``nn.DataParallel`` (threads running copies of the layers) is refused;
 use ``DistributedDataParallel``. Every forward's rows
 count as samples: a loss that couples several forwards per sample (a
 siamese or contrastive loss on ``model(x1)`` and ``model(x2)``) has no per-sample
@@ -65,7 +71,7 @@ from natgrad.curvature.kfac import (
     per_sample_blocks,
 )
 from natgrad.engine.checks import check_choice
-from natgrad.engine.common import global_forward_hooks, in_internal_pass, to_acc
+from natgrad.engine.common import global_forward_hooks, in_backward, in_internal_pass, to_acc
 
 __all__ = ["BackwardCapture", "LOSS_REDUCTIONS", "per_sample_gradients"]
 
@@ -114,8 +120,11 @@ class BackwardCapture:
         self.order = list(params)
         self._model = model
         self._pass = 0
-        # {layer: [[pass id, input, output grad or None], ...]}
+        # {layer: [[pass id, input, output grad or None, made inside a model call], ...]}
         self._records: dict[str, list[list[Any]]] = {k: [] for k in self.layers}
+        self._depth = 0  # calls of the model itself now running
+        self._backward_since_pass = False  # a recorded output gradient arrived since
+        self._warned_outside = False  # the shared-layer warning was given
         self._batch_sizes: dict[int, int | None] = {}
         self._handles: list[Any] = []
         self._removed = False
@@ -143,8 +152,11 @@ class BackwardCapture:
     @armed.setter
     def armed(self, value: bool) -> None:
         if value and not self._handles and not self._removed:
-            self._handles = [self._model.register_forward_pre_hook(
-                self._new_pass, with_kwargs=True, prepend=True)]
+            self._handles = [
+                self._model.register_forward_pre_hook(
+                    self._new_pass, with_kwargs=True, prepend=True),
+                self._model.register_forward_hook(self._end_pass, always_call=True),
+            ]
             self._handles += [
                 lay.module.register_forward_hook(self._layer_hooks[k], prepend=True)
                 for k, lay in self.layers.items()
@@ -154,10 +166,17 @@ class BackwardCapture:
                 h.remove()
             self._handles = []
 
+    def _end_pass(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module is self._model and self._depth > 0:
+            self._depth -= 1
+
     def _new_pass(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if in_internal_pass():  # natgrad's own pass (a Fisher, a probe): not the user's
             return
         if module is not self._model:  # a deep copy of the model carries the hooks
+            return
+        self._depth += 1
+        if self._depth > 1:  # the model calling itself: the same forward
             return
         if self.scale_source is not None:
             scale = float(self.scale_source())
@@ -179,6 +198,7 @@ class BackwardCapture:
                 stacklevel=2,
             )
         self._pass += 1
+        self._backward_since_pass = False
         # the model's batch size: of its first tensor input (None: unknown)
         first = next((a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)), None)
         self._batch_sizes[self._pass] = (
@@ -203,11 +223,19 @@ class BackwardCapture:
                 return
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
-            rec = [self._pass, args[0].detach(), None]
+            inside = self._depth > 0
+            if not inside and in_backward():  # a checkpointed layer recomputed: its pass's
+                inside = self._pass in self._batch_sizes  # (started by a model call or not)
+            elif not inside and self._backward_since_pass:
+                # the model's parts called without the model: a backward ends a forward
+                self._pass += 1
+                self._backward_since_pass = False
+            rec = [self._pass, args[0].detach(), None, inside]
             self._records[name].append(rec)
 
             def grad_hook(g: torch.Tensor) -> None:
                 rec[2] = g.detach()
+                self._backward_since_pass = True
 
             output.register_hook(grad_hook)  # type: ignore[no-untyped-call]  # torch: unannotated
 
@@ -257,11 +285,24 @@ class BackwardCapture:
             self.clear()
 
     def _build(self) -> Captured:
+        done = [(name, r) for name, recs in self._records.items() for r in recs if r[2] is not None]
+        if any(r[3] for _, r in done) and not all(r[3] for _, r in done):
+            # the model was called, so calls made outside it are another model's
+            outside = sorted({name for name, r in done if not r[3]})
+            done = [(name, r) for name, r in done if r[3]]
+            if not self._warned_outside:
+                self._warned_outside = True
+                warnings.warn(
+                    f"source='backward': layers {outside[:8]} also ran outside the model's "
+                    "own forward (shared with another model?); only their calls inside the "
+                    "model's forward are recorded. If those calls were the model's own "
+                    "samples, call the model itself (model(x)) for them.",
+                    UserWarning,
+                    stacklevel=4,
+                )
         per_pass: dict[int, dict[str, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
-        for name, recs in self._records.items():
-            for pid, x, g in recs:
-                if g is not None:
-                    per_pass.setdefault(pid, {}).setdefault(name, []).append((x, g))
+        for name, (pid, x, g, _) in done:
+            per_pass.setdefault(pid, {}).setdefault(name, []).append((x, g))
         if not per_pass:
             raise ValueError(
                 "source='backward' found no recorded forward and backward for this refresh: "

@@ -91,6 +91,14 @@ def in_internal_pass() -> bool:
     return _INTERNAL.get()
 
 
+def in_backward() -> bool:
+    """Whether autograd is running a backward now (e.g. recomputing a checkpointed segment
+    inside it); torch exposes this only through the private ``_current_graph_task_id``,
+    so without it the answer is False."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and int(task_id()) != -1
+
+
 def global_forward_hooks() -> dict[int, Any]:
     """The forward hooks registered for every module
     (``torch.nn.modules.module.register_module_forward_hook``), by handle id. They run

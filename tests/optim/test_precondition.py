@@ -1629,3 +1629,85 @@ def test_a_loaded_curvature_read_before_a_step_is_on_the_parameters():
     pre64 = FisherPreconditioner(copy.deepcopy(model).double(), kind="kfac", kl_clip=None)
     pre64.load_state_dict(pre.state_dict())
     assert {t.dtype for t in pre64.curvature.diagonal().values()} == {torch.float64}
+
+
+class _Parts(nn.Module):
+    """A model whose training step may call its parts (``body``, ``head``) directly; the
+    head can be checkpointed (``ckpt``: ``use_reentrant``)."""
+
+    def __init__(self, ckpt=None):
+        super().__init__()
+        self.l1, self.l2, self.ckpt = nn.Linear(5, 6), nn.Linear(6, 3), ckpt
+
+    def body(self, x):
+        return torch.tanh(self.l1(x))
+
+    def head(self, h):
+        if self.ckpt is None:
+            return self.l2(h)
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.l2, h, use_reentrant=self.ckpt)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _parts_factors(model, x, y):
+    """Brute-force K-FAC factors of ``_Parts`` (empirical labels, one autograd call per
+    sample): A = (1/N) Σ ã ãᵀ, G = (1/N) Σ b bᵀ with b_n = ∂l_n/∂s_n."""
+    n, one = x.shape[0], torch.ones(x.shape[0], 1, dtype=x.dtype)
+    bs = {"l1": [], "l2": []}
+    hs = []
+    for i in range(n):
+        s1 = model.l1(x[i : i + 1])
+        h = torch.tanh(s1)
+        s2 = model.l2(h)
+        g1, g2 = torch.autograd.grad(F.cross_entropy(s2, y[i : i + 1], reduction="sum"), [s1, s2])
+        bs["l1"].append(g1)
+        bs["l2"].append(g2)
+        hs.append(h.detach())
+    a = {"l1": torch.cat([x, one], 1), "l2": torch.cat([torch.cat(hs), one], 1)}
+    out = {}
+    for k in ("l1", "l2"):
+        b = torch.cat(bs[k])
+        out[k] = (a[k].T @ a[k] / n, b.T @ b / n)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("how", "ckpt"),
+    [("model", None), ("parts", None), ("parts", False), ("parts", True), ("model", True),
+     ("shared", None), ("shared", False)],
+)  # fmt: skip
+def test_backward_forwards_are_told_apart_without_a_model_call_and_shared_layers_left_out(
+    how, ckpt
+):
+    """Gradient accumulation over two micro-batches of 4 gives the K-FAC factors of the
+    8-sample batch (brute-force per-sample reference) however the step reaches the layers:
+    ``model(x)``; the model's parts called directly (``model.head(model.body(x))``, as a
+    LightningModule's training_step does), where the two micro-batches were pooled as
+    positions of 4 samples (factors 0.16 off); with the head checkpointed (reentrant or
+    not); and with layer ``l1`` shared with another model that trains in the same step,
+    whose rows were counted as this model's (0.07 off; now left out with a warning)."""
+    torch.manual_seed(3)
+    model = _Parts(ckpt).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    ref = _parts_factors(model, x, y)
+    other = nn.Sequential(model.l1, nn.Tanh(), nn.Linear(6, 2)).double()
+    pre = FisherPreconditioner(model, kind="kfac", source="backward", update_every=1,
+                               kl_clip=None)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for xs, ys in zip(x.split(4), y.split(4), strict=True):
+            out = model.head(model.body(xs)) if how == "parts" else model(xs)
+            if how == "shared":
+                other(torch.randn(4, 5, dtype=torch.float64)).square().mean().backward()
+            (F.cross_entropy(out, ys) / 2).backward()
+        pre.step()
+    shared = [w for w in seen if "outside the model's own forward" in str(w.message)]
+    assert len(shared) == (1 if how == "shared" else 0)
+    for k, (A, G) in ref.items():
+        blk = pre.curvature.blocks[k]
+        torch.testing.assert_close(blk.A[0], A)
+        torch.testing.assert_close(blk.G[0], G)
