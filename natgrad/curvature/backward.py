@@ -152,6 +152,7 @@ class BackwardCapture:
     @armed.setter
     def armed(self, value: bool) -> None:
         if value and not self._handles and not self._removed:
+            self._depth = 0  # no model call can be running across an arming
             self._handles = [
                 self._model.register_forward_pre_hook(
                     self._new_pass, with_kwargs=True, prepend=True),
