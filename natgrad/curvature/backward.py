@@ -23,7 +23,8 @@ mean loss divided by the number of micro-batches (equal sizes), which is what Li
 back-propagates, and the Hugging Face Trainer when ``trainer.model_accepts_loss_kwargs`` is
 False (for a model whose ``forward`` takes ``**kwargs`` it is True and the Trainer leaves
 the micro-batch means undivided; see docs/integrations.md); likewise one backward through
-``(loss(x1) + loss(x2)) / 2``. A loop that adds the micro-batches' mean losses without
+``(loss(x1) + loss(x2)) / 2``. With micro-batches of unequal sizes the two readings differ
+(the mean over all samples is what is used): a warning says so once. A loop that adds the micro-batches' mean losses without
 dividing by their number ``k`` back-propagates ``k`` times that mean, and its curvature
 comes out ``k²`` times too large: divide the loss by ``k``, as the trainers do. A loss
 multiplied by a constant before ``backward`` is divided back by
@@ -125,6 +126,7 @@ class BackwardCapture:
         self._depth = 0  # calls of the model itself now running
         self._backward_since_pass = False  # a recorded output gradient arrived since
         self._warned_outside = False  # the shared-layer warning was given
+        self._warned_sizes = False  # the unequal-micro-batch warning was given
         self._batch_sizes: dict[int, int | None] = {}
         self._handles: list[Any] = []
         self._removed = False
@@ -313,6 +315,7 @@ class BackwardCapture:
         inputs: dict[str, list[torch.Tensor]] = {k: [] for k in self.layers}
         grads: dict[str, list[torch.Tensor]] = {k: [] for k in self.layers}
         n_total = 0
+        sizes_seen: list[int] = []
         pcache: dict[Any, torch.Tensor] = {}  # layers reading one input share its patches
         for pid in sorted(per_pass):
             calls = per_pass[pid]
@@ -340,6 +343,20 @@ class BackwardCapture:
                 inputs[k].append(a)
                 grads[k].append(bs[0] if len(bs) == 1 else torch.cat(bs, 1))
             n_total += n
+            sizes_seen.append(n)
+        if self.loss_reduction == "mean" and len(set(sizes_seen)) > 1 and not self._warned_sizes:
+            self._warned_sizes = True  # once per capture
+            warnings.warn(
+                f"source='backward' recorded forwards of unequal sizes {sizes_seen} for one "
+                "step and reads their loss as the mean over all their samples (each "
+                "micro-batch's summed loss divided by the total count). If each micro-batch's "
+                "mean loss was divided by the number of micro-batches instead (Lightning's "
+                "accumulate_grad_batches, a plain loop), its samples are scaled by "
+                "N/(k·n_i) and the curvature is off (e.g. 115% for sizes 6 and 2): use "
+                "drop_last=True on the training DataLoader, or equal micro-batches.",
+                UserWarning,
+                stacklevel=4,
+            )
         # the per-sample-loss gradients: L = (1/N) Σ_n l_n over every recorded sample
         scale = (float(n_total) if self.loss_reduction == "mean" else 1.0) / self.loss_scale
         out_in = {k: v[0] if len(v) == 1 else torch.cat(v, 0) for k, v in inputs.items() if v}
