@@ -65,6 +65,13 @@ command line before any accuracy is seen, the same for every criterion, fit, bud
 seed. The 50% budget runs first for every seed, and the fragment is rewritten after each
 gradual row (an interrupted run keeps what is done, with the seed count marked).
 
+Calibration set size (``--samples encoder=4000``; pre-registered in session 8 before
+the run, reported whatever it gives): the least-squares re-fits of the small encoder may
+be data-limited (on MiniLM the re-fit gained with the calibration set size), so the
+encoder is also pruned with the Fisher and the calibration on all 4000 training samples
+instead of the first 1000, the same for every criterion and fit, seeds 0-2 (the models of
+the earlier runs), one step, one run (fragment ``structured_encoder_calib``).
+
 Run: ``python -m benchmarks.exp_structured`` (``--quick``: smoke run, writes nothing;
 ``--only mlp,cnn``; ``--cache DIR`` reuses trained MNIST-1D models). Not part of CI.
 """
@@ -960,6 +967,9 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="also prune gradually in this many rounds (prune_structured(rounds=...)) "
                         "next to the one-step rows; 1 (default): one step only")
+    p.add_argument("--samples", default="",
+                   help="MNIST-1D Fisher and calibration samples per workload, e.g. "
+                        "'encoder=4000' (default: mlp/cnn 2000, encoder/wide 1000)")
     p.add_argument("--refit-study", action="store_true",
                    help="MiniLM: the re-fits against the calibration set size (fisher, 50%%)")
     args = p.parse_args(argv)
@@ -972,6 +982,12 @@ def main(argv=None) -> None:
     args.fisher_samples = {"mlp": 2000, "cnn": 2000, "encoder": 1000, "wide": 1000}
     if args.quick:
         args.fisher_samples = {k: 300 for k in args.fisher_samples}
+    for item in filter(None, args.samples.split(",")):
+        name, _, n = item.partition("=")
+        if name not in args.fisher_samples or not n.isdigit() or int(n) < 1:
+            p.error(f"--samples: expected WORKLOAD=N with WORKLOAD in "
+                    f"{sorted(args.fisher_samples)}, got {item!r}")
+        args.fisher_samples[name] = int(n)
     args.repeats = 20 if args.quick else 200
     args.keep = tuple(float(k) for k in args.keep.split(","))
     args.torch_pruning = not args.no_torch_pruning
