@@ -305,6 +305,36 @@ def test_natural_gradient_from_backward_equals_the_batch_source(tmp_path, kind):
     assert moved
 
 
+class NGPartsClassifier(NGClassifier):
+    """A training_step that calls the module's part (``self.net``), not the module."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "diag"])
+def test_natural_gradient_from_backward_with_accumulation_when_the_step_calls_a_part(
+    tmp_path, kind
+):
+    """accumulate_grad_batches=2 with a training_step calling ``self.net(x)``: the two
+    micro-batches are two forwards of 3 samples, the step the 6-sample batch source's
+    (they were pooled as positions of 3 samples, the curvature silently off)."""
+    module = NGPartsClassifier(kind)
+    x, y = _data(6)
+    ref = copy.deepcopy(module)
+    pre = natgrad.FisherPreconditioner(ref, kl_clip=None, kind=kind, damping=ref.damping,
+                                       source="batch")
+    F.cross_entropy(ref(x), y).backward()
+    pre.step((x, y))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= ref.lr * p.grad
+    _trainer(tmp_path, fast_dev_run=2, accumulate_grad_batches=2).fit(module, _loader(x, y, 3))
+    for (k, p), q in zip(module.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-6, msg=k)
+
+
 @pytest.mark.parametrize("kind", ["ekfac", "diag"])
 def test_natural_gradient_callback_with_batch_source(tmp_path, kind):
     """The callback's step equals a hand-run `loss.backward(); pre.step(batch); SGD` on a
