@@ -1059,13 +1059,14 @@ class KroneckerFisher(Curvature):
         decay = check_fraction("decay", decay, closed=True)
         same = self._check_same(other, "average")
         w = 1 - decay
+        ekfac = self.kind == "ekfac"
         for k, a in self.blocks.items():
             b = same.blocks[k]
-            old = replace(a, eig={})  # EKFAC: the previous s in its previous basis
+            old = replace(a, eig={}) if ekfac else a  # EKFAC: the previous s and basis
             a.A.lerp_(b.A.to(a.A.device, a.A.dtype), w)
             a.G.lerp_(b.G.to(a.G.device, a.G.dtype), w)
             a.eig.clear()
-            if self.kind == "ekfac":
+            if ekfac:
                 a.s = a.QA = a.QG = None
                 QA, _, QG, _ = a.bases()
                 a.s = (decay * _project(old, QA, QG)
