@@ -36,6 +36,7 @@ ORDER = [
     "structured_tp_encoders",
     "structured_tp_minilm",
     "structured_gradual",
+    "structured_encoder_calib",
     "merging",
     "merging_curvature_v2",
     "merging_curvature_cnn",
