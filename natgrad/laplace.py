@@ -563,7 +563,7 @@ def _fast_terms(
             continue
         blk = blocks.get(w) if w is not None else None
         if blk is not None:
-            if blk.groups != 1 or blk.transposed or blk.bias not in (None, b):
+            if blk.groups != 1 or blk.transposed or blk.bias not in (None, b) or blk.mask is not None:
                 continue
             rest_b = b if blk.bias is None and b in chosen else None
             if rest_b is not None and kinds.get(rest_b) != "diag":
@@ -1540,6 +1540,19 @@ def _resolve_params_curvature(
     model: nn.Module, curvature: Curvature, params: ParamSpec
 ) -> dict[str, nn.Parameter]:
     covered = check_curvature(curvature, model, "The curvature")
+    from natgrad.curvature.kronecker import KroneckerFisher
+
+    if isinstance(curvature, KroneckerFisher):
+        pruned = [n for b in curvature.blocks.values() if b.mask is not None for n in b.names]
+        if pruned:
+            raise ValueError(
+                f"The curvature holds masked Kronecker blocks of layers pruned by "
+                f"torch.nn.utils.prune ({pruned[:8]}): their posterior "
+                "(N·D_M F D_M + δI)⁻¹ has no Kronecker form, and the masked projection "
+                "solve() applies understates the kept weights' variance. Use kind='diag' or "
+                "'lowrank' on the pruned model, or natgrad.make_permanent(model) and "
+                "re-estimate (the pruned weights then count as free parameters)."
+            )
     named = dict(model.named_parameters())
     if params is None:
         return {k: named[k] for k in covered}

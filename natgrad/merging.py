@@ -605,7 +605,7 @@ def _kronecker_preconditioner(
         if not isinstance(c, KroneckerFisher):
             return None
         found = [b for b in c.blocks.values() if sorted(b.names) == sorted(group)]
-        if len(found) != 1:
+        if len(found) != 1 or found[0].mask is not None:  # pruned: no Kronecker preconditioner
             return None
         blocks.append(found[0])
     first = blocks[0]

@@ -108,7 +108,7 @@ class BackwardCapture:
         loss_reduction: LossReduction = "mean",
     ):
         self.loss_reduction = check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
-        layers, reasons = kfac_coverage(model, params)
+        layers, reasons = kfac_coverage(model, params, masked=True)
         if reasons:
             raise ValueError(
                 "source='backward' records only the inputs and output gradients of "
@@ -390,6 +390,10 @@ def per_sample_gradients(
         cap: the records (``BackwardCapture.take()``); only its first label column is used.
         max_floats: block-matrix floats formed at once (the work is chunked over samples).
 
+    A layer pruned by ``torch.nn.utils.prune`` (parameters ``weight_orig`` /
+    ``bias_orig``, computing with ``W_orig ⊙ M``) gets ``M ⊙ g_n``, the gradient of its
+    parameters (zero at the pruned entries).
+
     Returns:
         ``{parameter name: (N, *parameter shape)}`` for the weight and covered bias of every
         layer (zeros for a layer the forward never reached), in the accumulation dtype.
@@ -406,6 +410,9 @@ def per_sample_gradients(
             step = max(1, max_floats // max(g * dG * dA, 1))
             for i in range(0, cap.n, step):
                 V[i : i + step] = per_sample_blocks(lay, a[i : i + step], b[i : i + step])
+            mask = lay.mask_block(dt)
+            if mask is not None:
+                V *= mask
         Wn = V[..., :-1] if lay.bias is not None else V
         if lay.transposed:  # the block is Wᵀ: (N, 1, d_out, d_in) -> (N, d_in, d_out)
             out[lay.weight] = Wn[:, 0].transpose(1, 2).contiguous()

@@ -260,7 +260,9 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
         """The diagonal empirical Fisher ``F = (1/N) Σ_n g_n²`` from the user's own
         forward/backward: per covered layer the exact per-sample gradients
         ``g_n = Σ_t b_nt ã_ntᵀ`` of the recorded inputs and per-sample-loss output
-        gradients (see :mod:`natgrad.curvature.backward`), squared in chunks.
+        gradients (see :mod:`natgrad.curvature.backward`), squared in chunks. A layer
+        pruned by ``torch.nn.utils.prune`` gets ``M ⊙ F`` on ``weight_orig`` /
+        ``bias_orig`` (their per-sample gradients are ``M ⊙ g_n``).
 
         Raises:
             ValueError: nothing recorded (see ``BackwardCapture.take``).
@@ -280,6 +282,9 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
                 for i in range(0, cap.n, step):
                     M = per_sample_blocks(lay, a[i : i + step], b[i : i + step])
                     acc += (M * M).sum(0)
+            mask = lay.mask_block(acc.dtype)  # pruned: the gradient of W_orig is M ⊙ g_n
+            if mask is not None:
+                acc *= mask
             W, bias = split_weight_blocks(tuple(w.shape), lay.transposed, lay.bias is not None,
                                           acc / max(cap.n, 1))
             values[lay.weight] = W

@@ -39,6 +39,11 @@ original set of Linear and plain convolutions):
   full ``D x D`` output-gradient factor. ``max_norm``, ``scale_grad_by_freq`` and sparse
   embeddings are not covered.
 
+A layer pruned by ``torch.nn.utils.prune`` (``W = W_orig ⊙ M``, weight and/or bias) is
+covered where the caller asks (``masked=True``, see :func:`kfac_coverage`): it computes
+``s = (W_orig ⊙ M) a``, so ``A`` and ``G`` are defined as above, and the per-sample gradient
+of ``W_orig`` is ``M ⊙ (b ãᵀ)``.
+
 A weight used by several modules (a tied embedding and LM head) is never covered: the
 two uses' statistics cannot form one Kronecker product. Everything not covered is left
 to the diagonal Fisher, with the reason (see :func:`kfac_coverage`).
@@ -68,6 +73,7 @@ from typing import Any, Literal, cast, get_args
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 from natgrad.engine.batch import OutputFn
 from natgrad.engine.checks import check_choice, check_fixed_model
@@ -101,6 +107,7 @@ __all__ = [
     "kfac_factored_inverses",
     "layer_matrix",
     "split_layer_matrix",
+    "mask_reparam",
 ]
 
 
@@ -131,11 +138,37 @@ class KFACLayer:
     bias: str | None
     kind: str = "linear"
     groups: int = 1
+    #: the weight (``mask_w``) / covered bias (``mask_b``) is pruned by
+    #: ``torch.nn.utils.prune``: the parameter named ``weight`` is ``<m>.weight_orig``
+    #: and the layer computes with ``weight_orig ⊙ weight_mask`` (see :meth:`mask_block`)
+    mask_w: bool = False
+    mask_b: bool = False
 
     @property
     def module_weight(self) -> torch.Tensor:
-        """The module's weight tensor (every covered kind has a ``weight`` parameter)."""
+        """The module's (effective) weight tensor: every covered kind has a ``weight``
+        parameter, or, pruned, the tensor ``weight_orig * weight_mask`` of that shape."""
         return cast(torch.Tensor, self.module.weight)
+
+    def mask_block(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """The pruning mask as a block matrix ``M = [M_W, m_b]`` ``(groups, d_G, d_A)``.
+
+        Read from the module's ``weight_mask`` / ``bias_mask`` buffers now (ones where a
+        part is not pruned), in ``dtype`` (default: the accumulation dtype); None when
+        neither the weight nor the covered bias is pruned.
+        """
+        if not (self.mask_w or self.mask_b):
+            return None
+        w = self.module_weight
+        dt = dtype or to_acc(w.detach()).dtype
+        mw = cast(torch.Tensor, self.module.weight_mask) if self.mask_w else torch.ones_like(w)
+        mb = None
+        if self.bias is not None:
+            d_out = w.shape[1] if self.transposed else w.shape[0]
+            mb = (cast(torch.Tensor, self.module.bias_mask) if self.mask_b
+                  else torch.ones(d_out, device=w.device))
+            mb = mb.to(dt)
+        return weight_blocks(tuple(w.shape), self.transposed, self.groups, mw.to(dt), mb)
 
     @property
     def transposed(self) -> bool:
@@ -210,12 +243,43 @@ def _explicit_padding(m: nn.Conv1d | nn.Conv2d) -> list[int] | None:
 
 def _is_hf_conv1d(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
+    if not isinstance(w, nn.Parameter):  # pruned by torch.nn.utils.prune
+        w = m._parameters.get("weight_orig")
     return (
         type(m).__name__ == "Conv1D"
         and type(m).__module__.startswith("transformers")
         and isinstance(w, nn.Parameter)
         and tuple(w.shape) == (getattr(m, "nx", -1), getattr(m, "nf", -1))
     )
+
+
+def mask_reparam(m: nn.Module, attr: str) -> nn.Parameter | str | None:
+    """How ``torch.nn.utils.prune`` reparametrizes ``m.<attr>``.
+
+    Returns the parameter ``<attr>_orig`` when ``m`` holds it with a buffer ``<attr>_mask``
+    of its shape and a forward pre-hook of ``torch.nn.utils.prune`` that computes
+    ``<attr> = <attr>_orig * <attr>_mask`` (a pruning method or container whose
+    ``apply_mask`` and ``__call__`` are torch's own): the layer then computes with
+    ``W_orig ⊙ M``, a masked Kronecker form. Returns a reason (str) when ``<attr>_orig``
+    exists but the reparametrization is anything else (a pruning method that overrides
+    ``apply_mask``, no such hook, a mask of another shape), and None when ``m.<attr>`` is
+    not reparametrized at all.
+    """
+    orig = m._parameters.get(f"{attr}_orig")
+    if orig is None:
+        return None
+    mask = m._buffers.get(f"{attr}_mask")
+    hooks = [h for h in m._forward_pre_hooks.values()
+             if isinstance(h, prune.BasePruningMethod) and getattr(h, "_tensor_name", None) == attr]
+    if mask is None or tuple(mask.shape) != tuple(orig.shape) or len(hooks) != 1:
+        return (f"its {attr} is reparametrized through {attr}_orig without a "
+                f"torch.nn.utils.prune mask {attr}_mask of its shape")
+    h = type(hooks[0])
+    if (h.apply_mask is not prune.BasePruningMethod.apply_mask
+            or h.__call__ is not prune.BasePruningMethod.__call__):
+        return (f"its {attr} is computed by the custom pruning method {h.__name__} (not "
+                f"{attr}_orig * {attr}_mask), which has no Kronecker form")
+    return orig
 
 
 def layer_kind(m: nn.Module, extended: bool = True) -> tuple[str | None, str]:
@@ -248,7 +312,8 @@ def layer_kind(m: nn.Module, extended: bool = True) -> tuple[str | None, str]:
 
 
 def kfac_coverage(
-    model: nn.Module, selected: Mapping[str, nn.Parameter], *, extended: bool = True
+    model: nn.Module, selected: Mapping[str, nn.Parameter], *, extended: bool = True,
+    masked: bool = False,
 ) -> tuple[dict[str, KFACLayer], dict[str, str]]:
     """Split the selected parameters into K-FAC layers and the rest, with reasons.
 
@@ -256,11 +321,22 @@ def kfac_coverage(
     weight is selected and used by no other module; its bias joins it when selected and
     not shared. Everything else is returned with the reason it is not covered.
 
+    With ``masked=True`` a layer pruned by ``torch.nn.utils.prune`` (weight and/or bias
+    ``<a> = <a>_orig ⊙ <a>_mask``, see :func:`mask_reparam`) is covered too: its layer
+    parameters are ``weight_orig`` / ``bias_orig`` (as the model names them) and the
+    :class:`KFACLayer` carries ``mask_w`` / ``mask_b``. The layer still computes
+    ``s = (W_orig ⊙ M) a``, so its ``A`` and ``G`` are defined as for an unpruned layer;
+    the per-sample gradient of ``W_orig`` is ``M ⊙ (b ãᵀ)``. Only callers that apply
+    the mask (:class:`natgrad.KroneckerFisher`, :func:`kfac_factors`, the
+    preconditioner) ask for it. A reparametrization that is not such a mask is never
+    covered (its reason says so).
+
     Args:
         model: the model.
         selected: ``{name: parameter}`` as from :func:`natgrad.select_params`.
         extended: cover transformers' ``Conv1D``, ``nn.Embedding``, grouped convolutions
             and every padding mode too (False: Linear and plain convolutions only).
+        masked: cover layers pruned by ``torch.nn.utils.prune`` (see above).
 
     Returns:
         ``({module name: KFACLayer}, {other parameter name: reason})`` in model order.
@@ -278,6 +354,10 @@ def kfac_coverage(
                   if isinstance(m, nn.MultiheadAttention)}
     for mname, m in model.named_modules():
         w = getattr(m, "weight", None)
+        mask_w = mask_b = False
+        if masked and not isinstance(w, nn.Parameter):
+            rep = mask_reparam(m, "weight")
+            w, mask_w = (rep, True) if isinstance(rep, nn.Parameter) else (w, False)
         if not isinstance(w, nn.Parameter) or id(w) not in name_of:
             continue
         kind, why = layer_kind(m, extended)
@@ -294,13 +374,17 @@ def kfac_coverage(
             reasons[name_of[id(w)]] = why
             continue
         bias = getattr(m, "bias", None)
+        if masked and bias is not None and not isinstance(bias, nn.Parameter):
+            rep = mask_reparam(m, "bias")
+            bias, mask_b = (rep, True) if isinstance(rep, nn.Parameter) else (bias, False)
         bias = bias if isinstance(bias, nn.Parameter) else None
         bname = name_of.get(id(bias)) if bias is not None else None
         if bname is not None and len(users[id(bias)]) > 1:
             reasons[bname] = f"bias shared by {' and '.join(users[id(bias)])}"
             bname = None
         groups = m.groups if kind == "conv" else 1
-        layers[mname] = KFACLayer(mname, m, name_of[id(w)], bname, kind, groups)
+        layers[mname] = KFACLayer(mname, m, name_of[id(w)], bname, kind, groups,
+                                  mask_w, mask_b and bname is not None)
     covered = {n for lay in layers.values() for n in (lay.weight, lay.bias) if n}
     owner: dict[int, nn.Module] = {}
     for m in model.modules():
@@ -317,20 +401,25 @@ def kfac_coverage(
         kind, why = layer_kind(m, extended) if m is not None else (None, "a free parameter")
         if kind is not None:
             why = "its layer's weight is not selected"
-            if m is not None and any(  # weight or bias reparametrized by torch's prune
-                a.endswith("_orig") and f"{a[:-5]}_mask" in m._buffers for a in m._parameters
-            ):
+            reps = [] if m is None else [
+                (a, mask_reparam(m, a)) for a in ("weight", "bias") if f"{a}_orig" in m._parameters]
+            custom = [r for _, r in reps if isinstance(r, str)]
+            if custom:  # reparametrized, but not by a mask: no Kronecker form
+                why = (f"{custom[0]}; natgrad.make_permanent(model) or prune.remove first, "
+                       "or kind='diag' / 'lowrank'")
+            elif reps and not masked:  # a torch.nn.utils.prune mask this use does not apply
                 why = (
                     "its layer is pruned by torch.nn.utils.prune (<a> = <a>_orig * <a>_mask), "
-                    "which has no Kronecker form; natgrad.make_permanent(model) first, or "
-                    "kind='diag' / 'lowrank'"
+                    "whose masked Kronecker form this use does not take; "
+                    "natgrad.make_permanent(model) first, or kind='diag' / 'lowrank'"
                 )
         out[k] = why
     return layers, out
 
 
 def kfac_layers(
-    model: nn.Module, selected: Mapping[str, nn.Parameter], *, extended: bool = False
+    model: nn.Module, selected: Mapping[str, nn.Parameter], *, extended: bool = False,
+    masked: bool = False,
 ) -> tuple[dict[str, KFACLayer], list[str]]:
     """Split the selected parameters into K-FAC layers and the rest.
 
@@ -343,6 +432,8 @@ def kfac_layers(
         model: the model.
         selected: ``{name: parameter}`` as from :func:`natgrad.select_params`.
         extended: also cover Conv1D, Embedding, grouped and padded convolutions.
+        masked: also cover layers pruned by ``torch.nn.utils.prune`` (see
+            :func:`kfac_coverage`).
 
     Returns:
         ``({module name: KFACLayer}, [other parameter names])``.
@@ -355,7 +446,7 @@ def kfac_layers(
         >>> list(layers), rest
         (['0'], ['1.weight', '1.bias'])
     """
-    layers, rest = kfac_coverage(model, selected, extended=extended)
+    layers, rest = kfac_coverage(model, selected, extended=extended, masked=masked)
     return layers, list(rest)
 
 
@@ -610,7 +701,11 @@ def kfac_factors(
     """K-FAC factors ``A``, ``G`` of every supported layer, from one batch.
 
     See the module docstring for the definitions (``F ≈ G ⊗ A`` row-major, "expand"
-    convention for convolutions and sequences).
+    convention for convolutions and sequences). A layer pruned by
+    ``torch.nn.utils.prune`` (``W = W_orig ⊙ M``) is covered, its factors those of the
+    effective weight (its inputs and output gradients); the Fisher of ``W_orig`` is then
+    ``D_M (G ⊗ A) D_M`` with ``D_M = diag(vec M)`` (:class:`natgrad.KroneckerFisher`
+    applies the mask).
 
     Args:
         model: the model (BatchNorm in eval mode); not modified.
@@ -639,7 +734,7 @@ def kfac_factors(
     plan = Plan(model, likelihood, labels, 1, params, output_fn, generator, what="kfac_factors",
                 checked=True)
     if layers is None:
-        layers, _ = kfac_layers(model, plan.params)
+        layers, _ = kfac_layers(model, plan.params, masked=True)
     cap = capture(plan, batch, layers)
     if cap.unbatched:
         raise ValueError(

@@ -28,6 +28,31 @@ an Embedding's ``A`` (token frequencies) always, and any side whose dimension ex
 ``max_factor_dim`` (``A_ii`` or ``G_ii`` only; its eigenbasis is the identity). This
 keeps e.g. the ``G`` of a 50k-vocabulary output layer a vector instead of a 10 GB matrix.
 
+**Layers pruned by** ``torch.nn.utils.prune`` (``W = W_orig ⊙ M``, a forward pre-hook;
+also a pruned bias). The layer computes ``s = (W_orig ⊙ M) a``, so its ``A`` and ``G``
+(and EKFAC's ``s``) are those of the effective weight, captured as for an unpruned layer.
+The block's parameters are ``weight_orig`` / ``bias_orig`` (the model's names), whose
+per-sample gradient is ``M ⊙ g_n``, so their Fisher is ``D_M F D_M`` with
+``D_M = diag(vec M)`` (``M = [M_W, m_b]``, the block's mask, held as ``mask``; the
+factors' F as above). Per layer, with ``P(V) = M ⊙ V``::
+
+    mv(V)               = P(F P(V))                         exact
+    quad(V)             = ⟨P(V), F P(V)⟩                    exact
+    diagonal()          = M ⊙ diag F                        exact (M is 0/1)
+    solve(V, λ)         = P((F + λI)⁻¹ P(V))                masked projection
+    inverse_diagonal(λ) = M ⊙ diag (F + λI)⁻¹                the diagonal of that solve
+    logdet(λ)           = log det(F + λI)                   the effective weight's, unmasked
+
+``solve`` is not ``(D_M F D_M + λI)⁻¹``, which has no Kronecker form: it inverts the
+effective weight's curvature and projects onto the kept entries, so a preconditioned
+step never moves a pruned ``W_orig`` entry (the exact solve would move them by
+``v/λ`` wherever ``v`` is nonzero there; a gradient is zero there). ``logdet`` ignores
+the mask (the exact one is ``log det(F_KK + λI) + #pruned · log λ`` over the kept set
+``K``). Masks are read from the model at each estimate; combining curvatures (``+``,
+``ema``) keeps the entries kept in both (the product of the masks), which is the newer
+mask when pruning only removes entries. The Laplace functions refuse masked blocks (their
+posterior would need the exact solve).
+
 Parameters K-FAC cannot cover (LayerNorm, biases without their weight, weights shared by
 several modules such as a tied embedding and LM head, layers called without the batch as
 first dimension, ...) are held as the diagonal Fisher ``(1/N) Σ_n E_y[g_n²]`` in the same
@@ -107,7 +132,9 @@ class KroneckerBlock:
 
     ``A``: ``(groups, d_A, d_A)``, or ``(groups, d_A)`` when diagonal; ``G`` likewise
     with ``d_G``. EKFAC also holds its eigenbases ``QA``, ``QG`` (None on a diagonal side)
-    and the re-fitted eigenvalues ``s`` ``(groups, d_G, d_A)``.
+    and the re-fitted eigenvalues ``s`` ``(groups, d_G, d_A)``. ``mask``: for a layer
+    pruned by ``torch.nn.utils.prune``, the 0/1 block mask ``M`` ``(groups, d_G, d_A)``
+    (see the module doc), else None.
     """
 
     weight: str
@@ -121,6 +148,7 @@ class KroneckerBlock:
     QA: torch.Tensor | None = None
     QG: torch.Tensor | None = None
     eig: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    mask: torch.Tensor | None = None
 
     @property
     def names(self) -> list[str]:
@@ -128,7 +156,7 @@ class KroneckerBlock:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"A": self.A, "G": self.G}
-        for k in ("s", "QA", "QG"):
+        for k in ("s", "QA", "QG", "mask"):
             if getattr(self, k) is not None:
                 out[k] = getattr(self, k)
         return out
@@ -151,6 +179,13 @@ class KroneckerBlock:
             self.eig.update(_eigen(self.G, "G"))
         e = self.eig
         return e["QA"], e["sA"], e["QG"], e["sG"]
+
+    def block_mask(self) -> torch.Tensor | None:
+        """``mask`` shaped like the block matrices the methods see: ``(d_G, d_A)`` for one
+        group (its dimension dropped, as :func:`_ops` does), else ``(groups, d_G, d_A)``."""
+        if self.mask is None:
+            return None
+        return self.mask[0] if self.groups == 1 else self.mask
 
     def eigenvalues(self) -> torch.Tensor:
         """``S``: ``s`` (EKFAC) or ``s_G s_Aᵀ`` (K-FAC), shape ``(groups, d_G, d_A)``."""
@@ -403,7 +438,7 @@ class KroneckerFisher(Curvature):
         what = f"estimate_curvature(kind={kind!r})"
         check_fixed_model(model, what)
         plan = Plan.from_options(model, likelihood, opts, what=what, checked=True)
-        layers, reasons = kfac_coverage(model, plan.params)
+        layers, reasons = kfac_coverage(model, plan.params, masked=True)
         if not layers:
             raise ValueError(
                 f"kind={kind!r} covers none of the selected parameters: "
@@ -492,7 +527,7 @@ class KroneckerFisher(Curvature):
                          "Check the inputs, the model's outputs and the labels for NaN/Inf.")
             w = lay.module_weight
             blocks[k] = KroneckerBlock(lay.weight, lay.bias, tuple(w.shape), lay.transposed,
-                                       lay.groups, A, G)
+                                       lay.groups, A, G, mask=lay.mask_block(A.dtype))
         nr = len(order) * 2
         diag = {k: v / n_total for k, v in zip(rest_sums, flat[nr:], strict=True)}
         for k, v in diag.items():
@@ -601,7 +636,8 @@ class KroneckerFisher(Curvature):
         for k, (A, G) in factors.items():
             lay = capture.layers[k]
             blocks[k] = KroneckerBlock(lay.weight, lay.bias, tuple(lay.module_weight.shape),
-                                       lay.transposed, lay.groups, A, G)
+                                       lay.transposed, lay.groups, A, G,
+                                       mask=lay.mask_block(A.dtype))
         if kind == "ekfac":
             refit = []
             for k in order:
@@ -797,12 +833,14 @@ class KroneckerFisher(Curvature):
     # -- linear algebra -------------------------------------------------------------------
     def mv(self, v: Params) -> dict[str, torch.Tensor]:
         """``F v``: ``G V A`` per K-FAC layer, ``Q_G (s ⊙ Q_Gᵀ V Q_A) Q_Aᵀ`` per EKFAC layer,
-        ``F ⊙ v`` on the diagonal part."""
-        return self._each(v, _layer_mv, lambda f, x: f * x)[0]
+        ``F ⊙ v`` on the diagonal part; ``M ⊙ F (M ⊙ V)`` on a pruned layer (exact for
+        ``D_M F D_M``, see the module doc)."""
+        return self._each(v, _masked(_layer_mv), lambda f, x: f * x)[0]
 
     def solve(self, v: Params, damping: float) -> dict[str, torch.Tensor]:
         """``(F + λI)⁻¹ v``: ``Q_G ((Q_Gᵀ V Q_A) / (S + λ)) Q_Aᵀ`` per layer, ``v / (F + λ)``
-        on the diagonal part."""
+        on the diagonal part; on a pruned layer the masked projection
+        ``M ⊙ (F + λI)⁻¹ (M ⊙ V)`` (see the module doc)."""
         return self._each(v, *self._solvers(damping))[0]
 
     def solve_inner(
@@ -827,7 +865,7 @@ class KroneckerFisher(Curvature):
             QA, QAt, QG, QGt, inv = _solve_ops(blk, lam)
             return eig_scale(V, inv, QA, QG, QAt, QGt)
 
-        return layer, lambda f, x: x / (f + lam)
+        return _masked(layer), lambda f, x: x / (f + lam)
 
     def prepare_solve(self, group: object | None = None) -> None:
         """The eigenbases of every K-FAC layer (EKFAC layers hold theirs), spread as KAISA
@@ -874,7 +912,8 @@ class KroneckerFisher(Curvature):
     def quad(self, v: Params) -> torch.Tensor:
         """``vᵀ F v = Σ_layers ⟨V, mv(V)⟩ + Σ F v²`` (summed in the curvature's dtype;
         returned in the promoted dtype of ``v``)."""
-        terms = [(V * _layer_mv(blk, V)).sum() for blk, _, _, V in self._walk_layers(v)]
+        mv = _masked(_layer_mv)
+        terms = [(V * mv(blk, V)).sum() for blk, _, _, V in self._walk_layers(v)]
         if self.diag:
             terms += [(f * x * x).sum() for _, f, x, _ in self._walk_diag(v)]
         if not terms:
@@ -888,7 +927,8 @@ class KroneckerFisher(Curvature):
         return total if total.dtype == dt else total.to(dt)
 
     def diagonal(self) -> dict[str, torch.Tensor]:
-        """``diag F``: ``diag(G) diag(A)ᵀ`` (K-FAC) or ``Q_G² s (Q_A²)ᵀ`` (EKFAC)."""
+        """``diag F``: ``diag(G) diag(A)ᵀ`` (K-FAC) or ``Q_G² s (Q_A²)ᵀ`` (EKFAC), times
+        ``M`` on a pruned layer (exact for ``D_M F D_M``)."""
         out: dict[str, torch.Tensor] = {}
         for blk in self.blocks.values():
             if blk.s is not None:
@@ -897,6 +937,8 @@ class KroneckerFisher(Curvature):
                 dA = blk.A if blk.A.dim() == 2 else blk.A.diagonal(dim1=-2, dim2=-1)
                 dG = blk.G if blk.G.dim() == 2 else blk.G.diagonal(dim1=-2, dim2=-1)
                 D = dG.unsqueeze(-1) * dA.unsqueeze(-2)
+            if blk.mask is not None:
+                D = D * blk.mask.to(D.dtype)
             out.update(self._split(blk, D))
         out.update({k: f.clone() for k, f in self.diag.items()})
         return {k: out[k] for k in self.names()}
@@ -912,17 +954,23 @@ class KroneckerFisher(Curvature):
         return {k: out[k] for k in self.names()}
 
     def inverse_diagonal(self, damping: float) -> dict[str, torch.Tensor]:
-        """``diag (F + λI)⁻¹ = Q_G² (1/(S + λ)) (Q_A²)ᵀ`` per layer, ``1/(F + λ)`` else."""
+        """``diag (F + λI)⁻¹ = Q_G² (1/(S + λ)) (Q_A²)ᵀ`` per layer, ``1/(F + λ)`` else;
+        times ``M`` on a pruned layer (the diagonal of its masked-projection
+        :meth:`solve`; see the module doc)."""
         lam = _damping(damping)
         out: dict[str, torch.Tensor] = {}
         for blk in self.blocks.values():
             QA, _, QG, _ = blk.bases()
-            out.update(self._split(blk, _sandwich_sq(1.0 / (blk.eigenvalues() + lam), QA, QG)))
+            D = _sandwich_sq(1.0 / (blk.eigenvalues() + lam), QA, QG)
+            if blk.mask is not None:
+                D = D * blk.mask.to(D.dtype)
+            out.update(self._split(blk, D))
         out.update({k: 1.0 / (f + lam) for k, f in self.diag.items()})
         return {k: out[k] for k in self.names()}
 
     def logdet(self, damping: float) -> torch.Tensor:
-        """``log det (F + λI) = Σ_layers Σ log(S + λ) + Σ log(F_diag + λ)``."""
+        """``log det (F + λI) = Σ_layers Σ log(S + λ) + Σ log(F_diag + λ)`` (a pruned
+        layer's term is its effective weight's, unmasked: see the module doc)."""
         lam = _damping(damping)
         terms = [torch.log(blk.eigenvalues() + lam).sum() for blk in self.blocks.values()]
         terms += [torch.log(f + lam).sum() for f in self.diag.values()]
@@ -1001,7 +1049,8 @@ class KroneckerFisher(Curvature):
             b = other.blocks[k]
             A = wa * a.A + wb * b.A.to(a.A.device)
             G = wa * a.G + wb * b.G.to(a.G.device)
-            new = replace(a, A=A, G=G, s=None, QA=None, QG=None, eig={})
+            new = replace(a, A=A, G=G, s=None, QA=None, QG=None, eig={},
+                          mask=_mask_and(a.mask, b.mask))
             if self.kind == "ekfac":
                 QA, _, QG, _ = new.bases()
                 new.s = wa * _project(a, QA, QG) + wb * _project(_block_to(b, a.A.device), QA, QG)
@@ -1065,6 +1114,7 @@ class KroneckerFisher(Curvature):
             old = replace(a, eig={}) if ekfac else a  # EKFAC: the previous s and basis
             a.A.lerp_(b.A.to(a.A.device, a.A.dtype), w)
             a.G.lerp_(b.G.to(a.G.device, a.G.dtype), w)
+            a.mask = _mask_and(a.mask, b.mask)
             a.eig.clear()
             if ekfac:
                 a.s = a.QA = a.QG = None
@@ -1118,6 +1168,7 @@ class KroneckerFisher(Curvature):
                 d["weight"], d["bias"], tuple(int(s) for s in d["shape"]), bool(d["transposed"]),
                 int(d["groups"]), d["A"].clone(), d["G"].clone(),
                 s=_clone_opt(d.get("s")), QA=_clone_opt(d.get("QA")), QG=_clone_opt(d.get("QG")),
+                mask=_clone_opt(d.get("mask")),
             )
         new = KroneckerFisher(blocks, {k: v.clone() for k, v in state["diag"].items()},
                               int(state["n_samples"]), kind=state["kind"],
@@ -1394,5 +1445,28 @@ def _block_to(b: KroneckerBlock, *args: Any, **kwargs: Any) -> KroneckerBlock:
         return None if t is None else mv(t).contiguous()
 
     return replace(
-        b, A=mv(b.A), G=mv(b.G), s=mv_opt(b.s), QA=mv_opt(b.QA), QG=mv_opt(b.QG), eig={}
+        b, A=mv(b.A), G=mv(b.G), s=mv_opt(b.s), QA=mv_opt(b.QA), QG=mv_opt(b.QG), eig={},
+        mask=mv_opt(b.mask),
     )
+
+
+def _mask_and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """The entries kept by both masks (None: nothing pruned)."""
+    if a is None or b is None:
+        return a if b is None else b.to(a.device if a is not None else b.device)
+    return a * b.to(a.device, a.dtype)
+
+
+def _masked(
+    fn: Callable[[KroneckerBlock, torch.Tensor], torch.Tensor],
+) -> Callable[[KroneckerBlock, torch.Tensor], torch.Tensor]:
+    """``V ↦ M ⊙ fn(M ⊙ V)`` for a pruned layer's block (``fn`` itself for the others)."""
+
+    def run(blk: KroneckerBlock, V: torch.Tensor) -> torch.Tensor:
+        m = blk.block_mask()
+        if m is None:
+            return fn(blk, V)
+        m = m.to(V.dtype)
+        return fn(blk, V * m) * m
+
+    return run

@@ -315,7 +315,7 @@ class FisherPreconditioner:
         # moved at the next step (frameworks load state before they move or cast the model)
         self._placed = True
         if self.curvature_kind in ("kfac", "ekfac"):
-            layers, diag_names = kfac_layers(model, self.params, extended=True)
+            layers, diag_names = kfac_layers(model, self.params, extended=True, masked=True)
             logger.info(
                 "FisherPreconditioner(kind=%r): %d layers in Kronecker form; %d "
                 "parameter tensors left diagonal%s",

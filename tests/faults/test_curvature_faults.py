@@ -47,23 +47,26 @@ def test_tied_weights_alone_are_not_covered():
 
 
 @pytest.mark.parametrize("kind", ["kfac", "ekfac"])
-def test_a_layer_pruned_by_torch_prune_is_named_with_the_fix(kind):
-    # the reason used to be "its layer's weight is not selected", though nothing was selected
+def test_a_layer_pruned_by_torch_prune_is_covered(kind):
+    # pruned layers used to be refused ("no Kronecker form"); their masked Kronecker form
+    # is tested against dense references in tests/curvature/test_kfac_masked.py, and a
+    # reparametrization that is not a mask is refused in tests/faults/test_masked_kfac_faults.py
     model, x, y = _case()
     natgrad.apply_masks(model, {"0.weight": torch.rand(4, 3) > 0.5})
-    with pytest.raises(ValueError, match="0.weight_orig \\(its layer is pruned by torch.nn.utils.prune.*make_permanent"):
-        _est(model, (x, y), kind=kind, params=["0.weight_orig", "0.bias"])
-    with pytest.raises(ValueError, match="0.weight_orig \\(its layer is pruned.*make_permanent"):
-        natgrad.FisherPreconditioner(model, kind="kfac", source="backward")
+    c = natgrad.estimate_curvature(model, (x, y), kind=kind, params=["0.weight_orig", "0.bias"])
+    assert c.structure() == {"0.bias": kind, "0.weight_orig": kind}
+    natgrad.FisherPreconditioner(model, kind="kfac", source="backward").close()
+
 
 @pytest.mark.parametrize("kind", ["kfac", "ekfac"])
-def test_a_layer_whose_bias_torch_pruned_is_named_with_the_fix(kind):
+def test_a_layer_whose_bias_torch_pruned_is_covered(kind):
     model, x, y = _case()
     natgrad.apply_masks(model, {"0.bias": torch.tensor([1.0, 0.0, 1.0, 1.0])})
-    # its weight is selected: the pruned bias is kept diagonal, with the reason and the fix
-    with pytest.warns(UserWarning, match="its layer is pruned by torch.nn.utils.prune.*make_permanent.*0.bias_orig"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         c = natgrad.estimate_curvature(model, (x, y), kind=kind)
-    assert c.structure()["0.bias_orig"] == "diag"
+    assert c.structure()["0.bias_orig"] == kind
+    assert c.diagonal()["0.bias_orig"][1] == 0
 
 
 def test_a_factor_over_the_memory_limit_names_max_factor_dim():
