@@ -32,7 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HeadAttention", "from_multihead", "shrink_heads", "attention_flops", "block_indices"]
+__all__ = [
+    "HeadAttention", "from_multihead", "to_multihead", "shrink_heads", "attention_flops",
+    "block_indices",
+]
 
 
 class HeadAttention(nn.Module):
@@ -182,6 +185,39 @@ def from_multihead(mha: nn.MultiheadAttention) -> HeadAttention:
     new.out_proj.weight.requires_grad_(mha.out_proj.weight.requires_grad)
     new.out_proj.bias.requires_grad_(mha.out_proj.bias.requires_grad)
     new.train(mha.training)
+    return new
+
+
+def to_multihead(att: HeadAttention, like: nn.MultiheadAttention) -> nn.MultiheadAttention | None:
+    """The inverse of :func:`from_multihead`: a copy of ``like`` holding ``att``'s weights,
+    ``in_proj = [W_q; W_k; W_v]`` (and the biases alike), ``out_proj = W_o``.
+
+    None when ``att`` no longer has ``like``'s shape (heads removed, or a width changed):
+    ``nn.MultiheadAttention`` cannot hold fewer heads of the same width. When ``att`` is
+    :func:`from_multihead` of ``like`` untouched, the copy equals ``like`` exactly (the
+    weights are copied back, not recomputed). Each parameter keeps ``like``'s
+    ``requires_grad``; the training flag is ``att``'s.
+    """
+    import copy
+
+    e = like.embed_dim
+    same = (
+        att.embed_dim == e and att.num_heads == like.num_heads and att.head_dim == like.head_dim
+        and att.batch_first == like.batch_first
+        and all(tuple(p.weight.shape) == (e, e) for p in (att.q_proj, att.k_proj, att.v_proj,
+                                                          att.out_proj))
+    )
+    if not same or like.in_proj_weight is None or like.in_proj_bias is None:
+        return None
+    new = copy.deepcopy(like)
+    assert new.in_proj_weight is not None and new.in_proj_bias is not None  # as like's
+    with torch.no_grad():
+        for i, lin in enumerate((att.q_proj, att.k_proj, att.v_proj)):
+            new.in_proj_weight[i * e : (i + 1) * e].copy_(lin.weight)
+            new.in_proj_bias[i * e : (i + 1) * e].copy_(lin.bias)
+        new.out_proj.weight.copy_(att.out_proj.weight)
+        new.out_proj.bias.copy_(att.out_proj.bias)
+    new.train(att.training)
     return new
 
 

@@ -5,7 +5,7 @@ with physical removal in the spirit of Torch-Pruning):
 
 1. Copy the model; replace each ``nn.MultiheadAttention`` by the equivalent
    :class:`~natgrad.pruning.attention.HeadAttention` and each Hugging Face ``Conv1D`` by
-   the equivalent ``nn.Linear``; find the prunable groups by tracing with ``torch.fx``
+   the equivalent ``nn.Linear`` (put back at the end where pruning left their shape); find the prunable groups by tracing with ``torch.fx``
    (:func:`~natgrad.pruning.structures.find_groups`), or, for Hugging Face models that
    cannot be traced, by their module layout (BERT/RoBERTa, ViT and GPT-2 style heads and
    feed-forward neurons; :func:`~natgrad.pruning.structures.hf_groups`). Transformers 5
@@ -34,7 +34,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, overload
+from typing import Any, Literal, cast, get_args, overload
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ from natgrad.engine.checks import (
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.options import LabelSource
 from natgrad.engine.report import Report
-from natgrad.pruning.attention import from_multihead
+from natgrad.pruning.attention import HeadAttention, from_multihead, to_multihead
 from natgrad.pruning.search import (
     BudgetError,
     CostModel,
@@ -219,7 +219,13 @@ def convert_attention(model: nn.Module) -> list[str]:
     :class:`~natgrad.pruning.attention.HeadAttention`, and every Hugging Face ``Conv1D``
     (GPT-2's transposed Linear, ``y = x W + b``) by the equivalent ``nn.Linear`` with weight
     ``Wᵀ``; return the names of the attention modules converted."""
-    done = []
+    return [k for k, what in _convert(model).items() if what == "attention"]
+
+
+def _convert(model: nn.Module) -> dict[str, str]:
+    """:func:`convert_attention`, returning ``{name: "attention" | "conv1d"}`` of every
+    module it replaced."""
+    done: dict[str, str] = {}
     for name, mod in list(model.named_modules()):
         if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and hasattr(mod, "nx"):
             w = mod.weight.detach()
@@ -231,6 +237,7 @@ def convert_attention(model: nn.Module) -> list[str]:
             lin.bias.requires_grad_(mod.bias.requires_grad)
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, lin)
+            done[name] = "conv1d"
     for mod in model.modules():
         if isinstance(mod, nn.TransformerEncoder):
             # its nested-tensor fast path would hand nested tensors to the replacement
@@ -245,8 +252,55 @@ def convert_attention(model: nn.Module) -> list[str]:
         ):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, from_multihead(mod))
-            done.append(name)
+            done[name] = "attention"
     return done
+
+
+def restore_converted(pruned: nn.Module, model: nn.Module, converted: dict[str, str]) -> list[str]:
+    """Put each module :func:`convert_attention` replaced back to its original type where
+    pruning left its shape: a :class:`~natgrad.pruning.attention.HeadAttention` that kept
+    every head becomes ``nn.MultiheadAttention`` again (``in_proj = [W_q; W_k; W_v]``), and
+    every ``nn.Linear`` that stood for a Hugging Face ``Conv1D`` becomes a ``Conv1D`` again
+    (weight ``Wᵀ``; of the shrunken shape where rows or columns were removed), each holding
+    the pruned model's values (equal to the original exactly when nothing removed or
+    re-fitted them). An ``nn.TransformerEncoder``
+    none of whose attention modules stays converted gets its ``use_nested_tensor`` back.
+    Modifies ``pruned`` in place; returns the names restored.
+    """
+    import copy
+
+    restored = []
+    for name, what in converted.items():
+        orig = model.get_submodule(name)
+        try:
+            cur = pruned.get_submodule(name)
+        except AttributeError:  # its parent was replaced: leave it
+            continue
+        new: nn.Module | None = None
+        if what == "attention" and isinstance(cur, HeadAttention):
+            new = to_multihead(cur, cast(nn.MultiheadAttention, orig))
+        elif what == "conv1d" and isinstance(cur, nn.Linear) and cur.bias is not None:
+            w = cast(torch.Tensor, orig.weight)
+            if tuple(cur.weight.shape) == tuple(w.shape[::-1]):
+                new = copy.deepcopy(orig)
+            else:  # rows or columns removed: a Conv1D(nf, nx) of the new shape
+                new = type(orig)(cur.out_features, cur.in_features).to(w.device, w.dtype)
+            with torch.no_grad():
+                cast(torch.Tensor, new.weight).copy_(cur.weight.T)
+                cast(torch.Tensor, new.bias).copy_(cur.bias)
+            cast(torch.Tensor, new.weight).requires_grad_(cur.weight.requires_grad)
+            cast(torch.Tensor, new.bias).requires_grad_(cur.bias.requires_grad)
+            new.train(cur.training)
+        if new is not None:
+            parent, _, attr = name.rpartition(".")
+            setattr(pruned.get_submodule(parent) if parent else pruned, attr, new)
+            restored.append(name)
+    for name, enc in pruned.named_modules():
+        if isinstance(enc, nn.TransformerEncoder) and not any(
+            isinstance(m, HeadAttention) for m in enc.modules()
+        ):
+            enc.use_nested_tensor = cast(nn.TransformerEncoder, model.get_submodule(name)).use_nested_tensor
+    return restored
 
 
 def magnitude_scores(model: nn.Module, groups: list[Group]) -> dict[str, torch.Tensor]:
@@ -646,7 +700,11 @@ def prune_structured(
         :class:`StructuredPruningReport`. When the budget removes nothing, the new model
         is a deep copy of ``model`` (same module types: attention is not converted to
         :class:`~natgrad.pruning.attention.HeadAttention`; fine-tuned if
-        ``finetune_steps``).
+        ``finetune_steps``). Otherwise an ``nn.MultiheadAttention`` that lost no head
+        (and every Hugging Face ``Conv1D``, shrunken or not) keeps its type: the
+        converted module is put back (:func:`restore_converted`), equal to the original
+        exactly unless a re-fit (``tune_scope="downstream"``) changed its weights; only
+        an attention that lost heads is a ``HeadAttention``.
 
     Raises:
         BudgetError: no budget, several, one outside ``(0, 1]``, one the per-layer
@@ -704,7 +762,7 @@ def prune_structured(
             "list(data)."
         )
     work = deepcopy_model(model)
-    convert_attention(work)
+    converted = _convert(work)
     example = next(iter(iterate_batches(data)), None)
     if example is None:
         raise ValueError("data holds no batch: structured pruning needs data for the Fisher.")
@@ -735,6 +793,8 @@ def prune_structured(
         if not any(len(r) for r in removed.values()):
             # nothing removed: the model itself, its attention modules unconverted
             pruned, tuned = deepcopy_model(model), []
+        else:  # attention / Conv1D whose shape pruning left: original types
+            restore_converted(pruned, model, converted)
         loss_untuned = mean_loss(gr.untuned, data, lik, output_fn, max_batches)
     else:
         # the Fisher is estimated for every criterion: its predictions go into the report
@@ -778,6 +838,8 @@ def prune_structured(
                 work, pruned, groups, removed, calib,
                 damping=damping, scope=tune_scope, fit=tune_fit,
             )
+        if not untouched:  # attention / Conv1D whose shape pruning left: original types
+            restore_converted(pruned, model, converted)
         predicted = fisher.predicted_increase(removed, block=True)
         predicted_diag = fisher.predicted_increase(removed, block=False)
     if finetune_steps:

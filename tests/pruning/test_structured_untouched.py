@@ -1,0 +1,106 @@
+"""``prune_structured`` keeps the original module of an attention block that loses no head
+(``nn.MultiheadAttention``, Hugging Face ``Conv1D``) instead of natgrad's converted form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import natgrad
+from natgrad.pruning.attention import HeadAttention, from_multihead, shrink_heads, to_multihead
+from natgrad.pruning.pruned import deepcopy_model
+from natgrad.pruning.structured import convert_attention
+from tests.conftest import TinyEncoder
+from tests.pruning.test_structured import _batch, _caller, masked_output
+
+
+def _encoder():
+    torch.manual_seed(3)
+    model = TinyEncoder().double().eval()  # nn.MultiheadAttention, as users have it
+    ids, y = torch.randint(0, 13, (5, 6)), torch.randint(0, 3, (5,))
+    return model, {"input_ids": ids}, y
+
+
+def _masked_reference(model, x, y, removed):
+    """The masked-original reference of the end-to-end tests, on a converted copy."""
+    ref = deepcopy_model(model)
+    convert_attention(ref)
+    return masked_output(ref, _batch(x, y), removed, x)
+
+
+def _same_module(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
+    assert type(a) is type(b)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with torch.no_grad():
+        assert torch.equal(a(x, x, x)[0], b(x, x, x)[0])
+
+
+@pytest.mark.parametrize("flops", [0.6, 0.8])
+def test_attention_that_keeps_every_head_keeps_its_module(flops):
+    model, x, y = _encoder()
+    small, rep = natgrad.prune_structured(model, _batch(x, y), flops=flops, tune=False,
+                                          measure=False)
+    h = torch.randn(5, 6, 8, dtype=torch.float64)
+    kept_all = [i for i in range(2) if rep.kept[f"enc.layers.{i}.self_attn"] == (2, 2)]
+    assert kept_all  # the budget leaves some layer's heads alone
+    assert any(k < n for k, n in rep.kept.values())  # and prunes something
+    for i in range(2):
+        att = small.enc.layers[i].self_attn
+        if i in kept_all:
+            _same_module(att, model.enc.layers[i].self_attn, h)  # type, weights, output
+        else:
+            assert isinstance(att, HeadAttention) and att.num_heads < 2
+    if flops == 0.6:
+        assert len(kept_all) == 1  # one layer's heads pruned, the other's not
+    # the pruned model is still the masked original
+    want = _masked_reference(model, x, y, rep.removed)
+    torch.testing.assert_close(_caller(x)(small), want, rtol=1e-10, atol=1e-12)
+
+
+def test_downstream_refit_attention_is_a_multihead_attention_with_the_refit_weights():
+    model, x, y = _encoder()
+    small, rep = natgrad.prune_structured(model, _batch(x, y), flops=0.6, tune=True,
+                                          tune_scope="downstream", measure=False)
+    (i,) = [i for i in range(2) if rep.kept[f"enc.layers.{i}.self_attn"] == (2, 2)]
+    assert isinstance(small.enc.layers[i].self_attn, nn.MultiheadAttention)
+    # the same function as the converted, re-fitted module it came from
+    back = from_multihead(small.enc.layers[i].self_attn)
+    h = torch.randn(5, 6, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(back(h, h, h)[0], small.enc.layers[i].self_attn(h, h, h)[0],
+                                   rtol=1e-12, atol=1e-13)
+
+
+def test_to_multihead_inverts_from_multihead_exactly():
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        mha = nn.MultiheadAttention(8, 2, batch_first=batch_first).double().eval()
+        mha.in_proj_weight.requires_grad_(False)
+        back = to_multihead(from_multihead(mha), mha)
+        assert back is not None and back is not mha
+        _same_module(back, mha, torch.randn(3, 4, 8, dtype=torch.float64))
+        assert not back.in_proj_weight.requires_grad and back.out_proj.weight.requires_grad
+        assert to_multihead(shrink_heads(from_multihead(mha), torch.tensor([1])), mha) is None
+
+
+def test_gpt2_conv1d_modules_keep_their_type():
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(6)
+    cfg = GPT2Config(vocab_size=30, n_embd=16, n_layer=2, n_head=4, n_positions=16,
+                     num_labels=3, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+                     use_cache=False)
+    model = GPT2ForSequenceClassification(cfg).double().eval()
+    x, y = {"input_ids": torch.randint(1, 30, (6, 7))}, torch.randint(0, 3, (6,))
+    small, rep = natgrad.prune_structured(model, _batch(x, y), flops=0.6, tune=False,
+                                          measure=False)
+    names = [n for n, m in model.named_modules() if isinstance(m, Conv1D)]
+    assert names and all(isinstance(small.get_submodule(n), Conv1D) for n in names)
+    assert not any(isinstance(m, nn.Linear) for n, m in small.named_modules() if n != "score")
+    torch.testing.assert_close(_caller(x)(small), _masked_reference(model, x, y, rep.removed),
+                               rtol=1e-10, atol=1e-12)
+    torch.export.export(small, (), x)  # still exportable
