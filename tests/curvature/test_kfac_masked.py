@@ -411,3 +411,19 @@ def test_embedding_conv1d_t_and_conv1d_blocks_are_masked_like_the_unpruned_curva
         m = masks.get(k, 1)
         torch.testing.assert_close(mv[k], ref[ren[k]] * m, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(d[k], dref[ren[k]] * m, rtol=1e-9, atol=1e-12)
+
+
+def test_file_round_trip_keeps_the_mask(tmp_path):
+    model = _mlp()
+    x, y = _data(False)
+    C = natgrad.estimate_curvature(model, [(x, y)], kind="ekfac")
+    C.save(tmp_path / "c.safetensors")
+    C2 = natgrad.Curvature.load(tmp_path / "c.safetensors")
+    for k, blk in C.blocks.items():
+        assert (blk.mask is None) == (C2.blocks[k].mask is None)
+        if blk.mask is not None:
+            assert torch.equal(blk.mask, C2.blocks[k].mask)
+    g = torch.Generator().manual_seed(9)
+    v = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in C.param_shapes().items()}
+    a, b = C.solve(v, LAM), C2.solve(v, LAM)
+    assert all(torch.equal(a[k], b[k]) for k in a)
