@@ -353,11 +353,26 @@ def test_pruned_conv_fast_engine_exact_labels():
 
 @pytest.mark.parametrize("kind", ["diag", "kfac"])
 def test_pruned_conv_preconditioner(kind):
-    """First refresh: ``C = C_batch``; the pruned conv's parameters are preconditioned
-    diagonally, ``Δ = g / (F + λ)``, with ``F`` from the brute-force loop."""
+    """First refresh: ``C = C_batch``. ``diag``: the pruned conv's parameters are
+    preconditioned ``Δ = g / (F + λ)``, with ``F`` from the brute-force loop; ``kfac``: by
+    the masked K-FAC step ``M ⊙ (G ⊗ A + λI)⁻¹ (M ⊙ g)`` (dense float64, factors from the
+    recorded inputs and per-sample output gradients)."""
     model, x, y = pruned_conv(2, 3, "out_channels")
     lam = 0.1
-    pre = natgrad.FisherPreconditioner(model, kind=kind, damping=lam)
+    pre = natgrad.FisherPreconditioner(model, kind=kind, damping=lam, kfac_damping="exact")
+    if kind == "kfac":
+        from tests.curvature.test_kfac_masked import _block, _dense, hand_factors
+
+        P = _dense(hand_factors(model, x, y), model, "0", model[0], lam, project=True)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        g = {k: p.grad.clone() for k, p in model.named_parameters()}
+        pre.step((x, y))
+        step = _block({k: p.grad for k, p in model.named_parameters()}, model, "0", model[0])
+        torch.testing.assert_close(step, P @ _block(g, model, "0", model[0]), rtol=1e-9,
+                                   atol=1e-12)
+        assert pre.curvature.structure()["0.weight_orig"] == "kfac"
+        return
     F_ref = fisher_from_grads(
         loop_grads_by(model, lambda i: ce(model(x[i : i + 1]), y[i : i + 1]), 5)
     )
