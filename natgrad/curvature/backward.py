@@ -39,7 +39,14 @@ a one-time warning (its rows are not this model's samples). When the model itsel
 called, as when a training step calls its parts (``model.net(x)``, or
 ``model.head(model.body(x))``: a LightningModule's ``training_step`` often does), the layer
 calls between two backwards form one forward, so micro-batches under gradient accumulation
-stay separate samples. Only the hooked model's own modules are recorded: a
+stay separate samples; there, several forwards before one backward read as one forward
+(their rows as positions of the same samples), and a layer shared with another model
+cannot be told apart: call the model itself for those. A call under ``torch.no_grad()``
+(evaluation) starts no forward. A layer recomputed inside a backward (reentrant gradient
+checkpointing) belongs to the forward that backward runs through; one backward through
+several forwards with such layers is refused (``use_reentrant=False`` has no such limit).
+A forward whose loss is back-propagated in several calls (``retain_graph=True``) gets
+the sum of their output gradients. Only the hooked model's own modules are recorded: a
 ``copy.deepcopy`` of the model made while the hooks are on carries them, but its passes
 are ignored. ``nn.DataParallel`` (threads running copies of the layers) is refused;
 use ``DistributedDataParallel``. Every forward's rows
@@ -72,7 +79,12 @@ from natgrad.curvature.kfac import (
     per_sample_blocks,
 )
 from natgrad.engine.checks import check_choice
-from natgrad.engine.common import global_forward_hooks, in_backward, in_internal_pass, to_acc
+from natgrad.engine.common import (
+    current_backward_id,
+    global_forward_hooks,
+    in_internal_pass,
+    to_acc,
+)
 
 __all__ = ["BackwardCapture", "LOSS_REDUCTIONS", "per_sample_gradients"]
 
@@ -123,8 +135,11 @@ class BackwardCapture:
         self._pass = 0
         # {layer: [[pass id, input, output grad or None, made inside a model call], ...]}
         self._records: dict[str, list[list[Any]]] = {k: [] for k in self.layers}
-        self._depth = 0  # calls of the model itself now running
+        self._inside = False  # a call of the model itself is running
         self._backward_since_pass = False  # a recorded output gradient arrived since
+        self._forwards_since_backward = 0  # forwards started since the last backward began
+        self._forwards_in_backward = 0  # of the backward running now (or the last one)
+        self._backward_task = -1  # autograd's id of that backward
         self._warned_outside = False  # the shared-layer warning was given
         self._warned_sizes = False  # the unequal-micro-batch warning was given
         self._batch_sizes: dict[int, int | None] = {}
@@ -154,7 +169,6 @@ class BackwardCapture:
     @armed.setter
     def armed(self, value: bool) -> None:
         if value and not self._handles and not self._removed:
-            self._depth = 0  # no model call can be running across an arming
             self._handles = [
                 self._model.register_forward_pre_hook(
                     self._new_pass, with_kwargs=True, prepend=True),
@@ -170,24 +184,19 @@ class BackwardCapture:
             self._handles = []
 
     def _end_pass(self, module: nn.Module, args: Any, output: Any) -> None:
-        if module is self._model and self._depth > 0:
-            self._depth -= 1
+        if module is self._model:
+            self._inside = False
 
     def _new_pass(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if in_internal_pass():  # natgrad's own pass (a Fisher, a probe): not the user's
             return
         if module is not self._model:  # a deep copy of the model carries the hooks
             return
-        self._depth += 1
-        if self._depth > 1:  # the model calling itself: the same forward
+        if not torch.is_grad_enabled():  # records nothing (evaluation): no forward to count
             return
-        if self.scale_source is not None:
-            scale = float(self.scale_source())
-            if scale != self.loss_scale:
-                # the loss scaler changed its scale since the records: it skipped the step
-                # they belong to (an overflow), which no refresh may count
-                self.drop_backpropagated()
-                self.loss_scale = scale
+        # a new forward at every call of the model (a flag, not a depth: torch skips the
+        # closing hook on a KeyboardInterrupt, and the next call must still start afresh)
+        self._inside = True
         if global_forward_hooks() and not self._warned_global:
             self._warned_global = True  # once per capture
             warnings.warn(
@@ -200,13 +209,32 @@ class BackwardCapture:
                 UserWarning,
                 stacklevel=2,
             )
-        self._pass += 1
-        self._backward_since_pass = False
         # the model's batch size: of its first tensor input (None: unknown)
         first = next((a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)), None)
-        self._batch_sizes[self._pass] = (
-            int(first.shape[0]) if first is not None and first.dim() else None
-        )
+        self._start_pass(int(first.shape[0]) if first is not None and first.dim() else None)
+
+    def _start_pass(self, model_n: int | None, by_model: bool = True) -> None:
+        """A new forward: read the loss scale, number it, count it for the backward."""
+        if self.scale_source is not None:
+            scale = float(self.scale_source())
+            if scale != self.loss_scale:
+                # the loss scaler changed its scale since the records: it skipped the step
+                # they belong to (an overflow), which no refresh may count
+                self.drop_backpropagated()
+                self.loss_scale = scale
+        self._pass += 1
+        self._backward_since_pass = False
+        self._forwards_since_backward += 1
+        if by_model:
+            self._batch_sizes[self._pass] = model_n
+
+    def _backward_seen(self) -> None:
+        """At a backward's first hook: how many forwards it back-propagates (at most)."""
+        task = current_backward_id()
+        if task != self._backward_task:
+            self._backward_task = task
+            self._forwards_in_backward = self._forwards_since_backward
+            self._forwards_since_backward = 0
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         layer = self.layers[name].module
@@ -226,18 +254,25 @@ class BackwardCapture:
                 return
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
-            inside = self._depth > 0
-            if not inside and in_backward():  # a checkpointed layer recomputed: its pass's
-                inside = self._pass in self._batch_sizes  # (started by a model call or not)
-            elif not inside and self._backward_since_pass:
+            inside, unsure = self._inside, False
+            if not inside and current_backward_id() != -1:
+                # a layer recomputed inside a backward (reentrant checkpointing): it belongs
+                # to the forward being back-propagated, the latest one, unless the backward
+                # runs through several forwards (then which one is unknown)
+                self._backward_seen()
+                unsure = self._forwards_in_backward > 1
+                inside = self._pass in self._batch_sizes
+            elif not inside and (self._backward_since_pass or self._pass in self._batch_sizes
+                                 or not self._pass):
                 # the model's parts called without the model: a backward ends a forward
-                self._pass += 1
-                self._backward_since_pass = False
-            rec = [self._pass, args[0].detach(), None, inside]
+                self._start_pass(None, by_model=False)
+            rec = [self._pass, args[0].detach(), None, inside, unsure]
             self._records[name].append(rec)
 
             def grad_hook(g: torch.Tensor) -> None:
-                rec[2] = g.detach()
+                self._backward_seen()
+                g = g.detach()  # a forward back-propagated in several calls: their sum
+                rec[2] = g if rec[2] is None else rec[2] + g
                 self._backward_since_pass = True
 
             output.register_hook(grad_hook)  # type: ignore[no-untyped-call]  # torch: unannotated
@@ -249,6 +284,7 @@ class BackwardCapture:
         for v in self._records.values():
             v.clear()
         self._batch_sizes.clear()
+        self._inside = False
 
     def drop_backpropagated(self) -> None:
         """Forget the records whose backward has run (their gradients are being zeroed,
@@ -289,6 +325,15 @@ class BackwardCapture:
 
     def _build(self) -> Captured:
         done = [(name, r) for name, recs in self._records.items() for r in recs if r[2] is not None]
+        unsure = sorted({name for name, r in done if r[4]})
+        if unsure:
+            raise ValueError(
+                f"source='backward': layers {unsure[:8]} were recomputed (reentrant gradient "
+                "checkpointing) inside one backward through several forwards, so which "
+                "forward's samples they belong to is unknown. Back-propagate each forward "
+                "on its own (gradient accumulation does), or checkpoint with "
+                "use_reentrant=False."
+            )
         if any(r[3] for _, r in done) and not all(r[3] for _, r in done):
             # the model was called, so calls made outside it are another model's
             outside = sorted({name for name, r in done if not r[3]})
@@ -304,7 +349,7 @@ class BackwardCapture:
                     stacklevel=4,
                 )
         per_pass: dict[int, dict[str, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
-        for name, (pid, x, g, _) in done:
+        for name, (pid, x, g, _, _) in done:
             per_pass.setdefault(pid, {}).setdefault(name, []).append((x, g))
         if not per_pass:
             raise ValueError(
@@ -351,9 +396,10 @@ class BackwardCapture:
                 "step and reads their loss as the mean over all their samples (each "
                 "micro-batch's summed loss divided by the total count). If each micro-batch's "
                 "mean loss was divided by the number of micro-batches instead (Lightning's "
-                "accumulate_grad_batches, a plain loop), its samples are scaled by "
-                "N/(k·n_i) and the curvature is off (e.g. 115% for sizes 6 and 2): use "
-                "drop_last=True on the training DataLoader, or equal micro-batches.",
+                "accumulate_grad_batches, a plain loop), micro-batch i's samples weigh "
+                "(N/(k·n_i))² times what they should in the curvature (4/9 and 4 for sizes "
+                "6 and 2): use drop_last=True on the training DataLoader, or equal "
+                "micro-batches.",
                 UserWarning,
                 stacklevel=4,
             )

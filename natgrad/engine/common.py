@@ -91,12 +91,12 @@ def in_internal_pass() -> bool:
     return _INTERNAL.get()
 
 
-def in_backward() -> bool:
-    """Whether autograd is running a backward now (e.g. recomputing a checkpointed segment
-    inside it); torch exposes this only through the private ``_current_graph_task_id``,
-    so without it the answer is False."""
+def current_backward_id() -> int:
+    """Autograd's id of the backward running now, ``-1`` outside any backward (e.g. a
+    checkpointed segment recomputed inside one shows its id). torch exposes this only
+    through the private ``_current_graph_task_id``; without it the answer is ``-1``."""
     task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and int(task_id()) != -1
+    return -1 if task_id is None else int(task_id())
 
 
 def global_forward_hooks() -> dict[int, Any]:

@@ -1741,3 +1741,96 @@ def test_backward_unequal_micro_batches_read_as_the_mean_over_all_samples_and_wa
     assert len(unequal) == (1 if sizes[0] != sizes[1] else 0)
     if unequal:
         assert "drop_last=True" in str(unequal[0].message)
+
+
+def _accumulate(model, x, y, call, k=2, scaler=None):
+    """Back-propagate ``k`` micro-batches of (x, y), each its mean loss over ``k``."""
+    for xs, ys in zip(x.chunk(k), y.chunk(k), strict=True):
+        loss = F.cross_entropy(call(xs), ys) / k
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def _assert_parts_factors(pre, ref):
+    for k, (A, G) in ref.items():
+        blk = pre.curvature.blocks[k]
+        torch.testing.assert_close(blk.A[0], A)
+        torch.testing.assert_close(blk.G[0], G)
+
+
+def _fresh_parts(ckpt=None):
+    torch.manual_seed(3)
+    model = _Parts(ckpt).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    ref = _parts_factors(model, x, y)  # before the preconditioner records anything
+    pre = FisherPreconditioner(model, kind="kfac", source="backward", update_every=1,
+                               kl_clip=None)
+    return model, x, y, pre, ref
+
+
+def test_backward_after_an_interrupted_forward_counts_forwards_afresh():
+    """A KeyboardInterrupt inside the model's forward (torch then skips its closing hooks)
+    left the capture believing every later call was the model calling itself: the next
+    step's micro-batches were pooled as positions (K-FAC factors 0.5 off)."""
+    model, x, y, pre, ref = _fresh_parts()
+
+    def boom(module, args):
+        raise KeyboardInterrupt
+
+    handle = model.l2.register_forward_pre_hook(boom)
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    handle.remove()
+    _accumulate(model, x, y, model)
+    pre.step()
+    _assert_parts_factors(pre, ref)
+
+
+def test_backward_parts_pattern_reads_the_grad_scalers_scale():
+    """With a training step that calls the model's parts, the loss scale was never read
+    (a diagonal 1024² too large); it is read when each forward starts."""
+    model, x, y, pre, ref = _fresh_parts()
+    pre.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    _accumulate(model, x, y, lambda xs: model.head(model.body(xs)), scaler=pre.grad_scaler)
+    pre.step()
+    _assert_parts_factors(pre, ref)
+
+
+def test_backward_evaluation_call_starts_no_forward():
+    """A model call under torch.no_grad (a validation step, another batch size) opened a
+    forward that the next parts-pattern records joined: a confusing batch-size error, or
+    with reentrant checkpointing the recomputed layers dropped as 'shared' (0.83 off)."""
+    for ckpt in (None, True):
+        model, x, y, pre, ref = _fresh_parts(ckpt)
+        with torch.no_grad():
+            model(torch.randn(5, 5, dtype=torch.float64))
+        _accumulate(model, x, y, lambda xs, m=model: m.head(m.body(xs)))
+        pre.step()
+        _assert_parts_factors(pre, ref)
+
+
+def test_backward_one_forward_back_propagated_in_two_calls_sums_them():
+    """``l1.backward(retain_graph=True); l2.backward()`` on one forward: the recorded output
+    gradient was the last call's only (0.75 off); it is their sum."""
+    model, x, y, pre, ref = _fresh_parts()
+    out = model(x)
+    (F.cross_entropy(out, y) * 0.25).backward(retain_graph=True)
+    (F.cross_entropy(out, y) * 0.75).backward()
+    pre.step()
+    _assert_parts_factors(pre, ref)
+
+
+def test_backward_reentrant_recomputation_across_several_forwards_is_refused():
+    """Reentrant checkpointing recomputes layers inside the backward; one backward through
+    two forwards cannot tell whose samples they are (they were pooled as positions, 0.5
+    off, or a misleading 'reached in some forwards' error): a named error. Non-reentrant
+    checkpointing records no recomputation and stays exact."""
+    for ckpt in (True, False):
+        model, x, y, pre, ref = _fresh_parts(ckpt)
+        (sum(F.cross_entropy(model(xs), ys) for xs, ys in zip(x.chunk(2), y.chunk(2),
+                                                              strict=True)) / 2).backward()
+        if ckpt:
+            with pytest.raises(ValueError, match="recomputed .*use_reentrant=False"):
+                pre.step()
+        else:
+            pre.step()
+            _assert_parts_factors(pre, ref)
