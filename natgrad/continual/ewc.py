@@ -7,16 +7,28 @@ and anchor ``θ*_t`` (the parameters after training on ``t``), the penalty is
 
 Online EWC keeps one Fisher and one anchor: at each consolidation
 ``F ← γ F + F_new`` and ``θ* ← θ_new`` (the newest anchor), and
-``Ω(θ) = (λ/2) Σ_i F_i (θ_i - θ*_i)²``.
+``Ω(θ) = (λ/2) Σ_i F_i (θ_i - θ*_i)²``. The tasks' curvatures may cover different
+parameters (task-incremental learning adds a head per task, and each task's curvature
+covers the shared body and its own head): the fold is over the union of the names, each
+curvature being zero on the parameters it does not cover, so a parameter only the new
+curvature covers enters with ``F_new`` alone (anchored at its current value), and one
+only the folded curvature covers keeps ``γ F_old`` (anchored at its current value when
+no anchor is given, else at its previous anchor).
 
 Any curvature (Kronecker, low-rank, ...): pass a :class:`natgrad.Curvature` instead of
 a diagonal Fisher and each term is ``(λ/2) quad_t(θ - θ*_t)``, computed by the curvature
 itself (for Kronecker ``Σ_layers ⟨ΔW, G ΔW A⟩`` from the factors, never a ``P x P``
 matrix). Online mode folds curvatures with the protocol's arithmetic,
-``F ← γ F + F_new = (1 + γ) · F.ema(F_new, γ / (1 + γ))``: exact for diagonal and dense
-curvatures; for Kronecker curvatures ``ema`` averages the factors ``A`` and ``G``
-separately, so the fold is ``(d A₁ + (1-d) A₂) ⊗ (d G₁ + (1-d) G₂)``, an approximation of
-the sum ``d A₁⊗G₁ + (1-d) A₂⊗G₂`` (exact when the tasks share a factor).
+``F ← γ F + F_new = (1 + γ) · F.ema_union(F_new, d)`` with ``d = γ / (1 + γ)``: exact for
+diagonal and low-rank curvatures (a low-rank fold stacks both row sets, zero-padded to
+the union of the parameters); for Kronecker curvatures ``ema`` averages the factors
+``A`` and ``G`` separately, so a layer both tasks cover folds to
+``(1 + γ) (d A₁ + (1-d) A₂) ⊗ (d G₁ + (1-d) G₂)``, an approximation of
+``γ A₁⊗G₁ + A₂⊗G₂`` (exact when the tasks share a factor; ``c · F`` scales ``G``, so a
+folded layer's factors are ``(d A₁ + (1-d) A₂, (1 + γ)(d G₁ + (1-d) G₂))``; EKFAC re-fits
+its eigenvalues ``s`` in the eigenbasis of those factors, from both tasks' blocks). A
+layer one task covers alone is carried exactly: ``γ A₁⊗G₁`` (the old one) or
+``A₂⊗G₂`` (the new one).
 
 Choosing λ without a search (``lam_scale=s``): each term gets
 ``λ_t = s · N_t · P_t / tr F_t`` (``N_t`` the samples its curvature averages, ``P_t`` the
@@ -42,7 +54,7 @@ the best ``s`` ranged from about 5·10⁻⁸ to 5·10⁻⁵ (domain- vs task-inc
 "Choosing λ and damping"), so use it to centre a validation grid, not instead of one.
 
 Parameters absent at consolidation time (a head added later) or not covered by the
-Fisher are left out of the penalty. Names are matched as in ``model.named_parameters()``;
+Fisher are left out of that task's term. Names are matched as in ``model.named_parameters()``;
 a pruned parameter (``weight_orig`` from ``torch.nn.utils.prune``) is matched to a
 Fisher or anchor entry named ``weight`` and vice versa.
 """
@@ -214,7 +226,8 @@ class EWC:
         old Fisher get ``γF``, names only in the new one get ``F_new``), and the anchor
         becomes the newest one for every covered name. A structured
         :class:`natgrad.Curvature` (or any curvature when ``lam_scale`` is set) is stored
-        whole and folded online as ``(1 + γ) · F.ema(F_new, γ / (1 + γ))`` (module docstring).
+        whole and folded online as ``(1 + γ) · F.ema_union(F_new, γ / (1 + γ))`` over the
+        union of both's parameters (module docstring).
 
         Args:
             fisher: ``{name: tensor}`` (e.g. a :class:`natgrad.DiagonalFisher`); names must
@@ -431,17 +444,28 @@ class EWC:
             new_a[k] = src.detach().to(device=p.device, dtype=p.dtype).clone()
         if self.mode == "online" and self._curv_terms:
             old = self._curv_terms[0]
-            if old["curvature"].names() != names or type(old["curvature"]) is not type(curvature):
+            old_kind = getattr(old["curvature"], "kind", "")
+            if type(old["curvature"]) is not type(curvature) or old_kind != curvature.kind:
                 raise ValueError(
-                    "Online EWC folds curvatures of one kind over the same parameters; got "
-                    f"{type(curvature).__name__} over {names[:4]} after "
-                    f"{type(old['curvature']).__name__} over {old['curvature'].names()[:4]}. "
+                    "Online EWC folds curvatures of one kind; got "
+                    f"{type(curvature).__name__} ({curvature.kind!r}) after "
+                    f"{type(old['curvature']).__name__} ({old_kind!r}). "
                     "Use mode='separate' or estimate every task's curvature the same way."
                 )
             g = self.gamma
-            folded = (1.0 + g) * old["curvature"].ema(curvature, g / (1.0 + g))
+            # over the union of the names: a late head enters with F_new alone, a name the
+            # new task lacks keeps γ F_old (module docstring)
+            folded = (1.0 + g) * old["curvature"].ema_union(curvature, g / (1.0 + g))
             n = g * old["n"] + curvature.n_samples  # decayed as F is (module docstring)
-            self._curv_terms = [self._term(folded, new_a, n)]
+            for k, a_old in old["anchor"].items():  # names only the old term covers
+                target = _resolve(k, named)
+                if k in new_a:
+                    continue
+                if anchor is None and target is not None:  # the newest parameters
+                    new_a[k] = named[target].detach().clone()
+                else:  # an explicit anchor for the new task only: theirs stays
+                    new_a[k] = a_old
+            self._curv_terms = [self._term(folded, {k: new_a[k] for k in folded.names()}, n)]
         else:
             # a snapshot: the caller may go on updating its curvature in place (ema_, ...)
             snapshot = copy.deepcopy(curvature)

@@ -200,6 +200,37 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
             self.labels if self.labels == other.labels else "mixed",
         )
 
+    def ema_union(self, other: Curvature, decay: float) -> DiagonalFisher:
+        """``d F_self + (1 - d) F_other`` over the union of the names (exact): a name only
+        one Fisher holds gets ``d F_self`` or ``(1 - d) F_other``; ``N = N_self + N_other``.
+
+        Raises:
+            TypeError: ``other`` is not a DiagonalFisher.
+            ValueError: a shared name shaped differently.
+        """
+        if not isinstance(other, DiagonalFisher):
+            raise TypeError(
+                f"ema_union needs another DiagonalFisher, got {type(other).__name__}; "
+                "estimate both with kind='diag'."
+            )
+        decay = check_fraction("decay", decay, closed=True)
+        shared = [k for k in self if k in other]
+        check_same_structure(
+            {k: self[k] for k in shared}, {k: other[k] for k in shared},
+            "current Fisher", "new Fisher",
+        )
+        vals = {}
+        for k, v in self.items():
+            vals[k] = decay * v + (1 - decay) * other[k].to(v.device) if k in other else decay * v
+        for k, v in other.items():
+            if k not in vals:
+                vals[k] = (1 - decay) * v
+        return self._like(
+            vals,
+            self.n_samples + other.n_samples,
+            self.labels if self.labels == other.labels else "mixed",
+        )
+
     def ema_(self, other: Curvature, decay: float) -> DiagonalFisher:
         """:meth:`ema` written into this Fisher's own tensors (``F.lerp_(F_other, 1 -
         decay)``, no new tensors); returns ``self``. Use it only on a Fisher nothing else

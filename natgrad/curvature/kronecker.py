@@ -1095,6 +1095,53 @@ class KroneckerFisher(Curvature):
         same = self._check_same(other, "average")
         return self._mix(same, decay, 1 - decay, self.n_samples + same.n_samples)
 
+    def ema_union(self, other: Curvature, decay: float) -> KroneckerFisher:
+        """:meth:`ema` over the union of both curvatures' layers and diagonal entries.
+
+        A layer (or diagonal entry) both hold is averaged as :meth:`ema` does, factor by
+        factor: ``(d A₁ + (1-d) A₂) ⊗ (d G₁ + (1-d) G₂)`` (EKFAC: ``s`` re-fitted in the
+        averaged factors' eigenbasis); one only ``self`` holds is ``d F_self``'s block
+        (``G`` and ``s`` scaled, as ``c * F``), one only ``other`` holds ``(1 - d)
+        F_other``'s: exact, as a missing layer's curvature is zero. ``N = N_a + N_b``.
+
+        Raises:
+            TypeError: ``other`` is not a KroneckerFisher of this kind.
+            ValueError: a shared layer laid out differently (e.g. a bias in one only), or a
+                parameter in a Kronecker block in one and in the diagonal part of the other.
+        """
+        decay = check_fraction("decay", decay, closed=True)
+        if not isinstance(other, KroneckerFisher) or other.kind != self.kind:
+            raise TypeError(
+                f"Cannot average a {self.kind!r} KroneckerFisher with "
+                f"{getattr(other, 'kind', type(other).__name__)!r}; combine curvatures of one kind."
+            )
+        theirs = set(other.order)
+        shared = [k for k in self.order if k in theirs]
+        mine_only = [k for k in self.order if k not in theirs]
+        their_only = [k for k in other.order if k not in set(self.order)]
+        keep = set(shared)
+        for f in (self, other):
+            for layer, blk in f.blocks.items():
+                if keep & set(blk.names) and not keep >= set(blk.names):
+                    raise ValueError(
+                        f"Cannot average these KroneckerFishers: the Kronecker block of layer "
+                        f"{layer!r} covers {blk.names} in one and only "
+                        f"{sorted(keep & set(blk.names))} in the other. Estimate every "
+                        "curvature over whole layers (a layer's weight and bias together)."
+                    )
+        a, b = self.restrict(shared), other.restrict(shared)
+        n = self.n_samples + other.n_samples
+        both = a._mix(a._check_same(b, "average"), decay, 1 - decay, n)
+        parts = [both, self.restrict(mine_only) * decay, other.restrict(their_only) * (1 - decay)]
+        labels = self.labels if self.labels == other.labels else "mixed"
+        return KroneckerFisher(
+            {k: blk for p in parts for k, blk in p.blocks.items()},
+            {k: v for p in parts for k, v in p.diag.items()}, n, kind=self.kind,
+            diag_reasons={**other.diag_reasons, **self.diag_reasons}, labels=labels,
+            likelihood=self.likelihood, order=[*self.order, *their_only],
+            damping_mode=self.damping_mode,
+        )
+
     def ema_(self, other: Curvature, decay: float) -> KroneckerFisher:
         """:meth:`ema` written into this curvature's own factors: ``A.lerp_(A_other, 1 -
         decay)``, the same for ``G`` and the diagonal part (no new tensors for them);

@@ -511,6 +511,46 @@ class LowRankFisher(Curvature):
         labels = self.labels if self.labels == other.labels else "mixed"
         return self._like(rows, n, labels)
 
+    def ema_union(self, other: Curvature, decay: float) -> LowRankFisher:
+        """``d F_self + (1 - d) F_other`` over the union of the parameters, exactly: both
+        row stacks are zero-padded to the union's columns (a curvature is zero on, and
+        uncoupled to, the parameters it lacks) and averaged as :meth:`ema`;
+        ``N = N_self + N_other``.
+
+        Raises:
+            TypeError: ``other`` is not a LowRankFisher.
+            ValueError: a shared parameter shaped differently.
+        """
+        decay = check_fraction("decay", decay, closed=True)
+        if not isinstance(other, LowRankFisher):
+            raise TypeError(f"Cannot average a LowRankFisher with a {type(other).__name__}.")
+        shapes = dict(self.shapes)
+        for k, s in other.shapes.items():
+            if shapes.setdefault(k, s) != s:
+                raise ValueError(
+                    f"Cannot average LowRankFishers that shape {k!r} differently ({shapes[k]} "
+                    f"vs {s}); estimate both on the same model."
+                )
+        return self._padded(shapes).ema(other._padded(shapes), decay)
+
+    def _padded(self, shapes: Mapping[str, tuple[int, ...]]) -> LowRankFisher:
+        """The same ``F`` over ``shapes`` (a superset): zero columns for the added names."""
+        if list(shapes) == list(self.shapes):
+            return self
+        rows = self.rows.new_zeros(self.rows.shape[0], sum(math.prod(s) for s in shapes.values()))
+        start, j = {}, 0
+        for k, s in self.shapes.items():  # this curvature's column range of each name
+            start[k] = j
+            j += math.prod(s)
+        i = 0
+        for k, s in shapes.items():
+            n = math.prod(s)
+            if k in start:
+                rows[:, i : i + n] = self.rows[:, start[k] : start[k] + n]
+            i += n
+        return LowRankFisher(rows, self.n_samples, shapes, rank=self.rank, labels=self.labels,
+                             likelihood=self.likelihood)
+
     def to(self, *args: Any, **kwargs: Any) -> LowRankFisher:
         """Move / cast the rows like ``Tensor.to``; returns a new curvature."""
         return LowRankFisher(self.rows.to(*args, **kwargs), self.n_samples, self.shapes,

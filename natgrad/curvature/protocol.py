@@ -19,6 +19,8 @@ Definitions every implementation follows (``λ >= 0`` is a damping added to the 
 ``a + b``                   sample-weighted mean ``(N_a F_a + N_b F_b) / (N_a + N_b)``
 ``c * a``                   ``c F`` (``c >= 0``), same ``N``
 ``a.ema(b, d)``             ``d F_a + (1 - d) F_b``, ``N = N_a + N_b``
+``a.ema_union(b, d)``       ``ema`` over the union of both's parameters, each curvature
+                            zero on the parameters it lacks
 ``structure()``             ``{parameter name: kind}`` ("diag", "kfac", "ekfac", "lowrank")
 ``restrict(names)``         ``F``'s block on ``names`` alone (block-diagonal kinds, whole
                             blocks; others refuse)
@@ -262,6 +264,36 @@ class Curvature(ABC):
     @abstractmethod
     def ema(self, other: Curvature, decay: float) -> Curvature:
         """``decay * self + (1 - decay) * other``, ``N = N_self + N_other``."""
+
+    def ema_union(self, other: Curvature, decay: float) -> Curvature:
+        """``decay · F_self + (1 - decay) · F_other`` over the union of both curvatures'
+        parameters, each taken as zero on (and uncoupled to) the parameters it does not
+        cover; ``N = N_self + N_other``.
+
+        On parameters both cover this is :meth:`ema` (with its approximation, for a kind
+        whose ``ema`` averages statistics rather than operators); a block only ``self``
+        covers is ``decay · F_self``'s, one only ``other`` covers ``(1 - decay) ·
+        F_other``'s. Online EWC folds a task that adds a head with it. This default
+        handles only curvatures over the same parameters (it is :meth:`ema` then); a kind
+        implements the general case in its own file.
+
+        Args:
+            other: a curvature of the same kind.
+            decay: ``d`` in ``[0, 1]``.
+
+        Returns:
+            A new curvature over ``self``'s parameters followed by ``other``'s new ones.
+
+        Raises:
+            ValueError: the parameters differ and this kind does not implement it.
+        """
+        if set(other.names()) == set(self.names()):
+            return self.ema(other, decay)
+        raise ValueError(
+            f"A {self.kind!r} curvature cannot be averaged with one over other parameters "
+            f"({self.names()[:4]} vs {other.names()[:4]}): the kind does not implement "
+            "ema_union(). Estimate both over the same parameters (params=...)."
+        )
 
     def ema_(self, other: Curvature, decay: float) -> Curvature:
         """:meth:`ema` that may overwrite this curvature's statistics in place (no new

@@ -106,12 +106,34 @@ def test_ewc_lam_scale_must_be_positive():
         natgrad.EWC(_model(), lam_scale=0.0)
 
 
-def test_ewc_online_refuses_mixed_kinds():
+def test_ewc_online_over_other_parameters_needs_ema_union():
+    # a kind without ema_union (the protocol's default) cannot fold over other names
     model = _model()
     ewc = natgrad.EWC(model, _dense(model), mode="online")
-    with pytest.raises(ValueError, match="folds curvatures of one kind"):
+    with pytest.raises(ValueError, match="does not implement ema_union"):
         ewc.consolidate(DenseCurvature(
             _dense(model).matrix[:16, :16], {"0.weight": (4, 3), "0.bias": (4,)}, 5))
+
+
+def _kron(model, kind, params=None):
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return natgrad.estimate_curvature(model, x, kind=kind, labels="exact", params=params)
+
+
+def test_ewc_online_refuses_mixed_kinds():
+    model = _model()
+    ewc = natgrad.EWC(model, _kron(model, "kfac"), mode="online")
+    with pytest.raises(ValueError, match="folds curvatures of one kind"):
+        ewc.consolidate(_kron(model, "ekfac"))
+
+
+def test_ewc_online_kronecker_layer_laid_out_differently():
+    # the new task covers a layer's weight without its bias: one G ⊗ A block cannot fold
+    # with a [W, b] block
+    model = _model()
+    ewc = natgrad.EWC(model, _kron(model, "kfac"), mode="online")
+    with pytest.raises(ValueError, match="Kronecker block of layer '0'"):
+        ewc.consolidate(_kron(model, "kfac", params=["0.weight", "2.weight", "2.bias"]))
 
 
 def test_ewc_refuses_mixing_dicts_and_curvatures():
