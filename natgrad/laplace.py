@@ -35,6 +35,15 @@ convolution patches), and
   ``J_c · v_k = Σ_layers b_cᵀ V_k ã`` come from the same captured ``a`` and ``b_c``
   (float64, as the difference cancels); it needs every parameter on the capture path.
 
+Sequence models (``likelihood="token_categorical"``, logits ``(N, T, C)``): the
+outputs of one sample are its ``D = T·C`` token logits, so the machinery above gives
+every token's Jacobian ``J_t`` (``C x P``) as ``C`` of the ``D`` rows. Each token's
+logits are Gaussian, ``f_t ~ N(f*_t, J_t Σ J_tᵀ)`` with ``Σ = (N F + δ I)⁻¹``, and the
+links act on each token's ``C`` logits as on a categorical sample's (probit on the
+variances, MC on the ``C x C`` diagonal block of the ``D x D`` covariance). ``N`` counts
+sequences: the token Fisher's per-sample term sums over the sequence's kept tokens, so
+``N F`` is the GGN of the whole training log-likelihood.
+
 Parameters the capture path does not cover (other layer types, weights used twice,
 curvatures coupling layers otherwise, such as a dense one) take the general path:
 per-sample Jacobians with ``torch.func`` (``vmap`` over ``vjp`` rows) in chunks, reduced
@@ -101,7 +110,7 @@ __all__ = [
 ]
 
 LINKS = ("probit", "mc")
-SUPPORTED_LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
+SUPPORTED_LIKELIHOODS = ("categorical", "bernoulli", "gaussian", "token_categorical")
 PRIOR_METHODS = ("grid", "marglik")
 CHUNK_FLOATS = 2**25  # about 128 MiB of float32 Jacobian entries per chunk
 _PROBIT = math.pi / 8
@@ -114,6 +123,10 @@ logger = logging.getLogger(__name__)
 @dataclass
 class UncertaintyReport(Report):
     """The linearized Laplace predictive on a batch of ``N`` samples with ``D`` outputs.
+
+    For ``likelihood="token_categorical"`` (logits ``(N, T, C)``) every ``(N, D)`` field
+    below is ``(N, T, C)`` (one categorical per token), ``logit_covariance`` is
+    ``(N, T, C, C)`` (each token's block) and ``entropy`` / ``epistemic`` are ``(N, T)``.
 
     Attributes:
         mean: ``(N, D)`` MAP outputs ``μ = f(x; θ*)`` (logits, or regression means).
@@ -181,8 +194,7 @@ def _resolve_likelihood(likelihood: str | Likelihood | None, fisher: object) -> 
     if lik.name not in SUPPORTED_LIKELIHOODS:
         raise ValueError(
             f"The Laplace predictive supports likelihoods {SUPPORTED_LIKELIHOODS}, got "
-            f"{lik.name!r}. For sequence models, apply it to a per-sequence classifier head "
-            "or pass likelihood= one of the supported names."
+            f"{lik.name!r}; pass likelihood= one of the supported names."
         )
     if stored is not None and likelihood is not None and stored != lik.name:
         raise ValueError(
@@ -988,8 +1000,9 @@ def _sqrt_psd(cov: torch.Tensor) -> torch.Tensor:
 
 
 def _full_cov(lik: Likelihood, link: str) -> bool:
-    """Whether the predictive needs the full ``D x D`` logit covariance (softmax MC draws)."""
-    return lik.name == "categorical" and link == "mc"
+    """Whether the predictive needs the full ``D x D`` logit covariance (softmax MC draws;
+    for tokens, each token's ``C x C`` block of it)."""
+    return lik.name in ("categorical", "token_categorical") and link == "mc"
 
 
 def _predict(
@@ -1057,6 +1070,43 @@ def _mc_noise(
     return eps.to(device)
 
 
+def _token_shape(model: nn.Module, b: Batch, output_fn: OutputFn | None) -> tuple[int, int]:
+    """``(T, C)`` of a ``token_categorical`` model's logits ``(N, T, C)``, read off the
+    first sample's forward (one sample: the batch's ``T`` may differ from another's).
+
+    Raises:
+        ValueError: the outputs are not of rank 3 (one categorical per token).
+    """
+    with torch.no_grad():
+        raw = call_model(model, b.select(0, 1), "the first sample of the batch")
+        out = (output_fn or default_output_fn)(raw)
+    if out.dim() != 3:
+        raise ValueError(
+            "likelihood='token_categorical' needs logits of shape (N, T, C), one categorical "
+            f"per token; the model's output has shape {tuple(out.shape)} for one sample. "
+            "For one label per sample use likelihood='categorical' (estimate the curvature "
+            "with it), or pass output_fn= returning the (N, T, C) logits."
+        )
+    return int(out.shape[1]), int(out.shape[2])
+
+
+def _token_rows(
+    mean: torch.Tensor, spread: torch.Tensor, shape: tuple[int, int], full: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row per token: means ``(N·T, C)`` and spreads ``(N·T, C)`` (variances) or
+    ``(N·T, C, C)`` (``full``: each token's diagonal block of the ``(T·C) x (T·C)``
+    covariance of its sequence's logits) from the flattened ``(N, T·C)`` moments."""
+    T, C = shape
+    n = mean.shape[0]
+    rows = mean.reshape(n * T, C)
+    if not full:
+        return rows, spread.reshape(n * T, C, *spread.shape[2:])
+    blocks = spread.reshape(n, T, C, T, C, *spread.shape[3:]).diagonal(dim1=1, dim2=3)
+    # (n, C, C, [G,] T) -> (n, T, C, C, [G])
+    blocks = blocks.movedim(-1, 1)
+    return rows, blocks.reshape(n * T, C, C, *spread.shape[3:])
+
+
 def _prepare(
     model: nn.Module,
     fisher: FisherLike,
@@ -1119,7 +1169,15 @@ def fisher_uncertainty(
       standard normal); bernoulli: ``N(μ_c, Var f_c)`` per logit (each probability
       depends on its own logit only);
     * gaussian (regression, known ``σ``): predictive ``N(μ, Var f + σ²)`` in closed
-      form (``link`` is not used); epistemic score = ``Σ_d Var f_d``.
+      form (``link`` is not used); epistemic score = ``Σ_d Var f_d``;
+    * token_categorical (logits ``(N, T, C)``): each token ``t`` is a categorical with
+      Gaussian logits ``N(f*_t, J_t (N F + δ I)⁻¹ J_tᵀ)`` (``J_t`` its ``C x P``
+      Jacobian), through either link as above; results per token, ``(N, T, C)`` and
+      ``(N, T)``. ``N`` is the number of training *sequences* (the curvature's
+      ``n_samples``: its per-sample term sums the sequence's kept tokens). Every position
+      gets a predictive (labels, ``ignore_index`` and ``shift`` play no part here). The
+      MC link forms the ``(T·C) x (T·C)`` covariance of each sequence and keeps its
+      ``T`` diagonal blocks (memory ``N (T·C)²``).
 
     Any :class:`natgrad.Curvature` (Kronecker, low-rank, ...): the GLM predictive is
     ``Var f_c(x) = J_c (N F + δ I)⁻¹ J_cᵀ = J_c (F + (δ/N) I)⁻¹ J_cᵀ / N``: on the capture
@@ -1203,14 +1261,23 @@ def fisher_uncertainty(
         b = parse_batch(one).to(device)
         if subset == "last_layer" and not parts:
             _check_last_layer(model, b, list(chosen))
+        shape = _token_shape(model, b, output_fn) if lik.name == "token_categorical" else None
         mean, var = post.moments(b)
-        lik.check_output(mean)
         spread = var[..., 0]  # (N, D, D) when full, else (N, D)
+        row_lik = lik
+        if shape is not None:  # one categorical row per token: (N·T, C)
+            row_lik = get_likelihood("categorical")
+            mean, spread = _token_rows(mean, spread, shape, full)
+        lik.check_output(mean)
         cov = spread if full else None
         var = spread.diagonal(dim1=1, dim2=2) if full else spread
-        eps = _mc_noise(lik, link, n_samples, mean, gen, device)
-        pred = _predict(lik, link, mean, spread, eps)
-        parts.append(dict(mean=mean, logit_variance=var, logit_covariance=cov, **pred))
+        eps = _mc_noise(row_lik, link, n_samples, mean, gen, device)
+        pred = _predict(row_lik, link, mean, spread, eps)
+        part = dict(mean=mean, logit_variance=var, logit_covariance=cov, **pred)
+        if shape is not None:  # back to (N, T, ...)
+            part = {k: v if not isinstance(v, torch.Tensor) else
+                    v.reshape(-1, shape[0], *v.shape[1:]) for k, v in part.items()}
+        parts.append(part)
     if not parts:
         raise ValueError(
             "batch yielded no batches: pass a batch of inputs or a non-empty DataLoader."
@@ -1238,6 +1305,21 @@ def _nll(lik: Likelihood, pred: dict[str, Any], mean: torch.Tensor, target: torc
         return -p.gather(-1, target.long().view(-1, 1)).squeeze(-1).clamp_min(1e-30).log()
     y = target.reshape(p.shape).to(p.dtype)
     return -(y * p.clamp_min(1e-30).log() + (1 - y) * (1 - p).clamp_min(1e-30).log()).sum(-1)
+
+
+def _token_nll(
+    lik: Likelihood, probs: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """``(Σ -log p_t(y_t), kept tokens)`` over the tokens ``lik`` keeps: labels equal to
+    its ``ignore_index`` are left out and, with ``shift``, position ``t`` predicts the
+    label at ``t + 1`` (as the Fisher reads them)."""
+    ignore = int(getattr(lik, "ignore_index", -100))
+    if getattr(lik, "shift", False):
+        probs, target = probs[:, :-1], target[:, 1:]
+    keep = target != ignore
+    safe = torch.where(keep, target, torch.zeros_like(target))
+    logp = probs.gather(-1, safe.unsqueeze(-1)).squeeze(-1).clamp_min(1e-30).log()
+    return -(logp * keep).sum(), int(keep.sum())
 
 
 def _marglik_terms(
@@ -1335,7 +1417,11 @@ def optimize_prior_precision(
     * ``method="grid"``: the ``δ`` in ``grid`` with the lowest mean validation negative
       log-likelihood ``-(1/M) Σ_m log p(y_m | x_m)`` under the Laplace predictive of
       :func:`fisher_uncertainty` (same ``link``). The Jacobians are computed once per
-      chunk and reused for every candidate.
+      chunk and reused for every candidate. ``token_categorical``: ``M`` counts the kept
+      tokens (labels other than the likelihood's ``ignore_index``; with ``shift``, the
+      logits at ``t`` score the label at ``t + 1``), so the score is the mean NLL per
+      token; pass ``likelihood=natgrad.TokenCategorical(...)`` when the curvature was
+      estimated with other settings (a curvature records only the name).
     * ``method="marglik"``: maximize the Laplace log marginal likelihood of the
       GGN posterior,
       ``log Z(δ) = log p(D | θ*) - ½ δ ‖θ*‖² + ½ P log δ - ½ log det(N F + δI)``
@@ -1345,13 +1431,12 @@ def optimize_prior_precision(
       derivative vanishes where ``δ = γ / ‖θ*‖²`` with ``γ = P − δ tr (N F + δI)⁻¹``
       (the effective number of parameters; ``Σ_i N F_i / (N F_i + δ)`` for a diagonal
       ``F``); the exact root is returned, and ``scores`` tabulates ``grid``.
-      ``val_data`` is not used. With ``subset="last_layer"`` (or ``params``) and a
+      ``val_data`` is not used (but see ``subset``). With ``subset="last_layer"`` (or ``params``) and a
       curvature covering more, ``P``, ``‖θ*‖²`` and the log-determinant are the
       subset's: ``F`` is the curvature's block on it (:meth:`natgrad.Curvature.restrict`;
-      block-diagonal kinds ``"diag"``, ``"kfac"``, ``"ekfac"``, whole blocks). Without
-      data, ``subset="last_layer"`` is not checked against a forward pass here (the
-      predictive and ``"grid"`` check it): on a model that registers its output layer
-      before another module, pass ``params=``.
+      block-diagonal kinds ``"diag"``, ``"kfac"``, ``"ekfac"``, whole blocks).
+      ``token_categorical``: ``N`` is the curvature's number of sequences (``N F`` is
+      the GGN of the training set's summed token log-likelihoods), not of tokens.
 
     Args:
         model: the trained model at ``θ*`` (eval mode; not modified).
@@ -1427,16 +1512,30 @@ def optimize_prior_precision(
     post = _Posterior(model, fisher, chosen, n, cand, lik, output_fn, chunk_size, engine, full)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     totals = torch.zeros(len(cand), dtype=torch.float64)
-    count = 0
+    count, batches = 0, 0
     for batch in iterate_batches(val_data):
         b = parse_batch(batch).to(device)
-        if subset == "last_layer" and count == 0:
+        if subset == "last_layer" and batches == 0:
             _check_last_layer(model, b, list(chosen))
+        batches += 1
         if b.target is None:
             raise ValueError(
                 "method='grid' scores the validation NLL, but a validation batch has no "
                 "labels: pass (x, y) batches."
             )
+        if lik.name == "token_categorical":
+            shape = _token_shape(model, b, output_fn)
+            mean, var = post.moments(b)
+            target = lik.prepare_target(mean.reshape(-1, *shape), b.target)
+            rows, spread = _token_rows(mean, var, shape, full)
+            row_lik = get_likelihood("categorical")
+            eps = _mc_noise(row_lik, link, n_samples, rows, gen, device)
+            for g in range(len(cand)):
+                pred = _predict(row_lik, link, rows, spread[..., g], eps)
+                nll, kept = _token_nll(lik, pred["probs"].reshape(-1, *shape), target)
+                totals[g] += float(nll)
+            count += kept
+            continue
         mean, var = post.moments(b)
         target = lik.prepare_target(mean, b.target)
         eps = _mc_noise(lik, link, n_samples, mean, gen, device)
@@ -1444,8 +1543,12 @@ def optimize_prior_precision(
             pred = _predict(lik, link, mean, var[..., g], eps)  # (N, D, D) when full
             totals[g] += float(_nll(lik, pred, mean, target).sum())
         count += b.size
-    if count == 0:
+    if batches == 0:
         raise ValueError("val_data yielded no batches.")
+    if count == 0:
+        raise ValueError(
+            "val_data holds no token to score: every label is the likelihood's ignore_index."
+        )
     scores = (totals / count).tolist()
     i = min(range(len(cand)), key=lambda j: scores[j])
     _warn_grid_edge(cand, cand[i])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from natgrad import DiagonalFisher, Gaussian, estimate_fisher
+from natgrad import CustomLikelihood, DiagonalFisher, Gaussian, estimate_fisher
 from natgrad.laplace import fisher_uncertainty, optimize_prior_precision
 
 # -- references -----------------------------------------------------------------------------
@@ -292,8 +292,11 @@ def test_bad_inputs(mlp_case):
     with pytest.raises(ValueError, match="Invalid prior_precision: 0"):
         fisher_uncertainty(model, x, fisher, prior_precision=0)
     tok = DiagonalFisher(dict(fisher), 10, likelihood="token_categorical")
-    with pytest.raises(ValueError, match="supports likelihoods .* got 'token_categorical'"):
-        fisher_uncertainty(model, x, tok)
+    with pytest.raises(ValueError, match=r"token_categorical' needs logits of shape \(N, T, C\)"):
+        fisher_uncertainty(model, x, tok)  # an (N, C) model: no tokens
+    with pytest.raises(ValueError, match="supports likelihoods .* got 'sq'"):
+        fisher_uncertainty(model, x, fisher, likelihood=CustomLikelihood(
+            lambda f, y: ((f - y) ** 2).sum(-1), name="sq"))
     with pytest.raises(ValueError, match="estimated with likelihood 'categorical' but"):
         fisher_uncertainty(model, x, fisher, likelihood="bernoulli")
     partial = DiagonalFisher({"2.bias": fisher["2.bias"]}, 10)

@@ -134,3 +134,42 @@ def test_a_gaussian_curvature_without_its_sigma_warns():
                                        likelihood=natgrad.Gaussian(0.5))
         natgrad.optimize_prior_precision(model, curv, method="marglik")  # σ is not used
     torch.testing.assert_close(r.predictive_variance, r.logit_variance + 0.25)
+
+
+# -- token_categorical ------------------------------------------------------------------
+
+
+def _token_fisher(model):
+    return natgrad.DiagonalFisher(
+        {k: torch.ones_like(p) for k, p in model.named_parameters()}, 10,
+        likelihood="token_categorical",
+    )
+
+
+def test_token_categorical_needs_rank_three_logits():
+    model = _mlp()  # (N, C) logits: one label per sample, not per token
+    x, _ = _data()
+    with pytest.raises(ValueError, match=r"needs logits of shape \(N, T, C\)"):
+        natgrad.fisher_uncertainty(model, x, _token_fisher(model))
+    with pytest.raises(ValueError, match=r"needs logits of shape \(N, T, C\)"):
+        natgrad.optimize_prior_precision(model, _token_fisher(model), (x, torch.zeros(12, 1)))
+
+
+def _token_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 4)).double().eval()
+
+
+def test_token_grid_labels_must_be_tokens():
+    model = _token_model()
+    x = torch.randint(0, 5, (6, 3))
+    with pytest.raises(ValueError, match=r"labels must be integer tokens of shape \(N, T\)"):
+        natgrad.optimize_prior_precision(model, _token_fisher(model), (x, torch.zeros(6).long()))
+
+
+def test_token_grid_with_every_label_ignored():
+    model = _token_model()
+    x = torch.randint(0, 5, (6, 3))
+    y = torch.full((6, 3), -100)
+    with pytest.raises(ValueError, match="no token to score"):
+        natgrad.optimize_prior_precision(model, _token_fisher(model), (x, y))
