@@ -209,7 +209,8 @@ def run_seed(seed: int, epochs: int, name: str, oracle: bool) -> dict[str, Any]:
                                               **kw).prior_precision,
                 "C": (optimize_prior_precision(model, own, method="marglik", n_data=n)
                       if (kind, subset) == ("kfac", "last_layer") else
-                      optimize_prior_precision(model, c, method="marglik", **kw)).prior_precision,
+                      optimize_prior_precision(model, c, s["val"], method="marglik",
+                                               **kw)).prior_precision,  # val: what runs last
             }
         for proto, delta in sel.items():
             link = "probit" if proto == "B" else "mc"

@@ -1431,17 +1431,25 @@ def optimize_prior_precision(
       derivative vanishes where ``δ = γ / ‖θ*‖²`` with ``γ = P − δ tr (N F + δI)⁻¹``
       (the effective number of parameters; ``Σ_i N F_i / (N F_i + δ)`` for a diagonal
       ``F``); the exact root is returned, and ``scores`` tabulates ``grid``.
-      ``val_data`` is not used (but see ``subset``). With ``subset="last_layer"`` (or ``params``) and a
+      ``val_data`` is not used for the score. With ``subset="last_layer"`` (or ``params``) and a
       curvature covering more, ``P``, ``‖θ*‖²`` and the log-determinant are the
       subset's: ``F`` is the curvature's block on it (:meth:`natgrad.Curvature.restrict`;
       block-diagonal kinds ``"diag"``, ``"kfac"``, ``"ekfac"``, whole blocks).
+      ``subset="last_layer"`` takes the last *registered* module with trainable
+      parameters; which module runs last only a forward pass tells, so marglik then
+      needs ``val_data`` (inputs of one batch) to check it, as the predictive and
+      ``"grid"`` do on their first batch: a model that registers its head before a final
+      norm raises, naming the module to pass as ``params=``, instead of scoring the norm.
       ``token_categorical``: ``N`` is the curvature's number of sequences (``N F`` is
       the GGN of the training set's summed token log-likelihoods), not of tokens.
 
     Args:
         model: the trained model at ``θ*`` (eval mode; not modified).
         fisher: diagonal Fisher or any :class:`natgrad.Curvature` over the training data.
-        val_data: labelled validation batch or iterable of batches (``grid`` only).
+        val_data: labelled validation batch or iterable of batches (``grid``); for
+            ``"marglik"`` with ``subset="last_layer"``, a batch of inputs (labels not
+            needed) whose first sample's forward checks that the chosen module runs last
+            (required there: without a forward the check cannot run).
         method: ``"grid"`` or ``"marglik"``.
         grid: candidate precisions (default ``10^-4 ... 10^4`` in half decades).
         n_data: as in :func:`fisher_uncertainty`.
@@ -1460,6 +1468,8 @@ def optimize_prior_precision(
 
     Raises:
         ValueError: unknown method, non-positive grid values, missing validation labels,
+            ``"marglik"`` with ``subset="last_layer"`` and no ``val_data`` (or a chosen
+            module that is not the one running last),
             ``"marglik"`` on a subset of a curvature that cannot be restricted to it (a
             coupled kind such as ``"lowrank"``, or a subset that splits a Kronecker
             block), and everything :func:`fisher_uncertainty` raises.
@@ -1493,6 +1503,8 @@ def optimize_prior_precision(
         check_positive("grid value", g)
     dtype = acc_dtype(next(model.parameters()).dtype)
     if method == "marglik":
+        if subset == "last_layer":
+            _check_last_layer_marglik(model, val_data, list(chosen))
         if _structured(fisher):
             return _marglik_curvature(fisher, chosen, n, dtype, cand, method)
         theta_sq, nf = _marglik_terms(model, cast(Mapping[str, torch.Tensor], fisher), chosen, n, dtype)
@@ -1637,6 +1649,31 @@ def _check_last_layer(model: nn.Module, b: Batch, chosen: list[str]) -> None:
             f"({chosen}), but the forward pass runs {order[-1]!r} after it; pass "
             f"params={own[order[-1]]} (the layer that runs last), or the parameters you mean."
         )
+
+
+def _check_last_layer_marglik(model: nn.Module, val_data: Any, chosen: list[str]) -> None:
+    """:func:`_check_last_layer` for ``method="marglik"``, on the first batch of
+    ``val_data`` (its inputs only). The marginal likelihood itself needs no data, but
+    without a forward pass the last *registered* module (what ``subset="last_layer"``
+    takes) cannot be told from the last one to *run*: a model that registers its head
+    before a final norm would silently get the norm's marginal likelihood.
+
+    Raises:
+        ValueError: no ``val_data`` (pass a batch or ``params=``), an empty iterable, or
+            a chosen module that does not run last.
+    """
+    if val_data is None:
+        raise ValueError(
+            "subset='last_layer' with method='marglik' needs a batch to check that the "
+            f"module it takes ({chosen}, the last registered one with trainable "
+            "parameters) is the one that runs last (a model may register its output layer "
+            "before another module): pass val_data= a batch of inputs (labels are not "
+            "needed), or params=[...] naming the last layer's parameters."
+        )
+    first = next(iter(iterate_batches(val_data)), None)
+    if first is None:
+        raise ValueError("val_data yielded no batches.")
+    _check_last_layer(model, parse_batch(first).to(model_device(model)), chosen)
 
 
 def _resolve_params_curvature(

@@ -198,8 +198,8 @@ def test_last_layer_marglik_of_a_whole_model_block_diagonal_curvature(kind):
         return float(-0.5 * d * theta @ theta + 0.5 * 15 * math.log(d) - 0.5 * sld)
 
     grid = [0.1, 1.0, 10.0]
-    r = natgrad.optimize_prior_precision(model, curv, method="marglik", grid=grid,
-                                         subset="last_layer")
+    r = natgrad.optimize_prior_precision(model, curv, xt, method="marglik", grid=grid,
+                                         subset="last_layer")  # xt: checks what runs last
     assert r.scores == pytest.approx([log_z(d) for d in grid], rel=1e-9)
     best = r.prior_precision
     assert r.best_score == pytest.approx(log_z(best), rel=1e-9)

@@ -173,3 +173,40 @@ def test_token_grid_with_every_label_ignored():
     y = torch.full((6, 3), -100)
     with pytest.raises(ValueError, match="no token to score"):
         natgrad.optimize_prior_precision(model, _token_fisher(model), (x, y))
+
+
+# -- marglik on subset="last_layer" --------------------------------------------------------
+
+
+class _HeadBeforeNorm(nn.Module):
+    """Registers its head before a norm that runs before it: the last registered module
+    with parameters (``norm``) is not the one that runs last (``head``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+        self.norm = nn.LayerNorm(5)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.tanh(self.body(x))))
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac"])
+def test_marglik_last_layer_checks_the_module_that_runs_last(kind):
+    # it used to score the norm's marginal likelihood silently (no data, no check)
+    model = _HeadBeforeNorm().double().eval()
+    x, y = _data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        curv = natgrad.estimate_curvature(model, (x, y), kind=kind, labels="exact")
+    with pytest.raises(ValueError, match="needs a batch to check"):
+        natgrad.optimize_prior_precision(model, curv, method="marglik", subset="last_layer")
+    with pytest.raises(ValueError, match=r"runs 'head' after it; pass params=\['head.weight'"):
+        natgrad.optimize_prior_precision(model, curv, x, method="marglik", subset="last_layer")
+    with pytest.raises(ValueError, match="yielded no batches"):
+        natgrad.optimize_prior_precision(model, curv, [], method="marglik", subset="last_layer")
+    # the fix the message names: the head's parameters, the same as a correct subset
+    natgrad.optimize_prior_precision(model, curv, method="marglik",
+                                     params=["head.weight", "head.bias"])

@@ -278,7 +278,8 @@ def test_laplace_marglik_on_a_subset_of_a_curvature():
     model = _model().eval()
     with pytest.raises(ValueError, match="logdet over all it covers"):
         natgrad.optimize_prior_precision(
-            model, _dense(model, kind="kfac"), method="marglik", subset="last_layer"
+            model, _dense(model, kind="kfac"), torch.zeros(1, 3, dtype=torch.float64),
+            method="marglik", subset="last_layer",
         )
 
 
