@@ -174,6 +174,10 @@ def test_online_fold_with_late_heads_matches_a_dense_reference(kind, lam_scale, 
     assert pen.dtype == dtype
     tol = {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 1e-6}
     torch.testing.assert_close(pen.detach().double(), lam / 2 * d @ F @ d, **tol)
+    # the folded term round-trips through state_dict
+    again = natgrad.EWC(model, lam=LAM, mode="online", gamma=GAMMA, lam_scale=lam_scale)
+    again.load_state_dict(ewc.state_dict())
+    torch.testing.assert_close(again.penalty().detach(), pen.detach(), rtol=1e-12, atol=0)
     model.zero_grad()
     pen.backward()
     grad = flatten_params({k: p.grad for k, p in model.named_parameters()}, names).double()
