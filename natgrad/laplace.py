@@ -94,6 +94,7 @@ from natgrad.engine.per_sample import (
     call_model,
     hooked_output,
     loop_samples,
+    masked_target,
     model_device,
     probe_failed,
     select_params,
@@ -1282,6 +1283,13 @@ def fisher_uncertainty(
         raise ValueError(
             "batch yielded no batches: pass a batch of inputs or a non-empty DataLoader."
         )
+    lengths = sorted({tuple(p["mean"].shape[1:]) for p in parts})
+    if len(lengths) > 1:
+        raise ValueError(
+            f"The batches' outputs have different shapes per sample ({lengths[:4]}), so "
+            "their results cannot be concatenated: pad every batch to one sequence length, "
+            "or call fisher_uncertainty once per batch."
+        )
     fields = {
         k: v if isinstance(v, str) or v is None else torch.cat([p[k] for p in parts])
         for k, v in parts[0].items()
@@ -1538,7 +1546,8 @@ def optimize_prior_precision(
         if lik.name == "token_categorical":
             shape = _token_shape(model, b, output_fn)
             mean, var = post.moments(b)
-            target = lik.prepare_target(mean.reshape(-1, *shape), b.target)
+            # tokens whose attention mask is 0 are ignored, as in the Fisher
+            target = lik.prepare_target(mean.reshape(-1, *shape), masked_target(lik, b))
             rows, spread = _token_rows(mean, var, shape, full)
             row_lik = get_likelihood("categorical")
             eps = _mc_noise(row_lik, link, n_samples, rows, gen, device)

@@ -217,3 +217,14 @@ def test_token_predictive_in_float32():
                                       prior_precision=1.0)
     torch.testing.assert_close(r.logit_variance.double(), want.logit_variance, rtol=1e-4,
                                atol=1e-6)
+
+
+def test_token_batches_concatenate_along_the_samples():
+    model = _model()
+    curv = _estimate(model, "diag")
+    x, _ = _data(7, n=4)
+    whole = natgrad.fisher_uncertainty(model, x, curv, link="mc", n_samples=7)
+    parts = natgrad.fisher_uncertainty(model, iter([x[:1], x[1:]]), curv, link="mc",
+                                       n_samples=7)
+    torch.testing.assert_close(parts.logit_covariance, whole.logit_covariance)
+    assert parts.probs.shape == (4, T, C) and parts.entropy.shape == (4, T)

@@ -167,12 +167,35 @@ def test_token_grid_labels_must_be_tokens():
         natgrad.optimize_prior_precision(model, _token_fisher(model), (x, torch.zeros(6).long()))
 
 
+def test_token_batches_of_different_lengths_are_refused():
+    model = _token_model()
+    batches = [torch.randint(0, 5, (2, 3)), torch.randint(0, 5, (2, 4))]
+    with pytest.raises(ValueError, match="pad every batch to one sequence length"):
+        natgrad.fisher_uncertainty(model, iter(batches), _token_fisher(model))
+
+
 def test_token_grid_with_every_label_ignored():
     model = _token_model()
     x = torch.randint(0, 5, (6, 3))
     y = torch.full((6, 3), -100)
     with pytest.raises(ValueError, match="no token to score"):
         natgrad.optimize_prior_precision(model, _token_fisher(model), (x, y))
+    # an attention mask of zeros leaves every token out too, as in the Fisher
+    model_kw = _TokensKw()
+    batch = {"ids": x, "attention_mask": torch.zeros(6, 3, dtype=torch.long),
+             "labels": torch.zeros(6, 3, dtype=torch.long)}
+    with pytest.raises(ValueError, match="no token to score"):
+        natgrad.optimize_prior_precision(model_kw, _token_fisher(model_kw), batch)
+
+
+class _TokensKw(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.out = nn.Embedding(5, 3), nn.Linear(3, 4)
+
+    def forward(self, ids, attention_mask):
+        return self.out(self.emb(ids) * attention_mask.unsqueeze(-1))
 
 
 # -- marglik on subset="last_layer" --------------------------------------------------------
