@@ -1547,7 +1547,9 @@ def optimize_prior_precision(
             shape = _token_shape(model, b, output_fn)
             mean, var = post.moments(b)
             # tokens whose attention mask is 0 are ignored, as in the Fisher
-            target = lik.prepare_target(mean.reshape(-1, *shape), masked_target(lik, b))
+            masked = masked_target(lik, b)
+            assert masked is not None  # b.target is not None (checked above)
+            target = lik.prepare_target(mean.reshape(-1, *shape), masked)
             rows, spread = _token_rows(mean, var, shape, full)
             row_lik = get_likelihood("categorical")
             eps = _mc_noise(row_lik, link, n_samples, rows, gen, device)
