@@ -198,3 +198,29 @@ def test_ema_union_over_the_same_names_is_ema(kind):
     torch.testing.assert_close(dense_from_mv(a.ema_union(b, 0.3), shapes),
                                dense_from_mv(a.ema(b, 0.3), shapes))
     assert a.ema_union(b, 0.3).n_samples == a.n_samples + b.n_samples
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_a_name_only_the_old_term_covers_keeps_its_anchor_under_an_explicit_anchor(explicit):
+    # no anchor: every covered name is anchored at the newest parameters (penalty 0
+    # there); an explicit anchor for the new task's names leaves the old head's anchor
+    model = Heads().double()
+    c0 = _estimate(model, "t0", "lowrank", 1, torch.float64)
+    ewc = natgrad.EWC(model, c0, lam=LAM, mode="online", gamma=GAMMA)
+    star0 = {k: p.detach().clone() for k, p in model.named_parameters()}
+    _move(model, 3)
+    model.heads["t1"] = nn.Linear(5, 3).double()
+    c1 = _estimate(model, "t1", "lowrank", 2, torch.float64)
+    now = {k: p.detach().clone() for k, p in model.named_parameters()}
+    ewc.consolidate(c1, {k: now[k] for k in _task_names("t1")} if explicit else None)
+    pen = float(ewc.penalty().detach())
+    if not explicit:
+        assert pen == 0.0
+        return
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    names = list(shapes)
+    F = GAMMA * _padded(c0, shapes) + _padded(c1, shapes)
+    d = torch.cat([(now[k] - star0[k]).reshape(-1) if k.startswith("heads.t0")
+                   else torch.zeros(shapes[k].numel(), dtype=torch.float64) for k in names])
+    assert pen > 0
+    assert pen == pytest.approx(float(LAM / 2 * d @ F @ d), rel=1e-10)
