@@ -1071,16 +1071,34 @@ def _mc_noise(
     return eps.to(device)
 
 
-def _token_shape(model: nn.Module, b: Batch, output_fn: OutputFn | None) -> tuple[int, int]:
+def _token_shape(
+    model: nn.Module, b: Batch, output_fn: OutputFn | None, lik: Likelihood
+) -> tuple[int, int] | None:
     """``(T, C)`` of a ``token_categorical`` model's logits ``(N, T, C)``, read off the
-    first sample's forward (one sample: the batch's ``T`` may differ from another's).
+    first sample's forward (one sample: the batch's ``T`` may differ from another's);
+    for ``categorical``, None after checking that each sample's logits have one axis
+    longer than 1 (``(N, C)``, or ``(N, 1, C)``: the predictive flattens them, and the
+    softmax of a sequence model's flattened ``(T, C)`` logits would mix its tokens'
+    classes); for the other likelihoods None, without a forward.
 
     Raises:
-        ValueError: the outputs are not of rank 3 (one categorical per token).
+        ValueError: token logits not of rank 3, or categorical logits with two or more
+            axes longer than 1.
     """
+    if lik.name not in ("categorical", "token_categorical"):
+        return None
     with torch.no_grad():
         raw = call_model(model, b.select(0, 1), "the first sample of the batch")
         out = (output_fn or default_output_fn)(raw)
+    if lik.name == "categorical":
+        if sum(int(k) > 1 for k in out.shape[1:]) > 1:
+            raise ValueError(
+                "likelihood='categorical' needs logits of shape (N, C), one categorical per "
+                f"sample; the model's output has shape {tuple(out.shape)} for one sample. "
+                "For (N, T, C) sequence outputs use likelihood='token_categorical' "
+                "(estimate the curvature with it), or pass output_fn= returning (N, C) logits."
+            )
+        return None
     if out.dim() != 3:
         raise ValueError(
             "likelihood='token_categorical' needs logits of shape (N, T, C), one categorical "
@@ -1262,7 +1280,7 @@ def fisher_uncertainty(
         b = parse_batch(one).to(device)
         if subset == "last_layer" and not parts:
             _check_last_layer(model, b, list(chosen))
-        shape = _token_shape(model, b, output_fn) if lik.name == "token_categorical" else None
+        shape = _token_shape(model, b, output_fn, lik)  # (T, C) for tokens, else None
         mean, var = post.moments(b)
         spread = var[..., 0]  # (N, D, D) when full, else (N, D)
         row_lik = lik
@@ -1543,8 +1561,8 @@ def optimize_prior_precision(
                 "method='grid' scores the validation NLL, but a validation batch has no "
                 "labels: pass (x, y) batches."
             )
-        if lik.name == "token_categorical":
-            shape = _token_shape(model, b, output_fn)
+        shape = _token_shape(model, b, output_fn, lik)  # (T, C) for tokens, else None
+        if shape is not None:
             mean, var = post.moments(b)
             # tokens whose attention mask is 0 are ignored, as in the Fisher
             masked = masked_target(lik, b)

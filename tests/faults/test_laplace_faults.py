@@ -233,3 +233,17 @@ def test_marglik_last_layer_checks_the_module_that_runs_last(kind):
     # the fix the message names: the head's parameters, the same as a correct subset
     natgrad.optimize_prior_precision(model, curv, method="marglik",
                                      params=["head.weight", "head.bias"])
+
+
+def test_categorical_refuses_sequence_logits():
+    # the predictive flattens each sample's outputs: a softmax over (T, C) mixed the
+    # tokens' classes into one categorical, silently
+    model = _token_model()
+    fisher = natgrad.DiagonalFisher(
+        {k: torch.ones_like(p) for k, p in model.named_parameters()}, 10)
+    x = torch.randint(0, 5, (6, 3))
+    with pytest.raises(ValueError, match="For \\(N, T, C\\) sequence outputs use likelihood="
+                                         "'token_categorical'"):
+        natgrad.fisher_uncertainty(model, x, fisher)
+    with pytest.raises(ValueError, match="needs logits of shape \\(N, C\\)"):
+        natgrad.optimize_prior_precision(model, fisher, (x, torch.zeros(6).long()))
