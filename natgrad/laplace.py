@@ -1196,7 +1196,9 @@ def fisher_uncertainty(
       ``n_samples``: its per-sample term sums the sequence's kept tokens). Every position
       gets a predictive (labels, ``ignore_index`` and ``shift`` play no part here). The
       MC link forms the ``(T·C) x (T·C)`` covariance of each sequence and keeps its
-      ``T`` diagonal blocks (memory ``N (T·C)²``).
+      ``T`` diagonal blocks (memory ``N (T·C)²``). Cost: the ``D = T·C`` outputs are
+      pulled back one column at a time, ``T·C`` backward passes per batch (a small
+      vocabulary or a last-layer subset keeps it affordable).
 
     Any :class:`natgrad.Curvature` (Kronecker, low-rank, ...): the GLM predictive is
     ``Var f_c(x) = J_c (N F + δ I)⁻¹ J_cᵀ = J_c (F + (δ/N) I)⁻¹ J_cᵀ / N``: on the capture
