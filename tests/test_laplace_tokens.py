@@ -115,9 +115,10 @@ def _sqrt_psd(c):
     return (U * lam.clamp_min(0).sqrt().unsqueeze(-2)) @ U.mT
 
 
+@pytest.mark.parametrize("engine", ["auto", "vmap"])
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
 @pytest.mark.parametrize("kind", ["diag", "kfac", "lowrank"])
-def test_token_predictive_matches_the_dense_posterior(kind, subset):
+def test_token_predictive_matches_the_dense_posterior(kind, subset, engine):
     model = _model()
     # a low-rank curvature couples its parameters: for the last layer, estimate it there
     params = LAST if kind == "lowrank" and subset == "last_layer" else None
@@ -132,7 +133,8 @@ def test_token_predictive_matches_the_dense_posterior(kind, subset):
     var = cov.diagonal(dim1=-2, dim2=-1)
     mean = model(xq).detach()
 
-    r = natgrad.fisher_uncertainty(model, xq, curv, prior_precision=delta, subset=subset)
+    r = natgrad.fisher_uncertainty(model, xq, curv, prior_precision=delta, subset=subset,
+                                   engine=engine)
     torch.testing.assert_close(r.mean, mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(r.logit_variance, var, rtol=1e-8, atol=1e-12)
     probs = torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), -1)
@@ -145,7 +147,7 @@ def test_token_predictive_matches_the_dense_posterior(kind, subset):
     # MC: the draws of a dense reimplementation with the same generator, one row per token
     s = 40
     rm = natgrad.fisher_uncertainty(model, xq, curv, prior_precision=delta, subset=subset,
-                                    link="mc", n_samples=s,
+                                    link="mc", n_samples=s, engine=engine,
                                     generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(rm.logit_covariance, cov, rtol=1e-8, atol=1e-12)
     eps = torch.randn((s, 3 * T, C), generator=torch.Generator().manual_seed(5),
