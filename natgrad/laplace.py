@@ -1282,8 +1282,8 @@ def fisher_uncertainty(
         b = parse_batch(one).to(device)
         if subset == "last_layer" and not parts:
             _check_last_layer(model, b, list(chosen))
+        mean, var = post.moments(b)  # first: a failing forward is reported on the batch
         shape = _token_shape(model, b, output_fn, lik)  # (T, C) for tokens, else None
-        mean, var = post.moments(b)
         spread = var[..., 0]  # (N, D, D) when full, else (N, D)
         row_lik = lik
         if shape is not None:  # one categorical row per token: (N·T, C)
@@ -1563,9 +1563,9 @@ def optimize_prior_precision(
                 "method='grid' scores the validation NLL, but a validation batch has no "
                 "labels: pass (x, y) batches."
             )
+        mean, var = post.moments(b)  # first: a failing forward is reported on the batch
         shape = _token_shape(model, b, output_fn, lik)  # (T, C) for tokens, else None
         if shape is not None:
-            mean, var = post.moments(b)
             # tokens whose attention mask is 0 are ignored, as in the Fisher
             masked = masked_target(lik, b)
             assert masked is not None  # b.target is not None (checked above)
@@ -1579,7 +1579,6 @@ def optimize_prior_precision(
                 totals[g] += float(nll)
             count += kept
             continue
-        mean, var = post.moments(b)
         target = lik.prepare_target(mean, b.target)
         eps = _mc_noise(lik, link, n_samples, mean, gen, device)
         for g in range(len(cand)):
