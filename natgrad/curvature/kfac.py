@@ -45,7 +45,11 @@ covered where the caller asks (``masked=True``, see :func:`kfac_coverage`): it c
 of ``W_orig`` is ``M ⊙ (b ãᵀ)``.
 
 A weight used by several modules (a tied embedding and LM head) is never covered: the
-two uses' statistics cannot form one Kronecker product. Everything not covered is left
+two uses' statistics cannot form one Kronecker product. Nor is a layer whose weight or
+bias the forward also reads outside the layer's own call (a head tied through
+``F.linear(h, emb.weight)``, ``x @ lin.weight.T``, ``lin.forward(x)``): the factors see
+the module's calls only, and would silently leave out the other uses' gradient terms;
+:class:`OutsideUses` finds such layers on the first batch. Everything not covered is left
 to the diagonal Fisher, with the reason (see :func:`kfac_coverage`).
 
 The factors are captured in one forward pass, whose output also gives the ``mc`` draws
@@ -67,16 +71,18 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from natgrad.engine.batch import OutputFn
-from natgrad.engine.checks import check_choice, check_fixed_model
+from natgrad.engine.checks import check_choice, check_fixed_model, mark_user_error
 from natgrad.engine.common import global_forward_hooks, to_acc
 from natgrad.engine.likelihoods import Likelihood
 from natgrad.engine.options import LabelSource, ParamSpec
@@ -95,6 +101,8 @@ __all__ = [
     "split_weight_blocks",
     "layer_kind",
     "kfac_coverage",
+    "OUTSIDE_REASON",
+    "OutsideUses",
     "KFACLayer",
     "KroneckerFactors",
     "kfac_layers",
@@ -534,21 +542,99 @@ class Captured:
     ``inputs[name]``: ``(N, T, groups, d_A)`` patches (token ids ``(N, T)`` for an
     Embedding); ``grads[name]``: ``[(w_j, (N, T, groups, d_G))]`` per label column;
     ``unbatched``: layers called without the batch as their first dimension (their
-    per-sample statistics cannot be read off).
+    per-sample statistics cannot be read off); ``outside``: layers whose weight or bias
+    the forward also reads outside the layer's own call (checked when ``capture`` is
+    asked to; see :class:`OutsideUses`).
     """
 
     n: int
     inputs: dict[str, torch.Tensor]
     grads: dict[str, list[tuple[float, torch.Tensor]]]
     unbatched: list[str]
+    outside: list[str] = field(default_factory=list)
 
 
-def capture(plan: Plan, batch: Any, layers: Mapping[str, KFACLayer]) -> Captured:
+#: Why a layer whose parameters are read outside its own call is left diagonal.
+OUTSIDE_REASON = (
+    "its weight or bias is also read outside the layer's own call (e.g. "
+    "F.linear(x, layer.weight), x @ layer.weight.T, or layer.forward(x) called directly), "
+    "a use K-FAC's factors cannot see"
+)
+
+
+class OutsideUses(TorchFunctionMode):
+    """Find the K-FAC layers whose parameters the forward reads outside the layer's call.
+
+    K-FAC's factors come from the inputs and output gradients of the layer's own calls
+    (module hooks), so the per-sample gradient they describe is ``Σ_t b_t ã_tᵀ`` over
+    those calls only. A parameter that also enters the graph elsewhere (a tied head
+    written ``F.linear(h, emb.weight)``, ``x @ lin.weight.T``, ``lin.forward(x)``, which
+    runs no hooks) has gradient terms the factors miss. This mode records every
+    differentiable torch function that reads a watched parameter while none of its
+    layer's calls is running; ``active`` is kept by the forward pre-hooks and hooks of
+    :meth:`hooks`.
+    """
+
+    def __init__(self, layers: Mapping[str, KFACLayer]):
+        super().__init__()
+        self.watched: dict[int, str] = {}
+        for k, lay in layers.items():
+            # the module's own parameters (``weight_orig`` / ``bias_orig`` when pruned: the
+            # masked product is recomputed inside each call)
+            for p in lay.module.parameters(recurse=False):
+                self.watched[id(p)] = k
+        self.active: dict[str, int] = dict.fromkeys(layers, 0)
+        self.outside: set[str] = set()
+        self._layers = layers
+
+    def hooks(self) -> list[Any]:
+        """Register the pre-hooks and hooks that mark each layer's call as running;
+        returns their handles (remove them after the pass)."""
+        handles = []
+        for k, lay in self._layers.items():
+            def enter(m: nn.Module, args: Any, k: str = k) -> None:
+                self.active[k] += 1
+
+            def leave(m: nn.Module, args: Any, out: Any, k: str = k) -> None:
+                self.active[k] -= 1
+
+            handles.append(lay.module.register_forward_pre_hook(enter, prepend=True))
+            handles.append(lay.module.register_forward_hook(leave, always_call=True))
+        return handles
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        try:
+            out = func(*args, **kwargs)
+        except Exception as exc:  # the forward's own error, not this mode's
+            mark_user_error(exc)
+            raise
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(out)):
+            for t in tree_leaves((args, kwargs)):
+                k = self.watched.get(id(t)) if isinstance(t, torch.Tensor) else None
+                if k is not None and not self.active[k]:
+                    self.outside.add(k)
+        return out
+
+
+def capture(
+    plan: Plan, batch: Any, layers: Mapping[str, KFACLayer], *, check_outside: bool = False
+) -> Captured:
     """One forward pass recording every layer's inputs, one backward per label column
     recording its output gradients (``torch.autograd.grad``; ``.grad`` untouched).
 
     A module called several times contributes every call's positions. MC draws come
-    from ``plan.generator`` (``plan.k`` per sample, weight ``1/k``).
+    from ``plan.generator`` (``plan.k`` per sample, weight ``1/k``). With
+    ``check_outside``, the forward runs under :class:`OutsideUses` and
+    ``Captured.outside`` names the layers whose parameters are read elsewhere too (one
+    check per estimate suffices: the forward's structure does not change between
+    batches, and the mode costs Python time per operation).
     """
     b, target = plan.parse(batch)
     n = b.size
@@ -581,10 +667,17 @@ def capture(plan: Plan, batch: Any, layers: Mapping[str, KFACLayer]) -> Captured
             UserWarning,
             stacklevel=2,
         )
-    out = hooked_output(plan.model, b, plan.output_fn, plan.where, hooks)
+    uses = OutsideUses(layers) if check_outside else None
+    marks = uses.hooks() if uses is not None else []
+    try:
+        out = hooked_output(plan.model, b, plan.output_fn, plan.where, hooks, uses)
+    finally:
+        for h in marks:
+            h.remove()
+    outside = sorted(uses.outside) if uses is not None else []
     target = plan.check_target(out, target)
     draws = plan.draw(out, target) if plan.labels == "mc" else None
-    names = [k for k in layers if outputs[k] and k not in unbatched]
+    names = [k for k in layers if outputs[k] and k not in unbatched and k not in outside]
     flat_outs = [o for k in names for o in outputs[k]]
     pcache: dict[Any, torch.Tensor] = {}
     acts = {k: layer_patches(layers[k], inputs[k], pcache) for k in names}
@@ -606,7 +699,7 @@ def capture(plan: Plan, batch: Any, layers: Mapping[str, KFACLayer]) -> Captured
             ]
             i += len(outputs[k])
             grads[k].append((w, torch.cat(parts, 1)))
-    return Captured(n, acts, grads, sorted(unbatched))
+    return Captured(n, acts, grads, sorted(unbatched), outside)
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -735,12 +828,17 @@ def kfac_factors(
                 checked=True)
     if layers is None:
         layers, _ = kfac_layers(model, plan.params, masked=True)
-    cap = capture(plan, batch, layers)
+    cap = capture(plan, batch, layers, check_outside=True)
     if cap.unbatched:
         raise ValueError(
             f"Layers {cap.unbatched} were called without the batch as the first dimension "
             "of their input, so their per-sample K-FAC statistics cannot be read off; "
             "leave them out of `params`."
+        )
+    if cap.outside:
+        raise ValueError(
+            f"Layers {cap.outside}: {OUTSIDE_REASON}; leave them out of `params` (their "
+            "diagonal Fisher: natgrad.estimate_fisher)."
         )
     result = {}
     for k, lay in layers.items():

@@ -83,6 +83,7 @@ from typing_extensions import Unpack
 from natgrad.curvature.kfac import (
     KFAC_APPROX,
     KFAC_DAMPING,
+    OUTSIDE_REASON,
     KfacApprox,
     KfacDamping,
     KFACLayer,
@@ -381,8 +382,10 @@ class KroneckerFisher(Curvature):
 
         Covered layers (:func:`natgrad.curvature.kfac.kfac_coverage`): ``nn.Linear`` (any
         leading dimensions), ``nn.Conv1d`` / ``nn.Conv2d`` (groups: one block per group;
-        every padding mode), transformers' ``Conv1D`` and ``nn.Embedding``. The rest of
-        the selected parameters get the exact diagonal Fisher (one warning names them).
+        every padding mode), transformers' ``Conv1D`` and ``nn.Embedding``, each when its
+        weight is used by that module alone and read only inside its calls (checked on the
+        first batch). The rest of the selected parameters get the exact diagonal Fisher
+        (one warning names them).
 
         Args:
             model: the model (BatchNorm in eval mode); not modified.
@@ -471,7 +474,19 @@ class KroneckerFisher(Curvature):
         try:
             for batch in batches:
                 state = plan.generator.get_state()
-                cap = capture(plan, batch, layers)
+                cap = capture(plan, batch, layers, check_outside=first)
+                for k in cap.outside:  # read outside its own call: K-FAC would miss that use
+                    for p in (layers[k].weight, layers[k].bias):
+                        if p:
+                            rest[p] = OUTSIDE_REASON
+                    del layers[k], sums[k]
+                if cap.outside:
+                    if not layers:
+                        raise ValueError(
+                            f"kind={kind!r} covers none of the selected parameters: the layers "
+                            f"{cap.outside}: {OUTSIDE_REASON}; use kind='diag' or 'lowrank'."
+                        )
+                    rest_plan, rest_sums = rest_part()
                 if cap.unbatched:
                     if not first:
                         raise ValueError(
@@ -479,6 +494,8 @@ class KroneckerFisher(Curvature):
                             "later batch only; keep the batch as the first dimension of every batch."
                         )
                     for k in cap.unbatched:
+                        if k not in layers:  # already left out: read outside its call
+                            continue
                         for p in (layers[k].weight, layers[k].bias):
                             if p:
                                 rest[p] = "its layer is called without the batch as first dimension"

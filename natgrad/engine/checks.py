@@ -332,7 +332,16 @@ def describe_inputs(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
     return parts[0] if len(parts) == 1 else "(" + ", ".join(parts) + ")"
 
 
+def mark_user_error(exc: BaseException) -> None:
+    """Mark ``exc``, raised by a torch operation of the user's forward that a natgrad
+    torch-function mode ran (so the innermost frame is natgrad's), as the forward's own
+    error: :func:`forward_failed` then names the batch and the inputs as for any other."""
+    exc.natgrad_user_op = True  # type: ignore[attr-defined]
+
+
 def _raised_by_natgrad(exc: BaseException) -> bool:
+    if getattr(exc, "natgrad_user_op", False):
+        return False
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next

@@ -45,6 +45,41 @@ def test_tied_weights_alone_are_not_covered():
         natgrad.estimate_curvature(model, (ids, y), kind="kfac")
 
 
+class _TiedFunctionally(nn.Module):
+    """An embedding whose weight is the output head through F.linear (nanoGPT style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+
+    def forward(self, ids):
+        return nn.functional.linear(self.emb(ids), self.emb.weight)
+
+
+def test_a_weight_read_outside_its_layer_alone_is_not_covered():
+    ids, y = torch.randint(0, 5, (4,)), torch.randint(0, 5, (4,))
+    with pytest.raises(ValueError, match=r"covers none .*\['emb'\].*read outside the layer's own"
+                       r" call .*kind='diag'"):
+        natgrad.estimate_curvature(_TiedFunctionally(), (ids, y), kind="kfac")
+
+
+def test_kfac_factors_names_a_layer_read_outside_its_call():
+    from natgrad.curvature.kfac import kfac_factors
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.l(x) + nn.functional.linear(x, self.l.weight)
+
+    x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match=r"\['l'\].*F.linear\(x, layer.weight\).*leave them "
+                       "out of `params`"):
+        kfac_factors(Twice(), (x, y))
+
+
 
 @pytest.mark.parametrize("kind", ["kfac", "ekfac"])
 def test_a_layer_pruned_by_torch_prune_is_covered(kind):
