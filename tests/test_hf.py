@@ -240,3 +240,29 @@ def test_registry_on_a_hf_model():
         ],
     )
     assert_close_dict(dict(ctx.get_fisher(0)), ref)
+
+
+def test_gpt2_labels_equal_to_input_ids_without_shift_warn():
+    """A causal LM's labels are its input ids (Hugging Face shifts inside its loss).
+    Without ``shift=True`` each position is scored against the token it reads: the Fisher
+    differs from the next-token Fisher (the loop below) by O(1), so natgrad warns."""
+    model = _gpt2()
+    ids, mask = _ids(3, 6, 11, [6, 3, 5])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    def token_nll(i):
+        logp = model(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1]).logits[0]
+        logp = logp.log_softmax(-1)
+        return [(1.0, -sum(logp[t, ids[i, t + 1]] for t in _kept_positions(mask, i)))]
+
+    ref = _loop_squares(model, 3, token_nll)
+    with pytest.warns(UserWarning, match=r"labels equal the input ids.*TokenCategorical\(shift=True\)"):
+        wrong = estimate_fisher(model, batch, "token_categorical")
+    err = sum((wrong[k] - ref[k]).norm() ** 2 for k in ref) ** 0.5
+    assert err > 0.1 * sum(v.norm() ** 2 for v in ref.values()) ** 0.5  # what it warns about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_close_dict(dict(estimate_fisher(model, batch, TokenCategorical(shift=True))), ref)
+        # token classification: labels are tags, not the ids
+        tags = {**batch, "labels": (ids * 3 + 1) % 11}
+        estimate_fisher(model, tags, "token_categorical")

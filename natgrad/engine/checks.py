@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import operator
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, overload
 
@@ -507,6 +508,44 @@ def _label_flags(
         tol = _sum_tolerance(logits)
         sums_one = read[i] >= 1 - tol and read[i + 1] <= 1 + tol
     return out_of_range, sums_one
+
+
+def warn_unshifted_lm_labels(
+    target: torch.Tensor, args: tuple[Any, ...], kwargs: Mapping[str, Any], ignore_index: int
+) -> None:
+    """Warn when token labels equal the model's input ids and the likelihood does not shift.
+
+    A causal language model's logits at position ``t`` predict the token at ``t + 1``;
+    Hugging Face passes ``labels = input_ids`` and shifts inside its loss. Scored without
+    the shift (``TokenCategorical(shift=False)``, the ``"token_categorical"`` string),
+    each position is scored against the token it reads, a different (and wrong) Fisher,
+    with no error. Labels that equal the input ids (``kwargs["input_ids"]`` or the first
+    positional input) at every kept token, two or more of them, are that mistake but
+    for a model that really predicts its own input at each position (a copy task or an
+    autoencoder), so this warns instead of raising.
+    """
+    ids = kwargs.get("input_ids")
+    if ids is None and args:
+        ids = args[0]
+    if (
+        not isinstance(ids, torch.Tensor)
+        or ids.shape != target.shape
+        or ids.is_floating_point()
+        or ids.dtype == torch.bool
+    ):
+        return
+    kept = target != ignore_index
+    if int(kept.sum()) < 2 or not bool((ids.to(target.device)[kept] == target[kept]).all()):
+        return
+    warnings.warn(
+        "token_categorical: the labels equal the input ids at every kept token, so the "
+        "logits at each position are scored against the token they read, not the next "
+        "one. For a causal language model (GPT-2 style; Hugging Face's labels=input_ids) "
+        "pass natgrad.TokenCategorical(shift=True); if the model does predict its own "
+        "input at each position, ignore this warning.",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def check_not_probabilities(logits: torch.Tensor, likelihood: str) -> None:

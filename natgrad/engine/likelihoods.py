@@ -247,7 +247,10 @@ class Categorical(Likelihood):
         if output.dim() != 2:
             raise ValueError(
                 f"categorical likelihood expects logits of shape (N, C), got "
-                f"{tuple(output.shape)}; for sequences use likelihood='token_categorical'."
+                f"{tuple(output.shape)}; for sequences use likelihood='token_categorical' "
+                "(labels aligned with the logits: token classification) or "
+                "natgrad.TokenCategorical(shift=True) (causal language models, whose labels "
+                "are the input ids: position t predicts token t + 1)."
             )
         if target.dim() != 1 or target.is_floating_point() or target.dtype == torch.bool:
             raise ValueError(

@@ -55,6 +55,7 @@ from natgrad.engine.checks import (
     check_no_batch_mixing,
     forward_failed,
     integer_labels,
+    warn_unshifted_lm_labels,
 )
 from natgrad.engine.common import acc_dtype, internal_pass, to_acc, vjp_pair
 from natgrad.engine.likelihoods import Likelihood, TokenCategorical, get_likelihood
@@ -608,6 +609,8 @@ def masked_target(lik: Likelihood, b: Batch) -> torch.Tensor | None:
     an all-zero target that carries the mask for ``mc`` / ``exact`` labels.
     """
     target = b.target
+    if isinstance(lik, TokenCategorical) and not lik.shift and target is not None:
+        warn_unshifted_lm_labels(target, b.args, b.kwargs, lik.ignore_index)
     if isinstance(lik, TokenCategorical) and b.mask is not None:
         if target is None:
             target = torch.zeros(b.mask.shape, dtype=torch.long, device=b.mask.device)

@@ -1,7 +1,10 @@
+import warnings
+
 import numpy as np
 import pytest
+import torch
 
-from natgrad.engine.checks import check_int
+from natgrad.engine.checks import check_int, warn_unshifted_lm_labels
 
 
 def test_check_int_accepts_integers_and_rejects_the_rest():
@@ -13,3 +16,22 @@ def test_check_int_accepts_integers_and_rejects_the_rest():
             check_int("k", bad, 1)
     with pytest.raises(ValueError, match=r"it must be an integer >= 1 or None\."):
         check_int("chunk_size", 0, 1, optional=True)
+
+
+def test_unshifted_lm_labels_warn_only_when_they_equal_the_ids():
+    ids = torch.tensor([[3, 4, 5, 0], [6, 7, 0, 0]])
+    labels = ids.masked_fill(ids == 0, -100)
+    with pytest.warns(UserWarning, match="labels equal the input ids"):
+        warn_unshifted_lm_labels(labels, (), {"input_ids": ids}, -100)
+    with pytest.warns(UserWarning, match="labels equal the input ids"):
+        warn_unshifted_lm_labels(labels, (ids,), {}, -100)  # a (ids, labels) tuple batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mlm = torch.full_like(ids, -100)
+        mlm[0, 1] = 9  # masked LM: the label is the original token, the input [MASK]
+        warn_unshifted_lm_labels(mlm, (), {"input_ids": ids}, -100)
+        one = torch.full_like(ids, -100)
+        one[0, 0] = 3  # a single kept token is no evidence
+        warn_unshifted_lm_labels(one, (), {"input_ids": ids}, -100)
+        warn_unshifted_lm_labels(labels + 1, (), {"input_ids": ids}, -100)
+        warn_unshifted_lm_labels(labels, (ids.float(),), {}, -100)

@@ -220,6 +220,18 @@ def test_float_labels_for_categorical(engine):
         natgrad.estimate_fisher(_mlp(), (x, y.float()), engine=engine)
 
 
+def test_sequence_logits_for_categorical_name_both_token_likelihoods():
+    class Seq(nn.Module):
+        def forward(self, x):
+            return x.unsqueeze(1).expand(-1, 2, -1)  # (N, T, C) logits
+
+    x = torch.randn(N, C, requires_grad=False)
+    model = nn.Sequential(nn.Linear(C, C), Seq())
+    with pytest.raises(ValueError, match=r"likelihood='token_categorical' \(labels aligned.*"
+                       r"TokenCategorical\(shift=True\) \(causal language models"):
+        natgrad.estimate_fisher(model, (x, torch.zeros(N, 2, dtype=torch.long)))
+
+
 def test_bool_labels_for_categorical():
     x, _ = _data(None)
     with pytest.raises(ValueError, match=r"torch.bool.*\.long\(\)"):
