@@ -253,10 +253,17 @@ class Categorical(Likelihood):
                 "are the input ids: position t predicts token t + 1)."
             )
         if target.dim() != 1 or target.is_floating_point() or target.dtype == torch.bool:
+            integer = not target.is_floating_point() and target.dtype != torch.bool
+            if integer and target.dim() == 2 and target.shape[1] == 1:
+                fix = "flatten them with y.view(-1)"
+            elif integer and target.dim() == 2 and target.shape[1] == output.shape[1]:
+                fix = "for one-hot or multi-hot labels use y.argmax(-1) or likelihood='bernoulli'"
+            else:
+                fix = "convert with y.long() (for one-hot labels: y.argmax(-1))"
             raise ValueError(
                 f"categorical labels must be integer class indices of shape (N,) = "
                 f"({target.shape[0]},), got {target.dtype} of shape {tuple(target.shape)}; "
-                "convert with y.long() (for one-hot labels: y.argmax(-1))."
+                f"{fix}."
             )
         check_class_labels(target, output.shape[-1], self.name, logits=output)
 

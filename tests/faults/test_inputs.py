@@ -220,6 +220,17 @@ def test_float_labels_for_categorical(engine):
         natgrad.estimate_fisher(_mlp(), (x, y.float()), engine=engine)
 
 
+@pytest.mark.parametrize("engine", ["vmap", "fast"])
+def test_column_labels_for_categorical_name_the_flatten(engine):
+    x, y = _data(None)
+    with pytest.raises(ValueError, match=r"shape \(6, 1\); flatten them with y.view\(-1\)"):
+        natgrad.estimate_fisher(_mlp(), (x, y[:, None]), engine=engine)
+    multi_hot = torch.nn.functional.one_hot(y, C)
+    with pytest.raises(ValueError, match=r"shape \(6, 3\); for one-hot .*y.argmax\(-1\) or "
+                       "likelihood='bernoulli'"):
+        natgrad.estimate_fisher(_mlp(), (x, multi_hot), engine=engine)
+
+
 def test_sequence_logits_for_categorical_name_both_token_likelihoods():
     class Seq(nn.Module):
         def forward(self, x):
