@@ -78,8 +78,9 @@ def select_params(model: nn.Module, params: ParamSpec = None) -> dict[str, nn.Pa
             predicate ``(name, param) -> bool``, or a module / list of modules of ``model``.
 
     Raises:
-        ValueError: unknown names (the message lists valid ones), modules not in the
-            model, or an empty selection.
+        ValueError: unknown names (the message lists valid ones), the second name of a
+            tied weight (the message names the first), modules not in the model, or an
+            empty selection.
     """
     named = dict(model.named_parameters())
     if params is None:
@@ -99,6 +100,19 @@ def select_params(model: nn.Module, params: ParamSpec = None) -> dict[str, nn.Pa
         chosen = {k: p for k, p in named.items() if params(k, p)}
     elif isinstance(params, (list, tuple, set)):
         unknown = [k for k in params if k not in named]
+        canonical = {id(p): k for k, p in named.items()}
+        tied = {
+            k: canonical[id(p)]
+            for k, p in model.named_parameters(remove_duplicate=False)
+            if k in unknown and id(p) in canonical
+        }
+        if tied:
+            pairs = ", ".join(f"{k!r} is {v!r}" for k, v in tied.items())
+            raise ValueError(
+                f"params names tied weights by their second name ({pairs}: the same tensor, "
+                "which model.named_parameters() lists once, under its first name); select "
+                f"{sorted(set(tied.values()))} instead (results are keyed by that name)."
+            )
         if unknown:
             raise ValueError(
                 f"Unknown parameter names {unknown}; the model has {list(named)[:12]}"

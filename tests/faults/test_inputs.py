@@ -648,3 +648,15 @@ def test_batchnorm_without_running_stats_refused_in_eval_mode_too(path):
     model = _mlp(nn.BatchNorm1d(8, track_running_stats=False)).eval()
     with pytest.raises(ValueError, match=r"(?s)keeps no running statistics.*even in eval mode"):
         CURVATURE_PATHS[path](model, _data(None))
+
+
+def test_params_naming_the_second_name_of_a_tied_weight_names_the_first():
+    emb = nn.Embedding(5, 3)
+    head = nn.Linear(3, 5, bias=False)
+    head.weight = emb.weight  # model.named_parameters() lists it once, as "0.weight"
+    model = nn.Sequential(emb, head)
+    ids, y = torch.randint(0, 5, (4,)), torch.randint(0, 5, (4,))
+    with pytest.raises(ValueError, match=r"'1.weight' is '0.weight'.*select \['0.weight'\]"):
+        natgrad.estimate_fisher(model, (ids, y), params=["1.weight"])
+    with pytest.raises(ValueError, match=r"Unknown parameter names \['2.weight'\]"):
+        natgrad.estimate_fisher(model, (ids, y), params=["2.weight"])
