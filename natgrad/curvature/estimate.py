@@ -46,10 +46,17 @@ logger = logging.getLogger(__name__)
 
 
 def is_single_batch(data: Any) -> bool:
-    """True for one batch: a tensor, a dict, or a tuple/list whose first item is a tensor."""
+    """True for one batch: a tensor, a dict, a tuple/list whose first item is a tensor, or
+    ``(inputs, y)`` with a dict of inputs and a label tensor (a list of dict batches is
+    not one batch: its second item is a dict too)."""
     if isinstance(data, (torch.Tensor, Mapping)):
         return True
-    return isinstance(data, (tuple, list)) and len(data) > 0 and isinstance(data[0], torch.Tensor)
+    if not isinstance(data, (tuple, list)) or len(data) == 0:
+        return False
+    if isinstance(data[0], torch.Tensor):
+        return True
+    return (len(data) == 2 and isinstance(data[0], Mapping)
+            and isinstance(data[1], torch.Tensor))
 
 
 def iterate_batches(data: Any, max_batches: int | None = None) -> Iterable[Any]:

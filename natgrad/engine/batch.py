@@ -168,12 +168,16 @@ def add_batch_axis(
 def parse_batch(batch: Any) -> Batch:
     """Normalize ``(x, y)``, ``(x,)``, ``x`` or a Hugging Face style dict.
 
+    ``(inputs, y)`` with ``inputs`` a dict (a DataLoader over ``(dict, label)`` pairs) is
+    the dict batch ``{**inputs, "labels": y}``: the model is called as ``model(**inputs)``.
+
     The batch size ``N`` and which inputs are per-sample follow the module docstring:
     inputs whose first dimension is ``N`` are per-sample, all others (and entries
     wrapped in :func:`shared`) are passed whole to every sample.
 
     Raises:
-        ValueError: for an empty batch, or one whose tensors disagree on the batch size.
+        ValueError: for an empty batch, one whose tensors disagree on the batch size, or
+            ``(inputs, y)`` whose dict holds labels too.
         TypeError: for anything that is not a tensor, tuple/list or mapping, and for
             inputs given as Python lists of numbers or NumPy arrays (labels may be lists:
             they are converted with ``torch.as_tensor``).
@@ -183,6 +187,19 @@ def parse_batch(batch: Any) -> Batch:
     target: Any
     if isinstance(batch, torch.Tensor):
         args, kwargs, target = (batch,), {}, None
+    elif isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 2 and isinstance(batch[0], Mapping):
+        # (inputs, y) with the inputs as a dict of the model's keyword arguments, as a
+        # DataLoader over (dict, label) pairs collates them: the dict batch with its labels
+        inputs = dict(batch[0])
+        if len(batch) == 2:
+            twice = [k for k in LABEL_KEYS if k in inputs]
+            if twice:
+                raise ValueError(
+                    f"The batch (inputs, y) has labels twice: y and the inputs' {twice[0]!r}; "
+                    f"drop one (pass the dict alone, or remove {twice[0]!r} from it)."
+                )
+            inputs["labels"] = batch[1]
+        return parse_batch(inputs)
     elif isinstance(batch, (tuple, list)):
         check_not_python_numbers(batch, "The batch")
         if len(batch) == 0:

@@ -192,3 +192,45 @@ def test_backpack_sum_grad_squared_oracle():
 
 
 # ---- container ---------------------------------------------------------------------
+
+
+class _KwargsModel(nn.Module):
+    """A model called with keyword inputs, as a Hugging Face model is."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids) * attention_mask[..., None]
+        return self.head(h.sum(1) / attention_mask.sum(1, keepdim=True))
+
+
+def test_dict_inputs_with_separate_labels():
+    """``(inputs_dict, y)`` batches, as a DataLoader over ``(dict, label)`` pairs collates
+    them (before: read as two batches, or "no input tensor with a batch dimension")."""
+    from natgrad import per_sample_grads
+    from tests.reference import loop_grads_by
+
+    torch.manual_seed(0)
+    model = _KwargsModel().double()
+    ids, y = torch.randint(0, 9, (5, 4)), torch.randint(0, 3, (5,))
+    mask = torch.ones(5, 4)
+    mask[1, 2:] = 0
+    mask = mask.double()
+
+    def loss(i):
+        out = model(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1])
+        return ce_sum(out, y[i : i + 1])
+
+    g = loop_grads_by(model, loss, 5)
+    ref = {k: v.pow(2).mean(0) for k, v in g.items()}
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    assert_close_dict(dict(estimate_fisher(model, (inputs, y))), ref)
+    pairs = [({"input_ids": ids[i], "attention_mask": mask[i]}, y[i]) for i in range(5)]
+    loader = torch.utils.data.DataLoader(pairs, batch_size=2)  # batches [dict, y], last of 1
+    F = estimate_fisher(model, loader)
+    assert F.n_samples == 5
+    assert_close_dict(dict(F), ref)
+    assert_close_dict(per_sample_grads(model, (inputs, y)), g)

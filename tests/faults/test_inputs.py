@@ -660,3 +660,17 @@ def test_params_naming_the_second_name_of_a_tied_weight_names_the_first():
         natgrad.estimate_fisher(model, (ids, y), params=["1.weight"])
     with pytest.raises(ValueError, match=r"Unknown parameter names \['2.weight'\]"):
         natgrad.estimate_fisher(model, (ids, y), params=["2.weight"])
+
+
+def test_dict_inputs_with_labels_given_twice():
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(D, C)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    x, y = _data(None)
+    with pytest.raises(ValueError, match=r"labels twice: y and the inputs' 'labels'; drop one"):
+        natgrad.estimate_fisher(Kw(), ({"x": x, "labels": y}, y))
