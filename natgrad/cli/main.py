@@ -214,6 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as exc:
         _fail(str(exc))
         return 1
+    except BrokenPipeError:
+        # the reader closed stdout (`natgrad metrics --json | head`): nothing to report;
+        # stdout goes to devnull so that the interpreter's final flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ImportError, OSError, ValueError) as exc:
         _fail(f"{type(exc).__name__}: {exc}")
         return 1

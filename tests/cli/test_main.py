@@ -290,3 +290,15 @@ def test_report_on_a_curvature_file_says_what_it_reads(kind, tmp_path, capsys):
     natgrad.DiagonalFisher(curvature.diagonal(), curvature.n_samples).save(path)
     proc = call(capsys, "report", str(path), "--out", str(tmp_path / "o"))
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_closed_stdout_pipe_is_not_reported_as_an_error():
+    """``natgrad metrics --json | head -c 10``: the reader leaves before the output is
+    written; the command exits without a ``BrokenPipeError`` message or traceback."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-m", "natgrad", "metrics", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # before the interpreter has even imported natgrad
+    _, err = proc.communicate(timeout=120)
+    assert b"BrokenPipe" not in err and b"Traceback" not in err, err.decode()
+    assert proc.returncode != 0
