@@ -58,11 +58,15 @@ The labels are the data's (the user's loss), so this is the empirical Fisher. A 
 averaged over tokens rather than samples (e.g. a language-model loss over ``N·T`` kept
 tokens) scales the gradients by another factor; use ``loss_reduction="sum"`` with a summed
 loss there. A module called several times in one forward contributes every call's
-positions.
+positions. A layer whose weight or bias the forward also reads outside the layer's own
+calls (``F.linear(h, emb.weight)``, ``layer.forward(x)``) has gradient terms no hook sees:
+the first recorded call of the model runs under
+:class:`~natgrad.curvature.kfac.OutsideUses` and refuses such a layer by name.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, get_args
@@ -71,8 +75,10 @@ import torch
 from torch import nn
 
 from natgrad.curvature.kfac import (
+    OUTSIDE_REASON,
     Captured,
     KFACLayer,
+    OutsideUses,
     kfac_coverage,
     layer_patches,
     out_grads,
@@ -147,6 +153,10 @@ class BackwardCapture:
         self._removed = False
         self._layer_hooks = {k: self._hook(k) for k in self.layers}  # the same on every arming
         self._warned_global = False  # the global-forward-hook warning was given
+        # the first recorded model call runs under OutsideUses: a layer whose parameters
+        # the forward also reads outside the layer's own calls is refused
+        self._uses: tuple[OutsideUses, list[Any]] | None = None
+        self._uses_checked = False
         #: the constant the loss was multiplied by before ``backward``; :meth:`take`
         #: divides the recorded output gradients by it
         self.loss_scale = 1.0
@@ -186,6 +196,42 @@ class BackwardCapture:
     def _end_pass(self, module: nn.Module, args: Any, output: Any) -> None:
         if module is self._model:
             self._inside = False
+            if self._uses is not None:
+                self._end_check()
+
+    def _start_check(self) -> None:
+        """Run this model call under :class:`~natgrad.curvature.kfac.OutsideUses` (once)."""
+        uses = OutsideUses(self.layers)
+        handles = uses.hooks()
+        for k, lay in self.layers.items():
+            if lay.module is self._model:  # a bare layer as the model: its call is running,
+                uses.active[k] += 1  # and its pre-hooks were read before this one ran
+        uses.__enter__()  # type: ignore[no-untyped-call]  # torch: unannotated
+        self._uses = (uses, handles)
+
+    def _leave_check(self) -> OutsideUses:
+        """Leave the mode and remove its hooks."""
+        assert self._uses is not None
+        uses, handles = self._uses
+        self._uses = None
+        uses.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # torch: unannotated
+        for h in handles:
+            h.remove()
+        return uses
+
+    def _end_check(self) -> None:
+        """Leave the mode; refuse layers read outside their calls (checked again at the
+        next recorded call until none is)."""
+        uses = self._leave_check()
+        if not uses.outside:
+            self._uses_checked = True
+        elif sys.exc_info()[0] is None:  # not while the forward's own error propagates
+            raise ValueError(
+                f"source='backward' cannot record the layers {sorted(uses.outside)}: "
+                f"{OUTSIDE_REASON}, so their recorded statistics would silently leave those "
+                "gradient terms out. Leave them out of params=..., or use source='batch', "
+                "which keeps such layers diagonal (exact)."
+            )
 
     def _new_pass(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if in_internal_pass():  # natgrad's own pass (a Fisher, a probe): not the user's
@@ -209,6 +255,10 @@ class BackwardCapture:
                 UserWarning,
                 stacklevel=2,
             )
+        if self._uses is not None:  # a call interrupted (KeyboardInterrupt) left it on
+            self._leave_check()
+        if not self._uses_checked:
+            self._start_check()
         # the model's batch size: of its first tensor input (None: unknown)
         first = next((a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)), None)
         self._start_pass(int(first.shape[0]) if first is not None and first.dim() else None)

@@ -248,3 +248,43 @@ def test_a_layer_added_after_construction_warns_once():
     F.cross_entropy(model.extra(model(x)), y).backward()
     with pytest.warns(UserWarning, match=r"'extra.weight', 'extra.bias'.*not preconditioned"):
         pre.step((x, y), lr=0.1)
+
+
+class _ReusedWeight(nn.Module):
+    """``l``'s weight is read again outside ``l`` (``F.linear``) when ``reuse``; a weight
+    read only without gradient (a logged norm, a detached copy) is no such use."""
+
+    def __init__(self, reuse):
+        super().__init__()
+        self.l, self.o, self.reuse = nn.Linear(4, 4), nn.Linear(4, 3), reuse
+
+    def forward(self, x):
+        h = torch.tanh(self.l(x))
+        if self.reuse:
+            h = h + F.linear(x, self.l.weight)
+        with torch.no_grad():
+            self.last_norm = self.l.weight.norm()
+        return self.o(h + 0 * self.l.weight.detach().sum())
+
+
+@pytest.mark.parametrize("kind", ["kfac", "diag"])
+def test_backward_source_refuses_a_layer_read_outside_its_call(kind):
+    """source='backward' reads a layer's gradient off its own calls only: the functional
+    use's terms would be silently missing, so the recorded forward raises, naming it."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    model = _ReusedWeight(reuse=True)
+    pre = natgrad.FisherPreconditioner(model, kind=kind, source="backward", update_every=1)
+    with pytest.raises(ValueError, match=r"cannot record the layers \['l'\].*F.linear\(x, "
+                       r"layer.weight\).*params=.*source='batch'"):
+        F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"cannot record the layers \['l'\]"):
+        model(x)  # refused again, not only once
+    ok = _ReusedWeight(reuse=False)
+    pre = natgrad.FisherPreconditioner(ok, kind=kind, source="backward", update_every=1)
+    for _ in range(2):
+        ok.zero_grad()
+        F.cross_entropy(ok(x), y).backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # no lr: the unclipped-step warning
+            pre.step()
