@@ -473,13 +473,14 @@ class LowRankFisher(Curvature):
                 f"Cannot {what} LowRankFishers over different parameters ({list(self.shapes)[:6]}"
                 f" vs {list(other.shapes)[:6]}); estimate both with the same params."
             )
-        return other
+        # the same parameters listed in another order: its columns laid out as ours
+        return other._padded(self.shapes)
 
     def __add__(self, other: Curvature) -> LowRankFisher:
         """Stacked rows: ``(N_a F_a + N_b F_b)/(N_a + N_b)`` exactly."""
         if not isinstance(other, LowRankFisher):
             return NotImplemented
-        self._check_same(other, "add")
+        other = self._check_same(other, "add")
         n = self.n_samples + other.n_samples
         if n == 0:
             raise ValueError("Cannot combine two curvatures that both have n_samples=0.")

@@ -124,3 +124,19 @@ def test_batches_sum_ema_scale_to_state_and_files(tmp_path):
     back = LowRankFisher.load(tmp_path / "l.safetensors")
     torch.testing.assert_close(dense_from_mv(back, shapes), dense, atol=0, rtol=0)
     torch.testing.assert_close(back.logdet(0.1), one.logdet(0.1), atol=0, rtol=0)
+
+
+def test_combining_lowrank_fishers_over_the_same_names_in_another_order():
+    """``ema`` and ``+`` of two LowRankFishers listing the same parameters in different
+    orders stacked rows of different column layouts (ema 0.53, + 0.30 off); the second is
+    laid out as the first. Reference: dense float64 ``RᵀR/N`` combined by hand."""
+    g = torch.Generator().manual_seed(0)
+    Ra = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    Rb = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    a = LowRankFisher(Ra, 3, {"x": (2,), "y": (3,)})
+    perm = torch.tensor([2, 3, 4, 0, 1])
+    b = LowRankFisher(Rb[:, perm], 2, {"y": (3,), "x": (2,)})  # columns in order y, x
+    Fa, Fb = Ra.T @ Ra / 3, Rb.T @ Rb / 2
+    shapes = {"x": torch.Size([2]), "y": torch.Size([3])}
+    torch.testing.assert_close(dense_from_mv(a.ema(b, 0.3), shapes), 0.3 * Fa + 0.7 * Fb)
+    torch.testing.assert_close(dense_from_mv(a + b, shapes), (3 * Fa + 2 * Fb) / 5)
