@@ -21,7 +21,8 @@ itself (for Kronecker ``Σ_layers ⟨ΔW, G ΔW A⟩`` from the factors, never a
 matrix). Online mode folds curvatures with the protocol's arithmetic,
 ``F ← γ F + F_new = (1 + γ) · F.ema_union(F_new, d)`` with ``d = γ / (1 + γ)``: exact for
 diagonal and low-rank curvatures (a low-rank fold stacks both row sets, zero-padded to
-the union of the parameters); for Kronecker curvatures ``ema`` averages the factors
+the union of the parameters; a curvature built with ``rank=k`` then keeps its top ``k``
+eigenpairs, which truncates the fold); for Kronecker curvatures ``ema`` averages the factors
 ``A`` and ``G`` separately, so a layer both tasks cover folds to
 ``(1 + γ) (d A₁ + (1-d) A₂) ⊗ (d G₁ + (1-d) G₂)``, an approximation of
 ``γ A₁⊗G₁ + A₂⊗G₂`` (exact when the tasks share a factor; ``c · F`` scales ``G``, so a
@@ -451,6 +452,19 @@ class EWC:
                     f"{type(curvature).__name__} ({curvature.kind!r}) after "
                     f"{type(old['curvature']).__name__} ({old_kind!r}). "
                     "Use mode='separate' or estimate every task's curvature the same way."
+                )
+            old_names = old["curvature"].names()
+            renamed = [(k, j) for k in old_names for j in curvature.names()
+                       if k != j and _resolve(k, named) is not None
+                       and _resolve(k, named) == _resolve(j, named)]
+            if renamed:  # pruned between the tasks: w and w_orig would be two parameters
+                raise ValueError(
+                    f"Online EWC: the new curvature names {renamed[0][1]!r} where the folded "
+                    f"one names {renamed[0][0]!r}, the same parameter (torch.nn.utils.prune "
+                    "renames a pruned weight to <name>_orig); folding them would count it "
+                    "twice. Estimate every task's curvature with the same pruning state "
+                    "(natgrad.make_permanent(model) before estimating), or use "
+                    "mode='separate'."
                 )
             g = self.gamma
             # over the union of the names: a late head enters with F_new alone, a name the

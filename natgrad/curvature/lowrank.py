@@ -513,10 +513,11 @@ class LowRankFisher(Curvature):
         return self._like(rows, n, labels)
 
     def ema_union(self, other: Curvature, decay: float) -> LowRankFisher:
-        """``d F_self + (1 - d) F_other`` over the union of the parameters, exactly: both
-        row stacks are zero-padded to the union's columns (a curvature is zero on, and
+        """``d F_self + (1 - d) F_other`` over the union of the parameters: both row
+        stacks are zero-padded to the union's columns (a curvature is zero on, and
         uncoupled to, the parameters it lacks) and averaged as :meth:`ema`;
-        ``N = N_self + N_other``.
+        ``N = N_self + N_other``. Exact, except that a curvature with ``rank`` set keeps
+        the top ``rank`` eigenpairs of the result.
 
         Raises:
             TypeError: ``other`` is not a LowRankFisher.

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import natgrad
 from tests.reference import DenseCurvature
@@ -353,3 +354,21 @@ def test_a_diagonal_only_use_names_the_diagonal_of_a_structured_curvature():
     assert (d.labels, d.likelihood) == ("exact", "categorical")
     imp = natgrad.fisher_importance(d, model)
     assert sorted(imp) == sorted(k for k, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac", "lowrank"])
+def test_online_ewc_refuses_a_parameter_renamed_by_pruning_between_tasks(kind):
+    """Task 1 estimated before torch.nn.utils.prune (``0.weight``), task 2 after
+    (``0.weight_orig``): the fold counted the weight twice (λ from lam_scale 66% too
+    large, found by review); a named error."""
+    import torch.nn.utils.prune as tprune
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    c1 = natgrad.estimate_curvature(m, (x, y), kind=kind, labels="exact")
+    ewc = natgrad.EWC(m, c1, lam=1.0, mode="online", gamma=1.0, lam_scale=1e-3)
+    tprune.l1_unstructured(m[0], "weight", amount=0.0)
+    c2 = natgrad.estimate_curvature(m, (x, y), kind=kind, labels="exact")
+    with pytest.raises(ValueError, match="same parameter .*make_permanent"):
+        ewc.consolidate(c2)
