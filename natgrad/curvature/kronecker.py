@@ -1070,7 +1070,9 @@ class KroneckerFisher(Curvature):
                           mask=_mask_and(a.mask, b.mask))
             if self.kind == "ekfac":
                 QA, _, QG, _ = new.bases()
-                new.s = wa * _project(a, QA, QG) + wb * _project(_block_to(b, a.A.device), QA, QG)
+                dt = A.dtype  # the promoted dtype of the two (float32 with float64: float64)
+                new.s = (wa * _project(_block_to(a, a.A.device, dt), QA, QG)
+                         + wb * _project(_block_to(b, a.A.device, dt), QA, QG))
                 new.QA, new.QG = QA, QG
             blocks[k] = new
         diag = {k: wa * v + wb * other.diag[k].to(v.device) for k, v in self.diag.items()}

@@ -7,6 +7,7 @@ Python loops for token counts, and dense float64 Kronecker / EKFAC constructions
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -800,3 +801,23 @@ def test_layer_read_outside_its_call_in_a_later_layer_mix():
     assert K.structure()["o.weight"] == "ekfac"
     assert_close_dict({k: diag[k] for k in ("emb.weight", "l.weight", "direct.bias")},
                       {k: ref[k] for k in ("emb.weight", "l.weight", "direct.bias")}, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_ema_of_a_float32_and_a_float64_curvature_is_the_float64_ema(kind):
+    """EKFAC's ``ema`` of curvatures of two dtypes raised a raw dtype error (the re-fit
+    projected a float32 block on float64 bases; found by review); both orders now give the
+    ema of the float64 copies (whose ema is checked against dense references above)."""
+    torch.manual_seed(0)
+    m64 = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    m32 = copy.deepcopy(m64).float()
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    c32 = natgrad.estimate_curvature(m32, (x, y), kind=kind, labels="exact")
+    c64 = natgrad.estimate_curvature(m64, (x.double(), y), kind=kind, labels="exact")
+    v = {k: torch.randn_like(p) for k, p in m64.named_parameters()}
+    for got, ref in ((c32.ema(c64, 0.4), c32.to(torch.float64).ema(c64, 0.4)),
+                     (c64.ema(c32, 0.4), c64.ema(c32.to(torch.float64), 0.4))):
+        out, want = got.mv(v), ref.mv(v)
+        for k in v:
+            assert out[k].dtype == torch.float64
+            torch.testing.assert_close(out[k], want[k])
