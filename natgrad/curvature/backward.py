@@ -60,13 +60,17 @@ tokens) scales the gradients by another factor; use ``loss_reduction="sum"`` wit
 loss there. A module called several times in one forward contributes every call's
 positions. A layer whose weight or bias the forward also reads outside the layer's own
 calls (``F.linear(h, emb.weight)``, ``layer.forward(x)``) has gradient terms no hook sees:
-the first recorded call of the model runs under
-:class:`~natgrad.curvature.kfac.OutsideUses` and refuses such a layer by name.
+the first refresh re-runs the model on the inputs of its first recorded call, once, as
+natgrad's own pass (eval mode, random state restored, no backward) under
+:class:`~natgrad.curvature.kfac.OutsideUses`, and refuses such a layer by name (and
+removes this capture's hooks). The check sees the model's forward only: a weight tied in
+the loss outside the model (``F.linear(model(x), emb.weight)``), by an outer model around
+the preconditioned one, or in a training step that calls the model's parts instead of
+the model, is not seen; leave such layers out of ``params``.
 """
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, get_args
@@ -87,8 +91,10 @@ from natgrad.curvature.kfac import (
 from natgrad.engine.checks import check_choice
 from natgrad.engine.common import (
     current_backward_id,
+    evaluating,
     global_forward_hooks,
     in_internal_pass,
+    internal_pass,
     to_acc,
 )
 
@@ -153,9 +159,11 @@ class BackwardCapture:
         self._removed = False
         self._layer_hooks = {k: self._hook(k) for k in self.layers}  # the same on every arming
         self._warned_global = False  # the global-forward-hook warning was given
-        # the first recorded model call runs under OutsideUses: a layer whose parameters
-        # the forward also reads outside the layer's own calls is refused
-        self._uses: tuple[OutsideUses, list[Any]] | None = None
+        # the inputs of the first recorded model call, re-run under OutsideUses at the
+        # first refresh: a layer whose parameters the forward also reads outside the
+        # layer's own calls is refused
+        self._check_inputs: tuple[Any, Any] | None = None
+        self._stash_handle: Any = None
         self._uses_checked = False
         #: the constant the loss was multiplied by before ``backward``; :meth:`take`
         #: divides the recorded output gradients by it
@@ -184,6 +192,9 @@ class BackwardCapture:
                     self._new_pass, with_kwargs=True, prepend=True),
                 self._model.register_forward_hook(self._end_pass, always_call=True),
             ]
+            if not self._uses_checked and self._check_inputs is None:
+                self._stash_handle = self._model.register_forward_pre_hook(
+                    self._stash_inputs, with_kwargs=True)
             self._handles += [
                 lay.module.register_forward_hook(self._layer_hooks[k], prepend=True)
                 for k, lay in self.layers.items()
@@ -192,46 +203,60 @@ class BackwardCapture:
             for h in self._handles:
                 h.remove()
             self._handles = []
+            if self._stash_handle is not None:
+                self._stash_handle.remove()
+                self._stash_handle = None
 
     def _end_pass(self, module: nn.Module, args: Any, output: Any) -> None:
         if module is self._model:
             self._inside = False
-            if self._uses is not None:
-                self._end_check()
 
-    def _start_check(self) -> None:
-        """Run this model call under :class:`~natgrad.curvature.kfac.OutsideUses` (once)."""
+    def _stash_inputs(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        """Keep the first recorded model call's inputs for :meth:`_check_outside_uses`
+        (a hook of its own, removed at once: the per-call hooks stay free of this state)."""
+        if (in_internal_pass() or module is not self._model or not torch.is_grad_enabled()
+                or self._check_inputs is not None):
+            return
+        self._check_inputs = (
+            tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+            {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
+        )
+        if self._stash_handle is not None:
+            self._stash_handle.remove()
+            self._stash_handle = None
+
+    def _check_outside_uses(self) -> None:
+        """Re-run the model on its first recorded call's inputs under
+        :class:`~natgrad.curvature.kfac.OutsideUses` (natgrad's own pass: the layer hooks
+        ignore it; eval mode, no backward, the random state restored), once; refuse the
+        layers whose parameters it reads outside their own calls."""
+        assert self._check_inputs is not None
+        args, kwargs = self._check_inputs
+        self._check_inputs = None
         uses = OutsideUses(self.layers)
-        handles = uses.hooks()
+        marks = uses.hooks()
         for k, lay in self.layers.items():
             if lay.module is self._model:  # a bare layer as the model: its call is running,
                 uses.active[k] += 1  # and its pre-hooks were read before this one ran
-        uses.__enter__()  # type: ignore[no-untyped-call]  # torch: unannotated
-        self._uses = (uses, handles)
-
-    def _leave_check(self) -> OutsideUses:
-        """Leave the mode and remove its hooks."""
-        assert self._uses is not None
-        uses, handles = self._uses
-        self._uses = None
-        uses.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # torch: unannotated
-        for h in handles:
-            h.remove()
-        return uses
-
-    def _end_check(self) -> None:
-        """Leave the mode; refuse layers read outside their calls (checked again at the
-        next recorded call until none is)."""
-        uses = self._leave_check()
+        devices = sorted({p.device.index or 0 for p in self._model.parameters()
+                          if p.device.type == "cuda"})
+        try:
+            with torch.random.fork_rng(devices=devices), internal_pass(), \
+                    evaluating(self._model), torch.enable_grad(), uses:
+                self._model(*args, **kwargs)
+        finally:
+            for h in marks:
+                h.remove()
         if not uses.outside:
             self._uses_checked = True
-        elif sys.exc_info()[0] is None:  # not while the forward's own error propagates
-            raise ValueError(
-                f"source='backward' cannot record the layers {sorted(uses.outside)}: "
-                f"{OUTSIDE_REASON}, so their recorded statistics would silently leave those "
-                "gradient terms out. Leave them out of params=..., or use source='batch', "
-                "which keeps such layers diagonal (exact)."
-            )
+            return
+        self.remove()  # this capture cannot be used: leave the model as it was
+        raise ValueError(
+            f"source='backward' cannot record the layers {sorted(uses.outside)}: "
+            f"{OUTSIDE_REASON}, so their recorded statistics would silently leave those "
+            "gradient terms out. Build the preconditioner again with them left out of "
+            "params=..., or use source='batch', which keeps such layers diagonal (exact)."
+        )
 
     def _new_pass(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if in_internal_pass():  # natgrad's own pass (a Fisher, a probe): not the user's
@@ -255,10 +280,6 @@ class BackwardCapture:
                 UserWarning,
                 stacklevel=2,
             )
-        if self._uses is not None:  # a call interrupted (KeyboardInterrupt) left it on
-            self._leave_check()
-        if not self._uses_checked:
-            self._start_check()
         # the model's batch size: of its first tensor input (None: unknown)
         first = next((a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)), None)
         self._start_pass(int(first.shape[0]) if first is not None and first.dim() else None)
@@ -369,6 +390,8 @@ class BackwardCapture:
                 disagree on the samples of a forward.
         """
         try:
+            if self._check_inputs is not None:  # the first refresh (see the module doc)
+                self._check_outside_uses()
             return self._build()
         finally:
             self.clear()

@@ -270,21 +270,29 @@ class _ReusedWeight(nn.Module):
 @pytest.mark.parametrize("kind", ["kfac", "diag"])
 def test_backward_source_refuses_a_layer_read_outside_its_call(kind):
     """source='backward' reads a layer's gradient off its own calls only: the functional
-    use's terms would be silently missing, so the recorded forward raises, naming it."""
+    use's terms would be silently missing, so the first refresh (which re-runs the first
+    recorded call's inputs as natgrad's own pass) raises, naming it, and removes its
+    hooks; the model then trains on, and a preconditioner without that layer works. The
+    check leaves the random state and the training mode as they were."""
     torch.manual_seed(0)
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     model = _ReusedWeight(reuse=True)
     pre = natgrad.FisherPreconditioner(model, kind=kind, source="backward", update_every=1)
+    F.cross_entropy(model(x), y).backward()
+    state = torch.get_rng_state()
     with pytest.raises(ValueError, match=r"cannot record the layers \['l'\].*F.linear\(x, "
                        r"layer.weight\).*params=.*source='batch'"):
-        F.cross_entropy(model(x), y).backward()
-    with pytest.raises(ValueError, match=r"cannot record the layers \['l'\]"):
-        model(x)  # refused again, not only once
+        pre.step(lr=0.1)
+    assert torch.equal(torch.get_rng_state(), state) and model.training
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    model(x)  # the refused capture is gone
+    pre = natgrad.FisherPreconditioner(model, kind=kind, source="backward", update_every=1,
+                                       params=["o.weight", "o.bias"])
+    F.cross_entropy(model(x), y).backward()
+    pre.step(lr=0.1)
     ok = _ReusedWeight(reuse=False)
     pre = natgrad.FisherPreconditioner(ok, kind=kind, source="backward", update_every=1)
     for _ in range(2):
         ok.zero_grad()
         F.cross_entropy(ok(x), y).backward()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # no lr: the unclipped-step warning
-            pre.step()
+        pre.step(lr=0.1)
