@@ -48,10 +48,16 @@ effective weight's curvature and projects onto the kept entries, so a preconditi
 step never moves a pruned ``W_orig`` entry (the exact solve would move them by
 ``v/λ`` wherever ``v`` is nonzero there; a gradient is zero there). ``logdet`` ignores
 the mask (the exact one is ``log det(F_KK + λI) + #pruned · log λ`` over the kept set
-``K``). Masks are read from the model at each estimate; combining curvatures (``+``,
-``ema``) keeps the entries kept in both (the product of the masks), which is the newer
-mask when pruning only removes entries. The Laplace functions refuse masked blocks (their
-posterior would need the exact solve).
+``K``). The mask is a property of the model, not of the statistics: it is read from the
+model's ``*_mask`` buffers at each estimate (a mask that is not 0/1 is refused), ``ema``
+keeps the averaged factors and takes the newer curvature's mask (after a regrowth, e.g.
+``prune.remove`` then ``prune.custom_from_mask`` with a mask keeping entries pruned before,
+the regrown entries are preconditioned at once), ``+`` refuses two curvatures whose masks
+differ (the sum of two differently masked Fishers has no masked Kronecker form), and
+:meth:`KroneckerFisher.with_masks` puts a model's current masks on a curvature
+(:class:`natgrad.FisherPreconditioner` does so at each step). The Laplace functions and
+:func:`natgrad.obs_saliency` refuse masked blocks (they would need the exact solve or its
+inverse diagonal, ``[(F_KK + λI)⁻¹]_qq``).
 
 Parameters K-FAC cannot cover (LayerNorm, biases without their weight, weights shared by
 several modules such as a tied embedding and LM head, layers called without the batch as
@@ -1039,6 +1045,41 @@ class KroneckerFisher(Curvature):
             order=[k for k in self.order if k in keep], damping_mode=self.damping_mode,
         )
 
+    def masked_names(self) -> list[str]:
+        """The parameters held in masked blocks (layers pruned by ``torch.nn.utils.prune``,
+        see the module doc), in block order."""
+        return [n for b in self.blocks.values() if b.mask is not None for n in b.names]
+
+    def with_masks(self, masks: Mapping[str, torch.Tensor]) -> KroneckerFisher:
+        """This curvature with the masks of some pruned layers replaced (factors, eigenbases
+        and the diagonal part shared, not copied): ``{layer: M}`` with ``M`` the 0/1 block
+        mask ``(groups, d_G, d_A)`` as :meth:`natgrad.curvature.kfac.KFACLayer.mask_block`
+        reads it from the model. The mask belongs to the model, so this is how a curvature
+        estimated before the masks changed (a regrowth, a loaded state) solves for the
+        model as it is now (see the module doc).
+
+        Raises:
+            ValueError: a layer that is not a masked block of this curvature, or a mask of
+                another shape.
+        """
+        bad = [k for k, m in masks.items() if k not in self.blocks
+               or self.blocks[k].mask is None
+               or tuple(m.shape) != tuple(cast(torch.Tensor, self.blocks[k].mask).shape)]
+        if bad:
+            raise ValueError(
+                f"Cannot put masks on layers {bad[:8]}: not masked blocks of this curvature, "
+                "or the mask's shape is not the block's (groups, d_G, d_A)."
+            )
+        blocks = {k: replace(b, mask=masks[k].to(b.A.device, b.A.dtype)) if k in masks else b
+                  for k, b in self.blocks.items()}
+        new = KroneckerFisher(blocks, self.diag, self.n_samples, kind=self.kind,
+                              diag_reasons=self.diag_reasons, labels=self.labels,
+                              likelihood=self.likelihood, order=self.order,
+                              damping_mode=self.damping_mode)
+        for k, b in new.blocks.items():  # the eigenbases depend on the factors only
+            b.eig.update(self.blocks[k].eig)
+        return new
+
     # -- combination -------------------------------------------------------------------------
     def _check_same(self, other: Curvature, what: str) -> KroneckerFisher:
         """``other``, checked to be a KroneckerFisher of this kind and layout."""
@@ -1061,13 +1102,15 @@ class KroneckerFisher(Curvature):
         return other
 
     def _mix(self, other: KroneckerFisher, wa: float, wb: float, n: int) -> KroneckerFisher:
+        """``wa · self + wb · other`` statistic by statistic; a pruned layer takes
+        ``other``'s mask (the newer one for :meth:`ema`; :meth:`__add__` checks both equal)."""
         blocks = {}
         for k, a in self.blocks.items():
             b = other.blocks[k]
             A = wa * a.A + wb * b.A.to(a.A.device)
             G = wa * a.G + wb * b.G.to(a.G.device)
             new = replace(a, A=A, G=G, s=None, QA=None, QG=None, eig={},
-                          mask=_mask_and(a.mask, b.mask))
+                          mask=_newer_mask(b.mask, a.A))
             if self.kind == "ekfac":
                 QA, _, QG, _ = new.bases()
                 dt = A.dtype  # the promoted dtype of the two (float32 with float64: float64)
@@ -1086,6 +1129,15 @@ class KroneckerFisher(Curvature):
         if not isinstance(other, KroneckerFisher):
             return NotImplemented
         self._check_same(other, "add")
+        differ = [k for k, a in self.blocks.items()
+                  if not _same_mask(a.mask, other.blocks[k].mask)]
+        if differ:
+            raise ValueError(
+                f"Cannot add KroneckerFishers whose layers {differ[:8]} are pruned with "
+                "different masks: the sum of two differently masked Fishers D_Ma F_a D_Ma + "
+                "D_Mb F_b D_Mb has no masked Kronecker form. Estimate both with the same "
+                "masks, or use ema(), which takes the newer curvature's mask."
+            )
         n = self.n_samples + other.n_samples
         if n == 0:
             raise ValueError("Cannot combine two curvatures that both have n_samples=0.")
@@ -1109,7 +1161,12 @@ class KroneckerFisher(Curvature):
     __rmul__ = __mul__
 
     def ema(self, other: Curvature, decay: float) -> KroneckerFisher:
-        """``decay · self + (1 - decay) · other`` statistic by statistic; ``N = N_a + N_b``."""
+        """``decay · self + (1 - decay) · other`` statistic by statistic; ``N = N_a + N_b``.
+
+        A pruned layer takes ``other``'s (the newer estimate's) mask: the mask belongs to
+        the model, so entries regrown since ``self`` was estimated are kept (their factors
+        are the effective weight's, defined whatever the mask), and entries pruned since
+        are dropped (see the module doc)."""
         decay = check_fraction("decay", decay, closed=True)
         same = self._check_same(other, "average")
         return self._mix(same, decay, 1 - decay, self.n_samples + same.n_samples)
@@ -1180,7 +1237,7 @@ class KroneckerFisher(Curvature):
             old = replace(a, eig={}) if ekfac else a  # EKFAC: the previous s and basis
             a.A.lerp_(b.A.to(a.A.device, a.A.dtype), w)
             a.G.lerp_(b.G.to(a.G.device, a.G.dtype), w)
-            a.mask = _mask_and(a.mask, b.mask)
+            a.mask = _newer_mask(b.mask, a.A)
             a.eig.clear()
             if ekfac:
                 a.s = a.QA = a.QG = None
@@ -1516,11 +1573,16 @@ def _block_to(b: KroneckerBlock, *args: Any, **kwargs: Any) -> KroneckerBlock:
     )
 
 
-def _mask_and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    """The entries kept by both masks (None: nothing pruned)."""
+def _newer_mask(b: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """The newer curvature's mask ``b`` (None: nothing pruned) on ``like``'s device and dtype."""
+    return None if b is None else b.to(like.device, like.dtype)
+
+
+def _same_mask(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether two block masks keep the same entries (None: nothing pruned)."""
     if a is None or b is None:
-        return a if b is None else b.to(a.device if a is not None else b.device)
-    return a * b.to(a.device, a.dtype)
+        return a is None and b is None
+    return torch.equal(a, b.to(a.device, a.dtype))
 
 
 def _masked(

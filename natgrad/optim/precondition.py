@@ -21,7 +21,15 @@ import torch
 from torch import nn
 
 from natgrad.curvature.backward import LOSS_REDUCTIONS, BackwardCapture, LossReduction
-from natgrad.curvature.kfac import KFAC_APPROX, KFAC_DAMPING, KfacApprox, KfacDamping, kfac_layers
+from natgrad.curvature.kfac import (
+    KFAC_APPROX,
+    KFAC_DAMPING,
+    KfacApprox,
+    KfacDamping,
+    KFACLayer,
+    kfac_layers,
+)
+from natgrad.curvature.kronecker import KroneckerFisher
 from natgrad.curvature.protocol import CURVATURE_KINDS, Curvature, curvature_class
 from natgrad.engine.batch import OutputFn
 from natgrad.engine.checks import (
@@ -137,6 +145,19 @@ class FisherPreconditioner:
       ``"lowrank"`` (rows ``g_n``) need no extra pass either; every selected parameter
       must lie in a covered layer. A registered kind whose ``from_capture`` is missing is
       refused.
+
+    Layers pruned by ``torch.nn.utils.prune`` (``W = W_orig ⊙ M``): the step preconditions
+    ``weight_orig`` / ``bias_orig`` (see :class:`natgrad.KroneckerFisher` for ``"kfac"`` /
+    ``"ekfac"``: the masked projection of the solve). The mask is the model's: before each
+    solve (and when :attr:`curvature` is read) the K-FAC / EKFAC curvature takes the
+    model's current ``*_mask`` buffers (:meth:`natgrad.KroneckerFisher.with_masks`), and the
+    EMA keeps the factors and takes the newest mask. So a mask changed in place, or a
+    regrowth (``prune.remove`` then ``prune.custom_from_mask`` with a mask keeping entries
+    pruned before), is preconditioned at the next step, regrown entries included, and a
+    state loaded with :meth:`load_state_dict` solves with the model's masks, not the saved
+    ones. A layer pruned or un-pruned after the preconditioner was built (its parameters
+    renamed ``<a>`` ↔ ``<a>_orig``) is refused at the next step: build a new
+    preconditioner (and optimizer) on the model as it is now.
 
     Under ``torch.distributed`` (a process group initialized), each refresh pools the
     ranks' statistics sample-weighted (``Curvature.all_reduce`` /
@@ -314,8 +335,16 @@ class FisherPreconditioner:
         # whether the curvature sits on the parameters' device and dtype: a loaded one is
         # moved at the next step (frameworks load state before they move or cast the model)
         self._placed = True
+        # where each selected parameter lives (module, attribute): a layer pruned or
+        # un-pruned since renames it (<a> <-> <a>_orig), which step() refuses
+        self._homes = {k: (model.get_submodule(k.rpartition(".")[0]), k.rpartition(".")[2])
+                       for k in self.params}
+        self._mask_layers: dict[str, KFACLayer] = {}
+        self._mask_seen: list[tuple[torch.Tensor, int]] = []
+        self._mask_synced: Curvature | None = None
         if self.curvature_kind in ("kfac", "ekfac"):
             layers, diag_names = kfac_layers(model, self.params, extended=True, masked=True)
+            self._mask_layers = {k: lay for k, lay in layers.items() if lay.mask_w or lay.mask_b}
             logger.info(
                 "FisherPreconditioner(kind=%r): %d layers in Kronecker form; %d "
                 "parameter tensors left diagonal%s",
@@ -401,7 +430,50 @@ class FisherPreconditioner:
         """
         self._lent = True
         self._place()
+        if not self._renamed():
+            self._sync_masks()
         return self._curvature
+
+    def _renamed(self) -> list[str]:
+        """The selected parameters no longer found under their name (their layer pruned or
+        un-pruned by ``torch.nn.utils.prune`` / ``natgrad.make_permanent`` since the
+        preconditioner was built)."""
+        return [k for k, (mod, attr) in self._homes.items() if mod._parameters.get(attr) is None]
+
+    def _check_pruning(self) -> None:
+        gone = self._renamed()
+        if gone:
+            raise ValueError(
+                f"The model's pruning changed since this FisherPreconditioner was built: "
+                f"parameters {gone[:8]} are gone (a layer pruned by torch.nn.utils.prune "
+                "renames <a> to <a>_orig; prune.remove or natgrad.make_permanent renames it "
+                "back), so the preconditioner's parameters and curvature no longer match the "
+                "model. Build a new FisherPreconditioner (and optimizer, e.g. "
+                "natgrad.NaturalGradient) on the model as it is now (pre.close() the old one "
+                "with source='backward'). To change which entries are kept without this, "
+                "change the masks only (prune.custom_from_mask on a pruned layer, or edit "
+                "its <a>_mask in place): the preconditioner follows the model's masks."
+            )
+
+    def _sync_masks(self) -> None:
+        """Put the model's current pruning masks on a K-FAC / EKFAC curvature (the mask
+        is the model's, not the statistics'; see the class doc). Re-read only when a mask
+        buffer was replaced or changed in place (its version) or the curvature is new."""
+        C = self._curvature
+        if not self._mask_layers or not isinstance(C, KroneckerFisher):
+            return
+        seen = [(b, int(b._version)) for lay in self._mask_layers.values()
+                for attr, on in (("weight_mask", lay.mask_w), ("bias_mask", lay.mask_b)) if on
+                for b in (lay.module._buffers[attr],) if b is not None]
+        if C is self._mask_synced and len(seen) == len(self._mask_seen) and all(
+            a is b and v == w for (a, v), (b, w) in zip(seen, self._mask_seen, strict=True)
+        ):
+            return
+        masks = {k: m for k, lay in self._mask_layers.items()
+                 if k in C.blocks and C.blocks[k].mask is not None
+                 for m in (lay.mask_block(),) if m is not None}
+        new = C.with_masks(masks) if masks else C
+        self._curvature, self._mask_synced, self._mask_seen = new, new, seen
 
     def _update_curvature(self, batch: Any) -> None:
         """Fold the batch's curvature into the EMA, ``C ← d·C + (1 - d)·C_batch``.
@@ -462,8 +534,10 @@ class FisherPreconditioner:
             warning: no refresh, nothing preconditioned.
 
         Raises:
-            ValueError: a negative or non-finite ``lr``, or an ``lr`` mapping that lacks a preconditioned
-                parameter; ``source="batch"`` without a batch; invalid damping from a
+            ValueError: a layer pruned or un-pruned since the preconditioner was built
+                (its parameters renamed; build a new one); a mask that is not 0/1 on a
+                pruned K-FAC layer; a negative or non-finite ``lr``, or an ``lr`` mapping
+                that lacks a preconditioned parameter; ``source="batch"`` without a batch; invalid damping from a
                 schedule; on a refresh, bad labels (checked on the whole batch) or a
                 BatchNorm without running statistics; ``source="backward"`` with nothing
                 recorded. (A module that stays random in eval mode, e.g. a dropout
@@ -474,6 +548,7 @@ class FisherPreconditioner:
                 ``grad_scaler`` the step is skipped instead), in the curvature, or in the
                 preconditioned gradient.
         """
+        self._check_pruning()
         lrs = self._check_lr(lr)
         grads: dict[str, torch.Tensor] = {}
         for k, p in self.params.items():
@@ -520,6 +595,7 @@ class FisherPreconditioner:
         if not solves or self._curvature is None:
             self._advance()
             return PreconditionStep(t, lam, updated, False, 1.0)
+        self._sync_masks()  # the model's masks now (a regrowth, a loaded state)
         nu = 1.0
         if clip:
             assert lrs is not None and self.kl_clip is not None

@@ -309,15 +309,113 @@ def test_state_dict_round_trip_keeps_the_mask():
     assert "mask" in p1.state_dict()["curvature"]["layers"]["0"]
 
 
-def test_ema_keeps_entries_kept_in_both_masks():
+def test_ema_takes_the_newer_mask():
     model = _mlp()
     x, y = _data(False)
     C1 = natgrad.estimate_curvature(model, (x, y), kind="kfac")
-    prune.random_unstructured(model[0], "weight", 0.3)  # prune more (the masks multiply)
+    prune.random_unstructured(model[0], "weight", 0.3)  # prune more
     C2 = natgrad.estimate_curvature(model, (x, y), kind="kfac")
-    both = C1.ema(C2, 0.5).blocks["0"].mask[0, :, :-1]
-    torch.testing.assert_close(both, model[0].weight_mask.double())
-    assert not torch.equal(C1.blocks["0"].mask[0, :, :-1], both)
+    newer = C1.ema(C2, 0.5).blocks["0"].mask[0, :, :-1]
+    torch.testing.assert_close(newer, model[0].weight_mask.double())
+    assert not torch.equal(C1.blocks["0"].mask[0, :, :-1], newer)
+    # a regrowth: the newer mask keeps entries the older one pruned, and so does the EMA
+    # (in place too), whose mv is then M_new ⊙ F̄ (M_new ⊙ V) with F̄ the averaged factors
+    for ema in (lambda a, b: a.ema(b, 0.5), lambda a, b: a.ema_(b, 0.5)):
+        C1 = natgrad.estimate_curvature(model, (x, y), kind="kfac")
+        grown = torch.ones_like(model[0].weight_mask)
+        grown[0] = 0
+        prune.remove(model[0], "weight")
+        prune.custom_from_mask(model[0], "weight", grown)
+        C2 = natgrad.estimate_curvature(model, (x, y), kind="kfac")
+        f1, f2 = hand_factors(model, x, y), (C1.blocks["0"].A[0], C1.blocks["0"].G[0])
+        A = 0.5 * f2[0] + 0.5 * f1["0"][0]
+        G = 0.5 * f2[1] + 0.5 * f1["0"][1]
+        E = ema(C1, C2)
+        d = _mask(model[0]).reshape(-1)
+        D = d[:, None] * torch.kron(G, A) * d[None, :]
+        v = {k: torch.randn(s, dtype=torch.float64) for k, s in E.param_shapes().items()}
+        out = E.mv(v)
+        torch.testing.assert_close(_block(out, model, "0", model[0]),
+                                   D @ _block(v, model, "0", model[0]), rtol=1e-10, atol=1e-12)
+        model = _mlp()
+
+
+def test_adding_curvatures_of_different_masks_is_refused():
+    model = _mlp()
+    x, y = _data(False)
+    C1 = natgrad.estimate_curvature(model, (x, y), kind="kfac")
+    C1 + C1  # same masks: fine
+    prune.random_unstructured(model[0], "weight", 0.3)
+    C2 = natgrad.estimate_curvature(model, (x, y), kind="kfac")
+    with pytest.raises(ValueError, match="pruned with different masks"):
+        C1 + C2
+
+
+def test_with_masks_puts_the_model_masks_on_a_curvature():
+    model = _mlp()
+    x, y = _data(False)
+    C = natgrad.estimate_curvature(model, (x, y), kind="kfac")
+    ref = hand_factors(model, x, y)
+    new = torch.ones_like(model[0].weight_mask)
+    new[:, 1] = 0
+    prune.remove(model[0], "weight")
+    prune.custom_from_mask(model[0], "weight", new)
+    from natgrad.curvature.kfac import kfac_layers
+    lay = kfac_layers(model, dict(model.named_parameters()), masked=True)[0]["0"]
+    C2 = C.with_masks({"0": lay.mask_block()})
+    v = {k: torch.randn(s, dtype=torch.float64) for k, s in C.param_shapes().items()}
+    P = _dense(ref, model, "0", model[0], LAM, project=True)  # factors unchanged, new mask
+    torch.testing.assert_close(_block(C2.solve(v, LAM), model, "0", model[0]),
+                               P @ _block(v, model, "0", model[0]), rtol=1e-9, atol=1e-12)
+    assert C.blocks["0"].mask is not C2.blocks["0"].mask  # the original keeps its mask
+    assert C2.masked_names() == ["0.weight_orig", "0.bias", "2.weight_orig", "2.bias_orig"]
+    with pytest.raises(ValueError, match="not masked blocks"):
+        C.with_masks({"0": lay.mask_block()[..., :-1]})
+
+
+@pytest.mark.parametrize("source", ["batch", "backward"])
+@pytest.mark.parametrize("change", ["regrow", "in_place", "load_state"])
+def test_preconditioner_follows_the_model_masks(source, change):
+    """After a regrowth (prune.remove + custom_from_mask), a mask edited in place, or a
+    state saved under another mask, the step is the dense projected solve with the
+    model's current mask: regrown entries move at once."""
+    x, y = _data(False, n=8)
+    model = _mlp()
+    kw = dict(kind="kfac", damping=LAM, kl_clip=None, kfac_damping="exact", source=source,
+              update_every=100)
+    pre = natgrad.FisherPreconditioner(model, **kw)
+    _grads(model, x, y)
+    pre.step((x, y))  # the curvature of the old mask; later steps only solve
+    ref = hand_factors(model, x, y)  # the factors do not depend on the mask
+    old = model[0].weight_mask.clone()
+    new = 1 - old  # every entry pruned before is kept now
+    new[0] = 0
+    if change == "regrow":
+        prune.remove(model[0], "weight")
+        prune.custom_from_mask(model[0], "weight", new)
+    elif change == "in_place":
+        with torch.no_grad():
+            model[0].weight_mask.copy_(new)
+    else:
+        other = _mlp()
+        other.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            other[0].weight_mask.copy_(new)
+        state = pre.state_dict()
+        pre.close()
+        model = other
+        pre = natgrad.FisherPreconditioner(model, **kw)
+        pre.load_state_dict(state)
+    g = _grads(model, x, y)
+    pre.step((x, y))
+    named = dict(model.named_parameters())
+    P = _dense(ref, model, "0", model[0], LAM, project=True)
+    step = _block({n: named[n].grad for n in named}, model, "0", model[0])
+    torch.testing.assert_close(step, P @ _block(g, model, "0", model[0]), rtol=1e-9, atol=1e-12)
+    regrown = ((new == 1) & (old == 0)).reshape(-1)
+    assert (named["0.weight_orig"].grad.reshape(-1)[regrown] != 0).all()
+    assert pre.curvature.blocks["0"].mask[0, :, :-1].equal(new.double())
+    pre.close()
 
 
 def test_backward_source_diagonal_fisher_of_pruned_parameters_is_brute_force():
