@@ -164,11 +164,27 @@ class KFACLayer:
         Read from the module's ``weight_mask`` / ``bias_mask`` buffers now (ones where a
         part is not pruned), in ``dtype`` (default: the accumulation dtype); None when
         neither the weight nor the covered bias is pruned.
+
+        Raises:
+            ValueError: a mask holding values other than 0 and 1 (``prune.custom_from_mask``
+                does not check): ``W_orig ⊙ M`` then scales entries, and the masked forms
+                (``diag = M ⊙ diag F``, the per-sample gradient ``M ⊙ g``) would be off.
         """
         if not (self.mask_w or self.mask_b):
             return None
         w = self.module_weight
         dt = dtype or to_acc(w.detach()).dtype
+        parts = [("weight_mask", self.mask_w), ("bias_mask", self.mask_b)]
+        for attr, on in parts:
+            m = cast(torch.Tensor, getattr(self.module, attr)) if on else None
+            if m is not None and bool(((m != 0) & (m != 1)).any()):
+                raise ValueError(
+                    f"Layer {self.name!r}: its torch.nn.utils.prune mask {attr} holds values "
+                    "other than 0 and 1, so W_orig * mask scales entries instead of pruning "
+                    "them, which the masked Kronecker form does not model. Use a 0/1 mask "
+                    "(prune.custom_from_mask(module, name, mask != 0)), or "
+                    "natgrad.make_permanent(model) to bake the scaling into the weights."
+                )
         mw = cast(torch.Tensor, self.module.weight_mask) if self.mask_w else torch.ones_like(w)
         mb = None
         if self.bias is not None:

@@ -55,3 +55,51 @@ def test_laplace_refuses_masked_kronecker_blocks():
         C = natgrad.estimate_curvature(model, batch, kind="kfac")
     with pytest.raises(ValueError, match="masked Kronecker blocks.*kind='diag'"):
         natgrad.fisher_uncertainty(model, batch[0], C, n_data=5)
+
+
+def test_non_binary_mask_is_refused():
+    """``prune.custom_from_mask`` accepts a 0.5 entry: ``W_orig ⊙ M`` then scales it, and
+    the masked forms (``M ⊙ diag F``, per-sample gradient ``M ⊙ g``) would be 2x off."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    mask = torch.ones(5, 4, dtype=torch.float64)
+    mask[0], mask[1] = 0.5, 0
+    prune.custom_from_mask(m[0], "weight", mask)
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
+    for kind in ("kfac", "ekfac"):
+        with pytest.raises(ValueError, match="values other than 0 and 1"):
+            natgrad.estimate_curvature(m, (x, y), kind=kind)
+    for kind in ("kfac", "diag"):  # the backward-source diagonal reads the mask too
+        pre = natgrad.FisherPreconditioner(m, kind=kind, source="backward", kl_clip=None)
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        with pytest.raises(ValueError, match="values other than 0 and 1"):
+            pre.step()
+        pre.close()
+        m.zero_grad()
+
+
+@pytest.mark.parametrize("source", ["batch", "backward"])
+@pytest.mark.parametrize("kind", ["kfac", "diag"])
+@pytest.mark.parametrize("change", ["pruned", "removed", "made_permanent"])
+def test_pruning_changed_after_the_preconditioner_was_built(source, kind, change):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    if change != "pruned":
+        prune.random_unstructured(m[0], "weight", 0.5)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    pre = natgrad.FisherPreconditioner(m, kind=kind, source=source, kl_clip=None,
+                                       update_every=1)
+    torch.nn.functional.cross_entropy(m(x), y).backward()
+    pre.step((x, y))
+    if change == "pruned":
+        prune.l1_unstructured(m[0], "weight", 0.5)
+    elif change == "removed":
+        prune.remove(m[0], "weight")
+    else:
+        natgrad.make_permanent(m)
+    m.zero_grad()
+    torch.nn.functional.cross_entropy(m(x), y).backward()
+    with pytest.raises(ValueError, match="pruning changed since this FisherPreconditioner was "
+                                         "built.*Build a new FisherPreconditioner"):
+        pre.step((x, y))
+    pre.close()
