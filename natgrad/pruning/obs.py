@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from natgrad.curvature.kronecker import KroneckerFisher
 from natgrad.curvature.ops import check_curvature, conjugate_gradient, dict_dot, warn_unconverged
 from natgrad.curvature.protocol import Curvature
 from natgrad.engine.checks import check_choice, check_fraction, check_int, check_positive
@@ -96,6 +97,13 @@ def obs_saliency(
     Returns:
         ``{name: tensor}`` for every covered parameter, float32 (float64 for float64 models).
 
+    Raises:
+        ValueError: a :class:`natgrad.KroneckerFisher` with masked blocks (layers pruned
+            by ``torch.nn.utils.prune``): the OBS cost of a kept weight needs
+            ``[(F_KK + λI)⁻¹]_qq`` over the kept set ``K``, which has no Kronecker form
+            (the block's ``inverse_diagonal`` is of its masked-projection solve, zero at
+            the pruned entries).
+
     Example:
         >>> import torch, natgrad
         >>> model = torch.nn.Linear(2, 1, bias=False)
@@ -105,6 +113,16 @@ def obs_saliency(
         tensor([[2., 2.]])
     """
     names = check_curvature(curvature, model)
+    masked = curvature.masked_names() if isinstance(curvature, KroneckerFisher) else []
+    if masked:
+        raise ValueError(
+            f"obs_saliency: the curvature holds masked Kronecker blocks of layers pruned by "
+            f"torch.nn.utils.prune ({masked[:8]}): the OBS cost of a kept weight needs "
+            "[(F_KK + λI)⁻¹]_qq over the kept entries K, which has no Kronecker form (the "
+            "block's inverse_diagonal is of its masked projection, zero at pruned entries). "
+            "Use kind='diag' or 'lowrank' on the pruned model, or natgrad.make_permanent("
+            "model) and re-estimate (the pruned weights are then zeros of the curvature)."
+        )
     lam = _damping(curvature, damping)
     named = dict(model.named_parameters())
     inv = curvature.inverse_diagonal(lam)

@@ -103,3 +103,17 @@ def test_pruning_changed_after_the_preconditioner_was_built(source, kind, change
                                          "built.*Build a new FisherPreconditioner"):
         pre.step((x, y))
     pre.close()
+
+
+def test_obs_saliency_refuses_masked_kronecker_blocks():
+    """Its inverse diagonal would be of the masked projection (inf saliency at pruned
+    entries, kept ones off [(F_KK + λI)⁻¹]_qq)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    prune.l1_unstructured(m[0], "weight", 0.5)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    for kind in ("kfac", "ekfac"):
+        C = natgrad.estimate_curvature(m, (x, y), kind=kind)
+        with pytest.raises(ValueError, match="obs_saliency: the curvature holds masked"):
+            natgrad.obs_saliency(m, C, damping=0.1)
+    natgrad.obs_saliency(m, natgrad.estimate_curvature(m, (x, y), kind="diag"), damping=0.1)
