@@ -1713,7 +1713,10 @@ def _resolve_params_curvature(
     from natgrad.curvature.kronecker import KroneckerFisher
 
     if isinstance(curvature, KroneckerFisher):
-        pruned = [n for b in curvature.blocks.values() if b.mask is not None for n in b.names]
+        # only a chosen parameter in a masked block needs the exact solve: the blocks are
+        # independent, so the others' posterior is the curvature's block on them
+        mine = covered if params is None else list(select_params(model, params))
+        pruned = [n for n in curvature.masked_names() if n in mine]
         if pruned:
             raise ValueError(
                 f"The curvature holds masked Kronecker blocks of layers pruned by "

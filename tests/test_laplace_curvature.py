@@ -211,3 +211,39 @@ def test_last_layer_marglik_of_a_whole_model_block_diagonal_curvature(kind):
     same = natgrad.optimize_prior_precision(model, curv, method="marglik", grid=grid,
                                             params=["2.weight", "2.bias"])
     assert same.prior_precision == pytest.approx(best, rel=1e-12)
+
+
+@pytest.mark.parametrize("how", ["subset", "params"])
+def test_last_layer_laplace_next_to_a_pruned_layer(how):
+    """A masked K-FAC block (layer 0 pruned by torch.nn.utils.prune) outside the chosen
+    parameters does not stop the last-layer posterior: the predictive variance and the
+    marginal likelihood against the dense float64 formulas on the last layer's block."""
+    from torch.nn.utils import prune
+
+    from tests.reference import dense_from_mv
+
+    model = _model(11)
+    prune.random_unstructured(model[0], "weight", 0.5)
+    g = torch.Generator().manual_seed(12)
+    xt = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    yt = torch.randint(0, 3, (30,), generator=g)
+    curv = natgrad.estimate_curvature(model, (xt, yt), kind="kfac", labels="exact")
+    shapes = _shapes(model)
+    sub = dense_from_mv(curv, shapes)[16:, 16:]  # 2.weight, 2.bias: 15 entries
+    kw = {"subset": "last_layer"} if how == "subset" else {"params": ["2.weight", "2.bias"]}
+    x = torch.randn(4, 3, dtype=torch.float64)
+    r = natgrad.fisher_uncertainty(model, x, curv, prior_precision=2.0, **kw)
+    last = [model[2].weight, model[2].bias]
+    j = torch.stack([torch.stack([
+        torch.cat([t.reshape(-1) for t in torch.autograd.grad(model(x[i : i + 1])[0, c], last)])
+        for c in range(3)]) for i in range(4)])
+    eye = torch.eye(15, dtype=torch.float64)
+    cov = torch.linalg.inv(30 * sub + 2.0 * eye)
+    want = torch.einsum("ndp,pq,ndq->nd", j, cov, j)
+    torch.testing.assert_close(r.logit_variance, want, rtol=1e-9, atol=1e-12)
+    theta = torch.cat([t.detach().reshape(-1) for t in last])
+    m = natgrad.optimize_prior_precision(model, curv, method="marglik", grid=[1.0], **kw)
+    sld = torch.linalg.slogdet(30 * sub + eye)[1]
+    assert m.scores[0] == pytest.approx(float(-0.5 * theta @ theta - 0.5 * sld), rel=1e-9)
+    with pytest.raises(ValueError, match="masked Kronecker blocks"):  # the pruned layer chosen
+        natgrad.fisher_uncertainty(model, x, curv, params=["0.weight_orig", "0.bias"])
