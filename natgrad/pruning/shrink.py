@@ -199,13 +199,18 @@ def count_params(model: nn.Module) -> int:
 def count_flops(model: nn.Module, example: Any) -> float:
     """FLOPs per sample of one forward pass: ``2 ×`` the multiply-accumulates of Linear and
     Conv layers and of the attention matmuls (``QKᵀ`` and ``AV``); elementwise ops are not
-    counted. Measured by hooks on one sample of ``example``.
+    counted. Measured by hooks on one sample of ``example``, with every
+    ``nn.TransformerEncoder``'s nested-tensor fast path off for the count (it would hand
+    the attention hooks nested tensors, which have no sizes, and skip the layers' own
+    forwards; ``use_nested_tensor`` is put back after).
     """
     from natgrad.pruning.attention import attention_flops
 
     b = parse_batch(example).select(0, 1)
     total = [0.0]
     handles = []
+    encoders = [(m, m.use_nested_tensor) for m in model.modules()
+                if isinstance(m, nn.TransformerEncoder) and hasattr(m, "use_nested_tensor")]
     for mod in model.modules():
         if isinstance(mod, nn.Linear):
             handles.append(
@@ -226,10 +231,14 @@ def count_flops(model: nn.Module, example: Any) -> float:
             if h is not None:
                 handles.append(h)
     try:
+        for enc, _ in encoders:
+            enc.use_nested_tensor = False
         model(*b.args, **b.kwargs)
     finally:
         for h in handles:
             h.remove()
+        for enc, flag in encoders:
+            enc.use_nested_tensor = flag
     return total[0]
 
 

@@ -104,3 +104,48 @@ def test_gpt2_conv1d_modules_keep_their_type():
     torch.testing.assert_close(_caller(x)(small), _masked_reference(model, x, y, rep.removed),
                                rtol=1e-10, atol=1e-12)
     torch.export.export(small, (), x)  # still exportable
+
+
+class _PaddedEncoder(nn.Module):
+    """The default ``nn.TransformerEncoder`` (``enable_nested_tensor=True``) with a padding
+    mask: in eval mode its fast path hands the layers nested tensors."""
+
+    def __init__(self, d=16, heads=4):
+        super().__init__()
+        self.emb = nn.Embedding(13, d)
+        layer = nn.TransformerEncoderLayer(d, heads, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.enc(self.emb(input_ids), src_key_padding_mask=attention_mask == 0)
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+@pytest.mark.parametrize("how", ["exclude", "budget"])
+def test_nested_tensor_encoder_whose_attention_keeps_every_head(how):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 13, (12, 7))
+    am = torch.ones(12, 7, dtype=torch.long)
+    am[:4, 5:] = 0
+    y = torch.randint(0, 3, (12,))
+    torch.manual_seed(1)
+    model = _PaddedEncoder().eval()
+    kw = ({"flops": 0.7, "exclude": ("enc.layers.0.self_attn", "enc.layers.1.self_attn")}
+          if how == "exclude" else {"flops": 0.97})
+    small, rep = natgrad.prune_structured(
+        model, {"input_ids": ids, "attention_mask": am, "labels": y}, tune=False,
+        measure=False, **kw)
+    assert all(isinstance(small.enc.layers[i].self_attn, nn.MultiheadAttention)
+               for i in range(2))
+    assert small.enc.use_nested_tensor  # given back, and the count left it so
+    # FLOPs of one (padded, dense) sample by hand: T = 7 tokens, width 16
+    t, d = 7, 16
+    want = 2.0 * d * 3  # head, on the pooled vector
+    for i in range(2):
+        k = rep.kept.get(f"enc.layers.{i}.linear1", (32, 32))[0]
+        want += 2 * (2.0 * d * k * t)  # linear1, linear2
+        want += 2.0 * 4 * t * d * d + 4.0 * t * t * d  # q, k, v, out projections, QKᵀ and AV
+    assert rep.flops_after == want
+    assert any(k < n for k, n in rep.kept.values())
