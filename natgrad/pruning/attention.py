@@ -25,7 +25,7 @@ numbers up to float rounding.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -195,10 +195,13 @@ def to_multihead(att: HeadAttention, like: nn.MultiheadAttention) -> nn.Multihea
     None when ``att`` no longer has ``like``'s shape (heads removed, or a width changed):
     ``nn.MultiheadAttention`` cannot hold fewer heads of the same width. When ``att`` is
     :func:`from_multihead` of ``like`` untouched, the copy equals ``like`` exactly (the
-    weights are copied back, not recomputed). Each parameter keeps ``like``'s
-    ``requires_grad``; the training flag is ``att``'s.
+    weights are copied back, not recomputed). A ``torch.nn.utils.prune`` reparametrization
+    of ``like`` (its ``in_proj_weight``, its ``out_proj.weight``, ...) is not carried: the
+    copy holds plain parameters equal to ``att``'s weights
+    (:func:`~natgrad.pruning.pruned.plain_copy`), so it computes what ``att`` computes.
+    Each parameter keeps ``like``'s ``requires_grad``; the training flag is ``att``'s.
     """
-    import copy
+    from natgrad.pruning.pruned import plain_copy
 
     e = like.embed_dim
     same = (
@@ -209,7 +212,7 @@ def to_multihead(att: HeadAttention, like: nn.MultiheadAttention) -> nn.Multihea
     )
     if not same or like.in_proj_weight is None or like.in_proj_bias is None:
         return None
-    new = copy.deepcopy(like)
+    new = cast(nn.MultiheadAttention, plain_copy(like))
     assert new.in_proj_weight is not None and new.in_proj_bias is not None  # as like's
     with torch.no_grad():
         for i, lin in enumerate((att.q_proj, att.k_proj, att.v_proj)):

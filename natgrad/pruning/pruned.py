@@ -62,6 +62,20 @@ def mask_buffer_names(model: nn.Module) -> set[str]:
     return out
 
 
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` (:func:`deepcopy_model`) with every ``torch.nn.utils.prune``
+    reparametrization made permanent (``prune.remove``): each pruned ``<a>`` becomes a plain
+    parameter holding ``<a>_orig * <a>_mask`` (the ``<a>_orig`` parameter object, so its
+    ``requires_grad`` is kept). A value copied into ``<a>`` is then what the copy computes
+    with, which it is not while a pre-hook recomputes ``<a>`` at each forward. Input
+    untouched."""
+    out = deepcopy_model(model)
+    for module in out.modules():
+        for attr in sorted(pruned_names(module)):
+            prune.remove(module, attr)
+    return out
+
+
 def refresh_pruned(model: nn.Module) -> None:
     """Recompute every pruned ``<a> = <a>_orig * <a>_mask`` (as the forward pre-hook does)."""
     for module in model.modules():

@@ -50,6 +50,7 @@ from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.options import LabelSource
 from natgrad.engine.report import Report
 from natgrad.pruning.attention import HeadAttention, from_multihead, to_multihead
+from natgrad.pruning.pruned import plain_copy
 from natgrad.pruning.search import (
     BudgetError,
     CostModel,
@@ -265,10 +266,14 @@ def restore_converted(pruned: nn.Module, model: nn.Module, converted: dict[str, 
     the pruned model's values (equal to the original exactly when nothing removed or
     re-fitted them). An ``nn.TransformerEncoder``
     none of whose attention modules stays converted gets its ``use_nested_tensor`` back.
+    A restored module computes exactly with the pruned model's values: a
+    ``torch.nn.utils.prune`` reparametrization of the original (``weight_orig`` /
+    ``weight_mask`` and its pre-hook) is not carried over on any path (the conversion
+    already baked ``weight_orig * weight_mask`` into the converted module's weight, and a
+    re-fit may change pruned entries); a shape kept keeps the original's type and other
+    attributes (:func:`~natgrad.pruning.pruned.plain_copy`), a shrunken ``Conv1D`` is new.
     Modifies ``pruned`` in place; returns the names restored.
     """
-    import copy
-
     restored = []
     for name, what in converted.items():
         orig = model.get_submodule(name)
@@ -282,9 +287,10 @@ def restore_converted(pruned: nn.Module, model: nn.Module, converted: dict[str, 
         elif what == "conv1d" and isinstance(cur, nn.Linear) and cur.bias is not None:
             w = cast(torch.Tensor, orig.weight)
             if tuple(cur.weight.shape) == tuple(w.shape[::-1]):
-                new = copy.deepcopy(orig)
+                new = plain_copy(orig)  # a pruning reparametrization made permanent
             else:  # rows or columns removed: a Conv1D(nf, nx) of the new shape
-                new = type(orig)(cur.out_features, cur.in_features).to(w.device, w.dtype)
+                with torch.random.fork_rng(devices=[]):  # its random init: RNG untouched
+                    new = type(orig)(cur.out_features, cur.in_features).to(w.device, w.dtype)
             with torch.no_grad():
                 cast(torch.Tensor, new.weight).copy_(cur.weight.T)
                 cast(torch.Tensor, new.bias).copy_(cur.bias)

@@ -149,3 +149,92 @@ def test_nested_tensor_encoder_whose_attention_keeps_every_head(how):
         want += 2.0 * 4 * t * d * d + 4.0 * t * t * d  # q, k, v, out projections, QKᵀ and AV
     assert rep.flops_after == want
     assert any(k < n for k, n in rep.kept.values())
+
+
+def _spy_restore(monkeypatch, x, names):
+    """Record, just before restore_converted, the pruned model's output and each named
+    converted module's weight and bias: what the search built and re-fitted."""
+    import natgrad.pruning.structured as S
+
+    seen: dict = {}
+    real = S.restore_converted
+
+    def spy(pruned, model, converted):
+        with torch.no_grad():
+            seen["out"] = _caller(x)(pruned).clone()
+        for n in names:
+            mod = pruned.get_submodule(n)
+            seen[n] = {k: v.detach().clone() for k, v in mod.state_dict().items()}
+        return real(pruned, model, converted)
+
+    monkeypatch.setattr(S, "restore_converted", spy)
+    return seen
+
+
+@pytest.mark.parametrize("grad_forward", [False, True])
+def test_torch_pruned_gpt2_conv1d_is_restored_with_the_refit_weights(monkeypatch, grad_forward):
+    """A Conv1D pruned by torch.nn.utils.prune whose shape structured pruning keeps: the
+    restored Conv1D computes with the re-fitted weights (the original's pre-hook would put
+    weight_orig * mask back), and a computed weight that is a non-leaf (a forward in grad
+    mode) does not stop the copy."""
+    pytest.importorskip("transformers")
+    from torch.nn.utils import prune
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(6)
+    cfg = GPT2Config(vocab_size=30, n_embd=16, n_layer=2, n_head=4, n_positions=16,
+                     num_labels=3, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+                     use_cache=False)
+    model = GPT2ForSequenceClassification(cfg).double().eval()
+    x, y = {"input_ids": torch.randint(1, 30, (6, 7))}, torch.randint(0, 3, (6,))
+    names = ["transformer.h.1.attn.c_proj", "transformer.h.1.attn.c_attn"]
+    for n in names:
+        prune.random_unstructured(model.get_submodule(n), "weight", 0.5)
+    with torch.set_grad_enabled(grad_forward):
+        model(**x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = _spy_restore(monkeypatch, x, names)
+    small, rep = natgrad.prune_structured(
+        model, _batch(x, y), flops=0.85, tune=True, tune_scope="downstream", measure=False,
+        exclude=("transformer.h.0.attn", "transformer.h.1.attn"))
+    assert any(k < n for k, n in rep.kept.values())
+    assert "transformer.h.1.attn.c_proj" in rep.tuned_layers
+    for n in names:
+        s = small.get_submodule(n)
+        assert isinstance(s, Conv1D) and not hasattr(s, "weight_orig")
+        assert torch.equal(s.weight, seen[n]["weight"].T) and torch.equal(s.bias, seen[n]["bias"])
+    with torch.no_grad():
+        out = _caller(x)(small)
+        torch.testing.assert_close(out, seen["out"], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(_caller(x)(small), out, rtol=0, atol=0)  # no pre-hook
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("what", ["out_proj", "in_proj_weight"])
+def test_torch_pruned_multihead_attention_is_restored_as_the_search_built_it(monkeypatch, what):
+    from torch.nn.utils import prune
+
+    model, x, y = _encoder()
+    for i in range(2):
+        a = model.enc.layers[i].self_attn
+        if what == "out_proj":
+            prune.l1_unstructured(a.out_proj, "weight", 0.5)
+        else:
+            prune.l1_unstructured(a, "in_proj_weight", 0.5)
+    _caller(x)(model)  # grad mode: the computed weights are non-leaves
+    names = [f"enc.layers.{i}.self_attn" for i in range(2)]
+    seen = _spy_restore(monkeypatch, x, names)
+    small, rep = natgrad.prune_structured(model, _batch(x, y), flops=0.8, tune=True,
+                                          tune_scope="downstream", measure=False,
+                                          exclude=tuple(names))
+    assert any(k < n for k, n in rep.kept.values())
+    for n in names:
+        s, conv = small.get_submodule(n), seen[n]
+        assert isinstance(s, nn.MultiheadAttention) and not prune.is_pruned(s)
+        w = torch.cat([conv[f"{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")])
+        assert torch.equal(s.in_proj_weight, w)
+        assert torch.equal(s.out_proj.weight, conv["out_proj.weight"])
+    with torch.no_grad():
+        torch.testing.assert_close(_caller(x)(small), seen["out"], rtol=1e-12, atol=1e-14)
