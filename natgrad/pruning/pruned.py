@@ -72,7 +72,7 @@ def plain_copy(model: nn.Module) -> nn.Module:
     out = deepcopy_model(model)
     for module in out.modules():
         for attr in sorted(pruned_names(module)):
-            prune.remove(module, attr)
+            prune.remove(module, attr)  # type: ignore[no-untyped-call]  # torch: unannotated
     return out
 
 
