@@ -85,17 +85,23 @@ def test_to_multihead_inverts_from_multihead_exactly():
         assert to_multihead(shrink_heads(from_multihead(mha), torch.tensor([1])), mha) is None
 
 
-def test_gpt2_conv1d_modules_keep_their_type():
-    pytest.importorskip("transformers")
+
+def _tiny_gpt2():
+    """A float64 GPT-2 classifier from a tiny config (no download) and a batch of it."""
     from transformers import GPT2Config, GPT2ForSequenceClassification
-    from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(6)
     cfg = GPT2Config(vocab_size=30, n_embd=16, n_layer=2, n_head=4, n_positions=16,
                      num_labels=3, pad_token_id=0, bos_token_id=1, eos_token_id=1,
                      use_cache=False)
     model = GPT2ForSequenceClassification(cfg).double().eval()
-    x, y = {"input_ids": torch.randint(1, 30, (6, 7))}, torch.randint(0, 3, (6,))
+    return model, {"input_ids": torch.randint(1, 30, (6, 7))}, torch.randint(0, 3, (6,))
+
+def test_gpt2_conv1d_modules_keep_their_type():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    model, x, y = _tiny_gpt2()
     small, rep = natgrad.prune_structured(model, _batch(x, y), flops=0.6, tune=False,
                                           measure=False)
     names = [n for n, m in model.named_modules() if isinstance(m, Conv1D)]
@@ -179,15 +185,9 @@ def test_torch_pruned_gpt2_conv1d_is_restored_with_the_refit_weights(monkeypatch
     mode) does not stop the copy."""
     pytest.importorskip("transformers")
     from torch.nn.utils import prune
-    from transformers import GPT2Config, GPT2ForSequenceClassification
     from transformers.pytorch_utils import Conv1D
 
-    torch.manual_seed(6)
-    cfg = GPT2Config(vocab_size=30, n_embd=16, n_layer=2, n_head=4, n_positions=16,
-                     num_labels=3, pad_token_id=0, bos_token_id=1, eos_token_id=1,
-                     use_cache=False)
-    model = GPT2ForSequenceClassification(cfg).double().eval()
-    x, y = {"input_ids": torch.randint(1, 30, (6, 7))}, torch.randint(0, 3, (6,))
+    model, x, y = _tiny_gpt2()
     names = ["transformer.h.1.attn.c_proj", "transformer.h.1.attn.c_attn"]
     for n in names:
         prune.random_unstructured(model.get_submodule(n), "weight", 0.5)
