@@ -60,8 +60,9 @@ tokens) scales the gradients by another factor; use ``loss_reduction="sum"`` wit
 loss there. A module called several times in one forward contributes every call's
 positions. A layer whose weight or bias the forward also reads outside the layer's own
 calls (``F.linear(h, emb.weight)``, ``layer.forward(x)``) has gradient terms no hook sees:
-the first refresh re-runs the model on the inputs of its first recorded call, once, as
-natgrad's own pass (eval mode, random state restored, no backward) under
+the first refresh re-runs the model on (a copy of) the inputs of its first recorded call,
+once, as natgrad's own pass (the model's mode, no backward; the random state and the
+buffers restored; your own forward hooks see this call) under
 :class:`~natgrad.curvature.kfac.OutsideUses`, and refuses such a layer by name (and
 removes this capture's hooks). The check sees the model's forward only: a weight tied in
 the loss outside the model (``F.linear(model(x), emb.weight)``), by an outer model around
@@ -91,7 +92,6 @@ from natgrad.curvature.kfac import (
 from natgrad.engine.checks import check_choice
 from natgrad.engine.common import (
     current_backward_id,
-    evaluating,
     global_forward_hooks,
     in_internal_pass,
     internal_pass,
@@ -217,9 +217,10 @@ class BackwardCapture:
         if (in_internal_pass() or module is not self._model or not torch.is_grad_enabled()
                 or self._check_inputs is not None):
             return
-        self._check_inputs = (
-            tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
-            {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
+        self._check_inputs = (  # copies: the caller may reuse its input buffers
+            tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args),
+            {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+             for k, v in kwargs.items()},
         )
         if self._stash_handle is not None:
             self._stash_handle.remove()
@@ -228,8 +229,9 @@ class BackwardCapture:
     def _check_outside_uses(self) -> None:
         """Re-run the model on its first recorded call's inputs under
         :class:`~natgrad.curvature.kfac.OutsideUses` (natgrad's own pass: the layer hooks
-        ignore it; eval mode, no backward, the random state restored), once; refuse the
-        layers whose parameters it reads outside their own calls."""
+        ignore it; the model's mode, no backward, the random state and the buffers
+        restored), once; refuse the layers whose parameters it reads outside their own
+        calls."""
         assert self._check_inputs is not None
         args, kwargs = self._check_inputs
         self._check_inputs = None
@@ -240,13 +242,19 @@ class BackwardCapture:
                 uses.active[k] += 1  # and its pre-hooks were read before this one ran
         devices = sorted({p.device.index or 0 for p in self._model.parameters()
                           if p.device.type == "cuda"})
+        # the model's own mode (a branch taken in training only reads weights too); the
+        # buffers a training-mode forward updates (BatchNorm statistics) are put back
+        buffers = [(b, b.detach().clone()) for b in self._model.buffers()]
         try:
             with torch.random.fork_rng(devices=devices), internal_pass(), \
-                    evaluating(self._model), torch.enable_grad(), uses:
+                    torch.enable_grad(), uses:
                 self._model(*args, **kwargs)
         finally:
             for h in marks:
                 h.remove()
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
         if not uses.outside:
             self._uses_checked = True
             return

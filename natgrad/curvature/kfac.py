@@ -192,7 +192,10 @@ class KFACLayer:
             mb = (cast(torch.Tensor, self.module.bias_mask) if self.mask_b
                   else torch.ones(d_out, device=w.device))
             mb = mb.to(dt)
-        return weight_blocks(tuple(w.shape), self.transposed, self.groups, mw.to(dt), mb)
+        M = weight_blocks(tuple(w.shape), self.transposed, self.groups, mw.to(dt), mb)
+        # a copy, never a view of the module's buffer: a curvature must not change when
+        # the model's mask is edited later (the preconditioner re-reads it; see there)
+        return M.clone() if M.data_ptr() == mw.data_ptr() else M
 
     @property
     def transposed(self) -> bool:

@@ -1070,7 +1070,8 @@ class KroneckerFisher(Curvature):
                 f"Cannot put masks on layers {bad[:8]}: not masked blocks of this curvature, "
                 "or the mask's shape is not the block's (groups, d_G, d_A)."
             )
-        blocks = {k: replace(b, mask=masks[k].to(b.A.device, b.A.dtype)) if k in masks else b
+        blocks = {k: replace(b, mask=masks[k].to(b.A.device, b.A.dtype, copy=True))
+                  if k in masks else b
                   for k, b in self.blocks.items()}
         new = KroneckerFisher(blocks, self.diag, self.n_samples, kind=self.kind,
                               diag_reasons=self.diag_reasons, labels=self.labels,

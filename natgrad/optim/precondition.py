@@ -144,7 +144,11 @@ class FisherPreconditioner:
       diagonal re-fitted in the eigenbasis of the factors of the same records) and
       ``"lowrank"`` (rows ``g_n``) need no extra pass either; every selected parameter
       must lie in a covered layer. A registered kind whose ``from_capture`` is missing is
-      refused.
+      refused. Once, at the first refresh, the model is run again on a copy of its first
+      recorded call's inputs (natgrad's own pass, no backward, random state and buffers
+      restored; your forward hooks see it) to refuse a layer whose weight the forward
+      also reads outside the layer's own call (its recorded statistics would miss those
+      terms).
 
     Layers pruned by ``torch.nn.utils.prune`` (``W = W_orig ⊙ M``): the step preconditions
     ``weight_orig`` / ``bias_orig`` (see :class:`natgrad.KroneckerFisher` for ``"kfac"`` /
@@ -340,7 +344,7 @@ class FisherPreconditioner:
         self._homes = {k: (model.get_submodule(k.rpartition(".")[0]), k.rpartition(".")[2])
                        for k in self.params}
         self._mask_layers: dict[str, KFACLayer] = {}
-        self._mask_seen: list[tuple[torch.Tensor, int]] = []
+        self._mask_seen: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._mask_synced: Curvature | None = None
         if self.curvature_kind in ("kfac", "ekfac"):
             layers, diag_names = kfac_layers(model, self.params, extended=True, masked=True)
@@ -457,23 +461,27 @@ class FisherPreconditioner:
 
     def _sync_masks(self) -> None:
         """Put the model's current pruning masks on a K-FAC / EKFAC curvature (the mask
-        is the model's, not the statistics'; see the class doc). Re-read only when a mask
-        buffer was replaced or changed in place (its version) or the curvature is new."""
+        is the model's, not the statistics'; see the class doc). Re-read when a mask
+        buffer was replaced or its values changed (compared with a copy kept from the last
+        read, in one host sync for all of them: an edit through ``.data`` leaves no version
+        trace) or the curvature is new."""
         C = self._curvature
         if not self._mask_layers or not isinstance(C, KroneckerFisher):
             return
-        seen = [(b, int(b._version)) for lay in self._mask_layers.values()
+        bufs = [b for lay in self._mask_layers.values()
                 for attr, on in (("weight_mask", lay.mask_w), ("bias_mask", lay.mask_b)) if on
                 for b in (lay.module._buffers[attr],) if b is not None]
-        if C is self._mask_synced and len(seen) == len(self._mask_seen) and all(
-            a is b and v == w for (a, v), (b, w) in zip(seen, self._mask_seen, strict=True)
-        ):
+        if (C is self._mask_synced and len(bufs) == len(self._mask_seen)
+                and all(a is b for a, (b, _) in zip(bufs, self._mask_seen, strict=True))
+                and not bool(torch.stack([(a != c).any() for a, (_, c) in
+                                          zip(bufs, self._mask_seen, strict=True)]).any())):
             return
         masks = {k: m for k, lay in self._mask_layers.items()
                  if k in C.blocks and C.blocks[k].mask is not None
                  for m in (lay.mask_block(),) if m is not None}
         new = C.with_masks(masks) if masks else C
-        self._curvature, self._mask_synced, self._mask_seen = new, new, seen
+        self._curvature, self._mask_synced = new, new
+        self._mask_seen = [(b, b.detach().clone()) for b in bufs]
 
     def _update_curvature(self, batch: Any) -> None:
         """Fold the batch's curvature into the EMA, ``C ← d·C + (1 - d)·C_batch``.

@@ -374,10 +374,11 @@ def test_with_masks_puts_the_model_masks_on_a_curvature():
 
 
 @pytest.mark.parametrize("source", ["batch", "backward"])
-@pytest.mark.parametrize("change", ["regrow", "in_place", "load_state"])
+@pytest.mark.parametrize("change", ["regrow", "in_place", "data", "load_state"])
 def test_preconditioner_follows_the_model_masks(source, change):
-    """After a regrowth (prune.remove + custom_from_mask), a mask edited in place, or a
-    state saved under another mask, the step is the dense projected solve with the
+    """After a regrowth (prune.remove + custom_from_mask), a mask edited in place (also
+    through ``.data``, which leaves no version trace: the stale mask was used, found by
+    review), or a state saved under another mask, the step is the dense projected solve with the
     model's current mask: regrown entries move at once."""
     x, y = _data(False, n=8)
     model = _mlp()
@@ -396,6 +397,8 @@ def test_preconditioner_follows_the_model_masks(source, change):
     elif change == "in_place":
         with torch.no_grad():
             model[0].weight_mask.copy_(new)
+    elif change == "data":
+        model[0].weight_mask.data.copy_(new)
     else:
         other = _mlp()
         other.load_state_dict(model.state_dict())
@@ -525,3 +528,23 @@ def test_file_round_trip_keeps_the_mask(tmp_path):
     v = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in C.param_shapes().items()}
     a, b = C.solve(v, LAM), C2.solve(v, LAM)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_curvature_does_not_change_when_the_model_mask_is_edited_later():
+    """On a bias-free pruned layer the block mask was a view of the module's
+    ``weight_mask`` (no bias column forced a copy): editing the model's mask in place
+    changed a curvature estimated before (its diagonal 5e-2 off; found by review). The
+    reference is the same curvature's diagonal before the edit, and the dense masked one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5, bias=False), nn.Tanh(), nn.Linear(5, 3)).double()
+    prune.random_unstructured(model[0], "weight", amount=0.4)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    C = natgrad.estimate_curvature(model, (x, y), kind="kfac", labels="empirical")
+    before = {k: v.clone() for k, v in C.diagonal().items()}
+    with torch.no_grad():
+        model[0].weight_mask.fill_(1)
+    after = C.diagonal()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    assert (before["0.weight_orig"][C.blocks["0"].mask[0] == 0] == 0).all()
+    assert (C.blocks["0"].mask == 0).any()  # the mask it was estimated with, not all-ones

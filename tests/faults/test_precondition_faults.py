@@ -296,3 +296,37 @@ def test_backward_source_refuses_a_layer_read_outside_its_call(kind):
         ok.zero_grad()
         F.cross_entropy(ok(x), y).backward()
         pre.step(lr=0.1)
+
+
+class _TrainOnlyReuse(nn.Module):
+    """``a``'s weight is read outside ``a`` only in training mode; a BatchNorm whose
+    statistics a training-mode forward updates."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.o = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.bn(torch.tanh(self.a(x)))
+        if self.training:
+            h = h + F.linear(x, self.a.weight)
+        return self.o(h)
+
+
+def test_backward_source_check_runs_in_the_models_mode_and_restores_its_buffers():
+    """The outside-use check re-ran the model in eval mode and missed a weight read in a
+    training-only branch (its recorded diagonal 175% off; found by review). It now runs in
+    the model's own mode and puts the buffers (BatchNorm statistics) back: they equal
+    those of the user's forwards alone."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    model = _TrainOnlyReuse()
+    pre = natgrad.FisherPreconditioner(model, kind="kfac", source="backward", update_every=1,
+                                       params=["a.weight", "a.bias", "o.weight", "o.bias"])
+    F.cross_entropy(model(x), y).backward()
+    stats = [b.clone() for b in model.buffers()]
+    with pytest.raises(ValueError, match=r"cannot record the layers \['a'\]"):
+        pre.step(lr=0.1)
+    for b, s in zip(model.buffers(), stats, strict=True):
+        assert torch.equal(b, s)
+    assert model.training
