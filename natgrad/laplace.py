@@ -1283,7 +1283,10 @@ def fisher_uncertainty(
         if subset == "last_layer" and not parts:
             _check_last_layer(model, b, list(chosen))
         mean, var = post.moments(b)  # first: a failing forward is reported on the batch
-        shape = _token_shape(model, b, output_fn, lik)  # (T, C) for tokens, else None
+        # (T, C) for tokens, else None; the categorical check needs one batch (the rank of
+        # a model's logits does not change between batches): one forward fewer per batch
+        shape = (None if parts and lik.name == "categorical"
+                 else _token_shape(model, b, output_fn, lik))
         spread = var[..., 0]  # (N, D, D) when full, else (N, D)
         row_lik = lik
         if shape is not None:  # one categorical row per token: (N·T, C)
@@ -1564,7 +1567,9 @@ def optimize_prior_precision(
                 "labels: pass (x, y) batches."
             )
         mean, var = post.moments(b)  # first: a failing forward is reported on the batch
-        shape = _token_shape(model, b, output_fn, lik)  # (T, C) for tokens, else None
+        # (T, C) for tokens, else None; the categorical check on the first batch only
+        shape = (None if batches > 1 and lik.name == "categorical"
+                 else _token_shape(model, b, output_fn, lik))
         if shape is not None:
             # tokens whose attention mask is 0 are ignored, as in the Fisher
             masked = masked_target(lik, b)
