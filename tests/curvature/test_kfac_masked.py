@@ -421,18 +421,25 @@ def test_preconditioner_follows_the_model_masks(source, change):
     pre.close()
 
 
-def test_backward_source_diagonal_fisher_of_pruned_parameters_is_brute_force():
-    """``kind="diag"`` from the recorded inputs/output gradients: the per-sample gradient
-    of ``weight_orig`` is ``M ⊙ g_n`` (zero at pruned entries), as a per-sample loop gives."""
+def _backward_step(model, kind, conv):
+    """One ``source="backward"`` step of ``kind`` on the pruned ``model``; returns the
+    preconditioner, the brute-force per-sample gradients of the batch, and its inputs."""
     from tests.reference import ce_sum, loop_grads
 
-    model = _cnn()
-    x, y = _data(True)
+    x, y = _data(conv)
     ref = loop_grads(model, ce_sum, x, y)
-    pre = natgrad.FisherPreconditioner(model, kind="diag", damping=0.1, source="backward",
+    pre = natgrad.FisherPreconditioner(model, kind=kind, damping=0.1, source="backward",
                                        kl_clip=None)
     _grads(model, x, y)
     pre.step((x, y))
+    return pre, ref, x
+
+
+def test_backward_source_diagonal_fisher_of_pruned_parameters_is_brute_force():
+    """``kind="diag"`` from the recorded inputs/output gradients: the per-sample gradient
+    of ``weight_orig`` is ``M ⊙ g_n`` (zero at pruned entries), as a per-sample loop gives."""
+    model = _cnn()
+    pre, ref, _ = _backward_step(model, "diag", True)
     diag = pre.curvature.diagonal()
     assert set(diag) == set(ref)
     for k, g in ref.items():
@@ -444,15 +451,8 @@ def test_backward_source_diagonal_fisher_of_pruned_parameters_is_brute_force():
 def test_backward_source_lowrank_of_pruned_parameters_is_brute_force():
     """``kind="lowrank"`` from the records: its rows are the per-sample gradients
     ``M ⊙ g_n`` of the pruned parameters, so its ``mv`` is the brute-force Fisher's."""
-    from tests.reference import ce_sum, loop_grads
-
     model = _mlp()
-    x, y = _data(False)
-    ref = loop_grads(model, ce_sum, x, y)
-    pre = natgrad.FisherPreconditioner(model, kind="lowrank", damping=0.1, source="backward",
-                                       kl_clip=None)
-    _grads(model, x, y)
-    pre.step((x, y))
+    pre, ref, x = _backward_step(model, "lowrank", False)
     names = list(ref)
     Gm = torch.cat([ref[k].reshape(len(x), -1) for k in names], 1)
     Fd = Gm.T @ Gm / len(x)
