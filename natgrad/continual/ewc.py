@@ -453,10 +453,9 @@ class EWC:
                     f"{type(old['curvature']).__name__} ({old_kind!r}). "
                     "Use mode='separate' or estimate every task's curvature the same way."
                 )
-            old_names = old["curvature"].names()
-            renamed = [(k, j) for k in old_names for j in curvature.names()
-                       if k != j and _resolve(k, named) is not None
-                       and _resolve(k, named) == _resolve(j, named)]
+            old_of = {_resolve(k, named): k for k in old["curvature"].names()}
+            renamed = [(old_of[t], j) for j in curvature.names()
+                       for t in (_resolve(j, named),) if t is not None and old_of.get(t, j) != j]
             if renamed:  # pruned between the tasks: w and w_orig would be two parameters
                 raise ValueError(
                     f"Online EWC: the new curvature names {renamed[0][1]!r} where the folded "
