@@ -62,7 +62,7 @@ def _worker(rank, world, init_file, out_dir):
 
 
 def test_two_gloo_ranks_equal_one_process_on_the_union(tmp_path):
-    run_ranks(_worker, 2, str(tmp_path / "init"), str(tmp_path))
+    run_ranks(_worker, 2, str(tmp_path))
     model, x, y = _case()
     shapes = {k: p.shape for k, p in model.named_parameters()}
     for kind in KINDS:

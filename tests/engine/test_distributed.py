@@ -43,7 +43,7 @@ def _worker(rank, world, init_file, out_dir):
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
-    run_ranks(_worker, 2, str(tmp_path / "init"), str(tmp_path))
+    run_ranks(_worker, 2, str(tmp_path))
     model, x, y = _case()
     for labels in ("empirical", "exact"):
         ref = estimate_fisher(model, (x, y), labels=labels)

@@ -65,11 +65,11 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _worker(rank, world, folder):
+def _worker(rank, world, init_file, folder):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
-        init_method=f"file://{folder}/init",
+        init_method=f"file://{init_file}",
         rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=TIMEOUT_S),

@@ -98,7 +98,7 @@ def _worker(rank, world, init_file, out_dir):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ddp_replicas_identical_and_equal_one_process_on_union(world, tmp_path):
-    run_ranks(_worker, world, str(tmp_path / "init"), str(tmp_path))
+    run_ranks(_worker, world, str(tmp_path))
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     xs, ys = _data(world)
     torch.set_num_threads(1)
