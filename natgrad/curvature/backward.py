@@ -15,7 +15,17 @@ Convention (the empirical Fisher). With ``l_n`` the per-sample loss of sample ``
 * ``loss_reduction="mean"`` (torch's default, ``L = (1/N) Σ_n l_n``): the recorded output
   gradient is ``b_nt / N``; it is multiplied by ``N``, the number of samples of all the
   forwards recorded since the last refresh;
-* ``loss_reduction="sum"`` (``L = Σ_n l_n``): it is used as is.
+* ``loss_reduction="sum"`` (``L = Σ_n l_n``): it is used as is;
+* ``loss_reduction="token_mean"`` (``L = (1/K) Σ_n Σ_t l_nt`` over the ``K`` kept tokens,
+  labels ``≠ -100``: what Hugging Face token models compute): the recorded output gradient
+  is ``b_nt / K``; it is multiplied by ``K``, so that ``l_n = Σ_t l_nt`` is a sequence's
+  loss (the per-sample term of the ``token_categorical`` Fisher) and ``N`` counts
+  sequences. ``K`` is read at each call of the model from its keywords, as Hugging Face
+  models take them: ``num_items_in_batch`` when given (the Hugging Face Trainer's count of
+  the kept labels of the whole accumulated step, which the model divides by), else the
+  kept entries of ``labels`` (``labels[..., 1:]`` for a Hugging Face causal LM, whose loss
+  shifts them; forwards whose counts differ are read as one mean over all their kept
+  tokens). A recorded forward without either keyword is refused by name at the refresh.
 
 So several forwards before one optimizer step (gradient accumulation) are read as one
 batch of all their samples whose loss is the mean over all of them: each micro-batch's
@@ -55,9 +65,11 @@ siamese or contrastive loss on ``model(x1)`` and ``model(x2)``) has no per-sampl
 gradients to read off this way; use ``source="batch"`` with a model that takes both inputs.
 
 The labels are the data's (the user's loss), so this is the empirical Fisher. A loss
-averaged over tokens rather than samples (e.g. a language-model loss over ``N·T`` kept
-tokens) scales the gradients by another factor; use ``loss_reduction="sum"`` with a summed
-loss there. A module called several times in one forward contributes every call's
+averaged over tokens rather than samples (a language-model or token-classification loss
+over ``K`` kept tokens) scales the gradients by ``1/K``, not ``1/N``: read as ``"mean"``,
+its curvature comes out ``(N/K)²`` times too small (``1/T²`` without padding). Use
+``loss_reduction="token_mean"`` there (or ``"sum"`` with a summed loss); with ``"mean"``, a
+model call given token labels (a ``labels`` keyword with a time axis) warns once. A module called several times in one forward contributes every call's
 positions. A layer whose weight or bias the forward also reads outside the layer's own
 calls (``F.linear(h, emb.weight)``, ``layer.forward(x)``) has gradient terms no hook sees:
 the first refresh re-runs the model on (a copy of) the inputs of its first recorded call,
@@ -97,10 +109,11 @@ from natgrad.engine.common import (
     internal_pass,
     to_acc,
 )
+from natgrad.engine.likelihoods import IGNORE_INDEX
 
 __all__ = ["BackwardCapture", "LOSS_REDUCTIONS", "per_sample_gradients"]
 
-LossReduction = Literal["mean", "sum"]
+LossReduction = Literal["mean", "sum", "token_mean"]
 LOSS_REDUCTIONS: tuple[LossReduction, ...] = get_args(LossReduction)
 
 
@@ -112,7 +125,7 @@ class BackwardCapture:
             works the same).
         params: ``{name: parameter}`` selected parameters; every one must lie in a covered
             layer.
-        loss_reduction: ``"mean"`` or ``"sum"`` (see the module doc).
+        loss_reduction: ``"mean"``, ``"sum"`` or ``"token_mean"`` (see the module doc).
 
     Raises:
         ValueError: a selected parameter outside every covered layer (named, with the
@@ -155,6 +168,12 @@ class BackwardCapture:
         self._warned_outside = False  # the shared-layer warning was given
         self._warned_sizes = False  # the unequal-micro-batch warning was given
         self._batch_sizes: dict[int, int | None] = {}
+        # loss_reduction="token_mean": {pass id: ("step", num_items_in_batch) or ("tokens",
+        # kept-label count)}, read from each model call's keywords
+        self._divisors: dict[int, tuple[str, Any]] = {}
+        self._shifts_labels: bool | None = None  # read at the first token_mean count
+        self._warned_tokens = False  # the token-labels-under-"mean" warning was given
+        self._warned_counts = False  # the unequal-token-counts warning was given
         self._handles: list[Any] = []
         self._removed = False
         self._layer_hooks = {k: self._hook(k) for k in self.layers}  # the same on every arming
@@ -291,6 +310,35 @@ class BackwardCapture:
         # the model's batch size: of its first tensor input (None: unknown)
         first = next((a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)), None)
         self._start_pass(int(first.shape[0]) if first is not None and first.dim() else None)
+        self._read_divisor(kwargs)
+
+    def _read_divisor(self, kwargs: Mapping[str, Any]) -> None:
+        """``token_mean``: keep the number of tokens this call's loss is divided by (see
+        the module doc); ``mean``: warn once if the call got token labels."""
+        labels = kwargs.get("labels")
+        if self.loss_reduction == "token_mean":
+            items = kwargs.get("num_items_in_batch")
+            if items is not None:
+                self._divisors[self._pass] = ("step", items)
+            elif isinstance(labels, torch.Tensor):
+                if self._shifts_labels is None:
+                    self._shifts_labels = _shifts_labels(self._model)
+                kept = labels[..., 1:] if self._shifts_labels else labels
+                self._divisors[self._pass] = ("tokens", kept.ne(IGNORE_INDEX).sum())
+        elif (self.loss_reduction == "mean" and not self._warned_tokens
+              and isinstance(labels, torch.Tensor) and labels.dim() >= 2
+              and not labels.is_floating_point() and labels.shape[1] > 1):
+            self._warned_tokens = True  # once per capture
+            warnings.warn(
+                f"source='backward' with loss_reduction='mean' reads the loss as a mean over "
+                f"the {labels.shape[0]} samples of the batch, but the model was called with "
+                f"token labels {tuple(labels.shape)}: a model whose loss is a mean over the "
+                "kept tokens (Hugging Face language and token-classification models) makes "
+                "the recorded curvature (N/K)² too small (K kept tokens; 1/T² without "
+                "padding). Pass loss_reduction='token_mean' to FisherPreconditioner.",
+                UserWarning,
+                stacklevel=5,  # the user's model call
+            )
 
     def _start_pass(self, model_n: int | None, by_model: bool = True) -> None:
         """A new forward: read the loss scale, number it, count it for the backward."""
@@ -363,6 +411,7 @@ class BackwardCapture:
         for v in self._records.values():
             v.clear()
         self._batch_sizes.clear()
+        self._divisors.clear()
         self._inside = False
 
     def drop_backpropagated(self) -> None:
@@ -374,6 +423,8 @@ class BackwardCapture:
         live = {r[0] for v in self._records.values() for r in v}
         for pid in [p for p in self._batch_sizes if p not in live]:
             del self._batch_sizes[pid]
+        for pid in [p for p in self._divisors if p not in live]:
+            del self._divisors[pid]
 
     def remove(self) -> None:
         """Remove the hooks (the capture records nothing afterwards: ``armed`` stays
@@ -438,6 +489,7 @@ class BackwardCapture:
                 "call the model and loss.backward() (with grad enabled) before pre.step(), "
                 "or use source='batch' and pass the batch."
             )
+        pass_scale = self._token_scales(sorted(per_pass)) if self.loss_reduction == "token_mean" else {}
         inputs: dict[str, list[torch.Tensor]] = {k: [] for k in self.layers}
         grads: dict[str, list[torch.Tensor]] = {k: [] for k in self.layers}
         n_total = 0
@@ -467,7 +519,8 @@ class BackwardCapture:
                 a = layer_patches(lay, [x for x, _ in calls[k]], pcache)
                 bs = [out_grads(lay, g) for _, g in calls[k]]
                 inputs[k].append(a)
-                grads[k].append(bs[0] if len(bs) == 1 else torch.cat(bs, 1))
+                b = bs[0] if len(bs) == 1 else torch.cat(bs, 1)
+                grads[k].append(b * pass_scale[pid] if pid in pass_scale else b)
             n_total += n
             sizes_seen.append(n)
         if self.loss_reduction == "mean" and len(set(sizes_seen)) > 1 and not self._warned_sizes:
@@ -485,6 +538,7 @@ class BackwardCapture:
                 stacklevel=4,
             )
         # the per-sample-loss gradients: L = (1/N) Σ_n l_n over every recorded sample
+        # ("token_mean": each forward's own count, applied above)
         scale = (float(n_total) if self.loss_reduction == "mean" else 1.0) / self.loss_scale
         out_in = {k: v[0] if len(v) == 1 else torch.cat(v, 0) for k, v in inputs.items() if v}
         partial = [k for k, v in out_in.items() if v.shape[0] != n_total]
@@ -500,6 +554,58 @@ class BackwardCapture:
                 b = v[0] if len(v) == 1 else torch.cat(v, 0)
                 out_g[k] = [(1.0, b * scale if scale != 1.0 else b)]
         return Captured(n_total, out_in, out_g, [])
+
+    def _token_scales(self, passes: list[int]) -> dict[int, float]:
+        """``token_mean``: each forward's multiplier ``K`` (see the module doc)."""
+        missing = [p for p in passes if p not in self._divisors]
+        if missing:
+            raise ValueError(
+                "loss_reduction='token_mean' reads the number of kept tokens the loss is "
+                "averaged over from each call of the model, from its num_items_in_batch= or "
+                "labels= keyword (as Hugging Face models take them), but a recorded forward "
+                "had neither (or the training step called the model's parts, not the "
+                "model). Pass labels=... (ignore_index -100) to the model call, or use "
+                "loss_reduction='sum' with a summed loss."
+            )
+        steps = {p: float(self._divisors[p][1]) for p in passes if self._divisors[p][0] == "step"}
+        counts = {p: float(self._divisors[p][1]) for p in passes if self._divisors[p][0] == "tokens"}
+        if len(set(counts.values())) > 1 and not self._warned_counts:
+            self._warned_counts = True  # once per capture
+            warnings.warn(
+                f"source='backward' with loss_reduction='token_mean' recorded forwards with "
+                f"{sorted(counts.values())} kept tokens for one step and reads their loss as "
+                "the mean over all their kept tokens. If each forward's own token mean was "
+                "divided by the number of forwards (gradient accumulation without "
+                "num_items_in_batch), their tokens are weighed unequally in the curvature: "
+                "pass num_items_in_batch= to the model (the Hugging Face Trainer does when "
+                "the model accepts loss kwargs), or use equal micro-batches.",
+                UserWarning,
+                stacklevel=5,
+            )
+        total = sum(counts.values())
+        out = {**steps, **dict.fromkeys(counts, total)}
+        if any(v <= 0 for v in out.values()):
+            raise ValueError(
+                "loss_reduction='token_mean': a recorded forward's loss averages over no "
+                "token (every label is -100, or num_items_in_batch is 0), so its gradient "
+                "is not a token mean; leave such batches out of training."
+            )
+        return out
+
+
+def _shifts_labels(model: nn.Module) -> bool:
+    """Whether the model's own loss shifts its labels by one (a Hugging Face causal LM,
+    whose ``loss_function`` is the causal-LM loss), so ``labels[..., 1:]`` are scored."""
+    inner = getattr(model, "module", model)  # a DDP wrapper's model
+    fn = getattr(type(inner), "loss_function", None)
+    if fn is None:
+        return False
+    try:
+        loss_fn = inner.loss_function
+    except Exception:  # noqa: BLE001 -- a model's property may raise; then no shift is known
+        return False
+    return getattr(loss_fn, "__name__", "") == "ForCausalLMLoss" and not getattr(
+        getattr(inner, "config", None), "is_encoder_decoder", False)
 
 
 def per_sample_gradients(

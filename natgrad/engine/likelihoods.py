@@ -46,6 +46,7 @@ __all__ = [
     "Gaussian",
     "Bernoulli",
     "TokenCategorical",
+    "IGNORE_INDEX",
     "CustomLikelihood",
     "get_likelihood",
     "LIKELIHOOD_NAMES",
@@ -171,6 +172,10 @@ def _most_probable_last(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # Rows of the inverse-CDF sampler's float64 cumulative sums held at once (16 MiB).
+#: the label value token losses leave out (padding, special tokens), as torch's
+#: ``cross_entropy`` and Hugging Face models do by default
+IGNORE_INDEX = -100
+
 _CDF_FLOATS = 2**21
 
 
@@ -424,7 +429,7 @@ class TokenCategorical(Likelihood):
 
     name = "token_categorical"
 
-    def __init__(self, ignore_index: int = -100, shift: bool = False):
+    def __init__(self, ignore_index: int = IGNORE_INDEX, shift: bool = False):
         self.ignore_index = int(ignore_index)
         self.shift = bool(shift)
 

@@ -138,7 +138,12 @@ class FisherPreconditioner:
       before the step (see :mod:`natgrad.curvature.backward`); a refresh costs no extra
       pass and :meth:`step` needs no batch. This is the empirical Fisher of the user's
       loss, rescaled to per-sample losses: ``loss_reduction="mean"`` (a mean-reduced loss
-      gives output gradients scaled by ``1/N``, multiplied back by ``N``) or ``"sum"``.
+      gives output gradients scaled by ``1/N``, multiplied back by ``N``), ``"sum"``, or
+      ``"token_mean"`` (a mean over the ``K`` kept tokens, as Hugging Face language and
+      token-classification models compute it: multiplied back by ``K``, read from each
+      model call's ``num_items_in_batch=`` or ``labels=`` keyword; a sample is a
+      sequence). A per-token mean read as ``"mean"`` gives a curvature ``(N/K)²`` too
+      small; a model call with token labels under ``"mean"`` warns once.
       Every built-in kind accepts it: the records hold each sample's exact gradient
       ``g_n = Σ_t b_nt ã_ntᵀ`` of a covered layer, so ``"diag"``, ``"ekfac"`` (its
       diagonal re-fitted in the eigenbasis of the factors of the same records) and
@@ -215,8 +220,9 @@ class FisherPreconditioner:
         kfac_damping: ``"factored"`` or ``"exact"``, passed to kinds whose ``estimate``
             takes a ``damping_mode`` (K-FAC).
         source: ``"batch"`` or ``"backward"``.
-        loss_reduction: ``"mean"`` or ``"sum"``: how the user's loss reduces over the
-            batch (``source="backward"`` only).
+        loss_reduction: ``"mean"`` (over the batch's samples), ``"sum"`` or
+            ``"token_mean"`` (over the kept tokens, labels ``≠ -100``: Hugging Face token
+            models): how the user's loss reduces (``source="backward"`` only).
         max_factor_dim: K-FAC/EKFAC keep a factor side larger than this diagonal (e.g.
             the ``G`` of a 50k-vocabulary output layer), passed to kinds whose
             ``estimate`` takes it; None: every side full.

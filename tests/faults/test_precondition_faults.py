@@ -330,3 +330,73 @@ def test_backward_source_check_runs_in_the_models_mode_and_restores_its_buffers(
     for b, s in zip(model.buffers(), stats, strict=True):
         assert torch.equal(b, s)
     assert model.training
+
+
+# -- loss_reduction="token_mean" ----------------------------------------------------------
+
+
+class _TokenModel(nn.Module):
+    """A tiny token model taking Hugging Face-style keywords (labels unused here)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.out = nn.Embedding(7, 4).double(), nn.Linear(4, 7).double()
+
+    def forward(self, input_ids, labels=None, num_items_in_batch=None):
+        return self.out(torch.tanh(self.emb(input_ids)))
+
+
+@pytest.mark.parametrize("how", ["no_keywords", "parts"])
+def test_token_mean_without_a_count_is_refused_by_name(how):
+    # the count of kept tokens comes from the model call's labels= / num_items_in_batch=;
+    # a forward with neither (or the model's parts called) is refused at the refresh
+    model = _TokenModel()
+    ids, labels = torch.randint(0, 7, (3, 5)), torch.randint(0, 7, (3, 5))
+    pre = natgrad.FisherPreconditioner(model, kind="diag", source="backward",
+                                       loss_reduction="token_mean", kl_clip=None)
+    if how == "no_keywords":
+        F.cross_entropy(model(ids).reshape(-1, 7), labels.reshape(-1)).backward()
+    else:
+        F.cross_entropy(model.out(torch.tanh(model.emb(ids))).reshape(-1, 7),
+                        labels.reshape(-1)).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"token_mean.*num_items_in_batch= or labels= keyword"
+                                         r".*Pass labels=.*loss_reduction='sum'"):
+        pre.step()
+    for k, p in model.named_parameters():  # nothing changed
+        assert torch.equal(p.grad, grads[k])
+
+
+def test_token_mean_with_no_kept_token_is_refused():
+    model = _TokenModel()
+    ids = torch.randint(0, 7, (2, 4))
+    labels = torch.full((2, 4), -100)
+    pre = natgrad.FisherPreconditioner(model, kind="diag", source="backward",
+                                       loss_reduction="token_mean", kl_clip=None)
+    out = model(ids, labels=labels)
+    (out.sum() * 0.0 + out[0, 0, 0]).backward()
+    with pytest.raises(ValueError, match="averages over no token"):
+        pre.step()
+
+
+def test_token_mean_counts_differing_across_forwards_warn_once():
+    # two micro-batches with 7 and 1 kept tokens, no num_items_in_batch: read as one mean
+    # over all 8 kept tokens (exact for this loss), with a warning naming num_items_in_batch
+    model = _TokenModel()
+    ids = torch.randint(0, 7, (2, 4))
+    la, lb = torch.randint(0, 7, (2, 4)), torch.randint(0, 7, (2, 4))
+    la[0, 0] = -100
+    lb[:, 1:] = -100
+    lb[1, 0] = -100
+    pre = natgrad.FisherPreconditioner(model, kind="diag", source="backward",
+                                       loss_reduction="token_mean", kl_clip=None)
+    for lab in (la, lb):
+        F.cross_entropy(model(ids, labels=lab).reshape(-1, 7), lab.reshape(-1),
+                        reduction="sum").div(8).backward()
+    with pytest.warns(UserWarning, match=r"\[1\.0, 7\.0\] kept tokens.*num_items_in_batch"):
+        pre.step()
+    union = natgrad.estimate_fisher(model, (torch.cat([ids, ids]), torch.cat([la, lb])),
+                                    likelihood="token_categorical")
+    for k, v in pre.curvature.diagonal().items():
+        torch.testing.assert_close(v, union[k], rtol=1e-12, atol=1e-15)

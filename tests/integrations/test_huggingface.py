@@ -423,3 +423,101 @@ def test_natural_gradient_with_gradient_accumulation_equals_the_full_batch_step(
     model, accepts = run(divide=False)
     if accepts:  # the pitfall the docs describe (transformers 5)
         assert not torch.allclose(model.classifier.weight, ref.classifier.weight, atol=1e-4)
+
+
+# -- loss_reduction="token_mean": a language model's per-token mean loss ----------------
+def _gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=16,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                  attn_implementation="eager")
+    return transformers.GPT2LMHeadModel(cfg).double()
+
+
+def _lm_data(n=4, t=T, seed=3, first_kept=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (n, t), generator=g)
+    labels = ids.clone()
+    labels[1, 3:] = -100  # padding: a shorter second sequence
+    if not first_kept:
+        labels[:, 0] = -100
+    return ids, labels
+
+
+def _gpt2_names(model):
+    # the blocks' Conv1D layers (the LM head is tied to the token embedding)
+    return [k for k, _ in model.named_parameters() if ".attn.c_" in k or ".mlp.c_" in k]
+
+
+def _sequence_fisher(model, ids, labels, names):
+    """(1/N) Σ_n g_n², g_n the gradient of sequence n's summed shifted token loss: one
+    backward per sequence."""
+    def loss(i):
+        logits = model(input_ids=ids[i : i + 1]).logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, 50), labels[i : i + 1, 1:].reshape(-1),
+                               ignore_index=-100, reduction="sum")
+
+    return fisher_from_grads(loop_grads_by(model, loss, len(ids), names))
+
+
+def test_token_mean_reads_a_causal_lm_loss_as_per_sequence_losses():
+    """A GPT-2 called with labels= computes the mean over its kept shifted tokens; with
+    loss_reduction="token_mean" the recorded diagonal equals the per-sequence Fisher of a
+    loop (the count read from labels[..., 1:], the model's shift); with "mean" it would be
+    (N/K)² of it, and the call warns."""
+    model = _gpt2()
+    ids, labels = _lm_data()
+    names = _gpt2_names(model)
+    ref = _sequence_fisher(copy.deepcopy(model), ids, labels, names)
+    pre = natgrad.FisherPreconditioner(model, kind="diag", source="backward", params=names,
+                                       loss_reduction="token_mean", kl_clip=None)
+    model(input_ids=ids, labels=labels).loss.backward()
+    pre.step()
+    got = pre.curvature.diagonal()
+    for k in names:
+        # Hugging Face's causal-LM loss computes in float32 (logits.float())
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-12)
+    model.zero_grad()
+    pre = natgrad.FisherPreconditioner(model, kind="diag", source="backward", params=names,
+                                       kl_clip=None)
+    with pytest.warns(UserWarning, match="token_mean"):
+        out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    pre.step()
+    kept = int(labels[:, 1:].ne(-100).sum())
+    k = names[0]
+    torch.testing.assert_close(pre.curvature.diagonal()[k], ref[k] * (len(ids) / kept) ** 2,
+                               rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_token_mean_through_the_trainer_equals_the_sequence_fisher_step(tmp_path, accumulation):
+    """The Hugging Face Trainer on a causal LM (it passes num_items_in_batch, the kept
+    labels of the whole step, which the model divides by): one NaturalGradient step with
+    loss_reduction="token_mean" moves the selected weights by -lr g / (F + λ), F the
+    per-sequence Fisher of a loop and g the gradient of the mean over every kept token;
+    with gradient accumulation too (each micro-batch's forward scaled by the step's count)."""
+    model = _gpt2()
+    ids, labels = _lm_data(first_kept=False)  # the Trainer counts labels unshifted here
+    names = _gpt2_names(model)
+    lr, lam = 0.1, 0.05
+    theta0 = {k: p.detach().clone() for k, p in model.named_parameters()}
+    ref = copy.deepcopy(model)
+    fisher = _sequence_fisher(ref, ids, labels, names)
+    logits = ref(input_ids=ids).logits[:, :-1]
+    mean = F.cross_entropy(logits.reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100)
+    g = dict(zip(theta0, torch.autograd.grad(mean, list(ref.parameters())), strict=True))
+    pre = natgrad.FisherPreconditioner(model, kind="diag", damping=lam, params=names,
+                                       source="backward", loss_reduction="token_mean",
+                                       kl_clip=None)
+    opt = natgrad.NaturalGradient(torch.optim.SGD(model.parameters(), lr=lr), pre)
+    data = [{"input_ids": ids[i], "labels": labels[i]} for i in range(len(ids))]
+    trainer = transformers.Trainer(
+        model=model, train_dataset=data, optimizers=(opt, None),
+        args=_args(tmp_path, max_steps=1, per_device_train_batch_size=4 // accumulation,
+                   gradient_accumulation_steps=accumulation))
+    assert trainer.model_accepts_loss_kwargs
+    trainer.train()
+    for k, p in model.named_parameters():
+        step = g[k] / (fisher[k] + lam) if k in names else g[k]
+        torch.testing.assert_close(p.detach(), theta0[k] - lr * step, rtol=1e-5, atol=1e-8)
