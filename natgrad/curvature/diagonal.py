@@ -498,6 +498,13 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
         Every tensor's SHA-256 checksum, shape and dtype are verified, and the values
         must be finite and ``>= 0``.
 
+        Dtype rule: without ``model`` the values keep the file's dtypes. With ``model``
+        each value takes the dtype a Fisher computed on that model would have, the
+        accumulation dtype of its parameter (float64 for a float64 parameter, float32 for
+        every other), so a float32 file loaded into a float64 model gives float64 values
+        (the exact float64 cast of the stored ones) and a float64 file loaded into a
+        float32 model gives float32 values.
+
         Raises:
             FileNotFoundError: no such file.
             natgrad.CorruptFileError: (a ValueError) damaged bytes, malformed metadata,
@@ -520,6 +527,10 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
         )
         if model is not None:
             fisher.check_model(model, strict=strict)
+            params = dict(model.named_parameters())
+            fisher._values = {
+                k: v.to(acc_dtype(params[k].dtype)) for k, v in fisher._values.items()
+            }
         return fisher
 
 

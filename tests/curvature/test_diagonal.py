@@ -113,3 +113,23 @@ def test_ema_in_place_of_a_subclass_with_its_own_ema_is_that_ema():
     assert out is not a and isinstance(out, Halved)
     torch.testing.assert_close(out["w"], torch.tensor([2.0]))
     torch.testing.assert_close(a["w"], torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize(("saved", "model_dtype"), [(torch.float32, torch.float64),
+                                                    (torch.float64, torch.float32)])
+def test_load_follows_the_model_dtype(tmp_path, saved, model_dtype):
+    """With a model, loaded values take the model's accumulation dtype (the exact cast of
+    the stored values); without one they keep the file's dtype; nothing else changes."""
+    torch.manual_seed(0)
+    stored = {"0.weight": torch.rand(3, 2, dtype=saved), "0.bias": torch.rand(3, dtype=saved)}
+    DiagonalFisher(stored, 7, labels="mc", likelihood="gaussian").save(tmp_path / "f.st")
+    model = nn.Sequential(nn.Linear(2, 3)).to(model_dtype)
+    G = DiagonalFisher.load(tmp_path / "f.st", model)
+    assert list(G) == ["0.weight", "0.bias"]
+    for k, v in stored.items():
+        assert G[k].dtype == model_dtype
+        assert torch.equal(G[k], v.to(model_dtype))  # elementwise cast, nothing else
+    assert (G.n_samples, G.labels, G.likelihood) == (7, "mc", "gaussian")
+    H = DiagonalFisher.load(tmp_path / "f.st")  # no model: the file's dtype
+    assert all(H[k].dtype == saved and torch.equal(H[k], v) for k, v in stored.items())
+    assert all(p.dtype == model_dtype for p in model.parameters())  # the model is untouched
