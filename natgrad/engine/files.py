@@ -256,8 +256,33 @@ def _read(
             meta = fh.metadata() or {}
             out = {k: fh.get_tensor(k) for k in fh.keys()} if tensors else {}  # noqa: SIM118
     except Exception as exc:  # safetensors raises its own error types
+        pickled = _torch_save_kind(path)
+        if pickled:
+            raise ValueError(
+                f"{path!r} is not a natgrad {what} file: it looks like a torch.save file "
+                f"({pickled}), and natgrad reads only the verified safetensors files its own "
+                "save methods write (DiagonalFisher.save for a Fisher, e.g. "
+                "natgrad.estimate_fisher(model, data).save(path); Curvature.save for a "
+                "curvature). A {name: tensor} Fisher saved with torch.save converts with "
+                "natgrad.DiagonalFisher(torch.load(path), n_samples).save(new_path)."
+            ) from None
         raise ValueError(f"{path!r} is not a readable safetensors file: {exc}") from None
     return meta, out
+
+
+def _torch_save_kind(path: str) -> str | None:
+    """What a ``torch.save`` file at ``path`` looks like from its first bytes (a zip
+    archive, torch's default since 1.6, or a bare pickle), or None for anything else."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return None
+    if head == b"PK\x03\x04":
+        return "a zip archive"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a pickle"
+    return None
 
 
 def read_format(path: str | os.PathLike[str], what: str = "natgrad") -> str | None:

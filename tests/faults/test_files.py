@@ -593,6 +593,22 @@ def test_report_of_a_bad_fisher_exits_non_zero(tmp_path, capsys, bad, phrase):
     assert not (tmp_path / "out" / "report.md").exists()
 
 
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy-pickle"])
+def test_torch_save_file_is_named_with_the_writer_to_use(tmp_path, capsys, zipped):
+    """A ``torch.save`` file is named as such (not "header too large"), with the writer."""
+    path = tmp_path / "fisher.pt"
+    torch.save({"w": torch.ones(3)}, path, _use_new_zipfile_serialization=zipped)
+    phrase = r"not a natgrad Fisher file: it looks like a torch\.save file"
+    with pytest.raises(ValueError, match=phrase + r".*DiagonalFisher\.save"):
+        DiagonalFisher.load(path)
+    code, err = _cli(capsys, "report", str(path), "--out", str(tmp_path / "out"))
+    assert code == 1 and err.startswith("natgrad: error: ")
+    assert "not a natgrad Fisher file" in err and "DiagonalFisher.save" in err
+    assert "header too large" not in err
+    with pytest.raises(ValueError, match=r"not a natgrad curvature file: it looks like a torch"):
+        natgrad.Curvature.load(path)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_round_trip_and_resume(tmp_path):
     f = _fisher().to("cuda")
