@@ -113,9 +113,27 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from natgrad.curvature.diagonal import DiagonalFisher
 
     fishers = {}
+    seen: dict[tuple[int, int], str] = {}
     for path in args.files:
         if not os.path.isfile(path):
             raise CommandError(f"no such Fisher file: {path!r}")
+        # one file given twice (the same path, or two paths to one file) is refused: its
+        # second section and its comparison with itself would say nothing, and the
+        # usual cause is an overlapping glob or a typo for another file
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            first = seen[key]
+            same = (
+                f"{path!r} is given twice"
+                if first == path
+                else f"{first!r} and {path!r} are the same file"
+            )
+            raise CommandError(
+                f"{same}; natgrad report describes and compares different Fisher files: "
+                "pass each file once"
+            )
+        seen[key] = path
         try:
             _refuse_other_kind(path)
             fishers[path] = DiagonalFisher.load(path)
@@ -172,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="per-layer mass, top coordinates and similarity of Fisher files"
     )
     r.add_argument(
-        "files", nargs="+", metavar="FISHER_FILE", help="files written by DiagonalFisher.save"
+        "files", nargs="+", metavar="FISHER_FILE", help="files written by DiagonalFisher.save (each once)"
     )
     r.add_argument(
         "--out", default="natgrad-report", help="output directory (default ./natgrad-report)"

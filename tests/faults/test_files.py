@@ -609,6 +609,22 @@ def test_torch_save_file_is_named_with_the_writer_to_use(tmp_path, capsys, zippe
         natgrad.Curvature.load(path)
 
 
+def test_report_refuses_one_file_given_twice(tmp_path, capsys):
+    """The same file twice (one path twice, or two paths to it) is refused by name; it
+    read as one section, silently."""
+    _, path = _saved(tmp_path)
+    other = tmp_path / "sub" / ".." / path.name  # another spelling of the same file
+    (tmp_path / "sub").mkdir()
+    for args, phrase in [
+        ((str(path), str(path)), f"{str(path)!r} is given twice"),
+        ((str(path), str(other)), f"{str(path)!r} and {str(other)!r} are the same file"),
+    ]:
+        code, err = _cli(capsys, "report", *args, "--out", str(tmp_path / "out"))
+        assert code == 1 and err.startswith("natgrad: error: ")
+        assert phrase in err and "pass each file once" in err
+        assert not (tmp_path / "out" / "report.md").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_round_trip_and_resume(tmp_path):
     f = _fisher().to("cuda")
