@@ -202,6 +202,22 @@ class KroneckerBlock:
         return sG.unsqueeze(-1) * sA.unsqueeze(-2)
 
 
+def _refuse_pruning_rename(mine: Sequence[str], theirs: Sequence[str], what: str) -> None:
+    """Raise when one curvature names ``<p>`` where the other names ``<p>_orig``: the same
+    parameter, renamed by ``torch.nn.utils.prune`` between the two estimates (a layout
+    mismatch would hide the cause)."""
+    a, b = set(mine), set(theirs)
+    for k in mine:
+        twin = k[: -len("_orig")] if k.endswith("_orig") else k + "_orig"
+        if k not in b and twin in b and twin not in a:
+            raise ValueError(
+                f"Cannot {what} these KroneckerFishers: one names {k!r} where the other names "
+                f"{twin!r}, the same parameter (torch.nn.utils.prune renames a pruned weight "
+                "to <name>_orig). Estimate both with the same pruning state "
+                "(natgrad.make_permanent(model) before estimating)."
+            )
+
+
 def _eigen(M: torch.Tensor, side: str) -> dict[str, torch.Tensor | None]:
     if M.dim() == 2:  # a diagonal side: (groups, d)
         return {f"Q{side}": None, f"s{side}": M.clamp_min(0)}
@@ -1089,6 +1105,7 @@ class KroneckerFisher(Curvature):
                 f"Cannot {what} a {self.kind!r} KroneckerFisher with "
                 f"{getattr(other, 'kind', type(other).__name__)!r}; combine curvatures of one kind."
             )
+        _refuse_pruning_rename(self.order, other.order, what)
         mine = {k: b.layout() for k, b in self.blocks.items()}
         theirs = {k: b.layout() for k, b in other.blocks.items()}
         dshape = {k: tuple(v.shape) for k, v in self.diag.items()}
@@ -1183,8 +1200,9 @@ class KroneckerFisher(Curvature):
 
         Raises:
             TypeError: ``other`` is not a KroneckerFisher of this kind.
-            ValueError: a shared layer laid out differently (e.g. a bias in one only), or a
-                parameter in a Kronecker block in one and in the diagonal part of the other.
+            ValueError: a shared layer laid out differently (e.g. a bias in one only), a
+                parameter in a Kronecker block in one and in the diagonal part of the other,
+                or one named ``w`` in one and ``w_orig`` in the other (pruned in between).
         """
         decay = check_fraction("decay", decay, closed=True)
         if not isinstance(other, KroneckerFisher) or other.kind != self.kind:
@@ -1192,6 +1210,7 @@ class KroneckerFisher(Curvature):
                 f"Cannot average a {self.kind!r} KroneckerFisher with "
                 f"{getattr(other, 'kind', type(other).__name__)!r}; combine curvatures of one kind."
             )
+        _refuse_pruning_rename(self.order, other.order, "average")
         theirs = set(other.order)
         shared = [k for k in self.order if k in theirs]
         mine_only = [k for k in self.order if k not in theirs]

@@ -378,3 +378,27 @@ def test_load_checks_a_meta_device_model_by_names_and_shapes(tmp_path):
         other = torch.nn.Linear(4, 2)
     with pytest.raises(ValueError, match="weight"):
         natgrad.DiagonalFisher.load(path, other)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+@pytest.mark.parametrize("op", ["ema_union", "ema", "add"])
+def test_kronecker_combination_across_a_pruning_rename_names_the_rename(kind, op):
+    """One curvature estimated before torch.nn.utils.prune (``0.weight``), one after
+    (``0.weight_orig``): combining them named a layout mismatch ("covers ['0.weight',
+    '0.bias'] in one and only ['0.bias']"), not the rename."""
+    import torch.nn.utils.prune as tprune
+
+    model, x, y = _case()
+    before = _est(model, (x, y), kind=kind, labels="exact")
+    tprune.l1_unstructured(model[0], "weight", amount=0.25)
+    after = _est(model, (x, y), kind=kind, labels="exact")
+    calls = {"ema_union": lambda a, b: a.ema_union(b, 0.5), "ema": lambda a, b: a.ema(b, 0.5),
+             "add": lambda a, b: a + b}
+    for a, b, first, second in [(before, after, "'0.weight'", "'0.weight_orig'"),
+                                (after, before, "'0.weight_orig'", "'0.weight'")]:
+        with pytest.raises(
+            ValueError,
+            match=f"one names {first} where the other names {second}, the same parameter "
+            r"\(torch.nn.utils.prune.*make_permanent",
+        ):
+            calls[op](a, b)

@@ -356,7 +356,7 @@ def test_a_diagonal_only_use_names_the_diagonal_of_a_structured_curvature():
     assert sorted(imp) == sorted(k for k, _ in model.named_parameters())
 
 
-@pytest.mark.parametrize("kind", ["diag", "kfac", "lowrank"])
+@pytest.mark.parametrize("kind", ["diag", "kfac", "ekfac", "lowrank"])
 def test_online_ewc_refuses_a_parameter_renamed_by_pruning_between_tasks(kind):
     """Task 1 estimated before torch.nn.utils.prune (``0.weight``), task 2 after
     (``0.weight_orig``): the fold counted the weight twice (λ from lam_scale 66% too
