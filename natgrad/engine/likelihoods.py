@@ -443,17 +443,22 @@ class TokenCategorical(Likelihood):
             raise ValueError(
                 f"token_categorical expects logits of shape (N, T, V), got {tuple(output.shape)}."
             )
-        if (
-            target.dim() != 2
-            or target.shape[1] != output.shape[1]
-            or target.is_floating_point()
-            or target.dtype == torch.bool
-        ):
+        want = (target.shape[0] if target.dim() else output.shape[0], output.shape[1])
+        if target.is_floating_point() or target.dtype == torch.bool:
             raise ValueError(
-                f"token_categorical labels must be integer tokens of shape (N, T) = "
-                f"({target.shape[0]}, {output.shape[1]}) (use ignore_index={self.ignore_index} "
-                f"for padding), got {target.dtype} of shape {tuple(target.shape)}; "
-                "convert with y.long()."
+                f"token_categorical labels must be integer tokens of shape (N, T) = {want} "
+                f"(use ignore_index={self.ignore_index} for padding), got {target.dtype} of "
+                f"shape {tuple(target.shape)}; convert with y.long()."
+            )
+        if target.dim() != 2 or target.shape[1] != output.shape[1]:
+            raise ValueError(
+                f"token_categorical labels must be integer tokens of shape (N, T) = {want}, "
+                f"one per position of the logits {tuple(output.shape)}, got shape "
+                f"{tuple(target.shape)}. Give every sequence's labels the length of its "
+                f"inputs (pad with ignore_index={self.ignore_index}, or cut them to the "
+                "model's sequence length)"
+                + ("; with shift=True the labels are the unshifted sequence, as long as "
+                   "the logits." if self.shift else ".")
             )
         if self.shift:
             first = torch.full_like(target[:, :1], self.ignore_index)

@@ -167,6 +167,22 @@ def test_token_grid_labels_must_be_tokens():
         natgrad.optimize_prior_precision(model, _token_fisher(model), (x, torch.zeros(6).long()))
 
 
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("length", [2, 4])
+def test_token_grid_labels_of_the_wrong_length_name_both_shapes(shift, length):
+    """Integer labels one token short or long: the message named a dtype fix
+    ("convert with y.long()") for a length problem."""
+    model = _token_model()
+    x, y = torch.randint(0, 5, (6, 3)), torch.randint(0, 4, (6, length))
+    lik = natgrad.TokenCategorical(shift=shift)
+    with pytest.raises(ValueError) as err:
+        natgrad.optimize_prior_precision(model, _token_fisher(model), (x, y), likelihood=lik)
+    msg = str(err.value)
+    assert f"of shape (N, T) = (6, 3), one per position of the logits (6, 3, 4), got shape (6, {length})" in msg
+    assert "pad with ignore_index=-100, or cut them" in msg and "y.long()" not in msg
+    assert ("with shift=True the labels are the unshifted sequence" in msg) == shift
+
+
 def test_token_batches_of_different_lengths_are_refused():
     model = _token_model()
     batches = [torch.randint(0, 5, (2, 3)), torch.randint(0, 5, (2, 4))]
