@@ -443,6 +443,7 @@ class TokenCategorical(Likelihood):
             raise ValueError(
                 f"token_categorical expects logits of shape (N, T, V), got {tuple(output.shape)}."
             )
+        self._check_shiftable(output)
         want = (target.shape[0] if target.dim() else output.shape[0], output.shape[1])
         if target.is_floating_point() or target.dtype == torch.bool:
             raise ValueError(
@@ -468,8 +469,22 @@ class TokenCategorical(Likelihood):
         )
 
     def check_output(self, output: torch.Tensor) -> None:
-        """Logits, not probabilities (see :func:`natgrad.engine.checks.check_not_probabilities`)."""
+        """Logits, not probabilities (see :func:`natgrad.engine.checks.check_not_probabilities`),
+        with a token to score after the shift."""
+        self._check_shiftable(output)
         check_not_probabilities(output, self.name)
+
+    def _check_shiftable(self, output: torch.Tensor) -> None:
+        """With ``shift``, the logits at ``t`` score the label at ``t + 1``: sequences of
+        one token (``T = 1``) leave none to score."""
+        if self.shift and output.dim() == 3 and output.shape[1] < 2:
+            raise ValueError(
+                f"token_categorical with shift=True scores the label at position t + 1 with "
+                f"the logits at t, so sequences of length T = {output.shape[1]} (logits "
+                f"{tuple(output.shape)}) leave no token to score. Pass sequences of at least "
+                "2 tokens, or likelihood=natgrad.TokenCategorical(shift=False) when each "
+                "position's label is already the token it predicts."
+            )
 
     def prepare_target(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Integer tokens of any width are cast to int64 (exact); float/bool tokens raise."""

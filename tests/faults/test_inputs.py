@@ -243,6 +243,25 @@ def test_sequence_logits_for_categorical_name_both_token_likelihoods():
         natgrad.estimate_fisher(model, (x, torch.zeros(N, 2, dtype=torch.long)))
 
 
+_ONE_TOKEN = r"shift=True scores the label at position t \+ 1 .* T = 1 .*leave no token to score"
+_ONE_TOKEN_FIX = r"at least 2 tokens, or likelihood=natgrad.TokenCategorical\(shift=False\)"
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac"])
+@pytest.mark.parametrize("labels", ["empirical", "mc", "exact"])
+def test_one_token_sequences_with_shift_name_the_shift(labels, kind):
+    """T = 1 with shift=True: a raw autograd shape error (empirical, mc), "range() arg 3
+    must not be zero" (exact)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 4)).double()
+    x, y = torch.randint(0, 5, (6, 1)), torch.randint(0, 4, (6, 1))
+    with pytest.raises(ValueError, match=_ONE_TOKEN + ".*" + _ONE_TOKEN_FIX):
+        natgrad.estimate_curvature(model, (x, y), kind=kind, labels=labels,
+                                   likelihood=natgrad.TokenCategorical(shift=True))
+    natgrad.estimate_curvature(model, (x, y), kind=kind, labels=labels,  # the fix works
+                               likelihood=natgrad.TokenCategorical(shift=False))
+
+
 def test_bool_labels_for_categorical():
     x, _ = _data(None)
     with pytest.raises(ValueError, match=r"torch.bool.*\.long\(\)"):

@@ -183,6 +183,16 @@ def test_token_grid_labels_of_the_wrong_length_name_both_shapes(shift, length):
     assert ("with shift=True the labels are the unshifted sequence" in msg) == shift
 
 
+def test_token_grid_on_one_token_sequences_with_shift_names_the_shift():
+    """T = 1 with shift=True said "every label is the likelihood's ignore_index"."""
+    model = _token_model()
+    x, y = torch.randint(0, 5, (6, 1)), torch.randint(0, 4, (6, 1))
+    with pytest.raises(ValueError, match=r"shift=True scores the label at position t \+ 1 .*"
+                       r"T = 1 .*no token to score.*TokenCategorical\(shift=False\)"):
+        natgrad.optimize_prior_precision(model, _token_fisher(model), (x, y),
+                                         likelihood=natgrad.TokenCategorical(shift=True))
+
+
 def test_token_batches_of_different_lengths_are_refused():
     model = _token_model()
     batches = [torch.randint(0, 5, (2, 3)), torch.randint(0, 5, (2, 4))]
