@@ -1232,7 +1232,9 @@ def fisher_uncertainty(
             parameters of the last registered module that has any, in
             ``model.named_modules()`` order); instead of ``params``. The first batch's
             forward checks that this module is also the last one to run (a ValueError
-            names the one that is: pass its parameters as ``params=``).
+            names the one that is: pass its parameters as ``params=``). A module whose
+            weight is tied to an earlier parameter (a head sharing the embedding matrix)
+            is refused, naming both (pass ``params=`` instead).
         link: ``"probit"`` or ``"mc"``.
         n_samples: logit draws for ``link="mc"``.
         likelihood: default ``fisher.likelihood``; pass ``natgrad.Gaussian(sigma)`` for
@@ -1639,13 +1641,39 @@ def _subset_params(model: nn.Module, params: ParamSpec, subset: str | None) -> P
     if subset == "all":
         return None
     last = None
+    owner = ""
     for name, module in model.named_modules():
         own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         if own:
-            last = [f"{name}.{n}" if name else n for n in own]
+            last, owner = [f"{name}.{n}" if name else n for n in own], name
     if last is None:
         raise ValueError("subset='last_layer': the model has no trainable parameters.")
+    _refuse_tied_last_layer(model, owner, last)
     return last
+
+
+def _refuse_tied_last_layer(model: nn.Module, owner: str, last: list[str]) -> None:
+    """Raise when a parameter of the module ``subset="last_layer"`` took is tied to an
+    earlier one (a GPT-2 style head sharing the embedding matrix): ``named_parameters``
+    lists the shared tensor once, under its first name, and its curvature counts both
+    uses, so "the last layer" alone has no curvature of its own."""
+    first: dict[int, str] = {}
+    for k, p in model.named_parameters():
+        first.setdefault(id(p), k)
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tied = [(k, first[id(tensors[k])]) for k in last if first.get(id(tensors[k]), k) != k]
+    if not tied:
+        return
+    untied = [k for k in last if k not in dict(tied)]
+    pairs = ", ".join(f"{k!r} is tied to {t!r}" for k, t in tied)
+    raise ValueError(
+        f"subset='last_layer' takes the last registered module with trainable parameters, "
+        f"{owner!r}, but {pairs}: the same tensor (e.g. a language-model head sharing the "
+        "embedding matrix), which model.named_parameters() lists once under the first name "
+        "and whose curvature counts both uses, so the last layer has no curvature of its "
+        f"own. Pass params={[t for _, t in tied] + untied} for the shared tensor (head and "
+        "embedding together), or params=[...] naming another layer's parameters."
+    )
 
 
 def _check_last_layer(model: nn.Module, b: Batch, chosen: list[str]) -> None:

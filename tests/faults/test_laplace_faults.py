@@ -193,6 +193,44 @@ def test_token_grid_on_one_token_sequences_with_shift_names_the_shift():
                                          likelihood=natgrad.TokenCategorical(shift=True))
 
 
+class _TiedHead(nn.Module):
+    """A GPT-2 style head: its weight is the embedding matrix (its bias its own)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(5, 3), nn.Linear(3, 5)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+@pytest.mark.parametrize("call", ["grid", "marglik", "uncertainty"])
+def test_last_layer_tied_to_the_embedding_names_the_tie(call):
+    """subset='last_layer' on a tied head said "params names tied weights by their
+    second name", though the caller passed no params=."""
+    model = _TiedHead().double().eval()
+    x = torch.randint(0, 5, (6, 3))
+    fisher = _token_fisher(model)
+    runs = {
+        "grid": lambda: natgrad.optimize_prior_precision(
+            model, fisher, (x, x), subset="last_layer", grid=[0.1, 1.0]),
+        "marglik": lambda: natgrad.optimize_prior_precision(
+            model, fisher, x, subset="last_layer", method="marglik", grid=[0.1, 1.0]),
+        "uncertainty": lambda: natgrad.fisher_uncertainty(
+            model, x, fisher, subset="last_layer"),
+    }
+    with pytest.raises(ValueError) as err:
+        runs[call]()
+    msg = str(err.value)
+    assert "subset='last_layer' takes the last registered module" in msg
+    assert "'head.weight' is tied to 'emb.weight'" in msg and "params names" not in msg
+    assert "Pass params=['emb.weight', 'head.bias'] for the shared tensor" in msg
+    natgrad.optimize_prior_precision(  # the suggested fix runs
+        model, fisher, (x, x), params=["emb.weight", "head.bias"], grid=[0.1, 1.0])
+
+
 def test_token_batches_of_different_lengths_are_refused():
     model = _token_model()
     batches = [torch.randint(0, 5, (2, 3)), torch.randint(0, 5, (2, 4))]
