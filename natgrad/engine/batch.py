@@ -170,6 +170,11 @@ def parse_batch(batch: Any) -> Batch:
 
     ``(inputs, y)`` with ``inputs`` a dict (a DataLoader over ``(dict, label)`` pairs) is
     the dict batch ``{**inputs, "labels": y}``: the model is called as ``model(**inputs)``.
+    A dict's entries are always keyword arguments (the Hugging Face convention), never
+    one positional dict: a model whose ``forward(self, batch)`` takes the dict itself
+    fails that call, and :func:`natgrad.engine.checks.forward_failed` names both
+    conventions and the fix (a parameter per key, or a wrapper module whose
+    ``forward(self, **inputs)`` returns ``model(inputs)``).
 
     The batch size ``N`` and which inputs are per-sample follow the module docstring:
     inputs whose first dimension is ``N`` are per-sample, all others (and entries

@@ -367,6 +367,20 @@ def forward_failed(
     """
     if _raised_by_natgrad(exc):
         return exc
+    if isinstance(exc, TypeError) and not args and kwargs:
+        param = _dict_positional_parameter(model, kwargs)
+        if param is not None:
+            keys = ", ".join(repr(k) for k in list(kwargs)[:6])
+            return TypeError(
+                f"The model's forward failed on {where}: {type(model).__name__}.forward takes "
+                f"the inputs as one dict argument ({param!r}), but natgrad passes a dict batch "
+                "(and the dict of an (inputs, y) batch) as keyword arguments, "
+                f"model(**inputs), as Hugging Face models take them; no parameter of forward "
+                f"is named after a key ({keys}). Either give forward one parameter per key, "
+                "or wrap the model so that it collects the keywords into a dict: a module "
+                "holding it whose forward(self, **inputs) returns self.model(inputs). "
+                f"(The call raised: {exc})"
+            )
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
     msg = (
         f"The model's forward failed on {where}, inputs {describe_inputs(args, kwargs)}, "
@@ -377,6 +391,25 @@ def forward_failed(
     except Exception:
         return RuntimeError(msg)
     return new if str(new) == msg else RuntimeError(msg)
+
+
+def _dict_positional_parameter(model: nn.Module, kwargs: Mapping[str, Any]) -> str | None:
+    """The name of ``model.forward``'s one required positional parameter when the forward
+    takes a dict batch positionally (``forward(self, batch)``): no ``**kwargs``, no
+    parameter named after a key of ``kwargs``, and exactly one required positional
+    parameter; else None (a keyword-argument model, or a signature that cannot be read)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+    ps = list(sig.parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in ps) or any(k in sig.parameters for k in kwargs):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p.name for p in ps if p.kind in positional and p.default is p.empty]
+    return required[0] if len(required) == 1 else None
 
 
 # -- targets -------------------------------------------------------------------------------

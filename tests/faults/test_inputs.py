@@ -483,6 +483,52 @@ def test_forward_failure_dict_batch_names_each_input():
         )
 
 
+class _DictForward(nn.Module):
+    """A forward that takes the batch dict itself, positionally."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(D, C)
+
+    def forward(self, batch):
+        return self.lin(batch["x"]) * batch["scale"]
+
+
+class _Keywords(nn.Module):
+    """The documented fix: collect the keyword arguments into the dict."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        return self.model(inputs)
+
+
+@pytest.mark.parametrize("engine", ["vmap", "fast"])
+@pytest.mark.parametrize("form", ["(dict, y)", "dict"])
+def test_forward_taking_the_dict_positionally_names_both_conventions(engine, form):
+    """model(**dict) on forward(self, batch) read "got an unexpected keyword argument 'x'"."""
+    x, y = _data(None)
+    inputs = {"x": x, "scale": torch.full((N, 1), 2.0)}
+    batch = (inputs, y) if form == "(dict, y)" else {**inputs, "labels": y}
+    model = _DictForward()
+    with pytest.raises(TypeError) as err:
+        natgrad.estimate_fisher(model, batch, engine=engine)
+    msg = str(err.value)
+    assert "_DictForward.forward takes the inputs as one dict argument ('batch')" in msg
+    assert "as keyword arguments, model(**inputs)" in msg and "('x', 'scale')" in msg
+    assert "forward(self, **inputs) returns self.model(inputs)" in msg
+    F = natgrad.estimate_fisher(_Keywords(model), batch, engine=engine)  # the fix runs
+    ref = torch.zeros_like(model.lin.weight)  # brute force: one backward per sample
+    for n in range(N):
+        loss = nn.functional.cross_entropy(2.0 * model.lin(x[n : n + 1]), y[n : n + 1])
+        (g,) = torch.autograd.grad(loss, model.lin.weight)
+        ref += g**2 / N
+    torch.testing.assert_close(F["model.lin.weight"], ref)
+
+
 # -- wrong types at entry -------------------------------------------------------------------
 
 ENTRY_POINTS = {
