@@ -348,6 +348,12 @@ class Curvature(ABC):
         ``natgrad.Curvature.load`` reads every registered kind: the file's format tag
         names the class that wrote it (``natgrad.CURVATURE_KINDS``), whose ``load`` runs.
 
+        Dtype rule: without ``model`` the tensors keep the file's dtypes. With ``model``
+        the curvature takes the accumulation dtype of the parameters it covers (float64
+        for float64 parameters, float32 for any other), as one estimated on that model
+        would: a float32 file loaded for a float64 model holds the exact float64 cast of
+        the stored values. (Covered parameters of several dtypes: the file's dtypes.)
+
         Args:
             path: the file.
             model: when given, every name the curvature covers must be one of its
@@ -368,6 +374,7 @@ class Curvature(ABC):
         from natgrad.curvature.ops import check_curvature
         from natgrad.curvature.statefile import load_state
         from natgrad.engine.checks import check_model_to_match
+        from natgrad.engine.common import acc_dtype
 
         check_model_to_match(model, f"{cls.__name__}.load's model")
         holder = cls._class_of_file(path)
@@ -375,7 +382,11 @@ class Curvature(ABC):
             return holder.load(path, model, device=device)
         curvature = cls.from_state_dict(load_state(path, cls.file_format, device))
         if model is not None:
-            check_curvature(curvature, model, f"the curvature in {os.fspath(path)!r}")
+            names = check_curvature(curvature, model, f"the curvature in {os.fspath(path)!r}")
+            named = dict(model.named_parameters())
+            dtypes = {acc_dtype(named[k].dtype) for k in names}
+            if len(dtypes) == 1:
+                curvature = curvature.to(dtypes.pop())
         return curvature
 
     @classmethod

@@ -242,3 +242,35 @@ def test_a_registered_kind_with_its_own_estimate_is_checked_by_the_dispatcher(mo
             natgrad.estimate_curvature(bn, (x, y), kind="diag_zero_test")
     finally:
         del protocol.CURVATURE_KINDS["diag_zero_test"]
+
+
+def _leaves(state, prefix=""):
+    """``{path: leaf}`` of a nested state_dict (tensors and plain values)."""
+    if isinstance(state, dict):
+        return {k2: v2 for k, v in state.items() for k2, v2 in _leaves(v, f"{prefix}/{k}").items()}
+    if isinstance(state, (list, tuple)):
+        return {k2: v2 for i, v in enumerate(state) for k2, v2 in _leaves(v, f"{prefix}/{i}").items()}
+    return {prefix: state}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("saved", "model_dtype"), [(torch.float32, torch.float64),
+                                                    (torch.float64, torch.float32)])
+def test_load_with_a_model_follows_its_dtype(kind, saved, model_dtype, tmp_path):
+    """With a model, every tensor is the exact cast of the stored one to the model's
+    accumulation dtype; without one, the file's dtype; plain values unchanged."""
+    model, x, y = _case()
+    stored = natgrad.estimate_curvature(model, (x, y), kind=kind).to(saved)
+    stored.save(tmp_path / "c.safetensors")
+    want = _leaves(stored.state_dict())
+    loaded = natgrad.Curvature.load(tmp_path / "c.safetensors", model.to(model_dtype))
+    plain = natgrad.Curvature.load(tmp_path / "c.safetensors")
+    for got, dtype in ((_leaves(loaded.state_dict()), model_dtype),
+                       (_leaves(plain.state_dict()), saved)):
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                assert got[k].dtype == dtype and torch.equal(got[k], v.to(dtype)), k
+            else:
+                assert type(got[k]) is type(v) and (got[k] == v if not isinstance(v, torch.Tensor)
+                                                    else torch.equal(got[k], v)), k
