@@ -57,7 +57,9 @@ the best ``s`` ranged from about 5·10⁻⁸ to 5·10⁻⁵ (domain- vs task-inc
 Parameters absent at consolidation time (a head added later) or not covered by the
 Fisher are left out of that task's term. Names are matched as in ``model.named_parameters()``;
 a pruned parameter (``weight_orig`` from ``torch.nn.utils.prune``) is matched to a
-Fisher or anchor entry named ``weight`` and vice versa.
+Fisher or anchor entry named ``weight`` and vice versa. Online mode with diagonal
+Fishers given as mappings folds a weight pruned between two tasks into one entry (the
+same tensor); with :class:`natgrad.Curvature` terms it refuses such a rename, naming it.
 """
 
 from __future__ import annotations
@@ -286,7 +288,11 @@ class EWC:
             self._tasks.append({"fisher": new_f, "anchor": new_a})
         else:
             old = self._tasks[0]
-            merged_f = {k: self.gamma * v for k, v in old["fisher"].items()}
+            # the folded entries under the model's names now: a weight pruned since
+            # (``w`` -> ``w_orig``) is the same tensor and folds into one entry
+            old_key = {k: _resolve(k, named) or k for k in old["fisher"]}
+            merged_f = {old_key[k]: self.gamma * v for k, v in old["fisher"].items()}
+            old_a = {old_key.get(k, k): v for k, v in old["anchor"].items()}
             for k, v in new_f.items():
                 merged_f[k] = merged_f[k] + v if k in merged_f else v
             merged_a = {}
@@ -296,7 +302,7 @@ class EWC:
                 elif anchor is None and k in named:
                     merged_a[k] = named[k].detach().clone()
                 else:
-                    merged_a[k] = old["anchor"][k]
+                    merged_a[k] = old_a[k]
             self._tasks = [{"fisher": merged_f, "anchor": merged_a}]
         self._consolidations += 1
 

@@ -212,6 +212,30 @@ def test_pruned_model_works_by_name():
     assert float(ewc2.penalty()) == pytest.approx(0.5 * float(Fp["0.weight_orig"].sum()) * 0.01)
 
 
+def test_online_fold_across_a_pruning_rename_is_one_entry():
+    """Task 1 consolidated as ``0.weight``, task 2 after torch.nn.utils.prune as
+    ``0.weight_orig``: online mode kept two entries (γ F_1 at the old anchor beside F_2
+    at the new one); it folds them, ``(γ F_1 + F_2)`` at the newest anchor (closed form
+    by an explicit loop)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    F1, F2, gamma, lam = _rand_fisher(model, 1), _rand_fisher(model, 3), 0.7, 2.0
+    ewc = EWC(model, lam=lam, mode="online", gamma=gamma)
+    ewc.consolidate(F1)
+    _perturb(model, seed=4)
+    prune.l1_unstructured(model[0], "weight", amount=0.5)  # weight -> weight_orig
+    F2 = {("0.weight_orig" if k == "0.weight" else k): v for k, v in F2.items()}
+    ewc.consolidate(F2)
+    anchor2 = _snapshot(model)
+    _perturb(model, seed=5)
+    named = dict(model.named_parameters())
+    expected = 0.0
+    for k, f2 in F2.items():  # every entry of the fold: γ F_1 + F_2 at the newest anchor
+        f1 = F1["0.weight" if k == "0.weight_orig" else k]
+        expected += 0.5 * lam * float(((gamma * f1 + f2) * (named[k] - anchor2[k]) ** 2).sum())
+    assert float(ewc.penalty()) == pytest.approx(expected, rel=1e-12)
+
+
 def test_errors(mlp_case):
     model, _, _ = mlp_case
     F = _rand_fisher(model)
