@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from natgrad.curvature.protocol import Curvature, Params, register_curvature
+from natgrad.curvature.protocol import Curvature, Params, refuse_pruning_rename, register_curvature
 from natgrad.engine.checks import (
     check_fisher_values,
     check_fraction,
@@ -165,6 +165,7 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
     def __add__(self, other: Curvature) -> DiagonalFisher:
         if not isinstance(other, DiagonalFisher):
             return NotImplemented
+        refuse_pruning_rename(self, other, "add", "DiagonalFisher")
         check_same_structure(self, other, "left Fisher", "right Fisher")
         n = self.n_samples + other.n_samples
         if n == 0:
@@ -192,6 +193,7 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
                 "with kind='diag'."
             )
         decay = check_fraction("decay", decay, closed=True)
+        refuse_pruning_rename(self, other, "average", "DiagonalFisher")
         check_same_structure(self, other, "current Fisher", "new Fisher")
         vals = {k: decay * self[k] + (1 - decay) * other[k].to(self[k].device) for k in self}
         return self._like(
@@ -206,7 +208,8 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
 
         Raises:
             TypeError: ``other`` is not a DiagonalFisher.
-            ValueError: a shared name shaped differently.
+            ValueError: a shared name shaped differently, or one named ``w`` in one and
+                ``w_orig`` in the other (pruned in between).
         """
         if not isinstance(other, DiagonalFisher):
             raise TypeError(
@@ -214,6 +217,7 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
                 "estimate both with kind='diag'."
             )
         decay = check_fraction("decay", decay, closed=True)
+        refuse_pruning_rename(self, other, "average", "DiagonalFisher")
         shared = [k for k in self if k in other]
         check_same_structure(
             {k: self[k] for k in shared}, {k: other[k] for k in shared},
@@ -241,6 +245,7 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
         if not isinstance(other, DiagonalFisher):
             return self.ema(other, decay)  # raises the TypeError
         decay = check_fraction("decay", decay, closed=True)
+        refuse_pruning_rename(self, other, "average", "DiagonalFisher")
         check_same_structure(self, other, "current Fisher", "new Fisher")
         for k, v in self._values.items():
             v.lerp_(other[k].to(v.device, v.dtype), 1 - decay)

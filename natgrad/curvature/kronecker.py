@@ -101,7 +101,13 @@ from natgrad.curvature.kfac import (
     split_weight_blocks,
     weight_blocks,
 )
-from natgrad.curvature.protocol import Curvature, Params, flat_inner, register_curvature
+from natgrad.curvature.protocol import (
+    Curvature,
+    Params,
+    flat_inner,
+    refuse_pruning_rename,
+    register_curvature,
+)
 from natgrad.engine.checks import (
     check_choice,
     check_finite,
@@ -200,22 +206,6 @@ class KroneckerBlock:
             return self.s
         _, sA, _, sG = self.bases()
         return sG.unsqueeze(-1) * sA.unsqueeze(-2)
-
-
-def _refuse_pruning_rename(mine: Sequence[str], theirs: Sequence[str], what: str) -> None:
-    """Raise when one curvature names ``<p>`` where the other names ``<p>_orig``: the same
-    parameter, renamed by ``torch.nn.utils.prune`` between the two estimates (a layout
-    mismatch would hide the cause)."""
-    a, b = set(mine), set(theirs)
-    for k in mine:
-        twin = k[: -len("_orig")] if k.endswith("_orig") else k + "_orig"
-        if k not in b and twin in b and twin not in a:
-            raise ValueError(
-                f"Cannot {what} these KroneckerFishers: one names {k!r} where the other names "
-                f"{twin!r}, the same parameter (torch.nn.utils.prune renames a pruned weight "
-                "to <name>_orig). Estimate both with the same pruning state "
-                "(natgrad.make_permanent(model) before estimating)."
-            )
 
 
 def _eigen(M: torch.Tensor, side: str) -> dict[str, torch.Tensor | None]:
@@ -1105,7 +1095,7 @@ class KroneckerFisher(Curvature):
                 f"Cannot {what} a {self.kind!r} KroneckerFisher with "
                 f"{getattr(other, 'kind', type(other).__name__)!r}; combine curvatures of one kind."
             )
-        _refuse_pruning_rename(self.order, other.order, what)
+        refuse_pruning_rename(self.order, other.order, what, "KroneckerFisher")
         mine = {k: b.layout() for k, b in self.blocks.items()}
         theirs = {k: b.layout() for k, b in other.blocks.items()}
         dshape = {k: tuple(v.shape) for k, v in self.diag.items()}
@@ -1210,7 +1200,7 @@ class KroneckerFisher(Curvature):
                 f"Cannot average a {self.kind!r} KroneckerFisher with "
                 f"{getattr(other, 'kind', type(other).__name__)!r}; combine curvatures of one kind."
             )
-        _refuse_pruning_rename(self.order, other.order, "average")
+        refuse_pruning_rename(self.order, other.order, "average", "KroneckerFisher")
         theirs = set(other.order)
         shared = [k for k in self.order if k in theirs]
         mine_only = [k for k in self.order if k not in theirs]

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from typing_extensions import Unpack
 
-from natgrad.curvature.protocol import Curvature, Params, register_curvature
+from natgrad.curvature.protocol import Curvature, Params, refuse_pruning_rename, register_curvature
 from natgrad.engine.checks import (
     check_choice,
     check_finite,
@@ -468,6 +468,7 @@ class LowRankFisher(Curvature):
     def _check_same(self, other: Curvature, what: str) -> LowRankFisher:
         if not isinstance(other, LowRankFisher):
             raise TypeError(f"Cannot {what} a LowRankFisher with a {type(other).__name__}.")
+        refuse_pruning_rename(self.shapes, other.shapes, what, "LowRankFisher")
         if other.shapes != self.shapes:
             raise ValueError(
                 f"Cannot {what} LowRankFishers over different parameters ({list(self.shapes)[:6]}"
@@ -521,11 +522,13 @@ class LowRankFisher(Curvature):
 
         Raises:
             TypeError: ``other`` is not a LowRankFisher.
-            ValueError: a shared parameter shaped differently.
+            ValueError: a shared parameter shaped differently, or one named ``w`` in one
+                and ``w_orig`` in the other (pruned in between).
         """
         decay = check_fraction("decay", decay, closed=True)
         if not isinstance(other, LowRankFisher):
             raise TypeError(f"Cannot average a LowRankFisher with a {type(other).__name__}.")
+        refuse_pruning_rename(self.shapes, other.shapes, "average", "LowRankFisher")
         shapes = dict(self.shapes)
         for k, s in other.shapes.items():
             if shapes.setdefault(k, s) != s:

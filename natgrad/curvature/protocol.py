@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -49,6 +49,7 @@ __all__ = [
     "CURVATURE_KINDS",
     "curvature_class",
     "flat_inner",
+    "refuse_pruning_rename",
     "register_curvature",
 ]
 
@@ -71,6 +72,26 @@ def flat_inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     tensor(11.)
     """
     return torch.dot(a.reshape(-1) if a.dtype == b.dtype else a.reshape(-1).to(b.dtype), b.reshape(-1))
+
+
+def refuse_pruning_rename(mine: Iterable[str], theirs: Iterable[str], what: str, cls: str) -> None:
+    """Raise when one curvature names ``<p>`` where the other names ``<p>_orig``: the same
+    parameter, renamed by ``torch.nn.utils.prune`` between the two estimates (combined
+    as they are, the two names would be two parameters, or a layout mismatch would hide
+    the cause).
+
+    >>> refuse_pruning_rename(["w"], ["w"], "average", "DiagonalFisher")  # no rename
+    """
+    a, b = set(mine), set(theirs)
+    for k in sorted(a):
+        twin = k[: -len("_orig")] if k.endswith("_orig") else k + "_orig"
+        if k not in b and twin in b and twin not in a:
+            raise ValueError(
+                f"Cannot {what} these {cls}s: one names {k!r} where the other names "
+                f"{twin!r}, the same parameter (torch.nn.utils.prune renames a pruned weight "
+                "to <name>_orig). Estimate both with the same pruning state "
+                "(natgrad.make_permanent(model) before estimating)."
+            )
 
 
 def register_curvature(*kinds: str) -> Callable[[C], C]:

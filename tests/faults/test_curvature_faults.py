@@ -380,12 +380,13 @@ def test_load_checks_a_meta_device_model_by_names_and_shapes(tmp_path):
         natgrad.DiagonalFisher.load(path, other)
 
 
-@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "diag", "lowrank"])
 @pytest.mark.parametrize("op", ["ema_union", "ema", "add"])
-def test_kronecker_combination_across_a_pruning_rename_names_the_rename(kind, op):
+def test_combination_across_a_pruning_rename_names_the_rename(kind, op):
     """One curvature estimated before torch.nn.utils.prune (``0.weight``), one after
     (``0.weight_orig``): combining them named a layout mismatch ("covers ['0.weight',
-    '0.bias'] in one and only ['0.bias']"), not the rename."""
+    '0.bias'] in one and only ['0.bias']"), not the rename; the diagonal and low-rank
+    ``ema_union`` silently kept both names as two parameters."""
     import torch.nn.utils.prune as tprune
 
     model, x, y = _case()
