@@ -31,7 +31,7 @@ from natgrad.engine.checks import (
     check_positive,
     check_same_structure,
 )
-from natgrad.engine.common import acc_dtype
+from natgrad.engine.common import acc_dtype, psd_solve
 from natgrad.pruning.pruned import deepcopy_model, mask_buffer_names, refresh_pruned
 
 __all__ = ["fisher_weighted_merge", "regmean_merge"]
@@ -83,7 +83,9 @@ def fisher_weighted_merge(
     Block-diagonal kinds (``"diag"``, ``"kfac"``, ``"ekfac"``) give one system per module;
     any other kind couples everything into one system. A system of at most ``dense_max``
     unknowns is solved exactly (``method="auto"`` or ``"dense"``: its matrix read off
-    through ``mv`` on unit vectors, then a float64 least-squares solve); larger ones
+    through ``mv`` on unit vectors, then a float64 Cholesky solve, or for a singular
+    system (``ε = 0``) the minimum-norm solution from the symmetric pseudo-inverse, so
+    directions no Fisher sees keep the weighted mean there too); larger ones
     by conjugate gradients on ``mv`` (``"cg"``) to relative residual ``cg_tol`` or
     ``cg_iters`` products.
 
@@ -661,7 +663,7 @@ def _dense_solve(
     m = torch.stack(cols, 1)
     m = 0.5 * (m + m.T)
     rhs = torch.cat([b[k].reshape(-1) for k in group]).double()
-    x = torch.linalg.lstsq(m, rhs.unsqueeze(1)).solution.squeeze(1) if total else rhs
+    x = psd_solve(m, rhs.unsqueeze(1)).squeeze(1) if total else rhs
     parts = torch.split(x.to(like[group[0]].dtype), sizes)
     return {k: t.reshape(shapes[k]) for k, t in zip(group, parts, strict=True)}
 
@@ -714,7 +716,8 @@ def regmean_merge(
     Raises:
         ValueError: counts that disagree, models of different architectures, bad
             ``alpha`` / ``floor`` / weights, a layer that sees no input, or a model whose
-            Grams are all zero with ``normalize=True``, an empty ``models``.
+            Grams are all zero with ``normalize=True``, an empty ``models``, a model with
+            a train-mode BatchNorm or dropout (call ``model.eval()``).
         TypeError: ``models`` a bare module or not a list, or an entry that is not an
             ``nn.Module``.
 
@@ -729,7 +732,7 @@ def regmean_merge(
     from natgrad.curvature.estimate import iterate_batches
     from natgrad.curvature.kfac import kfac_coverage, patches
     from natgrad.engine.batch import parse_batch
-    from natgrad.engine.checks import check_fraction
+    from natgrad.engine.checks import check_fixed_model, check_fraction
 
     models = list(check_model_list(models, "models", non_empty=True))
     data = list(data)
@@ -742,6 +745,10 @@ def regmean_merge(
     alpha = check_fraction("alpha", alpha, closed=True)
     floor = check_positive("floor", floor, allow_zero=True)
     _check_models(models)
+    for i, m in enumerate(models):
+        # the Grams are of the models' forwards: no batch statistics, no dropout (and no
+        # BatchNorm running statistics updated in the inputs)
+        check_fixed_model(m, f"regmean_merge's models[{i}]")
     covered, _ = kfac_coverage(models[0], dict(models[0].named_parameters()), extended=True)
     layers = {k: lay for k, lay in covered.items() if lay.kind != "embedding"}
     grams: list[dict[str, torch.Tensor]] = []
@@ -810,8 +817,8 @@ def regmean_merge(
                 den = wm * a if den is None else den + wm * a
             assert num is not None and den is not None  # models is not empty (checked)
             den = den + floor * torch.eye(den.shape[-1], dtype=torch.float64)
-            # W̃* = num den⁻¹ per group (den symmetric)
-            sol = torch.linalg.lstsq(den, num.transpose(-1, -2)).solution.transpose(-1, -2)
+            # W̃* = num den⁻¹ per group (den symmetric; the minimum-norm solution if singular)
+            sol = psd_solve(den, num.transpose(-1, -2)).transpose(-1, -2)
             check_finite(f"the merged layer {n!r}", sol, "Raise floor= (the ridge).")
             W, bias = split_weight_blocks(shape, lay.transposed, lay.bias is not None, sol)
             target[lay.weight].copy_(W.to(target[lay.weight].dtype))

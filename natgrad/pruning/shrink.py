@@ -31,6 +31,7 @@ from torch import nn
 
 from natgrad.engine.batch import Batch, parse_batch
 from natgrad.engine.checks import check_choice
+from natgrad.engine.common import psd_solve
 from natgrad.engine.per_sample import hooked_output
 from natgrad.pruning.attention import block_indices, shrink_heads
 from natgrad.pruning.structures import Group
@@ -253,15 +254,10 @@ def least_squares(gram: torch.Tensor, cross: torch.Tensor, damping: float) -> to
     """``(G + εI)⁻¹ C`` with ``ε = damping · mean(diag G)`` (Cholesky); for a singular
     ``G + εI`` (e.g. ``damping=0`` and a rank-deficient Gram), the minimum-norm solution
     ``(G + εI)⁺ C`` from the symmetric pseudo-inverse: every minimizer gives the same
-    fitted outputs. (``torch.linalg.lstsq``'s default CPU driver ``gelsy`` returned
-    solutions off the optimum on such systems, and the CUDA driver assumes full rank.)"""
+    fitted outputs (see :func:`natgrad.engine.common.psd_solve`)."""
     eps = damping * float(gram.diagonal().mean().clamp_min(1e-30))
     a = gram + eps * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        return torch.cholesky_solve(cross, chol)
-    sol: torch.Tensor = torch.linalg.pinv(a, hermitian=True) @ cross
-    return sol
+    return psd_solve(a, cross)
 
 
 def _explicit_padding(mod: nn.Conv1d | nn.Conv2d) -> list[tuple[int, int]]:

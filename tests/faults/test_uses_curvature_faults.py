@@ -263,6 +263,27 @@ def test_regmean_faults():
         natgrad.regmean_merge(lin, [torch.zeros(4, 3, dtype=torch.float64), x], normalize=True)
 
 
+@pytest.mark.parametrize("layer", ["batchnorm", "dropout"])
+def test_regmean_refuses_train_mode_models_and_leaves_their_buffers(layer):
+    # the Grams are of the models' own forwards: a train-mode BatchNorm mixed the batch
+    # and updated the inputs' running statistics, a dropout made the merge random
+    # (0.31 apart between two identical calls on a tiny BERT; found by review)
+    def make(seed):
+        torch.manual_seed(seed)
+        mid = torch.nn.BatchNorm1d(4) if layer == "batchnorm" else torch.nn.Dropout(0.5)
+        return torch.nn.Sequential(torch.nn.Linear(3, 4), mid, torch.nn.Linear(4, 2)).double()
+
+    models = [make(0), make(1)]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"train mode.*eval\(\)"):
+        natgrad.regmean_merge(models, [x, x])
+    for m, b in zip(models, before, strict=True):
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, b[k]), k
+    natgrad.regmean_merge([m.eval() for m in models], [x, x])  # in eval mode: accepted
+
+
 # -- Laplace ------------------------------------------------------------------------------
 
 
