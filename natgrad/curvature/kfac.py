@@ -764,14 +764,14 @@ def factor_stats(
     elif diag_A:
         A = (a * a).sum((0, 1)) / (n * T)
     else:
-        A = _gram(a) / (n * T)
+        A = _gram(a).div_(n * T)  # a new tensor: divided in place
     G: torch.Tensor | None = None
     for w, b in grads:
         gg = (b * b).sum((0, 1)) if diag_G else _gram(b)
         gg = gg * w if w != 1.0 else gg
         G = gg if G is None else G + gg
     assert G is not None  # capture() records at least one label column
-    return A, G / n
+    return A, G.div_(n)  # G: a new tensor (a sum or product made here)
 
 
 def per_sample_blocks(

@@ -115,7 +115,7 @@ from natgrad.engine.checks import (
     check_fraction,
     check_int,
 )
-from natgrad.engine.common import to_acc
+from natgrad.engine.common import acc_dtype, to_acc
 from natgrad.engine.distributed import (
     is_distributed,
     raise_if_any_rank_failed,
@@ -707,7 +707,7 @@ class KroneckerFisher(Curvature):
         need, biggest = 0, (0, "", "")
         for k, lay in layers.items():
             g, dG, dA = lay.dims()
-            item = torch.finfo(to_acc(lay.module_weight.detach()).dtype).bits // 8
+            item = acc_dtype(lay.module_weight.dtype).itemsize
             diag_A[k] = lay.kind == "embedding" or (max_factor_dim is not None and dA > max_factor_dim)
             diag_G[k] = max_factor_dim is not None and dG > max_factor_dim
             for side, d, is_diag in (("A", dA, diag_A[k]), ("G", dG, diag_G[k])):
@@ -1486,22 +1486,41 @@ def _factored_solve(blk: KroneckerBlock, V: torch.Tensor, lam: float) -> torch.T
     """
     cached = blk.eig.get("factored")
     if cached is None or cached[0] != lam:
-        s = lam**0.5
-        sides = []
-        for g in range(blk.groups):
-            A, G = blk.A[g], blk.G[g]
-            mA = float(A.mean() if A.dim() == 1 else A.diagonal().mean())
-            mG = float(G.mean() if G.dim() == 1 else G.diagonal().mean())
-            pi = (mA / mG) ** 0.5 if mA > 0 and mG > 0 else 1.0
-            sides.append((_damped_factor(G, s / pi), _damped_factor(A, s * pi)))
-        cached = blk.eig["factored"] = (lam, sides)
+        cached = blk.eig["factored"] = _factored_sides(blk, lam)
     if V.dim() == 2:  # one group, its dimension dropped (see _ops)
+        if cached[2] is not None:  # both sides explicit inverses: two matrix products
+            return cached[2][0] @ V @ cached[2][1]
         gs, as_ = cached[1][0]
         return _apply_right(_apply_left(gs, V), as_)
     out = []
     for g, (gs, as_) in enumerate(cached[1]):
         out.append(_apply_right(_apply_left(gs, V[g]), as_))
     return torch.stack(out)
+
+
+def _factored_sides(blk: KroneckerBlock, lam: float) -> tuple[
+    float, list[tuple[tuple[str, torch.Tensor], tuple[str, torch.Tensor]]],
+    tuple[torch.Tensor, torch.Tensor] | None,
+]:
+    """``(λ, [(G side, A side) per group], fast)`` for :func:`_factored_solve`: each side
+    from :func:`_damped_factor` with ``π = sqrt((tr A / d_A) / (tr G / d_G))`` per group
+    (1 when either trace is not positive); ``fast``: ``(G⁻¹, A⁻¹)`` when there is one
+    group and both sides are explicit inverses (the solve is then two matrix products),
+    else None. The mean diagonals of every group are read in one host sync."""
+    s = lam**0.5
+    means = torch.stack([
+        M.mean() if M.dim() == 1 else M.diagonal().mean()
+        for g in range(blk.groups) for M in (blk.A[g], blk.G[g])
+    ]).tolist()
+    sides = []
+    for g in range(blk.groups):
+        mA, mG = means[2 * g], means[2 * g + 1]
+        pi = (mA / mG) ** 0.5 if mA > 0 and mG > 0 else 1.0
+        sides.append((_damped_factor(blk.G[g], s / pi), _damped_factor(blk.A[g], s * pi)))
+    fast = None
+    if blk.groups == 1 and sides[0][0][0] == "inv" and sides[0][1][0] == "inv":
+        fast = (sides[0][0][1], sides[0][1][1])
+    return lam, sides, fast
 
 
 # Damped factors up to this size are kept as explicit inverses (from their Cholesky
@@ -1601,10 +1620,9 @@ def _masked(
     """``V ↦ M ⊙ fn(M ⊙ V)`` for a pruned layer's block (``fn`` itself for the others)."""
 
     def run(blk: KroneckerBlock, V: torch.Tensor) -> torch.Tensor:
-        m = blk.block_mask()
-        if m is None:
+        if blk.mask is None:
             return fn(blk, V)
-        m = m.to(V.dtype)
+        m = cast(torch.Tensor, blk.block_mask()).to(V.dtype)
         return fn(blk, V * m) * m
 
     return run

@@ -621,8 +621,10 @@ class FisherPreconditioner:
             deltas = self._curvature.solve(grads, lam)
             check_solution_finite(grads, deltas)
         self._advance()
-        for k, d in deltas.items():
-            grads[k].copy_(d * nu if nu != 1.0 else d)
+        outs = [grads[k] for k in deltas]
+        torch._foreach_copy_(outs, list(deltas.values()))  # one dispatch for every tensor
+        if nu != 1.0:
+            torch._foreach_mul_(outs, nu)  # Δ·ν, rounded as d * nu
         return PreconditionStep(t, lam, updated, True, nu)
 
     def _warn_unfrozen(self) -> None:
