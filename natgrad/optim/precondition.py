@@ -621,10 +621,10 @@ class FisherPreconditioner:
             deltas = self._curvature.solve(grads, lam)
             check_solution_finite(grads, deltas)
         self._advance()
-        outs = [grads[k] for k in deltas]
-        torch._foreach_copy_(outs, list(deltas.values()))  # one dispatch for every tensor
-        if nu != 1.0:
-            torch._foreach_mul_(outs, nu)  # Δ·ν, rounded as d * nu
+        vals = list(deltas.values())
+        if nu != 1.0:  # Δ·ν in Δ's dtype, then one rounding into .grad's
+            vals = list(torch._foreach_mul(vals, nu))
+        torch._foreach_copy_([grads[k] for k in deltas], vals)  # one dispatch for all
         return PreconditionStep(t, lam, updated, True, nu)
 
     def _warn_unfrozen(self) -> None:
