@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from itertools import islice
 from typing import Any
 
@@ -40,7 +42,13 @@ from natgrad.engine.likelihoods import Likelihood
 from natgrad.engine.options import EstimatorOptions, Options
 from natgrad.engine.per_sample import Plan
 
-__all__ = ["estimate_curvature", "estimate_fisher", "is_single_batch", "iterate_batches"]
+__all__ = [
+    "estimate_curvature",
+    "estimate_fisher",
+    "is_single_batch",
+    "iterate_batches",
+    "one_batch_reading",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +56,12 @@ logger = logging.getLogger(__name__)
 def is_single_batch(data: Any) -> bool:
     """True for one batch: a tensor, a dict, a tuple/list whose first item is a tensor, or
     ``(inputs, y)`` with a dict of inputs and a label tensor (a list of dict batches is
-    not one batch: its second item is a dict too)."""
+    not one batch: its second item is a dict too).
+
+    A list whose first item is a tensor is one batch ``[x, y]`` because that is what a
+    ``DataLoader`` yields (``default_collate`` makes lists); so ``[x_a, x_b]`` is the batch
+    ``(x_a, y=x_b)``, not two batches. Several batches: a list of tuples
+    ``[(x_a,), (x_b,)]``, a generator or a ``DataLoader``."""
     if isinstance(data, (torch.Tensor, Mapping)):
         return True
     if not isinstance(data, (tuple, list)) or len(data) == 0:
@@ -57,6 +70,61 @@ def is_single_batch(data: Any) -> bool:
         return True
     return (len(data) == 2 and isinstance(data[0], Mapping)
             and isinstance(data[1], torch.Tensor))
+
+
+_SEVERAL = (
+    "to pass several batches, pass a list of tuples [(x1, y1), (x2, y2)] (or [(x1,), (x2,)]), "
+    "a generator or a DataLoader; a tuple (x, y) marks one batch."
+)
+
+
+def _tensor_list(data: Any) -> bool:
+    """``data`` is a list (not a tuple) of two or more tensors."""
+    return (isinstance(data, list) and len(data) >= 2
+            and all(isinstance(t, torch.Tensor) for t in data))
+
+
+@contextmanager
+def one_batch_reading(data: Any, labels: str) -> Iterator[None]:
+    """Say how a list of tensors was read: as ONE batch ``(x, y, ...)``, not as batches.
+
+    A list whose items are tensors is one ``DataLoader``-style batch ``[x, y]``. When that
+    reading fails (a ``ValueError``, e.g. float "labels" under a categorical likelihood),
+    the error is re-raised (same type) with the reading and the way to pass several
+    batches. When the pass succeeds but the labels were not read (``labels="exact"`` or
+    ``"mc"``) and the list looks like two batches (two tensors of the same shape and
+    dtype), a ``UserWarning`` says the second tensor was taken as the (ignored) labels.
+    A tuple ``(x, y)`` is never warned about.
+
+    Args:
+        data: the ``data`` argument as the user passed it.
+        labels: the label source (``"empirical"``, ``"mc"`` or ``"exact"``).
+
+    Raises:
+        ValueError: the body's ``ValueError``, its message extended, when ``data`` is a
+            list of two or more tensors.
+    """
+    try:
+        yield
+    except ValueError as exc:
+        if not _tensor_list(data) or "was read as one" in str(exc):
+            raise
+        msg = (f"{exc} (data, a list of {len(data)} tensors, was read as one (x, y) batch; "
+               f"{_SEVERAL})")
+        try:
+            new = type(exc)(msg)
+        except Exception:
+            new = ValueError(msg)
+        raise (new if str(new) == msg else ValueError(msg)) from exc
+    if (_tensor_list(data) and labels in ("exact", "mc") and len(data) == 2
+            and all(t.shape == data[0].shape and t.dtype == data[0].dtype for t in data)):
+        warnings.warn(
+            f"data, a list of 2 tensors of shape {tuple(data[0].shape)}, was read as one "
+            f"batch (x, y); its second tensor is ignored as labels under labels={labels!r}. "
+            f"If it holds two batches of inputs: {_SEVERAL}",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def iterate_batches(data: Any, max_batches: int | None = None) -> Iterable[Any]:
@@ -115,6 +183,9 @@ def estimate_fisher(
             (a train-mode dropout Fisher would mix in mask noise, different on every
             call, so it is refused). It is not modified.
         data: one batch (``(x, y)``, ``x``, a dict), an iterable of batches or a DataLoader.
+            A tuple or list whose first item is a tensor is one batch ``(x, y, ...)``
+            (a DataLoader's batches are lists): several batches are a list of tuples,
+            a generator or a DataLoader; a failure of that reading says so.
             Integer labels of any width (uint8, int32) are cast to int64, which is exact.
             Inputs without the batch dimension (a ``(T, T)`` mask), or wrapped in
             :func:`natgrad.shared`, reach the model whole in every per-sample forward.
@@ -173,10 +244,11 @@ def estimate_fisher(
     active = resolve_distributed(distributed)
     rank, world = rank_and_world(active)
     try:
-        sums, n_total, plan = _local_sums(
-            model, data, likelihood, opts, max_batches, progress, checkpoint,
-            checkpoint_every, rank, world,
-        )  # fmt: skip
+        with one_batch_reading(data, opts.labels):
+            sums, n_total, plan = _local_sums(
+                model, data, likelihood, opts, max_batches, progress, checkpoint,
+                checkpoint_every, rank, world,
+            )  # fmt: skip
     except Exception as exc:
         if not active:
             raise
@@ -239,7 +311,10 @@ def estimate_curvature(
     cls = curvature_class(kind)
     if not cls.CHECKS_MODEL:  # else its estimate checks the model: once per call
         check_fixed_model(model, f"estimate_curvature(kind={kind!r})")
-    return cls.estimate(model, data, likelihood, kind=kind, **options)
+    if kind == "diag":  # estimate_fisher says how a list of tensors was read
+        return cls.estimate(model, data, likelihood, kind=kind, **options)
+    with one_batch_reading(data, str(options.get("labels", "empirical"))):
+        return cls.estimate(model, data, likelihood, kind=kind, **options)
 
 
 def _local_sums(
