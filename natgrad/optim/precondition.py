@@ -219,7 +219,10 @@ class FisherPreconditioner:
         output_fn: maps model outputs to the output tensor (default: tensor or ``.logits``).
         kfac_damping: ``"factored"`` or ``"exact"``, passed to kinds whose ``estimate``
             takes a ``damping_mode`` (K-FAC).
-        source: ``"batch"`` or ``"backward"``.
+        source: ``"batch"`` or ``"backward"``. ``"backward"`` reads the first dimension
+            of each layer's input as the samples: a sequence-first model (``(T, N, d)``,
+            ``batch_first=False``) needs ``batch_first=True``, or a wrapper taking
+            ``(N, T, d)`` batches with ``source="batch"``.
         loss_reduction: ``"mean"`` (over the batch's samples), ``"sum"`` or
             ``"token_mean"`` (over the kept tokens, labels ``≠ -100``: Hugging Face token
             models): how the user's loss reduces (``source="backward"`` only).
