@@ -90,6 +90,31 @@ def test_hf_metrics(tmp_path):
     assert "failed" not in out
 
 
+def test_hf_metrics_report_part_runs_fast(capsys):
+    """The part of examples/hf_metrics.py after ``compute_all`` (the report, which read
+    ``ctx.fisher["task_a"]``: a KeyError, the context never writes there) runs, as the
+    file has it, on a tiny MLP context (the example itself is slow: BERT)."""
+    from natgrad.metrics import MetricContext, registry
+
+    with open(os.path.join(EXAMPLES, "hf_metrics.py")) as fh:
+        source = fh.read()
+    tail = source.split("result = registry.compute_all(ctx)\n", 1)[1]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    batches = [(torch.randn(8, 5), torch.randint(0, 2, (8,))) for _ in range(2)]
+    ctx = MetricContext(models=[model], batches=batches, tasks=["task_a", "task_b"],
+                        options={"top_fisher_directions": {"k": 3}})
+    result = registry.compute_all(ctx)
+    exec(compile(tail, "hf_metrics.py (report)", "exec"), {"ctx": ctx, "result": result})
+    out = capsys.readouterr().out
+    assert "failed " not in out
+    (shown,) = re.findall(r"'0': ([0-9.e-]+)", out)
+    import natgrad
+
+    exact = natgrad.estimate_fisher(model, batches[0]).layer_totals()["0"]
+    assert float(shown) == pytest.approx(round(exact, 4))
+
+
 def _readme_snippets():
     with open(os.path.join(os.path.dirname(EXAMPLES), "README.md")) as fh:
         return re.findall(r"```python\n(.*?)```", fh.read(), re.S)
