@@ -189,3 +189,27 @@ def test_docs_snippets_run(tmp_path):
                           cwd=tmp_path, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert f"-- {blocks[-1][0]} {len(blocks) - 1}" in proc.stdout
+
+
+def test_readme_to_dict_sentence_names_reports_and_curvatures():
+    """README: "Every report object (...) has `to_dict()` ...; curvatures (...) have no
+    `to_dict()`": each name it lists is what the sentence says it is."""
+    import natgrad
+    from natgrad.engine.report import Report
+
+    readme = (ROOT / "README.md").read_text()
+    sentence = readme.split("Every report object", 1)[1].split("Train-mode", 1)[0]
+    reports, curvatures = sentence.split("curvatures", 1)
+    report_names = re.findall(r"`([A-Z]\w+)`", reports)
+    curvature_names = re.findall(r"`([A-Z]\w+)`", curvatures)
+    assert len(report_names) >= 4 and len(curvature_names) >= 2
+    for name in report_names:
+        cls = getattr(natgrad, name, None) or getattr(natgrad.metrics, name)
+        assert issubclass(cls, Report), name
+    from natgrad.optim.precondition import PreconditionStep  # what pre.step returns
+
+    assert issubclass(PreconditionStep, Report)
+    for name in curvature_names:
+        cls = getattr(natgrad, name)
+        assert issubclass(cls, natgrad.Curvature) and not hasattr(cls, "to_dict"), name
+        assert callable(cls.save) and callable(cls.state_dict)
