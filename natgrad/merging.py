@@ -299,14 +299,23 @@ def _check_models(
             differ = sorted(
                 k for k, p in first.items() if k not in other or other[k].shape != p.shape
             )
-            shown = "{" + ", ".join(repr(k) for k in differ) + "}" if len(differ) <= 8 else "..."
-            check_same_structure(
-                first, other, "models[0]", f"models[{i}]",
-                fix="To merge the parameters the models share (e.g. fine-tunes with different "
-                "heads) and keep models[0]'s others, pass params=[k for k, _ in "
-                f"models[0].named_parameters() if k not in {shown}]; or merge models of "
-                "one architecture." if restrictable else "Merge models of one architecture.",
-            )  # fmt: skip
+            shared = len(first) - len(differ)
+            if not restrictable:
+                fix = "Merge models of one architecture."
+            elif shared == 0:
+                fix = (f"models[0] and models[{i}] share no parameter (by name and shape), "
+                       "so params= cannot select any: merge models of one architecture.")
+            elif len(differ) <= 8:
+                shown = "{" + ", ".join(repr(k) for k in differ) + "}"
+                fix = ("To merge the parameters the models share (e.g. fine-tunes with "
+                       "different heads) and keep models[0]'s others, pass params=[k for k, _ "
+                       f"in models[0].named_parameters() if k not in {shown}]; or merge "
+                       "models of one architecture.")
+            else:
+                fix = (f"To merge the {shared} parameters models[0] shares with models[{i}] "
+                       "(by name and shape) and keep models[0]'s others, pass params= their "
+                       "names; or merge models of one architecture.")
+            check_same_structure(first, other, "models[0]", f"models[{i}]", fix=fix)
             check_same_structure(
                 dict(models[0].named_buffers()), dict(m.named_buffers()), "models[0]",
                 f"models[{i}]",

@@ -181,7 +181,9 @@ def estimate_fisher(
     Args:
         model: any ``nn.Module``, deterministic: BatchNorm and dropout in eval mode
             (a train-mode dropout Fisher would mix in mask noise, different on every
-            call, so it is refused). It is not modified.
+            call, so it is refused). natgrad does not modify it; its own forward may (an
+            ``nn.Embedding(max_norm=...)`` renormalizes the rows it looks up in place
+            on every call, this pass's forwards included).
         data: one batch (``(x, y)``, ``x``, a dict), an iterable of batches or a DataLoader.
             A tuple or list whose first item is a tensor is one batch ``(x, y, ...)``
             (a DataLoader's batches are lists): several batches are a list of tuples,

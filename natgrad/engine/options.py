@@ -14,6 +14,7 @@ option of this bundle.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, TypedDict, get_args
@@ -55,7 +56,8 @@ class EstimatorOptions(TypedDict, total=False):
         labels: the label source of ``E_y``: ``"empirical"`` (the data's labels, the
             default), ``"mc"`` (``mc_samples`` draws from the model's predictive) or
             ``"exact"`` (the closed-form expectation over all labels).
-        mc_samples: label draws per sample for ``labels="mc"`` (default 1).
+        mc_samples: label draws per sample for ``labels="mc"`` (default 1; another
+            value with another label source is ignored, with a warning).
         params: the parameters to cover (default all trainable ones; see
             :func:`natgrad.select_params`).
         chunk_size: samples per ``vmap`` chunk; memory ``≈ chunk_size × P`` floats
@@ -120,6 +122,9 @@ class Options:
                 or one that ``where`` does not take.
             ValueError: a bad value (unknown label source or engine, ``mc_samples``
                 or ``chunk_size`` below 1).
+
+        Warns:
+            UserWarning: ``mc_samples`` other than 1 without ``labels="mc"`` (ignored).
         """
         unknown = sorted(set(options) - set(OPTION_NAMES))
         if unknown:
@@ -136,6 +141,16 @@ class Options:
         opts = replace(cls(), **{**defaults, **options})
         check_choice("labels", opts.labels, LABEL_SOURCES)
         check_int("mc_samples", opts.mc_samples, 1)
+        if opts.mc_samples != 1 and opts.labels != "mc":
+            # a warning, not an error: one mc_samples across a sweep of label sources is
+            # a fair use; what must not happen is the ignoring going unsaid
+            warnings.warn(
+                f"{where}(): mc_samples={opts.mc_samples} is used only with labels='mc', "
+                f"but labels={opts.labels!r}, so it is ignored; pass labels='mc' for "
+                f"{opts.mc_samples} label draws per sample, or drop mc_samples.",
+                UserWarning,
+                stacklevel=3,
+            )
         check_int("chunk_size", opts.chunk_size, 1, optional=True)
         check_choice("engine", opts.engine, ENGINES)
         if opts.generator is not None and not isinstance(opts.generator, torch.Generator):
