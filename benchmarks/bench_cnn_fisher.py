@@ -1,9 +1,9 @@
-"""Diagonal Fisher and per-sample gradients on CNNs and MLPs (issue 14), as ratios to a
+"""Diagonal Fisher and per-sample gradients on CNNs and MLPs, as ratios to a
 plain forward+backward of the same batch, measured in one run.
 
 Workloads: a ResNet-18-style CNN (CIFAR layout: 3x3 stem, four stages of two basic
 blocks with eval-mode BatchNorm and residual adds, widths w-2w-4w-8w) on random
-3x32x32 inputs; the DESIGN.md MLP and CNN of ``benchmarks/workloads.py``; the MNIST-1D
+3x32x32 inputs; the timing MLP and CNN of ``benchmarks/workloads.py``; the MNIST-1D
 MLP and CNN on random (N, 40) signals. Every method is timed in wall-clock time with 2
 torch threads, the methods interleaved round by round (A, B, C, A, B, C, ...), and the
 median round of each divided by the median plain round.

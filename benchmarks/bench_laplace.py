@@ -1,4 +1,4 @@
-"""Speed of the Laplace predictive on the capture path (issue 14).
+"""Speed of the Laplace predictive on the capture path.
 
 Two measurements, each in one run with the repeats interleaved (A, B, A, B, ...) and
 the medians compared, so that the machine's load hits both sides alike:

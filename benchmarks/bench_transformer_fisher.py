@@ -1,5 +1,5 @@
-"""Diagonal Fisher on real transformer sizes (issue 14): time and peak memory against a
-plain forward+backward of the same batch.
+"""Diagonal Fisher on real transformer sizes: time and peak memory against a plain
+forward+backward of the same batch.
 
 Workloads (Hugging Face ``transformers`` models built from configs, random weights):
 
@@ -187,7 +187,7 @@ def chunk_mib(workload: str, quick: bool) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--quick", action="store_true", help="small configs; print, write nothing")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     ap.add_argument(
         "--gpt2-shape", default="4x128",
-        help="GPT-2 batch NxT (default the issue's 4x128; smaller when time is short)",
+        help="GPT-2 batch NxT (default 4x128, the recorded setting; smaller when time is short)",
     )  # fmt: skip
     ap.add_argument(
         "--fragment",

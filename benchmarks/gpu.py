@@ -1,4 +1,4 @@
-"""The issue-14 speed and memory ratios on a GPU: CUDA-event timings, peak memory, bf16.
+"""The Fisher speed and memory ratios on a GPU: CUDA-event timings, peak memory, bf16.
 
 One self-contained script (never run in CI). For each workload it times, with CUDA events
 (``time.perf_counter`` on CPU), a plain forward + backward of the mean loss on a batch (the
@@ -7,8 +7,8 @@ baseline, method, ...) and reported as the ratio of medians. Every workload runs
 and under ``torch.autocast(dtype=torch.bfloat16)`` (baseline and method alike).
 Peak memory: ``torch.cuda.max_memory_allocated`` over one call, minus the memory held
 before it (model, batch), reported as ``(peak_method - peak_fwd+bwd) / P`` in units of the
-parameter bytes ``P`` (the issue's memory target: within a forward+backward plus ``3P``
-plus one chunk).
+parameter bytes ``P`` (the memory target: within a forward+backward plus ``3P`` plus one
+chunk).
 
 Workloads and operations:
 

@@ -1,4 +1,5 @@
-"""Diagonal Fisher speed and memory on the DESIGN.md workloads (not part of CI).
+"""Diagonal Fisher speed and memory on the timing workloads of benchmarks/workloads.py
+(not part of CI).
 
 pytest-benchmark timings (one entry per workload x method)::
 

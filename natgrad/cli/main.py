@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--out", default="natgrad-demo", help="output directory (default ./natgrad-demo)"
     )
-    d.add_argument("--quick", action="store_true", help="small and fast (about 20 s, used by CI)")
+    d.add_argument("--quick", action="store_true", help="small and fast (about 17 s of CPU time; used by CI)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--no-progress", action="store_true", help="no step lines on stderr")
     d.add_argument(
