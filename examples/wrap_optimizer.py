@@ -56,7 +56,7 @@ pre = natgrad.FisherPreconditioner(model, kind="kfac", damping=0.1, update_every
 for x, y in batches():
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
-    pre.step((x, y), lr=0.05)  # .grad <- (F + λI)^-1 .grad
+    pre.step((x, y), lr=0.05)  # .grad <- K-FAC step (factored damping), in place
     opt.step()
 print(f"SGD + K-FAC preconditioner test loss {test_loss(model):.3f}")
 
