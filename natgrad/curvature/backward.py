@@ -23,9 +23,21 @@ Convention (the empirical Fisher). With ``l_n`` the per-sample loss of sample ``
   sequences. ``K`` is read at each call of the model from its keywords, as Hugging Face
   models take them: ``num_items_in_batch`` when given (the Hugging Face Trainer's count of
   the kept labels of the whole accumulated step, which the model divides by), else the
-  kept entries of ``labels`` (``labels[..., 1:]`` for a Hugging Face causal LM, whose loss
-  shifts them; forwards whose counts differ are read as one mean over all their kept
-  tokens). A recorded forward without either keyword is refused by name at the refresh.
+  kept entries of ``labels`` (forwards whose counts differ are read as one mean over all
+  their kept tokens). A recorded forward without either keyword is refused by name at
+  the refresh;
+* ``loss_reduction="shifted_token_mean"``: the same for a causal language model whose
+  loss shifts its labels (the logits at ``t`` score ``labels[:, t + 1]``, as Hugging Face
+  ``*ForCausalLM`` / ``GPT2LMHeadModel`` called with ``labels=input_ids`` do): the kept
+  entries of ``labels[..., 1:]`` are counted. Which of the two a model computes cannot
+  be read reliably from the model (a wrapper, a subclass), so it is the caller's choice;
+  with ``num_items_in_batch`` both read that count.
+
+Under ``torch.distributed`` with ``num_items_in_batch``, the Hugging Face Trainer's
+``average_tokens_across_devices=True`` (its default) passes the count of all processes and
+multiplies each process's loss by their number ``P``, so the curvature comes out ``P²``
+too large; a one-time warning says so (set ``average_tokens_across_devices=False``, whose
+per-process count this reading matches).
 
 So several forwards before one optimizer step (gradient accumulation) are read as one
 batch of all their samples whose loss is the mean over all of them: each micro-batch's
@@ -68,7 +80,8 @@ The labels are the data's (the user's loss), so this is the empirical Fisher. A 
 averaged over tokens rather than samples (a language-model or token-classification loss
 over ``K`` kept tokens) scales the gradients by ``1/K``, not ``1/N``: read as ``"mean"``,
 its curvature comes out ``(N/K)²`` times too small (``1/T²`` without padding). Use
-``loss_reduction="token_mean"`` there (or ``"sum"`` with a summed loss); with ``"mean"``, a
+``loss_reduction="token_mean"`` or ``"shifted_token_mean"`` there (or ``"sum"`` with a
+summed loss); with ``"mean"``, a
 model call given token labels (a ``labels`` keyword with a time axis) warns once. A module called several times in one forward contributes every call's
 positions. A layer whose weight or bias the forward also reads outside the layer's own
 calls (``F.linear(h, emb.weight)``, ``layer.forward(x)``) has gradient terms no hook sees:
@@ -113,8 +126,9 @@ from natgrad.engine.likelihoods import IGNORE_INDEX
 
 __all__ = ["BackwardCapture", "LOSS_REDUCTIONS", "per_sample_gradients"]
 
-LossReduction = Literal["mean", "sum", "token_mean"]
+LossReduction = Literal["mean", "sum", "token_mean", "shifted_token_mean"]
 LOSS_REDUCTIONS: tuple[LossReduction, ...] = get_args(LossReduction)
+_TOKEN_MEANS = ("token_mean", "shifted_token_mean")
 
 
 class BackwardCapture:
@@ -125,7 +139,8 @@ class BackwardCapture:
             works the same).
         params: ``{name: parameter}`` selected parameters; every one must lie in a covered
             layer.
-        loss_reduction: ``"mean"``, ``"sum"`` or ``"token_mean"`` (see the module doc).
+        loss_reduction: ``"mean"``, ``"sum"``, ``"token_mean"`` or
+            ``"shifted_token_mean"`` (see the module doc).
 
     Raises:
         ValueError: a selected parameter outside every covered layer (named, with the
@@ -168,10 +183,10 @@ class BackwardCapture:
         self._warned_outside = False  # the shared-layer warning was given
         self._warned_sizes = False  # the unequal-micro-batch warning was given
         self._batch_sizes: dict[int, int | None] = {}
-        # loss_reduction="token_mean": {pass id: ("step", num_items_in_batch) or ("tokens",
-        # kept-label count)}, read from each model call's keywords
+        # loss_reduction="token_mean" / "shifted_token_mean": {pass id: ("step",
+        # num_items_in_batch) or ("tokens", kept-label count)}, from each model call's keywords
         self._divisors: dict[int, tuple[str, Any]] = {}
-        self._shifts_labels: bool | None = None  # read at the first token_mean count
+        self._warned_processes = False  # the num_items_in_batch-under-DDP warning was given
         self._warned_tokens = False  # the token-labels-under-"mean" warning was given
         self._warned_counts = False  # the unequal-token-counts warning was given
         self._handles: list[Any] = []
@@ -313,17 +328,16 @@ class BackwardCapture:
         self._read_divisor(kwargs)
 
     def _read_divisor(self, kwargs: Mapping[str, Any]) -> None:
-        """``token_mean``: keep the number of tokens this call's loss is divided by (see
-        the module doc); ``mean``: warn once if the call got token labels."""
+        """Token means: keep the number of tokens this call's loss is divided by (see the
+        module doc); ``mean``: warn once if the call got token labels."""
         labels = kwargs.get("labels")
-        if self.loss_reduction == "token_mean":
+        if self.loss_reduction in _TOKEN_MEANS:
             items = kwargs.get("num_items_in_batch")
             if items is not None:
                 self._divisors[self._pass] = ("step", items)
             elif isinstance(labels, torch.Tensor):
-                if self._shifts_labels is None:
-                    self._shifts_labels = _shifts_labels(self._model)
-                kept = labels[..., 1:] if self._shifts_labels else labels
+                shifted = self.loss_reduction == "shifted_token_mean"
+                kept = labels[..., 1:] if shifted else labels
                 self._divisors[self._pass] = ("tokens", kept.ne(IGNORE_INDEX).sum())
         elif (self.loss_reduction == "mean" and not self._warned_tokens
               and isinstance(labels, torch.Tensor) and labels.dim() >= 2
@@ -335,7 +349,8 @@ class BackwardCapture:
                 f"token labels {tuple(labels.shape)}: a model whose loss is a mean over the "
                 "kept tokens (Hugging Face language and token-classification models) makes "
                 "the recorded curvature (N/K)² too small (K kept tokens; 1/T² without "
-                "padding). Pass loss_reduction='token_mean' to FisherPreconditioner.",
+                "padding). Pass loss_reduction='token_mean' to FisherPreconditioner "
+                "('shifted_token_mean' for a causal LM whose loss shifts its labels).",
                 UserWarning,
                 stacklevel=5,  # the user's model call
             )
@@ -489,7 +504,8 @@ class BackwardCapture:
                 "call the model and loss.backward() (with grad enabled) before pre.step(), "
                 "or use source='batch' and pass the batch."
             )
-        pass_scale = self._token_scales(sorted(per_pass)) if self.loss_reduction == "token_mean" else {}
+        pass_scale = (self._token_scales(sorted(per_pass))
+                      if self.loss_reduction in _TOKEN_MEANS else {})
         inputs: dict[str, list[torch.Tensor]] = {k: [] for k in self.layers}
         grads: dict[str, list[torch.Tensor]] = {k: [] for k in self.layers}
         n_total = 0
@@ -538,7 +554,7 @@ class BackwardCapture:
                 stacklevel=4,
             )
         # the per-sample-loss gradients: L = (1/N) Σ_n l_n over every recorded sample
-        # ("token_mean": each forward's own count, applied above)
+        # (token means: each forward's own count, applied above)
         scale = (float(n_total) if self.loss_reduction == "mean" else 1.0) / self.loss_scale
         out_in = {k: v[0] if len(v) == 1 else torch.cat(v, 0) for k, v in inputs.items() if v}
         partial = [k for k, v in out_in.items() if v.shape[0] != n_total]
@@ -556,11 +572,11 @@ class BackwardCapture:
         return Captured(n_total, out_in, out_g, [])
 
     def _token_scales(self, passes: list[int]) -> dict[int, float]:
-        """``token_mean``: each forward's multiplier ``K`` (see the module doc)."""
+        """Token means: each forward's multiplier ``K`` (see the module doc)."""
         missing = [p for p in passes if p not in self._divisors]
         if missing:
             raise ValueError(
-                "loss_reduction='token_mean' reads the number of kept tokens the loss is "
+                f"loss_reduction={self.loss_reduction!r} reads the number of kept tokens the loss is "
                 "averaged over from each call of the model, from its num_items_in_batch= or "
                 "labels= keyword (as Hugging Face models take them), but a recorded forward "
                 "had neither (or the training step called the model's parts, not the "
@@ -568,11 +584,23 @@ class BackwardCapture:
                 "loss_reduction='sum' with a summed loss."
             )
         steps = {p: float(self._divisors[p][1]) for p in passes if self._divisors[p][0] == "step"}
+        if (steps and not self._warned_processes and torch.distributed.is_available()
+                and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            self._warned_processes = True  # once per capture
+            warnings.warn(
+                "source='backward' reads num_items_in_batch as the count this process's loss "
+                "is divided by. The Hugging Face Trainer with average_tokens_across_devices="
+                "True (its default) passes the count of all processes and multiplies each "
+                "process's loss by their number P, which makes the recorded curvature P² too "
+                "large: set average_tokens_across_devices=False in TrainingArguments (exact).",
+                UserWarning,
+                stacklevel=5,
+            )
         counts = {p: float(self._divisors[p][1]) for p in passes if self._divisors[p][0] == "tokens"}
         if len(set(counts.values())) > 1 and not self._warned_counts:
             self._warned_counts = True  # once per capture
             warnings.warn(
-                f"source='backward' with loss_reduction='token_mean' recorded forwards with "
+                f"source='backward' with loss_reduction={self.loss_reduction!r} recorded forwards with "
                 f"{sorted(counts.values())} kept tokens for one step and reads their loss as "
                 "the mean over all their kept tokens. If each forward's own token mean was "
                 "divided by the number of forwards (gradient accumulation without "
@@ -586,26 +614,11 @@ class BackwardCapture:
         out = {**steps, **dict.fromkeys(counts, total)}
         if any(v <= 0 for v in out.values()):
             raise ValueError(
-                "loss_reduction='token_mean': a recorded forward's loss averages over no "
+                f"loss_reduction={self.loss_reduction!r}: a recorded forward's loss averages over no "
                 "token (every label is -100, or num_items_in_batch is 0), so its gradient "
                 "is not a token mean; leave such batches out of training."
             )
         return out
-
-
-def _shifts_labels(model: nn.Module) -> bool:
-    """Whether the model's own loss shifts its labels by one (a Hugging Face causal LM,
-    whose ``loss_function`` is the causal-LM loss), so ``labels[..., 1:]`` are scored."""
-    inner = getattr(model, "module", model)  # a DDP wrapper's model
-    fn = getattr(type(inner), "loss_function", None)
-    if fn is None:
-        return False
-    try:
-        loss_fn = inner.loss_function
-    except Exception:  # noqa: BLE001 -- a model's property may raise; then no shift is known
-        return False
-    return getattr(loss_fn, "__name__", "") == "ForCausalLMLoss" and not getattr(
-        getattr(inner, "config", None), "is_encoder_decoder", False)
 
 
 def per_sample_gradients(

@@ -372,14 +372,15 @@ def forward_failed(
         if param is not None:
             keys = ", ".join(repr(k) for k in list(kwargs)[:6])
             return TypeError(
-                f"The model's forward failed on {where}: {type(model).__name__}.forward takes "
-                f"the inputs as one dict argument ({param!r}), but natgrad passes a dict batch "
-                "(and the dict of an (inputs, y) batch) as keyword arguments, "
-                f"model(**inputs), as Hugging Face models take them; no parameter of forward "
-                f"is named after a key ({keys}). Either give forward one parameter per key, "
-                "or wrap the model so that it collects the keywords into a dict: a module "
-                "holding it whose forward(self, **inputs) returns self.model(inputs). "
-                f"(The call raised: {exc})"
+                f"The model's forward failed on {where}: natgrad passes a dict batch (and the "
+                "dict of an (inputs, y) batch) as keyword arguments, model(**inputs), as "
+                f"Hugging Face models take them, but no parameter of "
+                f"{type(model).__name__}.forward is named after a key ({keys}); it has one "
+                f"required positional parameter, {param!r}. If the batch's keys are "
+                "misnamed, name them after forward's parameters. If forward takes the dict "
+                "itself as one argument, wrap the model so that it collects the keywords "
+                "into a dict: a module holding it whose forward(self, **inputs) returns "
+                f"self.model(inputs). (The call raised: {exc})"
             )
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
     msg = (

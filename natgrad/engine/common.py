@@ -23,8 +23,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def psd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``x`` with ``a x = b`` for a symmetric positive semi-definite ``a`` (batched):
-    Cholesky when every ``a`` is positive definite, else the minimum-norm least-squares
-    solution ``a⁺ b`` from the symmetric pseudo-inverse. (``torch.linalg.lstsq``'s default
+    Cholesky when every ``a`` is safely positive definite (every pivot² above
+    ``10³·d·eps·max(diag a)``), else the minimum-norm least-squares solution ``a⁺ b`` from
+    the symmetric pseudo-inverse. (``torch.linalg.lstsq``'s default
     CPU driver ``gelsy`` returned solutions off the optimum on rank-deficient systems,
     15-19% residuals, and its CUDA driver assumes full rank.)
 
@@ -35,9 +36,20 @@ def psd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     chol, info = torch.linalg.cholesky_ex(a)
     if not bool((info != 0).any()):
-        return torch.cholesky_solve(b, chol)
+        # rounding lets Cholesky finish on a numerically singular matrix with a pivot of
+        # the order of eps·max(a), whose solve is then far from the minimum-norm one:
+        # those go to the pseudo-inverse too
+        d = a.shape[-1]
+        pivots = chol.diagonal(dim1=-2, dim2=-1).square().amin(-1)
+        top = a.diagonal(dim1=-2, dim2=-1).amax(-1)
+        if bool((pivots > _SINGULAR * d * torch.finfo(a.dtype).eps * top).all()):
+            return torch.cholesky_solve(b, chol)
     sol: torch.Tensor = torch.linalg.pinv(a, hermitian=True) @ b
     return sol
+
+
+#: a Cholesky pivot² below this many ``d·eps·max(diag a)`` reads as a singular matrix
+_SINGULAR = 1e3
 
 
 def to_acc(t: torch.Tensor) -> torch.Tensor:

@@ -142,7 +142,8 @@ class FisherPreconditioner:
       ``"token_mean"`` (a mean over the ``K`` kept tokens, as Hugging Face language and
       token-classification models compute it: multiplied back by ``K``, read from each
       model call's ``num_items_in_batch=`` or ``labels=`` keyword; a sample is a
-      sequence). A per-token mean read as ``"mean"`` gives a curvature ``(N/K)²`` too
+      sequence), or ``"shifted_token_mean"`` (the same for a causal LM whose loss shifts
+      its labels: ``labels[..., 1:]`` counted). A per-token mean read as ``"mean"`` gives a curvature ``(N/K)²`` too
       small; a model call with token labels under ``"mean"`` warns once.
       Every built-in kind accepts it: the records hold each sample's exact gradient
       ``g_n = Σ_t b_nt ã_ntᵀ`` of a covered layer, so ``"diag"``, ``"ekfac"`` (its
@@ -225,7 +226,8 @@ class FisherPreconditioner:
             ``(N, T, d)`` batches with ``source="batch"``.
         loss_reduction: ``"mean"`` (over the batch's samples), ``"sum"`` or
             ``"token_mean"`` (over the kept tokens, labels ``≠ -100``: Hugging Face token
-            models): how the user's loss reduces (``source="backward"`` only).
+            models) or ``"shifted_token_mean"`` (a causal LM's loss, which shifts its
+            labels): how the user's loss reduces (``source="backward"`` only).
         max_factor_dim: K-FAC/EKFAC keep a factor side larger than this diagonal (e.g.
             the ``G`` of a 50k-vocabulary output layer), passed to kinds whose
             ``estimate`` takes it; None: every side full.

@@ -462,21 +462,33 @@ def _sequence_fisher(model, ids, labels, names):
 
 def test_token_mean_reads_a_causal_lm_loss_as_per_sequence_losses():
     """A GPT-2 called with labels= computes the mean over its kept shifted tokens; with
-    loss_reduction="token_mean" the recorded diagonal equals the per-sequence Fisher of a
-    loop (the count read from labels[..., 1:], the model's shift); with "mean" it would be
-    (N/K)² of it, and the call warns."""
+    loss_reduction="shifted_token_mean" the recorded diagonal equals the per-sequence
+    Fisher of a loop (the count read from labels[..., 1:]), also with the model inside a
+    wrapper module; with "mean" it would be (N/K)² of it, and the call warns."""
     model = _gpt2()
     ids, labels = _lm_data()
     names = _gpt2_names(model)
     ref = _sequence_fisher(copy.deepcopy(model), ids, labels, names)
-    pre = natgrad.FisherPreconditioner(model, kind="diag", source="backward", params=names,
-                                       loss_reduction="token_mean", kl_clip=None)
-    model(input_ids=ids, labels=labels).loss.backward()
-    pre.step()
-    got = pre.curvature.diagonal()
-    for k in names:
-        # Hugging Face's causal-LM loss computes in float32 (logits.float())
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-12)
+    class Wrap(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, **kw):
+            return self.m(**kw)
+
+    for net, pre_names in ((model, names), (Wrap(model), [f"m.{k}" for k in names])):
+        model.zero_grad()
+        pre = natgrad.FisherPreconditioner(net, kind="diag", source="backward",
+                                           params=pre_names, kl_clip=None,
+                                           loss_reduction="shifted_token_mean")
+        net(input_ids=ids, labels=labels).loss.backward()
+        pre.step()
+        got = pre.curvature.diagonal()
+        for k, pk in zip(names, pre_names, strict=True):
+            # Hugging Face's causal-LM loss computes in float32 (logits.float())
+            torch.testing.assert_close(got[pk], ref[k], rtol=1e-6, atol=1e-12)
+        pre.close()
     model.zero_grad()
     pre = natgrad.FisherPreconditioner(model, kind="diag", source="backward", params=names,
                                        kl_clip=None)
@@ -508,7 +520,7 @@ def test_token_mean_through_the_trainer_equals_the_sequence_fisher_step(tmp_path
     mean = F.cross_entropy(logits.reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100)
     g = dict(zip(theta0, torch.autograd.grad(mean, list(ref.parameters())), strict=True))
     pre = natgrad.FisherPreconditioner(model, kind="diag", damping=lam, params=names,
-                                       source="backward", loss_reduction="token_mean",
+                                       source="backward", loss_reduction="shifted_token_mean",
                                        kl_clip=None)
     opt = natgrad.NaturalGradient(torch.optim.SGD(model.parameters(), lr=lr), pre)
     data = [{"input_ids": ids[i], "labels": labels[i]} for i in range(len(ids))]
