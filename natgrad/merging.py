@@ -87,7 +87,8 @@ def fisher_weighted_merge(
     system (``ε = 0``) the minimum-norm solution from the symmetric pseudo-inverse, so
     directions no Fisher sees keep the weighted mean there too); larger ones
     by conjugate gradients on ``mv`` (``"cg"``) to relative residual ``cg_tol`` or
-    ``cg_iters`` products.
+    ``cg_iters`` products (with ``ε = 0`` on a singular system, a preconditioned run
+    solves it but need not return the minimum-norm solution: keep ``floor > 0`` there).
 
     Low-rank curvatures (every one a :class:`natgrad.LowRankFisher`, ``F_m = R_mᵀR_m/N_m``
     from its rows) are solved exactly by ``method="auto"``, whatever their size: with the
