@@ -492,7 +492,7 @@ def _curvature_merge(
         size = sum(mean[k].numel() for k in group)
         b = {k: rhs[k] for k in group}
         if method == "dense" or (method == "auto" and size <= dense_max):
-            correction.update(_dense_solve(op, b, group, mean))
+            correction.update(_dense_solve(op, b, group, mean, singular=floor == 0))
         else:
             pre: Vec | Callable[[Vec], Vec] | None = (
                 _kronecker_preconditioner(curvs, w, floor, group, mean)
@@ -657,9 +657,11 @@ def _kronecker_preconditioner(
 
 
 def _dense_solve(
-    op: Callable[[Vec], Vec], b: Vec, group: list[str], like: Mapping[str, torch.Tensor]
+    op: Callable[[Vec], Vec], b: Vec, group: list[str], like: Mapping[str, torch.Tensor],
+    *, singular: bool,
 ) -> Vec:
-    """Solve ``op x = b`` on ``group`` by reading the matrix off ``op`` on unit vectors."""
+    """Solve ``op x = b`` on ``group`` by reading the matrix off ``op`` on unit vectors
+    (``singular``: no ridge, the minimum-norm solution; see ``psd_solve``)."""
     shapes = {k: like[k].shape for k in group}
     sizes = [like[k].numel() for k in group]
     total = sum(sizes)
@@ -673,7 +675,7 @@ def _dense_solve(
     m = torch.stack(cols, 1)
     m = 0.5 * (m + m.T)
     rhs = torch.cat([b[k].reshape(-1) for k in group]).double()
-    x = psd_solve(m, rhs.unsqueeze(1)).squeeze(1) if total else rhs
+    x = psd_solve(m, rhs.unsqueeze(1), singular=singular).squeeze(1) if total else rhs
     parts = torch.split(x.to(like[group[0]].dtype), sizes)
     return {k: t.reshape(shapes[k]) for k, t in zip(group, parts, strict=True)}
 
@@ -828,7 +830,7 @@ def regmean_merge(
             assert num is not None and den is not None  # models is not empty (checked)
             den = den + floor * torch.eye(den.shape[-1], dtype=torch.float64)
             # W̃* = num den⁻¹ per group (den symmetric; the minimum-norm solution if singular)
-            sol = psd_solve(den, num.transpose(-1, -2)).transpose(-1, -2)
+            sol = psd_solve(den, num.transpose(-1, -2), singular=floor == 0).transpose(-1, -2)
             check_finite(f"the merged layer {n!r}", sol, "Raise floor= (the ridge).")
             W, bias = split_weight_blocks(shape, lay.transposed, lay.bias is not None, sol)
             target[lay.weight].copy_(W.to(target[lay.weight].dtype))

@@ -325,11 +325,15 @@ class BackwardCapture:
         # the model's batch size: of its first tensor input (None: unknown)
         first = next((a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)), None)
         self._start_pass(int(first.shape[0]) if first is not None and first.dim() else None)
-        self._read_divisor(kwargs)
+        self._read_divisor(args, kwargs)
 
-    def _read_divisor(self, kwargs: Mapping[str, Any]) -> None:
+    def _read_divisor(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         """Token means: keep the number of tokens this call's loss is divided by (see the
-        module doc); ``mean``: warn once if the call got token labels."""
+        module doc); ``mean``: warn once if the call got token labels. The keywords, or
+        else the entries of a dict argument (a wrapper whose ``forward(batch)`` calls
+        ``model(**batch)``)."""
+        if "labels" not in kwargs and "num_items_in_batch" not in kwargs:
+            kwargs = next((a for a in args if isinstance(a, Mapping)), kwargs)
         labels = kwargs.get("labels")
         if self.loss_reduction in _TOKEN_MEANS:
             items = kwargs.get("num_items_in_batch")
@@ -577,10 +581,11 @@ class BackwardCapture:
         if missing:
             raise ValueError(
                 f"loss_reduction={self.loss_reduction!r} reads the number of kept tokens the loss is "
-                "averaged over from each call of the model, from its num_items_in_batch= or "
-                "labels= keyword (as Hugging Face models take them), but a recorded forward "
-                "had neither (or the training step called the model's parts, not the "
-                "model). Pass labels=... (ignore_index -100) to the model call, or use "
+                "averaged over from each call of the model given to the preconditioner, from "
+                "its num_items_in_batch= or labels= keyword or the entries of its dict "
+                "argument (as Hugging Face models take them), but a recorded forward had "
+                "neither (or the training step called the model's parts, not the model). "
+                "Pass labels=... (ignore_index -100) to that model's call, or use "
                 "loss_reduction='sum' with a summed loss."
             )
         steps = {p: float(self._divisors[p][1]) for p in passes if self._divisors[p][0] == "step"}

@@ -90,7 +90,9 @@ def refuse_pruning_rename(mine: Iterable[str], theirs: Iterable[str], what: str,
                 f"Cannot {what} these {cls}s: one names {k!r} where the other names "
                 f"{twin!r}, the same parameter (torch.nn.utils.prune renames a pruned weight "
                 "to <name>_orig). Estimate both with the same pruning state "
-                "(natgrad.make_permanent(model) before estimating)."
+                "(natgrad.make_permanent(model) before estimating). If the model really has "
+                f"both {k!r} and {twin!r} as parameters, estimate both curvatures over the "
+                "same parameters (a curvature alone cannot tell the two cases apart)."
             )
 
 

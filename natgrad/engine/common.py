@@ -21,35 +21,30 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def psd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``x`` with ``a x = b`` for a symmetric positive semi-definite ``a`` (batched):
-    Cholesky when every ``a`` is safely positive definite (every pivot² above
-    ``10³·d·eps·max(diag a)``), else the minimum-norm least-squares solution ``a⁺ b`` from
-    the symmetric pseudo-inverse. (``torch.linalg.lstsq``'s default
-    CPU driver ``gelsy`` returned solutions off the optimum on rank-deficient systems,
-    15-19% residuals, and its CUDA driver assumes full rank.)
+def psd_solve(a: torch.Tensor, b: torch.Tensor, *, singular: bool = False) -> torch.Tensor:
+    """``x`` with ``a x = b`` for a symmetric positive semi-definite ``a`` (batched).
+
+    ``singular=False`` (a ridge makes ``a`` positive definite): Cholesky, or the
+    pseudo-inverse below if Cholesky fails. ``singular=True`` (no ridge: ``a`` may be
+    singular): the minimum-norm least-squares solution ``a⁺ b`` from the symmetric
+    pseudo-inverse (eigenvalues below ``d·eps·max`` count as zero). Neither is left to
+    rounding: ``torch.linalg.lstsq``'s default CPU driver ``gelsy`` returned solutions
+    off the optimum on rank-deficient systems (15-19% residuals), and rounding lets
+    Cholesky finish on a numerically singular matrix with a solve far from the
+    minimum-norm one (up to 25x); a pivot threshold, tried instead, sent well-posed
+    float32 systems to the pseudo-inverse, which then dropped real components.
 
     Example:
         >>> a = torch.tensor([[1.0, 1.0], [1.0, 1.0]])  # rank 1
-        >>> psd_solve(a, torch.tensor([[2.0], [2.0]])).flatten()  # the minimum-norm solution
+        >>> psd_solve(a, torch.tensor([[2.0], [2.0]]), singular=True).flatten()
         tensor([1.0000, 1.0000])
     """
-    chol, info = torch.linalg.cholesky_ex(a)
-    if not bool((info != 0).any()):
-        # rounding lets Cholesky finish on a numerically singular matrix with a pivot of
-        # the order of eps·max(a), whose solve is then far from the minimum-norm one:
-        # those go to the pseudo-inverse too
-        d = a.shape[-1]
-        pivots = chol.diagonal(dim1=-2, dim2=-1).square().amin(-1)
-        top = a.diagonal(dim1=-2, dim2=-1).amax(-1)
-        if bool((pivots > _SINGULAR * d * torch.finfo(a.dtype).eps * top).all()):
+    if not singular:
+        chol, info = torch.linalg.cholesky_ex(a)
+        if not bool((info != 0).any()):
             return torch.cholesky_solve(b, chol)
     sol: torch.Tensor = torch.linalg.pinv(a, hermitian=True) @ b
     return sol
-
-
-#: a Cholesky pivot² below this many ``d·eps·max(diag a)`` reads as a singular matrix
-_SINGULAR = 1e3
 
 
 def to_acc(t: torch.Tensor) -> torch.Tensor:

@@ -275,10 +275,14 @@ def _torch_save_kind(path: str) -> str | None:
     archive, torch's default since 1.6, or a bare pickle), or None for anything else."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(4)
+            head = fh.read(9)
     except OSError:
         return None
-    if head == b"PK\x03\x04":
+    if len(head) == 9 and head[8:9] == b"{":
+        # a safetensors header (8-byte length, then JSON), e.g. a truncated file whose
+        # length bytes happen to start like a pickle (a 640-byte header: 80 02 ...)
+        return None
+    if head[:4] == b"PK\x03\x04":
         return "a zip archive"
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "a pickle"

@@ -257,7 +257,7 @@ def least_squares(gram: torch.Tensor, cross: torch.Tensor, damping: float) -> to
     fitted outputs (see :func:`natgrad.engine.common.psd_solve`)."""
     eps = damping * float(gram.diagonal().mean().clamp_min(1e-30))
     a = gram + eps * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return psd_solve(a, cross)
+    return psd_solve(a, cross, singular=eps == 0)
 
 
 def _explicit_padding(mod: nn.Conv1d | nn.Conv2d) -> list[tuple[int, int]]:

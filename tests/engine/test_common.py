@@ -10,7 +10,7 @@ from natgrad.engine.common import psd_solve
 def test_singular_systems_get_the_minimum_norm_solution_even_when_cholesky_finishes():
     # Gram matrices of rank d - 1: rounding lets Cholesky finish on about half of them
     # (with a pivot near eps·max), whose solve was up to 25x off the minimum-norm one
-    # (found by review); every one must equal pinv(A) b
+    # (found by review); with singular=True every one must equal pinv(A) b
     finished = 0
     for d in (12, 64):
         for seed in range(40):
@@ -20,8 +20,20 @@ def test_singular_systems_get_the_minimum_norm_solution_even_when_cholesky_finis
             b = A @ torch.randn(d, 2, generator=g, dtype=torch.float64)  # consistent
             finished += int(torch.linalg.cholesky_ex(A)[1]) == 0
             want = torch.linalg.pinv(A, hermitian=True) @ b
-            torch.testing.assert_close(psd_solve(A, b), want, rtol=1e-7, atol=1e-9)
+            torch.testing.assert_close(psd_solve(A, b, singular=True), want, rtol=1e-7,
+                                       atol=1e-9)
     assert finished > 0  # the case under test occurred
+
+
+def test_ill_conditioned_positive_definite_systems_keep_every_component():
+    # a pivot threshold once sent these to the pseudo-inverse, which zeroed the small
+    # direction (found by review): float64 diag(1e6, 1e-11) and float32 with a 1e-6 ratio
+    A = torch.diag(torch.tensor([1e6, 1e-11], dtype=torch.float64))
+    x = psd_solve(A, A @ torch.ones(2, 1, dtype=torch.float64))
+    torch.testing.assert_close(x, torch.ones(2, 1, dtype=torch.float64), rtol=1e-6, atol=0)
+    A32 = torch.diag(torch.cat([torch.full((99,), 1e3), torch.tensor([1e-3])]))
+    x32 = psd_solve(A32, A32 @ torch.ones(100, 1))
+    torch.testing.assert_close(x32, torch.ones(100, 1), rtol=1e-5, atol=0)
 
 
 def test_positive_definite_and_batched_systems_are_solved_exactly():
@@ -30,10 +42,10 @@ def test_positive_definite_and_batched_systems_are_solved_exactly():
     A = X.transpose(1, 2) @ X + 1e-3 * torch.eye(8, dtype=torch.float64)  # (3, 8, 8)
     b = torch.randn(3, 8, 4, generator=g, dtype=torch.float64)
     torch.testing.assert_close(psd_solve(A, b), torch.linalg.solve(A, b), rtol=1e-10, atol=1e-12)
-    # one singular member of the batch sends the batch to the pseudo-inverse
+    # singular members: the batch's minimum-norm solutions
     A[1] = X[1, :3].T @ X[1, :3]
     b[1] = A[1] @ b[1]
-    torch.testing.assert_close(psd_solve(A, b)[1], torch.linalg.pinv(A[1], hermitian=True) @ b[1],
+    got = psd_solve(A, b, singular=True)
+    torch.testing.assert_close(got[1], torch.linalg.pinv(A[1], hermitian=True) @ b[1],
                                rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(psd_solve(A, b)[0], torch.linalg.solve(A[0], b[0]), rtol=1e-8,
-                               atol=1e-10)
+    torch.testing.assert_close(got[0], torch.linalg.solve(A[0], b[0]), rtol=1e-8, atol=1e-10)

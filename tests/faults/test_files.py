@@ -640,3 +640,17 @@ def test_cuda_round_trip_and_resume(tmp_path):
     whole = estimate_fisher(model, _batches(x, y))
     for k in whole:  # CUDA kernels may reduce in another order from run to run
         torch.testing.assert_close(resumed[k], whole[k], rtol=1e-6, atol=1e-12)
+
+
+def test_truncated_fisher_file_whose_header_length_looks_like_a_pickle(tmp_path):
+    """A natgrad file with a 640-byte header (length bytes 80 02 ...) cut short: named as a
+    damaged safetensors file, not as "a torch.save file (a pickle)" (found by review)."""
+    import struct
+
+    header = b'{"__metadata__":{"format":"natgrad"}' + b" " * (640 - 37) + b"}"
+    assert len(header) == 640 and struct.pack("<Q", 640)[:2] == b"\x80\x02"
+    path = tmp_path / "trunc.safetensors"
+    path.write_bytes(struct.pack("<Q", 640) + header[:100])  # cut inside the header
+    with pytest.raises(ValueError) as err:
+        DiagonalFisher.load(path)
+    assert "torch.save" not in str(err.value) and "not a readable safetensors file" in str(err.value)

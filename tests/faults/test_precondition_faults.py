@@ -400,3 +400,37 @@ def test_token_mean_counts_differing_across_forwards_warn_once():
                                     likelihood="token_categorical")
     for k, v in pre.curvature.diagonal().items():
         torch.testing.assert_close(v, union[k], rtol=1e-12, atol=1e-15)
+
+
+def test_token_counts_read_from_a_dict_argument():
+    # a wrapper whose forward(batch) calls model(**batch) (Lightning style): the labels are
+    # an entry of the dict argument; "token_mean" reads them there (exact against the
+    # token_categorical Fisher), and "mean" warns (it did not: (N/K)² silently, review)
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _TokenModel()
+
+        def forward(self, batch):
+            return self.inner(**batch)
+
+    wrap = Wrap()
+    ids, labels = torch.randint(0, 7, (3, 5)), torch.randint(0, 7, (3, 5))
+    labels[0, :2] = -100
+    batch = {"input_ids": ids, "labels": labels}
+
+    def step(reduction):
+        wrap.zero_grad()
+        pre = natgrad.FisherPreconditioner(wrap, kind="diag", source="backward",
+                                           loss_reduction=reduction, kl_clip=None)
+        out = wrap(batch)
+        F.cross_entropy(out.reshape(-1, 7), labels.reshape(-1)).backward()
+        pre.step()
+        return pre
+
+    ref = natgrad.estimate_fisher(wrap.inner, (ids, labels), likelihood="token_categorical")
+    got = step("token_mean").curvature.diagonal()
+    for k, v in ref.items():
+        torch.testing.assert_close(got[f"inner.{k}"], v, rtol=1e-12, atol=1e-15)
+    with pytest.warns(UserWarning, match="token labels.*token_mean"):
+        step("mean")
