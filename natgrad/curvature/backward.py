@@ -21,7 +21,8 @@ Convention (the empirical Fisher). With ``l_n`` the per-sample loss of sample ``
   is ``b_nt / K``; it is multiplied by ``K``, so that ``l_n = Σ_t l_nt`` is a sequence's
   loss (the per-sample term of the ``token_categorical`` Fisher) and ``N`` counts
   sequences. ``K`` is read at each call of the model from its keywords, as Hugging Face
-  models take them: ``num_items_in_batch`` when given (the Hugging Face Trainer's count of
+  models take them (or from the entries of a dict argument, for a wrapper whose
+  ``forward(batch)`` calls ``model(**batch)``): ``num_items_in_batch`` when given (the Hugging Face Trainer's count of
   the kept labels of the whole accumulated step, which the model divides by), else the
   kept entries of ``labels`` (forwards whose counts differ are read as one mean over all
   their kept tokens). A recorded forward without either keyword is refused by name at
@@ -81,9 +82,9 @@ averaged over tokens rather than samples (a language-model or token-classificati
 over ``K`` kept tokens) scales the gradients by ``1/K``, not ``1/N``: read as ``"mean"``,
 its curvature comes out ``(N/K)²`` times too small (``1/T²`` without padding). Use
 ``loss_reduction="token_mean"`` or ``"shifted_token_mean"`` there (or ``"sum"`` with a
-summed loss); with ``"mean"``, a
-model call given token labels (a ``labels`` keyword with a time axis) warns once. A module called several times in one forward contributes every call's
-positions. A layer whose weight or bias the forward also reads outside the layer's own
+summed loss); with ``"mean"``, a model call given token labels (a ``labels`` keyword or
+dict entry with a time axis) warns once. A module called several times in one forward
+contributes every call's positions. A layer whose weight or bias the forward also reads outside the layer's own
 calls (``F.linear(h, emb.weight)``, ``layer.forward(x)``) has gradient terms no hook sees:
 the first refresh re-runs the model on (a copy of) the inputs of its first recorded call,
 once, as natgrad's own pass (the model's mode, no backward; the random state and the
@@ -184,7 +185,8 @@ class BackwardCapture:
         self._warned_sizes = False  # the unequal-micro-batch warning was given
         self._batch_sizes: dict[int, int | None] = {}
         # loss_reduction="token_mean" / "shifted_token_mean": {pass id: ("step",
-        # num_items_in_batch) or ("tokens", kept-label count)}, from each model call's keywords
+        # num_items_in_batch) or ("tokens", kept-label count)}, from each model call's
+        # keywords (or its dict argument)
         self._divisors: dict[int, tuple[str, Any]] = {}
         self._warned_processes = False  # the num_items_in_batch-under-DDP warning was given
         self._warned_tokens = False  # the token-labels-under-"mean" warning was given

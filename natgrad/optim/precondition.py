@@ -143,8 +143,9 @@ class FisherPreconditioner:
       token-classification models compute it: multiplied back by ``K``, read from each
       model call's ``num_items_in_batch=`` or ``labels=`` keyword; a sample is a
       sequence), or ``"shifted_token_mean"`` (the same for a causal LM whose loss shifts
-      its labels: ``labels[..., 1:]`` counted). A per-token mean read as ``"mean"`` gives a curvature ``(N/K)²`` too
-      small; a model call with token labels under ``"mean"`` warns once.
+      its labels: ``labels[..., 1:]`` counted). A per-token mean read as ``"mean"`` gives
+      a curvature ``(N/K)²`` too small; a model call with token labels under ``"mean"``
+      warns once.
       Every built-in kind accepts it: the records hold each sample's exact gradient
       ``g_n = Σ_t b_nt ã_ntᵀ`` of a covered layer, so ``"diag"``, ``"ekfac"`` (its
       diagonal re-fitted in the eigenbasis of the factors of the same records) and
@@ -224,7 +225,7 @@ class FisherPreconditioner:
             of each layer's input as the samples: a sequence-first model (``(T, N, d)``,
             ``batch_first=False``) needs ``batch_first=True``, or a wrapper taking
             ``(N, T, d)`` batches with ``source="batch"``.
-        loss_reduction: ``"mean"`` (over the batch's samples), ``"sum"`` or
+        loss_reduction: ``"mean"`` (over the batch's samples), ``"sum"``,
             ``"token_mean"`` (over the kept tokens, labels ``≠ -100``: Hugging Face token
             models) or ``"shifted_token_mean"`` (a causal LM's loss, which shifts its
             labels): how the user's loss reduces (``source="backward"`` only).
