@@ -31,7 +31,7 @@ from natgrad.engine.checks import (
     check_int,
     check_not_python_numbers,
 )
-from natgrad.engine.common import acc_dtype
+from natgrad.engine.common import acc_dtype, callable_digest
 from natgrad.engine.distributed import (
     all_reduce_sums,
     raise_if_any_rank_failed,
@@ -347,11 +347,13 @@ def _local_sums(
     path = os.fspath(checkpoint)
     fingerprint = run_fingerprint(
         plan.params,
+        buffers=dict(model.named_buffers()),
         generator=plan.generator if plan.labels == "mc" else None,
         rank=rank,
         world_size=world,
         labels=plan.labels,
         likelihood=repr(plan.lik),
+        output_fn=callable_digest(opts.output_fn),
         mc_samples=plan.k,
         engine=engine,
         max_batches=max_batches,

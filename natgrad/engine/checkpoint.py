@@ -73,21 +73,32 @@ def _generator_digest(generator: torch.Generator | None) -> str | None:
     return hashlib.sha256(generator.get_state().numpy().data).hexdigest()
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (exact: any change of value or dtype
+    changes it)."""
+    h = hashlib.sha256()
+    _feed(h, t)
+    return h.hexdigest()
+
+
 def run_fingerprint(
     params: Mapping[str, torch.Tensor],
     *,
+    buffers: Mapping[str, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     rank: int = 0,
     world_size: int = 1,
     **options: Any,
 ) -> dict[str, Any]:
-    """What identifies a Fisher pass: options, parameter names/shapes, a value checksum,
-    the generator's initial state, rank and world size.
+    """What identifies a Fisher pass: options, parameter names/shapes, the parameters'
+    and buffers' exact values and dtypes, the generator's initial state, rank and world
+    size.
 
-    The value checksum is ``Σ_i θ_i · (1 + i mod 7)`` per parameter in float64, enough
-    to tell a trained model from the one a checkpoint was written for. ``generator``
-    (pass it when the label source draws, ``labels="mc"``) is fingerprinted by the
-    SHA-256 of its state before the pass.
+    Values are fingerprinted by :func:`tensor_digest` (SHA-256 of dtype, shape and
+    bytes: a model trained, cast or with its BatchNorm statistics changed since the
+    checkpoint is told apart, however small the change). ``generator`` (pass it when the
+    label source draws, ``labels="mc"``) is fingerprinted by the SHA-256 of its state
+    before the pass.
 
     Example:
         >>> import torch
@@ -95,15 +106,11 @@ def run_fingerprint(
         >>> fp["shapes"], fp["options"], fp["rank"], fp["world_size"]
         ({'w': (2,)}, {'labels': 'mc'}, 0, 1)
     """
-    sums = {}
-    for k, p in params.items():
-        v = p.detach().reshape(-1).double()
-        ramp = 1 + torch.arange(v.numel(), device=v.device, dtype=torch.float64) % 7
-        sums[k] = round(float((v * ramp).sum()), 6)
     return {
         "options": {k: options[k] for k in sorted(options)},
         "shapes": {k: tuple(p.shape) for k, p in params.items()},
-        "checksum": sums,
+        "checksum": {k: tensor_digest(p) for k, p in params.items()},
+        "buffers": {k: tensor_digest(b) for k, b in (buffers or {}).items()},
         "generator": _generator_digest(generator),
         "rank": int(rank),
         "world_size": int(world_size),
@@ -115,11 +122,12 @@ def check_same_run(path: str, saved: dict[str, Any], fingerprint: dict[str, Any]
     fingerprint and the current run's."""
     old = saved["fingerprint"]
     diffs: list[str] = []
-    for key in ("options", "shapes", "checksum"):
+    for key in ("options", "shapes", "checksum", "buffers"):
         if old.get(key) != fingerprint[key]:
             a, b = old.get(key) or {}, fingerprint[key]
             names = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            label = {"checksum": "parameter values"}.get(key, key)
+            label = {"checksum": "parameter values or dtypes",
+                     "buffers": "buffers (e.g. BatchNorm statistics)"}.get(key, key)
             diffs.append(f"{label} ({', '.join(map(str, names[:6]))})")
     if old.get("generator") != fingerprint["generator"]:
         diffs.append("the MC generator's seed/state")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -45,6 +46,38 @@ def psd_solve(a: torch.Tensor, b: torch.Tensor, *, singular: bool = False) -> to
             return torch.cholesky_solve(b, chol)
     sol: torch.Tensor = torch.linalg.pinv(a, hermitian=True) @ b
     return sol
+
+
+def callable_digest(fn: Any) -> str | None:
+    """What identifies a user function across runs: its qualified name and the SHA-256 of
+    its code (bytecode, names and constants, nested functions' code included); None for
+    None. A closure's captured values are not read (two closures of one ``def`` that
+    differ only there look the same).
+
+    Example:
+        >>> callable_digest(lambda o: o * 2) == callable_digest(lambda o: o * 3)
+        False
+    """
+    if fn is None:
+        return None
+    target = fn if hasattr(fn, "__code__") else type(fn).__call__
+    code = getattr(target, "__code__", None)
+    name = getattr(fn, "__qualname__", type(fn).__qualname__)
+    if code is None:
+        return str(name)
+    h = hashlib.sha256()
+    _feed_code(h, code)
+    return f"{name}:{h.hexdigest()}"
+
+
+def _feed_code(h: Any, code: Any) -> None:
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for c in code.co_consts:
+        if hasattr(c, "co_code"):  # a nested function's code (its repr has an address)
+            _feed_code(h, c)
+        else:
+            h.update(repr(c).encode())
 
 
 def to_acc(t: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from natgrad.engine.checks import (
     check_unit_interval,
     integer_labels,
 )
-from natgrad.engine.common import to_acc
+from natgrad.engine.common import callable_digest, to_acc
 
 __all__ = [
     "Likelihood",
@@ -604,6 +604,11 @@ class CustomLikelihood(Likelihood):
 
     def nll(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self._nll(output, target)
+
+    def __repr__(self) -> str:
+        """Names the functions by their code (a checkpoint's fingerprint reads it)."""
+        return (f"CustomLikelihood(nll={callable_digest(self._nll)}, "
+                f"sampler={callable_digest(self._sampler)}, name={self.name!r})")
 
     def sample(
         self, output: torch.Tensor, generator: torch.Generator, k: int, target: torch.Tensor | None = None

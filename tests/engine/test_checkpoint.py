@@ -71,8 +71,63 @@ def test_different_run_is_refused(tmp_path):
         estimate_fisher(model, (x, y), checkpoint=path, labels="exact")
     with torch.no_grad():
         model[0].weight.add_(1.0)
-    with pytest.raises(ValueError, match=r"parameter values \(0.weight\)"):
+    with pytest.raises(ValueError, match=r"parameter values or dtypes \(0.weight\)"):
         estimate_fisher(model, (x, y), checkpoint=path)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stopped_after(x, y, k):
+    for i in range(6):
+        if i == k:
+            raise _Interrupt
+        yield x[4 * i : 4 * i + 4], y[4 * i : 4 * i + 4]
+
+
+def _bn_case():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 4)).double().eval()
+    x = torch.randn(24, 5, dtype=torch.float64)
+    return model, x, torch.randint(0, 4, (24,))
+
+
+@pytest.mark.parametrize("change", ["tiny_weight", "dtype", "buffers", "output_fn", "custom_nll"])
+def test_a_resume_after_any_change_of_the_run_is_refused(tmp_path, change):
+    """An interrupted pass resumed after a change its fingerprint missed was mixed into the
+    new one (found by review): a weight change below 1e-6 (a rounded checksum), a cast to
+    another dtype, changed BatchNorm statistics, another output_fn, another custom nll."""
+    import natgrad
+
+    path = str(tmp_path / "f.ckpt")
+    model, x, y = _bn_case()
+    xs = x.float() if change == "dtype" else x
+    if change == "dtype":
+        model = model.float()
+    lik = natgrad.CustomLikelihood(lambda f, t: torch.nn.functional.cross_entropy(
+        f, t, reduction="none"))
+    kw = {"likelihood": lik} if change == "custom_nll" else {}
+    with pytest.raises(_Interrupt):
+        estimate_fisher(model, _stopped_after(xs, y, 3), checkpoint=path, checkpoint_every=1,
+                        **kw)
+    if change == "tiny_weight":
+        with torch.no_grad():
+            model[0].weight[0, 0] += 1e-9
+    elif change == "dtype":
+        model = model.double()
+    elif change == "buffers":
+        model[1].running_mean += 0.5
+    elif change == "output_fn":
+        kw = {"output_fn": lambda o: 2 * o}
+    else:
+        kw = {"likelihood": natgrad.CustomLikelihood(
+            lambda f, t: 2 * torch.nn.functional.cross_entropy(f, t, reduction="none"))}
+    what = {"tiny_weight": "parameter values or dtypes", "dtype": "parameter values or dtypes",
+            "buffers": "buffers", "output_fn": "options", "custom_nll": "options"}[change]
+    with pytest.raises(ValueError, match=f"different Fisher pass: {what}"):
+        estimate_fisher(model, _stopped_after(x, y, None), checkpoint=path, **kw)
 
 
 def test_bad_arguments_and_foreign_files(tmp_path):
