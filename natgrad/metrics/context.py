@@ -13,6 +13,7 @@ from torch import nn
 from natgrad.curvature.diagonal import DiagonalFisher
 from natgrad.curvature.estimate import estimate_fisher
 from natgrad.curvature.tracker import FisherTracker
+from natgrad.engine.checkpoint import tensor_digest
 from natgrad.engine.checks import check_batch_list, check_fishers_by_task, check_model_list
 from natgrad.engine.likelihoods import Likelihood
 
@@ -94,16 +95,44 @@ class MetricContext:
         self.fisher = check_fishers_by_task(self.fisher, "fisher")
 
     def task_names(self, n: int | None = None) -> list[str]:
-        n = max(len(self.batches), len(self.fisher), 2) if n is None else n
-        names = list(self.tasks or [])
-        known = list(self.fisher) + ([] if self.tracker is None else self.tracker.tasks())
+        """The name of each task position: ``tasks`` when given; else the Fishers' (and the
+        tracker's) names, a default-style name ``task_<i>`` at its own position ``i`` and
+        the others in the first free positions, then ``task_<i>`` for the rest (a name
+        is never used twice: a Fisher given as ``task_1`` was also task 0's, found by
+        review)."""
+        full = max(len(self.batches), len(self.fisher), 2)
+        n = full if n is None else n
+        if not self.tasks and n < full:  # the positions do not depend on how many are asked
+            return self.task_names(full)[:n]
+        if self.tasks:
+            names = list(self.tasks)
+            return (names + [f"task_{i}" for i in range(len(names), n)
+                             if f"task_{i}" not in names])[:n]
+        known = list(dict.fromkeys(
+            list(self.fisher) + ([] if self.tracker is None else self.tracker.tasks())))
+        slots: list[str | None] = [None] * n
+        rest = []
         for t in known:
-            if len(names) >= n:
-                break
-            if t not in names and not self.tasks:
-                names.append(t)
-        names += [f"task_{i}" for i in range(len(names), n)]
-        return names[:n]
+            i = int(t[5:]) if t.startswith("task_") and t[5:].isdigit() else -1
+            if 0 <= i < n and slots[i] is None:
+                slots[i] = t
+            else:
+                rest.append(t)
+        for t in rest:
+            if None in slots:
+                slots[slots.index(None)] = t
+        taken = {t for t in slots if t is not None}
+        out: list[str] = []
+        for i, slot in enumerate(slots):
+            name = slot
+            if name is None:
+                j = i
+                while f"task_{j}" in taken:  # a default name another position holds
+                    j += 1
+                name = f"task_{j}"
+                taken.add(name)
+            out.append(name)
+        return out
 
     # -- availability ------------------------------------------------------------------
     def _has_fisher(self, i: int) -> bool:
@@ -156,11 +185,11 @@ class MetricContext:
         ``likelihood`` and ``labels`` (``kwargs`` go to :func:`natgrad.estimate_fisher`).
 
         Estimates are cached apart from the user's ``fisher``, keyed by the model (its
-        identity, the identity and in-place version of each parameter and buffer, its
-        train/eval modes), the batch (identity and in-place versions of its tensors), the
-        likelihood and the options; a model trained in place or a replaced batch is
-        estimated anew. With a ``generator`` (a random source that advances) nothing is
-        cached.
+        identity, the identity and exact contents of each parameter and buffer, its
+        train/eval modes), the batch (identity and exact contents of its tensors), the
+        likelihood and the options; a model changed in any way (trained in place, written
+        through ``.data``, cast) or a changed batch is estimated anew. With a
+        ``generator`` (a random source that advances) nothing is cached.
         """
         model, batch = self.models[model_index], self.batches[i]
         kwargs.setdefault("labels", self.labels)
@@ -176,22 +205,18 @@ class MetricContext:
         return f
 
 
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return t._version
-    except RuntimeError:  # inference-mode tensors have no version counter
-        return None
-
-
 def _state_key(obj: Any) -> Any:
-    """Identity plus the in-place versions of every tensor inside ``obj`` (hashable)."""
+    """Identity plus the exact contents (SHA-256 of dtype, shape and bytes) of every tensor
+    inside ``obj`` (hashable). Not the in-place version counter: writes through ``.data``
+    (``p.data.mul_``, ``vector_to_parameters``) leave it unchanged, and a stale Fisher
+    was reused after them (found by review)."""
     if isinstance(obj, torch.Tensor):
-        return (id(obj), _version(obj))
+        return (id(obj), tensor_digest(obj))
     if isinstance(obj, nn.Module):
         tensors = [*obj.parameters(), *obj.buffers()]
         return (
             id(obj),
-            tuple((id(t), _version(t)) for t in tensors),
+            tuple((id(t), tensor_digest(t)) for t in tensors),
             tuple(m.training for m in obj.modules()),
         )
     if isinstance(obj, Mapping):
