@@ -334,20 +334,27 @@ def _lanczos(
             T += torch.diag(off, 1) + torch.diag(off, -1)
         theta, S = torch.linalg.eigh(T)
         anorm = max(anorm, float(theta.abs().max()))
-        exhausted = beta <= 1e3 * eps * max(anorm, 1e-300)
+        # the Krylov space is exhausted when the new direction is rounding noise: at most
+        # about sqrt(P)·eps·‖F‖ (a looser bound, 1e3·eps·‖F‖, stopped float32 runs above
+        # real eigenvalues and reported a wrong trailing pair as converged: review)
+        exhausted = beta <= 10 * P**0.5 * eps * max(anorm, 1e-300)
         if m >= k:
             res = beta * S[-1, -k:].abs()
-            if exhausted or bool((res <= tol * anorm).all()):
+            if bool((res <= tol * anorm).all()):
                 converged = True
                 break
         if exhausted or m >= limit:
-            converged = exhausted
             break
         betas.append(beta)
         Q.append(w / beta)
     m = len(alphas)
     if m < k:
-        raise _rank_error(k, theta.flip(0), 0.0)
+        raise ValueError(
+            f"The Fisher has numerical rank {m} < k={k}: Lanczos exhausted its Krylov space "
+            f"after {m} iterations (the next direction was rounding noise), so the "
+            f"remaining eigenvectors are not defined. Pass k <= {m}, more (diverse) data, "
+            "or a float64 model."
+        )
     lam = theta.flip(0)[:k]
     Sk = S.flip(1)[:, :k]
     res = torch.zeros(k, dtype=torch.float64) if beta == 0 else beta * Sk[-1].abs()
