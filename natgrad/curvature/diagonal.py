@@ -426,19 +426,29 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
         """Replace this Fisher's contents; names and shapes must match when non-empty.
 
         Raises:
-            ValueError: not a state_dict, names or shapes that differ, negative values.
+            ValueError: not a state_dict, names or shapes that differ, negative values, a
+                missing or non-integer (or negative) ``n_samples``.
             FloatingPointError: NaN or Inf values. (Nothing is replaced when it raises.)
         """
         try:
             values = state["values"]
         except (KeyError, TypeError):
             raise ValueError("Not a DiagonalFisher state_dict: it has no 'values'.") from None
+        n = state.get("n_samples") if isinstance(state, Mapping) else None
+        if isinstance(n, torch.Tensor) and n.numel() == 1:
+            n = n.item()
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(
+                f"Not a DiagonalFisher state_dict: its n_samples is {n!r}, not an integer "
+                ">= 0 (the state_dict of DiagonalFisher.state_dict() has one)."
+            )
         if self._values:
             check_same_structure(self._values, values, "this Fisher", "the state_dict")
         values = {k: _as_acc(v).clone() for k, v in values.items()}
         check_fisher_values(values, "the state_dict's Fisher")
+        # every check passed: only now is anything replaced
         self._values = values
-        self.n_samples = int(state["n_samples"])
+        self.n_samples = n
         self.labels = str(state.get("labels", "empirical"))
         self.likelihood = str(state.get("likelihood", "categorical"))
 

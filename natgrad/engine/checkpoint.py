@@ -282,14 +282,16 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any] | None:
             first = "it holds objects other than tensors and plain values"
         raise ValueError(
             f"{path!r} is not a readable natgrad Fisher checkpoint ({type(err).__name__}: "
-            f"{first[:200]}); delete it or pass another checkpoint path."
+            f"{first[:200]}). Pass another checkpoint path (a file natgrad may create); "
+            "it is left as it is."
         ) from None
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         old = isinstance(state, dict) and state.get("format") == 1
         raise ValueError(
             f"{path!r} is not a natgrad Fisher checkpoint (format {_FORMAT})"
             + ("; it was written by an older natgrad, without data digests" if old else "")
-            + "; delete it or pass another checkpoint path."
+            + ". Pass another checkpoint path (a file natgrad may create); "
+            + ("delete this one to start over." if old else "it is left as it is.")
         )
     return state
 

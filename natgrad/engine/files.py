@@ -113,6 +113,15 @@ def atomic_path(path: str | os.PathLike[str], prefix: str = ".natgrad-") -> Iter
     os.close(fd)
     try:
         yield tmp
+        # mkstemp makes the file private (0600): give it the mode a plain open() would
+        # (0666 less the umask), or the old file's own mode when it replaces one
+        try:
+            mode = os.stat(path).st_mode & 0o7777
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
         _fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:

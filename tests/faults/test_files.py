@@ -654,3 +654,50 @@ def test_truncated_fisher_file_whose_header_length_looks_like_a_pickle(tmp_path)
     with pytest.raises(ValueError) as err:
         DiagonalFisher.load(path)
     assert "torch.save" not in str(err.value) and "not a readable safetensors file" in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [None, "abc", -5, 3.7])
+def test_load_state_dict_with_a_bad_n_samples_replaces_nothing(bad):
+    """A bad n_samples raised a bare KeyError / int() error after the values had already
+    been replaced (or was accepted: -5, 3.7 -> 3), against "nothing is replaced when it
+    raises" (found by review)."""
+    f = DiagonalFisher({"w": torch.ones(3, dtype=torch.float64)}, 4)
+    state = f.state_dict()
+    state["values"] = {"w": torch.full((3,), 2.0, dtype=torch.float64)}
+    if bad is None:
+        del state["n_samples"]
+    else:
+        state["n_samples"] = bad
+    with pytest.raises(ValueError, match=r"n_samples is .*not an integer >= 0"):
+        f.load_state_dict(state)
+    assert torch.equal(f["w"], torch.ones(3, dtype=torch.float64)) and f.n_samples == 4
+
+
+def test_saved_files_get_the_mode_of_a_plain_open(tmp_path):
+    """atomic_path's temporary file is 0600 (mkstemp); a saved Fisher kept that mode, so a
+    file another user must read was private (found by review). A new file takes 0666 less
+    the umask; a replaced file keeps its own mode."""
+    import os
+
+    f = DiagonalFisher({"w": torch.ones(3)}, 4)
+    old = os.umask(0o022)
+    try:
+        f.save(tmp_path / "new.safetensors")
+        assert os.stat(tmp_path / "new.safetensors").st_mode & 0o777 == 0o644
+        existing = tmp_path / "kept.safetensors"
+        f.save(existing)
+        os.chmod(existing, 0o640)
+        f.save(existing)
+        assert os.stat(existing).st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_report_of_an_all_zero_fisher_shows_no_nan_share(tmp_path, capsys):
+    """An all-zero Fisher's layer shares read "nan%" (0/0; found by review)."""
+    zero = tmp_path / "zero.safetensors"
+    DiagonalFisher({"w": torch.zeros(3), "b": torch.zeros(2)}, 4).save(zero)
+    code, err = _cli(capsys, "report", str(zero), "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "nan" not in text and "| w | 0 | — |" in text and "no share of the trace" in text

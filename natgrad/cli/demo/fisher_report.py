@@ -75,7 +75,11 @@ def fisher_report(
             "| layer | Σ F | share |",
             "|---|---|---|",
         ]
-        lines += [f"| {k} | {v:.4g} | {s:.1%} |" for k, v, s in entries]
+        # an all-zero Fisher has no shares (0/0): a dash, and a sentence saying why
+        lines += [f"| {k} | {v:.4g} | {s:.1%} |" if s == s else f"| {k} | {v:.4g} | — |"
+                  for k, v, s in entries]
+        if not trace > 0:
+            lines += ["", "Every entry is zero, so the layers have no share of the trace."]
         lines += [
             "",
             f"Top {len(coords)} coordinates:",
