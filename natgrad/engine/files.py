@@ -51,7 +51,15 @@ __all__ = [
 #: 2: ``format_version``, ``dtypes`` and ``sha256`` metadata.
 FORMAT_VERSION = 2
 
-_RESERVED = ("format", "format_version", "natgrad_version", "names", "shapes", "dtypes", "sha256")
+_RESERVED = ("format", "format_version", "natgrad_version", "names", "shapes", "dtypes", "sha256",
+             "meta_sha256")
+
+
+def _meta_digest(meta: Mapping[str, str]) -> str:
+    """SHA-256 of every metadata entry but ``meta_sha256`` itself (``n_samples``, labels
+    and the like are covered, as the tensors are by their own checksums)."""
+    body = json.dumps({k: meta[k] for k in sorted(meta) if k != "meta_sha256"})
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 class CorruptFileError(ValueError):
@@ -183,11 +191,27 @@ def save_tensors(
         kind: the file kind stored as ``format`` (e.g. ``"natgrad.DiagonalFisher"``).
         metadata: the kind's own ``{key: str}`` entries (not the reserved keys).
 
+    A file already at ``path`` is replaced only when natgrad wrote it (a safetensors file
+    with natgrad's ``format`` entry); any other file may be the user's own and is left
+    alone (``FileExistsError``).
+
     Raises:
         TypeError: a tensor is not floating-point.
         ValueError: ``metadata`` uses a reserved key.
+        FileExistsError: ``path`` exists and is not a natgrad file.
     """
     from safetensors.torch import save_file
+
+    if os.path.lexists(path):
+        try:
+            theirs = read_format(path)
+        except (ValueError, OSError):
+            theirs = None
+        if theirs is None or not theirs.startswith("natgrad."):
+            raise FileExistsError(
+                f"{os.fspath(path)!r} exists and is not a file natgrad wrote, so it is not "
+                "replaced (it may be yours): pass another path, or remove it first."
+            )
 
     for k, v in tensors.items():
         if not v.is_floating_point():
@@ -214,6 +238,7 @@ def save_tensors(
         dtypes=json.dumps({k: _dtype_name(t.dtype) for k, t in cpu.items()}),
         sha256=json.dumps({k: tensor_sha256(t) for k, t in cpu.items()}),
     )
+    meta["meta_sha256"] = _meta_digest(meta)
     with atomic_path(path, prefix=".natgrad-file-") as tmp:
         save_file(cpu, tmp, metadata=meta)
 
@@ -364,6 +389,12 @@ def load_tensors(
             f"{path!r} has format version {version}, written by a newer natgrad "
             f"({written_by}); this natgrad ({__version__}) reads up to version "
             f"{FORMAT_VERSION}: upgrade natgrad to read it."
+        )
+    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_digest(meta):
+        # (files written before the metadata had a checksum have none: read as before)
+        raise CorruptFileError(
+            path, "its metadata (n_samples, labels, names, ...) does not match its "
+            "checksum: it was edited or damaged", fix
         )
     names = meta_json(path, meta, "names", fix)
     if not isinstance(names, list) or not all(isinstance(k, str) for k in names):

@@ -49,12 +49,23 @@ def _flip(path, offsets) -> None:
     _write(path, bytes(raw))
 
 
-def _rewrite_meta(path, edit) -> None:
-    """Apply ``edit(metadata)`` and write the file back (a valid safetensors file)."""
+def _meta_checksum(meta) -> str:
+    """The metadata checksum, computed here independently of natgrad: SHA-256 of the JSON
+    of every other entry, keys sorted."""
+    body = json.dumps({k: meta[k] for k in sorted(meta) if k != "meta_sha256"})
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _rewrite_meta(path, edit, *, reseal=True) -> None:
+    """Apply ``edit(metadata)`` and write the file back (a valid safetensors file); with
+    ``reseal``, the metadata checksum is recomputed (a consistent edit, so that the
+    checks behind it are reached)."""
     n, head = _header(path)
     data = _read(path)[8 + n :]
     meta = dict(head.get("__metadata__", {}))
     edit(meta)
+    if reseal and "meta_sha256" in meta:
+        meta["meta_sha256"] = _meta_checksum(meta)
     head["__metadata__"] = meta
     text = json.dumps(head).encode()
     text += b" " * (-len(text) % 8)
@@ -701,3 +712,30 @@ def test_report_of_an_all_zero_fisher_shows_no_nan_share(tmp_path, capsys):
     assert code == 0, err
     text = (tmp_path / "out" / "report.md").read_text()
     assert "nan" not in text and "| w | 0 | — |" in text and "no share of the trace" in text
+
+
+@pytest.mark.parametrize("key, value", [("n_samples", "64"), ("labels", "bogus"),
+                                        ("likelihood", "categoricalx")])
+def test_metadata_edited_by_hand_fails_its_checksum(tmp_path, key, value):
+    """n_samples, labels or the likelihood changed in a saved file's header were accepted
+    (the checksums covered the tensors only; n_samples feeds EWC's suggest_lambda and
+    merge weights; found by review)."""
+    _, path = _saved(tmp_path)
+    _rewrite_meta(path, lambda m: m.update({key: value}), reseal=False)
+    with pytest.raises(natgrad.CorruptFileError, match="does not match its checksum"):
+        DiagonalFisher.load(path)
+
+
+def test_save_does_not_replace_a_file_natgrad_did_not_write(tmp_path):
+    """DiagonalFisher.save replaced any file at its path (a user's notes; found by review);
+    it replaces natgrad's own files only."""
+    f = DiagonalFisher({"w": torch.ones(3)}, 4)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(FileExistsError, match="not a file natgrad wrote"):
+        f.save(notes)
+    assert notes.read_text() == "my notes"
+    path = tmp_path / "f.safetensors"
+    f.save(path)
+    DiagonalFisher({"w": torch.zeros(3)}, 2).save(path)  # natgrad's own: replaced
+    assert DiagonalFisher.load(path).n_samples == 2
