@@ -48,12 +48,14 @@ __all__ = [
     "run_fingerprint",
     "save_checkpoint",
     "load_checkpoint",
+    "state_digest",
+    "tensor_digest",
     "check_same_run",
     "check_state",
     "DataCheck",
 ]
 
-_FORMAT = 2
+_FORMAT = 3  # 3: a SHA-256 of the whole state (2: without; 1: without data digests)
 _FIX = "Delete it (or pass another checkpoint path) to start the pass over."
 
 
@@ -250,8 +252,19 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
         >>> load_checkpoint(p)["n"]
         3
     """
+    body = {"format": _FORMAT, **state}
+    body["digest"] = state_digest(body)
     with atomic_path(path, prefix=".natgrad-ckpt-") as tmp:
-        torch.save({"format": _FORMAT, **state}, tmp)
+        torch.save(body, tmp)
+
+
+def state_digest(state: Mapping[str, Any]) -> str:
+    """SHA-256 of every entry of a saved state but the digest itself (sums, counts,
+    fingerprint, data digests): a checkpoint edited or damaged since it was written
+    fails it."""
+    h = hashlib.sha256()
+    _feed(h, {k: state[k] for k in sorted(state) if k != "digest"})
+    return h.hexdigest()
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -286,13 +299,17 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any] | None:
             "it is left as it is."
         ) from None
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        old = isinstance(state, dict) and state.get("format") == 1
+        old = isinstance(state, dict) and state.get("format") in (1, 2)
         raise ValueError(
             f"{path!r} is not a natgrad Fisher checkpoint (format {_FORMAT})"
-            + ("; it was written by an older natgrad, without data digests" if old else "")
+            + ("; it was written by an older natgrad, without checksums" if old else "")
             + ". Pass another checkpoint path (a file natgrad may create); "
             + ("delete this one to start over." if old else "it is left as it is.")
         )
+    if state.get("digest") != state_digest(state):
+        raise CorruptFileError(
+            path, "its contents (sums, counts, fingerprint) do not match their checksum: "
+            "it was edited or damaged since it was written", _FIX)
     return state
 
 

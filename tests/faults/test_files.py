@@ -502,9 +502,15 @@ def test_batch_digest_tells_batches_apart(a, b):
     assert batch_digest(a) == batch_digest(a)
 
 
-def _tamper(path, edit):
+def _tamper(path, edit, *, reseal=True):
+    """Edit a checkpoint's state; with ``reseal``, its checksum is recomputed (a consistent
+    edit, so that the checks behind the checksum are reached)."""
+    from natgrad.engine.checkpoint import state_digest
+
     state = torch.load(path, weights_only=True)
     edit(state)
+    if reseal:
+        state["digest"] = state_digest(state)
     torch.save(state, path)
 
 
@@ -526,6 +532,22 @@ def test_restored_sums_are_checked(tmp_path, edit, phrase):
     _interrupted(path, x, y, model)
     _tamper(path, edit)
     with pytest.raises(natgrad.CorruptFileError, match=rf"is corrupt: .*{phrase}"):
+        estimate_fisher(model, _batches(x, y), checkpoint=path, generator=_gen(), **KW)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda s: s["sums"]["0.weight"].mul_(2.0),
+    lambda s: s.__setitem__("n_samples", s["n_samples"] + 4),
+    lambda s: s.__setitem__("batches_done", s["batches_done"] - 1),
+])
+def test_a_checkpoint_edited_since_it_was_written_fails_its_checksum(tmp_path, edit):
+    """Sums doubled, n_samples or batches_done changed: accepted, giving a wrong Fisher
+    (only structure, finiteness and sign were checked; found by review)."""
+    path = str(tmp_path / "c.ckpt")
+    model, x, y = _case()
+    _interrupted(path, x, y, model)
+    _tamper(path, edit, reseal=False)
+    with pytest.raises(natgrad.CorruptFileError, match="do not match their checksum"):
         estimate_fisher(model, _batches(x, y), checkpoint=path, generator=_gen(), **KW)
 
 
