@@ -182,18 +182,24 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
 
     __rmul__ = __mul__
 
+    def _averaging(self, other: Curvature, decay: float, op: str) -> tuple[DiagonalFisher, float]:
+        """The checks every average (``ema``, ``ema_``, ``ema_union``) makes first: another
+        DiagonalFisher, ``decay`` in ``[0, 1]``, no pruning rename between the two."""
+        if not isinstance(other, DiagonalFisher):
+            raise TypeError(
+                f"{op} needs another DiagonalFisher, got {type(other).__name__}; estimate "
+                "both with kind='diag'."
+            )
+        decay = check_fraction("decay", decay, closed=True)
+        refuse_pruning_rename(self, other, "average", "DiagonalFisher")
+        return other, decay
+
     def ema(self, other: Curvature, decay: float) -> DiagonalFisher:
         """Exponential moving average ``decay * self + (1 - decay) * other``.
 
         ``n_samples`` of the result counts every sample seen (``N_self + N_other``).
         """
-        if not isinstance(other, DiagonalFisher):
-            raise TypeError(
-                f"ema needs another DiagonalFisher, got {type(other).__name__}; estimate both "
-                "with kind='diag'."
-            )
-        decay = check_fraction("decay", decay, closed=True)
-        refuse_pruning_rename(self, other, "average", "DiagonalFisher")
+        other, decay = self._averaging(other, decay, "ema")
         check_same_structure(self, other, "current Fisher", "new Fisher")
         vals = {k: decay * self[k] + (1 - decay) * other[k].to(self[k].device) for k in self}
         return self._like(
@@ -211,13 +217,7 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
             ValueError: a shared name shaped differently, or one named ``w`` in one and
                 ``w_orig`` in the other (pruned in between).
         """
-        if not isinstance(other, DiagonalFisher):
-            raise TypeError(
-                f"ema_union needs another DiagonalFisher, got {type(other).__name__}; "
-                "estimate both with kind='diag'."
-            )
-        decay = check_fraction("decay", decay, closed=True)
-        refuse_pruning_rename(self, other, "average", "DiagonalFisher")
+        other, decay = self._averaging(other, decay, "ema_union")
         shared = [k for k in self if k in other]
         check_same_structure(
             {k: self[k] for k in shared}, {k: other[k] for k in shared},
@@ -242,10 +242,7 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
         """
         if type(self).ema is not DiagonalFisher.ema:
             return self.ema(other, decay)
-        if not isinstance(other, DiagonalFisher):
-            return self.ema(other, decay)  # raises the TypeError
-        decay = check_fraction("decay", decay, closed=True)
-        refuse_pruning_rename(self, other, "average", "DiagonalFisher")
+        other, decay = self._averaging(other, decay, "ema_")
         check_same_structure(self, other, "current Fisher", "new Fisher")
         for k, v in self._values.items():
             v.lerp_(other[k].to(v.device, v.dtype), 1 - decay)

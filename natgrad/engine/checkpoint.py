@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from natgrad.engine.files import CorruptFileError, atomic_path, find_invalid
+from natgrad.engine.files import CorruptFileError, atomic_path, find_invalid, tensor_sha256
 
 __all__ = [
     "CheckpointLockedError",
@@ -76,11 +76,10 @@ def _generator_digest(generator: torch.Generator | None) -> str | None:
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    """SHA-256 of a tensor's dtype, shape and bytes (exact: any change of value or dtype
-    changes it)."""
-    h = hashlib.sha256()
-    _feed(h, t)
-    return h.hexdigest()
+    """A tensor's dtype and shape with the SHA-256 of its bytes
+    (:func:`natgrad.engine.files.tensor_sha256`): any change of value, dtype or shape
+    changes it."""
+    return f"{t.dtype}{tuple(t.shape)}:{tensor_sha256(t)}"
 
 
 def run_fingerprint(
