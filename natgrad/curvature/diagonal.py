@@ -465,7 +465,7 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
         check_names_in(self._values, named)
         check_same_structure(self._values, ref, "the Fisher", "the model")
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
         """Write a verified ``safetensors`` file, atomically and durably.
 
         The file format is :mod:`natgrad.engine.files`: metadata ``n_samples``, ``labels``,
@@ -474,9 +474,16 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
         then renamed into place; a failed write leaves no temporary file and ``path``
         unchanged.
 
+        Args:
+            path: the file to write.
+            overwrite: replace a file at ``path`` that natgrad did not write (one natgrad
+                wrote is always replaced).
+
         Raises:
             ValueError: a value is NaN, Inf or negative (a Fisher is finite and ``>= 0``);
                 nothing is written.
+            FileExistsError: ``path`` holds a file natgrad did not write and ``overwrite``
+                is not set.
         """
         problem = find_invalid(self._values, nonnegative=True)
         if problem:
@@ -493,6 +500,7 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
                 "labels": self.labels,
                 "likelihood": self.likelihood,
             },
+            overwrite=overwrite,
         )
 
     @classmethod

@@ -350,12 +350,15 @@ class Curvature(ABC):
     #: the ``format`` tag of this kind's files; :meth:`save` and :meth:`load` check it
     file_format: ClassVar[str] = ""
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
         """Write :meth:`state_dict` to a verified safetensors file (format tag, format
-        version, per-tensor SHA-256), atomically."""
+        version, per-tensor SHA-256), atomically.
+
+        A file at ``path`` that natgrad did not write is left alone (``FileExistsError``)
+        unless ``overwrite=True``."""
         from natgrad.curvature.statefile import save_state
 
-        save_state(path, self.state_dict(), self.file_format)
+        save_state(path, self.state_dict(), self.file_format, overwrite=overwrite)
 
     @classmethod
     def load(

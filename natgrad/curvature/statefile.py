@@ -53,20 +53,24 @@ def _unflatten(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     return obj
 
 
-def save_state(path: str | os.PathLike[str], state: Mapping[str, Any], fmt: str) -> None:
+def save_state(
+    path: str | os.PathLike[str], state: Mapping[str, Any], fmt: str, *, overwrite: bool = False
+) -> None:
     """Write ``state`` (tensors and plain values, nested dicts) to ``path`` atomically.
 
     Args:
         path: the file to write (its folder must exist).
         state: what a curvature's ``state_dict()`` returned (floating-point tensors).
         fmt: the file kind stored as ``format`` and checked by :func:`load_state`.
+        overwrite: replace a file at ``path`` that natgrad did not write (see
+            :func:`~natgrad.engine.files.save_tensors`).
 
     Raises:
         TypeError: a value that is neither a tensor nor a plain value, or an integer tensor.
     """
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, "", tensors)
-    save_tensors(path, tensors, fmt, {"state": json.dumps(skeleton)})
+    save_tensors(path, tensors, fmt, {"state": json.dumps(skeleton)}, overwrite=overwrite)
 
 
 def load_state(

@@ -182,6 +182,8 @@ def save_tensors(
     tensors: Mapping[str, torch.Tensor],
     kind: str,
     metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> None:
     """Write ``tensors`` to a verified safetensors file, atomically (see :func:`atomic_path`).
 
@@ -190,19 +192,20 @@ def save_tensors(
         tensors: ``{name: floating-point tensor}``; saved from CPU copies, in this order.
         kind: the file kind stored as ``format`` (e.g. ``"natgrad.DiagonalFisher"``).
         metadata: the kind's own ``{key: str}`` entries (not the reserved keys).
+        overwrite: replace whatever file is at ``path`` (the caller's ``--force``).
 
     A file already at ``path`` is replaced only when natgrad wrote it (a safetensors file
-    with natgrad's ``format`` entry); any other file may be the user's own and is left
-    alone (``FileExistsError``).
+    with natgrad's ``format`` entry) or ``overwrite`` is set; any other file may be the
+    user's own and is left alone (``FileExistsError``).
 
     Raises:
         TypeError: a tensor is not floating-point.
         ValueError: ``metadata`` uses a reserved key.
-        FileExistsError: ``path`` exists and is not a natgrad file.
+        FileExistsError: ``path`` exists, is not a natgrad file, and ``overwrite`` is not set.
     """
     from safetensors.torch import save_file
 
-    if os.path.lexists(path):
+    if os.path.lexists(path) and not overwrite:
         try:
             theirs = read_format(path)
         except (ValueError, OSError):
@@ -210,7 +213,8 @@ def save_tensors(
         if theirs is None or not theirs.startswith("natgrad."):
             raise FileExistsError(
                 f"{os.fspath(path)!r} exists and is not a file natgrad wrote, so it is not "
-                "replaced (it may be yours): pass another path, or remove it first."
+                "replaced (it may be yours): pass another path, remove it first, or pass "
+                "overwrite=True."
             )
 
     for k, v in tensors.items():

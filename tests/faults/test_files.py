@@ -761,3 +761,25 @@ def test_save_does_not_replace_a_file_natgrad_did_not_write(tmp_path):
     f.save(path)
     DiagonalFisher({"w": torch.zeros(3)}, 2).save(path)  # natgrad's own: replaced
     assert DiagonalFisher.load(path).n_samples == 2
+
+
+def test_save_overwrite_replaces_a_foreign_file(tmp_path):
+    """``overwrite=True`` (what `natgrad demo --force` passes) replaces a file natgrad did
+    not write (the demo's --force refused a foreign file at its Fisher's name); every
+    curvature kind's save takes it."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    DiagonalFisher({"w": torch.full((3,), 2.0)}, 4).save(notes, overwrite=True)
+    assert torch.equal(DiagonalFisher.load(notes)["w"], torch.full((3,), 2.0))
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    curv = natgrad.estimate_curvature(model, (x, y), kind="kfac")
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"\x00" * 16)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        curv.save(other)
+    assert other.read_bytes() == b"\x00" * 16
+    curv.save(other, overwrite=True)
+    back = type(curv).load(other, model)
+    assert all(torch.equal(a, b) for a, b in zip(back.diagonal().values(),
+                                                 curv.diagonal().values(), strict=True))

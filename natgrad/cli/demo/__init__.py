@@ -137,7 +137,8 @@ def run_demo(
     for task, key in (("A", "A"), ("B", "B_at_A")):
         if key in st.fishers:
             saved.append(st.path(f"fisher_task_{task}.safetensors"))
-            st.fishers[key].save(saved[-1])
+            # its own output name: `natgrad demo` refused it without --force already
+            st.fishers[key].save(saved[-1], overwrite=True)
     files = write.write_outputs(out, sections, header, {}, metrics)
     files += [os.path.join(out, p) for s in sections for p in s.plots] + saved
     log(f"wrote {len(files)} files to {out}")
