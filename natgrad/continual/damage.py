@@ -138,6 +138,12 @@ def _names(
     """The parameter names the damage covers: ``fisher``'s (checked) or ``params``'."""
     if fisher is None:
         return list(select_params(model, params))
+    if params is not None:  # it would be ignored: the given Fisher's names decide
+        raise ValueError(
+            f"params= chooses the parameters of an estimated Fisher, but {what} was given, "
+            f"and its names decide which parameters count. Drop params=, or pass {what} "
+            "over those parameters only (a dict of them, or curvature.restrict(names))."
+        )
     if _structured(fisher):
         return check_curvature(fisher, model, what)
     check_fisher_type(fisher, what)
@@ -180,7 +186,8 @@ def fisher_weighted_damage(
         **options: the estimator options (:class:`natgrad.EstimatorOptions`) for
             estimating ``F_A`` when ``fisher_a`` is None (``labels``, ``mc_samples``,
             ``params``: the parameters to cover, ...); ``output_fn`` also maps the model's
-            outputs for both gradients.
+            outputs for both gradients. ``params`` with a given ``fisher_a`` is refused
+            (it would be ignored).
 
     Returns:
         :class:`DamageReport` (floats; per-layer dicts keyed by module name).
@@ -188,7 +195,8 @@ def fisher_weighted_damage(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; ``fisher_a`` is not a mapping.
         ValueError: a batch without labels, bad ``lr`` / labels, a ``fisher_a`` whose
-            names or shapes differ from the model's, or a random / batch-mixing model
+            names or shapes differ from the model's, ``params`` with a given ``fisher_a``,
+            or a random / batch-mixing model
             (train-mode dropout or BatchNorm: call ``model.eval()``; the damage is a
             curvature estimate and needs a deterministic model).
 

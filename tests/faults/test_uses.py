@@ -725,3 +725,22 @@ def test_merge_params_that_cannot_be_merged(params, match):
     a, b, Fa, Fb = _two_heads()
     with pytest.raises(ValueError, match=match):
         natgrad.fisher_weighted_merge([a, b], [Fa, Fb], params=params)
+
+
+def test_damage_refuses_params_with_a_given_fisher():
+    """``params=`` was ignored when ``fisher_a`` was given (the damage covered every
+    parameter of the Fisher, not the ones asked for); now refused by name, for both
+    damage functions and either Fisher."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    a = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    b = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    fa = natgrad.estimate_fisher(model, a)
+    with pytest.raises(ValueError, match="params= chooses the parameters of an estimated"):
+        natgrad.fisher_weighted_damage(model, a, b, fisher_a=fa, params=["weight"])
+    with pytest.raises(ValueError, match="fisher_b was given"):
+        natgrad.fisher_damage_asymmetry(model, a, b, fisher_b=fa, params=["weight"])
+    # params= alone still selects, and equals a Fisher of those parameters given
+    r1 = natgrad.fisher_weighted_damage(model, a, b, params=["weight"])
+    r2 = natgrad.fisher_weighted_damage(model, a, b, fisher_a={"weight": fa["weight"]})
+    assert sorted(r1.per_layer) == ["weight"] and r1.damage == pytest.approx(r2.damage, rel=1e-12)
