@@ -326,6 +326,16 @@ def _check_models(
             {k: first[k] for k in keep}, {k: other[k] for k in keep}, "models[0]",
             f"models[{i}]", fix="Leave those out of params=.",
         )  # fmt: skip
+    for i, m in enumerate(models[1:], start=1):
+        other = dict(m.named_parameters())
+        mixed = [f"{k}: {first[k].dtype} vs {other[k].dtype}" for k in first
+                 if (keep is None or k in keep) and other[k].dtype != first[k].dtype]
+        if mixed:  # the merge would silently take models[0]'s precision
+            raise ValueError(
+                f"models[0] and models[{i}] hold parameters of different dtypes ({mixed[0]}"
+                f"{f', and {len(mixed) - 1} more' if len(mixed) > 1 else ''}): convert the "
+                "models to one dtype first (e.g. model.to(torch.float64) for every model)."
+            )
     for i, m in enumerate(models):
         check_all_finite(
             dict(m.named_parameters()),

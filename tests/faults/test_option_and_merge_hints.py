@@ -55,3 +55,21 @@ def test_merge_params_hint_selects_the_shared_parameters() -> None:
     assert params == ["0.weight", "0.bias"]
     merged = natgrad.fisher_weighted_merge([a, b], [fa, fb], params=params)
     torch.testing.assert_close(merged[2].weight, a[2].weight)  # models[0]'s head kept
+
+
+def test_merge_refuses_models_of_different_dtypes() -> None:
+    """A float32 and a float64 model were merged silently in models[0]'s precision."""
+    torch.manual_seed(0)
+    a = _mlp()
+    b = _mlp().double()
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    fa = natgrad.estimate_fisher(a, (x, y))
+    fb = natgrad.estimate_fisher(b, (x.double(), y))
+    before = [p.clone() for p in a.parameters()]
+    with pytest.raises(ValueError, match=r"different dtypes \(0.weight: torch.float32 vs torch.float64, and 3 more\)"):
+        natgrad.fisher_weighted_merge([a, b], [fa, fb])
+    with pytest.raises(ValueError, match="convert the models to one dtype first"):
+        natgrad.regmean_merge([a, b], [x, x.double()])
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before, strict=True))
+    merged = natgrad.fisher_weighted_merge([a.double(), b], [fa, fb])  # the fix works
+    assert merged[0].weight.dtype == torch.float64
