@@ -340,6 +340,14 @@ class BackwardCapture:
         if self.loss_reduction in _TOKEN_MEANS:
             items = kwargs.get("num_items_in_batch")
             if items is not None:
+                if isinstance(items, torch.Tensor) and items.numel() != 1:
+                    raise ValueError(
+                        f"loss_reduction={self.loss_reduction!r} reads num_items_in_batch as the "
+                        "one number of kept tokens this call's loss is divided by, but it is a "
+                        f"tensor of shape {tuple(items.shape)} (one count per device: "
+                        "DataParallel). Pass one count per call (a Python int or a 0-d "
+                        "tensor); under torch.nn.DataParallel use DistributedDataParallel."
+                    )
                 self._divisors[self._pass] = ("step", items)
             elif isinstance(labels, torch.Tensor):
                 shifted = self.loss_reduction == "shifted_token_mean"

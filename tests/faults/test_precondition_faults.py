@@ -380,6 +380,18 @@ def test_token_mean_with_no_kept_token_is_refused():
         pre.step()
 
 
+def test_token_mean_refuses_a_count_per_device():
+    # num_items_in_batch of shape (D,) (the Trainer's DataParallel case) failed at the
+    # refresh with torch's "only one element tensors" message; named at the call now
+    model = _TokenModel()
+    ids = torch.randint(0, 7, (2, 4))
+    natgrad.FisherPreconditioner(model, kind="diag", source="backward",
+                                 loss_reduction="token_mean", kl_clip=None)
+    with pytest.raises(ValueError, match=r"num_items_in_batch.*tensor of shape \(2,\).*DataParallel"):
+        model(ids, labels=ids, num_items_in_batch=torch.tensor([4, 4]))
+    model(ids, labels=ids, num_items_in_batch=torch.tensor(8))  # one count: accepted
+
+
 def test_token_mean_counts_differing_across_forwards_warn_once():
     # two micro-batches with 7 and 1 kept tokens, no num_items_in_batch: read as one mean
     # over all 8 kept tokens (exact for this loss), with a warning naming num_items_in_batch
