@@ -166,8 +166,14 @@ class FisherPreconditioner:
     regrowth (``prune.remove`` then ``prune.custom_from_mask`` with a mask keeping entries
     pruned before), is preconditioned at the next step, regrown entries included, and a
     state loaded with :meth:`load_state_dict` solves with the model's masks, not the saved
-    ones. A layer pruned or un-pruned after the preconditioner was built (its parameters
-    renamed ``<a>`` ↔ ``<a>_orig``) is refused at the next step: build a new
+    ones. The other kinds (``"diag"``, ``"lowrank"``) hold the curvature of ``W_orig``,
+    which is 0 at pruned entries: a regrowth since the last refresh would be solved
+    there with ``λ`` alone (steps ``g/λ``, up to ``1/λ`` times too large), and an EMA
+    would keep those entries too small for many refreshes, so a step that finds an entry
+    kept now but pruned at the last refresh raises (unless it refreshes by replacing
+    the curvature): regrow with ``"kfac"`` / ``"ekfac"``, or build a new preconditioner
+    after regrowing. A layer pruned or un-pruned after the preconditioner was built (its
+    parameters renamed ``<a>`` ↔ ``<a>_orig``) is refused at the next step: build a new
     preconditioner (and optimizer) on the model as it is now.
 
     Under ``torch.distributed`` (a process group initialized), each refresh pools the
@@ -358,6 +364,15 @@ class FisherPreconditioner:
         self._mask_layers: dict[str, KFACLayer] = {}
         self._mask_seen: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._mask_synced: Curvature | None = None
+        # other kinds: {name: (module, mask buffer name)} of pruned selected parameters,
+        # and copies of those masks taken at the last refresh (see _check_regrowth)
+        self._regrow_masks: dict[str, tuple[nn.Module, str]] = {}
+        self._masks_at_refresh: dict[str, torch.Tensor] | None = None
+        if self.curvature_kind not in ("kfac", "ekfac"):
+            for k, (mod, attr) in self._homes.items():
+                mask = attr[: -len("_orig")] + "_mask" if attr.endswith("_orig") else None
+                if mask is not None and isinstance(mod._buffers.get(mask), torch.Tensor):
+                    self._regrow_masks[k] = (mod, mask)
         if self.curvature_kind in ("kfac", "ekfac"):
             layers, diag_names = kfac_layers(model, self.params, extended=True, masked=True)
             self._mask_layers = {k: lay for k, lay in layers.items() if lay.mask_w or lay.mask_b}
@@ -495,6 +510,31 @@ class FisherPreconditioner:
         self._curvature, self._mask_synced = new, new
         self._mask_seen = [(b, b.detach().clone()) for b in bufs]
 
+    def _model_masks(self) -> dict[str, torch.Tensor]:
+        """The current mask buffers of the pruned parameters (see ``_regrow_masks``)."""
+        return {k: m for k, (mod, attr) in self._regrow_masks.items()
+                for m in (mod._buffers.get(attr),) if isinstance(m, torch.Tensor)}
+
+    def _check_regrowth(self, replaces: bool) -> None:
+        """Refuse entries kept now but pruned at the last refresh, for a kind whose
+        curvature is of ``W_orig`` (0 there; see the class doc). One host sync for all
+        masks, on pruned models only; ``replaces``: this step's refresh replaces ``C``."""
+        seen = self._masks_at_refresh
+        if not seen or self._curvature is None or replaces:
+            return
+        now = self._model_masks()
+        pairs = [(k, now[k], seen[k]) for k in seen if k in now and now[k].shape == seen[k].shape]
+        flags = torch.stack([((m != 0) & (s == 0)).any() for _, m, s in pairs]).tolist()
+        grown = [k for (k, _, _), f in zip(pairs, flags, strict=True) if f]
+        if grown:
+            raise ValueError(
+                f"Entries of {grown[:8]} are kept by the model's pruning mask now but were "
+                f"pruned at the last refresh: a kind={self.kind!r} curvature holds 0 there "
+                "(the Fisher of <a>_orig), so the step would divide their gradient by the "
+                "damping alone. For regrowth use kind='kfac' or 'ekfac' (they follow the "
+                "model's masks), or build a new FisherPreconditioner after regrowing."
+            )
+
     def _update_curvature(self, batch: Any) -> None:
         """Fold the batch's curvature into the EMA, ``C ← d·C + (1 - d)·C_batch``.
 
@@ -513,6 +553,8 @@ class FisherPreconditioner:
             C = C.ema_(new, self.ema_decay)
         self._curvature, self._lent = C, False
         C.prepare_solve()
+        if self._regrow_masks:
+            self._masks_at_refresh = {k: m.detach().clone() for k, m in self._model_masks().items()}
 
     def group_lrs(self, param_groups: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """``{name: lr}`` for this preconditioner's parameters, read from an optimizer's
@@ -605,6 +647,10 @@ class FisherPreconditioner:
                 "This refresh needs the batch the gradients came from: "
                 "pre.step((x, y)); or build the preconditioner with source='backward', "
                 "which records the statistics during your own forward and backward."
+            )
+        if self._regrow_masks:
+            self._check_regrowth(
+                updated and (self.curvature_cls.REFRESH_REPLACES or self._curvature is None)
             )
         try:
             if updated:
@@ -784,6 +830,8 @@ class FisherPreconditioner:
         self._step = int(state["step"])
         self.generator.set_state(state["generator"].clone())
         self._curvature, self._lent = curv, False
+        if self._regrow_masks:  # the loaded curvature is read as of the model's masks now
+            self._masks_at_refresh = {k: m.detach().clone() for k, m in self._model_masks().items()}
         if self._capture is not None:
             self._capture.clear()
         self._arm()

@@ -117,3 +117,44 @@ def test_obs_saliency_refuses_masked_kronecker_blocks():
         with pytest.raises(ValueError, match="obs_saliency: the curvature holds masked"):
             natgrad.obs_saliency(m, C, damping=0.1)
     natgrad.obs_saliency(m, natgrad.estimate_curvature(m, (x, y), kind="diag"), damping=0.1)
+
+
+@pytest.mark.parametrize("kind, source", [("diag", "backward"), ("diag", "batch"),
+                                          ("lowrank", "batch")])
+def test_regrowth_under_a_kind_of_w_orig_is_refused(kind, source):
+    """``kind="diag"`` / ``"lowrank"`` hold the Fisher of ``weight_orig``, 0 at pruned
+    entries: after a regrowth the step divided those entries' gradient by the damping
+    alone (1000x the gradient at damping 1e-3; noticed in session 8). Refused now, by
+    name; further pruning is not; a new preconditioner after the regrowth works."""
+    import torch.nn.functional as F
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3)).double()
+    mask = torch.tensor([[1, 0, 1, 1], [1, 1, 0, 1], [0, 1, 1, 1]], dtype=torch.double)
+    prune.custom_from_mask(m[0], "weight", mask)
+    x, y = torch.randn(16, 4, dtype=torch.double), torch.randint(0, 3, (16,))
+    pre = natgrad.FisherPreconditioner(m, kind=kind, source=source, update_every=10,
+                                       damping=1e-3, kl_clip=None)
+
+    def step():
+        m.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        return pre.step((x, y) if source == "batch" else None)
+
+    for _ in range(2):
+        step()
+    m[0].weight_mask[0, 0] = 0.0  # more pruning: fine
+    step()
+    m[0].weight_mask[0, 1] = 1.0  # regrowth of an entry pruned at the last refresh
+    with pytest.raises(ValueError, match=r"pruned at the last refresh.*kind='kfac'"):
+        step()
+    m[0].weight_mask[0, 1] = 0.0
+    step()  # back to the refresh's mask: accepted
+    m[0].weight_mask[0, 1] = 1.0
+    pre.close()
+    pre = natgrad.FisherPreconditioner(m, kind=kind, source=source, damping=1e-3,
+                                       kl_clip=None)
+    step()
+    g = m[0].weight_orig.grad
+    assert torch.isfinite(g).all() and bool((g[0, 1] != 0).item())
