@@ -172,9 +172,15 @@ class BackwardCapture:
             )
         self.layers: dict[str, KFACLayer] = dict(layers)
         self.order = list(params)
+        self._params = dict(params)
+        # autograd ids of the backwards that accumulated into a selected parameter's .grad
+        # (a torch.autograd.grad call, e.g. FGSM's input gradient or a gradient-norm
+        # probe, does not: its output gradients are not the training step's; see _build)
+        self._grad_tasks: set[int] = set()
         self._model = model
         self._pass = 0
-        # {layer: [[pass id, input, output grad or None, made inside a model call], ...]}
+        # {layer: [[pass id, input, {backward id: output grad} or None, made inside a model
+        #           call, recomputed inside a backward through several forwards], ...]}
         self._records: dict[str, list[list[Any]]] = {k: [] for k in self.layers}
         self._inside = False  # a call of the model itself is running
         self._backward_since_pass = False  # a recorded output gradient arrived since
@@ -235,6 +241,8 @@ class BackwardCapture:
                 lay.module.register_forward_hook(self._layer_hooks[k], prepend=True)
                 for k, lay in self.layers.items()
             ]
+            self._handles += [p.register_post_accumulate_grad_hook(self._accumulated)
+                              for p in self._params.values() if p.requires_grad]
         elif not value:
             for h in self._handles:
                 h.remove()
@@ -242,6 +250,10 @@ class BackwardCapture:
             if self._stash_handle is not None:
                 self._stash_handle.remove()
                 self._stash_handle = None
+
+    def _accumulated(self, param: torch.Tensor) -> None:
+        """A backward wrote a selected parameter's ``.grad``: its records count."""
+        self._grad_tasks.add(current_backward_id())
 
     def _end_pass(self, module: nn.Module, args: Any, output: Any) -> None:
         if module is self._model:
@@ -428,7 +440,11 @@ class BackwardCapture:
             def grad_hook(g: torch.Tensor) -> None:
                 self._backward_seen()
                 g = g.detach()  # a forward back-propagated in several calls: their sum
-                rec[2] = g if rec[2] is None else rec[2] + g
+                task = current_backward_id()
+                if rec[2] is None:
+                    rec[2] = {task: g}
+                else:
+                    rec[2][task] = g if task not in rec[2] else rec[2][task] + g
                 self._backward_since_pass = True
 
             output.register_hook(grad_hook)  # type: ignore[no-untyped-call]  # torch: unannotated
@@ -439,6 +455,7 @@ class BackwardCapture:
         """Forget every record."""
         for v in self._records.values():
             v.clear()
+        self._grad_tasks.clear()
         self._batch_sizes.clear()
         self._divisors.clear()
         self._inside = False
@@ -484,8 +501,29 @@ class BackwardCapture:
         finally:
             self.clear()
 
+    def _counted(self) -> list[tuple[str, list[Any]]]:
+        """``(layer, record)`` of every back-propagated record, its gradient the sum over
+        the backwards that wrote ``.grad`` (in their order). A ``torch.autograd.grad``
+        through the model (FGSM's input gradient, a gradient-norm probe with
+        ``retain_graph=True``) writes none, so its output gradients are left out, and a
+        forward only it back-propagated is dropped. When no backward wrote ``.grad`` (a
+        loop that assigns ``p.grad`` from ``torch.autograd.grad`` itself), every backward
+        counts."""
+        recs = [(name, r) for name, v in self._records.items() for r in v if r[2] is not None]
+        tasks = {t for _, r in recs for t in r[2]}
+        use = tasks & self._grad_tasks or tasks
+        out = []
+        for name, r in recs:
+            parts = [g for t, g in r[2].items() if t in use]
+            if parts:
+                g = parts[0]
+                for more in parts[1:]:
+                    g = g + more
+                out.append((name, [r[0], r[1], g, r[3], r[4]]))
+        return out
+
     def _build(self) -> Captured:
-        done = [(name, r) for name, recs in self._records.items() for r in recs if r[2] is not None]
+        done = self._counted()
         unsure = sorted({name for name, r in done if r[4]})
         if unsure:
             raise ValueError(

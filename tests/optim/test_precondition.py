@@ -755,6 +755,41 @@ def test_backward_equals_batch_source_with_empirical_labels(kind, arch, reductio
         assert_close_dict(_grads(model), _grads(twin), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["diag", "kfac"])
+@pytest.mark.parametrize("pattern", ["fgsm", "probe_same_forward", "assign_grads"])
+def test_backward_leaves_out_autograd_grad_calls(kind, pattern):
+    """A ``torch.autograd.grad`` through the recorded model writes no ``.grad``: its output
+    gradients are not the training step's. FGSM's clean forward (input gradient) and a
+    gradient-norm probe on the same forward were counted (curvature 4x too large; found
+    by review). A loop that assigns ``p.grad`` from ``torch.autograd.grad`` itself still
+    counts its one backward. Reference: ``source="batch"`` on the trained loss's batch
+    (itself checked against per-sample loops above)."""
+    torch.manual_seed(5)
+    model = mlp((5, 7, 4)).double()
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 4, (8,))
+    pb = FisherPreconditioner(model, kind=kind, damping=0.05, source="backward", kl_clip=None)
+    pa = FisherPreconditioner(twin, kind=kind, damping=0.05, kl_clip=None)
+    x_used = x
+    if pattern == "fgsm":
+        xr = x.clone().requires_grad_(True)
+        (gx,) = torch.autograd.grad(F.cross_entropy(model(xr), y), xr)
+        x_used = (x + 0.1 * gx.sign()).detach()
+        F.cross_entropy(model(x_used), y).backward()
+    elif pattern == "probe_same_forward":
+        loss = F.cross_entropy(model(x), y)
+        torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+        loss.backward()
+    else:
+        gs = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+        for p, g in zip(model.parameters(), gs, strict=True):
+            p.grad = g
+    pb.step()
+    F.cross_entropy(twin(x_used), y).backward()
+    pa.step((x_used, y))
+    assert_close_dict(_grads(model), _grads(twin), rtol=1e-9, atol=1e-12)
+
+
 def test_backward_diag_equals_per_sample_loop(mlp_case):
     model, x, y = mlp_case
     model = model.double()
