@@ -661,6 +661,7 @@ class FisherPreconditioner:
         if not solves or self._curvature is None:
             self._advance()
             return PreconditionStep(t, lam, updated, False, 1.0)
+        self._check_frozen_coupled()
         self._sync_masks()  # the model's masks now (a regrowth, a loaded state)
         nu = 1.0
         if clip:
@@ -678,6 +679,29 @@ class FisherPreconditioner:
             vals = list(torch._foreach_mul(vals, nu))
         torch._foreach_copy_([grads[k] for k in deltas], vals)  # one dispatch for all
         return PreconditionStep(t, lam, updated, True, nu)
+
+    def _check_frozen_coupled(self) -> None:
+        """Refuse a solve of a curvature that couples every parameter (``"lowrank"``) while
+        some selected parameter is frozen: its zero-padded solve is ``[(F + λI)⁻¹]_SS g_S``
+        (a Schur complement), not the trainable parameters' ``(F_SS + λI)⁻¹ g_S`` (274%
+        apart in a review's case; the block-diagonal kinds solve each block alone). A
+        frozen parameter the curvature holds no statistics for (0 diagonal: a
+        ``source="backward"`` refresh after the freezing records none) decouples."""
+        C = self._curvature
+        if C is None or not any(v == "lowrank" for v in C.structure().values()):
+            return
+        frozen = [k for k, p in self.params.items() if not p.requires_grad]
+        if frozen:
+            diag = C.diagonal()
+            frozen = [k for k in frozen if bool(diag[k].ne(0).any())]
+        if frozen:
+            raise ValueError(
+                f"Parameters {frozen[:8]} were frozen (requires_grad=False) after this "
+                f"FisherPreconditioner(kind={self.kind!r}) was built, but its curvature "
+                "couples every parameter, so leaving them out of the solve would not give "
+                "the trainable parameters' natural gradient. Build a new preconditioner "
+                "(and optimizer) after freezing: it selects the trainable parameters."
+            )
 
     def _warn_unfrozen(self) -> None:
         """Warn once when parameters outside the default selection (frozen when the
