@@ -241,8 +241,10 @@ class BackwardCapture:
                 lay.module.register_forward_hook(self._layer_hooks[k], prepend=True)
                 for k, lay in self.layers.items()
             ]
-            self._handles += [p.register_post_accumulate_grad_hook(self._accumulated)
-                              for p in self._params.values() if p.requires_grad]
+            self._handles += [
+                p.register_post_accumulate_grad_hook(self._accumulated)  # type: ignore[no-untyped-call]  # torch: unannotated
+                for p in self._params.values() if p.requires_grad
+            ]
         elif not value:
             for h in self._handles:
                 h.remove()
