@@ -364,6 +364,7 @@ class FisherPreconditioner:
         self._mask_layers: dict[str, KFACLayer] = {}
         self._mask_seen: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._mask_synced: Curvature | None = None
+        self._where_at_refresh = self._params_where()  # see _update_curvature
         # other kinds: {name: (module, mask buffer name)} of pruned selected parameters,
         # and copies of those masks taken at the last refresh (see _check_regrowth)
         self._regrow_masks: dict[str, tuple[nn.Module, str]] = {}
@@ -545,6 +546,12 @@ class FisherPreconditioner:
         """
         new = self._estimate(batch)
         C = self._curvature
+        where = self._params_where()
+        if C is not None and where != self._where_at_refresh:
+            # the model was cast or moved since the last refresh (model.double()): the
+            # average continues in the parameters' dtype and device, as a new one would
+            C = self._on_params(C)
+        self._where_at_refresh = where
         if C is None or self.curvature_cls.REFRESH_REPLACES:
             C = new
         elif self._lent:
@@ -866,6 +873,11 @@ class FisherPreconditioner:
         if not self._placed and self._curvature is not None:
             self._curvature = self._on_params(self._curvature)
             self._placed = True
+
+    def _params_where(self) -> tuple[frozenset[torch.device], frozenset[torch.dtype]]:
+        """The devices and dtypes of the selected parameters."""
+        return (frozenset(p.device for p in self.params.values()),
+                frozenset(p.dtype for p in self.params.values()))
 
     def _on_params(self, curv: Curvature) -> Curvature:
         """``curv`` on the selected parameters' device, in their accumulation dtype (float64
