@@ -24,7 +24,7 @@ from natgrad.engine.checks import (
     check_positive,
     check_same_structure,
 )
-from natgrad.engine.common import acc_dtype, module_of, to_acc
+from natgrad.engine.common import acc_dtype, mix, module_of, to_acc
 from natgrad.engine.files import (
     CorruptFileError,
     find_invalid,
@@ -201,7 +201,7 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
         """
         other, decay = self._averaging(other, decay, "ema")
         check_same_structure(self, other, "current Fisher", "new Fisher")
-        vals = {k: decay * self[k] + (1 - decay) * other[k].to(self[k].device) for k in self}
+        vals = {k: mix(self[k], other[k], 1 - decay) for k in self}
         return self._like(
             vals,
             self.n_samples + other.n_samples,
@@ -225,7 +225,7 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
         )
         vals = {}
         for k, v in self.items():
-            vals[k] = decay * v + (1 - decay) * other[k].to(v.device) if k in other else decay * v
+            vals[k] = mix(v, other[k], 1 - decay) if k in other else decay * v
         for k, v in other.items():
             if k not in vals:
                 vals[k] = (1 - decay) * v

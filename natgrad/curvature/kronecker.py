@@ -115,7 +115,7 @@ from natgrad.engine.checks import (
     check_fraction,
     check_int,
 )
-from natgrad.engine.common import acc_dtype, to_acc
+from natgrad.engine.common import acc_dtype, mix, to_acc
 from natgrad.engine.distributed import (
     is_distributed,
     raise_if_any_rank_failed,
@@ -1110,13 +1110,14 @@ class KroneckerFisher(Curvature):
         return other
 
     def _mix(self, other: KroneckerFisher, wa: float, wb: float, n: int) -> KroneckerFisher:
-        """``wa · self + wb · other`` statistic by statistic; a pruned layer takes
+        """``wa · self + wb · other`` statistic by statistic (``wa + wb = 1``; the factors
+        and the diagonal part as :func:`~natgrad.engine.common.mix`, rounded as the
+        in-place :meth:`ema_`); a pruned layer takes
         ``other``'s mask (the newer one for :meth:`ema`; :meth:`__add__` checks both equal)."""
         blocks = {}
         for k, a in self.blocks.items():
             b = other.blocks[k]
-            A = wa * a.A + wb * b.A.to(a.A.device)
-            G = wa * a.G + wb * b.G.to(a.G.device)
+            A, G = mix(a.A, b.A, wb), mix(a.G, b.G, wb)
             new = replace(a, A=A, G=G, s=None, QA=None, QG=None, eig={},
                           mask=_newer_mask(b.mask, a.A))
             if self.kind == "ekfac":
@@ -1126,7 +1127,7 @@ class KroneckerFisher(Curvature):
                          + wb * _project(_block_to(b, a.A.device, dt), QA, QG))
                 new.QA, new.QG = QA, QG
             blocks[k] = new
-        diag = {k: wa * v + wb * other.diag[k].to(v.device) for k, v in self.diag.items()}
+        diag = {k: mix(v, other.diag[k], wb) for k, v in self.diag.items()}
         labels = self.labels if self.labels == other.labels else "mixed"
         return KroneckerFisher(blocks, diag, n, kind=self.kind, diag_reasons=self.diag_reasons,
                                labels=labels, likelihood=self.likelihood, order=self.order,
