@@ -9,11 +9,12 @@ K-FAC, EKFAC, exact mini-batch low-rank), so any ``torch.optim`` optimizer then 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -437,7 +438,7 @@ class FisherPreconditioner:
                 self._capture, kind=self.curvature_kind, likelihood=lik, **self._options, **extra
             )
             return local.all_reduce() if is_distributed() and not pools else local
-        with evaluating(self.model):  # the refresh's own pass: dropout off, BatchNorm frozen
+        with evaluating(self.model), _preconditioner_hint():  # dropout off, BatchNorm frozen
             check_fixed_model(self.model, f"FisherPreconditioner(kind={self.kind!r})'s refresh")
             return self.curvature_cls.estimate(
                 self.model,
@@ -899,6 +900,22 @@ class FisherPreconditioner:
             f"labels={self.labels!r}, source={self.source!r}, params={len(self.params)}, "
             f"step={self._step})"
         )
+
+
+@contextlib.contextmanager
+def _preconditioner_hint() -> Iterator[None]:
+    """Re-raise the capture path's "use engine='vmap'" (a control flow that changed between
+    batches) with the fix a preconditioner user has: it takes no ``engine``."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "engine='vmap'" not in str(exc):
+            raise
+        raise RuntimeError(
+            f"{exc} FisherPreconditioner takes no engine option: build it with "
+            "source='backward', which records your own forward and backward whatever "
+            "layers they use."
+        ) from exc
 
 
 def kl_clip_scale(

@@ -491,3 +491,36 @@ def test_lowrank_refuses_parameters_frozen_after_it_was_built():
         got = torch.cat([model[2].weight.grad.reshape(-1), model[2].bias.grad])
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
         pre.close()
+
+
+def test_changed_control_flow_names_a_fix_the_preconditioner_takes():
+    """A layer unused at a later refresh: the capture path's error said engine='vmap',
+    which FisherPreconditioner does not take (review); it now names source='backward',
+    which handles the model (checked: its step runs)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.branch, self.out = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+            self.use = True
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.out(torch.tanh(self.branch(h)) if self.use else h)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for source in ("batch", "backward"):
+        m = Net()
+        pre = natgrad.FisherPreconditioner(m, kind="diag", update_every=1, kl_clip=None,
+                                           source=source)
+        for use in (True, False):
+            m.use = use
+            m.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), y).backward()
+            if source == "batch" and not use:
+                with pytest.raises(RuntimeError, match="takes no engine option.*source='backward'"):
+                    pre.step((x, y))
+            else:
+                assert pre.step((x, y) if source == "batch" else None).preconditioned
+        pre.close()
