@@ -34,6 +34,20 @@ Convention (the empirical Fisher). With ``l_n`` the per-sample loss of sample ``
   be read reliably from the model (a wrapper, a subclass), so it is the caller's choice;
   with ``num_items_in_batch`` both read that count.
 
+Two losses these readings do not describe: a class-weighted cross-entropy
+(``F.cross_entropy(weight=w)`` with ``"mean"`` divides by ``Σ_n w_{y_n}``, not ``N``: the
+curvature comes out ``(N / Σ_n w_{y_n})²`` too small; write it as
+``(w[y] * F.cross_entropy(..., reduction="none")).sum() / N``, or sum it and pass
+``"sum"``); and a model with BatchNorm in training mode, whose batch statistics make each
+``l_n`` depend on the other samples: the recorded ``N ∂L/∂s_n`` of a layer before the
+BatchNorm is then not ``∂l_n/∂s_n`` (the K-FAC practice for such networks, but not the
+exact per-sample gradient; ``source="batch"`` refreshes in eval mode, where it is exact).
+
+Only backwards that write a selected parameter's ``.grad`` count: the output gradients of
+a ``torch.autograd.grad`` through the model (an adversarial example's input gradient, a
+gradient-norm probe with ``retain_graph=True``) are left out, unless no backward since the
+last refresh wrote ``.grad`` (a loop that assigns ``p.grad`` from ``torch.autograd.grad``).
+
 Under ``torch.distributed`` with ``num_items_in_batch``, the Hugging Face Trainer's
 ``average_tokens_across_devices=True`` (its default) passes the count of all processes and
 multiplies each process's loss by their number ``P``, so the curvature comes out ``P²``

@@ -235,7 +235,9 @@ class FisherPreconditioner:
         loss_reduction: ``"mean"`` (over the batch's samples), ``"sum"``,
             ``"token_mean"`` (over the kept tokens, labels ``≠ -100``: Hugging Face token
             models) or ``"shifted_token_mean"`` (a causal LM's loss, which shifts its
-            labels): how the user's loss reduces (``source="backward"`` only).
+            labels): how the user's loss reduces (``source="backward"`` only; a
+            class-weighted or batch-statistics loss: see
+            :mod:`natgrad.curvature.backward`).
         max_factor_dim: K-FAC/EKFAC keep a factor side larger than this diagonal (e.g.
             the ``G`` of a 50k-vocabulary output layer), passed to kinds whose
             ``estimate`` takes it; None: every side full.
