@@ -12,12 +12,13 @@ For diagonal Fishers ``F¹, F²`` flattened over the shared parameters:
   for diagonal matrices is ``½ Σ_i (√F̂¹_i - √F̂²_i)²``; the overlap (Kirkpatrick et al.,
   2017) is ``1 - d² = Σ_i √(F̂¹_i F̂²_i)``, 1 for equal normalized Fishers, 0 for disjoint;
 * ``topk_jaccard``: ``|T¹ ∩ T²| / |T¹ ∪ T²|`` for the sets of the ``k`` largest coordinates
-  (ties broken by position).
+  (ties broken by position), of the positive ones only: a Fisher with fewer than ``k``
+  non-zeros contributes all of them, never zeros ranked by position.
 
 Per-layer values apply the same formulas within each module (parameter names up to the
 last dot), each layer normalized on its own. Values are clipped to their ranges
 (``[0, 1]``) against rounding; a layer whose Fisher is zero in either task
-gives NaN for cosine and overlap.
+gives NaN for cosine, overlap and Jaccard.
 """
 
 from __future__ import annotations
@@ -102,9 +103,13 @@ def _measures(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[float, float, f
         overlap = min(1.0, max(0.0, 1.0 - d2))
     else:
         overlap = math.nan
-    ia = set(torch.sort(a, descending=True, stable=True).indices[:k].tolist())
-    ib = set(torch.sort(b, descending=True, stable=True).indices[:k].tolist())
-    jac = len(ia & ib) / len(ia | ib)
+    # only positive coordinates rank: zeros past a Fisher's support would fill both sets
+    # by position and count as shared (disjoint supports gave 1.0; found by review)
+    ia = set(torch.sort(a, descending=True, stable=True).indices[: min(k, int((a > 0).sum()))]
+             .tolist())
+    ib = set(torch.sort(b, descending=True, stable=True).indices[: min(k, int((b > 0).sum()))]
+             .tolist())
+    jac = len(ia & ib) / len(ia | ib) if ia and ib else math.nan
     return cos, t2v, overlap, jac
 
 

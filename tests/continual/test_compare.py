@@ -102,6 +102,7 @@ def test_zero_layer_gives_nan_and_json_none():
     r = compare_task_fisher(f1, f2)
     assert math.isnan(r.per_layer["head"].cosine)
     assert math.isnan(r.per_layer["head"].frechet_overlap)
+    assert math.isnan(r.per_layer["head"].topk_jaccard)
     assert r.to_dict()["per_layer"]["head"]["cosine"] is None
     assert 0.0 < r.frechet_overlap < 1.0
 
@@ -128,3 +129,19 @@ def test_errors():
         compare_task_fisher(neg, f)
     with pytest.raises(ValueError, match="empty"):
         compare_task_fisher({}, {})
+
+
+def test_jaccard_ranks_only_the_support():
+    """Zeros ranked by position filled both top-k sets when a Fisher had fewer than k
+    non-zeros: disjoint supports scored 1.0 (found by review). Reference: the Jaccard of
+    the hand-built support sets."""
+    f1 = {"w": torch.tensor([1.0] + [0.0] * 9)}
+    f2 = {"w": torch.tensor([0.0, 1.0] + [0.0] * 8)}
+    assert compare_task_fisher(f1, f2, top_k=3).topk_jaccard == 0.0
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.zeros(1000), torch.zeros(1000)
+    ia, ib = torch.randperm(1000, generator=g)[:20], torch.randperm(1000, generator=g)[:20]
+    a[ia], b[ib] = torch.rand(20, generator=g) + 0.1, torch.rand(20, generator=g) + 0.1
+    sa, sb = set(ia.tolist()), set(ib.tolist())
+    r = compare_task_fisher({"w": a}, {"w": b})  # k = 50 > 20 non-zeros each
+    assert r.top_k == 50 and r.topk_jaccard == pytest.approx(len(sa & sb) / len(sa | sb))
