@@ -449,6 +449,7 @@ class EWC:
                     f"has {tuple(p.shape)}."
                 )
             new_a[k] = src.detach().to(device=p.device, dtype=p.dtype).clone()
+        check_all_finite(new_a, "the EWC anchor of parameter", _ANCHOR_HINT)
         if self.mode == "online" and self._curv_terms:
             old = self._curv_terms[0]
             old_kind = getattr(old["curvature"], "kind", "")

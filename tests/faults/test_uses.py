@@ -96,6 +96,10 @@ def test_ewc_nan_anchor_is_named():
     anchor["0.weight"][0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"anchor.*'0\.weight'"):
         natgrad.EWC(model, F, anchor=anchor)
+    # the Curvature path stored it, and the penalty blamed the model (found by review)
+    curv = natgrad.estimate_curvature(model, _batch(), kind="kfac")
+    with pytest.raises(FloatingPointError, match=r"anchor.*'0\.weight'"):
+        natgrad.EWC(model, curv, anchor=anchor)
 
 
 def test_ewc_nan_current_weight_is_named():
