@@ -757,6 +757,7 @@ def _fast_moments(
     last = next(iter(head)) if len(head) == 1 else None
     if (
         isinstance(last, nn.Linear)
+        and layers.runs_own_forward(last, nn.Linear)  # ∂f_c/∂x = W[c] needs F.linear(x, W)
         and all(t.module is not last for t, *_ in work)
         and ins[last].dim() == 2
         and ins[last].requires_grad

@@ -82,6 +82,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from natgrad.engine.batch import OutputFn
+from natgrad.engine.capture_layers import runs_own_forward
 from natgrad.engine.checks import check_choice, check_fixed_model, mark_user_error
 from natgrad.engine.common import global_forward_hooks, to_acc
 from natgrad.engine.likelihoods import Likelihood
@@ -269,6 +270,8 @@ def _explicit_padding(m: nn.Conv1d | nn.Conv2d) -> list[int] | None:
 
 
 def _is_hf_conv1d(m: nn.Module) -> bool:
+    if "forward" in m.__dict__:  # a forward set on the instance (see runs_own_forward)
+        return False
     w = getattr(m, "weight", None)
     if not isinstance(w, nn.Parameter):  # pruned by torch.nn.utils.prune
         w = m._parameters.get("weight_orig")
@@ -316,6 +319,11 @@ def layer_kind(m: nn.Module, extended: bool = True) -> tuple[str | None, str]:
     ``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1``, ``padding_mode='zeros'`` and integer
     padding (what :class:`natgrad.FisherPreconditioner` handles).
     """
+    base = next((t for t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding) if isinstance(m, t)),
+                None)
+    if base is not None and not runs_own_forward(m, base):
+        return None, (f"{type(m).__name__} does not run {base.__name__}'s own forward (a "
+                      "subclass's, or one set on the instance, may transform the weight)")
     if isinstance(m, nn.Linear):
         return "linear", ""
     if isinstance(m, (nn.Conv1d, nn.Conv2d)):

@@ -71,17 +71,12 @@ __all__ = ["ENGINES"]  # the rest is used by natgrad.curvature.estimate
 
 logger = logging.getLogger(__name__)
 
-_FORWARDS = {
-    nn.Linear: nn.Linear.forward,
-    nn.Conv1d: nn.Conv1d.forward,
-    nn.Conv2d: nn.Conv2d.forward,
-    nn.Embedding: nn.Embedding.forward,
-    nn.LayerNorm: nn.LayerNorm.forward,
-    nn.MultiheadAttention: nn.MultiheadAttention.forward,
-    nn.BatchNorm1d: nn.BatchNorm1d.forward,
-    nn.BatchNorm2d: nn.BatchNorm2d.forward,
-    nn.BatchNorm3d: nn.BatchNorm3d.forward,
-}
+# the layers the capture path computes, each only with its own class's forward
+# (capture_layers.runs_own_forward)
+_FORWARDS = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.MultiheadAttention,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _GROUP_FLOATS = 2**22  # output gradients of several label columns held at once (16 MiB)
 _MHA_ROLES = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
@@ -138,7 +133,7 @@ def _supported(m: nn.Module) -> bool:
     if layers.is_conv1d(m):
         return True
     base = next((t for t in _FORWARDS if isinstance(m, t)), None)
-    if base is None or type(m).forward is not _FORWARDS[base]:
+    if base is None or not layers.runs_own_forward(m, base):
         return False
     if isinstance(m, (nn.Conv1d, nn.Conv2d)):
         return m.padding_mode == "zeros" and not isinstance(m.padding, str)

@@ -410,8 +410,22 @@ def is_conv1d(m: nn.Module) -> bool:
     its own class (found without importing ``transformers``)."""
     for base in type(m).__mro__:
         if base.__name__ == "Conv1D" and base.__module__ == "transformers.pytorch_utils":
-            return type(m).forward is base.forward  # type: ignore[attr-defined]
+            return runs_own_forward(m, base)
     return False
+
+
+def runs_own_forward(m: nn.Module, base: type) -> bool:
+    """Whether ``m`` computes ``base``'s own forward: its class keeps ``base.forward`` (a
+    convolution also ``base._conv_forward``) and no ``forward`` is set on the instance.
+
+    A subclass or a patched instance may transform the weight before using it (weight
+    standardization, a scaled layer, an adapter's patch), which a formula for ``base``'s
+    layer would not see: such a module is left to the general engine (or, for K-FAC, to
+    the diagonal part)."""
+    if "forward" in m.__dict__ or type(m).forward is not base.forward:  # type: ignore[attr-defined]
+        return False
+    conv = getattr(base, "_conv_forward", None)
+    return conv is None or getattr(type(m), "_conv_forward", None) is conv
 
 
 def conv1d(a: torch.Tensor, B: torch.Tensor, w: float) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import torch.nn.utils.prune as prune
 from torch import nn
 
+import natgrad
 from natgrad import estimate_fisher
 from natgrad.engine.batch import parse_batch
 from natgrad.engine.capture import split_key, split_params
@@ -817,3 +818,48 @@ def test_the_two_sample_check_alone_finds_reordered_rows(monkeypatch):
     assert "b.weight" in split_of(model, (x, y)).fast_names
     assert_close_dict(per_sample_grads(model, (x, y)), loop_grads(model, ce_sum, x, y),
                       rtol=1e-10, atol=1e-12)
+
+
+class _ScaledLinear(nn.Linear):
+    """An equalized-learning-rate Linear: its own forward uses 2W."""
+
+    def forward(self, x):
+        return F.linear(x, 2.0 * self.weight, self.bias)
+
+
+class _ScaledConv2d(nn.Conv2d):
+    """Keeps nn.Conv2d.forward but scales the weight in _conv_forward."""
+
+    def _conv_forward(self, x, w, b):
+        return super()._conv_forward(x, 2.0 * w, b)
+
+
+def _patched_linear():
+    lin = nn.Linear(4, 5)
+    lin.forward = lambda x: F.linear(x, 2.0 * lin.weight, lin.bias)  # an adapter-style patch
+    return lin
+
+
+@pytest.mark.parametrize("first", ["subclass", "conv_forward", "instance"])
+@pytest.mark.parametrize("kind", ["diag", "kfac", "ekfac"])
+def test_layers_with_their_own_forward_are_not_read_as_plain_layers(first, kind):
+    """A Linear/Conv subclass with its own forward (or _conv_forward), or a forward set on
+    the instance, may transform its weight: the capture path and K-FAC read it as the
+    plain layer (per-sample gradients 0.5x, Fisher 0.25x off; found by review). At N = 1
+    and one output position K-FAC is exact, so every kind's diagonal must equal the
+    squared gradient of the loss (an autograd reference)."""
+    torch.manual_seed(0)
+    if first == "conv_forward":
+        model = nn.Sequential(_ScaledConv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4, 3))
+        x = torch.randn(1, 3, 3, 3, dtype=torch.float64)
+    else:
+        lay = _ScaledLinear(4, 5) if first == "subclass" else _patched_linear()
+        model = nn.Sequential(lay, nn.Tanh(), nn.Linear(5, 3))
+        x = torch.randn(1, 4, dtype=torch.float64)
+    model = model.double().eval()
+    y = torch.tensor([1])
+    g = torch.autograd.grad(F.cross_entropy(model(x), y), model[0].weight)[0]
+    d = natgrad.estimate_curvature(model, (x, y), kind=kind).diagonal()["0.weight"]
+    torch.testing.assert_close(d, g**2, rtol=1e-10, atol=1e-14)
+    psg = natgrad.per_sample_grads(model, (x, y))["0.weight"][0]
+    torch.testing.assert_close(psg, g, rtol=1e-10, atol=1e-14)
