@@ -925,7 +925,12 @@ def fast_batch_sums(
             _tied_squares(acc.zeros(k), plan.params[k], uses, w)
         tied.clear()
 
-    if single:
+    floats = sum(e.numel() for e in es)  # one column's output gradients
+    # One column is streamed through the backward pass when its output gradients are
+    # large (they are freed layer by layer) or a tied parameter needs its uses in the
+    # backward order; small ones are pulled back at once as a group of one, which skips
+    # the streaming's per-layer hooks (its fixed cost dominates a small batch's pass).
+    if single and (floats > _GROUP_FLOATS or split.tied):
         _stream_column(out, es, index, cols[0], split, store, module_step, free_step)
         flush_tied()
     else:
@@ -935,9 +940,10 @@ def fast_batch_sums(
         # products.
         # An ungrouped convolution's columns are stacked sample-major, ``(N, J, ...)``, and
         # handed on as the ``(J, N, ...)`` view: its batched products read each sample's
-        # ``J`` columns as one block, so they need no permuted copy.
-        group = max(1, _GROUP_FLOATS // max(sum(e.numel() for e in es), 1))
-        sample_major = {
+        # ``J`` columns as one block, so they need no permuted copy (one column needs no
+        # stacking at all).
+        group = max(1, _GROUP_FLOATS // max(floats, 1))
+        sample_major = set() if single else {
             (m, "main") for m in split.fast
             if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1 and m not in split.shared
         }  # fmt: skip
