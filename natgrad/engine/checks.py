@@ -5,6 +5,7 @@ Each message names what was expected, what arrived, and how to fix it.
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 import warnings
@@ -234,30 +235,36 @@ def check_model(model: Any, what: str) -> nn.Module:
     return model
 
 
+def _randomness(module: nn.Module) -> str | None:
+    """The description of ``module``'s own randomness (dropout with ``p > 0`` in train
+    mode: ``"Dropout, p=0.1"``), or None."""
+    if not module.training:
+        return None
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return f"{type(module).__name__}, p={module.p}" if module.p > 0 else None
+    own, cls = module.__dict__, type(module)
+    for attr in _DROPOUT_ATTRS:
+        # A float rate is an instance or class attribute (or a property), never one of
+        # the parameters, buffers or submodules that Module.__getattr__ looks up (and
+        # whose failed look-up, raising an AttributeError, is slow).
+        if attr in own:
+            v = own[attr]
+        elif hasattr(cls, attr):
+            v = getattr(module, attr, None)
+        else:
+            continue
+        if isinstance(v, float) and not isinstance(v, bool) and v > 0:
+            return f"{type(module).__name__}, {attr}={v}"
+    return None
+
+
 def random_module(model: nn.Module) -> tuple[str, str] | None:
     """``(name, description)`` of the first module that draws random numbers in its forward
     (dropout with ``p > 0`` in train mode), or None when the model is deterministic."""
     for name, module in model.named_modules():
-        if not module.training:
-            continue
-        label = name or type(model).__name__
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            if module.p > 0:
-                return label, f"{type(module).__name__}, p={module.p}"
-            continue
-        own, cls = module.__dict__, type(module)
-        for attr in _DROPOUT_ATTRS:
-            # A float rate is an instance or class attribute (or a property), never one of
-            # the parameters, buffers or submodules that Module.__getattr__ looks up (and
-            # whose failed look-up, raising an AttributeError, is slow).
-            if attr in own:
-                v = own[attr]
-            elif hasattr(cls, attr):
-                v = getattr(module, attr, None)
-            else:
-                continue
-            if isinstance(v, float) and not isinstance(v, bool) and v > 0:
-                return label, f"{type(module).__name__}, {attr}={v}"
+        desc = _randomness(module)
+        if desc is not None:
+            return name or type(model).__name__, desc
     return None
 
 
@@ -285,6 +292,17 @@ def check_fixed_model(model: nn.Module, what: str) -> None:
     data, no batch-mixing module (train-mode BatchNorm) and no randomness (train-mode
     dropout). See :func:`check_model`, :func:`check_no_batch_mixing`,
     :func:`check_no_train_dropout`."""
+    # One walk over the modules finds whether any check can fail (a meta tensor, a
+    # batch-mixing BatchNorm, train-mode dropout): a Fisher call's fixed cost on small
+    # batches. Only then do the checks run, in order, each raising its own error.
+    if isinstance(model, nn.Module) and not any(
+        any(t is not None and t.is_meta for t in (*m._parameters.values(), *m._buffers.values()))
+        or (isinstance(m, _BATCHNORM_TYPES)
+            and (m.training or getattr(m, "running_mean", None) is None))
+        or _randomness(m) is not None
+        for m in model.modules()
+    ):  # fmt: skip
+        return
     check_model(model, what)
     check_no_batch_mixing(model)
     check_no_train_dropout(model, what)
@@ -849,9 +867,10 @@ def _first(mask: torch.Tensor, t: torch.Tensor) -> tuple[tuple[int, ...], float,
 def check_all_finite(tensors: Mapping[str, torch.Tensor], what: str, hint: str) -> None:
     """Raise FloatingPointError naming the first tensor of ``tensors`` with NaN or Inf.
 
-    One sum per tensor and one host sync per device; the culprit (name, index, value,
-    count) is located only when a sum is not finite (a sum that merely overflows finds
-    no culprit and passes).
+    One sum per tensor, their total and one host sync per device: a NaN or Inf entry
+    makes its tensor's sum and the total NaN or Inf (``inf - inf`` is NaN). The culprit
+    (name, index, value, count) is located only when a total is not finite (a total
+    that merely overflows finds no culprit and passes).
 
     Args:
         tensors: ``{name: tensor}``.
@@ -863,7 +882,7 @@ def check_all_finite(tensors: Mapping[str, torch.Tensor], what: str, hint: str) 
         return
     with torch.no_grad():  # one sum per tensor, one host sync per device
         by_device = _by_device(v.sum() for v in items.values())
-        if all(bool(torch.isfinite(torch.stack(s)).all()) for s in by_device.values()):
+        if all(math.isfinite(torch.stack(s).sum()) for s in by_device.values()):
             return
     for k, v in items.items():
         bad = ~torch.isfinite(v.detach())

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Literal, TypedDict, get_args
 
 import torch
@@ -138,7 +138,7 @@ class Options:
                 f"{where}() does not take the option(s) {', '.join(map(repr, refused))}: "
                 "drop them (they have no meaning for this function)."
             )
-        opts = replace(cls(), **{**defaults, **options})
+        opts = cls(**{**defaults, **options})  # every field has a default
         check_choice("labels", opts.labels, LABEL_SOURCES)
         check_int("mc_samples", opts.mc_samples, 1)
         if opts.mc_samples != 1 and opts.labels != "mc":
