@@ -4,9 +4,11 @@ For a layer ``z = W a + c`` (Linear; Conv and Embedding likewise), the per-sampl
 gradient of ``l_n`` is ``∂l_n/∂W = Σ_t b_nt a_ntᵀ`` with ``a_nt`` the layer input and
 ``b_nt = ∂l_n/∂z_nt`` the output gradient at position ``t``. One forward pass records
 ``a`` and every layer output ``z``; one backward pass with respect to the outputs gives
-every ``b`` (no weight gradients are formed). With one label column, each layer's ``b``
-is used by a hook as soon as the backward pass forms it, and freed with the layer's
-``a``, so that the peak memory is that of the forward pass (see :func:`_stream_column`).
+every ``b`` (no weight gradients are formed). With one label column whose output
+gradients are large (more than ``_GROUP_FLOATS`` floats), each layer's ``b`` is used by
+a hook as soon as the backward pass forms it, and freed with the layer's ``a``, so that
+the peak memory is that of the forward pass (see :func:`_stream_column`); a small
+column is pulled back at once, which skips the hooks' fixed cost.
 Then, for each label column ``u_j`` of the label source with weight ``w_j``,
 
 * non-sequence inputs ``(N, D)``: ``Σ_n Σ_j w_j (b_nj a_nᵀ)² = (Σ_j w_j b_j²)ᵀ (a²)``,
@@ -854,7 +856,7 @@ def fast_batch_sums(
     # 2-D Linear inputs: (Σ_j w_j b_j² (N, O), the input as the product reads it (N, I))
     dense: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
     cols = [c[j] for c in plan.columns(out.detach(), target, draws) for j in range(len(c))]
-    single = len(cols) == 1  # one label column: streamed through the backward pass
+    single = len(cols) == 1  # one label column: its products right away, streamed if large
     w = plan.weight
     Key = tuple[Any, Any]
     tied: dict[str, list[tuple[nn.Module, torch.Tensor, torch.Tensor]]] = {}
