@@ -34,8 +34,14 @@ from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "HeadAttention", "from_multihead", "to_multihead", "shrink_heads", "attention_flops",
-    "block_indices",
+    "block_indices", "is_hf_conv1d",
 ]
+
+
+def is_hf_conv1d(mod: nn.Module) -> bool:
+    """Whether ``mod`` is a Hugging Face ``Conv1D`` (GPT-2's transposed Linear,
+    ``y = x W + b`` with ``W`` of shape ``(nx, nf)``): ``2 · nx · nf`` FLOPs per position."""
+    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and hasattr(mod, "nx")
 
 
 class HeadAttention(nn.Module):
@@ -277,8 +283,11 @@ def attention_flops(mod: nn.Module, total: list[float]) -> RemovableHandle | Non
         return mod.register_forward_hook(hook)
     bert = all(isinstance(getattr(mod, a, None), nn.Linear) for a in ("query", "key", "value"))
     modern = all(isinstance(getattr(mod, a, None), nn.Linear) for a in ("q_proj", "k_proj", "v_proj"))
-    gpt2 = isinstance(getattr(mod, "c_attn", None), nn.Linear) and isinstance(
-        getattr(mod, "num_heads", None), int
+    c_attn = getattr(mod, "c_attn", None)
+    gpt2 = (
+        isinstance(c_attn, nn.Module)
+        and (isinstance(c_attn, nn.Linear) or is_hf_conv1d(c_attn))
+        and isinstance(getattr(mod, "num_heads", None), int)
     )
     if gpt2:
 

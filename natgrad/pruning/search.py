@@ -21,12 +21,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from natgrad.engine.batch import parse_batch
+from natgrad.pruning.attention import is_hf_conv1d
 from natgrad.pruning.structures import Group
 
 __all__ = [
@@ -96,12 +97,13 @@ def build_cost_model(model: nn.Module, groups: list[Group], example: Any) -> Cos
     attn_positions: dict[str, tuple[int, int]] = {}  # (query, key) lengths of attention
     handles = []
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, *_CONV)):
+        if isinstance(mod, (nn.Linear, *_CONV)) or is_hf_conv1d(mod):
 
             def hook(
                 m: nn.Module, args: tuple[Any, ...], out: torch.Tensor, name: str = name
             ) -> None:
-                channels = out.shape[-1] if isinstance(m, nn.Linear) else out.shape[1]
+                last = isinstance(m, nn.Linear) or is_hf_conv1d(m)
+                channels = out.shape[-1] if last else out.shape[1]
                 positions[name] = positions.get(name, 0) + out.numel() // channels
 
             handles.append(mod.register_forward_hook(hook))
@@ -165,6 +167,9 @@ def build_cost_model(model: nn.Module, groups: list[Group], example: Any) -> Cos
                 out_link = (produced[name].name,) if name in produced else ()
                 params.append((mod.bias.numel() / (produced[name].size if out_link else 1), out_link))
                 counted.add(id(mod.bias))
+        elif is_hf_conv1d(mod):  # never pruned (groups see it converted): a constant
+            weight = cast(torch.Tensor, mod.weight)
+            flops.append((2.0 * weight.numel() * positions.get(name, 0), ()))
         elif name in normed:
             g = normed[name]
             for p in mod.parameters(recurse=False):

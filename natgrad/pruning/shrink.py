@@ -33,7 +33,7 @@ from natgrad.engine.batch import Batch, parse_batch
 from natgrad.engine.checks import check_choice
 from natgrad.engine.common import psd_solve
 from natgrad.engine.per_sample import hooked_output
-from natgrad.pruning.attention import block_indices, shrink_heads
+from natgrad.pruning.attention import block_indices, is_hf_conv1d, shrink_heads
 from natgrad.pruning.structures import Group
 
 if TYPE_CHECKING:
@@ -198,9 +198,9 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def count_flops(model: nn.Module, example: Any) -> float:
-    """FLOPs per sample of one forward pass: ``2 ×`` the multiply-accumulates of Linear and
-    Conv layers and of the attention matmuls (``QKᵀ`` and ``AV``); elementwise ops are not
-    counted. Measured by hooks on one sample of ``example``, with every
+    """FLOPs per sample of one forward pass: ``2 ×`` the multiply-accumulates of Linear,
+    Hugging Face ``Conv1D`` (``2 · nx · nf`` per position) and Conv layers and of the
+    attention matmuls (``QKᵀ`` and ``AV``); elementwise ops are not counted. Measured by hooks on one sample of ``example``, with every
     ``nn.TransformerEncoder``'s nested-tensor fast path off for the count (it would hand
     the attention hooks nested tensors, which have no sizes, and skip the layers' own
     forwards; ``use_nested_tensor`` is put back after).
@@ -217,6 +217,12 @@ def count_flops(model: nn.Module, example: Any) -> float:
             handles.append(
                 mod.register_forward_hook(
                     lambda m, a, o: total.__setitem__(0, total[0] + 2.0 * m.in_features * o.numel())
+                )
+            )
+        elif is_hf_conv1d(mod):  # o: (..., nf), nx inputs per output entry
+            handles.append(
+                mod.register_forward_hook(
+                    lambda m, a, o: total.__setitem__(0, total[0] + 2.0 * m.nx * o.numel())
                 )
             )
         elif isinstance(mod, _CONV):

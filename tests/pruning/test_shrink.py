@@ -1,0 +1,65 @@
+"""Hand counts, design rows and re-fits of natgrad.pruning.shrink (cases found by review)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import natgrad
+from natgrad.pruning.search import build_cost_model
+from natgrad.pruning.shrink import count_flops, count_params
+
+
+def _tiny_gpt2(n_layer: int = 1):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(3)
+    cfg = GPT2Config(
+        vocab_size=30, n_embd=16, n_layer=n_layer, n_head=4, n_positions=16, num_labels=3,
+        pad_token_id=0, bos_token_id=1, eos_token_id=1, use_cache=False,
+    )
+    return GPT2ForSequenceClassification(cfg).double().eval(), cfg
+
+
+def _gpt2_hand_flops(e: int, heads: list[int], hidden: list[int], hd: int, t: int, c: int) -> float:
+    """2·MACs of c_attn (3·h·hd rows), c_proj, c_fc, mlp c_proj per token, QKᵀ and AV per
+    head, and the classifier on every token."""
+    total = 2.0 * e * c * t
+    for h, f in zip(heads, hidden, strict=True):
+        total += 2.0 * t * (e * 3 * h * hd + h * hd * e + e * f + f * e) + 4.0 * t * t * h * hd
+    return total
+
+
+def test_gpt2_flops_count_conv1d_layers_before_and_after_pruning():
+    pytest.importorskip("transformers")
+    model, cfg = _tiny_gpt2(n_layer=1)
+    t = 7
+    ids = torch.randint(1, 30, (6, t))
+    y = torch.randint(0, 3, (6,))
+    e, hd = cfg.n_embd, cfg.n_embd // cfg.n_head
+    full = _gpt2_hand_flops(e, [cfg.n_head], [4 * e], hd, t, 3)
+    # the unconverted model: its Conv1D layers and the attention matmuls are counted
+    assert count_flops(model, {"input_ids": ids}) == full
+    small, rep = natgrad.prune_structured(
+        model, ({"input_ids": ids}, y), flops=0.6, measure=False, tune=False, min_keep=0.25,
+    )
+    assert all(type(small.transformer.h[i].attn.c_attn).__name__ == "Conv1D" for i in range(1))
+    kept = rep.kept
+    heads = [kept[f"transformer.h.{i}.attn"][0] for i in range(1)]
+    hidden = [kept[f"transformer.h.{i}.mlp.c_fc"][0] for i in range(1)]
+    assert sum(heads) + sum(hidden) < cfg.n_head + 4 * e  # something was removed
+    assert rep.flops_before == full
+    assert rep.flops_after == _gpt2_hand_flops(e, heads, hidden, hd, t, 3)
+    assert rep.flops_after <= 0.6 * rep.flops_before * (1 + 1e-9)
+
+
+def test_cost_model_counts_unconverted_conv1d_as_a_constant():
+    pytest.importorskip("transformers")
+    model, cfg = _tiny_gpt2()
+    ids = torch.randint(1, 30, (2, 5))
+    cost = build_cost_model(model, [], {"input_ids": ids})
+    e = cfg.n_embd
+    # Conv1D layers (no groups: constants) and the classifier; the attention matmuls of an
+    # unconverted GPT-2 have no per-head term here (no head group)
+    assert cost.total("flops") == 2.0 * 5 * (e * 3 * e + e * e + e * 4 * e + 4 * e * e) + 2.0 * e * 3 * 5
+    assert cost.total("params") == count_params(model)
