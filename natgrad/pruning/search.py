@@ -161,9 +161,10 @@ def build_cost_model(model: nn.Module, groups: list[Group], example: Any) -> Cos
                 div *= consumed[name].size
             w = mod.weight.numel()
             flops.append((2.0 * w * positions.get(name, 0) / div, links))
-            params.append((w / div, links))
-            counted.add(id(mod.weight))
-            if mod.bias is not None:
+            if id(mod.weight) not in counted:  # a weight tied to another layer counts once
+                params.append((w / div, links))
+                counted.add(id(mod.weight))
+            if mod.bias is not None and id(mod.bias) not in counted:
                 out_link = (produced[name].name,) if name in produced else ()
                 params.append((mod.bias.numel() / (produced[name].size if out_link else 1), out_link))
                 counted.add(id(mod.bias))

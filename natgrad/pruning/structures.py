@@ -424,7 +424,40 @@ def find_groups(
         found.name = found.producer = n.target
         consumed.add(found.consumer)
         groups.append(found)
-    return groups, skipped
+    return _drop_tied(model, groups, skipped), skipped
+
+
+def _drop_tied(model: nn.Module, groups: list[Group], skipped: dict[str, str]) -> list[Group]:
+    """The groups none of whose modules (producer rows, consumer, norms; a head-attention
+    module with its projections) holds a parameter that a module outside the group holds
+    too; the others go to ``skipped`` with the reason (shrinking one holder of a tied
+    weight would rebuild it alone and break the tie)."""
+    holders: dict[int, list[str]] = {}
+    for name, mod in model.named_modules():
+        for p in mod.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(name)
+    if all(len(h) == 1 for h in holders.values()):
+        return groups
+    kept = []
+    for g in groups:
+        touched = [g.consumer] if g.consumer_kind == "attention" else [*g.row_modules, g.consumer, *g.norms]
+
+        def inside(name: str, touched: list[str] = touched) -> bool:
+            return any(name == t or name.startswith(t + ".") for t in touched)
+
+        clash = next(
+            ((t, other) for t in touched for p in model.get_submodule(t).parameters()
+             for other in holders.get(id(p), []) if not inside(other)),
+            None,
+        )
+        if clash is None:
+            kept.append(g)
+            continue
+        skipped[g.name] = (
+            f"module {clash[0]!r} shares a parameter with module {clash[1]!r} (tied weights): "
+            "shrinking one holder would break the tie; untie them, or exclude the group"
+        )
+    return kept
 
 
 def _layer_groups(
@@ -601,6 +634,8 @@ def hf_groups(model: nn.Module, exclude: Iterable[str] = ()) -> tuple[list[Group
                     )
                 )
                 used.update([f"{pre}{up}", f"{pre}{down}"])
+    tied: dict[str, str] = {}
+    groups = _drop_tied(model, groups, tied)
     skipped = {
         n: "excluded" if n in exclude else (
             "the model cannot be traced by torch.fx; only BERT-style attention heads and "
@@ -609,6 +644,7 @@ def hf_groups(model: nn.Module, exclude: Iterable[str] = ()) -> tuple[list[Group
         for n, m in model.named_modules()
         if isinstance(m, (nn.Linear, *_CONV)) and n not in used
     }
+    skipped.update(tied)
     return groups, skipped
 
 
