@@ -147,6 +147,8 @@ class Group:
             each ``size · row_repeat`` rows wide.
         heads_module: a Hugging Face style attention whose head-count attributes follow the
             kept heads: ``heads_attrs`` lists ``(attribute, width per head)``.
+        batch_dim: the sample axis of the consumer's input (1 for a sequence-first
+            ``(T, N, F)`` input, e.g. in ``nn.TransformerEncoderLayer(batch_first=False)``).
     """
 
     name: str
@@ -163,6 +165,7 @@ class Group:
     row_blocks: int = 1
     heads_module: str = ""
     heads_attrs: tuple[tuple[str, int], ...] = ()
+    batch_dim: int = 0
 
     @property
     def row_modules(self) -> list[str]:
@@ -279,6 +282,7 @@ def _follow(
                 return Group(
                     name="", kind="channel" if is_conv else "neuron", size=size, producer="",
                     consumer=target, norms=norms, repeat=repeat, consumer_kind="linear",
+                    batch_dim=int(cur.meta.get("natgrad_batch_dim", 0)),
                 )
             if isinstance(mod, _CONV):
                 if not is_conv or repeat != 1:
@@ -373,6 +377,7 @@ def find_groups(
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = [p.name for p in params if p.name not in concrete]
     flat = list(args) + [kwargs.get(nm) for nm in names[len(args):]]
+    _mark_batch_axes(gm, batch, names, len(placeholders))
     with torch.no_grad():
         ShapeProp(gm).propagate(*flat[: len(placeholders)])
     used: dict[str, int] = {}
@@ -460,6 +465,32 @@ def _drop_tied(model: nn.Module, groups: list[Group], skipped: dict[str, str]) -
     return kept
 
 
+def _mark_batch_axes(gm: fx.GraphModule, batch: Any, names: list[str], n_inputs: int) -> None:
+    """Store in each node's ``meta["natgrad_batch_dim"]`` its sample axis: the one axis
+    whose size differs between a 1-sample and a 2-sample shape propagation (nothing when
+    the batch has one sample, or the two differ in no axis or in several)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    shapes = []
+    for k in (1, 2):
+        args = [a[:k] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in batch.args]
+        kw = {n: v[:k] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for n, v in batch.kwargs.items()}
+        flat = args + [kw.get(nm) for nm in names[len(args):]]
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*flat[:n_inputs])
+        except Exception:  # noqa: BLE001 - a model that needs 2 samples: axes left unmarked
+            return
+        shapes.append({n: _shape(n) for n in gm.graph.nodes})
+    for n in gm.graph.nodes:
+        one, two = shapes[0][n], shapes[1][n]
+        if one is None or two is None or len(one) != len(two):
+            continue
+        diff = [i for i, (a, b) in enumerate(zip(one, two, strict=True)) if a != b]
+        if len(diff) == 1:
+            n.meta["natgrad_batch_dim"] = diff[0]
+
+
 def _layer_groups(
     name: str, mod: nn.Module, exclude: set[str], skipped: dict[str, str]
 ) -> list[Group]:
@@ -490,6 +521,7 @@ def _layer_groups(
                     name=lin1, kind="neuron", size=int(mod.linear1.out_features),
                     producer=lin1,
                     consumer=f"{name}.linear2", consumer_kind="linear",
+                    batch_dim=0 if getattr(mod.self_attn, "batch_first", True) else 1,  # (T, N, E) if not
                 )
             )
         return out
@@ -658,7 +690,17 @@ def _expand_mask(group: Group, mask: torch.Tensor, x: torch.Tensor) -> torch.Ten
         m = m.repeat_interleave(group.repeat, dim=-1)
     if group.consumer_kind == "linear":
         if m.dim() == 2:
-            m = m.view(m.shape[0], *([1] * (x.dim() - 2)), m.shape[1])
+            axis = group.batch_dim if x.dim() > 2 else 0
+            if x.shape[axis] != m.shape[0]:
+                raise UnsupportedStructureError(
+                    f"The input of {group.consumer!r} has {x.shape[axis]} entries on axis "
+                    f"{axis}, taken as the sample axis, but the batch has {m.shape[0]} samples: "
+                    "its sample axis could not be found. Exclude the layer with "
+                    f"exclude=[{group.name!r}], or feed the layer batch-first inputs."
+                )
+            shape = [1] * x.dim()
+            shape[axis], shape[-1] = m.shape[0], m.shape[1]
+            m = m.view(shape)
         return m
     # conv: channels on dim 1
     tail = [1] * (x.dim() - 2)

@@ -385,3 +385,18 @@ def test_gradual_budget_out_of_reach_names_the_floor():
         natgrad.prune_structured(
             _mlp(), (x, y), flops=0.01, min_keep=0.5, rounds=3, measure=False
         )
+
+
+# -- cases found by review ----------------------------------------------------------------
+
+
+def test_a_consumer_input_without_the_sample_axis_is_named():
+    from natgrad.pruning.structures import Group, mask_grads
+    from tests.pruning.test_structures import SeqFirstMLP
+
+    torch.manual_seed(0)
+    model = SeqFirstMLP().eval()
+    x, y = torch.randn(4, 5, 6), torch.randint(0, 3, (4,))  # l2 reads (5, 4, 12)
+    wrong = Group(name="l1", kind="neuron", size=12, producer="l1", consumer="l2", batch_dim=0)
+    with pytest.raises(UnsupportedStructureError, match="sample axis could not be found"):
+        mask_grads(model, [wrong], (x, y))

@@ -1,0 +1,67 @@
+"""Groups and mask Fisher of natgrad.pruning.structures (cases found by review)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from natgrad.pruning.structured import convert_attention
+from natgrad.pruning.structures import apply_masks_to, estimate_mask_fisher, find_groups
+
+
+class SeqFirstEncoder(nn.Module):
+    """Batch-first data, a sequence-first nn.TransformerEncoderLayer inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(6, 16)
+        self.enc = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=False), 1,
+            enable_nested_tensor=False,
+        )
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x).transpose(0, 1)).transpose(0, 1).mean(1))
+
+
+class SeqFirstMLP(nn.Module):
+    """Traced Linear layers reading (T, N, F) tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.head = nn.Linear(6, 12), nn.Linear(12, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.l2(torch.relu(self.l1(x.transpose(0, 1))))
+        return self.head(h.mean(0))
+
+
+def _loop_fisher(model, groups, x, y):
+    """(1/N) Σ_n g_n g_nᵀ, each g_n from a forward of sample n alone (shared (S,) masks)."""
+    ref = {g.name: torch.zeros(g.size, g.size, dtype=torch.float64) for g in groups}
+    for n in range(x.shape[0]):
+        masks = {g.name: torch.ones(g.size, dtype=torch.float64, requires_grad=True) for g in groups}
+        with apply_masks_to(model, groups, masks):
+            loss = F.cross_entropy(model(x[n : n + 1]), y[n : n + 1], reduction="sum")
+            gs = torch.autograd.grad(loss, [masks[g.name] for g in groups])
+        for g, gr in zip(groups, gs, strict=True):
+            ref[g.name] += torch.outer(gr, gr) / x.shape[0]
+    return ref
+
+
+@pytest.mark.parametrize("make", [SeqFirstEncoder, SeqFirstMLP])
+def test_mask_fisher_of_sequence_first_layers_matches_a_per_sample_loop(make):
+    torch.manual_seed(0)
+    model = make().double().eval()
+    convert_attention(model)
+    n = t = 5  # N == T: a wrong sample axis would broadcast silently
+    x, y = torch.randn(n, t, 6, dtype=torch.float64), torch.randint(0, 3, (n,))
+    groups, _ = find_groups(model, (x, y))
+    assert groups
+    fisher = estimate_mask_fisher(model, groups, (x, y))
+    ref = _loop_fisher(model, groups, x, y)
+    for g in groups:
+        torch.testing.assert_close(fisher.blocks[g.name], ref[g.name], rtol=1e-9, atol=1e-12)
