@@ -267,7 +267,7 @@ def least_squares(gram: torch.Tensor, cross: torch.Tensor, damping: float) -> to
 
 
 def _explicit_padding(mod: nn.Conv1d | nn.Conv2d) -> list[tuple[int, int]]:
-    """``(before, after)`` zero padding of each spatial dim, also for ``padding="same"`` /
+    """``(before, after)`` padding of each spatial dim, also for ``padding="same"`` /
     ``"valid"``: ``"same"`` pads ``dilation · (kernel - 1)`` in all, the extra one after
     (as ``torch.nn.functional.conv*d`` does)."""
     if mod.padding == "valid":
@@ -287,8 +287,9 @@ def design_rows(mod: Layer, x: torch.Tensor) -> torch.Tensor:
     ``design_rows(layer, x) @ [W | b]ᵀ``.
 
     For a conv the rows are the unfolded input patches (one per sample and output
-    position), zero-padded as the conv pads, string paddings ``"same"``/``"valid"``
-    included; a column of ones is appended when the layer has a bias.
+    position), padded as the conv pads (its ``padding_mode``: zeros, reflect, replicate
+    or circular), string paddings ``"same"``/``"valid"`` included; a column of ones is
+    appended when the layer has a bias.
 
     Args:
         mod: the layer.
@@ -302,8 +303,9 @@ def design_rows(mod: Layer, x: torch.Tensor) -> torch.Tensor:
     else:
         pads = _explicit_padding(mod)
         flat = [p for pair in reversed(pads) for p in pair]  # F.pad: last dim first
-        if any(flat):
-            x = F.pad(x, flat)
+        if any(flat):  # as the conv pads: zeros, or reflect / replicate / circular
+            mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
+            x = F.pad(x, flat, mode=mode)
         k: tuple[int, ...]
         s: tuple[int, ...]
         d: tuple[int, ...]

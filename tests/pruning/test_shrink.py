@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import natgrad
 from natgrad.pruning.search import build_cost_model
-from natgrad.pruning.shrink import count_flops, count_params
+from natgrad.pruning.shrink import count_flops, count_params, design_rows
 
 
 def _tiny_gpt2(n_layer: int = 1):
@@ -63,3 +64,15 @@ def test_cost_model_counts_unconverted_conv1d_as_a_constant():
     # unconverted GPT-2 have no per-head term here (no head group)
     assert cost.total("flops") == 2.0 * 5 * (e * 3 * e + e * e + e * 4 * e + 4 * e * e) + 2.0 * e * 3 * 5
     assert cost.total("params") == count_params(model)
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("dim", [1, 2])
+def test_design_rows_pad_as_the_conv_pads(mode, dim):
+    torch.manual_seed(0)
+    conv = (nn.Conv1d if dim == 1 else nn.Conv2d)(3, 4, 3, padding=1, padding_mode=mode).double()
+    x = torch.randn(2, 3, *([5] * dim), dtype=torch.float64)
+    w = torch.cat([conv.weight.reshape(4, -1), conv.bias[:, None]], 1)
+    with torch.no_grad():
+        want = conv(x).flatten(2).transpose(1, 2).reshape(-1, 4)
+        torch.testing.assert_close(design_rows(conv, x) @ w.T, want)
