@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -460,6 +460,7 @@ def tune_layers(
     damping: float = 1e-3,
     scope: str = "consumers",
     fit: str = "weights",
+    exclude: Iterable[str] = (),
 ) -> list[str]:
     """Re-fit layers of the pruned model by least squares (in place on ``pruned``).
 
@@ -495,6 +496,7 @@ def tune_layers(
             from the same Gram matrix; ``|kept|`` unknowns instead of ``in · out``, so
             it does not over-fit a small calibration set. Only with
             ``scope="consumers"``.
+        exclude: module names never re-fitted (nor any layer inside them).
 
     Returns:
         the names of the tuned layers, in order.
@@ -525,6 +527,12 @@ def tune_layers(
         first = min(order.index(n) for n in consumers)
         names = {n for n, _ in original.named_modules()}
         layers = [n for n in order[first:] if n in names]
+    excluded = set(exclude)
+    layers = [
+        n for n in layers if not any(n == e or n.startswith(e + ".") for e in excluded)
+    ]
+    if not layers:
+        return []
     targets = _targets(original, layers, batches, out_rows)
     tuned = []
     for name in layers:

@@ -572,7 +572,7 @@ def _prune_gradually(
             # targets: the original model's layer outputs (the kept rows, original indices)
             tuned = tune_layers(
                 work, shrunk, groups, removed, calibration,
-                damping=damping, scope=tune_scope, fit=tune_fit,
+                damping=damping, scope=tune_scope, fit=tune_fit, exclude=exclude,
             )
         current = shrunk
     # the same structures removed from the original in one step, not re-fitted: the
@@ -767,6 +767,7 @@ def prune_structured(
             "loss before and after): pass a list of batches or a DataLoader, e.g. "
             "list(data)."
         )
+    exclude = tuple(exclude)  # read twice (groups, re-fit): a generator would run dry
     work = deepcopy_model(model)
     converted = _convert(work)
     example = next(iter(iterate_batches(data)), None)
@@ -842,7 +843,7 @@ def prune_structured(
         if tune and not untouched:
             tuned = tune_layers(
                 work, pruned, groups, removed, calib,
-                damping=damping, scope=tune_scope, fit=tune_fit,
+                damping=damping, scope=tune_scope, fit=tune_fit, exclude=exclude,
             )
         if not untouched:  # attention / Conv1D whose shape pruning left: original types
             restore_converted(pruned, model, converted)

@@ -429,7 +429,24 @@ def find_groups(
         found.name = found.producer = n.target
         consumed.add(found.consumer)
         groups.append(found)
-    return _drop_tied(model, groups, skipped), skipped
+    return _drop_tied(model, _drop_excluded(groups, exclude, skipped), skipped), skipped
+
+
+def _drop_excluded(groups: list[Group], exclude: set[str], skipped: dict[str, str]) -> list[Group]:
+    """The groups that change no excluded module (or a module inside one): producer rows,
+    consumer, norms; the others go to ``skipped`` with the reason."""
+    kept = []
+    for g in groups:
+        touched = [g.consumer] if g.consumer_kind == "attention" else [*g.row_modules, g.consumer, *g.norms]
+        hit = next(
+            (t for t in touched for e in exclude if t == e or t.startswith(e + ".") or e.startswith(t + ".")),
+            None,
+        )
+        if hit is None:
+            kept.append(g)
+        else:
+            skipped[g.name] = f"module {hit!r}, which pruning it would change, is excluded"
+    return kept
 
 
 def _drop_tied(model: nn.Module, groups: list[Group], skipped: dict[str, str]) -> list[Group]:
@@ -667,7 +684,7 @@ def hf_groups(model: nn.Module, exclude: Iterable[str] = ()) -> tuple[list[Group
                 )
                 used.update([f"{pre}{up}", f"{pre}{down}"])
     tied: dict[str, str] = {}
-    groups = _drop_tied(model, groups, tied)
+    groups = _drop_tied(model, _drop_excluded(groups, exclude, tied), tied)
     skipped = {
         n: "excluded" if n in exclude else (
             "the model cannot be traced by torch.fx; only BERT-style attention heads and "

@@ -65,3 +65,25 @@ def test_mask_fisher_of_sequence_first_layers_matches_a_per_sample_loop(make):
     ref = _loop_fisher(model, groups, x, y)
     for g in groups:
         torch.testing.assert_close(fisher.blocks[g.name], ref[g.name], rtol=1e-9, atol=1e-12)
+
+
+def test_an_excluded_consumer_or_layer_is_never_changed():
+    import natgrad
+
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 10), nn.ReLU(), nn.Linear(10, 4)
+    ).eval()
+    x, y = torch.randn(64, 12), torch.randint(0, 4, (64,))
+    groups, skipped = find_groups(m, (x, y), exclude=["4"])
+    assert [g.name for g in groups] == ["0"]
+    assert "'4'" in skipped["2"] and "excluded" in skipped["2"]
+    for scope in ("consumers", "downstream"):
+        small, rep = natgrad.prune_structured(
+            m, (x, y), params=0.8, measure=False, exclude=(e for e in ["4"]), tune_scope=scope,
+        )
+        assert small[0].out_features < 16
+        assert rep.tuned_layers == ["2"]
+        assert torch.equal(small[4].weight, m[4].weight) and torch.equal(small[4].bias, m[4].bias)
+    groups, skipped = find_groups(m, (x, y), exclude=["2"])
+    assert groups == [] and "'2'" in skipped["0"]
