@@ -330,8 +330,10 @@ def magnitude_scores(model: nn.Module, groups: list[Group]) -> dict[str, torch.T
             ]).sum(0)
             w = w + weight(mod, "out_proj").view(-1, g.size, d).sum((0, 2))
         else:
+            # rows of structure s in each of row_blocks fused blocks (GPT-2's [q; k; v])
             w = torch.stack([
-                weight(model.get_submodule(r)).reshape(g.size, -1).sum(1) for r in g.row_modules
+                weight(model.get_submodule(r)).reshape(g.row_blocks, g.size, -1).sum((0, 2))
+                for r in g.row_modules
             ]).sum(0)
         w = w.double().cpu()
         out[g.name] = w / w.mean().clamp_min(1e-30)

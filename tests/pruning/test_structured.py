@@ -1375,3 +1375,18 @@ def test_a_budget_that_removes_nothing_returns_an_unchanged_copy(budget):
     assert all(p is not q for p, q in zip(pruned.parameters(), model.parameters(), strict=True))
     assert torch.equal(pruned(ids, mask), model(ids, mask))
     assert rep.flops_after == rep.flops_before and rep.measured_loss_increase == 0.0
+
+
+def test_magnitude_scores_of_fused_gpt2_heads_sum_each_heads_q_k_v_rows():
+    from natgrad.pruning.structured import magnitude_scores
+    from natgrad.pruning.structures import hf_groups
+
+    model, _, _ = gpt2_case()
+    groups, _ = hf_groups(model)
+    for g in (g for g in groups if g.kind == "head"):
+        w = model.get_submodule(g.name).c_attn.weight.detach().abs()  # (3E, E): [q; k; v]
+        e, d = w.shape[1], g.head_dim
+        hand = torch.stack([
+            sum(w[b * e + h * d : b * e + (h + 1) * d].sum() for b in range(3)) for h in range(g.size)
+        ]).double()
+        torch.testing.assert_close(magnitude_scores(model, groups)[g.name], hand / hand.mean())
