@@ -28,7 +28,7 @@ from torch import nn
 
 from natgrad.engine.batch import parse_batch
 from natgrad.pruning.attention import is_hf_conv1d
-from natgrad.pruning.structures import Group
+from natgrad.pruning.structures import UNPRUNED_CONVS, Group
 
 __all__ = [
     "BudgetError",
@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 _CONV = (nn.Conv1d, nn.Conv2d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 class BudgetError(ValueError):
@@ -97,12 +98,14 @@ def build_cost_model(model: nn.Module, groups: list[Group], example: Any) -> Cos
     attn_positions: dict[str, tuple[int, int]] = {}  # (query, key) lengths of attention
     handles = []
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, *_CONV)) or is_hf_conv1d(mod):
+        if isinstance(mod, (nn.Linear, *_CONV, *UNPRUNED_CONVS)) or is_hf_conv1d(mod):
 
             def hook(
                 m: nn.Module, args: tuple[Any, ...], out: torch.Tensor, name: str = name
             ) -> None:
                 last = isinstance(m, nn.Linear) or is_hf_conv1d(m)
+                if isinstance(m, _TRANSPOSED):  # MACs: input positions x weight entries
+                    out = args[0]
                 channels = out.shape[-1] if last else out.shape[1]
                 positions[name] = positions.get(name, 0) + out.numel() // channels
 
@@ -150,7 +153,7 @@ def build_cost_model(model: nn.Module, groups: list[Group], example: Any) -> Cos
             for p in mod.parameters():
                 counted.add(id(p))
             continue
-        if isinstance(mod, (nn.Linear, *_CONV)):
+        if isinstance(mod, (nn.Linear, *_CONV, *UNPRUNED_CONVS)):
             links: tuple[str, ...] = ()
             div = 1
             if name in produced:

@@ -34,7 +34,7 @@ from natgrad.engine.checks import check_choice
 from natgrad.engine.common import psd_solve
 from natgrad.engine.per_sample import hooked_output
 from natgrad.pruning.attention import block_indices, is_hf_conv1d, shrink_heads
-from natgrad.pruning.structures import Group
+from natgrad.pruning.structures import UNPRUNED_CONVS, Group
 
 if TYPE_CHECKING:
     from natgrad.pruning.attention import HeadAttention
@@ -199,8 +199,9 @@ def count_params(model: nn.Module) -> int:
 @torch.no_grad()
 def count_flops(model: nn.Module, example: Any) -> float:
     """FLOPs per sample of one forward pass: ``2 ×`` the multiply-accumulates of Linear,
-    Hugging Face ``Conv1D`` (``2 · nx · nf`` per position) and Conv layers and of the
-    attention matmuls (``QKᵀ`` and ``AV``); elementwise ops are not counted. Measured by hooks on one sample of ``example``, with every
+    Hugging Face ``Conv1D`` (``2 · nx · nf`` per position) and Conv layers (1-3 d, per
+    output entry ``(in / groups) · Πk``; transposed: per input entry
+    ``(out / groups) · Πk``) and of the attention matmuls (``QKᵀ`` and ``AV``); elementwise ops are not counted. Measured by hooks on one sample of ``example``, with every
     ``nn.TransformerEncoder``'s nested-tensor fast path off for the count (it would hand
     the attention hooks nested tensors, which have no sizes, and skip the layers' own
     forwards; ``use_nested_tensor`` is put back after).
@@ -225,7 +226,16 @@ def count_flops(model: nn.Module, example: Any) -> float:
                     lambda m, a, o: total.__setitem__(0, total[0] + 2.0 * m.nx * o.numel())
                 )
             )
-        elif isinstance(mod, _CONV):
+        elif isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            # each input entry meets weight[c] ((out / groups) · Πk entries)
+            handles.append(
+                mod.register_forward_hook(
+                    lambda m, a, o: total.__setitem__(
+                        0, total[0] + 2.0 * m.weight[0].numel() * a[0].numel()
+                    )
+                )
+            )
+        elif isinstance(mod, (*_CONV, *UNPRUNED_CONVS)):
             handles.append(
                 mod.register_forward_hook(
                     lambda m, a, o: total.__setitem__(

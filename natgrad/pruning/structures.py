@@ -52,6 +52,7 @@ from natgrad.engine.options import LabelSource
 
 __all__ = [
     "UnsupportedStructureError",
+    "UNPRUNED_CONVS",
     "Group",
     "find_groups",
     "apply_masks_to",
@@ -66,6 +67,9 @@ class UnsupportedStructureError(ValueError):
 
 
 _CONV = (nn.Conv1d, nn.Conv2d)
+#: convolutions never pruned: their FLOPs and parameters are a constant cost
+UNPRUNED_CONVS = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_UNPRUNED_REASON = "Conv3d and transposed convolutions are not pruned (counted as a constant cost)"
 _ELEMENTWISE_MODULES = (
     nn.ReLU,
     nn.ReLU6,
@@ -408,6 +412,9 @@ def find_groups(
                 found_layer = _layer_groups(n.target, mod, exclude, skipped)
                 groups.extend(found_layer)
             continue
+        if isinstance(mod, UNPRUNED_CONVS):
+            skipped[n.target] = "excluded" if n.target in exclude else _UNPRUNED_REASON
+            continue
         if not isinstance(mod, (nn.Linear, *_CONV)):
             continue
         if n.target in exclude:
@@ -693,6 +700,10 @@ def hf_groups(model: nn.Module, exclude: Iterable[str] = ()) -> tuple[list[Group
         for n, m in model.named_modules()
         if isinstance(m, (nn.Linear, *_CONV)) and n not in used
     }
+    skipped.update({
+        n: "excluded" if n in exclude else _UNPRUNED_REASON
+        for n, m in model.named_modules() if isinstance(m, UNPRUNED_CONVS)
+    })
     skipped.update(tied)
     return groups, skipped
 

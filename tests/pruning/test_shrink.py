@@ -9,6 +9,7 @@ from torch import nn
 import natgrad
 from natgrad.pruning.search import build_cost_model
 from natgrad.pruning.shrink import count_flops, count_params, design_rows
+from natgrad.pruning.structures import find_groups
 
 
 def _tiny_gpt2(n_layer: int = 1):
@@ -76,3 +77,39 @@ def test_design_rows_pad_as_the_conv_pads(mode, dim):
     with torch.no_grad():
         want = conv(x).flatten(2).transpose(1, 2).reshape(-1, 4)
         torch.testing.assert_close(design_rows(conv, x) @ w.T, want)
+
+
+def _conv3d_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv3d(2, 8, 3), nn.ReLU(), nn.Flatten(2),  # (8, 8)
+        nn.ConvTranspose1d(8, 6, 3), nn.ReLU(),  # (6, 10)
+        nn.Conv1d(6, 8, 3), nn.ReLU(),  # (8, 8)
+        nn.Conv1d(8, 4, 3), nn.Flatten(), nn.Linear(4 * 6, 3),
+    ).eval()
+
+
+def _conv3d_hand_flops(k5: int, k7: int) -> float:
+    return (
+        2 * (2 * 27) * (8 * 8)  # Conv3d: (in · Πk) per output entry
+        + 2 * (6 * 3) * (8 * 8)  # ConvTranspose1d: (out · k) per input entry
+        + 2 * (6 * 3) * (k5 * 8) + 2 * (k5 * 3) * (k7 * 6) + 2 * (k7 * 6) * 3
+    )
+
+
+def test_conv3d_and_transposed_convs_are_counted_and_reported_as_skipped():
+    m = _conv3d_model()
+    x, y = torch.randn(16, 2, 4, 4, 4), torch.randint(0, 3, (16,))
+    params = (8 * 2 * 27 + 8) + (8 * 6 * 3 + 6) + (8 * 6 * 3 + 8) + (4 * 8 * 3 + 4) + (24 * 3 + 3)
+    assert count_flops(m, x) == _conv3d_hand_flops(8, 4)
+    groups, skipped = find_groups(m, (x, y))
+    assert "not pruned" in skipped["0"] and "not pruned" in skipped["3"]
+    cost = build_cost_model(m, groups, (x, y))
+    assert cost.total("flops") == _conv3d_hand_flops(8, 4)
+    assert cost.total("params") == params == count_params(m)
+    small, rep = natgrad.prune_structured(m, (x, y), flops=0.85, measure=False, tune=False)
+    k5, k7 = rep.kept["5"][0], rep.kept["7"][0]
+    assert (k5, k7) != (8, 4)
+    assert rep.flops_before == _conv3d_hand_flops(8, 4)
+    assert rep.flops_after == _conv3d_hand_flops(k5, k7) <= 0.85 * rep.flops_before
+    assert "not pruned" in rep.skipped["0"]
