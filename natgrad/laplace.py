@@ -491,7 +491,7 @@ def _lowrank_terms(
     device: torch.device,
 ) -> tuple[list[_Term], list[str], torch.Tensor | None]:
     """Terms of a :class:`natgrad.LowRankFisher` posterior (float64), when every chosen
-    parameter is on the capture path.
+    parameter is on the capture path (and none is in a grouped convolution).
 
     With ``F = V diag(E) Vᵀ`` (``V`` orthonormal, ``P x r``),
     ``(N F + δ I)⁻¹ = I/δ - V diag(w) Vᵀ``, ``w_k = N E_k / (δ (N E_k + δ))``, so
@@ -507,6 +507,8 @@ def _lowrank_terms(
     owner = {k: m for m, pair in named.items() for k in pair if k is not None}
     if any(k not in fast or k not in owner for k in chosen) or set(chosen) != set(fisher.shapes):
         return [], [], None
+    if any(getattr(owner[k], "groups", 1) != 1 for k in chosen):
+        return [], [], None  # a grouped conv: its unfolded inputs span every channel (vmap)
     R = fisher.rows.detach().to(device=device, dtype=f64)
     eig = gram_eigen(R)
     V = R.T @ (eig["U"] / eig["S"].sqrt())  # (P, r)

@@ -248,3 +248,16 @@ def test_last_layer_laplace_next_to_a_pruned_layer(how):
     assert m.scores[0] == pytest.approx(float(-0.5 * theta @ theta - 0.5 * sld), rel=1e-9)
     with pytest.raises(ValueError, match="masked Kronecker blocks"):  # the pruned layer chosen
         natgrad.fisher_uncertainty(model, x, curv, params=["0.weight_orig", "0.bias"])
+
+
+def test_lowrank_uncertainty_of_a_grouped_conv_matches_vmap():
+    # found by review: the low-rank capture path raised a shape error on a grouped conv
+    torch.manual_seed(0)
+    nn = torch.nn
+    m = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(36, 3))
+    m = m.double().eval()
+    x, y = torch.randn(6, 4, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    curv = natgrad.estimate_curvature(m, (x, y), kind="lowrank", rank=4)
+    got = natgrad.fisher_uncertainty(m, x, curv, prior_precision=0.7)
+    want = natgrad.fisher_uncertainty(m, x, curv, prior_precision=0.7, engine="vmap")
+    torch.testing.assert_close(got.logit_variance, want.logit_variance, rtol=1e-9, atol=1e-12)
