@@ -95,11 +95,14 @@ def _rebuild(mod: Layer, rows: torch.Tensor | None, cols: torch.Tensor | None) -
 
 
 def _slice_norm(mod: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor) -> nn.Module:
+    # the dtype/device of its parameters, or of its running statistics when it has no
+    # affine parameters (a float64 BatchNorm(affine=False) stays float64)
+    ref = mod.weight if mod.affine else mod.running_mean
     new = type(mod)(
         len(keep), eps=mod.eps, momentum=mod.momentum, affine=mod.affine,
         track_running_stats=mod.track_running_stats,
-        device=(mod.weight.device if mod.affine else None),
-        dtype=(mod.weight.dtype if mod.affine else None),
+        device=None if ref is None else ref.device,
+        dtype=None if ref is None else ref.dtype,
     )
     with torch.no_grad():
         if mod.affine:

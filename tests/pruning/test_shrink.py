@@ -113,3 +113,56 @@ def test_conv3d_and_transposed_convs_are_counted_and_reported_as_skipped():
     assert rep.flops_before == _conv3d_hand_flops(8, 4)
     assert rep.flops_after == _conv3d_hand_flops(k5, k7) <= 0.85 * rep.flops_before
     assert "not pruned" in rep.skipped["0"]
+
+
+def test_float64_batchnorm_without_affine_is_sliced_in_float64():
+    from natgrad.pruning.structures import apply_masks_to
+
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False), nn.ReLU(), nn.Conv2d(8, 4, 3),
+        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3),
+    ).double().eval()
+    with torch.no_grad():
+        m[1].running_mean.normal_()
+        m[1].running_var.uniform_(0.5, 2)
+    x, y = torch.randn(32, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (32,))
+    small, rep = natgrad.prune_structured(m, (x, y), flops=0.6, measure=False, tune=False)
+    assert small[1].running_mean.dtype == small[1].running_var.dtype == torch.float64
+    assert small[1].num_features == rep.kept["0"][0] < 8
+    groups, _ = find_groups(m, (x, y))
+    masks = {}
+    for g in groups:
+        masks[g.name] = torch.ones(g.size, dtype=torch.float64)
+        masks[g.name][rep.removed[g.name]] = 0
+    with torch.no_grad(), apply_masks_to(m, groups, masks):
+        torch.testing.assert_close(small(x), m(x), rtol=1e-12, atol=1e-12)
+
+
+class KeywordAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(6, 16)
+        self.att = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        h = h + self.att(query=h, key=h, value=h, need_weights=False)[0]
+        return self.head(h.mean(1))
+
+
+def test_attention_called_with_keywords_is_counted():
+    torch.manual_seed(0)
+    m = KeywordAttention().eval()
+    t, e, d = 5, 16, 4
+    x, y = torch.randn(24, t, 6), torch.randint(0, 3, (24,))
+
+    def hand(h: int) -> float:  # emb, q/k/v, out projection, QKᵀ and AV, classifier
+        return 2.0 * t * 6 * e + 2.0 * t * e * 3 * h * d + 2.0 * t * h * d * e + 4.0 * t * t * h * d + 2.0 * e * 3
+
+    assert count_flops(m, x) == hand(4)
+    small, rep = natgrad.prune_structured(m, (x, y), flops=0.7, measure=False, tune=False)
+    kept = rep.kept["att"][0]
+    assert kept < 4
+    assert rep.flops_before == hand(4) and rep.flops_after == hand(kept)
