@@ -273,14 +273,11 @@ def attention_flops(mod: nn.Module, total: list[float]) -> RemovableHandle | Non
     no Linear modules."""
     if isinstance(mod, HeadAttention):
 
-        def hook(m: Any, args: tuple[Any, ...], out: Any) -> None:
-            q = args[0]
-            k = args[1] if len(args) > 1 else q
-            tq = q.shape[1] if m.batch_first else q.shape[0]
-            tk = k.shape[1] if m.batch_first else k.shape[0]
+        def hook(m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            tq, tk = _lengths(m, args, kwargs)
             total[0] += 4.0 * tq * tk * m.num_heads * m.head_dim
 
-        return mod.register_forward_hook(hook)
+        return mod.register_forward_hook(hook, with_kwargs=True)
     bert = all(isinstance(getattr(mod, a, None), nn.Linear) for a in ("query", "key", "value"))
     modern = all(isinstance(getattr(mod, a, None), nn.Linear) for a in ("q_proj", "k_proj", "v_proj"))
     c_attn = getattr(mod, "c_attn", None)
@@ -309,13 +306,20 @@ def attention_flops(mod: nn.Module, total: list[float]) -> RemovableHandle | Non
         return mod.register_forward_hook(hf_hook, with_kwargs=True)
     if isinstance(mod, nn.MultiheadAttention):
 
-        def mhook(m: Any, args: tuple[Any, ...], out: Any) -> None:
-            q = args[0]
-            k = args[1] if len(args) > 1 else q
-            tq = q.shape[1] if m.batch_first else q.shape[0]
-            tk = k.shape[1] if m.batch_first else k.shape[0]
+        def mhook(m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            tq, tk = _lengths(m, args, kwargs)
             e = m.embed_dim
             total[0] += 2.0 * (tq * e * e + 2 * tk * e * e + tq * e * e) + 4.0 * tq * tk * e
 
-        return mod.register_forward_hook(mhook)
+        return mod.register_forward_hook(mhook, with_kwargs=True)
     return None
+
+
+def _lengths(m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
+    """Query and key lengths of an attention call, positional or keyword arguments."""
+    q = args[0] if args else kwargs["query"]
+    k = args[1] if len(args) > 1 else kwargs.get("key", q)
+    batched = q.dim() == 3
+    tq = q.shape[1] if m.batch_first and batched else q.shape[0]
+    tk = k.shape[1] if m.batch_first and batched else k.shape[0]
+    return int(tq), int(tk)
