@@ -500,7 +500,8 @@ def tune_layers(
             consumer; for attention heads, the attention's output projection);
             ``"downstream"``: every Linear/Conv from the first of those consumers on,
             the output layer included (each layer then also absorbs the errors left
-            upstream, as in layer-wise reconstruction of the whole network).
+            upstream, as in layer-wise reconstruction of the whole network); grouped
+            convolutions are left out (they keep their weights).
         fit: ``"weights"``: the layer's whole weight and bias (above); ``"masks"``: one
             scale ``m_s`` per kept structure (Kwon et al. 2022's mask tuning), weight and
             bias otherwise fixed: with ``C_s = X̃_s W_sᵀ`` the structure's share of the
@@ -543,6 +544,7 @@ def tune_layers(
     excluded = set(exclude)
     layers = [
         n for n in layers if not any(n == e or n.startswith(e + ".") for e in excluded)
+        and getattr(_layer(pruned, n), "groups", 1) == 1  # a grouped conv keeps its weights
     ]
     if not layers:
         return []

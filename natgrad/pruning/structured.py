@@ -675,7 +675,8 @@ def prune_structured(
         tune: re-fit layers by least squares after shrinking.
         tune_scope: ``"consumers"`` (the layers reading pruned structures) or
             ``"downstream"`` (every Linear/Conv from the first of them on, the output layer
-            included); see :func:`~natgrad.pruning.shrink.tune_layers`.
+            included; grouped convolutions are not re-fitted, and ``skipped`` says so); see
+            :func:`~natgrad.pruning.shrink.tune_layers`.
         tune_fit: ``"weights"`` (each re-fitted layer's weight and bias) or ``"masks"``
             (one least-squares scale per kept structure, Kwon et al. 2022; only with
             ``tune_scope="consumers"``).
@@ -858,6 +859,11 @@ def prune_structured(
         if tune or finetune_steps
         else loss_untuned
     )
+    if tune and tune_scope == "downstream":
+        for name, mod in pruned.named_modules():
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups != 1:
+                note = "not re-fitted by tune_scope='downstream' (a grouped convolution keeps its weights)"
+                skipped[name] = f"{skipped[name]}; {note}" if name in skipped else note
     seconds = time.perf_counter() - t_start
     lat_before, lat_after = (
         measure_latency([work, pruned], example, sizes, latency_repeats) if measure else ({}, {})

@@ -166,3 +166,26 @@ def test_attention_called_with_keywords_is_counted():
     kept = rep.kept["att"][0]
     assert kept < 4
     assert rep.flops_before == hand(4) and rep.flops_after == hand(kept)
+
+
+def test_downstream_refit_leaves_grouped_convs_out_and_says_so():
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 3),
+    ).double().eval()
+    x, y = torch.randn(64, 3, 6, 6, dtype=torch.float64), torch.randint(0, 3, (64,))
+    small, rep = natgrad.prune_structured(
+        m, (x, y), flops=0.8, measure=False, tune_scope="downstream", damping=1e-6,
+    )
+    assert rep.tuned_layers == ["2", "7"]
+    assert "not re-fitted" in rep.skipped["4"]
+    assert torch.equal(small[4].weight, m[4].weight)
+    # the last layer: the ridge least-squares fit (dense float64) of the original's
+    # output on its input in the pruned model
+    with torch.no_grad():
+        a = torch.cat([small[:7](x), torch.ones(64, 1, dtype=torch.float64)], 1)
+        gram = a.T @ a
+        eps = 1e-6 * gram.diagonal().mean()
+        sol = torch.linalg.solve(gram + eps * torch.eye(a.shape[1], dtype=torch.float64), a.T @ m(x))
+    torch.testing.assert_close(torch.cat([small[7].weight.T, small[7].bias[None]]), sol)
