@@ -11,7 +11,9 @@ computes the same function with separate q/k/v projections of ``H · head_dim`` 
 where ``m_h`` is the head's mask variable (1 unless a mask is attached for the Fisher).
 It accepts ``nn.MultiheadAttention``'s call signature (``query, key, value,
 key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal``) and
-returns ``(output, None)``: attention weights are not returned. It sets
+returns ``(output, weights)`` as it does: with ``need_weights=True`` (the default) the
+attention weights ``softmax(q_h k_hᵀ / √d + mask)``, ``(N, Tq, Tk)`` averaged over the
+heads (``average_attn_weights=True``) or ``(N, H, Tq, Tk)``; else None. It sets
 ``in_proj_bias = None`` so that ``nn.TransformerEncoderLayer`` takes its ordinary
 (non-fused) path, which calls this module.
 
@@ -25,6 +27,7 @@ numbers up to float rounding.
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 import torch
@@ -111,12 +114,13 @@ class HeadAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = False,
+        need_weights: bool = True,
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-    ) -> tuple[torch.Tensor, None]:
-        """``(output, None)``; masks follow ``nn.MultiheadAttention`` (bool: True = ignore)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(output, weights)`` as ``nn.MultiheadAttention`` returns them (weights None
+        unless ``need_weights``); masks follow it too (bool: True = ignore)."""
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         n, tq, _ = query.shape
@@ -160,7 +164,13 @@ class HeadAttention(nn.Module):
             out = self.out_proj(flat)
         if not self.batch_first:
             out = out.transpose(0, 1)
-        return out, None
+        weights = None
+        if need_weights:  # (N, H, Tq, Tk), as the fused product above computes them
+            scores = q @ k.transpose(-2, -1) / math.sqrt(d)
+            weights = torch.softmax(scores if bias is None else scores + bias, dim=-1)
+            if average_attn_weights:
+                weights = weights.mean(1)
+        return out, weights
 
 
 def from_multihead(mha: nn.MultiheadAttention) -> HeadAttention:

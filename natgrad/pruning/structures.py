@@ -408,6 +408,12 @@ def find_groups(
         ):
             if n.target in exclude:
                 skipped[n.target] = "excluded"
+            elif not isinstance(mod, nn.TransformerEncoderLayer) and _weights_used(n):
+                skipped[n.target] = (
+                    "the model uses its attention weights (need_weights=True): removing heads "
+                    "would change their average over the heads; call it with "
+                    "need_weights=False, or exclude it"
+                )
             else:
                 found_layer = _layer_groups(n.target, mod, exclude, skipped)
                 groups.extend(found_layer)
@@ -487,6 +493,17 @@ def _drop_tied(model: nn.Module, groups: list[Group], skipped: dict[str, str]) -
             "shrinking one holder would break the tie; untie them, or exclude the group"
         )
     return kept
+
+
+def _weights_used(node: fx.Node) -> bool:
+    """Whether anything reads the attention weights (``out[1]``, or the whole tuple) of
+    the attention call ``node``."""
+    for u in node.users:
+        getitem = u.op == "call_function" and u.target is operator.getitem and len(u.args) > 1
+        if getitem and (u.args[1] == 0 or not u.users):
+            continue
+        return True
+    return False
 
 
 def _mark_batch_axes(gm: fx.GraphModule, batch: Any, names: list[str], n_inputs: int) -> None:

@@ -400,3 +400,22 @@ def test_a_consumer_input_without_the_sample_axis_is_named():
     wrong = Group(name="l1", kind="neuron", size=12, producer="l1", consumer="l2", batch_dim=0)
     with pytest.raises(UnsupportedStructureError, match="sample axis could not be found"):
         mask_grads(model, [wrong], (x, y))
+
+
+class UsesAttentionWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(6, 16)
+        self.att = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = nn.Linear(16 + 5, 3)
+
+    def forward(self, x):
+        o, w = self.att(self.emb(x), self.emb(x), self.emb(x))  # w: (N, T, T)
+        return self.head(torch.cat([o.mean(1), w.mean(1)], -1))
+
+
+def test_attention_whose_weights_are_used_is_left_out_by_name():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 5, 6), torch.randint(0, 3, (8,))
+    with pytest.raises(UnsupportedStructureError, match="uses its attention weights"):
+        natgrad.prune_structured(UsesAttentionWeights().eval(), (x, y), flops=0.7, measure=False)
