@@ -197,8 +197,9 @@ def test_torch_pruned_gpt2_conv1d_is_restored_with_the_refit_weights(monkeypatch
     seen = _spy_restore(monkeypatch, x, names)
     small, rep = natgrad.prune_structured(
         model, _batch(x, y), flops=0.85, tune=True, tune_scope="downstream", measure=False,
-        exclude=("transformer.h.0.attn", "transformer.h.1.attn"))
+        min_keep=4)  # every head kept (4 per layer): the attention keeps its shape
     assert any(k < n for k, n in rep.kept.values())
+    assert all(rep.kept[f"transformer.h.{i}.attn"] == (4, 4) for i in range(2))
     assert "transformer.h.1.attn.c_proj" in rep.tuned_layers
     for n in names:
         s = small.get_submodule(n)
