@@ -230,6 +230,11 @@ class BackwardCapture:
         self.scale_source: Callable[[], float] | None = None
 
     @property
+    def params(self) -> Mapping[str, nn.Parameter]:
+        """The selected parameters the capture records for, by name."""
+        return self._params
+
+    @property
     def armed(self) -> bool:
         """Whether the coming forwards and backwards are recorded.
 

@@ -7,6 +7,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from itertools import islice
 from typing import Any
 
@@ -34,13 +35,15 @@ from natgrad.engine.checks import (
 from natgrad.engine.common import acc_dtype, callable_digest
 from natgrad.engine.distributed import (
     all_reduce_sums,
+    describe_call,
+    generator_digest,
     raise_if_any_rank_failed,
     rank_and_world,
     resolve_distributed,
 )
 from natgrad.engine.likelihoods import Likelihood
 from natgrad.engine.options import EstimatorOptions, Options
-from natgrad.engine.per_sample import Plan
+from natgrad.engine.per_sample import Plan, select_params
 
 __all__ = [
     "estimate_curvature",
@@ -245,7 +248,10 @@ def estimate_fisher(
     opts = Options.resolve("estimate_fisher", options)
     active = resolve_distributed(distributed)
     rank, world = rank_and_world(active)
+    config = stream = None
     try:
+        if active:  # what every rank must share, and the MC label stream (see distributed)
+            opts, config, stream = rank_options(opts, rank, "estimate_fisher", model, likelihood)
         with one_batch_reading(data, opts.labels):
             sums, n_total, plan = _local_sums(
                 model, data, likelihood, opts, max_batches, progress, checkpoint,
@@ -257,7 +263,7 @@ def estimate_fisher(
         raise_if_any_rank_failed(exc)  # every rank raises the same error, at once
         raise  # unreachable: the call above raises on every rank
     if active:
-        raise_if_any_rank_failed(None)
+        raise_if_any_rank_failed(None, config=config, stream=stream)
         sums, n_total = all_reduce_sums(sums, n_total)
     if n_total == 0:
         raise ValueError(
@@ -278,6 +284,22 @@ def estimate_fisher(
         labels=opts.labels,
         likelihood=plan.lik.name,
     )
+
+
+def rank_options(
+    opts: Options, rank: int, what: str, model: nn.Module, likelihood: Any, **extra: Any
+) -> tuple[Options, str, str | None]:
+    """A distributed pass's options on this rank, its :func:`describe_call` and the MC
+    stream digest: with ``labels="mc"`` and no generator, natgrad's default generator is
+    seeded with the rank (seed 0 on every rank drew the same labels on all of them)."""
+    if opts.labels == "mc" and opts.generator is None:
+        opts = replace(opts, generator=torch.Generator().manual_seed(rank))
+    lik = likelihood if isinstance(likelihood, str) else getattr(likelihood, "name", "custom")
+    config = describe_call(what, select_params(model, opts.params), labels=opts.labels,
+                           mc_samples=opts.mc_samples, likelihood=lik, **extra)
+    stream = (generator_digest(opts.generator)
+              if opts.labels == "mc" and opts.generator is not None else None)
+    return opts, config, stream
 
 
 def estimate_curvature(

@@ -117,8 +117,10 @@ from natgrad.engine.checks import (
 )
 from natgrad.engine.common import acc_dtype, mix, to_acc
 from natgrad.engine.distributed import (
+    describe_call,
     is_distributed,
     raise_if_any_rank_failed,
+    rank_and_world,
     resolve_distributed,
 )
 from natgrad.engine.likelihoods import Likelihood
@@ -439,7 +441,12 @@ class KroneckerFisher(Curvature):
             FactorMemoryError: the factors would not fit; pass ``max_factor_dim``.
             FloatingPointError: NaN or Inf in the statistics.
         """
-        from natgrad.curvature.estimate import is_single_batch, iterate_batches, with_progress
+        from natgrad.curvature.estimate import (
+            is_single_batch,
+            iterate_batches,
+            rank_options,
+            with_progress,
+        )
         from natgrad.engine.capture import square_sums_auto
 
         kind = check_choice("kind", kind, KRONECKER_KINDS)
@@ -451,6 +458,12 @@ class KroneckerFisher(Curvature):
         max_factor_bytes = check_int("max_factor_bytes", max_factor_bytes, 1, optional=True)
         dist_on = resolve_distributed(distributed, f"estimate_curvature(kind={kind!r})")
         what = f"estimate_curvature(kind={kind!r})"
+        config = stream = None
+        if dist_on:  # what every rank must share; a rank-seeded default MC generator
+            opts, config, stream = rank_options(
+                opts, rank_and_world(True)[0], what, model, likelihood, kind=kind,
+                approx=approx, max_factor_dim=max_factor_dim,
+            )  # fmt: skip
         check_fixed_model(model, what)
         plan = Plan.from_options(model, likelihood, opts, what=what, checked=True)
         layers, reasons = kfac_coverage(model, plan.params, masked=True)
@@ -539,7 +552,7 @@ class KroneckerFisher(Curvature):
                 raise
             error = exc
         if dist_on:
-            raise_if_any_rank_failed(error, f"estimate_curvature(kind={kind!r})")
+            raise_if_any_rank_failed(error, what, config=config, stream=stream)
         order = list(layers)
         flat = [t for k in order for t in sums[k]] + list(rest_sums.values())
         if dist_on:
@@ -630,25 +643,35 @@ class KroneckerFisher(Curvature):
         first = next(iter(capture.layers.values()), None)
         device = first.module_weight.device if first is not None else torch.device("cpu")
         sides = cls._plan_sides(capture.layers, kind, max_factor_dim, max_factor_bytes, device)
-        cap = capture.take()
         dist_on = bool(distributed) and is_distributed()
         order = list(capture.layers)
         sums: list[torch.Tensor] = []
-        shared: dict[tuple[int, bool], torch.Tensor] = {}  # one A per shared input
-        for k in order:
-            lay = capture.layers[k]
-            diag_A, diag_G = sides[0][k], sides[1][k]
-            if k in cap.inputs:
-                a = cap.inputs[k]
-                key = (id(a), diag_A)
-                A, G = factor_stats(lay, a, cap.grads[k], cap.n, diag_A, diag_G,
-                                    A=shared.get(key), approx=approx)
-                if key in shared:  # computed once, but each block owns its tensors (the
-                    A = A.clone()  # preconditioner's in-place EMA updates them one by one)
-                shared[key] = A
-            else:  # a layer the forward never reached: zero factors, as estimate gives
-                A, G = _zero_stats(lay, diag_A, diag_G)
-            sums += [A, G]
+        error = None
+        try:  # this rank's part; a failure here reaches every rank before the reduction
+            cap = capture.take()
+            shared: dict[tuple[int, bool], torch.Tensor] = {}  # one A per shared input
+            for k in order:
+                lay = capture.layers[k]
+                diag_A, diag_G = sides[0][k], sides[1][k]
+                if k in cap.inputs:
+                    a = cap.inputs[k]
+                    key = (id(a), diag_A)
+                    A, G = factor_stats(lay, a, cap.grads[k], cap.n, diag_A, diag_G,
+                                        A=shared.get(key), approx=approx)
+                    if key in shared:  # computed once, but each block owns its tensors (the
+                        A = A.clone()  # preconditioner's in-place EMA updates them one by one)
+                    shared[key] = A
+                else:  # a layer the forward never reached: zero factors, as estimate gives
+                    A, G = _zero_stats(lay, diag_A, diag_G)
+                sums += [A, G]
+        except Exception as exc:
+            if not dist_on:
+                raise
+            error = exc
+        if dist_on:
+            what = f"FisherPreconditioner's refresh (kind={kind!r}, source='backward')"
+            raise_if_any_rank_failed(error, what, config=describe_call(
+                what, capture.params, approx=approx, max_factor_dim=max_factor_dim))
         n_total = cap.n
         if dist_on:  # N_r-weighted sums over the ranks, then the mean over all samples
             sums, n_total = _reduce_sum([f * cap.n for f in sums], cap.n, None)

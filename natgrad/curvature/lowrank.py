@@ -55,6 +55,7 @@ from natgrad.engine.common import to_acc
 from natgrad.engine.distributed import (
     is_distributed,
     raise_if_any_rank_failed,
+    rank_and_world,
     resolve_distributed,
 )
 from natgrad.engine.likelihoods import Likelihood
@@ -305,7 +306,7 @@ class LowRankFisher(Curvature):
             ValueError: no samples, bad options.
             FloatingPointError: NaN or Inf in the per-sample gradients.
         """
-        from natgrad.curvature.estimate import iterate_batches, with_progress
+        from natgrad.curvature.estimate import iterate_batches, rank_options, with_progress
 
         check_choice("kind", kind, ("lowrank",))
         opts = Options.resolve("estimate_curvature(kind='lowrank')", options,
@@ -313,6 +314,10 @@ class LowRankFisher(Curvature):
         rank = check_int("rank", rank, 1, optional=True)
         dist_on = resolve_distributed(distributed, "estimate_curvature(kind='lowrank')")
         what = "estimate_curvature(kind='lowrank')"
+        config = stream = None
+        if dist_on:  # what every rank must share; a rank-seeded default MC generator
+            opts, config, stream = rank_options(opts, rank_and_world(True)[0], what, model,
+                                                likelihood, top_rank=rank)
         check_fixed_model(model, what)
         plan = Plan.from_options(model, likelihood, opts, what=what, checked=True)
         shapes = {k: tuple(p.shape) for k, p in plan.params.items()}
@@ -340,7 +345,7 @@ class LowRankFisher(Curvature):
                 raise
             error = exc
         if dist_on:
-            raise_if_any_rank_failed(error, "estimate_curvature(kind='lowrank')")
+            raise_if_any_rank_failed(error, what, config=config, stream=stream)
         P = sum(math.prod(s) for s in shapes.values())
         dt = to_acc(next(iter(plan.params.values())).detach()).dtype
         R = torch.cat(rows) if rows else torch.zeros(0, P, dtype=dt, device=plan.device)
@@ -595,7 +600,11 @@ class LowRankFisher(Curvature):
 
     def all_reduce(self, group: object | None = None) -> LowRankFisher:
         """All ranks' rows gathered (rank order) and their ``N`` summed: the Fisher of the
-        union of the ranks' samples. A copy when not distributed."""
+        union of the ranks' samples, ``Σ_r F_r`` weighted by ``N_r``. With ``rank=k``
+        each rank's rows are already its own top ``k``, so the result is the top ``k`` of
+        those (``c_0 + c_1``'s), not the top ``k`` of the union's Fisher; for that, estimate
+        with ``distributed=True``, which gathers the full rows first. A copy when not
+        distributed."""
         if not is_distributed():
             return self._like(self.rows.clone(), self.n_samples)
         rows, n = _gather_rows(self.rows, self.n_samples, group)

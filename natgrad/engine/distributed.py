@@ -11,6 +11,17 @@ sums are reduced, so a bad batch on one rank makes every rank raise the same
 :class:`DistributedError` at once instead of leaving the others waiting in the next
 all-reduce until the process-group timeout (30 minutes by default).
 
+The same check compares what the ranks compute: each rank passes a description of its
+call (:func:`describe_call`: the options and the parameters' names, shapes and dtypes),
+whose digest travels in the same all-reduce; ranks that disagree (different ``params=``,
+labels, kind or model dtype) raise a :class:`DistributedError` naming the first
+difference, instead of summing unrelated statistics position by position (a silently
+mixed result) or aborting in a collective whose sizes differ. With ``labels="mc"``, the
+digest of each rank's label generator at the start of the pass travels too: ranks whose
+generators are in one state draw the same labels, so their Monte Carlo noise does not
+average out, and a warning says so (natgrad's default generator is seeded with the rank
+in a distributed pass).
+
 A pass is a collective only when asked (:func:`resolve_distributed`): ``None``
 (automatic when a process group with more than one rank is initialized, said once on
 the ``"natgrad"`` logger), ``True`` (required) or ``False`` (local only).
@@ -18,7 +29,11 @@ the ``"natgrad"`` logger), ``True`` (required) or ``False`` (local only).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import warnings
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,6 +45,8 @@ __all__ = [
     "resolve_distributed",
     "rank_and_world",
     "raise_if_any_rank_failed",
+    "describe_call",
+    "generator_digest",
 ]
 
 _log = logging.getLogger("natgrad")
@@ -155,18 +172,57 @@ def rank_and_world(active: bool) -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if active else (0, 1)
 
 
+def describe_call(what: str, params: Mapping[str, torch.Tensor], **options: Any) -> str:
+    """What one rank's part of a distributed call computes, as text every rank must share
+    (compared by :func:`raise_if_any_rank_failed`): ``what``, the options (by their
+    ``repr``) and the parameters' names, shapes and dtypes.
+
+    Example:
+        >>> print(describe_call("estimate_fisher", {"w": torch.zeros(2)}, labels="mc"))
+        call: estimate_fisher
+        labels: 'mc'
+        parameter w: shape (2,), torch.float32
+    """
+    lines = [f"call: {what}"] + [f"{k}: {options[k]!r}" for k in sorted(options)]
+    lines += [f"parameter {k}: shape {tuple(p.shape)}, {p.dtype}" for k, p in params.items()]
+    return "\n".join(lines)
+
+
+def generator_digest(generator: torch.Generator) -> str:
+    """A digest of a generator's state (compared across ranks before MC label draws)."""
+    return hashlib.sha256(generator.get_state().numpy().tobytes()).hexdigest()
+
+
+def _code(text: str | None) -> tuple[int, int]:
+    """Two positive 56-bit integers from ``text``'s SHA-256, ``(0, 0)`` for None."""
+    if text is None:
+        return 0, 0
+    d = hashlib.sha256(text.encode()).digest()
+    return 1 + int.from_bytes(d[:7], "big"), 1 + int.from_bytes(d[7:14], "big")
+
+
 def raise_if_any_rank_failed(
     error: BaseException | None,
     what: str = "estimate_fisher",
     group: dist.ProcessGroup | None = None,
+    *,
+    config: str | None = None,
+    stream: str | None = None,
 ) -> None:
     """Collective: every rank calls this after its local part, with the exception it
     caught (or None); if any rank failed, every rank raises the same
     :class:`DistributedError` carrying the first failing rank's message.
 
-    One all-reduce of a per-rank flag vector (``world_size`` int64 values) in the
-    normal case; on failure, one broadcast of the message. Without it, a rank that fails
-    leaves the others waiting in the next all-reduce until the process-group timeout.
+    ``config`` (:func:`describe_call`): when every rank passes one and they differ, every
+    rank raises a :class:`DistributedError` naming the first differing line (ranks that
+    disagree would reduce unrelated statistics). ``stream``
+    (:func:`generator_digest` of the MC label generator at the start): when every rank
+    passes one and all are equal, a ``UserWarning`` says the ranks draw the same labels.
+
+    One all-reduce of a per-rank table (``world_size x 5`` int64 values) in the normal
+    case; on failure or disagreement, one broadcast or gather of the messages. Without
+    it, a rank that fails leaves the others waiting in the next all-reduce until the
+    process-group timeout.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     device = (
@@ -174,12 +230,25 @@ def raise_if_any_rank_failed(
         if dist.get_backend(group) == "nccl"
         else torch.device("cpu")
     )
-    flags = torch.zeros(world, dtype=torch.int64, device=device)
-    if error is not None:
-        flags[rank] = 1
-    dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=group)
-    failed = [int(r) for r in flags.nonzero().flatten().tolist()]
+    table = torch.zeros(world, 5, dtype=torch.int64, device=device)
+    table[rank] = torch.tensor([int(error is not None), *_code(config), *_code(stream)])
+    dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
+    rows = table.tolist()
+    failed = [r for r in range(world) if rows[r][0]]
     if not failed:
+        configs = {tuple(row[1:3]) for row in rows}
+        if len(configs) > 1 and (0, 0) not in configs:
+            _raise_disagreement(config, what, group, world)
+        streams = {tuple(row[3:5]) for row in rows}
+        if len(streams) == 1 and (0, 0) not in streams and world > 1:
+            warnings.warn(
+                f"{what}: every rank's label generator is in the same state, so the ranks "
+                "draw the same Monte Carlo labels and their noise does not average out. "
+                "Seed each rank's generator differently, e.g. "
+                "torch.Generator().manual_seed(seed + rank).",
+                UserWarning,
+                stacklevel=3,
+            )
         return
     src = failed[0]
     box = [f"{type(error).__name__}: {error}" if rank == src else None]
@@ -194,3 +263,27 @@ def raise_if_any_rank_failed(
         world,
         failed,
     ) from error
+
+
+def _raise_disagreement(config: str | None, what: str, group: Any, world: int) -> None:
+    """Every rank: raise a :class:`DistributedError` naming the first line in which a
+    rank's :func:`describe_call` differs from rank 0's."""
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, config, group=group)
+    first = str(every[0]).split("\n")
+    for r in range(1, world):
+        mine = str(every[r]).split("\n")
+        diff = next((i for i, (a, b) in enumerate(zip(first, mine, strict=False)) if a != b),
+                    min(len(first), len(mine)))
+        if mine != first:
+            a = first[diff] if diff < len(first) else "(nothing)"
+            b = mine[diff] if diff < len(mine) else "(nothing)"
+            raise DistributedError(
+                f"{what}: the ranks do not compute the same thing (rank 0 has '{a[:200]}', "
+                f"rank {r} has '{b[:200]}'), so their statistics cannot be summed. Every rank "
+                "must make the same call (same model and dtype, parameters and options), "
+                "each with its own data shard.",
+                r,
+                world,
+                [r],
+            )

@@ -45,7 +45,7 @@ from natgrad.engine.checks import (
     check_same_structure,
 )
 from natgrad.engine.common import acc_dtype, evaluating
-from natgrad.engine.distributed import is_distributed
+from natgrad.engine.distributed import describe_call, is_distributed, raise_if_any_rank_failed
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.options import LABEL_SOURCES, LabelSource, ParamSpec
 from natgrad.engine.per_sample import select_params
@@ -224,7 +224,8 @@ class FisherPreconditioner:
             passes unchanged; a refresh warns once, naming it): build the preconditioner
             after unfreezing, or select it with ``params=``.
         warmup_steps: pass-through steps at the start (``>= 0``).
-        seed: seed of the generator for ``"mc"`` labels (saved in the state).
+        seed: seed of the generator for ``"mc"`` labels (saved in the state); under
+            ``torch.distributed``, rank ``r`` uses ``seed + r`` (each rank its own draws).
         output_fn: maps model outputs to the output tensor (default: tensor or ``.logits``).
         kfac_damping: ``"factored"`` or ``"exact"``, passed to kinds whose ``estimate``
             takes a ``damping_mode`` (K-FAC).
@@ -313,7 +314,10 @@ class FisherPreconditioner:
         self.model = model
         self.params = select_params(model, params)
         self.output_fn = output_fn
-        self.generator = torch.Generator().manual_seed(int(seed))
+        # under torch.distributed each rank draws its own MC labels (seed + rank): one seed
+        # on every rank drew the same labels on all of them, so their noise never averaged
+        rank = torch.distributed.get_rank() if is_distributed() else 0
+        self.generator = torch.Generator().manual_seed(int(seed) + rank)
         self.curvature_kind = KIND_ALIASES.get(self.kind, self.kind)
         self.curvature_cls = curvature_class(self.curvature_kind)
         self._options: dict[str, Any] = {}
@@ -436,10 +440,25 @@ class FisherPreconditioner:
             # its eigenbasis is taken) gets distributed=True; the others are all-reduced
             pools = self._capture_pools
             extra = {"distributed": is_distributed()} if pools else {}
-            local = self.curvature_cls.from_capture(
-                self._capture, kind=self.curvature_kind, likelihood=lik, **self._options, **extra
-            )
-            return local.all_reduce() if is_distributed() and not pools else local
+            if pools or not is_distributed():
+                return self.curvature_cls.from_capture(
+                    self._capture, kind=self.curvature_kind, likelihood=lik, **self._options,
+                    **extra,
+                )
+            # this rank's part first; a failure reaches every rank before the all-reduce
+            # (a rank with nothing recorded left the others waiting until the timeout)
+            what = f"FisherPreconditioner's refresh (kind={self.kind!r}, source='backward')"
+            error, local = None, None
+            try:
+                local = self.curvature_cls.from_capture(
+                    self._capture, kind=self.curvature_kind, likelihood=lik, **self._options
+                )
+            except Exception as exc:
+                error = exc
+            raise_if_any_rank_failed(error, what, config=describe_call(
+                what, self._capture.params, **self._options))
+            assert local is not None  # raised above otherwise
+            return local.all_reduce()
         with evaluating(self.model), _preconditioner_hint():  # dropout off, BatchNorm frozen
             check_fixed_model(self.model, f"FisherPreconditioner(kind={self.kind!r})'s refresh")
             return self.curvature_cls.estimate(
