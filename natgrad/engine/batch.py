@@ -8,7 +8,11 @@ input (a tensor of another leading size or a 0-d tensor, such as a ``(T, T)``
 attention mask or a ``(3,)`` scale, and any non-tensor) is *shared*: each sample's
 forward receives it whole and unchanged. A shared tensor whose first dimension
 happens to equal ``N`` (a ``(T, T)`` mask with ``T == N``) cannot be told apart from
-a per-sample one by its shape; wrap it with :func:`shared` to pass it whole.
+a per-sample one by its shape; wrap it with :func:`shared` to pass it whole. Without
+labels, a first tensor that looks shared (another tensor of a different first dimension
+has more dimensions, or as many while the first one's first dimension is 1, as
+``position_ids`` of shape ``(1, T)``) is refused rather than read as the batch: wrap it
+in :func:`shared`, list a per-sample input first, or pass the labels.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 import torch
 
-from natgrad.engine.checks import check_not_python_numbers
+from natgrad.engine.checks import check_first_entry_per_sample, check_not_python_numbers
 
 LABEL_KEYS = ("labels", "label", "y", "targets")
 
@@ -181,8 +185,9 @@ def parse_batch(batch: Any) -> Batch:
     wrapped in :func:`shared`) are passed whole to every sample.
 
     Raises:
-        ValueError: for an empty batch, one whose tensors disagree on the batch size, or
-            ``(inputs, y)`` whose dict holds labels too.
+        ValueError: for an empty batch, one whose tensors disagree on the batch size, a
+            batch without labels whose first tensor looks shared (see the module
+            docstring), or ``(inputs, y)`` whose dict holds labels too.
         TypeError: for anything that is not a tensor, tuple/list or mapping, and for
             inputs given as Python lists of numbers or NumPy arrays (labels may be lists:
             they are converted with ``torch.as_tensor``).
@@ -238,21 +243,24 @@ def parse_batch(batch: Any) -> Batch:
     marked_kw = {k for k, v in kwargs.items() if isinstance(v, Shared)}
     args = tuple(a.tensor if isinstance(a, Shared) else a for a in args)
     kwargs = {k: v.tensor if isinstance(v, Shared) else v for k, v in kwargs.items()}
-    leading = [
-        t.shape[0]
+    candidates: list[tuple[str, torch.Tensor]] = [
+        (f"input {i}", t)
         for i, t in enumerate(args)
         if i not in marked and isinstance(t, torch.Tensor) and t.dim() > 0
     ] + [
-        t.shape[0]
+        (repr(k), t)
         for k, t in kwargs.items()
         if k not in marked_kw and isinstance(t, torch.Tensor) and t.dim() > 0
     ]
+    leading = [t.shape[0] for _, t in candidates]
     if not leading:
         raise ValueError(
             "The batch holds no input tensor with a batch dimension (tensors wrapped in "
             "natgrad.shared do not count)."
         )
     n = leading[0]
+    if target is None:
+        check_first_entry_per_sample(candidates)
     if n == 0:
         raise ValueError("Empty batch (0 samples): there is nothing to estimate from.")
     if target is not None:
