@@ -702,7 +702,7 @@ def capture(
         for h in marks:
             h.remove()
     outside = sorted(uses.outside) if uses is not None else []
-    target = plan.check_target(out, target)
+    target = plan.check_target(out, target, b)
     draws = plan.draw(out, target) if plan.labels == "mc" else None
     names = [k for k in layers if outputs[k] and k not in unbatched and k not in outside]
     flat_outs = [o for k in names for o in outputs[k]]

@@ -846,7 +846,7 @@ def fast_batch_sums(
         [(m, store[m]["main"][0]) for m in split.fast if m in store and m not in split.shared
          and "main" in store[m]],
     )  # fmt: skip
-    target = plan.check_target(out, target)
+    target = plan.check_target(out, target, b)
     draws = plan.draw(out, target) if plan.labels == "mc" else None
     acc = _Sums(plan.params)
     index = [

@@ -116,7 +116,7 @@ def capture_grads(
     Linear and Conv parameters whose gradients are finite by a bound (see
     :func:`_finite_by_bound`), which need no check of every entry."""
     out, store = capture_forward(plan, split, b)
-    target = plan.check_target(out, target)
+    target = plan.check_target(out, target, b)
     draws = plan.draw(out, target) if plan.labels == "mc" else None
     cols = plan.all_columns(out.detach(), target, draws).to(out.dtype)
     J = cols.shape[0]

@@ -976,3 +976,33 @@ def check_first_entry_per_sample(entries: list[tuple[str, torch.Tensor]]) -> Non
                 f"natgrad.shared(...), ...}}), list a per-sample input first, or add the "
                 "labels (their first dimension is N)."
             )
+
+
+def check_output_rows(output: torch.Tensor, rows: int, *, probe: bool = False, hint: str = "") -> None:
+    """Raise ValueError unless the model's output has one row per sample.
+
+    Every likelihood reads row ``n`` of the output as sample ``n``'s: an output of
+    ``N·T`` rows (a token classifier's ``logits.view(-1, C)``) would pair each label
+    with another sample's row, or spread one sample's labels over several rows,
+    without an error from the likelihood's arithmetic.
+
+    Args:
+        output: the model's output (after ``output_fn``).
+        rows: the number of samples it was computed on.
+        probe: the output is of one sample (natgrad's probe of the batch's first).
+        hint: a further sentence for the message (e.g. about shared inputs).
+
+    Raises:
+        ValueError: ``output`` is 0-d or its first dimension is not ``rows``.
+    """
+    if output.dim() > 0 and output.shape[0] == rows:
+        return
+    on = "one sample (the batch's first)" if probe else f"a batch of {rows} samples"
+    got = "no batch dimension" if output.dim() == 0 else f"{output.shape[0]} rows"
+    raise ValueError(
+        f"The model's output on {on} has shape {tuple(output.shape)}: {got}, but natgrad "
+        "needs one output row per sample (its first dimension is the batch size N). A "
+        "token classifier returning logits.view(-1, C) should return logits of shape "
+        "(N, T, C) with likelihood='token_categorical'; otherwise pass output_fn=... that "
+        f"returns one row per sample.{hint}"
+    )

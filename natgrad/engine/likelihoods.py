@@ -34,6 +34,7 @@ from natgrad.engine.checks import (
     check_class_labels,
     check_finite_target,
     check_not_probabilities,
+    check_output_rows,
     check_positive,
     check_unit_interval,
     integer_labels,
@@ -108,17 +109,38 @@ class Likelihood(ABC):
         predictive) call it, :meth:`check_target` covers the ones with labels."""
         return None
 
-    def prepare_target(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def prepare_target(
+        self, output: torch.Tensor, target: torch.Tensor, *, rows: int | None = None
+    ) -> torch.Tensor:
         """Validate the whole target once, before any ``vmap``, and return it in the dtype
         :meth:`nll` expects.
 
-        Runs :meth:`check_target` (shape, dtype and support of this likelihood), then,
-        for floating targets, refuses NaN/Inf, naming the first bad sample. Every path
-        that hands a batch's target to a likelihood calls this first.
+        Checks that ``output`` has one row per sample (``rows`` of them: natgrad passes
+        ``rows=1`` for its probe of the first sample; by default one per label, so an
+        ``(N·T, C)`` output with ``N`` labels is refused), then runs :meth:`check_target`
+        (shape, dtype and support of this likelihood), then, for floating targets,
+        refuses NaN/Inf, naming the first bad sample. Every path that hands a batch's
+        target to a likelihood calls this first.
+
+        Args:
+            output: the model's outputs, of the whole batch or of its first ``rows``
+                samples.
+            target: the whole batch's labels, ``(N, ...)``.
+            rows: the number of samples ``output`` holds (default: ``N``).
+
+        Returns:
+            ``target`` in the dtype :meth:`nll` reads.
 
         Raises:
-            ValueError: a target that does not fit ``output`` or the likelihood's support.
+            ValueError: an output without one row per sample, or a target that does not
+                fit ``output`` or the likelihood's support.
         """
+        if target.dim() == 0:
+            raise ValueError(
+                f"The {self.name} labels are a 0-d tensor ({target.dtype}); labels need "
+                "the batch dimension N first, one entry per sample."
+            )
+        check_output_rows(output, target.shape[0] if rows is None else rows, probe=rows == 1)
         self.check_target(output, target)
         check_finite_target(target, self.name)
         return target
@@ -276,9 +298,11 @@ class Categorical(Likelihood):
         """Logits, not probabilities (see :func:`natgrad.engine.checks.check_not_probabilities`)."""
         check_not_probabilities(output, self.name)
 
-    def prepare_target(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def prepare_target(
+        self, output: torch.Tensor, target: torch.Tensor, *, rows: int | None = None
+    ) -> torch.Tensor:
         """Integer labels of any width are cast to int64 (exact); float/bool labels raise."""
-        return super().prepare_target(output, integer_labels(target, self.name))
+        return super().prepare_target(output, integer_labels(target, self.name), rows=rows)
 
     def nll(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(to_acc(output), target, reduction="none")
@@ -486,9 +510,11 @@ class TokenCategorical(Likelihood):
                 "position's label is already the token it predicts."
             )
 
-    def prepare_target(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def prepare_target(
+        self, output: torch.Tensor, target: torch.Tensor, *, rows: int | None = None
+    ) -> torch.Tensor:
         """Integer tokens of any width are cast to int64 (exact); float/bool tokens raise."""
-        return super().prepare_target(output, integer_labels(target, self.name))
+        return super().prepare_target(output, integer_labels(target, self.name), rows=rows)
 
     @overload
     def _align(

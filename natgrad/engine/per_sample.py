@@ -53,6 +53,7 @@ from natgrad.engine.checks import (
     check_int,
     check_model,
     check_no_batch_mixing,
+    check_output_rows,
     forward_failed,
     integer_labels,
     warn_unshifted_lm_labels,
@@ -205,23 +206,44 @@ class Plan:
         """``(target, draws)`` of a parsed batch: the target checked against a forward
         pass (see :meth:`prepare`), and the MC label draws (``labels="mc"``, else None)."""
         mc = self.labels == "mc"
-        out = self.forward(b if mc else b.select(0, 1), full=b)
-        target = self.check_target(out, target)
+        on = b if mc else b.select(0, 1)
+        out = self.forward(on, full=b)
+        target = self.check_target(out, target, on)
         return target, self.draw(out, target) if mc else None
 
-    def check_target(self, out: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor | None:
+    def check_target(
+        self, out: torch.Tensor, target: torch.Tensor | None, on: Batch
+    ) -> torch.Tensor | None:
         """The batch's whole target, validated by the likelihood against the model's
-        output ``out`` (of the whole batch or its first sample) and cast to the dtype the
-        likelihood reads; every engine calls this once per batch before using the target.
+        output ``out`` on ``on`` (the whole batch or its first sample) and cast to the
+        dtype the likelihood reads; every engine calls this once per batch before using
+        the target. ``out`` must have one row per sample of ``on``
+        (:func:`natgrad.engine.checks.check_output_rows`), with labels or without.
 
         Raises:
-            ValueError: labels out of range, of the wrong dtype or shape, or non-finite;
-                an output the likelihood cannot have (e.g. probabilities for a softmax).
+            ValueError: an output without one row per sample; labels out of range, of
+                the wrong dtype or shape, or non-finite; an output the likelihood cannot
+                have (e.g. probabilities for a softmax).
         """
+        arg_dims, kw_dims = on.dims()
+        whole = [
+            repr(k) for k, v in on.kwargs.items()
+            if kw_dims[k] is None and isinstance(v, torch.Tensor) and v.dim() > 0
+        ] + [
+            f"input {i}" for i, (v, d) in enumerate(zip(on.args, arg_dims, strict=True))
+            if d is None and isinstance(v, torch.Tensor) and v.dim() > 0
+        ]  # fmt: skip
+        hint = (
+            f" The batch's {', '.join(whole)} reached every sample whole (shared): if one "
+            "of them holds the samples, list it first or wrap the shared entries in "
+            "natgrad.shared(...)."
+            if whole else ""
+        )
+        check_output_rows(out, on.size, probe=on.size == 1 and self.labels != "mc", hint=hint)
         if target is None:  # no labels to check against the output: check the output
             self.lik.check_output(out)
             return None
-        return self.lik.prepare_target(out, target)
+        return self.lik.prepare_target(out, target, rows=on.size)
 
     def parse(self, batch: Any) -> tuple[Batch, torch.Tensor | None]:
         """Parse a batch onto the model's device; return it with its (masked) target."""

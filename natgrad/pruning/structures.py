@@ -45,7 +45,13 @@ from torch import fx, nn
 from torch.utils.hooks import RemovableHandle
 
 from natgrad.engine.batch import OutputFn, default_output_fn, parse_batch
-from natgrad.engine.checks import check_choice, check_finite, check_int, check_no_batch_mixing
+from natgrad.engine.checks import (
+    check_choice,
+    check_finite,
+    check_int,
+    check_no_batch_mixing,
+    check_output_rows,
+)
 from natgrad.engine.common import acc_dtype
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.options import LabelSource
@@ -867,6 +873,7 @@ def mask_grads(
     out_fn = output_fn or default_output_fn
     with torch.enable_grad(), apply_masks_to(model, groups, masks):
         out = out_fn(model(*b.args, **b.kwargs))
+        check_output_rows(out, b.size)
         targets = _labels_for(lik, out, b.target, labels, mc_samples, generator)
         result = []
         for i, t in enumerate(targets):

@@ -82,3 +82,111 @@ def test_wrapped_mask_listed_first_is_exact(engine):
     ref = exact_categorical_fisher_by(model, lambda i: model(x[i : i + 1], mask)[0], 6)
     assert got.n_samples == 6
     assert rel_err(got, ref) < 1e-10
+
+
+# -- model outputs and labels with one row per sample --------------------------------
+
+
+class FlatTokens(nn.Module):
+    """A token classifier returning ``logits.view(-1, C)``: ``N·T`` rows, not ``N``."""
+
+    def __init__(self, V=7, D=5, classes=3, flat=True):
+        super().__init__()
+        self.e = nn.Embedding(V, D)
+        self.f = nn.Linear(D, classes)
+        self.flat = flat
+
+    def forward(self, ids):
+        logits = self.f(torch.tanh(self.e(ids)))
+        return logits.view(-1, logits.shape[-1]) if self.flat else logits
+
+
+class PairRows(nn.Module):
+    """A regressor whose output ``(2N, 2)`` has two rows per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.f(x).view(-1, 2)
+
+
+ROWS = "one output row per sample"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("labels", ["exact", "mc"])
+def test_flat_token_logits_without_labels_are_refused(engine, labels):
+    ids = torch.randint(0, 7, (4, 3))
+    with pytest.raises(ValueError, match=f"{ROWS}.*token_categorical"):
+        natgrad.estimate_fisher(FlatTokens(), ids, labels=labels, engine=engine)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_flat_token_logits_with_one_label_per_sample_are_refused(engine):
+    """torch's cross_entropy refuses (12, C) logits with 4 labels; natgrad read one
+    label per sample on its first row and the rest label-free."""
+    ids, y = torch.randint(0, 7, (4, 3)), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match=r"shape \(3, 3\): 3 rows.*" + ROWS):
+        natgrad.per_sample_grads(FlatTokens(), (ids, y), engine=engine)
+    with pytest.raises(ValueError, match=ROWS):
+        natgrad.estimate_fisher(FlatTokens(), (ids, y), engine=engine)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_gaussian_output_with_two_rows_per_sample_is_refused(engine):
+    x, y = torch.randn(4, 5), torch.randn(4, 2)
+    with pytest.raises(ValueError, match=ROWS):
+        natgrad.estimate_fisher(PairRows(), (x, y), "gaussian", engine=engine)
+
+
+def test_kfac_refuses_flat_token_logits():
+    ids = torch.randint(0, 7, (4, 3))
+    with pytest.raises(ValueError, match=ROWS):
+        natgrad.estimate_curvature(FlatTokens(), ids, kind="kfac", labels="exact")
+
+
+@pytest.mark.parametrize(
+    "lik, out, target",
+    [
+        ("categorical", torch.randn(12, 3), torch.randint(0, 3, (4,))),
+        ("gaussian", torch.randn(8, 2), torch.randn(4, 2)),
+        ("bernoulli", torch.randn(8, 2), torch.rand(4, 2)),
+        ("token_categorical", torch.randn(8, 3, 5), torch.randint(0, 5, (4, 3))),
+    ],
+)
+def test_likelihoods_refuse_outputs_without_one_row_per_label(lik, out, target):
+    with pytest.raises(ValueError, match=r"a batch of 4 samples.*" + ROWS):
+        natgrad.engine.likelihoods.get_likelihood(lik).prepare_target(out, target)
+
+
+def test_mask_grads_refuses_flat_token_logits():
+    from natgrad.pruning.structures import Group, mask_grads
+
+    model = FlatTokens()
+    ids, y = torch.randint(0, 7, (4, 3)), torch.randint(0, 3, (4,))
+    groups = [Group(name="e", kind="neuron", producer="e", consumer="f", size=5)]
+    with pytest.raises(ValueError, match=ROWS):
+        mask_grads(model, groups, (ids, y))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_named_fix_token_logits_are_exact(engine):
+    """The fix the message names: logits (N, T, C) with likelihood='token_categorical'
+    give the per-token exact Fisher (a loop over samples and tokens, float64)."""
+    torch.manual_seed(0)
+    model = FlatTokens(flat=False).double()
+    ids = torch.randint(0, 7, (4, 3))
+    got = natgrad.estimate_fisher(model, ids, "token_categorical", labels="exact", engine=engine)
+    named = dict(model.named_parameters())
+    ref = {k: torch.zeros_like(p) for k, p in named.items()}
+    for n in range(4):
+        for t in range(3):
+
+            def token_logits(_, n=n, t=t):
+                return model(ids[n : n + 1])[0, t]
+
+            one = exact_categorical_fisher_by(model, token_logits, 1)
+            ref = {k: ref[k] + one[k] / 4 for k in ref}
+    assert rel_err(got, ref) < 1e-10
