@@ -32,7 +32,7 @@ from natgrad.engine.checks import (
     check_int,
     check_not_python_numbers,
 )
-from natgrad.engine.common import acc_dtype, callable_digest
+from natgrad.engine.common import acc_dtype, callable_digest, with_autograd
 from natgrad.engine.distributed import (
     all_reduce_sums,
     describe_call,
@@ -162,6 +162,7 @@ def with_progress(
     return bar
 
 
+@with_autograd
 def estimate_fisher(
     model: nn.Module,
     data: Any,
@@ -302,6 +303,7 @@ def rank_options(
     return opts, config, stream
 
 
+@with_autograd
 def estimate_curvature(
     model: nn.Module,
     data: Any,

@@ -182,7 +182,9 @@ def parse_batch(batch: Any) -> Batch:
 
     The batch size ``N`` and which inputs are per-sample follow the module docstring:
     inputs whose first dimension is ``N`` are per-sample, all others (and entries
-    wrapped in :func:`shared`) are passed whole to every sample.
+    wrapped in :func:`shared`) are passed whole to every sample. Tensors made under
+    ``torch.inference_mode`` (cached evaluation features), which autograd cannot save
+    for backward, are copied into ordinary tensors.
 
     Raises:
         ValueError: for an empty batch, one whose tensors disagree on the batch size, a
@@ -275,10 +277,22 @@ def parse_batch(batch: Any) -> Batch:
             )
     if n == 0:
         raise ValueError("Empty batch (0 samples): there is nothing to estimate from.")
+    # tensors made under torch.inference_mode cannot be saved for backward: copy them
+    with torch.inference_mode(False):
+        args = tuple(ordinary(a) for a in args)
+        kwargs = {k: ordinary(v) for k, v in kwargs.items()}
+        target = ordinary(target)
     arg_dims = tuple(None if i in marked else batch_dim(a, n) for i, a in enumerate(args))
     kw_dims = {k: None if k in marked_kw else batch_dim(v, n) for k, v in kwargs.items()}
     mask = kwargs.get("attention_mask") if kw_dims.get("attention_mask") == 0 else None
     return Batch(args, kwargs, target, mask, n, arg_dims, kw_dims)
+
+
+def ordinary(t: Any) -> Any:
+    """A copy of ``t`` when it is an inference tensor (made under ``torch.inference_mode``,
+    which autograd cannot save for backward), else ``t`` itself. Call with inference
+    mode off, so that the copy is an ordinary tensor."""
+    return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
 
 
 def default_output_fn(out: Any) -> torch.Tensor:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import nn
@@ -173,3 +174,29 @@ def global_forward_hooks() -> dict[int, Any]:
     hooks: dict[int, Any] = getattr(nn.modules.module, "_global_forward_hooks", {})
     return hooks
 
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def with_autograd(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn`` run with ``torch.inference_mode`` off (``torch.inference_mode(False)``).
+
+    natgrad differentiates the model, which inference mode forbids: tensors made under
+    it cannot be saved for backward. Its entry points are wrapped in this, so that a
+    call inside ``with torch.inference_mode():`` (an evaluation loop) works; what they
+    return are ordinary tensors.
+
+    Args:
+        fn: the function to wrap.
+
+    Returns:
+        ``fn`` with the same signature, run with inference mode off.
+    """
+
+    @functools.wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return run

@@ -58,7 +58,7 @@ from natgrad.engine.checks import (
     integer_labels,
     warn_unshifted_lm_labels,
 )
-from natgrad.engine.common import acc_dtype, internal_pass, to_acc, vjp_pair
+from natgrad.engine.common import acc_dtype, internal_pass, to_acc, vjp_pair, with_autograd
 from natgrad.engine.likelihoods import Likelihood, TokenCategorical, get_likelihood
 from natgrad.engine.options import LABEL_SOURCES, EstimatorOptions, Options, ParamSpec
 
@@ -161,6 +161,13 @@ class Plan:
         what: str = "natgrad",
         checked: bool = False,
     ) -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{what} differentiates the model, which torch.inference_mode() forbids, and "
+                f"it is on here: call {what} outside the `with torch.inference_mode():` "
+                "block, or inside `with torch.inference_mode(False):` (natgrad.estimate_fisher, "
+                "estimate_curvature and per_sample_grads do this themselves)."
+            )
         if not checked:
             check_model(model, what)
             check_no_batch_mixing(model)
@@ -744,6 +751,7 @@ def as_one_sample(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.unsqueeze(0) if isinstance(t, torch.Tensor) else t
 
 
+@with_autograd
 def per_sample_grads(
     model: nn.Module,
     batch: Any,

@@ -1,0 +1,53 @@
+"""torch.inference_mode around natgrad's calls, and inputs made under it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import natgrad
+from tests.reference import assert_close_dict, fisher_from_grads, loop_grads_by
+
+ENGINES = ("vmap", "auto")
+
+
+def case():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    one = lambda i: F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])  # noqa: E731
+    return model, x, y, loop_grads_by(model, one, 5)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_estimate_fisher_inside_inference_mode(engine):
+    """engine='auto' raised torch's 'Inference tensors do not track version counter'."""
+    model, x, y, ref = case()
+    with torch.inference_mode():
+        got = natgrad.estimate_fisher(model, (x, y), engine=engine)
+        grads = natgrad.per_sample_grads(model, (x, y), engine=engine)
+        kfac = natgrad.estimate_curvature(model, (x, y), kind="kfac")
+    assert_close_dict(dict(got), fisher_from_grads(ref), rtol=1e-10, atol=1e-12)
+    assert_close_dict(grads, ref, rtol=1e-10, atol=1e-12)
+    assert not any(v.is_inference() for v in got.values())
+    assert kfac.n_samples == 5
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_inputs_made_under_inference_mode(engine):
+    """Cached evaluation features are inference tensors, which cannot be saved for
+    backward: natgrad copies them (the error blamed the model's forward)."""
+    model, x, y, ref = case()
+    with torch.inference_mode():
+        xi, yi = x.clone(), y.clone()
+    got = natgrad.estimate_fisher(model, (xi, yi), engine=engine)
+    assert_close_dict(dict(got), fisher_from_grads(ref), rtol=1e-10, atol=1e-12)
+    assert xi.is_inference()  # the caller's tensor is left as it is
+
+
+def test_other_entry_points_refuse_inference_mode_by_name():
+    model, x, y, _ = case()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"inference_mode\(False\)"):
+        natgrad.top_fisher_directions(model, (x, y), k=2, method="lanczos")
