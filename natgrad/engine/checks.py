@@ -1006,3 +1006,51 @@ def check_output_rows(output: torch.Tensor, rows: int, *, probe: bool = False, h
         "(N, T, C) with likelihood='token_categorical'; otherwise pass output_fn=... that "
         f"returns one row per sample.{hint}"
     )
+
+
+def torch_func_refusal(exc: BaseException, params: Iterable[str]) -> RuntimeError | None:
+    """A named error for what ``torch.func`` cannot differentiate in a model, else None.
+
+    natgrad's per-sample gradients outside the capture path come from
+    ``torch.func.vjp``, which refuses two things a model may use: the autograd.Function
+    of ``torch.utils.checkpoint(..., use_reentrant=True)`` (an old-style Function
+    without ``setup_context``), and saved-tensor hooks (``use_reentrant=False``, or
+    ``torch.autograd.graph.saved_tensors_hooks``). torch's own message names neither
+    the cause nor what works.
+
+    Args:
+        exc: the error the per-sample loop raised.
+        params: the parameters left to ``torch.func`` (named in the message).
+
+    Returns:
+        The error to raise from ``exc``, or None when it is neither case.
+    """
+    msg = str(exc)
+    names = _short(list(params))
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename.replace("\\", "/"))
+        tb = tb.tb_next
+    checkpointed = any(f.endswith("torch/utils/checkpoint.py") for f in frames)
+    if "setup_context" in msg and checkpointed:
+        return RuntimeError(
+            "The model calls torch.utils.checkpoint with use_reentrant=True, whose "
+            "autograd.Function torch.func cannot differentiate (natgrad's per-sample "
+            f"gradients of {names} come from torch.func). Use use_reentrant=False with "
+            "engine='auto' (the capture path, which handles checkpointed Linear, Conv, "
+            "Embedding and norm layers), or turn checkpointing off while estimating."
+        )
+    if "saved tensor hooks" in msg:
+        cause = (
+            "torch.utils.checkpoint (use_reentrant=False)" if checkpointed
+            else "saved-tensor hooks (torch.autograd.graph.saved_tensors_hooks)"
+        )
+        return RuntimeError(
+            f"The model runs {cause}, which torch.func cannot differentiate through, and "
+            f"natgrad's per-sample gradients of {names} come from torch.func (engine='vmap', "
+            "or parameters outside the layers the capture path covers). Use engine='auto' "
+            "with use_reentrant=False, whose capture path handles checkpointed Linear, "
+            "Conv, Embedding and norm layers; or turn checkpointing off while estimating."
+        )
+    return None

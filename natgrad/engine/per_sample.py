@@ -56,6 +56,7 @@ from natgrad.engine.checks import (
     check_output_rows,
     forward_failed,
     integer_labels,
+    torch_func_refusal,
     warn_unshifted_lm_labels,
 )
 from natgrad.engine.common import acc_dtype, internal_pass, to_acc, vjp_pair, with_autograd
@@ -466,7 +467,13 @@ class Plan:
                 self.tier += 1
             else:
                 fn = self.per_sample(mode, arg_dims, kw_dims, 1, nested=False)
-                res = loop_samples(fn, in_dims, args, n)
+                try:
+                    res = loop_samples(fn, in_dims, args, n)
+                except Exception as exc:
+                    named = torch_func_refusal(exc, self.params)
+                    if named is None:
+                        raise
+                    raise named from exc
                 bad = bad_shape(res, self.params, n, mode)
                 if bad is not None:
                     raise RuntimeError(
