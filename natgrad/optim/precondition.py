@@ -717,7 +717,7 @@ class FisherPreconditioner:
         frozen parameter the curvature holds no statistics for (0 diagonal: a
         ``source="backward"`` refresh after the freezing records none) decouples."""
         C = self._curvature
-        if C is None or not any(v == "lowrank" for v in C.structure().values()):
+        if C is None or self.curvature_kind != "lowrank":  # the one coupled built-in kind
             return
         frozen = [k for k, p in self.params.items() if not p.requires_grad]
         if frozen:
