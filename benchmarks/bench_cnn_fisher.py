@@ -243,7 +243,8 @@ WHY_FISHER = (
 )
 
 
-def main(rounds: int, width: int, quick: bool, only: list[str] | None) -> tuple[str, str]:
+def main(rounds: int, width: int, quick: bool, only: list[str] | None,
+         name: str = "fisher_cnn") -> tuple[str, str]:
     load0 = os.getloadavg()[0]
     cmd = "python -m benchmarks.bench_cnn_fisher " + " ".join(sys.argv[1:])
     wl = workloads(width)
@@ -344,8 +345,9 @@ def main(rounds: int, width: int, quick: bool, only: list[str] | None) -> tuple[
         ]
     )
     if not quick:
-        write_fragment("fisher_cnn", fisher)
-        write_fragment("per_sample_grads", psg)
+        write_fragment(name, fisher)
+        if name == "fisher_cnn":  # a subset run (--name) leaves the full tables as they are
+            write_fragment("per_sample_grads", psg)
     return fisher, psg
 
 
@@ -355,6 +357,8 @@ if __name__ == "__main__":
     parser.add_argument("--width", type=int, default=32, help="ResNet-18 base width")
     parser.add_argument("--quick", action="store_true", help="print only, write no file")
     parser.add_argument("--only", nargs="*", help="workload names")
+    parser.add_argument("--name", default="fisher_cnn",
+                        help="the results fragment (another name for a subset run)")
     args = parser.parse_args()
-    for text in main(args.rounds, args.width, args.quick, args.only):
+    for text in main(args.rounds, args.width, args.quick, args.only, args.name):
         print(text)
