@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from natgrad.engine.checks import check_first_entry_per_sample, check_not_python_numbers
+from natgrad.engine.checks import check_not_python_numbers
 
 LABEL_KEYS = ("labels", "label", "y", "targets")
 
@@ -261,8 +261,6 @@ def parse_batch(batch: Any) -> Batch:
             "natgrad.shared do not count)."
         )
     n = leading[0]
-    if target is None:
-        check_first_entry_per_sample(candidates)
     if n == 0:
         raise ValueError("Empty batch (0 samples): there is nothing to estimate from.")
     if target is not None:

@@ -942,42 +942,6 @@ def check_fisher_values(values: Mapping[str, torch.Tensor], what: str = "the Fis
             )
 
 
-def check_first_entry_per_sample(entries: list[tuple[str, torch.Tensor]]) -> None:
-    """Refuse a batch without labels whose first tensor looks shared by all samples.
-
-    Without labels, ``N`` is the first dimension of the first input tensor, so a shared
-    tensor listed first (a ``(T, T)`` mask before ``x`` of shape ``(N, T, D)``, or
-    ``position_ids`` of shape ``(1, T)`` before ``input_ids`` ``(N, T)``) would be read
-    as the batch and the real per-sample input passed whole to every sample: a wrong
-    Fisher. The first tensor is taken to be shared when another tensor of a different
-    first dimension has more dimensions than it, or as many while the first tensor's
-    first dimension is 1 (a broadcast row).
-
-    Args:
-        entries: ``(name, tensor)`` of the batch's unmarked input tensors with at least
-            one dimension, in the order that decides ``N``.
-
-    Raises:
-        ValueError: the first tensor looks shared; the message names both tensors and
-            the fixes (:func:`natgrad.shared`, a per-sample input listed first, or labels).
-    """
-    name, first = entries[0]
-    for other_name, other in entries[1:]:
-        if other.shape[0] == first.shape[0]:
-            continue
-        if other.dim() > first.dim() or (other.dim() == first.dim() and first.shape[0] == 1):
-            raise ValueError(
-                f"The batch has no labels, so its size N would be read from its first "
-                f"tensor, {name} of shape {tuple(first.shape)} (N = {first.shape[0]}); but "
-                f"{other_name} of shape {tuple(other.shape)} looks per-sample (another first "
-                f"dimension, and {'more' if other.dim() > first.dim() else 'as many'} "
-                f"dimensions), so {name} looks shared by all samples. Wrap every entry that "
-                f"all samples share in natgrad.shared(...) (e.g. {{{name}: "
-                f"natgrad.shared(...), ...}}), list a per-sample input first, or add the "
-                "labels (their first dimension is N)."
-            )
-
-
 def check_output_rows(output: torch.Tensor, rows: int, *, probe: bool = False, hint: str = "") -> None:
     """Raise ValueError unless the model's output has one row per sample.
 
