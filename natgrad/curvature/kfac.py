@@ -82,7 +82,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from natgrad.engine.batch import OutputFn
-from natgrad.engine.capture_layers import runs_own_forward
+from natgrad.engine.capture_layers import is_conv1d, runs_own_forward
 from natgrad.engine.checks import check_choice, check_fixed_model, mark_user_error
 from natgrad.engine.common import global_forward_hooks, to_acc
 from natgrad.engine.likelihoods import Likelihood
@@ -270,7 +270,7 @@ def _explicit_padding(m: nn.Conv1d | nn.Conv2d) -> list[int] | None:
 
 
 def _is_hf_conv1d(m: nn.Module) -> bool:
-    if "forward" in m.__dict__:  # a forward set on the instance (see runs_own_forward)
+    if "forward" in m.__dict__ and not is_conv1d(m):  # an instance forward (runs_own_forward)
         return False
     w = getattr(m, "weight", None)
     if not isinstance(w, nn.Parameter):  # pruned by torch.nn.utils.prune

@@ -421,8 +421,15 @@ def runs_own_forward(m: nn.Module, base: type) -> bool:
     A subclass or a patched instance may transform the weight before using it (weight
     standardization, a scaled layer, an adapter's patch), which a formula for ``base``'s
     layer would not see: such a module is left to the general engine (or, for K-FAC, to
-    the diagonal part)."""
-    if "forward" in m.__dict__ or type(m).forward is not base.forward:  # type: ignore[attr-defined]
+    the diagonal part). An instance forward that wraps the class's own one without
+    changing what it computes, as Hugging Face accelerate's hooks do (``device_map``
+    dispatch, offload: ``_hf_hook`` set, ``_old_forward`` the bound ``base.forward``), counts
+    as own."""
+    if "forward" in m.__dict__:
+        old = getattr(m, "_old_forward", None)
+        if getattr(m, "_hf_hook", None) is None or getattr(old, "__func__", None) is not base.forward:  # type: ignore[attr-defined]
+            return False
+    if type(m).forward is not base.forward:  # type: ignore[attr-defined]
         return False
     conv = getattr(base, "_conv_forward", None)
     return conv is None or getattr(type(m), "_conv_forward", None) is conv

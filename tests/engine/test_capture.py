@@ -910,3 +910,28 @@ def test_layers_with_their_own_forward_are_not_read_as_plain_layers(first, kind)
     torch.testing.assert_close(d, g**2, rtol=1e-10, atol=1e-14)
     psg = natgrad.per_sample_grads(model, (x, y))["0.weight"][0]
     torch.testing.assert_close(psg, g, rtol=1e-10, atol=1e-14)
+
+
+def test_accelerate_hooked_layers_stay_plain_layers():
+    """Hugging Face accelerate's hooks (device_map dispatch, offload) set forward on the
+    instance but run the class's own forward: still the capture path and K-FAC (the
+    instance-forward rule first sent them to vmap, 75x slower, and K-FAC refused them;
+    found by review). Same values as the unhooked model."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    hooked = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    hooked.load_state_dict(plain.state_dict())
+    for m in hooked:
+        if isinstance(m, nn.Linear):
+            hooks.add_hook_to_module(m, hooks.AlignDevicesHook(execution_device="cpu",
+                                                               io_same_device=True))
+    x, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    from natgrad.engine.capture_layers import runs_own_forward
+
+    assert all(runs_own_forward(m, nn.Linear) for m in hooked if isinstance(m, nn.Linear))
+    a = natgrad.estimate_curvature(plain, (x, y), kind="kfac")
+    b = natgrad.estimate_curvature(hooked, (x, y), kind="kfac")
+    assert b.structure() == a.structure() == {k: "kfac" for k in a.structure()}
+    fa, fb = estimate_fisher(plain, (x, y)), estimate_fisher(hooked, (x, y))
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
