@@ -376,6 +376,7 @@ class FisherPreconditioner:
         # and copies of those masks taken at the last refresh (see _check_regrowth)
         self._regrow_masks: dict[str, tuple[nn.Module, str]] = {}
         self._masks_at_refresh: dict[str, torch.Tensor] | None = None
+        self._mask_marks: dict[str, tuple[int, int]] = {}
         if self.curvature_kind not in ("kfac", "ekfac"):
             for k, (mod, attr) in self._homes.items():
                 mask = attr[: -len("_orig")] + "_mask" if attr.endswith("_orig") else None
@@ -538,17 +539,32 @@ class FisherPreconditioner:
         return {k: m for k, (mod, attr) in self._regrow_masks.items()
                 for m in (mod._buffers.get(attr),) if isinstance(m, torch.Tensor)}
 
+    def _mark_masks(self) -> None:
+        """At a refresh: which entries each pruned parameter's mask prunes (``True``), and
+        the mask buffers' identity and version (see :meth:`_check_regrowth`)."""
+        masks = self._model_masks()
+        self._masks_at_refresh = {k: m.detach() == 0 for k, m in masks.items()}
+        self._mask_marks = {k: (id(m), m._version) for k, m in masks.items()}
+
     def _check_regrowth(self, replaces: bool) -> None:
         """Refuse entries kept now but pruned at the last refresh, for a kind whose
-        curvature is of ``W_orig`` (0 there; see the class doc). One host sync for all
-        masks, on pruned models only; ``replaces``: this step's refresh replaces ``C``."""
+        curvature is of ``W_orig`` (0 there; see the class doc); ``replaces``: this
+        step's refresh replaces ``C``. A mask buffer that is the same object at the same
+        ``_version`` as when last seen is unchanged (no work; an edit through ``.data``
+        leaves no version trace and is not seen); a changed one is compared with the
+        refresh's pruned entries, one host sync for all of them."""
         seen = self._masks_at_refresh
         if not seen or self._curvature is None or replaces:
             return
         now = self._model_masks()
-        pairs = [(k, now[k], seen[k]) for k in seen if k in now and now[k].shape == seen[k].shape]
-        flags = torch.stack([((m != 0) & (s == 0)).any() for _, m, s in pairs]).tolist()
+        changed = [k for k in seen if k in now and self._mask_marks.get(k) != (id(now[k]), now[k]._version)]
+        if not changed:
+            return
+        pairs = [(k, now[k], seen[k]) for k in changed if now[k].shape == seen[k].shape]
+        flags = (torch.stack([((m != 0) & s).any() for _, m, s in pairs]).tolist()
+                 if pairs else [])
         grown = [k for (k, _, _), f in zip(pairs, flags, strict=True) if f]
+        self._mask_marks.update({k: (id(now[k]), now[k]._version) for k in changed})
         if grown:
             raise ValueError(
                 f"Entries of {grown[:8]} are kept by the model's pruning mask now but were "
@@ -583,7 +599,7 @@ class FisherPreconditioner:
         self._curvature, self._lent = C, False
         C.prepare_solve()
         if self._regrow_masks:
-            self._masks_at_refresh = {k: m.detach().clone() for k, m in self._model_masks().items()}
+            self._mark_masks()
 
     def group_lrs(self, param_groups: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """``{name: lr}`` for this preconditioner's parameters, read from an optimizer's
@@ -678,9 +694,10 @@ class FisherPreconditioner:
                 "which records the statistics during your own forward and backward."
             )
         if self._regrow_masks:
-            self._check_regrowth(
-                updated and (self.curvature_cls.REFRESH_REPLACES or self._curvature is None)
-            )
+            self._check_regrowth(updated and (
+                self.curvature_cls.REFRESH_REPLACES or self._curvature is None
+                or self.ema_decay == 0  # C ← new: the refresh measures the regrown entries
+            ))
         try:
             if updated:
                 self._update_curvature(batch)
@@ -884,7 +901,7 @@ class FisherPreconditioner:
         self.generator.set_state(state["generator"].clone())
         self._curvature, self._lent = curv, False
         if self._regrow_masks:  # the loaded curvature is read as of the model's masks now
-            self._masks_at_refresh = {k: m.detach().clone() for k, m in self._model_masks().items()}
+            self._mark_masks()
         if self._capture is not None:
             self._capture.clear()
         self._arm()

@@ -158,3 +158,36 @@ def test_regrowth_under_a_kind_of_w_orig_is_refused(kind, source):
     step()
     g = m[0].weight_orig.grad
     assert torch.isfinite(g).all() and bool((g[0, 1] != 0).item())
+
+
+def test_regrowth_at_a_replacing_refresh_is_accepted():
+    """With ema_decay=0 and a refresh at the step, the curvature is replaced by one
+    measured under the new mask: a regrowth there is exact (it was refused; review). The
+    step then equals a fresh preconditioner's on the regrown model."""
+    import torch.nn.functional as F
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3)).double()
+    prune.custom_from_mask(m[0], "weight", torch.tensor(
+        [[1, 0, 1, 1], [1, 1, 0, 1], [0, 1, 1, 1]], dtype=torch.double))
+    x, y = torch.randn(16, 4, dtype=torch.double), torch.randint(0, 3, (16,))
+    pre = natgrad.FisherPreconditioner(m, kind="diag", update_every=1, ema_decay=0.0,
+                                       damping=1e-3, kl_clip=None)
+    for _ in range(2):
+        m.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        pre.step((x, y))
+    m[0].weight_mask.fill_(1.0)  # regrow everything
+    twin = nn.Sequential(nn.Linear(4, 3)).double()
+    prune.custom_from_mask(twin[0], "weight", torch.ones(3, 4, dtype=torch.double))
+    with torch.no_grad():
+        twin[0].weight_orig.copy_(m[0].weight_orig)
+        twin[0].bias.copy_(m[0].bias)
+    fresh = natgrad.FisherPreconditioner(twin, kind="diag", damping=1e-3, kl_clip=None)
+    for model, p in ((m, pre), (twin, fresh)):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        p.step((x, y))
+    torch.testing.assert_close(m[0].weight_orig.grad, twin[0].weight_orig.grad,
+                               rtol=1e-12, atol=1e-15)
