@@ -693,7 +693,10 @@ def prune_structured(
             same search serves every criterion.
         rearrange_masks: swap within layers to lower the block-Fisher prediction.
         min_keep: per layer, a fraction (float) or a count (int) of structures kept.
-        exclude: module names never pruned.
+        exclude: modules (and the modules inside them) whose own structures (output
+            channels, neurons, heads) are never removed and whose weights are never
+            re-fitted; the input columns that read a pruned layer before them still go
+            (Torch-Pruning's ``ignored_layers``), e.g. ``exclude=["classifier"]``.
         max_batches: batches of ``data`` used.
         measure: measure latency before and after (``latency_repeats`` forwards per size).
         seed: for ``labels="mc"`` and ``criterion="random"``.

@@ -343,7 +343,8 @@ def find_groups(
         model: the model (not modified).
         example: one batch the model accepts (``x``, ``(x, y)`` or a dict); only its shapes
             matter.
-        exclude: module names never to prune.
+        exclude: modules whose own structures are never removed (see
+            :func:`natgrad.prune_structured`).
 
     Returns:
         ``(groups, skipped)``: the groups in forward order, and ``{module name: reason}``.
@@ -452,11 +453,15 @@ def find_groups(
 
 
 def _drop_excluded(groups: list[Group], exclude: set[str], skipped: dict[str, str]) -> list[Group]:
-    """The groups that change no excluded module (or a module inside one): producer rows,
-    consumer, norms; the others go to ``skipped`` with the reason."""
+    """The groups that remove no structure of an excluded module (or of a module inside
+    one): its output rows, its norm's channels, an attention's heads; the others go to
+    ``skipped`` with the reason. An excluded consumer may still lose the input columns
+    that read a pruned producer (Torch-Pruning's ``ignored_layers`` convention: a kept
+    head's inputs shrink with the layer before it); it is never re-fitted
+    (:func:`~natgrad.pruning.shrink.tune_layers` ``exclude``)."""
     kept = []
     for g in groups:
-        touched = [g.consumer] if g.consumer_kind == "attention" else [*g.row_modules, g.consumer, *g.norms]
+        touched = [g.consumer] if g.consumer_kind == "attention" else [*g.row_modules, *g.norms]
         hit = next(
             (t for t in touched for e in exclude if t == e or t.startswith(e + ".") or e.startswith(t + ".")),
             None,
