@@ -90,7 +90,8 @@ def to_acc(t: torch.Tensor) -> torch.Tensor:
 def mix(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
     """``(1 - w)·a + w·b`` as ``torch.lerp`` in the two dtypes' promoted dtype, on ``a``'s
     device: a new tensor rounded as the in-place ``a.lerp_(b, w)`` of an EMA is, so an
-    average taken out of place equals the same average taken in place."""
+    average taken out of place equals the same average taken in place (when ``a`` and
+    ``b`` share a dtype; the in-place one keeps ``a``'s)."""
     dt = torch.promote_types(a.dtype, b.dtype)
     return torch.lerp(a.to(dt), b.to(a.device, dt), w)
 

@@ -18,9 +18,10 @@ labels, kind or model dtype) raise a :class:`DistributedError` naming the first
 difference, instead of summing unrelated statistics position by position (a silently
 mixed result) or aborting in a collective whose sizes differ. With ``labels="mc"``, the
 digest of each rank's label generator at the start of the pass travels too: ranks whose
-generators are in one state draw the same labels, so their Monte Carlo noise does not
-average out, and a warning says so (natgrad's default generator is seeded with the rank
-in a distributed pass).
+generators are in one state draw correlated labels (the same ones on equal batches), so
+their Monte Carlo noise does not average out as it should, and a warning says so
+(natgrad's default generator is seeded with the rank in a distributed pass, and
+:class:`natgrad.FisherPreconditioner` offsets its ``seed`` by the rank).
 
 A pass is a collective only when asked (:func:`resolve_distributed`): ``None``
 (automatic when a process group with more than one rank is initialized, said once on
@@ -243,9 +244,9 @@ def raise_if_any_rank_failed(
         if len(streams) == 1 and (0, 0) not in streams and world > 1:
             warnings.warn(
                 f"{what}: every rank's label generator is in the same state, so the ranks "
-                "draw the same Monte Carlo labels and their noise does not average out. "
-                "Seed each rank's generator differently, e.g. "
-                "torch.Generator().manual_seed(seed + rank).",
+                "draw correlated Monte Carlo labels (the same ones on equal batches) and "
+                "their noise does not average out. Seed each rank's generator differently, "
+                "e.g. torch.Generator().manual_seed(seed + rank).",
                 UserWarning,
                 stacklevel=3,
             )

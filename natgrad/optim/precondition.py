@@ -45,7 +45,12 @@ from natgrad.engine.checks import (
     check_same_structure,
 )
 from natgrad.engine.common import acc_dtype, evaluating
-from natgrad.engine.distributed import describe_call, is_distributed, raise_if_any_rank_failed
+from natgrad.engine.distributed import (
+    describe_call,
+    generator_digest,
+    is_distributed,
+    raise_if_any_rank_failed,
+)
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.options import LABEL_SOURCES, LabelSource, ParamSpec
 from natgrad.engine.per_sample import select_params
@@ -225,7 +230,9 @@ class FisherPreconditioner:
             after unfreezing, or select it with ``params=``.
         warmup_steps: pass-through steps at the start (``>= 0``).
         seed: seed of the generator for ``"mc"`` labels (saved in the state); under
-            ``torch.distributed``, rank ``r`` uses ``seed + r`` (each rank its own draws).
+            ``torch.distributed``, rank ``r`` uses ``seed + r`` (each rank its own draws),
+            and a state loaded on rank ``r > 0`` continues from a stream derived from the
+            loaded one and ``r`` (frameworks load rank 0's state on every rank).
         output_fn: maps model outputs to the output tensor (default: tensor or ``.logits``).
         kfac_damping: ``"factored"`` or ``"exact"``, passed to kinds whose ``estimate``
             takes a ``damping_mode`` (K-FAC).
@@ -899,6 +906,9 @@ class FisherPreconditioner:
         self._placed = curv is None
         self._step = int(state["step"])
         self.generator.set_state(state["generator"].clone())
+        rank = torch.distributed.get_rank() if is_distributed() else 0
+        if rank:  # frameworks load rank 0's state on every rank: keep the ranks' draws apart
+            self.generator.manual_seed(int(generator_digest(self.generator)[:15], 16) + rank)
         self._curvature, self._lent = curv, False
         if self._regrow_masks:  # the loaded curvature is read as of the model's masks now
             self._mark_masks()

@@ -123,6 +123,11 @@ def _disagree_worker(rank, world, init_file, out_dir):
             out["norecord"] = "returned"
         except natgrad.DistributedError as exc:
             out["norecord"] = str(exc)
+        # a framework's resume: rank 0's state loaded on every rank keeps the draws apart
+        states = [None, None]
+        dist.all_gather_object(states, pre.state_dict())
+        pre.load_state_dict(states[0])
+        out["resumed_generator"] = pre.generator.get_state()
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -135,9 +140,12 @@ def test_ranks_that_disagree_or_fail_alone_raise_on_every_rank(tmp_path):
         assert "do not compute the same thing" in out["params"] and "2.weight" in out["params"]
         assert "labels: 'empirical'" in out["labels"] and "labels: 'exact'" in out["labels"]
         assert "torch.float32" in out["dtype"]
-        assert any("draw the same Monte Carlo labels" in m for m in out["same_stream"])
+        assert any("draw correlated Monte Carlo labels" in m for m in out["same_stream"])
         assert out["default_stream"] == []
         assert "found no recorded forward" in out["norecord"] and "rank 1" in out["norecord"]
+    g0, g1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["resumed_generator"]
+              for r in range(2))
+    assert not torch.equal(g0, g1)
     # the default generators differ by rank: the pooled MC Fisher is not one rank's
     a = torch.load(tmp_path / "rank0.pt", weights_only=False)["default_fisher"]
     b = torch.load(tmp_path / "rank1.pt", weights_only=False)["default_fisher"]
