@@ -244,7 +244,7 @@ WHY_FISHER = (
 
 
 def main(rounds: int, width: int, quick: bool, only: list[str] | None,
-         name: str = "fisher_cnn") -> tuple[str, str]:
+         fragment: str = "fisher_cnn") -> tuple[str, str]:
     load0 = os.getloadavg()[0]
     cmd = "python -m benchmarks.bench_cnn_fisher " + " ".join(sys.argv[1:])
     wl = workloads(width)
@@ -345,8 +345,8 @@ def main(rounds: int, width: int, quick: bool, only: list[str] | None,
         ]
     )
     if not quick:
-        write_fragment(name, fisher)
-        if name == "fisher_cnn":  # a subset run (--name) leaves the full tables as they are
+        write_fragment(fragment, fisher)
+        if fragment == "fisher_cnn":  # a subset run (--name) leaves the full tables as they are
             write_fragment("per_sample_grads", psg)
     return fisher, psg
 

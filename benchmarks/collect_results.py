@@ -11,6 +11,7 @@ ORDER = [
     "fisher_speed_wall",
     "fisher_speed",
     "fisher_cnn",
+    "fisher_cnn_mnist1d",
     "fisher_transformer",
     "fisher_transformer_encoder",
     "per_sample_grads",
