@@ -86,7 +86,7 @@ from natgrad.engine.checks import (
     check_positive,
     check_same_structure,
 )
-from natgrad.engine.common import acc_dtype, internal_pass
+from natgrad.engine.common import acc_dtype, internal_pass, with_autograd
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.options import ENGINES, EngineName, ParamSpec
 from natgrad.engine.per_sample import (
@@ -1155,6 +1155,7 @@ def _prepare(
     return lik, chosen, _resolve_n(fisher, n_data), link
 
 
+@with_autograd
 def fisher_uncertainty(
     model: nn.Module,
     batch: Any,
@@ -1429,6 +1430,7 @@ def _log_root(h: Callable[[float], float], *, what: str, tol: float = 1e-13) -> 
     return math.exp(0.5 * (lo + hi))
 
 
+@with_autograd
 def optimize_prior_precision(
     model: nn.Module,
     fisher: FisherLike,

@@ -167,7 +167,8 @@ class Plan:
                 f"{what} differentiates the model, which torch.inference_mode() forbids, and "
                 f"it is on here: call {what} outside the `with torch.inference_mode():` "
                 "block, or inside `with torch.inference_mode(False):` (natgrad.estimate_fisher, "
-                "estimate_curvature and per_sample_grads do this themselves)."
+                "estimate_curvature, per_sample_grads, fisher_uncertainty and "
+                "optimize_prior_precision do this themselves)."
             )
         if not checked:
             check_model(model, what)

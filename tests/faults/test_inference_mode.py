@@ -51,3 +51,22 @@ def test_other_entry_points_refuse_inference_mode_by_name():
     model, x, y, _ = case()
     with torch.inference_mode(), pytest.raises(RuntimeError, match=r"inference_mode\(False\)"):
         natgrad.top_fisher_directions(model, (x, y), k=2, method="lanczos")
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac"])
+def test_laplace_inside_inference_mode(kind):
+    """fisher_uncertainty and optimize_prior_precision in an evaluation loop under
+    torch.inference_mode() (Lightning's default), on inputs made there: the same
+    predictive and prior as outside (they were refused by name; review)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    curv = natgrad.estimate_curvature(model, (x, y), kind=kind, labels="exact")
+    ref = natgrad.fisher_uncertainty(model, x, curv)
+    grid = [0.01, 0.1, 1.0, 10.0, 100.0]
+    ref_delta = natgrad.optimize_prior_precision(model, curv, val_data=(x, y), grid=grid)
+    with torch.inference_mode():
+        xi, yi = x.clone(), y.clone()
+        got = natgrad.fisher_uncertainty(model, xi, curv)
+        delta = natgrad.optimize_prior_precision(model, curv, val_data=(xi, yi), grid=grid)
+    assert torch.equal(got.logit_variance, ref.logit_variance) and delta == ref_delta
