@@ -459,28 +459,35 @@ class KroneckerFisher(Curvature):
         dist_on = resolve_distributed(distributed, f"estimate_curvature(kind={kind!r})")
         what = f"estimate_curvature(kind={kind!r})"
         config = stream = None
-        if dist_on:  # what every rank must share; a rank-seeded default MC generator
-            opts, config, stream = rank_options(
-                opts, rank_and_world(True)[0], what, model, likelihood, kind=kind,
-                approx=approx, max_factor_dim=max_factor_dim,
-            )  # fmt: skip
-        check_fixed_model(model, what)
-        plan = Plan.from_options(model, likelihood, opts, what=what, checked=True)
-        layers, reasons = kfac_coverage(model, plan.params, masked=True)
-        if not layers:
-            raise ValueError(
-                f"kind={kind!r} covers none of the selected parameters: "
-                + "; ".join(f"{k} ({why})" for k, why in list(reasons.items())[:8])
-                + ". It covers nn.Linear, nn.Conv1d/2d, transformers' Conv1D and nn.Embedding "
-                "weights used by one module; select such layers or use kind='diag'."
-            )
-        diag_A, diag_G = cls._plan_sides(layers, kind, max_factor_dim, max_factor_bytes,
-                                         plan.device)
-        if kind == "ekfac" and not is_single_batch(data) and isinstance(data, Iterator):
-            raise ValueError(
-                "kind='ekfac' reads the data twice (factors, then the eigenbasis diagonal), "
-                "but `data` is a one-shot iterator; pass a list of batches or a DataLoader."
-            )
+        try:  # a failure here reaches every rank (the others would wait in the pass's
+            # first collective)
+            if dist_on:  # what every rank must share; a rank-seeded default MC generator
+                opts, config, stream = rank_options(
+                    opts, rank_and_world(True)[0], what, model, likelihood, kind=kind,
+                    approx=approx, max_factor_dim=max_factor_dim,
+                )  # fmt: skip
+            check_fixed_model(model, what)
+            plan = Plan.from_options(model, likelihood, opts, what=what, checked=True)
+            layers, reasons = kfac_coverage(model, plan.params, masked=True)
+            if not layers:
+                raise ValueError(
+                    f"kind={kind!r} covers none of the selected parameters: "
+                    + "; ".join(f"{k} ({why})" for k, why in list(reasons.items())[:8])
+                    + ". It covers nn.Linear, nn.Conv1d/2d, transformers' Conv1D and nn.Embedding "
+                    "weights used by one module; select such layers or use kind='diag'."
+                )
+            diag_A, diag_G = cls._plan_sides(layers, kind, max_factor_dim, max_factor_bytes,
+                                             plan.device)
+            if kind == "ekfac" and not is_single_batch(data) and isinstance(data, Iterator):
+                raise ValueError(
+                    "kind='ekfac' reads the data twice (factors, then the eigenbasis diagonal), "
+                    "but `data` is a one-shot iterator; pass a list of batches or a DataLoader."
+                )
+        except Exception as exc:
+            if not dist_on:
+                raise
+            raise_if_any_rank_failed(exc, what)
+            raise  # unreachable: the call above raises on every rank
         start = plan.generator.get_state()
         # Every layer and diagonal parameter gets a sum from the start, so that every rank
         # reduces the same buffers, even one whose shard is empty.

@@ -315,11 +315,17 @@ class LowRankFisher(Curvature):
         dist_on = resolve_distributed(distributed, "estimate_curvature(kind='lowrank')")
         what = "estimate_curvature(kind='lowrank')"
         config = stream = None
-        if dist_on:  # what every rank must share; a rank-seeded default MC generator
-            opts, config, stream = rank_options(opts, rank_and_world(True)[0], what, model,
-                                                likelihood, top_rank=rank)
-        check_fixed_model(model, what)
-        plan = Plan.from_options(model, likelihood, opts, what=what, checked=True)
+        try:  # a failure here reaches every rank (the others would wait in the gather)
+            if dist_on:  # what every rank must share; a rank-seeded default MC generator
+                opts, config, stream = rank_options(opts, rank_and_world(True)[0], what, model,
+                                                    likelihood, top_rank=rank)
+            check_fixed_model(model, what)
+            plan = Plan.from_options(model, likelihood, opts, what=what, checked=True)
+        except Exception as exc:
+            if not dist_on:
+                raise
+            raise_if_any_rank_failed(exc, what)
+            raise  # unreachable: the call above raises on every rank
         shapes = {k: tuple(p.shape) for k, p in plan.params.items()}
         gen = plan.generator
         rows, n = [], 0

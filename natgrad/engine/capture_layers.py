@@ -414,6 +414,16 @@ def is_conv1d(m: nn.Module) -> bool:
     return False
 
 
+def _placing_hook(hook: Any) -> bool:
+    """An accelerate hook that only moves tensors between devices (values unchanged)."""
+    t = type(hook)
+    if t.__module__ != "accelerate.hooks":
+        return False
+    if t.__name__ == "SequentialHook":
+        return all(_placing_hook(h) for h in getattr(hook, "hooks", ()))
+    return t.__name__ in ("AlignDevicesHook", "CpuOffload")
+
+
 def runs_own_forward(m: nn.Module, base: type) -> bool:
     """Whether ``m`` computes ``base``'s own forward: its class keeps ``base.forward`` (a
     convolution also ``base._conv_forward``) and no ``forward`` is set on the instance.
@@ -421,13 +431,15 @@ def runs_own_forward(m: nn.Module, base: type) -> bool:
     A subclass or a patched instance may transform the weight before using it (weight
     standardization, a scaled layer, an adapter's patch), which a formula for ``base``'s
     layer would not see: such a module is left to the general engine (or, for K-FAC, to
-    the diagonal part). An instance forward that wraps the class's own one without
-    changing what it computes, as Hugging Face accelerate's hooks do (``device_map``
-    dispatch, offload: ``_hf_hook`` set, ``_old_forward`` the bound ``base.forward``), counts
-    as own."""
+    the diagonal part). An instance forward that wraps the class's own one with a
+    Hugging Face accelerate hook that only places tensors (``device_map`` dispatch and
+    offload: ``AlignDevicesHook``, ``CpuOffload``, or a ``SequentialHook`` of them;
+    ``_old_forward`` the bound ``base.forward``) counts as own; any other hook may change
+    the inputs, weights or output (a casting or user ``ModelHook``)."""
     if "forward" in m.__dict__:
         old = getattr(m, "_old_forward", None)
-        if getattr(m, "_hf_hook", None) is None or getattr(old, "__func__", None) is not base.forward:  # type: ignore[attr-defined]
+        if (not _placing_hook(getattr(m, "_hf_hook", None))
+                or getattr(old, "__func__", None) is not base.forward):  # type: ignore[attr-defined]
             return False
     if type(m).forward is not base.forward:  # type: ignore[attr-defined]
         return False

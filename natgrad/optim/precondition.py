@@ -383,7 +383,7 @@ class FisherPreconditioner:
         # and copies of those masks taken at the last refresh (see _check_regrowth)
         self._regrow_masks: dict[str, tuple[nn.Module, str]] = {}
         self._masks_at_refresh: dict[str, torch.Tensor] | None = None
-        self._mask_marks: dict[str, tuple[int, int]] = {}
+        self._mask_marks: dict[str, tuple[torch.Tensor, int]] = {}
         if self.curvature_kind not in ("kfac", "ekfac"):
             for k, (mod, attr) in self._homes.items():
                 mask = attr[: -len("_orig")] + "_mask" if attr.endswith("_orig") else None
@@ -551,27 +551,30 @@ class FisherPreconditioner:
         the mask buffers' identity and version (see :meth:`_check_regrowth`)."""
         masks = self._model_masks()
         self._masks_at_refresh = {k: m.detach() == 0 for k, m in masks.items()}
-        self._mask_marks = {k: (id(m), m._version) for k, m in masks.items()}
+        self._mask_marks = {k: (m, m._version) for k, m in masks.items()}
 
     def _check_regrowth(self, replaces: bool) -> None:
         """Refuse entries kept now but pruned at the last refresh, for a kind whose
         curvature is of ``W_orig`` (0 there; see the class doc); ``replaces``: this
         step's refresh replaces ``C``. A mask buffer that is the same object at the same
-        ``_version`` as when last seen is unchanged (no work; an edit through ``.data``
-        leaves no version trace and is not seen); a changed one is compared with the
+        ``_version`` as when last seen is unchanged (no work; an edit that leaves no
+        version trace, through ``.data`` or a NumPy view, is not seen); a changed one is
+        compared with the
         refresh's pruned entries, one host sync for all of them."""
         seen = self._masks_at_refresh
         if not seen or self._curvature is None or replaces:
             return
         now = self._model_masks()
-        changed = [k for k in seen if k in now and self._mask_marks.get(k) != (id(now[k]), now[k]._version)]
+        changed = [k for k in seen if k in now
+                   and not (k in self._mask_marks and self._mask_marks[k][0] is now[k]
+                            and self._mask_marks[k][1] == now[k]._version)]
         if not changed:
             return
         pairs = [(k, now[k], seen[k]) for k in changed if now[k].shape == seen[k].shape]
-        flags = (torch.stack([((m != 0) & s).any() for _, m, s in pairs]).tolist()
+        flags = (torch.stack([((m != 0) & s.to(m.device)).any() for _, m, s in pairs]).tolist()
                  if pairs else [])
         grown = [k for (k, _, _), f in zip(pairs, flags, strict=True) if f]
-        self._mask_marks.update({k: (id(now[k]), now[k]._version) for k in changed})
+        self._mask_marks.update({k: (now[k], now[k]._version) for k in changed})
         if grown:
             raise ValueError(
                 f"Entries of {grown[:8]} are kept by the model's pruning mask now but were "

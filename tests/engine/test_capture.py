@@ -935,3 +935,14 @@ def test_accelerate_hooked_layers_stay_plain_layers():
     assert b.structure() == a.structure() == {k: "kfac" for k in a.structure()}
     fa, fb = estimate_fisher(plain, (x, y)), estimate_fisher(hooked, (x, y))
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+    class Double(hooks.ModelHook):  # a hook that changes the output is not the plain layer
+        def post_forward(self, module, output):
+            return 2 * output
+
+    scaled = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    scaled.load_state_dict(plain.state_dict())
+    hooks.add_hook_to_module(scaled[2], Double())
+    assert not runs_own_forward(scaled[2], nn.Linear)
+    ref = fisher_from_grads(loop_grads(scaled, ce_sum, x, y))
+    assert_close_dict(dict(estimate_fisher(scaled, (x, y))), ref, rtol=1e-10, atol=1e-14)
