@@ -89,6 +89,8 @@ def _disagree_worker(rank, world, init_file, out_dir):
                 model, (x, y), params=["0.weight" if rank == 0 else "2.weight"]),
             "labels": lambda: natgrad.estimate_curvature(
                 model, (x, y), kind="kfac", labels="empirical" if rank == 0 else "exact"),
+            "setup": lambda: natgrad.estimate_curvature(  # fails before the pass on rank 1
+                model, (x, y), kind="kfac", params=["0.weight" if rank == 0 else "nope.weight"]),
             "dtype": lambda: natgrad.estimate_curvature(
                 model if rank == 0 else model.float(), (x if rank == 0 else x.float(), y),
                 kind="lowrank"),
@@ -140,6 +142,7 @@ def test_ranks_that_disagree_or_fail_alone_raise_on_every_rank(tmp_path):
         assert "do not compute the same thing" in out["params"] and "2.weight" in out["params"]
         assert "labels: 'empirical'" in out["labels"] and "labels: 'exact'" in out["labels"]
         assert "torch.float32" in out["dtype"]
+        assert "failed on rank 1" in out["setup"] and "nope.weight" in out["setup"]
         assert any("draw correlated Monte Carlo labels" in m for m in out["same_stream"])
         assert out["default_stream"] == []
         assert "found no recorded forward" in out["norecord"] and "rank 1" in out["norecord"]
