@@ -84,7 +84,7 @@ from natgrad.engine.checks import (
     check_positive,
     check_same_structure,
 )
-from natgrad.engine.common import acc_dtype
+from natgrad.engine.common import acc_dtype, with_autograd
 
 __all__ = ["EWC"]
 
@@ -218,6 +218,7 @@ class EWC:
             seen.update(dict.fromkeys(t["anchor"]))
         return list(seen)
 
+    @with_autograd  # its copies must be ordinary tensors: the penalty is differentiated
     def consolidate(
         self,
         fisher: Mapping[str, torch.Tensor] | Curvature,
@@ -557,6 +558,7 @@ class EWC:
             ],
         }
 
+    @with_autograd
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace this EWC's settings and stored tasks with those of ``state``.
 

@@ -571,8 +571,10 @@ class FisherPreconditioner:
         if not changed:
             return
         pairs = [(k, now[k], seen[k]) for k in changed if now[k].shape == seen[k].shape]
-        flags = (torch.stack([((m != 0) & s.to(m.device)).any() for _, m, s in pairs]).tolist()
-                 if pairs else [])
+        hits = [((m != 0) & s.to(m.device)).any() for _, m, s in pairs]
+        if len({h.device for h in hits}) > 1:  # masks on several devices (a device_map split)
+            hits = [h.cpu() for h in hits]
+        flags = torch.stack(hits).tolist() if hits else []
         grown = [k for (k, _, _), f in zip(pairs, flags, strict=True) if f]
         self._mask_marks.update({k: (now[k], now[k]._version) for k in changed})
         if grown:

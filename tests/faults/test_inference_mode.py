@@ -70,3 +70,29 @@ def test_laplace_inside_inference_mode(kind):
         got = natgrad.fisher_uncertainty(model, xi, curv)
         delta = natgrad.optimize_prior_precision(model, curv, val_data=(xi, yi), grid=grid)
     assert torch.equal(got.logit_variance, ref.logit_variance) and delta == ref_delta
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac"])
+def test_ewc_consolidated_inside_inference_mode_trains_outside(kind):
+    """An EWC built in an evaluation loop under torch.inference_mode() (the end of a task
+    in a Lightning validation step): its copies were inference tensors and the next task's
+    penalty().backward() raised (review). The penalty and its gradient equal an EWC built
+    outside."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    with torch.inference_mode():
+        curv = natgrad.estimate_curvature(model, (x, y), kind=kind)
+        inside = natgrad.EWC(model, curv, lam=3.0)
+    ref = natgrad.EWC(model, natgrad.estimate_curvature(model, (x, y), kind=kind), lam=3.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    grads = []
+    for ewc in (inside, ref):
+        model.zero_grad()
+        value = ewc.penalty()
+        value.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert float(inside.penalty()) == float(ref.penalty()) > 0
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
