@@ -189,7 +189,9 @@ class MetricContext:
         train/eval modes), the batch (identity and exact contents of its tensors), the
         likelihood and the options; a model changed in any way (trained in place, written
         through ``.data``, cast) or a changed batch is estimated anew. With a
-        ``generator`` (a random source that advances) nothing is cached.
+        ``generator`` (a random source that advances) nothing is cached. The cache keeps
+        the ``_CACHE_SIZE`` (8) most recently used estimates, so a context reused over a
+        training loop does not hold every step's Fisher.
         """
         model, batch = self.models[model_index], self.batches[i]
         kwargs.setdefault("labels", self.labels)
@@ -199,10 +201,17 @@ class MetricContext:
         key = (_state_key(model), _state_key(batch), _freeze(self.likelihood), _freeze(kwargs))
         hit = self._cache.get(key)
         if hit is not None:
+            self._cache[key] = self._cache.pop(key)  # most recently used last
             return hit[1]
         f = estimate_fisher(model, batch, self.likelihood, **kwargs)
         self._cache[key] = (refs, f)
+        while len(self._cache) > _CACHE_SIZE:  # a context reused over training: the oldest go
+            del self._cache[next(iter(self._cache))]
         return f
+
+
+#: estimates a MetricContext keeps (the most recently used)
+_CACHE_SIZE = 8
 
 
 def _state_key(obj: Any) -> Any:

@@ -196,7 +196,7 @@ class MetricRegistry:
         ``context.options[name]``. Metrics registered with ``mutates=True`` (they change
         the context, e.g. reset the tracker) are skipped unless listed in ``names``.
         A Fisher the context estimates is cached apart from the user's ``context.fisher``,
-        keyed by model, batch (identity and in-place versions) and estimate options
+        keyed by model, batch (identity and exact contents) and estimate options
         (:meth:`MetricContext.batch_fisher`), and reused only where all three agree, so
         each metric's value equals its direct call.
 

@@ -57,3 +57,20 @@ def test_task_names_place_default_style_names_at_their_position_and_never_twice(
     ctx = MetricContext(models=[model], batches=[a, b], fisher={"B": fb, "task_0": fb})
     names = ctx.task_names(3)
     assert names == ["task_0", "B", "task_2"] and len(set(names)) == 3
+
+
+def test_cache_keeps_only_the_recent_estimates():
+    """A context reused over a training loop kept every step's Fisher (review); it keeps
+    the most recently used ones, and an estimate still equals a fresh direct call."""
+    keep = 8  # the documented cache size (MetricContext.batch_fisher)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    ctx = MetricContext(models=[model], batches=[(x, y)])
+    for _ in range(3 * keep):
+        with torch.no_grad():
+            model[0].weight.add_(0.01)
+        got = ctx.batch_fisher(0)
+    assert len(ctx._cache) == keep
+    ref = natgrad.estimate_fisher(model, (x, y))
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
