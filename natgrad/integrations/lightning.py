@@ -282,6 +282,7 @@ class NaturalGradientCallback(Callback):
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
         self._batch = batch
+        self._written: list[tuple[torch.Tensor, int] | None] | None = None  # see _grad_marks
 
     @property
     def state_key(self) -> str:
@@ -324,9 +325,24 @@ class NaturalGradientCallback(Callback):
         self.preconditioner.load_state_dict(state_dict["preconditioner"])
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:  # noqa: D102
+        # Several optimizers stepped after one backward: precondition once. The gradients
+        # this callback wrote are the same tensors at the same versions until a backward
+        # (or zero_grad) changes them; a second optimizer's step then finds them as left.
+        written = self._written
+        if written is not None and all(
+            (p.grad is None and w is None) or (w is not None and p.grad is w[0] and p.grad._version == w[1])
+            for p, w in zip(self.preconditioner.params.values(), written, strict=True)
+        ):
+            return
         batch = None
         if self.preconditioner.source == "batch":
             batch = batch_to(self._batch, model_device(pl_module))
         with evaluating(pl_module):
             lrs = self.preconditioner.group_lrs(optimizer.param_groups)
             self.last = self.preconditioner.step(batch, lr=lrs)
+        self._written = self._grad_marks()
+
+    def _grad_marks(self) -> list[tuple[torch.Tensor, int] | None]:
+        """Each preconditioned parameter's ``.grad`` (kept) and its version (None: none)."""
+        return [None if p.grad is None else (p.grad, p.grad._version)
+                for p in self.preconditioner.params.values()]

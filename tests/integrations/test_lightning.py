@@ -485,3 +485,52 @@ def test_resuming_a_checkpoint_without_the_callbacks_state_warns(tmp_path):
     with pytest.warns(UserWarning, match="holds no state of this callback.*afresh"):
         _trainer(tmp_path, max_steps=3, callbacks=[cb]).fit(
             module, _loader(x, y, 4), ckpt_path=str(ckdir / "epoch=0-step=2.ckpt"))
+
+
+class TwoOptimizerClassifier(Classifier):
+    """Manual optimization with one backward, then one optimizer per layer."""
+
+    def __init__(self):
+        super().__init__(dropout=0.0)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        o1, o2 = self.optimizers()
+        x, y = batch
+        o1.zero_grad()
+        o2.zero_grad()
+        self.manual_backward(F.cross_entropy(self(x), y))
+        o1.step()
+        o2.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.1),
+                torch.optim.SGD(self.net[3].parameters(), lr=0.05)]
+
+
+def test_natural_gradient_callback_preconditions_once_for_several_optimizers(tmp_path):
+    """Two optimizers stepped after one backward: the callback preconditioned the
+    gradients once per optimizer ((F + λI)⁻² g for the second, and the step count twice;
+    found by review). Reference: one pre.step per backward by hand, then both steps."""
+    x, y = _data(12)
+    module = TwoOptimizerClassifier()
+    ref = copy.deepcopy(module)
+    pre = natgrad.FisherPreconditioner(module, kind="kfac", damping=0.1, update_every=2,
+                                       kl_clip=None)
+    _trainer(tmp_path, max_epochs=1, callbacks=[nl.NaturalGradientCallback(pre)]).fit(
+        module, _loader(x, y, 4))
+    ref_pre = natgrad.FisherPreconditioner(ref, kind="kfac", damping=0.1, update_every=2,
+                                           kl_clip=None)
+    o1, o2 = ref.configure_optimizers()
+    for xb, yb in _loader(x, y, 4):
+        o1.zero_grad()
+        o2.zero_grad()
+        F.cross_entropy(ref(xb), yb).backward()
+        ref.eval()
+        ref_pre.step((xb, yb))
+        ref.train()
+        o1.step()
+        o2.step()
+    assert pre.state_dict()["step"] == ref_pre.state_dict()["step"] == 3
+    for (k, p), q in zip(module.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-8, msg=k)
