@@ -113,6 +113,7 @@ the model, is not seen; leave such layers out of ``params``.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, get_args
 
@@ -144,6 +145,12 @@ __all__ = ["BackwardCapture", "LOSS_REDUCTIONS", "per_sample_gradients"]
 LossReduction = Literal["mean", "sum", "token_mean", "shifted_token_mean"]
 LOSS_REDUCTIONS: tuple[LossReduction, ...] = get_args(LossReduction)
 _TOKEN_MEANS = ("token_mean", "shifted_token_mean")
+
+
+#: the live capture of each model (see BackwardCapture.__init__)
+_LIVE: weakref.WeakKeyDictionary[nn.Module, weakref.ReferenceType[BackwardCapture]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class BackwardCapture:
@@ -213,6 +220,20 @@ class BackwardCapture:
         self._warned_counts = False  # the unequal-token-counts warning was given
         self._handles: list[Any] = []
         self._removed = False
+        # one live capture per model: an older one (its preconditioner rebuilt, e.g. a
+        # second Trainer.fit calling configure_optimizers) kept its hooks and recorded
+        # every later batch, its records never taken (found by review)
+        older = _LIVE.get(model)
+        if older is not None and older() is not None and not older()._removed:  # type: ignore[union-attr]
+            older().remove()  # type: ignore[union-attr]
+            warnings.warn(
+                "FisherPreconditioner(source='backward'): this model already had one; the "
+                "older one's hooks are removed (one per model; its step() now finds nothing "
+                "recorded). Call pre.close() on a preconditioner you stop using.",
+                UserWarning,
+                stacklevel=4,
+            )
+        _LIVE[model] = weakref.ref(self)
         self._layer_hooks = {k: self._hook(k) for k in self.layers}  # the same on every arming
         self._warned_global = False  # the global-forward-hook warning was given
         # the inputs of the first recorded model call, re-run under OutsideUses at the

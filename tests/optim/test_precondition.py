@@ -1919,3 +1919,31 @@ def test_reading_the_curvature_does_not_change_the_trajectory(kind):
                 pre.curvature  # noqa: B018  # the read is the point
         runs.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_a_second_backward_preconditioner_replaces_the_first_hooks():
+    """Lightning's second fit (or lr_find) rebuilds the preconditioner in
+    configure_optimizers: the first one's capture kept its hooks and recorded every later
+    batch, never taken (memory grew without bound; found by review). One capture per
+    model: the older one's hooks are removed, with a warning; the new one is exact."""
+    torch.manual_seed(0)
+    model = mlp((5, 7, 4)).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 4, (8,))
+    hooks = lambda: len(model._forward_pre_hooks) + sum(  # noqa: E731
+        len(m._forward_hooks) for m in model.modules())
+    bare = hooks()
+    first = FisherPreconditioner(model, source="backward", kl_clip=None)
+    armed = hooks()
+    with pytest.warns(UserWarning, match="already had one; the older one's hooks are removed"):
+        second = FisherPreconditioner(model, source="backward", kl_clip=None)
+    assert hooks() == armed > bare  # not twice
+    twin = copy.deepcopy(model)
+    ref = FisherPreconditioner(twin, kl_clip=None)
+    _backward(model, x, y)
+    second.step()
+    _backward(twin, x, y)
+    ref.step((x, y))
+    assert_close_dict(_grads(model), _grads(twin), rtol=1e-10, atol=1e-12)
+    second.close()
+    assert hooks() == bare
+    del first
