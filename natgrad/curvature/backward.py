@@ -210,6 +210,8 @@ class BackwardCapture:
         self._backward_task = -1  # autograd's id of that backward
         self._warned_outside = False  # the shared-layer warning was given
         self._warned_sizes = False  # the unequal-micro-batch warning was given
+        self._forwards_per_step: int | None = None  # forwards recorded for the last refresh
+        self._warned_windows = False  # the changed-accumulation warning was given
         self._batch_sizes: dict[int, int | None] = {}
         # loss_reduction="token_mean" / "shifted_token_mean": {pass id: ("step",
         # num_items_in_batch) or ("tokens", kept-label count)}, from each model call's
@@ -647,6 +649,23 @@ class BackwardCapture:
                 UserWarning,
                 stacklevel=4,
             )
+        k_now = len(sizes_seen)
+        if (self.loss_reduction == "mean" and self._forwards_per_step is not None
+                and k_now != self._forwards_per_step and not self._warned_windows):
+            self._warned_windows = True  # once per capture
+            warnings.warn(
+                f"source='backward' recorded {k_now} forward(s) for this step but "
+                f"{self._forwards_per_step} for an earlier one. If every micro-batch's mean "
+                f"loss was divided by {self._forwards_per_step} (gradient accumulation: "
+                "Lightning's accumulate_grad_batches with an incomplete last window, or a "
+                "micro-batch skipped by returning None), this step's curvature is "
+                f"({k_now}/{self._forwards_per_step})² of the right one: make the batches per "
+                "epoch a multiple of the accumulation count (limit_train_batches) and skip "
+                "no micro-batch.",
+                UserWarning,
+                stacklevel=4,
+            )
+        self._forwards_per_step = k_now
         # the per-sample-loss gradients: L = (1/N) Σ_n l_n over every recorded sample
         # (token means: each forward's own count, applied above)
         scale = (float(n_total) if self.loss_reduction == "mean" else 1.0) / self.loss_scale

@@ -524,3 +524,25 @@ def test_changed_control_flow_names_a_fix_the_preconditioner_takes():
             else:
                 assert pre.step((x, y) if source == "batch" else None).preconditioned
         pre.close()
+
+
+def test_a_changed_accumulation_count_warns():
+    """Accumulation over 2 micro-batches, each loss divided by 2, then a last window of
+    one (Lightning's incomplete last window): that step's curvature is 1/4 of the right
+    one, silently (found by review); now a warning names the cause and the fix."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    xs = [torch.randn(4, 4, dtype=torch.float64) for _ in range(3)]
+    ys = [torch.randint(0, 3, (4,)) for _ in range(3)]
+    pre = natgrad.FisherPreconditioner(model, kind="diag", source="backward", update_every=1,
+                                       kl_clip=None)
+    model.zero_grad()
+    for x, y in zip(xs[:2], ys[:2], strict=True):
+        (F.cross_entropy(model(x), y) / 2).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pre.step()
+    model.zero_grad()
+    (F.cross_entropy(model(xs[2]), ys[2]) / 2).backward()
+    with pytest.warns(UserWarning, match=r"recorded 1 forward\(s\) for this step but 2.*\(1/2\)²"):
+        pre.step()
