@@ -295,6 +295,12 @@ class BackwardCapture:
                 self._stash_handle.remove()
                 self._stash_handle = None
 
+    def backpropagated(self) -> bool:
+        """Whether a backward through the model ran since the last take/clear while armed
+        (a recorded output gradient, or a selected parameter's ``.grad`` written)."""
+        return bool(self._grad_tasks) or any(
+            r[2] is not None for v in self._records.values() for r in v)
+
     def _accumulated(self, param: torch.Tensor) -> None:
         """A backward wrote a selected parameter's ``.grad``: its records count."""
         self._grad_tasks.add(current_backward_id())

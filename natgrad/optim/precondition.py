@@ -684,6 +684,17 @@ class FisherPreconditioner:
             return self._skip(t)
         self._place()
         updated = self._refresh_due(t)
+        if updated and self._capture is not None and not self._capture.backpropagated():
+            # .grad kept from earlier (zero_grad(set_to_none=False)) but no backward since:
+            # a batch the loop skipped (Lightning: training_step returned None)
+            warnings.warn(
+                "FisherPreconditioner.step: no backward ran since the last step (the .grad "
+                "present are left from before, e.g. zeroed with set_to_none=False), so the "
+                "step is skipped (no refresh, nothing preconditioned); call loss.backward() "
+                "before pre.step().",
+                stacklevel=2,
+            )
+            return self._skip(t)
         if updated and self._check_unfrozen:
             self._warn_unfrozen()
         clip = self.kl_clip is not None and lrs is not None

@@ -73,8 +73,9 @@ def test_backward_step_without_a_recorded_backward():
     x, y = _batch()
     model(x)  # forward without backward: no gradient recorded
     model[0].weight.grad = torch.zeros_like(model[0].weight)
-    with pytest.raises(ValueError, match="found no recorded forward and backward.*loss.backward"):
-        pre.step()
+    # a .grad from before and no backward since: skipped by name (like a missing .grad)
+    with pytest.warns(UserWarning, match="no backward ran since the last step.*loss.backward"):
+        assert not pre.step().preconditioned
     assert pre.state_dict()["step"] == 0 and pre.curvature is None
 
 
@@ -546,3 +547,30 @@ def test_a_changed_accumulation_count_warns():
     (F.cross_entropy(model(xs[2]), ys[2]) / 2).backward()
     with pytest.warns(UserWarning, match=r"recorded 1 forward\(s\) for this step but 2.*\(1/2\)²"):
         pre.step()
+
+
+def test_a_skipped_batch_with_kept_zero_grads_is_skipped():
+    """A batch the loop skipped while .grad is kept as zeros (zero_grad(set_to_none=False),
+    Lightning's training_step returning None) raised 'found no recorded forward and
+    backward' at a refresh (review); it is skipped with a warning, as a missing .grad
+    is, and the next step is the same as without the skipped batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    twin = nn.Sequential(nn.Linear(4, 3)).double()
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    pre = natgrad.FisherPreconditioner(model, kind="kfac", source="backward", update_every=1,
+                                       kl_clip=None)
+    ref = natgrad.FisherPreconditioner(twin, kind="kfac", source="backward", update_every=1,
+                                       kl_clip=None)
+    for m, p in ((model, pre), (twin, ref)):  # one normal step each
+        F.cross_entropy(m(x), y).backward()
+        p.step()
+    model.zero_grad(set_to_none=False)  # the skipped batch: zeros, no backward
+    with pytest.warns(UserWarning, match="no backward ran since the last step"):
+        assert not pre.step().preconditioned
+    for m, p in ((model, pre), (twin, ref)):
+        m.zero_grad(set_to_none=False)
+        F.cross_entropy(m(x + 1), y).backward()
+        p.step()
+    torch.testing.assert_close(model[0].weight.grad, twin[0].weight.grad, rtol=0, atol=0)
