@@ -30,7 +30,8 @@ class NaturalGradient(torch.optim.Optimizer):
 
     torch's optimizer hooks work as on any optimizer, registered through its public API:
     ``register_step_pre_hook`` / ``register_step_post_hook`` (called around the whole
-    step, closure included, with the global optimizer hooks),
+    step, closure included, with the global optimizer hooks; a global hook is called
+    again for the wrapped optimizer's own step, so it runs twice per step),
     ``register_state_dict_pre_hook`` / ``register_state_dict_post_hook`` and
     ``register_load_state_dict_pre_hook`` / ``register_load_state_dict_post_hook``
     (called by :meth:`state_dict` / :meth:`load_state_dict` with torch's signatures).
