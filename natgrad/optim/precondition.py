@@ -684,9 +684,12 @@ class FisherPreconditioner:
             return self._skip(t)
         self._place()
         updated = self._refresh_due(t)
-        if updated and self._capture is not None and not self._capture.backpropagated():
+        if (updated and self._capture is not None and not is_distributed()
+                and not self._capture.backpropagated()):
             # .grad kept from earlier (zero_grad(set_to_none=False)) but no backward since:
-            # a batch the loop skipped (Lightning: training_step returned None)
+            # a batch the loop skipped (Lightning: training_step returned None). Not under
+            # torch.distributed: a skip on one rank would leave the others in the refresh's
+            # collective; there the refresh's guard raises on every rank instead
             warnings.warn(
                 "FisherPreconditioner.step: no backward ran since the last step (the .grad "
                 "present are left from before, e.g. zeroed with set_to_none=False), so the "
