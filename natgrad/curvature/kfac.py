@@ -270,17 +270,14 @@ def _explicit_padding(m: nn.Conv1d | nn.Conv2d) -> list[int] | None:
 
 
 def _is_hf_conv1d(m: nn.Module) -> bool:
-    if "forward" in m.__dict__ and not is_conv1d(m):  # an instance forward (runs_own_forward)
+    """A Hugging Face ``Conv1D`` running its own forward (:func:`is_conv1d`) whose weight
+    (or pruned ``weight_orig``) has its ``(nx, nf)`` shape."""
+    if not is_conv1d(m):
         return False
     w = getattr(m, "weight", None)
     if not isinstance(w, nn.Parameter):  # pruned by torch.nn.utils.prune
         w = m._parameters.get("weight_orig")
-    return (
-        type(m).__name__ == "Conv1D"
-        and type(m).__module__.startswith("transformers")
-        and isinstance(w, nn.Parameter)
-        and tuple(w.shape) == (getattr(m, "nx", -1), getattr(m, "nf", -1))
-    )
+    return isinstance(w, nn.Parameter) and tuple(w.shape) == (getattr(m, "nx", -1), getattr(m, "nf", -1))
 
 
 def mask_reparam(m: nn.Module, attr: str) -> nn.Parameter | str | None:

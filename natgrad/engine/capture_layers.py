@@ -405,13 +405,24 @@ def shared_output_grads(
     return g.reshape(J, N, *out.shape[1:])
 
 
+def _hf_conv1d_base(m: nn.Module) -> type | None:
+    """The Hugging Face ``Conv1D`` class among ``m``'s bases (without importing
+    ``transformers``), or None."""
+    return next((b for b in type(m).__mro__ if b.__name__ == "Conv1D"
+                 and b.__module__ == "transformers.pytorch_utils"), None)
+
+
+def is_hf_conv1d(m: nn.Module) -> bool:
+    """Whether ``m`` is a Hugging Face ``Conv1D`` (GPT-2's transposed Linear, ``W (nx, nf)``),
+    whatever its forward (what counting its FLOPs needs)."""
+    return _hf_conv1d_base(m) is not None
+
+
 def is_conv1d(m: nn.Module) -> bool:
     """A Hugging Face ``Conv1D`` (GPT-2): ``z = a W + c`` with ``W (I, O)``, the forward of
-    its own class (found without importing ``transformers``)."""
-    for base in type(m).__mro__:
-        if base.__name__ == "Conv1D" and base.__module__ == "transformers.pytorch_utils":
-            return runs_own_forward(m, base)
-    return False
+    its own class (what computing with its formula needs)."""
+    base = _hf_conv1d_base(m)
+    return base is not None and runs_own_forward(m, base)
 
 
 def _placing_hook(hook: Any) -> bool:

@@ -35,16 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from natgrad.engine.capture_layers import is_hf_conv1d
+
 __all__ = [
     "HeadAttention", "from_multihead", "to_multihead", "shrink_heads", "attention_flops",
-    "block_indices", "is_hf_conv1d",
+    "block_indices",
 ]
-
-
-def is_hf_conv1d(mod: nn.Module) -> bool:
-    """Whether ``mod`` is a Hugging Face ``Conv1D`` (GPT-2's transposed Linear,
-    ``y = x W + b`` with ``W`` of shape ``(nx, nf)``): ``2 · nx · nf`` FLOPs per position."""
-    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and hasattr(mod, "nx")
 
 
 class HeadAttention(nn.Module):

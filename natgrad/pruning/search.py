@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from natgrad.engine.batch import parse_batch
-from natgrad.pruning.attention import is_hf_conv1d
+from natgrad.engine.capture_layers import is_hf_conv1d
 from natgrad.pruning.structures import UNPRUNED_CONVS, Group
 
 __all__ = [

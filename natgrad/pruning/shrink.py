@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from natgrad.engine.batch import Batch, parse_batch
+from natgrad.engine.capture_layers import is_hf_conv1d
 from natgrad.engine.checks import check_choice
 from natgrad.engine.common import psd_solve
 from natgrad.engine.per_sample import hooked_output
-from natgrad.pruning.attention import block_indices, is_hf_conv1d, shrink_heads
+from natgrad.pruning.attention import block_indices, shrink_heads
 from natgrad.pruning.structures import UNPRUNED_CONVS, Group
 
 if TYPE_CHECKING:
