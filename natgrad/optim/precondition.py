@@ -241,11 +241,14 @@ class FisherPreconditioner:
             ``batch_first=False``) needs ``batch_first=True``, or a wrapper taking
             ``(N, T, d)`` batches with ``source="batch"``.
         loss_reduction: ``"mean"`` (over the batch's samples), ``"sum"``,
-            ``"token_mean"`` (over the kept tokens, labels ``≠ -100``: Hugging Face token
-            models) or ``"shifted_token_mean"`` (a causal LM's loss, which shifts its
-            labels): how the user's loss reduces (``source="backward"`` only; a
+            ``"element_mean"`` (over every output value: ``nn.MSELoss()`` and
+            ``nn.BCEWithLogitsLoss()`` with their default reduction on several outputs per
+            sample), ``"token_mean"`` (over the kept tokens, labels ``≠ -100``: Hugging
+            Face token models) or ``"shifted_token_mean"`` (a causal LM's loss, which
+            shifts its labels): how the user's loss reduces (``source="backward"`` only; a
             class-weighted or batch-statistics loss: see
-            :mod:`natgrad.curvature.backward`).
+            :mod:`natgrad.curvature.backward`). A ``token_categorical`` likelihood's
+            ``shift`` must match the token mean chosen.
         max_factor_dim: K-FAC/EKFAC keep a factor side larger than this diagonal (e.g.
             the ``G`` of a 50k-vocabulary output layer), passed to kinds whose
             ``estimate`` takes it; None: every side full.
@@ -361,7 +364,22 @@ class FisherPreconditioner:
                     f"empirical Fisher, but labels={self.labels!r}; use labels='empirical' "
                     "or source='batch'."
                 )
-            self._capture = BackwardCapture(model, self.params, loss_reduction=loss_reduction)
+            shift = getattr(self.likelihood, "shift", None)
+            if self.likelihood.name == "token_categorical" and (
+                    (shift and self.loss_reduction == "token_mean")
+                    or (shift is False and self.loss_reduction == "shifted_token_mean")):
+                want = "shifted_token_mean" if shift else "token_mean"
+                raise ValueError(
+                    f"likelihood {self.likelihood!r} says the model's loss "
+                    f"{'shifts' if shift else 'does not shift'} its labels, but "
+                    f"loss_reduction={self.loss_reduction!r} counts the kept tokens of "
+                    f"{'unshifted' if shift else 'shifted'} labels, so the curvature's scale "
+                    f"would be off by the ratio of the two counts: pass "
+                    f"loss_reduction={want!r} (or the likelihood that matches your loss)."
+                )
+            self._capture = BackwardCapture(
+                model, self.params, loss_reduction=loss_reduction,
+                per_output_loss=self.likelihood.name in ("gaussian", "bernoulli"))
         self.grad_scaler = grad_scaler
         self._capture_pools = (
             "distributed" in inspect.signature(self.curvature_cls.from_capture).parameters

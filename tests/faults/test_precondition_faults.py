@@ -574,3 +574,92 @@ def test_a_skipped_batch_with_kept_zero_grads_is_skipped():
         F.cross_entropy(m(x + 1), y).backward()
         p.step()
     torch.testing.assert_close(model[0].weight.grad, twin[0].weight.grad, rtol=0, atol=0)
+
+
+# -- losses averaged over every output value (element_mean) -----------------------------------
+
+
+def _multi_out():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+@pytest.mark.parametrize("lik", ["bernoulli", "gaussian"])
+def test_mean_with_a_default_elementwise_loss_warns_once(lik):
+    # torch's default MSELoss / BCEWithLogitsLoss average over N·D values; "mean" reads
+    # N: the curvature came out 1/D² too small without a word (found by review)
+    model = _multi_out()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6, 3)).double()
+    pre = natgrad.FisherPreconditioner(model, lik, kind="diag", source="backward",
+                                       kl_clip=None)
+    with pytest.warns(UserWarning, match=r"3 outputs.*nn.MSELoss\(\).*1/3².*"
+                                         r"loss_reduction='element_mean'"):
+        F.binary_cross_entropy_with_logits(model(x), y).backward()
+    pre.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per capture
+        F.binary_cross_entropy_with_logits(model(x), y).backward()
+    pre.close()
+
+
+def test_mean_with_categorical_outputs_does_not_warn():
+    # a classifier's C logits are one categorical's: its mean loss is over samples
+    model = _mlp()
+    x, y = _batch()
+    pre = natgrad.FisherPreconditioner(model, kind="diag", source="backward", kl_clip=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+
+
+@pytest.mark.parametrize("how", ["tuple_output", "parts"])
+def test_element_mean_without_an_output_tensor_is_refused_by_name(how):
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _multi_out()
+
+        def forward(self, x):
+            return self.net(x), x
+
+    model = Pair()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    pre = natgrad.FisherPreconditioner(model, "gaussian", kind="diag", source="backward",
+                                       loss_reduction="element_mean", kl_clip=None)
+    out = model(x)[0] if how == "tuple_output" else model.net(x)
+    F.mse_loss(out, y).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"element_mean.*per sample.*other than a tensor"
+                                         r".*Call the model itself"):
+        pre.step()
+    for k, p in model.named_parameters():  # nothing changed
+        assert torch.equal(p.grad, grads[k])
+
+
+def test_element_mean_with_output_sizes_changing_within_a_step_is_refused():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _multi_out()
+
+        def forward(self, x, k):
+            return self.net(x)[:, :k]
+
+    model = Head()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    pre = natgrad.FisherPreconditioner(model, "gaussian", kind="diag", source="backward",
+                                       loss_reduction="element_mean", kl_clip=None)
+    for k in (3, 2):
+        F.mse_loss(model(x, k), torch.zeros(6, k, dtype=torch.float64)).div(2).backward()
+    with pytest.raises(ValueError, match=r"element_mean.*\[2, 3\] values per sample"):
+        pre.step()
+
+
+@pytest.mark.parametrize("shift,reduction", [(True, "token_mean"), (False, "shifted_token_mean")])
+def test_token_mean_not_matching_the_likelihood_shift_is_refused(shift, reduction):
+    # TokenCategorical(shift=True) with "token_mean" counted unshifted labels: 1.89x off
+    with pytest.raises(ValueError, match=r"shift.*loss_reduction=.*counts the kept tokens"
+                                         r".*pass loss_reduction="):
+        natgrad.FisherPreconditioner(_TokenModel(), natgrad.TokenCategorical(shift=shift),
+                                     kind="diag", source="backward", loss_reduction=reduction)

@@ -1947,3 +1947,33 @@ def test_a_second_backward_preconditioner_replaces_the_first_hooks():
     second.close()
     assert hooks() == bare
     del first
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac"])
+@pytest.mark.parametrize("lik", ["bernoulli", "gaussian"])
+def test_backward_element_mean_reads_torch_default_losses(kind, lik):
+    """``nn.BCEWithLogitsLoss()`` / ``nn.MSELoss()`` with their default reduction average
+    over every one of the ``N·D`` outputs; ``loss_reduction="element_mean"`` scales the
+    recorded gradients by ``N·D`` (read as ``"mean"`` they were ``1/D²`` too small, found by
+    review). Reference: ``source="batch"`` with the empirical labels of the same
+    likelihood (checked against per-sample loops elsewhere); MSE is the Gaussian NLL with
+    σ² = 1/2, i.e. ``Gaussian(sigma=0.5 ** 0.5)``."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 5)).double()
+    twin = copy.deepcopy(model)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    if lik == "bernoulli":
+        y = torch.randint(0, 2, (8, 5)).double()
+        likelihood, loss_fn = "bernoulli", F.binary_cross_entropy_with_logits
+    else:
+        y = torch.randn(8, 5, dtype=torch.float64)
+        likelihood, loss_fn = natgrad.Gaussian(sigma=0.5 ** 0.5), F.mse_loss
+    pb = FisherPreconditioner(model, likelihood, kind=kind, damping=0.05, source="backward",
+                              loss_reduction="element_mean", kl_clip=None)
+    pa = FisherPreconditioner(twin, likelihood, kind=kind, damping=0.05, kl_clip=None)
+    for m in (model, twin):
+        m.zero_grad(set_to_none=True)
+        loss_fn(m(x), y).backward()
+    pb.step()
+    pa.step((x, y))
+    assert_close_dict(_grads(model), _grads(twin), rtol=1e-9, atol=1e-12)
