@@ -86,7 +86,7 @@ from natgrad.engine.checks import (
     check_positive,
     check_same_structure,
 )
-from natgrad.engine.common import acc_dtype, internal_pass, with_autograd
+from natgrad.engine.common import internal_pass, model_acc_dtype, with_autograd
 from natgrad.engine.likelihoods import Likelihood, get_likelihood
 from natgrad.engine.options import ENGINES, EngineName, ParamSpec
 from natgrad.engine.per_sample import (
@@ -881,7 +881,7 @@ class _Posterior:
         self.deltas = torch.tensor(deltas, dtype=torch.float64)
         self.lik, self.chunk_size, self.engine = lik, chunk_size, engine
         self.output_fn = output_fn or default_output_fn
-        self.dtype = acc_dtype(next(model.parameters()).dtype)
+        self.dtype = model_acc_dtype(model)
         self.device = model_device(model)
         self.terms: list[_Term] | None = None
         self.lowrank_w: torch.Tensor | None = None
@@ -1539,7 +1539,7 @@ def optimize_prior_precision(
         raise ValueError("grid is empty: pass at least one candidate prior precision.")
     for g in cand:
         check_positive("grid value", g)
-    dtype = acc_dtype(next(model.parameters()).dtype)
+    dtype = model_acc_dtype(model)
     if method == "marglik":
         if subset == "last_layer":
             _check_last_layer_marglik(model, val_data, list(chosen))

@@ -83,12 +83,19 @@ def fisher_weighted_merge(
     Block-diagonal kinds (``"diag"``, ``"kfac"``, ``"ekfac"``) give one system per module;
     any other kind couples everything into one system. A system of at most ``dense_max``
     unknowns is solved exactly (``method="auto"`` or ``"dense"``: its matrix read off
-    through ``mv`` on unit vectors, then a float64 Cholesky solve, or for a singular
+    through ``mv`` on unit vectors (in the curvature's dtype), then a float64 Cholesky solve, or for a singular
     system (``ε = 0``) the minimum-norm solution from the symmetric pseudo-inverse, so
     directions no Fisher sees keep the weighted mean there too); larger ones
     by conjugate gradients on ``mv`` (``"cg"``) to relative residual ``cg_tol`` or
     ``cg_iters`` products (with ``ε = 0`` on a singular system, a preconditioned run
     solves it but need not return the minimum-norm solution: keep ``floor > 0`` there).
+    "No Fisher sees" holds to the curvature's own precision: the factors of a float32
+    curvature carry round-off of about ``1e-7`` times their scale in directions the exact
+    Fisher does not see (a softmax head's shift of every logit), which the default
+    ``ε = 1e-8`` does not outweigh, so such a direction moves (the merged head's bias
+    sum 0.89 or -1.37 instead of the mean's 0.05 on a small MLP; the outputs, which the
+    shift does not change, agree to 1e-8). Estimate the curvatures in float64 (a float64
+    model), or raise ``floor`` to about ``1e-6`` times the curvatures' mean diagonal.
 
     Low-rank curvatures (every one a :class:`natgrad.LowRankFisher`, ``F_m = R_mᵀR_m/N_m``
     from its rows) are solved exactly by ``method="auto"``, whatever their size: with the
@@ -838,7 +845,7 @@ def regmean_merge(
                 num = wm * V @ a if num is None else num + wm * V @ a
                 den = wm * a if den is None else den + wm * a
             assert num is not None and den is not None  # models is not empty (checked)
-            den = den + floor * torch.eye(den.shape[-1], dtype=torch.float64)
+            den = den + floor * torch.eye(den.shape[-1], dtype=torch.float64, device=den.device)
             # W̃* = num den⁻¹ per group (den symmetric; the minimum-norm solution if singular)
             sol = psd_solve(den, num.transpose(-1, -2), singular=floor == 0).transpose(-1, -2)
             check_finite(f"the merged layer {n!r}", sol, "Raise floor= (the ridge).")

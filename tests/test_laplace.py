@@ -402,3 +402,32 @@ def test_interior_and_single_value_grids_do_not_warn(recwarn):
     optimize_prior_precision(model, fisher, val, grid=[3.0], likelihood=lik)
     optimize_prior_precision(model, fisher, method="marglik", likelihood=lik)
     assert not [w for w in recwarn if "grid" in str(w.message)]
+
+
+class _MixedHead(nn.Module):
+    """A float32 body and a float64 head: float64 outputs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = nn.Linear(5, 6), nn.Linear(6, 3).double()
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x.float())).double())
+
+
+def test_uncertainty_of_a_model_with_a_float64_head_is_float64():
+    # the precision was taken from the first parameter (the float32 body): float32
+    # variances for float64 outputs; found by review. Reference: the closed form
+    # Var f_c = Σ_i J_ci² / (N F_i + δ) with float64 Jacobians of the head (last layer).
+    model = _MixedHead()
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    fisher = estimate_fisher(model, (x, y), labels="exact")
+    r = fisher_uncertainty(model, x[:4], fisher, n_data=16, prior_precision=2.0,
+                           subset="last_layer")
+    assert r.logit_variance.dtype == torch.float64
+    h = torch.tanh(model.body(x[:4])).double().detach()
+    fw, fb = fisher["head.weight"], fisher["head.bias"]
+    # ∂f_c/∂W_cj = h_j, ∂f_c/∂b_c = 1 (other rows zero)
+    ref = (h**2) @ (1 / (16 * fw + 2.0)).T + (1 / (16 * fb + 2.0))
+    torch.testing.assert_close(r.logit_variance, ref, rtol=1e-12, atol=1e-14)

@@ -72,7 +72,7 @@ import torch
 from torch import nn
 
 from natgrad.curvature.diagonal import check_fisher
-from natgrad.curvature.protocol import Curvature, curvature_class
+from natgrad.curvature.protocol import Curvature, curvature_class, state_tensors
 from natgrad.engine.checks import (
     check_all_finite,
     check_choice,
@@ -422,23 +422,7 @@ class EWC:
                 "the same way, or pass natgrad.Curvature objects for all of them."
             )
         named = dict(self.model.named_parameters())
-        names = curvature.names()
-        diag = curvature.diagonal()
-        targets = {}
-        for k in names:
-            target = _resolve(k, named)
-            if target is None:
-                raise ValueError(
-                    f"The curvature covers parameter {k!r}, which the model lacks; the model "
-                    f"has {list(named)[:8]}. Estimate the curvature on this model."
-                )
-            if tuple(diag[k].shape) != tuple(named[target].shape):
-                raise ValueError(
-                    f"The curvature's entry {k!r} has shape {tuple(diag[k].shape)} but the "
-                    f"parameter has {tuple(named[target].shape)}. Estimate it on this model."
-                )
-            check_finite(f"the curvature's diagonal of {k!r}", diag[k])
-            targets[k] = target
+        targets = _curvature_targets(curvature, named, "the curvature")
         new_a = {}
         for k, target in targets.items():
             p = named[target]
@@ -479,11 +463,11 @@ class EWC:
             folded = (1.0 + g) * old["curvature"].ema_union(curvature, g / (1.0 + g))
             n = g * old["n"] + curvature.n_samples  # decayed as F is (module docstring)
             for k, a_old in old["anchor"].items():  # names only the old term covers
-                target = _resolve(k, named)
+                resolved = _resolve(k, named)
                 if k in new_a:
                     continue
-                if anchor is None and target is not None:  # the newest parameters
-                    new_a[k] = named[target].detach().clone()
+                if anchor is None and resolved is not None:  # the newest parameters
+                    new_a[k] = named[resolved].detach().clone()
                 else:  # an explicit anchor for the new task only: theirs stays
                     new_a[k] = a_old
             self._curv_terms = [self._term(folded, {k: new_a[k] for k in folded.names()}, n)]
@@ -598,11 +582,15 @@ class EWC:
                     "anchor": {k: v.detach().clone() for k, v in a.items()},
                 }
             )
-        self.lam, self.mode, self.gamma = lam, mode, gamma
         curv_terms = []
-        for t in state.get("curvature_terms", []):
+        for i, t in enumerate(state.get("curvature_terms", [])):
+            what = f"the EWC state_dict's curvature term {i}"
+            for path, v in state_tensors(t["curvature"]):
+                check_finite(f"{what}'s {path}", v,
+                             "The state is damaged: load one saved from a healthy run.")
             cls = curvature_class(t["kind"])
             curv = cls.from_state_dict(t["curvature"])
+            _curvature_targets(curv, named, what)
             for k in t["anchor"]:
                 target = _resolve(k, named)
                 if target is None or tuple(t["anchor"][k].shape) != tuple(named[target].shape):
@@ -614,7 +602,8 @@ class EWC:
             n = float(t.get("n", curv.n_samples))  # states saved before "n": undecayed
             curv_terms.append({"curvature": curv, "anchor": anchor, "lam": t.get("lam"), "n": n})
         scale = state.get("lam_scale")
-        self.lam_scale = None if scale is None else check_positive("lam_scale", scale)
+        lam_scale = None if scale is None else check_positive("lam_scale", scale)
+        self.lam, self.mode, self.gamma, self.lam_scale = lam, mode, gamma, lam_scale
         self._curv_terms = curv_terms
         self._tasks = terms
         self._consolidations = int(state.get("num_tasks", len(terms)))
@@ -624,3 +613,28 @@ class EWC:
             f"EWC(mode={self.mode!r}, lam={self.lam}, gamma={self.gamma}, "
             f"tasks={self._consolidations}, params={len(self.names)})"
         )
+
+
+def _curvature_targets(
+    curvature: Curvature, named: Mapping[str, nn.Parameter], what: str
+) -> dict[str, str]:
+    """``{curvature name: model parameter name}``: every name the curvature covers is a
+    parameter of the model (``w`` or its pruned ``w_orig``), of the same shape, with a
+    finite diagonal; else a named error."""
+    diag = curvature.diagonal()
+    targets = {}
+    for k in curvature.names():
+        target = _resolve(k, named)
+        if target is None:
+            raise ValueError(
+                f"{what[:1].upper()}{what[1:]} covers parameter {k!r}, which the model lacks; the model has "
+                f"{list(named)[:8]}. Estimate the curvature on this model."
+            )
+        if tuple(diag[k].shape) != tuple(named[target].shape):
+            raise ValueError(
+                f"{what[:1].upper()}{what[1:]}'s entry {k!r} has shape {tuple(diag[k].shape)} but the parameter "
+                f"has {tuple(named[target].shape)}. Estimate it on this model."
+            )
+        check_finite(f"{what}'s diagonal of {k!r}", diag[k])
+        targets[k] = target
+    return targets

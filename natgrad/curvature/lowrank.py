@@ -497,7 +497,8 @@ class LowRankFisher(Curvature):
         if n == 0:
             raise ValueError("Cannot combine two curvatures that both have n_samples=0.")
         labels = self.labels if self.labels == other.labels else "mixed"
-        rows = torch.cat([self.rows, other.rows.to(self.rows)])
+        dt = torch.promote_types(self.rows.dtype, other.rows.dtype)  # as the other kinds
+        rows = torch.cat([self.rows.to(dtype=dt), other.rows.to(self.rows.device, dt)])
         return self._like(rows, n, labels)
 
     def __mul__(self, scalar: float) -> LowRankFisher:
@@ -517,10 +518,11 @@ class LowRankFisher(Curvature):
         other = self._check_same(other, "average")
         n = self.n_samples + other.n_samples
         parts = []
+        dt = torch.promote_types(self.rows.dtype, other.rows.dtype)  # as the other kinds
         for f, w in ((self, decay), (other, 1 - decay)):
             if w > 0 and f.n_samples > 0:
-                parts.append(f.rows.to(self.rows) * math.sqrt(w * n / f.n_samples))
-        rows = torch.cat(parts) if parts else self.rows[:0]
+                parts.append(f.rows.to(self.rows.device, dt) * math.sqrt(w * n / f.n_samples))
+        rows = torch.cat(parts) if parts else self.rows[:0].to(dtype=dt)
         labels = self.labels if self.labels == other.labels else "mixed"
         return self._like(rows, n, labels)
 
@@ -588,6 +590,13 @@ class LowRankFisher(Curvature):
             )
         shapes = {k: tuple(int(x) for x in s) for k, s in state["shapes"].items()}
         if self.shapes and shapes != self.shapes:
+            if list(shapes) == list(self.shapes):
+                diff = [k for k in shapes if shapes[k] != self.shapes[k]]
+                raise ValueError(
+                    f"The state_dict shapes its parameters differently from this curvature "
+                    f"({', '.join(f'{k}: {shapes[k]} vs {self.shapes[k]}' for k in diff[:4])}): "
+                    "it was estimated on a model of another size."
+                )
             raise ValueError(
                 f"The state_dict covers other parameters ({list(shapes)[:6]}) than this "
                 f"curvature ({list(self.shapes)[:6]})."

@@ -51,6 +51,7 @@ __all__ = [
     "flat_inner",
     "refuse_pruning_rename",
     "register_curvature",
+    "state_tensors",
 ]
 
 Params = Mapping[str, torch.Tensor]
@@ -72,6 +73,19 @@ def flat_inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     tensor(11.)
     """
     return torch.dot(a.reshape(-1) if a.dtype == b.dtype else a.reshape(-1).to(b.dtype), b.reshape(-1))
+
+
+def state_tensors(state: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Every floating tensor of a nested state (dicts, lists and tuples, e.g. a
+    curvature's ``state_dict()``), named by its path (``layers.0.A``, ``terms[1]``)."""
+    if isinstance(state, torch.Tensor):
+        return [(prefix or "tensor", state)] if state.is_floating_point() else []
+    if isinstance(state, Mapping):
+        return [t for k, v in state.items()
+                for t in state_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(state, (list, tuple)):
+        return [t for i, v in enumerate(state) for t in state_tensors(v, f"{prefix}[{i}]")]
+    return []
 
 
 def refuse_pruning_rename(mine: Iterable[str], theirs: Iterable[str], what: str, cls: str) -> None:

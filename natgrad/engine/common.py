@@ -23,6 +23,18 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def model_acc_dtype(model: nn.Module) -> torch.dtype:
+    """The accumulation dtype of a model's results: float64 when any of its parameters is
+    float64 (a float64 head on a float32 body gives float64 outputs), else float32.
+
+    Example:
+        >>> model_acc_dtype(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1).double()))
+        torch.float64
+    """
+    wide = any(p.dtype == torch.float64 for p in model.parameters())
+    return torch.float64 if wide else torch.float32
+
+
 def psd_solve(a: torch.Tensor, b: torch.Tensor, *, singular: bool = False) -> torch.Tensor:
     """``x`` with ``a x = b`` for a symmetric positive semi-definite ``a`` (batched).
 

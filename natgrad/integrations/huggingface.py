@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from natgrad.continual.ewc import EWC
 from natgrad.curvature.diagonal import DiagonalFisher
+from natgrad.engine.common import acc_dtype
 from natgrad.integrations import require
 from natgrad.integrations.common import (
     METRICS,
@@ -71,7 +72,8 @@ def _cross_entropy(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any =
             f"labels are {labels.dtype} (a regression or multi-label task?). Pass the "
             "task loss: EWCLoss(ewc, loss_fn=lambda outputs, labels, num_items_in_batch=None: ...)."
         )
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_logits = flat_logits.to(acc_dtype(flat_logits.dtype))  # float64 stays float64
     flat_labels = labels.reshape(-1).to(flat_logits.device)
     if flat_labels.shape[0] != flat_logits.shape[0]:
         raise ValueError(
@@ -159,7 +161,9 @@ class EWCLoss:
             share = kept.to(penalty.device) / torch.as_tensor(
                 num_items_in_batch, dtype=penalty.dtype, device=penalty.device
             )
-        return loss + (share * penalty).to(device=loss.device, dtype=loss.dtype)
+        # the wider of the two dtypes: a bf16 task loss does not round the penalty
+        dtype = torch.promote_types(loss.dtype, penalty.dtype)
+        return loss.to(dtype) + (share * penalty).to(device=loss.device, dtype=dtype)
 
     def __repr__(self) -> str:
         return f"EWCLoss({self.ewc!r})"

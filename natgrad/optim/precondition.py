@@ -31,7 +31,7 @@ from natgrad.curvature.kfac import (
     kfac_layers,
 )
 from natgrad.curvature.kronecker import KroneckerFisher
-from natgrad.curvature.protocol import CURVATURE_KINDS, Curvature, curvature_class
+from natgrad.curvature.protocol import CURVATURE_KINDS, Curvature, curvature_class, state_tensors
 from natgrad.engine.batch import OutputFn
 from natgrad.engine.checks import (
     GRAD_HINT,
@@ -862,13 +862,30 @@ class FisherPreconditioner:
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Plain values and tensors: kind, step count, generator state and the curvature's
-        own ``state_dict()`` (None before the first refresh)."""
+        """Plain values and tensors: kind, step count, generator state, the curvature's
+        own ``state_dict()`` (None before the first refresh) and the settings it was
+        estimated under (see :meth:`load_state_dict`)."""
         return {
             "kind": self.kind,
             "step": self._step,
             "generator": self.generator.get_state(),
             "curvature": None if self._curvature is None else self._curvature.state_dict(),
+            "settings": self._settings(),
+        }
+
+    def _settings(self) -> dict[str, Any]:
+        """The settings that decide what the saved curvature is (its labels, scale,
+        layout): a state is loaded only under the same ones. The schedule and the step's
+        size (``damping``, ``update_every``, ``ema_decay``, ``kl_clip``, ``warmup_steps``)
+        may change on resume."""
+        return {
+            "source": self.source,
+            "labels": self.labels,
+            "likelihood": self.likelihood.name,
+            "loss_reduction": self.loss_reduction,
+            "kfac_damping": self.kfac_damping,
+            "kfac_approx": self.kfac_approx,
+            "max_factor_dim": self.max_factor_dim,
         }
 
     def _curvature_from_state(self, state: Mapping[str, Any]) -> Curvature | None:
@@ -885,6 +902,20 @@ class FisherPreconditioner:
                 f"This state_dict is for kind={state['kind']!r}, but the preconditioner "
                 f"has kind={self.kind!r}; build the preconditioner with the same kind."
             )
+        saved = state.get("settings")  # absent from states saved before it was kept
+        if saved is not None:
+            mine = self._settings()
+            diff = [k for k in mine if k in saved and saved[k] != mine[k]]
+            if diff:
+                raise ValueError(
+                    "This state_dict was saved by a preconditioner built with "
+                    + ", ".join(f"{k}={saved[k]!r}" for k in diff)
+                    + ", but this one has "
+                    + ", ".join(f"{k}={mine[k]!r}" for k in diff)
+                    + ": its curvature means something else here. Build the preconditioner "
+                    "with the saved settings (damping, update_every, ema_decay, kl_clip and "
+                    "warmup_steps may change on resume)."
+                )
         try:
             torch.Generator().set_state(state["generator"])
         except (TypeError, RuntimeError) as exc:
@@ -892,7 +923,7 @@ class FisherPreconditioner:
         cstate = state["curvature"]
         if cstate is None:
             return None
-        check_all_finite(dict(_tensors(cstate)), "the state_dict's curvature tensor",
+        check_all_finite(dict(state_tensors(cstate)), "the state_dict's curvature tensor",
                          "The saved run diverged.")
         try:
             curv = self.curvature_cls.from_state_dict(cstate)
@@ -910,7 +941,9 @@ class FisherPreconditioner:
     def check_state_dict(self, state: Mapping[str, Any]) -> None:
         """Raise unless ``state`` (from :meth:`state_dict`) fits this preconditioner.
 
-        Checks the kind and the generator state; rebuilds the curvature from its own state
+        Checks the kind, the settings the curvature was estimated under (``source``,
+        ``labels``, the likelihood, ``loss_reduction``, ``kfac_damping``, ``kfac_approx``,
+        ``max_factor_dim``) and the generator state; rebuilds the curvature from its own state
         dict (its class checks the format and layout: K-FAC factor shapes, low-rank rows,
         diagonal values ``>= 0``), refuses NaN/Inf in any of its tensors, and compares its
         parameter names and shapes with the selected parameters. Changes nothing.
@@ -974,7 +1007,7 @@ class FisherPreconditioner:
         if len(devices) != 1 or len(dtypes) != 1:
             return curv
         (device,), (dtype,) = devices, dtypes
-        tensors = [t for _, t in _tensors(curv.state_dict())]
+        tensors = [t for _, t in state_tensors(curv.state_dict())]
         if all(t.device == device and t.dtype == dtype for t in tensors):
             return curv
         return curv.to(device=device, dtype=dtype)
@@ -1070,15 +1103,3 @@ def check_solution_finite(
     except FloatingPointError:
         check_all_finite(grads, "the gradient (.grad) of parameter", GRAD_HINT)
         raise
-
-
-def _tensors(state: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
-    """Every floating tensor of a nested state dict, named by its dotted path."""
-    out: list[tuple[str, torch.Tensor]] = []
-    if isinstance(state, torch.Tensor):
-        if state.is_floating_point():
-            out.append((prefix, state))
-    elif isinstance(state, Mapping):
-        for k, v in state.items():
-            out += _tensors(v, f"{prefix}.{k}" if prefix else str(k))
-    return out

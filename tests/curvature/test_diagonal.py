@@ -133,3 +133,12 @@ def test_load_follows_the_model_dtype(tmp_path, saved, model_dtype):
     H = DiagonalFisher.load(tmp_path / "f.st")  # no model: the file's dtype
     assert all(H[k].dtype == saved and torch.equal(H[k], v) for k, v in stored.items())
     assert all(p.dtype == model_dtype for p in model.parameters())  # the model is untouched
+
+
+def test_top_coordinates_ranks_float64_values_in_float64():
+    # every value was cast to float32: 1+1e-12 and 1+2e-12 tied with 1 (wrong order),
+    # 1e39 reported as inf, 1e-50 tied with 0; found by review
+    f = {"w": torch.tensor([1 + 1e-12, 1.0, 1 + 2e-12, 1e39, 1e-50, 0.0], dtype=torch.float64)}
+    got = top_coordinates(f, 6)
+    assert [idx for _, idx, _ in got] == [(3,), (2,), (0,), (1,), (4,), (5,)]
+    assert got[0][2] == 1e39 and got[1][2] == 1 + 2e-12 and got[4][2] == 1e-50

@@ -140,3 +140,21 @@ def test_combining_lowrank_fishers_over_the_same_names_in_another_order():
     shapes = {"x": torch.Size([2]), "y": torch.Size([3])}
     torch.testing.assert_close(dense_from_mv(a.ema(b, 0.3), shapes), 0.3 * Fa + 0.7 * Fb)
     torch.testing.assert_close(dense_from_mv(a + b, shapes), (3 * Fa + 2 * Fb) / 5)
+
+
+@pytest.mark.parametrize("op", ["add", "ema", "ema_union"])
+def test_combining_float32_and_float64_promotes_to_float64(op):
+    # the result took self's dtype (float32 for f32 + f64) while diag and K-FAC promote;
+    # found by review. Reference: the float64 rows stacked by hand.
+    torch.manual_seed(1)
+    shapes = {"w": (3,)}
+    r32, r64 = torch.randn(2, 3), torch.randn(4, 3, dtype=torch.float64)
+    a, b = LowRankFisher(r32, 2, shapes), LowRankFisher(r64, 4, shapes)
+    out = a + b if op == "add" else getattr(a, op)(b, 0.25)
+    assert out.rows.dtype == torch.float64
+    if op == "add":
+        rows = torch.cat([r32.double(), r64])
+        ref = rows.T @ rows / 6
+    else:
+        ref = 0.25 * r32.double().T @ r32.double() / 2 + 0.75 * r64.T @ r64 / 4
+    torch.testing.assert_close(out.rows.T @ out.rows / out.n_samples, ref, rtol=1e-12, atol=1e-14)

@@ -748,3 +748,65 @@ def test_damage_refuses_params_with_a_given_fisher():
     r1 = natgrad.fisher_weighted_damage(model, a, b, params=["weight"])
     r2 = natgrad.fisher_weighted_damage(model, a, b, fisher_a={"weight": fa["weight"]})
     assert sorted(r1.per_layer) == ["weight"] and r1.damage == pytest.approx(r2.damage, rel=1e-12)
+
+
+def _tiny(h=8):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, h), nn.Tanh(), nn.Linear(h, 4)).double()
+
+
+def _xy():
+    torch.manual_seed(1)
+    return torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 4, (16,))
+
+
+@pytest.mark.parametrize("setting,saved,now", [
+    ("max_factor_dim", 4, None),
+    ("labels", "mc", "empirical"),
+    ("kfac_approx", "reduce", "expand"),
+    ("likelihood", "categorical", "bernoulli"),
+])
+def test_preconditioner_state_of_other_settings_is_refused_by_name(setting, saved, now):
+    # a state saved with max_factor_dim=4 loaded into max_factor_dim=None and failed 5
+    # steps later ("different layouts"); labels/likelihood loaded without a word (review)
+    model = _tiny()
+    x, y = _xy()
+    kw = {"kind": "kfac", "kl_clip": None, "update_every": 1}
+    pre = natgrad.FisherPreconditioner(model, **kw, **{setting: saved})
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    pre.step((x, y))
+    state = pre.state_dict()
+    other = natgrad.FisherPreconditioner(model, **kw, **{setting: now})
+    with pytest.raises(ValueError, match=rf"saved by a preconditioner built with {setting}="
+                                         rf".*this one has {setting}=.*damping, update_every"):
+        other.load_state_dict(state)
+    assert other.curvature is None  # nothing replaced
+    # the schedule may change on resume
+    same = natgrad.FisherPreconditioner(model, **{**kw, "update_every": 5, "damping": 0.1},
+                                        **{setting: saved})
+    same.load_state_dict(state)
+
+
+def test_ewc_state_with_a_curvature_of_another_model_or_nan_is_refused():
+    # a K-FAC curvature of a hidden-16 model with hidden-8 anchors loaded and failed at the
+    # penalty with torch's shape message; NaN in A loaded (EKFAC: silently); review
+    x, y = _xy()
+    small, big = _tiny(8), _tiny(16)
+    curv = natgrad.estimate_curvature(big, (x, y), kind="kfac")
+    ewc = natgrad.EWC(big, curv, lam=1.0)
+    state = ewc.state_dict()
+    state["curvature_terms"][0]["anchor"] = {k: p.detach().clone()
+                                             for k, p in small.named_parameters()}
+    target = natgrad.EWC(small, natgrad.estimate_curvature(small, (x, y), kind="kfac"), lam=3.0)
+    with pytest.raises(ValueError, match=r"curvature term 0's entry '0.weight' has shape "
+                                         r"\(16, 6\) but the parameter has \(8, 6\)"):
+        target.load_state_dict(state)
+    assert target.lam == 3.0  # nothing replaced
+    for kind in ("kfac", "ekfac"):
+        ewc = natgrad.EWC(small, natgrad.estimate_curvature(small, (x, y), kind=kind))
+        state = ewc.state_dict()
+        state["curvature_terms"][0]["curvature"]["layers"]["0"]["A"][0, 0] = float("nan")
+        with pytest.raises(FloatingPointError, match=r"curvature term 0's layers.0.A"):
+            natgrad.EWC(small, natgrad.estimate_curvature(small, (x, y), kind=kind)
+                        ).load_state_dict(state)

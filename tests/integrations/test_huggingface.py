@@ -533,3 +533,22 @@ def test_token_mean_through_the_trainer_equals_the_sequence_fisher_step(tmp_path
     for k, p in model.named_parameters():
         step = g[k] / (fisher[k] + lam) if k in names else g[k]
         torch.testing.assert_close(p.detach(), theta0[k] - lr * step, rtol=1e-5, atol=1e-8)
+
+
+def test_ewc_loss_keeps_a_float64_model_in_float64_and_a_bf16_loss_unrounded():
+    # the default loss cast float64 logits to float32 (a float64 model's loss 9e-6 off at
+    # 325), and the penalty was cast to the task loss's dtype (bf16 rounding); found by
+    # review. Reference: float64 cross-entropy and the hand-computed penalty.
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 3).double()
+    fisher = {k: torch.rand_like(p) for k, p in m.named_parameters()}
+    anchor = {k: p.detach() + 0.3 for k, p in m.named_parameters()}
+    ewc = natgrad.EWC(m, fisher, lam=1.7, anchor=anchor)
+    x, y = torch.randn(8, 4, dtype=torch.float64) * 1e3, torch.randint(0, 3, (8,))
+    by_hand = sum(0.5 * 1.7 * (fisher[k] * 0.3**2).sum() for k in fisher)
+    loss = hf.EWCLoss(ewc)({"logits": m(x)}, y)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, F.cross_entropy(m(x), y) + by_hand, rtol=1e-13, atol=0)
+    bf16 = hf.EWCLoss(ewc, loss_fn=lambda o, lab, num_items_in_batch=None:
+                      torch.tensor(1.0, dtype=torch.bfloat16))
+    torch.testing.assert_close(bf16({"logits": m(x)}, y), 1.0 + by_hand, rtol=1e-13, atol=0)
