@@ -9,10 +9,11 @@ attention mask or a ``(3,)`` scale, and any non-tensor) is *shared*: each sample
 forward receives it whole and unchanged. A shared tensor whose first dimension
 happens to equal ``N`` (a ``(T, T)`` mask with ``T == N``) cannot be told apart from
 a per-sample one by its shape; wrap it with :func:`shared` to pass it whole. Without
-labels, a first tensor that looks shared (another tensor of a different first dimension
-has more dimensions, or as many while the first one's first dimension is 1, as
-``position_ids`` of shape ``(1, T)``) is refused rather than read as the batch: wrap it
-in :func:`shared`, list a per-sample input first, or pass the labels.
+labels, a shared tensor listed first (``position_ids`` of shape ``(1, T)`` before ``x``
+of shape ``(N, T, D)``) is read as the batch, and the real per-sample inputs as shared:
+the model's output then lacks one row per sample, or a probe of a few samples fails,
+and the error names the entries passed whole (:meth:`Batch.shared_hint`) and the fixes
+(:func:`shared`, a per-sample input listed first, or the labels).
 """
 
 from __future__ import annotations
@@ -96,6 +97,37 @@ class Batch:
         """``(arg_dims, kw_dims)``: each input's batch axis (both set by construction)."""
         assert self.arg_dims is not None and self.kw_dims is not None  # set in __post_init__
         return self.arg_dims, self.kw_dims
+
+    def shared_hint(self) -> str:
+        """A sentence for errors about the batch's rows: which tensors reached every
+        sample whole (shared, their first axis is not the batch axis) and where ``N``
+        was read from; ``""`` when no tensor with dimensions is shared.
+
+        Without labels ``N`` is the first dimension of the first input tensor, so a
+        shared tensor listed first (``position_ids`` of shape ``(1, T)`` before ``x`` of
+        shape ``(N, T, D)``) makes ``N`` its own first dimension and turns the real
+        per-sample inputs into shared ones; the model's output then does not have one row
+        per sample, or a probe of a few samples cannot run.
+        """
+        arg_dims, kw_dims = self.dims()
+        named = [(f"input {i}", a, d) for i, (a, d) in enumerate(zip(self.args, arg_dims, strict=True))]
+        named += [(repr(k), v, kw_dims[k]) for k, v in self.kwargs.items()]
+        whole = [k for k, v, d in named if d is None and isinstance(v, torch.Tensor) and v.dim() > 0]
+        if not whole:
+            return ""
+        source = next((k for k, _, d in named if d == 0), None)
+        if self.target is not None:
+            read = "the labels"
+        elif source is not None:
+            read = f"{source}, the first input tensor (a batch without labels takes N from it)"
+        else:
+            read = "the batch"
+        return (
+            f" The batch's {', '.join(whole)} reached every sample whole (shared): "
+            f"{'its' if len(whole) == 1 else 'their'} first axis is not the batch axis, whose size N was read from {read}. If one "
+            "of them holds the samples, list it first (or pass the labels) or wrap the "
+            "shared entries in natgrad.shared(...)."
+        )
 
     def to(self, device: torch.device) -> Batch:
         def mv(t: Any) -> Any:

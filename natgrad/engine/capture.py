@@ -328,7 +328,7 @@ def split_params(plan: Plan, b: Batch) -> FastSplit:
                     raw = plan.model(*probe.args, **probe.kwargs)
             except Exception as exc:
                 plan.probe_failed(exc, probe, b)
-            plan.output_fn(raw)
+            plan.check_rows(plan.output_fn(raw), probe, b)
         finally:
             for h in handles:
                 h.remove()

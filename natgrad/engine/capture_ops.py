@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from natgrad.engine.checks import mark_user_error
+
 _MHA = F.multi_head_attention_forward
 _MHA_SIG = inspect.signature(_MHA)
 
@@ -343,7 +345,11 @@ class ProbeMode(_Tracker):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except Exception as exc:  # the user's forward's own operation failed
+            mark_user_error(exc)
+            raise
         self._track_rows(func, args, kwargs, out)
         if passthrough(func, args, out):
             return out

@@ -374,12 +374,18 @@ def _raised_by_natgrad(exc: BaseException) -> bool:
 
 
 def forward_failed(
-    exc: Exception, model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], where: str
+    exc: Exception,
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    where: str,
+    hint: str = "",
 ) -> Exception:
     """The error to raise (``from exc``) when the model's own forward fails on a batch.
 
     It names where (``"batch 3"``), the inputs' shapes and dtypes as the user passed them,
-    and the parameters' dtypes, then the original message. The type is the original's
+    and the parameters' dtypes, then the original message and ``hint`` (a further
+    sentence, e.g. about the batch's shared entries). The type is the original's
     (so ``except`` clauses keep working) when it can carry a message, else RuntimeError.
     Errors natgrad raised itself (e.g. from its hooks) are returned unchanged.
     """
@@ -403,7 +409,7 @@ def forward_failed(
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
     msg = (
         f"The model's forward failed on {where}, inputs {describe_inputs(args, kwargs)}, "
-        f"parameters {' and '.join(dtypes) or 'none'}: {exc}"
+        f"parameters {' and '.join(dtypes) or 'none'}: {exc}{hint}"
     )
     try:
         new = type(exc)(msg)

@@ -217,11 +217,11 @@ class Plan:
         mc = self.labels == "mc"
         on = b if mc else b.select(0, 1)
         out = self.forward(on, full=b)
-        target = self.check_target(out, target, on)
+        target = self.check_target(out, target, on, b)
         return target, self.draw(out, target) if mc else None
 
     def check_target(
-        self, out: torch.Tensor, target: torch.Tensor | None, on: Batch
+        self, out: torch.Tensor, target: torch.Tensor | None, on: Batch, full: Batch | None = None
     ) -> torch.Tensor | None:
         """The batch's whole target, validated by the likelihood against the model's
         output ``out`` on ``on`` (the whole batch or its first sample) and cast to the
@@ -234,25 +234,19 @@ class Plan:
                 the wrong dtype or shape, or non-finite; an output the likelihood cannot
                 have (e.g. probabilities for a softmax).
         """
-        arg_dims, kw_dims = on.dims()
-        whole = [
-            repr(k) for k, v in on.kwargs.items()
-            if kw_dims[k] is None and isinstance(v, torch.Tensor) and v.dim() > 0
-        ] + [
-            f"input {i}" for i, (v, d) in enumerate(zip(on.args, arg_dims, strict=True))
-            if d is None and isinstance(v, torch.Tensor) and v.dim() > 0
-        ]  # fmt: skip
-        hint = (
-            f" The batch's {', '.join(whole)} reached every sample whole (shared): if one "
-            "of them holds the samples, list it first or wrap the shared entries in "
-            "natgrad.shared(...)."
-            if whole else ""
-        )
-        check_output_rows(out, on.size, probe=on.size == 1 and self.labels != "mc", hint=hint)
+        self.check_rows(out, on, full)
         if target is None:  # no labels to check against the output: check the output
             self.lik.check_output(out)
             return None
         return self.lik.prepare_target(out, target, rows=on.size)
+
+    def check_rows(self, out: torch.Tensor, on: Batch, full: Batch | None = None) -> None:
+        """:func:`natgrad.engine.checks.check_output_rows` of the model's output ``out``
+        on ``on`` (``full``: the user's batch when ``on`` is a probe of a few of its
+        samples), naming the entries passed whole (:meth:`Batch.shared_hint`)."""
+        probe = on.size == 1 and self.labels != "mc"
+        hint = (on if full is None else full).shared_hint()
+        check_output_rows(out, on.size, probe=probe, hint=hint)
 
     def parse(self, batch: Any) -> tuple[Batch, torch.Tensor | None]:
         """Parse a batch onto the model's device; return it with its (masked) target."""
@@ -647,7 +641,8 @@ def probe_failed(exc: Exception, model: nn.Module, probe: Batch, full: Batch, wh
     with torch.enable_grad():
         call_model(model, full, where)
     where = f"{probe.size} sample(s) cut from {where} (the whole batch runs)"
-    err = forward_failed(exc, model, probe.args, probe.kwargs, where)
+    # a likely cause: the samples were read from the wrong entry (Batch.shared_hint)
+    err = forward_failed(exc, model, probe.args, probe.kwargs, where, full.shared_hint())
     if err is exc:
         raise exc
     raise err from exc

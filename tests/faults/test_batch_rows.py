@@ -13,6 +13,7 @@ from tests.faults.test_exactness import MaskedAttention, causal, rel_err
 from tests.reference import exact_categorical_fisher_by
 
 ENGINES = ("vmap", "auto")
+ROWS = "one output row per sample"
 
 
 class PositionSum(nn.Module):
@@ -41,16 +42,37 @@ def test_square_mask_listed_first_without_labels_is_refused(engine, N):
         natgrad.estimate_fisher(model, {"mask": mask, "x": x}, labels="exact", engine=engine)
 
 
+SHARED_FIRST = (
+    r"'x' reached every sample whole \(shared\): its first axis is not the batch axis, "
+    r"whose size N was read from 'position_ids'.*natgrad\.shared"
+)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
-def test_broadcast_row_listed_first_without_labels_is_refused(engine):
-    """position_ids (1, T) before x (N, T, D): it was read as a batch of one sample."""
+@pytest.mark.parametrize("tupled", [False, True])
+def test_broadcast_row_listed_first_without_labels_is_refused(engine, tupled):
+    """position_ids (1, T) before x (N, T, D): it was read as a batch of one sample (the
+    capture path's probe of two samples then raised torch's raw broadcast error)."""
     batch = {"position_ids": torch.arange(3)[None], "x": torch.randn(4, 3, 5)}
-    if engine == "vmap":  # the probe's output has 4 rows for one sample: named
-        with pytest.raises(ValueError, match=r"one output row per sample.*natgrad\.shared"):
-            natgrad.estimate_fisher(PositionSum(), batch, labels="exact", engine=engine)
-    else:  # the probe cannot run (a loud shape error from the model), never a result
-        with pytest.raises(RuntimeError, match="must match the size"):
-            natgrad.estimate_fisher(PositionSum(), batch, labels="exact", engine=engine)
+    with pytest.raises(ValueError, match=f"{ROWS}.*{SHARED_FIRST}"):
+        natgrad.estimate_fisher(
+            PositionSum(), (batch,) if tupled else batch, labels="exact", engine=engine
+        )
+
+
+class PooledPositionSum(PositionSum):
+    """One output row for the whole of ``x``: the probe of one sample has one row."""
+
+    def forward(self, position_ids, x):
+        return super().forward(position_ids, x).sum(0, keepdim=True)
+
+
+def test_probe_that_cannot_run_names_the_shared_entries():
+    """The capture path's probe of two copies of the first sample fails on a shape error
+    from the model (the whole batch runs): the error names the entries passed whole."""
+    batch = {"position_ids": torch.arange(3)[None], "x": torch.randn(4, 3, 5)}
+    with pytest.raises(RuntimeError, match=r"cut from batch 0.*must match the size.*" + SHARED_FIRST):
+        natgrad.estimate_fisher(PooledPositionSum(), batch, labels="exact", engine="auto")
 
 
 @pytest.mark.parametrize(
@@ -115,8 +137,6 @@ class PairRows(nn.Module):
     def forward(self, x):
         return self.f(x).view(-1, 2)
 
-
-ROWS = "one output row per sample"
 
 
 @pytest.mark.parametrize("engine", ENGINES)
