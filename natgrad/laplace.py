@@ -384,10 +384,10 @@ def _jacobians(
             if wrong_shape is None:
                 return jac, out, False
             why = f"vmap returned {wrong_shape}"
-        jac, out = loop_samples(jac_fn, in_dims, args, n)
+        jac, out = loop_samples(jac_fn, in_dims, args, n, params)
         warn_fallback(why)
     else:
-        jac, out = loop_samples(jac_fn, in_dims, args, n)
+        jac, out = loop_samples(jac_fn, in_dims, args, n, params)
     wrong = bad(jac, out)
     if wrong is not None:
         raise RuntimeError(

@@ -982,11 +982,12 @@ def torch_func_refusal(exc: BaseException, params: Iterable[str]) -> RuntimeErro
     """A named error for what ``torch.func`` cannot differentiate in a model, else None.
 
     natgrad's per-sample gradients outside the capture path come from
-    ``torch.func.vjp``, which refuses two things a model may use: the autograd.Function
+    ``torch.func.vjp``, which refuses three things a model may use: the autograd.Function
     of ``torch.utils.checkpoint(..., use_reentrant=True)`` (an old-style Function
-    without ``setup_context``), and saved-tensor hooks (``use_reentrant=False``, or
-    ``torch.autograd.graph.saved_tensors_hooks``). torch's own message names neither
-    the cause nor what works.
+    without ``setup_context``), any other custom ``torch.autograd.Function`` without
+    ``setup_context`` (its ``forward`` takes ``ctx``), and saved-tensor hooks
+    (``use_reentrant=False``, or ``torch.autograd.graph.saved_tensors_hooks``). torch's
+    own message names neither the cause nor what works.
 
     Args:
         exc: the error the per-sample loop raised.
@@ -1003,6 +1004,20 @@ def torch_func_refusal(exc: BaseException, params: Iterable[str]) -> RuntimeErro
         frames.append(tb.tb_frame.f_code.co_filename.replace("\\", "/"))
         tb = tb.tb_next
     checkpointed = any(f.endswith("torch/utils/checkpoint.py") for f in frames)
+    if "setup_context" in msg and not checkpointed:
+        name = _custom_function(exc)
+        return RuntimeError(
+            f"The model calls a custom torch.autograd.Function{f' ({name})' if name else ''} "
+            "without a setup_context staticmethod, which torch.func cannot differentiate "
+            f"(natgrad's per-sample gradients of {names} come from torch.func: "
+            "engine='vmap', or parameters outside the layers the capture path covers). "
+            "Use engine='auto' where the Function's parameters belong to nn.Linear, Conv, "
+            "Embedding or norm layers (the capture path differentiates the batched forward "
+            "with ordinary autograd), or give the Function torch.func support: a forward "
+            "without ctx, a setup_context(ctx, inputs, output) staticmethod, and "
+            "generate_vmap_rule = True (or a vmap staticmethod); see "
+            "https://pytorch.org/docs/stable/notes/extending.func.html."
+        )
     if "setup_context" in msg and checkpointed:
         return RuntimeError(
             "The model calls torch.utils.checkpoint with use_reentrant=True, whose "
@@ -1023,4 +1038,19 @@ def torch_func_refusal(exc: BaseException, params: Iterable[str]) -> RuntimeErro
             "with use_reentrant=False, whose capture path handles checkpointed Linear, "
             "Conv, Embedding and norm layers; or turn checkpointing off while estimating."
         )
+    return None
+
+
+def _custom_function(exc: BaseException) -> str | None:
+    """The name of the custom ``torch.autograd.Function`` whose ``apply`` raised ``exc``
+    (read from the traceback's ``Function.apply`` frame), else None."""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        where = frame.f_code.co_filename.replace("\\", "/")
+        if frame.f_code.co_name == "apply" and where.endswith("torch/autograd/function.py"):
+            cls = frame.f_locals.get("cls")
+            if isinstance(cls, type):
+                return f"{cls.__module__}.{cls.__qualname__}"
+        tb = tb.tb_next
     return None

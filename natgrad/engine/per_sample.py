@@ -462,13 +462,7 @@ class Plan:
                 self.tier += 1
             else:
                 fn = self.per_sample(mode, arg_dims, kw_dims, 1, nested=False)
-                try:
-                    res = loop_samples(fn, in_dims, args, n)
-                except Exception as exc:
-                    named = torch_func_refusal(exc, self.params)
-                    if named is None:
-                        raise
-                    raise named from exc
+                res = loop_samples(fn, in_dims, args, n, self.params)
                 bad = bad_shape(res, self.params, n, mode)
                 if bad is not None:
                     raise RuntimeError(
@@ -715,11 +709,19 @@ def mean_loss_grad(
 
 
 def loop_samples(
-    fn: Callable[..., Any], in_dims: tuple[Any, ...], args: tuple[Any, ...], n: int
+    fn: Callable[..., Any],
+    in_dims: tuple[Any, ...],
+    args: tuple[Any, ...],
+    n: int,
+    params: Iterable[str],
 ) -> Any:
     """``vmap(fn, in_dims)(*args)`` computed one sample at a time (no tracing of the model).
 
     ``fn`` may return any pytree of tensors; each leaf is stacked over the ``n`` samples.
+    What ``torch.func`` cannot differentiate in the model (checkpointing, saved-tensor
+    hooks, a custom autograd.Function without ``setup_context``) is raised by name
+    (:func:`natgrad.engine.checks.torch_func_refusal`, naming ``params``), chained to
+    torch.func's error; any other error of ``fn`` is raised as is.
     """
 
     def take(x: Any, dim: Any, i: int) -> Any:
@@ -731,7 +733,13 @@ def loop_samples(
             return {k: take(v, dim[k], i) for k, v in x.items()}
         return x[i]
 
-    outs = [fn(*(take(a, d, i) for a, d in zip(args, in_dims, strict=True))) for i in range(n)]
+    try:
+        outs = [fn(*(take(a, d, i) for a, d in zip(args, in_dims, strict=True))) for i in range(n)]
+    except Exception as exc:
+        named = torch_func_refusal(exc, params)
+        if named is None:
+            raise
+        raise named from exc
     leaves, spec = tree_flatten(outs[0])
     stacked = [torch.stack(col) for col in zip(*(tree_flatten(o)[0] for o in outs), strict=True)]
     return tree_unflatten(stacked if leaves else [], spec)

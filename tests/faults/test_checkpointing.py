@@ -1,5 +1,6 @@
-"""Activation checkpointing and saved-tensor hooks, which torch.func cannot differentiate:
-named errors that say what works, and the exact result of what works."""
+"""Activation checkpointing, saved-tensor hooks and custom autograd.Functions without
+``setup_context``, which torch.func cannot differentiate: named errors that say what
+works, and the exact result of what works."""
 
 from __future__ import annotations
 
@@ -71,4 +72,82 @@ def test_non_reentrant_checkpoint_with_engine_auto_is_exact():
     one = lambda i: F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])  # noqa: E731
     ref = loop_grads_by(model, one, 5)
     got = natgrad.estimate_fisher(model, (x, y), engine="auto")
+    assert_close_dict(dict(got), fisher_from_grads(ref), rtol=1e-10, atol=1e-12)
+
+
+# -- custom autograd.Functions -----------------------------------------------------------
+
+
+class OldSquare(torch.autograd.Function):
+    """``x²`` as an old-style Function (``forward(ctx, x)``, no ``setup_context``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class FuncSquare(torch.autograd.Function):
+    """The same Function written for torch.func, as the message says."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class Squared(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.a, self.b, self.fn = nn.Linear(4, 6), nn.Linear(6, 3), fn
+
+    def forward(self, x):
+        return self.b(self.fn.apply(self.a(x)))
+
+
+CUSTOM = (
+    r"custom torch\.autograd\.Function \(.*OldSquare\) without a setup_context.*"
+    r"Use engine='auto'.*setup_context\(ctx, inputs, output\).*generate_vmap_rule = True"
+)
+
+
+def test_custom_function_without_setup_context_on_vmap_is_named():
+    x, y = data()
+    with pytest.raises(RuntimeError, match=CUSTOM) as info:
+        natgrad.estimate_fisher(Squared(OldSquare).double(), (x, y), engine="vmap")
+    assert "must override the setup_context" in str(info.value.__cause__)  # torch.func's, chained
+
+
+def test_custom_function_in_the_laplace_predictive_is_named():
+    x, y = data()
+    model = Squared(OldSquare).double()
+    fisher = natgrad.estimate_fisher(model, (x, y), engine="auto")
+    with pytest.raises(RuntimeError, match=CUSTOM):
+        natgrad.fisher_uncertainty(model, x, fisher, n_data=5, engine="vmap")
+
+
+@pytest.mark.parametrize("fn, engine", [(OldSquare, "auto"), (FuncSquare, "vmap")])
+def test_what_the_custom_function_message_names_is_exact(fn, engine):
+    """engine='auto' (the Function between two Linear layers), or the Function rewritten
+    with setup_context and generate_vmap_rule=True."""
+    x, y = data()
+    model = Squared(fn).double()
+    one = lambda i: F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])  # noqa: E731
+    ref = loop_grads_by(model, one, 5)
+    got = natgrad.estimate_fisher(model, (x, y), engine=engine)
     assert_close_dict(dict(got), fisher_from_grads(ref), rtol=1e-10, atol=1e-12)
