@@ -78,7 +78,8 @@ batch of all their samples whose loss is the mean over all of them: each micro-b
 mean loss divided by the number of micro-batches (equal sizes), which is what Lightning
 back-propagates, and the Hugging Face Trainer when ``trainer.model_accepts_loss_kwargs`` is
 False (for a model whose ``forward`` takes ``**kwargs`` it is True and the Trainer leaves
-the micro-batch means undivided; see docs/integrations.md); likewise one backward through
+the micro-batch means undivided; see docs/integrations.md: a step of several forwards
+called with ``num_items_in_batch`` under ``"mean"`` warns once); likewise one backward through
 ``(loss(x1) + loss(x2)) / 2``. With micro-batches of unequal sizes the two readings differ
 (the mean over all samples is what is used): a warning says so once. A loop that adds the micro-batches' mean losses without
 dividing by their number ``k`` back-propagates ``k`` times that mean, and its curvature
@@ -240,10 +241,11 @@ class BackwardCapture:
         self._forwards_per_step: int | None = None  # forwards recorded for the last refresh
         self._warned_windows = False  # the changed-accumulation warning was given
         self._batch_sizes: dict[int, int | None] = {}
-        # loss_reduction="token_mean" / "shifted_token_mean": {pass id: ("step",
-        # num_items_in_batch) or ("tokens", kept-label count)}, from each model call's
-        # keywords (or its dict argument)
+        # {pass id: ("step", num_items_in_batch) or ("tokens", kept-label count)}, from each
+        # model call's keywords (or its dict argument); read by the token means, and under
+        # "mean" only to see that the Trainer passed num_items_in_batch (no "tokens")
         self._divisors: dict[int, tuple[str, Any]] = {}
+        self._warned_accumulation = False  # the undivided-micro-batch-means warning was given
         self._warned_processes = False  # the num_items_in_batch-under-DDP warning was given
         self._warned_tokens = False  # the token-labels-under-"mean" warning was given
         self._warned_counts = False  # the unequal-token-counts warning was given
@@ -466,8 +468,10 @@ class BackwardCapture:
         if "labels" not in kwargs and "num_items_in_batch" not in kwargs:
             kwargs = next((a for a in args if isinstance(a, Mapping)), kwargs)
         labels = kwargs.get("labels")
+        items = kwargs.get("num_items_in_batch")
+        if self.loss_reduction == "mean" and items is not None:
+            self._divisors[self._pass] = ("step", items)  # see _warn_undivided
         if self.loss_reduction in _TOKEN_MEANS:
-            items = kwargs.get("num_items_in_batch")
             if items is not None:
                 if isinstance(items, torch.Tensor) and items.numel() != 1:
                     raise ValueError(
@@ -755,6 +759,7 @@ class BackwardCapture:
                 stacklevel=4,
             )
         self._forwards_per_step = k_now
+        self._warn_undivided(sorted(per_pass))
         # the per-sample-loss gradients: L = (1/N) Σ_n l_n over every recorded sample
         # (token means: each forward's own count, applied above)
         if self.loss_reduction == "element_mean":
@@ -802,6 +807,42 @@ class BackwardCapture:
         d = values.pop()
         assert d is not None
         return d
+
+    def _warn_undivided(self, passes: list[int]) -> None:
+        """``"mean"``: warn once when the forwards of one step (more than one) were called
+        with ``num_items_in_batch``.
+
+        The Hugging Face Trainer passes that keyword exactly when
+        ``trainer.model_accepts_loss_kwargs`` is True (a model whose ``forward`` takes
+        ``**kwargs``), and then takes the loss as normalized over the whole step: it does
+        not divide the ``k`` micro-batch losses by ``k``. A model whose loss is the mean
+        over its own micro-batch, ignoring the keyword (``BertForSequenceClassification``
+        and the other heads with their own ``CrossEntropyLoss``), then back-propagates
+        ``Σ_i mean_i = k`` times the step's mean, and ``"mean"`` reads a curvature ``k²``
+        too large (a scale only, with equal micro-batches). A model that divides by the
+        keyword back-propagates the step's mean, which ``"mean"`` reads right; natgrad
+        cannot tell the two apart, so it warns and names both fixes.
+        """
+        given = [p for p in passes if self._divisors.get(p, ("",))[0] == "step"]
+        k = len(passes)
+        if self.loss_reduction != "mean" or k < 2 or not given or self._warned_accumulation:
+            return
+        self._warned_accumulation = True  # once per capture
+        warnings.warn(
+            f"source='backward' with loss_reduction='mean' recorded {k} forwards for one "
+            "step, called with num_items_in_batch=: the Hugging Face Trainer passes it when "
+            "trainer.model_accepts_loss_kwargs is True, and then does not divide the "
+            "micro-batch losses by gradient_accumulation_steps. A model whose loss is the "
+            "mean over its own micro-batch and ignores num_items_in_batch "
+            "(BertForSequenceClassification and other heads with their own "
+            f"CrossEntropyLoss) then back-propagates {k} times the step's mean loss: the "
+            f"gradient is {k}x and the recorded curvature {k * k}x too large. Set "
+            "trainer.model_accepts_loss_kwargs = False after building the Trainer (it then "
+            "divides; exact), or, if the model's loss divides by num_items_in_batch, pass "
+            "loss_reduction='token_mean', which reads that count (exact).",
+            UserWarning,
+            stacklevel=5,
+        )
 
     def _token_scales(self, passes: list[int]) -> dict[int, float]:
         """Token means: each forward's multiplier ``K`` (see the module doc)."""
