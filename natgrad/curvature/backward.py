@@ -70,8 +70,10 @@ last refresh wrote ``.grad`` (a loop that assigns ``p.grad`` from ``torch.autogr
 Under ``torch.distributed`` with ``num_items_in_batch``, the Hugging Face Trainer's
 ``average_tokens_across_devices=True`` (its default) passes the count of all processes and
 multiplies each process's loss by their number ``P``, so the curvature comes out ``P²``
-too large; a one-time warning says so (set ``average_tokens_across_devices=False``, whose
-per-process count this reading matches).
+too large; a one-time warning (on rank 0) says so when the count is not this process's
+own, the kept labels of the step's recorded forwards, unshifted or shifted (or when the
+calls carried no labels to count), so not with ``average_tokens_across_devices=False``,
+whose per-process count this reading matches.
 
 So several forwards before one optimizer step (gradient accumulation) are read as one
 batch of all their samples whose loss is the mean over all of them: each micro-batch's
@@ -158,6 +160,7 @@ from natgrad.engine.common import (
     internal_pass,
     to_acc,
 )
+from natgrad.engine.distributed import is_distributed, rank_and_world
 from natgrad.engine.likelihoods import IGNORE_INDEX
 
 __all__ = ["BackwardCapture", "LOSS_REDUCTIONS", "per_sample_gradients"]
@@ -246,7 +249,10 @@ class BackwardCapture:
         # "mean" only to see that the Trainer passed num_items_in_batch (no "tokens")
         self._divisors: dict[int, tuple[str, Any]] = {}
         self._warned_accumulation = False  # the undivided-micro-batch-means warning was given
-        self._warned_processes = False  # the num_items_in_batch-under-DDP warning was given
+        self._warned_processes = False  # the num_items_in_batch-under-DDP check was made
+        # under torch.distributed, token means with num_items_in_batch: {pass id: the call's
+        # kept labels, unshifted and shifted} (see _counts_all_processes)
+        self._local_counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._warned_tokens = False  # the token-labels-under-"mean" warning was given
         self._warned_counts = False  # the unequal-token-counts warning was given
         # loss_reduction="element_mean": {pass id: output values per sample, or None when
@@ -482,6 +488,10 @@ class BackwardCapture:
                         "tensor); under torch.nn.DataParallel use DistributedDataParallel."
                     )
                 self._divisors[self._pass] = ("step", items)
+                if isinstance(labels, torch.Tensor) and rank_and_world(is_distributed())[1] > 1:
+                    self._local_counts[self._pass] = (
+                        labels.ne(IGNORE_INDEX).sum(), labels[..., 1:].ne(IGNORE_INDEX).sum()
+                    )
             elif isinstance(labels, torch.Tensor):
                 shifted = self.loss_reduction == "shifted_token_mean"
                 kept = labels[..., 1:] if shifted else labels
@@ -577,10 +587,8 @@ class BackwardCapture:
         for v in self._records.values():
             v.clear()
         self._grad_tasks.clear()
-        self._batch_sizes.clear()
-        self._divisors.clear()
-        self._elements.clear()
-        self._masks.clear()
+        for d in self._per_pass():
+            d.clear()
         self._inside = False
 
     def drop_backpropagated(self) -> None:
@@ -590,14 +598,14 @@ class BackwardCapture:
         for v in self._records.values():
             v[:] = [r for r in v if r[2] is None]
         live = {r[0] for v in self._records.values() for r in v}
-        for pid in [p for p in self._batch_sizes if p not in live]:
-            del self._batch_sizes[pid]
-        for pid in [p for p in self._divisors if p not in live]:
-            del self._divisors[pid]
-        for pid in [p for p in self._elements if p not in live]:
-            del self._elements[pid]
-        for pid in [p for p in self._masks if p not in live]:
-            del self._masks[pid]
+        for d in self._per_pass():
+            for pid in [p for p in d if p not in live]:
+                del d[pid]
+
+    def _per_pass(self) -> tuple[dict[int, Any], ...]:
+        """The dicts keyed by pass id (what each recorded forward was called with)."""
+        return (self._batch_sizes, self._divisors, self._elements, self._masks,
+                self._local_counts)
 
     def remove(self) -> None:
         """Remove the hooks (the capture records nothing afterwards: ``armed`` stays
@@ -844,6 +852,16 @@ class BackwardCapture:
             stacklevel=5,
         )
 
+    def _counts_all_processes(self, steps: Mapping[int, float]) -> bool:
+        """Whether the ``num_items_in_batch`` of the passes ``steps`` (``{pass id: count}``,
+        one step's forwards) is not this process's own count: the kept labels of those
+        forwards, summed, unshifted or shifted (either may be the loss's). True also when
+        a forward carried no labels to count (it cannot be told)."""
+        if any(p not in self._local_counts for p in steps):
+            return True
+        own = [sum(float(self._local_counts[p][i]) for p in steps) for i in (0, 1)]
+        return all(abs(count - o) > 0.5 for count in set(steps.values()) for o in own)
+
     def _token_scales(self, passes: list[int]) -> dict[int, float]:
         """Token means: each forward's multiplier ``K`` (see the module doc)."""
         missing = [p for p in passes if p not in self._divisors]
@@ -858,18 +876,21 @@ class BackwardCapture:
                 "loss_reduction='sum' with a summed loss."
             )
         steps = {p: float(self._divisors[p][1]) for p in passes if self._divisors[p][0] == "step"}
-        if (steps and not self._warned_processes and torch.distributed.is_available()
-                and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-            self._warned_processes = True  # once per capture
-            warnings.warn(
-                "source='backward' reads num_items_in_batch as the count this process's loss "
-                "is divided by. The Hugging Face Trainer with average_tokens_across_devices="
-                "True (its default) passes the count of all processes and multiplies each "
-                "process's loss by their number P, which makes the recorded curvature P² too "
-                "large: set average_tokens_across_devices=False in TrainingArguments (exact).",
-                UserWarning,
-                stacklevel=5,
-            )
+        rank, world = rank_and_world(is_distributed())
+        if steps and not self._warned_processes and world > 1:
+            self._warned_processes = True  # checked once per capture (one setting per run)
+            if rank == 0 and self._counts_all_processes(steps):
+                warnings.warn(
+                    "source='backward' reads num_items_in_batch as the count this process's "
+                    "loss is divided by, but it is not this process's count of kept labels "
+                    "(or the calls had no labels to count). The Hugging Face Trainer with "
+                    "average_tokens_across_devices=True (its default) passes the count of all "
+                    f"{world} processes and multiplies each process's loss by {world}, which "
+                    f"makes the recorded curvature {world}² too large: set "
+                    "average_tokens_across_devices=False in TrainingArguments (exact).",
+                    UserWarning,
+                    stacklevel=5,
+                )
         counts = {p: float(self._divisors[p][1]) for p in passes if self._divisors[p][0] == "tokens"}
         if len(set(counts.values())) > 1 and not self._warned_counts:
             self._warned_counts = True  # once per capture
