@@ -116,14 +116,17 @@ def _unflatten(vec: torch.Tensor, params: Mapping[str, torch.Tensor]) -> dict[st
     return out
 
 
-def _check_k(k: int, rows: int, p: int) -> int:
+def _check_k(k: int, rows: int, p: int, clip: bool) -> int:
+    """``k``, checked against the rank bound ``min(R, P)``; lowered to it when ``clip``."""
     check_int("k", k, 1)
     k = int(k)
+    if clip:
+        return min(k, rows, p)
     if k > min(rows, p):
         raise ValueError(
             f"k={k} exceeds the rank bound of the Fisher GᵀG/N: it has at most min(R, P) = "
             f"{min(rows, p)} nonzero eigenvalues (R = {rows} gradient rows, P = {p} "
-            "parameters). Pass a smaller k or more data."
+            "parameters). Pass a smaller k or more data (or clip_k=True to get at most k)."
         )
     return k
 
@@ -151,6 +154,7 @@ def _gram(
     gen: torch.Generator,
     output_fn: OutputFn | None,
     k: int,
+    clip_k: bool,
 ) -> _Result:
     chosen = select_params(model, params)
     dtype = _acc_dtype(chosen)
@@ -176,7 +180,7 @@ def _gram(
         raise ValueError("No samples: `data` yielded no batches.")
     G = torch.cat(rows)  # (R, P)
     R, P = G.shape
-    k = _check_k(k, R, P)
+    k = _check_k(k, R, P, clip_k)
     lam, U = torch.linalg.eigh(G @ G.t() / n_total)
     lam, U = lam.flip(0)[:k], U.flip(1)[:, :k]
     cutoff = max(R, P) * torch.finfo(dtype).eps * max(float(lam[0]), 0.0)
@@ -246,6 +250,7 @@ def _lanczos(
     gen: torch.Generator,
     output_fn: OutputFn | None,
     k: int,
+    clip_k: bool,
     max_iter: int | None,
     tol: float | None,
     seed: int,
@@ -264,7 +269,7 @@ def _lanczos(
     chosen = {name: p.detach() for name, p in plan.params.items()}
     dtype = _acc_dtype(chosen)
     P = plan.P
-    k = _check_k(k, R, P)
+    k = _check_k(k, R, P, clip_k)
     model_fn = plan.output_fn
 
     composite = False  # set once a jvp met a kernel without a forward-mode rule
@@ -383,6 +388,7 @@ def top_fisher_directions(
     max_iter: int | None = None,
     tol: float | None = None,
     seed: int = 0,
+    clip_k: bool = False,
     **options: Unpack[EstimatorOptions],
 ) -> FisherDirections:
     """The top-k eigenvalues and eigenvectors of the Fisher ``F = GᵀG / N``.
@@ -410,6 +416,10 @@ def top_fisher_directions(
         max_iter: Lanczos steps at most (default ``min(P, R + 1)``).
         tol: Lanczos relative residual (default 1e-10 in float64, 1e-5 in float32).
         seed: seed of the Lanczos start vector.
+        clip_k: lower ``k`` to the rank bound ``min(R, P)`` when it exceeds it (a small
+            batch: at most ``R`` eigenpairs) instead of raising; the result then holds
+            ``min(k, R, P)`` eigenpairs. A Fisher of numerical rank below that still
+            raises.
         **options: the estimator options (:class:`natgrad.EstimatorOptions`):
             ``labels``, ``mc_samples``, ``params``, ``chunk_size`` (samples per vmap
             chunk for ``gram``, per jvp/vjp for ``lanczos``), ``generator`` (both
@@ -420,7 +430,7 @@ def top_fisher_directions(
         ``{name: tensor shaped like the parameter}``.
 
     Raises:
-        ValueError: ``k < 1``, ``k > min(R, P)``, a Fisher of numerical rank below
+        ValueError: ``k < 1``, ``k > min(R, P)`` (without ``clip_k``), a Fisher of numerical rank below
             ``k``, unknown ``method``/``labels``, train-mode dropout or BatchNorm.
 
     Example:
@@ -443,7 +453,7 @@ def top_fisher_directions(
         check_positive("tol", tol)
     gen = o.generator if o.generator is not None else torch.Generator().manual_seed(0)
     args = (model, data, lik, labels, int(o.mc_samples), o.params, o.chunk_size, gen,
-            o.output_fn, k)
+            o.output_fn, k, bool(clip_k))
     if chosen_method == "gram":
         out = _gram(*args)
     else:

@@ -33,10 +33,13 @@ def _fisher_uncertainty(ctx: MetricContext, **options: Any) -> UncertaintyReport
     needs=("model", "batch"),
     description=(
         "Top-k eigenvalues of the Fisher GᵀG/N of models[0] on batches[0] and their "
-        "eigenvectors as parameter dicts (Gram matrix or Lanczos)."
+        "eigenvectors as parameter dicts (Gram matrix or Lanczos). Without option k, "
+        "k=10 lowered to the rank bound min(R, P) on a small batch (clip_k=True); an "
+        "explicit k above it raises."
     ),
 )
 def _top_fisher_directions(ctx: MetricContext, **options: Any) -> FisherDirections:
+    options.setdefault("clip_k", "k" not in options)  # the default k fits a small context
     options.setdefault("likelihood", ctx.likelihood)
     options.setdefault("labels", ctx.labels)
     return top_fisher_directions(ctx.models[0], ctx.batches[0], **options)
