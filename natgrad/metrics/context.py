@@ -41,7 +41,7 @@ NEEDS = {
     "two_models": "two models in context.models",
     "batch": "context.batches[0] (a batch)",
     "two_batches": "two batches in context.batches (task A, task B)",
-    "fisher": "a Fisher for the first task: context.fisher[task], the tracker, or a model and batch to estimate it",
+    "fisher": "a Fisher for the metric's task (the first unless its option task= names another): context.fisher[task], the tracker, or a model and that task's batch to estimate it",
     "two_fishers": "Fishers for two tasks (context.fisher, the tracker, or models and two batches)",
     "two_masks": "two mask sets in context.masks",
     "tracker": "context.tracker (a natgrad.FisherTracker)",
@@ -134,6 +134,21 @@ class MetricContext:
             out.append(name)
         return out
 
+    def task_index(self, task: int | str) -> int:
+        """The position of ``task``: an index ``>= 0`` as is, a name by :meth:`task_names`.
+
+        Raises:
+            ValueError: a negative index or a name that is not one of the context's tasks.
+        """
+        if isinstance(task, int):
+            if task < 0:
+                raise ValueError(f"task={task}: a task index is >= 0 (or pass the task's name).")
+            return task
+        names = self.task_names()
+        if task not in names:
+            raise ValueError(f"Unknown task {task!r}; the context's tasks are {names}.")
+        return names.index(task)
+
     # -- availability ------------------------------------------------------------------
     def _has_fisher(self, i: int) -> bool:
         task = self.task_names(i + 1)[i]
@@ -141,13 +156,19 @@ class MetricContext:
             return True
         return bool(self.models) and len(self.batches) > i
 
-    def provides(self, need: str) -> bool:
+    def provides(self, need: str, task: int | str = 0) -> bool:
+        """Whether the context serves ``need``; ``"fisher"`` for the task ``task`` (a
+        metric's ``task=`` option, see :meth:`task_index`), the others whatever it is.
+
+        Raises:
+            ValueError: an unknown need; for ``"fisher"``, an unknown task.
+        """
         checks = {
             "model": lambda: len(self.models) >= 1,
             "two_models": lambda: len(self.models) >= 2,
             "batch": lambda: len(self.batches) >= 1,
             "two_batches": lambda: len(self.batches) >= 2,
-            "fisher": lambda: self._has_fisher(0),
+            "fisher": lambda: self._has_fisher(self.task_index(task)),
             "two_fishers": lambda: self._has_fisher(0) and self._has_fisher(1),
             "two_masks": lambda: self.masks is not None and len(self.masks) >= 2,
             "tracker": lambda: self.tracker is not None,
@@ -156,9 +177,10 @@ class MetricContext:
             raise ValueError(f"Unknown need {need!r}; known: {sorted(checks)}.")
         return checks[need]()
 
-    def missing(self, needs: tuple[str, ...]) -> list[str]:
-        """The needs this context cannot serve, each with what would serve it."""
-        return [f"{n}: {NEEDS[n]}" for n in needs if not self.provides(n)]
+    def missing(self, needs: tuple[str, ...], task: int | str = 0) -> list[str]:
+        """The needs this context cannot serve for the task ``task`` (see
+        :meth:`provides`), each with what would serve it."""
+        return [f"{n}: {NEEDS[n]}" for n in needs if not self.provides(n, task)]
 
     # -- accessors -----------------------------------------------------------------------
     def given_fisher(self, i: int = 0) -> DiagonalFisher | None:

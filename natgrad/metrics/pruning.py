@@ -15,26 +15,18 @@ from natgrad.pruning.masks import MaskOverlap, mask_overlap
 from natgrad.pruning.prune import fisher_importance, fisher_pruning_masks
 
 
-def _task_index(ctx: MetricContext, task: int | str) -> int:
-    if isinstance(task, int):
-        return task
-    names = ctx.task_names()
-    if task not in names:
-        raise ValueError(f"Unknown task {task!r}; the context's tasks are {names}.")
-    return names.index(task)
-
-
 @registry.register(
     "fisher_importance",
     SignatureType.FISHER_BASED,
     needs=("fisher", "model"),
+    task_option="task",
     description="OBD saliency ½ F_i θ_i² of models[0] with the task's Fisher (option task=, "
     "normalize=True: sums to one).",
 )
 def _fisher_importance(
     ctx: MetricContext, task: int | str = 0, normalize: bool = True
 ) -> dict[str, torch.Tensor]:
-    fisher = ctx.get_fisher(_task_index(ctx, task))
+    fisher = ctx.get_fisher(ctx.task_index(task))
     return fisher_importance(fisher, ctx.models[0], normalize=normalize)
 
 
@@ -42,6 +34,7 @@ def _fisher_importance(
     "fisher_pruning_masks",
     SignatureType.FISHER_BASED,
     needs=("fisher", "model"),
+    task_option="task",
     description="Keep-masks of models[0] from the task's Fisher importance (options as "
     "natgrad.fisher_pruning_masks; sparsity=0.5 when neither sparsity nor threshold is given).",
 )
@@ -51,7 +44,7 @@ def _fisher_pruning_masks(
     if options.get("sparsity") is None and options.get("threshold") is None:
         options["sparsity"] = 0.5
         options.pop("threshold", None)
-    fisher = ctx.get_fisher(_task_index(ctx, task))
+    fisher = ctx.get_fisher(ctx.task_index(task))
     return fisher_pruning_masks(fisher_importance(fisher, ctx.models[0]), **options)
 
 

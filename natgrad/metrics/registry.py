@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,6 +33,15 @@ class MetricSpec:
     needs: tuple[str, ...]
     description: str
     mutates: bool = False
+    task_option: str | None = None
+
+    def task(self, options: Mapping[str, Any]) -> int | str:
+        """The task whose needs are checked: the option ``task_option`` when the metric
+        has one and it is given, else task 0."""
+        task: int | str = 0
+        if self.task_option is not None:
+            task = options.get(self.task_option, 0)
+        return task
 
 
 @dataclass
@@ -93,6 +102,7 @@ class MetricRegistry:
         needs: tuple[str, ...] = (),
         description: str = "",
         mutates: bool = False,
+        task_option: str | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: register ``fn(context, **options)`` under ``name``.
 
@@ -103,6 +113,9 @@ class MetricRegistry:
             description: one line; defaults to the first line of ``fn``'s docstring.
             mutates: the metric changes the context's state (e.g. resets the tracker);
                 :meth:`compute_all` runs it only when named explicitly.
+            task_option: the metric's option naming the task it reads (e.g. ``"task"``):
+                its ``"fisher"`` need is checked for that task (task 0 when the option is
+                not given), not for task 0 alone.
         """
         signature = SignatureType(signature)
         unknown = [n for n in needs if n not in NEEDS]
@@ -113,7 +126,9 @@ class MetricRegistry:
             if name in self._specs:
                 raise ValueError(f"A metric named {name!r} is already registered.")
             desc = description or next(iter((fn.__doc__ or "").strip().splitlines()), "")
-            self._specs[name] = MetricSpec(name, fn, signature, tuple(needs), desc, bool(mutates))
+            self._specs[name] = MetricSpec(
+                name, fn, signature, tuple(needs), desc, bool(mutates), task_option
+            )
             return fn
 
         return deco
@@ -172,14 +187,14 @@ class MetricRegistry:
             MissingContextError: the context lacks something the metric needs (named).
         """
         s = self.spec(name)
-        missing = context.missing(s.needs)
+        kwargs = {**context.options.get(name, {}), **options}
+        missing = context.missing(s.needs, s.task(kwargs))
         if missing:
             raise MissingContextError(
                 f"Metric {name!r} ({s.signature.value}) cannot run: the context lacks "
                 + "; ".join(missing)
                 + "."
             )
-        kwargs = {**context.options.get(name, {}), **options}
         return s.fn(context, **kwargs)
 
     def compute_all(
@@ -234,10 +249,18 @@ class MetricRegistry:
         out = MetricResults()
         for name in selected:
             s = self._specs[name]
-            missing = context.missing(s.needs)
+            options = context.options.get(name, {})
             if name in excluded:
                 out.skipped[name] = "excluded"
-            elif missing:
+                continue
+            try:
+                missing = context.missing(s.needs, s.task(options))
+            except ValueError as exc:  # an unknown task in the options: a failure
+                if errors == "raise":
+                    raise
+                out.failed[name] = f"{type(exc).__name__}: {exc}"
+                continue
+            if missing:
                 out.skipped[name] = "lacks " + "; ".join(missing)
             elif s.mutates and not explicit:
                 out.skipped[name] = (
@@ -247,7 +270,7 @@ class MetricRegistry:
             else:
                 start = time.perf_counter()
                 try:
-                    out.results[name] = s.fn(context, **context.options.get(name, {}))
+                    out.results[name] = s.fn(context, **options)
                 except Exception as exc:
                     if errors == "raise":
                         raise
