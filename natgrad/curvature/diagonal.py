@@ -547,11 +547,13 @@ class DiagonalFisher(Curvature, Mapping[str, torch.Tensor]):
         )
         if model is not None:
             fisher.check_model(model, strict=strict)
-            params = dict(model.named_parameters())
-            fisher._values = {
-                k: v.to(acc_dtype(params[k].dtype)) for k, v in fisher._values.items()
-            }
+            fisher = fisher.to_model_dtypes(dict(model.named_parameters()))
         return fisher
+
+    def to_model_dtypes(self, params: Mapping[str, torch.Tensor]) -> DiagonalFisher:
+        """Each value in its parameter's accumulation dtype, as an estimate has it (see
+        :meth:`Curvature.to_model_dtypes`)."""
+        return self._like({k: v.to(acc_dtype(params[k].dtype)) for k, v in self._values.items()})
 
 
 def _damping(damping: float) -> float:

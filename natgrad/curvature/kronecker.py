@@ -1299,10 +1299,23 @@ class KroneckerFisher(Curvature):
     def to(self, *args: Any, **kwargs: Any) -> KroneckerFisher:
         """Move / cast every tensor like ``Tensor.to``; returns a new curvature."""
         blocks = {k: _block_to(b, *args, **kwargs) for k, b in self.blocks.items()}
-        return KroneckerFisher(blocks, {k: v.to(*args, **kwargs) for k, v in self.diag.items()},
-                               self.n_samples, kind=self.kind, diag_reasons=self.diag_reasons,
-                               labels=self.labels, likelihood=self.likelihood,
-                               order=self.order, damping_mode=self.damping_mode)
+        return self._with(blocks, {k: v.to(*args, **kwargs) for k, v in self.diag.items()})
+
+    def to_model_dtypes(self, params: Mapping[str, torch.Tensor]) -> KroneckerFisher:
+        """Each block in the dtype an estimate gives it: a layer's factors in its weight's
+        accumulation dtype, a diagonal part in its parameter's (see
+        :meth:`Curvature.to_model_dtypes`); a model of mixed dtypes keeps each layer's."""
+        blocks = {k: _block_to(b, acc_dtype(params[b.weight].dtype))
+                  for k, b in self.blocks.items()}
+        return self._with(blocks, {k: v.to(acc_dtype(params[k].dtype))
+                                   for k, v in self.diag.items()})
+
+    def _with(self, blocks: dict[str, KroneckerBlock], diag: dict[str, torch.Tensor]) -> KroneckerFisher:
+        """A curvature with this one's metadata holding ``blocks`` and ``diag``."""
+        return KroneckerFisher(blocks, diag, self.n_samples, kind=self.kind,
+                               diag_reasons=self.diag_reasons, labels=self.labels,
+                               likelihood=self.likelihood, order=self.order,
+                               damping_mode=self.damping_mode)
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

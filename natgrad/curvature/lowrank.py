@@ -51,7 +51,7 @@ from natgrad.engine.checks import (
     check_fraction,
     check_int,
 )
-from natgrad.engine.common import to_acc
+from natgrad.engine.common import acc_dtype, to_acc
 from natgrad.engine.distributed import (
     is_distributed,
     raise_if_any_rank_failed,
@@ -573,6 +573,14 @@ class LowRankFisher(Curvature):
         """Move / cast the rows like ``Tensor.to``; returns a new curvature."""
         return LowRankFisher(self.rows.to(*args, **kwargs), self.n_samples, self.shapes,
                              rank=self.rank, labels=self.labels, likelihood=self.likelihood)
+
+    def to_model_dtypes(self, params: Mapping[str, torch.Tensor]) -> LowRankFisher:
+        """The rows in the dtype an estimate gives them: the promoted accumulation dtype
+        of the covered parameters (float64 when any is float64; their per-sample gradients
+        are concatenated into one row), see :meth:`Curvature.to_model_dtypes`."""
+        dtypes = [acc_dtype(params[k].dtype) for k in self.shapes]
+        dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+        return self.to(dtype) if dtypes else self
 
     # -- state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -347,6 +347,36 @@ class Curvature(ABC):
     def to(self, *args: Any, **kwargs: Any) -> Curvature:
         """Move / cast every tensor like ``Tensor.to``; returns a new curvature."""
 
+    def to_model_dtypes(self, params: Mapping[str, torch.Tensor]) -> Curvature:
+        """This curvature in the dtypes one estimated on a model with ``params`` would
+        have: the accumulation dtype (float64 for a float64 parameter, float32 for any
+        other; :func:`natgrad.engine.common.acc_dtype`) of the parameters each tensor
+        covers. Returns a new curvature (values cast, never otherwise changed).
+
+        This default serves kinds whose tensors span every covered parameter: one dtype
+        for all when they share one, and a refusal when they do not. Kinds with blocks
+        of their own (a layer's, a parameter's) override it to cast each block.
+
+        Args:
+            params: ``{name: parameter}`` holding every name the curvature covers (e.g.
+                ``dict(model.named_parameters())``).
+
+        Raises:
+            ValueError: covered parameters of several accumulation dtypes, which one
+                tensor of this kind cannot follow.
+        """
+        from natgrad.engine.common import acc_dtype
+
+        dtypes = {acc_dtype(params[k].dtype) for k in self.names()}
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"A {type(self).__name__} holds its covered parameters in one tensor, but "
+                f"they have several dtypes ({', '.join(sorted(map(str, dtypes)))}): cast "
+                "the model to one floating dtype, or cover the parameters of each dtype "
+                "with a curvature of their own (params=...)."
+            )
+        return self.to(dtypes.pop()) if dtypes else self
+
     # -- state ---------------------------------------------------------------------------------
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
@@ -391,8 +421,10 @@ class Curvature(ABC):
         Dtype rule: without ``model`` the tensors keep the file's dtypes. With ``model``
         the curvature takes the accumulation dtype of the parameters it covers (float64
         for float64 parameters, float32 for any other), as one estimated on that model
-        would: a float32 file loaded for a float64 model holds the exact float64 cast of
-        the stored values. (Covered parameters of several dtypes: the file's dtypes.)
+        would (:meth:`to_model_dtypes`): a float32 file loaded for a float64 model holds
+        the exact float64 cast of the stored values, and with covered parameters of
+        several dtypes each block follows its own parameters (a K-FAC layer its weight's,
+        a low-rank curvature's rows the promoted dtype of them all).
 
         Args:
             path: the file.
@@ -407,14 +439,14 @@ class Curvature(ABC):
             FileNotFoundError: no such file.
             ValueError: not a safetensors file; a file of another kind (or of no
                 curvature kind, for ``Curvature.load``); a format this version cannot
-                read; names or shapes that differ from ``model``;
+                read; names or shapes that differ from ``model``; covered parameters of
+                several dtypes for a kind that cannot follow them (:meth:`to_model_dtypes`);
                 :class:`natgrad.CorruptFileError` (a ValueError): a checksum, shape,
                 dtype or metadata entry that does not verify.
         """
         from natgrad.curvature.ops import check_curvature
         from natgrad.curvature.statefile import load_state
         from natgrad.engine.checks import check_model_to_match
-        from natgrad.engine.common import acc_dtype
 
         check_model_to_match(model, f"{cls.__name__}.load's model")
         holder = cls._class_of_file(path)
@@ -422,11 +454,8 @@ class Curvature(ABC):
             return holder.load(path, model, device=device)
         curvature = cls.from_state_dict(load_state(path, cls.file_format, device))
         if model is not None:
-            names = check_curvature(curvature, model, f"the curvature in {os.fspath(path)!r}")
-            named = dict(model.named_parameters())
-            dtypes = {acc_dtype(named[k].dtype) for k in names}
-            if len(dtypes) == 1:
-                curvature = curvature.to(dtypes.pop())
+            check_curvature(curvature, model, f"the curvature in {os.fspath(path)!r}")
+            curvature = curvature.to_model_dtypes(dict(model.named_parameters()))
         return curvature
 
     @classmethod

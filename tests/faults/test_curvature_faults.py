@@ -403,3 +403,78 @@ def test_combination_across_a_pruning_rename_names_the_rename(kind, op):
             r"\(torch.nn.utils.prune.*make_permanent",
         ):
             calls[op](a, b)
+
+
+# -- loading into a model of mixed dtypes ---------------------------------------------------
+class _MixedDtypes(nn.Module):
+    """A float64 Linear + LayerNorm, then a float32 Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.norm = nn.Linear(3, 5).double(), nn.LayerNorm(5).double()
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.norm(self.a(x.double()))).float())
+
+
+def _tensors(state, prefix=""):
+    """``{key path: tensor}`` of a (nested) state dict."""
+    out = {}
+    items = state.items() if isinstance(state, dict) else enumerate(state)
+    for k, v in items:
+        if isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v
+        elif isinstance(v, (dict, list)):
+            out.update(_tensors(v, f"{prefix}{k}/"))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "lowrank", "diag"])
+def test_load_into_a_mixed_dtype_model_follows_its_dtypes(tmp_path, kind):
+    """A float32 file loaded for a model of float64 and float32 layers: each tensor takes
+    the dtype the estimate has (a K-FAC layer its weight's, low-rank rows the promoted
+    one), holding the exact cast of the stored values; K-FAC and low-rank kept the
+    file's float32 for the float64 layers."""
+    model = _MixedDtypes()
+    x, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    est = _est(model, (x, y), kind=kind)
+    stored = est.to(torch.float32)
+    stored.save(tmp_path / "c.safetensors")
+    loaded = type(est).load(tmp_path / "c.safetensors", model)
+    want, got, raw = (_tensors(c.state_dict()) for c in (est, loaded, stored))
+    assert set(got) == set(want)
+    assert {k: t.dtype for k, t in got.items()} == {k: t.dtype for k, t in want.items()}
+    assert torch.float64 in {t.dtype for t in got.values()}
+    for k, t in got.items():
+        assert torch.equal(t, raw[k].to(t.dtype)), k
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "lowrank", "diag"])
+def test_save_load_round_trip_of_a_mixed_dtype_model_is_exact(tmp_path, kind):
+    model = _MixedDtypes()
+    x, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    est = _est(model, (x, y), kind=kind)
+    est.save(tmp_path / "c.safetensors")
+    want = _tensors(est.state_dict())
+    for loaded in (type(est).load(tmp_path / "c.safetensors", model),
+                   natgrad.Curvature.load(tmp_path / "c.safetensors", model),
+                   type(est).from_state_dict(est.state_dict())):
+        got = _tensors(loaded.state_dict())
+        assert set(got) == set(want)
+        for k, t in got.items():
+            assert t.dtype == want[k].dtype and torch.equal(t, want[k]), k
+
+
+def test_a_kind_holding_all_parameters_in_one_tensor_refuses_mixed_dtypes():
+    """The protocol's default: one tensor cannot follow several parameter dtypes."""
+    from tests.reference import DenseCurvature
+
+    model = _MixedDtypes()
+    params = dict(model.named_parameters())
+    shapes = {k: tuple(p.shape) for k, p in params.items()}
+    P = sum(p.numel() for p in params.values())
+    dense = DenseCurvature(torch.eye(P, dtype=torch.float64), shapes, 1)
+    with pytest.raises(ValueError, match=r"DenseCurvature holds .* several dtypes .*params="):
+        dense.to_model_dtypes(params)
