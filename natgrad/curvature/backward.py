@@ -259,8 +259,6 @@ class BackwardCapture:
         # the model's output is not a tensor with a batch axis}, read at each model call
         self._elements: dict[int, int | None] = {}
         self._warned_elements = False  # the several-outputs-under-"mean" warning was given
-        # {pass id: the call's attention_mask (N, T)}: padded positions leave K-FAC's A
-        self._masks: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
         self._removed = False
         # one live capture per model: an older one (its preconditioner rebuilt, e.g. a
@@ -452,19 +450,6 @@ class BackwardCapture:
         first = next((a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)), None)
         self._start_pass(int(first.shape[0]) if first is not None and first.dim() else None)
         self._read_divisor(args, kwargs)
-        self._read_mask(args, kwargs)
-
-    def _read_mask(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        """Keep this call's per-sample ``attention_mask`` ``(N, T)`` (a keyword, or an entry
-        of a dict argument), so that the padded positions are left out of K-FAC's ``A``
-        as ``source="batch"`` leaves them out (``Captured.keep``); not for an
-        encoder-decoder call (``decoder_*`` inputs)."""
-        if "attention_mask" not in kwargs:
-            kwargs = next((a for a in args if isinstance(a, Mapping)), kwargs)
-        mask = kwargs.get("attention_mask")
-        if (isinstance(mask, torch.Tensor) and mask.dim() == 2
-                and not any(str(k).startswith("decoder_") for k in kwargs)):
-            self._masks[self._pass] = mask.detach()
 
     def _read_divisor(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         """Token means: keep the number of tokens this call's loss is divided by (see the
@@ -604,8 +589,7 @@ class BackwardCapture:
 
     def _per_pass(self) -> tuple[dict[int, Any], ...]:
         """The dicts keyed by pass id (what each recorded forward was called with)."""
-        return (self._batch_sizes, self._divisors, self._elements, self._masks,
-                self._local_counts)
+        return (self._batch_sizes, self._divisors, self._elements, self._local_counts)
 
     def remove(self) -> None:
         """Remove the hooks (the capture records nothing afterwards: ``armed`` stays
@@ -698,9 +682,6 @@ class BackwardCapture:
         n_total = 0
         sizes_seen: list[int] = []
         pcache: dict[Any, torch.Tensor] = {}  # layers reading one input share its patches
-        # per layer and forward: the real positions (attention mask), all of them without
-        keeps: dict[str, list[torch.Tensor]] = {k: [] for k in self.layers}
-        masked: set[str] = set()  # the layers some forward's mask applied to
         for pid in sorted(per_pass):
             calls = per_pass[pid]
             sizes = {k: {int(x.shape[0]) if x.dim() else -1 for x, _ in v} for k, v in calls.items()}
@@ -725,13 +706,6 @@ class BackwardCapture:
                 a = layer_patches(lay, [x for x, _ in calls[k]], pcache)
                 bs = [out_grads(lay, g) for _, g in calls[k]]
                 inputs[k].append(a)
-                mask = self._masks.get(pid)
-                if (mask is not None and a.dim() >= 2
-                        and tuple(a.shape[:2]) == tuple(mask.shape)):
-                    keeps[k].append(mask.to(a.device) != 0)
-                    masked.add(k)
-                else:
-                    keeps[k].append(torch.ones(a.shape[:2], dtype=torch.bool, device=a.device))
                 b = bs[0] if len(bs) == 1 else torch.cat(bs, 1)
                 grads[k].append(b * pass_scale[pid] if pid in pass_scale else b)
             n_total += n
@@ -787,9 +761,7 @@ class BackwardCapture:
             if v:
                 b = v[0] if len(v) == 1 else torch.cat(v, 0)
                 out_g[k] = [(1.0, b * scale if scale != 1.0 else b)]
-        keep = {k: keeps[k][0] if len(keeps[k]) == 1 else torch.cat(keeps[k], 0)
-                for k in masked}
-        return Captured(n_total, out_in, out_g, [], keep=keep)
+        return Captured(n_total, out_in, out_g, [])
 
     def _output_values(self, passes: list[int]) -> int:
         """``element_mean``: the model output's values per sample ``D``, one for every

@@ -81,7 +81,7 @@ from torch.nn.utils import prune
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from natgrad.engine.batch import Batch, OutputFn
+from natgrad.engine.batch import OutputFn
 from natgrad.engine.capture_layers import is_conv1d, runs_own_forward
 from natgrad.engine.checks import check_choice, check_fixed_model, mark_user_error
 from natgrad.engine.common import global_forward_hooks, to_acc
@@ -568,9 +568,7 @@ class Captured:
     ``unbatched``: layers called without the batch as their first dimension (their
     per-sample statistics cannot be read off); ``outside``: layers whose weight or bias
     the forward also reads outside the layer's own call (checked when ``capture`` is
-    asked to; see :class:`OutsideUses`); ``keep``: for the layers applied at the ``T``
-    positions of a batch with a per-sample ``attention_mask`` ``(N, T)``, that mask as
-    booleans (the padded positions are left out of ``A``; see :func:`factor_stats`).
+    asked to; see :class:`OutsideUses`).
     """
 
     n: int
@@ -578,7 +576,6 @@ class Captured:
     grads: dict[str, list[tuple[float, torch.Tensor]]]
     unbatched: list[str]
     outside: list[str] = field(default_factory=list)
-    keep: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 #: Why a layer whose parameters are read outside its own call is left diagonal.
@@ -726,25 +723,7 @@ def capture(
             ]
             i += len(outputs[k])
             grads[k].append((w, torch.cat(parts, 1)))
-    return Captured(n, acts, grads, sorted(unbatched), outside, _positions(b, acts))
-
-
-def _positions(b: Batch, acts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``Captured.keep``: the batch's per-sample ``attention_mask`` ``(N, T)`` as booleans,
-    for each layer whose patches have those ``N, T`` leading axes (a layer applied at the
-    tokens). None of them for an encoder-decoder batch (``decoder_*`` inputs: which
-    side's positions a layer runs on is not known) or a batch without such a mask."""
-    mask = b.mask
-    if mask is None or mask.dim() != 2 or any(k.startswith("decoder_") for k in b.kwargs):
-        return {}
-    keep: torch.Tensor | None = None
-    out = {}
-    for k, a in acts.items():
-        if a.dim() >= 2 and tuple(a.shape[:2]) == tuple(mask.shape):
-            if keep is None:
-                keep = mask.to(a.device) != 0
-            out[k] = keep
-    return out
+    return Captured(n, acts, grads, sorted(unbatched), outside)
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -759,16 +738,8 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
 def factor_stats(
     layer: KFACLayer, a: torch.Tensor, grads: list[tuple[float, torch.Tensor]], n: int,
     diag_A: bool, diag_G: bool, A: torch.Tensor | None = None, approx: KfacApprox = "expand",
-    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch's ``A = (1/(N·T)) Σ ã ãᵀ`` and ``G = (1/N) Σ_{n,t} Σ_j w_j b bᵀ``.
-
-    ``keep``: the real (unpadded) positions ``(N, T)`` of a batch with an attention mask
-    (``Captured.keep``). ``A`` then sums over those ``K`` positions only and ``N·T`` is
-    replaced by ``K`` (``T`` by the mean real length), so that padding the same sequences
-    further changes nothing, as for the diagonal Fisher; the padded positions' output
-    gradients are zero (their labels are left out and the mask hides them from the
-    others), so ``G`` needs no change.
 
     Shapes ``(groups, d, d)``, or ``(groups, d)`` (the diagonal) for a diagonal side; an
     Embedding's ``A`` is always diagonal: ``A_vv = (1/(N·T)) #{(n, t): id_nt = v}`` (the
@@ -782,30 +753,23 @@ def factor_stats(
     ``N·T`` outer products. Both are exact for ``T = 1``.
     """
     if approx == "reduce" and layer.kind != "embedding" and a.shape[1] > 1:
-        if keep is not None:  # the mean over each sample's real positions
-            w_t = keep.to(a.dtype)
-            a = (torch.einsum("ntgi,nt->ngi", a, w_t)
-                 / w_t.sum(1).clamp(min=1.0)[:, None, None]).unsqueeze(1)
-            keep = None
-        else:
-            a = a.mean(1, keepdim=True)
+        a = a.mean(1, keepdim=True)
         grads = [(w, b.sum(1, keepdim=True)) for w, b in grads]
-    # the positions A averages over: N·T, or the K real ones
-    count: float | torch.Tensor = n * a.shape[1] if keep is None else keep.sum().clamp(min=1)
+    T = a.shape[1]
     if A is not None:
         pass
     elif layer.kind == "embedding":
         m = cast(nn.Embedding, layer.module)
-        ids = a.reshape(-1) if keep is None else a[keep]
+        ids = a.reshape(-1)
         if m.padding_idx is not None:
             ids = ids[ids != m.padding_idx]
         counts = torch.bincount(ids, minlength=m.num_embeddings)
         dt = grads[0][1].dtype if grads else to_acc(layer.module_weight.detach()).dtype
-        A = (counts.to(dt) / count).unsqueeze(0)
+        A = (counts.to(dt) / (n * T)).unsqueeze(0)
+    elif diag_A:
+        A = (a * a).sum((0, 1)) / (n * T)
     else:
-        if keep is not None:
-            a = a * keep[:, :, None, None].to(a.dtype)
-        A = (a * a).sum((0, 1)) / count if diag_A else _gram(a).div_(count)
+        A = _gram(a).div_(n * T)  # a new tensor: divided in place
     G: torch.Tensor | None = None
     for w, b in grads:
         gg = (b * b).sum((0, 1)) if diag_G else _gram(b)
@@ -905,8 +869,7 @@ def kfac_factors(
         g, dG, dA = lay.dims()
         emb = lay.kind == "embedding"
         if k in cap.inputs:
-            A, Gk = factor_stats(lay, cap.inputs[k], cap.grads[k], cap.n, False, False,
-                                 keep=cap.keep.get(k))
+            A, Gk = factor_stats(lay, cap.inputs[k], cap.grads[k], cap.n, False, False)
             T = cap.inputs[k].shape[1]
         else:
             T = 0

@@ -6,9 +6,7 @@ grouped convolution) is
 
 * **K-FAC** (``kind="kfac"``): ``F ≈ G ⊗ A`` with the factors of
   :mod:`natgrad.curvature.kfac` ("expand" convention),
-  ``A = (1/(N·T)) Σ ã ãᵀ``, ``G = (1/N) Σ_{n,t} Σ_j w_j b bᵀ`` (a batch's padded
-  positions, by its ``attention_mask``, left out of ``A``: see
-  :func:`~natgrad.curvature.kfac.factor_stats`);
+  ``A = (1/(N·T)) Σ ã ãᵀ``, ``G = (1/N) Σ_{n,t} Σ_j w_j b bᵀ``;
 * **EKFAC** (``kind="ekfac"``, George et al. 2018): ``F ≈ (Q_G ⊗ Q_A) diag(s) (Q_G ⊗ Q_A)ᵀ``
   with ``A = Q_A diag(s_A) Q_Aᵀ``, ``G = Q_G diag(s_G) Q_Gᵀ`` and the diagonal re-fitted
   in that eigenbasis from exact per-sample gradients,
@@ -545,8 +543,7 @@ class KroneckerFisher(Curvature):
                     if k in cap.inputs:
                         a = cap.inputs[k]
                         A, G = factor_stats(lay, a, cap.grads[k], cap.n, diag_A[k], diag_G[k],
-                                            A=shared.get((id(a), diag_A[k])), approx=approx,
-                                            keep=cap.keep.get(k))
+                                            A=shared.get((id(a), diag_A[k])), approx=approx)
                         shared[(id(a), diag_A[k])] = A
                         sums[k][0] += cap.n * A
                         sums[k][1] += cap.n * G
@@ -667,8 +664,7 @@ class KroneckerFisher(Curvature):
                     a = cap.inputs[k]
                     key = (id(a), diag_A)
                     A, G = factor_stats(lay, a, cap.grads[k], cap.n, diag_A, diag_G,
-                                        A=shared.get(key), approx=approx,
-                                        keep=cap.keep.get(k))
+                                        A=shared.get(key), approx=approx)
                     if key in shared:  # computed once, but each block owns its tensors (the
                         A = A.clone()  # preconditioner's in-place EMA updates them one by one)
                     shared[key] = A
