@@ -152,6 +152,7 @@ from natgrad.curvature.kfac import (
     out_grads,
     per_sample_blocks,
 )
+from natgrad.engine.batch import default_output_fn
 from natgrad.engine.checks import check_choice
 from natgrad.engine.common import (
     current_backward_id,
@@ -191,6 +192,8 @@ class BackwardCapture:
             call whose output has several values per sample then warns once (a default
             ``MSELoss``/``BCEWithLogitsLoss`` averages over them too: use
             ``"element_mean"``).
+        output_fn: the model output -> the tensor the loss reads (``D`` for
+            ``"element_mean"``); default: the tensor itself, or its ``logits`` entry.
 
     Raises:
         ValueError: a selected parameter outside every covered layer (named, with the
@@ -210,9 +213,11 @@ class BackwardCapture:
         *,
         loss_reduction: LossReduction = "mean",
         per_output_loss: bool = False,
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
     ):
         self.loss_reduction = check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
         self.per_output_loss = bool(per_output_loss)
+        self.output_fn = output_fn or default_output_fn
         layers, reasons = kfac_coverage(model, params, masked=True)
         if reasons:
             raise ValueError(
@@ -350,19 +355,26 @@ class BackwardCapture:
         was_inside, self._inside = self._inside, False
         if not was_inside or in_internal_pass():
             return
+        if self.loss_reduction != "element_mean" and (
+                self.loss_reduction != "mean" or not self.per_output_loss
+                or self._warned_elements):
+            return
+        try:  # the output the loss reads (a model output object's logits)
+            out = self.output_fn(output)
+        except (TypeError, KeyError, AttributeError, IndexError):
+            out = None  # not readable: element_mean refuses it by name at the refresh
+        d = (out[0].numel() if isinstance(out, torch.Tensor) and out.dim() >= 1
+             and out.shape[0] > 0 else None)  # values per sample
         if self.loss_reduction == "element_mean":
-            ok = isinstance(output, torch.Tensor) and output.dim() >= 1 and output.shape[0] > 0
-            self._elements[self._pass] = output[0].numel() if ok else None
-        elif (self.loss_reduction == "mean" and self.per_output_loss
-              and not self._warned_elements and isinstance(output, torch.Tensor)
-              and output.dim() >= 2 and output.shape[0] > 0 and output[0].numel() > 1):
+            self._elements[self._pass] = d
+        elif d is not None and d > 1 and isinstance(out, torch.Tensor) and out.dim() >= 2:
             self._warned_elements = True  # once per capture
             warnings.warn(
                 f"source='backward' with loss_reduction='mean' reads the loss as summed over "
-                f"each sample's {output[0].numel()} outputs and averaged over the samples, "
+                f"each sample's {d} outputs and averaged over the samples, "
                 "but torch's default nn.MSELoss() / nn.BCEWithLogitsLoss() "
                 "(reduction='mean') also average over the outputs, which makes the recorded "
-                f"curvature 1/{output[0].numel()}² of the right one. With such a loss pass "
+                f"curvature 1/{d}² of the right one. With such a loss pass "
                 "loss_reduction='element_mean' to FisherPreconditioner (or sum the loss over "
                 "the outputs and divide by the batch size).",
                 UserWarning,
@@ -710,7 +722,8 @@ class BackwardCapture:
                 grads[k].append(b * pass_scale[pid] if pid in pass_scale else b)
             n_total += n
             sizes_seen.append(n)
-        if self.loss_reduction == "mean" and len(set(sizes_seen)) > 1 and not self._warned_sizes:
+        means = ("mean", "element_mean")  # a mean over the samples (and their outputs)
+        if self.loss_reduction in means and len(set(sizes_seen)) > 1 and not self._warned_sizes:
             self._warned_sizes = True  # once per capture
             warnings.warn(
                 f"source='backward' recorded forwards of unequal sizes {sizes_seen} for one "
@@ -725,7 +738,7 @@ class BackwardCapture:
                 stacklevel=4,
             )
         k_now = len(sizes_seen)
-        if (self.loss_reduction == "mean" and self._forwards_per_step is not None
+        if (self.loss_reduction in means and self._forwards_per_step is not None
                 and k_now != self._forwards_per_step and not self._warned_windows):
             self._warned_windows = True  # once per capture
             warnings.warn(

@@ -595,7 +595,7 @@ def top_coordinates(
     names = list(fisher)
     if not names:
         raise ValueError("The Fisher is empty: there are no coordinates to rank.")
-    flat = torch.cat([fisher[n].detach().reshape(-1).double().cpu() for n in names])
+    flat = torch.cat([fisher[n].detach().reshape(-1).cpu().double() for n in names])
     k = min(int(k), flat.numel())
     # stable descending sort: equal values keep their position order
     order = torch.sort(flat, descending=True, stable=True).indices[:k]

@@ -51,7 +51,7 @@ from natgrad.engine.distributed import (
     is_distributed,
     raise_if_any_rank_failed,
 )
-from natgrad.engine.likelihoods import Likelihood, get_likelihood
+from natgrad.engine.likelihoods import CustomLikelihood, Likelihood, get_likelihood
 from natgrad.engine.options import LABEL_SOURCES, LabelSource, ParamSpec
 from natgrad.engine.per_sample import select_params
 from natgrad.engine.report import Report
@@ -332,6 +332,7 @@ class FisherPreconditioner:
         self.curvature_cls = curvature_class(self.curvature_kind)
         self._options: dict[str, Any] = {}
         takes = inspect.signature(self.curvature_cls.estimate).parameters
+        self._takes = frozenset(takes)  # the kind's estimate options (see _settings)
         if "damping_mode" in takes:
             self._options["damping_mode"] = self.kfac_damping
         self.max_factor_dim = check_int("max_factor_dim", max_factor_dim, 1, optional=True)
@@ -365,21 +366,36 @@ class FisherPreconditioner:
                     "or source='batch'."
                 )
             shift = getattr(self.likelihood, "shift", None)
-            if self.likelihood.name == "token_categorical" and (
-                    (shift and self.loss_reduction == "token_mean")
-                    or (shift is False and self.loss_reduction == "shifted_token_mean")):
-                want = "shifted_token_mean" if shift else "token_mean"
+            if self.likelihood.name == "token_categorical" and shift and (
+                    self.loss_reduction == "token_mean"):
                 raise ValueError(
-                    f"likelihood {self.likelihood!r} says the model's loss "
-                    f"{'shifts' if shift else 'does not shift'} its labels, but "
-                    f"loss_reduction={self.loss_reduction!r} counts the kept tokens of "
-                    f"{'unshifted' if shift else 'shifted'} labels, so the curvature's scale "
-                    f"would be off by the ratio of the two counts: pass "
-                    f"loss_reduction={want!r} (or the likelihood that matches your loss)."
+                    f"likelihood {self.likelihood!r} says the model's loss shifts its labels "
+                    "(a causal LM), but loss_reduction='token_mean' counts the kept tokens "
+                    "of unshifted labels, so the curvature's scale would be off by the ratio "
+                    "of the two counts: pass loss_reduction='shifted_token_mean' (or "
+                    "TokenCategorical(shift=False) if your loss does not shift)."
+                )
+            if self.likelihood.name == "token_categorical" and shift is False and (
+                    self.loss_reduction == "shifted_token_mean"):
+                raise ValueError(
+                    f"loss_reduction='shifted_token_mean' reads the loss as a causal LM's, "
+                    f"whose labels are shifted, but the likelihood {self.likelihood!r} does "
+                    "not shift them: pass likelihood=natgrad.TokenCategorical(shift=True) "
+                    "(or loss_reduction='token_mean' if your loss does not shift)."
+                )
+            if self.loss_reduction == "element_mean" and self.likelihood.name in (
+                    "categorical", "token_categorical"):
+                raise ValueError(
+                    f"loss_reduction='element_mean' averages the loss over every output "
+                    f"value, but a {self.likelihood.name} likelihood's outputs are the logits "
+                    "of one distribution per sample (or token), which cross-entropy does not "
+                    "average over (read so, the curvature would be C² too large): use "
+                    "loss_reduction='mean' ('token_mean' for a mean over tokens)."
                 )
             self._capture = BackwardCapture(
                 model, self.params, loss_reduction=loss_reduction,
-                per_output_loss=self.likelihood.name in ("gaussian", "bernoulli"))
+                per_output_loss=self.likelihood.name in ("gaussian", "bernoulli"),
+                output_fn=self.output_fn)
         self.grad_scaler = grad_scaler
         self._capture_pools = (
             "distributed" in inspect.signature(self.curvature_cls.from_capture).parameters
@@ -875,18 +891,25 @@ class FisherPreconditioner:
 
     def _settings(self) -> dict[str, Any]:
         """The settings that decide what the saved curvature is (its labels, scale,
-        layout): a state is loaded only under the same ones. The schedule and the step's
-        size (``damping``, ``update_every``, ``ema_decay``, ``kl_clip``, ``warmup_steps``)
-        may change on resume."""
-        return {
+        layout): a state is loaded only under the same ones. Only those that apply count:
+        ``loss_reduction`` under ``source="backward"``, the K-FAC options for kinds whose
+        ``estimate`` takes them; ``"mc"`` and ``"exact"`` labels estimate one Fisher; a
+        custom likelihood is compared by name. The schedule and the step's size
+        (``damping``, ``update_every``, ``ema_decay``, ``kl_clip``, ``warmup_steps``) may
+        change on resume."""
+        lik = self.likelihood
+        out: dict[str, Any] = {
             "source": self.source,
-            "labels": self.labels,
-            "likelihood": self.likelihood.name,
-            "loss_reduction": self.loss_reduction,
-            "kfac_damping": self.kfac_damping,
-            "kfac_approx": self.kfac_approx,
-            "max_factor_dim": self.max_factor_dim,
+            "labels": "empirical" if self.labels == "empirical" else "mc/exact",
+            "likelihood": lik.name if isinstance(lik, CustomLikelihood) else repr(lik),
         }
+        if self.source == "backward":
+            out["loss_reduction"] = self.loss_reduction
+        for key, option in (("kfac_damping", "damping_mode"), ("kfac_approx", "approx"),
+                            ("max_factor_dim", "max_factor_dim")):
+            if option in self._takes:
+                out[key] = getattr(self, key)
+        return out
 
     def _curvature_from_state(self, state: Mapping[str, Any]) -> Curvature | None:
         """Check ``state`` (see :meth:`check_state_dict`) and build its curvature."""

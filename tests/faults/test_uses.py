@@ -810,3 +810,29 @@ def test_ewc_state_with_a_curvature_of_another_model_or_nan_is_refused():
         with pytest.raises(FloatingPointError, match=r"curvature term 0's layers.0.A"):
             natgrad.EWC(small, natgrad.estimate_curvature(small, (x, y), kind=kind)
                         ).load_state_dict(state)
+
+
+@pytest.mark.parametrize("kind,saved,now,loads", [
+    ("diag", {"kfac_approx": "reduce"}, {}, True),  # unused by the diagonal
+    ("diag", {"max_factor_dim": 4}, {}, True),
+    ("kfac", {"loss_reduction": "sum"}, {}, True),  # source='batch' does not read it
+    ("kfac", {"labels": "mc"}, {"labels": "exact"}, True),  # one Fisher
+    ("diag", {"likelihood": natgrad.Gaussian(sigma=1.0)},
+     {"likelihood": natgrad.Gaussian(sigma=2.0)}, False),  # a Fisher 4x smaller
+])
+def test_preconditioner_settings_that_do_not_change_the_curvature_load(kind, saved, now, loads):
+    model = _tiny()
+    x = _xy()[0]
+    y = torch.randn(16, 4, dtype=torch.float64)
+    kw = {"kind": kind, "kl_clip": None, "update_every": 1, "likelihood": "gaussian"}
+    pre = natgrad.FisherPreconditioner(model, **{**kw, **saved})
+    model.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    pre.step((x, y))
+    other = natgrad.FisherPreconditioner(model, **{**kw, **now})
+    if loads:
+        other.load_state_dict(pre.state_dict())
+        assert other.curvature is not None
+    else:
+        with pytest.raises(ValueError, match=r"likelihood='Gaussian\(sigma=1.0\)'"):
+            other.load_state_dict(pre.state_dict())
