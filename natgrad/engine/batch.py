@@ -27,6 +27,10 @@ import torch
 from natgrad.engine.checks import check_not_python_numbers
 
 LABEL_KEYS = ("labels", "label", "y", "targets")
+#: inputs of an encoder-decoder model's decoder (Hugging Face names): with one of them in
+#: a batch, the labels are the decoder's, and ``attention_mask`` (the encoder's) does not
+#: mark their padding; ``decoder_attention_mask`` does, when given
+DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
 
 
 @dataclass(frozen=True)
@@ -72,9 +76,9 @@ def shared(tensor: torch.Tensor) -> Shared:
 class Batch:
     """A parsed batch: positional args and keyword args for the model, target, size.
 
-    ``target`` is None when the batch carries no labels. For dict batches with a
-    per-sample ``attention_mask``, the mask is kept so sequence likelihoods can leave
-    out padding. ``arg_dims`` / ``kw_dims`` give each input's batch axis: ``0`` for
+    ``target`` is None when the batch carries no labels. ``mask`` is a dict batch's
+    per-sample ``attention_mask`` (the inputs' padding, which layer-wise code such as
+    pruning's re-fit reads); the labels' padding is :meth:`label_mask`. ``arg_dims`` / ``kw_dims`` give each input's batch axis: ``0`` for
     per-sample tensors, ``None`` for shared entries (the ``in_dims`` of ``vmap``);
     they are decided once, for the whole batch, and kept by :meth:`select`.
     """
@@ -128,6 +132,22 @@ class Batch:
             "of them holds the samples, list it first (or pass the labels) or wrap the "
             "shared entries in natgrad.shared(...)."
         )
+    def label_mask(self) -> tuple[str, torch.Tensor] | None:
+        """``(key, mask)``: the per-sample mask over the labels' positions, or None.
+
+        It is ``attention_mask`` for encoder-only and decoder-only models, whose labels
+        are aligned with the inputs. In an encoder-decoder batch (one holding
+        :data:`DECODER_INPUTS`) the labels are the decoder's and ``attention_mask`` is
+        the encoder's: the mask is then ``decoder_attention_mask`` when the batch has one,
+        else None (the labels' ``-100`` entries carry the padding). A mask without the batch
+        dimension (a shared ``(T, T)`` mask) is not a padding mask: None.
+        """
+        seq2seq = any(k in self.kwargs for k in DECODER_INPUTS)
+        key = "decoder_attention_mask" if seq2seq else "attention_mask"
+        mask = self.kwargs.get(key)
+        if not isinstance(mask, torch.Tensor) or self.dims()[1].get(key) != 0:
+            return None
+        return key, mask
 
     def to(self, device: torch.device) -> Batch:
         def mv(t: Any) -> Any:
@@ -316,6 +336,42 @@ def parse_batch(batch: Any) -> Batch:
     kw_dims = {k: None if k in marked_kw else batch_dim(v, n) for k, v in kwargs.items()}
     mask = kwargs.get("attention_mask") if kw_dims.get("attention_mask") == 0 else None
     return Batch(args, kwargs, target, mask, n, arg_dims, kw_dims)
+
+
+def kept_positions(key: str, mask: torch.Tensor) -> torch.Tensor:
+    """The ``(N, T)`` boolean of the positions a padding mask keeps (nonzero entries).
+
+    Reads an ``(N, T)`` mask of any dtype, and the ``(N, 1, 1, T)`` boolean or integer
+    key mask that a Hugging Face encoder takes in place of it (``mask[:, None, None, :]``,
+    the same positions broadcast over heads and queries). Additive float 4-D masks
+    (``0`` / ``-inf``) and masks that differ per query (a causal ``(N, 1, T, T)``) mark no
+    single set of padded positions and are refused.
+
+    Args:
+        key: the batch entry's name, for the message.
+        mask: the per-sample mask.
+
+    Raises:
+        ValueError: a mask of another shape or a float 4-D mask.
+
+    Example:
+        >>> m = torch.tensor([[1, 1, 0]])
+        >>> kept_positions("attention_mask", m[:, None, None, :].bool())
+        tensor([[ True,  True, False]])
+    """
+    if mask.dim() == 2:
+        return mask != 0
+    key_mask = mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1
+    if key_mask and not mask.is_floating_point() and not mask.is_complex():
+        return mask[:, 0, 0, :] != 0
+    raise ValueError(
+        f"The batch's {key!r} has shape {tuple(mask.shape)} ({mask.dtype}); natgrad reads it "
+        "to leave padded label positions out, and takes an (N, T) mask (nonzero = kept) or "
+        "a boolean (N, 1, 1, T) key mask, mask[:, None, None, :].bool(). Pass one of those "
+        "(a model that needs another form can build it from the (N, T) mask), or mark the "
+        "padded positions in the labels with ignore_index=-100 and pass the mask under "
+        "another name."
+    )
 
 
 def ordinary(t: Any) -> Any:

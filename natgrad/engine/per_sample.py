@@ -44,6 +44,7 @@ from natgrad.engine.batch import (
     OutputFn,
     add_batch_axis,
     default_output_fn,
+    kept_positions,
     parse_batch,
 )
 from natgrad.engine.checks import (
@@ -643,20 +644,45 @@ def probe_failed(exc: Exception, model: nn.Module, probe: Batch, full: Batch, wh
 
 
 def masked_target(lik: Likelihood, b: Batch) -> torch.Tensor | None:
-    """The batch's target, with tokens whose attention mask is 0 set to ``ignore_index``.
+    """The batch's target, with tokens whose label mask is 0 set to ``ignore_index``.
 
     Only ``token_categorical`` reads the mask; a masked batch without labels gets
-    an all-zero target that carries the mask for ``mc`` / ``exact`` labels.
+    an all-zero target that carries the mask for ``mc`` / ``exact`` labels. The mask is
+    :meth:`natgrad.engine.batch.Batch.label_mask` (``attention_mask``; for an
+    encoder-decoder batch, ``decoder_attention_mask`` or none), read by
+    :func:`natgrad.engine.batch.kept_positions`; it must cover the labels' ``(N, T)``
+    positions exactly (never broadcast).
+
+    Raises:
+        ValueError: a mask of a shape :func:`~natgrad.engine.batch.kept_positions` does
+            not read, or of another length than the labels.
     """
     target = b.target
-    if isinstance(lik, TokenCategorical) and not lik.shift and target is not None:
+    if not isinstance(lik, TokenCategorical):
+        return target
+    if not lik.shift and target is not None:
         warn_unshifted_lm_labels(target, b.args, b.kwargs, lik.ignore_index)
-    if isinstance(lik, TokenCategorical) and b.mask is not None:
-        if target is None:
-            target = torch.zeros(b.mask.shape, dtype=torch.long, device=b.mask.device)
-        target = integer_labels(target, lik.name)  # uint8 cannot hold ignore_index
-        target = torch.where(b.mask == 0, torch.full_like(target, lik.ignore_index), target)
-    return target
+    found = b.label_mask()
+    if found is None:
+        return target
+    key, mask = found
+    keep = kept_positions(key, mask)
+    if target is None:
+        target = torch.zeros(keep.shape, dtype=torch.long, device=keep.device)
+    elif target.dim() != 2:  # not token labels: the likelihood's check names them
+        return target
+    elif tuple(target.shape) != tuple(keep.shape):
+        raise ValueError(
+            f"The batch's {key!r} covers {tuple(keep.shape)} positions but the labels have "
+            f"shape {tuple(target.shape)}: natgrad leaves out the label positions the mask "
+            "marks 0, so it must have the labels' (N, T) shape. For an encoder-decoder "
+            "model, attention_mask is the encoder's: pass the decoder's inputs as "
+            "decoder_input_ids (natgrad then reads decoder_attention_mask, or no mask, and "
+            "the labels' -100 entries mark the padding); otherwise give the mask and the "
+            "labels the same length."
+        )
+    target = integer_labels(target, lik.name)  # uint8 cannot hold ignore_index
+    return torch.where(keep, target, torch.full_like(target, lik.ignore_index))
 
 
 def mean_loss_grad(
