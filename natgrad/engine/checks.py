@@ -699,6 +699,29 @@ def check_unit_interval(target: torch.Tensor, likelihood: str = "Bernoulli") -> 
     )
 
 
+def check_per_sample_loss(loss: Any, output: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """Return ``loss`` when it holds one value per sample (shape ``(N,)`` for ``output`` of
+    shape ``(N, ...)``), else raise ValueError.
+
+    A likelihood's ``nll`` is summed over the batch where natgrad differentiates a whole
+    batch at once (the capture path's output gradients) and read one sample at a time
+    elsewhere, so a batch mean (a scalar) would make the engines disagree by ``1/N²``
+    without an error. A shape check only: no host sync, fine under ``vmap``.
+    """
+    n = output.shape[0] if output.dim() else None
+    if isinstance(loss, torch.Tensor) and n is not None and tuple(loss.shape) == (n,):
+        return loss
+    got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+    raise ValueError(
+        f"The {likelihood} likelihood's nll(output, target) returned {got} for an output "
+        f"of shape {tuple(output.shape)}; it must return one negative log-likelihood per "
+        f"sample, shape ({n},): natgrad sums it over a batch for the output gradients, so "
+        "a batch mean (.mean() or reduction='mean') gives a Fisher N² too small. Sum over "
+        "each sample's own outputs instead, e.g. ((f - y) ** 2).sum(-1), or "
+        "F.cross_entropy(f, y, reduction='none')."
+    )
+
+
 def check_finite_per_sample(
     grads: Mapping[str, torch.Tensor], inputs: Iterable[Any] = ()
 ) -> None:

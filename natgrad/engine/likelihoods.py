@@ -35,6 +35,7 @@ from natgrad.engine.checks import (
     check_finite_target,
     check_not_probabilities,
     check_output_rows,
+    check_per_sample_loss,
     check_positive,
     check_unit_interval,
     integer_labels,
@@ -75,9 +76,15 @@ class Likelihood(ABC):
         """``k`` label draws from the predictive, shape ``(k, N, ...)``."""
 
     def output_grad(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``∇_f l_n`` for every sample, same shape as ``output``."""
+        """``∇_f l_n`` for every sample, same shape as ``output``: the gradient of
+        ``Σ_n l_n``, exact per sample because ``l_n`` reads only sample ``n``'s outputs
+        (:meth:`nll` must return shape ``(N,)``; a batch mean raises)."""
+
+        def total(o: torch.Tensor) -> torch.Tensor:
+            return check_per_sample_loss(self.nll(o, target), o, self.name).sum()
+
         with torch.enable_grad():
-            grad: torch.Tensor = torch.func.grad(lambda o: self.nll(o, target).sum())(output)
+            grad: torch.Tensor = torch.func.grad(total)(output)
             return grad
 
     def num_factor_columns(self, output: torch.Tensor) -> int:
@@ -606,7 +613,9 @@ class CustomLikelihood(Likelihood):
 
     Args:
         nll: ``nll(output, target) -> (N,)`` negative log-likelihood per sample, written
-            with torch operations (it is differentiated with ``torch.func``).
+            with torch operations (it is differentiated with ``torch.func``). Its shape
+            is checked at every call: a batch mean (a scalar) raises a ValueError, since
+            natgrad sums it over a batch for the output gradients.
         sampler: ``sampler(output, generator) -> target`` one label draw per sample;
             needed for ``labels="mc"``.
         name: shown in Fisher metadata.
@@ -629,7 +638,8 @@ class CustomLikelihood(Likelihood):
         self._nll, self._sampler, self.name = nll, sampler, name
 
     def nll(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self._nll(output, target)
+        """``nll(output, target)``, checked to hold one value per sample (shape ``(N,)``)."""
+        return check_per_sample_loss(self._nll(output, target), output, self.name)
 
     def __repr__(self) -> str:
         """Names the functions by their code (a checkpoint's fingerprint reads it)."""

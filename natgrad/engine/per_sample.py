@@ -55,6 +55,7 @@ from natgrad.engine.checks import (
     check_model,
     check_no_batch_mixing,
     check_output_rows,
+    check_per_sample_loss,
     forward_failed,
     integer_labels,
     torch_func_refusal,
@@ -726,7 +727,8 @@ def mean_loss_grad(
     with torch.enable_grad():
         out = (output_fn or default_output_fn)(call_model(model, b, what))
         target = lik.prepare_target(out, target)
-        grads = torch.autograd.grad(lik.nll(out, target).mean(), params, allow_unused=True)
+        losses = check_per_sample_loss(lik.nll(out, target), out, lik.name)
+        grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
     res: dict[str, torch.Tensor] = {}
     for k, p, g in zip(names, params, grads, strict=True):
         res[k] = to_acc(torch.zeros_like(p) if g is None else g.detach())
