@@ -699,6 +699,23 @@ def check_unit_interval(target: torch.Tensor, likelihood: str = "Bernoulli") -> 
     )
 
 
+def check_several_classes(output: torch.Tensor, likelihood: str) -> None:
+    """Raise ValueError when a softmax likelihood's logits have one class (last axis of
+    size 1): ``softmax`` of one logit is 1 whatever its value, so every label has
+    probability 1, the loss is 0 and the Fisher is exactly zero. A one-logit binary
+    classifier (``BCEWithLogitsLoss``) is a Bernoulli model."""
+    if output.dim() == 0 or output.shape[-1] != 1:
+        return
+    raise ValueError(
+        f"The {likelihood} likelihood takes a softmax over the model's last output axis, "
+        f"which has one class (output shape {tuple(output.shape)}): a softmax over one "
+        "logit is 1 whatever its value, so the Fisher would be exactly zero. For a "
+        "one-logit binary classifier (trained with BCEWithLogitsLoss) use "
+        "likelihood='bernoulli' (labels 0/1 of shape (N, 1)); for C classes give the "
+        "model C outputs."
+    )
+
+
 def check_per_sample_loss(loss: Any, output: torch.Tensor, likelihood: str) -> torch.Tensor:
     """Return ``loss`` when it holds one value per sample (shape ``(N,)`` for ``output`` of
     shape ``(N, ...)``), else raise ValueError.

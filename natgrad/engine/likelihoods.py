@@ -37,6 +37,7 @@ from natgrad.engine.checks import (
     check_output_rows,
     check_per_sample_loss,
     check_positive,
+    check_several_classes,
     check_unit_interval,
     integer_labels,
 )
@@ -286,6 +287,7 @@ class Categorical(Likelihood):
                 "natgrad.TokenCategorical(shift=True) (causal language models, whose labels "
                 "are the input ids: position t predicts token t + 1)."
             )
+        check_several_classes(output, self.name)
         if target.dim() != 1 or target.is_floating_point() or target.dtype == torch.bool:
             integer = not target.is_floating_point() and target.dtype != torch.bool
             if integer and target.dim() == 2 and target.shape[1] == 1:
@@ -302,7 +304,9 @@ class Categorical(Likelihood):
         check_class_labels(target, output.shape[-1], self.name, logits=output)
 
     def check_output(self, output: torch.Tensor) -> None:
-        """Logits, not probabilities (see :func:`natgrad.engine.checks.check_not_probabilities`)."""
+        """Logits of ``C >= 2`` classes (:func:`natgrad.engine.checks.check_several_classes`),
+        not probabilities (:func:`natgrad.engine.checks.check_not_probabilities`)."""
+        check_several_classes(output, self.name)
         check_not_probabilities(output, self.name)
 
     def prepare_target(
@@ -475,6 +479,7 @@ class TokenCategorical(Likelihood):
                 f"token_categorical expects logits of shape (N, T, V), got {tuple(output.shape)}."
             )
         self._check_shiftable(output)
+        check_several_classes(output, self.name)
         want = (target.shape[0] if target.dim() else output.shape[0], output.shape[1])
         if target.is_floating_point() or target.dtype == torch.bool:
             raise ValueError(
@@ -501,8 +506,9 @@ class TokenCategorical(Likelihood):
 
     def check_output(self, output: torch.Tensor) -> None:
         """Logits, not probabilities (see :func:`natgrad.engine.checks.check_not_probabilities`),
-        with a token to score after the shift."""
+        with a token to score after the shift, and ``V >= 2`` classes."""
         self._check_shiftable(output)
+        check_several_classes(output, self.name)
         check_not_probabilities(output, self.name)
 
     def _check_shiftable(self, output: torch.Tensor) -> None:
