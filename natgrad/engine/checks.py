@@ -670,6 +670,39 @@ def _refuse_probabilities(logits: torch.Tensor, likelihood: str) -> None:
         )
 
 
+# autograd nodes that only move or copy entries: a sigmoid's output seen through them
+# (a squeeze, a view, .logits of a dict) is still made of probabilities
+_SHAPE_NODES = ("View", "Unsafe", "Squeeze", "Unsqueeze", "Reshape", "Expand", "Transpose",
+                "Permute", "Clone", "Alias", "Select", "Slice", "T", "ToCopy", "Contiguous")
+
+
+def check_not_sigmoid_outputs(output: torch.Tensor, likelihood: str) -> None:
+    """Raise ValueError when ``output`` was made by a sigmoid (``nn.Sigmoid`` or
+    ``torch.sigmoid`` last in the model, seen through views and copies), so that every
+    entry is a probability in ``[0, 1]``: the Bernoulli analogue of
+    :func:`check_not_probabilities`. The evidence is the output's autograd node (no host
+    sync), present whenever a parameter before the sigmoid requires grad; a detached
+    output is not checked (its values alone cannot tell logits in ``[0, 1]`` from
+    probabilities).
+    """
+    fn = output.grad_fn
+    while fn is not None and type(fn).__name__.removesuffix("Backward0").removesuffix(
+        "Backward1"
+    ) in _SHAPE_NODES:
+        nxt = [f for f, _ in fn.next_functions if f is not None]
+        fn = nxt[0] if len(nxt) == 1 else None
+    if fn is None or not type(fn).__name__.startswith("SigmoidBackward"):
+        return
+    raise ValueError(
+        f"The model's outputs look like probabilities, not logits: its "
+        f"{tuple(output.shape)} output comes from a sigmoid (nn.Sigmoid or torch.sigmoid), "
+        f"so every entry lies in [0, 1]. The {likelihood} likelihood applies a sigmoid to "
+        "the outputs itself, so probabilities would be squashed twice and give a wrong "
+        "Fisher and loss. Drop the model's final nn.Sigmoid (natgrad's bernoulli "
+        "likelihood takes logits, as BCEWithLogitsLoss does)."
+    )
+
+
 def check_finite_target(target: torch.Tensor, likelihood: str) -> None:
     """Raise ValueError naming the first sample whose (floating) target is NaN or Inf."""
     if not (target.is_floating_point() or target.is_complex()):

@@ -34,6 +34,7 @@ from natgrad.engine.checks import (
     check_class_labels,
     check_finite_target,
     check_not_probabilities,
+    check_not_sigmoid_outputs,
     check_output_rows,
     check_per_sample_loss,
     check_positive,
@@ -409,7 +410,9 @@ class Bernoulli(Likelihood):
     name = "bernoulli"
 
     def check_target(self, output: torch.Tensor, target: torch.Tensor) -> None:
-        """Targets shaped like the logits, in ``[0, 1]`` (0/1 labels or probabilities)."""
+        """Targets shaped like the logits, in ``[0, 1]`` (0/1 labels or probabilities);
+        logits, not a sigmoid's outputs (:func:`natgrad.engine.checks.check_not_sigmoid_outputs`)."""
+        check_not_sigmoid_outputs(output, self.name)
         if target.shape[1:] != output.shape[1:]:
             want = (target.shape[0], *output.shape[1:])
             raise ValueError(
@@ -418,6 +421,10 @@ class Bernoulli(Likelihood):
             )
         check_finite_target(target, self.name)
         check_unit_interval(target)
+
+    def check_output(self, output: torch.Tensor) -> None:
+        """Logits, not a sigmoid's outputs (:func:`natgrad.engine.checks.check_not_sigmoid_outputs`)."""
+        check_not_sigmoid_outputs(output, self.name)
 
     def nll(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(

@@ -218,8 +218,9 @@ class Plan:
         pass (see :meth:`prepare`), and the MC label draws (``labels="mc"``, else None)."""
         mc = self.labels == "mc"
         on = b if mc else b.select(0, 1)
-        out = self.forward(on, full=b)
+        out = self.forward(on, full=b, detach=False)  # its autograd node is checked
         target = self.check_target(out, target, on, b)
+        out = out.detach()
         return target, self.draw(out, target) if mc else None
 
     def check_target(
@@ -317,9 +318,13 @@ class Plan:
         """The current batch, as named in errors (``"batch 0"`` is the first)."""
         return f"batch {max(self.batches_seen - 1, 0)}"
 
-    def forward(self, b: Batch, *, full: Batch | None = None) -> torch.Tensor:
-        """The model's (detached) output on ``b``; ``full``: the user's batch when ``b`` is
-        a one-sample probe of it, so that a failure reports the shapes the user passed."""
+    def forward(
+        self, b: Batch, *, full: Batch | None = None, detach: bool = True
+    ) -> torch.Tensor:
+        """The model's output on ``b``, detached unless ``detach=False`` (the checks of
+        :meth:`check_target` read its autograd node); ``full``: the user's batch when
+        ``b`` is a one-sample probe of it, so that a failure reports the shapes the user
+        passed."""
         # Grad mode on purpose: under no_grad, eval-mode nn.TransformerEncoderLayer takes
         # fused inference kernels whose outputs differ from the differentiable path
         # (NaN with some masks), and the MC labels must come from the same function.
@@ -332,7 +337,8 @@ class Plan:
                     self.probe_failed(exc, b, full)
             else:
                 raw = call_model(self.model, b, self.where)
-            return self.output_fn(raw).detach()
+            out = self.output_fn(raw)
+            return out.detach() if detach else out
 
     def probe_failed(self, exc: Exception, probe: Batch, full: Batch) -> NoReturn:
         """:func:`probe_failed` for this plan's model and current batch."""
