@@ -92,6 +92,7 @@ from natgrad.engine.options import ENGINES, EngineName, ParamSpec
 from natgrad.engine.per_sample import (
     Plan,
     call_model,
+    check_padding_read,
     hooked_output,
     loop_samples,
     masked_target,
@@ -1591,6 +1592,7 @@ def optimize_prior_precision(
                 totals[g] += float(nll)
             count += kept
             continue
+        check_padding_read(lik, mean, b)
         target = lik.prepare_target(mean, b.target)
         eps = _mc_noise(lik, link, n_samples, mean, gen, device)
         for g in range(len(cand)):

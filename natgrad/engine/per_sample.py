@@ -62,7 +62,13 @@ from natgrad.engine.checks import (
     warn_unshifted_lm_labels,
 )
 from natgrad.engine.common import acc_dtype, internal_pass, to_acc, vjp_pair, with_autograd
-from natgrad.engine.likelihoods import Likelihood, TokenCategorical, get_likelihood
+from natgrad.engine.likelihoods import (
+    Bernoulli,
+    Gaussian,
+    Likelihood,
+    TokenCategorical,
+    get_likelihood,
+)
 from natgrad.engine.options import LABEL_SOURCES, EstimatorOptions, Options, ParamSpec
 
 __all__ = ["per_sample_grads", "select_params", "LABEL_SOURCES", "ParamSpec"]
@@ -224,20 +230,24 @@ class Plan:
         return target, self.draw(out, target) if mc else None
 
     def check_target(
-        self, out: torch.Tensor, target: torch.Tensor | None, on: Batch, full: Batch | None = None
+        self, out: torch.Tensor, target: torch.Tensor | None, on: Batch,
+        full: Batch | None = None,
     ) -> torch.Tensor | None:
         """The batch's whole target, validated by the likelihood against the model's
         output ``out`` on ``on`` (the whole batch or its first sample) and cast to the
         dtype the likelihood reads; every engine calls this once per batch before using
-        the target. ``out`` must have one row per sample of ``on``
+        the target. ``full``: the whole batch when ``on`` is a probe of it (its padding
+        mask is read, :func:`check_padding_read`). ``out`` must have one row per sample of ``on``
         (:func:`natgrad.engine.checks.check_output_rows`), with labels or without.
 
         Raises:
             ValueError: an output without one row per sample; labels out of range, of
                 the wrong dtype or shape, or non-finite; an output the likelihood cannot
-                have (e.g. probabilities for a softmax).
+                have (e.g. probabilities for a softmax); a padding mask over positions
+                of the outputs that the likelihood cannot leave out.
         """
         self.check_rows(out, on, full)
+        check_padding_read(self.lik, out, on if full is None else full)
         if target is None:  # no labels to check against the output: check the output
             self.lik.check_output(out)
             return None
@@ -692,6 +702,40 @@ def masked_target(lik: Likelihood, b: Batch) -> torch.Tensor | None:
     return torch.where(keep, target, torch.full_like(target, lik.ignore_index))
 
 
+def check_padding_read(lik: Likelihood, out: torch.Tensor, b: Batch) -> None:
+    """Raise ValueError when the batch's label mask pads positions of per-position outputs
+    that ``lik`` cannot leave out.
+
+    ``token_categorical`` carries the padding in its labels (:func:`masked_target`);
+    ``gaussian`` and ``bernoulli`` sum over every output, so outputs with one row per position,
+    ``(N, T, ...)`` or ``(N, T)`` with ``T`` the mask's length, would count the padded
+    positions in the Fisher and the loss (an ``(N, D)`` output whose ``D`` equals ``T``
+    cannot be told apart, and is refused too when the mask pads). A
+    :class:`~natgrad.engine.likelihoods.CustomLikelihood` or other likelihood reads what
+    its ``nll`` reads and is not checked. One host sync, on batches whose mask has a
+    readable shape.
+    """
+    found = b.label_mask()
+    if not isinstance(lik, (Gaussian, Bernoulli)) or found is None or out.dim() < 2:
+        return
+    key, mask = found
+    try:
+        keep = kept_positions(key, mask)
+    except ValueError:  # a mask natgrad does not read as padding: not read
+        return
+    if tuple(out.shape[1:2]) != tuple(keep.shape[1:]) or bool(keep.all()):
+        return
+    raise ValueError(
+        f"The batch's {key!r} {tuple(mask.shape)} marks padded positions, and the model's "
+        f"{tuple(out.shape)} outputs have one row per position, but the {lik.name} "
+        "likelihood sums over every output: the padded positions would count in the "
+        "Fisher and the loss. natgrad leaves padding out only for token_categorical "
+        "(whose labels carry it). Pass sequences without padding (batches of equal "
+        "length), or a natgrad.CustomLikelihood whose nll(output, target) leaves the "
+        "padded positions out (e.g. with the mask as an extra channel of the target)."
+    )
+
+
 def mean_loss_grad(
     model: nn.Module,
     batch: Any,
@@ -732,6 +776,7 @@ def mean_loss_grad(
     params = [named[k] for k in names]
     with torch.enable_grad():
         out = (output_fn or default_output_fn)(call_model(model, b, what))
+        check_padding_read(lik, out, b)
         target = lik.prepare_target(out, target)
         losses = check_per_sample_loss(lik.nll(out, target), out, lik.name)
         grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
