@@ -15,7 +15,7 @@ from torch import nn
 import natgrad
 from natgrad.engine.per_sample import mean_loss_grad
 
-N, D, O = 16, 3, 4
+N, D, K = 16, 3, 4
 PHRASE = r"(?s)look like probabilities, not logits.*comes from a sigmoid.*Drop the model's final nn\.Sigmoid"
 
 
@@ -51,8 +51,8 @@ PATHS = {
 @pytest.mark.parametrize("path", PATHS)
 def test_final_sigmoid_is_refused(path):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(D, O), nn.Sigmoid())
-    x, y = _data((N, O))
+    model = nn.Sequential(nn.Linear(D, K), nn.Sigmoid())
+    x, y = _data((N, K))
     with pytest.raises(ValueError, match=PHRASE):
         PATHS[path](model, x, y)
 
@@ -68,11 +68,11 @@ def test_functional_sigmoid_through_a_view_is_refused(labels):
 
 def test_logits_in_the_unit_interval_and_inner_sigmoids_are_accepted():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(D, O), nn.Sigmoid(), nn.Linear(O, O))
+    model = nn.Sequential(nn.Linear(D, K), nn.Sigmoid(), nn.Linear(K, K))
     with torch.no_grad():  # every logit in (0, 1): still logits, the last op is a Linear
         model[2].weight.mul_(0.01)
         model[2].bias.fill_(0.5)
-    x, y = _data((N, O))
+    x, y = _data((N, K))
     assert bool(((model(x) > 0) & (model(x) < 1)).all())
     for labels in ("exact", "empirical"):
         natgrad.estimate_fisher(model, (x, y), "bernoulli", labels=labels)
