@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from natgrad.curvature.diagonal import DiagonalFisher
@@ -25,7 +26,11 @@ class FisherTracker:
         likelihood: name or :class:`natgrad.engine.likelihoods.Likelihood`.
         decay: EMA decay in ``[0, 1]``; 0 keeps only the newest batch.
         **estimate_kwargs: passed to :func:`natgrad.estimate_fisher` (``labels``, ``params``,
-            ``mc_samples``, ``chunk_size``, ...).
+            ``mc_samples``, ``chunk_size``, ...). ``generator`` (the ``labels="mc"``
+            draws) is one generator kept across updates, so that every update draws
+            new labels and the EMA averages the Monte Carlo noise out; without one the
+            tracker makes its own, seeded with 0 once, at construction. Its state is
+            part of :meth:`state_dict`, so a restored tracker continues the same draws.
 
     Example:
         >>> import torch
@@ -46,6 +51,10 @@ class FisherTracker:
         self.model = check_model(model, "FisherTracker")
         self.likelihood = likelihood
         self.decay = check_fraction("decay", decay, closed=True)
+        generator = estimate_kwargs.pop("generator", None)
+        self.generator: torch.Generator = (
+            torch.Generator().manual_seed(0) if generator is None else generator
+        )
         self.estimate_kwargs = estimate_kwargs
         self._fishers: dict[str, DiagonalFisher] = {}
         self._updates: dict[str, int] = {}
@@ -58,7 +67,9 @@ class FisherTracker:
                 BatchNorm (call ``model.eval()`` before updating) or labels out of range.
         """
         check_fixed_model(self.model, "FisherTracker.update")
-        new = estimate_fisher(self.model, batch, self.likelihood, **self.estimate_kwargs)
+        new = estimate_fisher(
+            self.model, batch, self.likelihood, generator=self.generator, **self.estimate_kwargs
+        )
         old = self._fishers.get(task)
         self._fishers[task] = new if old is None else old.ema(new, self.decay)
         self._updates[task] = self._updates.get(task, 0) + 1
@@ -98,20 +109,24 @@ class FisherTracker:
         self.reset(None)
 
     def state_dict(self) -> dict[str, Any]:
+        """The EMAs, their update counts, the decay and the MC generator's state."""
         return {
             "decay": self.decay,
             "tasks": {t: f.state_dict() for t, f in self._fishers.items()},
             "updates": dict(self._updates),
+            "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; every task's Fisher is checked against the
         model (names it lacks, shapes that differ) and for its values before anything
-        changes.
+        changes. The MC generator continues from the stored state (a state_dict without
+        one, from an older natgrad, leaves the generator as it is).
 
         Raises:
             ValueError: not a FisherTracker state_dict, or a task's Fisher that does not fit
-                the model (the task and the parameters are named), or negative values.
+                the model (the task and the parameters are named), or negative values, or
+                a generator state that is not one of this tracker's generator.
             FloatingPointError: NaN or Inf in a stored Fisher.
         """
         keys = ("decay", "tasks", "updates")
@@ -129,6 +144,18 @@ class FisherTracker:
             except (ValueError, FloatingPointError) as exc:
                 raise type(exc)(f"FisherTracker state_dict, task {task!r}: {exc}") from None
             fishers[task] = f
+        gen_state = state.get("generator")
+        if gen_state is not None:
+            probe = torch.Generator(device=self.generator.device)
+            try:
+                probe.set_state(gen_state)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(
+                    f"FisherTracker state_dict: 'generator' is not the state of a "
+                    f"{self.generator.device} torch.Generator ({exc}); pass the state_dict "
+                    "of a FisherTracker whose generator is on the same device."
+                ) from None
+            self.generator.set_state(gen_state)
         self.decay = decay
         self._fishers = fishers
         self._updates = {t: int(v) for t, v in state["updates"].items()}
