@@ -372,7 +372,8 @@ class Gaussian(Likelihood):
             )
 
     def nll(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        r = (target.to(to_acc(output).dtype) - to_acc(output)).flatten(1)
+        r = target.to(to_acc(output).dtype) - to_acc(output)
+        r = r.reshape(r.shape[0], -1)  # (N, D); outputs (N,) are one per sample
         d = r.shape[1]
         return 0.5 * (r**2).sum(1) / self.sigma**2 + d * math.log(
             self.sigma * math.sqrt(2 * math.pi)
@@ -430,7 +431,7 @@ class Bernoulli(Likelihood):
         loss = F.binary_cross_entropy_with_logits(
             to_acc(output), target.to(to_acc(output).dtype), reduction="none"
         )
-        return loss.flatten(1).sum(1)
+        return loss.reshape(loss.shape[0], -1).sum(1)  # outputs (N,): one logit per sample
 
     def output_grad(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return to_acc(output).sigmoid() - target.to(to_acc(output).dtype)
@@ -448,7 +449,8 @@ class Bernoulli(Likelihood):
     def factor_columns(
         self, output: torch.Tensor, start: int, stop: int, target: torch.Tensor | None = None
     ) -> torch.Tensor:
-        p = to_acc(output.detach()).sigmoid().flatten(1)  # (N, D)
+        p = to_acc(output.detach()).sigmoid()
+        p = p.reshape(p.shape[0], -1)  # (N, D); outputs (N,) are one logit per sample
         d = p.shape[1]
         eye = torch.eye(d, dtype=p.dtype, device=p.device)[start:stop]  # (k, D)
         cols = eye.unsqueeze(1) * (p * (1 - p)).sqrt().unsqueeze(0)
