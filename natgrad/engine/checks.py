@@ -194,6 +194,22 @@ def check_finite(name: str, tensor: torch.Tensor, hint: str = "") -> None:
         )
 
 
+def check_softmax_logits(name: str, logits: torch.Tensor, hint: str = "") -> None:
+    """Raise FloatingPointError unless ``softmax(logits)`` along the last axis is defined:
+    no NaN or ``+inf``, and every row holds a finite logit. ``-inf`` entries are allowed
+    (probability 0: masked actions, banned tokens). One reduction when all are finite."""
+    if logits.is_floating_point() and bool(torch.isfinite(logits.sum())):
+        return
+    bad = torch.isnan(logits) | (logits == float("inf"))
+    empty = ~torch.isfinite(logits).any(-1) if logits.dim() else ~torch.isfinite(logits)
+    if bool(bad.any()) or bool(empty.any()):
+        raise FloatingPointError(
+            f"Non-finite values in {name}: NaN or +inf, or a row whose logits are all "
+            "-inf (-inf alone is fine: probability 0)."
+            + (f" {hint}" if hint else " Check the inputs, the loss and the learning rate.")
+        )
+
+
 # -- models --------------------------------------------------------------------------------
 
 # Float attributes through which modules draw dropout inside their forward in train mode

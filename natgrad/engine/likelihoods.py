@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from natgrad.engine.checks import (
     check_choice,
     check_class_labels,
+    check_finite,
     check_finite_target,
     check_not_probabilities,
     check_not_sigmoid_outputs,
@@ -39,6 +40,7 @@ from natgrad.engine.checks import (
     check_per_sample_loss,
     check_positive,
     check_several_classes,
+    check_softmax_logits,
     check_unit_interval,
     integer_labels,
 )
@@ -111,6 +113,12 @@ class Likelihood(ABC):
         outputs (natgrad probes one sample before ``vmap``): compare trailing dimensions.
         """
         return None
+
+    def check_drawable(self, output: torch.Tensor, hint: str) -> None:
+        """Raise FloatingPointError when labels cannot be drawn at ``output`` (default: any
+        NaN or Inf; the softmax likelihoods allow ``-inf`` logits, see
+        :func:`natgrad.engine.checks.check_softmax_logits`). ``hint`` ends the message."""
+        check_finite("the model's outputs", output, hint)
 
     def check_output(self, output: torch.Tensor) -> None:
         """Raise a ValueError when the model's output cannot be this likelihood's (default:
@@ -310,6 +318,10 @@ class Categorical(Likelihood):
         check_several_classes(output, self.name)
         check_not_probabilities(output, self.name)
 
+    def check_drawable(self, output: torch.Tensor, hint: str) -> None:
+        """Logits whose softmax is defined: ``-inf`` entries (masked classes) are fine."""
+        check_softmax_logits("the model's outputs", output, hint)
+
     def prepare_target(
         self, output: torch.Tensor, target: torch.Tensor, *, rows: int | None = None
     ) -> torch.Tensor:
@@ -357,6 +369,17 @@ class Gaussian(Likelihood):
     name = "gaussian"
 
     def __init__(self, sigma: float = 1.0):
+        if isinstance(sigma, torch.Tensor) and (sigma.requires_grad or sigma.numel() != 1):
+            what = "requires grad (a learned σ)" if sigma.requires_grad else (
+                f"has {sigma.numel()} entries (a σ per output)")
+            raise ValueError(
+                f"Gaussian(sigma=...) takes one known σ, a number, but the tensor given "
+                f"{what}: natgrad would read its current value once and keep it fixed. For a "
+                "learned or per-output σ write the likelihood out, e.g. "
+                "natgrad.CustomLikelihood(lambda f, y: (0.5 * ((y - f) / sigma) ** 2 + "
+                "sigma.log()).flatten(1).sum(1), sampler=...), with sigma.detach() if it "
+                "should not be differentiated; for a fixed σ pass float(sigma)."
+            )
         self.sigma = check_positive("sigma", sigma)
 
     def __repr__(self) -> str:
@@ -439,8 +462,10 @@ class Bernoulli(Likelihood):
     def sample(
         self, output: torch.Tensor, generator: torch.Generator, k: int, target: torch.Tensor | None = None
     ) -> torch.Tensor:
-        p = to_acc(output.detach()).sigmoid().cpu()
-        u = torch.rand((k, *p.shape), generator=generator)
+        # float64 uniforms (as inverse_cdf_draws): float32 ones are multiples of 2⁻²⁴, so
+        # u < p held with probability >= 2⁻²⁴ for every p > 0
+        p = to_acc(output.detach()).sigmoid().cpu().double()
+        u = torch.rand((k, *p.shape), generator=generator, dtype=torch.float64)
         return (u < p.unsqueeze(0)).float().to(output.device)
 
     def num_factor_columns(self, output: torch.Tensor) -> int:
@@ -459,6 +484,11 @@ class Bernoulli(Likelihood):
 
 class TokenCategorical(Likelihood):
     """Softmax per token over logits ``(N, T, V)``; ``l_n = Σ_t -log p(y_nt)`` over kept tokens.
+
+    The logits' layout is ``(N, T, V)``, positions before classes (Hugging Face's);
+    torch's ``cross_entropy`` layout ``(N, V, T)`` needs ``output_fn=lambda out:
+    out.transpose(1, 2)`` (without labels it cannot be detected: ``V`` would be read as
+    the positions).
 
     Tokens whose label equals ``ignore_index`` (or whose attention mask is 0) are left
     out. With ``shift=True`` (causal language models) the logits at position ``t``
@@ -497,10 +527,16 @@ class TokenCategorical(Likelihood):
                 f"shape {tuple(target.shape)}; convert with y.long()."
             )
         if target.dim() != 2 or target.shape[1] != output.shape[1]:
+            transposed = target.dim() == 2 and target.shape[1] == output.shape[2]
             raise ValueError(
                 f"token_categorical labels must be integer tokens of shape (N, T) = {want}, "
                 f"one per position of the logits {tuple(output.shape)}, got shape "
-                f"{tuple(target.shape)}. Give every sequence's labels the length of its "
+                f"{tuple(target.shape)}. "
+                + (f"The labels' length {target.shape[1]} is the logits' last axis: logits "
+                   "in torch's cross_entropy layout (N, V, T) must be transposed to (N, T, "
+                   "V), e.g. output_fn=lambda out: out.transpose(1, 2) (or "
+                   "out.logits.transpose(1, 2)). Otherwise g" if transposed else "G")
+                + f"ive every sequence's labels the length of its "
                 f"inputs (pad with ignore_index={self.ignore_index}, or cut them to the "
                 "model's sequence length)"
                 + ("; with shift=True the labels are the unshifted sequence, as long as "
@@ -531,6 +567,10 @@ class TokenCategorical(Likelihood):
                 "2 tokens, or likelihood=natgrad.TokenCategorical(shift=False) when each "
                 "position's label is already the token it predicts."
             )
+
+    def check_drawable(self, output: torch.Tensor, hint: str) -> None:
+        """Logits whose softmax is defined at every position: ``-inf`` entries are fine."""
+        check_softmax_logits("the model's outputs", output, hint)
 
     def prepare_target(
         self, output: torch.Tensor, target: torch.Tensor, *, rows: int | None = None

@@ -275,8 +275,7 @@ class Plan:
 
     def draw(self, out: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         """``k`` MC labels per sample from the predictive at ``out``, shape ``(N, k, ...)``."""
-        check_finite(
-            "the model's outputs",
+        self.lik.check_drawable(
             out,
             "labels='mc' cannot sample from them: check the inputs and whether training diverged.",
         )
