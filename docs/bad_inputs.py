@@ -168,6 +168,28 @@ def _cases() -> list[Case]:
              lambda: natgrad.estimate_fisher(mlp(), (x, y.float()))),
         Case("labels", "Bernoulli target outside [0, 1]", "error", "ValueError naming the value",
              lambda: natgrad.estimate_fisher(nn.Linear(4, 1), (x, torch.full((6, 1), 2.0)), "bernoulli")),
+        Case("labels", "one-logit model under the default categorical likelihood", "error",
+             "ValueError: one class (zero Fisher); use likelihood='bernoulli'",
+             lambda: natgrad.estimate_fisher(nn.Linear(4, 1), x, labels="exact"),
+             r"likelihood='bernoulli'"),
+        Case("labels", "a final `nn.Sigmoid` under `likelihood=\"bernoulli\"`", "error",
+             "ValueError: probabilities, not logits",
+             lambda: natgrad.estimate_fisher(nn.Sequential(nn.Linear(4, 2), nn.Sigmoid()), x,
+                                             "bernoulli", labels="exact"),
+             r"not logits"),
+        Case("labels", "`CustomLikelihood` whose nll returns the batch mean", "error",
+             "ValueError: one value per sample, shape (N,)",
+             lambda: natgrad.estimate_fisher(
+                 nn.Linear(4, 1), (x, torch.zeros(6, 1)),
+                 natgrad.CustomLikelihood(lambda f, t: ((f - t) ** 2).sum(-1).mean())),
+             r"one negative log-likelihood per sample"),
+        Case("labels", "encoder `attention_mask` with decoder labels of another length", "error",
+             "ValueError naming the mask and `decoder_input_ids`",
+             lambda: natgrad.estimate_fisher(
+                 _tokens_model(), {"input_ids": torch.zeros(2, 4, dtype=torch.long),
+                             "attention_mask": torch.ones(2, 4),
+                             "labels": torch.zeros(2, 3, dtype=torch.long)}, "token_categorical"),
+             r"decoder_input_ids"),
         Case("model mode", "train-mode BatchNorm", "error",
              "ValueError: per-sample gradients are undefined; use eval mode or GroupNorm",
              lambda: natgrad.estimate_fisher(bn, (x, y))),
@@ -230,6 +252,22 @@ def _cases() -> list[Case]:
              lambda: natgrad.estimate_fisher(mlp().double(), (x.double(), y))["0.weight"].dtype
              == torch.float64),
     ]
+
+
+def _tokens_model() -> Any:
+    """A token tagger whose logits follow the labels' length (a decoder's)."""
+    import torch
+    from torch import nn
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(1, 3)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.head(torch.ones(input_ids.shape[0], 3, 1))
+
+    return Tokens()
 
 
 def _from_natgrad(exc: BaseException) -> bool:

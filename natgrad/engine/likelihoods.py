@@ -490,8 +490,9 @@ class TokenCategorical(Likelihood):
     out.transpose(1, 2)`` (without labels it cannot be detected: ``V`` would be read as
     the positions).
 
-    Tokens whose label equals ``ignore_index`` (or whose attention mask is 0) are left
-    out. With ``shift=True`` (causal language models) the logits at position ``t``
+    Tokens whose label equals ``ignore_index`` (or whose attention mask is 0: the
+    batch's ``attention_mask``, or ``decoder_attention_mask`` in an encoder-decoder batch;
+    see :meth:`natgrad.engine.batch.Batch.label_mask`) are left out. With ``shift=True`` (causal language models) the logits at position ``t``
     predict the label at ``t + 1``. Exact Fisher: ``Σ_t Σ_c p_tc (∇θ log p_tc)²`` over
     kept tokens (tokens are conditionally independent given ``x``, so cross terms
     vanish), which costs ``T·(V - 1)`` vector-Jacobian products per sample: prefer ``mc``
