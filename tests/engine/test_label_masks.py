@@ -169,3 +169,40 @@ def test_4d_key_mask_is_the_2d_mask(labels, dtype):
     else:  # the same draws as the 2-D mask's, itself checked against loops elsewhere
         ref = dict(run(mask))
     assert_close_dict(dict(got), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_preconditioner_batch_source_reads_the_decoder_mask():
+    """FisherPreconditioner(source="batch") estimates on the batch it is given: its diagonal
+    is the decoder-masked Fisher."""
+    torch.manual_seed(0)
+    model = Seq2Seq().double()
+    src, amask, dec_in, y = _batch(4, 3)
+    dmask = torch.ones(N, 3, dtype=torch.long)
+    dmask[1, 1:] = 0
+    batch = {"input_ids": src, "attention_mask": amask, "decoder_input_ids": dec_in,
+             "decoder_attention_mask": dmask, "labels": y}
+    model(src, amask, dec_in)["logits"].sum().backward()  # any .grad to precondition
+    pre = natgrad.FisherPreconditioner(model, "token_categorical", kind="diag", damping=1e-3,
+                                       kl_clip=None)
+    pre.step(batch)
+    got = {k: v for k, v in pre.curvature.items()}
+    assert_close_dict(got, _reference(model, src, amask, dec_in, y, dmask), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:optimize_prior_precision chose")
+def test_prior_precision_grid_reads_the_decoder_mask():
+    """The validation NLL of an encoder-decoder batch leaves out the positions its
+    decoder_attention_mask marks 0, as the same labels set to -100 do."""
+    torch.manual_seed(0)
+    model = Seq2Seq().double()
+    src, amask, dec_in, y = _batch(4, 3)
+    dmask = torch.ones(N, 3, dtype=torch.long)
+    dmask[0, 1:] = 0
+    base = {"input_ids": src, "attention_mask": amask, "decoder_input_ids": dec_in}
+    fisher = natgrad.estimate_fisher(model, {**base, "labels": y}, "token_categorical")
+    grid = [0.1, 1.0, 10.0]
+    a = natgrad.optimize_prior_precision(
+        model, fisher, {**base, "decoder_attention_mask": dmask, "labels": y}, grid=grid)
+    b = natgrad.optimize_prior_precision(
+        model, fisher, {**base, "labels": y.masked_fill(dmask == 0, -100)}, grid=grid)
+    assert a.scores == pytest.approx(b.scores, rel=1e-12)
