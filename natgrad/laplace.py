@@ -1071,7 +1071,8 @@ def _mc_noise(
     """``n_samples`` standard normal draws shaped like ``mean`` for ``link="mc"`` (else None)."""
     if link != "mc" or lik.name == "gaussian":
         return None
-    eps = torch.randn((int(n_samples), *mean.shape), generator=generator, dtype=mean.dtype)
+    eps = torch.randn((int(n_samples), *mean.shape), generator=generator, dtype=mean.dtype,
+                      device=generator.device)  # a CUDA generator draws on its device
     return eps.to(device)
 
 

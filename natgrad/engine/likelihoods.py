@@ -337,7 +337,8 @@ class Categorical(Likelihood):
     def sample(
         self, output: torch.Tensor, generator: torch.Generator, k: int, target: torch.Tensor | None = None
     ) -> torch.Tensor:
-        p = to_acc(output.detach()).softmax(-1).cpu()
+        # drawn where the generator lives (a CUDA generator draws on its device)
+        p = to_acc(output.detach()).softmax(-1).to(generator.device)
         draws = torch.multinomial(p, k, replacement=True, generator=generator)  # (N, k)
         return draws.t().contiguous().to(output.device)
 
@@ -408,8 +409,9 @@ class Gaussian(Likelihood):
     def sample(
         self, output: torch.Tensor, generator: torch.Generator, k: int, target: torch.Tensor | None = None
     ) -> torch.Tensor:
-        f = to_acc(output.detach())
-        eps = torch.randn((k, *f.shape), generator=generator).to(f.device)
+        f = to_acc(output.detach())  # noise in f's dtype, drawn on the generator's device
+        eps = torch.randn((k, *f.shape), generator=generator, dtype=f.dtype,
+                          device=generator.device).to(f.device)
         return f.unsqueeze(0) + self.sigma * eps
 
     def num_factor_columns(self, output: torch.Tensor) -> int:
@@ -464,8 +466,9 @@ class Bernoulli(Likelihood):
     ) -> torch.Tensor:
         # float64 uniforms (as inverse_cdf_draws): float32 ones are multiples of 2⁻²⁴, so
         # u < p held with probability >= 2⁻²⁴ for every p > 0
-        p = to_acc(output.detach()).sigmoid().cpu().double()
-        u = torch.rand((k, *p.shape), generator=generator, dtype=torch.float64)
+        p = to_acc(output.detach()).sigmoid().to(generator.device, torch.float64)
+        u = torch.rand((k, *p.shape), generator=generator, dtype=torch.float64,
+                       device=generator.device)
         return (u < p.unsqueeze(0)).float().to(output.device)
 
     def num_factor_columns(self, output: torch.Tensor) -> int:

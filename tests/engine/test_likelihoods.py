@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from natgrad import CustomLikelihood, per_sample_grads
+from natgrad import CustomLikelihood, Gaussian, per_sample_grads
 from natgrad.engine.likelihoods import get_likelihood
 from tests.conftest import TinyEncoder
 from tests.reference import assert_close_dict, loop_grads
@@ -267,3 +267,15 @@ def test_categorical_factor_under_vmap_matches_the_batch():
     batched = lik.factor_columns(out, 0, 5)  # (K, N, C)
     per = torch.vmap(lambda o: lik.factor_columns(o, 0, 5))(out)  # (N, K, C)
     torch.testing.assert_close(per.movedim(0, 1), batched, rtol=0, atol=0)
+
+
+def test_gaussian_draws_float64_noise_for_a_float64_model():
+    # the noise was drawn in float32 whatever the model's dtype (review): a float64
+    # model's MC labels carried float32 round-off. Reference: torch.randn in float64 from
+    # a generator in the same state.
+    out = torch.randn(5, 3, dtype=torch.float64)
+    lik = Gaussian(sigma=0.7)
+    draws = lik.sample(out, torch.Generator().manual_seed(4), 2)
+    eps = torch.randn((2, 5, 3), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert draws.dtype == torch.float64
+    torch.testing.assert_close(draws, out + 0.7 * eps, rtol=0, atol=0)
