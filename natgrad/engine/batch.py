@@ -78,7 +78,9 @@ class Batch:
 
     ``target`` is None when the batch carries no labels. ``mask`` is a dict batch's
     per-sample ``attention_mask`` (the inputs' padding, which layer-wise code such as
-    pruning's re-fit reads); the labels' padding is :meth:`label_mask`. ``arg_dims`` / ``kw_dims`` give each input's batch axis: ``0`` for
+    pruning's re-fit reads), None for an encoder-decoder batch (its decoder layers run on
+    other positions); the labels' padding is :meth:`label_mask`. ``arg_dims`` /
+    ``kw_dims`` give each input's batch axis: ``0`` for
     per-sample tensors, ``None`` for shared entries (the ``in_dims`` of ``vmap``);
     they are decided once, for the whole batch, and kept by :meth:`select`.
     """
@@ -334,7 +336,11 @@ def parse_batch(batch: Any) -> Batch:
         target = ordinary(target)
     arg_dims = tuple(None if i in marked else batch_dim(a, n) for i, a in enumerate(args))
     kw_dims = {k: None if k in marked_kw else batch_dim(v, n) for k, v in kwargs.items()}
-    mask = kwargs.get("attention_mask") if kw_dims.get("attention_mask") == 0 else None
+    # the inputs' padding mask (the pruning re-fit drops padded rows by it); not for an
+    # encoder-decoder batch, whose decoder layers run on other positions than the mask's
+    seq2seq = any(k in kwargs for k in DECODER_INPUTS)
+    mask = (kwargs.get("attention_mask")
+            if kw_dims.get("attention_mask") == 0 and not seq2seq else None)
     return Batch(args, kwargs, target, mask, n, arg_dims, kw_dims)
 
 

@@ -206,3 +206,16 @@ def test_prior_precision_grid_reads_the_decoder_mask():
     b = natgrad.optimize_prior_precision(
         model, fisher, {**base, "labels": y.masked_fill(dmask == 0, -100)}, grid=grid)
     assert a.scores == pytest.approx(b.scores, rel=1e-12)
+
+
+def test_inputs_mask_is_not_kept_for_an_encoder_decoder_batch():
+    # pruning's re-fit dropped rows of every layer by Batch.mask, the encoder's padding:
+    # a decoder layer of equal length lost the rows of the encoder's pads (review)
+    from natgrad.engine.batch import parse_batch
+
+    ids, mask = torch.ones(2, 3, dtype=torch.long), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    enc = parse_batch({"input_ids": ids, "attention_mask": mask, "labels": ids})
+    assert torch.equal(enc.mask, mask)
+    s2s = parse_batch({"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids,
+                       "labels": ids})
+    assert s2s.mask is None
