@@ -433,16 +433,27 @@ def input_signature(b: Batch) -> Any:
     )
 
 
+def _own_forward_key(m: nn.Module) -> Any:
+    """What of ``m``'s instance dict decides whether it runs its class's own forward
+    (:func:`natgrad.engine.capture_layers.runs_own_forward`): an instance ``forward`` (by
+    identity) and the accelerate hook beside it; None without one (the common case)."""
+    d = m.__dict__
+    if "forward" not in d:
+        return None
+    return id(d["forward"]), id(d.get("_hf_hook"))
+
+
 def split_key(plan: Plan, b: Batch) -> Any:
     """The key :func:`cached_split` remembers a split under: the parameters, the module
-    tree (types, train/eval mode, hooks), the global forward hooks, the output function
-    and the :func:`input_signature`."""
+    tree (types, instance forwards, train/eval mode, hooks), the global forward hooks,
+    the output function and the :func:`input_signature`."""
     return (
         tuple((k, id(p)) for k, p in plan.params.items()),
         tuple(
-            (id(m), type(m), m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+            (id(m), type(m), _own_forward_key(m), m.training, tuple(m._forward_hooks),
+             tuple(m._forward_pre_hooks))
             for m in plan.model.modules()
-        ),
+        ),  # fmt: skip
         tuple(global_forward_hooks()),
         input_signature(b),
         plan.output_fn,

@@ -125,3 +125,26 @@ def test_laplace_capture_of_index_routed_experts(monkeypatch):
     fresh.load_state_dict(m.state_dict())
     got = natgrad.fisher_uncertainty(fresh, x, d, prior_precision=1.0)  # retried on vmap
     torch.testing.assert_close(got.logit_variance, want.logit_variance, rtol=1e-10, atol=1e-12)
+
+
+def test_an_instance_forward_set_after_a_call_is_seen_by_the_remembered_split():
+    # A Linear given its own forward after a first call (weight scaled inside it): the
+    # remembered split of the first call kept it on the capture path, whose Linear formula
+    # ignores the scaling (Fisher off by 0.75 relative, silently). The split's key holds
+    # each module's instance forward, so the second call probes again and sends the layer
+    # to vmap, as a fresh model would.
+    import types
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    natgrad.estimate_fisher(m, (x, y))  # the split is remembered
+
+    def scaled(self, inp):
+        return nn.functional.linear(inp, 2 * self.weight, self.bias)
+
+    m[0].forward = types.MethodType(scaled, m[0])
+    for call in (natgrad.estimate_fisher, natgrad.per_sample_grads):
+        got, want = call(m, (x, y)), call(m, (x, y), engine="vmap")
+        for k in dict(want):
+            torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12)
