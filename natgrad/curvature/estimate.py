@@ -277,7 +277,8 @@ def estimate_fisher(
         "the per-sample gradients of",
         "Check the inputs for NaN/Inf, the model's outputs, and the labels.",
     )
-    values = [v.detach() for v in sums.values()]  # ours, in the accumulation dtype
+    # ours, in the accumulation dtype (detached: a vmap part may be tracked)
+    values = [v.detach() if v.requires_grad else v for v in sums.values()]
     torch._foreach_div_(values, n_total)  # one call for every tensor
     return DiagonalFisher.from_checked(
         dict(zip(sums, values, strict=True)),

@@ -152,9 +152,15 @@ class Batch:
         return key, mask
 
     def to(self, device: torch.device) -> Batch:
+        """The batch with its tensors on ``device`` (itself when they all are there)."""
         def mv(t: Any) -> Any:
             return t.to(device) if isinstance(t, torch.Tensor) else t
 
+        if all(
+            not isinstance(t, torch.Tensor) or t.device == device
+            for t in (*self.args, *self.kwargs.values(), self.target, self.mask)
+        ):
+            return self
         arg_dims, kw_dims = self.dims()
         return Batch(
             tuple(mv(a) for a in self.args),

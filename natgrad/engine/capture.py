@@ -118,6 +118,12 @@ class FastSplit:
         return [s.name for slots in self.fast.values() for s in slots] + list(self.free)
 
     @property
+    def has_fast(self) -> bool:
+        """Whether any parameter takes the capture path (``fast_names`` is not empty: a
+        module of ``fast`` keeps one slot at least)."""
+        return bool(self.fast) or bool(self.free)
+
+    @property
     def module_names(self) -> list[str]:
         """Parameters each of one module that runs on the batch (neither tied across
         modules nor of a module run on a shared input): the ones whose per-sample
@@ -600,11 +606,6 @@ def _module_squares(
     return layers.conv(cast("nn.Conv1d | nn.Conv2d", m), a, B, w)  # _supported: conv only
 
 
-def _dense(m: nn.Module, a: torch.Tensor) -> bool:
-    """A Linear (or HF Conv1D) on ``(N, I)`` inputs: its squares need only ``Σ_j w_j b_j²``."""
-    return (isinstance(m, nn.Linear) or layers.is_conv1d(m)) and a.dim() == 2
-
-
 def _direct(m: nn.Module, parts: dict[str, Any], slots: list[_Slot], acc: _Sums) -> bool:
     """A Linear or HF Conv1D on sequences whose squares can be added to the accumulators
     directly (:func:`natgrad.engine.capture_layers.linear_into`): no pruning mask, and
@@ -738,8 +739,12 @@ def _capture_forward(
         store[m] = {"main": (inp[0].detach(), inp[0]._version, e)}
         return out + e
 
-    hooked = [m for m in split.fast if not isinstance(m, nn.MultiheadAttention)]
-    attention = {id(m.in_proj_weight): m for m in split.fast if m not in hooked}
+    hooked, attention = [], {}
+    for m in split.fast:
+        if isinstance(m, nn.MultiheadAttention):
+            attention[id(m.in_proj_weight)] = m
+        else:
+            hooked.append(m)
     free_ids = {id(plan.params[k]): k for k in split.free}
     mode = (
         CaptureMode(attention, free_ids, store) if attention or free_ids or split.shared else None
@@ -748,7 +753,8 @@ def _capture_forward(
     out = hooked_output(
         plan.model, b, plan.output_fn, plan.where, [(m, hook) for m in hooked], mode
     )
-    check_captured(plan.model, twice, [], [])
+    if twice:
+        check_captured(plan.model, twice, [], [])
     return out
 
 
@@ -849,14 +855,19 @@ def fast_batch_sums(
         taken.clear()
         out = _capture_forward(plan, split, b, store, outputs, taken, perturb=True)
     adds = [*split.free, *split.shared.values()]
-    check_captured(
-        plan.model, [],
-        [k for k in [*split.fast, *adds] if k not in store],
-        [(m, a, version) for m in split.fast if m in store for a, version, _ in store[m].values()],
-        b.size,
-        [(m, store[m]["main"][0]) for m in split.fast if m in store and m not in split.shared
-         and "main" in store[m]],
-    )  # fmt: skip
+    missing: list[Any] = []
+    inputs: list[tuple[nn.Module, torch.Tensor, int]] = []
+    batched: list[tuple[nn.Module, torch.Tensor]] = []
+    for m in split.fast:  # one walk for the three lists check_captured reads
+        parts = store.get(m)
+        if parts is None:
+            missing.append(m)
+            continue
+        inputs.extend((m, a, version) for a, version, _ in parts.values())
+        if m not in split.shared and "main" in parts:
+            batched.append((m, parts["main"][0]))
+    missing += [k for k in adds if k not in store]
+    check_captured(plan.model, [], missing, inputs, b.size, batched)
     target = plan.check_target(out, target, b)
     draws = plan.draw(out, target) if plan.labels == "mc" else None
     acc = _Sums(plan.params)
@@ -866,15 +877,21 @@ def fast_batch_sums(
     es = [store[k][part][2] if part is not None else store[k][2] for k, part in index]
     # 2-D Linear inputs: (Σ_j w_j b_j² (N, O), the input as the product reads it (N, I))
     dense: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-    cols = [c[j] for c in plan.columns(out.detach(), target, draws) for j in range(len(c))]
+    cols = plan.column_list(out.detach(), target, draws)
     single = len(cols) == 1  # one label column: its products right away, streamed if large
     w = plan.weight
     Key = tuple[Any, Any]
     tied: dict[str, list[tuple[nn.Module, torch.Tensor, torch.Tensor]]] = {}
+    # each module's own slots (its parameters not tied to another module's), and whether
+    # it is a Linear or a Hugging Face Conv1D (whose 2-D and sequence inputs have the
+    # cheaper formulas of dense_squares and linear_into)
+    own = split.fast if not split.tied else {
+        m: [s for s in slots if s.name not in split.tied] for m, slots in split.fast.items()
+    }  # fmt: skip
+    linear = {m: isinstance(m, nn.Linear) or layers.is_conv1d(m) for m in split.fast}
 
     def module_step(m: nn.Module, grads: dict[Key, torch.Tensor | None]) -> None:
         """Add module ``m``'s squares (its tied parameters' uses go to ``tied``)."""
-        slots = split.fast[m]
         parts = store[m]
         if m in split.shared:  # as if the module had run on every sample
             chain, d_shape, _ = store[split.shared[m]]
@@ -888,25 +905,15 @@ def fast_batch_sums(
             Bs = {part: grads.get((m, part)) for part in parts}
         if all(B is None for B in Bs.values()):
             return
-        for s in slots:
-            if s.name in split.tied:
-                tied.setdefault(s.name, []).append((m, parts["main"][0], Bs["main"]))
-        slots = [s for s in slots if s.name not in split.tied]
+        if split.tied:
+            for s in split.fast[m]:
+                if s.name in split.tied:
+                    tied.setdefault(s.name, []).append((m, parts["main"][0], Bs["main"]))
+        slots = own[m]
         if not slots:
             return
-        if isinstance(m, nn.Embedding) and slots[0].mask is None:  # rows in the batch only
-            rows, vals = layers.embedding_rows(m, parts["main"][0], Bs["main"], w)
-            sums = acc.zeros(slots[0].name)
-            sums.index_add_(0, rows, vals.to(sums.dtype))
-            return
-        if _direct(m, parts, slots, acc):  # Linear / Conv1D on sequences
-            got = {s.role: acc.zeros(s.name) for s in slots}
-            layers.linear_into(
-                got.get("weight"), got.get("bias"), parts["main"][0], Bs["main"], w,
-                transposed=layers.is_conv1d(m),
-            )  # fmt: skip
-            return
-        if "main" in parts and _dense(m, parts["main"][0]):
+        if linear[m] and "main" in parts and parts["main"][0].dim() == 2:
+            # a Linear on (N, I) inputs (what _dense tests): Σ_j b_j² is all it needs
             prev = dense.get(m)
             b2 = layers.square_sum_into(None if prev is None else prev[0],
                                         layers.work(Bs["main"]))
@@ -915,6 +922,18 @@ def fast_batch_sums(
             else:  # the input as parts holds it (a batch-shared input expanded to N rows)
                 dense[m] = (b2, parts["main"][0])
             return
+        if isinstance(m, nn.Embedding) and slots[0].mask is None:  # rows in the batch only
+            rows, vals = layers.embedding_rows(m, parts["main"][0], Bs["main"], w)
+            sums = acc.zeros(slots[0].name)
+            sums.index_add_(0, rows, vals.to(sums.dtype))
+            return
+        if linear[m] and _direct(m, parts, slots, acc):  # Linear / Conv1D on sequences
+            got = {s.role: acc.zeros(s.name) for s in slots}
+            layers.linear_into(
+                got.get("weight"), got.get("bias"), parts["main"][0], Bs["main"], w,
+                transposed=layers.is_conv1d(m),
+            )  # fmt: skip
+            return
         _add_squares(acc, m, slots, _module_squares(m, parts, Bs, w))
 
     def dense_squares(m: nn.Module, b2: torch.Tensor, a: torch.Tensor) -> None:
@@ -922,10 +941,14 @@ def fast_batch_sums(
         ``w (b2ᵀ a²)`` and ``w Σ_n b2``."""
         if w != 1.0:
             b2.mul_(w)
-        a2 = layers.work(a).square()
-        wsq = a2.t() @ b2 if layers.is_conv1d(m) else b2.t() @ a2
-        slots = [s for s in split.fast[m] if s.name not in split.tied]
-        _add_squares(acc, m, slots, {"weight": wsq, "bias": b2.sum(0)})
+        sq: dict[str, torch.Tensor] = {}
+        for s in own[m]:  # only the roles selected (params=... may leave one out)
+            if s.role == "weight":
+                a2 = layers.work(a).square()
+                sq["weight"] = a2.t() @ b2 if layers.is_conv1d(m) else b2.t() @ a2
+            elif s.role == "bias":
+                sq["bias"] = b2.sum(0)
+        _add_squares(acc, m, own[m], sq)
 
     def free_step(k: str, Bk: torch.Tensor | None) -> None:
         if Bk is not None:
@@ -963,7 +986,8 @@ def fast_batch_sums(
         for g0 in range(0, len(cols), group):
             per = [
                 torch.autograd.grad(
-                    out, es, u.to(out.dtype), retain_graph=g0 + i < len(cols) - 1,
+                    out, es, u if u.dtype == out.dtype else u.to(out.dtype),
+                    retain_graph=g0 + i < len(cols) - 1,
                     allow_unused=True,
                 )  # fmt: skip
                 for i, u in enumerate(cols[g0 : g0 + group])
@@ -1013,7 +1037,7 @@ def square_sums_auto(
         return
     b, target = plan.parse(first)
     split = cached_split(plan, b)
-    if not split.fast_names:
+    if not split.has_fast:
         if engine == "fast":
             raise ValueError(
                 "engine='fast' found no parameter it can compute exactly (it covers "
@@ -1025,11 +1049,12 @@ def square_sums_auto(
         yield from square_sums(plan, itertools.chain([first], batches), chunk_size)
         return
     # One restricted plan for the whole pass, so that its vmap fallback (plan.tier) sticks.
-    logger.info(
-        "engine=%r: capture path for %d parameter tensors, vmap for %d%s",
-        engine, len(split.fast_names), len(split.rest),
-        f" ({', '.join(split.rest)})" if split.rest else "",
-    )  # fmt: skip
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(
+            "engine=%r: capture path for %d parameter tensors, vmap for %d%s",
+            engine, len(split.fast_names), len(split.rest),
+            f" ({', '.join(split.rest)})" if split.rest else "",
+        )  # fmt: skip
     rest = plan.restrict(split.rest) if split.rest else None
     # within one pass only the inputs can change (the model and its hooks do not)
     sig = input_signature(b)
@@ -1042,7 +1067,7 @@ def square_sums_auto(
                 if new is not split:
                     split, rest = new, plan.restrict(new.rest) if new.rest else None
         routed = False
-        while split.fast_names:
+        while split.has_fast:
             try:
                 yield fast_batch_sums(plan, split, rest, b, target, chunk_size)
                 break

@@ -92,7 +92,13 @@ def select_params(model: nn.Module, params: ParamSpec = None) -> dict[str, nn.Pa
             tied weight (the message names the first), modules not in the model, or an
             empty selection.
     """
-    named = dict(model.named_parameters())
+    return _select(model, params, dict(model.named_parameters()))
+
+
+def _select(
+    model: nn.Module, params: ParamSpec, named: dict[str, nn.Parameter]
+) -> dict[str, nn.Parameter]:
+    """:func:`select_params` from ``named``, the model's ``dict(named_parameters())``."""
     if params is None:
         chosen = {k: p for k, p in named.items() if p.requires_grad}
     elif isinstance(params, nn.Module) or (
@@ -142,8 +148,10 @@ def select_params(model: nn.Module, params: ParamSpec = None) -> dict[str, nn.Pa
     return chosen
 
 
-def model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
+def model_device(model: nn.Module, first: torch.Tensor | None = None) -> torch.device:
+    """The device of the model's first parameter (``first``, when the caller has it), else
+    of its first buffer, else the CPU."""
+    p = first if first is not None else next(model.parameters(), None)
     if p is None:
         b = next(model.buffers(), None)
         return b.device if b is not None else torch.device("cpu")
@@ -186,11 +194,12 @@ class Plan:
         self.labels = check_choice("labels", labels, LABEL_SOURCES)
         check_int("mc_samples", mc_samples, 1)
         self.k = int(mc_samples)
-        self.params = select_params(model, params)
+        named = dict(model.named_parameters())  # one walk for the selection and the device
+        self.params = _select(model, params, named)
         self.output_fn: OutputFn = output_fn or default_output_fn
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.tier = 0  # 0: nested vmap, 1: flat vmap, 2: exact loop (see run)
-        self.device = model_device(model)
+        self.device = model_device(model, next(iter(named.values()), None))
         self.P = sum(p.numel() for p in self.params.values())
         self.batches_seen = 0  # batches parsed so far; names the batch in forward errors
 
@@ -257,6 +266,8 @@ class Plan:
         """:func:`natgrad.engine.checks.check_output_rows` of the model's output ``out``
         on ``on`` (``full``: the user's batch when ``on`` is a probe of a few of its
         samples), naming the entries passed whole (:meth:`Batch.shared_hint`)."""
+        if out.dim() > 0 and out.shape[0] == on.size:
+            return  # the message (and its hint about shared entries) only on failure
         probe = on.size == 1 and self.labels != "mc"
         hint = (on if full is None else full).shared_hint()
         check_output_rows(out, on.size, probe=probe, hint=hint)
@@ -306,6 +317,16 @@ class Plan:
             step = min(K, _EXACT_COLUMNS)
             for s in range(0, K, step):
                 yield lik.factor_columns(out, s, min(s + step, K), target)
+
+    def column_list(
+        self, out: torch.Tensor, target: torch.Tensor | None, draws: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """Every label column of :meth:`columns` on its own, each of ``out``'s shape (the
+        empirical label's one column without stacking and unstacking it)."""
+        if self.labels == "empirical":
+            assert target is not None  # check_target refused a batch without labels
+            return [self.lik.output_grad(out, target)]
+        return [c[j] for c in self.columns(out, target, draws) for j in range(len(c))]
 
     def all_columns(
         self, out: torch.Tensor, target: torch.Tensor | None, draws: torch.Tensor | None
