@@ -271,11 +271,13 @@ def estimate_fisher(
             "No samples: `data` yielded no batches, so there is no Fisher to estimate."
         )
     # Sums of squares are >= 0 by construction, so finiteness is the one thing to check:
-    # one sum per tensor and one host sync, the culprit located only on failure.
+    # one maximum per tensor (never -inf: their largest entry decides) and one host sync,
+    # the culprit located only on failure.
     check_all_finite(
         sums,
         "the per-sample gradients of",
         "Check the inputs for NaN/Inf, the model's outputs, and the labels.",
+        nonneg=True,
     )
     # ours, in the accumulation dtype (detached: a vmap part may be tracked)
     values = [v.detach() if v.requires_grad else v for v in sums.values()]

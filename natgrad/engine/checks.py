@@ -5,6 +5,7 @@ Each message names what was expected, what arrived, and how to fix it.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import os
@@ -303,6 +304,22 @@ def check_no_train_dropout(model: nn.Module, what: str) -> None:
         )
 
 
+def _may_fail(m: nn.Module) -> bool:
+    """Whether one of :func:`check_fixed_model`'s checks may fail on module ``m``'s own
+    tensors and settings: a meta tensor, a batch-mixing BatchNorm, train-mode dropout."""
+    for p in m._parameters.values():
+        if p is not None and p.is_meta:
+            return True
+    for b in m._buffers.values():
+        if b is not None and b.is_meta:
+            return True
+    if isinstance(m, _BATCHNORM_TYPES) and (
+        m.training or getattr(m, "running_mean", None) is None
+    ):
+        return True
+    return m.training and _randomness(m) is not None
+
+
 def check_fixed_model(model: nn.Module, what: str) -> None:
     """Everything a Fisher or curvature estimate needs of the model: an ``nn.Module`` with
     data, no batch-mixing module (train-mode BatchNorm) and no randomness (train-mode
@@ -311,13 +328,7 @@ def check_fixed_model(model: nn.Module, what: str) -> None:
     # One walk over the modules finds whether any check can fail (a meta tensor, a
     # batch-mixing BatchNorm, train-mode dropout): a Fisher call's fixed cost on small
     # batches. Only then do the checks run, in order, each raising its own error.
-    if isinstance(model, nn.Module) and not any(
-        any(t is not None and t.is_meta for t in (*m._parameters.values(), *m._buffers.values()))
-        or (isinstance(m, _BATCHNORM_TYPES)
-            and (m.training or getattr(m, "running_mean", None) is None))
-        or _randomness(m) is not None
-        for m in model.modules()
-    ):  # fmt: skip
+    if isinstance(model, nn.Module) and not any(map(_may_fail, model.modules())):
         return
     check_model(model, what)
     check_no_batch_mixing(model)
@@ -557,7 +568,7 @@ def _label_flags(
     ranged = ignore_index is None and num_classes <= 2**24
     if target.numel():
         if ranged:
-            vals.extend(torch.aminmax(target.reshape(-1)))
+            vals.extend(torch.aminmax(target if target.dim() == 1 else target.reshape(-1)))
         else:
             bad = (target < 0) | (target >= num_classes)
             if ignore_index is not None:
@@ -658,8 +669,15 @@ def _sum_tolerance(logits: torch.Tensor) -> float:
     """How far from 1 a row of probabilities in ``logits``' dtype may sum: each entry
     rounded to that dtype (at most ``ε/2`` of the sum), plus the softmax's own rounding in
     the dtype it computes in (float32 for low precision)."""
-    acc = torch.promote_types(logits.dtype, torch.float32)
-    tol: float = torch.finfo(logits.dtype).eps / 2 + 8 * torch.finfo(acc).eps * logits.shape[-1] ** 0.5
+    return _tolerance(logits.dtype, logits.shape[-1])
+
+
+@functools.lru_cache(maxsize=64)
+def _tolerance(dtype: torch.dtype, classes: int) -> float:
+    """:func:`_sum_tolerance` of ``classes`` entries of ``dtype`` (a pure function of both,
+    remembered: ``torch.finfo`` is a call's fixed cost)."""
+    acc = torch.promote_types(dtype, torch.float32)
+    tol: float = torch.finfo(dtype).eps / 2 + 8 * torch.finfo(acc).eps * classes**0.5
     return tol
 
 
@@ -959,26 +977,37 @@ def _first(mask: torch.Tensor, t: torch.Tensor) -> tuple[tuple[int, ...], float,
     return idx, float(t.reshape(-1)[i]), int(flat.sum())
 
 
-def check_all_finite(tensors: Mapping[str, torch.Tensor], what: str, hint: str) -> None:
+def check_all_finite(
+    tensors: Mapping[str, torch.Tensor], what: str, hint: str, *, nonneg: bool = False
+) -> None:
     """Raise FloatingPointError naming the first tensor of ``tensors`` with NaN or Inf.
 
     One sum per tensor, their total and one host sync per device: a NaN or Inf entry
     makes its tensor's sum and the total NaN or Inf (``inf - inf`` is NaN). The culprit
     (name, index, value, count) is located only when a total is not finite (a total
-    that merely overflows finds no culprit and passes).
+    that merely overflows finds no culprit and passes). With ``nonneg`` (tensors whose
+    entries are ``>= 0``, ``+inf`` or NaN by construction, as sums of squares are) the
+    largest entry decides instead, in one ``torch._foreach_max`` call where torch has it:
+    NaN propagates through the maximum and ``+inf`` is it, and a maximum never overflows.
 
     Args:
         tensors: ``{name: tensor}``.
         what: the message's noun before the name, e.g. ``"the gradient (.grad) of parameter"``.
         hint: how to fix it.
+        nonneg: the entries are ``>= 0`` unless NaN or ``+inf`` (never ``-inf``).
     """
     items = {k: v for k, v in tensors.items() if v.is_floating_point() and v.numel()}
     if not items:
         return
-    with torch.no_grad():  # one sum per tensor, one host sync per device
-        by_device = _by_device(v.sum() for v in items.values())
-        if all(math.isfinite(torch.stack(s).sum()) for s in by_device.values()):
-            return
+    with torch.no_grad():  # one reduction per tensor, one host sync per device
+        if nonneg and _FOREACH_MAX is not None:
+            by_device = _by_device(_FOREACH_MAX(list(items.values())))
+            if all(math.isfinite(torch.stack(s).max()) for s in by_device.values()):
+                return
+        else:
+            by_device = _by_device(v.sum() for v in items.values())
+            if all(math.isfinite(torch.stack(s).sum()) for s in by_device.values()):
+                return
     for k, v in items.items():
         bad = ~torch.isfinite(v.detach())
         if bool(bad.any()):
@@ -987,6 +1016,10 @@ def check_all_finite(tensors: Mapping[str, torch.Tensor], what: str, hint: str) 
                 f"Non-finite values (NaN or Inf) in {what} {k!r}: {val} at index {idx} "
                 f"({count} of {v.numel()} entries). {hint}"
             )
+
+
+# torch >= 2.5: the maxima of a list of tensors in one call (None before)
+_FOREACH_MAX = getattr(torch, "_foreach_max", None)
 
 
 def check_fisher_values(values: Mapping[str, torch.Tensor], what: str = "the Fisher") -> None:

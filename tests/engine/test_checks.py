@@ -35,3 +35,28 @@ def test_unshifted_lm_labels_warn_only_when_they_equal_the_ids():
         warn_unshifted_lm_labels(one, (), {"input_ids": ids}, -100)
         warn_unshifted_lm_labels(labels + 1, (), {"input_ids": ids}, -100)
         warn_unshifted_lm_labels(labels, (ids.float(),), {}, -100)
+
+
+@pytest.mark.parametrize("nonneg", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_check_all_finite_names_the_first_non_finite_tensor(nonneg, bad):
+    # nonneg=True (sums of squares) decides by the largest entry instead of the sum: NaN
+    # and +inf are both caught and located, with the index and the count.
+    from natgrad.engine.checks import check_all_finite
+
+    ts = {"a": torch.rand(3, 4), "b": torch.rand(5), "c": torch.rand(2, 2)}
+    check_all_finite(ts, "the sums of", "Fix it.", nonneg=nonneg)  # finite: passes
+    ts["b"][3] = bad
+    ts["c"][1, 0] = bad
+    with pytest.raises(FloatingPointError, match=rf"the sums of 'b': {bad} at index \(3,\) \(1 of 5"):
+        check_all_finite(ts, "the sums of", "Fix it.", nonneg=nonneg)
+
+
+def test_check_all_finite_nonneg_passes_entries_whose_sum_overflows():
+    # finite entries near the float32 maximum: their sum overflows to inf (the sum test
+    # finds no culprit and passes), their maximum does not
+    from natgrad.engine.checks import check_all_finite
+
+    big = {"w": torch.full((4,), 3e38)}
+    check_all_finite(big, "x", "y", nonneg=True)
+    check_all_finite(big, "x", "y")
