@@ -336,10 +336,14 @@ def parse_batch(batch: Any) -> Batch:
     if n == 0:
         raise ValueError("Empty batch (0 samples): there is nothing to estimate from.")
     # tensors made under torch.inference_mode cannot be saved for backward: copy them
-    with torch.inference_mode(False):
-        args = tuple(ordinary(a) for a in args)
-        kwargs = {k: ordinary(v) for k, v in kwargs.items()}
-        target = ordinary(target)
+    if any(
+        isinstance(t, torch.Tensor) and t.is_inference()
+        for t in (*args, *kwargs.values(), target)
+    ):
+        with torch.inference_mode(False):
+            args = tuple(ordinary(a) for a in args)
+            kwargs = {k: ordinary(v) for k, v in kwargs.items()}
+            target = ordinary(target)
     arg_dims = tuple(None if i in marked else batch_dim(a, n) for i, a in enumerate(args))
     kw_dims = {k: None if k in marked_kw else batch_dim(v, n) for k, v in kwargs.items()}
     # the inputs' padding mask (the pruning re-fit drops padded rows by it); not for an

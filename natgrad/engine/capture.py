@@ -449,6 +449,9 @@ def _own_forward_key(m: nn.Module) -> Any:
     return id(d["forward"]), id(d.get("_hf_hook"))
 
 
+_SIGNATURE = 3  # the place of the input signature in a split_key
+
+
 def split_key(plan: Plan, b: Batch) -> Any:
     """The key :func:`cached_split` remembers a split under: the parameters, the module
     tree (types, instance forwards, train/eval mode, hooks), the global forward hooks,
@@ -469,22 +472,29 @@ def split_key(plan: Plan, b: Batch) -> Any:
 def cached_split(plan: Plan, b: Batch) -> FastSplit:
     """:func:`split_params`, remembered per model under :func:`split_key` (same
     parameters, module tree, hooks and input signature, nested inputs included)."""
+    return split_and_signature(plan, b)[0]
+
+
+def split_and_signature(plan: Plan, b: Batch) -> tuple[FastSplit, Any]:
+    """:func:`cached_split` and the :func:`input_signature` of ``b`` (part of its key)."""
     if b.size < 2 or _supported(plan.model):
         # one sample: _two_samples() cannot check the batch, so the split is not kept for
         # later batches; a model that is itself a layer: the split would hold the model
         # and keep it alive (the cache's key)
-        return split_params(plan, b)
+        return split_params(plan, b), input_signature(b)
     try:
-        per_model = _SPLITS.setdefault(plan.model, {})
+        per_model = _SPLITS.get(plan.model)
+        if per_model is None:
+            per_model = _SPLITS.setdefault(plan.model, {})
         key = split_key(plan, b)
         known = key in per_model
     except TypeError:  # a model that cannot be weakly referenced, an unhashable input
-        return split_params(plan, b)
+        return split_params(plan, b), input_signature(b)
     if not known:
         if len(per_model) > 32:
             per_model.clear()
         per_model[key] = split_params(plan, b)
-    return per_model[key]
+    return per_model[key], key[_SIGNATURE]
 
 
 def forget_splits(model: nn.Module) -> None:
@@ -1036,7 +1046,7 @@ def square_sums_auto(
     if first is None:
         return
     b, target = plan.parse(first)
-    split = cached_split(plan, b)
+    split, sig = split_and_signature(plan, b)
     if not split.has_fast:
         if engine == "fast":
             raise ValueError(
@@ -1057,7 +1067,6 @@ def square_sums_auto(
         )  # fmt: skip
     rest = plan.restrict(split.rest) if split.rest else None
     # within one pass only the inputs can change (the model and its hooks do not)
-    sig = input_signature(b)
     for i, batch in enumerate(itertools.chain([first], batches)):
         if i:  # by position: the same batch object may come again (a list of epochs)
             b, target = plan.parse(batch)

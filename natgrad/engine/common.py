@@ -209,6 +209,8 @@ def with_autograd(fn: Callable[_P, _R]) -> Callable[_P, _R]:
 
     @functools.wraps(fn)
     def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if not torch.is_inference_mode_enabled():  # off already: nothing to switch
+            return fn(*args, **kwargs)
         with torch.inference_mode(False):
             return fn(*args, **kwargs)
 

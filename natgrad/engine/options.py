@@ -126,7 +126,7 @@ class Options:
         Warns:
             UserWarning: ``mc_samples`` other than 1 without ``labels="mc"`` (ignored).
         """
-        unknown = sorted(set(options) - set(OPTION_NAMES))
+        unknown = sorted(set(options) - _OPTION_SET)
         if unknown:
             raise TypeError(
                 f"{where}() got unknown option(s) {', '.join(map(repr, unknown))}; the "
@@ -166,3 +166,4 @@ class Options:
 
 
 OPTION_NAMES: tuple[str, ...] = tuple(EstimatorOptions.__annotations__)
+_OPTION_SET = frozenset(OPTION_NAMES)

@@ -322,10 +322,13 @@ class Plan:
         self, out: torch.Tensor, target: torch.Tensor | None, draws: torch.Tensor | None
     ) -> list[torch.Tensor]:
         """Every label column of :meth:`columns` on its own, each of ``out``'s shape (the
-        empirical label's one column without stacking and unstacking it)."""
+        empirical and MC columns without stacking and unstacking them)."""
         if self.labels == "empirical":
             assert target is not None  # check_target refused a batch without labels
             return [self.lik.output_grad(out, target)]
+        if self.labels == "mc":
+            assert draws is not None  # draw() ran for labels='mc'
+            return [self.lik.output_grad(out, draws[:, j]) for j in range(self.k)]
         return [c[j] for c in self.columns(out, target, draws) for j in range(len(c))]
 
     def all_columns(
