@@ -487,14 +487,14 @@ def split_and_signature(plan: Plan, b: Batch) -> tuple[FastSplit, Any]:
         if per_model is None:
             per_model = _SPLITS.setdefault(plan.model, {})
         key = split_key(plan, b)
-        known = key in per_model
+        split = per_model.get(key)  # one hash of the key (a tuple's is not remembered)
     except TypeError:  # a model that cannot be weakly referenced, an unhashable input
         return split_params(plan, b), input_signature(b)
-    if not known:
+    if split is None:
         if len(per_model) > 32:
             per_model.clear()
-        per_model[key] = split_params(plan, b)
-    return per_model[key], key[_SIGNATURE]
+        split = per_model[key] = split_params(plan, b)
+    return split, key[_SIGNATURE]
 
 
 def forget_splits(model: nn.Module) -> None:
