@@ -65,7 +65,7 @@ from natgrad.engine import capture_layers as layers
 from natgrad.engine.batch import Batch
 from natgrad.engine.capture_ops import CaptureMode, ProbeMode, zero_perturbation
 from natgrad.engine.checks import check_int, random_module
-from natgrad.engine.common import acc_dtype, global_forward_hooks, internal_pass
+from natgrad.engine.common import acc_dtype, global_forward_hooks, internal_pass, module_list
 from natgrad.engine.options import ENGINES
 from natgrad.engine.per_sample import Plan, hooked_output, square_sums
 
@@ -461,7 +461,7 @@ def split_key(plan: Plan, b: Batch) -> Any:
         tuple(
             (id(m), type(m), _own_forward_key(m), m.training, tuple(m._forward_hooks),
              tuple(m._forward_pre_hooks))
-            for m in plan.model.modules()
+            for m in module_list(plan.model)
         ),  # fmt: skip
         tuple(global_forward_hooks()),
         input_signature(b),

@@ -16,6 +16,8 @@ from typing import Any, Literal, TypeVar, overload
 import torch
 from torch import nn
 
+from natgrad.engine.common import module_list
+
 _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 # how to fix a NaN/Inf gradient, wherever one is refused
@@ -328,7 +330,7 @@ def check_fixed_model(model: nn.Module, what: str) -> None:
     # One walk over the modules finds whether any check can fail (a meta tensor, a
     # batch-mixing BatchNorm, train-mode dropout): a Fisher call's fixed cost on small
     # batches. Only then do the checks run, in order, each raising its own error.
-    if isinstance(model, nn.Module) and not any(map(_may_fail, model.modules())):
+    if isinstance(model, nn.Module) and not any(map(_may_fail, module_list(model))):
         return
     check_model(model, what)
     check_no_batch_mixing(model)

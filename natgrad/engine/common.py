@@ -180,6 +180,26 @@ def current_backward_id() -> int:
     return -1 if task_id is None else int(task_id())
 
 
+def module_list(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())``: every module of ``model`` once, in the same order (depth
+    first, children in registration order, a shared module where it is first reached),
+    without the qualified names that ``named_modules`` builds on the way (a per-call
+    walk of the Fisher's checks and its remembered split)."""
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+        children = [c for c in m._modules.values() if c is not None]
+        children.reverse()
+        stack += children
+    return out
+
+
 def global_forward_hooks() -> dict[int, Any]:
     """The forward hooks registered for every module
     (``torch.nn.modules.module.register_module_forward_hook``), by handle id. They run

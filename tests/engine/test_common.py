@@ -49,3 +49,26 @@ def test_positive_definite_and_batched_systems_are_solved_exactly():
     torch.testing.assert_close(got[1], torch.linalg.pinv(A[1], hermitian=True) @ b[1],
                                rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(got[0], torch.linalg.solve(A[0], b[0]), rtol=1e-8, atol=1e-10)
+
+
+def test_module_list_is_modules_in_order_with_shared_and_missing_children():
+    # random module graphs: shared submodules reached from several parents (and from a
+    # deeper and a shallower place), None children; module_list is list(model.modules())
+    import random
+
+    from torch import nn
+
+    from natgrad.engine.common import module_list
+
+    rng = random.Random(0)
+    for _ in range(200):
+        pool = [nn.Module() for _ in range(rng.randint(1, 9))]
+        for i, m in enumerate(pool):  # children only from later modules: no cycles
+            for j in range(rng.randint(0, 3)):
+                if i + 1 < len(pool):
+                    child = pool[rng.randint(i + 1, len(pool) - 1)] if rng.random() > 0.1 else None
+                    m.register_module(f"c{j}", child)
+        root = pool[0]
+        assert [id(m) for m in module_list(root)] == [id(m) for m in root.modules()]
+    seq = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Sequential(nn.Linear(2, 2)))
+    assert module_list(seq) == list(seq.modules())
