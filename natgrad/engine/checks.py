@@ -1002,9 +1002,9 @@ def check_all_finite(
     if not items:
         return
     with torch.no_grad():  # one reduction per tensor, one host sync per device
-        if nonneg and _FOREACH_MAX is not None:
-            by_device = _by_device(_FOREACH_MAX(list(items.values())))
-            if all(math.isfinite(torch.stack(s).max()) for s in by_device.values()):
+        if nonneg and _FOREACH_MAX is not None:  # one call per device (a split model)
+            groups = _by_device(items.values())
+            if all(math.isfinite(torch.stack(_FOREACH_MAX(g)).max()) for g in groups.values()):
                 return
         else:
             by_device = _by_device(v.sum() for v in items.values())
