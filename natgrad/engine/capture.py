@@ -440,13 +440,17 @@ def input_signature(b: Batch) -> Any:
 
 
 def _own_forward_key(m: nn.Module) -> Any:
-    """What of ``m``'s instance dict decides whether it runs its class's own forward
-    (:func:`natgrad.engine.capture_layers.runs_own_forward`): an instance ``forward`` (by
-    identity) and the accelerate hook beside it; None without one (the common case)."""
+    """What decides whether ``m`` runs its class's own forward
+    (:func:`natgrad.engine.capture_layers.runs_own_forward`): the class's ``forward`` and
+    ``_conv_forward`` (a class patched after a first call), and any instance ``forward`` or
+    ``_conv_forward`` with the accelerate hook beside them. The objects themselves, not
+    their ids: the key keeps them alive, so a freed function's id reused by a new one
+    cannot match (found by review)."""
+    cls = type(m)
     d = m.__dict__
-    if "forward" not in d:
-        return None
-    return id(d["forward"]), id(d.get("_hf_hook"))
+    inst = ((d.get("forward"), d.get("_hf_hook"), d.get("_conv_forward"))
+            if "forward" in d or "_conv_forward" in d else None)
+    return cls.forward, getattr(cls, "_conv_forward", None), inst
 
 
 _SIGNATURE = 3  # the place of the input signature in a split_key

@@ -437,7 +437,8 @@ def _placing_hook(hook: Any) -> bool:
 
 def runs_own_forward(m: nn.Module, base: type) -> bool:
     """Whether ``m`` computes ``base``'s own forward: its class keeps ``base.forward`` (a
-    convolution also ``base._conv_forward``) and no ``forward`` is set on the instance.
+    convolution also ``base._conv_forward``) and no ``forward`` (nor ``_conv_forward``) is
+    set on the instance.
 
     A subclass or a patched instance may transform the weight before using it (weight
     standardization, a scaled layer, an adapter's patch), which a formula for ``base``'s
@@ -447,6 +448,8 @@ def runs_own_forward(m: nn.Module, base: type) -> bool:
     offload: ``AlignDevicesHook``, ``CpuOffload``, or a ``SequentialHook`` of them;
     ``_old_forward`` the bound ``base.forward``) counts as own; any other hook may change
     the inputs, weights or output (a casting or user ``ModelHook``)."""
+    if "_conv_forward" in m.__dict__:  # an instance patch of what Conv*.forward calls
+        return False
     if "forward" in m.__dict__:
         old = getattr(m, "_old_forward", None)
         if (not _placing_hook(getattr(m, "_hf_hook", None))
