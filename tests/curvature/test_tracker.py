@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from natgrad import FisherTracker, estimate_fisher
-from tests.reference import assert_close_dict
+from tests.reference import assert_close_dict, exact_categorical_fisher_loop
 
 
 def test_ema_follows_formula(mlp_case):
@@ -46,28 +46,13 @@ def test_state_dict_round_trip(mlp_case):
     assert all(torch.equal(tr.fisher("a")[k], tr2.fisher("a")[k]) for k in tr.fisher("a"))
 
 
-def _exact_categorical(model, x):
-    """``(1/N) Σ_n Σ_c p_nc (∇θ log p_nc)²`` by one float64 backward per sample and class."""
-    named = dict(model.named_parameters())
-    acc = {k: torch.zeros_like(p) for k, p in named.items()}
-    for i in range(len(x)):
-        with torch.no_grad():
-            p = model(x[i : i + 1]).softmax(-1)[0]
-        for c in range(p.shape[0]):
-            model.zero_grad(set_to_none=True)
-            model(x[i : i + 1]).log_softmax(-1)[0, c].backward()
-            for k, q in named.items():
-                acc[k] += p[c] * q.grad**2
-    return {k: v / len(x) for k, v in acc.items()}
-
-
 def test_mc_updates_draw_new_labels_and_average_the_noise():
     """labels='mc' without a generator: every update of the same batch drew the same labels
     (a fresh generator seeded 0 each time), so the EMA stayed the one-draw estimate."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 4).double()
     x = torch.randn(16, 3, dtype=torch.float64)
-    exact = _exact_categorical(model, x)
+    exact = exact_categorical_fisher_loop(model, x)
     tr = FisherTracker(model, "categorical", decay=0.9, labels="mc")
     first = {k: v.clone() for k, v in tr.update("t", x).items()}
     second = tr.update("t", x)
