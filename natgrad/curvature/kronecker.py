@@ -900,23 +900,31 @@ class KroneckerFisher(Curvature):
         """``(F + λI)⁻¹ v``: ``Q_G ((Q_Gᵀ V Q_A) / (S + λ)) Q_Aᵀ`` per layer, ``v / (F + λ)``
         on the diagonal part; on a pruned layer the masked projection
         ``M ⊙ (F + λI)⁻¹ (M ⊙ V)`` (see the module doc)."""
-        return self._each(v, *self._solvers(damping))[0]
+        return self._each(v, *self._solvers(damping, v))[0]
 
     def solve_inner(
         self, v: Params, damping: float, weights: Mapping[str, float]
     ) -> tuple[dict[str, torch.Tensor], list[tuple[float, torch.Tensor]]]:
         """:meth:`solve` and the pieces of ``Σ_k w_k ⟨v_k, Δ_k⟩``, one inner product per
         layer block ``[W, b]`` (see :meth:`natgrad.Curvature.solve_inner`)."""
-        return self._each(v, *self._solvers(damping), weights)
+        return self._each(v, *self._solvers(damping, v), weights)
 
-    def _solvers(self, damping: float) -> tuple[
+    def _solvers(self, damping: float, v: Params | None = None) -> tuple[
         Callable[[KroneckerBlock, torch.Tensor], torch.Tensor],
         Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ]:
         """``(layer_fn, diag_fn)`` of :meth:`_each` for ``(F + λI)⁻¹``: on one layer's
-        block matrix, and ``x / (F + λ)`` on the diagonal part (``λ`` checked)."""
+        block matrix, and ``x / (F + λ)`` on the diagonal part (``λ`` checked). With
+        ``v``, the factored damped factors of the layers ``v`` names are computed first,
+        all together (:func:`_factored_prepare`)."""
         lam = _damping(damping)
         factored = self.damping_mode == "factored"
+        if factored and v is not None:  # the damped factors of v's layers, syncs shared
+            stale = [blk for blk in self.blocks.values() if blk.s is None
+                     and ("factored" not in blk.eig or blk.eig["factored"][0] != lam)]
+            if stale:
+                _factored_prepare([blk for blk in stale if any(n in v for n in blk.names)],
+                                  lam)
 
         def layer(blk: KroneckerBlock, V: torch.Tensor) -> torch.Tensor:
             if factored and blk.s is None:
@@ -1273,21 +1281,28 @@ class KroneckerFisher(Curvature):
         same = self._check_same(other, "average")
         w = 1 - decay
         ekfac = self.kind == "ekfac"
+        olds = {k: replace(a, eig={}) for k, a in self.blocks.items()} if ekfac else {}
+        mine = [t for a in self.blocks.values() for t in (a.A, a.G)]
+        theirs = [t for k in self.blocks for t in (same.blocks[k].A, same.blocks[k].G)]
+        mine += list(self.diag.values())
+        theirs += [same.diag[k] for k in self.diag]
+        theirs = [y.to(x.device, x.dtype) for x, y in zip(mine, theirs, strict=True)]
+        if mine and all(x.device == mine[0].device for x in mine):
+            # one dispatch for every factor and diagonal entry, each lerp_ as alone
+            torch._foreach_lerp_(mine, theirs, w)
+        else:  # a model spread over devices
+            for x, y in zip(mine, theirs, strict=True):
+                x.lerp_(y, w)
         for k, a in self.blocks.items():
             b = same.blocks[k]
-            old = replace(a, eig={}) if ekfac else a  # EKFAC: the previous s and basis
-            a.A.lerp_(b.A.to(a.A.device, a.A.dtype), w)
-            a.G.lerp_(b.G.to(a.G.device, a.G.dtype), w)
             a.mask = _newer_mask(b.mask, a.A)
             a.eig.clear()
             if ekfac:
                 a.s = a.QA = a.QG = None
                 QA, _, QG, _ = a.bases()
-                a.s = (decay * _project(old, QA, QG)
+                a.s = (decay * _project(olds[k], QA, QG)
                        + w * _project(_block_to(b, a.A.device, a.A.dtype), QA, QG))
                 a.QA, a.QG = QA, QG
-        for k, v in self.diag.items():
-            v.lerp_(same.diag[k].to(v.device, v.dtype), w)
         self.n_samples += same.n_samples
         self.labels = self.labels if self.labels == same.labels else "mixed"
         return self
@@ -1546,25 +1561,52 @@ def _factored_sides(blk: KroneckerBlock, lam: float) -> tuple[
     float, list[tuple[tuple[str, torch.Tensor], tuple[str, torch.Tensor]]],
     tuple[torch.Tensor, torch.Tensor] | None,
 ]:
-    """``(λ, [(G side, A side) per group], fast)`` for :func:`_factored_solve`: each side
-    from :func:`_damped_factor` with ``π = sqrt((tr A / d_A) / (tr G / d_G))`` per group
-    (1 when either trace is not positive); ``fast``: ``(G⁻¹, A⁻¹)`` when there is one
-    group and both sides are explicit inverses (the solve is then two matrix products),
-    else None. The mean diagonals of every group are read in one host sync."""
+    """``(λ, [(G side, A side) per group], fast)`` for :func:`_factored_solve` (one
+    block; see :func:`_factored_prepare`)."""
+    _factored_prepare([blk], lam)
+    return cast("tuple[Any, Any, Any]", blk.eig["factored"])
+
+
+def _factored_prepare(blks: Sequence[KroneckerBlock], lam: float) -> None:
+    """Cache ``blk.eig["factored"] = (λ, [(G side, A side) per group], fast)`` for
+    :func:`_factored_solve` on every block of ``blks`` whose cache is not for ``lam``.
+
+    Each side comes from :func:`_damped_factor` with ``π = sqrt((tr A / d_A) / (tr G /
+    d_G))`` per group (1 when either trace is not positive); ``fast``: ``(G⁻¹, A⁻¹)``
+    when there is one group and both sides are explicit inverses (the solve is then two
+    matrix products), else None. The blocks share their host syncs (one per device): the
+    mean diagonals of every group in one, the status of the Cholesky factorizations in
+    another (:func:`_damped_factors`); each factor's arithmetic is what it is alone.
+    """
+    todo = [b for b in blks if b.eig.get("factored") is None or b.eig["factored"][0] != lam]
+    if not todo:
+        return
     s = lam**0.5
-    means = torch.stack([
-        M.mean() if M.dim() == 1 else M.diagonal().mean()
-        for g in range(blk.groups) for M in (blk.A[g], blk.G[g])
-    ]).tolist()
-    sides = []
-    for g in range(blk.groups):
-        mA, mG = means[2 * g], means[2 * g + 1]
+    mats = [M for b in todo for g in range(b.groups) for M in (b.A[g], b.G[g])]
+    means = _host_values([M.mean() if M.dim() == 1 else M.diagonal().mean() for M in mats])
+    shifted: list[tuple[torch.Tensor, float]] = []  # (factor, shift): G then A, per group
+    for i in range(0, len(mats), 2):
+        mA, mG = means[i], means[i + 1]
         pi = (mA / mG) ** 0.5 if mA > 0 and mG > 0 else 1.0
-        sides.append((_damped_factor(blk.G[g], s / pi), _damped_factor(blk.A[g], s * pi)))
-    fast = None
-    if blk.groups == 1 and sides[0][0][0] == "inv" and sides[0][1][0] == "inv":
-        fast = (sides[0][0][1], sides[0][1][1])
-    return lam, sides, fast
+        shifted += [(mats[i + 1], s / pi), (mats[i], s * pi)]
+    sides = iter(_damped_factors(shifted))
+    for b in todo:
+        per_group = [(next(sides), next(sides)) for _ in range(b.groups)]
+        fast = None
+        if b.groups == 1 and per_group[0][0][0] == "inv" and per_group[0][1][0] == "inv":
+            fast = (per_group[0][0][1], per_group[0][1][1])
+        b.eig["factored"] = (lam, per_group, fast)
+
+
+def _host_values(xs: Sequence[torch.Tensor]) -> list[Any]:
+    """0-dim tensors as Python numbers, read with one host sync per device."""
+    if not xs:
+        return []
+    dev = xs[0].device
+    if all(x.device == dev for x in xs):
+        values: list[Any] = torch.stack(list(xs)).tolist()
+        return values
+    return [x.item() for x in xs]  # a model spread over devices
 
 
 # Damped factors up to this size are kept as explicit inverses (from their Cholesky
@@ -1573,6 +1615,9 @@ def _factored_sides(blk: KroneckerBlock, lam: float) -> tuple[
 # six solves, went from 2.0 to 1.6 ms at 1 thread), at a refresh cost of n³ instead of
 # n³/3 flops per factor.
 _SMALL_INVERSE = 1024
+# Cholesky factors awaiting their status read in :func:`_damped_factors` take at most this
+# much memory (then the status is read and they are turned into their results)
+_PENDING_BYTES = 64 * 2**20
 
 
 def _damped_factor(M: torch.Tensor, shift: float) -> tuple[str, torch.Tensor]:
@@ -1580,16 +1625,40 @@ def _damped_factor(M: torch.Tensor, shift: float) -> tuple[str, torch.Tensor]:
     side; ``("inv", (M + shift·I)⁻¹)`` from its Cholesky factor for a side up to
     ``_SMALL_INVERSE`` rows, ``("chol", L)`` for a larger one; ``("inv", pinv)`` when the
     Cholesky fails."""
-    if M.dim() == 1:
-        return "diag", 1.0 / (M + shift)
-    Ms = M.clone()
-    Ms.diagonal().add_(shift)
-    L, info = torch.linalg.cholesky_ex(Ms)
-    if int(info) == 0:
-        if M.shape[0] <= _SMALL_INVERSE:  # applied every step: one matmul beats a solve
-            return "inv", torch.cholesky_inverse(L)
-        return "chol", L
-    return "inv", torch.linalg.pinv(Ms, hermitian=True)
+    return _damped_factors([(M, shift)])[0]
+
+
+def _damped_factors(shifted: Sequence[tuple[torch.Tensor, float]]) -> list[tuple[str, torch.Tensor]]:
+    """:func:`_damped_factor` of each ``(M, shift)``, the Cholesky statuses read together
+    (one host sync per device and per ``_PENDING_BYTES`` of pending factors)."""
+    out: list[tuple[str, torch.Tensor] | None] = [None] * len(shifted)
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    size = 0
+
+    def finish() -> None:
+        for (i, Ms, L, _), info in zip(pending, _host_values([p[3] for p in pending]),
+                                       strict=True):
+            if info == 0:  # applied every step: one matmul beats a solve
+                out[i] = ("inv", torch.cholesky_inverse(L)) if Ms.shape[0] <= _SMALL_INVERSE \
+                    else ("chol", L)
+            else:
+                out[i] = ("inv", torch.linalg.pinv(Ms, hermitian=True))
+        pending.clear()
+
+    for i, (M, shift) in enumerate(shifted):
+        if M.dim() == 1:
+            out[i] = ("diag", 1.0 / (M + shift))
+            continue
+        Ms = M.clone()
+        Ms.diagonal().add_(shift)
+        L, info = torch.linalg.cholesky_ex(Ms)
+        pending.append((i, Ms, L, info))
+        size += 2 * Ms.numel() * Ms.element_size()
+        if size > _PENDING_BYTES:
+            finish()
+            size = 0
+    finish()
+    return [cast("tuple[str, torch.Tensor]", x) for x in out]
 
 
 def _apply_left(side: tuple[str, torch.Tensor], X: torch.Tensor) -> torch.Tensor:

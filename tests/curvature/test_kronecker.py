@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import natgrad
-from natgrad.curvature.kronecker import KroneckerFisher
+from natgrad.curvature.kronecker import KroneckerBlock, KroneckerFisher
 from natgrad.engine.likelihoods import TokenCategorical, get_likelihood
 from tests.conftest import TinyCNN, mlp
 from tests.reference import (
@@ -694,6 +694,54 @@ def test_factored_solve_equals_the_damped_kronecker_solve(small_inverse, monkeyp
         ref = torch.linalg.solve(torch.kron(Gd, Ad), R.reshape(-1)).reshape(R.shape)
         torch.testing.assert_close(got[f"{layer}.weight"], ref[:, :-1])
         torch.testing.assert_close(got[f"{layer}.bias"], ref[:, -1])
+
+
+@pytest.mark.parametrize("pending", [64 * 2**20, 0])  # statuses read together / one by one
+@pytest.mark.parametrize("small_inverse", [1024, 0])
+def test_factored_solve_of_mixed_layers_prepared_together(pending, small_inverse, monkeypatch):
+    """The factored damped factors of all layers are prepared together (one host sync for
+    their traces, one for their Cholesky statuses): each layer still gets its own sides,
+    by a dense float64 reference per layer. Layers: one whose damped ``A`` is indefinite
+    (its Cholesky fails: the pseudo-inverse), one with a diagonal ``A`` side, one without
+    a bias; every combination of inverses / Cholesky solves and of status batching."""
+    monkeypatch.setattr("natgrad.curvature.kronecker._SMALL_INVERSE", small_inverse)
+    monkeypatch.setattr("natgrad.curvature.kronecker._PENDING_BYTES", pending)
+    torch.manual_seed(7)
+    dt = torch.float64
+
+    def spd(n):
+        X = torch.randn(n, 2 * n, dtype=dt)
+        return X @ X.T / (2 * n) + 0.1 * torch.eye(n, dtype=dt)
+
+    Q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=dt))
+    indefinite = Q @ torch.diag(torch.tensor([-2.0, 1.0, 2.0, 3.0, 4.0], dtype=dt)) @ Q.T
+    blocks = {
+        "a": KroneckerBlock("a.weight", "a.bias", (3, 4), False, 1, indefinite[None], spd(3)[None]),
+        "b": KroneckerBlock("b.weight", "b.bias", (2, 3), False, 1,
+                            torch.rand(1, 4, dtype=dt) + 0.5, spd(2)[None]),
+        "c": KroneckerBlock("c.weight", None, (2, 2), False, 1, spd(2)[None], spd(2)[None]),
+    }
+    c = KroneckerFisher(blocks, {}, 10, damping_mode="factored")
+    shapes = {"a.weight": (3, 4), "a.bias": (3,), "b.weight": (2, 3), "b.bias": (2,),
+              "c.weight": (2, 2)}
+    v = {k: torch.randn(s, dtype=dt) for k, s in shapes.items()}
+    lam = 0.05
+    got = c.solve(v, lam)
+    for layer, blk in blocks.items():
+        A, G = blk.A[0], blk.G[0]
+        dA = A if A.dim() == 1 else A.diagonal()
+        pi = ((dA.mean() / G.diagonal().mean()) ** 0.5).item()
+        s = lam**0.5
+        Gd = G + s / pi * torch.eye(G.shape[0], dtype=dt)
+        Ad = torch.diag(A + s * pi) if A.dim() == 1 else A + s * pi * torch.eye(A.shape[0], dtype=dt)
+        assert (torch.linalg.eigvalsh(Ad).min() < 0) == (layer == "a")
+        V = v[f"{layer}.weight"]
+        if blk.bias is not None:
+            V = torch.cat([V, v[f"{layer}.bias"][:, None]], 1)
+        ref = torch.linalg.solve(Gd, V) @ torch.linalg.pinv(Ad, hermitian=True)
+        torch.testing.assert_close(got[f"{layer}.weight"], ref[:, : shapes[f"{layer}.weight"][1]])
+        if blk.bias is not None:
+            torch.testing.assert_close(got[f"{layer}.bias"], ref[:, -1])
 
 
 @pytest.mark.parametrize("kind", ["kfac", "ekfac"])
