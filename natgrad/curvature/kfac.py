@@ -508,8 +508,8 @@ def _patches(layer: KFACLayer, x: torch.Tensor) -> torch.Tensor:
         a = F.unfold(x, k, dilation=d, stride=s).transpose(1, 2)
     a = to_acc(a)
     a = a.reshape(a.shape[0], a.shape[1], layer.groups, -1)
-    if layer.bias is not None:
-        a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+    if layer.bias is not None:  # the column of ones (one op: pad with ones)
+        a = F.pad(a, (0, 1), value=1.0)
     return a
 
 

@@ -781,9 +781,15 @@ class FisherPreconditioner:
             check_solution_finite(grads, deltas)
         self._advance()
         vals = list(deltas.values())
+        dests = [grads[k] for k in deltas]
+        if nu != 1.0 and all(g.dtype == d.dtype for g, d in zip(dests, vals, strict=True)):
+            # Δ·ν rounded once in Δ's dtype, as below, but scaled in place in .grad
+            torch._foreach_copy_(dests, vals)
+            torch._foreach_mul_(dests, nu)
+            return PreconditionStep(t, lam, updated, True, nu)
         if nu != 1.0:  # Δ·ν in Δ's dtype, then one rounding into .grad's
             vals = list(torch._foreach_mul(vals, nu))
-        torch._foreach_copy_([grads[k] for k in deltas], vals)  # one dispatch for all
+        torch._foreach_copy_(dests, vals)  # one dispatch for all
         return PreconditionStep(t, lam, updated, True, nu)
 
     def _check_frozen_coupled(self) -> None:
