@@ -1571,7 +1571,7 @@ def _factored_prepare(blks: Sequence[KroneckerBlock], lam: float) -> None:
     """Cache ``blk.eig["factored"] = (λ, [(G side, A side) per group], fast)`` for
     :func:`_factored_solve` on every block of ``blks`` whose cache is not for ``lam``.
 
-    Each side comes from :func:`_damped_factor` with ``π = sqrt((tr A / d_A) / (tr G /
+    Each side comes from :func:`_damped_factors` with ``π = sqrt((tr A / d_A) / (tr G /
     d_G))`` per group (1 when either trace is not positive); ``fast``: ``(G⁻¹, A⁻¹)``
     when there is one group and both sides are explicit inverses (the solve is then two
     matrix products), else None. The blocks share their host syncs (one per device): the
@@ -1620,14 +1620,6 @@ _SMALL_INVERSE = 1024
 _PENDING_BYTES = 64 * 2**20
 
 
-def _damped_factor(M: torch.Tensor, shift: float) -> tuple[str, torch.Tensor]:
-    """``M + shift·I`` ready to solve with: ``("diag", 1/(m + shift))`` for a diagonal
-    side; ``("inv", (M + shift·I)⁻¹)`` from its Cholesky factor for a side up to
-    ``_SMALL_INVERSE`` rows, ``("chol", L)`` for a larger one; ``("inv", pinv)`` when the
-    Cholesky fails."""
-    return _damped_factors([(M, shift)])[0]
-
-
 def _upper(Ms: torch.Tensor) -> bool:
     """Whether :func:`_damped_factors` takes the upper Cholesky factor ``U = Lᵀ`` of
     ``Ms``: for an explicit inverse on the CPU, where ``cholesky_ex(upper=True)`` and
@@ -1638,21 +1630,24 @@ def _upper(Ms: torch.Tensor) -> bool:
 
 
 def _damped_factors(shifted: Sequence[tuple[torch.Tensor, float]]) -> list[tuple[str, torch.Tensor]]:
-    """:func:`_damped_factor` of each ``(M, shift)``, the Cholesky statuses read together
-    (one host sync per device and per ``_PENDING_BYTES`` of pending factors)."""
+    """Each ``M + shift·I`` ready to solve with: ``("diag", 1/(m + shift))`` for a
+    diagonal side; ``("inv", (M + shift·I)⁻¹)`` from its Cholesky factor for a side up to
+    ``_SMALL_INVERSE`` rows, ``("chol", L)`` for a larger one; ``("inv", pinv)`` when the
+    Cholesky fails. The Cholesky statuses are read together (one host sync per device and
+    per ``_PENDING_BYTES`` of pending factors); each factor's arithmetic is its own."""
     out: list[tuple[str, torch.Tensor] | None] = [None] * len(shifted)
     pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     size = 0
 
     def finish() -> None:
-        for (i, Ms, L, _), info in zip(pending, _host_values([p[3] for p in pending]),
+        for (i, Ms, C, _), info in zip(pending, _host_values([p[3] for p in pending]),
                                        strict=True):
             if info != 0:
                 out[i] = ("inv", torch.linalg.pinv(Ms, hermitian=True))
             elif Ms.shape[0] <= _SMALL_INVERSE:  # applied every step: a matmul beats a solve
-                out[i] = ("inv", torch.cholesky_inverse(L, upper=_upper(Ms)))
+                out[i] = ("inv", torch.cholesky_inverse(C, upper=_upper(Ms)))
             else:
-                out[i] = ("chol", L)
+                out[i] = ("chol", C)  # the lower L (see _upper)
         pending.clear()
 
     for i, (M, shift) in enumerate(shifted):
@@ -1661,8 +1656,8 @@ def _damped_factors(shifted: Sequence[tuple[torch.Tensor, float]]) -> list[tuple
             continue
         Ms = M.clone()
         Ms.diagonal().add_(shift)
-        L, info = torch.linalg.cholesky_ex(Ms, upper=_upper(Ms))
-        pending.append((i, Ms, L, info))
+        C, info = torch.linalg.cholesky_ex(Ms, upper=_upper(Ms))  # Cholesky factor
+        pending.append((i, Ms, C, info))
         size += 2 * Ms.numel() * Ms.element_size()
         if size > _PENDING_BYTES:
             finish()
@@ -1672,7 +1667,7 @@ def _damped_factors(shifted: Sequence[tuple[torch.Tensor, float]]) -> list[tuple
 
 
 def _apply_left(side: tuple[str, torch.Tensor], X: torch.Tensor) -> torch.Tensor:
-    """``(M + shift·I)⁻¹ X`` for a side of :func:`_damped_factor`."""
+    """``(M + shift·I)⁻¹ X`` for a side of :func:`_damped_factors`."""
     how, T = side
     if how == "diag":
         return X * T.unsqueeze(-1)
@@ -1682,7 +1677,7 @@ def _apply_left(side: tuple[str, torch.Tensor], X: torch.Tensor) -> torch.Tensor
 
 
 def _apply_right(X: torch.Tensor, side: tuple[str, torch.Tensor]) -> torch.Tensor:
-    """``X (M + shift·I)⁻¹`` for a side of :func:`_damped_factor` (symmetric, so this is
+    """``X (M + shift·I)⁻¹`` for a side of :func:`_damped_factors` (symmetric, so this is
     ``((M + shift·I)⁻¹ Xᵀ)ᵀ``; an explicit inverse multiplies from the right, which keeps
     the result contiguous: no strided copy when the caller splits it)."""
     how, T = side
