@@ -12,6 +12,7 @@ ORDER = [
     "fisher_speed",
     "fisher_cnn",
     "fisher_cnn_mnist1d",
+    "fisher_cnn_resnet18",
     "fisher_transformer",
     "fisher_transformer_encoder",
     "per_sample_grads",
