@@ -9,6 +9,7 @@ import functools
 import math
 import operator
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, overload
@@ -708,8 +709,9 @@ def _refuse_probabilities(logits: torch.Tensor, likelihood: str) -> None:
 
 # autograd nodes that only move or copy entries: a sigmoid's output seen through them
 # (a squeeze, a view, .logits of a dict) is still made of probabilities
-_SHAPE_NODES = ("View", "Unsafe", "Squeeze", "Unsqueeze", "Reshape", "Expand", "Transpose",
-                "Permute", "Clone", "Alias", "Select", "Slice", "T", "ToCopy", "Contiguous")
+_SHAPE_NODES = ("View", "UnsafeView", "Squeeze", "Unsqueeze", "Reshape", "Expand",
+                "Transpose", "Permute", "Clone", "Alias", "Select", "Slice", "T", "ToCopy",
+                "Contiguous")
 
 
 def check_not_sigmoid_outputs(output: torch.Tensor, likelihood: str) -> None:
@@ -722,9 +724,7 @@ def check_not_sigmoid_outputs(output: torch.Tensor, likelihood: str) -> None:
     probabilities).
     """
     fn = output.grad_fn
-    while fn is not None and type(fn).__name__.removesuffix("Backward0").removesuffix(
-        "Backward1"
-    ) in _SHAPE_NODES:
+    while fn is not None and re.sub(r"Backward\d*$", "", type(fn).__name__) in _SHAPE_NODES:
         nxt = [f for f, _ in fn.next_functions if f is not None]
         fn = nxt[0] if len(nxt) == 1 else None
     if fn is None or not type(fn).__name__.startswith("SigmoidBackward"):
@@ -786,8 +786,9 @@ def check_several_classes(output: torch.Tensor, likelihood: str) -> None:
 
 
 def check_per_sample_loss(loss: Any, output: torch.Tensor, likelihood: str) -> torch.Tensor:
-    """Return ``loss`` when it holds one value per sample (shape ``(N,)`` for ``output`` of
-    shape ``(N, ...)``), else raise ValueError.
+    """Return ``loss`` as shape ``(N,)`` when it holds one value per sample (shape ``(N,)``,
+    ``(N, 1, ...)``, or a scalar for ``N = 1``, for ``output`` of shape ``(N, ...)``), else
+    raise ValueError.
 
     A likelihood's ``nll`` is summed over the batch where natgrad differentiates a whole
     batch at once (the capture path's output gradients) and read one sample at a time
@@ -795,8 +796,13 @@ def check_per_sample_loss(loss: Any, output: torch.Tensor, likelihood: str) -> t
     without an error. A shape check only: no host sync, fine under ``vmap``.
     """
     n = output.shape[0] if output.dim() else None
-    if isinstance(loss, torch.Tensor) and n is not None and tuple(loss.shape) == (n,):
-        return loss
+    if isinstance(loss, torch.Tensor) and n is not None:
+        if tuple(loss.shape) == (n,):
+            return loss
+        # one value per sample in another layout: (N, 1) from a keepdim sum, or a scalar
+        # for a batch of one (an nll that squeezes)
+        if loss.numel() == n and (loss.dim() == 0 or loss.shape[0] == n):
+            return loss.reshape(n)
     got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
     raise ValueError(
         f"The {likelihood} likelihood's nll(output, target) returned {got} for an output "

@@ -495,7 +495,10 @@ class TokenCategorical(Likelihood):
 
     Tokens whose label equals ``ignore_index`` (or whose attention mask is 0: the
     batch's ``attention_mask``, or ``decoder_attention_mask`` in an encoder-decoder batch;
-    see :meth:`natgrad.engine.batch.Batch.label_mask`) are left out. With ``shift=True`` (causal language models) the logits at position ``t``
+    see :meth:`natgrad.engine.batch.Batch.label_mask`) are left out; an encoder-decoder
+    batch without labels and without ``decoder_attention_mask`` counts every decoder
+    position (pass that mask for ``mc``/``exact`` labels on padded decoder inputs). With
+    ``shift=True`` (causal language models) the logits at position ``t``
     predict the label at ``t + 1``. Exact Fisher: ``Σ_t Σ_c p_tc (∇θ log p_tc)²`` over
     kept tokens (tokens are conditionally independent given ``x``, so cross terms
     vanish), which costs ``T·(V - 1)`` vector-Jacobian products per sample: prefer ``mc``

@@ -726,14 +726,15 @@ def masked_target(lik: Likelihood, b: Batch) -> torch.Tensor | None:
 
 
 def check_padding_read(lik: Likelihood, out: torch.Tensor, b: Batch) -> None:
-    """Raise ValueError when the batch's label mask pads positions of per-position outputs
-    that ``lik`` cannot leave out.
+    """Raise ValueError (warn for 2-D outputs) when the batch's label mask pads positions
+    of per-position outputs that ``lik`` cannot leave out.
 
     ``token_categorical`` carries the padding in its labels (:func:`masked_target`);
     ``gaussian`` and ``bernoulli`` sum over every output, so outputs with one row per position,
     ``(N, T, ...)`` or ``(N, T)`` with ``T`` the mask's length, would count the padded
-    positions in the Fisher and the loss (an ``(N, D)`` output whose ``D`` equals ``T``
-    cannot be told apart, and is refused too when the mask pads). A
+    positions in the Fisher and the loss. ``(N, T, ...)`` outputs are refused; ``(N, T)``
+    ones warn (an ``(N, D)`` head whose ``D`` equals ``T`` by chance cannot be told apart
+    from per-position values, and is right). A
     :class:`~natgrad.engine.likelihoods.CustomLikelihood` or other likelihood reads what
     its ``nll`` reads and is not checked. One host sync, on batches whose mask has a
     readable shape.
@@ -748,7 +749,7 @@ def check_padding_read(lik: Likelihood, out: torch.Tensor, b: Batch) -> None:
         return
     if tuple(out.shape[1:2]) != tuple(keep.shape[1:]) or bool(keep.all()):
         return
-    raise ValueError(
+    what = (
         f"The batch's {key!r} {tuple(mask.shape)} marks padded positions, and the model's "
         f"{tuple(out.shape)} outputs have one row per position, but the {lik.name} "
         "likelihood sums over every output: the padded positions would count in the "
@@ -756,6 +757,17 @@ def check_padding_read(lik: Likelihood, out: torch.Tensor, b: Batch) -> None:
         "(whose labels carry it). Pass sequences without padding (batches of equal "
         "length), or a natgrad.CustomLikelihood whose nll(output, target) leaves the "
         "padded positions out (e.g. with the mask as an extra channel of the target)."
+    )
+    if out.dim() >= 3:  # (N, T, D): rows per position, unambiguously
+        raise ValueError(what)
+    # (N, T): per-position values, or an (N, D) head whose D equals T by chance (a pooled
+    # multi-label or regression head, which is right): warned, not refused
+    warnings.warn(
+        what + f" If the {out.shape[1]} outputs are not positions (an (N, D) head whose D "
+        "equals the mask's length by chance), the Fisher is right: a "
+        "natgrad.CustomLikelihood with the same nll silences this.",
+        UserWarning,
+        stacklevel=2,
     )
 
 

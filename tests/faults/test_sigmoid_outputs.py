@@ -76,3 +76,18 @@ def test_logits_in_the_unit_interval_and_inner_sigmoids_are_accepted():
     assert bool(((model(x) > 0) & (model(x) < 1)).all())
     for labels in ("exact", "empirical"):
         natgrad.estimate_fisher(model, (x, y), "bernoulli", labels=labels)
+
+
+def test_a_sigmoid_seen_through_a_multi_dim_squeeze_is_refused():
+    # squeeze((1, 3)) makes a SqueezeBackward2 node, which the walk did not strip (review)
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return torch.sigmoid(self.lin(x))[:, None, :, None].squeeze((1, 3))
+
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4, 2)).float()
+    with pytest.raises(ValueError, match="look like probabilities"):
+        natgrad.estimate_fisher(M(), (x, y), "bernoulli")
