@@ -21,9 +21,10 @@ Convention (the empirical Fisher). With ``l_n`` the per-sample loss of sample ``
   default ``reduction="mean"`` on a model with ``D`` outputs per sample): the recorded
   output gradient is multiplied by ``N D``, so that ``l_n = Σ_d l_nd`` is a sample's loss
   (the per-sample term of the ``gaussian`` and ``bernoulli`` Fisher). ``D`` is read at
-  each call of the model itself from its output (``output.numel() / output.shape[0]``; a
-  model returning something other than a tensor, or a step that calls the model's parts,
-  is refused by name at the refresh). The curvature is that of the loss back-propagated:
+  each call of the model itself from the output the loss reads (the output tensor, a
+  model output object's ``logits``, or the preconditioner's ``output_fn``):
+  ``out.numel() / out.shape[0]``; an output none of these reads, or a step that calls the
+  model's parts, is refused by name at the refresh. The curvature is that of the loss back-propagated:
   ``MSELoss`` is the Gaussian negative log-likelihood with ``σ² = 1/2``, so its curvature
   is ``4σ⁴`` (4 for ``σ = 1``) times that of ``½ Σ_d (f_d - y_d)² / σ²``. With
   ``"mean"``, a preconditioner whose likelihood is ``gaussian`` or ``bernoulli`` warns once
