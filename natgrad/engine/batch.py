@@ -33,6 +33,12 @@ LABEL_KEYS = ("labels", "label", "y", "targets")
 DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
 
 
+def encoder_decoder(kwargs: Mapping[str, Any]) -> bool:
+    """Whether a batch's keyword inputs are an encoder-decoder model's (one of
+    :data:`DECODER_INPUTS` is present)."""
+    return any(k in kwargs for k in DECODER_INPUTS)
+
+
 @dataclass(frozen=True)
 class Shared:
     """A batch entry passed whole to every sample (see :func:`shared`)."""
@@ -144,8 +150,7 @@ class Batch:
         else None (the labels' ``-100`` entries carry the padding). A mask without the batch
         dimension (a shared ``(T, T)`` mask) is not a padding mask: None.
         """
-        seq2seq = any(k in self.kwargs for k in DECODER_INPUTS)
-        key = "decoder_attention_mask" if seq2seq else "attention_mask"
+        key = "decoder_attention_mask" if encoder_decoder(self.kwargs) else "attention_mask"
         mask = self.kwargs.get(key)
         if not isinstance(mask, torch.Tensor) or self.dims()[1].get(key) != 0:
             return None
@@ -348,9 +353,8 @@ def parse_batch(batch: Any) -> Batch:
     kw_dims = {k: None if k in marked_kw else batch_dim(v, n) for k, v in kwargs.items()}
     # the inputs' padding mask (the pruning re-fit drops padded rows by it); not for an
     # encoder-decoder batch, whose decoder layers run on other positions than the mask's
-    seq2seq = any(k in kwargs for k in DECODER_INPUTS)
     mask = (kwargs.get("attention_mask")
-            if kw_dims.get("attention_mask") == 0 and not seq2seq else None)
+            if kw_dims.get("attention_mask") == 0 and not encoder_decoder(kwargs) else None)
     return Batch(args, kwargs, target, mask, n, arg_dims, kw_dims)
 
 

@@ -276,7 +276,23 @@ def _minus_onehot(p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return p.scatter_add(-1, labels.unsqueeze(-1), src)
 
 
-class Categorical(Likelihood):
+class _Softmax(Likelihood):
+    """What the softmax likelihoods (:class:`Categorical`, :class:`TokenCategorical`)
+    share: integer labels, and logits whose softmax is defined."""
+
+    def check_drawable(self, output: torch.Tensor, hint: str) -> None:
+        """Logits whose softmax is defined at every row: ``-inf`` entries (masked classes,
+        banned tokens) are fine."""
+        check_softmax_logits("the model's outputs", output, hint)
+
+    def prepare_target(
+        self, output: torch.Tensor, target: torch.Tensor, *, rows: int | None = None
+    ) -> torch.Tensor:
+        """Integer labels of any width are cast to int64 (exact); float/bool labels raise."""
+        return super().prepare_target(output, integer_labels(target, self.name), rows=rows)
+
+
+class Categorical(_Softmax):
     """Softmax over logits of shape ``(N, C)``; ``l_n = -log softmax(f_n)[y_n]``.
 
     Exact Fisher: ``F = Σ_c p_c g_c g_cᵀ`` with ``g_c = ∇θ(-log p_c)`` (``g_c = Jᵀ(p - e_c)``),
@@ -317,16 +333,6 @@ class Categorical(Likelihood):
         not probabilities (:func:`natgrad.engine.checks.check_not_probabilities`)."""
         check_several_classes(output, self.name)
         check_not_probabilities(output, self.name)
-
-    def check_drawable(self, output: torch.Tensor, hint: str) -> None:
-        """Logits whose softmax is defined: ``-inf`` entries (masked classes) are fine."""
-        check_softmax_logits("the model's outputs", output, hint)
-
-    def prepare_target(
-        self, output: torch.Tensor, target: torch.Tensor, *, rows: int | None = None
-    ) -> torch.Tensor:
-        """Integer labels of any width are cast to int64 (exact); float/bool labels raise."""
-        return super().prepare_target(output, integer_labels(target, self.name), rows=rows)
 
     def nll(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(to_acc(output), target, reduction="none")
@@ -485,7 +491,7 @@ class Bernoulli(Likelihood):
         return cols.reshape(stop - start, *output.shape)
 
 
-class TokenCategorical(Likelihood):
+class TokenCategorical(_Softmax):
     """Softmax per token over logits ``(N, T, V)``; ``l_n = Σ_t -log p(y_nt)`` over kept tokens.
 
     The logits' layout is ``(N, T, V)``, positions before classes (Hugging Face's);
@@ -574,16 +580,6 @@ class TokenCategorical(Likelihood):
                 "2 tokens, or likelihood=natgrad.TokenCategorical(shift=False) when each "
                 "position's label is already the token it predicts."
             )
-
-    def check_drawable(self, output: torch.Tensor, hint: str) -> None:
-        """Logits whose softmax is defined at every position: ``-inf`` entries are fine."""
-        check_softmax_logits("the model's outputs", output, hint)
-
-    def prepare_target(
-        self, output: torch.Tensor, target: torch.Tensor, *, rows: int | None = None
-    ) -> torch.Tensor:
-        """Integer tokens of any width are cast to int64 (exact); float/bool tokens raise."""
-        return super().prepare_target(output, integer_labels(target, self.name), rows=rows)
 
     @overload
     def _align(

@@ -739,8 +739,10 @@ def check_padding_read(lik: Likelihood, out: torch.Tensor, b: Batch) -> None:
     its ``nll`` reads and is not checked. One host sync, on batches whose mask has a
     readable shape.
     """
+    if not isinstance(lik, (Gaussian, Bernoulli)) or out.dim() < 2:
+        return  # before reading the batch's mask: this runs on every batch
     found = b.label_mask()
-    if not isinstance(lik, (Gaussian, Bernoulli)) or found is None or out.dim() < 2:
+    if found is None:
         return
     key, mask = found
     try:
