@@ -920,11 +920,9 @@ class KroneckerFisher(Curvature):
         lam = _damping(damping)
         factored = self.damping_mode == "factored"
         if factored and v is not None:  # the damped factors of v's layers, syncs shared
-            stale = [blk for blk in self.blocks.values() if blk.s is None
-                     and ("factored" not in blk.eig or blk.eig["factored"][0] != lam)]
-            if stale:
-                _factored_prepare([blk for blk in stale if any(n in v for n in blk.names)],
-                                  lam)
+            _factored_prepare([blk for blk in self.blocks.values()
+                               if blk.s is None and blk.eig.get("factored", (None,))[0] != lam
+                               and any(n in v for n in blk.names)], lam)
 
         def layer(blk: KroneckerBlock, V: torch.Tensor) -> torch.Tensor:
             if factored and blk.s is None:
